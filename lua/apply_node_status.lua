@@ -1,0 +1,84 @@
+#!lua
+--[[
+  apply_node_status: a node:status event (booting | ready | terminated).
+
+  Transitions of a node, by its state before the event:
+    unknown     + booting     -> booting      (NEW: status beat the POST's answer, or a node
+                                               whose create timed out; it is ours, adopted)
+    unknown     + ready       -> ready/alloc  (NEW, then served like any ready node)
+    unknown     + terminated  -> tombstone    (NEW: a late booting/ready is then ignored)
+    booting     + ready       -> ready, or straight to the oldest waiting user (READY)
+    any live    + terminated  -> gone; an allocated node's user goes back to the head of the
+                                 waiting queue (TERMINATED)
+    terminating + booting/ready -> unchanged (IGNORED: we are deleting it)
+    tombstone   + anything    -> unchanged (IGNORED)
+    same or older status      -> unchanged (DUPLICATE: ready twice, booting after ready, ...)
+  A node first seen here while create reservations are pending is also marked unclaimed, so the
+  scaler does not count it and its reservation as two nodes.
+
+  KEYS: the pool key vector (lua/includes/keys.lua)
+  ARGV[1] now (ms)
+  ARGV[2] node id
+  ARGV[3] status: booting | ready | terminated
+
+  Returns {code, previous_state, requeued_user, served...}
+    1 NEW  2 READY  3 TERMINATED  4 DUPLICATE  5 IGNORED
+  served is a flat list {user, node, waited_ms, ...} of waiting users this event served.
+  Publishes: user:allocated for every user served, user:waiting for a requeued user.
+]]
+--@include "includes/keys.lua"
+--@include "includes/pool.lua"
+
+local now = tonumber(ARGV[1])
+local node = ARGV[2]
+local status = ARGV[3]
+
+local nk = node_key(node)
+local state = rcall('HGET', nk, 'state')
+
+local function with_served(result, served)
+  for _, v in ipairs(served) do result[#result + 1] = v end
+  return result
+end
+
+if not state then
+  if status == 'terminated' then
+    rcall('HSET', nk, 'id', node, 'state', 'terminated', 'terminated_ms', now, 'updated_ms', now,
+          'end_reason', 'unknown_terminated')
+    rcall('PEXPIRE', nk, TOMBSTONE_TTL_MS)
+    return {1, '', ''}
+  end
+  new_node(node, 'booting', now, 'status')
+  stat('nodes_adopted')
+  if rcall('ZCARD', K.pending) > 0 then
+    rcall('ZADD', K.unclaimed, now, node)
+  end
+  if status == 'booting' then
+    rcall('ZADD', K.booting, now, node)
+    return {1, '', ''}
+  end
+  rcall('HSET', nk, 'ready_ms', now)
+  return with_served({1, '', ''}, node_free(node, now))
+end
+
+if state == 'terminated' then
+  return {5, state, ''}
+end
+
+if status == 'terminated' then
+  local requeued, served = node_gone(node, now, 'node_status')
+  return with_served({3, state, requeued or ''}, served)
+end
+
+if state == 'terminating' then
+  return {5, state, ''}
+end
+
+if status == 'ready' and state == 'booting' then
+  rcall('ZREM', K.booting, node)
+  rcall('HSET', nk, 'ready_ms', now)
+  stat('nodes_ready')
+  return with_served({2, state, ''}, node_free(node, now))
+end
+
+return {4, state, ''}

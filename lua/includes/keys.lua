@@ -1,0 +1,33 @@
+-- The pool key vector, in the order of provisioner/keys.py POOL_KEY_ORDER.
+-- Every script receives it as KEYS[1..17]; per-event keys are built from the two prefixes.
+local K = {
+  ready = KEYS[1],          -- list: ready node ids, head = most recently freed
+  waiting = KEYS[2],        -- list: waiting user ids, head = oldest
+  waiting_since = KEYS[3],  -- hash: user -> ms when the user started waiting
+  alloc = KEYS[4],          -- hash: user -> node (the allocation map)
+  nodes = KEYS[5],          -- zset: live node ids by creation ms
+  booting = KEYS[6],        -- zset: booting node ids by boot start ms
+  terminating = KEYS[7],    -- zset: terminating node ids by retry deadline ms
+  pending = KEYS[8],        -- zset: create reservations by deadline ms
+  unclaimed = KEYS[9],      -- zset: nodes seen on node:status before their POST returned
+  active = KEYS[10],        -- zset: user -> last activity ms
+  engaged = KEYS[11],       -- zset: user -> ms of the user's Nth most recent activity
+  stats = KEYS[12],         -- hash: counters
+  tick_lock = KEYS[13],     -- string: the last interval slot a decision was taken in
+  decisions = KEYS[14],     -- stream: scaling decisions with reasons
+  seq = KEYS[15],           -- string: reservation id counter
+  node_prefix = KEYS[16],   -- prefix of per-node hashes
+  acts_prefix = KEYS[17],   -- prefix of per-user activity windows
+}
+local rcall = redis.call
+
+-- A terminated node's hash is kept this long so late or repeated status is recognised.
+local TOMBSTONE_TTL_MS = 86400000
+
+local function node_key(node_id)
+  return K.node_prefix .. node_id
+end
+
+local function stat(field, by)
+  rcall('HINCRBY', K.stats, field, by or 1)
+end

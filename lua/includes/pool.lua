@@ -1,0 +1,122 @@
+-- Shared transitions of the pool. Every script that changes who holds what goes through these,
+-- so that the invariants live in one place:
+--   * a node is in exactly one of: ready list, booting zset, terminating zset, alloc map values;
+--   * a user is in at most one of: waiting list (with waiting_since), alloc map;
+--   * at the end of every script, never both a waiting user and a ready node (match_waiting).
+
+-- Hand node_id to user_id and announce it. The only place that publishes user:allocated.
+local function assign(node_id, user_id, now, waited_ms)
+  rcall('HSET', node_key(node_id), 'state', 'allocated', 'user', user_id,
+        'allocated_ms', now, 'updated_ms', now)
+  rcall('HSET', K.alloc, user_id, node_id)
+  rcall('ZREM', K.engaged, user_id)
+  stat('allocations')
+  rcall('PUBLISH', 'user:allocated',
+        cjson.encode({user_id = user_id, node_id = node_id, waited_ms = waited_ms}))
+end
+
+-- Serve waiting users (oldest first) from ready nodes (most recently freed first), until one of
+-- the two runs out. Returns a flat list {user, node, waited_ms, ...} of what it did.
+local function match_waiting(now)
+  local served = {}
+  while rcall('LLEN', K.waiting) > 0 and rcall('LLEN', K.ready) > 0 do
+    local user = rcall('LPOP', K.waiting)
+    local node = rcall('LPOP', K.ready)
+    local since = tonumber(rcall('HGET', K.waiting_since, user)) or now
+    rcall('HDEL', K.waiting_since, user)
+    local waited = math.max(0, now - since)
+    assign(node, user, now, waited)
+    stat('served_after_wait')
+    stat('wait_ms_total', waited)
+    served[#served + 1] = user
+    served[#served + 1] = node
+    served[#served + 1] = waited
+  end
+  return served
+end
+
+-- A node is free (just booted, or its user left): it goes to the oldest waiting user, if any,
+-- else to the head of the ready list.
+local function node_free(node_id, now)
+  rcall('HSET', node_key(node_id), 'state', 'ready', 'user', '', 'idle_since_ms', now,
+        'updated_ms', now)
+  rcall('LPUSH', K.ready, node_id)
+  return match_waiting(now)
+end
+
+-- Put a user at the back (or, after a crash of their node, the front) of the waiting queue.
+local function enqueue_waiting(user_id, now, at_head)
+  if at_head then
+    rcall('LPUSH', K.waiting, user_id)
+  else
+    rcall('RPUSH', K.waiting, user_id)
+  end
+  rcall('HSET', K.waiting_since, user_id, now)
+  rcall('ZREM', K.engaged, user_id)
+  rcall('PUBLISH', 'user:waiting', cjson.encode({user_id = user_id}))
+end
+
+-- Create the record of a node the pool has not seen. origin: api | status | late.
+local function new_node(node_id, state, now, origin, reservation)
+  rcall('HSET', node_key(node_id), 'id', node_id, 'state', state, 'created_ms', now,
+        'updated_ms', now, 'origin', origin, 'reservation', reservation or '', 'user', '')
+  rcall('ZADD', K.nodes, now, node_id)
+  stat('nodes_seen')
+end
+
+-- Move a node to 'terminating' and schedule a retry deadline; the caller sends the DELETE.
+-- Only ready and booting nodes can be terminated by the pool: allocated ones never.
+local function start_terminating(node_id, now, deadline, reason)
+  local nk = node_key(node_id)
+  local state = rcall('HGET', nk, 'state')
+  if state == 'ready' then
+    rcall('LREM', K.ready, 0, node_id)
+  elseif state == 'booting' then
+    rcall('ZREM', K.booting, node_id)
+  elseif state ~= 'terminating' then
+    return false
+  end
+  rcall('HSET', nk, 'state', 'terminating', 'term_reason', reason, 'term_requested_ms', now,
+        'updated_ms', now)
+  rcall('HINCRBY', nk, 'delete_attempts', 1)
+  rcall('ZADD', K.terminating, deadline, node_id)
+  rcall('ZREM', K.unclaimed, node_id)
+  return true
+end
+
+-- The node no longer exists. Whatever it was doing stops; its user, if any, goes back to the
+-- head of the waiting queue (and is served at once if a ready node exists). Keeps a tombstone.
+-- Returns the requeued user id or false, and the list match_waiting produced.
+local function node_gone(node_id, now, reason)
+  local nk = node_key(node_id)
+  local state = rcall('HGET', nk, 'state')
+  local requeued = false
+  if state == 'ready' then
+    rcall('LREM', K.ready, 0, node_id)
+  elseif state == 'booting' then
+    rcall('ZREM', K.booting, node_id)
+  elseif state == 'terminating' then
+    rcall('ZREM', K.terminating, node_id)
+  elseif state == 'allocated' then
+    local user = rcall('HGET', nk, 'user')
+    if user and user ~= '' and rcall('HGET', K.alloc, user) == node_id then
+      rcall('HDEL', K.alloc, user)
+      local since = tonumber(rcall('HGET', nk, 'allocated_ms')) or now
+      stat('busy_ms_total', math.max(0, now - since))
+      enqueue_waiting(user, now, true)
+      stat('requeued')
+      requeued = user
+    end
+  end
+  rcall('ZREM', K.nodes, node_id)
+  rcall('ZREM', K.unclaimed, node_id)
+  rcall('HSET', nk, 'id', node_id, 'state', 'terminated', 'terminated_ms', now,
+        'updated_ms', now, 'end_reason', reason, 'user', '')
+  rcall('PEXPIRE', nk, TOMBSTONE_TTL_MS)
+  stat('nodes_terminated')
+  local served = {}
+  if requeued then
+    served = match_waiting(now)
+  end
+  return requeued, served
+end

@@ -1,0 +1,67 @@
+#!lua
+--[[
+  reap_idle: choose the nodes to terminate now. Called by the replica that won scale_decide.
+
+    1. boots stuck longer than boot_timeout;
+    2. terminations whose deadline passed (the DELETE failed, its replica died, or no
+       node:status terminated came): sent again;
+    3. idle ready nodes, oldest idle first (the tail of the ready list), idle for at least
+       idle_timeout, while spare exceeds the policy's target and more than min_ready are ready.
+  Allocated nodes are never chosen. Every chosen node moves to `terminating` atomically here,
+  so concurrent calls never pick the same node; the caller sends the DELETEs and reports each
+  with confirm_terminate.
+
+  KEYS: the pool key vector (lua/includes/keys.lua)
+  ARGV: the policy parameters (lua/includes/policy.lua read_params)
+
+  Returns a flat list {node_id, reason, ...}; reason is boot_timeout | retry | idle.
+]]
+--@include "includes/keys.lua"
+--@include "includes/pool.lua"
+--@include "includes/policy.lua"
+
+local p = read_params()
+local now = p.now
+local deadline = now + p.delete_deadline_ms
+local out = {}
+
+local stuck = rcall('ZRANGEBYSCORE', K.booting, '-inf', now - p.boot_timeout_ms,
+                    'LIMIT', 0, p.max_batch)
+for _, node in ipairs(stuck) do
+  if start_terminating(node, now, deadline, 'boot_timeout') then
+    out[#out + 1] = node
+    out[#out + 1] = 'boot_timeout'
+  end
+end
+
+local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max_batch)
+for _, node in ipairs(due) do
+  rcall('ZADD', K.terminating, deadline, node)
+  rcall('HINCRBY', node_key(node), 'delete_attempts', 1)
+  out[#out + 1] = node
+  out[#out + 1] = 'retry'
+end
+
+local s = observe(p)
+local target = target_spare(s, p)
+local excess = math.min(s.spare - target, s.ready - p.min_ready)
+local reaped = 0
+while excess > 0 and reaped < p.max_batch do
+  local node = rcall('LINDEX', K.ready, -1)
+  if not node then break end
+  local idle_since = tonumber(rcall('HGET', node_key(node), 'idle_since_ms')) or now
+  if now - idle_since < p.idle_timeout_ms then break end
+  start_terminating(node, now, deadline, 'idle')
+  out[#out + 1] = node
+  out[#out + 1] = 'idle'
+  excess = excess - 1
+  reaped = reaped + 1
+end
+
+if #out > 0 then
+  stat('terminations_started', #out / 2)
+  local reason = string.format('terminate %d (stuck %d, retry %d, idle %d); spare %d, target %d',
+                               #out / 2, #stuck, #due, reaped, s.spare, target)
+  log_decision(p, 'scale_down', reason, summary(s, target), #out / 2)
+end
+return out

@@ -1,0 +1,47 @@
+#!lua
+--[[
+  register_node: POST /api/nodes answered 202 {"id": node} for create reservation `rid`.
+
+  The reservation is consumed and the node recorded as booting. The races:
+    * node:status already arrived (the mock publishes `booting` before answering): the record
+      exists; it is only claimed (removed from `unclaimed`).            -> ALREADY_KNOWN
+    * the reservation expired first (the replica was slow or the POST timed out): the node is
+      recorded all the same, so it is never leaked.                      -> LATE
+    * the node was already declared terminated: nothing is resurrected. -> TOMBSTONE
+  Idempotent: a second call finds the reservation gone and the node known.
+
+  KEYS: the pool key vector (lua/includes/keys.lua)
+  ARGV[1] now (ms)
+  ARGV[2] reservation id
+  ARGV[3] node id
+
+  Returns {code, state}
+    1 REGISTERED  2 ALREADY_KNOWN  3 LATE  4 TOMBSTONE
+]]
+--@include "includes/keys.lua"
+--@include "includes/pool.lua"
+
+local now = tonumber(ARGV[1])
+local rid = ARGV[2]
+local node = ARGV[3]
+
+local had = rcall('ZREM', K.pending, rid)
+local nk = node_key(node)
+local state = rcall('HGET', nk, 'state')
+if state then
+  rcall('ZREM', K.unclaimed, node)
+  rcall('HSET', nk, 'reservation', rid)
+  if state == 'terminated' then
+    return {4, state}
+  end
+  return {2, state}
+end
+
+new_node(node, 'booting', now, had == 1 and 'api' or 'late', rid)
+rcall('ZADD', K.booting, now, node)
+stat('nodes_created')
+if had == 1 then
+  return {1, 'booting'}
+end
+stat('nodes_registered_late')
+return {3, 'booting'}

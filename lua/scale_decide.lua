@@ -1,0 +1,89 @@
+#!lua
+--[[
+  scale_decide: the scaling tick. Every replica calls it every interval; the first call in an
+  interval slot (floor(now / interval)) records the slot in `tick_lock` and decides, the others
+  return at once.
+
+  The decision:
+    1. drops create reservations past their deadline (their POST never came back: the replica
+       died, or the POST timed out; a node that does exist is adopted by apply_node_status);
+    2. trims the activity windows;
+    3. observes supply (ready + booting + creating - waiting) against the policy's target
+       (lua/includes/policy.lua) and reserves the shortfall as create reservations, within
+       max_nodes and max_batch. The winning replica POSTs one node per reservation and reports
+       each through register_node or cancel_create.
+  Terminations are reap_idle's, called next by the same replica.
+
+  KEYS: the pool key vector (lua/includes/keys.lua)
+  ARGV: the policy parameters (lua/includes/policy.lua read_params)
+
+  Returns {0} when another replica holds this interval, else
+    {1, reason, numbers_json, reservation_id...}
+  Logs every decision that acts to the `decisions` stream; the latest observation is kept in
+  stats field `last_decision`.
+]]
+--@include "includes/keys.lua"
+--@include "includes/policy.lua"
+
+local p = read_params()
+local now = p.now
+
+-- One decision per interval slot of the pool's own clock (`now`), not the server's: replays
+-- run hours of virtual time in seconds and must decide every virtual interval.
+local slot = math.floor(now / p.interval_ms)
+local last = tonumber(rcall('GET', K.tick_lock))
+if last and last >= slot then
+  return {0}
+end
+rcall('SET', K.tick_lock, slot)
+
+local expired = rcall('ZRANGEBYSCORE', K.pending, '-inf', now, 'LIMIT', 0, 100)
+for _, rid in ipairs(expired) do
+  rcall('ZREM', K.pending, rid)
+end
+if #expired > 0 then
+  stat('reservations_expired', #expired)
+end
+if rcall('ZCARD', K.pending) == 0 then
+  rcall('DEL', K.unclaimed)
+else
+  rcall('ZREMRANGEBYSCORE', K.unclaimed, '-inf', now - p.create_deadline_ms)
+end
+rcall('ZREMRANGEBYSCORE', K.active, '-inf', '(' .. (now - p.window_ms))
+rcall('ZREMRANGEBYSCORE', K.engaged, '-inf', '(' .. (now - p.window_ms))
+
+local s = observe(p)
+local target, why = target_spare(s, p)
+local want = target - s.spare
+local created = {}
+local reason
+if want > 0 then
+  local n = math.min(want, p.max_nodes - s.total, p.max_batch)
+  for i = 1, n do
+    local rid = p.replica .. ':' .. rcall('INCR', K.seq)
+    rcall('ZADD', K.pending, now + p.create_deadline_ms, rid)
+    created[#created + 1] = rid
+  end
+  if #created > 0 then
+    stat('creates_reserved', #created)
+  end
+  reason = string.format('spare %d < target %d (%s): create %d', s.spare, target, why,
+                         math.max(0, n))
+  if n < want then
+    reason = reason .. string.format(' of %d (max_nodes %d, batch %d)', want, p.max_nodes,
+                                     p.max_batch)
+  end
+else
+  reason = string.format('spare %d >= target %d (%s): hold', s.spare, target, why)
+end
+
+local numbers = summary(s, target)
+rcall('HSET', K.stats, 'last_decision', reason, 'last_numbers', numbers,
+      'last_decision_ms', now, 'last_replica', p.replica)
+if #created > 0 or (want > 0) then
+  log_decision(p, 'scale_up', reason, numbers, #created)
+end
+
+local result = {1, reason, numbers}
+for _, rid in ipairs(created) do result[#result + 1] = rid end
+return result

@@ -1,0 +1,30 @@
+#!lua flags=no-writes
+--[[
+  snapshot: a consistent read of the pool's counts and counters, for `provisioner status`,
+  /metrics and the tests. Changes nothing.
+
+  KEYS: the pool key vector (lua/includes/keys.lua)
+  ARGV[1] now (ms)
+  ARGV[2] window (ms)
+
+  Returns {counts_json, stats_flat_list...}
+]]
+--@include "includes/keys.lua"
+
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local counts = {
+  ready = rcall('LLEN', K.ready),
+  booting = rcall('ZCARD', K.booting),
+  allocated = rcall('HLEN', K.alloc),
+  waiting = rcall('LLEN', K.waiting),
+  terminating = rcall('ZCARD', K.terminating),
+  pending = rcall('ZCARD', K.pending),
+  unclaimed = rcall('ZCARD', K.unclaimed),
+  nodes = rcall('ZCARD', K.nodes),
+  active = rcall('ZCOUNT', K.active, now - window, '+inf'),
+  engaged = rcall('ZCOUNT', K.engaged, now - window, '+inf'),
+}
+local result = {cjson.encode(counts)}
+for _, v in ipairs(rcall('HGETALL', K.stats)) do result[#result + 1] = v end
+return result

@@ -1,0 +1,141 @@
+"""Loading `provisioner-trace/1` workload traces (see shared/scenarios/FORMAT.md).
+
+A trace is checked as it is read, so a replay never starts on a half-understood file: a bad
+header, an unknown channel or events out of time order fail with the file and line number.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "provisioner-trace/1"
+CHANNELS = ("user:activity", "user:connect", "user:disconnect")
+
+
+class TraceError(ValueError):
+    """A trace file that does not follow the format."""
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    t: float
+    channel: str
+    msg: dict[str, Any]
+
+
+@dataclass
+class Trace:
+    name: str
+    description: str
+    epoch: int
+    duration_s: float
+    boot_delays: tuple[float, ...]
+    api_latency_s: float
+    terminate_delay_s: float
+    max_nodes: int
+    events: list[TraceEvent] = field(default_factory=list)
+
+
+def _number(value: object, what: str, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{what} must be a finite number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _header(obj: object) -> Trace:
+    if not isinstance(obj, dict):
+        raise ValueError("header is not a JSON object")
+    if obj.get("format") != FORMAT:
+        raise ValueError(f"format is {obj.get('format')!r}, expected {FORMAT!r}")
+    nodes = obj.get("nodes")
+    if not isinstance(nodes, dict):
+        raise ValueError("header has no 'nodes' object")
+    delays = nodes.get("boot_delay_s")
+    if not isinstance(delays, list) or not delays:
+        raise ValueError("nodes.boot_delay_s must be a non-empty list")
+    max_nodes = nodes.get("max_nodes")
+    if isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 0:
+        raise ValueError(f"nodes.max_nodes must be a non-negative integer, got {max_nodes!r}")
+    epoch = obj.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise ValueError(f"epoch must be an integer, got {epoch!r}")
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("name must be a non-empty string")
+    description = obj.get("description", "")
+    if not isinstance(description, str):
+        raise ValueError("description must be a string")
+    return Trace(
+        name=name,
+        description=description,
+        epoch=epoch,
+        duration_s=_number(obj.get("duration_s"), "duration_s"),
+        boot_delays=tuple(_number(d, "nodes.boot_delay_s[]") for d in delays),
+        api_latency_s=_number(nodes.get("api_latency_s"), "nodes.api_latency_s"),
+        terminate_delay_s=_number(nodes.get("terminate_delay_s"), "nodes.terminate_delay_s"),
+        max_nodes=max_nodes,
+    )
+
+
+def _event(obj: object) -> TraceEvent:
+    if not isinstance(obj, dict):
+        raise ValueError("event is not a JSON object")
+    t = _number(obj.get("t"), "t")
+    channel = obj.get("ch")
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}")
+    msg = obj.get("msg")
+    if not isinstance(msg, dict) or not isinstance(msg.get("user_id"), str):
+        raise ValueError("msg must be an object with a string user_id")
+    if channel == "user:activity":
+        stamp = msg.get("timestamp")
+        if isinstance(stamp, bool) or not isinstance(stamp, int):
+            raise ValueError(f"activity timestamp must be an integer, got {stamp!r}")
+    return TraceEvent(t, channel, msg)
+
+
+def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
+    """Parse a trace from its text lines; `source` names the file in error messages."""
+    trace: Trace | None = None
+    last_t = 0.0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if trace is None:
+                trace = _header(obj)
+                continue
+            event = _event(obj)
+        except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise TraceError(f"{source}:{number}: {exc}") from exc
+        if event.t < last_t:
+            raise TraceError(f"{source}:{number}: event at t={event.t} is before t={last_t}")
+        last_t = event.t
+        trace.events.append(event)
+    if trace is None:
+        raise TraceError(f"{source}: empty file, no header")
+    return trace
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read a `.jsonl.gz` (by its gzip magic, whatever the name) or plain `.jsonl` trace."""
+    path = Path(path)
+    try:
+        with path.open("rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        if gzipped:
+            with gzip.open(path, "rt", encoding="utf-8") as text:
+                return parse_lines(text, str(path))
+        with path.open(encoding="utf-8") as text:
+            return parse_lines(text, str(path))
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: {exc}") from exc

@@ -1,0 +1,298 @@
+"""The `provisioner` command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import redis.asyncio as aioredis
+import typer
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from provisioner import mock_node_api, simulator, view
+from provisioner.clock import WallClock
+from provisioner.config import ConfigError, PoolConfig, ServiceConfig, default_replica_id
+from provisioner.logs import setup_logging
+
+app = typer.Typer(
+    name="provisioner",
+    help="Predictive GPU node provisioning with its whole state in Redis.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+T = TypeVar("T")
+
+RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="PROVISIONER_REDIS_URL",
+                                       help="Redis URL, e.g. redis://localhost:6379/0")]
+Pool = Annotated[str, typer.Option("--pool", envvar="PROVISIONER_POOL",
+                                   help="Pool name; every key carries it as a hash tag")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
+DEFAULTS = PoolConfig()
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(2)
+
+
+@app.command()
+def run(
+    redis_url: RedisUrl,
+    node_api_url: Annotated[str, typer.Option(
+        "--node-api-url", envvar="PROVISIONER_NODE_API_URL",
+        help="Base URL of the Node Management API")],
+    pool: Pool = "default",
+    http_port: Annotated[int, typer.Option(
+        "--http-port", envvar="PROVISIONER_HTTP_PORT",
+        help="Port of /metrics, /healthz, /readyz (0 disables)")] = 9100,
+    replica_id: Annotated[str, typer.Option(
+        "--replica-id", envvar="PROVISIONER_REPLICA_ID",
+        help="Name of this replica in logs and decisions")] = "",
+    min_ready: Annotated[int, typer.Option(
+        envvar="PROVISIONER_MIN_READY", help="Floor of spare (ready+booting) nodes")
+    ] = DEFAULTS.min_ready,
+    max_nodes: Annotated[int, typer.Option(
+        envvar="PROVISIONER_MAX_NODES", help="Most nodes that may exist at once")
+    ] = DEFAULTS.max_nodes,
+    idle_timeout: Annotated[float, typer.Option(
+        envvar="PROVISIONER_IDLE_TIMEOUT", help="Seconds a ready node may idle before it may "
+        "be reaped (only beyond the target)")] = DEFAULTS.idle_timeout_s,
+    boot_timeout: Annotated[float, typer.Option(
+        envvar="PROVISIONER_BOOT_TIMEOUT", help="Seconds after which a boot is stuck and the "
+        "node terminated")] = DEFAULTS.boot_timeout_s,
+    tick_interval: Annotated[float, typer.Option(
+        envvar="PROVISIONER_TICK_INTERVAL", help="Seconds between scaling decisions (one per "
+        "interval across all replicas)")] = DEFAULTS.tick_interval_s,
+    activity_window: Annotated[float, typer.Option(
+        envvar="PROVISIONER_ACTIVITY_WINDOW", help="Seconds of activity that count")
+    ] = DEFAULTS.activity_window_s,
+    engaged_threshold: Annotated[int, typer.Option(
+        envvar="PROVISIONER_ENGAGED_THRESHOLD",
+        help="Activities within the window that make a user engaged")
+    ] = DEFAULTS.engaged_threshold,
+    conversion: Annotated[float, typer.Option(
+        envvar="PROVISIONER_CONVERSION",
+        help="Expected share of engaged users who connect")] = DEFAULTS.conversion,
+    create_timeout: Annotated[float, typer.Option(
+        envvar="PROVISIONER_CREATE_TIMEOUT",
+        help="Seconds a create reservation waits for its POST before it expires")
+    ] = DEFAULTS.create_timeout_s,
+    delete_timeout: Annotated[float, typer.Option(
+        envvar="PROVISIONER_DELETE_TIMEOUT",
+        help="Seconds to wait for 'terminated' before a DELETE is sent again")
+    ] = DEFAULTS.delete_timeout_s,
+    max_batch: Annotated[int, typer.Option(
+        envvar="PROVISIONER_MAX_BATCH", help="Most creates or terminations per decision")
+    ] = DEFAULTS.max_batch,
+    reconcile_interval: Annotated[float, typer.Option(
+        envvar="PROVISIONER_RECONCILE_INTERVAL",
+        help="Seconds between reconciliations with GET /api/nodes (0 disables)")] = 30.0,
+    api_timeout: Annotated[float, typer.Option(
+        envvar="PROVISIONER_API_TIMEOUT", help="Node API request timeout, seconds")] = 10.0,
+    log_format: Annotated[str, typer.Option(
+        envvar="PROVISIONER_LOG_FORMAT", help="text or json")] = "text",
+    log_level: Annotated[str, typer.Option(
+        envvar="PROVISIONER_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+) -> None:
+    """Run one replica: listeners, scaling ticker, reconciliation, /metrics and health."""
+    from provisioner.service import serve
+
+    try:
+        service = ServiceConfig(
+            redis_url=redis_url, node_api_url=node_api_url, pool=pool, http_port=http_port,
+            replica_id=replica_id or default_replica_id(), log_format=log_format,
+            reconcile_interval_s=reconcile_interval, api_timeout_s=api_timeout,
+        ).validate()
+        pool_config = PoolConfig(
+            min_ready=min_ready, max_nodes=max_nodes, idle_timeout_s=idle_timeout,
+            boot_timeout_s=boot_timeout, tick_interval_s=tick_interval,
+            activity_window_s=activity_window, engaged_threshold=engaged_threshold,
+            conversion=conversion, create_timeout_s=create_timeout,
+            delete_timeout_s=delete_timeout, max_batch=max_batch,
+        ).validate()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    setup_logging(log_format, log_level.upper())
+    try:
+        asyncio.run(serve(service, pool_config))
+    except (OSError, RedisError) as exc:
+        raise _fail(f"cannot run: {exc}") from None
+
+
+def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    async def go() -> T:
+        client = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            return await work(client)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(go())
+    except (OSError, RedisError) as exc:
+        raise _fail(f"cannot reach Redis at {url}: {exc}") from None
+
+
+async def _window_ms(client: aioredis.Redis, pool: str) -> int:
+    from provisioner.keys import PoolKeys
+
+    config = view.config_from_redis(await client.hgetall(PoolKeys(pool).config))
+    return (config or DEFAULTS).window_ms
+
+
+@app.command()
+def status(
+    redis_url: RedisUrl,
+    pool: Pool = "default",
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every second")] = False,
+    as_json: Json = False,
+) -> None:
+    """Pool state: nodes by state, users, hits and misses, recent scaling decisions."""
+
+    async def read(client: aioredis.Redis) -> view.PoolView:
+        return await view.read_view(client, pool, WallClock().now_ms(),
+                                       await _window_ms(client, pool))
+
+    if not watch:
+        pool_view = _with_redis(redis_url, read)
+        if as_json:
+            typer.echo(json.dumps(pool_view.as_dict(), indent=2))
+        else:
+            console.print(view.render_view(pool_view))
+        return
+
+    async def loop(client: aioredis.Redis) -> None:
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                try:
+                    live.update(view.render_view(await read(client)), refresh=True)
+                except (OSError, RedisError) as exc:
+                    live.update(f"[red]Redis unreachable:[/red] {exc}", refresh=True)
+                await asyncio.sleep(1.0)
+
+    try:
+        _with_redis(redis_url, loop)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
+          limit: Annotated[int, typer.Option(help="Most rows")] = 200) -> None:
+    """Live nodes of the pool with their state, user and ages."""
+    rows = _with_redis(redis_url, lambda c: view.node_rows(c, pool, limit))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    now = time.time() * 1000
+    table = Table(title=f"nodes of pool {pool} ({len(rows)})")
+    for column in ("node", "state", "user", "age", "idle for", "origin"):
+        table.add_column(column)
+    for row in rows:
+        age = (now - float(row.get("created_ms") or now)) / 1000
+        idle = ""
+        if row.get("state") == "ready" and row.get("idle_since_ms"):
+            idle = f"{(now - float(row['idle_since_ms'])) / 1000:.0f}s"
+        table.add_row(row.get("id", "?"), row.get("state", "?"), row.get("user", ""),
+                      f"{age:.0f}s", idle, row.get("origin", ""))
+    console.print(table)
+
+
+@app.command()
+def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
+          limit: Annotated[int, typer.Option(help="Most rows")] = 200) -> None:
+    """Waiting users (oldest first) and users holding a node."""
+    waiting, allocated = _with_redis(redis_url, lambda c: view.user_rows(c, pool, limit))
+    now = time.time() * 1000
+    if as_json:
+        typer.echo(json.dumps({
+            "waiting": [{"user_id": u, "waiting_s": round((now - s) / 1000, 1)}
+                        for u, s in waiting],
+            "allocated": [{"user_id": u, "node_id": n} for u, n in allocated]}, indent=2))
+        return
+    table = Table(title=f"waiting users of pool {pool} ({len(waiting)})")
+    table.add_column("user")
+    table.add_column("waiting for")
+    for user, since in waiting:
+        table.add_row(user, f"{(now - since) / 1000:.0f}s")
+    console.print(table)
+    table = Table(title=f"connected users of pool {pool} ({len(allocated)})")
+    table.add_column("user")
+    table.add_column("node")
+    for user, node in allocated:
+        table.add_row(user, node)
+    console.print(table)
+
+
+@app.command()
+def check(redis_url: RedisUrl, pool: Pool = "default") -> None:
+    """Verify the pool's invariants (exit 1 and list what is wrong if any is broken)."""
+    problems = _with_redis(redis_url, lambda c: view.check_invariants(c, pool))
+    if problems:
+        for problem in problems:
+            console.print(f"[red]x[/red] {problem}")
+        raise typer.Exit(1)
+    console.print("[green]ok[/green]: every invariant holds")
+
+
+@app.command()
+def reconcile(
+    redis_url: RedisUrl,
+    node_api_url: Annotated[str, typer.Option(
+        "--node-api-url", envvar="PROVISIONER_NODE_API_URL")],
+    pool: Pool = "default",
+) -> None:
+    """Repair the pool against GET /api/nodes once: adopt unknown nodes, end vanished ones."""
+    from provisioner.nodeapi import HttpNodeApi
+    from provisioner.service import Replica
+
+    async def go(client: aioredis.Redis) -> dict[str, Any]:
+        config = view.config_from_redis(
+            await client.hgetall(f"prov:{{{pool}}}:config")) or DEFAULTS
+        api = HttpNodeApi(node_api_url)
+        try:
+            service = ServiceConfig(redis_url, node_api_url, pool=pool).validate()
+            replica = Replica(client, service, config, api)
+            counts = await replica.reconcile()
+            await replica.drain(10.0)
+            return dict(counts)
+        finally:
+            await api.aclose()
+
+    try:
+        counts = _with_redis(redis_url, go)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(json.dumps(counts))
+
+
+@app.command()
+def dev(
+    redis_url: Annotated[str, typer.Option(
+        "--redis-url", envvar="PROVISIONER_REDIS_URL",
+        help="Use this Redis; by default a private server is started")] = "",
+    replicas: Annotated[int, typer.Option(help="Service replicas to start")] = 2,
+    boot_delay: Annotated[str, typer.Option(help="Mock boot delay spec")] = "lognormal:20:45",
+    arrival_rate: Annotated[float, typer.Option(help="Simulated users per minute")] = 20.0,
+) -> None:
+    """The whole local stack: server, mock Node API, simulator, replicas, live status view."""
+    from provisioner.devstack import run_stack
+
+    raise typer.Exit(run_stack(redis_url=redis_url or None, replicas=replicas,
+                               boot_delay=boot_delay, arrival_rate=arrival_rate))
+
+
+app.command("mock-node-api")(mock_node_api.command)
+app.command("simulate")(simulator.command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,38 @@
+"""The one clock. Scripts take ``now`` in milliseconds as an argument, so time can be driven."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int:
+        """Milliseconds since the Unix epoch, as the pool sees it."""
+        ...
+
+
+class WallClock:
+    """The machine's clock."""
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+class ManualClock:
+    """A clock that moves only when told to: tests and the replay benchmark drive it."""
+
+    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
+        self._now = start_ms
+
+    def now_ms(self) -> int:
+        return self._now
+
+    def set(self, now_ms: int) -> None:
+        if now_ms < self._now:
+            raise ValueError("time does not go backwards")
+        self._now = now_ms
+
+    def advance(self, ms: int) -> int:
+        self._now += ms
+        return self._now

@@ -1,0 +1,143 @@
+"""Pool and service settings, validated at start with a clear message."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+
+from provisioner.keys import POOL_NAME
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How one pool scales. Every replica of a pool should run with the same values."""
+
+    min_ready: int = 1
+    max_nodes: int = 50
+    idle_timeout_s: float = 300.0
+    boot_timeout_s: float = 600.0
+    tick_interval_s: float = 1.0
+    activity_window_s: float = 120.0
+    engaged_threshold: int = 3
+    conversion: float = 0.5
+    create_timeout_s: float = 60.0
+    delete_timeout_s: float = 60.0
+    max_batch: int = 20
+    max_events_per_user: int = 100
+    decision_log_len: int = 1000
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                found.append(message)
+
+        need(self.min_ready >= 0, "min_ready must be >= 0")
+        need(self.max_nodes >= 1, "max_nodes must be >= 1")
+        need(self.min_ready <= self.max_nodes, "min_ready must not exceed max_nodes")
+        need(self.idle_timeout_s >= 0, "idle_timeout_s must be >= 0")
+        need(self.boot_timeout_s > 0, "boot_timeout_s must be > 0")
+        need(0.05 <= self.tick_interval_s <= 600, "tick_interval_s must be in [0.05, 600]")
+        need(1 <= self.activity_window_s <= 86400, "activity_window_s must be in [1, 86400]")
+        need(1 <= self.engaged_threshold <= self.max_events_per_user,
+             "engaged_threshold must be in [1, max_events_per_user]")
+        need(0 <= self.conversion <= 1, "conversion must be in [0, 1]")
+        need(self.create_timeout_s > 0, "create_timeout_s must be > 0")
+        need(self.delete_timeout_s > 0, "delete_timeout_s must be > 0")
+        need(1 <= self.max_batch <= 1000, "max_batch must be in [1, 1000]")
+        need(1 <= self.max_events_per_user <= 10000, "max_events_per_user must be in [1, 10000]")
+        need(self.decision_log_len >= 10, "decision_log_len must be >= 10")
+        return found
+
+    def validate(self) -> PoolConfig:
+        found = self.problems()
+        if found:
+            raise ConfigError("invalid pool settings: " + "; ".join(found))
+        return self
+
+    @property
+    def window_ms(self) -> int:
+        return int(self.activity_window_s * 1000)
+
+    @property
+    def interval_ms(self) -> int:
+        return max(1, int(self.tick_interval_s * 1000))
+
+    def policy_args(self, now_ms: int, replica: str) -> list[object]:
+        """ARGV for scale_decide and reap_idle, in the order of lua/includes/policy.lua."""
+        return [
+            now_ms,
+            replica,
+            self.interval_ms,
+            self.min_ready,
+            self.max_nodes,
+            self.window_ms,
+            repr(float(self.conversion)),
+            int(self.idle_timeout_s * 1000),
+            int(self.boot_timeout_s * 1000),
+            int(self.create_timeout_s * 1000),
+            int(self.delete_timeout_s * 1000),
+            self.max_batch,
+            self.decision_log_len,
+        ]
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Where one replica connects and how it reports."""
+
+    redis_url: str
+    node_api_url: str
+    pool: str = "default"
+    http_port: int = 9100
+    http_host: str = "0.0.0.0"
+    replica_id: str = field(default_factory=default_replica_id)
+    log_format: str = "text"
+    max_event_age_s: float = 86400.0
+    max_clock_skew_s: float = 300.0
+    reconcile_interval_s: float = 30.0
+    api_timeout_s: float = 10.0
+    api_retries: int = 3
+    shutdown_grace_s: float = 5.0
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            found.append(f"redis url {self.redis_url!r} must start with redis://, rediss:// "
+                         "or unix://")
+        if not self.node_api_url.startswith(("http://", "https://")):
+            found.append(f"node api url {self.node_api_url!r} must start with http(s)://")
+        if not POOL_NAME.match(self.pool):
+            found.append(f"pool {self.pool!r} must be 1-64 characters of letters, digits, _.-")
+        if not 0 <= self.http_port <= 65535:
+            found.append("http port must be in [0, 65535] (0 disables the HTTP endpoint)")
+        if self.log_format not in ("text", "json"):
+            found.append("log format must be text or json")
+        if not 0 < len(self.replica_id) <= 64 or ":" in self.replica_id:
+            found.append("replica id must be 1-64 characters without ':'")
+        if self.api_timeout_s <= 0:
+            found.append("api timeout must be > 0")
+        if not 1 <= self.api_retries <= 10:
+            found.append("api retries must be in [1, 10]")
+        if self.reconcile_interval_s < 0:
+            found.append("reconcile interval must be >= 0 (0 disables reconciliation)")
+        return found
+
+    def validate(self) -> ServiceConfig:
+        found = self.problems()
+        if found:
+            raise ConfigError("invalid service settings: " + "; ".join(found))
+        return self

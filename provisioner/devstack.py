@@ -1,0 +1,148 @@
+"""`make run`: the whole local stack as child processes, with the live status view in front.
+
+A private Redis-compatible server (unless a URL is given), the mock Node API, N replicas and the
+traffic simulator each run as a child process in its own session, logging to files under one
+folder. Ctrl-C (or SIGTERM) stops them all: SIGTERM first, SIGKILL after a grace period, so no
+process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from provisioner import view
+from provisioner.clock import WallClock
+from provisioner.config import PoolConfig
+from provisioner.redis_server import RedisServer, free_port, start_server
+
+console = Console()
+
+
+class Child:
+    def __init__(self, name: str, args: list[str], logdir: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, **(env or {})})
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self._log.close()
+
+
+def _wait_http(port: int, timeout: float = 15.0) -> bool:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def run_stack(redis_url: str | None = None, replicas: int = 2,
+              boot_delay: str = "lognormal:20:45", arrival_rate: float = 20.0,
+              duration: float | None = None) -> int:
+    """Start everything, show the live view until Ctrl-C (or `duration` seconds), stop all."""
+    logdir = Path(tempfile.mkdtemp(prefix="provisioner-stack-"))
+    exe = [sys.executable, "-m", "provisioner"]
+    server: RedisServer | None = None
+    children: list[Child] = []
+    stop = {"now": False}
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if not redis_url:
+            server = start_server()
+            redis_url = server.url
+            console.print(f"private server {server.binary} on {redis_url}")
+        api_port = free_port()
+        children.append(Child("mock-node-api", [
+            *exe, "mock-node-api", "--port", str(api_port), "--redis-url", redis_url,
+            "--boot-delay", boot_delay], logdir))
+        if not _wait_http(api_port):
+            console.print(f"[red]mock Node API did not start; see {logdir}/mock-node-api.log")
+            return 1
+        ports = []
+        for index in range(replicas):
+            port = free_port()
+            ports.append(port)
+            children.append(Child(f"replica-{index + 1}", [
+                *exe, "run", "--redis-url", redis_url,
+                "--node-api-url", f"http://127.0.0.1:{api_port}", "--http-port", str(port),
+                "--replica-id", f"replica-{index + 1}", "--idle-timeout", "120"], logdir))
+        children.append(Child("simulator", [
+            *exe, "simulate", "--redis-url", redis_url, "--arrival-rate", str(arrival_rate)],
+            logdir))
+        console.print(f"mock Node API http://127.0.0.1:{api_port}  replicas' metrics on ports "
+                      f"{', '.join(map(str, ports))}  logs in {logdir}")
+        console.print("Ctrl-C stops everything.")
+        try:
+            asyncio.run(_watch(redis_url, children, stop, duration))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for child in children:
+            child.stop()
+        deadline = time.monotonic() + 10
+        while any(c.alive() for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for child in children:
+            child.kill()
+        if server is not None:
+            server.stop()
+        console.print(f"stopped {len(children)} processes; logs kept in {logdir}")
+
+
+async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],
+                 duration: float | None) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    started = time.monotonic()
+    window = PoolConfig().window_ms
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            while not stop["now"]:
+                if duration is not None and time.monotonic() - started > duration:
+                    return
+                pool_view = await view.read_view(client, "default", WallClock().now_ms(),
+                                                 window)
+                processes = Text("  ".join(
+                    f"{c.name}:{'up' if c.alive() else 'EXITED'}" for c in children))
+                live.update(Group(view.render_view(pool_view), processes), refresh=True)
+                await asyncio.sleep(1.0)
+    finally:
+        await client.aclose()

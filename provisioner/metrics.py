@@ -1,0 +1,68 @@
+"""Every Prometheus metric of a replica, in one registry per replica.
+
+Counters of events are per replica: every replica receives every message, but only the one whose
+script call made the transition counts a connect, hit or miss, so summing over replicas gives
+exact totals. Pool gauges (nodes by state, users) are read from Redis and are the same on every
+replica: aggregate them with max(), not sum().
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+WAIT_BUCKETS = (0.0, 0.5, 1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter("provisioner_events", "Messages received, by channel",
+                              ["channel"], registry=r)
+        self.rejected = Counter("provisioner_events_rejected",
+                                "Messages dropped as malformed, by channel and reason",
+                                ["channel", "reason"], registry=r)
+        self.connects = Counter("provisioner_connects",
+                                "Counted connects (users holding nothing and not waiting)",
+                                registry=r)
+        self.hits = Counter("provisioner_hits", "Connects served at once by a ready node",
+                            registry=r)
+        self.misses = Counter("provisioner_misses", "Connects that found no ready node",
+                              registry=r)
+        self.allocations = Counter("provisioner_allocations",
+                                   "Nodes handed to users, by kind (instant|after_wait)",
+                                   ["kind"], registry=r)
+        self.wait = Histogram("provisioner_wait_seconds",
+                              "Time from a miss to the user's allocation",
+                              buckets=WAIT_BUCKETS, registry=r)
+        self.releases = Counter("provisioner_releases", "Disconnects, by outcome",
+                                ["outcome"], registry=r)
+        self.node_events = Counter("provisioner_node_status", "node:status applied, by outcome",
+                                   ["status", "outcome"], registry=r)
+        self.nodes = Gauge("provisioner_nodes", "Nodes of the pool by state (from Redis)",
+                           ["state"], registry=r)
+        self.users = Gauge("provisioner_users", "Users of the pool by state (from Redis)",
+                           ["state"], registry=r)
+        self.api_calls = Counter("provisioner_node_api_calls",
+                                 "Node API calls, by operation and outcome",
+                                 ["op", "outcome"], registry=r)
+        self.api_latency = Histogram("provisioner_node_api_seconds",
+                                     "Node API call latency, by operation", ["op"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.script_latency = Histogram("provisioner_script_seconds",
+                                        "Lua script round-trip latency, by script", ["script"],
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.decisions = Counter("provisioner_scale_decisions",
+                                 "Scaling ticks this replica won", registry=r)
+        self.creates = Counter("provisioner_creates_reserved",
+                               "Create reservations this replica carried out", registry=r)
+        self.terminations = Counter("provisioner_terminations",
+                                    "Terminations this replica started, by reason",
+                                    ["reason"], registry=r)
+        self.errors = Counter("provisioner_errors",
+                              "Unexpected errors while handling work, by where",
+                              ["where"], registry=r)
+
+    def observe_script(self, name: str, seconds: float) -> None:
+        self.script_latency.labels(name).observe(seconds)

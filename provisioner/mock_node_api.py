@@ -1,0 +1,293 @@
+"""A mock of the challenge's Node Management API, with fault injection.
+
+`POST /api/nodes` creates a node: it publishes `node:status booting` *before* answering 202
+`{"id": …}` (as the challenge's own mock does, so the service sees status before the create
+returns), then `ready` after a boot delay drawn from a distribution. `DELETE /api/nodes/{id}`
+answers 202 (again for a node already terminating: the call is idempotent) or 404 for an id it
+never created, and publishes `terminated` after `--terminate-delay`. `GET /api/nodes` lists the
+nodes with their states, for the service's reconciliation.
+
+Faults, all seeded: a share of creates and deletes answer 500, added latency on every call, a
+share of boots that never become ready, and nodes that die (`terminated` while ready or
+allocated) at a rate per node-hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import redis.asyncio as aioredis
+import typer
+from aiohttp import web
+
+log = logging.getLogger("provisioner.mock_node_api")
+
+#: Terminated nodes stay listed this long, so a late DELETE still finds them (202, not 404).
+KEEP_TERMINATED_S = 600.0
+
+
+class DelaySpecError(ValueError):
+    """A boot-delay specification that cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class BootDelay:
+    """A boot-delay distribution in seconds: `60`, `uniform:A:B`, `lognormal:MEDIAN:P95` or
+    `exp:MEAN`."""
+
+    kind: str
+    a: float
+    b: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str) -> BootDelay:
+        parts = spec.strip().split(":")
+        try:
+            numbers = [float(p) for p in parts[1:]] if len(parts) > 1 else [float(parts[0])]
+        except ValueError:
+            raise DelaySpecError(f"{spec!r}: not a number") from None
+        if any(not math.isfinite(n) or n < 0 for n in numbers):
+            raise DelaySpecError(f"{spec!r}: delays must be finite and >= 0")
+        kind = parts[0] if len(parts) > 1 else "fixed"
+        arity = {"fixed": 1, "uniform": 2, "lognormal": 2, "exp": 1}
+        if kind not in arity:
+            raise DelaySpecError(f"{spec!r}: unknown distribution {kind!r} "
+                                 "(use N, uniform:A:B, lognormal:MEDIAN:P95 or exp:MEAN)")
+        if len(numbers) != arity[kind]:
+            raise DelaySpecError(f"{spec!r}: {kind} takes {arity[kind]} number(s)")
+        if kind == "uniform" and numbers[0] > numbers[1]:
+            raise DelaySpecError(f"{spec!r}: A must be <= B")
+        if kind == "lognormal" and not 0 < numbers[0] <= numbers[1]:
+            raise DelaySpecError(f"{spec!r}: need 0 < MEDIAN <= P95")
+        return cls(kind, numbers[0], numbers[1] if len(numbers) > 1 else 0.0)
+
+    def draw(self, rng: random.Random) -> float:
+        if self.kind == "fixed":
+            return self.a
+        if self.kind == "uniform":
+            return rng.uniform(self.a, self.b)
+        if self.kind == "exp":
+            return rng.expovariate(1 / self.a) if self.a > 0 else 0.0
+        # lognormal: MEDIAN = e^mu, P95 = e^(mu + 1.645 sigma)
+        sigma = math.log(self.b / self.a) / 1.6449
+        return rng.lognormvariate(math.log(self.a), sigma)
+
+
+@dataclass
+class Faults:
+    create_error_rate: float = 0.0
+    delete_error_rate: float = 0.0
+    latency_s: float = 0.0
+    stuck_rate: float = 0.0
+    death_rate_per_hour: float = 0.0
+
+
+@dataclass
+class MockNode:
+    id: str
+    state: str  # booting | ready | terminating | terminated
+    created_at: float
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    ended_at: float | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {"id": self.id, "state": self.state, "created_at": self.created_at}
+
+
+class MockNodeApi:
+    def __init__(self, redis: aioredis.Redis, boot_delay: BootDelay, *,
+                 terminate_delay_s: float = 1.0, max_nodes: int = 1000,
+                 faults: Faults | None = None, seed: int | None = None) -> None:
+        self.redis = redis
+        self.boot_delay = boot_delay
+        self.terminate_delay_s = terminate_delay_s
+        self.max_nodes = max_nodes
+        self.faults = faults or Faults()
+        self.rng = random.Random(seed)
+        self.nodes: dict[str, MockNode] = {}
+        prefix = f"{self.rng.getrandbits(24):06x}"
+        self._ids = (f"node-{prefix}-{n}" for n in itertools.count(1))
+
+    def live(self) -> list[MockNode]:
+        return [n for n in self.nodes.values() if n.state in ("booting", "ready")]
+
+    async def _publish(self, node: MockNode, status: str) -> None:
+        await self.redis.publish("node:status", json.dumps({"node_id": node.id,
+                                                            "status": status}))
+
+    async def _latency(self) -> None:
+        if self.faults.latency_s > 0:
+            await asyncio.sleep(self.rng.uniform(0, self.faults.latency_s))
+
+    def _fails(self, rate: float) -> bool:
+        return rate > 0 and self.rng.random() < rate
+
+    def _forget_old(self) -> None:
+        cutoff = time.time() - KEEP_TERMINATED_S
+        for node_id in [n.id for n in self.nodes.values()
+                        if n.ended_at is not None and n.ended_at < cutoff]:
+            del self.nodes[node_id]
+
+    # --- handlers -----------------------------------------------------------------------------
+
+    async def create(self, _: web.Request) -> web.Response:
+        await self._latency()
+        self._forget_old()
+        if self._fails(self.faults.create_error_rate):
+            log.info("create: injected failure")
+            return web.json_response({"error": "injected failure"}, status=500)
+        if len(self.live()) >= self.max_nodes:
+            return web.json_response({"error": f"at most {self.max_nodes} nodes"}, status=429)
+        node = MockNode(next(self._ids), "booting", time.time())
+        self.nodes[node.id] = node
+        await self._publish(node, "booting")
+        stuck = self._fails(self.faults.stuck_rate)
+        if not stuck:
+            node.tasks.append(asyncio.create_task(self._boot(node)))
+        log.info("create %s%s", node.id, " (will never become ready)" if stuck else "")
+        return web.json_response({"id": node.id}, status=202)
+
+    async def _boot(self, node: MockNode) -> None:
+        await asyncio.sleep(self.boot_delay.draw(self.rng))
+        if node.state != "booting":
+            return
+        node.state = "ready"
+        await self._publish(node, "ready")
+        log.info("%s ready", node.id)
+        if self.faults.death_rate_per_hour > 0:
+            await asyncio.sleep(self.rng.expovariate(self.faults.death_rate_per_hour / 3600))
+            if node.state == "ready":
+                log.info("%s dies (injected)", node.id)
+                await self._end(node)
+
+    async def _end(self, node: MockNode) -> None:
+        node.state = "terminated"
+        node.ended_at = time.time()
+        await self._publish(node, "terminated")
+
+    async def delete(self, request: web.Request) -> web.Response:
+        await self._latency()
+        node = self.nodes.get(request.match_info["node_id"])
+        if node is None:
+            return web.json_response({"error": "no such node"}, status=404)
+        if self._fails(self.faults.delete_error_rate):
+            log.info("delete %s: injected failure", node.id)
+            return web.json_response({"error": "injected failure"}, status=500)
+        if node.state in ("booting", "ready"):
+            for task in node.tasks:
+                task.cancel()
+            node.state = "terminating"
+            node.tasks = [asyncio.create_task(self._terminate(node))]
+            log.info("delete %s", node.id)
+        return web.json_response({"id": node.id}, status=202)
+
+    async def _terminate(self, node: MockNode) -> None:
+        await asyncio.sleep(self.terminate_delay_s)
+        await self._end(node)
+
+    async def list_nodes(self, _: web.Request) -> web.Response:
+        self._forget_old()
+        return web.json_response({"nodes": [n.as_json() for n in self.nodes.values()]})
+
+    async def get_node(self, request: web.Request) -> web.Response:
+        node = self.nodes.get(request.match_info["node_id"])
+        if node is None:
+            return web.json_response({"error": "no such node"}, status=404)
+        return web.json_response(node.as_json())
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "nodes": len(self.live())})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/api/nodes", self.create)
+        app.router.add_get("/api/nodes", self.list_nodes)
+        app.router.add_get("/api/nodes/{node_id}", self.get_node)
+        app.router.add_delete("/api/nodes/{node_id}", self.delete)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            for task in node.tasks:
+                task.cancel()
+
+
+async def serve(api: MockNodeApi, host: str, port: int) -> None:
+    runner = web.AppRunner(api.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("mock Node API on http://%s:%d", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await api.close()
+        await runner.cleanup()
+        await api.redis.aclose()
+
+
+def _rate(value: float) -> float:
+    if not 0 <= value <= 1:
+        raise typer.BadParameter("must be between 0 and 1")
+    return value
+
+
+def command(
+    port: Annotated[int, typer.Option(help="HTTP port.", envvar="MOCK_NODE_API_PORT")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    redis_url: Annotated[str, typer.Option(envvar="PROVISIONER_REDIS_URL",
+                                           help="Where node:status is published.")]
+    = "redis://127.0.0.1:6379/0",
+    boot_delay: Annotated[str, typer.Option(
+        help="Boot delay in seconds: N, uniform:A:B, lognormal:MEDIAN:P95 or exp:MEAN.")]
+    = "60",
+    terminate_delay: Annotated[float, typer.Option(
+        min=0, help="Seconds from DELETE to `terminated`.")] = 1.0,
+    max_nodes: Annotated[int, typer.Option(min=1, help="Creates beyond this answer 429.")]
+    = 1000,
+    create_error_rate: Annotated[float, typer.Option(callback=_rate,
+                                                     help="Share of creates answering 500.")]
+    = 0.0,
+    delete_error_rate: Annotated[float, typer.Option(callback=_rate,
+                                                     help="Share of deletes answering 500.")]
+    = 0.0,
+    latency: Annotated[float, typer.Option(min=0, help="Added latency per call, up to N s.")]
+    = 0.0,
+    stuck_rate: Annotated[float, typer.Option(callback=_rate,
+                                              help="Share of boots that never become ready.")]
+    = 0.0,
+    death_rate: Annotated[float, typer.Option(
+        min=0, help="Ready/allocated nodes die at this rate per node-hour.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for delays and faults.")] = None,
+) -> None:
+    """Serve the mock Node Management API and publish node:status."""
+    try:
+        delay = BootDelay.parse(boot_delay)
+    except DelaySpecError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--boot-delay") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    faults = Faults(create_error_rate, delete_error_rate, latency, stuck_rate, death_rate)
+
+    async def main() -> None:
+        redis = aioredis.Redis.from_url(redis_url)
+        api = MockNodeApi(redis, delay, terminate_delay_s=terminate_delay, max_nodes=max_nodes,
+                          faults=faults, seed=seed)
+        await serve(api, host, port)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

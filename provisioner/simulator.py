@@ -1,0 +1,170 @@
+"""User traffic on the wire: synthetic users in real time, or a recorded trace replayed.
+
+Synthetic users arrive as a Poisson process. Each browses (one `user:activity` per request, gaps
+drawn from an exponential), and a share of them then connects (`user:connect`), holds a session of
+a drawn length and disconnects; the rest browse and leave. Everything is seeded.
+
+A trace (`provisioner-trace/1`) is replayed at its own pace or `--speed` times faster; activity
+timestamps are rewritten to the wall clock at publication, so the service sees fresh events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import random
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+import typer
+
+log = logging.getLogger("provisioner.simulator")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    arrival_rate_per_min: float = 20.0
+    browse_gap_s: float = 8.0
+    conversion: float = 0.3
+    #: mean number of requests before a converting user connects
+    requests_before_connect: float = 10.0
+    #: mean number of requests of a user who never connects
+    requests_of_browser: float = 8.0
+    session_s: float = 300.0
+
+
+def synthetic(traffic: Traffic, rng: random.Random,
+              duration_s: float | None = None) -> Iterator[tuple[float, str, dict[str, Any]]]:
+    """Yield `(seconds from start, channel, payload)` in time order, forever or for a duration.
+    Activity payloads carry their offset in `timestamp`; the publisher adds the wall clock."""
+    pending: list[tuple[float, int, str, dict[str, Any]]] = []
+    seq = itertools.count()
+    next_arrival = rng.expovariate(traffic.arrival_rate_per_min / 60)
+    while True:
+        while not pending or next_arrival <= pending[0][0]:
+            if duration_s is not None and next_arrival > duration_s:
+                break
+            for t, channel, payload in _user_script(traffic, rng, next_arrival):
+                heapq.heappush(pending, (t, next(seq), channel, payload))
+            next_arrival += rng.expovariate(traffic.arrival_rate_per_min / 60)
+        if not pending:
+            return
+        t, _, channel, payload = heapq.heappop(pending)
+        if duration_s is not None and t > duration_s:
+            return
+        yield t, channel, payload
+
+
+def _user_script(traffic: Traffic, rng: random.Random,
+                 start: float) -> list[tuple[float, str, dict[str, Any]]]:
+    user = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    converts = rng.random() < traffic.conversion
+    mean = traffic.requests_before_connect if converts else traffic.requests_of_browser
+    requests = 1 + int(rng.expovariate(1 / max(mean - 1, 0.01)))
+    events: list[tuple[float, str, dict[str, Any]]] = []
+    t = start
+    for _ in range(requests):
+        events.append((t, "user:activity", {"user_id": user, "timestamp": t}))
+        t += rng.expovariate(1 / traffic.browse_gap_s)
+    if converts:
+        events.append((t, "user:connect", {"user_id": user}))
+        t += rng.expovariate(1 / traffic.session_s)
+        events.append((t, "user:disconnect", {"user_id": user}))
+    return events
+
+
+def trace_events(path: Path) -> Iterator[tuple[float, str, dict[str, Any]]]:
+    from provisioner.bench.trace import load_trace
+
+    trace = load_trace(path)
+    log.info("replaying %s: %d events over %ds", trace.name, len(trace.events),
+             trace.duration_s)
+    for event in trace.events:
+        payload = dict(event.msg)
+        if event.channel == "user:activity":
+            payload["timestamp"] = event.t
+        yield event.t, event.channel, payload
+
+
+async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict[str, Any]]],
+                  speed: float, stop: asyncio.Event) -> dict[str, int]:
+    """Publish each event at `start + t / speed` of the wall clock."""
+    counts: dict[str, int] = {}
+    started_wall = time.time()
+    started = time.monotonic()
+    last_report = started
+    for t, channel, payload in events:
+        delay = started + t / speed - time.monotonic()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            break
+        if channel == "user:activity":
+            payload = {**payload, "timestamp": int(started_wall + payload["timestamp"] / speed)}
+        await redis.publish(channel, json.dumps(payload))
+        counts[channel] = counts.get(channel, 0) + 1
+        if time.monotonic() - last_report > 30:
+            last_report = time.monotonic()
+            log.info("published %s", counts)
+    return counts
+
+
+def command(
+    redis_url: Annotated[str, typer.Option(envvar="PROVISIONER_REDIS_URL")]
+    = "redis://127.0.0.1:6379/0",
+    arrival_rate: Annotated[float, typer.Option(min=0.01, help="New users per minute.")] = 20.0,
+    browse_gap: Annotated[float, typer.Option(min=0.1, help="Mean seconds between requests.")]
+    = 8.0,
+    conversion: Annotated[float, typer.Option(min=0, max=1,
+                                              help="Share of users who connect.")] = 0.3,
+    requests: Annotated[float, typer.Option(min=1,
+                                            help="Mean requests before a connect.")] = 10.0,
+    session: Annotated[float, typer.Option(min=1, help="Mean session length, seconds.")]
+    = 300.0,
+    duration: Annotated[float | None, typer.Option(min=1,
+                                                   help="Stop after N seconds of traffic.")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the synthetic users.")] = None,
+    trace: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="Replay this provisioner-trace/1 file instead.")]
+    = None,
+    speed: Annotated[float, typer.Option(min=0.01, help="Replay speed-up.")] = 1.0,
+) -> None:
+    """Publish user traffic on user:activity, user:connect and user:disconnect."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if trace is not None:
+        try:
+            events = trace_events(trace)
+            first = next(events)
+        except (ValueError, OSError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--trace") from None
+        events = itertools.chain([first], events)
+    else:
+        traffic = Traffic(arrival_rate, browse_gap, conversion, requests, session_s=session)
+        events = synthetic(traffic, random.Random(seed), duration)
+
+    async def main() -> None:
+        redis = aioredis.Redis.from_url(redis_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            counts = await publish(redis, events, speed, stop)
+            log.info("done: %s", counts)
+        finally:
+            await redis.aclose()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

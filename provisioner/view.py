@@ -1,0 +1,187 @@
+"""Reading a pool's state for people: the status view, node and user tables, invariant checks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from provisioner.config import PoolConfig
+from provisioner.keys import PoolKeys
+from provisioner.scripts import Scripts, Snapshot
+
+
+def _t(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
+@dataclass
+class PoolView:
+    """A consistent snapshot plus the recent decisions, as shown by `provisioner status`."""
+
+    pool: str
+    now_ms: int
+    snapshot: Snapshot
+    decisions: list[dict[str, str]]
+
+    def as_dict(self) -> dict[str, Any]:
+        stats = self.snapshot.stats
+        connects = self.snapshot.stat("connects")
+        misses = self.snapshot.stat("misses")
+        served = self.snapshot.stat("served_after_wait")
+        return {
+            "pool": self.pool,
+            "counts": self.snapshot.counts,
+            "connects": connects,
+            "hits": self.snapshot.stat("hits"),
+            "misses": misses,
+            "miss_rate": round(misses / connects, 4) if connects else 0.0,
+            "mean_wait_s": round(self.snapshot.stat("wait_ms_total") / served / 1000, 2)
+            if served else 0.0,
+            "abandoned": self.snapshot.stat("abandoned"),
+            "requeued": self.snapshot.stat("requeued"),
+            "last_decision": stats.get("last_decision", ""),
+            "last_numbers": json.loads(stats.get("last_numbers", "{}") or "{}"),
+            "last_replica": stats.get("last_replica", ""),
+            "decisions": self.decisions,
+        }
+
+
+async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: int,
+                    recent: int = 8) -> PoolView:
+    keys = PoolKeys(pool)
+    snapshot = await Scripts(redis, keys).snapshot(now_ms, window_ms)
+    entries: list[tuple[Any, dict[Any, Any]]] = await redis.xrevrange(  # type: ignore[assignment]
+        keys.key("decisions"), count=recent)
+    decisions = [{_t(k): _t(v) for k, v in fields.items()} for _id, fields in entries]
+    return PoolView(pool, now_ms, snapshot, decisions)
+
+
+def render_view(view: PoolView) -> Group:
+    data = view.as_dict()
+    c = data["counts"]
+    creating = max(0, c["pending"] - c["unclaimed"])
+    nodes = Table.grid(padding=(0, 2))
+    nodes.add_row(*(Text(f"{label} {value}", style=style) for label, value, style in (
+        ("ready", c["ready"], "green"), ("booting", c["booting"], "yellow"),
+        ("creating", creating, "yellow"), ("allocated", c["allocated"], "cyan"),
+        ("terminating", c["terminating"], "magenta"))))
+    users = Table.grid(padding=(0, 2))
+    users.add_row(
+        Text(f"active {c['active']}"), Text(f"engaged {c['engaged']}"),
+        Text(f"waiting {c['waiting']}", style="red" if c["waiting"] else ""),
+        Text(f"connected {c['allocated']}", style="cyan"))
+    outcomes = Text(
+        f"connects {data['connects']}  hits {data['hits']}  misses {data['misses']} "
+        f"(miss rate {data['miss_rate'] * 100:.1f}%)  mean wait after a miss "
+        f"{data['mean_wait_s']:.1f}s  abandoned {data['abandoned']}  "
+        f"requeued {data['requeued']}")
+    decisions = Table(title="recent scaling actions", expand=True, show_edge=False)
+    for column in ("age", "replica", "kind", "reason"):
+        decisions.add_column(column, overflow="fold")
+    for entry in view.decisions:
+        age = (view.now_ms - int(entry.get("now", view.now_ms))) / 1000
+        decisions.add_row(f"{age:.0f}s", entry.get("replica", ""), entry.get("kind", ""),
+                          entry.get("reason", ""))
+    last = Text(f"last decision ({data['last_replica'] or '-'}): "
+                f"{data['last_decision'] or 'none yet'}")
+    return Group(
+        Panel(Group(Text("nodes", style="bold"), nodes, Text("users", style="bold"), users,
+                    outcomes, last), title=f"pool {view.pool}"),
+        decisions)
+
+
+async def node_rows(redis: aioredis.Redis, pool: str, limit: int = 200) -> list[dict[str, str]]:
+    keys = PoolKeys(pool)
+    ids = [_t(i) for i in await redis.zrange(keys.key("nodes"), 0, limit - 1)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for node_id in ids:
+            pipe.hgetall(keys.node(node_id))
+        records = await pipe.execute()
+    return [{_t(k): _t(v) for k, v in record.items()} for record in records]
+
+
+async def user_rows(redis: aioredis.Redis, pool: str,
+                    limit: int = 200) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """(waiting users with the ms they started waiting, allocated users with their node)."""
+    keys = PoolKeys(pool)
+    waiting = [_t(u) for u in await redis.lrange(keys.key("waiting"), 0, limit - 1)]
+    since = await redis.hmget(keys.key("waiting_since"), waiting) if waiting else []
+    allocated: list[tuple[str, str]] = []
+    async for user, node in redis.hscan_iter(keys.key("alloc")):
+        allocated.append((_t(user), _t(node)))
+        if len(allocated) >= limit:
+            break
+    return [(u, int(_t(s) or 0)) for u, s in zip(waiting, since, strict=True)], allocated
+
+
+async def check_invariants(redis: aioredis.Redis, pool: str) -> list[str]:
+    """Everything that must hold between scripts; an empty list when the pool is consistent.
+
+    Reads the whole pool, so it is for tests and for an operator's `provisioner check`, not for
+    a hot path.
+    """
+    keys = PoolKeys(pool)
+    problems: list[str] = []
+    ready = [_t(x) for x in await redis.lrange(keys.key("ready"), 0, -1)]
+    waiting = [_t(x) for x in await redis.lrange(keys.key("waiting"), 0, -1)]
+    since = {_t(k): _t(v) for k, v in (await redis.hgetall(keys.key("waiting_since"))).items()}
+    alloc = {_t(k): _t(v) for k, v in (await redis.hgetall(keys.key("alloc"))).items()}
+    nodes = {_t(x) for x in await redis.zrange(keys.key("nodes"), 0, -1)}
+    booting = {_t(x) for x in await redis.zrange(keys.key("booting"), 0, -1)}
+    terminating = {_t(x) for x in await redis.zrange(keys.key("terminating"), 0, -1)}
+    if len(ready) != len(set(ready)):
+        problems.append(f"ready list has duplicates: {ready}")
+    if len(waiting) != len(set(waiting)):
+        problems.append(f"waiting list has duplicates: {waiting}")
+    if set(waiting) != set(since):
+        problems.append(f"waiting list {sorted(waiting)} != waiting_since {sorted(since)}")
+    if ready and waiting:
+        problems.append(f"users wait ({len(waiting)}) while nodes are ready ({len(ready)})")
+    holders: dict[str, str] = {}
+    for user, node in alloc.items():
+        if node in holders:
+            problems.append(f"node {node} held by {holders[node]} and {user}")
+        holders[node] = user
+        if user in since:
+            problems.append(f"user {user} both waits and holds {node}")
+    groups = {"ready": set(ready), "booting": booting, "terminating": terminating,
+              "allocated": set(alloc.values())}
+    for name, members in groups.items():
+        for other, other_members in groups.items():
+            if name < other and members & other_members:
+                problems.append(f"nodes both {name} and {other}: {members & other_members}")
+    union = set().union(*groups.values())
+    if union != nodes:
+        problems.append(f"live nodes {sorted(nodes)} != states {sorted(union)}")
+    for node in nodes:
+        record = {_t(k): _t(v) for k, v in (await redis.hgetall(keys.node(node))).items()}
+        state = record.get("state")
+        expected = next((name for name, members in groups.items() if node in members), None)
+        if state != expected:
+            problems.append(f"node {node} record says {state}, structures say {expected}")
+        if state == "allocated" and alloc.get(record.get("user", "")) != node:
+            problems.append(f"node {node} names user {record.get('user')} who does not hold it")
+    return problems
+
+
+def config_from_redis(raw: dict[Any, Any]) -> PoolConfig | None:
+    """The pool settings the replicas last published, if any."""
+    if not raw:
+        return None
+    fields = PoolConfig.__dataclass_fields__
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _t(key)
+        if name in fields:
+            kind = type(getattr(PoolConfig(), name))
+            values[name] = kind(float(_t(value))) if kind is int else kind(_t(value))
+    return PoolConfig(**values)

@@ -1,0 +1,117 @@
+"""Helpers shared by the tests: a pool bound to a private server and a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from provisioner.clock import ManualClock
+from provisioner.config import PoolConfig
+from provisioner.keys import PoolKeys
+from provisioner.scripts import Scripts, Snapshot
+
+T0 = 1_767_225_600_000
+
+
+@dataclass
+class PoolUnderTest:
+    redis: aioredis.Redis
+    keys: PoolKeys
+    scripts: Scripts
+    clock: ManualClock
+    config: PoolConfig = field(default_factory=PoolConfig)
+
+    @property
+    def now(self) -> int:
+        return self.clock.now_ms()
+
+    async def snap(self) -> Snapshot:
+        return await self.scripts.snapshot(self.now, self.config.window_ms)
+
+    async def node(self, node_id: str) -> dict[str, str]:
+        data: dict[str, str] = await self.redis.hgetall(self.keys.node(node_id))
+        return data
+
+    async def ready_list(self) -> list[str]:
+        items: list[str] = await self.redis.lrange(self.keys.key("ready"), 0, -1)
+        return items
+
+    async def waiting_list(self) -> list[str]:
+        items: list[str] = await self.redis.lrange(self.keys.key("waiting"), 0, -1)
+        return items
+
+    async def alloc(self) -> dict[str, str]:
+        data: dict[str, str] = await self.redis.hgetall(self.keys.key("alloc"))
+        return data
+
+    async def boot(self, node_id: str) -> None:
+        """A node the pool created and saw become ready."""
+        await self.scripts.apply_node_status(self.now, node_id, "booting")
+        await self.scripts.apply_node_status(self.now, node_id, "ready")
+
+    async def dump(self) -> dict[str, Any]:
+        """Every key of the pool with its value, to compare whole states."""
+        out: dict[str, Any] = {}
+        async for key in self.redis.scan_iter(match=self.keys.pattern()):
+            kind = await self.redis.type(key)
+            if kind == "hash":
+                out[key] = await self.redis.hgetall(key)
+            elif kind == "list":
+                out[key] = await self.redis.lrange(key, 0, -1)
+            elif kind == "zset":
+                out[key] = await self.redis.zrange(key, 0, -1, withscores=True)
+            elif kind == "string":
+                out[key] = await self.redis.get(key)
+            elif kind == "stream":
+                out[key] = len(await self.redis.xrange(key))
+        return out
+
+
+class Subscriber:
+    """Collects what is published on some channels."""
+
+    def __init__(self, redis: aioredis.Redis, *channels: str) -> None:
+        self.pubsub = redis.pubsub()
+        self.channels = channels
+        self.messages: list[tuple[str, dict[str, Any]]] = []
+
+    async def __aenter__(self) -> Subscriber:
+        await self.pubsub.subscribe(*self.channels)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pubsub.unsubscribe()
+        await self.pubsub.aclose()
+
+    async def drain(self, settle: float = 0.1) -> list[tuple[str, dict[str, Any]]]:
+        """Everything published until `settle` seconds pass with nothing new."""
+        loop = asyncio.get_running_loop()
+        quiet_until = loop.time() + settle
+        while loop.time() < quiet_until:
+            message = await self.pubsub.get_message(ignore_subscribe_messages=True,
+                                                    timeout=settle / 4)
+            if message is not None:
+                self.messages.append((message["channel"], json.loads(message["data"])))
+                quiet_until = loop.time() + settle
+        return self.messages
+
+    async def wait_for(self, predicate: Any, within: float = 10.0) -> tuple[str, dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        for item in self.messages:
+            if predicate(*item):
+                return item
+        while loop.time() < deadline:
+            message = await self.pubsub.get_message(ignore_subscribe_messages=True,
+                                                    timeout=0.2)
+            if message is None:
+                continue
+            item = (message["channel"], json.loads(message["data"]))
+            self.messages.append(item)
+            if predicate(*item):
+                return item
+        raise TimeoutError(f"no matching message among {self.messages}")

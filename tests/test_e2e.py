@@ -1,0 +1,224 @@
+"""End to end: two replica processes, the mock Node API process, scripted traffic, one server.
+
+Each test starts its own stack (pools share the node:status channel, so stacks are not shared
+between tests) and checks what a user of the service sees on the wire and what the Node API
+holds afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from provisioner.keys import PoolKeys
+from provisioner.redis_server import free_port
+from provisioner.view import check_invariants
+from tests.helpers import Subscriber
+
+pytestmark = pytest.mark.e2e
+POOL = "e2e"
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    api_url: str
+    api: subprocess.Popen[bytes]
+    replicas: list[subprocess.Popen[bytes]]
+    ports: list[int]
+
+    def stop_replicas(self, timeout: float = 10.0) -> list[int | None]:
+        for process in self.replicas:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = []
+        for process in self.replicas:
+            try:
+                codes.append(process.wait(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes.append(None)
+        return codes
+
+    def kill_all(self) -> None:
+        for process in [*self.replicas, self.api]:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+    def api_nodes(self) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = httpx.get(f"{self.api_url}/api/nodes").json()["nodes"]
+        return nodes
+
+
+def _wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} never answered 200")
+
+
+@pytest.fixture
+def stack_factory(redis_url: str, sync_redis: Any) -> Iterator[Any]:
+    stacks: list[Stack] = []
+    exe = [sys.executable, "-m", "provisioner"]
+
+    def start(*extra: str, boot_delay: str = "0.5") -> Stack:
+        api_port = free_port()
+        api = subprocess.Popen([*exe, "mock-node-api", "--port", str(api_port),
+                                "--redis-url", redis_url, "--boot-delay", boot_delay,
+                                "--terminate-delay", "0.2"])
+        api_url = f"http://127.0.0.1:{api_port}"
+        _wait_http(f"{api_url}/healthz")
+        replicas, ports = [], []
+        for index in range(2):
+            port = free_port()
+            ports.append(port)
+            replicas.append(subprocess.Popen(
+                [*exe, "run", "--redis-url", redis_url, "--node-api-url", api_url,
+                 "--pool", POOL, "--http-port", str(port), "--replica-id", f"r{index + 1}",
+                 "--tick-interval", "0.2", "--reconcile-interval", "2", *extra],
+                env={**os.environ, "PROVISIONER_LOG_LEVEL": "WARNING"}))
+        stack = Stack(redis_url, api_url, api, replicas, ports)
+        stacks.append(stack)
+        for port in ports:
+            _wait_http(f"http://127.0.0.1:{port}/readyz")
+        return stack
+
+    yield start
+    for stack in stacks:
+        stack.kill_all()
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield redis
+    await redis.aclose()
+
+
+async def eventually(check: Any, within: float = 15.0) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.1)
+
+
+async def publish(redis: aioredis.Redis, channel: str, payload: Any) -> None:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload)
+    await redis.publish(channel, data)
+
+
+async def ready_count(redis: aioredis.Redis) -> int:
+    count: int = await redis.llen(PoolKeys(POOL).key("ready"))
+    return count
+
+
+async def test_hit_then_miss_each_announced_once(stack_factory: Any,
+                                                 client: aioredis.Redis) -> None:
+    stack_factory("--min-ready", "1", "--conversion", "0", boot_delay="1.0")
+    assert await eventually(lambda: ready_count(client))
+    async with Subscriber(client, "user:allocated", "user:waiting") as sub:
+        await publish(client, "user:connect", {"user_id": "u1"})
+        await sub.wait_for(lambda ch, m: ch == "user:allocated" and m["user_id"] == "u1")
+        # The floor's replacement is still booting (1 s): u2 misses, then is served.
+        await publish(client, "user:connect", {"user_id": "u2"})
+        await sub.wait_for(lambda ch, m: ch == "user:allocated" and m["user_id"] == "u2")
+        messages = await sub.drain(settle=1.0)
+    allocated = [m for ch, m in messages if ch == "user:allocated"]
+    waiting = [m for ch, m in messages if ch == "user:waiting"]
+    assert [m["user_id"] for m in allocated] == ["u1", "u2"]
+    assert allocated[0]["waited_ms"] == 0
+    assert allocated[1]["waited_ms"] > 0
+    assert waiting == [{"user_id": "u2"}]
+    assert allocated[0]["node_id"] != allocated[1]["node_id"]
+
+
+async def test_burst_never_gives_a_node_two_users_and_idle_nodes_are_reaped(
+    stack_factory: Any, client: aioredis.Redis,
+) -> None:
+    stack = stack_factory("--min-ready", "0", "--conversion", "0", "--idle-timeout", "1",
+                          boot_delay="0.3")
+    users = [f"user-{i}" for i in range(12)]
+    async with Subscriber(client, "user:allocated") as sub:
+        for user in users:
+            await publish(client, "user:connect", {"user_id": user})
+        for user in users:
+            await sub.wait_for(lambda ch, m, u=user: m["user_id"] == u, within=20)
+        messages = await sub.drain(settle=0.5)
+    assert sorted(m["user_id"] for _, m in messages) == sorted(users)  # once each
+    alloc = await client.hgetall(PoolKeys(POOL).key("alloc"))
+    assert len(set(alloc.values())) == len(users)
+    assert await check_invariants(client, POOL) == []
+    for user in users:
+        await publish(client, "user:disconnect", {"user_id": user})
+
+    async def all_reaped() -> bool:
+        live = [n for n in stack.api_nodes() if n["state"] in ("booting", "ready")]
+        return not live
+
+    assert await eventually(all_reaped, within=20)
+    assert await check_invariants(client, POOL) == []
+
+
+async def test_malformed_payloads_change_nothing(stack_factory: Any,
+                                                 client: aioredis.Redis) -> None:
+    stack = stack_factory("--min-ready", "1", "--conversion", "0")
+    assert await eventually(lambda: ready_count(client))
+    await asyncio.sleep(0.5)
+    keys = PoolKeys(POOL)
+    before = await client.hgetall(keys.key("stats"))
+    before.pop("last_decision_ms", None)
+    for channel, data in [
+        ("user:connect", b"{oops"), ("user:connect", b'{"user_id": ""}'),
+        ("user:activity", b'{"user_id": "u", "timestamp": -5}'),
+        ("node:status", b'{"node_id": "node-1", "status": "on fire"}'),
+        ("user:disconnect", b"x" * 10_000), ("node:status", b'"ready"'),
+    ]:
+        await publish(client, channel, data)
+    await asyncio.sleep(1.0)
+    after = await client.hgetall(keys.key("stats"))
+    after.pop("last_decision_ms", None)
+    for field in ("connects", "misses", "hits", "activities", "nodes_terminated"):
+        assert after.get(field) == before.get(field), field
+    assert await ready_count(client) == 1
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"http://127.0.0.1:{stack.ports[0]}/metrics")).text
+    assert 'provisioner_events_rejected_total{channel="user:connect",reason="not_json"} 1.0' \
+        in metrics
+    assert all(process.poll() is None for process in stack.replicas)
+
+
+async def test_shutdown_is_prompt_and_leaks_no_node(stack_factory: Any,
+                                                    client: aioredis.Redis) -> None:
+    stack = stack_factory("--min-ready", "3", "--conversion", "0", boot_delay="0.5")
+    assert await eventually(lambda: ready_count(client))
+    await publish(client, "user:connect", {"user_id": "u1"})
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    codes = stack.stop_replicas()
+    assert codes == [0, 0]
+    assert time.monotonic() - started < 8
+    known = set(await client.zrange(PoolKeys(POOL).key("nodes"), 0, -1))
+    held = {n["id"] for n in stack.api_nodes() if n["state"] in ("booting", "ready")}
+    assert held and held <= known
+    assert await check_invariants(client, POOL) == []

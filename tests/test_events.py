@@ -1,0 +1,83 @@
+"""Validation of every channel's payload: what is accepted, and why the rest is rejected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from provisioner.events import (
+    Activity,
+    Connect,
+    Disconnect,
+    NodeStatus,
+    Reason,
+    Rejected,
+    parse,
+)
+
+NOW = 1_767_225_600_000
+UUID = "7734d7c1-73ab-4820-adae-309d965eda32"
+
+
+def test_well_formed_payloads_parse() -> None:
+    assert parse("user:activity", json.dumps({"user_id": UUID, "timestamp": NOW // 1000}),
+                 NOW) == Activity(UUID, NOW)
+    assert parse("user:connect", json.dumps({"user_id": UUID}), NOW) == Connect(UUID)
+    assert parse("user:disconnect", json.dumps({"user_id": UUID}).encode(), NOW) == \
+        Disconnect(UUID)
+    assert parse("node:status", json.dumps({"node_id": "node-123", "status": "ready"}),
+                 NOW) == NodeStatus("node-123", "ready")
+
+
+def test_extra_fields_are_ignored() -> None:
+    payload = {"user_id": UUID, "timestamp": NOW // 1000, "page": "/pricing"}
+    assert parse("user:activity", json.dumps(payload), NOW) == Activity(UUID, NOW)
+
+
+@pytest.mark.parametrize(("channel", "payload", "reason"), [
+    ("user:connect", b"x" * 5000, Reason.TOO_LARGE),
+    ("user:connect", b"\xff\xfe", Reason.NOT_UTF8),
+    ("user:connect", b"{not json", Reason.NOT_JSON),
+    ("user:connect", b"[1, 2]", Reason.NOT_OBJECT),
+    ("user:connect", b"null", Reason.NOT_OBJECT),
+    ("user:connect", b"{}", Reason.MISSING_FIELD),
+    ("user:connect", b'{"user_id": 42}', Reason.WRONG_TYPE),
+    ("user:connect", b'{"user_id": ""}', Reason.BAD_ID),
+    ("user:connect", json.dumps({"user_id": "u" * 129}).encode(), Reason.BAD_ID),
+    ("user:connect", b'{"user_id": "a b"}', Reason.BAD_ID),
+    ("user:connect", b'{"user_id": "a\\nb"}', Reason.BAD_ID),
+    ("user:activity", json.dumps({"user_id": UUID}).encode(), Reason.MISSING_FIELD),
+    ("user:activity", json.dumps({"user_id": UUID, "timestamp": "1767225600"}).encode(),
+     Reason.WRONG_TYPE),
+    ("user:activity", json.dumps({"user_id": UUID, "timestamp": True}).encode(),
+     Reason.WRONG_TYPE),
+    ("user:activity", json.dumps({"user_id": UUID, "timestamp": 0}).encode(),
+     Reason.BAD_TIMESTAMP),
+    ("user:activity", json.dumps({"user_id": UUID, "timestamp": 10**12}).encode(),
+     Reason.BAD_TIMESTAMP),
+    ("user:activity", b'{"user_id": "u1", "timestamp": NaN}', Reason.BAD_TIMESTAMP),
+    ("node:status", b'{"node_id": "n1"}', Reason.MISSING_FIELD),
+    ("node:status", b'{"node_id": "n1", "status": "exploded"}', Reason.UNKNOWN_STATUS),
+    ("node:status", b'{"node_id": "n1", "status": 1}', Reason.WRONG_TYPE),
+    ("node:status", b'{"status": "ready"}', Reason.MISSING_FIELD),
+    ("other:channel", b'{"user_id": "u1"}', Reason.UNKNOWN_CHANNEL),
+])
+def test_bad_payloads_are_rejected_with_a_reason(channel: str, payload: bytes,
+                                                  reason: Reason) -> None:
+    result = parse(channel, payload, NOW)
+    assert isinstance(result, Rejected)
+    assert result.reason is reason
+    assert result.detail
+
+
+def test_deeply_nested_json_is_rejected_not_crashing() -> None:
+    payload = b"[" * 2000 + b"]" * 2000
+    result = parse("user:connect", payload[:4000], NOW)
+    assert isinstance(result, Rejected)
+
+
+def test_timestamp_bounds_are_configurable() -> None:
+    old = json.dumps({"user_id": UUID, "timestamp": NOW // 1000 - 100})
+    assert isinstance(parse("user:activity", old, NOW, max_age_s=50), Rejected)
+    assert parse("user:activity", old, NOW, max_age_s=200) == Activity(UUID, NOW - 100_000)

@@ -1,0 +1,127 @@
+"""The mock Node API: the challenge's contract, the races it reproduces, and its faults."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from provisioner.mock_node_api import BootDelay, DelaySpecError, Faults, MockNodeApi
+from provisioner.redis_server import free_port
+from tests.helpers import Subscriber
+
+Start = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_api(aredis: aioredis.Redis) -> AsyncIterator[Start]:
+    runners: list[tuple[web.AppRunner, MockNodeApi]] = []
+    clients: list[httpx.AsyncClient] = []
+
+    async def start(boot_delay: str = "0.2", **kwargs: Any) -> httpx.AsyncClient:
+        api = MockNodeApi(aredis, BootDelay.parse(boot_delay), seed=1, **kwargs)
+        runner = web.AppRunner(api.app())
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append((runner, api))
+        client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.aclose()
+    for runner, api in runners:
+        await api.close()
+        await runner.cleanup()
+
+
+async def test_create_publishes_booting_before_answering_then_ready(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    api = await start_api(boot_delay="0.3")
+    async with Subscriber(aredis, "node:status") as sub:
+        response = await api.post("/api/nodes")
+        assert response.status_code == 202
+        node_id = response.json()["id"]
+        # Already published when the 202 came back: it is waiting in the subscriber's socket.
+        first = await sub.wait_for(lambda ch, m: True, within=0.5)
+        assert first == ("node:status", {"node_id": node_id, "status": "booting"})
+        await sub.wait_for(lambda ch, m: m["status"] == "ready", within=3)
+    assert (await api.get(f"/api/nodes/{node_id}")).json()["state"] == "ready"
+    listed = (await api.get("/api/nodes")).json()["nodes"]
+    assert [(n["id"], n["state"]) for n in listed] == [(node_id, "ready")]
+
+
+async def test_delete_is_idempotent_and_unknown_ids_are_404(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    api = await start_api(boot_delay="0", terminate_delay_s=0.1)
+    node_id = (await api.post("/api/nodes")).json()["id"]
+    async with Subscriber(aredis, "node:status") as sub:
+        assert (await api.delete(f"/api/nodes/{node_id}")).status_code == 202
+        assert (await api.delete(f"/api/nodes/{node_id}")).status_code == 202
+        await sub.wait_for(lambda ch, m: m["status"] == "terminated", within=3)
+        messages = await sub.drain(settle=0.3)
+    assert [m["status"] for _, m in messages].count("terminated") == 1
+    assert (await api.delete(f"/api/nodes/{node_id}")).status_code == 202
+    assert (await api.delete("/api/nodes/node-nobody")).status_code == 404
+    assert (await api.get("/api/nodes/node-nobody")).status_code == 404
+
+
+async def test_delete_while_booting_never_becomes_ready(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    api = await start_api(boot_delay="0.3", terminate_delay_s=0)
+    async with Subscriber(aredis, "node:status") as sub:
+        node_id = (await api.post("/api/nodes")).json()["id"]
+        await api.delete(f"/api/nodes/{node_id}")
+        messages = await sub.drain(settle=0.8)
+    assert [m["status"] for _, m in messages] == ["booting", "terminated"]
+
+
+async def test_max_nodes_answers_429(start_api: Start) -> None:
+    api = await start_api(max_nodes=2)
+    codes = [(await api.post("/api/nodes")).status_code for _ in range(3)]
+    assert codes == [202, 202, 429]
+
+
+async def test_injected_faults(start_api: Start, aredis: aioredis.Redis) -> None:
+    failing = await start_api(faults=Faults(create_error_rate=1.0))
+    assert (await failing.post("/api/nodes")).status_code == 500
+    assert (await failing.get("/api/nodes")).json()["nodes"] == []
+
+    stuck = await start_api(boot_delay="0", faults=Faults(stuck_rate=1.0))
+    async with Subscriber(aredis, "node:status") as sub:
+        await stuck.post("/api/nodes")
+        messages = await sub.drain(settle=0.5)
+    assert [m["status"] for _, m in messages] == ["booting"]
+
+    dying = await start_api(boot_delay="0", faults=Faults(death_rate_per_hour=36_000))
+    async with Subscriber(aredis, "node:status") as sub:
+        await dying.post("/api/nodes")
+        await sub.wait_for(lambda ch, m: m["status"] == "terminated", within=5)
+    assert [m["status"] for _, m in sub.messages] == ["booting", "ready", "terminated"]
+
+
+@pytest.mark.parametrize("spec", ["", "x", "-1", "uniform:5", "uniform:9:1", "lognormal:0:5",
+                                  "lognormal:60:30", "gamma:1:2", "nan", "exp:1:2"])
+def test_bad_boot_delay_specs_are_refused(spec: str) -> None:
+    with pytest.raises(DelaySpecError):
+        BootDelay.parse(spec)
+
+
+def test_boot_delay_distributions() -> None:
+    rng = random.Random(7)
+    assert BootDelay.parse("60").draw(rng) == 60
+    uniform = [BootDelay.parse("uniform:10:20").draw(rng) for _ in range(1000)]
+    assert 10 <= min(uniform) and max(uniform) <= 20
+    lognormal = sorted(BootDelay.parse("lognormal:60:150").draw(rng) for _ in range(20_000))
+    assert statistics.median(lognormal) == pytest.approx(60, rel=0.05)
+    assert lognormal[int(0.95 * len(lognormal))] == pytest.approx(150, rel=0.07)
+    exp = [BootDelay.parse("exp:30").draw(rng) for _ in range(20_000)]
+    assert statistics.mean(exp) == pytest.approx(30, rel=0.05)

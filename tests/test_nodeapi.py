@@ -1,0 +1,90 @@
+"""What the Node API client retries, and what it must not."""
+
+from __future__ import annotations
+
+import httpx
+
+from provisioner.metrics import Metrics
+from provisioner.nodeapi import CreateOutcome, DeleteOutcome, HttpNodeApi
+
+
+def client(handler: object, attempts: int = 3) -> HttpNodeApi:
+    transport = httpx.MockTransport(handler)  # type: ignore[arg-type]
+    return HttpNodeApi("http://api", attempts=attempts, backoff_s=0.001, metrics=Metrics(),
+                       transport=transport)
+
+
+async def test_create_202_returns_the_id() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.path))
+        return httpx.Response(202, json={"id": "node-7"})
+
+    result = await client(handler).create()
+    assert (result.outcome, result.node_id) == (CreateOutcome.CREATED, "node-7")
+    assert calls == [("POST", "/api/nodes")]
+
+
+async def test_create_is_not_retried_after_an_answer_or_a_timeout() -> None:
+    calls = 0
+
+    def server_error(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(500, text="boom")
+
+    assert (await client(server_error).create()).outcome is CreateOutcome.FAILED
+    assert calls == 1
+
+    def timeout(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        raise httpx.ReadTimeout("slow", request=request)
+
+    calls = 0
+    assert (await client(timeout).create()).outcome is CreateOutcome.UNCERTAIN
+    assert calls == 1
+
+
+async def test_create_is_retried_when_the_connection_was_never_made() -> None:
+    calls = 0
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(202, json={"id": "node-1"})
+
+    result = await client(flaky).create()
+    assert result.outcome is CreateOutcome.CREATED and calls == 3
+
+
+async def test_create_202_without_an_id_is_uncertain() -> None:
+    result = await client(lambda r: httpx.Response(202, text="ok")).create()
+    assert result.outcome is CreateOutcome.UNCERTAIN
+
+
+async def test_delete_retries_transient_failures_and_maps_404_to_gone() -> None:
+    answers = [503, 429, 202]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(answers.pop(0))
+
+    assert await client(handler).delete("n1") is DeleteOutcome.SENT
+    assert answers == []
+    assert await client(lambda r: httpx.Response(404)).delete("n1") is DeleteOutcome.GONE
+    assert await client(lambda r: httpx.Response(400)).delete("n1") is DeleteOutcome.FAILED
+
+    def always_down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("down", request=request)
+
+    assert await client(always_down, attempts=2).delete("n1") is DeleteOutcome.FAILED
+
+
+async def test_list_nodes_tolerates_an_api_without_it() -> None:
+    assert await client(lambda r: httpx.Response(404)).list_nodes() is None
+    body = {"nodes": [{"id": "n1", "state": "ready"}]}
+    listed = await client(lambda r: httpx.Response(200, json=body)).list_nodes()
+    assert listed is not None and [(n.node_id, n.state) for n in listed] == [("n1", "ready")]

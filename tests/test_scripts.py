@@ -1,0 +1,400 @@
+"""Every Lua transition, by its transitions: duplicates, races and unknown ids included."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from provisioner.clock import ManualClock
+from provisioner.config import PoolConfig
+from provisioner.keys import PoolKeys
+from provisioner.scripts import (
+    Activity,
+    Allocation,
+    NodeStatusOutcome,
+    Registration,
+    Release,
+    Scripts,
+)
+from tests.helpers import T0, PoolUnderTest, Subscriber
+
+
+@pytest.fixture
+async def pool(aredis: aioredis.Redis) -> AsyncIterator[PoolUnderTest]:
+    keys = PoolKeys("test")
+    yield PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+
+
+# --- allocate -------------------------------------------------------------------------------
+
+
+async def test_connect_with_ready_node_is_a_hit_published_once(pool: PoolUnderTest) -> None:
+    await pool.boot("n1")
+    async with Subscriber(pool.redis, "user:allocated", "user:waiting") as sub:
+        first = await pool.scripts.allocate(pool.now, "u1")
+        again = await pool.scripts.allocate(pool.now, "u1")
+        messages = await sub.drain()
+    assert first.code is Allocation.ALLOCATED and first.node_id == "n1"
+    assert again.code is Allocation.ALREADY_ALLOCATED and again.node_id == "n1"
+    assert messages == [("user:allocated", {"user_id": "u1", "node_id": "n1", "waited_ms": 0})]
+    snap = await pool.snap()
+    assert (snap.stat("connects"), snap.stat("hits"), snap.stat("misses")) == (1, 1, 0)
+    assert (await pool.node("n1"))["state"] == "allocated"
+    assert await pool.alloc() == {"u1": "n1"}
+
+
+async def test_connect_without_ready_node_waits_and_is_served_when_a_node_boots(
+    pool: PoolUnderTest,
+) -> None:
+    async with Subscriber(pool.redis, "user:allocated", "user:waiting") as sub:
+        miss = await pool.scripts.allocate(pool.now, "u1")
+        again = await pool.scripts.allocate(pool.now, "u1")
+        await pool.scripts.apply_node_status(pool.now, "n1", "booting")
+        pool.clock.advance(42_000)
+        ready = await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+        messages = await sub.drain()
+    assert miss.code is Allocation.WAITING and miss.queue_position == 1
+    assert again.code is Allocation.ALREADY_WAITING
+    assert ready.code is NodeStatusOutcome.READY
+    assert [(s.user_id, s.node_id, s.waited_ms) for s in ready.served] == [("u1", "n1", 42_000)]
+    assert messages == [
+        ("user:waiting", {"user_id": "u1"}),
+        ("user:allocated", {"user_id": "u1", "node_id": "n1", "waited_ms": 42_000}),
+    ]
+    snap = await pool.snap()
+    assert (snap.stat("connects"), snap.stat("misses"), snap.stat("hits")) == (1, 1, 0)
+    assert snap.counts["waiting"] == 0 and snap.counts["allocated"] == 1
+
+
+async def test_waiting_users_are_served_oldest_first(pool: PoolUnderTest) -> None:
+    for user in ("u1", "u2", "u3"):
+        await pool.scripts.allocate(pool.now, user)
+        pool.clock.advance(1000)
+    await pool.boot("n1")
+    await pool.boot("n2")
+    assert await pool.alloc() == {"u1": "n1", "u2": "n2"}
+    assert await pool.waiting_list() == ["u3"]
+
+
+async def test_ready_nodes_are_handed_out_most_recently_freed_first(pool: PoolUnderTest) -> None:
+    await pool.boot("old")
+    pool.clock.advance(1000)
+    await pool.boot("new")
+    result = await pool.scripts.allocate(pool.now, "u1")
+    assert result.node_id == "new"
+    assert await pool.ready_list() == ["old"]
+
+
+# --- release --------------------------------------------------------------------------------
+
+
+async def test_disconnect_frees_the_node_to_the_ready_list(pool: PoolUnderTest) -> None:
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    pool.clock.advance(60_000)
+    first = await pool.scripts.release(pool.now, "u1")
+    again = await pool.scripts.release(pool.now, "u1")
+    assert first.code is Release.RELEASED and first.node_id == "n1" and first.served == []
+    assert again.code is Release.UNKNOWN
+    node = await pool.node("n1")
+    assert node["state"] == "ready" and node["idle_since_ms"] == str(pool.now)
+    assert await pool.ready_list() == ["n1"]
+    assert (await pool.snap()).stat("busy_ms_total") == 60_000
+
+
+async def test_disconnect_hands_the_node_to_the_oldest_waiting_user(pool: PoolUnderTest) -> None:
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.scripts.allocate(pool.now, "u2")
+    pool.clock.advance(5_000)
+    async with Subscriber(pool.redis, "user:allocated") as sub:
+        result = await pool.scripts.release(pool.now, "u1")
+        messages = await sub.drain()
+    assert [(s.user_id, s.node_id, s.waited_ms) for s in result.served] == [("u2", "n1", 5_000)]
+    assert messages == [("user:allocated", {"user_id": "u2", "node_id": "n1", "waited_ms": 5000})]
+    assert await pool.ready_list() == []
+
+
+async def test_disconnect_of_a_waiting_user_abandons_the_queue(pool: PoolUnderTest) -> None:
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.scripts.allocate(pool.now, "u2")
+    result = await pool.scripts.release(pool.now, "u1")
+    assert result.code is Release.ABANDONED
+    assert await pool.waiting_list() == ["u2"]
+    await pool.boot("n1")
+    assert await pool.alloc() == {"u2": "n1"}
+    assert (await pool.snap()).stat("abandoned") == 1
+
+
+async def test_disconnect_of_an_unknown_user_changes_nothing(pool: PoolUnderTest) -> None:
+    await pool.boot("n1")
+    before = await pool.dump()
+    result = await pool.scripts.release(pool.now, "nobody")
+    assert result.code is Release.UNKNOWN
+    assert await pool.dump() == before
+
+
+# --- node status ----------------------------------------------------------------------------
+
+
+async def test_status_before_create_returns_counts_one_node(pool: PoolUnderTest) -> None:
+    decision = await pool.scripts.scale_decide(
+        PoolConfig(min_ready=1).policy_args(pool.now, "r1"))
+    [rid] = decision.reservations
+    assert (await pool.snap()).counts["pending"] == 1
+    seen = await pool.scripts.apply_node_status(pool.now, "n1", "booting")
+    assert seen.code is NodeStatusOutcome.NEW
+    snap = await pool.snap()
+    assert snap.counts["unclaimed"] == 1 and snap.counts["booting"] == 1
+    registered = await pool.scripts.register_node(pool.now, rid, "n1")
+    assert registered.code is Registration.ALREADY_KNOWN and registered.state == "booting"
+    again = await pool.scripts.register_node(pool.now, rid, "n1")
+    assert again.code is Registration.ALREADY_KNOWN
+    snap = await pool.snap()
+    assert (snap.counts["pending"], snap.counts["unclaimed"], snap.counts["nodes"]) == (0, 0, 1)
+    assert (await pool.node("n1"))["reservation"] == rid
+
+
+async def test_ready_before_create_returns_is_served(pool: PoolUnderTest) -> None:
+    await pool.scripts.allocate(pool.now, "u1")
+    decision = await pool.scripts.scale_decide(
+        PoolConfig(min_ready=0).policy_args(pool.now, "r1"))
+    [rid] = decision.reservations
+    ready = await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    assert ready.code is NodeStatusOutcome.NEW
+    assert [s.user_id for s in ready.served] == ["u1"]
+    registered = await pool.scripts.register_node(pool.now, rid, "n1")
+    assert registered.code is Registration.ALREADY_KNOWN and registered.state == "allocated"
+
+
+async def test_register_then_status_is_the_normal_path(pool: PoolUnderTest) -> None:
+    decision = await pool.scripts.scale_decide(PoolConfig().policy_args(pool.now, "r1"))
+    [rid] = decision.reservations
+    registered = await pool.scripts.register_node(pool.now, rid, "n1")
+    assert registered.code is Registration.REGISTERED
+    booting = await pool.scripts.apply_node_status(pool.now, "n1", "booting")
+    assert booting.code is NodeStatusOutcome.DUPLICATE
+    ready = await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    assert ready.code is NodeStatusOutcome.READY
+    assert await pool.ready_list() == ["n1"]
+
+
+async def test_ready_twice_and_booting_after_ready_change_nothing(pool: PoolUnderTest) -> None:
+    await pool.boot("n1")
+    before = await pool.dump()
+    again = await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    late = await pool.scripts.apply_node_status(pool.now, "n1", "booting")
+    assert again.code is NodeStatusOutcome.DUPLICATE and late.code is NodeStatusOutcome.DUPLICATE
+    assert await pool.dump() == before
+
+
+async def test_terminated_for_an_allocated_node_requeues_its_user_at_the_head(
+    pool: PoolUnderTest,
+) -> None:
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.scripts.allocate(pool.now, "u2")  # waits
+    async with Subscriber(pool.redis, "user:waiting") as sub:
+        gone = await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
+        messages = await sub.drain()
+    assert gone.code is NodeStatusOutcome.TERMINATED and gone.requeued_user == "u1"
+    assert messages == [("user:waiting", {"user_id": "u1"})]
+    assert await pool.waiting_list() == ["u1", "u2"]
+    assert await pool.alloc() == {}
+    await pool.boot("n2")
+    assert await pool.alloc() == {"u1": "n2"}
+    assert (await pool.snap()).stat("requeued") == 1
+
+
+async def test_terminated_twice_and_late_ready_after_terminated_are_ignored(
+    pool: PoolUnderTest,
+) -> None:
+    await pool.boot("n1")
+    await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
+    before = await pool.dump()
+    again = await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
+    late = await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    assert again.code is NodeStatusOutcome.IGNORED and late.code is NodeStatusOutcome.IGNORED
+    assert await pool.dump() == before
+    assert await pool.redis.pttl(pool.keys.node("n1")) > 0  # tombstones expire
+
+
+async def test_terminated_for_an_unknown_node_blocks_a_late_booting(pool: PoolUnderTest) -> None:
+    first = await pool.scripts.apply_node_status(pool.now, "ghost", "terminated")
+    late = await pool.scripts.apply_node_status(pool.now, "ghost", "booting")
+    assert first.code is NodeStatusOutcome.NEW and late.code is NodeStatusOutcome.IGNORED
+    assert (await pool.snap()).counts["nodes"] == 0
+
+
+async def test_status_for_a_node_nobody_created_is_adopted(pool: PoolUnderTest) -> None:
+    # No reservation pending: the node is ours all the same (a create whose answer was lost).
+    result = await pool.scripts.apply_node_status(pool.now, "stray", "ready")
+    assert result.code is NodeStatusOutcome.NEW
+    snap = await pool.snap()
+    assert snap.counts["ready"] == 1 and snap.counts["unclaimed"] == 0
+    assert (await pool.node("stray"))["origin"] == "status"
+
+
+async def test_register_after_its_reservation_expired_still_records_the_node(
+    pool: PoolUnderTest,
+) -> None:
+    config = PoolConfig(min_ready=1, create_timeout_s=10)
+    [rid] = (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).reservations
+    pool.clock.advance(11_000)
+    await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))  # expires it
+    late = await pool.scripts.register_node(pool.now, rid, "n1")
+    assert late.code is Registration.LATE
+    assert (await pool.node("n1"))["state"] == "booting"
+    assert (await pool.snap()).stat("reservations_expired") == 1
+
+
+async def test_register_of_a_terminated_node_does_not_resurrect_it(pool: PoolUnderTest) -> None:
+    await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
+    result = await pool.scripts.register_node(pool.now, "r1:1", "n1")
+    assert result.code is Registration.TOMBSTONE
+    assert (await pool.snap()).counts["nodes"] == 0
+
+
+async def test_cancel_create_drops_the_reservation_once(pool: PoolUnderTest) -> None:
+    [rid] = (await pool.scripts.scale_decide(
+        PoolConfig().policy_args(pool.now, "r1"))).reservations
+    assert await pool.scripts.cancel_create(rid) is True
+    assert await pool.scripts.cancel_create(rid) is False
+    assert (await pool.snap()).counts["pending"] == 0
+
+
+# --- activity -------------------------------------------------------------------------------
+
+
+async def test_activity_is_recorded_once_per_second_and_engages_at_the_threshold(
+    pool: PoolUnderTest,
+) -> None:
+    config = pool.config
+    args = (config.window_ms, config.engaged_threshold, config.max_events_per_user)
+    results = []
+    for offset in (0, 0, 5_000, 9_000):
+        results.append(await pool.scripts.record_activity(
+            pool.now, "u1", T0 + offset, *args))
+    assert [r.code for r in results] == [Activity.RECORDED, Activity.DUPLICATE,
+                                         Activity.RECORDED, Activity.RECORDED]
+    assert results[-1].events_in_window == 3
+    snap = await pool.snap()
+    assert snap.counts["engaged"] == 1 and snap.stat("activities") == 3
+    assert await pool.redis.pttl(pool.keys.acts("u1")) > 0
+    # Two minutes after the first of the three, the user is no longer engaged.
+    pool.clock.advance(config.window_ms + 1)
+    assert (await pool.snap()).counts["engaged"] == 0
+
+
+async def test_stale_activity_is_not_recorded(pool: PoolUnderTest) -> None:
+    config = pool.config
+    result = await pool.scripts.record_activity(
+        pool.now, "u1", pool.now - config.window_ms - 1, config.window_ms,
+        config.engaged_threshold, config.max_events_per_user)
+    assert result.code is Activity.STALE
+    assert not await pool.redis.exists(pool.keys.acts("u1"))
+
+
+async def test_activity_window_is_capped_per_user(pool: PoolUnderTest) -> None:
+    for second in range(20):
+        await pool.scripts.record_activity(pool.now, "u1", T0 - second * 1000, 120_000, 3, 5)
+    assert await pool.redis.zcard(pool.keys.acts("u1")) == 5
+
+
+async def test_a_user_holding_a_node_is_not_engaged(pool: PoolUnderTest) -> None:
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    for offset in (0, 1000, 2000):
+        await pool.scripts.record_activity(pool.now, "u1", T0 - offset, 120_000, 3, 100)
+    assert (await pool.snap()).counts["engaged"] == 0
+
+
+# --- scaling --------------------------------------------------------------------------------
+
+
+async def test_scale_decide_lets_one_decision_through_per_interval(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=2, tick_interval_s=1.0)
+    first = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    second = await pool.scripts.scale_decide(config.policy_args(pool.now, "r2"))
+    assert first.won and len(first.reservations) == 2
+    assert "create 2" in first.reason and first.numbers["target"] == 2
+    assert not second.won
+    pool.clock.advance(1000)  # the next interval
+    third = await pool.scripts.scale_decide(config.policy_args(pool.now, "r2"))
+    assert third.won and third.reservations == []  # the two reservations count as supply
+
+
+async def test_scale_decide_covers_waiting_users_and_engaged_users(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=1, conversion=0.5, engaged_threshold=3)
+    for user in ("a", "b", "c", "d"):
+        for offset in (0, 1000, 2000):
+            await pool.scripts.record_activity(pool.now, user, T0 - offset, config.window_ms,
+                                               3, 100)
+    await pool.scripts.allocate(pool.now, "w1")
+    await pool.scripts.allocate(pool.now, "w2")
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    # target spare = ceil(4 engaged x 0.5) = 2; spare = 0 - 2 waiting = -2: create 4.
+    assert len(decision.reservations) == 4
+    assert decision.numbers["engaged"] == 4 and decision.numbers["waiting"] == 2
+
+
+async def test_scale_decide_respects_max_nodes(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=5, max_nodes=3)
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert len(decision.reservations) == 2
+    assert "max_nodes 3" in decision.reason
+
+
+async def test_reap_idle_terminates_only_idle_nodes_beyond_the_floor(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=1, idle_timeout_s=300)
+    for node in ("n1", "n2", "n3"):
+        await pool.boot(node)
+        pool.clock.advance(1000)
+    await pool.scripts.allocate(pool.now, "u1")  # takes n3, the most recently freed
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    pool.clock.advance(300_000)
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [(t.node_id, t.reason) for t in reaped] == [("n1", "idle")]
+    assert (await pool.node("n1"))["state"] == "terminating"
+    assert (await pool.node("n3"))["state"] == "allocated"
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+
+
+async def test_reap_idle_never_touches_allocated_nodes(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, idle_timeout_s=0)
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    pool.clock.advance(10**7)
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+
+
+async def test_stuck_boots_are_terminated_and_deletes_retried(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, boot_timeout_s=600, delete_timeout_s=60)
+    await pool.scripts.apply_node_status(pool.now, "slow", "booting")
+    pool.clock.advance(600_001)
+    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (term.node_id, term.reason) == ("slow", "boot_timeout")
+    # The replica that sent the DELETE died: after the deadline another one sends it again.
+    pool.clock.advance(60_001)
+    [retry] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r2"))
+    assert (retry.node_id, retry.reason) == ("slow", "retry")
+    assert await pool.scripts.confirm_terminate(pool.now, "slow", "gone", 0) is True
+    assert (await pool.node("slow"))["state"] == "terminated"
+    assert await pool.scripts.confirm_terminate(pool.now, "slow", "gone", 0) is False
+
+
+async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, boot_timeout_s=1)
+    await pool.scripts.apply_node_status(pool.now, "n1", "booting")
+    pool.clock.advance(2000)
+    await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    late = await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    assert late.code is NodeStatusOutcome.IGNORED
+    assert await pool.ready_list() == []
+    done = await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
+    assert done.code is NodeStatusOutcome.TERMINATED
+    assert (await pool.snap()).counts["terminating"] == 0

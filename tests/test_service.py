@@ -1,0 +1,212 @@
+"""A replica's Python side: event handling, ticks acting on decisions, reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from provisioner.clock import ManualClock
+from provisioner.config import PoolConfig, ServiceConfig
+from provisioner.metrics import Metrics
+from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
+from provisioner.service import Replica
+from provisioner.view import check_invariants
+from tests.fakes import FakeNodeApi
+from tests.helpers import T0, Subscriber
+
+POOL = "svc"
+
+
+def make_replica(redis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, name: str,
+                 pool: PoolConfig | None = None) -> Replica:
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id=name)
+    return Replica(redis, service, pool or PoolConfig(min_ready=1), api, clock=clock,
+                   metrics=Metrics())
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def api() -> FakeNodeApi:
+    return FakeNodeApi()
+
+
+@pytest.fixture
+async def replica(aredis: aioredis.Redis, api: FakeNodeApi,
+                  clock: ManualClock) -> AsyncIterator[Replica]:
+    yield make_replica(aredis, api, clock, "r1")
+
+
+async def settle(replica: Replica) -> None:
+    while replica._actions:
+        await asyncio.gather(*list(replica._actions))
+
+
+def counter(replica: Replica, name: str, **labels: str) -> float:
+    value = replica.metrics.registry.get_sample_value(name, labels or None)
+    return value or 0.0
+
+
+async def send(replicas: list[Replica], channel: str, payload: object) -> None:
+    data = json.dumps(payload).encode()
+    for replica in replicas:
+        await replica.handle(channel, data)
+
+
+async def test_malformed_messages_are_counted_and_change_nothing(
+    replica: Replica, aredis: aioredis.Redis,
+) -> None:
+    await send([replica], "user:connect", {"user_id": "u1"})
+    before = {k: await aredis.dump(k) for k in await aredis.keys("*")}
+    bad = [
+        ("user:connect", b"not json"),
+        ("user:connect", b'{"user_id": ""}'),
+        ("user:activity", b'{"user_id": "u2", "timestamp": "soon"}'),
+        ("user:activity", b'{"user_id": "u2", "timestamp": 1}'),
+        ("node:status", b'{"node_id": "n1", "status": "exploded"}'),
+        ("user:disconnect", b"x" * 5000),
+        ("user:disconnect", b"[]"),
+    ]
+    for channel, data in bad:
+        await replica.handle(channel, data)
+    after = {k: await aredis.dump(k) for k in await aredis.keys("*")}
+    assert after == before
+    assert counter(replica, "provisioner_events_rejected_total", channel="user:connect",
+                   reason="not_json") == 1
+    assert counter(replica, "provisioner_events_rejected_total", channel="user:activity",
+                   reason="bad_timestamp") == 1
+    assert counter(replica, "provisioner_events_rejected_total", channel="node:status",
+                   reason="unknown_status") == 1
+    assert counter(replica, "provisioner_events_rejected_total", channel="user:disconnect",
+                   reason="too_large") == 1
+
+
+async def test_tick_creates_the_floor_and_a_connect_gets_a_ready_node(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    await replica.tick()
+    await settle(replica)
+    assert api.created == ["node-1"]
+    await send([replica], "node:status", {"node_id": "node-1", "status": "booting"})
+    clock.advance(30_000)
+    await send([replica], "node:status", {"node_id": "node-1", "status": "ready"})
+    async with Subscriber(aredis, "user:allocated") as sub:
+        await send([replica], "user:connect", {"user_id": "u1"})
+        messages = await sub.drain()
+    assert messages == [("user:allocated", {"user_id": "u1", "node_id": "node-1",
+                                            "waited_ms": 0})]
+    assert counter(replica, "provisioner_hits_total") == 1
+    clock.advance(1000)
+    await replica.tick()  # the floor is spare nodes: one more for the next user
+    await settle(replica)
+    assert api.created == ["node-1", "node-2"]
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_two_replicas_applying_every_event_allocate_once(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replicas = [make_replica(aredis, api, clock, name) for name in ("r1", "r2")]
+    async with Subscriber(aredis, "user:allocated", "user:waiting") as sub:
+        await send(replicas, "user:connect", {"user_id": "u1"})
+        await send(replicas, "node:status", {"node_id": "n1", "status": "booting"})
+        clock.advance(5000)
+        await send(replicas, "node:status", {"node_id": "n1", "status": "ready"})
+        await send(replicas, "node:status", {"node_id": "n1", "status": "ready"})
+        messages = await sub.drain()
+    assert messages == [
+        ("user:waiting", {"user_id": "u1"}),
+        ("user:allocated", {"user_id": "u1", "node_id": "n1", "waited_ms": 5000}),
+    ]
+    assert sum(counter(r, "provisioner_misses_total") for r in replicas) == 1
+    assert sum(counter(r, "provisioner_connects_total") for r in replicas) == 1
+    # Both tick in the same interval: only one decides and creates.
+    for r in replicas:
+        await r.tick()
+    for r in replicas:
+        await settle(r)
+    assert sum(counter(r, "provisioner_scale_decisions_total") for r in replicas) == 1
+    assert len(api.created) == 1
+
+
+async def test_failed_create_cancels_and_uncertain_create_keeps_its_reservation(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    api.create_outcomes.append(CreateResult(CreateOutcome.FAILED, detail="HTTP 500"))
+    await replica.tick()
+    await settle(replica)
+    assert await aredis.zcard(replica.keys.key("pending")) == 0
+    api.create_outcomes.append(CreateResult(CreateOutcome.UNCERTAIN, detail="timeout"))
+    clock.advance(1000)
+    await replica.tick()
+    await settle(replica)
+    assert await aredis.zcard(replica.keys.key("pending")) == 1
+    # The node did exist: its status arrives and it is adopted; nothing more is created.
+    await send([replica], "node:status", {"node_id": "lost-1", "status": "booting"})
+    clock.advance(1000)
+    await replica.tick()
+    await settle(replica)
+    assert api.created == []
+    snap = await replica.scripts.snapshot(clock.now_ms(), 120_000)
+    assert snap.counts["booting"] == 1 and snap.counts["unclaimed"] == 1
+
+
+async def test_idle_nodes_are_deleted_and_a_404_ends_them(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1",
+                           PoolConfig(min_ready=0, idle_timeout_s=60))
+    for node in ("n1", "n2"):
+        await send([replica], "node:status", {"node_id": node, "status": "ready"})
+    clock.advance(61_000)
+    api.delete_outcome = DeleteOutcome.GONE
+    await replica.tick()
+    await settle(replica)
+    assert sorted(api.deleted) == ["n1", "n2"]
+    snap = await replica.scripts.snapshot(clock.now_ms(), 120_000)
+    assert snap.counts["nodes"] == 0 and snap.counts["terminating"] == 0
+
+
+async def test_reconcile_adopts_unknown_nodes_and_ends_vanished_ones(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    await send([replica], "node:status", {"node_id": "vanished", "status": "ready"})
+    await send([replica], "node:status", {"node_id": "fresh", "status": "booting"})
+    clock.advance(120_000)
+    await send([replica], "node:status", {"node_id": "just-made", "status": "booting"})
+    api.listed = [ListedNode("fresh", "booting"), ListedNode("stranger", "ready"),
+                  ListedNode("dying", "terminating")]
+    counts = await replica.reconcile()
+    # "just-made" is younger than the grace period: not judged although the API omits it.
+    assert counts == {"adopted": 1, "vanished": 1, "redeleted": 0}
+    nodes = set(await aredis.zrange(replica.keys.key("nodes"), 0, -1))
+    assert nodes == {"fresh", "stranger", "just-made"}
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_shutdown_lets_in_flight_creates_finish(
+    replica: Replica, api: FakeNodeApi, aredis: aioredis.Redis,
+) -> None:
+    api.delay = 0.3
+    await replica.tick()
+    assert replica._actions
+    await replica.drain(5.0)
+    assert api.created == ["node-1"]
+    assert await aredis.zcard(replica.keys.key("pending")) == 0
+
+
+async def test_run_stops_within_the_grace_period(replica: Replica) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(replica.run())
+    await asyncio.wait_for(replica.subscribed.wait(), 5)
+    started = loop.time()
+    replica.stopping.set()
+    await asyncio.wait_for(task, 5)
+    assert loop.time() - started < 3

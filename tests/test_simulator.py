@@ -1,0 +1,67 @@
+"""The traffic simulator: what it generates, and what it publishes on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import random
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from provisioner.events import Activity, Connect, Disconnect, parse
+from provisioner.simulator import Traffic, publish, synthetic, trace_events
+from tests.helpers import Subscriber
+
+
+def test_synthetic_traffic_is_ordered_valid_and_follows_its_knobs() -> None:
+    traffic = Traffic(arrival_rate_per_min=60, conversion=0.3, session_s=120)
+    events = list(synthetic(traffic, random.Random(3), duration_s=3600))
+    times = [t for t, _, _ in events]
+    assert times == sorted(times) and times[-1] <= 3600
+    users: dict[str, list[str]] = {}
+    for t, channel, payload in events:
+        data = dict(payload)
+        if channel == "user:activity":
+            data["timestamp"] = 1_700_000_000 + int(t)
+        parsed = parse(channel, json.dumps(data), (1_700_000_000 + int(t)) * 1000)
+        assert isinstance(parsed, Activity | Connect | Disconnect), (channel, payload)
+        users.setdefault(payload["user_id"], []).append(channel)
+    assert 3000 < len(users) < 4200  # ~60 a minute for an hour
+    connected = [u for u, chs in users.items() if "user:connect" in chs]
+    assert 0.25 < len(connected) / len(users) < 0.35
+    for channels in users.values():
+        assert channels[0] == "user:activity"  # everyone browses first
+        assert channels.count("user:connect") <= 1
+        if "user:disconnect" in channels:
+            assert channels.index("user:disconnect") > channels.index("user:connect")
+    assert list(synthetic(traffic, random.Random(3), duration_s=600)) == \
+        [e for e in events if e[0] <= 600]
+
+
+async def test_trace_replay_publishes_every_event_with_fresh_timestamps(
+        tmp_path: Path, aredis: aioredis.Redis) -> None:
+    path = tmp_path / "tiny.jsonl.gz"
+    header = {"format": "provisioner-trace/1", "name": "tiny", "description": "",
+              "epoch": 1_000_000, "duration_s": 10, "users": 1, "events": 3, "seed": 0,
+              "nodes": {"boot_delay_s": [5.0], "api_latency_s": 0.2,
+                        "terminate_delay_s": 5, "max_nodes": 10}}
+    lines = [header,
+             {"t": 0.0, "ch": "user:activity", "msg": {"user_id": "u", "timestamp": 1_000_000}},
+             {"t": 1.0, "ch": "user:connect", "msg": {"user_id": "u"}},
+             {"t": 2.0, "ch": "user:disconnect", "msg": {"user_id": "u"}}]
+    with gzip.open(path, "wt") as out:
+        out.writelines(json.dumps(line) + "\n" for line in lines)
+    loop = asyncio.get_running_loop()
+    async with Subscriber(aredis, "user:activity", "user:connect", "user:disconnect") as sub:
+        started = loop.time()
+        counts = await publish(aredis, trace_events(path), speed=10, stop=asyncio.Event())
+        elapsed = loop.time() - started
+        messages = await sub.drain(settle=0.3)
+    assert counts == {"user:activity": 1, "user:connect": 1, "user:disconnect": 1}
+    assert 0.15 < elapsed < 2  # 2 s of trace at 10x
+    assert [ch for ch, _ in messages] == ["user:activity", "user:connect", "user:disconnect"]
+    stamp = messages[0][1]["timestamp"]
+    assert abs(stamp - time.time()) < 5  # rewritten to the wall clock, not 1970-01-12

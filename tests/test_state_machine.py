@@ -1,0 +1,133 @@
+"""Random event sequences through the real scripts; the invariants hold after every step.
+
+Hypothesis drives connects, disconnects, node statuses (in any order, repeated, for unknown
+ids), creates, ticks and reaping through the Lua scripts of a private server, and after every
+step checks what must always be true: a node has at most one user, a user at most one node,
+nobody waits while a node is ready, every structure agrees with the node records, and every
+per-user key has a TTL. Hypothesis runs its own event loop per example, so this test drives the
+async scripts through one loop of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from provisioner.clock import ManualClock
+from provisioner.config import PoolConfig
+from provisioner.keys import PoolKeys
+from provisioner.scripts import Scripts
+from provisioner.view import check_invariants
+from tests.helpers import T0
+
+USERS = st.sampled_from([f"u{i}" for i in range(6)])
+NODES = st.sampled_from([f"n{i}" for i in range(6)])
+STATUSES = st.sampled_from(["booting", "ready", "terminated"])
+POOL = "prop"
+
+
+@pytest.fixture
+def state_machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine]:
+    loop = asyncio.new_event_loop()
+
+    class PoolMachine(RuleBasedStateMachine):
+        @initialize()
+        def setup(self) -> None:
+            self.client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+            loop.run_until_complete(self.client.flushall())
+            self.keys = PoolKeys(POOL)
+            self.scripts = Scripts(self.client, self.keys)
+            self.clock = ManualClock(T0)
+            self.config = PoolConfig(min_ready=1, max_nodes=5, idle_timeout_s=30,
+                                     boot_timeout_s=60, create_timeout_s=20,
+                                     delete_timeout_s=20, engaged_threshold=2)
+            self.pending: list[str] = []
+
+        def run(self, coro: Any) -> Any:
+            return loop.run_until_complete(coro)
+
+        def teardown(self) -> None:
+            if hasattr(self, "client"):
+                self.run(self.client.aclose())
+
+        @rule(seconds=st.integers(min_value=0, max_value=40))
+        def time_passes(self, seconds: int) -> None:
+            self.clock.advance(seconds * 1000)
+
+        @rule(user=USERS)
+        def connect(self, user: str) -> None:
+            self.run(self.scripts.allocate(self.clock.now_ms(), user))
+
+        @rule(user=USERS)
+        def disconnect(self, user: str) -> None:
+            self.run(self.scripts.release(self.clock.now_ms(), user))
+
+        @rule(user=USERS, back=st.integers(min_value=0, max_value=200))
+        def activity(self, user: str, back: int) -> None:
+            now = self.clock.now_ms()
+            self.run(self.scripts.record_activity(
+                now, user, now - back * 1000, self.config.window_ms,
+                self.config.engaged_threshold, self.config.max_events_per_user))
+
+        @rule(node=NODES, status=STATUSES)
+        def node_status(self, node: str, status: str) -> None:
+            self.run(self.scripts.apply_node_status(self.clock.now_ms(), node, status))
+
+        @rule()
+        def tick(self) -> None:
+            args = self.config.policy_args(self.clock.now_ms(), "r1")
+            decision = self.run(self.scripts.scale_decide(args))
+            self.pending.extend(decision.reservations)
+            self.run(self.scripts.reap_idle(args))
+
+        @rule(node=NODES)
+        def create_returns(self, node: str) -> None:
+            if self.pending:
+                rid = self.pending.pop(0)
+                self.run(self.scripts.register_node(self.clock.now_ms(), rid, node))
+
+        @rule()
+        def create_fails(self) -> None:
+            if self.pending:
+                self.run(self.scripts.cancel_create(self.pending.pop(0)))
+
+        @rule(node=NODES, outcome=st.sampled_from(["sent", "gone", "failed"]))
+        def delete_answered(self, node: str, outcome: str) -> None:
+            now = self.clock.now_ms()
+            self.run(self.scripts.confirm_terminate(now, node, outcome, now + 20_000))
+
+        @invariant()
+        def pool_is_consistent(self) -> None:
+            if not hasattr(self, "client"):
+                return
+            problems = self.run(check_invariants(self.client, POOL))
+            assert problems == [], problems
+
+        @invariant()
+        def per_user_keys_expire(self) -> None:
+            if not hasattr(self, "client"):
+                return
+
+            async def ttls() -> list[int]:
+                keys = [k async for k in self.client.scan_iter(
+                    match=self.keys.key("acts_prefix") + "*")]
+                return [await self.client.pttl(k) for k in keys]
+
+            assert all(ttl > 0 for ttl in self.run(ttls()))
+
+    yield PoolMachine
+    loop.close()
+
+
+def test_random_event_sequences_keep_the_pool_consistent(
+    state_machine: type[RuleBasedStateMachine],
+) -> None:
+    runner = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                      suppress_health_check=list(HealthCheck))(state_machine)
+    runner.TestCase().runTest()

@@ -16,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from provisioner import mock_node_api, simulator, view
+from provisioner.bench import cli as bench_cli
 from provisioner.clock import WallClock
 from provisioner.config import ConfigError, PoolConfig, ServiceConfig, default_replica_id
 from provisioner.logs import setup_logging
@@ -292,6 +293,7 @@ def dev(
 
 app.command("mock-node-api")(mock_node_api.command)
 app.command("simulate")(simulator.command)
+app.add_typer(bench_cli.app, name="bench")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -112,7 +112,7 @@ class Served:
 
 def _served(flat: Sequence[Any]) -> list[Served]:
     return [
-        Served(str(flat[i]), str(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
+        Served(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
     ]
 
 

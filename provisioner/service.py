@@ -29,16 +29,23 @@ from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, DeleteOutcome, HttpNodeApi, NodeApi
 from provisioner.scripts import (
     Activity,
+    ActivityResult,
+    AllocateResult,
     Allocation,
     NodeStatusOutcome,
+    NodeStatusResult,
     Registration,
     Release,
+    ReleaseResult,
     Scripts,
     Served,
     Termination,
 )
 
 log = logging.getLogger("provisioner.service")
+
+#: What applying one event decided: the script's result, None for a dropped message.
+Outcome = ActivityResult | AllocateResult | ReleaseResult | NodeStatusResult | None
 
 #: How long after a failed DELETE the next attempt is made.
 DELETE_RETRY_MS = 10_000
@@ -67,8 +74,9 @@ class Replica:
 
     # --- events -------------------------------------------------------------------------------
 
-    async def handle(self, channel: str | bytes, data: bytes | str) -> None:
-        """Apply one pub/sub message. Never raises: bad input is counted, logged and dropped."""
+    async def handle(self, channel: str | bytes, data: bytes | str) -> Outcome:
+        """Apply one pub/sub message and return what its script decided (None when the message
+        was dropped). Never raises: bad input is counted, logged and dropped."""
         name = channel.decode(errors="replace") if isinstance(channel, bytes) else channel
         label = name if name in events.SUBSCRIBED else "other"
         self.metrics.events.labels(label).inc()
@@ -79,20 +87,22 @@ class Replica:
             self.metrics.rejected.labels(label, event.reason.value).inc()
             self._bad_input.warning(f"{label}/{event.reason}", "dropped %s message: %s (%s)",
                                     label, event.reason.value, event.detail)
-            return
+            return None
         try:
-            await self._apply(event, now)
+            return await self._apply(event, now)
         except RedisError as exc:
             self.metrics.errors.labels("event").inc()
             self._trouble.warning("redis-event", "could not apply %s: %s", label, exc)
+            return None
 
-    async def _apply(self, event: events.Event, now: int) -> None:
+    async def _apply(self, event: events.Event, now: int) -> Outcome:
         if isinstance(event, events.Activity):
             result = await self.scripts.record_activity(
                 now, event.user_id, event.timestamp_ms, self.pool.window_ms,
                 self.pool.engaged_threshold, self.pool.max_events_per_user)
             if result.code is Activity.STALE:
                 log.debug("stale activity of %s", event.user_id)
+            return result
         elif isinstance(event, events.Connect):
             allocation = await self.scripts.allocate(now, event.user_id)
             if allocation.code is Allocation.ALLOCATED:
@@ -106,6 +116,7 @@ class Replica:
                 self.metrics.misses.inc()
                 log.info("connect %s: miss, waiting at position %d", event.user_id,
                          allocation.queue_position)
+            return allocation
         elif isinstance(event, events.Disconnect):
             release = await self.scripts.release(now, event.user_id)
             if release.code is not Release.UNKNOWN:
@@ -113,6 +124,7 @@ class Replica:
                 log.info("disconnect %s: %s %s", event.user_id, release.code.name.lower(),
                          release.node_id)
             self._served(release.served)
+            return release
         else:
             status = await self.scripts.apply_node_status(now, event.node_id, event.status)
             self.metrics.node_events.labels(event.status, status.code.name.lower()).inc()
@@ -123,6 +135,7 @@ class Replica:
                 log.warning("node %s terminated under user %s: user back at the head of the "
                             "queue", event.node_id, status.requeued_user)
             self._served(status.served)
+            return status
 
     def _served(self, served: list[Served]) -> None:
         for item in served:
@@ -196,6 +209,12 @@ class Replica:
                         DELETE_RETRY_MS // 1000)
             await self.scripts.confirm_terminate(now, termination.node_id, "failed",
                                                  now + DELETE_RETRY_MS)
+
+    async def settle(self) -> None:
+        """Wait for every Node API call this replica started (the replay benchmark runs each
+        tick's actions to completion before moving virtual time on)."""
+        while self._actions:
+            await asyncio.gather(*list(self._actions))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(self._guard(work))

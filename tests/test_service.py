@@ -13,6 +13,7 @@ from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
+from provisioner.scripts import ReleaseResult
 from provisioner.service import Replica
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
@@ -45,8 +46,7 @@ async def replica(aredis: aioredis.Redis, api: FakeNodeApi,
 
 
 async def settle(replica: Replica) -> None:
-    while replica._actions:
-        await asyncio.gather(*list(replica._actions))
+    await replica.settle()
 
 
 def counter(replica: Replica, name: str, **labels: str) -> float:
@@ -210,3 +210,23 @@ async def test_run_stops_within_the_grace_period(replica: Replica) -> None:
     replica.stopping.set()
     await asyncio.wait_for(task, 5)
     assert loop.time() - started < 3
+
+
+async def test_outcomes_carry_text_ids_on_a_bytes_client(redis_url: str, aredis: aioredis.Redis,
+                                                         api: FakeNodeApi,
+                                                         clock: ManualClock) -> None:
+    # The service's own client does not decode replies; ids must still come back as text.
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        replica = make_replica(raw, api, clock, "r1", PoolConfig(min_ready=0, conversion=0))
+        await send([replica], "user:connect", {"user_id": "u1"})
+        await send([replica], "node:status", {"node_id": "node-7", "status": "ready"})
+        await send([replica], "user:disconnect", {"user_id": "u1"})
+        await send([replica], "user:connect", {"user_id": "u2"})
+        await send([replica], "user:connect", {"user_id": "u3"})
+        freed = await replica.handle("user:disconnect", json.dumps({"user_id": "u2"}))
+    finally:
+        await raw.aclose()
+    assert isinstance(freed, ReleaseResult)
+    assert freed.node_id == "node-7"
+    assert [(s.user_id, s.node_id) for s in freed.served] == [("u3", "node-7")]

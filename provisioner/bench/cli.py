@@ -1,0 +1,188 @@
+"""`provisioner bench`: replay recorded traces through the shipped service and the baselines."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from provisioner.bench import service_policy
+from provisioner.bench.baselines import BASELINE_NAMES, policy_factory
+from provisioner.bench.suite import (
+    REFERENCE,
+    PolicyFactory,
+    Row,
+    check_reference,
+    markdown_table,
+    pareto_plot,
+    run_suite,
+)
+from provisioner.bench.trace import Trace, TraceError, load_trace
+from provisioner.bench.world import PolicyViolation, run_replay
+from provisioner.config import PoolConfig
+from provisioner.redis_server import start_server
+
+app = typer.Typer(help="Replay recorded traces on virtual time and score the policies.",
+                  no_args_is_help=True)
+console = Console()
+SERVICE = service_policy.NAME
+
+RedisUrl = Annotated[str | None, typer.Option(
+    "--redis-url", help="Server for the service's scripts (default: a private one, started and "
+    "stopped by the command). Replays publish user:allocated on it: never a production server.")]
+
+
+@contextlib.contextmanager
+def _server(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    server = start_server()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def service_pool(trace: Trace) -> PoolConfig:
+    """The service's defaults, with `max_nodes` set to the environment's quota from the trace
+    header (a quota, not a policy parameter)."""
+    return dataclasses.replace(PoolConfig(), max_nodes=trace.max_nodes)
+
+
+def _service_factory(url: str) -> PolicyFactory:
+    return lambda trace: service_policy.ServicePolicy(url, service_pool(trace))
+
+
+def _factories(names: list[str], url: str) -> dict[str, PolicyFactory]:
+    factories: dict[str, PolicyFactory] = {}
+    for name in names:
+        if name == SERVICE:
+            factories[name] = _service_factory(url)
+        else:
+            try:
+                factories[name] = policy_factory(name)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--policy") from None
+    return factories
+
+
+def _load(path: Path) -> Trace:
+    try:
+        return load_trace(path)
+    except TraceError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def replay(
+    trace_path: Annotated[Path, typer.Argument(metavar="TRACE", exists=True, dir_okay=False)],
+    policy: Annotated[str, typer.Option(
+        help=f"`{SERVICE}` (the shipped service), static-K, reactive, keepalive-10m, "
+        "seed-count, hybrid-histogram or clairvoyant")] = SERVICE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Replay one trace under one policy and print FORMAT.md's scores."""
+    trace = _load(trace_path)
+    with _server(redis_url) as url:
+        factory = _factories([policy], url)[policy]
+        try:
+            scores = run_replay(trace, factory(trace))
+        except PolicyViolation as exc:
+            console.print(f"[red]policy {policy} broke the rules: {exc}")
+            raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(scores.as_dict()))
+        return
+    table = Table(title=f"{trace.name} under {policy}")
+    table.add_column("score")
+    table.add_column("value", justify="right")
+    for key, value in scores.as_dict().items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def _table(rows: list[Row]) -> Table:
+    table = Table(title="replay suite")
+    for column in ("trace", "policy", "connects", "miss rate", "wait p95 s", "cost ratio",
+                   "idle h", "wall s"):
+        table.add_column(column, justify="left" if column in ("trace", "policy") else "right")
+    for row in rows:
+        s = row.scores
+        name = f"{row.policy} ({row.detail})" if row.detail else row.policy
+        table.add_row(row.trace, name, str(s.connects), f"{s.miss_rate:.2%}",
+                      f"{s.wait_p95_s:.0f}", f"{s.cost_ratio:.3f}",
+                      f"{s.node_hours - s.busy_hours:.1f}", f"{row.wall_s:.1f}")
+    return table
+
+
+@app.command()
+def suite(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", exists=True, file_okay=False)],
+    policy: Annotated[list[str] | None, typer.Option(
+        help="Policies to run (repeatable); default: the service and every baseline")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for results.md, results.json, pareto.png")]
+    = Path("bench-results"),
+    redis_url: RedisUrl = None,
+) -> None:
+    """Replay every trace in DIR under every policy; print a table, write Markdown and a plot."""
+    paths = sorted(directory.glob("*.jsonl.gz")) + sorted(directory.glob("*.jsonl"))
+    if not paths:
+        raise typer.BadParameter(f"no *.jsonl.gz traces in {directory}")
+    names = policy or [SERVICE, *BASELINE_NAMES]
+    out.mkdir(parents=True, exist_ok=True)
+    with _server(redis_url) as url:
+        extra = _factories([n for n in names if n != "static-best"], url)
+        ordered = ["static-best"] if "static-best" in names else []
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("replaying", total=len(paths) * len(names))
+
+            def advance(row: Row) -> None:
+                progress.update(task, advance=1,
+                                description=f"{row.trace} / {row.policy} ({row.wall_s:.0f}s)")
+
+            try:
+                rows = run_suite(paths, ordered, extra_policies=extra, progress=advance)
+            except (PolicyViolation, TraceError) as exc:
+                console.print(f"[red]{exc}")
+                raise typer.Exit(2) from None
+    console.print(_table(rows))
+    defaults = {k: v for k, v in PoolConfig().as_dict().items() if k != "max_nodes"}
+    note = (f"`{SERVICE}` runs the shipped Lua scripts with the service's default settings "
+            f"({', '.join(f'{k}={v}' for k, v in defaults.items())}); max_nodes is the trace's "
+            "quota. static-best is the smallest K with miss rate <= 1%, chosen per trace with "
+            "hindsight.\n")
+    (out / "results.md").write_text(note + "\n" + markdown_table(rows))
+    (out / "results.json").write_text(json.dumps(
+        [{"trace": r.trace, "policy": r.policy, "detail": r.detail, "wall_s": r.wall_s,
+          **r.scores.as_dict()} for r in rows], indent=1))
+    try:
+        pareto_plot(rows, out / "pareto.png")
+    except ImportError:
+        console.print("[yellow]matplotlib is not installed: no plot (pip install "
+                      "'provisioner[bench]')")
+    console.print(note)
+    console.print(f"wrote {out}/results.md, results.json and pareto.png")
+
+
+@app.command()
+def check(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", exists=True, file_okay=False)],
+) -> None:
+    """Check the simulated world against FORMAT.md's reference table (static-K figures)."""
+    problems = check_reference(directory)
+    for problem in problems:
+        console.print(f"[red]{problem}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"the simulator agrees with FORMAT.md on {len(REFERENCE)} traces")

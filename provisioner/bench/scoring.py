@@ -1,0 +1,119 @@
+"""The one scorekeeper of a replay, shared by every policy so that their figures compare.
+
+It implements the rules of FORMAT.md "How a replay is scored" and nothing else: it trusts its
+caller (the world), which has already checked that every reported outcome is legal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What one replay of one trace under one policy scored.
+
+    `wait_p95_s` is the nearest-rank 95th percentile of the waits of missed users who were
+    eventually served (the ceil(0.95·n)-th smallest wait), 0.0 when no one was served after a wait.
+    `miss_rate` is 0.0 without connects. `cost_ratio` is node_hours / busy_hours; it is 0.0 when no
+    node was billed at all and +inf when nodes were billed but never busy.
+    """
+
+    connects: int
+    misses: int
+    miss_rate: float
+    wait_p95_s: float
+    abandoned: int
+    nodes_created: int
+    node_hours: float
+    busy_hours: float
+    cost_ratio: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def nearest_rank(values: list[float], percentile: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least `percentile`% at or below it."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(percentile / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class Scoreboard:
+    """Books of one replay; times are seconds since trace start, and the books close at
+    `duration_s`: whatever is still open then (nodes, allocations, waits) ends there."""
+
+    def __init__(self, duration_s: float, terminate_delay_s: float) -> None:
+        self.duration_s = duration_s
+        self.terminate_delay_s = terminate_delay_s
+        self._created: dict[str, float] = {}
+        self._billed_until: dict[str, float] = {}
+        self._allocated_at: dict[str, float] = {}
+        self._missed_at: dict[str, float] = {}
+        self._waits: list[float] = []
+        self._busy_s = 0.0
+        self._connects = 0
+        self._misses = 0
+        self._abandoned = 0
+
+    def node_created(self, node_id: str, t: float) -> None:
+        """A create request was sent at `t`: billing starts now, booting time is paid."""
+        self._created[node_id] = t
+
+    def node_terminate_requested(self, node_id: str, t: float) -> None:
+        """Billing runs on for the terminate delay after the request, but not past the end."""
+        self._billed_until[node_id] = min(t + self.terminate_delay_s, self.duration_s)
+
+    def connect_hit(self, user_id: str, node_id: str, t: float) -> None:
+        self._connects += 1
+        self._allocated_at[user_id] = t
+
+    def connect_miss(self, user_id: str, t: float) -> None:
+        self._connects += 1
+        self._misses += 1
+        self._missed_at[user_id] = t
+
+    def served_after_wait(self, user_id: str, node_id: str, t: float) -> None:
+        self._waits.append(t - self._missed_at.pop(user_id))
+        self._allocated_at[user_id] = t
+
+    def released(self, user_id: str, t: float) -> None:
+        """The user's allocation interval ends: it was busy time."""
+        self._busy_s += t - self._allocated_at.pop(user_id)
+
+    def waiting_user_left(self, user_id: str, t: float) -> None:
+        """A waiting user gave up: abandoned, and the wait is not a served wait."""
+        del self._missed_at[user_id]
+        self._abandoned += 1
+
+    def close(self) -> Scores:
+        """Score as of `duration_s`; the board can be closed more than once with the same result."""
+        end = self.duration_s
+        busy_s = self._busy_s + sum(end - t for t in self._allocated_at.values())
+        node_s = sum(
+            max(0.0, self._billed_until.get(node, end) - created)
+            for node, created in self._created.items()
+        )
+        node_hours = node_s / 3600.0
+        busy_hours = busy_s / 3600.0
+        if node_hours == 0.0:
+            cost_ratio = 0.0
+        elif busy_hours == 0.0:
+            cost_ratio = math.inf
+        else:
+            cost_ratio = node_hours / busy_hours
+        return Scores(
+            connects=self._connects,
+            misses=self._misses,
+            miss_rate=self._misses / self._connects if self._connects else 0.0,
+            wait_p95_s=nearest_rank(self._waits, 95.0),
+            abandoned=self._abandoned + len(self._missed_at),
+            nodes_created=len(self._created),
+            node_hours=node_hours,
+            busy_hours=busy_hours,
+            cost_ratio=cost_ratio,
+        )

@@ -1,0 +1,151 @@
+"""The shipped service as a replay policy: the real Lua scripts in a real server, on virtual time.
+
+Each trace message goes through `Replica.handle` (the code path of a live pub/sub message) and
+each tick through `Replica.tick`, with a `ManualClock` set to the event's virtual time and a Node
+API that creates and deletes nodes in the replay world. What the scripts decide (a hit, a miss,
+a waiting user served, a release) is reported to the world, which checks it against its own
+books. Nothing of the policy is re-implemented here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import redis.asyncio as aioredis
+
+from provisioner.bench.world import World
+from provisioner.clock import ManualClock
+from provisioner.config import PoolConfig, ServiceConfig
+from provisioner.keys import PoolKeys
+from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
+from provisioner.scripts import (
+    AllocateResult,
+    Allocation,
+    NodeStatusResult,
+    Release,
+    ReleaseResult,
+    Served,
+)
+from provisioner.service import Replica
+
+NAME = "provisioner"
+
+
+class WorldNodeApi:
+    """The Node API of the replay world: a create or delete takes effect at the current
+    virtual instant; the world sends `node:status` on its own schedule."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    async def create(self) -> CreateResult:
+        node_id = self.world.create_node()
+        if node_id is None:
+            return CreateResult(CreateOutcome.FAILED, detail="max_nodes reached")
+        return CreateResult(CreateOutcome.CREATED, node_id)
+
+    async def delete(self, node_id: str) -> DeleteOutcome:
+        return DeleteOutcome.SENT if self.world.terminate_node(node_id) else DeleteOutcome.GONE
+
+    async def list_nodes(self) -> list[ListedNode] | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ServicePolicy:
+    """`provisioner` in the suite: the service with `pool` settings (its defaults unless
+    given), one replica, against the server at `redis_url`."""
+
+    def __init__(self, redis_url: str, pool: PoolConfig | None = None,
+                 name: str = NAME) -> None:
+        self.name = name
+        self.redis_url = redis_url
+        self.pool = pool or PoolConfig()
+        self.pool_name = f"bench-{uuid.uuid4().hex[:12]}"
+        self._redis: aioredis.Redis | None = None
+        self._replica: Replica | None = None
+        self._world: World | None = None
+        self._epoch_ms = 0
+        self.clock = ManualClock(0)
+
+    async def start(self, world: World) -> None:
+        self._world = world
+        self._epoch_ms = world.trace.epoch * 1000
+        self.clock = ManualClock(self._epoch_ms)
+        self._redis = aioredis.Redis.from_url(self.redis_url)
+        service = ServiceConfig(redis_url=self.redis_url, node_api_url="http://replay",
+                                pool=self.pool_name, http_port=0, replica_id="replay")
+        self._replica = Replica(self._redis, service, self.pool, WorldNodeApi(world),
+                                clock=self.clock)
+        # The replay's logs are its scores; keep the per-event log lines out of the way.
+        logging.getLogger("provisioner.service").setLevel(logging.WARNING)
+
+    @property
+    def replica(self) -> Replica:
+        if self._replica is None:
+            raise RuntimeError("the policy has not been started")
+        return self._replica
+
+    @property
+    def world(self) -> World:
+        if self._world is None:
+            raise RuntimeError("the policy has not been started")
+        return self._world
+
+    def _at(self, t: float) -> None:
+        now = self._epoch_ms + round(t * 1000)
+        if now > self.clock.now_ms():
+            self.clock.set(now)
+
+    async def _handle(self, t: float, channel: str, payload: dict[str, object]) -> None:
+        self._at(t)
+        outcome = await self.replica.handle(channel, json.dumps(payload))
+        if isinstance(outcome, AllocateResult):
+            user = str(payload["user_id"])
+            if outcome.code is Allocation.ALLOCATED:
+                self.world.report_hit(user, outcome.node_id)
+            elif outcome.code is Allocation.WAITING:
+                self.world.report_miss(user)
+        elif isinstance(outcome, ReleaseResult):
+            user = str(payload["user_id"])
+            if outcome.code is Release.RELEASED:
+                self.world.report_released(user)
+            elif outcome.code is Release.ABANDONED:
+                self.world.report_abandoned(user)
+            self._served(outcome.served)
+        elif isinstance(outcome, NodeStatusResult):
+            self._served(outcome.served)
+
+    def _served(self, served: list[Served]) -> None:
+        for item in served:
+            self.world.report_served(item.user_id, item.node_id)
+
+    async def on_activity(self, t: float, user_id: str, timestamp: int) -> None:
+        await self._handle(t, "user:activity", {"user_id": user_id, "timestamp": timestamp})
+
+    async def on_connect(self, t: float, user_id: str) -> None:
+        await self._handle(t, "user:connect", {"user_id": user_id})
+
+    async def on_disconnect(self, t: float, user_id: str) -> None:
+        await self._handle(t, "user:disconnect", {"user_id": user_id})
+
+    async def on_node_status(self, t: float, node_id: str, status: str) -> None:
+        await self._handle(t, "node:status", {"node_id": node_id, "status": status})
+
+    async def tick(self, t: float) -> None:
+        self._at(t)
+        await self.replica.tick()
+        await self.replica.settle()
+
+    async def close(self) -> None:
+        if self._redis is None:
+            return
+        keys = PoolKeys(self.pool_name)
+        async for key in self._redis.scan_iter(match=keys.pattern(), count=1000):
+            await self._redis.delete(key)
+        await self._redis.aclose()
+        self._redis = None

@@ -1,0 +1,79 @@
+"""The replay scoreboard, on tiny hand-worked scenarios."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from provisioner.bench.scoring import Scoreboard, Scores, nearest_rank
+
+
+def test_two_nodes_three_connects_one_miss() -> None:
+    board = Scoreboard(duration_s=100.0, terminate_delay_s=5.0)
+    board.node_created("a", 0.0)
+    board.node_created("b", 10.0)
+    board.connect_hit("u1", "a", 20.0)
+    board.connect_miss("u2", 30.0)
+    board.served_after_wait("u2", "b", 40.0)  # waited 40 - 30 = 10 s
+    board.released("u1", 50.0)  # busy 50 - 20 = 30 s
+    board.connect_hit("u3", "a", 60.0)
+    board.released("u3", 70.0)  # busy 70 - 60 = 10 s
+    board.node_terminate_requested("a", 80.0)  # billed until 80 + 5 = 85
+    scores = board.close()
+    # u2 still holds b at the end: busy 100 - 40 = 60 s; busy total 30 + 60 + 10 = 100 s.
+    # a billed 85 - 0 = 85 s; b never terminated: 100 - 10 = 90 s; total 175 s.
+    assert scores == Scores(
+        connects=3,
+        misses=1,
+        miss_rate=pytest.approx(1 / 3),
+        wait_p95_s=10.0,
+        abandoned=0,
+        nodes_created=2,
+        node_hours=pytest.approx(175 / 3600),
+        busy_hours=pytest.approx(100 / 3600),
+        cost_ratio=pytest.approx(1.75),
+    )
+
+
+def test_abandoned_waits_and_billing_capped_at_the_end() -> None:
+    board = Scoreboard(duration_s=60.0, terminate_delay_s=5.0)
+    board.node_created("a", 0.0)
+    board.connect_hit("u1", "a", 0.0)
+    board.released("u1", 30.0)  # busy 30 s
+    board.node_terminate_requested("a", 58.0)  # 58 + 5 = 63 > 60: billed 60 s
+    board.connect_miss("u2", 10.0)
+    board.waiting_user_left("u2", 20.0)  # abandoned; its wait is not a served wait
+    board.connect_miss("u3", 40.0)  # still waiting at the end: abandoned too
+    scores = board.close()
+    assert (scores.connects, scores.misses, scores.abandoned) == (3, 2, 2)
+    assert scores.wait_p95_s == 0.0
+    assert scores.node_hours == pytest.approx(60 / 3600)
+    assert scores.cost_ratio == pytest.approx(60 / 30)
+    assert board.close() == scores  # closing is repeatable
+
+
+def test_nearest_rank_percentile() -> None:
+    assert nearest_rank([], 95.0) == 0.0
+    # 20 waits 1..20: rank ceil(0.95 * 20) = 19 -> 19.
+    assert nearest_rank([float(x) for x in range(20, 0, -1)], 95.0) == 19.0
+    # 21 waits: rank ceil(0.95 * 21) = ceil(19.95) = 20 -> 20.
+    assert nearest_rank([float(x) for x in range(1, 22)], 95.0) == 20.0
+    assert nearest_rank([7.0], 95.0) == 7.0
+
+
+def test_cost_ratio_without_busy_time() -> None:
+    idle = Scoreboard(duration_s=10.0, terminate_delay_s=5.0)
+    idle.node_created("a", 0.0)
+    assert math.isinf(idle.close().cost_ratio)
+    nothing = Scoreboard(duration_s=10.0, terminate_delay_s=5.0).close()
+    assert (nothing.cost_ratio, nothing.miss_rate, nothing.node_hours) == (0.0, 0.0, 0.0)
+
+
+def test_scores_fields_in_order() -> None:
+    names = [field.name for field in dataclasses.fields(Scores)]
+    assert names == ["connects", "misses", "miss_rate", "wait_p95_s", "abandoned",
+                     "nodes_created", "node_hours", "busy_hours", "cost_ratio"]
+    scores = Scoreboard(10.0, 5.0).close()
+    assert list(scores.as_dict()) == names

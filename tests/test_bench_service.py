@@ -1,0 +1,84 @@
+"""The shipped service as a replay policy: real scripts, virtual time, refereed by the world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from provisioner.bench.scoring import Scores
+from provisioner.bench.service_policy import ServicePolicy
+from provisioner.bench.trace import load_trace
+from provisioner.bench.world import run_replay
+from provisioner.cli import app
+from provisioner.config import PoolConfig
+from tests.test_bench_world import SESSIONS, write_trace
+
+
+def _trace(tmp_path: Path) -> Path:
+    events = [(t - 1.5, "activity", user) for t, _, user in SESSIONS] + SESSIONS
+    events.sort(key=lambda e: e[0])
+    return write_trace(tmp_path / "sessions.jsonl", events, duration=500.0)
+
+
+def test_replay_is_deterministic_legal_and_leaves_no_keys(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    trace = load_trace(_trace(tmp_path))
+    first = run_replay(trace, ServicePolicy(redis_url))
+    assert first == run_replay(trace, ServicePolicy(redis_url))
+    assert first.connects == 10
+    assert sync_redis.keys("prov:*") == []
+
+
+def test_a_starved_pool_misses_and_serves_waiting_users_in_order(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    # No floor, no prediction: every connect misses, waits one boot (0.2 s + 10 or 20 s, by
+    # creation order) and is served; the world checks each served user is the oldest waiting.
+    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0)
+    trace = load_trace(write_trace(
+        tmp_path / "starved.jsonl",
+        [(10.0, "connect", "a"), (10.0, "connect", "b"), (100.0, "disconnect", "a"),
+         (100.0, "disconnect", "b")], boot=[10.0, 20.0], duration=200.0))
+    scores = run_replay(trace, ServicePolicy(redis_url, pool))
+    assert (scores.connects, scores.misses, scores.abandoned) == (2, 2, 0)
+    assert scores.nodes_created == 2
+    # Created at the tick of t=10 (after the connects): a waits 10.2 s, b 20.2 s.
+    assert scores.wait_p95_s == pytest.approx(20.2)
+
+
+def test_bench_replay_json_has_exactly_the_scores(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    result = CliRunner().invoke(app, ["bench", "replay", str(_trace(tmp_path)), "--json",
+                                      "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    assert list(printed) == [
+        "connects", "misses", "miss_rate", "wait_p95_s", "abandoned", "nodes_created",
+        "node_hours", "busy_hours", "cost_ratio"]
+    assert Scores(**printed).connects == 10
+
+
+def test_bench_suite_writes_table_json_and_plot(tmp_path: Path, redis_url: str,
+                                                sync_redis: redis.Redis) -> None:
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    _trace(folder)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["bench", "suite", str(folder), "--out", str(out),
+                                      "--policy", "provisioner", "--policy", "static-best",
+                                      "--policy", "reactive", "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(r["policy"] for r in rows) == ["provisioner", "reactive", "static-best"]
+    assert "| sessions | provisioner |" in (out / "results.md").read_text()
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_policy_is_refused_clearly(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "replay", str(_trace(tmp_path)),
+                                      "--policy", "magic"])
+    assert result.exit_code != 0
+    assert "unknown policy" in result.output

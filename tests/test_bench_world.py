@@ -1,0 +1,278 @@
+"""The replay world on tiny hand-made traces: node API timing, billing, ordering, refereeing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.bench.baselines import PoolPolicy, StaticPolicy, make_policy
+from provisioner.bench.suite import markdown_table, pareto_plot, run_suite
+from provisioner.bench.trace import Trace, TraceError, load_trace
+from provisioner.bench.world import PolicyViolation, World, run_replay
+
+
+def write_trace(path: Path, events: list[tuple[float, str, str]], *,
+                boot: list[float] | None = None, max_nodes: int = 10,
+                duration: float = 100.0) -> Path:
+    """A trace file; events are (t, "connect"|"disconnect"|"activity", user)."""
+    header = {
+        "format": "provisioner-trace/1", "name": path.name.split(".")[0],
+        "description": "hand-made", "epoch": 1_767_225_600, "duration_s": duration,
+        "seed": 0, "users": 0, "events": len(events),
+        "nodes": {"boot_delay_s": boot or [10.0, 20.0], "api_latency_s": 0.2,
+                  "terminate_delay_s": 5.0, "max_nodes": max_nodes},
+    }
+    lines = [json.dumps(header)]
+    for t, kind, user in events:
+        msg: dict[str, Any] = {"user_id": user}
+        if kind == "activity":
+            msg["timestamp"] = 1_767_225_600 + int(t)
+        lines.append(json.dumps({"t": t, "ch": f"user:{kind}", "msg": msg}))
+    text = "\n".join(lines) + "\n"
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+class Recorder(PoolPolicy):
+    """Creates `creates` nodes at start, terminates on request, and records node statuses."""
+
+    def __init__(self, creates: int = 0, terminate_at: dict[float, str] | None = None) -> None:
+        super().__init__("recorder")
+        self.creates = creates
+        self.terminate_at = terminate_at or {}
+        self.statuses: list[tuple[float, str, str]] = []
+        self.created: list[str | None] = []
+        self.terminated: list[bool] = []
+
+    async def start(self, world: World) -> None:
+        await super().start(world)
+        self.created = [world.create_node() for _ in range(self.creates)]
+
+    async def on_node_status(self, t: float, node_id: str, status: str) -> None:
+        self.statuses.append((t, node_id, status))
+
+    async def tick(self, t: float) -> None:
+        if t in self.terminate_at:
+            self.terminated.append(self.world.terminate_node(self.terminate_at[t]))
+
+
+def test_trace_loads_gzip_and_plain(tmp_path: Path) -> None:
+    events = [(1.0, "activity", "u1"), (2.5, "connect", "u1"), (9.0, "disconnect", "u1")]
+    for name in ("t.jsonl.gz", "t.jsonl"):
+        trace = load_trace(write_trace(tmp_path / name, events))
+        assert trace.boot_delays == (10.0, 20.0)
+        assert (trace.api_latency_s, trace.terminate_delay_s, trace.max_nodes) == (0.2, 5.0, 10)
+        assert [(e.t, e.channel) for e in trace.events] == [
+            (1.0, "user:activity"), (2.5, "user:connect"), (9.0, "user:disconnect")]
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (['{"format": "other/1"}'], "t.jsonl:1: format"),
+    (["HEADER", '{"t": 1, "ch": "user:connect", "msg": {}}'], "t.jsonl:2: msg"),
+    (["HEADER", '{"t": 1, "ch": "node:status", "msg": {"user_id": "u"}}'], "t.jsonl:2: unknown"),
+    (["HEADER", '{"t": 5, "ch": "user:connect", "msg": {"user_id": "u"}}',
+      '{"t": 4, "ch": "user:connect", "msg": {"user_id": "v"}}'], "t.jsonl:3: event at t=4.0"),
+    (["HEADER", "{not json"], "t.jsonl:2:"),
+    ([], "empty file"),
+])
+def test_bad_traces_name_file_and_line(tmp_path: Path, lines: list[str], message: str) -> None:
+    header = (tmp_path / "h.jsonl")
+    write_trace(header, [])
+    text = "\n".join(header.read_text().strip() if line == "HEADER" else line for line in lines)
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    with pytest.raises(TraceError, match=message.replace("[", r"\[")):
+        load_trace(path)
+
+
+def test_boot_delays_follow_creation_order_after_api_latency(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", []))
+    policy = Recorder(creates=3)
+    run_replay(trace, policy)
+    assert policy.created == ["node-000000", "node-000001", "node-000002"]
+    # k-th create at t=0: booting at 0.2; ready at 0.2 + boot[k % 2] = 10.2, 20.2, 10.2.
+    # Equal times keep scheduling order: node-000000's ready before node-000002's.
+    assert [(round(t, 6), n, s) for t, n, s in policy.statuses] == [
+        (0.2, "node-000000", "booting"), (0.2, "node-000001", "booting"),
+        (0.2, "node-000002", "booting"), (10.2, "node-000000", "ready"),
+        (10.2, "node-000002", "ready"), (20.2, "node-000001", "ready"),
+    ]
+
+
+def test_max_nodes_refuses_creates_until_one_is_terminated(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [], max_nodes=2))
+    policy = Recorder(creates=3, terminate_at={5.0: "node-000000"})
+    run_replay(trace, policy)
+    assert policy.created == ["node-000000", "node-000001", None]
+
+    class CreateAfterTerminate(Recorder):
+        async def tick(self, t: float) -> None:
+            await super().tick(t)
+            if t == 5.0:
+                self.created.append(self.world.create_node())
+
+    again = CreateAfterTerminate(creates=2, terminate_at={5.0: "node-000000"})
+    run_replay(trace, again)
+    assert again.created == ["node-000000", "node-000001", "node-000002"]
+
+
+def test_terminate_bills_the_delay_and_reports_terminated(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [], boot=[10.0]))
+    policy = Recorder(creates=1, terminate_at={30.0: "node-000000", 31.0: "node-000000",
+                                               32.0: "node-999999"})
+    scores = run_replay(trace, policy)
+    assert policy.terminated == [True, False, False]  # again, and unknown: refused
+    assert policy.statuses[-1] == (35.0, "node-000000", "terminated")
+    # Billed from the create request (0) to terminate request + delay (30 + 5).
+    assert scores.node_hours == pytest.approx(35 / 3600)
+    # Terminated while booting: no booting/ready status, billed 0..5 s.
+    early = Recorder(creates=1, terminate_at={0.0: "node-000000"})
+    assert run_replay(trace, early).node_hours == pytest.approx(5 / 3600)
+    assert early.statuses == [(5.0, "node-000000", "terminated")]
+
+
+def test_static_policy_hand_worked(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [
+        (5.0, "connect", "u1"), (7.0, "connect", "u1"), (50.0, "disconnect", "u1"),
+        (50.5, "connect", "u2"), (60.0, "disconnect", "u2"), (70.0, "disconnect", "nobody"),
+    ], boot=[10.0]))
+    scores = run_replay(trace, StaticPolicy(1))
+    # tick 0: spare 0 -> create n0 (ready 10.2). t=5: u1 misses; the tick at 5 comes after the
+    # connect: spare 0+1-1 = 0 -> create n1 (ready 15.2). t=7: repeated connect, not counted.
+    # 10.2: n0 serves u1 (wait 5.2). 15.2: n1 idle. 50: u1 leaves, n0 idle.
+    # 50.5: u2 gets the longest-idle node, n1. 60: u2 leaves.
+    # Billed: n0 0..100 + n1 5..100 = 195 s. Busy: 10.2..50 + 50.5..60 = 39.8 + 9.5 = 49.3 s.
+    assert (scores.connects, scores.misses, scores.abandoned, scores.nodes_created) == (2, 1, 0, 2)
+    assert scores.wait_p95_s == pytest.approx(5.2)
+    assert scores.node_hours == pytest.approx(195 / 3600)
+    assert scores.busy_hours == pytest.approx(49.3 / 3600)
+    assert scores.cost_ratio == pytest.approx(195 / 49.3)
+
+
+def test_node_ready_at_the_instant_of_a_connect_serves_it(tmp_path: Path) -> None:
+    # static-1 creates at tick 0; the node is ready at 0.2 + 10 = 10.2, the instant u1 connects.
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [(10.2, "connect", "u1")], boot=[10.0]))
+    assert run_replay(trace, StaticPolicy(1)).misses == 0
+
+
+def test_waiting_user_who_leaves_is_abandoned(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [
+        (1.0, "connect", "u1"), (2.0, "disconnect", "u1"), (3.0, "connect", "u2"),
+    ], boot=[200.0]))
+    scores = run_replay(trace, make_policy("reactive"))
+    assert (scores.connects, scores.misses, scores.abandoned) == (2, 2, 2)
+
+
+SESSIONS = [(float(t), kind, f"u{t // 40}") for t in range(45, 440, 20)
+            for kind in (["connect"] if t % 40 == 5 else ["disconnect"])]
+
+
+@pytest.mark.parametrize("name", ["static-2", "reactive", "keepalive-10m", "seed-count",
+                                  "hybrid-histogram", "clairvoyant"])
+def test_replays_are_deterministic_and_legal(tmp_path: Path, name: str) -> None:
+    events = [(t - 1.5, "activity", user) for t, _, user in SESSIONS] + SESSIONS
+    events.sort(key=lambda e: e[0])
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", events, duration=500.0))
+    first = run_replay(trace, make_policy(name, trace))
+    assert first == run_replay(trace, make_policy(name, trace))
+    assert first.connects == 10
+
+
+def test_clairvoyant_has_nodes_ready_in_time(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", SESSIONS, duration=500.0))
+    scores = run_replay(trace, make_policy("clairvoyant", trace))
+    # 20 s sessions 20 s apart: keeping the one node beats rebooting (5 + 0.2 + 10 s).
+    # First connect at 45, boot 10 s: created at the last tick t with 45 - 0.2 - 10 < t + 1,
+    # t = 34. The last session ends at 425: terminated then, billed until 430.
+    assert (scores.misses, scores.nodes_created) == (0, 1)
+    assert scores.node_hours == pytest.approx((430 - 34) / 3600)
+
+
+class Cheat(StaticPolicy):
+    def __init__(self, how: str) -> None:
+        super().__init__(1)
+        self.how = how
+
+    async def on_connect(self, t: float, user_id: str) -> None:
+        if self.how == "booting-node":
+            self.world.report_hit(user_id, next(iter(self.booting)))
+        elif self.how == "miss-with-ready-node":
+            self.world.report_miss(user_id)
+        elif self.how == "silent":
+            return
+        elif self.how == "twice" and user_id in self.holding:
+            self.world.report_hit(user_id, self.world.create_node() or "")
+        else:
+            await super().on_connect(t, user_id)
+
+    async def on_disconnect(self, t: float, user_id: str) -> None:
+        if self.how == "terminate-allocated":
+            self.world.terminate_node(self.holding[user_id])
+        elif self.how != "keep-node":
+            await super().on_disconnect(t, user_id)
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("booting-node", "not ready and free"),
+    ("miss-with-ready-node", "is ready and free while"),
+    ("silent", "neither a hit nor a miss"),
+    ("twice", "whose counted connect is not being handled"),
+    ("terminate-allocated", "which is allocated"),
+    ("keep-node", "did not free the node"),
+])
+def test_world_catches_cheating_policies(tmp_path: Path, how: str, message: str) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [
+        (5.0, "connect", "u1"), (30.0, "connect", "u2"), (31.0, "connect", "u2"),
+        (40.0, "disconnect", "u2"),
+    ], boot=[10.0]))
+    with pytest.raises(PolicyViolation, match=message):
+        run_replay(trace, Cheat(how))
+
+
+def test_world_catches_a_swallowed_violation_and_queue_jumping(tmp_path: Path) -> None:
+    class Swallow(StaticPolicy):
+        async def on_connect(self, t: float, user_id: str) -> None:
+            try:
+                self.world.report_hit(user_id, "node-000000")  # still booting
+            except PolicyViolation:
+                await super().on_connect(t, user_id)
+
+    class JumpQueue(StaticPolicy):
+        def _free(self, t: float, node_id: str) -> None:
+            self.waiting.move_to_end(next(iter(self.waiting)))  # serve the newest first
+            super()._free(t, node_id)
+
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [
+        (5.0, "connect", "u1"), (6.0, "connect", "u2")], boot=[10.0]))
+    with pytest.raises(PolicyViolation, match="not ready and free"):
+        run_replay(trace, Swallow(1))
+    with pytest.raises(PolicyViolation, match="oldest waiting user is u1"):
+        run_replay(trace, JumpQueue(1))
+
+
+def test_suite_runs_named_and_extra_policies(tmp_path: Path) -> None:
+    path = write_trace(tmp_path / "tiny.jsonl.gz", SESSIONS, duration=500.0)
+    seen: list[str] = []
+
+    def factory(trace: Trace) -> StaticPolicy:
+        return StaticPolicy(3)
+
+    rows = run_suite([path], ["static-best", "clairvoyant"], extra_policies={"mine": factory},
+                     progress=lambda row: seen.append(row.policy))
+    assert seen == ["static-best", "clairvoyant", "mine"]
+    assert rows[0].detail.startswith("K=")
+    assert rows[0].scores.miss_rate <= 0.01
+    table = markdown_table(rows)
+    assert "| tiny | clairvoyant | 10 |" in table and "| tiny | mine |" in table
+    with pytest.raises(ValueError, match="unknown policy"):
+        run_suite([path], ["static-x"])
+    pytest.importorskip("matplotlib")
+    pareto_plot(rows, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").read_bytes().startswith(b"\x89PNG")

@@ -8,6 +8,9 @@
   user:waiting is published; the next node that becomes ready or is freed goes to the oldest
   waiting user.
 
+  A counted connect is credited to the level the user was browsing at, or to the unforeseen
+  connects (lua/includes/policy.lua learns connect rates from these).
+
   Idempotent: a connect of a user who already holds a node or already waits changes nothing and
   publishes nothing, so every replica may apply the same event.
 
@@ -37,6 +40,20 @@ if rcall('HEXISTS', K.waiting_since, user) == 1 then
 end
 
 stat('connects')
+-- The forecast learns from every connect: it is credited to the level the user was browsing at
+-- (0: no activity in the window). A connect of a user first seen less than a boot time ago is
+-- also counted as unforeseen ('cf'): no node booted for it could have been ready in time.
+local model = rcall('HMGET', K.model, 'window_ms', 'boot_ms')
+local window = tonumber(model[1]) or 120000
+local boot = tonumber(model[2]) or 60000
+local level = level_of(user, now, window)
+rcall('HINCRBYFLOAT', K.model, 'c' .. level, 1)
+if level > 0 then
+  local first = rcall('ZRANGE', K.acts_prefix .. user, 0, 0, 'WITHSCORES')
+  if first[2] and tonumber(first[2]) > now - boot then
+    rcall('HINCRBYFLOAT', K.model, 'cf', 1)
+  end
+end
 local node = rcall('LPOP', K.ready)
 if node then
   stat('hits')

@@ -77,6 +77,9 @@ end
 if status == 'ready' and state == 'booting' then
   rcall('ZREM', K.booting, node)
   rcall('HSET', nk, 'ready_ms', now)
+  -- Boot time as the pool saw it (from its first record of the node): the forecast's horizon.
+  local created = tonumber(rcall('HGET', nk, 'created_ms')) or now
+  learn_mean('boot_ms', math.max(0, now - created), 0.1)
   stat('nodes_ready')
   return with_served({2, state, ''}, node_free(node, now))
 end

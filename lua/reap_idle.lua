@@ -43,7 +43,7 @@ for _, node in ipairs(due) do
 end
 
 local s = observe(p)
-local target = target_spare(s, p)
+local target = target_spare(s, p, false)
 local excess = math.min(s.spare - target, s.ready - p.min_ready)
 local reaped = 0
 while excess > 0 and reaped < p.max_batch do

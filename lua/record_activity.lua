@@ -8,6 +8,9 @@
   the time of their threshold-th most recent event, so ZCOUNT(now - window, +inf) counts the users
   engaged *now* without any sweep.
 
+  It also places the user on the browsing levels of the forecast (lua/includes/keys.lua): level
+  k while at least k of their events are in the window.
+
   Idempotent: the window's member is the event's timestamp, so the same event applied by every
   replica counts once (two events of one user in the same second count once, too).
 
@@ -55,9 +58,18 @@ if added == 0 then
 end
 stat('activities')
 
-if n >= threshold and rcall('HEXISTS', K.alloc, user) == 0
-    and rcall('HEXISTS', K.waiting_since, user) == 0 then
+if rcall('HEXISTS', K.alloc, user) == 1 or rcall('HEXISTS', K.waiting_since, user) == 1 then
+  return {1, n}
+end
+if n >= threshold then
   local nth = rcall('ZRANGE', ak, -threshold, -threshold, 'WITHSCORES')
   rcall('ZADD', K.engaged, nth[2], user)
+end
+-- Browsing levels for the forecast: the time of the k-th most recent event places the user at
+-- level k until that event leaves the window.
+for _, k in ipairs(LEVELS) do
+  if n < k then break end
+  local kth = rcall('ZRANGE', ak, -k, -k, 'WITHSCORES')
+  rcall('ZADD', K.levels, k * LEVEL_BAND + tonumber(kth[2]), k .. ':' .. user)
 end
 return {1, n}

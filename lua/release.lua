@@ -34,6 +34,7 @@ if node then
   if rcall('HGET', nk, 'state') == 'allocated' and rcall('HGET', nk, 'user') == user then
     local since = tonumber(rcall('HGET', nk, 'allocated_ms')) or now
     stat('busy_ms_total', math.max(0, now - since))
+    learn_mean('session_ms', math.max(0, now - since), 0.05)
     local served = node_free(node, now)
     for _, v in ipairs(served) do result[#result + 1] = v end
   end

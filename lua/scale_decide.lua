@@ -51,9 +51,12 @@ else
 end
 rcall('ZREMRANGEBYSCORE', K.active, '-inf', '(' .. (now - p.window_ms))
 rcall('ZREMRANGEBYSCORE', K.engaged, '-inf', '(' .. (now - p.window_ms))
+for _, k in ipairs(LEVELS) do
+  rcall('ZREMRANGEBYSCORE', K.levels, k * LEVEL_BAND, '(' .. (k * LEVEL_BAND + now - p.window_ms))
+end
 
 local s = observe(p)
-local target, why = target_spare(s, p)
+local target, why = target_spare(s, p, true)
 local want = target - s.spare
 local created = {}
 local reason

@@ -81,7 +81,22 @@ def run(
     ] = DEFAULTS.engaged_threshold,
     conversion: Annotated[float, typer.Option(
         envvar="PROVISIONER_CONVERSION",
-        help="Expected share of engaged users who connect")] = DEFAULTS.conversion,
+        help="heuristic: expected share of engaged users who connect")] = DEFAULTS.conversion,
+    scaling_policy: Annotated[str, typer.Option(
+        envvar="PROVISIONER_SCALING_POLICY",
+        help="forecast (base-stock over the boot time, learned online) or heuristic")
+    ] = DEFAULTS.scaling_policy,
+    buffer_sd: Annotated[float, typer.Option(
+        envvar="PROVISIONER_BUFFER_SD",
+        help="forecast: safety buffer in standard deviations of the demand")
+    ] = DEFAULTS.buffer_sd,
+    learning_half_life: Annotated[float, typer.Option(
+        envvar="PROVISIONER_LEARNING_HALF_LIFE",
+        help="forecast: seconds after which learned connect rates weigh half")
+    ] = DEFAULTS.learning_half_life_s,
+    boot_prior: Annotated[float, typer.Option(
+        envvar="PROVISIONER_BOOT_PRIOR",
+        help="forecast: boot time assumed until one is seen, seconds")] = DEFAULTS.boot_prior_s,
     create_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_CREATE_TIMEOUT",
         help="Seconds a create reservation waits for its POST before it expires")
@@ -118,6 +133,8 @@ def run(
             activity_window_s=activity_window, engaged_threshold=engaged_threshold,
             conversion=conversion, create_timeout_s=create_timeout,
             delete_timeout_s=delete_timeout, max_batch=max_batch,
+            scaling_policy=scaling_policy, buffer_sd=buffer_sd,
+            learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
         ).validate()
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -30,6 +30,14 @@ class PoolConfig:
     max_batch: int = 20
     max_events_per_user: int = 100
     decision_log_len: int = 1000
+    #: "forecast" (base-stock over the boot lead time) or "heuristic" (the first release's)
+    scaling_policy: str = "forecast"
+    #: the forecast's safety buffer, in standard deviations of the net demand
+    buffer_sd: float = 3.0
+    #: how fast the forecast forgets: half-life of its learned connect rates
+    learning_half_life_s: float = 1800.0
+    #: boot time assumed until the pool has seen a boot
+    boot_prior_s: float = 60.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -53,6 +61,11 @@ class PoolConfig:
         need(1 <= self.max_batch <= 1000, "max_batch must be in [1, 1000]")
         need(1 <= self.max_events_per_user <= 10000, "max_events_per_user must be in [1, 10000]")
         need(self.decision_log_len >= 10, "decision_log_len must be >= 10")
+        need(self.scaling_policy in ("forecast", "heuristic"),
+             "scaling_policy must be forecast or heuristic")
+        need(0 <= self.buffer_sd <= 10, "buffer_sd must be in [0, 10]")
+        need(self.learning_half_life_s >= 10, "learning_half_life_s must be >= 10")
+        need(1 <= self.boot_prior_s <= 3600, "boot_prior_s must be in [1, 3600]")
         return found
 
     def validate(self) -> PoolConfig:
@@ -85,6 +98,10 @@ class PoolConfig:
             int(self.delete_timeout_s * 1000),
             self.max_batch,
             self.decision_log_len,
+            self.scaling_policy,
+            repr(float(self.buffer_sd)),
+            int(self.learning_half_life_s * 1000),
+            int(self.boot_prior_s * 1000),
         ]
 
     def as_dict(self) -> dict[str, object]:

@@ -31,6 +31,8 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "tick_lock",      # string: the last interval slot in which a scaling decision was taken
     "decisions",      # stream of scaling decisions with their reasons
     "seq",            # string counter for reservation ids
+    "levels",         # zset "k:user" -> k * 1e13 + ms of the user's k-th most recent activity
+    "model",          # hash: the forecast's learned rates, boot and session times
     "node_prefix",    # prefix of per-node hashes: <prefix><node id>
     "acts_prefix",    # prefix of per-user activity windows: <prefix><user id>
 )

@@ -203,6 +203,11 @@ class Scripts:
             if self._observe is not None:
                 self._observe(name, time.perf_counter() - started)
 
+    async def queue(self, pipe: Any, name: str, *args: object) -> None:
+        """Queue a script call on a pipeline (bulk loads: benchmarks and tests)."""
+        call: Callable[..., Awaitable[Any]] = self._scripts[name]
+        await call(keys=self._vector, args=list(args), client=pipe)
+
     async def record_activity(self, now_ms: int, user_id: str, ts_ms: int, window_ms: int,
                               threshold: int, cap: int) -> ActivityResult:
         code, n = await self._call("record_activity", now_ms, user_id, ts_ms, window_ms,

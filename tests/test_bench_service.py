@@ -37,7 +37,7 @@ def test_a_starved_pool_misses_and_serves_waiting_users_in_order(
         tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
     # No floor, no prediction: every connect misses, waits one boot (0.2 s + 10 or 20 s, by
     # creation order) and is served; the world checks each served user is the oldest waiting.
-    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0)
+    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")
     trace = load_trace(write_trace(
         tmp_path / "starved.jsonl",
         [(10.0, "connect", "a"), (10.0, "connect", "b"), (100.0, "disconnect", "a"),

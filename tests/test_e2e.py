@@ -29,6 +29,8 @@ from tests.helpers import Subscriber
 
 pytestmark = pytest.mark.e2e
 POOL = "e2e"
+# A policy whose every decision a test can predict: the floor, nothing forecast.
+FLOOR_ONLY = ("--scaling-policy", "heuristic", "--conversion", "0")
 
 
 @dataclass
@@ -135,7 +137,7 @@ async def ready_count(redis: aioredis.Redis) -> int:
 
 async def test_hit_then_miss_each_announced_once(stack_factory: Any,
                                                  client: aioredis.Redis) -> None:
-    stack_factory("--min-ready", "1", "--conversion", "0", boot_delay="1.0")
+    stack_factory("--min-ready", "1", *FLOOR_ONLY, boot_delay="1.0")
     assert await eventually(lambda: ready_count(client))
     async with Subscriber(client, "user:allocated", "user:waiting") as sub:
         await publish(client, "user:connect", {"user_id": "u1"})
@@ -156,7 +158,7 @@ async def test_hit_then_miss_each_announced_once(stack_factory: Any,
 async def test_burst_never_gives_a_node_two_users_and_idle_nodes_are_reaped(
     stack_factory: Any, client: aioredis.Redis,
 ) -> None:
-    stack = stack_factory("--min-ready", "0", "--conversion", "0", "--idle-timeout", "1",
+    stack = stack_factory("--min-ready", "0", *FLOOR_ONLY, "--idle-timeout", "1",
                           boot_delay="0.3")
     users = [f"user-{i}" for i in range(12)]
     async with Subscriber(client, "user:allocated") as sub:
@@ -182,7 +184,7 @@ async def test_burst_never_gives_a_node_two_users_and_idle_nodes_are_reaped(
 
 async def test_malformed_payloads_change_nothing(stack_factory: Any,
                                                  client: aioredis.Redis) -> None:
-    stack = stack_factory("--min-ready", "1", "--conversion", "0")
+    stack = stack_factory("--min-ready", "1", *FLOOR_ONLY)
     assert await eventually(lambda: ready_count(client))
     await asyncio.sleep(0.5)
     keys = PoolKeys(POOL)
@@ -210,7 +212,7 @@ async def test_malformed_payloads_change_nothing(stack_factory: Any,
 
 async def test_shutdown_is_prompt_and_leaks_no_node(stack_factory: Any,
                                                     client: aioredis.Redis) -> None:
-    stack = stack_factory("--min-ready", "3", "--conversion", "0", boot_delay="0.5")
+    stack = stack_factory("--min-ready", "3", *FLOOR_ONLY, boot_delay="0.5")
     assert await eventually(lambda: ready_count(client))
     await publish(client, "user:connect", {"user_id": "u1"})
     await asyncio.sleep(0.5)

@@ -159,8 +159,9 @@ async def test_status_before_create_returns_counts_one_node(pool: PoolUnderTest)
 
 async def test_ready_before_create_returns_is_served(pool: PoolUnderTest) -> None:
     await pool.scripts.allocate(pool.now, "u1")
+    # The heuristic with no floor books exactly one node for the one waiting user.
     decision = await pool.scripts.scale_decide(
-        PoolConfig(min_ready=0).policy_args(pool.now, "r1"))
+        PoolConfig(min_ready=0, scaling_policy="heuristic").policy_args(pool.now, "r1"))
     [rid] = decision.reservations
     ready = await pool.scripts.apply_node_status(pool.now, "n1", "ready")
     assert ready.code is NodeStatusOutcome.NEW
@@ -327,7 +328,8 @@ async def test_scale_decide_lets_one_decision_through_per_interval(pool: PoolUnd
 
 
 async def test_scale_decide_covers_waiting_users_and_engaged_users(pool: PoolUnderTest) -> None:
-    config = PoolConfig(min_ready=1, conversion=0.5, engaged_threshold=3)
+    config = PoolConfig(min_ready=1, conversion=0.5, engaged_threshold=3,
+                        scaling_policy="heuristic")
     for user in ("a", "b", "c", "d"):
         for offset in (0, 1000, 2000):
             await pool.scripts.record_activity(pool.now, user, T0 - offset, config.window_ms,

@@ -162,7 +162,8 @@ async def test_idle_nodes_are_deleted_and_a_404_ends_them(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:
     replica = make_replica(aredis, api, clock, "r1",
-                           PoolConfig(min_ready=0, idle_timeout_s=60))
+                           PoolConfig(min_ready=0, idle_timeout_s=60,
+                                      scaling_policy="heuristic"))
     for node in ("n1", "n2"):
         await send([replica], "node:status", {"node_id": node, "status": "ready"})
     clock.advance(61_000)

@@ -1,5 +1,5 @@
 -- The pool key vector, in the order of provisioner/keys.py POOL_KEY_ORDER.
--- Every script receives it as KEYS[1..17]; per-event keys are built from the two prefixes.
+-- Every script receives it as KEYS[1..19]; per-event keys are built from the two prefixes.
 local K = {
   ready = KEYS[1],          -- list: ready node ids, head = most recently freed
   waiting = KEYS[2],        -- list: waiting user ids, head = oldest
@@ -16,8 +16,10 @@ local K = {
   tick_lock = KEYS[13],     -- string: the last interval slot a decision was taken in
   decisions = KEYS[14],     -- stream: scaling decisions with reasons
   seq = KEYS[15],           -- string: reservation id counter
-  node_prefix = KEYS[16],   -- prefix of per-node hashes
-  acts_prefix = KEYS[17],   -- prefix of per-user activity windows
+  levels = KEYS[16],        -- zset: 'k:user' -> k * LEVEL_BAND + ms of k-th latest activity
+  model = KEYS[17],         -- hash: learned connect rates per level, boot and session times
+  node_prefix = KEYS[18],   -- prefix of per-node hashes
+  acts_prefix = KEYS[19],   -- prefix of per-user activity windows
 }
 local rcall = redis.call
 
@@ -30,4 +32,29 @@ end
 
 local function stat(field, by)
   rcall('HINCRBY', K.stats, field, by or 1)
+end
+
+-- Browsing levels: a user is at level k while they have at least k activities in the window.
+-- One sorted set holds every level, each in its own band of scores, so "users at level >= k now"
+-- is one ZCOUNT over the band's window: O(log n), with no sweep over users.
+local LEVELS = {1, 2, 4, 8, 16}
+local LEVEL_BAND = 1e13  -- above any ms timestamp until the year 2286
+
+local function forget_levels(user)
+  for _, k in ipairs(LEVELS) do
+    rcall('ZREM', K.levels, k .. ':' .. user)
+  end
+end
+
+-- The user's level index now (0 = no activity in the window, i = LEVELS[i]).
+local function level_of(user, now, window)
+  local index = 0
+  for i, k in ipairs(LEVELS) do
+    local score = tonumber(rcall('ZSCORE', K.levels, k .. ':' .. user))
+    if not score or score - k * LEVEL_BAND < now - window then
+      break
+    end
+    index = i
+  end
+  return index
 end

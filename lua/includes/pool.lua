@@ -1,3 +1,10 @@
+-- An exponentially weighted mean kept in the model hash (boot and session times).
+local function learn_mean(field, value, weight)
+  local old = tonumber(rcall('HGET', K.model, field))
+  local new = old and (old + weight * (value - old)) or value
+  rcall('HSET', K.model, field, new)
+end
+
 -- Shared transitions of the pool. Every script that changes who holds what goes through these,
 -- so that the invariants live in one place:
 --   * a node is in exactly one of: ready list, booting zset, terminating zset, alloc map values;
@@ -10,6 +17,7 @@ local function assign(node_id, user_id, now, waited_ms)
         'allocated_ms', now, 'updated_ms', now)
   rcall('HSET', K.alloc, user_id, node_id)
   rcall('ZREM', K.engaged, user_id)
+  forget_levels(user_id)
   stat('allocations')
   rcall('PUBLISH', 'user:allocated',
         cjson.encode({user_id = user_id, node_id = node_id, waited_ms = waited_ms}))
@@ -53,6 +61,7 @@ local function enqueue_waiting(user_id, now, at_head)
   end
   rcall('HSET', K.waiting_since, user_id, now)
   rcall('ZREM', K.engaged, user_id)
+  forget_levels(user_id)
   rcall('PUBLISH', 'user:waiting', cjson.encode({user_id = user_id}))
 end
 

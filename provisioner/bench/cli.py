@@ -52,21 +52,50 @@ def _server(url: str | None) -> Iterator[str]:
         server.stop()
 
 
-def service_pool(trace: Trace) -> PoolConfig:
-    """The service's defaults, with `max_nodes` set to the environment's quota from the trace
-    header (a quota, not a policy parameter)."""
-    return dataclasses.replace(PoolConfig(), max_nodes=trace.max_nodes)
+Settings = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="NAME=VALUE",
+    help="Override a pool setting of the service for this run (repeatable), e.g. buffer_sd=1.5")]
 
 
-def _service_factory(url: str) -> PolicyFactory:
-    return lambda trace: service_policy.ServicePolicy(url, service_pool(trace))
+def parse_settings(pairs: list[str] | None) -> dict[str, object]:
+    """`name=value` pairs as typed PoolConfig fields; a clear error for anything else."""
+    types = {f.name: f.type for f in dataclasses.fields(PoolConfig)}
+    out: dict[str, object] = {}
+    for pair in pairs or []:
+        name, sep, raw = pair.partition("=")
+        if not sep or name not in types or name == "max_nodes":
+            raise typer.BadParameter(f"{pair!r}: expected NAME=VALUE with NAME one of "
+                                     f"{', '.join(n for n in types if n != 'max_nodes')}",
+                                     param_hint="--set")
+        kind = {"int": int, "float": float}.get(str(types[name]), str)
+        try:
+            out[name] = kind(raw)
+        except ValueError:
+            raise typer.BadParameter(f"{pair!r}: {name} takes a {kind.__name__}",
+                                     param_hint="--set") from None
+    problems = dataclasses.replace(PoolConfig(), **out).problems()  # type: ignore[arg-type]
+    if problems:
+        raise typer.BadParameter("; ".join(problems), param_hint="--set")
+    return out
 
 
-def _factories(names: list[str], url: str) -> dict[str, PolicyFactory]:
+def service_pool(trace: Trace, settings: dict[str, object] | None = None) -> PoolConfig:
+    """The service's defaults (with any `--set` overrides), `max_nodes` set to the environment's
+    quota from the trace header (a quota, not a policy parameter)."""
+    return dataclasses.replace(PoolConfig(), max_nodes=trace.max_nodes,
+                               **(settings or {}))  # type: ignore[arg-type]
+
+
+def _service_factory(url: str, settings: dict[str, object]) -> PolicyFactory:
+    return lambda trace: service_policy.ServicePolicy(url, service_pool(trace, settings))
+
+
+def _factories(names: list[str], url: str,
+               settings: dict[str, object] | None = None) -> dict[str, PolicyFactory]:
     factories: dict[str, PolicyFactory] = {}
     for name in names:
         if name == SERVICE:
-            factories[name] = _service_factory(url)
+            factories[name] = _service_factory(url, settings or {})
         else:
             try:
                 factories[name] = policy_factory(name)
@@ -90,11 +119,13 @@ def replay(
         "seed-count, hybrid-histogram or clairvoyant")] = SERVICE,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     redis_url: RedisUrl = None,
+    settings: Settings = None,
 ) -> None:
     """Replay one trace under one policy and print FORMAT.md's scores."""
     trace = _load(trace_path)
+    overrides = parse_settings(settings)
     with _server(redis_url) as url:
-        factory = _factories([policy], url)[policy]
+        factory = _factories([policy], url, overrides)[policy]
         try:
             scores = run_replay(trace, factory(trace))
         except PolicyViolation as exc:
@@ -133,15 +164,17 @@ def suite(
     out: Annotated[Path, typer.Option(help="Folder for results.md, results.json, pareto.png")]
     = Path("bench-results"),
     redis_url: RedisUrl = None,
+    settings: Settings = None,
 ) -> None:
     """Replay every trace in DIR under every policy; print a table, write Markdown and a plot."""
     paths = sorted(directory.glob("*.jsonl.gz")) + sorted(directory.glob("*.jsonl"))
     if not paths:
         raise typer.BadParameter(f"no *.jsonl.gz traces in {directory}")
     names = policy or [SERVICE, *BASELINE_NAMES]
+    overrides = parse_settings(settings)
     out.mkdir(parents=True, exist_ok=True)
     with _server(redis_url) as url:
-        extra = _factories([n for n in names if n != "static-best"], url)
+        extra = _factories([n for n in names if n != "static-best"], url, overrides)
         ordered = ["static-best"] if "static-best" in names else []
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
@@ -158,10 +191,13 @@ def suite(
                 raise typer.Exit(2) from None
     console.print(_table(rows))
     defaults = {k: v for k, v in PoolConfig().as_dict().items() if k != "max_nodes"}
-    note = (f"`{SERVICE}` runs the shipped Lua scripts with the service's default settings "
-            f"({', '.join(f'{k}={v}' for k, v in defaults.items())}); max_nodes is the trace's "
-            "quota. static-best is the smallest K with miss rate <= 1%, chosen per trace with "
-            "hindsight.\n")
+    shipped = (f"`{SERVICE}` runs the shipped Lua scripts with the service's default settings "
+               if not overrides else
+               f"`{SERVICE}` runs the shipped Lua scripts with NON-DEFAULT settings "
+               f"{overrides} over the defaults ")
+    note = (f"{shipped}({', '.join(f'{k}={v}' for k, v in defaults.items())}); max_nodes is "
+            "the trace's quota. static-best is the smallest K with miss rate <= 1%, chosen per "
+            "trace with hindsight.\n")
     (out / "results.md").write_text(note + "\n" + markdown_table(rows))
     (out / "results.json").write_text(json.dumps(
         [{"trace": r.trace, "policy": r.policy, "detail": r.detail, "wall_s": r.wall_s,
@@ -186,3 +222,25 @@ def check(
     if problems:
         raise typer.Exit(1)
     console.print(f"the simulator agrees with FORMAT.md on {len(REFERENCE)} traces")
+
+
+@app.command("tick-cost")
+def tick_cost(
+    users: Annotated[list[int] | None, typer.Option(
+        help="Browsing users to load (repeatable); default 10^4, 10^5, 10^6")] = None,
+    ticks: Annotated[int, typer.Option(min=5, help="Ticks timed per size")] = 50,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Time one scaling tick (scale_decide + reap_idle) against 10^4..10^6 browsing users."""
+    from provisioner.bench.tickcost import run
+
+    sizes = users or [10_000, 100_000, 1_000_000]
+    with _server(redis_url) as url:
+        results = run(url, sizes, ticks=ticks)
+    table = Table(title="one scaling tick, round trip from Python")
+    for column in ("browsing users", "median ms", "p95 ms", "server memory MB", "load s"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(f"{r.users:,}", f"{r.median_ms:.2f}", f"{r.p95_ms:.2f}",
+                      f"{r.used_memory_mb:.0f}", f"{r.load_s:.1f}")
+    console.print(table)

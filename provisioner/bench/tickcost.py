@@ -1,0 +1,102 @@
+"""What one scaling tick costs the server as the number of browsing users grows.
+
+Loads N browsing users into a pool (the pool-wide sorted sets exactly as record_activity leaves
+them, written in bulk: tests/test_forecast.py checks the two agree), then times scale_decide +
+reap_idle, the work one tick does in Redis, over consecutive ticks of virtual time (so the
+trimming of events leaving the window is included). Nothing is created (max_nodes is reached by
+a filler node), so the samples measure the decision itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from provisioner.config import PoolConfig
+from provisioner.keys import PoolKeys
+from provisioner.scripts import Scripts
+
+T0 = 1_767_225_600_000
+
+
+@dataclass(frozen=True)
+class TickCost:
+    users: int
+    load_s: float
+    median_ms: float
+    p95_ms: float
+    used_memory_mb: float
+
+
+LEVELS = (1, 2, 4, 8, 16)
+LEVEL_BAND = 10**13
+
+
+def user_events(i: int) -> list[int]:
+    """User i's activity timestamps (ms, oldest first): 1 to 20 events over the last 100 s, so
+    every level is populated."""
+    return sorted(T0 - (i * 7 + j * 5_000) % 100_000 for j in range(1 + i % 20))
+
+
+async def bulk_load(redis: aioredis.Redis, keys: PoolKeys, users: int, window_ms: int,
+                    threshold: int = 3) -> None:
+    """The `active`, `engaged` and `levels` sets of `users` browsing users, in big ZADDs."""
+    batch = 5000
+    for first in range(0, users, batch):
+        active: dict[str, int] = {}
+        engaged: dict[str, int] = {}
+        levels: dict[str, int] = {}
+        for i in range(first, min(users, first + batch)):
+            user = f"user-{i}"
+            events = [ts for ts in user_events(i) if ts >= T0 - window_ms]
+            active[user] = events[-1]
+            if len(events) >= threshold:
+                engaged[user] = events[-threshold]
+            for k in LEVELS:
+                if len(events) >= k:
+                    levels[f"{k}:{user}"] = k * LEVEL_BAND + events[-k]
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(keys.key("active"), active)
+            if engaged:
+                pipe.zadd(keys.key("engaged"), engaged)
+            pipe.zadd(keys.key("levels"), levels)
+            await pipe.execute()
+
+
+async def measure(redis_url: str, users: int, *, ticks: int = 50,
+                  pool_name: str = "tickcost") -> TickCost:
+    redis = aioredis.Redis.from_url(redis_url)
+    keys = PoolKeys(pool_name)
+    scripts = Scripts(redis, keys)
+    config = PoolConfig(max_nodes=1)
+    try:
+        async for key in redis.scan_iter(match=keys.pattern(), count=1000):
+            await redis.delete(key)
+        started = time.perf_counter()
+        await bulk_load(redis, keys, users, config.window_ms)
+        load_s = time.perf_counter() - started
+        await scripts.apply_node_status(T0, "filler", "booting")  # max_nodes reached
+        samples = []
+        for tick in range(ticks):
+            args = config.policy_args(T0 + tick * config.interval_ms, "bench")
+            begin = time.perf_counter()
+            await scripts.scale_decide(args)
+            await scripts.reap_idle(args)
+            samples.append((time.perf_counter() - begin) * 1000)
+        info = await redis.info("memory")
+        samples.sort()
+        return TickCost(users, load_s, statistics.median(samples),
+                        samples[int(0.95 * (len(samples) - 1))],
+                        int(info["used_memory"]) / 2**20)
+    finally:
+        async for key in redis.scan_iter(match=keys.pattern(), count=1000):
+            await redis.delete(key)
+        await redis.aclose()
+
+
+def run(redis_url: str, users: list[int], ticks: int = 50) -> list[TickCost]:
+    return [asyncio.run(measure(redis_url, n, ticks=ticks)) for n in users]

@@ -45,10 +45,6 @@ async def replica(aredis: aioredis.Redis, api: FakeNodeApi,
     yield make_replica(aredis, api, clock, "r1")
 
 
-async def settle(replica: Replica) -> None:
-    await replica.settle()
-
-
 def counter(replica: Replica, name: str, **labels: str) -> float:
     value = replica.metrics.registry.get_sample_value(name, labels or None)
     return value or 0.0
@@ -92,7 +88,7 @@ async def test_tick_creates_the_floor_and_a_connect_gets_a_ready_node(
     replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
 ) -> None:
     await replica.tick()
-    await settle(replica)
+    await replica.settle()
     assert api.created == ["node-1"]
     await send([replica], "node:status", {"node_id": "node-1", "status": "booting"})
     clock.advance(30_000)
@@ -105,7 +101,7 @@ async def test_tick_creates_the_floor_and_a_connect_gets_a_ready_node(
     assert counter(replica, "provisioner_hits_total") == 1
     clock.advance(1000)
     await replica.tick()  # the floor is spare nodes: one more for the next user
-    await settle(replica)
+    await replica.settle()
     assert api.created == ["node-1", "node-2"]
     assert await check_invariants(aredis, POOL) == []
 
@@ -131,7 +127,7 @@ async def test_two_replicas_applying_every_event_allocate_once(
     for r in replicas:
         await r.tick()
     for r in replicas:
-        await settle(r)
+        await r.settle()
     assert sum(counter(r, "provisioner_scale_decisions_total") for r in replicas) == 1
     assert len(api.created) == 1
 
@@ -141,18 +137,18 @@ async def test_failed_create_cancels_and_uncertain_create_keeps_its_reservation(
 ) -> None:
     api.create_outcomes.append(CreateResult(CreateOutcome.FAILED, detail="HTTP 500"))
     await replica.tick()
-    await settle(replica)
+    await replica.settle()
     assert await aredis.zcard(replica.keys.key("pending")) == 0
     api.create_outcomes.append(CreateResult(CreateOutcome.UNCERTAIN, detail="timeout"))
     clock.advance(1000)
     await replica.tick()
-    await settle(replica)
+    await replica.settle()
     assert await aredis.zcard(replica.keys.key("pending")) == 1
     # The node did exist: its status arrives and it is adopted; nothing more is created.
     await send([replica], "node:status", {"node_id": "lost-1", "status": "booting"})
     clock.advance(1000)
     await replica.tick()
-    await settle(replica)
+    await replica.settle()
     assert api.created == []
     snap = await replica.scripts.snapshot(clock.now_ms(), 120_000)
     assert snap.counts["booting"] == 1 and snap.counts["unclaimed"] == 1
@@ -169,7 +165,7 @@ async def test_idle_nodes_are_deleted_and_a_404_ends_them(
     clock.advance(61_000)
     api.delete_outcome = DeleteOutcome.GONE
     await replica.tick()
-    await settle(replica)
+    await replica.settle()
     assert sorted(api.deleted) == ["n1", "n2"]
     snap = await replica.scripts.snapshot(clock.now_ms(), 120_000)
     assert snap.counts["nodes"] == 0 and snap.counts["terminating"] == 0

@@ -18,10 +18,10 @@ local function read_params()
     delete_deadline_ms = tonumber(ARGV[11]),
     max_batch = tonumber(ARGV[12]),
     log_len = tonumber(ARGV[13]),
-    policy = ARGV[14] or 'forecast',
-    z = tonumber(ARGV[15]) or 3.0,
-    half_life_ms = tonumber(ARGV[16]) or 1800000,
-    boot_prior_ms = tonumber(ARGV[17]) or 60000,
+    policy = ARGV[14],
+    z = tonumber(ARGV[15]),
+    half_life_ms = tonumber(ARGV[16]),
+    boot_prior_ms = tonumber(ARGV[17]),
   }
 end
 

@@ -3,13 +3,16 @@
   allocate: a user:connect event.
 
   A user who holds no node and is not waiting is counted as a connect. If a ready node exists
-  (most recently freed first) it is the user's at once: a hit, published as user:allocated with
+  (idle the longest first) it is the user's at once: a hit, published as user:allocated with
   waited_ms 0. Otherwise it is a miss: the user joins the back of the waiting queue and
   user:waiting is published; the next node that becomes ready or is freed goes to the oldest
   waiting user.
 
-  A counted connect is credited to the level the user was browsing at, or to the unforeseen
-  connects (lua/includes/policy.lua learns connect rates from these).
+  A counted connect teaches the forecast (lua/includes/policy.lua): the horizon H before it is
+  sampled at CREDIT_SAMPLES points, and each sample's share of H (seconds) is credited to the
+  cell the user was in at that point ('r<i>_<j>'), or to 'r0' when the user was not browsing
+  yet. Divided by the seconds users spent in each cell, that is the chance that a user seen in
+  the cell connects within H. The user's activity window then starts afresh.
 
   Idempotent: a connect of a user who already holds a node or already waits changes nothing and
   publishes nothing, so every replica may apply the same event.
@@ -28,6 +31,8 @@
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
 
+local CREDIT_SAMPLES = 7
+
 local now = tonumber(ARGV[1])
 local user = ARGV[2]
 
@@ -40,20 +45,27 @@ if rcall('HEXISTS', K.waiting_since, user) == 1 then
 end
 
 stat('connects')
--- The forecast learns from every connect: it is credited to the level the user was browsing at
--- (0: no activity in the window). A connect of a user first seen less than a boot time ago is
--- also counted as unforeseen ('cf'): no node booted for it could have been ready in time.
-local model = rcall('HMGET', K.model, 'window_ms', 'boot_ms')
-local window = tonumber(model[1]) or 120000
-local boot = tonumber(model[2]) or 60000
-local level = level_of(user, now, window)
-rcall('HINCRBYFLOAT', K.model, 'c' .. level, 1)
-if level > 0 then
-  local first = rcall('ZRANGE', K.acts_prefix .. user, 0, 0, 'WITHSCORES')
-  if first[2] and tonumber(first[2]) > now - boot then
-    rcall('HINCRBYFLOAT', K.model, 'cf', 1)
+-- The tick writes the horizon and window it forecasts with; until it has, there is no credit.
+local model = rcall('HMGET', K.model, 'window_ms', 'horizon_ms')
+local window, horizon = tonumber(model[1]), tonumber(model[2])
+if window and horizon then
+  local ak = K.acts_prefix .. user
+  local first = first_seen(user)
+  local step = horizon / CREDIT_SAMPLES
+  local credit = {}
+  for m = 0, CREDIT_SAMPLES - 1 do
+    local t = math.floor(now - horizon + (m + 0.5) * step)
+    local count = rcall('ZCOUNT', ak, '(' .. (t - window), t)
+    local i, j = cell_of(count, first, t)
+    local field = i and ('r' .. i .. '_' .. j) or 'r0'
+    credit[field] = (credit[field] or 0) + step / 1000
+  end
+  for field, seconds in pairs(credit) do
+    rcall('HINCRBYFLOAT', K.model, field, seconds)
   end
 end
+rcall('DEL', K.acts_prefix .. user, K.seen_prefix .. user)
+
 local node = rcall('LPOP', K.ready)
 if node then
   stat('hits')

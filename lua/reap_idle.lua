@@ -5,7 +5,7 @@
     1. boots stuck longer than boot_timeout;
     2. terminations whose deadline passed (the DELETE failed, its replica died, or no
        node:status terminated came): sent again;
-    3. idle ready nodes, oldest idle first (the tail of the ready list), idle for at least
+    3. idle ready nodes, oldest idle first (the head of the ready list), idle for at least
        idle_timeout, while spare exceeds the policy's target and more than min_ready are ready.
   Allocated nodes are never chosen. Every chosen node moves to `terminating` atomically here,
   so concurrent calls never pick the same node; the caller sends the DELETEs and reports each
@@ -47,7 +47,7 @@ local target = target_spare(s, p, false)
 local excess = math.min(s.spare - target, s.ready - p.min_ready)
 local reaped = 0
 while excess > 0 and reaped < p.max_batch do
-  local node = rcall('LINDEX', K.ready, -1)
+  local node = rcall('LINDEX', K.ready, 0)
   if not node then break end
   local idle_since = tonumber(rcall('HGET', node_key(node), 'idle_since_ms')) or now
   if now - idle_since < p.idle_timeout_ms then break end

@@ -8,8 +8,11 @@
   the time of their threshold-th most recent event, so ZCOUNT(now - window, +inf) counts the users
   engaged *now* without any sweep.
 
-  It also places the user on the browsing levels of the forecast (lua/includes/keys.lua): level
-  k while at least k of their events are in the window.
+  For the forecast it places a browsing user in their cells (lua/includes/keys.lua): level k
+  while at least k of their events are in the window, crossed with their age since first seen
+  (kept in the user's seen key; a new one counts as an arrival, 'arr' in the model). A user who
+  holds a node or waits is recorded but not placed. The window keeps two windows of events:
+  allocate looks back one horizon (at most one window) for its credit.
 
   Idempotent: the window's member is the event's timestamp, so the same event applied by every
   replica counts once (two events of one user in the same second count once, too).
@@ -42,15 +45,16 @@ if ts < now - window then
 end
 
 local ak = K.acts_prefix .. user
+local keep_ms = 2 * window + 60000
 local added = rcall('ZADD', ak, ts, ts)
-rcall('ZREMRANGEBYSCORE', ak, '-inf', '(' .. (now - window))
-local n = rcall('ZCARD', ak)
-if n > cap then
-  rcall('ZREMRANGEBYRANK', ak, 0, n - cap - 1)
-  n = cap
+rcall('ZREMRANGEBYSCORE', ak, '-inf', '(' .. (now - 2 * window))
+local kept = rcall('ZCARD', ak)
+if kept > cap then
+  rcall('ZREMRANGEBYRANK', ak, 0, kept - cap - 1)
 end
+local n = rcall('ZCOUNT', ak, now - window, '+inf')
 -- The window outlives its last event by a minute; a user who never comes back leaves nothing.
-rcall('PEXPIRE', ak, window + 60000)
+rcall('PEXPIRE', ak, keep_ms)
 rcall('ZADD', K.active, 'GT', ts, user)
 
 if added == 0 then
@@ -65,11 +69,25 @@ if n >= threshold then
   local nth = rcall('ZRANGE', ak, -threshold, -threshold, 'WITHSCORES')
   rcall('ZADD', K.engaged, nth[2], user)
 end
--- Browsing levels for the forecast: the time of the k-th most recent event places the user at
--- level k until that event leaves the window.
-for _, k in ipairs(LEVELS) do
+-- Cells for the forecast. First seen: the first event since the user last had no node.
+local sk = K.seen_prefix .. user
+local first = tonumber(rcall('GET', sk))
+if not first then
+  first = math.min(ts, now)
+  rcall('HINCRBYFLOAT', K.model, 'arr', 1)
+end
+rcall('SET', sk, first, 'PX', keep_ms)
+-- The time of the k-th most recent event places the user at level k until it leaves the window;
+-- for each age bucket the user is still young in, the cell's deadline is the earlier of the two.
+for i, k in ipairs(LEVELS) do
   if n < k then break end
-  local kth = rcall('ZRANGE', ak, -k, -k, 'WITHSCORES')
-  rcall('ZADD', K.levels, k * LEVEL_BAND + tonumber(kth[2]), k .. ':' .. user)
+  local kth = tonumber(rcall('ZRANGE', ak, -k, -k, 'WITHSCORES')[2])
+  rcall('ZADD', K.levels, score(k * LEVEL_BAND + kth), k .. ':' .. user)
+  for j, limit in ipairs(AGES) do
+    if first + limit > now then
+      rcall('ZADD', K.levels, score(young_band(i, j) + math.min(kth + window, first + limit)),
+            k .. ':' .. j .. ':' .. user)
+    end
+  end
 end
 return {1, n}

@@ -5,6 +5,8 @@
   A user holding a node gives it back: the node goes to the oldest waiting user at once (published
   as user:allocated with the measured waited_ms) or becomes ready (idle) at the head of the ready
   list. A user still waiting leaves the queue and counts as abandoned. Anyone else: nothing.
+  Either way the user's activity window starts afresh: browsing after a session is new browsing.
+  Each release is one event of the release rate the forecast learns ('rel' in the model).
 
   Idempotent: a second disconnect finds the user holding nothing.
 
@@ -24,6 +26,9 @@ local now = tonumber(ARGV[1])
 local user = ARGV[2]
 
 local node = rcall('HGET', K.alloc, user)
+if node or rcall('HEXISTS', K.waiting_since, user) == 1 then
+  rcall('DEL', K.acts_prefix .. user, K.seen_prefix .. user)
+end
 if node then
   rcall('HDEL', K.alloc, user)
   stat('releases')
@@ -34,7 +39,7 @@ if node then
   if rcall('HGET', nk, 'state') == 'allocated' and rcall('HGET', nk, 'user') == user then
     local since = tonumber(rcall('HGET', nk, 'allocated_ms')) or now
     stat('busy_ms_total', math.max(0, now - since))
-    learn_mean('session_ms', math.max(0, now - since), 0.05)
+    rcall('HINCRBYFLOAT', K.model, 'rel', 1)
     local served = node_free(node, now)
     for _, v in ipairs(served) do result[#result + 1] = v end
   end

@@ -7,7 +7,7 @@
   The decision:
     1. drops create reservations past their deadline (their POST never came back: the replica
        died, or the POST timed out; a node that does exist is adopted by apply_node_status);
-    2. trims the activity windows;
+    2. trims entries that left the activity window (bounded per tick);
     3. observes supply (ready + booting + creating - waiting) against the policy's target
        (lua/includes/policy.lua) and reserves the shortfall as create reservations, within
        max_nodes and max_batch. The winning replica POSTs one node per reservation and reports
@@ -49,10 +49,21 @@ if rcall('ZCARD', K.pending) == 0 then
 else
   rcall('ZREMRANGEBYSCORE', K.unclaimed, '-inf', now - p.create_deadline_ms)
 end
-rcall('ZREMRANGEBYSCORE', K.active, '-inf', '(' .. (now - p.window_ms))
-rcall('ZREMRANGEBYSCORE', K.engaged, '-inf', '(' .. (now - p.window_ms))
-for _, k in ipairs(LEVELS) do
-  rcall('ZREMRANGEBYSCORE', K.levels, k * LEVEL_BAND, '(' .. (k * LEVEL_BAND + now - p.window_ms))
+-- Entries that left the window are already ignored by every count (they are scored by time);
+-- dropping them only frees memory, so at most TRIM_LIMIT per set and band go per tick.
+local TRIM_LIMIT = 500
+local trimmed = trim(K.active, 0, now - p.window_ms - 1, TRIM_LIMIT)
+  + trim(K.engaged, 0, now - p.window_ms - 1, TRIM_LIMIT)
+for i, k in ipairs(LEVELS) do
+  trimmed = trimmed + trim(K.levels, k * LEVEL_BAND, k * LEVEL_BAND + now - p.window_ms,
+                           TRIM_LIMIT)
+  for j = 1, #AGES do
+    local band = young_band(i, j)
+    trimmed = trimmed + trim(K.levels, band, band + now, TRIM_LIMIT)
+  end
+end
+if trimmed > 0 then
+  stat('entries_trimmed', trimmed)
 end
 
 local s = observe(p)

@@ -19,7 +19,7 @@ class PoolConfig:
 
     min_ready: int = 1
     max_nodes: int = 50
-    idle_timeout_s: float = 300.0
+    idle_timeout_s: float = 120.0
     boot_timeout_s: float = 600.0
     tick_interval_s: float = 1.0
     activity_window_s: float = 120.0
@@ -33,8 +33,8 @@ class PoolConfig:
     #: "forecast" (base-stock over the boot lead time) or "heuristic" (the first release's)
     scaling_policy: str = "forecast"
     #: the forecast's safety buffer, in standard deviations of the net demand
-    buffer_sd: float = 3.0
-    #: how fast the forecast forgets: half-life of its learned connect rates
+    buffer_sd: float = 2.25
+    #: how fast the forecast forgets: half-life of its learned chances and rates
     learning_half_life_s: float = 1800.0
     #: boot time assumed until the pool has seen a boot
     boot_prior_s: float = 60.0

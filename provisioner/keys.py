@@ -16,7 +16,7 @@ POOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: The order of the pool key vector passed as KEYS to every script. Keep in sync with
 #: lua/includes/keys.lua (tests/test_keys.py checks it).
 POOL_KEY_ORDER: tuple[str, ...] = (
-    "ready",          # list of ready (idle) node ids; head = most recently freed
+    "ready",          # list of ready (idle) node ids; head = idle the longest (served first)
     "waiting",        # list of waiting user ids; head = oldest (served first)
     "waiting_since",  # hash user id -> ms the user started waiting
     "alloc",          # hash user id -> node id (the allocation map)
@@ -31,10 +31,11 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "tick_lock",      # string: the last interval slot in which a scaling decision was taken
     "decisions",      # stream of scaling decisions with their reasons
     "seq",            # string counter for reservation ids
-    "levels",         # zset "k:user" -> k * 1e13 + ms of the user's k-th most recent activity
-    "model",          # hash: the forecast's learned rates, boot and session times
+    "levels",         # zset: browsing levels and level x age cells of users (score bands)
+    "model",          # hash: the forecast's learned chances, boot time and release rate
     "node_prefix",    # prefix of per-node hashes: <prefix><node id>
     "acts_prefix",    # prefix of per-user activity windows: <prefix><user id>
+    "seen_prefix",    # prefix of per-user first-seen times: <prefix><user id>
 )
 
 
@@ -60,6 +61,8 @@ class PoolKeys:
             return self.base + "node:"
         if name == "acts_prefix":
             return self.base + "acts:"
+        if name == "seen_prefix":
+            return self.base + "seen:"
         if name not in POOL_KEY_ORDER:
             raise KeyError(name)
         return self.base + name
@@ -73,6 +76,9 @@ class PoolKeys:
 
     def acts(self, user_id: str) -> str:
         return self.key("acts_prefix") + user_id
+
+    def seen(self, user_id: str) -> str:
+        return self.key("seen_prefix") + user_id
 
     @property
     def reconcile_lock(self) -> str:

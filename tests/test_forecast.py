@@ -1,4 +1,4 @@
-"""The forecast policy in the Lua scripts: browsing levels, online learning, the target."""
+"""The forecast policy in the Lua scripts: browsing cells, online learning, the target."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from provisioner.bench.tickcost import LEVEL_BAND, LEVELS, T0, bulk_load, user_events
+from provisioner.bench.tickcost import LEVEL_BAND, LEVELS, T0, bulk_load, user_events, young_band
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
@@ -54,22 +54,43 @@ async def test_levels_follow_the_window_and_a_connect_leaves_them(pool: PoolUnde
     assert await level_counts(pool) == [1, 0, 0, 0, 0]
 
 
-async def test_connects_are_credited_to_the_level_they_browsed_at(pool: PoolUnderTest) -> None:
-    await pool.redis.hset(pool.keys.key("model"), mapping={"boot_ms": 1000})
-    await browse(pool, "a", 5)
-    await browse(pool, "b", 2)
-    pool.clock.advance(30_000)  # both first seen more than a boot (1 s) ago
+async def test_users_are_counted_by_level_and_age(pool: PoolUnderTest) -> None:
+    await browse(pool, "old", 2)
+    pool.clock.advance(100_000)
+    await browse(pool, "old", 1)  # first seen 105 s ago, 2 events still in the window
+    await browse(pool, "new", 4)  # first seen 15 s ago, 4 events
+    young = [await pool.redis.zcount(pool.keys.key("levels"), f"({young_band(i, j) + pool.now}",
+                                     young_band(i, j) + LEVEL_BAND - 1)
+             for i in (1, 2, 3) for j in (1, 2, 3)]
+    # level >= 1, 2: both users, but only "new" is under 60 s old; level >= 4: "new" alone
+    assert young == [1, 2, 2, 1, 2, 2, 1, 1, 1]
+    pool.clock.advance(50_000)  # "new" is 65 s old now, "old" 155 s
+    young = [await pool.redis.zcount(pool.keys.key("levels"), f"({young_band(1, j) + pool.now}",
+                                     young_band(1, j) + LEVEL_BAND - 1) for j in (1, 2, 3)]
+    assert young == [0, 1, 2]
+
+
+async def test_a_connect_credits_the_cells_of_the_horizon_before_it(pool: PoolUnderTest) -> None:
+    await browse(pool, "a", 5)  # events at -20, -15, -10, -5, 0 s
+    pool.clock.advance(30_000)
     await pool.scripts.allocate(pool.now, "a")
+    model = await pool.redis.hgetall(pool.keys.key("model"))
+    assert not any(field.startswith("r") for field in model)  # no tick yet: no horizon, no credit
+    await pool.redis.hset(pool.keys.key("model"),
+                          mapping={"window_ms": 120_000, "horizon_ms": 70_000})
+    await browse(pool, "b", 5)
+    pool.clock.advance(30_000)
     await pool.scripts.allocate(pool.now, "b")
-    await pool.scripts.allocate(pool.now, "cold")
-    model = await pool.redis.hgetall(pool.keys.key("model"))
-    assert (float(model["c3"]), float(model["c2"]), float(model["c0"])) == (1, 1, 1)
-    assert "cf" not in model
-    await pool.scripts.allocate(pool.now, "cold")  # a repeated connect is not credited again
-    await browse(pool, "fresh", 3, gap_ms=100)
-    await pool.scripts.allocate(pool.now, "fresh")
-    model = await pool.redis.hgetall(pool.keys.key("model"))
-    assert (float(model["c0"]), float(model["c2"]), float(model["cf"])) == (1, 2, 1)
+    await pool.scripts.allocate(pool.now, "b")  # a repeated connect is not credited again
+    await pool.scripts.allocate(pool.now, "cold")  # never browsed
+    model = {k: float(v) for k, v in (await pool.redis.hgetall(pool.keys.key("model"))).items()}
+    # b's horizon [-40 s, +30 s) sampled every 10 s: two samples before b was first seen (r0),
+    # one with 2 events (level 2, age < 60 s), four with 4 or 5 events (level 4, age < 60 s);
+    # cold's whole horizon is r0.
+    assert (model["r0"], model["r2_1"], model["r3_1"]) == (20 + 70, 10, 40)
+    assert sum(v for k, v in model.items() if k.startswith("r") and k != "r0") == 50
+    # The connect ends the browsing: window and first-seen start afresh.
+    assert await pool.redis.exists(pool.keys.acts("b"), pool.keys.seen("b")) == 0
 
 
 async def test_the_target_grows_with_users_at_a_level_that_converts(
@@ -99,16 +120,39 @@ async def test_the_target_grows_with_users_at_a_level_that_converts(
     assert cold["target"] < busy["target"]
 
 
-async def test_boot_and_session_times_are_learned(pool: PoolUnderTest) -> None:
+async def test_boot_time_and_release_rate_are_learned(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=0)
+    await decide(pool, config)
     await pool.scripts.apply_node_status(pool.now, "n1", "booting")
     pool.clock.advance(40_000)
     await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    await decide(pool, config)
     await pool.scripts.allocate(pool.now, "u")
-    pool.clock.advance(300_000)
+    pool.clock.advance(30_000)
+    await decide(pool, config)  # one node allocated for the last 30 s
     await pool.scripts.release(pool.now, "u")
-    model = await pool.redis.hgetall(pool.keys.key("model"))
-    assert float(model["boot_ms"]) == 40_000
-    assert float(model["session_ms"]) == 300_000
+    model = {k: float(v) for k, v in (await pool.redis.hgetall(pool.keys.key("model"))).items()}
+    assert model["boot_ms"] == 40_000 and model["horizon_ms"] == 40_000
+    assert model["rel"] == 1
+    assert model["bx"] == 30  # allocated node-seconds
+
+
+async def test_a_burst_of_arrivals_raises_the_unforeseen_demand(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    for minute in range(30):  # one arrival a minute for half an hour
+        await browse(pool, f"steady{minute}", 1)
+        pool.clock.advance(60_000)
+        await decide(pool, config)
+    pool.clock.advance(1000)
+    reason, before = await decide(pool, config)
+    assert "panic x1.0" in reason
+    for i in range(20):  # twenty in ten seconds
+        await browse(pool, f"burst{i}", 1)
+        pool.clock.advance(500)
+    reason, after = await decide(pool, config)
+    panic = float(reason.split("panic x")[1].split(")")[0])
+    assert panic >= 10  # arrivals of the last minute over the long-run rate, capped at 25
+    assert after["target"] > before["target"]
 
 
 async def test_reap_keeps_what_the_forecast_needs(pool: PoolUnderTest) -> None:
@@ -142,3 +186,16 @@ async def test_bulk_loader_matches_record_activity(aredis: aioredis.Redis) -> No
     for name in ("active", "engaged", "levels"):
         assert await aredis.zrange(scripted.key(name), 0, -1, withscores=True) == \
             await aredis.zrange(bulk.key(name), 0, -1, withscores=True), name
+
+
+async def test_a_tick_trims_a_bounded_number_of_stale_entries(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=0)
+    await bulk_load(pool.redis, pool.keys, 1200, config.window_ms)
+    pool.clock.advance(config.window_ms + 1000)  # every entry is stale now
+    sizes = []
+    for _ in range(3):
+        _, numbers = await decide(pool, config)
+        assert numbers["active"] == 0  # stale entries never count, trimmed or not
+        sizes.append(await pool.redis.zcard(pool.keys.key("active")))
+        pool.clock.advance(config.interval_ms)
+    assert sizes == [700, 200, 0]

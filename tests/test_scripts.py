@@ -78,13 +78,13 @@ async def test_waiting_users_are_served_oldest_first(pool: PoolUnderTest) -> Non
     assert await pool.waiting_list() == ["u3"]
 
 
-async def test_ready_nodes_are_handed_out_most_recently_freed_first(pool: PoolUnderTest) -> None:
+async def test_ready_nodes_are_handed_out_longest_idle_first(pool: PoolUnderTest) -> None:
     await pool.boot("old")
     pool.clock.advance(1000)
     await pool.boot("new")
     result = await pool.scripts.allocate(pool.now, "u1")
-    assert result.node_id == "new"
-    assert await pool.ready_list() == ["old"]
+    assert result.node_id == "old"
+    assert await pool.ready_list() == ["new"]
 
 
 # --- release --------------------------------------------------------------------------------
@@ -356,13 +356,13 @@ async def test_reap_idle_terminates_only_idle_nodes_beyond_the_floor(pool: PoolU
     for node in ("n1", "n2", "n3"):
         await pool.boot(node)
         pool.clock.advance(1000)
-    await pool.scripts.allocate(pool.now, "u1")  # takes n3, the most recently freed
+    await pool.scripts.allocate(pool.now, "u1")  # takes n1, idle the longest
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
     pool.clock.advance(300_000)
     reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert [(t.node_id, t.reason) for t in reaped] == [("n1", "idle")]
-    assert (await pool.node("n1"))["state"] == "terminating"
-    assert (await pool.node("n3"))["state"] == "allocated"
+    assert [(t.node_id, t.reason) for t in reaped] == [("n2", "idle")]
+    assert (await pool.node("n2"))["state"] == "terminating"
+    assert (await pool.node("n1"))["state"] == "allocated"
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
 
 

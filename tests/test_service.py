@@ -20,12 +20,15 @@ from tests.fakes import FakeNodeApi
 from tests.helpers import T0, Subscriber
 
 POOL = "svc"
+#: These tests are about the replica's plumbing, so the pool holds exactly its floor: the
+#: first release's heuristic with no conversion. The forecast has tests/test_forecast.py.
+FLOOR_ONLY = PoolConfig(min_ready=1, scaling_policy="heuristic", conversion=0)
 
 
 def make_replica(redis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, name: str,
                  pool: PoolConfig | None = None) -> Replica:
     service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id=name)
-    return Replica(redis, service, pool or PoolConfig(min_ready=1), api, clock=clock,
+    return Replica(redis, service, pool or FLOOR_ONLY, api, clock=clock,
                    metrics=Metrics())
 
 

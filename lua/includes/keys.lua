@@ -1,7 +1,7 @@
 -- The pool key vector, in the order of provisioner/keys.py POOL_KEY_ORDER.
--- Every script receives it as KEYS[1..19]; per-event keys are built from the two prefixes.
+-- Every script receives it as KEYS[1..20]; per-user and per-node keys are built from the prefixes.
 local K = {
-  ready = KEYS[1],          -- list: ready node ids, head = most recently freed
+  ready = KEYS[1],          -- list: ready node ids, head = idle the longest (served first)
   waiting = KEYS[2],        -- list: waiting user ids, head = oldest
   waiting_since = KEYS[3],  -- hash: user -> ms when the user started waiting
   alloc = KEYS[4],          -- hash: user -> node (the allocation map)
@@ -16,10 +16,11 @@ local K = {
   tick_lock = KEYS[13],     -- string: the last interval slot a decision was taken in
   decisions = KEYS[14],     -- stream: scaling decisions with reasons
   seq = KEYS[15],           -- string: reservation id counter
-  levels = KEYS[16],        -- zset: 'k:user' -> k * LEVEL_BAND + ms of k-th latest activity
-  model = KEYS[17],         -- hash: learned connect rates per level, boot and session times
+  levels = KEYS[16],        -- zset: browsing levels and level x age cells (score bands, below)
+  model = KEYS[17],         -- hash: learned connect chances per cell, boot time, release rate
   node_prefix = KEYS[18],   -- prefix of per-node hashes
-  acts_prefix = KEYS[19],   -- prefix of per-user activity windows
+  acts_prefix = KEYS[19],   -- prefix of per-user activity windows (zset of event ms)
+  seen_prefix = KEYS[20],   -- prefix of per-user first-seen ms (string, expires with the window)
 }
 local rcall = redis.call
 
@@ -34,27 +35,73 @@ local function stat(field, by)
   rcall('HINCRBY', K.stats, field, by or 1)
 end
 
--- Browsing levels: a user is at level k while they have at least k activities in the window.
--- One sorted set holds every level, each in its own band of scores, so "users at level >= k now"
--- is one ZCOUNT over the band's window: O(log n), with no sweep over users.
+-- Browsing cells. A browsing user (activity in the window, no node, not waiting) is at level k
+-- while they have at least k activities in the window, and of age a = now - first seen.
+-- The forecast counts users per cell (level index i, age bucket j) with O(log n) ZCOUNTs on one
+-- sorted set, with no sweep over users. Each count lives in its own band of scores:
+--   band LEVELS[i]          member 'k:user'    score band + ms of the k-th latest activity
+--                           (the user is at level >= k while that ms is inside the window);
+--   band 20 + 4 * i + j     member 'k:j:user'  score band + the ms the user stops being both at
+--                           level >= k and younger than AGES[j] (a deadline: counted while > now).
 local LEVELS = {1, 2, 4, 8, 16}
-local LEVEL_BAND = 1e13  -- above any ms timestamp until the year 2286
+local AGES = {60000, 120000, 300000}  -- ms; bucket #AGES + 1 is everyone older
+local LEVEL_BAND = 1e13  -- above any ms timestamp until the year 2286; 43 bands stay exact
 
-local function forget_levels(user)
-  for _, k in ipairs(LEVELS) do
-    rcall('ZREM', K.levels, k .. ':' .. user)
-  end
+-- A score as exact decimal digits: redis.call would print a number with 14 significant digits,
+-- and band scores have 15.
+local function score(x)
+  return string.format('%.0f', x)
 end
 
--- The user's level index now (0 = no activity in the window, i = LEVELS[i]).
-local function level_of(user, now, window)
-  local index = 0
+-- Drop at most `limit` members scored in [lo, hi] (inclusive), lowest first: O(log n + limit)
+-- however many are stale, so one tick never blocks the server. Returns how many went.
+local function trim(key, lo, hi, limit)
+  local stale = rcall('ZCOUNT', key, score(lo), score(hi))
+  if stale == 0 then
+    return 0
+  end
+  local start = rcall('ZCOUNT', key, '-inf', '(' .. score(lo))
+  local n = math.min(stale, limit)
+  rcall('ZREMRANGEBYRANK', key, start, start + n - 1)
+  return n
+end
+
+local function young_band(i, j)
+  return (20 + 4 * i + j) * LEVEL_BAND
+end
+
+local function forget_levels(user)
+  local members = {}
   for i, k in ipairs(LEVELS) do
-    local score = tonumber(rcall('ZSCORE', K.levels, k .. ':' .. user))
-    if not score or score - k * LEVEL_BAND < now - window then
+    members[#members + 1] = k .. ':' .. user
+    for j = 1, #AGES do
+      members[#members + 1] = k .. ':' .. j .. ':' .. user
+    end
+  end
+  rcall('ZREM', K.levels, unpack(members))
+end
+
+-- The user's first-seen ms, or nil for a user not browsing now.
+local function first_seen(user)
+  return tonumber(rcall('GET', K.seen_prefix .. user))
+end
+
+-- The cell (level index 1..#LEVELS, age bucket 1..#AGES+1) of a user whose window holds
+-- `count` events at time t and who was first seen at `first`; nil when not browsing then.
+local function cell_of(count, first, t)
+  if count < 1 or not first or t < first then
+    return nil
+  end
+  local level = 1
+  for i, k in ipairs(LEVELS) do
+    if count >= k then level = i end
+  end
+  local age = #AGES + 1
+  for j, limit in ipairs(AGES) do
+    if t - first < limit then
+      age = j
       break
     end
-    index = i
   end
-  return index
+  return level, age
 end

@@ -57,88 +57,144 @@ local function heuristic_target(s, p)
   return p.min_ready, string.format('floor min_ready=%d', p.min_ready)
 end
 
--- Priors of the learned rates, as pseudo-observations: one connect per 20 minutes of exposure,
--- weighted like 10 minutes of data, so a new pool starts cautious and learns within minutes.
-local PRIOR_EXPOSURE_S = 600
-local PRIOR_CONNECTS = 0.5
+-- Priors, as pseudo-observations, so that a new pool starts cautious and learns within minutes:
+-- a browsing user connects within the horizon with chance 2%, weighted like 5 user-minutes in
+-- the cell; users not browsing yet bring 0.05 connects per horizon, weighted like 10 minutes;
+-- a session lasts 15 minutes, weighted like one session.
+local PRIOR_Q = 0.02
+local PRIOR_EXPOSURE_S = 300
+local PRIOR_FRESH = 0.05
+local PRIOR_WALL_S = 600
+local PRIOR_SESSION_S = 900
+-- Frees are counted over this share of the horizon: a node freed late in it cannot serve a
+-- connect early in it.
+local FREE_SHARE = 0.75
+-- Panic: the connects of users not browsing yet scale with the arrival rate of the last minute
+-- over the long-run one, up to this factor.
+local PANIC_MAX = 25
 
--- The forecast: a base-stock policy over the boot lead time.
---
--- Demand: each browsing user at level i (>= LEVELS[i] activities in the window, no node) connects
--- within the horizon H (the learned mean boot time) with probability 1 - exp(-h_i H), where h_i
--- is the connect rate per user-second learned online at that level (connects credited by
--- allocate / user-seconds observed here, both decayed with a half-life). Users with no recent
--- activity connect at a pool-wide rate h_0. Supply returns: each allocated node is freed within
--- H with probability 1 - exp(-H / mean session). The target spare is the mean net demand plus z
--- standard deviations of it (Bernoulli and Poisson variances), never below min_ready.
--- With `update` (scale_decide, once per interval) the exposure is accrued and the rates decay.
-local function forecast_target(s, p, update)
-  local m = {}
-  local fields = {'last_ms', 'x0', 'c0', 'x1', 'c1', 'x2', 'c2', 'x3', 'c3', 'x4', 'c4',
-                  'x5', 'c5', 'cf', 'boot_ms', 'session_ms'}
-  local values = rcall('HMGET', K.model, unpack(fields))
-  for i, f in ipairs(fields) do m[f] = tonumber(values[i]) end
-  -- Users at each level now: n_ge[i] have >= LEVELS[i] events in the window.
-  local n_ge = {}
+-- The model's fields: per cell (i, j) the seconds browsing users spent in it ('x') and the
+-- seconds of it that came within a horizon before a connect ('r', credited by allocate); the same
+-- for users not browsing ('x0' in wall seconds, 'r0'); releases and allocated node-seconds
+-- ('rel', 'bx'); arrivals ('arr'). All decay with the half-life.
+local function model_fields()
+  local fields = {'last_ms', 'boot_ms', 'x0', 'r0', 'rel', 'bx', 'arr'}
+  for i = 1, #LEVELS do
+    for j = 1, #AGES + 1 do
+      fields[#fields + 1] = 'x' .. i .. '_' .. j
+      fields[#fields + 1] = 'r' .. i .. '_' .. j
+    end
+  end
+  return fields
+end
+
+-- Browsing users per cell now: n[i][j] at level index i and age bucket j. O(log n) per count.
+local function cell_counts(p)
+  local ge = {}  -- ge[i][j]: at level >= LEVELS[i] and younger than AGES[j] (any age: #AGES+1)
   for i, k in ipairs(LEVELS) do
-    n_ge[i] = rcall('ZCOUNT', K.levels, k * LEVEL_BAND + p.now - p.window_ms,
-                    k * LEVEL_BAND + LEVEL_BAND - 1)
+    ge[i] = {}
+    for j = 1, #AGES do
+      local band = young_band(i, j)
+      ge[i][j] = rcall('ZCOUNT', K.levels, '(' .. score(band + p.now), score(band + LEVEL_BAND - 1))
+    end
+    local band = k * LEVEL_BAND
+    ge[i][#AGES + 1] = rcall('ZCOUNT', K.levels, '(' .. score(band + p.now - p.window_ms),
+                             score(band + LEVEL_BAND - 1))
   end
   local n = {}
-  for i = 1, #LEVELS do n[i] = n_ge[i] - (n_ge[i + 1] or 0) end
+  local function at(i, j)
+    if i > #LEVELS or j < 1 then return 0 end
+    return ge[i][j]
+  end
+  for i = 1, #LEVELS do
+    n[i] = {}
+    for j = 1, #AGES + 1 do
+      n[i][j] = math.max(0, (at(i, j) - at(i, j - 1)) - (at(i + 1, j) - at(i + 1, j - 1)))
+    end
+  end
+  return n, ge[1][1]
+end
+
+-- The forecast: a base-stock policy over the boot lead time H (the learned mean boot time,
+-- at most one window).
+--
+-- Demand within H: each browsing user connects with the chance learned for their cell (level x
+-- age), a Bernoulli; users not browsing yet add a Poisson mean learned the same way, scaled up
+-- while arrivals run above their long-run rate (panic). Supply returns: each allocated node is
+-- freed within FREE_SHARE x H with the chance given by the learned release rate. Target spare =
+-- mean demand - expected frees + z standard deviations of the difference, never below min_ready.
+-- With `update` (scale_decide, once per interval) the exposures accrue, everything decays, and
+-- the horizon and window are written for allocate's credit.
+local function forecast_target(s, p, update)
+  local fields = model_fields()
+  local values = rcall('HMGET', K.model, unpack(fields))
+  local m = {}
+  for i, f in ipairs(fields) do m[f] = tonumber(values[i]) or 0 end
+  local n, young = cell_counts(p)
+  local horizon_ms = math.min(m.boot_ms > 0 and m.boot_ms or p.boot_prior_ms, p.window_ms)
+  local H = horizon_ms / 1000
+  local half_life_s = p.half_life_ms / 1000
 
   if update then
-    local last = m.last_ms or p.now
+    local last = m.last_ms > 0 and m.last_ms or p.now
     local dt = math.min(math.max(0, p.now - last), 60000) / 1000
-    local decay = math.exp(-dt * 1000 * math.log(2) / p.half_life_ms)
-    local writes = {'last_ms', p.now, 'window_ms', p.window_ms}
-    for i = 0, #LEVELS do
-      local exposure = (i == 0) and dt or n[i] * dt
-      m['x' .. i] = (m['x' .. i] or 0) * decay + exposure
-      m['c' .. i] = (m['c' .. i] or 0) * decay
-      writes[#writes + 1] = 'x' .. i
-      writes[#writes + 1] = m['x' .. i]
-      writes[#writes + 1] = 'c' .. i
-      writes[#writes + 1] = m['c' .. i]
+    local decay = math.exp(-dt * math.log(2) / half_life_s)
+    local writes = {'last_ms', p.now, 'window_ms', p.window_ms, 'horizon_ms', horizon_ms}
+    local function put(field, value)
+      m[field] = value
+      writes[#writes + 1] = field
+      writes[#writes + 1] = value
     end
-    m.cf = (m.cf or 0) * decay
-    writes[#writes + 1] = 'cf'
-    writes[#writes + 1] = m.cf
+    for i = 1, #LEVELS do
+      for j = 1, #AGES + 1 do
+        local c = i .. '_' .. j
+        put('x' .. c, m['x' .. c] * decay + n[i][j] * dt)
+        put('r' .. c, m['r' .. c] * decay)
+      end
+    end
+    put('x0', m.x0 * decay + dt)
+    put('r0', m.r0 * decay)
+    put('bx', m.bx * decay + s.allocated * dt)
+    put('rel', m.rel * decay)
+    put('arr', m.arr * decay)
     rcall('HSET', K.model, unpack(writes))
   end
 
-  local horizon = (m.boot_ms or p.boot_prior_ms) / 1000
-  local mean, var = 0, 0
-  local rates = {}
-  for i = 0, #LEVELS do
-    local rate = ((m['c' .. i] or 0) + PRIOR_CONNECTS) / ((m['x' .. i] or 0) + PRIOR_EXPOSURE_S)
-    rates[#rates + 1] = string.format('%.2g', rate * 3600)
-    if i == 0 then
-      mean = mean + rate * horizon
-      var = var + rate * horizon
-    else
-      local q = 1 - math.exp(-rate * horizon)
-      mean = mean + n[i] * q
-      var = var + n[i] * q * (1 - q)
+  local mean, var, browsing = 0, 0, {}
+  for i = 1, #LEVELS do
+    browsing[i] = 0
+    for j = 1, #AGES + 1 do
+      local c = i .. '_' .. j
+      local count = n[i][j]
+      if count > 0 then
+        local q = math.min(1, (m['r' .. c] + PRIOR_Q * PRIOR_EXPOSURE_S)
+                              / (m['x' .. c] + PRIOR_EXPOSURE_S))
+        mean = mean + count * q
+        var = var + count * q * (1 - q)
+        browsing[i] = browsing[i] + count
+      end
     end
   end
-  -- Users not yet seen who will arrive and connect within a boot time: a Poisson rate of its own.
-  local fresh = (m.cf or 0) / ((m.x0 or 0) + PRIOR_EXPOSURE_S) * horizon
+  local fresh = (m.r0 + PRIOR_FRESH * PRIOR_WALL_S) / (m.x0 + PRIOR_WALL_S)
+  local arrivals = young / (AGES[1] / 1000)
+  local usual = m.arr * math.log(2) / half_life_s
+  local panic = 1
+  if usual > 0 and arrivals > usual then
+    panic = math.min(arrivals / usual, PANIC_MAX)
+  end
+  fresh = fresh * panic
   mean = mean + fresh
   var = var + fresh
-  local frees, frees_var = 0, 0
-  if m.session_ms and m.session_ms > 0 and s.allocated > 0 then
-    local q = 1 - math.exp(-horizon * 1000 / m.session_ms)
-    frees = s.allocated * q
-    frees_var = s.allocated * q * (1 - q)
-  end
+  local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
+  local q = 1 - math.exp(-release_rate * H * FREE_SHARE)
+  local frees = s.allocated * q
+  local frees_var = s.allocated * q * (1 - q)
   local buffer = p.z * math.sqrt(var + frees_var)
   local target = math.max(0, math.ceil(mean - frees + buffer - 1e-9))
   local why = string.format(
-    'forecast %.2f connects in %.0fs (%.2f unforeseen) - %.2f frees + buffer %.2f (z=%.1f);'
-    .. ' browsing by level %s; rates/h %s', mean, horizon, fresh, frees, buffer, p.z,
-    table.concat(n, '/'),
-    table.concat(rates, '/'))
+    'forecast %.2f connects in %.0fs (%.2f not browsing yet, panic x%.1f) - %.2f frees'
+    .. ' + buffer %.2f (z=%.2f); browsing by level %s', mean, H, fresh, panic, frees, buffer,
+    p.z, table.concat(browsing, '/'))
   if target < p.min_ready then
     return p.min_ready, why .. string.format('; floor min_ready=%d', p.min_ready)
   end

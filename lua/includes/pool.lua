@@ -23,7 +23,7 @@ local function assign(node_id, user_id, now, waited_ms)
         cjson.encode({user_id = user_id, node_id = node_id, waited_ms = waited_ms}))
 end
 
--- Serve waiting users (oldest first) from ready nodes (most recently freed first), until one of
+-- Serve waiting users (oldest first) from ready nodes (idle the longest first), until one of
 -- the two runs out. Returns a flat list {user, node, waited_ms, ...} of what it did.
 local function match_waiting(now)
   local served = {}
@@ -44,11 +44,12 @@ local function match_waiting(now)
 end
 
 -- A node is free (just booted, or its user left): it goes to the oldest waiting user, if any,
--- else to the head of the ready list.
+-- else to the tail of the ready list. The list is in idle order: connects take the head (idle
+-- the longest, as FORMAT.md's reference pool does) and the reaper looks at the head too.
 local function node_free(node_id, now)
   rcall('HSET', node_key(node_id), 'state', 'ready', 'user', '', 'idle_since_ms', now,
         'updated_ms', now)
-  rcall('LPUSH', K.ready, node_id)
+  rcall('RPUSH', K.ready, node_id)
   return match_waiting(now)
 end
 

@@ -33,7 +33,14 @@ class TickCost:
 
 
 LEVELS = (1, 2, 4, 8, 16)
+AGES_MS = (60_000, 120_000, 300_000)
 LEVEL_BAND = 10**13
+
+
+def young_band(i: int, j: int) -> int:
+    """Score band of the cell 'level >= LEVELS[i-1] and younger than AGES_MS[j-1]' (1-based, as
+    in lua/includes/keys.lua)."""
+    return (20 + 4 * i + j) * LEVEL_BAND
 
 
 def user_events(i: int) -> list[int]:
@@ -44,7 +51,8 @@ def user_events(i: int) -> list[int]:
 
 async def bulk_load(redis: aioredis.Redis, keys: PoolKeys, users: int, window_ms: int,
                     threshold: int = 3) -> None:
-    """The `active`, `engaged` and `levels` sets of `users` browsing users, in big ZADDs."""
+    """The `active`, `engaged` and `levels` sets of `users` browsing users, in big ZADDs, as
+    record_activity leaves them when each user's events arrive in order at T0."""
     batch = 5000
     for first in range(0, users, batch):
         active: dict[str, int] = {}
@@ -56,9 +64,15 @@ async def bulk_load(redis: aioredis.Redis, keys: PoolKeys, users: int, window_ms
             active[user] = events[-1]
             if len(events) >= threshold:
                 engaged[user] = events[-threshold]
-            for k in LEVELS:
-                if len(events) >= k:
-                    levels[f"{k}:{user}"] = k * LEVEL_BAND + events[-k]
+            first = events[0]
+            for i, k in enumerate(LEVELS, start=1):
+                if len(events) < k:
+                    break
+                levels[f"{k}:{user}"] = k * LEVEL_BAND + events[-k]
+                for j, limit in enumerate(AGES_MS, start=1):
+                    if first + limit > T0:
+                        deadline = min(events[-k] + window_ms, first + limit)
+                        levels[f"{k}:{j}:{user}"] = young_band(i, j) + deadline
         async with redis.pipeline(transaction=False) as pipe:
             pipe.zadd(keys.key("active"), active)
             if engaged:

@@ -89,7 +89,7 @@ async def measure(redis_url: str, users: int, *, ticks: int = 50,
     config = PoolConfig(max_nodes=1)
     try:
         async for key in redis.scan_iter(match=keys.pattern(), count=1000):
-            await redis.delete(key)
+            await redis.unlink(key)
         started = time.perf_counter()
         await bulk_load(redis, keys, users, config.window_ms)
         load_s = time.perf_counter() - started
@@ -108,7 +108,7 @@ async def measure(redis_url: str, users: int, *, ticks: int = 50,
                         int(info["used_memory"]) / 2**20)
     finally:
         async for key in redis.scan_iter(match=keys.pattern(), count=1000):
-            await redis.delete(key)
+            await redis.unlink(key)
         await redis.aclose()
 
 

@@ -64,7 +64,7 @@ if window and horizon then
     rcall('HINCRBYFLOAT', K.model, field, seconds)
   end
 end
-rcall('DEL', K.acts_prefix .. user, K.seen_prefix .. user)
+forget_browsing(user)
 
 local node = rcall('LPOP', K.ready)
 if node then

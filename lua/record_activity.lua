@@ -70,13 +70,12 @@ if n >= threshold then
   rcall('ZADD', K.engaged, nth[2], user)
 end
 -- Cells for the forecast. First seen: the first event since the user last had no node.
-local sk = K.seen_prefix .. user
-local first = tonumber(rcall('GET', sk))
+local first = first_seen(user)
 if not first then
   first = math.min(ts, now)
   rcall('HINCRBYFLOAT', K.model, 'arr', 1)
 end
-rcall('SET', sk, first, 'PX', keep_ms)
+rcall('SET', K.seen_prefix .. user, first, 'PX', keep_ms)
 -- The time of the k-th most recent event places the user at level k until it leaves the window;
 -- for each age bucket the user is still young in, the cell's deadline is the earlier of the two.
 for i, k in ipairs(LEVELS) do

@@ -27,7 +27,7 @@ local user = ARGV[2]
 
 local node = rcall('HGET', K.alloc, user)
 if node or rcall('HEXISTS', K.waiting_since, user) == 1 then
-  rcall('DEL', K.acts_prefix .. user, K.seen_prefix .. user)
+  forget_browsing(user)
 end
 if node then
   rcall('HDEL', K.alloc, user)

@@ -92,7 +92,7 @@ def run(
     ] = DEFAULTS.buffer_sd,
     learning_half_life: Annotated[float, typer.Option(
         envvar="PROVISIONER_LEARNING_HALF_LIFE",
-        help="forecast: seconds after which learned connect rates weigh half")
+        help="forecast: seconds after which learned chances and rates weigh half")
     ] = DEFAULTS.learning_half_life_s,
     boot_prior: Annotated[float, typer.Option(
         envvar="PROVISIONER_BOOT_PRIOR",

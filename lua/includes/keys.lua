@@ -86,6 +86,11 @@ local function first_seen(user)
   return tonumber(rcall('GET', K.seen_prefix .. user))
 end
 
+-- A session starts or ends: the user's activity window and age start afresh.
+local function forget_browsing(user)
+  rcall('DEL', K.acts_prefix .. user, K.seen_prefix .. user)
+end
+
 -- The cell (level index 1..#LEVELS, age bucket 1..#AGES+1) of a user whose window holds
 -- `count` events at time t and who was first seen at `first`; nil when not browsing then.
 local function cell_of(count, first, t)

@@ -6,7 +6,9 @@
     2. terminations whose deadline passed (the DELETE failed, its replica died, or no
        node:status terminated came): sent again;
     3. idle ready nodes, oldest idle first (the head of the ready list), idle for at least
-       idle_timeout, while spare exceeds the policy's target and more than min_ready are ready.
+       idle_timeout, while spare exceeds the keep level and more than min_ready are ready. The
+       keep level is the highest target scale_decide set within keep_window (policy.lua
+       peak_target), so a dip in the forecast does not reap a node it will want back.
   Allocated nodes are never chosen. Every chosen node moves to `terminating` atomically here,
   so concurrent calls never pick the same node; the caller sends the DELETEs and reports each
   with confirm_terminate.
@@ -44,7 +46,8 @@ end
 
 local s = observe(p)
 local target = target_spare(s, p, false)
-local excess = math.min(s.spare - target, s.ready - p.min_ready)
+local keep = math.max(target, peak_target(now, p.keep_window_ms))
+local excess = math.min(s.spare - keep, s.ready - p.min_ready)
 local reaped = 0
 while excess > 0 and reaped < p.max_batch do
   local node = rcall('LINDEX', K.ready, 0)
@@ -60,8 +63,10 @@ end
 
 if #out > 0 then
   stat('terminations_started', #out / 2)
-  local reason = string.format('terminate %d (stuck %d, retry %d, idle %d); spare %d, target %d',
-                               #out / 2, #stuck, #due, reaped, s.spare, target)
+  local reason = string.format(
+    'terminate %d (stuck %d, retry %d, idle %d); spare %d, keep %d (peak target of %.0fs), '
+    .. 'target %d', #out / 2, #stuck, #due, reaped, s.spare, keep, p.keep_window_ms / 1000,
+    target)
   log_decision(p, 'scale_down', reason, summary(s, target), #out / 2)
 end
 return out

@@ -68,6 +68,7 @@ end
 
 local s = observe(p)
 local target, why = target_spare(s, p, true)
+remember_target(now, target, p.keep_window_ms)
 local want = target - s.spare
 local created = {}
 local reason

@@ -97,6 +97,10 @@ def run(
     boot_prior: Annotated[float, typer.Option(
         envvar="PROVISIONER_BOOT_PRIOR",
         help="forecast: boot time assumed until one is seen, seconds")] = DEFAULTS.boot_prior_s,
+    keep_window: Annotated[float, typer.Option(
+        envvar="PROVISIONER_KEEP_WINDOW",
+        help="Seconds of scale-down hysteresis: idle nodes are reaped only beyond the highest "
+        "target of this long")] = DEFAULTS.keep_window_s,
     create_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_CREATE_TIMEOUT",
         help="Seconds a create reservation waits for its POST before it expires")
@@ -135,6 +139,7 @@ def run(
             delete_timeout_s=delete_timeout, max_batch=max_batch,
             scaling_policy=scaling_policy, buffer_sd=buffer_sd,
             learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
+            keep_window_s=keep_window,
         ).validate()
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -19,7 +19,7 @@ class PoolConfig:
 
     min_ready: int = 1
     max_nodes: int = 50
-    idle_timeout_s: float = 120.0
+    idle_timeout_s: float = 60.0
     boot_timeout_s: float = 600.0
     tick_interval_s: float = 1.0
     activity_window_s: float = 120.0
@@ -38,6 +38,8 @@ class PoolConfig:
     learning_half_life_s: float = 1800.0
     #: boot time assumed until the pool has seen a boot
     boot_prior_s: float = 60.0
+    #: scale-down hysteresis: idle nodes are reaped only beyond the highest target of this long
+    keep_window_s: float = 300.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -66,6 +68,7 @@ class PoolConfig:
         need(0 <= self.buffer_sd <= 10, "buffer_sd must be in [0, 10]")
         need(self.learning_half_life_s >= 10, "learning_half_life_s must be >= 10")
         need(1 <= self.boot_prior_s <= 3600, "boot_prior_s must be in [1, 3600]")
+        need(0 <= self.keep_window_s <= 86400, "keep_window_s must be in [0, 86400]")
         return found
 
     def validate(self) -> PoolConfig:
@@ -102,6 +105,7 @@ class PoolConfig:
             repr(float(self.buffer_sd)),
             int(self.learning_half_life_s * 1000),
             int(self.boot_prior_s * 1000),
+            int(self.keep_window_s * 1000),
         ]
 
     def as_dict(self) -> dict[str, object]:

@@ -106,6 +106,14 @@ def test_boot_delays_follow_creation_order_after_api_latency(tmp_path: Path) -> 
     ]
 
 
+def test_boot_offset_starts_the_delays_elsewhere(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [])).with_boot_offset(3)
+    assert trace.boot_delays == (20.0, 10.0)  # 3 mod 2 = 1
+    policy = Recorder(creates=1)
+    run_replay(trace, policy)
+    assert [(round(t, 6), s) for t, _, s in policy.statuses] == [(0.2, "booting"), (20.2, "ready")]
+
+
 def test_max_nodes_refuses_creates_until_one_is_terminated(tmp_path: Path) -> None:
     trace = load_trace(write_trace(tmp_path / "t.jsonl", [], max_nodes=2))
     policy = Recorder(creates=3, terminate_at={5.0: "node-000000"})

@@ -366,6 +366,49 @@ async def test_reap_idle_terminates_only_idle_nodes_beyond_the_floor(pool: PoolU
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
 
 
+async def test_reap_idle_keeps_the_peak_target_of_the_keep_window(pool: PoolUnderTest) -> None:
+    # The heuristic's target is easy to steer: ceil(engaged users x 0.5).
+    config = PoolConfig(scaling_policy="heuristic", min_ready=0, idle_timeout_s=0,
+                        activity_window_s=60, keep_window_s=300)
+    for node in ("n1", "n2", "n3", "n4"):
+        await pool.boot(node)
+    for user in ("a", "b", "c", "d", "e", "f"):
+        for offset in (0, 1000, 2000):
+            await pool.scripts.record_activity(pool.now, user, pool.now - offset,
+                                               config.window_ms, 3, 100)
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert decision.numbers["target"] == 3
+    # The browsing is over and the target is back to 0, but a peak of 3 was set 61 s ago:
+    # only the node beyond it goes.
+    pool.clock.advance(61_000)
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert decision.numbers["target"] == 0
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [t.node_id for t in reaped] == ["n1"]
+    await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
+    assert "keep 3 (peak target of 300s), target 0" in (await pool.redis.xrevrange(
+        pool.keys.key("decisions"), count=1))[0][1]["reason"]
+    pool.clock.advance(238_000)  # 299 s after the peak: still kept
+    await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    pool.clock.advance(2_000)  # 301 s: the peak left the window
+    await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [t.node_id for t in reaped] == ["n2", "n3", "n4"]
+    # The sliding maximum holds one entry per distinct target, peak first.
+    assert await pool.redis.lrange(pool.keys.key("targets"), 0, -1) == [f"{pool.now}:0"]
+
+
+async def test_keep_level_survives_garbage_in_the_targets_list(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, idle_timeout_s=0, keep_window_s=300)
+    await pool.redis.rpush(pool.keys.key("targets"), "junk", f"{pool.now}:7", "x:y")
+    await pool.boot("n1")
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []  # keep 7
+    await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    targets = await pool.redis.lrange(pool.keys.key("targets"), 0, -1)
+    assert targets[0] == f"{pool.now}:7" and "junk" not in targets and "x:y" not in targets
+
+
 async def test_reap_idle_never_touches_allocated_nodes(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, idle_timeout_s=0)
     await pool.boot("n1")

@@ -22,6 +22,7 @@ local function read_params()
     z = tonumber(ARGV[15]),
     half_life_ms = tonumber(ARGV[16]),
     boot_prior_ms = tonumber(ARGV[17]),
+    keep_window_ms = tonumber(ARGV[18]),
   }
 end
 
@@ -66,9 +67,6 @@ local PRIOR_EXPOSURE_S = 300
 local PRIOR_FRESH = 0.05
 local PRIOR_WALL_S = 600
 local PRIOR_SESSION_S = 900
--- Frees are counted over this share of the horizon: a node freed late in it cannot serve a
--- connect early in it.
-local FREE_SHARE = 0.75
 -- Panic: the connects of users not browsing yet scale with the arrival rate of the last minute
 -- over the long-run one, up to this factor.
 local PANIC_MAX = 25
@@ -121,7 +119,7 @@ end
 -- Demand within H: each browsing user connects with the chance learned for their cell (level x
 -- age), a Bernoulli; users not browsing yet add a Poisson mean learned the same way, scaled up
 -- while arrivals run above their long-run rate (panic). Supply returns: each allocated node is
--- freed within FREE_SHARE x H with the chance given by the learned release rate. Target spare =
+-- freed within H with the chance given by the learned release rate. Target spare =
 -- mean demand - expected frees + z standard deviations of the difference, never below min_ready.
 -- With `update` (scale_decide, once per interval) the exposures accrue, everything decays, and
 -- the horizon and window are written for allocate's credit.
@@ -186,7 +184,7 @@ local function forecast_target(s, p, update)
   mean = mean + fresh
   var = var + fresh
   local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
-  local q = 1 - math.exp(-release_rate * H * FREE_SHARE)
+  local q = 1 - math.exp(-release_rate * H)
   local frees = s.allocated * q
   local frees_var = s.allocated * q * (1 - q)
   local buffer = p.z * math.sqrt(var + frees_var)
@@ -207,6 +205,43 @@ local function target_spare(s, p, update)
     return heuristic_target(s, p)
   end
   return forecast_target(s, p, update)
+end
+
+-- Scale-down hysteresis. The reaper keeps the highest target of the last keep_window, not just
+-- the current one: the forecast moves with every connect and release, and a node reaped on a dip
+-- would have to be booted again a boot time later. scale_decide records each target in the
+-- `targets` list as 'ms:target', a sliding-window maximum: entries strictly decrease from head
+-- to tail, so the head is the peak and the list holds at most one entry per distinct value.
+-- Amortised O(1) per tick.
+local function target_entry(entry)
+  local ms, target = string.match(entry or '', '^(%d+):(%d+)$')
+  return tonumber(ms), tonumber(target)
+end
+
+local function remember_target(now, target, keep_window_ms)
+  -- Entries not above the new target can never be the peak again; nor can unreadable ones.
+  while rcall('LLEN', K.targets) > 0 do
+    local _, last = target_entry(rcall('LINDEX', K.targets, -1))
+    if last and last > target then break end
+    rcall('RPOP', K.targets)
+  end
+  rcall('RPUSH', K.targets, score(now) .. ':' .. target)
+  while rcall('LLEN', K.targets) > 1 do
+    local ms = target_entry(rcall('LINDEX', K.targets, 0))
+    if ms and ms >= now - keep_window_ms then break end
+    rcall('LPOP', K.targets)
+  end
+end
+
+-- The highest target recorded within keep_window of now (0 when none).
+local function peak_target(now, keep_window_ms)
+  for _, entry in ipairs(rcall('LRANGE', K.targets, 0, -1)) do
+    local ms, target = target_entry(entry)
+    if ms and ms >= now - keep_window_ms then
+      return target
+    end
+  end
+  return 0
 end
 
 local function summary(s, target)

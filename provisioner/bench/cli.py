@@ -120,9 +120,12 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     redis_url: RedisUrl = None,
     settings: Settings = None,
+    boot_offset: Annotated[int, typer.Option(
+        min=0, help="Start the trace's boot-delay sequence at this index: the same users "
+        "against another draw of boot delays (0: as recorded)")] = 0,
 ) -> None:
     """Replay one trace under one policy and print FORMAT.md's scores."""
-    trace = _load(trace_path)
+    trace = _load(trace_path).with_boot_offset(boot_offset)
     overrides = parse_settings(settings)
     with _server(redis_url) as url:
         factory = _factories([policy], url, overrides)[policy]

@@ -10,7 +10,7 @@ import gzip
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,13 @@ class Trace:
     terminate_delay_s: float
     max_nodes: int
     events: list[TraceEvent] = field(default_factory=list)
+
+    def with_boot_offset(self, offset: int) -> Trace:
+        """The same trace with its boot-delay sequence started at index `offset` (mod its
+        length): another draw of the same node environment, to judge a policy on more than one
+        sequence of boots. Offset 0 is the recorded trace."""
+        k = offset % len(self.boot_delays)
+        return replace(self, boot_delays=self.boot_delays[k:] + self.boot_delays[:k])
 
 
 def _number(value: object, what: str, *, minimum: float = 0.0) -> float:

@@ -102,7 +102,7 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
             children.append(Child(f"replica-{index + 1}", [
                 *exe, "run", "--redis-url", redis_url,
                 "--node-api-url", f"http://127.0.0.1:{api_port}", "--http-port", str(port),
-                "--replica-id", f"replica-{index + 1}", "--idle-timeout", "120"], logdir))
+                "--replica-id", f"replica-{index + 1}"], logdir))
         children.append(Child("simulator", [
             *exe, "simulate", "--redis-url", redis_url, "--arrival-rate", str(arrival_rate)],
             logdir))

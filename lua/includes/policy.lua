@@ -220,13 +220,16 @@ end
 
 local function remember_target(now, target, keep_window_ms)
   -- Entries not above the new target can never be the peak again; nor can unreadable ones.
-  while rcall('LLEN', K.targets) > 0 do
-    local _, last = target_entry(rcall('LINDEX', K.targets, -1))
+  while true do
+    local tail = rcall('LINDEX', K.targets, -1)
+    if not tail then break end
+    local _, last = target_entry(tail)
     if last and last > target then break end
     rcall('RPOP', K.targets)
   end
   rcall('RPUSH', K.targets, score(now) .. ':' .. target)
-  while rcall('LLEN', K.targets) > 1 do
+  -- Expired or unreadable heads go; the entry just pushed is inside the window and stops this.
+  while true do
     local ms = target_entry(rcall('LINDEX', K.targets, 0))
     if ms and ms >= now - keep_window_ms then break end
     rcall('LPOP', K.targets)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -123,21 +124,49 @@ async def user_rows(redis: aioredis.Redis, pool: str,
     return [(u, int(_t(s) or 0)) for u, s in zip(waiting, since, strict=True)], allocated
 
 
-async def check_invariants(redis: aioredis.Redis, pool: str) -> list[str]:
+async def check_invariants(redis: aioredis.Redis, pool: str, attempts: int = 50) -> list[str]:
     """Everything that must hold between scripts; an empty list when the pool is consistent.
 
-    Reads the whole pool, so it is for tests and for an operator's `provisioner check`, not for
-    a hot path.
+    The pool is read under WATCH and the read is thrown away and retried if any script changed
+    it meanwhile, so a problem reported is one that held at a single instant, never an artefact
+    of reading one key before a transition and the next after it. Reads the whole pool, so it is
+    for tests and for an operator's `provisioner check`, not for a hot path.
     """
-    keys = PoolKeys(pool)
+    for _ in range(attempts):
+        try:
+            return await _check_once(redis, PoolKeys(pool))
+        except WatchError:
+            continue
+    return [f"the pool changed during each of {attempts} reads; no consistent view to check"]
+
+
+async def _check_once(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
+    names = ("ready", "waiting", "waiting_since", "alloc", "nodes", "booting", "terminating")
+    async with redis.pipeline(transaction=True) as pipe:
+        await pipe.watch(*(keys.key(n) for n in names))
+        ready = [_t(x) for x in await pipe.lrange(keys.key("ready"), 0, -1)]
+        waiting = [_t(x) for x in await pipe.lrange(keys.key("waiting"), 0, -1)]
+        since = {_t(k): _t(v) for k, v in (await pipe.hgetall(keys.key("waiting_since"))).items()}
+        alloc = {_t(k): _t(v) for k, v in (await pipe.hgetall(keys.key("alloc"))).items()}
+        nodes = {_t(x) for x in await pipe.zrange(keys.key("nodes"), 0, -1)}
+        booting = {_t(x) for x in await pipe.zrange(keys.key("booting"), 0, -1)}
+        terminating = {_t(x) for x in await pipe.zrange(keys.key("terminating"), 0, -1)}
+        records: dict[str, dict[str, str]] = {}
+        if nodes:
+            await pipe.watch(*(keys.node(n) for n in nodes))
+            for node in nodes:
+                raw = await pipe.hgetall(keys.node(node))
+                records[node] = {_t(k): _t(v) for k, v in raw.items()}
+        pipe.multi()  # type: ignore[no-untyped-call]
+        pipe.ping()
+        await pipe.execute()  # WatchError when any key read above changed since its WATCH
+    return _problems(ready, waiting, since, alloc, nodes, booting, terminating, records)
+
+
+def _problems(ready: list[str], waiting: list[str], since: dict[str, str],
+              alloc: dict[str, str], nodes: set[str], booting: set[str],
+              terminating: set[str], records: dict[str, dict[str, str]]) -> list[str]:
     problems: list[str] = []
-    ready = [_t(x) for x in await redis.lrange(keys.key("ready"), 0, -1)]
-    waiting = [_t(x) for x in await redis.lrange(keys.key("waiting"), 0, -1)]
-    since = {_t(k): _t(v) for k, v in (await redis.hgetall(keys.key("waiting_since"))).items()}
-    alloc = {_t(k): _t(v) for k, v in (await redis.hgetall(keys.key("alloc"))).items()}
-    nodes = {_t(x) for x in await redis.zrange(keys.key("nodes"), 0, -1)}
-    booting = {_t(x) for x in await redis.zrange(keys.key("booting"), 0, -1)}
-    terminating = {_t(x) for x in await redis.zrange(keys.key("terminating"), 0, -1)}
     if len(ready) != len(set(ready)):
         problems.append(f"ready list has duplicates: {ready}")
     if len(waiting) != len(set(waiting)):
@@ -162,8 +191,8 @@ async def check_invariants(redis: aioredis.Redis, pool: str) -> list[str]:
     union = set().union(*groups.values())
     if union != nodes:
         problems.append(f"live nodes {sorted(nodes)} != states {sorted(union)}")
-    for node in nodes:
-        record = {_t(k): _t(v) for k, v in (await redis.hgetall(keys.node(node))).items()}
+    for node in sorted(nodes):
+        record = records.get(node, {})
         state = record.get("state")
         expected = next((name for name, members in groups.items() if node in members), None)
         if state != expected:

@@ -1,0 +1,96 @@
+"""The invariant checker reports what held at one instant, never a torn read.
+
+CI once failed because `check_invariants` read the node records after the structures, while a
+replica applied a node's `terminated` status in between: the pool was consistent at every
+instant, the read was not. These tests race a writer that moves a node atomically between two
+states against the checker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from provisioner import view
+from provisioner.keys import PoolKeys
+from provisioner.view import check_invariants
+
+POOL = "view"
+KEYS = PoolKeys(POOL)
+
+
+async def _flip(client: aioredis.Redis, node: str, to_ready: bool) -> None:
+    """One atomic transition booting <-> ready, as a script would make it."""
+    async with client.pipeline(transaction=True) as pipe:
+        if to_ready:
+            pipe.zrem(KEYS.key("booting"), node)
+            pipe.rpush(KEYS.key("ready"), node)
+            pipe.hset(KEYS.node(node), "state", "ready")
+        else:
+            pipe.lrem(KEYS.key("ready"), 0, node)
+            pipe.zadd(KEYS.key("booting"), {node: 1})
+            pipe.hset(KEYS.node(node), "state", "booting")
+        await pipe.execute()
+
+
+async def _seed(client: aioredis.Redis, nodes: list[str]) -> None:
+    for node in nodes:
+        await client.zadd(KEYS.key("nodes"), {node: 1})
+        await client.zadd(KEYS.key("booting"), {node: 1})
+        await client.hset(KEYS.node(node), mapping={"id": node, "state": "booting"})
+
+
+async def test_a_pool_changing_under_the_checker_is_never_reported_torn(
+    redis_url: str, aredis: aioredis.Redis,
+) -> None:
+    nodes = [f"n{i}" for i in range(8)]
+    await _seed(aredis, nodes)
+    writer = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    stop = asyncio.Event()
+    flips = 0
+
+    async def churn() -> None:
+        nonlocal flips
+        while not stop.is_set():
+            for node in nodes:
+                await _flip(writer, node, to_ready=flips % 2 == 0)
+            flips += 1
+            await asyncio.sleep(0.005)  # a busy pool, not a livelock: reads can complete
+
+    task = asyncio.create_task(churn())
+    try:
+        reports = [await check_invariants(aredis, POOL, attempts=200) for _ in range(60)]
+    finally:
+        stop.set()
+        await task
+        await writer.aclose()
+    assert flips > 10, "the writer must have moved the nodes while the checker read"
+    assert all(report == [] for report in reports), [r for r in reports if r][:3]
+
+
+async def test_a_real_inconsistency_is_reported(aredis: aioredis.Redis) -> None:
+    await _seed(aredis, ["n1", "n2"])
+    await aredis.hset(KEYS.node("n2"), "state", "terminated")
+    await aredis.rpush(KEYS.key("ready"), "n1")
+    problems = await check_invariants(aredis, POOL)
+    assert "node n2 record says terminated, structures say booting" in problems
+    assert any("both booting and ready" in p for p in problems)
+
+
+async def test_a_pool_that_never_holds_still_gets_an_answer(
+    aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = 0
+
+    async def always_changed(*_: object) -> list[str]:
+        nonlocal calls
+        calls += 1
+        raise WatchError
+
+    monkeypatch.setattr(view, "_check_once", always_changed)
+    problems = await view.check_invariants(aredis, POOL, attempts=3)
+    assert calls == 3
+    assert problems == ["the pool changed during each of 3 reads; no consistent view to check"]

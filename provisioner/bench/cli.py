@@ -247,3 +247,41 @@ def tick_cost(
         table.add_row(f"{r.users:,}", f"{r.median_ms:.2f}", f"{r.p95_ms:.2f}",
                       f"{r.used_memory_mb:.0f}", f"{r.load_s:.1f}")
     console.print(table)
+
+
+@app.command()
+def bound(
+    trace_path: Annotated[Path, typer.Argument(metavar="TRACE", exists=True, dir_okay=False)],
+    window: Annotated[float, typer.Option(min=60.0, help="Seconds per window whose connect "
+                                          "and disconnect rates are taken as known")] = 600.0,
+    sim_seconds: Annotated[int, typer.Option(
+        min=1_000, help="Length of each stationary run per window and band")] = 50_000,
+    miss_rate: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Read the frontier's idle time off at this miss rate")] = 0.01,
+    jobs: Annotated[int, typer.Option(min=1, help="Processes")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """The rate-oracle reference: idle time against misses for the best band policy per
+    window when every window's rates are known (see provisioner/bench/bound.py)."""
+    from provisioner.bench.bound import idle_at, rate_oracle
+
+    trace = _load(trace_path)
+    wins, points = rate_oracle(trace, window_s=window, seconds=sim_seconds, jobs=jobs)
+    at = idle_at(points, miss_rate)
+    if as_json:
+        typer.echo(json.dumps({
+            "trace": trace.name, "window_s": window, "sim_seconds": sim_seconds,
+            "connects": sum(w.connects for w in wins), "miss_rate": miss_rate,
+            "idle_hours_at_miss_rate": at,
+            "frontier": [{"theta": p.theta, "misses": p.misses, "miss_rate": p.miss_rate,
+                          "idle_hours": p.idle_hours} for p in points]}))
+        return
+    table = Table(title=f"{trace.name}: best band per {window:.0f} s window, rates known")
+    for column in ("theta", "expected misses", "miss rate", "idle h"):
+        table.add_column(column, justify="right")
+    for p in points:
+        table.add_row(f"{p.theta:g}", f"{p.misses:.1f}", f"{p.miss_rate:.2%}",
+                      f"{p.idle_hours:.1f}")
+    console.print(table)
+    console.print(f"idle at {miss_rate:.1%} misses: "
+                  + (f"{at:.1f} h" if at is not None else "outside the frontier"))

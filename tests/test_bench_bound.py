@@ -1,0 +1,99 @@
+"""The rate-oracle reference: band simulation, per-window choice and the frontier."""
+
+from __future__ import annotations
+
+import pytest
+
+from provisioner.bench.bound import (
+    Band,
+    BandResult,
+    FrontierPoint,
+    Nodes,
+    Window,
+    arrivals,
+    frontier,
+    idle_at,
+    simulate,
+    window_results,
+    windows,
+)
+from provisioner.bench.trace import Trace, TraceEvent
+
+NODES = Nodes(boot_delays=(60.0,), api_latency_s=0.0, terminate_delay_s=5.0)
+
+
+def _run(band: Band, ticks: list[tuple[bool, ...]]) -> BandResult:
+    return simulate(band, ticks, NODES.boot_delays, NODES.api_latency_s,
+                    NODES.terminate_delay_s)
+
+
+def test_no_pool_misses_every_connect_and_costs_nothing() -> None:
+    ticks = arrivals(0.1, 0.0, 5_000, seed=1)
+    result = _run(Band(0, 0, 0.0), ticks)
+    assert result.miss_prob == 1.0
+    assert result.idle_nodes == 0.0
+
+
+def test_a_deep_pool_misses_nothing_and_pays_for_its_depth() -> None:
+    ticks = arrivals(0.05, 0.05, 20_000, seed=2)
+    deep = simulate(Band(12, 12, 0.0), ticks, NODES.boot_delays, 0.0, 5.0, warmup=1_000)
+    shallow = _run(Band(2, 2, 0.0), ticks)
+    assert deep.miss_prob == 0.0
+    assert shallow.miss_prob > 0.05
+    assert deep.idle_nodes > shallow.idle_nodes + 8
+
+
+def test_one_connect_is_served_from_stock_and_the_replacement_boots_for_its_delay() -> None:
+    ticks: list[tuple[bool, ...]] = [()] * 200
+    ticks[100] = (True,)
+    result = _run(Band(1, 1, 0.0), ticks)
+    assert result.miss_prob == 0.0
+    # booting until 60, ready until the connect at 100 takes it, then its replacement boots:
+    # exactly one spare node every second, and no reap
+    assert result.idle_nodes == pytest.approx(1.0)
+
+
+def test_freed_nodes_above_the_band_are_reaped_only_once_idle_long_enough() -> None:
+    ticks: list[tuple[bool, ...]] = [()] * 300
+    ticks[10] = (False, False, False)  # three frees land on a pool of one
+    eager = _run(Band(1, 1, 0.0), ticks)
+    patient = _run(Band(1, 1, 60.0), ticks)
+    assert eager.idle_nodes == pytest.approx((300 + 3 * 5.0) / 300)
+    # the pool's own node is still booting; the three freed ones wait out 60 s, then go
+    assert patient.idle_nodes == pytest.approx((300 + 3 * 60 + 3 * 5.0) / 300)
+
+
+def test_windows_count_connects_and_frees_by_the_scoring_rules() -> None:
+    def ev(t: float, ch: str, user: str) -> TraceEvent:
+        return TraceEvent(t, ch, {"user_id": user})
+
+    trace = Trace("t", "", 0, 1200.0, (60.0,), 0.2, 5.0, 10, [
+        ev(10, "user:connect", "a"), ev(20, "user:connect", "a"),  # repeat: not counted
+        ev(30, "user:disconnect", "b"),  # holds nothing: not a free
+        ev(700, "user:disconnect", "a"), ev(800, "user:connect", "b"),
+    ])
+    assert windows(trace, 600.0) == [Window(0.0, 600.0, 1, 0), Window(600.0, 600.0, 1, 1)]
+
+
+def test_the_frontier_trades_misses_for_idle_time() -> None:
+    wins = [Window(0.0, 600.0, 30, 30), Window(600.0, 600.0, 3, 3)]
+    results = [window_results(w, NODES, 20_000, seed=7 + i) for i, w in enumerate(wins)]
+    points = frontier(wins, results, thetas=(0.1, 1.0, 10.0, 100.0))
+    misses = [p.misses for p in points]
+    idle = [p.idle_hours for p in points]
+    assert misses == sorted(misses) and misses[0] < misses[-1]
+    assert idle == sorted(idle, reverse=True) and idle[0] > idle[-1]
+
+
+def test_idle_at_interpolates_between_frontier_points() -> None:
+    points = [FrontierPoint(1.0, 2.0, 0.005, 30.0, ()), FrontierPoint(2.0, 6.0, 0.015, 20.0, ())]
+    assert idle_at(points, 0.01) == pytest.approx(25.0)
+    assert idle_at(points, 0.02) is None
+
+
+def test_the_warmup_is_left_out_of_the_figures() -> None:
+    ticks: list[tuple[bool, ...]] = [()] * 200
+    ticks[5] = (True,)  # lands while the first node still boots: a miss, but in the warm-up
+    result = simulate(Band(1, 1, 0.0), ticks, NODES.boot_delays, 0.0, 5.0, warmup=100)
+    assert result.miss_prob == 0.0
+    assert result.idle_nodes == pytest.approx(1.0)

@@ -17,7 +17,10 @@ and nothing more:
 
 It is a reference, not a proof: a policy family richer than bands could do better, and the
 simulation has sampling noise (common random numbers across the bands of one window keep their
-comparison fair; picking the best of many noisy estimates flatters the result). What it does
+comparison fair; picking the best of many noisy estimates flatters the result). Two
+simplifications flatter it too: frees arrive as a Poisson stream of their own, whatever the pool
+did, and a missed connect is only counted, where in a replay the user waits and takes the next
+node that turns ready. What it does
 show is the price of Poisson randomness itself, with every rate known in advance, which no
 online policy has.
 """
@@ -37,7 +40,7 @@ from provisioner.bench.trace import Trace
 
 IDLE_CHOICES = (0.0, 60.0)
 WIDTHS = (0, 1, 2, 3)  # S - s
-WARMUP_S = 1_000  # longer than any boot: the pool has reached its band before counting starts
+WARMUP_S = 1_000  # longer than the traces' boots (at most 518 s): counting starts in the band
 THETAS = (0.125, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0)
 
 

@@ -141,26 +141,27 @@ async def check_invariants(redis: aioredis.Redis, pool: str, attempts: int = 50)
 
 
 async def _check_once(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
-    names = ("ready", "waiting", "waiting_since", "alloc", "nodes", "booting", "terminating")
+    """One read of the pool: the structures under WATCH, then every node record inside the
+    MULTI/EXEC that proves none of them changed (WatchError when one did)."""
     async with redis.pipeline(transaction=True) as pipe:
+        names = ("ready", "waiting", "waiting_since", "alloc", "nodes", "booting", "terminating")
         await pipe.watch(*(keys.key(n) for n in names))
         ready = [_t(x) for x in await pipe.lrange(keys.key("ready"), 0, -1)]
         waiting = [_t(x) for x in await pipe.lrange(keys.key("waiting"), 0, -1)]
         since = {_t(k): _t(v) for k, v in (await pipe.hgetall(keys.key("waiting_since"))).items()}
         alloc = {_t(k): _t(v) for k, v in (await pipe.hgetall(keys.key("alloc"))).items()}
-        nodes = {_t(x) for x in await pipe.zrange(keys.key("nodes"), 0, -1)}
+        nodes = sorted({_t(x) for x in await pipe.zrange(keys.key("nodes"), 0, -1)})
         booting = {_t(x) for x in await pipe.zrange(keys.key("booting"), 0, -1)}
         terminating = {_t(x) for x in await pipe.zrange(keys.key("terminating"), 0, -1)}
-        records: dict[str, dict[str, str]] = {}
         if nodes:
             await pipe.watch(*(keys.node(n) for n in nodes))
-            for node in nodes:
-                raw = await pipe.hgetall(keys.node(node))
-                records[node] = {_t(k): _t(v) for k, v in raw.items()}
         pipe.multi()  # type: ignore[no-untyped-call]
-        pipe.ping()
-        await pipe.execute()  # WatchError when any key read above changed since its WATCH
-    return _problems(ready, waiting, since, alloc, nodes, booting, terminating, records)
+        for node in nodes:
+            pipe.hgetall(keys.node(node))
+        replies = await pipe.execute()
+    records = {node: {_t(k): _t(v) for k, v in raw.items()}
+               for node, raw in zip(nodes, replies, strict=True)}
+    return _problems(ready, waiting, since, alloc, set(nodes), booting, terminating, records)
 
 
 def _problems(ready: list[str], waiting: list[str], since: dict[str, str],

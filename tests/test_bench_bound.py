@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from provisioner.bench.bound import (
+    THETAS,
     Band,
     BandResult,
     FrontierPoint,
@@ -13,6 +14,7 @@ from provisioner.bench.bound import (
     arrivals,
     frontier,
     idle_at,
+    rate_oracle,
     simulate,
     window_results,
     windows,
@@ -97,3 +99,12 @@ def test_the_warmup_is_left_out_of_the_figures() -> None:
     result = simulate(Band(1, 1, 0.0), ticks, NODES.boot_delays, 0.0, 5.0, warmup=100)
     assert result.miss_prob == 0.0
     assert result.idle_nodes == pytest.approx(1.0)
+
+
+def test_rate_oracle_gives_one_point_per_price_over_the_trace_windows() -> None:
+    events = [TraceEvent(float(t), "user:connect", {"user_id": f"u{t}"}) for t in range(0, 900, 60)]
+    trace = Trace("t", "", 0, 1200.0, (30.0, 90.0), 0.2, 5.0, 10, events)
+    wins, points = rate_oracle(trace, window_s=600.0, seconds=2_000)
+    assert [w.connects for w in wins] == [10, 5]
+    assert len(points) == len(THETAS)
+    assert all(len(p.bands) == 2 for p in points)

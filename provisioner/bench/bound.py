@@ -183,10 +183,6 @@ def window_results(window: Window, nodes: Nodes, seconds: int, seed: int) -> lis
             for band in candidate_bands(c_rate, f_rate, nodes.lead_s)]
 
 
-def _window_results(args: tuple[Window, Nodes, int, int]) -> list[BandResult]:
-    return window_results(*args)
-
-
 def frontier(wins: list[Window], results: list[list[BandResult]],
              thetas: Iterable[float] = THETAS) -> list[FrontierPoint]:
     """For each theta, the band per window minimising idle hours + expected misses / theta."""
@@ -224,10 +220,10 @@ def rate_oracle(trace: Trace, window_s: float = 600.0, seconds: int = 50_000,
     """The frontier of the best band per window, with every window's rates known exactly."""
     wins = windows(trace, window_s)
     nodes = Nodes(trace.boot_delays, trace.api_latency_s, trace.terminate_delay_s)
-    work = [(w, nodes, seconds, 1_000 + i) for i, w in enumerate(wins)]
+    args = (wins, [nodes] * len(wins), [seconds] * len(wins), range(1_000, 1_000 + len(wins)))
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(_window_results, work))
+            results = list(pool.map(window_results, *args))
     else:
-        results = [_window_results(item) for item in work]
+        results = list(map(window_results, *args))
     return wins, frontier(wins, results)

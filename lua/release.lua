@@ -3,8 +3,9 @@
   release: a user:disconnect event.
 
   A user holding a node gives it back: the node goes to the oldest waiting user at once (published
-  as user:allocated with the measured waited_ms) or becomes ready (idle) at the head of the ready
-  list. A user still waiting leaves the queue and counts as abandoned. Anyone else: nothing.
+  as user:allocated with the measured waited_ms) or becomes ready (idle) at the tail of the ready
+  list, which is in idle order. A user still waiting leaves the queue and counts as abandoned.
+  Anyone else: nothing.
   Either way the user's activity window starts afresh: browsing after a session is new browsing.
   Each release is one event of the release rate the forecast learns ('rel' in the model).
 

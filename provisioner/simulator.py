@@ -1,8 +1,9 @@
 """User traffic on the wire: synthetic users in real time, or a recorded trace replayed.
 
 Synthetic users arrive as a Poisson process. Each browses (one `user:activity` per request, gaps
-drawn from an exponential), and a share of them then connects (`user:connect`), holds a session of
-a drawn length and disconnects; the rest browse and leave. Everything is seeded.
+drawn from an exponential, a lognormal number of requests), and a share of them then connects
+(`user:connect`), holds a session of a lognormal length and disconnects; the rest browse and
+leave. Everything is seeded.
 
 A trace (`provisioner-trace/1`) is replayed at its own pace or `--speed` times faster; activity
 timestamps are rewritten to the wall clock at publication, so the service sees fresh events.
@@ -16,6 +17,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import random
 import signal
 import time
@@ -40,7 +42,19 @@ class Traffic:
     requests_before_connect: float = 10.0
     #: mean number of requests of a user who never connects
     requests_of_browser: float = 8.0
+    #: mean session length
     session_s: float = 300.0
+    #: spread (sigma of the log) of the lognormal request counts and session lengths; the
+    #: recorded traces fit about 0.9 and 0.8 (few connect after one or two requests, few
+    #: sessions last under three minutes). 0 draws the old memoryless model: geometric counts
+    #: and exponential sessions.
+    requests_sigma: float = 0.9
+    session_sigma: float = 0.8
+
+
+def _lognormal(rng: random.Random, mean: float, sigma: float) -> float:
+    """A lognormal draw with the given mean (not median)."""
+    return rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
 
 
 def synthetic(traffic: Traffic, rng: random.Random,
@@ -54,7 +68,7 @@ def synthetic(traffic: Traffic, rng: random.Random,
         while not pending or next_arrival <= pending[0][0]:
             if duration_s is not None and next_arrival > duration_s:
                 break
-            for t, channel, payload in _user_script(traffic, rng, next_arrival):
+            for t, channel, payload in user_script(traffic, rng, next_arrival):
                 heapq.heappush(pending, (t, next(seq), channel, payload))
             next_arrival += rng.expovariate(traffic.arrival_rate_per_min / 60)
         if not pending:
@@ -65,12 +79,17 @@ def synthetic(traffic: Traffic, rng: random.Random,
         yield t, channel, payload
 
 
-def _user_script(traffic: Traffic, rng: random.Random,
-                 start: float) -> list[tuple[float, str, dict[str, Any]]]:
+def user_script(traffic: Traffic, rng: random.Random,
+                start: float) -> list[tuple[float, str, dict[str, Any]]]:
+    """One user arriving at `start`: their requests and, if they convert, connect and
+    disconnect, as `(seconds, channel, payload)` in time order."""
     user = str(uuid.UUID(int=rng.getrandbits(128), version=4))
     converts = rng.random() < traffic.conversion
     mean = traffic.requests_before_connect if converts else traffic.requests_of_browser
-    requests = 1 + int(rng.expovariate(1 / max(mean - 1, 0.01)))
+    if traffic.requests_sigma > 0:
+        requests = max(1, round(_lognormal(rng, mean, traffic.requests_sigma)))
+    else:
+        requests = 1 + int(rng.expovariate(1 / max(mean - 1, 0.01)))
     events: list[tuple[float, str, dict[str, Any]]] = []
     t = start
     for _ in range(requests):
@@ -78,7 +97,10 @@ def _user_script(traffic: Traffic, rng: random.Random,
         t += rng.expovariate(1 / traffic.browse_gap_s)
     if converts:
         events.append((t, "user:connect", {"user_id": user}))
-        t += rng.expovariate(1 / traffic.session_s)
+        if traffic.session_sigma > 0:
+            t += _lognormal(rng, traffic.session_s, traffic.session_sigma)
+        else:
+            t += rng.expovariate(1 / traffic.session_s)
         events.append((t, "user:disconnect", {"user_id": user}))
     return events
 

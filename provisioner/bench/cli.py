@@ -285,3 +285,27 @@ def bound(
     console.print(table)
     console.print(f"idle at {miss_rate:.1%} misses: "
                   + (f"{at:.1f} h" if at is not None else "outside the frontier"))
+
+
+@app.command()
+def generate(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", file_okay=False)],
+    shape: Annotated[list[str] | None, typer.Option(
+        help="Shapes to write (repeatable); default: all of them")] = None,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files")] = 1,
+) -> None:
+    """Write synthetic traces in shapes the recorded ones do not have (a ramp, level shifts,
+    bursts, two daily cycles, short and long sessions, slow boots), for `bench suite DIR`."""
+    from provisioner.bench.generate import SHAPES, write_trace
+
+    names = shape or list(SHAPES)
+    unknown = sorted(set(names) - set(SHAPES))
+    if unknown:
+        raise typer.BadParameter(f"unknown shape {', '.join(unknown)}; known: "
+                                 f"{', '.join(SHAPES)}", param_hint="--shape")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        path = directory / f"{name}.jsonl.gz"
+        header = write_trace(SHAPES[name], seed, path)
+        console.print(f"{path}: {header['users']} users, {header['events']} events over "
+                      f"{header['duration_s']:.0f} s - {header['description']}")

@@ -1,0 +1,97 @@
+"""`bench generate`: synthetic traces of other shapes, readable as recorded ones."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from provisioner.bench.generate import (
+    EPOCH,
+    SHAPES,
+    Shape,
+    arrival_times,
+    boot_delays,
+    write_trace,
+)
+from provisioner.bench.trace import load_trace
+from provisioner.cli import app
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_every_shape_writes_a_trace_the_replay_reads(tmp_path: Path, name: str) -> None:
+    shape = SHAPES[name]
+    header = write_trace(shape, 7, tmp_path / "t.jsonl.gz")
+    trace = load_trace(tmp_path / "t.jsonl.gz")  # validates header, payloads and time order
+    assert (trace.name, trace.duration_s, trace.epoch) == (name, shape.duration_s, EPOCH)
+    assert len(trace.events) == header["events"] > 0
+    assert len(trace.boot_delays) == 4096
+    seen: dict[str, list[str]] = {}
+    for event in trace.events:
+        assert 0 <= event.t <= shape.duration_s
+        if event.channel == "user:activity":
+            assert event.msg["timestamp"] == EPOCH + int(event.t)
+        seen.setdefault(event.msg["user_id"], []).append(event.channel)
+    assert len(seen) == header["users"]
+    connects = 0
+    for channels in seen.values():
+        assert channels[0] == "user:activity"
+        if "user:connect" in channels:
+            connects += 1
+            assert channels.count("user:connect") == 1
+            assert channels[-1] in ("user:connect", "user:disconnect")
+    assert 0.2 < connects / len(seen) < 0.4  # the model's 30% conversion
+
+
+def test_the_same_seed_writes_the_same_trace_and_another_seed_another(tmp_path: Path) -> None:
+    shape = SHAPES["bursts"]
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        write_trace(shape, seed, tmp_path / f"{name}.jsonl.gz")
+    text = {n: gzip.decompress((tmp_path / f"{n}.jsonl.gz").read_bytes()) for n in "abc"}
+    assert text["a"] == text["b"]
+    assert text["a"] != text["c"]
+
+
+def test_arrivals_follow_the_rate_over_time() -> None:
+    shape = Shape("t", "", lambda t: 10.0 if t < 3600 else 40.0, duration_s=7200.0)
+    times = list(arrival_times(shape, random.Random(1)))
+    early = sum(t < 3600 for t in times)
+    late = len(times) - early
+    # 600 and 2400 expected; Poisson standard deviations are about 25 and 50
+    assert 500 < early < 700
+    assert 2200 < late < 2600
+    assert times == sorted(times) and times[-1] <= 7200
+
+
+def test_a_ramp_arrives_more_in_each_quarter() -> None:
+    times = list(arrival_times(SHAPES["ramp"], random.Random(2)))
+    quarters = [sum(q * 1800 <= t < (q + 1) * 1800 for t in times) for q in range(4)]
+    assert quarters == sorted(quarters) and quarters[3] > 3 * quarters[0]
+
+
+def test_a_shape_with_no_arrivals_writes_no_users() -> None:
+    assert list(arrival_times(Shape("none", "", lambda t: 0.0), random.Random(1))) == []
+
+
+def test_boot_delays_have_the_shapes_median() -> None:
+    for name in ("steady-like", "slow"):
+        median = 60.0 if name == "steady-like" else 180.0
+        delays = boot_delays(Shape(name, "", lambda t: 1.0, boot_median_s=median),
+                             random.Random(5))
+        assert abs(statistics.median(delays) / median - 1) < 0.05
+        assert min(delays) >= 1.0
+
+
+def test_the_cli_writes_the_asked_shapes_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "generate", str(tmp_path), "--shape", "long-sessions",
+                                 "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["long-sessions.jsonl.gz"]
+    result = runner.invoke(app, ["bench", "generate", str(tmp_path), "--shape", "nope"])
+    assert result.exit_code == 2
+    assert "unknown shape nope" in result.output

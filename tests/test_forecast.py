@@ -137,6 +137,37 @@ async def test_boot_time_and_release_rate_are_learned(pool: PoolUnderTest) -> No
     assert model["bx"] == 30  # allocated node-seconds
 
 
+async def test_boots_longer_than_the_window_stretch_the_forecast_to_the_boot_time(
+        pool: PoolUnderTest) -> None:
+    """Two pools with the same users, one whose boots take 60 s and one whose take 240 s
+    (twice the 120 s activity window)."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    slow = PoolUnderTest(pool.redis, PoolKeys("fc-slow"), Scripts(pool.redis, PoolKeys("fc-slow")),
+                         ManualClock(pool.now))
+    decisions = []
+    for p, boot_ms in ((pool, 60_000), (slow, 240_000)):
+        for i in range(30):
+            await browse(p, f"u{i}", 3)
+        p.clock.advance(61_000)  # no longer new arrivals (no panic), still in the window
+        await p.redis.hset(p.keys.key("model"), "boot_ms", boot_ms)
+        decisions.append(await decide(p, config))
+    (short_reason, short), (long_reason, long) = decisions
+
+    def forecast(reason: str) -> float:
+        return float(reason.split("forecast ")[1].split(" connects")[0])
+
+    assert "connects in 60s" in short_reason and "panic x1.0" in short_reason
+    assert "scaled" not in short_reason
+    assert "connects in 240s" in long_reason
+    assert "learned over 120s, scaled x2.00 to the boot time" in long_reason
+    # the same users with the same (prior) chances: demand over 240 s is twice that over the
+    # 120 s the chances are learned for; a chance not yet learned is the same for any horizon
+    assert forecast(long_reason) == pytest.approx(2 * forecast(short_reason), abs=0.011)
+    assert long["target"] > short["target"]
+    # the credit still looks back at most one window
+    assert float(await slow.redis.hget(slow.keys.key("model"), "horizon_ms") or 0) == 120_000
+
+
 async def test_a_burst_of_arrivals_raises_the_unforeseen_demand(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, max_nodes=1000)
     for minute in range(30):  # one arrival a minute for half an hour

@@ -113,8 +113,10 @@ local function cell_counts(p)
   return n, ge[1][1]
 end
 
--- The forecast: a base-stock policy over the boot lead time H (the learned mean boot time,
--- at most one window).
+-- The forecast: a base-stock policy over the boot lead time L (the learned mean boot time).
+-- Chances are learned over H = min(L, one window), because a user's activity is kept for two
+-- windows and the credit looks back H from a connect; when boots take longer than a window,
+-- demand over L is the demand over H scaled by L / H (a rate held for the longer lead time).
 --
 -- Demand within H: each browsing user connects with the chance learned for their cell (level x
 -- age), a Bernoulli; users not browsing yet add a Poisson mean learned the same way, scaled up
@@ -129,8 +131,10 @@ local function forecast_target(s, p, update)
   local m = {}
   for i, f in ipairs(fields) do m[f] = tonumber(values[i]) or 0 end
   local n, young = cell_counts(p)
-  local horizon_ms = math.min(m.boot_ms > 0 and m.boot_ms or p.boot_prior_ms, p.window_ms)
+  local lead_ms = m.boot_ms > 0 and m.boot_ms or p.boot_prior_ms
+  local horizon_ms = math.min(lead_ms, p.window_ms)
   local H = horizon_ms / 1000
+  local L = lead_ms / 1000
   local half_life_s = p.half_life_ms / 1000
 
   if update then
@@ -181,18 +185,22 @@ local function forecast_target(s, p, update)
     panic = math.min(arrivals / usual, PANIC_MAX)
   end
   fresh = fresh * panic
-  mean = mean + fresh
-  var = var + fresh
+  local stretch = L / H
+  mean = (mean + fresh) * stretch
+  var = (var + fresh) * stretch
   local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
-  local q = 1 - math.exp(-release_rate * H)
+  local q = 1 - math.exp(-release_rate * L)
   local frees = s.allocated * q
   local frees_var = s.allocated * q * (1 - q)
   local buffer = p.z * math.sqrt(var + frees_var)
   local target = math.max(0, math.ceil(mean - frees + buffer - 1e-9))
   local why = string.format(
     'forecast %.2f connects in %.0fs (%.2f not browsing yet, panic x%.1f) - %.2f frees'
-    .. ' + buffer %.2f (z=%.2f); browsing by level %s', mean, H, fresh, panic, frees, buffer,
-    p.z, table.concat(browsing, '/'))
+    .. ' + buffer %.2f (z=%.2f); browsing by level %s', mean, L, fresh * stretch, panic, frees,
+    buffer, p.z, table.concat(browsing, '/'))
+  if stretch > 1 then
+    why = why .. string.format('; learned over %.0fs, scaled x%.2f to the boot time', H, stretch)
+  end
   if target < p.min_ready then
     return p.min_ready, why .. string.format('; floor min_ready=%d', p.min_ready)
   end

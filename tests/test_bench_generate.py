@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import statistics
 from pathlib import Path
@@ -16,9 +17,10 @@ from provisioner.bench.generate import (
     Shape,
     arrival_times,
     boot_delays,
+    user_quantiles,
     write_trace,
 )
-from provisioner.bench.trace import load_trace
+from provisioner.bench.trace import load_trace, parse_lines
 from provisioner.cli import app
 
 
@@ -95,3 +97,21 @@ def test_the_cli_writes_the_asked_shapes_and_refuses_unknown_ones(tmp_path: Path
     result = runner.invoke(app, ["bench", "generate", str(tmp_path), "--shape", "nope"])
     assert result.exit_code == 2
     assert "unknown shape nope" in result.output
+
+
+def test_user_quantiles_measure_requests_dwell_sessions_and_gaps() -> None:
+    lines = ['{"format": "provisioner-trace/1", "name": "t", "epoch": 0, "duration_s": 1000, '
+             '"nodes": {"boot_delay_s": [60], "api_latency_s": 0, "terminate_delay_s": 0, '
+             '"max_nodes": 5}}']
+    events = [(0, "user:activity", "a"), (10, "user:activity", "a"), (30, "user:activity", "a"),
+              (40, "user:connect", "a"), (5, "user:activity", "b"), (50, "user:connect", "b"),
+              (100, "user:activity", "c"), (340, "user:disconnect", "a"),
+              (500, "user:connect", "a")]  # a returns: one request-less connect, no session
+    for t, channel, user in sorted(events):
+        msg = {"user_id": user} | ({"timestamp": t} if channel == "user:activity" else {})
+        lines.append(json.dumps({"t": t, "ch": channel, "msg": msg}))
+    q = user_quantiles(parse_lines(lines))
+    assert q["requests before connect"] == [0, 0, 1, 3, 3]  # a: 3, b: 1, a again: 0
+    assert q["first request to connect s"] == [40, 40, 45, 45, 45]  # a 40, b 45
+    assert q["session s"] == [300] * 5
+    assert q["gap between requests s"] == [10, 10, 20, 20, 20]  # a's two gaps

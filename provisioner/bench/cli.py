@@ -309,3 +309,23 @@ def generate(
         header = write_trace(SHAPES[name], seed, path)
         console.print(f"{path}: {header['users']} users, {header['events']} events over "
                       f"{header['duration_s']:.0f} s - {header['description']}")
+
+
+@app.command()
+def users(
+    traces: Annotated[list[Path], typer.Argument(metavar="TRACE...", exists=True,
+                                                 dir_okay=False)],
+) -> None:
+    """What each trace's users do, as quantiles: requests before a connect, time from first
+    request to connect, session length, gap between requests (to compare generated traffic
+    with recorded traffic)."""
+    from provisioner.bench.generate import QUANTILES, user_quantiles
+
+    table = Table(title="users, at quantiles " + "/".join(f"{q:.0%}" for q in QUANTILES))
+    for column in ("trace", "measure", "quantiles"):
+        table.add_column(column)
+    for path in traces:
+        trace = _load(path)
+        for name, values in user_quantiles(trace).items():
+            table.add_row(trace.name, name, " / ".join(f"{v:.0f}" for v in values))
+    console.print(table)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provisioner.bench.trace import Trace
 from provisioner.simulator import Traffic, user_script
 
 EPOCH = 1_767_225_600  # 2026-01-01T00:00:00Z, the recorded traces' epoch
@@ -72,6 +73,8 @@ def _bursts(base: float, peak: float, starts: tuple[float, ...],
 
 
 SHAPES: dict[str, Shape] = {s.name: s for s in (
+    Shape("constant", "Steady 6 arrivals a minute, the recorded steady trace's rate: another "
+          "draw of the same traffic.", lambda t: 6.0),
     Shape("ramp", "A launch: arrivals grow steadily from 1 to 12 a minute over two hours.",
           lambda t: 1.0 + 11.0 * t / 7200.0),
     Shape("step-up", "A level shift: 2 arrivals a minute, then 10 a minute from the 40th "
@@ -150,3 +153,46 @@ def write_trace(shape: Shape, seed: int, path: Path) -> dict[str, Any]:
             out.write(json.dumps({"t": t, "ch": channel, "msg": payload},
                                  separators=(",", ":")) + "\n")
     return header
+
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def user_quantiles(trace: Trace) -> dict[str, list[float]]:
+    """What a trace's users do, as quantiles (QUANTILES) of: requests before a connect, seconds
+    from a connecting user's first request to the connect, session seconds (sessions that end
+    within the trace), and seconds between a user's requests. Compares generated users with
+    recorded ones (`bench users`)."""
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    requests: dict[str, int] = {}
+    connected: dict[str, float] = {}
+    samples: dict[str, list[float]] = {"requests before connect": [],
+                                       "first request to connect s": [], "session s": [],
+                                       "gap between requests s": []}
+    for event in trace.events:
+        user = str(event.msg.get("user_id"))
+        if event.channel == "user:activity":
+            if user in last:
+                samples["gap between requests s"].append(event.t - last[user])
+            first.setdefault(user, event.t)
+            last[user] = event.t
+            requests[user] = requests.get(user, 0) + 1
+        elif event.channel == "user:connect" and user not in connected:
+            connected[user] = event.t
+            samples["requests before connect"].append(requests.get(user, 0))
+            if user in first:
+                samples["first request to connect s"].append(event.t - first[user])
+        elif event.channel == "user:disconnect" and user in connected:
+            samples["session s"].append(event.t - connected.pop(user))
+            first.pop(user, None)
+            last.pop(user, None)
+            requests.pop(user, None)
+    return {name: _quantiles(values) for name, values in samples.items()}
+
+
+def _quantiles(values: list[float]) -> list[float]:
+    ordered = sorted(values)
+    if not ordered:
+        return [math.nan] * len(QUANTILES)
+    return [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in QUANTILES]

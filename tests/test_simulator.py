@@ -12,7 +12,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from provisioner.events import Activity, Connect, Disconnect, parse
-from provisioner.simulator import Traffic, publish, synthetic, trace_events
+from provisioner.simulator import Traffic, publish, synthetic, trace_events, user_script
 from tests.helpers import Subscriber
 
 
@@ -65,3 +65,24 @@ async def test_trace_replay_publishes_every_event_with_fresh_timestamps(
     assert [ch for ch, _ in messages] == ["user:activity", "user:connect", "user:disconnect"]
     stamp = messages[0][1]["timestamp"]
     assert abs(stamp - time.time()) < 5  # rewritten to the wall clock, not 1970-01-12
+
+
+def test_lognormal_users_rarely_connect_after_one_or_two_requests() -> None:
+    """The recorded traces' connectors almost always browse a while first; the memoryless model
+    (sigma 0) has many connect at once. Both keep the mean number of requests."""
+    def connector_requests(traffic: Traffic) -> list[int]:
+        rng = random.Random(4)
+        counts = []
+        while len(counts) < 3000:
+            script = user_script(traffic, rng, 0.0)
+            if script[-1][1] == "user:disconnect":
+                counts.append(sum(1 for _, channel, _ in script if channel == "user:activity"))
+        return counts
+
+    lognormal = connector_requests(Traffic(requests_before_connect=18.0))
+    memoryless = connector_requests(Traffic(requests_before_connect=18.0, requests_sigma=0.0))
+    early = {name: sum(n <= 2 for n in counts) / len(counts)
+             for name, counts in (("lognormal", lognormal), ("memoryless", memoryless))}
+    assert early["lognormal"] < 0.06 < 0.08 < early["memoryless"]  # about 4% and 11%
+    for counts in (lognormal, memoryless):
+        assert 16 < sum(counts) / len(counts) < 20

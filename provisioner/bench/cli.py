@@ -295,7 +295,8 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files")] = 1,
 ) -> None:
     """Write synthetic traces in shapes the recorded ones do not have (a ramp, level shifts,
-    bursts, two daily cycles, short and long sessions, slow boots), for `bench suite DIR`."""
+    bursts, two daily cycles, short and long sessions, slow boots) and a constant control, for
+    `bench suite DIR`."""
     from provisioner.bench.generate import SHAPES, write_trace
 
     names = shape or list(SHAPES)

@@ -121,7 +121,7 @@ end
 -- Demand within H: each browsing user connects with the chance learned for their cell (level x
 -- age), a Bernoulli; users not browsing yet add a Poisson mean learned the same way, scaled up
 -- while arrivals run above their long-run rate (panic). Supply returns: each allocated node is
--- freed within H with the chance given by the learned release rate. Target spare =
+-- freed within L with the chance given by the learned release rate. Target spare =
 -- mean demand - expected frees + z standard deviations of the difference, never below min_ready.
 -- With `update` (scale_decide, once per interval) the exposures accrue, everything decays, and
 -- the horizon and window are written for allocate's credit.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import statistics
 from pathlib import Path
@@ -110,8 +111,9 @@ def test_user_quantiles_measure_requests_dwell_sessions_and_gaps() -> None:
     for t, channel, user in sorted(events):
         msg = {"user_id": user} | ({"timestamp": t} if channel == "user:activity" else {})
         lines.append(json.dumps({"t": t, "ch": channel, "msg": msg}))
-    q = user_quantiles(parse_lines(lines))
+    q = user_quantiles(parse_lines(lines))  # nearest rank at 10/25/50/75/90%
     assert q["requests before connect"] == [0, 0, 1, 3, 3]  # a: 3, b: 1, a again: 0
-    assert q["first request to connect s"] == [40, 40, 45, 45, 45]  # a 40, b 45
+    assert q["first request to connect s"] == [40, 40, 40, 45, 45]  # a 40, b 45
     assert q["session s"] == [300] * 5
-    assert q["gap between requests s"] == [10, 10, 20, 20, 20]  # a's two gaps
+    assert q["gap between requests s"] == [10, 10, 10, 20, 20]  # a's two gaps
+    assert all(math.isnan(v) for v in user_quantiles(parse_lines(lines[:1]))["session s"])

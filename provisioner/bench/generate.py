@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provisioner.bench.scoring import nearest_rank
 from provisioner.bench.trace import Trace
 from provisioner.simulator import Traffic, user_script
 
@@ -192,7 +193,7 @@ def user_quantiles(trace: Trace) -> dict[str, list[float]]:
 
 
 def _quantiles(values: list[float]) -> list[float]:
-    ordered = sorted(values)
-    if not ordered:
+    """QUANTILES by the scores' nearest-rank rule; NaN when there is nothing to measure."""
+    if not values:
         return [math.nan] * len(QUANTILES)
-    return [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in QUANTILES]
+    return [nearest_rank(values, 100 * q) for q in QUANTILES]

@@ -77,3 +77,25 @@ def test_scores_fields_in_order() -> None:
                      "nodes_created", "node_hours", "busy_hours", "cost_ratio"]
     scores = Scoreboard(10.0, 5.0).close()
     assert list(scores.as_dict()) == names
+
+
+def test_only_the_scored_window_counts() -> None:
+    board = Scoreboard(duration_s=200.0, terminate_delay_s=5.0, scored_from_s=100.0)
+    board.node_created("a", 0.0)  # billed 100..145 of its 0..145
+    board.node_created("b", 150.0)  # billed 150..200
+    board.connect_hit("u1", "a", 40.0)  # before the window: not a connect, but busy from 100
+    board.connect_miss("u2", 90.0)  # a miss before the window, and its wait: not scored
+    board.served_after_wait("u2", "b", 160.0)
+    board.released("u1", 120.0)  # busy 100..120 = 20 s
+    board.node_terminate_requested("a", 140.0)
+    board.connect_miss("u3", 170.0)  # scored, still waiting at the end: abandoned
+    board.connect_miss("u4", 95.0)
+    board.waiting_user_left("u4", 110.0)  # missed before the window: not an abandon either
+    scores = board.close()
+    # busy: u1 20 s + u2 160..200 = 40 s -> 60 s; nodes: a 45 s + b 50 s = 95 s.
+    assert (scores.connects, scores.misses, scores.abandoned) == (1, 1, 1)
+    assert (scores.wait_p95_s, scores.nodes_created) == (0.0, 1)
+    assert scores.busy_hours == pytest.approx(60 / 3600)
+    assert scores.node_hours == pytest.approx(95 / 3600)
+    with pytest.raises(ValueError, match="scored_from_s"):
+        Scoreboard(duration_s=10.0, terminate_delay_s=5.0, scored_from_s=10.0)

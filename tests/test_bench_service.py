@@ -82,3 +82,18 @@ def test_unknown_policy_is_refused_clearly(tmp_path: Path) -> None:
                                       "--policy", "magic"])
     assert result.exit_code != 0
     assert "unknown policy" in result.output
+
+
+def test_bench_replay_warm_up_scores_the_last_play(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    args = ["bench", "replay", str(_trace(tmp_path)), "--json", "--redis-url", redis_url]
+    cold = Scores(**json.loads(CliRunner().invoke(app, args).output))
+    result = CliRunner().invoke(app, [*args, "--warm-up", "1"])
+    assert result.exit_code == 0, result.output
+    warm = Scores(**json.loads(result.output))
+    # The same ten sessions are scored, once, over the same 500 s.
+    assert (warm.connects, warm.busy_hours) == (cold.connects, pytest.approx(cold.busy_hours))
+    assert warm.node_hours <= 500 / 3600 * PoolConfig().max_nodes
+    assert sync_redis.keys("prov:*") == []
+    bad = CliRunner().invoke(app, [*args, "--warm-up", "-1"])
+    assert bad.exit_code != 0

@@ -284,3 +284,50 @@ def test_suite_runs_named_and_extra_policies(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     pareto_plot(rows, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_warm_up_plays_earlier_copies_with_their_own_users(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [
+        (1.0, "activity", "u1"), (2.0, "connect", "u1"), (50.0, "disconnect", "u1"),
+        (60.0, "activity", "u2"), (70.0, "connect", "u2"),  # still connected at the end
+    ]))
+    assert trace.warmed_up(0) is trace
+    warm = trace.warmed_up(2)
+    assert (warm.duration_s, warm.scored_from_s) == (300.0, 200.0)
+    assert warm.boot_delays == trace.boot_delays
+    seen = [(e.t, e.channel.split(":")[1], e.msg["user_id"], e.msg.get("timestamp"))
+            for e in warm.events]
+    stamp = 1_767_225_600
+    # Warm-up copies: their own users; the session open at the end browses but never connects.
+    assert seen[:8] == [
+        (1.0, "activity", "u1.w2", stamp + 1), (2.0, "connect", "u1.w2", None),
+        (50.0, "disconnect", "u1.w2", None), (60.0, "activity", "u2.w2", stamp + 60),
+        (101.0, "activity", "u1.w1", stamp + 101), (102.0, "connect", "u1.w1", None),
+        (150.0, "disconnect", "u1.w1", None), (160.0, "activity", "u2.w1", stamp + 160),
+    ]
+    # The scored copy is the trace itself, moved; its users keep their ids.
+    assert seen[8:] == [
+        (201.0, "activity", "u1", stamp + 201), (202.0, "connect", "u1", None),
+        (250.0, "disconnect", "u1", None), (260.0, "activity", "u2", stamp + 260),
+        (270.0, "connect", "u2", None),
+    ]
+    with pytest.raises(ValueError, match="copies"):
+        trace.warmed_up(-1)
+
+
+def test_a_warm_replay_scores_only_the_scored_copy(tmp_path: Path) -> None:
+    events = [(t - 1.5, "activity", user) for t, _, user in SESSIONS] + SESSIONS
+    events.sort(key=lambda e: e[0])
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", events, duration=500.0))
+    cold = run_replay(trace, StaticPolicy(2))
+    warm = run_replay(trace.warmed_up(1), StaticPolicy(2))
+    # The same sessions are scored; the pool is already up when they start, so the warm replay
+    # pays no boot before the first connect.
+    assert (warm.connects, warm.busy_hours) == (cold.connects, pytest.approx(cold.busy_hours))
+    assert cold.misses == 0 and warm.misses == 0
+    assert warm.nodes_created < cold.nodes_created
+    # One session at a time, 20 s in every 40: two spare nodes plus the one in use (or just
+    # freed, and reaped only after 300 s idle) are up for all of the scored 500 s.
+    assert warm.node_hours == pytest.approx(3 * 500 / 3600)
+    rows = run_suite([tmp_path / "t.jsonl"], ["static-best"], warm_up=1)
+    assert rows[0].scores.connects == cold.connects

@@ -52,6 +52,11 @@ def _server(url: str | None) -> Iterator[str]:
         server.stop()
 
 
+WarmUp = Annotated[int, typer.Option(
+    min=0, help="Play each trace this many times, unscored, before the scored play: the "
+    "policy meets the traffic warm, as a service that has been running does (0: from a cold "
+    "start)")]
+
 Settings = Annotated[list[str] | None, typer.Option(
     "--set", metavar="NAME=VALUE",
     help="Override a pool setting of the service for this run (repeatable), e.g. buffer_sd=1.5")]
@@ -123,9 +128,10 @@ def replay(
     boot_offset: Annotated[int, typer.Option(
         min=0, help="Start the trace's boot-delay sequence at this index: the same users "
         "against another draw of boot delays (0: as recorded)")] = 0,
+    warm_up: WarmUp = 0,
 ) -> None:
     """Replay one trace under one policy and print FORMAT.md's scores."""
-    trace = _load(trace_path).with_boot_offset(boot_offset)
+    trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
     overrides = parse_settings(settings)
     with _server(redis_url) as url:
         factory = _factories([policy], url, overrides)[policy]
@@ -168,6 +174,7 @@ def suite(
     = Path("bench-results"),
     redis_url: RedisUrl = None,
     settings: Settings = None,
+    warm_up: WarmUp = 0,
 ) -> None:
     """Replay every trace in DIR under every policy; print a table, write Markdown and a plot."""
     paths = sorted(directory.glob("*.jsonl.gz")) + sorted(directory.glob("*.jsonl"))
@@ -188,7 +195,8 @@ def suite(
                                 description=f"{row.trace} / {row.policy} ({row.wall_s:.0f}s)")
 
             try:
-                rows = run_suite(paths, ordered, extra_policies=extra, progress=advance)
+                rows = run_suite(paths, ordered, extra_policies=extra, progress=advance,
+                                 warm_up=warm_up)
             except (PolicyViolation, TraceError) as exc:
                 console.print(f"[red]{exc}")
                 raise typer.Exit(2) from None
@@ -201,6 +209,9 @@ def suite(
     note = (f"{shipped}({', '.join(f'{k}={v}' for k, v in defaults.items())}); max_nodes is "
             "the trace's quota. static-best is the smallest K with miss rate <= 1%, chosen per "
             "trace with hindsight.\n")
+    if warm_up:
+        note += (f"\nEvery policy played each trace {warm_up} time(s) unscored before the "
+                 "scored play (--warm-up): these are warm figures, not a cold start.\n")
     (out / "results.md").write_text(note + "\n" + markdown_table(rows))
     (out / "results.json").write_text(json.dumps(
         [{"trace": r.trace, "policy": r.policy, "detail": r.detail, "wall_s": r.wall_s,

@@ -45,11 +45,19 @@ def nearest_rank(values: list[float], percentile: float) -> float:
 
 class Scoreboard:
     """Books of one replay; times are seconds since trace start, and the books close at
-    `duration_s`: whatever is still open then (nodes, allocations, waits) ends there."""
+    `duration_s`: whatever is still open then (nodes, allocations, waits) ends there.
 
-    def __init__(self, duration_s: float, terminate_delay_s: float) -> None:
+    Only what happens from `scored_from_s` on is scored: connects (and their waits) made before
+    it are not counted, and node and busy time count only its part inside the window. A replay
+    that warms a policy up on earlier copies of a trace scores its last copy this way."""
+
+    def __init__(self, duration_s: float, terminate_delay_s: float,
+                 scored_from_s: float = 0.0) -> None:
+        if not 0.0 <= scored_from_s < duration_s:
+            raise ValueError(f"scored_from_s must be in [0, {duration_s}), got {scored_from_s}")
         self.duration_s = duration_s
         self.terminate_delay_s = terminate_delay_s
+        self.scored_from_s = scored_from_s
         self._created: dict[str, float] = {}
         self._billed_until: dict[str, float] = {}
         self._allocated_at: dict[str, float] = {}
@@ -64,38 +72,49 @@ class Scoreboard:
         """A create request was sent at `t`: billing starts now, booting time is paid."""
         self._created[node_id] = t
 
+    def _scored(self, t: float) -> bool:
+        return t >= self.scored_from_s
+
     def node_terminate_requested(self, node_id: str, t: float) -> None:
         """Billing runs on for the terminate delay after the request, but not past the end."""
         self._billed_until[node_id] = min(t + self.terminate_delay_s, self.duration_s)
 
     def connect_hit(self, user_id: str, node_id: str, t: float) -> None:
-        self._connects += 1
+        if self._scored(t):
+            self._connects += 1
         self._allocated_at[user_id] = t
 
     def connect_miss(self, user_id: str, t: float) -> None:
-        self._connects += 1
-        self._misses += 1
+        if self._scored(t):
+            self._connects += 1
+            self._misses += 1
         self._missed_at[user_id] = t
 
     def served_after_wait(self, user_id: str, node_id: str, t: float) -> None:
-        self._waits.append(t - self._missed_at.pop(user_id))
+        missed = self._missed_at.pop(user_id)
+        if self._scored(missed):
+            self._waits.append(t - missed)
         self._allocated_at[user_id] = t
 
     def released(self, user_id: str, t: float) -> None:
-        """The user's allocation interval ends: it was busy time."""
-        self._busy_s += t - self._allocated_at.pop(user_id)
+        """The user's allocation interval ends: its part in the scored window was busy time."""
+        self._busy_s += self._inside(self._allocated_at.pop(user_id), t)
 
     def waiting_user_left(self, user_id: str, t: float) -> None:
         """A waiting user gave up: abandoned, and the wait is not a served wait."""
-        del self._missed_at[user_id]
-        self._abandoned += 1
+        if self._scored(self._missed_at.pop(user_id)):
+            self._abandoned += 1
+
+    def _inside(self, start: float, end: float) -> float:
+        """Seconds of [start, end] inside the scored window."""
+        return max(0.0, min(end, self.duration_s) - max(start, self.scored_from_s))
 
     def close(self) -> Scores:
         """Score as of `duration_s`; the board can be closed more than once with the same result."""
         end = self.duration_s
-        busy_s = self._busy_s + sum(end - t for t in self._allocated_at.values())
+        busy_s = self._busy_s + sum(self._inside(t, end) for t in self._allocated_at.values())
         node_s = sum(
-            max(0.0, self._billed_until.get(node, end) - created)
+            self._inside(created, self._billed_until.get(node, end))
             for node, created in self._created.items()
         )
         node_hours = node_s / 3600.0
@@ -111,8 +130,8 @@ class Scoreboard:
             misses=self._misses,
             miss_rate=self._misses / self._connects if self._connects else 0.0,
             wait_p95_s=nearest_rank(self._waits, 95.0),
-            abandoned=self._abandoned + len(self._missed_at),
-            nodes_created=len(self._created),
+            abandoned=self._abandoned + sum(map(self._scored, self._missed_at.values())),
+            nodes_created=sum(map(self._scored, self._created.values())),
             node_hours=node_hours,
             busy_hours=busy_hours,
             cost_ratio=cost_ratio,

@@ -56,8 +56,11 @@ def run_suite(
     extra_policies: Mapping[str, PolicyFactory] | None = None,
     progress: Callable[[Row], None] | None = None,
     tick_s: float = 1.0,
+    warm_up: int = 0,
 ) -> list[Row]:
-    """Replay every trace under every policy (named ones first, then `extra_policies`).
+    """Replay every trace under every policy (named ones first, then `extra_policies`), each
+    after `warm_up` unscored plays of the same trace (see `Trace.warmed_up`); static-best is
+    chosen on the same warmed-up replay.
 
     Unknown names fail before any replay starts, not an hour into the run.
     """
@@ -67,7 +70,7 @@ def run_suite(
     factories.update(extra_policies or {})
     rows: list[Row] = []
     for path in trace_paths:
-        trace = load_trace(path)
+        trace = load_trace(path).warmed_up(warm_up)
         for name, factory in factories.items():
             started = time.perf_counter()
             detail = ""

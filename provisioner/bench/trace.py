@@ -40,6 +40,8 @@ class Trace:
     terminate_delay_s: float
     max_nodes: int
     events: list[TraceEvent] = field(default_factory=list)
+    scored_from_s: float = 0.0  # a replay scores only what happens from here on
+
 
     def with_boot_offset(self, offset: int) -> Trace:
         """The same trace with its boot-delay sequence started at index `offset` (mod its
@@ -47,6 +49,42 @@ class Trace:
         sequence of boots. Offset 0 is the recorded trace."""
         k = offset % len(self.boot_delays)
         return replace(self, boot_delays=self.boot_delays[k:] + self.boot_delays[:k])
+
+    def warmed_up(self, copies: int) -> Trace:
+        """The trace played `copies` times before itself, back to back, with only the last play
+        scored: the policy meets the scored traffic after hours of the same kind, as a service
+        that has run for a while does, not straight after its start. Each earlier copy has its
+        own users (ids suffixed `.w1`, `.w2`, ...) and activity timestamps moved with it; boot
+        delays run on through the sequence. 0 copies is the trace itself."""
+        if copies < 0:
+            raise ValueError(f"copies must be >= 0, got {copies}")
+        if copies == 0:
+            return self
+        span = self.duration_s
+        # A session still open when the trace ends would hold its node through the scored copy,
+        # and closing them all at the seam would free a crowd of nodes at once (a static pool
+        # pays 300 s of idle for each): in warm-up copies those users browse but do not connect.
+        open_at_end: set[str] = set()
+        for event in self.events:
+            if event.channel == "user:connect":
+                open_at_end.add(event.msg["user_id"])
+            elif event.channel == "user:disconnect":
+                open_at_end.discard(event.msg["user_id"])
+        events: list[TraceEvent] = []
+        for copy in range(copies + 1):
+            shift = copy * span
+            warm_up = copy < copies
+            suffix = f".w{copies - copy}" if warm_up else ""
+            for event in self.events:
+                user = event.msg["user_id"]
+                if warm_up and user in open_at_end and event.channel != "user:activity":
+                    continue
+                msg = dict(event.msg, user_id=user + suffix)
+                if "timestamp" in msg:
+                    msg["timestamp"] += int(shift)
+                events.append(TraceEvent(event.t + shift, event.channel, msg))
+        return replace(self, duration_s=span * (copies + 1), events=events,
+                       scored_from_s=self.scored_from_s + copies * span)
 
 
 def _number(value: object, what: str, *, minimum: float = 0.0) -> float:

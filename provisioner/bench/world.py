@@ -87,7 +87,7 @@ class World:
         self.policy = policy
         self.tick_s = tick_s
         self.now = 0.0
-        self.board = Scoreboard(trace.duration_s, trace.terminate_delay_s)
+        self.board = Scoreboard(trace.duration_s, trace.terminate_delay_s, trace.scored_from_s)
         self._nodes: dict[str, _Node] = {}
         self._live = 0  # requested + booting + ready (free or allocated): what max_nodes caps
         self._created = 0

@@ -98,4 +98,6 @@ def test_only_the_scored_window_counts() -> None:
     assert scores.busy_hours == pytest.approx(60 / 3600)
     assert scores.node_hours == pytest.approx(95 / 3600)
     with pytest.raises(ValueError, match="scored_from_s"):
-        Scoreboard(duration_s=10.0, terminate_delay_s=5.0, scored_from_s=10.0)
+        Scoreboard(duration_s=10.0, terminate_delay_s=5.0, scored_from_s=10.5)
+    empty = Scoreboard(duration_s=0.0, terminate_delay_s=5.0).close()  # a zero-length trace
+    assert (empty.connects, empty.node_hours) == (0, 0.0)

@@ -53,8 +53,8 @@ class Scoreboard:
 
     def __init__(self, duration_s: float, terminate_delay_s: float,
                  scored_from_s: float = 0.0) -> None:
-        if not 0.0 <= scored_from_s < duration_s:
-            raise ValueError(f"scored_from_s must be in [0, {duration_s}), got {scored_from_s}")
+        if not 0.0 <= scored_from_s <= duration_s:
+            raise ValueError(f"scored_from_s must be in [0, {duration_s}], got {scored_from_s}")
         self.duration_s = duration_s
         self.terminate_delay_s = terminate_delay_s
         self.scored_from_s = scored_from_s

@@ -72,9 +72,6 @@ class Scoreboard:
         """A create request was sent at `t`: billing starts now, booting time is paid."""
         self._created[node_id] = t
 
-    def _scored(self, t: float) -> bool:
-        return t >= self.scored_from_s
-
     def node_terminate_requested(self, node_id: str, t: float) -> None:
         """Billing runs on for the terminate delay after the request, but not past the end."""
         self._billed_until[node_id] = min(t + self.terminate_delay_s, self.duration_s)
@@ -104,6 +101,10 @@ class Scoreboard:
         """A waiting user gave up: abandoned, and the wait is not a served wait."""
         if self._scored(self._missed_at.pop(user_id)):
             self._abandoned += 1
+
+    def _scored(self, t: float) -> bool:
+        """Whether something that happened at `t` is inside the scored window."""
+        return t >= self.scored_from_s
 
     def _inside(self, start: float, end: float) -> float:
         """Seconds of [start, end] inside the scored window."""

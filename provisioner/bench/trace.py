@@ -42,7 +42,6 @@ class Trace:
     events: list[TraceEvent] = field(default_factory=list)
     scored_from_s: float = 0.0  # a replay scores only what happens from here on
 
-
     def with_boot_offset(self, offset: int) -> Trace:
         """The same trace with its boot-delay sequence started at index `offset` (mod its
         length): another draw of the same node environment, to judge a policy on more than one

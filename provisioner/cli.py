@@ -90,6 +90,10 @@ def run(
         envvar="PROVISIONER_BUFFER_SD",
         help="forecast: safety buffer in standard deviations of the demand")
     ] = DEFAULTS.buffer_sd,
+    surge_buffer_sd: Annotated[float, typer.Option(
+        envvar="PROVISIONER_SURGE_BUFFER_SD",
+        help="forecast: safety buffer while arrivals surge (twice their long-run rate or more)")
+    ] = DEFAULTS.surge_buffer_sd,
     learning_half_life: Annotated[float, typer.Option(
         envvar="PROVISIONER_LEARNING_HALF_LIFE",
         help="forecast: seconds after which learned chances and rates weigh half")
@@ -137,7 +141,7 @@ def run(
             activity_window_s=activity_window, engaged_threshold=engaged_threshold,
             conversion=conversion, create_timeout_s=create_timeout,
             delete_timeout_s=delete_timeout, max_batch=max_batch,
-            scaling_policy=scaling_policy, buffer_sd=buffer_sd,
+            scaling_policy=scaling_policy, buffer_sd=buffer_sd, surge_buffer_sd=surge_buffer_sd,
             learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
             keep_window_s=keep_window,
         ).validate()

@@ -34,6 +34,8 @@ class PoolConfig:
     scaling_policy: str = "forecast"
     #: the forecast's safety buffer, in standard deviations of the net demand
     buffer_sd: float = 2.25
+    #: the buffer while arrivals surge (twice their long-run rate or more, beyond chance)
+    surge_buffer_sd: float = 4.5
     #: how fast the forecast forgets: half-life of its learned chances and rates
     learning_half_life_s: float = 1800.0
     #: boot time assumed until the pool has seen a boot
@@ -66,6 +68,7 @@ class PoolConfig:
         need(self.scaling_policy in ("forecast", "heuristic"),
              "scaling_policy must be forecast or heuristic")
         need(0 <= self.buffer_sd <= 10, "buffer_sd must be in [0, 10]")
+        need(0 <= self.surge_buffer_sd <= 10, "surge_buffer_sd must be in [0, 10]")
         need(self.learning_half_life_s >= 10, "learning_half_life_s must be >= 10")
         need(1 <= self.boot_prior_s <= 3600, "boot_prior_s must be in [1, 3600]")
         need(0 <= self.keep_window_s <= 86400, "keep_window_s must be in [0, 86400]")
@@ -106,6 +109,7 @@ class PoolConfig:
             int(self.learning_half_life_s * 1000),
             int(self.boot_prior_s * 1000),
             int(self.keep_window_s * 1000),
+            repr(float(self.surge_buffer_sd)),
         ]
 
     def as_dict(self) -> dict[str, object]:

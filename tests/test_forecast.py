@@ -186,6 +186,74 @@ async def test_a_burst_of_arrivals_raises_the_unforeseen_demand(pool: PoolUnderT
     assert after["target"] > before["target"]
 
 
+async def test_a_surge_widens_the_buffer(pool: PoolUnderTest) -> None:
+    calm = PoolConfig(min_ready=0, max_nodes=1000, surge_buffer_sd=2.25)
+    wide = PoolConfig(min_ready=0, max_nodes=1000)
+    for minute in range(30):  # one arrival a minute for half an hour
+        await browse(pool, f"steady{minute}", 1)
+        pool.clock.advance(60_000)
+        await decide(pool, wide)
+    pool.clock.advance(1000)
+    reason, before = await decide(pool, wide)
+    assert "(z=2.25)" in reason  # no surge: the usual buffer
+    for i in range(20):  # twenty in ten seconds
+        await browse(pool, f"burst{i}", 1)
+        pool.clock.advance(500)
+    same_reason, same = await decide(pool, calm)
+    pool.clock.advance(1000)  # one decision per interval
+    reason, surged = await decide(pool, wide)
+    assert "(z=2.25)" in same_reason and "(z=4.50, surge)" in reason
+    buffer = float(reason.split("+ buffer ")[1].split(" ")[0])
+    same_buffer = float(same_reason.split("+ buffer ")[1].split(" ")[0])
+    assert buffer == pytest.approx(same_buffer * 2, rel=0.02)
+    assert surged["target"] > same["target"] > before["target"]
+
+
+def panic_of(reason: str) -> float:
+    return float(reason.split("panic x")[1].split(")")[0])
+
+
+async def arrivals(pool: PoolUnderTest, config: PoolConfig, minutes: int, per_minute: int,
+                   prefix: str, every: int = 1) -> str:
+    """`per_minute` new users at the start of every `every`-th minute; a decision half a minute
+    into each minute, while they are still under a minute old. Returns the last reason."""
+    reason = ""
+    for minute in range(minutes):
+        for k in range(per_minute if minute % every == 0 else 0):
+            await browse(pool, f"{prefix}{minute}-{k}", 1)
+        pool.clock.advance(30_000)
+        reason, _ = await decide(pool, config)
+        pool.clock.advance(30_000)
+    return reason
+
+
+async def test_panic_weighs_the_last_minute_against_the_rate_observed(
+        pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    # five minutes of two arrivals a minute: the rate is not trusted over less than 15
+    # minutes, so a new pool sees 10 arrivals in 900 s and the last minute's 2 as 3x that
+    # (3.2x: the first minutes' arrivals have decayed a little)
+    early = await arrivals(pool, config, 5, 2, "a")
+    assert 3.0 <= panic_of(early) <= 3.3
+    # forty minutes in, the same rate is the long-run rate: no panic (a long-run rate that
+    # counted the decayed arrivals over a full half-life's weight would still read 1.7x here)
+    later = await arrivals(pool, config, 35, 2, "b")
+    assert panic_of(later) <= 1.1
+
+
+async def test_a_surge_must_be_more_than_chance(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    # an hour of one arrival every four minutes
+    assert "(z=2.25)" in await arrivals(pool, config, 60, 1, "a", every=4)
+    # then one in a minute: four times the usual rate, but within two Poisson deviations of
+    # the quarter arrival a minute brings on average: no surge
+    one = await arrivals(pool, config, 1, 1, "b")
+    assert panic_of(one) >= 3.5 and "(z=2.25)" in one
+    # two in a minute are beyond chance
+    two = await arrivals(pool, config, 1, 2, "c")
+    assert panic_of(two) >= 6 and "(z=4.50, surge)" in two
+
+
 async def test_reap_keeps_what_the_forecast_needs(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, idle_timeout_s=1, max_nodes=1000)
     for node in ("n1", "n2", "n3"):

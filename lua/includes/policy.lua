@@ -23,6 +23,7 @@ local function read_params()
     half_life_ms = tonumber(ARGV[16]),
     boot_prior_ms = tonumber(ARGV[17]),
     keep_window_ms = tonumber(ARGV[18]),
+    surge_z = tonumber(ARGV[19]),
   }
 end
 
@@ -68,8 +69,17 @@ local PRIOR_FRESH = 0.05
 local PRIOR_WALL_S = 600
 local PRIOR_SESSION_S = 900
 -- Panic: the connects of users not browsing yet scale with the arrival rate of the last minute
--- over the long-run one, up to this factor.
+-- over the long-run one, up to this factor. The long-run rate is the decayed arrival count over
+-- the decayed time observed ('x0'), but never over less than START_S: a new pool does not trust
+-- its first minutes' rate, so it starts in a mild panic that fades over its first START_S.
 local PANIC_MAX = 25
+local START_S = 900
+-- A surge: arrivals at SURGE_PANIC times their long-run rate or more, and more than chance gives
+-- (SURGE_SIGNIFICANCE Poisson deviations above the long-run count). While it lasts the buffer is
+-- surge_buffer_sd deviations, not buffer_sd: a crowd's connects come faster than the chances
+-- learned in calmer times say, and the nodes must be booting before they do.
+local SURGE_PANIC = 2
+local SURGE_SIGNIFICANCE = 2
 
 -- The model's fields: per cell (i, j) the seconds browsing users spent in it ('x') and the
 -- seconds of it that came within a horizon before a connect ('r', credited by allocate); the same
@@ -179,12 +189,15 @@ local function forecast_target(s, p, update)
   end
   local fresh = (m.r0 + PRIOR_FRESH * PRIOR_WALL_S) / (m.x0 + PRIOR_WALL_S)
   local arrivals = young / (AGES[1] / 1000)
-  local usual = m.arr * math.log(2) / half_life_s
+  local usual = m.arr / math.max(m.x0, START_S)
   local panic = 1
   if usual > 0 and arrivals > usual then
     panic = math.min(arrivals / usual, PANIC_MAX)
   end
   fresh = fresh * panic
+  local expected = usual * (AGES[1] / 1000)
+  local surging = panic >= SURGE_PANIC
+    and young >= expected + SURGE_SIGNIFICANCE * math.sqrt(expected)
   local stretch = L / H
   mean = (mean + fresh) * stretch
   var = (var + fresh) * stretch
@@ -192,12 +205,18 @@ local function forecast_target(s, p, update)
   local q = 1 - math.exp(-release_rate * L)
   local frees = s.allocated * q
   local frees_var = s.allocated * q * (1 - q)
-  local buffer = p.z * math.sqrt(var + frees_var)
+  local z = p.z
+  local surge = ''
+  if surging and p.surge_z > z then
+    z = p.surge_z
+    surge = ', surge'
+  end
+  local buffer = z * math.sqrt(var + frees_var)
   local target = math.max(0, math.ceil(mean - frees + buffer - 1e-9))
   local why = string.format(
     'forecast %.2f connects in %.0fs (%.2f not browsing yet, panic x%.1f) - %.2f frees'
-    .. ' + buffer %.2f (z=%.2f); browsing by level %s', mean, L, fresh * stretch, panic, frees,
-    buffer, p.z, table.concat(browsing, '/'))
+    .. ' + buffer %.2f (z=%.2f%s); browsing by level %s', mean, L, fresh * stretch, panic,
+    frees, buffer, z, surge, table.concat(browsing, '/'))
   if stretch > 1 then
     why = why .. string.format('; learned over %.0fs, scaled x%.2f to the boot time', H, stretch)
   end

@@ -227,18 +227,17 @@ async def arrivals(pool: PoolUnderTest, config: PoolConfig, minutes: int, per_mi
     return reason
 
 
-async def test_panic_weighs_the_last_minute_against_the_rate_observed(
-        pool: PoolUnderTest) -> None:
+async def test_a_new_pool_panics_but_does_not_call_it_a_surge(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, max_nodes=1000)
-    # five minutes of two arrivals a minute: the rate is not trusted over less than 15
-    # minutes, so a new pool sees 10 arrivals in 900 s and the last minute's 2 as 3x that
-    # (3.2x: the first minutes' arrivals have decayed a little)
+    # five minutes of two arrivals a minute. Panic reads them against a full memory's weight
+    # (half-life / ln 2 = 2597 s), so a new pool holds stock for a crowd: about 9x
     early = await arrivals(pool, config, 5, 2, "a")
-    assert 3.0 <= panic_of(early) <= 3.3
-    # forty minutes in, the same rate is the long-run rate: no panic (a long-run rate that
-    # counted the decayed arrivals over a full half-life's weight would still read 1.7x here)
+    assert 8 <= panic_of(early) <= 10
+    # but against the rate it has observed, two a minute is no rise: no surge
+    assert "(z=2.25)" in early
+    # the caution fades as the memory fills: 1.7x after forty minutes, still no surge
     later = await arrivals(pool, config, 35, 2, "b")
-    assert panic_of(later) <= 1.1
+    assert 1.4 <= panic_of(later) <= 2.0 and "(z=2.25)" in later
 
 
 async def test_a_surge_must_be_more_than_chance(pool: PoolUnderTest) -> None:

@@ -69,13 +69,14 @@ local PRIOR_FRESH = 0.05
 local PRIOR_WALL_S = 600
 local PRIOR_SESSION_S = 900
 -- Panic: the connects of users not browsing yet scale with the arrival rate of the last minute
--- over the long-run one, up to this factor. The long-run rate is the decayed arrival count over
--- the decayed time observed ('x0'), but never over less than START_S: a new pool does not trust
--- its first minutes' rate, so it starts in a mild panic that fades over its first START_S.
+-- over the long-run one, up to this factor. Here the long-run rate is the decayed arrival count
+-- over the weight of a full memory (half-life / ln 2 seconds), not over the time observed: a new
+-- pool reads its first hour's arrivals as a crowd (25x at first, 2x after 30 minutes, gone after
+-- about two hours) and holds more stock while it has learned little. That caution is deliberate.
 local PANIC_MAX = 25
-local START_S = 900
--- A surge: arrivals at SURGE_PANIC times their long-run rate or more, and more than chance gives
--- (SURGE_SIGNIFICANCE Poisson deviations above the long-run count). While it lasts the buffer is
+-- A surge: arrivals at SURGE_PANIC times the rate observed so far ('arr' over the decayed time
+-- observed, 'x0', of at least a minute) or more, and more than chance gives (SURGE_SIGNIFICANCE
+-- Poisson deviations above that rate's count for a minute). While it lasts the buffer is
 -- surge_buffer_sd deviations, not buffer_sd: a crowd's connects come faster than the chances
 -- learned in calmer times say, and the nodes must be booting before they do.
 local SURGE_PANIC = 2
@@ -189,14 +190,15 @@ local function forecast_target(s, p, update)
   end
   local fresh = (m.r0 + PRIOR_FRESH * PRIOR_WALL_S) / (m.x0 + PRIOR_WALL_S)
   local arrivals = young / (AGES[1] / 1000)
-  local usual = m.arr / math.max(m.x0, START_S)
+  local usual = m.arr * math.log(2) / half_life_s
   local panic = 1
   if usual > 0 and arrivals > usual then
     panic = math.min(arrivals / usual, PANIC_MAX)
   end
   fresh = fresh * panic
-  local expected = usual * (AGES[1] / 1000)
-  local surging = panic >= SURGE_PANIC
+  local observed = m.arr / math.max(m.x0, AGES[1] / 1000)
+  local expected = observed * (AGES[1] / 1000)
+  local surging = observed > 0 and arrivals >= SURGE_PANIC * observed
     and young >= expected + SURGE_SIGNIFICANCE * math.sqrt(expected)
   local stretch = L / H
   mean = (mean + fresh) * stretch

@@ -92,7 +92,8 @@ def run(
     ] = DEFAULTS.buffer_sd,
     surge_buffer_sd: Annotated[float, typer.Option(
         envvar="PROVISIONER_SURGE_BUFFER_SD",
-        help="forecast: safety buffer while arrivals surge (twice their long-run rate or more)")
+        help="forecast: safety buffer while arrivals surge (twice the rate seen so far, "
+             "beyond chance)")
     ] = DEFAULTS.surge_buffer_sd,
     learning_half_life: Annotated[float, typer.Option(
         envvar="PROVISIONER_LEARNING_HALF_LIFE",

@@ -34,7 +34,7 @@ class PoolConfig:
     scaling_policy: str = "forecast"
     #: the forecast's safety buffer, in standard deviations of the net demand
     buffer_sd: float = 2.25
-    #: the buffer while arrivals surge (twice their long-run rate or more, beyond chance)
+    #: the buffer while arrivals surge (twice the rate seen so far or more, beyond chance)
     surge_buffer_sd: float = 4.5
     #: how fast the forecast forgets: half-life of its learned chances and rates
     learning_half_life_s: float = 1800.0

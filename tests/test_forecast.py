@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from provisioner.bench.tickcost import LEVEL_BAND, LEVELS, T0, bulk_load, user_events, young_band
 from provisioner.clock import ManualClock
-from provisioner.config import PoolConfig
+from provisioner.config import ConfigError, PoolConfig
 from provisioner.keys import PoolKeys
 from provisioner.scripts import Scripts
 from tests.helpers import PoolUnderTest
@@ -297,3 +297,9 @@ async def test_a_tick_trims_a_bounded_number_of_stale_entries(pool: PoolUnderTes
         sizes.append(await pool.redis.zcard(pool.keys.key("active")))
         pool.clock.advance(config.interval_ms)
     assert sizes == [700, 200, 0]
+
+
+@pytest.mark.parametrize("field, value", [("buffer_sd", -0.5), ("surge_buffer_sd", 11.0)])
+def test_buffer_settings_out_of_range_are_refused(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"{field} must be in"):
+        PoolConfig(**{field: value}).validate()  # type: ignore[arg-type]

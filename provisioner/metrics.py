@@ -55,6 +55,9 @@ class Metrics:
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.decisions = Counter("provisioner_scale_decisions",
                                  "Scaling ticks this replica won", registry=r)
+        self.surges = Counter("provisioner_surge_decisions",
+                              "Scaling ticks this replica won while arrivals surged (the "
+                              "buffer was surge_buffer_sd)", registry=r)
         self.creates = Counter("provisioner_creates_reserved",
                                "Create reservations this replica carried out", registry=r)
         self.terminations = Counter("provisioner_terminations",

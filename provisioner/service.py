@@ -153,6 +153,8 @@ class Replica:
         decision = await self.scripts.scale_decide(args)
         if decision.won:
             self.metrics.decisions.inc()
+            if decision.numbers.get("surge"):
+                self.metrics.surges.inc()
             if decision.reservations:
                 log.info("scale decision: %s", decision.reason,
                          extra={"numbers": decision.numbers})

@@ -203,6 +203,7 @@ async def test_a_surge_widens_the_buffer(pool: PoolUnderTest) -> None:
     pool.clock.advance(1000)  # one decision per interval
     reason, surged = await decide(pool, wide)
     assert "(z=2.25)" in same_reason and "(z=4.50, surge)" in reason
+    assert surged["surge"] is True and same["surge"] is False and before["surge"] is False
     buffer = float(reason.split("+ buffer ")[1].split(" ")[0])
     same_buffer = float(same_reason.split("+ buffer ")[1].split(" ")[0])
     assert buffer == pytest.approx(same_buffer * 2, rel=0.02)

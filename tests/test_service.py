@@ -230,3 +230,27 @@ async def test_outcomes_carry_text_ids_on_a_bytes_client(redis_url: str, aredis:
     assert isinstance(freed, ReleaseResult)
     assert freed.node_id == "node-7"
     assert [(s.user_id, s.node_id) for s in freed.served] == [("u3", "node-7")]
+
+
+async def test_a_tick_decided_in_a_surge_is_counted(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(min_ready=0, max_nodes=100))
+
+    async def arrive(user: str) -> None:
+        await send([replica], "user:activity",
+                   {"user_id": user, "timestamp": clock.now_ms() // 1000})
+
+    for minute in range(30):  # one arrival a minute for half an hour: no surge
+        await arrive(f"steady-{minute}")
+        clock.advance(60_000)
+        await replica.tick()
+    await replica.settle()
+    assert counter(replica, "provisioner_scale_decisions_total") == 30
+    assert counter(replica, "provisioner_surge_decisions_total") == 0
+    for i in range(20):  # then twenty in a few seconds
+        await arrive(f"crowd-{i}")
+    clock.advance(1000)
+    await replica.tick()
+    await replica.settle()
+    assert counter(replica, "provisioner_surge_decisions_total") == 1

@@ -212,6 +212,7 @@ local function forecast_target(s, p, update)
   if surging and p.surge_z > z then
     z = p.surge_z
     surge = ', surge'
+    s.surge = true
   end
   local buffer = z * math.sqrt(var + frees_var)
   local target = math.max(0, math.ceil(mean - frees + buffer - 1e-9))
@@ -281,6 +282,7 @@ local function summary(s, target)
     ready = s.ready, booting = s.booting, allocated = s.allocated, waiting = s.waiting,
     terminating = s.terminating, creating = s.creating, engaged = s.engaged,
     active = s.active, spare = s.spare, target = target, total = s.total,
+    surge = s.surge == true,
   })
 end
 

@@ -168,37 +168,40 @@ async def test_boots_longer_than_the_window_stretch_the_forecast_to_the_boot_tim
     assert float(await slow.redis.hget(slow.keys.key("model"), "horizon_ms") or 0) == 120_000
 
 
-async def test_a_burst_of_arrivals_raises_the_unforeseen_demand(pool: PoolUnderTest) -> None:
-    config = PoolConfig(min_ready=0, max_nodes=1000)
-    for minute in range(30):  # one arrival a minute for half an hour
+def panic_of(reason: str) -> float:
+    return float(reason.split("panic x")[1].split(")")[0])
+
+
+async def steady_then_crowd(pool: PoolUnderTest,
+                            config: PoolConfig) -> tuple[str, dict[str, int]]:
+    """Half an hour of one arrival a minute, then twenty in ten seconds. Returns the decision
+    taken just before the crowd."""
+    for minute in range(30):
         await browse(pool, f"steady{minute}", 1)
         pool.clock.advance(60_000)
         await decide(pool, config)
     pool.clock.advance(1000)
-    reason, before = await decide(pool, config)
-    assert "panic x1.0" in reason
-    for i in range(20):  # twenty in ten seconds
+    before = await decide(pool, config)
+    for i in range(20):
         await browse(pool, f"burst{i}", 1)
         pool.clock.advance(500)
+    return before
+
+
+async def test_a_burst_of_arrivals_raises_the_unforeseen_demand(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    reason, before = await steady_then_crowd(pool, config)
+    assert "panic x1.0" in reason
     reason, after = await decide(pool, config)
-    panic = float(reason.split("panic x")[1].split(")")[0])
-    assert panic >= 10  # arrivals of the last minute over the long-run rate, capped at 25
+    assert panic_of(reason) >= 10  # the last minute's arrivals over the long-run rate, capped
     assert after["target"] > before["target"]
 
 
 async def test_a_surge_widens_the_buffer(pool: PoolUnderTest) -> None:
     calm = PoolConfig(min_ready=0, max_nodes=1000, surge_buffer_sd=2.25)
     wide = PoolConfig(min_ready=0, max_nodes=1000)
-    for minute in range(30):  # one arrival a minute for half an hour
-        await browse(pool, f"steady{minute}", 1)
-        pool.clock.advance(60_000)
-        await decide(pool, wide)
-    pool.clock.advance(1000)
-    reason, before = await decide(pool, wide)
+    reason, before = await steady_then_crowd(pool, wide)
     assert "(z=2.25)" in reason  # no surge: the usual buffer
-    for i in range(20):  # twenty in ten seconds
-        await browse(pool, f"burst{i}", 1)
-        pool.clock.advance(500)
     same_reason, same = await decide(pool, calm)
     pool.clock.advance(1000)  # one decision per interval
     reason, surged = await decide(pool, wide)
@@ -208,10 +211,6 @@ async def test_a_surge_widens_the_buffer(pool: PoolUnderTest) -> None:
     same_buffer = float(same_reason.split("+ buffer ")[1].split(" ")[0])
     assert buffer == pytest.approx(same_buffer * 2, rel=0.02)
     assert surged["target"] > same["target"] > before["target"]
-
-
-def panic_of(reason: str) -> float:
-    return float(reason.split("panic x")[1].split(")")[0])
 
 
 async def arrivals(pool: PoolUnderTest, config: PoolConfig, minutes: int, per_minute: int,

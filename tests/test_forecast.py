@@ -172,6 +172,10 @@ def panic_of(reason: str) -> float:
     return float(reason.split("panic x")[1].split(")")[0])
 
 
+def buffer_of(reason: str) -> float:
+    return float(reason.split("+ buffer ")[1].split(" ")[0])
+
+
 async def steady_then_crowd(pool: PoolUnderTest,
                             config: PoolConfig) -> tuple[str, dict[str, int]]:
     """Half an hour of one arrival a minute, then twenty in ten seconds. Returns the decision
@@ -207,9 +211,7 @@ async def test_a_surge_widens_the_buffer(pool: PoolUnderTest) -> None:
     reason, surged = await decide(pool, wide)
     assert "(z=2.25)" in same_reason and "(z=4.50, surge)" in reason
     assert surged["surge"] is True and same["surge"] is False and before["surge"] is False
-    buffer = float(reason.split("+ buffer ")[1].split(" ")[0])
-    same_buffer = float(same_reason.split("+ buffer ")[1].split(" ")[0])
-    assert buffer == pytest.approx(same_buffer * 2, rel=0.02)
+    assert buffer_of(reason) == pytest.approx(buffer_of(same_reason) * 2, rel=0.02)
     assert surged["target"] > same["target"] > before["target"]
 
 
@@ -302,4 +304,4 @@ async def test_a_tick_trims_a_bounded_number_of_stale_entries(pool: PoolUnderTes
 @pytest.mark.parametrize("field, value", [("buffer_sd", -0.5), ("surge_buffer_sd", 11.0)])
 def test_buffer_settings_out_of_range_are_refused(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"{field} must be in"):
-        PoolConfig(**{field: value}).validate()  # type: ignore[arg-type]
+        PoolConfig(**{field: value}).validate()

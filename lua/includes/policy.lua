@@ -189,17 +189,18 @@ local function forecast_target(s, p, update)
     end
   end
   local fresh = (m.r0 + PRIOR_FRESH * PRIOR_WALL_S) / (m.x0 + PRIOR_WALL_S)
-  local arrivals = young / (AGES[1] / 1000)
+  local minute_s = AGES[1] / 1000  -- 'young' counts the users first seen within it
+  local arrivals = young / minute_s
   local usual = m.arr * math.log(2) / half_life_s
   local panic = 1
   if usual > 0 and arrivals > usual then
     panic = math.min(arrivals / usual, PANIC_MAX)
   end
   fresh = fresh * panic
-  local observed = m.arr / math.max(m.x0, AGES[1] / 1000)
-  local expected = observed * (AGES[1] / 1000)
-  local surging = observed > 0 and arrivals >= SURGE_PANIC * observed
-    and young >= expected + SURGE_SIGNIFICANCE * math.sqrt(expected)
+  -- The surge, in arrivals per minute_s: the rate observed so far expects `expected` of them.
+  local expected = m.arr / math.max(m.x0, minute_s) * minute_s
+  s.surge = expected > 0 and young >= SURGE_PANIC * expected
+    and young >= expected + SURGE_SIGNIFICANCE * math.sqrt(expected) and p.surge_z > p.z
   local stretch = L / H
   mean = (mean + fresh) * stretch
   var = (var + fresh) * stretch
@@ -207,19 +208,13 @@ local function forecast_target(s, p, update)
   local q = 1 - math.exp(-release_rate * L)
   local frees = s.allocated * q
   local frees_var = s.allocated * q * (1 - q)
-  local z = p.z
-  local surge = ''
-  if surging and p.surge_z > z then
-    z = p.surge_z
-    surge = ', surge'
-    s.surge = true
-  end
+  local z = s.surge and p.surge_z or p.z
   local buffer = z * math.sqrt(var + frees_var)
   local target = math.max(0, math.ceil(mean - frees + buffer - 1e-9))
   local why = string.format(
     'forecast %.2f connects in %.0fs (%.2f not browsing yet, panic x%.1f) - %.2f frees'
     .. ' + buffer %.2f (z=%.2f%s); browsing by level %s', mean, L, fresh * stretch, panic,
-    frees, buffer, z, surge, table.concat(browsing, '/'))
+    frees, buffer, z, s.surge and ', surge' or '', table.concat(browsing, '/'))
   if stretch > 1 then
     why = why .. string.format('; learned over %.0fs, scaled x%.2f to the boot time', H, stretch)
   end

@@ -301,6 +301,20 @@ async def test_a_tick_trims_a_bounded_number_of_stale_entries(pool: PoolUnderTes
     assert sizes == [700, 200, 0]
 
 
+async def test_the_tick_cost_load_has_entries_leaving_the_window_from_the_first_tick(
+        pool: PoolUnderTest) -> None:
+    """The benchmark's users keep leaving the window while it times ticks, as in steady traffic;
+    a load whose entries all stayed inside would time a tick that trims nothing."""
+    config = PoolConfig(min_ready=0, max_nodes=0)
+    await bulk_load(pool.redis, pool.keys, 3000, config.window_ms)
+    sizes = [await pool.redis.zcard(pool.keys.key("active"))]
+    for _ in range(3):
+        pool.clock.advance(config.interval_ms)
+        await decide(pool, config)
+        sizes.append(await pool.redis.zcard(pool.keys.key("active")))
+    assert sizes[0] == 3000 and sizes[0] > sizes[1] > sizes[2] > sizes[3]
+
+
 @pytest.mark.parametrize("field, value", [("buffer_sd", -0.5), ("surge_buffer_sd", 11.0)])
 def test_buffer_settings_out_of_range_are_refused(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"{field} must be in"):

@@ -2,9 +2,11 @@
 
 Loads N browsing users into a pool (the pool-wide sorted sets exactly as record_activity leaves
 them, written in bulk: tests/test_forecast.py checks the two agree), then times scale_decide +
-reap_idle, the work one tick does in Redis, over consecutive ticks of virtual time (so the
-trimming of events leaving the window is included). Nothing is created (max_nodes is reached by
-a filler node), so the samples measure the decision itself.
+reap_idle, the work one tick does in Redis, over consecutive ticks of virtual time. The events
+are spread over the whole activity window, so from the first timed tick on, entries leave it
+and every tick does its share of the (bounded) trimming, as a pool in steady traffic does.
+Nothing is created (max_nodes is reached by a filler node), so the samples measure the
+decision itself.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class TickCost:
     median_ms: float
     p95_ms: float
     used_memory_mb: float
+    trimmed_median: float  # entries removed per tick (at most TRIM_LIMIT per set and band)
 
 
 LEVELS = (1, 2, 4, 8, 16)
@@ -43,10 +46,13 @@ def young_band(i: int, j: int) -> int:
     return (20 + 4 * i + j) * LEVEL_BAND
 
 
+SPREAD_MS = 120_000  # the default window: from the second tick on, the oldest events leave it
+
+
 def user_events(i: int) -> list[int]:
-    """User i's activity timestamps (ms, oldest first): 1 to 20 events over the last 100 s, so
-    every level is populated."""
-    return sorted(T0 - (i * 7 + j * 5_000) % 100_000 for j in range(1 + i % 20))
+    """User i's activity timestamps (ms, oldest first): 1 to 20 events over the last 120 s, so
+    every level is populated and some users' events leave the window at every tick."""
+    return sorted(T0 - (i * 7_919 + j * 5_000) % SPREAD_MS for j in range(1 + i % 20))
 
 
 async def bulk_load(redis: aioredis.Redis, keys: PoolKeys, users: int, window_ms: int,
@@ -94,18 +100,21 @@ async def measure(redis_url: str, users: int, *, ticks: int = 50,
         await bulk_load(redis, keys, users, config.window_ms)
         load_s = time.perf_counter() - started
         await scripts.apply_node_status(T0, "filler", "booting")  # max_nodes reached
-        samples = []
+        samples, trimmed = [], []
         for tick in range(ticks):
             args = config.policy_args(T0 + tick * config.interval_ms, "bench")
+            before = int(await redis.hget(keys.key("stats"), "entries_trimmed") or 0)
             begin = time.perf_counter()
             await scripts.scale_decide(args)
             await scripts.reap_idle(args)
             samples.append((time.perf_counter() - begin) * 1000)
+            after = int(await redis.hget(keys.key("stats"), "entries_trimmed") or 0)
+            trimmed.append(after - before)
         info = await redis.info("memory")
         samples.sort()
         return TickCost(users, load_s, statistics.median(samples),
                         samples[int(0.95 * (len(samples) - 1))],
-                        int(info["used_memory"]) / 2**20)
+                        int(info["used_memory"]) / 2**20, statistics.median(trimmed))
     finally:
         async for key in redis.scan_iter(match=keys.pattern(), count=1000):
             await redis.unlink(key)

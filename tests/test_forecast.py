@@ -301,6 +301,24 @@ async def test_a_tick_trims_a_bounded_number_of_stale_entries(pool: PoolUnderTes
     assert sizes == [700, 200, 0]
 
 
+async def test_arrivals_alone_keep_the_sets_at_the_size_of_the_window(
+        pool: PoolUnderTest) -> None:
+    """With no tick at all (or churn beyond the tick's trim allowance), each new entry removes
+    up to two that left the window, so the sets hold the window's users, not every user ever."""
+    config = PoolConfig()
+    for second in range(600):  # one new user a second, one request each; ten minutes
+        now = pool.now
+        await pool.scripts.record_activity(now, f"user-{second}", now, config.window_ms, 3, 100)
+        pool.clock.advance(1000)
+    in_window = config.window_ms // 1000 + 1
+    assert await pool.redis.zcard(pool.keys.key("active")) <= in_window + 2
+    # Each user lives in four cells at most while in the window (level 1, young under 1, 2 and
+    # 5 minutes, the last capped at the window).
+    assert await pool.redis.zcard(pool.keys.key("levels")) <= 4 * (in_window + 2)
+    _, numbers = await decide(pool, config)
+    assert numbers["active"] == in_window - 1  # the counts are what they were: score ranges
+
+
 async def test_the_tick_cost_load_has_entries_leaving_the_window_from_the_first_tick(
         pool: PoolUnderTest) -> None:
     """The benchmark's users keep leaving the window while it times ticks, as in steady traffic;

@@ -67,6 +67,17 @@ local function trim(key, lo, hi, limit)
   return n
 end
 
+-- After a ZADD that added `added` new members to a set (or a band of one), remove up to two of
+-- its members scored in [lo, hi] (stale ones). Each stale entry was once a new member, so two
+-- per new member keep any set from growing past its live members plus what is still to go.
+local SWEEP_PER_ADD = 2
+local function sweep_after_add(added, key, lo, hi)
+  if added > 0 then
+    return trim(key, lo, hi, SWEEP_PER_ADD * added)
+  end
+  return 0
+end
+
 local function young_band(i, j)
   return (20 + 4 * i + j) * LEVEL_BAND
 end

@@ -55,10 +55,12 @@ end
 local n = rcall('ZCOUNT', ak, now - window, '+inf')
 -- The window outlives its last event by a minute; a user who never comes back leaves nothing.
 rcall('PEXPIRE', ak, keep_ms)
--- A new member pays for removing up to two members that left the window (lua/includes/keys.lua
--- sweep_after_add): every entry that goes stale was once new, so removal keeps up with any
--- churn, O(log n) per event, and the tick's bounded trim only mops up after traffic stops.
-sweep_after_add(rcall('ZADD', K.active, 'GT', ts, user), K.active, 0, now - window - 1)
+-- Each new member here (and in `engaged` and the cells below) removes up to SWEEP_PER_ADD stale
+-- ones (lua/includes/keys.lua): the sets keep pace with any churn, and the tick's bounded trim
+-- only mops up after traffic stops.
+if rcall('ZADD', K.active, 'GT', ts, user) > 0 then
+  trim_stale(K.active, now, window, SWEEP_PER_ADD)
+end
 
 if added == 0 then
   return {2, n}
@@ -70,7 +72,9 @@ if rcall('HEXISTS', K.alloc, user) == 1 or rcall('HEXISTS', K.waiting_since, use
 end
 if n >= threshold then
   local nth = rcall('ZRANGE', ak, -threshold, -threshold, 'WITHSCORES')
-  sweep_after_add(rcall('ZADD', K.engaged, nth[2], user), K.engaged, 0, now - window - 1)
+  if rcall('ZADD', K.engaged, nth[2], user) > 0 then
+    trim_stale(K.engaged, now, window, SWEEP_PER_ADD)
+  end
 end
 -- Cells for the forecast. First seen: the first event since the user last had no node.
 local first = first_seen(user)
@@ -84,16 +88,16 @@ rcall('SET', K.seen_prefix .. user, first, 'PX', keep_ms)
 for i, k in ipairs(LEVELS) do
   if n < k then break end
   local kth = tonumber(rcall('ZRANGE', ak, -k, -k, 'WITHSCORES')[2])
-  local band = k * LEVEL_BAND
-  sweep_after_add(rcall('ZADD', K.levels, score(band + kth), k .. ':' .. user), K.levels, band,
-                  band + now - window)
+  if rcall('ZADD', K.levels, score(k * LEVEL_BAND + kth), k .. ':' .. user) > 0 then
+    trim_stale_level(k, now, window, SWEEP_PER_ADD)
+  end
   for j, limit in ipairs(AGES) do
     if first + limit > now then
-      local young = young_band(i, j)
-      local added_young = rcall('ZADD', K.levels,
-                                score(young + math.min(kth + window, first + limit)),
-                                k .. ':' .. j .. ':' .. user)
-      sweep_after_add(added_young, K.levels, young, young + now)
+      local deadline = math.min(kth + window, first + limit)
+      local member = k .. ':' .. j .. ':' .. user
+      if rcall('ZADD', K.levels, score(young_band(i, j) + deadline), member) > 0 then
+        trim_stale_young(i, j, now, SWEEP_PER_ADD)
+      end
     end
   end
 end

@@ -52,14 +52,12 @@ end
 -- Entries that left the window are already ignored by every count (they are scored by time);
 -- dropping them only frees memory, so at most TRIM_LIMIT per set and band go per tick.
 local TRIM_LIMIT = 500
-local trimmed = trim(K.active, 0, now - p.window_ms - 1, TRIM_LIMIT)
-  + trim(K.engaged, 0, now - p.window_ms - 1, TRIM_LIMIT)
+local trimmed = trim_stale(K.active, now, p.window_ms, TRIM_LIMIT)
+  + trim_stale(K.engaged, now, p.window_ms, TRIM_LIMIT)
 for i, k in ipairs(LEVELS) do
-  trimmed = trimmed + trim(K.levels, k * LEVEL_BAND, k * LEVEL_BAND + now - p.window_ms,
-                           TRIM_LIMIT)
+  trimmed = trimmed + trim_stale_level(k, now, p.window_ms, TRIM_LIMIT)
   for j = 1, #AGES do
-    local band = young_band(i, j)
-    trimmed = trimmed + trim(K.levels, band, band + now, TRIM_LIMIT)
+    trimmed = trimmed + trim_stale_young(i, j, now, TRIM_LIMIT)
   end
 end
 if trimmed > 0 then

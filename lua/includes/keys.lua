@@ -67,20 +67,31 @@ local function trim(key, lo, hi, limit)
   return n
 end
 
--- After a ZADD that added `added` new members to a set (or a band of one), remove up to two of
--- its members scored in [lo, hi] (stale ones). Each stale entry was once a new member, so two
--- per new member keep any set from growing past its live members plus what is still to go.
-local SWEEP_PER_ADD = 2
-local function sweep_after_add(added, key, lo, hi)
-  if added > 0 then
-    return trim(key, lo, hi, SWEEP_PER_ADD * added)
-  end
-  return 0
-end
-
 local function young_band(i, j)
   return (20 + 4 * i + j) * LEVEL_BAND
 end
+
+-- What has gone stale in each set, defined once for the tick's bounded trim (scale_decide) and
+-- the sweep that pays for each new member (record_activity). `active` and `engaged` count a
+-- score within the window (>= now - window); a level band counts a k-th event strictly after
+-- now - window; a young cell counts a deadline still ahead (> now).
+local function trim_stale(key, now, window, limit)
+  return trim(key, 0, now - window - 1, limit)
+end
+
+local function trim_stale_level(k, now, window, limit)
+  local band = k * LEVEL_BAND
+  return trim(K.levels, band, band + now - window, limit)
+end
+
+local function trim_stale_young(i, j, now, limit)
+  local band = young_band(i, j)
+  return trim(K.levels, band, band + now, limit)
+end
+
+-- A new member removes up to this many stale ones from its set or band: every stale entry was
+-- once a new member, so removal keeps pace with arrivals at any rate, O(log n) per event.
+local SWEEP_PER_ADD = 2
 
 local function forget_levels(user)
   local members = {}

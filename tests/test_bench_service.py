@@ -10,7 +10,7 @@ import redis
 from typer.testing import CliRunner
 
 from provisioner.bench.scoring import Scores
-from provisioner.bench.service_policy import ServicePolicy
+from provisioner.bench.service_policy import Miss, ServicePolicy
 from provisioner.bench.trace import load_trace
 from provisioner.bench.world import run_replay
 from provisioner.cli import app
@@ -47,6 +47,59 @@ def test_a_starved_pool_misses_and_serves_waiting_users_in_order(
     assert scores.nodes_created == 2
     # Created at the tick of t=10 (after the connects): a waits 10.2 s, b 20.2 s.
     assert scores.wait_p95_s == pytest.approx(20.2)
+
+
+def _starved(tmp_path: Path) -> Path:
+    return write_trace(tmp_path / "starved.jsonl",
+                       [(10.0, "connect", "a"), (10.0, "connect", "b"),
+                        (100.0, "disconnect", "a"), (100.0, "disconnect", "b")],
+                       boot=[10.0, 20.0], duration=200.0)
+
+
+STARVED = ["min_ready=0", "conversion=0", "idle_timeout_s=1", "scaling_policy=heuristic"]
+
+
+def test_each_miss_is_kept_with_the_decision_before_it(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")
+    policy = ServicePolicy(redis_url, pool)
+    run_replay(load_trace(_starved(tmp_path)), policy)
+    # Both connects come before the tick of t=10: the last decision is t=9's, which held an
+    # empty pool at its target of 0, so the pool was not behind and nothing was booting.
+    assert [(m.t, m.user_id, m.scored, m.decided_t, m.kind) for m in policy.misses] == [
+        (10.0, "a", True, 9.0, "short"), (10.0, "b", True, 9.0, "short")]
+    assert policy.misses[0].numbers["target"] == 0
+    assert "hold" in policy.misses[0].decision
+
+
+@pytest.mark.parametrize(("numbers", "kind"), [
+    ({"spare": 2, "target": 3, "booting": 0}, "behind"),
+    ({"spare": 3, "target": 3, "booting": 2, "creating": 0}, "booting"),
+    ({"spare": 3, "target": 3, "booting": 0, "creating": 1}, "booting"),
+    ({"spare": 3, "target": 2, "booting": 0, "creating": 0}, "short"),
+])
+def test_a_miss_says_where_the_node_was_missing(numbers: dict[str, int], kind: str) -> None:
+    assert Miss(1.0, "u", True, 0.0, "", numbers).kind == kind
+
+
+def test_bench_replay_writes_the_misses(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    out = tmp_path / "misses.jsonl"
+    args = ["bench", "replay", str(_starved(tmp_path)), "--json", "--redis-url", redis_url,
+            "--misses", str(out)]
+    for setting in STARVED:
+        args += ["--set", setting]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["misses"] == 2
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(m["user_id"], m["kind"], m["decided_t"]) for m in lines] == [
+        ("a", "short", 9.0), ("b", "short", 9.0)]
+    assert "2 scored misses (0 behind, 0 booting, 2 short)" in result.stderr
+    refused = CliRunner().invoke(app, ["bench", "replay", str(_starved(tmp_path)),
+                                       "--policy", "static-3", "--misses", str(out)])
+    assert refused.exit_code == 2
+    assert "only `provisioner` explains its misses" in refused.output
 
 
 def test_bench_replay_json_has_exactly_the_scores(

@@ -129,17 +129,26 @@ def replay(
         min=0, help="Start the trace's boot-delay sequence at this index: the same users "
         "against another draw of boot delays (0: as recorded)")] = 0,
     warm_up: WarmUp = 0,
+    misses_path: Annotated[Path | None, typer.Option(
+        "--misses", dir_okay=False, help=f"Write every miss of `{SERVICE}` to this file (JSON "
+        "lines: when, the pool's last decision before it, and where the node was missing)")]
+    = None,
 ) -> None:
     """Replay one trace under one policy and print FORMAT.md's scores."""
+    if misses_path is not None and policy != SERVICE:
+        raise typer.BadParameter(f"only `{SERVICE}` explains its misses",
+                                 param_hint="--misses")
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
     overrides = parse_settings(settings)
     with _server(redis_url) as url:
-        factory = _factories([policy], url, overrides)[policy]
+        replayed = _factories([policy], url, overrides)[policy](trace)
         try:
-            scores = run_replay(trace, factory(trace))
+            scores = run_replay(trace, replayed)
         except PolicyViolation as exc:
             console.print(f"[red]policy {policy} broke the rules: {exc}")
             raise typer.Exit(2) from None
+    if misses_path is not None and isinstance(replayed, service_policy.ServicePolicy):
+        _write_misses(misses_path, replayed.misses)
     if as_json:
         typer.echo(json.dumps(scores.as_dict()))
         return
@@ -149,6 +158,18 @@ def replay(
     for key, value in scores.as_dict().items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+def _write_misses(path: Path, misses: list[service_policy.Miss]) -> None:
+    with path.open("w") as out:
+        for miss in misses:
+            out.write(json.dumps(miss.as_dict()) + "\n")
+    scored = [m for m in misses if m.scored]
+    kinds = {kind: sum(m.kind == kind for m in scored) for kind in ("behind", "booting", "short")}
+    # stderr: with --json, stdout holds the scores alone.
+    Console(stderr=True).print(
+        f"{len(scored)} scored misses ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
+        f"{len(misses) - len(scored)} in warm-up plays; written to {path}")
 
 
 def _table(rows: list[Row]) -> Table:

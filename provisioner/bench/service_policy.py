@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -31,6 +33,41 @@ from provisioner.scripts import (
 from provisioner.service import Replica
 
 NAME = "provisioner"
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A connect that found no ready node, with the pool's last scaling decision before it:
+    what an operator would read in `provisioner status` at that moment."""
+
+    t: float  # seconds since the trace's start
+    user_id: str
+    scored: bool  # inside the scored play (not a warm-up copy)
+    decided_t: float | None  # when that decision was taken; None before the first tick
+    decision: str  # its reason, with the forecast's numbers
+    numbers: dict[str, Any]  # its observation: ready, booting, spare, target, ...
+
+    @property
+    def kind(self) -> str:
+        """Where the node was missing:
+        `behind`: spare was below the target (the pool had not caught up with its forecast);
+        `booting`: the target was met, but some of the spare nodes were still booting;
+        `short`: the target was met with ready nodes, and more connects came than it held."""
+        spare = self.numbers.get("spare", 0)
+        if spare < self.numbers.get("target", 0):
+            return "behind"
+        if self.numbers.get("booting", 0) + self.numbers.get("creating", 0) > 0:
+            return "booting"
+        return "short"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "user_id": self.user_id, "scored": self.scored, "kind": self.kind,
+                "decided_t": self.decided_t, "decision": self.decision,
+                "numbers": self.numbers}
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else value or ""
 
 
 class WorldNodeApi:
@@ -71,6 +108,8 @@ class ServicePolicy:
         self._world: World | None = None
         self._epoch_ms = 0
         self.clock = ManualClock(0)
+        #: every connect that missed, in order, with the decision that preceded it
+        self.misses: list[Miss] = []
 
     async def start(self, world: World) -> None:
         self._world = world
@@ -110,6 +149,7 @@ class ServicePolicy:
                 self.world.report_hit(user, outcome.node_id)
             elif outcome.code is Allocation.WAITING:
                 self.world.report_miss(user)
+                self.misses.append(await self._miss(t, user))
         elif isinstance(outcome, ReleaseResult):
             user = str(payload["user_id"])
             if outcome.code is Release.RELEASED:
@@ -119,6 +159,16 @@ class ServicePolicy:
             self._served(outcome.served)
         elif isinstance(outcome, NodeStatusResult):
             self._served(outcome.served)
+
+    async def _miss(self, t: float, user: str) -> Miss:
+        assert self._redis is not None
+        stats = PoolKeys(self.pool_name).key("stats")
+        reason, numbers, decided_ms = await self._redis.hmget(
+            stats, ["last_decision", "last_numbers", "last_decision_ms"])
+        decided_t = None if decided_ms is None else (int(decided_ms) - self._epoch_ms) / 1000
+        return Miss(t=t, user_id=user, scored=t >= self.world.trace.scored_from_s,
+                    decided_t=decided_t, decision=_text(reason),
+                    numbers=json.loads(numbers) if numbers else {})
 
     def _served(self, served: list[Served]) -> None:
         for item in served:

@@ -11,7 +11,7 @@ import pytest
 
 from provisioner.bench.baselines import PoolPolicy, StaticPolicy, make_policy
 from provisioner.bench.suite import markdown_table, pareto_plot, run_suite
-from provisioner.bench.trace import Trace, TraceError, load_trace
+from provisioner.bench.trace import Trace, TraceError, counted_events, load_trace
 from provisioner.bench.world import PolicyViolation, World, run_replay
 
 
@@ -90,6 +90,17 @@ def test_bad_traces_name_file_and_line(tmp_path: Path, lines: list[str], message
     path.write_text(text)
     with pytest.raises(TraceError, match=message.replace("[", r"\[")):
         load_trace(path)
+
+
+def test_counted_events_skip_a_repeated_connect_and_a_disconnect_with_no_session(
+        tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [
+        (1.0, "connect", "a"), (2.0, "connect", "a"), (3.0, "disconnect", "b"),
+        (4.0, "activity", "b"), (5.0, "disconnect", "a"), (6.0, "disconnect", "a"),
+        (7.0, "connect", "a")]))
+    assert [(e.t, e.channel) for e in counted_events(trace.events)] == [
+        (1.0, "user:connect"), (4.0, "user:activity"), (5.0, "user:disconnect"),
+        (7.0, "user:connect")]
 
 
 def test_boot_delays_follow_creation_order_after_api_latency(tmp_path: Path) -> None:

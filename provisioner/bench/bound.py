@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from provisioner.bench.trace import Trace
+from provisioner.bench.trace import Trace, counted_events
 
 IDLE_CHOICES = (0.0, 60.0)
 WIDTHS = (0, 1, 2, 3)  # S - s
@@ -79,15 +79,11 @@ def windows(trace: Trace, length_s: float) -> list[Window]:
     """Counted connects and disconnects (by FORMAT.md's counting rules) per window."""
     n = max(1, math.ceil(trace.duration_s / length_s))
     connects, frees = [0] * n, [0] * n
-    holding: set[str] = set()
-    for event in trace.events:
-        user = str(event.msg.get("user_id"))
+    for event in counted_events(trace.events):
         i = min(n - 1, int(event.t // length_s))
-        if event.channel == "user:connect" and user not in holding:
-            holding.add(user)
+        if event.channel == "user:connect":
             connects[i] += 1
-        elif event.channel == "user:disconnect" and user in holding:
-            holding.discard(user)
+        elif event.channel == "user:disconnect":
             frees[i] += 1
     return [Window(i * length_s, min(length_s, trace.duration_s - i * length_s),
                    connects[i], frees[i]) for i in range(n)]

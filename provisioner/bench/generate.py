@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.bench.scoring import nearest_rank
-from provisioner.bench.trace import Trace
+from provisioner.bench.trace import Trace, counted_events
 from provisioner.simulator import Traffic, user_script
 
 EPOCH = 1_767_225_600  # 2026-01-01T00:00:00Z, the recorded traces' epoch
@@ -171,7 +171,7 @@ def user_quantiles(trace: Trace) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {"requests before connect": [],
                                        "first request to connect s": [], "session s": [],
                                        "gap between requests s": []}
-    for event in trace.events:
+    for event in counted_events(trace.events):
         user = str(event.msg.get("user_id"))
         if event.channel == "user:activity":
             if user in last:
@@ -179,12 +179,12 @@ def user_quantiles(trace: Trace) -> dict[str, list[float]]:
             first.setdefault(user, event.t)
             last[user] = event.t
             requests[user] = requests.get(user, 0) + 1
-        elif event.channel == "user:connect" and user not in connected:
+        elif event.channel == "user:connect":
             connected[user] = event.t
             samples["requests before connect"].append(requests.get(user, 0))
             if user in first:
                 samples["first request to connect s"].append(event.t - first[user])
-        elif event.channel == "user:disconnect" and user in connected:
+        else:
             samples["session s"].append(event.t - connected.pop(user))
             first.pop(user, None)
             last.pop(user, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,24 @@ class TraceEvent:
     t: float
     channel: str
     msg: dict[str, Any]
+
+
+def counted_events(events: Iterable[TraceEvent]) -> Iterator[TraceEvent]:
+    """The events as FORMAT.md counts them, in order: every activity, a connect of a user with
+    no session open, a disconnect of a user with one. A repeated connect, or a disconnect with
+    no session, is skipped, as the scoring skips it."""
+    open_sessions: set[str] = set()
+    for event in events:
+        user = str(event.msg.get("user_id"))
+        if event.channel == "user:connect":
+            if user in open_sessions:
+                continue
+            open_sessions.add(user)
+        elif event.channel == "user:disconnect":
+            if user not in open_sessions:
+                continue
+            open_sessions.discard(user)
+        yield event
 
 
 @dataclass
@@ -64,7 +82,7 @@ class Trace:
         # and closing them all at the seam would free a crowd of nodes at once (a static pool
         # pays 300 s of idle for each): in warm-up copies those users browse but do not connect.
         open_at_end: set[str] = set()
-        for event in self.events:
+        for event in counted_events(self.events):
             if event.channel == "user:connect":
                 open_at_end.add(event.msg["user_id"])
             elif event.channel == "user:disconnect":

@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from provisioner.bench.tickcost import LEVEL_BAND, LEVELS, T0, bulk_load, user_events, young_band
+from provisioner.bench.tickcost import (
+    LEVEL_BAND,
+    LEVELS,
+    T0,
+    bulk_load,
+    measure,
+    user_events,
+    young_band,
+)
 from provisioner.clock import ManualClock
 from provisioner.config import ConfigError, PoolConfig
 from provisioner.keys import PoolKeys
@@ -331,6 +339,16 @@ async def test_the_tick_cost_load_has_entries_leaving_the_window_from_the_first_
         await decide(pool, config)
         sizes.append(await pool.redis.zcard(pool.keys.key("active")))
     assert sizes[0] == 3000 and sizes[0] > sizes[1] > sizes[2] > sizes[3]
+
+
+async def test_the_tick_cost_benchmark_times_ticks_then_arrivals(
+        redis_url: str, aredis: aioredis.Redis) -> None:
+    cost = await measure(redis_url, 1500, ticks=5, events=40, pool_name="tickcost-test")
+    assert cost.users == 1500 and cost.trimmed_median > 0
+    assert 0 < cost.median_ms <= cost.p95_ms
+    assert 0 < cost.activity_median_ms <= cost.activity_p95_ms
+    assert cost.server.split()[0] in ("redis", "valkey")
+    assert await aredis.keys("prov:{tickcost-test}:*") == []
 
 
 @pytest.mark.parametrize("field, value", [("buffer_sd", -0.5), ("surge_buffer_sd", 11.0)])

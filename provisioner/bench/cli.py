@@ -266,19 +266,23 @@ def tick_cost(
     ticks: Annotated[int, typer.Option(min=5, help="Ticks timed per size")] = 50,
     redis_url: RedisUrl = None,
 ) -> None:
-    """Time one scaling tick (scale_decide + reap_idle) against 10^4..10^6 browsing users."""
+    """Time one scaling tick (scale_decide + reap_idle), then one arrival's record_activity,
+    against 10^4..10^6 browsing users."""
     from provisioner.bench.tickcost import run
 
     sizes = users or [10_000, 100_000, 1_000_000]
     with _server(redis_url) as url:
         results = run(url, sizes, ticks=ticks)
-    table = Table(title="one scaling tick, round trip from Python")
-    for column in ("browsing users", "median ms", "p95 ms", "trimmed per tick",
-                   "server memory MB", "load s"):
+    server = results[0].server if results else "?"
+    table = Table(title=f"one scaling tick and one arrival's activity, round trip from Python, "
+                  f"on {server}")
+    for column in ("users", "tick median ms", "tick p95 ms", "trimmed per tick",
+                   "arrival median ms", "arrival p95 ms", "memory MB", "load s"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(f"{r.users:,}", f"{r.median_ms:.2f}", f"{r.p95_ms:.2f}",
-                      f"{r.trimmed_median:.0f}", f"{r.used_memory_mb:.0f}", f"{r.load_s:.1f}")
+                      f"{r.trimmed_median:.0f}", f"{r.activity_median_ms:.3f}",
+                      f"{r.activity_p95_ms:.3f}", f"{r.used_memory_mb:.0f}", f"{r.load_s:.1f}")
     console.print(table)
 
 

@@ -7,6 +7,10 @@ are spread over the whole activity window, so from the first timed tick on, entr
 and every tick does its share of the (bounded) trimming, as a pool in steady traffic does.
 Nothing is created (max_nodes is reached by a filler node), so the samples measure the
 decision itself.
+
+After the ticks it times record_activity, the per-event script that touches the same sets: one
+request each from new users (arrivals), the costliest kind, since each new entry in `active`
+and in a cell band also sweeps up to two entries that left the window.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class TickCost:
     p95_ms: float
     used_memory_mb: float
     trimmed_median: float  # entries removed per tick (at most TRIM_LIMIT per set and band)
+    activity_median_ms: float  # one record_activity of a new user, round trip
+    activity_p95_ms: float
+    server: str  # name and version, e.g. "valkey 8.1.8"
 
 
 LEVELS = (1, 2, 4, 8, 16)
@@ -87,7 +94,12 @@ async def bulk_load(redis: aioredis.Redis, keys: PoolKeys, users: int, window_ms
             await pipe.execute()
 
 
-async def measure(redis_url: str, users: int, *, ticks: int = 50,
+def _median_p95(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[int(0.95 * (len(ordered) - 1))]
+
+
+async def measure(redis_url: str, users: int, *, ticks: int = 50, events: int = 1000,
                   pool_name: str = "tickcost") -> TickCost:
     redis = aioredis.Redis.from_url(redis_url)
     keys = PoolKeys(pool_name)
@@ -111,10 +123,19 @@ async def measure(redis_url: str, users: int, *, ticks: int = 50,
             after = int(await redis.hget(keys.key("stats"), "entries_trimmed") or 0)
             trimmed.append(after - before)
         info = await redis.info("memory")
-        samples.sort()
-        return TickCost(users, load_s, statistics.median(samples),
-                        samples[int(0.95 * (len(samples) - 1))],
-                        int(info["used_memory"]) / 2**20, statistics.median(trimmed))
+        about = await redis.info("server")
+        server = (f"{about.get('server_name', 'redis')} "
+                  f"{about.get('valkey_version', about.get('redis_version', '?'))}")
+        now = T0 + ticks * config.interval_ms
+        per_event = []
+        for k in range(events):
+            begin = time.perf_counter()
+            await scripts.record_activity(now, f"arrival-{k}", now, config.window_ms,
+                                          config.engaged_threshold, config.max_events_per_user)
+            per_event.append((time.perf_counter() - begin) * 1000)
+        return TickCost(users, load_s, *_median_p95(samples),
+                        int(info["used_memory"]) / 2**20, statistics.median(trimmed),
+                        *_median_p95(per_event), server)
     finally:
         async for key in redis.scan_iter(match=keys.pattern(), count=1000):
             await redis.unlink(key)

@@ -61,16 +61,35 @@ def synthetic(traffic: Traffic, rng: random.Random,
               duration_s: float | None = None) -> Iterator[tuple[float, str, dict[str, Any]]]:
     """Yield `(seconds from start, channel, payload)` in time order, forever or for a duration.
     Activity payloads carry their offset in `timestamp`; the publisher adds the wall clock."""
+    return merge_users(traffic, rng, poisson_arrivals(traffic.arrival_rate_per_min, rng),
+                       duration_s)
+
+
+def poisson_arrivals(rate_per_min: float, rng: random.Random) -> Iterator[float]:
+    """Arrival times of a Poisson process, forever; drawn one at a time, as they are needed."""
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate_per_min / 60)
+        yield t
+
+
+def merge_users(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
+                duration_s: float | None = None) -> Iterator[tuple[float, str, dict[str, Any]]]:
+    """Every message of the users arriving at `arrivals` (ascending), in time order (ties in
+    the order they were drawn), up to `duration_s` if given. It streams: a user's script is
+    drawn only once no earlier message is pending, so the draws come in the same order whether
+    the caller takes ten messages or all of them."""
     pending: list[tuple[float, int, str, dict[str, Any]]] = []
     seq = itertools.count()
-    next_arrival = rng.expovariate(traffic.arrival_rate_per_min / 60)
+    upcoming = next(arrivals, None)
     while True:
-        while not pending or next_arrival <= pending[0][0]:
-            if duration_s is not None and next_arrival > duration_s:
+        while upcoming is not None and (not pending or upcoming <= pending[0][0]):
+            if duration_s is not None and upcoming > duration_s:
+                upcoming = None
                 break
-            for t, channel, payload in user_script(traffic, rng, next_arrival):
+            for t, channel, payload in user_script(traffic, rng, upcoming):
                 heapq.heappush(pending, (t, next(seq), channel, payload))
-            next_arrival += rng.expovariate(traffic.arrival_rate_per_min / 60)
+            upcoming = next(arrivals, None)
         if not pending:
             return
         t, _, channel, payload = heapq.heappop(pending)

@@ -12,8 +12,26 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from provisioner.events import Activity, Connect, Disconnect, parse
-from provisioner.simulator import Traffic, publish, synthetic, trace_events, user_script
+from provisioner.simulator import (
+    Traffic,
+    merge_users,
+    publish,
+    synthetic,
+    trace_events,
+    user_script,
+)
 from tests.helpers import Subscriber
+
+
+def test_merging_users_streams_what_sorting_every_script_gives() -> None:
+    traffic = Traffic(browse_gap_s=5.0, session_s=30.0)
+    arrivals = [1.0, 1.0, 2.5, 40.0, 41.0]
+    eager_rng = random.Random(9)
+    scripts = [event for start in arrivals for event in user_script(traffic, eager_rng, start)]
+    everything = sorted(scripts, key=lambda event: event[0])  # stable: ties in drawn order
+    assert list(merge_users(traffic, random.Random(9), iter(arrivals))) == everything
+    assert list(merge_users(traffic, random.Random(9), iter(arrivals), duration_s=30.0)) == \
+        [event for event in everything if event[0] <= 30.0]
 
 
 def test_synthetic_traffic_is_ordered_valid_and_follows_its_knobs() -> None:

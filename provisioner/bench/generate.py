@@ -14,8 +14,6 @@ everything follows from the seed.
 from __future__ import annotations
 
 import gzip
-import heapq
-import itertools
 import json
 import math
 import random
@@ -26,7 +24,7 @@ from typing import Any
 
 from provisioner.bench.scoring import nearest_rank
 from provisioner.bench.trace import Trace, counted_events
-from provisioner.simulator import Traffic, user_script
+from provisioner.simulator import Traffic, merge_users
 
 EPOCH = 1_767_225_600  # 2026-01-01T00:00:00Z, the recorded traces' epoch
 BOOT_DELAYS = 4096  # as many as the recorded traces list
@@ -120,15 +118,9 @@ def boot_delays(shape: Shape, rng: random.Random) -> list[float]:
 
 def events(shape: Shape, rng: random.Random) -> list[tuple[float, str, dict[str, Any]]]:
     """Every message of the trace in time order, cut at the shape's duration."""
-    pending: list[tuple[float, int, str, dict[str, Any]]] = []
-    seq = itertools.count()
-    for start in arrival_times(shape, rng):
-        for t, channel, payload in user_script(shape.traffic, rng, start):
-            if t <= shape.duration_s:
-                heapq.heappush(pending, (t, next(seq), channel, payload))
     out = []
-    while pending:
-        t, _, channel, payload = heapq.heappop(pending)
+    for t, channel, payload in merge_users(shape.traffic, rng, arrival_times(shape, rng),
+                                           shape.duration_s):
         t = round(t, 3)  # as written; the timestamp must agree with the written t
         if channel == "user:activity":
             payload = {**payload, "timestamp": EPOCH + int(t)}

@@ -17,9 +17,14 @@
   Idempotent: a connect of a user who already holds a node or already waits changes nothing and
   publishes nothing, so every replica may apply the same event.
 
+  A miss is logged to the `decisions` stream (kind 'miss') with the pool's last scaling decision
+  before it, its reason and numbers: what the pool expected and held when the user came.
+
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
   ARGV[2] user id
+  ARGV[3] replica id, for the log (optional)
+  ARGV[4] most entries kept in the decisions stream (optional, default 1000)
 
   Returns {code, node_id, queue_position}
     1 ALLOCATED          {1, node, 0}
@@ -35,6 +40,8 @@ local CREDIT_SAMPLES = 7
 
 local now = tonumber(ARGV[1])
 local user = ARGV[2]
+local replica = ARGV[3] or ''
+local log_len = tonumber(ARGV[4]) or 1000
 
 local held = rcall('HGET', K.alloc, user)
 if held then
@@ -75,4 +82,15 @@ end
 
 stat('misses')
 enqueue_waiting(user, now, false)
-return {2, '', rcall('LLEN', K.waiting)}
+local position = rcall('LLEN', K.waiting)
+local last = rcall('HMGET', K.stats, 'last_decision', 'last_numbers', 'last_decision_ms')
+local before = '; no scaling decision yet'
+if last[1] and tonumber(last[3]) then
+  before = string.format('; the last decision, %.1fs before: %s', (now - tonumber(last[3])) / 1000,
+                         last[1])
+end
+rcall('XADD', K.decisions, 'MAXLEN', '~', log_len, '*', 'now', now, 'replica', replica,
+      'kind', 'miss', 'reason', string.format('user %s waits at position %d: no ready node%s',
+                                              user, position, before),
+      'numbers', last[2] or '{}', 'acted', 0)
+return {2, '', position}

@@ -214,8 +214,11 @@ class Scripts:
                                    threshold, cap)
         return ActivityResult(Activity(int(code)), int(n))
 
-    async def allocate(self, now_ms: int, user_id: str) -> AllocateResult:
-        code, node, position = await self._call("allocate", now_ms, user_id)
+    async def allocate(self, now_ms: int, user_id: str, replica: str = "",
+                       log_len: int = 1000) -> AllocateResult:
+        """A connect; a miss is logged to the decisions stream (at most `log_len` entries) with
+        the pool's last decision before it, under `replica`."""
+        code, node, position = await self._call("allocate", now_ms, user_id, replica, log_len)
         return AllocateResult(Allocation(int(code)), _text(node), int(position))
 
     async def release(self, now_ms: int, user_id: str) -> ReleaseResult:

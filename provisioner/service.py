@@ -104,7 +104,8 @@ class Replica:
                 log.debug("stale activity of %s", event.user_id)
             return result
         elif isinstance(event, events.Connect):
-            allocation = await self.scripts.allocate(now, event.user_id)
+            allocation = await self.scripts.allocate(now, event.user_id, self.replica_id,
+                                                     self.pool.decision_log_len)
             if allocation.code is Allocation.ALLOCATED:
                 self.metrics.connects.inc()
                 self.metrics.hits.inc()

@@ -85,7 +85,7 @@ def render_view(view: PoolView) -> Group:
         f"(miss rate {data['miss_rate'] * 100:.1f}%)  mean wait after a miss "
         f"{data['mean_wait_s']:.1f}s  abandoned {data['abandoned']}  "
         f"requeued {data['requeued']}")
-    decisions = Table(title="recent scaling actions", expand=True, show_edge=False)
+    decisions = Table(title="recent scaling actions and misses", expand=True, show_edge=False)
     for column in ("age", "replica", "kind", "reason"):
         decisions.add_column(column, overflow="fold")
     for entry in view.decisions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -43,6 +44,28 @@ async def test_connect_with_ready_node_is_a_hit_published_once(pool: PoolUnderTe
     assert (snap.stat("connects"), snap.stat("hits"), snap.stat("misses")) == (1, 1, 0)
     assert (await pool.node("n1"))["state"] == "allocated"
     assert await pool.alloc() == {"u1": "n1"}
+
+
+async def test_a_miss_is_logged_once_with_the_decision_before_it(pool: PoolUnderTest) -> None:
+    await pool.scripts.allocate(pool.now, "early", "r1")  # before any tick
+    await pool.boot("n1")  # serves `early`
+    await pool.scripts.scale_decide(PoolConfig(min_ready=1).policy_args(pool.now, "r1"))
+    await pool.boot("n2")
+    pool.clock.advance(2500)
+    hit = await pool.scripts.allocate(pool.now, "u0", "r1")
+    miss = await pool.scripts.allocate(pool.now, "u1", "r1", 50)
+    again = await pool.scripts.allocate(pool.now, "u1", "r2", 50)  # another replica, same event
+    assert (hit.code, miss.code, again.code) == (
+        Allocation.ALLOCATED, Allocation.WAITING, Allocation.ALREADY_WAITING)
+    entries = [fields for _, fields in await pool.redis.xrange(pool.keys.key("decisions"))]
+    misses = [fields for fields in entries if fields["kind"] == "miss"]
+    assert [m["reason"] for m in misses] == [
+        "user early waits at position 1: no ready node; no scaling decision yet",
+        "user u1 waits at position 1: no ready node; the last decision, 2.5s before: "
+        + await pool.redis.hget(pool.keys.key("stats"), "last_decision")]
+    assert misses[1]["replica"] == "r1"
+    numbers = json.loads(misses[1]["numbers"])
+    assert (numbers["ready"], numbers["target"]) == (0, 1)
 
 
 async def test_connect_without_ready_node_waits_and_is_served_when_a_node_boots(

@@ -112,7 +112,8 @@ class Served:
 
 def _served(flat: Sequence[Any]) -> list[Served]:
     return [
-        Served(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
+        Served(as_text(flat[i]), as_text(flat[i + 1]), int(flat[i + 2]))
+        for i in range(0, len(flat), 3)
     ]
 
 
@@ -219,21 +220,21 @@ class Scripts:
         """A connect; a miss is logged to the decisions stream (at most `log_len` entries) with
         the pool's last decision before it, under `replica`."""
         code, node, position = await self._call("allocate", now_ms, user_id, replica, log_len)
-        return AllocateResult(Allocation(int(code)), _text(node), int(position))
+        return AllocateResult(Allocation(int(code)), as_text(node), int(position))
 
     async def release(self, now_ms: int, user_id: str) -> ReleaseResult:
         reply = await self._call("release", now_ms, user_id)
-        return ReleaseResult(Release(int(reply[0])), _text(reply[1]), _served(reply[2:]))
+        return ReleaseResult(Release(int(reply[0])), as_text(reply[1]), _served(reply[2:]))
 
     async def apply_node_status(self, now_ms: int, node_id: str,
                                 status: str) -> NodeStatusResult:
         reply = await self._call("apply_node_status", now_ms, node_id, status)
-        return NodeStatusResult(NodeStatusOutcome(int(reply[0])), _text(reply[1]),
-                                _text(reply[2]), _served(reply[3:]))
+        return NodeStatusResult(NodeStatusOutcome(int(reply[0])), as_text(reply[1]),
+                                as_text(reply[2]), _served(reply[3:]))
 
     async def register_node(self, now_ms: int, reservation: str, node_id: str) -> RegisterResult:
         code, state = await self._call("register_node", now_ms, reservation, node_id)
-        return RegisterResult(Registration(int(code)), _text(state))
+        return RegisterResult(Registration(int(code)), as_text(state))
 
     async def cancel_create(self, reservation: str) -> bool:
         return bool(await self._call("cancel_create", reservation))
@@ -249,22 +250,23 @@ class Scripts:
         reply = await self._call("scale_decide", *policy_args)
         if int(reply[0]) == 0:
             return Decision(won=False)
-        return Decision(True, _text(reply[1]), json.loads(_text(reply[2])),
-                        [_text(r) for r in reply[3:]])
+        return Decision(True, as_text(reply[1]), json.loads(as_text(reply[2])),
+                        [as_text(r) for r in reply[3:]])
 
     async def reap_idle(self, policy_args: Sequence[object]) -> list[Termination]:
         reply = await self._call("reap_idle", *policy_args)
-        return [Termination(_text(reply[i]), _text(reply[i + 1]))
+        return [Termination(as_text(reply[i]), as_text(reply[i + 1]))
                 for i in range(0, len(reply), 2)]
 
     async def snapshot(self, now_ms: int, window_ms: int) -> Snapshot:
         reply = await self._call("snapshot", now_ms, window_ms)
-        counts = {k: int(v) for k, v in json.loads(_text(reply[0])).items()}
-        flat = [_text(x) for x in reply[1:]]
+        counts = {k: int(v) for k, v in json.loads(as_text(reply[0])).items()}
+        flat = [as_text(x) for x in reply[1:]]
         return Snapshot(counts, dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A reply value as text: bytes decoded, None as the empty string."""
     if isinstance(value, bytes):
         return value.decode()
     return "" if value is None else str(value)

@@ -40,6 +40,7 @@ from provisioner.scripts import (
     Scripts,
     Served,
     Termination,
+    as_text,
 )
 
 log = logging.getLogger("provisioner.service")
@@ -254,12 +255,12 @@ class Replica:
                       if events.ID_PATTERN.match(node.node_id)}
         pairs: list[tuple[Any, Any]] = await self.redis.zrange(  # type: ignore[assignment]
             self.keys.key("nodes"), 0, -1, withscores=True)
-        known_ids = {_text(k): int(v) for k, v in pairs}
+        known_ids = {as_text(k): int(v) for k, v in pairs}
         now = self.clock.now_ms()
         for node_id, state in api_states.items():
             if node_id in known_ids or state in ("terminating", "terminated"):
                 continue
-            record_state = _text(await self.redis.hget(self.keys.node(node_id), "state"))
+            record_state = as_text(await self.redis.hget(self.keys.node(node_id), "state"))
             if record_state == "terminated":
                 counts["redeleted"] += 1
                 log.warning("reconcile: node %s ended in the pool but alive at the API; "
@@ -378,11 +379,6 @@ class Replica:
     def ready(self) -> bool:
         return self.subscribed.is_set() and not self.stopping.is_set()
 
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return "" if value is None else str(value)
 
 
 def http_app(replica: Replica) -> web.Application:

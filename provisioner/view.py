@@ -15,13 +15,7 @@ from rich.text import Text
 
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Scripts, Snapshot
-
-
-def _t(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return "" if value is None else str(value)
+from provisioner.scripts import Scripts, Snapshot, as_text
 
 
 @dataclass
@@ -62,7 +56,7 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
     snapshot = await Scripts(redis, keys).snapshot(now_ms, window_ms)
     entries: list[tuple[Any, dict[Any, Any]]] = await redis.xrevrange(  # type: ignore[assignment]
         keys.key("decisions"), count=recent)
-    decisions = [{_t(k): _t(v) for k, v in fields.items()} for _id, fields in entries]
+    decisions = [{as_text(k): as_text(v) for k, v in fields.items()} for _id, fields in entries]
     return PoolView(pool, now_ms, snapshot, decisions)
 
 
@@ -102,26 +96,26 @@ def render_view(view: PoolView) -> Group:
 
 async def node_rows(redis: aioredis.Redis, pool: str, limit: int = 200) -> list[dict[str, str]]:
     keys = PoolKeys(pool)
-    ids = [_t(i) for i in await redis.zrange(keys.key("nodes"), 0, limit - 1)]
+    ids = [as_text(i) for i in await redis.zrange(keys.key("nodes"), 0, limit - 1)]
     async with redis.pipeline(transaction=False) as pipe:
         for node_id in ids:
             pipe.hgetall(keys.node(node_id))
         records = await pipe.execute()
-    return [{_t(k): _t(v) for k, v in record.items()} for record in records]
+    return [{as_text(k): as_text(v) for k, v in record.items()} for record in records]
 
 
 async def user_rows(redis: aioredis.Redis, pool: str,
                     limit: int = 200) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
     """(waiting users with the ms they started waiting, allocated users with their node)."""
     keys = PoolKeys(pool)
-    waiting = [_t(u) for u in await redis.lrange(keys.key("waiting"), 0, limit - 1)]
+    waiting = [as_text(u) for u in await redis.lrange(keys.key("waiting"), 0, limit - 1)]
     since = await redis.hmget(keys.key("waiting_since"), waiting) if waiting else []
     allocated: list[tuple[str, str]] = []
     async for user, node in redis.hscan_iter(keys.key("alloc")):
-        allocated.append((_t(user), _t(node)))
+        allocated.append((as_text(user), as_text(node)))
         if len(allocated) >= limit:
             break
-    return [(u, int(_t(s) or 0)) for u, s in zip(waiting, since, strict=True)], allocated
+    return [(u, int(as_text(s) or 0)) for u, s in zip(waiting, since, strict=True)], allocated
 
 
 async def check_invariants(redis: aioredis.Redis, pool: str, attempts: int = 50) -> list[str]:
@@ -146,20 +140,21 @@ async def _check_once(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
     async with redis.pipeline(transaction=True) as pipe:
         names = ("ready", "waiting", "waiting_since", "alloc", "nodes", "booting", "terminating")
         await pipe.watch(*(keys.key(n) for n in names))
-        ready = [_t(x) for x in await pipe.lrange(keys.key("ready"), 0, -1)]
-        waiting = [_t(x) for x in await pipe.lrange(keys.key("waiting"), 0, -1)]
-        since = {_t(k): _t(v) for k, v in (await pipe.hgetall(keys.key("waiting_since"))).items()}
-        alloc = {_t(k): _t(v) for k, v in (await pipe.hgetall(keys.key("alloc"))).items()}
-        nodes = sorted({_t(x) for x in await pipe.zrange(keys.key("nodes"), 0, -1)})
-        booting = {_t(x) for x in await pipe.zrange(keys.key("booting"), 0, -1)}
-        terminating = {_t(x) for x in await pipe.zrange(keys.key("terminating"), 0, -1)}
+        ready = [as_text(x) for x in await pipe.lrange(keys.key("ready"), 0, -1)]
+        waiting = [as_text(x) for x in await pipe.lrange(keys.key("waiting"), 0, -1)]
+        since = {as_text(k): as_text(v)
+                 for k, v in (await pipe.hgetall(keys.key("waiting_since"))).items()}
+        alloc = {as_text(k): as_text(v) for k, v in (await pipe.hgetall(keys.key("alloc"))).items()}
+        nodes = sorted({as_text(x) for x in await pipe.zrange(keys.key("nodes"), 0, -1)})
+        booting = {as_text(x) for x in await pipe.zrange(keys.key("booting"), 0, -1)}
+        terminating = {as_text(x) for x in await pipe.zrange(keys.key("terminating"), 0, -1)}
         if nodes:
             await pipe.watch(*(keys.node(n) for n in nodes))
         pipe.multi()  # type: ignore[no-untyped-call]
         for node in nodes:
             pipe.hgetall(keys.node(node))
         replies = await pipe.execute()
-    records = {node: {_t(k): _t(v) for k, v in raw.items()}
+    records = {node: {as_text(k): as_text(v) for k, v in raw.items()}
                for node, raw in zip(nodes, replies, strict=True)}
     return _problems(ready, waiting, since, alloc, set(nodes), booting, terminating, records)
 
@@ -210,8 +205,8 @@ def config_from_redis(raw: dict[Any, Any]) -> PoolConfig | None:
     fields = PoolConfig.__dataclass_fields__
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        name = _t(key)
+        name = as_text(key)
         if name in fields:
             kind = type(getattr(PoolConfig(), name))
-            values[name] = kind(float(_t(value))) if kind is int else kind(_t(value))
+            values[name] = kind(float(as_text(value))) if kind is int else kind(as_text(value))
     return PoolConfig(**values)

@@ -29,6 +29,7 @@ from provisioner.scripts import (
     Release,
     ReleaseResult,
     Served,
+    as_text,
 )
 from provisioner.service import Replica
 
@@ -64,10 +65,6 @@ class Miss:
         return {"t": self.t, "user_id": self.user_id, "scored": self.scored, "kind": self.kind,
                 "decided_t": self.decided_t, "decision": self.decision,
                 "numbers": self.numbers}
-
-
-def _text(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else value or ""
 
 
 class WorldNodeApi:
@@ -167,7 +164,7 @@ class ServicePolicy:
             stats, ["last_decision", "last_numbers", "last_decision_ms"])
         decided_t = None if decided_ms is None else (int(decided_ms) - self._epoch_ms) / 1000
         return Miss(t=t, user_id=user, scored=t >= self.world.trace.scored_from_s,
-                    decided_t=decided_t, decision=_text(reason),
+                    decided_t=decided_t, decision=as_text(reason),
                     numbers=json.loads(numbers) if numbers else {})
 
     def _served(self, served: list[Served]) -> None:

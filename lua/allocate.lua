@@ -18,7 +18,8 @@
   publishes nothing, so every replica may apply the same event.
 
   A miss is logged to the `decisions` stream (kind 'miss') with the pool's last scaling decision
-  before it, its reason and numbers: what the pool expected and held when the user came.
+  before it, its reason, numbers and time ('decided_ms'): what the pool expected and held when
+  the user came.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
@@ -92,5 +93,5 @@ end
 rcall('XADD', K.decisions, 'MAXLEN', '~', log_len, '*', 'now', now, 'replica', replica,
       'kind', 'miss', 'reason', string.format('user %s waits at position %d: no ready node%s',
                                               user, position, before),
-      'numbers', last[2] or '{}', 'acted', 0)
+      'numbers', last[2] or '{}', 'acted', 0, 'decided_ms', last[3] or '')
 return {2, '', position}

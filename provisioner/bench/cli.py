@@ -165,7 +165,7 @@ def _write_misses(path: Path, misses: list[service_policy.Miss]) -> None:
         for miss in misses:
             out.write(json.dumps(miss.as_dict()) + "\n")
     scored = [m for m in misses if m.scored]
-    kinds = {kind: sum(m.kind == kind for m in scored) for kind in ("behind", "booting", "short")}
+    kinds = {kind: sum(m.kind == kind for m in scored) for kind in service_policy.MISS_KINDS}
     # stderr: with --json, stdout holds the scores alone.
     Console(stderr=True).print(
         f"{len(scored)} scored misses ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "

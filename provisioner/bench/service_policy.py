@@ -34,6 +34,8 @@ from provisioner.scripts import (
 from provisioner.service import Replica
 
 NAME = "provisioner"
+#: where the node was missing, as `Miss.kind` tells it
+MISS_KINDS = ("behind", "booting", "short")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Miss:
     user_id: str
     scored: bool  # inside the scored play (not a warm-up copy)
     decided_t: float | None  # when that decision was taken; None before the first tick
-    decision: str  # its reason, with the forecast's numbers
+    decision: str  # the miss as logged, with that decision's reason and forecast
     numbers: dict[str, Any]  # its observation: ready, booting, spare, target, ...
 
     @property
@@ -158,14 +160,18 @@ class ServicePolicy:
             self._served(outcome.served)
 
     async def _miss(self, t: float, user: str) -> Miss:
+        """The miss allocate has just logged (one replica: it is the newest decision entry)."""
         assert self._redis is not None
-        stats = PoolKeys(self.pool_name).key("stats")
-        reason, numbers, decided_ms = await self._redis.hmget(
-            stats, ["last_decision", "last_numbers", "last_decision_ms"])
-        decided_t = None if decided_ms is None else (int(decided_ms) - self._epoch_ms) / 1000
+        entries = await self._redis.xrevrange(PoolKeys(self.pool_name).key("decisions"), count=1)
+        fields = entries[0][1] if entries else None
+        logged = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
+        if logged.get("kind") != "miss":
+            raise RuntimeError(f"allocate logged no miss for {user} at t={t}")
+        decided_ms = logged.get("decided_ms")
+        decided_t = (int(decided_ms) - self._epoch_ms) / 1000 if decided_ms else None
         return Miss(t=t, user_id=user, scored=t >= self.world.trace.scored_from_s,
-                    decided_t=decided_t, decision=as_text(reason),
-                    numbers=json.loads(numbers) if numbers else {})
+                    decided_t=decided_t, decision=logged["reason"],
+                    numbers=json.loads(logged["numbers"]))
 
     def _served(self, served: list[Served]) -> None:
         for item in served:

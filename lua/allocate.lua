@@ -17,9 +17,10 @@
   Idempotent: a connect of a user who already holds a node or already waits changes nothing and
   publishes nothing, so every replica may apply the same event.
 
-  A miss is logged to the `decisions` stream (kind 'miss') with the pool's last scaling decision
-  before it, its reason, numbers and time ('decided_ms'): what the pool expected and held when
-  the user came.
+  A miss is logged to the `decisions` stream (kind 'miss'): a short reason (what the pool held
+  against its target at its last scaling decision, and how long before), that decision's
+  numbers, time ('decided_ms') and whole reason ('decision'): what the pool expected and held
+  when the user came.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
@@ -87,11 +88,23 @@ local position = rcall('LLEN', K.waiting)
 local last = rcall('HMGET', K.stats, 'last_decision', 'last_numbers', 'last_decision_ms')
 local before = '; no scaling decision yet'
 if last[1] and tonumber(last[3]) then
-  before = string.format('; the last decision, %.1fs before: %s', (now - tonumber(last[3])) / 1000,
-                         last[1])
+  -- Short enough for a status row: what the pool held against its target, and when it decided;
+  -- the decision's whole reason (its forecast) goes in the entry's own 'decision' field.
+  local ok, held_numbers = pcall(cjson.decode, last[2] or '')
+  local held = ''
+  if ok and type(held_numbers) == 'table' and tonumber(held_numbers.spare) then
+    held = string.format(' with spare %d (ready %d, booting %d) for a target of %d%s',
+                         held_numbers.spare, tonumber(held_numbers.ready) or 0,
+                         tonumber(held_numbers.booting) or 0,
+                         tonumber(held_numbers.target) or 0,
+                         held_numbers.surge == true and ', surge' or '')
+  end
+  before = string.format('; the last decision was %.1fs before%s', (now - tonumber(last[3])) / 1000,
+                         held)
 end
 rcall('XADD', K.decisions, 'MAXLEN', '~', log_len, '*', 'now', now, 'replica', replica,
       'kind', 'miss', 'reason', string.format('user %s waits at position %d: no ready node%s',
                                               user, position, before),
-      'numbers', last[2] or '{}', 'acted', 0, 'decided_ms', last[3] or '')
+      'numbers', last[2] or '{}', 'acted', 0, 'decided_ms', last[3] or '',
+      'decision', last[1] or '')
 return {2, '', position}

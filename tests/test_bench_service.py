@@ -70,6 +70,9 @@ def test_each_miss_is_kept_with_the_decision_before_it(
         (10.0, "a", True, 9.0, "short"), (10.0, "b", True, 9.0, "short")]
     assert policy.misses[0].numbers["target"] == 0
     assert "hold" in policy.misses[0].decision
+    assert policy.misses[0].reason == (
+        "user a waits at position 1: no ready node; the last decision was 1.0s before with "
+        "spare 0 (ready 0, booting 0) for a target of 0")
 
 
 @pytest.mark.parametrize(("numbers", "kind"), [
@@ -79,7 +82,7 @@ def test_each_miss_is_kept_with_the_decision_before_it(
     ({"spare": 3, "target": 2, "booting": 0, "creating": 0}, "short"),
 ])
 def test_a_miss_says_where_the_node_was_missing(numbers: dict[str, int], kind: str) -> None:
-    assert Miss(1.0, "u", True, 0.0, "", numbers).kind == kind
+    assert Miss(1.0, "u", True, 0.0, "", "", numbers).kind == kind
 
 
 def test_bench_replay_writes_the_misses(

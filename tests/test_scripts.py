@@ -61,8 +61,10 @@ async def test_a_miss_is_logged_once_with_the_decision_before_it(pool: PoolUnder
     misses = [fields for fields in entries if fields["kind"] == "miss"]
     assert [m["reason"] for m in misses] == [
         "user early waits at position 1: no ready node; no scaling decision yet",
-        "user u1 waits at position 1: no ready node; the last decision, 2.5s before: "
-        + await pool.redis.hget(pool.keys.key("stats"), "last_decision")]
+        "user u1 waits at position 1: no ready node; the last decision was 2.5s before with "
+        "spare 0 (ready 0, booting 0) for a target of 1"]
+    assert [m["decision"] for m in misses] == [
+        "", await pool.redis.hget(pool.keys.key("stats"), "last_decision")]
     assert misses[1]["replica"] == "r1"
     numbers = json.loads(misses[1]["numbers"])
     assert (numbers["ready"], numbers["target"]) == (0, 1)

@@ -47,7 +47,8 @@ class Miss:
     user_id: str
     scored: bool  # inside the scored play (not a warm-up copy)
     decided_t: float | None  # when that decision was taken; None before the first tick
-    decision: str  # the miss as logged, with that decision's reason and forecast
+    reason: str  # the miss as logged: what the pool held against its target, and when
+    decision: str  # that decision's whole reason, with its forecast ('' before the first tick)
     numbers: dict[str, Any]  # its observation: ready, booting, spare, target, ...
 
     @property
@@ -65,7 +66,7 @@ class Miss:
 
     def as_dict(self) -> dict[str, Any]:
         return {"t": self.t, "user_id": self.user_id, "scored": self.scored, "kind": self.kind,
-                "decided_t": self.decided_t, "decision": self.decision,
+                "decided_t": self.decided_t, "reason": self.reason, "decision": self.decision,
                 "numbers": self.numbers}
 
 
@@ -170,7 +171,8 @@ class ServicePolicy:
         decided_ms = logged.get("decided_ms")
         decided_t = (int(decided_ms) - self._epoch_ms) / 1000 if decided_ms else None
         return Miss(t=t, user_id=user, scored=t >= self.world.trace.scored_from_s,
-                    decided_t=decided_t, decision=logged["reason"],
+                    decided_t=decided_t, reason=logged["reason"],
+                    decision=logged.get("decision", ""),
                     numbers=json.loads(logged["numbers"]))
 
     def _served(self, served: list[Served]) -> None:

@@ -11,7 +11,9 @@
     3. observes supply (ready + booting + creating - waiting) against the policy's target
        (lua/includes/policy.lua) and reserves the shortfall as create reservations, within
        max_nodes and max_batch. The winning replica POSTs one node per reservation and reports
-       each through register_node or cancel_create.
+       each through register_node or cancel_create;
+    4. closes the forecast's check of itself when its horizon is over, and opens the next
+       (policy.lua check_forecast: totals in the stats hash, `forecast_*`).
   Terminations are reap_idle's, called next by the same replica.
 
   KEYS: the pool key vector (lua/includes/keys.lua)

@@ -63,6 +63,12 @@ class Metrics:
         self.terminations = Counter("provisioner_terminations",
                                     "Terminations this replica started, by reason",
                                     ["reason"], registry=r)
+        self.forecast_check = Gauge(
+            "provisioner_forecast_check",
+            "The forecast's check of itself over the pool's life (from Redis): horizons checked, "
+            "connects forecast and seen, squared errors over the forecast's variance, horizons "
+            "whose connects came above forecast + buffer, and how many a Poisson count would give",
+            ["quantity"], registry=r)
         self.errors = Counter("provisioner_errors",
                               "Unexpected errors while handling work, by where",
                               ["where"], registry=r)

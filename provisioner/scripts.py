@@ -8,6 +8,7 @@ and turns their replies into typed results whose codes mirror the scripts' retur
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -177,6 +178,68 @@ class Snapshot:
             return int(self.stats.get(name, 0))
         except ValueError:
             return 0
+
+    def fstat(self, name: str) -> float:
+        try:
+            value = float(self.stats.get(name, 0))
+        except ValueError:
+            return 0.0
+        return value if math.isfinite(value) else 0.0
+
+    def forecast_check(self) -> ForecastCheck:
+        return ForecastCheck(
+            checks=self.stat("forecast_checks"), expected=self.fstat("forecast_expected"),
+            seen=self.stat("forecast_seen"), sq_error=self.fstat("forecast_sq_error"),
+            above_buffer=self.stat("forecast_above_buffer"),
+            above_poisson=self.fstat("forecast_above_poisson"),
+            buffer_sd=self.fstat("forecast_check_sd"))
+
+
+@dataclass(frozen=True)
+class ForecastCheck:
+    """The forecast's check of itself (lua/includes/policy.lua check_forecast), summed over the
+    pool's life: back-to-back horizons, each comparing the connects forecast at its start with
+    those that came."""
+
+    checks: int
+    expected: float  # connects forecast, summed over the checks
+    seen: int  # connects that came
+    sq_error: float  # sum of (seen - forecast)^2 / the forecast's variance, per check
+    above_buffer: int  # checks whose connects came above forecast + buffer_sd deviations
+    above_poisson: float  # how many a Poisson count of each forecast's mean would give
+    buffer_sd: float  # the buffer_sd of the latest check
+
+    @property
+    def seen_ratio(self) -> float | None:
+        """Connects that came over those forecast: 1 if the forecast's mean is right."""
+        return self.seen / self.expected if self.expected > 0 else None
+
+    @property
+    def spread_ratio(self) -> float | None:
+        """Mean squared error over the forecast's variance: 1 if its spread is right."""
+        return self.sq_error / self.checks if self.checks else None
+
+    @property
+    def above_share(self) -> float | None:
+        return self.above_buffer / self.checks if self.checks else None
+
+    def as_dict(self) -> dict[str, Any]:
+        def rounded(x: float | None) -> float | None:
+            return None if x is None else round(x, 4)
+        return {"checks": self.checks, "expected": round(self.expected, 2), "seen": self.seen,
+                "seen_ratio": rounded(self.seen_ratio), "spread_ratio": rounded(self.spread_ratio),
+                "above_buffer": self.above_buffer, "above_share": rounded(self.above_share),
+                "above_poisson": round(self.above_poisson, 2),
+                "buffer_sd": self.buffer_sd}
+
+    def describe(self) -> str:
+        """One line for an operator."""
+        if not self.checks:
+            return "forecast check: no horizon checked yet"
+        return (f"forecast check: {self.checks} horizons, {self.seen} connects came for "
+                f"{self.expected:.1f} forecast ({self.seen_ratio or 0:.2f}x); squared error "
+                f"{self.spread_ratio or 0:.2f}x the forecast's variance; {self.above_buffer} "
+                f"above forecast + {self.buffer_sd:g} sd, {self.above_poisson:.1f} if Poisson")
 
 
 ScriptObserver = Callable[[str, float], None]

@@ -177,6 +177,12 @@ class Replica:
             max(0, snap.counts["pending"] - snap.counts["unclaimed"]))
         for state in ("waiting", "allocated", "active", "engaged"):
             self.metrics.users.labels(state).set(snap.counts[state])
+        check = snap.forecast_check()
+        for quantity, value in (("horizons", check.checks), ("expected", check.expected),
+                                ("seen", check.seen), ("sq_error", check.sq_error),
+                                ("above_buffer", check.above_buffer),
+                                ("above_poisson", check.above_poisson)):
+            self.metrics.forecast_check.labels(quantity).set(value)
 
     async def _create(self, reservation: str) -> None:
         result = await self.node_api.create()

@@ -46,6 +46,7 @@ class PoolView:
             "last_decision": stats.get("last_decision", ""),
             "last_numbers": json.loads(stats.get("last_numbers", "{}") or "{}"),
             "last_replica": stats.get("last_replica", ""),
+            "forecast_check": self.snapshot.forecast_check().as_dict(),
             "decisions": self.decisions,
         }
 
@@ -88,9 +89,10 @@ def render_view(view: PoolView) -> Group:
                           entry.get("reason", ""))
     last = Text(f"last decision ({data['last_replica'] or '-'}): "
                 f"{data['last_decision'] or 'none yet'}")
+    check = Text(view.snapshot.forecast_check().describe())
     return Group(
         Panel(Group(Text("nodes", style="bold"), nodes, Text("users", style="bold"), users,
-                    outcomes, last), title=f"pool {view.pool}"),
+                    outcomes, check, last), title=f"pool {view.pool}"),
         decisions)
 
 

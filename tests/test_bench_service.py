@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,14 @@ def _trace(tmp_path: Path) -> Path:
 def test_replay_is_deterministic_legal_and_leaves_no_keys(
         tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
     trace = load_trace(_trace(tmp_path))
-    first = run_replay(trace, ServicePolicy(redis_url))
+    policy = ServicePolicy(redis_url)
+    first = run_replay(trace, policy)
     assert first == run_replay(trace, ServicePolicy(redis_url))
     assert first.connects == 10
+    # The forecast checked itself over the 500 s, one horizon (the boot time learned, about
+    # 14 s here) after another, and saw the connects of every finished horizon.
+    check = policy.forecast_check
+    assert check is not None and check.checks > 20 and 0 < check.seen <= 10
     assert sync_redis.keys("prov:*") == []
 
 
@@ -110,7 +116,8 @@ def test_bench_replay_json_has_exactly_the_scores(
     result = CliRunner().invoke(app, ["bench", "replay", str(_trace(tmp_path)), "--json",
                                       "--redis-url", redis_url])
     assert result.exit_code == 0, result.output
-    printed = json.loads(result.output)
+    printed = json.loads(result.stdout)
+    assert re.match(r"forecast check: \d+ horizons, \d+ connects came for ", result.stderr)
     assert list(printed) == [
         "connects", "misses", "miss_rate", "wait_p95_s", "abandoned", "nodes_created",
         "node_hours", "busy_hours", "cost_ratio"]
@@ -143,10 +150,10 @@ def test_unknown_policy_is_refused_clearly(tmp_path: Path) -> None:
 def test_bench_replay_warm_up_scores_the_last_play(
         tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
     args = ["bench", "replay", str(_trace(tmp_path)), "--json", "--redis-url", redis_url]
-    cold = Scores(**json.loads(CliRunner().invoke(app, args).output))
+    cold = Scores(**json.loads(CliRunner().invoke(app, args).stdout))
     result = CliRunner().invoke(app, [*args, "--warm-up", "1"])
     assert result.exit_code == 0, result.output
-    warm = Scores(**json.loads(result.output))
+    warm = Scores(**json.loads(result.stdout))
     # The same ten sessions are scored, once, over the same 500 s.
     assert (warm.connects, warm.busy_hours) == (cold.connects, pytest.approx(cold.busy_hours))
     assert warm.node_hours <= 500 / 3600 * PoolConfig().max_nodes

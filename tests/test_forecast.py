@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from rich.console import Console
 
+from provisioner import view
 from provisioner.bench.tickcost import (
     LEVEL_BAND,
     LEVELS,
@@ -280,6 +283,66 @@ async def test_reap_keeps_what_the_forecast_needs(pool: PoolUnderTest) -> None:
     _, numbers = await decide(pool, config)
     reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
     assert len(reaped) == 3 - numbers["target"] and len(reaped) >= 1
+
+
+def poisson_above(mean: float, line: float) -> float:
+    """P(D > line) for a Poisson count D of this mean, the sum the check keeps."""
+    return 1 - sum(math.exp(-mean) * mean ** k / math.factorial(k)
+                   for k in range(math.floor(line) + 1))
+
+
+async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0)
+    model = pool.keys.key("model")
+
+    async def opened() -> tuple[float, float]:
+        mean, var = await pool.redis.hmget(model, "check_mean", "check_var")
+        return float(mean), float(var)
+
+    await decide(pool, config)
+    # A new pool with nobody browsing forecasts its prior for users not browsing yet: 0.05
+    # connects within the horizon (the boot prior, 60 s), a Poisson count.
+    first = await opened()
+    assert first == (pytest.approx(0.05), pytest.approx(0.05))
+    for user in ("u1", "u2", "u3"):
+        await pool.scripts.allocate(pool.now, user)
+    pool.clock.advance(30_000)
+    await decide(pool, config)
+    assert (await pool.snap()).forecast_check().checks == 0  # the horizon is not over
+    pool.clock.advance(30_000)
+    await decide(pool, config)
+    check = (await pool.snap()).forecast_check()
+    assert (check.checks, check.seen, check.above_buffer) == (1, 3, 1)
+    assert check.expected == pytest.approx(0.05)
+    assert check.sq_error == pytest.approx((3 - 0.05) ** 2 / 0.05, rel=1e-4)
+    second = await opened()  # the next horizon's forecast has learned from the three
+    assert second[0] > first[0]
+    pool.clock.advance(60_000)
+    await decide(pool, config)  # nobody came: below the forecast, not above its buffer
+    check = (await pool.snap()).forecast_check()
+    assert (check.checks, check.seen, check.above_buffer) == (2, 3, 1)
+    assert check.expected == pytest.approx(0.05 + second[0], rel=1e-4)
+    assert check.sq_error == pytest.approx(
+        (3 - 0.05) ** 2 / 0.05 + second[0] ** 2 / second[1], rel=1e-4)
+    # How often a Poisson count of each forecast's mean would have come above its line.
+    tail = sum(poisson_above(mean, mean + 2.25 * math.sqrt(var)) for mean, var in (first, second))
+    assert check.above_poisson == pytest.approx(tail, rel=1e-4)
+    assert check.describe() == (
+        f"forecast check: 2 horizons, 3 connects came for {check.expected:.1f} forecast "
+        f"({3 / check.expected:.2f}x); squared error {check.sq_error / 2:.2f}x the forecast's "
+        f"variance; 1 above forecast + 2.25 sd, {tail:.1f} if Poisson")
+    pool.clock.advance(200_000)  # the ticks stopped for over a horizon: that check is dropped
+    await decide(pool, config)
+    assert (await pool.snap()).forecast_check().checks == 2
+    pool.clock.advance(60_000)
+    await decide(pool, config)
+    assert (await pool.snap()).forecast_check().checks == 3
+    # `provisioner status` shows it, and its --json carries the figures.
+    status = await view.read_view(pool.redis, "fc", pool.now, config.window_ms)
+    assert status.as_dict()["forecast_check"]["checks"] == 3
+    console = Console(record=True, width=300)
+    console.print(view.render_view(status))
+    assert "forecast check: 3 horizons, 3 connects came for " in console.export_text()
 
 
 async def test_bulk_loader_matches_record_activity(aredis: aioredis.Redis) -> None:

@@ -109,6 +109,24 @@ async def test_tick_creates_the_floor_and_a_connect_gets_a_ready_node(
     assert await check_invariants(aredis, POOL) == []
 
 
+async def test_the_forecast_check_is_exported_for_prometheus(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig())
+    await replica.tick()  # opens a check over the boot prior, 60 s
+    await send([replica], "user:connect", {"user_id": "u1"})
+    await send([replica], "user:connect", {"user_id": "u2"})
+    clock.advance(60_000)
+    await replica.tick()
+    await replica.settle()
+
+    def gauge(quantity: str) -> float:
+        return counter(replica, "provisioner_forecast_check", quantity=quantity)
+
+    assert (gauge("horizons"), gauge("seen"), gauge("above_buffer")) == (1, 2, 1)
+    assert 0 < gauge("expected") < 1 and gauge("sq_error") > 1 and gauge("above_poisson") > 0
+
+
 async def test_two_replicas_applying_every_event_allocate_once(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

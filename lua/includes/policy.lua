@@ -124,6 +124,57 @@ local function cell_counts(p)
   return n, ge[1][1]
 end
 
+-- The forecast checks itself, so an operator (and the benchmark) can see whether its spread is
+-- the one the buffer assumes. Back to back, one horizon at a time: the connects forecast within
+-- H at a check's start (mean, var) are compared with the connects allocate counted by its end.
+-- Totals go to the stats hash: checks, connects forecast and seen, the squared errors over the
+-- variances (1 per check on average if the model's spread is right), the checks whose
+-- connects came above the forecast plus buffer_sd deviations, and how many of those a Poisson
+-- count of the forecast's mean would give (the normal's 1.2% at 2.25 deviations is far from
+-- the tail of counts of 2 or 3). A check closed more than a horizon
+-- late (the ticks stopped) or across a reset of the counters is dropped, not scored.
+-- P(D > x) for a Poisson count D of mean m: what a Poisson count would give the checks' tail.
+-- The pmf is summed in log space, so a large m does not underflow. O(x), once per horizon.
+local function poisson_above(m, x)
+  local top = math.floor(x)
+  if top < 0 then return 1 end
+  if m <= 0 then return 0 end
+  local log_m, log_p, cdf = math.log(m), -m, 0
+  for k = 0, math.min(top, 100000) do
+    if k > 0 then log_p = log_p + log_m - math.log(k) end
+    cdf = cdf + math.exp(log_p)
+  end
+  return math.max(0, 1 - cdf)
+end
+
+local function check_forecast(p, mean, var, horizon_ms)
+  local seen = tonumber(rcall('HGET', K.stats, 'connects')) or 0
+  local open = rcall('HMGET', K.model, 'check_until_ms', 'check_connects', 'check_mean',
+                     'check_var')
+  local due = tonumber(open[1])
+  if due and p.now < due then
+    return
+  end
+  local before, m0, v0 = tonumber(open[2]), tonumber(open[3]), tonumber(open[4])
+  if due and before and m0 and v0 and p.now < due + horizon_ms and seen >= before then
+    local came = seen - before
+    local v = math.max(v0, 1e-9)
+    stat('forecast_checks')
+    rcall('HINCRBYFLOAT', K.stats, 'forecast_expected', string.format('%.6f', m0))
+    stat('forecast_seen', came)
+    rcall('HINCRBYFLOAT', K.stats, 'forecast_sq_error', string.format('%.6f', (came - m0) ^ 2 / v))
+    local line = m0 + p.z * math.sqrt(v)
+    if came > line then
+      stat('forecast_above_buffer')
+    end
+    rcall('HINCRBYFLOAT', K.stats, 'forecast_above_poisson',
+          string.format('%.6f', poisson_above(m0, line)))
+    rcall('HSET', K.stats, 'forecast_check_sd', p.z)
+  end
+  rcall('HSET', K.model, 'check_until_ms', p.now + horizon_ms, 'check_connects', seen,
+        'check_mean', mean, 'check_var', var)
+end
+
 -- The forecast: a base-stock policy over the boot lead time L (the learned mean boot time).
 -- Chances are learned over H = min(L, one window), because a user's activity is kept for two
 -- windows and the credit looks back H from a connect; when boots take longer than a window,
@@ -201,6 +252,9 @@ local function forecast_target(s, p, update)
   local expected = m.arr / math.max(m.x0, minute_s) * minute_s
   s.surge = expected > 0 and young >= SURGE_PANIC * expected
     and young >= expected + SURGE_SIGNIFICANCE * math.sqrt(expected) and p.surge_z > p.z
+  if update then
+    check_forecast(p, mean + fresh, var + fresh, horizon_ms)
+  end
   local stretch = L / H
   mean = (mean + fresh) * stretch
   var = (var + fresh) * stretch

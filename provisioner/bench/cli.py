@@ -147,8 +147,13 @@ def replay(
         except PolicyViolation as exc:
             console.print(f"[red]policy {policy} broke the rules: {exc}")
             raise typer.Exit(2) from None
-    if misses_path is not None and isinstance(replayed, service_policy.ServicePolicy):
-        _write_misses(misses_path, replayed.misses)
+    if isinstance(replayed, service_policy.ServicePolicy):
+        if misses_path is not None:
+            _write_misses(misses_path, replayed.misses)
+        if replayed.forecast_check is not None:
+            # stderr: with --json, stdout holds the scores alone.
+            typer.echo(replayed.forecast_check.describe() + " (whole replay, warm-up included)",
+                       err=True)
     if as_json:
         typer.echo(json.dumps(scores.as_dict()))
         return

@@ -25,9 +25,11 @@ from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, List
 from provisioner.scripts import (
     AllocateResult,
     Allocation,
+    ForecastCheck,
     NodeStatusResult,
     Release,
     ReleaseResult,
+    Scripts,
     Served,
     as_text,
 )
@@ -110,6 +112,9 @@ class ServicePolicy:
         self.clock = ManualClock(0)
         #: every connect that missed, in order, with the decision that preceded it
         self.misses: list[Miss] = []
+        #: the forecast's check of itself over the whole replay (warm-up plays included), read
+        #: when the policy closes
+        self.forecast_check: ForecastCheck | None = None
 
     async def start(self, world: World) -> None:
         self._world = world
@@ -200,6 +205,9 @@ class ServicePolicy:
         if self._redis is None:
             return
         keys = PoolKeys(self.pool_name)
+        snapshot = await Scripts(self._redis, keys).snapshot(self.clock.now_ms(),
+                                                             self.pool.window_ms)
+        self.forecast_check = snapshot.forecast_check()
         async for key in self._redis.scan_iter(match=keys.pattern(), count=1000):
             await self._redis.delete(key)
         await self._redis.aclose()

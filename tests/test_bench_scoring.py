@@ -54,6 +54,30 @@ def test_abandoned_waits_and_billing_capped_at_the_end() -> None:
     assert board.close() == scores  # closing is repeatable
 
 
+def test_node_time_splits_the_billed_hours() -> None:
+    board = Scoreboard(duration_s=100.0, terminate_delay_s=5.0, scored_from_s=10.0)
+    board.node_created("a", 0.0)
+    board.node_ready("a", 30.0)  # booting 0-30, 20 s of it scored
+    board.connect_hit("u1", "a", 40.0)
+    board.released("u1", 60.0)  # busy 20 s
+    board.node_terminate_requested("a", 80.0)  # terminating 80-85
+    board.node_created("b", 50.0)
+    board.node_terminate_requested("b", 70.0)  # never ready: booting 50-70, terminating 70-75
+    board.node_created("c", 90.0)  # still booting at the end: 10 s
+    time = board.node_time()
+    scores = board.close()
+    assert time.billed_hours == pytest.approx(scores.node_hours)
+    assert time.busy_hours == pytest.approx(scores.busy_hours)
+    assert time.booting_hours * 3600 == pytest.approx(20 + 20 + 10)
+    assert time.terminating_hours * 3600 == pytest.approx(5 + 5)
+    # a: 75 s billed in the window (10-85), b 25, c 10: 110 s = 20 busy + 50 + 10 + 30 idle
+    assert scores.node_hours * 3600 == pytest.approx(110)
+    assert time.idle_ready_hours * 3600 == pytest.approx(30)
+    assert time.describe() == (
+        "node time: 0.03 h billed = 0.01 busy + 0.01 booting + 0.01 ready and idle + "
+        "0.00 terminating")
+
+
 def test_nearest_rank_percentile() -> None:
     assert nearest_rank([], 95.0) == 0.0
     # 20 waits 1..20: rank ceil(0.95 * 20) = 19 -> 19.

@@ -117,7 +117,13 @@ def test_bench_replay_json_has_exactly_the_scores(
                                       "--redis-url", redis_url])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
-    assert re.match(r"forecast check: \d+ horizons, \d+ connects came for ", result.stderr)
+    assert re.search(r"^forecast check: \d+ horizons, \d+ connects came for ", result.stderr,
+                     re.MULTILINE)
+    node_time = re.search(r"^node time: ([\d.]+) h billed = ([\d.]+) busy \+ ", result.stderr,
+                          re.MULTILINE)
+    assert node_time is not None
+    assert (float(node_time[1]), float(node_time[2])) == (
+        round(printed["node_hours"], 2), round(printed["busy_hours"], 2))
     assert list(printed) == [
         "connects", "misses", "miss_rate", "wait_p95_s", "abandoned", "nodes_created",
         "node_hours", "busy_hours", "cost_ratio"]

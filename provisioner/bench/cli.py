@@ -26,7 +26,7 @@ from provisioner.bench.suite import (
     run_suite,
 )
 from provisioner.bench.trace import Trace, TraceError, load_trace
-from provisioner.bench.world import PolicyViolation, run_replay
+from provisioner.bench.world import PolicyViolation, run_replay_world
 from provisioner.config import PoolConfig
 from provisioner.redis_server import start_server
 
@@ -143,15 +143,17 @@ def replay(
     with _server(redis_url) as url:
         replayed = _factories([policy], url, overrides)[policy](trace)
         try:
-            scores = run_replay(trace, replayed)
+            board = run_replay_world(trace, replayed).board
         except PolicyViolation as exc:
             console.print(f"[red]policy {policy} broke the rules: {exc}")
             raise typer.Exit(2) from None
+    scores = board.close()
+    # stderr: with --json, stdout holds the scores alone.
+    typer.echo(board.node_time().describe(), err=True)
     if isinstance(replayed, service_policy.ServicePolicy):
         if misses_path is not None:
             _write_misses(misses_path, replayed.misses)
         if replayed.forecast_check is not None:
-            # stderr: with --json, stdout holds the scores alone.
             typer.echo(replayed.forecast_check.describe() + " (whole replay, warm-up included)",
                        err=True)
     if as_json:

@@ -34,6 +34,22 @@ class Scores:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class NodeTime:
+    """A replay's billed node-hours split by what the nodes were doing."""
+
+    billed_hours: float
+    busy_hours: float
+    booting_hours: float
+    terminating_hours: float  # billed after a terminate request (FORMAT.md's terminate delay)
+    idle_ready_hours: float
+
+    def describe(self) -> str:
+        return (f"node time: {self.billed_hours:.2f} h billed = {self.busy_hours:.2f} busy + "
+                f"{self.booting_hours:.2f} booting + {self.idle_ready_hours:.2f} ready and idle + "
+                f"{self.terminating_hours:.2f} terminating")
+
+
 def nearest_rank(values: list[float], percentile: float) -> float:
     """Nearest-rank percentile: the smallest value with at least `percentile`% at or below it."""
     if not values:
@@ -60,6 +76,8 @@ class Scoreboard:
         self.scored_from_s = scored_from_s
         self._created: dict[str, float] = {}
         self._billed_until: dict[str, float] = {}
+        self._ready_at: dict[str, float] = {}
+        self._terminate_requested: dict[str, float] = {}
         self._allocated_at: dict[str, float] = {}
         self._missed_at: dict[str, float] = {}
         self._waits: list[float] = []
@@ -72,8 +90,13 @@ class Scoreboard:
         """A create request was sent at `t`: billing starts now, booting time is paid."""
         self._created[node_id] = t
 
+    def node_ready(self, node_id: str, t: float) -> None:
+        """The node finished booting (for the node-time breakdown; no score depends on it)."""
+        self._ready_at[node_id] = t
+
     def node_terminate_requested(self, node_id: str, t: float) -> None:
         """Billing runs on for the terminate delay after the request, but not past the end."""
+        self._terminate_requested[node_id] = t
         self._billed_until[node_id] = min(t + self.terminate_delay_s, self.duration_s)
 
     def connect_hit(self, user_id: str, node_id: str, t: float) -> None:
@@ -109,6 +132,24 @@ class Scoreboard:
     def _inside(self, start: float, end: float) -> float:
         """Seconds of [start, end] inside the scored window."""
         return max(0.0, min(end, self.duration_s) - max(start, self.scored_from_s))
+
+    def node_time(self) -> NodeTime:
+        """Where the billed node time of the scored window went (not a score of FORMAT.md):
+        booting (create request to ready, or to a terminate request before ready), allocated,
+        after a terminate request, and the rest, ready and idle."""
+        end = self.duration_s
+        scores = self.close()
+        booting_s = sum(
+            self._inside(created, min(self._ready_at.get(node, end),
+                                      self._terminate_requested.get(node, end)))
+            for node, created in self._created.items())
+        terminating_s = sum(
+            self._inside(requested, self._billed_until[node])
+            for node, requested in self._terminate_requested.items())
+        billed_h = scores.node_hours
+        booting_h, terminating_h = booting_s / 3600.0, terminating_s / 3600.0
+        return NodeTime(billed_h, scores.busy_hours, booting_h, terminating_h,
+                        billed_h - scores.busy_hours - booting_h - terminating_h)
 
     def close(self) -> Scores:
         """Score as of `duration_s`; the board can be closed more than once with the same result."""

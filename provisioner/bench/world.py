@@ -228,6 +228,7 @@ class World:
             node.status = change.status
             if change.status == READY:
                 self._free_ready[node.node_id] = None
+                self.board.node_ready(node.node_id, self.now)
         await self._guard(self.policy.on_node_status(self.now, change.node_id, change.status))
 
     async def _trace_event(self, event: TraceEvent) -> None:
@@ -288,3 +289,11 @@ async def replay(trace: Trace, policy: Policy, *, tick_s: float = 1.0) -> Scores
 def run_replay(trace: Trace, policy: Policy, tick_s: float = 1.0) -> Scores:
     """Replay `trace` against `policy` on virtual time and return its scores."""
     return asyncio.run(replay(trace, policy, tick_s=tick_s))
+
+
+def run_replay_world(trace: Trace, policy: Policy, tick_s: float = 1.0) -> World:
+    """Replay as run_replay does, and return the world: its board gives the scores
+    (`board.close()`) and more (`board.node_time()`)."""
+    world = World(trace, policy, tick_s=tick_s)
+    asyncio.run(world.run())
+    return world

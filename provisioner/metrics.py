@@ -66,7 +66,7 @@ class Metrics:
         self.forecast_check = Gauge(
             "provisioner_forecast_check",
             "The forecast's check of itself over the pool's life (from Redis): horizons checked, "
-            "connects forecast and seen, squared errors over the forecast's variance, horizons "
+            "connects forecast and seen, squared errors and the forecast's variances, horizons "
             "whose connects came above forecast + buffer, and how many a Poisson count would give",
             ["quantity"], registry=r)
         self.errors = Counter("provisioner_errors",

@@ -190,6 +190,7 @@ class Snapshot:
         return ForecastCheck(
             checks=self.stat("forecast_checks"), expected=self.fstat("forecast_expected"),
             seen=self.stat("forecast_seen"), sq_error=self.fstat("forecast_sq_error"),
+            variance=self.fstat("forecast_variance"),
             above_buffer=self.stat("forecast_above_buffer"),
             above_poisson=self.fstat("forecast_above_poisson"),
             buffer_sd=self.fstat("forecast_check_sd"))
@@ -204,7 +205,8 @@ class ForecastCheck:
     checks: int
     expected: float  # connects forecast, summed over the checks
     seen: int  # connects that came
-    sq_error: float  # sum of (seen - forecast)^2 / the forecast's variance, per check
+    sq_error: float  # sum of (seen - forecast)^2 over the checks
+    variance: float  # sum of the forecast's variances over the checks
     above_buffer: int  # checks whose connects came above forecast + buffer_sd deviations
     above_poisson: float  # how many a Poisson count of each forecast's mean would give
     buffer_sd: float  # the buffer_sd of the latest check
@@ -216,8 +218,9 @@ class ForecastCheck:
 
     @property
     def spread_ratio(self) -> float | None:
-        """Mean squared error over the forecast's variance: 1 if its spread is right."""
-        return self.sq_error / self.checks if self.checks else None
+        """Squared errors over the forecast's variances, summed over the checks: 1 if its
+        spread is right."""
+        return self.sq_error / self.variance if self.variance > 0 else None
 
     @property
     def above_share(self) -> float | None:
@@ -227,6 +230,7 @@ class ForecastCheck:
         def rounded(x: float | None) -> float | None:
             return None if x is None else round(x, 4)
         return {"checks": self.checks, "expected": round(self.expected, 2), "seen": self.seen,
+                "sq_error": round(self.sq_error, 2), "variance": round(self.variance, 2),
                 "seen_ratio": rounded(self.seen_ratio), "spread_ratio": rounded(self.spread_ratio),
                 "above_buffer": self.above_buffer, "above_share": rounded(self.above_share),
                 "above_poisson": round(self.above_poisson, 2),

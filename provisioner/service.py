@@ -180,6 +180,7 @@ class Replica:
         check = snap.forecast_check()
         for quantity, value in (("horizons", check.checks), ("expected", check.expected),
                                 ("seen", check.seen), ("sq_error", check.sq_error),
+                                ("variance", check.variance),
                                 ("above_buffer", check.above_buffer),
                                 ("above_poisson", check.above_poisson)):
             self.metrics.forecast_check.labels(quantity).set(value)

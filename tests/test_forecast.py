@@ -314,7 +314,8 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     check = (await pool.snap()).forecast_check()
     assert (check.checks, check.seen, check.above_buffer) == (1, 3, 1)
     assert check.expected == pytest.approx(0.05)
-    assert check.sq_error == pytest.approx((3 - 0.05) ** 2 / 0.05, rel=1e-4)
+    assert check.sq_error == pytest.approx((3 - 0.05) ** 2, rel=1e-4)
+    assert check.variance == pytest.approx(0.05, rel=1e-4)
     second = await opened()  # the next horizon's forecast has learned from the three
     assert second[0] > first[0]
     pool.clock.advance(60_000)
@@ -322,15 +323,15 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     check = (await pool.snap()).forecast_check()
     assert (check.checks, check.seen, check.above_buffer) == (2, 3, 1)
     assert check.expected == pytest.approx(0.05 + second[0], rel=1e-4)
-    assert check.sq_error == pytest.approx(
-        (3 - 0.05) ** 2 / 0.05 + second[0] ** 2 / second[1], rel=1e-4)
+    assert check.sq_error == pytest.approx((3 - 0.05) ** 2 + second[0] ** 2, rel=1e-4)
+    assert check.variance == pytest.approx(0.05 + second[1], rel=1e-4)
     # How often a Poisson count of each forecast's mean would have come above its line.
     tail = sum(poisson_above(mean, mean + 2.25 * math.sqrt(var)) for mean, var in (first, second))
     assert check.above_poisson == pytest.approx(tail, rel=1e-4)
     assert check.describe() == (
         f"forecast check: 2 horizons, 3 connects came for {check.expected:.1f} forecast "
-        f"({3 / check.expected:.2f}x); squared error {check.sq_error / 2:.2f}x the forecast's "
-        f"variance; 1 above forecast + 2.25 sd, {tail:.1f} if Poisson")
+        f"({3 / check.expected:.2f}x); squared error {check.sq_error / check.variance:.2f}x the "
+        f"forecast's variance; 1 above forecast + 2.25 sd, {tail:.1f} if Poisson")
     pool.clock.advance(200_000)  # the ticks stopped for over a horizon: that check is dropped
     await decide(pool, config)
     assert (await pool.snap()).forecast_check().checks == 2

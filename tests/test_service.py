@@ -125,6 +125,7 @@ async def test_the_forecast_check_is_exported_for_prometheus(
 
     assert (gauge("horizons"), gauge("seen"), gauge("above_buffer")) == (1, 2, 1)
     assert 0 < gauge("expected") < 1 and gauge("sq_error") > 1 and gauge("above_poisson") > 0
+    assert gauge("variance") == pytest.approx(gauge("expected"))  # a Poisson prior
 
 
 async def test_two_replicas_applying_every_event_allocate_once(

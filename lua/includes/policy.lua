@@ -127,8 +127,9 @@ end
 -- The forecast checks itself, so an operator (and the benchmark) can see whether its spread is
 -- the one the buffer assumes. Back to back, one horizon at a time: the connects forecast within
 -- H at a check's start (mean, var) are compared with the connects allocate counted by its end.
--- Totals go to the stats hash: checks, connects forecast and seen, the squared errors over the
--- variances (1 per check on average if the model's spread is right), the checks whose
+-- Totals go to the stats hash: checks, connects forecast and seen, the squared errors and the
+-- variances (their ratio is 1 if the model's spread is right; a ratio of sums, so that one
+-- horizon of a tiny variance, such as a new pool's prior, does not swamp it), the checks whose
 -- connects came above the forecast plus buffer_sd deviations, and how many of those a Poisson
 -- count of the forecast's mean would give (the normal's 1.2% at 2.25 deviations is far from
 -- the tail of counts of 2 or 3). A check closed more than a horizon
@@ -162,7 +163,8 @@ local function check_forecast(p, mean, var, horizon_ms)
     stat('forecast_checks')
     rcall('HINCRBYFLOAT', K.stats, 'forecast_expected', string.format('%.6f', m0))
     stat('forecast_seen', came)
-    rcall('HINCRBYFLOAT', K.stats, 'forecast_sq_error', string.format('%.6f', (came - m0) ^ 2 / v))
+    rcall('HINCRBYFLOAT', K.stats, 'forecast_sq_error', string.format('%.6f', (came - m0) ^ 2))
+    rcall('HINCRBYFLOAT', K.stats, 'forecast_variance', string.format('%.6f', v))
     local line = m0 + p.z * math.sqrt(v)
     if came > line then
       stat('forecast_above_buffer')

@@ -13,7 +13,8 @@
        max_nodes and max_batch. The winning replica POSTs one node per reservation and reports
        each through register_node or cancel_create;
     4. closes the forecast's check of itself when its horizon is over, and opens the next
-       (policy.lua check_forecast: totals in the stats hash, `forecast_*`).
+       (policy.lua check_forecast: totals in the stats hash, `forecast_*`);
+    5. counts how far the target moved up and down (stats `target_raised`, `target_lowered`).
   Terminations are reap_idle's, called next by the same replica.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
@@ -68,6 +69,14 @@ end
 
 local s = observe(p)
 local target, why = target_spare(s, p, true)
+-- How much the target moves: every rise is a create to come, every fall a node to reap later.
+local previous = tonumber(rcall('HGET', K.stats, 'last_target'))
+if previous and target > previous then
+  stat('target_raised', target - previous)
+elseif previous and target < previous then
+  stat('target_lowered', previous - target)
+end
+rcall('HSET', K.stats, 'last_target', target)
 remember_target(now, target, p.keep_window_ms)
 local want = target - s.spare
 local created = {}

@@ -424,6 +424,25 @@ async def test_reap_idle_keeps_the_peak_target_of_the_keep_window(pool: PoolUnde
     assert await pool.redis.lrange(pool.keys.key("targets"), 0, -1) == [f"{pool.now}:0"]
 
 
+async def test_the_target_moves_are_counted(pool: PoolUnderTest) -> None:
+    config = PoolConfig(scaling_policy="heuristic", min_ready=0, activity_window_s=60)
+
+    async def browse_and_decide(users: str) -> int:
+        for user in users:
+            for offset in (0, 1000, 2000):
+                await pool.scripts.record_activity(pool.now, user, pool.now - offset,
+                                                   config.window_ms, 3, 100)
+        decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+        pool.clock.advance(61_000)  # the browsing leaves the window before the next decision
+        return int(decision.numbers["target"])
+
+    assert [await browse_and_decide(users) for users in ("abcd", "", "ab", "abcdef")] == [
+        2, 0, 1, 3]
+    snap = await pool.snap()
+    # the first decision has nothing to move from; then -2, +1, +2
+    assert (snap.stat("target_raised"), snap.stat("target_lowered")) == (3, 2)
+
+
 async def test_keep_level_survives_garbage_in_the_targets_list(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, idle_timeout_s=0, keep_window_s=300)
     await pool.redis.rpush(pool.keys.key("targets"), "junk", f"{pool.now}:7", "x:y")

@@ -31,6 +31,7 @@ from provisioner.scripts import (
     ReleaseResult,
     Scripts,
     Served,
+    Snapshot,
     as_text,
 )
 from provisioner.service import Replica
@@ -115,6 +116,8 @@ class ServicePolicy:
         #: the forecast's check of itself over the whole replay (warm-up plays included), read
         #: when the policy closes
         self.forecast_check: ForecastCheck | None = None
+        #: the pool's counters at the end of the replay
+        self.final_stats: Snapshot | None = None
 
     async def start(self, world: World) -> None:
         self._world = world
@@ -208,6 +211,7 @@ class ServicePolicy:
         snapshot = await Scripts(self._redis, keys).snapshot(self.clock.now_ms(),
                                                              self.pool.window_ms)
         self.forecast_check = snapshot.forecast_check()
+        self.final_stats = snapshot
         async for key in self._redis.scan_iter(match=keys.pattern(), count=1000):
             await self._redis.delete(key)
         await self._redis.aclose()

@@ -90,17 +90,16 @@ local before = '; no scaling decision yet'
 if last[1] and tonumber(last[3]) then
   -- Short enough for a status row: what the pool held against its target, and when it decided;
   -- the decision's whole reason (its forecast) goes in the entry's own 'decision' field.
-  local ok, held_numbers = pcall(cjson.decode, last[2] or '')
-  local held = ''
-  if ok and type(held_numbers) == 'table' and tonumber(held_numbers.spare) then
-    held = string.format(' with spare %d (ready %d, booting %d) for a target of %d%s',
-                         held_numbers.spare, tonumber(held_numbers.ready) or 0,
-                         tonumber(held_numbers.booting) or 0,
-                         tonumber(held_numbers.target) or 0,
-                         held_numbers.surge == true and ', surge' or '')
+  local numbers = last_decision_numbers(last[2])
+  local stock = ''
+  if numbers and tonumber(numbers.spare) then
+    stock = string.format(' with spare %d (ready %d, booting %d) for a target of %d%s',
+                          numbers.spare, tonumber(numbers.ready) or 0,
+                          tonumber(numbers.booting) or 0, tonumber(numbers.target) or 0,
+                          numbers.surge == true and ', surge' or '')
   end
   before = string.format('; the last decision was %.1fs before%s', (now - tonumber(last[3])) / 1000,
-                         held)
+                         stock)
 end
 rcall('XADD', K.decisions, 'MAXLEN', '~', log_len, '*', 'now', now, 'replica', replica,
       'kind', 'miss', 'reason', string.format('user %s waits at position %d: no ready node%s',

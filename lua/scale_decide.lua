@@ -70,13 +70,14 @@ end
 local s = observe(p)
 local target, why = target_spare(s, p, true)
 -- How much the target moves: every rise is a create to come, every fall a node to reap later.
-local previous = tonumber(rcall('HGET', K.stats, 'last_target'))
+-- The previous target is the last decision's, in its numbers.
+local last_numbers = last_decision_numbers(rcall('HGET', K.stats, 'last_numbers'))
+local previous = last_numbers and tonumber(last_numbers.target)
 if previous and target > previous then
   stat('target_raised', target - previous)
 elseif previous and target < previous then
   stat('target_lowered', previous - target)
 end
-rcall('HSET', K.stats, 'last_target', target)
 remember_target(now, target, p.keep_window_ms)
 local want = target - s.spare
 local created = {}

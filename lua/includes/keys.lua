@@ -36,6 +36,16 @@ local function stat(field, by)
   rcall('HINCRBY', K.stats, field, by or 1)
 end
 
+-- The numbers of the last scaling decision (scale_decide's summary: ready, booting, spare,
+-- target, surge, ...), as a table; nil before the first decision or if unreadable.
+local function last_decision_numbers(raw)
+  local ok, numbers = pcall(cjson.decode, raw or '')
+  if ok and type(numbers) == 'table' then
+    return numbers
+  end
+  return nil
+end
+
 -- Browsing cells. A browsing user (activity in the window, no node, not waiting) is at level k
 -- while they have at least k activities in the window, and of age a = now - first seen.
 -- The forecast counts users per cell (level index i, age bucket j) with O(log n) ZCOUNTs on one

@@ -124,16 +124,6 @@ local function cell_counts(p)
   return n, ge[1][1]
 end
 
--- The forecast checks itself, so an operator (and the benchmark) can see whether its spread is
--- the one the buffer assumes. Back to back, one horizon at a time: the connects forecast within
--- H at a check's start (mean, var) are compared with the connects allocate counted by its end.
--- Totals go to the stats hash: checks, connects forecast and seen, the squared errors and the
--- variances (their ratio is 1 if the model's spread is right; a ratio of sums, so that one
--- horizon of a tiny variance, such as a new pool's prior, does not swamp it), the checks whose
--- connects came above the forecast plus buffer_sd deviations, and how many of those a Poisson
--- count of the forecast's mean would give (the normal's 1.2% at 2.25 deviations is far from
--- the tail of counts of 2 or 3). A check closed more than a horizon
--- late (the ticks stopped) or across a reset of the counters is dropped, not scored.
 -- P(D > x) for a Poisson count D of mean m: what a Poisson count would give the checks' tail.
 -- The pmf is summed in log space, so a large m does not underflow. O(x), once per horizon.
 local function poisson_above(m, x)
@@ -148,14 +138,24 @@ local function poisson_above(m, x)
   return math.max(0, 1 - cdf)
 end
 
+-- The forecast checks itself, so an operator (and the benchmark) can see whether its spread is
+-- the one the buffer assumes. Back to back, one horizon at a time: the connects forecast within
+-- H at a check's start (mean, var) are compared with the connects allocate counted by its end.
+-- Totals go to the stats hash: checks, connects forecast and seen, the squared errors and the
+-- variances (their ratio is 1 if the model's spread is right; a ratio of sums, so that one
+-- horizon of a tiny variance, such as a new pool's prior, does not swamp it), the checks whose
+-- connects came above the forecast plus buffer_sd deviations, and how many of those a Poisson
+-- count of the forecast's mean would give (the normal's 1.2% at 2.25 deviations is far from
+-- the tail of counts of 2 or 3). A check closed more than a horizon late (the ticks stopped)
+-- or across a reset of the counters is dropped, not scored.
 local function check_forecast(p, mean, var, horizon_ms)
-  local seen = tonumber(rcall('HGET', K.stats, 'connects')) or 0
   local open = rcall('HMGET', K.model, 'check_until_ms', 'check_connects', 'check_mean',
                      'check_var')
   local due = tonumber(open[1])
   if due and p.now < due then
     return
   end
+  local seen = tonumber(rcall('HGET', K.stats, 'connects')) or 0
   local before, m0, v0 = tonumber(open[2]), tonumber(open[3]), tonumber(open[4])
   if due and before and m0 and v0 and p.now < due + horizon_ms and seen >= before then
     local came = seen - before

@@ -148,7 +148,7 @@ def replay(
             console.print(f"[red]policy {policy} broke the rules: {exc}")
             raise typer.Exit(2) from None
     scores = board.close()
-    # stderr: with --json, stdout holds the scores alone.
+    # Diagnostics go to stderr: with --json, stdout holds the scores alone.
     typer.echo(board.node_time().describe(), err=True)
     if isinstance(replayed, service_policy.ServicePolicy):
         if misses_path is not None:
@@ -180,10 +180,9 @@ def _write_misses(path: Path, misses: list[service_policy.Miss]) -> None:
             out.write(json.dumps(miss.as_dict()) + "\n")
     scored = [m for m in misses if m.scored]
     kinds = {kind: sum(m.kind == kind for m in scored) for kind in service_policy.MISS_KINDS}
-    # stderr: with --json, stdout holds the scores alone.
-    Console(stderr=True).print(
+    typer.echo(
         f"{len(scored)} scored misses ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
-        f"{len(misses) - len(scored)} in warm-up plays; written to {path}")
+        f"{len(misses) - len(scored)} in warm-up plays; written to {path}", err=True)
 
 
 def _table(rows: list[Row]) -> Table:

@@ -113,10 +113,8 @@ class ServicePolicy:
         self.clock = ManualClock(0)
         #: every connect that missed, in order, with the decision that preceded it
         self.misses: list[Miss] = []
-        #: the forecast's check of itself over the whole replay (warm-up plays included), read
-        #: when the policy closes
-        self.forecast_check: ForecastCheck | None = None
-        #: the pool's counters at the end of the replay
+        #: the pool's counters at the end of the replay (warm-up plays included), read when the
+        #: policy closes
         self.final_stats: Snapshot | None = None
 
     async def start(self, world: World) -> None:
@@ -130,6 +128,11 @@ class ServicePolicy:
                                 clock=self.clock)
         # The replay's logs are its scores; keep the per-event log lines out of the way.
         logging.getLogger("provisioner.service").setLevel(logging.WARNING)
+
+    @property
+    def forecast_check(self) -> ForecastCheck | None:
+        """The forecast's check of itself over the whole replay, once the policy has closed."""
+        return self.final_stats.forecast_check() if self.final_stats is not None else None
 
     @property
     def replica(self) -> Replica:
@@ -208,10 +211,8 @@ class ServicePolicy:
         if self._redis is None:
             return
         keys = PoolKeys(self.pool_name)
-        snapshot = await Scripts(self._redis, keys).snapshot(self.clock.now_ms(),
-                                                             self.pool.window_ms)
-        self.forecast_check = snapshot.forecast_check()
-        self.final_stats = snapshot
+        self.final_stats = await Scripts(self._redis, keys).snapshot(self.clock.now_ms(),
+                                                                     self.pool.window_ms)
         async for key in self._redis.scan_iter(match=keys.pattern(), count=1000):
             await self._redis.delete(key)
         await self._redis.aclose()

@@ -288,7 +288,7 @@ async def replay(trace: Trace, policy: Policy, *, tick_s: float = 1.0) -> Scores
 
 def run_replay(trace: Trace, policy: Policy, tick_s: float = 1.0) -> Scores:
     """Replay `trace` against `policy` on virtual time and return its scores."""
-    return asyncio.run(replay(trace, policy, tick_s=tick_s))
+    return run_replay_world(trace, policy, tick_s).board.close()
 
 
 def run_replay_world(trace: Trace, policy: Policy, tick_s: float = 1.0) -> World:

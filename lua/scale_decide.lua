@@ -14,7 +14,10 @@
        each through register_node or cancel_create;
     4. closes the forecast's check of itself when its horizon is over, and opens the next
        (policy.lua check_forecast: totals in the stats hash, `forecast_*`);
-    5. counts how far the target moved up and down (stats `target_raised`, `target_lowered`).
+    5. counts how far the target moved up and down (stats `target_raised`, `target_lowered`),
+       and why each create was reserved: the target rose in this tick (`creates_on_rise`, up to
+       the rise), or spare was used up under a target that did not rise (`creates_to_refill`:
+       connects took ready nodes, boots failed, reservations expired).
   Terminations are reap_idle's, called next by the same replica.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
@@ -91,6 +94,13 @@ if want > 0 then
   end
   if #created > 0 then
     stat('creates_reserved', #created)
+    local on_rise = math.min(#created, math.max(0, target - (previous or 0)))
+    if on_rise > 0 then
+      stat('creates_on_rise', on_rise)
+    end
+    if #created > on_rise then
+      stat('creates_to_refill', #created - on_rise)
+    end
   end
   reason = string.format('spare %d < target %d (%s): create %d', s.spare, target, why,
                          math.max(0, n))

@@ -69,6 +69,11 @@ class Metrics:
             "connects forecast and seen, squared errors and the forecast's variances, horizons "
             "whose connects came above forecast + buffer, and how many a Poisson count would give",
             ["quantity"], registry=r)
+        self.scaling = Gauge(
+            "provisioner_scaling",
+            "What scaling did over the pool's life (from Redis): creates, split into those on a "
+            "rise of the target and those refilling spare used, terminations, and the target's "
+            "rises and falls summed", ["quantity"], registry=r)
         self.errors = Counter("provisioner_errors",
                               "Unexpected errors while handling work, by where",
                               ["where"], registry=r)

@@ -12,7 +12,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from functools import cache
 from importlib import resources
@@ -194,6 +194,36 @@ class Snapshot:
             above_buffer=self.stat("forecast_above_buffer"),
             above_poisson=self.fstat("forecast_above_poisson"),
             buffer_sd=self.fstat("forecast_check_sd"))
+
+    def scaling(self) -> ScalingTotals:
+        return ScalingTotals(
+            creates=self.stat("creates_reserved"), on_rise=self.stat("creates_on_rise"),
+            to_refill=self.stat("creates_to_refill"),
+            terminations=self.stat("terminations_started"),
+            raised=self.stat("target_raised"), lowered=self.stat("target_lowered"))
+
+
+@dataclass(frozen=True)
+class ScalingTotals:
+    """What scaling did over the pool's life (scale_decide and reap_idle's counters): creates,
+    split by why they were reserved, terminations, and how far the target moved. A target that
+    rises by more than a node per connect boots nodes the connects do not use."""
+
+    creates: int  # create reservations
+    on_rise: int  # ... reserved because the target rose in that tick (up to the rise)
+    to_refill: int  # ... reserved to refill spare used up under a target that did not rise
+    terminations: int  # terminations started (idle, stuck boots, retries)
+    raised: int  # the target's rises, summed
+    lowered: int  # the target's falls, summed
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line for an operator."""
+        return (f"scaling: {self.creates} creates ({self.on_rise} on a rise of the target, "
+                f"{self.to_refill} to refill spare used), {self.terminations} terminations; the "
+                f"target raised by {self.raised} and lowered by {self.lowered} in all")
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,8 @@ class Replica:
                                 ("above_buffer", check.above_buffer),
                                 ("above_poisson", check.above_poisson)):
             self.metrics.forecast_check.labels(quantity).set(value)
+        for quantity, count in snap.scaling().as_dict().items():
+            self.metrics.scaling.labels(quantity).set(count)
 
     async def _create(self, reservation: str) -> None:
         result = await self.node_api.create()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,7 +16,7 @@ from rich.text import Text
 
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Scripts, Snapshot, as_text
+from provisioner.scripts import ForecastCheck, ScalingTotals, Scripts, Snapshot, as_text
 
 
 @dataclass
@@ -27,7 +28,16 @@ class PoolView:
     snapshot: Snapshot
     decisions: list[dict[str, str]]
 
+    @cached_property
+    def forecast_check(self) -> ForecastCheck:
+        return self.snapshot.forecast_check()
+
+    @cached_property
+    def scaling(self) -> ScalingTotals:
+        return self.snapshot.scaling()
+
     def as_dict(self) -> dict[str, Any]:
+        """Everything `provisioner status --json` prints; the view renders the same dict."""
         stats = self.snapshot.stats
         connects = self.snapshot.stat("connects")
         misses = self.snapshot.stat("misses")
@@ -46,7 +56,8 @@ class PoolView:
             "last_decision": stats.get("last_decision", ""),
             "last_numbers": json.loads(stats.get("last_numbers", "{}") or "{}"),
             "last_replica": stats.get("last_replica", ""),
-            "forecast_check": self.snapshot.forecast_check().as_dict(),
+            "forecast_check": self.forecast_check.as_dict(),
+            "scaling": self.scaling.as_dict(),
             "decisions": self.decisions,
         }
 
@@ -89,10 +100,11 @@ def render_view(view: PoolView) -> Group:
                           entry.get("reason", ""))
     last = Text(f"last decision ({data['last_replica'] or '-'}): "
                 f"{data['last_decision'] or 'none yet'}")
-    check = Text(view.snapshot.forecast_check().describe())
+    check = Text(view.forecast_check.describe())
+    scaling = Text(view.scaling.describe())
     return Group(
         Panel(Group(Text("nodes", style="bold"), nodes, Text("users", style="bold"), users,
-                    outcomes, check, last), title=f"pool {view.pool}"),
+                    outcomes, check, scaling, last), title=f"pool {view.pool}"),
         decisions)
 
 

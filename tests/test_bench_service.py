@@ -119,8 +119,12 @@ def test_bench_replay_json_has_exactly_the_scores(
     printed = json.loads(result.stdout)
     assert re.search(r"^forecast check: \d+ horizons, \d+ connects came for ", result.stderr,
                      re.MULTILINE)
-    assert re.search(r"^scaling: \d+ creates, \d+ terminations; the target raised by \d+ and "
-                     r"lowered by \d+ in all", result.stderr, re.MULTILINE)
+    scaling = re.search(r"^scaling: (\d+) creates \((\d+) on a rise of the target, (\d+) to "
+                        r"refill spare used\), \d+ terminations; the target raised by \d+ and "
+                        r"lowered by \d+ in all", result.stderr, re.MULTILINE)
+    assert scaling is not None
+    creates, on_rise, to_refill = (int(g) for g in scaling.groups())
+    assert creates == on_rise + to_refill > 0
     node_time = re.search(r"^node time: ([\d.]+) h billed = ([\d.]+) busy \+ ", result.stderr,
                           re.MULTILINE)
     assert node_time is not None

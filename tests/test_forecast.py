@@ -343,7 +343,12 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     assert status.as_dict()["forecast_check"]["checks"] == 3
     console = Console(record=True, width=300)
     console.print(view.render_view(status))
-    assert "forecast check: 3 horizons, 3 connects came for " in console.export_text()
+    shown = console.export_text()
+    assert "forecast check: 3 horizons, 3 connects came for " in shown
+    # and what scaling did
+    scaling = (await pool.snap()).scaling()
+    assert scaling.creates > 0 and status.as_dict()["scaling"] == scaling.as_dict()
+    assert scaling.describe() in shown
 
 
 async def test_bulk_loader_matches_record_activity(aredis: aioredis.Redis) -> None:

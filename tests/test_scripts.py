@@ -443,6 +443,42 @@ async def test_the_target_moves_are_counted(pool: PoolUnderTest) -> None:
     assert (snap.stat("target_raised"), snap.stat("target_lowered")) == (3, 2)
 
 
+async def test_each_create_is_counted_as_on_a_rise_or_to_refill(pool: PoolUnderTest) -> None:
+    config = PoolConfig(scaling_policy="heuristic", min_ready=0, activity_window_s=60)
+
+    async def browse(users: str) -> None:
+        for user in users:
+            for offset in (0, 1000, 2000):
+                await pool.scripts.record_activity(pool.now, user, pool.now - offset,
+                                                   config.window_ms, 3, 100)
+
+    async def decide() -> list[str]:
+        pool.clock.advance(1000)  # one decision per interval
+        return (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).reservations
+
+    await browse("abcd")  # 4 engaged x 0.5: target 2, from nothing
+    first = await decide()
+    assert len(first) == 2
+    for node, rid in zip(("n1", "n2"), first, strict=True):
+        await pool.scripts.register_node(pool.now, rid, node)
+        await pool.scripts.apply_node_status(pool.now, node, "ready")
+    # A user nobody saw browsing takes a ready node: the target stays 2, spare is 1.
+    assert (await pool.scripts.allocate(pool.now, "x")).node_id == "n1"
+    assert len(await decide()) == 1
+    await browse("efgh")  # target 4; spare 1 ready + 1 creating: 2 on the rise
+    assert len(await decide()) == 2
+    # Both at once: the target rises by 1 and a connect uses a ready node.
+    await browse("ij")
+    assert (await pool.scripts.allocate(pool.now, "y")).node_id == "n2"
+    assert len(await decide()) == 2
+    scaling = (await pool.snap()).scaling()
+    assert (scaling.creates, scaling.on_rise, scaling.to_refill) == (7, 5, 2)
+    assert (scaling.raised, scaling.lowered) == (3, 0)
+    assert scaling.describe().startswith(
+        "scaling: 7 creates (5 on a rise of the target, 2 to refill spare used), 0 "
+        "terminations; the target raised by 3 and lowered by 0")
+
+
 async def test_keep_level_survives_garbage_in_the_targets_list(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, idle_timeout_s=0, keep_window_s=300)
     await pool.redis.rpush(pool.keys.key("targets"), "junk", f"{pool.now}:7", "x:y")

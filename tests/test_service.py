@@ -128,6 +128,26 @@ async def test_the_forecast_check_is_exported_for_prometheus(
     assert gauge("variance") == pytest.approx(gauge("expected"))  # a Poisson prior
 
 
+async def test_the_scaling_totals_are_exported_for_prometheus(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(min_ready=2))
+    await replica.tick()  # the floor, from nothing: two creates on a rise of the target
+    await replica.settle()
+    await send([replica], "user:connect", {"user_id": "u1"})  # waits: spare is used
+    clock.advance(1000)
+    await replica.tick()
+    await replica.settle()
+
+    def gauge(quantity: str) -> float:
+        return counter(replica, "provisioner_scaling", quantity=quantity)
+
+    snap = await replica.scripts.snapshot(clock.now_ms(), 120_000)
+    assert {q: gauge(q) for q in snap.scaling().as_dict()} == snap.scaling().as_dict()
+    assert (gauge("creates"), gauge("on_rise")) == (len(api.created), 2)
+    assert gauge("to_refill") >= 1
+
+
 async def test_two_replicas_applying_every_event_allocate_once(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

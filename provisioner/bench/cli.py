@@ -154,12 +154,8 @@ def replay(
         if misses_path is not None:
             _write_misses(misses_path, replayed.misses)
         if replayed.final_stats is not None:
-            stats = replayed.final_stats
-            typer.echo(
-                f"scaling: {stats.stat('creates_reserved')} creates, "
-                f"{stats.stat('terminations_started')} terminations; the target raised by "
-                f"{stats.stat('target_raised')} and lowered by {stats.stat('target_lowered')} "
-                "in all (whole replay, warm-up included)", err=True)
+            typer.echo(replayed.final_stats.scaling().describe()
+                       + " (whole replay, warm-up included)", err=True)
         if replayed.forecast_check is not None:
             typer.echo(replayed.forecast_check.describe() + " (whole replay, warm-up included)",
                        err=True)

@@ -164,19 +164,58 @@ async def test_boots_longer_than_the_window_stretch_the_forecast_to_the_boot_tim
         decisions.append(await decide(p, config))
     (short_reason, short), (long_reason, long) = decisions
 
-    def forecast(reason: str) -> float:
-        return float(reason.split("forecast ")[1].split(" connects")[0])
-
     assert "connects in 60s" in short_reason and "panic x1.0" in short_reason
-    assert "scaled" not in short_reason
+    assert "beyond" not in short_reason
     assert "connects in 240s" in long_reason
-    assert "learned over 120s, scaled x2.00 to the boot time" in long_reason
-    # the same users with the same (prior) chances: demand over 240 s is twice that over the
-    # 120 s the chances are learned for; a chance not yet learned is the same for any horizon
-    assert forecast(long_reason) == pytest.approx(2 * forecast(short_reason), abs=0.011)
+    # the same users with the same (prior) chances; on a first decision the rate beyond the
+    # 120 s the chances are learned for is the forecast's own: demand over 240 s is twice that
+    # over 120 s
+    assert f"learned over 120s, {beyond_of(long_reason):.2f} of them in the 120s beyond" \
+        in long_reason
+    assert forecast_of(long_reason) == pytest.approx(2 * forecast_of(short_reason), abs=0.011)
+    assert beyond_of(long_reason) == pytest.approx(forecast_of(short_reason), abs=0.011)
     assert long["target"] > short["target"]
     # the credit still looks back at most one window
     assert float(await slow.redis.hget(slow.keys.key("model"), "horizon_ms") or 0) == 120_000
+
+
+async def test_beyond_the_window_a_step_in_browsing_is_not_amplified(
+        pool: PoolUnderTest) -> None:
+    """With 240 s boots, demand beyond the 120 s window is the rate of the last boot time: thirty
+    more browsing users add their own chances at once, and to the rest of the lead time only as
+    the average over one boot time catches up."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    await pool.redis.hset(pool.keys.key("model"), "boot_ms", 240_000)
+    for i in range(30):
+        await browse(pool, f"u{i}", 3)
+    pool.clock.advance(61_000)
+    first, _ = await decide(pool, config)
+    for i in range(30, 60):  # first seen 62 s ago: not new arrivals, no panic
+        await browse(pool, f"u{i}", 3, gap_ms=31_000)
+    pool.clock.advance(1000)
+    step, _ = await decide(pool, config)
+    assert "panic x1.0" in step
+    within_first = forecast_of(first) - beyond_of(first)
+    within_step = forecast_of(step) - beyond_of(step)
+    assert within_step > 1.5 * within_first  # the new users' chances, within the window
+    # the average moved 1 - exp(-1/240) of the way: the step is not doubled
+    moved = within_first + (within_step - within_first) * (1 - math.exp(-1 / 240))
+    assert beyond_of(step) == pytest.approx(moved, abs=0.011)
+    # a crowd of new users is not lagged: what users not browsing yet bring now is a floor
+    for i in range(40):
+        await browse(pool, f"crowd{i}", 1)
+    pool.clock.advance(1000)
+    crowd, _ = await decide(pool, config)
+    fresh = float(crowd.split(" not browsing yet")[0].rsplit("(", 1)[1])
+    assert panic_of(crowd) > 10 and beyond_of(crowd) == pytest.approx(fresh, abs=0.011)
+
+
+def forecast_of(reason: str) -> float:
+    return float(reason.split("forecast ")[1].split(" connects")[0])
+
+
+def beyond_of(reason: str) -> float:
+    return float(reason.split("learned over 120s, ")[1].split(" of them")[0])
 
 
 def panic_of(reason: str) -> float:

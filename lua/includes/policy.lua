@@ -180,7 +180,8 @@ end
 -- The forecast: a base-stock policy over the boot lead time L (the learned mean boot time).
 -- Chances are learned over H = min(L, one window), because a user's activity is kept for two
 -- windows and the credit looks back H from a connect; when boots take longer than a window,
--- demand over L is the demand over H scaled by L / H (a rate held for the longer lead time).
+-- demand over L is the demand within H plus, for the rest of L, the rate of the last lead time
+-- (below: 'beyond').
 --
 -- Demand within H: each browsing user connects with the chance learned for their cell (level x
 -- age), a Bernoulli; users not browsing yet add a Poisson mean learned the same way, scaled up
@@ -201,9 +202,10 @@ local function forecast_target(s, p, update)
   local L = lead_ms / 1000
   local half_life_s = p.half_life_ms / 1000
 
+  local dt = 0
   if update then
     local last = m.last_ms > 0 and m.last_ms or p.now
-    local dt = math.min(math.max(0, p.now - last), 60000) / 1000
+    dt = math.min(math.max(0, p.now - last), 60000) / 1000
     local decay = math.exp(-dt * math.log(2) / half_life_s)
     local writes = {'last_ms', p.now, 'window_ms', p.window_ms, 'horizon_ms', horizon_ms}
     local function put(field, value)
@@ -257,9 +259,22 @@ local function forecast_target(s, p, update)
   if update then
     check_forecast(p, mean + fresh, var + fresh, horizon_ms)
   end
+  -- Beyond H, up to L, the connects come at a rate: the forecast's own over H, averaged over
+  -- the last lead time (an exponential average with time constant L, in the model's
+  -- 'beyond_mean'), and never below what users not browsing yet bring now, so that a crowd's
+  -- panic is not lagged. Scaling the whole forecast by L / H instead amplified every browsing
+  -- user's step by as much: a user moving to a cell of higher chance raised the target half as
+  -- much again with 3-minute boots, and each rise was a boot.
+  local within = mean + fresh
+  local average = tonumber(rcall('HGET', K.model, 'beyond_mean')) or within
+  if update then
+    average = average + (within - average) * (1 - math.exp(-dt / L))
+    rcall('HSET', K.model, 'beyond_mean', average)
+  end
   local stretch = L / H
-  mean = (mean + fresh) * stretch
-  var = (var + fresh) * stretch
+  local beyond = (stretch - 1) * math.max(average, fresh)
+  mean = within + beyond
+  var = var + fresh + beyond
   local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
   local q = 1 - math.exp(-release_rate * L)
   local frees = s.allocated * q
@@ -269,10 +284,11 @@ local function forecast_target(s, p, update)
   local target = math.max(0, math.ceil(mean - frees + buffer - 1e-9))
   local why = string.format(
     'forecast %.2f connects in %.0fs (%.2f not browsing yet, panic x%.1f) - %.2f frees'
-    .. ' + buffer %.2f (z=%.2f%s); browsing by level %s', mean, L, fresh * stretch, panic,
+    .. ' + buffer %.2f (z=%.2f%s); browsing by level %s', mean, L, fresh, panic,
     frees, buffer, z, s.surge and ', surge' or '', table.concat(browsing, '/'))
   if stretch > 1 then
-    why = why .. string.format('; learned over %.0fs, scaled x%.2f to the boot time', H, stretch)
+    why = why .. string.format('; learned over %.0fs, %.2f of them in the %.0fs beyond at the'
+                               .. ' rate of the last boot time', H, beyond, L - H)
   end
   if target < p.min_ready then
     return p.min_ready, why .. string.format('; floor min_ready=%d', p.min_ready)

@@ -263,8 +263,8 @@ local function forecast_target(s, p, update)
   -- the last lead time (an exponential average with time constant L, in the model's
   -- 'beyond_mean'), and never below what users not browsing yet bring now, so that a crowd's
   -- panic is not lagged. Scaling the whole forecast by L / H instead amplified every browsing
-  -- user's step by as much: a user moving to a cell of higher chance raised the target half as
-  -- much again with 3-minute boots, and each rise was a boot.
+  -- user's step by as much: with 3-minute boots a user moving to a cell of higher chance raised
+  -- the target half as much again, and the keep level held each such peak for its window.
   local within = mean + fresh
   local average = tonumber(rcall('HGET', K.model, 'beyond_mean')) or within
   if update then

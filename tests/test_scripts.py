@@ -28,6 +28,15 @@ async def pool(aredis: aioredis.Redis) -> AsyncIterator[PoolUnderTest]:
     yield PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
 
 
+async def engage(pool: PoolUnderTest, users: str | tuple[str, ...], window_ms: int) -> None:
+    """Three activities of each user within the last two seconds: engaged (the heuristic's
+    threshold is 3), so the heuristic's target is ceil(engaged users x 0.5)."""
+    for user in users:
+        for offset in (0, 1000, 2000):
+            await pool.scripts.record_activity(pool.now, user, pool.now - offset, window_ms, 3,
+                                               100)
+
+
 # --- allocate -------------------------------------------------------------------------------
 
 
@@ -332,8 +341,7 @@ async def test_activity_window_is_capped_per_user(pool: PoolUnderTest) -> None:
 async def test_a_user_holding_a_node_is_not_engaged(pool: PoolUnderTest) -> None:
     await pool.boot("n1")
     await pool.scripts.allocate(pool.now, "u1")
-    for offset in (0, 1000, 2000):
-        await pool.scripts.record_activity(pool.now, "u1", T0 - offset, 120_000, 3, 100)
+    await engage(pool, ("u1",), 120_000)
     assert (await pool.snap()).counts["engaged"] == 0
 
 
@@ -355,10 +363,7 @@ async def test_scale_decide_lets_one_decision_through_per_interval(pool: PoolUnd
 async def test_scale_decide_covers_waiting_users_and_engaged_users(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=1, conversion=0.5, engaged_threshold=3,
                         scaling_policy="heuristic")
-    for user in ("a", "b", "c", "d"):
-        for offset in (0, 1000, 2000):
-            await pool.scripts.record_activity(pool.now, user, T0 - offset, config.window_ms,
-                                               3, 100)
+    await engage(pool, "abcd", config.window_ms)
     await pool.scripts.allocate(pool.now, "w1")
     await pool.scripts.allocate(pool.now, "w2")
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
@@ -397,10 +402,7 @@ async def test_reap_idle_keeps_the_peak_target_of_the_keep_window(pool: PoolUnde
                         activity_window_s=60, keep_window_s=300)
     for node in ("n1", "n2", "n3", "n4"):
         await pool.boot(node)
-    for user in ("a", "b", "c", "d", "e", "f"):
-        for offset in (0, 1000, 2000):
-            await pool.scripts.record_activity(pool.now, user, pool.now - offset,
-                                               config.window_ms, 3, 100)
+    await engage(pool, "abcdef", config.window_ms)
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
     assert decision.numbers["target"] == 3
     # The browsing is over and the target is back to 0, but a peak of 3 was set 61 s ago:
@@ -428,10 +430,7 @@ async def test_the_target_moves_are_counted(pool: PoolUnderTest) -> None:
     config = PoolConfig(scaling_policy="heuristic", min_ready=0, activity_window_s=60)
 
     async def browse_and_decide(users: str) -> int:
-        for user in users:
-            for offset in (0, 1000, 2000):
-                await pool.scripts.record_activity(pool.now, user, pool.now - offset,
-                                                   config.window_ms, 3, 100)
+        await engage(pool, users, config.window_ms)
         decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
         pool.clock.advance(61_000)  # the browsing leaves the window before the next decision
         return int(decision.numbers["target"])
@@ -447,10 +446,7 @@ async def test_each_create_is_counted_as_on_a_rise_or_to_refill(pool: PoolUnderT
     config = PoolConfig(scaling_policy="heuristic", min_ready=0, activity_window_s=60)
 
     async def browse(users: str) -> None:
-        for user in users:
-            for offset in (0, 1000, 2000):
-                await pool.scripts.record_activity(pool.now, user, pool.now - offset,
-                                                   config.window_ms, 3, 100)
+        await engage(pool, users, config.window_ms)
 
     async def decide() -> list[str]:
         pool.clock.advance(1000)  # one decision per interval

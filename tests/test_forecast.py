@@ -208,6 +208,14 @@ async def test_beyond_the_window_a_step_in_browsing_is_not_amplified(
     crowd, _ = await decide(pool, config)
     fresh = float(crowd.split(" not browsing yet")[0].rsplit("(", 1)[1])
     assert panic_of(crowd) > 10 and beyond_of(crowd) == pytest.approx(fresh, abs=0.011)
+    # an average no tick could have written starts afresh from the forecast over the window
+    for junk in ("1e999", "-1", "nan", "x"):
+        await pool.redis.hset(pool.keys.key("model"), "beyond_mean", junk)
+        pool.clock.advance(1000)
+        reason, numbers = await decide(pool, config)
+        assert 0 <= numbers["target"] < 100, (junk, reason)
+        # beyond = the rate over the window now (which is above what new users bring)
+        assert beyond_of(reason) == pytest.approx(forecast_of(reason) / 2, abs=0.011)
 
 
 def forecast_of(reason: str) -> float:

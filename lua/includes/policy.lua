@@ -266,7 +266,10 @@ local function forecast_target(s, p, update)
   -- user's step by as much: with 3-minute boots a user moving to a cell of higher chance raised
   -- the target half as much again, and the keep level held each such peak for its window.
   local within = mean + fresh
-  local average = tonumber(rcall('HGET', K.model, 'beyond_mean')) or within
+  local average = tonumber(rcall('HGET', K.model, 'beyond_mean'))
+  if not average or average ~= average or average < 0 or average == math.huge then
+    average = within  -- none yet, or a value no tick wrote (a repair gone wrong): start afresh
+  end
   if update then
     average = average + (within - average) * (1 - math.exp(-dt / L))
     rcall('HSET', K.model, 'beyond_mean', average)

@@ -218,6 +218,27 @@ async def test_beyond_the_window_a_step_in_browsing_is_not_amplified(
         assert beyond_of(reason) == pytest.approx(forecast_of(reason) / 2, abs=0.011)
 
 
+async def test_a_model_field_no_tick_could_write_is_read_as_nothing_learned(
+        pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    for i in range(30):
+        await browse(pool, f"u{i}", 3)
+    pool.clock.advance(61_000)
+    _, clean = await decide(pool, config)
+    model = pool.keys.key("model")
+    for field in ("r2_2", "x2_2", "rel", "boot_ms"):  # 2_2: level 2, 60-120 s old
+        for junk in ("1e999", "-5", "nan"):
+            saved = await pool.redis.hget(model, field)
+            await pool.redis.hset(model, field, junk)
+            pool.clock.advance(1000)
+            reason, numbers = await decide(pool, config)
+            assert abs(numbers["target"] - clean["target"]) <= 1, (field, junk, reason)
+            if saved is None:
+                await pool.redis.hdel(model, field)
+            else:
+                await pool.redis.hset(model, field, saved)
+
+
 def forecast_of(reason: str) -> float:
     return float(reason.split("forecast ")[1].split(" connects")[0])
 

@@ -194,7 +194,12 @@ local function forecast_target(s, p, update)
   local fields = model_fields()
   local values = rcall('HMGET', K.model, unpack(fields))
   local m = {}
-  for i, f in ipairs(fields) do m[f] = tonumber(values[i]) or 0 end
+  -- Every field is a non-negative finite number; anything else (a hand repair gone wrong) is
+  -- read as nothing learned yet, so one bad field cannot flood or empty the target.
+  for i, f in ipairs(fields) do
+    local v = tonumber(values[i])
+    m[f] = (v and v == v and v >= 0 and v < math.huge) and v or 0
+  end
   local n, young = cell_counts(p)
   local lead_ms = m.boot_ms > 0 and m.boot_ms or p.boot_prior_ms
   local horizon_ms = math.min(lead_ms, p.window_ms)

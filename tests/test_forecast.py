@@ -146,6 +146,12 @@ async def test_boot_time_and_release_rate_are_learned(pool: PoolUnderTest) -> No
     assert model["boot_ms"] == 40_000 and model["horizon_ms"] == 40_000
     assert model["rel"] == 1
     assert model["bx"] == 30  # allocated node-seconds
+    # a boot time no script wrote (a hand repair gone wrong) is replaced by the next boot seen
+    await pool.redis.hset(pool.keys.key("model"), "boot_ms", "1e999")
+    await pool.scripts.apply_node_status(pool.now, "n2", "booting")
+    pool.clock.advance(50_000)
+    await pool.scripts.apply_node_status(pool.now, "n2", "ready")
+    assert float(await pool.redis.hget(pool.keys.key("model"), "boot_ms") or 0) == 50_000
 
 
 async def test_boots_longer_than_the_window_stretch_the_forecast_to_the_boot_time(

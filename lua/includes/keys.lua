@@ -36,6 +36,17 @@ local function stat(field, by)
   rcall('HINCRBY', K.stats, field, by or 1)
 end
 
+-- A learned value of the model hash as the scripts write it: a non-negative finite number. Anything
+-- else (missing, text, nan, inf, negative: only a hand repair gone wrong writes those) is nil,
+-- read as nothing learned yet.
+local function learned(raw)
+  local v = tonumber(raw)
+  if v and v == v and v >= 0 and v < math.huge then
+    return v
+  end
+  return nil
+end
+
 -- The numbers of the last scaling decision (scale_decide's summary: ready, booting, spare,
 -- target, surge, ...), as a table; nil before the first decision or if unreadable.
 local function last_decision_numbers(raw)

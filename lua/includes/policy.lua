@@ -85,9 +85,10 @@ local SURGE_SIGNIFICANCE = 2
 -- The model's fields: per cell (i, j) the seconds browsing users spent in it ('x') and the
 -- seconds of it that came within a horizon before a connect ('r', credited by allocate); the same
 -- for users not browsing ('x0' in wall seconds, 'r0'); releases and allocated node-seconds
--- ('rel', 'bx'); arrivals ('arr'). All decay with the half-life.
+-- ('rel', 'bx'); arrivals ('arr'). All decay with the half-life. And the forecast over H averaged
+-- over the last lead time ('beyond_mean', below).
 local function model_fields()
-  local fields = {'last_ms', 'boot_ms', 'x0', 'r0', 'rel', 'bx', 'arr'}
+  local fields = {'last_ms', 'boot_ms', 'x0', 'r0', 'rel', 'bx', 'arr', 'beyond_mean'}
   for i = 1, #LEVELS do
     for j = 1, #AGES + 1 do
       fields[#fields + 1] = 'x' .. i .. '_' .. j
@@ -193,12 +194,12 @@ end
 local function forecast_target(s, p, update)
   local fields = model_fields()
   local values = rcall('HMGET', K.model, unpack(fields))
-  local m = {}
-  -- Every field is a non-negative finite number; anything else (a hand repair gone wrong) is
-  -- read as nothing learned yet, so one bad field cannot flood or empty the target.
+  -- A field that is missing, or not a value a script wrote, is nothing learned yet (0 in m, nil
+  -- in known), so one bad field cannot flood or empty the target.
+  local m, known = {}, {}
   for i, f in ipairs(fields) do
-    local v = tonumber(values[i])
-    m[f] = (v and v == v and v >= 0 and v < math.huge) and v or 0
+    known[f] = learned(values[i])
+    m[f] = known[f] or 0
   end
   local n, young = cell_counts(p)
   local lead_ms = m.boot_ms > 0 and m.boot_ms or p.boot_prior_ms
@@ -271,10 +272,7 @@ local function forecast_target(s, p, update)
   -- user's step by as much: with 3-minute boots a user moving to a cell of higher chance raised
   -- the target half as much again, and the keep level held each such peak for its window.
   local within = mean + fresh
-  local average = tonumber(rcall('HGET', K.model, 'beyond_mean'))
-  if not average or average ~= average or average < 0 or average == math.huge then
-    average = within  -- none yet, or a value no tick wrote (a repair gone wrong): start afresh
-  end
+  local average = known.beyond_mean or within  -- none yet, or a bad one: start afresh
   if update then
     average = average + (within - average) * (1 - math.exp(-dt / L))
     rcall('HSET', K.model, 'beyond_mean', average)

@@ -1,9 +1,6 @@
 -- An exponentially weighted mean kept in the model hash (boot and session times).
 local function learn_mean(field, value, weight)
-  local old = tonumber(rcall('HGET', K.model, field))
-  if old and not (old == old and old >= 0 and old < math.huge) then
-    old = nil  -- not a value a script wrote: start again from this one
-  end
+  local old = learned(rcall('HGET', K.model, field))  -- none, or not one a script wrote: restart
   local new = old and (old + weight * (value - old)) or value
   rcall('HSET', K.model, field, new)
 end

@@ -209,11 +209,12 @@ local function forecast_target(s, p, update)
   local half_life_s = p.half_life_ms / 1000
 
   local dt = 0
+  local writes = {}  -- the model's new values, written in one HSET once the forecast is made
   if update then
     local last = m.last_ms > 0 and m.last_ms or p.now
     dt = math.min(math.max(0, p.now - last), 60000) / 1000
     local decay = math.exp(-dt * math.log(2) / half_life_s)
-    local writes = {'last_ms', p.now, 'window_ms', p.window_ms, 'horizon_ms', horizon_ms}
+    writes = {'last_ms', p.now, 'window_ms', p.window_ms, 'horizon_ms', horizon_ms}
     local function put(field, value)
       m[field] = value
       writes[#writes + 1] = field
@@ -231,7 +232,6 @@ local function forecast_target(s, p, update)
     put('bx', m.bx * decay + s.allocated * dt)
     put('rel', m.rel * decay)
     put('arr', m.arr * decay)
-    rcall('HSET', K.model, unpack(writes))
   end
 
   local mean, var, browsing = 0, 0, {}
@@ -275,7 +275,9 @@ local function forecast_target(s, p, update)
   local average = known.beyond_mean or within  -- none yet, or a bad one: start afresh
   if update then
     average = average + (within - average) * (1 - math.exp(-dt / L))
-    rcall('HSET', K.model, 'beyond_mean', average)
+    writes[#writes + 1] = 'beyond_mean'
+    writes[#writes + 1] = average
+    rcall('HSET', K.model, unpack(writes))
   end
   local stretch = L / H
   local beyond = (stretch - 1) * math.max(average, fresh)

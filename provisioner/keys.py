@@ -14,7 +14,7 @@ from dataclasses import dataclass
 POOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 #: The order of the pool key vector passed as KEYS to every script. Keep in sync with
-#: lua/includes/keys.lua (tests/test_keys.py checks it).
+#: lua/includes/keys.lua (tests/test_scripts.py checks it).
 POOL_KEY_ORDER: tuple[str, ...] = (
     "ready",          # list of ready (idle) node ids; head = idle the longest (served first)
     "waiting",        # list of waiting user ids; head = oldest (served first)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
-from provisioner.keys import PoolKeys
+from provisioner.keys import POOL_KEY_ORDER, PoolKeys
 from provisioner.scripts import (
     Activity,
     Allocation,
@@ -38,6 +40,14 @@ async def engage(pool: PoolUnderTest, users: str | tuple[str, ...], window_ms: i
 
 
 # --- allocate -------------------------------------------------------------------------------
+
+
+def test_the_lua_key_table_follows_the_python_key_order() -> None:
+    source = (Path(__file__).parent.parent / "lua" / "includes" / "keys.lua").read_text()
+    table = source.split("local K = {")[1].split("}")[0]
+    entries = re.findall(r"^\s*(\w+) = KEYS\[(\d+)\]", table, re.MULTILINE)
+    assert [name for name, _ in entries] == list(POOL_KEY_ORDER)
+    assert [int(i) for _, i in entries] == list(range(1, len(POOL_KEY_ORDER) + 1))
 
 
 async def test_connect_with_ready_node_is_a_hit_published_once(pool: PoolUnderTest) -> None:

@@ -183,6 +183,11 @@ async def test_boots_longer_than_the_window_stretch_the_forecast_to_the_boot_tim
     assert long["target"] > short["target"]
     # the credit still looks back at most one window
     assert float(await slow.redis.hget(slow.keys.key("model"), "horizon_ms") or 0) == 120_000
+    # but the forecast checks itself on what the buffer is sized on: the demand over the whole
+    # boot time, the part beyond the window included, one boot time at a time
+    check = await slow.redis.hmget(slow.keys.key("model"), "check_until_ms", "check_mean")
+    assert float(check[0] or 0) == slow.now + 240_000
+    assert float(check[1] or 0) == pytest.approx(forecast_of(long_reason), abs=0.006)
 
 
 async def test_beyond_the_window_a_step_in_browsing_is_not_amplified(

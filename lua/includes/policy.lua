@@ -140,14 +140,16 @@ local function poisson_above(m, x)
 end
 
 -- The forecast checks itself, so an operator (and the benchmark) can see whether its spread is
--- the one the buffer assumes. Back to back, one horizon at a time: the connects forecast within
--- H at a check's start (mean, var) are compared with the connects allocate counted by its end.
+-- the one the buffer assumes. Back to back, one lead time L at a time: the connects forecast
+-- within L at a check's start (mean, var: within H and beyond it, what the buffer is sized on)
+-- are compared with the connects allocate counted by its end. (A check's period is called a
+-- horizon in its figures; it is H itself unless boots take longer than the window.)
 -- Totals go to the stats hash: checks, connects forecast and seen, the squared errors and the
 -- variances (their ratio is 1 if the model's spread is right; a ratio of sums, so that one
 -- horizon of a tiny variance, such as a new pool's prior, does not swamp it), the checks whose
 -- connects came above the forecast plus buffer_sd deviations, and how many of those a Poisson
 -- count of the forecast's mean would give (the normal's 1.2% at 2.25 deviations is far from
--- the tail of counts of 2 or 3). A check closed more than a horizon late (the ticks stopped)
+-- the tail of counts of 2 or 3). A check closed more than a period late (the ticks stopped)
 -- or across a reset of the counters is dropped, not scored.
 local function check_forecast(p, mean, var, horizon_ms)
   local open = rcall('HMGET', K.model, 'check_until_ms', 'check_connects', 'check_mean',
@@ -262,9 +264,6 @@ local function forecast_target(s, p, update)
   local expected = m.arr / math.max(m.x0, minute_s) * minute_s
   s.surge = expected > 0 and young >= SURGE_PANIC * expected
     and young >= expected + SURGE_SIGNIFICANCE * math.sqrt(expected) and p.surge_z > p.z
-  if update then
-    check_forecast(p, mean + fresh, var + fresh, horizon_ms)
-  end
   -- Beyond H, up to L, the connects come at a rate: the forecast's own over H, averaged over
   -- the last lead time (an exponential average with time constant L, in the model's
   -- 'beyond_mean'), and never below what users not browsing yet bring now, so that a crowd's
@@ -283,6 +282,9 @@ local function forecast_target(s, p, update)
   local beyond = (stretch - 1) * math.max(average, fresh)
   mean = within + beyond
   var = var + fresh + beyond
+  if update then
+    check_forecast(p, mean, var, lead_ms)
+  end
   local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
   local q = 1 - math.exp(-release_rate * L)
   local frees = s.allocated * q

@@ -67,7 +67,8 @@ class Metrics:
             "provisioner_forecast_check",
             "The forecast's check of itself over the pool's life (from Redis): horizons checked, "
             "connects forecast and seen, squared errors and the forecast's variances, horizons "
-            "whose connects came above forecast + buffer, and how many a Poisson count would give",
+            "whose connects came above forecast + buffer, and how many a Poisson count would give; "
+            "the same from every tick's forecast (sliding_*)",
             ["quantity"], registry=r)
         self.scaling = Gauge(
             "provisioner_scaling",

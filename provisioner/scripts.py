@@ -193,7 +193,10 @@ class Snapshot:
             variance=self.fstat("forecast_variance"),
             above_buffer=self.stat("forecast_above_buffer"),
             above_poisson=self.fstat("forecast_above_poisson"),
-            buffer_sd=self.fstat("forecast_check_sd"))
+            buffer_sd=self.fstat("forecast_check_sd"),
+            sliding_checks=self.stat("sliding_checks"),
+            sliding_above=self.stat("sliding_above"),
+            sliding_above_poisson=self.fstat("sliding_above_poisson"))
 
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(
@@ -230,7 +233,7 @@ class ScalingTotals:
 class ForecastCheck:
     """The forecast's check of itself (lua/includes/policy.lua check_forecast), summed over the
     pool's life: back-to-back horizons, each comparing the connects forecast at its start with
-    those that came."""
+    those that came; and the same from every tick (check_sliding), overlapping."""
 
     checks: int
     expected: float  # connects forecast, summed over the checks
@@ -240,6 +243,9 @@ class ForecastCheck:
     above_buffer: int  # checks whose connects came above forecast + buffer_sd deviations
     above_poisson: float  # how many a Poisson count of each forecast's mean would give
     buffer_sd: float  # the buffer_sd of the latest check
+    sliding_checks: int = 0  # ticks whose forecast's lead time has passed
+    sliding_above: int = 0  # of those, the ones whose connects came above forecast + buffer_sd
+    sliding_above_poisson: float = 0.0  # how many a Poisson count of each mean would give
 
     @property
     def seen_ratio(self) -> float | None:
@@ -264,16 +270,22 @@ class ForecastCheck:
                 "seen_ratio": rounded(self.seen_ratio), "spread_ratio": rounded(self.spread_ratio),
                 "above_buffer": self.above_buffer, "above_share": rounded(self.above_share),
                 "above_poisson": round(self.above_poisson, 2),
-                "buffer_sd": self.buffer_sd}
+                "buffer_sd": self.buffer_sd, "sliding_checks": self.sliding_checks,
+                "sliding_above": self.sliding_above,
+                "sliding_above_poisson": round(self.sliding_above_poisson, 2)}
 
     def describe(self) -> str:
         """One line for an operator."""
         if not self.checks:
             return "forecast check: no horizon checked yet"
-        return (f"forecast check: {self.checks} horizons, {self.seen} connects came for "
+        line = (f"forecast check: {self.checks} horizons, {self.seen} connects came for "
                 f"{self.expected:.1f} forecast ({self.seen_ratio or 0:.2f}x); squared error "
                 f"{self.spread_ratio or 0:.2f}x the forecast's variance; {self.above_buffer} "
                 f"above forecast + {self.buffer_sd:g} sd, {self.above_poisson:.1f} if Poisson")
+        if self.sliding_checks:
+            line += (f"; from every tick: {self.sliding_above} of {self.sliding_checks} above, "
+                     f"{self.sliding_above_poisson:.1f} if Poisson")
+        return line
 
 
 ScriptObserver = Callable[[str, float], None]

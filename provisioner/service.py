@@ -182,7 +182,10 @@ class Replica:
                                 ("seen", check.seen), ("sq_error", check.sq_error),
                                 ("variance", check.variance),
                                 ("above_buffer", check.above_buffer),
-                                ("above_poisson", check.above_poisson)):
+                                ("above_poisson", check.above_poisson),
+                                ("sliding_checks", check.sliding_checks),
+                                ("sliding_above", check.sliding_above),
+                                ("sliding_above_poisson", check.sliding_above_poisson)):
             self.metrics.forecast_check.labels(quantity).set(value)
         for quantity, count in snap.scaling().as_dict().items():
             self.metrics.scaling.labels(quantity).set(count)

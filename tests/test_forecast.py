@@ -392,6 +392,8 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     await decide(pool, config)
     check = (await pool.snap()).forecast_check()
     assert (check.checks, check.seen, check.above_buffer) == (1, 3, 1)
+    # every tick's forecast is checked too: the first tick's lead time is over, the second's not
+    assert (check.sliding_checks, check.sliding_above) == (1, 1)
     assert check.expected == pytest.approx(0.05)
     assert check.sq_error == pytest.approx((3 - 0.05) ** 2, rel=1e-4)
     assert check.variance == pytest.approx(0.05, rel=1e-4)
@@ -407,16 +409,22 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     # How often a Poisson count of each forecast's mean would have come above its line.
     tail = sum(poisson_above(mean, mean + 2.25 * math.sqrt(var)) for mean, var in (first, second))
     assert check.above_poisson == pytest.approx(tail, rel=1e-4)
+    # the ticks at 30 s and 60 s saw no connect in the lead time after them
+    assert (check.sliding_checks, check.sliding_above) == (3, 1)
+    assert tail < check.sliding_above_poisson < 3 * tail  # three tails, the middle one unknown
     assert check.describe() == (
         f"forecast check: 2 horizons, 3 connects came for {check.expected:.1f} forecast "
         f"({3 / check.expected:.2f}x); squared error {check.sq_error / check.variance:.2f}x the "
-        f"forecast's variance; 1 above forecast + 2.25 sd, {tail:.1f} if Poisson")
+        f"forecast's variance; 1 above forecast + 2.25 sd, {tail:.1f} if Poisson; from every "
+        f"tick: 1 of 3 above, {check.sliding_above_poisson:.1f} if Poisson")
     pool.clock.advance(200_000)  # the ticks stopped for over a horizon: that check is dropped
     await decide(pool, config)
-    assert (await pool.snap()).forecast_check().checks == 2
+    check = (await pool.snap()).forecast_check()
+    assert (check.checks, check.sliding_checks) == (2, 3)  # so is the tick's at 120 s
     pool.clock.advance(60_000)
     await decide(pool, config)
-    assert (await pool.snap()).forecast_check().checks == 3
+    check = (await pool.snap()).forecast_check()
+    assert (check.checks, check.sliding_checks) == (3, 4)
     # `provisioner status` shows it, and its --json carries the figures.
     status = await view.read_view(pool.redis, "fc", pool.now, config.window_ms)
     assert status.as_dict()["forecast_check"]["checks"] == 3

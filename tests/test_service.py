@@ -126,6 +126,9 @@ async def test_the_forecast_check_is_exported_for_prometheus(
     assert (gauge("horizons"), gauge("seen"), gauge("above_buffer")) == (1, 2, 1)
     assert 0 < gauge("expected") < 1 and gauge("sq_error") > 1 and gauge("above_poisson") > 0
     assert gauge("variance") == pytest.approx(gauge("expected"))  # a Poisson prior
+    # the first tick's forecast, checked from every tick too
+    assert (gauge("sliding_checks"), gauge("sliding_above")) == (1, 1)
+    assert gauge("sliding_above_poisson") == pytest.approx(gauge("above_poisson"))
 
 
 async def test_the_scaling_totals_are_exported_for_prometheus(

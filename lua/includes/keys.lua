@@ -1,5 +1,5 @@
 -- The pool key vector, in the order of provisioner/keys.py POOL_KEY_ORDER.
--- Every script receives it as KEYS[1..21]; per-user and per-node keys are built from the prefixes.
+-- Every script receives it as KEYS[1..22]; per-user and per-node keys are built from the prefixes.
 local K = {
   ready = KEYS[1],          -- list: ready node ids, head = idle the longest (served first)
   waiting = KEYS[2],        -- list: waiting user ids, head = oldest
@@ -19,9 +19,10 @@ local K = {
   levels = KEYS[16],        -- zset: browsing levels and level x age cells (score bands, below)
   model = KEYS[17],         -- hash: learned connect chances per cell, boot time, release rate
   targets = KEYS[18],       -- list: recent targets 'ms:target', strictly decreasing head to tail
-  node_prefix = KEYS[19],   -- prefix of per-node hashes
-  acts_prefix = KEYS[20],   -- prefix of per-user activity windows (zset of event ms)
-  seen_prefix = KEYS[21],   -- prefix of per-user first-seen ms (string, expires with the window)
+  sliding = KEYS[19],       -- list: each tick's forecast 'ms:connects:mean:var', a lead time
+  node_prefix = KEYS[20],   -- prefix of per-node hashes
+  acts_prefix = KEYS[21],   -- prefix of per-user activity windows (zset of event ms)
+  seen_prefix = KEYS[22],   -- prefix of per-user first-seen ms (string, expires with the window)
 }
 local rcall = redis.call
 

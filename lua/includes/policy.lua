@@ -180,6 +180,39 @@ local function check_forecast(p, mean, var, horizon_ms)
         'check_mean', mean, 'check_var', var)
 end
 
+-- The same check from every tick, not back to back: each tick's forecast over the lead time is
+-- queued ('sliding'), and once the lead time has passed it is compared with the connects that
+-- came in it. The windows overlap, so the checks are not independent; what they give is the
+-- share of ticks whose next lead time brought more connects than the forecast plus buffer_sd
+-- deviations, the per-instant stock-out chance the buffer aims at (frees left out), against
+-- what a Poisson count of each forecast's mean would give. Amortised O(1) per tick (and the
+-- Poisson tail, O(mean)); at most SLIDING_MAX entries wait, and one matured more than a lead
+-- time late (the ticks stopped) is dropped, not scored.
+local SLIDING_MAX = 1000
+
+local function check_sliding(p, mean, var, lead_ms)
+  local seen = tonumber(rcall('HGET', K.stats, 'connects')) or 0
+  while true do
+    local head = rcall('LINDEX', K.sliding, 0)
+    if not head then break end
+    local ms, before, m0, v0 = string.match(head, '^(%d+):(%d+):([%d.e+-]+):([%d.e+-]+)$')
+    ms, before, m0, v0 = tonumber(ms), tonumber(before), tonumber(m0), tonumber(v0)
+    if ms and ms + lead_ms > p.now then break end
+    rcall('LPOP', K.sliding)
+    if ms and before and m0 and v0 and p.now < ms + 2 * lead_ms and seen >= before then
+      local line = m0 + p.z * math.sqrt(math.max(v0, 1e-9))
+      stat('sliding_checks')
+      if seen - before > line then
+        stat('sliding_above')
+      end
+      rcall('HINCRBYFLOAT', K.stats, 'sliding_above_poisson',
+            string.format('%.6f', poisson_above(m0, line)))
+    end
+  end
+  rcall('RPUSH', K.sliding, string.format('%.0f:%d:%.6f:%.6f', p.now, seen, mean, var))
+  rcall('LTRIM', K.sliding, -SLIDING_MAX, -1)
+end
+
 -- The forecast: a base-stock policy over the boot lead time L (the learned mean boot time).
 -- Chances are learned over H = min(L, one window), because a user's activity is kept for two
 -- windows and the credit looks back H from a connect; when boots take longer than a window,
@@ -284,6 +317,7 @@ local function forecast_target(s, p, update)
   var = var + fresh + beyond
   if update then
     check_forecast(p, mean, var, lead_ms)
+    check_sliding(p, mean, var, lead_ms)
   end
   local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
   local q = 1 - math.exp(-release_rate * L)

@@ -151,14 +151,25 @@ end
 -- count of the forecast's mean would give (the normal's 1.2% at 2.25 deviations is far from
 -- the tail of counts of 2 or 3). A check closed more than a period late (the ticks stopped)
 -- or across a reset of the counters is dropped, not scored.
-local function check_forecast(p, mean, var, horizon_ms)
+-- One scored check's tail, shared by both checks: whether the connects that came passed the
+-- forecast plus z deviations (counted in above_field), and the chance a Poisson count of the
+-- forecast's mean had of passing that line (summed in poisson_field).
+local function score_tail(came, m0, v, z, above_field, poisson_field)
+  local line = m0 + z * math.sqrt(v)
+  if came > line then
+    stat(above_field)
+  end
+  rcall('HINCRBYFLOAT', K.stats, poisson_field, string.format('%.6f', poisson_above(m0, line)))
+end
+
+-- `seen` is the connects allocate has counted so far (stats 'connects').
+local function check_forecast(p, mean, var, horizon_ms, seen)
   local open = rcall('HMGET', K.model, 'check_until_ms', 'check_connects', 'check_mean',
                      'check_var')
   local due = tonumber(open[1])
   if due and p.now < due then
     return
   end
-  local seen = tonumber(rcall('HGET', K.stats, 'connects')) or 0
   local before, m0, v0 = tonumber(open[2]), tonumber(open[3]), tonumber(open[4])
   if due and before and m0 and v0 and p.now < due + horizon_ms and seen >= before then
     local came = seen - before
@@ -168,12 +179,7 @@ local function check_forecast(p, mean, var, horizon_ms)
     stat('forecast_seen', came)
     rcall('HINCRBYFLOAT', K.stats, 'forecast_sq_error', string.format('%.6f', (came - m0) ^ 2))
     rcall('HINCRBYFLOAT', K.stats, 'forecast_variance', string.format('%.6f', v))
-    local line = m0 + p.z * math.sqrt(v)
-    if came > line then
-      stat('forecast_above_buffer')
-    end
-    rcall('HINCRBYFLOAT', K.stats, 'forecast_above_poisson',
-          string.format('%.6f', poisson_above(m0, line)))
+    score_tail(came, m0, v, p.z, 'forecast_above_buffer', 'forecast_above_poisson')
     rcall('HSET', K.stats, 'forecast_check_sd', p.z)
   end
   rcall('HSET', K.model, 'check_until_ms', p.now + horizon_ms, 'check_connects', seen,
@@ -190,8 +196,7 @@ end
 -- time late (the ticks stopped) is dropped, not scored.
 local SLIDING_MAX = 1000
 
-local function check_sliding(p, mean, var, lead_ms)
-  local seen = tonumber(rcall('HGET', K.stats, 'connects')) or 0
+local function check_sliding(p, mean, var, lead_ms, seen)
   while true do
     local head = rcall('LINDEX', K.sliding, 0)
     if not head then break end
@@ -200,13 +205,9 @@ local function check_sliding(p, mean, var, lead_ms)
     if ms and ms + lead_ms > p.now then break end
     rcall('LPOP', K.sliding)
     if ms and before and m0 and v0 and p.now < ms + 2 * lead_ms and seen >= before then
-      local line = m0 + p.z * math.sqrt(math.max(v0, 1e-9))
       stat('sliding_checks')
-      if seen - before > line then
-        stat('sliding_above')
-      end
-      rcall('HINCRBYFLOAT', K.stats, 'sliding_above_poisson',
-            string.format('%.6f', poisson_above(m0, line)))
+      score_tail(seen - before, m0, math.max(v0, 1e-9), p.z, 'sliding_above',
+                 'sliding_above_poisson')
     end
   end
   rcall('RPUSH', K.sliding, string.format('%.0f:%d:%.6f:%.6f', p.now, seen, mean, var))
@@ -316,8 +317,9 @@ local function forecast_target(s, p, update)
   mean = within + beyond
   var = var + fresh + beyond
   if update then
-    check_forecast(p, mean, var, lead_ms)
-    check_sliding(p, mean, var, lead_ms)
+    local seen = tonumber(rcall('HGET', K.stats, 'connects')) or 0
+    check_forecast(p, mean, var, lead_ms, seen)
+    check_sliding(p, mean, var, lead_ms, seen)
   end
   local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
   local q = 1 - math.exp(-release_rate * L)

@@ -68,7 +68,8 @@ class Metrics:
             "The forecast's check of itself over the pool's life (from Redis): horizons checked, "
             "connects forecast and seen, squared errors and the forecast's variances, horizons "
             "whose connects came above forecast + buffer, and how many a Poisson count would give; "
-            "the same from every tick's forecast (sliding_*)",
+            "the same from every tick's forecast (sliding_*, with the connects that came, their "
+            "squares and the squared errors, for its skill against a constant forecast)",
             ["quantity"], registry=r)
         self.scaling = Gauge(
             "provisioner_scaling",

@@ -196,7 +196,10 @@ class Snapshot:
             buffer_sd=self.fstat("forecast_check_sd"),
             sliding_checks=self.stat("sliding_checks"),
             sliding_above=self.stat("sliding_above"),
-            sliding_above_poisson=self.fstat("sliding_above_poisson"))
+            sliding_above_poisson=self.fstat("sliding_above_poisson"),
+            sliding_came=self.stat("sliding_came"),
+            sliding_came_sq=self.stat("sliding_came_sq"),
+            sliding_sq_error=self.fstat("sliding_sq_error"))
 
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(
@@ -246,6 +249,9 @@ class ForecastCheck:
     sliding_checks: int = 0  # ticks whose forecast's lead time has passed
     sliding_above: int = 0  # of those, the ones whose connects came above forecast + buffer_sd
     sliding_above_poisson: float = 0.0  # how many a Poisson count of each mean would give
+    sliding_came: int = 0  # connects that came, summed over the ticks' lead times
+    sliding_came_sq: int = 0  # their squares, summed
+    sliding_sq_error: float = 0.0  # sum of (came - forecast)^2 over the ticks
 
     @property
     def seen_ratio(self) -> float | None:
@@ -257,6 +263,15 @@ class ForecastCheck:
         """Squared errors over the forecast's variances, summed over the checks: 1 if its
         spread is right."""
         return self.sq_error / self.variance if self.variance > 0 else None
+
+    @property
+    def sliding_skill(self) -> float | None:
+        """1 - the ticks' squared error over that of a constant forecast at the mean of the
+        connects that came: 0 if the forecast tells no more than the long-run mean, negative if
+        less, 1 if exact. None until two ticks are checked and their connects differ."""
+        n = self.sliding_checks
+        spread = self.sliding_came_sq - self.sliding_came ** 2 / n if n > 1 else 0.0
+        return 1 - self.sliding_sq_error / spread if spread > 1e-9 else None
 
     @property
     def above_share(self) -> float | None:
@@ -272,7 +287,10 @@ class ForecastCheck:
                 "above_poisson": round(self.above_poisson, 2),
                 "buffer_sd": self.buffer_sd, "sliding_checks": self.sliding_checks,
                 "sliding_above": self.sliding_above,
-                "sliding_above_poisson": round(self.sliding_above_poisson, 2)}
+                "sliding_above_poisson": round(self.sliding_above_poisson, 2),
+                "sliding_came": self.sliding_came, "sliding_came_sq": self.sliding_came_sq,
+                "sliding_sq_error": round(self.sliding_sq_error, 2),
+                "sliding_skill": rounded(self.sliding_skill)}
 
     def describe(self) -> str:
         """One line for an operator."""
@@ -285,6 +303,8 @@ class ForecastCheck:
         if self.sliding_checks:
             line += (f"; from every tick: {self.sliding_above} of {self.sliding_checks} above, "
                      f"{self.sliding_above_poisson:.1f} if Poisson")
+            if self.sliding_skill is not None:
+                line += f", skill {self.sliding_skill:.2f} against a constant forecast"
         return line
 
 

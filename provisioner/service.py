@@ -185,7 +185,10 @@ class Replica:
                                 ("above_poisson", check.above_poisson),
                                 ("sliding_checks", check.sliding_checks),
                                 ("sliding_above", check.sliding_above),
-                                ("sliding_above_poisson", check.sliding_above_poisson)):
+                                ("sliding_above_poisson", check.sliding_above_poisson),
+                                ("sliding_came", check.sliding_came),
+                                ("sliding_came_sq", check.sliding_came_sq),
+                                ("sliding_sq_error", check.sliding_sq_error)):
             self.metrics.forecast_check.labels(quantity).set(value)
         for quantity, count in snap.scaling().as_dict().items():
             self.metrics.scaling.labels(quantity).set(count)

@@ -388,6 +388,8 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     pool.clock.advance(30_000)
     await decide(pool, config)
     assert (await pool.snap()).forecast_check().checks == 0  # the horizon is not over
+    # this tick's forecast, queued for the check from every tick: "ms:connects:mean:var"
+    middle = float((await pool.redis.lindex(pool.keys.key("sliding"), -1)).split(":")[2])
     pool.clock.advance(30_000)
     await decide(pool, config)
     check = (await pool.snap()).forecast_check()
@@ -412,11 +414,18 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     # the ticks at 30 s and 60 s saw no connect in the lead time after them
     assert (check.sliding_checks, check.sliding_above) == (3, 1)
     assert tail < check.sliding_above_poisson < 3 * tail  # three tails, the middle one unknown
+    # The skill: connects of 3, 0 and 0 against forecasts of 0.05, middle and second[0], and
+    # against a constant forecast at their mean, 1, whose squared errors sum to 4 + 1 + 1.
+    assert (check.sliding_came, check.sliding_came_sq) == (3, 9)
+    sq_error = (3 - 0.05) ** 2 + middle ** 2 + second[0] ** 2
+    assert check.sliding_sq_error == pytest.approx(sq_error, rel=1e-4)
+    assert check.sliding_skill == pytest.approx(1 - sq_error / 6, rel=1e-4)
     assert check.describe() == (
         f"forecast check: 2 horizons, 3 connects came for {check.expected:.1f} forecast "
         f"({3 / check.expected:.2f}x); squared error {check.sq_error / check.variance:.2f}x the "
         f"forecast's variance; 1 above forecast + 2.25 sd, {tail:.1f} if Poisson; from every "
-        f"tick: 1 of 3 above, {check.sliding_above_poisson:.1f} if Poisson")
+        f"tick: 1 of 3 above, {check.sliding_above_poisson:.1f} if Poisson, skill "
+        f"{check.sliding_skill:.2f} against a constant forecast")
     pool.clock.advance(200_000)  # the ticks stopped for over a horizon: that check is dropped
     await decide(pool, config)
     check = (await pool.snap()).forecast_check()

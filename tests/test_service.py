@@ -129,6 +129,8 @@ async def test_the_forecast_check_is_exported_for_prometheus(
     # the first tick's forecast, checked from every tick too
     assert (gauge("sliding_checks"), gauge("sliding_above")) == (1, 1)
     assert gauge("sliding_above_poisson") == pytest.approx(gauge("above_poisson"))
+    assert (gauge("sliding_came"), gauge("sliding_came_sq")) == (2, 4)
+    assert gauge("sliding_sq_error") == pytest.approx(gauge("sq_error"))
 
 
 async def test_the_scaling_totals_are_exported_for_prometheus(

@@ -191,9 +191,12 @@ end
 -- came in it. The windows overlap, so the checks are not independent; what they give is the
 -- share of ticks whose next lead time brought more connects than the forecast plus buffer_sd
 -- deviations, the per-instant stock-out chance the buffer aims at (frees left out), against
--- what a Poisson count of each forecast's mean would give. Amortised O(1) per tick (and the
--- Poisson tail, O(mean)); at most SLIDING_MAX entries wait, and one matured more than a lead
--- time late (the ticks stopped) is dropped, not scored.
+-- what a Poisson count of each forecast's mean would give. It also sums the connects that came,
+-- their squares and the squared errors, for the forecast's skill: 1 - its squared error over a
+-- constant forecast's at the connects' mean (0: it tells no more than the long-run mean; only
+-- a forecast that follows the traffic's changes scores well above it). Amortised O(1) per tick
+-- (and the Poisson tail, O(mean)); at most SLIDING_MAX entries wait, and one matured more than
+-- a lead time late (the ticks stopped) is dropped, not scored.
 local SLIDING_MAX = 1000
 
 local function check_sliding(p, mean, var, lead_ms, seen)
@@ -205,9 +208,13 @@ local function check_sliding(p, mean, var, lead_ms, seen)
     if ms and ms + lead_ms > p.now then break end
     rcall('LPOP', K.sliding)
     if ms and before and m0 and v0 and p.now < ms + 2 * lead_ms and seen >= before then
+      local came = seen - before
       stat('sliding_checks')
-      score_tail(seen - before, m0, math.max(v0, 1e-9), p.z, 'sliding_above',
-                 'sliding_above_poisson')
+      score_tail(came, m0, math.max(v0, 1e-9), p.z, 'sliding_above', 'sliding_above_poisson')
+      -- the sums for the forecast's skill: its squared error against a constant's at the mean
+      stat('sliding_came', came)
+      stat('sliding_came_sq', came * came)
+      rcall('HINCRBYFLOAT', K.stats, 'sliding_sq_error', string.format('%.6f', (came - m0) ^ 2))
     end
   end
   rcall('RPUSH', K.sliding, string.format('%.0f:%d:%.6f:%.6f', p.now, seen, mean, var))

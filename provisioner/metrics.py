@@ -69,7 +69,8 @@ class Metrics:
             "connects forecast and seen, squared errors and the forecast's variances, horizons "
             "whose connects came above forecast + buffer, and how many a Poisson count would give; "
             "the same from every tick's forecast (sliding_*, with the connects that came, their "
-            "squares and the squared errors, for its skill against a constant forecast)",
+            "squares and the squared errors, for its skill against a constant forecast, and the "
+            "frees forecast against the releases that came)",
             ["quantity"], registry=r)
         self.scaling = Gauge(
             "provisioner_scaling",

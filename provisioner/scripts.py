@@ -199,7 +199,10 @@ class Snapshot:
             sliding_above_poisson=self.fstat("sliding_above_poisson"),
             sliding_came=self.stat("sliding_came"),
             sliding_came_sq=self.stat("sliding_came_sq"),
-            sliding_sq_error=self.fstat("sliding_sq_error"))
+            sliding_sq_error=self.fstat("sliding_sq_error"),
+            sliding_frees_checks=self.stat("sliding_frees_checks"),
+            sliding_frees_forecast=self.fstat("sliding_frees_forecast"),
+            sliding_frees_came=self.stat("sliding_frees_came"))
 
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(
@@ -252,6 +255,9 @@ class ForecastCheck:
     sliding_came: int = 0  # connects that came, summed over the ticks' lead times
     sliding_came_sq: int = 0  # their squares, summed
     sliding_sq_error: float = 0.0  # sum of (came - forecast)^2 over the ticks
+    sliding_frees_checks: int = 0  # ticks whose frees forecast was checked too
+    sliding_frees_forecast: float = 0.0  # frees forecast within their lead times, summed
+    sliding_frees_came: int = 0  # releases that came within them, summed
 
     @property
     def seen_ratio(self) -> float | None:
@@ -274,6 +280,13 @@ class ForecastCheck:
         return 1 - self.sliding_sq_error / spread if spread > 1e-9 else None
 
     @property
+    def frees_ratio(self) -> float | None:
+        """Releases that came over the frees forecast, from every tick: 1 if the frees model is
+        right, above 1 if the target counts on too few frees (and holds more than it needs)."""
+        forecast = self.sliding_frees_forecast
+        return self.sliding_frees_came / forecast if forecast > 0 else None
+
+    @property
     def above_share(self) -> float | None:
         return self.above_buffer / self.checks if self.checks else None
 
@@ -290,7 +303,11 @@ class ForecastCheck:
                 "sliding_above_poisson": round(self.sliding_above_poisson, 2),
                 "sliding_came": self.sliding_came, "sliding_came_sq": self.sliding_came_sq,
                 "sliding_sq_error": round(self.sliding_sq_error, 2),
-                "sliding_skill": rounded(self.sliding_skill)}
+                "sliding_skill": rounded(self.sliding_skill),
+                "sliding_frees_checks": self.sliding_frees_checks,
+                "sliding_frees_forecast": round(self.sliding_frees_forecast, 2),
+                "sliding_frees_came": self.sliding_frees_came,
+                "frees_ratio": rounded(self.frees_ratio)}
 
     def describe(self) -> str:
         """One line for an operator."""
@@ -305,6 +322,9 @@ class ForecastCheck:
                      f"{self.sliding_above_poisson:.1f} if Poisson")
             if self.sliding_skill is not None:
                 line += f", skill {self.sliding_skill:.2f} against a constant forecast"
+            if self.frees_ratio is not None:
+                line += (f"; frees: {self.sliding_frees_came} came for "
+                         f"{self.sliding_frees_forecast:.1f} forecast ({self.frees_ratio:.2f}x)")
         return line
 
 

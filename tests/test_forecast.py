@@ -447,6 +447,54 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     assert scaling.describe() in shown
 
 
+async def test_the_frees_forecast_is_checked_from_every_tick(pool: PoolUnderTest) -> None:
+    """Each tick's frees forecast (allocated nodes whose sessions end within the lead time) is
+    queued with the releases counted so far, and once the lead time has passed summed against
+    the releases that came."""
+    config = PoolConfig(min_ready=0, max_nodes=0)
+    sliding = pool.keys.key("sliding")
+
+    async def queued_frees() -> float:
+        return float((await pool.redis.lindex(sliding, -1)).split(":")[5])
+
+    await decide(pool, config)
+    for node in ("n1", "n2", "n3"):
+        await pool.scripts.apply_node_status(pool.now, node, "booting")
+    pool.clock.advance(60_000)  # boots take a minute: the lead time
+    for node in ("n1", "n2", "n3"):
+        await pool.scripts.apply_node_status(pool.now, node, "ready")
+    for user in ("u1", "u2", "u3"):
+        await pool.scripts.allocate(pool.now, user)
+    await pool.redis.delete(sliding)  # start the check here, three nodes allocated
+    # an entry queued by scripts that kept no frees in it: checked for its connects only
+    await pool.redis.rpush(sliding, f"{pool.now - 61_000}:0:0.5:0.5")
+    await decide(pool, config)
+    first = await queued_frees()
+    assert first > 0
+    check = (await pool.snap()).forecast_check()
+    assert (check.sliding_checks, check.sliding_frees_checks) == (1, 0)
+    assert check.frees_ratio is None and "frees:" not in check.describe()
+    pool.clock.advance(30_000)
+    await pool.scripts.release(pool.now, "u1")
+    await decide(pool, config)
+    second = await queued_frees()
+    assert second > 0  # two sessions left, at a release rate learned from the one that ended
+    pool.clock.advance(30_000)
+    await decide(pool, config)  # the first tick's lead time is over: one release came in it
+    check = (await pool.snap()).forecast_check()
+    assert (check.sliding_frees_checks, check.sliding_frees_came) == (1, 1)
+    assert check.sliding_frees_forecast == pytest.approx(first, rel=1e-4)
+    pool.clock.advance(30_000)
+    await decide(pool, config)  # the second's: none came after it
+    check = (await pool.snap()).forecast_check()
+    assert (check.sliding_frees_checks, check.sliding_frees_came) == (2, 1)
+    assert check.sliding_frees_forecast == pytest.approx(first + second, rel=1e-4)
+    assert check.frees_ratio == pytest.approx(1 / (first + second), rel=1e-4)
+    assert check.describe().endswith(
+        f"; frees: 1 came for {first + second:.1f} forecast ({check.frees_ratio:.2f}x)")
+    assert check.as_dict()["frees_ratio"] == pytest.approx(check.frees_ratio, abs=1e-4)
+
+
 async def test_bulk_loader_matches_record_activity(aredis: aioredis.Redis) -> None:
     """The tick-cost benchmark's bulk loader writes what the script would."""
     window = PoolConfig().window_ms

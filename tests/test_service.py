@@ -131,6 +131,9 @@ async def test_the_forecast_check_is_exported_for_prometheus(
     assert gauge("sliding_above_poisson") == pytest.approx(gauge("above_poisson"))
     assert (gauge("sliding_came"), gauge("sliding_came_sq")) == (2, 4)
     assert gauge("sliding_sq_error") == pytest.approx(gauge("sq_error"))
+    # no node was allocated: no free forecast, none came
+    assert (gauge("sliding_frees_checks"), gauge("sliding_frees_came")) == (1, 0)
+    assert gauge("sliding_frees_forecast") == 0
 
 
 async def test_the_scaling_totals_are_exported_for_prometheus(

@@ -194,16 +194,19 @@ end
 -- what a Poisson count of each forecast's mean would give. It also sums the connects that came,
 -- their squares and the squared errors, for the forecast's skill: 1 - its squared error over a
 -- constant forecast's at the connects' mean (0: it tells no more than the long-run mean; only
--- a forecast that follows the traffic's changes scores well above it). Amortised O(1) per tick
+-- a forecast that follows the traffic's changes scores well above it). Each tick's frees
+-- forecast (the allocated nodes' sessions ending within L) is queued too, with the releases
+-- counted so far, and summed against the releases that came. Amortised O(1) per tick
 -- (and the Poisson tail, O(mean)); at most SLIDING_MAX entries wait, and one matured more than
 -- a lead time late (the ticks stopped) is dropped, not scored.
 local SLIDING_MAX = 1000
 
-local function check_sliding(p, mean, var, lead_ms, seen)
+local function check_sliding(p, mean, var, lead_ms, seen, frees, released)
   while true do
     local head = rcall('LINDEX', K.sliding, 0)
     if not head then break end
-    local ms, before, m0, v0 = string.match(head, '^(%d+):(%d+):([%d.e+-]+):([%d.e+-]+)$')
+    local ms, before, m0, v0, rest = string.match(head,
+      '^(%d+):(%d+):([%d.e+-]+):([%d.e+-]+)(.*)$')
     ms, before, m0, v0 = tonumber(ms), tonumber(before), tonumber(m0), tonumber(v0)
     if ms and ms + lead_ms > p.now then break end
     rcall('LPOP', K.sliding)
@@ -215,9 +218,19 @@ local function check_sliding(p, mean, var, lead_ms, seen)
       stat('sliding_came', came)
       stat('sliding_came_sq', came * came)
       rcall('HINCRBYFLOAT', K.stats, 'sliding_sq_error', string.format('%.6f', (came - m0) ^ 2))
+      -- and the frees: those forecast against the releases that came (an entry queued before
+      -- the frees were, by an earlier release of the scripts, has none)
+      local r0, f0 = string.match(rest or '', '^:(%d+):([%d.e+-]+)$')
+      r0, f0 = tonumber(r0), tonumber(f0)
+      if r0 and f0 and released >= r0 then
+        stat('sliding_frees_checks')
+        stat('sliding_frees_came', released - r0)
+        rcall('HINCRBYFLOAT', K.stats, 'sliding_frees_forecast', string.format('%.6f', f0))
+      end
     end
   end
-  rcall('RPUSH', K.sliding, string.format('%.0f:%d:%.6f:%.6f', p.now, seen, mean, var))
+  rcall('RPUSH', K.sliding, string.format('%.0f:%d:%.6f:%.6f:%d:%.6f', p.now, seen, mean, var,
+                                          released, frees))
   rcall('LTRIM', K.sliding, -SLIDING_MAX, -1)
 end
 
@@ -323,15 +336,16 @@ local function forecast_target(s, p, update)
   local beyond = (stretch - 1) * math.max(average, fresh)
   mean = within + beyond
   var = var + fresh + beyond
-  if update then
-    local seen = tonumber(rcall('HGET', K.stats, 'connects')) or 0
-    check_forecast(p, mean, var, lead_ms, seen)
-    check_sliding(p, mean, var, lead_ms, seen)
-  end
   local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
   local q = 1 - math.exp(-release_rate * L)
   local frees = s.allocated * q
   local frees_var = s.allocated * q * (1 - q)
+  if update then
+    local counted = rcall('HMGET', K.stats, 'connects', 'releases')
+    local seen = tonumber(counted[1]) or 0
+    check_forecast(p, mean, var, lead_ms, seen)
+    check_sliding(p, mean, var, lead_ms, seen, frees, tonumber(counted[2]) or 0)
+  end
   local z = s.surge and p.surge_z or p.z
   local buffer = z * math.sqrt(var + frees_var)
   local target = math.max(0, math.ceil(mean - frees + buffer - 1e-9))

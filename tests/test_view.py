@@ -61,8 +61,12 @@ async def test_a_pool_changing_under_the_checker_is_never_reported_torn(
             await asyncio.sleep(0.005)  # a busy pool, not a livelock: reads can complete
 
     task = asyncio.create_task(churn())
+    reports: list[list[str]] = []
     try:
-        reports = [await check_invariants(aredis, POOL, attempts=200) for _ in range(60)]
+        # at least 60 checks, and on until the writer has moved the nodes often enough: a fast
+        # checker may finish 60 before a slow writer's tenth pass
+        while (len(reports) < 60 or flips <= 10) and len(reports) < 10_000:
+            reports.append(await check_invariants(aredis, POOL, attempts=200))
     finally:
         stop.set()
         await task

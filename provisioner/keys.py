@@ -34,7 +34,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "levels",         # zset: browsing levels and level x age cells of users (score bands)
     "model",          # hash: the forecast's learned chances, boot time and release rate
     "targets",        # list: recent targets "ms:target", decreasing (the reaper's keep level)
-    "sliding",        # list: each tick's forecast "ms:connects:mean:var", kept one lead time
+    "sliding",        # list: each tick's "ms:connects:mean:var:releases:frees", one lead time
     "node_prefix",    # prefix of per-node hashes: <prefix><node id>
     "acts_prefix",    # prefix of per-user activity windows: <prefix><user id>
     "seen_prefix",    # prefix of per-user first-seen times: <prefix><user id>

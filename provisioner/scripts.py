@@ -323,8 +323,7 @@ class ForecastCheck:
             if self.sliding_skill is not None:
                 line += f", skill {self.sliding_skill:.2f} against a constant forecast"
             if self.frees_ratio is not None:
-                line += (f"; frees: {self.sliding_frees_came} came for "
-                         f"{self.sliding_frees_forecast:.1f} forecast ({self.frees_ratio:.2f}x)")
+                line += f"; frees came {self.frees_ratio:.2f}x the forecast"
         return line
 
 

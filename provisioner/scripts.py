@@ -200,7 +200,7 @@ class Snapshot:
             sliding_came=self.stat("sliding_came"),
             sliding_came_sq=self.stat("sliding_came_sq"),
             sliding_sq_error=self.fstat("sliding_sq_error"),
-            sliding_frees_checks=self.stat("sliding_frees_checks"),
+            sliding_summed=self.stat("sliding_summed"),
             sliding_frees_forecast=self.fstat("sliding_frees_forecast"),
             sliding_frees_came=self.stat("sliding_frees_came"))
 
@@ -252,10 +252,10 @@ class ForecastCheck:
     sliding_checks: int = 0  # ticks whose forecast's lead time has passed
     sliding_above: int = 0  # of those, the ones whose connects came above forecast + buffer_sd
     sliding_above_poisson: float = 0.0  # how many a Poisson count of each mean would give
+    sliding_summed: int = 0  # ticks in the sums below (all but those queued by old scripts)
     sliding_came: int = 0  # connects that came, summed over the ticks' lead times
     sliding_came_sq: int = 0  # their squares, summed
     sliding_sq_error: float = 0.0  # sum of (came - forecast)^2 over the ticks
-    sliding_frees_checks: int = 0  # ticks whose frees forecast was checked too
     sliding_frees_forecast: float = 0.0  # frees forecast within their lead times, summed
     sliding_frees_came: int = 0  # releases that came within them, summed
 
@@ -275,7 +275,7 @@ class ForecastCheck:
         """1 - the ticks' squared error over that of a constant forecast at the mean of the
         connects that came: 0 if the forecast tells no more than the long-run mean, negative if
         less, 1 if exact. None until two ticks are checked and their connects differ."""
-        n = self.sliding_checks
+        n = self.sliding_summed
         spread = self.sliding_came_sq - self.sliding_came ** 2 / n if n > 1 else 0.0
         return 1 - self.sliding_sq_error / spread if spread > 1e-9 else None
 
@@ -299,12 +299,12 @@ class ForecastCheck:
                 "above_buffer": self.above_buffer, "above_share": rounded(self.above_share),
                 "above_poisson": round(self.above_poisson, 2),
                 "buffer_sd": self.buffer_sd, "sliding_checks": self.sliding_checks,
+                "sliding_summed": self.sliding_summed,
                 "sliding_above": self.sliding_above,
                 "sliding_above_poisson": round(self.sliding_above_poisson, 2),
                 "sliding_came": self.sliding_came, "sliding_came_sq": self.sliding_came_sq,
                 "sliding_sq_error": round(self.sliding_sq_error, 2),
                 "sliding_skill": rounded(self.sliding_skill),
-                "sliding_frees_checks": self.sliding_frees_checks,
                 "sliding_frees_forecast": round(self.sliding_frees_forecast, 2),
                 "sliding_frees_came": self.sliding_frees_came,
                 "frees_ratio": rounded(self.frees_ratio)}

@@ -186,10 +186,10 @@ class Replica:
                                 ("sliding_checks", check.sliding_checks),
                                 ("sliding_above", check.sliding_above),
                                 ("sliding_above_poisson", check.sliding_above_poisson),
+                                ("sliding_summed", check.sliding_summed),
                                 ("sliding_came", check.sliding_came),
                                 ("sliding_came_sq", check.sliding_came_sq),
                                 ("sliding_sq_error", check.sliding_sq_error),
-                                ("sliding_frees_checks", check.sliding_frees_checks),
                                 ("sliding_frees_forecast", check.sliding_frees_forecast),
                                 ("sliding_frees_came", check.sliding_frees_came)):
             self.metrics.forecast_check.labels(quantity).set(value)

@@ -472,8 +472,9 @@ async def test_the_frees_forecast_is_checked_from_every_tick(pool: PoolUnderTest
     first = await queued_frees()
     assert first > 0
     check = (await pool.snap()).forecast_check()
-    assert (check.sliding_checks, check.sliding_frees_checks) == (1, 0)
-    assert check.frees_ratio is None and "frees came" not in check.describe()
+    assert (check.sliding_checks, check.sliding_summed) == (1, 0)
+    assert check.frees_ratio is None and check.sliding_skill is None
+    assert "frees came" not in check.describe() and "skill" not in check.describe()
     pool.clock.advance(30_000)
     await pool.scripts.release(pool.now, "u1")
     await decide(pool, config)
@@ -482,12 +483,12 @@ async def test_the_frees_forecast_is_checked_from_every_tick(pool: PoolUnderTest
     pool.clock.advance(30_000)
     await decide(pool, config)  # the first tick's lead time is over: one release came in it
     check = (await pool.snap()).forecast_check()
-    assert (check.sliding_frees_checks, check.sliding_frees_came) == (1, 1)
+    assert (check.sliding_summed, check.sliding_frees_came) == (1, 1)
     assert check.sliding_frees_forecast == pytest.approx(first, rel=1e-4)
     pool.clock.advance(30_000)
     await decide(pool, config)  # the second's: none came after it
     check = (await pool.snap()).forecast_check()
-    assert (check.sliding_frees_checks, check.sliding_frees_came) == (2, 1)
+    assert (check.sliding_summed, check.sliding_frees_came) == (2, 1)
     assert check.sliding_frees_forecast == pytest.approx(first + second, rel=1e-4)
     assert check.frees_ratio == pytest.approx(1 / (first + second), rel=1e-4)
     assert check.describe().endswith(f"; frees came {check.frees_ratio:.2f}x the forecast")

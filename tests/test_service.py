@@ -132,7 +132,7 @@ async def test_the_forecast_check_is_exported_for_prometheus(
     assert (gauge("sliding_came"), gauge("sliding_came_sq")) == (2, 4)
     assert gauge("sliding_sq_error") == pytest.approx(gauge("sq_error"))
     # no node was allocated: no free forecast, none came
-    assert (gauge("sliding_frees_checks"), gauge("sliding_frees_came")) == (1, 0)
+    assert (gauge("sliding_summed"), gauge("sliding_frees_came")) == (1, 0)
     assert gauge("sliding_frees_forecast") == 0
 
 

@@ -214,16 +214,18 @@ local function check_sliding(p, mean, var, lead_ms, seen, frees, released)
       local came = seen - before
       stat('sliding_checks')
       score_tail(came, m0, math.max(v0, 1e-9), p.z, 'sliding_above', 'sliding_above_poisson')
-      -- the sums for the forecast's skill: its squared error against a constant's at the mean
-      stat('sliding_came', came)
-      stat('sliding_came_sq', came * came)
-      rcall('HINCRBYFLOAT', K.stats, 'sliding_sq_error', string.format('%.6f', (came - m0) ^ 2))
-      -- and the frees: those forecast against the releases that came (an entry queued before
-      -- the frees were, by an earlier release of the scripts, has none)
+      -- The sums, over the ticks counted in 'sliding_summed': for the forecast's skill (its
+      -- squared error against a constant's at the mean) and for the frees (those forecast
+      -- against the releases that came). An entry an earlier release of the scripts queued has
+      -- no frees and is left out of them all, so the sums always share their count.
       local r0, f0 = string.match(rest or '', '^:(%d+):([%d.e+-]+)$')
       r0, f0 = tonumber(r0), tonumber(f0)
       if r0 and f0 and released >= r0 then
-        stat('sliding_frees_checks')
+        stat('sliding_summed')
+        stat('sliding_came', came)
+        stat('sliding_came_sq', came * came)
+        rcall('HINCRBYFLOAT', K.stats, 'sliding_sq_error',
+              string.format('%.6f', (came - m0) ^ 2))
         stat('sliding_frees_came', released - r0)
         rcall('HINCRBYFLOAT', K.stats, 'sliding_frees_forecast', string.format('%.6f', f0))
       end

@@ -311,20 +311,26 @@ class ForecastCheck:
 
     def describe(self) -> str:
         """One line for an operator."""
+        return "; ".join(self.describe_parts())
+
+    def describe_parts(self) -> list[str]:
+        """The line's parts: the back-to-back horizons, then (once a tick's lead time has
+        passed) the check from every tick, for a view that shows them on lines of their own."""
         if not self.checks:
-            return "forecast check: no horizon checked yet"
-        line = (f"forecast check: {self.checks} horizons, {self.seen} connects came for "
-                f"{self.expected:.1f} forecast ({self.seen_ratio or 0:.2f}x); squared error "
-                f"{self.spread_ratio or 0:.2f}x the forecast's variance; {self.above_buffer} "
-                f"above forecast + {self.buffer_sd:g} sd, {self.above_poisson:.1f} if Poisson")
+            return ["forecast check: no horizon checked yet"]
+        parts = [f"forecast check: {self.checks} horizons, {self.seen} connects came for "
+                 f"{self.expected:.1f} forecast ({self.seen_ratio or 0:.2f}x); squared error "
+                 f"{self.spread_ratio or 0:.2f}x the forecast's variance; {self.above_buffer} "
+                 f"above forecast + {self.buffer_sd:g} sd, {self.above_poisson:.1f} if Poisson"]
         if self.sliding_checks:
-            line += (f"; from every tick: {self.sliding_above} of {self.sliding_checks} above, "
-                     f"{self.sliding_above_poisson:.1f} if Poisson")
+            tick = (f"from every tick: {self.sliding_above} of {self.sliding_checks} above, "
+                    f"{self.sliding_above_poisson:.1f} if Poisson")
             if self.sliding_skill is not None:
-                line += f", skill {self.sliding_skill:.2f} against a constant forecast"
+                tick += f", skill {self.sliding_skill:.2f} against a constant forecast"
+            parts.append(tick)
             if self.frees_ratio is not None:
-                line += f"; frees came {self.frees_ratio:.2f}x the forecast"
-        return line
+                parts.append(f"frees came {self.frees_ratio:.2f}x the forecast")
+        return parts
 
 
 ScriptObserver = Callable[[str, float], None]

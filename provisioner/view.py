@@ -100,7 +100,7 @@ def render_view(view: PoolView) -> Group:
                           entry.get("reason", ""))
     last = Text(f"last decision ({data['last_replica'] or '-'}): "
                 f"{data['last_decision'] or 'none yet'}")
-    check = Text(view.forecast_check.describe())
+    check = Text("\n".join(view.forecast_check.describe_parts()))
     scaling = Text(view.scaling.describe())
     return Group(
         Panel(Group(Text("nodes", style="bold"), nodes, Text("users", style="bold"), users,

@@ -441,6 +441,8 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     console.print(view.render_view(status))
     shown = console.export_text()
     assert "forecast check: 3 horizons, 3 connects came for " in shown
+    # the check from every tick on a line of its own, so the panel does not wrap one long line
+    assert any(line.strip("│ ").startswith("from every tick: ") for line in shown.splitlines())
     # and what scaling did
     scaling = (await pool.snap()).scaling()
     assert scaling.creates > 0 and status.as_dict()["scaling"] == scaling.as_dict()

@@ -12,7 +12,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
 from functools import cache
 from importlib import resources
@@ -258,6 +258,12 @@ class ForecastCheck:
     sliding_sq_error: float = 0.0  # sum of (came - forecast)^2 over the ticks
     sliding_frees_forecast: float = 0.0  # frees forecast within their lead times, summed
     sliding_frees_came: int = 0  # releases that came within them, summed
+
+    def quantities(self) -> dict[str, float]:
+        """Every summed figure, by the label Prometheus exports it under (`checks` as
+        `horizons`; `buffer_sd` is a setting, not a sum, and is left out)."""
+        return {"horizons" if f.name == "checks" else f.name: getattr(self, f.name)
+                for f in fields(self) if f.name != "buffer_sd"}
 
     @property
     def seen_ratio(self) -> float | None:

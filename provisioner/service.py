@@ -178,20 +178,7 @@ class Replica:
         for state in ("waiting", "allocated", "active", "engaged"):
             self.metrics.users.labels(state).set(snap.counts[state])
         check = snap.forecast_check()
-        for quantity, value in (("horizons", check.checks), ("expected", check.expected),
-                                ("seen", check.seen), ("sq_error", check.sq_error),
-                                ("variance", check.variance),
-                                ("above_buffer", check.above_buffer),
-                                ("above_poisson", check.above_poisson),
-                                ("sliding_checks", check.sliding_checks),
-                                ("sliding_above", check.sliding_above),
-                                ("sliding_above_poisson", check.sliding_above_poisson),
-                                ("sliding_summed", check.sliding_summed),
-                                ("sliding_came", check.sliding_came),
-                                ("sliding_came_sq", check.sliding_came_sq),
-                                ("sliding_sq_error", check.sliding_sq_error),
-                                ("sliding_frees_forecast", check.sliding_frees_forecast),
-                                ("sliding_frees_came", check.sliding_frees_came)):
+        for quantity, value in check.quantities().items():
             self.metrics.forecast_check.labels(quantity).set(value)
         for quantity, count in snap.scaling().as_dict().items():
             self.metrics.scaling.labels(quantity).set(count)

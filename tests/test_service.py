@@ -134,6 +134,15 @@ async def test_the_forecast_check_is_exported_for_prometheus(
     # no node was allocated: no free forecast, none came
     assert (gauge("sliding_summed"), gauge("sliding_frees_came")) == (1, 0)
     assert gauge("sliding_frees_forecast") == 0
+    # the exported labels are the metrics' contract: every summed figure, `checks` as `horizons`
+    exported = {sample.labels["quantity"]
+                for metric in replica.metrics.registry.collect()
+                if metric.name == "provisioner_forecast_check" for sample in metric.samples}
+    assert exported == {
+        "horizons", "expected", "seen", "sq_error", "variance", "above_buffer", "above_poisson",
+        "sliding_checks", "sliding_above", "sliding_above_poisson", "sliding_summed",
+        "sliding_came", "sliding_came_sq", "sliding_sq_error", "sliding_frees_forecast",
+        "sliding_frees_came"}
 
 
 async def test_the_scaling_totals_are_exported_for_prometheus(

@@ -131,6 +131,11 @@ async def test_the_target_grows_with_users_at_a_level_that_converts(
     assert cold["target"] < busy["target"]
 
 
+async def last_queued(pool: PoolUnderTest) -> list[float]:
+    """The newest entry of the check from every tick, "ms:connects:mean:var:releases:frees"."""
+    return [float(x) for x in (await pool.redis.lindex(pool.keys.key("sliding"), -1)).split(":")]
+
+
 async def test_boot_time_and_release_rate_are_learned(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, max_nodes=0)
     await decide(pool, config)
@@ -388,8 +393,7 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     pool.clock.advance(30_000)
     await decide(pool, config)
     assert (await pool.snap()).forecast_check().checks == 0  # the horizon is not over
-    # this tick's forecast, queued for the check from every tick: "ms:connects:mean:var:..."
-    middle = float((await pool.redis.lindex(pool.keys.key("sliding"), -1)).split(":")[2])
+    middle = (await last_queued(pool))[2]  # this tick's forecast, for the check from every tick
     pool.clock.advance(30_000)
     await decide(pool, config)
     check = (await pool.snap()).forecast_check()
@@ -455,10 +459,6 @@ async def test_the_frees_forecast_is_checked_from_every_tick(pool: PoolUnderTest
     the releases that came."""
     config = PoolConfig(min_ready=0, max_nodes=0)
     sliding = pool.keys.key("sliding")
-
-    async def queued_frees() -> float:
-        return float((await pool.redis.lindex(sliding, -1)).split(":")[5])
-
     await decide(pool, config)
     for node in ("n1", "n2", "n3"):
         await pool.scripts.apply_node_status(pool.now, node, "booting")
@@ -471,7 +471,7 @@ async def test_the_frees_forecast_is_checked_from_every_tick(pool: PoolUnderTest
     # an entry queued by scripts that kept no frees in it: checked for its connects only
     await pool.redis.rpush(sliding, f"{pool.now - 61_000}:0:0.5:0.5")
     await decide(pool, config)
-    first = await queued_frees()
+    first = (await last_queued(pool))[5]
     assert first > 0
     check = (await pool.snap()).forecast_check()
     assert (check.sliding_checks, check.sliding_summed) == (1, 0)
@@ -480,7 +480,7 @@ async def test_the_frees_forecast_is_checked_from_every_tick(pool: PoolUnderTest
     pool.clock.advance(30_000)
     await pool.scripts.release(pool.now, "u1")
     await decide(pool, config)
-    second = await queued_frees()
+    second = (await last_queued(pool))[5]
     assert second > 0  # two sessions left, at a release rate learned from the one that ended
     pool.clock.advance(30_000)
     await decide(pool, config)  # the first tick's lead time is over: one release came in it

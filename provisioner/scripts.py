@@ -187,22 +187,7 @@ class Snapshot:
         return value if math.isfinite(value) else 0.0
 
     def forecast_check(self) -> ForecastCheck:
-        return ForecastCheck(
-            checks=self.stat("forecast_checks"), expected=self.fstat("forecast_expected"),
-            seen=self.stat("forecast_seen"), sq_error=self.fstat("forecast_sq_error"),
-            variance=self.fstat("forecast_variance"),
-            above_buffer=self.stat("forecast_above_buffer"),
-            above_poisson=self.fstat("forecast_above_poisson"),
-            buffer_sd=self.fstat("forecast_check_sd"),
-            sliding_checks=self.stat("sliding_checks"),
-            sliding_above=self.stat("sliding_above"),
-            sliding_above_poisson=self.fstat("sliding_above_poisson"),
-            sliding_came=self.stat("sliding_came"),
-            sliding_came_sq=self.stat("sliding_came_sq"),
-            sliding_sq_error=self.fstat("sliding_sq_error"),
-            sliding_summed=self.stat("sliding_summed"),
-            sliding_frees_forecast=self.fstat("sliding_frees_forecast"),
-            sliding_frees_came=self.stat("sliding_frees_came"))
+        return ForecastCheck.from_stats(self.stat, self.fstat)
 
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(
@@ -259,6 +244,20 @@ class ForecastCheck:
     sliding_frees_forecast: float = 0.0  # frees forecast within their lead times, summed
     sliding_frees_came: int = 0  # releases that came within them, summed
 
+    @classmethod
+    def from_stats(cls, stat: Callable[[str], int],
+                   fstat: Callable[[str], float]) -> ForecastCheck:
+        """Read from the stats hash (`stat` for counts, `fstat` for sums). The back-to-back
+        check's fields are stored as `forecast_<field>` (`buffer_sd` as `forecast_check_sd`);
+        the check from every tick's under their own names."""
+        def stored(name: str) -> str:
+            if name == "buffer_sd":
+                return "forecast_check_sd"
+            return name if name.startswith("sliding_") else f"forecast_{name}"
+        values: dict[str, Any] = {f.name: (stat if f.type == "int" else fstat)(stored(f.name))
+                                  for f in fields(cls)}
+        return cls(**values)
+
     def quantities(self) -> dict[str, float]:
         """Every summed figure, by the label Prometheus exports it under (`checks` as
         `horizons`; `buffer_sd` is a setting, not a sum, and is left out)."""
@@ -297,23 +296,17 @@ class ForecastCheck:
         return self.above_buffer / self.checks if self.checks else None
 
     def as_dict(self) -> dict[str, Any]:
-        def rounded(x: float | None) -> float | None:
-            return None if x is None else round(x, 4)
-        return {"checks": self.checks, "expected": round(self.expected, 2), "seen": self.seen,
-                "sq_error": round(self.sq_error, 2), "variance": round(self.variance, 2),
-                "seen_ratio": rounded(self.seen_ratio), "spread_ratio": rounded(self.spread_ratio),
-                "above_buffer": self.above_buffer, "above_share": rounded(self.above_share),
-                "above_poisson": round(self.above_poisson, 2),
-                "buffer_sd": self.buffer_sd, "sliding_checks": self.sliding_checks,
-                "sliding_summed": self.sliding_summed,
-                "sliding_above": self.sliding_above,
-                "sliding_above_poisson": round(self.sliding_above_poisson, 2),
-                "sliding_came": self.sliding_came, "sliding_came_sq": self.sliding_came_sq,
-                "sliding_sq_error": round(self.sliding_sq_error, 2),
-                "sliding_skill": rounded(self.sliding_skill),
-                "sliding_frees_forecast": round(self.sliding_frees_forecast, 2),
-                "sliding_frees_came": self.sliding_frees_came,
-                "frees_ratio": rounded(self.frees_ratio)}
+        """The sums (floats to 2 places; `buffer_sd` as set) and the ratios (to 4)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = round(value, 2) if f.type == "float" and f.name != "buffer_sd" \
+                else value
+        for name in ("seen_ratio", "spread_ratio", "above_share", "sliding_skill",
+                     "frees_ratio"):
+            ratio = getattr(self, name)
+            out[name] = None if ratio is None else round(ratio, 4)
+        return out
 
     def describe(self) -> str:
         """One line for an operator."""

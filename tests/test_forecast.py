@@ -23,7 +23,7 @@ from provisioner.bench.tickcost import (
 from provisioner.clock import ManualClock
 from provisioner.config import ConfigError, PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Scripts
+from provisioner.scripts import ForecastCheck, Scripts
 from tests.helpers import PoolUnderTest
 
 
@@ -570,3 +570,31 @@ async def test_the_tick_cost_benchmark_times_ticks_then_arrivals(
 def test_buffer_settings_out_of_range_are_refused(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"{field} must be in"):
         PoolConfig(**{field: value}).validate()
+
+
+def test_the_check_reads_each_figure_from_its_own_stats_field() -> None:
+    # The stats hash's names, as the scripts write them, each with a value of its own, so a
+    # figure read from another's field shows up.
+    stored = {"forecast_checks": 3, "forecast_expected": 4.125, "forecast_seen": 5,
+              "forecast_sq_error": 6.333, "forecast_variance": 7.5, "forecast_above_buffer": 8,
+              "forecast_above_poisson": 9.25, "forecast_check_sd": 2.25,
+              "sliding_checks": 11, "sliding_above": 12, "sliding_above_poisson": 13.5,
+              "sliding_summed": 14, "sliding_came": 15, "sliding_came_sq": 30,
+              "sliding_sq_error": 17.75, "sliding_frees_forecast": 18.125,
+              "sliding_frees_came": 19}
+    check = ForecastCheck.from_stats(lambda name: int(stored.get(name, 0)),
+                                     lambda name: float(stored.get(name, 0.0)))
+    assert check == ForecastCheck(
+        checks=3, expected=4.125, seen=5, sq_error=6.333, variance=7.5, above_buffer=8,
+        above_poisson=9.25, buffer_sd=2.25, sliding_checks=11, sliding_above=12,
+        sliding_above_poisson=13.5, sliding_summed=14, sliding_came=15, sliding_came_sq=30,
+        sliding_sq_error=17.75, sliding_frees_forecast=18.125, sliding_frees_came=19)
+    assert check.as_dict() == {
+        "checks": 3, "expected": 4.12, "seen": 5, "sq_error": 6.33, "variance": 7.5,
+        "seen_ratio": round(5 / 4.125, 4), "spread_ratio": round(6.333 / 7.5, 4),
+        "above_buffer": 8, "above_share": round(8 / 3, 4), "above_poisson": 9.25,
+        "buffer_sd": 2.25, "sliding_checks": 11, "sliding_summed": 14, "sliding_above": 12,
+        "sliding_above_poisson": 13.5, "sliding_came": 15, "sliding_came_sq": 30,
+        "sliding_sq_error": 17.75, "sliding_skill": round(1 - 17.75 / (30 - 15 ** 2 / 14), 4),
+        "sliding_frees_forecast": 18.12, "sliding_frees_came": 19,
+        "frees_ratio": round(19 / 18.125, 4)}

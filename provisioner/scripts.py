@@ -17,7 +17,7 @@ from enum import IntEnum
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -254,7 +254,8 @@ class ForecastCheck:
             if name == "buffer_sd":
                 return "forecast_check_sd"
             return name if name.startswith("sliding_") else f"forecast_{name}"
-        values: dict[str, Any] = {f.name: (stat if f.type == "int" else fstat)(stored(f.name))
+        types = get_type_hints(cls)
+        values: dict[str, Any] = {f.name: (stat if types[f.name] is int else fstat)(stored(f.name))
                                   for f in fields(cls)}
         return cls(**values)
 
@@ -297,10 +298,11 @@ class ForecastCheck:
 
     def as_dict(self) -> dict[str, Any]:
         """The sums (floats to 2 places; `buffer_sd` as set) and the ratios (to 4)."""
+        types = get_type_hints(type(self))
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = round(value, 2) if f.type == "float" and f.name != "buffer_sd" \
+            out[f.name] = round(value, 2) if types[f.name] is float and f.name != "buffer_sd" \
                 else value
         for name in ("seen_ratio", "spread_ratio", "above_share", "sliding_skill",
                      "frees_ratio"):

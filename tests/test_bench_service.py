@@ -150,6 +150,16 @@ def test_bench_suite_writes_table_json_and_plot(tmp_path: Path, redis_url: str,
     assert sorted(r["policy"] for r in rows) == ["provisioner", "reactive", "static-best"]
     assert "| sessions | provisioner |" in (out / "results.md").read_text()
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # What the suite writes is what `bench bar` judges, against the suite's own static-best.
+    judged = CliRunner().invoke(app, ["bench", "bar", str(out), "--json"])
+    assert judged.exit_code == 0, judged.output
+    (verdict,) = json.loads(judged.stdout)["results"][0]["traces"]
+    service = next(r for r in rows if r["policy"] == "provisioner")
+    static = next(r for r in rows if r["policy"] == "static-best")
+    assert verdict["trace"] == "sessions"
+    assert verdict["cost_limit"] == pytest.approx(static["cost_ratio"] + 0.02, abs=1e-6)
+    assert verdict["met"] == (service["miss_rate"] <= 0.01
+                              and service["cost_ratio"] <= static["cost_ratio"] + 0.02)
 
 
 def test_unknown_policy_is_refused_clearly(tmp_path: Path) -> None:

@@ -334,6 +334,59 @@ def bound(
 
 
 @app.command()
+def bar(
+    results: Annotated[list[Path], typer.Argument(
+        metavar="RESULTS...", exists=True,
+        help="results.json files that `bench suite` wrote, or the folders holding them")],
+    policy: Annotated[str, typer.Option(help="The policy to judge")] = SERVICE,
+    fast: Annotated[list[str] | None, typer.Option(
+        help="Traces where traffic changes fast, held to half of static-best's idle time "
+        "(repeatable); default: spike and diurnal, as issue 4 names them")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Issue 4's bar on each trace of suite results: miss rate <= 1%, cost ratio <= the same
+    suite's static-best + 0.02, and on fast-changing traces idle node-hours <= half of
+    static-best's (see provisioner/bench/bar.py)."""
+    from provisioner.bench.bar import COST_MARGIN, FAST_CHANGING, BarError, judge, load_results
+
+    judged = []
+    try:
+        for path in results:
+            verdicts = judge(load_results(path), policy=policy,
+                             fast=tuple(fast) if fast is not None else FAST_CHANGING,
+                             source=str(path))
+            judged.append((path, verdicts))
+    except BarError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+    met = sum(v.met for _, verdicts in judged for v in verdicts)
+    total = sum(len(verdicts) for _, verdicts in judged)
+    if as_json:
+        typer.echo(json.dumps({
+            "policy": policy, "met": met, "judged": total,
+            "results": [{"source": str(path), "met": sum(v.met for v in verdicts),
+                         "judged": len(verdicts), "traces": [v.as_dict() for v in verdicts]}
+                        for path, verdicts in judged]}))
+        return
+    for path, verdicts in judged:
+        table = Table(title=f"{path}: {policy} against static-best + {COST_MARGIN}")
+        table.add_column("trace", no_wrap=True)
+        for column in ("misses", "cost (bar)", "idle h (bar)", "static"):
+            table.add_column(column, justify="right")
+        table.add_column("verdict", no_wrap=True)
+        for v in verdicts:
+            idle = f"{v.idle_hours:.1f}"
+            if v.idle_limit is not None:
+                idle += f" ({v.idle_limit:.1f})"
+            table.add_row(v.trace, f"{v.misses}/{v.connects}",
+                          f"{v.cost_ratio:.3f} ({v.cost_limit:.3f})", idle, v.static_detail,
+                          "met" if v.met else "fails: " + ", ".join(v.failed))
+        console.print(table)
+        console.print(f"met on {sum(v.met for v in verdicts)} of {len(verdicts)}")
+    if len(judged) > 1:
+        console.print(f"in all: met on {met} of {total}")
+
+@app.command()
 def generate(
     directory: Annotated[Path, typer.Argument(metavar="DIR", file_okay=False)],
     shape: Annotated[list[str] | None, typer.Option(

@@ -1,0 +1,145 @@
+"""Issue 4's bar, judged from a suite's results.
+
+A policy meets the bar on a trace when, against the same suite's static-best row for that trace
+(the smallest static pool with miss rate <= 1%, chosen with hindsight):
+
+- its miss rate is at most 1%;
+- its cost ratio is at most 0.02 above static-best's;
+- where traffic changes fast (by default the traces named spike and diurnal, as the issue
+  names them), its idle node-hours (node hours - busy hours) are at most half of
+  static-best's.
+
+`bench suite` writes `results.json`; `judge()` reads those rows, so the README's counts of
+traces that meet the bar come from a command, not from reading tables by eye.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MISS_RATE_LIMIT = 0.01
+COST_MARGIN = 0.02
+IDLE_SHARE = 0.5
+FAST_CHANGING = ("spike", "diurnal")
+STATIC_BEST = "static-best"
+
+_NUMBERS = ("connects", "misses", "node_hours", "busy_hours", "cost_ratio")
+
+
+class BarError(ValueError):
+    """Results that cannot be judged: unreadable, malformed, or missing a row the bar needs."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One trace: the policy's figures, the limits static-best sets, and which halves failed."""
+
+    trace: str
+    policy: str
+    connects: int
+    misses: int
+    cost_ratio: float
+    cost_limit: float
+    idle_hours: float
+    idle_limit: float | None  # only where traffic changes fast
+    static_detail: str  # e.g. "K=4"
+
+    @property
+    def miss_rate(self) -> float:
+        return self.misses / self.connects if self.connects else 0.0
+
+    @property
+    def failed(self) -> tuple[str, ...]:
+        """The parts of the bar this trace fails: "misses", "cost", "idle"; empty if met."""
+        out = []
+        if self.miss_rate > MISS_RATE_LIMIT:
+            out.append("misses")
+        if self.cost_ratio > self.cost_limit:
+            out.append("cost")
+        if self.idle_limit is not None and self.idle_hours > self.idle_limit:
+            out.append("idle")
+        return tuple(out)
+
+    @property
+    def met(self) -> bool:
+        return not self.failed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trace": self.trace, "policy": self.policy, "connects": self.connects,
+                "misses": self.misses, "miss_rate": round(self.miss_rate, 6),
+                "cost_ratio": round(self.cost_ratio, 6),
+                "cost_limit": round(self.cost_limit, 6),
+                "idle_hours": round(self.idle_hours, 4),
+                "idle_limit": None if self.idle_limit is None else round(self.idle_limit, 4),
+                "static_best": self.static_detail, "met": self.met,
+                "failed": list(self.failed)}
+
+
+def _row(raw: object, where: str) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise BarError(f"{where}: a row must be an object, not {type(raw).__name__}")
+    for key in ("trace", "policy"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise BarError(f"{where}: '{key}' must be a non-empty string")
+    row = dict(raw)
+    for key in _NUMBERS:
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or value < 0:
+            raise BarError(f"{where} ({raw['trace']} / {raw['policy']}): '{key}' must be a "
+                           f"finite number >= 0, not {value!r}")
+    if raw["misses"] > raw["connects"]:
+        raise BarError(f"{where} ({raw['trace']} / {raw['policy']}): more misses than connects")
+    return row
+
+
+def judge(rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
+          fast: Sequence[str] = FAST_CHANGING, source: str = "results") -> list[Verdict]:
+    """One verdict per trace the policy ran on, in trace order. Every such trace needs exactly
+    one static-best row and one row of the policy."""
+    by_trace: dict[str, dict[str, dict[str, Any]]] = {}
+    for i, raw in enumerate(rows):
+        row = _row(raw, f"{source} row {i + 1}")
+        seen = by_trace.setdefault(row["trace"], {})
+        if row["policy"] in seen:
+            raise BarError(f"{source}: two rows for {row['trace']} / {row['policy']}")
+        seen[row["policy"]] = row
+    verdicts = []
+    for trace in sorted(by_trace):
+        judged = by_trace[trace].get(policy)
+        if judged is None:
+            continue
+        static = by_trace[trace].get(STATIC_BEST)
+        if static is None:
+            raise BarError(f"{source}: {trace} has no {STATIC_BEST} row to judge {policy} by "
+                           f"(run `bench suite` with --policy {STATIC_BEST})")
+        static_idle = static["node_hours"] - static["busy_hours"]
+        verdicts.append(Verdict(
+            trace=trace, policy=policy, connects=int(judged["connects"]),
+            misses=int(judged["misses"]), cost_ratio=float(judged["cost_ratio"]),
+            cost_limit=float(static["cost_ratio"]) + COST_MARGIN,
+            idle_hours=judged["node_hours"] - judged["busy_hours"],
+            idle_limit=IDLE_SHARE * static_idle if trace in fast else None,
+            static_detail=str(static.get("detail", ""))))
+    if not verdicts:
+        raise BarError(f"{source}: no row of policy {policy!r}")
+    return verdicts
+
+
+def load_results(path: Path) -> list[Any]:
+    """The rows of a suite's results.json (given as the file or the folder holding it)."""
+    file = path / "results.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+    except OSError as exc:
+        raise BarError(f"{file}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BarError(f"{file}: not JSON ({exc})") from None
+    if not isinstance(data, list):
+        raise BarError(f"{file}: expected a list of rows, as `bench suite` writes")
+    return data

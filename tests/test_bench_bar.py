@@ -1,0 +1,128 @@
+"""Issue 4's bar judged from suite results: each half, its limits, and bad input refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from provisioner.bench.bar import BarError, judge, load_results
+from provisioner.cli import app
+
+
+def _row(trace: str, policy: str, *, connects: int = 200, misses: int = 0,
+         cost: float = 1.3, node_hours: float = 50.0, busy_hours: float = 40.0,
+         detail: str = "") -> dict[str, Any]:
+    return {"trace": trace, "policy": policy, "detail": detail, "connects": connects,
+            "misses": misses, "miss_rate": misses / connects, "node_hours": node_hours,
+            "busy_hours": busy_hours, "cost_ratio": cost}
+
+
+def _pair(trace: str = "steady", **service: Any) -> list[dict[str, Any]]:
+    """static-best at cost 1.332 with 10 idle hours, and the service as given."""
+    return [_row(trace, "static-best", cost=1.332, node_hours=50.0, busy_hours=40.0,
+                 detail="K=3"),
+            _row(trace, "provisioner", **service)]
+
+
+def test_a_trace_inside_every_limit_meets_the_bar() -> None:
+    (verdict,) = judge(_pair(misses=1, cost=1.30))
+    assert verdict.met and verdict.failed == ()
+    assert verdict.cost_limit == pytest.approx(1.352)
+    assert verdict.idle_limit is None  # steady: no idle half
+    assert verdict.static_detail == "K=3"
+
+
+def test_one_percent_of_misses_is_inside_the_bar_and_one_more_is_not() -> None:
+    assert judge(_pair(connects=200, misses=2))[0].met
+    assert judge(_pair(connects=200, misses=3))[0].failed == ("misses",)
+
+
+def test_a_cost_exactly_at_static_best_plus_two_hundredths_meets_it() -> None:
+    assert judge(_pair(cost=1.352))[0].met  # 1.332 + 0.02: the limit itself is inside
+    assert judge(_pair(cost=1.353))[0].failed == ("cost",)
+
+
+def test_idle_time_is_judged_only_where_traffic_changes_fast() -> None:
+    # static-best idles 10 h, so the fast traces allow 5 h; the service idles 6 h.
+    idle_six = {"node_hours": 46.0, "busy_hours": 40.0}
+    (spike,) = judge(_pair("spike", **idle_six))
+    assert spike.failed == ("idle",)
+    assert (spike.idle_hours, spike.idle_limit) == (pytest.approx(6.0), pytest.approx(5.0))
+    assert judge(_pair("steady", **idle_six))[0].met
+    assert judge(_pair("steady", **idle_six), fast=("steady",))[0].failed == ("idle",)
+    assert judge(_pair("diurnal", node_hours=45.0, busy_hours=40.0))[0].met
+
+
+def test_every_failed_half_is_named() -> None:
+    (verdict,) = judge(_pair("diurnal", connects=100, misses=5, cost=1.5, node_hours=60.0))
+    assert verdict.failed == ("misses", "cost", "idle")
+    assert verdict.as_dict()["failed"] == ["misses", "cost", "idle"]
+    assert verdict.as_dict()["met"] is False
+
+
+def test_traces_are_judged_in_order_and_those_the_policy_skipped_are_left_out() -> None:
+    rows = [*_pair("steady"), *_pair("browsers", cost=1.4),
+            _row("spike", "static-best"), _row("spike", "reactive")]
+    verdicts = judge(rows)
+    assert [(v.trace, v.met) for v in verdicts] == [("browsers", False), ("steady", True)]
+    assert [v.trace for v in judge(rows, policy="reactive")] == ["spike"]
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([_row("steady", "provisioner")], "steady has no static-best row"),
+    ([*_pair(), _row("steady", "provisioner")], "two rows for steady / provisioner"),
+    ([_row("steady", "static-best")], "no row of policy 'provisioner'"),
+    ([_row("steady", "static-best"), "not a row"], "row 2: a row must be an object"),
+    ([{**_row("steady", "provisioner"), "cost_ratio": "1.3"}], "'cost_ratio' must be"),
+    ([{**_row("steady", "provisioner"), "node_hours": float("nan")}], "'node_hours' must be"),
+    ([{**_row("steady", "provisioner"), "misses": True}], "'misses' must be"),
+    ([{**_row("steady", "provisioner"), "trace": ""}], "'trace' must be"),
+    ([_row("steady", "provisioner", connects=2, misses=3)], "more misses than connects"),
+])
+def test_results_the_bar_cannot_judge_are_refused_by_name(rows: list[Any], message: str) -> None:
+    with pytest.raises(BarError, match=message):
+        judge(rows)
+
+
+def test_results_load_from_the_file_or_its_folder_and_bad_files_are_refused(
+        tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(_pair()))
+    assert load_results(tmp_path) == load_results(tmp_path / "results.json") == _pair()
+    (tmp_path / "object.json").write_text("{}")
+    with pytest.raises(BarError, match="expected a list of rows"):
+        load_results(tmp_path / "object.json")
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(BarError, match="not JSON"):
+        load_results(tmp_path / "broken.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BarError, match=r"empty/results\.json"):
+        load_results(tmp_path / "empty")
+
+
+def test_bench_bar_prints_each_verdict_and_the_count(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "results.json").write_text(json.dumps(_pair("steady") + _pair("segments",
+                                                                           cost=1.353)))
+    (second / "results.json").write_text(json.dumps(_pair("spike", node_hours=46.0)))
+    result = CliRunner().invoke(app, ["bench", "bar", str(first), str(second)])
+    assert result.exit_code == 0, result.output
+    assert "fails: cost" in result.output and "fails: idle" in result.output
+    assert "met on 1 of 2" in result.output and "in all: met on 1 of 3" in result.output
+    printed = CliRunner().invoke(app, ["bench", "bar", str(first), str(second), "--json"])
+    report = json.loads(printed.stdout)
+    assert (report["met"], report["judged"]) == (1, 3)
+    assert [[t["trace"] for t in r["traces"]] for r in report["results"]] == [
+        ["segments", "steady"], ["spike"]]
+
+
+def test_bench_bar_refuses_unjudgeable_results_with_exit_code_2(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps([_row("steady", "provisioner")]))
+    result = CliRunner().invoke(app, ["bench", "bar", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "steady has no static-best row" in " ".join(result.output.split())

@@ -342,3 +342,20 @@ def test_a_warm_replay_scores_only_the_scored_copy(tmp_path: Path) -> None:
     assert warm.node_hours == pytest.approx(3 * 500 / 3600)
     rows = run_suite([tmp_path / "t.jsonl"], ["static-best"], warm_up=1)
     assert rows[0].scores.connects == cold.connects
+
+
+def test_a_suite_at_a_boot_offset_replays_that_draw_and_picks_its_static_best(
+        tmp_path: Path) -> None:
+    path = write_trace(tmp_path / "draw.jsonl", SESSIONS, boot=[5.0, 90.0, 90.0],
+                       duration=500.0)
+    trace = load_trace(path)
+    rows = {offset: run_suite([path], ["static-best"], boot_offset=offset,
+                              extra_policies={"static-1": lambda t: StaticPolicy(1)})
+            for offset in (0, 1)}
+    for offset, (best, one) in rows.items():
+        drawn = trace.with_boot_offset(offset)
+        k = int(best.detail.removeprefix("K="))
+        assert best.scores == run_replay(drawn, StaticPolicy(k))
+        assert one.scores == run_replay(drawn, StaticPolicy(1))
+    # The draws differ (the first boot takes 5 s or 90 s), so the offset is not ignored.
+    assert rows[0][1].scores != rows[1][1].scores

@@ -52,6 +52,9 @@ def _server(url: str | None) -> Iterator[str]:
         server.stop()
 
 
+BootOffset = Annotated[int, typer.Option(
+    min=0, help="Start each trace's boot-delay sequence at this index: the same users against "
+    "another draw of boot delays (0: as recorded)")]
 WarmUp = Annotated[int, typer.Option(
     min=0, help="Play each trace this many times, unscored, before the scored play: the "
     "policy meets the traffic warm, as a service that has been running does (0: from a cold "
@@ -125,9 +128,7 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     redis_url: RedisUrl = None,
     settings: Settings = None,
-    boot_offset: Annotated[int, typer.Option(
-        min=0, help="Start the trace's boot-delay sequence at this index: the same users "
-        "against another draw of boot delays (0: as recorded)")] = 0,
+    boot_offset: BootOffset = 0,
     warm_up: WarmUp = 0,
     misses_path: Annotated[Path | None, typer.Option(
         "--misses", dir_okay=False, help=f"Write every miss of `{SERVICE}` to this file (JSON "
@@ -205,6 +206,7 @@ def suite(
     redis_url: RedisUrl = None,
     settings: Settings = None,
     warm_up: WarmUp = 0,
+    boot_offset: BootOffset = 0,
 ) -> None:
     """Replay every trace in DIR under every policy; print a table, write Markdown and a plot."""
     paths = sorted(directory.glob("*.jsonl.gz")) + sorted(directory.glob("*.jsonl"))
@@ -226,7 +228,7 @@ def suite(
 
             try:
                 rows = run_suite(paths, ordered, extra_policies=extra, progress=advance,
-                                 warm_up=warm_up)
+                                 warm_up=warm_up, boot_offset=boot_offset)
             except (PolicyViolation, TraceError) as exc:
                 console.print(f"[red]{exc}")
                 raise typer.Exit(2) from None
@@ -242,6 +244,10 @@ def suite(
     if warm_up:
         note += (f"\nEvery policy played each trace {warm_up} time(s) unscored before the "
                  "scored play (--warm-up): these are warm figures, not a cold start.\n")
+    if boot_offset:
+        note += (f"\nEvery trace's boot delays start at index {boot_offset} of its sequence "
+                 "(--boot-offset): another draw of boots than the recorded one; static-best "
+                 "is chosen on this draw.\n")
     (out / "results.md").write_text(note + "\n" + markdown_table(rows))
     (out / "results.json").write_text(json.dumps(
         [{"trace": r.trace, "policy": r.policy, "detail": r.detail, "wall_s": r.wall_s,

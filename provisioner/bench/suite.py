@@ -57,10 +57,12 @@ def run_suite(
     progress: Callable[[Row], None] | None = None,
     tick_s: float = 1.0,
     warm_up: int = 0,
+    boot_offset: int = 0,
 ) -> list[Row]:
     """Replay every trace under every policy (named ones first, then `extra_policies`), each
-    after `warm_up` unscored plays of the same trace (see `Trace.warmed_up`); static-best is
-    chosen on the same warmed-up replay.
+    after `warm_up` unscored plays of the same trace (see `Trace.warmed_up`) and with its boot
+    delays started at `boot_offset` (see `Trace.with_boot_offset`); static-best is chosen on
+    the same replay, so a draw of boots is judged against the static pool of that draw.
 
     Unknown names fail before any replay starts, not an hour into the run.
     """
@@ -70,7 +72,7 @@ def run_suite(
     factories.update(extra_policies or {})
     rows: list[Row] = []
     for path in trace_paths:
-        trace = load_trace(path).warmed_up(warm_up)
+        trace = load_trace(path).with_boot_offset(boot_offset).warmed_up(warm_up)
         for name, factory in factories.items():
             started = time.perf_counter()
             detail = ""

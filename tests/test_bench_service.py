@@ -111,6 +111,46 @@ def test_bench_replay_writes_the_misses(
     assert "only `provisioner` explains its misses" in refused.output
 
 
+def test_the_timeline_samples_the_pool_after_every_tick(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    # No users: the floor (min_ready 1) is the whole target. The tick of t=0 creates one node;
+    # it is booting from 0.2 s and ready at 10.2 s, so the ticks of 0..10 see it booting and
+    # those of 11.. see it ready.
+    trace = load_trace(write_trace(tmp_path / "empty.jsonl", [], boot=[10.0], duration=20.0))
+    policy = ServicePolicy(redis_url, timeline_s=5.0)
+    scores = run_replay(trace, policy)
+    windows = [w.as_dict() for w in policy.timeline]
+    assert [(w["from_s"], w["to_s"], w["ticks"]) for w in windows] == [
+        (0.0, 5.0, 5), (5.0, 10.0, 5), (10.0, 15.0, 5), (15.0, 20.0, 5), (20.0, 20.0, 1)]
+    assert [(w["ready"], w["booting"], w["spare"]) for w in windows] == [
+        (0.0, 1.0, 1.0), (0.0, 1.0, 1.0), (0.8, 0.2, 1.0), (1.0, 0.0, 1.0), (1.0, 0.0, 1.0)]
+    assert {(w["target"], w["keep"], w["allocated"], w["surge_share"]) for w in windows} == {
+        (1.0, 1.0, 0.0, 0.0)}
+    assert [w["creates"] for w in windows] == [1, 0, 0, 0, 0] and scores.nodes_created == 1
+    assert all(w["scored"] for w in windows)
+    with pytest.raises(ValueError, match="timeline_s"):
+        ServicePolicy(redis_url, timeline_s=0)
+
+
+def test_bench_replay_writes_the_timeline(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    out = tmp_path / "timeline.jsonl"
+    result = CliRunner().invoke(app, ["bench", "replay", str(_trace(tmp_path)), "--json",
+                                      "--redis-url", redis_url, "--timeline", str(out),
+                                      "--timeline-window", "100"])
+    assert result.exit_code == 0, result.output
+    windows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["from_s"] for w in windows] == [0.0, 100.0, 200.0, 300.0, 400.0, 500.0]
+    assert sum(w["ticks"] for w in windows) == 501  # t = 0, 1, ..., 500
+    assert sum(w["creates"] for w in windows) == json.loads(result.stdout)["nodes_created"]
+    assert all(w["spare"] == pytest.approx(w["ready"] + w["booting"]) for w in windows)
+    assert "timeline: 6 windows of 100 s written to" in result.stderr
+    refused = CliRunner().invoke(app, ["bench", "replay", str(_trace(tmp_path)),
+                                       "--policy", "static-3", "--timeline", str(out)])
+    assert refused.exit_code == 2
+    assert "only `provisioner` keeps a timeline" in refused.output
+
+
 def test_bench_replay_json_has_exactly_the_scores(
         tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
     result = CliRunner().invoke(app, ["bench", "replay", str(_trace(tmp_path)), "--json",

@@ -134,15 +134,25 @@ def replay(
         "--misses", dir_okay=False, help=f"Write every miss of `{SERVICE}` to this file (JSON "
         "lines: when, the pool's last decision before it, and where the node was missing)")]
     = None,
+    timeline_path: Annotated[Path | None, typer.Option(
+        "--timeline", dir_okay=False, help=f"Write the pool of `{SERVICE}` window by window to "
+        "this file (JSON lines: mean ready, booting, allocated and spare nodes, target and keep "
+        "level, the share of ticks in a surge, the creates)")] = None,
+    timeline_window: Annotated[float, typer.Option(
+        min=1.0, help="Seconds per --timeline window")] = 600.0,
 ) -> None:
     """Replay one trace under one policy and print FORMAT.md's scores."""
     if misses_path is not None and policy != SERVICE:
         raise typer.BadParameter(f"only `{SERVICE}` explains its misses",
                                  param_hint="--misses")
+    if timeline_path is not None and policy != SERVICE:
+        raise typer.BadParameter(f"only `{SERVICE}` keeps a timeline", param_hint="--timeline")
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
     overrides = parse_settings(settings)
     with _server(redis_url) as url:
         replayed = _factories([policy], url, overrides)[policy](trace)
+        if timeline_path is not None and isinstance(replayed, service_policy.ServicePolicy):
+            replayed.timeline_s = timeline_window
         try:
             board = run_replay_world(trace, replayed).board
         except PolicyViolation as exc:
@@ -154,6 +164,12 @@ def replay(
     if isinstance(replayed, service_policy.ServicePolicy):
         if misses_path is not None:
             _write_misses(misses_path, replayed.misses)
+        if timeline_path is not None:
+            with timeline_path.open("w") as out:
+                for window in replayed.timeline:
+                    out.write(json.dumps(window.as_dict()) + "\n")
+            typer.echo(f"timeline: {len(replayed.timeline)} windows of {timeline_window:g} s "
+                       f"written to {timeline_path}", err=True)
         if replayed.final_stats is not None:
             typer.echo(replayed.final_stats.scaling().describe()
                        + " (whole replay, warm-up included)", err=True)

@@ -73,6 +73,42 @@ class Miss:
                 "numbers": self.numbers}
 
 
+#: what a timeline window averages over its ticks, in order
+TIMELINE_MEANS = ("ready", "booting", "allocated", "spare", "target", "keep")
+
+
+@dataclass
+class TimelineWindow:
+    """The pool over one window of a replay, sampled after each tick: the world's nodes (ready
+    and free; booting, including those requested and not yet booting; allocated), the spare
+    nodes they make, the target the tick set and the keep level the reaper held (the highest
+    target of the keep window), as means over the window's ticks; the share of ticks decided
+    in a surge, and the nodes created in the window."""
+
+    from_s: float
+    to_s: float
+    scored: bool  # inside the scored play (not a warm-up copy)
+    ticks: int = 0
+    sums: dict[str, float] | None = None
+    surge_ticks: int = 0
+    creates: int = 0
+
+    def add(self, values: dict[str, float], surge: bool) -> None:
+        sums = self.sums if self.sums is not None else dict.fromkeys(TIMELINE_MEANS, 0.0)
+        for name in TIMELINE_MEANS:
+            sums[name] += values[name]
+        self.sums = sums
+        self.ticks += 1
+        self.surge_ticks += surge
+
+    def as_dict(self) -> dict[str, Any]:
+        n = max(1, self.ticks)
+        sums = self.sums or dict.fromkeys(TIMELINE_MEANS, 0.0)
+        return {"from_s": self.from_s, "to_s": self.to_s, "scored": self.scored,
+                "ticks": self.ticks, **{k: round(sums[k] / n, 3) for k in TIMELINE_MEANS},
+                "surge_share": round(self.surge_ticks / n, 4), "creates": self.creates}
+
+
 class WorldNodeApi:
     """The Node API of the replay world: a create or delete takes effect at the current
     virtual instant; the world sends `node:status` on its own schedule."""
@@ -101,7 +137,7 @@ class ServicePolicy:
     given), one replica, against the server at `redis_url`."""
 
     def __init__(self, redis_url: str, pool: PoolConfig | None = None,
-                 name: str = NAME) -> None:
+                 name: str = NAME, timeline_s: float | None = None) -> None:
         self.name = name
         self.redis_url = redis_url
         self.pool = pool or PoolConfig()
@@ -116,6 +152,12 @@ class ServicePolicy:
         #: the pool's counters at the end of the replay (warm-up plays included), read when the
         #: policy closes
         self.final_stats: Snapshot | None = None
+        if timeline_s is not None and timeline_s <= 0:
+            raise ValueError("timeline_s must be positive")
+        self.timeline_s = timeline_s
+        #: with `timeline_s`, the pool window by window over the whole replay (warm-up included)
+        self.timeline: list[TimelineWindow] = []
+        self._created_before = 0
 
     async def start(self, world: World) -> None:
         self._world = world
@@ -206,6 +248,36 @@ class ServicePolicy:
         self._at(t)
         await self.replica.tick()
         await self.replica.settle()
+        if self.timeline_s is not None:
+            await self._sample(t, self.timeline_s)
+
+    async def _sample(self, t: float, window_s: float) -> None:
+        """One tick of the timeline: the world's nodes, and the target and keep level the
+        scripts hold now (the last decision's numbers; the head of the `targets` list)."""
+        assert self._redis is not None
+        keys = PoolKeys(self.pool_name)
+        numbers_raw = await self._redis.hget(keys.key("stats"), "last_numbers")
+        head = await self._redis.lindex(keys.key("targets"), 0)
+        numbers = json.loads(as_text(numbers_raw)) if numbers_raw else {}
+        keep = 0
+        if head:
+            _, _, peak = as_text(head).partition(":")
+            keep = int(peak) if peak.isdigit() else 0
+        index = int(t // window_s)
+        while len(self.timeline) <= index:
+            start = len(self.timeline) * window_s
+            self.timeline.append(TimelineWindow(
+                start, min(start + window_s, self.world.trace.duration_s),
+                start >= self.world.trace.scored_from_s))
+        window = self.timeline[index]
+        counts = self.world.node_counts()
+        booting = counts.requested + counts.booting
+        window.add({"ready": counts.ready, "booting": booting, "allocated": counts.allocated,
+                    "spare": counts.ready + booting, "target": float(numbers.get("target", 0)),
+                    "keep": keep}, bool(numbers.get("surge")))
+        created = self.world.nodes_created
+        window.creates += created - self._created_before
+        self._created_before = created
 
     async def close(self) -> None:
         if self._redis is None:

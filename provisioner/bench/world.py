@@ -77,6 +77,17 @@ class _StatusChange:
     status: str
 
 
+@dataclass(frozen=True)
+class NodeCounts:
+    """Nodes by state in the world's books: ready counts the free ones only."""
+
+    requested: int
+    booting: int
+    ready: int
+    allocated: int
+    terminating: int
+
+
 class World:
     """The simulated Node API and referee for one replay; create with a trace and a policy."""
 
@@ -106,6 +117,19 @@ class World:
     def nodes_created(self) -> int:
         """Successful creates so far: the next one boots in boot_delays[nodes_created % len]."""
         return self._created
+
+    def node_counts(self) -> NodeCounts:
+        """The world's nodes now, by state (terminated ones left out)."""
+        requested = booting = terminating = 0
+        for node in self._nodes.values():
+            if node.status == REQUESTED:
+                requested += 1
+            elif node.status == BOOTING:
+                booting += 1
+            elif node.status == TERMINATING:
+                terminating += 1
+        return NodeCounts(requested=requested, booting=booting, ready=len(self._free_ready),
+                          allocated=len(self._holders), terminating=terminating)
 
     def create_node(self) -> str | None:
         """Create a node now; None when it would make more than max_nodes exist (nodes count

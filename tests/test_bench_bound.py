@@ -108,3 +108,6 @@ def test_rate_oracle_gives_one_point_per_price_over_the_trace_windows() -> None:
     assert [w.connects for w in wins] == [10, 5]
     assert len(points) == len(THETAS)
     assert all(len(p.bands) == 2 for p in points)
+    # Each window's idle hours are its band's, and they add up to the point's.
+    assert all(len(p.window_idle_hours) == 2 for p in points)
+    assert all(sum(p.window_idle_hours) == pytest.approx(p.idle_hours) for p in points)

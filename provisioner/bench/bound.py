@@ -73,6 +73,7 @@ class FrontierPoint:
     miss_rate: float
     idle_hours: float
     bands: tuple[Band, ...]  # chosen per window
+    window_idle_hours: tuple[float, ...] = ()  # the idle hours of each window's band
 
 
 def windows(trace: Trace, length_s: float) -> list[Window]:
@@ -187,6 +188,7 @@ def frontier(wins: list[Window], results: list[list[BandResult]],
     for theta in thetas:
         misses = idle = 0.0
         chosen = []
+        idle_by_window = []
         for window, options in zip(wins, results, strict=True):
             prices = [r.idle_nodes * window.length_s / 3600 + r.miss_prob * window.connects / theta
                       for r in options]
@@ -194,8 +196,10 @@ def frontier(wins: list[Window], results: list[list[BandResult]],
             misses += best.miss_prob * window.connects
             idle += best.idle_nodes * window.length_s / 3600
             chosen.append(best.band)
+            idle_by_window.append(best.idle_nodes * window.length_s / 3600)
         rate = misses / total_connects if total_connects else 0.0
-        points.append(FrontierPoint(theta, misses, rate, idle, tuple(chosen)))
+        points.append(FrontierPoint(theta, misses, rate, idle, tuple(chosen),
+                                    tuple(idle_by_window)))
     return points
 
 

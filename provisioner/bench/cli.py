@@ -327,6 +327,9 @@ def bound(
     miss_rate: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Read the frontier's idle time off at this miss rate")] = 0.01,
     jobs: Annotated[int, typer.Option(min=1, help="Processes")] = 2,
+    bands: Annotated[bool, typer.Option(
+        "--bands", help="Also print each window's band at the frontier point nearest "
+        "--miss-rate")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """The rate-oracle reference: idle time against misses for the best band policy per
@@ -341,8 +344,15 @@ def bound(
             "trace": trace.name, "window_s": window, "sim_seconds": sim_seconds,
             "connects": sum(w.connects for w in wins), "miss_rate": miss_rate,
             "idle_hours_at_miss_rate": at,
+            "windows": [{"start_s": w.start_s, "length_s": w.length_s,
+                         "connects": w.connects, "frees": w.frees} for w in wins],
             "frontier": [{"theta": p.theta, "misses": p.misses, "miss_rate": p.miss_rate,
-                          "idle_hours": p.idle_hours} for p in points]}))
+                          "idle_hours": p.idle_hours,
+                          "bands": [{"boot_to": b.boot_to, "reap_above": b.reap_above,
+                                     "idle_s": b.idle_s, "idle_hours": round(h, 4)}
+                                    for b, h in zip(p.bands, p.window_idle_hours,
+                                                    strict=True)]}
+                         for p in points]}))
         return
     table = Table(title=f"{trace.name}: best band per {window:.0f} s window, rates known")
     for column in ("theta", "expected misses", "miss rate", "idle h"):
@@ -353,6 +363,17 @@ def bound(
     console.print(table)
     console.print(f"idle at {miss_rate:.1%} misses: "
                   + (f"{at:.1f} h" if at is not None else "outside the frontier"))
+    if bands and points:
+        near = min(points, key=lambda p: abs(p.miss_rate - miss_rate))
+        table = Table(title=f"the band per window at theta {near.theta:g} "
+                      f"({near.miss_rate:.2%} misses, {near.idle_hours:.1f} h idle)")
+        for column in ("from s", "connects", "frees", "boot below", "reap above",
+                       "reap idle >= s", "idle h"):
+            table.add_column(column, justify="right")
+        for w, b, h in zip(wins, near.bands, near.window_idle_hours, strict=True):
+            table.add_row(f"{w.start_s:.0f}", str(w.connects), str(w.frees), str(b.boot_to),
+                          str(b.reap_above), f"{b.idle_s:.0f}", f"{h:.2f}")
+        console.print(table)
 
 
 @app.command()

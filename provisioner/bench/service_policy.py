@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -89,23 +89,20 @@ class TimelineWindow:
     to_s: float
     scored: bool  # inside the scored play (not a warm-up copy)
     ticks: int = 0
-    sums: dict[str, float] | None = None
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMELINE_MEANS, 0.0))
     surge_ticks: int = 0
     creates: int = 0
 
     def add(self, values: dict[str, float], surge: bool) -> None:
-        sums = self.sums if self.sums is not None else dict.fromkeys(TIMELINE_MEANS, 0.0)
         for name in TIMELINE_MEANS:
-            sums[name] += values[name]
-        self.sums = sums
+            self.sums[name] += values[name]
         self.ticks += 1
         self.surge_ticks += surge
 
     def as_dict(self) -> dict[str, Any]:
         n = max(1, self.ticks)
-        sums = self.sums or dict.fromkeys(TIMELINE_MEANS, 0.0)
         return {"from_s": self.from_s, "to_s": self.to_s, "scored": self.scored,
-                "ticks": self.ticks, **{k: round(sums[k] / n, 3) for k in TIMELINE_MEANS},
+                "ticks": self.ticks, **{k: round(self.sums[k] / n, 3) for k in TIMELINE_MEANS},
                 "surge_share": round(self.surge_ticks / n, 4), "creates": self.creates}
 
 

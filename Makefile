@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-matrix lint typecheck check clean
+.PHONY: run test test-matrix lint typecheck check clean \
+	bench-docs bench-recorded bench-warm bench-draws bench-held-out
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,46 @@ test-matrix: $(STAMP)
 	for engine in $$engines; do \
 		echo "== $$($$engine --version)"; \
 		PROVISIONER_TEST_REDIS_BINARY=$$engine $(BIN)/pytest -q -m "not e2e" || exit 1; \
+	done
+
+# The benchmark's committed results (docs/bench), each from one `bench suite`; every figure
+# the README quotes from them is rerun by these targets. Deterministic: the same code writes the
+# same scores (only the wall-clock column moves).
+SCENARIOS ?= ../shared/scenarios
+BENCH_OUT ?= docs/bench
+BOOT_OFFSETS ?= 997 1994
+HELD_OUT_SEEDS ?= 1 2 3 4 5 6 7 11 12 13 14 15
+SUITE := $(BIN)/provisioner bench suite
+
+## bench-docs: rerun every suite of docs/bench (about an hour on two cores), then judge the bar
+bench-docs: bench-recorded bench-warm bench-draws bench-held-out
+	$(BIN)/provisioner bench bar $(BENCH_OUT) $(BENCH_OUT)/warm \
+		$(foreach k,$(BOOT_OFFSETS),$(BENCH_OUT)/draw-$(k)) \
+		$(foreach n,$(HELD_OUT_SEEDS),$(BENCH_OUT)/held-out-seed$(n))
+
+## bench-recorded: every policy on every recorded trace, cold
+bench-recorded: $(STAMP)
+	$(SUITE) $(SCENARIOS) --out $(BENCH_OUT)
+
+## bench-warm: static-best and the service, each trace played once unscored first
+bench-warm: $(STAMP)
+	$(SUITE) $(SCENARIOS) --policy static-best --policy provisioner --warm-up 1 \
+		--out $(BENCH_OUT)/warm
+
+## bench-draws: the recorded traces on other draws of their boot delays
+bench-draws: $(STAMP)
+	@for k in $(BOOT_OFFSETS); do \
+		$(SUITE) $(SCENARIOS) --policy static-best --policy provisioner --boot-offset $$k \
+			--out $(BENCH_OUT)/draw-$$k || exit 1; \
+	done
+
+## bench-held-out: generated traces of other shapes, one folder per seed
+bench-held-out: $(STAMP)
+	@traces="$$(mktemp -d)"; trap 'rm -rf "$$traces"' EXIT; \
+	for n in $(HELD_OUT_SEEDS); do \
+		$(BIN)/provisioner bench generate "$$traces/seed$$n" --seed $$n > /dev/null && \
+		$(SUITE) "$$traces/seed$$n" --policy static-best --policy provisioner \
+			--out $(BENCH_OUT)/held-out-seed$$n || exit 1; \
 	done
 
 lint: $(STAMP)

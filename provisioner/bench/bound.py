@@ -193,10 +193,11 @@ def frontier(wins: list[Window], results: list[list[BandResult]],
             prices = [r.idle_nodes * window.length_s / 3600 + r.miss_prob * window.connects / theta
                       for r in options]
             best = options[prices.index(min(prices))]
+            hours = best.idle_nodes * window.length_s / 3600
             misses += best.miss_prob * window.connects
-            idle += best.idle_nodes * window.length_s / 3600
+            idle += hours
             chosen.append(best.band)
-            idle_by_window.append(best.idle_nodes * window.length_s / 3600)
+            idle_by_window.append(hours)
         rate = misses / total_connects if total_connects else 0.0
         points.append(FrontierPoint(theta, misses, rate, idle, tuple(chosen),
                                     tuple(idle_by_window)))

@@ -429,6 +429,7 @@ def bar(
     if len(judged) > 1:
         console.print(f"in all: met on {met} of {total}")
 
+
 @app.command()
 def generate(
     directory: Annotated[Path, typer.Argument(metavar="DIR", file_okay=False)],

@@ -94,16 +94,18 @@ def service_pool(trace: Trace, settings: dict[str, object] | None = None) -> Poo
                                **(settings or {}))  # type: ignore[arg-type]
 
 
-def _service_factory(url: str, settings: dict[str, object]) -> PolicyFactory:
-    return lambda trace: service_policy.ServicePolicy(url, service_pool(trace, settings))
+def _service_factory(url: str, settings: dict[str, object],
+                     timeline_s: float | None = None) -> PolicyFactory:
+    return lambda trace: service_policy.ServicePolicy(url, service_pool(trace, settings),
+                                                      timeline_s=timeline_s)
 
 
-def _factories(names: list[str], url: str,
-               settings: dict[str, object] | None = None) -> dict[str, PolicyFactory]:
+def _factories(names: list[str], url: str, settings: dict[str, object] | None = None,
+               timeline_s: float | None = None) -> dict[str, PolicyFactory]:
     factories: dict[str, PolicyFactory] = {}
     for name in names:
         if name == SERVICE:
-            factories[name] = _service_factory(url, settings or {})
+            factories[name] = _service_factory(url, settings or {}, timeline_s)
         else:
             try:
                 factories[name] = policy_factory(name)
@@ -150,9 +152,8 @@ def replay(
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
     overrides = parse_settings(settings)
     with _server(redis_url) as url:
-        replayed = _factories([policy], url, overrides)[policy](trace)
-        if timeline_path is not None and isinstance(replayed, service_policy.ServicePolicy):
-            replayed.timeline_s = timeline_window
+        timeline_s = timeline_window if timeline_path is not None else None
+        replayed = _factories([policy], url, overrides, timeline_s)[policy](trace)
         try:
             board = run_replay_world(trace, replayed).board
         except PolicyViolation as exc:

@@ -35,7 +35,7 @@ test-matrix: $(STAMP)
 SCENARIOS ?= ../shared/scenarios
 BENCH_OUT ?= docs/bench
 BOOT_OFFSETS ?= 997 1994
-HELD_OUT_SEEDS ?= 1 2 3 4 5 6 7 11 12 13 14 15
+HELD_OUT_SEEDS ?= 1 2 3 4 5 6 7 11 12 13 14 15 21 22 23 24 25
 SUITE := $(BIN)/provisioner bench suite
 
 ## bench-docs: rerun every suite of docs/bench (about 40 minutes of replays), then judge the bar

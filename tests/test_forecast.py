@@ -341,13 +341,27 @@ async def test_a_surge_must_be_more_than_chance(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, max_nodes=1000)
     # an hour of one arrival every four minutes
     assert "(z=2.25)" in await arrivals(pool, config, 60, 1, "a", every=4)
-    # then one in a minute: four times the usual rate, but within two Poisson deviations of
+    # then one in a minute: four times the usual rate, but within three Poisson deviations of
     # the quarter arrival a minute brings on average: no surge
     one = await arrivals(pool, config, 1, 1, "b")
     assert panic_of(one) >= 3.5 and "(z=2.25)" in one
     # two in a minute are beyond chance
     two = await arrivals(pool, config, 1, 2, "c")
     assert panic_of(two) >= 6 and "(z=4.50, surge)" in two
+
+
+async def test_a_surge_is_three_deviations_above_the_rate(pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    # an hour of one arrival a minute
+    assert "(z=2.25)" in await arrivals(pool, config, 60, 1, "a")
+    # then four in a minute: over two deviations above the one a minute or so expected, under
+    # three. The count is tested on every tick, so two would fire on chance on 5% of a steady
+    # pool's ticks (a surge at two deviations, as shipped before, fires here)
+    four = await arrivals(pool, config, 1, 4, "b")
+    assert panic_of(four) >= 4 and "(z=2.25)" in four
+    # six in a minute are beyond three
+    six = await arrivals(pool, config, 1, 6, "c")
+    assert "(z=4.50, surge)" in six
 
 
 async def test_reap_keeps_what_the_forecast_needs(pool: PoolUnderTest) -> None:

@@ -78,9 +78,11 @@ local PANIC_MAX = 25
 -- observed, 'x0', of at least a minute) or more, and more than chance gives (SURGE_SIGNIFICANCE
 -- Poisson deviations above that rate's count for a minute). While it lasts the buffer is
 -- surge_buffer_sd deviations, not buffer_sd: a crowd's connects come faster than the chances
--- learned in calmer times say, and the nodes must be booting before they do.
+-- learned in calmer times say, and the nodes must be booting before they do. The last minute's
+-- count is tested on every tick, so the test must be strict: at two deviations a steady 2
+-- arrivals a minute passes on 5% of ticks, at three on 0.5% (README, "what was tried").
 local SURGE_PANIC = 2
-local SURGE_SIGNIFICANCE = 2
+local SURGE_SIGNIFICANCE = 3
 
 -- The model's fields: per cell (i, j) the seconds browsing users spent in it ('x') and the
 -- seconds of it that came within a horizon before a connect ('r', credited by allocate); the same

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provisioner.bench.baselines import STATIC_BEST
+
 MISS_RATE_LIMIT = 0.01
 COST_MARGIN = 0.02
 IDLE_SHARE = 0.5
 FAST_CHANGING = ("spike", "diurnal")
-STATIC_BEST = "static-best"
 
 _NUMBERS = ("connects", "misses", "node_hours", "busy_hours", "cost_ratio")
 

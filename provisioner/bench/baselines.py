@@ -388,7 +388,10 @@ class ClairvoyantPolicy(PoolPolicy):
 
 
 STATIC_MAX_K = 40
-BASELINE_NAMES = ("static-best", "reactive", "keepalive-10m", "seed-count",
+#: The smallest static pool with miss rate <= 1%, chosen per trace with hindsight (the suite
+#: picks it; `bar` judges every policy against it).
+STATIC_BEST = "static-best"
+BASELINE_NAMES = (STATIC_BEST, "reactive", "keepalive-10m", "seed-count",
                   "hybrid-histogram", "clairvoyant")
 
 

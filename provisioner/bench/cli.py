@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from provisioner.bench import service_policy
-from provisioner.bench.baselines import BASELINE_NAMES, policy_factory
+from provisioner.bench.baselines import BASELINE_NAMES, STATIC_BEST, policy_factory
 from provisioner.bench.suite import (
     REFERENCE,
     PolicyFactory,
@@ -233,8 +233,8 @@ def suite(
     overrides = parse_settings(settings)
     out.mkdir(parents=True, exist_ok=True)
     with _server(redis_url) as url:
-        extra = _factories([n for n in names if n != "static-best"], url, overrides)
-        ordered = ["static-best"] if "static-best" in names else []
+        extra = _factories([n for n in names if n != STATIC_BEST], url, overrides)
+        ordered = [STATIC_BEST] if STATIC_BEST in names else []
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("replaying", total=len(paths) * len(names))

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner.bench.baselines import StaticPolicy, best_static, policy_factory
+from provisioner.bench.baselines import STATIC_BEST, StaticPolicy, best_static, policy_factory
 from provisioner.bench.scoring import Scores
 from provisioner.bench.trace import Trace, load_trace
 from provisioner.bench.world import Policy, run_replay
@@ -68,7 +68,7 @@ def run_suite(
     """
     factories: dict[str, PolicyFactory | None] = {}
     for name in policy_names:
-        factories[name] = None if name == "static-best" else policy_factory(name)
+        factories[name] = None if name == STATIC_BEST else policy_factory(name)
     factories.update(extra_policies or {})
     rows: list[Row] = []
     for path in trace_paths:

@@ -139,6 +139,7 @@ class ServicePolicy:
         self.redis_url = redis_url
         self.pool = pool or PoolConfig()
         self.pool_name = f"bench-{uuid.uuid4().hex[:12]}"
+        self.keys = PoolKeys(self.pool_name)
         self._redis: aioredis.Redis | None = None
         self._replica: Replica | None = None
         self._world: World | None = None
@@ -213,7 +214,7 @@ class ServicePolicy:
     async def _miss(self, t: float, user: str) -> Miss:
         """The miss allocate has just logged (one replica: it is the newest decision entry)."""
         assert self._redis is not None
-        entries = await self._redis.xrevrange(PoolKeys(self.pool_name).key("decisions"), count=1)
+        entries = await self._redis.xrevrange(self.keys.key("decisions"), count=1)
         fields = entries[0][1] if entries else None
         logged = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
         if logged.get("kind") != "miss":
@@ -252,9 +253,8 @@ class ServicePolicy:
         """One tick of the timeline: the world's nodes, and the target and keep level the
         scripts hold now (the last decision's numbers; the head of the `targets` list)."""
         assert self._redis is not None
-        keys = PoolKeys(self.pool_name)
-        numbers_raw = await self._redis.hget(keys.key("stats"), "last_numbers")
-        head = await self._redis.lindex(keys.key("targets"), 0)
+        numbers_raw = await self._redis.hget(self.keys.key("stats"), "last_numbers")
+        head = await self._redis.lindex(self.keys.key("targets"), 0)
         numbers = json.loads(as_text(numbers_raw)) if numbers_raw else {}
         keep = 0
         if head:
@@ -279,10 +279,9 @@ class ServicePolicy:
     async def close(self) -> None:
         if self._redis is None:
             return
-        keys = PoolKeys(self.pool_name)
-        self.final_stats = await Scripts(self._redis, keys).snapshot(self.clock.now_ms(),
-                                                                     self.pool.window_ms)
-        async for key in self._redis.scan_iter(match=keys.pattern(), count=1000):
+        self.final_stats = await Scripts(self._redis, self.keys).snapshot(self.clock.now_ms(),
+                                                                          self.pool.window_ms)
+        async for key in self._redis.scan_iter(match=self.keys.pattern(), count=1000):
             await self._redis.delete(key)
         await self._redis.aclose()
         self._redis = None

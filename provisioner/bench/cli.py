@@ -144,11 +144,10 @@ def replay(
         min=1.0, help="Seconds per --timeline window")] = 600.0,
 ) -> None:
     """Replay one trace under one policy and print FORMAT.md's scores."""
-    if misses_path is not None and policy != SERVICE:
-        raise typer.BadParameter(f"only `{SERVICE}` explains its misses",
-                                 param_hint="--misses")
-    if timeline_path is not None and policy != SERVICE:
-        raise typer.BadParameter(f"only `{SERVICE}` keeps a timeline", param_hint="--timeline")
+    for path, option, what in ((misses_path, "--misses", "explains its misses"),
+                               (timeline_path, "--timeline", "keeps a timeline")):
+        if path is not None and policy != SERVICE:
+            raise typer.BadParameter(f"only `{SERVICE}` {what}", param_hint=option)
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
     overrides = parse_settings(settings)
     with _server(redis_url) as url:

@@ -9,9 +9,6 @@
        idle_timeout, while spare exceeds the keep level and more than min_ready are ready. The
        keep level is the highest target scale_decide set within keep_window (policy.lua
        peak_target), so a dip in the forecast does not reap a node it will want back.
-       While a node boots, the youngest boot goes instead of the idle node (reason
-       surplus_boot): the spare left is the same, but a node ready now serves the next connect
-       at once where a booting one would not, and stopping a boot saves the rest of it.
   Allocated nodes are never chosen. Every chosen node moves to `terminating` atomically here,
   so concurrent calls never pick the same node; the caller sends the DELETEs and reports each
   with confirm_terminate.
@@ -19,8 +16,7 @@
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV: the policy parameters (lua/includes/policy.lua read_params)
 
-  Returns a flat list {node_id, reason, ...}; reason is boot_timeout | retry | idle |
-  surplus_boot.
+  Returns a flat list {node_id, reason, ...}; reason is boot_timeout | retry | idle.
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -52,32 +48,25 @@ local s = observe(p)
 local target = target_spare(s, p, false)
 local keep = math.max(target, peak_target(now, p.keep_window_ms))
 local excess = math.min(s.spare - keep, s.ready - p.min_ready)
-local idle, boots = 0, 0
-while excess > 0 and idle + boots < p.max_batch do
+local reaped = 0
+while excess > 0 and reaped < p.max_batch do
   local node = rcall('LINDEX', K.ready, 0)
   if not node then break end
   local idle_since = tonumber(rcall('HGET', node_key(node), 'idle_since_ms')) or now
   if now - idle_since < p.idle_timeout_ms then break end
-  local reason = 'idle'
-  local youngest = rcall('ZRANGE', K.booting, -1, -1)[1]  -- the latest boot start
-  if youngest then
-    node, reason = youngest, 'surplus_boot'
-    boots = boots + 1
-  else
-    idle = idle + 1
-  end
-  start_terminating(node, now, deadline, reason)
+  start_terminating(node, now, deadline, 'idle')
   out[#out + 1] = node
-  out[#out + 1] = reason
+  out[#out + 1] = 'idle'
   excess = excess - 1
+  reaped = reaped + 1
 end
 
 if #out > 0 then
   stat('terminations_started', #out / 2)
   local reason = string.format(
-    'terminate %d (stuck %d, retry %d, idle %d, booting instead of idle %d); spare %d, keep %d'
-    .. ' (peak target of %.0fs), target %d', #out / 2, #stuck, #due, idle, boots, s.spare, keep,
-    p.keep_window_ms / 1000, target)
+    'terminate %d (stuck %d, retry %d, idle %d); spare %d, keep %d (peak target of %.0fs), '
+    .. 'target %d', #out / 2, #stuck, #due, reaped, s.spare, keep, p.keep_window_ms / 1000,
+    target)
   log_decision(p, 'scale_down', reason, summary(s, target), #out / 2)
 end
 return out

@@ -406,29 +406,6 @@ async def test_reap_idle_terminates_only_idle_nodes_beyond_the_floor(pool: PoolU
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
 
 
-async def test_reap_idle_stops_the_youngest_boot_instead_of_an_idle_ready_node(
-        pool: PoolUnderTest) -> None:
-    config = PoolConfig(min_ready=0, idle_timeout_s=60, scaling_policy="heuristic")
-    await pool.boot("n1")
-    await pool.scripts.apply_node_status(pool.now, "b1", "booting")
-    pool.clock.advance(1000)
-    await pool.scripts.apply_node_status(pool.now, "b2", "booting")
-    # Beyond the keep level (0), but n1 has not idled long enough: nothing goes, booting or not.
-    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
-    pool.clock.advance(60_000)
-    # One idle node is reapable: the youngest boot goes in its place, then the other boot.
-    for expected in ("b2", "b1"):
-        reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-        assert [(t.node_id, t.reason) for t in reaped] == [(expected, "surplus_boot")]
-        assert (await pool.node(expected))["state"] == "terminating"
-        assert await pool.ready_list() == ["n1"]
-    assert "idle 0, booting instead of idle 1" in (await pool.redis.xrevrange(
-        pool.keys.key("decisions"), count=1))[0][1]["reason"]
-    # No boot is left: the idle node itself goes.
-    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert [(t.node_id, t.reason) for t in reaped] == [("n1", "idle")]
-
-
 async def test_reap_idle_keeps_the_peak_target_of_the_keep_window(pool: PoolUnderTest) -> None:
     # The heuristic's target is easy to steer: ceil(engaged users x 0.5).
     config = PoolConfig(scaling_policy="heuristic", min_ready=0, idle_timeout_s=0,

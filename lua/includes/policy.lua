@@ -150,7 +150,7 @@ end
 -- variances (their ratio is 1 if the model's spread is right; a ratio of sums, so that one
 -- horizon of a tiny variance, such as a new pool's prior, does not swamp it), the checks whose
 -- connects came above the forecast plus buffer_sd deviations, and how many of those a Poisson
--- count of the forecast's mean would give (the normal's 0.6% at 2.5 deviations is far from
+-- count of the forecast's mean would give (the normal's 1.2% at 2.25 deviations is far from
 -- the tail of counts of 2 or 3). A check closed more than a period late (the ticks stopped)
 -- or across a reset of the counters is dropped, not scored.
 -- One scored check's tail, shared by both checks: whether the connects that came passed the

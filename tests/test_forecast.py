@@ -26,6 +26,11 @@ from provisioner.keys import PoolKeys
 from provisioner.scripts import ForecastCheck, Scripts
 from tests.helpers import PoolUnderTest
 
+# How a decision names its buffer at the defaults: the usual one, and in a surge.
+DEFAULTS = PoolConfig()
+CALM = f"(z={DEFAULTS.buffer_sd:.2f})"
+SURGE = f"(z={DEFAULTS.surge_buffer_sd:.2f}, surge)"
+
 
 @pytest.fixture
 async def pool(aredis: aioredis.Redis) -> AsyncIterator[PoolUnderTest]:
@@ -297,16 +302,17 @@ async def test_a_burst_of_arrivals_raises_the_unforeseen_demand(pool: PoolUnderT
 
 
 async def test_a_surge_widens_the_buffer(pool: PoolUnderTest) -> None:
-    calm = PoolConfig(min_ready=0, max_nodes=1000, surge_buffer_sd=2.25)
+    calm = PoolConfig(min_ready=0, max_nodes=1000, surge_buffer_sd=DEFAULTS.buffer_sd)
     wide = PoolConfig(min_ready=0, max_nodes=1000)
     reason, before = await steady_then_crowd(pool, wide)
-    assert "(z=2.25)" in reason  # no surge: the usual buffer
+    assert CALM in reason  # no surge: the usual buffer
     same_reason, same = await decide(pool, calm)
     pool.clock.advance(1000)  # one decision per interval
     reason, surged = await decide(pool, wide)
-    assert "(z=2.25)" in same_reason and "(z=4.50, surge)" in reason
+    assert CALM in same_reason and SURGE in reason
     assert surged["surge"] is True and same["surge"] is False and before["surge"] is False
-    assert buffer_of(reason) == pytest.approx(buffer_of(same_reason) * 2, rel=0.02)
+    ratio = DEFAULTS.surge_buffer_sd / DEFAULTS.buffer_sd
+    assert buffer_of(reason) == pytest.approx(buffer_of(same_reason) * ratio, rel=0.02)
     assert surged["target"] > same["target"] > before["target"]
 
 
@@ -331,37 +337,37 @@ async def test_a_new_pool_panics_but_does_not_call_it_a_surge(pool: PoolUnderTes
     early = await arrivals(pool, config, 5, 2, "a")
     assert 8 <= panic_of(early) <= 10
     # but against the rate it has observed, two a minute is no rise: no surge
-    assert "(z=2.25)" in early
+    assert CALM in early
     # the caution fades as the memory fills: 1.7x after forty minutes, still no surge
     later = await arrivals(pool, config, 35, 2, "b")
-    assert 1.4 <= panic_of(later) <= 2.0 and "(z=2.25)" in later
+    assert 1.4 <= panic_of(later) <= 2.0 and CALM in later
 
 
 async def test_a_surge_must_be_more_than_chance(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, max_nodes=1000)
     # an hour of one arrival every four minutes
-    assert "(z=2.25)" in await arrivals(pool, config, 60, 1, "a", every=4)
+    assert CALM in await arrivals(pool, config, 60, 1, "a", every=4)
     # then one in a minute: four times the usual rate, but within three Poisson deviations of
     # the quarter arrival a minute brings on average: no surge
     one = await arrivals(pool, config, 1, 1, "b")
-    assert panic_of(one) >= 3.5 and "(z=2.25)" in one
+    assert panic_of(one) >= 3.5 and CALM in one
     # two in a minute are beyond chance
     two = await arrivals(pool, config, 1, 2, "c")
-    assert panic_of(two) >= 6 and "(z=4.50, surge)" in two
+    assert panic_of(two) >= 6 and SURGE in two
 
 
 async def test_a_surge_is_three_deviations_above_the_rate(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, max_nodes=1000)
     # an hour of one arrival a minute
-    assert "(z=2.25)" in await arrivals(pool, config, 60, 1, "a")
+    assert CALM in await arrivals(pool, config, 60, 1, "a")
     # then four in a minute: over two deviations above the one a minute or so expected, under
     # three. The count is tested on every tick, so two would fire on chance on 5% of a steady
     # pool's ticks (a surge at two deviations, as shipped before, fires here)
     four = await arrivals(pool, config, 1, 4, "b")
-    assert panic_of(four) >= 4 and "(z=2.25)" in four
+    assert panic_of(four) >= 4 and CALM in four
     # six in a minute are beyond three
     six = await arrivals(pool, config, 1, 6, "c")
-    assert "(z=4.50, surge)" in six
+    assert SURGE in six
 
 
 async def test_reap_keeps_what_the_forecast_needs(pool: PoolUnderTest) -> None:
@@ -427,7 +433,8 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     assert check.sq_error == pytest.approx((3 - 0.05) ** 2 + second[0] ** 2, rel=1e-4)
     assert check.variance == pytest.approx(0.05 + second[1], rel=1e-4)
     # How often a Poisson count of each forecast's mean would have come above its line.
-    tail = sum(poisson_above(mean, mean + 2.25 * math.sqrt(var)) for mean, var in (first, second))
+    tail = sum(poisson_above(mean, mean + config.buffer_sd * math.sqrt(var))
+               for mean, var in (first, second))
     assert check.above_poisson == pytest.approx(tail, rel=1e-4)
     # the ticks at 30 s and 60 s saw no connect in the lead time after them
     assert (check.sliding_checks, check.sliding_above) == (3, 1)
@@ -441,7 +448,8 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
     assert check.describe() == (
         f"forecast check: 2 horizons, 3 connects came for {check.expected:.1f} forecast "
         f"({3 / check.expected:.2f}x); squared error {check.sq_error / check.variance:.2f}x the "
-        f"forecast's variance; 1 above forecast + 2.25 sd, {tail:.1f} if Poisson; from every "
+        f"forecast's variance; 1 above forecast + {config.buffer_sd:g} sd, {tail:.1f} if Poisson; "
+        f"from every "
         f"tick: 1 of 3 above, {check.sliding_above_poisson:.1f} if Poisson, skill "
         f"{check.sliding_skill:.2f} against a constant forecast")
     pool.clock.advance(200_000)  # the ticks stopped for over a horizon: that check is dropped

@@ -157,6 +157,28 @@ def test_terminate_bills_the_delay_and_reports_terminated(tmp_path: Path) -> Non
     assert early.statuses == [(5.0, "node-000000", "terminated")]
 
 
+def test_node_counts_follow_every_status_change(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [], boot=[10.0, 20.0, 30.0]))
+
+    class Counting(Recorder):
+        def __init__(self) -> None:
+            super().__init__(creates=3, terminate_at={5.0: "node-000001"})
+            self.counts: dict[float, tuple[int, ...]] = {}
+
+        async def tick(self, t: float) -> None:
+            await super().tick(t)
+            if t in (0.0, 1.0, 6.0, 11.0, 31.0):
+                c = self.world.node_counts()
+                self.counts[t] = (c.requested, c.booting, c.ready, c.terminating)
+
+    policy = Counting()
+    run_replay(trace, policy)
+    # (requested, booting, ready, terminating): created at 0, booting from 0.2, node 1
+    # terminated at 5 (gone at 10), node 0 ready at 10.2, node 2 at 30.2
+    assert policy.counts == {0.0: (3, 0, 0, 0), 1.0: (0, 3, 0, 0), 6.0: (0, 2, 0, 1),
+                             11.0: (0, 1, 1, 0), 31.0: (0, 0, 2, 0)}
+
+
 def test_static_policy_hand_worked(tmp_path: Path) -> None:
     trace = load_trace(write_trace(tmp_path / "t.jsonl", [
         (5.0, "connect", "u1"), (7.0, "connect", "u1"), (50.0, "disconnect", "u1"),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -100,6 +100,7 @@ class World:
         self.now = 0.0
         self.board = Scoreboard(trace.duration_s, trace.terminate_delay_s, trace.scored_from_s)
         self._nodes: dict[str, _Node] = {}
+        self._by_status: Counter[str] = Counter()  # every node ever created, by its status now
         self._live = 0  # requested + booting + ready (free or allocated): what max_nodes caps
         self._created = 0
         self._holders: dict[str, str] = {}
@@ -119,17 +120,10 @@ class World:
         return self._created
 
     def node_counts(self) -> NodeCounts:
-        """The world's nodes now, by state (terminated ones left out)."""
-        requested = booting = terminating = 0
-        for node in self._nodes.values():
-            if node.status == REQUESTED:
-                requested += 1
-            elif node.status == BOOTING:
-                booting += 1
-            elif node.status == TERMINATING:
-                terminating += 1
-        return NodeCounts(requested=requested, booting=booting, ready=len(self._free_ready),
-                          allocated=len(self._holders), terminating=terminating)
+        """The world's nodes now, by state (terminated ones left out). O(1): kept as they move."""
+        return NodeCounts(requested=self._by_status[REQUESTED], booting=self._by_status[BOOTING],
+                          ready=len(self._free_ready), allocated=len(self._holders),
+                          terminating=self._by_status[TERMINATING])
 
     def create_node(self) -> str | None:
         """Create a node now; None when it would make more than max_nodes exist (nodes count
@@ -143,6 +137,7 @@ class World:
         self._created += 1
         self._live += 1
         self._nodes[node_id] = _Node(node_id, REQUESTED)
+        self._by_status[REQUESTED] += 1
         self.board.node_created(node_id, self.now)
         self._schedule(booting_at, _StatusChange(node_id, BOOTING))
         self._schedule(ready_at, _StatusChange(node_id, READY))
@@ -155,7 +150,7 @@ class World:
             return False
         if node.user is not None:
             self._violate(f"terminated {node_id}, which is allocated to {node.user}")
-        node.status = TERMINATING
+        self._move(node, TERMINATING)
         self._live -= 1
         self._free_ready.pop(node_id, None)
         self.board.node_terminate_requested(node_id, self.now)
@@ -238,6 +233,11 @@ class World:
         await self.policy.close()
         return self.board.close()
 
+    def _move(self, node: _Node, status: str) -> None:
+        self._by_status[node.status] -= 1
+        self._by_status[status] += 1
+        node.status = status
+
     def _schedule(self, t: float, change: _StatusChange) -> None:
         heapq.heappush(self._heap, (t, _Priority.NODE_STATUS, self._seq, change))
         self._seq += 1
@@ -245,11 +245,11 @@ class World:
     async def _node_status(self, change: _StatusChange) -> None:
         node = self._nodes[change.node_id]
         if change.status == TERMINATED:
-            node.status = TERMINATED
+            self._move(node, TERMINATED)
         elif node.status in (TERMINATING, TERMINATED):
             return  # terminated before it came up: it never reports booting/ready
         else:
-            node.status = change.status
+            self._move(node, change.status)
             if change.status == READY:
                 self._free_ready[node.node_id] = None
                 self.board.node_ready(node.node_id, self.now)

@@ -81,7 +81,7 @@ class Verdict:
                 "failed": list(self.failed)}
 
 
-def _row(raw: object, where: str) -> dict[str, Any]:
+def check_row(raw: object, where: str) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise BarError(f"{where}: a row must be an object, not {type(raw).__name__}")
     for key in ("trace", "policy"):
@@ -105,7 +105,7 @@ def judge(rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
     one static-best row and one row of the policy."""
     by_trace: dict[str, dict[str, dict[str, Any]]] = {}
     for i, raw in enumerate(rows):
-        row = _row(raw, f"{source} row {i + 1}")
+        row = check_row(raw, f"{source} row {i + 1}")
         seen = by_trace.setdefault(row["trace"], {})
         if row["policy"] in seen:
             raise BarError(f"{source}: two rows for {row['trace']} / {row['policy']}")

@@ -431,6 +431,45 @@ def bar(
 
 
 @app.command()
+def compare(
+    before: Annotated[Path, typer.Argument(
+        exists=True, help="A results.json, or a folder searched for them (e.g. docs/bench)")],
+    after: Annotated[Path, typer.Argument(
+        exists=True, help="The same replays of the other release or variant, same layout")],
+    policy: Annotated[str, typer.Option(help="The policy whose rows are paired")] = SERVICE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Pair a policy's rows of two result sets (by results file and trace: the same users and
+    boot draws) and give the change in misses and cost with its standard error, from the
+    spread of the per-replay differences (see provisioner/bench/compare.py)."""
+    from provisioner.bench.bar import BarError
+    from provisioner.bench.compare import compare as paired_rows
+    from provisioner.bench.compare import load_tree
+
+    try:
+        result = paired_rows(load_tree(before), load_tree(after), policy=policy)
+    except BarError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+        return
+    n, m, c = result.misses.n, result.misses, result.cost
+
+    def se(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    console.print(f"{n} pairs of {policy} ({result.connects:,} connects before)")
+    console.print(f"misses: {m.before:.0f} before, {m.after:.0f} after, {m.difference:+.0f} "
+                  f"± {se(m.se_total, '.1f')} (one standard error of the total)")
+    console.print(f"mean cost ratio: {c.before / n:.4f} before, {c.after / n:.4f} after, "
+                  f"{c.difference / n:+.4f} ± {se(c.se_mean, '.4f')}")
+    console.print(f"cost lower on {result.cheaper} pairs, higher on {result.dearer}")
+    for item in result.unpaired:
+        console.print(f"[yellow]not paired: {item}")
+
+
+@app.command()
 def generate(
     directory: Annotated[Path, typer.Argument(metavar="DIR", file_okay=False)],
     shape: Annotated[list[str] | None, typer.Option(

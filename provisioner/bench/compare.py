@@ -1,0 +1,142 @@
+"""Two runs of the same replays, compared pair by pair.
+
+A screen replays a variant on the traces and boot draws the shipped policy was replayed on, so
+each replay has a twin: the same users, the same boot delays. The difference within each pair is
+what the change did to that replay plus that replay's luck; the spread of those differences
+gives the standard error of their total (and of their mean), which says how large a change in
+misses or cost the screen can tell from noise (README, "how much a screen can tell").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provisioner.bench.bar import BarError, check_row, load_results
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One figure over n pairs: the totals before and after, and the standard error of the
+    total of the differences (sqrt(n) x their sample deviation; None under two pairs)."""
+
+    n: int
+    before: float
+    after: float
+    se_total: float | None
+
+    @property
+    def difference(self) -> float:
+        return self.after - self.before
+
+    @property
+    def se_mean(self) -> float | None:
+        return None if self.se_total is None else self.se_total / self.n
+
+
+def paired(before: Sequence[float], after: Sequence[float]) -> Paired:
+    """Totals of two equally long sequences of paired figures, and the standard error of the
+    total difference."""
+    if len(before) != len(after):
+        raise ValueError("paired figures must come in pairs")
+    n = len(before)
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    se = None
+    if n >= 2:
+        mean = sum(diffs) / n
+        variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+        se = math.sqrt(n * variance)
+    return Paired(n=n, before=float(sum(before)), after=float(sum(after)), se_total=se)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A policy's rows in two result sets, paired by (results file, trace)."""
+
+    pairs: list[str]  # "results file: trace", in order
+    misses: Paired
+    cost: Paired  # totals of the cost ratios: the means are .before / n and .after / n
+    connects: int  # of the "before" rows
+    cheaper: int  # pairs whose cost ratio fell
+    dearer: int  # pairs whose cost ratio rose
+    unpaired: list[str]  # rows or files present on one side only
+
+    def as_dict(self) -> dict[str, Any]:
+        n = self.misses.n
+
+        def rounded(value: float | None, digits: int) -> float | None:
+            return None if value is None else round(value, digits)
+
+        return {
+            "pairs": n, "connects": self.connects,
+            "misses_before": int(self.misses.before), "misses_after": int(self.misses.after),
+            "misses_difference": int(self.misses.difference),
+            "misses_difference_se": rounded(self.misses.se_total, 2),
+            "cost_before": round(self.cost.before / n, 4) if n else None,
+            "cost_after": round(self.cost.after / n, 4) if n else None,
+            "cost_difference": round(self.cost.difference / n, 4) if n else None,
+            "cost_difference_se": rounded(self.cost.se_mean, 4),
+            "cheaper": self.cheaper, "dearer": self.dearer, "unpaired": self.unpaired}
+
+
+def _rows_by_trace(rows: Sequence[Mapping[str, Any]], policy: str,
+                   source: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for i, raw in enumerate(rows):
+        row = check_row(raw, f"{source} row {i + 1}")
+        if row["policy"] != policy:
+            continue
+        if row["trace"] in out:
+            raise BarError(f"{source}: two rows for {row['trace']} / {policy}")
+        out[row["trace"]] = row
+    return out
+
+
+def compare(before: Mapping[str, Sequence[Mapping[str, Any]]],
+            after: Mapping[str, Sequence[Mapping[str, Any]]],
+            policy: str = "provisioner") -> Comparison:
+    """Pair the policy's rows of two result sets, each keyed by a name for its results file
+    (the same name on both sides for the same traces and boot draws)."""
+    labels: list[str] = []
+    misses_b: list[float] = []
+    misses_a: list[float] = []
+    cost_b: list[float] = []
+    cost_a: list[float] = []
+    unpaired = [f"{name}: only before" for name in sorted(set(before) - set(after))]
+    unpaired += [f"{name}: only after" for name in sorted(set(after) - set(before))]
+    connects = cheaper = dearer = 0
+    for name in sorted(set(before) & set(after)):
+        b = _rows_by_trace(before[name], policy, f"{name} (before)")
+        a = _rows_by_trace(after[name], policy, f"{name} (after)")
+        unpaired += [f"{name}: {t} only before" for t in sorted(set(b) - set(a))]
+        unpaired += [f"{name}: {t} only after" for t in sorted(set(a) - set(b))]
+        for trace in sorted(set(a) & set(b)):
+            if b[trace]["connects"] != a[trace]["connects"]:
+                raise BarError(f"{name}: {trace} has {b[trace]['connects']} connects before and "
+                               f"{a[trace]['connects']} after: not the same replay")
+            labels.append(f"{name}: {trace}")
+            misses_b.append(b[trace]["misses"])
+            misses_a.append(a[trace]["misses"])
+            cost_b.append(b[trace]["cost_ratio"])
+            cost_a.append(a[trace]["cost_ratio"])
+            connects += int(b[trace]["connects"])
+            cheaper += a[trace]["cost_ratio"] < b[trace]["cost_ratio"]
+            dearer += a[trace]["cost_ratio"] > b[trace]["cost_ratio"]
+    if not labels:
+        raise BarError(f"no pair of {policy!r} rows: nothing to compare")
+    return Comparison(pairs=labels, misses=paired(misses_b, misses_a),
+                      cost=paired(cost_b, cost_a), connects=connects, cheaper=cheaper,
+                      dearer=dearer, unpaired=unpaired)
+
+
+def load_tree(root: Path) -> dict[str, list[Any]]:
+    """Every results.json under root (or root itself, a file), by its path relative to root."""
+    if root.is_file():
+        return {root.name: load_results(root)}
+    files = sorted(root.rglob("results.json"))
+    if not files:
+        raise BarError(f"{root}: no results.json under it")
+    return {str(f.relative_to(root)): load_results(f) for f in files}

@@ -101,7 +101,6 @@ class World:
         self.board = Scoreboard(trace.duration_s, trace.terminate_delay_s, trace.scored_from_s)
         self._nodes: dict[str, _Node] = {}
         self._by_status: Counter[str] = Counter()  # every node ever created, by its status now
-        self._live = 0  # requested + booting + ready (free or allocated): what max_nodes caps
         self._created = 0
         self._holders: dict[str, str] = {}
         self._waiting: OrderedDict[str, float] = OrderedDict()
@@ -128,14 +127,14 @@ class World:
     def create_node(self) -> str | None:
         """Create a node now; None when it would make more than max_nodes exist (nodes count
         from the create request until their terminate request)."""
-        if self._live >= self.trace.max_nodes:
+        live = self._by_status[REQUESTED] + self._by_status[BOOTING] + self._by_status[READY]
+        if live >= self.trace.max_nodes:  # ready counts free and allocated nodes alike
             return None
         delays = self.trace.boot_delays
         node_id = f"node-{self._created:06d}"
         booting_at = self.now + self.trace.api_latency_s
         ready_at = booting_at + delays[self._created % len(delays)]
         self._created += 1
-        self._live += 1
         self._nodes[node_id] = _Node(node_id, REQUESTED)
         self._by_status[REQUESTED] += 1
         self.board.node_created(node_id, self.now)
@@ -151,7 +150,6 @@ class World:
         if node.user is not None:
             self._violate(f"terminated {node_id}, which is allocated to {node.user}")
         self._move(node, TERMINATING)
-        self._live -= 1
         self._free_ready.pop(node_id, None)
         self.board.node_terminate_requested(node_id, self.now)
         self._schedule(self.now + self.trace.terminate_delay_s,

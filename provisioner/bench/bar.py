@@ -81,7 +81,7 @@ class Verdict:
                 "failed": list(self.failed)}
 
 
-def check_row(raw: object, where: str) -> dict[str, Any]:
+def _row(raw: object, where: str) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise BarError(f"{where}: a row must be an object, not {type(raw).__name__}")
     for key in ("trace", "policy"):
@@ -99,17 +99,25 @@ def check_row(raw: object, where: str) -> dict[str, Any]:
     return row
 
 
-def judge(rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
-          fast: Sequence[str] = FAST_CHANGING, source: str = "results") -> list[Verdict]:
-    """One verdict per trace the policy ran on, in trace order. Every such trace needs exactly
-    one static-best row and one row of the policy."""
+def rows_by_trace(rows: Iterable[Mapping[str, Any]],
+                  source: str = "results") -> dict[str, dict[str, dict[str, Any]]]:
+    """A suite's rows, each checked, as {trace: {policy: row}}; two rows of one trace and
+    policy are refused."""
     by_trace: dict[str, dict[str, dict[str, Any]]] = {}
     for i, raw in enumerate(rows):
-        row = check_row(raw, f"{source} row {i + 1}")
+        row = _row(raw, f"{source} row {i + 1}")
         seen = by_trace.setdefault(row["trace"], {})
         if row["policy"] in seen:
             raise BarError(f"{source}: two rows for {row['trace']} / {row['policy']}")
         seen[row["policy"]] = row
+    return by_trace
+
+
+def judge(rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
+          fast: Sequence[str] = FAST_CHANGING, source: str = "results") -> list[Verdict]:
+    """One verdict per trace the policy ran on, in trace order. Every such trace needs exactly
+    one static-best row and one row of the policy."""
+    by_trace = rows_by_trace(rows, source)
     verdicts = []
     for trace in sorted(by_trace):
         judged = by_trace[trace].get(policy)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioner.bench.bar import BarError, check_row, load_results
+from provisioner.bench.bar import BarError, load_results, rows_by_trace
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class Comparison:
     dearer: int  # pairs whose cost ratio rose
     unpaired: list[str]  # rows or files present on one side only
 
+    # compare() refuses result sets with no pair, so n >= 1 below.
+
     def as_dict(self) -> dict[str, Any]:
         n = self.misses.n
 
@@ -75,24 +77,18 @@ class Comparison:
             "misses_before": int(self.misses.before), "misses_after": int(self.misses.after),
             "misses_difference": int(self.misses.difference),
             "misses_difference_se": rounded(self.misses.se_total, 2),
-            "cost_before": round(self.cost.before / n, 4) if n else None,
-            "cost_after": round(self.cost.after / n, 4) if n else None,
-            "cost_difference": round(self.cost.difference / n, 4) if n else None,
+            "cost_before": round(self.cost.before / n, 4),
+            "cost_after": round(self.cost.after / n, 4),
+            "cost_difference": round(self.cost.difference / n, 4),
             "cost_difference_se": rounded(self.cost.se_mean, 4),
             "cheaper": self.cheaper, "dearer": self.dearer, "unpaired": self.unpaired}
 
 
-def _rows_by_trace(rows: Sequence[Mapping[str, Any]], policy: str,
-                   source: str) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for i, raw in enumerate(rows):
-        row = check_row(raw, f"{source} row {i + 1}")
-        if row["policy"] != policy:
-            continue
-        if row["trace"] in out:
-            raise BarError(f"{source}: two rows for {row['trace']} / {policy}")
-        out[row["trace"]] = row
-    return out
+def _policy_rows(rows: Sequence[Mapping[str, Any]], policy: str,
+                 source: str) -> dict[str, dict[str, Any]]:
+    """The policy's row of each trace (the rows checked as `bench bar` checks them)."""
+    return {trace: by_policy[policy] for trace, by_policy in rows_by_trace(rows, source).items()
+            if policy in by_policy}
 
 
 def compare(before: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -109,8 +105,8 @@ def compare(before: Mapping[str, Sequence[Mapping[str, Any]]],
     unpaired += [f"{name}: only after" for name in sorted(set(after) - set(before))]
     connects = cheaper = dearer = 0
     for name in sorted(set(before) & set(after)):
-        b = _rows_by_trace(before[name], policy, f"{name} (before)")
-        a = _rows_by_trace(after[name], policy, f"{name} (after)")
+        b = _policy_rows(before[name], policy, f"{name} (before)")
+        a = _policy_rows(after[name], policy, f"{name} (after)")
         unpaired += [f"{name}: {t} only before" for t in sorted(set(b) - set(a))]
         unpaired += [f"{name}: {t} only after" for t in sorted(set(a) - set(b))]
         for trace in sorted(set(a) & set(b)):

@@ -9,6 +9,9 @@
        idle_timeout, while spare exceeds the keep level and more than min_ready are ready. The
        keep level is the highest target scale_decide set within keep_window (policy.lua
        peak_target), so a dip in the forecast does not reap a node it will want back.
+       Where a node is still booting, the youngest of those that are not boot-time samples
+       (pool.lua new_node) goes in the idle node's place: the spare left is the same, the ready
+       node serves the next connect at once, and the rest of the boot is not paid for.
   Allocated nodes are never chosen. Every chosen node moves to `terminating` atomically here,
   so concurrent calls never pick the same node; the caller sends the DELETEs and reports each
   with confirm_terminate.
@@ -16,7 +19,8 @@
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV: the policy parameters (lua/includes/policy.lua read_params)
 
-  Returns a flat list {node_id, reason, ...}; reason is boot_timeout | retry | idle.
+  Returns a flat list {node_id, reason, ...}; reason is boot_timeout | retry | idle |
+  surplus_boot (a boot given up in an idle node's place).
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -44,19 +48,34 @@ for _, node in ipairs(due) do
   out[#out + 1] = 'retry'
 end
 
+-- The youngest boot that may be given up, or nil: among the 20 youngest, so the work is bounded.
+local function youngest_surplus_boot()
+  for _, node in ipairs(rcall('ZREVRANGE', K.booting, 0, 19)) do
+    if not is_boot_sample(node) then
+      return node
+    end
+  end
+  return nil
+end
+
 local s = observe(p)
 local target = target_spare(s, p, false)
 local keep = math.max(target, peak_target(now, p.keep_window_ms))
 local excess = math.min(s.spare - keep, s.ready - p.min_ready)
-local reaped = 0
+local reaped, swapped = 0, 0
 while excess > 0 and reaped < p.max_batch do
   local node = rcall('LINDEX', K.ready, 0)
   if not node then break end
   local idle_since = tonumber(rcall('HGET', node_key(node), 'idle_since_ms')) or now
   if now - idle_since < p.idle_timeout_ms then break end
-  start_terminating(node, now, deadline, 'idle')
+  local reason = 'idle'
+  local boot = youngest_surplus_boot()
+  if boot then
+    node, reason, swapped = boot, 'surplus_boot', swapped + 1
+  end
+  start_terminating(node, now, deadline, reason)
   out[#out + 1] = node
-  out[#out + 1] = 'idle'
+  out[#out + 1] = reason
   excess = excess - 1
   reaped = reaped + 1
 end
@@ -64,9 +83,9 @@ end
 if #out > 0 then
   stat('terminations_started', #out / 2)
   local reason = string.format(
-    'terminate %d (stuck %d, retry %d, idle %d); spare %d, keep %d (peak target of %.0fs), '
-    .. 'target %d', #out / 2, #stuck, #due, reaped, s.spare, keep, p.keep_window_ms / 1000,
-    target)
+    'terminate %d (stuck %d, retry %d, idle %d, booting in an idle node\'s place %d); '
+    .. 'spare %d, keep %d (peak target of %.0fs), target %d', #out / 2, #stuck, #due,
+    reaped - swapped, swapped, s.spare, keep, p.keep_window_ms / 1000, target)
   log_decision(p, 'scale_down', reason, summary(s, target), #out / 2)
 end
 return out

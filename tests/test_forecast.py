@@ -144,9 +144,9 @@ async def last_queued(pool: PoolUnderTest) -> list[float]:
 async def test_boot_time_and_release_rate_are_learned(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, max_nodes=0)
     await decide(pool, config)
-    await pool.scripts.apply_node_status(pool.now, "n1", "booting")
+    await pool.scripts.apply_node_status(pool.now, "n2", "booting")  # a boot-time sample
     pool.clock.advance(40_000)
-    await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    await pool.scripts.apply_node_status(pool.now, "n2", "ready")
     await decide(pool, config)
     await pool.scripts.allocate(pool.now, "u")
     pool.clock.advance(30_000)
@@ -158,10 +158,33 @@ async def test_boot_time_and_release_rate_are_learned(pool: PoolUnderTest) -> No
     assert model["bx"] == 30  # allocated node-seconds
     # a boot time no script wrote (a hand repair gone wrong) is replaced by the next boot seen
     await pool.redis.hset(pool.keys.key("model"), "boot_ms", "1e999")
-    await pool.scripts.apply_node_status(pool.now, "n2", "booting")
+    await pool.scripts.apply_node_status(pool.now, "n4", "booting")
     pool.clock.advance(50_000)
-    await pool.scripts.apply_node_status(pool.now, "n2", "ready")
+    await pool.scripts.apply_node_status(pool.now, "n4", "ready")
     assert float(await pool.redis.hget(pool.keys.key("model"), "boot_ms") or 0) == 50_000
+
+
+async def test_the_boot_time_is_learned_from_the_sample_nodes_only(pool: PoolUnderTest) -> None:
+    """About half the nodes are boot-time samples, by a hash of the id: n2 and n4 here, not n1
+    and n3. Each sample weighs 0.2 in the running mean; the others are not learned from."""
+    started: dict[str, int] = {}
+    for node in ("n1", "n2", "n3", "n4"):
+        await pool.scripts.apply_node_status(pool.now, node, "booting")
+        started[node] = pool.now
+        pool.clock.advance(10_000)
+    assert [(await pool.node(n))["boot_sample"] for n in started] == ["0", "1", "0", "1"]
+    boot_ms = []
+    for node, took in (("n2", 40_000), ("n4", 90_000), ("n1", 190_000), ("n3", 300_000)):
+        pool.clock.set(started[node] + took)
+        await pool.scripts.apply_node_status(pool.now, node, "ready")
+        boot_ms.append(float(await pool.redis.hget(pool.keys.key("model"), "boot_ms") or 0))
+    assert boot_ms == [40_000, 50_000, 50_000, 50_000]  # 40 s, then 40 + 0.2 x (90 - 40)
+    # A record from before the mark existed counts as a sample.
+    await pool.scripts.apply_node_status(pool.now, "n5", "booting")
+    await pool.redis.hdel(pool.keys.node("n5"), "boot_sample")
+    pool.clock.advance(100_000)
+    await pool.scripts.apply_node_status(pool.now, "n5", "ready")
+    assert float(await pool.redis.hget(pool.keys.key("model"), "boot_ms") or 0) == 60_000
 
 
 async def test_boots_longer_than_the_window_stretch_the_forecast_to_the_boot_time(

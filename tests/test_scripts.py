@@ -406,6 +406,33 @@ async def test_reap_idle_terminates_only_idle_nodes_beyond_the_floor(pool: PoolU
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
 
 
+async def test_reap_idle_gives_up_the_youngest_boot_in_an_idle_nodes_place(
+        pool: PoolUnderTest) -> None:
+    """The spare left is the same either way; the ready node serves the next connect at once and
+    the rest of the boot is not paid for. Boot-time samples (n2, n4, n6: by a hash of the id)
+    are never given up, so the boot time is learned from boots nobody chose."""
+    config = PoolConfig(scaling_policy="heuristic", min_ready=0, idle_timeout_s=60)
+    await pool.boot("n2")
+    for node in ("n1", "n3", "n4", "n5", "n6"):
+        await pool.scripts.apply_node_status(pool.now, node, "booting")
+        pool.clock.advance(1000)
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []  # not idle yet
+    pool.clock.advance(60_000)
+    reaped = []
+    for _ in range(5):
+        reaped += [(t.node_id, t.reason)
+                   for t in await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))]
+    assert reaped == [("n5", "surplus_boot"), ("n3", "surplus_boot"), ("n1", "surplus_boot"),
+                      ("n2", "idle")]
+    assert [(await pool.node(n))["state"] for n in ("n4", "n6")] == ["booting", "booting"]
+    reasons = [fields["reason"] for _, fields in await pool.redis.xrange(
+        pool.keys.key("decisions")) if fields.get("kind") == "scale_down"]
+    assert reasons[0].startswith(
+        "terminate 1 (stuck 0, retry 0, idle 0, booting in an idle node's place 1); spare 6")
+    assert reasons[-1].startswith(
+        "terminate 1 (stuck 0, retry 0, idle 1, booting in an idle node's place 0); spare 3")
+
+
 async def test_reap_idle_keeps_the_peak_target_of_the_keep_window(pool: PoolUnderTest) -> None:
     # The heuristic's target is easy to steer: ceil(engaged users x 0.5).
     config = PoolConfig(scaling_policy="heuristic", min_ready=0, idle_timeout_s=0,

@@ -67,11 +67,24 @@ local function enqueue_waiting(user_id, now, at_head)
 end
 
 -- Create the record of a node the pool has not seen. origin: api | status | late.
+-- About half the nodes are boot-time samples, chosen by a hash of the id (so by neither the
+-- order the pool records them in, which races between replicas, nor their boot time): the boot
+-- time is learned from these only, and reap_idle never gives one up while booting. Giving up
+-- boots picked from all nodes would leave mostly the short ones to learn from (a long boot stays
+-- a candidate for longer), and the horizon learned would come out short.
 local function new_node(node_id, state, now, origin, reservation)
+  local sample = tonumber(string.sub(redis.sha1hex(node_id), -1), 16) % 2
   rcall('HSET', node_key(node_id), 'id', node_id, 'state', state, 'created_ms', now,
-        'updated_ms', now, 'origin', origin, 'reservation', reservation or '', 'user', '')
+        'updated_ms', now, 'origin', origin, 'reservation', reservation or '', 'user', '',
+        'boot_sample', sample)
   rcall('ZADD', K.nodes, now, node_id)
   stat('nodes_seen')
+end
+
+-- Whether a node is a boot-time sample (new_node). A record without the mark (written before
+-- it existed) counts as one: it is learned from and never given up while booting.
+local function is_boot_sample(node_id)
+  return rcall('HGET', node_key(node_id), 'boot_sample') ~= '0'
 end
 
 -- Move a node to 'terminating' and schedule a retry deadline; the caller sends the DELETE.

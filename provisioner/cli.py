@@ -222,7 +222,7 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
         return
     now = time.time() * 1000
     table = Table(title=f"nodes of pool {pool} ({len(rows)})")
-    for column in ("node", "state", "user", "age", "idle for", "origin"):
+    for column in ("node", "state", "user", "age", "idle for", "origin", "boot sample"):
         table.add_column(column)
     for row in rows:
         age = (now - float(row.get("created_ms") or now)) / 1000
@@ -230,7 +230,8 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
         if row.get("state") == "ready" and row.get("idle_since_ms"):
             idle = f"{(now - float(row['idle_since_ms'])) / 1000:.0f}s"
         table.add_row(row.get("id", "?"), row.get("state", "?"), row.get("user", ""),
-                      f"{age:.0f}s", idle, row.get("origin", ""))
+                      f"{age:.0f}s", idle, row.get("origin", ""),
+                      "no" if row.get("boot_sample") == "0" else "yes")
     console.print(table)
 
 

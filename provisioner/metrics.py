@@ -61,7 +61,8 @@ class Metrics:
         self.creates = Counter("provisioner_creates_reserved",
                                "Create reservations this replica carried out", registry=r)
         self.terminations = Counter("provisioner_terminations",
-                                    "Terminations this replica started, by reason",
+                                    "Terminations this replica started, by reason (idle, "
+                                    "surplus_boot, boot_timeout, retry)",
                                     ["reason"], registry=r)
         self.forecast_check = Gauge(
             "provisioner_forecast_check",

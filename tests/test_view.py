@@ -9,14 +9,19 @@ states against the checker.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
+from typer.testing import CliRunner
 
 from provisioner import view
+from provisioner.cli import app
 from provisioner.keys import PoolKeys
+from provisioner.scripts import Scripts
 from provisioner.view import check_invariants
+from tests.helpers import T0
 
 POOL = "view"
 KEYS = PoolKeys(POOL)
@@ -98,3 +103,23 @@ async def test_a_pool_that_never_holds_still_gets_an_answer(
     problems = await view.check_invariants(aredis, POOL, attempts=3)
     assert calls == 3
     assert problems == ["the pool changed during each of 3 reads; no consistent view to check"]
+
+
+def test_the_nodes_command_says_which_nodes_are_boot_time_samples(redis_url: str) -> None:
+    keys = PoolKeys("nodes-cli")
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        for node in ("n1", "n2"):  # by the hash of the id, n2 is a sample and n1 is not
+            await scripts.apply_node_status(T0, node, "booting")
+        await client.aclose()
+
+    asyncio.run(record())
+    result = CliRunner().invoke(app, ["nodes", "--redis-url", redis_url, "--pool", "nodes-cli"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "boot sample" in result.output
+    rows = {line.split()[1]: line.split()[-2] for line in result.output.splitlines()
+            if re.match(r"\W*n[12] ", line)}
+    assert rows == {"n1": "no", "n2": "yes"}

@@ -462,8 +462,8 @@ def compare(
     console.print(f"{n} pairs of {policy} ({result.connects:,} connects before)")
     console.print(f"misses: {m.before:.0f} before, {m.after:.0f} after, {m.difference:+.0f} "
                   f"± {se(m.se_total, '.1f')} (one standard error of the total)")
-    console.print(f"mean cost ratio: {c.before / n:.4f} before, {c.after / n:.4f} after, "
-                  f"{c.difference / n:+.4f} ± {se(c.se_mean, '.4f')}")
+    console.print(f"mean cost ratio: {c.mean_before:.4f} before, {c.mean_after:.4f} after, "
+                  f"{c.mean_difference:+.4f} ± {se(c.se_mean, '.4f')}")
     console.print(f"cost lower on {result.cheaper} pairs, higher on {result.dearer}")
     for item in result.unpaired:
         console.print(f"[yellow]not paired: {item}")

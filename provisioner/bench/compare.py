@@ -21,7 +21,8 @@ from provisioner.bench.bar import BarError, load_results, rows_by_trace
 @dataclass(frozen=True)
 class Paired:
     """One figure over n pairs: the totals before and after, and the standard error of the
-    total of the differences (sqrt(n) x their sample deviation; None under two pairs)."""
+    total of the differences (sqrt(n) x their sample deviation; None under two pairs). The means
+    divide by n: compare() refuses result sets with no pair."""
 
     n: int
     before: float
@@ -31,6 +32,18 @@ class Paired:
     @property
     def difference(self) -> float:
         return self.after - self.before
+
+    @property
+    def mean_before(self) -> float:
+        return self.before / self.n
+
+    @property
+    def mean_after(self) -> float:
+        return self.after / self.n
+
+    @property
+    def mean_difference(self) -> float:
+        return self.difference / self.n
 
     @property
     def se_mean(self) -> float | None:
@@ -58,13 +71,11 @@ class Comparison:
 
     pairs: list[str]  # "results file: trace", in order
     misses: Paired
-    cost: Paired  # totals of the cost ratios: the means are .before / n and .after / n
+    cost: Paired  # of the cost ratios (their means: .mean_before, .mean_after)
     connects: int  # of the "before" rows
     cheaper: int  # pairs whose cost ratio fell
     dearer: int  # pairs whose cost ratio rose
     unpaired: list[str]  # rows or files present on one side only
-
-    # compare() refuses result sets with no pair, so n >= 1 below.
 
     def as_dict(self) -> dict[str, Any]:
         n = self.misses.n
@@ -77,9 +88,9 @@ class Comparison:
             "misses_before": int(self.misses.before), "misses_after": int(self.misses.after),
             "misses_difference": int(self.misses.difference),
             "misses_difference_se": rounded(self.misses.se_total, 2),
-            "cost_before": round(self.cost.before / n, 4),
-            "cost_after": round(self.cost.after / n, 4),
-            "cost_difference": round(self.cost.difference / n, 4),
+            "cost_before": round(self.cost.mean_before, 4),
+            "cost_after": round(self.cost.mean_after, 4),
+            "cost_difference": round(self.cost.mean_difference, 4),
             "cost_difference_se": rounded(self.cost.se_mean, 4),
             "cheaper": self.cheaper, "dearer": self.dearer, "unpaired": self.unpaired}
 

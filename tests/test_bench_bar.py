@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from provisioner.bench.bar import BarError, judge, load_results
+from provisioner.bench.bar import BarError, judge, load_results, with_static_best
 from provisioner.cli import app
 
 
@@ -126,3 +126,68 @@ def test_bench_bar_refuses_unjudgeable_results_with_exit_code_2(tmp_path: Path) 
     result = CliRunner().invoke(app, ["bench", "bar", str(tmp_path)])
     assert result.exit_code == 2
     assert "steady has no static-best row" in " ".join(result.output.split())
+
+
+def test_a_screen_of_the_policy_alone_takes_static_best_from_another_result_set() -> None:
+    committed = [*_pair("steady", cost=1.40), *_pair("spike")]
+    # the screen ran the service alone, and its own static-best row is not the one judged by
+    screen = [_row("steady", "provisioner", cost=1.353),
+              _row("spike", "static-best", cost=9.0, detail="K=99"),
+              _row("spike", "provisioner", cost=1.30, node_hours=44.0)]
+    merged = with_static_best(screen, committed)
+    assert [(r["trace"], r["policy"], r["cost_ratio"]) for r in merged] == [
+        ("spike", "static-best", 1.332), ("spike", "provisioner", 1.30),
+        ("steady", "static-best", 1.332), ("steady", "provisioner", 1.353)]
+    assert [(v.trace, v.failed) for v in judge(merged)] == [("spike", ()),
+                                                            ("steady", ("cost",))]
+
+
+@pytest.mark.parametrize(("screen", "committed", "message"), [
+    ([_row("steady", "provisioner", connects=201)], _pair("steady"), "not the same replay"),
+    ([_row("segments", "provisioner")], _pair("steady"), "segments has no static-best row"),
+    ([_row("steady", "reactive")], _pair("steady"), "no row of policy 'provisioner'"),
+])
+def test_a_screen_that_does_not_match_the_result_set_is_refused(
+        screen: list[Any], committed: list[Any], message: str) -> None:
+    with pytest.raises(BarError, match=message):
+        with_static_best(screen, committed)
+
+
+def _write(folder: Path, rows: list[Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(rows))
+
+
+def test_bench_bar_judges_a_screen_tree_against_the_committed_tree(tmp_path: Path) -> None:
+    committed, screen = tmp_path / "committed", tmp_path / "screen"
+    _write(committed, _pair("steady") + _pair("segments"))
+    _write(committed / "seed1", _pair("spike"))
+    _write(committed / "seed2", _pair("ramp"))  # not screened: left out
+    _write(screen, [_row("steady", "provisioner"), _row("segments", "provisioner", cost=1.353)])
+    _write(screen / "seed1", [_row("spike", "provisioner", node_hours=46.0)])
+    result = CliRunner().invoke(app, ["bench", "bar", str(screen), "--static-from",
+                                      str(committed)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "fails: cost" in output and "fails: idle" in output
+    assert "in all: met on 1 of 3" in output
+    assert f"against {committed}'s static-best" in output
+    printed = CliRunner().invoke(app, ["bench", "bar", str(screen), "--static-from",
+                                       str(committed), "--json"])
+    report = json.loads(printed.stdout)
+    assert (report["met"], report["judged"], report["static_from"]) == (1, 3, str(committed))
+    assert [r["source"] for r in report["results"]] == [
+        str(screen / "results.json"), str(screen / "seed1" / "results.json")]
+    # without the option a screen has no static-best rows to be judged by
+    alone = CliRunner().invoke(app, ["bench", "bar", str(screen)])
+    assert alone.exit_code == 2
+
+
+def test_bench_bar_refuses_a_screen_file_the_result_set_lacks(tmp_path: Path) -> None:
+    committed, screen = tmp_path / "committed", tmp_path / "screen"
+    _write(committed, _pair("steady"))
+    _write(screen / "seed9", [_row("steady", "provisioner")])
+    result = CliRunner().invoke(app, ["bench", "bar", str(screen), "--static-from",
+                                      str(committed)])
+    assert result.exit_code == 2
+    assert "no seed9/results.json to take" in " ".join(result.output.split())

@@ -140,6 +140,34 @@ def judge(rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
     return verdicts
 
 
+def with_static_best(rows: Iterable[Mapping[str, Any]],
+                     static_rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
+                     source: str = "results", static_source: str = "static") -> list[Any]:
+    """The policy's rows of one result set, each with the static-best row of the same trace
+    from another: a screen that replayed the policy alone, judged against a committed suite of
+    the same replays. Static-best rows of the screen itself are left out. Each pair must have
+    the same connects (the same users and boot draws), or it is refused."""
+    mine = rows_by_trace(rows, source)
+    theirs = rows_by_trace(static_rows, static_source)
+    merged: list[Any] = []
+    for trace in sorted(mine):
+        row = mine[trace].get(policy)
+        if row is None:
+            continue
+        static = theirs.get(trace, {}).get(STATIC_BEST)
+        if static is None:
+            raise BarError(f"{static_source}: {trace} has no {STATIC_BEST} row to judge "
+                           f"{policy} of {source} by")
+        if static["connects"] != row["connects"]:
+            raise BarError(f"{source}: {trace} has {row['connects']} connects and "
+                           f"{static_source}'s {STATIC_BEST} {static['connects']}: "
+                           "not the same replay")
+        merged += [static, row]
+    if not merged:
+        raise BarError(f"{source}: no row of policy {policy!r}")
+    return merged
+
+
 def load_results(path: Path) -> list[Any]:
     """The rows of a suite's results.json (given as the file or the folder holding it)."""
     file = path / "results.json" if path.is_dir() else path

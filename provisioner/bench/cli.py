@@ -386,19 +386,47 @@ def bar(
         help="Traces where traffic changes fast, held to half of static-best's idle time "
         "(repeatable); default: spike and diurnal, as issue 4 names them")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    static_from: Annotated[Path | None, typer.Option(
+        exists=True, help="Take the static-best rows from this result set instead (a "
+        "results.json, or a folder searched for them, e.g. docs/bench): each RESULTS folder is "
+        "then searched for results.json files too, and each is paired with the file at the "
+        "same path under this one, as `bench compare` pairs them. For a screen that replayed "
+        "the policy alone")] = None,
 ) -> None:
     """Issue 4's bar on each trace of suite results: miss rate <= 1%, cost ratio <= the same
     suite's static-best + 0.02, and on fast-changing traces idle node-hours <= half of
     static-best's (see provisioner/bench/bar.py)."""
-    from provisioner.bench.bar import COST_MARGIN, FAST_CHANGING, BarError, judge, load_results
+    from provisioner.bench.bar import (
+        COST_MARGIN,
+        FAST_CHANGING,
+        BarError,
+        judge,
+        load_results,
+        with_static_best,
+    )
+    from provisioner.bench.compare import load_tree
 
+    fast_traces = tuple(fast) if fast is not None else FAST_CHANGING
     judged = []
     try:
-        for path in results:
-            verdicts = judge(load_results(path), policy=policy,
-                             fast=tuple(fast) if fast is not None else FAST_CHANGING,
-                             source=str(path))
-            judged.append((path, verdicts))
+        if static_from is None:
+            for path in results:
+                judged.append((path, judge(load_results(path), policy=policy,
+                                           fast=fast_traces, source=str(path))))
+        else:
+            statics = load_tree(static_from)
+            for path in results:
+                for name, rows in load_tree(path).items():
+                    if name not in statics:
+                        raise BarError(f"{static_from}: no {name} to take {path}/{name}'s "
+                                       "static-best rows from")
+                    source = str(path / name) if path.is_dir() else str(path)
+                    merged = with_static_best(rows, statics[name], policy=policy,
+                                              source=source,
+                                              static_source=str(static_from / name)
+                                              if static_from.is_dir() else str(static_from))
+                    judged.append((Path(source), judge(merged, policy=policy,
+                                                       fast=fast_traces, source=source)))
     except BarError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from None
@@ -407,12 +435,14 @@ def bar(
     if as_json:
         typer.echo(json.dumps({
             "policy": policy, "met": met, "judged": total,
+            "static_from": None if static_from is None else str(static_from),
             "results": [{"source": str(path), "met": sum(v.met for v in verdicts),
                          "judged": len(verdicts), "traces": [v.as_dict() for v in verdicts]}
                         for path, verdicts in judged]}))
         return
     for path, verdicts in judged:
-        table = Table(title=f"{path}: {policy} against static-best + {COST_MARGIN}")
+        against = "static-best" if static_from is None else f"{static_from}'s static-best"
+        table = Table(title=f"{path}: {policy} against {against} + {COST_MARGIN}")
         table.add_column("trace", no_wrap=True)
         for column in ("misses", "cost (bar)", "idle h (bar)", "static"):
             table.add_column(column, justify="right")

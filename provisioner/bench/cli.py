@@ -411,19 +411,22 @@ def bar(
                 judged.append((path, judge(load_results(path), policy=policy,
                                            fast=fast_traces, source=str(path))))
         else:
+            def file_of(root: Path, name: str) -> Path:
+                """The file load_tree(root) named `name`: root itself when it is a file."""
+                return root / name if root.is_dir() else root
+
             statics = load_tree(static_from)
             for path in results:
                 for name, rows in load_tree(path).items():
+                    source = file_of(path, name)
                     if name not in statics:
-                        raise BarError(f"{static_from}: no {name} to take {path}/{name}'s "
+                        raise BarError(f"{static_from}: no {name} to take {source}'s "
                                        "static-best rows from")
-                    source = str(path / name) if path.is_dir() else str(path)
                     merged = with_static_best(rows, statics[name], policy=policy,
-                                              source=source,
-                                              static_source=str(static_from / name)
-                                              if static_from.is_dir() else str(static_from))
-                    judged.append((Path(source), judge(merged, policy=policy,
-                                                       fast=fast_traces, source=source)))
+                                              source=str(source),
+                                              static_source=str(file_of(static_from, name)))
+                    judged.append((source, judge(merged, policy=policy, fast=fast_traces,
+                                                 source=str(source))))
     except BarError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from None

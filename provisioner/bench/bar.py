@@ -99,6 +99,39 @@ def _row(raw: object, where: str) -> dict[str, Any]:
     return row
 
 
+def markdown_grid(judged: Sequence[tuple[str, Sequence[Verdict]]]) -> str:
+    """Verdicts as one Markdown table: a row per trace, a column per result set (a seed, a
+    draw), and how many of its cells meet the bar. Each cell is misses / connects, the cost
+    ratio (the idle hours where the bar limits them), then static-best's pool and cost ratio,
+    and in bold the halves that fail: the README's held-out tables are this command's output."""
+    columns = [name for name, _ in judged]
+    cells: dict[str, dict[str, Verdict]] = {}
+    for name, verdicts in judged:
+        for v in verdicts:
+            cells.setdefault(v.trace, {})[name] = v
+    lines = ["| trace | " + " | ".join(columns) + " | met |",
+             "| --- | " + " | ".join("---" for _ in columns) + " | ---: |"]
+    for trace in sorted(cells):
+        row = []
+        for name in columns:
+            if name not in cells[trace]:
+                row.append("—")
+                continue
+            v = cells[trace][name]
+            cell = f"{v.misses}/{v.connects}, {v.cost_ratio:.3f}"
+            if v.idle_limit is not None:
+                cell += f", {v.idle_hours:.1f} h"
+            static = f"{v.static_detail}: " if v.static_detail else ""
+            cell += f" ({static}{v.cost_limit - COST_MARGIN:.3f})"
+            if v.failed:
+                cell += " **" + ", ".join(v.failed) + "**"
+            row.append(cell)
+        shown = cells[trace].values()
+        lines.append(f"| {trace} | " + " | ".join(row)
+                     + f" | {sum(v.met for v in shown)} of {len(shown)} |")
+    return "\n".join(lines)
+
+
 def rows_by_trace(rows: Iterable[Mapping[str, Any]],
                   source: str = "results") -> dict[str, dict[str, dict[str, Any]]]:
     """A suite's rows, each checked, as {trace: {policy: row}}; two rows of one trace and

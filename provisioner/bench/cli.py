@@ -383,6 +383,9 @@ def bar(
         help="Traces where traffic changes fast, held to half of static-best's idle time "
         "(repeatable); default: spike and diurnal, as issue 4 names them")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    markdown: Annotated[bool, typer.Option(
+        "--markdown", help="Print one Markdown table: a row per trace, a column per RESULTS "
+        "file, each cell misses/connects, cost (static-best's) and the halves that fail")] = False,
     static_from: Annotated[Path | None, typer.Option(
         exists=True, help="Take the static-best rows from this result set instead (a "
         "results.json, or a folder searched for them, e.g. docs/bench): each RESULTS folder is "
@@ -399,6 +402,7 @@ def bar(
         BarError,
         judge,
         load_results,
+        markdown_grid,
         with_static_best,
     )
     from provisioner.bench.compare import load_tree
@@ -439,6 +443,10 @@ def bar(
             "results": [{"source": str(path), "met": sum(v.met for v in verdicts),
                          "judged": len(verdicts), "traces": [v.as_dict() for v in verdicts]}
                         for path, verdicts in judged]}))
+        return
+    if markdown:
+        typer.echo(markdown_grid([(str(path), verdicts) for path, verdicts in judged]))
+        typer.echo(f"\nmet on {met} of {total}")
         return
     for path, verdicts in judged:
         against = "static-best" if static_from is None else f"{static_from}'s static-best"

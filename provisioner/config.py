@@ -33,7 +33,7 @@ class PoolConfig:
     #: "forecast" (base-stock over the boot lead time) or "heuristic" (the first release's)
     scaling_policy: str = "forecast"
     #: the forecast's safety buffer, in standard deviations of the net demand
-    buffer_sd: float = 2.25
+    buffer_sd: float = 2.4
     #: the buffer while arrivals surge (twice the rate seen so far or more, beyond chance)
     surge_buffer_sd: float = 4.5
     #: how fast the forecast forgets: half-life of its learned chances and rates

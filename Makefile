@@ -35,10 +35,10 @@ test-matrix: $(STAMP)
 SCENARIOS ?= ../shared/scenarios
 BENCH_OUT ?= docs/bench
 BOOT_OFFSETS ?= 997 1994
-HELD_OUT_SEEDS ?= 1 2 3 4 5 6 7 11 12 13 14 15 21 22 23 24 25
+HELD_OUT_SEEDS ?= 1 2 3 4 5 6 7 11 12 13 14 15 21 22 23 24 25 41 42 43 44 45
 SUITE := $(BIN)/provisioner bench suite
 
-## bench-docs: rerun every suite of docs/bench (about 70 minutes of replays), then judge the bar
+## bench-docs: rerun every suite of docs/bench (about 85 minutes of replays), then judge the bar
 bench-docs: bench-recorded bench-warm bench-draws bench-held-out
 	$(BIN)/provisioner bench bar $(BENCH_OUT) $(BENCH_OUT)/warm \
 		$(foreach k,$(BOOT_OFFSETS),$(BENCH_OUT)/draw-$(k)) \

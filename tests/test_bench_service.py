@@ -222,3 +222,29 @@ def test_bench_replay_warm_up_scores_the_last_play(
     assert sync_redis.keys("prov:*") == []
     bad = CliRunner().invoke(app, [*args, "--warm-up", "-1"])
     assert bad.exit_code != 0
+
+
+def test_single_replays_are_collected_for_bench_compare_and_bench_bar(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    trace = str(_trace(tmp_path))
+    name = load_trace(Path(trace)).name
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    for policy, out, extra in (("static-3", before, []), ("provisioner", before, []),
+                               ("provisioner", after, ["--set", "buffer_sd=3.0"])):
+        added = CliRunner().invoke(app, ["bench", "replay", trace, "--policy", policy,
+                                         "--redis-url", redis_url, "--append-to", str(out),
+                                         "--json", *extra])
+        assert added.exit_code == 0, added.output
+        assert json.loads(added.stdout) == {
+            k: v for k, v in json.loads(out.read_text())[-1].items()
+            if k not in ("trace", "policy", "detail", "wall_s")}
+    rows = json.loads(before.read_text())
+    assert [(r["trace"], r["policy"]) for r in rows] == [(name, "static-3"), (name, "provisioner")]
+    compared = CliRunner().invoke(app, ["bench", "compare", str(before), str(after), "--json"])
+    assert compared.exit_code == 0, compared.output
+    assert json.loads(compared.stdout)["pairs"] == 1
+    again = CliRunner().invoke(app, ["bench", "replay", trace, "--redis-url", redis_url,
+                                     "--append-to", str(before)])
+    assert again.exit_code == 2
+    assert f"has a row of {name} / provisioner already" in again.output
+    assert json.loads(before.read_text()) == rows  # refused before replaying: file untouched

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -139,6 +140,11 @@ def replay(
         "level, the share of ticks in a surge, the creates)")] = None,
     timeline_window: Annotated[float, typer.Option(
         min=1.0, help="Seconds per --timeline window")] = 600.0,
+    append_to: Annotated[Path | None, typer.Option(
+        "--append-to", dir_okay=False, help="Add this replay's row to a results.json (created "
+        "if missing), as `bench suite` writes them, so single replays go through `bench "
+        "compare` and `bench bar`; a row of the same trace and policy there is refused")]
+    = None,
 ) -> None:
     """Replay one trace under one policy and print FORMAT.md's scores."""
     for path, option, what in ((misses_path, "--misses", "explains its misses"),
@@ -146,7 +152,9 @@ def replay(
         if path is not None and policy != SERVICE:
             raise typer.BadParameter(f"only `{SERVICE}` {what}", param_hint=option)
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
+    appended = _rows_to_append_to(append_to, trace.name, policy) if append_to else None
     overrides = parse_settings(settings)
+    started = time.monotonic()
     with _server(redis_url) as url:
         timeline_s = timeline_window if timeline_path is not None else None
         replayed = _factories([policy], url, overrides, timeline_s)[policy](trace)
@@ -156,6 +164,12 @@ def replay(
             console.print(f"[red]policy {policy} broke the rules: {exc}")
             raise typer.Exit(2) from None
     scores = board.close()
+    if append_to is not None and appended is not None:
+        appended.append({"trace": trace.name, "policy": policy, "detail": "",
+                         "wall_s": time.monotonic() - started, **scores.as_dict()})
+        append_to.write_text(json.dumps(appended, indent=1))
+        typer.echo(f"row {trace.name} / {policy} added to {append_to} ({len(appended)} rows)",
+                   err=True)
     # Diagnostics go to stderr: with --json, stdout holds the scores alone.
     typer.echo(board.node_time().describe(), err=True)
     if isinstance(replayed, service_policy.ServicePolicy):
@@ -182,6 +196,22 @@ def replay(
     for key, value in scores.as_dict().items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+def _rows_to_append_to(path: Path, trace: str, policy: str) -> list[object]:
+    """The rows already in `path` (none if it does not exist yet), checked before the replay
+    runs: an unreadable file, or one that holds this trace and policy already, is refused."""
+    from provisioner.bench.bar import BarError, load_results, rows_by_trace
+
+    if not path.exists():
+        return []
+    try:
+        rows = load_results(path)
+        if policy in rows_by_trace(rows, str(path)).get(trace, {}):
+            raise BarError(f"{path} has a row of {trace} / {policy} already")
+    except BarError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--append-to") from None
+    return rows
 
 
 def _write_misses(path: Path, misses: list[service_policy.Miss]) -> None:
@@ -473,7 +503,8 @@ def compare(
     before: Annotated[Path, typer.Argument(
         exists=True, help="A results.json, or a folder searched for them (e.g. docs/bench)")],
     after: Annotated[Path, typer.Argument(
-        exists=True, help="The same replays of the other release or variant, same layout")],
+        exists=True, help="The same replays of the other release or variant, same layout "
+        "(two files are paired with each other, whatever their names)")],
     policy: Annotated[str, typer.Option(help="The policy whose rows are paired")] = SERVICE,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
@@ -485,7 +516,11 @@ def compare(
     from provisioner.bench.compare import load_tree
 
     try:
-        result = paired_rows(load_tree(before), load_tree(after), policy=policy)
+        if before.is_file() and after.is_file():  # e.g. two files of `replay --append-to`
+            result = paired_rows({"results": load_tree(before)[before.name]},
+                                 {"results": load_tree(after)[after.name]}, policy=policy)
+        else:
+            result = paired_rows(load_tree(before), load_tree(after), policy=policy)
     except BarError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from None

@@ -210,3 +210,16 @@ def test_bench_bar_prints_the_markdown_grid_and_the_count(tmp_path: Path) -> Non
     assert f"| trace | {tmp_path} | met |" in result.stdout
     assert "1.353 (K=3: 1.332) **cost** | 0 of 1 |" in result.stdout
     assert result.stdout.rstrip().endswith("met on 0 of 1")
+
+
+def test_bench_bar_recursive_judges_every_results_file_under_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "draw").mkdir()
+    (tmp_path / "results.json").write_text(json.dumps(_pair("steady")))
+    (tmp_path / "draw" / "results.json").write_text(json.dumps(_pair("steady", misses=3)))
+    top = CliRunner().invoke(app, ["bench", "bar", str(tmp_path), "--json"])
+    assert json.loads(top.stdout)["judged"] == 1  # the folder's own results.json only
+    every = CliRunner().invoke(app, ["bench", "bar", "-r", str(tmp_path), "--json"])
+    assert every.exit_code == 0, every.output
+    report = json.loads(every.stdout)
+    assert (report["met"], report["judged"]) == (1, 2)
+    assert [r["source"] for r in report["results"]] == [str(tmp_path / "draw"), str(tmp_path)]

@@ -413,6 +413,10 @@ def bar(
         help="Traces where traffic changes fast, held to half of static-best's idle time "
         "(repeatable); default: spike and diurnal, as issue 4 names them")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    recursive: Annotated[bool, typer.Option(
+        "--recursive", "-r", help="Search each RESULTS folder for results.json files (as "
+        "`bench compare` does) and judge every one, instead of the folder's own only "
+        "(implied by --static-from)")] = False,
     markdown: Annotated[bool, typer.Option(
         "--markdown", help="Print one Markdown table: a row per trace, a column per RESULTS "
         "file, each cell misses/connects, cost (static-best's) and the halves that fail")] = False,
@@ -438,17 +442,24 @@ def bar(
     from provisioner.bench.compare import load_tree
 
     fast_traces = tuple(fast) if fast is not None else FAST_CHANGING
+
+    def file_of(root: Path, name: str) -> Path:
+        """The file load_tree(root) named `name`: root itself when it is a file."""
+        return root / name if root.is_dir() else root
+
     judged = []
     try:
-        if static_from is None:
+        if static_from is None and recursive:
+            for path in results:
+                for name, rows in load_tree(path).items():
+                    source = file_of(path, name).parent if path.is_dir() else path
+                    judged.append((source, judge(rows, policy=policy, fast=fast_traces,
+                                                 source=str(source))))
+        elif static_from is None:
             for path in results:
                 judged.append((path, judge(load_results(path), policy=policy,
                                            fast=fast_traces, source=str(path))))
         else:
-            def file_of(root: Path, name: str) -> Path:
-                """The file load_tree(root) named `name`: root itself when it is a file."""
-                return root / name if root.is_dir() else root
-
             statics = load_tree(static_from)
             for path in results:
                 for name, rows in load_tree(path).items():

@@ -129,6 +129,7 @@ def start_server(binary: str | None = None, port: int | None = None,
     """Start a server on a free loopback port and wait until it answers PING."""
     binary = binary or find_server_binary()
     workdir = tempfile.mkdtemp(prefix="provisioner-redis-")
+    die_with_parent = _parent_death_signal()  # libc looked up once, not per attempt
     for _attempt in range(5):
         chosen = port or free_port()
         args = [
@@ -142,7 +143,7 @@ def start_server(binary: str | None = None, port: int | None = None,
         ]
         process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=_parent_death_signal(),
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:

@@ -449,29 +449,26 @@ def bar(
 
     judged = []
     try:
-        if static_from is None and recursive:
-            for path in results:
-                for name, rows in load_tree(path).items():
-                    source = file_of(path, name).parent if path.is_dir() else path
-                    judged.append((source, judge(rows, policy=policy, fast=fast_traces,
-                                                 source=str(source))))
-        elif static_from is None:
-            for path in results:
+        static = (static_from, load_tree(static_from)) if static_from is not None else None
+        for path in results:
+            if static is None and not recursive:
                 judged.append((path, judge(load_results(path), policy=policy,
                                            fast=fast_traces, source=str(path))))
-        else:
-            statics = load_tree(static_from)
-            for path in results:
-                for name, rows in load_tree(path).items():
-                    source = file_of(path, name)
+                continue
+            for name, rows in load_tree(path).items():
+                source = file_of(path, name)
+                if static is not None:
+                    static_root, statics = static
                     if name not in statics:
-                        raise BarError(f"{static_from}: no {name} to take {source}'s "
+                        raise BarError(f"{static_root}: no {name} to take {source}'s "
                                        "static-best rows from")
-                    merged = with_static_best(rows, statics[name], policy=policy,
-                                              source=str(source),
-                                              static_source=str(file_of(static_from, name)))
-                    judged.append((source, judge(merged, policy=policy, fast=fast_traces,
-                                                 source=str(source))))
+                    rows = with_static_best(rows, statics[name], policy=policy,
+                                            source=str(source),
+                                            static_source=str(file_of(static_root, name)))
+                elif path.is_dir():
+                    source = source.parent  # -r names each suite by its folder
+                judged.append((source, judge(rows, policy=policy, fast=fast_traces,
+                                             source=str(source))))
     except BarError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from None
@@ -522,14 +519,14 @@ def compare(
     """Pair a policy's rows of two result sets (by results file and trace: the same users and
     boot draws) and give the change in misses and cost with its standard error, from the
     spread of the per-replay differences (see provisioner/bench/compare.py)."""
-    from provisioner.bench.bar import BarError
+    from provisioner.bench.bar import BarError, load_results
     from provisioner.bench.compare import compare as paired_rows
     from provisioner.bench.compare import load_tree
 
     try:
         if before.is_file() and after.is_file():  # e.g. two files of `replay --append-to`
-            result = paired_rows({"results": load_tree(before)[before.name]},
-                                 {"results": load_tree(after)[after.name]}, policy=policy)
+            result = paired_rows({"results": load_results(before)},
+                                 {"results": load_results(after)}, policy=policy)
         else:
             result = paired_rows(load_tree(before), load_tree(after), policy=policy)
     except BarError as exc:

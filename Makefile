@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-matrix lint typecheck check clean \
-	bench-docs bench-recorded bench-warm bench-draws bench-held-out
+	bench-docs bench-recorded bench-warm bench-draws bench-held-out $(DRAWS) $(HELD_OUT)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,14 +31,18 @@ test-matrix: $(STAMP)
 
 # The benchmark's committed results (docs/bench), each from one `bench suite`; every figure
 # the README quotes from them is rerun by these targets. Deterministic: the same code writes the
-# same scores (only the wall-clock column moves).
+# same scores (only the wall-clock column moves). Every suite is a target of its own, writing
+# its own folder, so `make -j2 bench-docs` runs them two at a time.
 SCENARIOS ?= ../shared/scenarios
 BENCH_OUT ?= docs/bench
 BOOT_OFFSETS ?= 997 1994
 HELD_OUT_SEEDS ?= 1 2 3 4 5 6 7 11 12 13 14 15 21 22 23 24 25 41 42 43 44 45
 SUITE := $(BIN)/provisioner bench suite
+DRAWS := $(addprefix bench-draw-,$(BOOT_OFFSETS))
+HELD_OUT := $(addprefix bench-held-out-seed,$(HELD_OUT_SEEDS))
 
-## bench-docs: rerun every suite of docs/bench (about 85 minutes of replays), then judge the bar
+## bench-docs: rerun every suite of docs/bench (about 85 minutes of replays in one lane; `make
+## -j2 bench-docs` runs two suites at a time), then judge the bar
 bench-docs: bench-recorded bench-warm bench-draws bench-held-out
 	$(BIN)/provisioner bench bar $(BENCH_OUT) $(BENCH_OUT)/warm \
 		$(foreach k,$(BOOT_OFFSETS),$(BENCH_OUT)/draw-$(k)) \
@@ -53,21 +57,20 @@ bench-warm: $(STAMP)
 	$(SUITE) $(SCENARIOS) --policy static-best --policy provisioner --warm-up 1 \
 		--out $(BENCH_OUT)/warm
 
-## bench-draws: the recorded traces on other draws of their boot delays
-bench-draws: $(STAMP)
-	@for k in $(BOOT_OFFSETS); do \
-		$(SUITE) $(SCENARIOS) --policy static-best --policy provisioner --boot-offset $$k \
-			--out $(BENCH_OUT)/draw-$$k || exit 1; \
-	done
+## bench-draws: the recorded traces on other draws of their boot delays (bench-draw-K: one)
+bench-draws: $(DRAWS)
+$(DRAWS): bench-draw-%: $(STAMP)
+	$(SUITE) $(SCENARIOS) --policy static-best --policy provisioner --boot-offset $* \
+		--out $(BENCH_OUT)/draw-$*
 
-## bench-held-out: generated traces of other shapes, one folder per seed
-bench-held-out: $(STAMP)
+## bench-held-out: generated traces of other shapes, one folder per seed (bench-held-out-seedN:
+## one)
+bench-held-out: $(HELD_OUT)
+$(HELD_OUT): bench-held-out-seed%: $(STAMP)
 	@traces="$$(mktemp -d)"; trap 'rm -rf "$$traces"' EXIT; \
-	for n in $(HELD_OUT_SEEDS); do \
-		$(BIN)/provisioner bench generate "$$traces/seed$$n" --seed $$n > /dev/null && \
-		$(SUITE) "$$traces/seed$$n" --policy static-best --policy provisioner \
-			--out $(BENCH_OUT)/held-out-seed$$n || exit 1; \
-	done
+	$(BIN)/provisioner bench generate "$$traces" --seed $* > /dev/null && \
+	$(SUITE) "$$traces" --policy static-best --policy provisioner \
+		--out $(BENCH_OUT)/held-out-seed$*
 
 lint: $(STAMP)
 	$(BIN)/ruff check provisioner tests

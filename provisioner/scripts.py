@@ -12,7 +12,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from enum import IntEnum
 from functools import cache
 from importlib import resources
@@ -233,7 +233,8 @@ class ForecastCheck:
     variance: float  # sum of the forecast's variances over the checks
     above_buffer: int  # checks whose connects came above forecast + buffer_sd deviations
     above_poisson: float  # how many a Poisson count of each forecast's mean would give
-    buffer_sd: float  # the buffer_sd of the latest check
+    #: the buffer_sd of the latest check: a setting, not a sum (kept as `forecast_check_sd`)
+    buffer_sd: float = field(metadata={"stored": "forecast_check_sd", "setting": True})
     sliding_checks: int = 0  # ticks whose forecast's lead time has passed
     sliding_above: int = 0  # of those, the ones whose connects came above forecast + buffer_sd
     sliding_above_poisson: float = 0.0  # how many a Poisson count of each mean would give
@@ -248,22 +249,22 @@ class ForecastCheck:
     def from_stats(cls, stat: Callable[[str], int],
                    fstat: Callable[[str], float]) -> ForecastCheck:
         """Read from the stats hash (`stat` for counts, `fstat` for sums). The back-to-back
-        check's fields are stored as `forecast_<field>` (`buffer_sd` as `forecast_check_sd`);
-        the check from every tick's under their own names."""
-        def stored(name: str) -> str:
-            if name == "buffer_sd":
-                return "forecast_check_sd"
-            return name if name.startswith("sliding_") else f"forecast_{name}"
+        check's fields are stored as `forecast_<field>` (or under the name their metadata
+        gives); the check from every tick's under their own names."""
+        def stored(f: Field[Any]) -> str:
+            if "stored" in f.metadata:
+                return str(f.metadata["stored"])
+            return f.name if f.name.startswith("sliding_") else f"forecast_{f.name}"
         types = get_type_hints(cls)
-        values: dict[str, Any] = {f.name: (stat if types[f.name] is int else fstat)(stored(f.name))
+        values: dict[str, Any] = {f.name: (stat if types[f.name] is int else fstat)(stored(f))
                                   for f in fields(cls)}
         return cls(**values)
 
     def quantities(self) -> dict[str, float]:
         """Every summed figure, by the label Prometheus exports it under (`checks` as
-        `horizons`; `buffer_sd` is a setting, not a sum, and is left out)."""
+        `horizons`; a setting such as `buffer_sd` is not a sum, and is left out)."""
         return {"horizons" if f.name == "checks" else f.name: getattr(self, f.name)
-                for f in fields(self) if f.name != "buffer_sd"}
+                for f in fields(self) if not f.metadata.get("setting")}
 
     @property
     def seen_ratio(self) -> float | None:
@@ -297,13 +298,13 @@ class ForecastCheck:
         return self.above_buffer / self.checks if self.checks else None
 
     def as_dict(self) -> dict[str, Any]:
-        """The sums (floats to 2 places; `buffer_sd` as set) and the ratios (to 4)."""
+        """The sums (floats to 2 places; settings as set) and the ratios (to 4)."""
         types = get_type_hints(type(self))
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = round(value, 2) if types[f.name] is float and f.name != "buffer_sd" \
-                else value
+            is_sum = types[f.name] is float and not f.metadata.get("setting")
+            out[f.name] = round(value, 2) if is_sum else value
         for name in ("seen_ratio", "spread_ratio", "above_share", "sliding_skill",
                      "frees_ratio"):
             ratio = getattr(self, name)

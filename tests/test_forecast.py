@@ -622,7 +622,7 @@ def test_the_check_reads_each_figure_from_its_own_stats_field() -> None:
     # figure read from another's field shows up.
     stored = {"forecast_checks": 3, "forecast_expected": 4.125, "forecast_seen": 5,
               "forecast_sq_error": 6.333, "forecast_variance": 7.5, "forecast_above_buffer": 8,
-              "forecast_above_poisson": 9.25, "forecast_check_sd": 2.25,
+              "forecast_above_poisson": 9.25, "forecast_check_sd": 2.4567,
               "sliding_checks": 11, "sliding_above": 12, "sliding_above_poisson": 13.5,
               "sliding_summed": 14, "sliding_came": 15, "sliding_came_sq": 30,
               "sliding_sq_error": 17.75, "sliding_frees_forecast": 18.125,
@@ -631,15 +631,19 @@ def test_the_check_reads_each_figure_from_its_own_stats_field() -> None:
                                      lambda name: float(stored.get(name, 0.0)))
     assert check == ForecastCheck(
         checks=3, expected=4.125, seen=5, sq_error=6.333, variance=7.5, above_buffer=8,
-        above_poisson=9.25, buffer_sd=2.25, sliding_checks=11, sliding_above=12,
+        above_poisson=9.25, buffer_sd=2.4567, sliding_checks=11, sliding_above=12,
         sliding_above_poisson=13.5, sliding_summed=14, sliding_came=15, sliding_came_sq=30,
         sliding_sq_error=17.75, sliding_frees_forecast=18.125, sliding_frees_came=19)
     assert check.as_dict() == {
         "checks": 3, "expected": 4.12, "seen": 5, "sq_error": 6.33, "variance": 7.5,
         "seen_ratio": round(5 / 4.125, 4), "spread_ratio": round(6.333 / 7.5, 4),
         "above_buffer": 8, "above_share": round(8 / 3, 4), "above_poisson": 9.25,
-        "buffer_sd": 2.25, "sliding_checks": 11, "sliding_summed": 14, "sliding_above": 12,
+        "buffer_sd": 2.4567, "sliding_checks": 11, "sliding_summed": 14, "sliding_above": 12,
         "sliding_above_poisson": 13.5, "sliding_came": 15, "sliding_came_sq": 30,
         "sliding_sq_error": 17.75, "sliding_skill": round(1 - 17.75 / (30 - 15 ** 2 / 14), 4),
         "sliding_frees_forecast": 18.12, "sliding_frees_came": 19,
         "frees_ratio": round(19 / 18.125, 4)}
+    # The setting is kept as set (not rounded like the sums) and is not exported as a sum.
+    quantities = check.quantities()
+    assert "buffer_sd" not in quantities and quantities["horizons"] == 3
+    assert len(quantities) == len(stored) - 1

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from provisioner.bench.bar import BarError, judge, load_results, markdown_grid, with_static_best
@@ -223,3 +224,38 @@ def test_bench_bar_recursive_judges_every_results_file_under_a_folder(tmp_path: 
     report = json.loads(every.stdout)
     assert (report["met"], report["judged"]) == (1, 2)
     assert [r["source"] for r in report["results"]] == [str(tmp_path / "draw"), str(tmp_path)]
+
+
+def test_replays_appending_to_one_file_at_once_keep_every_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    import provisioner.bench.bar as bar
+    from provisioner.bench.cli import append_row
+
+    out = tmp_path / "results.json"
+    out.write_text("[]")
+    read = bar.load_results
+
+    def slow_read(path: Path) -> list[Any]:
+        rows = read(path)
+        time.sleep(0.05)  # widen the gap between reading the file and writing it back
+        return rows
+
+    monkeypatch.setattr(bar, "load_results", slow_read)
+    start = threading.Barrier(6)
+
+    def add(i: int) -> None:
+        start.wait()
+        append_row(out, _row(f"trace-{i}", "provisioner"))
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(row["trace"] for row in load_results(out)) == [f"trace-{i}" for i in range(6)]
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+    with pytest.raises(typer.BadParameter, match="has a row of trace-0 / provisioner already"):
+        append_row(out, _row("trace-0", "provisioner"))

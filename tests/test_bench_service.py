@@ -246,5 +246,6 @@ def test_single_replays_are_collected_for_bench_compare_and_bench_bar(
     again = CliRunner().invoke(app, ["bench", "replay", trace, "--redis-url", redis_url,
                                      "--append-to", str(before)])
     assert again.exit_code == 2
-    assert f"has a row of {name} / provisioner already" in again.output
+    said = " ".join(again.output.replace("│", " ").split())  # the error box wraps its lines
+    assert f"has a row of {name} / provisioner already" in said
     assert json.loads(before.read_text()) == rows  # refused before replaying: file untouched

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,7 +154,8 @@ def replay(
         if path is not None and policy != SERVICE:
             raise typer.BadParameter(f"only `{SERVICE}` {what}", param_hint=option)
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
-    appended = _rows_to_append_to(append_to, trace.name, policy) if append_to else None
+    if append_to is not None:  # refused now, not after the replay, if it can be
+        _rows_to_append_to(append_to, trace.name, policy)
     overrides = parse_settings(settings)
     started = time.monotonic()
     with _server(redis_url) as url:
@@ -164,12 +167,7 @@ def replay(
             console.print(f"[red]policy {policy} broke the rules: {exc}")
             raise typer.Exit(2) from None
     scores = board.close()
-    if append_to is not None and appended is not None:
-        appended.append({"trace": trace.name, "policy": policy, "detail": "",
-                         "wall_s": time.monotonic() - started, **scores.as_dict()})
-        append_to.write_text(json.dumps(appended, indent=1))
-        typer.echo(f"row {trace.name} / {policy} added to {append_to} ({len(appended)} rows)",
-                   err=True)
+    wall_s = time.monotonic() - started
     # Diagnostics go to stderr: with --json, stdout holds the scores alone.
     typer.echo(board.node_time().describe(), err=True)
     if isinstance(replayed, service_policy.ServicePolicy):
@@ -189,18 +187,48 @@ def replay(
                        err=True)
     if as_json:
         typer.echo(json.dumps(scores.as_dict()))
-        return
-    table = Table(title=f"{trace.name} under {policy}")
-    table.add_column("score")
-    table.add_column("value", justify="right")
-    for key, value in scores.as_dict().items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    else:
+        table = Table(title=f"{trace.name} under {policy}")
+        table.add_column("score")
+        table.add_column("value", justify="right")
+        for key, value in scores.as_dict().items():
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        console.print(table)
+    if append_to is not None:
+        count = append_row(append_to, {"trace": trace.name, "policy": policy, "detail": "",
+                                       "wall_s": wall_s, **scores.as_dict()})
+        typer.echo(f"row {trace.name} / {policy} added to {append_to} ({count} rows)", err=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock (flock) on the folder that holds `path`, released on exit: replays
+    appending to one file take turns, and no lock file is left behind."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def append_row(path: Path, row: dict[str, object]) -> int:
+    """Add `row` to the results file `path` and return how many rows it holds now. The file is
+    read again under the folder's lock, so a row another replay added meanwhile is kept, and a
+    row of the same trace and policy added meanwhile is refused; it is replaced whole (written
+    beside it, then renamed), so a reader never sees half a file."""
+    with _folder_lock(path):
+        rows = _rows_to_append_to(path, str(row["trace"]), str(row["policy"]))
+        rows.append(row)
+        written = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        written.write_text(json.dumps(rows, indent=1))
+        os.replace(written, path)
+    return len(rows)
 
 
 def _rows_to_append_to(path: Path, trace: str, policy: str) -> list[object]:
-    """The rows already in `path` (none if it does not exist yet), checked before the replay
-    runs: an unreadable file, or one that holds this trace and policy already, is refused."""
+    """The rows already in `path` (none if it does not exist yet): an unreadable file, or one
+    that holds this trace and policy already, is refused."""
     from provisioner.bench.bar import BarError, load_results, rows_by_trace
 
     if not path.exists():

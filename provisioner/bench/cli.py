@@ -621,3 +621,41 @@ def users(
         for name, values in user_quantiles(trace).items():
             table.add_row(trace.name, name, " / ".join(f"{v:.0f}" for v in values))
     console.print(table)
+
+
+@app.command()
+def features(
+    traces: Annotated[list[Path], typer.Argument(metavar="TRACE...", exists=True,
+                                                 dir_okay=False)],
+    horizon: Annotated[float | None, typer.Option(
+        min=1.0, help="Seconds ahead a connect counts (default: the trace's mean boot lead "
+        "time, at most the window, as the service learns)")] = None,
+    step: Annotated[float, typer.Option(min=0.5, help="Seconds between samples")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per trace")]
+    = False,
+) -> None:
+    """How much browsing users' cells tell about who connects within the horizon: log loss and
+    the Bernoulli variance the buffer is sized on, per cut of users into cells, against one
+    chance for all (offline, in hindsight; see provisioner/bench/features.py)."""
+    from provisioner.bench.features import measure
+
+    for path in traces:
+        found = measure(_load(path), horizon, step)
+        if as_json:
+            typer.echo(json.dumps(found.as_dict()))
+            continue
+        console.print(
+            f"{found.trace}: {found.samples} samples of a browsing user every {step:g} s, "
+            f"{found.connecting} of them connecting within {found.horizon_s:.0f} s; "
+            f"{found.browsing_connects} of {found.connects} connects by a browsing user")
+        table = Table()
+        for column in ("cut", "cells", "log loss", "vs one", "variance", "vs one "):
+            table.add_column(column, justify="left" if column == "cut" else "right")
+        base = found.scores[0]
+        for score in found.scores:
+            table.add_row(
+                score.cut, str(score.cells), f"{score.log_loss:.4f}",
+                f"{score.log_loss / base.log_loss - 1:+.1%}" if base.log_loss else "—",
+                f"{score.variance:.5f}",
+                f"{score.variance / base.variance - 1:+.1%}" if base.variance else "—")
+        console.print(table)

@@ -64,3 +64,19 @@ def test_the_command_reports_every_cut(tmp_path: Path) -> None:
     assert report == measure(load_trace(path), 40.0, 10.0).as_dict()
     shown = CliRunner().invoke(app, ["bench", "features", str(path)])
     assert shown.exit_code == 0 and "level x age (shipped)" in shown.output
+
+
+def test_the_cells_measured_are_the_scripts_cells() -> None:
+    # features.py (through tickcost.py) mirrors lua/includes/keys.lua's LEVELS and AGES.
+    import re
+
+    from provisioner.bench.tickcost import AGES_MS, LEVELS
+
+    lua = (Path(__file__).parent.parent / "lua" / "includes" / "keys.lua").read_text()
+
+    def table(name: str) -> tuple[int, ...]:
+        found = re.search(rf"^local {name} = {{([\d, ]+)}}", lua, re.MULTILINE)
+        assert found, name
+        return tuple(int(v) for v in found.group(1).split(","))
+
+    assert table("LEVELS") == LEVELS and table("AGES") == AGES_MS

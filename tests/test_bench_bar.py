@@ -32,7 +32,9 @@ def _pair(trace: str = "steady", **service: Any) -> list[dict[str, Any]]:
 def test_a_trace_inside_every_limit_meets_the_bar() -> None:
     (verdict,) = judge(_pair(misses=1, cost=1.30))
     assert verdict.met and verdict.failed == ()
+    assert verdict.static_cost_ratio == pytest.approx(1.332)
     assert verdict.cost_limit == pytest.approx(1.352)
+    assert verdict.as_dict()["static_cost_ratio"] == pytest.approx(1.332)
     assert verdict.idle_limit is None  # steady: no idle half
     assert verdict.static_detail == "K=3"
 

@@ -45,10 +45,14 @@ class Verdict:
     connects: int
     misses: int
     cost_ratio: float
-    cost_limit: float
+    static_cost_ratio: float  # static-best's, on the same replay
     idle_hours: float
     idle_limit: float | None  # only where traffic changes fast
     static_detail: str  # e.g. "K=4"
+
+    @property
+    def cost_limit(self) -> float:
+        return self.static_cost_ratio + COST_MARGIN
 
     @property
     def miss_rate(self) -> float:
@@ -75,6 +79,7 @@ class Verdict:
                 "misses": self.misses, "miss_rate": round(self.miss_rate, 6),
                 "cost_ratio": round(self.cost_ratio, 6),
                 "cost_limit": round(self.cost_limit, 6),
+                "static_cost_ratio": round(self.static_cost_ratio, 6),
                 "idle_hours": round(self.idle_hours, 4),
                 "idle_limit": None if self.idle_limit is None else round(self.idle_limit, 4),
                 "static_best": self.static_detail, "met": self.met,
@@ -122,7 +127,7 @@ def markdown_grid(judged: Sequence[tuple[str, Sequence[Verdict]]]) -> str:
             if v.idle_limit is not None:
                 cell += f", {v.idle_hours:.1f} h"
             static = f"{v.static_detail}: " if v.static_detail else ""
-            cell += f" ({static}{v.cost_limit - COST_MARGIN:.3f})"
+            cell += f" ({static}{v.static_cost_ratio:.3f})"
             if v.failed:
                 cell += " **" + ", ".join(v.failed) + "**"
             row.append(cell)
@@ -164,7 +169,7 @@ def judge(rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
         verdicts.append(Verdict(
             trace=trace, policy=policy, connects=int(judged["connects"]),
             misses=int(judged["misses"]), cost_ratio=float(judged["cost_ratio"]),
-            cost_limit=float(static["cost_ratio"]) + COST_MARGIN,
+            static_cost_ratio=float(static["cost_ratio"]),
             idle_hours=judged["node_hours"] - judged["busy_hours"],
             idle_limit=IDLE_SHARE * static_idle if trace in fast else None,
             static_detail=str(static.get("detail", ""))))

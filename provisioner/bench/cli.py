@@ -636,7 +636,8 @@ def features(
 ) -> None:
     """How much browsing users' cells tell about who connects within the horizon: log loss and
     the Bernoulli variance the buffer is sized on, per cut of users into cells, against one
-    chance for all (offline, in hindsight; see provisioner/bench/features.py)."""
+    chance for all and against a Poisson count of the same mean (offline, in hindsight; see
+    provisioner/bench/features.py)."""
     from provisioner.bench.features import measure
 
     for path in traces:
@@ -647,15 +648,18 @@ def features(
         console.print(
             f"{found.trace}: {found.samples} samples of a browsing user every {step:g} s, "
             f"{found.connecting} of them connecting within {found.horizon_s:.0f} s; "
-            f"{found.browsing_connects} of {found.connects} connects by a browsing user")
+            f"{found.browsing_connects} of {found.connects} connects by a browsing user. Δ: "
+            "against one chance for all; ÷ mean: the variance over a Poisson count's")
         table = Table()
-        for column in ("cut", "cells", "log loss", "vs one", "variance", "vs one "):
+        for column in ("cut", "cells", "log loss", "Δ", "variance", "Δ ", "÷ mean"):
             table.add_column(column, justify="left" if column == "cut" else "right")
         base = found.scores[0]
+        mean = found.connecting / found.samples if found.samples else 0.0
         for score in found.scores:
             table.add_row(
                 score.cut, str(score.cells), f"{score.log_loss:.4f}",
                 f"{score.log_loss / base.log_loss - 1:+.1%}" if base.log_loss else "—",
                 f"{score.variance:.5f}",
-                f"{score.variance / base.variance - 1:+.1%}" if base.variance else "—")
+                f"{score.variance / base.variance - 1:+.1%}" if base.variance else "—",
+                f"{score.variance / mean:.0%}" if mean else "—")
         console.print(table)

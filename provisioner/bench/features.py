@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from provisioner.bench.tickcost import AGES_MS, LEVELS
 from provisioner.bench.trace import Trace, counted_events
@@ -106,9 +106,15 @@ def lead_time_s(trace: Trace) -> float:
     return min(trace.api_latency_s + mean_boot, WINDOW_S)
 
 
-def _histories(trace: Trace) -> tuple[dict[str, list[float]], dict[str, list[tuple[float, float]]]]:
-    """Each user's request seconds (distinct, in order) and sessions (connect, disconnect; a
-    session still open at the end runs on forever)."""
+@dataclass(frozen=True)
+class _User:
+    requests: list[float]  # distinct request seconds, in order
+    runs: list[int]  # for each request, the index of the first request of its run
+    sessions: list[tuple[float, float]]  # (connect, disconnect); one still open runs on forever
+
+
+def _users(trace: Trace) -> dict[str, _User]:
+    """Each user's requests and sessions, as FORMAT.md counts them."""
     requests: dict[str, list[float]] = {}
     sessions: dict[str, list[tuple[float, float]]] = {}
     opened: dict[str, float] = {}
@@ -125,7 +131,9 @@ def _histories(trace: Trace) -> tuple[dict[str, list[float]], dict[str, list[tup
             sessions.setdefault(user, []).append((opened.pop(user), event.t))
     for user, t in opened.items():
         sessions.setdefault(user, []).append((t, math.inf))
-    return requests, sessions
+    return {user: _User(requests.get(user, []), _run_starts(requests.get(user, [])),
+                        sessions.get(user, []))
+            for user in [*requests, *(u for u in sessions if u not in requests)]}
 
 
 def _run_starts(times: list[float]) -> list[int]:
@@ -137,22 +145,22 @@ def _run_starts(times: list[float]) -> list[int]:
     return starts
 
 
-def _browsing(times: list[float], runs: list[int], spans: list[tuple[float, float]],
-              t: float) -> Sample | None:
+def _browsing(user: _User, t: float) -> Sample | None:
     """The user at `t` as the scripts see them (the label left False), or None when not
     browsing: holding a node, or no request within the window since their last session."""
     ended = -math.inf
-    for start, end in spans:
+    for start, end in user.sessions:
         if start <= t < end:
             return None
         if end <= t:
             ended = max(ended, end)
+    times = user.requests
     last = bisect.bisect_right(times, t) - 1
     if last < 0 or times[last] <= t - WINDOW_S or times[last] < ended:
         return None
     since = bisect.bisect_left(times, ended)
     lo = max(bisect.bisect_right(times, t - WINDOW_S), since)
-    first = max(runs[last], since)
+    first = max(user.runs[last], since)
     return Sample(level=last - lo + 1, age_s=t - times[first], recency_s=t - times[last],
                   connects=False)
 
@@ -160,21 +168,25 @@ def _browsing(times: list[float], runs: list[int], spans: list[tuple[float, floa
 def samples(trace: Trace, horizon_s: float, step_s: float = 5.0) -> list[Sample]:
     """Every browsing user every `step_s` seconds, each labelled with whether they connect within
     the following `horizon_s` (instants closer to the end than the horizon are left out)."""
-    requests, sessions = _histories(trace)
+    return _samples(_users(trace), trace.duration_s, horizon_s, step_s)
+
+
+def _samples(users: dict[str, _User], duration_s: float, horizon_s: float,
+             step_s: float) -> list[Sample]:
     out: list[Sample] = []
-    for user, times in requests.items():
-        spans = sessions.get(user, [])
-        runs = _run_starts(times)
-        connects = sorted(start for start, _ in spans)
-        t = math.ceil(times[0] / step_s) * step_s
-        end = min(times[-1] + WINDOW_S, trace.duration_s - horizon_s)
-        while t <= end:
-            sample = _browsing(times, runs, spans, t)
+    for user in users.values():
+        if not user.requests:
+            continue
+        connects = sorted(start for start, _ in user.sessions)
+        first = math.ceil(user.requests[0] / step_s)
+        end = min(user.requests[-1] + WINDOW_S, duration_s - horizon_s)
+        for k in range(first, math.floor(end / step_s) + 1):
+            t = k * step_s
+            sample = _browsing(user, t)
             if sample is not None:
                 i = bisect.bisect_right(connects, t)
                 soon = i < len(connects) and connects[i] <= t + horizon_s
                 out.append(Sample(sample.level, sample.age_s, sample.recency_s, soon))
-            t += step_s
     return out
 
 
@@ -202,15 +214,13 @@ def score_cuts(found: Sequence[Sample], cuts: dict[str, Cut] | None = None) -> l
 def measure(trace: Trace, horizon_s: float | None = None, step_s: float = 5.0) -> Features:
     """`bench features` for one trace (horizon: the trace's lead time, as the service learns)."""
     horizon = lead_time_s(trace) if horizon_s is None else horizon_s
-    found = samples(trace, horizon, step_s)
-    requests, sessions = _histories(trace)
+    users = _users(trace)
+    found = _samples(users, trace.duration_s, horizon, step_s)
     connects = browsing = 0
-    for user, spans in sessions.items():
-        times = requests.get(user, [])
-        runs = _run_starts(times)
-        for start, _ in spans:
+    for user in users.values():
+        for start, _ in user.sessions:
             connects += 1
-            before = [span for span in spans if span[1] <= start]  # sessions already over
-            browsing += _browsing(times, runs, before, start - 1e-6) is not None
+            over = [span for span in user.sessions if span[1] <= start]  # sessions already ended
+            browsing += _browsing(replace(user, sessions=over), start - 1e-6) is not None
     return Features(trace.name, horizon, len(found), sum(s.connects for s in found),
                     connects, browsing, score_cuts(found))

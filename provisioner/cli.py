@@ -106,6 +106,11 @@ def run(
         envvar="PROVISIONER_KEEP_WINDOW",
         help="Seconds of scale-down hysteresis: idle nodes are reaped only beyond the highest "
         "target of this long")] = DEFAULTS.keep_window_s,
+    new_session_frees: Annotated[float, typer.Option(
+        envvar="PROVISIONER_NEW_SESSION_FREES",
+        help="forecast: share (0-1) of the frees of sessions that begin within the boot time "
+        "that the target counts (0, as shipped; 1, the next release's candidate)")
+    ] = DEFAULTS.new_session_frees,
     create_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_CREATE_TIMEOUT",
         help="Seconds a create reservation waits for its POST before it expires")
@@ -144,7 +149,7 @@ def run(
             delete_timeout_s=delete_timeout, max_batch=max_batch,
             scaling_policy=scaling_policy, buffer_sd=buffer_sd, surge_buffer_sd=surge_buffer_sd,
             learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
-            keep_window_s=keep_window,
+            keep_window_s=keep_window, new_session_frees=new_session_frees,
         ).validate()
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -42,6 +42,10 @@ class PoolConfig:
     boot_prior_s: float = 60.0
     #: scale-down hysteresis: idle nodes are reaped only beyond the highest target of this long
     keep_window_s: float = 300.0
+    #: the share of the frees of sessions that begin within the lead time that the target's
+    #: mean counts (0: none, as shipped; 1: all, the next release's candidate; the buffer stays
+    #: on the gross connects either way)
+    new_session_frees: float = 0.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -72,6 +76,7 @@ class PoolConfig:
         need(self.learning_half_life_s >= 10, "learning_half_life_s must be >= 10")
         need(1 <= self.boot_prior_s <= 3600, "boot_prior_s must be in [1, 3600]")
         need(0 <= self.keep_window_s <= 86400, "keep_window_s must be in [0, 86400]")
+        need(0 <= self.new_session_frees <= 1, "new_session_frees must be in [0, 1]")
         return found
 
     def validate(self) -> PoolConfig:
@@ -110,6 +115,7 @@ class PoolConfig:
             int(self.boot_prior_s * 1000),
             int(self.keep_window_s * 1000),
             repr(float(self.surge_buffer_sd)),
+            repr(float(self.new_session_frees)),
         ]
 
     def as_dict(self) -> dict[str, object]:

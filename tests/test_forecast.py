@@ -647,3 +647,34 @@ def test_the_check_reads_each_figure_from_its_own_stats_field() -> None:
     quantities = check.quantities()
     assert "buffer_sd" not in quantities and quantities["horizons"] == 3
     assert len(quantities) == len(stored) - 1
+
+
+async def test_the_frees_of_new_sessions_thin_only_the_targets_mean(
+        pool: PoolUnderTest) -> None:
+    off = PoolConfig(min_ready=0, max_nodes=1000)
+    on = PoolConfig(min_ready=0, max_nodes=1000, new_session_frees=1.0)
+    # Teach the pool short sessions: users who reach 8+ events connect, for 30 s each.
+    for minute in range(10):
+        await browse(pool, f"t{minute}", 10)
+        pool.clock.advance(30_000)
+        await decide(pool, off)
+        await pool.scripts.allocate(pool.now, f"t{minute}")
+        pool.clock.advance(30_000)
+        await pool.scripts.release(pool.now, f"t{minute}")
+        await decide(pool, off)
+    for i in range(10):
+        await browse(pool, f"hot{i}", 10)
+    pool.clock.advance(1000)
+    gross, shipped = await decide(pool, off)
+    pool.clock.advance(1000)
+    thinned, counted = await decide(pool, on)
+    assert "freed again" not in gross
+    again = float(thinned.split("; ")[-1].split(" of the connects freed again")[0])
+    assert again > 0.1  # sessions shorter than the boot: some come back within it
+    # Each target is its reason's forecast - frees + buffer, less the frees of new sessions
+    # where they are counted (each figure printed to 2 places).
+    for reason, numbers, less in ((gross, shipped, 0.0), (thinned, counted, again)):
+        mean = float(reason.split("forecast ")[1].split(" ")[0])
+        frees = float(reason.split(" frees")[0].split("- ")[-1])
+        raw = mean - less - frees + buffer_of(reason)
+        assert numbers["target"] in (math.ceil(raw - 0.02), math.ceil(raw + 0.02))

@@ -24,6 +24,7 @@ local function read_params()
     boot_prior_ms = tonumber(ARGV[17]),
     keep_window_ms = tonumber(ARGV[18]),
     surge_z = tonumber(ARGV[19]),
+    new_session_frees = tonumber(ARGV[20]) or 0,
   }
 end
 
@@ -352,11 +353,24 @@ local function forecast_target(s, p, update)
   end
   local z = s.surge and p.surge_z or p.z
   local buffer = z * math.sqrt(var + frees_var)
-  local target = math.max(0, math.ceil(mean - frees + buffer - 1e-9))
+  -- The frees of sessions that begin within L (new_session_frees, 0 by default): a connect at
+  -- a uniform time within L has its session end within L with chance phi = 1 - q / (rL), so
+  -- that share of the connects forecast comes back within L. Only the mean counts them; the
+  -- buffer stays on the gross connects, since a node freed late in L serves no connect before.
+  local again = 0
+  if p.new_session_frees > 0 then
+    local rl = release_rate * L
+    local phi = rl > 1e-9 and math.max(0, 1 - q / rl) or 0
+    again = mean * phi * p.new_session_frees
+  end
+  local target = math.max(0, math.ceil(mean - again - frees + buffer - 1e-9))
   local why = string.format(
     'forecast %.2f connects in %.0fs (%.2f not browsing yet, panic x%.1f) - %.2f frees'
     .. ' + buffer %.2f (z=%.2f%s); browsing by level %s', mean, L, fresh, panic,
     frees, buffer, z, s.surge and ', surge' or '', table.concat(browsing, '/'))
+  if again > 0 then
+    why = why .. string.format('; %.2f of the connects freed again within %.0fs', again, L)
+  end
   if stretch > 1 then
     why = why .. string.format('; learned over %.0fs, %.2f of them in the %.0fs beyond at the'
                                .. ' rate of the last boot time', H, beyond, L - H)

@@ -359,8 +359,7 @@ local function forecast_target(s, p, update)
   -- buffer stays on the gross connects, since a node freed late in L serves no connect before.
   local again = 0
   if p.new_session_frees > 0 then
-    local rl = release_rate * L
-    local phi = rl > 1e-9 and math.max(0, 1 - q / rl) or 0
+    local phi = math.max(0, 1 - q / (release_rate * L))  -- release_rate > 0: it has a prior
     again = mean * phi * p.new_session_frees
   end
   local target = math.max(0, math.ceil(mean - again - frees + buffer - 1e-9))

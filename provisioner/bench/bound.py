@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from provisioner.bench.trace import Trace, counted_events
+from provisioner.bench.trace import Trace, counted_events, mean_lead_s
 
 IDLE_CHOICES = (0.0, 60.0)
 WIDTHS = (0, 1, 2, 3)  # S - s
@@ -167,7 +167,7 @@ class Nodes:
 
     @property
     def lead_s(self) -> float:
-        return self.api_latency_s + sum(self.boot_delays) / len(self.boot_delays)
+        return mean_lead_s(self.boot_delays, self.api_latency_s)
 
 
 def window_results(window: Window, nodes: Nodes, seconds: int, seed: int) -> list[BandResult]:

@@ -25,9 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from provisioner.bench.tickcost import AGES_MS, LEVELS
-from provisioner.bench.trace import Trace, counted_events
+from provisioner.bench.trace import Trace, counted_events, mean_lead_s
+from provisioner.config import PoolConfig
 
-WINDOW_S = 120.0  # the service's default activity window
+WINDOW_S = PoolConfig().activity_window_s  # the service's default activity window
 FORGET_S = 2 * WINDOW_S + 60  # a user silent this long is forgotten (the seen key expires)
 RECENT_S = 20.0  # the recency cut: a request within this many seconds
 
@@ -102,8 +103,7 @@ class Features:
 def lead_time_s(trace: Trace) -> float:
     """The trace's mean boot lead time (API latency + mean boot delay), capped at the window:
     the horizon the service learns its chances over."""
-    mean_boot = sum(trace.boot_delays) / len(trace.boot_delays)
-    return min(trace.api_latency_s + mean_boot, WINDOW_S)
+    return min(mean_lead_s(trace.boot_delays, trace.api_latency_s), WINDOW_S)
 
 
 @dataclass(frozen=True)

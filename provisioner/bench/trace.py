@@ -29,6 +29,12 @@ class TraceEvent:
     msg: dict[str, Any]
 
 
+def mean_lead_s(boot_delays: Iterable[float], api_latency_s: float) -> float:
+    """The mean time from a create request to a ready node in a trace's node environment."""
+    delays = list(boot_delays)
+    return api_latency_s + sum(delays) / len(delays)
+
+
 def counted_events(events: Iterable[TraceEvent]) -> Iterator[TraceEvent]:
     """The events as FORMAT.md counts them, in order: every activity, a connect of a user with
     no session open, a disconnect of a user with one. A repeated connect, or a disconnect with

@@ -109,7 +109,7 @@ def run(
     new_session_frees: Annotated[float, typer.Option(
         envvar="PROVISIONER_NEW_SESSION_FREES",
         help="forecast: share (0-1) of the frees of sessions that begin within the boot time "
-        "that the target counts (0, as shipped; 1, the next release's candidate)")
+        "that the target's mean counts (1, the default; 0, the release before)")
     ] = DEFAULTS.new_session_frees,
     create_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_CREATE_TIMEOUT",

@@ -43,9 +43,9 @@ class PoolConfig:
     #: scale-down hysteresis: idle nodes are reaped only beyond the highest target of this long
     keep_window_s: float = 300.0
     #: the share of the frees of sessions that begin within the lead time that the target's
-    #: mean counts (0: none, as shipped; 1: all, the next release's candidate; the buffer stays
-    #: on the gross connects either way)
-    new_session_frees: float = 0.0
+    #: mean counts (1: all, the default; 0: none, the release before; the buffer stays on the
+    #: gross connects either way)
+    new_session_frees: float = 1.0
 
     def problems(self) -> list[str]:
         found: list[str] = []

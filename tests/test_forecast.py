@@ -651,8 +651,9 @@ def test_the_check_reads_each_figure_from_its_own_stats_field() -> None:
 
 async def test_the_frees_of_new_sessions_thin_only_the_targets_mean(
         pool: PoolUnderTest) -> None:
-    off = PoolConfig(min_ready=0, max_nodes=1000)
-    on = PoolConfig(min_ready=0, max_nodes=1000, new_session_frees=1.0)
+    off = PoolConfig(min_ready=0, max_nodes=1000, new_session_frees=0.0)
+    on = PoolConfig(min_ready=0, max_nodes=1000)  # the default counts them all
+    assert on.new_session_frees == 1.0
     # Teach the pool short sessions: users who reach 8+ events connect, for 30 s each.
     for minute in range(10):
         await browse(pool, f"t{minute}", 10)

@@ -24,7 +24,7 @@ local function read_params()
     boot_prior_ms = tonumber(ARGV[17]),
     keep_window_ms = tonumber(ARGV[18]),
     surge_z = tonumber(ARGV[19]),
-    new_session_frees = tonumber(ARGV[20]) or 0,
+    new_session_frees = tonumber(ARGV[20]) or 1,
   }
 end
 
@@ -353,7 +353,7 @@ local function forecast_target(s, p, update)
   end
   local z = s.surge and p.surge_z or p.z
   local buffer = z * math.sqrt(var + frees_var)
-  -- The frees of sessions that begin within L (new_session_frees, 0 by default): a connect at
+  -- The frees of sessions that begin within L (new_session_frees, 1 by default): a connect at
   -- a uniform time within L has its session end within L with chance phi = 1 - q / (rL), so
   -- that share of the connects forecast comes back within L. Only the mean counts them; the
   -- buffer stays on the gross connects, since a node freed late in L serves no connect before.

@@ -474,7 +474,9 @@ async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderT
         f"forecast's variance; 1 above forecast + {config.buffer_sd:g} sd, {tail:.1f} if Poisson; "
         f"from every "
         f"tick: 1 of 3 above, {check.sliding_above_poisson:.1f} if Poisson, skill "
-        f"{check.sliding_skill:.2f} against a constant forecast")
+        f"{check.sliding_skill:.2f} against a constant forecast"
+        # the frees forecast is the new sessions' (nothing is allocated), and none came
+        f"; frees came 0.00x the forecast")
     pool.clock.advance(200_000)  # the ticks stopped for over a horizon: that check is dropped
     await decide(pool, config)
     check = (await pool.snap()).forecast_check()
@@ -667,8 +669,10 @@ async def test_the_frees_of_new_sessions_thin_only_the_targets_mean(
         await browse(pool, f"hot{i}", 10)
     pool.clock.advance(1000)
     gross, shipped = await decide(pool, off)
+    gross_queued = (await last_queued(pool))[5]
     pool.clock.advance(1000)
     thinned, counted = await decide(pool, on)
+    thinned_queued = (await last_queued(pool))[5]
     assert "freed again" not in gross
     again = float(thinned.split("; ")[-1].split(" of the connects freed again")[0])
     assert again > 0.1  # sessions shorter than the boot: some come back within it
@@ -679,3 +683,6 @@ async def test_the_frees_of_new_sessions_thin_only_the_targets_mean(
         frees = float(reason.split(" frees")[0].split("- ")[-1])
         raw = mean - less - frees + buffer_of(reason)
         assert numbers["target"] in (math.ceil(raw - 0.02), math.ceil(raw + 0.02))
+        # and the frees the check from every tick holds against the releases are all it counts
+        queued = gross_queued if less == 0.0 else thinned_queued
+        assert queued == pytest.approx(frees + less, abs=0.011)

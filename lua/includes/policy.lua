@@ -198,7 +198,8 @@ end
 -- their squares and the squared errors, for the forecast's skill: 1 - its squared error over a
 -- constant forecast's at the connects' mean (0: it tells no more than the long-run mean; only
 -- a forecast that follows the traffic's changes scores well above it). Each tick's frees
--- forecast (the allocated nodes' sessions ending within L) is queued too, with the releases
+-- forecast (all the target counts on: the allocated nodes' sessions ending within L, and the
+-- sessions forecast to begin and end within it) is queued too, with the releases
 -- counted so far, and summed against the releases that came. Amortised O(1) per tick
 -- (and the Poisson tail, O(mean)); at most SLIDING_MAX entries wait, and one matured more than
 -- a lead time late (the ticks stopped) is dropped, not scored.
@@ -345,14 +346,6 @@ local function forecast_target(s, p, update)
   local q = 1 - math.exp(-release_rate * L)
   local frees = s.allocated * q
   local frees_var = s.allocated * q * (1 - q)
-  if update then
-    local counted = rcall('HMGET', K.stats, 'connects', 'releases')
-    local seen = tonumber(counted[1]) or 0
-    check_forecast(p, mean, var, lead_ms, seen)
-    check_sliding(p, mean, var, lead_ms, seen, frees, tonumber(counted[2]) or 0)
-  end
-  local z = s.surge and p.surge_z or p.z
-  local buffer = z * math.sqrt(var + frees_var)
   -- The frees of sessions that begin within L (new_session_frees, 1 by default): a connect at
   -- a uniform time within L has its session end within L with chance phi = 1 - q / (rL), so
   -- that share of the connects forecast comes back within L. Only the mean counts them; the
@@ -362,6 +355,15 @@ local function forecast_target(s, p, update)
     local phi = math.max(0, 1 - q / (release_rate * L))  -- release_rate > 0: it has a prior
     again = mean * phi * p.new_session_frees
   end
+  if update then
+    local counted = rcall('HMGET', K.stats, 'connects', 'releases')
+    local seen = tonumber(counted[1]) or 0
+    check_forecast(p, mean, var, lead_ms, seen)
+    -- The frees checked are all the target counts on: the running sessions' and the new ones'.
+    check_sliding(p, mean, var, lead_ms, seen, frees + again, tonumber(counted[2]) or 0)
+  end
+  local z = s.surge and p.surge_z or p.z
+  local buffer = z * math.sqrt(var + frees_var)
   local target = math.max(0, math.ceil(mean - again - frees + buffer - 1e-9))
   local why = string.format(
     'forecast %.2f connects in %.0fs (%.2f not browsing yet, panic x%.1f) - %.2f frees'

@@ -36,7 +36,7 @@ test-matrix: $(STAMP)
 SCENARIOS ?= ../shared/scenarios
 BENCH_OUT ?= docs/bench
 BOOT_OFFSETS ?= 997 1994
-HELD_OUT_SEEDS ?= 1 2 3 4 5 6 7 11 12 13 14 15 21 22 23 24 25 41 42 43 44 45
+HELD_OUT_SEEDS ?= 1 2 3 4 5 6 7 11 12 13 14 15 21 22 23 24 25 41 42 43 44 45 51 52 53 54 55
 SUITE := $(BIN)/provisioner bench suite
 DRAWS := $(addprefix bench-draw-,$(BOOT_OFFSETS))
 HELD_OUT := $(addprefix bench-held-out-seed,$(HELD_OUT_SEEDS))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from provisioner.bench.features import Sample, measure, samples, score_cuts
+from provisioner.bench.tickcost import AGES_MS, LEVELS
 from provisioner.bench.trace import load_trace
 from provisioner.cli import app
 from tests.test_bench_world import write_trace
@@ -68,10 +70,6 @@ def test_the_command_reports_every_cut(tmp_path: Path) -> None:
 
 def test_the_cells_measured_are_the_scripts_cells() -> None:
     # features.py (through tickcost.py) mirrors lua/includes/keys.lua's LEVELS and AGES.
-    import re
-
-    from provisioner.bench.tickcost import AGES_MS, LEVELS
-
     lua = (Path(__file__).parent.parent / "lua" / "includes" / "keys.lua").read_text()
 
     def table(name: str) -> tuple[int, ...]:

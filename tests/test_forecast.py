@@ -684,11 +684,11 @@ async def test_the_frees_of_new_sessions_thin_only_the_targets_mean(
     assert buffer_of(thinned) == pytest.approx(buffer_of(gross), abs=0.011)
     # Each target is its reason's forecast - frees + buffer, less the frees of new sessions
     # where they are counted (each figure printed to 2 places).
-    for reason, numbers, less in ((gross, shipped, 0.0), (thinned, counted, again)):
+    for reason, numbers, less, queued in ((gross, shipped, 0.0, gross_queued),
+                                          (thinned, counted, again, thinned_queued)):
         mean = float(reason.split("forecast ")[1].split(" ")[0])
         frees = float(reason.split(" frees")[0].split("- ")[-1])
         raw = mean - less - frees + buffer_of(reason)
         assert numbers["target"] in (math.ceil(raw - 0.02), math.ceil(raw + 0.02))
         # and the frees the check from every tick holds against the releases are all it counts
-        queued = gross_queued if less == 0.0 else thinned_queued
         assert queued == pytest.approx(frees + less, abs=0.011)

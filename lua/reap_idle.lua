@@ -48,11 +48,18 @@ for _, node in ipairs(due) do
   out[#out + 1] = 'retry'
 end
 
--- The youngest boot that may be given up, or nil: among the 20 youngest, so the work is bounded.
-local function youngest_surplus_boot()
-  for _, node in ipairs(rcall('ZREVRANGE', K.booting, 0, 19)) do
-    if not is_boot_sample(node) then
-      return node
+-- The youngest boot that may be given up, or nil: among the 20 youngest still booting, so the
+-- work is bounded. The boots are read once per call, SWAP_LOOK + max_batch of them, and walked
+-- with a cursor: each boot given up lets the window of 20 reach one further, exactly as reading
+-- the 20 youngest again would, without reading them again for every node reaped.
+local SWAP_LOOK = 20
+local boots, cursor = nil, 0
+local function youngest_surplus_boot(given_up)
+  boots = boots or rcall('ZREVRANGE', K.booting, 0, SWAP_LOOK + p.max_batch - 1)
+  while cursor < math.min(#boots, SWAP_LOOK + given_up) do
+    cursor = cursor + 1
+    if not is_boot_sample(boots[cursor]) then
+      return boots[cursor]
     end
   end
   return nil
@@ -69,7 +76,7 @@ while excess > 0 and reaped < p.max_batch do
   local idle_since = tonumber(rcall('HGET', node_key(node), 'idle_since_ms')) or now
   if now - idle_since < p.idle_timeout_ms then break end
   local reason = 'idle'
-  local boot = youngest_surplus_boot()
+  local boot = youngest_surplus_boot(swapped)
   if boot then
     node, reason, swapped = boot, 'surplus_boot', swapped + 1
   end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -431,6 +432,38 @@ async def test_reap_idle_gives_up_the_youngest_boot_in_an_idle_nodes_place(
         "terminate 1 (stuck 0, retry 0, idle 0, booting in an idle node's place 1); spare 6")
     assert reasons[-1].startswith(
         "terminate 1 (stuck 0, retry 0, idle 1, booting in an idle node's place 0); spare 3")
+
+
+def is_boot_sample(node_id: str) -> bool:
+    """pool.lua new_node's mark: the last hex digit of the id's SHA-1 is odd."""
+    return int(hashlib.sha1(node_id.encode()).hexdigest()[-1], 16) % 2 == 1
+
+
+async def test_reap_idle_looks_at_the_20_youngest_boots_left_for_each_node_it_reaps(
+        pool: PoolUnderTest) -> None:
+    """One call reaps three idle nodes. The youngest boot is the only one of the 20 youngest
+    that is not a sample; once it is given up, the 20 youngest left reach one boot further, to
+    the next one that is not, and so on. (reap_idle reads the boots once per call and walks
+    them; this pins that its choice is the one reading the 20 youngest again for each node
+    would make.)"""
+    config = PoolConfig(scaling_policy="heuristic", min_ready=0, idle_timeout_s=60)
+    samples = (f"s{i}" for i in range(200) if is_boot_sample(f"s{i}"))
+    others = (f"o{i}" for i in range(200) if not is_boot_sample(f"o{i}"))
+    for node in ("r1", "r2", "r3"):
+        await pool.boot(node)
+    # Oldest first: two that may go, 19 samples, then the youngest, which may go.
+    order = [next(others), next(others)] + [next(samples) for _ in range(19)] + [next(others)]
+    for node in order:
+        await pool.scripts.apply_node_status(pool.now, node, "booting")
+        pool.clock.advance(1000)
+    pool.clock.advance(60_000)
+    reaped = [(t.node_id, t.reason)
+              for t in await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))]
+    # The youngest (rank 0); then the oldest two, ranks 20 and 21 of the boots at first.
+    assert reaped == [(order[-1], "surplus_boot"), (order[1], "surplus_boot"),
+                      (order[0], "surplus_boot")]
+    assert all([(await pool.node(n))["state"] == "booting" for n in order[2:-1]])
+    assert [(await pool.node(n))["state"] for n in ("r1", "r2", "r3")] == ["ready"] * 3
 
 
 async def test_reap_idle_keeps_the_peak_target_of_the_keep_window(pool: PoolUnderTest) -> None:

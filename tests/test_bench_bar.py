@@ -10,7 +10,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from provisioner.bench.bar import BarError, judge, load_results, markdown_grid, with_static_best
+from provisioner.bench.bar import (
+    BarError,
+    idle_limit_hours,
+    judge,
+    load_results,
+    markdown_grid,
+    with_static_best,
+)
 from provisioner.cli import app
 
 
@@ -261,3 +268,64 @@ def test_replays_appending_to_one_file_at_once_keep_every_row(
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
     with pytest.raises(typer.BadParameter, match="has a row of trace-0 / provisioner already"):
         append_row(out, _row("trace-0", "provisioner"))
+
+
+def test_the_idle_limit_is_the_idle_time_of_the_cost_bar_and_where_fast_half_of_static() -> None:
+    static = _row("spike", "static-best", cost=1.332, node_hours=50.0, busy_hours=40.0)
+    # node/busy <= 1.352 with 40 busy hours: at most 54.08 node-hours, 14.08 of them idle.
+    assert idle_limit_hours(static, fast=False) == pytest.approx(14.08)
+    # Where traffic changes fast, also at most half of static-best's 10 idle hours.
+    assert idle_limit_hours(static, fast=True) == pytest.approx(5.0)
+
+
+def _trace_file(path: Path, connects: int) -> Path:
+    header = {"format": "provisioner-trace/1", "name": path.name.split(".")[0],
+              "description": "hand-made", "epoch": 1_767_225_600, "duration_s": 1200.0,
+              "seed": 0, "users": connects, "events": connects,
+              "nodes": {"boot_delay_s": [30.0, 90.0], "api_latency_s": 0.2,
+                        "terminate_delay_s": 5.0, "max_nodes": 20}}
+    lines = [json.dumps(header)] + [
+        json.dumps({"t": 60.0 * i, "ch": "user:connect", "msg": {"user_id": f"u{i}"}})
+        for i in range(connects)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bench_oracle_bar_judges_the_oracle_at_one_price_beside_the_policy(
+        tmp_path: Path) -> None:
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    _trace_file(traces / "steady.jsonl", 15)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([
+        _row("steady", "static-best", connects=15, cost=1.5, node_hours=6.0, busy_hours=4.0,
+             detail="K=2"),
+        _row("steady", "provisioner", connects=15, misses=1, cost=1.4, node_hours=5.6,
+             busy_hours=4.0)]))
+    result = CliRunner().invoke(app, ["bench", "oracle-bar", str(traces), "--results",
+                                      str(results), "--theta", "0.5", "--sim-seconds", "1000",
+                                      "--jobs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    (trace,) = out["traces"]
+    assert trace["trace"] == "steady" and trace["connects"] == 15
+    assert trace["idle_limit_hours"] == pytest.approx((1.52 - 1) * 4.0)
+    # The policy is judged by the bar as `bench bar` judges it: 1 of 15 missed is over 1%.
+    assert trace["verdict"]["met"] is False and out["policy_met"] == 0
+    (oracle,) = trace["oracle"]
+    assert oracle["theta"] == 0.5 and 0.0 <= oracle["chance_to_meet"] <= 1.0
+    assert out["oracle_expected_met"] == [{"theta": 0.5,
+                                           "met": pytest.approx(oracle["chance_to_meet"])}]
+
+
+def test_bench_oracle_bar_refuses_a_trace_without_a_static_best_row(tmp_path: Path) -> None:
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    _trace_file(traces / "steady.jsonl", 3)
+    _trace_file(traces / "other.jsonl", 3)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_pair("steady")))
+    result = CliRunner().invoke(app, ["bench", "oracle-bar", str(traces), "--results",
+                                      str(results), "--sim-seconds", "1000"])
+    assert result.exit_code == 2
+    assert "no static-best row for other" in " ".join(result.output.split())

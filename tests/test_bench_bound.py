@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from provisioner.bench.bound import (
@@ -12,8 +14,10 @@ from provisioner.bench.bound import (
     Nodes,
     Window,
     arrivals,
+    chance_to_meet,
     frontier,
     idle_at,
+    poisson_at_most,
     rate_oracle,
     simulate,
     window_results,
@@ -111,3 +115,32 @@ def test_rate_oracle_gives_one_point_per_price_over_the_trace_windows() -> None:
     # Each window's idle hours are its band's, and they add up to the point's.
     assert all(len(p.window_idle_hours) == 2 for p in points)
     assert all(sum(p.window_idle_hours) == pytest.approx(p.idle_hours) for p in points)
+
+
+def test_poisson_at_most_sums_the_counts_up_to_k() -> None:
+    assert poisson_at_most(0, 2.0) == pytest.approx(math.exp(-2.0))
+    assert poisson_at_most(2, 2.0) == pytest.approx(5.0 * math.exp(-2.0))  # 1 + 2 + 2
+    assert poisson_at_most(-1, 2.0) == 0.0
+    assert poisson_at_most(0, 0.0) == 1.0
+    assert poisson_at_most(60, 3.0) == pytest.approx(1.0)
+
+
+def test_the_chance_to_meet_the_bar_is_the_poisson_chance_of_at_most_one_percent_missed() -> None:
+    point = FrontierPoint(theta=0.5, misses=2.0, miss_rate=0.01, idle_hours=5.0, bands=())
+    # 150 connects allow 1 miss (1.5 rounds down); 200 allow 2; 99 allow none.
+    assert chance_to_meet(point, 150, idle_limit_hours=6.0) == pytest.approx(3 * math.exp(-2))
+    assert chance_to_meet(point, 200, idle_limit_hours=6.0) == pytest.approx(5 * math.exp(-2))
+    assert chance_to_meet(point, 99, idle_limit_hours=6.0) == pytest.approx(math.exp(-2))
+    # Idle time above the limit fails the cost half whatever the misses.
+    assert chance_to_meet(point, 200, idle_limit_hours=4.9) == 0.0
+    assert chance_to_meet(point, 200, idle_limit_hours=5.0) > 0.0
+
+
+def test_rate_oracle_gives_the_prices_asked_for() -> None:
+    events = [TraceEvent(float(t), "user:connect", {"user_id": f"u{t}"}) for t in range(0, 900, 60)]
+    trace = Trace("t", "", 0, 1200.0, (30.0, 90.0), 0.2, 5.0, 10, events)
+    _, points = rate_oracle(trace, window_s=600.0, seconds=2_000, thetas=(0.5, 2.0))
+    assert [p.theta for p in points] == [0.5, 2.0]
+    # A dearer miss (smaller theta) never buys fewer idle hours.
+    assert points[0].idle_hours >= points[1].idle_hours
+    assert points[0].misses <= points[1].misses

@@ -86,6 +86,20 @@ class Verdict:
                 "failed": list(self.failed)}
 
 
+def idle_limit_hours(static: Mapping[str, Any], fast: bool) -> float:
+    """The most idle node-hours (node hours - busy hours) a policy may spend on a trace and
+    still meet the bar, by static-best's row of it: node/busy <= static + 0.02 is idle <=
+    (static + 0.02 - 1) x busy, with the policy's busy hours taken as static-best's (the same
+    sessions; they differ only by the waits of missed users); where traffic changes fast, at
+    most half of static-best's idle hours too. For a policy known only by its idle hours, such
+    as the rate oracle of `bound.py`."""
+    limit = (float(static["cost_ratio"]) + COST_MARGIN - 1.0) * float(static["busy_hours"])
+    if fast:
+        limit = min(limit, IDLE_SHARE * (float(static["node_hours"])
+                                         - float(static["busy_hours"])))
+    return limit
+
+
 def _row(raw: object, where: str) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise BarError(f"{where}: a row must be an object, not {type(raw).__name__}")

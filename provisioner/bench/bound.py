@@ -216,9 +216,35 @@ def idle_at(points: list[FrontierPoint], miss_rate: float) -> float | None:
     return None
 
 
+def poisson_at_most(k: int, mean: float) -> float:
+    """P(N <= k) for N a Poisson count of this mean."""
+    if k < 0:
+        return 0.0
+    term = total = math.exp(-mean)
+    for i in range(1, k + 1):
+        term *= mean / i
+        total += term
+    return min(1.0, total)
+
+
+def chance_to_meet(point: FrontierPoint, connects: int, idle_limit_hours: float,
+                   miss_rate_limit: float = 0.01) -> float:
+    """The chance that one draw of a trace meets issue 4's bar at this frontier point: its idle
+    hours (the point's expectation, taken as certain) within the limit, and its misses, taken
+    as a Poisson count of the point's expected misses, at most `miss_rate_limit` of the
+    connects. Misses come in clumps more than a Poisson count does, so this flatters the
+    oracle, as the rest of this module does."""
+    if point.idle_hours > idle_limit_hours:
+        return 0.0
+    allowed = math.floor(miss_rate_limit * connects + 1e-9)
+    return poisson_at_most(allowed, point.misses)
+
+
 def rate_oracle(trace: Trace, window_s: float = 600.0, seconds: int = 50_000,
-                jobs: int = 1) -> tuple[list[Window], list[FrontierPoint]]:
-    """The frontier of the best band per window, with every window's rates known exactly."""
+                jobs: int = 1, thetas: Iterable[float] = THETAS,
+                ) -> tuple[list[Window], list[FrontierPoint]]:
+    """The frontier of the best band per window, with every window's rates known exactly: one
+    point per price in `thetas`."""
     wins = windows(trace, window_s)
     nodes = Nodes(trace.boot_delays, trace.api_latency_s, trace.terminate_delay_s)
     args = (wins, [nodes] * len(wins), [seconds] * len(wins), range(1_000, 1_000 + len(wins)))
@@ -227,4 +253,4 @@ def rate_oracle(trace: Trace, window_s: float = 600.0, seconds: int = 50_000,
             results = list(pool.map(window_results, *args))
     else:
         results = list(map(window_results, *args))
-    return wins, frontier(wins, results)
+    return wins, frontier(wins, results, thetas)

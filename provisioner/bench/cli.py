@@ -431,6 +431,110 @@ def bound(
         console.print(table)
 
 
+@app.command("oracle-bar")
+def oracle_bar(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", exists=True, file_okay=False,
+                                              help="The traces (*.jsonl.gz), as `bench suite`")],
+    results: Annotated[Path, typer.Option(
+        exists=True, help="`bench suite`'s results on these traces (a results.json or its "
+        "folder): static-best's rows set each trace's limits, and the policy's are judged "
+        "beside the oracle")],
+    theta: Annotated[list[float] | None, typer.Option(
+        help="Prices per miss to judge the oracle at, the same for every trace (repeatable; "
+        "a miss is worth 1/theta idle node-hours); default: 0.25, 0.5 and 1")] = None,
+    policy: Annotated[str, typer.Option(help="The policy to judge beside it")] = SERVICE,
+    window: Annotated[float, typer.Option(min=60.0, help="Seconds per window whose connect "
+                                          "and disconnect rates are taken as known")] = 600.0,
+    sim_seconds: Annotated[int, typer.Option(
+        min=1_000, help="Length of each stationary run per window and band")] = 50_000,
+    jobs: Annotated[int, typer.Option(min=1, help="Processes")] = 2,
+    fast: Annotated[list[str] | None, typer.Option(
+        help="Traces where traffic changes fast, held to half of static-best's idle time "
+        "(repeatable); default: spike and diurnal, as issue 4 names them")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Issue 4's bar for `bench bound`'s rate oracle at one price per miss for every trace (one
+    configuration): the chance that one draw of each trace meets it, beside the policy's
+    verdict on the same replays (see chance_to_meet in provisioner/bench/bound.py)."""
+    from provisioner.bench.bar import (
+        FAST_CHANGING,
+        BarError,
+        idle_limit_hours,
+        judge,
+        load_results,
+        rows_by_trace,
+    )
+    from provisioner.bench.bound import chance_to_meet, rate_oracle
+
+    thetas = sorted(set(theta)) if theta else [0.25, 0.5, 1.0]
+    if any(t <= 0 for t in thetas):
+        raise typer.BadParameter("a price per miss (--theta) must be > 0")
+    fast_traces = tuple(fast) if fast is not None else FAST_CHANGING
+    paths = sorted(directory.glob("*.jsonl.gz")) + sorted(directory.glob("*.jsonl"))
+    if not paths:
+        raise typer.BadParameter(f"no *.jsonl.gz traces in {directory}")
+    traces = [_load(path) for path in paths]
+    try:
+        rows = load_results(results)
+        by_trace = rows_by_trace(rows, str(results))
+        verdicts = {v.trace: v for v in judge(rows, policy=policy, fast=fast_traces,
+                                              source=str(results))}
+        for trace in traces:
+            if STATIC_BEST not in by_trace.get(trace.name, {}):
+                raise BarError(f"{results}: no {STATIC_BEST} row for {trace.name} to set "
+                               "its limits")
+    except BarError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+    judged = []  # (trace, connects, idle limit, the policy's verdict, [(point, chance)])
+    for trace in traces:
+        static = by_trace[trace.name][STATIC_BEST]
+        limit = idle_limit_hours(static, trace.name in fast_traces)
+        connects = int(static["connects"])
+        _, points = rate_oracle(trace, window_s=window, seconds=sim_seconds, jobs=jobs,
+                                thetas=thetas)
+        judged.append((trace.name, connects, limit, verdicts.get(trace.name),
+                       [(p, chance_to_meet(p, connects, limit)) for p in points]))
+    mine = [v for *_, v, _ in judged if v is not None]
+    met = sum(v.met for v in mine)
+    expected = [sum(oracle[i][1] for *_, oracle in judged) for i in range(len(thetas))]
+    if as_json:
+        typer.echo(json.dumps({
+            "directory": str(directory), "results": str(results), "policy": policy,
+            "window_s": window, "sim_seconds": sim_seconds,
+            "traces": [{"trace": name, "connects": connects,
+                        "idle_limit_hours": round(limit, 4),
+                        "verdict": None if v is None else v.as_dict(),
+                        "oracle": [{"theta": p.theta, "expected_misses": round(p.misses, 4),
+                                    "miss_rate": round(p.miss_rate, 6),
+                                    "idle_hours": round(p.idle_hours, 4),
+                                    "chance_to_meet": round(chance, 4)}
+                                   for p, chance in oracle]}
+                       for name, connects, limit, v, oracle in judged],
+            "policy_met": met, "policy_judged": len(mine),
+            "oracle_expected_met": [{"theta": t, "met": round(e, 3)}
+                                    for t, e in zip(thetas, expected, strict=True)]}))
+        return
+    table = Table(title=f"{directory}: {policy} against the rate oracle at one price per miss",
+                  caption="oracle: expected misses, idle h, chance that one draw meets the bar")
+    table.add_column("trace", no_wrap=True)
+    table.add_column(policy, justify="right")
+    table.add_column("idle h bar", justify="right")
+    for t in thetas:
+        table.add_column(f"oracle θ={t:g}", justify="right")
+    for name, _, limit, v, oracle in judged:
+        cell = "—" if v is None else (f"{v.misses}/{v.connects}, {v.idle_hours:.1f} "
+                                      + ("met" if v.met else "fails"))
+        table.add_row(name, cell, f"{limit:.1f}",
+                      *(f"{p.misses:.1f}, {p.idle_hours:.1f}, {chance:.0%}"
+                        for p, chance in oracle))
+    console.print(table)
+    console.print(f"{policy} met on {met} of {len(mine)}; the oracle, in expectation over one "
+                  "draw of each: " + ", ".join(f"θ={t:g} {e:.1f}"
+                                               for t, e in zip(thetas, expected, strict=True))
+                  + f" of {len(judged)}")
+
+
 @app.command()
 def bar(
     results: Annotated[list[Path], typer.Argument(

@@ -329,3 +329,15 @@ def test_bench_oracle_bar_refuses_a_trace_without_a_static_best_row(tmp_path: Pa
                                       str(results), "--sim-seconds", "1000"])
     assert result.exit_code == 2
     assert "no static-best row for other" in " ".join(result.output.split())
+
+
+def test_bench_oracle_bar_refuses_results_of_other_traffic(tmp_path: Path) -> None:
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    _trace_file(traces / "steady.jsonl", 3)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_pair("steady")))  # 200 connects, not 3
+    result = CliRunner().invoke(app, ["bench", "oracle-bar", str(traces), "--results",
+                                      str(results), "--sim-seconds", "1000", "--jobs", "1"])
+    assert result.exit_code == 2
+    assert "has 200 connects and the trace 3" in " ".join(result.output.split())

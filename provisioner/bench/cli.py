@@ -491,8 +491,12 @@ def oracle_bar(
         static = by_trace[trace.name][STATIC_BEST]
         limit = idle_limit_hours(static, trace.name in fast_traces)
         connects = int(static["connects"])
-        _, points = rate_oracle(trace, window_s=window, seconds=sim_seconds, jobs=jobs,
-                                thetas=thetas)
+        wins, points = rate_oracle(trace, window_s=window, seconds=sim_seconds, jobs=jobs,
+                                   thetas=thetas)
+        if sum(w.connects for w in wins) != connects:
+            console.print(f"[red]{results}: {trace.name} has {connects} connects and the trace "
+                          f"{sum(w.connects for w in wins)}: not the same traffic")
+            raise typer.Exit(2)
         judged.append((trace.name, connects, limit, verdicts.get(trace.name),
                        [(p, chance_to_meet(p, connects, limit)) for p in points]))
     mine = [v for *_, v, _ in judged if v is not None]

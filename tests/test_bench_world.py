@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from provisioner.bench.baselines import PoolPolicy, StaticPolicy, make_policy
+from provisioner.bench.baselines import (
+    BandPolicy,
+    PoolPolicy,
+    StaticPolicy,
+    make_policy,
+    policy_factory,
+    rate_oracle_policy,
+)
 from provisioner.bench.suite import markdown_table, pareto_plot, run_suite
 from provisioner.bench.trace import Trace, TraceError, counted_events, load_trace
 from provisioner.bench.world import PolicyViolation, World, run_replay
@@ -197,6 +204,40 @@ def test_static_policy_hand_worked(tmp_path: Path) -> None:
     assert scores.cost_ratio == pytest.approx(195 / 49.3)
 
 
+def test_band_policy_hand_worked(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [
+        (20.0, "connect", "u1"), (30.0, "disconnect", "u1"),
+    ], boot=[10.0]))
+    policy = BandPolicy("band", [(50.0, 0, 0, 20.0), (0.0, 1, 2, 0.0)])  # any order
+    scores = run_replay(trace, policy)
+    # From 0, boot below 1, reap above 2: tick 0 creates n0 (ready 10.2); u1 takes it at 20 and
+    # the tick at 20 creates n1 (ready 30.2). At 30 u1 leaves: n0 idle, spare 2, nothing reaped.
+    # From 50, reap above 0 once idle 20 s: n0 (idle since 30) goes at 50, n1 (since 30.2) at 51.
+    # Billed: n0 0..50 + 5, n1 20..51 + 5 = 55 + 36 s.
+    assert (scores.connects, scores.misses, scores.nodes_created) == (1, 0, 2)
+    assert scores.node_hours == pytest.approx(91 / 3600)
+
+
+def test_the_rate_oracle_replays_the_bands_bound_picks_at_its_price(tmp_path: Path) -> None:
+    from provisioner.bench.bound import rate_oracle
+
+    events = [(float(t), "connect", f"u{t}") for t in range(10, 1190, 30)]
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", events, duration=1200.0))
+    policy = rate_oracle_policy(trace, 0.5, seconds=2_000)
+    wins, (point,) = rate_oracle(trace, seconds=2_000, thetas=(0.5,))
+    assert policy.name == "rate-oracle-0.5"
+    assert policy.schedule == [(w.start_s, b.boot_to, b.reap_above, b.idle_s)
+                               for w, b in zip(wins, point.bands, strict=True)]
+    assert policy.band(599.0) == policy.schedule[0] and policy.band(600.0) == policy.schedule[1]
+
+
+@pytest.mark.parametrize("name", ["rate-oracle-", "rate-oracle-x", "rate-oracle-0",
+                                  "rate-oracle--1", "rate-oracle-nan", "rate-oracle-inf"])
+def test_a_rate_oracle_needs_a_positive_finite_price(name: str) -> None:
+    with pytest.raises(ValueError, match="unknown policy"):
+        policy_factory(name)
+
+
 def test_node_ready_at_the_instant_of_a_connect_serves_it(tmp_path: Path) -> None:
     # static-1 creates at tick 0; the node is ready at 0.2 + 10 = 10.2, the instant u1 connects.
     trace = load_trace(write_trace(tmp_path / "t.jsonl", [(10.2, "connect", "u1")], boot=[10.0]))
@@ -216,7 +257,7 @@ SESSIONS = [(float(t), kind, f"u{t // 40}") for t in range(45, 440, 20)
 
 
 @pytest.mark.parametrize("name", ["static-2", "reactive", "keepalive-10m", "seed-count",
-                                  "hybrid-histogram", "clairvoyant"])
+                                  "hybrid-histogram", "clairvoyant", "rate-oracle-1"])
 def test_replays_are_deterministic_and_legal(tmp_path: Path, name: str) -> None:
     events = [(t - 1.5, "activity", user) for t, _, user in SESSIONS] + SESSIONS
     events.sort(key=lambda e: e[0])

@@ -387,6 +387,62 @@ class ClairvoyantPolicy(PoolPolicy):
                 return
 
 
+class BandPolicy(PoolPolicy):
+    """A band per window of the trace, as `bound.py`'s rate oracle picks them: from each
+    window's start, boot while spare < s and reap the longest-idle ready node while spare > S
+    and it has been idle at least i seconds. Replayed here, in the world every other policy is
+    scored in (missed users wait, a pool starts empty), where `bound.py` only simulates it."""
+
+    def __init__(self, name: str, schedule: list[tuple[float, int, int, float]]) -> None:
+        super().__init__(name)
+        if not schedule:
+            raise ValueError("a band policy needs at least one band")
+        self.schedule = sorted(schedule)  # (from_s, boot_to, reap_above, idle_s)
+
+    def band(self, t: float) -> tuple[float, int, int, float]:
+        i = bisect.bisect_right([b[0] for b in self.schedule], t) - 1
+        return self.schedule[max(0, i)]
+
+    async def tick(self, t: float) -> None:
+        _, boot_to, reap_above, idle_s = self.band(t)
+        while self.spare() < boot_to and self.create() is not None:
+            pass
+        for node_id, since in list(self.ready.items()):
+            if self.spare() <= reap_above:
+                break
+            if t - since >= idle_s:
+                del self.ready[node_id]
+                self.world.terminate_node(node_id)
+
+
+RATE_ORACLE = "rate-oracle-"
+
+
+def _rate_oracle_theta(name: str) -> float | None:
+    """The price per miss of a `rate-oracle-THETA` name (e.g. rate-oracle-0.5), else None."""
+    suffix = name.removeprefix(RATE_ORACLE)
+    if suffix == name:
+        return None
+    try:
+        theta = float(suffix)
+    except ValueError:
+        return None
+    return theta if math.isfinite(theta) and theta > 0 else None
+
+
+def rate_oracle_policy(trace: Trace, theta: float, *, window_s: float = 600.0,
+                       seconds: int = 50_000) -> BandPolicy:
+    """`bound.py`'s rate oracle at one price per miss (a miss worth 1/theta idle node-hours):
+    the band it picks for each window of this trace, knowing every window's connect and free
+    rates, as a policy to replay."""
+    from provisioner.bench.bound import rate_oracle
+
+    wins, (point,) = rate_oracle(trace, window_s=window_s, seconds=seconds, thetas=(theta,))
+    schedule = [(w.start_s, b.boot_to, b.reap_above, b.idle_s)
+                for w, b in zip(wins, point.bands, strict=True)]
+    return BandPolicy(f"{RATE_ORACLE}{theta:g}", schedule)
+
+
 STATIC_MAX_K = 40
 #: The smallest static pool with miss rate <= 1%, chosen per trace with hindsight (the suite
 #: picks it; `bar` judges every policy against it).
@@ -404,7 +460,8 @@ def _static_k(name: str) -> int | None:
 
 
 def make_policy(name: str, trace: Trace | None = None) -> PoolPolicy:
-    """A fresh baseline policy by name; `clairvoyant` needs the trace it will see."""
+    """A fresh baseline policy by name; `clairvoyant` and `rate-oracle-THETA` need the trace
+    they will see."""
     k = _static_k(name)
     if k is not None:
         return StaticPolicy(k)
@@ -420,12 +477,17 @@ def make_policy(name: str, trace: Trace | None = None) -> PoolPolicy:
         if trace is None:
             raise ValueError("the clairvoyant policy needs the trace")
         return ClairvoyantPolicy(trace)
+    theta = _rate_oracle_theta(name)
+    if theta is not None:
+        if trace is None:
+            raise ValueError("the rate oracle needs the trace")
+        return rate_oracle_policy(trace, theta)
     raise ValueError(f"unknown policy {name!r}")
 
 
 def policy_factory(name: str) -> Callable[[Trace], PoolPolicy]:
     """Check `name` now and build a fresh policy for each trace later."""
-    if _static_k(name) is None and name not in NAMED:
+    if _static_k(name) is None and _rate_oracle_theta(name) is None and name not in NAMED:
         raise ValueError(f"unknown policy {name!r}")
     return lambda trace: make_policy(name, trace)
 

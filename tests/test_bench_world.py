@@ -229,10 +229,15 @@ def test_the_rate_oracle_replays_the_bands_bound_picks_at_its_price(tmp_path: Pa
     assert policy.schedule == [(w.start_s, b.boot_to, b.reap_above, b.idle_s)
                                for w, b in zip(wins, point.bands, strict=True)]
     assert policy.band(599.0) == policy.schedule[0] and policy.band(600.0) == policy.schedule[1]
+    hourly = make_policy("rate-oracle-0.5-w1200", trace)
+    assert isinstance(hourly, BandPolicy) and hourly.name == "rate-oracle-0.5-w1200"
+    assert [b[0] for b in hourly.schedule] == [0.0]  # one window for the whole 1200 s
 
 
 @pytest.mark.parametrize("name", ["rate-oracle-", "rate-oracle-x", "rate-oracle-0",
-                                  "rate-oracle--1", "rate-oracle-nan", "rate-oracle-inf"])
+                                  "rate-oracle--1", "rate-oracle-nan", "rate-oracle-inf",
+                                  "rate-oracle-0.5-w", "rate-oracle-0.5-w30",
+                                  "rate-oracle-0.5-wx", "rate-oracle-0.5-winf"])
 def test_a_rate_oracle_needs_a_positive_finite_price(name: str) -> None:
     with pytest.raises(ValueError, match="unknown policy"):
         policy_factory(name)

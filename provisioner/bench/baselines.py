@@ -418,16 +418,22 @@ class BandPolicy(PoolPolicy):
 RATE_ORACLE = "rate-oracle-"
 
 
-def _rate_oracle_theta(name: str) -> float | None:
-    """The price per miss of a `rate-oracle-THETA` name (e.g. rate-oracle-0.5), else None."""
+def _rate_oracle_args(name: str) -> tuple[float, float] | None:
+    """The price per miss and the window of a `rate-oracle-THETA[-wSECONDS]` name (e.g.
+    rate-oracle-0.5, or rate-oracle-0.5-w3600 for rates known per hour; 600 s by default),
+    else None."""
     suffix = name.removeprefix(RATE_ORACLE)
     if suffix == name:
         return None
+    price, sep, window = suffix.partition("-w")
     try:
-        theta = float(suffix)
+        theta = float(price)
+        window_s = float(window) if sep else 600.0
     except ValueError:
         return None
-    return theta if math.isfinite(theta) and theta > 0 else None
+    if not (math.isfinite(theta) and theta > 0 and math.isfinite(window_s) and window_s >= 60):
+        return None
+    return theta, window_s
 
 
 def rate_oracle_policy(trace: Trace, theta: float, *, window_s: float = 600.0,
@@ -440,7 +446,8 @@ def rate_oracle_policy(trace: Trace, theta: float, *, window_s: float = 600.0,
     wins, (point,) = rate_oracle(trace, window_s=window_s, seconds=seconds, thetas=(theta,))
     schedule = [(w.start_s, b.boot_to, b.reap_above, b.idle_s)
                 for w, b in zip(wins, point.bands, strict=True)]
-    return BandPolicy(f"{RATE_ORACLE}{theta:g}", schedule)
+    window = "" if window_s == 600.0 else f"-w{window_s:g}"
+    return BandPolicy(f"{RATE_ORACLE}{theta:g}{window}", schedule)
 
 
 STATIC_MAX_K = 40
@@ -477,17 +484,17 @@ def make_policy(name: str, trace: Trace | None = None) -> PoolPolicy:
         if trace is None:
             raise ValueError("the clairvoyant policy needs the trace")
         return ClairvoyantPolicy(trace)
-    theta = _rate_oracle_theta(name)
-    if theta is not None:
+    oracle = _rate_oracle_args(name)
+    if oracle is not None:
         if trace is None:
             raise ValueError("the rate oracle needs the trace")
-        return rate_oracle_policy(trace, theta)
+        return rate_oracle_policy(trace, oracle[0], window_s=oracle[1])
     raise ValueError(f"unknown policy {name!r}")
 
 
 def policy_factory(name: str) -> Callable[[Trace], PoolPolicy]:
     """Check `name` now and build a fresh policy for each trace later."""
-    if _static_k(name) is None and _rate_oracle_theta(name) is None and name not in NAMED:
+    if _static_k(name) is None and _rate_oracle_args(name) is None and name not in NAMED:
         raise ValueError(f"unknown policy {name!r}")
     return lambda trace: make_policy(name, trace)
 

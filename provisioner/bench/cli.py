@@ -126,8 +126,9 @@ def replay(
     trace_path: Annotated[Path, typer.Argument(metavar="TRACE", exists=True, dir_okay=False)],
     policy: Annotated[str, typer.Option(
         help=f"`{SERVICE}` (the shipped service), static-K, reactive, keepalive-10m, "
-        "seed-count, hybrid-histogram, clairvoyant, or rate-oracle-THETA (`bench bound`'s "
-        "bands at one price per miss, replayed)")] = SERVICE,
+        "seed-count, hybrid-histogram, clairvoyant, or rate-oracle-THETA[-wSECONDS] "
+        "(`bench bound`'s bands at one price per miss, per 600 s window or the one given, "
+        "replayed)")] = SERVICE,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     redis_url: RedisUrl = None,
     settings: Settings = None,

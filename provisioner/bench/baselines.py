@@ -398,21 +398,17 @@ class BandPolicy(PoolPolicy):
         if not schedule:
             raise ValueError("a band policy needs at least one band")
         self.schedule = sorted(schedule)  # (from_s, boot_to, reap_above, idle_s)
+        self._starts = [b[0] for b in self.schedule]
 
     def band(self, t: float) -> tuple[float, int, int, float]:
-        i = bisect.bisect_right([b[0] for b in self.schedule], t) - 1
-        return self.schedule[max(0, i)]
+        return self.schedule[max(0, bisect.bisect_right(self._starts, t) - 1)]
 
     async def tick(self, t: float) -> None:
         _, boot_to, reap_above, idle_s = self.band(t)
         while self.spare() < boot_to and self.create() is not None:
             pass
-        for node_id, since in list(self.ready.items()):
-            if self.spare() <= reap_above:
-                break
-            if t - since >= idle_s:
-                del self.ready[node_id]
-                self.world.terminate_node(node_id)
+        # spare > S is ready > S - (booting - waiting): reaping changes only the ready count.
+        self.reap(t, idle_s, keep=reap_above - len(self.booting) + len(self.waiting))
 
 
 RATE_ORACLE = "rate-oracle-"

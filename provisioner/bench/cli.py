@@ -114,6 +114,14 @@ def _factories(names: list[str], url: str, settings: dict[str, object] | None = 
     return factories
 
 
+def _trace_paths(directory: Path) -> list[Path]:
+    """The traces of a folder, as `bench suite` and `bench oracle-bar` take them."""
+    paths = sorted(directory.glob("*.jsonl.gz")) + sorted(directory.glob("*.jsonl"))
+    if not paths:
+        raise typer.BadParameter(f"no *.jsonl.gz traces in {directory}")
+    return paths
+
+
 def _load(path: Path) -> Trace:
     try:
         return load_trace(path)
@@ -282,9 +290,7 @@ def suite(
     boot_offset: BootOffset = 0,
 ) -> None:
     """Replay every trace in DIR under every policy; print a table, write Markdown and a plot."""
-    paths = sorted(directory.glob("*.jsonl.gz")) + sorted(directory.glob("*.jsonl"))
-    if not paths:
-        raise typer.BadParameter(f"no *.jsonl.gz traces in {directory}")
+    paths = _trace_paths(directory)
     names = policy or [SERVICE, *BASELINE_NAMES]
     overrides = parse_settings(settings)
     out.mkdir(parents=True, exist_ok=True)
@@ -472,9 +478,7 @@ def oracle_bar(
     if any(t <= 0 for t in thetas):
         raise typer.BadParameter("a price per miss (--theta) must be > 0")
     fast_traces = tuple(fast) if fast is not None else FAST_CHANGING
-    paths = sorted(directory.glob("*.jsonl.gz")) + sorted(directory.glob("*.jsonl"))
-    if not paths:
-        raise typer.BadParameter(f"no *.jsonl.gz traces in {directory}")
+    paths = _trace_paths(directory)
     traces = [_load(path) for path in paths]
     try:
         rows = load_results(results)
@@ -495,9 +499,10 @@ def oracle_bar(
         connects = int(static["connects"])
         wins, points = rate_oracle(trace, window_s=window, seconds=sim_seconds, jobs=jobs,
                                    thetas=thetas)
-        if sum(w.connects for w in wins) != connects:
+        counted = sum(w.connects for w in wins)
+        if counted != connects:
             console.print(f"[red]{results}: {trace.name} has {connects} connects and the trace "
-                          f"{sum(w.connects for w in wins)}: not the same traffic")
+                          f"{counted}: not the same traffic")
             raise typer.Exit(2)
         judged.append((trace.name, connects, limit, verdicts.get(trace.name),
                        [(p, chance_to_meet(p, connects, limit)) for p in points]))

@@ -15,7 +15,9 @@ from provisioner.bench.bar import (
     idle_limit_hours,
     judge,
     load_results,
+    markdown_by_trace,
     markdown_grid,
+    summarize_by_trace,
     with_static_best,
 )
 from provisioner.cli import app
@@ -220,6 +222,38 @@ def test_bench_bar_prints_the_markdown_grid_and_the_count(tmp_path: Path) -> Non
     assert f"| trace | {tmp_path} | met |" in result.stdout
     assert "1.353 (K=3: 1.332) **cost** | 0 of 1 |" in result.stdout
     assert result.stdout.rstrip().endswith("met on 0 of 1")
+
+
+def test_verdicts_are_summed_per_trace_name_over_result_sets() -> None:
+    seed1 = judge(_pair("steady", misses=3, cost=1.36) + _pair("spike", node_hours=44.0))
+    seed2 = judge(_pair("steady", misses=1, cost=1.30, node_hours=48.0))
+    spike, steady = summarize_by_trace([("seed1", seed1), ("seed2", seed2)])
+    assert (spike.trace, spike.judged, spike.met, spike.failed) == ("spike", 1, 1, {})
+    assert (steady.judged, steady.met, steady.misses, steady.connects) == (2, 1, 4, 400)
+    assert steady.mean_cost_ratio == pytest.approx(1.33)
+    assert steady.mean_idle_hours == pytest.approx(9.0)  # (10 + 8) / 2
+    assert steady.failed == {"misses": 1, "cost": 1}
+    lines = markdown_by_trace([spike, steady]).splitlines()
+    assert lines[3] == "| steady | 1 of 2 | 4/400 | 1.330 | 9.0 | misses 1, cost 1 |"
+    assert lines[-1].startswith("| all | 2 of 3 | 4/600 |")
+
+
+def test_bench_bar_by_trace_sums_every_results_file_given(tmp_path: Path) -> None:
+    for seed, misses in (("seed1", 3), ("seed2", 0)):
+        (tmp_path / seed).mkdir()
+        (tmp_path / seed / "results.json").write_text(json.dumps(
+            _pair("steady", misses=misses) + _pair("spike", node_hours=47.0)))
+    folders = [str(tmp_path / "seed1"), str(tmp_path / "seed2")]
+    result = CliRunner().invoke(app, ["bench", "bar", *folders, "--by-trace", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["met"], report["judged"], report["result_sets"]) == (1, 4, 2)
+    spike, steady = report["by_trace"]
+    assert (spike["trace"], spike["met"], spike["failed"]) == ("spike", 0, {"idle": 2})
+    assert (steady["met"], steady["misses"], steady["failed"]) == (1, 3, {"misses": 1})
+    shown = CliRunner().invoke(app, ["bench", "bar", *folders, "--by-trace", "--markdown"])
+    assert "| steady | 1 of 2 | 3/400 | 1.300 | 10.0 | misses 1 |" in shown.stdout
+    assert shown.stdout.rstrip().endswith("met on 1 of 4, over 2 result sets")
 
 
 def test_bench_bar_recursive_judges_every_results_file_under_a_folder(tmp_path: Path) -> None:

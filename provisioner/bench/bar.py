@@ -151,6 +151,62 @@ def markdown_grid(judged: Sequence[tuple[str, Sequence[Verdict]]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class TraceSummary:
+    """One trace name over many result sets (seeds, draws): how many meet the bar, the misses
+    and connects summed, the mean cost ratio and idle hours, and how often each half fails."""
+
+    trace: str
+    judged: int
+    met: int
+    misses: int
+    connects: int
+    mean_cost_ratio: float
+    mean_idle_hours: float
+    failed: dict[str, int]  # "misses" / "cost" / "idle": on how many result sets
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trace": self.trace, "judged": self.judged, "met": self.met,
+                "misses": self.misses, "connects": self.connects,
+                "mean_cost_ratio": round(self.mean_cost_ratio, 6),
+                "mean_idle_hours": round(self.mean_idle_hours, 4), "failed": self.failed}
+
+
+def summarize_by_trace(judged: Sequence[tuple[str, Sequence[Verdict]]]) -> list[TraceSummary]:
+    """The verdicts of many result sets summed per trace name, in trace order: the README's
+    tables by shape over the held-out seeds are this, not a sum by hand."""
+    by_trace: dict[str, list[Verdict]] = {}
+    for _, verdicts in judged:
+        for v in verdicts:
+            by_trace.setdefault(v.trace, []).append(v)
+    out = []
+    for trace in sorted(by_trace):
+        vs = by_trace[trace]
+        failed = {half: sum(half in v.failed for v in vs) for half in ("misses", "cost", "idle")}
+        out.append(TraceSummary(
+            trace=trace, judged=len(vs), met=sum(v.met for v in vs),
+            misses=sum(v.misses for v in vs), connects=sum(v.connects for v in vs),
+            mean_cost_ratio=sum(v.cost_ratio for v in vs) / len(vs),
+            mean_idle_hours=sum(v.idle_hours for v in vs) / len(vs),
+            failed={half: n for half, n in failed.items() if n}))
+    return out
+
+
+def markdown_by_trace(summaries: Sequence[TraceSummary]) -> str:
+    """`summarize_by_trace` as one Markdown table, a row per trace and one for all of them."""
+    lines = ["| trace | met | misses / connects | mean cost ratio | mean idle h | fails on |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for t in summaries:
+        fails = ", ".join(f"{half} {n}" for half, n in t.failed.items()) or "—"
+        lines.append(f"| {t.trace} | {t.met} of {t.judged} | {t.misses}/{t.connects} | "
+                     f"{t.mean_cost_ratio:.3f} | {t.mean_idle_hours:.1f} | {fails} |")
+    judged = sum(t.judged for t in summaries)
+    lines.append(f"| all | {sum(t.met for t in summaries)} of {judged} | "
+                 f"{sum(t.misses for t in summaries)}/{sum(t.connects for t in summaries)} | "
+                 "| | |")
+    return "\n".join(lines)
+
+
 def rows_by_trace(rows: Iterable[Mapping[str, Any]],
                   source: str = "results") -> dict[str, dict[str, dict[str, Any]]]:
     """A suite's rows, each checked, as {trace: {policy: row}}; two rows of one trace and

@@ -569,6 +569,11 @@ def bar(
         "then searched for results.json files too, and each is paired with the file at the "
         "same path under this one, as `bench compare` pairs them. For a screen that replayed "
         "the policy alone")] = None,
+    by_trace: Annotated[bool, typer.Option(
+        "--by-trace", help="Sum the verdicts per trace name over every RESULTS file (e.g. "
+        "each shape over the held-out seeds): met of judged, misses / connects, the mean cost "
+        "ratio and idle hours, and how often each half fails; with --json or --markdown "
+        "in that form")] = False,
 ) -> None:
     """Issue 4's bar on each trace of suite results: miss rate <= 1%, cost ratio <= the same
     suite's static-best + 0.02, and on fast-changing traces idle node-hours <= half of
@@ -579,7 +584,9 @@ def bar(
         BarError,
         judge,
         load_results,
+        markdown_by_trace,
         markdown_grid,
+        summarize_by_trace,
         with_static_best,
     )
     from provisioner.bench.compare import load_tree
@@ -617,6 +624,28 @@ def bar(
         raise typer.Exit(2) from None
     met = sum(v.met for _, verdicts in judged for v in verdicts)
     total = sum(len(verdicts) for _, verdicts in judged)
+    if by_trace:
+        summaries = summarize_by_trace([(str(path), verdicts) for path, verdicts in judged])
+        if as_json:
+            typer.echo(json.dumps({"policy": policy, "met": met, "judged": total,
+                                   "result_sets": len(judged),
+                                   "by_trace": [t.as_dict() for t in summaries]}))
+        elif markdown:
+            typer.echo(markdown_by_trace(summaries))
+            typer.echo(f"\nmet on {met} of {total}, over {len(judged)} result sets")
+        else:
+            table = Table(title=f"{policy} by trace over {len(judged)} result sets")
+            table.add_column("trace", no_wrap=True)
+            for column in ("met", "misses", "mean cost", "mean idle h"):
+                table.add_column(column, justify="right")
+            table.add_column("fails on", no_wrap=True)
+            for t in summaries:
+                table.add_row(t.trace, f"{t.met} of {t.judged}", f"{t.misses}/{t.connects}",
+                              f"{t.mean_cost_ratio:.3f}", f"{t.mean_idle_hours:.1f}",
+                              ", ".join(f"{h} {n}" for h, n in t.failed.items()) or "—")
+            console.print(table)
+            console.print(f"met on {met} of {total}")
+        return
     if as_json:
         typer.echo(json.dumps({
             "policy": policy, "met": met, "judged": total,

@@ -202,6 +202,29 @@ def test_bench_suite_writes_table_json_and_plot(tmp_path: Path, redis_url: str,
                               and service["cost_ratio"] <= static["cost_ratio"] + 0.02)
 
 
+def test_the_default_suite_has_the_rate_oracle_as_a_reference_row_and_says_what_it_is(
+        tmp_path: Path, redis_url: str) -> None:
+    from provisioner.bench.baselines import BASELINE_NAMES
+
+    assert "rate-oracle-0.5" in BASELINE_NAMES
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    _trace(folder)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["bench", "suite", str(folder), "--out", str(out),
+                                      "--policy", "static-best", "--policy", "rate-oracle-0.5",
+                                      "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(r["policy"] for r in rows) == ["rate-oracle-0.5", "static-best"]
+    note = " ".join((out / "results.md").read_text().split())
+    assert "rate-oracle-0.5: `bench bound`'s cheapest band per window" in note
+    alone = tmp_path / "alone"
+    CliRunner().invoke(app, ["bench", "suite", str(folder), "--out", str(alone),
+                             "--policy", "static-best", "--redis-url", redis_url])
+    assert "bench bound" not in (alone / "results.md").read_text()
+
+
 def test_unknown_policy_is_refused_clearly(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "replay", str(_trace(tmp_path)),
                                       "--policy", "magic"])

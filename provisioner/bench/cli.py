@@ -18,7 +18,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from provisioner.bench import service_policy
-from provisioner.bench.baselines import BASELINE_NAMES, STATIC_BEST, policy_factory
+from provisioner.bench.baselines import (
+    BASELINE_NAMES,
+    RATE_ORACLE,
+    STATIC_BEST,
+    policy_factory,
+)
 from provisioner.bench.suite import (
     REFERENCE,
     PolicyFactory,
@@ -319,7 +324,13 @@ def suite(
                f"{overrides} over the defaults ")
     note = (f"{shipped}({', '.join(f'{k}={v}' for k, v in defaults.items())}); max_nodes is "
             "the trace's quota. static-best is the smallest K with miss rate <= 1%, chosen per "
-            "trace with hindsight.\n")
+            "trace with hindsight.")
+    oracles = [n for n in names if n.startswith(RATE_ORACLE)]
+    if oracles:
+        note += (f" {', '.join(oracles)}: `bench bound`'s cheapest band per window at that "
+                 "price per miss, told each window's connect and free rates (hindsight), "
+                 "replayed like the others from an empty pool.")
+    note += "\n"
     if warm_up:
         note += (f"\nEvery policy played each trace {warm_up} time(s) unscored before the "
                  "scored play (--warm-up): these are warm figures, not a cold start.\n")

@@ -48,3 +48,28 @@ def test_the_readme_suite_table_is_the_committed_suite_but_for_its_wall_clock() 
     committed = _suite_table((ROOT / "docs/bench/results.md").read_text())
     assert readme[0] == committed[0] and readme[0][-1] == "wall (s)"
     assert [row[:-1] for row in readme] == [row[:-1] for row in committed]
+
+
+def _folder(column: str) -> Path | None:
+    """The docs/bench folder a grid's column stands for: "seed 11", "draw-997", "warm"."""
+    seed = re.fullmatch(r"seed (\d+)", column)
+    if seed:
+        return ROOT / "docs/bench" / f"held-out-seed{seed.group(1)}"
+    if re.fullmatch(r"draw-\d+|warm", column):
+        return ROOT / "docs/bench" / column
+    return None
+
+
+def test_the_readme_grids_of_the_bar_are_what_bench_bar_says_of_docs_bench() -> None:
+    from provisioner.bench.bar import judge, load_results, markdown_grid
+
+    grids = [t for t in _tables((ROOT / "README.md").read_text())
+             if t[0][0] == "trace" and t[0][-1] == "met" and len(t[0]) > 2
+             and all(_folder(c) for c in t[0][1:-1])]
+    assert len(grids) >= 7  # seeds 1-7, 11-15, 21-25, 41-45, 51-55, the draws, warm
+    for grid in grids:
+        folders = [_folder(c) for c in grid[0][1:-1]]
+        judged = [(c, judge(load_results(f), source=str(f)))
+                  for c, f in zip(grid[0][1:-1], folders, strict=True) if f is not None]
+        expected = _tables(markdown_grid(judged))[0]
+        assert grid == expected, f"README's grid of {grid[0][1:-1]} is not `bench bar`'s"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from provisioner.bench.scoring import Scores
 from provisioner.bench.service_policy import Miss, ServicePolicy
@@ -176,15 +176,21 @@ def test_bench_replay_json_has_exactly_the_scores(
     assert Scores(**printed).connects == 10
 
 
+def _suite(tmp_path: Path, out: Path, redis_url: str, *policies: str) -> Result:
+    """`bench suite` over a folder holding one small trace, into `out`."""
+    folder = tmp_path / "traces"
+    if not folder.exists():
+        folder.mkdir()
+        _trace(folder)
+    return CliRunner().invoke(app, ["bench", "suite", str(folder), "--out", str(out),
+                                    *(arg for p in policies for arg in ("--policy", p)),
+                                    "--redis-url", redis_url])
+
+
 def test_bench_suite_writes_table_json_and_plot(tmp_path: Path, redis_url: str,
                                                 sync_redis: redis.Redis) -> None:
-    folder = tmp_path / "traces"
-    folder.mkdir()
-    _trace(folder)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["bench", "suite", str(folder), "--out", str(out),
-                                      "--policy", "provisioner", "--policy", "static-best",
-                                      "--policy", "reactive", "--redis-url", redis_url])
+    result = _suite(tmp_path, out, redis_url, "provisioner", "static-best", "reactive")
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())
     assert sorted(r["policy"] for r in rows) == ["provisioner", "reactive", "static-best"]
@@ -207,21 +213,15 @@ def test_the_default_suite_has_the_rate_oracle_as_a_reference_row_and_says_what_
     from provisioner.bench.baselines import BASELINE_NAMES
 
     assert "rate-oracle-0.5" in BASELINE_NAMES
-    folder = tmp_path / "traces"
-    folder.mkdir()
-    _trace(folder)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["bench", "suite", str(folder), "--out", str(out),
-                                      "--policy", "static-best", "--policy", "rate-oracle-0.5",
-                                      "--redis-url", redis_url])
+    result = _suite(tmp_path, out, redis_url, "static-best", "rate-oracle-0.5")
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())
     assert sorted(r["policy"] for r in rows) == ["rate-oracle-0.5", "static-best"]
     note = " ".join((out / "results.md").read_text().split())
     assert "rate-oracle-0.5: `bench bound`'s cheapest band per window" in note
     alone = tmp_path / "alone"
-    CliRunner().invoke(app, ["bench", "suite", str(folder), "--out", str(alone),
-                             "--policy", "static-best", "--redis-url", redis_url])
+    assert _suite(tmp_path, alone, redis_url, "static-best").exit_code == 0
     assert "bench bound" not in (alone / "results.md").read_text()
 
 

@@ -8,7 +8,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -557,6 +557,16 @@ def oracle_bar(
                   + f" of {len(judged)}")
 
 
+def _trace_table(title: str, figures: Sequence[str], last: str) -> Table:
+    """A table of `bench bar`'s: the trace, its figures right-aligned, then a verdict."""
+    table = Table(title=title)
+    table.add_column("trace", no_wrap=True)
+    for column in figures:
+        table.add_column(column, justify="right")
+    table.add_column(last, no_wrap=True)
+    return table
+
+
 @app.command()
 def bar(
     results: Annotated[list[Path], typer.Argument(
@@ -645,11 +655,8 @@ def bar(
             typer.echo(markdown_by_trace(summaries))
             typer.echo(f"\nmet on {met} of {total}, over {len(judged)} result sets")
         else:
-            table = Table(title=f"{policy} by trace over {len(judged)} result sets")
-            table.add_column("trace", no_wrap=True)
-            for column in ("met", "misses", "mean cost", "mean idle h"):
-                table.add_column(column, justify="right")
-            table.add_column("fails on", no_wrap=True)
+            table = _trace_table(f"{policy} by trace over {len(judged)} result sets",
+                                 ("met", "misses", "mean cost", "mean idle h"), "fails on")
             for t in summaries:
                 table.add_row(t.trace, f"{t.met} of {t.judged}", f"{t.misses}/{t.connects}",
                               f"{t.mean_cost_ratio:.3f}", f"{t.mean_idle_hours:.1f}",
@@ -671,11 +678,8 @@ def bar(
         return
     for path, verdicts in judged:
         against = "static-best" if static_from is None else f"{static_from}'s static-best"
-        table = Table(title=f"{path}: {policy} against {against} + {COST_MARGIN}")
-        table.add_column("trace", no_wrap=True)
-        for column in ("misses", "cost (bar)", "idle h (bar)", "static"):
-            table.add_column(column, justify="right")
-        table.add_column("verdict", no_wrap=True)
+        table = _trace_table(f"{path}: {policy} against {against} + {COST_MARGIN}",
+                             ("misses", "cost (bar)", "idle h (bar)", "static"), "verdict")
         for v in verdicts:
             idle = f"{v.idle_hours:.1f}"
             if v.idle_limit is not None:

@@ -73,3 +73,16 @@ def test_the_readme_grids_of_the_bar_are_what_bench_bar_says_of_docs_bench() -> 
                   for c, f in zip(grid[0][1:-1], folders, strict=True) if f is not None]
         expected = _tables(markdown_grid(judged))[0]
         assert grid == expected, f"README's grid of {grid[0][1:-1]} is not `bench bar`'s"
+
+
+def test_the_readme_service_columns_by_shape_are_bench_bar_by_trace_of_the_seeds() -> None:
+    from provisioner.bench.bar import judge, load_results, summarize_by_trace
+
+    (table,) = [t for t in _tables((ROOT / "README.md").read_text())
+                if t[0][:3] == ["shape", "the service: met", "misses, idle"]]
+    seeds = sorted((ROOT / "docs/bench").glob("held-out-seed*"))
+    summaries = summarize_by_trace([(str(f), judge(load_results(f), source=str(f)))
+                                    for f in seeds])
+    assert len(seeds) == 27
+    assert [row[:3] for row in table[1:]] == [
+        [t.trace, str(t.met), f"{t.misses}, {t.mean_idle_hours:.1f} h"] for t in summaries]

@@ -64,12 +64,12 @@ $(DRAWS): bench-draw-%: $(STAMP)
 		--out $(BENCH_OUT)/draw-$*
 
 ## bench-held-out: generated traces of other shapes, one folder per seed (bench-held-out-seedN:
-## one)
+## one), each with static-best, the service and the rate oracle at 0.5 (a reference)
 bench-held-out: $(HELD_OUT)
 $(HELD_OUT): bench-held-out-seed%: $(STAMP)
 	@traces="$$(mktemp -d)"; trap 'rm -rf "$$traces"' EXIT; \
 	$(BIN)/provisioner bench generate "$$traces" --seed $* > /dev/null && \
-	$(SUITE) "$$traces" --policy static-best --policy provisioner \
+	$(SUITE) "$$traces" --policy static-best --policy provisioner --policy rate-oracle-0.5 \
 		--out $(BENCH_OUT)/held-out-seed$*
 
 lint: $(STAMP)

@@ -86,3 +86,34 @@ def test_the_readme_service_columns_by_shape_are_bench_bar_by_trace_of_the_seeds
     assert len(seeds) == 27
     assert [row[:3] for row in table[1:]] == [
         [t.trace, str(t.met), f"{t.misses}, {t.mean_idle_hours:.1f} h"] for t in summaries]
+
+
+def test_the_readme_oracle_columns_are_the_replays_in_docs_bench() -> None:
+    from provisioner.bench.bar import Verdict, judge, load_results, summarize_by_trace
+
+    def verdicts(seeds: list[int], policy: str) -> list[tuple[str, list[Verdict]]]:
+        return [(str(n), judge(load_results(ROOT / f"docs/bench/held-out-seed{n}"),
+                               policy=policy)) for n in seeds]
+
+    every = sorted(int(f.name.removeprefix("held-out-seed"))
+                   for f in (ROOT / "docs/bench").glob("held-out-seed*"))
+    tables = _tables((ROOT / "README.md").read_text())
+    (shapes,) = [t for t in tables if t[0][:3] == ["shape", "the service: met", "misses, idle"]]
+    oracle = summarize_by_trace(verdicts(every, "rate-oracle-0.5"))
+    assert [row[3:5] for row in shapes[1:]] == [
+        [str(t.met), f"{t.misses}, {t.mean_idle_hours:.1f} h"] for t in oracle]
+    (groups,) = [t for t in tables if t[0][:2] == ["traces", "the service"]]
+    checked = 0
+    for row in groups[1:]:
+        span = re.fullmatch(r"seeds (\d+)\u2013(\d+) \(\d+\)", row[0])  # an en dash
+        if span:
+            seeds = [n for n in every if int(span[1]) <= n <= int(span[2])]
+        elif row[0].strip("*").startswith("all held-out"):
+            seeds = every
+        else:
+            continue
+        met = [sum(v.met for _, vs in verdicts(seeds, p) for v in vs)
+               for p in ("provisioner", "rate-oracle-0.5")]
+        assert [row[1].strip("*"), row[3].strip("*")] == [str(m) for m in met], row[0]
+        checked += 1
+    assert checked == 6  # five groups of seeds and all of them

@@ -21,6 +21,7 @@ from provisioner.bench import service_policy
 from provisioner.bench.baselines import (
     BASELINE_NAMES,
     RATE_ORACLE,
+    REFERENCE_ORACLE,
     STATIC_BEST,
     policy_factory,
 )
@@ -286,7 +287,8 @@ def _table(rows: list[Row]) -> Table:
 def suite(
     directory: Annotated[Path, typer.Argument(metavar="DIR", exists=True, file_okay=False)],
     policy: Annotated[list[str] | None, typer.Option(
-        help="Policies to run (repeatable); default: the service and every baseline")] = None,
+        help="Policies to run (repeatable); default: the service, every baseline and "
+        f"{REFERENCE_ORACLE} (a reference told the rates)")] = None,
     out: Annotated[Path, typer.Option(help="Folder for results.md, results.json, pareto.png")]
     = Path("bench-results"),
     redis_url: RedisUrl = None,

@@ -41,8 +41,8 @@ SUITE := $(BIN)/provisioner bench suite
 DRAWS := $(addprefix bench-draw-,$(BOOT_OFFSETS))
 HELD_OUT := $(addprefix bench-held-out-seed,$(HELD_OUT_SEEDS))
 
-## bench-docs: rerun every suite of docs/bench, then judge the bar (about an hour of replays;
-## `make -j2 bench-docs` runs two suites at a time: 30 minutes on two cores)
+## bench-docs: rerun every suite of docs/bench, then judge the bar (`make -j2 bench-docs` runs
+## two suites at a time: the held-out seeds alone took 47 minutes so on two cores)
 bench-docs: bench-recorded bench-warm bench-draws bench-held-out
 	$(BIN)/provisioner bench bar $(BENCH_OUT) $(BENCH_OUT)/warm \
 		$(foreach k,$(BOOT_OFFSETS),$(BENCH_OUT)/draw-$(k)) \

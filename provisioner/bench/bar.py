@@ -171,6 +171,11 @@ class TraceSummary:
                 "mean_cost_ratio": round(self.mean_cost_ratio, 6),
                 "mean_idle_hours": round(self.mean_idle_hours, 4), "failed": self.failed}
 
+    @property
+    def fails_on(self) -> str:
+        """The failing halves and how often, e.g. "misses 5, cost 2"; "—" when none fail."""
+        return ", ".join(f"{half} {n}" for half, n in self.failed.items()) or "—"
+
 
 def summarize_by_trace(judged: Sequence[tuple[str, Sequence[Verdict]]]) -> list[TraceSummary]:
     """The verdicts of many result sets summed per trace name, in trace order: the README's
@@ -197,9 +202,8 @@ def markdown_by_trace(summaries: Sequence[TraceSummary]) -> str:
     lines = ["| trace | met | misses / connects | mean cost ratio | mean idle h | fails on |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for t in summaries:
-        fails = ", ".join(f"{half} {n}" for half, n in t.failed.items()) or "—"
         lines.append(f"| {t.trace} | {t.met} of {t.judged} | {t.misses}/{t.connects} | "
-                     f"{t.mean_cost_ratio:.3f} | {t.mean_idle_hours:.1f} | {fails} |")
+                     f"{t.mean_cost_ratio:.3f} | {t.mean_idle_hours:.1f} | {t.fails_on} |")
     judged = sum(t.judged for t in summaries)
     lines.append(f"| all | {sum(t.met for t in summaries)} of {judged} | "
                  f"{sum(t.misses for t in summaries)}/{sum(t.connects for t in summaries)} | "

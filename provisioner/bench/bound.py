@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+from provisioner.bench.bar import MISS_RATE_LIMIT
 from provisioner.bench.trace import Trace, counted_events, mean_lead_s
 
 IDLE_CHOICES = (0.0, 60.0)
@@ -228,7 +229,7 @@ def poisson_at_most(k: int, mean: float) -> float:
 
 
 def chance_to_meet(point: FrontierPoint, connects: int, idle_limit_hours: float,
-                   miss_rate_limit: float = 0.01) -> float:
+                   miss_rate_limit: float = MISS_RATE_LIMIT) -> float:
     """The chance that one draw of a trace meets issue 4's bar at this frontier point: its idle
     hours (the point's expectation, taken as certain) within the limit, and its misses, taken
     as a Poisson count of the point's expected misses, at most `miss_rate_limit` of the

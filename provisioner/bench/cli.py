@@ -662,7 +662,7 @@ def bar(
             for t in summaries:
                 table.add_row(t.trace, f"{t.met} of {t.judged}", f"{t.misses}/{t.connects}",
                               f"{t.mean_cost_ratio:.3f}", f"{t.mean_idle_hours:.1f}",
-                              ", ".join(f"{h} {n}" for h, n in t.failed.items()) or "—")
+                              t.fails_on)
             console.print(table)
             console.print(f"met on {met} of {total}")
         return

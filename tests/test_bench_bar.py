@@ -256,6 +256,21 @@ def test_bench_bar_by_trace_sums_every_results_file_given(tmp_path: Path) -> Non
     assert shown.stdout.rstrip().endswith("met on 1 of 4, over 2 result sets")
 
 
+def test_bench_bar_by_trace_folds_a_wide_figure_instead_of_cutting_it(tmp_path: Path) -> None:
+    for seed in ("seed1", "seed2"):
+        (tmp_path / seed).mkdir()
+        (tmp_path / seed / "results.json").write_text(json.dumps(
+            _pair("a-trace-with-a-long-name", connects=60000, misses=700)))
+    folders = [str(tmp_path / "seed1"), str(tmp_path / "seed2")]
+    shown = CliRunner().invoke(app, ["bench", "bar", *folders, "--by-trace"],
+                               env={"COLUMNS": "60"})
+    assert shown.exit_code == 0, shown.output
+    assert "…" not in shown.stdout
+    misses = [line.split("│")[3].strip() for line in shown.stdout.splitlines()
+              if line.count("│") == 7]  # the body's rows, the misses column
+    assert "".join(misses) == "1400/120000"
+
+
 def test_bench_bar_recursive_judges_every_results_file_under_a_folder(tmp_path: Path) -> None:
     (tmp_path / "draw").mkdir()
     (tmp_path / "results.json").write_text(json.dumps(_pair("steady")))

@@ -560,11 +560,12 @@ def oracle_bar(
 
 
 def _trace_table(title: str, figures: Sequence[str], last: str) -> Table:
-    """A table of `bench bar`'s: the trace, its figures right-aligned, then a verdict."""
+    """A table of `bench bar`'s: the trace, its figures right-aligned, then a verdict. A figure
+    too wide for a narrow terminal folds onto a second line; it is never cut short."""
     table = Table(title=title)
     table.add_column("trace", no_wrap=True)
     for column in figures:
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     table.add_column(last, no_wrap=True)
     return table
 

@@ -215,6 +215,15 @@ def test_the_markdown_grid_has_a_row_per_trace_and_a_column_per_result_set() -> 
                         "| 1/200, 1.300 (K=3: 1.332) | 1 of 2 |")
 
 
+def test_a_markdown_grid_of_another_policy_names_it() -> None:
+    rows = [*_pair("steady"), _row("steady", "rate-oracle-0.5", misses=4, cost=1.31)]
+    oracle = judge(rows, policy="rate-oracle-0.5")
+    lines = markdown_grid([("draw-997", oracle)]).splitlines()
+    assert lines[0] == "| trace (rate-oracle-0.5) | draw-997 | met |"
+    assert lines[2] == "| steady | 4/200, 1.310 (K=3: 1.332) **misses** | 0 of 1 |"
+    assert markdown_grid([("draw-997", judge(rows))]).startswith("| trace | draw-997 |")
+
+
 def test_bench_bar_prints_the_markdown_grid_and_the_count(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text(json.dumps(_pair("segments", cost=1.353)))
     result = CliRunner().invoke(app, ["bench", "bar", str(tmp_path), "--markdown"])

@@ -24,6 +24,8 @@ from typing import Any
 
 from provisioner.bench.baselines import STATIC_BEST
 
+#: the policy judged unless told otherwise: the shipped service (service_policy.NAME)
+SERVICE = "provisioner"
 MISS_RATE_LIMIT = 0.01
 COST_MARGIN = 0.02
 IDLE_SHARE = 0.5
@@ -122,13 +124,17 @@ def markdown_grid(judged: Sequence[tuple[str, Sequence[Verdict]]]) -> str:
     """Verdicts as one Markdown table: a row per trace, a column per result set (a seed, a
     draw), and how many of its cells meet the bar. Each cell is misses / connects, the cost
     ratio (the idle hours where the bar limits them), then static-best's pool and cost ratio,
-    and in bold the halves that fail: the README's held-out tables are this command's output."""
+    and in bold the halves that fail: the README's held-out tables are this command's output.
+    A grid of another policy than the service names it in its first header cell, so that a
+    reference's verdicts cannot read as the service's."""
     columns = [name for name, _ in judged]
     cells: dict[str, dict[str, Verdict]] = {}
     for name, verdicts in judged:
         for v in verdicts:
             cells.setdefault(v.trace, {})[name] = v
-    lines = ["| trace | " + " | ".join(columns) + " | met |",
+    policies = sorted({v.policy for _, verdicts in judged for v in verdicts} - {SERVICE})
+    first = f"trace ({', '.join(policies)})" if policies else "trace"
+    lines = [f"| {first} | " + " | ".join(columns) + " | met |",
              "| --- | " + " | ".join("---" for _ in columns) + " | ---: |"]
     for trace in sorted(cells):
         row = []
@@ -225,7 +231,7 @@ def rows_by_trace(rows: Iterable[Mapping[str, Any]],
     return by_trace
 
 
-def judge(rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
+def judge(rows: Iterable[Mapping[str, Any]], policy: str = SERVICE,
           fast: Sequence[str] = FAST_CHANGING, source: str = "results") -> list[Verdict]:
     """One verdict per trace the policy ran on, in trace order. Every such trace needs exactly
     one static-best row and one row of the policy."""
@@ -253,7 +259,7 @@ def judge(rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
 
 
 def with_static_best(rows: Iterable[Mapping[str, Any]],
-                     static_rows: Iterable[Mapping[str, Any]], policy: str = "provisioner",
+                     static_rows: Iterable[Mapping[str, Any]], policy: str = SERVICE,
                      source: str = "results", static_source: str = "static") -> list[Any]:
     """The policy's rows of one result set, each with the static-best row of the same trace
     from another: a screen that replayed the policy alone, judged against a committed suite of

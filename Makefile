@@ -52,16 +52,18 @@ bench-docs: bench-recorded bench-warm bench-draws bench-held-out
 bench-recorded: $(STAMP)
 	$(SUITE) $(SCENARIOS) --out $(BENCH_OUT)
 
-## bench-warm: static-best and the service, each trace played once unscored first
+## bench-warm: static-best, the service and the rate oracle at 0.5 (a reference), each trace
+## played once unscored first
 bench-warm: $(STAMP)
-	$(SUITE) $(SCENARIOS) --policy static-best --policy provisioner --warm-up 1 \
-		--out $(BENCH_OUT)/warm
+	$(SUITE) $(SCENARIOS) --policy static-best --policy provisioner --policy rate-oracle-0.5 \
+		--warm-up 1 --out $(BENCH_OUT)/warm
 
-## bench-draws: the recorded traces on other draws of their boot delays (bench-draw-K: one)
+## bench-draws: the recorded traces on other draws of their boot delays (bench-draw-K: one),
+## with static-best, the service and the rate oracle at 0.5
 bench-draws: $(DRAWS)
 $(DRAWS): bench-draw-%: $(STAMP)
-	$(SUITE) $(SCENARIOS) --policy static-best --policy provisioner --boot-offset $* \
-		--out $(BENCH_OUT)/draw-$*
+	$(SUITE) $(SCENARIOS) --policy static-best --policy provisioner --policy rate-oracle-0.5 \
+		--boot-offset $* --out $(BENCH_OUT)/draw-$*
 
 ## bench-held-out: generated traces of other shapes, one folder per seed (bench-held-out-seedN:
 ## one), each with static-best, the service and the rate oracle at 0.5 (a reference)

@@ -24,7 +24,8 @@ from typing import Any
 
 from provisioner.bench.baselines import STATIC_BEST
 
-#: the policy judged unless told otherwise: the shipped service (service_policy.NAME)
+#: the shipped service's name as a policy (service_policy.NAME): the one judged unless told
+#: otherwise
 SERVICE = "provisioner"
 MISS_RATE_LIMIT = 0.01
 COST_MARGIN = 0.02

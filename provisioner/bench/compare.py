@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioner.bench.bar import BarError, load_results, rows_by_trace
+from provisioner.bench.bar import SERVICE, BarError, load_results, rows_by_trace
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _policy_rows(rows: Sequence[Mapping[str, Any]], policy: str,
 
 def compare(before: Mapping[str, Sequence[Mapping[str, Any]]],
             after: Mapping[str, Sequence[Mapping[str, Any]]],
-            policy: str = "provisioner") -> Comparison:
+            policy: str = SERVICE) -> Comparison:
     """Pair the policy's rows of two result sets, each keyed by a name for its results file
     (the same name on both sides for the same traces and boot draws)."""
     labels: list[str] = []

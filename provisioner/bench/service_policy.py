@@ -17,6 +17,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from provisioner.bench.bar import SERVICE
 from provisioner.bench.world import World
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig, ServiceConfig
@@ -36,7 +37,8 @@ from provisioner.scripts import (
 )
 from provisioner.service import Replica
 
-NAME = "provisioner"
+#: the service as a replay policy: the name its result rows carry (defined once, in bar.py)
+NAME = SERVICE
 #: where the node was missing, as `Miss.kind` tells it
 MISS_KINDS = ("behind", "booting", "short")
 

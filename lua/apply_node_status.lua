@@ -78,10 +78,13 @@ if status == 'ready' and state == 'booting' then
   rcall('ZREM', K.booting, node)
   rcall('HSET', nk, 'ready_ms', now)
   -- Boot time as the pool saw it (from its first record of the node): the forecast's horizon.
-  -- Learned from the sample nodes only (pool.lua new_node), half of all, so each weighs 0.2.
+  -- Learned from the sample nodes only (pool.lua new_node), half of all, so each weighs 0.2;
+  -- 'boot_n' counts them, for the weight of the sample boots still running (policy.lua
+  -- lead_time).
   if is_boot_sample(node) then
     local created = tonumber(rcall('HGET', nk, 'created_ms')) or now
     learn_mean('boot_ms', math.max(0, now - created), 0.2)
+    rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)
   end
   stat('nodes_ready')
   return with_served({2, state, ''}, node_free(node, now))

@@ -111,6 +111,11 @@ def run(
         help="forecast: share (0-1) of the frees of sessions that begin within the boot time "
         "that the target's mean counts (1, the default; 0, the release before)")
     ] = DEFAULTS.new_session_frees,
+    overdue_boots: Annotated[float, typer.Option(
+        envvar="PROVISIONER_OVERDUE_BOOTS",
+        help="forecast: how far (0-1) sample boots running longer than the mean boot time "
+        "lengthen the lead time (0, the default: not at all; 1: each as if it ended now)")
+    ] = DEFAULTS.overdue_boots,
     create_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_CREATE_TIMEOUT",
         help="Seconds a create reservation waits for its POST before it expires")
@@ -150,6 +155,7 @@ def run(
             scaling_policy=scaling_policy, buffer_sd=buffer_sd, surge_buffer_sd=surge_buffer_sd,
             learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
             keep_window_s=keep_window, new_session_frees=new_session_frees,
+            overdue_boots=overdue_boots,
         ).validate()
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -46,6 +46,10 @@ class PoolConfig:
     #: mean counts (1: all, the default; 0: none, the release before; the buffer stays on the
     #: gross connects either way)
     new_session_frees: float = 1.0
+    #: how far the sample boots running longer than the mean boot time lengthen the lead time
+    #: (0: not at all, the mean of the finished boots, as released; 1: each counts as if it
+    #: ended now)
+    overdue_boots: float = 0.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -77,6 +81,7 @@ class PoolConfig:
         need(1 <= self.boot_prior_s <= 3600, "boot_prior_s must be in [1, 3600]")
         need(0 <= self.keep_window_s <= 86400, "keep_window_s must be in [0, 86400]")
         need(0 <= self.new_session_frees <= 1, "new_session_frees must be in [0, 1]")
+        need(0 <= self.overdue_boots <= 1, "overdue_boots must be in [0, 1]")
         return found
 
     def validate(self) -> PoolConfig:
@@ -116,6 +121,7 @@ class PoolConfig:
             int(self.keep_window_s * 1000),
             repr(float(self.surge_buffer_sd)),
             repr(float(self.new_session_frees)),
+            repr(float(self.overdue_boots)),
         ]
 
     def as_dict(self) -> dict[str, object]:

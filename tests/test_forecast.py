@@ -188,6 +188,76 @@ async def test_the_boot_time_is_learned_from_the_sample_nodes_only(pool: PoolUnd
     assert float(await pool.redis.hget(pool.keys.key("model"), "boot_ms") or 0) == 60_000
 
 
+async def test_a_sample_boot_running_longer_than_the_mean_lengthens_the_lead_time(
+        pool: PoolUnderTest) -> None:
+    """The mean boot time learned from the finished sample boots reads short while long boots
+    still run: with `overdue_boots` 1, each sample boot running longer than the mean counts as
+    if it ended now, next to the boots the mean is worth (as many as it learned from, at most
+    nine). At 0, the default, the lead time is the mean."""
+    config = PoolConfig(min_ready=0, max_nodes=0, overdue_boots=1.0)
+    off = PoolConfig(min_ready=0, max_nodes=0)
+    assert off.overdue_boots == 0.0
+    await pool.scripts.apply_node_status(pool.now, "n2", "booting")  # a sample
+    pool.clock.advance(40_000)
+    await pool.scripts.apply_node_status(pool.now, "n2", "ready")  # the mean: 40 s, of 1 boot
+    await pool.scripts.apply_node_status(pool.now, "n4", "booting")  # a sample
+    await pool.scripts.apply_node_status(pool.now, "n1", "booting")  # not a sample
+    pool.clock.advance(30_000)
+    reason, _ = await decide(pool, config)
+    assert "connects in 40s" in reason and "lead time" not in reason  # none overdue yet
+    pool.clock.advance(70_000)  # n4 has run 100 s: L = 40 + (100 - 40) / (1 + 1)
+    reason, _ = await decide(pool, config)
+    assert "connects in 70s" in reason
+    assert "lead time 70s: the mean boot 40s, 1 sample boot running longer" in reason
+    assert float(await pool.redis.hget(pool.keys.key("model"), "horizon_ms") or 0) == 70_000
+    pool.clock.advance(1000)
+    reason, _ = await decide(pool, off)
+    assert "connects in 40s" in reason and "lead time" not in reason
+    pool.clock.advance(1000)  # halfway: half the lengthening, n4 having run 102 s
+    reason, _ = await decide(pool, dataclasses.replace(config, overdue_boots=0.5))
+    assert "lead time 56s: the mean boot 40s, 1 sample boot running longer" in reason
+    await pool.scripts.apply_node_status(pool.now, "n4", "ready")  # 40 + 0.2 x (100 - 40)
+    pool.clock.advance(1000)  # one decision per tick interval
+    reason, _ = await decide(pool, config)
+    assert "connects in 52s" in reason and "lead time" not in reason  # n1 is not a sample
+    # With many boots learned, one overdue boot weighs a tenth: worth at most nine.
+    await pool.redis.hset(pool.keys.key("model"), mapping={"boot_ms": 50_000, "boot_n": 30})
+    await pool.scripts.apply_node_status(pool.now, "n6", "booting")  # a sample
+    pool.clock.advance(150_000)  # and n1 still running, not counted
+    reason, _ = await decide(pool, config)
+    assert "lead time 60s: the mean boot 50s, 1 sample boot running longer" in reason
+    # a count no script wrote reads as one boot learned, never as a division by zero
+    await pool.redis.hset(pool.keys.key("model"), "boot_n", "nan")
+    pool.clock.advance(2000)  # n6 has run 152 s: 50 + 102 / (1 + 1)
+    reason, _ = await decide(pool, config)
+    assert "lead time 101s: the mean boot 50s, 1 sample boot running longer" in reason
+
+
+async def test_before_any_sample_boot_ends_the_oldest_one_bounds_the_lead_time(
+        pool: PoolUnderTest) -> None:
+    """A new pool with `overdue_boots` 1: no boot has ended, so the lead time is the prior
+    (60 s), or as long as the oldest sample boot has been running if that is longer. Nodes that
+    are not samples can be given up while booting, so they do not count."""
+    config = PoolConfig(min_ready=0, max_nodes=0, overdue_boots=1.0)
+    await pool.scripts.apply_node_status(pool.now, "n1", "booting")  # not a sample
+    pool.clock.advance(50_000)
+    await pool.scripts.apply_node_status(pool.now, "n2", "booting")  # a sample
+    pool.clock.advance(50_000)
+    reason, _ = await decide(pool, config)
+    assert "connects in 60s" in reason and "lead time" not in reason  # n2: 50 s < the prior
+    pool.clock.advance(100_000)
+    reason, _ = await decide(pool, config)
+    assert "connects in 150s" in reason
+    assert "lead time 150s: no sample boot ended yet, the oldest running 150s" in reason
+    pool.clock.advance(1000)
+    reason, _ = await decide(pool, dataclasses.replace(config, overdue_boots=0.0))
+    assert "connects in 60s" in reason and "lead time" not in reason
+    await pool.scripts.apply_node_status(pool.now, "n2", "ready")  # the first boot: 151 s
+    pool.clock.advance(1000)
+    reason, _ = await decide(pool, config)
+    assert "connects in 151s" in reason and "lead time" not in reason
+
+
 async def test_boots_longer_than_the_window_stretch_the_forecast_to_the_boot_time(
         pool: PoolUnderTest) -> None:
     """Two pools with the same users, one whose boots take 60 s and one whose take 240 s
@@ -614,8 +684,10 @@ async def test_the_tick_cost_benchmark_times_ticks_then_arrivals(
     assert await aredis.keys("prov:{tickcost-test}:*") == []
 
 
-@pytest.mark.parametrize("field, value", [("buffer_sd", -0.5), ("surge_buffer_sd", 11.0)])
-def test_buffer_settings_out_of_range_are_refused(field: str, value: float) -> None:
+@pytest.mark.parametrize("field, value", [("buffer_sd", -0.5), ("surge_buffer_sd", 11.0),
+                                          ("new_session_frees", 1.5), ("overdue_boots", -0.1),
+                                          ("overdue_boots", 2.0)])
+def test_forecast_settings_out_of_range_are_refused(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"{field} must be in"):
         PoolConfig(**{field: value}).validate()
 

@@ -25,6 +25,7 @@ local function read_params()
     keep_window_ms = tonumber(ARGV[18]),
     surge_z = tonumber(ARGV[19]),
     new_session_frees = tonumber(ARGV[20]) or 1,
+    overdue_boots = tonumber(ARGV[21]) or 0,
   }
 end
 
@@ -240,6 +241,56 @@ local function check_sliding(p, mean, var, lead_ms, seen, frees, released)
   rcall('LTRIM', K.sliding, -SLIDING_MAX, -1)
 end
 
+-- The boot lead time L, in ms: the mean boot time learned from the finished sample boots
+-- (apply_node_status), with the sample boots still running that have outlasted it counted as if
+-- they ended now, as far as `overdue_boots` says (0, the default: not at all). A boot still
+-- running says nothing to the mean until it ends, and the short ones end first, so a mean of
+-- the finished ones alone reads short while the long ones run (in a new pool above all, whose
+-- first boots all start together). Each overdue boot is one more boot next to the ones the
+-- mean is worth: as many as it has learned from, at most BOOT_WORTH, the effective count of a
+-- weighted mean at 0.2 ((2 - 0.2) / 0.2 = 9). Before any sample boot has ended, L is the
+-- prior, or the age of the oldest sample boot if longer. It only ever lengthens L, and only
+-- while a sample boot runs longer than the mean. O(log n + OVERDUE_LOOK). Returns L, and why
+-- it is not the mean (for the decision's reason) or nil.
+local BOOT_WORTH = 9
+local OVERDUE_LOOK = 64
+local function lead_time(p, boot_ms)
+  local share = p.overdue_boots
+  if share <= 0 then
+    return boot_ms > 0 and boot_ms or p.boot_prior_ms, nil
+  end
+  if boot_ms <= 0 then
+    local oldest = rcall('ZRANGE', K.booting, 0, OVERDUE_LOOK - 1, 'WITHSCORES')
+    for i = 1, #oldest, 2 do
+      if is_boot_sample(oldest[i]) then
+        local age = p.now - tonumber(oldest[i + 1])
+        if age > p.boot_prior_ms then
+          return p.boot_prior_ms + share * (age - p.boot_prior_ms), string.format('no sample boot ended yet, the oldest running %.0fs',
+                                    age / 1000)
+        end
+        break
+      end
+    end
+    return p.boot_prior_ms, nil
+  end
+  local overdue = rcall('ZRANGEBYSCORE', K.booting, '-inf', p.now - boot_ms, 'WITHSCORES',
+                        'LIMIT', 0, OVERDUE_LOOK)
+  local excess, k = 0, 0
+  for i = 1, #overdue, 2 do
+    if is_boot_sample(overdue[i]) then
+      k = k + 1
+      excess = excess + (p.now - tonumber(overdue[i + 1]) - boot_ms)
+    end
+  end
+  if k == 0 then
+    return boot_ms, nil
+  end
+  local worth = math.max(1, math.min(learned(rcall('HGET', K.model, 'boot_n')) or 1, BOOT_WORTH))
+  return boot_ms + share * excess / (worth + k),
+      string.format('the mean boot %.0fs, %d sample boot%s running longer', boot_ms / 1000, k,
+                    k == 1 and '' or 's')
+end
+
 -- The forecast: a base-stock policy over the boot lead time L (the learned mean boot time).
 -- Chances are learned over H = min(L, one window), because a user's activity is kept for two
 -- windows and the credit looks back H from a connect; when boots take longer than a window,
@@ -264,7 +315,7 @@ local function forecast_target(s, p, update)
     m[f] = known[f] or 0
   end
   local n, young = cell_counts(p)
-  local lead_ms = m.boot_ms > 0 and m.boot_ms or p.boot_prior_ms
+  local lead_ms, lead_why = lead_time(p, m.boot_ms)
   local horizon_ms = math.min(lead_ms, p.window_ms)
   local H = horizon_ms / 1000
   local L = lead_ms / 1000
@@ -369,6 +420,9 @@ local function forecast_target(s, p, update)
     'forecast %.2f connects in %.0fs (%.2f not browsing yet, panic x%.1f) - %.2f frees'
     .. ' + buffer %.2f (z=%.2f%s); browsing by level %s', mean, L, fresh, panic,
     frees, buffer, z, s.surge and ', surge' or '', table.concat(browsing, '/'))
+  if lead_why then
+    why = why .. string.format('; lead time %.0fs: %s', L, lead_why)
+  end
   if again > 0 then
     why = why .. string.format('; %.2f of the connects freed again within %.0fs', again, L)
   end

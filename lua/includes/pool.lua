@@ -81,12 +81,6 @@ local function new_node(node_id, state, now, origin, reservation)
   stat('nodes_seen')
 end
 
--- Whether a node is a boot-time sample (new_node). A record without the mark (written before
--- it existed) counts as one: it is learned from and never given up while booting.
-local function is_boot_sample(node_id)
-  return rcall('HGET', node_key(node_id), 'boot_sample') ~= '0'
-end
-
 -- Move a node to 'terminating' and schedule a retry deadline; the caller sends the DELETE.
 -- Only ready and booting nodes can be terminated by the pool: allocated ones never.
 local function start_terminating(node_id, now, deadline, reason)

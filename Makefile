@@ -32,12 +32,15 @@ test-matrix: $(STAMP)
 # The benchmark's committed results (docs/bench), each from one `bench suite`; every figure
 # the README quotes from them is rerun by these targets. Deterministic: the same code writes the
 # same scores (only the wall-clock column moves). Every suite is a target of its own, writing
-# its own folder, so `make -j2 bench-docs` runs them two at a time.
+# its own folder, so `make -j2 bench-docs` runs them two at a time. A variant of the service
+# is screened on all of them the same way, into another folder: `make -j2 bench-docs
+# BENCH_SET=overdue_boots=1 BENCH_OUT=/tmp/screen` (BENCH_SET: NAME=VALUE settings, `--set`).
 SCENARIOS ?= ../shared/scenarios
 BENCH_OUT ?= docs/bench
+BENCH_SET ?=
 BOOT_OFFSETS ?= 997 1994
 HELD_OUT_SEEDS ?= 1 2 3 4 5 6 7 11 12 13 14 15 21 22 23 24 25 41 42 43 44 45 51 52 53 54 55
-SUITE := $(BIN)/provisioner bench suite
+SUITE := $(BIN)/provisioner bench suite $(foreach s,$(BENCH_SET),--set $(s))
 DRAWS := $(addprefix bench-draw-,$(BOOT_OFFSETS))
 HELD_OUT := $(addprefix bench-held-out-seed,$(HELD_OUT_SEEDS))
 

@@ -33,8 +33,8 @@ local function node_key(node_id)
   return K.node_prefix .. node_id
 end
 
--- Whether a node is a boot-time sample (pool.lua new_node). A record without the mark (written before
--- it existed) counts as one: it is learned from and never given up while booting.
+-- Whether a node is a boot-time sample (pool.lua new_node). A record without the mark (written
+-- before it existed) counts as one: it is learned from and never given up while booting.
 local function is_boot_sample(node_id)
   return rcall('HGET', node_key(node_id), 'boot_sample') ~= '0'
 end

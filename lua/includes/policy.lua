@@ -249,7 +249,7 @@ end
 -- first boots all start together). Each overdue boot is one more boot next to the ones the
 -- mean is worth: as many as it has learned from, at most BOOT_WORTH, the effective count of a
 -- weighted mean at 0.2 ((2 - 0.2) / 0.2 = 9). Before any sample boot has ended, L is the
--- prior, or the age of the oldest sample boot if longer. It only ever lengthens L, and only
+-- prior, or (at 1) the age of the oldest sample boot if longer. It only ever lengthens L, and only
 -- while a sample boot runs longer than the mean. O(log n + OVERDUE_LOOK). Returns L, and why
 -- it is not the mean (for the decision's reason) or nil.
 local BOOT_WORTH = 9
@@ -265,8 +265,8 @@ local function lead_time(p, boot_ms)
       if is_boot_sample(oldest[i]) then
         local age = p.now - tonumber(oldest[i + 1])
         if age > p.boot_prior_ms then
-          return p.boot_prior_ms + share * (age - p.boot_prior_ms), string.format('no sample boot ended yet, the oldest running %.0fs',
-                                    age / 1000)
+          return p.boot_prior_ms + share * (age - p.boot_prior_ms),
+              string.format('no sample boot ended yet, the oldest running %.0fs', age / 1000)
         end
         break
       end
@@ -291,7 +291,8 @@ local function lead_time(p, boot_ms)
                     k == 1 and '' or 's')
 end
 
--- The forecast: a base-stock policy over the boot lead time L (the learned mean boot time).
+-- The forecast: a base-stock policy over the boot lead time L (the learned mean boot time,
+-- lead_time above).
 -- Chances are learned over H = min(L, one window), because a user's activity is kept for two
 -- windows and the credit looks back H from a connect; when boots take longer than a window,
 -- demand over L is the demand within H plus, for the rest of L, the rate of the last lead time

@@ -90,9 +90,10 @@ local SURGE_SIGNIFICANCE = 3
 -- seconds of it that came within a horizon before a connect ('r', credited by allocate); the same
 -- for users not browsing ('x0' in wall seconds, 'r0'); releases and allocated node-seconds
 -- ('rel', 'bx'); arrivals ('arr'). All decay with the half-life. And the forecast over H averaged
--- over the last lead time ('beyond_mean', below).
+-- over the last lead time ('beyond_mean', below); the mean boot time and the sample boots it
+-- learned from ('boot_ms', 'boot_n', written by apply_node_status).
 local function model_fields()
-  local fields = {'last_ms', 'boot_ms', 'x0', 'r0', 'rel', 'bx', 'arr', 'beyond_mean'}
+  local fields = {'last_ms', 'boot_ms', 'boot_n', 'x0', 'r0', 'rel', 'bx', 'arr', 'beyond_mean'}
   for i = 1, #LEVELS do
     for j = 1, #AGES + 1 do
       fields[#fields + 1] = 'x' .. i .. '_' .. j
@@ -250,11 +251,12 @@ end
 -- mean is worth: as many as it has learned from, at most BOOT_WORTH, the effective count of a
 -- weighted mean at 0.2 ((2 - 0.2) / 0.2 = 9). Before any sample boot has ended, L is the
 -- prior, or (at 1) the age of the oldest sample boot if longer. It only ever lengthens L, and only
--- while a sample boot runs longer than the mean. O(log n + OVERDUE_LOOK). Returns L, and why
--- it is not the mean (for the decision's reason) or nil.
+-- while a sample boot runs longer than the mean. O(log n + OVERDUE_LOOK). boot_ms and boot_n
+-- are the model's (0 when nothing is learned). Returns L, and why it is not the mean (for the
+-- decision's reason) or nil.
 local BOOT_WORTH = 9
 local OVERDUE_LOOK = 64
-local function lead_time(p, boot_ms)
+local function lead_time(p, boot_ms, boot_n)
   local share = p.overdue_boots
   if share <= 0 then
     return boot_ms > 0 and boot_ms or p.boot_prior_ms, nil
@@ -285,7 +287,7 @@ local function lead_time(p, boot_ms)
   if k == 0 then
     return boot_ms, nil
   end
-  local worth = math.max(1, math.min(learned(rcall('HGET', K.model, 'boot_n')) or 1, BOOT_WORTH))
+  local worth = math.max(1, math.min(boot_n, BOOT_WORTH))
   return boot_ms + share * excess / (worth + k),
       string.format('the mean boot %.0fs, %d sample boot%s running longer', boot_ms / 1000, k,
                     k == 1 and '' or 's')
@@ -316,7 +318,7 @@ local function forecast_target(s, p, update)
     m[f] = known[f] or 0
   end
   local n, young = cell_counts(p)
-  local lead_ms, lead_why = lead_time(p, m.boot_ms)
+  local lead_ms, lead_why = lead_time(p, m.boot_ms, m.boot_n)
   local horizon_ms = math.min(lead_ms, p.window_ms)
   local H = horizon_ms / 1000
   local L = lead_ms / 1000

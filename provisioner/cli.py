@@ -116,6 +116,12 @@ def run(
         help="forecast: how far (0-1) sample boots running longer than the mean boot time "
         "lengthen the lead time (0, the default: not at all; 1: each as if it ended now)")
     ] = DEFAULTS.overdue_boots,
+    uncredited_exposure: Annotated[float, typer.Option(
+        envvar="PROVISIONER_UNCREDITED_EXPOSURE",
+        help="forecast: how far (0-1) the chances discount the last horizon's browsing, whose "
+        "connects may still come (0, the default: not at all; 1: by the half a constant "
+        "hazard leaves uncredited)")
+    ] = DEFAULTS.uncredited_exposure,
     create_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_CREATE_TIMEOUT",
         help="Seconds a create reservation waits for its POST before it expires")
@@ -155,7 +161,7 @@ def run(
             scaling_policy=scaling_policy, buffer_sd=buffer_sd, surge_buffer_sd=surge_buffer_sd,
             learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
             keep_window_s=keep_window, new_session_frees=new_session_frees,
-            overdue_boots=overdue_boots,
+            overdue_boots=overdue_boots, uncredited_exposure=uncredited_exposure,
         ).validate()
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -50,6 +50,10 @@ class PoolConfig:
     #: (0: not at all, the mean of the finished boots, as released; 1: each counts as if it
     #: ended now)
     overdue_boots: float = 0.0
+    #: forecast: the share (0-1) of the last horizon's browsing the chances discount as not yet
+    #: credited, since a connect within H of it may still come (0: none, as released; 1: half
+    #: of it, the share a constant hazard leaves uncredited on average)
+    uncredited_exposure: float = 0.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -82,6 +86,7 @@ class PoolConfig:
         need(0 <= self.keep_window_s <= 86400, "keep_window_s must be in [0, 86400]")
         need(0 <= self.new_session_frees <= 1, "new_session_frees must be in [0, 1]")
         need(0 <= self.overdue_boots <= 1, "overdue_boots must be in [0, 1]")
+        need(0 <= self.uncredited_exposure <= 1, "uncredited_exposure must be in [0, 1]")
         return found
 
     def validate(self) -> PoolConfig:
@@ -122,6 +127,7 @@ class PoolConfig:
             repr(float(self.surge_buffer_sd)),
             repr(float(self.new_session_frees)),
             repr(float(self.overdue_boots)),
+            repr(float(self.uncredited_exposure)),
         ]
 
     def as_dict(self) -> dict[str, object]:

@@ -686,7 +686,9 @@ async def test_the_tick_cost_benchmark_times_ticks_then_arrivals(
 
 @pytest.mark.parametrize("field, value", [("buffer_sd", -0.5), ("surge_buffer_sd", 11.0),
                                           ("new_session_frees", 1.5), ("overdue_boots", -0.1),
-                                          ("overdue_boots", 2.0)])
+                                          ("overdue_boots", 2.0),
+                                          ("uncredited_exposure", -0.1),
+                                          ("uncredited_exposure", 1.5)])
 def test_forecast_settings_out_of_range_are_refused(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"{field} must be in"):
         PoolConfig(**{field: value}).validate()
@@ -764,3 +766,39 @@ async def test_the_frees_of_new_sessions_thin_only_the_targets_mean(
         assert numbers["target"] in (math.ceil(raw - 0.02), math.ceil(raw + 0.02))
         # and the frees the check from every tick holds against the releases are all it counts
         assert queued == pytest.approx(frees + less, abs=0.011)
+
+
+def forecast_and_fresh(reason: str) -> tuple[float, float]:
+    """The connects forecast within the lead time, and those of users not browsing yet."""
+    return forecast_of(reason), float(reason.split(" not browsing yet")[0].split("(")[-1])
+
+
+@pytest.mark.parametrize("exposure, credit, off, on", [
+    # All of the cell's exposure is younger than H (10 users x 60 s > 300 s): half of it is
+    # discounted, (30 + 0.02 x 300) / (300 + 300) -> / (150 + 300) per user.
+    (300.0, 30.0, 10 * 36 / 600, 10 * 36 / 450),
+    # A long-learned cell: only what its 10 users spent in it in the last 60 s, half of 600 s.
+    (3000.0, 294.0, 10 * 300 / 3300, 10 * 300 / 3000),
+])
+async def test_the_last_horizons_browsing_is_discounted_as_not_yet_credited(
+        pool: PoolUnderTest, exposure: float, credit: float, off: float, on: float) -> None:
+    as_released = PoolConfig(min_ready=0, max_nodes=1000)
+    assert as_released.uncredited_exposure == 0.0
+    discounting = PoolConfig(min_ready=0, max_nodes=1000, uncredited_exposure=1.0,
+                             tick_interval_s=0.05)
+    for i in range(10):  # level 8, first seen 45 s ago: the cell (4, 1)
+        await browse(pool, f"u{i}", 10)
+    # A model learned before: the cell's exposure and credit, and the users not browsing yet's
+    # (40 of 1000 wall seconds, with the prior's 30 of 600), and arrivals usual enough for no
+    # panic (500 decayed: 0.19 a second, against the 10 of the last minute). The lead time is
+    # the 60 s prior.
+    await pool.redis.hset(pool.keys.key("model"), mapping={
+        "last_ms": pool.now, "x4_1": exposure, "r4_1": credit, "x0": 1000.0, "r0": 10.0,
+        "arr": 500.0})
+    reason_off, _ = await decide(pool, as_released)
+    pool.clock.advance(50)  # the shortest interval: 0.05 s more exposure, no more
+    reason_on, _ = await decide(pool, discounting)
+    assert "browsing by level 0/0/0/10/0" in reason_on
+    fresh_off, fresh_on = 40 / 1600, 40 / (1600 - 30)  # 1000 - 60 / 2 wall seconds
+    assert forecast_and_fresh(reason_off) == pytest.approx((off + fresh_off, fresh_off), abs=0.006)
+    assert forecast_and_fresh(reason_on) == pytest.approx((on + fresh_on, fresh_on), abs=0.006)

@@ -26,6 +26,7 @@ local function read_params()
     surge_z = tonumber(ARGV[19]),
     new_session_frees = tonumber(ARGV[20]) or 1,
     overdue_boots = tonumber(ARGV[21]) or 0,
+    uncredited_exposure = tonumber(ARGV[22]) or 0,
   }
 end
 
@@ -350,6 +351,14 @@ local function forecast_target(s, p, update)
     put('arr', m.arr * decay)
   end
 
+  -- The browsing of the last horizon is exposure whose connects may still come: a user seen in
+  -- a cell s seconds ago is credited only if they connect within H of it, and only the first s
+  -- of that H has passed. With a constant hazard half of it is uncredited on average, so the
+  -- chances discount `uncredited_exposure` times half of it (0, the default: none, as
+  -- released). That exposure is at most what the cell's users now spend in it in H, and at most
+  -- all the cell has. It matters while a cell's exposure is young: a new pool's first minutes,
+  -- or an age band its users have only just reached; in a long run it is H over the memory.
+  local pending = p.uncredited_exposure / 2
   local mean, var, browsing = 0, 0, {}
   for i = 1, #LEVELS do
     browsing[i] = 0
@@ -357,15 +366,17 @@ local function forecast_target(s, p, update)
       local c = i .. '_' .. j
       local count = n[i][j]
       if count > 0 then
-        local q = math.min(1, (m['r' .. c] + PRIOR_Q * PRIOR_EXPOSURE_S)
-                              / (m['x' .. c] + PRIOR_EXPOSURE_S))
+        local x = m['x' .. c]
+        x = x - pending * math.min(x, count * H)
+        local q = math.min(1, (m['r' .. c] + PRIOR_Q * PRIOR_EXPOSURE_S) / (x + PRIOR_EXPOSURE_S))
         mean = mean + count * q
         var = var + count * q * (1 - q)
         browsing[i] = browsing[i] + count
       end
     end
   end
-  local fresh = (m.r0 + PRIOR_FRESH * PRIOR_WALL_S) / (m.x0 + PRIOR_WALL_S)
+  local fresh = (m.r0 + PRIOR_FRESH * PRIOR_WALL_S)
+    / (m.x0 - pending * math.min(m.x0, H) + PRIOR_WALL_S)
   local minute_s = AGES[1] / 1000  -- 'young' counts the users first seen within it
   local arrivals = young / minute_s
   local usual = m.arr * math.log(2) / half_life_s

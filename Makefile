@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-matrix lint typecheck check clean \
-	bench-docs bench-recorded bench-warm bench-draws bench-held-out $(DRAWS) $(HELD_OUT)
+	bench-docs bench-recorded bench-warm bench-draws bench-held-out $(DRAWS) $(HELD_OUT) \
+	bench-screen screen-out screen-recorded screen-warm $(SCREEN_DRAWS) $(SCREEN_HELD_OUT)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +77,30 @@ $(HELD_OUT): bench-held-out-seed%: $(STAMP)
 	$(BIN)/provisioner bench generate "$$traces" --seed $* > /dev/null && \
 	$(SUITE) "$$traces" --policy static-best --policy provisioner --policy rate-oracle-0.5 \
 		--out $(BENCH_OUT)/held-out-seed$*
+
+## bench-screen: a variant of the service screened on every suite of bench-docs in about half
+## its time: the service alone (`make -j2 bench-screen BENCH_SET=NAME=VALUE BENCH_OUT=DIR`),
+## judged against docs/bench's static-best rows, then paired with docs/bench's service rows
+SCREEN := $(BIN)/provisioner bench suite --policy provisioner $(foreach s,$(BENCH_SET),--set $(s))
+SCREEN_DRAWS := $(addprefix screen-draw-,$(BOOT_OFFSETS))
+SCREEN_HELD_OUT := $(addprefix screen-held-out-seed,$(HELD_OUT_SEEDS))
+bench-screen: screen-recorded screen-warm $(SCREEN_DRAWS) $(SCREEN_HELD_OUT)
+	$(BIN)/provisioner bench bar -r $(BENCH_OUT) --static-from docs/bench
+	$(BIN)/provisioner bench compare docs/bench $(BENCH_OUT)
+screen-out:
+	@case "$$(realpath -m $(BENCH_OUT))" in "$$(realpath -m docs/bench)" | "$$(realpath -m docs/bench)"/*) \
+		echo "bench-screen writes the service's rows alone: give BENCH_OUT=DIR, not docs/bench" >&2; \
+		exit 2;; esac
+screen-recorded: $(STAMP) screen-out
+	$(SCREEN) $(SCENARIOS) --out $(BENCH_OUT)
+screen-warm: $(STAMP) screen-out
+	$(SCREEN) $(SCENARIOS) --warm-up 1 --out $(BENCH_OUT)/warm
+$(SCREEN_DRAWS): screen-draw-%: $(STAMP) screen-out
+	$(SCREEN) $(SCENARIOS) --boot-offset $* --out $(BENCH_OUT)/draw-$*
+$(SCREEN_HELD_OUT): screen-held-out-seed%: $(STAMP) screen-out
+	@traces="$$(mktemp -d)"; trap 'rm -rf "$$traces"' EXIT; \
+	$(BIN)/provisioner bench generate "$$traces" --seed $* > /dev/null && \
+	$(SCREEN) "$$traces" --out $(BENCH_OUT)/held-out-seed$*
 
 lint: $(STAMP)
 	$(BIN)/ruff check provisioner tests

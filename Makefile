@@ -72,23 +72,25 @@ $(DRAWS): bench-draw-%: $(STAMP)
 ## bench-held-out: generated traces of other shapes, one folder per seed (bench-held-out-seedN:
 ## one), each with static-best, the service and the rate oracle at 0.5 (a reference)
 bench-held-out: $(HELD_OUT)
+# held_out SEED, SUITE COMMAND: the suite on the seed's generated traces, in a folder of its own
+held_out = @traces="$$(mktemp -d)"; trap 'rm -rf "$$traces"' EXIT; \
+	$(BIN)/provisioner bench generate "$$traces" --seed $(1) > /dev/null && \
+	$(2) "$$traces" --out $(BENCH_OUT)/held-out-seed$(1)
 $(HELD_OUT): bench-held-out-seed%: $(STAMP)
-	@traces="$$(mktemp -d)"; trap 'rm -rf "$$traces"' EXIT; \
-	$(BIN)/provisioner bench generate "$$traces" --seed $* > /dev/null && \
-	$(SUITE) "$$traces" --policy static-best --policy provisioner --policy rate-oracle-0.5 \
-		--out $(BENCH_OUT)/held-out-seed$*
+	$(call held_out,$*,$(SUITE) --policy static-best --policy provisioner --policy rate-oracle-0.5)
 
 ## bench-screen: a variant of the service screened on every suite of bench-docs in about half
 ## its time: the service alone (`make -j2 bench-screen BENCH_SET=NAME=VALUE BENCH_OUT=DIR`),
 ## judged against docs/bench's static-best rows, then paired with docs/bench's service rows
-SCREEN := $(BIN)/provisioner bench suite --policy provisioner $(foreach s,$(BENCH_SET),--set $(s))
+SCREEN := $(SUITE) --policy provisioner
 SCREEN_DRAWS := $(addprefix screen-draw-,$(BOOT_OFFSETS))
 SCREEN_HELD_OUT := $(addprefix screen-held-out-seed,$(HELD_OUT_SEEDS))
 bench-screen: screen-recorded screen-warm $(SCREEN_DRAWS) $(SCREEN_HELD_OUT)
 	$(BIN)/provisioner bench bar -r $(BENCH_OUT) --static-from docs/bench
 	$(BIN)/provisioner bench compare docs/bench $(BENCH_OUT)
 screen-out:
-	@case "$$(realpath -m $(BENCH_OUT))" in "$$(realpath -m docs/bench)" | "$$(realpath -m docs/bench)"/*) \
+	@docs="$$(realpath -m docs/bench)"; \
+	case "$$(realpath -m $(BENCH_OUT))" in "$$docs" | "$$docs"/*) \
 		echo "bench-screen writes the service's rows alone: give BENCH_OUT=DIR, not docs/bench" >&2; \
 		exit 2;; esac
 screen-recorded: $(STAMP) screen-out
@@ -98,9 +100,7 @@ screen-warm: $(STAMP) screen-out
 $(SCREEN_DRAWS): screen-draw-%: $(STAMP) screen-out
 	$(SCREEN) $(SCENARIOS) --boot-offset $* --out $(BENCH_OUT)/draw-$*
 $(SCREEN_HELD_OUT): screen-held-out-seed%: $(STAMP) screen-out
-	@traces="$$(mktemp -d)"; trap 'rm -rf "$$traces"' EXIT; \
-	$(BIN)/provisioner bench generate "$$traces" --seed $* > /dev/null && \
-	$(SCREEN) "$$traces" --out $(BENCH_OUT)/held-out-seed$*
+	$(call held_out,$*,$(SCREEN))
 
 lint: $(STAMP)
 	$(BIN)/ruff check provisioner tests

@@ -360,6 +360,9 @@ local function forecast_target(s, p, update)
   -- minutes, or an age band its users have only just reached; in a long run it is H over twice
   -- the memory (1.3% with 70 s boots).
   local pending = p.uncredited_exposure / 2
+  local function credited(exposure, recent)  -- exposure less the uncredited part of `recent`
+    return exposure - pending * math.min(exposure, recent)
+  end
   local mean, var, browsing = 0, 0, {}
   for i = 1, #LEVELS do
     browsing[i] = 0
@@ -367,8 +370,7 @@ local function forecast_target(s, p, update)
       local c = i .. '_' .. j
       local count = n[i][j]
       if count > 0 then
-        local x = m['x' .. c]
-        x = x - pending * math.min(x, count * H)
+        local x = credited(m['x' .. c], count * H)
         local q = math.min(1, (m['r' .. c] + PRIOR_Q * PRIOR_EXPOSURE_S) / (x + PRIOR_EXPOSURE_S))
         mean = mean + count * q
         var = var + count * q * (1 - q)
@@ -376,8 +378,7 @@ local function forecast_target(s, p, update)
       end
     end
   end
-  local fresh = (m.r0 + PRIOR_FRESH * PRIOR_WALL_S)
-    / (m.x0 - pending * math.min(m.x0, H) + PRIOR_WALL_S)
+  local fresh = (m.r0 + PRIOR_FRESH * PRIOR_WALL_S) / (credited(m.x0, H) + PRIOR_WALL_S)
   local minute_s = AGES[1] / 1000  -- 'young' counts the users first seen within it
   local arrivals = young / minute_s
   local usual = m.arr * math.log(2) / half_life_s

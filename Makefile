@@ -79,8 +79,8 @@ held_out = @traces="$$(mktemp -d)"; trap 'rm -rf "$$traces"' EXIT; \
 $(HELD_OUT): bench-held-out-seed%: $(STAMP)
 	$(call held_out,$*,$(SUITE) --policy static-best --policy provisioner --policy rate-oracle-0.5)
 
-## bench-screen: a variant of the service screened on every suite of bench-docs in about half
-## its time: the service alone (`make -j2 bench-screen BENCH_SET=NAME=VALUE BENCH_OUT=DIR`),
+## bench-screen: a variant of the service screened on every suite of bench-docs in 33-38 minutes
+## on two cores, against 57: the service alone (`make -j2 bench-screen BENCH_SET=NAME=VALUE BENCH_OUT=DIR`),
 ## judged against docs/bench's static-best rows, then paired with docs/bench's service rows
 SCREEN := $(SUITE) --policy provisioner
 SCREEN_DRAWS := $(addprefix screen-draw-,$(BOOT_OFFSETS))

@@ -79,9 +79,10 @@ held_out = @traces="$$(mktemp -d)"; trap 'rm -rf "$$traces"' EXIT; \
 $(HELD_OUT): bench-held-out-seed%: $(STAMP)
 	$(call held_out,$*,$(SUITE) --policy static-best --policy provisioner --policy rate-oracle-0.5)
 
-## bench-screen: a variant of the service screened on every suite of bench-docs in 33-38 minutes
-## on two cores, against 57: the service alone (`make -j2 bench-screen BENCH_SET=NAME=VALUE BENCH_OUT=DIR`),
-## judged against docs/bench's static-best rows, then paired with docs/bench's service rows
+## bench-screen: a variant of the service screened on every suite of bench-docs in 33-38
+## minutes on two cores, against 57: the service alone (`make -j2 bench-screen
+## BENCH_SET=NAME=VALUE BENCH_OUT=DIR`), judged against docs/bench's static-best rows, then
+## paired with docs/bench's service rows
 SCREEN := $(SUITE) --policy provisioner
 SCREEN_DRAWS := $(addprefix screen-draw-,$(BOOT_OFFSETS))
 SCREEN_HELD_OUT := $(addprefix screen-held-out-seed,$(HELD_OUT_SEEDS))

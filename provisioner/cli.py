@@ -122,6 +122,11 @@ def run(
         "connects may still come (0, the default: not at all; 1: by the half a constant "
         "hazard leaves uncredited)")
     ] = DEFAULTS.uncredited_exposure,
+    estimation_error: Annotated[float, typer.Option(
+        envvar="PROVISIONER_ESTIMATION_ERROR",
+        help="forecast: weight (0-4) in the buffer of the learned chances' own estimation "
+        "error, shared by each cell's users (0, the default: left out; 1: as learned)")
+    ] = DEFAULTS.estimation_error,
     create_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_CREATE_TIMEOUT",
         help="Seconds a create reservation waits for its POST before it expires")
@@ -162,6 +167,7 @@ def run(
             learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
             keep_window_s=keep_window, new_session_frees=new_session_frees,
             overdue_boots=overdue_boots, uncredited_exposure=uncredited_exposure,
+            estimation_error=estimation_error,
         ).validate()
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -54,6 +54,9 @@ class PoolConfig:
     #: credited, since a connect within H of it may still come (0: none, as released; 1: half
     #: of it, the share a constant hazard leaves uncredited on average)
     uncredited_exposure: float = 0.0
+    #: forecast: the weight (0-4) in the buffer of the learned chances' own estimation error,
+    #: shared by each cell's users (0: left out, as released; 1: as the learned counts give it)
+    estimation_error: float = 0.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -87,6 +90,7 @@ class PoolConfig:
         need(0 <= self.new_session_frees <= 1, "new_session_frees must be in [0, 1]")
         need(0 <= self.overdue_boots <= 1, "overdue_boots must be in [0, 1]")
         need(0 <= self.uncredited_exposure <= 1, "uncredited_exposure must be in [0, 1]")
+        need(0 <= self.estimation_error <= 4, "estimation_error must be in [0, 4]")
         return found
 
     def validate(self) -> PoolConfig:
@@ -128,6 +132,7 @@ class PoolConfig:
             repr(float(self.new_session_frees)),
             repr(float(self.overdue_boots)),
             repr(float(self.uncredited_exposure)),
+            repr(float(self.estimation_error)),
         ]
 
     def as_dict(self) -> dict[str, object]:

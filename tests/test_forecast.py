@@ -688,7 +688,9 @@ async def test_the_tick_cost_benchmark_times_ticks_then_arrivals(
                                           ("new_session_frees", 1.5), ("overdue_boots", -0.1),
                                           ("overdue_boots", 2.0),
                                           ("uncredited_exposure", -0.1),
-                                          ("uncredited_exposure", 1.5)])
+                                          ("uncredited_exposure", 1.5),
+                                          ("estimation_error", -0.1),
+                                          ("estimation_error", 4.5)])
 def test_forecast_settings_out_of_range_are_refused(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"{field} must be in"):
         PoolConfig(**{field: value}).validate()
@@ -773,6 +775,20 @@ def forecast_and_fresh(reason: str) -> tuple[float, float]:
     return forecast_of(reason), float(reason.split(" not browsing yet")[0].split("(")[-1])
 
 
+async def learned_cell(pool: PoolUnderTest, exposure: float, credit: float,
+                       arrived: float) -> None:
+    """Ten users at level 8, first seen 45 s ago (the cell (4, 1)), and a model learned before:
+    the cell's exposure and credit, the users not browsing yet's (40 of 1000 wall seconds, with
+    the prior's 30 of 600), and the decayed arrivals (500: 0.19 a second, usual enough against
+    the 10 of the last minute for no panic). No node is allocated; the lead time is the 60 s
+    prior."""
+    for i in range(10):
+        await browse(pool, f"u{i}", 10)
+    await pool.redis.hset(pool.keys.key("model"), mapping={
+        "last_ms": pool.now, "x4_1": exposure, "r4_1": credit, "x0": 1000.0, "r0": 10.0,
+        "arr": arrived})
+
+
 @pytest.mark.parametrize("exposure, credit, off, on", [
     # All of the cell's exposure is younger than H (10 users x 60 s > 300 s): half of it is
     # discounted, (30 + 0.02 x 300) / (300 + 300) -> / (150 + 300) per user.
@@ -786,15 +802,7 @@ async def test_the_last_horizons_browsing_is_discounted_as_not_yet_credited(
     assert as_released.uncredited_exposure == 0.0
     discounting = PoolConfig(min_ready=0, max_nodes=1000, uncredited_exposure=1.0,
                              tick_interval_s=0.05)
-    for i in range(10):  # level 8, first seen 45 s ago: the cell (4, 1)
-        await browse(pool, f"u{i}", 10)
-    # A model learned before: the cell's exposure and credit, and the users not browsing yet's
-    # (40 of 1000 wall seconds, with the prior's 30 of 600), and arrivals usual enough for no
-    # panic (500 decayed: 0.19 a second, against the 10 of the last minute). The lead time is
-    # the 60 s prior.
-    await pool.redis.hset(pool.keys.key("model"), mapping={
-        "last_ms": pool.now, "x4_1": exposure, "r4_1": credit, "x0": 1000.0, "r0": 10.0,
-        "arr": 500.0})
+    await learned_cell(pool, exposure, credit, 500.0)
     reason_off, _ = await decide(pool, as_released)
     pool.clock.advance(50)  # the shortest interval: 0.05 s more exposure, no more
     reason_on, _ = await decide(pool, discounting)
@@ -802,3 +810,44 @@ async def test_the_last_horizons_browsing_is_discounted_as_not_yet_credited(
     fresh_off, fresh_on = 40 / 1600, 40 / (1600 - 30)  # 1000 - 60 / 2 wall seconds
     assert forecast_and_fresh(reason_off) == pytest.approx((off + fresh_off, fresh_off), abs=0.006)
     assert forecast_and_fresh(reason_on) == pytest.approx((on + fresh_on, fresh_on), abs=0.006)
+
+
+def error_of(reason: str) -> float:
+    """The variance the chances' own estimation error adds to the buffer (0 when none)."""
+    if "own error" not in reason:
+        return 0.0
+    return float(reason.split("; variance ")[1].split(" ")[0])
+
+
+@pytest.mark.parametrize("exposure, credit, arrived, error", [
+    # A cell learned over 10 user-horizons (its 300 s with the prior's, over H = 60 s), at
+    # q = (30 + 6) / 600: its 10 users share the error, 10^2 q (1 - q) / 11 ...
+    (300.0, 30.0, 500.0, 100 * 0.06 * 0.94 / 11),
+    # ... which shrinks as the cell learns: 55 user-horizons at q = 300 / 3300. Fewer arrivals
+    # before (80 decayed: 0.031 a second against the last minute's 10) make a panic, x5.4 ...
+    (3000.0, 294.0, 80.0, 100 * (300 / 3300) * (3000 / 3300) / 56),
+])
+async def test_the_chances_own_estimation_error_widens_the_buffer(
+        pool: PoolUnderTest, exposure: float, credit: float, arrived: float,
+        error: float) -> None:
+    as_released = PoolConfig(min_ready=0, max_nodes=1000)
+    assert as_released.estimation_error == 0.0
+    weighing = PoolConfig(min_ready=0, max_nodes=1000, estimation_error=1.0,
+                          tick_interval_s=0.05)
+    # No surge at the fewer arrivals: 10 in the last minute, against 2 x 4.8 + 3 deviations.
+    await learned_cell(pool, exposure, credit, arrived)
+    reason_off, _ = await decide(pool, as_released)
+    pool.clock.advance(50)
+    reason_on, _ = await decide(pool, weighing)
+    assert error_of(reason_off) == 0.0
+    # ... and the users not browsing yet add their mean (panic included) squared over the
+    # connects learned from: (0.025 x panic)^2 x 60 / 40, with the prior's 30 credited seconds.
+    panic = max(1.0, (10 / 60) / (arrived * math.log(2) / 1800))
+    assert panic_of(reason_on) == pytest.approx(panic, abs=0.05)
+    fresh = 40 / 1600 * panic
+    assert error_of(reason_on) == pytest.approx(error + fresh ** 2 * 60 / 40, abs=0.006)
+    # The mean is as released, and the buffer is z times the root of the wider variance.
+    assert forecast_of(reason_on) == pytest.approx(forecast_of(reason_off), abs=0.006)
+    z = as_released.buffer_sd
+    widened = (buffer_of(reason_off) / z) ** 2 + error_of(reason_on)
+    assert buffer_of(reason_on) == pytest.approx(z * math.sqrt(widened), abs=0.02)

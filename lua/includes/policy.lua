@@ -27,6 +27,7 @@ local function read_params()
     new_session_frees = tonumber(ARGV[20]) or 1,
     overdue_boots = tonumber(ARGV[21]) or 0,
     uncredited_exposure = tonumber(ARGV[22]) or 0,
+    estimation_error = tonumber(ARGV[23]) or 0,
   }
 end
 
@@ -363,22 +364,32 @@ local function forecast_target(s, p, update)
   local function credited(exposure, recent)  -- exposure less the uncredited part of `recent`
     return exposure - pending * math.min(exposure, recent)
   end
-  local mean, var, browsing = 0, 0, {}
+  -- The chances are estimates, and a cell's users all share its estimate's error, so the
+  -- connects within H vary by more than their Bernoulli and Poisson terms: by count^2 times the
+  -- chance's own variance, q (1 - q) / (N + 1) for a chance learned from N user-horizons
+  -- (exposure over H, the prior's included), and for the users not browsing yet by their mean
+  -- squared over the connects it was learned from. `estimation_error` weighs that term in the
+  -- buffer (0, the default: left out, as released). It is largest where little is learned: a
+  -- new pool's first minutes, a cell few users reach. N counts exposure as if unweighted; the
+  -- half-life's weights halve a long-learned cell's effective count, where the term is small.
+  local mean, var, browsing, estimated = 0, 0, {}, 0
   for i = 1, #LEVELS do
     browsing[i] = 0
     for j = 1, #AGES + 1 do
       local c = i .. '_' .. j
       local count = n[i][j]
       if count > 0 then
-        local x = credited(m['x' .. c], count * H)
-        local q = math.min(1, (m['r' .. c] + PRIOR_Q * PRIOR_EXPOSURE_S) / (x + PRIOR_EXPOSURE_S))
+        local x = credited(m['x' .. c], count * H) + PRIOR_EXPOSURE_S
+        local q = math.min(1, (m['r' .. c] + PRIOR_Q * PRIOR_EXPOSURE_S) / x)
         mean = mean + count * q
         var = var + count * q * (1 - q)
+        estimated = estimated + count * count * q * (1 - q) / (x / H + 1)
         browsing[i] = browsing[i] + count
       end
     end
   end
-  local fresh = (m.r0 + PRIOR_FRESH * PRIOR_WALL_S) / (credited(m.x0, H) + PRIOR_WALL_S)
+  local fresh_credit = m.r0 + PRIOR_FRESH * PRIOR_WALL_S
+  local fresh = fresh_credit / (credited(m.x0, H) + PRIOR_WALL_S)
   local minute_s = AGES[1] / 1000  -- 'young' counts the users first seen within it
   local arrivals = young / minute_s
   local usual = m.arr * math.log(2) / half_life_s
@@ -387,6 +398,7 @@ local function forecast_target(s, p, update)
     panic = math.min(arrivals / usual, PANIC_MAX)
   end
   fresh = fresh * panic
+  estimated = estimated + fresh * fresh * H / fresh_credit
   -- The surge, in arrivals per minute_s: the rate observed so far expects `expected` of them.
   local expected = m.arr / math.max(m.x0, minute_s) * minute_s
   s.surge = expected > 0 and young >= SURGE_PANIC * expected
@@ -408,7 +420,9 @@ local function forecast_target(s, p, update)
   local stretch = L / H
   local beyond = (stretch - 1) * math.max(average, fresh)
   mean = within + beyond
-  var = var + fresh + beyond
+  -- The error of the chances runs on beyond H: the rate there is the forecast's own.
+  local estimation = p.estimation_error * estimated * stretch * stretch
+  var = var + fresh + beyond + estimation
   local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
   local q = 1 - math.exp(-release_rate * L)
   local frees = s.allocated * q
@@ -438,6 +452,9 @@ local function forecast_target(s, p, update)
     frees, buffer, z, s.surge and ', surge' or '', table.concat(browsing, '/'))
   if lead_why then
     why = why .. string.format('; lead time %.0fs: %s', L, lead_why)
+  end
+  if estimation > 0 then
+    why = why .. string.format('; variance %.2f of it the chances\' own error', estimation)
   end
   if again > 0 then
     why = why .. string.format('; %.2f of the connects freed again within %.0fs', again, L)

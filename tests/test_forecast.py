@@ -775,17 +775,17 @@ def forecast_and_fresh(reason: str) -> tuple[float, float]:
     return forecast_of(reason), float(reason.split(" not browsing yet")[0].split("(")[-1])
 
 
-async def learned_cell(pool: PoolUnderTest, exposure: float, credit: float,
-                       arrived: float) -> None:
+async def learned_cell(pool: PoolUnderTest, exposure: float, credit: float, arrived: float,
+                       wall: float = 1000.0, fresh_credit: float = 10.0) -> None:
     """Ten users at level 8, first seen 45 s ago (the cell (4, 1)), and a model learned before:
-    the cell's exposure and credit, the users not browsing yet's (40 of 1000 wall seconds, with
-    the prior's 30 of 600), and the decayed arrivals (500: 0.19 a second, usual enough against
-    the 10 of the last minute for no panic). No node is allocated; the lead time is the 60 s
-    prior."""
+    the cell's exposure and credit, the users not browsing yet's (by default 40 of 1000 wall
+    seconds, with the prior's 30 of 600), and the decayed arrivals (500: 0.19 a second, usual
+    enough against the 10 of the last minute for no panic). No node is allocated; the lead time
+    is the 60 s prior."""
     for i in range(10):
         await browse(pool, f"u{i}", 10)
     await pool.redis.hset(pool.keys.key("model"), mapping={
-        "last_ms": pool.now, "x4_1": exposure, "r4_1": credit, "x0": 1000.0, "r0": 10.0,
+        "last_ms": pool.now, "x4_1": exposure, "r4_1": credit, "x0": wall, "r0": fresh_credit,
         "arr": arrived})
 
 
@@ -819,33 +819,37 @@ def error_of(reason: str) -> float:
     return float(reason.split("; variance ")[1].split(" ")[0])
 
 
-@pytest.mark.parametrize("exposure, credit, arrived, error", [
+@pytest.mark.parametrize("exposure, credit, arrived, wall, fresh_credit, error", [
     # A cell learned over 10 user-horizons (its 300 s with the prior's, over H = 60 s), at
     # q = (30 + 6) / 600: its 10 users share the error, 10^2 q (1 - q) / 11 ...
-    (300.0, 30.0, 500.0, 100 * 0.06 * 0.94 / 11),
+    (300.0, 30.0, 500.0, 1000.0, 10.0, 100 * 0.06 * 0.94 / 11),
     # ... which shrinks as the cell learns: 55 user-horizons at q = 300 / 3300. Fewer arrivals
-    # before (80 decayed: 0.031 a second against the last minute's 10) make a panic, x5.4 ...
-    (3000.0, 294.0, 80.0, 100 * (300 / 3300) * (3000 / 3300) / 56),
+    # before (80 decayed: 0.031 a second against the last minute's 10) make a panic, x5.4, and
+    # no surge (10 arrivals against 2 x 4.8 + 3 deviations).
+    (3000.0, 294.0, 80.0, 1000.0, 10.0, 100 * (300 / 3300) * (3000 / 3300) / 56),
+    # Users not browsing yet who connect often, learned over little wall time: 1 connect per
+    # horizon from (870 + 30) / 60 = 15 connects.
+    (300.0, 30.0, 500.0, 300.0, 870.0, 100 * 0.06 * 0.94 / 11),
 ])
 async def test_the_chances_own_estimation_error_widens_the_buffer(
-        pool: PoolUnderTest, exposure: float, credit: float, arrived: float,
-        error: float) -> None:
+        pool: PoolUnderTest, exposure: float, credit: float, arrived: float, wall: float,
+        fresh_credit: float, error: float) -> None:
     as_released = PoolConfig(min_ready=0, max_nodes=1000)
     assert as_released.estimation_error == 0.0
     weighing = PoolConfig(min_ready=0, max_nodes=1000, estimation_error=1.0,
                           tick_interval_s=0.05)
-    # No surge at the fewer arrivals: 10 in the last minute, against 2 x 4.8 + 3 deviations.
-    await learned_cell(pool, exposure, credit, arrived)
+    await learned_cell(pool, exposure, credit, arrived, wall, fresh_credit)
     reason_off, _ = await decide(pool, as_released)
     pool.clock.advance(50)
     reason_on, _ = await decide(pool, weighing)
     assert error_of(reason_off) == 0.0
-    # ... and the users not browsing yet add their mean (panic included) squared over the
-    # connects learned from: (0.025 x panic)^2 x 60 / 40, with the prior's 30 credited seconds.
+    # ... and the users not browsing yet add their mean squared over the connects learned from,
+    # with the prior's 30 credited seconds: the mean before the panic, itself a caution.
     panic = max(1.0, (10 / 60) / (arrived * math.log(2) / 1800))
     assert panic_of(reason_on) == pytest.approx(panic, abs=0.05)
-    fresh = 40 / 1600 * panic
-    assert error_of(reason_on) == pytest.approx(error + fresh ** 2 * 60 / 40, abs=0.006)
+    fresh = (fresh_credit + 30) / (wall + 600)
+    assert error_of(reason_on) == pytest.approx(error + fresh ** 2 * 60 / (fresh_credit + 30),
+                                                abs=0.006)
     # The mean is as released, and the buffer is z times the root of the wider variance.
     assert forecast_of(reason_on) == pytest.approx(forecast_of(reason_off), abs=0.006)
     z = as_released.buffer_sd

@@ -789,6 +789,16 @@ async def learned_cell(pool: PoolUnderTest, exposure: float, credit: float, arri
         "arr": arrived})
 
 
+async def decide_as_released_then(pool: PoolUnderTest, **setting: float) -> tuple[str, str]:
+    """The reasons of a decision as released, then of one with `setting` the shortest interval
+    later (0.05 s more exposure, no more)."""
+    reason_off, _ = await decide(pool, PoolConfig(min_ready=0, max_nodes=1000))
+    pool.clock.advance(50)
+    reason_on, _ = await decide(pool, PoolConfig(min_ready=0, max_nodes=1000,
+                                                 tick_interval_s=0.05, **setting))
+    return reason_off, reason_on
+
+
 @pytest.mark.parametrize("exposure, credit, off, on", [
     # All of the cell's exposure is younger than H (10 users x 60 s > 300 s): half of it is
     # discounted, (30 + 0.02 x 300) / (300 + 300) -> / (150 + 300) per user.
@@ -798,14 +808,9 @@ async def learned_cell(pool: PoolUnderTest, exposure: float, credit: float, arri
 ])
 async def test_the_last_horizons_browsing_is_discounted_as_not_yet_credited(
         pool: PoolUnderTest, exposure: float, credit: float, off: float, on: float) -> None:
-    as_released = PoolConfig(min_ready=0, max_nodes=1000)
-    assert as_released.uncredited_exposure == 0.0
-    discounting = PoolConfig(min_ready=0, max_nodes=1000, uncredited_exposure=1.0,
-                             tick_interval_s=0.05)
+    assert PoolConfig().uncredited_exposure == 0.0
     await learned_cell(pool, exposure, credit, 500.0)
-    reason_off, _ = await decide(pool, as_released)
-    pool.clock.advance(50)  # the shortest interval: 0.05 s more exposure, no more
-    reason_on, _ = await decide(pool, discounting)
+    reason_off, reason_on = await decide_as_released_then(pool, uncredited_exposure=1.0)
     assert "browsing by level 0/0/0/10/0" in reason_on
     fresh_off, fresh_on = 40 / 1600, 40 / (1600 - 30)  # 1000 - 60 / 2 wall seconds
     assert forecast_and_fresh(reason_off) == pytest.approx((off + fresh_off, fresh_off), abs=0.006)
@@ -834,14 +839,9 @@ def error_of(reason: str) -> float:
 async def test_the_chances_own_estimation_error_widens_the_buffer(
         pool: PoolUnderTest, exposure: float, credit: float, arrived: float, wall: float,
         fresh_credit: float, error: float) -> None:
-    as_released = PoolConfig(min_ready=0, max_nodes=1000)
-    assert as_released.estimation_error == 0.0
-    weighing = PoolConfig(min_ready=0, max_nodes=1000, estimation_error=1.0,
-                          tick_interval_s=0.05)
+    assert PoolConfig().estimation_error == 0.0
     await learned_cell(pool, exposure, credit, arrived, wall, fresh_credit)
-    reason_off, _ = await decide(pool, as_released)
-    pool.clock.advance(50)
-    reason_on, _ = await decide(pool, weighing)
+    reason_off, reason_on = await decide_as_released_then(pool, estimation_error=1.0)
     assert error_of(reason_off) == 0.0
     # ... and the users not browsing yet add their mean squared over the connects learned from,
     # with the prior's 30 credited seconds: the mean before the panic, itself a caution.
@@ -852,6 +852,6 @@ async def test_the_chances_own_estimation_error_widens_the_buffer(
                                                 abs=0.006)
     # The mean is as released, and the buffer is z times the root of the wider variance.
     assert forecast_of(reason_on) == pytest.approx(forecast_of(reason_off), abs=0.006)
-    z = as_released.buffer_sd
+    z = PoolConfig().buffer_sd
     widened = (buffer_of(reason_off) / z) ** 2 + error_of(reason_on)
     assert buffer_of(reason_on) == pytest.approx(z * math.sqrt(widened), abs=0.02)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -13,6 +14,7 @@ import typer
 from redis.exceptions import RedisError
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from provisioner import mock_node_api, simulator, view
@@ -342,6 +344,76 @@ def dev(
                                boot_delay=boot_delay, arrival_rate=arrival_rate))
 
 
+model_app = typer.Typer(
+    help="The pool's learned model (chances, boot time, release rate): export it to a file, "
+    "import it into a new pool or after a data loss.", no_args_is_help=True)
+
+
+@model_app.command("export")
+def model_export(
+    redis_url: RedisUrl,
+    pool: Pool = "default",
+    out: Annotated[Path | None, typer.Option(
+        "--out", dir_okay=False, help="File to write (default: standard output)")] = None,
+) -> None:
+    """Write what the pool has learned as a provisioner-model/1 JSON file."""
+    from provisioner.keys import PoolKeys
+    from provisioner.model import model_document
+    from provisioner.scripts import Scripts
+
+    try:
+        keys = PoolKeys(pool)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    raw = _with_redis(redis_url, lambda c: Scripts(c, keys).read_model())
+    if not raw:
+        raise _fail(f"pool {pool} has no model: it has not decided yet, or the pool name is "
+                    "wrong")
+    document = model_document(raw, pool, WallClock().now_ms())
+    text = json.dumps(document, indent=1) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        console.print(f"{len(document['fields'])} learned fields of pool {pool} written to "
+                      f"{escape(str(out))}")
+    if document.get("skipped"):
+        console.print("[yellow]left out, not numbers:[/yellow] "
+                      + escape(", ".join(document["skipped"])))
+
+
+@model_app.command("import")
+def model_import(
+    model_file: Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False)],
+    redis_url: RedisUrl,
+    pool: Pool = "default",
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Replace a model the pool has learned itself (refused otherwise)")]
+    = False,
+) -> None:
+    """Start the pool from a model exported by `model export`: every field is checked, and
+    all are written or none."""
+    from provisioner.keys import PoolKeys
+    from provisioner.model import ModelFileError, read_document
+    from provisioner.scripts import Scripts
+
+    try:
+        keys = PoolKeys(pool)
+        fields = read_document(model_file.read_text())
+    except (ValueError, OSError) as exc:  # ModelFileError is a ValueError
+        what = "model file" if isinstance(exc, (ModelFileError, OSError)) else "pool"
+        raise _fail(f"{what}: {escape(str(exc))}") from None
+    result = _with_redis(redis_url, lambda c: Scripts(c, keys).load_model(
+        WallClock().now_ms(), fields, replace))
+    if not result.loaded:
+        for problem in result.problems:
+            console.print(f"[red]x[/red] {escape(problem)}")
+        raise _fail(f"pool {pool}: {result.reason}")
+    console.print(f"pool {pool} starts from {escape(str(model_file))}: {result.fields} learned "
+                  "fields")
+
+
+app.add_typer(model_app, name="model")
 app.command("mock-node-api")(mock_node_api.command)
 app.command("simulate")(simulator.command)
 app.add_typer(bench_cli.app, name="bench")

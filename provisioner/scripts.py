@@ -11,7 +11,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import Field, asdict, dataclass, field, fields
 from enum import IntEnum
 from functools import cache
@@ -37,6 +37,7 @@ SCRIPT_NAMES = (
     "confirm_terminate",
     "scale_decide",
     "reap_idle",
+    "load_model",
     "snapshot",
 )
 
@@ -150,6 +151,16 @@ class NodeStatusResult:
 class RegisterResult:
     code: Registration
     state: str
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """What load_model did: `loaded` fields written, or why it refused (and each problem)."""
+
+    loaded: bool
+    fields: int = 0
+    reason: str = ""
+    problems: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -413,6 +424,23 @@ class Scripts:
         reply = await self._call("reap_idle", *policy_args)
         return [Termination(as_text(reply[i]), as_text(reply[i + 1]))
                 for i in range(0, len(reply), 2)]
+
+    async def load_model(self, now_ms: int, fields: Mapping[str, float],
+                         replace: bool = False) -> ModelLoad:
+        """Replace the pool's learned model with `fields` (lua/load_model.lua): all of them or,
+        if any is refused, none; a model the pool learned itself only with `replace`."""
+        args: list[object] = [now_ms, "1" if replace else "0"]
+        for name, value in fields.items():
+            args += [name, repr(float(value))]
+        reply = await self._call("load_model", *args)
+        if int(reply[0]) == 1:
+            return ModelLoad(True, int(reply[1]))
+        return ModelLoad(False, 0, as_text(reply[1]), [as_text(x) for x in reply[2:]])
+
+    async def read_model(self) -> dict[str, str]:
+        """The pool's model hash as it is (one HGETALL: a consistent read)."""
+        raw = await self.redis.hgetall(self.keys.key("model"))
+        return {as_text(k): as_text(v) for k, v in raw.items()}
 
     async def snapshot(self, now_ms: int, window_ms: int) -> Snapshot:
         reply = await self._call("snapshot", now_ms, window_ms)

@@ -37,6 +37,7 @@ from provisioner.bench.suite import (
 from provisioner.bench.trace import Trace, TraceError, load_trace
 from provisioner.bench.world import PolicyViolation, run_replay_world
 from provisioner.config import PoolConfig
+from provisioner.model import ModelFileError, model_document, read_document
 from provisioner.redis_server import private_server
 
 app = typer.Typer(help="Replay recorded traces on virtual time and score the policies.",
@@ -100,18 +101,19 @@ def service_pool(trace: Trace, settings: dict[str, object] | None = None) -> Poo
                                **(settings or {}))  # type: ignore[arg-type]
 
 
-def _service_factory(url: str, settings: dict[str, object],
-                     timeline_s: float | None = None) -> PolicyFactory:
+def _service_factory(url: str, settings: dict[str, object], timeline_s: float | None = None,
+                     model: dict[str, float] | None = None) -> PolicyFactory:
     return lambda trace: service_policy.ServicePolicy(url, service_pool(trace, settings),
-                                                      timeline_s=timeline_s)
+                                                      timeline_s=timeline_s, model=model)
 
 
 def _factories(names: list[str], url: str, settings: dict[str, object] | None = None,
-               timeline_s: float | None = None) -> dict[str, PolicyFactory]:
+               timeline_s: float | None = None,
+               model: dict[str, float] | None = None) -> dict[str, PolicyFactory]:
     factories: dict[str, PolicyFactory] = {}
     for name in names:
         if name == SERVICE:
-            factories[name] = _service_factory(url, settings or {}, timeline_s)
+            factories[name] = _service_factory(url, settings or {}, timeline_s, model)
         else:
             try:
                 factories[name] = policy_factory(name)
@@ -163,12 +165,27 @@ def replay(
         "if missing), as `bench suite` writes them, so single replays go through `bench "
         "compare` and `bench bar`; a row of the same trace and policy there is refused")]
     = None,
+    model_path: Annotated[Path | None, typer.Option(
+        "--model", exists=True, dir_okay=False, help=f"Start `{SERVICE}` from this learned "
+        "model (`provisioner model export`, or --save-model of another replay) instead of "
+        "the priors")] = None,
+    save_model_path: Annotated[Path | None, typer.Option(
+        "--save-model", dir_okay=False, help=f"Write the model `{SERVICE}` learned, at the "
+        "end of the replay, as `provisioner model export` does")] = None,
 ) -> None:
     """Replay one trace under one policy and print FORMAT.md's scores."""
     for path, option, what in ((misses_path, "--misses", "explains its misses"),
-                               (timeline_path, "--timeline", "keeps a timeline")):
+                               (timeline_path, "--timeline", "keeps a timeline"),
+                               (model_path, "--model", "learns a model"),
+                               (save_model_path, "--save-model", "learns a model")):
         if path is not None and policy != SERVICE:
             raise typer.BadParameter(f"only `{SERVICE}` {what}", param_hint=option)
+    model = None
+    if model_path is not None:
+        try:
+            model = read_document(model_path.read_text())
+        except ModelFileError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--model") from None
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
     if append_to is not None:  # refused now, not after the replay, if it can be
         _rows_to_append_to(append_to, trace.name, policy)
@@ -176,7 +193,7 @@ def replay(
     started = time.monotonic()
     with _server(redis_url) as url:
         timeline_s = timeline_window if timeline_path is not None else None
-        replayed = _factories([policy], url, overrides, timeline_s)[policy](trace)
+        replayed = _factories([policy], url, overrides, timeline_s, model)[policy](trace)
         try:
             board = run_replay_world(trace, replayed).board
         except PolicyViolation as exc:
@@ -195,6 +212,10 @@ def replay(
                     out.write(json.dumps(window.as_dict()) + "\n")
             typer.echo(f"timeline: {len(replayed.timeline)} windows of {timeline_window:g} s "
                        f"written to {timeline_path}", err=True)
+        if save_model_path is not None and replayed.final_model is not None:
+            save_model_path.write_text(json.dumps(model_document(
+                replayed.final_model, trace.name, replayed.clock.now_ms()), indent=1) + "\n")
+            typer.echo(f"model written to {save_model_path}", err=True)
         if replayed.final_stats is not None:
             typer.echo(replayed.final_stats.scaling().describe()
                        + " (whole replay, warm-up included)", err=True)

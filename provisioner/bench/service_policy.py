@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,8 +137,13 @@ class ServicePolicy:
     given), one replica, against the server at `redis_url`."""
 
     def __init__(self, redis_url: str, pool: PoolConfig | None = None,
-                 name: str = NAME, timeline_s: float | None = None) -> None:
+                 name: str = NAME, timeline_s: float | None = None,
+                 model: Mapping[str, float] | None = None) -> None:
         self.name = name
+        #: a learned model (`provisioner model export`'s fields) the pool starts from, not the
+        #: priors; the pool's own at the end is `final_model`
+        self.model = dict(model) if model else None
+        self.final_model: dict[str, str] | None = None
         self.redis_url = redis_url
         self.pool = pool or PoolConfig()
         self.pool_name = f"bench-{uuid.uuid4().hex[:12]}"
@@ -170,6 +176,11 @@ class ServicePolicy:
                                 clock=self.clock)
         # The replay's logs are its scores; keep the per-event log lines out of the way.
         logging.getLogger("provisioner.service").setLevel(logging.WARNING)
+        if self.model:
+            loaded = await Scripts(self._redis, self.keys).load_model(self.clock.now_ms(),
+                                                                      self.model)
+            if not loaded.loaded:
+                raise ValueError(f"{loaded.reason}: {'; '.join(loaded.problems)}")
 
     @property
     def forecast_check(self) -> ForecastCheck | None:
@@ -281,8 +292,9 @@ class ServicePolicy:
     async def close(self) -> None:
         if self._redis is None:
             return
-        self.final_stats = await Scripts(self._redis, self.keys).snapshot(self.clock.now_ms(),
-                                                                          self.pool.window_ms)
+        scripts = Scripts(self._redis, self.keys)
+        self.final_stats = await scripts.snapshot(self.clock.now_ms(), self.pool.window_ms)
+        self.final_model = await scripts.read_model()
         async for key in self._redis.scan_iter(match=self.keys.pattern(), count=1000):
             await self._redis.delete(key)
         await self._redis.aclose()

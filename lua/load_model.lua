@@ -1,0 +1,70 @@
+#!lua
+--[[
+  load_model: an operator's import of a learned model (`provisioner model import`): what another
+  pool learned, or this pool before its data was lost, so that a new pool starts from it instead
+  of from the priors (lua/includes/policy.lua). The fields are those the forecast learns
+  (model_fields: the cells' exposures and credits, the users not browsing yet's, the releases,
+  the arrivals, the boot time); all of them are replaced at once, and the fields the import
+  does not name are dropped, so nothing of the old model is mixed into the new. The forecast's
+  check of itself starts afresh (its counts are the old pool's), and the decay runs from now.
+
+  Refused as a whole, writing nothing, when any field is not one the forecast learns or its
+  value not a non-negative finite number (the same test the forecast reads its fields with),
+  when there is no field, or when the pool has a model already (learned or imported) and
+  `replace` is not given: an import never overwrites what a running pool learned by accident.
+
+  KEYS: the pool key vector (lua/includes/keys.lua)
+  ARGV[1] now (ms)
+  ARGV[2] '1' to replace a model the pool has learned, '0' to refuse
+  ARGV[3..] field, value pairs
+
+  Returns {1, fields written} | {0, reason, problem...}
+]]
+--@include "includes/keys.lua"
+--@include "includes/policy.lua"
+
+local now = tonumber(ARGV[1])
+local replace = ARGV[2] == '1'
+
+local fields = model_fields()
+local known = {}
+for _, f in ipairs(fields) do
+  if f ~= 'last_ms' then
+    known[f] = true
+  end
+end
+local problems, writes, seen = {}, {}, {}
+if (#ARGV - 2) % 2 ~= 0 then
+  problems[#problems + 1] = 'a field without a value'
+end
+for i = 3, #ARGV - 1, 2 do
+  local f, v = ARGV[i], ARGV[i + 1]
+  if not known[f] then
+    problems[#problems + 1] = f .. ': not a field the forecast learns'
+  elseif seen[f] then
+    problems[#problems + 1] = f .. ': given twice'
+  elseif learned(v) == nil then
+    problems[#problems + 1] = f .. ': ' .. v .. ' is not a non-negative finite number'
+  else
+    seen[f] = true
+    writes[#writes + 1] = f
+    writes[#writes + 1] = v
+  end
+end
+if #problems > 0 then
+  return {0, 'refused: the model is not valid', unpack(problems)}
+end
+if #writes == 0 then
+  return {0, 'refused: the model has no field'}
+end
+if not replace and rcall('HEXISTS', K.model, 'last_ms') == 1 then
+  return {0, 'refused: the pool has a model already, learned or imported'
+    .. ' (replace it on purpose)'}
+end
+
+local old = {'check_until_ms', 'check_connects', 'check_mean', 'check_var'}
+for _, f in ipairs(fields) do old[#old + 1] = f end
+rcall('HDEL', K.model, unpack(old))
+rcall('HSET', K.model, 'last_ms', now, unpack(writes))
+stat('model_imports')
+return {1, #writes / 2}

@@ -1,0 +1,83 @@
+"""A pool's learned model as a file (``provisioner model export`` / ``import``).
+
+The forecast learns its chances, the boot time and the release rate in the pool's model hash
+(lua/includes/policy.lua). Exported, that model can start another pool, or this one after its
+data was lost, from what was learned instead of from the priors. The import goes through
+lua/load_model.lua, which checks every field and writes all of them or none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+FORMAT = "provisioner-model/1"
+
+#: Fields of the model hash that belong to the running pool, not to what it learned: the decay's
+#: clock, the forecast's check of itself against this pool's counters, and the horizon and window
+#: the tick wrote for allocate (kept in the file as `learned_over`, for the reader).
+RUNNING_FIELDS = frozenset({"last_ms", "check_until_ms", "check_connects", "check_mean",
+                            "check_var", "window_ms", "horizon_ms"})
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be imported."""
+
+
+def model_document(raw: Mapping[str, str], pool: str, now_ms: int) -> dict[str, Any]:
+    """The export of a model hash `raw`: its learned fields as numbers, and what it was learned
+    over. A field whose value is not a number (a hand repair gone wrong) is left out and named
+    under `skipped`."""
+    learned: dict[str, float] = {}
+    skipped: list[str] = []
+    for name in sorted(raw):
+        if name in RUNNING_FIELDS:
+            continue
+        try:
+            value = float(raw[name])
+        except ValueError:
+            skipped.append(name)
+            continue
+        if math.isfinite(value):
+            learned[name] = value
+        else:
+            skipped.append(name)
+    over = {name: float(raw[name]) for name in ("horizon_ms", "window_ms")
+            if _is_number(raw.get(name))}
+    document: dict[str, Any] = {"format": FORMAT, "pool": pool, "exported_ms": now_ms,
+                                "learned_over": over, "fields": learned}
+    if skipped:
+        document["skipped"] = skipped
+    return document
+
+
+def read_document(text: str) -> dict[str, float]:
+    """The fields of a model file, or ModelFileError saying what is wrong with it. Only the
+    file's shape is checked here; which fields and values a pool accepts, load_model.lua
+    decides."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ModelFileError("not a model file: the top level is not an object")
+    if document.get("format") != FORMAT:
+        raise ModelFileError(f"not a model file: format is {document.get('format')!r}, "
+                             f"expected {FORMAT!r}")
+    fields = document.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        raise ModelFileError("the model file has no fields")
+    bad = [name for name, value in fields.items()
+           if isinstance(value, bool) or not isinstance(value, int | float)]
+    if bad:
+        raise ModelFileError(f"fields whose values are not numbers: {', '.join(sorted(bad))}")
+    return {str(name): float(value) for name, value in fields.items()}
+
+
+def _is_number(value: str | None) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except ValueError:
+        return False

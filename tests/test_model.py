@@ -1,0 +1,206 @@
+"""A pool's learned model as a file: export, import (lua/load_model.lua), and replays from it."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from typer.testing import CliRunner
+
+from provisioner.bench.service_policy import ServicePolicy
+from provisioner.bench.trace import load_trace
+from provisioner.bench.world import run_replay
+from provisioner.cli import app
+from provisioner.clock import ManualClock
+from provisioner.config import PoolConfig
+from provisioner.keys import PoolKeys
+from provisioner.model import FORMAT, ModelFileError, model_document, read_document
+from provisioner.scripts import Scripts
+from tests.helpers import T0, PoolUnderTest
+from tests.test_bench_service import _trace
+
+CONFIG = PoolConfig(min_ready=0, max_nodes=1000)
+# A model as a pool learns it: a cell seen a lot and often followed by a connect, the users not
+# browsing yet, the arrivals, the release rate and a long boot time.
+LEARNED = {"x4_1": 900.0, "r4_1": 450.0, "x0": 2000.0, "r0": 60.0, "arr": 400.0,
+           "rel": 12.0, "bx": 9000.0, "boot_ms": 150000.0, "boot_n": 9.0}
+
+
+def pool_named(client: aioredis.Redis, name: str, clock: ManualClock) -> PoolUnderTest:
+    keys = PoolKeys(name)
+    return PoolUnderTest(client, keys, Scripts(client, keys), clock)
+
+
+@pytest.fixture
+async def pools(aredis: aioredis.Redis) -> AsyncIterator[tuple[PoolUnderTest, PoolUnderTest]]:
+    clock = ManualClock(T0)
+    yield pool_named(aredis, "learned", clock), pool_named(aredis, "new", clock)
+
+
+async def browse(pool: PoolUnderTest, users: int = 10) -> None:
+    """`users` users with ten activities each, the last now: level 8, first seen 45 s ago."""
+    for i in range(users):
+        for j in range(10):
+            ts = pool.now - (9 - j) * 5_000
+            await pool.scripts.record_activity(pool.now, f"u{i}", ts, CONFIG.window_ms, 3, 100)
+
+
+async def forecast(pool: PoolUnderTest) -> str:
+    """The target and the forecast behind it, from a decision now (not the spare it held)."""
+    decision = await pool.scripts.scale_decide(CONFIG.policy_args(pool.now, "r1"))
+    assert decision.won
+    found = re.search(r"target (\d+ \(.*\)): (create|hold)", decision.reason)
+    assert found, decision.reason
+    return found.group(1)
+
+
+async def test_a_new_pool_imported_from_another_forecasts_as_that_pool_does(
+        pools: tuple[PoolUnderTest, PoolUnderTest], aredis: aioredis.Redis) -> None:
+    learned, new = pools
+    await aredis.hset(learned.keys.key("model"), mapping={"last_ms": learned.now, **LEARNED})
+    await browse(learned)
+    await browse(new)
+    await forecast(learned)  # the tick writes its running fields: horizon, window, the check
+    exported = model_document(await learned.scripts.read_model(), "learned", learned.now)
+    assert exported["format"] == FORMAT
+    assert exported["fields"].keys() >= LEARNED.keys()
+    assert not {"last_ms", "check_until_ms", "horizon_ms"} & exported["fields"].keys()
+    assert exported["learned_over"] == {"horizon_ms": 120000.0, "window_ms": 120000.0}
+
+    fields = read_document(json.dumps(exported))
+    loaded = await new.scripts.load_model(new.now, fields)
+    assert loaded.loaded and loaded.fields == len(fields)
+
+    learned.clock.advance(1_000)
+    as_learned = await forecast(learned)
+    from_priors = await forecast(pool_named(aredis, "priors", learned.clock))
+    assert await forecast(new) == as_learned
+    assert as_learned != from_priors
+    assert "150s" in as_learned  # the boot time it learned, not the 60 s prior
+    assert (await new.snap()).stats["model_imports"] == "1"
+
+
+async def test_an_import_replaces_the_whole_model_and_starts_the_checks_afresh(
+        pools: tuple[PoolUnderTest, PoolUnderTest], aredis: aioredis.Redis) -> None:
+    pool, _ = pools
+    await aredis.hset(pool.keys.key("model"), mapping={"last_ms": pool.now - 5_000, **LEARNED})
+    await forecast(pool)
+    pool.clock.advance(10_000)
+    refused = await pool.scripts.load_model(pool.now, {"boot_ms": 90_000.0})
+    assert not refused.loaded
+    assert refused.reason.startswith("refused: the pool has a model already")
+    loaded = await pool.scripts.load_model(pool.now, {"boot_ms": 90_000.0}, replace=True)
+    assert loaded.loaded and loaded.fields == 1
+    # Nothing of the old model is mixed in; the tick's horizon and window stay for allocate.
+    assert await pool.scripts.read_model() == {
+        "last_ms": str(pool.now), "boot_ms": "90000.0", "horizon_ms": "120000",
+        "window_ms": "120000"}
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"x9_9": 1.0}, "x9_9: not a field the forecast learns"),
+    ({"last_ms": 1.0}, "last_ms: not a field the forecast learns"),
+    ({"check_mean": 1.0}, "check_mean: not a field the forecast learns"),
+    ({"x4_1": -1.0}, "x4_1: -1.0 is not a non-negative finite number"),
+    ({"boot_ms": float("inf")}, "boot_ms: inf is not a non-negative finite number"),
+    ({"boot_ms": float("nan")}, "boot_ms: nan is not a non-negative finite number"),
+])
+async def test_a_bad_field_refuses_the_whole_import(
+        pools: tuple[PoolUnderTest, PoolUnderTest], fields: dict[str, float],
+        problem: str) -> None:
+    _, pool = pools
+    before = await pool.dump()
+    loaded = await pool.scripts.load_model(pool.now, {"r4_1": 3.0, **fields})
+    assert not loaded.loaded
+    assert loaded.reason == "refused: the model is not valid"
+    assert loaded.problems == [problem]
+    assert await pool.dump() == before
+
+
+async def test_an_empty_model_is_refused(pools: tuple[PoolUnderTest, PoolUnderTest]) -> None:
+    _, pool = pools
+    loaded = await pool.scripts.load_model(pool.now, {})
+    assert (loaded.loaded, loaded.reason) == (False, "refused: the model has no field")
+    assert await pool.dump() == {}
+
+
+def test_an_export_leaves_out_what_is_not_a_number() -> None:
+    document = model_document({"x4_1": "12.5", "r4_1": "zz", "boot_ms": "inf",
+                               "last_ms": "5", "horizon_ms": "oops"}, "p", 7)
+    assert document["fields"] == {"x4_1": 12.5}
+    assert document["skipped"] == ["boot_ms", "r4_1"]
+    assert document["learned_over"] == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "not JSON"),
+    ("[1]", "the top level is not an object"),
+    ('{"format": "other", "fields": {"x0": 1}}', "format is 'other'"),
+    (json.dumps({"format": FORMAT}), "has no fields"),
+    (json.dumps({"format": FORMAT, "fields": {}}), "has no fields"),
+    (json.dumps({"format": FORMAT, "fields": {"x0": "1", "r0": True, "arr": 2}}),
+     "not numbers: r0, x0"),
+])
+def test_a_model_file_that_cannot_be_imported_says_why(text: str, message: str) -> None:
+    with pytest.raises(ModelFileError, match=re.escape(message)):
+        read_document(text)
+
+
+def test_model_export_and_import_on_the_command_line(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    sync_redis.hset(PoolKeys("a").key("model"), mapping={"last_ms": 1, **LEARNED})
+    out = tmp_path / "model.json"
+    runner = CliRunner()
+    exported = runner.invoke(app, ["model", "export", "--redis-url", redis_url, "--pool", "a",
+                                   "--out", str(out)])
+    assert exported.exit_code == 0, exported.output
+    assert read_document(out.read_text()) == LEARNED
+
+    def import_into_b(*extra: str) -> tuple[int, str]:
+        result = runner.invoke(app, ["model", "import", str(out), "--redis-url", redis_url,
+                                     "--pool", "b", *extra])
+        return result.exit_code, " ".join(result.output.split())
+
+    code, output = import_into_b()
+    assert code == 0 and output.startswith("pool b starts from")
+    assert output.endswith(": 9 learned fields")
+    code, output = import_into_b()
+    assert code == 2 and "pool b: refused: the pool has a model already" in output
+    assert import_into_b("--replace")[0] == 0
+    stored = sync_redis.hgetall(PoolKeys("b").key("model"))
+    assert {k: float(v) for k, v in stored.items() if k != "last_ms"} == LEARNED
+
+    out.write_text(json.dumps({"format": FORMAT, "fields": {"x9_9": 1}}))
+    code, output = import_into_b("--replace")
+    assert code == 2 and "x9_9: not a field the forecast learns" in output
+    out.write_text("{}")
+    code, output = import_into_b()
+    assert code == 2 and "model file: not a model file" in output
+    empty = runner.invoke(app, ["model", "export", "--redis-url", redis_url, "--pool", "c"])
+    assert empty.exit_code == 2 and "pool c has no model" in empty.output
+
+
+def test_a_replay_saves_its_model_and_another_starts_from_it(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    trace, saved = str(_trace(tmp_path)), tmp_path / "learned.json"
+    runner = CliRunner()
+    first = runner.invoke(app, ["bench", "replay", trace, "--json", "--redis-url", redis_url,
+                                "--save-model", str(saved)])
+    assert first.exit_code == 0, first.output
+    fields = read_document(saved.read_text())
+    assert fields["boot_n"] > 0 and fields["rel"] > 0  # it learned boots and sessions
+    again = runner.invoke(app, ["bench", "replay", trace, "--json", "--redis-url", redis_url,
+                                "--model", str(saved)])
+    assert again.exit_code == 0, again.output
+    policy = ServicePolicy(redis_url, model=fields)
+    run_replay(load_trace(Path(trace)), policy)
+    assert policy.final_stats is not None
+    assert policy.final_stats.stats["model_imports"] == "1"
+    refused = runner.invoke(app, ["bench", "replay", trace, "--policy", "static-3",
+                                  "--model", str(saved)])
+    assert refused.exit_code == 2 and "only `provisioner` learns a model" in refused.output

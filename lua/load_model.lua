@@ -15,7 +15,7 @@
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
-  ARGV[2] '1' to replace a model the pool has learned, '0' to refuse
+  ARGV[2] '1' to replace a model the pool has (learned or imported), '0' to refuse
   ARGV[3..] field, value pairs
 
   Returns {1, fields written} | {0, reason, problem...}

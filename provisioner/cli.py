@@ -378,7 +378,7 @@ def model_export(
         console.print(f"{len(document['fields'])} learned fields of pool {pool} written to "
                       f"{escape(str(out))}")
     if document.get("skipped"):
-        console.print("[yellow]left out, not numbers:[/yellow] "
+        console.print("[yellow]left out, not non-negative numbers:[/yellow] "
                       + escape(", ".join(document["skipped"])))
 
 

@@ -28,26 +28,22 @@ class ModelFileError(ValueError):
 
 def model_document(raw: Mapping[str, str], pool: str, now_ms: int) -> dict[str, Any]:
     """The export of a model hash `raw`: its learned fields as numbers, and what it was learned
-    over. A field whose value is not a number (a hand repair gone wrong) is left out and named
-    under `skipped`."""
-    learned: dict[str, float] = {}
+    over. A field whose value is not a non-negative finite number (a hand repair gone wrong;
+    load_model.lua would refuse it) is left out and named under `skipped`."""
+    fields: dict[str, float] = {}
     skipped: list[str] = []
     for name in sorted(raw):
         if name in RUNNING_FIELDS:
             continue
-        try:
-            value = float(raw[name])
-        except ValueError:
+        value = _learned(raw[name])
+        if value is None:
             skipped.append(name)
-            continue
-        if math.isfinite(value):
-            learned[name] = value
         else:
-            skipped.append(name)
-    over = {name: float(raw[name]) for name in ("horizon_ms", "window_ms")
-            if _is_number(raw.get(name))}
+            fields[name] = value
+    over = {name: value for name in ("horizon_ms", "window_ms")
+            if (value := _learned(raw.get(name))) is not None}
     document: dict[str, Any] = {"format": FORMAT, "pool": pool, "exported_ms": now_ms,
-                                "learned_over": over, "fields": learned}
+                                "learned_over": over, "fields": fields}
     if skipped:
         document["skipped"] = skipped
     return document
@@ -76,8 +72,11 @@ def read_document(text: str) -> dict[str, float]:
     return {str(name): float(value) for name, value in fields.items()}
 
 
-def _is_number(value: str | None) -> bool:
+def _learned(raw: str | None) -> float | None:
+    """`raw` as a learned value (a non-negative finite number, as the forecast reads it), or
+    None."""
     try:
-        return value is not None and math.isfinite(float(value))
+        value = float(raw) if raw is not None else math.nan
     except ValueError:
-        return False
+        return None
+    return value if math.isfinite(value) and value >= 0 else None

@@ -129,11 +129,11 @@ async def test_an_empty_model_is_refused(pools: tuple[PoolUnderTest, PoolUnderTe
     assert await pool.dump() == {}
 
 
-def test_an_export_leaves_out_what_is_not_a_number() -> None:
-    document = model_document({"x4_1": "12.5", "r4_1": "zz", "boot_ms": "inf",
+def test_an_export_leaves_out_what_an_import_would_refuse() -> None:
+    document = model_document({"x4_1": "12.5", "r4_1": "zz", "boot_ms": "inf", "x0": "-1",
                                "last_ms": "5", "horizon_ms": "oops"}, "p", 7)
     assert document["fields"] == {"x4_1": 12.5}
-    assert document["skipped"] == ["boot_ms", "r4_1"]
+    assert document["skipped"] == ["boot_ms", "r4_1", "x0"]
     assert document["learned_over"] == {}
 
 

@@ -349,6 +349,30 @@ model_app = typer.Typer(
     "import it into a new pool or after a data loss.", no_args_is_help=True)
 
 
+@model_app.command("show")
+def model_show(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False) -> None:
+    """What the pool has learned, as the forecast reads it: each cell's chance of a connect
+    within the horizon, the users not browsing yet's, the boot time, sessions, arrivals."""
+    from provisioner.keys import PoolKeys
+    from provisioner.scripts import Scripts
+
+    try:
+        keys = PoolKeys(pool)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+    async def read(client: aioredis.Redis) -> dict[str, Any]:
+        config = view.config_from_redis(await client.hgetall(keys.config)) or DEFAULTS
+        return await Scripts(client, keys).model_view(
+            config.policy_args(WallClock().now_ms(), "cli"))
+
+    shown = _with_redis(redis_url, read)
+    if as_json:
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    console.print(view.render_model(pool, shown))
+
+
 @model_app.command("export")
 def model_export(
     redis_url: RedisUrl,

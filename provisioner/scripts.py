@@ -38,6 +38,7 @@ SCRIPT_NAMES = (
     "scale_decide",
     "reap_idle",
     "load_model",
+    "model_view",
     "snapshot",
 )
 
@@ -436,6 +437,11 @@ class Scripts:
         if int(reply[0]) == 1:
             return ModelLoad(True, int(reply[1]))
         return ModelLoad(False, 0, as_text(reply[1]), [as_text(x) for x in reply[2:]])
+
+    async def model_view(self, policy_args: Sequence[object]) -> dict[str, Any]:
+        """What the pool has learned, as the forecast reads it (lua/model_view.lua)."""
+        view: dict[str, Any] = json.loads(as_text(await self._call("model_view", *policy_args)))
+        return view
 
     async def read_model(self) -> dict[str, str]:
         """The pool's model hash as it is (one HGETALL: a consistent read)."""

@@ -224,3 +224,40 @@ def config_from_redis(raw: dict[Any, Any]) -> PoolConfig | None:
             kind = type(getattr(PoolConfig(), name))
             values[name] = kind(float(as_text(value))) if kind is int else kind(as_text(value))
     return PoolConfig(**values)
+
+
+def render_model(pool: str, shown: dict[str, Any]) -> Group:
+    """`provisioner model show`: lua/model_view.lua's reading of the pool's model."""
+    horizon = shown["horizon_s"]
+    if shown["learned"]:
+        boot = (f"{shown['lead_s']:.0f} s, learned from {shown['boots']:.0f} boots"
+                if shown["boot_learned"] else f"{shown['lead_s']:.0f} s, the prior")
+        head = Text(
+            f"boot lead time {boot}; mean session {shown['session_mean_s'] / 60:.1f} min "
+            f"({shown['releases']:.1f} releases, decayed); arrivals "
+            f"{shown['arrivals_per_min']:.2f} a minute; users not browsing yet bring "
+            f"{shown['not_browsing_per_horizon']:.3f} connects per {horizon:.0f} s")
+    else:
+        head = Text(f"pool {pool} has learned nothing yet: every figure below is the prior",
+                    style="yellow")
+    table = Table(title=f"chance of a connect within {horizon:.0f} s (priors included), by "
+                  "requests in the window and time since first seen",
+                  caption="each cell: the chance, and the decayed user-minutes it was learned "
+                  "from")
+    ages = sorted({(c["age_from_s"], c["age_to_s"]) for c in shown["cells"]},
+                  key=lambda a: a[0])
+    table.add_column("requests")
+    for lo, hi in ages:
+        table.add_column(f"{lo:.0f}-{hi:.0f} s" if hi is not None else f"{lo:.0f} s+",
+                         justify="right")
+    levels = sorted({c["level"] for c in shown["cells"]})
+    for level, above in zip(levels, [*levels[1:], None], strict=True):
+        label = f"{level}+" if above is None else (
+            str(level) if above == level + 1 else f"{level}-{above - 1}")
+        row = [label]
+        for lo, _ in ages:
+            cell = next(c for c in shown["cells"]
+                        if c["level"] == level and c["age_from_s"] == lo)
+            row.append(f"{100 * cell['chance']:.1f}%, {cell['exposure_s'] / 60:.0f} min")
+        table.add_row(*row)
+    return Group(head, table)

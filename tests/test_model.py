@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -204,3 +205,48 @@ def test_a_replay_saves_its_model_and_another_starts_from_it(
     refused = runner.invoke(app, ["bench", "replay", trace, "--policy", "static-3",
                                   "--model", str(saved)])
     assert refused.exit_code == 2 and "only `provisioner` learns a model" in refused.output
+
+
+async def test_model_show_reads_the_chances_as_the_forecast_does(
+        pools: tuple[PoolUnderTest, PoolUnderTest], aredis: aioredis.Redis) -> None:
+    learned, new = pools
+    # Arrivals usual enough (2000, decayed) that ten new users are no panic.
+    await aredis.hset(learned.keys.key("model"),
+                      mapping={"last_ms": learned.now, **LEARNED, "arr": 2000})
+    shown = await learned.scripts.model_view(CONFIG.policy_args(learned.now, "r1"))
+    cells = {(c["level"], c["age_from_s"]): c for c in shown["cells"]}
+    assert len(cells) == 20
+    # The prior's 2% over 300 s joins the cell's 450 credited seconds of 900.
+    assert cells[8, 0]["chance"] == pytest.approx((450 + 6) / (900 + 300))
+    assert cells[8, 0]["exposure_s"] == 900 and cells[8, 0]["age_to_s"] == 60
+    assert cells[16, 300]["chance"] == pytest.approx(0.02)  # nothing learned there
+    assert cells[16, 300]["age_to_s"] is None
+    assert shown["not_browsing_per_horizon"] == pytest.approx((60 + 30) / (2000 + 600))
+    assert shown["session_mean_s"] == pytest.approx((9000 + 900) / 13)
+    assert shown["arrivals_per_min"] == pytest.approx(2000 * math.log(2) / 1800 * 60)
+    assert (shown["lead_s"], shown["horizon_s"], shown["boots"]) == (150, 120, 9)
+    assert shown["learned"] and shown["boot_learned"]
+    # Ten users in that cell: the decision's forecast within H is theirs and the others'.
+    await browse(learned)
+    why = await forecast(learned)
+    within = 10 * cells[8, 0]["chance"] + shown["not_browsing_per_horizon"]
+    assert f"learned over 120s, {(150 / 120 - 1) * within:.2f} of them" in why
+
+    fresh = await new.scripts.model_view(CONFIG.policy_args(new.now, "r1"))
+    assert not fresh["learned"] and not fresh["boot_learned"] and fresh["lead_s"] == 60
+    assert all(c["chance"] == pytest.approx(0.02) for c in fresh["cells"])
+
+
+def test_model_show_on_the_command_line(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    sync_redis.hset(PoolKeys("a").key("model"), mapping={"last_ms": 1, **LEARNED})
+    runner = CliRunner(env={"COLUMNS": "120"})
+    table = runner.invoke(app, ["model", "show", "--redis-url", redis_url, "--pool", "a"])
+    assert table.exit_code == 0, table.output
+    assert "boot lead time 150 s, learned from 9 boots" in table.output
+    assert re.search(r"│ 8-15 +│ +38\.0%, 15 min │", table.output), table.output
+    shown = json.loads(runner.invoke(app, ["model", "show", "--redis-url", redis_url,
+                                           "--pool", "a", "--json"]).stdout)
+    assert shown["learned"] and len(shown["cells"]) == 20
+    empty = runner.invoke(app, ["model", "show", "--redis-url", redis_url, "--pool", "b"])
+    assert "pool b has learned nothing yet" in empty.output

@@ -105,6 +105,40 @@ local function model_fields()
   return fields
 end
 
+-- The model's fields as learned values: m (0 where nothing is learned) and known (nil there). A
+-- field that is missing, or not a value a script wrote, is nothing learned yet, so one bad field
+-- cannot flood or empty the target.
+local function read_model()
+  local fields = model_fields()
+  local values = rcall('HMGET', K.model, unpack(fields))
+  local m, known = {}, {}
+  for i, f in ipairs(fields) do
+    known[f] = learned(values[i])
+    m[f] = known[f] or 0
+  end
+  return m, known
+end
+
+-- What the model says, as the forecast reads it (forecast_target) and `provisioner model show`
+-- prints it (model_view.lua). m: the model's fields, 0 when nothing is learned.
+-- The chance that a user in cell c connects within H, learned from the cell's credit over its
+-- exposure x (seconds), the prior's included.
+local function cell_chance(m, c, x)
+  return math.min(1, (m['r' .. c] + PRIOR_Q * PRIOR_EXPOSURE_S) / (x + PRIOR_EXPOSURE_S))
+end
+
+-- The connects within H of users not browsing yet (a Poisson mean), from their credit over
+-- the wall time x0 (seconds), the prior's included; and that credit (its weight).
+local function fresh_mean(m, x0)
+  local credit = m.r0 + PRIOR_FRESH * PRIOR_WALL_S
+  return credit / (x0 + PRIOR_WALL_S), credit
+end
+
+-- Releases per allocated node-second: one prior session of PRIOR_SESSION_S.
+local function release_rate(m)
+  return (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
+end
+
 -- Browsing users per cell now: n[i][j] at level index i and age bucket j. O(log n) per count.
 local function cell_counts(p)
   local ge = {}  -- ge[i][j]: at level >= LEVELS[i] and younger than AGES[j] (any age: #AGES+1)
@@ -310,15 +344,7 @@ end
 -- With `update` (scale_decide, once per interval) the exposures accrue, everything decays, and
 -- the horizon and window are written for allocate's credit.
 local function forecast_target(s, p, update)
-  local fields = model_fields()
-  local values = rcall('HMGET', K.model, unpack(fields))
-  -- A field that is missing, or not a value a script wrote, is nothing learned yet (0 in m, nil
-  -- in known), so one bad field cannot flood or empty the target.
-  local m, known = {}, {}
-  for i, f in ipairs(fields) do
-    known[f] = learned(values[i])
-    m[f] = known[f] or 0
-  end
+  local m, known = read_model()
   local n, young = cell_counts(p)
   local lead_ms, lead_why = lead_time(p, m.boot_ms, m.boot_n)
   local horizon_ms = math.min(lead_ms, p.window_ms)
@@ -382,17 +408,16 @@ local function forecast_target(s, p, update)
       local c = i .. '_' .. j
       local count = n[i][j]
       if count > 0 then
-        local x = credited(m['x' .. c], count * H) + PRIOR_EXPOSURE_S
-        local q = math.min(1, (m['r' .. c] + PRIOR_Q * PRIOR_EXPOSURE_S) / x)
+        local x = credited(m['x' .. c], count * H)
+        local q = cell_chance(m, c, x)
         mean = mean + count * q
         var = var + count * q * (1 - q)
-        estimated = estimated + count * count * q * (1 - q) / (x / H + 1)
+        estimated = estimated + count * count * q * (1 - q) / ((x + PRIOR_EXPOSURE_S) / H + 1)
         browsing[i] = browsing[i] + count
       end
     end
   end
-  local fresh_credit = m.r0 + PRIOR_FRESH * PRIOR_WALL_S
-  local fresh = fresh_credit / (credited(m.x0, H) + PRIOR_WALL_S)
+  local fresh, fresh_credit = fresh_mean(m, credited(m.x0, H))
   local minute_s = AGES[1] / 1000  -- 'young' counts the users first seen within it
   local arrivals = young / minute_s
   local usual = m.arr * math.log(2) / half_life_s
@@ -426,8 +451,8 @@ local function forecast_target(s, p, update)
   -- The error of the chances runs on beyond H: the rate there is the forecast's own.
   local estimation = p.estimation_error * estimated * stretch * stretch
   var = var + fresh + beyond + estimation
-  local release_rate = (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
-  local q = 1 - math.exp(-release_rate * L)
+  local rate = release_rate(m)
+  local q = 1 - math.exp(-rate * L)
   local frees = s.allocated * q
   local frees_var = s.allocated * q * (1 - q)
   -- The frees of sessions that begin within L (new_session_frees, 1 by default): a connect at
@@ -436,7 +461,7 @@ local function forecast_target(s, p, update)
   -- buffer stays on the gross connects, since a node freed late in L serves no connect before.
   local again = 0
   if p.new_session_frees > 0 then
-    local phi = math.max(0, 1 - q / (release_rate * L))  -- release_rate > 0: it has a prior
+    local phi = math.max(0, 1 - q / (rate * L))  -- rate > 0: it has a prior
     again = mean * phi * p.new_session_frees
   end
   if update then

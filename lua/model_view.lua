@@ -4,7 +4,8 @@
   Changes nothing. Per cell (browsing level x age since first seen): the seconds users spent in
   it and the chance that a user there connects within the horizon H, from the same functions
   the forecast uses (lua/includes/policy.lua), the priors included; the users not browsing
-  yet's connects per H; the boot lead time; the mean session; the arrivals per minute. The
+  yet's connects per H; the boot lead time; the mean session; the long-run arrivals per minute
+  (the decayed count over a full memory, the panic's baseline: low in a new pool). The
   chances are as learned, without the discount `uncredited_exposure` may apply to the last
   horizon's exposure of the cells browsing now.
 
@@ -42,5 +43,6 @@ return cjson.encode({
   session_mean_s = 1 / release_rate(m),
   releases = m.rel,
   arrivals_per_min = m.arr * math.log(2) / half_life_s * 60,
+  memory_min = half_life_s / math.log(2) / 60,
   cells = cells,
 })

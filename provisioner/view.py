@@ -234,8 +234,10 @@ def render_model(pool: str, shown: dict[str, Any]) -> Group:
                 if shown["boot_learned"] else f"{shown['lead_s']:.0f} s, the prior")
         head = Text(
             f"boot lead time {boot}; mean session {shown['session_mean_s'] / 60:.1f} min "
-            f"({shown['releases']:.1f} releases, decayed); arrivals "
-            f"{shown['arrivals_per_min']:.2f} a minute; users not browsing yet bring "
+            f"({shown['releases']:.1f} releases, decayed); long-run arrivals "
+            f"{shown['arrivals_per_min']:.2f} a minute (over a full memory of "
+            f"{shown['memory_min']:.0f} min: low while the pool is younger); users not browsing "
+            "yet bring "
             f"{shown['not_browsing_per_horizon']:.3f} connects per {horizon:.0f} s")
     else:
         head = Text(f"pool {pool} has learned nothing yet: every figure below is the prior",

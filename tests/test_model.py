@@ -224,6 +224,7 @@ async def test_model_show_reads_the_chances_as_the_forecast_does(
     assert shown["not_browsing_per_horizon"] == pytest.approx((60 + 30) / (2000 + 600))
     assert shown["session_mean_s"] == pytest.approx((9000 + 900) / 13)
     assert shown["arrivals_per_min"] == pytest.approx(2000 * math.log(2) / 1800 * 60)
+    assert shown["memory_min"] == pytest.approx(1800 / math.log(2) / 60)
     assert (shown["lead_s"], shown["horizon_s"], shown["boots"]) == (150, 120, 9)
     assert shown["learned"] and shown["boot_learned"]
     # Ten users in that cell: the decision's forecast within H is theirs and the others'.

@@ -21,6 +21,7 @@ from provisioner import mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
 from provisioner.clock import WallClock
 from provisioner.config import ConfigError, PoolConfig, ServiceConfig, default_replica_id
+from provisioner.keys import PoolKeys
 from provisioner.logs import setup_logging
 
 app = typer.Typer(
@@ -194,11 +195,21 @@ def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         raise _fail(f"cannot reach Redis at {url}: {exc}") from None
 
 
-async def _window_ms(client: aioredis.Redis, pool: str) -> int:
-    from provisioner.keys import PoolKeys
+def _pool_keys(pool: str) -> PoolKeys:
+    """The pool's keys, or a clear error for a pool name no key can carry."""
+    try:
+        return PoolKeys(pool)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
-    config = view.config_from_redis(await client.hgetall(PoolKeys(pool).config))
-    return (config or DEFAULTS).window_ms
+
+async def _published_config(client: aioredis.Redis, keys: PoolKeys) -> PoolConfig:
+    """The pool settings the replicas last published, or the defaults if none did."""
+    return view.config_from_redis(await client.hgetall(keys.config)) or DEFAULTS
+
+
+async def _window_ms(client: aioredis.Redis, pool: str) -> int:
+    return (await _published_config(client, PoolKeys(pool))).window_ms
 
 
 @app.command()
@@ -309,11 +320,10 @@ def reconcile(
     from provisioner.service import Replica
 
     async def go(client: aioredis.Redis) -> dict[str, Any]:
-        config = view.config_from_redis(
-            await client.hgetall(f"prov:{{{pool}}}:config")) or DEFAULTS
         api = HttpNodeApi(node_api_url)
         try:
             service = ServiceConfig(redis_url, node_api_url, pool=pool).validate()
+            config = await _published_config(client, PoolKeys(pool))
             replica = Replica(client, service, config, api)
             counts = await replica.reconcile()
             await replica.drain(10.0)
@@ -353,16 +363,12 @@ model_app = typer.Typer(
 def model_show(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False) -> None:
     """What the pool has learned, as the forecast reads it: each cell's chance of a connect
     within the horizon, the users not browsing yet's, the boot time, sessions, arrivals."""
-    from provisioner.keys import PoolKeys
     from provisioner.scripts import Scripts
 
-    try:
-        keys = PoolKeys(pool)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
+    keys = _pool_keys(pool)
 
     async def read(client: aioredis.Redis) -> dict[str, Any]:
-        config = view.config_from_redis(await client.hgetall(keys.config)) or DEFAULTS
+        config = await _published_config(client, keys)
         return await Scripts(client, keys).model_view(
             config.policy_args(WallClock().now_ms(), "cli"))
 
@@ -381,14 +387,10 @@ def model_export(
         "--out", dir_okay=False, help="File to write (default: standard output)")] = None,
 ) -> None:
     """Write what the pool has learned as a provisioner-model/1 JSON file."""
-    from provisioner.keys import PoolKeys
     from provisioner.model import model_document
     from provisioner.scripts import Scripts
 
-    try:
-        keys = PoolKeys(pool)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
+    keys = _pool_keys(pool)
     raw = _with_redis(redis_url, lambda c: Scripts(c, keys).read_model())
     if not raw:
         raise _fail(f"pool {pool} has no model: it has not decided yet, or the pool name is "
@@ -417,16 +419,14 @@ def model_import(
 ) -> None:
     """Start the pool from a model exported by `model export`: every field is checked, and
     all are written or none."""
-    from provisioner.keys import PoolKeys
     from provisioner.model import ModelFileError, read_document
     from provisioner.scripts import Scripts
 
+    keys = _pool_keys(pool)
     try:
-        keys = PoolKeys(pool)
         fields = read_document(model_file.read_text())
-    except (ValueError, OSError) as exc:  # ModelFileError is a ValueError
-        what = "model file" if isinstance(exc, (ModelFileError, OSError)) else "pool"
-        raise _fail(f"{what}: {escape(str(exc))}") from None
+    except (ModelFileError, OSError) as exc:
+        raise _fail(f"model file: {escape(str(exc))}") from None
     result = _with_redis(redis_url, lambda c: Scripts(c, keys).load_model(
         WallClock().now_ms(), fields, replace))
     if not result.loaded:

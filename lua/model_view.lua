@@ -42,7 +42,7 @@ return cjson.encode({
   not_browsing_per_horizon = fresh_mean(m, m.x0),
   session_mean_s = 1 / release_rate(m),
   releases = m.rel,
-  arrivals_per_min = m.arr * math.log(2) / half_life_s * 60,
+  arrivals_per_min = long_run_arrivals(m, half_life_s) * 60,
   memory_min = half_life_s / math.log(2) / 60,
   cells = cells,
 })

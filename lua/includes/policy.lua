@@ -134,6 +134,12 @@ local function fresh_mean(m, x0)
   return credit / (x0 + PRIOR_WALL_S), credit
 end
 
+-- The long-run arrival rate per second: the decayed arrival count over the weight of a full
+-- memory (half-life / ln 2 seconds), the panic's baseline (low while the pool is younger).
+local function long_run_arrivals(m, half_life_s)
+  return m.arr * math.log(2) / half_life_s
+end
+
 -- Releases per allocated node-second: one prior session of PRIOR_SESSION_S.
 local function release_rate(m)
   return (m.rel + 1) / (m.bx + PRIOR_SESSION_S)
@@ -420,7 +426,7 @@ local function forecast_target(s, p, update)
   local fresh, fresh_credit = fresh_mean(m, credited(m.x0, H))
   local minute_s = AGES[1] / 1000  -- 'young' counts the users first seen within it
   local arrivals = young / minute_s
-  local usual = m.arr * math.log(2) / half_life_s
+  local usual = long_run_arrivals(m, half_life_s)
   local panic = 1
   if usual > 0 and arrivals > usual then
     panic = math.min(arrivals / usual, PANIC_MAX)

@@ -65,16 +65,33 @@ local function youngest_surplus_boot(given_up)
   return nil
 end
 
+-- The ready node idle the longest, if it has been idle for idle_timeout; else nil.
+local function oldest_idle()
+  local node = rcall('LINDEX', K.ready, 0)
+  if not node then return nil end
+  local idle_since = tonumber(rcall('HGET', node_key(node), 'idle_since_ms')) or now
+  if now - idle_since < p.idle_timeout_ms then return nil end
+  return node
+end
+
+-- The keep level is the larger of the forecast's target and the peak target. The forecast is the
+-- dearest read here, and it can only lower the excess: it is worked out only when the peak
+-- alone leaves an excess and the oldest idle node has been idle long enough to go (or, below,
+-- for the log line). Every tick calls this; most ticks reap nothing.
 local s = observe(p)
-local target = target_spare(s, p, false)
-local keep = math.max(target, peak_target(now, p.keep_window_ms))
-local excess = math.min(s.spare - keep, s.ready - p.min_ready)
+local peak = peak_target(now, p.keep_window_ms)
+local target = nil
+local excess = math.min(s.spare - peak, s.ready - p.min_ready)
+if excess > 0 and oldest_idle() then
+  target = target_spare(s, p, false)
+  excess = math.min(s.spare - math.max(target, peak), s.ready - p.min_ready)
+else
+  excess = 0
+end
 local reaped, swapped = 0, 0
 while excess > 0 and reaped < p.max_batch do
-  local node = rcall('LINDEX', K.ready, 0)
+  local node = oldest_idle()
   if not node then break end
-  local idle_since = tonumber(rcall('HGET', node_key(node), 'idle_since_ms')) or now
-  if now - idle_since < p.idle_timeout_ms then break end
   local reason = 'idle'
   local boot = youngest_surplus_boot(swapped)
   if boot then
@@ -88,6 +105,8 @@ while excess > 0 and reaped < p.max_batch do
 end
 
 if #out > 0 then
+  target = target or target_spare(s, p, false)
+  local keep = math.max(target, peak)
   stat('terminations_started', #out / 2)
   local reason = string.format(
     'terminate %d (stuck %d, retry %d, idle %d, booting in an idle node\'s place %d); '

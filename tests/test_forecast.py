@@ -483,6 +483,22 @@ async def test_reap_keeps_what_the_forecast_needs(pool: PoolUnderTest) -> None:
     assert len(reaped) == 3 - numbers["target"] and len(reaped) >= 1
 
 
+async def test_reap_reads_the_forecast_itself_when_no_peak_holds_the_nodes(
+        pool: PoolUnderTest) -> None:
+    # reap_idle works out the forecast only when the peak target alone would reap; with no
+    # decision recorded (no peak), the forecast it reads itself is what keeps the nodes.
+    config = PoolConfig(min_ready=0, idle_timeout_s=1, max_nodes=1000)
+    for node in ("n1", "n2", "n3"):
+        await pool.boot(node)
+    for i in range(30):
+        await browse(pool, f"u{i}", 10)
+    pool.clock.advance(2_000)
+    assert await pool.redis.llen(pool.keys.key("targets")) == 0
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    _, numbers = await decide(pool, config)
+    assert numbers["target"] >= 3  # what the reaper kept: the decision's forecast agrees
+
+
 def poisson_above(mean: float, line: float) -> float:
     """P(D > line) for a Poisson count D of this mean, the sum the check keeps."""
     return 1 - sum(math.exp(-mean) * mean ** k / math.factorial(k)

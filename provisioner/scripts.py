@@ -260,16 +260,10 @@ class ForecastCheck:
     @classmethod
     def from_stats(cls, stat: Callable[[str], int],
                    fstat: Callable[[str], float]) -> ForecastCheck:
-        """Read from the stats hash (`stat` for counts, `fstat` for sums). The back-to-back
-        check's fields are stored as `forecast_<field>` (or under the name their metadata
-        gives); the check from every tick's under their own names."""
-        def stored(f: Field[Any]) -> str:
-            if "stored" in f.metadata:
-                return str(f.metadata["stored"])
-            return f.name if f.name.startswith("sliding_") else f"forecast_{f.name}"
-        types = get_type_hints(cls)
-        values: dict[str, Any] = {f.name: (stat if types[f.name] is int else fstat)(stored(f))
-                                  for f in fields(cls)}
+        """Read from the stats hash (`stat` for counts, `fstat` for sums; the keys as
+        `_check_fields` names them)."""
+        values: dict[str, Any] = {name: (stat if counted else fstat)(key)
+                                  for name, key, counted in _check_fields()}
         return cls(**values)
 
     def quantities(self) -> dict[str, float]:
@@ -347,6 +341,20 @@ class ForecastCheck:
         return parts
 
 
+@cache
+def _check_fields() -> tuple[tuple[str, str, bool], ...]:
+    """ForecastCheck's fields as the stats hash stores them: (name, stored key, is a count).
+    The back-to-back check's are stored as `forecast_<field>` (or under the name their metadata
+    gives), the check from every tick's under their own names. Worked out once: every tick reads
+    them for the gauges."""
+    def stored(f: Field[Any]) -> str:
+        if "stored" in f.metadata:
+            return str(f.metadata["stored"])
+        return f.name if f.name.startswith("sliding_") else f"forecast_{f.name}"
+    types = get_type_hints(ForecastCheck)
+    return tuple((f.name, stored(f), types[f.name] is int) for f in fields(ForecastCheck))
+
+
 ScriptObserver = Callable[[str, float], None]
 
 
@@ -357,7 +365,8 @@ class Scripts:
                  observe: ScriptObserver | None = None) -> None:
         self.redis = redis
         self.keys = keys
-        self._vector = keys.vector()
+        # Encoded once: every call sends the whole vector.
+        self._vector = [key.encode() for key in keys.vector()]
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(load_source(name)) for name in SCRIPT_NAMES
         }

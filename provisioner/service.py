@@ -57,8 +57,10 @@ class Replica:
 
     def __init__(self, redis: aioredis.Redis, service: ServiceConfig, pool: PoolConfig,
                  node_api: NodeApi, *, clock: Clock | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, gauges: bool = True) -> None:
         self.redis = redis
+        #: whether each tick refreshes the pool's Prometheus gauges (a replay has no scrape)
+        self.gauges = gauges
         self.service = service
         self.pool = pool
         self.node_api = node_api
@@ -167,7 +169,8 @@ class Replica:
                 self.metrics.terminations.labels(termination.reason).inc()
                 log.info("terminating %s: %s", termination.node_id, termination.reason)
                 self._spawn(self._terminate(termination))
-        await self.refresh_gauges(now)
+        if self.gauges:
+            await self.refresh_gauges(now)
 
     async def refresh_gauges(self, now: int) -> None:
         snap = await self.scripts.snapshot(now, self.pool.window_ms)

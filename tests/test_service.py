@@ -109,6 +109,21 @@ async def test_tick_creates_the_floor_and_a_connect_gets_a_ready_node(
     assert await check_invariants(aredis, POOL) == []
 
 
+async def test_a_replica_without_gauges_decides_the_same_and_exports_no_pool_gauges(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    # The replay benchmark's replica: no scrape, so no per-tick snapshot for the gauges.
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1")
+    replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics(),
+                      gauges=False)
+    await replica.tick()
+    await replica.settle()
+    assert api.created == ["node-1"]  # decided and acted as ever
+    assert counter(replica, "provisioner_scaling", quantity="creates") == 0
+    await replica.refresh_gauges(clock.now_ms())  # what a replica with gauges does each tick
+    assert counter(replica, "provisioner_scaling", quantity="creates") == 1
+
+
 async def test_the_forecast_check_is_exported_for_prometheus(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

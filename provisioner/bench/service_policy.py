@@ -173,7 +173,7 @@ class ServicePolicy:
         service = ServiceConfig(redis_url=self.redis_url, node_api_url="http://replay",
                                 pool=self.pool_name, http_port=0, replica_id="replay")
         self._replica = Replica(self._redis, service, self.pool, WorldNodeApi(world),
-                                clock=self.clock)
+                                clock=self.clock, gauges=False)
         # The replay's logs are its scores; keep the per-event log lines out of the way.
         logging.getLogger("provisioner.service").setLevel(logging.WARNING)
         if self.model:

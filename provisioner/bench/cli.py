@@ -415,6 +415,29 @@ def tick_cost(
 
 
 @app.command()
+def ingest(
+    messages: Annotated[int, typer.Option(min=1, help="Activity messages to publish")] = 20_000,
+    users: Annotated[int, typer.Option(
+        min=1, help="Users they come from (one message per user-second, at most 60 s each)")
+    ] = 1_000,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Time one replica's live listener applying a burst of user:activity messages: the rate
+    the service keeps up with (every replica applies every message)."""
+    from provisioner.bench.ingest import run
+
+    try:
+        with _server(redis_url) as url:
+            result = run(url, messages, users)
+    except (ValueError, TimeoutError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    console.print(f"{result.messages:,} activity messages of {result.users:,} users applied by "
+                  f"one replica's listener in {result.seconds:.2f} s: "
+                  f"{result.per_second:,.0f} a second, on {result.server}")
+
+
+@app.command()
 def bound(
     trace_path: Annotated[Path, typer.Argument(metavar="TRACE", exists=True, dir_okay=False)],
     window: Annotated[float, typer.Option(min=60.0, help="Seconds per window whose connect "

@@ -1,0 +1,46 @@
+"""The ingest benchmark: one replica's live listener applying a burst of activity messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis.asyncio as aioredis
+from typer.testing import CliRunner
+
+from provisioner.bench.ingest import activity_messages, measure
+from provisioner.cli import app
+
+
+def test_each_message_is_a_distinct_user_second() -> None:
+    payloads = [json.loads(p) for p in activity_messages(7, 3, 1000)]
+    assert [(p["user_id"], p["timestamp"]) for p in payloads] == [
+        ("ingest-0", 1000), ("ingest-1", 1000), ("ingest-2", 1000),
+        ("ingest-0", 999), ("ingest-1", 999), ("ingest-2", 999), ("ingest-0", 998)]
+
+
+async def test_the_listener_applies_every_message_and_the_pool_is_cleaned_up(
+        redis_url: str, aredis: aioredis.Redis) -> None:
+    before = set(await aredis.keys("prov:{ingest-*"))
+    rate = await measure(redis_url, 300, 30, timeout_s=60)
+    assert (rate.messages, rate.users, rate.active) == (300, 30, 30)
+    assert rate.seconds > 0 and rate.per_second == pytest.approx(300 / rate.seconds)
+    assert rate.server.split()[0] in ("redis", "valkey")
+    assert set(await aredis.keys("prov:{ingest-*")) == before
+
+
+async def test_more_history_than_half_the_window_is_refused(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="at most 60 s"):
+        await measure(redis_url, 610, 10)
+
+
+def test_the_command_prints_the_rate(redis_url: str) -> None:
+    result = CliRunner().invoke(app, ["bench", "ingest", "--messages", "200", "--users", "20",
+                                      "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    assert "200 activity messages of 20 users applied by one replica's listener" in " ".join(
+        result.output.split())
+    refused = CliRunner().invoke(app, ["bench", "ingest", "--messages", "200", "--users", "1",
+                                       "--redis-url", redis_url])
+    assert refused.exit_code == 2 and "half the activity window" in " ".join(
+        refused.output.split())

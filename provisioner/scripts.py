@@ -17,10 +17,11 @@ from enum import IntEnum
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Generic, TypeVar, get_type_hints
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 from provisioner.keys import PoolKeys
 
@@ -356,6 +357,35 @@ def _check_fields() -> tuple[tuple[str, str, bool], ...]:
 
 
 ScriptObserver = Callable[[str, float], None]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One transition to run: the script, its ARGV, and how its reply reads."""
+
+    name: str
+    args: tuple[object, ...]
+    parse: Callable[[Any], T]
+
+
+def _activity(reply: Any) -> ActivityResult:
+    code, n = reply
+    return ActivityResult(Activity(int(code)), int(n))
+
+
+def _allocation(reply: Any) -> AllocateResult:
+    code, node, position = reply
+    return AllocateResult(Allocation(int(code)), as_text(node), int(position))
+
+
+def _release(reply: Any) -> ReleaseResult:
+    return ReleaseResult(Release(int(reply[0])), as_text(reply[1]), _served(reply[2:]))
+
+
+def _node_status(reply: Any) -> NodeStatusResult:
+    return NodeStatusResult(NodeStatusOutcome(int(reply[0])), as_text(reply[1]),
+                            as_text(reply[2]), _served(reply[3:]))
 
 
 class Scripts:
@@ -386,28 +416,67 @@ class Scripts:
         call: Callable[..., Awaitable[Any]] = self._scripts[name]
         await call(keys=self._vector, args=list(args), client=pipe)
 
+    async def run(self, call: Call[T]) -> T:
+        """One transition, as `call` describes it."""
+        return call.parse(await self._call(call.name, *call.args))
+
+    async def run_many(self, calls: Sequence[Call[Any]]) -> list[Any]:
+        """Several transitions in one round trip, in order: each script is atomic as ever, and
+        they run one after another as separate calls would (not as one transaction). Each item
+        is the call's result, or the exception its script raised. A failure of the connection
+        itself raises."""
+        if len(calls) == 1:
+            try:
+                return [await self.run(calls[0])]
+            except ResponseError as exc:
+                return [exc]
+        started = time.perf_counter()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                await self.queue(pipe, call.name, *call.args)
+            replies = await pipe.execute(raise_on_error=False)
+        if self._observe is not None:
+            share = (time.perf_counter() - started) / len(calls)
+            for call in calls:
+                self._observe(call.name, share)
+        results: list[Any] = []
+        for call, reply in zip(calls, replies, strict=True):
+            results.append(reply if isinstance(reply, Exception) else call.parse(reply))
+        return results
+
+    def record_activity_call(self, now_ms: int, user_id: str, ts_ms: int, window_ms: int,
+                             threshold: int, cap: int) -> Call[ActivityResult]:
+        return Call("record_activity", (now_ms, user_id, ts_ms, window_ms, threshold, cap),
+                    _activity)
+
     async def record_activity(self, now_ms: int, user_id: str, ts_ms: int, window_ms: int,
                               threshold: int, cap: int) -> ActivityResult:
-        code, n = await self._call("record_activity", now_ms, user_id, ts_ms, window_ms,
-                                   threshold, cap)
-        return ActivityResult(Activity(int(code)), int(n))
+        return await self.run(self.record_activity_call(now_ms, user_id, ts_ms, window_ms,
+                                                        threshold, cap))
+
+    def allocate_call(self, now_ms: int, user_id: str, replica: str = "",
+                      log_len: int = 1000) -> Call[AllocateResult]:
+        """A connect; a miss is logged to the decisions stream (at most `log_len` entries) with
+        the pool's last decision before it, under `replica`."""
+        return Call("allocate", (now_ms, user_id, replica, log_len), _allocation)
 
     async def allocate(self, now_ms: int, user_id: str, replica: str = "",
                        log_len: int = 1000) -> AllocateResult:
-        """A connect; a miss is logged to the decisions stream (at most `log_len` entries) with
-        the pool's last decision before it, under `replica`."""
-        code, node, position = await self._call("allocate", now_ms, user_id, replica, log_len)
-        return AllocateResult(Allocation(int(code)), as_text(node), int(position))
+        return await self.run(self.allocate_call(now_ms, user_id, replica, log_len))
+
+    def release_call(self, now_ms: int, user_id: str) -> Call[ReleaseResult]:
+        return Call("release", (now_ms, user_id), _release)
 
     async def release(self, now_ms: int, user_id: str) -> ReleaseResult:
-        reply = await self._call("release", now_ms, user_id)
-        return ReleaseResult(Release(int(reply[0])), as_text(reply[1]), _served(reply[2:]))
+        return await self.run(self.release_call(now_ms, user_id))
+
+    def apply_node_status_call(self, now_ms: int, node_id: str,
+                               status: str) -> Call[NodeStatusResult]:
+        return Call("apply_node_status", (now_ms, node_id, status), _node_status)
 
     async def apply_node_status(self, now_ms: int, node_id: str,
                                 status: str) -> NodeStatusResult:
-        reply = await self._call("apply_node_status", now_ms, node_id, status)
-        return NodeStatusResult(NodeStatusOutcome(int(reply[0])), as_text(reply[1]),
-                                as_text(reply[2]), _served(reply[3:]))
+        return await self.run(self.apply_node_status_call(now_ms, node_id, status))
 
     async def register_node(self, now_ms: int, reservation: str, node_id: str) -> RegisterResult:
         code, state = await self._call("register_node", now_ms, reservation, node_id)

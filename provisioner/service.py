@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,6 +32,7 @@ from provisioner.scripts import (
     ActivityResult,
     AllocateResult,
     Allocation,
+    Call,
     NodeStatusOutcome,
     NodeStatusResult,
     Registration,
@@ -50,6 +51,9 @@ Outcome = ActivityResult | AllocateResult | ReleaseResult | NodeStatusResult | N
 
 #: How long after a failed DELETE the next attempt is made.
 DELETE_RETRY_MS = 10_000
+
+#: Most pub/sub messages applied in one round trip (`Replica.listen`).
+LISTEN_BATCH = 200
 
 
 class Replica:
@@ -80,10 +84,44 @@ class Replica:
     async def handle(self, channel: str | bytes, data: bytes | str) -> Outcome:
         """Apply one pub/sub message and return what its script decided (None when the message
         was dropped). Never raises: bad input is counted, logged and dropped."""
+        return (await self.handle_many([(channel, data)]))[0]
+
+    async def handle_many(self, messages: Sequence[tuple[str | bytes, bytes | str]],
+                          ) -> list[Outcome]:
+        """Apply pub/sub messages in order, their scripts in one round trip (one after another,
+        each atomic, as separate calls would run), and return what each decided. Never raises:
+        bad input is counted, logged and dropped; a message the server could not apply is
+        counted and logged, and the others still apply."""
+        now = self.clock.now_ms()
+        parsed = [self._parse(channel, data, now) for channel, data in messages]
+        valid = [item for item in parsed if item is not None]
+        try:
+            results = await self.scripts.run_many([self._call(event, now)
+                                                   for _, event in valid]) if valid else []
+        except RedisError as exc:
+            results = [exc] * len(valid)
+        replies = iter(results)
+        outcomes: list[Outcome] = []
+        for item in parsed:
+            if item is None:
+                outcomes.append(None)
+                continue
+            label, event = item
+            result = next(replies)
+            if isinstance(result, Exception):
+                self.metrics.errors.labels("event").inc()
+                self._trouble.warning("redis-event", "could not apply %s: %s", label, result)
+                outcomes.append(None)
+            else:
+                outcomes.append(self._report(event, result))
+        return outcomes
+
+    def _parse(self, channel: str | bytes, data: bytes | str,
+               now: int) -> tuple[str, events.Event] | None:
+        """The message's channel label and event; None, counted and logged, if it is bad."""
         name = channel.decode(errors="replace") if isinstance(channel, bytes) else channel
         label = name if name in events.SUBSCRIBED else "other"
         self.metrics.events.labels(label).inc()
-        now = self.clock.now_ms()
         event = events.parse(name, data, now, max_age_s=self.service.max_event_age_s,
                              max_skew_s=self.service.max_clock_skew_s)
         if isinstance(event, Rejected):
@@ -91,55 +129,59 @@ class Replica:
             self._bad_input.warning(f"{label}/{event.reason}", "dropped %s message: %s (%s)",
                                     label, event.reason.value, event.detail)
             return None
-        try:
-            return await self._apply(event, now)
-        except RedisError as exc:
-            self.metrics.errors.labels("event").inc()
-            self._trouble.warning("redis-event", "could not apply %s: %s", label, exc)
-            return None
+        return label, event
 
-    async def _apply(self, event: events.Event, now: int) -> Outcome:
+    def _call(self, event: events.Event, now: int) -> Call[Any]:
+        """The transition an event asks for."""
         if isinstance(event, events.Activity):
-            result = await self.scripts.record_activity(
+            return self.scripts.record_activity_call(
                 now, event.user_id, event.timestamp_ms, self.pool.window_ms,
                 self.pool.engaged_threshold, self.pool.max_events_per_user)
+        if isinstance(event, events.Connect):
+            return self.scripts.allocate_call(now, event.user_id, self.replica_id,
+                                              self.pool.decision_log_len)
+        if isinstance(event, events.Disconnect):
+            return self.scripts.release_call(now, event.user_id)
+        return self.scripts.apply_node_status_call(now, event.node_id, event.status)
+
+    def _report(self, event: events.Event, result: Any) -> Outcome:
+        """Count and log what an event's transition (`_call`) decided."""
+        if isinstance(event, events.Activity):
+            assert isinstance(result, ActivityResult)
             if result.code is Activity.STALE:
                 log.debug("stale activity of %s", event.user_id)
-            return result
         elif isinstance(event, events.Connect):
-            allocation = await self.scripts.allocate(now, event.user_id, self.replica_id,
-                                                     self.pool.decision_log_len)
-            if allocation.code is Allocation.ALLOCATED:
+            assert isinstance(result, AllocateResult)
+            if result.code is Allocation.ALLOCATED:
                 self.metrics.connects.inc()
                 self.metrics.hits.inc()
                 self.metrics.allocations.labels("instant").inc()
                 self.metrics.wait.observe(0)
-                log.info("connect %s: hit, node %s", event.user_id, allocation.node_id)
-            elif allocation.code is Allocation.WAITING:
+                log.info("connect %s: hit, node %s", event.user_id, result.node_id)
+            elif result.code is Allocation.WAITING:
                 self.metrics.connects.inc()
                 self.metrics.misses.inc()
                 log.info("connect %s: miss, waiting at position %d", event.user_id,
-                         allocation.queue_position)
-            return allocation
+                         result.queue_position)
         elif isinstance(event, events.Disconnect):
-            release = await self.scripts.release(now, event.user_id)
-            if release.code is not Release.UNKNOWN:
-                self.metrics.releases.labels(release.code.name.lower()).inc()
-                log.info("disconnect %s: %s %s", event.user_id, release.code.name.lower(),
-                         release.node_id)
-            self._served(release.served)
-            return release
+            assert isinstance(result, ReleaseResult)
+            if result.code is not Release.UNKNOWN:
+                self.metrics.releases.labels(result.code.name.lower()).inc()
+                log.info("disconnect %s: %s %s", event.user_id, result.code.name.lower(),
+                         result.node_id)
+            self._served(result.served)
         else:
-            status = await self.scripts.apply_node_status(now, event.node_id, event.status)
-            self.metrics.node_events.labels(event.status, status.code.name.lower()).inc()
-            if status.code is not NodeStatusOutcome.DUPLICATE:
+            assert isinstance(result, NodeStatusResult)
+            self.metrics.node_events.labels(event.status, result.code.name.lower()).inc()
+            if result.code is not NodeStatusOutcome.DUPLICATE:
                 log.info("node %s %s: %s (was %s)", event.node_id, event.status,
-                         status.code.name.lower(), status.previous_state or "unknown")
-            if status.requeued_user:
+                         result.code.name.lower(), result.previous_state or "unknown")
+            if result.requeued_user:
                 log.warning("node %s terminated under user %s: user back at the head of the "
-                            "queue", event.node_id, status.requeued_user)
-            self._served(status.served)
-            return status
+                            "queue", event.node_id, result.requeued_user)
+            self._served(result.served)
+        outcome: Outcome = result
+        return outcome
 
     def _served(self, served: list[Served]) -> None:
         for item in served:
@@ -306,10 +348,9 @@ class Replica:
                 self.subscribed.set()
                 backoff = 0.2
                 while not self.stopping.is_set():
-                    message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=0.5)
-                    if message is not None and message.get("type") == "message":
-                        await self.handle(message["channel"], message["data"])
+                    batch = await self._read_batch(pubsub)
+                    if batch:
+                        await self.handle_many(batch)
             except (RedisError, OSError) as exc:
                 self.subscribed.clear()
                 self.metrics.errors.labels("subscribe").inc()
@@ -322,6 +363,20 @@ class Replica:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _read_batch(self, pubsub: Any) -> list[tuple[bytes, bytes]]:
+        """The next message (waiting up to half a second for one) and those already read
+        behind it, up to LISTEN_BATCH: under a burst they are applied in one round trip, and
+        one at a time when they trickle in."""
+        batch: list[tuple[bytes, bytes]] = []
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        while message is not None:
+            if message.get("type") == "message":
+                batch.append((message["channel"], message["data"]))
+            if len(batch) >= LISTEN_BATCH:
+                break
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
+        return batch
 
     async def _every(self, seconds: float, work: Any, where: str) -> None:
         loop = asyncio.get_running_loop()

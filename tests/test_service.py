@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,7 +15,7 @@ from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
 from provisioner.scripts import ReleaseResult
-from provisioner.service import Replica
+from provisioner.service import LISTEN_BATCH, Replica
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
 from tests.helpers import T0, Subscriber
@@ -326,3 +327,108 @@ async def test_a_tick_decided_in_a_surge_is_counted(
     await replica.tick()
     await replica.settle()
     assert counter(replica, "provisioner_surge_decisions_total") == 1
+
+
+async def pool_state(redis: aioredis.Redis, pool: str) -> dict[str, Any]:
+    """Every key of `pool`, named without the pool, with its value (streams by length)."""
+    prefix = f"prov:{{{pool}}}:"
+    out: dict[str, Any] = {}
+    async for key in redis.scan_iter(match=prefix + "*"):
+        kind = await redis.type(key)
+        value: Any = {"hash": redis.hgetall, "list": lambda k: redis.lrange(k, 0, -1),
+                      "zset": lambda k: redis.zrange(k, 0, -1, withscores=True),
+                      "string": redis.get, "stream": redis.xlen}[kind](key)
+        out[key.removeprefix(prefix)] = await value
+    return out
+
+
+#: a session's messages, bad ones among them: what a burst on the channels could hold
+SESSION = [
+    ("user:activity", {"user_id": "u1", "timestamp": T0 // 1000}),
+    ("user:activity", {"user_id": "u1", "timestamp": T0 // 1000}),  # the same second again
+    ("user:connect", {"user_id": "u1"}),  # no node: waits
+    ("user:connect", "not json"),
+    ("node:status", {"node_id": "n1", "status": "booting"}),
+    ("node:status", {"node_id": "n1", "status": "ready"}),  # serves u1
+    ("user:activity", {"user_id": "u2", "timestamp": T0 // 1000}),
+    ("user:connect", {"user_id": "u2"}),  # waits
+    ("user:disconnect", {"user_id": "u1"}),  # n1 goes to u2
+    ("node:status", {"node_id": "n9", "status": "sideways"}),
+    ("user:disconnect", {"user_id": "u3"}),  # nobody
+]
+
+
+def wire(channel: str, payload: object) -> tuple[bytes, bytes]:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return channel.encode(), data.encode()
+
+
+async def test_a_batch_decides_what_the_same_messages_one_at_a_time_decide(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    service = ServiceConfig("redis://x", "http://api", pool="one-by-one", replica_id="r1")
+    one = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+    batched = make_replica(aredis, api, clock, "r1")
+    singly = [await one.handle(*wire(channel, payload)) for channel, payload in SESSION]
+    together = await batched.handle_many([wire(channel, payload) for channel, payload in SESSION])
+    assert together == singly
+    assert [None if o is None else type(o).__name__ for o in together] == [
+        "ActivityResult", "ActivityResult", "AllocateResult", None, "NodeStatusResult",
+        "NodeStatusResult", "ActivityResult", "AllocateResult", "ReleaseResult", None,
+        "ReleaseResult"]
+    assert await pool_state(aredis, POOL) == await pool_state(aredis, "one-by-one")
+    for name in ("provisioner_hits_total", "provisioner_misses_total"):
+        assert counter(batched, name) == counter(one, name)
+    assert counter(batched, "provisioner_events_rejected_total", channel="user:connect",
+                   reason="not_json") == 1
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_message_the_server_refuses_is_counted_and_the_rest_of_its_batch_applies(
+    aredis: aioredis.Redis, replica: Replica, clock: ManualClock,
+) -> None:
+    # u1's activity window is not a sorted set: its script fails, alone.
+    await aredis.set(replica.keys.acts("u1"), "not a sorted set")
+    outcomes = await replica.handle_many([
+        wire("user:activity", {"user_id": "u0", "timestamp": T0 // 1000}),
+        wire("user:activity", {"user_id": "u1", "timestamp": T0 // 1000}),
+        wire("user:connect", {"user_id": "u2"}),
+    ])
+    assert outcomes[1] is None and outcomes[0] is not None and outcomes[2] is not None
+    assert counter(replica, "provisioner_errors_total", where="event") == 1
+    assert await aredis.hget(replica.keys.key("waiting_since"), "u2") is not None
+    assert await aredis.zscore(replica.keys.key("active"), "u0") is not None
+
+
+async def test_the_listener_applies_a_burst_in_batches_in_order(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1")
+    sizes: list[int] = []
+    handle_many = replica.handle_many
+
+    async def spy(messages: Any) -> Any:
+        sizes.append(len(messages))
+        return await handle_many(messages)
+
+    replica.handle_many = spy  # type: ignore[method-assign]
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        async with aredis.pipeline(transaction=False) as pipe:
+            for k in range(300):
+                pipe.publish("user:activity", json.dumps(
+                    {"user_id": f"u{k % 30}", "timestamp": T0 // 1000 - k // 30}))
+            pipe.publish("user:connect", json.dumps({"user_id": "late"}))
+            await pipe.execute()
+        for _ in range(500):
+            if sum(sizes) >= 301:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        replica.stopping.set()
+        await listening
+    assert sum(sizes) == 301 and max(sizes) > 1 and max(sizes) <= LISTEN_BATCH
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert int(stats["activities"]) == 300
+    assert await aredis.hget(replica.keys.key("waiting_since"), "late") is not None

@@ -22,9 +22,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -64,6 +65,13 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def server_label(info: Mapping[str, Any]) -> str:
+    """A server's name and version from its INFO server section, e.g. "valkey 8.1.8" (a Redis
+    before 7.4 names no server: "redis")."""
+    version = info.get("valkey_version", info.get("redis_version", "?"))
+    return f"{info.get('server_name', 'redis')} {version}"
 
 
 @dataclass

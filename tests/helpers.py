@@ -55,20 +55,27 @@ class PoolUnderTest:
 
     async def dump(self) -> dict[str, Any]:
         """Every key of the pool with its value, to compare whole states."""
-        out: dict[str, Any] = {}
-        async for key in self.redis.scan_iter(match=self.keys.pattern()):
-            kind = await self.redis.type(key)
-            if kind == "hash":
-                out[key] = await self.redis.hgetall(key)
-            elif kind == "list":
-                out[key] = await self.redis.lrange(key, 0, -1)
-            elif kind == "zset":
-                out[key] = await self.redis.zrange(key, 0, -1, withscores=True)
-            elif kind == "string":
-                out[key] = await self.redis.get(key)
-            elif kind == "stream":
-                out[key] = len(await self.redis.xrange(key))
-        return out
+        return await dump_pool(self.redis, self.keys)
+
+
+async def dump_pool(redis: aioredis.Redis, keys: PoolKeys) -> dict[str, Any]:
+    """Every key of a pool, named without the pool (so two pools' states compare), with its
+    value (a stream by its length)."""
+    out: dict[str, Any] = {}
+    async for key in redis.scan_iter(match=keys.pattern()):
+        name = key.removeprefix(keys.base)
+        kind = await redis.type(key)
+        if kind == "hash":
+            out[name] = await redis.hgetall(key)
+        elif kind == "list":
+            out[name] = await redis.lrange(key, 0, -1)
+        elif kind == "zset":
+            out[name] = await redis.zrange(key, 0, -1, withscores=True)
+        elif kind == "string":
+            out[name] = await redis.get(key)
+        elif kind == "stream":
+            out[name] = len(await redis.xrange(key))
+    return out
 
 
 class Subscriber:

@@ -12,13 +12,14 @@ import redis.asyncio as aioredis
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig, ServiceConfig
+from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
 from provisioner.scripts import ReleaseResult
 from provisioner.service import LISTEN_BATCH, Replica
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
-from tests.helpers import T0, Subscriber
+from tests.helpers import T0, Subscriber, dump_pool
 
 POOL = "svc"
 #: These tests are about the replica's plumbing, so the pool holds exactly its floor: the
@@ -329,19 +330,6 @@ async def test_a_tick_decided_in_a_surge_is_counted(
     assert counter(replica, "provisioner_surge_decisions_total") == 1
 
 
-async def pool_state(redis: aioredis.Redis, pool: str) -> dict[str, Any]:
-    """Every key of `pool`, named without the pool, with its value (streams by length)."""
-    prefix = f"prov:{{{pool}}}:"
-    out: dict[str, Any] = {}
-    async for key in redis.scan_iter(match=prefix + "*"):
-        kind = await redis.type(key)
-        value: Any = {"hash": redis.hgetall, "list": lambda k: redis.lrange(k, 0, -1),
-                      "zset": lambda k: redis.zrange(k, 0, -1, withscores=True),
-                      "string": redis.get, "stream": redis.xlen}[kind](key)
-        out[key.removeprefix(prefix)] = await value
-    return out
-
-
 #: a session's messages, bad ones among them: what a burst on the channels could hold
 SESSION = [
     ("user:activity", {"user_id": "u1", "timestamp": T0 // 1000}),
@@ -376,7 +364,8 @@ async def test_a_batch_decides_what_the_same_messages_one_at_a_time_decide(
         "ActivityResult", "ActivityResult", "AllocateResult", None, "NodeStatusResult",
         "NodeStatusResult", "ActivityResult", "AllocateResult", "ReleaseResult", None,
         "ReleaseResult"]
-    assert await pool_state(aredis, POOL) == await pool_state(aredis, "one-by-one")
+    assert await dump_pool(aredis, PoolKeys(POOL)) == await dump_pool(
+        aredis, PoolKeys("one-by-one"))
     for name in ("provisioner_hits_total", "provisioner_misses_total"):
         assert counter(batched, name) == counter(one, name)
     assert counter(batched, "provisioner_events_rejected_total", channel="user:connect",

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
+from provisioner.redis_server import server_label
 from provisioner.service import Replica
 
 PUBLISH_BATCH = 500
@@ -85,8 +86,7 @@ async def measure(redis_url: str, messages: int, users: int, *,
         await asyncio.wait_for(replica.subscribed.wait(), 10)
         payloads = activity_messages(messages, users, int(time.time()))
         about = await publisher.info("server")
-        server = (f"{about.get('server_name', 'redis')} "
-                  f"{about.get('valkey_version', about.get('redis_version', '?'))}")
+        server = server_label(about)
         started = time.perf_counter()
         for first in range(0, messages, PUBLISH_BATCH):
             async with publisher.pipeline(transaction=False) as pipe:

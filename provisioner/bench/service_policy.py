@@ -3,9 +3,9 @@
 Each trace message goes through `Replica.handle` (the live listener's `handle_many`, one message
 at a time; a live burst sends the same script calls in one pipeline) and each tick through
 `Replica.tick`, with a `ManualClock` set to the event's virtual time and a Node API that creates
-and deletes nodes in the replay world. What the scripts decide (a hit, a miss,
-a waiting user served, a release) is reported to the world, which checks it against its own
-books. Nothing of the policy is re-implemented here.
+and deletes nodes in the replay world. What the scripts decide (a hit, a miss, a waiting user
+served, a release) is reported to the world, which checks it against its own books. Nothing of
+the policy is re-implemented here.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
+from provisioner.redis_server import server_label
 from provisioner.scripts import Scripts
 
 T0 = 1_767_225_600_000
@@ -124,8 +125,7 @@ async def measure(redis_url: str, users: int, *, ticks: int = 50, events: int = 
             trimmed.append(after - before)
         info = await redis.info("memory")
         about = await redis.info("server")
-        server = (f"{about.get('server_name', 'redis')} "
-                  f"{about.get('valkey_version', about.get('redis_version', '?'))}")
+        server = server_label(about)
         now = T0 + ticks * config.interval_ms
         per_event = []
         for k in range(events):

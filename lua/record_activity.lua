@@ -15,7 +15,10 @@
   allocate looks back one horizon (at most one window) for its credit.
 
   Idempotent: the window's member is the event's timestamp, so the same event applied by every
-  replica counts once (two events of one user in the same second count once, too).
+  replica counts once (two events of one user in the same second count once, too): the first
+  copy in `activities`, each later one in `activity_duplicates`. A later copy returns as soon as
+  its ZADD finds the second there: the first did the rest, so every further replica costs the
+  server three commands a message, not the whole script.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
@@ -46,7 +49,11 @@ end
 
 local ak = K.acts_prefix .. user
 local keep_ms = 2 * window + 60000
-local added = rcall('ZADD', ak, ts, ts)
+if rcall('ZADD', ak, ts, ts) == 0 then
+  -- Another replica's copy (or another request of the same second) came first and did the rest.
+  stat('activity_duplicates')
+  return {2, rcall('ZCOUNT', ak, now - window, '+inf')}
+end
 rcall('ZREMRANGEBYSCORE', ak, '-inf', '(' .. (now - 2 * window))
 local kept = rcall('ZCARD', ak)
 if kept > cap then
@@ -62,9 +69,6 @@ if rcall('ZADD', K.active, 'GT', ts, user) > 0 then
   trim_stale(K.active, now, window, SWEEP_PER_ADD)
 end
 
-if added == 0 then
-  return {2, n}
-end
 stat('activities')
 
 if rcall('HEXISTS', K.alloc, user) == 1 or rcall('HEXISTS', K.waiting_since, user) == 1 then

@@ -328,10 +328,28 @@ async def test_activity_is_recorded_once_per_second_and_engages_at_the_threshold
     assert results[-1].events_in_window == 3
     snap = await pool.snap()
     assert snap.counts["engaged"] == 1 and snap.stat("activities") == 3
+    assert snap.stat("activity_duplicates") == 1
     assert await pool.redis.pttl(pool.keys.acts("u1")) > 0
     # Two minutes after the first of the three, the user is no longer engaged.
     pool.clock.advance(config.window_ms + 1)
     assert (await pool.snap()).counts["engaged"] == 0
+
+
+async def test_a_later_copy_of_an_activity_changes_nothing_but_its_counter(
+    pool: PoolUnderTest,
+) -> None:
+    config = pool.config
+    args = (config.window_ms, config.engaged_threshold, config.max_events_per_user)
+    for offset in (0, 5_000, 9_000):
+        await pool.scripts.record_activity(pool.now, "u1", T0 + offset, *args)
+    first = await pool.dump()
+    # Another replica's copy of the last event, applied a moment later.
+    pool.clock.advance(300)
+    again = await pool.scripts.record_activity(pool.now, "u1", T0 + 9_000, *args)
+    assert again.code is Activity.DUPLICATE and again.events_in_window == 3
+    later = await pool.dump()
+    assert later.pop("stats") == {**first.pop("stats"), "activity_duplicates": "1"}
+    assert later == first
 
 
 async def test_stale_activity_is_not_recorded(pool: PoolUnderTest) -> None:

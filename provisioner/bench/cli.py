@@ -420,21 +420,26 @@ def ingest(
     users: Annotated[int, typer.Option(
         min=1, help="Users they come from (one message per user-second, at most 60 s each)")
     ] = 1_000,
+    replicas: Annotated[int, typer.Option(
+        min=1, max=16, help="Replicas listening, each applying every message")] = 1,
     redis_url: RedisUrl = None,
 ) -> None:
-    """Time one replica's live listener applying a burst of user:activity messages: the rate
-    the service keeps up with (every replica applies every message)."""
+    """Time the replicas' live listeners applying a burst of user:activity messages: the rate
+    the service keeps up with (every replica applies every message; the slowest sets the
+    rate), and the server's CPU time per message."""
     from provisioner.bench.ingest import run
 
     try:
         with _server(redis_url) as url:
-            result = run(url, messages, users)
+            result = run(url, messages, users, replicas)
     except (ValueError, TimeoutError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
+    who = "one replica's listener" if replicas == 1 else f"each of {replicas} replicas' listeners"
     console.print(f"{result.messages:,} activity messages of {result.users:,} users applied by "
-                  f"one replica's listener in {result.seconds:.2f} s: "
-                  f"{result.per_second:,.0f} a second, on {result.server}")
+                  f"{who} in {result.seconds:.2f} s: {result.per_second:,.0f} a second, on "
+                  f"{result.server}; the server's CPU {result.server_us_per_message:.0f} µs a "
+                  f"message ({result.duplicates:,} later copies found applied)")
 
 
 @app.command()

@@ -1,14 +1,19 @@
-"""How many `user:activity` messages a second one replica applies, through its live listener.
+"""How many `user:activity` messages a second the service applies, through its live listeners.
 
 The tick's cost (`tickcost.py`) says what the server does per decision; this says how fast the
-event path keeps up. A replica subscribes as it does in production (`Replica.listen`); a second
-client publishes `messages` activity messages of `users` users, one per user-second within the
-activity window (so every message is new and counted once), in pipelined batches, much faster
-than they are applied; the clock stops when the pool's `activities` counter reaches them all.
+event path keeps up. `replicas` replicas subscribe as they do in production (`Replica.listen`),
+each on its own connection; a further client publishes `messages` activity messages of `users`
+users, one per user-second within the activity window (so every message is new and counted
+once), in pipelined batches, much faster than they are applied. Every replica applies every
+message (README, "How replicas cooperate"): the first copy to arrive counts in the pool's
+`activities` counter, every later one in `activity_duplicates`, and the clock stops when the two
+add up to `messages` times `replicas`, so the slowest replica sets the rate. Above that rate,
+messages queue in the server's buffer for a subscriber until its output-buffer limit
+disconnects it.
 
-Every replica applies every message (README, "How replicas cooperate"), so this is the rate
-the whole service keeps up with, whatever the number of replicas. Above it, messages queue in
-the server's buffer for the subscriber until its output-buffer limit disconnects it.
+The server's own CPU time over the run (`INFO cpu`, user + system) says what each message
+costs it, all copies together: run with 1 and then 2 replicas, the difference is one duplicate's
+cost.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -34,13 +40,21 @@ PUBLISH_BATCH = 500
 class IngestRate:
     messages: int
     users: int
-    seconds: float  # from the first publish until the last message was applied
+    replicas: int
+    seconds: float  # from the first publish until every replica applied the last message
     active: int  # users the pool then held as browsing (`active`): all of them, if applied
+    duplicates: int  # copies found already applied (`activity_duplicates`)
     server: str  # name and version, e.g. "valkey 8.1.8"
+    server_cpu_s: float  # the server's CPU time (user + system) over the run
 
     @property
     def per_second(self) -> float:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def server_us_per_message(self) -> float:
+        """The server's CPU per message, every replica's copy and the publish included."""
+        return self.server_cpu_s / self.messages * 1e6
 
 
 class _NoNodeApi:
@@ -66,8 +80,14 @@ def activity_messages(messages: int, users: int, now_s: int) -> list[str]:
             for k in range(messages)]
 
 
-async def measure(redis_url: str, messages: int, users: int, *,
+def _cpu_s(info: dict[str, Any]) -> float:
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def measure(redis_url: str, messages: int, users: int, *, replicas: int = 1,
                   timeout_s: float = 300.0) -> IngestRate:
+    if replicas < 1:
+        raise ValueError("replicas must be at least 1")
     pool = PoolConfig()
     span_s = -(-messages // users)  # seconds of history each user gets
     if span_s > pool.activity_window_s / 2:
@@ -78,15 +98,17 @@ async def measure(redis_url: str, messages: int, users: int, *,
                             pool=f"ingest-{uuid.uuid4().hex[:8]}", http_port=0,
                             replica_id="ingest")
     keys = PoolKeys(service.pool)
-    redis = aioredis.Redis.from_url(redis_url)
+    clients = [aioredis.Redis.from_url(redis_url) for _ in range(replicas)]
     publisher = aioredis.Redis.from_url(redis_url)
-    replica = Replica(redis, service, pool, _NoNodeApi(), gauges=False)
-    listening = asyncio.create_task(replica.listen())
+    group = [Replica(client, replace(service, replica_id=f"ingest-{i}"), pool, _NoNodeApi(),
+                     gauges=False) for i, client in enumerate(clients)]
+    listening = [asyncio.create_task(replica.listen()) for replica in group]
     try:
-        await asyncio.wait_for(replica.subscribed.wait(), 10)
+        for replica in group:
+            await asyncio.wait_for(replica.subscribed.wait(), 10)
         payloads = activity_messages(messages, users, int(time.time()))
-        about = await publisher.info("server")
-        server = server_label(about)
+        server = server_label(await publisher.info("server"))
+        cpu_before = _cpu_s(await publisher.info("cpu"))
         started = time.perf_counter()
         for first in range(0, messages, PUBLISH_BATCH):
             async with publisher.pipeline(transaction=False) as pipe:
@@ -94,24 +116,30 @@ async def measure(redis_url: str, messages: int, users: int, *,
                     pipe.publish("user:activity", payload)
                 await pipe.execute()
         deadline = started + timeout_s
+        copies = messages * replicas
         while True:
-            applied = int(await publisher.hget(keys.key("stats"), "activities") or 0)
-            if applied >= messages:
+            applied, duplicates = (int(v or 0) for v in await publisher.hmget(
+                keys.key("stats"), ["activities", "activity_duplicates"]))
+            if applied + duplicates >= copies:
                 break
             if time.perf_counter() > deadline:
-                raise TimeoutError(f"{applied} of {messages} messages applied in {timeout_s} s")
+                raise TimeoutError(f"{applied + duplicates} of {copies} copies of the messages "
+                                   f"applied in {timeout_s} s")
             await asyncio.sleep(0.01)
         seconds = time.perf_counter() - started
+        cpu_s = _cpu_s(await publisher.info("cpu")) - cpu_before
         active = int(await publisher.zcard(keys.key("active")))
-        return IngestRate(messages, users, seconds, active, server)
+        return IngestRate(messages, users, replicas, seconds, active, duplicates, server, cpu_s)
     finally:
-        replica.stopping.set()
-        await listening
+        for replica in group:
+            replica.stopping.set()
+        await asyncio.gather(*listening)
         async for key in publisher.scan_iter(match=keys.pattern(), count=1000):
             await publisher.unlink(key)
-        await redis.aclose()
+        for client in clients:
+            await client.aclose()
         await publisher.aclose()
 
 
-def run(redis_url: str, messages: int, users: int) -> IngestRate:
-    return asyncio.run(measure(redis_url, messages, users))
+def run(redis_url: str, messages: int, users: int, replicas: int = 1) -> IngestRate:
+    return asyncio.run(measure(redis_url, messages, users, replicas=replicas))

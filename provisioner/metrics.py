@@ -78,6 +78,12 @@ class Metrics:
             "What scaling did over the pool's life (from Redis): creates, split into those on a "
             "rise of the target and those refilling spare used, terminations, and the target's "
             "rises and falls summed", ["quantity"], registry=r)
+        self.event_lag = Gauge(
+            "provisioner_event_lag_seconds",
+            "How far this replica's listener is behind the event stream: seconds from publishing "
+            "a probe on the replica's own channel to the listener reaching it, behind every "
+            "message published before it (the latest probe's, or the age of one still out if "
+            "that is more)", registry=r)
         self.errors = Counter("provisioner_errors",
                               "Unexpected errors while handling work, by where",
                               ["where"], registry=r)

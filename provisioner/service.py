@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections import deque
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
@@ -78,6 +80,12 @@ class Replica:
         self._actions: set[asyncio.Task[None]] = set()
         self._bad_input = RateLimitedLog(log)
         self._trouble = RateLimitedLog(log, every=5.0)
+        #: the listener's lag probe (`probe_lag`): this replica's own channel, the monotonic
+        #: times of the probes published on it and not yet seen back, and the last one's lag
+        self.probe_channel = f"provisioner:lag:{service.pool}:{service.replica_id}"
+        self._probe_names: set[str | bytes] = {self.probe_channel, self.probe_channel.encode()}
+        self._probes_out: deque[float] = deque()
+        self._last_lag_s = 0.0
 
     # --- events -------------------------------------------------------------------------------
 
@@ -344,13 +352,21 @@ class Replica:
         while not self.stopping.is_set():
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(*events.SUBSCRIBED)
+                await pubsub.subscribe(*events.SUBSCRIBED, self.probe_channel)
+                # Probes sent on the last subscription never come back.
+                self._probes_out.clear()
+                self._last_lag_s = 0.0
                 self.subscribed.set()
                 backoff = 0.2
                 while not self.stopping.is_set():
                     batch = await self._read_batch(pubsub)
+                    probes = [data for channel, data in batch if channel in self._probe_names]
+                    if probes:
+                        batch = [item for item in batch if item[0] not in self._probe_names]
                     if batch:
                         await self.handle_many(batch)
+                    for data in probes:
+                        self._probe_seen(data)
             except (RedisError, OSError) as exc:
                 self.subscribed.clear()
                 self.metrics.errors.labels("subscribe").inc()
@@ -377,6 +393,47 @@ class Replica:
                 break
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
         return batch
+
+    # --- the listener's lag ----------------------------------------------------------------
+
+    async def probe_lag(self) -> None:
+        """Publish a probe (this process's monotonic time) on the replica's own channel. The
+        listener reaches it behind every message published before it, so the time it takes to
+        come back is how far the listener is behind the event stream (`event_lag_s`)."""
+        if self.subscribed.is_set():
+            sent = time.monotonic()
+            await self.redis.publish(self.probe_channel, repr(sent))
+            self._probes_out.append(sent)
+        self._report_lag()
+
+    def _probe_seen(self, data: bytes | str) -> None:
+        try:
+            sent = float(data)
+        except ValueError:
+            log.debug("ignored a message on %s that is not a probe: %r", self.probe_channel,
+                      data)
+            return
+        # Messages come back in the order they were published: every probe sent up to this
+        # one is back too.
+        while self._probes_out and self._probes_out[0] <= sent:
+            self._probes_out.popleft()
+        self._last_lag_s = max(0.0, time.monotonic() - sent)
+        self._report_lag()
+
+    def event_lag_s(self) -> float:
+        """The last probe's lag, or the age of the oldest probe still out if that is more (a
+        listener stuck behind a backlog, or not reading at all)."""
+        waiting = time.monotonic() - self._probes_out[0] if self._probes_out else 0.0
+        return max(self._last_lag_s, waiting)
+
+    def _report_lag(self) -> None:
+        lag = self.event_lag_s()
+        self.metrics.event_lag.set(lag)
+        if lag > self.service.max_event_lag_s:
+            self._trouble.warning(
+                "event-lag", "listener %.1fs behind the event stream (over %.1fs): events are "
+                "applied late by this replica; the server drops its subscription if the backlog "
+                "outgrows its output-buffer limit", lag, self.service.max_event_lag_s)
 
     async def _every(self, seconds: float, work: Any, where: str) -> None:
         loop = asyncio.get_running_loop()
@@ -412,6 +469,10 @@ class Replica:
             asyncio.create_task(self._every(self.pool.tick_interval_s, self.tick, "tick"),
                                 name="tick"),
         ]
+        if self.service.lag_probe_interval_s > 0:
+            tasks.append(asyncio.create_task(
+                self._every(self.service.lag_probe_interval_s, self.probe_lag, "lag-probe"),
+                name="lag-probe"))
         if self.service.reconcile_interval_s > 0:
             tasks.append(asyncio.create_task(
                 self._every(self.service.reconcile_interval_s, self._reconcile_if_due,
@@ -445,7 +506,8 @@ class Replica:
 
 
 def http_app(replica: Replica) -> web.Application:
-    """/metrics, /healthz (the process answers) and /readyz (subscribed and Redis answers)."""
+    """/metrics, /healthz (the process answers) and /readyz (subscribed, Redis answers, and the
+    listener no further behind the event stream than --max-event-lag)."""
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(replica.metrics.registry)
@@ -458,6 +520,10 @@ def http_app(replica: Replica) -> web.Application:
         problems = []
         if not replica.ready():
             problems.append("not subscribed")
+        lag = replica.event_lag_s()
+        if lag > replica.service.max_event_lag_s:
+            problems.append(f"events applied {lag:.1f}s behind (over "
+                            f"{replica.service.max_event_lag_s:g}s)")
         try:
             await asyncio.wait_for(replica.redis.ping(), 1.0)
         except (TimeoutError, RedisError, OSError) as exc:

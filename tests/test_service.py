@@ -16,7 +16,7 @@ from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
 from provisioner.scripts import ReleaseResult
-from provisioner.service import LISTEN_BATCH, Replica
+from provisioner.service import LISTEN_BATCH, Replica, http_app
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
 from tests.helpers import T0, Subscriber, dump_pool
@@ -421,3 +421,80 @@ async def test_the_listener_applies_a_burst_in_batches_in_order(
     stats = await aredis.hgetall(replica.keys.key("stats"))
     assert int(stats["activities"]) == 300
     assert await aredis.hget(replica.keys.key("waiting_since"), "late") is not None
+
+
+# --- the listener's lag ---------------------------------------------------------------------
+
+
+async def _until(condition: Any, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def _readyz(replica: Replica) -> tuple[int, dict[str, Any]]:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async with TestClient(TestServer(http_app(replica))) as client:
+        response = await client.get("/readyz")
+        return response.status, await response.json()
+
+
+async def test_the_listener_reports_how_far_it_is_behind_the_events(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            max_event_lag_s=0.3)
+    replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+    handle_many = replica.handle_many
+    stall = asyncio.Event()
+
+    async def slow(messages: Any) -> Any:
+        if stall.is_set():
+            await asyncio.sleep(0.8)
+        return await handle_many(messages)
+
+    replica.handle_many = slow  # type: ignore[method-assign]
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        # Keeping up: the probe comes back, and is not taken for an event.
+        await replica.probe_lag()
+        await _until(lambda: not replica._probes_out)
+        keeping_up = counter(replica, "provisioner_event_lag_seconds")
+        assert 0 <= keeping_up < 0.3 and replica.event_lag_s() == keeping_up
+        assert counter(replica, "provisioner_events_total", channel="other") == 0
+        assert (await _readyz(replica))[0] == 200
+
+        # A message that takes 0.8 s to apply: a probe published behind it waits for it.
+        stall.set()
+        await aredis.publish("user:activity", json.dumps({"user_id": "u1",
+                                                          "timestamp": T0 // 1000}))
+        await replica.probe_lag()
+        await asyncio.sleep(0.4)
+        assert replica.event_lag_s() >= 0.4  # still out: its age counts
+        status, body = await _readyz(replica)
+        assert status == 503 and any("behind" in p for p in body["problems"]), body
+        await _until(lambda: not replica._probes_out)
+        assert counter(replica, "provisioner_event_lag_seconds") >= 0.8
+        assert "behind the event stream" in caplog.text
+
+        # Caught up: the next probe's lag is the gauge again, and the replica is ready.
+        stall.clear()
+        await replica.probe_lag()
+        await _until(lambda: not replica._probes_out)
+        assert counter(replica, "provisioner_event_lag_seconds") < 0.3
+        assert (await _readyz(replica))[0] == 200
+    finally:
+        replica.stopping.set()
+        await listening
+    assert int(await aredis.hget(replica.keys.key("stats"), "activities") or 0) == 1
+
+
+def test_the_lag_probe_settings_are_checked() -> None:
+    bad = ServiceConfig("redis://x", "http://api", lag_probe_interval_s=-1, max_event_lag_s=0)
+    assert bad.problems() == ["lag probe interval must be in [0, 3600] (0 disables the probe)",
+                              "max event lag must be > 0"]

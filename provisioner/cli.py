@@ -146,9 +146,10 @@ def run(
         help="Seconds between reconciliations with GET /api/nodes (0 disables)")] = 30.0,
     api_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_API_TIMEOUT", help="Node API request timeout, seconds")] = 10.0,
-    lag_probe_interval: Annotated[float, typer.Option(
-        envvar="PROVISIONER_LAG_PROBE_INTERVAL",
-        help="Seconds between probes of how far the listener is behind the events (0 disables)")
+    heartbeat_interval: Annotated[float, typer.Option(
+        envvar="PROVISIONER_HEARTBEAT_INTERVAL",
+        help="Seconds between heartbeats: the replica records itself in the pool (`status` "
+        "lists the replicas) and probes how far its listener is behind the events (0 disables)")
     ] = 2.0,
     max_event_lag: Annotated[float, typer.Option(
         envvar="PROVISIONER_MAX_EVENT_LAG",
@@ -167,7 +168,7 @@ def run(
             redis_url=redis_url, node_api_url=node_api_url, pool=pool, http_port=http_port,
             replica_id=replica_id or default_replica_id(), log_format=log_format,
             reconcile_interval_s=reconcile_interval, api_timeout_s=api_timeout,
-            lag_probe_interval_s=lag_probe_interval, max_event_lag_s=max_event_lag,
+            heartbeat_interval_s=heartbeat_interval, max_event_lag_s=max_event_lag,
         ).validate()
         pool_config = PoolConfig(
             min_ready=min_ready, max_nodes=max_nodes, idle_timeout_s=idle_timeout,

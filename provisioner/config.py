@@ -160,9 +160,10 @@ class ServiceConfig:
     api_timeout_s: float = 10.0
     api_retries: int = 3
     shutdown_grace_s: float = 5.0
-    #: how often the listener's lag is probed (0 disables the probe), and the lag past which the
-    #: replica warns and reports itself unready (service.py, `Replica.probe_lag`)
-    lag_probe_interval_s: float = 2.0
+    #: how often the replica heartbeats: records itself in the pool and probes its listener's
+    #: lag (0 disables both); and the lag past which it warns and reports itself unready
+    #: (service.py, `Replica.heartbeat`)
+    heartbeat_interval_s: float = 2.0
     max_event_lag_s: float = 5.0
 
     def problems(self) -> list[str]:
@@ -186,8 +187,8 @@ class ServiceConfig:
             found.append("api retries must be in [1, 10]")
         if self.reconcile_interval_s < 0:
             found.append("reconcile interval must be >= 0 (0 disables reconciliation)")
-        if not 0 <= self.lag_probe_interval_s <= 3600:
-            found.append("lag probe interval must be in [0, 3600] (0 disables the probe)")
+        if not 0 <= self.heartbeat_interval_s <= 3600:
+            found.append("heartbeat interval must be in [0, 3600] (0 disables heartbeats)")
         if self.max_event_lag_s <= 0:
             found.append("max event lag must be > 0")
         return found

@@ -38,6 +38,8 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "node_prefix",    # prefix of per-node hashes: <prefix><node id>
     "acts_prefix",    # prefix of per-user activity windows: <prefix><user id>
     "seen_prefix",    # prefix of per-user first-seen times: <prefix><user id>
+    "replicas",       # zset: replica id -> ms of its last heartbeat
+    "replica_info",   # hash: replica id -> what its last heartbeat said (JSON)
 )
 
 

@@ -41,6 +41,7 @@ SCRIPT_NAMES = (
     "load_model",
     "model_view",
     "snapshot",
+    "heartbeat",
 )
 
 
@@ -208,6 +209,45 @@ class Snapshot:
             to_refill=self.stat("creates_to_refill"),
             terminations=self.stat("terminations_started"),
             raised=self.stat("target_raised"), lowered=self.stat("target_lowered"))
+
+
+@dataclass(frozen=True)
+class ReplicaSeen:
+    """A replica as its last heartbeat left it (lua/heartbeat.lua)."""
+
+    replica_id: str
+    age_s: float  # since its last heartbeat
+    lag_s: float | None  # how far its listener was behind the events then
+    subscribed: bool
+    interval_s: float | None  # its heartbeat interval
+
+    @classmethod
+    def of(cls, replica_id: str, age_ms: int, details: Any) -> ReplicaSeen:
+        said = details if isinstance(details, dict) else {}
+
+        def number(name: str) -> float | None:
+            value = said.get(name)
+            return float(value) if isinstance(value, int | float) else None
+
+        return cls(replica_id, max(0, age_ms) / 1000, number("lag_s"),
+                   said.get("subscribed") is True, number("interval_s"))
+
+    @property
+    def silent(self) -> bool:
+        """Not heard from for three of its heartbeats (10 s at least): stopped, or stuck."""
+        return self.age_s > max(10.0, 3 * (self.interval_s or 0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"replica": self.replica_id, "age_s": round(self.age_s, 1),
+                "lag_s": None if self.lag_s is None else round(self.lag_s, 2),
+                "subscribed": self.subscribed, "silent": self.silent}
+
+    def describe(self) -> str:
+        if self.silent:
+            return f"{self.replica_id} silent for {self.age_s:.0f}s"
+        lag = "?" if self.lag_s is None else f"{self.lag_s:.1f}s"
+        listening = "" if self.subscribed else ", not subscribed"
+        return f"{self.replica_id} (lag {lag}{listening})"
 
 
 @dataclass(frozen=True)
@@ -525,6 +565,31 @@ class Scripts:
         """The pool's model hash as it is (one HGETALL: a consistent read)."""
         raw = await self.redis.hgetall(self.keys.key("model"))
         return {as_text(k): as_text(v) for k, v in raw.items()}
+
+    async def heartbeat(self, now_ms: int, replica_id: str, info: Mapping[str, Any],
+                        forget_ms: int) -> tuple[int, int]:
+        """Record that a replica runs and what it says (lua/heartbeat.lua); the replicas heard
+        from within `forget_ms`, and how many older ones this call forgot."""
+        reply = await self._call("heartbeat", now_ms, replica_id, json.dumps(info), forget_ms)
+        return int(reply[0]), int(reply[1])
+
+    async def replicas(self, now_ms: int) -> list[ReplicaSeen]:
+        """The replicas the pool has heard from, the most recent first (at most 50; read
+        at once, in a transaction)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrevrange(self.keys.key("replicas"), 0, 49, withscores=True)
+            pipe.hgetall(self.keys.key("replica_info"))
+            seen, info = await pipe.execute()
+        said = {as_text(k): as_text(v) for k, v in info.items()}
+        out = []
+        for member, score in seen:
+            replica_id = as_text(member)
+            try:
+                details = json.loads(said.get(replica_id, "{}"))
+            except json.JSONDecodeError:
+                details = {}
+            out.append(ReplicaSeen.of(replica_id, now_ms - int(score), details))
+        return out
 
     async def snapshot(self, now_ms: int, window_ms: int) -> Snapshot:
         reply = await self._call("snapshot", now_ms, window_ms)

@@ -57,6 +57,9 @@ DELETE_RETRY_MS = 10_000
 #: Most pub/sub messages applied in one round trip (`Replica.listen`).
 LISTEN_BATCH = 200
 
+#: A replica not heard from for this long is dropped from the pool's list of replicas.
+FORGET_REPLICA_MS = 600_000
+
 
 class Replica:
     """Handles events and ticks for one pool. Several replicas may run against one Redis."""
@@ -86,6 +89,7 @@ class Replica:
         self._probe_names: set[str | bytes] = {self.probe_channel, self.probe_channel.encode()}
         self._probes_out: deque[float] = deque()
         self._last_lag_s = 0.0
+        self._started_ms = self.clock.now_ms()
 
     # --- events -------------------------------------------------------------------------------
 
@@ -396,6 +400,17 @@ class Replica:
 
     # --- the listener's lag ----------------------------------------------------------------
 
+    async def heartbeat(self) -> None:
+        """Probe the listener's lag (`probe_lag`) and record this replica in the pool, with
+        that lag, so `provisioner status` lists the replicas. Forgets replicas silent for
+        FORGET_REPLICA_MS."""
+        await self.probe_lag()
+        info = {"lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
+                "started_ms": self._started_ms,
+                "interval_s": self.service.heartbeat_interval_s}
+        await self.scripts.heartbeat(self.clock.now_ms(), self.replica_id, info,
+                                     FORGET_REPLICA_MS)
+
     async def probe_lag(self) -> None:
         """Publish a probe (this process's monotonic time) on the replica's own channel. The
         listener reaches it behind every message published before it, so the time it takes to
@@ -469,10 +484,10 @@ class Replica:
             asyncio.create_task(self._every(self.pool.tick_interval_s, self.tick, "tick"),
                                 name="tick"),
         ]
-        if self.service.lag_probe_interval_s > 0:
+        if self.service.heartbeat_interval_s > 0:
             tasks.append(asyncio.create_task(
-                self._every(self.service.lag_probe_interval_s, self.probe_lag, "lag-probe"),
-                name="lag-probe"))
+                self._every(self.service.heartbeat_interval_s, self.heartbeat, "heartbeat"),
+                name="heartbeat"))
         if self.service.reconcile_interval_s > 0:
             tasks.append(asyncio.create_task(
                 self._every(self.service.reconcile_interval_s, self._reconcile_if_due,

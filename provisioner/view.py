@@ -16,7 +16,14 @@ from rich.text import Text
 
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import ForecastCheck, ScalingTotals, Scripts, Snapshot, as_text
+from provisioner.scripts import (
+    ForecastCheck,
+    ReplicaSeen,
+    ScalingTotals,
+    Scripts,
+    Snapshot,
+    as_text,
+)
 
 
 @dataclass
@@ -27,6 +34,7 @@ class PoolView:
     now_ms: int
     snapshot: Snapshot
     decisions: list[dict[str, str]]
+    replicas: list[ReplicaSeen]
 
     @cached_property
     def forecast_check(self) -> ForecastCheck:
@@ -59,6 +67,7 @@ class PoolView:
             "forecast_check": self.forecast_check.as_dict(),
             "scaling": self.scaling.as_dict(),
             "decisions": self.decisions,
+            "replicas": [replica.as_dict() for replica in self.replicas],
         }
 
 
@@ -69,7 +78,8 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
     entries: list[tuple[Any, dict[Any, Any]]] = await redis.xrevrange(  # type: ignore[assignment]
         keys.key("decisions"), count=recent)
     decisions = [{as_text(k): as_text(v) for k, v in fields.items()} for _id, fields in entries]
-    return PoolView(pool, now_ms, snapshot, decisions)
+    replicas = await Scripts(redis, keys).replicas(now_ms)
+    return PoolView(pool, now_ms, snapshot, decisions, replicas)
 
 
 def render_view(view: PoolView) -> Group:
@@ -100,11 +110,17 @@ def render_view(view: PoolView) -> Group:
                           entry.get("reason", ""))
     last = Text(f"last decision ({data['last_replica'] or '-'}): "
                 f"{data['last_decision'] or 'none yet'}")
+    running = [r for r in view.replicas if not r.silent]
+    silent = [r for r in view.replicas if r.silent]
+    replicas = Text(f"replicas {len(running)}: " + (", ".join(r.describe() for r in running)
+                                                    or "none heard from"))
+    if silent:
+        replicas.append("; " + ", ".join(r.describe() for r in silent), style="red")
     check = Text("\n".join(view.forecast_check.describe_parts()))
     scaling = Text(view.scaling.describe())
     return Group(
         Panel(Group(Text("nodes", style="bold"), nodes, Text("users", style="bold"), users,
-                    outcomes, check, scaling, last), title=f"pool {view.pool}"),
+                    outcomes, replicas, check, scaling, last), title=f"pool {view.pool}"),
         decisions)
 
 

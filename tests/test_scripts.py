@@ -607,3 +607,49 @@ async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> N
     done = await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
     assert done.code is NodeStatusOutcome.TERMINATED
     assert (await pool.snap()).counts["terminating"] == 0
+
+
+# --- heartbeat ------------------------------------------------------------------------------
+
+
+async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
+    pool: PoolUnderTest,
+) -> None:
+    scripts, now = pool.scripts, pool.now
+    said = {"lag_s": 0.25, "subscribed": True, "started_ms": now, "interval_s": 2.0}
+    assert await scripts.heartbeat(now, "r1", said, 60_000) == (1, 0)
+    assert await scripts.heartbeat(now + 1_000, "r2", {**said, "lag_s": 7.5}, 60_000) == (2, 0)
+    # The same heartbeat again, and a late one of r1's, change nothing.
+    before = await pool.dump()
+    assert await scripts.heartbeat(now, "r1", said, 60_000) == (2, 0)
+    assert await scripts.heartbeat(now - 500, "r1", {**said, "lag_s": 9.0}, 60_000) == (2, 0)
+    assert await pool.dump() == before
+    seen = await scripts.replicas(now + 2_000)
+    assert [(r.replica_id, r.age_s, r.lag_s, r.subscribed) for r in seen] == [
+        ("r2", 1.0, 7.5, True), ("r1", 2.0, 0.25, True)]
+    # r1 goes quiet: listed as silent after three heartbeats (10 s at least), forgotten after
+    # forget_ms by anyone's heartbeat.
+    assert [r.silent for r in await scripts.replicas(now + 10_500)] == [False, True]
+    assert await scripts.heartbeat(now + 61_000, "r2", said, 60_000) == (1, 1)
+    assert [r.replica_id for r in await scripts.replicas(now + 61_000)] == ["r2"]
+    assert await pool.redis.hkeys(pool.keys.key("replica_info")) == ["r2"]
+
+
+async def test_a_heartbeat_that_is_not_a_json_object_is_refused_and_writes_nothing(
+    pool: PoolUnderTest,
+) -> None:
+    before = await pool.dump()
+    for bad in ("not json", "[1, 2]"):
+        with pytest.raises(aioredis.ResponseError, match="not a JSON object"):
+            await pool.scripts._call("heartbeat", pool.now, "r1", bad, 60_000)
+    assert await pool.dump() == before
+
+
+async def test_forgetting_is_bounded_per_heartbeat(pool: PoolUnderTest) -> None:
+    for k in range(25):
+        await pool.scripts.heartbeat(pool.now, f"dead-{k}", {}, 60_000)
+    later = pool.now + 120_000
+    assert await pool.scripts.heartbeat(later, "r1", {}, 60_000) == (16, 10)
+    assert await pool.scripts.heartbeat(later, "r1", {}, 60_000) == (6, 10)
+    assert await pool.scripts.heartbeat(later, "r1", {}, 60_000) == (1, 5)
+    assert [r.lag_s for r in await pool.scripts.replicas(later)] == [None]

@@ -494,7 +494,38 @@ async def test_the_listener_reports_how_far_it_is_behind_the_events(
     assert int(await aredis.hget(replica.keys.key("stats"), "activities") or 0) == 1
 
 
-def test_the_lag_probe_settings_are_checked() -> None:
-    bad = ServiceConfig("redis://x", "http://api", lag_probe_interval_s=-1, max_event_lag_s=0)
-    assert bad.problems() == ["lag probe interval must be in [0, 3600] (0 disables the probe)",
+def test_the_heartbeat_settings_are_checked() -> None:
+    bad = ServiceConfig("redis://x", "http://api", heartbeat_interval_s=-1, max_event_lag_s=0)
+    assert bad.problems() == ["heartbeat interval must be in [0, 3600] (0 disables heartbeats)",
                               "max event lag must be > 0"]
+
+
+async def test_a_replica_s_heartbeat_lists_it_in_the_pool_status(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    from rich.console import Console
+
+    from provisioner.view import read_view, render_view
+
+    replica = make_replica(aredis, api, clock, "r1")
+    await replica.heartbeat()  # not listening yet
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        clock.advance(1_000)
+        await replica.heartbeat()
+    finally:
+        replica.stopping.set()
+        await listening
+    status = await read_view(aredis, POOL, clock.now_ms() + 500, FLOOR_ONLY.window_ms)
+    [listed] = status.as_dict()["replicas"]
+    assert listed["replica"] == "r1" and listed["subscribed"] is True
+    assert listed["age_s"] == 0.5 and 0 <= listed["lag_s"] < 5 and listed["silent"] is False
+    console = Console(record=True, width=200)
+    console.print(render_view(status))
+    assert "replicas 1: r1 (lag " in console.export_text()
+    # Silent for a minute: shown apart.
+    quiet = await read_view(aredis, POOL, clock.now_ms() + 60_000, FLOOR_ONLY.window_ms)
+    console = Console(record=True, width=200)
+    console.print(render_view(quiet))
+    assert "replicas 0: none heard from; r1 silent for 60s" in console.export_text()

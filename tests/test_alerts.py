@@ -1,0 +1,93 @@
+"""The Prometheus alert rules shipped in docker-compose.yml (configs.alerts)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from provisioner.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def rules_text() -> str:
+    # Compose interpolates `$`: the file writes the templates' `$labels` as `$$labels`.
+    content: str = compose()["configs"]["alerts"]["content"]
+    return content.replace("$$", "$")
+
+
+def rules() -> list[dict[str, Any]]:
+    return [rule for group in yaml.safe_load(rules_text())["groups"] for rule in group["rules"]]
+
+
+def exported_series() -> set[str]:
+    """Every series name a replica's /metrics can carry."""
+    names = {"up"}
+    for metric in vars(Metrics()).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        name, kind = metric._name, metric._type
+        if kind == "counter":
+            names |= {f"{name}_total", f"{name}_created"}
+        elif kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_created"}
+        else:
+            names.add(name)
+    return names
+
+
+def test_prometheus_loads_the_rules_compose_mounts() -> None:
+    spec = compose()
+    prometheus = yaml.safe_load(spec["configs"]["prometheus"]["content"])
+    mounted = {c["target"]: c["source"] for c in spec["services"]["prometheus"]["configs"]}
+    assert prometheus["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert mounted["/etc/prometheus/alerts.yml"] == "alerts"
+
+
+def test_every_template_dollar_is_escaped_for_compose() -> None:
+    raw = compose()["configs"]["alerts"]["content"]
+    assert "{{" in raw and not re.search(r"(?<!\$)\$(?!\$)", raw.replace("$$", ""))
+
+
+def test_every_series_an_alert_reads_is_one_the_replicas_export() -> None:
+    exported = exported_series()
+    assert "provisioner_event_lag_seconds" in exported and "provisioner_misses_total" in exported
+    read = set()
+    for rule in rules():
+        names = set(re.findall(r"\b(provisioner_[a-z_]+|up)\b(?=\s*[{\[)=<> ]|$)", rule["expr"]))
+        assert names, rule["alert"]
+        read |= names
+    assert read <= exported, read - exported
+
+
+def test_every_alert_says_how_bad_and_what_to_look_at() -> None:
+    found = rules()
+    assert len(found) >= 8
+    for rule in found:
+        assert rule["labels"]["severity"] in ("info", "warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert rule["alert"].startswith("Provisioner")
+
+
+def test_promtool_accepts_the_rules_and_they_fire_as_their_tests_say(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    (tmp_path / "alerts.yml").write_text(rules_text())
+    shutil.copy(ROOT / "tests" / "alerts_test.yml", tmp_path / "alerts_test.yml")
+    for command in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
+        done = subprocess.run([promtool, *command], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr

@@ -417,8 +417,13 @@ class Replica:
         come back is how far the listener is behind the event stream (`event_lag_s`)."""
         if self.subscribed.is_set():
             sent = time.monotonic()
-            await self.redis.publish(self.probe_channel, repr(sent))
+            # Out before it is sent: the listener may see it before PUBLISH's reply comes.
             self._probes_out.append(sent)
+            try:
+                await self.redis.publish(self.probe_channel, repr(sent))
+            except BaseException:
+                self._probes_out.remove(sent)  # if it went out after all, it pops nothing
+                raise
         self._report_lag()
 
     def _probe_seen(self, data: bytes | str) -> None:

@@ -529,3 +529,26 @@ async def test_a_replica_s_heartbeat_lists_it_in_the_pool_status(
     console = Console(record=True, width=200)
     console.print(render_view(quiet))
     assert "replicas 0: none heard from; r1 silent for 60s" in console.export_text()
+
+
+async def test_a_probe_seen_before_its_publish_returns_is_not_left_out(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1")
+    publish = replica.redis.publish
+
+    async def slow_reply(*args: Any) -> Any:
+        result = await publish(*args)
+        await asyncio.sleep(0.3)  # the listener reads the probe meanwhile
+        return result
+
+    replica.redis.publish = slow_reply  # type: ignore[method-assign]
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await replica.probe_lag()
+        await asyncio.sleep(0.3)
+        assert not replica._probes_out and replica.event_lag_s() < 0.3
+    finally:
+        replica.stopping.set()
+        await listening

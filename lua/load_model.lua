@@ -29,7 +29,7 @@ local replace = ARGV[2] == '1'
 local fields = model_fields()
 local known = {}
 for _, f in ipairs(fields) do
-  if f ~= 'last_ms' then
+  if f ~= 'last_ms' then  -- the decay's clock: the running pool's (model_view's learned_fields)
     known[f] = true
   end
 end

@@ -5,8 +5,10 @@
   it and the chance that a user there connects within the horizon H, from the same functions
   the forecast uses (lua/includes/policy.lua), the priors included; the users not browsing
   yet's connects per H; the boot lead time; the mean session; the long-run arrivals per minute
-  (the decayed count over a full memory, the panic's baseline: low in a new pool). The
-  chances are as learned, without the discount `uncredited_exposure` may apply to the last
+  (the decayed count over a full memory, the panic's baseline: low in a new pool); and the
+  names of the fields the forecast learns (`learned_fields`: what `provisioner model export`
+  writes and load_model accepts, the model hash's other fields belonging to the running pool).
+  The chances are as learned, without the discount `uncredited_exposure` may apply to the last
   horizon's exposure of the cells browsing now.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
@@ -33,6 +35,12 @@ for i, k in ipairs(LEVELS) do
   end
 end
 local half_life_s = p.half_life_ms / 1000
+local learned_fields = {}
+for _, f in ipairs(model_fields()) do
+  if f ~= 'last_ms' then  -- the decay's clock: the running pool's
+    learned_fields[#learned_fields + 1] = f
+  end
+end
 return cjson.encode({
   learned = known.last_ms ~= nil,
   horizon_s = horizon_ms / 1000,
@@ -45,4 +53,5 @@ return cjson.encode({
   arrivals_per_min = long_run_arrivals(m, half_life_s) * 60,
   memory_min = half_life_s / math.log(2) / 60,
   cells = cells,
+  learned_fields = learned_fields,
 })

@@ -405,7 +405,10 @@ def model_export(
     if not raw:
         raise _fail(f"pool {pool} has no model: it has not decided yet, or the pool name is "
                     "wrong")
-    document = model_document(raw, pool, WallClock().now_ms())
+    now = WallClock().now_ms()
+    learned = _with_redis(redis_url, lambda c: Scripts(c, keys).learned_fields(
+        PoolConfig().policy_args(now, "cli")))
+    document = model_document(raw, learned, pool, now)
     text = json.dumps(document, indent=1) + "\n"
     if out is None:
         typer.echo(text, nl=False)

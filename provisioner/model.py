@@ -10,30 +10,28 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 FORMAT = "provisioner-model/1"
-
-#: Fields of the model hash that belong to the running pool, not to what it learned: the decay's
-#: clock, the forecast's check of itself against this pool's counters, and the horizon and window
-#: the tick wrote for allocate (kept in the file as `learned_over`, for the reader).
-RUNNING_FIELDS = frozenset({"last_ms", "check_until_ms", "check_connects", "check_mean",
-                            "check_var", "window_ms", "horizon_ms"})
 
 
 class ModelFileError(ValueError):
     """A model file that cannot be imported."""
 
 
-def model_document(raw: Mapping[str, str], pool: str, now_ms: int) -> dict[str, Any]:
-    """The export of a model hash `raw`: its learned fields as numbers, and what it was learned
-    over. A field whose value is not a non-negative finite number (a hand repair gone wrong;
-    load_model.lua would refuse it) is left out and named under `skipped`."""
+def model_document(raw: Mapping[str, str], learned: Collection[str], pool: str,
+                   now_ms: int) -> dict[str, Any]:
+    """The export of a model hash `raw`: the fields of it the forecast learns (`learned`, from
+    lua/model_view.lua, so the scripts alone name them) as numbers, and what it was learned
+    over. The hash's other fields belong to the running pool (the decay's clock, the forecast's
+    check of itself, the horizon and window of the last tick) and are left out. A learned field
+    whose value is not a non-negative finite number (a hand repair gone wrong; load_model.lua
+    would refuse it) is left out and named under `skipped`."""
     fields: dict[str, float] = {}
     skipped: list[str] = []
     for name in sorted(raw):
-        if name in RUNNING_FIELDS:
+        if name not in learned:
             continue
         value = _learned(raw[name])
         if value is None:

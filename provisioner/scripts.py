@@ -566,6 +566,11 @@ class Scripts:
         raw = await self.redis.hgetall(self.keys.key("model"))
         return {as_text(k): as_text(v) for k, v in raw.items()}
 
+    async def learned_fields(self, policy_args: Sequence[object]) -> list[str]:
+        """The names of the model's fields the forecast learns, as the scripts list them
+        (model_view's `learned_fields`): what an export writes and load_model accepts."""
+        return list((await self.model_view(policy_args))["learned_fields"])
+
     async def heartbeat(self, now_ms: int, replica_id: str, info: Mapping[str, Any],
                         forget_ms: int) -> tuple[int, int]:
         """Record that a replica runs and what it says (lua/heartbeat.lua); the replicas heard

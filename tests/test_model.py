@@ -67,7 +67,10 @@ async def test_a_new_pool_imported_from_another_forecasts_as_that_pool_does(
     await browse(learned)
     await browse(new)
     await forecast(learned)  # the tick writes its running fields: horizon, window, the check
-    exported = model_document(await learned.scripts.read_model(), "learned", learned.now)
+    exported = model_document(
+        await learned.scripts.read_model(),
+        await learned.scripts.learned_fields(learned.config.policy_args(learned.now, "t")),
+        "learned", learned.now)
     assert exported["format"] == FORMAT
     assert exported["fields"].keys() >= LEARNED.keys()
     assert not {"last_ms", "check_until_ms", "horizon_ms"} & exported["fields"].keys()
@@ -131,8 +134,10 @@ async def test_an_empty_model_is_refused(pools: tuple[PoolUnderTest, PoolUnderTe
 
 
 def test_an_export_leaves_out_what_an_import_would_refuse() -> None:
+    learned = ["x4_1", "r4_1", "boot_ms", "x0"]
     document = model_document({"x4_1": "12.5", "r4_1": "zz", "boot_ms": "inf", "x0": "-1",
-                               "last_ms": "5", "horizon_ms": "oops"}, "p", 7)
+                               "last_ms": "5", "horizon_ms": "oops", "check_mean": "2"},
+                              learned, "p", 7)
     assert document["fields"] == {"x4_1": 12.5}
     assert document["skipped"] == ["boot_ms", "r4_1", "x0"]
     assert document["learned_over"] == {}

@@ -214,7 +214,8 @@ def replay(
                        f"written to {timeline_path}", err=True)
         if save_model_path is not None and replayed.final_model is not None:
             save_model_path.write_text(json.dumps(model_document(
-                replayed.final_model, trace.name, replayed.clock.now_ms()), indent=1) + "\n")
+                replayed.final_model, replayed.final_learned, trace.name,
+                replayed.clock.now_ms()), indent=1) + "\n")
             typer.echo(f"model written to {save_model_path}", err=True)
         if replayed.final_stats is not None:
             typer.echo(replayed.final_stats.scaling().describe()

@@ -145,6 +145,8 @@ class ServicePolicy:
         #: priors; the pool's own at the end is `final_model`
         self.model = dict(model) if model else None
         self.final_model: dict[str, str] | None = None
+        #: the names of its fields the forecast learns (lua/model_view.lua)
+        self.final_learned: list[str] = []
         self.redis_url = redis_url
         self.pool = pool or PoolConfig()
         self.pool_name = f"bench-{uuid.uuid4().hex[:12]}"
@@ -296,6 +298,8 @@ class ServicePolicy:
         scripts = Scripts(self._redis, self.keys)
         self.final_stats = await scripts.snapshot(self.clock.now_ms(), self.pool.window_ms)
         self.final_model = await scripts.read_model()
+        self.final_learned = await scripts.learned_fields(
+            self.pool.policy_args(self.clock.now_ms(), "replay"))
         async for key in self._redis.scan_iter(match=self.keys.pattern(), count=1000):
             await self._redis.delete(key)
         await self._redis.aclose()

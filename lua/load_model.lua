@@ -28,10 +28,8 @@ local replace = ARGV[2] == '1'
 
 local fields = model_fields()
 local known = {}
-for _, f in ipairs(fields) do
-  if f ~= 'last_ms' then  -- the decay's clock: the running pool's (model_view's learned_fields)
-    known[f] = true
-  end
+for _, f in ipairs(learned_fields()) do
+  known[f] = true
 end
 local problems, writes, seen = {}, {}, {}
 if (#ARGV - 2) % 2 ~= 0 then

@@ -35,12 +35,6 @@ for i, k in ipairs(LEVELS) do
   end
 end
 local half_life_s = p.half_life_ms / 1000
-local learned_fields = {}
-for _, f in ipairs(model_fields()) do
-  if f ~= 'last_ms' then  -- the decay's clock: the running pool's
-    learned_fields[#learned_fields + 1] = f
-  end
-end
 return cjson.encode({
   learned = known.last_ms ~= nil,
   horizon_s = horizon_ms / 1000,
@@ -53,5 +47,5 @@ return cjson.encode({
   arrivals_per_min = long_run_arrivals(m, half_life_s) * 60,
   memory_min = half_life_s / math.log(2) / 60,
   cells = cells,
-  learned_fields = learned_fields,
+  learned_fields = learned_fields(),
 })

@@ -74,11 +74,12 @@ class PoolView:
 async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: int,
                     recent: int = 8) -> PoolView:
     keys = PoolKeys(pool)
-    snapshot = await Scripts(redis, keys).snapshot(now_ms, window_ms)
+    scripts = Scripts(redis, keys)
+    snapshot = await scripts.snapshot(now_ms, window_ms)
     entries: list[tuple[Any, dict[Any, Any]]] = await redis.xrevrange(  # type: ignore[assignment]
         keys.key("decisions"), count=recent)
     decisions = [{as_text(k): as_text(v) for k, v in fields.items()} for _id, fields in entries]
-    replicas = await Scripts(redis, keys).replicas(now_ms)
+    replicas = await scripts.replicas(now_ms)
     return PoolView(pool, now_ms, snapshot, decisions, replicas)
 
 

@@ -105,6 +105,18 @@ local function model_fields()
   return fields
 end
 
+-- The fields a pool learns, as an export writes them and an import accepts them: all but the
+-- decay's clock, 'last_ms', which belongs to the running pool.
+local function learned_fields()
+  local learned = {}
+  for _, f in ipairs(model_fields()) do
+    if f ~= 'last_ms' then
+      learned[#learned + 1] = f
+    end
+  end
+  return learned
+end
+
 -- The model's fields as learned values: m (0 where nothing is learned) and known (nil there). A
 -- field that is missing, or not a value a script wrote, is nothing learned yet, so one bad field
 -- cannot flood or empty the target.

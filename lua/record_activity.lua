@@ -20,15 +20,18 @@
   its ZADD finds the second there: the first did the rest, so every further replica costs the
   server three commands a message, not the whole script.
 
+  One call applies one or more events in order, each as its own call would (a listener's burst
+  goes in one call, its key vector sent once); the stats counters are added once at the end.
+
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
-  ARGV[2] user id
-  ARGV[3] event timestamp (ms)
-  ARGV[4] window (ms)
-  ARGV[5] engaged threshold (events within the window)
-  ARGV[6] most events kept per user
+  ARGV[2] window (ms)
+  ARGV[3] engaged threshold (events within the window)
+  ARGV[4] most events kept per user
+  ARGV[5], ARGV[6] the first event's user id and timestamp (ms); then each further event's
 
-  Returns {code, events_in_window}
+  Returns {code, events_in_window} for each event, one after another ({-1, error} for an event
+  the server refused: it fails alone, as its own call would)
     1 RECORDED   the event is new
     2 DUPLICATE  this user's event of this second is already recorded
     3 STALE      the event is older than the window: nothing recorded
@@ -36,73 +39,97 @@
 --@include "includes/keys.lua"
 
 local now = tonumber(ARGV[1])
-local user = ARGV[2]
-local ts = tonumber(ARGV[3])
-local window = tonumber(ARGV[4])
-local threshold = tonumber(ARGV[5])
-local cap = tonumber(ARGV[6])
-
-if ts < now - window then
-  stat('activity_stale')
-  return {3, 0}
-end
-
-local ak = K.acts_prefix .. user
+local window = tonumber(ARGV[2])
+local threshold = tonumber(ARGV[3])
+local cap = tonumber(ARGV[4])
 local keep_ms = 2 * window + 60000
-if rcall('ZADD', ak, ts, ts) == 0 then
-  -- Another replica's copy (or another request of the same second) came first and did the rest.
-  stat('activity_duplicates')
-  return {2, rcall('ZCOUNT', ak, now - window, '+inf')}
-end
-rcall('ZREMRANGEBYSCORE', ak, '-inf', '(' .. (now - 2 * window))
-local kept = rcall('ZCARD', ak)
-if kept > cap then
-  rcall('ZREMRANGEBYRANK', ak, 0, kept - cap - 1)
-end
-local n = rcall('ZCOUNT', ak, now - window, '+inf')
--- The window outlives its last event by a minute; a user who never comes back leaves nothing.
-rcall('PEXPIRE', ak, keep_ms)
--- Each new member here (and in `engaged` and the cells below) removes up to SWEEP_PER_ADD stale
--- ones (lua/includes/keys.lua): the sets keep pace with any churn, and the tick's bounded trim
--- only mops up after traffic stops.
-if rcall('ZADD', K.active, 'GT', ts, user) > 0 then
-  trim_stale(K.active, now, window, SWEEP_PER_ADD)
-end
+local counts = {activities = 0, activity_duplicates = 0, activity_stale = 0}
 
-stat('activities')
+-- One event: its code and the user's events in the window.
+local function record(user, ts)
+  if ts < now - window then
+    counts.activity_stale = counts.activity_stale + 1
+    return 3, 0
+  end
+  local ak = K.acts_prefix .. user
+  if rcall('ZADD', ak, ts, ts) == 0 then
+    -- Another replica's copy (or another request of the same second) came first and did the
+    -- rest.
+    counts.activity_duplicates = counts.activity_duplicates + 1
+    return 2, rcall('ZCOUNT', ak, now - window, '+inf')
+  end
+  rcall('ZREMRANGEBYSCORE', ak, '-inf', '(' .. (now - 2 * window))
+  local kept = rcall('ZCARD', ak)
+  if kept > cap then
+    rcall('ZREMRANGEBYRANK', ak, 0, kept - cap - 1)
+  end
+  local n = rcall('ZCOUNT', ak, now - window, '+inf')
+  -- The window outlives its last event by a minute; a user who never comes back leaves nothing.
+  rcall('PEXPIRE', ak, keep_ms)
+  -- Each new member here (and in `engaged` and the cells below) removes up to SWEEP_PER_ADD
+  -- stale ones (lua/includes/keys.lua): the sets keep pace with any churn, and the tick's
+  -- bounded trim only mops up after traffic stops.
+  if rcall('ZADD', K.active, 'GT', ts, user) > 0 then
+    trim_stale(K.active, now, window, SWEEP_PER_ADD)
+  end
+  counts.activities = counts.activities + 1
 
-if rcall('HEXISTS', K.alloc, user) == 1 or rcall('HEXISTS', K.waiting_since, user) == 1 then
-  return {1, n}
-end
-if n >= threshold then
-  local nth = rcall('ZRANGE', ak, -threshold, -threshold, 'WITHSCORES')
-  if rcall('ZADD', K.engaged, nth[2], user) > 0 then
-    trim_stale(K.engaged, now, window, SWEEP_PER_ADD)
+  if rcall('HEXISTS', K.alloc, user) == 1 or rcall('HEXISTS', K.waiting_since, user) == 1 then
+    return 1, n
   end
-end
--- Cells for the forecast. First seen: the first event since the user last had no node.
-local first = first_seen(user)
-if not first then
-  first = math.min(ts, now)
-  rcall('HINCRBYFLOAT', K.model, 'arr', 1)
-end
-rcall('SET', K.seen_prefix .. user, first, 'PX', keep_ms)
--- The time of the k-th most recent event places the user at level k until it leaves the window;
--- for each age bucket the user is still young in, the cell's deadline is the earlier of the two.
-for i, k in ipairs(LEVELS) do
-  if n < k then break end
-  local kth = tonumber(rcall('ZRANGE', ak, -k, -k, 'WITHSCORES')[2])
-  if rcall('ZADD', K.levels, score(k * LEVEL_BAND + kth), k .. ':' .. user) > 0 then
-    trim_stale_level(k, now, window, SWEEP_PER_ADD)
+  if n >= threshold then
+    local nth = rcall('ZRANGE', ak, -threshold, -threshold, 'WITHSCORES')
+    if rcall('ZADD', K.engaged, nth[2], user) > 0 then
+      trim_stale(K.engaged, now, window, SWEEP_PER_ADD)
+    end
   end
-  for j, limit in ipairs(AGES) do
-    if first + limit > now then
-      local deadline = math.min(kth + window, first + limit)
-      local member = k .. ':' .. j .. ':' .. user
-      if rcall('ZADD', K.levels, score(young_band(i, j) + deadline), member) > 0 then
-        trim_stale_young(i, j, now, SWEEP_PER_ADD)
+  -- Cells for the forecast. First seen: the first event since the user last had no node.
+  local first = first_seen(user)
+  if not first then
+    first = math.min(ts, now)
+    rcall('HINCRBYFLOAT', K.model, 'arr', 1)
+  end
+  rcall('SET', K.seen_prefix .. user, first, 'PX', keep_ms)
+  -- The time of the k-th most recent event places the user at level k until it leaves the
+  -- window; for each age bucket the user is still young in, the cell's deadline is the earlier
+  -- of the two.
+  for i, k in ipairs(LEVELS) do
+    if n < k then break end
+    local kth = tonumber(rcall('ZRANGE', ak, -k, -k, 'WITHSCORES')[2])
+    if rcall('ZADD', K.levels, score(k * LEVEL_BAND + kth), k .. ':' .. user) > 0 then
+      trim_stale_level(k, now, window, SWEEP_PER_ADD)
+    end
+    for j, limit in ipairs(AGES) do
+      if first + limit > now then
+        local deadline = math.min(kth + window, first + limit)
+        local member = k .. ':' .. j .. ':' .. user
+        if rcall('ZADD', K.levels, score(young_band(i, j) + deadline), member) > 0 then
+          trim_stale_young(i, j, now, SWEEP_PER_ADD)
+        end
       end
     end
   end
+  return 1, n
 end
-return {1, n}
+
+if #ARGV < 6 or (#ARGV - 4) % 2 ~= 0 then
+  return redis.error_reply('record_activity: expected now, window, threshold, cap, then user '
+                           .. 'and timestamp pairs; got ' .. #ARGV .. ' arguments')
+end
+local replies = {}
+for a = 5, #ARGV - 1, 2 do
+  -- An event the server refuses (a key of the wrong type, written by hand) fails alone, as its
+  -- own call would: {-1, error}, and the events after it still apply.
+  local ok, code, n = pcall(record, ARGV[a], tonumber(ARGV[a + 1]))
+  if not ok then
+    code, n = -1, type(code) == 'table' and tostring(code.err) or tostring(code)
+  end
+  replies[#replies + 1] = code
+  replies[#replies + 1] = n
+end
+for _, field in ipairs({'activities', 'activity_duplicates', 'activity_stale'}) do
+  if counts[field] > 0 then
+    stat(field, counts[field])
+  end
+end
+return replies

@@ -410,8 +410,18 @@ class Call(Generic[T]):
 
 
 def _activity(reply: Any) -> ActivityResult:
-    code, n = reply
-    return ActivityResult(Activity(int(code)), int(n))
+    [result] = _activities(reply)
+    if isinstance(result, ResponseError):
+        raise result
+    return result
+
+
+def _activities(reply: Any) -> list[ActivityResult | ResponseError]:
+    """One result per event of a record_activity call; an event the server refused is the
+    error it raised (the script's {-1, message})."""
+    return [ResponseError(as_text(n)) if int(code) == -1
+            else ActivityResult(Activity(int(code)), int(n))
+            for code, n in zip(reply[::2], reply[1::2], strict=True)]
 
 
 def _allocation(reply: Any) -> AllocateResult:
@@ -481,13 +491,31 @@ class Scripts:
                 self._observe(call.name, share)
         results: list[Any] = []
         for call, reply in zip(calls, replies, strict=True):
-            results.append(reply if isinstance(reply, Exception) else call.parse(reply))
+            if not isinstance(reply, Exception):
+                try:
+                    reply = call.parse(reply)
+                except ResponseError as exc:  # a script's own error reply, read as such
+                    reply = exc
+            results.append(reply)
         return results
 
     def record_activity_call(self, now_ms: int, user_id: str, ts_ms: int, window_ms: int,
                              threshold: int, cap: int) -> Call[ActivityResult]:
-        return Call("record_activity", (now_ms, user_id, ts_ms, window_ms, threshold, cap),
+        return Call("record_activity", (now_ms, window_ms, threshold, cap, user_id, ts_ms),
                     _activity)
+
+    def record_activities_call(self, now_ms: int, events: Sequence[tuple[str, int]],
+                               window_ms: int, threshold: int,
+                               cap: int) -> Call[list[ActivityResult | ResponseError]]:
+        """Several activity events (user id, timestamp ms) in one script call, applied in order
+        as one call each would apply them; one result per event, or the error the server raised
+        for it (that event alone fails)."""
+        if not events:
+            raise ValueError("record_activities_call needs at least one event")
+        args: list[object] = [now_ms, window_ms, threshold, cap]
+        for user_id, ts_ms in events:
+            args += (user_id, ts_ms)
+        return Call("record_activity", tuple(args), _activities)
 
     async def record_activity(self, now_ms: int, user_id: str, ts_ms: int, window_ms: int,
                               threshold: int, cap: int) -> ActivityResult:

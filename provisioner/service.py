@@ -57,6 +57,10 @@ DELETE_RETRY_MS = 10_000
 #: Most pub/sub messages applied in one round trip (`Replica.listen`).
 LISTEN_BATCH = 200
 
+#: Most activity events applied by one record_activity call: a run of them in a batch goes in
+#: calls of this many (the server runs each call whole, so this bounds how long it is held).
+ACTIVITY_BATCH = 50
+
 #: A replica not heard from for this long is dropped from the pool's list of replicas.
 FORGET_REPLICA_MS = 600_000
 
@@ -107,12 +111,20 @@ class Replica:
         now = self.clock.now_ms()
         parsed = [self._parse(channel, data, now) for channel, data in messages]
         valid = [item for item in parsed if item is not None]
+        calls = self._calls([event for _, event in valid], now)
         try:
-            results = await self.scripts.run_many([self._call(event, now)
-                                                   for _, event in valid]) if valid else []
+            results = await self.scripts.run_many([call for call, _ in calls]) if calls else []
         except RedisError as exc:
-            results = [exc] * len(valid)
-        replies = iter(results)
+            results = [exc] * len(calls)
+        per_event: list[Any] = []
+        for result, (_, grouped) in zip(results, calls, strict=True):
+            if not grouped:
+                per_event.append(result)
+            elif isinstance(result, Exception):
+                per_event += [result] * grouped
+            else:
+                per_event += result
+        replies = iter(per_event)
         outcomes: list[Outcome] = []
         for item in parsed:
             if item is None:
@@ -143,12 +155,35 @@ class Replica:
             return None
         return label, event
 
+    def _calls(self, evs: Sequence[events.Event], now: int) -> list[tuple[Call[Any], int]]:
+        """The transitions the events ask for, in order: each run of consecutive activity
+        events in one record_activity call (up to ACTIVITY_BATCH of them), every other event a
+        call of its own. With each call, how many activity events it applies (0 for another
+        event's call, whose result is its own)."""
+        calls: list[tuple[Call[Any], int]] = []
+        run: list[tuple[str, int]] = []
+
+        def close_run() -> None:
+            if run:
+                calls.append((self.scripts.record_activities_call(
+                    now, run, self.pool.window_ms, self.pool.engaged_threshold,
+                    self.pool.max_events_per_user), len(run)))
+                run.clear()
+
+        for event in evs:
+            if isinstance(event, events.Activity):
+                run.append((event.user_id, event.timestamp_ms))
+                if len(run) >= ACTIVITY_BATCH:
+                    close_run()
+            else:
+                close_run()
+                calls.append((self._call(event, now), 0))
+        close_run()
+        return calls
+
     def _call(self, event: events.Event, now: int) -> Call[Any]:
-        """The transition an event asks for."""
-        if isinstance(event, events.Activity):
-            return self.scripts.record_activity_call(
-                now, event.user_id, event.timestamp_ms, self.pool.window_ms,
-                self.pool.engaged_threshold, self.pool.max_events_per_user)
+        """The transition a connect, disconnect or node status asks for."""
+        assert not isinstance(event, events.Activity), "activity goes through _calls"
         if isinstance(event, events.Connect):
             return self.scripts.allocate_call(now, event.user_id, self.replica_id,
                                               self.pool.decision_log_len)

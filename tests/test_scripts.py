@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
@@ -17,6 +18,7 @@ from provisioner.keys import POOL_KEY_ORDER, PoolKeys
 from provisioner.scripts import (
     Activity,
     Allocation,
+    Call,
     NodeStatusOutcome,
     Registration,
     Release,
@@ -350,6 +352,67 @@ async def test_a_later_copy_of_an_activity_changes_nothing_but_its_counter(
     later = await pool.dump()
     assert later.pop("stats") == {**first.pop("stats"), "activity_duplicates": "1"}
     assert later == first
+
+
+async def test_a_burst_of_activity_in_one_call_leaves_what_one_call_each_leaves(
+    aredis: aioredis.Redis,
+) -> None:
+    clock = ManualClock(T0)
+    one, many = (PoolUnderTest(aredis, keys, Scripts(aredis, keys), clock)
+                 for keys in (PoolKeys("one"), PoolKeys("many")))
+    config = one.config
+    args = (config.window_ms, config.engaged_threshold, config.max_events_per_user)
+    # A user holding a node, one seen a while ago, then a burst: users crossing every level
+    # (1, 2, 4, 8, 16 events), a second repeated, an event older than the window.
+    burst: list[tuple[str, int]] = [("held", T0 - 1_000), ("u0", T0 - 90_000)]
+    for second in range(18):
+        burst += [(f"u{k}", T0 - (18 - second) * 1_000) for k in range(1 + second % 4)]
+    burst += [("u1", T0 - 1_000), ("stale", T0 - config.window_ms - 1), ("held", T0)]
+    for pool in (one, many):
+        await pool.boot("n1")
+        await pool.scripts.allocate(pool.now, "held")
+        await pool.scripts.record_activity(pool.now, "u0", T0 - 100_000, *args)
+    singly = [await one.scripts.record_activity(one.now, user, ts, *args) for user, ts in burst]
+    together = await many.scripts.run(many.scripts.record_activities_call(
+        many.now, burst, *args))
+    assert together == singly
+    assert {r.code for r in together} == {Activity.RECORDED, Activity.DUPLICATE,
+                                          Activity.STALE}
+    assert max(r.events_in_window for r in together) >= 16
+    assert await many.dump() == await one.dump()
+    stats = (await many.snap()).stat
+    # The burst less its repeat and its stale event, and u0's first.
+    assert (stats("activities"), stats("activity_duplicates"), stats("activity_stale")) == (
+        len(burst) - 2 + 1, 1, 1)
+
+
+async def test_an_activity_the_server_refuses_fails_alone_in_its_call(
+    pool: PoolUnderTest,
+) -> None:
+    config = pool.config
+    args = (config.window_ms, config.engaged_threshold, config.max_events_per_user)
+    await pool.redis.set(pool.keys.acts("bad"), "not a sorted set")
+    results = await pool.scripts.run(pool.scripts.record_activities_call(
+        pool.now, [("u1", T0), ("bad", T0), ("u2", T0)], *args))
+    assert [type(r).__name__ for r in results] == ["ActivityResult", "ResponseError",
+                                                   "ActivityResult"]
+    assert "WRONGTYPE" in str(results[1])
+    assert (await pool.snap()).stat("activities") == 2
+    assert await pool.redis.zscore(pool.keys.key("active"), "u2") is not None
+    # Alone in its call, the refusal is raised, as any script error is.
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pool.scripts.record_activity(pool.now, "bad", T0, *args)
+
+
+async def test_record_activity_refuses_an_argument_list_it_cannot_pair(
+    pool: PoolUnderTest,
+) -> None:
+    config = pool.config
+    for pairs in ((), ("u1",), ("u1", T0, "u2")):
+        call = Call("record_activity", (pool.now, config.window_ms, 3, 100, *pairs), list)
+        with pytest.raises(ResponseError, match="user and timestamp pairs"):
+            await pool.scripts.run(call)
+    assert await pool.dump() == {}
 
 
 async def test_stale_activity_is_not_recorded(pool: PoolUnderTest) -> None:

@@ -16,7 +16,7 @@ from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
 from provisioner.scripts import ReleaseResult
-from provisioner.service import LISTEN_BATCH, Replica, http_app
+from provisioner.service import ACTIVITY_BATCH, LISTEN_BATCH, Replica, http_app
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
 from tests.helpers import T0, Subscriber, dump_pool
@@ -387,6 +387,43 @@ async def test_a_message_the_server_refuses_is_counted_and_the_rest_of_its_batch
     assert counter(replica, "provisioner_errors_total", where="event") == 1
     assert await aredis.hget(replica.keys.key("waiting_since"), "u2") is not None
     assert await aredis.zscore(replica.keys.key("active"), "u0") is not None
+
+
+async def test_a_run_of_activity_goes_in_few_calls_and_other_events_keep_their_place(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    sent: list[tuple[str, int]] = []
+    run_many = replica.scripts.run_many
+
+    async def spy(calls: Any) -> Any:
+        sent.extend((call.name, len(call.args)) for call in calls)
+        return await run_many(calls)
+
+    replica.scripts.run_many = spy  # type: ignore[method-assign]
+    second = T0 // 1000
+    messages = [wire("user:activity", {"user_id": f"u{k}", "timestamp": second})
+                for k in range(ACTIVITY_BATCH + 20)]
+    # u1 connects between its activities: the one before is a browsing user's, the one after
+    # a user's who waits (recorded, not placed in a cell).
+    messages += [wire("user:connect", {"user_id": "u1"}),
+                 wire("user:activity", {"user_id": "u1", "timestamp": second - 1}),
+                 wire("user:activity", {"user_id": "u1", "timestamp": second - 1}),
+                 wire("user:activity", "not json"),
+                 wire("user:activity", {"user_id": "u2", "timestamp": second - 1})]
+    outcomes = await replica.handle_many(messages)
+    per_pair = 2
+    assert sent == [("record_activity", 4 + per_pair * ACTIVITY_BATCH),
+                    ("record_activity", 4 + per_pair * 20),
+                    ("allocate", 4),
+                    ("record_activity", 4 + per_pair * 3)]
+    assert [None if o is None else type(o).__name__ for o in outcomes[-6:]] == [
+        "ActivityResult", "AllocateResult", "ActivityResult", "ActivityResult", None,
+        "ActivityResult"]
+    assert [o.code.name for o in outcomes[-4:-2]] == ["RECORDED", "DUPLICATE"]  # type: ignore
+    assert len(outcomes) == len(messages)
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert int(stats["activities"]) == ACTIVITY_BATCH + 20 + 2
+    assert await aredis.hget(replica.keys.key("waiting_since"), "u1") is not None
 
 
 async def test_the_listener_applies_a_burst_in_batches_in_order(

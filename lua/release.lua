@@ -11,9 +11,15 @@
 
   Idempotent: a second disconnect finds the user holding nothing.
 
+  An operator ends a session whose disconnect was lost the same way (`provisioner release`),
+  naming themselves in ARGV[3]: what that changed is logged to the `decisions` stream (kind
+  'release') and counted in `operator_releases`.
+
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
   ARGV[2] user id
+  ARGV[3] who released the user, for an operator's release (optional; empty for a disconnect)
+  ARGV[4] most entries kept in the decisions stream (optional, 1000)
 
   Returns {code, node_id, served...}
     1 RELEASED   {1, node, [user, node, waited_ms] if the node went to a waiting user}
@@ -25,6 +31,17 @@
 
 local now = tonumber(ARGV[1])
 local user = ARGV[2]
+local by = ARGV[3] or ''
+local log_len = tonumber(ARGV[4]) or 1000
+
+-- An operator's release, logged with what it did.
+local function log_release(what)
+  if by == '' then return end
+  stat('operator_releases')
+  rcall('XADD', K.decisions, 'MAXLEN', '~', log_len, '*', 'now', now, 'replica', by,
+        'kind', 'release', 'reason', string.format('user %s released by %s: %s', user, by, what),
+        'numbers', '{}', 'acted', 1)
+end
 
 local node = rcall('HGET', K.alloc, user)
 if node or rcall('HEXISTS', K.waiting_since, user) == 1 then
@@ -43,14 +60,22 @@ if node then
     rcall('HINCRBYFLOAT', K.model, 'rel', 1)
     local served = node_free(node, now)
     for _, v in ipairs(served) do result[#result + 1] = v end
+    log_release(string.format('node %s freed after a session of %.0fs, %s', node,
+                              (now - since) / 1000, served[1] and ('to waiting user ' .. served[1])
+                              or 'back to the ready list'))
+  else
+    log_release(string.format('a stale allocation of node %s (state %s) dropped', node,
+                              tostring(rcall('HGET', nk, 'state'))))
   end
   return result
 end
 
 if rcall('HEXISTS', K.waiting_since, user) == 1 then
+  local since = tonumber(rcall('HGET', K.waiting_since, user)) or now
   rcall('LREM', K.waiting, 0, user)
   rcall('HDEL', K.waiting_since, user)
   stat('abandoned')
+  log_release(string.format('left the waiting queue after %.0fs', (now - since) / 1000))
   return {2, ''}
 end
 return {0, ''}

@@ -281,17 +281,29 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     console.print(table)
 
 
+def _ago(now_ms: float, then_ms: float | None) -> str:
+    return "-" if then_ms is None else f"{max(0.0, now_ms - then_ms) / 1000:.0f}s"
+
+
 @app.command()
 def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
           limit: Annotated[int, typer.Option(help="Most rows")] = 200) -> None:
-    """Waiting users (oldest first) and users holding a node."""
-    waiting, allocated = _with_redis(redis_url, lambda c: view.user_rows(c, pool, limit))
+    """Waiting users (oldest first) and users holding a node (the longest session first, with
+    when each was last active: a session whose disconnect was lost shows up here)."""
+    waiting, sessions = _with_redis(redis_url, lambda c: view.user_rows(c, pool, limit))
     now = time.time() * 1000
+
+    def seconds(then_ms: int | None) -> float | None:
+        return None if then_ms is None else round((now - then_ms) / 1000, 1)
+
     if as_json:
         typer.echo(json.dumps({
             "waiting": [{"user_id": u, "waiting_s": round((now - s) / 1000, 1)}
                         for u, s in waiting],
-            "allocated": [{"user_id": u, "node_id": n} for u, n in allocated]}, indent=2))
+            "allocated": [{"user_id": s.user, "node_id": s.node,
+                           "session_s": seconds(s.allocated_ms),
+                           "last_active_s": seconds(s.last_activity_ms)} for s in sessions]},
+            indent=2))
         return
     table = Table(title=f"waiting users of pool {pool} ({len(waiting)})")
     table.add_column("user")
@@ -299,12 +311,75 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     for user, since in waiting:
         table.add_row(user, f"{(now - since) / 1000:.0f}s")
     console.print(table)
-    table = Table(title=f"connected users of pool {pool} ({len(allocated)})")
-    table.add_column("user")
-    table.add_column("node")
-    for user, node in allocated:
-        table.add_row(user, node)
+    table = Table(title=f"connected users of pool {pool} ({len(sessions)}), longest first")
+    for column in ("user", "node", "session", "last active"):
+        table.add_column(column)
+    for session in sessions:
+        table.add_row(session.user, session.node, _ago(now, session.allocated_ms),
+                      _ago(now, session.last_activity_ms) + (
+                          "" if session.last_activity_ms is None else " ago"))
     console.print(table)
+
+
+@app.command()
+def release(
+    user_ids: Annotated[list[str], typer.Argument(
+        metavar="USER...", help="Users whose sessions to end, as their disconnects would")],
+    redis_url: RedisUrl,
+    pool: Pool = "default",
+    by: Annotated[str, typer.Option(
+        help="Who releases them, for the decisions log")] = "operator",
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+) -> None:
+    """End sessions whose user:disconnect was lost: each user's node goes back to the pool (or
+    to the oldest waiting user), or a waiting user leaves the queue, exactly as a disconnect
+    would; each release is logged to the decisions stream under --by. Exits 1 if a user held
+    nothing. A user still connected loses their node: check `provisioner users` first."""
+    if not by.strip():
+        raise _fail("--by must name who releases the users")
+    keys = _pool_keys(pool)
+
+    async def held(client: aioredis.Redis) -> dict[str, str]:
+        waiting, sessions = await view.user_rows(client, pool, limit=10**9)
+        now = time.time() * 1000
+        found = {s.user: f"holds node {s.node} (session {_ago(now, s.allocated_ms)}, last active "
+                         f"{_ago(now, s.last_activity_ms)}"
+                         f"{'' if s.last_activity_ms is None else ' ago'})"
+                 for s in sessions if s.user in user_ids}
+        found.update({u: f"waits (for {_ago(now, since)})" for u, since in waiting
+                      if u in user_ids})
+        return found
+
+    state = _with_redis(redis_url, held)
+    for user in user_ids:
+        console.print(f"{escape(user)}: {escape(state.get(user, 'holds nothing'))}")
+    if not state:
+        raise typer.Exit(1)
+    if not yes and not typer.confirm(f"Release {len(state)} user(s) of pool {pool}?"):
+        raise typer.Exit(1)
+
+    from provisioner.scripts import Release, Scripts
+
+    async def go(client: aioredis.Redis) -> list[Any]:
+        scripts = Scripts(client, keys)
+        now = WallClock().now_ms()
+        return [await scripts.release(now, user, by) for user in user_ids]
+
+    outcomes = _with_redis(redis_url, go)
+    nothing = False
+    for user, outcome in zip(user_ids, outcomes, strict=True):
+        if outcome.code is Release.RELEASED:
+            whom = (f"to waiting user {outcome.served[0].user_id}" if outcome.served
+                    else "back to the ready list")
+            console.print(f"[green]released[/green] {escape(user)}: node {outcome.node_id} "
+                          f"{escape(whom)}")
+        elif outcome.code is Release.ABANDONED:
+            console.print(f"[green]released[/green] {escape(user)}: left the waiting queue")
+        else:
+            nothing = True
+            console.print(f"{escape(user)}: held nothing, nothing done")
+    if nothing:
+        raise typer.Exit(1)
 
 
 @app.command()

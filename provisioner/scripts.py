@@ -532,11 +532,15 @@ class Scripts:
                        log_len: int = 1000) -> AllocateResult:
         return await self.run(self.allocate_call(now_ms, user_id, replica, log_len))
 
-    def release_call(self, now_ms: int, user_id: str) -> Call[ReleaseResult]:
-        return Call("release", (now_ms, user_id), _release)
+    def release_call(self, now_ms: int, user_id: str, by: str = "",
+                     log_len: int = 1000) -> Call[ReleaseResult]:
+        """A disconnect; or, with `by`, an operator's release of the user, logged to the
+        decisions stream (at most `log_len` entries) under that name."""
+        return Call("release", (now_ms, user_id, by, log_len), _release)
 
-    async def release(self, now_ms: int, user_id: str) -> ReleaseResult:
-        return await self.run(self.release_call(now_ms, user_id))
+    async def release(self, now_ms: int, user_id: str, by: str = "",
+                      log_len: int = 1000) -> ReleaseResult:
+        return await self.run(self.release_call(now_ms, user_id, by, log_len))
 
     def apply_node_status_call(self, now_ms: int, node_id: str,
                                status: str) -> Call[NodeStatusResult]:

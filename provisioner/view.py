@@ -135,18 +135,41 @@ async def node_rows(redis: aioredis.Redis, pool: str, limit: int = 200) -> list[
     return [{as_text(k): as_text(v) for k, v in record.items()} for record in records]
 
 
+@dataclass(frozen=True)
+class Session:
+    """A user holding a node: since when, and when the user was last active (None when no
+    activity of theirs is in the window)."""
+
+    user: str
+    node: str
+    allocated_ms: int | None
+    last_activity_ms: int | None
+
+
 async def user_rows(redis: aioredis.Redis, pool: str,
-                    limit: int = 200) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-    """(waiting users with the ms they started waiting, allocated users with their node)."""
+                    limit: int = 200) -> tuple[list[tuple[str, int]], list[Session]]:
+    """(waiting users with the ms they started waiting, oldest first; users holding a node,
+    the longest session first). Reads every allocation to sort them, so it is for an
+    operator's command, not a hot path."""
     keys = PoolKeys(pool)
     waiting = [as_text(u) for u in await redis.lrange(keys.key("waiting"), 0, limit - 1)]
     since = await redis.hmget(keys.key("waiting_since"), waiting) if waiting else []
-    allocated: list[tuple[str, str]] = []
-    async for user, node in redis.hscan_iter(keys.key("alloc")):
-        allocated.append((as_text(user), as_text(node)))
-        if len(allocated) >= limit:
-            break
-    return [(u, int(as_text(s) or 0)) for u, s in zip(waiting, since, strict=True)], allocated
+    held = [(as_text(u), as_text(n)) for u, n in (await redis.hgetall(keys.key("alloc"))).items()]
+    async with redis.pipeline(transaction=False) as pipe:
+        for user, node in held:
+            pipe.hget(keys.node(node), "allocated_ms")
+            pipe.zscore(keys.key("active"), user)
+        replies = await pipe.execute()
+
+    def ms(value: Any) -> int | None:
+        return None if value is None else int(float(as_text(value)))
+
+    sessions = [Session(user, node, ms(started), ms(active))
+                for (user, node), started, active in zip(held, replies[::2], replies[1::2],
+                                                         strict=True)]
+    sessions.sort(key=lambda s: (s.allocated_ms is not None, s.allocated_ms or 0, s.user))
+    return ([(u, int(as_text(s) or 0)) for u, s in zip(waiting, since, strict=True)],
+            sessions[:limit])
 
 
 async def check_invariants(redis: aioredis.Redis, pool: str, attempts: int = 50) -> list[str]:

@@ -183,6 +183,45 @@ async def test_disconnect_of_an_unknown_user_changes_nothing(pool: PoolUnderTest
     assert await pool.dump() == before
 
 
+async def test_an_operator_s_release_does_what_a_disconnect_does_and_is_logged(
+    pool: PoolUnderTest,
+) -> None:
+    async def releases() -> list[dict[str, str]]:
+        return [fields for _, fields in await pool.redis.xrange(pool.keys.key("decisions"))
+                if fields.get("kind") == "release"]
+
+    await pool.boot("n1")
+    await pool.boot("n2")
+    for user in ("u1", "u2", "u3", "u4"):  # u3 and u4 wait
+        await pool.scripts.allocate(pool.now, user)
+    await pool.scripts.allocate(pool.now, "u5")  # waits behind them
+    pool.clock.advance(90_000)
+    # A disconnect, as ever, logs nothing: u2's node goes to u3.
+    assert (await pool.scripts.release(pool.now, "u2")).served[0].user_id == "u3"
+    assert await releases() == []
+
+    freed = await pool.scripts.release(pool.now, "u1", by="alice")
+    left = await pool.scripts.release(pool.now, "u5", by="alice")
+    again = await pool.scripts.release(pool.now, "u1", by="alice")
+    assert freed.code is Release.RELEASED and freed.served[0].user_id == "u4"
+    assert left.code is Release.ABANDONED and again.code is Release.UNKNOWN
+    logged = await releases()
+    assert [(e["replica"], e["reason"]) for e in logged] == [
+        ("alice", "user u1 released by alice: node n1 freed after a session of 90s, to waiting "
+                  "user u4"),
+        ("alice", "user u5 released by alice: left the waiting queue after 90s")]
+    snap = await pool.snap()
+    assert snap.stat("operator_releases") == 2 and snap.stat("releases") == 2
+    assert await pool.alloc() == {"u3": "n2", "u4": "n1"} and await pool.waiting_list() == []
+
+    # Freed to nobody waiting: back to the ready list.
+    pool.clock.advance(1_000)
+    await pool.scripts.release(pool.now, "u4", by="bob")
+    assert (await releases())[-1]["reason"] == ("user u4 released by bob: node n1 freed after a "
+                                                "session of 1s, back to the ready list")
+    assert await pool.ready_list() == ["n1"]
+
+
 # --- node status ----------------------------------------------------------------------------
 
 

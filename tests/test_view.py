@@ -9,7 +9,9 @@ states against the checker.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -123,3 +125,63 @@ def test_the_nodes_command_says_which_nodes_are_boot_time_samples(redis_url: str
     rows = {line.split()[1]: line.split()[-2] for line in result.output.splitlines()
             if re.match(r"\W*n[12] ", line)}
     assert rows == {"n1": "no", "n2": "yes"}
+
+
+def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: str) -> None:
+    keys = PoolKeys("release-cli")
+    now = int(time.time() * 1000)
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        for node in ("n1", "n2"):
+            await scripts.apply_node_status(now - 3_600_000, node, "booting")
+            await scripts.apply_node_status(now - 3_600_000, node, "ready")
+        # "lost" connected an hour ago and was never heard from again; "live" ten minutes ago
+        # and browses still; "late" waits.
+        await scripts.allocate(now - 3_600_000, "lost")
+        await scripts.allocate(now - 600_000, "live")
+        await scripts.record_activity(now - 5_000, "live", now - 5_000, 120_000, 3, 100)
+        await scripts.allocate(now - 1_000, "late")
+        await client.aclose()
+
+    asyncio.run(record())
+    common = ["--redis-url", redis_url, "--pool", "release-cli"]
+    listed = CliRunner().invoke(app, ["users", *common, "--json"])
+    assert listed.exit_code == 0, listed.output
+    body = json.loads(listed.output)
+    assert [u["user_id"] for u in body["allocated"]] == ["lost", "live"]
+    lost, live = body["allocated"]
+    assert 3590 < lost["session_s"] < 3700 and lost["last_active_s"] is None
+    assert 590 < live["session_s"] < 700 and 4 < live["last_active_s"] < 100
+    assert [u["user_id"] for u in body["waiting"]] == ["late"]
+    table = CliRunner().invoke(app, ["users", *common], env={"COLUMNS": "200"})
+    assert re.search(r"lost\W+n1\W+36\d\ds\W+-", table.output), table.output
+
+    # Asked and refused: nothing changes.
+    refused = CliRunner().invoke(app, ["release", "lost", *common], input="n\n")
+    assert refused.exit_code == 1 and "lost: holds node n1 (session 36" in refused.output
+    assert "last active -)" in refused.output
+    again = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    assert [u["user_id"] for u in again["allocated"]] == ["lost", "live"]
+
+    released = CliRunner().invoke(app, ["release", "lost", "ghost", *common, "--yes",
+                                        "--by", "carol"], env={"COLUMNS": "200"})
+    assert released.exit_code == 1, released.output  # ghost held nothing
+    assert "released lost: node n1 to waiting user late" in released.output
+    assert "ghost: held nothing, nothing done" in released.output
+    after = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    assert {u["user_id"]: u["node_id"] for u in after["allocated"]} == {"late": "n1",
+                                                                        "live": "n2"}
+
+    async def logged() -> list[dict[str, str]]:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        entries = await client.xrange(keys.key("decisions"))
+        await client.aclose()
+        return [fields for _, fields in entries if fields["kind"] == "release"]
+
+    [entry] = asyncio.run(logged())
+    assert entry["replica"] == "carol" and entry["reason"].startswith(
+        "user lost released by carol: node n1 freed after a session of 36")
+    nobody = CliRunner().invoke(app, ["release", "ghost", *common, "--yes"])
+    assert nobody.exit_code == 1 and "ghost: holds nothing" in nobody.output

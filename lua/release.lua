@@ -49,6 +49,7 @@ if node or rcall('HEXISTS', K.waiting_since, user) == 1 then
 end
 if node then
   rcall('HDEL', K.alloc, user)
+  rcall('ZREM', K.sessions, user)
   stat('releases')
   local nk = node_key(node)
   local result = {1, node}

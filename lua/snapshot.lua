@@ -7,7 +7,8 @@
   ARGV[1] now (ms)
   ARGV[2] window (ms)
 
-  Returns {counts_json, stats_flat_list...}
+  Returns {counts_json, stats_flat_list...}; counts has each structure's size, the users active
+  and engaged in the window, and oldest_session_ms (the start of the longest session, 0 if none)
 ]]
 --@include "includes/keys.lua"
 
@@ -25,6 +26,9 @@ local counts = {
   active = rcall('ZCOUNT', K.active, now - window, '+inf'),
   engaged = rcall('ZCOUNT', K.engaged, now - window, '+inf'),
 }
+-- The longest session running: when its user was handed the node (0 when none runs).
+local oldest = rcall('ZRANGE', K.sessions, 0, 0, 'WITHSCORES')
+counts.oldest_session_ms = tonumber(oldest[2]) or 0
 local result = {cjson.encode(counts)}
 for _, v in ipairs(rcall('HGETALL', K.stats)) do result[#result + 1] = v end
 return result

@@ -40,6 +40,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "seen_prefix",    # prefix of per-user first-seen times: <prefix><user id>
     "replicas",       # zset: replica id -> ms of its last heartbeat
     "replica_info",   # hash: replica id -> what its last heartbeat said (JSON)
+    "sessions",       # zset: user id -> ms the user was handed their node (one per alloc entry)
 )
 
 

@@ -44,6 +44,11 @@ class Metrics:
                            ["state"], registry=r)
         self.users = Gauge("provisioner_users", "Users of the pool by state (from Redis)",
                            ["state"], registry=r)
+        self.longest_session = Gauge(
+            "provisioner_longest_session_seconds",
+            "How long the longest session running has held its node (from Redis; 0 when none "
+            "runs): a session whose user:disconnect was lost keeps growing it",
+            registry=r)
         self.api_calls = Counter("provisioner_node_api_calls",
                                  "Node API calls, by operation and outcome",
                                  ["op", "outcome"], registry=r)

@@ -44,6 +44,12 @@ class PoolView:
     def scaling(self) -> ScalingTotals:
         return self.snapshot.scaling()
 
+    @property
+    def longest_session_s(self) -> float:
+        """How long the longest session running has held its node (0 when none runs)."""
+        oldest = self.snapshot.counts.get("oldest_session_ms", 0)
+        return round(max(0, self.now_ms - oldest) / 1000, 1) if oldest else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         """Everything `provisioner status --json` prints; the view renders the same dict."""
         stats = self.snapshot.stats
@@ -61,6 +67,8 @@ class PoolView:
             if served else 0.0,
             "abandoned": self.snapshot.stat("abandoned"),
             "requeued": self.snapshot.stat("requeued"),
+            "operator_releases": self.snapshot.stat("operator_releases"),
+            "longest_session_s": self.longest_session_s,
             "last_decision": stats.get("last_decision", ""),
             "last_numbers": json.loads(stats.get("last_numbers", "{}") or "{}"),
             "last_replica": stats.get("last_replica", ""),
@@ -83,6 +91,16 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
     return PoolView(pool, now_ms, snapshot, decisions, replicas)
 
 
+def _duration(seconds: float) -> str:
+    """Seconds as an operator reads them: 45s, 12m 5s, 3h 20m."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    return f"{s // 3600}h {s % 3600 // 60}m"
+
+
 def render_view(view: PoolView) -> Group:
     data = view.as_dict()
     c = data["counts"]
@@ -96,12 +114,16 @@ def render_view(view: PoolView) -> Group:
     users.add_row(
         Text(f"active {c['active']}"), Text(f"engaged {c['engaged']}"),
         Text(f"waiting {c['waiting']}", style="red" if c["waiting"] else ""),
-        Text(f"connected {c['allocated']}", style="cyan"))
+        Text(f"connected {c['allocated']}", style="cyan"),
+        Text(f"longest session {_duration(data['longest_session_s'])}"
+             if c["allocated"] else ""))
     outcomes = Text(
         f"connects {data['connects']}  hits {data['hits']}  misses {data['misses']} "
         f"(miss rate {data['miss_rate'] * 100:.1f}%)  mean wait after a miss "
         f"{data['mean_wait_s']:.1f}s  abandoned {data['abandoned']}  "
-        f"requeued {data['requeued']}")
+        f"requeued {data['requeued']}" + (
+            f"  released by an operator {data['operator_releases']}"
+            if data["operator_releases"] else ""))
     decisions = Table(title="recent scaling actions and misses", expand=True, show_edge=False)
     for column in ("age", "replica", "kind", "reason"):
         decisions.add_column(column, overflow="fold")
@@ -192,7 +214,8 @@ async def _check_once(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
     """One read of the pool: the structures under WATCH, then every node record inside the
     MULTI/EXEC that proves none of them changed (WatchError when one did)."""
     async with redis.pipeline(transaction=True) as pipe:
-        names = ("ready", "waiting", "waiting_since", "alloc", "nodes", "booting", "terminating")
+        names = ("ready", "waiting", "waiting_since", "alloc", "nodes", "booting", "terminating",
+                 "sessions")
         await pipe.watch(*(keys.key(n) for n in names))
         ready = [as_text(x) for x in await pipe.lrange(keys.key("ready"), 0, -1)]
         waiting = [as_text(x) for x in await pipe.lrange(keys.key("waiting"), 0, -1)]
@@ -202,6 +225,7 @@ async def _check_once(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
         nodes = sorted({as_text(x) for x in await pipe.zrange(keys.key("nodes"), 0, -1)})
         booting = {as_text(x) for x in await pipe.zrange(keys.key("booting"), 0, -1)}
         terminating = {as_text(x) for x in await pipe.zrange(keys.key("terminating"), 0, -1)}
+        sessions = {as_text(x) for x in await pipe.zrange(keys.key("sessions"), 0, -1)}
         if nodes:
             await pipe.watch(*(keys.node(n) for n in nodes))
         pipe.multi()  # type: ignore[no-untyped-call]
@@ -210,12 +234,14 @@ async def _check_once(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
         replies = await pipe.execute()
     records = {node: {as_text(k): as_text(v) for k, v in raw.items()}
                for node, raw in zip(nodes, replies, strict=True)}
-    return _problems(ready, waiting, since, alloc, set(nodes), booting, terminating, records)
+    return _problems(ready, waiting, since, alloc, set(nodes), booting, terminating, records,
+                     sessions)
 
 
 def _problems(ready: list[str], waiting: list[str], since: dict[str, str],
               alloc: dict[str, str], nodes: set[str], booting: set[str],
-              terminating: set[str], records: dict[str, dict[str, str]]) -> list[str]:
+              terminating: set[str], records: dict[str, dict[str, str]],
+              sessions: set[str]) -> list[str]:
     problems: list[str] = []
     if len(ready) != len(set(ready)):
         problems.append(f"ready list has duplicates: {ready}")
@@ -232,6 +258,10 @@ def _problems(ready: list[str], waiting: list[str], since: dict[str, str],
         holders[node] = user
         if user in since:
             problems.append(f"user {user} both waits and holds {node}")
+    if sessions != set(alloc):
+        problems.append(f"sessions {sorted(sessions)} != users holding a node {sorted(alloc)} "
+                        "(a session begun before the sessions key existed is listed until it "
+                        "ends)")
     groups = {"ready": set(ready), "booting": booting, "terminating": terminating,
               "allocated": set(alloc.values())}
     for name, members in groups.items():

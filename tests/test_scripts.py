@@ -24,6 +24,7 @@ from provisioner.scripts import (
     Release,
     Scripts,
 )
+from provisioner.view import check_invariants
 from tests.helpers import T0, PoolUnderTest, Subscriber
 
 
@@ -220,6 +221,33 @@ async def test_an_operator_s_release_does_what_a_disconnect_does_and_is_logged(
     assert (await releases())[-1]["reason"] == ("user u4 released by bob: node n1 freed after a "
                                                 "session of 1s, back to the ready list")
     assert await pool.ready_list() == ["n1"]
+
+
+async def test_the_sessions_follow_every_allocation_and_give_the_longest(
+    pool: PoolUnderTest,
+) -> None:
+    async def sessions() -> dict[str, float]:
+        return dict(await pool.redis.zrange(pool.keys.key("sessions"), 0, -1, withscores=True))
+
+    assert (await pool.snap()).counts["oldest_session_ms"] == 0
+    await pool.boot("n1")
+    await pool.boot("n2")
+    await pool.scripts.allocate(pool.now, "u1")
+    pool.clock.advance(1_000)
+    await pool.scripts.allocate(pool.now, "u2")
+    await pool.scripts.allocate(pool.now, "u3")  # waits: no session yet
+    assert await sessions() == {"u1": T0, "u2": T0 + 1_000}
+    assert (await pool.snap()).counts["oldest_session_ms"] == T0
+    pool.clock.advance(1_000)
+    await pool.scripts.release(pool.now, "u1")  # n1 goes to u3
+    assert await sessions() == {"u2": T0 + 1_000, "u3": T0 + 2_000}
+    await pool.scripts.apply_node_status(pool.now, "n2", "terminated")  # under u2: requeued
+    assert await sessions() == {"u3": T0 + 2_000}
+    assert (await pool.snap()).counts["oldest_session_ms"] == T0 + 2_000
+    await pool.scripts.release(pool.now, "u3", by="ops")
+    await pool.scripts.release(pool.now, "u2")  # leaves the queue
+    assert await sessions() == {} and (await pool.snap()).counts["oldest_session_ms"] == 0
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
 # --- node status ----------------------------------------------------------------------------

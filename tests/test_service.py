@@ -183,6 +183,23 @@ async def test_the_scaling_totals_are_exported_for_prometheus(
     assert gauge("to_refill") >= 1
 
 
+async def test_the_longest_session_is_exported_for_prometheus(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(min_ready=1))
+    await replica.refresh_gauges(clock.now_ms())
+    assert counter(replica, "provisioner_longest_session_seconds") == 0
+    for status in ("booting", "ready"):
+        await send([replica], "node:status", {"node_id": "n1", "status": status})
+    await send([replica], "user:connect", {"user_id": "u1"})
+    clock.advance(90_000)
+    await replica.refresh_gauges(clock.now_ms())
+    assert counter(replica, "provisioner_longest_session_seconds") == 90
+    await send([replica], "user:disconnect", {"user_id": "u1"})
+    await replica.refresh_gauges(clock.now_ms())
+    assert counter(replica, "provisioner_longest_session_seconds") == 0
+
+
 async def test_two_replicas_applying_every_event_allocate_once(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

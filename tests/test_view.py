@@ -157,6 +157,10 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
     assert [u["user_id"] for u in body["waiting"]] == ["late"]
     table = CliRunner().invoke(app, ["users", *common], env={"COLUMNS": "200"})
     assert re.search(r"lost\W+n1\W+36\d\ds\W+-", table.output), table.output
+    status = json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)
+    assert 3590 < status["longest_session_s"] < 3700 and status["operator_releases"] == 0
+    shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
+    assert "longest session 1h 0m" in shown and "released by an operator" not in shown
 
     # Asked and refused: nothing changes.
     refused = CliRunner().invoke(app, ["release", "lost", *common], input="n\n")
@@ -180,6 +184,8 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
         await client.aclose()
         return [fields for _, fields in entries if fields["kind"] == "release"]
 
+    shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
+    assert "longest session 10m" in shown and "released by an operator 1" in shown
     [entry] = asyncio.run(logged())
     assert entry["replica"] == "carol" and entry["reason"].startswith(
         "user lost released by carol: node n1 freed after a session of 36")

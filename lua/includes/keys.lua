@@ -1,5 +1,5 @@
 -- The pool key vector, in the order of provisioner/keys.py POOL_KEY_ORDER.
--- Every script receives it as KEYS[1..24]; per-user and per-node keys are built from the prefixes.
+-- Every script receives it as KEYS[1..25]; per-user and per-node keys are built from the prefixes.
 local K = {
   ready = KEYS[1],          -- list: ready node ids, head = idle the longest (served first)
   waiting = KEYS[2],        -- list: waiting user ids, head = oldest
@@ -25,6 +25,7 @@ local K = {
   seen_prefix = KEYS[22],   -- prefix of per-user first-seen ms (string, expires with the window)
   replicas = KEYS[23],      -- zset: replica id -> ms of its last heartbeat
   replica_info = KEYS[24],  -- hash: replica id -> what its last heartbeat said (JSON)
+  sessions = KEYS[25],      -- zset: user -> ms the user was handed their node (mirrors alloc)
 }
 local rcall = redis.call
 

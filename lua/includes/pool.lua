@@ -16,6 +16,7 @@ local function assign(node_id, user_id, now, waited_ms)
   rcall('HSET', node_key(node_id), 'state', 'allocated', 'user', user_id,
         'allocated_ms', now, 'updated_ms', now)
   rcall('HSET', K.alloc, user_id, node_id)
+  rcall('ZADD', K.sessions, now, user_id)
   rcall('ZREM', K.engaged, user_id)
   forget_levels(user_id)
   stat('allocations')
@@ -118,6 +119,7 @@ local function node_gone(node_id, now, reason)
     local user = rcall('HGET', nk, 'user')
     if user and user ~= '' and rcall('HGET', K.alloc, user) == node_id then
       rcall('HDEL', K.alloc, user)
+      rcall('ZREM', K.sessions, user)
       local since = tonumber(rcall('HGET', nk, 'allocated_ms')) or now
       stat('busy_ms_total', math.max(0, now - since))
       enqueue_waiting(user, now, true)

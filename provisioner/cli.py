@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -281,6 +282,13 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     console.print(table)
 
 
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        return "operator"
+
+
 def _ago(now_ms: float, then_ms: float | None) -> str:
     return "-" if then_ms is None else f"{max(0.0, now_ms - then_ms) / 1000:.0f}s"
 
@@ -328,15 +336,15 @@ def release(
     redis_url: RedisUrl,
     pool: Pool = "default",
     by: Annotated[str, typer.Option(
-        help="Who releases them, for the decisions log")] = "operator",
+        envvar="PROVISIONER_OPERATOR",
+        help="Who releases them, for the decisions log (default: the login name)")] = "",
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
 ) -> None:
     """End sessions whose user:disconnect was lost: each user's node goes back to the pool (or
     to the oldest waiting user), or a waiting user leaves the queue, exactly as a disconnect
     would; each release is logged to the decisions stream under --by. Exits 1 if a user held
     nothing. A user still connected loses their node: check `provisioner users` first."""
-    if not by.strip():
-        raise _fail("--by must name who releases the users")
+    by = by.strip() or _login_name()
     keys = _pool_keys(pool)
 
     async def held(client: aioredis.Redis) -> dict[str, str]:

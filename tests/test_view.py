@@ -191,3 +191,8 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
         "user lost released by carol: node n1 freed after a session of 36")
     nobody = CliRunner().invoke(app, ["release", "ghost", *common, "--yes"])
     assert nobody.exit_code == 1 and "ghost: holds nothing" in nobody.output
+    # Without --by, the operator's name comes from PROVISIONER_OPERATOR, else the login name.
+    named = CliRunner().invoke(app, ["release", "live", *common, "--yes"],
+                               env={"PROVISIONER_OPERATOR": "dave"})
+    assert named.exit_code == 0, named.output
+    assert asyncio.run(logged())[-1]["replica"] == "dave"

@@ -103,13 +103,18 @@ def _timestamp(payload: dict[str, Any], now_ms: int, max_age_s: float, max_skew_
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Reject(Reason.WRONG_TYPE,
                       f"'timestamp' must be Unix seconds, not {type(value).__name__}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise _Reject(Reason.BAD_TIMESTAMP, "'timestamp' is not finite")
+    out_of_range = _Reject(Reason.BAD_TIMESTAMP,
+                           f"'timestamp'={str(value)[:40]} is more than {max_age_s:.0f}s old or "
+                           f"{max_skew_s:.0f}s ahead of now ({now_ms // 1000})")
+    # Compared in seconds first (a second of slack): a value far out of range, an int of any
+    # size or a float near the largest, would overflow in milliseconds.
+    if not now_ms / 1000 - max_age_s - 1 <= value <= now_ms / 1000 + max_skew_s + 1:
+        raise out_of_range
     ms = int(value * 1000)
     if ms < now_ms - max_age_s * 1000 or ms > now_ms + max_skew_s * 1000:
-        raise _Reject(Reason.BAD_TIMESTAMP,
-                      f"'timestamp'={value} is more than {max_age_s:.0f}s old or "
-                      f"{max_skew_s:.0f}s ahead of now ({now_ms // 1000})")
+        raise out_of_range
     return ms
 
 

@@ -51,6 +51,14 @@ class RateLimitedLog:
         self._held: dict[str, int] = {}
 
     def warning(self, key: str, message: str, *args: object) -> bool:
+        return self._log(logging.WARNING, key, message, args, False)
+
+    def exception(self, key: str, message: str, *args: object) -> bool:
+        """As `warning`, at ERROR with the exception being handled."""
+        return self._log(logging.ERROR, key, message, args, True)
+
+    def _log(self, level: int, key: str, message: str, args: tuple[object, ...],
+             exc_info: bool) -> bool:
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.every:
@@ -59,5 +67,5 @@ class RateLimitedLog:
         held = self._held.pop(key, 0)
         self._last[key] = now
         suffix = f" ({held} more like it in the last {self.every:.0f}s)" if held else ""
-        self.logger.warning(message + suffix, *args)
+        self.logger.log(level, message + suffix, *args, exc_info=exc_info)
         return True

@@ -109,7 +109,7 @@ class Replica:
         bad input is counted, logged and dropped; a message the server could not apply is
         counted and logged, and the others still apply."""
         now = self.clock.now_ms()
-        parsed = [self._parse(channel, data, now) for channel, data in messages]
+        parsed = [self._parse_or_drop(channel, data, now) for channel, data in messages]
         valid = [item for item in parsed if item is not None]
         calls = self._calls([event for _, event in valid], now)
         try:
@@ -139,6 +139,19 @@ class Replica:
             else:
                 outcomes.append(self._report(event, result))
         return outcomes
+
+    def _parse_or_drop(self, channel: str | bytes, data: bytes | str,
+                       now: int) -> tuple[str, events.Event] | None:
+        """`_parse`, with a message it fails on (a bug, not bad input: that is rejected)
+        counted as an error, logged with its traceback and dropped, so no message can stop the
+        listener."""
+        try:
+            return self._parse(channel, data, now)
+        except Exception:
+            self.metrics.errors.labels("event").inc()
+            self._trouble.exception("parse", "could not read a message on %r (dropped): %r",
+                                    channel, data[:200])
+            return None
 
     def _parse(self, channel: str | bytes, data: bytes | str,
                now: int) -> tuple[str, events.Event] | None:
@@ -405,7 +418,7 @@ class Replica:
                     if probes:
                         batch = [item for item in batch if item[0] not in self._probe_names]
                     if batch:
-                        await self.handle_many(batch)
+                        await self._apply(batch)
                     for data in probes:
                         self._probe_seen(data)
             except (RedisError, OSError) as exc:
@@ -420,6 +433,16 @@ class Replica:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _apply(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """`handle_many` for the listener: should it fail all the same (a bug), the batch is
+        counted, logged with the traceback and dropped, and the listener goes on."""
+        try:
+            await self.handle_many(batch)
+        except Exception:
+            self.metrics.errors.labels("event").inc()
+            self._trouble.exception("apply", "could not apply a batch of %d messages (dropped)",
+                                    len(batch))
 
     async def _read_batch(self, pubsub: Any) -> list[tuple[bytes, bytes]]:
         """The next message (waiting up to half a second for one) and those already read

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from provisioner.events import (
     Activity,
@@ -81,3 +83,40 @@ def test_timestamp_bounds_are_configurable() -> None:
     old = json.dumps({"user_id": UUID, "timestamp": NOW // 1000 - 100})
     assert isinstance(parse("user:activity", old, NOW, max_age_s=50), Rejected)
     assert parse("user:activity", old, NOW, max_age_s=200) == Activity(UUID, NOW - 100_000)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=50),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=10)
+FIELD_VALUES = JSON | st.sampled_from([UUID, "node-1", "ready", "booting", "terminated", ""])
+PAYLOADS = st.one_of(
+    st.binary(max_size=200),
+    JSON.map(lambda value: json.dumps(value).encode()),
+    # The fields the contract names, with values of any type and size.
+    st.fixed_dictionaries({}, optional={
+        "user_id": FIELD_VALUES, "node_id": FIELD_VALUES, "status": FIELD_VALUES,
+        "timestamp": FIELD_VALUES | st.floats() | st.integers(),
+    }).map(lambda value: json.dumps(value).encode()),
+)
+CHANNELS = st.sampled_from(["user:activity", "user:connect", "user:disconnect", "node:status",
+                            "other"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(channel=CHANNELS, data=PAYLOADS)
+def test_any_payload_on_any_channel_parses_or_is_rejected_never_raises(
+    channel: str, data: bytes,
+) -> None:
+    result = parse(channel, data, NOW)
+    assert isinstance(result, Activity | Connect | Disconnect | NodeStatus | Rejected)
+    if isinstance(result, Activity):
+        assert NOW - 86_400_000 <= result.timestamp_ms <= NOW + 300_000
+
+
+@pytest.mark.parametrize("timestamp", [1e308, -1e308, 1.7e305, 10**400, -(10**400)])
+def test_a_timestamp_too_large_for_milliseconds_is_rejected(timestamp: float) -> None:
+    payload = '{"user_id": "u1", "timestamp": ' + json.dumps(timestamp) + "}"
+    result = parse("user:activity", payload, NOW)
+    assert isinstance(result, Rejected) and result.reason is Reason.BAD_TIMESTAMP

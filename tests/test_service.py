@@ -15,7 +15,7 @@ from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
-from provisioner.scripts import ReleaseResult
+from provisioner.scripts import AllocateResult, ReleaseResult
 from provisioner.service import ACTIVITY_BATCH, LISTEN_BATCH, Replica, http_app
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
@@ -441,6 +441,53 @@ async def test_a_run_of_activity_goes_in_few_calls_and_other_events_keep_their_p
     stats = await aredis.hgetall(replica.keys.key("stats"))
     assert int(stats["activities"]) == ACTIVITY_BATCH + 20 + 2
     assert await aredis.hget(replica.keys.key("waiting_since"), "u1") is not None
+
+
+async def test_a_message_the_replica_fails_on_is_dropped_and_the_listener_goes_on(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bugs, not bad input (that is rejected): a message whose reading raises, and a batch
+    whose applying raises, are counted and logged, and the next messages still apply."""
+    from provisioner import events
+
+    replica = make_replica(aredis, api, clock, "r1")
+    parse = events.parse
+
+    def broken_parse(channel: str, data: Any, *args: Any, **kwargs: Any) -> Any:
+        if b"crash-parse" in (data if isinstance(data, bytes) else data.encode()):
+            raise OverflowError("a bug in reading")
+        return parse(channel, data, *args, **kwargs)
+
+    monkeypatch.setattr(events, "parse", broken_parse)
+    report = replica._report
+
+    def broken_report(event: Any, result: Any) -> Any:
+        if getattr(event, "user_id", "") == "crash-report":
+            raise AssertionError("a bug in reporting")
+        return report(event, result)
+
+    replica._report = broken_report  # type: ignore[method-assign]
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        for sent, user in enumerate(("crash-parse", "crash-report", "after"), start=1):
+            await aredis.publish("user:connect", json.dumps({"user_id": user}))
+            await _until(lambda n=sent: counter(
+                replica, "provisioner_events_total", channel="user:connect") >= n)
+        await _until(lambda: counter(replica, "provisioner_connects_total") >= 1)
+    finally:
+        replica.stopping.set()
+        await listening
+    assert counter(replica, "provisioner_errors_total", where="event") == 2
+    waiting = await aredis.hgetall(replica.keys.key("waiting_since"))
+    assert set(waiting) == {"crash-report", "after"}  # the script ran; only its report failed
+    assert "a bug in reading" in caplog.text and "a bug in reporting" in caplog.text
+    # In one batch, the message read wrong is dropped alone.
+    outcomes = await replica.handle_many([wire("user:connect", {"user_id": "crash-parse"}),
+                                          wire("user:connect", {"user_id": "later"})])
+    assert outcomes[0] is None and isinstance(outcomes[1], AllocateResult)
+    assert counter(replica, "provisioner_errors_total", where="event") == 3
 
 
 async def test_the_listener_applies_a_burst_in_batches_in_order(

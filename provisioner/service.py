@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections import deque
@@ -490,7 +491,11 @@ class Replica:
         try:
             sent = float(data)
         except ValueError:
-            log.debug("ignored a message on %s that is not a probe: %r", self.probe_channel,
+            sent = math.nan
+        # Only a probe this replica sent and has not seen back counts: anything else published
+        # on its channel ("-inf", a stale probe from before a resubscription) would move the lag.
+        if sent not in self._probes_out:
+            log.debug("ignored a message on %s that is not a probe out: %r", self.probe_channel,
                       data)
             return
         # Messages come back in the order they were published: every probe sent up to this

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -593,6 +594,32 @@ async def test_the_listener_reports_how_far_it_is_behind_the_events(
         replica.stopping.set()
         await listening
     assert int(await aredis.hget(replica.keys.key("stats"), "activities") or 0) == 1
+
+
+async def test_what_else_comes_on_the_probe_channel_moves_no_lag(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1")
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await replica.probe_lag()
+        await _until(lambda: len(replica._probes_out) == 0)
+        # Published on the replica's channel by something else: not probes it sent.
+        for junk in ("-inf", "1e300", "nan", "not a probe", repr(time.monotonic() - 3600)):
+            await aredis.publish(replica.probe_channel, junk)
+        # An event published after them: once it is applied, they have been read.
+        await aredis.publish("user:activity", json.dumps({"user_id": "u1",
+                                                          "timestamp": T0 // 1000}))
+        await _until(lambda: counter(replica, "provisioner_events_total",
+                                     channel="user:activity") == 1)
+        replica._report_lag()
+        assert 0 <= replica.event_lag_s() < 5
+        assert 0 <= counter(replica, "provisioner_event_lag_seconds") < 5
+        assert (await _readyz(replica))[0] == 200
+    finally:
+        replica.stopping.set()
+        await listening
 
 
 def test_the_heartbeat_settings_are_checked() -> None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig, ServiceConfig
@@ -680,3 +682,56 @@ async def test_a_probe_seen_before_its_publish_returns_is_not_left_out(
     finally:
         replica.stopping.set()
         await listening
+
+
+# --- any batch of messages ------------------------------------------------------------------
+
+_USERS = ["u0", "u1", "u2", "u3"]
+_NODES = ["n0", "n1", "n2"]
+_VALID = st.one_of(
+    st.tuples(st.just("user:activity"), st.builds(
+        lambda u, back: {"user_id": u, "timestamp": T0 // 1000 - back},
+        st.sampled_from(_USERS), st.integers(min_value=-2, max_value=200))),
+    st.tuples(st.sampled_from(["user:connect", "user:disconnect"]),
+              st.builds(lambda u: {"user_id": u}, st.sampled_from(_USERS))),
+    st.tuples(st.just("node:status"), st.builds(
+        lambda n, s: {"node_id": n, "status": s}, st.sampled_from(_NODES),
+        st.sampled_from(["booting", "ready", "terminated"]))),
+)
+_JUNK = st.tuples(
+    st.sampled_from(["user:activity", "user:connect", "user:disconnect", "node:status"]),
+    st.one_of(st.text(max_size=30), st.dictionaries(
+        st.sampled_from(["user_id", "node_id", "status", "timestamp"]),
+        st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=10),
+                  st.sampled_from(_USERS + _NODES)), max_size=4)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(st.lists(st.one_of(_VALID, _VALID, _JUNK), min_size=1, max_size=12),
+                        min_size=1, max_size=6),
+       ticks=st.lists(st.booleans(), min_size=6, max_size=6))
+def test_any_batches_of_messages_keep_every_invariant(
+    redis_url: str, batches: list[list[tuple[str, object]]], ticks: list[bool],
+) -> None:
+    """Whatever comes, valid or not, in any order and grouping: handle_many answers one
+    outcome per message, never raises, and the pool's invariants hold after every batch."""
+
+    async def go() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        await client.flushall()
+        clock = ManualClock(T0)
+        replica = make_replica(client, FakeNodeApi(), clock, "r1", PoolConfig(min_ready=1))
+        try:
+            for batch, tick in zip(batches, ticks, strict=False):
+                outcomes = await replica.handle_many([wire(c, p) for c, p in batch])
+                assert len(outcomes) == len(batch)
+                if tick:
+                    await replica.tick()
+                    await replica.settle()
+                clock.advance(1_000)
+                assert await check_invariants(client, POOL) == []
+            assert counter(replica, "provisioner_errors_total", where="event") == 0
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())

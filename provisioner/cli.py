@@ -272,12 +272,11 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     for column in ("node", "state", "user", "age", "idle for", "origin", "boot sample"):
         table.add_column(column)
     for row in rows:
-        age = (now - float(row.get("created_ms") or now)) / 1000
         idle = ""
-        if row.get("state") == "ready" and row.get("idle_since_ms"):
-            idle = f"{(now - float(row['idle_since_ms'])) / 1000:.0f}s"
+        if row.get("state") == "ready":
+            idle = _ago(now, view.time_ms(row.get("idle_since_ms")))
         table.add_row(row.get("id", "?"), row.get("state", "?"), row.get("user", ""),
-                      f"{age:.0f}s", idle, row.get("origin", ""),
+                      _ago(now, view.time_ms(row.get("created_ms"))), idle, row.get("origin", ""),
                       "no" if row.get("boot_sample") == "0" else "yes")
     console.print(table)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -70,13 +71,33 @@ class PoolView:
             "operator_releases": self.snapshot.stat("operator_releases"),
             "longest_session_s": self.longest_session_s,
             "last_decision": stats.get("last_decision", ""),
-            "last_numbers": json.loads(stats.get("last_numbers", "{}") or "{}"),
+            "last_numbers": _json_object(stats.get("last_numbers", "")),
             "last_replica": stats.get("last_replica", ""),
             "forecast_check": self.forecast_check.as_dict(),
             "scaling": self.scaling.as_dict(),
             "decisions": self.decisions,
             "replicas": [replica.as_dict() for replica in self.replicas],
         }
+
+
+def time_ms(value: Any) -> int | None:
+    """A time in ms as the scripts write it, or None if there is none or it is not a finite
+    number (an edit by hand must not stop the operator's view)."""
+    try:
+        number = float(as_text(value)) if value is not None else math.nan
+    except ValueError:
+        return None
+    return int(number) if math.isfinite(number) else None
+
+
+def _json_object(raw: str) -> dict[str, Any]:
+    """A JSON object the scripts wrote, or {} if it is not one (an edit by hand must not stop
+    the operator's view)."""
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: int,
@@ -183,14 +204,11 @@ async def user_rows(redis: aioredis.Redis, pool: str,
             pipe.zscore(keys.key("active"), user)
         replies = await pipe.execute()
 
-    def ms(value: Any) -> int | None:
-        return None if value is None else int(float(as_text(value)))
-
-    sessions = [Session(user, node, ms(started), ms(active))
+    sessions = [Session(user, node, time_ms(started), time_ms(active))
                 for (user, node), started, active in zip(held, replies[::2], replies[1::2],
                                                          strict=True)]
     sessions.sort(key=lambda s: (s.allocated_ms is not None, s.allocated_ms or 0, s.user))
-    return ([(u, int(as_text(s) or 0)) for u, s in zip(waiting, since, strict=True)],
+    return ([(u, time_ms(s) or 0) for u, s in zip(waiting, since, strict=True)],
             sessions[:limit])
 
 

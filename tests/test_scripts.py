@@ -250,6 +250,19 @@ async def test_the_sessions_follow_every_allocation_and_give_the_longest(
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
+async def test_a_counter_broken_by_hand_starts_again_and_the_transition_applies(
+    pool: PoolUnderTest,
+) -> None:
+    await pool.boot("n1")
+    await pool.redis.hset(pool.keys.key("stats"), mapping={"connects": "abc", "hits": "1e999"})
+    result = await pool.scripts.allocate(pool.now, "u1")
+    assert result.code is Allocation.ALLOCATED
+    snap = await pool.snap()
+    assert (snap.stat("connects"), snap.stat("hits"), snap.stat("stats_repaired")) == (1, 1, 2)
+    await pool.scripts.allocate(pool.now, "u2")
+    assert (await pool.snap()).stat("connects") == 2
+
+
 # --- node status ----------------------------------------------------------------------------
 
 

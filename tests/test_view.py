@@ -196,3 +196,42 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
                                env={"PROVISIONER_OPERATOR": "dave"})
     assert named.exit_code == 0, named.output
     assert asyncio.run(logged())[-1]["replica"] == "dave"
+
+
+def test_the_status_view_reads_a_pool_edited_by_hand(redis_url: str) -> None:
+    """What the scripts wrote, broken by hand: the operator's view still shows the pool."""
+    keys = PoolKeys("edited")
+
+    async def corrupt() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await client.zadd(keys.key("replicas"), {"r1": T0, "r2": T0})
+        await client.hset(keys.key("replica_info"), mapping={"r1": "not json", "r2": "[1, 2]"})
+        scripts = Scripts(client, keys)
+        for node in ("n1", "n2"):
+            await scripts.apply_node_status(T0, node, "booting")
+            await scripts.apply_node_status(T0, node, "ready")
+        await scripts.allocate(T0, "u1")
+        await scripts.allocate(T0, "u2")
+        await scripts.allocate(T0, "u3")  # waits
+        await client.hset(keys.node("n1"), mapping={"allocated_ms": "soon", "created_ms": "x"})
+        await client.hset(keys.node("n2"), "allocated_ms", "inf")
+        await client.hset(keys.key("waiting_since"), "u3", "never")
+        await client.hset(keys.key("stats"), mapping={"last_numbers": "{broken",
+                                                      "connects": "abc", "misses": "1e999"})
+        await client.aclose()
+
+    asyncio.run(corrupt())
+    common = ["--redis-url", redis_url, "--pool", "edited"]
+    shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "r1 silent for" in shown.output and "r2 silent for" in shown.output
+    body = CliRunner().invoke(app, ["status", *common, "--json"])
+    assert body.exit_code == 0, body.output
+    status = json.loads(body.output)
+    assert status["last_numbers"] == {} and status["connects"] == 0 and status["misses"] == 0
+    for command in ("nodes", "users"):
+        for extra in ([], ["--json"]):
+            result = CliRunner().invoke(app, [command, *common, *extra], env={"COLUMNS": "200"})
+            assert result.exit_code == 0, (command, extra, result.output)
+    users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    assert {u["user_id"]: u["session_s"] for u in users["allocated"]} == {"u1": None, "u2": None}

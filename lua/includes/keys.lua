@@ -42,8 +42,14 @@ local function is_boot_sample(node_id)
   return rcall('HGET', node_key(node_id), 'boot_sample') ~= '0'
 end
 
+-- A counter of the stats hash. One that is not an integer (only an edit by hand writes that)
+-- starts again from this increment, counted in stats_repaired, rather than failing every
+-- transition that counts it.
 local function stat(field, by)
-  rcall('HINCRBY', K.stats, field, by or 1)
+  if not pcall(rcall, 'HINCRBY', K.stats, field, by or 1) then
+    rcall('HSET', K.stats, field, by or 1)
+    rcall('HINCRBY', K.stats, 'stats_repaired', 1)
+  end
 end
 
 -- A learned value of the model hash as the scripts write it: a non-negative finite number. Anything

@@ -70,7 +70,7 @@ if window and horizon then
     credit[field] = (credit[field] or 0) + step / 1000
   end
   for field, seconds in pairs(credit) do
-    rcall('HINCRBYFLOAT', K.model, field, seconds)
+    add_to(K.model, field, seconds, true)
   end
 end
 forget_browsing(user)

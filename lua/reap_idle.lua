@@ -43,7 +43,7 @@ end
 local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max_batch)
 for _, node in ipairs(due) do
   rcall('ZADD', K.terminating, deadline, node)
-  rcall('HINCRBY', node_key(node), 'delete_attempts', 1)
+  add_to(node_key(node), 'delete_attempts', 1, false)
   out[#out + 1] = node
   out[#out + 1] = 'retry'
 end

@@ -87,7 +87,7 @@ local function record(user, ts)
   local first = first_seen(user)
   if not first then
     first = math.min(ts, now)
-    rcall('HINCRBYFLOAT', K.model, 'arr', 1)
+    add_to(K.model, 'arr', 1, true)
   end
   rcall('SET', K.seen_prefix .. user, first, 'PX', keep_ms)
   -- The time of the k-th most recent event places the user at level k until it leaves the

@@ -58,7 +58,7 @@ if node then
   if rcall('HGET', nk, 'state') == 'allocated' and rcall('HGET', nk, 'user') == user then
     local since = tonumber(rcall('HGET', nk, 'allocated_ms')) or now
     stat('busy_ms_total', math.max(0, now - since))
-    rcall('HINCRBYFLOAT', K.model, 'rel', 1)
+    add_to(K.model, 'rel', 1, true)
     local served = node_free(node, now)
     for _, v in ipairs(served) do result[#result + 1] = v end
     log_release(string.format('node %s freed after a session of %.0fs, %s', node,

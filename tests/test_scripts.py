@@ -258,7 +258,7 @@ async def test_a_counter_broken_by_hand_starts_again_and_the_transition_applies(
     result = await pool.scripts.allocate(pool.now, "u1")
     assert result.code is Allocation.ALLOCATED
     snap = await pool.snap()
-    assert (snap.stat("connects"), snap.stat("hits"), snap.stat("stats_repaired")) == (1, 1, 2)
+    assert (snap.stat("connects"), snap.stat("hits"), snap.stat("values_repaired")) == (1, 1, 2)
     await pool.scripts.allocate(pool.now, "u2")
     assert (await pool.snap()).stat("connects") == 2
 

@@ -42,14 +42,19 @@ local function is_boot_sample(node_id)
   return rcall('HGET', node_key(node_id), 'boot_sample') ~= '0'
 end
 
--- A counter of the stats hash. One that is not an integer (only an edit by hand writes that)
--- starts again from this increment, counted in stats_repaired, rather than failing every
--- transition that counts it.
-local function stat(field, by)
-  if not pcall(rcall, 'HINCRBY', K.stats, field, by or 1) then
-    rcall('HSET', K.stats, field, by or 1)
-    rcall('HINCRBY', K.stats, 'stats_repaired', 1)
+-- Add `by` to a hash field (HINCRBYFLOAT when `float`, else HINCRBY). A field that is not a
+-- number of that kind (only an edit by hand writes one) starts again from `by`, counted in
+-- stats `values_repaired`, rather than failing every transition that adds to it.
+local function add_to(key, field, by, float)
+  if not pcall(rcall, float and 'HINCRBYFLOAT' or 'HINCRBY', key, field, by) then
+    rcall('HSET', key, field, by)
+    pcall(rcall, 'HINCRBY', K.stats, 'values_repaired', 1)
   end
+end
+
+-- A counter of the stats hash.
+local function stat(field, by)
+  add_to(K.stats, field, by or 1, false)
 end
 
 -- A learned value of the model hash as the scripts write it: a non-negative finite number. Anything

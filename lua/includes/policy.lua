@@ -218,7 +218,7 @@ local function score_tail(came, m0, v, z, above_field, poisson_field)
   if came > line then
     stat(above_field)
   end
-  rcall('HINCRBYFLOAT', K.stats, poisson_field, string.format('%.6f', poisson_above(m0, line)))
+  add_to(K.stats, poisson_field, string.format('%.6f', poisson_above(m0, line)), true)
 end
 
 -- `seen` is the connects allocate has counted so far (stats 'connects').
@@ -234,10 +234,10 @@ local function check_forecast(p, mean, var, horizon_ms, seen)
     local came = seen - before
     local v = math.max(v0, 1e-9)
     stat('forecast_checks')
-    rcall('HINCRBYFLOAT', K.stats, 'forecast_expected', string.format('%.6f', m0))
+    add_to(K.stats, 'forecast_expected', string.format('%.6f', m0), true)
     stat('forecast_seen', came)
-    rcall('HINCRBYFLOAT', K.stats, 'forecast_sq_error', string.format('%.6f', (came - m0) ^ 2))
-    rcall('HINCRBYFLOAT', K.stats, 'forecast_variance', string.format('%.6f', v))
+    add_to(K.stats, 'forecast_sq_error', string.format('%.6f', (came - m0) ^ 2), true)
+    add_to(K.stats, 'forecast_variance', string.format('%.6f', v), true)
     score_tail(came, m0, v, p.z, 'forecast_above_buffer', 'forecast_above_poisson')
     rcall('HSET', K.stats, 'forecast_check_sd', p.z)
   end
@@ -284,10 +284,9 @@ local function check_sliding(p, mean, var, lead_ms, seen, frees, released)
         stat('sliding_summed')
         stat('sliding_came', came)
         stat('sliding_came_sq', came * came)
-        rcall('HINCRBYFLOAT', K.stats, 'sliding_sq_error',
-              string.format('%.6f', (came - m0) ^ 2))
+        add_to(K.stats, 'sliding_sq_error', string.format('%.6f', (came - m0) ^ 2), true)
         stat('sliding_frees_came', released - r0)
-        rcall('HINCRBYFLOAT', K.stats, 'sliding_frees_forecast', string.format('%.6f', f0))
+        add_to(K.stats, 'sliding_frees_forecast', string.format('%.6f', f0), true)
       end
     end
   end

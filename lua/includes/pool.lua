@@ -96,7 +96,7 @@ local function start_terminating(node_id, now, deadline, reason)
   end
   rcall('HSET', nk, 'state', 'terminating', 'term_reason', reason, 'term_requested_ms', now,
         'updated_ms', now)
-  rcall('HINCRBY', nk, 'delete_attempts', 1)
+  add_to(nk, 'delete_attempts', 1, false)
   rcall('ZADD', K.terminating, deadline, node_id)
   rcall('ZREM', K.unclaimed, node_id)
   return true

@@ -519,7 +519,9 @@ def model_import(
 
     keys = _pool_keys(pool)
     try:
-        fields = read_document(model_file.read_text())
+        fields = read_document(model_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise _fail(f"model file {model_file}: not UTF-8 text") from None
     except (ModelFileError, OSError) as exc:
         raise _fail(f"model file: {escape(str(exc))}") from None
     result = _with_redis(redis_url, lambda c: Scripts(c, keys).load_model(

@@ -53,8 +53,10 @@ def read_document(text: str) -> dict[str, float]:
     decides."""
     try:
         document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ModelFileError("not a model file: nested too deep") from None
+    except ValueError as exc:  # not JSON, or an integer too long to read
+        raise ModelFileError(f"not JSON: {str(exc)[:120]}") from None
     if not isinstance(document, dict):
         raise ModelFileError("not a model file: the top level is not an object")
     if document.get("format") != FORMAT:
@@ -63,11 +65,18 @@ def read_document(text: str) -> dict[str, float]:
     fields = document.get("fields")
     if not isinstance(fields, dict) or not fields:
         raise ModelFileError("the model file has no fields")
-    bad = [name for name, value in fields.items()
-           if isinstance(value, bool) or not isinstance(value, int | float)]
+    numbers: dict[str, float] = {}
+    for name, value in fields.items():
+        if not isinstance(value, bool) and isinstance(value, int | float):
+            try:
+                numbers[str(name)] = float(value)
+            except OverflowError:  # an integer past a float's range
+                pass
+    bad = sorted(str(name) for name in fields if str(name) not in numbers)
     if bad:
-        raise ModelFileError(f"fields whose values are not numbers: {', '.join(sorted(bad))}")
-    return {str(name): float(value) for name, value in fields.items()}
+        shown = ", ".join(name[:40] for name in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise ModelFileError(f"fields whose values are not numbers: {shown}")
+    return numbers
 
 
 def _learned(raw: str | None) -> float | None:

@@ -151,6 +151,11 @@ def test_an_export_leaves_out_what_an_import_would_refuse() -> None:
     (json.dumps({"format": FORMAT, "fields": {}}), "has no fields"),
     (json.dumps({"format": FORMAT, "fields": {"x0": "1", "r0": True, "arr": 2}}),
      "not numbers: r0, x0"),
+    # Neither may stop the command with a traceback.
+    ('{"a": ' * 5000 + "1" + "}" * 5000, "nested too deep"),
+    ('{"format": "' + FORMAT + '", "fields": {"r0": ' + "9" * 400 + ', "x0": 1}}',
+     "not numbers: r0"),
+    ('{"format": "' + FORMAT + '", "fields": {"r0": ' + "9" * 5000 + "}}", "not JSON"),
 ])
 def test_a_model_file_that_cannot_be_imported_says_why(text: str, message: str) -> None:
     with pytest.raises(ModelFileError, match=re.escape(message)):
@@ -187,6 +192,9 @@ def test_model_export_and_import_on_the_command_line(
     out.write_text("{}")
     code, output = import_into_b()
     assert code == 2 and "model file: not a model file" in output
+    out.write_bytes(b"\xff\xfe{}")
+    code, output = import_into_b()
+    assert code == 2 and "not UTF-8 text" in output
     empty = runner.invoke(app, ["model", "export", "--redis-url", redis_url, "--pool", "c"])
     assert empty.exit_code == 2 and "pool c has no model" in empty.output
 

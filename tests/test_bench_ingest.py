@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from provisioner.bench.ingest import activity_messages, measure
 from provisioner.cli import app
+from provisioner.service import ACTIVITY_BATCH
 
 
 def test_each_message_is_a_distinct_user_second() -> None:
@@ -28,6 +29,9 @@ async def test_the_listener_applies_every_message_and_the_pool_is_cleaned_up(
     assert rate.seconds > 0 and rate.per_second == pytest.approx(300 / rate.seconds)
     assert rate.server_cpu_s > 0
     assert rate.server_us_per_message == pytest.approx(rate.server_cpu_s / 300 * 1e6)
+    # A run of activity goes in calls of up to ACTIVITY_BATCH: at least 300 / 50 of them.
+    assert 300 // ACTIVITY_BATCH <= rate.script_calls <= 300 and rate.script_s > 0
+    assert rate.ms_per_script_call == pytest.approx(rate.script_s / rate.script_calls * 1e3)
     assert rate.server.split()[0] in ("redis", "valkey")
     assert set(await aredis.keys("prov:{ingest-*")) == before
 
@@ -53,7 +57,8 @@ def test_the_command_prints_the_rate(redis_url: str) -> None:
     assert result.exit_code == 0, result.output
     assert "200 activity messages of 20 users applied by one replica's listener" in " ".join(
         result.output.split())
-    assert "(0 later copies found applied)" in " ".join(result.output.split())
+    assert "(0 later copies found applied); " in " ".join(result.output.split())
+    assert " ms on average" in " ".join(result.output.split())
     two = CliRunner().invoke(app, ["bench", "ingest", "--messages", "200", "--users", "20",
                                    "--replicas", "2", "--redis-url", redis_url])
     assert two.exit_code == 0, two.output

@@ -440,7 +440,9 @@ def ingest(
     console.print(f"{result.messages:,} activity messages of {result.users:,} users applied by "
                   f"{who} in {result.seconds:.2f} s: {result.per_second:,.0f} a second, on "
                   f"{result.server}; the server's CPU {result.server_us_per_message:.0f} µs a "
-                  f"message ({result.duplicates:,} later copies found applied)")
+                  f"message ({result.duplicates:,} later copies found applied); "
+                  f"{result.script_calls:,} script calls, each holding the server "
+                  f"{result.ms_per_script_call:.2f} ms on average")
 
 
 @app.command()

@@ -13,7 +13,8 @@ disconnects it.
 
 The server's own CPU time over the run (`INFO cpu`, user + system) says what each message
 costs it, all copies together: run with 1 and then 2 replicas, the difference is one duplicate's
-cost.
+cost. `INFO commandstats` says how many script calls applied them and how long each held the
+server on average (a run of activity goes in one call, up to the listener's ACTIVITY_BATCH).
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class IngestRate:
     duplicates: int  # copies found already applied (`activity_duplicates`)
     server: str  # name and version, e.g. "valkey 8.1.8"
     server_cpu_s: float  # the server's CPU time (user + system) over the run
+    script_calls: int = 0  # EVALSHA calls the server ran over the run (INFO commandstats)
+    script_s: float = 0.0  # the server's time in them
+
+    @property
+    def ms_per_script_call(self) -> float:
+        """How long one script call held the server, on average."""
+        return self.script_s / self.script_calls * 1e3 if self.script_calls else 0.0
 
     @property
     def per_second(self) -> float:
@@ -84,6 +92,12 @@ def _cpu_s(info: dict[str, Any]) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def _scripts(info: dict[str, Any]) -> tuple[int, float]:
+    """EVALSHA calls so far and the server's seconds in them."""
+    stats = info.get("cmdstat_evalsha") or {}
+    return int(stats.get("calls", 0)), float(stats.get("usec", 0)) / 1e6
+
+
 async def measure(redis_url: str, messages: int, users: int, *, replicas: int = 1,
                   timeout_s: float = 300.0) -> IngestRate:
     if replicas < 1:
@@ -109,6 +123,7 @@ async def measure(redis_url: str, messages: int, users: int, *, replicas: int = 
         payloads = activity_messages(messages, users, int(time.time()))
         server = server_label(await publisher.info("server"))
         cpu_before = _cpu_s(await publisher.info("cpu"))
+        calls_before, script_s_before = _scripts(await publisher.info("commandstats"))
         started = time.perf_counter()
         for first in range(0, messages, PUBLISH_BATCH):
             async with publisher.pipeline(transaction=False) as pipe:
@@ -128,8 +143,10 @@ async def measure(redis_url: str, messages: int, users: int, *, replicas: int = 
             await asyncio.sleep(0.01)
         seconds = time.perf_counter() - started
         cpu_s = _cpu_s(await publisher.info("cpu")) - cpu_before
+        calls, script_s = _scripts(await publisher.info("commandstats"))
         active = int(await publisher.zcard(keys.key("active")))
-        return IngestRate(messages, users, replicas, seconds, active, duplicates, server, cpu_s)
+        return IngestRate(messages, users, replicas, seconds, active, duplicates, server, cpu_s,
+                          calls - calls_before, script_s - script_s_before)
     finally:
         for replica in group:
             replica.stopping.set()

@@ -193,6 +193,11 @@ def run(
 
 
 def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    try:
+        aioredis.Redis.from_url(url)  # only parses the URL: it connects on first use
+    except ValueError as exc:
+        raise _fail(f"bad Redis URL {url!r}: {exc}") from None
+
     async def go() -> T:
         client = aioredis.Redis.from_url(url, decode_responses=True)
         try:
@@ -231,6 +236,7 @@ def status(
     as_json: Json = False,
 ) -> None:
     """Pool state: nodes by state, users, hits and misses, recent scaling decisions."""
+    _pool_keys(pool)
 
     async def read(client: aioredis.Redis) -> view.PoolView:
         return await view.read_view(client, pool, WallClock().now_ms(),
@@ -263,6 +269,7 @@ def status(
 def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
           limit: Annotated[int, typer.Option(help="Most rows")] = 200) -> None:
     """Live nodes of the pool with their state, user and ages."""
+    _pool_keys(pool)
     rows = _with_redis(redis_url, lambda c: view.node_rows(c, pool, limit))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -297,6 +304,7 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
           limit: Annotated[int, typer.Option(help="Most rows")] = 200) -> None:
     """Waiting users (oldest first) and users holding a node (the longest session first, with
     when each was last active: a session whose disconnect was lost shows up here)."""
+    _pool_keys(pool)
     waiting, sessions = _with_redis(redis_url, lambda c: view.user_rows(c, pool, limit))
     now = time.time() * 1000
 
@@ -392,6 +400,7 @@ def release(
 @app.command()
 def check(redis_url: RedisUrl, pool: Pool = "default") -> None:
     """Verify the pool's invariants (exit 1 and list what is wrong if any is broken)."""
+    _pool_keys(pool)
     problems = _with_redis(redis_url, lambda c: view.check_invariants(c, pool))
     if problems:
         for problem in problems:

@@ -13,6 +13,10 @@ class ConfigError(ValueError):
     """One or more settings are invalid; the message lists every problem."""
 
 
+#: The most nodes a pool may be set to hold: far above any GPU fleet, far below where the
+#: scripts' numbers lose integer precision.
+MAX_NODES_LIMIT = 100_000
+
 @dataclass(frozen=True)
 class PoolConfig:
     """How one pool scales. Every replica of a pool should run with the same values."""
@@ -65,26 +69,30 @@ class PoolConfig:
             if not ok:
                 found.append(message)
 
-        need(self.min_ready >= 0, "min_ready must be >= 0")
-        need(self.max_nodes >= 1, "max_nodes must be >= 1")
+        # Every range is closed above, so nan and inf fail it too (an infinite timeout cannot
+        # become the scripts' milliseconds; a pool of 10^14 nodes overflows their numbers).
+        need(0 <= self.min_ready <= MAX_NODES_LIMIT, f"min_ready must be in [0, {MAX_NODES_LIMIT}]")
+        need(1 <= self.max_nodes <= MAX_NODES_LIMIT, f"max_nodes must be in [1, {MAX_NODES_LIMIT}]")
         need(self.min_ready <= self.max_nodes, "min_ready must not exceed max_nodes")
-        need(self.idle_timeout_s >= 0, "idle_timeout_s must be >= 0")
-        need(self.boot_timeout_s > 0, "boot_timeout_s must be > 0")
+        need(0 <= self.idle_timeout_s <= 86400, "idle_timeout_s must be in [0, 86400]")
+        need(0 < self.boot_timeout_s <= 86400, "boot_timeout_s must be in (0, 86400]")
         need(0.05 <= self.tick_interval_s <= 600, "tick_interval_s must be in [0.05, 600]")
         need(1 <= self.activity_window_s <= 86400, "activity_window_s must be in [1, 86400]")
         need(1 <= self.engaged_threshold <= self.max_events_per_user,
              "engaged_threshold must be in [1, max_events_per_user]")
         need(0 <= self.conversion <= 1, "conversion must be in [0, 1]")
-        need(self.create_timeout_s > 0, "create_timeout_s must be > 0")
-        need(self.delete_timeout_s > 0, "delete_timeout_s must be > 0")
+        need(0 < self.create_timeout_s <= 86400, "create_timeout_s must be in (0, 86400]")
+        need(0 < self.delete_timeout_s <= 86400, "delete_timeout_s must be in (0, 86400]")
         need(1 <= self.max_batch <= 1000, "max_batch must be in [1, 1000]")
         need(1 <= self.max_events_per_user <= 10000, "max_events_per_user must be in [1, 10000]")
-        need(self.decision_log_len >= 10, "decision_log_len must be >= 10")
+        need(10 <= self.decision_log_len <= 1_000_000,
+             "decision_log_len must be in [10, 1000000]")
         need(self.scaling_policy in ("forecast", "heuristic"),
              "scaling_policy must be forecast or heuristic")
         need(0 <= self.buffer_sd <= 10, "buffer_sd must be in [0, 10]")
         need(0 <= self.surge_buffer_sd <= 10, "surge_buffer_sd must be in [0, 10]")
-        need(self.learning_half_life_s >= 10, "learning_half_life_s must be >= 10")
+        need(10 <= self.learning_half_life_s <= 30 * 86400,
+             "learning_half_life_s must be in [10, 2592000]")
         need(1 <= self.boot_prior_s <= 3600, "boot_prior_s must be in [1, 3600]")
         need(0 <= self.keep_window_s <= 86400, "keep_window_s must be in [0, 86400]")
         need(0 <= self.new_session_frees <= 1, "new_session_frees must be in [0, 1]")
@@ -181,16 +189,16 @@ class ServiceConfig:
             found.append("log format must be text or json")
         if not 0 < len(self.replica_id) <= 64 or ":" in self.replica_id:
             found.append("replica id must be 1-64 characters without ':'")
-        if self.api_timeout_s <= 0:
-            found.append("api timeout must be > 0")
+        if not 0 < self.api_timeout_s <= 600:
+            found.append("api timeout must be in (0, 600]")
         if not 1 <= self.api_retries <= 10:
             found.append("api retries must be in [1, 10]")
-        if self.reconcile_interval_s < 0:
-            found.append("reconcile interval must be >= 0 (0 disables reconciliation)")
+        if not 0 <= self.reconcile_interval_s <= 86400:
+            found.append("reconcile interval must be in [0, 86400] (0 disables reconciliation)")
         if not 0 <= self.heartbeat_interval_s <= 3600:
             found.append("heartbeat interval must be in [0, 3600] (0 disables heartbeats)")
-        if self.max_event_lag_s <= 0:
-            found.append("max event lag must be > 0")
+        if not 0 < self.max_event_lag_s <= 3600:
+            found.append("max event lag must be in (0, 3600]")
         return found
 
     def validate(self) -> ServiceConfig:

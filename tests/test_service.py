@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -627,7 +628,24 @@ async def test_what_else_comes_on_the_probe_channel_moves_no_lag(
 def test_the_heartbeat_settings_are_checked() -> None:
     bad = ServiceConfig("redis://x", "http://api", heartbeat_interval_s=-1, max_event_lag_s=0)
     assert bad.problems() == ["heartbeat interval must be in [0, 3600] (0 disables heartbeats)",
-                              "max event lag must be > 0"]
+                              "max event lag must be in (0, 3600]"]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e308])
+def test_no_setting_takes_a_value_the_scripts_cannot_count_in(value: float) -> None:
+    """nan, inf and overflowing values passed the one-sided checks: an infinite timeout then
+    failed every tick (no integer milliseconds), a nan API timeout every Node API call, and a
+    pool of 10^14 nodes held the server in an endless script."""
+    for name in ("idle_timeout_s", "boot_timeout_s", "create_timeout_s", "delete_timeout_s",
+                 "learning_half_life_s", "keep_window_s", "buffer_sd"):
+        assert PoolConfig(**{name: value}).problems(), name  # type: ignore[arg-type]
+    for name in ("min_ready", "max_nodes"):
+        assert PoolConfig(**{name: 10**14}).problems(), name  # type: ignore[arg-type]
+    for name in ("api_timeout_s", "reconcile_interval_s", "max_event_lag_s",
+                 "heartbeat_interval_s"):
+        service = ServiceConfig("redis://x", "http://api", **{name: value})  # type: ignore
+        assert service.problems(), name
+    assert PoolConfig().problems() == [] and ServiceConfig("redis://x", "http://a").problems() == []
 
 
 async def test_a_replica_s_heartbeat_lists_it_in_the_pool_status(

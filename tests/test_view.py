@@ -235,3 +235,14 @@ def test_the_status_view_reads_a_pool_edited_by_hand(redis_url: str) -> None:
             assert result.exit_code == 0, (command, extra, result.output)
     users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
     assert {u["user_id"]: u["session_s"] for u in users["allocated"]} == {"u1": None, "u2": None}
+
+
+@pytest.mark.parametrize("command", ["status", "nodes", "users", "check"])
+def test_a_bad_pool_name_or_redis_url_is_an_error_not_a_traceback(command: str) -> None:
+    for options, message in ((["--redis-url", "notaurl"], "bad Redis URL"),
+                             (["--redis-url", "redis://127.0.0.1:notaport"], "bad Redis URL"),
+                             (["--redis-url", "redis://127.0.0.1:1", "--pool", "bad name!"],
+                              "pool name 'bad name!'")):
+        result = CliRunner().invoke(app, [command, *options])
+        assert result.exit_code == 2 and message in result.output, (options, result.output)
+        assert not isinstance(result.exception, ValueError)

@@ -542,10 +542,13 @@ local function remember_target(now, target, keep_window_ms)
     if last and last > target then break end
     rcall('RPOP', K.targets)
   end
-  rcall('RPUSH', K.targets, score(now) .. ':' .. target)
-  -- Expired or unreadable heads go; the entry just pushed is inside the window and stops this.
+  rcall('RPUSH', K.targets, score(now) .. ':' .. score(target))
+  -- Expired or unreadable heads go; the entry just pushed is inside the window and stops this
+  -- (and should it be unreadable after all, the list's end does).
   while true do
-    local ms = target_entry(rcall('LINDEX', K.targets, 0))
+    local head = rcall('LINDEX', K.targets, 0)
+    if not head then break end
+    local ms = target_entry(head)
     if ms and ms >= now - keep_window_ms then break end
     rcall('LPOP', K.targets)
   end

@@ -164,15 +164,17 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
 def command(
     redis_url: Annotated[str, typer.Option(envvar="PROVISIONER_REDIS_URL")]
     = "redis://127.0.0.1:6379/0",
-    arrival_rate: Annotated[float, typer.Option(min=0.01, help="New users per minute.")] = 20.0,
-    browse_gap: Annotated[float, typer.Option(min=0.1, help="Mean seconds between requests.")]
-    = 8.0,
+    # Every range is closed: an infinite rate or count would never let the traffic's clock move.
+    arrival_rate: Annotated[float, typer.Option(min=0.01, max=100_000,
+                                                help="New users per minute.")] = 20.0,
+    browse_gap: Annotated[float, typer.Option(min=0.1, max=86_400,
+                                              help="Mean seconds between requests.")] = 8.0,
     conversion: Annotated[float, typer.Option(min=0, max=1,
                                               help="Share of users who connect.")] = 0.3,
-    requests: Annotated[float, typer.Option(min=1,
+    requests: Annotated[float, typer.Option(min=1, max=10_000,
                                             help="Mean requests before a connect.")] = 10.0,
-    session: Annotated[float, typer.Option(min=1, help="Mean session length, seconds.")]
-    = 300.0,
+    session: Annotated[float, typer.Option(min=1, max=30 * 86_400,
+                                           help="Mean session length, seconds.")] = 300.0,
     duration: Annotated[float | None, typer.Option(min=1,
                                                    help="Stop after N seconds of traffic.")]
     = None,

@@ -9,6 +9,7 @@ import random
 import time
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from provisioner.events import Activity, Connect, Disconnect, parse
@@ -104,3 +105,17 @@ def test_lognormal_users_rarely_connect_after_one_or_two_requests() -> None:
     assert early["lognormal"] < 0.06 < 0.08 < early["memoryless"]  # about 4% and 11%
     for counts in (lognormal, memoryless):
         assert 16 < sum(counts) / len(counts) < 20
+
+
+@pytest.mark.parametrize("option", [["--arrival-rate", "inf"], ["--requests", "inf"],
+                                    ["--requests", "1e12"], ["--browse-gap", "inf"]])
+def test_an_unbounded_knob_is_refused_before_any_traffic(option: list[str]) -> None:
+    """An infinite arrival rate never moved the traffic's clock: the simulator looped until
+    the kernel killed it for memory."""
+    from typer.testing import CliRunner
+
+    from provisioner.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--redis-url", "redis://127.0.0.1:1/0",
+                                      "--duration", "2", *option])
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output

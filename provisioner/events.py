@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 MAX_PAYLOAD_BYTES = 4096
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
 
 
 class Channel(StrEnum):

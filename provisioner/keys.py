@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-POOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+POOL_NAME = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 
 #: The order of the pool key vector passed as KEYS to every script. Keep in sync with
 #: lua/includes/keys.lua (tests/test_scripts.py checks it).

@@ -120,3 +120,13 @@ def test_a_timestamp_too_large_for_milliseconds_is_rejected(timestamp: float) ->
     payload = '{"user_id": "u1", "timestamp": ' + json.dumps(timestamp) + "}"
     result = parse("user:activity", payload, NOW)
     assert isinstance(result, Rejected) and result.reason is Reason.BAD_TIMESTAMP
+
+
+def test_an_id_or_pool_name_with_a_trailing_newline_is_refused() -> None:
+    """`$` matches before a final newline; the patterns end at `\\Z`."""
+    from provisioner.keys import PoolKeys
+
+    result = parse("user:connect", json.dumps({"user_id": "u1\n"}), NOW)
+    assert isinstance(result, Rejected) and result.reason is Reason.BAD_ID
+    with pytest.raises(ValueError, match="pool name"):
+        PoolKeys("default\n")

@@ -194,12 +194,11 @@ def run(
 
 def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     try:
-        aioredis.Redis.from_url(url)  # only parses the URL: it connects on first use
+        client = aioredis.Redis.from_url(url, decode_responses=True)  # connects on first use
     except ValueError as exc:
         raise _fail(f"bad Redis URL {url!r}: {exc}") from None
 
     async def go() -> T:
-        client = aioredis.Redis.from_url(url, decode_responses=True)
         try:
             return await work(client)
         finally:
@@ -299,6 +298,11 @@ def _ago(now_ms: float, then_ms: float | None) -> str:
     return "-" if then_ms is None else f"{max(0.0, now_ms - then_ms) / 1000:.0f}s"
 
 
+def _last_active(now_ms: float, then_ms: float | None) -> str:
+    """When a user was last active: `12s ago`, or `-` with no activity in the window."""
+    return "-" if then_ms is None else _ago(now_ms, then_ms) + " ago"
+
+
 @app.command()
 def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
           limit: Annotated[int, typer.Option(help="Most rows")] = 200) -> None:
@@ -331,8 +335,7 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
         table.add_column(column)
     for session in sessions:
         table.add_row(session.user, session.node, _ago(now, session.allocated_ms),
-                      _ago(now, session.last_activity_ms) + (
-                          "" if session.last_activity_ms is None else " ago"))
+                      _last_active(now, session.last_activity_ms))
     console.print(table)
 
 
@@ -358,8 +361,7 @@ def release(
         waiting, sessions = await view.user_rows(client, pool, limit=10**9)
         now = time.time() * 1000
         found = {s.user: f"holds node {s.node} (session {_ago(now, s.allocated_ms)}, last active "
-                         f"{_ago(now, s.last_activity_ms)}"
-                         f"{'' if s.last_activity_ms is None else ' ago'})"
+                         f"{_last_active(now, s.last_activity_ms)})"
                  for s in sessions if s.user in user_ids}
         found.update({u: f"waits (for {_ago(now, since)})" for u, since in waiting
                       if u in user_ids})

@@ -203,6 +203,12 @@ class Snapshot:
     def forecast_check(self) -> ForecastCheck:
         return ForecastCheck.from_stats(self.stat, self.fstat)
 
+    def longest_session_s(self, now_ms: int) -> float:
+        """How long the longest session running at `now_ms` has held its node (0 when none
+        runs): the head of the `sessions` zset, as snapshot.lua reads it."""
+        oldest = self.counts.get("oldest_session_ms", 0)
+        return max(0, now_ms - oldest) / 1000 if oldest else 0.0
+
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(
             creates=self.stat("creates_reserved"), on_rise=self.stat("creates_on_rise"),
@@ -501,8 +507,8 @@ class Scripts:
 
     def record_activity_call(self, now_ms: int, user_id: str, ts_ms: int, window_ms: int,
                              threshold: int, cap: int) -> Call[ActivityResult]:
-        return Call("record_activity", (now_ms, window_ms, threshold, cap, user_id, ts_ms),
-                    _activity)
+        one = self.record_activities_call(now_ms, [(user_id, ts_ms)], window_ms, threshold, cap)
+        return Call(one.name, one.args, _activity)
 
     def record_activities_call(self, now_ms: int, events: Sequence[tuple[str, int]],
                                window_ms: int, threshold: int,

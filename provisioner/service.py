@@ -283,8 +283,7 @@ class Replica:
             max(0, snap.counts["pending"] - snap.counts["unclaimed"]))
         for state in ("waiting", "allocated", "active", "engaged"):
             self.metrics.users.labels(state).set(snap.counts[state])
-        oldest = snap.counts.get("oldest_session_ms", 0)
-        self.metrics.longest_session.set(max(0, now - oldest) / 1000 if oldest else 0)
+        self.metrics.longest_session.set(snap.longest_session_s(now))
         check = snap.forecast_check()
         for quantity, value in check.quantities().items():
             self.metrics.forecast_check.labels(quantity).set(value)

@@ -45,12 +45,6 @@ class PoolView:
     def scaling(self) -> ScalingTotals:
         return self.snapshot.scaling()
 
-    @property
-    def longest_session_s(self) -> float:
-        """How long the longest session running has held its node (0 when none runs)."""
-        oldest = self.snapshot.counts.get("oldest_session_ms", 0)
-        return round(max(0, self.now_ms - oldest) / 1000, 1) if oldest else 0.0
-
     def as_dict(self) -> dict[str, Any]:
         """Everything `provisioner status --json` prints; the view renders the same dict."""
         stats = self.snapshot.stats
@@ -69,7 +63,7 @@ class PoolView:
             "abandoned": self.snapshot.stat("abandoned"),
             "requeued": self.snapshot.stat("requeued"),
             "operator_releases": self.snapshot.stat("operator_releases"),
-            "longest_session_s": self.longest_session_s,
+            "longest_session_s": round(self.snapshot.longest_session_s(self.now_ms), 1),
             "last_decision": stats.get("last_decision", ""),
             "last_numbers": _json_object(stats.get("last_numbers", "")),
             "last_replica": stats.get("last_replica", ""),

@@ -33,6 +33,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+errors = Console(stderr=True)
+_warned: set[tuple[str, ...]] = set()
 T = TypeVar("T")
 
 RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="PROVISIONER_REDIS_URL",
@@ -219,8 +221,15 @@ def _pool_keys(pool: str) -> PoolKeys:
 
 
 async def _published_config(client: aioredis.Redis, keys: PoolKeys) -> PoolConfig:
-    """The pool settings the replicas last published, or the defaults if none did."""
-    return view.config_from_redis(await client.hgetall(keys.config)) or DEFAULTS
+    """The pool settings the replicas last published, or the defaults if none did; a value
+    that cannot be used is named on stderr and left at its default."""
+    config, problems = view.config_from_redis(await client.hgetall(keys.config))
+    if problems and tuple(problems) not in _warned:  # once, not on every refresh of --watch
+        _warned.add(tuple(problems))
+        errors.print(f"[yellow]warning:[/yellow] the pool's published settings "
+                     f"({keys.config}) have values that cannot be used, defaults are used "
+                     f"for them: {'; '.join(problems)}")
+    return config or DEFAULTS
 
 
 async def _window_ms(client: aioredis.Redis, pool: str) -> int:

@@ -233,7 +233,13 @@ class ReplicaSeen:
 
         def number(name: str) -> float | None:
             value = said.get(name)
-            return float(value) if isinstance(value, int | float) else None
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                return None
+            try:
+                value = float(value)
+            except OverflowError:  # an integer too long for a float, written by another hand
+                return None
+            return value if math.isfinite(value) else None
 
         return cls(replica_id, max(0, age_ms) / 1000, number("lag_s"),
                    said.get("subscribed") is True, number("interval_s"))
@@ -631,7 +637,10 @@ class Scripts:
                 details = json.loads(said.get(replica_id, "{}"))
             except json.JSONDecodeError:
                 details = {}
-            out.append(ReplicaSeen.of(replica_id, now_ms - int(score), details))
+            # a score no heartbeat writes (inf, from another hand) reads as never heard from
+            heard_ms = score if math.isfinite(score) else -math.inf
+            age_ms = now_ms - heard_ms
+            out.append(ReplicaSeen.of(replica_id, int(min(age_ms, 10**15)), details))
         return out
 
     async def snapshot(self, now_ms: int, window_ms: int) -> Snapshot:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -143,8 +143,9 @@ def render_view(view: PoolView) -> Group:
     for column in ("age", "replica", "kind", "reason"):
         decisions.add_column(column, overflow="fold")
     for entry in view.decisions:
-        age = (view.now_ms - int(entry.get("now", view.now_ms))) / 1000
-        decisions.add_row(f"{age:.0f}s", entry.get("replica", ""), entry.get("kind", ""),
+        at_ms = time_ms(entry.get("now"))
+        age = "-" if at_ms is None else f"{(view.now_ms - at_ms) / 1000:.0f}s"
+        decisions.add_row(age, entry.get("replica", ""), entry.get("kind", ""),
                           entry.get("reason", ""))
     last = Text(f"last decision ({data['last_replica'] or '-'}): "
                 f"{data['last_decision'] or 'none yet'}")
@@ -294,18 +295,38 @@ def _problems(ready: list[str], waiting: list[str], since: dict[str, str],
     return problems
 
 
-def config_from_redis(raw: dict[Any, Any]) -> PoolConfig | None:
-    """The pool settings the replicas last published, if any."""
+def config_from_redis(raw: dict[Any, Any]) -> tuple[PoolConfig | None, list[str]]:
+    """The pool settings the replicas last published (None if none did), and what in them
+    could not be used. Another writer may have left anything there: a value that does not
+    parse, or is out of its range, is left at its default; settings that are invalid together
+    give the defaults."""
     if not raw:
-        return None
+        return None, []
+    defaults = PoolConfig()
     fields = PoolConfig.__dataclass_fields__
     values: dict[str, Any] = {}
+    problems: list[str] = []
     for key, value in raw.items():
         name = as_text(key)
-        if name in fields:
-            kind = type(getattr(PoolConfig(), name))
-            values[name] = kind(float(as_text(value))) if kind is int else kind(as_text(value))
-    return PoolConfig(**values)
+        if name not in fields:
+            continue
+        text = as_text(value)
+        kind = type(getattr(defaults, name))
+        try:
+            parsed = kind(float(text)) if kind is int else kind(text)
+        except (ValueError, OverflowError):
+            problems.append(f"{name} {text[:40]!r} is not a number")
+            continue
+        wrong = replace(defaults, **{name: parsed}).problems()
+        if wrong:
+            problems.append(f"{name} {text[:40]!r}: {wrong[0]}")
+            continue
+        values[name] = parsed
+    config = PoolConfig(**values)
+    together = config.problems()
+    if together:
+        return defaults, [*problems, *together]
+    return config, problems
 
 
 def render_model(pool: str, shown: dict[str, Any]) -> Group:

@@ -246,3 +246,50 @@ def test_a_bad_pool_name_or_redis_url_is_an_error_not_a_traceback(command: str) 
         result = CliRunner().invoke(app, [command, *options])
         assert result.exit_code == 2 and message in result.output, (options, result.output)
         assert not isinstance(result.exception, ValueError)
+
+
+def test_the_status_view_reads_what_other_writers_left(redis_url: str) -> None:
+    """Values no script of ours writes, left by another writer or a hand: a heartbeat score of
+    inf, a lag too long for a float, a decision whose time is not a number, a published setting
+    that is not one. The views show what they can; `model show` uses the defaults and says so."""
+    keys = PoolKeys("others")
+
+    async def corrupt() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await client.zadd(keys.key("replicas"), {"r1": "inf", "r2": "-inf", "r3": T0})
+        await client.hset(keys.key("replica_info"), mapping={
+            "r1": json.dumps({"lag_s": int("9" * 400), "interval_s": 1}),
+            "r3": '{"lag_s": 1e999, "interval_s": -1e999, "subscribed": true}'})
+        await client.xadd(keys.key("decisions"), {"now": "yesterday", "kind": "scale_up",
+                                                  "reason": "hand"})
+        await client.xadd(keys.key("decisions"), {"now": "9" * 400, "kind": "scale_up"})
+        await client.hset(keys.config, mapping={"activity_window_s": "wide",
+                                                "min_ready": "1e999", "max_nodes": "-3"})
+        await client.aclose()
+
+    asyncio.run(corrupt())
+    common = ["--redis-url", redis_url, "--pool", "others"]
+    shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "r1" in shown.output and "r3" in shown.output
+    assert "published settings" in shown.output and "activity_window_s" in shown.output
+    body = CliRunner().invoke(app, ["status", *common, "--json"])
+    assert body.exit_code == 0, body.output
+    status = json.loads(body.output[body.output.index("{"):])
+    assert {r["replica"]: r["lag_s"] for r in status["replicas"]} == {
+        "r1": None, "r2": None, "r3": None}
+    model = CliRunner().invoke(app, ["model", "show", *common, "--json"])
+    assert model.exit_code == 0, model.output
+
+
+def test_published_settings_are_read_field_by_field() -> None:
+    raw = {"min_ready": "3", "idle_timeout_s": "90.5", "buffer_sd": "nan", "scaling_policy": "x",
+           "max_nodes": "1e999", "unknown": "1"}
+    config, problems = view.config_from_redis(raw)
+    assert config == view.PoolConfig(min_ready=3, idle_timeout_s=90.5)
+    assert sorted(p.split(" ")[0] for p in problems) == ["buffer_sd", "max_nodes",
+                                                          "scaling_policy"]
+    assert view.config_from_redis({}) == (None, [])
+    # each value fine alone, invalid together: min_ready above max_nodes
+    config, problems = view.config_from_redis({"min_ready": "9", "max_nodes": "5"})
+    assert config == view.PoolConfig() and problems

@@ -42,6 +42,7 @@ RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="PROVISIONER_REDIS_
 Pool = Annotated[str, typer.Option("--pool", envvar="PROVISIONER_POOL",
                                    help="Pool name; every key carries it as a hash tag")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
+Limit = Annotated[int, typer.Option(min=1, max=100_000, help="Most rows")]
 DEFAULTS = PoolConfig()
 
 
@@ -170,6 +171,7 @@ def run(
         service = ServiceConfig(
             redis_url=redis_url, node_api_url=node_api_url, pool=pool, http_port=http_port,
             replica_id=replica_id or default_replica_id(), log_format=log_format,
+            log_level=log_level.upper(),
             reconcile_interval_s=reconcile_interval, api_timeout_s=api_timeout,
             heartbeat_interval_s=heartbeat_interval, max_event_lag_s=max_event_lag,
         ).validate()
@@ -187,7 +189,7 @@ def run(
         ).validate()
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    setup_logging(log_format, log_level.upper())
+    setup_logging(service.log_format, service.log_level)
     try:
         asyncio.run(serve(service, pool_config))
     except (OSError, RedisError) as exc:
@@ -275,7 +277,7 @@ def status(
 
 @app.command()
 def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
-          limit: Annotated[int, typer.Option(help="Most rows")] = 200) -> None:
+          limit: Limit = 200) -> None:
     """Live nodes of the pool with their state, user and ages."""
     _pool_keys(pool)
     rows = _with_redis(redis_url, lambda c: view.node_rows(c, pool, limit))
@@ -314,7 +316,7 @@ def _last_active(now_ms: float, then_ms: float | None) -> str:
 
 @app.command()
 def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
-          limit: Annotated[int, typer.Option(help="Most rows")] = 200) -> None:
+          limit: Limit = 200) -> None:
     """Waiting users (oldest first) and users holding a node (the longest session first, with
     when each was last active: a session whose disconnect was lost shows up here)."""
     _pool_keys(pool)
@@ -431,10 +433,14 @@ def reconcile(
     from provisioner.nodeapi import HttpNodeApi
     from provisioner.service import Replica
 
+    try:
+        service = ServiceConfig(redis_url, node_api_url, pool=pool).validate()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
     async def go(client: aioredis.Redis) -> dict[str, Any]:
         api = HttpNodeApi(node_api_url)
         try:
-            service = ServiceConfig(redis_url, node_api_url, pool=pool).validate()
             config = await _published_config(client, PoolKeys(pool))
             replica = Replica(client, service, config, api)
             counts = await replica.reconcile()
@@ -443,11 +449,7 @@ def reconcile(
         finally:
             await api.aclose()
 
-    try:
-        counts = _with_redis(redis_url, go)
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    typer.echo(json.dumps(counts))
+    typer.echo(json.dumps(_with_redis(redis_url, go)))
 
 
 @app.command()

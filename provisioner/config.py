@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
 
 from provisioner.keys import POOL_NAME
 
@@ -151,6 +152,22 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _address_problems(what: str, url: str, need_host: bool) -> list[str]:
+    """What stops `url` naming a host and port: the clients would fail on every call, or stop
+    the replica with a traceback, otherwise. (Redis's clients take no host as localhost.)"""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- parsing it is the check (a port out of range or not a number)
+    except ValueError as exc:
+        return [f"{what} {url!r} cannot be parsed: {exc}"]
+    if need_host and not parts.hostname:
+        return [f"{what} {url!r} names no host"]
+    return []
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Where one replica connects and how it reports."""
@@ -162,6 +179,7 @@ class ServiceConfig:
     http_host: str = "0.0.0.0"
     replica_id: str = field(default_factory=default_replica_id)
     log_format: str = "text"
+    log_level: str = "INFO"
     max_event_age_s: float = 86400.0
     max_clock_skew_s: float = 300.0
     reconcile_interval_s: float = 30.0
@@ -179,14 +197,20 @@ class ServiceConfig:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             found.append(f"redis url {self.redis_url!r} must start with redis://, rediss:// "
                          "or unix://")
+        elif not self.redis_url.startswith("unix://"):
+            found.extend(_address_problems("redis url", self.redis_url, False))
         if not self.node_api_url.startswith(("http://", "https://")):
             found.append(f"node api url {self.node_api_url!r} must start with http(s)://")
+        else:
+            found.extend(_address_problems("node api url", self.node_api_url, True))
         if not POOL_NAME.match(self.pool):
             found.append(f"pool {self.pool!r} must be 1-64 characters of letters, digits, _.-")
         if not 0 <= self.http_port <= 65535:
             found.append("http port must be in [0, 65535] (0 disables the HTTP endpoint)")
         if self.log_format not in ("text", "json"):
             found.append("log format must be text or json")
+        if self.log_level not in LOG_LEVELS:
+            found.append(f"log level must be one of {', '.join(LOG_LEVELS)}")
         if not 0 < len(self.replica_id) <= 64 or ":" in self.replica_id:
             found.append("replica id must be 1-64 characters without ':'")
         if not 0 < self.api_timeout_s <= 600:

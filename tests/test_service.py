@@ -753,3 +753,38 @@ def test_any_batches_of_messages_keep_every_invariant(
             await client.aclose()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--node-api-url", "http://[::1"], "node api url 'http://[::1' cannot be parsed"),
+    (["--node-api-url", "http://127.0.0.1:99999"], "cannot be parsed: Port out of range"),
+    (["--node-api-url", "http://host:port"], "cannot be parsed"),
+    (["--node-api-url", "http://:8080"], "names no host"),
+    (["--redis-url", "redis://127.0.0.1:notaport"], "redis url 'redis://127.0.0.1:notaport'"),
+    (["--log-level", "bogus"], "log level must be one of DEBUG, INFO, WARNING, ERROR"),
+])
+def test_run_refuses_an_address_or_log_level_it_cannot_use(options: list[str],
+                                                           message: str) -> None:
+    """Each of these stopped `run` with a traceback, or failed every Node API call."""
+    from typer.testing import CliRunner
+
+    from provisioner.cli import app
+
+    base = {"--redis-url": "redis://127.0.0.1:1/0", "--node-api-url": "http://127.0.0.1:1"}
+    base.update(zip(options[::2], options[1::2], strict=True))
+    result = CliRunner().invoke(app, ["run", "--http-port", "0",
+                                      *(x for pair in base.items() for x in pair)],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in " ".join(result.output.split()), \
+        result.output
+
+
+def test_reconcile_refuses_a_node_api_url_it_cannot_use() -> None:
+    from typer.testing import CliRunner
+
+    from provisioner.cli import app
+
+    result = CliRunner().invoke(app, ["reconcile", "--redis-url", "redis://127.0.0.1:1/0",
+                                      "--node-api-url", "http://[::1"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "cannot be parsed" in result.output, result.output

@@ -293,3 +293,12 @@ def test_published_settings_are_read_field_by_field() -> None:
     # each value fine alone, invalid together: min_ready above max_nodes
     config, problems = view.config_from_redis({"min_ready": "9", "max_nodes": "5"})
     assert config == view.PoolConfig() and problems
+
+
+@pytest.mark.parametrize("command", ["nodes", "users"])
+@pytest.mark.parametrize("limit", ["0", "-1", "1000000"])
+def test_a_row_limit_out_of_range_is_refused(command: str, limit: str) -> None:
+    """`--limit 0` listed every row (a range to -1), and a pool may hold 100,000 nodes."""
+    result = CliRunner().invoke(app, [command, "--redis-url", "redis://127.0.0.1:1",
+                                      "--limit", limit])
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output

@@ -29,6 +29,7 @@ from typing import Annotated
 import redis.asyncio as aioredis
 import typer
 from aiohttp import web
+from redis.exceptions import RedisError
 
 log = logging.getLogger("provisioner.mock_node_api")
 
@@ -121,9 +122,16 @@ class MockNodeApi:
     def live(self) -> list[MockNode]:
         return [n for n in self.nodes.values() if n.state in ("booting", "ready")]
 
-    async def _publish(self, node: MockNode, status: str) -> None:
-        await self.redis.publish("node:status", json.dumps({"node_id": node.id,
-                                                            "status": status}))
+    async def _publish(self, node: MockNode, status: str) -> bool:
+        """Publish a status; False (and a log line) if Redis cannot be reached: the message is
+        lost, as one can be in the real world, and the node stays as it is."""
+        try:
+            await self.redis.publish("node:status", json.dumps({"node_id": node.id,
+                                                                "status": status}))
+        except (OSError, RedisError) as exc:
+            log.warning("%s: cannot publish %r: %s", node.id, status, exc)
+            return False
+        return True
 
     async def _latency(self) -> None:
         if self.faults.latency_s > 0:
@@ -149,8 +157,10 @@ class MockNodeApi:
         if len(self.live()) >= self.max_nodes:
             return web.json_response({"error": f"at most {self.max_nodes} nodes"}, status=429)
         node = MockNode(next(self._ids), "booting", time.time())
+        if not await self._publish(node, "booting"):
+            # Refused, and not kept: a node the caller was never given would be listed forever.
+            return web.json_response({"error": "cannot publish node:status"}, status=503)
         self.nodes[node.id] = node
-        await self._publish(node, "booting")
         stuck = self._fails(self.faults.stuck_rate)
         if not stuck:
             node.tasks.append(asyncio.create_task(self._boot(node)))
@@ -248,7 +258,8 @@ def _rate(value: float) -> float:
 
 
 def command(
-    port: Annotated[int, typer.Option(help="HTTP port.", envvar="MOCK_NODE_API_PORT")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.",
+                                      envvar="MOCK_NODE_API_PORT")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     redis_url: Annotated[str, typer.Option(envvar="PROVISIONER_REDIS_URL",
                                            help="Where node:status is published.")]
@@ -257,8 +268,9 @@ def command(
         help="Boot delay in seconds: N, uniform:A:B, lognormal:MEDIAN:P95 or exp:MEAN.")]
     = "60",
     terminate_delay: Annotated[float, typer.Option(
-        min=0, help="Seconds from DELETE to `terminated`.")] = 1.0,
-    max_nodes: Annotated[int, typer.Option(min=1, help="Creates beyond this answer 429.")]
+        min=0, max=86_400, help="Seconds from DELETE to `terminated`.")] = 1.0,
+    max_nodes: Annotated[int, typer.Option(min=1, max=1_000_000,
+                                           help="Creates beyond this answer 429.")]
     = 1000,
     create_error_rate: Annotated[float, typer.Option(callback=_rate,
                                                      help="Share of creates answering 500.")]
@@ -266,13 +278,14 @@ def command(
     delete_error_rate: Annotated[float, typer.Option(callback=_rate,
                                                      help="Share of deletes answering 500.")]
     = 0.0,
-    latency: Annotated[float, typer.Option(min=0, help="Added latency per call, up to N s.")]
+    latency: Annotated[float, typer.Option(min=0, max=600,
+                                           help="Added latency per call, up to N s.")]
     = 0.0,
     stuck_rate: Annotated[float, typer.Option(callback=_rate,
                                               help="Share of boots that never become ready.")]
     = 0.0,
     death_rate: Annotated[float, typer.Option(
-        min=0, help="Ready/allocated nodes die at this rate per node-hour.")] = 0.0,
+        min=0, max=3600, help="Ready/allocated nodes die at this rate per node-hour.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed for delays and faults.")] = None,
 ) -> None:
     """Serve the mock Node Management API and publish node:status."""

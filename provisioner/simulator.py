@@ -182,7 +182,7 @@ def command(
     trace: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, help="Replay this provisioner-trace/1 file instead.")]
     = None,
-    speed: Annotated[float, typer.Option(min=0.01, help="Replay speed-up.")] = 1.0,
+    speed: Annotated[float, typer.Option(min=0.01, max=10_000, help="Replay speed-up.")] = 1.0,
 ) -> None:
     """Publish user traffic on user:activity, user:connect and user:disconnect."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

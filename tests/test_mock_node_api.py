@@ -24,8 +24,9 @@ async def start_api(aredis: aioredis.Redis) -> AsyncIterator[Start]:
     runners: list[tuple[web.AppRunner, MockNodeApi]] = []
     clients: list[httpx.AsyncClient] = []
 
-    async def start(boot_delay: str = "0.2", **kwargs: Any) -> httpx.AsyncClient:
-        api = MockNodeApi(aredis, BootDelay.parse(boot_delay), seed=1, **kwargs)
+    async def start(boot_delay: str = "0.2", redis: aioredis.Redis | None = None,
+                    **kwargs: Any) -> httpx.AsyncClient:
+        api = MockNodeApi(redis or aredis, BootDelay.parse(boot_delay), seed=1, **kwargs)
         runner = web.AppRunner(api.app())
         await runner.setup()
         port = free_port()
@@ -57,6 +58,35 @@ async def test_create_publishes_booting_before_answering_then_ready(
     assert (await api.get(f"/api/nodes/{node_id}")).json()["state"] == "ready"
     listed = (await api.get("/api/nodes")).json()["nodes"]
     assert [(n["id"], n["state"]) for n in listed] == [(node_id, "ready")]
+
+
+async def test_a_create_it_cannot_publish_is_refused_and_not_kept(start_api: Start) -> None:
+    """The node was stored before its `booting` was published: when Redis could not be
+    reached the POST failed with 500, and the node was listed forever, booting."""
+    unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        api = await start_api(redis=unreachable)
+        response = await api.post("/api/nodes")
+        assert response.status_code == 503
+        assert response.json() == {"error": "cannot publish node:status"}
+        assert (await api.get("/api/nodes")).json()["nodes"] == []
+        assert (await api.get("/healthz")).json()["nodes"] == 0
+    finally:
+        await unreachable.aclose()
+
+
+@pytest.mark.parametrize("option", [["--port", "99999"], ["--port", "0"],
+                                    ["--latency", "inf"], ["--latency", "nan"],
+                                    ["--terminate-delay", "inf"], ["--death-rate", "inf"],
+                                    ["--max-nodes", "10000000"]])
+def test_an_unbounded_mock_knob_is_refused_before_serving(option: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from provisioner.cli import app
+
+    result = CliRunner().invoke(app, ["mock-node-api", "--redis-url", "redis://127.0.0.1:1/0",
+                                      *option])
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
 
 
 async def test_delete_is_idempotent_and_unknown_ids_are_404(

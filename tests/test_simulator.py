@@ -108,7 +108,8 @@ def test_lognormal_users_rarely_connect_after_one_or_two_requests() -> None:
 
 
 @pytest.mark.parametrize("option", [["--arrival-rate", "inf"], ["--requests", "inf"],
-                                    ["--requests", "1e12"], ["--browse-gap", "inf"]])
+                                    ["--requests", "1e12"], ["--browse-gap", "inf"],
+                                    ["--speed", "inf"]])
 def test_an_unbounded_knob_is_refused_before_any_traffic(option: list[str]) -> None:
     """An infinite arrival rate never moved the traffic's clock: the simulator looped until
     the kernel killed it for memory."""

@@ -87,6 +87,12 @@ def test_trace_loads_gzip_and_plain(tmp_path: Path) -> None:
     (["HEADER", '{"t": 5, "ch": "user:connect", "msg": {"user_id": "u"}}',
       '{"t": 4, "ch": "user:connect", "msg": {"user_id": "v"}}'], "t.jsonl:3: event at t=4.0"),
     (["HEADER", "{not json"], "t.jsonl:2:"),
+    (["HEADER", '{"t": 1%s, "ch": "user:connect", "msg": {"user_id": "u"}}' % ("0" * 400)],
+     "t.jsonl:2: t must be a finite number in .* got 1000000000000000000000000000000000..."),
+    (["HEADER", '{"t": 1, "ch": "user:activity", "msg": {"user_id": "u", "timestamp": 9%s}}'
+      % ("9" * 400)], "t.jsonl:2: activity timestamp must be an integer in [0, 100000000000]"),
+    (["HEADER", '{"t": 1, "ch": "user:activity", "msg": {"user_id": "u", "timestamp": -5}}'],
+     "t.jsonl:2: activity timestamp must be"),
     ([], "empty file"),
 ])
 def test_bad_traces_name_file_and_line(tmp_path: Path, lines: list[str], message: str) -> None:

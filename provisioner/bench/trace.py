@@ -110,12 +110,31 @@ class Trace:
                        scored_from_s=self.scored_from_s + copies * span)
 
 
+#: the longest time a trace may give in seconds (a span, a delay, an event's t): 31 years
+MAX_SECONDS = 1e9
+#: the latest Unix time a trace's epoch or an activity's timestamp may give (year 5138)
+MAX_UNIX_S = 10**11
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def _number(value: object, what: str, *, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{what} must be a finite number >= {minimum}, got {value!r}")
+        raise ValueError(f"{what} must be a number, got {_shown(value)}")
+    # compared before any float(): an integer of 400 digits does not fit one
+    if not minimum <= value <= MAX_SECONDS or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number in [{minimum}, {MAX_SECONDS:.0e}], "
+                         f"got {_shown(value)}")
     return float(value)
+
+
+def _unix_seconds(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UNIX_S:
+        raise ValueError(f"{what} must be an integer in [0, {MAX_UNIX_S}], got {_shown(value)}")
+    return value
 
 
 def _header(obj: object) -> Trace:
@@ -132,9 +151,7 @@ def _header(obj: object) -> Trace:
     max_nodes = nodes.get("max_nodes")
     if isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 0:
         raise ValueError(f"nodes.max_nodes must be a non-negative integer, got {max_nodes!r}")
-    epoch = obj.get("epoch")
-    if isinstance(epoch, bool) or not isinstance(epoch, int):
-        raise ValueError(f"epoch must be an integer, got {epoch!r}")
+    epoch = _unix_seconds(obj.get("epoch"), "epoch")
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError("name must be a non-empty string")
@@ -164,9 +181,7 @@ def _event(obj: object) -> TraceEvent:
     if not isinstance(msg, dict) or not isinstance(msg.get("user_id"), str):
         raise ValueError("msg must be an object with a string user_id")
     if channel == "user:activity":
-        stamp = msg.get("timestamp")
-        if isinstance(stamp, bool) or not isinstance(stamp, int):
-            raise ValueError(f"activity timestamp must be an integer, got {stamp!r}")
+        _unix_seconds(msg.get("timestamp"), "activity timestamp")
     return TraceEvent(t, channel, msg)
 
 

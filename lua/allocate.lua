@@ -101,9 +101,7 @@ if last[1] and tonumber(last[3]) then
   before = string.format('; the last decision was %.1fs before%s', (now - tonumber(last[3])) / 1000,
                          stock)
 end
-rcall('XADD', K.decisions, 'MAXLEN', '~', log_len, '*', 'now', now, 'replica', replica,
-      'kind', 'miss', 'reason', string.format('user %s waits at position %d: no ready node%s',
-                                              user, position, before),
-      'numbers', last[2] or '{}', 'acted', 0, 'decided_ms', last[3] or '',
-      'decision', last[1] or '')
+log_entry(log_len, now, replica, 'miss',
+          string.format('user %s waits at position %d: no ready node%s', user, position, before),
+          last[2] or '{}', 0, 'decided_ms', last[3] or '', 'decision', last[1] or '')
 return {2, '', position}

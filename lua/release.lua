@@ -38,9 +38,8 @@ local log_len = tonumber(ARGV[4]) or 1000
 local function log_release(what)
   if by == '' then return end
   stat('operator_releases')
-  rcall('XADD', K.decisions, 'MAXLEN', '~', log_len, '*', 'now', now, 'replica', by,
-        'kind', 'release', 'reason', string.format('user %s released by %s: %s', user, by, what),
-        'numbers', '{}', 'acted', 1)
+  log_entry(log_len, now, by, 'release',
+            string.format('user %s released by %s: %s', user, by, what), '{}', 1)
 end
 
 local node = rcall('HGET', K.alloc, user)

@@ -57,6 +57,13 @@ local function stat(field, by)
   add_to(K.stats, field, by or 1, false)
 end
 
+-- An entry of the decisions stream (what `provisioner status` lists: scaling actions, misses,
+-- operators' releases), the stream kept to about `log_len` entries; `...` are further fields.
+local function log_entry(log_len, now, replica, kind, reason, numbers, acted, ...)
+  rcall('XADD', K.decisions, 'MAXLEN', '~', log_len, '*', 'now', now, 'replica', replica,
+        'kind', kind, 'reason', reason, 'numbers', numbers, 'acted', acted, ...)
+end
+
 -- A learned value of the model hash as the scripts write it: a non-negative finite number. Anything
 -- else (missing, text, nan, inf, negative: only a hand repair gone wrong writes those) is nil,
 -- read as nothing learned yet.

@@ -575,6 +575,5 @@ local function summary(s, target)
 end
 
 local function log_decision(p, kind, reason, numbers, acted)
-  rcall('XADD', K.decisions, 'MAXLEN', '~', p.log_len, '*', 'now', p.now, 'replica',
-        p.replica, 'kind', kind, 'reason', reason, 'numbers', numbers, 'acted', acted)
+  log_entry(p.log_len, p.now, p.replica, kind, reason, numbers, acted)
 end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -560,6 +561,22 @@ app.add_typer(model_app, name="model")
 app.command("mock-node-api")(mock_node_api.command)
 app.command("simulate")(simulator.command)
 app.add_typer(bench_cli.app, name="bench")
+
+
+def _one_line_summaries(typer_app: typer.Typer) -> None:
+    """Each command's line in its group's list: its docstring's first paragraph on one line.
+    (Rich help keeps the docstring's line breaks there, which the list's column then wraps
+    again, mid-sentence.)"""
+    for command in typer_app.registered_commands:
+        doc = inspect.getdoc(command.callback) if command.callback else None
+        if command.short_help is None and doc:
+            command.short_help = " ".join(doc.split("\n\n")[0].split())
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _one_line_summaries(group.typer_instance)
+
+
+_one_line_summaries(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

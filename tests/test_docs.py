@@ -121,3 +121,17 @@ def test_the_readme_oracle_columns_are_the_replays_in_docs_bench() -> None:
         assert [row[1].strip("*"), row[3].strip("*")] == [str(m) for m in met], row[0]
         checked += 1
     assert checked == 6  # five groups of seeds and all of them
+
+
+def test_every_command_is_listed_on_one_line_of_its_own() -> None:
+    """Rich help listed a command whose docstring's first paragraph spans lines with the
+    docstring's breaks, wrapped again by the list's column, mid-sentence."""
+    from typer.testing import CliRunner
+
+    from provisioner.cli import app
+
+    for group in ([], ["bench"], ["model"]):
+        listing = CliRunner().invoke(app, [*group, "--help"], env={"COLUMNS": "1000"}).output
+        rows = [line for line in listing.splitlines() if line.startswith("│ ")]
+        commands = [row for row in rows if row[2] != " "]
+        assert len(commands) >= 3 and commands == rows, (group, listing)

@@ -89,6 +89,12 @@ class Metrics:
             "a probe on the replica's own channel to the listener reaching it, behind every "
             "message published before it (the latest probe's, or the age of one still out if "
             "that is more)", registry=r)
+        self.values_repaired = Gauge(
+            "provisioner_values_repaired",
+            "Values of the pool's state that were not a number where the scripts add to one "
+            "(only a hand edit or another writer leaves one), each started again by the script "
+            "that found it, over the pool's life (from Redis: stats values_repaired)",
+            registry=r)
         self.errors = Counter("provisioner_errors",
                               "Unexpected errors while handling work, by where",
                               ["where"], registry=r)

@@ -63,6 +63,7 @@ class PoolView:
             "abandoned": self.snapshot.stat("abandoned"),
             "requeued": self.snapshot.stat("requeued"),
             "operator_releases": self.snapshot.stat("operator_releases"),
+            "values_repaired": self.snapshot.stat("values_repaired"),
             "longest_session_s": round(self.snapshot.longest_session_s(self.now_ms), 1),
             "last_decision": stats.get("last_decision", ""),
             "last_numbers": _json_object(stats.get("last_numbers", "")),
@@ -139,6 +140,10 @@ def render_view(view: PoolView) -> Group:
         f"requeued {data['requeued']}" + (
             f"  released by an operator {data['operator_releases']}"
             if data["operator_releases"] else ""))
+    if data["values_repaired"]:
+        outcomes.append(f"\nvalues repaired {data['values_repaired']} (not numbers where one "
+                        "belongs: edited by hand, or another writer uses the pool's keys)",
+                        style="red")
     decisions = Table(title="recent scaling actions and misses", expand=True, show_edge=False)
     for column in ("age", "replica", "kind", "reason"):
         decisions.add_column(column, overflow="fold")

@@ -187,6 +187,29 @@ async def test_the_scaling_totals_are_exported_for_prometheus(
     assert gauge("to_refill") >= 1
 
 
+async def test_values_repaired_are_exported_and_shown(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A value broken by hand is started again by the script that adds to it (`add_to`); the
+    operator sees how many, on /metrics (and its alert) and in `provisioner status`."""
+    from rich.console import Console
+
+    from provisioner.view import read_view, render_view
+
+    replica = make_replica(aredis, api, clock, "r1")
+    await replica.refresh_gauges(clock.now_ms())
+    assert counter(replica, "provisioner_values_repaired") == 0
+    await aredis.hset(PoolKeys(POOL).key("stats"), mapping={"connects": "abc", "misses": "x"})
+    await send([replica], "user:connect", {"user_id": "u1"})  # a miss: both repaired
+    await replica.refresh_gauges(clock.now_ms())
+    assert counter(replica, "provisioner_values_repaired") == 2
+    shown = await read_view(aredis, POOL, clock.now_ms(), 120_000)
+    assert shown.as_dict()["values_repaired"] == 2
+    console = Console(width=200, record=True)
+    console.print(render_view(shown))
+    assert "values repaired 2" in console.export_text()
+
+
 async def test_the_longest_session_is_exported_for_prometheus(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

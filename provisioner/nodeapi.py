@@ -17,6 +17,7 @@ any other answer is a failure. What may be retried and what may not:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -67,6 +68,34 @@ class NodeApi(Protocol):
 
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+#: the most of an answer's body read: an id or an error (create, delete), the node list (list);
+#: the rest is not read, and a create or a list whose body is cut short has no usable answer
+MAX_BODY = {"create": 64 * 1024, "delete": 64 * 1024, "list": 32 * 1024 * 1024}
+
+
+class Deadline(httpx.TransportError):
+    """The whole request, its body included, outlasted the client's timeout: httpx's own
+    timeouts bound each read, and a server sending a byte a second never trips them."""
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status_code: int
+    body: bytes
+    complete: bool  # False: cut at MAX_BODY
+
+    @property
+    def text(self) -> str:
+        return self.body[:100].decode("utf-8", "replace")
+
+    def json(self) -> object:
+        """The body as JSON; ValueError if it is not (cut short, not UTF-8, nested too deep)."""
+        if not self.complete:
+            raise ValueError(f"body longer than {len(self.body)} bytes")
+        try:
+            return json.loads(self.body)
+        except RecursionError:
+            raise ValueError("JSON nested too deep") from None
 
 
 class HttpNodeApi:
@@ -80,9 +109,26 @@ class HttpNodeApi:
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 3.0)),
             transport=transport,
         )
+        self.timeout_s = timeout_s
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.metrics = metrics
+
+    async def _send(self, op: str, method: str, path: str) -> _Answer:
+        """One request, read to at most MAX_BODY[op] within timeout_s in all."""
+        async def go() -> _Answer:
+            async with self._client.stream(method, path) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_BODY[op]:
+                        return _Answer(response.status_code, bytes(body[:MAX_BODY[op]]), False)
+                return _Answer(response.status_code, bytes(body), True)
+
+        try:
+            return await asyncio.wait_for(go(), self.timeout_s)
+        except TimeoutError:
+            raise Deadline(f"no whole answer within {self.timeout_s:g}s") from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -100,7 +146,7 @@ class HttpNodeApi:
         for attempt in range(self.attempts):
             started = time.perf_counter()
             try:
-                response = await self._client.post("/api/nodes")
+                response = await self._send("create", "POST", "/api/nodes")
             except httpx.ConnectError as exc:
                 self._count("create", "connect_error", started)
                 log.warning("create: cannot connect (attempt %d/%d): %s", attempt + 1,
@@ -130,7 +176,7 @@ class HttpNodeApi:
         for attempt in range(self.attempts):
             started = time.perf_counter()
             try:
-                response = await self._client.delete(f"/api/nodes/{node_id}")
+                response = await self._send("delete", "DELETE", f"/api/nodes/{node_id}")
             except httpx.TransportError as exc:
                 self._count("delete", "transport_error", started)
                 log.warning("delete %s: %s (attempt %d/%d)", node_id, type(exc).__name__,
@@ -154,24 +200,26 @@ class HttpNodeApi:
     async def list_nodes(self) -> list[ListedNode] | None:
         started = time.perf_counter()
         try:
-            response = await self._client.get("/api/nodes")
-        except httpx.TransportError:
+            response = await self._send("list", "GET", "/api/nodes")
+        except httpx.TransportError as exc:
             self._count("list", "transport_error", started)
+            log.warning("list: %s: %s", type(exc).__name__, exc)
             return None
         if response.status_code != 200:
             self._count("list", f"http_{response.status_code}", started)
             return None
         try:
-            items = response.json()["nodes"]
+            items = response.json()["nodes"]  # type: ignore[index]
             nodes = [ListedNode(str(item["id"]), str(item["state"])) for item in items]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as exc:
             self._count("list", "bad_body", started)
+            log.warning("list: the answer is not a node list: %s", exc)
             return None
         self._count("list", "ok", started)
         return nodes
 
 
-def _node_id(response: httpx.Response) -> str:
+def _node_id(response: _Answer) -> str:
     try:
         body = response.json()
     except ValueError:

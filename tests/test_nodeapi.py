@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
 import httpx
 
 from provisioner.metrics import Metrics
-from provisioner.nodeapi import CreateOutcome, DeleteOutcome, HttpNodeApi
+from provisioner.nodeapi import MAX_BODY, CreateOutcome, DeleteOutcome, HttpNodeApi
 
 
 def client(handler: object, attempts: int = 3) -> HttpNodeApi:
@@ -88,3 +92,45 @@ async def test_list_nodes_tolerates_an_api_without_it() -> None:
     body = {"nodes": [{"id": "n1", "state": "ready"}]}
     listed = await client(lambda r: httpx.Response(200, json=body)).list_nodes()
     assert listed is not None and [(n.node_id, n.state) for n in listed] == [("n1", "ready")]
+
+
+def slow_body(status: int, chunks: int = 100, every_s: float = 0.1) -> object:
+    """A server that answers at once, then sends its body a byte at a time: each read is quick,
+    so httpx's own timeouts never trip."""
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(chunks):
+            await asyncio.sleep(every_s)
+            yield b" "
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=body())
+    return handler
+
+
+async def test_a_server_dribbling_its_answer_is_given_up_on_within_the_timeout() -> None:
+    """A server sending 1 byte a second held `create` and `list_nodes` (and with them a
+    replica's reconciliation) past any timeout."""
+    def api(handler: object) -> HttpNodeApi:
+        return HttpNodeApi("http://api", timeout_s=0.5, attempts=2, backoff_s=0.001,
+                           metrics=Metrics(), transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+
+    started = time.monotonic()
+    assert (await api(slow_body(202)).create()).outcome is CreateOutcome.UNCERTAIN
+    assert await api(slow_body(200)).list_nodes() is None
+    assert await api(slow_body(202)).delete("n1") is DeleteOutcome.FAILED  # two attempts
+    assert time.monotonic() - started < 5  # each call bounded: 0.5 + 0.5 + 2 x 0.5 s
+
+
+async def test_an_answer_too_long_or_nested_too_deep_is_no_answer() -> None:
+    huge = b'{"id": "n1", "pad": "' + b"x" * (MAX_BODY["create"] + 1) + b'"}'
+    deep = b"[" * 100_000
+    for body in (huge, deep):
+        result = await client(lambda r, b=body: httpx.Response(202, content=b)).create()
+        assert result.outcome is CreateOutcome.UNCERTAIN, body[:20]
+    for body in (b'{"nodes": ' + deep, b'{"nodes": [' + b'{"id": "n", "state": "ready"},' * 10
+                 + b"[" * 100_000):
+        assert await client(lambda r, b=body: httpx.Response(200, content=b)).list_nodes() \
+            is None
+    listed = await client(lambda r: httpx.Response(200, json={"nodes": [
+        {"id": f"n{i}", "state": "ready"} for i in range(50_000)]})).list_nodes()
+    assert listed is not None and len(listed) == 50_000

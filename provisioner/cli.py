@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from provisioner import mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
@@ -48,7 +49,7 @@ DEFAULTS = PoolConfig()
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(2)
 
 
@@ -231,7 +232,7 @@ async def _published_config(client: aioredis.Redis, keys: PoolKeys) -> PoolConfi
         _warned.add(tuple(problems))
         errors.print(f"[yellow]warning:[/yellow] the pool's published settings "
                      f"({keys.config}) have values that cannot be used, defaults are used "
-                     f"for them: {'; '.join(problems)}")
+                     f"for them: {escape('; '.join(problems))}")
     return config or DEFAULTS
 
 
@@ -293,9 +294,11 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
         idle = ""
         if row.get("state") == "ready":
             idle = _ago(now, view.time_ms(row.get("idle_since_ms")))
-        table.add_row(row.get("id", "?"), row.get("state", "?"), row.get("user", ""),
-                      _ago(now, view.time_ms(row.get("created_ms"))), idle, row.get("origin", ""),
-                      "no" if row.get("boot_sample") == "0" else "yes")
+        # Text, not markup: a record edited by hand may hold anything, "[/b]" among it
+        table.add_row(*map(Text, (
+            row.get("id", "?"), row.get("state", "?"), row.get("user", ""),
+            _ago(now, view.time_ms(row.get("created_ms"))), idle, row.get("origin", ""),
+            "no" if row.get("boot_sample") == "0" else "yes")))
     console.print(table)
 
 
@@ -340,13 +343,13 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     table.add_column("user")
     table.add_column("waiting for")
     for user, since in waiting:
-        table.add_row(user, f"{(now - since) / 1000:.0f}s")
+        table.add_row(Text(user), f"{(now - since) / 1000:.0f}s")
     console.print(table)
     table = Table(title=f"connected users of pool {pool} ({len(sessions)}), longest first")
     for column in ("user", "node", "session", "last active"):
         table.add_column(column)
     for session in sessions:
-        table.add_row(session.user, session.node, _ago(now, session.allocated_ms),
+        table.add_row(Text(session.user), Text(session.node), _ago(now, session.allocated_ms),
                       _last_active(now, session.last_activity_ms))
     console.print(table)
 
@@ -418,7 +421,7 @@ def check(redis_url: RedisUrl, pool: Pool = "default") -> None:
     problems = _with_redis(redis_url, lambda c: view.check_invariants(c, pool))
     if problems:
         for problem in problems:
-            console.print(f"[red]x[/red] {problem}")
+            console.print(f"[red]x[/red] {escape(problem)}")
         raise typer.Exit(1)
     console.print("[green]ok[/green]: every invariant holds")
 

@@ -150,8 +150,9 @@ def render_view(view: PoolView) -> Group:
     for entry in view.decisions:
         at_ms = time_ms(entry.get("now"))
         age = "-" if at_ms is None else f"{(view.now_ms - at_ms) / 1000:.0f}s"
-        decisions.add_row(age, entry.get("replica", ""), entry.get("kind", ""),
-                          entry.get("reason", ""))
+        # Text, not markup: a replica id or an operator's name may hold "[/b]"
+        decisions.add_row(age, *(Text(entry.get(field, ""))
+                                 for field in ("replica", "kind", "reason")))
     last = Text(f"last decision ({data['last_replica'] or '-'}): "
                 f"{data['last_decision'] or 'none yet'}")
     running = [r for r in view.replicas if not r.silent]

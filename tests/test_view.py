@@ -302,3 +302,31 @@ def test_a_row_limit_out_of_range_is_refused(command: str, limit: str) -> None:
     result = CliRunner().invoke(app, [command, "--redis-url", "redis://127.0.0.1:1",
                                       "--limit", limit])
     assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+
+
+def test_markup_in_what_others_wrote_is_shown_as_written(redis_url: str) -> None:
+    """An operator's --by or a replica id of "[/bold]" stopped `status` for everyone with a
+    MarkupError until eight newer decisions pushed it out; a node record or an error message
+    holding markup did the same to `nodes`, `check` and the errors."""
+    keys = PoolKeys("markup")
+
+    async def write() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        await scripts.apply_node_status(T0, "n1", "booting")
+        await scripts.apply_node_status(T0, "n1", "ready")
+        await scripts.allocate(T0, "u1")
+        await scripts.release(T0, "u1", "[/bold] [red", 1000)
+        await client.hset(keys.node("n1"), mapping={"origin": "[/i]", "state": "[/x]"})
+        await client.aclose()
+
+    asyncio.run(write())
+    common = ["--redis-url", redis_url, "--pool", "markup"]
+    for command in ("status", "nodes", "check"):
+        shown = CliRunner().invoke(app, [command, *common], env={"COLUMNS": "300"})
+        assert shown.exit_code in (0, 1) and "Traceback" not in shown.output, shown.output
+        assert shown.exception is None or isinstance(shown.exception, SystemExit), shown.output
+    assert "[/bold] [red" in CliRunner().invoke(app, ["status", *common],
+                                                env={"COLUMNS": "300"}).output
+    bad = CliRunner().invoke(app, ["status", "--redis-url", "redis://[/x]"])
+    assert bad.exit_code == 2 and "bad Redis URL" in bad.output, bad.output

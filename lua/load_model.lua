@@ -50,7 +50,12 @@ for i = 3, #ARGV - 1, 2 do
   end
 end
 if #problems > 0 then
-  return {0, 'refused: the model is not valid', unpack(problems)}
+  -- the first 50, then how many more: a reply unpacks onto Lua's stack, which a file of 200,000
+  -- unknown fields overflowed ("too many results to unpack")
+  local shown = {0, 'refused: the model is not valid'}
+  for i = 1, math.min(#problems, 50) do shown[#shown + 1] = problems[i] end
+  if #problems > 50 then shown[#shown + 1] = (#problems - 50) .. ' more problems' end
+  return shown
 end
 if #writes == 0 then
   return {0, 'refused: the model has no field'}

@@ -1,3 +1,3 @@
-from provisioner.cli import app
+from provisioner.cli import main
 
-app()
+main()

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import redis.asyncio as aioredis
 import typer
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
@@ -24,6 +24,7 @@ from provisioner import mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
 from provisioner.clock import WallClock
 from provisioner.config import ConfigError, PoolConfig, ServiceConfig, default_replica_id
+from provisioner.events import ID_PATTERN
 from provisioner.keys import PoolKeys
 from provisioner.logs import setup_logging
 
@@ -212,6 +213,8 @@ def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(go())
+    except ResponseError as exc:  # reached, and refused: a script's error, a wrong key type
+        raise _fail(f"Redis at {url} refused: {exc}") from None
     except (OSError, RedisError) as exc:
         raise _fail(f"cannot reach Redis at {url}: {exc}") from None
 
@@ -371,6 +374,14 @@ def release(
     nothing. A user still connected loses their node: check `provisioner users` first."""
     by = by.strip() or _login_name()
     keys = _pool_keys(pool)
+    # No id the service would accept from a connect could hold a node: refused before reading
+    bad = [user for user in user_ids if not ID_PATTERN.match(user)]
+    if bad:
+        raise _fail(f"not a user id (1-128 of A-Z a-z 0-9 . _ : @ -): "
+                    f"{', '.join(repr(u[:40]) for u in bad[:5])}"
+                    + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    if len(by) > 64 or not by.isprintable():
+        raise _fail("--by must be at most 64 printable characters")
 
     async def held(client: aioredis.Redis) -> dict[str, str]:
         waiting, sessions = await view.user_rows(client, pool, limit=10**9)
@@ -461,9 +472,10 @@ def dev(
     redis_url: Annotated[str, typer.Option(
         "--redis-url", envvar="PROVISIONER_REDIS_URL",
         help="Use this Redis; by default a private server is started")] = "",
-    replicas: Annotated[int, typer.Option(help="Service replicas to start")] = 2,
+    replicas: Annotated[int, typer.Option(min=1, max=16, help="Service replicas to start")] = 2,
     boot_delay: Annotated[str, typer.Option(help="Mock boot delay spec")] = "lognormal:20:45",
-    arrival_rate: Annotated[float, typer.Option(help="Simulated users per minute")] = 20.0,
+    arrival_rate: Annotated[float, typer.Option(
+        min=0.01, max=100_000, help="Simulated users per minute")] = 20.0,
 ) -> None:
     """The whole local stack: server, mock Node API, simulator, replicas, live status view."""
     from provisioner.devstack import run_stack
@@ -582,5 +594,15 @@ def _one_line_summaries(typer_app: typer.Typer) -> None:
 _one_line_summaries(app)
 
 
+def main() -> None:
+    """The `provisioner` command. What the environment refuses (a file or folder, a port, a
+    server that cannot be reached) is one error line and exit 2, not a traceback."""
+    try:
+        app()
+    except (OSError, RedisError) as exc:
+        errors.print(f"[red]error:[/red] {escape(f'{type(exc).__name__}: {exc}')}")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

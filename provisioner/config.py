@@ -155,6 +155,21 @@ def default_replica_id() -> str:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def redis_url_option(value: str | None) -> str | None:
+    """A typer callback: a --redis-url the Redis client cannot parse is a bad option, not a
+    traceback when the command first connects."""
+    from redis.connection import parse_url
+
+    if value:
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            import typer
+
+            raise typer.BadParameter(f"{value!r}: {exc}") from None
+    return value
+
+
 def _address_problems(what: str, url: str, need_host: bool) -> list[str]:
     """What stops `url` naming a host and port: the clients would fail on every call, or stop
     the replica with a traceback, otherwise. (Redis's clients take no host as localhost.)"""

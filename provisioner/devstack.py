@@ -17,8 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
@@ -138,11 +140,15 @@ async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],
             while not stop["now"]:
                 if duration is not None and time.monotonic() - started > duration:
                     return
-                pool_view = await view.read_view(client, "default", WallClock().now_ms(),
-                                                 window)
                 processes = Text("  ".join(
                     f"{c.name}:{'up' if c.alive() else 'EXITED'}" for c in children))
-                live.update(Group(view.render_view(pool_view), processes), refresh=True)
+                try:
+                    pool_view = await view.read_view(client, "default", WallClock().now_ms(),
+                                                     window)
+                    shown: Any = view.render_view(pool_view)
+                except (OSError, RedisError) as exc:  # the server stopped, or restarts
+                    shown = Text(f"Redis unreachable: {exc}", style="red")
+                live.update(Group(shown, processes), refresh=True)
                 await asyncio.sleep(1.0)
     finally:
         await client.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -39,6 +40,40 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server.filters):
+        server.addFilter(MalformedRequests())
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp logs every malformed request to /metrics and the health endpoints (a 100 KB
+    header, a bad chunk size) at ERROR with a traceback, though it answers 400 as it should:
+    any peer could flood the log. Those become one warning line every `every` seconds with the
+    count held back; any other error of the server logs as before."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last = -math.inf
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._held += 1
+            return False
+        self._last = now
+        record.msg = "malformed HTTP request answered %s: %s (%d more since the last line)"
+        record.args = (error.code, type(error).__name__, self._held)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._held = 0
+        return True
 
 
 class RateLimitedLog:

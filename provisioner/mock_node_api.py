@@ -31,6 +31,8 @@ import typer
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from provisioner.config import redis_url_option
+
 log = logging.getLogger("provisioner.mock_node_api")
 
 #: Terminated nodes stay listed this long, so a late DELETE still finds them (202, not 404).
@@ -262,6 +264,7 @@ def command(
                                       envvar="MOCK_NODE_API_PORT")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     redis_url: Annotated[str, typer.Option(envvar="PROVISIONER_REDIS_URL",
+                                           callback=redis_url_option,
                                            help="Where node:status is published.")]
     = "redis://127.0.0.1:6379/0",
     boot_delay: Annotated[str, typer.Option(

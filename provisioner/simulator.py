@@ -30,6 +30,8 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 import typer
 
+from provisioner.config import redis_url_option
+
 log = logging.getLogger("provisioner.simulator")
 
 
@@ -162,7 +164,8 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
 
 
 def command(
-    redis_url: Annotated[str, typer.Option(envvar="PROVISIONER_REDIS_URL")]
+    redis_url: Annotated[str, typer.Option(envvar="PROVISIONER_REDIS_URL",
+                                           callback=redis_url_option)]
     = "redis://127.0.0.1:6379/0",
     # Every range is closed: an infinite rate or count would never let the traffic's clock move.
     arrival_rate: Annotated[float, typer.Option(min=0.01, max=100_000,

@@ -112,10 +112,11 @@ def _row(raw: object, where: str) -> dict[str, Any]:
     row = dict(raw)
     for key in _NUMBERS:
         value = raw.get(key)
+        # the range first: an integer of 500 digits does not fit the float isfinite takes
         if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not math.isfinite(value) or value < 0:
+                or not 0 <= value <= 1e15 or not math.isfinite(value):
             raise BarError(f"{where} ({raw['trace']} / {raw['policy']}): '{key}' must be a "
-                           f"finite number >= 0, not {value!r}")
+                           f"finite number in [0, 1e15], not {str(value)[:40]}")
     if raw["misses"] > raw["connects"]:
         raise BarError(f"{where} ({raw['trace']} / {raw['policy']}): more misses than connects")
     return row
@@ -296,6 +297,8 @@ def load_results(path: Path) -> list[Any]:
         raise BarError(f"{file}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BarError(f"{file}: not JSON ({exc})") from None
+    except RecursionError:
+        raise BarError(f"{file}: JSON nested too deep") from None
     if not isinstance(data, list):
         raise BarError(f"{file}: expected a list of rows, as `bench suite` writes")
     return data

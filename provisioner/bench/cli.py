@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +37,7 @@ from provisioner.bench.suite import (
 )
 from provisioner.bench.trace import Trace, TraceError, load_trace
 from provisioner.bench.world import PolicyViolation, run_replay_world
-from provisioner.config import PoolConfig
+from provisioner.config import PoolConfig, redis_url_option
 from provisioner.model import ModelFileError, model_document, read_document
 from provisioner.redis_server import private_server
 
@@ -46,8 +47,9 @@ console = Console()
 SERVICE = service_policy.NAME
 
 RedisUrl = Annotated[str | None, typer.Option(
-    "--redis-url", help="Server for the service's scripts (default: a private one, started and "
-    "stopped by the command). Replays publish user:allocated on it: never a production server.")]
+    "--redis-url", callback=redis_url_option, help="Server for the service's scripts (default: "
+    "a private one, started and stopped by the command). Replays publish user:allocated on "
+    "it: never a production server.")]
 
 
 @contextlib.contextmanager
@@ -63,7 +65,7 @@ BootOffset = Annotated[int, typer.Option(
     min=0, help="Start each trace's boot-delay sequence at this index: the same users against "
     "another draw of boot delays (0: as recorded)")]
 WarmUp = Annotated[int, typer.Option(
-    min=0, help="Play each trace this many times, unscored, before the scored play: the "
+    min=0, max=100, help="Play each trace this many times, unscored, before the scored play: the "
     "policy meets the traffic warm, as a service that has been running does (0: from a cold "
     "start)")]
 
@@ -159,7 +161,7 @@ def replay(
         "this file (JSON lines: mean ready, booting, allocated and spare nodes, target and keep "
         "level, the share of ticks in a surge, the creates)")] = None,
     timeline_window: Annotated[float, typer.Option(
-        min=1.0, help="Seconds per --timeline window")] = 600.0,
+        min=1.0, max=86_400.0, help="Seconds per --timeline window")] = 600.0,
     append_to: Annotated[Path | None, typer.Option(
         "--append-to", dir_okay=False, help="Add this replay's row to a results.json (created "
         "if missing), as `bench suite` writes them, so single replays go through `bench "
@@ -180,10 +182,17 @@ def replay(
                                (save_model_path, "--save-model", "learns a model")):
         if path is not None and policy != SERVICE:
             raise typer.BadParameter(f"only `{SERVICE}` {what}", param_hint=option)
+    for path, option in ((misses_path, "--misses"), (timeline_path, "--timeline"),
+                         (append_to, "--append-to"), (save_model_path, "--save-model")):
+        if path is not None and not path.absolute().parent.is_dir():  # refused now, not after
+            raise typer.BadParameter(f"{path.parent} is not a folder", param_hint=option)
     model = None
     if model_path is not None:
         try:
-            model = read_document(model_path.read_text())
+            model = read_document(model_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise typer.BadParameter(f"{model_path} is not UTF-8 text: {exc}",
+                                     param_hint="--model") from None
         except ModelFileError as exc:
             raise typer.BadParameter(str(exc), param_hint="--model") from None
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
@@ -224,7 +233,9 @@ def replay(
             typer.echo(replayed.forecast_check.describe() + " (whole replay, warm-up included)",
                        err=True)
     if as_json:
-        typer.echo(json.dumps(scores.as_dict()))
+        # strict JSON: a score with no value (a cost ratio with no busy time) is null
+        typer.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                               for k, v in scores.as_dict().items()}))
     else:
         table = Table(title=f"{trace.name} under {policy}")
         table.add_column("score")
@@ -391,6 +402,7 @@ def check(
 @app.command("tick-cost")
 def tick_cost(
     users: Annotated[list[int] | None, typer.Option(
+        min=1, max=10_000_000,
         help="Browsing users to load (repeatable); default 10^4, 10^5, 10^6")] = None,
     ticks: Annotated[int, typer.Option(min=5, help="Ticks timed per size")] = 50,
     redis_url: RedisUrl = None,
@@ -448,8 +460,9 @@ def ingest(
 @app.command()
 def bound(
     trace_path: Annotated[Path, typer.Argument(metavar="TRACE", exists=True, dir_okay=False)],
-    window: Annotated[float, typer.Option(min=60.0, help="Seconds per window whose connect "
-                                          "and disconnect rates are taken as known")] = 600.0,
+    window: Annotated[float, typer.Option(
+        min=60.0, max=86_400.0,
+        help="Seconds per window whose connect and disconnect rates are taken as known")] = 600.0,
     sim_seconds: Annotated[int, typer.Option(
         min=1_000, help="Length of each stationary run per window and band")] = 50_000,
     miss_rate: Annotated[float, typer.Option(
@@ -516,8 +529,9 @@ def oracle_bar(
         help="Prices per miss to judge the oracle at, the same for every trace (repeatable; "
         "a miss is worth 1/theta idle node-hours); default: 0.25, 0.5 and 1")] = None,
     policy: Annotated[str, typer.Option(help="The policy to judge beside it")] = SERVICE,
-    window: Annotated[float, typer.Option(min=60.0, help="Seconds per window whose connect "
-                                          "and disconnect rates are taken as known")] = 600.0,
+    window: Annotated[float, typer.Option(
+        min=60.0, max=86_400.0,
+        help="Seconds per window whose connect and disconnect rates are taken as known")] = 600.0,
     sim_seconds: Annotated[int, typer.Option(
         min=1_000, help="Length of each stationary run per window and band")] = 50_000,
     jobs: Annotated[int, typer.Option(min=1, help="Processes")] = 2,
@@ -842,8 +856,8 @@ def features(
     traces: Annotated[list[Path], typer.Argument(metavar="TRACE...", exists=True,
                                                  dir_okay=False)],
     horizon: Annotated[float | None, typer.Option(
-        min=1.0, help="Seconds ahead a connect counts (default: the trace's mean boot lead "
-        "time, at most the window, as the service learns)")] = None,
+        min=1.0, max=86_400.0, help="Seconds ahead a connect counts (default: the trace's "
+        "mean boot lead time, at most the window, as the service learns)")] = None,
     step: Annotated[float, typer.Option(min=0.5, help="Seconds between samples")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per trace")]
     = False,

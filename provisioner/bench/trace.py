@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from provisioner.events import ID_PATTERN
+
 FORMAT = "provisioner-trace/1"
 CHANNELS = ("user:activity", "user:connect", "user:disconnect")
 
@@ -180,6 +182,9 @@ def _event(obj: object) -> TraceEvent:
     msg = obj.get("msg")
     if not isinstance(msg, dict) or not isinstance(msg.get("user_id"), str):
         raise ValueError("msg must be an object with a string user_id")
+    if not ID_PATTERN.match(msg["user_id"]):  # the service would drop its every event
+        raise ValueError(f"user_id {_shown(msg['user_id'])} is not an id the contract allows "
+                         "(1-128 of A-Z a-z 0-9 . _ : @ -)")
     if channel == "user:activity":
         _unix_seconds(msg.get("timestamp"), "activity timestamp")
     return TraceEvent(t, channel, msg)
@@ -200,6 +205,8 @@ def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
             event = _event(obj)
         except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
             raise TraceError(f"{source}:{number}: {exc}") from exc
+        except RecursionError:
+            raise TraceError(f"{source}:{number}: JSON nested too deep") from None
         if event.t < last_t:
             raise TraceError(f"{source}:{number}: event at t={event.t} is before t={last_t}")
         last_t = event.t

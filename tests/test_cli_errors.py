@@ -1,0 +1,158 @@
+"""Input that stopped a command with a traceback, hung it or let it run without meaning, found by
+a review: each is now a clear error (exit 2), a bounded option, or handled where it happens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from aiohttp.http_exceptions import LineTooLong
+from typer.testing import CliRunner
+
+from provisioner.bench.trace import TraceError, load_trace
+from provisioner.cli import app, main
+from provisioner.keys import PoolKeys
+from provisioner.logs import MalformedRequests
+from provisioner.model import FORMAT
+from tests.test_bench_world import write_trace
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "300"})
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "replay", "TRACE", "--warm-up", "100000000"],  # grew to 4 GB before a kill
+    ["bench", "replay", "TRACE", "--timeline-window", "inf"],
+    ["bench", "features", "TRACE", "--horizon", "inf"],
+    ["bench", "bound", "TRACE", "--window", "inf"],
+    ["bench", "tick-cost", "--users", "-5"],
+    ["bench", "replay", "TRACE", "--redis-url", "notaurl"],
+    ["mock-node-api", "--redis-url", "notaurl"],
+    ["simulate", "--redis-url", "redis://127.0.0.1:notaport"],
+    ["dev", "--replicas", "0"],
+    ["dev", "--arrival-rate", "nan"],
+])
+def test_an_option_without_meaning_is_refused(tmp_path: Path, args: list[str]) -> None:
+    trace = str(write_trace(tmp_path / "t.jsonl", [(1.0, "connect", "u1")]))
+    code, output = invoke(*(trace if a == "TRACE" else a for a in args))
+    assert code == 2 and "Invalid value" in output, output
+
+
+def test_replay_refuses_an_output_it_could_not_write_before_replaying(tmp_path: Path) -> None:
+    """The missing folder was found after the whole replay, and its result lost."""
+    trace = str(write_trace(tmp_path / "t.jsonl", [(1.0, "connect", "u1")]))
+    for option in ("--append-to", "--misses", "--timeline", "--save-model"):
+        code, output = invoke("bench", "replay", trace, option, str(tmp_path / "no" / "f.json"))
+        assert code == 2 and "is not a folder" in output, (option, output)
+    (tmp_path / "m.json").write_bytes(b"\xff\xfe{}")
+    code, output = invoke("bench", "replay", trace, "--model", str(tmp_path / "m.json"))
+    assert code == 2 and "is not UTF-8" in output, output
+
+
+def test_results_that_overflow_or_nest_too_deep_are_refused(tmp_path: Path) -> None:
+    row = {"trace": "t", "policy": "provisioner", "connects": int("9" * 500), "misses": 0,
+           "cost_ratio": 1.2, "node_hours": 1.0, "busy_hours": 1.0}
+    (tmp_path / "big.json").write_text(json.dumps([row]))
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    for name, message in (("big.json", "must be a finite number in [0, 1e15]"),
+                          ("deep.json", "JSON nested too deep")):
+        for args in (["bar", str(tmp_path / name)],
+                     ["compare", str(tmp_path / name), str(tmp_path / name)]):
+            code, output = invoke("bench", *args)
+            assert code == 2 and message in output, (args, output)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("[" * 100_000, "t.jsonl:2: JSON nested too deep"),
+    ('{"t": 1, "ch": "user:connect", "msg": {"user_id": "a b"}}', "t.jsonl:2: user_id 'a b'"),
+    ('{"t": 1, "ch": "user:connect", "msg": {"user_id": ""}}', "is not an id the contract"),
+])
+def test_a_trace_line_the_service_could_not_take_names_its_line(
+        tmp_path: Path, line: str, message: str) -> None:
+    """A nested line raised RecursionError; a user id the service drops failed the replay as
+    the policy's fault ("broke the rules")."""
+    path = write_trace(tmp_path / "t.jsonl", [])
+    path.write_text(path.read_text().splitlines()[0] + "\n" + line + "\n")
+    with pytest.raises(TraceError, match=message.replace("(", r"\(")):
+        load_trace(path)
+
+
+def test_what_the_environment_refuses_is_one_error_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    """A port in use, a server that cannot be reached: tracebacks before (the entry point
+    `provisioner` is `main`; CliRunner calls the app itself)."""
+    trace = str(write_trace(tmp_path / "t.jsonl", [(1.0, "connect", "u1")]))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for argv in (["mock-node-api", "--port", str(port), "--redis-url",
+                      "redis://127.0.0.1:1/0"],
+                     ["bench", "replay", trace, "--redis-url", f"redis://127.0.0.1:{port}"]):
+            monkeypatch.setattr(sys, "argv", ["provisioner", *argv])
+            with pytest.raises(SystemExit) as stopped:
+                main()
+            assert stopped.value.code == 2, argv
+            err = " ".join(capsys.readouterr().err.split())
+            assert err.startswith("error: ") and "Traceback" not in err, err
+
+
+def test_release_refuses_an_id_no_connect_could_have_given(redis_url: str) -> None:
+    """An id of 120,000 characters took over a minute to print; none could hold a node."""
+    started = time.monotonic()
+    code, output = invoke("release", "a" * 120_000, "ok-user", "--redis-url", redis_url,
+                          "--yes")
+    assert code == 2 and "not a user id" in output and time.monotonic() - started < 10
+    code, output = invoke("release", "u1", "--by", "me\nyou", "--redis-url", redis_url, "--yes")
+    assert code == 2 and "--by must be" in output, output
+
+
+def test_a_model_with_very_many_problems_lists_the_first_fifty(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    """200,000 unknown fields overflowed the script's stack ("too many results to unpack"),
+    reported as 'cannot reach Redis'."""
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"format": FORMAT,
+                                "fields": {f"bogus{i}": 1 for i in range(200_000)}}))
+    code, output = invoke("model", "import", str(path), "--redis-url", redis_url,
+                          "--pool", "many")
+    assert code == 2 and "refused: the model is not valid" in output, output[:300]
+    assert "199950 more problems" in output and "cannot reach" not in output
+    assert sync_redis.exists(PoolKeys("many").key("model")) == 0
+
+
+def test_malformed_requests_log_one_line_now_and_then() -> None:
+    """Each malformed request to /metrics logged an ERROR with its traceback."""
+    limiter = MalformedRequests(every=10.0)
+
+    def record(error: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "Error handling request",
+                                 (), (type(error), error, None))
+
+    first = record(LineTooLong("x" * 10, "8190"))
+    assert limiter.filter(first) and first.levelno == logging.WARNING
+    assert first.exc_info is None and "answered 400" in first.getMessage()
+    assert not limiter.filter(record(LineTooLong("y", "8190")))
+    other = record(RuntimeError("a bug in a handler"))
+    assert limiter.filter(other) and other.levelno == logging.ERROR and other.exc_info
+
+
+def test_replay_json_is_strict_json(tmp_path: Path) -> None:
+    """A trace with no busy time printed "cost_ratio": Infinity, which JSON does not have."""
+    trace = str(write_trace(tmp_path / "t.jsonl", [(1.0, "disconnect", "u1")]))
+    result = CliRunner().invoke(app, ["bench", "replay", trace, "--policy", "static-1",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout.strip().splitlines()[-1],
+                        parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert scores["cost_ratio"] is None

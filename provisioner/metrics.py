@@ -95,6 +95,12 @@ class Metrics:
             "(only a hand edit or another writer leaves one), each started again by the script "
             "that found it, over the pool's life (from Redis: stats values_repaired)",
             registry=r)
+        self.unsubscribed = Counter(
+            "provisioner_unsubscribed_seconds",
+            "Seconds this replica's listener was not subscribed after it had been (a lost "
+            "connection, or the server dropping a subscriber past its pub/sub buffer limit): "
+            "events published then reached it not at all, and were lost if every replica was "
+            "unsubscribed at once", registry=r)
         self.errors = Counter("provisioner_errors",
                               "Unexpected errors while handling work, by where",
                               ["where"], registry=r)

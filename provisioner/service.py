@@ -404,10 +404,17 @@ class Replica:
     async def listen(self) -> None:
         """Subscribe and apply messages in arrival order; resubscribe after a lost connection."""
         backoff = 0.2
+        lost_at: float | None = None  # monotonic time the last subscription was lost
         while not self.stopping.is_set():
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(*events.SUBSCRIBED, self.probe_channel)
+                if lost_at is not None:
+                    gap = time.monotonic() - lost_at
+                    self.metrics.unsubscribed.inc(gap)
+                    log.warning("subscribed again after %.1fs: events published in that time "
+                                "did not reach this replica", gap)
+                    lost_at = None
                 # Probes sent on the last subscription never come back.
                 self._probes_out.clear()
                 self._last_lag_s = 0.0
@@ -423,6 +430,8 @@ class Replica:
                     for data in probes:
                         self._probe_seen(data)
             except (RedisError, OSError) as exc:
+                if self.subscribed.is_set():
+                    lost_at = time.monotonic()
                 self.subscribed.clear()
                 self.metrics.errors.labels("subscribe").inc()
                 self._trouble.warning("subscribe", "subscription lost (%s); retrying in %.1fs",

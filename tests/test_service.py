@@ -210,6 +210,32 @@ async def test_values_repaired_are_exported_and_shown(
     assert "values repaired 2" in console.export_text()
 
 
+async def test_a_lost_subscription_is_taken_again_and_its_gap_counted(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """The server drops a subscriber (a lost connection, or a publish past its pub/sub buffer
+    limit): the listener subscribes again, counts the seconds it was deaf, and applies what
+    comes after."""
+    replica = make_replica(aredis, api, clock, "r1")
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        assert counter(replica, "provisioner_unsubscribed_seconds_total") == 0
+        killed = await aredis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed >= 1
+        await _until(lambda: counter(replica, "provisioner_errors_total",
+                                     where="subscribe") == 1)
+        await _until(lambda: counter(replica, "provisioner_unsubscribed_seconds_total") > 0)
+        assert replica.subscribed.is_set()
+        gap = counter(replica, "provisioner_unsubscribed_seconds_total")
+        assert 0 < gap < 3  # the first retry waits 0.2 s
+        await aredis.publish("user:connect", json.dumps({"user_id": "after"}))
+        await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
+    finally:
+        replica.stopping.set()
+        await listening
+
+
 async def test_the_longest_session_is_exported_for_prometheus(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

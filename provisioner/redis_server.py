@@ -228,5 +228,13 @@ def available_engines() -> list[str]:
 if __name__ == "__main__":
     import sys
 
+    # --list: every engine; --default: the one tests start when none is forced; --others: every
+    # engine but that one (CI's matrix, after `make test` has run on the default)
     if sys.argv[1:] == ["--list"]:
         print("\n".join(available_engines()))
+    elif sys.argv[1:] == ["--default"]:
+        print(find_server_binary())
+    elif sys.argv[1:] == ["--others"]:
+        print("\n".join(e for e in available_engines() if e != find_server_binary()))
+    else:
+        sys.exit("usage: python -m provisioner.redis_server --list | --default | --others")

@@ -226,6 +226,7 @@ class ReplicaSeen:
     lag_s: float | None  # how far its listener was behind the events then
     subscribed: bool
     interval_s: float | None  # its heartbeat interval
+    unsubscribed_s: float | None = None  # seconds its listener was not subscribed, in all
 
     @classmethod
     def of(cls, replica_id: str, age_ms: int, details: Any) -> ReplicaSeen:
@@ -242,7 +243,8 @@ class ReplicaSeen:
             return value if math.isfinite(value) else None
 
         return cls(replica_id, max(0, age_ms) / 1000, number("lag_s"),
-                   said.get("subscribed") is True, number("interval_s"))
+                   said.get("subscribed") is True, number("interval_s"),
+                   number("unsubscribed_s"))
 
     @property
     def silent(self) -> bool:
@@ -252,13 +254,17 @@ class ReplicaSeen:
     def as_dict(self) -> dict[str, Any]:
         return {"replica": self.replica_id, "age_s": round(self.age_s, 1),
                 "lag_s": None if self.lag_s is None else round(self.lag_s, 2),
-                "subscribed": self.subscribed, "silent": self.silent}
+                "subscribed": self.subscribed, "silent": self.silent,
+                "unsubscribed_s": None if self.unsubscribed_s is None
+                else round(self.unsubscribed_s, 1)}
 
     def describe(self) -> str:
         if self.silent:
             return f"{self.replica_id} silent for {self.age_s:.0f}s"
         lag = "?" if self.lag_s is None else f"{self.lag_s:.1f}s"
         listening = "" if self.subscribed else ", not subscribed"
+        if self.unsubscribed_s:  # events published then did not reach it
+            listening += f", unsubscribed {self.unsubscribed_s:.1f}s in all"
         return f"{self.replica_id} (lag {lag}{listening})"
 
 

@@ -231,6 +231,11 @@ async def test_a_lost_subscription_is_taken_again_and_its_gap_counted(
         assert 0 < gap < 3  # the first retry waits 0.2 s
         await aredis.publish("user:connect", json.dumps({"user_id": "after"}))
         await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
+        # and `provisioner status` says so, from the replica's heartbeat
+        await replica.heartbeat()
+        [seen] = await replica.scripts.replicas(clock.now_ms())
+        assert seen.unsubscribed_s == round(gap, 3)
+        assert f"unsubscribed {gap:.1f}s in all" in seen.describe()
     finally:
         replica.stopping.set()
         await listening

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from typing import Any
@@ -53,9 +52,7 @@ class MalformedRequests(logging.Filter):
 
     def __init__(self, every: float = 10.0) -> None:
         super().__init__()
-        self.every = every
-        self._last = -math.inf
-        self._held = 0
+        self._throttle = Throttle(every)
 
     def filter(self, record: logging.LogRecord) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError
@@ -63,17 +60,34 @@ class MalformedRequests(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if not isinstance(error, HttpProcessingError):
             return True
-        now = time.monotonic()
-        if now - self._last < self.every:
-            self._held += 1
+        held = self._throttle.due("malformed")
+        if held is None:
             return False
-        self._last = now
         record.msg = "malformed HTTP request answered %s: %s (%d more since the last line)"
-        record.args = (error.code, type(error).__name__, self._held)
+        record.args = (error.code, type(error).__name__, held)
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        self._held = 0
         return True
+
+
+class Throttle:
+    """At most one line per key every `every` seconds, counting those held back in between."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def due(self, key: str) -> int | None:
+        """The count held back since the last line for `key` if one may go out now (and it is
+        taken as gone out), else None (and it is counted as held back)."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
 
 
 class RateLimitedLog:
@@ -81,9 +95,7 @@ class RateLimitedLog:
 
     def __init__(self, logger: logging.Logger, every: float = 10.0) -> None:
         self.logger = logger
-        self.every = every
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
+        self._throttle = Throttle(every)
 
     def warning(self, key: str, message: str, *args: object) -> bool:
         return self._log(logging.WARNING, key, message, args, False)
@@ -94,13 +106,10 @@ class RateLimitedLog:
 
     def _log(self, level: int, key: str, message: str, args: tuple[object, ...],
              exc_info: bool) -> bool:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.every:
-            self._held[key] = self._held.get(key, 0) + 1
+        held = self._throttle.due(key)
+        if held is None:
             return False
-        held = self._held.pop(key, 0)
-        self._last[key] = now
-        suffix = f" ({held} more like it in the last {self.every:.0f}s)" if held else ""
+        every = self._throttle.every
+        suffix = f" ({held} more like it in the last {every:.0f}s)" if held else ""
         self.logger.log(level, message + suffix, *args, exc_info=exc_info)
         return True

@@ -155,31 +155,38 @@ def default_replica_id() -> str:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def redis_url_option(value: str | None) -> str | None:
-    """A typer callback: a --redis-url the Redis client cannot parse is a bad option, not a
-    traceback when the command first connects."""
+def redis_url_problem(url: str) -> str | None:
+    """Why the Redis client cannot use `url` (its own parser's reason), or None: the client
+    would otherwise raise it when the command first connects, as a traceback."""
     from redis.connection import parse_url
 
-    if value:
-        try:
-            parse_url(value)  # type: ignore[no-untyped-call]
-        except ValueError as exc:
-            import typer
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        return f"redis url {url!r} cannot be parsed: {exc}"
+    return None
 
-            raise typer.BadParameter(f"{value!r}: {exc}") from None
+
+def redis_url_option(value: str | None) -> str | None:
+    """A typer callback: a --redis-url the Redis client cannot parse is a bad option."""
+    problem = redis_url_problem(value) if value else None
+    if problem:
+        import typer
+
+        raise typer.BadParameter(problem)
     return value
 
 
-def _address_problems(what: str, url: str, need_host: bool) -> list[str]:
-    """What stops `url` naming a host and port: the clients would fail on every call, or stop
-    the replica with a traceback, otherwise. (Redis's clients take no host as localhost.)"""
+def _node_api_url_problems(url: str) -> list[str]:
+    """What stops `url` naming a host and port: the client would fail on every call, or stop
+    the replica with a traceback, otherwise."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- parsing it is the check (a port out of range or not a number)
     except ValueError as exc:
-        return [f"{what} {url!r} cannot be parsed: {exc}"]
-    if need_host and not parts.hostname:
-        return [f"{what} {url!r} names no host"]
+        return [f"node api url {url!r} cannot be parsed: {exc}"]
+    if not parts.hostname:
+        return [f"node api url {url!r} names no host"]
     return []
 
 
@@ -212,12 +219,12 @@ class ServiceConfig:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             found.append(f"redis url {self.redis_url!r} must start with redis://, rediss:// "
                          "or unix://")
-        elif not self.redis_url.startswith("unix://"):
-            found.extend(_address_problems("redis url", self.redis_url, False))
+        elif problem := redis_url_problem(self.redis_url):
+            found.append(problem)
         if not self.node_api_url.startswith(("http://", "https://")):
             found.append(f"node api url {self.node_api_url!r} must start with http(s)://")
         else:
-            found.extend(_address_problems("node api url", self.node_api_url, True))
+            found.extend(_node_api_url_problems(self.node_api_url))
         if not POOL_NAME.match(self.pool):
             found.append(f"pool {self.pool!r} must be 1-64 characters of letters, digits, _.-")
         if not 0 <= self.http_port <= 65535:

@@ -552,16 +552,14 @@ def model_import(
 ) -> None:
     """Start the pool from a model exported by `model export`: every field is checked, and
     all are written or none."""
-    from provisioner.model import ModelFileError, read_document
+    from provisioner.model import ModelFileError, read_model_file
     from provisioner.scripts import Scripts
 
     keys = _pool_keys(pool)
     try:
-        fields = read_document(model_file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise _fail(f"model file {model_file}: not UTF-8 text") from None
+        fields = read_model_file(model_file)
     except (ModelFileError, OSError) as exc:
-        raise _fail(f"model file: {escape(str(exc))}") from None
+        raise _fail(f"model file: {exc}") from None  # _fail escapes it
     result = _with_redis(redis_url, lambda c: Scripts(c, keys).load_model(
         WallClock().now_ms(), fields, replace))
     if not result.loaded:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 FORMAT = "provisioner-model/1"
@@ -45,6 +46,15 @@ def model_document(raw: Mapping[str, str], learned: Collection[str], pool: str,
     if skipped:
         document["skipped"] = skipped
     return document
+
+
+def read_model_file(path: Path) -> dict[str, float]:
+    """`read_document` of a file; one that is not UTF-8 text is a ModelFileError too."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ModelFileError(f"{path} is not UTF-8 text") from None
+    return read_document(text)
 
 
 def read_document(text: str) -> dict[str, float]:

@@ -38,7 +38,7 @@ from provisioner.bench.suite import (
 from provisioner.bench.trace import Trace, TraceError, load_trace
 from provisioner.bench.world import PolicyViolation, run_replay_world
 from provisioner.config import PoolConfig, redis_url_option
-from provisioner.model import ModelFileError, model_document, read_document
+from provisioner.model import ModelFileError, model_document, read_model_file
 from provisioner.redis_server import private_server
 
 app = typer.Typer(help="Replay recorded traces on virtual time and score the policies.",
@@ -189,10 +189,7 @@ def replay(
     model = None
     if model_path is not None:
         try:
-            model = read_document(model_path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise typer.BadParameter(f"{model_path} is not UTF-8 text: {exc}",
-                                     param_hint="--model") from None
+            model = read_model_file(model_path)
         except ModelFileError as exc:
             raise typer.BadParameter(str(exc), param_hint="--model") from None
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)

@@ -94,9 +94,6 @@ class Replica:
         self._probe_names: set[str | bytes] = {self.probe_channel, self.probe_channel.encode()}
         self._probes_out: deque[float] = deque()
         self._last_lag_s = 0.0
-        #: seconds the listener was not subscribed after it had been, in all (the heartbeat
-        #: reports it, for `provisioner status`)
-        self._unsubscribed_s = 0.0
         self._started_ms = self.clock.now_ms()
 
     # --- events -------------------------------------------------------------------------------
@@ -415,7 +412,6 @@ class Replica:
                 if lost_at is not None:
                     gap = time.monotonic() - lost_at
                     self.metrics.unsubscribed.inc(gap)
-                    self._unsubscribed_s += gap
                     log.warning("subscribed again after %.1fs: events published in that time "
                                 "did not reach this replica", gap)
                     lost_at = None
@@ -482,7 +478,8 @@ class Replica:
         info = {"lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
                 "started_ms": self._started_ms,
                 "interval_s": self.service.heartbeat_interval_s,
-                "unsubscribed_s": round(self._unsubscribed_s, 3)}
+                "unsubscribed_s": round(self.metrics.registry.get_sample_value(
+                    "provisioner_unsubscribed_seconds_total") or 0.0, 3)}
         await self.scripts.heartbeat(self.clock.now_ms(), self.replica_id, info,
                                      FORGET_REPLICA_MS)
 

@@ -8,11 +8,12 @@ lua/load_model.lua, which checks every field and writes all of them or none.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
+
+from provisioner import jsontext
 
 FORMAT = "provisioner-model/1"
 
@@ -62,10 +63,8 @@ def read_document(text: str) -> dict[str, float]:
     file's shape is checked here; which fields and values a pool accepts, load_model.lua
     decides."""
     try:
-        document = json.loads(text)
-    except RecursionError:
-        raise ModelFileError("not a model file: nested too deep") from None
-    except ValueError as exc:  # not JSON, or an integer too long to read
+        document = jsontext.loads(text)
+    except ValueError as exc:  # not JSON, nested too deep, or an integer too long to read
         raise ModelFileError(f"not JSON: {str(exc)[:120]}") from None
     if not isinstance(document, dict):
         raise ModelFileError("not a model file: the top level is not an object")

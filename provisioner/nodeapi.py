@@ -17,7 +17,6 @@ any other answer is a failure. What may be retried and what may not:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -27,6 +26,7 @@ from typing import Protocol
 
 import httpx
 
+from provisioner import jsontext
 from provisioner.metrics import Metrics
 
 log = logging.getLogger("provisioner.nodeapi")
@@ -92,10 +92,7 @@ class _Answer:
         """The body as JSON; ValueError if it is not (cut short, not UTF-8, nested too deep)."""
         if not self.complete:
             raise ValueError(f"body longer than {len(self.body)} bytes")
-        try:
-            return json.loads(self.body)
-        except RecursionError:
-            raise ValueError("JSON nested too deep") from None
+        return jsontext.loads(self.body)
 
 
 class HttpNodeApi:

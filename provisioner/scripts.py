@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
+from provisioner import jsontext
 from provisioner.keys import PoolKeys
 
 INCLUDE = re.compile(r'^--@include "([^"]+)"\s*$', re.MULTILINE)
@@ -640,8 +641,8 @@ class Scripts:
         for member, score in seen:
             replica_id = as_text(member)
             try:
-                details = json.loads(said.get(replica_id, "{}"))
-            except json.JSONDecodeError:
+                details = jsontext.loads(said.get(replica_id, "{}"))
+            except ValueError:
                 details = {}
             # a score no heartbeat writes (inf, from another hand) reads as never heard from
             heard_ms = score if math.isfinite(score) else -math.inf

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -15,6 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from provisioner import jsontext
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
 from provisioner.scripts import (
@@ -89,7 +89,7 @@ def _json_object(raw: str) -> dict[str, Any]:
     """A JSON object the scripts wrote, or {} if it is not one (an edit by hand must not stop
     the operator's view)."""
     try:
-        value = json.loads(raw) if raw else {}
+        value = jsontext.loads(raw) if raw else {}
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}

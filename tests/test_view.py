@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -198,6 +199,17 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
     assert asyncio.run(logged())[-1]["replica"] == "dave"
 
 
+def _status(redis_url: str, pool: str) -> tuple[str, dict[str, Any]]:
+    """`provisioner status` of the pool as text and as JSON, each of which must succeed."""
+    common = ["--redis-url", redis_url, "--pool", pool]
+    shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    body = CliRunner().invoke(app, ["status", *common, "--json"])
+    assert body.exit_code == 0, body.output
+    # a warning on stderr may come first: the JSON object is the rest
+    return shown.output, json.loads(body.output[body.output.index("{"):])
+
+
 def test_the_status_view_reads_a_pool_edited_by_hand(redis_url: str) -> None:
     """What the scripts wrote, broken by hand: the operator's view still shows the pool."""
     keys = PoolKeys("edited")
@@ -222,12 +234,8 @@ def test_the_status_view_reads_a_pool_edited_by_hand(redis_url: str) -> None:
 
     asyncio.run(corrupt())
     common = ["--redis-url", redis_url, "--pool", "edited"]
-    shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"})
-    assert shown.exit_code == 0, shown.output
-    assert "r1 silent for" in shown.output and "r2 silent for" in shown.output
-    body = CliRunner().invoke(app, ["status", *common, "--json"])
-    assert body.exit_code == 0, body.output
-    status = json.loads(body.output)
+    shown, status = _status(redis_url, "edited")
+    assert "r1 silent for" in shown and "r2 silent for" in shown
     assert status["last_numbers"] == {} and status["connects"] == 0 and status["misses"] == 0
     for command in ("nodes", "users"):
         for extra in ([], ["--json"]):
@@ -259,7 +267,9 @@ def test_the_status_view_reads_what_other_writers_left(redis_url: str) -> None:
         await client.zadd(keys.key("replicas"), {"r1": "inf", "r2": "-inf", "r3": T0})
         await client.hset(keys.key("replica_info"), mapping={
             "r1": json.dumps({"lag_s": int("9" * 400), "interval_s": 1}),
-            "r3": '{"lag_s": 1e999, "interval_s": -1e999, "subscribed": true}'})
+            "r3": '{"lag_s": 1e999, "interval_s": -1e999, "subscribed": true}',
+            "r2": "[" * 100_000})  # nested past the decoder's recursion
+        await client.hset(keys.key("stats"), "last_numbers", '{"a": ' * 100_000)
         await client.xadd(keys.key("decisions"), {"now": "yesterday", "kind": "scale_up",
                                                   "reason": "hand"})
         await client.xadd(keys.key("decisions"), {"now": "9" * 400, "kind": "scale_up"})
@@ -269,13 +279,9 @@ def test_the_status_view_reads_what_other_writers_left(redis_url: str) -> None:
 
     asyncio.run(corrupt())
     common = ["--redis-url", redis_url, "--pool", "others"]
-    shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"})
-    assert shown.exit_code == 0, shown.output
-    assert "r1" in shown.output and "r3" in shown.output
-    assert "published settings" in shown.output and "activity_window_s" in shown.output
-    body = CliRunner().invoke(app, ["status", *common, "--json"])
-    assert body.exit_code == 0, body.output
-    status = json.loads(body.output[body.output.index("{"):])
+    shown, status = _status(redis_url, "others")
+    assert "r1" in shown and "r3" in shown
+    assert "published settings" in shown and "activity_window_s" in shown
     assert {r["replica"]: r["lag_s"] for r in status["replicas"]} == {
         "r1": None, "r2": None, "r3": None}
     model = CliRunner().invoke(app, ["model", "show", *common, "--json"])

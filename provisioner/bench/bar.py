@@ -15,13 +15,13 @@ traces that meet the bar come from a command, not from reading tables by eye.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provisioner import jsontext
 from provisioner.bench.baselines import STATIC_BEST
 
 #: the shipped service's name as a policy (service_policy.NAME): the one judged unless told
@@ -292,13 +292,11 @@ def load_results(path: Path) -> list[Any]:
     """The rows of a suite's results.json (given as the file or the folder holding it)."""
     file = path / "results.json" if path.is_dir() else path
     try:
-        data = json.loads(file.read_text())
+        data = jsontext.loads(file.read_text())
     except OSError as exc:
         raise BarError(f"{file}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, nested too deep
         raise BarError(f"{file}: not JSON ({exc})") from None
-    except RecursionError:
-        raise BarError(f"{file}: JSON nested too deep") from None
     if not isinstance(data, list):
         raise BarError(f"{file}: expected a list of rows, as `bench suite` writes")
     return data

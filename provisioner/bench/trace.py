@@ -7,13 +7,13 @@ header, an unknown channel or events out of time order fail with the file and li
 from __future__ import annotations
 
 import gzip
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from provisioner import jsontext
 from provisioner.events import ID_PATTERN
 
 FORMAT = "provisioner-trace/1"
@@ -198,15 +198,13 @@ def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = jsontext.loads(line)
             if trace is None:
                 trace = _header(obj)
                 continue
             event = _event(obj)
         except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
             raise TraceError(f"{source}:{number}: {exc}") from exc
-        except RecursionError:
-            raise TraceError(f"{source}:{number}: JSON nested too deep") from None
         if event.t < last_t:
             raise TraceError(f"{source}:{number}: event at t={event.t} is before t={last_t}")
         last_t = event.t

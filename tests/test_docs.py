@@ -1,5 +1,5 @@
-"""The README's tables against what the commands wrote: a figure typed by hand, or pasted over
-by the wrong table, fails here rather than reading as a result."""
+"""The README's tables, and `docs/benchmark.md`'s, against what the commands wrote: a figure
+typed by hand, or pasted over by the wrong table, fails here rather than reading as a result."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE_HEADER = "| trace | policy | connects | misses | miss rate |"
+#: Where the figures from `docs/bench` are quoted: the README and the benchmark's own page.
+DOCS = ("README.md", "docs/benchmark.md", "docs/verification.md", "docs/history.md")
+
+
+def _quoted() -> str:
+    return "\n\n".join((ROOT / name).read_text() for name in DOCS[:2])
 
 
 def _cells(line: str) -> list[str]:
@@ -37,7 +43,7 @@ def _suite_table(text: str) -> list[list[str]]:
 
 
 def test_every_readme_table_row_has_its_headers_number_of_cells() -> None:
-    for name in ("README.md", "docs/history.md"):
+    for name in DOCS:
         for table in _tables((ROOT / name).read_text()):
             ragged = [row for row in table if len(row) != len(table[0])]
             assert not ragged, f"{name}: rows of another width under {table[0]}: {ragged}"
@@ -63,7 +69,7 @@ def _folder(column: str) -> Path | None:
 def test_the_readme_grids_of_the_bar_are_what_bench_bar_says_of_docs_bench() -> None:
     from provisioner.bench.bar import judge, load_results, markdown_grid
 
-    grids = [t for t in _tables((ROOT / "README.md").read_text())
+    grids = [t for t in _tables(_quoted())
              if re.fullmatch(r"trace( \(.+\))?", t[0][0]) and t[0][-1] == "met"
              and len(t[0]) > 2 and all(_folder(c) for c in t[0][1:-1])]
     # the service on seeds 1-7, 11-15, 21-25, 41-45, 51-55, the draws and warm; the rate
@@ -82,7 +88,7 @@ def test_the_readme_grids_of_the_bar_are_what_bench_bar_says_of_docs_bench() -> 
 def test_the_readme_service_columns_by_shape_are_bench_bar_by_trace_of_the_seeds() -> None:
     from provisioner.bench.bar import judge, load_results, summarize_by_trace
 
-    (table,) = [t for t in _tables((ROOT / "README.md").read_text())
+    (table,) = [t for t in _tables(_quoted())
                 if t[0][:3] == ["shape", "the service: met", "misses, idle"]]
     seeds = sorted((ROOT / "docs/bench").glob("held-out-seed*"))
     summaries = summarize_by_trace([(str(f), judge(load_results(f), source=str(f)))
@@ -101,7 +107,7 @@ def test_the_readme_oracle_columns_are_the_replays_in_docs_bench() -> None:
 
     every = sorted(int(f.name.removeprefix("held-out-seed"))
                    for f in (ROOT / "docs/bench").glob("held-out-seed*"))
-    tables = _tables((ROOT / "README.md").read_text())
+    tables = _tables(_quoted())
     (shapes,) = [t for t in tables if t[0][:3] == ["shape", "the service: met", "misses, idle"]]
     oracle = summarize_by_trace(verdicts(every, "rate-oracle-0.5"))
     assert [row[3:5] for row in shapes[1:]] == [
@@ -135,3 +141,32 @@ def test_every_command_is_listed_on_one_line_of_its_own() -> None:
         rows = [line for line in listing.splitlines() if line.startswith("│ ")]
         commands = [row for row in rows if row[2] != " "]
         assert len(commands) >= 3 and commands == rows, (group, listing)
+
+
+def _titles(text: str) -> list[str]:
+    """A page's headings and the bold or italic titles its paragraphs and items open with."""
+    found = re.findall(r"(?m)^#+ (.+)$", text)
+    found += re.findall(r"(?m)^(?:- )?(?:\(later\) )?\*\*?([^*\n]+)\*", text)
+    return [re.sub(r"[`*]", "", title).strip().lower() for title in found]
+
+
+def test_a_section_named_in_another_file_is_in_the_file_it_names() -> None:
+    """Sections moved between the README and docs/ once; a comment, an alert or a page that
+    names one by its title in a given file must still find it there."""
+    reference = re.compile(r"""(README|docs/[a-z]+\.md)`?(?:,|'s|`? \()\s+\\?"([^"\\]+)\\?\"""")
+    sources = [*ROOT.glob("provisioner/**/*.py"), *ROOT.glob("lua/**/*.lua"),
+               ROOT / "docker-compose.yml", ROOT / "tests/alerts_test.yml",
+               *(ROOT / name for name in DOCS[:3])]
+    pages: dict[str, list[str]] = {}
+    checked, stale = 0, []
+    for source in sources:
+        for page, title in reference.findall(source.read_text()):
+            name = "README.md" if page == "README" else page
+            if name not in pages:
+                pages[name] = _titles((ROOT / name).read_text())
+            # a title cut short with an ellipsis is matched on what comes before it
+            wanted = re.sub(r"\s+", " ", title).split("\u2026")[0].strip().rstrip(".").lower()
+            if not any(t.startswith(wanted) or wanted in t for t in pages[name]):
+                stale.append(f"{source.relative_to(ROOT)}: {page}, {title!r}")
+            checked += 1
+    assert checked >= 20 and not stale, stale

@@ -84,7 +84,7 @@ local PANIC_MAX = 25
 -- surge_buffer_sd deviations, not buffer_sd: a crowd's connects come faster than the chances
 -- learned in calmer times say, and the nodes must be booting before they do. The last minute's
 -- count is tested on every tick, so the test must be strict: at two deviations a steady 2
--- arrivals a minute passes on 5% of ticks, at three on 0.5% (README, "what was tried").
+-- arrivals a minute passes on 5% of ticks, at three on 0.5% (docs/history.md, "What was tried").
 local SURGE_PANIC = 2
 local SURGE_SIGNIFICANCE = 3
 

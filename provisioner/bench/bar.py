@@ -126,9 +126,9 @@ def markdown_grid(judged: Sequence[tuple[str, Sequence[Verdict]]]) -> str:
     """Verdicts as one Markdown table: a row per trace, a column per result set (a seed, a
     draw), and how many of its cells meet the bar. Each cell is misses / connects, the cost
     ratio (the idle hours where the bar limits them), then static-best's pool and cost ratio,
-    and in bold the halves that fail: the README's held-out tables are this command's output.
-    A grid of another policy than the service names it in its first header cell, so that a
-    reference's verdicts cannot read as the service's."""
+    and in bold the halves that fail: the held-out tables of `docs/benchmark.md` are this
+    command's output. A grid of another policy than the service names it in its first header
+    cell, so that a reference's verdicts cannot read as the service's."""
     columns = [name for name, _ in judged]
     cells: dict[str, dict[str, Verdict]] = {}
     for name, verdicts in judged:
@@ -187,7 +187,7 @@ class TraceSummary:
 
 def summarize_by_trace(judged: Sequence[tuple[str, Sequence[Verdict]]]) -> list[TraceSummary]:
     """The verdicts of many result sets summed per trace name, in trace order: the README's
-    tables by shape over the held-out seeds are this, not a sum by hand."""
+    tables by shape over the held-out seeds (`docs/benchmark.md`) are this, not a sum by hand."""
     by_trace: dict[str, list[Verdict]] = {}
     for _, verdicts in judged:
         for v in verdicts:

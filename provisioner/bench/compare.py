@@ -4,7 +4,7 @@ A screen replays a variant on the traces and boot draws the shipped policy was r
 each replay has a twin: the same users, the same boot delays. The difference within each pair is
 what the change did to that replay plus that replay's luck; the spread of those differences
 gives the standard error of their total (and of their mean), which says how large a change in
-misses or cost the screen can tell from noise (README, "how much a screen can tell").
+misses or cost the screen can tell from noise (`docs/history.md`, "How much a screen can tell").
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ exponential browsing gaps, lognormal request counts and session lengths, a share
 with an arrival rate that changes over time, and a node environment whose boot delays are drawn
 from a lognormal. Arrivals of a varying rate are drawn by thinning: candidates at the shape's
 highest rate, each kept with the chance rate(t) / highest rate. The users' parameters were fitted
-to the quantiles of the recorded `steady` trace (README, "Held-out shapes"). The result is a
-`provisioner-trace/1` file that `bench replay` and `bench suite` read like a recorded one;
-everything follows from the seed.
+to the quantiles of the recorded `steady` trace (`docs/benchmark.md`, "Held-out shapes"). The
+result is a `provisioner-trace/1` file that `bench replay` and `bench suite` read like a
+recorded one; everything follows from the seed.
 """
 
 from __future__ import annotations

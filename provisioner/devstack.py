@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,53 +73,55 @@ def _wait_http(port: int, timeout: float = 15.0) -> bool:
     return False
 
 
-def run_stack(redis_url: str | None = None, replicas: int = 2,
-              boot_delay: str = "lognormal:20:45", arrival_rate: float = 20.0,
-              duration: float | None = None) -> int:
-    """Start everything, show the live view until Ctrl-C (or `duration` seconds), stop all."""
+@dataclass
+class Stack:
+    """A running local stack: where its server is, its processes, and where they log."""
+
+    redis_url: str
+    logdir: Path
+    api_port: int
+    metrics_ports: list[int] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def stack(redis_url: str | None = None, replicas: int = 2,
+          boot_delay: str = "lognormal:20:45", arrival_rate: float = 20.0,
+          simulate: Sequence[str] = (), say: Callable[[str], None] = console.print,
+          ) -> Iterator[Stack]:
+    """Start the server (unless `redis_url` is given), the mock Node API, the replicas and the
+    simulator (`simulate`: its further options), and stop them all on the way out: SIGTERM
+    first, SIGKILL after a grace period. Raises RuntimeError if the mock Node API does not
+    start."""
     logdir = Path(tempfile.mkdtemp(prefix="provisioner-stack-"))
     exe = [sys.executable, "-m", "provisioner"]
     server: RedisServer | None = None
     children: list[Child] = []
-    stop = {"now": False}
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop["now"] = True
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         if not redis_url:
             server = start_server()
             redis_url = server.url
-            console.print(f"private server {server.binary} on {redis_url}")
-        api_port = free_port()
+            say(f"private server {server.binary} on {redis_url}")
+        running = Stack(redis_url, logdir, free_port(), children=children)
         children.append(Child("mock-node-api", [
-            *exe, "mock-node-api", "--port", str(api_port), "--redis-url", redis_url,
+            *exe, "mock-node-api", "--port", str(running.api_port), "--redis-url", redis_url,
             "--boot-delay", boot_delay], logdir))
-        if not _wait_http(api_port):
-            console.print(f"[red]mock Node API did not start; see {logdir}/mock-node-api.log")
-            return 1
-        ports = []
+        if not _wait_http(running.api_port):
+            raise RuntimeError(f"mock Node API did not start; see {logdir}/mock-node-api.log")
         for index in range(replicas):
             port = free_port()
-            ports.append(port)
+            running.metrics_ports.append(port)
             children.append(Child(f"replica-{index + 1}", [
                 *exe, "run", "--redis-url", redis_url,
-                "--node-api-url", f"http://127.0.0.1:{api_port}", "--http-port", str(port),
-                "--replica-id", f"replica-{index + 1}"], logdir))
+                "--node-api-url", f"http://127.0.0.1:{running.api_port}", "--http-port",
+                str(port), "--replica-id", f"replica-{index + 1}"], logdir))
         children.append(Child("simulator", [
-            *exe, "simulate", "--redis-url", redis_url, "--arrival-rate", str(arrival_rate)],
-            logdir))
-        console.print(f"mock Node API http://127.0.0.1:{api_port}  replicas' metrics on ports "
-                      f"{', '.join(map(str, ports))}  logs in {logdir}")
-        console.print("Ctrl-C stops everything.")
-        try:
-            asyncio.run(_watch(redis_url, children, stop, duration))
-        except KeyboardInterrupt:
-            pass
-        return 0
+            *exe, "simulate", "--redis-url", redis_url, "--arrival-rate", str(arrival_rate),
+            *simulate], logdir))
+        say(f"mock Node API http://127.0.0.1:{running.api_port}  replicas' metrics on ports "
+            f"{', '.join(map(str, running.metrics_ports))}  logs in {logdir}")
+        yield running
     finally:
-        signal.signal(signal.SIGTERM, previous)
         for child in children:
             child.stop()
         deadline = time.monotonic() + 10
@@ -127,7 +131,32 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
             child.kill()
         if server is not None:
             server.stop()
-        console.print(f"stopped {len(children)} processes; logs kept in {logdir}")
+        say(f"stopped {len(children)} processes; logs kept in {logdir}")
+
+
+def run_stack(redis_url: str | None = None, replicas: int = 2,
+              boot_delay: str = "lognormal:20:45", arrival_rate: float = 20.0,
+              duration: float | None = None) -> int:
+    """Start everything, show the live view until Ctrl-C (or `duration` seconds), stop all."""
+    stop = {"now": False}
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        with stack(redis_url, replicas, boot_delay, arrival_rate) as running:
+            console.print("Ctrl-C stops everything.")
+            try:
+                asyncio.run(_watch(running.redis_url, running.children, stop, duration))
+            except KeyboardInterrupt:
+                pass
+        return 0
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -26,6 +27,7 @@ from provisioner.bench.baselines import (
     STATIC_BEST,
     policy_factory,
 )
+from provisioner.bench.soak import Sample, SoakResult, soak_summary
 from provisioner.bench.suite import (
     REFERENCE,
     PolicyFactory,
@@ -452,6 +454,80 @@ def ingest(
                   f"message ({result.duplicates:,} later copies found applied); "
                   f"{result.script_calls:,} script calls, each holding the server "
                   f"{result.ms_per_script_call:.2f} ms on average")
+
+
+@app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(
+        min=0.1, max=10_080, help="How long the traffic runs")] = 30.0,
+    every: Annotated[float, typer.Option(
+        min=1, max=3600, help="Seconds between samples")] = 30.0,
+    replicas: Annotated[int, typer.Option(min=1, max=16, help="Service replicas")] = 2,
+    arrival_rate: Annotated[float, typer.Option(
+        min=0.01, max=100_000, help="Simulated users per minute")] = 60.0,
+    session: Annotated[float, typer.Option(
+        min=1, max=86_400, help="The simulated users' mean session, seconds")] = 120.0,
+    boot_delay: Annotated[str, typer.Option(help="The mock Node API's boot delay spec")
+                          ] = "lognormal:20:45",
+    seed: Annotated[int, typer.Option(help="Seed of the simulated users")] = 1,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", dir_okay=False, help="Also write every sample and the verdict here")] = None,
+) -> None:
+    """Run the local stack (private server, mock Node API, replicas, simulator) under steady
+    traffic and sample what would grow if something leaked: server memory and keys, every pool
+    structure, each process's memory, the invariants; exit 1 if a process stopped, an invariant
+    broke or a log holds a traceback."""
+    from provisioner.bench import soak as soaking
+    from provisioner.mock_node_api import BootDelay
+
+    try:
+        BootDelay.parse(boot_delay)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--boot-delay") from exc
+    if json_out is not None and not json_out.parent.is_dir():
+        raise typer.BadParameter(f"no folder {json_out.parent}", param_hint="--json")
+
+    def show(sample: Sample) -> None:
+        replicas_mb = [mb for name, mb in sample.rss_mb.items() if name.startswith("replica")]
+        checked = (f"{len(sample.problems)} broken" if sample.problems else "ok"
+                   ) if sample.checked else "unchecked"
+        console.print(
+            f"{sample.t_s:6.0f} s  server {sample.memory_mb:.1f} MB, {sample.keys:,} keys  "
+            f"browsing {sample.sizes.get('active', 0):,}  sessions "
+            f"{sample.sizes.get('sessions', 0):,}  replica RSS {max(replicas_mb, default=0):.0f} MB"
+            f"  connects {sample.stats['connects']:,} ({sample.stats['misses']:,} missed)  "
+            f"invariants {checked}", highlight=False)
+
+    try:
+        result = soaking.run(minutes, every, replicas, boot_delay, arrival_rate,
+                             ["--session", str(session), "--seed", str(seed)],
+                             on_sample=show, say=lambda line: console.print(line, markup=False))
+    except RuntimeError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from exc
+    console.print(soak_table(result))
+    for name, marks in result.logs.items():
+        console.print(f"{name}: {marks['traceback']} tracebacks, {marks['error']} errors, "
+                      f"{marks['warning']} warnings in its log", highlight=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.as_json(), indent=1) + "\n")
+    for line in result.failed:
+        console.print(f"[red]{escape(line)}[/red]")
+    raise typer.Exit(1 if result.failed else 0)
+
+
+def soak_table(result: SoakResult) -> Table:
+    """Each reading at the start, the half and the end, and its slope over the second half."""
+    last = result.samples[-1]
+    table = Table(title=f"soak: {result.replicas} replica(s) on {result.server}, "
+                        f"{last.t_s / 60:.1f} min, {len(result.samples)} samples")
+    for column in ("reading", "first", "at the half", "at the end", "slope /h (2nd half)"):
+        table.add_column(column, justify="left" if column == "reading" else "right")
+    for reading in soak_summary(result.samples):
+        spec = ",.0f" if reading.whole else ",.1f"
+        table.add_row(reading.name, *(format(v, spec) for v in reading.values),
+                      format(reading.slope_per_hour, "+,.1f"))
+    return table
 
 
 @app.command()

@@ -1,0 +1,111 @@
+"""`bench soak`: what it measures of a pool, how it summarises a run, and when it fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from provisioner.bench import soak
+from provisioner.bench.soak import Sample, SoakResult, pool_sizes, soak_summary
+from provisioner.keys import PoolKeys
+
+
+def _sample(t_s: float, memory_mb: float, problems: list[str] | None = None,
+            checked: bool = True) -> Sample:
+    return Sample(t_s=t_s, memory_mb=memory_mb, keys=int(t_s), sizes={"active": 7},
+                  rss_mb={"replica-1": 50.0}, stats={"connects": 0}, problems=problems or [],
+                  checked=checked)
+
+
+def test_pool_sizes_measure_each_structure_by_its_type_and_count_the_prefixed_keys(
+        sync_redis: redis.Redis) -> None:
+    keys = PoolKeys(soak.POOL)
+    sync_redis.rpush(keys.key("ready"), "n1", "n2")
+    sync_redis.zadd(keys.key("active"), {"u1": 1, "u2": 2, "u3": 3})
+    sync_redis.hset(keys.key("alloc"), mapping={"u1": "n3"})
+    sync_redis.xadd(keys.key("decisions"), {"reason": "x"})
+    for user in ("u1", "u2"):
+        sync_redis.zadd(keys.key("acts_prefix") + user, {"1": 1})
+    sync_redis.set(keys.key("seen_prefix") + "u1", 1)
+    sync_redis.hset(keys.node("n3"), "status", "ready")
+    sync_redis.set("someone-else", 1)
+
+    sizes = pool_sizes(sync_redis, keys)
+
+    assert {k: sizes[k] for k in ("ready", "active", "alloc", "decisions")} == {
+        "ready": 2, "active": 3, "alloc": 1, "decisions": 1}
+    assert "waiting" not in sizes  # absent keys have no size, not 0 of a guessed type
+    assert {k: sizes[k] for k in ("acts keys", "seen keys", "node keys", "other keys")} == {
+        "acts keys": 2, "seen keys": 1, "node keys": 1, "other keys": 1}
+
+
+def test_the_summary_gives_start_half_and_end_and_the_second_halfs_slope() -> None:
+    # flat at 10 MB for the first hour, then 1 MB more every 6 minutes: 10 MB an hour
+    samples = [_sample(t, 10.0 if t <= 3600 else 10.0 + (t - 3600) / 360)
+               for t in range(0, 7201, 360)]
+
+    (memory,) = [r for r in soak_summary(samples) if r.name == "server memory (MB)"]
+    (active,) = [r for r in soak_summary(samples) if r.name == "active"]
+
+    assert memory.values == (10.0, 10.0, 20.0)
+    assert memory.slope_per_hour == pytest.approx(10.0)
+    assert active.values == (7, 7, 7) and active.slope_per_hour == 0 and active.whole
+
+
+def test_a_run_fails_on_a_stopped_process_a_broken_invariant_or_a_traceback_only() -> None:
+    clean = SoakResult("redis 7", 2, [_sample(0, 1), _sample(60, 500)],
+                       logs={"replica-1": {"traceback": 0, "error": 3, "warning": 9}})
+    assert clean.failed == []  # growth and logged errors are reported, not judged
+
+    unchecked = SoakResult("redis 7", 2, [_sample(0, 1, checked=False)])
+    assert unchecked.failed == []
+
+    broken = SoakResult("redis 7", 2, [_sample(0, 1), _sample(30, 1, ["node n1 has 2 users"])],
+                        exited={"simulator": 1},
+                        logs={"replica-2": {"traceback": 2, "error": 2, "warning": 0}})
+    assert broken.failed == [
+        "simulator stopped (exit 1)",
+        "invariants broken in 1 of 2 samples, first at 30 s: node n1 has 2 users",
+        "replica-2: 2 traceback(s) in its log"]
+    assert json.loads(json.dumps(broken.as_json()))["failed"] == broken.failed
+
+
+def test_a_bad_boot_delay_or_json_folder_is_refused_before_anything_starts(
+        tmp_path: Path) -> None:
+    from provisioner.cli import app
+
+    runner = CliRunner()
+    bad_delay = runner.invoke(app, ["bench", "soak", "--boot-delay", "sometimes"])
+    assert bad_delay.exit_code == 2 and "--boot-delay" in bad_delay.output
+    no_folder = runner.invoke(app, ["bench", "soak", "--json", str(tmp_path / "no" / "f.json")])
+    assert no_folder.exit_code == 2 and "no folder" in no_folder.output
+
+
+@pytest.mark.e2e
+def test_a_short_soak_samples_the_running_stack_and_stops_every_process(
+        tmp_path: Path) -> None:
+    from provisioner.cli import app
+
+    out = tmp_path / "soak.json"
+    result = CliRunner().invoke(app, [
+        "bench", "soak", "--minutes", "0.25", "--every", "3", "--replicas", "1",
+        "--arrival-rate", "600", "--json", str(out)])
+
+    assert result.exit_code == 0, result.output
+    run = json.loads(out.read_text())
+    assert run["failed"] == [] and run["exited"] == {}
+    samples = run["samples"]
+    assert len(samples) >= 4 and samples[-1]["t_s"] >= 15
+    assert samples[-1]["stats"]["activities"] > 0 and samples[-1]["sizes"]["active"] > 0
+    assert any(s["checked"] for s in samples)
+    assert set(samples[-1]["rss_mb"]) >= {"server", "mock-node-api", "replica-1", "simulator"}
+    assert set(run["logs"]) == {"mock-node-api", "replica-1", "simulator"}
+    assert "server memory (MB)" in result.output
+    # every process the stack started was stopped and reaped
+    assert set(run["pids"]) == set(run["logs"])
+    for pid in run["pids"].values():
+        assert not Path(f"/proc/{pid}").exists()

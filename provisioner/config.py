@@ -190,6 +190,10 @@ def _node_api_url_problems(url: str) -> list[str]:
     return []
 
 
+#: How often a replica reconciles the pool against the Node API's list, by default.
+RECONCILE_INTERVAL_S = 30.0
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Where one replica connects and how it reports."""
@@ -204,7 +208,7 @@ class ServiceConfig:
     log_level: str = "INFO"
     max_event_age_s: float = 86400.0
     max_clock_skew_s: float = 300.0
-    reconcile_interval_s: float = 30.0
+    reconcile_interval_s: float = RECONCILE_INTERVAL_S
     api_timeout_s: float = 10.0
     api_retries: int = 3
     shutdown_grace_s: float = 5.0

@@ -39,11 +39,24 @@ class Child:
     def __init__(self, name: str, args: list[str], logdir: Path,
                  env: dict[str, str] | None = None) -> None:
         self.name = name
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
         self.log_path = logdir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **(env or {})})
+        self._log = self.log_path.open("ab")
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=self.env)
+
+    def restart(self) -> None:
+        """SIGKILL the process (a crash, not a shutdown) and start it again, logging on."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.process = self._spawn()
 
     def alive(self) -> bool:
         return self.process.poll() is None

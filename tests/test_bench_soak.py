@@ -74,6 +74,25 @@ def test_a_run_fails_on_a_stopped_process_a_broken_invariant_or_a_traceback_only
     assert json.loads(json.dumps(broken.as_json()))["failed"] == broken.failed
 
 
+def test_only_a_node_the_api_and_the_pool_disagree_on_past_reconciliation_fails() -> None:
+    def at(t_s: float, unknown_to_pool: list[str], unknown_to_api: list[str]) -> Sample:
+        return Sample(t_s=t_s, memory_mb=1, keys=1, sizes={}, rss_mb={}, stats={},
+                      problems=[], checked=True, unknown_to_pool=unknown_to_pool,
+                      unknown_to_api=unknown_to_api)
+
+    step = soak.LASTING_S / 2
+    result = SoakResult("redis 7", 2, [
+        at(0, ["n-creating"], ["n-gone"]),
+        at(step, ["n-leaked"], ["n-gone"]),  # n-creating was registered: it was in flight
+        at(2 * step, ["n-leaked", "n-creating"], ["n-gone"]),  # n-gone: LASTING_S by now
+        at(3 * step, ["n-leaked"], []),  # n-leaked: LASTING_S; n-creating again, not lasting
+        at(4 * step, [], ["n-leaked"]),  # on the other side now: not the same disagreement
+    ])
+    assert result.failed == [
+        f"node n-gone unknown to the API for {soak.LASTING_S:.0f} s",
+        f"node n-leaked unknown to the pool for {soak.LASTING_S:.0f} s"]
+
+
 def test_a_bad_boot_delay_or_json_folder_is_refused_before_anything_starts(
         tmp_path: Path) -> None:
     from provisioner.cli import app
@@ -92,19 +111,26 @@ def test_a_short_soak_samples_the_running_stack_and_stops_every_process(
 
     out = tmp_path / "soak.json"
     result = CliRunner().invoke(app, [
-        "bench", "soak", "--minutes", "0.25", "--every", "3", "--replicas", "1",
-        "--arrival-rate", "600", "--json", str(out)])
+        "bench", "soak", "--minutes", "0.3", "--every", "3", "--replicas", "2",
+        "--arrival-rate", "600", "--kill-every", "7", "--json", str(out)])
 
     assert result.exit_code == 0, result.output
     run = json.loads(out.read_text())
     assert run["failed"] == [] and run["exited"] == {}
+    # killed at 7 and 14 s (replica-1, replica-2): neither counts as stopped, both run again
+    assert run["kills"] == 2 and "2 replica(s) killed and started again" in result.output
     samples = run["samples"]
-    assert len(samples) >= 4 and samples[-1]["t_s"] >= 15
+    assert len(samples) >= 5 and samples[-1]["t_s"] >= 18
+    assert samples[0]["rss_mb"]["replica-1"] > 0 and samples[-1]["rss_mb"]["replica-2"] > 0
+    assert all(s["api_nodes"] >= 0 for s in samples)
     assert samples[-1]["stats"]["activities"] > 0 and samples[-1]["sizes"]["active"] > 0
     assert any(s["checked"] for s in samples)
     assert set(samples[-1]["rss_mb"]) >= {"server", "mock-node-api", "replica-1", "simulator"}
-    assert set(run["logs"]) == {"mock-node-api", "replica-1", "simulator"}
+    assert set(run["logs"]) == {"mock-node-api", "replica-1", "replica-2", "simulator"}
     assert "server memory (MB)" in result.output
+    for name in ("replica-1", "replica-2"):  # each started twice, logging on to one file
+        log = (Path(run["logdir"]) / f"{name}.log").read_text()
+        assert log.count(f"replica {name} running pool") == 2, log
     # every process the stack started was stopped and reaped
     assert set(run["pids"]) == set(run["logs"])
     for pid in run["pids"].values():

@@ -470,13 +470,17 @@ def soak(
     boot_delay: Annotated[str, typer.Option(help="The mock Node API's boot delay spec")
                           ] = "lognormal:20:45",
     seed: Annotated[int, typer.Option(help="Seed of the simulated users")] = 1,
+    kill_every: Annotated[float, typer.Option(
+        min=0, max=86_400, help="Kill a replica (SIGKILL) and start it again this often, "
+        "seconds, in turn (0: never)")] = 0.0,
     json_out: Annotated[Path | None, typer.Option(
         "--json", dir_okay=False, help="Also write every sample and the verdict here")] = None,
 ) -> None:
     """Run the local stack (private server, mock Node API, replicas, simulator) under steady
     traffic and sample what would grow if something leaked: server memory and keys, every pool
-    structure, each process's memory, the invariants; exit 1 if a process stopped, an invariant
-    broke or a log holds a traceback."""
+    structure, each process's memory, the invariants, the nodes the API runs against those the
+    pool knows; exit 1 if a process stopped, an invariant broke, a log holds a traceback or the
+    API and the pool disagree on a node for a minute."""
     from provisioner.bench import soak as soaking
     from provisioner.mock_node_api import BootDelay
 
@@ -496,16 +500,21 @@ def soak(
             f"browsing {sample.sizes.get('active', 0):,}  sessions "
             f"{sample.sizes.get('sessions', 0):,}  replica RSS {max(replicas_mb, default=0):.0f} MB"
             f"  connects {sample.stats['connects']:,} ({sample.stats['misses']:,} missed)  "
-            f"invariants {checked}", highlight=False)
+            f"invariants {checked}  nodes: API {sample.api_nodes}, not in the pool "
+            f"{len(sample.unknown_to_pool)}, not in the API {len(sample.unknown_to_api)}",
+            highlight=False)
 
     try:
         result = soaking.run(minutes, every, replicas, boot_delay, arrival_rate,
                              ["--session", str(session), "--seed", str(seed)],
-                             on_sample=show, say=lambda line: console.print(line, markup=False))
+                             kill_every=kill_every, on_sample=show,
+                             say=lambda line: console.print(line, markup=False))
     except RuntimeError as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
     console.print(soak_table(result))
+    if result.kills:
+        console.print(f"{result.kills} replica(s) killed and started again", highlight=False)
     for name, marks in result.logs.items():
         console.print(f"{name}: {marks['traceback']} tracebacks, {marks['error']} errors, "
                       f"{marks['warning']} warnings in its log", highlight=False)

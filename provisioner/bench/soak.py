@@ -7,12 +7,16 @@ what would grow if something leaked: the server's memory and key count, the size
 structure of the pool, the per-user and per-node keys, each process's resident memory, and
 whether the pool's invariants hold (`view.check_invariants`, as `provisioner check`). At the end
 it counts the tracebacks, errors and warnings in every process's log and names any process
-that stopped early.
+that stopped early. Each sample also sets the nodes the Node API runs against the nodes the pool
+knows: a node that one of them has and the other lacks for longer than reconciliation takes to
+notice (`LASTING_S`) is one the pool pays for without using, or one it counts on that is gone.
+With `kill_every`, a replica is killed (SIGKILL, as a crash) and started again that often, in
+turn, so the same checks run across crashes in the middle of transitions.
 
 What it reports is growth, not a verdict on it: the first half of a run fills the pool's
 windows and the model, so a leak shows as a slope over the second half. The run fails (exit 1)
 only on what is wrong whatever the figures: a process that stopped, an invariant broken, a
-traceback in a log.
+traceback in a log, a node the API and the pool disagree on for `LASTING_S`.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import httpx
 import redis
 import redis.asyncio as aioredis
 
 from provisioner import view
-from provisioner.devstack import stack
+from provisioner.config import RECONCILE_INTERVAL_S
+from provisioner.devstack import Child, stack
 from provisioner.keys import POOL_KEY_ORDER, PoolKeys
 from provisioner.redis_server import server_label
 
@@ -40,6 +46,10 @@ PREFIXES = {"node_prefix": "node", "acts_prefix": "acts", "seen_prefix": "seen"}
 #: check did not run, nothing was found broken.
 UNCHECKED = "the pool changed during each of"
 STATS = ("connects", "hits", "misses", "activities", "releases")
+#: How long the API and the pool may disagree on a node: a create's answer or a status can be
+#: lost (a replica killed between the request and the script), and reconciliation, every
+#: `reconcile_interval_s` (30 s by default), repairs it; twice that, and it was not repaired.
+LASTING_S = 2 * RECONCILE_INTERVAL_S
 LOG_MARKS = {"traceback": "Traceback (most recent call last)", "error": " ERROR ",
              "warning": " WARNING "}
 
@@ -56,6 +66,9 @@ class Sample:
     stats: dict[str, int]  # the pool's counters (connects, hits, misses, ...)
     problems: list[str]  # invariants broken at that instant
     checked: bool  # False when writers changed the pool under every read of the check
+    api_nodes: int = -1  # nodes the Node API runs (booting, ready, terminating); -1: no answer
+    unknown_to_pool: list[str] = field(default_factory=list)  # the API runs them; pool lacks
+    unknown_to_api: list[str] = field(default_factory=list)  # the pool has them; API does not
 
 
 @dataclass
@@ -66,12 +79,26 @@ class SoakResult:
     exited: dict[str, int] = field(default_factory=dict)  # process -> exit code, if it stopped
     logs: dict[str, dict[str, int]] = field(default_factory=dict)  # process -> mark -> lines
     logdir: str = ""
-    pids: dict[str, int] = field(default_factory=dict)  # process -> its pid, while it ran
+    pids: dict[str, int] = field(default_factory=dict)  # process -> its last pid
+    kills: int = 0  # replicas killed and started again
+
+    def lasting_disagreements(self) -> list[str]:
+        """Nodes the API and the pool disagreed on for `LASTING_S` or longer."""
+        first: dict[tuple[str, str], float] = {}
+        lasting: dict[tuple[str, str], float] = {}
+        for sample in self.samples:
+            now = {("pool", n) for n in sample.unknown_to_pool}
+            now |= {("API", n) for n in sample.unknown_to_api}
+            first = {k: first.get(k, sample.t_s) for k in now}
+            lasting.update((k, sample.t_s - t) for k, t in first.items()
+                           if sample.t_s - t >= LASTING_S)
+        return [f"node {node} unknown to the {side} for {seconds:.0f} s"
+                for (side, node), seconds in sorted(lasting.items())]
 
     @property
     def failed(self) -> list[str]:
         """What is wrong whatever the figures: stopped processes, broken invariants,
-        tracebacks."""
+        tracebacks, nodes the API and the pool lastingly disagree on."""
         wrong = [f"{name} stopped (exit {code})" for name, code in self.exited.items()]
         broken = [s for s in self.samples if s.problems]
         if broken:
@@ -79,6 +106,7 @@ class SoakResult:
                          f"first at {broken[0].t_s:.0f} s: {broken[0].problems[0]}")
         wrong += [f"{name}: {marks['traceback']} traceback(s) in its log"
                   for name, marks in self.logs.items() if marks.get("traceback")]
+        wrong += self.lasting_disagreements()
         return wrong
 
     def as_json(self) -> dict[str, object]:
@@ -97,7 +125,8 @@ def rss_mb(pid: int) -> float | None:
 
 def pool_sizes(client: redis.Redis, keys: PoolKeys) -> dict[str, int]:
     """The length of every structure of the pool by its type, and how many per-user and
-    per-node keys there are (one SCAN of the database; `other` counts keys outside the pool)."""
+    per-node keys there are (one SCAN of the database; `other` counts keys outside the pool).
+    `client` decodes responses."""
     names = [n for n in POOL_KEY_ORDER if n not in PREFIXES]
     pipe = client.pipeline(transaction=False)
     for name in names:
@@ -107,15 +136,13 @@ def pool_sizes(client: redis.Redis, keys: PoolKeys) -> dict[str, int]:
               "set": pipe.scard}
     measured = []
     for name, kind in zip(names, types, strict=True):
-        kind = kind.decode() if isinstance(kind, bytes) else kind
         if kind in length:
             length[kind](keys.key(name))
             measured.append(name)
     sizes = dict(zip(measured, (int(n) for n in pipe.execute()), strict=True))
     prefixes = {keys.key(prefix): label for prefix, label in PREFIXES.items()}
     counted: Counter[str] = Counter({label: 0 for label in PREFIXES.values()})
-    for raw in client.scan_iter(count=1000):
-        name = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    for name in client.scan_iter(count=1000):
         label = next((lb for pre, lb in prefixes.items() if name.startswith(pre)), None)
         if label is None and not name.startswith(keys.base):
             label = "other"
@@ -125,14 +152,27 @@ def pool_sizes(client: redis.Redis, keys: PoolKeys) -> dict[str, int]:
     return sizes
 
 
-def take_sample(client: redis.Redis, url: str, t_s: float,
+def api_node_ids(api_url: str) -> set[str] | None:
+    """The nodes the Node API runs (all but the terminated), or None if it did not answer."""
+    try:
+        answer = httpx.get(f"{api_url}/api/nodes", timeout=5.0)
+        answer.raise_for_status()
+        return {n["id"] for n in answer.json()["nodes"] if n["state"] != "terminated"}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+def take_sample(client: redis.Redis, url: str, api_url: str, t_s: float,
                 processes: dict[str, int]) -> Sample:
     keys = PoolKeys(POOL)
+    api = api_node_ids(api_url)
+    known = {str(m) for name in ("nodes", "unclaimed")
+             for m in client.zrange(keys.key(name), 0, -1)}
     memory = client.info("memory")
     raw_stats = client.hgetall(keys.key("stats"))
     stats = {}
     for field_name in STATS:
-        value = raw_stats.get(field_name.encode(), b"0")
+        value = str(raw_stats.get(field_name, "0"))
         stats[field_name] = int(value) if value.isdigit() else -1
 
     async def check() -> list[str]:
@@ -149,7 +189,10 @@ def take_sample(client: redis.Redis, url: str, t_s: float,
                     if (mb := rss_mb(pid)) is not None)
     return Sample(t_s=t_s, memory_mb=int(memory["used_memory"]) / 2**20,
                   keys=int(client.dbsize()), sizes=pool_sizes(client, keys), rss_mb=resident,
-                  stats=stats, problems=problems if checked else [], checked=checked)
+                  stats=stats, problems=problems if checked else [], checked=checked,
+                  api_nodes=-1 if api is None else len(api),
+                  unknown_to_pool=[] if api is None else sorted(api - known),
+                  unknown_to_api=[] if api is None else sorted(known - api))
 
 
 def count_log_marks(path: Path) -> dict[str, int]:
@@ -163,35 +206,53 @@ def count_log_marks(path: Path) -> dict[str, int]:
 
 
 def run(minutes: float, every: float, replicas: int, boot_delay: str, arrival_rate: float,
-        simulate: list[str], on_sample: Callable[[Sample], None] = lambda s: None,
+        simulate: list[str], kill_every: float = 0.0,
+        on_sample: Callable[[Sample], None] = lambda s: None,
         say: Callable[[str], None] = print) -> SoakResult:
-    """Run the stack for `minutes`, sampling every `every` seconds; Ctrl-C ends it early and
-    still reports what was sampled."""
+    """Run the stack for `minutes`, sampling every `every` seconds and, if `kill_every`, killing
+    and restarting a replica that often, in turn; Ctrl-C ends it early and still reports what
+    was sampled."""
     with stack(None, replicas, boot_delay, arrival_rate, simulate, say=say) as running:
-        client = redis.Redis.from_url(running.redis_url)
+        client = redis.Redis.from_url(running.redis_url, decode_responses=True)
+        api_url = f"http://127.0.0.1:{running.api_port}"
         result = SoakResult(server=server_label(client.info("server")), replicas=replicas,
                             logdir=str(running.logdir))
-        started = time.monotonic()
-        processes = {c.name: c.process.pid for c in running.children}
-        result.pids = processes
+        victims = [c for c in running.children if c.name.startswith("replica-")]
+        started = next_sample = time.monotonic()
+        end = started + minutes * 60
+        next_kill = started + kill_every if kill_every else float("inf")
         try:
             while True:
-                elapsed = time.monotonic() - started
-                sample = take_sample(client, running.redis_url, elapsed, processes)
-                result.samples.append(sample)
-                on_sample(sample)
-                stopped = {c.name: c.process.returncode for c in running.children
-                           if not c.alive()}
-                if stopped or elapsed >= minutes * 60:
-                    result.exited = {n: code for n, code in stopped.items() if code is not None}
-                    break
-                time.sleep(min(every, max(0.0, minutes * 60 - elapsed)))
+                now = time.monotonic()
+                if now >= next_kill and now < end:
+                    victims[result.kills % len(victims)].restart()
+                    result.kills += 1
+                    next_kill += kill_every
+                if now >= next_sample or now >= end:
+                    pids = {c.name: c.process.pid for c in running.children}
+                    sample = take_sample(client, running.redis_url, api_url, now - started,
+                                         pids)
+                    result.samples.append(sample)
+                    on_sample(sample)
+                    next_sample += every
+                    if _stopped(running.children, result) or now >= end:
+                        break
+                time.sleep(max(0.0, min(next_sample, next_kill, end) - time.monotonic()))
         except KeyboardInterrupt:
             say("stopped early by Ctrl-C; reporting what was sampled")
         finally:
             client.close()
+        result.pids = {c.name: c.process.pid for c in running.children}
     result.logs = {c.name: count_log_marks(c.log_path) for c in running.children}
     return result
+
+
+def _stopped(children: list[Child], result: SoakResult) -> bool:
+    """Record the processes that stopped on their own (a replica killed on purpose is started
+    again at once, before this looks)."""
+    result.exited = {c.name: c.process.returncode for c in children
+                     if not c.alive() and c.process.returncode is not None}
+    return bool(result.exited)
 
 
 def slope_per_hour(samples: list[Sample], value: Callable[[Sample], float]) -> float:

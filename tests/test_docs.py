@@ -170,3 +170,28 @@ def test_a_section_named_in_another_file_is_in_the_file_it_names() -> None:
                 stale.append(f"{source.relative_to(ROOT)}: {page}, {title!r}")
             checked += 1
     assert checked >= 20 and not stale, stale
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_of_the_pages_leads_somewhere() -> None:
+    """A link to a file is relative to the page that holds it (a page moved into docs/ keeps
+    the README's paths otherwise), and a link to a section names a heading of its page."""
+    checked = 0
+    for name in DOCS:
+        page = ROOT / name
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{name}: a link to {target}, which is not there"
+            if anchor:
+                headings = re.findall(r"(?m)^#+ (.+)$", linked.read_text())
+                assert anchor in {_slug(h) for h in headings}, f"{name}: no heading #{anchor}"
+            checked += 1
+    assert checked >= 10

@@ -128,6 +128,9 @@ def test_a_short_soak_samples_the_running_stack_and_stops_every_process(
     assert set(samples[-1]["rss_mb"]) >= {"server", "mock-node-api", "replica-1", "simulator"}
     assert set(run["logs"]) == {"mock-node-api", "replica-1", "replica-2", "simulator"}
     assert "server memory (MB)" in result.output
+    checked = sum(s["checked"] for s in samples)
+    assert (f"invariants checked in {checked} of {len(samples)} samples" in result.output
+            and "broken in 0;" in result.output), result.output
     for name in ("replica-1", "replica-2"):  # each started twice, logging on to one file
         log = (Path(run["logdir"]) / f"{name}.log").read_text()
         assert log.count(f"replica {name} running pool") == 2, log

@@ -10,14 +10,20 @@
   Applying the same heartbeat twice leaves the same state; an older one (a late retry) never
   moves a replica's time back.
 
+  It also keeps the pool's epoch: the first heartbeat of a pool's state sets `epoch` to the
+  replica's proposal, and every heartbeat returns the epoch that stands. A replica that sees it
+  change under it knows the state it was running on is gone (a server restarted without
+  persistence, a flush, a failover to an empty replica): nothing else in the pool can tell.
+
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
   ARGV[2] replica id
   ARGV[3] what the replica says: a JSON object (lag_s, subscribed, started_ms, interval_s)
   ARGV[4] forget_ms
+  ARGV[5] the epoch this replica proposes, should the pool have none (unique: time and random)
 
-  Returns {replicas heard from within forget_ms, forgotten by this call}
-  Refused (an error) if ARGV[3] is not a JSON object: nothing is written.
+  Returns {replicas heard from within forget_ms, forgotten by this call, the pool's epoch}
+  Refused (an error) if ARGV[3] is not a JSON object or ARGV[5] is missing: nothing is written.
 ]]
 --@include "includes/keys.lua"
 
@@ -25,10 +31,14 @@ local now = tonumber(ARGV[1])
 local replica = ARGV[2]
 local info = ARGV[3]
 local forget_ms = tonumber(ARGV[4])
+local proposed = ARGV[5]
 
 local ok, decoded = pcall(cjson.decode, info)
 if not ok or type(decoded) ~= 'table' or decoded[1] ~= nil then
   return redis.error_reply('heartbeat: the replica info is not a JSON object')
+end
+if not proposed or proposed == '' then
+  return redis.error_reply('heartbeat: no epoch to propose (ARGV[5])')
 end
 if rcall('ZADD', K.replicas, 'GT', 'CH', now, replica) == 1
     or rcall('HEXISTS', K.replica_info, replica) == 0 then
@@ -39,4 +49,5 @@ if #gone > 0 then
   rcall('ZREM', K.replicas, unpack(gone))
   rcall('HDEL', K.replica_info, unpack(gone))
 end
-return {rcall('ZCARD', K.replicas), #gone}
+rcall('SET', K.epoch, proposed, 'NX')
+return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch)}

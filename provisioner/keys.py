@@ -41,6 +41,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "replicas",       # zset: replica id -> ms of its last heartbeat
     "replica_info",   # hash: replica id -> what its last heartbeat said (JSON)
     "sessions",       # zset: user id -> ms the user was handed their node (one per alloc entry)
+    "epoch",          # string: set once when the pool's state begins; a new one means it was lost
 )
 
 

@@ -95,6 +95,12 @@ class Metrics:
             "(only a hand edit or another writer leaves one), each started again by the script "
             "that found it, over the pool's life (from Redis: stats values_repaired)",
             registry=r)
+        self.state_lost = Counter(
+            "provisioner_state_lost",
+            "Times this replica found the pool's state in Redis gone under it: the pool's epoch "
+            "(set once when the state begins, lua/heartbeat.lua) changed between two of its "
+            "heartbeats (a server restarted without persistence, a flush, a failover to an "
+            "empty replica)", registry=r)
         self.unsubscribed = Counter(
             "provisioner_unsubscribed_seconds",
             "Seconds this replica's listener was not subscribed after it had been (a lost "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import Field, asdict, dataclass, field, fields
@@ -623,11 +624,14 @@ class Scripts:
         return list((await self.model_view(policy_args))["learned_fields"])
 
     async def heartbeat(self, now_ms: int, replica_id: str, info: Mapping[str, Any],
-                        forget_ms: int) -> tuple[int, int]:
+                        forget_ms: int, epoch: str = "") -> tuple[int, int, str]:
         """Record that a replica runs and what it says (lua/heartbeat.lua); the replicas heard
-        from within `forget_ms`, and how many older ones this call forgot."""
-        reply = await self._call("heartbeat", now_ms, replica_id, json.dumps(info), forget_ms)
-        return int(reply[0]), int(reply[1])
+        from within `forget_ms`, how many older ones this call forgot, and the pool's epoch
+        (`epoch`, this replica's proposal, if the pool had none: by default a new one)."""
+        proposal = epoch or new_epoch(now_ms)
+        reply = await self._call("heartbeat", now_ms, replica_id, json.dumps(info), forget_ms,
+                                 proposal)
+        return int(reply[0]), int(reply[1]), as_text(reply[2])
 
     async def replicas(self, now_ms: int) -> list[ReplicaSeen]:
         """The replicas the pool has heard from, the most recent first (at most 50; read
@@ -655,6 +659,11 @@ class Scripts:
         counts = {k: int(v) for k, v in json.loads(as_text(reply[0])).items()}
         flat = [as_text(x) for x in reply[1:]]
         return Snapshot(counts, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+def new_epoch(now_ms: int) -> str:
+    """A pool epoch: when the state began, and enough randomness that no two are alike."""
+    return f"{now_ms}-{secrets.token_hex(6)}"
 
 
 def as_text(value: Any) -> str:

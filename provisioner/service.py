@@ -95,6 +95,9 @@ class Replica:
         self._probes_out: deque[float] = deque()
         self._last_lag_s = 0.0
         self._started_ms = self.clock.now_ms()
+        #: the pool's epoch at this replica's last heartbeat: an observation for the alarm when
+        #: the state is lost, never an input to a decision
+        self._epoch = ""
 
     # --- events -------------------------------------------------------------------------------
 
@@ -480,8 +483,22 @@ class Replica:
                 "interval_s": self.service.heartbeat_interval_s,
                 "unsubscribed_s": round(self.metrics.registry.get_sample_value(
                     "provisioner_unsubscribed_seconds_total") or 0.0, 3)}
-        await self.scripts.heartbeat(self.clock.now_ms(), self.replica_id, info,
-                                     FORGET_REPLICA_MS)
+        _, _, epoch = await self.scripts.heartbeat(self.clock.now_ms(), self.replica_id, info,
+                                                   FORGET_REPLICA_MS)
+        if self._epoch and epoch != self._epoch:
+            self.metrics.state_lost.inc()
+            log.error("the pool's state in Redis was lost: its epoch went from %s to %s since "
+                      "this replica's last heartbeat. Sessions in progress and the nodes they "
+                      "hold are unknown now; reconciliation takes every node the Node API "
+                      "lists back as free (README, \"When Redis loses the pool's state\")",
+                      self._epoch, epoch)
+            self._epoch = epoch
+            # At once, not at the next interval: until the nodes are back in the pool, the
+            # ticks see an empty pool and boot a new one beside them.
+            await self.publish_config()
+            counts = await self.reconcile()
+            log.warning("reconciliation after the loss: %s", counts)
+        self._epoch = epoch
 
     async def probe_lag(self) -> None:
         """Publish a probe (this process's monotonic time) on the replica's own channel. The
@@ -556,10 +573,14 @@ class Replica:
             if any(counts.values()):
                 log.warning("reconciliation repaired the pool: %s", counts)
 
-    async def run(self) -> None:
-        """Run until `stopping` is set, then finish in-flight work within the grace period."""
+    async def publish_config(self) -> None:
+        """Publish the pool's settings for `provisioner status` and the CLI."""
         await self.redis.hset(self.keys.config, mapping={
             k: str(v) for k, v in self.pool.as_dict().items()})
+
+    async def run(self) -> None:
+        """Run until `stopping` is set, then finish in-flight work within the grace period."""
+        await self.publish_config()
         tasks = [
             asyncio.create_task(self.listen(), name="listen"),
             asyncio.create_task(self._every(self.pool.tick_interval_s, self.tick, "tick"),

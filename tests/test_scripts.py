@@ -760,12 +760,13 @@ async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
 ) -> None:
     scripts, now = pool.scripts, pool.now
     said = {"lag_s": 0.25, "subscribed": True, "started_ms": now, "interval_s": 2.0}
-    assert await scripts.heartbeat(now, "r1", said, 60_000) == (1, 0)
-    assert await scripts.heartbeat(now + 1_000, "r2", {**said, "lag_s": 7.5}, 60_000) == (2, 0)
+    assert (await scripts.heartbeat(now, "r1", said, 60_000))[:2] == (1, 0)
+    lagging = {**said, "lag_s": 7.5}
+    assert (await scripts.heartbeat(now + 1_000, "r2", lagging, 60_000))[:2] == (2, 0)
     # The same heartbeat again, and a late one of r1's, change nothing.
     before = await pool.dump()
-    assert await scripts.heartbeat(now, "r1", said, 60_000) == (2, 0)
-    assert await scripts.heartbeat(now - 500, "r1", {**said, "lag_s": 9.0}, 60_000) == (2, 0)
+    assert (await scripts.heartbeat(now, "r1", said, 60_000))[:2] == (2, 0)
+    assert (await scripts.heartbeat(now - 500, "r1", {**said, "lag_s": 9.0}, 60_000))[:2] == (2, 0)
     assert await pool.dump() == before
     seen = await scripts.replicas(now + 2_000)
     assert [(r.replica_id, r.age_s, r.lag_s, r.subscribed) for r in seen] == [
@@ -773,7 +774,7 @@ async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
     # r1 goes quiet: listed as silent after three heartbeats (10 s at least), forgotten after
     # forget_ms by anyone's heartbeat.
     assert [r.silent for r in await scripts.replicas(now + 10_500)] == [False, True]
-    assert await scripts.heartbeat(now + 61_000, "r2", said, 60_000) == (1, 1)
+    assert (await scripts.heartbeat(now + 61_000, "r2", said, 60_000))[:2] == (1, 1)
     assert [r.replica_id for r in await scripts.replicas(now + 61_000)] == ["r2"]
     assert await pool.redis.hkeys(pool.keys.key("replica_info")) == ["r2"]
 
@@ -792,7 +793,37 @@ async def test_forgetting_is_bounded_per_heartbeat(pool: PoolUnderTest) -> None:
     for k in range(25):
         await pool.scripts.heartbeat(pool.now, f"dead-{k}", {}, 60_000)
     later = pool.now + 120_000
-    assert await pool.scripts.heartbeat(later, "r1", {}, 60_000) == (16, 10)
-    assert await pool.scripts.heartbeat(later, "r1", {}, 60_000) == (6, 10)
-    assert await pool.scripts.heartbeat(later, "r1", {}, 60_000) == (1, 5)
+    assert (await pool.scripts.heartbeat(later, "r1", {}, 60_000))[:2] == (16, 10)
+    assert (await pool.scripts.heartbeat(later, "r1", {}, 60_000))[:2] == (6, 10)
+    assert (await pool.scripts.heartbeat(later, "r1", {}, 60_000))[:2] == (1, 5)
     assert [r.lag_s for r in await pool.scripts.replicas(later)] == [None]
+
+
+async def test_the_first_heartbeat_sets_the_pools_epoch_and_every_one_returns_it(
+    pool: PoolUnderTest,
+) -> None:
+    scripts, now = pool.scripts, pool.now
+    assert (await scripts.heartbeat(now, "r1", {}, 60_000, "e1"))[2] == "e1"
+    # another replica's proposal, a late heartbeat: the epoch that stands is returned, unchanged
+    assert (await scripts.heartbeat(now + 1_000, "r2", {}, 60_000, "e2"))[2] == "e1"
+    assert (await scripts.heartbeat(now - 500, "r1", {}, 60_000, "e3"))[2] == "e1"
+    # the state is lost: the next heartbeat, whoever's, begins a new epoch
+    await pool.redis.flushdb()
+    assert (await scripts.heartbeat(now + 2_000, "r2", {}, 60_000, "e4"))[2] == "e4"
+    assert (await scripts.heartbeat(now + 3_000, "r1", {}, 60_000, "e5"))[2] == "e4"
+    # with no proposal given, the client makes one of its own: the time, then randomness
+    await pool.redis.flushdb()
+    first = (await scripts.heartbeat(now, "r1", {}, 60_000))[2]
+    assert re.fullmatch(rf"{now}-[0-9a-f]{{12}}", first)
+    await pool.redis.flushdb()
+    assert (await scripts.heartbeat(now, "r1", {}, 60_000))[2] != first
+
+
+async def test_a_heartbeat_with_no_epoch_to_propose_is_refused_and_writes_nothing(
+    pool: PoolUnderTest,
+) -> None:
+    before = await pool.dump()
+    for args in ((pool.now, "r1", "{}", 60_000), (pool.now, "r1", "{}", 60_000, "")):
+        with pytest.raises(aioredis.ResponseError, match="no epoch"):
+            await pool.scripts._call("heartbeat", *args)
+    assert await pool.dump() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -239,6 +240,37 @@ async def test_a_lost_subscription_is_taken_again_and_its_gap_counted(
     finally:
         replica.stopping.set()
         await listening
+
+
+async def test_a_replica_that_finds_the_pools_state_gone_says_so_once(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis restarted empty (no persistence), flushed, or failed over to an empty replica: the
+    pool's epoch changes between two heartbeats, and each replica that ran before counts it and
+    logs one error; a replica started after the loss has nothing to compare with."""
+    r1, r2 = make_replica(aredis, api, clock, "r1"), make_replica(aredis, api, clock, "r2")
+    for _ in range(3):  # the same state: nothing to say
+        for replica in (r1, r2):
+            await replica.heartbeat()
+    assert counter(r1, "provisioner_state_lost_total") == 0
+    await send([r1], "node:status", {"node_id": "in-use", "status": "ready"})
+    await send([r1], "user:connect", {"user_id": "u1"})
+    await aredis.flushall()
+    api.listed = [ListedNode("in-use", "ready"), ListedNode("booting-1", "booting")]
+    late = make_replica(aredis, api, clock, "r3")
+    with caplog.at_level(logging.ERROR, logger="provisioner.service"):
+        for replica in (late, r1, r2, r1, r2, late):
+            await replica.heartbeat()
+    assert [counter(r, "provisioner_state_lost_total") for r in (r1, r2, late)] == [1, 1, 0]
+    lost = [rec.getMessage() for rec in caplog.records if "state in Redis was lost" in rec.message]
+    assert len(lost) == 2 and "When Redis loses the pool's state" in lost[0]
+    # the replicas that saw it took the API's nodes back at once, not at the next interval,
+    # and published the settings again; the node in use is free as far as the pool can tell
+    assert set(await aredis.zrange(PoolKeys(POOL).key("nodes"), 0, -1)) == {"in-use",
+                                                                              "booting-1"}
+    assert await aredis.lrange(PoolKeys(POOL).key("ready"), 0, -1) == ["in-use"]
+    assert await aredis.hget(PoolKeys(POOL).config, "max_nodes") == str(r1.pool.max_nodes)
 
 
 async def test_the_longest_session_is_exported_for_prometheus(

@@ -1,5 +1,5 @@
 -- The pool key vector, in the order of provisioner/keys.py POOL_KEY_ORDER.
--- Every script receives it as KEYS[1..25]; per-user and per-node keys are built from the prefixes.
+-- Every script receives it as KEYS[1..26]; per-user and per-node keys are built from the prefixes.
 local K = {
   ready = KEYS[1],          -- list: ready node ids, head = idle the longest (served first)
   waiting = KEYS[2],        -- list: waiting user ids, head = oldest
@@ -26,6 +26,7 @@ local K = {
   replicas = KEYS[23],      -- zset: replica id -> ms of its last heartbeat
   replica_info = KEYS[24],  -- hash: replica id -> what its last heartbeat said (JSON)
   sessions = KEYS[25],      -- zset: user -> ms the user was handed their node (mirrors alloc)
+  epoch = KEYS[26],         -- string: set once when the pool's state begins (heartbeat.lua)
 }
 local rcall = redis.call
 

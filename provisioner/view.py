@@ -36,6 +36,13 @@ class PoolView:
     snapshot: Snapshot
     decisions: list[dict[str, str]]
     replicas: list[ReplicaSeen]
+    epoch: str = ""  # the pool's epoch (lua/heartbeat.lua): "<ms the state began>-<random>"
+
+    @property
+    def state_since_ms(self) -> int | None:
+        """When the pool's state began, by its epoch (None before any heartbeat, or if the
+        epoch is not one the heartbeat wrote)."""
+        return time_ms(self.epoch.split("-", 1)[0]) if self.epoch else None
 
     @cached_property
     def forecast_check(self) -> ForecastCheck:
@@ -72,6 +79,8 @@ class PoolView:
             "scaling": self.scaling.as_dict(),
             "decisions": self.decisions,
             "replicas": [replica.as_dict() for replica in self.replicas],
+            "epoch": self.epoch,
+            "state_since_ms": self.state_since_ms,
         }
 
 
@@ -104,7 +113,8 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
         keys.key("decisions"), count=recent)
     decisions = [{as_text(k): as_text(v) for k, v in fields.items()} for _id, fields in entries]
     replicas = await scripts.replicas(now_ms)
-    return PoolView(pool, now_ms, snapshot, decisions, replicas)
+    epoch = as_text(await redis.get(keys.key("epoch")))
+    return PoolView(pool, now_ms, snapshot, decisions, replicas, epoch)
 
 
 def _duration(seconds: float) -> str:
@@ -161,6 +171,11 @@ def render_view(view: PoolView) -> Group:
                                                     or "none heard from"))
     if silent:
         replicas.append("; " + ", ".join(r.describe() for r in silent), style="red")
+    since = data["state_since_ms"]
+    if since is not None:
+        # a state younger than its replicas' run was lost and begun again
+        replicas.append(f"; the pool's state began {_duration(max(0, view.now_ms - since) / 1000)}"
+                        " ago")
     check = Text("\n".join(view.forecast_check.describe_parts()))
     scaling = Text(view.scaling.describe())
     return Group(

@@ -336,3 +336,24 @@ def test_markup_in_what_others_wrote_is_shown_as_written(redis_url: str) -> None
                                                 env={"COLUMNS": "300"}).output
     bad = CliRunner().invoke(app, ["status", "--redis-url", "redis://[/x]"])
     assert bad.exit_code == 2 and "bad Redis URL" in bad.output, bad.output
+
+
+def test_status_says_when_the_pools_state_began(redis_url: str) -> None:
+    """By the epoch the first heartbeat set: after a loss the state is younger than the run
+    of the replicas that saw it go. An epoch no heartbeat wrote shows as none."""
+    keys = PoolKeys("epoch")
+    began = int(time.time() * 1000) - 7_260_000  # 2 h 1 min ago
+
+    async def beat(epoch: str) -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await client.delete(keys.key("epoch"))
+        await Scripts(client, keys).heartbeat(began, "r1", {}, 600_000, epoch)
+        await client.aclose()
+
+    asyncio.run(beat(f"{began}-0123456789ab"))
+    shown, status = _status(redis_url, "epoch")
+    assert status["epoch"] == f"{began}-0123456789ab" and status["state_since_ms"] == began
+    assert "the pool's state began 2h 1m ago" in shown
+    asyncio.run(beat("written-by-hand"))
+    shown, status = _status(redis_url, "epoch")
+    assert status["state_since_ms"] is None and "state began" not in shown

@@ -485,20 +485,20 @@ class Replica:
                     "provisioner_unsubscribed_seconds_total") or 0.0, 3)}
         _, _, epoch = await self.scripts.heartbeat(self.clock.now_ms(), self.replica_id, info,
                                                    FORGET_REPLICA_MS)
-        if self._epoch and epoch != self._epoch:
+        # Taken before acting on it: a reconciliation that fails does not count the loss twice.
+        seen, self._epoch = self._epoch, epoch
+        if seen and epoch != seen:
             self.metrics.state_lost.inc()
             log.error("the pool's state in Redis was lost: its epoch went from %s to %s since "
                       "this replica's last heartbeat. Sessions in progress and the nodes they "
                       "hold are unknown now; reconciliation takes every node the Node API "
                       "lists back as free (README, \"When Redis loses the pool's state\")",
-                      self._epoch, epoch)
-            self._epoch = epoch
+                      seen, epoch)
             # At once, not at the next interval: until the nodes are back in the pool, the
             # ticks see an empty pool and boot a new one beside them.
             await self.publish_config()
             counts = await self.reconcile()
             log.warning("reconciliation after the loss: %s", counts)
-        self._epoch = epoch
 
     async def probe_lag(self) -> None:
         """Publish a probe (this process's monotonic time) on the replica's own channel. The

@@ -71,6 +71,7 @@ def test_a_run_fails_on_a_stopped_process_a_broken_invariant_or_a_traceback_only
         "simulator stopped (exit 1)",
         "invariants broken in 1 of 2 samples, first at 30 s: node n1 has 2 users",
         "replica-2: 2 traceback(s) in its log"]
+    assert [s.t_s for s in broken.broken] == [30]
     assert json.loads(json.dumps(broken.as_json()))["failed"] == broken.failed
 
 
@@ -91,6 +92,7 @@ def test_only_a_node_the_api_and_the_pool_disagree_on_past_reconciliation_fails(
     assert result.failed == [
         f"node n-gone unknown to the API for {soak.LASTING_S:.0f} s",
         f"node n-leaked unknown to the pool for {soak.LASTING_S:.0f} s"]
+    assert len(result.disagreed) == 5  # every sample, lasting or not
 
 
 def test_a_bad_boot_delay_or_json_folder_is_refused_before_anything_starts(
@@ -123,6 +125,7 @@ def test_a_short_soak_samples_the_running_stack_and_stops_every_process(
     assert len(samples) >= 5 and samples[-1]["t_s"] >= 18
     assert samples[0]["rss_mb"]["replica-1"] > 0 and samples[-1]["rss_mb"]["replica-2"] > 0
     assert all(s["api_nodes"] >= 0 for s in samples)
+    assert any(s["checked"] for s in samples)  # one loop and client serve every check
     assert samples[-1]["stats"]["activities"] > 0 and samples[-1]["sizes"]["active"] > 0
     assert any(s["checked"] for s in samples)
     assert set(samples[-1]["rss_mb"]) >= {"server", "mock-node-api", "replica-1", "simulator"}

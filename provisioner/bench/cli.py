@@ -514,11 +514,10 @@ def soak(
         raise typer.Exit(2) from exc
     console.print(soak_table(result))
     checked = sum(s.checked for s in result.samples)
-    broken = sum(bool(s.problems) for s in result.samples)
-    disagreed = sum(bool(s.unknown_to_pool or s.unknown_to_api) for s in result.samples)
     console.print(f"invariants checked in {checked} of {len(result.samples)} samples (the others "
-                  f"changed under every read), broken in {broken}; the API and the pool "
-                  f"disagreed on a node in {disagreed} samples, for {soaking.LASTING_S:.0f} s "
+                  f"changed under every read), broken in {len(result.broken)}; the API and the "
+                  f"pool disagreed on a node in {len(result.disagreed)} samples, for "
+                  f"{soaking.LASTING_S:.0f} s "
                   f"or more on {len(result.lasting_disagreements())} nodes", highlight=False)
     if result.kills:
         console.print(f"{result.kills} replica(s) killed and started again", highlight=False)

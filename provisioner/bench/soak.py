@@ -96,11 +96,21 @@ class SoakResult:
                 for (side, node), seconds in sorted(lasting.items())]
 
     @property
+    def broken(self) -> list[Sample]:
+        """The samples in which an invariant was broken."""
+        return [s for s in self.samples if s.problems]
+
+    @property
+    def disagreed(self) -> list[Sample]:
+        """The samples in which the API and the pool disagreed on a node (for any time)."""
+        return [s for s in self.samples if s.unknown_to_pool or s.unknown_to_api]
+
+    @property
     def failed(self) -> list[str]:
         """What is wrong whatever the figures: stopped processes, broken invariants,
         tracebacks, nodes the API and the pool lastingly disagree on."""
         wrong = [f"{name} stopped (exit {code})" for name, code in self.exited.items()]
-        broken = [s for s in self.samples if s.problems]
+        broken = self.broken
         if broken:
             wrong.append(f"invariants broken in {len(broken)} of {len(self.samples)} samples, "
                          f"first at {broken[0].t_s:.0f} s: {broken[0].problems[0]}")
@@ -162,8 +172,9 @@ def api_node_ids(api_url: str) -> set[str] | None:
         return None
 
 
-def take_sample(client: redis.Redis, url: str, api_url: str, t_s: float,
+def take_sample(client: redis.Redis, check: Callable[[], list[str]], api_url: str, t_s: float,
                 processes: dict[str, int]) -> Sample:
+    """One reading; `check` runs the invariants' check (`view.check_invariants`)."""
     keys = PoolKeys(POOL)
     api = api_node_ids(api_url)
     known = {str(m) for name in ("nodes", "unclaimed")
@@ -174,15 +185,7 @@ def take_sample(client: redis.Redis, url: str, api_url: str, t_s: float,
     for field_name in STATS:
         value = str(raw_stats.get(field_name, "0"))
         stats[field_name] = int(value) if value.isdigit() else -1
-
-    async def check() -> list[str]:
-        async_client = aioredis.Redis.from_url(url, decode_responses=True)
-        try:
-            return await view.check_invariants(async_client, POOL)
-        finally:
-            await async_client.aclose()
-
-    problems = asyncio.run(check())
+    problems = check()
     checked = not (problems and problems[0].startswith(UNCHECKED))
     resident = {"server": int(memory["used_memory_rss"]) / 2**20}
     resident.update((name, mb) for name, pid in processes.items()
@@ -212,8 +215,15 @@ def run(minutes: float, every: float, replicas: int, boot_delay: str, arrival_ra
     """Run the stack for `minutes`, sampling every `every` seconds and, if `kill_every`, killing
     and restarting a replica that often, in turn; Ctrl-C ends it early and still reports what
     was sampled."""
-    with stack(None, replicas, boot_delay, arrival_rate, simulate, say=say) as running:
+    with (stack(None, replicas, boot_delay, arrival_rate, simulate, say=say) as running,
+          asyncio.Runner() as loop):
         client = redis.Redis.from_url(running.redis_url, decode_responses=True)
+        # The check is the CLI's (async); one loop and one client serve every sample.
+        async_client = aioredis.Redis.from_url(running.redis_url, decode_responses=True)
+
+        def check() -> list[str]:
+            return loop.run(view.check_invariants(async_client, POOL))
+
         api_url = f"http://127.0.0.1:{running.api_port}"
         result = SoakResult(server=server_label(client.info("server")), replicas=replicas,
                             logdir=str(running.logdir))
@@ -230,8 +240,7 @@ def run(minutes: float, every: float, replicas: int, boot_delay: str, arrival_ra
                     next_kill += kill_every
                 if now >= next_sample or now >= end:
                     pids = {c.name: c.process.pid for c in running.children}
-                    sample = take_sample(client, running.redis_url, api_url, now - started,
-                                         pids)
+                    sample = take_sample(client, check, api_url, now - started, pids)
                     result.samples.append(sample)
                     on_sample(sample)
                     next_sample += every
@@ -242,6 +251,7 @@ def run(minutes: float, every: float, replicas: int, boot_delay: str, arrival_ra
             say("stopped early by Ctrl-C; reporting what was sampled")
         finally:
             client.close()
+            loop.run(async_client.aclose())
         result.pids = {c.name: c.process.pid for c in running.children}
     result.logs = {c.name: count_log_marks(c.log_path) for c in running.children}
     return result

@@ -96,13 +96,13 @@ local function record(user, ts)
   for i, k in ipairs(LEVELS) do
     if n < k then break end
     local kth = tonumber(rcall('ZRANGE', ak, -k, -k, 'WITHSCORES')[2])
-    if rcall('ZADD', K.levels, score(k * LEVEL_BAND + kth), k .. ':' .. user) > 0 then
+    if rcall('ZADD', K.levels, score(k * LEVEL_BAND + kth), level_member(k, user)) > 0 then
       trim_stale_level(k, now, window, SWEEP_PER_ADD)
     end
     for j, limit in ipairs(AGES) do
       if first + limit > now then
         local deadline = math.min(kth + window, first + limit)
-        local member = k .. ':' .. j .. ':' .. user
+        local member = young_member(k, j, user)
         if rcall('ZADD', K.levels, score(young_band(i, j) + deadline), member) > 0 then
           trim_stale_young(i, j, now, SWEEP_PER_ADD)
         end

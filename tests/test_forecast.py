@@ -87,6 +87,23 @@ async def test_users_are_counted_by_level_and_age(pool: PoolUnderTest) -> None:
     assert young == [0, 1, 2]
 
 
+async def test_ids_that_one_separator_would_join_keep_their_own_cells(pool: PoolUnderTest) -> None:
+    # Ids may hold ':'. With ':' joining the members, user '1:x' at level 1 ('1:1:x') and
+    # user 'x' in level 1's cell of age 1 ('1:1:x') were one member of `levels`.
+    await browse(pool, "1:x", 1)
+    pool.clock.advance(150_000)
+    await browse(pool, "1:x", 1)
+    pool.clock.advance(151_000)
+    await browse(pool, "1:x", 1)  # first seen 301 s ago: past every age limit
+    await browse(pool, "x", 1)  # first seen now
+    assert await level_counts(pool) == [2, 0, 0, 0, 0]
+    young = [await pool.redis.zcount(pool.keys.key("levels"), f"({young_band(1, j) + pool.now}",
+                                     young_band(1, j) + LEVEL_BAND - 1) for j in (1, 2, 3)]
+    assert young == [1, 1, 1]  # 'x' alone is young
+    await pool.scripts.allocate(pool.now, "x")  # leaving the cells takes only x's members
+    assert await level_counts(pool) == [1, 0, 0, 0, 0]
+
+
 async def test_a_connect_credits_the_cells_of_the_horizon_before_it(pool: PoolUnderTest) -> None:
     await browse(pool, "a", 5)  # events at -20, -15, -10, -5, 0 s
     pool.clock.advance(30_000)

@@ -90,10 +90,11 @@ end
 -- while they have at least k activities in the window, and of age a = now - first seen.
 -- The forecast counts users per cell (level index i, age bucket j) with O(log n) ZCOUNTs on one
 -- sorted set, with no sweep over users. Each count lives in its own band of scores:
---   band LEVELS[i]          member 'k:user'    score band + ms of the k-th latest activity
+--   band LEVELS[i]          member 'k|user'    score band + ms of the k-th latest activity
 --                           (the user is at level >= k while that ms is inside the window);
---   band 20 + 4 * i + j     member 'k:j:user'  score band + the ms the user stops being both at
+--   band 20 + 4 * i + j     member 'k|j|user'  score band + the ms the user stops being both at
 --                           level >= k and younger than AGES[j] (a deadline: counted while > now).
+-- The members are named by level_member and young_member (below) only.
 local LEVELS = {1, 2, 4, 8, 16}
 local AGES = {60000, 120000, 300000}  -- ms; bucket #AGES + 1 is everyone older
 local LEVEL_BAND = 1e13  -- above any ms timestamp until the year 2286; 43 bands stay exact
@@ -143,12 +144,24 @@ end
 -- once a new member, so removal keeps pace with arrivals at any rate, O(log n) per event.
 local SWEEP_PER_ADD = 2
 
+-- A user's members of `levels`. The separator is one no id may hold (ids may hold ':', the
+-- pattern of provisioner/events.py ID_PATTERN): with ':', user '1:x' at level 1 and user 'x' in
+-- the young cell of level 1, age 1 were one member, '1:1:x', and one user's write moved the
+-- other's entry.
+local function level_member(k, user)
+  return k .. '|' .. user
+end
+
+local function young_member(k, j, user)
+  return k .. '|' .. j .. '|' .. user
+end
+
 local function forget_levels(user)
   local members = {}
   for i, k in ipairs(LEVELS) do
-    members[#members + 1] = k .. ':' .. user
+    members[#members + 1] = level_member(k, user)
     for j = 1, #AGES do
-      members[#members + 1] = k .. ':' .. j .. ':' .. user
+      members[#members + 1] = young_member(k, j, user)
     end
   end
   rcall('ZREM', K.levels, unpack(members))

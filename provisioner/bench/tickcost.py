@@ -82,11 +82,11 @@ async def bulk_load(redis: aioredis.Redis, keys: PoolKeys, users: int, window_ms
             for i, k in enumerate(LEVELS, start=1):
                 if len(events) < k:
                     break
-                levels[f"{k}:{user}"] = k * LEVEL_BAND + events[-k]
+                levels[f"{k}|{user}"] = k * LEVEL_BAND + events[-k]
                 for j, limit in enumerate(AGES_MS, start=1):
                     if first + limit > T0:
                         deadline = min(events[-k] + window_ms, first + limit)
-                        levels[f"{k}:{j}:{user}"] = young_band(i, j) + deadline
+                        levels[f"{k}|{j}|{user}"] = young_band(i, j) + deadline
         async with redis.pipeline(transaction=False) as pipe:
             pipe.zadd(keys.key("active"), active)
             if engaged:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -110,6 +111,7 @@ class HttpNodeApi:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.metrics = metrics
+        self._said_no_list = False  # a Node API without a list is said once, not every interval
 
     async def _send(self, op: str, method: str, path: str) -> _Answer:
         """One request, read to at most MAX_BODY[op] within timeout_s in all."""
@@ -151,7 +153,7 @@ class HttpNodeApi:
                 if attempt + 1 < self.attempts:
                     await self._pause(attempt)
                 continue
-            except httpx.TransportError as exc:
+            except httpx.HTTPError as exc:  # sent: a broken answer, a body not decodable, ...
                 self._count("create", "uncertain", started)
                 return CreateResult(CreateOutcome.UNCERTAIN,
                                     detail=f"{type(exc).__name__}: {exc}")
@@ -170,11 +172,17 @@ class HttpNodeApi:
         return CreateResult(CreateOutcome.FAILED, detail="could not connect")
 
     async def delete(self, node_id: str) -> DeleteOutcome:
+        try:
+            path = node_path(node_id)
+        except ValueError as exc:
+            self._count("delete", "bad_id", time.perf_counter())
+            log.error("delete: %s", exc)
+            return DeleteOutcome.FAILED
         for attempt in range(self.attempts):
             started = time.perf_counter()
             try:
-                response = await self._send("delete", "DELETE", f"/api/nodes/{node_id}")
-            except httpx.TransportError as exc:
+                response = await self._send("delete", "DELETE", path)
+            except httpx.HTTPError as exc:
                 self._count("delete", "transport_error", started)
                 log.warning("delete %s: %s (attempt %d/%d)", node_id, type(exc).__name__,
                             attempt + 1, self.attempts)
@@ -198,16 +206,22 @@ class HttpNodeApi:
         started = time.perf_counter()
         try:
             response = await self._send("list", "GET", "/api/nodes")
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             self._count("list", "transport_error", started)
             log.warning("list: %s: %s", type(exc).__name__, exc)
             return None
         if response.status_code != 200:
             self._count("list", f"http_{response.status_code}", started)
+            if response.status_code not in (404, 405):
+                log.warning("list: HTTP %d %r", response.status_code, response.text[:100])
+            elif not self._said_no_list:
+                self._said_no_list = True
+                log.warning("list: HTTP %d: the Node API has no GET /api/nodes; reconciliation "
+                            "is skipped", response.status_code)
             return None
         try:
             items = response.json()["nodes"]  # type: ignore[index]
-            nodes = [ListedNode(str(item["id"]), str(item["state"])) for item in items]
+            nodes = [ListedNode(_id_text(item["id"]), str(item["state"])) for item in items]
         except (ValueError, KeyError, TypeError) as exc:
             self._count("list", "bad_body", started)
             log.warning("list: the answer is not a node list: %s", exc)
@@ -216,12 +230,28 @@ class HttpNodeApi:
         return nodes
 
 
+def node_path(node_id: str) -> str:
+    """The node's URL path, its id percent-encoded: an id the pool cannot take (a space, a '/')
+    is still deleted as itself. ValueError for an id no path can name."""
+    if node_id in ("", ".", ".."):
+        raise ValueError(f"no node path for the id {node_id!r}")
+    return "/api/nodes/" + quote(node_id, safe=":@")
+
+
+def _id_text(value: object) -> str:
+    """An id as the API wrote it: a non-empty string, or an integer (not a bool, which JSON
+    spells true/false); ValueError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise ValueError(f"not a node id: {value!r}"[:100])
+    return str(value)
+
+
 def _node_id(response: _Answer) -> str:
     try:
         body = response.json()
     except ValueError:
         return ""
-    node_id = body.get("id") if isinstance(body, dict) else None
-    if isinstance(node_id, str | int) and str(node_id):
-        return str(node_id)
-    return ""
+    try:
+        return _id_text(body.get("id") if isinstance(body, dict) else None)
+    except ValueError:
+        return ""

@@ -134,3 +134,46 @@ async def test_an_answer_too_long_or_nested_too_deep_is_no_answer() -> None:
     listed = await client(lambda r: httpx.Response(200, json={"nodes": [
         {"id": f"n{i}", "state": "ready"} for i in range(50_000)]})).list_nodes()
     assert listed is not None and len(listed) == 50_000
+
+
+def garbled(status: int) -> object:
+    """A server whose body says it is gzip and is not: httpx raises DecodingError, which is not
+    a TransportError."""
+    return lambda r: httpx.Response(status, content=b"not gzip",
+                                    headers={"Content-Encoding": "gzip"})
+
+
+async def test_an_answer_that_cannot_be_decoded_is_a_failure_not_an_exception() -> None:
+    # The create was sent and answered: a node may exist.
+    assert (await client(garbled(202)).create()).outcome is CreateOutcome.UNCERTAIN
+    assert await client(garbled(202), attempts=2).delete("n1") is DeleteOutcome.FAILED
+    assert await client(garbled(200)).list_nodes() is None
+
+
+async def test_an_id_is_a_string_or_an_integer_never_a_bool_or_null() -> None:
+    for body in ({"id": True}, {"id": None}, {"id": ""}, {"id": 1.5}, {"id": ["n"]}):
+        result = await client(lambda r, b=body: httpx.Response(202, json=b)).create()
+        assert result.outcome is CreateOutcome.UNCERTAIN, body
+    result = await client(lambda r: httpx.Response(202, json={"id": 17})).create()
+    assert (result.outcome, result.node_id) == (CreateOutcome.CREATED, "17")
+    # A list with an item that names no node is not a list to reconcile against.
+    for item in ({"id": None, "state": "ready"}, {"id": False, "state": "ready"}):
+        body = {"nodes": [{"id": "n1", "state": "ready"}, item]}
+        assert await client(lambda r, b=body: httpx.Response(200, json=b)).list_nodes() is None
+
+
+async def test_a_delete_names_the_node_percent_encoded_and_refuses_a_path_no_id_can_be() -> None:
+    paths = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.raw_path.decode())
+        return httpx.Response(202)
+
+    api = client(handler)
+    for node_id in ("node-1", "a:b@c.d_e", "node 1/x", "ü"):
+        assert await api.delete(node_id) is DeleteOutcome.SENT
+    assert paths == ["/api/nodes/node-1", "/api/nodes/a:b@c.d_e", "/api/nodes/node%201%2Fx",
+                     "/api/nodes/%C3%BC"]
+    for node_id in ("", ".", ".."):  # the collection, or a path that resolves out of it
+        assert await api.delete(node_id) is DeleteOutcome.FAILED
+    assert len(paths) == 4

@@ -20,6 +20,9 @@
   ARGV[1] now (ms)
   ARGV[2] node id
   ARGV[3] status: booting | ready | terminated
+  ARGV[4] (optional) 'listed': the status was read from the Node API's list by reconciliation,
+          not received: a ready found that way teaches no boot time (when the node became
+          ready is not known, only that it is by now)
 
   Returns {code, previous_state, requeued_user, served...}
     1 NEW  2 READY  3 TERMINATED  4 DUPLICATE  5 IGNORED
@@ -32,6 +35,7 @@
 local now = tonumber(ARGV[1])
 local node = ARGV[2]
 local status = ARGV[3]
+local listed = ARGV[4] == 'listed'
 
 local nk = node_key(node)
 local state = rcall('HGET', nk, 'state')
@@ -81,7 +85,7 @@ if status == 'ready' and state == 'booting' then
   -- Learned from the sample nodes only (pool.lua new_node), half of all, so each weighs 0.2;
   -- 'boot_n' counts them, for the weight of the sample boots still running (policy.lua
   -- lead_time).
-  if is_boot_sample(node) then
+  if is_boot_sample(node) and not listed then
     local created = tonumber(rcall('HGET', nk, 'created_ms')) or now
     learn_mean('boot_ms', math.max(0, now - created), 0.2)
     rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)

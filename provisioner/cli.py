@@ -170,28 +170,28 @@ def run(
     """Run one replica: listeners, scaling ticker, reconciliation, /metrics and health."""
     from provisioner.service import serve
 
-    try:
-        service = ServiceConfig(
-            redis_url=redis_url, node_api_url=node_api_url, pool=pool, http_port=http_port,
-            replica_id=replica_id or default_replica_id(), log_format=log_format,
-            log_level=log_level.upper(),
-            reconcile_interval_s=reconcile_interval, api_timeout_s=api_timeout,
-            heartbeat_interval_s=heartbeat_interval, max_event_lag_s=max_event_lag,
-        ).validate()
-        pool_config = PoolConfig(
-            min_ready=min_ready, max_nodes=max_nodes, idle_timeout_s=idle_timeout,
-            boot_timeout_s=boot_timeout, tick_interval_s=tick_interval,
-            activity_window_s=activity_window, engaged_threshold=engaged_threshold,
-            conversion=conversion, create_timeout_s=create_timeout,
-            delete_timeout_s=delete_timeout, max_batch=max_batch,
-            scaling_policy=scaling_policy, buffer_sd=buffer_sd, surge_buffer_sd=surge_buffer_sd,
-            learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
-            keep_window_s=keep_window, new_session_frees=new_session_frees,
-            overdue_boots=overdue_boots, uncredited_exposure=uncredited_exposure,
-            estimation_error=estimation_error,
-        ).validate()
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    service = ServiceConfig(
+        redis_url=redis_url, node_api_url=node_api_url, pool=pool, http_port=http_port,
+        replica_id=replica_id or default_replica_id(), log_format=log_format,
+        log_level=log_level.upper(),
+        reconcile_interval_s=reconcile_interval, api_timeout_s=api_timeout,
+        heartbeat_interval_s=heartbeat_interval, max_event_lag_s=max_event_lag,
+    )
+    pool_config = PoolConfig(
+        min_ready=min_ready, max_nodes=max_nodes, idle_timeout_s=idle_timeout,
+        boot_timeout_s=boot_timeout, tick_interval_s=tick_interval,
+        activity_window_s=activity_window, engaged_threshold=engaged_threshold,
+        conversion=conversion, create_timeout_s=create_timeout,
+        delete_timeout_s=delete_timeout, max_batch=max_batch,
+        scaling_policy=scaling_policy, buffer_sd=buffer_sd, surge_buffer_sd=surge_buffer_sd,
+        learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
+        keep_window_s=keep_window, new_session_frees=new_session_frees,
+        overdue_boots=overdue_boots, uncredited_exposure=uncredited_exposure,
+        estimation_error=estimation_error,
+    )
+    # Every problem of both at once: a second start should not find the next one.
+    if found := service.problems() + pool_config.problems():
+        raise _fail("invalid settings: " + "; ".join(found))
     setup_logging(service.log_format, service.log_level)
     try:
         asyncio.run(serve(service, pool_config))
@@ -453,18 +453,22 @@ def reconcile(
     except ConfigError as exc:
         raise _fail(str(exc)) from None
 
-    async def go(client: aioredis.Redis) -> dict[str, Any]:
+    async def go(client: aioredis.Redis) -> dict[str, Any] | None:
         api = HttpNodeApi(node_api_url)
         try:
             config = await _published_config(client, PoolKeys(pool))
             replica = Replica(client, service, config, api)
             counts = await replica.reconcile()
             await replica.drain(10.0)
-            return dict(counts)
+            return None if counts is None else dict(counts)
         finally:
             await api.aclose()
 
-    typer.echo(json.dumps(_with_redis(redis_url, go)))
+    counts = _with_redis(redis_url, go)
+    if counts is None:
+        raise _fail(f"the Node API at {node_api_url} gave no node list (unreachable, an error, "
+                    "or no GET /api/nodes): nothing was compared")
+    typer.echo(json.dumps(counts))
 
 
 @app.command()

@@ -54,6 +54,8 @@ Outcome = ActivityResult | AllocateResult | ReleaseResult | NodeStatusResult | N
 
 #: How long after a failed DELETE the next attempt is made.
 DELETE_RETRY_MS = 10_000
+#: The Node API's states of a node on its way out: not one the pool may hand to a user.
+ENDING = frozenset({"terminating", "terminated"})
 
 #: Most pub/sub messages applied in one round trip (`Replica.listen`).
 LISTEN_BATCH = 200
@@ -299,8 +301,13 @@ class Replica:
         now = self.clock.now_ms()
         if result.outcome is CreateOutcome.CREATED and not events.ID_PATTERN.match(
                 result.node_id):
-            log.error("create %s: the Node API returned an unusable id %r; treating the create "
-                      "as uncertain", reservation, result.node_id[:80])
+            # A node the pool could never hear of (its status would be refused): deleted at
+            # once, and its reservation given back so the next tick can create another.
+            self.metrics.errors.labels("unusable_id").inc()
+            log.error("create %s: the Node API named the node %r, an id the pool cannot take; "
+                      "deleting it", reservation, result.node_id[:80])
+            await self.scripts.cancel_create(reservation)
+            await self._delete_orphan(result.node_id)
             return
         if result.outcome is CreateOutcome.CREATED:
             registered = await self.scripts.register_node(now, reservation, result.node_id)
@@ -352,29 +359,53 @@ class Replica:
 
     # --- reconciliation -----------------------------------------------------------------------
 
-    async def reconcile(self) -> dict[str, int]:
-        """Compare the pool with the Node API's list and repair both ways.
+    async def reconcile(self) -> dict[str, int] | None:
+        """Compare the pool with the Node API's list and repair both ways; None when the API
+        gave no list (unreachable, an error, not a list of nodes): nothing was compared.
 
         Nodes the API holds and the pool does not know are adopted (a create whose answer and
-        status were both lost); nodes the pool believes alive that the API does not list are
-        declared terminated (a lost `terminated`); nodes the pool ended that the API still runs
-        are deleted again. Only nodes older than a grace period are judged, so a create in
-        flight is not mistaken for a leak.
+        status were both lost); nodes the pool believes alive that the API does not list, or
+        lists as terminating or terminated, are ended (a lost `terminated`); a node the pool
+        still calls booting that the API calls ready is made ready (a lost `ready`: a user
+        would wait beside it); nodes the pool ended that the API still runs are deleted again,
+        and so are nodes whose id the pool cannot take (it would never hear of them). Only
+        nodes older than a grace period are judged missing, so a create in flight is not
+        mistaken for a leak.
         """
-        counts = {"adopted": 0, "vanished": 0, "redeleted": 0}
+        counts = {"adopted": 0, "vanished": 0, "redeleted": 0, "made_ready": 0,
+                  "unusable_deleted": 0}
         started = self.clock.now_ms()
         listed = await self.node_api.list_nodes()
         if listed is None:
-            return counts
+            return None
         grace_ms = int(self.pool.create_timeout_s * 1000)
-        api_states = {node.node_id: node.state for node in listed
-                      if events.ID_PATTERN.match(node.node_id)}
+        api_states: dict[str, str] = {}
+        for node in listed:
+            if events.ID_PATTERN.match(node.node_id):
+                api_states[node.node_id] = node.state
+            elif node.state not in ENDING:
+                counts["unusable_deleted"] += 1
+                self.metrics.errors.labels("unusable_id").inc()
+                log.error("reconcile: the Node API runs node %r, whose id the pool cannot take; "
+                          "deleting it", node.node_id[:80])
+                self._spawn(self._delete_orphan(node.node_id))
         pairs: list[tuple[Any, Any]] = await self.redis.zrange(  # type: ignore[assignment]
             self.keys.key("nodes"), 0, -1, withscores=True)
         known_ids = {as_text(k): int(v) for k, v in pairs}
+        booting = {as_text(k) for k in await self.redis.zrange(self.keys.key("booting"), 0, -1)}
         now = self.clock.now_ms()
         for node_id, state in api_states.items():
-            if node_id in known_ids or state in ("terminating", "terminated"):
+            if node_id in known_ids:
+                if state == "ready" and node_id in booting:
+                    result = await self.scripts.apply_node_status(now, node_id, "ready",
+                                                                  listed=True)
+                    if result.code is NodeStatusOutcome.READY:
+                        counts["made_ready"] += 1
+                        log.warning("reconcile: node %s is ready at the Node API but was "
+                                    "booting in the pool (its ready was lost); made ready",
+                                    node_id)
+                continue
+            if state in ENDING:
                 continue
             record_state = as_text(await self.redis.hget(self.keys.node(node_id), "state"))
             if record_state == "terminated":
@@ -390,13 +421,16 @@ class Replica:
                 log.warning("reconcile: adopted node %s (%s) that the pool did not know",
                             node_id, state)
         for node_id, created in known_ids.items():
-            if node_id in api_states or created > started - grace_ms:
+            api_state = api_states.get(node_id)
+            if api_state is None and created > started - grace_ms:
+                continue
+            if api_state is not None and api_state not in ENDING:
                 continue
             result = await self.scripts.apply_node_status(now, node_id, "terminated")
             if result.code is NodeStatusOutcome.TERMINATED:
                 counts["vanished"] += 1
-                log.warning("reconcile: node %s is not at the API any more; declared "
-                            "terminated", node_id)
+                log.warning("reconcile: node %s is %s at the Node API; declared terminated",
+                            node_id, api_state or "not listed")
         return counts
 
     async def _delete_orphan(self, node_id: str) -> None:
@@ -498,7 +532,11 @@ class Replica:
             # ticks see an empty pool and boot a new one beside them.
             await self.publish_config()
             counts = await self.reconcile()
-            log.warning("reconciliation after the loss: %s", counts)
+            if counts is None:
+                log.error("reconciliation after the loss had no node list from the Node API; "
+                          "the nodes come back through their status or the next one")
+            else:
+                log.warning("reconciliation after the loss: %s", counts)
 
     async def probe_lag(self) -> None:
         """Publish a probe (this process's monotonic time) on the replica's own channel. The
@@ -570,7 +608,7 @@ class Replica:
         if await self.redis.set(self.keys.reconcile_lock, self.replica_id, nx=True,
                                 px=interval_ms):
             counts = await self.reconcile()
-            if any(counts.values()):
+            if counts and any(counts.values()):
                 log.warning("reconciliation repaired the pool: %s", counts)
 
     async def publish_config(self) -> None:
@@ -598,6 +636,14 @@ class Replica:
         await self.stopping.wait()
         log.info("replica %s stopping: %d node actions in flight", self.replica_id,
                  len(self._actions))
+        # Each loop ends at its next turn; one inside a slow call (a reconciliation's list of
+        # nodes, up to the API timeout) is cancelled after the grace: every step it could be in
+        # is atomic or repeated by the next replica's turn.
+        _, late = await asyncio.wait(tasks, timeout=self.service.shutdown_grace_s)
+        for task in late:
+            log.warning("stopping: %s cancelled after %gs", task.get_name(),
+                        self.service.shutdown_grace_s)
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.drain(self.service.shutdown_grace_s)
 
@@ -678,8 +724,12 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
             await runner.setup()
             await web.TCPSite(runner, service.http_host, service.http_port).start()
             log.info("metrics and health on http://%s:%d", service.http_host, service.http_port)
-        run = asyncio.create_task(replica.run())
-        await stop.wait()
+        run = asyncio.create_task(replica.run(), name="replica")
+        stopped = asyncio.create_task(stop.wait(), name="stop")
+        await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        # A replica that cannot start (a read-only server, a settings key of the wrong type)
+        # ends before any stop: its error is raised now, not kept until a SIGTERM.
+        stopped.cancel()
         replica.stopping.set()
         await run
     finally:

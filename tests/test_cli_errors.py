@@ -156,3 +156,20 @@ def test_replay_json_is_strict_json(tmp_path: Path) -> None:
     scores = json.loads(result.stdout.strip().splitlines()[-1],
                         parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     assert scores["cost_ratio"] is None
+
+
+def test_reconcile_without_a_node_list_says_so_and_fails(redis_url: str) -> None:
+    # It printed zero repairs and exited 0: nothing had been compared.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    code, output = invoke("reconcile", "--redis-url", redis_url, "--node-api-url",
+                          f"http://127.0.0.1:{free}", "--pool", "no-list")
+    assert code == 2 and "gave no node list" in output and "nothing was compared" in output
+
+
+def test_run_names_every_bad_setting_of_the_service_and_the_pool_at_once() -> None:
+    # It named the service's alone, and a second start found the pool's.
+    code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
+                          "http://api", "--idle-timeout", "nan", "--log-level", "loud")
+    assert code == 2 and "idle_timeout_s" in output and "log level" in output, output

@@ -366,10 +366,79 @@ async def test_reconcile_adopts_unknown_nodes_and_ends_vanished_ones(
                   ListedNode("dying", "terminating")]
     counts = await replica.reconcile()
     # "just-made" is younger than the grace period: not judged although the API omits it.
-    assert counts == {"adopted": 1, "vanished": 1, "redeleted": 0}
+    assert counts == {"adopted": 1, "vanished": 1, "redeleted": 0, "made_ready": 0,
+                      "unusable_deleted": 0}
     nodes = set(await aredis.zrange(replica.keys.key("nodes"), 0, -1))
     assert nodes == {"fresh", "stranger", "just-made"}
     assert await check_invariants(aredis, POOL) == []
+
+
+async def test_reconcile_ends_a_node_the_api_lists_as_ending_before_anyone_is_handed_it(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    # Its `terminated` was lost; the API keeps listing it, as terminated or still terminating.
+    # Judged at once: the API's word, not its silence, needs no grace period.
+    await send([replica], "node:status", {"node_id": "dead", "status": "ready"})
+    await send([replica], "node:status", {"node_id": "dying", "status": "ready"})
+    api.listed = [ListedNode("dead", "terminated"), ListedNode("dying", "terminating")]
+    counts = await replica.reconcile()
+    assert counts is not None and counts["vanished"] == 2
+    await send([replica], "user:connect", {"user_id": "victim"})
+    assert await aredis.hgetall(replica.keys.key("alloc")) == {}
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_reconcile_makes_ready_a_node_whose_ready_was_lost_and_learns_no_boot_from_it(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    await send([replica], "node:status", {"node_id": "n1", "status": "booting"})
+    await send([replica], "user:connect", {"user_id": "u1"})  # a miss: u1 waits beside n1
+    clock.advance(120_000)  # n1's `ready` is lost; the API lists it ready
+    api.listed = [ListedNode("n1", "ready")]
+    model_before = await aredis.hgetall(replica.keys.key("model"))
+    counts = await replica.reconcile()
+    assert counts is not None and counts["made_ready"] == 1
+    assert await aredis.hgetall(replica.keys.key("alloc")) == {"u1": "n1"}
+    # When n1 became ready is not known: 120 s would be a boot time it never took.
+    model = await aredis.hgetall(replica.keys.key("model"))
+    assert model.get("boot_ms") == model_before.get("boot_ms") and "boot_n" not in model
+    # Its late `ready` changes nothing, and a second reconciliation finds nothing to do.
+    await send([replica], "node:status", {"node_id": "n1", "status": "ready"})
+    counts = await replica.reconcile()
+    assert counts is not None and not any(counts.values())
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_reconcile_deletes_a_node_whose_id_the_pool_cannot_take(
+    replica: Replica, api: FakeNodeApi, aredis: aioredis.Redis,
+) -> None:
+    api.listed = [ListedNode("node 1/x", "booting"), ListedNode("gone one", "terminated"),
+                  ListedNode("n1", "booting")]
+    counts = await replica.reconcile()
+    await replica.drain(5.0)
+    assert counts is not None and counts["unusable_deleted"] == 1 and counts["adopted"] == 1
+    assert api.deleted == ["node 1/x"]
+    assert counter(replica, "provisioner_errors_total", where="unusable_id") == 1
+
+
+async def test_no_list_from_the_api_is_no_reconciliation(
+    replica: Replica, api: FakeNodeApi, aredis: aioredis.Redis,
+) -> None:
+    await send([replica], "node:status", {"node_id": "n1", "status": "ready"})
+    api.listed = None
+    assert await replica.reconcile() is None
+    assert await aredis.zrange(replica.keys.key("nodes"), 0, -1) == ["n1"]
+
+
+async def test_a_create_answered_with_an_id_the_pool_cannot_take_is_deleted_and_given_back(
+    replica: Replica, api: FakeNodeApi, aredis: aioredis.Redis,
+) -> None:
+    api.create_outcomes.append(CreateResult(CreateOutcome.CREATED, "node 1/x"))
+    await replica.tick()  # the floor: one create
+    await replica.drain(5.0)
+    assert api.deleted == ["node 1/x"]
+    assert await aredis.zcard(replica.keys.key("pending")) == 0  # the next tick creates again
+    assert counter(replica, "provisioner_errors_total", where="unusable_id") == 1
 
 
 async def test_shutdown_lets_in_flight_creates_finish(
@@ -391,6 +460,42 @@ async def test_run_stops_within_the_grace_period(replica: Replica) -> None:
     replica.stopping.set()
     await asyncio.wait_for(task, 5)
     assert loop.time() - started < 3
+
+
+async def test_a_loop_stuck_in_a_slow_call_is_cancelled_after_the_grace(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            reconcile_interval_s=1, shutdown_grace_s=0.5)
+    replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+    listing = asyncio.Event()
+
+    async def hangs() -> None:
+        listing.set()
+        await asyncio.sleep(60)  # a GET /api/nodes that takes the API timeout
+
+    api.list_nodes = hangs  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(replica.run())
+    await asyncio.wait_for(listing.wait(), 5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    replica.stopping.set()
+    await asyncio.wait_for(task, 5)
+    assert loop.time() - started < 3
+
+
+async def test_serve_ends_with_the_error_of_a_replica_that_cannot_start(redis_url: str,
+                                                                        aredis: aioredis.Redis,
+                                                                        ) -> None:
+    from provisioner.service import serve
+
+    await aredis.set(PoolKeys("broken").config, "a string, where the settings hash goes")
+    service = ServiceConfig(redis_url, "http://127.0.0.1:9", pool="broken", http_port=0)
+    try:
+        with pytest.raises(aioredis.ResponseError, match="WRONGTYPE"):
+            await asyncio.wait_for(serve(service, FLOOR_ONLY), 10)
+    finally:
+        await aredis.delete(PoolKeys("broken").config)
 
 
 async def test_outcomes_carry_text_ids_on_a_bytes_client(redis_url: str, aredis: aioredis.Redis,

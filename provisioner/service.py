@@ -393,6 +393,10 @@ class Replica:
             self.keys.key("nodes"), 0, -1, withscores=True)
         known_ids = {as_text(k): int(v) for k, v in pairs}
         booting = {as_text(k) for k in await self.redis.zrange(self.keys.key("booting"), 0, -1)}
+        # Nodes the pool is deleting itself: the API calling them terminating is their DELETE
+        # arriving, and their `terminated` (or the DELETE's retry) ends them.
+        deleting = {as_text(k)
+                    for k in await self.redis.zrange(self.keys.key("terminating"), 0, -1)}
         now = self.clock.now_ms()
         for node_id, state in api_states.items():
             if node_id in known_ids:
@@ -424,7 +428,8 @@ class Replica:
             api_state = api_states.get(node_id)
             if api_state is None and created > started - grace_ms:
                 continue
-            if api_state is not None and api_state not in ENDING:
+            if api_state is not None and (api_state not in ENDING or (
+                    api_state == "terminating" and node_id in deleting)):
                 continue
             result = await self.scripts.apply_node_status(now, node_id, "terminated")
             if result.code is NodeStatusOutcome.TERMINATED:

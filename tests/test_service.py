@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -386,6 +387,21 @@ async def test_reconcile_ends_a_node_the_api_lists_as_ending_before_anyone_is_ha
     await send([replica], "user:connect", {"user_id": "victim"})
     assert await aredis.hgetall(replica.keys.key("alloc")) == {}
     assert await check_invariants(aredis, POOL) == []
+
+
+async def test_reconcile_leaves_a_node_the_pool_is_deleting_to_its_own_end(
+    api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=0))
+    await send([replica], "node:status", {"node_id": "n1", "status": "ready"})
+    clock.advance(3_600_000)  # idle past every timeout: the reaper deletes it
+    await replica.tick()
+    await replica.drain(5.0)
+    assert api.deleted == ["n1"]
+    api.listed = [ListedNode("n1", "terminating")]  # its DELETE arriving
+    counts = await replica.reconcile()
+    assert counts is not None and not any(counts.values())
+    assert await aredis.hget(replica.keys.node("n1"), "state") == "terminating"
 
 
 async def test_reconcile_makes_ready_a_node_whose_ready_was_lost_and_learns_no_boot_from_it(

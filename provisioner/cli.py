@@ -201,7 +201,8 @@ def run(
 
 def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     try:
-        client = aioredis.Redis.from_url(url, decode_responses=True)  # connects on first use
+        # Connects on first use. What is not UTF-8 (a hand edit) is shown replaced, not fatal.
+        client = aioredis.Redis.from_url(url, decode_responses=True, encoding_errors="replace")
     except ValueError as exc:
         raise _fail(f"bad Redis URL {url!r}: {exc}") from None
 

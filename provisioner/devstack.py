@@ -174,7 +174,7 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
 
 async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],
                  duration: float | None) -> None:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, encoding_errors="replace")
     started = time.monotonic()
     window = PoolConfig().window_ms
     try:

@@ -664,13 +664,19 @@ class Scripts:
         return Snapshot(counts, dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
+#: How the service's client and `as_text` turn bytes that are not UTF-8 into text and back.
+ID_BYTES = "surrogateescape"
+
+
 def new_epoch(now_ms: int) -> str:
     """A pool epoch: when the state began, and enough randomness that no two are alike."""
     return f"{now_ms}-{secrets.token_hex(6)}"
 
 
 def as_text(value: Any) -> str:
-    """A reply value as text: bytes decoded, None as the empty string."""
+    """A reply value as text: bytes decoded, None as the empty string. Bytes that are not UTF-8
+    (only a hand edit writes them) become lone surrogates, which a client made with
+    `encoding_errors=ID_BYTES` sends back as the same bytes."""
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode(errors=ID_BYTES)
     return "" if value is None else str(value)

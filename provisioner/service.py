@@ -31,6 +31,7 @@ from provisioner.logs import RateLimitedLog
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, DeleteOutcome, HttpNodeApi, NodeApi
 from provisioner.scripts import (
+    ID_BYTES,
     Activity,
     ActivityResult,
     AllocateResult,
@@ -716,7 +717,7 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     redis = aioredis.Redis.from_url(service.redis_url, health_check_interval=15,
-                                    socket_keepalive=True)
+                                    socket_keepalive=True, encoding_errors=ID_BYTES)
     metrics = Metrics()
     node_api = HttpNodeApi(service.node_api_url, timeout_s=service.api_timeout_s,
                            attempts=service.api_retries, metrics=metrics)

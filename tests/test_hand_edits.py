@@ -3,12 +3,15 @@ transition. (A key of the wrong type is beyond this: every command on it fails.)
 
 from __future__ import annotations
 
+import json
+
+import redis
 import redis.asyncio as aioredis
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Scripts
+from provisioner.scripts import ID_BYTES, Scripts
 from tests.helpers import T0, PoolUnderTest
 
 CONFIG = PoolConfig()
@@ -65,3 +68,52 @@ async def test_no_value_written_by_the_scripts_stops_a_transition_when_broken_by
         except Exception as exc:  # every failure is reported below
             failed.append(f"{key.removeprefix(keys.base)} {field or ''}: {exc}"[:160])
     assert failed == []
+
+
+
+def test_ids_that_are_not_text_stop_no_view(redis_url: str, sync_redis: redis.Redis) -> None:
+    """Bytes that are not UTF-8, written by hand where the scripts keep ids: every view of the
+    CLI still answers, the bytes shown replaced."""
+    from typer.testing import CliRunner
+
+    from provisioner.cli import app
+
+    keys = PoolKeys("bytes")
+    sync_redis.rpush(keys.key("waiting"), b"\xff\xfeuser")
+    sync_redis.zadd(keys.key("nodes"), {b"\xff\xfenode": 1})
+    for command in ("users", "nodes", "check", "status"):
+        result = CliRunner().invoke(app, [command, "--redis-url", redis_url, "--pool", "bytes"])
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            command, result.exception)
+        assert result.exit_code in (0, 1), (command, result.output)
+    shown = CliRunner().invoke(app, ["nodes", "--redis-url", redis_url, "--pool", "bytes",
+                                     "--json"]).output
+    assert len(json.loads(shown)) == 1
+
+
+async def test_an_id_that_is_not_text_goes_back_to_redis_as_it_came(redis_url: str) -> None:
+    """The replica's client decodes nothing: an id of bytes that are not UTF-8 is taken back
+    to Redis as it found it, so reconciliation ends that node."""
+    from provisioner.config import ServiceConfig
+    from provisioner.metrics import Metrics
+    from provisioner.service import Replica
+    from tests.fakes import FakeNodeApi
+
+    keys = PoolKeys("bytes")
+    # As serve() makes the service's client: bytes replies, ids sent back as they came.
+    raw = aioredis.Redis.from_url(redis_url, encoding_errors=ID_BYTES)
+    try:
+        clock = ManualClock(T0)
+        # A node of that id, as a status written by hand would have made it.
+        await Scripts(raw, keys).apply_node_status(clock.now_ms(), "\udcff\udcfenode", "ready")
+        assert await raw.zrange(keys.key("nodes"), 0, -1) == [b"\xff\xfenode"]
+        clock.advance(3_600_000)
+        api = FakeNodeApi()
+        api.listed = []
+        service = ServiceConfig("redis://x", "http://api", pool="bytes", replica_id="r1")
+        replica = Replica(raw, service, CONFIG, api, clock=clock, metrics=Metrics())
+        counts = await replica.reconcile()
+        assert counts is not None and counts["vanished"] == 1
+        assert await raw.zrange(keys.key("nodes"), 0, -1) == []
+    finally:
+        await raw.aclose()

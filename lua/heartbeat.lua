@@ -22,7 +22,12 @@
   ARGV[4] forget_ms
   ARGV[5] the epoch this replica proposes, should the pool have none (unique: time and random)
 
-  Returns {replicas heard from within forget_ms, forgotten by this call, the pool's epoch}
+  It returns the server's clock too (TIME, in ms): each replica's clock stamps every
+  transition it applies (activity windows, boots, sessions, interval slots), so one far off the
+  others' is a fault the replica must see; the server's clock is the one they all can read.
+
+  Returns {replicas heard from within forget_ms, forgotten by this call, the pool's epoch,
+           the server's time (ms)}
   Refused (an error) if ARGV[3] is not a JSON object or ARGV[5] is missing: nothing is written.
 ]]
 --@include "includes/keys.lua"
@@ -50,4 +55,6 @@ if #gone > 0 then
   rcall('HDEL', K.replica_info, unpack(gone))
 end
 rcall('SET', K.epoch, proposed, 'NX')
-return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch)}
+local time = rcall('TIME')
+local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch), server_ms}

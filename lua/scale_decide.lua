@@ -35,11 +35,18 @@ local p = read_params()
 local now = p.now
 
 -- One decision per interval slot of the pool's own clock (`now`), not the server's: replays
--- run hours of virtual time in seconds and must decide every virtual interval.
+-- run hours of virtual time in seconds and must decide every virtual interval. A slot more
+-- than TICK_LOCK_AHEAD_MS ahead of this replica's was taken by a clock far ahead of it (or
+-- written by hand): taken over, or a replica with a wrong clock that dies would stop every
+-- decision of the pool until real time caught up with its clock.
+local TICK_LOCK_AHEAD_MS = 60000
 local slot = math.floor(now / p.interval_ms)
 local last = tonumber(rcall('GET', K.tick_lock))
 if last and last >= slot then
-  return {0}
+  if (last - slot) * p.interval_ms <= TICK_LOCK_AHEAD_MS then
+    return {0}
+  end
+  stat('tick_lock_taken_over')
 end
 rcall('SET', K.tick_lock, slot)
 

@@ -95,6 +95,11 @@ class Metrics:
             "(only a hand edit or another writer leaves one), each started again by the script "
             "that found it, over the pool's life (from Redis: stats values_repaired)",
             registry=r)
+        self.clock_offset = Gauge(
+            "provisioner_clock_offset_seconds",
+            "This replica's clock less the Redis server's, at its last heartbeat (the server's "
+            "TIME against the middle of the call): every transition the replica applies is "
+            "stamped with its own clock", registry=r)
         self.state_lost = Counter(
             "provisioner_state_lost",
             "Times this replica found the pool's state in Redis gone under it: the pool's epoch "

@@ -219,6 +219,11 @@ class Snapshot:
             raised=self.stat("target_raised"), lowered=self.stat("target_lowered"))
 
 
+#: How far a replica's clock may be from the server's before it says so: every transition is
+#: stamped with the replica's clock, and activity timestamps come in whole seconds.
+CLOCK_OFFSET_WARN_S = 2.0
+
+
 @dataclass(frozen=True)
 class ReplicaSeen:
     """A replica as its last heartbeat left it (lua/heartbeat.lua)."""
@@ -229,6 +234,7 @@ class ReplicaSeen:
     subscribed: bool
     interval_s: float | None  # its heartbeat interval
     unsubscribed_s: float | None = None  # seconds its listener was not subscribed, in all
+    clock_offset_s: float | None = None  # its clock less the server's, at its last heartbeat
 
     @classmethod
     def of(cls, replica_id: str, age_ms: int, details: Any) -> ReplicaSeen:
@@ -246,7 +252,7 @@ class ReplicaSeen:
 
         return cls(replica_id, max(0, age_ms) / 1000, number("lag_s"),
                    said.get("subscribed") is True, number("interval_s"),
-                   number("unsubscribed_s"))
+                   number("unsubscribed_s"), number("clock_offset_s"))
 
     @property
     def silent(self) -> bool:
@@ -258,7 +264,9 @@ class ReplicaSeen:
                 "lag_s": None if self.lag_s is None else round(self.lag_s, 2),
                 "subscribed": self.subscribed, "silent": self.silent,
                 "unsubscribed_s": None if self.unsubscribed_s is None
-                else round(self.unsubscribed_s, 1)}
+                else round(self.unsubscribed_s, 1),
+                "clock_offset_s": None if self.clock_offset_s is None
+                else round(self.clock_offset_s, 3)}
 
     def describe(self) -> str:
         if self.silent:
@@ -267,6 +275,9 @@ class ReplicaSeen:
         listening = "" if self.subscribed else ", not subscribed"
         if self.unsubscribed_s:  # events published then did not reach it
             listening += f", unsubscribed {self.unsubscribed_s:.1f}s in all"
+        if self.clock_offset_s is not None and abs(self.clock_offset_s) > CLOCK_OFFSET_WARN_S:
+            listening += (f", clock {abs(self.clock_offset_s):.1f}s "
+                          f"{'ahead of' if self.clock_offset_s > 0 else 'behind'} the server's")
         return f"{self.replica_id} (lag {lag}{listening})"
 
 
@@ -627,14 +638,15 @@ class Scripts:
         return list((await self.model_view(policy_args))["learned_fields"])
 
     async def heartbeat(self, now_ms: int, replica_id: str, info: Mapping[str, Any],
-                        forget_ms: int, epoch: str = "") -> tuple[int, int, str]:
+                        forget_ms: int, epoch: str = "") -> tuple[int, int, str, int]:
         """Record that a replica runs and what it says (lua/heartbeat.lua); the replicas heard
-        from within `forget_ms`, how many older ones this call forgot, and the pool's epoch
-        (`epoch`, this replica's proposal, if the pool had none: by default a new one)."""
+        from within `forget_ms`, how many older ones this call forgot, the pool's epoch
+        (`epoch`, this replica's proposal, if the pool had none: by default a new one), and the
+        server's time (ms)."""
         proposal = epoch or new_epoch(now_ms)
         reply = await self._call("heartbeat", now_ms, replica_id, json.dumps(info), forget_ms,
                                  proposal)
-        return int(reply[0]), int(reply[1]), as_text(reply[2])
+        return int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3])
 
     async def replicas(self, now_ms: int) -> list[ReplicaSeen]:
         """The replicas the pool has heard from, the most recent first (at most 50; read

@@ -31,6 +31,7 @@ from provisioner.logs import RateLimitedLog
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, DeleteOutcome, HttpNodeApi, NodeApi
 from provisioner.scripts import (
+    CLOCK_OFFSET_WARN_S,
     ID_BYTES,
     Activity,
     ActivityResult,
@@ -101,6 +102,8 @@ class Replica:
         #: the pool's epoch at this replica's last heartbeat: an observation for the alarm when
         #: the state is lost, never an input to a decision
         self._epoch = ""
+        #: this replica's clock less the server's at its last heartbeat (None before the first)
+        self._clock_offset_s: float | None = None
 
     # --- events -------------------------------------------------------------------------------
 
@@ -523,8 +526,20 @@ class Replica:
                 "interval_s": self.service.heartbeat_interval_s,
                 "unsubscribed_s": round(self.metrics.registry.get_sample_value(
                     "provisioner_unsubscribed_seconds_total") or 0.0, 3)}
-        _, _, epoch = await self.scripts.heartbeat(self.clock.now_ms(), self.replica_id, info,
-                                                   FORGET_REPLICA_MS)
+        if self._clock_offset_s is not None:  # the last heartbeat's
+            info["clock_offset_s"] = round(self._clock_offset_s, 3)
+        sent = self.clock.now_ms()
+        _, _, epoch, server_ms = await self.scripts.heartbeat(sent, self.replica_id, info,
+                                                              FORGET_REPLICA_MS)
+        self._clock_offset_s = ((sent + self.clock.now_ms()) / 2 - server_ms) / 1000
+        self.metrics.clock_offset.set(self._clock_offset_s)
+        if abs(self._clock_offset_s) > CLOCK_OFFSET_WARN_S:
+            self._trouble.warning(
+                "clock", "this replica's clock is %.1fs %s the Redis server's: it stamps every "
+                "transition it applies, so activity is judged old or new by it, and boots and "
+                "sessions are timed by it; synchronise the clocks (NTP)",
+                abs(self._clock_offset_s),
+                "ahead of" if self._clock_offset_s > 0 else "behind")
         # Taken before acting on it: a reconciliation that fails does not count the loss twice.
         seen, self._epoch = self._epoch, epoch
         if seen and epoch != seen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -532,6 +533,20 @@ async def test_scale_decide_lets_one_decision_through_per_interval(pool: PoolUnd
     assert third.won and third.reservations == []  # the two reservations count as supply
 
 
+async def test_an_interval_slot_far_ahead_is_taken_over(pool: PoolUnderTest) -> None:
+    # A replica whose clock ran an hour ahead took its slot, then died: the others would have
+    # decided nothing for that hour.
+    config = PoolConfig(min_ready=1, tick_interval_s=1.0)
+    ahead = await pool.scripts.scale_decide(config.policy_args(pool.now + 3_600_000, "r9"))
+    assert ahead.won
+    # A minute behind the slot taken is only a clock a little behind: no take-over.
+    behind = pool.now + 3_600_000 - 59_000
+    assert not (await pool.scripts.scale_decide(config.policy_args(behind, "r1"))).won
+    assert (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).won
+    assert not (await pool.scripts.scale_decide(config.policy_args(pool.now, "r2"))).won
+    assert (await pool.snap()).stat("tick_lock_taken_over") == 1
+
+
 async def test_scale_decide_covers_waiting_users_and_engaged_users(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=1, conversion=0.5, engaged_threshold=3,
                         scaling_policy="heuristic")
@@ -777,6 +792,13 @@ async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
     assert (await scripts.heartbeat(now + 61_000, "r2", said, 60_000))[:2] == (1, 1)
     assert [r.replica_id for r in await scripts.replicas(now + 61_000)] == ["r2"]
     assert await pool.redis.hkeys(pool.keys.key("replica_info")) == ["r2"]
+
+
+async def test_a_heartbeat_returns_the_server_s_clock(pool: PoolUnderTest) -> None:
+    before = time.time() * 1000
+    *_, server_ms = await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000)
+    # The same machine's clock: within the call, give or take the TIME's rounding.
+    assert before - 1 <= server_ms <= time.time() * 1000 + 1
 
 
 async def test_a_heartbeat_that_is_not_a_json_object_is_refused_and_writes_nothing(

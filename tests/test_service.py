@@ -855,6 +855,37 @@ def test_no_setting_takes_a_value_the_scripts_cannot_count_in(value: float) -> N
     assert PoolConfig().problems() == [] and ServiceConfig("redis://x", "http://a").problems() == []
 
 
+async def test_a_replica_whose_clock_is_off_the_server_s_says_so(
+    aredis: aioredis.Redis, api: FakeNodeApi, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from provisioner.view import read_view
+
+    clock = ManualClock(int(time.time() * 1000) + 10_000)  # ten seconds ahead
+    replica = make_replica(aredis, api, clock, "r1")
+    with caplog.at_level(logging.WARNING):
+        await replica.heartbeat()
+    offset = counter(replica, "provisioner_clock_offset_seconds")
+    assert 9.5 < offset < 10.5
+    assert "clock is 10.0s ahead of the Redis server's" in caplog.text
+    clock.advance(1_000)
+    await replica.heartbeat()  # says the first one's offset to the pool
+    status = await read_view(aredis, POOL, clock.now_ms(), FLOOR_ONLY.window_ms)
+    [listed] = status.replicas
+    assert listed.clock_offset_s is not None and 9.5 < listed.clock_offset_s < 10.5
+    assert "clock 10.0s ahead of the server's" in listed.describe()
+    # A clock in step says nothing.
+    in_step = make_replica(aredis, api, ManualClock(int(time.time() * 1000)), "r2")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        await in_step.heartbeat()
+        in_step.clock.advance(1)
+        await in_step.heartbeat()
+    assert abs(counter(in_step, "provisioner_clock_offset_seconds")) < 0.5
+    assert "clock" not in caplog.text
+    status = await read_view(aredis, POOL, in_step.clock.now_ms(), FLOOR_ONLY.window_ms)
+    assert "clock" not in next(r for r in status.replicas if r.replica_id == "r2").describe()
+
+
 async def test_a_replica_s_heartbeat_lists_it_in_the_pool_status(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -118,7 +119,10 @@ class MockNodeApi:
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
         self.nodes: dict[str, MockNode] = {}
-        prefix = f"{self.rng.getrandbits(24):06x}"
+        # Not from the seed, which draws the delays and faults: a mock restarted with the same
+        # seed would name its nodes again as before, and a pool keeps the ids it saw end as
+        # tombstones (a day) and would ignore a new node under one of them.
+        prefix = secrets.token_hex(3)
         self._ids = (f"node-{prefix}-{n}" for n in itertools.count(1))
 
     def live(self) -> list[MockNode]:
@@ -159,12 +163,19 @@ class MockNodeApi:
         if len(self.live()) >= self.max_nodes:
             return web.json_response({"error": f"at most {self.max_nodes} nodes"}, status=429)
         node = MockNode(next(self._ids), "booting", time.time())
-        if not await self._publish(node, "booting"):
-            # Refused, and not kept: a node the caller was never given would be listed forever.
-            return web.json_response({"error": "cannot publish node:status"}, status=503)
+        # Kept before its `booting` is published: creates that come together count each other
+        # against max_nodes, and whoever acts on the status (a DELETE, a list) finds the node.
         self.nodes[node.id] = node
+        if not await self._publish(node, "booting"):
+            if node.state == "booting":
+                # Refused, and not kept: a node the caller was never given would be listed
+                # forever.
+                del self.nodes[node.id]
+            return web.json_response({"error": "cannot publish node:status"}, status=503)
         stuck = self._fails(self.faults.stuck_rate)
-        if not stuck:
+        if node.state != "booting":
+            stuck = False  # deleted while its status went out: it ends, it does not boot
+        elif not stuck:
             node.tasks.append(asyncio.create_task(self._boot(node)))
         log.info("create %s%s", node.id, " (will never become ready)" if stuck else "")
         return web.json_response({"id": node.id}, status=202)

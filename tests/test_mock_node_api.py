@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
 from collections.abc import AsyncIterator, Callable
@@ -155,3 +156,47 @@ def test_boot_delay_distributions() -> None:
     assert lognormal[int(0.95 * len(lognormal))] == pytest.approx(150, rel=0.07)
     exp = [BootDelay.parse("exp:30").draw(rng) for _ in range(20_000)]
     assert statistics.mean(exp) == pytest.approx(30, rel=0.05)
+
+
+class SlowReplies:
+    """A Redis whose publish replies come back 50 ms after the message went out, as from a
+    server across a network."""
+
+    def __init__(self, real: aioredis.Redis) -> None:
+        self.real = real
+
+    async def publish(self, channel: str, message: str) -> int:
+        sent = await self.real.publish(channel, message)
+        await asyncio.sleep(0.05)
+        return int(sent)
+
+
+async def test_max_nodes_holds_when_creates_come_together(start_api: Start,
+                                                          aredis: aioredis.Redis) -> None:
+    # Each create waited on its publish between the check and keeping the node: 20 of 20 got
+    # through a limit of 2.
+    api = await start_api(boot_delay="100", redis=SlowReplies(aredis), max_nodes=2)
+    answers = await asyncio.gather(*(api.post("/api/nodes") for _ in range(10)))
+    assert sorted(a.status_code for a in answers) == [202] * 2 + [429] * 8
+
+
+async def test_a_node_announced_booting_is_found_by_a_delete_at_once(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    # Its `booting` went out before the node was kept: a DELETE on that status got 404 ("gone")
+    # and the node then booted, owned by nobody.
+    api = await start_api(boot_delay="0.3", redis=SlowReplies(aredis))
+    async with Subscriber(aredis, "node:status") as sub:
+        creating = asyncio.create_task(api.post("/api/nodes"))
+        _, status = await sub.wait_for(lambda ch, m: m["status"] == "booting", within=2)
+        deleted = await api.delete(f"/api/nodes/{status['node_id']}")
+        assert deleted.status_code == 202 and (await creating).status_code == 202
+        await sub.wait_for(lambda ch, m: m["status"] == "terminated", within=3)
+    await asyncio.sleep(0.5)  # past its boot delay: it never becomes ready
+    node = (await api.get(f"/api/nodes/{status['node_id']}")).json()
+    assert node["state"] == "terminated"
+
+
+async def test_a_restarted_mock_names_new_nodes_whatever_its_seed(aredis: aioredis.Redis) -> None:
+    first = MockNodeApi(aredis, BootDelay.parse("1"), seed=7)
+    again = MockNodeApi(aredis, BootDelay.parse("1"), seed=7)
+    assert next(first._ids) != next(again._ids)

@@ -192,9 +192,12 @@ def command(
     if trace is not None:
         try:
             events = trace_events(trace)
-            first = next(events)
+            first = next(events, None)
         except (ValueError, OSError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--trace") from None
+        if first is None:
+            log.info("the trace holds no events: nothing to replay")
+            return
         events = itertools.chain([first], events)
     else:
         traffic = Traffic(arrival_rate, browse_gap, conversion, requests, session_s=session)

@@ -120,3 +120,16 @@ def test_an_unbounded_knob_is_refused_before_any_traffic(option: list[str]) -> N
     result = CliRunner().invoke(app, ["simulate", "--redis-url", "redis://127.0.0.1:1/0",
                                       "--duration", "2", *option])
     assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+
+
+def test_a_trace_with_no_events_replays_nothing_and_says_so(tmp_path: Path) -> None:
+    # next() on the empty trace raised StopIteration out of the command.
+    from typer.testing import CliRunner
+
+    from provisioner.cli import app
+    from tests.test_bench_world import write_trace
+
+    empty = write_trace(tmp_path / "empty.jsonl", [])
+    result = CliRunner().invoke(app, ["simulate", "--redis-url", "redis://127.0.0.1:1/0",
+                                      "--trace", str(empty)])
+    assert result.exit_code == 0 and result.exception is None, result.output

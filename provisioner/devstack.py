@@ -2,8 +2,10 @@
 
 A private Redis-compatible server (unless a URL is given), the mock Node API, N replicas and the
 traffic simulator each run as a child process in its own session, logging to files under one
-folder. Ctrl-C (or SIGTERM) stops them all: SIGTERM first, SIGKILL after a grace period, so no
-process is left behind.
+folder. Ctrl-C (or SIGTERM, or SIGHUP: the terminal closed) stops them all: SIGTERM first,
+SIGKILL after a grace period, so no process is left behind; a second Ctrl-C does not cut that
+short. Should this process be killed outright (SIGKILL), the kernel sends each child SIGTERM
+(Linux's parent-death signal), as it does the server.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ from rich.text import Text
 from provisioner import view
 from provisioner.clock import WallClock
 from provisioner.config import PoolConfig
-from provisioner.redis_server import RedisServer, free_port, start_server
+from provisioner.redis_server import RedisServer, free_port, parent_death_signal, start_server
 
 console = Console()
 
@@ -43,12 +46,16 @@ class Child:
         self.env = {**os.environ, **(env or {})}
         self.log_path = logdir / f"{name}.log"
         self._log = self.log_path.open("ab")
+        self._die_with_parent = parent_death_signal()
         self.process = self._spawn()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
+        # Its own session, so a Ctrl-C at the terminal reaches this process alone, which then
+        # stops the children in order; and the parent-death signal, so they stop with it even
+        # when it cannot (SIGKILL).
         return subprocess.Popen(
             self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=self.env)
+            start_new_session=True, env=self.env, preexec_fn=self._die_with_parent)
 
     def restart(self) -> None:
         """SIGKILL the process (a crash, not a shutdown) and start it again, logging on."""
@@ -135,16 +142,31 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             f"{', '.join(map(str, running.metrics_ports))}  logs in {logdir}")
         yield running
     finally:
-        for child in children:
-            child.stop()
-        deadline = time.monotonic() + 10
-        while any(c.alive() for c in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for child in children:
-            child.kill()
-        if server is not None:
-            server.stop()
-        say(f"stopped {len(children)} processes; logs kept in {logdir}")
+        with _interrupts_ignored():
+            for child in children:
+                child.stop()
+            deadline = time.monotonic() + 10
+            while any(c.alive() for c in children) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for child in children:
+                child.kill()
+            if server is not None:
+                server.stop()
+            say(f"stopped {len(children)} processes; logs kept in {logdir}")
+
+
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """Ctrl-C ignored while the stack stops: a second one, pressed because stopping takes a
+    few seconds, would end it half-way and leave the rest running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_stack(redis_url: str | None = None, replicas: int = 2,
@@ -156,7 +178,8 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
     def on_signal(_signum: int, _frame: object) -> None:
         stop["now"] = True
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # SIGHUP too: the terminal that ran `make run` was closed.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         with stack(redis_url, replicas, boot_delay, arrival_rate) as running:
             console.print("Ctrl-C stops everything.")
@@ -169,7 +192,8 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
         console.print(f"[red]{exc}")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],

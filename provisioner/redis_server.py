@@ -109,7 +109,7 @@ class RedisServer:
 _PR_SET_PDEATHSIG = 1
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
+def parent_death_signal() -> Callable[[], None] | None:
     """A ``preexec_fn`` asking the kernel to send the child SIGTERM when the thread that started
     it dies (``prctl(PR_SET_PDEATHSIG)``), however it dies: this is what covers SIGKILL. Linux
     only, and only from the main thread: the signal follows the starting thread, not the process,
@@ -137,45 +137,57 @@ def start_server(binary: str | None = None, port: int | None = None,
     """Start a server on a free loopback port and wait until it answers PING."""
     binary = binary or find_server_binary()
     workdir = tempfile.mkdtemp(prefix="provisioner-redis-")
-    die_with_parent = _parent_death_signal()  # libc looked up once, not per attempt
-    for _attempt in range(5):
-        chosen = port or free_port()
-        args = [
-            binary,
-            "--port", str(chosen),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", workdir,
-            "--loglevel", "warning",
-        ]
-        process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=die_with_parent,
-        )
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break  # most likely the port was taken between free_port() and bind
-            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                client = redis.Redis(host="127.0.0.1", port=chosen, socket_timeout=1)
-                try:
-                    if client.ping():
-                        return RedisServer(process, chosen, binary, workdir)
-                finally:
-                    client.close()
-            time.sleep(0.05)
-        stderr = b""
-        if process.poll() is None:
+    die_with_parent = parent_death_signal()  # libc looked up once, not per attempt
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        for _attempt in range(5):
+            chosen = port or free_port()
+            args = [
+                binary,
+                "--port", str(chosen),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", workdir,
+                "--loglevel", "warning",
+            ]
+            process = subprocess.Popen(
+                args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                start_new_session=True, preexec_fn=die_with_parent,
+            )
+            deadline = time.monotonic() + startup_timeout
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    break  # most likely the port was taken between free_port() and bind
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    client = redis.Redis(host="127.0.0.1", port=chosen, socket_timeout=1)
+                    try:
+                        if client.ping():
+                            # The server keeps nothing on disk (no snapshot, no append-only
+                            # file), so its folder goes now: nothing is left behind however
+                            # its owner ends, a SIGKILL included.
+                            shutil.rmtree(workdir, ignore_errors=True)
+                            return RedisServer(process, chosen, binary, workdir)
+                    finally:
+                        client.close()
+                time.sleep(0.05)
+            stderr = b""
+            if process.poll() is None:
+                process.kill()
+            with contextlib.suppress(Exception):
+                _, stderr = process.communicate(timeout=2)
+            last_error = stderr.decode(errors="replace").strip()
+            if port is not None:
+                break
+        else:
+            last_error = "gave up after 5 ports"
+    except BaseException:  # Ctrl-C while it starts: neither the server nor its folder stays
+        if process is not None and process.poll() is None:
             process.kill()
-        with contextlib.suppress(Exception):
-            _, stderr = process.communicate(timeout=2)
-        last_error = stderr.decode(errors="replace").strip()
-        if port is not None:
-            break
-    else:
-        last_error = "gave up after 5 ports"
-    shutil.rmtree(workdir, ignore_errors=True)
+            process.wait()
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # gone already if the server answered
     raise RedisServerError(f"{binary} did not start: {last_error or 'no output'}")
 
 

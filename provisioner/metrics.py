@@ -50,7 +50,9 @@ class Metrics:
             "runs): a session whose user:disconnect was lost keeps growing it",
             registry=r)
         self.api_calls = Counter("provisioner_node_api_calls",
-                                 "Node API calls, by operation and outcome",
+                                 "Node API calls, by operation and outcome: an answer (created, "
+                                 "sent, gone, ok) or a failure (connect_error, transport_error, "
+                                 "uncertain, http_<status>, bad_body, bad_id)",
                                  ["op", "outcome"], registry=r)
         self.api_latency = Histogram("provisioner_node_api_seconds",
                                      "Node API call latency, by operation", ["op"],

@@ -93,7 +93,8 @@ local want = target - s.spare
 local created = {}
 local reason
 if want > 0 then
-  local n = math.min(want, p.max_nodes - s.total, p.max_batch)
+  local held = p.creates_held_to and p.creates_held_to < p.max_batch
+  local n = math.min(want, p.max_nodes - s.total, held and p.creates_held_to or p.max_batch)
   for i = 1, n do
     local rid = p.replica .. ':' .. rcall('INCR', K.seq)
     rcall('ZADD', K.pending, now + p.create_deadline_ms, rid)
@@ -111,7 +112,9 @@ if want > 0 then
   end
   reason = string.format('spare %d < target %d (%s): create %d', s.spare, target, why,
                          math.max(0, n))
-  if n < want then
+  if n < want and held and n == p.creates_held_to then
+    reason = reason .. string.format(' of %d (creates held while the Node API fails)', want)
+  elseif n < want then
     reason = reason .. string.format(' of %d (max_nodes %d, batch %d)', want, p.max_nodes,
                                      p.max_batch)
   end

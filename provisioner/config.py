@@ -116,9 +116,12 @@ class PoolConfig:
     def interval_ms(self) -> int:
         return max(1, int(self.tick_interval_s * 1000))
 
-    def policy_args(self, now_ms: int, replica: str) -> list[object]:
-        """ARGV for scale_decide and reap_idle, in the order of lua/includes/policy.lua."""
-        return [
+    def policy_args(self, now_ms: int, replica: str,
+                    creates_held_to: int | None = None) -> list[object]:
+        """ARGV for scale_decide and reap_idle, in the order of lua/includes/policy.lua;
+        `creates_held_to`: the most creates this replica may make now, below `max_batch` (the
+        Node API is failing), or None."""
+        args: list[object] = [
             now_ms,
             replica,
             self.interval_ms,
@@ -143,6 +146,9 @@ class PoolConfig:
             repr(float(self.uncredited_exposure)),
             repr(float(self.estimation_error)),
         ]
+        if creates_held_to is not None:
+            args.append(creates_held_to)
+        return args
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

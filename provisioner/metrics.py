@@ -83,8 +83,9 @@ class Metrics:
         self.scaling = Gauge(
             "provisioner_scaling",
             "What scaling did over the pool's life (from Redis): creates, split into those on a "
-            "rise of the target and those refilling spare used, terminations, and the target's "
-            "rises and falls summed", ["quantity"], registry=r)
+            "rise of the target and those refilling spare used, those the Node API did not "
+            "make (failed), terminations, and the target's rises and falls summed",
+            ["quantity"], registry=r)
         self.event_lag = Gauge(
             "provisioner_event_lag_seconds",
             "How far this replica's listener is behind the event stream: seconds from publishing "
@@ -96,6 +97,11 @@ class Metrics:
             "Values of the pool's state that were not a number where the scripts add to one "
             "(only a hand edit or another writer leaves one), each started again by the script "
             "that found it, over the pool's life (from Redis: stats values_repaired)",
+            registry=r)
+        self.creates_held = Gauge(
+            "provisioner_creates_held",
+            "1 while this replica holds its creates because the Node API is down (creates "
+            "unanswered or answered 5xx): one at a time after a pause, until one is answered",
             registry=r)
         self.clock_offset = Gauge(
             "provisioner_clock_offset_seconds",

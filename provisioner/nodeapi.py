@@ -50,6 +50,9 @@ class CreateResult:
     outcome: CreateOutcome
     node_id: str = ""
     detail: str = ""
+    #: the API did not answer, or answered a server error: down or broken, not refusing (a 4xx,
+    #: a 429 at its capacity, is an answer); the replica holds its creates while this lasts
+    api_down: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ class HttpNodeApi:
             except httpx.HTTPError as exc:  # sent: a broken answer, a body not decodable, ...
                 self._count("create", "uncertain", started)
                 return CreateResult(CreateOutcome.UNCERTAIN,
-                                    detail=f"{type(exc).__name__}: {exc}")
+                                    detail=f"{type(exc).__name__}: {exc}", api_down=True)
             if response.status_code == 202:
                 node_id = _node_id(response)
                 if node_id:
@@ -168,8 +171,9 @@ class HttpNodeApi:
                                     detail=f"202 without an id: {response.text[:100]!r}")
             self._count("create", f"http_{response.status_code}", started)
             return CreateResult(CreateOutcome.FAILED,
-                                detail=f"HTTP {response.status_code}: {response.text[:100]!r}")
-        return CreateResult(CreateOutcome.FAILED, detail="could not connect")
+                                detail=f"HTTP {response.status_code}: {response.text[:100]!r}",
+                                api_down=response.status_code >= 500)
+        return CreateResult(CreateOutcome.FAILED, detail="could not connect", api_down=True)
 
     async def delete(self, node_id: str) -> DeleteOutcome:
         try:

@@ -216,7 +216,8 @@ class Snapshot:
             creates=self.stat("creates_reserved"), on_rise=self.stat("creates_on_rise"),
             to_refill=self.stat("creates_to_refill"),
             terminations=self.stat("terminations_started"),
-            raised=self.stat("target_raised"), lowered=self.stat("target_lowered"))
+            raised=self.stat("target_raised"), lowered=self.stat("target_lowered"),
+            failed=self.stat("creates_failed"))
 
 
 #: How far a replica's clock may be from the server's before it says so: every transition is
@@ -293,15 +294,18 @@ class ScalingTotals:
     terminations: int  # terminations started (idle, stuck boots, retries)
     raised: int  # the target's rises, summed
     lowered: int  # the target's falls, summed
+    failed: int = 0  # ... of the creates, those the Node API certainly did not make
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
     def describe(self) -> str:
         """One line for an operator."""
+        failed = f"; {self.failed} failed at the Node API" if self.failed else ""
         return (f"scaling: {self.creates} creates ({self.on_rise} on a rise of the target, "
-                f"{self.to_refill} to refill spare used), {self.terminations} terminations; the "
-                f"target raised by {self.raised} and lowered by {self.lowered} in all")
+                f"{self.to_refill} to refill spare used{failed}), {self.terminations} "
+                f"terminations; the target raised by {self.raised} and lowered by "
+                f"{self.lowered} in all")
 
 
 @dataclass(frozen=True)

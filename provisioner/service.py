@@ -29,7 +29,7 @@ from provisioner.events import Rejected
 from provisioner.keys import PoolKeys
 from provisioner.logs import RateLimitedLog
 from provisioner.metrics import Metrics
-from provisioner.nodeapi import CreateOutcome, DeleteOutcome, HttpNodeApi, NodeApi
+from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, HttpNodeApi, NodeApi
 from provisioner.scripts import (
     CLOCK_OFFSET_WARN_S,
     ID_BYTES,
@@ -38,6 +38,7 @@ from provisioner.scripts import (
     AllocateResult,
     Allocation,
     Call,
+    Decision,
     NodeStatusOutcome,
     NodeStatusResult,
     Registration,
@@ -56,6 +57,12 @@ Outcome = ActivityResult | AllocateResult | ReleaseResult | NodeStatusResult | N
 
 #: How long after a failed DELETE the next attempt is made.
 DELETE_RETRY_MS = 10_000
+#: While the Node API is down (creates unanswered or answered 5xx), the replica holds its
+#: creates: after the n-th such create in a row, none for CREATE_HOLD_MS * 2**(n-1), at most
+#: CREATE_HOLD_MAX_MS, then one at a time until one is answered. Without it a dead API took
+#: max_batch creates a tick, three attempts each (31 a second here), and as many warnings.
+CREATE_HOLD_MS = 1_000
+CREATE_HOLD_MAX_MS = 30_000
 #: The Node API's states of a node on its way out: not one the pool may hand to a user.
 ENDING = frozenset({"terminating", "terminated"})
 
@@ -104,6 +111,10 @@ class Replica:
         self._epoch = ""
         #: this replica's clock less the server's at its last heartbeat (None before the first)
         self._clock_offset_s: float | None = None
+        #: creates in a row that found the Node API down, and until when creates are held: an
+        #: observation of a service outside the pool, like the clock's, never pool state
+        self._api_down = 0
+        self._creates_held_until_ms = 0
 
     # --- events -------------------------------------------------------------------------------
 
@@ -265,7 +276,7 @@ class Replica:
     async def tick(self) -> None:
         """One scaling tick: decide (if this replica wins the interval), then act."""
         now = self.clock.now_ms()
-        args = self.pool.policy_args(now, self.replica_id)
+        args = self.pool.policy_args(now, self.replica_id, self._creates_allowed(now))
         decision = await self.scripts.scale_decide(args)
         if decision.won:
             self.metrics.decisions.inc()
@@ -274,6 +285,7 @@ class Replica:
             if decision.reservations:
                 log.info("scale decision: %s", decision.reason,
                          extra={"numbers": decision.numbers})
+            self._say_if_capped(decision)
             for reservation in decision.reservations:
                 self.metrics.creates.inc()
                 self._spawn(self._create(reservation))
@@ -283,6 +295,44 @@ class Replica:
                 self._spawn(self._terminate(termination))
         if self.gauges:
             await self.refresh_gauges(now)
+
+    def _creates_allowed(self, now_ms: int) -> int | None:
+        """The most creates this replica may make now: None (max_batch) while the Node API
+        answers; none while creates are held, then one, a probe, until one is answered."""
+        if not self._api_down:
+            return None
+        return 0 if now_ms < self._creates_held_until_ms else 1
+
+    def _create_answered(self, result: CreateResult, now_ms: int) -> None:
+        """Hold creates while the Node API is down (see CREATE_HOLD_MS), and stop on the first
+        answer."""
+        if result.api_down:
+            self._api_down += 1
+            hold = min(CREATE_HOLD_MAX_MS, CREATE_HOLD_MS * 2 ** min(self._api_down - 1, 16))
+            self._creates_held_until_ms = max(self._creates_held_until_ms, now_ms + hold)
+            self.metrics.creates_held.set(1)
+            self._trouble.warning(
+                "api-down", "the Node API is failing (%s): creates held for %.0fs, then made one "
+                "at a time until one is answered (%d failed in a row)", result.detail,
+                hold / 1000, self._api_down)
+        elif self._api_down:
+            log.warning("the Node API answers creates again, after %d failed in a row",
+                        self._api_down)
+            self._api_down = 0
+            self.metrics.creates_held.set(0)
+
+    def _say_if_capped(self, decision: Decision) -> None:
+        """A warning (rate-limited) when max_nodes keeps the pool below its target."""
+        numbers = decision.numbers
+        try:
+            short = int(numbers["target"]) - int(numbers["spare"]) - len(decision.reservations)
+            at_cap = int(numbers["total"]) + len(decision.reservations) >= self.pool.max_nodes
+        except (KeyError, TypeError, ValueError):
+            return
+        if short > 0 and at_cap:
+            self._trouble.warning(
+                "max-nodes", "max_nodes (%d) keeps the pool %d node(s) below its target: %s",
+                self.pool.max_nodes, short, decision.reason)
 
     async def refresh_gauges(self, now: int) -> None:
         snap = await self.scripts.snapshot(now, self.pool.window_ms)
@@ -303,6 +353,7 @@ class Replica:
     async def _create(self, reservation: str) -> None:
         result = await self.node_api.create()
         now = self.clock.now_ms()
+        self._create_answered(result, now)
         if result.outcome is CreateOutcome.CREATED and not events.ID_PATTERN.match(
                 result.node_id):
             # A node the pool could never hear of (its status would be refused): deleted at

@@ -177,3 +177,19 @@ async def test_a_delete_names_the_node_percent_encoded_and_refuses_a_path_no_id_
     for node_id in ("", ".", ".."):  # the collection, or a path that resolves out of it
         assert await api.delete(node_id) is DeleteOutcome.FAILED
     assert len(paths) == 4
+
+
+async def test_a_create_says_whether_the_api_is_down_or_answered_no() -> None:
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    def timeout(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    for handler, down in ((refused, True), (timeout, True),
+                          (lambda r: httpx.Response(503), True),
+                          (lambda r: httpx.Response(500), True),
+                          (lambda r: httpx.Response(429), False),
+                          (lambda r: httpx.Response(400), False),
+                          (lambda r: httpx.Response(202, json={"id": "n1"}), False)):
+        assert (await client(handler, attempts=1).create()).api_down is down

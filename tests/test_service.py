@@ -324,6 +324,9 @@ async def test_failed_create_cancels_and_uncertain_create_keeps_its_reservation(
     await replica.tick()
     await replica.settle()
     assert await aredis.zcard(replica.keys.key("pending")) == 0
+    scaling = (await replica.scripts.snapshot(clock.now_ms(), 120_000)).scaling()
+    assert (scaling.creates, scaling.failed) == (1, 1)
+    assert "spare used; 1 failed at the Node API), 0 terminations" in scaling.describe()
     api.create_outcomes.append(CreateResult(CreateOutcome.UNCERTAIN, detail="timeout"))
     clock.advance(1000)
     await replica.tick()
@@ -337,6 +340,77 @@ async def test_failed_create_cancels_and_uncertain_create_keeps_its_reservation(
     assert api.created == []
     snap = await replica.scripts.snapshot(clock.now_ms(), 120_000)
     assert snap.counts["booting"] == 1 and snap.counts["unclaimed"] == 1
+
+
+async def test_creates_are_held_while_the_node_api_is_down_and_probed_one_at_a_time(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A dead API took max_batch creates a tick, three attempts each, and as many warnings.
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=5))
+    down = CreateResult(CreateOutcome.FAILED, detail="could not connect", api_down=True)
+    calls = 0
+
+    async def create() -> CreateResult:
+        nonlocal calls
+        calls += 1
+        return api.create_outcomes.popleft() if api.create_outcomes else down
+
+    api.create = create  # type: ignore[method-assign]
+
+    async def tick(advance_ms: int = 1_000) -> Any:
+        clock.advance(advance_ms)
+        await replica.tick()
+        await replica.settle()
+        return json.loads(await aredis.hget(replica.keys.key("stats"), "last_numbers") or "{}")
+
+    with caplog.at_level(logging.WARNING):
+        await tick(0)
+    assert calls == 5  # the floor: five creates, all unanswered
+    assert "the Node API is failing (could not connect): creates held" in caplog.text
+    assert counter(replica, "provisioner_creates_held") == 1
+    for _ in range(15):  # held for 16 s: no call
+        await tick()
+    assert calls == 5
+    reason = await aredis.hget(replica.keys.key("stats"), "last_decision")
+    assert "create 0 of 5 (creates held while the Node API fails)" in reason
+    await tick()  # the hold is over: one probe, unanswered, and a longer hold
+    assert calls == 6
+    for _ in range(29):
+        await tick()
+    assert calls == 6
+    api.create_outcomes.append(CreateResult(CreateOutcome.CREATED, "node-1"))
+    await tick()  # the probe is answered: creates are made again, as many as the tick wants
+    assert calls == 7 and counter(replica, "provisioner_creates_held") == 0
+    api.create_outcomes.extend(CreateResult(CreateOutcome.CREATED, f"node-{n}")
+                               for n in range(2, 6))
+    await tick()
+    assert calls == 11
+
+
+async def test_an_api_that_answers_no_is_not_down(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    # A 4xx (a 429 at the API's capacity) is an answer: the next tick creates again.
+    for _ in range(3):
+        api.create_outcomes.append(CreateResult(CreateOutcome.FAILED, detail="HTTP 429"))
+        await replica.tick()
+        await replica.settle()
+        clock.advance(1_000)
+    assert not api.create_outcomes and counter(replica, "provisioner_creates_held") == 0
+
+
+async def test_max_nodes_keeping_the_pool_below_its_target_is_said(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1",
+                           dataclasses.replace(FLOOR_ONLY, min_ready=5, max_nodes=3))
+    with caplog.at_level(logging.WARNING):
+        await replica.tick()
+    await replica.settle()
+    assert len(api.created) == 3
+    assert "max_nodes (3) keeps the pool 2 node(s) below its target" in caplog.text
 
 
 async def test_idle_nodes_are_deleted_and_a_404_ends_them(

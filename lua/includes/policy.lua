@@ -28,6 +28,9 @@ local function read_params()
     overdue_boots = tonumber(ARGV[21]) or 0,
     uncredited_exposure = tonumber(ARGV[22]) or 0,
     estimation_error = tonumber(ARGV[23]) or 0,
+    -- The most creates the calling replica may make now, when it holds them because the Node
+    -- API is failing (its probe, or none); nil: max_batch.
+    creates_held_to = tonumber(ARGV[24]),
   }
 end
 

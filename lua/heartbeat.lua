@@ -21,6 +21,8 @@
   ARGV[3] what the replica says: a JSON object (lag_s, subscribed, started_ms, interval_s)
   ARGV[4] forget_ms
   ARGV[5] the epoch this replica proposes, should the pool have none (unique: time and random)
+  ARGV[6] (optional) 'leaving': the replica is stopping cleanly; its entry goes at once, so
+          `provisioner status` does not list it as silent (a crash still shows so)
 
   It returns the server's clock too (TIME, in ms): each replica's clock stamps every
   transition it applies (activity windows, boots, sessions, interval slots), so one far off the
@@ -44,6 +46,11 @@ if not ok or type(decoded) ~= 'table' or decoded[1] ~= nil then
 end
 if not proposed or proposed == '' then
   return redis.error_reply('heartbeat: no epoch to propose (ARGV[5])')
+end
+if ARGV[6] == 'leaving' then
+  rcall('ZREM', K.replicas, replica)
+  rcall('HDEL', K.replica_info, replica)
+  return {rcall('ZCARD', K.replicas), 0, rcall('GET', K.epoch) or '', 0}
 end
 if rcall('ZADD', K.replicas, 'GT', 'CH', now, replica) == 1
     or rcall('HEXISTS', K.replica_info, replica) == 0 then

@@ -62,7 +62,7 @@ if #writes == 0 then
 end
 if not replace and rcall('HEXISTS', K.model, 'last_ms') == 1 then
   return {0, 'refused: the pool has a model already, learned or imported'
-    .. ' (replace it on purpose)'}
+    .. ' (replace it on purpose: `provisioner model import FILE --replace`)'}
 end
 
 local old = {'check_until_ms', 'check_connects', 'check_mean', 'check_var'}

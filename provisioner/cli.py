@@ -293,7 +293,9 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     now = time.time() * 1000
     table = Table(title=f"nodes of pool {pool} ({len(rows)})")
     for column in ("node", "state", "user", "age", "idle for", "origin", "boot sample"):
-        table.add_column(column)
+        # The node id whole (the ends tell nodes apart), the user's folded, never cut short.
+        table.add_column(column, no_wrap=column == "node",
+                         overflow="fold" if column == "user" else "ellipsis")
     for row in rows:
         idle = ""
         if row.get("state") == "ready":
@@ -344,14 +346,15 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
             indent=2))
         return
     table = Table(title=f"waiting users of pool {pool} ({len(waiting)})")
-    table.add_column("user")
+    table.add_column("user", no_wrap=True)
     table.add_column("waiting for")
     for user, since in waiting:
         table.add_row(Text(user), f"{(now - since) / 1000:.0f}s")
     console.print(table)
     table = Table(title=f"connected users of pool {pool} ({len(sessions)}), longest first")
     for column in ("user", "node", "session", "last active"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "user",
+                         overflow="fold" if column == "node" else "ellipsis")
     for session in sessions:
         table.add_row(Text(session.user), Text(session.node), _ago(now, session.allocated_ms),
                       _last_active(now, session.last_activity_ms))
@@ -372,7 +375,8 @@ def release(
     """End sessions whose user:disconnect was lost: each user's node goes back to the pool (or
     to the oldest waiting user), or a waiting user leaves the queue, exactly as a disconnect
     would; each release is logged to the decisions stream under --by. Exits 1 if a user held
-    nothing. A user still connected loses their node: check `provisioner users` first."""
+    nothing, 2 if not confirmed. A user still connected loses their node: check `provisioner
+    users` first."""
     by = by.strip() or _login_name()
     keys = _pool_keys(pool)
     # No id the service would accept from a connect could hold a node: refused before reading
@@ -399,8 +403,16 @@ def release(
         console.print(f"{escape(user)}: {escape(state.get(user, 'holds nothing'))}")
     if not state:
         raise typer.Exit(1)
-    if not yes and not typer.confirm(f"Release {len(state)} user(s) of pool {pool}?"):
-        raise typer.Exit(1)
+    if not yes:
+        # Not confirmed, or no one to answer (a script, no input): exit 2, not the exit 1 of a
+        # user who held nothing.
+        try:
+            confirmed = typer.confirm(f"Release {len(state)} user(s) of pool {pool}?")
+        except typer.Abort:
+            raise _fail("not confirmed (no answer): nothing released; --yes releases without "
+                        "asking") from None
+        if not confirmed:
+            raise _fail("not confirmed: nothing released")
 
     from provisioner.scripts import Release, Scripts
 

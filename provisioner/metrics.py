@@ -14,6 +14,11 @@ WAIT_BUCKETS = (0.0, 0.5, 1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+#: reap_idle's reasons (lua/reap_idle.lua) and the places the replica counts errors in
+TERMINATION_REASONS = ("idle", "surplus_boot", "boot_timeout", "retry")
+ERROR_PLACES = ("event", "action", "subscribe", "tick", "heartbeat", "reconcile", "unusable_id")
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -123,6 +128,12 @@ class Metrics:
         self.errors = Counter("provisioner_errors",
                               "Unexpected errors while handling work, by where",
                               ["where"], registry=r)
+        # Exported at 0 from the start, so a query on one (README, "Debugging") reads 0, not
+        # nothing, until it first counts.
+        for reason in TERMINATION_REASONS:
+            self.terminations.labels(reason)
+        for where in ERROR_PLACES:
+            self.errors.labels(where)
 
     def observe_script(self, name: str, seconds: float) -> None:
         self.script_latency.labels(name).observe(seconds)

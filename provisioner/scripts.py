@@ -220,6 +220,16 @@ class Snapshot:
             failed=self.stat("creates_failed"))
 
 
+def duration_text(seconds: float) -> str:
+    """Seconds as an operator reads them: 45s, 12m 5s, 3h 20m."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    return f"{s // 3600}h {s % 3600 // 60}m"
+
+
 #: How far a replica's clock may be from the server's before it says so: every transition is
 #: stamped with the replica's clock, and activity timestamps come in whole seconds.
 CLOCK_OFFSET_WARN_S = 2.0
@@ -236,9 +246,11 @@ class ReplicaSeen:
     interval_s: float | None  # its heartbeat interval
     unsubscribed_s: float | None = None  # seconds its listener was not subscribed, in all
     clock_offset_s: float | None = None  # its clock less the server's, at its last heartbeat
+    up_s: float | None = None  # since it started, by its own clock
 
     @classmethod
-    def of(cls, replica_id: str, age_ms: int, details: Any) -> ReplicaSeen:
+    def of(cls, replica_id: str, age_ms: int, details: Any,
+           now_ms: float | None = None) -> ReplicaSeen:
         said = details if isinstance(details, dict) else {}
 
         def number(name: str) -> float | None:
@@ -251,9 +263,12 @@ class ReplicaSeen:
                 return None
             return value if math.isfinite(value) else None
 
+        started = number("started_ms")
+        up_s = None if started is None or now_ms is None else max(0.0, now_ms - started) / 1000
         return cls(replica_id, max(0, age_ms) / 1000, number("lag_s"),
                    said.get("subscribed") is True, number("interval_s"),
-                   number("unsubscribed_s"), number("clock_offset_s"))
+                   number("unsubscribed_s"), number("clock_offset_s"),
+                   None if up_s is None or not math.isfinite(up_s) else up_s)
 
     @property
     def silent(self) -> bool:
@@ -267,7 +282,8 @@ class ReplicaSeen:
                 "unsubscribed_s": None if self.unsubscribed_s is None
                 else round(self.unsubscribed_s, 1),
                 "clock_offset_s": None if self.clock_offset_s is None
-                else round(self.clock_offset_s, 3)}
+                else round(self.clock_offset_s, 3),
+                "up_s": None if self.up_s is None else round(self.up_s, 1)}
 
     def describe(self) -> str:
         if self.silent:
@@ -279,6 +295,8 @@ class ReplicaSeen:
         if self.clock_offset_s is not None and abs(self.clock_offset_s) > CLOCK_OFFSET_WARN_S:
             listening += (f", clock {abs(self.clock_offset_s):.1f}s "
                           f"{'ahead of' if self.clock_offset_s > 0 else 'behind'} the server's")
+        if self.up_s is not None:  # beside when the pool's state began, after a loss
+            listening += f", up {duration_text(self.up_s)}"
         return f"{self.replica_id} (lag {lag}{listening})"
 
 
@@ -652,6 +670,10 @@ class Scripts:
                                  proposal)
         return int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3])
 
+    async def leave(self, now_ms: int, replica_id: str) -> None:
+        """A replica stopping cleanly leaves the pool's list of replicas (lua/heartbeat.lua)."""
+        await self._call("heartbeat", now_ms, replica_id, "{}", 0, "-", "leaving")
+
     async def replicas(self, now_ms: int) -> list[ReplicaSeen]:
         """The replicas the pool has heard from, the most recent first (at most 50; read
         at once, in a transaction)."""
@@ -670,7 +692,7 @@ class Scripts:
             # a score no heartbeat writes (inf, from another hand) reads as never heard from
             heard_ms = score if math.isfinite(score) else -math.inf
             age_ms = now_ms - heard_ms
-            out.append(ReplicaSeen.of(replica_id, int(min(age_ms, 10**15)), details))
+            out.append(ReplicaSeen.of(replica_id, int(min(age_ms, 10**15)), details, now_ms))
         return out
 
     async def snapshot(self, now_ms: int, window_ms: int) -> Snapshot:

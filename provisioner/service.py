@@ -718,6 +718,13 @@ class Replica:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.drain(self.service.shutdown_grace_s)
+        if self.service.heartbeat_interval_s > 0:
+            try:
+                await asyncio.wait_for(self.scripts.leave(self.clock.now_ms(), self.replica_id),
+                                       2.0)
+            except (TimeoutError, RedisError, OSError) as exc:
+                log.warning("could not leave the pool's replica list (%s): it shows this "
+                            "replica as silent until it forgets it", str(exc) or "no answer")
 
     async def drain(self, grace_s: float) -> None:
         """Let in-flight Node API calls finish; cancel what is left after `grace_s`.
@@ -761,8 +768,10 @@ def http_app(replica: Replica) -> web.Application:
                             f"{replica.service.max_event_lag_s:g}s)")
         try:
             await asyncio.wait_for(replica.redis.ping(), 1.0)
-        except (TimeoutError, RedisError, OSError) as exc:
-            problems.append(f"redis: {exc}")
+        except TimeoutError:
+            problems.append("redis: no answer to PING within 1s")
+        except (RedisError, OSError) as exc:
+            problems.append(f"redis: {str(exc) or type(exc).__name__}")
         if problems:
             return web.json_response({"status": "unready", "problems": problems}, status=503)
         return web.json_response({"status": "ready", "replica": replica.replica_id})

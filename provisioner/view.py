@@ -24,6 +24,7 @@ from provisioner.scripts import (
     Scripts,
     Snapshot,
     as_text,
+    duration_text,
 )
 
 
@@ -117,16 +118,6 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
     return PoolView(pool, now_ms, snapshot, decisions, replicas, epoch)
 
 
-def _duration(seconds: float) -> str:
-    """Seconds as an operator reads them: 45s, 12m 5s, 3h 20m."""
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60}s"
-    return f"{s // 3600}h {s % 3600 // 60}m"
-
-
 def render_view(view: PoolView) -> Group:
     data = view.as_dict()
     c = data["counts"]
@@ -141,7 +132,7 @@ def render_view(view: PoolView) -> Group:
         Text(f"active {c['active']}"), Text(f"engaged {c['engaged']}"),
         Text(f"waiting {c['waiting']}", style="red" if c["waiting"] else ""),
         Text(f"connected {c['allocated']}", style="cyan"),
-        Text(f"longest session {_duration(data['longest_session_s'])}"
+        Text(f"longest session {duration_text(data['longest_session_s'])}"
              if c["allocated"] else ""))
     outcomes = Text(
         f"connects {data['connects']}  hits {data['hits']}  misses {data['misses']} "
@@ -174,8 +165,8 @@ def render_view(view: PoolView) -> Group:
     since = data["state_since_ms"]
     if since is not None:
         # a state younger than its replicas' run was lost and begun again
-        replicas.append(f"; the pool's state began {_duration(max(0, view.now_ms - since) / 1000)}"
-                        " ago")
+        began = duration_text(max(0, view.now_ms - since) / 1000)
+        replicas.append(f"; the pool's state began {began} ago")
     check = Text("\n".join(view.forecast_check.describe_parts()))
     scaling = Text(view.scaling.describe())
     return Group(

@@ -552,6 +552,22 @@ async def test_run_stops_within_the_grace_period(replica: Replica) -> None:
     assert loop.time() - started < 3
 
 
+async def test_a_replica_stopped_cleanly_leaves_the_replica_list(
+    replica: Replica, clock: ManualClock,
+) -> None:
+    # It was listed as silent for ten minutes, like a crashed one.
+    task = asyncio.create_task(replica.run())
+    await asyncio.wait_for(replica.subscribed.wait(), 5)
+    await replica.heartbeat()
+    other = make_replica(replica.redis, FakeNodeApi(), clock, "r2")
+    await other.heartbeat()
+    assert {r.replica_id for r in await replica.scripts.replicas(clock.now_ms())} == {"r1", "r2"}
+    replica.stopping.set()
+    await asyncio.wait_for(task, 5)
+    assert [r.replica_id for r in await replica.scripts.replicas(clock.now_ms())] == ["r2"]
+    assert await replica.redis.hkeys(replica.keys.key("replica_info")) == ["r2"]
+
+
 async def test_a_loop_stuck_in_a_slow_call_is_cancelled_after_the_grace(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:
@@ -828,6 +844,19 @@ async def _readyz(replica: Replica) -> tuple[int, dict[str, Any]]:
         return response.status, await response.json()
 
 
+async def test_readyz_names_a_server_that_does_not_answer(replica: Replica) -> None:
+    # A stalled server (SIGSTOP) gave "redis: ", a TimeoutError's empty text.
+    class Stalled:
+        async def ping(self) -> bool:
+            await asyncio.sleep(5)
+            return True
+
+    replica.subscribed.set()
+    replica.redis = Stalled()  # type: ignore[assignment]
+    status, body = await _readyz(replica)
+    assert status == 503 and "redis: no answer to PING within 1s" in body["problems"], body
+
+
 async def test_the_listener_reports_how_far_it_is_behind_the_events(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
@@ -981,9 +1010,12 @@ async def test_a_replica_s_heartbeat_lists_it_in_the_pool_status(
     [listed] = status.as_dict()["replicas"]
     assert listed["replica"] == "r1" and listed["subscribed"] is True
     assert listed["age_s"] == 0.5 and 0 <= listed["lag_s"] < 5 and listed["silent"] is False
+    assert listed["up_s"] == 1.5  # started at T0; read 1.5 s later, by its clock
     console = Console(record=True, width=200)
     console.print(render_view(status))
-    assert "replicas 1: r1 (lag " in console.export_text()
+    shown = console.export_text()
+    assert "replicas 1: r1 (lag " in shown
+    assert ", up 1s)" in shown  # beside when the pool's state began
     # Silent for a minute: shown apart.
     quiet = await read_view(aredis, POOL, clock.now_ms() + 60_000, FLOOR_ONLY.window_ms)
     console = Console(record=True, width=200)
@@ -1100,3 +1132,11 @@ def test_reconcile_refuses_a_node_api_url_it_cannot_use() -> None:
     result = CliRunner().invoke(app, ["reconcile", "--redis-url", "redis://127.0.0.1:1/0",
                                       "--node-api-url", "http://[::1"], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "cannot be parsed" in result.output, result.output
+
+
+def test_the_counters_an_operator_queries_read_zero_before_they_first_count() -> None:
+    # `provisioner_terminations_total{reason="boot_timeout"}` read nothing, not 0, until then.
+    registry = Metrics().registry
+    assert registry.get_sample_value("provisioner_terminations_total",
+                                     {"reason": "boot_timeout"}) == 0
+    assert registry.get_sample_value("provisioner_errors_total", {"where": "subscribe"}) == 0

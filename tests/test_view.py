@@ -128,6 +128,22 @@ def test_the_nodes_command_says_which_nodes_are_boot_time_samples(redis_url: str
     assert rows == {"n1": "no", "n2": "yes"}
 
 
+def test_the_nodes_command_shows_whole_ids_on_a_narrow_terminal(redis_url: str) -> None:
+    # At 80 columns every id read "node-898f6…": the rows could not be told apart.
+    keys = PoolKeys("narrow-cli")
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        for node in ("node-898f6a0c-1", "node-898f6a0c-2"):
+            await Scripts(client, keys).apply_node_status(T0, node, "ready")
+        await client.aclose()
+
+    asyncio.run(record())
+    result = CliRunner().invoke(app, ["nodes", "--redis-url", redis_url, "--pool", "narrow-cli"],
+                                env={"COLUMNS": "80"})
+    assert "node-898f6a0c-1" in result.output and "node-898f6a0c-2" in result.output
+
+
 def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: str) -> None:
     keys = PoolKeys("release-cli")
     now = int(time.time() * 1000)
@@ -165,7 +181,10 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
 
     # Asked and refused: nothing changes.
     refused = CliRunner().invoke(app, ["release", "lost", *common], input="n\n")
-    assert refused.exit_code == 1 and "lost: holds node n1 (session 36" in refused.output
+    assert refused.exit_code == 2 and "lost: holds node n1 (session 36" in refused.output
+    assert "not confirmed: nothing released" in refused.output
+    unanswered = CliRunner().invoke(app, ["release", "lost", *common], input="")
+    assert unanswered.exit_code == 2 and "not confirmed (no answer)" in unanswered.output
     assert "last active -)" in refused.output
     again = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
     assert [u["user_id"] for u in again["allocated"]] == ["lost", "live"]

@@ -288,7 +288,7 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     _pool_keys(pool)
     rows = _with_redis(redis_url, lambda c: view.node_rows(c, pool, limit))
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps([_typed(row) for row in rows], indent=2))
         return
     now = time.time() * 1000
     table = Table(title=f"nodes of pool {pool} ({len(rows)})")
@@ -306,6 +306,20 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
             _ago(now, view.time_ms(row.get("created_ms"))), idle, row.get("origin", ""),
             "no" if row.get("boot_sample") == "0" else "yes")))
     console.print(table)
+
+
+def _typed(record: dict[str, Any]) -> dict[str, Any]:
+    """A node record for JSON: its times and counts as numbers, boot_sample as true/false; a
+    value that does not read as its kind (a hand edit) is left as the text it is."""
+    typed: dict[str, Any] = {}
+    for name, value in record.items():
+        if (name.endswith("_ms") or name == "delete_attempts") and isinstance(value, str) \
+                and value.lstrip("-").isdigit() and len(value) < 20:
+            value = int(value)
+        elif name == "boot_sample" and value in ("0", "1"):
+            value = value == "1"
+        typed[name] = value
+    return typed
 
 
 def _login_name() -> str:

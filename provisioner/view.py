@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -263,17 +264,34 @@ async def _check_once(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
                      sessions)
 
 
+def _apart(a_name: str, a: set[str], b_name: str, b: set[str]) -> str:
+    """What two sets that should be equal hold apart, not the whole of each (a pool of
+    thousands would print thousands to show one stray id)."""
+    def some(ids: set[str]) -> str:
+        shown = sorted(ids)[:10]
+        return repr(shown)[:-1] + (f", ... {len(ids) - 10} more]" if len(ids) > 10 else "]")
+
+    parts = [f"{what}: {some(ids)}" for what, ids in
+             ((f"in {a_name}, not {b_name}", a - b), (f"in {b_name}, not {a_name}", b - a)) if ids]
+    return "; ".join(parts)
+
+
+def _duplicates(items: list[str]) -> list[str]:
+    return sorted(item for item, n in Counter(items).items() if n > 1)
+
+
 def _problems(ready: list[str], waiting: list[str], since: dict[str, str],
               alloc: dict[str, str], nodes: set[str], booting: set[str],
               terminating: set[str], records: dict[str, dict[str, str]],
               sessions: set[str]) -> list[str]:
     problems: list[str] = []
     if len(ready) != len(set(ready)):
-        problems.append(f"ready list has duplicates: {ready}")
+        problems.append(f"ready list has duplicates: {_duplicates(ready)}")
     if len(waiting) != len(set(waiting)):
-        problems.append(f"waiting list has duplicates: {waiting}")
+        problems.append(f"waiting list has duplicates: {_duplicates(waiting)}")
     if set(waiting) != set(since):
-        problems.append(f"waiting list {sorted(waiting)} != waiting_since {sorted(since)}")
+        problems.append("waiting users apart: "
+                        + _apart("the waiting list", set(waiting), "waiting_since", set(since)))
     if ready and waiting:
         problems.append(f"users wait ({len(waiting)}) while nodes are ready ({len(ready)})")
     holders: dict[str, str] = {}
@@ -284,9 +302,9 @@ def _problems(ready: list[str], waiting: list[str], since: dict[str, str],
         if user in since:
             problems.append(f"user {user} both waits and holds {node}")
     if sessions != set(alloc):
-        problems.append(f"sessions {sorted(sessions)} != users holding a node {sorted(alloc)} "
-                        "(a session begun before the sessions key existed is listed until it "
-                        "ends)")
+        problems.append("sessions apart: " + _apart("sessions", sessions, "alloc", set(alloc))
+                        + " (a session begun before the sessions key existed is listed until "
+                        "it ends)")
     groups = {"ready": set(ready), "booting": booting, "terminating": terminating,
               "allocated": set(alloc.values())}
     for name, members in groups.items():
@@ -295,7 +313,8 @@ def _problems(ready: list[str], waiting: list[str], since: dict[str, str],
                 problems.append(f"nodes both {name} and {other}: {members & other_members}")
     union = set().union(*groups.values())
     if union != nodes:
-        problems.append(f"live nodes {sorted(nodes)} != states {sorted(union)}")
+        problems.append("live nodes apart: "
+                        + _apart("the nodes set", nodes, "any state's structure", union))
     for node in sorted(nodes):
         record = records.get(node, {})
         state = record.get("state")

@@ -92,6 +92,17 @@ async def test_a_real_inconsistency_is_reported(aredis: aioredis.Redis) -> None:
     assert any("both booting and ready" in p for p in problems)
 
 
+async def test_a_stray_id_is_named_alone_not_beside_every_node(aredis: aioredis.Redis) -> None:
+    # One bogus id in the ready list printed every live node twice, 50 of them each time.
+    await _seed(aredis, [f"n{i}" for i in range(50)])
+    await aredis.rpush(KEYS.key("ready"), "bogus-node2", "bogus-node2")
+    problems = await check_invariants(aredis, POOL)
+    assert "live nodes apart: in any state's structure, not the nodes set: ['bogus-node2']" \
+        in problems
+    assert "ready list has duplicates: ['bogus-node2']" in problems
+    assert all("n49" not in p for p in problems)
+
+
 async def test_a_pool_that_never_holds_still_gets_an_answer(
     aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -126,6 +137,11 @@ def test_the_nodes_command_says_which_nodes_are_boot_time_samples(redis_url: str
     rows = {line.split()[1]: line.split()[-2] for line in result.output.splitlines()
             if re.match(r"\W*n[12] ", line)}
     assert rows == {"n1": "no", "n2": "yes"}
+    # As JSON, its times are numbers and the mark a boolean (they were strings).
+    listed = json.loads(CliRunner().invoke(app, ["nodes", "--redis-url", redis_url, "--pool",
+                                                 "nodes-cli", "--json"]).output)
+    assert {n["id"]: (n["created_ms"], n["boot_sample"]) for n in listed} == {
+        "n1": (T0, False), "n2": (T0, True)}
 
 
 def test_the_nodes_command_shows_whole_ids_on_a_narrow_terminal(redis_url: str) -> None:

@@ -248,7 +248,9 @@ async def _window_ms(client: aioredis.Redis, pool: str) -> int:
 def status(
     redis_url: RedisUrl,
     pool: Pool = "default",
-    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every second")] = False,
+    watch: Annotated[bool, typer.Option(
+        "--watch", "-w", help="Refresh every second (into a pipe or with --json: a reading a "
+        "second, appended)")] = False,
     as_json: Json = False,
 ) -> None:
     """Pool state: nodes by state, users, hits and misses, recent scaling decisions."""
@@ -267,6 +269,20 @@ def status(
         return
 
     async def loop(client: aioredis.Redis) -> None:
+        if as_json or not console.is_terminal:
+            # No screen to redraw (a pipe, a file), or JSON asked for: one reading a second,
+            # each written out whole as it comes (a JSON object a line with --json).
+            while True:
+                try:
+                    pool_view = await read(client)
+                    if as_json:
+                        typer.echo(json.dumps(pool_view.as_dict()))
+                    else:
+                        console.print(view.render_view(pool_view))
+                except (OSError, RedisError) as exc:
+                    console.print(f"Redis unreachable: {exc}", markup=False, highlight=False)
+                console.file.flush()
+                await asyncio.sleep(1.0)
         with Live(console=console, auto_refresh=False, screen=False) as live:
             while True:
                 try:

@@ -392,3 +392,28 @@ def test_status_says_when_the_pools_state_began(redis_url: str) -> None:
     asyncio.run(beat("written-by-hand"))
     shown, status = _status(redis_url, "epoch")
     assert status["state_since_ms"] is None and "state began" not in shown
+
+
+def test_status_watch_into_a_pipe_writes_a_reading_a_second(redis_url: str) -> None:
+    # Into a pipe it wrote nothing until Ctrl-C, and nothing at all on SIGTERM.
+    import queue
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    watch = subprocess.Popen([sys.executable, "-m", "provisioner", "status", "--watch", "--json",
+                              "--redis-url", redis_url, "--pool", "watched"],
+                             stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in watch.stdout or ()],
+                     daemon=True).start()
+    try:
+        first = json.loads(lines.get(timeout=15))  # a failure, not a hang, if none comes
+        started = time.monotonic()
+        second = json.loads(lines.get(timeout=5))
+        assert 0.5 < time.monotonic() - started < 5
+        assert first["pool"] == second["pool"] == "watched"
+    finally:
+        watch.terminate()
+        watch.wait(timeout=10)

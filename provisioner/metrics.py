@@ -105,8 +105,9 @@ class Metrics:
             registry=r)
         self.creates_held = Gauge(
             "provisioner_creates_held",
-            "1 while this replica holds its creates because the Node API is down (creates "
-            "unanswered or answered 5xx): one at a time after a pause, until one is answered",
+            "1 while this replica makes no create because the Node API is down (creates "
+            "unanswered or answered 5xx); after the pause it makes one at a time until the API "
+            "answers a create, a delete or a list",
             registry=r)
         self.clock_offset = Gauge(
             "provisioner_clock_offset_seconds",

@@ -276,7 +276,10 @@ class Replica:
     async def tick(self) -> None:
         """One scaling tick: decide (if this replica wins the interval), then act."""
         now = self.clock.now_ms()
-        args = self.pool.policy_args(now, self.replica_id, self._creates_allowed(now))
+        allowed = self._creates_allowed(now)
+        # Held now: none until the pause ends (then one at a time, which is not held).
+        self.metrics.creates_held.set(1 if allowed == 0 else 0)
+        args = self.pool.policy_args(now, self.replica_id, allowed)
         decision = await self.scripts.scale_decide(args)
         if decision.won:
             self.metrics.decisions.inc()
@@ -315,9 +318,14 @@ class Replica:
                 "api-down", "the Node API is failing (%s): creates held for %.0fs, then made one "
                 "at a time until one is answered (%d failed in a row)", result.detail,
                 hold / 1000, self._api_down)
-        elif self._api_down:
-            log.warning("the Node API answers creates again, after %d failed in a row",
-                        self._api_down)
+        else:
+            self._api_answered("a create")
+
+    def _api_answered(self, call: str) -> None:
+        """Any answer of the Node API (a create's, a delete's, a list's) ends a hold."""
+        if self._api_down:
+            log.warning("the Node API answers again (%s), after %d creates failed in a row",
+                        call, self._api_down)
             self._api_down = 0
             self.metrics.creates_held.set(0)
 
@@ -381,6 +389,8 @@ class Replica:
     async def _terminate(self, termination: Termination) -> None:
         outcome = await self.node_api.delete(termination.node_id)
         now = self.clock.now_ms()
+        if outcome is not DeleteOutcome.FAILED:
+            self._api_answered("a delete")
         if outcome is DeleteOutcome.SENT:
             await self.scripts.confirm_terminate(
                 now, termination.node_id, "sent", now + int(self.pool.delete_timeout_s * 1000))
@@ -433,6 +443,7 @@ class Replica:
         listed = await self.node_api.list_nodes()
         if listed is None:
             return None
+        self._api_answered("the node list")
         grace_ms = int(self.pool.create_timeout_s * 1000)
         api_states: dict[str, str] = {}
         for node in listed:

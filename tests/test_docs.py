@@ -115,18 +115,28 @@ def test_the_readme_oracle_columns_are_the_replays_in_docs_bench() -> None:
     (groups,) = [t for t in tables if t[0][:2] == ["traces", "the service"]]
     checked = 0
     for row in groups[1:]:
-        span = re.fullmatch(r"seeds (\d+)\u2013(\d+) \(\d+\)", row[0])  # an en dash
+        label = row[0].strip("*")
+        span = re.fullmatch(r"seeds (\d+)\u2013(\d+) \((\d+)\)", label)  # an en dash
         if span:
             seeds = [n for n in every if int(span[1]) <= n <= int(span[2])]
-        elif row[0].strip("*").startswith("all held-out"):
-            seeds = every
+            judged = [[v for _, vs in verdicts(seeds, p) for v in vs]
+                      for p in ("provisioner", "rate-oracle-0.5")]
+            count = span[3]
+        elif label.startswith("all held-out"):
+            judged = [[v for _, vs in verdicts(every, p) for v in vs]
+                      for p in ("provisioner", "rate-oracle-0.5")]
+            count = re.fullmatch(r"all held-out \((\d+)\)", label)[1]  # type: ignore[index]
+        elif label.startswith("recorded, cold"):
+            judged = [judge(load_results(ROOT / "docs/bench"), policy=p)
+                      for p in ("provisioner", "rate-oracle-0.5")]
+            count = re.fullmatch(r"recorded, cold \((\d+)\)", label)[1]  # type: ignore[index]
         else:
-            continue
-        met = [sum(v.met for _, vs in verdicts(seeds, p) for v in vs)
-               for p in ("provisioner", "rate-oracle-0.5")]
+            raise AssertionError(f"a row the test does not know: {row[0]}")
+        met = [sum(v.met for v in vs) for vs in judged]
         assert [row[1].strip("*"), row[3].strip("*")] == [str(m) for m in met], row[0]
+        assert [count, count] == [str(len(vs)) for vs in judged], row[0]
         checked += 1
-    assert checked == 6  # five groups of seeds and all of them
+    assert checked == 7  # five groups of seeds, all of them, and the recorded traces
 
 
 def test_every_command_is_listed_on_one_line_of_its_own() -> None:

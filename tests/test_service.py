@@ -388,6 +388,25 @@ async def test_creates_are_held_while_the_node_api_is_down_and_probed_one_at_a_t
     assert calls == 11
 
 
+async def test_any_answer_of_the_node_api_ends_the_hold(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    # A replica that won no tick since the API came back showed its creates held for minutes.
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=3))
+    api.create_outcomes.extend([CreateResult(CreateOutcome.FAILED, detail="down",
+                                             api_down=True)] * 3)
+    await replica.tick()
+    await replica.settle()
+    assert counter(replica, "provisioner_creates_held") == 1
+    api.listed = []  # its reconciliation is answered
+    assert await replica.reconcile() is not None
+    assert counter(replica, "provisioner_creates_held") == 0
+    clock.advance(1_000)
+    await replica.tick()
+    await replica.settle()
+    assert len(api.created) == 3  # all that the tick wants, not a probe
+
+
 async def test_an_api_that_answers_no_is_not_down(
     replica: Replica, api: FakeNodeApi, clock: ManualClock,
 ) -> None:
@@ -481,19 +500,21 @@ async def test_reconcile_leaves_a_node_the_pool_is_deleting_to_its_own_end(
 async def test_reconcile_makes_ready_a_node_whose_ready_was_lost_and_learns_no_boot_from_it(
     replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
 ) -> None:
-    await send([replica], "node:status", {"node_id": "n1", "status": "booting"})
-    await send([replica], "user:connect", {"user_id": "u1"})  # a miss: u1 waits beside n1
-    clock.advance(120_000)  # n1's `ready` is lost; the API lists it ready
-    api.listed = [ListedNode("n1", "ready")]
+    await send([replica], "node:status", {"node_id": "n2", "status": "booting"})
+    # A boot-time sample (by its id's hash): its ready would teach the boot time.
+    assert await aredis.hget(replica.keys.node("n2"), "boot_sample") == "1"
+    await send([replica], "user:connect", {"user_id": "u1"})  # a miss: u1 waits beside n2
+    clock.advance(120_000)  # n2's `ready` is lost; the API lists it ready
+    api.listed = [ListedNode("n2", "ready")]
     model_before = await aredis.hgetall(replica.keys.key("model"))
     counts = await replica.reconcile()
     assert counts is not None and counts["made_ready"] == 1
-    assert await aredis.hgetall(replica.keys.key("alloc")) == {"u1": "n1"}
-    # When n1 became ready is not known: 120 s would be a boot time it never took.
+    assert await aredis.hgetall(replica.keys.key("alloc")) == {"u1": "n2"}
+    # When n2 became ready is not known: 120 s would be a boot time it never took.
     model = await aredis.hgetall(replica.keys.key("model"))
     assert model.get("boot_ms") == model_before.get("boot_ms") and "boot_n" not in model
     # Its late `ready` changes nothing, and a second reconciliation finds nothing to do.
-    await send([replica], "node:status", {"node_id": "n1", "status": "ready"})
+    await send([replica], "node:status", {"node_id": "n2", "status": "ready"})
     counts = await replica.reconcile()
     assert counts is not None and not any(counts.values())
     assert await check_invariants(aredis, POOL) == []

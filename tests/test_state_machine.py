@@ -115,8 +115,10 @@ def state_machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine
                 return
 
             async def ttls() -> list[int]:
-                keys = [k async for k in self.client.scan_iter(
-                    match=self.keys.key("acts_prefix") + "*")]
+                # Every per-user key: the activity window and the first-seen time.
+                keys = [k for prefix in ("acts_prefix", "seen_prefix")
+                        async for k in self.client.scan_iter(
+                            match=self.keys.key(prefix) + "*")]
                 return [await self.client.pttl(k) for k in keys]
 
             assert all(ttl > 0 for ttl in self.run(ttls()))

@@ -31,6 +31,11 @@ local now = p.now
 local deadline = now + p.delete_deadline_ms
 local out = {}
 
+-- The retries are of terminations begun before this call: read before the stuck boots below
+-- join `terminating`, or one begun here with a deadline of now (a delete timeout under a
+-- millisecond) would be returned a second time, as a retry.
+local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max_batch)
+
 local stuck = rcall('ZRANGEBYSCORE', K.booting, '-inf', now - p.boot_timeout_ms,
                     'LIMIT', 0, p.max_batch)
 for _, node in ipairs(stuck) do
@@ -40,7 +45,6 @@ for _, node in ipairs(stuck) do
   end
 end
 
-local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max_batch)
 for _, node in ipairs(due) do
   rcall('ZADD', K.terminating, deadline, node)
   add_to(node_key(node), 'delete_attempts', 1, false)

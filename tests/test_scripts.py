@@ -731,6 +731,22 @@ async def test_keep_level_survives_garbage_in_the_targets_list(pool: PoolUnderTe
     assert targets[0] == f"{pool.now}:7" and "junk" not in targets and "x:y" not in targets
 
 
+async def test_reap_idle_returns_a_node_once_whatever_the_delete_timeout(
+    pool: PoolUnderTest,
+) -> None:
+    # Found by a fuzz of the settings: a delete timeout under a millisecond put a stuck boot in
+    # `terminating` with a deadline of now, and the same call sent it again as a retry.
+    config = PoolConfig(boot_timeout_s=60, delete_timeout_s=0.0005)
+    assert config.problems() == []
+    await pool.scripts.apply_node_status(pool.now, "n0", "booting")
+    pool.clock.advance(60_000)
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [(t.node_id, t.reason) for t in reaped] == [("n0", "boot_timeout")]
+    pool.clock.advance(1)  # its deadline passed: sent again, once
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [(t.node_id, t.reason) for t in reaped] == [("n0", "retry")]
+
+
 async def test_reap_idle_never_touches_allocated_nodes(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, idle_timeout_s=0)
     await pool.boot("n1")

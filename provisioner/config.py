@@ -76,14 +76,18 @@ class PoolConfig:
         need(1 <= self.max_nodes <= MAX_NODES_LIMIT, f"max_nodes must be in [1, {MAX_NODES_LIMIT}]")
         need(self.min_ready <= self.max_nodes, "min_ready must not exceed max_nodes")
         need(0 <= self.idle_timeout_s <= 86400, "idle_timeout_s must be in [0, 86400]")
-        need(0 < self.boot_timeout_s <= 86400, "boot_timeout_s must be in (0, 86400]")
+        # The scripts count in milliseconds: a timeout under one would be 0, a boot timed out on
+        # the tick it starts (found by a fuzz of the settings).
+        need(0.001 <= self.boot_timeout_s <= 86400, "boot_timeout_s must be in [0.001, 86400]")
         need(0.05 <= self.tick_interval_s <= 600, "tick_interval_s must be in [0.05, 600]")
         need(1 <= self.activity_window_s <= 86400, "activity_window_s must be in [1, 86400]")
         need(1 <= self.engaged_threshold <= self.max_events_per_user,
              "engaged_threshold must be in [1, max_events_per_user]")
         need(0 <= self.conversion <= 1, "conversion must be in [0, 1]")
-        need(0 < self.create_timeout_s <= 86400, "create_timeout_s must be in (0, 86400]")
-        need(0 < self.delete_timeout_s <= 86400, "delete_timeout_s must be in (0, 86400]")
+        need(0.001 <= self.create_timeout_s <= 86400,
+             "create_timeout_s must be in [0.001, 86400]")
+        need(0.001 <= self.delete_timeout_s <= 86400,
+             "delete_timeout_s must be in [0.001, 86400]")
         need(1 <= self.max_batch <= 1000, "max_batch must be in [1, 1000]")
         need(1 <= self.max_events_per_user <= 10000, "max_events_per_user must be in [1, 10000]")
         need(10 <= self.decision_log_len <= 1_000_000,

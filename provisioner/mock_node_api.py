@@ -173,9 +173,7 @@ class MockNodeApi:
                 del self.nodes[node.id]
             return web.json_response({"error": "cannot publish node:status"}, status=503)
         stuck = self._fails(self.faults.stuck_rate)
-        if node.state != "booting":
-            stuck = False  # deleted while its status went out: it ends, it does not boot
-        elif not stuck:
+        if not stuck and node.state == "booting":  # one deleted while its status went out ends
             node.tasks.append(asyncio.create_task(self._boot(node)))
         log.info("create %s%s", node.id, " (will never become ready)" if stuck else "")
         return web.json_response({"id": node.id}, status=202)

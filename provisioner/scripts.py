@@ -595,16 +595,17 @@ class Scripts:
                       log_len: int = 1000) -> ReleaseResult:
         return await self.run(self.release_call(now_ms, user_id, by, log_len))
 
-    def apply_node_status_call(self, now_ms: int, node_id: str,
-                               status: str) -> Call[NodeStatusResult]:
-        return Call("apply_node_status", (now_ms, node_id, status), _node_status)
-
-    async def apply_node_status(self, now_ms: int, node_id: str, status: str, *,
-                                listed: bool = False) -> NodeStatusResult:
+    def apply_node_status_call(self, now_ms: int, node_id: str, status: str, *,
+                               listed: bool = False) -> Call[NodeStatusResult]:
         """A node's status; `listed`: read from the Node API's list, not received (a ready
         found that way teaches no boot time)."""
         args = (now_ms, node_id, status, "listed") if listed else (now_ms, node_id, status)
-        return await self.run(Call("apply_node_status", args, _node_status))
+        return Call("apply_node_status", args, _node_status)
+
+    async def apply_node_status(self, now_ms: int, node_id: str, status: str, *,
+                                listed: bool = False) -> NodeStatusResult:
+        return await self.run(self.apply_node_status_call(now_ms, node_id, status,
+                                                          listed=listed))
 
     async def register_node(self, now_ms: int, reservation: str, node_id: str) -> RegisterResult:
         code, state = await self._call("register_node", now_ms, reservation, node_id)

@@ -455,14 +455,17 @@ class Replica:
                 log.error("reconcile: the Node API runs node %r, whose id the pool cannot take; "
                           "deleting it", node.node_id[:80])
                 self._spawn(self._delete_orphan(node.node_id))
-        pairs: list[tuple[Any, Any]] = await self.redis.zrange(  # type: ignore[assignment]
-            self.keys.key("nodes"), 0, -1, withscores=True)
+        # The three sets read at once, in one round trip and one consistent view.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrange(self.keys.key("nodes"), 0, -1, withscores=True)
+            pipe.zrange(self.keys.key("booting"), 0, -1)
+            pipe.zrange(self.keys.key("terminating"), 0, -1)
+            pairs, booting_ids, terminating_ids = await pipe.execute()
         known_ids = {as_text(k): int(v) for k, v in pairs}
-        booting = {as_text(k) for k in await self.redis.zrange(self.keys.key("booting"), 0, -1)}
+        booting = {as_text(k) for k in booting_ids}
         # Nodes the pool is deleting itself: the API calling them terminating is their DELETE
         # arriving, and their `terminated` (or the DELETE's retry) ends them.
-        deleting = {as_text(k)
-                    for k in await self.redis.zrange(self.keys.key("terminating"), 0, -1)}
+        deleting = {as_text(k) for k in terminating_ids}
         now = self.clock.now_ms()
         for node_id, state in api_states.items():
             if node_id in known_ids:

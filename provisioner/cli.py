@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import inspect
 import json
@@ -268,27 +269,33 @@ def status(
             console.print(view.render_view(pool_view))
         return
 
+    def append(reading: view.PoolView | Exception) -> None:
+        """No screen to redraw (a pipe, a file), or JSON asked for: each reading written out
+        whole as it comes (a JSON object a line with --json)."""
+        if isinstance(reading, Exception):
+            console.print(f"Redis unreachable: {reading}", markup=False, highlight=False)
+        elif as_json:
+            typer.echo(json.dumps(reading.as_dict()))
+        else:
+            console.print(view.render_view(reading))
+        console.file.flush()
+
     async def loop(client: aioredis.Redis) -> None:
-        if as_json or not console.is_terminal:
-            # No screen to redraw (a pipe, a file), or JSON asked for: one reading a second,
-            # each written out whole as it comes (a JSON object a line with --json).
+        with contextlib.ExitStack() as stack:
+            live = stack.enter_context(Live(console=console, auto_refresh=False, screen=False)
+                                       ) if console.is_terminal and not as_json else None
             while True:
+                reading: view.PoolView | Exception
                 try:
-                    pool_view = await read(client)
-                    if as_json:
-                        typer.echo(json.dumps(pool_view.as_dict()))
-                    else:
-                        console.print(view.render_view(pool_view))
+                    reading = await read(client)
                 except (OSError, RedisError) as exc:
-                    console.print(f"Redis unreachable: {exc}", markup=False, highlight=False)
-                console.file.flush()
-                await asyncio.sleep(1.0)
-        with Live(console=console, auto_refresh=False, screen=False) as live:
-            while True:
-                try:
-                    live.update(view.render_view(await read(client)), refresh=True)
-                except (OSError, RedisError) as exc:
-                    live.update(f"[red]Redis unreachable:[/red] {exc}", refresh=True)
+                    reading = exc
+                if live is None:
+                    append(reading)
+                elif isinstance(reading, Exception):
+                    live.update(f"[red]Redis unreachable:[/red] {reading}", refresh=True)
+                else:
+                    live.update(view.render_view(reading), refresh=True)
                 await asyncio.sleep(1.0)
 
     try:

@@ -23,7 +23,14 @@
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV: the policy parameters (lua/includes/policy.lua read_params)
 
-  Returns {0} when another replica holds this interval, else
+  A replica passes the pool's epoch as it last saw it (ARGV[25]). If the pool holds another, or
+  none, its state was lost since (lua/heartbeat.lua): the pool it would decide on is empty, not
+  the one whose nodes are still running, and a decision there would boot a second pool beside
+  them. Nothing is decided or written until the replica has seen the loss and taken the Node
+  API's nodes back (provisioner/service.py).
+
+  Returns {0} when another replica holds this interval, {-1} when the epoch is not the
+  replica's, else
     {1, reason, numbers_json, reservation_id...}
   Logs every decision that acts to the `decisions` stream; the latest observation is kept in
   stats field `last_decision`.
@@ -33,6 +40,10 @@
 
 local p = read_params()
 local now = p.now
+
+if p.epoch and p.epoch ~= '' and rcall('GET', K.epoch) ~= p.epoch then
+  return {-1}
+end
 
 -- One decision per interval slot of the pool's own clock (`now`), not the server's: replays
 -- run hours of virtual time in seconds and must decide every virtual interval. A slot more

@@ -121,10 +121,11 @@ class PoolConfig:
         return max(1, int(self.tick_interval_s * 1000))
 
     def policy_args(self, now_ms: int, replica: str,
-                    creates_held_to: int | None = None) -> list[object]:
+                    creates_held_to: int | None = None, epoch: str = "") -> list[object]:
         """ARGV for scale_decide and reap_idle, in the order of lua/includes/policy.lua;
         `creates_held_to`: the most creates this replica may make now, below `max_batch` (the
-        Node API is failing), or None."""
+        Node API is failing), or None; `epoch`: the pool's epoch as this replica last saw it,
+        on which scale_decide decides nothing if the pool holds another, or "" (none seen)."""
         args: list[object] = [
             now_ms,
             replica,
@@ -150,8 +151,10 @@ class PoolConfig:
             repr(float(self.uncredited_exposure)),
             repr(float(self.estimation_error)),
         ]
-        if creates_held_to is not None:
-            args.append(creates_held_to)
+        if creates_held_to is not None or epoch:
+            args.append("" if creates_held_to is None else creates_held_to)
+        if epoch:
+            args.append(epoch)
         return args
 
     def as_dict(self) -> dict[str, object]:

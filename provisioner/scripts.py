@@ -170,12 +170,15 @@ class ModelLoad:
 
 @dataclass(frozen=True)
 class Decision:
-    """What scale_decide decided; `won` is False when another replica holds the interval."""
+    """What scale_decide decided; `won` is False when another replica holds the interval, or
+    when the pool's epoch is not the one the replica passed (`epoch_changed`: its state was
+    lost since)."""
 
     won: bool
     reason: str = ""
     numbers: dict[str, Any] = field(default_factory=dict)
     reservations: list[str] = field(default_factory=list)
+    epoch_changed: bool = False
 
 
 @dataclass(frozen=True)
@@ -623,6 +626,8 @@ class Scripts:
 
     async def scale_decide(self, policy_args: Sequence[object]) -> Decision:
         reply = await self._call("scale_decide", *policy_args)
+        if int(reply[0]) == -1:
+            return Decision(won=False, epoch_changed=True)
         if int(reply[0]) == 0:
             return Decision(won=False)
         return Decision(True, as_text(reply[1]), json.loads(as_text(reply[2])),

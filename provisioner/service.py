@@ -106,9 +106,13 @@ class Replica:
         self._probes_out: deque[float] = deque()
         self._last_lag_s = 0.0
         self._started_ms = self.clock.now_ms()
-        #: the pool's epoch at this replica's last heartbeat: an observation for the alarm when
-        #: the state is lost, never an input to a decision
+        #: the pool's epoch at this replica's last heartbeat, for the alarm when the state is
+        #: lost; and the epoch its ticks decide on, which becomes the new one only once the
+        #: nodes are taken back after a loss (`_taking_back`): scale_decide decides nothing under
+        #: an epoch the pool does not hold, so no tick boots a pool beside the running nodes
         self._epoch = ""
+        self._decide_epoch = ""
+        self._taking_back = False
         #: this replica's clock less the server's at its last heartbeat (None before the first)
         self._clock_offset_s: float | None = None
         #: creates in a row that found the Node API down, and until when creates are held: an
@@ -279,8 +283,13 @@ class Replica:
         allowed = self._creates_allowed(now)
         # Held now: none until the pause ends (then one at a time, which is not held).
         self.metrics.creates_held.set(1 if allowed == 0 else 0)
-        args = self.pool.policy_args(now, self.replica_id, allowed)
+        args = self.pool.policy_args(now, self.replica_id, allowed, self._decide_epoch)
         decision = await self.scripts.scale_decide(args)
+        if decision.epoch_changed:
+            self._trouble.warning(
+                "epoch", "no scaling decision: the pool's state in Redis is not the one this "
+                "replica ran on (lost since its last heartbeat?); it decides again once its "
+                "heartbeat has seen the loss and taken the Node API's nodes back")
         if decision.won:
             self.metrics.decisions.inc()
             if decision.numbers.get("surge"):
@@ -614,8 +623,12 @@ class Replica:
                       "hold are unknown now; reconciliation takes every node the Node API "
                       "lists back as free (README, \"When Redis loses the pool's state\")",
                       seen, epoch)
-            # At once, not at the next interval: until the nodes are back in the pool, the
-            # ticks see an empty pool and boot a new one beside them.
+            self._taking_back = True
+        if self._taking_back:
+            # At once, not at the next interval, and before this replica's ticks decide on the
+            # new epoch: until the nodes are back, the pool looks empty. Retried at the next
+            # heartbeat if it raises; done after one answer, even with no list (an API without
+            # one must not stop scaling for good).
             await self.publish_config()
             counts = await self.reconcile()
             if counts is None:
@@ -623,6 +636,8 @@ class Replica:
                           "the nodes come back through their status or the next one")
             else:
                 log.warning("reconciliation after the loss: %s", counts)
+            self._taking_back = False
+        self._decide_epoch = epoch
 
     async def probe_lag(self) -> None:
         """Publish a probe (this process's monotonic time) on the replica's own channel. The

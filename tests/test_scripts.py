@@ -866,3 +866,28 @@ async def test_a_heartbeat_with_no_epoch_to_propose_is_refused_and_writes_nothin
         with pytest.raises(aioredis.ResponseError, match="no epoch"):
             await pool.scripts._call("heartbeat", *args)
     assert await pool.dump() == before
+
+
+async def test_a_decision_under_an_epoch_the_pool_does_not_hold_is_refused_and_writes_nothing(
+    pool: PoolUnderTest,
+) -> None:
+    """A replica passes the epoch it last saw: if the pool's state was lost since (no epoch, or
+    another), the tick sees an empty pool that is not the one that replica ran on, and a
+    decision there would boot a pool beside the nodes still running."""
+    config = PoolConfig(min_ready=2)
+    scripts, now = pool.scripts, pool.now
+    await scripts.heartbeat(now, "r1", {}, 60_000, "e1")
+    before = await pool.dump()
+    for epoch in ("e0", "e2"):
+        decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch=epoch))
+        assert (decision.won, decision.epoch_changed, decision.reservations) == (False, True, [])
+    assert await pool.dump() == before
+    await pool.redis.flushdb()  # the state is lost: no epoch at all
+    decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch="e1"))
+    assert decision.epoch_changed and await pool.redis.dbsize() == 0
+    # the epoch that stands, or none known to the replica: the tick decides as before
+    await scripts.heartbeat(now, "r1", {}, 60_000, "e3")
+    decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch="e3"))
+    assert decision.won and len(decision.reservations) == 2
+    decision = await scripts.scale_decide(config.policy_args(now + 1_000, "r1", 1, epoch=""))
+    assert decision.won and not decision.epoch_changed

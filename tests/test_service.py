@@ -1161,3 +1161,56 @@ def test_the_counters_an_operator_queries_read_zero_before_they_first_count() ->
     assert registry.get_sample_value("provisioner_terminations_total",
                                      {"reason": "boot_timeout"}) == 0
     assert registry.get_sample_value("provisioner_errors_total", {"where": "subscribe"}) == 0
+
+
+async def test_a_replica_decides_nothing_on_a_lost_state_until_it_has_taken_the_nodes_back(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """Between a loss and the heartbeat that sees it, and while the reconciliation after it
+    lists the Node API's nodes, the ticks see an empty pool: a decision there boots a new pool
+    beside the nodes still running. The replica's ticks pass the epoch it ran on, so they decide
+    nothing until its nodes are back."""
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(
+        min_ready=2, scaling_policy="heuristic", conversion=0))
+    await replica.heartbeat()
+    for node in ("a", "b"):
+        for status in ("booting", "ready"):
+            await send([replica], "node:status", {"node_id": node, "status": status})
+    await replica.tick()
+    await replica.settle()
+    decided = counter(replica, "provisioner_scale_decisions_total")
+    assert api.created == [] and decided == 1
+    await aredis.flushall()
+    clock.advance(1_000)
+    await replica.tick()  # before the heartbeat that sees the loss
+    await replica.settle()
+    assert api.created == []
+    # the heartbeat sees it and reconciles; a tick while the Node API's list is on its way
+    listing, answer = asyncio.Event(), asyncio.Event()
+    api.listed = [ListedNode("a", "ready"), ListedNode("b", "ready")]
+
+    async def slow_list() -> list[ListedNode] | None:
+        listing.set()
+        await answer.wait()
+        return api.listed
+
+    api.list_nodes = slow_list  # type: ignore[method-assign]
+    beat = asyncio.create_task(replica.heartbeat())
+    await asyncio.wait_for(listing.wait(), 5)
+    clock.advance(1_000)
+    await replica.tick()
+    await replica.settle()
+    assert api.created == [] and counter(replica, "provisioner_state_lost_total") == 1
+    answer.set()
+    await beat
+    # the nodes are back: the ticks decide again, on the pool as it is
+    clock.advance(1_000)
+    await replica.tick()
+    await replica.settle()
+    assert api.created == []
+    assert counter(replica, "provisioner_scale_decisions_total") == decided + 1
+    await send([replica], "node:status", {"node_id": "a", "status": "terminated"})
+    clock.advance(1_000)
+    await replica.tick()
+    await replica.settle()
+    assert len(api.created) == 1

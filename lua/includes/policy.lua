@@ -31,6 +31,9 @@ local function read_params()
     -- The most creates the calling replica may make now, when it holds them because the Node
     -- API is failing (its probe, or none); nil: max_batch.
     creates_held_to = tonumber(ARGV[24]),
+    -- The pool's epoch as the calling replica last saw it (lua/heartbeat.lua); '' or nil: none
+    -- seen yet, nothing to compare.
+    epoch = ARGV[25],
   }
 end
 

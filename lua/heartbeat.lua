@@ -14,6 +14,8 @@
   replica's proposal, and every heartbeat returns the epoch that stands. A replica that sees it
   change under it knows the state it was running on is gone (a server restarted without
   persistence, a flush, a failover to an empty replica): nothing else in the pool can tell.
+  Each replica's ticks pass the epoch they run on to scale_decide, which decides nothing under
+  another, until that replica has taken the Node API's nodes back.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)

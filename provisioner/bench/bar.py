@@ -80,7 +80,9 @@ class Verdict:
     def as_dict(self) -> dict[str, Any]:
         return {"trace": self.trace, "policy": self.policy, "connects": self.connects,
                 "misses": self.misses, "miss_rate": round(self.miss_rate, 6),
-                "cost_ratio": round(self.cost_ratio, 6),
+                # null: node time with no busy time (strict JSON has no infinity)
+                "cost_ratio": round(self.cost_ratio, 6) if math.isfinite(self.cost_ratio)
+                else None,
                 "cost_limit": round(self.cost_limit, 6),
                 "static_cost_ratio": round(self.static_cost_ratio, 6),
                 "idle_hours": round(self.idle_hours, 4),
@@ -110,6 +112,10 @@ def _row(raw: object, where: str) -> dict[str, Any]:
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise BarError(f"{where}: '{key}' must be a non-empty string")
     row = dict(raw)
+    # Node time with no busy time is an infinite cost ratio, written as null (strict JSON).
+    infinite_cost = "cost_ratio" in raw and raw["cost_ratio"] is None
+    if infinite_cost:
+        raw = dict(raw, cost_ratio=0.0)  # for the checks below
     for key in _NUMBERS:
         value = raw.get(key)
         # the range first: an integer of 500 digits does not fit the float isfinite takes
@@ -117,8 +123,21 @@ def _row(raw: object, where: str) -> dict[str, Any]:
                 or not 0 <= value <= 1e15 or not math.isfinite(value):
             raise BarError(f"{where} ({raw['trace']} / {raw['policy']}): '{key}' must be a "
                            f"finite number in [0, 1e15], not {str(value)[:40]}")
+    what = f"{where} ({raw['trace']} / {raw['policy']})"
+    for key in ("connects", "misses"):
+        if raw[key] != int(raw[key]):
+            raise BarError(f"{what}: '{key}' must be a whole number, not {raw[key]}")
     if raw["misses"] > raw["connects"]:
-        raise BarError(f"{where} ({raw['trace']} / {raw['policy']}): more misses than connects")
+        raise BarError(f"{what}: more misses than connects")
+    # node time holds busy time (FORMAT.md)
+    if raw["busy_hours"] > raw["node_hours"] * (1 + 1e-9):
+        raise BarError(f"{what}: more busy hours ({raw['busy_hours']}) than node hours "
+                       f"({raw['node_hours']})")
+    if infinite_cost:
+        if raw["busy_hours"] != 0 or raw["node_hours"] == 0:
+            raise BarError(f"{what}: 'cost_ratio' is null, which only a row with node hours "
+                           "and no busy hours may have")
+        row["cost_ratio"] = math.inf
     return row
 
 

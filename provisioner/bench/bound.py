@@ -77,9 +77,17 @@ class FrontierPoint:
     window_idle_hours: tuple[float, ...] = ()  # the idle hours of each window's band
 
 
+#: the shortest span a window's rates are read over: a trace of a few seconds would otherwise
+#: read as a rate of connects a second, and the bands to simulate for it are without number
+MIN_RATE_SPAN_S = 60.0
+
+
 def windows(trace: Trace, length_s: float) -> list[Window]:
-    """Counted connects and disconnects (by FORMAT.md's counting rules) per window."""
+    """Counted connects and disconnects (by FORMAT.md's counting rules) per window. A last
+    window shorter than half a window joins the one before it."""
     n = max(1, math.ceil(trace.duration_s / length_s))
+    if n > 1 and trace.duration_s - (n - 1) * length_s < length_s / 2:
+        n -= 1
     connects, frees = [0] * n, [0] * n
     for event in counted_events(trace.events):
         i = min(n - 1, int(event.t // length_s))
@@ -87,7 +95,8 @@ def windows(trace: Trace, length_s: float) -> list[Window]:
             connects[i] += 1
         elif event.channel == "user:disconnect":
             frees[i] += 1
-    return [Window(i * length_s, min(length_s, trace.duration_s - i * length_s),
+    return [Window(i * length_s,
+                   length_s if i < n - 1 else trace.duration_s - i * length_s,
                    connects[i], frees[i]) for i in range(n)]
 
 
@@ -173,8 +182,9 @@ class Nodes:
 
 def window_results(window: Window, nodes: Nodes, seconds: int, seed: int) -> list[BandResult]:
     """Every candidate band simulated at the window's rates, on one shared draw of arrivals."""
-    c_rate = window.connects / window.length_s
-    f_rate = window.frees / window.length_s
+    span = max(window.length_s, MIN_RATE_SPAN_S)
+    c_rate = window.connects / span
+    f_rate = window.frees / span
     ticks = arrivals(c_rate, f_rate, seconds + WARMUP_S, seed)
     return [simulate(band, ticks, nodes.boot_delays, nodes.api_latency_s,
                      nodes.terminate_delay_s, warmup=WARMUP_S)

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -194,10 +194,13 @@ def replay(
             model = read_model_file(model_path)
         except ModelFileError as exc:
             raise typer.BadParameter(str(exc), param_hint="--model") from None
+    overrides = parse_settings(settings)
+    if overrides and policy != SERVICE:
+        raise typer.BadParameter(f"only `{SERVICE}` takes the service's settings",
+                                 param_hint="--set")
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
     if append_to is not None:  # refused now, not after the replay, if it can be
         _rows_to_append_to(append_to, trace.name, policy)
-    overrides = parse_settings(settings)
     started = time.monotonic()
     with _server(redis_url) as url:
         timeline_s = timeline_window if timeline_path is not None else None
@@ -206,6 +209,9 @@ def replay(
             board = run_replay_world(trace, replayed).board
         except PolicyViolation as exc:
             console.print(f"[red]policy {policy} broke the rules: {exc}")
+            raise typer.Exit(2) from None
+        except service_policy.ModelRefused as exc:
+            console.print(f"[red]--model {model_path}: the pool refused it: {exc}")
             raise typer.Exit(2) from None
     scores = board.close()
     wall_s = time.monotonic() - started
@@ -232,9 +238,7 @@ def replay(
             typer.echo(replayed.forecast_check.describe() + " (whole replay, warm-up included)",
                        err=True)
     if as_json:
-        # strict JSON: a score with no value (a cost ratio with no busy time) is null
-        typer.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                               for k, v in scores.as_dict().items()}))
+        typer.echo(json.dumps(strict(scores.as_dict())))
     else:
         table = Table(title=f"{trace.name} under {policy}")
         table.add_column("score")
@@ -260,6 +264,13 @@ def _folder_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # closing the last descriptor releases the lock
 
 
+def strict(row: Mapping[str, object]) -> dict[str, object]:
+    """A row as strict JSON can hold it: a score with no value (the cost ratio of node time
+    with no busy time, infinite) is null, which `bench bar` reads back as infinite."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in row.items()}
+
+
 def append_row(path: Path, row: dict[str, object]) -> int:
     """Add `row` to the results file `path` and return how many rows it holds now. The file is
     read again under the folder's lock, so a row another replay added meanwhile is kept, and a
@@ -267,7 +278,7 @@ def append_row(path: Path, row: dict[str, object]) -> int:
     beside it, then renamed), so a reader never sees half a file."""
     with _folder_lock(path):
         rows = _rows_to_append_to(path, str(row["trace"]), str(row["policy"]))
-        rows.append(row)
+        rows.append(strict(row))
         written = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         written.write_text(json.dumps(rows, indent=1))
         os.replace(written, path)
@@ -332,6 +343,9 @@ def suite(
     paths = _trace_paths(directory)
     names = policy or [SERVICE, *BASELINE_NAMES]
     overrides = parse_settings(settings)
+    if overrides and SERVICE not in names:
+        raise typer.BadParameter(f"only `{SERVICE}` takes the service's settings, and it is "
+                                 "not among the policies", param_hint="--set")
     out.mkdir(parents=True, exist_ok=True)
     with _server(redis_url) as url:
         extra = _factories([n for n in names if n != STATIC_BEST], url, overrides)
@@ -374,8 +388,8 @@ def suite(
                  "is chosen on this draw.\n")
     (out / "results.md").write_text(note + "\n" + markdown_table(rows))
     (out / "results.json").write_text(json.dumps(
-        [{"trace": r.trace, "policy": r.policy, "detail": r.detail, "wall_s": r.wall_s,
-          **r.scores.as_dict()} for r in rows], indent=1))
+        [strict({"trace": r.trace, "policy": r.policy, "detail": r.detail, "wall_s": r.wall_s,
+                 **r.scores.as_dict()}) for r in rows], indent=1))
     try:
         pareto_plot(rows, out / "pareto.png")
     except ImportError:
@@ -390,7 +404,11 @@ def check(
     directory: Annotated[Path, typer.Argument(metavar="DIR", exists=True, file_okay=False)],
 ) -> None:
     """Check the simulated world against FORMAT.md's reference table (static-K figures)."""
-    problems = check_reference(directory)
+    try:
+        problems = check_reference(directory)
+    except TraceError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
     for problem in problems:
         console.print(f"[red]{problem}")
     if problems:
@@ -642,8 +660,8 @@ def oracle_bar(
     from provisioner.bench.bound import chance_to_meet, rate_oracle
 
     thetas = sorted(set(theta)) if theta else [0.25, 0.5, 1.0]
-    if any(t <= 0 for t in thetas):
-        raise typer.BadParameter("a price per miss (--theta) must be > 0")
+    if any(not math.isfinite(t) or t <= 0 for t in thetas):
+        raise typer.BadParameter("a price per miss (--theta) must be a finite number > 0")
     fast_traces = tuple(fast) if fast is not None else FAST_CHANGING
     paths = _trace_paths(directory)
     traces = [_load(path) for path in paths]
@@ -776,23 +794,40 @@ def bar(
         return root / name if root.is_dir() else root
 
     judged = []
+    seen: dict[Path, Path] = {}
+
+    def once(file: Path) -> None:
+        """A results file given twice (a folder and the file in it, two spellings) would
+        count its verdicts twice."""
+        if file.resolve() in seen:
+            raise BarError(f"{file} is given twice (as {seen[file.resolve()]} too): its rows "
+                           "would count twice")
+        seen[file.resolve()] = file
+
     try:
         static = (static_from, load_tree(static_from)) if static_from is not None else None
         for path in results:
             if static is None and not recursive:
+                once(path / "results.json" if path.is_dir() else path)
                 judged.append((path, judge(load_results(path), policy=policy,
                                            fast=fast_traces, source=str(path))))
                 continue
+            if static is not None and static[0].is_file() != path.is_file():
+                raise BarError(f"{path} and --static-from {static[0]}: a results file is "
+                               "paired with a file, and a folder with a folder")
             for name, rows in load_tree(path).items():
                 source = file_of(path, name)
+                once(source)
                 if static is not None:
                     static_root, statics = static
-                    if name not in statics:
+                    # two files are paired with each other, whatever their names
+                    key = next(iter(statics)) if static_root.is_file() else name
+                    if key not in statics:
                         raise BarError(f"{static_root}: no {name} to take {source}'s "
                                        "static-best rows from")
-                    rows = with_static_best(rows, statics[name], policy=policy,
+                    rows = with_static_best(rows, statics[key], policy=policy,
                                             source=str(source),
-                                            static_source=str(file_of(static_root, name)))
+                                            static_source=str(file_of(static_root, key)))
                 elif path.is_dir():
                     source = source.parent  # -r names each suite by its folder
                 judged.append((source, judge(rows, policy=policy, fast=fast_traces,
@@ -871,6 +906,9 @@ def compare(
         if before.is_file() and after.is_file():  # e.g. two files of `replay --append-to`
             result = paired_rows({"results": load_results(before)},
                                  {"results": load_results(after)}, policy=policy)
+        elif before.is_file() or after.is_file():
+            raise BarError(f"{before} and {after}: a results file is paired with a file, and "
+                           "a folder with a folder (each results.json by its path in it)")
         else:
             result = paired_rows(load_tree(before), load_tree(after), policy=policy)
     except BarError as exc:
@@ -946,7 +984,8 @@ def features(
     horizon: Annotated[float | None, typer.Option(
         min=1.0, max=86_400.0, help="Seconds ahead a connect counts (default: the trace's "
         "mean boot lead time, at most the window, as the service learns)")] = None,
-    step: Annotated[float, typer.Option(min=0.5, help="Seconds between samples")] = 5.0,
+    step: Annotated[float, typer.Option(min=0.5, max=86400,
+                                        help="Seconds between samples")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per trace")]
     = False,
 ) -> None:

@@ -124,6 +124,9 @@ def compare(before: Mapping[str, Sequence[Mapping[str, Any]]],
             if b[trace]["connects"] != a[trace]["connects"]:
                 raise BarError(f"{name}: {trace} has {b[trace]['connects']} connects before and "
                                f"{a[trace]['connects']} after: not the same replay")
+            if math.isinf(b[trace]["cost_ratio"]) or math.isinf(a[trace]["cost_ratio"]):
+                raise BarError(f"{name}: {trace} has no busy time (an infinite cost ratio): "
+                               "no cost to compare")
             labels.append(f"{name}: {trace}")
             misses_b.append(b[trace]["misses"])
             misses_a.append(a[trace]["misses"])

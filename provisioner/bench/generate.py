@@ -14,6 +14,7 @@ recorded one; everything follows from the seed.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 import random
@@ -140,7 +141,10 @@ def write_trace(shape: Shape, seed: int, path: Path) -> dict[str, Any]:
         "nodes": {"boot_delay_s": delays, "api_latency_s": shape.api_latency_s,
                   "terminate_delay_s": shape.terminate_delay_s, "max_nodes": shape.max_nodes},
     }
-    with gzip.open(path, "wt") as out:
+    # mtime 0 and no name in the gzip header: the same seed writes the same bytes
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", filename="",
+                                                mtime=0) as packed, \
+            io.TextIOWrapper(packed, encoding="utf-8") as out:
         out.write(json.dumps(header, separators=(",", ":")) + "\n")
         for t, channel, payload in messages:
             out.write(json.dumps({"t": t, "ch": channel, "msg": payload},

@@ -145,8 +145,9 @@ async def measure(redis_url: str, messages: int, users: int, *, replicas: int = 
         cpu_s = _cpu_s(await publisher.info("cpu")) - cpu_before
         calls, script_s = _scripts(await publisher.info("commandstats"))
         active = int(await publisher.zcard(keys.key("active")))
-        return IngestRate(messages, users, replicas, seconds, active, duplicates, server, cpu_s,
-                          calls - calls_before, script_s - script_s_before)
+        # users with a message: fewer than asked when there are fewer messages than users
+        return IngestRate(messages, min(users, messages), replicas, seconds, active, duplicates,
+                          server, cpu_s, calls - calls_before, script_s - script_s_before)
     finally:
         for replica in group:
             replica.stopping.set()

@@ -45,6 +45,11 @@ NAME = SERVICE
 MISS_KINDS = ("behind", "booting", "short")
 
 
+class ModelRefused(ValueError):
+    """The model given to start the replay from (`--model`) was refused by the pool's own
+    check (lua/load_model.lua)."""
+
+
 @dataclass(frozen=True)
 class Miss:
     """A connect that found no ready node, with the pool's last scaling decision before it:
@@ -183,7 +188,7 @@ class ServicePolicy:
             loaded = await Scripts(self._redis, self.keys).load_model(self.clock.now_ms(),
                                                                       self.model)
             if not loaded.loaded:
-                raise ValueError(f"{loaded.reason}: {'; '.join(loaded.problems)}")
+                raise ModelRefused(f"{loaded.reason}: {'; '.join(loaded.problems)}")
 
     @property
     def forecast_check(self) -> ForecastCheck | None:

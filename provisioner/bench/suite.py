@@ -15,7 +15,7 @@ from pathlib import Path
 
 from provisioner.bench.baselines import STATIC_BEST, StaticPolicy, best_static, policy_factory
 from provisioner.bench.scoring import Scores
-from provisioner.bench.trace import Trace, load_trace
+from provisioner.bench.trace import Trace, TraceError, load_trace, trace_name
 from provisioner.bench.world import Policy, run_replay
 
 PolicyFactory = Callable[[Trace], Policy]
@@ -64,14 +64,23 @@ def run_suite(
     delays started at `boot_offset` (see `Trace.with_boot_offset`); static-best is chosen on
     the same replay, so a draw of boots is judged against the static pool of that draw.
 
-    Unknown names fail before any replay starts, not an hour into the run.
+    Unknown names fail before any replay starts, not an hour into the run, and so do two
+    traces of one name (their rows could not be told apart: `bench bar` would refuse them).
     """
     factories: dict[str, PolicyFactory | None] = {}
     for name in policy_names:
         factories[name] = None if name == STATIC_BEST else policy_factory(name)
     factories.update(extra_policies or {})
+    paths = [Path(p) for p in trace_paths]
+    named: dict[str, Path] = {}
+    for path in paths:
+        name = trace_name(path)
+        if name in named:
+            raise TraceError(f"{named[name]} and {path} are both named {name!r}: a suite's rows "
+                             "are told apart by the trace's name")
+        named[name] = path
     rows: list[Row] = []
-    for path in trace_paths:
+    for path in paths:
         trace = load_trace(path).with_boot_offset(boot_offset).warmed_up(warm_up)
         for name, factory in factories.items():
             started = time.perf_counter()

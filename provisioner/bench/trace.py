@@ -7,8 +7,11 @@ header, an unknown channel or events out of time order fail with the file and li
 from __future__ import annotations
 
 import gzip
+import hashlib
+import itertools
 import math
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -104,7 +107,7 @@ class Trace:
                 user = event.msg["user_id"]
                 if warm_up and user in open_at_end and event.channel != "user:activity":
                     continue
-                msg = dict(event.msg, user_id=user + suffix)
+                msg = dict(event.msg, user_id=_warm_up_id(user, suffix))
                 if "timestamp" in msg:
                     msg["timestamp"] += int(shift)
                 events.append(TraceEvent(event.t + shift, event.channel, msg))
@@ -112,8 +115,22 @@ class Trace:
                        scored_from_s=self.scored_from_s + copies * span)
 
 
-#: the longest time a trace may give in seconds (a span, a delay, an event's t): 31 years
+def _warm_up_id(user: str, suffix: str) -> str:
+    """A warm-up copy's id for `user`: the id with `suffix`, or, where that would pass the
+    contract's 128 characters, the id cut short with a hash of the whole of it before the
+    suffix (distinct users stay distinct)."""
+    if len(user) + len(suffix) <= MAX_ID_CHARS:
+        return user + suffix
+    digest = hashlib.sha1(user.encode()).hexdigest()[:12]
+    return f"{user[:MAX_ID_CHARS - len(suffix) - len(digest) - 1]}-{digest}{suffix}"
+
+
+#: the longest user id the contract allows (provisioner/events.py ID_PATTERN)
+MAX_ID_CHARS = 128
+#: the longest time a trace may give in seconds (a delay, an event's t): 31 years
 MAX_SECONDS = 1e9
+#: the longest trace: 31 days (a replay runs through every second of it, a tick a second)
+MAX_DURATION_S = 31 * 86400
 #: the latest Unix time a trace's epoch or an activity's timestamp may give (year 5138)
 MAX_UNIX_S = 10**11
 
@@ -131,6 +148,14 @@ def _number(value: object, what: str, *, minimum: float = 0.0) -> float:
         raise ValueError(f"{what} must be a finite number in [{minimum}, {MAX_SECONDS:.0e}], "
                          f"got {_shown(value)}")
     return float(value)
+
+
+def _duration(value: object) -> float:
+    duration = _number(value, "duration_s")
+    if duration > MAX_DURATION_S:
+        raise ValueError(f"duration_s must be at most {MAX_DURATION_S} (31 days: a replay "
+                         f"ticks through every second), got {_shown(value)}")
+    return duration
 
 
 def _unix_seconds(value: object, what: str) -> int:
@@ -164,7 +189,7 @@ def _header(obj: object) -> Trace:
         name=name,
         description=description,
         epoch=epoch,
-        duration_s=_number(obj.get("duration_s"), "duration_s"),
+        duration_s=_duration(obj.get("duration_s")),
         boot_delays=tuple(_number(d, "nodes.boot_delay_s[]") for d in delays),
         api_latency_s=_number(nodes.get("api_latency_s"), "nodes.api_latency_s"),
         terminate_delay_s=_number(nodes.get("terminate_delay_s"), "nodes.terminate_delay_s"),
@@ -207,6 +232,9 @@ def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
             raise TraceError(f"{source}:{number}: {exc}") from exc
         if event.t < last_t:
             raise TraceError(f"{source}:{number}: event at t={event.t} is before t={last_t}")
+        if event.t > trace.duration_s:
+            raise TraceError(f"{source}:{number}: event at t={event.t} is after the trace's "
+                             f"duration_s {trace.duration_s:g}, when its books close")
         last_t = event.t
         trace.events.append(event)
     if trace is None:
@@ -216,14 +244,26 @@ def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
 
 def load_trace(path: str | Path) -> Trace:
     """Read a `.jsonl.gz` (by its gzip magic, whatever the name) or plain `.jsonl` trace."""
-    path = Path(path)
+    return _read(Path(path), parse_lines)
+
+
+def trace_name(path: str | Path) -> str:
+    """The name in a trace's header, read without its events."""
+    def header_only(lines: Iterable[str], source: str) -> Trace:
+        return parse_lines(itertools.islice((line for line in lines if line.strip()), 1),
+                           source)
+    return _read(Path(path), header_only).name
+
+
+def _read(path: Path, parse: Callable[[Iterable[str], str], Trace]) -> Trace:
     try:
         with path.open("rb") as raw:
             gzipped = raw.read(2) == b"\x1f\x8b"
         if gzipped:
             with gzip.open(path, "rt", encoding="utf-8") as text:
-                return parse_lines(text, str(path))
+                return parse(text, str(path))
         with path.open(encoding="utf-8") as text:
-            return parse_lines(text, str(path))
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+            return parse(text, str(path))
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+        # zlib.error: a gzip stream damaged inside its compressed data
         raise TraceError(f"{path}: {exc}") from exc

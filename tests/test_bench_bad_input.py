@@ -286,3 +286,36 @@ def test_a_results_file_is_paired_with_a_file_and_a_folder_with_a_folder(
                           str(draw / "results.json"), "--json")
     assert code == 0, output
     assert json.loads(output)["results"][0]["traces"][0]["static_cost_ratio"] == 1.4
+
+
+def test_rows_of_another_boot_draw_or_warm_up_are_not_the_same_replay(tmp_path: Path) -> None:
+    """The connects depend only on the users, so equal connects could not tell two draws of
+    boots apart: `compare` paired draw 997 with draw 1994 as if the same replays. New rows say
+    their draw and warm-up; rows that do not (written before) are paired as before."""
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    write_trace(traces / "t.jsonl", [(1.0, "connect", "u1"), (30.0, "disconnect", "u1")],
+                duration=600.0)
+    for name, offset in (("a", "0"), ("b", "1")):
+        assert invoke("bench", "suite", str(traces), "--policy", "static-best", "--policy",
+                      "static-2", "--boot-offset", offset, "--out", str(tmp_path / name))[0] == 0
+    rows = strict_json((tmp_path / "b" / "results.json").read_text())
+    assert isinstance(rows, list) and {(r["boot_offset"], r["warm_up"]) for r in rows} == {(1, 0)}
+    code, output = invoke("bench", "compare", str(tmp_path / "a"), str(tmp_path / "b"),
+                          "--policy", "static-2")
+    assert code == 2 and "boot_offset 0 against 1: not the same replay" in output, output
+    code, output = invoke("bench", "bar", str(tmp_path / "b"), "--policy", "static-2",
+                          "--static-from", str(tmp_path / "a"))
+    assert code == 2 and "not the same replay" in output, output
+    appended = tmp_path / "appended.json"
+    assert invoke("bench", "replay", str(traces / "t.jsonl"), "--policy", "static-2",
+                  "--warm-up", "1", "--append-to", str(appended))[0] == 0
+    rows = strict_json(appended.read_text())
+    assert isinstance(rows, list) and (rows[0]["boot_offset"], rows[0]["warm_up"]) == (0, 1)
+    for folder in ("a", "b"):  # rows that do not say their draw are paired as before
+        path = tmp_path / folder / "results.json"
+        path.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("boot_offset",
+                                                                            "warm_up")}
+                                    for r in json.loads(path.read_text())]))
+    assert invoke("bench", "compare", str(tmp_path / "a"), str(tmp_path / "b"),
+                  "--policy", "static-2")[0] == 0

@@ -260,7 +260,7 @@ def test_single_replays_are_collected_for_bench_compare_and_bench_bar(
         assert added.exit_code == 0, added.output
         assert json.loads(added.stdout) == {
             k: v for k, v in json.loads(out.read_text())[-1].items()
-            if k not in ("trace", "policy", "detail", "wall_s")}
+            if k not in ("trace", "policy", "detail", "wall_s", "boot_offset", "warm_up")}
     rows = json.loads(before.read_text())
     assert [(r["trace"], r["policy"]) for r in rows] == [(name, "static-3"), (name, "provisioner")]
     compared = CliRunner().invoke(app, ["bench", "compare", str(before), str(after), "--json"])

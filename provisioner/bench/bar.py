@@ -238,6 +238,19 @@ def markdown_by_trace(summaries: Sequence[TraceSummary]) -> str:
     return "\n".join(lines)
 
 
+#: the fields of a row that name its replay beyond the trace (suite.draw_fields)
+DRAW_FIELDS = ("boot_offset", "warm_up")
+
+
+def other_draw(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """How two rows of one trace differ in their replay (boot draw, warm-up), or None when they
+    agree or either row does not say (rows written before the fields were)."""
+    for key in DRAW_FIELDS:
+        if key in a and key in b and a[key] != b[key]:
+            return f"{key} {a[key]} against {b[key]}"
+    return None
+
+
 def rows_by_trace(rows: Iterable[Mapping[str, Any]],
                   source: str = "results") -> dict[str, dict[str, dict[str, Any]]]:
     """A suite's rows, each checked, as {trace: {policy: row}}; two rows of one trace and
@@ -266,6 +279,10 @@ def judge(rows: Iterable[Mapping[str, Any]], policy: str = SERVICE,
         if static is None:
             raise BarError(f"{source}: {trace} has no {STATIC_BEST} row to judge {policy} by "
                            f"(run `bench suite` with --policy {STATIC_BEST})")
+        differ = other_draw(judged, static)
+        if differ:
+            raise BarError(f"{source}: {trace}'s {policy} and {STATIC_BEST} rows are not the "
+                           f"same replay ({differ})")
         static_idle = static["node_hours"] - static["busy_hours"]
         verdicts.append(Verdict(
             trace=trace, policy=policy, connects=int(judged["connects"]),
@@ -297,10 +314,11 @@ def with_static_best(rows: Iterable[Mapping[str, Any]],
         if static is None:
             raise BarError(f"{static_source}: {trace} has no {STATIC_BEST} row to judge "
                            f"{policy} of {source} by")
-        if static["connects"] != row["connects"]:
+        differ = other_draw(row, static)
+        if static["connects"] != row["connects"] or differ:
             raise BarError(f"{source}: {trace} has {row['connects']} connects and "
-                           f"{static_source}'s {STATIC_BEST} {static['connects']}: "
-                           "not the same replay")
+                           f"{static_source}'s {STATIC_BEST} {static['connects']}"
+                           f"{f', {differ}' if differ else ''}: not the same replay")
         merged += [static, row]
     if not merged:
         raise BarError(f"{source}: no row of policy {policy!r}")

@@ -33,6 +33,7 @@ from provisioner.bench.suite import (
     PolicyFactory,
     Row,
     check_reference,
+    draw_fields,
     markdown_table,
     pareto_plot,
     run_suite,
@@ -248,7 +249,8 @@ def replay(
         console.print(table)
     if append_to is not None:
         count = append_row(append_to, {"trace": trace.name, "policy": policy, "detail": "",
-                                       "wall_s": wall_s, **scores.as_dict()})
+                                       "wall_s": wall_s, **scores.as_dict(),
+                                       **draw_fields(boot_offset, warm_up)})
         typer.echo(f"row {trace.name} / {policy} added to {append_to} ({count} rows)", err=True)
 
 
@@ -389,7 +391,8 @@ def suite(
     (out / "results.md").write_text(note + "\n" + markdown_table(rows))
     (out / "results.json").write_text(json.dumps(
         [strict({"trace": r.trace, "policy": r.policy, "detail": r.detail, "wall_s": r.wall_s,
-                 **r.scores.as_dict()}) for r in rows], indent=1))
+                 **r.scores.as_dict(), **draw_fields(boot_offset, warm_up)}) for r in rows],
+        indent=1))
     try:
         pareto_plot(rows, out / "pareto.png")
     except ImportError:

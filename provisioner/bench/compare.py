@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioner.bench.bar import SERVICE, BarError, load_results, rows_by_trace
+from provisioner.bench.bar import SERVICE, BarError, load_results, other_draw, rows_by_trace
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,11 @@ def compare(before: Mapping[str, Sequence[Mapping[str, Any]]],
         unpaired += [f"{name}: {t} only before" for t in sorted(set(b) - set(a))]
         unpaired += [f"{name}: {t} only after" for t in sorted(set(a) - set(b))]
         for trace in sorted(set(a) & set(b)):
-            if b[trace]["connects"] != a[trace]["connects"]:
+            differ = other_draw(b[trace], a[trace])
+            if b[trace]["connects"] != a[trace]["connects"] or differ:
                 raise BarError(f"{name}: {trace} has {b[trace]['connects']} connects before and "
-                               f"{a[trace]['connects']} after: not the same replay")
+                               f"{a[trace]['connects']} after"
+                               f"{f', {differ}' if differ else ''}: not the same replay")
             if math.isinf(b[trace]["cost_ratio"]) or math.isinf(a[trace]["cost_ratio"]):
                 raise BarError(f"{name}: {trace} has no busy time (an infinite cost ratio): "
                                "no cost to compare")

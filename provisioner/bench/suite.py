@@ -97,6 +97,14 @@ def run_suite(
     return rows
 
 
+def draw_fields(boot_offset: int, warm_up: int) -> dict[str, int]:
+    """What a results row says of the replay beyond its trace: where its boot delays started
+    (`--boot-offset`) and how many unscored plays came first (`--warm-up`). Two rows of one
+    trace are the same replay only if these agree; rows written before they were recorded
+    have neither, and cannot be told apart by them."""
+    return {"boot_offset": boot_offset, "warm_up": warm_up}
+
+
 def _fmt(value: float, digits: int) -> str:
     return "inf" if math.isinf(value) else f"{value:.{digits}f}"
 

@@ -157,7 +157,8 @@ def run(
     heartbeat_interval: Annotated[float, typer.Option(
         envvar="PROVISIONER_HEARTBEAT_INTERVAL",
         help="Seconds between heartbeats: the replica records itself in the pool (`status` "
-        "lists the replicas) and probes how far its listener is behind the events (0 disables)")
+        "lists the replicas), probes how far its listener is behind the events, and sees a loss of "
+        "the pool's state in Redis (0 disables all three)")
     ] = 2.0,
     max_event_lag: Annotated[float, typer.Option(
         envvar="PROVISIONER_MAX_EVENT_LAG",

@@ -63,6 +63,9 @@ DELETE_RETRY_MS = 10_000
 #: max_batch creates a tick, three attempts each (31 a second here), and as many warnings.
 CREATE_HOLD_MS = 1_000
 CREATE_HOLD_MAX_MS = 30_000
+#: After a loss of the pool's state, how long a replica's ticks wait for the Node API's node
+#: list (retried every heartbeat) before deciding without it.
+TAKE_BACK_PATIENCE_MS = 60_000
 #: The Node API's states of a node on its way out: not one the pool may hand to a user.
 ENDING = frozenset({"terminating", "terminated"})
 
@@ -113,6 +116,10 @@ class Replica:
         self._epoch = ""
         self._decide_epoch = ""
         self._taking_back = False
+        self._lost_seen_ms = 0
+        #: set once this replica has had its first turn at reconciliation (run waits for it
+        #: before its first scaling decision)
+        self._looked = asyncio.Event()
         #: this replica's clock less the server's at its last heartbeat (None before the first)
         self._clock_offset_s: float | None = None
         #: creates in a row that found the Node API down, and until when creates are held: an
@@ -624,16 +631,26 @@ class Replica:
                       "lists back as free (README, \"When Redis loses the pool's state\")",
                       seen, epoch)
             self._taking_back = True
+            self._lost_seen_ms = self.clock.now_ms()
         if self._taking_back:
             # At once, not at the next interval, and before this replica's ticks decide on the
             # new epoch: until the nodes are back, the pool looks empty. Retried at the next
-            # heartbeat if it raises; done after one answer, even with no list (an API without
-            # one must not stop scaling for good).
+            # heartbeat if it raises or the Node API gives no list, for TAKE_BACK_PATIENCE_MS
+            # (an API failing a moment must not let the ticks boot a pool beside the nodes; one
+            # without a list must not stop scaling for good).
             await self.publish_config()
             counts = await self.reconcile()
+            waited_ms = self.clock.now_ms() - self._lost_seen_ms
+            if counts is None and waited_ms < TAKE_BACK_PATIENCE_MS:
+                self._trouble.warning(
+                    "take-back", "reconciliation after the loss had no node list from the Node "
+                    "API: no scaling decision until it has one (retried every heartbeat, for "
+                    "%.0fs at most)", TAKE_BACK_PATIENCE_MS / 1000)
+                return
             if counts is None:
-                log.error("reconciliation after the loss had no node list from the Node API; "
-                          "the nodes come back through their status or the next one")
+                log.error("reconciliation after the loss had no node list from the Node API "
+                          "in %.0fs: deciding again; the nodes come back through their status "
+                          "or a later reconciliation", waited_ms / 1000)
             else:
                 log.warning("reconciliation after the loss: %s", counts)
             self._taking_back = False
@@ -687,8 +704,17 @@ class Replica:
                 "applied late by this replica; the server drops its subscription if the backlog "
                 "outgrows its output-buffer limit", lag, self.service.max_event_lag_s)
 
-    async def _every(self, seconds: float, work: Any, where: str) -> None:
+    async def _every(self, seconds: float, work: Any, where: str,
+                     after: asyncio.Event | None = None) -> None:
+        """Run `work` every `seconds` until stopping (its errors counted and logged), the first
+        time once `after` is set, if given."""
         loop = asyncio.get_running_loop()
+        if after is not None:
+            waits = [asyncio.ensure_future(after.wait()),
+                     asyncio.ensure_future(self.stopping.wait())]
+            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for wait in pending:
+                wait.cancel()
         while not self.stopping.is_set():
             started = loop.time()
             try:
@@ -705,12 +731,15 @@ class Replica:
 
     async def _reconcile_if_due(self) -> None:
         interval_ms = int(self.service.reconcile_interval_s * 1000)
-        # One replica per interval: a plain SET NX PX, coordination rather than pool state.
-        if await self.redis.set(self.keys.reconcile_lock, self.replica_id, nx=True,
-                                px=interval_ms):
-            counts = await self.reconcile()
-            if counts and any(counts.values()):
-                log.warning("reconciliation repaired the pool: %s", counts)
+        try:
+            # One replica per interval: a plain SET NX PX, coordination rather than pool state.
+            if await self.redis.set(self.keys.reconcile_lock, self.replica_id, nx=True,
+                                    px=interval_ms):
+                counts = await self.reconcile()
+                if counts and any(counts.values()):
+                    log.warning("reconciliation repaired the pool: %s", counts)
+        finally:
+            self._looked.set()
 
     async def publish_config(self) -> None:
         """Publish the pool's settings for `provisioner status` and the CLI."""
@@ -720,10 +749,16 @@ class Replica:
     async def run(self) -> None:
         """Run until `stopping` is set, then finish in-flight work within the grace period."""
         await self.publish_config()
+        # The first decision waits for this replica's first turn at reconciliation (done, or
+        # another replica's within the interval): a pool whose state is new while the Node API
+        # runs nodes (every replica restarted on an empty server, a first start beside nodes
+        # left running) would otherwise boot a pool beside them before taking them in.
+        if self.service.reconcile_interval_s <= 0:
+            self._looked.set()
         tasks = [
             asyncio.create_task(self.listen(), name="listen"),
-            asyncio.create_task(self._every(self.pool.tick_interval_s, self.tick, "tick"),
-                                name="tick"),
+            asyncio.create_task(self._every(self.pool.tick_interval_s, self.tick, "tick",
+                                            after=self._looked), name="tick"),
         ]
         if self.service.heartbeat_interval_s > 0:
             tasks.append(asyncio.create_task(

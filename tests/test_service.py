@@ -1214,3 +1214,70 @@ async def test_a_replica_decides_nothing_on_a_lost_state_until_it_has_taken_the_
     await replica.tick()
     await replica.settle()
     assert len(api.created) == 1
+
+
+async def test_a_replica_takes_the_node_apis_nodes_in_before_its_first_decision(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """Every replica restarted on an empty server (or a first start beside nodes left
+    running): the pool's state is new, so no replica can see a loss, and a tick before the
+    reconciliation boots a pool beside the running nodes."""
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            reconcile_interval_s=30)
+    replica = Replica(aredis, service, PoolConfig(min_ready=2, scaling_policy="heuristic",
+                                                  conversion=0), api, clock=clock,
+                      metrics=Metrics())
+    api.listed = [ListedNode("a", "ready"), ListedNode("b", "ready")]
+    task = asyncio.create_task(replica.run())
+    try:
+        for _ in range(500):
+            if counter(replica, "provisioner_scale_decisions_total"):
+                break
+            await asyncio.sleep(0.01)
+        await replica.settle()
+        assert counter(replica, "provisioner_scale_decisions_total") == 1
+        assert api.created == []
+        assert set(await aredis.lrange(replica.keys.key("ready"), 0, -1)) == {"a", "b"}
+    finally:
+        replica.stopping.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_good(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A GET /api/nodes that fails a moment after the loss (a 503, a timeout) let the ticks
+    boot a pool beside the running nodes; an API that never gives a list (no such endpoint)
+    must not stop scaling for good."""
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(
+        min_ready=2, scaling_policy="heuristic", conversion=0))
+    await replica.heartbeat()
+    await aredis.flushall()
+    api.listed = None
+    for _ in range(3):  # each heartbeat retries; the ticks wait
+        clock.advance(2_000)
+        await replica.heartbeat()
+        await replica.tick()
+        await replica.settle()
+    assert api.created == [] and counter(replica, "provisioner_state_lost_total") == 1
+    api.listed = [ListedNode("a", "ready"), ListedNode("b", "ready")]  # it answers: taken back
+    clock.advance(2_000)
+    await replica.heartbeat()
+    await replica.tick()
+    await replica.settle()
+    assert api.created == [] and await aredis.llen(replica.keys.key("ready")) == 2
+    # a second loss, and a Node API with no list at all: the ticks decide again after a minute
+    await aredis.flushall()
+    api.listed = None
+    clock.advance(2_000)
+    await replica.heartbeat()
+    clock.advance(59_000)
+    await replica.heartbeat()
+    await replica.tick()
+    await replica.settle()
+    assert api.created == []
+    clock.advance(1_000)
+    await replica.heartbeat()
+    await replica.tick()
+    await replica.settle()
+    assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 2

@@ -9,7 +9,8 @@
   check of itself starts afresh (its counts are the old pool's), and the decay runs from now.
 
   Refused as a whole, writing nothing, when any field is not one the forecast learns or its
-  value not a non-negative finite number (the same test the forecast reads its fields with),
+  value not a non-negative finite number (the same test the forecast reads its fields with)
+  or more than any pool learns (MOST_LEARNED),
   when there is no field, or when the pool has a model already (learned or imported) and
   `replace` is not given: an import never overwrites what a running pool learned by accident.
 
@@ -25,6 +26,12 @@
 
 local now = tonumber(ARGV[1])
 local replace = ARGV[2] == '1'
+
+-- The most a pool can have learned: a mean boot time up to the longest boot timeout (a boot
+-- that runs longer is ended, and teaches nothing), a decayed sum (user-seconds, counts) far
+-- past any real pool's. A value beyond is a file made by hand or damaged, and would set the
+-- target to nonsense (a boot of 1e308 ms made an idle pool create max_batch nodes a tick).
+local MOST_LEARNED = {boot_ms = 86400000, default = 1e12}
 
 local fields = model_fields()
 local known = {}
@@ -43,6 +50,9 @@ for i = 3, #ARGV - 1, 2 do
     problems[#problems + 1] = f .. ': given twice'
   elseif learned(v) == nil then
     problems[#problems + 1] = f .. ': ' .. v .. ' is not a non-negative finite number'
+  elseif learned(v) > (MOST_LEARNED[f] or MOST_LEARNED.default) then
+    problems[#problems + 1] = string.format('%s: %s is more than any pool learns (at most %s)',
+                                            f, v, MOST_LEARNED[f] or '1e+12')
   else
     seen[f] = true
     writes[#writes + 1] = f

@@ -113,6 +113,12 @@ async def test_an_import_replaces_the_whole_model_and_starts_the_checks_afresh(
     ({"x4_1": -1.0}, "x4_1: -1.0 is not a non-negative finite number"),
     ({"boot_ms": float("inf")}, "boot_ms: inf is not a non-negative finite number"),
     ({"boot_ms": float("nan")}, "boot_ms: nan is not a non-negative finite number"),
+    # No pool learns these: a mean boot past the longest boot timeout (a day), a decayed sum
+    # past 10^12. A boot of 1e308 ms imported made an idle pool's next tick create 20 nodes.
+    ({"boot_ms": 1e308}, "boot_ms: 1e+308 is more than any pool learns (at most 86400000)"),
+    ({"boot_ms": 86_400_001.0},
+     "boot_ms: 86400001.0 is more than any pool learns (at most 86400000)"),
+    ({"x4_1": 2e12}, "x4_1: 2000000000000.0 is more than any pool learns (at most 1e+12)"),
 ])
 async def test_a_bad_field_refuses_the_whole_import(
         pools: tuple[PoolUnderTest, PoolUnderTest], fields: dict[str, float],

@@ -78,17 +78,16 @@ class Verdict:
         return not self.failed
 
     def as_dict(self) -> dict[str, Any]:
-        return {"trace": self.trace, "policy": self.policy, "connects": self.connects,
+        return strict({
+                "trace": self.trace, "policy": self.policy, "connects": self.connects,
                 "misses": self.misses, "miss_rate": round(self.miss_rate, 6),
-                # null: node time with no busy time (strict JSON has no infinity)
-                "cost_ratio": round(self.cost_ratio, 6) if math.isfinite(self.cost_ratio)
-                else None,
+                "cost_ratio": round(self.cost_ratio, 6),
                 "cost_limit": round(self.cost_limit, 6),
                 "static_cost_ratio": round(self.static_cost_ratio, 6),
                 "idle_hours": round(self.idle_hours, 4),
                 "idle_limit": None if self.idle_limit is None else round(self.idle_limit, 4),
                 "static_best": self.static_detail, "met": self.met,
-                "failed": list(self.failed)}
+                "failed": list(self.failed)})
 
 
 def idle_limit_hours(static: Mapping[str, Any], fast: bool) -> float:
@@ -251,6 +250,21 @@ def other_draw(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
     return None
 
 
+def strict(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row as strict JSON can hold it: a score with no value (the cost ratio of node time
+    with no busy time, infinite) is null, which `_row` reads back as infinite."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in row.items()}
+
+
+def not_the_same_replay(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """Why two rows of one trace are not the same replay, or None when nothing tells them
+    apart: their connects (the same users make the same), then their draw (other_draw)."""
+    if a["connects"] != b["connects"]:
+        return f"{a['connects']} connects against {b['connects']}"
+    return other_draw(a, b)
+
+
 def rows_by_trace(rows: Iterable[Mapping[str, Any]],
                   source: str = "results") -> dict[str, dict[str, dict[str, Any]]]:
     """A suite's rows, each checked, as {trace: {policy: row}}; two rows of one trace and
@@ -314,11 +328,10 @@ def with_static_best(rows: Iterable[Mapping[str, Any]],
         if static is None:
             raise BarError(f"{static_source}: {trace} has no {STATIC_BEST} row to judge "
                            f"{policy} of {source} by")
-        differ = other_draw(row, static)
-        if static["connects"] != row["connects"] or differ:
-            raise BarError(f"{source}: {trace} has {row['connects']} connects and "
-                           f"{static_source}'s {STATIC_BEST} {static['connects']}"
-                           f"{f', {differ}' if differ else ''}: not the same replay")
+        differ = not_the_same_replay(row, static)
+        if differ:
+            raise BarError(f"{source}: {trace} and {static_source}'s {STATIC_BEST} row: "
+                           f"{differ}: not the same replay")
         merged += [static, row]
     if not merged:
         raise BarError(f"{source}: no row of policy {policy!r}")

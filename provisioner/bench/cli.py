@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from provisioner.bench import service_policy
+from provisioner.bench.bar import strict
 from provisioner.bench.baselines import (
     BASELINE_NAMES,
     RATE_ORACLE,
@@ -264,13 +265,6 @@ def _folder_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the last descriptor releases the lock
-
-
-def strict(row: Mapping[str, object]) -> dict[str, object]:
-    """A row as strict JSON can hold it: a score with no value (the cost ratio of node time
-    with no busy time, infinite) is null, which `bench bar` reads back as infinite."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in row.items()}
 
 
 def append_row(path: Path, row: dict[str, object]) -> int:
@@ -788,7 +782,7 @@ def bar(
         summarize_by_trace,
         with_static_best,
     )
-    from provisioner.bench.compare import load_tree
+    from provisioner.bench.compare import load_tree, same_kind
 
     fast_traces = tuple(fast) if fast is not None else FAST_CHANGING
 
@@ -815,9 +809,8 @@ def bar(
                 judged.append((path, judge(load_results(path), policy=policy,
                                            fast=fast_traces, source=str(path))))
                 continue
-            if static is not None and static[0].is_file() != path.is_file():
-                raise BarError(f"{path} and --static-from {static[0]}: a results file is "
-                               "paired with a file, and a folder with a folder")
+            if static is not None:
+                same_kind(path, static[0], "--static-from ")
             for name, rows in load_tree(path).items():
                 source = file_of(path, name)
                 once(source)
@@ -903,16 +896,14 @@ def compare(
     spread of the per-replay differences (see provisioner/bench/compare.py)."""
     from provisioner.bench.bar import BarError, load_results
     from provisioner.bench.compare import compare as paired_rows
-    from provisioner.bench.compare import load_tree
+    from provisioner.bench.compare import load_tree, same_kind
 
     try:
         if before.is_file() and after.is_file():  # e.g. two files of `replay --append-to`
             result = paired_rows({"results": load_results(before)},
                                  {"results": load_results(after)}, policy=policy)
-        elif before.is_file() or after.is_file():
-            raise BarError(f"{before} and {after}: a results file is paired with a file, and "
-                           "a folder with a folder (each results.json by its path in it)")
         else:
+            same_kind(before, after)
             result = paired_rows(load_tree(before), load_tree(after), policy=policy)
     except BarError as exc:
         console.print(f"[red]{exc}")

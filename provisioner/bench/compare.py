@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioner.bench.bar import SERVICE, BarError, load_results, other_draw, rows_by_trace
+from provisioner.bench.bar import (
+    SERVICE,
+    BarError,
+    load_results,
+    not_the_same_replay,
+    rows_by_trace,
+)
 
 
 @dataclass(frozen=True)
@@ -121,11 +127,10 @@ def compare(before: Mapping[str, Sequence[Mapping[str, Any]]],
         unpaired += [f"{name}: {t} only before" for t in sorted(set(b) - set(a))]
         unpaired += [f"{name}: {t} only after" for t in sorted(set(a) - set(b))]
         for trace in sorted(set(a) & set(b)):
-            differ = other_draw(b[trace], a[trace])
-            if b[trace]["connects"] != a[trace]["connects"] or differ:
-                raise BarError(f"{name}: {trace} has {b[trace]['connects']} connects before and "
-                               f"{a[trace]['connects']} after"
-                               f"{f', {differ}' if differ else ''}: not the same replay")
+            differ = not_the_same_replay(b[trace], a[trace])
+            if differ:
+                raise BarError(f"{name}: {trace} before and after: {differ}: not the same "
+                               "replay")
             if math.isinf(b[trace]["cost_ratio"]) or math.isinf(a[trace]["cost_ratio"]):
                 raise BarError(f"{name}: {trace} has no busy time (an infinite cost ratio): "
                                "no cost to compare")
@@ -142,6 +147,14 @@ def compare(before: Mapping[str, Sequence[Mapping[str, Any]]],
     return Comparison(pairs=labels, misses=paired(misses_b, misses_a),
                       cost=paired(cost_b, cost_a), connects=connects, cheaper=cheaper,
                       dearer=dearer, unpaired=unpaired)
+
+
+def same_kind(a: Path, b: Path, what: str = "") -> None:
+    """Refuse to pair a results file with a folder: a file is keyed by its name, and would be
+    paired with the folder's own top-level results.json, another replay."""
+    if a.is_file() != b.is_file():
+        raise BarError(f"{a} and {what}{b}: a results file is paired with a file, and a folder "
+                       "with a folder (each results.json by its path in it)")
 
 
 def load_tree(root: Path) -> dict[str, list[Any]]:

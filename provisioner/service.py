@@ -110,11 +110,11 @@ class Replica:
         self._last_lag_s = 0.0
         self._started_ms = self.clock.now_ms()
         #: the pool's epoch at this replica's last heartbeat, for the alarm when the state is
-        #: lost; and the epoch its ticks decide on, which becomes the new one only once the
-        #: nodes are taken back after a loss (`_taking_back`): scale_decide decides nothing under
-        #: an epoch the pool does not hold, so no tick boots a pool beside the running nodes
+        #: lost, and passed by its ticks: scale_decide decides nothing under an epoch the pool
+        #: does not hold. After a loss, while the Node API's nodes are not yet taken back
+        #: (`_taking_back`, since `_lost_seen_ms`), the ticks decide nothing either: no tick
+        #: boots a pool beside the running nodes
         self._epoch = ""
-        self._decide_epoch = ""
         self._taking_back = False
         self._lost_seen_ms = 0
         #: set once this replica has had its first turn at reconciliation (run waits for it
@@ -290,8 +290,9 @@ class Replica:
         allowed = self._creates_allowed(now)
         # Held now: none until the pause ends (then one at a time, which is not held).
         self.metrics.creates_held.set(1 if allowed == 0 else 0)
-        args = self.pool.policy_args(now, self.replica_id, allowed, self._decide_epoch)
-        decision = await self.scripts.scale_decide(args)
+        args = self.pool.policy_args(now, self.replica_id, allowed, self._epoch)
+        decision = (Decision(won=False, epoch_changed=True) if self._taking_back
+                    else await self.scripts.scale_decide(args))
         if decision.epoch_changed:
             self._trouble.warning(
                 "epoch", "no scaling decision: the pool's state in Redis is not the one this "
@@ -654,7 +655,6 @@ class Replica:
             else:
                 log.warning("reconciliation after the loss: %s", counts)
             self._taking_back = False
-        self._decide_epoch = epoch
 
     async def probe_lag(self) -> None:
         """Publish a probe (this process's monotonic time) on the replica's own channel. The

@@ -51,8 +51,8 @@ for i = 3, #ARGV - 1, 2 do
   elseif learned(v) == nil then
     problems[#problems + 1] = f .. ': ' .. v .. ' is not a non-negative finite number'
   elseif learned(v) > (MOST_LEARNED[f] or MOST_LEARNED.default) then
-    problems[#problems + 1] = string.format('%s: %s is more than any pool learns (at most %s)',
-                                            f, v, MOST_LEARNED[f] or '1e+12')
+    problems[#problems + 1] = string.format('%s: %s is more than any pool learns (at most %.15g)',
+                                            f, v, MOST_LEARNED[f] or MOST_LEARNED.default)
   else
     seen[f] = true
     writes[#writes + 1] = f

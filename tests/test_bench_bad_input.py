@@ -152,6 +152,29 @@ def test_set_is_refused_for_a_run_without_the_service(tmp_path: Path) -> None:
     assert code == 2 and "--set" in output, output
 
 
+def test_settings_the_service_refuses_with_a_traces_quota_are_refused(tmp_path: Path) -> None:
+    """`min_ready` above a trace's `max_nodes` replayed (the scripts capped the creates at the
+    quota), where the service refuses to start with it; a suite refuses before any replay."""
+    (tmp_path / "traces").mkdir()
+    small = write_trace(tmp_path / "traces" / "small.jsonl", [(1.0, "connect", "u1")],
+                        max_nodes=3)
+    write_trace(tmp_path / "traces" / "big.jsonl", [(1.0, "connect", "u1")], max_nodes=30)
+    code, output = invoke("bench", "replay", str(small), "--set", "min_ready=5", "--json")
+    assert code == 2 and "small: with the trace's quota, max_nodes=3" in output, output
+    assert "min_ready must not exceed max_nodes" in output, output
+    code, output = invoke("bench", "suite", str(tmp_path / "traces"), "--policy", "provisioner",
+                          "--set", "min_ready=5", "--out", str(tmp_path / "out"))
+    assert code == 2 and "max_nodes=3" in output, output
+    assert not (tmp_path / "out").exists()
+    # Within the quota it runs, and so do baselines, which take no settings.
+    code, output = invoke("bench", "replay", str(small), "--set", "min_ready=3", "--json")
+    assert code == 0, output
+    (tmp_path / "traces" / "empty.jsonl").write_bytes(b"")
+    code, output = invoke("bench", "suite", str(tmp_path / "traces"), "--policy", "provisioner",
+                          "--out", str(tmp_path / "out"))
+    assert code == 2 and "empty.jsonl: empty file" in output, output
+
+
 def test_a_model_the_pool_refuses_is_a_clear_error(tmp_path: Path) -> None:
     trace = write_trace(tmp_path / "t.jsonl", [(1.0, "connect", "u1")])
     model = tmp_path / "m.json"
@@ -244,6 +267,8 @@ def test_a_replay_with_no_busy_time_writes_strict_json_that_bar_reads_back(
 
 def test_bar_refuses_a_row_that_contradicts_itself(tmp_path: Path) -> None:
     bad = {"busy > node": row("provisioner", busy_hours=3.0, cost_ratio=2 / 3),
+           "cost not node / busy": row("provisioner", cost_ratio=1.2),
+           "cost with no time": row("provisioner", node_hours=0.0, busy_hours=0.0),
            "fraction": row("provisioner", connects=100.7),
            "null cost": row("provisioner", cost_ratio=None)}
     for what, broken in bad.items():

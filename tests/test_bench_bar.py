@@ -24,16 +24,19 @@ from provisioner.cli import app
 
 
 def _row(trace: str, policy: str, *, connects: int = 200, misses: int = 0,
-         cost: float = 1.3, node_hours: float = 50.0, busy_hours: float = 40.0,
-         detail: str = "") -> dict[str, Any]:
+         cost: float = 1.3, idle: float = 10.0, detail: str = "") -> dict[str, Any]:
+    """A row of this cost ratio and idle time, its node and busy hours made to agree with
+    both (the bar refuses a cost ratio that is not node / busy hours)."""
+    assert cost > 1 or idle == 0
+    busy = idle / (cost - 1) if cost > 1 else 40.0
     return {"trace": trace, "policy": policy, "detail": detail, "connects": connects,
-            "misses": misses, "miss_rate": misses / connects, "node_hours": node_hours,
-            "busy_hours": busy_hours, "cost_ratio": cost}
+            "misses": misses, "miss_rate": misses / connects, "node_hours": busy + idle,
+            "busy_hours": busy, "cost_ratio": cost}
 
 
 def _pair(trace: str = "steady", **service: Any) -> list[dict[str, Any]]:
     """static-best at cost 1.332 with 10 idle hours, and the service as given."""
-    return [_row(trace, "static-best", cost=1.332, node_hours=50.0, busy_hours=40.0,
+    return [_row(trace, "static-best", cost=1.332, idle=10.0,
                  detail="K=3"),
             _row(trace, "provisioner", **service)]
 
@@ -60,17 +63,17 @@ def test_a_cost_exactly_at_static_best_plus_two_hundredths_meets_it() -> None:
 
 def test_idle_time_is_judged_only_where_traffic_changes_fast() -> None:
     # static-best idles 10 h, so the fast traces allow 5 h; the service idles 6 h.
-    idle_six = {"node_hours": 46.0, "busy_hours": 40.0}
+    idle_six = {"idle": 6.0}
     (spike,) = judge(_pair("spike", **idle_six))
     assert spike.failed == ("idle",)
     assert (spike.idle_hours, spike.idle_limit) == (pytest.approx(6.0), pytest.approx(5.0))
     assert judge(_pair("steady", **idle_six))[0].met
     assert judge(_pair("steady", **idle_six), fast=("steady",))[0].failed == ("idle",)
-    assert judge(_pair("diurnal", node_hours=45.0, busy_hours=40.0))[0].met
+    assert judge(_pair("diurnal", idle=5.0))[0].met
 
 
 def test_every_failed_half_is_named() -> None:
-    (verdict,) = judge(_pair("diurnal", connects=100, misses=5, cost=1.5, node_hours=60.0))
+    (verdict,) = judge(_pair("diurnal", connects=100, misses=5, cost=1.5, idle=20.0))
     assert verdict.failed == ("misses", "cost", "idle")
     assert verdict.as_dict()["failed"] == ["misses", "cost", "idle"]
     assert verdict.as_dict()["met"] is False
@@ -121,7 +124,7 @@ def test_bench_bar_prints_each_verdict_and_the_count(tmp_path: Path) -> None:
     second.mkdir()
     (first / "results.json").write_text(json.dumps(_pair("steady") + _pair("segments",
                                                                            cost=1.353)))
-    (second / "results.json").write_text(json.dumps(_pair("spike", node_hours=46.0)))
+    (second / "results.json").write_text(json.dumps(_pair("spike", idle=6.0)))
     result = CliRunner().invoke(app, ["bench", "bar", str(first), str(second)])
     assert result.exit_code == 0, result.output
     assert "fails: cost" in result.output and "fails: idle" in result.output
@@ -145,7 +148,7 @@ def test_a_screen_of_the_policy_alone_takes_static_best_from_another_result_set(
     # the screen ran the service alone, and its own static-best row is not the one judged by
     screen = [_row("steady", "provisioner", cost=1.353),
               _row("spike", "static-best", cost=9.0, detail="K=99"),
-              _row("spike", "provisioner", cost=1.30, node_hours=44.0)]
+              _row("spike", "provisioner", cost=1.30, idle=4.0)]
     merged = with_static_best(screen, committed)
     assert [(r["trace"], r["policy"], r["cost_ratio"]) for r in merged] == [
         ("spike", "static-best", 1.332), ("spike", "provisioner", 1.30),
@@ -176,7 +179,7 @@ def test_bench_bar_judges_a_screen_tree_against_the_committed_tree(tmp_path: Pat
     _write(committed / "seed1", _pair("spike"))
     _write(committed / "seed2", _pair("ramp"))  # not screened: left out
     _write(screen, [_row("steady", "provisioner"), _row("segments", "provisioner", cost=1.353)])
-    _write(screen / "seed1", [_row("spike", "provisioner", node_hours=46.0)])
+    _write(screen / "seed1", [_row("spike", "provisioner", idle=6.0)])
     result = CliRunner().invoke(app, ["bench", "bar", str(screen), "--static-from",
                                       str(committed)])
     assert result.exit_code == 0, result.output
@@ -206,7 +209,7 @@ def test_bench_bar_refuses_a_screen_file_the_result_set_lacks(tmp_path: Path) ->
 
 
 def test_the_markdown_grid_has_a_row_per_trace_and_a_column_per_result_set() -> None:
-    seed1 = judge(_pair("steady", misses=3, cost=1.36) + _pair("spike", node_hours=44.0))
+    seed1 = judge(_pair("steady", misses=3, cost=1.36) + _pair("spike", idle=4.0))
     seed2 = judge(_pair("steady", misses=1, cost=1.30))
     lines = markdown_grid([("seed1", seed1), ("seed2", seed2)]).splitlines()
     assert lines[0] == "| trace | seed1 | seed2 | met |"
@@ -234,8 +237,8 @@ def test_bench_bar_prints_the_markdown_grid_and_the_count(tmp_path: Path) -> Non
 
 
 def test_verdicts_are_summed_per_trace_name_over_result_sets() -> None:
-    seed1 = judge(_pair("steady", misses=3, cost=1.36) + _pair("spike", node_hours=44.0))
-    seed2 = judge(_pair("steady", misses=1, cost=1.30, node_hours=48.0))
+    seed1 = judge(_pair("steady", misses=3, cost=1.36) + _pair("spike", idle=4.0))
+    seed2 = judge(_pair("steady", misses=1, cost=1.30, idle=8.0))
     spike, steady = summarize_by_trace([("seed1", seed1), ("seed2", seed2)])
     assert (spike.trace, spike.judged, spike.met, spike.failed) == ("spike", 1, 1, {})
     assert (steady.judged, steady.met, steady.misses, steady.connects) == (2, 1, 4, 400)
@@ -251,7 +254,7 @@ def test_bench_bar_by_trace_sums_every_results_file_given(tmp_path: Path) -> Non
     for seed, misses in (("seed1", 3), ("seed2", 0)):
         (tmp_path / seed).mkdir()
         (tmp_path / seed / "results.json").write_text(json.dumps(
-            _pair("steady", misses=misses) + _pair("spike", node_hours=47.0)))
+            _pair("steady", misses=misses) + _pair("spike", idle=7.0)))
     folders = [str(tmp_path / "seed1"), str(tmp_path / "seed2")]
     result = CliRunner().invoke(app, ["bench", "bar", *folders, "--by-trace", "--json"])
     assert result.exit_code == 0, result.output
@@ -329,9 +332,9 @@ def test_replays_appending_to_one_file_at_once_keep_every_row(
 
 
 def test_the_idle_limit_is_the_idle_time_of_the_cost_bar_and_where_fast_half_of_static() -> None:
-    static = _row("spike", "static-best", cost=1.332, node_hours=50.0, busy_hours=40.0)
-    # node/busy <= 1.352 with 40 busy hours: at most 54.08 node-hours, 14.08 of them idle.
-    assert idle_limit_hours(static, fast=False) == pytest.approx(14.08)
+    static = _row("spike", "static-best", cost=1.25, idle=10.0)  # 50 node, 40 busy hours
+    # node/busy <= 1.27 with 40 busy hours: at most 50.8 node-hours, 10.8 of them idle.
+    assert idle_limit_hours(static, fast=False) == pytest.approx(10.8)
     # Where traffic changes fast, also at most half of static-best's 10 idle hours.
     assert idle_limit_hours(static, fast=True) == pytest.approx(5.0)
 
@@ -356,10 +359,8 @@ def test_bench_oracle_bar_judges_the_oracle_at_one_price_beside_the_policy(
     _trace_file(traces / "steady.jsonl", 15)
     results = tmp_path / "results.json"
     results.write_text(json.dumps([
-        _row("steady", "static-best", connects=15, cost=1.5, node_hours=6.0, busy_hours=4.0,
-             detail="K=2"),
-        _row("steady", "provisioner", connects=15, misses=1, cost=1.4, node_hours=5.6,
-             busy_hours=4.0)]))
+        _row("steady", "static-best", connects=15, cost=1.5, idle=2.0, detail="K=2"),
+        _row("steady", "provisioner", connects=15, misses=1, cost=1.4, idle=1.6)]))
     result = CliRunner().invoke(app, ["bench", "oracle-bar", str(traces), "--results",
                                       str(results), "--theta", "0.5", "--sim-seconds", "1000",
                                       "--jobs", "1", "--json"])

@@ -18,7 +18,7 @@ from provisioner.cli import app
 def _row(trace: str, misses: int, cost: float, *, policy: str = "provisioner",
          connects: int = 200) -> dict[str, Any]:
     return {"trace": trace, "policy": policy, "detail": "", "connects": connects,
-            "misses": misses, "miss_rate": misses / connects, "node_hours": 50.0,
+            "misses": misses, "miss_rate": misses / connects, "node_hours": cost * 40.0,
             "busy_hours": 40.0, "cost_ratio": cost}
 
 

@@ -137,6 +137,14 @@ def _row(raw: object, where: str) -> dict[str, Any]:
             raise BarError(f"{what}: 'cost_ratio' is null, which only a row with node hours "
                            "and no busy hours may have")
         row["cost_ratio"] = math.inf
+    else:
+        # The bar judges the cost ratio as written: it must be the row's node / busy hours
+        # (0 with no node time at all), or the verdict is of a figure the replay never had.
+        node, busy = raw["node_hours"], raw["busy_hours"]
+        expected = node / busy if busy else 0.0
+        if not math.isclose(raw["cost_ratio"], expected, rel_tol=1e-9, abs_tol=1e-12):
+            raise BarError(f"{what}: 'cost_ratio' {raw['cost_ratio']} is not node / busy hours "
+                           f"({expected:.6g})")
     return row
 
 

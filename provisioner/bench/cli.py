@@ -39,7 +39,7 @@ from provisioner.bench.suite import (
     pareto_plot,
     run_suite,
 )
-from provisioner.bench.trace import Trace, TraceError, load_trace
+from provisioner.bench.trace import Trace, TraceError, load_trace, trace_header
 from provisioner.bench.world import PolicyViolation, run_replay_world
 from provisioner.config import PoolConfig, redis_url_option
 from provisioner.model import ModelFileError, model_document, read_model_file
@@ -105,6 +105,17 @@ def service_pool(trace: Trace, settings: dict[str, object] | None = None) -> Poo
     quota from the trace header (a quota, not a policy parameter)."""
     return dataclasses.replace(PoolConfig(), max_nodes=trace.max_nodes,
                                **(settings or {}))  # type: ignore[arg-type]
+
+
+def _settings_problem(trace: Trace, settings: dict[str, object]) -> str | None:
+    """What the service would refuse in its settings with this trace's quota, or None: the
+    service does not start with `min_ready` above `max_nodes`, and a replay should not either
+    (it ran, the scripts capping the creates at the quota)."""
+    problems = service_pool(trace, settings).problems()
+    if not problems:
+        return None
+    return (f"{trace.name}: with the trace's quota, max_nodes={trace.max_nodes}: "
+            + "; ".join(problems))
 
 
 def _service_factory(url: str, settings: dict[str, object], timeline_s: float | None = None,
@@ -201,6 +212,8 @@ def replay(
         raise typer.BadParameter(f"only `{SERVICE}` takes the service's settings",
                                  param_hint="--set")
     trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
+    if policy == SERVICE and (problem := _settings_problem(trace, overrides)):
+        raise typer.BadParameter(problem, param_hint="--set")
     if append_to is not None:  # refused now, not after the replay, if it can be
         _rows_to_append_to(append_to, trace.name, policy)
     started = time.monotonic()
@@ -342,6 +355,15 @@ def suite(
     if overrides and SERVICE not in names:
         raise typer.BadParameter(f"only `{SERVICE}` takes the service's settings, and it is "
                                  "not among the policies", param_hint="--set")
+    if SERVICE in names:  # before any replay, not when the suite reaches the trace
+        for path in paths:
+            try:
+                problem = _settings_problem(trace_header(path), overrides)
+            except TraceError as exc:
+                console.print(f"[red]{exc}")
+                raise typer.Exit(2) from None
+            if problem:
+                raise typer.BadParameter(problem, param_hint="--set")
     out.mkdir(parents=True, exist_ok=True)
     with _server(redis_url) as url:
         extra = _factories([n for n in names if n != STATIC_BEST], url, overrides)

@@ -247,12 +247,17 @@ def load_trace(path: str | Path) -> Trace:
     return _read(Path(path), parse_lines)
 
 
-def trace_name(path: str | Path) -> str:
-    """The name in a trace's header, read without its events."""
+def trace_header(path: str | Path) -> Trace:
+    """A trace's header (its name, duration and quotas), read without its events."""
     def header_only(lines: Iterable[str], source: str) -> Trace:
         return parse_lines(itertools.islice((line for line in lines if line.strip()), 1),
                            source)
-    return _read(Path(path), header_only).name
+    return _read(Path(path), header_only)
+
+
+def trace_name(path: str | Path) -> str:
+    """The name in a trace's header, read without its events."""
+    return trace_header(path).name
 
 
 def _read(path: Path, parse: Callable[[Iterable[str], str], Trace]) -> Trace:

@@ -7,6 +7,11 @@ leave. Everything is seeded.
 
 A trace (`provisioner-trace/1`) is replayed at its own pace or `--speed` times faster; activity
 timestamps are rewritten to the wall clock at publication, so the service sees fresh events.
+
+While Redis does not answer (a restart, a stall past the client's timeout) the traffic is held,
+not dropped and not ended: the event that failed is published again, with a backoff, until it
+goes out, and the events behind it follow late, in order. A user's disconnect lost would leave
+their node held for good, and a simulator that exits leaves a stack running with no traffic.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 import typer
+from redis.exceptions import RedisError
 
 from provisioner.config import redis_url_option
 
@@ -139,9 +145,46 @@ def trace_events(path: Path) -> Iterator[tuple[float, str, dict[str, Any]]]:
         yield event.t, event.channel, payload
 
 
+#: The longest wait between two tries of a publish that failed.
+RETRY_MAX_S = 5.0
+
+
+async def _publish_held(redis: aioredis.Redis, channel: str, data: str, stop: asyncio.Event,
+                        retry_s: float) -> bool:
+    """Publish one message, trying again while Redis cannot be reached (a warning when it
+    first fails, every 30 s after, and when it goes out); False if stopped before it did."""
+    failed_at: float | None = None
+    last_said = 0.0
+    wait_s = retry_s
+    while True:
+        try:
+            await redis.publish(channel, data)
+        except (OSError, RedisError) as exc:
+            now = time.monotonic()
+            if failed_at is None:
+                failed_at = last_said = now
+                log.warning("cannot publish on %s (%s): the traffic is held, trying again",
+                            channel, str(exc) or type(exc).__name__)
+            elif now - last_said >= 30:
+                last_said = now
+                log.warning("still cannot publish, for %.0fs (%s)", now - failed_at,
+                            str(exc) or type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait_s)
+            if stop.is_set():
+                return False
+            wait_s = min(wait_s * 2, RETRY_MAX_S)
+            continue
+        if failed_at is not None:
+            log.warning("published again after %.1fs; the events held follow, late",
+                        time.monotonic() - failed_at)
+        return True
+
+
 async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict[str, Any]]],
-                  speed: float, stop: asyncio.Event) -> dict[str, int]:
-    """Publish each event at `start + t / speed` of the wall clock."""
+                  speed: float, stop: asyncio.Event, *, retry_s: float = 0.25) -> dict[str, int]:
+    """Publish each event at `start + t / speed` of the wall clock, holding the traffic while
+    Redis cannot be reached (see the module's notes)."""
     counts: dict[str, int] = {}
     started_wall = time.time()
     started = time.monotonic()
@@ -155,7 +198,8 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
             break
         if channel == "user:activity":
             payload = {**payload, "timestamp": int(started_wall + payload["timestamp"] / speed)}
-        await redis.publish(channel, json.dumps(payload))
+        if not await _publish_held(redis, channel, json.dumps(payload), stop, retry_s):
+            break
         counts[channel] = counts.get(channel, 0) + 1
         if time.monotonic() - last_report > 30:
             last_report = time.monotonic()
@@ -210,6 +254,7 @@ def command(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
+            await redis.ping()  # a server that cannot be reached at the start is an error
             counts = await publish(redis, events, speed, stop)
             log.info("done: %s", counts)
         finally:

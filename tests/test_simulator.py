@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from provisioner.events import Activity, Connect, Disconnect, parse
+from provisioner.redis_server import free_port
 from provisioner.simulator import (
     Traffic,
     merge_users,
@@ -84,6 +85,47 @@ async def test_trace_replay_publishes_every_event_with_fresh_timestamps(
     assert [ch for ch, _ in messages] == ["user:activity", "user:connect", "user:disconnect"]
     stamp = messages[0][1]["timestamp"]
     assert abs(stamp - time.time()) < 5  # rewritten to the wall clock, not 1970-01-12
+
+
+async def test_traffic_is_held_while_redis_does_not_answer_and_follows_late_in_order(
+        redis_url: str, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """A stalled server (a publish past the client's timeout) stopped the simulator with a
+    TimeoutError: `make run` went on with no traffic. Now the event is tried again until it
+    goes out, and the events behind it follow, late and in order."""
+    events = [(0.1 * i, "user:connect" if i % 2 else "user:activity",
+               {"user_id": f"u{i}", "timestamp": 0}) for i in range(6)]
+    publisher = aioredis.Redis.from_url(redis_url, socket_timeout=0.3)
+    try:
+        async with Subscriber(aredis, "user:activity", "user:connect") as sub:
+            await aredis.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+            with caplog.at_level("WARNING", logger="provisioner.simulator"):
+                counts = await publish(publisher, iter(events), speed=1.0,
+                                       stop=asyncio.Event(), retry_s=0.1)
+            messages = await sub.drain(settle=0.5)
+    finally:
+        await publisher.aclose()
+    assert counts == {"user:activity": 3, "user:connect": 3}
+    # At least once, in order: a publish that timed out may still have gone out.
+    users = [m["user_id"] for _, m in messages]
+    assert sorted(set(users), key=users.index) == [f"u{i}" for i in range(6)], users
+    said = caplog.text
+    assert "the traffic is held, trying again" in said, said
+    assert "published again after" in said, said
+
+
+async def test_traffic_held_for_a_server_that_is_gone_ends_when_told_to_stop() -> None:
+    publisher = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.5, stop.set)
+    started = loop.time()
+    try:
+        counts = await publish(publisher, iter([(0.0, "user:connect", {"user_id": "u"})]),
+                               speed=1.0, stop=stop, retry_s=0.1)
+    finally:
+        await publisher.aclose()
+    assert counts == {}
+    assert loop.time() - started < 2
 
 
 def test_lognormal_users_rarely_connect_after_one_or_two_requests() -> None:

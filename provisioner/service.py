@@ -20,7 +20,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner import events
 from provisioner.clock import Clock, WallClock
@@ -75,6 +77,10 @@ LISTEN_BATCH = 200
 #: Most activity events applied by one record_activity call: a run of them in a batch goes in
 #: calls of this many (the server runs each call whole, so this bounds how long it is held).
 ACTIVITY_BATCH = 50
+
+#: How long a batch of events the server could not be reached for (a restart, a stall past
+#: the client's timeout, a server still loading) is tried again before it is dropped.
+EVENT_RETRY_S = 10.0
 
 #: A replica not heard from for this long is dropped from the pool's list of replicas.
 FORGET_REPLICA_MS = 600_000
@@ -143,9 +149,10 @@ class Replica:
         now = self.clock.now_ms()
         parsed = [self._parse_or_drop(channel, data, now) for channel, data in messages]
         valid = [item for item in parsed if item is not None]
-        calls = self._calls([event for _, event in valid], now)
+        evs = [event for _, event in valid]
+        calls = self._calls(evs, now)
         try:
-            results = await self.scripts.run_many([call for call, _ in calls]) if calls else []
+            results = await self._run_events(evs, calls)
         except RedisError as exc:
             results = [exc] * len(calls)
         per_event: list[Any] = []
@@ -171,6 +178,31 @@ class Replica:
             else:
                 outcomes.append(self._report(event, result))
         return outcomes
+
+    async def _run_events(self, evs: Sequence[events.Event],
+                          calls: list[tuple[Call[Any], int]]) -> list[Any]:
+        """The events' calls in one round trip, tried again (stamped with the time of the try)
+        while the server cannot be reached, for EVENT_RETRY_S: a connect dropped is a user who
+        never gets a node, a disconnect dropped a node held after its session. A try that timed
+        out or was cut off may have gone through, in part; the scripts take a second copy of a
+        transition as a no-op (a connect of a user waiting or holding a node, a disconnect of
+        one holding nothing, an activity of a second already recorded)."""
+        deadline = time.monotonic() + EVENT_RETRY_S
+        wait_s = 0.1
+        while True:
+            try:
+                return await self.scripts.run_many([call for call, _ in calls]) if calls else []
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if self.stopping.is_set() or time.monotonic() + wait_s > deadline:
+                    raise
+                self.metrics.errors.labels("event_retry").inc()
+                self._trouble.warning("redis-event-retry", "could not apply %d events (%s): "
+                                      "trying again for up to %.0fs", len(evs),
+                                      str(exc) or type(exc).__name__, EVENT_RETRY_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), wait_s)
+            wait_s = min(wait_s * 2, 2.0)
+            calls = self._calls(evs, self.clock.now_ms())
 
     def _parse_or_drop(self, channel: str | bytes, data: bytes | str,
                        now: int) -> tuple[str, events.Event] | None:

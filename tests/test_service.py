@@ -728,6 +728,33 @@ async def test_a_message_the_server_refuses_is_counted_and_the_rest_of_its_batch
     assert await aredis.zscore(replica.keys.key("active"), "u0") is not None
 
 
+async def test_events_the_server_cannot_be_reached_for_are_tried_again_not_dropped(
+    redis_url: str, aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server stalled past the client's timeout (here 0.3 s; 5 s by default) dropped every
+    event of the batch: a connect so dropped by every replica is a user who never gets a node.
+    The batch is tried again, and a try that went through before its reply was lost is a
+    second copy the scripts take as a no-op."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=0.3)
+    replica = make_replica(client, api, clock, "r1")
+    try:
+        await aredis.execute_command("CLIENT", "PAUSE", "1200", "ALL")
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            outcomes = await replica.handle_many([
+                wire("user:activity", {"user_id": "u1", "timestamp": T0 // 1000}),
+                wire("user:connect", {"user_id": "u1"})])
+    finally:
+        await client.aclose()
+    assert [type(o).__name__ for o in outcomes] == ["ActivityResult", "AllocateResult"]
+    assert await aredis.hget(replica.keys.key("waiting_since"), "u1") is not None
+    assert int(await aredis.hget(replica.keys.key("stats"), "connects") or 0) == 1
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
+    assert counter(replica, "provisioner_errors_total", where="event_retry") >= 1
+    assert "trying again" in caplog.text
+    assert await check_invariants(aredis, POOL) == []
+
+
 async def test_a_run_of_activity_goes_in_few_calls_and_other_events_keep_their_place(
     aredis: aioredis.Redis, replica: Replica,
 ) -> None:

@@ -20,8 +20,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner import events
@@ -81,6 +88,17 @@ ACTIVITY_BATCH = 50
 #: How long a batch of events the server could not be reached for (a restart, a stall past
 #: the client's timeout, a server still loading) is tried again before it is dropped.
 EVENT_RETRY_S = 10.0
+
+#: A script's error reply that says the server cannot take it for now, not that it is wrong:
+#: out of memory, a replica read-only (a failover), a script running long (BUSY), a cluster
+#: moving or down.
+_FOR_NOW = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
+
+
+def _refused_for_now(reply: object) -> bool:
+    return isinstance(reply, _FOR_NOW) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("BUSY "))
+
 
 #: A replica not heard from for this long is dropped from the pool's list of replicas.
 FORGET_REPLICA_MS = 600_000
@@ -151,10 +169,7 @@ class Replica:
         valid = [item for item in parsed if item is not None]
         evs = [event for _, event in valid]
         calls = self._calls(evs, now)
-        try:
-            results = await self._run_events(evs, calls)
-        except RedisError as exc:
-            results = [exc] * len(calls)
+        results = await self._run_events(evs, calls)
         per_event: list[Any] = []
         for result, (_, grouped) in zip(results, calls, strict=True):
             if not grouped:
@@ -173,7 +188,11 @@ class Replica:
             result = next(replies)
             if isinstance(result, Exception):
                 self.metrics.errors.labels("event").inc()
-                self._trouble.warning("redis-event", "could not apply %s: %s", label, result)
+                # Named, so that an operator can find a connect or disconnect lost and repair
+                # it (`provisioner users`, `provisioner release`).
+                self._trouble.warning("redis-event", "could not apply %s of %s: %s", label,
+                                      getattr(event, "user_id", None)
+                                      or getattr(event, "node_id", "?"), result)
                 outcomes.append(None)
             else:
                 outcomes.append(self._report(event, result))
@@ -181,24 +200,37 @@ class Replica:
 
     async def _run_events(self, evs: Sequence[events.Event],
                           calls: list[tuple[Call[Any], int]]) -> list[Any]:
-        """The events' calls in one round trip, tried again (stamped with the time of the try)
-        while the server cannot be reached, for EVENT_RETRY_S: a connect dropped is a user who
-        never gets a node, a disconnect dropped a node held after its session. A try that timed
-        out or was cut off may have gone through, in part; the scripts take a second copy of a
-        transition as a no-op (a connect of a user waiting or holding a node, a disconnect of
-        one holding nothing, an activity of a second already recorded)."""
+        """The events' calls in one round trip, each call's result or error. A batch the server
+        cannot take for now (unreachable, a stall past the client's timeout, still loading, a
+        script running long, out of memory, a replica read-only) is tried again from the first
+        call it refused, stamped with the time of the try, for EVENT_RETRY_S: a connect dropped
+        is a user who never gets a node, a disconnect dropped a node held after its session. A
+        try that timed out or was cut off may have gone through, in part; the scripts take a
+        second copy of a transition as a no-op (a connect of a user waiting or holding a node,
+        a disconnect of one holding nothing, an activity of a second already recorded)."""
         deadline = time.monotonic() + EVENT_RETRY_S
         wait_s = 0.1
+        done: list[Any] = []
         while True:
+            problem: Exception
             try:
-                return await self.scripts.run_many([call for call, _ in calls]) if calls else []
+                results = await self.scripts.run_many([call for call, _ in calls]) if calls else []
             except (RedisConnectionError, RedisTimeoutError) as exc:
-                if self.stopping.is_set() or time.monotonic() + wait_s > deadline:
-                    raise
-                self.metrics.errors.labels("event_retry").inc()
-                self._trouble.warning("redis-event-retry", "could not apply %d events (%s): "
-                                      "trying again for up to %.0fs", len(evs),
-                                      str(exc) or type(exc).__name__, EVENT_RETRY_S)
+                results, problem = [exc] * len(calls), exc
+            else:
+                first = next((i for i, r in enumerate(results) if _refused_for_now(r)), None)
+                if first is None:
+                    return done + results
+                problem = results[first]
+                done += results[:first]
+                evs = evs[sum(max(grouped, 1) for _, grouped in calls[:first]):]
+                calls, results = calls[first:], results[first:]
+            if self.stopping.is_set() or time.monotonic() + wait_s > deadline:
+                return done + results
+            self.metrics.errors.labels("event_retry").inc()
+            self._trouble.warning("redis-event-retry", "could not apply %d events (%s): trying "
+                                  "again for up to %.0fs", len(evs),
+                                  str(problem) or type(problem).__name__, EVENT_RETRY_S)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), wait_s)
             wait_s = min(wait_s * 2, 2.0)

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.exceptions import OutOfMemoryError
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig, ServiceConfig
@@ -752,6 +753,42 @@ async def test_events_the_server_cannot_be_reached_for_are_tried_again_not_dropp
     assert counter(replica, "provisioner_errors_total", where="event") == 0
     assert counter(replica, "provisioner_errors_total", where="event_retry") >= 1
     assert "trying again" in caplog.text
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_events_a_server_out_of_memory_refuses_are_tried_again_from_the_first_refused(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server past its maxmemory refuses every write for now: its replies are not the
+    events' fault, and they were dropped at once (users connected and never got a node). The
+    batch is tried again from the first call refused; the calls before it are not repeated."""
+    await aredis.config_set("maxmemory", 1)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.5, lambda: asyncio.ensure_future(aredis.config_set("maxmemory", 0)))
+    with caplog.at_level("WARNING", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:connect", {"user_id": "oom"})])
+    assert isinstance(outcomes[0], AllocateResult)
+    assert await aredis.hget(replica.keys.key("waiting_since"), "oom") is not None
+    assert "trying again" in caplog.text
+    # Refused from the second call on: the first is applied once, the rest when let through.
+    sent: list[int] = []
+    run_many = replica.scripts.run_many
+
+    async def refuse_once(calls: Any) -> Any:
+        sent.append(len(calls))
+        results = await run_many(calls[:1])
+        if len(sent) == 1:
+            return results + [OutOfMemoryError("command not allowed")] * (len(calls) - 1)
+        return results + await run_many(calls[1:])
+
+    replica.scripts.run_many = refuse_once  # type: ignore[method-assign]
+    outcomes = await replica.handle_many([wire("user:connect", {"user_id": f"x{k}"})
+                                          for k in range(3)])
+    assert sent == [3, 2]
+    assert all(isinstance(o, AllocateResult) for o in outcomes)
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert int(stats["connects"]) == 4  # oom, x0, x1, x2: each once
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
     assert await check_invariants(aredis, POOL) == []
 
 

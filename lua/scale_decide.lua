@@ -67,6 +67,12 @@ for _, rid in ipairs(expired) do
 end
 if #expired > 0 then
   stat('reservations_expired', #expired)
+  -- A reservation that expired may have been an unclaimed node's (its POST timed out after the
+  -- node's status came): that node is no longer a create in flight, and left unclaimed it would
+  -- cancel a newer reservation out of `creating`, and the pool would create past max_nodes. The
+  -- oldest go, one per reservation expired; one that was not its reservation's node is counted
+  -- twice until its own is claimed, the safe side of the quota.
+  rcall('ZPOPMIN', K.unclaimed, #expired)
 end
 if rcall('ZCARD', K.pending) == 0 then
   rcall('DEL', K.unclaimed)

@@ -285,6 +285,30 @@ async def test_status_before_create_returns_counts_one_node(pool: PoolUnderTest)
     assert (await pool.node("n1"))["reservation"] == rid
 
 
+async def test_a_node_whose_create_timed_out_does_not_let_the_pool_past_max_nodes(
+        pool: PoolUnderTest) -> None:
+    """A create whose POST timed out after its node's status came leaves the node unclaimed;
+    when the reservation expired, the entry stayed and cancelled a newer reservation out of the
+    creates in flight, and the pool created past max_nodes (62 nodes of 50 in a review's drill,
+    with a Node API slower than the client's timeout)."""
+    def config(min_ready: int) -> list[str]:
+        return PoolConfig(min_ready=min_ready, max_nodes=3, scaling_policy="heuristic",
+                          conversion=0).policy_args(pool.now, "r1")
+
+    assert len((await pool.scripts.scale_decide(config(1))).reservations) == 1
+    pool.clock.advance(1000)
+    await pool.scripts.apply_node_status(pool.now, "n1", "booting")  # its POST never returns
+    pool.clock.advance(1000)
+    assert len((await pool.scripts.scale_decide(config(2))).reservations) == 1  # in flight
+    [(_, deadline)] = await pool.redis.zrange(pool.keys.key("pending"), 0, 0, withscores=True)
+    pool.clock.set(int(deadline) + 1)  # the first reservation expires, the second does not
+    decision = await pool.scripts.scale_decide(config(3))
+    # n1 and the create in flight are two of the three: one more, not two.
+    assert len(decision.reservations) == 1, decision
+    snap = await pool.snap()
+    assert snap.counts["booting"] + snap.counts["pending"] <= 3
+
+
 async def test_ready_before_create_returns_is_served(pool: PoolUnderTest) -> None:
     await pool.scripts.allocate(pool.now, "u1")
     # The heuristic with no floor books exactly one node for the one waiting user.

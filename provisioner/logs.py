@@ -109,7 +109,8 @@ class RateLimitedLog:
         held = self._throttle.due(key)
         if held is None:
             return False
-        every = self._throttle.every
-        suffix = f" ({held} more like it in the last {every:.0f}s)" if held else ""
+        # Held since the last line of this key, however long ago: "in the last 10 s" read as a
+        # burst lines that had been held across minutes.
+        suffix = f" ({held} more like it since the last line)" if held else ""
         self.logger.log(level, message + suffix, *args, exc_info=exc_info)
         return True

@@ -468,6 +468,20 @@ async def test_reconcile_adopts_unknown_nodes_and_ends_vanished_ones(
     assert await check_invariants(aredis, POOL) == []
 
 
+async def test_reconcile_ends_a_vanished_node_stamped_by_a_clock_ahead(
+    api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    """A replica whose clock ran 600 s ahead stamped the nodes it saw; read as created in the
+    future, they stayed "younger than the grace" after they vanished, for the whole offset."""
+    ahead = make_replica(aredis, api, ManualClock(clock.now_ms() + 600_000), "r-ahead")
+    await send([ahead], "node:status", {"node_id": "gone", "status": "ready"})
+    replica = make_replica(aredis, api, clock, "r1")
+    api.listed = []
+    counts = await replica.reconcile()
+    assert counts is not None and counts["vanished"] == 1
+    assert await aredis.hget(replica.keys.node("gone"), "state") == "terminated"
+
+
 async def test_reconcile_ends_a_node_the_api_lists_as_ending_before_anyone_is_handed_it(
     replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
 ) -> None:

@@ -53,6 +53,8 @@ class CreateResult:
     #: the API did not answer, or answered a server error: down or broken, not refusing (a 4xx,
     #: a 429 at its capacity, is an answer); the replica holds its creates while this lasts
     api_down: bool = False
+    #: a 429: the API is at its capacity; the replica holds its creates a while (CAPACITY_HOLD_MS)
+    at_capacity: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,8 @@ class HttpNodeApi:
             self._count("create", f"http_{response.status_code}", started)
             return CreateResult(CreateOutcome.FAILED,
                                 detail=f"HTTP {response.status_code}: {response.text[:100]!r}",
-                                api_down=response.status_code >= 500)
+                                api_down=response.status_code >= 500,
+                                at_capacity=response.status_code == 429)
         return CreateResult(CreateOutcome.FAILED, detail="could not connect", api_down=True)
 
     async def delete(self, node_id: str) -> DeleteOutcome:

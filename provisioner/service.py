@@ -72,6 +72,10 @@ DELETE_RETRY_MS = 10_000
 #: max_batch creates a tick, three attempts each (31 a second here), and as many warnings.
 CREATE_HOLD_MS = 1_000
 CREATE_HOLD_MAX_MS = 30_000
+#: After a create answered 429 (the Node API at its capacity, after the client's own retries),
+#: the replica makes none for this long: it made one every tick before (1,355 in 8.5 minutes,
+#: each a warning, in a review's drill with the API's capacity under the pool's max_nodes).
+CAPACITY_HOLD_MS = 10_000
 #: After a loss of the pool's state, how long a replica's ticks wait for the Node API's node
 #: list (retried every heartbeat) before deciding without it.
 TAKE_BACK_PATIENCE_MS = 60_000
@@ -150,6 +154,7 @@ class Replica:
         #: observation of a service outside the pool, like the clock's, never pool state
         self._api_down = 0
         self._creates_held_until_ms = 0
+        self._capacity_held_until_ms = 0
 
     # --- events -------------------------------------------------------------------------------
 
@@ -382,7 +387,10 @@ class Replica:
 
     def _creates_allowed(self, now_ms: int) -> int | None:
         """The most creates this replica may make now: None (max_batch) while the Node API
-        answers; none while creates are held, then one, a probe, until one is answered."""
+        answers; none while creates are held, then one, a probe, until one is answered; none
+        for CAPACITY_HOLD_MS after the API said it is at its capacity."""
+        if now_ms < self._capacity_held_until_ms:
+            return 0
         if not self._api_down:
             return None
         return 0 if now_ms < self._creates_held_until_ms else 1
@@ -401,6 +409,12 @@ class Replica:
                 hold / 1000, self._api_down)
         else:
             self._api_answered("a create")
+        if result.at_capacity:
+            self._capacity_held_until_ms = now_ms + CAPACITY_HOLD_MS
+            self._trouble.warning(
+                "api-full", "the Node API is at its capacity (%s): creates held for %.0fs (its "
+                "quota is under the pool's max_nodes, or other clients hold it)", result.detail,
+                CAPACITY_HOLD_MS / 1000)
 
     def _api_answered(self, call: str) -> None:
         """Any answer of the Node API (a create's, a delete's, a list's) ends a hold."""

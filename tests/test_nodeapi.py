@@ -192,4 +192,7 @@ async def test_a_create_says_whether_the_api_is_down_or_answered_no() -> None:
                           (lambda r: httpx.Response(429), False),
                           (lambda r: httpx.Response(400), False),
                           (lambda r: httpx.Response(202, json={"id": "n1"}), False)):
-        assert (await client(handler, attempts=1).create()).api_down is down
+        result = await client(handler, attempts=1).create()
+        assert result.api_down is down
+        assert result.at_capacity is (result.detail.startswith("HTTP 429"))
+    assert (await client(lambda r: httpx.Response(429), attempts=1).create()).at_capacity

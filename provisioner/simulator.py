@@ -84,12 +84,30 @@ def poisson_arrivals(rate_per_min: float, rng: random.Random) -> Iterator[float]
 def merge_users(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
                 duration_s: float | None = None) -> Iterator[tuple[float, str, dict[str, Any]]]:
     """Every message of the users arriving at `arrivals` (ascending), in time order (ties in
-    the order they were drawn), up to `duration_s` if given. It streams: a user's script is
-    drawn only once no earlier message is pending, so the draws come in the same order whether
-    the caller takes ten messages or all of them."""
+    the order they were drawn), up to `duration_s` if given; then, at `duration_s`, the
+    disconnect of every session still running, so a run that ends leaves no node held. It
+    streams: a user's script is drawn only once no earlier message is pending, so the draws
+    come in the same order whether the caller takes ten messages or all of them."""
     pending: list[tuple[float, int, str, dict[str, Any]]] = []
     seq = itertools.count()
     upcoming = next(arrivals, None)
+    connected: dict[str, None] = {}  # in the order they connected
+    for t, channel, payload in _merged(traffic, rng, arrivals, duration_s, pending, seq,
+                                       upcoming):
+        if channel == "user:connect":
+            connected[payload["user_id"]] = None
+        elif channel == "user:disconnect":
+            connected.pop(payload["user_id"], None)
+        yield t, channel, payload
+    if duration_s is not None:
+        for user in connected:
+            yield duration_s, "user:disconnect", {"user_id": user}
+
+
+def _merged(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
+            duration_s: float | None, pending: list[tuple[float, int, str, dict[str, Any]]],
+            seq: Iterator[int], upcoming: float | None,
+            ) -> Iterator[tuple[float, str, dict[str, Any]]]:
     while True:
         while upcoming is not None and (not pending or upcoming <= pending[0][0]):
             if duration_s is not None and upcoming > duration_s:

@@ -8,6 +8,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -32,8 +33,19 @@ def test_merging_users_streams_what_sorting_every_script_gives() -> None:
     scripts = [event for start in arrivals for event in user_script(traffic, eager_rng, start)]
     everything = sorted(scripts, key=lambda event: event[0])  # stable: ties in drawn order
     assert list(merge_users(traffic, random.Random(9), iter(arrivals))) == everything
-    assert list(merge_users(traffic, random.Random(9), iter(arrivals), duration_s=30.0)) == \
-        [event for event in everything if event[0] <= 30.0]
+    cut = list(merge_users(traffic, random.Random(9), iter(arrivals), duration_s=30.0))
+    kept = [event for event in everything if event[0] <= 30.0]
+    assert cut[:len(kept)] == kept
+    running = [u for u, chs in _channels(kept).items()
+               if "user:connect" in chs and "user:disconnect" not in chs]
+    assert cut[len(kept):] == [(30.0, "user:disconnect", {"user_id": u}) for u in running]
+
+
+def _channels(events: Any) -> dict[str, list[str]]:
+    users: dict[str, list[str]] = {}
+    for _, channel, payload in events:
+        users.setdefault(payload["user_id"], []).append(channel)
+    return users
 
 
 def test_synthetic_traffic_is_ordered_valid_and_follows_its_knobs() -> None:
@@ -57,7 +69,13 @@ def test_synthetic_traffic_is_ordered_valid_and_follows_its_knobs() -> None:
         assert channels.count("user:connect") <= 1
         if "user:disconnect" in channels:
             assert channels.index("user:disconnect") > channels.index("user:connect")
-    assert list(synthetic(traffic, random.Random(3), duration_s=600)) == \
+    cut = list(synthetic(traffic, random.Random(3), duration_s=600))
+    # At its end every session still running is ended, so a run leaves no node held.
+    closing = [e for e in cut if e[0] == 600 and e[1] == "user:disconnect"]
+    held = {u for u, chs in _channels(e for e in events if e[0] <= 600).items()
+            if "user:connect" in chs and "user:disconnect" not in chs}
+    assert closing and {e[2]["user_id"] for e in closing} == held
+    assert cut[:len(cut) - len(closing)] == \
         [e for e in events if e[0] <= 600]
 
 

@@ -20,11 +20,15 @@
   ARGV[2] user id
   ARGV[3] who released the user, for an operator's release (optional; empty for a disconnect)
   ARGV[4] most entries kept in the decisions stream (optional, 1000)
+  ARGV[5] what the operator was shown and confirmed (optional): 'node:ID' for a user holding
+          node ID, 'waiting' for a user waiting, 'nothing'; the release is refused if the user's state is
+          another now (a session begun, or a node handed out, while the prompt waited)
 
   Returns {code, node_id, served...}
     1 RELEASED   {1, node, [user, node, waited_ms] if the node went to a waiting user}
     2 ABANDONED  {2, ''}
     0 UNKNOWN    {0, ''}
+    3 CHANGED    {3, node or ''}: not what ARGV[5] says; nothing done
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -33,6 +37,7 @@ local now = tonumber(ARGV[1])
 local user = ARGV[2]
 local by = ARGV[3] or ''
 local log_len = tonumber(ARGV[4]) or 1000
+local expected = ARGV[5] or ''
 
 -- An operator's release, logged with what it did.
 local function log_release(what)
@@ -43,6 +48,13 @@ local function log_release(what)
 end
 
 local node = rcall('HGET', K.alloc, user)
+if expected ~= '' then
+  local now_is = node and ('node:' .. node)
+    or (rcall('HEXISTS', K.waiting_since, user) == 1 and 'waiting') or 'nothing'
+  if now_is ~= expected then
+    return {3, node or ''}
+  end
+end
 if node or rcall('HEXISTS', K.waiting_since, user) == 1 then
   forget_browsing(user)
 end

@@ -426,14 +426,23 @@ def release(
     if len(by) > 64 or not by.isprintable():
         raise _fail("--by must be at most 64 printable characters")
 
+    # What each user was shown as holding, passed to the script: a session begun, or a node
+    # handed out, while the prompt waited is not released on the strength of the old state.
+    shown: dict[str, str] = {}
+
     async def held(client: aioredis.Redis) -> dict[str, str]:
         waiting, sessions = await view.user_rows(client, pool, limit=10**9)
         now = time.time() * 1000
-        found = {s.user: f"holds node {s.node} (session {_ago(now, s.allocated_ms)}, last active "
-                         f"{_last_active(now, s.last_activity_ms)})"
-                 for s in sessions if s.user in user_ids}
-        found.update({u: f"waits (for {_ago(now, since)})" for u, since in waiting
-                      if u in user_ids})
+        found: dict[str, str] = {}
+        for s in sessions:
+            if s.user in user_ids:
+                found[s.user] = (f"holds node {s.node} (session {_ago(now, s.allocated_ms)}, "
+                                 f"last active {_last_active(now, s.last_activity_ms)})")
+                shown[s.user] = f"node:{s.node}"
+        for u, since in waiting:
+            if u in user_ids:
+                found[u] = f"waits (for {_ago(now, since)})"
+                shown[u] = "waiting"
         return found
 
     state = _with_redis(redis_url, held)
@@ -457,7 +466,8 @@ def release(
     async def go(client: aioredis.Redis) -> list[Any]:
         scripts = Scripts(client, keys)
         now = WallClock().now_ms()
-        return [await scripts.release(now, user, by) for user in user_ids]
+        return [await scripts.release(now, user, by, expected=shown.get(user, "nothing"))
+                for user in user_ids]
 
     outcomes = _with_redis(redis_url, go)
     nothing = False
@@ -469,6 +479,12 @@ def release(
                           f"{escape(whom)}")
         elif outcome.code is Release.ABANDONED:
             console.print(f"[green]released[/green] {escape(user)}: left the waiting queue")
+        elif outcome.code is Release.CHANGED:
+            nothing = True
+            now_holds = (f"holds node {outcome.node_id}" if outcome.node_id
+                         else "waits or holds nothing")
+            console.print(f"{escape(user)}: changed since it was shown (now {escape(now_holds)}): "
+                          "nothing done; look again with `provisioner users`")
         else:
             nothing = True
             console.print(f"{escape(user)}: held nothing, nothing done")

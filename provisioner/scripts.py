@@ -91,6 +91,7 @@ class Release(IntEnum):
     UNKNOWN = 0
     RELEASED = 1
     ABANDONED = 2
+    CHANGED = 3  # an operator's release refused: the user's state is not the one confirmed
 
 
 class NodeStatusOutcome(IntEnum):
@@ -588,15 +589,19 @@ class Scripts:
                        log_len: int = 1000) -> AllocateResult:
         return await self.run(self.allocate_call(now_ms, user_id, replica, log_len))
 
-    def release_call(self, now_ms: int, user_id: str, by: str = "",
-                     log_len: int = 1000) -> Call[ReleaseResult]:
+    def release_call(self, now_ms: int, user_id: str, by: str = "", log_len: int = 1000,
+                     expected: str = "") -> Call[ReleaseResult]:
         """A disconnect; or, with `by`, an operator's release of the user, logged to the
-        decisions stream (at most `log_len` entries) under that name."""
-        return Call("release", (now_ms, user_id, by, log_len), _release)
+        decisions stream (at most `log_len` entries) under that name, and refused (CHANGED) if
+        `expected` ('node:ID', 'waiting' or 'nothing': what the operator confirmed) is not so
+        now."""
+        args = (now_ms, user_id, by, log_len, expected) if expected else (
+            now_ms, user_id, by, log_len)
+        return Call("release", args, _release)
 
-    async def release(self, now_ms: int, user_id: str, by: str = "",
-                      log_len: int = 1000) -> ReleaseResult:
-        return await self.run(self.release_call(now_ms, user_id, by, log_len))
+    async def release(self, now_ms: int, user_id: str, by: str = "", log_len: int = 1000,
+                      expected: str = "") -> ReleaseResult:
+        return await self.run(self.release_call(now_ms, user_id, by, log_len, expected))
 
     def apply_node_status_call(self, now_ms: int, node_id: str, status: str, *,
                                listed: bool = False) -> Call[NodeStatusResult]:

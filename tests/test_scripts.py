@@ -216,6 +216,18 @@ async def test_an_operator_s_release_does_what_a_disconnect_does_and_is_logged(
     assert snap.stat("operator_releases") == 2 and snap.stat("releases") == 2
     assert await pool.alloc() == {"u3": "n2", "u4": "n1"} and await pool.waiting_list() == []
 
+    # What the operator confirmed must still hold: u3 holds n2, not n1, and does not wait.
+    for expected in ("node:n1", "waiting", "nothing"):
+        changed = await pool.scripts.release(pool.now, "u3", by="alice", expected=expected)
+        assert (changed.code, changed.node_id) == (Release.CHANGED, "n2")
+    assert await pool.alloc() == {"u3": "n2", "u4": "n1"}
+    assert len(await releases()) == 2
+    held = await pool.scripts.release(pool.now, "u3", by="alice", expected="node:n2")
+    assert held.code is Release.RELEASED
+    assert (await pool.scripts.release(pool.now, "u3", by="alice",
+                                       expected="nothing")).code is Release.UNKNOWN
+    await pool.scripts.allocate(pool.now, "u3")  # takes n2 back
+
     # Freed to nobody waiting: back to the ready list.
     pool.clock.advance(1_000)
     await pool.scripts.release(pool.now, "u4", by="bob")

@@ -234,6 +234,41 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
     assert asyncio.run(logged())[-1]["replica"] == "dave"
 
 
+def test_release_ends_nothing_that_changed_while_its_prompt_waited(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompt showed "waits"; a node came for the user before the operator said yes, and
+    the release ended the session that had just begun."""
+    import typer
+
+    keys = PoolKeys("release-race")
+    now = int(time.time() * 1000)
+
+    async def transition(*nodes: str, user: str = "") -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        for node in nodes:
+            await scripts.apply_node_status(now, node, "booting")
+            await scripts.apply_node_status(now, node, "ready")
+        if user:
+            await scripts.allocate(now, user)
+        await client.aclose()
+
+    asyncio.run(transition(user="eve"))  # no node: eve waits
+
+    def answer_after_a_node_came(*args: Any, **kwargs: Any) -> bool:
+        asyncio.run(transition("n9"))  # eve is served while the prompt waits
+        return True
+
+    monkeypatch.setattr(typer, "confirm", answer_after_a_node_came)
+    common = ["--redis-url", redis_url, "--pool", "release-race"]
+    result = CliRunner().invoke(app, ["release", "eve", *common], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "eve: waits" in result.output
+    assert "eve: changed since it was shown (now holds node n9): nothing done" in result.output
+    users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    assert [(u["user_id"], u["node_id"]) for u in users["allocated"]] == [("eve", "n9")]
+
+
 def _status(redis_url: str, pool: str) -> tuple[str, dict[str, Any]]:
     """`provisioner status` of the pool as text and as JSON, each of which must succeed."""
     common = ["--redis-url", redis_url, "--pool", pool]

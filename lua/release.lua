@@ -21,8 +21,9 @@
   ARGV[3] who released the user, for an operator's release (optional; empty for a disconnect)
   ARGV[4] most entries kept in the decisions stream (optional, 1000)
   ARGV[5] what the operator was shown and confirmed (optional): 'node:ID' for a user holding
-          node ID, 'waiting' for a user waiting, 'nothing'; the release is refused if the user's state is
-          another now (a session begun, or a node handed out, while the prompt waited)
+          node ID, 'waiting' for a user waiting, 'nothing'; the release is refused if the
+          user's state is another now (a session begun, or a node handed out, while the prompt
+          waited)
 
   Returns {code, node_id, served...}
     1 RELEASED   {1, node, [user, node, waited_ms] if the node went to a waiting user}
@@ -48,14 +49,14 @@ local function log_release(what)
 end
 
 local node = rcall('HGET', K.alloc, user)
+local waits = rcall('HEXISTS', K.waiting_since, user) == 1
 if expected ~= '' then
-  local now_is = node and ('node:' .. node)
-    or (rcall('HEXISTS', K.waiting_since, user) == 1 and 'waiting') or 'nothing'
+  local now_is = node and ('node:' .. node) or (waits and 'waiting') or 'nothing'
   if now_is ~= expected then
     return {3, node or ''}
   end
 end
-if node or rcall('HEXISTS', K.waiting_since, user) == 1 then
+if node or waits then
   forget_browsing(user)
 end
 if node then
@@ -82,7 +83,7 @@ if node then
   return result
 end
 
-if rcall('HEXISTS', K.waiting_since, user) == 1 then
+if waits then
   local since = tonumber(rcall('HGET', K.waiting_since, user)) or now
   rcall('LREM', K.waiting, 0, user)
   rcall('HDEL', K.waiting_since, user)

@@ -595,9 +595,7 @@ class Scripts:
         decisions stream (at most `log_len` entries) under that name, and refused (CHANGED) if
         `expected` ('node:ID', 'waiting' or 'nothing': what the operator confirmed) is not so
         now."""
-        args = (now_ms, user_id, by, log_len, expected) if expected else (
-            now_ms, user_id, by, log_len)
-        return Call("release", args, _release)
+        return Call("release", (now_ms, user_id, by, log_len, expected), _release)
 
     async def release(self, now_ms: int, user_id: str, by: str = "", log_len: int = 1000,
                       expected: str = "") -> ReleaseResult:

@@ -88,12 +88,8 @@ def merge_users(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
     disconnect of every session still running, so a run that ends leaves no node held. It
     streams: a user's script is drawn only once no earlier message is pending, so the draws
     come in the same order whether the caller takes ten messages or all of them."""
-    pending: list[tuple[float, int, str, dict[str, Any]]] = []
-    seq = itertools.count()
-    upcoming = next(arrivals, None)
     connected: dict[str, None] = {}  # in the order they connected
-    for t, channel, payload in _merged(traffic, rng, arrivals, duration_s, pending, seq,
-                                       upcoming):
+    for t, channel, payload in _merged(traffic, rng, arrivals, duration_s):
         if channel == "user:connect":
             connected[payload["user_id"]] = None
         elif channel == "user:disconnect":
@@ -105,9 +101,11 @@ def merge_users(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
 
 
 def _merged(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
-            duration_s: float | None, pending: list[tuple[float, int, str, dict[str, Any]]],
-            seq: Iterator[int], upcoming: float | None,
-            ) -> Iterator[tuple[float, str, dict[str, Any]]]:
+            duration_s: float | None) -> Iterator[tuple[float, str, dict[str, Any]]]:
+    """`merge_users` up to `duration_s`, without the sessions' end."""
+    pending: list[tuple[float, int, str, dict[str, Any]]] = []
+    seq = itertools.count()
+    upcoming = next(arrivals, None)
     while True:
         while upcoming is not None and (not pending or upcoming <= pending[0][0]):
             if duration_s is not None and upcoming > duration_s:

@@ -2,7 +2,8 @@
 --[[
   reap_idle: choose the nodes to terminate now. Called by the replica that won scale_decide.
 
-    1. boots stuck longer than boot_timeout;
+    1. boots stuck: running longer than boot_timeout and STUCK_BOOT_MEANS times the mean boot
+       the pool has learned (below);
     2. terminations whose deadline passed (the DELETE failed, its replica died, or no
        node:status terminated came): sent again;
     3. idle ready nodes, oldest idle first (the head of the ready list), idle for at least
@@ -36,7 +37,16 @@ local out = {}
 -- millisecond) would be returned a second time, as a retry.
 local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max_batch)
 
-local stuck = rcall('ZRANGEBYSCORE', K.booting, '-inf', now - p.boot_timeout_ms,
+-- A boot is stuck once it has run boot_timeout and 4 times the mean boot learned from the sample
+-- boots (apply_node_status): where nodes are learned to take 8 minutes, a boot of 11 is slow,
+-- not lost, and ending it at a fixed 10 minutes threw a third of the boots away and started them
+-- again. 4 means: 0.4% of the recorded traces' boots run longer, and a boot that slow still
+-- has less left to run (0.8 of a mean, for a lognormal of their spread) than a new one would
+-- take. The recorded one-minute boots keep the timeout (600 s is 8.6 of their means).
+local STUCK_BOOT_MEANS = 4
+local stuck_after = math.max(p.boot_timeout_ms,
+                             STUCK_BOOT_MEANS * (learned(rcall('HGET', K.model, 'boot_ms')) or 0))
+local stuck = rcall('ZRANGEBYSCORE', K.booting, '-inf', now - stuck_after,
                     'LIMIT', 0, p.max_batch)
 for _, node in ipairs(stuck) do
   if start_terminating(node, now, deadline, 'boot_timeout') then
@@ -113,8 +123,9 @@ if #out > 0 then
   local keep = math.max(target, peak)
   stat('terminations_started', #out / 2)
   local reason = string.format(
-    'terminate %d (stuck %d, retry %d, idle %d, booting in an idle node\'s place %d); '
-    .. 'spare %d, keep %d (peak target of %.0fs), target %d', #out / 2, #stuck, #due,
+    'terminate %d (stuck %d%s, retry %d, idle %d, booting in an idle node\'s place %d); '
+    .. 'spare %d, keep %d (peak target of %.0fs), target %d', #out / 2, #stuck,
+    #stuck > 0 and string.format(' past %.0fs', stuck_after / 1000) or '', #due,
     reaped - swapped, swapped, s.spare, keep, p.keep_window_ms / 1000, target)
   log_decision(p, 'scale_down', reason, summary(s, target), #out / 2)
 end

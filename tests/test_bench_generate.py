@@ -95,6 +95,16 @@ def test_the_cli_writes_the_asked_shapes_and_refuses_unknown_ones(tmp_path: Path
                                  "--seed", "3"])
     assert result.exit_code == 0, result.output
     assert [p.name for p in tmp_path.iterdir()] == ["long-sessions.jsonl.gz"]
+    # Without --shape: the held-out shapes, not the stress shape, which only its name writes.
+    result = runner.invoke(app, ["bench", "generate", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name.removesuffix(".jsonl.gz") for p in (tmp_path / "all").iterdir())
+    assert len(written) == 9 and "very-slow-boots" not in written and "slow-boots" in written
+    result = runner.invoke(app, ["bench", "generate", str(tmp_path / "vsb"), "--shape",
+                                 "very-slow-boots"])
+    assert result.exit_code == 0, result.output
+    delays = load_trace(tmp_path / "vsb" / "very-slow-boots.jsonl.gz").boot_delays
+    assert 420 < statistics.median(delays) < 540
     result = runner.invoke(app, ["bench", "generate", str(tmp_path), "--shape", "nope"])
     assert result.exit_code == 2
     assert "unknown shape nope" in result.output

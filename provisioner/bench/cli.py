@@ -952,15 +952,16 @@ def compare(
 def generate(
     directory: Annotated[Path, typer.Argument(metavar="DIR", file_okay=False)],
     shape: Annotated[list[str] | None, typer.Option(
-        help="Shapes to write (repeatable); default: all of them")] = None,
+        help="Shapes to write (repeatable); default: all but the stress shapes "
+        "(very-slow-boots), the held-out suites")] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files")] = 1,
 ) -> None:
     """Write synthetic traces in shapes the recorded ones do not have (a ramp, level shifts,
     bursts, two daily cycles, short and long sessions, slow boots) and a constant control, for
     `bench suite DIR`."""
-    from provisioner.bench.generate import SHAPES, write_trace
+    from provisioner.bench.generate import HELD_OUT, SHAPES, write_trace
 
-    names = shape or list(SHAPES)
+    names = shape or HELD_OUT
     unknown = sorted(set(names) - set(SHAPES))
     if unknown:
         raise typer.BadParameter(f"unknown shape {', '.join(unknown)}; known: "

@@ -155,6 +155,10 @@ class Replica:
         self._api_down = 0
         self._creates_held_until_ms = 0
         self._capacity_held_until_ms = 0
+        #: since when (monotonic) and why the server has refused this replica's writes for now
+        #: (out of memory, read-only, a script running long), from the first refusal to the
+        #: next write that went through: /readyz fails meanwhile; None: not refused
+        self._refused: tuple[float, str] | None = None
 
     # --- events -------------------------------------------------------------------------------
 
@@ -225,8 +229,10 @@ class Replica:
             else:
                 first = next((i for i, r in enumerate(results) if _refused_for_now(r)), None)
                 if first is None:
+                    self._written()
                     return done + results
                 problem = results[first]
+                self._note_refused(problem)
                 done += results[:first]
                 evs = evs[sum(max(grouped, 1) for _, grouped in calls[:first]):]
                 calls, results = calls[first:], results[first:]
@@ -804,9 +810,13 @@ class Replica:
             except RedisError as exc:
                 self.metrics.errors.labels(where).inc()
                 self._trouble.warning(where, "%s failed: %s", where, exc)
+                if _refused_for_now(exc):
+                    self._note_refused(exc)
             except Exception:
                 self.metrics.errors.labels(where).inc()
                 log.exception("%s failed", where)
+            else:
+                self._written()
             delay = max(0.0, seconds - (loop.time() - started))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
@@ -891,11 +901,27 @@ class Replica:
     def ready(self) -> bool:
         return self.subscribed.is_set() and not self.stopping.is_set()
 
+    def _note_refused(self, problem: Exception) -> None:
+        if self._refused is None:
+            self._refused = (time.monotonic(), str(problem) or type(problem).__name__)
+
+    def _written(self) -> None:
+        self._refused = None
+
+    def writes_refused(self) -> str | None:
+        """Why the server has refused this replica's writes since, and for how long; None if
+        the last of them went through."""
+        if self._refused is None:
+            return None
+        since, why = self._refused
+        return f"{why} (for {time.monotonic() - since:.0f}s)"
+
 
 
 def http_app(replica: Replica) -> web.Application:
-    """/metrics, /healthz (the process answers) and /readyz (subscribed, Redis answers, and the
-    listener no further behind the event stream than --max-event-lag)."""
+    """/metrics, /healthz (the process answers) and /readyz (subscribed, Redis answers and
+    takes this replica's writes, and the listener no further behind the event stream than
+    --max-event-lag)."""
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(replica.metrics.registry)
@@ -912,6 +938,9 @@ def http_app(replica: Replica) -> web.Application:
         if lag > replica.service.max_event_lag_s:
             problems.append(f"events applied {lag:.1f}s behind (over "
                             f"{replica.service.max_event_lag_s:g}s)")
+        refused = replica.writes_refused()
+        if refused:
+            problems.append(f"redis refuses writes for now: {refused}")
         try:
             await asyncio.wait_for(replica.redis.ping(), 1.0)
         except TimeoutError:

@@ -991,6 +991,46 @@ async def test_readyz_names_a_server_that_does_not_answer(replica: Replica) -> N
     assert status == 503 and "redis: no answer to PING within 1s" in body["problems"], body
 
 
+async def test_readyz_fails_while_the_server_refuses_the_replicas_writes(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """A server past its maxmemory answers PING and refuses every write: the replica said
+    ready while its events were tried again and then dropped (the chaos review of
+    2026-12-04). Unready from the first refusal, of an event or a tick, to the next write
+    that goes through."""
+    replica.subscribed.set()
+    assert (await _readyz(replica))[0] == 200
+    await aredis.config_set("maxmemory", 1)
+    try:
+        applying = asyncio.create_task(
+            replica.handle_many([wire("user:connect", {"user_id": "u1"})]))
+        await _until(lambda: counter(replica, "provisioner_errors_total",
+                                     where="event_retry") >= 1)
+        status, body = await _readyz(replica)
+        assert status == 503, body
+        [problem] = body["problems"]
+        assert problem.startswith("redis refuses writes for now: command not allowed when "
+                                  "used memory > 'maxmemory'"), problem
+    finally:
+        await aredis.config_set("maxmemory", 0)
+    assert isinstance((await applying)[0], AllocateResult)
+    assert (await _readyz(replica))[0] == 200
+
+    # The ticker's writes the same way.
+    await aredis.config_set("maxmemory", 1)
+    ticking = asyncio.create_task(replica._every(0.05, replica.tick, "tick"))
+    try:
+        await _until(lambda: counter(replica, "provisioner_errors_total", where="tick") >= 1)
+        assert (await _readyz(replica))[0] == 503
+        await aredis.config_set("maxmemory", 0)
+        await _until(lambda: replica.writes_refused() is None)
+        assert (await _readyz(replica))[0] == 200
+    finally:
+        await aredis.config_set("maxmemory", 0)
+        replica.stopping.set()
+        await ticking
+
+
 async def test_the_listener_reports_how_far_it_is_behind_the_events(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,

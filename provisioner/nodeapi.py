@@ -17,6 +17,8 @@ any other answer is a failure. What may be retried and what may not:
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import logging
 import random
 import time
@@ -53,8 +55,10 @@ class CreateResult:
     #: the API did not answer, or answered a server error: down or broken, not refusing (a 4xx,
     #: a 429 at its capacity, is an answer); the replica holds its creates while this lasts
     api_down: bool = False
-    #: a 429: the API is at its capacity; the replica holds its creates a while (CAPACITY_HOLD_MS)
+    #: a 429: the API is at its capacity; the replica holds its creates a while: as long as
+    #: the answer's Retry-After says (`retry_after_s`), or CAPACITY_HOLD_MS without one
     at_capacity: bool = False
+    retry_after_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,11 +88,36 @@ class Deadline(httpx.TransportError):
     timeouts bound each read, and a server sending a byte a second never trips them."""
 
 
+#: the longest wait a Retry-After is taken at its word for: a header of a day, or a date a
+#: year off (a server's clock, a typo), would stop the pool's creates as long
+MAX_RETRY_AFTER_S = 300.0
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header's wait in seconds, delay-seconds or an HTTP-date (RFC 9110
+    10.2.3), at most MAX_RETRY_AFTER_S and at least 0; None if there is none or it is neither
+    (the caller's own default then holds). `now`: Unix seconds, for a date."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():  # delay-seconds: digits only, no sign, no fraction
+        return min(float(int(text[:12])), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+        if when.tzinfo is None:  # an HTTP-date is GMT; -0000 reads as naive
+            when = when.replace(tzinfo=datetime.UTC)
+        wait = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        return None
+    return min(max(wait, 0.0), MAX_RETRY_AFTER_S)
+
+
 @dataclass(frozen=True)
 class _Answer:
     status_code: int
     body: bytes
     complete: bool  # False: cut at MAX_BODY
+    retry_after: str | None = None  # the Retry-After header, if any
 
     @property
     def text(self) -> str:
@@ -123,11 +152,13 @@ class HttpNodeApi:
         async def go() -> _Answer:
             async with self._client.stream(method, path) as response:
                 body = bytearray()
+                retry_after = response.headers.get("retry-after")
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) > MAX_BODY[op]:
-                        return _Answer(response.status_code, bytes(body[:MAX_BODY[op]]), False)
-                return _Answer(response.status_code, bytes(body), True)
+                        return _Answer(response.status_code, bytes(body[:MAX_BODY[op]]), False,
+                                       retry_after)
+                return _Answer(response.status_code, bytes(body), True, retry_after)
 
         try:
             return await asyncio.wait_for(go(), self.timeout_s)
@@ -175,7 +206,8 @@ class HttpNodeApi:
             return CreateResult(CreateOutcome.FAILED,
                                 detail=f"HTTP {response.status_code}: {response.text[:100]!r}",
                                 api_down=response.status_code >= 500,
-                                at_capacity=response.status_code == 429)
+                                at_capacity=response.status_code == 429,
+                                retry_after_s=retry_after_s(response.retry_after))
         return CreateResult(CreateOutcome.FAILED, detail="could not connect", api_down=True)
 
     async def delete(self, node_id: str) -> DeleteOutcome:

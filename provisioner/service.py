@@ -73,8 +73,9 @@ DELETE_RETRY_MS = 10_000
 CREATE_HOLD_MS = 1_000
 CREATE_HOLD_MAX_MS = 30_000
 #: After a create answered 429 (the Node API at its capacity, after the client's own retries),
-#: the replica makes none for this long: it made one every tick before (1,355 in 8.5 minutes,
-#: each a warning, in a review's drill with the API's capacity under the pool's max_nodes).
+#: the replica makes none for this long, or as long as the answer's Retry-After says (at most
+#: nodeapi.MAX_RETRY_AFTER_S): it made one every tick before (1,355 in 8.5 minutes, each a
+#: warning, in a review's drill with the API's capacity under the pool's max_nodes).
 CAPACITY_HOLD_MS = 10_000
 #: After a loss of the pool's state, how long a replica's ticks wait for the Node API's node
 #: list (retried every heartbeat) before deciding without it.
@@ -416,11 +417,15 @@ class Replica:
         else:
             self._api_answered("a create")
         if result.at_capacity:
-            self._capacity_held_until_ms = now_ms + CAPACITY_HOLD_MS
+            # As long as its Retry-After says, a tick at least; CAPACITY_HOLD_MS without one.
+            hold_ms = (CAPACITY_HOLD_MS if result.retry_after_s is None
+                       else max(self.pool.interval_ms, int(result.retry_after_s * 1000)))
+            self._capacity_held_until_ms = now_ms + hold_ms
             self._trouble.warning(
-                "api-full", "the Node API is at its capacity (%s): creates held for %.0fs (its "
-                "quota is under the pool's max_nodes, or other clients hold it)", result.detail,
-                CAPACITY_HOLD_MS / 1000)
+                "api-full", "the Node API is at its capacity (%s): creates held for %.0fs%s "
+                "(its quota is under the pool's max_nodes, or other clients hold it)",
+                result.detail, hold_ms / 1000,
+                "" if result.retry_after_s is None else ", as its Retry-After asks")
 
     def _api_answered(self, call: str) -> None:
         """Any answer of the Node API (a create's, a delete's, a list's) ends a hold."""

@@ -7,9 +7,17 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 
 from provisioner.metrics import Metrics
-from provisioner.nodeapi import MAX_BODY, CreateOutcome, DeleteOutcome, HttpNodeApi
+from provisioner.nodeapi import (
+    MAX_BODY,
+    MAX_RETRY_AFTER_S,
+    CreateOutcome,
+    DeleteOutcome,
+    HttpNodeApi,
+    retry_after_s,
+)
 
 
 def client(handler: object, attempts: int = 3) -> HttpNodeApi:
@@ -177,6 +185,31 @@ async def test_a_delete_names_the_node_percent_encoded_and_refuses_a_path_no_id_
     for node_id in ("", ".", ".."):  # the collection, or a path that resolves out of it
         assert await api.delete(node_id) is DeleteOutcome.FAILED
     assert len(paths) == 4
+
+
+NOW = 1_767_225_600.0  # Thu, 01 Jan 2026 00:00:00 GMT
+
+
+@pytest.mark.parametrize(("header", "wait"), [
+    (None, None), ("7", 7.0), (" 12 ", 12.0), ("0", 0.0),
+    ("86400", MAX_RETRY_AFTER_S), ("9" * 40, MAX_RETRY_AFTER_S),  # a day, a typo: capped
+    ("Thu, 01 Jan 2026 00:00:20 GMT", 20.0), ("Thu, 01 Jan 2026 00:00:20 -0000", 20.0),
+    ("Wed, 31 Dec 2025 23:59:00 GMT", 0.0),  # past: now
+    ("Fri, 01 Jan 2027 00:00:00 GMT", MAX_RETRY_AFTER_S),
+    ("-5", None), ("1.5", None), ("", None), ("soon", None), ("Thu, 99 Foo 2026", None),
+    ("Mon, 01 Jan 99999 00:00:00 GMT", None),
+])
+def test_retry_after_reads_seconds_or_a_date_within_bounds(header: str | None,
+                                                           wait: float | None) -> None:
+    assert retry_after_s(header, now=NOW) == wait
+
+
+async def test_a_create_at_capacity_passes_on_its_retry_after() -> None:
+    answer = httpx.Response(429, headers={"Retry-After": "42"}, json={"error": "full"})
+    result = await client(lambda r: answer, attempts=1).create()
+    assert result.at_capacity and result.retry_after_s == 42.0
+    result = await client(lambda r: httpx.Response(429), attempts=1).create()
+    assert result.at_capacity and result.retry_after_s is None
 
 
 async def test_a_create_says_whether_the_api_is_down_or_answered_no() -> None:

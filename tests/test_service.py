@@ -378,6 +378,39 @@ async def test_creates_are_held_a_while_after_the_node_api_says_it_is_full(
     assert calls == 4  # the hold is over: the shortfall asked for again
 
 
+@pytest.mark.parametrize(("retry_after", "held_s"), [(30.0, 30), (0.0, 1)])
+async def test_a_429s_retry_after_sets_how_long_creates_are_held(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture, retry_after: float, held_s: int,
+) -> None:
+    """The API says when to come back: 30 s is waited for (the fixed 10 s asked again 20 s
+    early), and 0 holds one tick, not none (a create every tick again)."""
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
+    calls = 0
+
+    async def create() -> CreateResult:
+        nonlocal calls
+        calls += 1
+        return CreateResult(CreateOutcome.FAILED, detail="HTTP 429: 'full'", at_capacity=True,
+                            retry_after_s=retry_after)
+
+    api.create = create  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING):
+        await replica.tick()
+        await replica.settle()
+    assert calls == 1
+    assert f"creates held for {held_s}s, as its Retry-After asks" in caplog.text
+    for _ in range(held_s - 1):
+        clock.advance(1000)
+        await replica.tick()
+        await replica.settle()
+    assert calls == 1
+    clock.advance(1000)
+    await replica.tick()
+    await replica.settle()
+    assert calls == 2
+
+
 async def test_creates_are_held_while_the_node_api_is_down_and_probed_one_at_a_time(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,

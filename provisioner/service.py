@@ -524,6 +524,15 @@ class Replica:
             await work
         except asyncio.CancelledError:
             raise
+        except RedisError as exc:
+            # The server dropped between the Node API's answer and the script that records it
+            # (a traceback before, for an outage the deadlines already cover).
+            self.metrics.errors.labels("action").inc()
+            self._trouble.warning(
+                "action", "a node action's outcome could not be recorded (%s): a create's "
+                "reservation lapses at its deadline and its node is adopted on node:status or "
+                "by reconciliation; a termination is sent again once its deadline passes",
+                str(exc) or type(exc).__name__)
         except Exception:
             self.metrics.errors.labels("action").inc()
             log.exception("node action failed")

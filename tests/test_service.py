@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 
 from provisioner.clock import ManualClock
@@ -376,6 +377,31 @@ async def test_creates_are_held_a_while_after_the_node_api_says_it_is_full(
     await replica.tick()
     await replica.settle()
     assert calls == 4  # the hold is over: the shortfall asked for again
+
+
+async def test_a_create_whose_record_the_server_drops_is_a_warning_and_adopted_later(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The Node API made the node, and the server dropped before register_node: a traceback
+    before (a chaos review's drill). Now a warning that says what recovers it; the node is
+    adopted on its node:status."""
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
+
+    async def dropped(*_: Any) -> Any:
+        raise RedisConnectionError("Connection closed by server.")
+
+    replica.scripts.register_node = dropped  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING):
+        await replica.tick()
+        await replica.settle()
+    assert api.created == ["node-1"]
+    assert counter(replica, "provisioner_errors_total", where="action") == 1
+    [said] = [r for r in caplog.records if "could not be recorded" in r.getMessage()]
+    assert not said.exc_info and "Connection closed by server." in said.getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+    await replica.handle_many([wire("node:status", {"node_id": "node-1", "status": "booting"})])
+    assert (await aredis.hget(replica.keys.node("node-1"), "state")) == "booting"
 
 
 @pytest.mark.parametrize(("retry_after", "held_s"), [(30.0, 30), (0.0, 1)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Protocol
 
@@ -36,3 +38,11 @@ class ManualClock:
     def advance(self, ms: int) -> int:
         self._now += ms
         return self._now
+
+
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds`, less if `stop` is set meanwhile; whether it is set (the loops' pause
+    between tries, ticks and sends, which a shutdown must not wait out)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()

@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner import events
-from provisioner.clock import Clock, WallClock
+from provisioner.clock import Clock, WallClock, sleep_unless
 from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.events import Rejected
 from provisioner.keys import PoolKeys
@@ -243,8 +243,7 @@ class Replica:
             self._trouble.warning("redis-event-retry", "could not apply %d events (%s): trying "
                                   "again for up to %.0fs", len(evs),
                                   str(problem) or type(problem).__name__, EVENT_RETRY_S)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), wait_s)
+            await sleep_unless(self.stopping, wait_s)
             wait_s = min(wait_s * 2, 2.0)
             calls = self._calls(evs, self.clock.now_ms())
 
@@ -665,8 +664,7 @@ class Replica:
                 self.metrics.errors.labels("subscribe").inc()
                 self._trouble.warning("subscribe", "subscription lost (%s); retrying in %.1fs",
                                       exc, backoff)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), backoff)
+                await sleep_unless(self.stopping, backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
                 self.subscribed.clear()
@@ -832,8 +830,7 @@ class Replica:
             else:
                 self._written()
             delay = max(0.0, seconds - (loop.time() - started))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), delay)
+            await sleep_unless(self.stopping, delay)
 
     async def _reconcile_if_due(self) -> None:
         interval_ms = int(self.service.reconcile_interval_s * 1000)

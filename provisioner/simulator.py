@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError
 
+from provisioner.clock import sleep_unless
 from provisioner.config import redis_url_option
 
 log = logging.getLogger("provisioner.simulator")
@@ -185,9 +186,7 @@ async def _publish_held(redis: aioredis.Redis, channel: str, data: str, stop: as
                 last_said = now
                 log.warning("still cannot publish, for %.0fs (%s)", now - failed_at,
                             str(exc) or type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait_s)
-            if stop.is_set():
+            if await sleep_unless(stop, wait_s):
                 return False
             wait_s = min(wait_s * 2, RETRY_MAX_S)
             continue
@@ -208,8 +207,7 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
     for t, channel, payload in events:
         delay = started + t / speed - time.monotonic()
         if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            await sleep_unless(stop, delay)
         if stop.is_set():
             break
         if channel == "user:activity":

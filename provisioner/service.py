@@ -872,6 +872,14 @@ class Replica:
                 self._every(self.service.reconcile_interval_s, self._reconcile_if_due,
                             "reconcile"), name="reconcile"))
         log.info("replica %s running pool %r", self.replica_id, self.service.pool)
+        for interval, setting, off in (
+                (self.service.heartbeat_interval_s, "--heartbeat-interval", "heartbeats: this "
+                 "replica is not listed in `provisioner status`, its event lag is not measured, "
+                 "and a loss of the pool's state is not detected"),
+                (self.service.reconcile_interval_s, "--reconcile-interval", "reconciliation: a "
+                 "node:status lost on the way is not found, nor a node the pool does not know")):
+            if interval <= 0:
+                log.warning("%s 0 turns off %s", setting, off)
         await self.stopping.wait()
         log.info("replica %s stopping: %d node actions in flight", self.replica_id,
                  len(self._actions))

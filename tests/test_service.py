@@ -682,6 +682,28 @@ async def test_run_stops_within_the_grace_period(replica: Replica) -> None:
     assert loop.time() - started < 3
 
 
+async def test_a_replica_started_with_heartbeats_or_reconciliation_off_says_what_is_lost(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for heartbeat, reconcile, said in ((0.0, 30.0, ["--heartbeat-interval 0"]),
+                                       (2.0, 0.0, ["--reconcile-interval 0"]),
+                                       (2.0, 30.0, [])):
+        service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                                heartbeat_interval_s=heartbeat, reconcile_interval_s=reconcile)
+        replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            task = asyncio.create_task(replica.run())
+            await asyncio.wait_for(replica.subscribed.wait(), 5)
+            replica.stopping.set()
+            await asyncio.wait_for(task, 5)
+        turned_off = [r.getMessage() for r in caplog.records if "turns off" in r.getMessage()]
+        assert [m.split(" turns off")[0] for m in turned_off] == said, turned_off
+        if heartbeat == 0:
+            assert "a loss of the pool's state is not detected" in turned_off[0]
+
+
 async def test_a_replica_stopped_cleanly_leaves_the_replica_list(
     replica: Replica, clock: ManualClock,
 ) -> None:

@@ -28,7 +28,8 @@ local now = tonumber(ARGV[1])
 local replace = ARGV[2] == '1'
 
 -- The most a pool can have learned: a mean boot time up to the longest boot timeout (a boot
--- that runs longer is ended, and teaches nothing), a decayed sum (user-seconds, counts) far
+-- that runs longer is ended, reap_idle's learned timeout being capped there too, and teaches
+-- nothing), a decayed sum (user-seconds, counts) far
 -- past any real pool's. A value beyond is a file made by hand or damaged, and would set the
 -- target to nonsense (a boot of 1e308 ms made an idle pool create max_batch nodes a tick).
 local MOST_LEARNED = {boot_ms = 86400000, default = 1e12}

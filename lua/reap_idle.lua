@@ -43,9 +43,12 @@ local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max
 -- again. 4 means: 0.4% of the recorded traces' boots run longer, and a boot that slow still
 -- has less left to run (0.8 of a mean, for a lognormal of their spread) than a new one would
 -- take. The recorded one-minute boots keep the timeout (600 s is 8.6 of their means).
+-- Never past a day, the longest boot timeout one may set (a model imported with a mean boot of
+-- a day would otherwise keep a boot that never ends for four).
 local STUCK_BOOT_MEANS = 4
-local stuck_after = math.max(p.boot_timeout_ms,
-                             STUCK_BOOT_MEANS * (learned(rcall('HGET', K.model, 'boot_ms')) or 0))
+local LONGEST_BOOT_MS = 86400000
+local stuck_after = math.max(p.boot_timeout_ms, math.min(LONGEST_BOOT_MS,
+    STUCK_BOOT_MEANS * (learned(rcall('HGET', K.model, 'boot_ms')) or 0)))
 local stuck = rcall('ZRANGEBYSCORE', K.booting, '-inf', now - stuck_after,
                     'LIMIT', 0, p.max_batch)
 for _, node in ipairs(stuck) do

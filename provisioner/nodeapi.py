@@ -100,8 +100,9 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():  # delay-seconds: digits only, no sign, no fraction
-        return min(float(int(text[:12])), MAX_RETRY_AFTER_S)
+    if text.isascii() and text.isdigit():  # delay-seconds: 0-9 only, no sign, no fraction
+        digits = text.lstrip("0") or "0"
+        return MAX_RETRY_AFTER_S if len(digits) > 6 else min(float(digits), MAX_RETRY_AFTER_S)
     try:
         when = email.utils.parsedate_to_datetime(text)
         if when.tzinfo is None:  # an HTTP-date is GMT; -0000 reads as naive

@@ -230,7 +230,8 @@ class Replica:
             else:
                 first = next((i for i, r in enumerate(results) if _refused_for_now(r)), None)
                 if first is None:
-                    self._written()
+                    if calls:
+                        self._written()
                     return done + results
                 problem = results[first]
                 self._note_refused(problem)
@@ -366,8 +367,11 @@ class Replica:
         # Held now: none until the pause ends (then one at a time, which is not held).
         self.metrics.creates_held.set(1 if allowed == 0 else 0)
         args = self.pool.policy_args(now, self.replica_id, allowed, self._epoch)
-        decision = (Decision(won=False, epoch_changed=True) if self._taking_back
-                    else await self.scripts.scale_decide(args))
+        if self._taking_back:
+            decision = Decision(won=False, epoch_changed=True)
+        else:
+            decision = await self.scripts.scale_decide(args)
+            self._written()
         if decision.epoch_changed:
             self._trouble.warning(
                 "epoch", "no scaling decision: the pool's state in Redis is not the one this "
@@ -416,9 +420,10 @@ class Replica:
         else:
             self._api_answered("a create")
         if result.at_capacity:
-            # As long as its Retry-After says, a tick at least; CAPACITY_HOLD_MS without one.
+            # As long as its Retry-After says, past the next tick at least (a hold of one
+            # interval ends on it); CAPACITY_HOLD_MS without one.
             hold_ms = (CAPACITY_HOLD_MS if result.retry_after_s is None
-                       else max(self.pool.interval_ms, int(result.retry_after_s * 1000)))
+                       else max(2 * self.pool.interval_ms, int(result.retry_after_s * 1000)))
             self._capacity_held_until_ms = now_ms + hold_ms
             self._trouble.warning(
                 "api-full", "the Node API is at its capacity (%s): creates held for %.0fs%s "
@@ -524,9 +529,16 @@ class Replica:
         except asyncio.CancelledError:
             raise
         except RedisError as exc:
-            # The server dropped between the Node API's answer and the script that records it
-            # (a traceback before, for an outage the deadlines already cover).
+            # The server dropped, or refused for now, between the Node API's answer and the
+            # script that records it (a traceback before, for an outage the deadlines already
+            # cover). A script's own error is a bug, and keeps its traceback.
             self.metrics.errors.labels("action").inc()
+            if not (isinstance(exc, RedisConnectionError | RedisTimeoutError)
+                    or _refused_for_now(exc)):
+                log.exception("node action failed")
+                return
+            if _refused_for_now(exc):
+                self._note_refused(exc)
             self._trouble.warning(
                 "action", "a node action's outcome could not be recorded (%s): a create's "
                 "reservation lapses at its deadline and its node is adopted on node:status or "
@@ -713,6 +725,7 @@ class Replica:
         sent = self.clock.now_ms()
         _, _, epoch, server_ms = await self.scripts.heartbeat(sent, self.replica_id, info,
                                                               FORGET_REPLICA_MS)
+        self._written()
         self._clock_offset_s = ((sent + self.clock.now_ms()) / 2 - server_ms) / 1000
         self.metrics.clock_offset.set(self._clock_offset_s)
         if abs(self._clock_offset_s) > CLOCK_OFFSET_WARN_S:
@@ -827,8 +840,6 @@ class Replica:
             except Exception:
                 self.metrics.errors.labels(where).inc()
                 log.exception("%s failed", where)
-            else:
-                self._written()
             delay = max(0.0, seconds - (loop.time() - started))
             await sleep_unless(self.stopping, delay)
 

@@ -196,7 +196,9 @@ NOW = 1_767_225_600.0  # Thu, 01 Jan 2026 00:00:00 GMT
     ("Thu, 01 Jan 2026 00:00:20 GMT", 20.0), ("Thu, 01 Jan 2026 00:00:20 -0000", 20.0),
     ("Wed, 31 Dec 2025 23:59:00 GMT", 0.0),  # past: now
     ("Fri, 01 Jan 2027 00:00:00 GMT", MAX_RETRY_AFTER_S),
+    ("0000000000007", 7.0), ("000000000000030", 30.0),  # zero-padded: not cut to 0
     ("-5", None), ("1.5", None), ("", None), ("soon", None), ("Thu, 99 Foo 2026", None),
+    ("²", None), ("٣", None),  # digits to str.isdigit, not to int() or RFC 9110: no crash
     ("Mon, 01 Jan 99999 00:00:00 GMT", None),
 ])
 def test_retry_after_reads_seconds_or_a_date_within_bounds(header: str | None,

@@ -829,6 +829,12 @@ async def test_a_boot_is_stuck_only_past_four_learned_mean_boots(pool: PoolUnder
     pool.clock.advance(600_001)
     reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
     assert ("fast", "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
+    # Never past a day, however long the mean boot a model says (an import takes up to a day).
+    await pool.redis.hset(pool.keys.key("model"), "boot_ms", 86_400_000)
+    await pool.scripts.apply_node_status(pool.now, "lost", "booting")
+    pool.clock.advance(86_400_001)
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert ("lost", "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
 
 
 async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> None:

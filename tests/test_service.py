@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig, ServiceConfig
@@ -403,14 +403,29 @@ async def test_a_create_whose_record_the_server_drops_is_a_warning_and_adopted_l
     await replica.handle_many([wire("node:status", {"node_id": "node-1", "status": "booting"})])
     assert (await aredis.hget(replica.keys.node("node-1"), "state")) == "booting"
 
+    # A script's own error is a bug, not an outage: it keeps its traceback.
+    async def broken(*_: Any) -> Any:
+        raise ResponseError("user_script:40: Script attempted to access nonexistent global")
 
-@pytest.mark.parametrize(("retry_after", "held_s"), [(30.0, 30), (0.0, 1)])
+    wider = make_replica(aredis, api, clock, "r2", dataclasses.replace(FLOOR_ONLY, min_ready=2))
+    wider.scripts.register_node = broken  # type: ignore[method-assign]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        clock.advance(1000)
+        await wider.tick()
+        await wider.settle()
+    assert api.created == ["node-1", "node-2"]
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == ["node action failed"]
+
+
+@pytest.mark.parametrize(("retry_after", "held_s"), [(30.0, 30), (0.0, 2)])
 async def test_a_429s_retry_after_sets_how_long_creates_are_held(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture, retry_after: float, held_s: int,
 ) -> None:
     """The API says when to come back: 30 s is waited for (the fixed 10 s asked again 20 s
-    early), and 0 holds one tick, not none (a create every tick again)."""
+    early), and 0 holds past the next tick, not to it (a create every tick again: a review
+    found a hold of one interval ending on the very next tick)."""
     replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
     calls = 0
 
@@ -1092,6 +1107,13 @@ async def test_readyz_fails_while_the_server_refuses_the_replicas_writes(
         [problem] = body["problems"]
         assert problem.startswith("redis refuses writes for now: command not allowed when "
                                   "used memory > 'maxmemory'"), problem
+        # What writes nothing does not say writes go through (a review: a batch of malformed
+        # messages, a tick while the pool is taken back after a loss, made it ready again).
+        await replica.handle_many([wire("user:connect", "not json")])
+        replica._taking_back = True
+        await replica.tick()
+        replica._taking_back = False
+        assert (await _readyz(replica))[0] == 503
     finally:
         await aredis.config_set("maxmemory", 0)
     assert isinstance((await applying)[0], AllocateResult)

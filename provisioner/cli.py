@@ -79,7 +79,7 @@ def run(
         "be reaped (only beyond the target)")] = DEFAULTS.idle_timeout_s,
     boot_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_BOOT_TIMEOUT", help="Seconds after which a boot is stuck and the "
-        "node terminated (or 4 learned mean boots, where that is longer)"),
+        "node terminated (or 3 learned mean boots, where that is longer)"),
     ] = DEFAULTS.boot_timeout_s,
     tick_interval: Annotated[float, typer.Option(
         envvar="PROVISIONER_TICK_INTERVAL", help="Seconds between scaling decisions (one per "

@@ -807,22 +807,22 @@ async def test_stuck_boots_are_terminated_and_deletes_retried(pool: PoolUnderTes
     assert await pool.scripts.confirm_terminate(pool.now, "slow", "gone", 0) is False
 
 
-async def test_a_boot_is_stuck_only_past_four_learned_mean_boots(pool: PoolUnderTest) -> None:
+async def test_a_boot_is_stuck_only_past_three_learned_mean_boots(pool: PoolUnderTest) -> None:
     """Where boots are learned to take 5 minutes, one of 11 is slow, not lost: the timeout is
-    the larger of --boot-timeout and 4 learned mean boots."""
+    the larger of --boot-timeout and 3 learned mean boots."""
     config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
     await pool.scripts.apply_node_status(pool.now, "n2", "booting")  # a boot-time sample
     pool.clock.advance(300_000)
     await pool.scripts.apply_node_status(pool.now, "n2", "ready")  # learned: 300 s
     await pool.scripts.allocate(pool.now, "u")  # not idle: no boot is given up in its place
     await pool.scripts.apply_node_status(pool.now, "slow", "booting")
-    pool.clock.advance(1_199_999)  # the old rule ended it at 600 s
+    pool.clock.advance(899_999)  # the old rule ended it at 600 s
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
     pool.clock.advance(1)
     [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
     assert (term.node_id, term.reason) == ("slow", "boot_timeout")
     [decision] = await pool.redis.xrevrange(pool.keys.key("decisions"), count=1)
-    assert "stuck 1 past 1200s" in decision[1]["reason"]
+    assert "stuck 1 past 900s" in decision[1]["reason"]
     # Short learned boots leave the configured timeout as it is.
     await pool.redis.hset(pool.keys.key("model"), "boot_ms", 60_000)
     await pool.scripts.apply_node_status(pool.now, "fast", "booting")

@@ -110,6 +110,12 @@ class Metrics:
             "unanswered or answered 5xx); after the pause it makes one at a time until the API "
             "answers a create, a delete or a list",
             registry=r)
+        self.other_pools = Gauge(
+            "provisioner_other_pools",
+            "Other pools whose replicas listen on this replica's Redis server (its lag probe "
+            "channels, at the last heartbeat): the events' channels carry no pool and are "
+            "shared by every database of a server, so each pool applies the other's events. "
+            "Should be 0: one server per pool", registry=r)
         self.clock_offset = Gauge(
             "provisioner_clock_offset_seconds",
             "This replica's clock less the Redis server's, at its last heartbeat (the server's "

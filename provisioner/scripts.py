@@ -251,6 +251,7 @@ class ReplicaSeen:
     unsubscribed_s: float | None = None  # seconds its listener was not subscribed, in all
     clock_offset_s: float | None = None  # its clock less the server's, at its last heartbeat
     up_s: float | None = None  # since it started, by its own clock
+    other_pools: tuple[str, ...] = ()  # other pools it found listening on its server
 
     @classmethod
     def of(cls, replica_id: str, age_ms: int, details: Any,
@@ -269,10 +270,12 @@ class ReplicaSeen:
 
         started = number("started_ms")
         up_s = None if started is None or now_ms is None else max(0.0, now_ms - started) / 1000
+        others = said.get("other_pools")
         return cls(replica_id, max(0, age_ms) / 1000, number("lag_s"),
                    said.get("subscribed") is True, number("interval_s"),
                    number("unsubscribed_s"), number("clock_offset_s"),
-                   None if up_s is None or not math.isfinite(up_s) else up_s)
+                   None if up_s is None or not math.isfinite(up_s) else up_s,
+                   tuple(str(o)[:200] for o in others[:10]) if isinstance(others, list) else ())
 
     @property
     def silent(self) -> bool:
@@ -287,7 +290,8 @@ class ReplicaSeen:
                 else round(self.unsubscribed_s, 1),
                 "clock_offset_s": None if self.clock_offset_s is None
                 else round(self.clock_offset_s, 3),
-                "up_s": None if self.up_s is None else round(self.up_s, 1)}
+                "up_s": None if self.up_s is None else round(self.up_s, 1),
+                "other_pools": list(self.other_pools)}
 
     def describe(self) -> str:
         if self.silent:
@@ -301,6 +305,8 @@ class ReplicaSeen:
                           f"{'ahead of' if self.clock_offset_s > 0 else 'behind'} the server's")
         if self.up_s is not None:  # beside when the pool's state began, after a loss
             listening += f", up {duration_text(self.up_s)}"
+        if self.other_pools:
+            listening += f", another pool on its server: {', '.join(self.other_pools)}"
         return f"{self.replica_id} (lag {lag}{listening})"
 
 

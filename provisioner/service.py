@@ -108,6 +108,33 @@ def _refused_for_now(reply: object) -> bool:
 #: A replica not heard from for this long is dropped from the pool's list of replicas.
 FORGET_REPLICA_MS = 600_000
 
+#: Every replica's lag probe channel begins so: ``provisioner:lag:POOL:DB:REPLICA``. A
+#: server's channels are shared by all its databases, so the probe channels it lists
+#: (PUBSUB CHANNELS) name every pool whose replicas listen on it, whatever their database.
+PROBE_PREFIX = "provisioner:lag:"
+
+
+def pool_of_probe(channel: str) -> tuple[str, int | None] | None:
+    """The pool and database number a probe channel names; None for another channel. A
+    replica from before the database was named (``provisioner:lag:POOL:REPLICA``) gives
+    None for its database."""
+    if not channel.startswith(PROBE_PREFIX):
+        return None
+    parts = channel.removeprefix(PROBE_PREFIX).split(":")
+    if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    if len(parts) == 2:
+        return parts[0], None
+    return None
+
+
+def _database(redis: aioredis.Redis) -> int:
+    pool = getattr(redis, "connection_pool", None)
+    try:
+        return int(getattr(pool, "connection_kwargs", {}).get("db") or 0)
+    except (TypeError, ValueError):
+        return 0
+
 
 class Replica:
     """Handles events and ticks for one pool. Several replicas may run against one Redis."""
@@ -133,10 +160,14 @@ class Replica:
         self._trouble = RateLimitedLog(log, every=5.0)
         #: the listener's lag probe (`probe_lag`): this replica's own channel, the monotonic
         #: times of the probes published on it and not yet seen back, and the last one's lag
-        self.probe_channel = f"provisioner:lag:{service.pool}:{service.replica_id}"
+        self.database = _database(redis)
+        self.probe_channel = f"{PROBE_PREFIX}{service.pool}:{self.database}:{service.replica_id}"
         self._probe_names: set[str | bytes] = {self.probe_channel, self.probe_channel.encode()}
         self._probes_out: deque[float] = deque()
         self._last_lag_s = 0.0
+        #: the other pools whose replicas listen on this server, as the last heartbeat found
+        #: them (`look_for_other_pools`): each applies this pool's events, and it theirs
+        self.other_pools: list[str] = []
         self._started_ms = self.clock.now_ms()
         #: the pool's epoch at this replica's last heartbeat, for the alarm when the state is
         #: lost, and passed by its ticks: scale_decide decides nothing under an epoch the pool
@@ -715,13 +746,17 @@ class Replica:
         that lag, so `provisioner status` lists the replicas. Forgets replicas silent for
         FORGET_REPLICA_MS."""
         await self.probe_lag()
-        info = {"lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
-                "started_ms": self._started_ms,
-                "interval_s": self.service.heartbeat_interval_s,
-                "unsubscribed_s": round(self.metrics.registry.get_sample_value(
-                    "provisioner_unsubscribed_seconds_total") or 0.0, 3)}
+        await self.look_for_other_pools()
+        info: dict[str, Any] = {
+            "lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
+            "started_ms": self._started_ms,
+            "interval_s": self.service.heartbeat_interval_s,
+            "unsubscribed_s": round(self.metrics.registry.get_sample_value(
+                "provisioner_unsubscribed_seconds_total") or 0.0, 3)}
         if self._clock_offset_s is not None:  # the last heartbeat's
             info["clock_offset_s"] = round(self._clock_offset_s, 3)
+        if self.other_pools:
+            info["other_pools"] = self.other_pools
         sent = self.clock.now_ms()
         _, _, epoch, server_ms = await self.scripts.heartbeat(sent, self.replica_id, info,
                                                               FORGET_REPLICA_MS)
@@ -768,6 +803,35 @@ class Replica:
             else:
                 log.warning("reconciliation after the loss: %s", counts)
             self._taking_back = False
+
+    async def look_for_other_pools(self) -> None:
+        """Find the other pools listening on this server: the probe channels subscribed on it
+        that name another pool, or this pool on another database. The wire contract's channels
+        carry no pool and a server's channels are shared by its databases, so each pool applies
+        every connect and `node:status` of the other (a review's drill: each took in the
+        other's nodes, and both handed one node to a connect). Logged when the set changes,
+        counted in `provisioner_other_pools`, and /readyz fails while there is one."""
+        channels = await self.redis.pubsub_channels(f"{PROBE_PREFIX}*")
+        found = set()
+        for channel in channels:
+            named = pool_of_probe(as_text(channel))
+            if named is None:
+                continue
+            pool, database = named
+            if pool != self.service.pool or database not in (None, self.database):
+                found.add(f"{pool!r} on database {database}" if database is not None
+                          else repr(pool))
+        others = sorted(found)
+        if others and others != self.other_pools:
+            log.error("another pool listens on this Redis server: %s. The events' channels "
+                      "carry no pool and are shared by every database of a server, so each "
+                      "pool applies the other's connects and node statuses: run each pool "
+                      "against its own server (README, \"Using it\")", ", ".join(others))
+        elif self.other_pools and not others:
+            log.warning("no other pool listens on this Redis server now (there was %s)",
+                        ", ".join(self.other_pools))
+        self.other_pools = others
+        self.metrics.other_pools.set(len(others))
 
     async def probe_lag(self) -> None:
         """Publish a probe (this process's monotonic time) on the replica's own channel. The
@@ -950,8 +1014,8 @@ class Replica:
 
 def http_app(replica: Replica) -> web.Application:
     """/metrics, /healthz (the process answers) and /readyz (subscribed, Redis answers and
-    takes this replica's writes, and the listener no further behind the event stream than
-    --max-event-lag)."""
+    takes this replica's writes, no other pool listens on its server, and the listener no
+    further behind the event stream than --max-event-lag)."""
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(replica.metrics.registry)
@@ -971,6 +1035,9 @@ def http_app(replica: Replica) -> web.Application:
         refused = replica.writes_refused()
         if refused:
             problems.append(f"redis refuses writes for now: {refused}")
+        if replica.other_pools:
+            problems.append("another pool listens on this server, and each applies the other's "
+                            f"events: {', '.join(replica.other_pools)}")
         try:
             await asyncio.wait_for(replica.redis.ping(), 1.0)
         except TimeoutError:

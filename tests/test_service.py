@@ -1300,6 +1300,85 @@ async def test_a_replica_s_heartbeat_lists_it_in_the_pool_status(
     assert "replicas 0: none heard from; r1 silent for 60s" in console.export_text()
 
 
+async def test_a_replica_finds_another_pool_listening_on_its_server(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Pub/sub is shared by every database of a server, and the wire contract's channels carry
+    no pool: two pools on one server each apply the other's events (a review's drill: both
+    handed one node to a connect). A replica finds them through the lag probe channels the
+    server lists, says so once, and is unready while they listen."""
+    from rich.console import Console
+
+    from provisioner.view import read_view, render_view
+
+    settings = aredis.connection_pool.connection_kwargs
+    elsewhere = aioredis.Redis(host=settings["host"], port=settings["port"], db=1,
+                               decode_responses=True)
+    here = make_replica(aredis, api, clock, "r1")
+    mate = make_replica(aredis, api, clock, "r2")  # this pool, this database: no conflict
+    same_name = make_replica(elsewhere, api, clock, "r1")  # this pool's name, database 1
+    other = Replica(aredis, ServiceConfig("redis://x", "http://api", pool="other",
+                                          replica_id="o1"), FLOOR_ONLY, api, clock=clock,
+                    metrics=Metrics())
+    assert here.probe_channel == "provisioner:lag:svc:0:r1"
+    assert same_name.probe_channel == "provisioner:lag:svc:1:r1"
+    listening = {r: asyncio.create_task(r.listen()) for r in (here, mate)}
+    try:
+        await asyncio.wait_for(here.subscribed.wait(), 5)
+        await asyncio.wait_for(mate.subscribed.wait(), 5)
+        await here.heartbeat()
+        assert here.other_pools == [] and (await _readyz(here))[0] == 200
+
+        caplog.set_level(logging.WARNING, logger="provisioner.service")
+        for replica in (same_name, other):
+            listening[replica] = asyncio.create_task(replica.listen())
+            await asyncio.wait_for(replica.subscribed.wait(), 5)
+        clock.advance(1_000)  # a heartbeat records what it says when its time moved on
+        await here.heartbeat()
+        assert here.other_pools == ["'other' on database 0", "'svc' on database 1"]
+        assert counter(here, "provisioner_other_pools") == 2
+        status, body = await _readyz(here)
+        assert status == 503 and body["problems"] == [
+            "another pool listens on this server, and each applies the other's events: "
+            "'other' on database 0, 'svc' on database 1"], body
+        await other.heartbeat()
+        assert other.other_pools == ["'svc' on database 0", "'svc' on database 1"]
+        await here.heartbeat()  # said once, not at every heartbeat
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
+            "another pool listens on this Redis server: 'other' on database 0, 'svc' on "
+            "database 1.")]
+        assert len(said) == 1 and "run each pool against its own server" in said[0], said
+        view = await read_view(aredis, POOL, clock.now_ms(), FLOOR_ONLY.window_ms)
+        console = Console(record=True, width=300)
+        console.print(render_view(view))
+        assert (", another pool on its server: 'other' on database 0, 'svc' on database 1)"
+                in console.export_text())
+        assert not [p for p in (await _readyz(mate))[1].get("problems", [])
+                    if "another pool" in p]  # its heartbeat has not looked yet
+
+        # A replica from before the database was in the channel: its pool's name is enough.
+        old_style = aredis.pubsub()
+        await old_style.subscribe("provisioner:lag:svc:r9", "provisioner:lag:older:r9",
+                                  "provisioner:lag:svc:x:y:z")
+        for replica in (same_name, other):
+            replica.stopping.set()
+            await listening.pop(replica)
+        await here.heartbeat()
+        assert here.other_pools == ["'older'"]
+        await old_style.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+        await here.heartbeat()
+        assert here.other_pools == [] and counter(here, "provisioner_other_pools") == 0
+        assert (await _readyz(here))[0] == 200
+        assert any("no other pool listens on this Redis server now (there was 'older')"
+                   in r.getMessage() for r in caplog.records)
+    finally:
+        for replica, task in listening.items():
+            replica.stopping.set()
+            await task
+        await elsewhere.aclose()
+
+
 async def test_a_probe_seen_before_its_publish_returns_is_not_left_out(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

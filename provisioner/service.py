@@ -811,7 +811,12 @@ class Replica:
         every connect and `node:status` of the other (a review's drill: each took in the
         other's nodes, and both handed one node to a connect). Logged when the set changes,
         counted in `provisioner_other_pools`, and /readyz fails while there is one."""
-        channels = await self.redis.pubsub_channels(f"{PROBE_PREFIX}*")
+        try:
+            channels = await self.redis.pubsub_channels(f"{PROBE_PREFIX}*")
+        except ResponseError as exc:  # an ACL or a proxy without PUBSUB: the heartbeat goes on
+            self._trouble.warning("other-pools", "could not list the server's channels (%s): "
+                                  "another pool listening on this server would go unseen", exc)
+            return
         found = set()
         for channel in channels:
             named = pool_of_probe(as_text(channel))

@@ -1372,6 +1372,19 @@ async def test_a_replica_finds_another_pool_listening_on_its_server(
         assert (await _readyz(here))[0] == 200
         assert any("no other pool listens on this Redis server now (there was 'older')"
                    in r.getMessage() for r in caplog.records)
+        # A server that refuses PUBSUB (an ACL, a proxy) costs the check, not the heartbeat.
+        async def refused(*_: Any) -> Any:
+            raise ResponseError("NOPERM this user has no permissions to run the 'pubsub' "
+                                "command")
+
+        here.redis.pubsub_channels = refused  # type: ignore[method-assign]
+        clock.advance(1_000)
+        await here.heartbeat()
+        assert any("could not list the server's channels (NOPERM" in r.getMessage()
+                   for r in caplog.records)
+        [listed] = [r for r in (await here.scripts.replicas(clock.now_ms()))
+                    if r.replica_id == "r1"]
+        assert listed.age_s == 0
     finally:
         for replica, task in listening.items():
             replica.stopping.set()

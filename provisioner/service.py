@@ -121,7 +121,9 @@ def pool_of_probe(channel: str) -> tuple[str, int | None] | None:
     if not channel.startswith(PROBE_PREFIX):
         return None
     parts = channel.removeprefix(PROBE_PREFIX).split(":")
-    if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit():
+    # A database number has a few digits (a channel of 5,000 made int() raise, under the
+    # heartbeat: a review of 2026-12-04).
+    if len(parts) == 3 and 0 < len(parts[1]) <= 9 and parts[1].isascii() and parts[1].isdigit():
         return parts[0], int(parts[1])
     if len(parts) == 2:
         return parts[0], None
@@ -158,6 +160,8 @@ class Replica:
         self._actions: set[asyncio.Task[None]] = set()
         self._bad_input = RateLimitedLog(log)
         self._trouble = RateLimitedLog(log, every=5.0)
+        #: for what a setting of the server causes, which stays until someone changes it
+        self._lasting = RateLimitedLog(log, every=3600.0)
         #: the listener's lag probe (`probe_lag`): this replica's own channel, the monotonic
         #: times of the probes published on it and not yet seen back, and the last one's lag
         self.database = _database(redis)
@@ -746,7 +750,14 @@ class Replica:
         that lag, so `provisioner status` lists the replicas. Forgets replicas silent for
         FORGET_REPLICA_MS."""
         await self.probe_lag()
-        await self.look_for_other_pools()
+        try:
+            await self.look_for_other_pools()
+        except (RedisError, OSError):
+            raise  # the server is gone: the heartbeat's own call would fail the same way
+        except Exception:  # a bug in the look costs the look, never the heartbeat
+            self.metrics.errors.labels("other_pools").inc()
+            self._trouble.exception("other-pools", "could not look for other pools on this "
+                                    "server; the heartbeat goes on")
         info: dict[str, Any] = {
             "lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
             "started_ms": self._started_ms,
@@ -814,19 +825,27 @@ class Replica:
         try:
             channels = await self.redis.pubsub_channels(f"{PROBE_PREFIX}*")
         except ResponseError as exc:  # an ACL or a proxy without PUBSUB: the heartbeat goes on
-            self._trouble.warning("other-pools", "could not list the server's channels (%s): "
-                                  "another pool listening on this server would go unseen", exc)
+            # A setting, there until changed: said once an hour, not at every heartbeat.
+            self._lasting.warning("other-pools", "could not list the server's channels (%s): "
+                                  "another pool listening on this server would go unseen "
+                                  "(the last look found %s)", exc,
+                                  ", ".join(self.other_pools) or "none")
             return
-        found = set()
+        found: dict[str, set[int]] = {}
         for channel in channels:
             named = pool_of_probe(as_text(channel))
             if named is None:
                 continue
             pool, database = named
             if pool != self.service.pool or database not in (None, self.database):
-                found.add(f"{pool!r} on database {database}" if database is not None
-                          else repr(pool))
-        others = sorted(found)
+                found.setdefault(pool, set())
+                if database is not None:
+                    found[pool].add(database)
+        # A pool whose replicas are part upgraded lists some channels with their database and
+        # some without: one pool, named by the databases that are known.
+        others = sorted([f"{pool!r} on database {database}" for pool, databases in found.items()
+                         for database in databases]
+                        + [repr(pool) for pool, databases in found.items() if not databases])
         if others and others != self.other_pools:
             log.error("another pool listens on this Redis server: %s. The events' channels "
                       "carry no pool and are shared by every database of a server, so each "

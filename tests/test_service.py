@@ -1392,6 +1392,45 @@ async def test_a_replica_finds_another_pool_listening_on_its_server(
         await elsewhere.aclose()
 
 
+async def test_what_the_look_for_other_pools_meets_never_stops_the_heartbeat(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review of 2026-12-04: a channel with a 5,000-digit database made int() raise under
+    every heartbeat (the replica left `provisioner status`, a traceback each time); a pool
+    half upgraded counted twice; a server refusing PUBSUB for good warned every 6 s."""
+    import provisioner.logs
+
+    here = make_replica(aredis, api, clock, "r1")
+    stranger = aredis.pubsub()
+    await stranger.subscribe("provisioner:lag:x:" + "1" * 5000 + ":r",
+                             "provisioner:lag:other:0:o1", "provisioner:lag:other:o2")
+    try:
+        await here.heartbeat()
+        assert [r.replica_id for r in await here.scripts.replicas(clock.now_ms())] == ["r1"]
+        assert here.other_pools == ["'other' on database 0"]
+        assert counter(here, "provisioner_other_pools") == 1
+    finally:
+        await stranger.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+
+    async def refused(*_: Any) -> Any:
+        raise ResponseError("NOPERM this user has no permissions to run the 'pubsub' command")
+
+    here.redis.pubsub_channels = refused  # type: ignore[method-assign]
+    now = [1000.0]
+    monkeypatch.setattr(provisioner.logs.time, "monotonic", lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="provisioner.service")
+    for _ in range(1800):  # an hour of heartbeats, 2 s apart
+        clock.advance(2_000)
+        await here.heartbeat()
+        now[0] += 2.0
+    said = [r.getMessage() for r in caplog.records
+            if "could not list the server's channels" in r.getMessage()]
+    assert len(said) == 1 and "(the last look found 'other' on database 0)" in said[0], said
+    [listed] = await here.scripts.replicas(clock.now_ms())
+    assert listed.age_s == 0
+
+
 async def test_a_probe_seen_before_its_publish_returns_is_not_left_out(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

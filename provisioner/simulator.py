@@ -71,7 +71,7 @@ def synthetic(traffic: Traffic, rng: random.Random,
     """Yield `(seconds from start, channel, payload)` in time order, forever or for a duration.
     Activity payloads carry their offset in `timestamp`; the publisher adds the wall clock."""
     return merge_users(traffic, rng, poisson_arrivals(traffic.arrival_rate_per_min, rng),
-                       duration_s)
+                       duration_s, end_sessions=True)
 
 
 def poisson_arrivals(rate_per_min: float, rng: random.Random) -> Iterator[float]:
@@ -83,12 +83,15 @@ def poisson_arrivals(rate_per_min: float, rng: random.Random) -> Iterator[float]
 
 
 def merge_users(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
-                duration_s: float | None = None) -> Iterator[tuple[float, str, dict[str, Any]]]:
+                duration_s: float | None = None, *, end_sessions: bool = False,
+                ) -> Iterator[tuple[float, str, dict[str, Any]]]:
     """Every message of the users arriving at `arrivals` (ascending), in time order (ties in
-    the order they were drawn), up to `duration_s` if given; then, at `duration_s`, the
-    disconnect of every session still running, so a run that ends leaves no node held. It
-    streams: a user's script is drawn only once no earlier message is pending, so the draws
-    come in the same order whether the caller takes ten messages or all of them."""
+    the order they were drawn), up to `duration_s` if given; then, with `end_sessions`, at
+    `duration_s` the disconnect of every session still running, so a live run that ends leaves
+    no node held (a trace is cut instead, as the recorded ones are: a disconnect at its last
+    second would read as frees to whatever counts them per window). It streams: a user's
+    script is drawn only once no earlier message is pending, so the draws come in the same
+    order whether the caller takes ten messages or all of them."""
     connected: dict[str, None] = {}  # in the order they connected
     for t, channel, payload in _merged(traffic, rng, arrivals, duration_s):
         if channel == "user:connect":
@@ -96,7 +99,7 @@ def merge_users(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
         elif channel == "user:disconnect":
             connected.pop(payload["user_id"], None)
         yield t, channel, payload
-    if duration_s is not None:
+    if end_sessions and duration_s is not None:
         for user in connected:
             yield duration_s, "user:disconnect", {"user_id": user}
 

@@ -33,8 +33,11 @@ def test_merging_users_streams_what_sorting_every_script_gives() -> None:
     scripts = [event for start in arrivals for event in user_script(traffic, eager_rng, start)]
     everything = sorted(scripts, key=lambda event: event[0])  # stable: ties in drawn order
     assert list(merge_users(traffic, random.Random(9), iter(arrivals))) == everything
-    cut = list(merge_users(traffic, random.Random(9), iter(arrivals), duration_s=30.0))
     kept = [event for event in everything if event[0] <= 30.0]
+    # a trace is cut, as the recorded ones are: the sessions running at its end stay open
+    assert list(merge_users(traffic, random.Random(9), iter(arrivals), duration_s=30.0)) == kept
+    cut = list(merge_users(traffic, random.Random(9), iter(arrivals), duration_s=30.0,
+                           end_sessions=True))
     assert cut[:len(kept)] == kept
     running = [u for u, chs in _channels(kept).items()
                if "user:connect" in chs and "user:disconnect" not in chs]

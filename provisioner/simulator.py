@@ -158,11 +158,20 @@ def trace_events(path: Path) -> Iterator[tuple[float, str, dict[str, Any]]]:
     trace = load_trace(path)
     log.info("replaying %s: %d events over %ds", trace.name, len(trace.events),
              trace.duration_s)
+    running: dict[str, None] = {}  # in the order they connected
     for event in trace.events:
         payload = dict(event.msg)
         if event.channel == "user:activity":
             payload["timestamp"] = event.t
+        elif event.channel == "user:connect":
+            running[str(payload.get("user_id"))] = None
+        elif event.channel == "user:disconnect":
+            running.pop(str(payload.get("user_id")), None)
         yield event.t, event.channel, payload
+    # A trace is cut at its end with sessions still running (the recorded ones are); a replay
+    # that ends leaves no node held, as synthetic traffic's --duration does.
+    for user in running:
+        yield trace.duration_s, "user:disconnect", {"user_id": user}
 
 
 #: The longest wait between two tries of a publish that failed.
@@ -251,6 +260,9 @@ def command(
     """Publish user traffic on user:activity, user:connect and user:disconnect."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if trace is not None:
+        if duration is not None:
+            raise typer.BadParameter("a trace runs for its own duration_s; --duration is for "
+                                     "synthetic traffic", param_hint="--duration")
         try:
             events = trace_events(trace)
             first = next(events, None)

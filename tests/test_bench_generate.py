@@ -50,7 +50,6 @@ def test_every_shape_writes_a_trace_the_replay_reads(tmp_path: Path, name: str) 
     assert 0.2 < connects / len(seen) < 0.4  # the model's 30% conversion
     # cut at the end as the recorded traces are: sessions still running stay open (a closing
     # disconnect at the last second would read as frees to the rate oracle's last window)
-    assert not [e for e in trace.events if e.t >= shape.duration_s]
     assert any(channels[-1] == "user:connect" for channels in seen.values())
 
 

@@ -108,6 +108,38 @@ async def test_trace_replay_publishes_every_event_with_fresh_timestamps(
     assert abs(stamp - time.time()) < 5  # rewritten to the wall clock, not 1970-01-12
 
 
+async def test_a_trace_replay_ends_the_sessions_the_trace_leaves_running(
+        tmp_path: Path, aredis: aioredis.Redis) -> None:
+    """A trace is cut with sessions running (the recorded ones are): replayed live, each left
+    its node held for good. They end at the trace's duration, as --duration ends synthetic
+    traffic's."""
+    from tests.test_bench_world import write_trace
+
+    path = write_trace(tmp_path / "cut.jsonl", [
+        (0.0, "connect", "a"), (0.1, "connect", "b"), (0.2, "disconnect", "a"),
+        (0.3, "connect", "c")], duration=1.0)
+    async with Subscriber(aredis, "user:connect", "user:disconnect") as sub:
+        counts = await publish(aredis, trace_events(path), speed=10, stop=asyncio.Event())
+        messages = await sub.drain(settle=0.3)
+    assert counts == {"user:connect": 3, "user:disconnect": 3}
+    assert [(ch, m["user_id"]) for ch, m in messages] == [
+        ("user:connect", "a"), ("user:connect", "b"), ("user:disconnect", "a"),
+        ("user:connect", "c"), ("user:disconnect", "b"), ("user:disconnect", "c")]
+
+
+def test_a_duration_with_a_trace_is_refused(tmp_path: Path) -> None:
+    # it was ignored: the trace ran for its own duration_s
+    from typer.testing import CliRunner
+
+    from provisioner.cli import app
+    from tests.test_bench_world import write_trace
+
+    path = write_trace(tmp_path / "t.jsonl", [(0.0, "connect", "a")])
+    result = CliRunner().invoke(app, ["simulate", "--redis-url", "redis://127.0.0.1:1/0",
+                                      "--trace", str(path), "--duration", "5"])
+    assert result.exit_code == 2 and "--duration" in result.output, result.output
+
+
 async def test_traffic_is_held_while_redis_does_not_answer_and_follows_late_in_order(
         redis_url: str, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
     """A stalled server (a publish past the client's timeout) stopped the simulator with a

@@ -84,15 +84,15 @@ MIN_RATE_SPAN_S = 60.0
 
 def windows(trace: Trace, length_s: float) -> list[Window]:
     """Counted connects and disconnects (by FORMAT.md's counting rules) per window. A last
-    window shorter than half a window joins the one before it. An event at the trace's end
-    or past it is in no window: a disconnect there frees a node for no time the trace scores,
-    and counted it would raise the last window's free rate."""
+    window shorter than half a window joins the one before it. A disconnect at the trace's
+    end is no free: it frees a node for no time the trace scores, and counted it would raise
+    the last window's free rate (a connect there is counted, as the replay delivers it)."""
     n = max(1, math.ceil(trace.duration_s / length_s))
     if n > 1 and trace.duration_s - (n - 1) * length_s < length_s / 2:
         n -= 1
     connects, frees = [0] * n, [0] * n
     for event in counted_events(trace.events):
-        if event.t >= trace.duration_s:
+        if event.channel == "user:disconnect" and event.t >= trace.duration_s:
             continue
         i = min(n - 1, int(event.t // length_s))
         if event.channel == "user:connect":

@@ -27,7 +27,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,8 +70,9 @@ def synthetic(traffic: Traffic, rng: random.Random,
               duration_s: float | None = None) -> Iterator[tuple[float, str, dict[str, Any]]]:
     """Yield `(seconds from start, channel, payload)` in time order, forever or for a duration.
     Activity payloads carry their offset in `timestamp`; the publisher adds the wall clock."""
-    return merge_users(traffic, rng, poisson_arrivals(traffic.arrival_rate_per_min, rng),
-                       duration_s, end_sessions=True)
+    events = merge_users(traffic, rng, poisson_arrivals(traffic.arrival_rate_per_min, rng),
+                         duration_s)
+    return events if duration_s is None else ending_sessions(events, duration_s)
 
 
 def poisson_arrivals(rate_per_min: float, rng: random.Random) -> Iterator[float]:
@@ -83,30 +84,12 @@ def poisson_arrivals(rate_per_min: float, rng: random.Random) -> Iterator[float]
 
 
 def merge_users(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
-                duration_s: float | None = None, *, end_sessions: bool = False,
-                ) -> Iterator[tuple[float, str, dict[str, Any]]]:
+                duration_s: float | None = None) -> Iterator[tuple[float, str, dict[str, Any]]]:
     """Every message of the users arriving at `arrivals` (ascending), in time order (ties in
-    the order they were drawn), up to `duration_s` if given; then, with `end_sessions`, at
-    `duration_s` the disconnect of every session still running, so a live run that ends leaves
-    no node held (a trace is cut instead, as the recorded ones are: a disconnect at its last
-    second would read as frees to whatever counts them per window). It streams: a user's
-    script is drawn only once no earlier message is pending, so the draws come in the same
-    order whether the caller takes ten messages or all of them."""
-    connected: dict[str, None] = {}  # in the order they connected
-    for t, channel, payload in _merged(traffic, rng, arrivals, duration_s):
-        if channel == "user:connect":
-            connected[payload["user_id"]] = None
-        elif channel == "user:disconnect":
-            connected.pop(payload["user_id"], None)
-        yield t, channel, payload
-    if end_sessions and duration_s is not None:
-        for user in connected:
-            yield duration_s, "user:disconnect", {"user_id": user}
-
-
-def _merged(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
-            duration_s: float | None) -> Iterator[tuple[float, str, dict[str, Any]]]:
-    """`merge_users` up to `duration_s`, without the sessions' end."""
+    the order they were drawn), up to `duration_s` if given: cut there, as the recorded traces
+    are, the sessions still running left open (`ending_sessions` ends them, for a live run). It
+    streams: a user's script is drawn only once no earlier message is pending, so the draws
+    come in the same order whether the caller takes ten messages or all of them."""
     pending: list[tuple[float, int, str, dict[str, Any]]] = []
     seq = itertools.count()
     upcoming = next(arrivals, None)
@@ -124,6 +107,23 @@ def _merged(traffic: Traffic, rng: random.Random, arrivals: Iterator[float],
         if duration_s is not None and t > duration_s:
             return
         yield t, channel, payload
+
+
+def ending_sessions(events: Iterable[tuple[float, str, dict[str, Any]]], end_s: float,
+                    ) -> Iterator[tuple[float, str, dict[str, Any]]]:
+    """`events` as they come, then at `end_s` the disconnect of every session still running,
+    in the order they connected: traffic that ends leaves no node held. A trace is cut with
+    sessions running (a disconnect at its last second would read as frees to whatever counts
+    them per window), so only a live run ends them."""
+    running: dict[str, None] = {}
+    for t, channel, payload in events:
+        if channel == "user:connect":
+            running[str(payload.get("user_id"))] = None
+        elif channel == "user:disconnect":
+            running.pop(str(payload.get("user_id")), None)
+        yield t, channel, payload
+    for user in running:
+        yield end_s, "user:disconnect", {"user_id": user}
 
 
 def user_script(traffic: Traffic, rng: random.Random,
@@ -158,20 +158,12 @@ def trace_events(path: Path) -> Iterator[tuple[float, str, dict[str, Any]]]:
     trace = load_trace(path)
     log.info("replaying %s: %d events over %ds", trace.name, len(trace.events),
              trace.duration_s)
-    running: dict[str, None] = {}  # in the order they connected
-    for event in trace.events:
-        payload = dict(event.msg)
-        if event.channel == "user:activity":
-            payload["timestamp"] = event.t
-        elif event.channel == "user:connect":
-            running[str(payload.get("user_id"))] = None
-        elif event.channel == "user:disconnect":
-            running.pop(str(payload.get("user_id")), None)
-        yield event.t, event.channel, payload
-    # A trace is cut at its end with sessions still running (the recorded ones are); a replay
-    # that ends leaves no node held, as synthetic traffic's --duration does.
-    for user in running:
-        yield trace.duration_s, "user:disconnect", {"user_id": user}
+    # the sessions a trace is cut with end at its duration, as synthetic traffic's do
+    yield from ending_sessions(
+        ((event.t, event.channel,
+          {**event.msg, "timestamp": event.t} if event.channel == "user:activity"
+          else dict(event.msg)) for event in trace.events),
+        trace.duration_s)
 
 
 #: The longest wait between two tries of a publish that failed.

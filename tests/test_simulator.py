@@ -17,6 +17,7 @@ from provisioner.events import Activity, Connect, Disconnect, parse
 from provisioner.redis_server import free_port
 from provisioner.simulator import (
     Traffic,
+    ending_sessions,
     merge_users,
     publish,
     synthetic,
@@ -36,8 +37,8 @@ def test_merging_users_streams_what_sorting_every_script_gives() -> None:
     kept = [event for event in everything if event[0] <= 30.0]
     # a trace is cut, as the recorded ones are: the sessions running at its end stay open
     assert list(merge_users(traffic, random.Random(9), iter(arrivals), duration_s=30.0)) == kept
-    cut = list(merge_users(traffic, random.Random(9), iter(arrivals), duration_s=30.0,
-                           end_sessions=True))
+    cut = list(ending_sessions(
+        merge_users(traffic, random.Random(9), iter(arrivals), duration_s=30.0), 30.0))
     assert cut[:len(kept)] == kept
     running = [u for u, chs in _channels(kept).items()
                if "user:connect" in chs and "user:disconnect" not in chs]

@@ -27,7 +27,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -201,17 +201,21 @@ async def _publish_held(redis: aioredis.Redis, channel: str, data: str, stop: as
 
 
 async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict[str, Any]]],
-                  speed: float, stop: asyncio.Event, *, retry_s: float = 0.25) -> dict[str, int]:
+                  speed: float, stop: asyncio.Event, *, retry_s: float = 0.25,
+                  monotonic: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[asyncio.Event, float], Awaitable[bool]] = sleep_unless,
+                  ) -> dict[str, int]:
     """Publish each event at `start + t / speed` of the wall clock, holding the traffic while
-    Redis cannot be reached (see the module's notes)."""
+    Redis cannot be reached (see the module's notes). `monotonic` and `sleep` pace it; a test
+    passes its own to see the pace without timing it."""
     counts: dict[str, int] = {}
     started_wall = time.time()
-    started = time.monotonic()
+    started = monotonic()
     last_report = started
     for t, channel, payload in events:
-        delay = started + t / speed - time.monotonic()
+        delay = started + t / speed - monotonic()
         if delay > 0:
-            await sleep_unless(stop, delay)
+            await sleep(stop, delay)
         if stop.is_set():
             break
         if channel == "user:activity":
@@ -219,8 +223,8 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
         if not await _publish_held(redis, channel, json.dumps(payload), stop, retry_s):
             break
         counts[channel] = counts.get(channel, 0) + 1
-        if time.monotonic() - last_report > 30:
-            last_report = time.monotonic()
+        if monotonic() - last_report > 30:
+            last_report = monotonic()
             log.info("published %s", counts)
     return counts
 

@@ -93,17 +93,31 @@ async def test_trace_replay_publishes_every_event_with_fresh_timestamps(
     lines = [header,
              {"t": 0.0, "ch": "user:activity", "msg": {"user_id": "u", "timestamp": 1_000_000}},
              {"t": 1.0, "ch": "user:connect", "msg": {"user_id": "u"}},
-             {"t": 2.0, "ch": "user:disconnect", "msg": {"user_id": "u"}}]
+             {"t": 2.5, "ch": "user:disconnect", "msg": {"user_id": "u"}}]
     with gzip.open(path, "wt") as out:
         out.writelines(json.dumps(line) + "\n" for line in lines)
-    loop = asyncio.get_running_loop()
+    # The pace is read off a clock the test moves, not timed: each sleep moves it by what
+    # it was asked, so the sleeps asked are the trace's gaps at the speed.
+    now = 100.0
+    slept: list[tuple[float, int]] = []
+
+    def monotonic() -> float:
+        return now
+
+    async def sleep(stop: asyncio.Event, seconds: float) -> bool:
+        nonlocal now
+        slept.append((round(seconds, 9), len(await sub.drain(settle=0.2))))
+        now += seconds
+        return stop.is_set()
+
     async with Subscriber(aredis, "user:activity", "user:connect", "user:disconnect") as sub:
-        started = loop.time()
-        counts = await publish(aredis, trace_events(path), speed=10, stop=asyncio.Event())
-        elapsed = loop.time() - started
+        counts = await publish(aredis, trace_events(path), speed=10, stop=asyncio.Event(),
+                               monotonic=monotonic, sleep=sleep)
         messages = await sub.drain(settle=0.3)
     assert counts == {"user:activity": 1, "user:connect": 1, "user:disconnect": 1}
-    assert 0.15 < elapsed < 2  # 2 s of trace at 10x
+    # 0.1 s of the clock before the connect and 0.15 s before the disconnect (the trace's
+    # gaps at 10x), each event out before the sleep after it
+    assert slept == [(0.1, 1), (0.15, 2)]
     assert [ch for ch, _ in messages] == ["user:activity", "user:connect", "user:disconnect"]
     stamp = messages[0][1]["timestamp"]
     assert abs(stamp - time.time()) < 5  # rewritten to the wall clock, not 1970-01-12

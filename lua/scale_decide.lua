@@ -29,8 +29,9 @@
   them. Nothing is decided or written until the replica has seen the loss and taken the Node
   API's nodes back (provisioner/service.py).
 
-  Returns {0} when another replica holds this interval, {-1} when the epoch is not the
-  replica's, else
+  Returns {0} when another replica holds this interval ({0, 'ahead'} when its slot is over a
+  minute ahead of this replica's clock, on a lease not lapsed: one of the two clocks is
+  wrong), {-1} when the epoch is not the replica's, else
     {1, reason, numbers_json, reservation_id...}
   Logs every decision that acts to the `decisions` stream; the latest observation is kept in
   stats field `last_decision`.
@@ -46,20 +47,30 @@ if p.epoch and p.epoch ~= '' and rcall('GET', K.epoch) ~= p.epoch then
 end
 
 -- One decision per interval slot of the pool's own clock (`now`), not the server's: replays
--- run hours of virtual time in seconds and must decide every virtual interval. A slot more
--- than TICK_LOCK_AHEAD_MS ahead of this replica's was taken by a clock far ahead of it (or
--- written by hand): taken over, or a replica with a wrong clock that dies would stop every
--- decision of the pool until real time caught up with its clock.
+-- run hours of virtual time in seconds and must decide every virtual interval. The slot is
+-- held on a lease of the server's clock, TICK_LEASE_MS past two intervals, which every
+-- decision renews. A replica whose clock runs ahead of the others' keeps the slot ahead of
+-- theirs, so it alone decides while it lives (the slot taken over whenever it was over a
+-- minute ahead, a replica 90 s behind and one on time each decided every interval, each
+-- counting the other's 90 s as time observed); when it dies its lease lapses within seconds,
+-- where the pool decided nothing until real time caught up with its clock. A slot over
+-- TICK_LOCK_AHEAD_MS ahead with no lease (written by hand or by a release before the lease)
+-- is taken over.
 local TICK_LOCK_AHEAD_MS = 60000
+local TICK_LEASE_MS = 10000
 local slot = math.floor(now / p.interval_ms)
 local last = tonumber(rcall('GET', K.tick_lock))
 if last and last >= slot then
   if (last - slot) * p.interval_ms <= TICK_LOCK_AHEAD_MS then
     return {0}
   end
+  if rcall('PTTL', K.tick_lock) >= 0 then
+    stat('tick_lock_ahead')
+    return {0, 'ahead'}
+  end
   stat('tick_lock_taken_over')
 end
-rcall('SET', K.tick_lock, slot)
+rcall('SET', K.tick_lock, slot, 'PX', 2 * p.interval_ms + TICK_LEASE_MS)
 
 local expired = rcall('ZRANGEBYSCORE', K.pending, '-inf', now, 'LIMIT', 0, 100)
 for _, rid in ipairs(expired) do

@@ -180,6 +180,9 @@ class Decision:
     numbers: dict[str, Any] = field(default_factory=dict)
     reservations: list[str] = field(default_factory=list)
     epoch_changed: bool = False
+    #: not won because the interval slot is held over a minute ahead of this replica's clock,
+    #: by a replica still renewing it: one of the two clocks is wrong
+    held_ahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -638,7 +641,7 @@ class Scripts:
         if int(reply[0]) == -1:
             return Decision(won=False, epoch_changed=True)
         if int(reply[0]) == 0:
-            return Decision(won=False)
+            return Decision(won=False, held_ahead=len(reply) > 1)
         return Decision(True, as_text(reply[1]), json.loads(as_text(reply[2])),
                         [as_text(r) for r in reply[3:]])
 

@@ -412,6 +412,11 @@ class Replica:
                 "epoch", "no scaling decision: the pool's state in Redis is not the one this "
                 "replica ran on (lost since its last heartbeat?); it decides again once its "
                 "heartbeat has seen the loss and taken the Node API's nodes back")
+        if decision.held_ahead:
+            self._trouble.warning(
+                "slot-ahead", "no scaling decision: the interval slot is held by a replica "
+                "whose clock is over a minute ahead of this one's, and it decides alone while "
+                "it lives; one of the two clocks is wrong (provisioner_clock_offset_seconds)")
         if decision.won:
             self.metrics.decisions.inc()
             if decision.numbers.get("surge"):

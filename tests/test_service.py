@@ -1266,6 +1266,30 @@ async def test_a_replica_whose_clock_is_off_the_server_s_says_so(
     assert "clock" not in next(r for r in status.replicas if r.replica_id == "r2").describe()
 
 
+async def test_a_replica_behind_a_live_one_s_clock_by_minutes_decides_nothing_and_says_why(
+    aredis: aioredis.Redis, api: FakeNodeApi, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One decider while both live (each took the slot from the other before the lease); the
+    # one left out says so, naming the clocks.
+    ahead = make_replica(aredis, api, ManualClock(T0 + 90_000), "r-ahead",
+                         pool=PoolConfig(min_ready=2, scaling_policy="heuristic", conversion=0))
+    behind = make_replica(aredis, api, ManualClock(T0), "r-behind",
+                          pool=PoolConfig(min_ready=2, scaling_policy="heuristic", conversion=0))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            await ahead.tick()
+            await behind.tick()
+            await ahead.settle()
+            await behind.settle()
+            ahead.clock.advance(1000)
+            behind.clock.advance(1000)
+    assert counter(ahead, "provisioner_scale_decisions_total") == 5
+    assert counter(behind, "provisioner_scale_decisions_total") == 0
+    assert len(api.created) == 2  # the floor, once
+    assert "held by a replica whose clock is over a minute ahead" in caplog.text
+    assert await check_invariants(aredis, POOL) == []
+
+
 async def test_a_replica_s_heartbeat_lists_it_in_the_pool_status(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

@@ -52,8 +52,11 @@ local function observe(p)
   s.creating = math.max(0, s.pending - s.unclaimed)
   s.engaged = rcall('ZCOUNT', K.engaged, p.now - p.window_ms, '+inf')
   s.active = rcall('ZCOUNT', K.active, p.now - p.window_ms, '+inf')
-  -- Nodes being terminated still exist at the Node API and count against max_nodes.
-  s.total = s.ready + s.booting + s.allocated + s.terminating + s.creating
+  -- Nodes being terminated still exist at the Node API and count against max_nodes. So does
+  -- every create in flight: an unclaimed node is only presumably one of theirs (one adopted
+  -- while they run may be an older create's that timed out), and the quota must hold either
+  -- way; a node counted twice only defers a create until its POST answers.
+  s.total = s.ready + s.booting + s.allocated + s.terminating + s.pending
   s.spare = s.ready + s.booting + s.creating - s.waiting
   return s
 end

@@ -141,7 +141,8 @@ def run(
     ] = DEFAULTS.estimation_error,
     create_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_CREATE_TIMEOUT",
-        help="Seconds a create reservation waits for its POST before it expires")
+        help="Seconds a create reservation waits for its POST before it expires; longer "
+        "than a create's longest call (--api-timeout times its tries, and their pauses)")
     ] = DEFAULTS.create_timeout_s,
     delete_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_DELETE_TIMEOUT",
@@ -193,13 +194,29 @@ def run(
         estimation_error=estimation_error,
     )
     # Every problem of both at once: a second start should not find the next one.
-    if found := service.problems() + pool_config.problems():
+    if found := service.problems() + pool_config.problems() + _together(service, pool_config):
         raise _fail("invalid settings: " + "; ".join(found))
     setup_logging(service.log_format, service.log_level)
     try:
         asyncio.run(serve(service, pool_config))
     except (OSError, RedisError) as exc:
         raise _fail(f"cannot run: {exc}") from None
+
+
+def _together(service: ServiceConfig, pool: PoolConfig) -> list[str]:
+    """What the service's and the pool's settings get wrong only together."""
+    from provisioner.nodeapi import longest_create_s
+
+    if service.problems() or pool.problems():
+        return []  # their own ranges first: the sum below assumes them
+    longest = longest_create_s(service.api_timeout_s, service.api_retries)
+    if pool.create_timeout_s > longest:
+        return []
+    return [f"create timeout ({pool.create_timeout_s:g}s) must be longer than a create's "
+            f"longest call to the Node API ({longest:g}s: {service.api_retries} tries of the "
+            f"api timeout, {service.api_timeout_s:g}s, and the pauses between them); a "
+            "reservation that lapses while its POST may still make the node lets the pool "
+            "make it again"]
 
 
 def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:

@@ -131,11 +131,22 @@ class _Answer:
         return jsontext.loads(self.body)
 
 
+#: The first pause between tries; each next one may be up to twice as long (full jitter).
+BACKOFF_S = 0.2
+
+
+def longest_create_s(timeout_s: float, attempts: int, backoff_s: float = BACKOFF_S) -> float:
+    """How long `HttpNodeApi.create` can take at most: every try to its timeout, and every
+    pause between them at its longest. A create reservation must outlive it, or it lapses while
+    its POST may still make the node, and the pool makes the node again."""
+    return attempts * timeout_s + backoff_s * float(2 ** (attempts - 1) - 1)
+
+
 class HttpNodeApi:
     """httpx-based client with timeouts and bounded, jittered retries where they are safe."""
 
     def __init__(self, base_url: str, *, timeout_s: float = 10.0, attempts: int = 3,
-                 backoff_s: float = 0.2, metrics: Metrics | None = None,
+                 backoff_s: float = BACKOFF_S, metrics: Metrics | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),

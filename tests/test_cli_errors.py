@@ -173,3 +173,17 @@ def test_run_names_every_bad_setting_of_the_service_and_the_pool_at_once() -> No
     code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
                           "http://api", "--idle-timeout", "nan", "--log-level", "loud")
     assert code == 2 and "idle_timeout_s" in output and "log level" in output, output
+
+
+def test_run_refuses_a_create_timeout_a_create_call_can_outlast() -> None:
+    """Found by a review: with --create-timeout under the Node API call's longest, a create's
+    reservation lapses while its POST may still make the node, and the pool makes it again."""
+    code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
+                          "http://api", "--create-timeout", "30", "--api-timeout", "10")
+    assert code == 2 and "create timeout (30s) must be longer" in output, output
+    assert "(30.6s: 3 tries of the api timeout, 10s" in output, output
+    # The defaults (60 s against 30.6 s) start, as far as the settings go: the next error is
+    # the server's.
+    code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
+                          "http://api", "--http-port", "0")
+    assert "create timeout" not in output, output

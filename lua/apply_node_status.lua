@@ -52,7 +52,8 @@ if not state then
     rcall('PEXPIRE', nk, TOMBSTONE_TTL_MS)
     return {1, '', ''}
   end
-  new_node(node, 'booting', now, 'status')
+  -- Listed by reconciliation: its create was some time before, how long is not known.
+  new_node(node, 'booting', now, listed and 'listed' or 'status')
   stat('nodes_adopted')
   if rcall('ZCARD', K.pending) > 0 then
     rcall('ZADD', K.unclaimed, now, node)
@@ -84,8 +85,9 @@ if status == 'ready' and state == 'booting' then
   -- Boot time as the pool saw it (from its first record of the node): the forecast's horizon.
   -- Learned from the sample nodes only (pool.lua new_node), half of all, so each weighs 0.2;
   -- 'boot_n' counts them, for the weight of the sample boots still running (policy.lua
-  -- lead_time).
-  if is_boot_sample(node) and not listed then
+  -- lead_time). Not from a node first seen in the Node API's list: it was stamped when it was
+  -- listed, maybe a reconcile interval after its create, and would teach a boot that short.
+  if is_boot_sample(node) and not listed and rcall('HGET', nk, 'origin') ~= 'listed' then
     local created = tonumber(rcall('HGET', nk, 'created_ms')) or now
     learn_mean('boot_ms', math.max(0, now - created), 0.2)
     rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)

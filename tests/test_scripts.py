@@ -715,6 +715,28 @@ def is_boot_sample(node_id: str) -> bool:
     return int(hashlib.sha1(node_id.encode()).hexdigest()[-1], 16) % 2 == 1
 
 
+async def test_a_boot_first_seen_in_the_node_list_teaches_no_boot_time(
+        pool: PoolUnderTest) -> None:
+    """Found by a review: a booting node reconciliation adopted (its status lost) was stamped
+    created when it was listed, maybe a reconcile interval after its create, and its ready,
+    received later, taught a boot that much too short."""
+    node = next(f"n{i}" for i in range(100) if is_boot_sample(f"n{i}"))
+    model = pool.keys.key("model")
+    await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 3})
+    await pool.scripts.apply_node_status(pool.now, node, "booting", listed=True)
+    assert (await pool.node(node))["origin"] == "listed"
+    pool.clock.advance(5_000)
+    await pool.scripts.apply_node_status(pool.now, node, "ready")  # received, not listed
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["60000", "3"]
+    assert (await pool.node(node))["state"] == "ready"
+    # One whose booting was received is learned from as ever.
+    other = next(f"m{i}" for i in range(100) if is_boot_sample(f"m{i}"))
+    await pool.scripts.apply_node_status(pool.now, other, "booting")
+    pool.clock.advance(5_000)
+    await pool.scripts.apply_node_status(pool.now, other, "ready")
+    assert float(await pool.redis.hget(model, "boot_ms")) < 60_000
+
+
 async def test_reap_idle_looks_at_the_20_youngest_boots_left_for_each_node_it_reaps(
         pool: PoolUnderTest) -> None:
     """One call reaps three idle nodes. The youngest boot is the only one of the 20 youngest

@@ -67,7 +67,7 @@ local function enqueue_waiting(user_id, now, at_head)
   rcall('PUBLISH', 'user:waiting', cjson.encode({user_id = user_id}))
 end
 
--- Create the record of a node the pool has not seen. origin: api | status | late.
+-- Create the record of a node the pool has not seen. origin: api | status | listed | late.
 -- About half the nodes are boot-time samples, chosen by a hash of the id (so by neither the
 -- order the pool records them in, which races between replicas, nor their boot time): the boot
 -- time is learned from these only, and reap_idle never gives one up while booting. Giving up

@@ -38,6 +38,8 @@
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
 
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
 local CREDIT_SAMPLES = 7
 
 local now = tonumber(ARGV[1])

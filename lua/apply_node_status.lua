@@ -32,6 +32,8 @@
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
 
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
 local now = tonumber(ARGV[1])
 local node = ARGV[2]
 local status = ARGV[3]

@@ -13,6 +13,8 @@
 ]]
 --@include "includes/keys.lua"
 
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
 local removed = rcall('ZREM', K.pending, ARGV[1])
 if removed == 1 then
   stat('creates_failed')

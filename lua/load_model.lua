@@ -24,6 +24,8 @@
 --@include "includes/keys.lua"
 --@include "includes/policy.lua"
 
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
 local now = tonumber(ARGV[1])
 local replace = ARGV[2] == '1'
 

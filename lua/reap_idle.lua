@@ -27,6 +27,8 @@
 --@include "includes/pool.lua"
 --@include "includes/policy.lua"
 
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
 local p = read_params()
 local now = p.now
 local deadline = now + p.delete_deadline_ms

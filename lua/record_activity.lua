@@ -38,6 +38,8 @@
 ]]
 --@include "includes/keys.lua"
 
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local threshold = tonumber(ARGV[3])

@@ -34,6 +34,8 @@
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
 
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
 local now = tonumber(ARGV[1])
 local user = ARGV[2]
 local by = ARGV[3] or ''

@@ -39,6 +39,8 @@
 --@include "includes/keys.lua"
 --@include "includes/policy.lua"
 
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
 local p = read_params()
 local now = p.now
 

@@ -105,6 +105,16 @@ def _refused_for_now(reply: object) -> bool:
         isinstance(reply, ResponseError) and str(reply).startswith("BUSY "))
 
 
+#: How the scripts refuse every transition while a key of the pool holds another type than its
+#: own (an edit by hand; lua/includes/keys.lua refuse_wrong_types): nothing changes until an
+#: operator repairs the key, so it is not tried again, but the replica is unready meanwhile.
+POOL_KEY_BROKEN = "WRONGTYPE pool key "
+
+
+def _pool_key_broken(reply: object) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith(POOL_KEY_BROKEN)
+
+
 #: A replica not heard from for this long is dropped from the pool's list of replicas.
 FORGET_REPLICA_MS = 600_000
 
@@ -265,7 +275,10 @@ class Replica:
             else:
                 first = next((i for i, r in enumerate(results) if _refused_for_now(r)), None)
                 if first is None:
-                    if calls:
+                    broken = next((r for r in results if _pool_key_broken(r)), None)
+                    if broken is not None:
+                        self._note_refused(broken)
+                    elif calls:
                         self._written()
                     return done + results
                 problem = results[first]
@@ -574,10 +587,10 @@ class Replica:
             # cover). A script's own error is a bug, and keeps its traceback.
             self.metrics.errors.labels("action").inc()
             if not (isinstance(exc, RedisConnectionError | RedisTimeoutError)
-                    or _refused_for_now(exc)):
+                    or _refused_for_now(exc) or _pool_key_broken(exc)):
                 log.exception("node action failed")
                 return
-            if _refused_for_now(exc):
+            if _refused_for_now(exc) or _pool_key_broken(exc):
                 self._note_refused(exc)
             self._trouble.warning(
                 "action", "a node action's outcome could not be recorded (%s): a create's "
@@ -928,7 +941,7 @@ class Replica:
             except RedisError as exc:
                 self.metrics.errors.labels(where).inc()
                 self._trouble.warning(where, "%s failed: %s", where, exc)
-                if _refused_for_now(exc):
+                if _refused_for_now(exc) or _pool_key_broken(exc):
                     self._note_refused(exc)
             except Exception:
                 self.metrics.errors.labels(where).inc()
@@ -1062,7 +1075,10 @@ def http_app(replica: Replica) -> web.Application:
             problems.append(f"events applied {lag:.1f}s behind (over "
                             f"{replica.service.max_event_lag_s:g}s)")
         refused = replica.writes_refused()
-        if refused:
+        if refused and refused.startswith(POOL_KEY_BROKEN):
+            problems.append(f"every transition is refused until an operator repairs the key: "
+                            f"{refused}")
+        elif refused:
             problems.append(f"redis refuses writes for now: {refused}")
         if replica.other_pools:
             problems.append("another pool listens on this server, and each applies the other's "

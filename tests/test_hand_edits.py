@@ -1,5 +1,6 @@
 """A pool edited by hand: every value the scripts write, replaced by garbage, must not stop a
-transition. (A key of the wrong type is beyond this: every command on it fails.)"""
+transition; a key replaced by one of another type stops every transition whole, changing
+nothing."""
 
 from __future__ import annotations
 
@@ -69,6 +70,62 @@ async def test_no_value_written_by_the_scripts_stops_a_transition_when_broken_by
             failed.append(f"{key.removeprefix(keys.base)} {field or ''}: {exc}"[:160])
     assert failed == []
 
+
+
+#: Every script that writes, each on a pool where it would write (from _every_transition's).
+_WRITERS = {
+    "activity": lambda p: p.scripts.record_activity(p.now, "u9", p.now, CONFIG.window_ms, 3, 100),
+    "connect": lambda p: p.scripts.allocate(p.now, "u9"),
+    "disconnect": lambda p: p.scripts.release(p.now, "u2"),
+    "node ready": lambda p: p.scripts.apply_node_status(p.now, "b1", "ready"),
+    "node terminated": lambda p: p.scripts.apply_node_status(p.now, "n2", "terminated"),
+    "tick": lambda p: p.scripts.scale_decide(CONFIG.policy_args(p.now + 5_000, "r1")),
+    "reap": lambda p: p.scripts.reap_idle(CONFIG.policy_args(p.now + 400_000, "r1")),
+    "create answered": lambda p: p.scripts.register_node(p.now, "r1:9", "n9"),
+    "create failed": lambda p: p.scripts.cancel_create("r1:9"),
+    "terminate sent": lambda p: p.scripts.confirm_terminate(p.now, "n1", "gone", p.now),
+    "model loaded": lambda p: p.scripts.load_model(p.now, {"boot_ms": 50_000.0}, replace=True),
+}
+
+
+async def test_a_key_of_another_type_refuses_every_transition_whole(
+    aredis: aioredis.Redis,
+) -> None:
+    """Found by a review: Redis undoes nothing a script wrote before a command failed, so a
+    disconnect refused on a stats hash made a string by hand had already taken the user's
+    allocation: once the key was repaired, the node was allocated to nobody, for good, and
+    neither `release` nor reconciliation could end it. Every script that writes now checks
+    the pool's keys first."""
+    from redis.exceptions import ResponseError
+
+    from provisioner.keys import POOL_KEY_ORDER
+
+    keys = PoolKeys("typed")
+    failed = []
+    for name in [n for n in POOL_KEY_ORDER if not n.endswith("_prefix")]:
+        for writer, write in _WRITERS.items():
+            await aredis.flushdb()
+            pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+            await _every_transition(pool)
+            await pool.scripts.apply_node_status(pool.now, "b1", "booting")
+            await pool.redis.zadd(keys.key("pending"), {"r1:9": pool.now + 60_000})
+            key = keys.key(name)
+            await aredis.delete(key)
+            if name in ("tick_lock", "seq", "epoch"):  # strings; the others are not
+                await aredis.hset(key, "by", "hand")
+            else:
+                await aredis.set(key, "by hand")
+            before = await pool.dump()
+            try:
+                await write(pool)
+            except ResponseError as exc:
+                if not str(exc).startswith(f"WRONGTYPE pool key {key} holds a "):
+                    failed.append(f"{name}, {writer} | {exc}"[:160])
+            else:
+                failed.append(f"{name}, {writer} | went through")
+            if await pool.dump() != before:
+                failed.append(f"{name}, {writer} | changed the pool")
+    assert failed == []
 
 
 def test_ids_that_are_not_text_stop_no_view(redis_url: str, sync_redis: redis.Redis) -> None:

@@ -1134,6 +1134,40 @@ async def test_readyz_fails_while_the_server_refuses_the_replicas_writes(
         await ticking
 
 
+async def test_a_pool_key_of_another_type_refuses_transitions_whole_and_says_so(
+    aredis: aioredis.Redis, replica: Replica, clock: ManualClock,
+) -> None:
+    """A review's drill: the stats hash SET to a string by hand for 12 s; two disconnects in
+    that time took their users' allocations and never freed the nodes (Redis undoes nothing
+    a script wrote before it failed), and /readyz stayed ready. Now the disconnect is refused
+    whole, at once (it will not mend itself in seconds), the replica is unready naming the
+    key, and once the key is repaired the user is released as ever."""
+    replica.subscribed.set()
+    await replica.handle_many([wire("node:status", {"node_id": "n1", "status": "booting"}),
+                               wire("node:status", {"node_id": "n1", "status": "ready"}),
+                               wire("user:connect", {"user_id": "u1"})])
+    assert await aredis.hget(replica.keys.key("alloc"), "u1") == "n1"
+    stats = replica.keys.key("stats")
+    kept = await aredis.dump(stats)
+    await aredis.delete(stats)
+    await aredis.set(stats, "by hand")
+    await replica.handle_many([wire("user:disconnect", {"user_id": "u1"})])
+    assert counter(replica, "provisioner_errors_total", where="event_retry") == 0
+    assert await aredis.hget(replica.keys.key("alloc"), "u1") == "n1"  # nothing half-done
+    status, body = await _readyz(replica)
+    assert status == 503, body
+    [problem] = body["problems"]
+    assert problem.startswith("every transition is refused until an operator repairs the key: "
+                              f"WRONGTYPE pool key {stats} holds a string, not a hash"), problem
+    await aredis.delete(stats)
+    await aredis.restore(stats, 0, kept)
+    clock.advance(1000)
+    await replica.handle_many([wire("user:disconnect", {"user_id": "u1"})])
+    assert await aredis.hget(replica.keys.key("alloc"), "u1") is None
+    assert (await _readyz(replica))[0] == 200
+    assert await check_invariants(aredis, POOL) == []
+
+
 async def test_the_listener_reports_how_far_it_is_behind_the_events(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,

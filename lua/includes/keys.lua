@@ -30,6 +30,32 @@ local K = {
 }
 local rcall = redis.call
 
+-- The type each pool key holds, in the vector's order (the prefixes hold none). A key edited by
+-- hand into another type fails every command on it, and Redis undoes nothing a script wrote
+-- before the command that failed: a disconnect refused on the stats hash had already taken the
+-- user's allocation and left the node allocated to nobody, for good. So every script that
+-- writes checks them all before its first write (refuse_wrong_types) and is refused whole.
+local KEY_TYPES = {
+  {'ready', 'list'}, {'waiting', 'list'}, {'waiting_since', 'hash'}, {'alloc', 'hash'},
+  {'nodes', 'zset'}, {'booting', 'zset'}, {'terminating', 'zset'}, {'pending', 'zset'},
+  {'unclaimed', 'zset'}, {'active', 'zset'}, {'engaged', 'zset'}, {'stats', 'hash'},
+  {'tick_lock', 'string'}, {'decisions', 'stream'}, {'seq', 'string'}, {'levels', 'zset'},
+  {'model', 'hash'}, {'targets', 'list'}, {'sliding', 'list'}, {'replicas', 'zset'},
+  {'replica_info', 'hash'}, {'sessions', 'zset'}, {'epoch', 'string'},
+}
+
+-- Raises "WRONGTYPE pool key ..." if a pool key holds another type than its own; O(1) each.
+local function refuse_wrong_types()
+  for _, entry in ipairs(KEY_TYPES) do
+    local key = K[entry[1]]
+    local kind = rcall('TYPE', key)['ok']
+    if kind ~= 'none' and kind ~= entry[2] then
+      error({err = 'WRONGTYPE pool key ' .. key .. ' holds a ' .. kind .. ', not a '
+        .. entry[2] .. ' (an edit by hand?): nothing was changed'})
+    end
+  end
+end
+
 -- A terminated node's hash is kept this long so late or repeated status is recognised.
 local TOMBSTONE_TTL_MS = 86400000
 

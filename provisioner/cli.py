@@ -51,7 +51,8 @@ DEFAULTS = PoolConfig()
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(message)}")
+    # On stderr: stdout is what `| jq` and the scripts reading a command's output take.
+    errors.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(2)
 
 
@@ -291,8 +292,9 @@ def status(
     def append(reading: view.PoolView | Exception) -> None:
         """No screen to redraw (a pipe, a file), or JSON asked for: each reading written out
         whole as it comes (a JSON object a line with --json)."""
-        if isinstance(reading, Exception):
-            console.print(f"Redis unreachable: {reading}", markup=False, highlight=False)
+        if isinstance(reading, Exception):  # on stderr, out of the readings' stream
+            errors.print(f"Redis unreachable: {reading}", markup=False, highlight=False,
+                         soft_wrap=True)
         elif as_json:
             typer.echo(json.dumps(reading.as_dict()))
         else:
@@ -626,8 +628,8 @@ def model_export(
         console.print(f"{len(document['fields'])} learned fields of pool {pool} written to "
                       f"{escape(str(out))}")
     if document.get("skipped"):
-        console.print("[yellow]left out, not non-negative numbers:[/yellow] "
-                      + escape(", ".join(document["skipped"])))
+        errors.print("[yellow]left out, not non-negative numbers:[/yellow] "
+                     + escape(", ".join(document["skipped"])))
 
 
 @model_app.command("import")

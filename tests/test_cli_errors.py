@@ -187,3 +187,16 @@ def test_run_refuses_a_create_timeout_a_create_call_can_outlast() -> None:
     code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
                           "http://api", "--http-port", "0")
     assert "create timeout" not in output, output
+
+
+def test_an_error_goes_to_stderr_not_into_what_stdout_carries() -> None:
+    """Found by a review: `status --json` against an unreachable server printed its error on
+    stdout, which is what `| jq` reads."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "provisioner", "status", "--json",
+         "--redis-url", "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "cannot reach Redis" in proc.stderr, (proc.stdout, proc.stderr)

@@ -48,6 +48,9 @@ from provisioner.redis_server import private_server
 app = typer.Typer(help="Replay recorded traces on virtual time and score the policies.",
                   no_args_is_help=True)
 console = Console()
+#: Errors and warnings: on stderr, so what a command prints on stdout (--json, a table) stays
+#: what a pipe reads
+errors = Console(stderr=True)
 SERVICE = service_policy.NAME
 
 RedisUrl = Annotated[str | None, typer.Option(
@@ -223,10 +226,10 @@ def replay(
         try:
             board = run_replay_world(trace, replayed).board
         except PolicyViolation as exc:
-            console.print(f"[red]policy {policy} broke the rules: {exc}")
+            errors.print(f"[red]policy {policy} broke the rules: {exc}")
             raise typer.Exit(2) from None
         except service_policy.ModelRefused as exc:
-            console.print(f"[red]--model {model_path}: the pool refused it: {exc}")
+            errors.print(f"[red]--model {model_path}: the pool refused it: {exc}")
             raise typer.Exit(2) from None
     scores = board.close()
     wall_s = time.monotonic() - started
@@ -360,7 +363,7 @@ def suite(
             try:
                 problem = _settings_problem(trace_header(path), overrides)
             except TraceError as exc:
-                console.print(f"[red]{exc}")
+                errors.print(f"[red]{exc}")
                 raise typer.Exit(2) from None
             if problem:
                 raise typer.BadParameter(problem, param_hint="--set")
@@ -380,7 +383,7 @@ def suite(
                 rows = run_suite(paths, ordered, extra_policies=extra, progress=advance,
                                  warm_up=warm_up, boot_offset=boot_offset)
             except (PolicyViolation, TraceError) as exc:
-                console.print(f"[red]{exc}")
+                errors.print(f"[red]{exc}")
                 raise typer.Exit(2) from None
     console.print(_table(rows))
     defaults = {k: v for k, v in PoolConfig().as_dict().items() if k != "max_nodes"}
@@ -412,7 +415,7 @@ def suite(
     try:
         pareto_plot(rows, out / "pareto.png")
     except ImportError:
-        console.print("[yellow]matplotlib is not installed: no plot (pip install "
+        errors.print("[yellow]matplotlib is not installed: no plot (pip install "
                       "'provisioner[bench]')")
     console.print(note)
     console.print(f"wrote {out}/results.md, results.json and pareto.png")
@@ -426,10 +429,10 @@ def check(
     try:
         problems = check_reference(directory)
     except TraceError as exc:
-        console.print(f"[red]{exc}")
+        errors.print(f"[red]{exc}")
         raise typer.Exit(2) from None
     for problem in problems:
-        console.print(f"[red]{problem}")
+        errors.print(f"[red]{problem}")
     if problems:
         raise typer.Exit(1)
     console.print(f"the simulator agrees with FORMAT.md on {len(REFERENCE)} traces")
@@ -482,7 +485,7 @@ def ingest(
         with _server(redis_url) as url:
             result = run(url, messages, users, replicas)
     except (ValueError, TimeoutError) as exc:
-        console.print(f"[red]{exc}[/red]")
+        errors.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     who = "one replica's listener" if replicas == 1 else f"each of {replicas} replicas' listeners"
     console.print(f"{result.messages:,} activity messages of {result.users:,} users applied by "
@@ -547,7 +550,7 @@ def soak(
                              kill_every=kill_every, on_sample=show,
                              say=lambda line: console.print(line, markup=False))
     except RuntimeError as exc:
-        console.print(f"[red]{escape(str(exc))}[/red]")
+        errors.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
     console.print(soak_table(result))
     checked = sum(s.checked for s in result.samples)
@@ -564,7 +567,7 @@ def soak(
     if json_out is not None:
         json_out.write_text(json.dumps(result.as_json(), indent=1) + "\n")
     for line in result.failed:
-        console.print(f"[red]{escape(line)}[/red]")
+        errors.print(f"[red]{escape(line)}[/red]")
     raise typer.Exit(1 if result.failed else 0)
 
 
@@ -694,7 +697,7 @@ def oracle_bar(
                 raise BarError(f"{results}: no {STATIC_BEST} row for {trace.name} to set "
                                "its limits")
     except BarError as exc:
-        console.print(f"[red]{exc}")
+        errors.print(f"[red]{exc}")
         raise typer.Exit(2) from None
     judged = []  # (trace, connects, idle limit, the policy's verdict, [(point, chance)])
     for trace in traces:
@@ -705,7 +708,7 @@ def oracle_bar(
                                    thetas=thetas)
         counted = sum(w.connects for w in wins)
         if counted != connects:
-            console.print(f"[red]{results}: {trace.name} has {connects} connects and the trace "
+            errors.print(f"[red]{results}: {trace.name} has {connects} connects and the trace "
                           f"{counted}: not the same traffic")
             raise typer.Exit(2)
         judged.append((trace.name, connects, limit, verdicts.get(trace.name),
@@ -851,7 +854,7 @@ def bar(
                 judged.append((source, judge(rows, policy=policy, fast=fast_traces,
                                              source=str(source))))
     except BarError as exc:
-        console.print(f"[red]{exc}")
+        errors.print(f"[red]{exc}")
         raise typer.Exit(2) from None
     met = sum(v.met for _, verdicts in judged for v in verdicts)
     total = sum(len(verdicts) for _, verdicts in judged)
@@ -928,7 +931,7 @@ def compare(
             same_kind(before, after)
             result = paired_rows(load_tree(before), load_tree(after), policy=policy)
     except BarError as exc:
-        console.print(f"[red]{exc}")
+        errors.print(f"[red]{exc}")
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
@@ -945,7 +948,7 @@ def compare(
                   f"{c.mean_difference:+.4f} ± {se(c.se_mean, '.4f')}")
     console.print(f"cost lower on {result.cheaper} pairs, higher on {result.dearer}")
     for item in result.unpaired:
-        console.print(f"[yellow]not paired: {item}")
+        errors.print(f"[yellow]not paired: {item}")
 
 
 @app.command()

@@ -277,9 +277,17 @@ def status(
     """Pool state: nodes by state, users, hits and misses, recent scaling decisions."""
     _pool_keys(pool)
 
+    said_missing = False
+
     async def read(client: aioredis.Redis) -> view.PoolView:
+        nonlocal said_missing
+        if not said_missing and not await view.pool_exists(client, pool):
+            said_missing = True  # once: a pool about to start has no state yet either
+            errors.print(f"[yellow]warning:[/yellow] no pool {escape(repr(pool))} on this "
+                         f"server yet: nothing under {escape(PoolKeys(pool).base)} (a misspelt "
+                         "--pool, another database, or a pool not started)")
         return await view.read_view(client, pool, WallClock().now_ms(),
-                                       await _window_ms(client, pool))
+                                    await _window_ms(client, pool))
 
     if not watch:
         pool_view = _with_redis(redis_url, read)
@@ -514,9 +522,19 @@ def release(
 
 @app.command()
 def check(redis_url: RedisUrl, pool: Pool = "default") -> None:
-    """Verify the pool's invariants (exit 1 and list what is wrong if any is broken)."""
+    """Verify the pool's invariants (exit 1 and list what is wrong if any is broken; exit 2
+    if the server holds no state of the pool: a misspelt --pool passed as healthy)."""
     _pool_keys(pool)
-    problems = _with_redis(redis_url, lambda c: view.check_invariants(c, pool))
+
+    async def go(client: aioredis.Redis) -> list[str] | None:
+        if not await view.pool_exists(client, pool):
+            return None
+        return await view.check_invariants(client, pool)
+
+    problems = _with_redis(redis_url, go)
+    if problems is None:
+        raise _fail(f"no pool {pool!r} on this server: nothing under {PoolKeys(pool).base} "
+                    "(a misspelt --pool, another database, or a pool never started)")
     if problems:
         for problem in problems:
             console.print(f"[red]x[/red] {escape(problem)}")

@@ -220,6 +220,16 @@ async def user_rows(redis: aioredis.Redis, pool: str,
             sessions[:limit])
 
 
+async def pool_exists(redis: aioredis.Redis, pool: str) -> bool:
+    """Whether the server holds any state of `pool`: its published settings, its epoch, its
+    counters, its nodes or its replicas (a running pool has them all, a pool that has seen
+    any event or tick some). An empty pool and a misspelt name look the same otherwise."""
+    keys = PoolKeys(pool)
+    names = [keys.config] + [keys.key(name) for name in
+                             ("epoch", "stats", "nodes", "replicas", "active", "alloc")]
+    return bool(await redis.exists(*names))
+
+
 async def check_invariants(redis: aioredis.Redis, pool: str, attempts: int = 50) -> list[str]:
     """Everything that must hold between scripts; an empty list when the pool is consistent.
 

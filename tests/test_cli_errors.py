@@ -193,10 +193,32 @@ def test_an_error_goes_to_stderr_not_into_what_stdout_carries() -> None:
     """Found by a review: `status --json` against an unreachable server printed its error on
     stdout, which is what `| jq` reads."""
     import subprocess
-    import sys
 
     proc = subprocess.run(
         [sys.executable, "-m", "provisioner", "status", "--json",
          "--redis-url", "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stdout == "" and "cannot reach Redis" in proc.stderr, (proc.stdout, proc.stderr)
+
+
+def test_check_of_a_pool_the_server_does_not_hold_fails_and_status_warns(
+        redis_url: str) -> None:
+    """Found by a review: `check --pool` with a misspelt name said every invariant holds, so
+    a monitoring script with a typo reported healthy for ever."""
+    import subprocess
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "provisioner", *args, "--redis-url",
+                               redis_url], capture_output=True, text=True, timeout=60)
+
+    missing = run("check", "--pool", "defualt")
+    assert missing.returncode == 2, missing
+    assert "no pool 'defualt' on this server" in missing.stderr, missing.stderr
+    shown = run("status", "--pool", "defualt", "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["pool"] == "defualt"
+    assert "no pool 'defualt' on this server yet" in shown.stderr, shown.stderr
+    # A pool that has seen one event is checked as ever.
+    with redis.Redis.from_url(redis_url) as client:
+        client.hset(PoolKeys("seen").key("stats"), "activities", 1)
+    seen = run("check", "--pool", "seen")
+    assert seen.returncode == 0 and "every invariant holds" in seen.stdout, seen

@@ -445,6 +445,9 @@ def release(
     users` first."""
     by = by.strip() or _login_name()
     keys = _pool_keys(pool)
+    # A user named twice is released once (the second release found the first's work done and
+    # said the state had changed since it was shown, exit 1).
+    user_ids = list(dict.fromkeys(user_ids))
     # No id the service would accept from a connect could hold a node: refused before reading
     bad = [user for user in user_ids if not ID_PATTERN.match(user)]
     if bad:

@@ -234,6 +234,28 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
     assert asyncio.run(logged())[-1]["replica"] == "dave"
 
 
+def test_release_naming_a_user_twice_releases_them_once(redis_url: str) -> None:
+    # Found by a review: the second release found the first's work done and said the state had
+    # changed since it was shown, exit 1.
+    keys = PoolKeys("twice")
+    now = int(time.time() * 1000)
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        await scripts.apply_node_status(now, "n1", "booting")
+        await scripts.apply_node_status(now, "n1", "ready")
+        await scripts.allocate(now, "u1")
+        await client.aclose()
+
+    asyncio.run(record())
+    released = CliRunner().invoke(app, ["release", "u1", "u1", "--yes", "--by", "op",
+                                        "--redis-url", redis_url, "--pool", "twice"],
+                                  env={"COLUMNS": "200"})
+    assert released.exit_code == 0, released.output
+    assert released.output.count("released u1") == 1 and "changed" not in released.output
+
+
 def test_release_ends_nothing_that_changed_while_its_prompt_waited(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The prompt showed "waits"; a node came for the user before the operator said yes, and

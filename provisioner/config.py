@@ -177,6 +177,14 @@ def redis_url_problem(url: str) -> str | None:
         parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as exc:
         return f"redis url {url!r} cannot be parsed: {exc}"
+    # The client takes a database that is not a number (redis://host/one) as none, database 0:
+    # a pool would run, or be inspected, where nobody meant.
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):
+        database = parts.path.strip("/")
+        if database and not (database.isascii() and database.isdigit()):
+            return (f"redis url {url!r}: the database, {database!r}, is not a number "
+                    "(redis://HOST:PORT/N)")
     return None
 
 

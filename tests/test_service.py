@@ -1571,6 +1571,8 @@ def test_any_batches_of_messages_keep_every_invariant(
     (["--node-api-url", "http://host:port"], "cannot be parsed"),
     (["--node-api-url", "http://:8080"], "names no host"),
     (["--redis-url", "redis://127.0.0.1:notaport"], "redis url 'redis://127.0.0.1:notaport'"),
+    # the client took it as database 0 (a review)
+    (["--redis-url", "redis://127.0.0.1:6379/one"], "the database, 'one', is not a number"),
     (["--log-level", "bogus"], "log level must be one of DEBUG, INFO, WARNING, ERROR"),
 ])
 def test_run_refuses_an_address_or_log_level_it_cannot_use(options: list[str],

@@ -590,8 +590,17 @@ def dev(
         min=0.01, max=100_000, help="Simulated users per minute")] = 20.0,
 ) -> None:
     """The whole local stack: server, mock Node API, simulator, replicas, live status view."""
+    from provisioner.config import redis_url_problem
     from provisioner.devstack import run_stack
+    from provisioner.mock_node_api import BootDelay, DelaySpecError
 
+    # Checked before anything starts: the mock found it 16 s later, in its log.
+    try:
+        BootDelay.parse(boot_delay)
+    except DelaySpecError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--boot-delay") from None
+    if redis_url and (problem := redis_url_problem(redis_url)):
+        raise typer.BadParameter(problem, param_hint="--redis-url")
     raise typer.Exit(run_stack(redis_url=redis_url or None, replicas=replicas,
                                boot_delay=boot_delay, arrival_rate=arrival_rate))
 

@@ -122,6 +122,9 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             server = start_server()
             redis_url = server.url
             say(f"private server {server.binary} on {redis_url}")
+        elif problem := _unreachable(redis_url):
+            # Every process would start, fail and exit, and the view wait for them for ever.
+            raise RuntimeError(f"cannot reach Redis at {redis_url}: {problem}")
         running = Stack(redis_url, logdir, free_port(), children=children)
         children.append(Child("mock-node-api", [
             *exe, "mock-node-api", "--port", str(running.api_port), "--redis-url", redis_url,
@@ -155,6 +158,19 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             say(f"stopped {len(children)} processes; logs kept in {logdir}")
 
 
+def _unreachable(redis_url: str) -> str | None:
+    """Why the server at `redis_url` does not answer PING within 5 s, or None."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(redis_url, socket_timeout=5,
+                                  socket_connect_timeout=5) as client:
+            client.ping()
+    except (OSError, RedisError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 @contextlib.contextmanager
 def _interrupts_ignored() -> Iterator[None]:
     """Ctrl-C ignored while the stack stops: a second one, pressed because stopping takes a
@@ -184,9 +200,12 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
         with stack(redis_url, replicas, boot_delay, arrival_rate) as running:
             console.print("Ctrl-C stops everything.")
             try:
-                asyncio.run(_watch(running.redis_url, running.children, stop, duration))
+                ended = asyncio.run(_watch(running.redis_url, running.children, stop, duration))
             except KeyboardInterrupt:
-                pass
+                ended = None
+        if ended:
+            console.print(f"[red]{ended}")
+            return 1
         return 0
     except RuntimeError as exc:
         console.print(f"[red]{exc}")
@@ -197,15 +216,22 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
 
 
 async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],
-                 duration: float | None) -> None:
+                 duration: float | None) -> str | None:
+    """Show the pool until stopped (None), or until every replica has exited (why)."""
     client = aioredis.Redis.from_url(redis_url, decode_responses=True, encoding_errors="replace")
     started = time.monotonic()
     window = PoolConfig().window_ms
+    replicas = [c for c in children if c.name.startswith("replica-")]
     try:
         with Live(console=console, auto_refresh=False) as live:
             while not stop["now"]:
                 if duration is not None and time.monotonic() - started > duration:
-                    return
+                    return None
+                if replicas and not any(c.alive() for c in replicas):
+                    # A stack with no service left shows nothing to wait for: say where to
+                    # look, and stop it.
+                    return ("every replica has exited; their logs: "
+                            + ", ".join(str(c.log_path) for c in replicas))
                 processes = Text("  ".join(
                     f"{c.name}:{'up' if c.alive() else 'EXITED'}" for c in children))
                 try:
@@ -216,5 +242,6 @@ async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],
                     shown = Text(f"Redis unreachable: {exc}", style="red")
                 live.update(Group(shown, processes), refresh=True)
                 await asyncio.sleep(1.0)
+            return None
     finally:
         await client.aclose()

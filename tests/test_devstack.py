@@ -65,3 +65,45 @@ def test_the_dev_stack_leaves_no_process_however_it_is_stopped(stop: signal.Sign
             dev.kill()
         for pid in stack_pids(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_dev_stack_refuses_what_it_cannot_run_before_starting_anything(
+        tmp_path: Path) -> None:
+    """Found by a review: with an unreachable --redis-url every process started, failed and
+    exited while the view waited for ever; a bad --boot-delay took 16 s to say so, from the
+    mock's log."""
+    from provisioner.redis_server import free_port
+
+    marker = f"PROVISIONER_DEV_TEST={tmp_path}"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PROVISIONER_DEV_TEST": str(tmp_path)}
+    gone = subprocess.run([sys.executable, "-m", "provisioner", "dev", "--redis-url",
+                           f"redis://127.0.0.1:{free_port()}/0"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert gone.returncode == 1, gone
+    assert "cannot reach Redis at redis://127.0.0.1:" in gone.stdout + gone.stderr, gone
+    assert "mock Node API" not in gone.stdout  # nothing was started
+    bogus = subprocess.run([sys.executable, "-m", "provisioner", "dev", "--boot-delay", "bogus"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert bogus.returncode == 2 and "--boot-delay" in bogus.stderr, bogus
+    assert "private server" not in bogus.stdout
+    assert stack_pids(marker) == []
+
+
+def test_the_dev_view_stops_once_every_replica_has_exited(redis_url: str,
+                                                          tmp_path: Path) -> None:
+    import asyncio
+
+    from provisioner.devstack import _watch
+
+    class Exited:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.log_path = tmp_path / f"{name}.log"
+
+        def alive(self) -> bool:
+            return self.name == "simulator"
+
+    children = [Exited("replica-1"), Exited("replica-2"), Exited("simulator")]
+    ended = asyncio.run(_watch(redis_url, children, {"now": False}, 30.0))  # type: ignore[arg-type]
+    assert ended == (f"every replica has exited; their logs: {tmp_path}/replica-1.log, "
+                     f"{tmp_path}/replica-2.log")

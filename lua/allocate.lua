@@ -77,7 +77,7 @@ if window and horizon then
 end
 forget_browsing(user)
 
-local node = rcall('LPOP', K.ready)
+local node = take_ready()
 if node then
   stat('hits')
   assign(node, user, now, 0)

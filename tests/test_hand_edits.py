@@ -128,6 +128,24 @@ async def test_a_key_of_another_type_refuses_every_transition_whole(
     assert failed == []
 
 
+async def test_a_ready_entry_whose_node_is_not_ready_is_dropped_not_handed_out(
+    aredis: aioredis.Redis,
+) -> None:
+    # Found by a review: an id written by hand into the ready list, with no node record, was
+    # handed to the next user who connected.
+    keys = PoolKeys("phantom")
+    pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+    await pool.boot("n1")
+    await aredis.lpush(keys.key("ready"), "phantom")
+    assert (await pool.scripts.allocate(pool.now, "u1")).node_id == "n1"
+    await pool.scripts.allocate(pool.now, "u2")  # waits
+    await aredis.rpush(keys.key("ready"), "phantom")
+    await pool.boot("n2")  # served to the waiting user, past the phantom
+    assert await aredis.hgetall(keys.key("alloc")) == {"u1": "n1", "u2": "n2"}
+    snap = await pool.snap()
+    assert snap.stat("values_repaired") == 2 and snap.counts["ready"] == 0
+
+
 def test_ids_that_are_not_text_stop_no_view(redis_url: str, sync_redis: redis.Redis) -> None:
     """Bytes that are not UTF-8, written by hand where the scripts keep ids: every view of the
     CLI still answers, the bytes shown replaced."""

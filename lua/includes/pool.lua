@@ -24,13 +24,29 @@ local function assign(node_id, user_id, now, waited_ms)
         cjson.encode({user_id = user_id, node_id = node_id, waited_ms = waited_ms}))
 end
 
+-- The ready node idle the longest, taken off the list; nil if none. An entry whose node's
+-- record does not say ready (only an edit by hand writes one: an id with no record, a node
+-- allocated or gone) is dropped, counted in stats `values_repaired`, not handed to a user.
+local function take_ready()
+  while true do
+    local node = rcall('LPOP', K.ready)
+    if not node or rcall('HGET', node_key(node), 'state') == 'ready' then
+      return node
+    end
+    stat('values_repaired')
+  end
+end
+
 -- Serve waiting users (oldest first) from ready nodes (idle the longest first), until one of
 -- the two runs out. Returns a flat list {user, node, waited_ms, ...} of what it did.
 local function match_waiting(now)
   local served = {}
   while rcall('LLEN', K.waiting) > 0 and rcall('LLEN', K.ready) > 0 do
+    local node = take_ready()
+    if not node then
+      break
+    end
     local user = rcall('LPOP', K.waiting)
-    local node = rcall('LPOP', K.ready)
     local since = tonumber(rcall('HGET', K.waiting_since, user)) or now
     rcall('HDEL', K.waiting_since, user)
     local waited = math.max(0, now - since)

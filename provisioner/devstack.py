@@ -244,4 +244,6 @@ async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],
                 await asyncio.sleep(1.0)
             return None
     finally:
+        if not console.is_terminal:
+            console.print()  # the last view ends its line (into a file it did not)
         await client.aclose()

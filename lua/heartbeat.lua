@@ -32,9 +32,13 @@
 
   Returns {replicas heard from within forget_ms, forgotten by this call, the pool's epoch,
            the server's time (ms)}
-  Refused (an error) if ARGV[3] is not a JSON object or ARGV[5] is missing: nothing is written.
+  Refused (an error) if ARGV[3] is not a JSON object or ARGV[5] is missing, or a pool key holds
+  another type than its own (keys.lua refuse_wrong_types): nothing is written. A heartbeat that
+  went through while the transitions were refused told the replica its writes go through again.
 ]]
 --@include "includes/keys.lua"
+
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
 
 local now = tonumber(ARGV[1])
 local replica = ARGV[2]

@@ -88,7 +88,7 @@ end
 
 -- The ready node idle the longest, if it has been idle for idle_timeout; else nil.
 local function oldest_idle()
-  local node = rcall('LINDEX', K.ready, 0)
+  local node = first_ready()
   if not node then return nil end
   local idle_since = tonumber(rcall('HGET', node_key(node), 'idle_since_ms')) or now
   if now - idle_since < p.idle_timeout_ms then return nil end
@@ -118,7 +118,9 @@ while excess > 0 and reaped < p.max_batch do
   if boot then
     node, reason, swapped = boot, 'surplus_boot', swapped + 1
   end
-  start_terminating(node, now, deadline, reason)
+  if not start_terminating(node, now, deadline, reason) then
+    break  -- not a node the pool may end (first_ready's check makes this unreachable)
+  end
   out[#out + 1] = node
   out[#out + 1] = reason
   excess = excess - 1

@@ -1,8 +1,8 @@
 #!lua
 --[[
   scale_decide: the scaling tick. Every replica calls it every interval; the first call in an
-  interval slot (floor(now / interval)) records the slot in `tick_lock` and decides, the others
-  return at once.
+  interval slot (floor(now / interval)) records the slot's start (ms) in `tick_lock` and
+  decides, the others return at once.
 
   The decision:
     1. drops create reservations past their deadline (their POST never came back: the replica
@@ -58,12 +58,15 @@ end
 -- where the pool decided nothing until real time caught up with its clock. A slot over
 -- TICK_LOCK_AHEAD_MS ahead with no lease (written by hand or by a release before the lease)
 -- is taken over.
+-- The lock holds the slot's start in ms, not its number: replicas whose --tick-interval
+-- differs (a rolling change of it) compare the same times (slot numbers a factor apart read as
+-- a clock hours ahead).
 local TICK_LOCK_AHEAD_MS = 60000
 local TICK_LEASE_MS = 10000
-local slot = math.floor(now / p.interval_ms)
+local slot = math.floor(now / p.interval_ms) * p.interval_ms
 local last = tonumber(rcall('GET', K.tick_lock))
 if last and last >= slot then
-  if (last - slot) * p.interval_ms <= TICK_LOCK_AHEAD_MS then
+  if last - slot <= TICK_LOCK_AHEAD_MS then
     return {0}
   end
   if rcall('PTTL', K.tick_lock) >= 0 then

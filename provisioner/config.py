@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import asdict, dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from provisioner.keys import POOL_NAME
 
@@ -180,8 +180,8 @@ def redis_url_problem(url: str) -> str | None:
     # The client takes a database that is not a number (redis://host/one) as none, database 0:
     # a pool would run, or be inspected, where nobody meant.
     parts = urlsplit(url)
-    if parts.scheme in ("redis", "rediss"):
-        database = parts.path.strip("/")
+    if parts.scheme.lower() in ("redis", "rediss") and "db" not in parse_qs(parts.query):
+        database = unquote(parts.path).strip("/")  # as the client reads it
         if database and not (database.isascii() and database.isdigit()):
             return (f"redis url {url!r}: the database, {database!r}, is not a number "
                     "(redis://HOST:PORT/N)")

@@ -28,7 +28,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "active",         # zset user id -> last activity ms
     "engaged",        # zset user id -> ms of the Nth most recent activity
     "stats",          # hash of counters (connects, hits, misses, ...)
-    "tick_lock",      # string: the last interval slot in which a scaling decision was taken
+    "tick_lock",      # string: the start (ms) of the last interval slot a decision was taken in
     "decisions",      # stream of scaling decisions with their reasons
     "seq",            # string counter for reservation ids
     "levels",         # zset: browsing levels and level x age cells of users (score bands)

@@ -85,6 +85,7 @@ _WRITERS = {
     "create failed": lambda p: p.scripts.cancel_create("r1:9"),
     "terminate sent": lambda p: p.scripts.confirm_terminate(p.now, "n1", "gone", p.now),
     "model loaded": lambda p: p.scripts.load_model(p.now, {"boot_ms": 50_000.0}, replace=True),
+    "heartbeat": lambda p: p.scripts.heartbeat(p.now + 1_000, "r1", {"lag_s": 0}, 600_000),
 }
 
 
@@ -144,6 +145,23 @@ async def test_a_ready_entry_whose_node_is_not_ready_is_dropped_not_handed_out(
     assert await aredis.hgetall(keys.key("alloc")) == {"u1": "n1", "u2": "n2"}
     snap = await pool.snap()
     assert snap.stat("values_repaired") == 2 and snap.counts["ready"] == 0
+
+
+async def test_the_reaper_never_chooses_a_node_a_ready_entry_names_wrongly(
+    aredis: aioredis.Redis,
+) -> None:
+    # Found by a review of the fix above: the reaper read the same list's head and chose an
+    # allocated node written there by hand, which the replica then DELETEd under its user.
+    keys = PoolKeys("phantom")
+    pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+    config = PoolConfig(min_ready=0, scaling_policy="heuristic", conversion=0, idle_timeout_s=60)
+    await pool.boot("n1")
+    assert (await pool.scripts.allocate(pool.now, "u1")).node_id == "n1"
+    await aredis.lpush(keys.key("ready"), "n1")
+    pool.clock.advance(120_000)
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    assert (await pool.node("n1"))["state"] == "allocated"
+    assert (await pool.snap()).counts["ready"] == 0
 
 
 def test_ids_that_are_not_text_stop_no_view(redis_url: str, sync_redis: redis.Redis) -> None:

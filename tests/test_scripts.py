@@ -621,10 +621,24 @@ async def test_an_interval_slot_far_ahead_with_no_lease_is_taken_over(
         pool: PoolUnderTest) -> None:
     # Written by hand, or by a release before the lease: nothing would ever lapse.
     config = PoolConfig(min_ready=1, tick_interval_s=1.0)
-    await pool.redis.set(pool.keys.key("tick_lock"), str((pool.now + 3_600_000) // 1000))
+    await pool.redis.set(pool.keys.key("tick_lock"), str(pool.now + 3_600_000))
     assert (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).won
     assert (await pool.snap()).stat("tick_lock_taken_over") == 1
     assert await pool.redis.pttl(pool.keys.key("tick_lock")) > 0
+
+
+async def test_replicas_on_one_clock_with_other_intervals_are_not_told_a_clock_is_ahead(
+        pool: PoolUnderTest) -> None:
+    # Found by a review of the lease: slot numbers of a 1 s and a 2 s interval are a factor of
+    # two apart, read as a clock hours ahead ("one of the two clocks is wrong").
+    fast = PoolConfig(min_ready=1, tick_interval_s=1.0)
+    slow = PoolConfig(min_ready=1, tick_interval_s=2.0)
+    assert (await pool.scripts.scale_decide(fast.policy_args(pool.now, "r1"))).won
+    other = await pool.scripts.scale_decide(slow.policy_args(pool.now, "r2"))
+    assert not other.won and not other.held_ahead
+    pool.clock.advance(2000)
+    assert (await pool.scripts.scale_decide(slow.policy_args(pool.now, "r2"))).won
+    assert (await pool.snap()).stat("tick_lock_ahead") == 0
 
 
 async def test_two_live_replicas_a_minute_and_a_half_apart_decide_once_an_interval(

@@ -1159,6 +1159,10 @@ async def test_a_pool_key_of_another_type_refuses_transitions_whole_and_says_so(
     [problem] = body["problems"]
     assert problem.startswith("every transition is refused until an operator repairs the key: "
                               f"WRONGTYPE pool key {stats} holds a string, not a hash"), problem
+    # Its heartbeat is refused too: one that went through made it ready again (a review).
+    with pytest.raises(ResponseError):
+        await replica.heartbeat()
+    assert (await _readyz(replica))[0] == 503
     await aredis.delete(stats)
     await aredis.restore(stats, 0, kept)
     clock.advance(1000)

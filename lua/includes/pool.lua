@@ -24,17 +24,28 @@ local function assign(node_id, user_id, now, waited_ms)
         cjson.encode({user_id = user_id, node_id = node_id, waited_ms = waited_ms}))
 end
 
--- The ready node idle the longest, taken off the list; nil if none. An entry whose node's
--- record does not say ready (only an edit by hand writes one: an id with no record, a node
--- allocated or gone) is dropped, counted in stats `values_repaired`, not handed to a user.
-local function take_ready()
+-- The ready node idle the longest, left at the head of the list; nil if none. An entry whose
+-- node's record does not say ready (only an edit by hand writes one: an id with no record, a
+-- node allocated or gone) is dropped on the way, counted in stats `values_repaired`: never
+-- handed to a user, nor chosen by the reaper (an allocated node's was, and DELETEd).
+local function first_ready()
   while true do
-    local node = rcall('LPOP', K.ready)
+    local node = rcall('LINDEX', K.ready, 0)
     if not node or rcall('HGET', node_key(node), 'state') == 'ready' then
       return node
     end
+    rcall('LPOP', K.ready)
     stat('values_repaired')
   end
+end
+
+-- The ready node idle the longest, taken off the list (first_ready's); nil if none.
+local function take_ready()
+  local node = first_ready()
+  if node then
+    rcall('LPOP', K.ready)
+  end
+  return node
 end
 
 -- Serve waiting users (oldest first) from ready nodes (idle the longest first), until one of

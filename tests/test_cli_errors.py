@@ -222,3 +222,14 @@ def test_check_of_a_pool_the_server_does_not_hold_fails_and_status_warns(
         client.hset(PoolKeys("seen").key("stats"), "activities", 1)
     seen = run("check", "--pool", "seen")
     assert seen.returncode == 0 and "every invariant holds" in seen.stdout, seen
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0", "redis://h/", "redis://h", "redis://u:p@h/2",
+                                 "rediss://h/3", "redis://h/%31", "redis://h/x?db=3",
+                                 "unix:///tmp/r.sock?db=2"])
+def test_a_redis_url_the_client_reads_a_database_from_is_taken(url: str) -> None:
+    # The check for a database that is not a number reads it as the client does (a review:
+    # /%31 is database 1, and ?db= wins over the path).
+    from provisioner.config import redis_url_problem
+
+    assert redis_url_problem(url) is None

@@ -244,10 +244,15 @@ class Replica:
             if isinstance(result, Exception):
                 self.metrics.errors.labels("event").inc()
                 # Named, so that an operator can find a connect or disconnect lost and repair
-                # it (`provisioner users`, `provisioner release`).
-                self._trouble.warning("redis-event", "could not apply %s of %s: %s", label,
-                                      getattr(event, "user_id", None)
-                                      or getattr(event, "node_id", "?"), result)
+                # it (`provisioner users`, `provisioner release`): each of those on a line of
+                # its own, where a flood of activity refused with them (a pool key broken by
+                # hand) left one line in five seconds for all.
+                who = getattr(event, "user_id", None) or getattr(event, "node_id", "?")
+                if isinstance(event, events.Connect | events.Disconnect):
+                    log.warning("could not apply %s of %s (dropped): %s", label, who, result)
+                else:
+                    self._trouble.warning("redis-event", "could not apply %s of %s: %s", label,
+                                          who, result)
                 outcomes.append(None)
             else:
                 outcomes.append(self._report(event, result))

@@ -1136,6 +1136,7 @@ async def test_readyz_fails_while_the_server_refuses_the_replicas_writes(
 
 async def test_a_pool_key_of_another_type_refuses_transitions_whole_and_says_so(
     aredis: aioredis.Redis, replica: Replica, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A review's drill: the stats hash SET to a string by hand for 12 s; two disconnects in
     that time took their users' allocations and never freed the nodes (Redis undoes nothing
@@ -1151,7 +1152,15 @@ async def test_a_pool_key_of_another_type_refuses_transitions_whole_and_says_so(
     kept = await aredis.dump(stats)
     await aredis.delete(stats)
     await aredis.set(stats, "by hand")
-    await replica.handle_many([wire("user:disconnect", {"user_id": "u1"})])
+    with caplog.at_level(logging.WARNING):
+        await replica.handle_many([
+            wire("user:activity", {"user_id": "b1", "timestamp": T0 // 1000}),
+            wire("user:disconnect", {"user_id": "u1"}),
+            wire("user:disconnect", {"user_id": "u0"})])
+    # Each lost disconnect named, for `provisioner release`: the rate limit of the activity
+    # refused with them hid all but the first.
+    assert "could not apply user:disconnect of u1 (dropped)" in caplog.text
+    assert "could not apply user:disconnect of u0 (dropped)" in caplog.text
     assert counter(replica, "provisioner_errors_total", where="event_retry") == 0
     assert await aredis.hget(replica.keys.key("alloc"), "u1") == "n1"  # nothing half-done
     status, body = await _readyz(replica)

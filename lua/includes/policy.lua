@@ -55,7 +55,8 @@ local function observe(p)
   -- Nodes being terminated still exist at the Node API and count against max_nodes. So does
   -- every create in flight: an unclaimed node is only presumably one of theirs (one adopted
   -- while they run may be an older create's that timed out), and the quota must hold either
-  -- way; a node counted twice only defers a create until its POST answers.
+  -- way; a node counted twice only defers a create until its POST answers (or its deadline,
+  -- if the POST timed out).
   s.total = s.ready + s.booting + s.allocated + s.terminating + s.pending
   s.spare = s.ready + s.booting + s.creating - s.waiting
   return s

@@ -461,3 +461,54 @@ def test_the_reference_check_holds_the_cost_ratio_to_the_third_decimal(
     assert check(shown) == []
     assert check(round(shown + 0.002, 3)) == [
         f"tiny: static-{k} cost ratio {scores.cost_ratio:.3f}, reference {shown + 0.002:.3f}"]
+
+
+class _OneNode(PoolPolicy):
+    def __init__(self) -> None:
+        super().__init__("one-node")
+
+    async def start(self, world: World) -> None:
+        await super().start(world)
+        self.create()
+
+
+class _TerminatesFreedNode(_OneNode):
+    def _free(self, t: float, node_id: str) -> None:
+        if self.waiting:
+            self.world.terminate_node(node_id)  # instead of serving the oldest waiting user
+            return
+        super()._free(t, node_id)
+
+
+class _TerminatesReadyNode(PoolPolicy):
+    def __init__(self) -> None:
+        super().__init__("terminates-ready")
+
+    def on_miss(self, t: float, user_id: str) -> None:
+        self.create()
+
+    async def on_node_status(self, t: float, node_id: str, status: str) -> None:
+        if status == "ready" and node_id in self.booting and self.waiting:
+            del self.booting[node_id]
+            self.world.terminate_node(node_id)
+            return
+        await super().on_node_status(t, node_id, status)
+
+
+def test_a_node_freed_or_ready_while_a_user_waits_cannot_be_terminated_instead(
+        tmp_path: Path) -> None:
+    """Found by a review: the world let a policy terminate a node that became ready or was
+    freed while a user waited, where FORMAT.md gives it to the oldest waiting user; the user
+    then ended the replay abandoned, left out of the waits' percentile (wait_p95_s 0.0 where
+    serving them gave 10.0)."""
+    freed = load_trace(write_trace(tmp_path / "freed.jsonl", [
+        (20.0, "connect", "u1"), (30.0, "connect", "u2"), (40.0, "disconnect", "u1"),
+    ], boot=[10.0], duration=100.0))
+    with pytest.raises(PolicyViolation, match="ready and free while u2 waits"):
+        run_replay(freed, _TerminatesFreedNode())
+    ready = load_trace(write_trace(tmp_path / "ready.jsonl", [(20.0, "connect", "u1")],
+                                   boot=[10.0], duration=100.0))
+    with pytest.raises(PolicyViolation, match="ready and free while u1 waits"):
+        run_replay(ready, _TerminatesReadyNode())
+    # Served instead, as the rules say, the same traffic replays.
+    assert run_replay(freed, _OneNode()).misses == 1

@@ -149,6 +149,12 @@ class World:
             return False
         if node.user is not None:
             self._violate(f"terminated {node_id}, which is allocated to {node.user}")
+        if node_id in self._free_ready and self._waiting:
+            # FORMAT.md: a node that becomes ready or is freed goes to the oldest waiting user.
+            # Terminated instead, the user waited on, or ended the replay abandoned, which the
+            # waits' percentile leaves out (found by a review: a policy could game it).
+            self._violate(f"terminated {node_id}, ready and free while "
+                          f"{next(iter(self._waiting))} waits")
         self._move(node, TERMINATING)
         self._free_ready.pop(node_id, None)
         self.board.node_terminate_requested(node_id, self.now)

@@ -234,21 +234,24 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
     assert asyncio.run(logged())[-1]["replica"] == "dave"
 
 
+async def _boot_then_connect(redis_url: str, pool: str, now: int, *nodes: str,
+                             user: str = "") -> None:
+    """Nodes booted and ready in `pool`, then `user` (if any) connects, all at `now`."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    scripts = Scripts(client, PoolKeys(pool))
+    for node in nodes:
+        await scripts.apply_node_status(now, node, "booting")
+        await scripts.apply_node_status(now, node, "ready")
+    if user:
+        await scripts.allocate(now, user)
+    await client.aclose()
+
+
 def test_release_naming_a_user_twice_releases_them_once(redis_url: str) -> None:
     # Found by a review: the second release found the first's work done and said the state had
     # changed since it was shown, exit 1.
-    keys = PoolKeys("twice")
-    now = int(time.time() * 1000)
-
-    async def record() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        scripts = Scripts(client, keys)
-        await scripts.apply_node_status(now, "n1", "booting")
-        await scripts.apply_node_status(now, "n1", "ready")
-        await scripts.allocate(now, "u1")
-        await client.aclose()
-
-    asyncio.run(record())
+    asyncio.run(_boot_then_connect(redis_url, "twice", int(time.time() * 1000), "n1",
+                                   user="u1"))
     released = CliRunner().invoke(app, ["release", "u1", "u1", "--yes", "--by", "op",
                                         "--redis-url", redis_url, "--pool", "twice"],
                                   env={"COLUMNS": "200"})
@@ -262,23 +265,12 @@ def test_release_ends_nothing_that_changed_while_its_prompt_waited(
     the release ended the session that had just begun."""
     import typer
 
-    keys = PoolKeys("release-race")
     now = int(time.time() * 1000)
-
-    async def transition(*nodes: str, user: str = "") -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        scripts = Scripts(client, keys)
-        for node in nodes:
-            await scripts.apply_node_status(now, node, "booting")
-            await scripts.apply_node_status(now, node, "ready")
-        if user:
-            await scripts.allocate(now, user)
-        await client.aclose()
-
-    asyncio.run(transition(user="eve"))  # no node: eve waits
+    asyncio.run(_boot_then_connect(redis_url, "release-race", now, user="eve"))  # eve waits
 
     def answer_after_a_node_came(*args: Any, **kwargs: Any) -> bool:
-        asyncio.run(transition("n9"))  # eve is served while the prompt waits
+        # eve is served while the prompt waits
+        asyncio.run(_boot_then_connect(redis_url, "release-race", now, "n9"))
         return True
 
     monkeypatch.setattr(typer, "confirm", answer_after_a_node_came)

@@ -24,7 +24,13 @@ from rich.text import Text
 from provisioner import mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
 from provisioner.clock import WallClock
-from provisioner.config import ConfigError, PoolConfig, ServiceConfig, default_replica_id
+from provisioner.config import (
+    ConfigError,
+    PoolConfig,
+    ServiceConfig,
+    default_replica_id,
+    redis_url_option,
+)
 from provisioner.events import ID_PATTERN
 from provisioner.keys import PoolKeys
 from provisioner.logs import setup_logging
@@ -195,7 +201,8 @@ def run(
         estimation_error=estimation_error,
     )
     # Every problem of both at once: a second start should not find the next one.
-    if found := service.problems() + pool_config.problems() + _together(service, pool_config):
+    found = service.problems() + pool_config.problems()
+    if found := found or _together(service, pool_config):  # their own ranges first
         raise _fail("invalid settings: " + "; ".join(found))
     setup_logging(service.log_format, service.log_level)
     try:
@@ -204,12 +211,18 @@ def run(
         raise _fail(f"cannot run: {exc}") from None
 
 
+def _no_pool(pool: str, yet: str = "") -> str:
+    """What `check` and `status` say of a pool the server holds no state of."""
+    return (f"no pool {pool!r} on this server{' ' + yet if yet else ''}: nothing under "
+            f"{PoolKeys(pool).base} (a misspelt --pool, another database, or a pool not "
+            "started)")
+
+
 def _together(service: ServiceConfig, pool: PoolConfig) -> list[str]:
-    """What the service's and the pool's settings get wrong only together."""
+    """What the service's and the pool's settings, each valid on its own, get wrong only
+    together."""
     from provisioner.nodeapi import longest_create_s
 
-    if service.problems() or pool.problems():
-        return []  # their own ranges first: the sum below assumes them
     longest = longest_create_s(service.api_timeout_s, service.api_retries)
     if pool.create_timeout_s > longest:
         return []
@@ -283,9 +296,7 @@ def status(
         nonlocal said_missing
         if not said_missing and not await view.pool_exists(client, pool):
             said_missing = True  # once: a pool about to start has no state yet either
-            errors.print(f"[yellow]warning:[/yellow] no pool {escape(repr(pool))} on this "
-                         f"server yet: nothing under {escape(PoolKeys(pool).base)} (a misspelt "
-                         "--pool, another database, or a pool not started)")
+            errors.print(f"[yellow]warning:[/yellow] {escape(_no_pool(pool, 'yet'))}")
         return await view.read_view(client, pool, WallClock().now_ms(),
                                     await _window_ms(client, pool))
 
@@ -536,8 +547,7 @@ def check(redis_url: RedisUrl, pool: Pool = "default") -> None:
 
     problems = _with_redis(redis_url, go)
     if problems is None:
-        raise _fail(f"no pool {pool!r} on this server: nothing under {PoolKeys(pool).base} "
-                    "(a misspelt --pool, another database, or a pool never started)")
+        raise _fail(_no_pool(pool))
     if problems:
         for problem in problems:
             console.print(f"[red]x[/red] {escape(problem)}")
@@ -582,25 +592,18 @@ def reconcile(
 @app.command()
 def dev(
     redis_url: Annotated[str, typer.Option(
-        "--redis-url", envvar="PROVISIONER_REDIS_URL",
+        "--redis-url", envvar="PROVISIONER_REDIS_URL", callback=redis_url_option,
         help="Use this Redis; by default a private server is started")] = "",
     replicas: Annotated[int, typer.Option(min=1, max=16, help="Service replicas to start")] = 2,
-    boot_delay: Annotated[str, typer.Option(help="Mock boot delay spec")] = "lognormal:20:45",
+    boot_delay: Annotated[str, typer.Option(
+        callback=mock_node_api.boot_delay_option, help="Mock boot delay spec")
+    ] = "lognormal:20:45",
     arrival_rate: Annotated[float, typer.Option(
         min=0.01, max=100_000, help="Simulated users per minute")] = 20.0,
 ) -> None:
     """The whole local stack: server, mock Node API, simulator, replicas, live status view."""
-    from provisioner.config import redis_url_problem
     from provisioner.devstack import run_stack
-    from provisioner.mock_node_api import BootDelay, DelaySpecError
 
-    # Checked before anything starts: the mock found it 16 s later, in its log.
-    try:
-        BootDelay.parse(boot_delay)
-    except DelaySpecError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--boot-delay") from None
-    if redis_url and (problem := redis_url_problem(redis_url)):
-        raise typer.BadParameter(problem, param_hint="--redis-url")
     raise typer.Exit(run_stack(redis_url=redis_url or None, replicas=replicas,
                                boot_delay=boot_delay, arrival_rate=arrival_rate))
 

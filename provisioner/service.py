@@ -115,6 +115,12 @@ def _pool_key_broken(reply: object) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith(POOL_KEY_BROKEN)
 
 
+def _refuses_writes(reply: object) -> bool:
+    """The server refuses this replica's writes, for now or until a key is repaired: the
+    replica is unready until a write goes through."""
+    return _refused_for_now(reply) or _pool_key_broken(reply)
+
+
 #: A replica not heard from for this long is dropped from the pool's list of replicas.
 FORGET_REPLICA_MS = 600_000
 
@@ -592,10 +598,10 @@ class Replica:
             # cover). A script's own error is a bug, and keeps its traceback.
             self.metrics.errors.labels("action").inc()
             if not (isinstance(exc, RedisConnectionError | RedisTimeoutError)
-                    or _refused_for_now(exc) or _pool_key_broken(exc)):
+                    or _refuses_writes(exc)):
                 log.exception("node action failed")
                 return
-            if _refused_for_now(exc) or _pool_key_broken(exc):
+            if _refuses_writes(exc):
                 self._note_refused(exc)
             self._trouble.warning(
                 "action", "a node action's outcome could not be recorded (%s): a create's "
@@ -946,7 +952,7 @@ class Replica:
             except RedisError as exc:
                 self.metrics.errors.labels(where).inc()
                 self._trouble.warning(where, "%s failed: %s", where, exc)
-                if _refused_for_now(exc) or _pool_key_broken(exc):
+                if _refuses_writes(exc):
                     self._note_refused(exc)
             except Exception:
                 self.metrics.errors.labels(where).inc()

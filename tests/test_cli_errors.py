@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -192,8 +193,6 @@ def test_run_refuses_a_create_timeout_a_create_call_can_outlast() -> None:
 def test_an_error_goes_to_stderr_not_into_what_stdout_carries() -> None:
     """Found by a review: `status --json` against an unreachable server printed its error on
     stdout, which is what `| jq` reads."""
-    import subprocess
-
     proc = subprocess.run(
         [sys.executable, "-m", "provisioner", "status", "--json",
          "--redis-url", "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=60)
@@ -205,8 +204,6 @@ def test_check_of_a_pool_the_server_does_not_hold_fails_and_status_warns(
         redis_url: str) -> None:
     """Found by a review: `check --pool` with a misspelt name said every invariant holds, so
     a monitoring script with a typo reported healthy for ever."""
-    import subprocess
-
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "provisioner", *args, "--redis-url",
                                redis_url], capture_output=True, text=True, timeout=60)

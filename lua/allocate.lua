@@ -86,7 +86,7 @@ end
 
 stat('misses')
 enqueue_waiting(user, now, false)
-local position = rcall('LLEN', K.waiting)
+local position = rcall('ZCARD', K.waiting)
 local last = rcall('HMGET', K.stats, 'last_decision', 'last_numbers', 'last_decision_ms')
 local before = '; no scaling decision yet'
 if last[1] and tonumber(last[3]) then

@@ -87,7 +87,7 @@ end
 
 if waits then
   local since = tonumber(rcall('HGET', K.waiting_since, user)) or now
-  rcall('LREM', K.waiting, 0, user)
+  rcall('ZREM', K.waiting, user)
   rcall('HDEL', K.waiting_since, user)
   stat('abandoned')
   log_release(string.format('left the waiting queue after %.0fs', (now - since) / 1000))

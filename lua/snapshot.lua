@@ -14,11 +14,15 @@
 
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
+-- The waiting queue of a pool no writing script has run on since the upgrade is still a list
+-- (keys.lua LEGACY_TYPES); this script writes nothing, so it counts either.
+local waiting = rcall('TYPE', K.waiting)['ok'] == 'list' and rcall('LLEN', K.waiting)
+  or rcall('ZCARD', K.waiting)
 local counts = {
   ready = rcall('LLEN', K.ready),
   booting = rcall('ZCARD', K.booting),
   allocated = rcall('HLEN', K.alloc),
-  waiting = rcall('LLEN', K.waiting),
+  waiting = waiting,
   terminating = rcall('ZCARD', K.terminating),
   pending = rcall('ZCARD', K.pending),
   unclaimed = rcall('ZCARD', K.unclaimed),

@@ -17,7 +17,7 @@ POOL_NAME = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 #: lua/includes/keys.lua (tests/test_scripts.py checks it).
 POOL_KEY_ORDER: tuple[str, ...] = (
     "ready",          # list of ready (idle) node ids; head = idle the longest (served first)
-    "waiting",        # list of waiting user ids; head = oldest (served first)
+    "waiting",        # zset: waiting user ids by place in line; lowest = served first
     "waiting_since",  # hash user id -> ms the user started waiting
     "alloc",          # hash user id -> node id (the allocation map)
     "nodes",          # zset of live node ids, scored by creation ms

@@ -197,13 +197,23 @@ class Session:
     last_activity_ms: int | None
 
 
+async def waiting_users(redis: aioredis.Redis, keys: PoolKeys, limit: int = 0) -> list[str]:
+    """The waiting users, first served first (`limit` of them, or all at 0). The queue is a
+    sorted set by place in line; a pool no writing script has run on since the upgrade still
+    keeps it as the list it was (lua/includes/keys.lua LEGACY_TYPES), read as that."""
+    key = keys.key("waiting")
+    if as_text(await redis.type(key)) == "list":
+        return [as_text(u) for u in await redis.lrange(key, 0, limit - 1)]
+    return [as_text(u) for u in await redis.zrange(key, 0, limit - 1)]
+
+
 async def user_rows(redis: aioredis.Redis, pool: str,
                     limit: int = 200) -> tuple[list[tuple[str, int]], list[Session]]:
     """(waiting users with the ms they started waiting, oldest first; users holding a node,
     the longest session first). Reads every allocation to sort them, so it is for an
     operator's command, not a hot path."""
     keys = PoolKeys(pool)
-    waiting = [as_text(u) for u in await redis.lrange(keys.key("waiting"), 0, limit - 1)]
+    waiting = await waiting_users(redis, keys, limit)
     since = await redis.hmget(keys.key("waiting_since"), waiting) if waiting else []
     held = [(as_text(u), as_text(n)) for u, n in (await redis.hgetall(keys.key("alloc"))).items()]
     async with redis.pipeline(transaction=False) as pipe:
@@ -254,7 +264,7 @@ async def _check_once(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
                  "sessions")
         await pipe.watch(*(keys.key(n) for n in names))
         ready = [as_text(x) for x in await pipe.lrange(keys.key("ready"), 0, -1)]
-        waiting = [as_text(x) for x in await pipe.lrange(keys.key("waiting"), 0, -1)]
+        waiting = await waiting_users(pipe, keys)
         since = {as_text(k): as_text(v)
                  for k, v in (await pipe.hgetall(keys.key("waiting_since"))).items()}
         alloc = {as_text(k): as_text(v) for k, v in (await pipe.hgetall(keys.key("alloc"))).items()}
@@ -298,10 +308,10 @@ def _problems(ready: list[str], waiting: list[str], since: dict[str, str],
     if len(ready) != len(set(ready)):
         problems.append(f"ready list has duplicates: {_duplicates(ready)}")
     if len(waiting) != len(set(waiting)):
-        problems.append(f"waiting list has duplicates: {_duplicates(waiting)}")
+        problems.append(f"waiting queue has duplicates: {_duplicates(waiting)}")
     if set(waiting) != set(since):
         problems.append("waiting users apart: "
-                        + _apart("the waiting list", set(waiting), "waiting_since", set(since)))
+                        + _apart("the waiting queue", set(waiting), "waiting_since", set(since)))
     if ready and waiting:
         problems.append(f"users wait ({len(waiting)}) while nodes are ready ({len(ready)})")
     holders: dict[str, str] = {}

@@ -41,7 +41,7 @@ class PoolUnderTest:
         return items
 
     async def waiting_list(self) -> list[str]:
-        items: list[str] = await self.redis.lrange(self.keys.key("waiting"), 0, -1)
+        items: list[str] = await self.redis.zrange(self.keys.key("waiting"), 0, -1)
         return items
 
     async def alloc(self) -> dict[str, str]:

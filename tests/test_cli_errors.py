@@ -36,6 +36,7 @@ def invoke(*args: str) -> tuple[int, str]:
     ["bench", "features", "TRACE", "--horizon", "inf"],
     ["bench", "bound", "TRACE", "--window", "inf"],
     ["bench", "tick-cost", "--users", "-5"],
+    ["bench", "queue-cost", "--waiting", "0"],
     ["bench", "replay", "TRACE", "--redis-url", "notaurl"],
     ["mock-node-api", "--redis-url", "notaurl"],
     ["simulate", "--redis-url", "redis://127.0.0.1:notaport"],

@@ -177,6 +177,84 @@ async def test_disconnect_of_a_waiting_user_abandons_the_queue(pool: PoolUnderTe
     assert (await pool.snap()).stat("abandoned") == 1
 
 
+async def test_the_queue_keeps_its_order_through_a_disconnect_and_a_crash(
+    pool: PoolUnderTest,
+) -> None:
+    """The waiting queue is a sorted set by place in line, so a waiting user's disconnect is a
+    ZREM (O(log n)) where a list's LREM read the whole queue; the order is what a list kept:
+    the rest in line after a disconnect from the middle, a crashed node's user at the front."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "held")
+    for user in ("u1", "u2", "u3", "u4"):
+        pool.clock.advance(1000)
+        await pool.scripts.allocate(pool.now, user)
+    assert (await pool.scripts.release(pool.now, "u2")).code is Release.ABANDONED
+    await pool.scripts.apply_node_status(pool.now, "n1", "terminated")  # "held" goes first
+    assert await pool.redis.type(pool.keys.key("waiting")) == "zset"
+    assert await pool.waiting_list() == ["held", "u1", "u3", "u4"]
+    for k in range(4):
+        await pool.boot(f"m{k}")
+    assert await pool.alloc() == {"held": "m0", "u1": "m1", "u3": "m2", "u4": "m3"}
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def _a_waiting_list_as_the_release_before_left_it(pool: PoolUnderTest) -> None:
+    """Three users in the queue as releases up to 1f26912 kept it: a list, head first."""
+    for k, user in enumerate(("a", "b", "c")):
+        await pool.redis.rpush(pool.keys.key("waiting"), user)
+        await pool.redis.hset(pool.keys.key("waiting_since"), user, pool.now + k)
+
+
+async def test_a_waiting_list_left_by_the_release_before_is_taken_as_the_queue(
+    pool: PoolUnderTest,
+) -> None:
+    """Read as it is (snapshot, users, check) until a script writes; the first that writes,
+    whichever, converts it in order, once; then the users are served as they stood."""
+    from provisioner.view import user_rows
+
+    await _a_waiting_list_as_the_release_before_left_it(pool)
+    assert (await pool.snap()).counts["waiting"] == 3
+    waiting, _ = await user_rows(pool.redis, pool.keys.pool)
+    assert [user for user, _ in waiting] == ["a", "b", "c"]
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+    await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000)
+    assert await pool.redis.type(pool.keys.key("waiting")) == "zset"
+    assert await pool.waiting_list() == ["a", "b", "c"]
+    assert (await pool.snap()).stat("waiting_list_converted") == 3
+    await pool.scripts.allocate(pool.now, "d")
+    await pool.scripts.release(pool.now, "b")
+    for node in ("n1", "n2", "n3"):
+        await pool.boot(node)
+    assert await pool.alloc() == {"a": "n1", "c": "n2", "d": "n3"}
+    assert (await pool.snap()).stat("waiting_list_converted") == 3
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def test_a_refused_script_leaves_the_old_waiting_list_as_it_was(
+    pool: PoolUnderTest,
+) -> None:
+    """Conversion comes after every key's type has passed: a script refused for another key
+    writes nothing, the old list included."""
+    await _a_waiting_list_as_the_release_before_left_it(pool)
+    await pool.redis.set(pool.keys.key("model"), "not a hash")
+    with pytest.raises(ResponseError, match="WRONGTYPE pool key"):
+        await pool.scripts.allocate(pool.now, "d")
+    assert await pool.redis.type(pool.keys.key("waiting")) == "list"
+    assert await pool.redis.lrange(pool.keys.key("waiting"), 0, -1) == ["a", "b", "c"]
+
+
+async def test_the_queue_cost_benchmark_times_disconnects_and_misses(
+        redis_url: str, aredis: aioredis.Redis) -> None:
+    """`bench queue-cost` loads the queue as the scripts keep it (each timed disconnect is of a
+    user it finds waiting, or it stops) and leaves nothing behind."""
+    from provisioner.bench.queuecost import measure
+
+    cost = await measure(redis_url, 500, calls=20, pool_name="queuecost-test")
+    assert cost.waiting == 500 and cost.disconnect_us > 0 and cost.miss_us > 0
+    assert cost.server.split()[0] in ("redis", "valkey")
+    assert await aredis.keys("prov:{queuecost-test}:*") == []
+
+
 async def test_disconnect_of_an_unknown_user_changes_nothing(pool: PoolUnderTest) -> None:
     await pool.boot("n1")
     before = await pool.dump()

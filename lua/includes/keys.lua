@@ -2,7 +2,7 @@
 -- Every script receives it as KEYS[1..26]; per-user and per-node keys are built from the prefixes.
 local K = {
   ready = KEYS[1],          -- list: ready node ids, head = idle the longest (served first)
-  waiting = KEYS[2],        -- list: waiting user ids, head = oldest
+  waiting = KEYS[2],        -- zset: waiting user ids by place in line, lowest = served first
   waiting_since = KEYS[3],  -- hash: user -> ms when the user started waiting
   alloc = KEYS[4],          -- hash: user -> node (the allocation map)
   nodes = KEYS[5],          -- zset: live node ids by creation ms
@@ -36,7 +36,7 @@ local rcall = redis.call
 -- user's allocation and left the node allocated to nobody, for good. So every script that
 -- writes checks them all before its first write (refuse_wrong_types) and is refused whole.
 local KEY_TYPES = {
-  {'ready', 'list'}, {'waiting', 'list'}, {'waiting_since', 'hash'}, {'alloc', 'hash'},
+  {'ready', 'list'}, {'waiting', 'zset'}, {'waiting_since', 'hash'}, {'alloc', 'hash'},
   {'nodes', 'zset'}, {'booting', 'zset'}, {'terminating', 'zset'}, {'pending', 'zset'},
   {'unclaimed', 'zset'}, {'active', 'zset'}, {'engaged', 'zset'}, {'stats', 'hash'},
   {'tick_lock', 'string'}, {'decisions', 'stream'}, {'seq', 'string'}, {'levels', 'zset'},
@@ -44,15 +44,30 @@ local KEY_TYPES = {
   {'replica_info', 'hash'}, {'sessions', 'zset'}, {'epoch', 'string'},
 }
 
+-- Releases up to 1f26912 (2026-12-04) kept the waiting queue as a list, whose LREM (a waiting user's
+-- disconnect) is linear in the queue; it is a sorted set now. A list found there is taken as the
+-- queue it was, head first, and converted by the first script that writes (once, O(n)).
+local LEGACY_TYPES = {waiting = 'list'}
+
 -- Raises "WRONGTYPE pool key ..." if a pool key holds another type than its own; O(1) each.
+-- Then converts a waiting queue still kept as a list (LEGACY_TYPES): only once every key has
+-- passed, so a script refused writes nothing.
 local function refuse_wrong_types()
   for _, entry in ipairs(KEY_TYPES) do
     local key = K[entry[1]]
     local kind = rcall('TYPE', key)['ok']
-    if kind ~= 'none' and kind ~= entry[2] then
+    if kind ~= 'none' and kind ~= entry[2] and kind ~= LEGACY_TYPES[entry[1]] then
       error({err = 'WRONGTYPE pool key ' .. key .. ' holds a ' .. kind .. ', not a '
         .. entry[2] .. ' (an edit by hand?): nothing was changed'})
     end
+  end
+  if rcall('TYPE', K.waiting)['ok'] == 'list' then
+    local users = rcall('LRANGE', K.waiting, 0, -1)
+    rcall('DEL', K.waiting)
+    for place, user in ipairs(users) do
+      rcall('ZADD', K.waiting, 'NX', place, user)  -- a user listed twice keeps the first place
+    end
+    pcall(rcall, 'HINCRBY', K.stats, 'waiting_list_converted', #users)
   end
 end
 

@@ -8,7 +8,7 @@ end
 -- Shared transitions of the pool. Every script that changes who holds what goes through these,
 -- so that the invariants live in one place:
 --   * a node is in exactly one of: ready list, booting zset, terminating zset, alloc map values;
---   * a user is in at most one of: waiting list (with waiting_since), alloc map;
+--   * a user is in at most one of: waiting queue (with waiting_since), alloc map;
 --   * at the end of every script, never both a waiting user and a ready node (match_waiting).
 
 -- Hand node_id to user_id and announce it. The only place that publishes user:allocated.
@@ -52,12 +52,12 @@ end
 -- the two runs out. Returns a flat list {user, node, waited_ms, ...} of what it did.
 local function match_waiting(now)
   local served = {}
-  while rcall('LLEN', K.waiting) > 0 and rcall('LLEN', K.ready) > 0 do
+  while rcall('ZCARD', K.waiting) > 0 and rcall('LLEN', K.ready) > 0 do
     local node = take_ready()
     if not node then
       break
     end
-    local user = rcall('LPOP', K.waiting)
+    local user = rcall('ZPOPMIN', K.waiting)[1]
     local since = tonumber(rcall('HGET', K.waiting_since, user)) or now
     rcall('HDEL', K.waiting_since, user)
     local waited = math.max(0, now - since)
@@ -81,13 +81,16 @@ local function node_free(node_id, now)
   return match_waiting(now)
 end
 
--- Put a user at the back (or, after a crash of their node, the front) of the waiting queue.
+-- Put a user at the back (or, after a crash of their node, the front) of the waiting queue: a
+-- sorted set scored by place in line, so a waiting user's disconnect is a ZREM, O(log n). Places
+-- are whole numbers one past the last (or before the first), exact up to 2^53 enqueues.
 local function enqueue_waiting(user_id, now, at_head)
-  if at_head then
-    rcall('LPUSH', K.waiting, user_id)
-  else
-    rcall('RPUSH', K.waiting, user_id)
+  local edge = rcall('ZRANGE', K.waiting, at_head and 0 or -1, at_head and 0 or -1, 'WITHSCORES')
+  local place = 0
+  if edge[2] then
+    place = tonumber(edge[2]) + (at_head and -1 or 1)
   end
+  rcall('ZADD', K.waiting, place, user_id)
   rcall('HSET', K.waiting_since, user_id, now)
   rcall('ZREM', K.engaged, user_id)
   forget_levels(user_id)

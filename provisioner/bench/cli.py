@@ -466,6 +466,31 @@ def tick_cost(
     console.print(table)
 
 
+@app.command("queue-cost")
+def queue_cost(
+    waiting: Annotated[list[int] | None, typer.Option(
+        min=1, max=10_000_000,
+        help="Users waiting in the queue (repeatable); default 10, 10^4, 3x10^5")] = None,
+    calls: Annotated[int, typer.Option(min=1, max=100_000,
+                                       help="Disconnects and misses timed per size")] = 200,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Server time of a waiting user's disconnect and of a miss, against a waiting queue of 10
+    to 300,000 users (INFO commandstats, no round trip)."""
+    from provisioner.bench.queuecost import run
+
+    sizes = waiting or [10, 10_000, 300_000]
+    with _server(redis_url) as url:
+        results = run(url, sizes, calls=calls)
+    server = results[0].server if results else "?"
+    table = Table(title=f"a waiting user's disconnect and a miss, server time a call, on {server}")
+    for column in ("users waiting", "disconnect µs", "miss µs"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(f"{r.waiting:,}", f"{r.disconnect_us:.1f}", f"{r.miss_us:.1f}")
+    console.print(table)
+
+
 @app.command()
 def ingest(
     messages: Annotated[int, typer.Option(min=1, help="Activity messages to publish")] = 20_000,

@@ -1,0 +1,92 @@
+"""What a waiting user's disconnect and a miss cost the server as the waiting queue grows.
+
+Loads N users into the waiting queue (the queue and `waiting_since` as allocate leaves them,
+written in bulk, of the type the scripts keep it as), then times, by the server's own account
+(`INFO commandstats`: microseconds of script time a call, no round trip), `calls` disconnects
+of waiting users taken from the middle of the queue (release.lua: out of the queue) and `calls`
+misses (allocate.lua: a new user joins its back). The queue is a sorted set by place in line
+(lua/includes/pool.lua enqueue_waiting), so both should stay flat as N grows; a list's LREM
+read the whole queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from provisioner.keys import PoolKeys
+from provisioner.redis_server import server_label
+from provisioner.scripts import Allocation, Release, Scripts
+
+T0 = 1_767_225_600_000
+
+
+@dataclass(frozen=True)
+class QueueCost:
+    waiting: int
+    disconnect_us: float  # server time of one waiting user's release.lua
+    miss_us: float  # server time of one allocate.lua that joins the queue
+    server: str
+
+
+async def _script_us(redis: aioredis.Redis) -> tuple[int, int]:
+    """(calls, usec) of script calls so far (EVALSHA, and EVAL where a script was loaded)."""
+    stats = await redis.info("commandstats")
+    calls = usec = 0
+    for name in ("cmdstat_evalsha", "cmdstat_eval"):
+        if name in stats:
+            calls += int(stats[name]["calls"])
+            usec += int(stats[name]["usec"])
+    return calls, usec
+
+
+async def measure(redis_url: str, waiting: int, *, calls: int = 200,
+                  pool_name: str = "queuecost") -> QueueCost:
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    keys = PoolKeys(pool_name)
+    scripts = Scripts(redis, keys)
+    try:
+        async for key in redis.scan_iter(match=keys.pattern(), count=1000):
+            await redis.unlink(key)
+        users = [f"waiting-{k:08d}" for k in range(waiting)]
+        await scripts.allocate(T0, users[0])  # the queue, of the type these scripts keep it as
+        queue = keys.key("waiting")
+        as_list = await redis.type(queue) == "list"  # (releases up to 1f26912, compared)
+        for first in range(1, waiting, 10_000):
+            chunk = users[first:first + 10_000]
+            async with redis.pipeline(transaction=False) as pipe:
+                if as_list:
+                    pipe.rpush(queue, *chunk)
+                else:
+                    pipe.zadd(queue, {u: first + k for k, u in enumerate(chunk)})
+                pipe.hset(keys.key("waiting_since"), mapping=dict.fromkeys(chunk, T0))
+                await pipe.execute()
+        loaded = await (redis.llen(queue) if as_list else redis.zcard(queue))
+        if loaded != waiting:
+            raise RuntimeError("the queue was not loaded as meant")
+        leaving = [users[(waiting // 2 + k) % waiting] for k in range(min(calls, waiting))]
+        before = await _script_us(redis)
+        for user in leaving:
+            if (await scripts.release(T0, user)).code is not Release.ABANDONED:
+                raise RuntimeError(f"{user} was not waiting: the queue was not loaded as meant")
+        after = await _script_us(redis)
+        for k in range(calls):
+            if (await scripts.allocate(T0, f"new-{k}")).code is not Allocation.WAITING:
+                raise RuntimeError("a connect found a node: the pool was not empty")
+        last = await _script_us(redis)
+        server = server_label(await redis.info("server"))
+
+        def per_call(a: tuple[int, int], b: tuple[int, int]) -> float:
+            return (b[1] - a[1]) / max(1, b[0] - a[0])
+
+        return QueueCost(waiting, per_call(before, after), per_call(after, last), server)
+    finally:
+        async for key in redis.scan_iter(match=keys.pattern(), count=1000):
+            await redis.unlink(key)
+        await redis.aclose()
+
+
+def run(redis_url: str, sizes: list[int], calls: int = 200) -> list[QueueCost]:
+    return [asyncio.run(measure(redis_url, n, calls=calls)) for n in sizes]

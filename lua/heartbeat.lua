@@ -6,7 +6,8 @@
 
   `replicas` scores each replica by the ms of its last heartbeat; `replica_info` holds what it
   said. A replica not heard from for `forget_ms` is forgotten (a restarted replica comes back
-  under a new id, so the dead ones would otherwise pile up): at most 10 per call, O(log n) each.
+  under a new id, so the dead ones would otherwise pile up): at most 10 per call, O(log n) each,
+  judged by the earlier of the replica's clock and the server's (one ahead forgets no one early).
   Applying the same heartbeat twice leaves the same state; an older one (a late retry) never
   moves a replica's time back.
 
@@ -62,12 +63,17 @@ if rcall('ZADD', K.replicas, 'GT', 'CH', now, replica) == 1
     or rcall('HEXISTS', K.replica_info, replica) == 0 then
   rcall('HSET', K.replica_info, replica, info)
 end
-local gone = rcall('ZRANGEBYSCORE', K.replicas, '-inf', '(' .. (now - forget_ms), 'LIMIT', 0, 10)
+local time = rcall('TIME')
+local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+-- Silence is judged by the earlier of this replica's clock and the server's: a replica whose
+-- clock runs ahead would otherwise forget every other one as silent (ten minutes ahead, all of
+-- them), hiding them from `provisioner status`.
+local judged_at = math.min(now, server_ms)
+local gone = rcall('ZRANGEBYSCORE', K.replicas, '-inf', '(' .. (judged_at - forget_ms),
+                   'LIMIT', 0, 10)
 if #gone > 0 then
   rcall('ZREM', K.replicas, unpack(gone))
   rcall('HDEL', K.replica_info, unpack(gone))
 end
 rcall('SET', K.epoch, proposed, 'NX')
-local time = rcall('TIME')
-local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch), server_ms}

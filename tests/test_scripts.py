@@ -1055,6 +1055,19 @@ async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
     assert await pool.redis.hkeys(pool.keys.key("replica_info")) == ["r2"]
 
 
+async def test_a_replica_whose_clock_runs_ahead_forgets_no_one_early(
+    pool: PoolUnderTest,
+) -> None:
+    """Ten minutes ahead, its heartbeat took every other replica for silent and dropped it from
+    `provisioner status`; silence is judged by the earlier of its clock and the server's."""
+    server_now = int(time.time() * 1000)
+    await pool.scripts.heartbeat(server_now, "in-step", {}, 60_000)
+    ahead = await pool.scripts.heartbeat(server_now + 600_000, "ahead", {}, 60_000)
+    assert ahead[:2] == (2, 0)
+    listed = await pool.redis.zrange(pool.keys.key("replicas"), 0, -1)
+    assert sorted(listed) == ["ahead", "in-step"]
+
+
 async def test_a_heartbeat_returns_the_server_s_clock(pool: PoolUnderTest) -> None:
     before = time.time() * 1000
     *_, server_ms = await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000)

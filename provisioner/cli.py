@@ -415,8 +415,7 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
 
     if as_json:
         typer.echo(json.dumps({
-            "waiting": [{"user_id": u, "waiting_s": round((now - s) / 1000, 1)}
-                        for u, s in waiting],
+            "waiting": [{"user_id": u, "waiting_s": seconds(s)} for u, s in waiting],
             "allocated": [{"user_id": s.user, "node_id": s.node,
                            "session_s": seconds(s.allocated_ms),
                            "last_active_s": seconds(s.last_activity_ms)} for s in sessions]},
@@ -426,7 +425,7 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     table.add_column("user", no_wrap=True)
     table.add_column("waiting for")
     for user, since in waiting:
-        table.add_row(Text(user), f"{(now - since) / 1000:.0f}s")
+        table.add_row(Text(user), _ago(now, since))
     console.print(table)
     table = Table(title=f"connected users of pool {pool} ({len(sessions)}), longest first")
     for column in ("user", "node", "session", "last active"):

@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
+from redis.exceptions import ResponseError, WatchError
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -202,14 +202,25 @@ async def waiting_users(redis: aioredis.Redis, keys: PoolKeys, limit: int = 0) -
     sorted set by place in line; a pool no writing script has run on since the upgrade still
     keeps it as the list it was (lua/includes/keys.lua LEGACY_TYPES), read as that."""
     key = keys.key("waiting")
-    if as_text(await redis.type(key)) == "list":
-        return [as_text(u) for u in await redis.lrange(key, 0, limit - 1)]
-    return [as_text(u) for u in await redis.zrange(key, 0, limit - 1)]
+    as_list = as_text(await redis.type(key)) == "list"
+    try:
+        return await _queue(redis, key, as_list, limit)
+    except ResponseError as e:
+        if "WRONGTYPE" not in str(e):
+            raise
+        # converted by a script between the TYPE and the read (once, at the upgrade)
+        return await _queue(redis, key, not as_list, limit)
+
+
+async def _queue(redis: aioredis.Redis, key: str, as_list: bool, limit: int) -> list[str]:
+    found = await (redis.lrange(key, 0, limit - 1) if as_list else redis.zrange(key, 0, limit - 1))
+    return [as_text(u) for u in found]
 
 
 async def user_rows(redis: aioredis.Redis, pool: str,
-                    limit: int = 200) -> tuple[list[tuple[str, int]], list[Session]]:
-    """(waiting users with the ms they started waiting, oldest first; users holding a node,
+                    limit: int = 200) -> tuple[list[tuple[str, int | None]], list[Session]]:
+    """(waiting users with the ms they started waiting, first served first, None where that
+    is not found (an id that is not UTF-8, shown replaced); users holding a node,
     the longest session first). Reads every allocation to sort them, so it is for an
     operator's command, not a hot path."""
     keys = PoolKeys(pool)
@@ -226,8 +237,7 @@ async def user_rows(redis: aioredis.Redis, pool: str,
                 for (user, node), started, active in zip(held, replies[::2], replies[1::2],
                                                          strict=True)]
     sessions.sort(key=lambda s: (s.allocated_ms is not None, s.allocated_ms or 0, s.user))
-    return ([(u, time_ms(s) or 0) for u, s in zip(waiting, since, strict=True)],
-            sessions[:limit])
+    return ([(u, time_ms(s)) for u, s in zip(waiting, since, strict=True)], sessions[:limit])
 
 
 async def pool_exists(redis: aioredis.Redis, pool: str) -> bool:

@@ -182,6 +182,11 @@ def test_ids_that_are_not_text_stop_no_view(redis_url: str, sync_redis: redis.Re
     shown = CliRunner().invoke(app, ["nodes", "--redis-url", redis_url, "--pool", "bytes",
                                      "--json"]).output
     assert len(json.loads(shown)) == 1
+    # Its waiting time is not found under the replaced text: unknown, not 56 years.
+    sync_redis.hset(keys.key("waiting_since"), b"\xff\xfeuser", 1)
+    shown = CliRunner().invoke(app, ["users", "--redis-url", redis_url, "--pool", "bytes",
+                                     "--json"]).output
+    assert [w["waiting_s"] for w in json.loads(shown)["waiting"]] == [None]
 
 
 async def test_an_id_that_is_not_text_goes_back_to_redis_as_it_came(redis_url: str) -> None:

@@ -230,6 +230,61 @@ async def test_a_waiting_list_left_by_the_release_before_is_taken_as_the_queue(
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
+async def test_a_legacy_list_with_a_user_twice_converts_to_each_user_once(
+    pool: PoolUnderTest,
+) -> None:
+    for user in ("a", "b", "a", "a"):
+        await pool.redis.rpush(pool.keys.key("waiting"), user)
+        await pool.redis.hset(pool.keys.key("waiting_since"), user, pool.now)
+    await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000)
+    assert await pool.waiting_list() == ["a", "b"]
+    assert (await pool.snap()).stat("waiting_list_converted") == 2  # users, not entries
+
+
+@pytest.mark.parametrize("edge, score", [("tail", "inf"), ("tail", 2.0**53), ("tail", 1e300),
+                                         ("head", "-inf"), ("head", -(2.0**53))])
+async def test_a_place_written_by_hand_that_cannot_move_is_numbered_again(
+    pool: PoolUnderTest, edge: str, score: float | str,
+) -> None:
+    """A place of inf, or beyond 2^53, gives back itself plus or minus one: every later user
+    tied with it and was served by id. The queue is numbered again in its order instead."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "held")
+    for user in ("w1", "w2"):
+        await pool.scripts.allocate(pool.now, user)
+    edited = "w2" if edge == "tail" else "w1"
+    await pool.redis.zadd(pool.keys.key("waiting"), {edited: score})
+    for user in ("u9", "u10", "u2"):
+        await pool.scripts.allocate(pool.now, user)
+    await pool.scripts.apply_node_status(pool.now, "n1", "terminated")  # "held" goes first
+    assert await pool.waiting_list() == ["held", "w1", "w2", "u9", "u10", "u2"]
+    assert (await pool.snap()).stat("values_repaired") >= 1
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def test_a_queue_converted_between_its_type_and_its_read_is_read_all_the_same(
+    pool: PoolUnderTest,
+) -> None:
+    """`check` and `users` read the queue's type, then the queue: a script that converts the
+    old list in between (once, at the upgrade) must not fail them with WRONGTYPE."""
+    from provisioner.view import waiting_users
+
+    await _a_waiting_list_as_the_release_before_left_it(pool)
+    real_type = pool.redis.type
+
+    async def type_then_convert(key: str) -> str:
+        found = await real_type(key)
+        await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000)  # converts it now
+        return found
+
+    pool.redis.type = type_then_convert  # type: ignore[method-assign]
+    try:
+        assert await waiting_users(pool.redis, pool.keys) == ["a", "b", "c"]
+    finally:
+        pool.redis.type = real_type  # type: ignore[method-assign]
+    assert await pool.redis.type(pool.keys.key("waiting")) == "zset"
+
+
 async def test_a_refused_script_leaves_the_old_waiting_list_as_it_was(
     pool: PoolUnderTest,
 ) -> None:
@@ -249,8 +304,11 @@ async def test_the_queue_cost_benchmark_times_disconnects_and_misses(
     user it finds waiting, or it stops) and leaves nothing behind."""
     from provisioner.bench.queuecost import measure
 
+    await aredis.script_flush()  # as on a new server: the scripts not loaded yet
     cost = await measure(redis_url, 500, calls=20, pool_name="queuecost-test")
     assert cost.waiting == 500 and cost.disconnect_us > 0 and cost.miss_us > 0
+    # each figure is over the calls timed, not a failed NOSCRIPT first call besides
+    assert (cost.disconnect_calls, cost.miss_calls) == (20, 20)
     assert cost.server.split()[0] in ("redis", "valkey")
     assert await aredis.keys("prov:{queuecost-test}:*") == []
 

@@ -46,7 +46,9 @@ local KEY_TYPES = {
 
 -- Releases up to 1f26912 (2026-12-04) kept the waiting queue as a list, whose LREM (a waiting user's
 -- disconnect) is linear in the queue; it is a sorted set now. A list found there is taken as the
--- queue it was, head first, and converted by the first script that writes (once, O(n)).
+-- queue it was, head first, and converted by the first script that writes (O(n), about 2 us a
+-- user: 0.64 s of the server for 300,000; a replica of the release before, run beside, writes a
+-- list again into an emptied queue, converted again in turn).
 local LEGACY_TYPES = {waiting = 'list'}
 
 -- Raises "WRONGTYPE pool key ..." if a pool key holds another type than its own; O(1) each.
@@ -67,7 +69,7 @@ local function refuse_wrong_types()
     for place, user in ipairs(users) do
       rcall('ZADD', K.waiting, 'NX', place, user)  -- a user listed twice keeps the first place
     end
-    pcall(rcall, 'HINCRBY', K.stats, 'waiting_list_converted', #users)
+    pcall(rcall, 'HINCRBY', K.stats, 'waiting_list_converted', rcall('ZCARD', K.waiting))
   end
 end
 

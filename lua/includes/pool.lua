@@ -81,16 +81,35 @@ local function node_free(node_id, now)
   return match_waiting(now)
 end
 
--- Put a user at the back (or, after a crash of their node, the front) of the waiting queue: a
--- sorted set scored by place in line, so a waiting user's disconnect is a ZREM, O(log n). Places
--- are whole numbers one past the last (or before the first), exact up to 2^53 enqueues.
-local function enqueue_waiting(user_id, now, at_head)
+-- Places in line: whole numbers, so one past the last (or before the first) is exact while
+-- they stay within 2^53. A place that cannot move by one (inf, or beyond 2^53: only an edit by
+-- hand writes one) would tie every later user with it, served then by id, not by arrival; the
+-- queue is numbered again from 1 in its order, counted in stats `values_repaired`. O(n), once.
+local EXACT_PLACES = 2 ^ 53
+
+local function waiting_edge(at_head)
   local edge = rcall('ZRANGE', K.waiting, at_head and 0 or -1, at_head and 0 or -1, 'WITHSCORES')
-  local place = 0
-  if edge[2] then
-    place = tonumber(edge[2]) + (at_head and -1 or 1)
+  return tonumber(edge[2])
+end
+
+local function renumber_waiting()
+  local users = rcall('ZRANGE', K.waiting, 0, -1)
+  for place, user in ipairs(users) do
+    rcall('ZADD', K.waiting, place, user)
   end
-  rcall('ZADD', K.waiting, place, user_id)
+  stat('values_repaired')
+end
+
+-- Put a user at the back (or, after a crash of their node, the front) of the waiting queue: a
+-- sorted set scored by place in line, so a waiting user's disconnect is a ZREM, O(log n).
+local function enqueue_waiting(user_id, now, at_head)
+  local step = at_head and -1 or 1
+  local edge = waiting_edge(at_head)
+  if edge and not (math.abs(edge) < EXACT_PLACES) then
+    renumber_waiting()
+    edge = waiting_edge(at_head)
+  end
+  rcall('ZADD', K.waiting, edge and (edge + step) or 0, user_id)
   rcall('HSET', K.waiting_since, user_id, now)
   rcall('ZREM', K.engaged, user_id)
   forget_levels(user_id)

@@ -6,7 +6,8 @@ written in bulk, of the type the scripts keep it as), then times, by the server'
 of waiting users taken from the middle of the queue (release.lua: out of the queue) and `calls`
 misses (allocate.lua: a new user joins its back). The queue is a sorted set by place in line
 (lua/includes/pool.lua enqueue_waiting), so both should stay flat as N grows; a list's LREM
-read the whole queue.
+read the whole queue. The counters are the server's, every client's: on a server others use
+(`--redis-url`), their scripts count too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class QueueCost:
     disconnect_us: float  # server time of one waiting user's release.lua
     miss_us: float  # server time of one allocate.lua that joins the queue
     server: str
+    disconnect_calls: int  # the script calls the server counted for each, as timed
+    miss_calls: int
 
 
 async def _script_us(redis: aioredis.Redis) -> tuple[int, int]:
@@ -67,6 +70,8 @@ async def measure(redis_url: str, waiting: int, *, calls: int = 200,
         if loaded != waiting:
             raise RuntimeError("the queue was not loaded as meant")
         leaving = [users[(waiting // 2 + k) % waiting] for k in range(min(calls, waiting))]
+        # Each script loaded before the timing: a first EVALSHA fails NOSCRIPT and would count.
+        await scripts.release(T0, "nobody")
         before = await _script_us(redis)
         for user in leaving:
             if (await scripts.release(T0, user)).code is not Release.ABANDONED:
@@ -81,7 +86,8 @@ async def measure(redis_url: str, waiting: int, *, calls: int = 200,
         def per_call(a: tuple[int, int], b: tuple[int, int]) -> float:
             return (b[1] - a[1]) / max(1, b[0] - a[0])
 
-        return QueueCost(waiting, per_call(before, after), per_call(after, last), server)
+        return QueueCost(waiting, per_call(before, after), per_call(after, last), server,
+                         after[0] - before[0], last[0] - after[0])
     finally:
         async for key in redis.scan_iter(match=keys.pattern(), count=1000):
             await redis.unlink(key)

@@ -55,6 +55,10 @@ class Metrics:
             "How long the longest session running has held its node (from Redis; 0 when none "
             "runs): a session whose user:disconnect was lost keeps growing it",
             registry=r)
+        self.longest_wait = Gauge(
+            "provisioner_longest_wait_seconds",
+            "How long the user waiting the longest for a node has waited (from Redis; 0 when "
+            "none waits)", registry=r)
         self.api_calls = Counter("provisioner_node_api_calls",
                                  "Node API calls, by operation and outcome: an answer (created, "
                                  "sent, gone, ok) or a failure (connect_error, transport_error, "

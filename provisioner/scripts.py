@@ -218,6 +218,12 @@ class Snapshot:
         oldest = self.counts.get("oldest_session_ms", 0)
         return max(0, now_ms - oldest) / 1000 if oldest else 0.0
 
+    def longest_wait_s(self, now_ms: int) -> float:
+        """How long the user waiting the longest at `now_ms` has waited (0 when none waits),
+        as snapshot.lua reads it from the front of the queue."""
+        oldest = self.counts.get("oldest_wait_ms", 0)
+        return max(0, now_ms - oldest) / 1000 if oldest else 0.0
+
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(
             creates=self.stat("creates_reserved"), on_rise=self.stat("creates_on_rise"),

@@ -74,6 +74,7 @@ class PoolView:
             "operator_releases": self.snapshot.stat("operator_releases"),
             "values_repaired": self.snapshot.stat("values_repaired"),
             "longest_session_s": round(self.snapshot.longest_session_s(self.now_ms), 1),
+            "longest_wait_s": round(self.snapshot.longest_wait_s(self.now_ms), 1),
             "last_decision": stats.get("last_decision", ""),
             "last_numbers": _json_object(stats.get("last_numbers", "")),
             "last_replica": stats.get("last_replica", ""),
@@ -131,7 +132,9 @@ def render_view(view: PoolView) -> Group:
     users = Table.grid(padding=(0, 2))
     users.add_row(
         Text(f"active {c['active']}"), Text(f"engaged {c['engaged']}"),
-        Text(f"waiting {c['waiting']}", style="red" if c["waiting"] else ""),
+        Text(f"waiting {c['waiting']}"
+             + (f" (longest {duration_text(data['longest_wait_s'])})" if c["waiting"] else ""),
+             style="red" if c["waiting"] else ""),
         Text(f"connected {c['allocated']}", style="cyan"),
         Text(f"longest session {duration_text(data['longest_session_s'])}"
              if c["allocated"] else ""))

@@ -372,6 +372,31 @@ async def test_an_operator_s_release_does_what_a_disconnect_does_and_is_logged(
     assert await pool.ready_list() == ["n1"]
 
 
+async def test_the_snapshot_gives_the_longest_wait_a_crash_requeue_put_behind(
+    pool: PoolUnderTest,
+) -> None:
+    """The front of the queue waited the longest, but for a crashed node's user put there with
+    the time of the crash: the snapshot takes the earliest start among the first ten."""
+    assert (await pool.snap()).counts["oldest_wait_ms"] == 0
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "held")
+    pool.clock.advance(1_000)
+    await pool.scripts.allocate(pool.now, "u1")
+    pool.clock.advance(1_000)
+    await pool.scripts.allocate(pool.now, "u2")
+    pool.clock.advance(5_000)
+    await pool.scripts.apply_node_status(pool.now, "n1", "terminated")  # "held" to the front
+    assert await pool.waiting_list() == ["held", "u1", "u2"]
+    snap = await pool.snap()
+    assert snap.counts["oldest_wait_ms"] == T0 + 1_000
+    assert snap.longest_wait_s(T0 + 61_000) == 60.0
+    await pool.boot("m1")  # to "held"
+    await pool.boot("m2")  # to "u1"
+    assert (await pool.snap()).counts["oldest_wait_ms"] == T0 + 2_000
+    await pool.scripts.release(pool.now, "u2")
+    assert (await pool.snap()).counts["oldest_wait_ms"] == 0
+
+
 async def test_the_sessions_follow_every_allocation_and_give_the_longest(
     pool: PoolUnderTest,
 ) -> None:

@@ -293,6 +293,19 @@ async def test_the_longest_session_is_exported_for_prometheus(
     assert counter(replica, "provisioner_longest_session_seconds") == 0
 
 
+async def test_the_longest_wait_is_exported_for_prometheus(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(min_ready=1))
+    await send([replica], "user:connect", {"user_id": "u1"})  # no node: waits
+    clock.advance(400_000)
+    await replica.refresh_gauges(clock.now_ms())
+    assert counter(replica, "provisioner_longest_wait_seconds") == 400
+    await send([replica], "user:disconnect", {"user_id": "u1"})
+    await replica.refresh_gauges(clock.now_ms())
+    assert counter(replica, "provisioner_longest_wait_seconds") == 0
+
+
 async def test_two_replicas_applying_every_event_allocate_once(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

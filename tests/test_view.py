@@ -192,8 +192,10 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
     assert re.search(r"lost\W+n1\W+36\d\ds\W+-", table.output), table.output
     status = json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)
     assert 3590 < status["longest_session_s"] < 3700 and status["operator_releases"] == 0
+    assert 0.9 < status["longest_wait_s"] < 100
     shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
     assert "longest session 1h 0m" in shown and "released by an operator" not in shown
+    assert re.search(r"waiting 1 \(longest \d+s\)", shown), shown
 
     # Asked and refused: nothing changes.
     refused = CliRunner().invoke(app, ["release", "lost", *common], input="n\n")

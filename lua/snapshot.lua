@@ -21,14 +21,17 @@ local is_list = rcall('TYPE', K.waiting)['ok'] == 'list'
 local waiting = is_list and rcall('LLEN', K.waiting) or rcall('ZCARD', K.waiting)
 -- The longest wait: users join the queue's back, so its first users waited the longest, but
 -- for a crashed node's users, put at its front with the time of the crash. The earliest start of
--- the first WAIT_SCAN is the longest wait unless more of those lead the queue. O(log n + 10).
+-- the first WAIT_SCAN is the longest wait unless more of those lead the queue (then it reads
+-- theirs, shorter). O(log n + 10).
 local WAIT_SCAN = 10
 local oldest_wait = 0
 local first = is_list and rcall('LRANGE', K.waiting, 0, WAIT_SCAN - 1)
   or rcall('ZRANGE', K.waiting, 0, WAIT_SCAN - 1)
 for _, user in ipairs(first) do
   local since = tonumber(rcall('HGET', K.waiting_since, user))
-  if since and (oldest_wait == 0 or since < oldest_wait) then
+  -- a time, or nothing: nan, inf or a negative (only a hand edit writes one) would stop the
+  -- JSON below, and with it `status` and every gauge
+  if since and since > 0 and since < math.huge and (oldest_wait == 0 or since < oldest_wait) then
     oldest_wait = since
   end
 end

@@ -218,11 +218,14 @@ class Snapshot:
         oldest = self.counts.get("oldest_session_ms", 0)
         return max(0, now_ms - oldest) / 1000 if oldest else 0.0
 
-    def longest_wait_s(self, now_ms: int) -> float:
-        """How long the user waiting the longest at `now_ms` has waited (0 when none waits),
-        as snapshot.lua reads it from the front of the queue."""
+    def longest_wait_s(self, now_ms: int) -> float | None:
+        """How long the user waiting the longest at `now_ms` has waited, as snapshot.lua reads
+        it from the front of the queue: 0 when none waits, None when users wait but none of
+        the first ten's start is a time (edited by hand)."""
         oldest = self.counts.get("oldest_wait_ms", 0)
-        return max(0, now_ms - oldest) / 1000 if oldest else 0.0
+        if not oldest:
+            return None if self.counts.get("waiting", 0) else 0.0
+        return max(0, now_ms - oldest) / 1000
 
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(

@@ -525,7 +525,7 @@ class Replica:
         for state in ("waiting", "allocated", "active", "engaged"):
             self.metrics.users.labels(state).set(snap.counts[state])
         self.metrics.longest_session.set(snap.longest_session_s(now))
-        self.metrics.longest_wait.set(snap.longest_wait_s(now))
+        self.metrics.longest_wait.set(snap.longest_wait_s(now) or 0.0)  # unknown: 0
         self.metrics.values_repaired.set(snap.stat("values_repaired"))
         check = snap.forecast_check()
         for quantity, value in check.quantities().items():

@@ -74,7 +74,7 @@ class PoolView:
             "operator_releases": self.snapshot.stat("operator_releases"),
             "values_repaired": self.snapshot.stat("values_repaired"),
             "longest_session_s": round(self.snapshot.longest_session_s(self.now_ms), 1),
-            "longest_wait_s": round(self.snapshot.longest_wait_s(self.now_ms), 1),
+            "longest_wait_s": _rounded(self.snapshot.longest_wait_s(self.now_ms)),
             "last_decision": stats.get("last_decision", ""),
             "last_numbers": _json_object(stats.get("last_numbers", "")),
             "last_replica": stats.get("last_replica", ""),
@@ -95,6 +95,10 @@ def time_ms(value: Any) -> int | None:
     except ValueError:
         return None
     return int(number) if math.isfinite(number) else None
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def _json_object(raw: str) -> dict[str, Any]:
@@ -132,12 +136,18 @@ def render_view(view: PoolView) -> Group:
     users = Table.grid(padding=(0, 2))
     users.add_row(
         Text(f"active {c['active']}"), Text(f"engaged {c['engaged']}"),
-        Text(f"waiting {c['waiting']}"
-             + (f" (longest {duration_text(data['longest_wait_s'])})" if c["waiting"] else ""),
-             style="red" if c["waiting"] else ""),
-        Text(f"connected {c['allocated']}", style="cyan"),
-        Text(f"longest session {duration_text(data['longest_session_s'])}"
-             if c["allocated"] else ""))
+        Text(f"waiting {c['waiting']}", style="red" if c["waiting"] else ""),
+        Text(f"connected {c['allocated']}", style="cyan"))
+    # The longest wait and session on a line of their own: beside the counts they wrapped at
+    # 80 columns ("1h" and "1m" on two lines).
+    longest = Text()
+    if c["waiting"]:
+        wait = data["longest_wait_s"]
+        longest.append("longest wait " + ("unknown" if wait is None else duration_text(wait)),
+                       style="red")
+    if c["allocated"]:
+        longest.append(("  " if longest else "")
+                       + f"longest session {duration_text(data['longest_session_s'])}")
     outcomes = Text(
         f"connects {data['connects']}  hits {data['hits']}  misses {data['misses']} "
         f"(miss rate {data['miss_rate'] * 100:.1f}%)  mean wait after a miss "
@@ -175,7 +185,8 @@ def render_view(view: PoolView) -> Group:
     scaling = Text(view.scaling.describe())
     return Group(
         Panel(Group(Text("nodes", style="bold"), nodes, Text("users", style="bold"), users,
-                    outcomes, replicas, check, scaling, last), title=f"pool {view.pool}"),
+                    *([longest] if longest else []), outcomes, replicas, check, scaling, last),
+              title=f"pool {view.pool}"),
         decisions)
 
 

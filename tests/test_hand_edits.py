@@ -72,6 +72,21 @@ async def test_no_value_written_by_the_scripts_stops_a_transition_when_broken_by
 
 
 
+async def test_a_wait_start_that_is_not_a_time_stops_no_snapshot(aredis: aioredis.Redis) -> None:
+    """nan or inf where a waiting user's start belongs stopped the snapshot's JSON, and with it
+    `status` and every gauge; a negative read as 56 years. Each is read as unknown."""
+    keys = PoolKeys("edited")
+    pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+    for user in ("u1", "u2"):
+        await pool.scripts.allocate(pool.now, user)
+    for value in ("nan", "inf", "-inf", "1e400", "-1", "0", "garbage"):
+        await aredis.hset(keys.key("waiting_since"), mapping={"u1": value, "u2": value})
+        snap = await pool.snap()
+        assert snap.counts["waiting"] == 2 and snap.longest_wait_s(T0 + 60_000) is None, value
+    await aredis.hset(keys.key("waiting_since"), "u2", T0)  # one start that is a time
+    assert (await pool.snap()).longest_wait_s(T0 + 60_000) == 60.0
+
+
 #: Every script that writes, each on a pool where it would write (from _every_transition's).
 _WRITERS = {
     "activity": lambda p: p.scripts.record_activity(p.now, "u9", p.now, CONFIG.window_ms, 3, 100),

@@ -195,7 +195,9 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
     assert 0.9 < status["longest_wait_s"] < 100
     shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
     assert "longest session 1h 0m" in shown and "released by an operator" not in shown
-    assert re.search(r"waiting 1 \(longest \d+s\)", shown), shown
+    assert re.search(r"longest wait \d+s  longest session 1h 0m", shown), shown
+    narrow = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "80"}).output
+    assert "longest session 1h 0m" in narrow, narrow  # on one line, not "1h" and "0m" apart
 
     # Asked and refused: nothing changes.
     refused = CliRunner().invoke(app, ["release", "lost", *common], input="n\n")

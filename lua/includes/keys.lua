@@ -46,8 +46,8 @@ local KEY_TYPES = {
 
 -- Releases up to 1f26912 (2026-12-04) kept the waiting queue as a list, whose LREM (a waiting
 -- user's disconnect) is linear in the queue; it is a sorted set now. A list found there is taken
--- as the queue it was, head first, and converted by the first script that writes (O(n), about
--- 2 us a user: 0.64 s of the server for 300,000; a replica of the release before, run beside,
+-- as the queue it was, head first, and converted by the first script that writes (O(n), 2-4 us
+-- a user: 0.6-1.2 s of the server for 300,000; a replica of the release before, run beside,
 -- writes a list again into an emptied queue, converted again in turn).
 local LEGACY_TYPES = {waiting = 'list'}
 

@@ -458,31 +458,6 @@ async def test_status_before_create_returns_counts_one_node(pool: PoolUnderTest)
     assert (await pool.node("n1"))["reservation"] == rid
 
 
-@pytest.mark.parametrize("end", ["crash", "given_up"])
-async def test_a_node_ended_before_its_create_answered_is_replaced_at_once(
-        pool: PoolUnderTest, end: str) -> None:
-    """Seen on node:status before its POST answered, then ended (crashed, or terminated by the
-    pool): its reservation no longer brings a node, but it was counted as a create in flight
-    until the POST answered (or its deadline, had the POST timed out), and the pool held the
-    gap. The node stays counted against its reservation until the POST claims it."""
-    config = PoolConfig(min_ready=1, max_nodes=5, scaling_policy="heuristic", conversion=0)
-    [rid] = (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).reservations
-    await pool.scripts.apply_node_status(pool.now, "n1", "booting")  # before its POST answers
-    if end == "crash":
-        await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
-    else:
-        await pool.scripts.reap_idle(PoolConfig(min_ready=0, boot_timeout_s=1).policy_args(
-            pool.now + 2_000, "r1"))  # stuck: the pool ends it
-        assert (await pool.node("n1"))["state"] == "terminating"
-    pool.clock.advance(3_000)
-    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
-    assert len(decision.reservations) == 1, decision.reason  # the replacement, now
-    answered = await pool.scripts.register_node(pool.now, rid, "n1")  # the POST, at last
-    assert answered.code in (Registration.TOMBSTONE, Registration.ALREADY_KNOWN)
-    snap = await pool.snap()
-    assert (snap.counts["pending"], snap.counts["unclaimed"]) == (1, 0)
-
-
 async def test_a_node_whose_create_timed_out_does_not_let_the_pool_past_max_nodes(
         pool: PoolUnderTest) -> None:
     """A create whose POST timed out after its node's status came leaves the node unclaimed;

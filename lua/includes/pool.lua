@@ -147,8 +147,7 @@ local function start_terminating(node_id, now, deadline, reason)
         'updated_ms', now)
   add_to(nk, 'delete_attempts', 1, false)
   rcall('ZADD', K.terminating, deadline, node_id)
-  -- Left unclaimed if it was (seen before its POST answered): its reservation brings no node
-  -- now, and only the POST's answer (register_node) or the reservation's expiry ends the entry.
+  rcall('ZREM', K.unclaimed, node_id)
   return true
 end
 
@@ -178,7 +177,7 @@ local function node_gone(node_id, now, reason)
     end
   end
   rcall('ZREM', K.nodes, node_id)
-  -- Left unclaimed if it was: its reservation, still pending, brings no node (start_terminating)
+  rcall('ZREM', K.unclaimed, node_id)
   rcall('HSET', nk, 'id', node_id, 'state', 'terminated', 'terminated_ms', now,
         'updated_ms', now, 'end_reason', reason, 'user', '')
   rcall('PEXPIRE', nk, TOMBSTONE_TTL_MS)

@@ -55,15 +55,18 @@ local LEGACY_TYPES = {waiting = 'list'}
 -- Then converts a waiting queue still kept as a list (LEGACY_TYPES): only once every key has
 -- passed, so a script refused writes nothing.
 local function refuse_wrong_types()
+  local legacy = false
   for _, entry in ipairs(KEY_TYPES) do
     local key = K[entry[1]]
     local kind = rcall('TYPE', key)['ok']
-    if kind ~= 'none' and kind ~= entry[2] and kind ~= LEGACY_TYPES[entry[1]] then
+    if kind == LEGACY_TYPES[entry[1]] then
+      legacy = true
+    elseif kind ~= 'none' and kind ~= entry[2] then
       error({err = 'WRONGTYPE pool key ' .. key .. ' holds a ' .. kind .. ', not a '
         .. entry[2] .. ' (an edit by hand?): nothing was changed'})
     end
   end
-  if rcall('TYPE', K.waiting)['ok'] == 'list' then
+  if legacy then  -- the waiting queue, the one legacy type
     local users = rcall('LRANGE', K.waiting, 0, -1)
     rcall('DEL', K.waiting)
     for place, user in ipairs(users) do

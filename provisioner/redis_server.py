@@ -74,6 +74,13 @@ def server_label(info: Mapping[str, Any]) -> str:
     return f"{info.get('server_name', 'redis')} {version}"
 
 
+def script_calls(info: Mapping[str, Any]) -> tuple[int, float]:
+    """From a server's INFO commandstats section: the EVALSHA calls so far (every script call
+    of provisioner/scripts.py, a NOSCRIPT failure included) and the server's seconds in them."""
+    stats = info.get("cmdstat_evalsha") or {}
+    return int(stats.get("calls", 0)), float(stats.get("usec", 0)) / 1e6
+
+
 @dataclass
 class RedisServer:
     """A running private server; `url` is what clients connect to."""

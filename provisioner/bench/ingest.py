@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
-from provisioner.redis_server import server_label
+from provisioner.redis_server import script_calls, server_label
 from provisioner.service import Replica
 
 PUBLISH_BATCH = 500
@@ -92,12 +92,6 @@ def _cpu_s(info: dict[str, Any]) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def _scripts(info: dict[str, Any]) -> tuple[int, float]:
-    """EVALSHA calls so far and the server's seconds in them."""
-    stats = info.get("cmdstat_evalsha") or {}
-    return int(stats.get("calls", 0)), float(stats.get("usec", 0)) / 1e6
-
-
 async def measure(redis_url: str, messages: int, users: int, *, replicas: int = 1,
                   timeout_s: float = 300.0) -> IngestRate:
     if replicas < 1:
@@ -123,7 +117,7 @@ async def measure(redis_url: str, messages: int, users: int, *, replicas: int = 
         payloads = activity_messages(messages, users, int(time.time()))
         server = server_label(await publisher.info("server"))
         cpu_before = _cpu_s(await publisher.info("cpu"))
-        calls_before, script_s_before = _scripts(await publisher.info("commandstats"))
+        calls_before, script_s_before = script_calls(await publisher.info("commandstats"))
         started = time.perf_counter()
         for first in range(0, messages, PUBLISH_BATCH):
             async with publisher.pipeline(transaction=False) as pipe:
@@ -143,7 +137,7 @@ async def measure(redis_url: str, messages: int, users: int, *, replicas: int = 
             await asyncio.sleep(0.01)
         seconds = time.perf_counter() - started
         cpu_s = _cpu_s(await publisher.info("cpu")) - cpu_before
-        calls, script_s = _scripts(await publisher.info("commandstats"))
+        calls, script_s = script_calls(await publisher.info("commandstats"))
         active = int(await publisher.zcard(keys.key("active")))
         # users with a message: fewer than asked when there are fewer messages than users
         return IngestRate(messages, min(users, messages), replicas, seconds, active, duplicates,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from provisioner.keys import PoolKeys
-from provisioner.redis_server import server_label
+from provisioner.redis_server import script_calls, server_label
 from provisioner.scripts import Allocation, Release, Scripts
 
 T0 = 1_767_225_600_000
@@ -32,17 +32,6 @@ class QueueCost:
     server: str
     disconnect_calls: int  # the script calls the server counted for each, as timed
     miss_calls: int
-
-
-async def _script_us(redis: aioredis.Redis) -> tuple[int, int]:
-    """(calls, usec) of script calls so far (EVALSHA, and EVAL where a script was loaded)."""
-    stats = await redis.info("commandstats")
-    calls = usec = 0
-    for name in ("cmdstat_evalsha", "cmdstat_eval"):
-        if name in stats:
-            calls += int(stats[name]["calls"])
-            usec += int(stats[name]["usec"])
-    return calls, usec
 
 
 async def measure(redis_url: str, waiting: int, *, calls: int = 200,
@@ -72,19 +61,19 @@ async def measure(redis_url: str, waiting: int, *, calls: int = 200,
         leaving = [users[(waiting // 2 + k) % waiting] for k in range(min(calls, waiting))]
         # Each script loaded before the timing: a first EVALSHA fails NOSCRIPT and would count.
         await scripts.release(T0, "nobody")
-        before = await _script_us(redis)
+        before = script_calls(await redis.info("commandstats"))
         for user in leaving:
             if (await scripts.release(T0, user)).code is not Release.ABANDONED:
                 raise RuntimeError(f"{user} was not waiting: the queue was not loaded as meant")
-        after = await _script_us(redis)
+        after = script_calls(await redis.info("commandstats"))
         for k in range(calls):
             if (await scripts.allocate(T0, f"new-{k}")).code is not Allocation.WAITING:
                 raise RuntimeError("a connect found a node: the pool was not empty")
-        last = await _script_us(redis)
+        last = script_calls(await redis.info("commandstats"))
         server = server_label(await redis.info("server"))
 
-        def per_call(a: tuple[int, int], b: tuple[int, int]) -> float:
-            return (b[1] - a[1]) / max(1, b[0] - a[0])
+        def per_call(a: tuple[int, float], b: tuple[int, float]) -> float:  # µs
+            return (b[1] - a[1]) * 1e6 / max(1, b[0] - a[0])
 
         return QueueCost(waiting, per_call(before, after), per_call(after, last), server,
                          after[0] - before[0], last[0] - after[0])

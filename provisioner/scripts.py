@@ -733,6 +733,12 @@ class Scripts:
 ID_BYTES = "surrogateescape"
 
 
+async def clear_pool(redis: aioredis.Redis, keys: PoolKeys) -> None:
+    """Remove every key of a pool (a benchmark's pool before and after its run): one SCAN."""
+    async for key in redis.scan_iter(match=keys.pattern(), count=1000):
+        await redis.unlink(key)
+
+
 def new_epoch(now_ms: int) -> str:
     """A pool epoch: when the state began, and enough randomness that no two are alike."""
     return f"{now_ms}-{secrets.token_hex(6)}"

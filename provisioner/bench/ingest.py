@@ -32,6 +32,7 @@ from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
 from provisioner.redis_server import script_calls, server_label
+from provisioner.scripts import clear_pool
 from provisioner.service import Replica
 
 PUBLISH_BATCH = 500
@@ -146,8 +147,7 @@ async def measure(redis_url: str, messages: int, users: int, *, replicas: int = 
         for replica in group:
             replica.stopping.set()
         await asyncio.gather(*listening)
-        async for key in publisher.scan_iter(match=keys.pattern(), count=1000):
-            await publisher.unlink(key)
+        await clear_pool(publisher, keys)
         for client in clients:
             await client.aclose()
         await publisher.aclose()

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from provisioner.keys import PoolKeys
 from provisioner.redis_server import script_calls, server_label
-from provisioner.scripts import Allocation, Release, Scripts
+from provisioner.scripts import Allocation, Release, Scripts, clear_pool
 
 T0 = 1_767_225_600_000
 
@@ -40,8 +40,7 @@ async def measure(redis_url: str, waiting: int, *, calls: int = 200,
     keys = PoolKeys(pool_name)
     scripts = Scripts(redis, keys)
     try:
-        async for key in redis.scan_iter(match=keys.pattern(), count=1000):
-            await redis.unlink(key)
+        await clear_pool(redis, keys)
         users = [f"waiting-{k:08d}" for k in range(waiting)]
         await scripts.allocate(T0, users[0])  # the queue, of the type these scripts keep it as
         queue = keys.key("waiting")
@@ -78,8 +77,7 @@ async def measure(redis_url: str, waiting: int, *, calls: int = 200,
         return QueueCost(waiting, per_call(before, after), per_call(after, last), server,
                          after[0] - before[0], last[0] - after[0])
     finally:
-        async for key in redis.scan_iter(match=keys.pattern(), count=1000):
-            await redis.unlink(key)
+        await clear_pool(redis, keys)
         await redis.aclose()
 
 

@@ -36,6 +36,7 @@ from provisioner.scripts import (
     Served,
     Snapshot,
     as_text,
+    clear_pool,
 )
 from provisioner.service import Replica
 
@@ -305,7 +306,6 @@ class ServicePolicy:
         self.final_model = await scripts.read_model()
         self.final_learned = await scripts.learned_fields(
             self.pool.policy_args(self.clock.now_ms(), "replay"))
-        async for key in self._redis.scan_iter(match=self.keys.pattern(), count=1000):
-            await self._redis.delete(key)
+        await clear_pool(self._redis, self.keys)
         await self._redis.aclose()
         self._redis = None

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
 from provisioner.redis_server import server_label
-from provisioner.scripts import Scripts
+from provisioner.scripts import Scripts, clear_pool
 
 T0 = 1_767_225_600_000
 
@@ -107,8 +107,7 @@ async def measure(redis_url: str, users: int, *, ticks: int = 50, events: int = 
     scripts = Scripts(redis, keys)
     config = PoolConfig(max_nodes=1)
     try:
-        async for key in redis.scan_iter(match=keys.pattern(), count=1000):
-            await redis.unlink(key)
+        await clear_pool(redis, keys)
         started = time.perf_counter()
         await bulk_load(redis, keys, users, config.window_ms)
         load_s = time.perf_counter() - started
@@ -137,8 +136,7 @@ async def measure(redis_url: str, users: int, *, ticks: int = 50, events: int = 
                         int(info["used_memory"]) / 2**20, statistics.median(trimmed),
                         *_median_p95(per_event), server)
     finally:
-        async for key in redis.scan_iter(match=keys.pattern(), count=1000):
-            await redis.unlink(key)
+        await clear_pool(redis, keys)
         await redis.aclose()
 
 

@@ -4,12 +4,13 @@
   `provisioner status` can list the pool's replicas. Called by each replica every
   --heartbeat-interval; no other script reads what it writes.
 
-  `replicas` scores each replica by the ms of its last heartbeat; `replica_info` holds what it
-  said. A replica not heard from for `forget_ms` is forgotten (a restarted replica comes back
-  under a new id, so the dead ones would otherwise pile up): at most 10 per call, O(log n) each,
-  judged by the earlier of the replica's clock and the server's (one ahead forgets no one early).
-  Applying the same heartbeat twice leaves the same state; an older one (a late retry) never
-  moves a replica's time back.
+  `replicas` scores each replica by the server's clock (TIME, in ms) at its last heartbeat;
+  `replica_info` holds what it said then. Every replica's heartbeats are stamped and judged by
+  the one clock they all share, so a replica whose own clock runs ahead or behind the others'
+  is neither taken for silent nor makes another look silent. A replica not heard from for
+  `forget_ms` is forgotten (a restarted replica comes back under a new id, so the dead ones
+  would otherwise pile up): at most 10 per call, O(log n) each. A replica's heartbeats are
+  sequential (each waits for the one before), so the last one applied is the latest it sent.
 
   It also keeps the pool's epoch: the first heartbeat of a pool's state sets `epoch` to the
   replica's proposal, and every heartbeat returns the epoch that stands. A replica that sees it
@@ -19,21 +20,20 @@
   another, until that replica has taken the Node API's nodes back.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
-  ARGV[1] now (ms)
-  ARGV[2] replica id
-  ARGV[3] what the replica says: a JSON object (lag_s, subscribed, started_ms, interval_s)
-  ARGV[4] forget_ms
-  ARGV[5] the epoch this replica proposes, should the pool have none (unique: time and random)
-  ARGV[6] (optional) 'leaving': the replica is stopping cleanly; its entry goes at once, so
+  ARGV[1] replica id
+  ARGV[2] what the replica says: a JSON object (lag_s, subscribed, started_ms, interval_s)
+  ARGV[3] forget_ms
+  ARGV[4] the epoch this replica proposes, should the pool have none (unique: time and random)
+  ARGV[5] (optional) 'leaving': the replica is stopping cleanly; its entry goes at once, so
           `provisioner status` does not list it as silent (a crash still shows so)
 
-  It returns the server's clock too (TIME, in ms): each replica's clock stamps every
-  transition it applies (activity windows, boots, sessions, interval slots), so one far off the
-  others' is a fault the replica must see; the server's clock is the one they all can read.
+  It returns the server's clock too: each replica's clock stamps every transition it applies
+  (activity windows, boots, sessions, interval slots), so one far off the others' is a fault
+  the replica must see; the server's clock is the one they all can read.
 
   Returns {replicas heard from within forget_ms, forgotten by this call, the pool's epoch,
            the server's time (ms)}
-  Refused (an error) if ARGV[3] is not a JSON object or ARGV[5] is missing, or a pool key holds
+  Refused (an error) if ARGV[2] is not a JSON object or ARGV[4] is missing, or a pool key holds
   another type than its own (keys.lua refuse_wrong_types): nothing is written. A heartbeat that
   went through while the transitions were refused told the replica its writes go through again.
 ]]
@@ -41,35 +41,28 @@
 
 refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
 
-local now = tonumber(ARGV[1])
-local replica = ARGV[2]
-local info = ARGV[3]
-local forget_ms = tonumber(ARGV[4])
-local proposed = ARGV[5]
+local replica = ARGV[1]
+local info = ARGV[2]
+local forget_ms = tonumber(ARGV[3])
+local proposed = ARGV[4]
 
 local ok, decoded = pcall(cjson.decode, info)
 if not ok or type(decoded) ~= 'table' or decoded[1] ~= nil then
   return redis.error_reply('heartbeat: the replica info is not a JSON object')
 end
 if not proposed or proposed == '' then
-  return redis.error_reply('heartbeat: no epoch to propose (ARGV[5])')
+  return redis.error_reply('heartbeat: no epoch to propose (ARGV[4])')
 end
-if ARGV[6] == 'leaving' then
+if ARGV[5] == 'leaving' then
   rcall('ZREM', K.replicas, replica)
   rcall('HDEL', K.replica_info, replica)
   return {rcall('ZCARD', K.replicas), 0, rcall('GET', K.epoch) or '', 0}
 end
-if rcall('ZADD', K.replicas, 'GT', 'CH', now, replica) == 1
-    or rcall('HEXISTS', K.replica_info, replica) == 0 then
-  rcall('HSET', K.replica_info, replica, info)
-end
 local time = rcall('TIME')
 local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
--- Silence is judged by the earlier of this replica's clock and the server's: a replica whose
--- clock runs ahead would otherwise forget every other one as silent (ten minutes ahead, all of
--- them), hiding them from `provisioner status`.
-local judged_at = math.min(now, server_ms)
-local gone = rcall('ZRANGEBYSCORE', K.replicas, '-inf', '(' .. (judged_at - forget_ms),
+rcall('ZADD', K.replicas, server_ms, replica)
+rcall('HSET', K.replica_info, replica, info)
+local gone = rcall('ZRANGEBYSCORE', K.replicas, '-inf', '(' .. (server_ms - forget_ms),
                    'LIMIT', 0, 10)
 if #gone > 0 then
   rcall('ZREM', K.replicas, unpack(gone))

@@ -262,12 +262,14 @@ class ReplicaSeen:
     interval_s: float | None  # its heartbeat interval
     unsubscribed_s: float | None = None  # seconds its listener was not subscribed, in all
     clock_offset_s: float | None = None  # its clock less the server's, at its last heartbeat
-    up_s: float | None = None  # since it started, by its own clock
+    up_s: float | None = None  # since it started, by its own clock (its offset allowed for)
     other_pools: tuple[str, ...] = ()  # other pools it found listening on its server
 
     @classmethod
     def of(cls, replica_id: str, age_ms: int, details: Any,
-           now_ms: float | None = None) -> ReplicaSeen:
+           server_ms: float | None = None) -> ReplicaSeen:
+        """`age_ms` since its last heartbeat and `server_ms` now, both by the server's clock;
+        `details` what the heartbeat said (anything: a hand may have written it)."""
         said = details if isinstance(details, dict) else {}
 
         def number(name: str) -> float | None:
@@ -280,12 +282,14 @@ class ReplicaSeen:
                 return None
             return value if math.isfinite(value) else None
 
-        started = number("started_ms")
-        up_s = None if started is None or now_ms is None else max(0.0, now_ms - started) / 1000
+        started, offset_s = number("started_ms"), number("clock_offset_s")
+        # it started by its own clock: now by that clock is the server's plus its offset
+        up_s = (None if started is None or server_ms is None
+                else max(0.0, server_ms + (offset_s or 0.0) * 1000 - started) / 1000)
         others = said.get("other_pools")
         return cls(replica_id, max(0, age_ms) / 1000, number("lag_s"),
                    said.get("subscribed") is True, number("interval_s"),
-                   number("unsubscribed_s"), number("clock_offset_s"),
+                   number("unsubscribed_s"), offset_s,
                    None if up_s is None or not math.isfinite(up_s) else up_s,
                    tuple(str(o)[:200] for o in others[:10]) if isinstance(others, list) else ())
 
@@ -688,26 +692,28 @@ class Scripts:
 
     async def heartbeat(self, now_ms: int, replica_id: str, info: Mapping[str, Any],
                         forget_ms: int, epoch: str = "") -> tuple[int, int, str, int]:
-        """Record that a replica runs and what it says (lua/heartbeat.lua); the replicas heard
-        from within `forget_ms`, how many older ones this call forgot, the pool's epoch
-        (`epoch`, this replica's proposal, if the pool had none: by default a new one), and the
-        server's time (ms)."""
+        """Record that a replica runs and what it says (lua/heartbeat.lua), stamped by the
+        server's clock; the replicas heard from within `forget_ms`, how many older ones this
+        call forgot, the pool's epoch (`epoch`, this replica's proposal, if the pool had none:
+        by default a new one made from `now_ms`, the replica's clock), and the server's time
+        (ms)."""
         proposal = epoch or new_epoch(now_ms)
-        reply = await self._call("heartbeat", now_ms, replica_id, json.dumps(info), forget_ms,
-                                 proposal)
+        reply = await self._call("heartbeat", replica_id, json.dumps(info), forget_ms, proposal)
         return int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3])
 
-    async def leave(self, now_ms: int, replica_id: str) -> None:
+    async def leave(self, replica_id: str) -> None:
         """A replica stopping cleanly leaves the pool's list of replicas (lua/heartbeat.lua)."""
-        await self._call("heartbeat", now_ms, replica_id, "{}", 0, "-", "leaving")
+        await self._call("heartbeat", replica_id, "{}", 0, "-", "leaving")
 
-    async def replicas(self, now_ms: int) -> list[ReplicaSeen]:
-        """The replicas the pool has heard from, the most recent first (at most 50; read
-        at once, in a transaction)."""
+    async def replicas(self) -> list[ReplicaSeen]:
+        """The replicas the pool has heard from, the most recent first (at most 50), aged by
+        the server's clock, which stamps their heartbeats (read at once, in a transaction)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrevrange(self.keys.key("replicas"), 0, 49, withscores=True)
             pipe.hgetall(self.keys.key("replica_info"))
-            seen, info = await pipe.execute()
+            pipe.time()
+            seen, info, (seconds, micros) = await pipe.execute()
+        server_ms = seconds * 1000 + micros // 1000
         said = {as_text(k): as_text(v) for k, v in info.items()}
         out = []
         for member, score in seen:
@@ -718,8 +724,8 @@ class Scripts:
                 details = {}
             # a score no heartbeat writes (inf, from another hand) reads as never heard from
             heard_ms = score if math.isfinite(score) else -math.inf
-            age_ms = now_ms - heard_ms
-            out.append(ReplicaSeen.of(replica_id, int(min(age_ms, 10**15)), details, now_ms))
+            age_ms = server_ms - heard_ms
+            out.append(ReplicaSeen.of(replica_id, int(min(age_ms, 10**15)), details, server_ms))
         return out
 
     async def snapshot(self, now_ms: int, window_ms: int) -> Snapshot:

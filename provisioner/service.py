@@ -1024,7 +1024,7 @@ class Replica:
         await self.drain(self.service.shutdown_grace_s)
         if self.service.heartbeat_interval_s > 0:
             try:
-                await asyncio.wait_for(self.scripts.leave(self.clock.now_ms(), self.replica_id),
+                await asyncio.wait_for(self.scripts.leave(self.replica_id),
                                        2.0)
             except (TimeoutError, RedisError, OSError) as exc:
                 log.warning("could not leave the pool's replica list (%s): it shows this "

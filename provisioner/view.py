@@ -119,7 +119,7 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
     entries: list[tuple[Any, dict[Any, Any]]] = await redis.xrevrange(  # type: ignore[assignment]
         keys.key("decisions"), count=recent)
     decisions = [{as_text(k): as_text(v) for k, v in fields.items()} for _id, fields in entries]
-    replicas = await scripts.replicas(now_ms)
+    replicas = await scripts.replicas()
     epoch = as_text(await redis.get(keys.key("epoch")))
     return PoolView(pool, now_ms, snapshot, decisions, replicas, epoch)
 

@@ -122,3 +122,10 @@ class Subscriber:
             if predicate(*item):
                 return item
         raise TimeoutError(f"no matching message among {self.messages}")
+
+
+async def heard_ago(redis: aioredis.Redis, keys: PoolKeys, replica: str, ms: int) -> None:
+    """Set a replica's last heartbeat `ms` before the server's now: heartbeats are stamped by
+    the server's clock (lua/heartbeat.lua), which a test cannot move."""
+    seconds, micros = await redis.time()
+    await redis.zadd(keys.key("replicas"), {replica: seconds * 1000 + micros // 1000 - ms})

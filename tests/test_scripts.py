@@ -23,10 +23,11 @@ from provisioner.scripts import (
     NodeStatusOutcome,
     Registration,
     Release,
+    ReplicaSeen,
     Scripts,
 )
 from provisioner.view import check_invariants
-from tests.helpers import T0, PoolUnderTest, Subscriber
+from tests.helpers import T0, PoolUnderTest, Subscriber, heard_ago
 
 
 @pytest.fixture
@@ -1121,34 +1122,53 @@ async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
     said = {"lag_s": 0.25, "subscribed": True, "started_ms": now, "interval_s": 2.0}
     assert (await scripts.heartbeat(now, "r1", said, 60_000))[:2] == (1, 0)
     lagging = {**said, "lag_s": 7.5}
-    assert (await scripts.heartbeat(now + 1_000, "r2", lagging, 60_000))[:2] == (2, 0)
-    # The same heartbeat again, and a late one of r1's, change nothing.
-    before = await pool.dump()
-    assert (await scripts.heartbeat(now, "r1", said, 60_000))[:2] == (2, 0)
-    assert (await scripts.heartbeat(now - 500, "r1", {**said, "lag_s": 9.0}, 60_000))[:2] == (2, 0)
-    assert await pool.dump() == before
-    seen = await scripts.replicas(now + 2_000)
-    assert [(r.replica_id, r.age_s, r.lag_s, r.subscribed) for r in seen] == [
-        ("r2", 1.0, 7.5, True), ("r1", 2.0, 0.25, True)]
+    assert (await scripts.heartbeat(now, "r2", lagging, 60_000))[:2] == (2, 0)
+    await heard_ago(pool.redis, pool.keys, "r2", 1_000)
+    # r1 again, with what it says now: its entry is the latest heartbeat's
+    assert (await scripts.heartbeat(now, "r1", {**said, "lag_s": 9.0}, 60_000))[:2] == (2, 0)
+    seen = await scripts.replicas()
+    assert [(r.replica_id, r.lag_s, r.subscribed) for r in seen] == [
+        ("r1", 9.0, True), ("r2", 7.5, True)]
+    assert seen[0].age_s < 1 and 1 <= seen[1].age_s < 2
     # r1 goes quiet: listed as silent after three heartbeats (10 s at least), forgotten after
     # forget_ms by anyone's heartbeat.
-    assert [r.silent for r in await scripts.replicas(now + 10_500)] == [False, True]
-    assert (await scripts.heartbeat(now + 61_000, "r2", said, 60_000))[:2] == (1, 1)
-    assert [r.replica_id for r in await scripts.replicas(now + 61_000)] == ["r2"]
+    await heard_ago(pool.redis, pool.keys, "r1", 10_500)
+    assert [(r.replica_id, r.silent) for r in await scripts.replicas()] == [
+        ("r2", False), ("r1", True)]
+    await heard_ago(pool.redis, pool.keys, "r1", 61_000)
+    assert (await scripts.heartbeat(now, "r2", said, 60_000))[:2] == (1, 1)
+    assert [r.replica_id for r in await scripts.replicas()] == ["r2"]
     assert await pool.redis.hkeys(pool.keys.key("replica_info")) == ["r2"]
 
 
-async def test_a_replica_whose_clock_runs_ahead_forgets_no_one_early(
+async def test_a_replica_s_clock_ahead_or_behind_hides_no_replica(
     pool: PoolUnderTest,
 ) -> None:
-    """Ten minutes ahead, its heartbeat took every other replica for silent and dropped it from
-    `provisioner status`; silence is judged by the earlier of its clock and the server's."""
+    """A replica's clock ten minutes ahead took every other replica for silent and dropped it
+    from `provisioner status`; one ten minutes behind was itself listed as silent for those ten
+    minutes, and forgotten by the others. Heartbeats are stamped by the server's clock."""
     server_now = int(time.time() * 1000)
-    await pool.scripts.heartbeat(server_now, "in-step", {}, 60_000)
-    ahead = await pool.scripts.heartbeat(server_now + 600_000, "ahead", {}, 60_000)
-    assert ahead[:2] == (2, 0)
-    listed = await pool.redis.zrange(pool.keys.key("replicas"), 0, -1)
-    assert sorted(listed) == ["ahead", "in-step"]
+    said = {"interval_s": 2.0}
+    await pool.scripts.heartbeat(server_now, "in-step", said, 60_000)
+    assert (await pool.scripts.heartbeat(server_now + 600_000, "ahead", said, 60_000))[:2] == (
+        2, 0)
+    assert (await pool.scripts.heartbeat(server_now - 600_000, "behind", said, 60_000))[:2] == (
+        3, 0)
+    await pool.scripts.heartbeat(server_now, "in-step", said, 60_000)
+    seen = await pool.scripts.replicas()
+    assert sorted(r.replica_id for r in seen) == ["ahead", "behind", "in-step"]
+    assert not any(r.silent for r in seen) and all(r.age_s < 1 for r in seen)
+
+
+def test_a_replica_s_time_up_is_read_by_its_own_clock() -> None:
+    """Started at 1,000 ms by its clock, which ran 2 s ahead of the server's at its last
+    heartbeat: at the server's 10,000 ms it has been up 11 s by its clock. With no offset known
+    yet (its first heartbeat), the server's clock is taken for its own."""
+    said = {"started_ms": 1_000, "clock_offset_s": 2.0}
+    assert ReplicaSeen.of("r1", 0, said, 10_000).up_s == 11.0
+    assert ReplicaSeen.of("r1", 0, {"started_ms": 1_000}, 10_000).up_s == 9.0
+    assert ReplicaSeen.of("r1", 0, {"started_ms": 20_000}, 10_000).up_s == 0.0
+    assert ReplicaSeen.of("r1", 0, said).up_s is None
 
 
 async def test_a_heartbeat_returns_the_server_s_clock(pool: PoolUnderTest) -> None:
@@ -1164,18 +1184,19 @@ async def test_a_heartbeat_that_is_not_a_json_object_is_refused_and_writes_nothi
     before = await pool.dump()
     for bad in ("not json", "[1, 2]"):
         with pytest.raises(aioredis.ResponseError, match="not a JSON object"):
-            await pool.scripts._call("heartbeat", pool.now, "r1", bad, 60_000)
+            await pool.scripts._call("heartbeat", "r1", bad, 60_000, "e1")
     assert await pool.dump() == before
 
 
 async def test_forgetting_is_bounded_per_heartbeat(pool: PoolUnderTest) -> None:
     for k in range(25):
         await pool.scripts.heartbeat(pool.now, f"dead-{k}", {}, 60_000)
-    later = pool.now + 120_000
-    assert (await pool.scripts.heartbeat(later, "r1", {}, 60_000))[:2] == (16, 10)
-    assert (await pool.scripts.heartbeat(later, "r1", {}, 60_000))[:2] == (6, 10)
-    assert (await pool.scripts.heartbeat(later, "r1", {}, 60_000))[:2] == (1, 5)
-    assert [r.lag_s for r in await pool.scripts.replicas(later)] == [None]
+    for k in range(25):
+        await heard_ago(pool.redis, pool.keys, f"dead-{k}", 120_000)
+    assert (await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000))[:2] == (16, 10)
+    assert (await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000))[:2] == (6, 10)
+    assert (await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000))[:2] == (1, 5)
+    assert [r.lag_s for r in await pool.scripts.replicas()] == [None]
 
 
 async def test_the_first_heartbeat_sets_the_pools_epoch_and_every_one_returns_it(
@@ -1202,7 +1223,7 @@ async def test_a_heartbeat_with_no_epoch_to_propose_is_refused_and_writes_nothin
     pool: PoolUnderTest,
 ) -> None:
     before = await pool.dump()
-    for args in ((pool.now, "r1", "{}", 60_000), (pool.now, "r1", "{}", 60_000, "")):
+    for args in (("r1", "{}", 60_000), ("r1", "{}", 60_000, "")):
         with pytest.raises(aioredis.ResponseError, match="no epoch"):
             await pool.scripts._call("heartbeat", *args)
     assert await pool.dump() == before

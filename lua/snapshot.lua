@@ -19,15 +19,25 @@ local window = tonumber(ARGV[2])
 -- (keys.lua LEGACY_TYPES); this script writes nothing, so it counts either.
 local is_list = rcall('TYPE', K.waiting)['ok'] == 'list'
 local waiting = is_list and rcall('LLEN', K.waiting) or rcall('ZCARD', K.waiting)
--- The longest wait: users join the queue's back, so its first users waited the longest, but
--- for a crashed node's users, put at its front with the time of the crash. The earliest start of
--- the first WAIT_SCAN is the longest wait unless more of those lead the queue (then it reads
--- theirs, shorter). O(log n + 10).
+-- The longest wait. Users join the queue's back from place 1 up, so the first of them waited
+-- the longest of theirs; a crashed node's users go to its front from -1 down with the time of
+-- the crash, so the nearest 0 crashed first (lua/includes/pool.lua). The earliest start among
+-- WAIT_SCAN users each side of 0 (replicas' clocks differ a little) is the longest wait,
+-- however many crashes lead the queue. O(log n + 2 WAIT_SCAN). A list (not converted yet) has
+-- no such mark: its first WAIT_SCAN are read, as the release that wrote it did.
 local WAIT_SCAN = 10
 local oldest_wait = 0
-local first = is_list and rcall('LRANGE', K.waiting, 0, WAIT_SCAN - 1)
-  or rcall('ZRANGE', K.waiting, 0, WAIT_SCAN - 1)
-for _, user in ipairs(first) do
+local near = {}
+if is_list then
+  near = rcall('LRANGE', K.waiting, 0, WAIT_SCAN - 1)
+else
+  for _, users in ipairs({rcall('ZRANGEBYSCORE', K.waiting, 0, '+inf', 'LIMIT', 0, WAIT_SCAN),
+                          rcall('ZREVRANGEBYSCORE', K.waiting, '(0', '-inf', 'LIMIT', 0,
+                                WAIT_SCAN)}) do
+    for _, user in ipairs(users) do near[#near + 1] = user end
+  end
+end
+for _, user in ipairs(near) do
   local since = tonumber(rcall('HGET', K.waiting_since, user))
   -- a time, or nothing: nan, inf or a negative (only a hand edit writes one) would stop the
   -- JSON below, and with it `status` and every gauge

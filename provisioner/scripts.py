@@ -220,8 +220,8 @@ class Snapshot:
 
     def longest_wait_s(self, now_ms: int) -> float | None:
         """How long the user waiting the longest at `now_ms` has waited, as snapshot.lua reads
-        it from the front of the queue: 0 when none waits, None when users wait but none of
-        the first ten's start is a time (edited by hand)."""
+        it from the queue: 0 when none waits, None when users wait but none of the starts it
+        reads is a time (edited by hand)."""
         oldest = self.counts.get("oldest_wait_ms", 0)
         if not oldest:
             return None if self.counts.get("waiting", 0) else 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -199,6 +200,34 @@ async def test_the_queue_keeps_its_order_through_a_disconnect_and_a_crash(
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
+async def test_the_longest_wait_is_found_behind_any_number_of_crashed_nodes_users(
+    pool: PoolUnderTest,
+) -> None:
+    """Twelve nodes crash while two users wait: their users go to the front of the queue, the
+    latest crash first. The snapshot read the first ten of the queue, all crashed nodes'
+    users, and gave the longest wait as a minute less than the two had waited."""
+    for k in range(12):
+        await pool.boot(f"n{k}")
+        await pool.scripts.allocate(pool.now, f"s{k}")
+    pool.clock.advance(1_000)
+    for user in ("w1", "w2"):
+        await pool.scripts.allocate(pool.now, user)
+    for k in range(12):
+        pool.clock.advance(5_000)
+        await pool.scripts.apply_node_status(pool.now, f"n{k}", "terminated")
+    assert await pool.waiting_list() == [f"s{k}" for k in reversed(range(12))] + ["w1", "w2"]
+    places = dict(await pool.redis.zrange(pool.keys.key("waiting"), 0, -1, withscores=True))
+    assert places["s0"] == -1 and places["s11"] == -12 and places["w1"] == 1
+    assert (await pool.snap()).counts["oldest_wait_ms"] == T0 + 1_000
+    # the two served (a freed node goes to the front: the crashed nodes' users first) or gone
+    for user in ("w1", "w2"):
+        await pool.scripts.release(pool.now, user)
+    assert (await pool.snap()).counts["oldest_wait_ms"] == T0 + 6_000  # s0's crash
+    await pool.scripts.release(pool.now, "s0")
+    assert (await pool.snap()).counts["oldest_wait_ms"] == T0 + 11_000
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
 async def _a_waiting_list_as_the_release_before_left_it(pool: PoolUnderTest) -> None:
     """Three users in the queue as releases up to 1f26912 kept it: a list, head first."""
     for k, user in enumerate(("a", "b", "c")):
@@ -260,6 +289,11 @@ async def test_a_place_written_by_hand_that_cannot_move_is_numbered_again(
     await pool.scripts.apply_node_status(pool.now, "n1", "terminated")  # "held" goes first
     assert await pool.waiting_list() == ["held", "w1", "w2", "u9", "u10", "u2"]
     assert (await pool.snap()).stat("values_repaired") >= 1
+    # numbered again on each side of 0: the crashed node's user (and a place written below 0)
+    # before it, the rest after
+    places = await pool.redis.zrange(pool.keys.key("waiting"), 0, -1, withscores=True)
+    assert all(math.isfinite(p) and p != 0 and abs(p) < 10 for _, p in places), places
+    assert dict(places)["held"] < 0 and dict(places)["u2"] > 0
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 

@@ -82,9 +82,14 @@ local function node_free(node_id, now)
 end
 
 -- Places in line: whole numbers, so one past the last (or before the first) is exact while
--- they stay within 2^53. A place that cannot move by one (inf, or beyond 2^53: only an edit by
--- hand writes one) would tie every later user with it, served then by id, not by arrival; the
--- queue is numbered again from 1 in its order, counted in stats `values_repaired`. O(n), once.
+-- they stay within 2^53. Users who join at the back hold places from 1 up, a crashed node's
+-- users put at the front places from -1 down, so the two meet at 0: the snapshot finds the
+-- longest wait there, however many crashes lead the queue (the users at the back waited the
+-- longest at the front of theirs, the crashed nodes' users since their crash, the earliest
+-- nearest 0). A place that cannot move by one (inf, or beyond 2^53: only an edit by hand
+-- writes one) would tie every later user with it, served then by id, not by arrival; the queue
+-- is numbered again in its order (below 0 from -1 down, the rest from 1 up), counted in stats
+-- `values_repaired`. O(n), once.
 local EXACT_PLACES = 2 ^ 53
 
 local function waiting_edge(at_head)
@@ -93,8 +98,11 @@ local function waiting_edge(at_head)
 end
 
 local function renumber_waiting()
-  local users = rcall('ZRANGE', K.waiting, 0, -1)
-  for place, user in ipairs(users) do
+  local front = rcall('ZRANGEBYSCORE', K.waiting, '-inf', '(0')
+  for k, user in ipairs(front) do
+    rcall('ZADD', K.waiting, k - #front - 1, user)
+  end
+  for place, user in ipairs(rcall('ZRANGEBYSCORE', K.waiting, 0, '+inf')) do
     rcall('ZADD', K.waiting, place, user)
   end
   stat('values_repaired')
@@ -103,13 +111,18 @@ end
 -- Put a user at the back (or, after a crash of their node, the front) of the waiting queue: a
 -- sorted set scored by place in line, so a waiting user's disconnect is a ZREM, O(log n).
 local function enqueue_waiting(user_id, now, at_head)
-  local step = at_head and -1 or 1
   local edge = waiting_edge(at_head)
   if edge and not (math.abs(edge) < EXACT_PLACES) then
     renumber_waiting()
     edge = waiting_edge(at_head)
   end
-  rcall('ZADD', K.waiting, edge and (edge + step) or 0, user_id)
+  local place
+  if at_head then
+    place = math.min((edge or 0) - 1, -1)
+  else
+    place = math.max((edge or 0) + 1, 1)
+  end
+  rcall('ZADD', K.waiting, place, user_id)
   rcall('HSET', K.waiting_since, user_id, now)
   rcall('ZREM', K.engaged, user_id)
   forget_levels(user_id)

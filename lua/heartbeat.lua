@@ -11,6 +11,9 @@
   `forget_ms` is forgotten (a restarted replica comes back under a new id, so the dead ones
   would otherwise pile up): at most 10 per call, O(log n) each. A replica's heartbeats are
   sequential (each waits for the one before), so the last one applied is the latest it sent.
+  It takes no `now`, unlike the transitions, whose times are events' times, which a replay runs
+  ahead of the wall clock; a heartbeat's is when a process was alive, compared across
+  processes, which only a clock they share can tell (no replay sends heartbeats).
 
   It also keeps the pool's epoch: the first heartbeat of a pool's state sets `epoch` to the
   replica's proposal, and every heartbeat returns the epoch that stands. A replica that sees it

@@ -23,15 +23,19 @@ local waiting = is_list and rcall('LLEN', K.waiting) or rcall('ZCARD', K.waiting
 -- the longest of theirs; a crashed node's users go to its front from -1 down with the time of
 -- the crash, so the nearest 0 crashed first (lua/includes/pool.lua). The earliest start among
 -- WAIT_SCAN users each side of 0 (replicas' clocks differ a little) is the longest wait,
--- however many crashes lead the queue. O(log n + 2 WAIT_SCAN). A list (not converted yet) has
--- no such mark: its first WAIT_SCAN are read, as the release that wrote it did.
+-- however many crashes lead the queue. A queue numbered by a release before fc311d0 (one past
+-- the last, one before the first, from 0) or converted from a list has those crashed nodes'
+-- users among the places from 1 up, so the queue's first WAIT_SCAN are read as well, as those
+-- releases did: more crashes than that ahead of the rest still hide it there, until the queue
+-- empties once. O(log n + 3 WAIT_SCAN).
 local WAIT_SCAN = 10
 local oldest_wait = 0
 local near = {}
 if is_list then
   near = rcall('LRANGE', K.waiting, 0, WAIT_SCAN - 1)
 else
-  for _, users in ipairs({rcall('ZRANGEBYSCORE', K.waiting, 0, '+inf', 'LIMIT', 0, WAIT_SCAN),
+  for _, users in ipairs({rcall('ZRANGE', K.waiting, 0, WAIT_SCAN - 1),
+                          rcall('ZRANGEBYSCORE', K.waiting, 0, '+inf', 'LIMIT', 0, WAIT_SCAN),
                           rcall('ZREVRANGEBYSCORE', K.waiting, '(0', '-inf', 'LIMIT', 0,
                                 WAIT_SCAN)}) do
     for _, user in ipairs(users) do near[#near + 1] = user end

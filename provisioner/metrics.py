@@ -58,9 +58,9 @@ class Metrics:
         self.longest_wait = Gauge(
             "provisioner_longest_wait_seconds",
             "How long the user waiting the longest for a node has waited (from Redis, the "
-            "earliest start among the ten users each side of where those who joined at the "
-            "back meet the crashed nodes' users put at the front; 0 when none waits, or when "
-            "none of those starts is a time)", registry=r)
+            "earliest start among the queue's first ten and the ten each side of where those "
+            "who joined at the back meet the crashed nodes' users put at the front; 0 when "
+            "none waits, or when none of those starts is a time)", registry=r)
         self.api_calls = Counter("provisioner_node_api_calls",
                                  "Node API calls, by operation and outcome: an answer (created, "
                                  "sent, gone, ok) or a failure (connect_error, transport_error, "

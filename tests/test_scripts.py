@@ -228,6 +228,24 @@ async def test_the_longest_wait_is_found_behind_any_number_of_crashed_nodes_user
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
+async def test_the_longest_wait_in_a_queue_an_older_release_numbered_is_read_as_it_read_it(
+    pool: PoolUnderTest,
+) -> None:
+    """A replica of the release before (run beside this one through an upgrade) places a miss
+    one past the last even below 0: five crashed nodes' users at -20..-16, then twelve misses
+    at -15..-4. Reading only the ten nearest 0 on each side missed the crashed nodes' users,
+    who waited longest; the queue's first ten, as that release read them, are read too."""
+    waiting, since = pool.keys.key("waiting"), pool.keys.key("waiting_since")
+    for k in range(15, 20):  # crashed at T0 + k + 1 s, the latest crash first in line
+        await pool.redis.zadd(waiting, {f"c{k}": -(k + 1)})
+        await pool.redis.hset(since, f"c{k}", T0 + (k + 1) * 1_000)
+    for k in range(12):
+        await pool.redis.zadd(waiting, {f"w{k}": -15 + k})
+        await pool.redis.hset(since, f"w{k}", T0 + 80_000)
+    assert (await pool.waiting_list())[:6] == ["c19", "c18", "c17", "c16", "c15", "w0"]
+    assert (await pool.snap()).counts["oldest_wait_ms"] == T0 + 16_000  # c15's crash
+
+
 async def _a_waiting_list_as_the_release_before_left_it(pool: PoolUnderTest) -> None:
     """Three users in the queue as releases up to 1f26912 kept it: a list, head first."""
     for k, user in enumerate(("a", "b", "c")):

@@ -51,7 +51,9 @@ async def measure(redis_url: str, waiting: int, *, calls: int = 200,
                 if as_list:
                     pipe.rpush(queue, *chunk)
                 else:
-                    pipe.zadd(queue, {u: first + k for k, u in enumerate(chunk)})
+                    # users[i] at place i + 1, one past users[0], whom allocate placed at 1
+                    # (at 0 in the releases before fc311d0): no two share a place
+                    pipe.zadd(queue, {u: first + k + 1 for k, u in enumerate(chunk)})
                 pipe.hset(keys.key("waiting_since"), mapping=dict.fromkeys(chunk, T0))
                 await pipe.execute()
         loaded = await (redis.llen(queue) if as_list else redis.zcard(queue))

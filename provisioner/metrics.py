@@ -122,6 +122,11 @@ class Metrics:
             "channels, at the last heartbeat): the events' channels carry no pool and are "
             "shared by every database of a server, so each pool applies the other's events. "
             "Should be 0: one server per pool", registry=r)
+        self.scripts_info = Gauge(
+            "provisioner_scripts_info",
+            "1, labelled with the fingerprint of the Lua scripts this replica runs (a digest of "
+            "the state machine as sent to the server): replicas of one pool with different "
+            "fingerprints run different releases of it", ["fingerprint"], registry=r)
         self.clock_offset = Gauge(
             "provisioner_clock_offset_seconds",
             "This replica's clock less the Redis server's, at its last heartbeat (the server's "

@@ -7,6 +7,7 @@ and turns their replies into typed results whose codes mirror the scripts' retur
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -72,6 +73,18 @@ def load_source(name: str) -> str:
     source = (base / f"{name}.lua").read_text()
     # The shebang must stay the first line, so includes are expanded below it.
     return INCLUDE.sub(inline, source)
+
+
+@cache
+def scripts_fingerprint() -> str:
+    """The state machine this release runs: a digest of every script as sent to the server
+    (includes inlined), 12 hex digits. Each replica says it in its heartbeat, so an operator
+    sees a pool whose replicas run different releases of the scripts (an upgrade left half
+    done): they may refuse each other's keys ("Key schema") and judge each other differently."""
+    digest = hashlib.sha1()
+    for name in sorted(SCRIPT_NAMES):
+        digest.update(f"{name}\0{load_source(name)}\0".encode())
+    return digest.hexdigest()[:12]
 
 
 class Activity(IntEnum):
@@ -251,6 +264,13 @@ def duration_text(seconds: float) -> str:
 CLOCK_OFFSET_WARN_S = 2.0
 
 
+def _fingerprint(value: Any) -> str | None:
+    """A scripts fingerprint as a heartbeat says it (hex digits), or None."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{1,40}", value):
+        return value
+    return None
+
+
 @dataclass(frozen=True)
 class ReplicaSeen:
     """A replica as its last heartbeat left it (lua/heartbeat.lua)."""
@@ -264,6 +284,9 @@ class ReplicaSeen:
     clock_offset_s: float | None = None  # its clock less the server's, at its last heartbeat
     up_s: float | None = None  # since it started, by its own clock (its offset allowed for)
     other_pools: tuple[str, ...] = ()  # other pools it found listening on its server
+    #: the state machine it runs (scripts_fingerprint); None: its release says none (those
+    #: before the field), or a hand wrote what is not one
+    scripts: str | None = None
 
     @classmethod
     def of(cls, replica_id: str, age_ms: int, details: Any,
@@ -291,7 +314,8 @@ class ReplicaSeen:
                    said.get("subscribed") is True, number("interval_s"),
                    number("unsubscribed_s"), offset_s,
                    None if up_s is None or not math.isfinite(up_s) else up_s,
-                   tuple(str(o)[:200] for o in others[:10]) if isinstance(others, list) else ())
+                   tuple(str(o)[:200] for o in others[:10]) if isinstance(others, list) else (),
+                   _fingerprint(said.get("scripts")))
 
     @property
     def silent(self) -> bool:
@@ -307,7 +331,7 @@ class ReplicaSeen:
                 "clock_offset_s": None if self.clock_offset_s is None
                 else round(self.clock_offset_s, 3),
                 "up_s": None if self.up_s is None else round(self.up_s, 1),
-                "other_pools": list(self.other_pools)}
+                "other_pools": list(self.other_pools), "scripts": self.scripts}
 
     def describe(self) -> str:
         if self.silent:

@@ -57,6 +57,7 @@ from provisioner.scripts import (
     Served,
     Termination,
     as_text,
+    scripts_fingerprint,
 )
 
 log = logging.getLogger("provisioner.service")
@@ -170,6 +171,7 @@ class Replica:
         self.metrics = metrics or Metrics()
         self.keys = PoolKeys(service.pool)
         self.scripts = Scripts(redis, self.keys, observe=self.metrics.observe_script)
+        self.metrics.scripts_info.labels(scripts_fingerprint()).set(1)
         self.replica_id = service.replica_id
         self.stopping = asyncio.Event()
         self.subscribed = asyncio.Event()
@@ -791,7 +793,7 @@ class Replica:
         info: dict[str, Any] = {
             "lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
             "started_ms": self._started_ms,
-            "interval_s": self.service.heartbeat_interval_s,
+            "interval_s": self.service.heartbeat_interval_s, "scripts": scripts_fingerprint(),
             "unsubscribed_s": round(self.metrics.registry.get_sample_value(
                 "provisioner_unsubscribed_seconds_total") or 0.0, 3)}
         if self._clock_offset_s is not None:  # the last heartbeat's

@@ -176,6 +176,9 @@ def render_view(view: PoolView) -> Group:
                                                     or "none heard from"))
     if silent:
         replicas.append("; " + ", ".join(r.describe() for r in silent), style="red")
+    releases = scripts_releases(running)
+    if releases:
+        replicas.append("; " + releases, style="red")
     since = data["state_since_ms"]
     if since is not None:
         # a state younger than its replicas' run was lost and begun again
@@ -188,6 +191,20 @@ def render_view(view: PoolView) -> Group:
                     *([longest] if longest else []), outcomes, replicas, check, scaling, last),
               title=f"pool {view.pool}"),
         decisions)
+
+
+def scripts_releases(running: list[ReplicaSeen]) -> str | None:
+    """Which running replica runs which release of the scripts, when they are not all one
+    (an upgrade left half done, or a replica of another build); None when they agree."""
+    by_release: dict[str | None, list[str]] = {}
+    for replica in running:
+        by_release.setdefault(replica.scripts, []).append(replica.replica_id)
+    if len(by_release) < 2:
+        return None
+    parts = [f"{fingerprint or 'none said (a release before the fingerprint)'}: "
+             f"{', '.join(ids)}"
+             for fingerprint, ids in sorted(by_release.items(), key=lambda kv: kv[0] or "")]
+    return f"{len(by_release)} releases of the scripts run: " + "; ".join(parts)
 
 
 async def node_rows(redis: aioredis.Redis, pool: str, limit: int = 200) -> list[dict[str, str]]:

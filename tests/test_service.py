@@ -1390,6 +1390,22 @@ async def test_a_replica_s_heartbeat_lists_it_in_the_pool_status(
     assert "replicas 0: none heard from; r1 silent for 60s" in console.export_text()
 
 
+async def test_a_replica_says_which_release_of_the_scripts_it_runs(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """In its heartbeat (for `provisioner status`) and on /metrics (for an alert when the
+    replicas of a pool run different releases: an upgrade left half done)."""
+    from provisioner.scripts import scripts_fingerprint
+
+    replica = make_replica(aredis, api, clock, "r1")
+    fingerprint = scripts_fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{12}", fingerprint)
+    assert counter(replica, "provisioner_scripts_info", fingerprint=fingerprint) == 1
+    await replica.heartbeat()
+    [listed] = await replica.scripts.replicas()
+    assert listed.scripts == fingerprint and listed.as_dict()["scripts"] == fingerprint
+
+
 async def test_a_replica_finds_another_pool_listening_on_its_server(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,

@@ -24,7 +24,7 @@ from provisioner.cli import app
 from provisioner.keys import PoolKeys
 from provisioner.scripts import Scripts
 from provisioner.view import check_invariants
-from tests.helpers import T0
+from tests.helpers import T0, heard_ago
 
 POOL = "view"
 KEYS = PoolKeys(POOL)
@@ -424,6 +424,43 @@ def test_markup_in_what_others_wrote_is_shown_as_written(redis_url: str) -> None
                                                 env={"COLUMNS": "300"}).output
     bad = CliRunner().invoke(app, ["status", "--redis-url", "redis://[/x]"])
     assert bad.exit_code == 2 and "bad Redis URL" in bad.output, bad.output
+
+
+def test_status_says_when_the_replicas_run_different_releases_of_the_scripts(
+    redis_url: str,
+) -> None:
+    """An upgrade left half done: which running replica runs which release, and nothing while
+    they agree. A replica of a release before the fingerprint says none; a silent one is not
+    counted; what a hand wrote that is not a fingerprint reads as none."""
+    keys = PoolKeys("releases")
+
+    async def beat(**said: dict[str, Any]) -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        for replica, info in said.items():
+            await scripts.heartbeat(T0, replica, info, 600_000)
+        await client.aclose()
+
+    asyncio.run(beat(r1={"scripts": "aaa"}, r2={"scripts": "aaa"}))
+    shown, status = _status(redis_url, "releases")
+    assert "releases of the scripts" not in shown
+    assert {r["replica"]: r["scripts"] for r in status["replicas"]} == {"r1": "aaa", "r2": "aaa"}
+    asyncio.run(beat(r3={"scripts": "bbb"}, r4={}, r5={"scripts": "<b>not hex</b>"}))
+    shown, status = _status(redis_url, "releases")
+    flat = " ".join(shown.replace("│", " ").split())  # the panel's lines joined again
+    assert ("3 releases of the scripts run: none said (a release before the fingerprint): r5, "
+            "r4; aaa: r2, r1; bbb: r3") in flat, shown
+    assert {r["replica"]: r["scripts"] for r in status["replicas"]}["r5"] is None
+
+    async def silence(*replicas: str) -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        for replica in replicas:
+            await heard_ago(client, keys, replica, 60_000)
+        await client.aclose()
+
+    asyncio.run(silence("r3", "r4", "r5"))
+    shown, _ = _status(redis_url, "releases")
+    assert "releases of the scripts" not in shown and "r3 silent for" in shown
 
 
 def test_status_says_when_the_pools_state_began(redis_url: str) -> None:

@@ -264,11 +264,18 @@ def duration_text(seconds: float) -> str:
 CLOCK_OFFSET_WARN_S = 2.0
 
 
+#: What a replica's `scripts` reads as when its heartbeat holds a value no release writes.
+UNREADABLE_FINGERPRINT = "unreadable"
+
+
 def _fingerprint(value: Any) -> str | None:
-    """A scripts fingerprint as a heartbeat says it (hex digits), or None."""
+    """A scripts fingerprint as a heartbeat says it (hex digits); None if it says none (a
+    release before the field), UNREADABLE_FINGERPRINT if it says what no release writes."""
+    if value is None:
+        return None
     if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{1,40}", value):
         return value
-    return None
+    return UNREADABLE_FINGERPRINT
 
 
 @dataclass(frozen=True)
@@ -285,7 +292,7 @@ class ReplicaSeen:
     up_s: float | None = None  # since it started, by its own clock (its offset allowed for)
     other_pools: tuple[str, ...] = ()  # other pools it found listening on its server
     #: the state machine it runs (scripts_fingerprint); None: its release says none (those
-    #: before the field), or a hand wrote what is not one
+    #: before the field); UNREADABLE_FINGERPRINT: a hand wrote what is not one
     scripts: str | None = None
 
     @classmethod

@@ -201,10 +201,10 @@ def scripts_releases(running: list[ReplicaSeen]) -> str | None:
         by_release.setdefault(replica.scripts, []).append(replica.replica_id)
     if len(by_release) < 2:
         return None
-    parts = [f"{fingerprint or 'none said (a release before the fingerprint)'}: "
+    parts = [f"{fingerprint or 'none said, a release before the fingerprint'}: "
              f"{', '.join(ids)}"
              for fingerprint, ids in sorted(by_release.items(), key=lambda kv: kv[0] or "")]
-    return f"{len(by_release)} releases of the scripts run: " + "; ".join(parts)
+    return f"{len(by_release)} releases of the scripts run ({' / '.join(parts)})"
 
 
 async def node_rows(redis: aioredis.Redis, pool: str, limit: int = 200) -> list[dict[str, str]]:

@@ -448,9 +448,10 @@ def test_status_says_when_the_replicas_run_different_releases_of_the_scripts(
     asyncio.run(beat(r3={"scripts": "bbb"}, r4={}, r5={"scripts": "<b>not hex</b>"}))
     shown, status = _status(redis_url, "releases")
     flat = " ".join(shown.replace("│", " ").split())  # the panel's lines joined again
-    assert ("3 releases of the scripts run: none said (a release before the fingerprint): r5, "
-            "r4; aaa: r2, r1; bbb: r3") in flat, shown
-    assert {r["replica"]: r["scripts"] for r in status["replicas"]}["r5"] is None
+    assert ("4 releases of the scripts run (none said, a release before the fingerprint: r4 / "
+            "aaa: r2, r1 / bbb: r3 / unreadable: r5)") in flat, shown
+    said = {r["replica"]: r["scripts"] for r in status["replicas"]}
+    assert said["r4"] is None and said["r5"] == "unreadable"
 
     async def silence(*replicas: str) -> None:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)

@@ -274,6 +274,31 @@ async def _published_config(client: aioredis.Redis, keys: PoolKeys) -> PoolConfi
     return config or DEFAULTS
 
 
+def _say_if_other_release(replicas: list[Any], pool: str, doing: str) -> None:
+    """Warn (once a run) when the pool's running replicas run another release of the scripts
+    than this CLI: `doing` is what that means for the command (README, "Upgrading")."""
+    from provisioner.scripts import scripts_fingerprint
+
+    theirs = view.other_release(replicas)
+    if theirs is None or ("release", theirs) in _warned:
+        return
+    _warned.add(("release", theirs))
+    errors.print(f"[yellow]warning:[/yellow] this CLI runs release {scripts_fingerprint()} of "
+                 f"the scripts, and no running replica of pool {escape(pool)} does (they run "
+                 f"{theirs}): {doing} (README, \"Upgrading\")")
+
+
+async def _replicas_release(client: aioredis.Redis, pool: str, doing: str) -> None:
+    from provisioner.scripts import Scripts
+
+    _say_if_other_release(await Scripts(client, PoolKeys(pool)).replicas(), pool, doing)
+
+
+#: What a CLI of another release than the replicas does, command by command.
+WRITES_WITH_OWN = "what this command writes, it writes with this CLI's scripts"
+READS_WITH_OWN = "what it shows is read by this CLI's scripts"
+
+
 async def _window_ms(client: aioredis.Redis, pool: str) -> int:
     return (await _published_config(client, PoolKeys(pool))).window_ms
 
@@ -297,8 +322,10 @@ def status(
         if not said_missing and not await view.pool_exists(client, pool):
             said_missing = True  # once: a pool about to start has no state yet either
             errors.print(f"[yellow]warning:[/yellow] {escape(_no_pool(pool, 'yet'))}")
-        return await view.read_view(client, pool, WallClock().now_ms(),
-                                    await _window_ms(client, pool))
+        reading = await view.read_view(client, pool, WallClock().now_ms(),
+                                       await _window_ms(client, pool))
+        _say_if_other_release(reading.replicas, pool, READS_WITH_OWN)
+        return reading
 
     if not watch:
         pool_view = _with_redis(redis_url, read)
@@ -472,6 +499,7 @@ def release(
     shown: dict[str, str] = {}
 
     async def held(client: aioredis.Redis) -> dict[str, str]:
+        await _replicas_release(client, pool, WRITES_WITH_OWN)
         waiting, sessions = await view.user_rows(client, pool, limit=10**9)
         now = time.time() * 1000
         found: dict[str, str] = {}
@@ -571,6 +599,7 @@ def reconcile(
         raise _fail(str(exc)) from None
 
     async def go(client: aioredis.Redis) -> dict[str, Any] | None:
+        await _replicas_release(client, pool, WRITES_WITH_OWN)
         api = HttpNodeApi(node_api_url)
         try:
             config = await _published_config(client, PoolKeys(pool))
@@ -683,8 +712,11 @@ def model_import(
         fields = read_model_file(model_file)
     except (ModelFileError, OSError) as exc:
         raise _fail(f"model file: {exc}") from None  # _fail escapes it
-    result = _with_redis(redis_url, lambda c: Scripts(c, keys).load_model(
-        WallClock().now_ms(), fields, replace))
+    async def load(client: aioredis.Redis) -> Any:
+        await _replicas_release(client, pool, WRITES_WITH_OWN)
+        return await Scripts(client, keys).load_model(WallClock().now_ms(), fields, replace)
+
+    result = _with_redis(redis_url, load)
     if not result.loaded:
         for problem in result.problems:
             console.print(f"[red]x[/red] {escape(problem)}")

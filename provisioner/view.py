@@ -19,6 +19,7 @@ from provisioner import jsontext
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
 from provisioner.scripts import (
+    UNREADABLE_FINGERPRINT,
     ForecastCheck,
     ReplicaSeen,
     ScalingTotals,
@@ -26,6 +27,7 @@ from provisioner.scripts import (
     Snapshot,
     as_text,
     duration_text,
+    scripts_fingerprint,
 )
 
 
@@ -205,6 +207,16 @@ def scripts_releases(running: list[ReplicaSeen]) -> str | None:
              f"{', '.join(ids)}"
              for fingerprint, ids in sorted(by_release.items(), key=lambda kv: kv[0] or "")]
     return f"{len(by_release)} releases of the scripts run ({' / '.join(parts)})"
+
+
+def other_release(replicas: list[ReplicaSeen]) -> str | None:
+    """The releases of the scripts the pool's running replicas run, when they say theirs and
+    none runs this process's (an operator's CLI of another release); None otherwise."""
+    theirs = sorted({r.scripts for r in replicas if not r.silent and r.scripts
+                     and r.scripts != UNREADABLE_FINGERPRINT})
+    if not theirs or scripts_fingerprint() in theirs:
+        return None
+    return ", ".join(theirs)
 
 
 async def node_rows(redis: aioredis.Redis, pool: str, limit: int = 200) -> list[dict[str, str]]:

@@ -464,6 +464,38 @@ def test_status_says_when_the_replicas_run_different_releases_of_the_scripts(
     assert "releases of the scripts" not in shown and "r3 silent for" in shown
 
 
+def test_a_cli_of_another_release_than_the_replicas_says_so(redis_url: str) -> None:
+    """An operator's CLI runs its own release's scripts: `status` reads, and `release`,
+    `reconcile` and `model import` write, with them. Where no running replica runs that
+    release, it says so (once a run), and does its work all the same."""
+    from provisioner.scripts import scripts_fingerprint
+
+    keys = PoolKeys("cli-release")
+
+    async def beat(**said: dict[str, Any]) -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        for replica, info in said.items():
+            await Scripts(client, keys).heartbeat(T0, replica, info, 600_000)
+        await client.aclose()
+
+    common = ["--redis-url", redis_url, "--pool", "cli-release"]
+    asyncio.run(beat(r1={"scripts": scripts_fingerprint()}, r2={"scripts": "0ddba11"}))
+    shown = CliRunner().invoke(app, ["status", *common])
+    assert shown.exit_code == 0 and "this CLI runs release" not in shown.output
+    asyncio.run(beat(r1={"scripts": "0ddba11"}, r3={}))  # no replica runs this CLI's release
+    shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    assert (f"warning: this CLI runs release {scripts_fingerprint()} of the scripts, and no "
+            "running replica of pool cli-release does (they run 0ddba11): what it shows is "
+            "read by this CLI's scripts") in " ".join(shown.output.split()), shown.output
+    asyncio.run(beat(r1={"scripts": "5ca1ab1e"}))
+    released = CliRunner().invoke(app, ["release", "nobody", "--yes", *common],
+                                  env={"COLUMNS": "300"})
+    assert released.exit_code == 1  # held nothing, as without the warning
+    assert "(they run 0ddba11, 5ca1ab1e): what this command writes, it writes with this CLI's " \
+           "scripts" in " ".join(released.output.split()), released.output
+
+
 def test_status_says_when_the_pools_state_began(redis_url: str) -> None:
     """By the epoch the first heartbeat set: after a loss the state is younger than the run
     of the replicas that saw it go. An epoch no heartbeat wrote shows as none."""

@@ -249,7 +249,9 @@ def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     try:
         return asyncio.run(go())
     except ResponseError as exc:  # reached, and refused: a script's error, a wrong key type
-        raise _fail(f"Redis at {url} refused: {exc}") from None
+        hint = ("; a key of the pool holds another type than its own: `provisioner check` "
+                "names it" if "WRONGTYPE" in str(exc) else "")
+        raise _fail(f"Redis at {url} refused: {exc}{hint}") from None
     except (OSError, RedisError) as exc:
         raise _fail(f"cannot reach Redis at {url}: {exc}") from None
 
@@ -291,7 +293,11 @@ def _say_if_other_release(replicas: list[Any], pool: str, doing: str) -> None:
 async def _replicas_release(client: aioredis.Redis, pool: str, doing: str) -> None:
     from provisioner.scripts import Scripts
 
-    _say_if_other_release(await Scripts(client, PoolKeys(pool)).replicas(), pool, doing)
+    try:
+        replicas = await Scripts(client, PoolKeys(pool)).replicas()
+    except ResponseError:  # the replica list broken by hand: a look it costs, not the repair
+        return
+    _say_if_other_release(replicas, pool, doing)
 
 
 #: What a CLI of another release than the replicas does, command by command.

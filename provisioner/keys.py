@@ -38,7 +38,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "node_prefix",    # prefix of per-node hashes: <prefix><node id>
     "acts_prefix",    # prefix of per-user activity windows: <prefix><user id>
     "seen_prefix",    # prefix of per-user first-seen times: <prefix><user id>
-    "replicas",       # zset: replica id -> ms of its last heartbeat
+    "replicas",       # zset: replica id -> server ms (TIME) of its last heartbeat
     "replica_info",   # hash: replica id -> what its last heartbeat said (JSON)
     "sessions",       # zset: user id -> ms the user was handed their node (one per alloc entry)
     "epoch",          # string: set once when the pool's state begins; a new one means it was lost

@@ -76,6 +76,28 @@ def load_source(name: str) -> str:
 
 
 @cache
+def key_types() -> dict[str, frozenset[str]]:
+    """Each pool key's type as the scripts hold it (lua/includes/keys.lua KEY_TYPES), with the
+    legacy type a release before left that the scripts still take (LEGACY_TYPES): read from
+    the one table the scripts check, so the operator's tools judge a key as they do."""
+    source = (lua_dir() / "includes" / "keys.lua").read_text()
+
+    def table(name: str) -> str:
+        found = re.search(rf"^local {name} = \{{(.*?)^\}}", source, re.MULTILINE | re.DOTALL)
+        if found is None:  # one line: local NAME = {...}
+            found = re.search(rf"^local {name} = \{{(.*?)\}}$", source, re.MULTILINE)
+        if found is None:
+            raise RuntimeError(f"lua/includes/keys.lua: no {name} table")
+        return found.group(1)
+
+    types = {name: {kind} for name, kind in re.findall(r"\{'(\w+)', '(\w+)'\}",
+                                                      table("KEY_TYPES"))}
+    for name, kind in re.findall(r"(\w+) = '(\w+)'", table("LEGACY_TYPES")):
+        types[name].add(kind)
+    return {name: frozenset(kinds) for name, kinds in types.items()}
+
+
+@cache
 def scripts_fingerprint() -> str:
     """The state machine this release runs: a digest of every script as sent to the server
     (includes inlined), 12 hex digits. Each replica says it in its heartbeat, so an operator

@@ -27,6 +27,7 @@ from provisioner.scripts import (
     Snapshot,
     as_text,
     duration_text,
+    key_types,
     scripts_fingerprint,
 )
 
@@ -293,14 +294,34 @@ async def pool_exists(redis: aioredis.Redis, pool: str) -> bool:
     return bool(await redis.exists(*names))
 
 
+async def wrong_types(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
+    """The pool keys that hold another type than the scripts keep there (only a hand or
+    another writer puts one), named as the scripts name them when they refuse every
+    transition for it (lua/includes/keys.lua); empty when none does. One TYPE each."""
+    expected = key_types()
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in expected:
+            pipe.type(keys.key(name))
+        found = [as_text(kind) for kind in await pipe.execute()]
+    return [f"pool key {keys.key(name)} holds a {kind}, not a {' or a '.join(sorted(kinds))} "
+            "(an edit by hand?): every script that writes is refused until it is repaired "
+            "(deleted, or given back what it held)"
+            for (name, kinds), kind in zip(expected.items(), found, strict=True)
+            if kind != "none" and kind not in kinds]
+
+
 async def check_invariants(redis: aioredis.Redis, pool: str, attempts: int = 50) -> list[str]:
     """Everything that must hold between scripts; an empty list when the pool is consistent.
+    A key of another type than its own is reported alone: the rest cannot be read through it.
 
     The pool is read under WATCH and the read is thrown away and retried if any script changed
     it meanwhile, so a problem reported is one that held at a single instant, never an artefact
     of reading one key before a transition and the next after it. Reads the whole pool, so it is
     for tests and for an operator's `provisioner check`, not for a hot path.
     """
+    broken = await wrong_types(redis, PoolKeys(pool))
+    if broken:
+        return broken
     for _ in range(attempts):
         try:
             return await _check_once(redis, PoolKeys(pool))

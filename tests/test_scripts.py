@@ -57,6 +57,16 @@ def test_the_lua_key_table_follows_the_python_key_order() -> None:
     assert [int(i) for _, i in entries] == list(range(1, len(POOL_KEY_ORDER) + 1))
 
 
+def test_the_key_types_the_operator_tools_check_are_the_scripts_own() -> None:
+    """`provisioner check` judges each key's type by the table the scripts check (read from
+    keys.lua): every key but the per-node and per-user prefixes, the queue's old list with it."""
+    from provisioner.scripts import key_types
+
+    types = key_types()
+    assert set(types) == {n for n in POOL_KEY_ORDER if not n.endswith("_prefix")}
+    assert types["waiting"] == {"zset", "list"} and types["decisions"] == {"stream"}
+
+
 async def test_connect_with_ready_node_is_a_hit_published_once(pool: PoolUnderTest) -> None:
     await pool.boot("n1")
     async with Subscriber(pool.redis, "user:allocated", "user:waiting") as sub:

@@ -464,6 +464,40 @@ def test_status_says_when_the_replicas_run_different_releases_of_the_scripts(
     assert "releases of the scripts" not in shown and "r3 silent for" in shown
 
 
+def test_check_names_a_key_of_another_type_where_status_was_refused(redis_url: str) -> None:
+    """A pool key edited by hand into another type: the replicas refuse every transition and
+    say which key, but `check` said "every invariant holds" (the replica list) or stopped on
+    Redis's bare WRONGTYPE (the nodes), as `status` did. `check` names each such key, as the
+    scripts do, and `status` points to it; the waiting queue's old list is not one."""
+    keys = PoolKeys("typed")
+
+    async def edit(**values: str) -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await client.set(keys.key("epoch"), "1-a")
+        for name, value in values.items():
+            await client.delete(keys.key(name))
+            if value == "list":
+                await client.rpush(keys.key(name), "u1")
+                await client.hset(keys.key("waiting_since"), "u1", T0)
+            else:
+                await client.set(keys.key(name), value)
+        await client.aclose()
+
+    common = ["--redis-url", redis_url, "--pool", "typed"]
+    asyncio.run(edit(waiting="list"))  # as a release before left it: taken as it is
+    clean = CliRunner().invoke(app, ["check", *common])
+    assert clean.exit_code == 0, clean.output
+    asyncio.run(edit(replicas="edited", nodes="edited"))
+    checked = CliRunner().invoke(app, ["check", *common], env={"COLUMNS": "300"})
+    assert checked.exit_code == 1, checked.output
+    said = " ".join(checked.output.split())
+    for name, kind in (("replicas", "zset"), ("nodes", "zset")):
+        assert f"pool key prov:{{typed}}:{name} holds a string, not a {kind} (an edit by " \
+               "hand?)" in said, said
+    shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "300"})
+    assert shown.exit_code == 2 and "`provisioner check` names it" in shown.output, shown.output
+
+
 def test_a_cli_of_another_release_than_the_replicas_says_so(redis_url: str) -> None:
     """An operator's CLI runs its own release's scripts: `status` reads, and `release`,
     `reconcile` and `model import` write, with them. Where no running replica runs that
@@ -494,6 +528,18 @@ def test_a_cli_of_another_release_than_the_replicas_says_so(redis_url: str) -> N
     assert released.exit_code == 1  # held nothing, as without the warning
     assert "(they run 0ddba11, 5ca1ab1e): what this command writes, it writes with this CLI's " \
            "scripts" in " ".join(released.output.split()), released.output
+
+    async def break_the_replica_list() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await client.delete(keys.key("replicas"))
+        await client.set(keys.key("replicas"), "edited by hand")
+        await client.aclose()
+
+    # a replica list broken by hand costs the look, not the repair
+    asyncio.run(break_the_replica_list())
+    released = CliRunner().invoke(app, ["release", "nobody", "--yes", *common])
+    assert released.exit_code == 1 and "nobody: holds nothing" in released.output, \
+        released.output
 
 
 def test_status_says_when_the_pools_state_began(redis_url: str) -> None:

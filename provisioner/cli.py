@@ -251,7 +251,8 @@ def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     except ResponseError as exc:  # reached, and refused: a script's error, a wrong key type
         hint = ("; a key of the pool holds another type than its own: `provisioner check` "
                 "names it" if "WRONGTYPE" in str(exc) else "")
-        raise _fail(f"Redis at {url} refused: {exc}{hint}") from None
+        said = str(exc).rstrip(". ") if hint else str(exc)
+        raise _fail(f"Redis at {url} refused: {said}{hint}") from None
     except (OSError, RedisError) as exc:
         raise _fail(f"cannot reach Redis at {url}: {exc}") from None
 

@@ -83,9 +83,9 @@ def key_types() -> dict[str, frozenset[str]]:
     source = (lua_dir() / "includes" / "keys.lua").read_text()
 
     def table(name: str) -> str:
-        found = re.search(rf"^local {name} = \{{(.*?)^\}}", source, re.MULTILINE | re.DOTALL)
-        if found is None:  # one line: local NAME = {...}
-            found = re.search(rf"^local {name} = \{{(.*?)\}}$", source, re.MULTILINE)
+        # `local NAME = {` to the first `}` that ends a line: the table's own (its entries'
+        # braces are followed by a comma), whether it takes one line or several
+        found = re.search(rf"^local {name} = \{{(.*?)\}}$", source, re.MULTILINE | re.DOTALL)
         if found is None:
             raise RuntimeError(f"lua/includes/keys.lua: no {name} table")
         return found.group(1)

@@ -15,8 +15,11 @@
   ahead of the wall clock; a heartbeat's is when a process was alive, compared across
   processes, which only a clock they share can tell (no replay sends heartbeats).
 
-  It also keeps the pool's epoch: the first heartbeat of a pool's state sets `epoch` to the
-  replica's proposal, and every heartbeat returns the epoch that stands. A replica that sees it
+  It also keeps the pool's epoch: the first heartbeat of a pool's state sets `epoch` to
+  `<the server's time, ms>-<the replica's token>`, and every heartbeat returns the epoch that
+  stands. The time is the server's for the reason above: `provisioner status` says how long ago
+  the state began, by the server's clock, and a replica whose own clock was off would have
+  made a new state look hours old, or not yet begun. A replica that sees it
   change under it knows the state it was running on is gone (a server restarted without
   persistence, a flush, a failover to an empty replica): nothing else in the pool can tell.
   Each replica's ticks pass the epoch they run on to scale_decide, which decides nothing under
@@ -26,7 +29,8 @@
   ARGV[1] replica id
   ARGV[2] what the replica says: a JSON object (lag_s, subscribed, started_ms, interval_s)
   ARGV[3] forget_ms
-  ARGV[4] the epoch this replica proposes, should the pool have none (unique: time and random)
+  ARGV[4] this replica's token for the epoch, should the pool have none (random, so that no
+          two epochs are alike)
   ARGV[5] (optional) 'leaving': the replica is stopping cleanly; its entry goes at once, so
           `provisioner status` does not list it as silent (a crash still shows so)
 
@@ -54,7 +58,7 @@ if not ok or type(decoded) ~= 'table' or decoded[1] ~= nil then
   return redis.error_reply('heartbeat: the replica info is not a JSON object')
 end
 if not proposed or proposed == '' then
-  return redis.error_reply('heartbeat: no epoch to propose (ARGV[4])')
+  return redis.error_reply('heartbeat: no token for the epoch (ARGV[4])')
 end
 if ARGV[5] == 'leaving' then
   rcall('ZREM', K.replicas, replica)
@@ -71,5 +75,5 @@ if #gone > 0 then
   rcall('ZREM', K.replicas, unpack(gone))
   rcall('HDEL', K.replica_info, unpack(gone))
 end
-rcall('SET', K.epoch, proposed, 'NX')
+rcall('SET', K.epoch, server_ms .. '-' .. proposed, 'NX')
 return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch), server_ms}

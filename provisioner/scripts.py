@@ -743,20 +743,28 @@ class Scripts:
         (model_view's `learned_fields`): what an export writes and load_model accepts."""
         return list((await self.model_view(policy_args))["learned_fields"])
 
-    async def heartbeat(self, now_ms: int, replica_id: str, info: Mapping[str, Any],
-                        forget_ms: int, epoch: str = "") -> tuple[int, int, str, int]:
+    async def heartbeat(self, replica_id: str, info: Mapping[str, Any], forget_ms: int,
+                        token: str = "") -> tuple[int, int, str, int]:
         """Record that a replica runs and what it says (lua/heartbeat.lua), stamped by the
         server's clock; the replicas heard from within `forget_ms`, how many older ones this
-        call forgot, the pool's epoch (`epoch`, this replica's proposal, if the pool had none:
-        by default a new one made from `now_ms`, the replica's clock), and the server's time
-        (ms)."""
-        proposal = epoch or new_epoch(now_ms)
-        reply = await self._call("heartbeat", replica_id, json.dumps(info), forget_ms, proposal)
+        call forgot, the pool's epoch (if the pool had none, the server's time and `token`, by
+        default a new random one), and the server's time (ms)."""
+        reply = await self._call("heartbeat", replica_id, json.dumps(info), forget_ms,
+                                 token or secrets.token_hex(6))
         return int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3])
 
     async def leave(self, replica_id: str) -> None:
         """A replica stopping cleanly leaves the pool's list of replicas (lua/heartbeat.lua)."""
         await self._call("heartbeat", replica_id, "{}", 0, "-", "leaving")
+
+    async def epoch(self) -> tuple[str, int]:
+        """The pool's epoch (empty before any heartbeat) and the server's time (ms), read at
+        once: the epoch begins with the server's time its state began (lua/heartbeat.lua)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(self.keys.key("epoch"))
+            pipe.time()
+            epoch, (seconds, micros) = await pipe.execute()
+        return as_text(epoch), seconds * 1000 + micros // 1000
 
     async def replicas(self) -> list[ReplicaSeen]:
         """The replicas the pool has heard from, the most recent first (at most 50), aged by
@@ -796,11 +804,6 @@ async def clear_pool(redis: aioredis.Redis, keys: PoolKeys) -> None:
     """Remove every key of a pool (a benchmark's pool before and after its run): one SCAN."""
     async for key in redis.scan_iter(match=keys.pattern(), count=1000):
         await redis.unlink(key)
-
-
-def new_epoch(now_ms: int) -> str:
-    """A pool epoch: when the state began, and enough randomness that no two are alike."""
-    return f"{now_ms}-{secrets.token_hex(6)}"
 
 
 def as_text(value: Any) -> str:

@@ -801,7 +801,7 @@ class Replica:
         if self.other_pools:
             info["other_pools"] = self.other_pools
         sent = self.clock.now_ms()
-        _, _, epoch, server_ms = await self.scripts.heartbeat(sent, self.replica_id, info,
+        _, _, epoch, server_ms = await self.scripts.heartbeat(self.replica_id, info,
                                                               FORGET_REPLICA_MS)
         self._written()
         self._clock_offset_s = ((sent + self.clock.now_ms()) / 2 - server_ms) / 1000

@@ -42,12 +42,23 @@ class PoolView:
     decisions: list[dict[str, str]]
     replicas: list[ReplicaSeen]
     epoch: str = ""  # the pool's epoch (lua/heartbeat.lua): "<ms the state began>-<random>"
+    server_ms: int | None = None  # the server's time when the epoch was read
 
     @property
     def state_since_ms(self) -> int | None:
         """When the pool's state began, by its epoch (None before any heartbeat, or if the
         epoch is not one the heartbeat wrote)."""
         return time_ms(self.epoch.split("-", 1)[0]) if self.epoch else None
+
+    @property
+    def state_age_s(self) -> float | None:
+        """How long ago the pool's state began, by the server's clock, which stamps the epoch
+        (replicas before this release stamped it with their own); None when either is
+        unknown."""
+        since = self.state_since_ms
+        if since is None or self.server_ms is None:
+            return None
+        return max(0, self.server_ms - since) / 1000
 
     @cached_property
     def forecast_check(self) -> ForecastCheck:
@@ -87,6 +98,7 @@ class PoolView:
             "replicas": [replica.as_dict() for replica in self.replicas],
             "epoch": self.epoch,
             "state_since_ms": self.state_since_ms,
+            "state_age_s": _rounded(self.state_age_s),
         }
 
 
@@ -123,8 +135,8 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
         keys.key("decisions"), count=recent)
     decisions = [{as_text(k): as_text(v) for k, v in fields.items()} for _id, fields in entries]
     replicas = await scripts.replicas()
-    epoch = as_text(await redis.get(keys.key("epoch")))
-    return PoolView(pool, now_ms, snapshot, decisions, replicas, epoch)
+    epoch, server_ms = await scripts.epoch()
+    return PoolView(pool, now_ms, snapshot, decisions, replicas, epoch, server_ms)
 
 
 def render_view(view: PoolView) -> Group:
@@ -182,11 +194,10 @@ def render_view(view: PoolView) -> Group:
     releases = scripts_releases(running)
     if releases:
         replicas.append("; " + releases, style="red")
-    since = data["state_since_ms"]
-    if since is not None:
+    state_age = view.state_age_s
+    if state_age is not None:
         # a state younger than its replicas' run was lost and begun again
-        began = duration_text(max(0, view.now_ms - since) / 1000)
-        replicas.append(f"; the pool's state began {began} ago")
+        replicas.append(f"; the pool's state began {duration_text(state_age)} ago")
     check = Text("\n".join(view.forecast_check.describe_parts()))
     scaling = Text(view.scaling.describe())
     return Group(

@@ -275,7 +275,7 @@ async def test_a_waiting_list_left_by_the_release_before_is_taken_as_the_queue(
     waiting, _ = await user_rows(pool.redis, pool.keys.pool)
     assert [user for user, _ in waiting] == ["a", "b", "c"]
     assert await check_invariants(pool.redis, pool.keys.pool) == []
-    await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000)
+    await pool.scripts.heartbeat("r1", {}, 60_000)
     assert await pool.redis.type(pool.keys.key("waiting")) == "zset"
     assert await pool.waiting_list() == ["a", "b", "c"]
     assert (await pool.snap()).stat("waiting_list_converted") == 3
@@ -294,7 +294,7 @@ async def test_a_legacy_list_with_a_user_twice_converts_to_each_user_once(
     for user in ("a", "b", "a", "a"):
         await pool.redis.rpush(pool.keys.key("waiting"), user)
         await pool.redis.hset(pool.keys.key("waiting_since"), user, pool.now)
-    await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000)
+    await pool.scripts.heartbeat("r1", {}, 60_000)
     assert await pool.waiting_list() == ["a", "b"]
     assert (await pool.snap()).stat("waiting_list_converted") == 2  # users, not entries
 
@@ -337,7 +337,7 @@ async def test_a_queue_converted_between_its_type_and_its_read_is_read_all_the_s
 
     async def type_then_convert(key: str) -> str:
         found = await real_type(key)
-        await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000)  # converts it now
+        await pool.scripts.heartbeat("r1", {}, 60_000)  # converts it now
         return found
 
     pool.redis.type = type_then_convert  # type: ignore[method-assign]
@@ -1182,12 +1182,12 @@ async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
 ) -> None:
     scripts, now = pool.scripts, pool.now
     said = {"lag_s": 0.25, "subscribed": True, "started_ms": now, "interval_s": 2.0}
-    assert (await scripts.heartbeat(now, "r1", said, 60_000))[:2] == (1, 0)
+    assert (await scripts.heartbeat("r1", said, 60_000))[:2] == (1, 0)
     lagging = {**said, "lag_s": 7.5}
-    assert (await scripts.heartbeat(now, "r2", lagging, 60_000))[:2] == (2, 0)
+    assert (await scripts.heartbeat("r2", lagging, 60_000))[:2] == (2, 0)
     await heard_ago(pool.redis, pool.keys, "r2", 1_000)
     # r1 again, with what it says now: its entry is the latest heartbeat's
-    assert (await scripts.heartbeat(now, "r1", {**said, "lag_s": 9.0}, 60_000))[:2] == (2, 0)
+    assert (await scripts.heartbeat("r1", {**said, "lag_s": 9.0}, 60_000))[:2] == (2, 0)
     seen = await scripts.replicas()
     assert [(r.replica_id, r.lag_s, r.subscribed) for r in seen] == [
         ("r1", 9.0, True), ("r2", 7.5, True)]
@@ -1198,27 +1198,24 @@ async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
     assert [(r.replica_id, r.silent) for r in await scripts.replicas()] == [
         ("r2", False), ("r1", True)]
     await heard_ago(pool.redis, pool.keys, "r1", 61_000)
-    assert (await scripts.heartbeat(now, "r2", said, 60_000))[:2] == (1, 1)
+    assert (await scripts.heartbeat("r2", said, 60_000))[:2] == (1, 1)
     assert [r.replica_id for r in await scripts.replicas()] == ["r2"]
     assert await pool.redis.hkeys(pool.keys.key("replica_info")) == ["r2"]
 
 
-async def test_a_replica_s_clock_ahead_or_behind_hides_no_replica(
-    pool: PoolUnderTest,
-) -> None:
+async def test_heartbeats_are_stamped_by_the_server_s_clock(pool: PoolUnderTest) -> None:
     """A replica's clock ten minutes ahead took every other replica for silent and dropped it
     from `provisioner status`; one ten minutes behind was itself listed as silent for those ten
-    minutes, and forgotten by the others. Heartbeats are stamped by the server's clock."""
-    server_now = int(time.time() * 1000)
+    minutes, and forgotten by the others. A heartbeat takes no time from the replica: the
+    script stamps it with the server's (TIME), the one clock every replica shares."""
     said = {"interval_s": 2.0}
-    await pool.scripts.heartbeat(server_now, "in-step", said, 60_000)
-    assert (await pool.scripts.heartbeat(server_now + 600_000, "ahead", said, 60_000))[:2] == (
-        2, 0)
-    assert (await pool.scripts.heartbeat(server_now - 600_000, "behind", said, 60_000))[:2] == (
-        3, 0)
-    await pool.scripts.heartbeat(server_now, "in-step", said, 60_000)
+    before = time.time() * 1000
+    for replica in ("r1", "r2", "r1"):
+        await pool.scripts.heartbeat(replica, said, 60_000)
+    after = time.time() * 1000
+    stamps = await pool.redis.zrange(pool.keys.key("replicas"), 0, -1, withscores=True)
+    assert len(stamps) == 2 and all(before - 1 <= ms <= after + 1 for _, ms in stamps)
     seen = await pool.scripts.replicas()
-    assert sorted(r.replica_id for r in seen) == ["ahead", "behind", "in-step"]
     assert not any(r.silent for r in seen) and all(r.age_s < 1 for r in seen)
 
 
@@ -1235,7 +1232,7 @@ def test_a_replica_s_time_up_is_read_by_its_own_clock() -> None:
 
 async def test_a_heartbeat_returns_the_server_s_clock(pool: PoolUnderTest) -> None:
     before = time.time() * 1000
-    *_, server_ms = await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000)
+    *_, server_ms = await pool.scripts.heartbeat("r1", {}, 60_000)
     # The same machine's clock: within the call, give or take the TIME's rounding.
     assert before - 1 <= server_ms <= time.time() * 1000 + 1
 
@@ -1252,41 +1249,45 @@ async def test_a_heartbeat_that_is_not_a_json_object_is_refused_and_writes_nothi
 
 async def test_forgetting_is_bounded_per_heartbeat(pool: PoolUnderTest) -> None:
     for k in range(25):
-        await pool.scripts.heartbeat(pool.now, f"dead-{k}", {}, 60_000)
+        await pool.scripts.heartbeat(f"dead-{k}", {}, 60_000)
     for k in range(25):
         await heard_ago(pool.redis, pool.keys, f"dead-{k}", 120_000)
-    assert (await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000))[:2] == (16, 10)
-    assert (await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000))[:2] == (6, 10)
-    assert (await pool.scripts.heartbeat(pool.now, "r1", {}, 60_000))[:2] == (1, 5)
+    assert (await pool.scripts.heartbeat("r1", {}, 60_000))[:2] == (16, 10)
+    assert (await pool.scripts.heartbeat("r1", {}, 60_000))[:2] == (6, 10)
+    assert (await pool.scripts.heartbeat("r1", {}, 60_000))[:2] == (1, 5)
     assert [r.lag_s for r in await pool.scripts.replicas()] == [None]
 
 
 async def test_the_first_heartbeat_sets_the_pools_epoch_and_every_one_returns_it(
     pool: PoolUnderTest,
 ) -> None:
-    scripts, now = pool.scripts, pool.now
-    assert (await scripts.heartbeat(now, "r1", {}, 60_000, "e1"))[2] == "e1"
-    # another replica's proposal, a late heartbeat: the epoch that stands is returned, unchanged
-    assert (await scripts.heartbeat(now + 1_000, "r2", {}, 60_000, "e2"))[2] == "e1"
-    assert (await scripts.heartbeat(now - 500, "r1", {}, 60_000, "e3"))[2] == "e1"
+    """The epoch is the server's time the state began and the first replica's token: dated by
+    the one clock every replica shares, so `provisioner status` says how long ago by it."""
+    scripts = pool.scripts
+    *_, epoch, server_ms = await scripts.heartbeat("r1", {}, 60_000, "e1")
+    assert epoch == f"{server_ms}-e1"
+    # another replica's token, a later heartbeat: the epoch that stands is returned, unchanged
+    assert (await scripts.heartbeat("r2", {}, 60_000, "e2"))[2] == epoch
+    assert (await scripts.heartbeat("r1", {}, 60_000, "e3"))[2] == epoch
     # the state is lost: the next heartbeat, whoever's, begins a new epoch
     await pool.redis.flushdb()
-    assert (await scripts.heartbeat(now + 2_000, "r2", {}, 60_000, "e4"))[2] == "e4"
-    assert (await scripts.heartbeat(now + 3_000, "r1", {}, 60_000, "e5"))[2] == "e4"
-    # with no proposal given, the client makes one of its own: the time, then randomness
+    *_, lost, server_ms = await scripts.heartbeat("r2", {}, 60_000, "e4")
+    assert lost == f"{server_ms}-e4"
+    assert (await scripts.heartbeat("r1", {}, 60_000, "e5"))[2] == lost
+    # with no token given, the client makes a random one
     await pool.redis.flushdb()
-    first = (await scripts.heartbeat(now, "r1", {}, 60_000))[2]
-    assert re.fullmatch(rf"{now}-[0-9a-f]{{12}}", first)
+    *_, first, server_ms = await scripts.heartbeat("r1", {}, 60_000)
+    assert re.fullmatch(rf"{server_ms}-[0-9a-f]{{12}}", first)
     await pool.redis.flushdb()
-    assert (await scripts.heartbeat(now, "r1", {}, 60_000))[2] != first
+    assert (await scripts.heartbeat("r1", {}, 60_000))[2] != first
 
 
-async def test_a_heartbeat_with_no_epoch_to_propose_is_refused_and_writes_nothing(
+async def test_a_heartbeat_with_no_token_for_the_epoch_is_refused_and_writes_nothing(
     pool: PoolUnderTest,
 ) -> None:
     before = await pool.dump()
     for args in (("r1", "{}", 60_000), ("r1", "{}", 60_000, "")):
-        with pytest.raises(aioredis.ResponseError, match="no epoch"):
+        with pytest.raises(aioredis.ResponseError, match="no token for the epoch"):
             await pool.scripts._call("heartbeat", *args)
     assert await pool.dump() == before
 
@@ -1299,18 +1300,18 @@ async def test_a_decision_under_an_epoch_the_pool_does_not_hold_is_refused_and_w
     decision there would boot a pool beside the nodes still running."""
     config = PoolConfig(min_ready=2)
     scripts, now = pool.scripts, pool.now
-    await scripts.heartbeat(now, "r1", {}, 60_000, "e1")
+    epoch = (await scripts.heartbeat("r1", {}, 60_000, "e1"))[2]
     before = await pool.dump()
-    for epoch in ("e0", "e2"):
-        decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch=epoch))
+    for other in ("e0", f"{epoch}0"):
+        decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch=other))
         assert (decision.won, decision.epoch_changed, decision.reservations) == (False, True, [])
     assert await pool.dump() == before
     await pool.redis.flushdb()  # the state is lost: no epoch at all
-    decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch="e1"))
+    decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch=epoch))
     assert decision.epoch_changed and await pool.redis.dbsize() == 0
     # the epoch that stands, or none known to the replica: the tick decides as before
-    await scripts.heartbeat(now, "r1", {}, 60_000, "e3")
-    decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch="e3"))
+    epoch = (await scripts.heartbeat("r1", {}, 60_000, "e3"))[2]
+    decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch=epoch))
     assert decision.won and len(decision.reservations) == 2
     decision = await scripts.scale_decide(config.policy_args(now + 1_000, "r1", 1, epoch=""))
     assert decision.won and not decision.epoch_changed

@@ -1327,6 +1327,22 @@ async def test_a_replica_whose_clock_is_off_the_server_s_says_so(
     assert "clock" not in next(r for r in status.replicas if r.replica_id == "r2").describe()
 
 
+async def test_the_pool_s_state_is_dated_by_the_server_s_clock(
+    aredis: aioredis.Redis, api: FakeNodeApi,
+) -> None:
+    """A replica whose clock ran two hours behind the server's began the pool's state, and
+    `provisioner status` said it began two hours before it did (and one ahead, that it had not
+    begun yet): the epoch was made of the replica's time. It is the server's now."""
+    from provisioner.view import read_view
+
+    behind = make_replica(aredis, api, ManualClock(int(time.time() * 1000) - 7_200_000), "r1")
+    await behind.heartbeat()
+    status = await read_view(aredis, POOL, int(time.time() * 1000), FLOOR_ONLY.window_ms)
+    assert status.state_since_ms is not None
+    assert abs(status.state_since_ms - time.time() * 1000) < 5_000
+    assert status.state_age_s is not None and status.state_age_s < 5
+
+
 async def test_a_replica_behind_a_live_one_s_clock_by_minutes_decides_nothing_and_says_why(
     aredis: aioredis.Redis, api: FakeNodeApi, caplog: pytest.LogCaptureFixture,
 ) -> None:

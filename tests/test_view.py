@@ -438,7 +438,7 @@ def test_status_says_when_the_replicas_run_different_releases_of_the_scripts(
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
         scripts = Scripts(client, keys)
         for replica, info in said.items():
-            await scripts.heartbeat(T0, replica, info, 600_000)
+            await scripts.heartbeat(replica, info, 600_000)
         await client.aclose()
 
     asyncio.run(beat(r1={"scripts": "aaa"}, r2={"scripts": "aaa"}))
@@ -509,7 +509,7 @@ def test_a_cli_of_another_release_than_the_replicas_says_so(redis_url: str) -> N
     async def beat(**said: dict[str, Any]) -> None:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
         for replica, info in said.items():
-            await Scripts(client, keys).heartbeat(T0, replica, info, 600_000)
+            await Scripts(client, keys).heartbeat(replica, info, 600_000)
         await client.aclose()
 
     common = ["--redis-url", redis_url, "--pool", "cli-release"]
@@ -543,24 +543,26 @@ def test_a_cli_of_another_release_than_the_replicas_says_so(redis_url: str) -> N
 
 
 def test_status_says_when_the_pools_state_began(redis_url: str) -> None:
-    """By the epoch the first heartbeat set: after a loss the state is younger than the run
-    of the replicas that saw it go. An epoch no heartbeat wrote shows as none."""
+    """By the epoch the first heartbeat set, against the server's clock, which stamped it:
+    after a loss the state is younger than the run of the replicas that saw it go. An epoch no
+    heartbeat wrote shows as none."""
     keys = PoolKeys("epoch")
-    began = int(time.time() * 1000) - 7_260_000  # 2 h 1 min ago
+    began = int(time.time() * 1000) - 7_260_000  # 2 h 1 min ago (the server runs here)
 
-    async def beat(epoch: str) -> None:
+    async def set_epoch(epoch: str) -> None:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        await client.delete(keys.key("epoch"))
-        await Scripts(client, keys).heartbeat(began, "r1", {}, 600_000, epoch)
+        await client.set(keys.key("epoch"), epoch)
         await client.aclose()
 
-    asyncio.run(beat(f"{began}-0123456789ab"))
+    asyncio.run(set_epoch(f"{began}-0123456789ab"))
     shown, status = _status(redis_url, "epoch")
     assert status["epoch"] == f"{began}-0123456789ab" and status["state_since_ms"] == began
+    assert 7_260 <= status["state_age_s"] < 7_320
     assert "the pool's state began 2h 1m ago" in shown
-    asyncio.run(beat("written-by-hand"))
+    asyncio.run(set_epoch("written-by-hand"))
     shown, status = _status(redis_url, "epoch")
-    assert status["state_since_ms"] is None and "state began" not in shown
+    assert status["state_since_ms"] is None and status["state_age_s"] is None
+    assert "state began" not in shown
 
 
 def test_status_watch_into_a_pipe_writes_a_reading_a_second(redis_url: str) -> None:

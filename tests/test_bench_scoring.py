@@ -78,6 +78,41 @@ def test_node_time_splits_the_billed_hours() -> None:
         "0.00 terminating")
 
 
+def test_given_up_counts_the_terminations_a_create_followed_within_a_boot() -> None:
+    board = Scoreboard(duration_s=1000.0, terminate_delay_s=5.0, scored_from_s=100.0)
+    board.node_created("early", 0.0)
+    board.node_ready("early", 50.0)
+    board.node_terminate_requested("early", 90.0)  # before the scored window: not counted
+    board.node_created("c0", 95.0)  # would follow it; taken by nothing
+    for node, ready in (("r1", 150.0), ("r2", 150.0), ("r3", 150.0)):
+        board.node_created(node, 110.0)
+        board.node_ready(node, ready)
+    board.node_terminate_requested("r1", 200.0)
+    board.node_terminate_requested("r2", 201.0)
+    board.node_created("c1", 230.0)  # follows r1 within 60 s
+    board.node_created("c2", 262.0)  # r2's create came 61 s after it: not within
+    board.node_terminate_requested("r3", 500.0)  # nothing after it
+    board.node_created("b1", 600.0)
+    board.node_terminate_requested("b1", 610.0)  # given up booting
+    board.node_created("c3", 640.0)  # follows it
+    board.node_created("c4", 641.0)  # one create each: not counted again
+    board.node_terminate_requested("c3", 700.0)  # booting at 700 (never ready), nothing after
+    given = board.given_up(60.0)
+    assert (given.ready, given.booting, given.ready_followed, given.booting_followed) == (
+        3, 2, 1, 1)
+    assert given.describe() == (
+        "given up: 5 nodes terminated (3 ready, 2 booting); a create followed 1 of the ready "
+        "and 1 of the booting within 60s, one mean boot")
+    # two terminations, one create after both: it answers for the first only
+    board = Scoreboard(duration_s=100.0, terminate_delay_s=5.0)
+    for node in ("a", "b"):
+        board.node_created(node, 0.0)
+        board.node_ready(node, 1.0)
+        board.node_terminate_requested(node, 10.0)
+    board.node_created("c", 20.0)
+    assert board.given_up(60.0).ready_followed == 1
+
+
 def test_nearest_rank_percentile() -> None:
     assert nearest_rank([], 95.0) == 0.0
     # 20 waits 1..20: rank ceil(0.95 * 20) = 19 -> 19.

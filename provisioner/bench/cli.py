@@ -39,7 +39,7 @@ from provisioner.bench.suite import (
     pareto_plot,
     run_suite,
 )
-from provisioner.bench.trace import Trace, TraceError, load_trace, trace_header
+from provisioner.bench.trace import Trace, TraceError, load_trace, mean_lead_s, trace_header
 from provisioner.bench.world import PolicyViolation, run_replay_world
 from provisioner.config import PoolConfig, redis_url_option
 from provisioner.model import ModelFileError, model_document, read_model_file
@@ -235,6 +235,8 @@ def replay(
     wall_s = time.monotonic() - started
     # Diagnostics go to stderr: with --json, stdout holds the scores alone.
     typer.echo(board.node_time().describe(), err=True)
+    typer.echo(board.given_up(mean_lead_s(trace.boot_delays, trace.api_latency_s)).describe(),
+               err=True)
     if isinstance(replayed, service_policy.ServicePolicy):
         if misses_path is not None:
             _write_misses(misses_path, replayed.misses)

@@ -6,6 +6,7 @@ caller (the world), which has already checked that every reported outcome is leg
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import asdict, dataclass
 
@@ -48,6 +49,26 @@ class NodeTime:
         return (f"node time: {self.billed_hours:.2f} h billed = {self.busy_hours:.2f} busy + "
                 f"{self.booting_hours:.2f} booting + {self.idle_ready_hours:.2f} ready and idle + "
                 f"{self.terminating_hours:.2f} terminating")
+
+
+@dataclass(frozen=True)
+class GivenUp:
+    """The nodes a replay terminated, ready and idle or still booting, and how many of each a
+    create followed within `within_s` (one mean boot of the trace): a node kept that long
+    instead would have cost no more than the boot its replacement paid, and been ready for
+    what the replacement was made for. Each create answers for one termination at most."""
+
+    within_s: float
+    ready: int
+    booting: int
+    ready_followed: int
+    booting_followed: int
+
+    def describe(self) -> str:
+        return (f"given up: {self.ready + self.booting} nodes terminated ({self.ready} ready, "
+                f"{self.booting} booting); a create followed {self.ready_followed} of the "
+                f"ready and {self.booting_followed} of the booting within "
+                f"{self.within_s:.0f}s, one mean boot")
 
 
 def nearest_rank(values: list[float], percentile: float) -> float:
@@ -150,6 +171,24 @@ class Scoreboard:
         booting_h, terminating_h = booting_s / 3600.0, terminating_s / 3600.0
         return NodeTime(billed_h, scores.busy_hours, booting_h, terminating_h,
                         billed_h - scores.busy_hours - booting_h - terminating_h)
+
+    def given_up(self, within_s: float) -> GivenUp:
+        """The scored window's terminations, split by whether the node had become ready, and
+        those a later create followed within `within_s` (not a score of FORMAT.md): each
+        termination in time order takes the first create after it not yet taken."""
+        creates = sorted(self._created.values())
+        counts = {True: [0, 0], False: [0, 0]}  # became ready: [terminated, followed]
+        taken = 0  # creates before this are taken, or came before every termination left
+        for t, node in sorted((t, node) for node, t in self._terminate_requested.items()
+                              if self._scored(t)):
+            ready = self._ready_at.get(node, math.inf) <= t
+            counts[ready][0] += 1
+            taken = max(taken, bisect.bisect_right(creates, t))
+            if taken < len(creates) and creates[taken] - t <= within_s:
+                counts[ready][1] += 1
+                taken += 1
+        return GivenUp(within_s, counts[True][0], counts[False][0], counts[True][1],
+                       counts[False][1])
 
     def close(self) -> Scores:
         """Score as of `duration_s`; the board can be closed more than once with the same result."""

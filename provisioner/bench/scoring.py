@@ -54,9 +54,10 @@ class NodeTime:
 @dataclass(frozen=True)
 class GivenUp:
     """The nodes a replay terminated, ready and idle or still booting, and how many of each a
-    create followed within `within_s` (one mean boot of the trace): a node kept that long
-    instead would have cost no more than the boot its replacement paid, and been ready for
-    what the replacement was made for. Each create answers for one termination at most."""
+    create followed within `within_s` (one mean boot of the trace): kept until then instead, a
+    node would have idled less than a mean boot, what its replacement's boot costs on average,
+    and (if it was ready) been ready at once. Each create answers for one termination at
+    most."""
 
     within_s: float
     ready: int

@@ -24,8 +24,9 @@ import random
 import secrets
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 import typer
@@ -33,11 +34,16 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from provisioner.config import redis_url_option
+from provisioner.logs import setup_logging
 
 log = logging.getLogger("provisioner.mock_node_api")
 
 #: Terminated nodes stay listed this long, so a late DELETE still finds them (202, not 404).
 KEEP_TERMINATED_S = 600.0
+
+
+MAX_DELAY_S = 86_400.0
+MIN_LOGNORMAL_MEDIAN_S = 0.001
 
 
 class DelaySpecError(ValueError):
@@ -47,7 +53,10 @@ class DelaySpecError(ValueError):
 @dataclass(frozen=True)
 class BootDelay:
     """A boot-delay distribution in seconds: `60`, `uniform:A:B`, `lognormal:MEDIAN:P95` or
-    `exp:MEAN`."""
+    `exp:MEAN`. Every number is at most a day (`--terminate-delay`'s bound), a lognormal's
+    median at least a millisecond, and every draw within [0, a day]: `lognormal:1:1e308`
+    overflowed a draw, which ended its boot task without a word and left the node booting
+    for good, and `lognormal:1e-320:1` drew an infinite delay."""
 
     kind: str
     a: float
@@ -62,6 +71,8 @@ class BootDelay:
             raise DelaySpecError(f"{spec!r}: not a number") from None
         if any(not math.isfinite(n) or n < 0 for n in numbers):
             raise DelaySpecError(f"{spec!r}: delays must be finite and >= 0")
+        if any(n > MAX_DELAY_S for n in numbers):
+            raise DelaySpecError(f"{spec!r}: delays must be at most {MAX_DELAY_S:.0f} s (a day)")
         kind = parts[0] if len(parts) > 1 else "fixed"
         arity = {"fixed": 1, "uniform": 2, "lognormal": 2, "exp": 1}
         if kind not in arity:
@@ -71,20 +82,26 @@ class BootDelay:
             raise DelaySpecError(f"{spec!r}: {kind} takes {arity[kind]} number(s)")
         if kind == "uniform" and numbers[0] > numbers[1]:
             raise DelaySpecError(f"{spec!r}: A must be <= B")
-        if kind == "lognormal" and not 0 < numbers[0] <= numbers[1]:
-            raise DelaySpecError(f"{spec!r}: need 0 < MEDIAN <= P95")
+        if kind == "lognormal" and not MIN_LOGNORMAL_MEDIAN_S <= numbers[0] <= numbers[1]:
+            raise DelaySpecError(f"{spec!r}: need {MIN_LOGNORMAL_MEDIAN_S} <= MEDIAN <= P95")
         return cls(kind, numbers[0], numbers[1] if len(numbers) > 1 else 0.0)
 
     def draw(self, rng: random.Random) -> float:
+        return min(MAX_DELAY_S, self._draw(rng))
+
+    def _draw(self, rng: random.Random) -> float:
         if self.kind == "fixed":
             return self.a
         if self.kind == "uniform":
             return rng.uniform(self.a, self.b)
         if self.kind == "exp":
             return rng.expovariate(1 / self.a) if self.a > 0 else 0.0
-        # lognormal: MEDIAN = e^mu, P95 = e^(mu + 1.645 sigma)
+        # lognormal: MEDIAN = e^mu, P95 = e^(mu + 1.645 sigma); a draw past a float is past a day
         sigma = math.log(self.b / self.a) / 1.6449
-        return rng.lognormvariate(math.log(self.a), sigma)
+        try:
+            return rng.lognormvariate(math.log(self.a), sigma)
+        except OverflowError:
+            return MAX_DELAY_S
 
 
 @dataclass
@@ -106,6 +123,21 @@ class MockNode:
 
     def as_json(self) -> dict[str, object]:
         return {"id": self.id, "state": self.state, "created_at": self.created_at}
+
+
+def _spawn(work: Coroutine[Any, Any, None], node_id: str) -> asyncio.Task[None]:
+    """A node's boot or termination as a task whose failure is logged when it ends: a task that
+    raised was kept in its node's list, so nothing ever said so, and the node stayed as it
+    was."""
+    task = asyncio.create_task(work)
+
+    def said(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            log.error("%s: its boot or termination failed, and the node stays as it was: %r",
+                      node_id, exc)
+
+    task.add_done_callback(said)
+    return task
 
 
 class MockNodeApi:
@@ -174,7 +206,7 @@ class MockNodeApi:
             return web.json_response({"error": "cannot publish node:status"}, status=503)
         stuck = self._fails(self.faults.stuck_rate)
         if not stuck and node.state == "booting":  # one deleted while its status went out ends
-            node.tasks.append(asyncio.create_task(self._boot(node)))
+            node.tasks.append(_spawn(self._boot(node), node.id))
         log.info("create %s%s", node.id, " (will never become ready)" if stuck else "")
         return web.json_response({"id": node.id}, status=202)
 
@@ -208,7 +240,7 @@ class MockNodeApi:
             for task in node.tasks:
                 task.cancel()
             node.state = "terminating"
-            node.tasks = [asyncio.create_task(self._terminate(node))]
+            node.tasks = [_spawn(self._terminate(node), node.id)]
             log.info("delete %s", node.id)
         return web.json_response({"id": node.id}, status=202)
 
@@ -313,7 +345,9 @@ def command(
 ) -> None:
     """Serve the mock Node Management API and publish node:status."""
     delay = BootDelay.parse(boot_delay)  # boot_delay_option has checked it
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # the service's logging: a malformed request is one throttled warning line, not aiohttp's
+    # traceback at ERROR for each (a review sent a 20,000-character URL and a 20 kB header)
+    setup_logging()
     faults = Faults(create_error_rate, delete_error_rate, latency, stuck_rate, death_rate)
 
     async def main() -> None:

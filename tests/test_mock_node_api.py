@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import statistics
 from collections.abc import AsyncIterator, Callable
@@ -140,10 +141,21 @@ async def test_injected_faults(start_api: Start, aredis: aioredis.Redis) -> None
 
 
 @pytest.mark.parametrize("spec", ["", "x", "-1", "uniform:5", "uniform:9:1", "lognormal:0:5",
-                                  "lognormal:60:30", "gamma:1:2", "nan", "exp:1:2"])
+                                  "lognormal:60:30", "gamma:1:2", "nan", "exp:1:2",
+                                  # past a day, or a median so small that a draw is infinite
+                                  # (a review: each left its nodes booting for good)
+                                  "lognormal:1:1e308", "1e308", "exp:1e6", "uniform:0:90000",
+                                  "lognormal:1e-320:1", "lognormal:1e-300:1e300"])
 def test_bad_boot_delay_specs_are_refused(spec: str) -> None:
     with pytest.raises(DelaySpecError):
         BootDelay.parse(spec)
+
+
+def test_every_boot_delay_drawn_is_a_delay_of_at_most_a_day() -> None:
+    rng = random.Random(2)
+    for spec in ("lognormal:0.001:86400", "exp:86400", "uniform:0:86400", "86400"):
+        draws = [BootDelay.parse(spec).draw(rng) for _ in range(2_000)]
+        assert all(0 <= d <= 86_400 and math.isfinite(d) for d in draws), spec
 
 
 def test_boot_delay_distributions() -> None:

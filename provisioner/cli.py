@@ -48,7 +48,11 @@ _warned: set[tuple[str, ...]] = set()
 T = TypeVar("T")
 
 RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="PROVISIONER_REDIS_URL",
+                                       callback=redis_url_option,
                                        help="Redis URL, e.g. redis://localhost:6379/0")]
+# `run` checks its URL with the rest of its settings, to name every problem at once
+RunRedisUrl = Annotated[str, typer.Option("--redis-url", envvar="PROVISIONER_REDIS_URL",
+                                          help="Redis URL, e.g. redis://localhost:6379/0")]
 Pool = Annotated[str, typer.Option("--pool", envvar="PROVISIONER_POOL",
                                    help="Pool name; every key carries it as a hash tag")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
@@ -58,13 +62,22 @@ DEFAULTS = PoolConfig()
 
 def _fail(message: str) -> typer.Exit:
     # On stderr: stdout is what `| jq` and the scripts reading a command's output take.
-    errors.print(f"[red]error:[/red] {escape(message)}")
+    errors.print(f"[red]error:[/red] {shown(message)}")
     return typer.Exit(2)
+
+
+def shown(text: str) -> str:
+    """`text` for the terminal: Rich's markup escaped, and every character that is not
+    printable (a terminal's escape sequences, in a model file's field name or a value written
+    by hand, a review found working) written as its Python escape, `\\x1b`."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+    return escape(text)
 
 
 @app.command()
 def run(
-    redis_url: RedisUrl,
+    redis_url: RunRedisUrl,
     node_api_url: Annotated[str, typer.Option(
         "--node-api-url", envvar="PROVISIONER_NODE_API_URL",
         help="Base URL of the Node Management API")],
@@ -584,7 +597,7 @@ def check(redis_url: RedisUrl, pool: Pool = "default") -> None:
         raise _fail(_no_pool(pool))
     if problems:
         for problem in problems:
-            console.print(f"[red]x[/red] {escape(problem)}")
+            console.print(f"[red]x[/red] {shown(problem)}")
         raise typer.Exit(1)
     console.print("[green]ok[/green]: every invariant holds")
 
@@ -726,7 +739,7 @@ def model_import(
     result = _with_redis(redis_url, load)
     if not result.loaded:
         for problem in result.problems:
-            console.print(f"[red]x[/red] {escape(problem)}")
+            console.print(f"[red]x[/red] {shown(problem)}")
         raise _fail(f"pool {pool}: {result.reason}")
     console.print(f"pool {pool} starts from {escape(str(model_file))}: {result.fields} learned "
                   "fields")

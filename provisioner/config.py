@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import asdict, dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -171,12 +172,19 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 def redis_url_problem(url: str) -> str | None:
     """Why the Redis client cannot use `url` (its own parser's reason), or None: the client
     would otherwise raise it when the command first connects, as a traceback."""
-    from redis.connection import parse_url
+    from redis.asyncio import ConnectionPool
 
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
+        # What the commands' clients do with the URL, short of connecting: parse it, then make
+        # a connection of its options. The parser passes an option it does not know
+        # (?socket_timout=5) on to the connection, which is refused only there.
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
     except ValueError as exc:
         return f"redis url {url!r} cannot be parsed: {exc}"
+    except TypeError as exc:
+        unknown = re.search(r"argument '([^']+)'", str(exc))
+        return (f"redis url {url!r}: the Redis client takes no option "
+                f"{unknown.group(1) if unknown else str(exc)!r}")
     # The client takes a database that is not a number (redis://host/one) as none, database 0:
     # a pool would run, or be inspected, where nobody meant.
     parts = urlsplit(url)

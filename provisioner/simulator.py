@@ -245,8 +245,8 @@ def command(
     session: Annotated[float, typer.Option(min=1, max=30 * 86_400,
                                            help="Mean session length, seconds.")] = 300.0,
     duration: Annotated[float | None, typer.Option(
-        min=1, help="Stop the synthetic traffic after N seconds, ending the sessions still "
-                    "running (a --trace runs for its own duration_s).")] = None,
+        min=1, max=366 * 86_400, help="Stop the synthetic traffic after N seconds, ending "
+        "the sessions still running (a --trace runs for its own duration_s).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the synthetic users.")] = None,
     trace: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, help="Replay this provisioner-trace/1 file instead.")]

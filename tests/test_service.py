@@ -1639,6 +1639,9 @@ def test_any_batches_of_messages_keep_every_invariant(
     (["--redis-url", "redis://127.0.0.1:notaport"], "redis url 'redis://127.0.0.1:notaport'"),
     # the client took it as database 0 (a review)
     (["--redis-url", "redis://127.0.0.1:6379/one"], "the database, 'one', is not a number"),
+    # a traceback from the client's connection (a review)
+    (["--redis-url", "redis://127.0.0.1:6379/0?socket_timout=5"],
+     "the Redis client takes no option 'socket_timout'"),
     (["--log-level", "bogus"], "log level must be one of DEBUG, INFO, WARNING, ERROR"),
 ])
 def test_run_refuses_an_address_or_log_level_it_cannot_use(options: list[str],

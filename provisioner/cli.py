@@ -15,7 +15,6 @@ from typing import Annotated, Any, TypeVar
 import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError, ResponseError
-from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -34,6 +33,7 @@ from provisioner.config import (
 from provisioner.events import ID_PATTERN
 from provisioner.keys import PoolKeys
 from provisioner.logs import setup_logging
+from provisioner.terminal import SafeConsole, printable
 
 app = typer.Typer(
     name="provisioner",
@@ -42,8 +42,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
+console = SafeConsole()
+errors = SafeConsole(stderr=True)
 _warned: set[tuple[str, ...]] = set()
 T = TypeVar("T")
 
@@ -67,12 +67,10 @@ def _fail(message: str) -> typer.Exit:
 
 
 def shown(text: str) -> str:
-    """`text` for the terminal: Rich's markup escaped, and every character that is not
-    printable (a terminal's escape sequences, in a model file's field name or a value written
-    by hand, a review found working) written as its Python escape, `\\x1b`."""
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
-    return escape(text)
+    """`text` as one line of a message: Rich's markup escaped, and every character a terminal
+    acts on, line breaks too, written as its escape (a model file's field name
+    `"x\\npool default starts from …"` printed a line of its own)."""
+    return escape(printable(text))
 
 
 @app.command()
@@ -564,8 +562,8 @@ def release(
         if outcome.code is Release.RELEASED:
             whom = (f"to waiting user {outcome.served[0].user_id}" if outcome.served
                     else "back to the ready list")
-            console.print(f"[green]released[/green] {escape(user)}: node {outcome.node_id} "
-                          f"{escape(whom)}")
+            console.print(f"[green]released[/green] {escape(user)}: node "
+                          f"{escape(outcome.node_id)} {escape(whom)}")
         elif outcome.code is Release.ABANDONED:
             console.print(f"[green]released[/green] {escape(user)}: left the waiting queue")
         elif outcome.code is Release.CHANGED:

@@ -173,6 +173,7 @@ def redis_url_problem(url: str) -> str | None:
     """Why the Redis client cannot use `url` (its own parser's reason), or None: the client
     would otherwise raise it when the command first connects, as a traceback."""
     from redis.asyncio import ConnectionPool
+    from redis.exceptions import RedisError
 
     try:
         # What the commands' clients do with the URL, short of connecting: parse it, then make
@@ -185,6 +186,8 @@ def redis_url_problem(url: str) -> str | None:
         unknown = re.search(r"argument '([^']+)'", str(exc))
         return (f"redis url {url!r}: the Redis client takes no option "
                 f"{unknown.group(1) if unknown else str(exc)!r}")
+    except RedisError as exc:  # an option's value the client refuses (?protocol=4)
+        return f"redis url {url!r} cannot be used: {exc}"
     # The client takes a database that is not a number (redis://host/one) as none, database 0:
     # a pool would run, or be inspected, where nobody meant.
     parts = urlsplit(url)

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
@@ -34,8 +34,9 @@ from provisioner import view
 from provisioner.clock import WallClock
 from provisioner.config import PoolConfig
 from provisioner.redis_server import RedisServer, free_port, parent_death_signal, start_server
+from provisioner.terminal import SafeConsole
 
-console = Console()
+console = SafeConsole()
 
 
 class Child:

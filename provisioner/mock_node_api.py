@@ -43,6 +43,7 @@ KEEP_TERMINATED_S = 600.0
 
 
 MAX_DELAY_S = 86_400.0
+MAX_LIFE_S = 366 * 86_400.0  # a ready node's injected death, at the least of rates
 MIN_LOGNORMAL_MEDIAN_S = 0.001
 
 
@@ -52,7 +53,7 @@ class DelaySpecError(ValueError):
 
 @dataclass(frozen=True)
 class BootDelay:
-    """A boot-delay distribution in seconds: `60`, `uniform:A:B`, `lognormal:MEDIAN:P95` or
+    """A boot-delay distribution in seconds: `60`, `uniform:LOW:HIGH`, `lognormal:MEDIAN:P95` or
     `exp:MEAN`. Every number is at most a day (`--terminate-delay`'s bound), a lognormal's
     median at least a millisecond, and every draw within [0, a day]: `lognormal:1:1e308`
     overflowed a draw, which ended its boot task without a word and left the node booting
@@ -77,11 +78,11 @@ class BootDelay:
         arity = {"fixed": 1, "uniform": 2, "lognormal": 2, "exp": 1}
         if kind not in arity:
             raise DelaySpecError(f"{spec!r}: unknown distribution {kind!r} "
-                                 "(use N, uniform:A:B, lognormal:MEDIAN:P95 or exp:MEAN)")
+                                 "(use N, uniform:LOW:HIGH, lognormal:MEDIAN:P95 or exp:MEAN)")
         if len(numbers) != arity[kind]:
             raise DelaySpecError(f"{spec!r}: {kind} takes {arity[kind]} number(s)")
         if kind == "uniform" and numbers[0] > numbers[1]:
-            raise DelaySpecError(f"{spec!r}: A must be <= B")
+            raise DelaySpecError(f"{spec!r}: LOW must be <= HIGH")
         if kind == "lognormal" and not MIN_LOGNORMAL_MEDIAN_S <= numbers[0] <= numbers[1]:
             raise DelaySpecError(f"{spec!r}: need {MIN_LOGNORMAL_MEDIAN_S} <= MEDIAN <= P95")
         return cls(kind, numbers[0], numbers[1] if len(numbers) > 1 else 0.0)
@@ -217,8 +218,9 @@ class MockNodeApi:
         node.state = "ready"
         await self._publish(node, "ready")
         log.info("%s ready", node.id)
-        if self.faults.death_rate_per_hour > 0:
-            await asyncio.sleep(self.rng.expovariate(self.faults.death_rate_per_hour / 3600))
+        per_second = self.faults.death_rate_per_hour / 3600
+        if per_second > 0:  # a rate of 5e-324 an hour is 0 a second: never dies
+            await asyncio.sleep(min(MAX_LIFE_S, self.rng.expovariate(per_second)))
             if node.state == "ready":
                 log.info("%s dies (injected)", node.id)
                 await self._end(node)
@@ -320,7 +322,8 @@ def command(
     = "redis://127.0.0.1:6379/0",
     boot_delay: Annotated[str, typer.Option(
         callback=boot_delay_option,
-        help="Boot delay in seconds: N, uniform:A:B, lognormal:MEDIAN:P95 or exp:MEAN.")]
+        # not uniform:A:B: Rich's help reads ":A:" as an emoji's name, and showed 🅰
+        help="Boot delay in seconds: N, uniform:LOW:HIGH, lognormal:MEDIAN:P95 or exp:MEAN.")]
     = "60",
     terminate_delay: Annotated[float, typer.Option(
         min=0, max=86_400, help="Seconds from DELETE to `terminated`.")] = 1.0,

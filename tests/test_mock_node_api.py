@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import statistics
@@ -114,6 +115,20 @@ async def test_delete_while_booting_never_becomes_ready(
         await api.delete(f"/api/nodes/{node_id}")
         messages = await sub.drain(settle=0.8)
     assert [m["status"] for _, m in messages] == ["booting", "terminated"]
+
+
+async def test_a_death_rate_too_small_to_draw_leaves_the_node_ready(
+        start_api: Start, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """5e-324 a node-hour is 0 a second, and the draw divided by it: the boot task failed (a
+    review), which nothing said until failures were logged."""
+    api = await start_api(boot_delay="0", faults=Faults(death_rate_per_hour=5e-324))
+    with caplog.at_level(logging.ERROR):
+        async with Subscriber(aredis, "node:status") as sub:
+            await api.post("/api/nodes")
+            await sub.wait_for(lambda ch, m: m["status"] == "ready", within=3)
+            await asyncio.sleep(0.2)
+    assert "failed" not in caplog.text, caplog.text
+    assert [n["state"] for n in (await api.get("/api/nodes")).json()["nodes"]] == ["ready"]
 
 
 async def test_max_nodes_answers_429(start_api: Start) -> None:

@@ -1642,6 +1642,9 @@ def test_any_batches_of_messages_keep_every_invariant(
     # a traceback from the client's connection (a review)
     (["--redis-url", "redis://127.0.0.1:6379/0?socket_timout=5"],
      "the Redis client takes no option 'socket_timout'"),
+    # the client's own error, alone, and not said to be the URL's (a review)
+    (["--redis-url", "redis://127.0.0.1:6379/0?protocol=4"],
+     "'redis://127.0.0.1:6379/0?protocol=4' cannot be used: protocol must be either 2 or 3"),
     (["--log-level", "bogus"], "log level must be one of DEBUG, INFO, WARNING, ERROR"),
 ])
 def test_run_refuses_an_address_or_log_level_it_cannot_use(options: list[str],

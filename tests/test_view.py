@@ -346,6 +346,8 @@ def test_a_bad_pool_name_or_redis_url_is_an_error_not_a_traceback(command: list[
             (["--redis-url", "redis://127.0.0.1:1/0?socket_timout=5"],
              "takes no option 'socket_timout'"),
             (["--redis-url", "redis://127.0.0.1:1/one"], "the database, 'one', is not a number"),
+            (["--redis-url", "rediss://127.0.0.1:1/0?ssl_cert_reqs=bogus"],
+             "cannot be used: Invalid SSL Certificate Requirements Flag: bogus"),
             (["--redis-url", "redis://127.0.0.1:1", "--pool", "bad name!"],
              "'bad name!'")):
         result = CliRunner().invoke(app, [*command, *options], env={"COLUMNS": "300"})
@@ -598,3 +600,32 @@ def test_status_watch_into_a_pipe_writes_a_reading_a_second(redis_url: str) -> N
     finally:
         watch.terminate()
         watch.wait(timeout=10)
+
+
+def test_what_another_writer_put_in_an_id_reaches_the_terminal_escaped(redis_url: str) -> None:
+    """A node id `n1\\x1b]0;TITLE\\x07\\x1b[2J` set the terminal's title and cleared its
+    screen when `nodes` showed it, and so did a user id in `users` and a decision in `status`
+    (a review): Rich escapes its markup, not a terminal's escape sequences."""
+    keys = PoolKeys("hostile")
+    node, user = "n1\x1b]0;TITLE\x07\x1b[2J\u202e", "u1\x1b[31mRED\x9b31m"
+
+    async def write() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        await scripts.apply_node_status(T0, node, "booting")
+        await scripts.apply_node_status(T0, node, "ready")
+        await scripts.allocate(T0, user)
+        await client.xadd(keys.key("decisions"), {"now": str(T0), "kind": "scale_up",
+                                                  "reason": "r\x1b[2Jx", "replica": "r1"})
+        await client.aclose()
+
+    asyncio.run(write())
+    common = ["--redis-url", redis_url, "--pool", "hostile"]
+    for command in (["nodes"], ["users"], ["status"]):
+        result = CliRunner().invoke(app, [*command, *common], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, (command, result.output)
+        assert "\x1b" not in result.output and "\u202e" not in result.output, \
+            (command, repr(result.output))
+        assert "\x9b" not in result.output, (command, repr(result.output))
+    shown = CliRunner().invoke(app, ["nodes", *common], env={"COLUMNS": "300"}).output
+    assert "\\x1b]0;TITLE" in shown and "\\x1b[2J\\u202e" in shown, repr(shown)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -44,13 +43,14 @@ from provisioner.bench.world import PolicyViolation, run_replay_world
 from provisioner.config import PoolConfig, redis_url_option
 from provisioner.model import ModelFileError, model_document, read_model_file
 from provisioner.redis_server import private_server
+from provisioner.terminal import SafeConsole
 
 app = typer.Typer(help="Replay recorded traces on virtual time and score the policies.",
                   no_args_is_help=True)
-console = Console()
+console = SafeConsole()
 #: Errors and warnings: on stderr, so what a command prints on stdout (--json, a table) stays
 #: what a pipe reads
-errors = Console(stderr=True)
+errors = SafeConsole(stderr=True)
 SERVICE = service_policy.NAME
 
 RedisUrl = Annotated[str | None, typer.Option(

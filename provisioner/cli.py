@@ -18,7 +18,6 @@ from redis.exceptions import RedisError, ResponseError
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
 from provisioner import mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
@@ -33,7 +32,7 @@ from provisioner.config import (
 from provisioner.events import ID_PATTERN
 from provisioner.keys import PoolKeys
 from provisioner.logs import setup_logging
-from provisioner.terminal import SafeConsole, printable
+from provisioner.terminal import SafeConsole, outside, printable
 
 app = typer.Typer(
     name="provisioner",
@@ -408,8 +407,9 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
         idle = ""
         if row.get("state") == "ready":
             idle = _ago(now, view.time_ms(row.get("idle_since_ms")))
-        # Text, not markup: a record edited by hand may hold anything, "[/b]" among it
-        table.add_row(*map(Text, (
+        # Text, not markup: a record edited by hand may hold anything, "[/b]" and a terminal's
+        # escape sequences among it
+        table.add_row(*map(outside, (
             row.get("id", "?"), row.get("state", "?"), row.get("user", ""),
             _ago(now, view.time_ms(row.get("created_ms"))), idle, row.get("origin", ""),
             "no" if row.get("boot_sample") == "0" else "yes")))
@@ -470,14 +470,14 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     table.add_column("user", no_wrap=True)
     table.add_column("waiting for")
     for user, since in waiting:
-        table.add_row(Text(user), _ago(now, since))
+        table.add_row(outside(user), _ago(now, since))
     console.print(table)
     table = Table(title=f"connected users of pool {pool} ({len(sessions)}), longest first")
     for column in ("user", "node", "session", "last active"):
         table.add_column(column, no_wrap=column == "user",
                          overflow="fold" if column == "node" else "ellipsis")
     for session in sessions:
-        table.add_row(Text(session.user), Text(session.node), _ago(now, session.allocated_ms),
+        table.add_row(outside(session.user), outside(session.node), _ago(now, session.allocated_ms),
                       _last_active(now, session.last_activity_ms))
     console.print(table)
 
@@ -514,7 +514,7 @@ def release(
 
     # What each user was shown as holding, passed to the script: a session begun, or a node
     # handed out, while the prompt waited is not released on the strength of the old state.
-    shown: dict[str, str] = {}
+    as_seen: dict[str, str] = {}
 
     async def held(client: aioredis.Redis) -> dict[str, str]:
         await _replicas_release(client, pool, WRITES_WITH_OWN)
@@ -525,16 +525,16 @@ def release(
             if s.user in user_ids:
                 found[s.user] = (f"holds node {s.node} (session {_ago(now, s.allocated_ms)}, "
                                  f"last active {_last_active(now, s.last_activity_ms)})")
-                shown[s.user] = f"node:{s.node}"
+                as_seen[s.user] = f"node:{s.node}"
         for u, since in waiting:
             if u in user_ids:
                 found[u] = f"waits (for {_ago(now, since)})"
-                shown[u] = "waiting"
+                as_seen[u] = "waiting"
         return found
 
     state = _with_redis(redis_url, held)
     for user in user_ids:
-        console.print(f"{escape(user)}: {escape(state.get(user, 'holds nothing'))}")
+        console.print(f"{shown(user)}: {shown(state.get(user, 'holds nothing'))}")
     if not state:
         raise typer.Exit(1)
     if not yes:
@@ -553,7 +553,7 @@ def release(
     async def go(client: aioredis.Redis) -> list[Any]:
         scripts = Scripts(client, keys)
         now = WallClock().now_ms()
-        return [await scripts.release(now, user, by, expected=shown.get(user, "nothing"))
+        return [await scripts.release(now, user, by, expected=as_seen.get(user, "nothing"))
                 for user in user_ids]
 
     outcomes = _with_redis(redis_url, go)
@@ -562,15 +562,15 @@ def release(
         if outcome.code is Release.RELEASED:
             whom = (f"to waiting user {outcome.served[0].user_id}" if outcome.served
                     else "back to the ready list")
-            console.print(f"[green]released[/green] {escape(user)}: node "
-                          f"{escape(outcome.node_id)} {escape(whom)}")
+            console.print(f"[green]released[/green] {shown(user)}: node "
+                          f"{shown(outcome.node_id)} {shown(whom)}")
         elif outcome.code is Release.ABANDONED:
             console.print(f"[green]released[/green] {escape(user)}: left the waiting queue")
         elif outcome.code is Release.CHANGED:
             nothing = True
             now_holds = (f"holds node {outcome.node_id}" if outcome.node_id
                          else "waits or holds nothing")
-            console.print(f"{escape(user)}: changed since it was shown (now {escape(now_holds)}): "
+            console.print(f"{shown(user)}: changed since it was shown (now {shown(now_holds)}): "
                           "nothing done; look again with `provisioner users`")
         else:
             nothing = True
@@ -672,11 +672,11 @@ def model_show(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = Fals
         return await Scripts(client, keys).model_view(
             config.policy_args(WallClock().now_ms(), "cli"))
 
-    shown = _with_redis(redis_url, read)
+    learned = _with_redis(redis_url, read)
     if as_json:
-        typer.echo(json.dumps(shown, indent=2))
+        typer.echo(json.dumps(learned, indent=2))
         return
-    console.print(view.render_model(pool, shown))
+    console.print(view.render_model(pool, learned))
 
 
 @model_app.command("export")

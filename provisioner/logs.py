@@ -8,7 +8,18 @@ import sys
 import time
 from typing import Any
 
+from provisioner.terminal import printable
+
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+
+
+class TextFormatter(logging.Formatter):
+    """Log lines as text, with what a terminal acts on in them (an id another writer put in
+    Redis, logged by reconcile, set a terminal's title and cleared its screen: a review)
+    written as its escape, `\\x1b`; a traceback keeps its lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep="\n")
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,8 +43,7 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from provisioner.clock import sleep_unless
 from provisioner.config import redis_url_option
+from provisioner.logs import setup_logging
 
 log = logging.getLogger("provisioner.simulator")
 
@@ -254,7 +255,7 @@ def command(
     speed: Annotated[float, typer.Option(min=0.01, max=10_000, help="Replay speed-up.")] = 1.0,
 ) -> None:
     """Publish user traffic on user:activity, user:connect and user:disconnect."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging()  # the service's: what a terminal acts on, in a trace's ids, escaped
     if trace is not None:
         if duration is not None:
             raise typer.BadParameter("a trace runs for its own duration_s; --duration is for "

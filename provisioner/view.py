@@ -30,6 +30,7 @@ from provisioner.scripts import (
     key_types,
     scripts_fingerprint,
 )
+from provisioner.terminal import outside, printable
 
 
 @dataclass
@@ -180,20 +181,21 @@ def render_view(view: PoolView) -> Group:
     for entry in view.decisions:
         at_ms = time_ms(entry.get("now"))
         age = "-" if at_ms is None else f"{(view.now_ms - at_ms) / 1000:.0f}s"
-        # Text, not markup: a replica id or an operator's name may hold "[/b]"
-        decisions.add_row(age, *(Text(entry.get(field, ""))
+        # Text, not markup: a replica id or an operator's name may hold "[/b]", or a
+        # terminal's escape sequences
+        decisions.add_row(age, *(outside(entry.get(field, ""))
                                  for field in ("replica", "kind", "reason")))
-    last = Text(f"last decision ({data['last_replica'] or '-'}): "
-                f"{data['last_decision'] or 'none yet'}")
+    last = outside(f"last decision ({data['last_replica'] or '-'}): "
+                   f"{data['last_decision'] or 'none yet'}")
     running = [r for r in view.replicas if not r.silent]
     silent = [r for r in view.replicas if r.silent]
-    replicas = Text(f"replicas {len(running)}: " + (", ".join(r.describe() for r in running)
-                                                    or "none heard from"))
+    replicas = outside(f"replicas {len(running)}: "
+                       + (", ".join(r.describe() for r in running) or "none heard from"))
     if silent:
-        replicas.append("; " + ", ".join(r.describe() for r in silent), style="red")
+        replicas.append(printable("; " + ", ".join(r.describe() for r in silent)), style="red")
     releases = scripts_releases(running)
     if releases:
-        replicas.append("; " + releases, style="red")
+        replicas.append(printable("; " + releases), style="red")
     state_age = view.state_age_s
     if state_age is not None:
         # a state younger than its replicas' run was lost and begun again

@@ -627,5 +627,12 @@ def test_what_another_writer_put_in_an_id_reaches_the_terminal_escaped(redis_url
         assert "\x1b" not in result.output and "\u202e" not in result.output, \
             (command, repr(result.output))
         assert "\x9b" not in result.output, (command, repr(result.output))
+    for command in (["nodes"], ["users"]):
+        shown = CliRunner().invoke(app, [*command, *common], env={"COLUMNS": "300"}).output
+        assert "\\x1b[31mRED\\x9b31m" in shown, repr(shown)
+        assert "\\x1b]0;TITLE\\x07\\x1b[2J\\u202e" in shown, repr(shown)
+    # escaped before the layout: the table's lines are as wide as each other (escaped after
+    # it, the cells came out wider than their columns)
     shown = CliRunner().invoke(app, ["nodes", *common], env={"COLUMNS": "300"}).output
-    assert "\\x1b]0;TITLE" in shown and "\\x1b[2J\\u202e" in shown, repr(shown)
+    rows = [line for line in shown.splitlines() if line[:1] in "┏┃┡│└"]
+    assert len(rows) == 5 and len({len(line) for line in rows}) == 1, shown

@@ -611,6 +611,9 @@ def reconcile(
     from provisioner.nodeapi import HttpNodeApi
     from provisioner.service import Replica
 
+    # The replica's warnings (each node adopted or ended) as the service writes them, what a
+    # terminal acts on in an id escaped: Python's last-resort handler wrote them raw.
+    setup_logging(level="WARNING")
     try:
         service = ServiceConfig(redis_url, node_api_url, pool=pool).validate()
     except ConfigError as exc:
@@ -771,7 +774,7 @@ def main() -> None:
     try:
         app()
     except (OSError, RedisError) as exc:
-        errors.print(f"[red]error:[/red] {escape(f'{type(exc).__name__}: {exc}')}")
+        errors.print(f"[red]error:[/red] {shown(f'{type(exc).__name__}: {exc}')}")
         raise SystemExit(2) from None
 
 

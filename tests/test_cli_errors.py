@@ -214,6 +214,50 @@ def test_reconcile_without_a_node_list_says_so_and_fails(redis_url: str) -> None
     assert code == 2 and "gave no node list" in output and "nothing was compared" in output
 
 
+def test_reconcile_logs_a_hostile_node_id_escaped(redis_url: str) -> None:
+    """A node id another writer put in Redis with a terminal's escape sequences was logged raw
+    by reconcile (Python's last-resort handler), setting the title and clearing the screen."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from provisioner.redis_server import free_port
+    from provisioner.scripts import Scripts
+
+    node = "n3\x1b]0;PWNED\x07\x1b[2J"
+
+    async def plant() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        scripts = Scripts(client, PoolKeys("third"))
+        hour_ago = int(time.time() * 1000) - 3_600_000
+        await scripts.apply_node_status(hour_ago, node, "booting")
+        await scripts.apply_node_status(hour_ago, node, "ready")
+        await client.aclose()
+
+    asyncio.run(plant())
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "provisioner", "mock-node-api", "--port",
+                            str(port), "--redis-url", redis_url], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert api.poll() is None and time.monotonic() < deadline, "no mock"
+                time.sleep(0.1)
+        done = subprocess.run([sys.executable, "-m", "provisioner", "reconcile", "--redis-url",
+                               redis_url, "--node-api-url", f"http://127.0.0.1:{port}",
+                               "--pool", "third"], capture_output=True, text=True, timeout=60)
+    finally:
+        api.terminate()
+        api.wait(timeout=20)
+    assert done.returncode == 0, done
+    assert "n3\\x1b]0;PWNED\\x07\\x1b[2J" in done.stderr and "\x1b" not in done.stderr, \
+        repr(done.stderr)
+
+
 def test_run_names_every_bad_setting_of_the_service_and_the_pool_at_once() -> None:
     # It named the service's alone, and a second start found the pool's.
     code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",

@@ -198,6 +198,23 @@ class SlowReplies:
         return int(sent)
 
 
+class BrokenClient:
+    """A Redis client whose publish fails with an error of its own, not Redis's (an option it
+    took from the URL and refuses only on use)."""
+
+    async def publish(self, channel: str, message: str) -> int:
+        raise TypeError("unexpected keyword argument 'socket_timout'")
+
+
+async def test_a_create_whose_status_cannot_go_out_keeps_no_node(start_api: Start) -> None:
+    """Its node was kept while the POST answered 500: the nodes nobody was given filled
+    --max-nodes, and GET /api/nodes listed them booting for ever (a review)."""
+    api = await start_api(redis=BrokenClient(), max_nodes=2)
+    codes = [(await api.post("/api/nodes")).status_code for _ in range(3)]
+    assert codes == [503, 503, 503]
+    assert (await api.get("/api/nodes")).json()["nodes"] == []
+
+
 async def test_max_nodes_holds_when_creates_come_together(start_api: Start,
                                                           aredis: aioredis.Redis) -> None:
     # Each create waited on its publish between the check and keeping the node: 20 of 20 got

@@ -565,7 +565,7 @@ def release(
             console.print(f"[green]released[/green] {shown(user)}: node "
                           f"{shown(outcome.node_id)} {shown(whom)}")
         elif outcome.code is Release.ABANDONED:
-            console.print(f"[green]released[/green] {escape(user)}: left the waiting queue")
+            console.print(f"[green]released[/green] {shown(user)}: left the waiting queue")
         elif outcome.code is Release.CHANGED:
             nothing = True
             now_holds = (f"holds node {outcome.node_id}" if outcome.node_id
@@ -574,7 +574,7 @@ def release(
                           "nothing done; look again with `provisioner users`")
         else:
             nothing = True
-            console.print(f"{escape(user)}: held nothing, nothing done")
+            console.print(f"{shown(user)}: held nothing, nothing done")
     if nothing:
         raise typer.Exit(1)
 

@@ -57,7 +57,8 @@ class BootDelay:
     `exp:MEAN`. Every number is at most a day (`--terminate-delay`'s bound), a lognormal's
     median at least a millisecond, and every draw within [0, a day]: `lognormal:1:1e308`
     overflowed a draw, which ended its boot task without a word and left the node booting
-    for good, and `lognormal:1e-320:1` drew an infinite delay."""
+    for good, and `lognormal:1e-320:1` drew an infinite delay. Within those bounds a
+    lognormal's sigma is at most 11.1, so no draw reaches a float's limit."""
 
     kind: str
     a: float
@@ -97,12 +98,9 @@ class BootDelay:
             return rng.uniform(self.a, self.b)
         if self.kind == "exp":
             return rng.expovariate(1 / self.a) if self.a > 0 else 0.0
-        # lognormal: MEDIAN = e^mu, P95 = e^(mu + 1.645 sigma); a draw past a float is past a day
+        # lognormal: MEDIAN = e^mu, P95 = e^(mu + 1.645 sigma)
         sigma = math.log(self.b / self.a) / 1.6449
-        try:
-            return rng.lognormvariate(math.log(self.a), sigma)
-        except OverflowError:
-            return MAX_DELAY_S
+        return rng.lognormvariate(math.log(self.a), sigma)
 
 
 @dataclass

@@ -757,23 +757,21 @@ class Scripts:
         """A replica stopping cleanly leaves the pool's list of replicas (lua/heartbeat.lua)."""
         await self._call("heartbeat", replica_id, "{}", 0, "-", "leaving")
 
-    async def epoch(self) -> tuple[str, int]:
-        """The pool's epoch (empty before any heartbeat) and the server's time (ms), read at
-        once: the epoch begins with the server's time its state began (lua/heartbeat.lua)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.get(self.keys.key("epoch"))
-            pipe.time()
-            epoch, (seconds, micros) = await pipe.execute()
-        return as_text(epoch), seconds * 1000 + micros // 1000
-
     async def replicas(self) -> list[ReplicaSeen]:
         """The replicas the pool has heard from, the most recent first (at most 50), aged by
-        the server's clock, which stamps their heartbeats (read at once, in a transaction)."""
+        the server's clock, which stamps their heartbeats."""
+        return (await self.replicas_and_epoch())[0]
+
+    async def replicas_and_epoch(self) -> tuple[list[ReplicaSeen], str, int]:
+        """The replicas (as `replicas`), the pool's epoch (empty before any heartbeat), and the
+        server's time (ms) they are judged by, read at once, in a transaction: the heartbeats
+        and the epoch are stamped by that clock (lua/heartbeat.lua)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrevrange(self.keys.key("replicas"), 0, 49, withscores=True)
             pipe.hgetall(self.keys.key("replica_info"))
+            pipe.get(self.keys.key("epoch"))
             pipe.time()
-            seen, info, (seconds, micros) = await pipe.execute()
+            seen, info, epoch, (seconds, micros) = await pipe.execute()
         server_ms = seconds * 1000 + micros // 1000
         said = {as_text(k): as_text(v) for k, v in info.items()}
         out = []
@@ -787,7 +785,7 @@ class Scripts:
             heard_ms = score if math.isfinite(score) else -math.inf
             age_ms = server_ms - heard_ms
             out.append(ReplicaSeen.of(replica_id, int(min(age_ms, 10**15)), details, server_ms))
-        return out
+        return out, as_text(epoch), server_ms
 
     async def snapshot(self, now_ms: int, window_ms: int) -> Snapshot:
         reply = await self._call("snapshot", now_ms, window_ms)

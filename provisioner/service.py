@@ -1026,8 +1026,7 @@ class Replica:
         await self.drain(self.service.shutdown_grace_s)
         if self.service.heartbeat_interval_s > 0:
             try:
-                await asyncio.wait_for(self.scripts.leave(self.replica_id),
-                                       2.0)
+                await asyncio.wait_for(self.scripts.leave(self.replica_id), 2.0)
             except (TimeoutError, RedisError, OSError) as exc:
                 log.warning("could not leave the pool's replica list (%s): it shows this "
                             "replica as silent until it forgets it", str(exc) or "no answer")

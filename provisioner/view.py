@@ -135,8 +135,7 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
     entries: list[tuple[Any, dict[Any, Any]]] = await redis.xrevrange(  # type: ignore[assignment]
         keys.key("decisions"), count=recent)
     decisions = [{as_text(k): as_text(v) for k, v in fields.items()} for _id, fields in entries]
-    replicas = await scripts.replicas()
-    epoch, server_ms = await scripts.epoch()
+    replicas, epoch, server_ms = await scripts.replicas_and_epoch()
     return PoolView(pool, now_ms, snapshot, decisions, replicas, epoch, server_ms)
 
 

@@ -24,12 +24,18 @@
           node ID, 'waiting' for a user waiting, 'nothing'; the release is refused if the
           user's state is another now (a session begun, or a node handed out, while the prompt
           waited)
+  ARGV[6] when the session the operator was shown began (optional; ms, the user's score in
+          `sessions`): with 'node:ID', a session begun since on the same node (a disconnect and
+          a connect while the prompt waited, and the node the only one ready) is refused too
 
   Returns {code, node_id, served...}
     1 RELEASED   {1, node, [user, node, waited_ms] if the node went to a waiting user}
     2 ABANDONED  {2, ''}
     0 UNKNOWN    {0, ''}
-    3 CHANGED    {3, node or ''}: not what ARGV[5] says; nothing done
+    3 CHANGED    {3, node or ''}: not what ARGV[5] and ARGV[6] say; nothing done
+    4 STALE      {4, node}: the user's allocation was stale (the node's record names no
+                 session of theirs, e.g. the node was declared gone): the entry is dropped,
+                 nothing is freed
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -41,6 +47,7 @@ local user = ARGV[2]
 local by = ARGV[3] or ''
 local log_len = tonumber(ARGV[4]) or 1000
 local expected = ARGV[5] or ''
+local session_seen = ARGV[6] or ''
 
 -- An operator's release, logged with what it did.
 local function log_release(what)
@@ -57,6 +64,10 @@ if expected ~= '' then
   if now_is ~= expected then
     return {3, node or ''}
   end
+  if node and session_seen ~= '' and
+      tonumber(rcall('ZSCORE', K.sessions, user)) ~= tonumber(session_seen) then
+    return {3, node}
+  end
 end
 if node or waits then
   forget_browsing(user)
@@ -66,7 +77,7 @@ if node then
   rcall('ZREM', K.sessions, user)
   stat('releases')
   local nk = node_key(node)
-  local result = {1, node}
+  local result = {4, node}
   -- The node's own record must agree; if it does not (it was already declared gone), the
   -- allocation entry was stale and there is nothing to free.
   if rcall('HGET', nk, 'state') == 'allocated' and rcall('HGET', nk, 'user') == user then
@@ -74,6 +85,7 @@ if node then
     stat('busy_ms_total', math.max(0, now - since))
     add_to(K.model, 'rel', 1, true)
     local served = node_free(node, now)
+    result[1] = 1
     for _, v in ipairs(served) do result[#result + 1] = v end
     log_release(string.format('node %s freed after a session of %.0fs, %s', node,
                               (now - since) / 1000, served[1] and ('to waiting user ' .. served[1])

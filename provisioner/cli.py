@@ -7,6 +7,8 @@ import contextlib
 import getpass
 import inspect
 import json
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -320,6 +322,18 @@ async def _window_ms(client: aioredis.Redis, pool: str) -> int:
     return (await _published_config(client, PoolKeys(pool))).window_ms
 
 
+class _ReaderGone(Exception):
+    """What read the output stopped reading (`status --watch | head -n 1`): the end of a
+    watch, not an error, and not the OSError of a server that cannot be reached."""
+
+
+def _stdout_to_devnull() -> None:
+    # Python flushes stdout once more on its way out; into the closed pipe that is another
+    # BrokenPipeError, written on stderr.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 @app.command()
 def status(
     redis_url: RedisUrl,
@@ -358,11 +372,15 @@ def status(
         if isinstance(reading, Exception):  # on stderr, out of the readings' stream
             errors.print(f"Redis unreachable: {reading}", markup=False, highlight=False,
                          soft_wrap=True)
-        elif as_json:
-            typer.echo(json.dumps(reading.as_dict()))
-        else:
-            console.print(view.render_view(reading))
-        console.file.flush()
+            return
+        try:
+            if as_json:
+                typer.echo(json.dumps(reading.as_dict()))
+            else:
+                console.print(view.render_view(reading))
+            console.file.flush()
+        except BrokenPipeError:
+            raise _ReaderGone from None
 
     async def loop(client: aioredis.Redis) -> None:
         with contextlib.ExitStack() as stack:
@@ -386,6 +404,9 @@ def status(
         _with_redis(redis_url, loop)
     except KeyboardInterrupt:
         pass
+    except _ReaderGone:  # quietly, with the exit 1 of Rich's and click's own broken pipe
+        _stdout_to_devnull()
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -513,23 +534,26 @@ def release(
         raise _fail("--by must be at most 64 printable characters")
 
     # What each user was shown as holding, passed to the script: a session begun, or a node
-    # handed out, while the prompt waited is not released on the strength of the old state.
-    as_seen: dict[str, str] = {}
+    # handed out, while the prompt waited is not released on the strength of the old state. A
+    # session is known by its node and when it began: a user who disconnects and connects again
+    # meanwhile may be handed the same node.
+    as_seen: dict[str, tuple[str, int | None]] = {}
 
     async def held(client: aioredis.Redis) -> dict[str, str]:
         await _replicas_release(client, pool, WRITES_WITH_OWN)
         waiting, sessions = await view.user_rows(client, pool, limit=10**9)
         now = time.time() * 1000
         found: dict[str, str] = {}
-        for s in sessions:
-            if s.user in user_ids:
-                found[s.user] = (f"holds node {s.node} (session {_ago(now, s.allocated_ms)}, "
-                                 f"last active {_last_active(now, s.last_activity_ms)})")
-                as_seen[s.user] = f"node:{s.node}"
+        mine = [s for s in sessions if s.user in user_ids]
+        began = await client.zmscore(keys.key("sessions"), [s.user for s in mine]) if mine else []
+        for s, start in zip(mine, began, strict=True):
+            found[s.user] = (f"holds node {s.node} (session {_ago(now, s.allocated_ms)}, "
+                             f"last active {_last_active(now, s.last_activity_ms)})")
+            as_seen[s.user] = (f"node:{s.node}", None if start is None else int(start))
         for u, since in waiting:
             if u in user_ids:
                 found[u] = f"waits (for {_ago(now, since)})"
-                as_seen[u] = "waiting"
+                as_seen[u] = ("waiting", None)
         return found
 
     state = _with_redis(redis_url, held)
@@ -548,17 +572,26 @@ def release(
         if not confirmed:
             raise _fail("not confirmed: nothing released")
 
-    from provisioner.scripts import Release, Scripts
+    from provisioner.scripts import Release, ReleaseResult, Scripts
 
-    async def go(client: aioredis.Redis) -> list[Any]:
+    async def go(client: aioredis.Redis) -> dict[str, ReleaseResult]:
         scripts = Scripts(client, keys)
         now = WallClock().now_ms()
-        return [await scripts.release(now, user, by, expected=as_seen.get(user, "nothing"))
-                for user in user_ids]
+        # The waiting users leave the queue first: a node a named session frees goes to the
+        # oldest waiting user, and one named here has left too (the node would go to them,
+        # and their own release would then be refused as changed since it was shown).
+        order = sorted(user_ids, key=lambda user: as_seen.get(user, ("",))[0] != "waiting")
+        done = {}
+        for user in order:
+            expected, session_ms = as_seen.get(user, ("nothing", None))
+            done[user] = await scripts.release(now, user, by, expected=expected,
+                                               session_ms=session_ms)
+        return done
 
     outcomes = _with_redis(redis_url, go)
     nothing = False
-    for user, outcome in zip(user_ids, outcomes, strict=True):
+    for user in user_ids:
+        outcome = outcomes[user]
         if outcome.code is Release.RELEASED:
             whom = (f"to waiting user {outcome.served[0].user_id}" if outcome.served
                     else "back to the ready list")
@@ -566,6 +599,10 @@ def release(
                           f"{shown(outcome.node_id)} {shown(whom)}")
         elif outcome.code is Release.ABANDONED:
             console.print(f"[green]released[/green] {shown(user)}: left the waiting queue")
+        elif outcome.code is Release.STALE:
+            console.print(f"[green]released[/green] {shown(user)}: a stale allocation of node "
+                          f"{shown(outcome.node_id)} dropped (its record is not this user's "
+                          "session): no node freed")
         elif outcome.code is Release.CHANGED:
             nothing = True
             now_holds = (f"holds node {outcome.node_id}" if outcome.node_id
@@ -607,7 +644,10 @@ def reconcile(
         "--node-api-url", envvar="PROVISIONER_NODE_API_URL")],
     pool: Pool = "default",
 ) -> None:
-    """Repair the pool against GET /api/nodes once: adopt unknown nodes, end vanished ones."""
+    """Repair the pool against GET /api/nodes once: adopt unknown nodes, end vanished ones.
+    Exits 2 if the Node API gives no node list, or if the server holds no state of the pool (a
+    misspelt --pool would take every node into a pool no replica runs; a replica takes the
+    Node API's nodes in itself before its first decision)."""
     from provisioner.nodeapi import HttpNodeApi
     from provisioner.service import Replica
 
@@ -620,6 +660,9 @@ def reconcile(
         raise _fail(str(exc)) from None
 
     async def go(client: aioredis.Redis) -> dict[str, Any] | None:
+        if not await view.pool_exists(client, pool):
+            raise _fail(_no_pool(pool) + "; nothing was compared (a replica started on the "
+                        "pool takes the Node API's nodes in before its first decision)")
         await _replicas_release(client, pool, WRITES_WITH_OWN)
         api = HttpNodeApi(node_api_url)
         try:

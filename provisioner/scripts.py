@@ -127,6 +127,7 @@ class Release(IntEnum):
     RELEASED = 1
     ABANDONED = 2
     CHANGED = 3  # an operator's release refused: the user's state is not the one confirmed
+    STALE = 4  # the user's allocation named a node whose record is not theirs: dropped, no free
 
 
 class NodeStatusOutcome(IntEnum):
@@ -665,16 +666,20 @@ class Scripts:
         return await self.run(self.allocate_call(now_ms, user_id, replica, log_len))
 
     def release_call(self, now_ms: int, user_id: str, by: str = "", log_len: int = 1000,
-                     expected: str = "") -> Call[ReleaseResult]:
+                     expected: str = "", session_ms: int | None = None) -> Call[ReleaseResult]:
         """A disconnect; or, with `by`, an operator's release of the user, logged to the
         decisions stream (at most `log_len` entries) under that name, and refused (CHANGED) if
         `expected` ('node:ID', 'waiting' or 'nothing': what the operator confirmed) is not so
-        now."""
-        return Call("release", (now_ms, user_id, by, log_len, expected), _release)
+        now, or if the session confirmed began at `session_ms` and the one now did not."""
+        args: tuple[object, ...] = (now_ms, user_id, by, log_len, expected)
+        if session_ms is not None:
+            args += (session_ms,)
+        return Call("release", args, _release)
 
     async def release(self, now_ms: int, user_id: str, by: str = "", log_len: int = 1000,
-                      expected: str = "") -> ReleaseResult:
-        return await self.run(self.release_call(now_ms, user_id, by, log_len, expected))
+                      expected: str = "", session_ms: int | None = None) -> ReleaseResult:
+        return await self.run(self.release_call(now_ms, user_id, by, log_len, expected,
+                                                session_ms))
 
     def apply_node_status_call(self, now_ms: int, node_id: str, status: str, *,
                                listed: bool = False) -> Call[NodeStatusResult]:

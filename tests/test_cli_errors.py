@@ -204,14 +204,43 @@ def test_replay_json_is_strict_json(tmp_path: Path) -> None:
     assert scores["cost_ratio"] is None
 
 
+def _a_pool_with_a_node(redis_url: str, pool: str) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from provisioner.scripts import Scripts
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        await Scripts(client, PoolKeys(pool)).apply_node_status(
+            int(time.time() * 1000), "n1", "booting")
+        await client.aclose()
+
+    asyncio.run(record())
+
+
 def test_reconcile_without_a_node_list_says_so_and_fails(redis_url: str) -> None:
     # It printed zero repairs and exited 0: nothing had been compared.
+    _a_pool_with_a_node(redis_url, "no-list")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     code, output = invoke("reconcile", "--redis-url", redis_url, "--node-api-url",
                           f"http://127.0.0.1:{free}", "--pool", "no-list")
     assert code == 2 and "gave no node list" in output and "nothing was compared" in output
+
+
+def test_reconcile_of_a_pool_the_server_does_not_hold_is_refused(redis_url: str) -> None:
+    """Found by a review: `reconcile --pool reel` (for `real`) took every node the Node API
+    ran into a new pool no replica runs, as ready, printed its counts and exited 0, and `check
+    --pool reel` passed from then on. Refused before the Node API is asked."""
+    _a_pool_with_a_node(redis_url, "real")
+    code, output = invoke("reconcile", "--redis-url", redis_url, "--node-api-url",
+                          "http://127.0.0.1:9", "--pool", "reel")
+    assert code == 2 and "no pool 'reel' on this server" in output, output
+    assert "nothing was compared" in output
+    assert invoke("check", "--redis-url", redis_url, "--pool", "reel")[0] == 2
 
 
 def test_reconcile_logs_a_hostile_node_id_escaped(redis_url: str) -> None:
@@ -319,3 +348,21 @@ def test_a_redis_url_the_client_reads_a_database_from_is_taken(url: str) -> None
     from provisioner.config import redis_url_problem
 
     assert redis_url_problem(url) is None
+
+
+def test_a_watch_whose_reader_stops_ends_quietly(redis_url: str) -> None:
+    """Found by a review: `status --watch --json | head -n 1` ended with "cannot reach Redis at
+    ...: Broken pipe", exit 2: the closed pipe was taken for the server."""
+    _a_pool_with_a_node(redis_url, "watched")
+    watch = subprocess.Popen([sys.executable, "-m", "provisioner", "status", "--watch",
+                              "--json", "--redis-url", redis_url, "--pool", "watched"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert watch.stdout is not None and watch.stderr is not None
+    assert json.loads(watch.stdout.readline())["pool"] == "watched"
+    watch.stdout.close()  # what `head -n 1` does after its line
+    try:
+        code = watch.wait(timeout=30)
+    finally:
+        watch.kill()
+    said = watch.stderr.read().decode()
+    assert code == 1 and said == "", said

@@ -287,6 +287,94 @@ def test_release_ends_nothing_that_changed_while_its_prompt_waited(
     assert [(u["user_id"], u["node_id"]) for u in users["allocated"]] == [("eve", "n9")]
 
 
+def test_release_ends_no_session_begun_on_the_same_node_while_its_prompt_waited(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: bob disconnected and connected again while the prompt waited, and the
+    only ready node, his own, was handed back to him; the release checked only the node and
+    ended the new session. A session is known by when it began as well."""
+    import typer
+
+    now = int(time.time() * 1000) - 60_000
+    asyncio.run(_boot_then_connect(redis_url, "release-aba", now, "n1", user="bob"))
+
+    async def disconnect_then_connect() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, PoolKeys("release-aba"))
+        await scripts.release(now + 30_000, "bob")
+        assert (await scripts.allocate(now + 30_001, "bob")).node_id == "n1"
+        await client.aclose()
+
+    def answer_after_a_new_session(*args: Any, **kwargs: Any) -> bool:
+        asyncio.run(disconnect_then_connect())
+        return True
+
+    monkeypatch.setattr(typer, "confirm", answer_after_a_new_session)
+    common = ["--redis-url", redis_url, "--pool", "release-aba"]
+    result = CliRunner().invoke(app, ["release", "bob", *common], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "bob: changed since it was shown (now holds node n1): nothing done" in result.output
+    users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    assert [(u["user_id"], u["node_id"], round(u["session_s"])) for u in users["allocated"]] \
+        == [("bob", "n1", 30)]
+    # Shown again, the new session is released.
+    again = CliRunner().invoke(app, ["release", "bob", *common, "--yes"], env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and "released bob: node n1 back to the ready list" in again.output
+
+
+def test_release_of_sessions_and_waiting_users_together_gives_no_node_to_a_named_one(
+        redis_url: str) -> None:
+    """Found by a review, clearing a dead client's users: released in the order named, the
+    session's node went to the oldest waiting user, named too, whose own release was then
+    refused as changed: exit 1, and the node held by a user the operator had said was gone."""
+    now = int(time.time() * 1000) - 60_000
+    asyncio.run(_boot_then_connect(redis_url, "release-set", now, "n1", user="gone-a"))
+    asyncio.run(_boot_then_connect(redis_url, "release-set", now + 1, user="gone-b"))  # waits
+    asyncio.run(_boot_then_connect(redis_url, "release-set", now + 2, user="here"))  # waits
+    common = ["--redis-url", redis_url, "--pool", "release-set"]
+    result = CliRunner().invoke(app, ["release", "gone-a", "gone-b", "--yes", "--by", "op",
+                                      *common], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    # Reported in the order named; the node went to the waiting user not named.
+    assert result.output.index("released gone-a: node n1 to waiting user here") \
+        < result.output.index("released gone-b: left the waiting queue")
+    users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    assert [(u["user_id"], u["node_id"]) for u in users["allocated"]] == [("here", "n1")]
+    assert users["waiting"] == []
+
+
+def test_release_of_a_stale_allocation_says_no_node_was_freed(redis_url: str) -> None:
+    """Found by a review: an allocation whose node's record is not the user's (the node was
+    declared gone; only a hand edit or an old failure leaves one) is dropped, and nothing
+    freed; the command said the node went back to the ready list."""
+    keys = PoolKeys("release-stale")
+    now = int(time.time() * 1000)
+
+    async def stale() -> list[str]:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await client.hset(keys.key("alloc"), "carl", "n1")
+        await client.zadd(keys.key("sessions"), {"carl": now - 5000})
+        await client.hset(keys.node("n1"), mapping={"id": "n1", "state": "terminated"})
+        await client.aclose()
+        return []
+
+    asyncio.run(stale())
+    common = ["--redis-url", redis_url, "--pool", "release-stale"]
+    result = CliRunner().invoke(app, ["release", "carl", "--yes", "--by", "op", *common],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "released carl: a stale allocation of node n1 dropped" in result.output
+    assert "no node freed" in result.output and "ready list" not in result.output
+
+    async def after() -> tuple[list[str], dict[str, str]]:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        ready = await client.lrange(keys.key("ready"), 0, -1)
+        alloc = await client.hgetall(keys.key("alloc"))
+        await client.aclose()
+        return ready, alloc
+
+    assert asyncio.run(after()) == ([], {})
+
+
 def _status(redis_url: str, pool: str) -> tuple[str, dict[str, Any]]:
     """`provisioner status` of the pool as text and as JSON, each of which must succeed."""
     common = ["--redis-url", redis_url, "--pool", pool]

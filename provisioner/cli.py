@@ -31,7 +31,7 @@ from provisioner.config import (
     default_replica_id,
     redis_url_option,
 )
-from provisioner.events import ID_PATTERN
+from provisioner.events import ID_PATTERN, ID_RULE
 from provisioner.keys import PoolKeys
 from provisioner.logs import setup_logging
 from provisioner.terminal import SafeConsole, outside, printable
@@ -86,7 +86,7 @@ def run(
         help="Port of /metrics, /healthz, /readyz (0 disables)")] = 9100,
     replica_id: Annotated[str, typer.Option(
         "--replica-id", envvar="PROVISIONER_REPLICA_ID",
-        help="Name of this replica in logs and decisions")] = "",
+        help="Name of this replica in logs and decisions (default: HOSTNAME-PID)")] = "",
     min_ready: Annotated[int, typer.Option(
         envvar="PROVISIONER_MIN_READY", help="Floor of spare (ready+booting) nodes")
     ] = DEFAULTS.min_ready,
@@ -213,8 +213,8 @@ def run(
         estimation_error=estimation_error,
     )
     # Every problem of both at once: a second start should not find the next one.
-    found = service.problems() + pool_config.problems()
-    if found := found or _together(service, pool_config):  # their own ranges first
+    found = service.problems() + pool_config.problems() + _together(service, pool_config)
+    if found:
         raise _fail("invalid settings: " + "; ".join(found))
     setup_logging(service.log_format, service.log_level)
     try:
@@ -231,10 +231,13 @@ def _no_pool(pool: str, yet: str = "") -> str:
 
 
 def _together(service: ServiceConfig, pool: PoolConfig) -> list[str]:
-    """What the service's and the pool's settings, each valid on its own, get wrong only
-    together."""
+    """What the service's and the pool's settings get wrong only together; nothing of the
+    settings it reads that are out of their own ranges (named on their own)."""
     from provisioner.nodeapi import longest_create_s
 
+    if not (0 < service.api_timeout_s <= 600 and 1 <= service.api_retries <= 10
+            and 0.001 <= pool.create_timeout_s <= 86400):
+        return []
     longest = longest_create_s(service.api_timeout_s, service.api_retries)
     if pool.create_timeout_s > longest:
         return []
@@ -527,7 +530,7 @@ def release(
     # No id the service would accept from a connect could hold a node: refused before reading
     bad = [user for user in user_ids if not ID_PATTERN.match(user)]
     if bad:
-        raise _fail(f"not a user id (1-128 of A-Z a-z 0-9 . _ : @ -): "
+        raise _fail(f"not a user id ({ID_RULE}): "
                     f"{', '.join(repr(u[:40]) for u in bad[:5])}"
                     + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     if len(by) > 64 or not by.isprintable():
@@ -641,7 +644,8 @@ def check(redis_url: RedisUrl, pool: Pool = "default") -> None:
 def reconcile(
     redis_url: RedisUrl,
     node_api_url: Annotated[str, typer.Option(
-        "--node-api-url", envvar="PROVISIONER_NODE_API_URL")],
+        "--node-api-url", envvar="PROVISIONER_NODE_API_URL",
+        help="Base URL of the Node Management API")],
     pool: Pool = "default",
 ) -> None:
     """Repair the pool against GET /api/nodes once: adopt unknown nodes, end vanished ones.
@@ -759,7 +763,9 @@ def model_export(
 
 @model_app.command("import")
 def model_import(
-    model_file: Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False)],
+    model_file: Annotated[Path, typer.Argument(
+        metavar="FILE", exists=True, dir_okay=False,
+        help="A provisioner-model/1 JSON file, as `model export` writes it")],
     redis_url: RedisUrl,
     pool: Pool = "default",
     replace: Annotated[bool, typer.Option(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,7 +157,10 @@ def stack(redis_url: str | None = None, replicas: int = 2,
                 child.kill()
             if server is not None:
                 server.stop()
-            say(f"stopped {len(children)} processes; logs kept in {logdir}")
+            if children:
+                say(f"stopped {len(children)} processes; logs kept in {logdir}")
+            else:  # refused before anything started: no logs to keep (a review)
+                shutil.rmtree(logdir, ignore_errors=True)
 
 
 def _unreachable(redis_url: str) -> str | None:

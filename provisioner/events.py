@@ -17,6 +17,8 @@ from typing import Any
 
 MAX_PAYLOAD_BYTES = 4096
 ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
+#: ID_PATTERN in words, for the messages that refuse an id.
+ID_RULE = "1-128 of A-Z a-z 0-9 . _ : @ -, the first a letter or a digit"
 
 
 class Channel(StrEnum):
@@ -92,7 +94,7 @@ def _identifier(payload: dict[str, Any], name: str) -> str:
         raise _Reject(Reason.WRONG_TYPE, f"{name!r} must be a string, not {type(value).__name__}")
     if not ID_PATTERN.match(value):
         shown = value if len(value) <= 40 else value[:40] + "..."
-        raise _Reject(Reason.BAD_ID, f"{name!r}={shown!r} is empty, too long or has bad characters")
+        raise _Reject(Reason.BAD_ID, f"{name!r}={shown!r} is not {ID_RULE}")
     return value
 
 

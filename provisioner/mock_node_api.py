@@ -333,18 +333,15 @@ def command(
     max_nodes: Annotated[int, typer.Option(min=1, max=1_000_000,
                                            help="Creates beyond this answer 429.")]
     = 1000,
-    create_error_rate: Annotated[float, typer.Option(callback=_rate,
-                                                     help="Share of creates answering 500.")]
-    = 0.0,
-    delete_error_rate: Annotated[float, typer.Option(callback=_rate,
-                                                     help="Share of deletes answering 500.")]
-    = 0.0,
+    create_error_rate: Annotated[float, typer.Option(
+        callback=_rate, help="Share of creates answering 500, 0 to 1.")] = 0.0,
+    delete_error_rate: Annotated[float, typer.Option(
+        callback=_rate, help="Share of deletes answering 500, 0 to 1.")] = 0.0,
     latency: Annotated[float, typer.Option(min=0, max=600,
                                            help="Added latency per call, up to N s.")]
     = 0.0,
-    stuck_rate: Annotated[float, typer.Option(callback=_rate,
-                                              help="Share of boots that never become ready.")]
-    = 0.0,
+    stuck_rate: Annotated[float, typer.Option(
+        callback=_rate, help="Share of boots that never become ready, 0 to 1.")] = 0.0,
     death_rate: Annotated[float, typer.Option(
         min=0, max=3600, help="Ready/allocated nodes die at this rate per node-hour.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed for delays and faults.")] = None,

@@ -231,9 +231,9 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
 
 
 def command(
-    redis_url: Annotated[str, typer.Option(envvar="PROVISIONER_REDIS_URL",
-                                           callback=redis_url_option)]
-    = "redis://127.0.0.1:6379/0",
+    redis_url: Annotated[str, typer.Option(
+        envvar="PROVISIONER_REDIS_URL", callback=redis_url_option,
+        help="Redis to publish the traffic on")] = "redis://127.0.0.1:6379/0",
     # Every range is closed: an infinite rate or count would never let the traffic's clock move.
     arrival_rate: Annotated[float, typer.Option(min=0.01, max=100_000,
                                                 help="New users per minute.")] = 20.0,

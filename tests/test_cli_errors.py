@@ -306,6 +306,11 @@ def test_run_refuses_a_create_timeout_a_create_call_can_outlast() -> None:
     code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
                           "http://api", "--http-port", "0")
     assert "create timeout" not in output, output
+    # Named with every other problem at once (a review: only once the others were fixed).
+    code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
+                          "ftp://api", "--create-timeout", "30", "--max-nodes", "0")
+    assert code == 2 and "create timeout (30s) must be longer" in output, output
+    assert "max_nodes must be in" in output and "must start with http(s)://" in output
 
 
 def test_an_error_goes_to_stderr_not_into_what_stdout_carries() -> None:

@@ -82,6 +82,9 @@ def test_the_dev_stack_refuses_what_it_cannot_run_before_starting_anything(
     assert gone.returncode == 1, gone
     assert "cannot reach Redis at redis://127.0.0.1:" in gone.stdout + gone.stderr, gone
     assert "mock Node API" not in gone.stdout  # nothing was started
+    # Nor said to be stopped, with an empty log folder left behind (a review).
+    assert "stopped 0 processes" not in gone.stdout
+    assert not list(tmp_path.glob("provisioner-stack-*")), gone.stdout
     bogus = subprocess.run([sys.executable, "-m", "provisioner", "dev", "--boot-delay", "bogus"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert bogus.returncode == 2 and "--boot-delay" in bogus.stderr, bogus

@@ -4,7 +4,8 @@
 any other answer is a failure. What may be retried and what may not:
 
 * A create is not idempotent: sending it twice may make two nodes. It is retried only when the
-  request certainly never reached the server (the connection could not be made). A timeout or a
+  request certainly never reached the server (the connection could not be made, or was not made
+  in time, or none of the client's was free in time). A timeout or a
   broken connection after sending is UNCERTAIN: the node may exist. The caller then leaves the
   reservation to expire and the node, if any, is adopted when its `node:status` arrives or when
   reconciliation lists it, so it is never leaked.
@@ -194,7 +195,9 @@ class HttpNodeApi:
             started = time.perf_counter()
             try:
                 response = await self._send("create", "POST", "/api/nodes")
-            except httpx.ConnectError as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                # Nothing was sent: no connection was made (refused, or timed out before it
+                # was made), or none was free in time.
                 self._count("create", "connect_error", started)
                 log.warning("create: cannot connect (attempt %d/%d): %s", attempt + 1,
                             self.attempts, exc)

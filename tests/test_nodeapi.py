@@ -73,6 +73,25 @@ async def test_create_is_retried_when_the_connection_was_never_made() -> None:
     assert result.outcome is CreateOutcome.CREATED and calls == 3
 
 
+@pytest.mark.parametrize("never_sent", [httpx.ConnectTimeout, httpx.PoolTimeout])
+async def test_create_is_retried_when_the_connection_timed_out_before_it_was_made(
+        never_sent: type[httpx.TimeoutException]) -> None:
+    """Found by a review: a connect timeout (a host dropping SYNs) or no free connection in
+    time sends nothing, yet it was taken as UNCERTAIN: not retried, and its reservation kept
+    for --create-timeout as a create in flight, for a node that cannot exist."""
+    calls = 0
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise never_sent("timed out", request=request)
+        return httpx.Response(202, json={"id": "node-1"})
+
+    result = await client(flaky).create()
+    assert (result.outcome, calls) == (CreateOutcome.CREATED, 2)
+
+
 async def test_create_202_without_an_id_is_uncertain() -> None:
     result = await client(lambda r: httpx.Response(202, text="ok")).create()
     assert result.outcome is CreateOutcome.UNCERTAIN

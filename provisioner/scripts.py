@@ -7,6 +7,7 @@ and turns their replies into typed results whose codes mirror the scripts' retur
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ from typing import Any, Generic, TypeVar, get_type_hints
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from provisioner import jsontext
 from provisioner.keys import PoolKeys
@@ -571,6 +572,11 @@ def _node_status(reply: Any) -> NodeStatusResult:
                             as_text(reply[2]), _served(reply[3:]))
 
 
+#: How many times a call is made while the server answers that it does not hold the script
+#: (each time redis-py loads it first): a SCRIPT FLUSH that lands between a load and a call.
+NOSCRIPT_TRIES = 3
+
+
 class Scripts:
     """The pool's transitions, bound to one Redis client and one pool."""
 
@@ -589,6 +595,12 @@ class Scripts:
         started = time.perf_counter()
         call: Callable[..., Awaitable[Any]] = self._scripts[name]
         try:
+            for _ in range(NOSCRIPT_TRIES - 1):
+                # redis-py loads a script the server does not hold and calls it once more; a
+                # SCRIPT FLUSH between the two (another client's) failed the call. A script the
+                # server did not hold did not run, so it is safe to call again.
+                with contextlib.suppress(NoScriptError):
+                    return await call(keys=self._vector, args=list(args))
             return await call(keys=self._vector, args=list(args))
         finally:
             if self._observe is not None:

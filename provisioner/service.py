@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import (
     ClusterDownError,
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
@@ -286,7 +287,11 @@ class Replica:
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 results, problem = [exc] * len(calls), exc
             else:
-                first = next((i for i, r in enumerate(results) if _refused_for_now(r)), None)
+                # A script the server did not hold did not run: a SCRIPT FLUSH landed between
+                # the pipeline's load of the scripts and its calls (redis-py loads them again
+                # on the next try).
+                first = next((i for i, r in enumerate(results)
+                              if _refused_for_now(r) or isinstance(r, NoScriptError)), None)
                 if first is None:
                     broken = next((r for r in results if _pool_key_broken(r)), None)
                     if broken is not None:
@@ -295,7 +300,8 @@ class Replica:
                         self._written()
                     return done + results
                 problem = results[first]
-                self._note_refused(problem)
+                if _refused_for_now(problem):
+                    self._note_refused(problem)
                 done += results[:first]
                 evs = evs[sum(max(grouped, 1) for _, grouped in calls[:first]):]
                 calls, results = calls[first:], results[first:]

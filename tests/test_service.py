@@ -17,14 +17,14 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
-from provisioner.scripts import AllocateResult, ReleaseResult
+from provisioner.scripts import AllocateResult, Allocation, ReleaseResult
 from provisioner.service import ACTIVITY_BATCH, LISTEN_BATCH, Replica, http_app
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
@@ -949,6 +949,58 @@ async def test_events_a_server_out_of_memory_refuses_are_tried_again_from_the_fi
     assert int(stats["connects"]) == 4  # oom, x0, x1, x2: each once
     assert counter(replica, "provisioner_errors_total", where="event") == 0
     assert await check_invariants(aredis, POOL) == []
+
+
+async def test_events_whose_scripts_a_flush_took_are_tried_again_not_dropped(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """Found by a review (a SCRIPT FLUSH every 10 ms under traffic): a flush between the
+    pipeline's load of the scripts and its calls answered NOSCRIPT, and the events were dropped
+    as errors, a disconnect among them. A script the server did not hold did not run: the
+    batch is tried again from the first such call."""
+    sent: list[int] = []
+    run_many = replica.scripts.run_many
+
+    async def flushed_once(calls: Any) -> Any:
+        sent.append(len(calls))
+        results = await run_many(calls[:1])
+        if len(sent) == 1:
+            return results + [NoScriptError("No matching script.")] * (len(calls) - 1)
+        return results + await run_many(calls[1:])
+
+    replica.scripts.run_many = flushed_once  # type: ignore[method-assign]
+    outcomes = await replica.handle_many([wire("user:connect", {"user_id": f"x{k}"})
+                                          for k in range(3)])
+    assert sent == [3, 2]
+    assert all(isinstance(o, AllocateResult) for o in outcomes)
+    assert int(await aredis.hget(replica.keys.key("stats"), "connects")) == 3
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
+    assert replica.writes_refused() is None
+
+
+async def test_a_script_call_a_flush_fails_twice_is_made_again(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """redis-py loads a script the server does not hold and calls it once more; a flush between
+    the two failed a tick, or a create's registration (logged with a traceback, in a review's
+    drill). The call is made up to three times."""
+    scripts = replica.scripts
+    real = scripts._scripts["allocate"]
+    failures = 0
+
+    async def flushed(**kwargs: Any) -> Any:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise NoScriptError("No matching script.")
+        return await real(**kwargs)
+
+    scripts._scripts["allocate"] = flushed  # type: ignore[assignment]
+    assert (await scripts.allocate(T0, "u1")).code is Allocation.WAITING
+    assert failures == 2
+    failures = -1  # three in a row: the server is flushing faster than anyone can load
+    with pytest.raises(NoScriptError):
+        await scripts.allocate(T0, "u2")
 
 
 async def test_a_run_of_activity_goes_in_few_calls_and_other_events_keep_their_place(

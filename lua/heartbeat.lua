@@ -25,6 +25,12 @@
   Each replica's ticks pass the epoch they run on to scale_decide, which decides nothing under
   another, until that replica has taken the Node API's nodes back.
 
+  A state put back from an older copy (a snapshot, a replica promoted before it caught up)
+  holds the same epoch. So every heartbeat also counts itself in stats `heartbeats` and
+  returns the count: a replica that gets a count no higher than the one its last heartbeat got
+  is running on an older copy of the pool than it wrote to (an older copy by less than one
+  heartbeat interval cannot be told).
+
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] replica id
   ARGV[2] what the replica says: a JSON object (lag_s, subscribed, started_ms, interval_s)
@@ -39,7 +45,8 @@
   the replica must see; the server's clock is the one they all can read.
 
   Returns {replicas heard from within forget_ms, forgotten by this call, the pool's epoch,
-           the server's time (ms)}
+           the server's time (ms), the pool's count of heartbeats with this one (0 when
+           leaving)}
   Refused (an error) if ARGV[2] is not a JSON object or ARGV[4] is missing, or a pool key holds
   another type than its own (keys.lua refuse_wrong_types): nothing is written. A heartbeat that
   went through while the transitions were refused told the replica its writes go through again.
@@ -63,7 +70,7 @@ end
 if ARGV[5] == 'leaving' then
   rcall('ZREM', K.replicas, replica)
   rcall('HDEL', K.replica_info, replica)
-  return {rcall('ZCARD', K.replicas), 0, rcall('GET', K.epoch) or '', 0}
+  return {rcall('ZCARD', K.replicas), 0, rcall('GET', K.epoch) or '', 0, 0}
 end
 local time = rcall('TIME')
 local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -76,4 +83,6 @@ if #gone > 0 then
   rcall('HDEL', K.replica_info, unpack(gone))
 end
 rcall('SET', K.epoch, server_ms .. '-' .. proposed, 'NX')
-return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch), server_ms}
+stat('heartbeats')
+return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch), server_ms,
+        tonumber(rcall('HGET', K.stats, 'heartbeats'))}

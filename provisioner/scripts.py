@@ -572,6 +572,17 @@ def _node_status(reply: Any) -> NodeStatusResult:
                             as_text(reply[2]), _served(reply[3:]))
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """What a heartbeat (lua/heartbeat.lua) answers."""
+
+    replicas: int  # heard from within forget_ms
+    forgotten: int  # older ones this call forgot
+    epoch: str  # the pool's (if it had none: the server's time and the token given)
+    server_ms: int  # the server's time
+    count: int  # the pool's heartbeats with this one: lower than before, an older copy
+
+
 #: How many times a call is made while the server answers that it does not hold the script
 #: (each time redis-py loads it first): a SCRIPT FLUSH that lands between a load and a call.
 NOSCRIPT_TRIES = 3
@@ -761,14 +772,13 @@ class Scripts:
         return list((await self.model_view(policy_args))["learned_fields"])
 
     async def heartbeat(self, replica_id: str, info: Mapping[str, Any], forget_ms: int,
-                        token: str = "") -> tuple[int, int, str, int]:
+                        token: str = "") -> Heartbeat:
         """Record that a replica runs and what it says (lua/heartbeat.lua), stamped by the
-        server's clock; the replicas heard from within `forget_ms`, how many older ones this
-        call forgot, the pool's epoch (if the pool had none, the server's time and `token`, by
-        default a new random one), and the server's time (ms)."""
+        server's clock, and count the heartbeat."""
         reply = await self._call("heartbeat", replica_id, json.dumps(info), forget_ms,
                                  token or secrets.token_hex(6))
-        return int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3])
+        return Heartbeat(int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3]),
+                         int(reply[4]))
 
     async def leave(self, replica_id: str) -> None:
         """A replica stopping cleanly leaves the pool's list of replicas (lua/heartbeat.lua)."""

@@ -198,6 +198,8 @@ class Replica:
         #: (`_taking_back`, since `_lost_seen_ms`), the ticks decide nothing either: no tick
         #: boots a pool beside the running nodes
         self._epoch = ""
+        #: the pool's count of heartbeats, as this replica's last heartbeat got it (0: none yet)
+        self._heartbeats = 0
         self._taking_back = False
         self._lost_seen_ms = 0
         #: set once this replica has had its first turn at reconciliation (run waits for it
@@ -807,8 +809,8 @@ class Replica:
         if self.other_pools:
             info["other_pools"] = self.other_pools
         sent = self.clock.now_ms()
-        _, _, epoch, server_ms = await self.scripts.heartbeat(self.replica_id, info,
-                                                              FORGET_REPLICA_MS)
+        beat = await self.scripts.heartbeat(self.replica_id, info, FORGET_REPLICA_MS)
+        epoch, server_ms = beat.epoch, beat.server_ms
         self._written()
         self._clock_offset_s = ((sent + self.clock.now_ms()) / 2 - server_ms) / 1000
         self.metrics.clock_offset.set(self._clock_offset_s)
@@ -821,13 +823,22 @@ class Replica:
                 "ahead of" if self._clock_offset_s > 0 else "behind")
         # Taken before acting on it: a reconciliation that fails does not count the loss twice.
         seen, self._epoch = self._epoch, epoch
+        counted, self._heartbeats = self._heartbeats, beat.count
+        lost = ""
         if seen and epoch != seen:
+            lost = f"was lost: its epoch went from {seen} to {epoch}"
+        elif seen and 0 < beat.count <= counted:
+            # The same epoch, and fewer heartbeats than this replica's last one saw: the state
+            # was put back from an older copy (a snapshot, a replica promoted before it caught
+            # up). What changed since that copy is gone, the sessions begun since among it.
+            lost = (f"was put back from an older copy: it counts {beat.count} heartbeats, "
+                    f"where this replica's last one counted {counted}")
+        if lost:
             self.metrics.state_lost.inc()
-            log.error("the pool's state in Redis was lost: its epoch went from %s to %s since "
-                      "this replica's last heartbeat. Sessions in progress and the nodes they "
-                      "hold are unknown now; reconciliation takes every node the Node API "
-                      "lists back as free (README, \"When Redis loses the pool's state\")",
-                      seen, epoch)
+            log.error("the pool's state in Redis %s since this replica's last heartbeat. "
+                      "Sessions in progress and the nodes they hold are unknown now; "
+                      "reconciliation takes every node the Node API lists back as free "
+                      "(README, \"When Redis loses the pool's state\")", lost)
             self._taking_back = True
             self._lost_seen_ms = self.clock.now_ms()
         if self._taking_back:

@@ -21,6 +21,7 @@ from provisioner.scripts import (
     Activity,
     Allocation,
     Call,
+    Heartbeat,
     NodeStatusOutcome,
     Registration,
     Release,
@@ -1177,17 +1178,22 @@ async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> N
 # --- heartbeat ------------------------------------------------------------------------------
 
 
+def _listed(beat: Heartbeat) -> tuple[int, int]:
+    """The replicas a heartbeat found heard from, and those it forgot."""
+    return beat.replicas, beat.forgotten
+
+
 async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
     pool: PoolUnderTest,
 ) -> None:
     scripts, now = pool.scripts, pool.now
     said = {"lag_s": 0.25, "subscribed": True, "started_ms": now, "interval_s": 2.0}
-    assert (await scripts.heartbeat("r1", said, 60_000))[:2] == (1, 0)
+    assert _listed(await scripts.heartbeat("r1", said, 60_000)) == (1, 0)
     lagging = {**said, "lag_s": 7.5}
-    assert (await scripts.heartbeat("r2", lagging, 60_000))[:2] == (2, 0)
+    assert _listed(await scripts.heartbeat("r2", lagging, 60_000)) == (2, 0)
     await heard_ago(pool.redis, pool.keys, "r2", 1_000)
     # r1 again, with what it says now: its entry is the latest heartbeat's
-    assert (await scripts.heartbeat("r1", {**said, "lag_s": 9.0}, 60_000))[:2] == (2, 0)
+    assert _listed(await scripts.heartbeat("r1", {**said, "lag_s": 9.0}, 60_000)) == (2, 0)
     seen = await scripts.replicas()
     assert [(r.replica_id, r.lag_s, r.subscribed) for r in seen] == [
         ("r1", 9.0, True), ("r2", 7.5, True)]
@@ -1198,7 +1204,7 @@ async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
     assert [(r.replica_id, r.silent) for r in await scripts.replicas()] == [
         ("r2", False), ("r1", True)]
     await heard_ago(pool.redis, pool.keys, "r1", 61_000)
-    assert (await scripts.heartbeat("r2", said, 60_000))[:2] == (1, 1)
+    assert _listed(await scripts.heartbeat("r2", said, 60_000)) == (1, 1)
     assert [r.replica_id for r in await scripts.replicas()] == ["r2"]
     assert await pool.redis.hkeys(pool.keys.key("replica_info")) == ["r2"]
 
@@ -1232,7 +1238,7 @@ def test_a_replica_s_time_up_is_read_by_its_own_clock() -> None:
 
 async def test_a_heartbeat_returns_the_server_s_clock(pool: PoolUnderTest) -> None:
     before = time.time() * 1000
-    *_, server_ms = await pool.scripts.heartbeat("r1", {}, 60_000)
+    server_ms = (await pool.scripts.heartbeat("r1", {}, 60_000)).server_ms
     # The same machine's clock: within the call, give or take the TIME's rounding.
     assert before - 1 <= server_ms <= time.time() * 1000 + 1
 
@@ -1252,9 +1258,9 @@ async def test_forgetting_is_bounded_per_heartbeat(pool: PoolUnderTest) -> None:
         await pool.scripts.heartbeat(f"dead-{k}", {}, 60_000)
     for k in range(25):
         await heard_ago(pool.redis, pool.keys, f"dead-{k}", 120_000)
-    assert (await pool.scripts.heartbeat("r1", {}, 60_000))[:2] == (16, 10)
-    assert (await pool.scripts.heartbeat("r1", {}, 60_000))[:2] == (6, 10)
-    assert (await pool.scripts.heartbeat("r1", {}, 60_000))[:2] == (1, 5)
+    assert _listed(await pool.scripts.heartbeat("r1", {}, 60_000)) == (16, 10)
+    assert _listed(await pool.scripts.heartbeat("r1", {}, 60_000)) == (6, 10)
+    assert _listed(await pool.scripts.heartbeat("r1", {}, 60_000)) == (1, 5)
     assert [r.lag_s for r in await pool.scripts.replicas()] == [None]
 
 
@@ -1264,22 +1270,29 @@ async def test_the_first_heartbeat_sets_the_pools_epoch_and_every_one_returns_it
     """The epoch is the server's time the state began and the first replica's token: dated by
     the one clock every replica shares, so `provisioner status` says how long ago by it."""
     scripts = pool.scripts
-    *_, epoch, server_ms = await scripts.heartbeat("r1", {}, 60_000, "e1")
+    beat = await scripts.heartbeat("r1", {}, 60_000, "e1")
+    epoch, server_ms = beat.epoch, beat.server_ms
     assert epoch == f"{server_ms}-e1"
     # another replica's token, a later heartbeat: the epoch that stands is returned, unchanged
-    assert (await scripts.heartbeat("r2", {}, 60_000, "e2"))[2] == epoch
-    assert (await scripts.heartbeat("r1", {}, 60_000, "e3"))[2] == epoch
+    assert (await scripts.heartbeat("r2", {}, 60_000, "e2")).epoch == epoch
+    beat = await scripts.heartbeat("r1", {}, 60_000, "e3")
+    # every heartbeat counts itself, so a state put back from an older copy counts fewer
+    assert (beat.epoch, beat.count) == (epoch, 3)
     # the state is lost: the next heartbeat, whoever's, begins a new epoch
     await pool.redis.flushdb()
-    *_, lost, server_ms = await scripts.heartbeat("r2", {}, 60_000, "e4")
-    assert lost == f"{server_ms}-e4"
-    assert (await scripts.heartbeat("r1", {}, 60_000, "e5"))[2] == lost
+    beat = await scripts.heartbeat("r2", {}, 60_000, "e4")
+    lost, server_ms = beat.epoch, beat.server_ms
+    assert lost == f"{server_ms}-e4" and beat.count == 1
+    await scripts.leave("r2")  # a replica leaving is not counted
+    beat = await scripts.heartbeat("r1", {}, 60_000, "e5")
+    assert (beat.epoch, beat.count) == (lost, 2)
     # with no token given, the client makes a random one
     await pool.redis.flushdb()
-    *_, first, server_ms = await scripts.heartbeat("r1", {}, 60_000)
+    beat = await scripts.heartbeat("r1", {}, 60_000)
+    first, server_ms = beat.epoch, beat.server_ms
     assert re.fullmatch(rf"{server_ms}-[0-9a-f]{{12}}", first)
     await pool.redis.flushdb()
-    assert (await scripts.heartbeat("r1", {}, 60_000))[2] != first
+    assert (await scripts.heartbeat("r1", {}, 60_000)).epoch != first
 
 
 async def test_a_heartbeat_with_no_token_for_the_epoch_is_refused_and_writes_nothing(
@@ -1300,7 +1313,7 @@ async def test_a_decision_under_an_epoch_the_pool_does_not_hold_is_refused_and_w
     decision there would boot a pool beside the nodes still running."""
     config = PoolConfig(min_ready=2)
     scripts, now = pool.scripts, pool.now
-    epoch = (await scripts.heartbeat("r1", {}, 60_000, "e1"))[2]
+    epoch = (await scripts.heartbeat("r1", {}, 60_000, "e1")).epoch
     before = await pool.dump()
     for other in ("e0", f"{epoch}0"):
         decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch=other))
@@ -1310,7 +1323,7 @@ async def test_a_decision_under_an_epoch_the_pool_does_not_hold_is_refused_and_w
     decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch=epoch))
     assert decision.epoch_changed and await pool.redis.dbsize() == 0
     # the epoch that stands, or none known to the replica: the tick decides as before
-    epoch = (await scripts.heartbeat("r1", {}, 60_000, "e3"))[2]
+    epoch = (await scripts.heartbeat("r1", {}, 60_000, "e3")).epoch
     decision = await scripts.scale_decide(config.policy_args(now, "r1", epoch=epoch))
     assert decision.won and len(decision.reservations) == 2
     decision = await scripts.scale_decide(config.policy_args(now + 1_000, "r1", 1, epoch=""))

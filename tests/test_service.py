@@ -277,6 +277,40 @@ async def test_a_replica_that_finds_the_pools_state_gone_says_so_once(
     assert await aredis.hget(PoolKeys(POOL).config, "max_nodes") == str(r1.pool.max_nodes)
 
 
+async def test_a_state_put_back_from_an_older_copy_is_seen_as_a_loss(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by a review: a server that came back with an older copy of the pool (a snapshot,
+    a replica promoted before it caught up) holds the same epoch; no replica saw the loss, and
+    the node a user was handed after the copy went to the next user who connected. The pool
+    counts its heartbeats: one that gets fewer than the replica's last one did says so."""
+    r1, r2 = make_replica(aredis, api, clock, "r1"), make_replica(aredis, api, clock, "r2")
+    for replica in (r1, r2):
+        await replica.heartbeat()
+    for status in ("booting", "ready"):
+        await send([r1], "node:status", {"node_id": "n1", "status": status})
+    copy = {key: await aredis.dump(key) for key in await aredis.keys("*")}
+    await send([r1], "user:connect", {"user_id": "alice"})
+    for _ in range(2):  # later heartbeats, not in the copy
+        for replica in (r1, r2):
+            await replica.heartbeat()
+    assert counter(r1, "provisioner_state_lost_total") == 0
+    await aredis.flushall()
+    for key, value in copy.items():
+        await aredis.restore(key, 0, value)
+    api.listed = [ListedNode("n1", "ready")]
+    with caplog.at_level(logging.ERROR, logger="provisioner.service"):
+        for replica in (r1, r2, r1, r2):
+            await replica.heartbeat()
+    assert [counter(r, "provisioner_state_lost_total") for r in (r1, r2)] == [1, 1]
+    said = [rec.getMessage() for rec in caplog.records if "older copy" in rec.message]
+    assert len(said) == 2 and "it counts 4 heartbeats, where this replica's last one counted " \
+        "6" in said[1], said
+    # The same epoch, so only the count could tell; the copy is the pool's state from now on.
+    assert r1._epoch == r2._epoch
+
+
 async def test_the_longest_session_is_exported_for_prometheus(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

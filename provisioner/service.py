@@ -156,6 +156,18 @@ def _database(redis: aioredis.Redis) -> int:
         return 0
 
 
+class SubscriptionSilent(RedisConnectionError):
+    """The listener's connection has carried nothing, not even the probes this replica
+    published, for longer than a live one would: a connection dropped without a close (a
+    middlebox, a partition) that redis-py's pub/sub does not notice. `since` (monotonic): the
+    last message it carried."""
+
+    def __init__(self, silent_s: float, since: float) -> None:
+        super().__init__(f"no message for {silent_s:.1f}s, the probes published in that time "
+                         "among them: the connection is taken for dead")
+        self.since = since
+
+
 class Replica:
     """Handles events and ticks for one pool. Several replicas may run against one Redis."""
 
@@ -735,8 +747,13 @@ class Replica:
                 self._last_lag_s = 0.0
                 self.subscribed.set()
                 backoff = 0.2
+                last_read = time.monotonic()
                 while not self.stopping.is_set():
                     batch = await self._read_batch(pubsub)
+                    if batch:
+                        last_read = time.monotonic()
+                    else:
+                        self._raise_if_silent(last_read)
                     probes = [data for channel, data in batch if channel in self._probe_names]
                     if probes:
                         batch = [item for item in batch if item[0] not in self._probe_names]
@@ -746,7 +763,9 @@ class Replica:
                         self._probe_seen(data)
             except (RedisError, OSError) as exc:
                 if self.subscribed.is_set():
-                    lost_at = time.monotonic()
+                    # A silent connection lost its messages from the last one it carried.
+                    lost_at = exc.since if isinstance(exc, SubscriptionSilent) else (
+                        time.monotonic())
                 self.subscribed.clear()
                 self.metrics.errors.labels("subscribe").inc()
                 self._trouble.warning("subscribe", "subscription lost (%s); retrying in %.1fs",
@@ -758,6 +777,20 @@ class Replica:
                 with contextlib.suppress(Exception):
                     # untyped before redis 8.2, typed from it on: either passes the check
                     await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+
+    def _raise_if_silent(self, last_read: float) -> None:
+        """SubscriptionSilent if a probe has been out for the silence allowed (twice
+        --max-event-lag, five heartbeats at least) and nothing at all has come since it went
+        out: a listener behind a backlog reads messages all the while, a dead connection none.
+        Its error and lag probes kept the replica unready and the listener deaf until it was
+        stopped (a review's drill: 90 s and counting)."""
+        if not self._probes_out:
+            return
+        oldest = self._probes_out[0]
+        silent_s = max(2 * self.service.max_event_lag_s,
+                       5 * self.service.heartbeat_interval_s)
+        if oldest > last_read and time.monotonic() - oldest > silent_s:
+            raise SubscriptionSilent(time.monotonic() - last_read, last_read)
 
     async def _apply(self, batch: list[tuple[bytes, bytes]]) -> None:
         """`handle_many` for the listener: should it fail all the same (a bug), the batch is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -244,6 +245,70 @@ async def test_a_lost_subscription_is_taken_again_and_its_gap_counted(
     finally:
         replica.stopping.set()
         await listening
+
+
+async def test_a_subscription_gone_silent_is_taken_again_and_its_gap_counted(
+    redis_url: str, aredis: aioredis.Redis,
+) -> None:
+    """Found by a review: the listener's connection stopped carrying bytes without being
+    closed (a middlebox dropping the flow, a partition). The replica knew it (its probes never
+    came back, /readyz failed) but never subscribed again: redis-py's pub/sub notices no such
+    thing, and the listener resubscribed only on an error. A proxy here holds every byte of the
+    connections open when it freezes; new ones go through."""
+    from urllib.parse import urlparse
+
+    target = urlparse(redis_url)
+    frozen = asyncio.Event()
+    tasks: list[asyncio.Future[Any]] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   freeze: asyncio.Event) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if freeze.is_set():
+                    await asyncio.Event().wait()  # the bytes held: a silent path
+                writer.write(data)
+                await writer.drain()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(target.hostname, target.port)
+        freeze = frozen if not frozen.is_set() else asyncio.Event()
+        tasks.append(asyncio.gather(pipe(client_r, server_w, freeze),
+                                    pipe(server_r, client_w, freeze)))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    through = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            max_event_lag_s=0.5, heartbeat_interval_s=0.2)
+    replica = Replica(through, service, PoolConfig(min_ready=0, scaling_policy="heuristic"),
+                      FakeNodeApi(), metrics=Metrics())
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        frozen.set()  # every connection open now goes silent
+        started = time.monotonic()
+        while counter(replica, "provisioner_unsubscribed_seconds_total") == 0:
+            assert time.monotonic() - started < 10, "never subscribed again"
+            with contextlib.suppress(RedisConnectionError, OSError, asyncio.TimeoutError):
+                await replica.probe_lag()  # a heartbeat's, every 0.2 s
+            await asyncio.sleep(0.2)
+        assert counter(replica, "provisioner_errors_total", where="subscribe") == 1
+        # Taken for dead after a second with nothing (twice --max-event-lag here, five
+        # heartbeats), counted from the last message it carried.
+        assert 1.0 < counter(replica, "provisioner_unsubscribed_seconds_total") < 5
+        await _until(lambda: replica.subscribed.is_set())
+        await aredis.publish("user:connect", json.dumps({"user_id": "carol"}))
+        await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
+    finally:
+        replica.stopping.set()
+        listening.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        proxy.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(through.aclose(), 2)
 
 
 async def test_a_replica_that_finds_the_pools_state_gone_says_so_once(

@@ -859,19 +859,19 @@ class Replica:
         counted, self._heartbeats = self._heartbeats, beat.count
         lost = ""
         if seen and epoch != seen:
-            lost = f"was lost: its epoch went from {seen} to {epoch}"
+            lost = (f"was lost: its epoch went from {seen} to {epoch} since this replica's "
+                    "last heartbeat")
         elif seen and 0 < beat.count <= counted:
             # The same epoch, and fewer heartbeats than this replica's last one saw: the state
             # was put back from an older copy (a snapshot, a replica promoted before it caught
             # up). What changed since that copy is gone, the sessions begun since among it.
             lost = (f"was put back from an older copy: it counts {beat.count} heartbeats, "
-                    f"where this replica's last one counted {counted}")
+                    f"where this replica's last heartbeat counted {counted}")
         if lost:
             self.metrics.state_lost.inc()
-            log.error("the pool's state in Redis %s since this replica's last heartbeat. "
-                      "Sessions in progress and the nodes they hold are unknown now; "
-                      "reconciliation takes every node the Node API lists back as free "
-                      "(README, \"When Redis loses the pool's state\")", lost)
+            log.error("the pool's state in Redis %s. Sessions in progress and the nodes they "
+                      "hold are unknown now; reconciliation takes every node the Node API lists "
+                      "back as free (README, \"When Redis loses the pool's state\")", lost)
             self._taking_back = True
             self._lost_seen_ms = self.clock.now_ms()
         if self._taking_back:

@@ -151,7 +151,13 @@ class HttpNodeApi:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 3.0)),
+            # A connection, or a free one of the client's, is waited for a shorter while than
+            # the whole call (`_send`'s deadline): a create whose connection was not made in
+            # time sent nothing, and is tried again, where the deadline cannot tell it from
+            # one sent and unanswered (a review: with --api-timeout 3 or less, every connect
+            # timeout was taken as a create that may have made a node).
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s / 2, 3.0),
+                                  pool=min(timeout_s / 2, 3.0)),
             transport=transport,
         )
         self.timeout_s = timeout_s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -90,6 +91,35 @@ async def test_create_is_retried_when_the_connection_timed_out_before_it_was_mad
 
     result = await client(flaky).create()
     assert (result.outcome, calls) == (CreateOutcome.CREATED, 2)
+
+
+async def test_a_connect_that_times_out_is_not_taken_for_a_create_sent() -> None:
+    """Found by a review of the fix above: the whole call's deadline (the api timeout) ran out
+    no later than httpx's connect timeout with --api-timeout 3 or less, and a connection never
+    made was taken as a create that may have made a node. A listener whose backlog is full
+    drops further SYNs: the connect times out."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    await asyncio.sleep(0.2)
+    api = HttpNodeApi(f"http://127.0.0.1:{port}", timeout_s=1.0, attempts=2, backoff_s=0.01)
+    try:
+        result = await api.create()
+    finally:
+        await api.aclose()
+        for sock in (*fillers, listener):
+            sock.close()
+    assert result.outcome is CreateOutcome.FAILED, result
 
 
 async def test_create_202_without_an_id_is_uncertain() -> None:

@@ -27,9 +27,12 @@
 
   A state put back from an older copy (a snapshot, a replica promoted before it caught up)
   holds the same epoch. So every heartbeat also counts itself in stats `heartbeats` and
-  returns the count: a replica that gets a count no higher than the one its last heartbeat got
-  is running on an older copy of the pool than it wrote to (an older copy by less than one
-  heartbeat interval cannot be told).
+  returns the count, with the server's time the count began (`heartbeats_since`): a replica
+  that gets a count of the same beginning no higher than the one its last heartbeat got is
+  running on an older copy of the pool than it wrote to (an older copy by less than one
+  heartbeat interval cannot be told). A count that is not there, or not a number (deleted or
+  edited by hand, a copy from before the count existed), begins again, with a new beginning:
+  no replica compares counts of two beginnings.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] replica id
@@ -45,8 +48,8 @@
   the replica must see; the server's clock is the one they all can read.
 
   Returns {replicas heard from within forget_ms, forgotten by this call, the pool's epoch,
-           the server's time (ms), the pool's count of heartbeats with this one (0 when
-           leaving)}
+           the server's time (ms), the pool's count of heartbeats with this one and the
+           time it began (0 and '' when leaving)}
   Refused (an error) if ARGV[2] is not a JSON object or ARGV[4] is missing, or a pool key holds
   another type than its own (keys.lua refuse_wrong_types): nothing is written. A heartbeat that
   went through while the transitions were refused told the replica its writes go through again.
@@ -70,7 +73,7 @@ end
 if ARGV[5] == 'leaving' then
   rcall('ZREM', K.replicas, replica)
   rcall('HDEL', K.replica_info, replica)
-  return {rcall('ZCARD', K.replicas), 0, rcall('GET', K.epoch) or '', 0, 0}
+  return {rcall('ZCARD', K.replicas), 0, rcall('GET', K.epoch) or '', 0, 0, ''}
 end
 local time = rcall('TIME')
 local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -83,6 +86,13 @@ if #gone > 0 then
   rcall('HDEL', K.replica_info, unpack(gone))
 end
 rcall('SET', K.epoch, server_ms .. '-' .. proposed, 'NX')
-stat('heartbeats')
-return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch), server_ms,
-        tonumber(rcall('HGET', K.stats, 'heartbeats'))}
+local ok, count = pcall(rcall, 'HINCRBY', K.stats, 'heartbeats', 1)
+local since = rcall('HGET', K.stats, 'heartbeats_since')
+if not ok or count == 1 or not since then
+  if not ok then  -- not a number: begun again, counted as a repair like any other value
+    stat('values_repaired')
+  end
+  count, since = 1, tostring(server_ms)
+  rcall('HSET', K.stats, 'heartbeats', count, 'heartbeats_since', since)
+end
+return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch), server_ms, count, since}

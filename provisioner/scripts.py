@@ -580,7 +580,11 @@ class Heartbeat:
     forgotten: int  # older ones this call forgot
     epoch: str  # the pool's (if it had none: the server's time and the token given)
     server_ms: int  # the server's time
-    count: int  # the pool's heartbeats with this one: lower than before, an older copy
+    #: the pool's heartbeats with this one, and when the count began (the server's ms, as
+    #: text): of the same beginning, and no more than a replica's last heartbeat got, the state
+    #: is an older copy; a count deleted or edited by hand begins again, with a new beginning
+    count: int
+    count_since: str
 
 
 #: How many times a call is made while the server answers that it does not hold the script
@@ -778,7 +782,7 @@ class Scripts:
         reply = await self._call("heartbeat", replica_id, json.dumps(info), forget_ms,
                                  token or secrets.token_hex(6))
         return Heartbeat(int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3]),
-                         int(reply[4]))
+                         int(reply[4]), as_text(reply[5]))
 
     async def leave(self, replica_id: str) -> None:
         """A replica stopping cleanly leaves the pool's list of replicas (lua/heartbeat.lua)."""

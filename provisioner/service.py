@@ -210,8 +210,9 @@ class Replica:
         #: (`_taking_back`, since `_lost_seen_ms`), the ticks decide nothing either: no tick
         #: boots a pool beside the running nodes
         self._epoch = ""
-        #: the pool's count of heartbeats, as this replica's last heartbeat got it (0: none yet)
-        self._heartbeats = 0
+        #: when the pool's count of heartbeats began, and the count, as this replica's last
+        #: heartbeat got them (none yet: '', 0)
+        self._heartbeats: tuple[str, int] = ("", 0)
         self._taking_back = False
         self._lost_seen_ms = 0
         #: set once this replica has had its first turn at reconciliation (run waits for it
@@ -856,17 +857,17 @@ class Replica:
                 "ahead of" if self._clock_offset_s > 0 else "behind")
         # Taken before acting on it: a reconciliation that fails does not count the loss twice.
         seen, self._epoch = self._epoch, epoch
-        counted, self._heartbeats = self._heartbeats, beat.count
+        counted, self._heartbeats = self._heartbeats, (beat.count_since, beat.count)
         lost = ""
         if seen and epoch != seen:
             lost = (f"was lost: its epoch went from {seen} to {epoch} since this replica's "
                     "last heartbeat")
-        elif seen and 0 < beat.count <= counted:
+        elif seen and counted[0] == beat.count_since and beat.count <= counted[1]:
             # The same epoch, and fewer heartbeats than this replica's last one saw: the state
             # was put back from an older copy (a snapshot, a replica promoted before it caught
             # up). What changed since that copy is gone, the sessions begun since among it.
             lost = (f"was put back from an older copy: it counts {beat.count} heartbeats, "
-                    f"where this replica's last heartbeat counted {counted}")
+                    f"where this replica's last heartbeat counted {counted[1]}")
         if lost:
             self.metrics.state_lost.inc()
             log.error("the pool's state in Redis %s. Sessions in progress and the nodes they "

@@ -1276,16 +1276,28 @@ async def test_the_first_heartbeat_sets_the_pools_epoch_and_every_one_returns_it
     # another replica's token, a later heartbeat: the epoch that stands is returned, unchanged
     assert (await scripts.heartbeat("r2", {}, 60_000, "e2")).epoch == epoch
     beat = await scripts.heartbeat("r1", {}, 60_000, "e3")
-    # every heartbeat counts itself, so a state put back from an older copy counts fewer
-    assert (beat.epoch, beat.count) == (epoch, 3)
+    # every heartbeat counts itself, so a state put back from an older copy counts fewer; the
+    # count began with the state, at its first heartbeat
+    assert (beat.epoch, beat.count, beat.count_since) == (epoch, 3, str(server_ms))
     # the state is lost: the next heartbeat, whoever's, begins a new epoch
     await pool.redis.flushdb()
     beat = await scripts.heartbeat("r2", {}, 60_000, "e4")
     lost, server_ms = beat.epoch, beat.server_ms
-    assert lost == f"{server_ms}-e4" and beat.count == 1
+    assert lost == f"{server_ms}-e4" and (beat.count, beat.count_since) == (1, str(server_ms))
     await scripts.leave("r2")  # a replica leaving is not counted
     beat = await scripts.heartbeat("r1", {}, 60_000, "e5")
-    assert (beat.epoch, beat.count) == (lost, 2)
+    assert (beat.epoch, beat.count, beat.count_since) == (lost, 2, str(server_ms))
+    # A count deleted or edited by hand begins again, with a new beginning, which no replica
+    # compares with the old (a review: a repaired count read as an older copy, and paged).
+    stats = pool.keys.key("stats")
+    await pool.redis.hset(stats, "heartbeats", "3 (by hand)")
+    beat = await scripts.heartbeat("r1", {}, 60_000)
+    assert beat.count == 1 and beat.count_since == str(beat.server_ms)
+    assert await pool.redis.hget(stats, "values_repaired") == "1"
+    assert (await scripts.heartbeat("r1", {}, 60_000)).count == 2
+    await pool.redis.hdel(stats, "heartbeats_since")
+    beat = await scripts.heartbeat("r1", {}, 60_000)
+    assert beat.count == 1 and beat.count_since == str(beat.server_ms)
     # with no token given, the client makes a random one
     await pool.redis.flushdb()
     beat = await scripts.heartbeat("r1", {}, 60_000)

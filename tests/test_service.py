@@ -374,6 +374,17 @@ async def test_a_state_put_back_from_an_older_copy_is_seen_as_a_loss(
         "counted 6. Sessions" in said[1], said
     # The same epoch, so only the count could tell; the copy is the pool's state from now on.
     assert r1._epoch == r2._epoch
+    # A count edited by hand (the scripts start it again, as any value repaired) or deleted
+    # is no older copy: a review saw the repair page as one.
+    stats = PoolKeys(POOL).key("stats")
+    for edit in ("3 (by hand)", None):
+        if edit is None:
+            await aredis.hdel(stats, "heartbeats")
+        else:
+            await aredis.hset(stats, "heartbeats", edit)
+        for replica in (r1, r2, r1, r2):
+            await replica.heartbeat()
+    assert [counter(r, "provisioner_state_lost_total") for r in (r1, r2)] == [1, 1]
 
 
 async def test_the_longest_session_is_exported_for_prometheus(

@@ -107,6 +107,12 @@ def _refused_for_now(reply: object) -> bool:
         isinstance(reply, ResponseError) and str(reply).startswith("BUSY "))
 
 
+def _try_again(reply: object) -> bool:
+    """A call whose reply says it did not run, and may run if made again: refused for now, or
+    a script the server did not hold (a SCRIPT FLUSH between the load and the call)."""
+    return _refused_for_now(reply) or isinstance(reply, NoScriptError)
+
+
 #: How the scripts refuse every transition while a key of the pool holds another type than its
 #: own (an edit by hand; lua/includes/keys.lua refuse_wrong_types): nothing changes until an
 #: operator repairs the key, so it is not tried again, but the replica is unready meanwhile.
@@ -304,10 +310,14 @@ class Replica:
             else:
                 # A script the server did not hold did not run: a SCRIPT FLUSH landed between
                 # the pipeline's load of the scripts and its calls (redis-py loads them again
-                # on the next try).
-                first = next((i for i, r in enumerate(results)
-                              if _refused_for_now(r) or isinstance(r, NoScriptError)), None)
-                if first is None:
+                # on the next try). What is tried again is the calls after the last one that
+                # ran: a failed call before it is not, since made again it would apply after a
+                # later event, and the calls after it would apply twice (a review: a connect
+                # and its disconnect run again after a flush and a reload mid-batch). Such a
+                # call is dropped, as one the server refused is.
+                ran = [i for i, r in enumerate(results) if not _try_again(r)]
+                first = ran[-1] + 1 if ran else 0
+                if first == len(results):
                     broken = next((r for r in results if _pool_key_broken(r)), None)
                     if broken is not None:
                         self._note_refused(broken)
@@ -745,6 +755,7 @@ class Replica:
                     lost_at = None
                 # Probes sent on the last subscription never come back.
                 self._probes_out.clear()
+                self._probes_published.clear()
                 self._last_lag_s = 0.0
                 self.subscribed.set()
                 backoff = 0.2

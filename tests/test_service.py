@@ -1088,6 +1088,40 @@ async def test_events_whose_scripts_a_flush_took_are_tried_again_not_dropped(
     assert replica.writes_refused() is None
 
 
+async def test_a_call_refused_before_one_that_ran_is_dropped_not_made_again(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by a review: a flush mid-batch, and another client loading the scripts again
+    before its next calls, answered NOSCRIPT to carol's connect and ran alice's connect and
+    disconnect after it; the batch was tried again from carol's, so alice's two events applied
+    twice (connects counted 3, and a disconnect run again could end a session begun after it).
+    Made again after alice's, carol's would apply out of order: it is dropped and named, as a
+    connect the server refused is."""
+    for status in ("booting", "ready"):
+        await replica.handle(*wire("node:status", {"node_id": "n1", "status": status}))
+    run_many = replica.scripts.run_many
+    tries = 0
+
+    async def flushed_then_loaded(calls: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            return [NoScriptError("No matching script.")] + await run_many(calls[1:])
+        return await run_many(calls)
+
+    replica.scripts.run_many = flushed_then_loaded  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:connect", {"user_id": "carol"}),
+                                              wire("user:connect", {"user_id": "alice"}),
+                                              wire("user:disconnect", {"user_id": "alice"})])
+    assert tries == 1 and outcomes[0] is None
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert (stats["connects"], stats["hits"], stats["releases"]) == ("1", "1", "1")
+    assert "could not apply user:connect of carol (dropped)" in caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == 1
+    assert await check_invariants(aredis, POOL) == []
+
+
 async def test_a_script_call_a_flush_fails_twice_is_made_again(
     aredis: aioredis.Redis, replica: Replica,
 ) -> None:

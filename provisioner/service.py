@@ -205,6 +205,9 @@ class Replica:
         self.probe_channel = f"{PROBE_PREFIX}{service.pool}:{self.database}:{service.replica_id}"
         self._probe_names: set[str | bytes] = {self.probe_channel, self.probe_channel.encode()}
         self._probes_out: deque[float] = deque()
+        #: of those, the ones the server has answered the PUBLISH of, and when: only those are
+        #: on their way to the listener (a paused server answers none until it runs again)
+        self._probes_published: dict[float, float] = {}
         self._last_lag_s = 0.0
         #: the other pools whose replicas listen on this server, as the last heartbeat found
         #: them (`look_for_other_pools`): each applies this pool's events, and it theirs
@@ -292,9 +295,11 @@ class Replica:
                           calls: list[tuple[Call[Any], int]]) -> list[Any]:
         """The events' calls in one round trip, each call's result or error. A batch the server
         cannot take for now (unreachable, a stall past the client's timeout, still loading, a
-        script running long, out of memory, a replica read-only) is tried again from the first
-        call it refused, stamped with the time of the try, for EVENT_RETRY_S: a connect dropped
-        is a user who never gets a node, a disconnect dropped a node held after its session. A
+        script running long, out of memory, a replica read-only, a script flushed) is tried
+        again from the first call it refused after the last that ran (one refused before a
+        call that ran is dropped), stamped with the time of the try, for EVENT_RETRY_S: a
+        connect dropped is a user who never gets a node, a disconnect dropped a node held after
+        its session. A
         try that timed out or was cut off may have gone through, in part; the scripts take a
         second copy of a transition as a no-op (a connect of a user waiting or holding a node,
         a disconnect of one holding nothing, an activity of a second already recorded)."""
@@ -791,17 +796,20 @@ class Replica:
                     await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     def _raise_if_silent(self, last_read: float) -> None:
-        """SubscriptionSilent if a probe has been out for the silence allowed (twice
-        --max-event-lag, five heartbeats at least) and nothing at all has come since it went
-        out: a listener behind a backlog reads messages all the while, a dead connection none.
-        Its error and lag probes kept the replica unready and the listener deaf until it was
-        stopped (a review's drill: 90 s and counting)."""
-        if not self._probes_out:
+        """SubscriptionSilent if a probe the server took (its PUBLISH answered) has been on its
+        way for the silence allowed (twice --max-event-lag, five heartbeats at least) and
+        nothing at all has come since it was sent: a listener behind a backlog reads messages
+        all the while, and a paused server answers no PUBLISH until it runs again, then
+        delivers; a dead connection carries nothing. Its lag probes had kept the replica
+        unready and the listener deaf until it was stopped (a review's drill: 90 s and
+        counting)."""
+        oldest = next((sent for sent in self._probes_out if sent in self._probes_published),
+                      None)
+        if oldest is None or oldest <= last_read:
             return
-        oldest = self._probes_out[0]
         silent_s = max(2 * self.service.max_event_lag_s,
                        5 * self.service.heartbeat_interval_s)
-        if oldest > last_read and time.monotonic() - oldest > silent_s:
+        if time.monotonic() - self._probes_published[oldest] > silent_s:
             raise SubscriptionSilent(time.monotonic() - last_read, last_read)
 
     async def _apply(self, batch: list[tuple[bytes, bytes]]) -> None:
@@ -962,8 +970,12 @@ class Replica:
             try:
                 await self.redis.publish(self.probe_channel, repr(sent))
             except BaseException:
-                self._probes_out.remove(sent)  # if it went out after all, it pops nothing
+                # If it went out after all and is back, the listener popped it already.
+                with contextlib.suppress(ValueError):
+                    self._probes_out.remove(sent)
                 raise
+            if sent in self._probes_out:  # not back yet
+                self._probes_published[sent] = time.monotonic()
         self._report_lag()
 
     def _probe_seen(self, data: bytes | str) -> None:
@@ -980,7 +992,7 @@ class Replica:
         # Messages come back in the order they were published: every probe sent up to this
         # one is back too.
         while self._probes_out and self._probes_out[0] <= sent:
-            self._probes_out.popleft()
+            self._probes_published.pop(self._probes_out.popleft(), None)
         self._last_lag_s = max(0.0, time.monotonic() - sent)
         self._report_lag()
 

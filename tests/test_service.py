@@ -311,6 +311,50 @@ async def test_a_subscription_gone_silent_is_taken_again_and_its_gap_counted(
             await asyncio.wait_for(through.aclose(), 2)
 
 
+async def test_a_server_paused_past_the_silence_allowed_loses_no_event() -> None:
+    """Found by a review of the check above: a server stopped (SIGSTOP: a VM paused, a fork
+    stalled) for longer than the silence allowed, and less than the client's timeout, answered
+    the probe's PUBLISH only once it ran again, and the listener took its live connection for
+    dead, dropping the connect published meanwhile, which the server then delivered. Only a
+    probe whose PUBLISH was answered counts as on its way."""
+    import os
+    import signal
+
+    from provisioner.redis_server import start_server
+
+    server = start_server()
+    client = aioredis.Redis.from_url(server.url)
+    producer = aioredis.Redis.from_url(server.url, socket_timeout=None)  # waits out the pause
+    service = ServiceConfig("redis://x", "http://api", pool="paused", replica_id="r1",
+                            max_event_lag_s=0.5, heartbeat_interval_s=0.2,
+                            reconcile_interval_s=0)
+    replica = Replica(client, service, PoolConfig(min_ready=0, scaling_policy="heuristic"),
+                      FakeNodeApi(), metrics=Metrics())
+    running = asyncio.create_task(replica.run())
+    try:
+        await _until(lambda: replica.subscribed.is_set())
+        await producer.ping()
+        await asyncio.sleep(0.7)  # a heartbeat's probe gone and back
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.5)
+            published = asyncio.create_task(
+                producer.publish("user:connect", json.dumps({"user_id": "alice"})))
+            await asyncio.sleep(2.5)  # silence allowed: 1 s
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert await asyncio.wait_for(published, 10) == 1
+        await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
+        assert counter(replica, "provisioner_errors_total", where="subscribe") == 0
+    finally:
+        replica.stopping.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(running, 10)
+        await producer.aclose()
+        await client.aclose()
+        server.stop()
+
+
 async def test_a_replica_that_finds_the_pools_state_gone_says_so_once(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,

@@ -803,9 +803,12 @@ class Replica:
         delivers; a dead connection carries nothing. Its lag probes had kept the replica
         unready and the listener deaf until it was stopped (a review's drill: 90 s and
         counting)."""
-        oldest = next((sent for sent in self._probes_out if sent in self._probes_published),
-                      None)
-        if oldest is None or oldest <= last_read:
+        # The oldest sent since the last read: one sent before it may have been on its way
+        # when the connection died (a listener behind the stream reads what was published
+        # before its newest probe), and would hide every later probe (a review).
+        oldest = next((sent for sent in self._probes_out
+                       if sent > last_read and sent in self._probes_published), None)
+        if oldest is None:
             return
         silent_s = max(2 * self.service.max_event_lag_s,
                        5 * self.service.heartbeat_interval_s)

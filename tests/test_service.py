@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig, ServiceConfig
@@ -247,36 +249,70 @@ async def test_a_lost_subscription_is_taken_again_and_its_gap_counted(
         await listening
 
 
-async def test_a_subscription_gone_silent_is_taken_again_and_its_gap_counted(
-    redis_url: str, aredis: aioredis.Redis,
-) -> None:
-    """Found by a review: the listener's connection stopped carrying bytes without being
-    closed (a middlebox dropping the flow, a partition). The replica knew it (its probes never
-    came back, /readyz failed) but never subscribed again: redis-py's pub/sub notices no such
-    thing, and the listener resubscribed only on an error. A proxy here holds every byte of the
-    connections open when it freezes; new ones go through."""
-    from urllib.parse import urlparse
-
+async def _silencing_proxy(redis_url: str, frozen: asyncio.Event, behind_s: float,
+                           tasks: list[asyncio.Future[Any]]) -> asyncio.AbstractServer:
+    """A TCP proxy to the server. A subscribed connection's messages reach the client
+    `behind_s` late (a listener that far behind the stream; replies to commands are not held).
+    Once `frozen` is set, the connections open then carry nothing more, either way, and are not
+    closed (a middlebox dropping the flow, a partition); new ones go through."""
     target = urlparse(redis_url)
-    frozen = asyncio.Event()
-    tasks: list[asyncio.Future[Any]] = []
 
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   freeze: asyncio.Event) -> None:
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       freeze: asyncio.Event, subscribed: asyncio.Event) -> None:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await reader.read(65536):
+                if b"SUBSCRIBE" in data.upper():
+                    subscribed.set()
                 if freeze.is_set():
-                    await asyncio.Event().wait()  # the bytes held: a silent path
+                    await asyncio.Event().wait()  # held: a silent path
                 writer.write(data)
                 await writer.drain()
+
+    async def downstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         freeze: asyncio.Event, subscribed: asyncio.Event) -> None:
+        line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def take() -> None:
+            while data := await reader.read(65536):
+                line.put_nowait((time.monotonic() + (behind_s if subscribed.is_set() else 0),
+                                 data))
+
+        taking = asyncio.create_task(take())
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            try:
+                while True:
+                    due, data = await line.get()
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    if freeze.is_set():
+                        await asyncio.Event().wait()  # held: a silent path
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                taking.cancel()
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection(target.hostname, target.port)
         freeze = frozen if not frozen.is_set() else asyncio.Event()
-        tasks.append(asyncio.gather(pipe(client_r, server_w, freeze),
-                                    pipe(server_r, client_w, freeze)))
+        subscribed = asyncio.Event()
+        tasks.append(asyncio.gather(upstream(client_r, server_w, freeze, subscribed),
+                                    downstream(server_r, client_w, freeze, subscribed)))
 
-    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("behind_s", [0.0, 0.3])
+async def test_a_subscription_gone_silent_is_taken_again_and_its_gap_counted(
+    redis_url: str, aredis: aioredis.Redis, behind_s: float,
+) -> None:
+    """Found by a review: the listener's connection stopped carrying bytes without being
+    closed. The replica knew it (its probes never came back, /readyz failed) but never
+    subscribed again: redis-py's pub/sub notices no such thing, and the listener resubscribed
+    only on an error. And found by the review of that fix: a listener behind the stream (0.3 s
+    here) always had a probe on its way sent before its last read, which never came back and
+    hid every later one from the check."""
+    frozen = asyncio.Event()
+    tasks: list[asyncio.Future[Any]] = []
+    proxy = await _silencing_proxy(redis_url, frozen, behind_s, tasks)
     port = proxy.sockets[0].getsockname()[1]
     through = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
     service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
@@ -286,16 +322,24 @@ async def test_a_subscription_gone_silent_is_taken_again_and_its_gap_counted(
     listening = asyncio.create_task(replica.listen())
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:  # a second of heartbeats' probes, all back
+            await replica.probe_lag()
+            await asyncio.sleep(0.2)
+        assert counter(replica, "provisioner_errors_total", where="subscribe") == 0
         frozen.set()  # every connection open now goes silent
         started = time.monotonic()
         while counter(replica, "provisioner_unsubscribed_seconds_total") == 0:
-            assert time.monotonic() - started < 10, "never subscribed again"
-            with contextlib.suppress(RedisConnectionError, OSError, asyncio.TimeoutError):
-                await replica.probe_lag()  # a heartbeat's, every 0.2 s
+            assert time.monotonic() - started < 8, (
+                f"never subscribed again: probes out {len(replica._probes_out)}, lag "
+                f"{replica.event_lag_s():.1f}s")
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError,
+                                     asyncio.TimeoutError):
+                await replica.probe_lag()  # a heartbeat's, over a new connection
             await asyncio.sleep(0.2)
         assert counter(replica, "provisioner_errors_total", where="subscribe") == 1
-        # Taken for dead after a second with nothing (twice --max-event-lag here, five
-        # heartbeats), counted from the last message it carried.
+        # Taken for dead a second or so after the last message it carried (twice
+        # --max-event-lag here, five heartbeats), and counted from then.
         assert 1.0 < counter(replica, "provisioner_unsubscribed_seconds_total") < 5
         await _until(lambda: replica.subscribed.is_set())
         await aredis.publish("user:connect", json.dumps({"user_id": "carol"}))

@@ -88,6 +88,20 @@ class Deadline(httpx.TransportError):
     """The whole request, its body included, outlasted the client's timeout: httpx's own
     timeouts bound each read, and a server sending a byte a second never trips them."""
 
+    #: whether any of the request had begun to go out (httpcore's trace): if not, nothing
+    #: was sent, as with a connect timeout
+    sent = True
+
+
+def _never_sent(exc: httpx.HTTPError) -> bool:
+    """Whether a request that failed certainly never reached the server: no connection was
+    made (refused, or not made in time), none of the client's was free in time, or the whole
+    call's deadline ran out before its headers began to go out (a burst of creates lags the
+    event loop until the deadline and the connect wait fire in one turn: a review)."""
+    if isinstance(exc, Deadline):
+        return not exc.sent
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
 
 #: the longest wait a Retry-After is taken at its word for: a header of a day, or a date a
 #: year off (a server's clock, a typo), would stop the pool's creates as long
@@ -160,6 +174,7 @@ class HttpNodeApi:
                                   pool=min(timeout_s / 2, 3.0)),
             transport=transport,
         )
+        self._transport_given = transport is not None
         self.timeout_s = timeout_s
         self.attempts = attempts
         self.backoff_s = backoff_s
@@ -168,8 +183,20 @@ class HttpNodeApi:
 
     async def _send(self, op: str, method: str, path: str) -> _Answer:
         """One request, read to at most MAX_BODY[op] within timeout_s in all."""
+        # Nothing was sent if httpcore did not trace the request's headers going out (waiting
+        # for a free connection, or for one to be made). A transport given in its place (the
+        # tests') may trace nothing at all: what it did is taken as sent.
+        traced = sending = False
+
+        async def trace(event: str, info: object) -> None:
+            nonlocal traced, sending
+            traced = True
+            if ".send_request_headers." in event:
+                sending = True
+
         async def go() -> _Answer:
-            async with self._client.stream(method, path) as response:
+            async with self._client.stream(method, path,
+                                           extensions={"trace": trace}) as response:
                 body = bytearray()
                 retry_after = response.headers.get("retry-after")
                 async for chunk in response.aiter_bytes():
@@ -182,7 +209,9 @@ class HttpNodeApi:
         try:
             return await asyncio.wait_for(go(), self.timeout_s)
         except TimeoutError:
-            raise Deadline(f"no whole answer within {self.timeout_s:g}s") from None
+            deadline = Deadline(f"no whole answer within {self.timeout_s:g}s")
+            deadline.sent = sending or (self._transport_given and not traced)
+            raise deadline from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -201,19 +230,17 @@ class HttpNodeApi:
             started = time.perf_counter()
             try:
                 response = await self._send("create", "POST", "/api/nodes")
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                # Nothing was sent: no connection was made (refused, or timed out before it
-                # was made), or none was free in time.
+            except httpx.HTTPError as exc:
+                if not _never_sent(exc):  # a broken answer, a body not decodable, ...
+                    self._count("create", "uncertain", started)
+                    return CreateResult(CreateOutcome.UNCERTAIN,
+                                        detail=f"{type(exc).__name__}: {exc}", api_down=True)
                 self._count("create", "connect_error", started)
                 log.warning("create: cannot connect (attempt %d/%d): %s", attempt + 1,
                             self.attempts, exc)
                 if attempt + 1 < self.attempts:
                     await self._pause(attempt)
                 continue
-            except httpx.HTTPError as exc:  # sent: a broken answer, a body not decodable, ...
-                self._count("create", "uncertain", started)
-                return CreateResult(CreateOutcome.UNCERTAIN,
-                                    detail=f"{type(exc).__name__}: {exc}", api_down=True)
             if response.status_code == 202:
                 node_id = _node_id(response)
                 if node_id:

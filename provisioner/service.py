@@ -767,10 +767,17 @@ class Replica:
                 last_read = time.monotonic()
                 while not self.stopping.is_set():
                     batch = await self._read_batch(pubsub)
+                    if not batch and self._looks_silent(last_read):
+                        # A process (or event loop) frozen past the silence allowed wakes
+                        # with its read's timeout and the bytes that came meanwhile ready in
+                        # one turn, and the timeout may win: read once more, not waiting,
+                        # before the connection is taken for dead (a review: a live listener
+                        # dropped after a 1.5 s freeze, and a connect with it).
+                        batch = await self._read_batch(pubsub, wait_s=0.0)
+                        if not batch:
+                            raise SubscriptionSilent(time.monotonic() - last_read, last_read)
                     if batch:
                         last_read = time.monotonic()
-                    else:
-                        self._raise_if_silent(last_read)
                     probes = [data for channel, data in batch if channel in self._probe_names]
                     if probes:
                         batch = [item for item in batch if item[0] not in self._probe_names]
@@ -795,8 +802,8 @@ class Replica:
                     # untyped before redis 8.2, typed from it on: either passes the check
                     await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
-    def _raise_if_silent(self, last_read: float) -> None:
-        """SubscriptionSilent if a probe the server took (its PUBLISH answered) has been on its
+    def _looks_silent(self, last_read: float) -> bool:
+        """Whether a probe the server took (its PUBLISH answered) has been on its
         way for the silence allowed (twice --max-event-lag, five heartbeats at least) and
         nothing at all has come since it was sent: a listener behind a backlog reads messages
         all the while, and a paused server answers no PUBLISH until it runs again, then
@@ -809,11 +816,10 @@ class Replica:
         oldest = next((sent for sent in self._probes_out
                        if sent > last_read and sent in self._probes_published), None)
         if oldest is None:
-            return
+            return False
         silent_s = max(2 * self.service.max_event_lag_s,
                        5 * self.service.heartbeat_interval_s)
-        if time.monotonic() - self._probes_published[oldest] > silent_s:
-            raise SubscriptionSilent(time.monotonic() - last_read, last_read)
+        return time.monotonic() - self._probes_published[oldest] > silent_s
 
     async def _apply(self, batch: list[tuple[bytes, bytes]]) -> None:
         """`handle_many` for the listener: should it fail all the same (a bug), the batch is
@@ -825,12 +831,12 @@ class Replica:
             self._trouble.exception("apply", "could not apply a batch of %d messages (dropped)",
                                     len(batch))
 
-    async def _read_batch(self, pubsub: Any) -> list[tuple[bytes, bytes]]:
-        """The next message (waiting up to half a second for one) and those already read
-        behind it, up to LISTEN_BATCH: under a burst they are applied in one round trip, and
-        one at a time when they trickle in."""
+    async def _read_batch(self, pubsub: Any, wait_s: float = 0.5) -> list[tuple[bytes, bytes]]:
+        """The next message (waiting up to `wait_s` for one) and those already read behind
+        it, up to LISTEN_BATCH: under a burst they are applied in one round trip, and one at a
+        time when they trickle in."""
         batch: list[tuple[bytes, bytes]] = []
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
         while message is not None:
             if message.get("type") == "message":
                 batch.append((message["channel"], message["data"]))

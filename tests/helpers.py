@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,3 +131,50 @@ async def heard_ago(redis: aioredis.Redis, keys: PoolKeys, replica: str, ms: int
     the server's clock (lua/heartbeat.lua), which a test cannot move."""
     seconds, micros = await redis.time()
     await redis.zadd(keys.key("replicas"), {replica: seconds * 1000 + micros // 1000 - ms})
+
+
+def run_delay_proxy(host: str, port: int, delay_s: float) -> None:
+    """A TCP proxy to host:port, run in a process of its own (`python -c`) so that it goes on
+    while a test blocks its own event loop: a connection that has sent SUBSCRIBE gets the
+    server's bytes `delay_s` late (a listener that far behind the stream), others at once.
+    Prints its port, then serves until killed."""
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(host, port)
+        subscribed = False
+
+        async def up() -> None:
+            nonlocal subscribed
+            while data := await client_r.read(65536):
+                subscribed = subscribed or b"SUBSCRIBE" in data.upper()
+                server_w.write(data)
+                await server_w.drain()
+
+        async def down() -> None:
+            line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+            async def take() -> None:
+                while data := await server_r.read(65536):
+                    line.put_nowait((time.monotonic() + (delay_s if subscribed else 0), data))
+
+            taking = asyncio.create_task(take())
+            try:
+                while True:
+                    due, data = await line.get()
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    client_w.write(data)
+                    await client_w.drain()
+            finally:
+                taking.cancel()
+
+        with contextlib.suppress(Exception):
+            await asyncio.gather(up(), down())
+        client_w.close()
+        server_w.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    asyncio.run(serve())

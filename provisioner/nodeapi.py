@@ -23,9 +23,10 @@ import email.utils
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -88,18 +89,16 @@ class Deadline(httpx.TransportError):
     """The whole request, its body included, outlasted the client's timeout: httpx's own
     timeouts bound each read, and a server sending a byte a second never trips them."""
 
-    #: whether any of the request had begun to go out (httpcore's trace): if not, nothing
-    #: was sent, as with a connect timeout
-    sent = True
-
 
 def _never_sent(exc: httpx.HTTPError) -> bool:
-    """Whether a request that failed certainly never reached the server: no connection was
-    made (refused, or not made in time), none of the client's was free in time, or the whole
-    call's deadline ran out before its headers began to go out (a burst of creates lags the
-    event loop until the deadline and the connect wait fire in one turn: a review)."""
-    if isinstance(exc, Deadline):
-        return not exc.sent
+    """Whether a request that failed certainly never reached the server. What httpcore traced
+    says, where it traced anything (`_send`): the request's headers never began to go out, so
+    whatever failed (no connection made in time, none free in time, a proxy's CONNECT never
+    answered, the whole call's deadline) failed before it. Else the error's kind: no connection
+    was made, or none was free in time."""
+    traced: bool | None = getattr(exc, "never_sent", None)
+    if traced is not None:
+        return traced
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
@@ -183,15 +182,21 @@ class HttpNodeApi:
 
     async def _send(self, op: str, method: str, path: str) -> _Answer:
         """One request, read to at most MAX_BODY[op] within timeout_s in all."""
-        # Nothing was sent if httpcore did not trace the request's headers going out (waiting
-        # for a free connection, or for one to be made). A transport given in its place (the
-        # tests') may trace nothing at all: what it did is taken as sent.
+        # Nothing was sent if httpcore traced the exchange and not the request's headers going
+        # out: it was waiting for a free connection, for one to be made, or for a proxy's
+        # tunnel. A transport given in its place (the tests') may trace nothing at all; its
+        # error's kind says then. (A burst of creates lags the event loop until the deadline
+        # and the connect wait fire in one turn, and the deadline won: a review.)
         traced = sending = False
 
-        async def trace(event: str, info: object) -> None:
+        async def trace(event: str, info: Mapping[str, Any]) -> None:
             nonlocal traced, sending
             traced = True
-            if ".send_request_headers." in event:
+            # A proxy's CONNECT is not the request: through HTTPS_PROXY, its headers go out
+            # before the tunnel to the Node API exists (a review: a proxy that never answered
+            # CONNECT made every create 'uncertain').
+            if (event.endswith(".send_request_headers.started")
+                    and getattr(info.get("request"), "method", b"") != b"CONNECT"):
                 sending = True
 
         async def go() -> _Answer:
@@ -208,10 +213,14 @@ class HttpNodeApi:
 
         try:
             return await asyncio.wait_for(go(), self.timeout_s)
-        except TimeoutError:
-            deadline = Deadline(f"no whole answer within {self.timeout_s:g}s")
-            deadline.sent = sending or (self._transport_given and not traced)
-            raise deadline from None
+        except (TimeoutError, httpx.HTTPError) as exc:
+            error = (Deadline(f"no whole answer within {self.timeout_s:g}s")
+                     if isinstance(exc, TimeoutError) else exc)
+            if traced or not self._transport_given:
+                error.never_sent = not sending  # type: ignore[attr-defined]
+            if error is exc:
+                raise
+            raise error from None
 
     async def aclose(self) -> None:
         await self._client.aclose()

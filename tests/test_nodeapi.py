@@ -129,6 +129,35 @@ async def test_a_connect_that_times_out_is_not_taken_for_a_create_sent(creates: 
         dict(outcomes), {r.detail for r in results if r.outcome is not CreateOutcome.FAILED})
 
 
+async def test_a_create_whose_proxy_never_answered_connect_is_not_taken_for_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a review: an https Node API through HTTPS_PROXY (httpx reads it from the
+    environment), the proxy never answering CONNECT. Nothing reached the Node API, yet the
+    CONNECT's own headers were traced as the request's going out: every create 'uncertain',
+    its reservation kept, creates held as if the API were down."""
+    connects = 0
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connects
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            if (await reader.readuntil(b"\r\n\r\n")).startswith(b"CONNECT"):
+                connects += 1
+            await asyncio.sleep(30)
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    for name in ("http_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    api = HttpNodeApi("https://node-api.example", timeout_s=1.0, attempts=2, backoff_s=0.01)
+    try:
+        result = await api.create()
+    finally:
+        await api.aclose()
+        server.close()
+    assert connects == 2 and result.outcome is CreateOutcome.FAILED, (connects, result)
+
+
 async def test_create_202_without_an_id_is_uncertain() -> None:
     result = await client(lambda r: httpx.Response(202, text="ok")).create()
     assert result.outcome is CreateOutcome.UNCERTAIN

@@ -770,10 +770,13 @@ class Replica:
                     if not batch and self._looks_silent(last_read):
                         # A process (or event loop) frozen past the silence allowed wakes
                         # with its read's timeout and the bytes that came meanwhile ready in
-                        # one turn, and the timeout may win: read once more, not waiting,
-                        # before the connection is taken for dead (a review: a live listener
-                        # dropped after a 1.5 s freeze, and a connect with it).
-                        batch = await self._read_batch(pubsub, wait_s=0.0)
+                        # one turn, and the timeout may win: read once more, briefly, before
+                        # the connection is taken for dead (a review: a live listener dropped
+                        # after a 1.5 s freeze, and a connect with it).
+                        # Not wait 0: its own timeout would be queued before the socket's
+                        # read, and win again where the bytes are still in the kernel (a
+                        # review: a freeze that began in the turn the first read timed out).
+                        batch = await self._read_batch(pubsub, wait_s=0.05)
                         if not batch:
                             raise SubscriptionSilent(time.monotonic() - last_read, last_read)
                     if batch:

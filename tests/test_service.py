@@ -355,41 +355,58 @@ async def test_a_subscription_gone_silent_is_taken_again_and_its_gap_counted(
             await asyncio.wait_for(through.aclose(), 2)
 
 
+def _block_the_loop_at_once() -> None:
+    time.sleep(1.5)
+
+
+def _block_the_loop_in_the_reads_timeout_turn() -> None:
+    # The loop lags while the listener's read timer comes due, then the next turn blocks: the
+    # bytes reach the socket meanwhile, and the timer runs before any select.
+    asyncio.get_running_loop().call_soon(time.sleep, 2.5)
+    time.sleep(0.6)
+
+
+@pytest.mark.parametrize(("block", "behind_s", "max_lag_s"), [
+    (_block_the_loop_at_once, 0.3, 0.5),
+    (_block_the_loop_in_the_reads_timeout_turn, 1.0, 1.0),
+])
 async def test_a_live_listener_is_not_taken_for_silent_after_its_loop_was_blocked(
-    redis_url: str, aredis: aioredis.Redis,
+    redis_url: str, aredis: aioredis.Redis, block: Any, behind_s: float, max_lag_s: float,
 ) -> None:
     """Found by a review: the replica's loop blocked (a synchronous call; or the process
-    stopped: SIGSTOP, a VM paused) for 1.5 s just after a heartbeat's probe went out, on its
-    way to a listener 0.3 s behind. Woken, the read's timeout and the bytes were ready in one
-    turn, the timeout won, and the live listener was taken for silent (1 s allowed here),
-    dropping the connect published just before. The proxy runs in a process of its own."""
+    stopped: SIGSTOP, a VM paused) past the silence allowed, just after a heartbeat's probe
+    went out to a listener `behind_s` behind. Woken, the read's timeout and the bytes were
+    ready in one turn, the timeout won, and the live listener was taken for silent, dropping
+    the connect published just before. Then by the review of its fix: a read once more with no
+    wait lost to its own timeout too, where the block began in the turn the first read timed
+    out and the bytes were still in the kernel. The proxy runs in a process of its own."""
     import subprocess
     import sys
 
     target = urlparse(redis_url)
     proxy = subprocess.Popen(  # noqa: ASYNC220 (it prints one line, then runs on its own)
         [sys.executable, "-c", "from tests.helpers import run_delay_proxy; "
-         f"run_delay_proxy({target.hostname!r}, {target.port}, 0.3)"],
+         f"run_delay_proxy({target.hostname!r}, {target.port}, {behind_s})"],
         stdout=subprocess.PIPE, text=True)
     through = None
     try:
         assert proxy.stdout is not None
         through = aioredis.Redis.from_url(f"redis://127.0.0.1:{int(proxy.stdout.readline())}/0")
         service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
-                                max_event_lag_s=0.5, heartbeat_interval_s=0.2)
+                                max_event_lag_s=max_lag_s, heartbeat_interval_s=0.2)
         replica = Replica(through, service, PoolConfig(min_ready=0, scaling_policy="heuristic"),
                           FakeNodeApi(), metrics=Metrics())
         listening = asyncio.create_task(replica.listen())
         try:
             await asyncio.wait_for(replica.subscribed.wait(), 5)
             started = time.monotonic()
-            while time.monotonic() - started < 1.0:  # a second of probes, all back
+            while time.monotonic() - started < 1.5:  # probes, all back
                 await replica.probe_lag()
                 await asyncio.sleep(0.2)
             await _until(lambda: not replica._probes_out)
             await aredis.publish("user:connect", json.dumps({"user_id": "dave"}))
-            await replica.probe_lag()  # the heartbeat's: answered, on its way (0.3 s)
-            time.sleep(1.5)  # noqa: ASYNC251 (the loop blocked, on purpose)
+            await replica.probe_lag()  # the heartbeat's: answered, on its way
+            block()
             await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
             assert counter(replica, "provisioner_errors_total", where="subscribe") == 0
         finally:

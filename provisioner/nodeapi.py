@@ -213,14 +213,19 @@ class HttpNodeApi:
 
         try:
             return await asyncio.wait_for(go(), self.timeout_s)
-        except (TimeoutError, httpx.HTTPError) as exc:
-            error = (Deadline(f"no whole answer within {self.timeout_s:g}s")
-                     if isinstance(exc, TimeoutError) else exc)
+        except (TimeoutError, httpx.HTTPError, OSError) as exc:
+            error: httpx.HTTPError
+            if isinstance(exc, TimeoutError):
+                error = Deadline(f"no whole answer within {self.timeout_s:g}s")
+            elif isinstance(exc, httpx.HTTPError):
+                error = exc
+            else:  # what httpx does not translate: a TLS record that fails (a review)
+                error = httpx.TransportError(f"{type(exc).__name__}: {exc}")
             if traced or not self._transport_given:
                 error.never_sent = not sending  # type: ignore[attr-defined]
             if error is exc:
                 raise
-            raise error from None
+            raise error from (None if isinstance(exc, TimeoutError) else exc)
 
     async def aclose(self) -> None:
         await self._client.aclose()

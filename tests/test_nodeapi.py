@@ -158,6 +158,20 @@ async def test_a_create_whose_proxy_never_answered_connect_is_not_taken_for_sent
     assert connects == 2 and result.outcome is CreateOutcome.FAILED, (connects, result)
 
 
+async def test_an_error_httpx_does_not_translate_is_a_failed_call_not_a_crash() -> None:
+    """Found by a review: a TLS record that fails while the answer is read reaches the caller
+    as ssl.SSLError, which httpx does not translate; it escaped create, delete and list (a
+    traceback, the create never counted uncertain, reconciliation raising)."""
+    import ssl
+
+    def bad_record(request: httpx.Request) -> httpx.Response:
+        raise ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC]")
+
+    assert (await client(bad_record).create()).outcome is CreateOutcome.UNCERTAIN
+    assert await client(bad_record, attempts=2).delete("n1") is DeleteOutcome.FAILED
+    assert await client(bad_record).list_nodes() is None
+
+
 async def test_create_202_without_an_id_is_uncertain() -> None:
     result = await client(lambda r: httpx.Response(202, text="ok")).create()
     assert result.outcome is CreateOutcome.UNCERTAIN

@@ -162,6 +162,22 @@ def _database(redis: aioredis.Redis) -> int:
         return 0
 
 
+async def _bytes_waiting(pubsub: Any) -> bool:
+    """Whether the subscription's connection has bytes not yet parsed, in the kernel or in
+    its buffers. A short sleep first: its wake-up is a new timer, which the loop runs only
+    after a select, and the socket's read callbacks that select finds run before the timers
+    (asyncio's `_run_once`), so bytes in the kernel reach the connection's buffer before this
+    task wakes. Then redis-py's check of its buffers, which waits for nothing: no timer can race
+    it, as one raced every read with a timeout (reviews)."""
+    connection = pubsub.connection
+    if connection is None:
+        return False
+    await asyncio.sleep(0.01)
+    # `can_read` from redis-py 8.0 on; before, `can_read_destructive` (deprecated since).
+    check = getattr(connection, "can_read", None) or connection.can_read_destructive
+    return bool(await check())
+
+
 class SubscriptionSilent(RedisConnectionError):
     """The listener's connection has carried nothing, not even the probes this replica
     published, for longer than a live one would: a connection dropped without a close (a
@@ -765,22 +781,21 @@ class Replica:
                 self.subscribed.set()
                 backoff = 0.2
                 last_read = time.monotonic()
+                suspect = False
                 while not self.stopping.is_set():
                     batch = await self._read_batch(pubsub)
-                    if not batch and self._looks_silent(last_read):
-                        # A process (or event loop) frozen past the silence allowed wakes
-                        # with its read's timeout and the bytes that came meanwhile ready in
-                        # one turn, and the timeout may win: read once more, briefly, before
-                        # the connection is taken for dead (a review: a live listener dropped
-                        # after a 1.5 s freeze, and a connect with it).
-                        # Not wait 0: its own timeout would be queued before the socket's
-                        # read, and win again where the bytes are still in the kernel (a
-                        # review: a freeze that began in the turn the first read timed out).
-                        batch = await self._read_batch(pubsub, wait_s=0.05)
-                        if not batch:
-                            raise SubscriptionSilent(time.monotonic() - last_read, last_read)
                     if batch:
-                        last_read = time.monotonic()
+                        last_read, suspect = time.monotonic(), False
+                    elif self._looks_silent(last_read):
+                        # A loop or process frozen past the silence allowed wakes with bytes
+                        # that came meanwhile, and its read's timer, queued before the socket
+                        # is looked at, may win: the next read takes them without a wait.
+                        # Reviews proved a read at once lost to its own timer too, with no
+                        # wait and with 50 ms, and a live listener and a connect with it. Once
+                        # a silence: bytes that stay are a reply cut off, the connection dead.
+                        if suspect or not await _bytes_waiting(pubsub):
+                            raise SubscriptionSilent(time.monotonic() - last_read, last_read)
+                        suspect = True
                     probes = [data for channel, data in batch if channel in self._probe_names]
                     if probes:
                         batch = [item for item in batch if item[0] not in self._probe_names]
@@ -834,12 +849,12 @@ class Replica:
             self._trouble.exception("apply", "could not apply a batch of %d messages (dropped)",
                                     len(batch))
 
-    async def _read_batch(self, pubsub: Any, wait_s: float = 0.5) -> list[tuple[bytes, bytes]]:
-        """The next message (waiting up to `wait_s` for one) and those already read behind
-        it, up to LISTEN_BATCH: under a burst they are applied in one round trip, and one at a
-        time when they trickle in."""
+    async def _read_batch(self, pubsub: Any) -> list[tuple[bytes, bytes]]:
+        """The next message (waiting up to half a second for one) and those already read
+        behind it, up to LISTEN_BATCH: under a burst they are applied in one round trip, and
+        one at a time when they trickle in."""
         batch: list[tuple[bytes, bytes]] = []
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
         while message is not None:
             if message.get("type") == "message":
                 batch.append((message["channel"], message["data"]))

@@ -366,9 +366,19 @@ def _block_the_loop_in_the_reads_timeout_turn() -> None:
     time.sleep(0.6)
 
 
+def _block_the_loop_again_as_its_last_read_begins() -> None:
+    # Past the silence allowed, then again in the turn the listener's read after it begins:
+    # its timer and the socket are ready together in the turn after, and the timer wins.
+    loop = asyncio.get_running_loop()
+    loop.call_soon(lambda: loop.call_soon(time.sleep, 1.6))
+    loop.call_later(0.55, lambda: loop.call_soon(time.sleep, 0.5))
+    time.sleep(0.6)
+
+
 @pytest.mark.parametrize(("block", "behind_s", "max_lag_s"), [
     (_block_the_loop_at_once, 0.3, 0.5),
     (_block_the_loop_in_the_reads_timeout_turn, 1.0, 1.0),
+    (_block_the_loop_again_as_its_last_read_begins, 1.0, 1.0),
 ])
 async def test_a_live_listener_is_not_taken_for_silent_after_its_loop_was_blocked(
     redis_url: str, aredis: aioredis.Redis, block: Any, behind_s: float, max_lag_s: float,
@@ -377,9 +387,10 @@ async def test_a_live_listener_is_not_taken_for_silent_after_its_loop_was_blocke
     stopped: SIGSTOP, a VM paused) past the silence allowed, just after a heartbeat's probe
     went out to a listener `behind_s` behind. Woken, the read's timeout and the bytes were
     ready in one turn, the timeout won, and the live listener was taken for silent, dropping
-    the connect published just before. Then by the review of its fix: a read once more with no
-    wait lost to its own timeout too, where the block began in the turn the first read timed
-    out and the bytes were still in the kernel. The proxy runs in a process of its own."""
+    the connect published just before. Then by the reviews of its fixes: a read once more at
+    once lost to its own timeout too, with no wait where the block began in the turn the
+    first read timed out, and with 50 ms where a second block began as that read did. The
+    proxy runs in a process of its own."""
     import subprocess
     import sys
 

@@ -173,9 +173,10 @@ async def _bytes_waiting(pubsub: Any) -> bool:
     if connection is None:
         return False
     await asyncio.sleep(0.01)
-    # `can_read` from redis-py 8.0 on; before, `can_read_destructive` (deprecated since).
-    check = getattr(connection, "can_read", None) or connection.can_read_destructive
-    return bool(await check())
+    # `can_read` (redis-py 8.0 on, hence the floor in pyproject.toml): the buffers of either
+    # parser. Before it, `can_read_destructive` of the pure-Python parser saw only an end of
+    # file, never a message waiting (a review, on 5.0.8, 6.4.0 and 7.4.1).
+    return bool(await connection.can_read())
 
 
 class SubscriptionSilent(RedisConnectionError):
@@ -796,6 +797,8 @@ class Replica:
                         if suspect or not await _bytes_waiting(pubsub):
                             raise SubscriptionSilent(time.monotonic() - last_read, last_read)
                         suspect = True
+                    else:
+                        suspect = False
                     probes = [data for channel, data in batch if channel in self._probe_names]
                     if probes:
                         batch = [item for item in batch if item[0] not in self._probe_names]

@@ -355,6 +355,35 @@ async def test_a_subscription_gone_silent_is_taken_again_and_its_gap_counted(
             await asyncio.wait_for(through.aclose(), 2)
 
 
+@pytest.mark.parametrize("parser", ["hiredis", "python"])
+async def test_bytes_a_listener_has_not_read_are_seen_with_either_parser(
+    redis_url: str, aredis: aioredis.Redis, parser: str,
+) -> None:
+    """The check before a connection is taken for dead (`_bytes_waiting`) sees a message
+    waiting unread with redis-py's hiredis parser and with its pure-Python one (what it uses
+    where hiredis is not importable). Found by a review: before redis-py 8.0 the Python
+    parser's check saw only an end of file."""
+    from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
+
+    from provisioner.service import _bytes_waiting
+
+    parser_class = _AsyncHiredisParser if parser == "hiredis" else _AsyncRESP2Parser
+    client = aioredis.Redis.from_url(redis_url, parser_class=parser_class)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe("unread")
+        assert (await pubsub.get_message(timeout=1))["type"] == "subscribe"
+        assert not await _bytes_waiting(pubsub)
+        await aredis.publish("unread", "hello")
+        await asyncio.sleep(0.2)  # the bytes reach the connection
+        assert await _bytes_waiting(pubsub)
+        message = await pubsub.get_message(timeout=1)
+        assert message is not None and message["data"] == b"hello"
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
 def _block_the_loop_at_once() -> None:
     time.sleep(1.5)
 

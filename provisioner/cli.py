@@ -232,11 +232,14 @@ def _no_pool(pool: str, yet: str = "") -> str:
 
 def _together(service: ServiceConfig, pool: PoolConfig) -> list[str]:
     """What the service's and the pool's settings get wrong only together; nothing of the
-    settings it reads that are out of their own ranges (named on their own)."""
+    settings it reads that are out of their own ranges (named on their own, by the configs'
+    own checks, asked of those settings alone)."""
     from provisioner.nodeapi import longest_create_s
 
-    if not (0 < service.api_timeout_s <= 600 and 1 <= service.api_retries <= 10
-            and 0.001 <= pool.create_timeout_s <= 86400):
+    alone = ServiceConfig("redis://localhost/0", "http://localhost",
+                          api_timeout_s=service.api_timeout_s,
+                          api_retries=service.api_retries).problems()
+    if alone or PoolConfig(create_timeout_s=pool.create_timeout_s).problems():
         return []
     longest = longest_create_s(service.api_timeout_s, service.api_retries)
     if pool.create_timeout_s > longest:

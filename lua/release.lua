@@ -77,15 +77,15 @@ if node then
   rcall('ZREM', K.sessions, user)
   stat('releases')
   local nk = node_key(node)
-  local result = {4, node}
   -- The node's own record must agree; if it does not (it was already declared gone), the
   -- allocation entry was stale and there is nothing to free.
-  if rcall('HGET', nk, 'state') == 'allocated' and rcall('HGET', nk, 'user') == user then
+  local freed = rcall('HGET', nk, 'state') == 'allocated' and rcall('HGET', nk, 'user') == user
+  local result = {freed and 1 or 4, node}
+  if freed then
     local since = tonumber(rcall('HGET', nk, 'allocated_ms')) or now
     stat('busy_ms_total', math.max(0, now - since))
     add_to(K.model, 'rel', 1, true)
     local served = node_free(node, now)
-    result[1] = 1
     for _, v in ipairs(served) do result[#result + 1] = v end
     log_release(string.format('node %s freed after a session of %.0fs, %s', node,
                               (now - since) / 1000, served[1] and ('to waiting user ' .. served[1])

@@ -12,12 +12,13 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from provisioner import view
 from provisioner.cli import app
@@ -263,23 +264,30 @@ def test_release_naming_a_user_twice_releases_them_once(redis_url: str) -> None:
     assert released.output.count("released u1") == 1 and "changed" not in released.output
 
 
+def _release_answered_after(monkeypatch: pytest.MonkeyPatch, redis_url: str, pool: str,
+                            user: str, meanwhile: Coroutine[Any, Any, None]) -> Result:
+    """`provisioner release USER`, `meanwhile` run while its prompt waits, then answered yes."""
+    import typer
+
+    def answer_after(*args: Any, **kwargs: Any) -> bool:
+        asyncio.run(meanwhile)
+        return True
+
+    monkeypatch.setattr(typer, "confirm", answer_after)
+    return CliRunner().invoke(app, ["release", user, "--redis-url", redis_url, "--pool", pool],
+                              env={"COLUMNS": "200"})
+
+
 def test_release_ends_nothing_that_changed_while_its_prompt_waited(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The prompt showed "waits"; a node came for the user before the operator said yes, and
     the release ended the session that had just begun."""
-    import typer
-
     now = int(time.time() * 1000)
     asyncio.run(_boot_then_connect(redis_url, "release-race", now, user="eve"))  # eve waits
-
-    def answer_after_a_node_came(*args: Any, **kwargs: Any) -> bool:
-        # eve is served while the prompt waits
-        asyncio.run(_boot_then_connect(redis_url, "release-race", now, "n9"))
-        return True
-
-    monkeypatch.setattr(typer, "confirm", answer_after_a_node_came)
+    # eve is served while the prompt waits
+    result = _release_answered_after(monkeypatch, redis_url, "release-race", "eve",
+                                     _boot_then_connect(redis_url, "release-race", now, "n9"))
     common = ["--redis-url", redis_url, "--pool", "release-race"]
-    result = CliRunner().invoke(app, ["release", "eve", *common], env={"COLUMNS": "200"})
     assert result.exit_code == 1, result.output
     assert "eve: waits" in result.output
     assert "eve: changed since it was shown (now holds node n9): nothing done" in result.output
@@ -292,8 +300,6 @@ def test_release_ends_no_session_begun_on_the_same_node_while_its_prompt_waited(
     """Found by a review: bob disconnected and connected again while the prompt waited, and the
     only ready node, his own, was handed back to him; the release checked only the node and
     ended the new session. A session is known by when it began as well."""
-    import typer
-
     now = int(time.time() * 1000) - 60_000
     asyncio.run(_boot_then_connect(redis_url, "release-aba", now, "n1", user="bob"))
 
@@ -304,13 +310,9 @@ def test_release_ends_no_session_begun_on_the_same_node_while_its_prompt_waited(
         assert (await scripts.allocate(now + 30_001, "bob")).node_id == "n1"
         await client.aclose()
 
-    def answer_after_a_new_session(*args: Any, **kwargs: Any) -> bool:
-        asyncio.run(disconnect_then_connect())
-        return True
-
-    monkeypatch.setattr(typer, "confirm", answer_after_a_new_session)
+    result = _release_answered_after(monkeypatch, redis_url, "release-aba", "bob",
+                                     disconnect_then_connect())
     common = ["--redis-url", redis_url, "--pool", "release-aba"]
-    result = CliRunner().invoke(app, ["release", "bob", *common], env={"COLUMNS": "200"})
     assert result.exit_code == 1, result.output
     assert "bob: changed since it was shown (now holds node n1): nothing done" in result.output
     users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)

@@ -27,12 +27,15 @@
   ARGV[2] user id
   ARGV[3] replica id, for the log (optional)
   ARGV[4] most entries kept in the decisions stream (optional, default 1000)
+  ARGV[5] the replica's mark of the call, 'replica:instance:seq' (optional): a call made
+          again after a reply lost is not applied again (made_again in includes/pool.lua)
 
   Returns {code, node_id, queue_position}
     1 ALLOCATED          {1, node, 0}
     2 WAITING            {2, '', position in the queue (1 = next)}
     3 ALREADY_ALLOCATED  {3, node, 0}
     4 ALREADY_WAITING    {4, '', 0}
+    5 MADE_AGAIN         {5, node the user holds or '', 0}: this call already ran; nothing done
   Publishes: user:allocated {user_id, node_id, waited_ms} | user:waiting {user_id}
 ]]
 --@include "includes/keys.lua"
@@ -46,6 +49,10 @@ local now = tonumber(ARGV[1])
 local user = ARGV[2]
 local replica = ARGV[3] or ''
 local log_len = tonumber(ARGV[4]) or 1000
+
+if made_again(ARGV[5]) then
+  return {5, rcall('HGET', K.alloc, user) or '', 0}
+end
 
 local held = rcall('HGET', K.alloc, user)
 if held then

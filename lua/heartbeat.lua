@@ -9,7 +9,9 @@
   the one clock they all share, so a replica whose own clock runs ahead or behind the others'
   is neither taken for silent nor makes another look silent. A replica not heard from for
   `forget_ms` is forgotten (a restarted replica comes back under a new id, so the dead ones
-  would otherwise pile up): at most 10 per call, O(log n) each. A replica's heartbeats are
+  would otherwise pile up): at most 10 per call, O(log n) each. A replica forgotten, or
+  leaving, takes its mark of the last connect or disconnect it applied (`applied`, pool.lua
+  made_again) with it. A replica's heartbeats are
   sequential (each waits for the one before), so the last one applied is the latest it sent.
   It takes no `now`, unlike the transitions, whose times are events' times, which a replay runs
   ahead of the wall clock; a heartbeat's is when a process was alive, compared across
@@ -73,6 +75,7 @@ end
 if ARGV[5] == 'leaving' then
   rcall('ZREM', K.replicas, replica)
   rcall('HDEL', K.replica_info, replica)
+  rcall('HDEL', K.applied, replica)
   return {rcall('ZCARD', K.replicas), 0, rcall('GET', K.epoch) or '', 0, 0, ''}
 end
 local time = rcall('TIME')
@@ -84,6 +87,7 @@ local gone = rcall('ZRANGEBYSCORE', K.replicas, '-inf', '(' .. (server_ms - forg
 if #gone > 0 then
   rcall('ZREM', K.replicas, unpack(gone))
   rcall('HDEL', K.replica_info, unpack(gone))
+  rcall('HDEL', K.applied, unpack(gone))
 end
 rcall('SET', K.epoch, server_ms .. '-' .. proposed, 'NX')
 local ok, count = pcall(rcall, 'HINCRBY', K.stats, 'heartbeats', 1)

@@ -27,6 +27,9 @@
   ARGV[6] when the session the operator was shown began (optional; ms, the user's score in
           `sessions`): with 'node:ID', a session begun since on the same node (a disconnect and
           a connect while the prompt waited, and the node the only one ready) is refused too
+  ARGV[7] the replica's mark of a disconnect's call, 'replica:instance:seq' (optional): a
+          call made again after a reply lost is not applied again (made_again in
+          includes/pool.lua)
 
   Returns {code, node_id, served...}
     1 RELEASED   {1, node, [user, node, waited_ms] if the node went to a waiting user}
@@ -36,6 +39,7 @@
     4 STALE      {4, node}: the user's allocation was stale (the node's record names no
                  session of theirs, e.g. the node was declared gone): the entry is dropped,
                  nothing is freed
+    5 MADE_AGAIN {5, ''}: this call already ran; nothing done
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -48,6 +52,10 @@ local by = ARGV[3] or ''
 local log_len = tonumber(ARGV[4]) or 1000
 local expected = ARGV[5] or ''
 local session_seen = ARGV[6] or ''
+
+if made_again(ARGV[7]) then
+  return {5, ''}
+end
 
 -- An operator's release, logged with what it did.
 local function log_release(what)

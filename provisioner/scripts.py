@@ -121,6 +121,7 @@ class Allocation(IntEnum):
     WAITING = 2
     ALREADY_ALLOCATED = 3
     ALREADY_WAITING = 4
+    MADE_AGAIN = 5  # this replica's call already ran (its reply was lost): nothing done
 
 
 class Release(IntEnum):
@@ -129,6 +130,7 @@ class Release(IntEnum):
     ABANDONED = 2
     CHANGED = 3  # an operator's release refused: the user's state is not the one confirmed
     STALE = 4  # the user's allocation named a node whose record is not theirs: dropped, no free
+    MADE_AGAIN = 5  # this replica's call already ran (its reply was lost): nothing done
 
 
 class NodeStatusOutcome(IntEnum):
@@ -683,24 +685,30 @@ class Scripts:
                                                         threshold, cap))
 
     def allocate_call(self, now_ms: int, user_id: str, replica: str = "",
-                      log_len: int = 1000) -> Call[AllocateResult]:
+                      log_len: int = 1000, mark: str = "") -> Call[AllocateResult]:
         """A connect; a miss is logged to the decisions stream (at most `log_len` entries) with
-        the pool's last decision before it, under `replica`."""
-        return Call("allocate", (now_ms, user_id, replica, log_len), _allocation)
+        the pool's last decision before it, under `replica`. `mark`: the replica's mark of the
+        call (`call_mark`), so that the call made again after a lost reply is not applied
+        again."""
+        return Call("allocate", (now_ms, user_id, replica, log_len, mark), _allocation)
 
     async def allocate(self, now_ms: int, user_id: str, replica: str = "",
                        log_len: int = 1000) -> AllocateResult:
         return await self.run(self.allocate_call(now_ms, user_id, replica, log_len))
 
     def release_call(self, now_ms: int, user_id: str, by: str = "", log_len: int = 1000,
-                     expected: str = "", session_ms: int | None = None) -> Call[ReleaseResult]:
+                     expected: str = "", session_ms: int | None = None,
+                     mark: str = "") -> Call[ReleaseResult]:
         """A disconnect; or, with `by`, an operator's release of the user, logged to the
         decisions stream (at most `log_len` entries) under that name, and refused (CHANGED) if
         `expected` ('node:ID', 'waiting' or 'nothing': what the operator confirmed) is not so
-        now, or if the session confirmed began at `session_ms` and the one now did not."""
+        now, or if the session confirmed began at `session_ms` and the one now did not.
+        `mark`: a replica's mark of a disconnect's call, as for `allocate_call`."""
         args: tuple[object, ...] = (now_ms, user_id, by, log_len, expected)
-        if session_ms is not None:
-            args += (session_ms,)
+        if session_ms is not None or mark:
+            args += ("" if session_ms is None else session_ms,)
+        if mark:
+            args += (mark,)
         return Call("release", args, _release)
 
     async def release(self, now_ms: int, user_id: str, by: str = "", log_len: int = 1000,

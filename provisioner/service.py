@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
+import secrets
 import signal
 import time
 from collections import deque
@@ -209,6 +211,11 @@ class Replica:
         self.scripts = Scripts(redis, self.keys, observe=self.metrics.observe_script)
         self.metrics.scripts_info.labels(scripts_fingerprint()).set(1)
         self.replica_id = service.replica_id
+        #: each connect and disconnect is marked `replica:instance:seq` (lua/includes/pool.lua
+        #: made_again), so that its call, made again after a reply lost, is not applied again;
+        #: the instance is new each start, so a restart under the same id starts a new count
+        self._instance = secrets.token_hex(6)
+        self._marks = itertools.count(1)
         self.stopping = asyncio.Event()
         self.subscribed = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
@@ -272,7 +279,7 @@ class Replica:
         now = self.clock.now_ms()
         parsed = [self._parse_or_drop(channel, data, now) for channel, data in messages]
         valid = [item for item in parsed if item is not None]
-        evs = [event for _, event in valid]
+        evs = [(event, self._mark(event)) for _, event in valid]
         calls = self._calls(evs, now)
         results = await self._run_events(evs, calls)
         per_event: list[Any] = []
@@ -308,7 +315,14 @@ class Replica:
                 outcomes.append(self._report(event, result))
         return outcomes
 
-    async def _run_events(self, evs: Sequence[events.Event],
+    def _mark(self, event: events.Event) -> str:
+        """The mark of a connect's or disconnect's call, the same for every try of it; ''
+        for the others, which a second copy leaves as they are."""
+        if isinstance(event, events.Connect | events.Disconnect):
+            return f"{self.replica_id}:{self._instance}:{next(self._marks)}"
+        return ""
+
+    async def _run_events(self, evs: Sequence[tuple[events.Event, str]],
                           calls: list[tuple[Call[Any], int]]) -> list[Any]:
         """The events' calls in one round trip, each call's result or error. A batch the server
         cannot take for now (unreachable, a stall past the client's timeout, still loading, a
@@ -316,10 +330,10 @@ class Replica:
         again from the first call it refused after the last that ran (one refused before a
         call that ran is dropped), stamped with the time of the try, for EVENT_RETRY_S: a
         connect dropped is a user who never gets a node, a disconnect dropped a node held after
-        its session. A
-        try that timed out or was cut off may have gone through, in part; the scripts take a
-        second copy of a transition as a no-op (a connect of a user waiting or holding a node,
-        a disconnect of one holding nothing, an activity of a second already recorded)."""
+        its session. A try that timed out or was cut off may have gone through, in part: a
+        connect or disconnect made again carries its first try's mark and is not applied again
+        (`_mark`); the other events' second copies change nothing (an activity of a second
+        already recorded, a node status the node already has)."""
         deadline = time.monotonic() + EVENT_RETRY_S
         wait_s = 0.1
         done: list[Any] = []
@@ -390,7 +404,8 @@ class Replica:
             return None
         return label, event
 
-    def _calls(self, evs: Sequence[events.Event], now: int) -> list[tuple[Call[Any], int]]:
+    def _calls(self, evs: Sequence[tuple[events.Event, str]],
+               now: int) -> list[tuple[Call[Any], int]]:
         """The transitions the events ask for, in order: each run of consecutive activity
         events in one record_activity call (up to ACTIVITY_BATCH of them), every other event a
         call of its own. With each call, how many activity events it applies (0 for another
@@ -405,25 +420,25 @@ class Replica:
                     self.pool.max_events_per_user), len(run)))
                 run.clear()
 
-        for event in evs:
+        for event, mark in evs:
             if isinstance(event, events.Activity):
                 run.append((event.user_id, event.timestamp_ms))
                 if len(run) >= ACTIVITY_BATCH:
                     close_run()
             else:
                 close_run()
-                calls.append((self._call(event, now), 0))
+                calls.append((self._call(event, mark, now), 0))
         close_run()
         return calls
 
-    def _call(self, event: events.Event, now: int) -> Call[Any]:
+    def _call(self, event: events.Event, mark: str, now: int) -> Call[Any]:
         """The transition a connect, disconnect or node status asks for."""
         assert not isinstance(event, events.Activity), "activity goes through _calls"
         if isinstance(event, events.Connect):
             return self.scripts.allocate_call(now, event.user_id, self.replica_id,
-                                              self.pool.decision_log_len)
+                                              self.pool.decision_log_len, mark)
         if isinstance(event, events.Disconnect):
-            return self.scripts.release_call(now, event.user_id)
+            return self.scripts.release_call(now, event.user_id, mark=mark)
         return self.scripts.apply_node_status_call(now, event.node_id, event.status)
 
     def _report(self, event: events.Event, result: Any) -> Outcome:
@@ -445,9 +460,13 @@ class Replica:
                 self.metrics.misses.inc()
                 log.info("connect %s: miss, waiting at position %d", event.user_id,
                          result.queue_position)
+            elif result.code is Allocation.MADE_AGAIN:
+                self._made_again("connect", event.user_id)
         elif isinstance(event, events.Disconnect):
             assert isinstance(result, ReleaseResult)
-            if result.code is not Release.UNKNOWN:
+            if result.code is Release.MADE_AGAIN:
+                self._made_again("disconnect", event.user_id)
+            elif result.code is not Release.UNKNOWN:
                 self.metrics.releases.labels(result.code.name.lower()).inc()
                 log.info("disconnect %s: %s %s", event.user_id, result.code.name.lower(),
                          result.node_id)
@@ -464,6 +483,12 @@ class Replica:
             self._served(result.served)
         outcome: Outcome = result
         return outcome
+
+    def _made_again(self, what: str, user_id: str) -> None:
+        # What the first try decided was in the reply that was lost; the pool's state and
+        # the decisions stream have it.
+        log.info("%s %s: already applied by a try whose reply was lost; not applied again",
+                 what, user_id)
 
     def _served(self, served: list[Served]) -> None:
         for item in served:

@@ -87,6 +87,7 @@ class PoolView:
             "abandoned": self.snapshot.stat("abandoned"),
             "requeued": self.snapshot.stat("requeued"),
             "operator_releases": self.snapshot.stat("operator_releases"),
+            "calls_made_again": self.snapshot.stat("calls_made_again"),
             "values_repaired": self.snapshot.stat("values_repaired"),
             "longest_session_s": round(self.snapshot.longest_session_s(self.now_ms), 1),
             "longest_wait_s": _rounded(self.snapshot.longest_wait_s(self.now_ms)),
@@ -169,7 +170,9 @@ def render_view(view: PoolView) -> Group:
         f"{data['mean_wait_s']:.1f}s  abandoned {data['abandoned']}  "
         f"requeued {data['requeued']}" + (
             f"  released by an operator {data['operator_releases']}"
-            if data["operator_releases"] else ""))
+            if data["operator_releases"] else "") + (
+            f"  made again after a lost reply {data['calls_made_again']}"
+            if data["calls_made_again"] else ""))
     if data["values_repaired"]:
         outcomes.append(f"\nvalues repaired {data['values_repaired']} (not numbers where one "
                         "belongs: edited by hand, or another writer uses the pool's keys)",

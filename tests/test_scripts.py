@@ -377,6 +377,52 @@ async def test_the_queue_cost_benchmark_times_disconnects_and_misses(
     assert await aredis.keys("prov:{queuecost-test}:*") == []
 
 
+async def test_a_connect_or_disconnect_made_again_under_its_mark_changes_nothing(
+    pool: PoolUnderTest,
+) -> None:
+    """A replica's call made again after a lost reply carries the first try's mark: applied
+    once. Without the marks, alice's disconnect and connect made again end the session the
+    first try began and begin one on the other node."""
+    for node in ("n1", "n2"):
+        await pool.boot(node)
+    await pool.scripts.allocate(pool.now, "alice")  # n1
+    batch = [pool.scripts.release_call(pool.now, "alice", mark="r1:a1:7"),
+             pool.scripts.allocate_call(pool.now, "alice", "r1", mark="r1:a1:8")]
+    first = [await pool.scripts.run(call) for call in batch]
+    after_first = await pool.dump()
+    again = [await pool.scripts.run(call) for call in batch]
+    assert [r.code for r in first] == [Release.RELEASED, Allocation.ALLOCATED]
+    assert [r.code for r in again] == [Release.MADE_AGAIN, Allocation.MADE_AGAIN]
+    assert again[1].node_id == first[1].node_id == "n2"
+    now = await pool.dump()
+    assert int(now["stats"].pop("calls_made_again")) == 2
+    assert now == after_first
+    assert await pool.redis.hgetall(pool.keys.key("applied")) == {"r1": "a1:8"}
+
+
+async def test_a_mark_is_one_replica_instance_s_and_only_rises(pool: PoolUnderTest) -> None:
+    """Another instance under the same id (a restart) counts afresh; an earlier mark of the same
+    instance has run; an operator's release carries none; a bad mark is refused."""
+    await pool.boot("n1")
+    allocate = pool.scripts.allocate_call
+    assert (await pool.scripts.run(allocate(pool.now, "u1", "r1", mark="r1:a1:5"))).code \
+        is Allocation.ALLOCATED
+    assert (await pool.scripts.run(pool.scripts.release_call(pool.now, "u1", mark="r1:b2:1"))
+            ).code is Release.RELEASED  # restarted: b2 begins at 1
+    assert (await pool.scripts.run(allocate(pool.now, "u1", "r1", mark="r1:a1:9"))).code \
+        is Allocation.ALLOCATED  # a1 again (not b2): a new instance's mark is not compared
+    assert (await pool.scripts.run(allocate(pool.now, "u2", "r2", mark="r2:c3:1"))).code \
+        is Allocation.WAITING  # another replica's marks are its own
+    assert (await pool.scripts.run(pool.scripts.release_call(pool.now, "u2", mark="r2:c3:1"))
+            ).code is Release.MADE_AGAIN
+    assert (await pool.scripts.release(pool.now, "u1", by="ops")).code is Release.RELEASED
+    assert await pool.redis.hgetall(pool.keys.key("applied")) == {"r1": "a1:9", "r2": "c3:1"}
+    before = await pool.dump()
+    with pytest.raises(ResponseError, match="bad call mark"):
+        await pool.scripts.run(allocate(pool.now, "u3", "r1", mark="r1:9"))
+    assert await pool.dump() == before
+
+
 async def test_disconnect_of_an_unknown_user_changes_nothing(pool: PoolUnderTest) -> None:
     await pool.boot("n1")
     before = await pool.dump()
@@ -1203,10 +1249,16 @@ async def test_heartbeats_list_the_replicas_and_forget_the_silent_ones(
     await heard_ago(pool.redis, pool.keys, "r1", 10_500)
     assert [(r.replica_id, r.silent) for r in await scripts.replicas()] == [
         ("r2", False), ("r1", True)]
+    # Each replica's mark of its last connect or disconnect goes with it.
+    for replica in ("r1", "r2", "r3"):
+        await scripts.run(scripts.release_call(now, "nobody", mark=f"{replica}:i:1"))
     await heard_ago(pool.redis, pool.keys, "r1", 61_000)
     assert _listed(await scripts.heartbeat("r2", said, 60_000)) == (1, 1)
     assert [r.replica_id for r in await scripts.replicas()] == ["r2"]
     assert await pool.redis.hkeys(pool.keys.key("replica_info")) == ["r2"]
+    await scripts.heartbeat("r3", said, 60_000)
+    await scripts.leave("r3")
+    assert await pool.redis.hkeys(pool.keys.key("applied")) == ["r2"]
 
 
 async def test_heartbeats_are_stamped_by_the_server_s_clock(pool: PoolUnderTest) -> None:

@@ -17,14 +17,14 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Scripts
+from provisioner.scripts import Allocation, Call, Release, Scripts
 from provisioner.view import check_invariants
-from tests.helpers import T0
+from tests.helpers import T0, dump_pool
 
 USERS = st.sampled_from([f"u{i}" for i in range(6)])
 NODES = st.sampled_from([f"n{i}" for i in range(6)])
@@ -48,6 +48,9 @@ def state_machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine
                                      boot_timeout_s=60, create_timeout_s=20,
                                      delete_timeout_s=20, engaged_threshold=2)
             self.pending: list[str] = []
+            self.marks = 0
+            #: the last connect or disconnect, to make again as after a reply lost
+            self.last_marked: Call[Any] | None = None
 
         def run(self, coro: Any) -> Any:
             return loop.run_until_complete(coro)
@@ -60,13 +63,37 @@ def state_machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine
         def time_passes(self, seconds: int) -> None:
             self.clock.advance(seconds * 1000)
 
+        def marked(self, call: Call[Any]) -> None:
+            self.run(self.scripts.run(call))
+            self.last_marked = call
+
+        def mark(self) -> str:
+            self.marks += 1
+            return f"r1:i:{self.marks}"
+
         @rule(user=USERS)
         def connect(self, user: str) -> None:
-            self.run(self.scripts.allocate(self.clock.now_ms(), user))
+            self.marked(self.scripts.allocate_call(self.clock.now_ms(), user, "r1",
+                                                   mark=self.mark()))
 
         @rule(user=USERS)
         def disconnect(self, user: str) -> None:
-            self.run(self.scripts.release(self.clock.now_ms(), user))
+            self.marked(self.scripts.release_call(self.clock.now_ms(), user, mark=self.mark()))
+
+        @precondition(lambda self: self.last_marked is not None)
+        @rule()
+        def made_again(self) -> None:
+            """The last connect or disconnect made again, whatever ran since: nothing but the
+            count of calls made again changes."""
+            assert self.last_marked is not None
+            before = self.run(dump_pool(self.client, self.keys))
+            result = self.run(self.scripts.run(self.last_marked))
+            assert result.code in (Allocation.MADE_AGAIN, Release.MADE_AGAIN)
+            after = self.run(dump_pool(self.client, self.keys))
+            before_stats, after_stats = before.pop("stats", {}), after.pop("stats")
+            made = int(after_stats.pop("calls_made_again"))
+            assert made == int(before_stats.pop("calls_made_again", 0)) + 1
+            assert (after_stats, after) == (before_stats, before)
 
         @rule(user=USERS, back=st.integers(min_value=0, max_value=200))
         def activity(self, user: str, back: int) -> None:

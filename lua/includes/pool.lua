@@ -5,6 +5,33 @@ local function learn_mean(field, value, weight)
   rcall('HSET', K.model, field, new)
 end
 
+-- A connect or disconnect a replica makes again, after a try whose reply it never read (a
+-- stall past its client's timeout, a connection cut): the try may have run. Made again, a
+-- user's disconnect and connect would end the session the first try began and begin another,
+-- perhaps on another node, while the product's user is on the first. So a replica marks each
+-- such call 'replica:instance:seq' (the instance new at each start of the process, the seq
+-- rising with each event it reads), and the pool keeps, per replica, the mark of the last one
+-- applied: a call marked at or before it, by the same instance, has run and is not run again
+-- (stats 'calls_made_again'). Calls are applied in the order a replica reads them, so the
+-- marks only rise. No mark (an operator's release, an older replica): applied as ever.
+local function made_again(mark)
+  if not mark or mark == '' then
+    return false
+  end
+  local replica, instance, seq = string.match(mark, '^([^:]+):([^:]+):(%d+)$')
+  if not replica then
+    error({err = 'bad call mark ' .. mark .. ' (replica:instance:seq)'})
+  end
+  local last = rcall('HGET', K.applied, replica)
+  local last_instance, last_seq = string.match(last or '', '^([^:]+):(%d+)$')
+  if last_instance == instance and tonumber(last_seq) >= tonumber(seq) then
+    stat('calls_made_again')
+    return true
+  end
+  rcall('HSET', K.applied, replica, instance .. ':' .. seq)
+  return false
+end
+
 -- Shared transitions of the pool. Every script that changes who holds what goes through these,
 -- so that the invariants live in one place:
 --   * a node is in exactly one of: ready list, booting zset, terminating zset, alloc map values;

@@ -271,11 +271,15 @@ async def _probes_all_back(replica: Replica, seconds: float) -> None:
 
 
 async def _silencing_proxy(redis_url: str, frozen: asyncio.Event, behind_s: float,
-                           tasks: list[asyncio.Future[Any]]) -> asyncio.AbstractServer:
+                           tasks: list[asyncio.Future[Any]], *, replies_only: bool = False,
+                           ) -> asyncio.AbstractServer:
     """A TCP proxy to the server. A subscribed connection's messages reach the client
     `behind_s` late (a listener that far behind the stream; replies to commands are not held).
     Once `frozen` is set, the connections open then carry nothing more, either way, and are not
-    closed (a middlebox dropping the flow, a partition); new ones go through."""
+    closed (a middlebox dropping the flow, a partition); new ones go through. With
+    `replies_only`, once `frozen` is set, the next connection to send a script call has
+    nothing more back from then on, its commands still reaching the server, and `frozen` is
+    cleared: replies lost."""
     target = urlparse(redis_url)
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -284,7 +288,10 @@ async def _silencing_proxy(redis_url: str, frozen: asyncio.Event, behind_s: floa
             while data := await reader.read(65536):
                 if b"SUBSCRIBE" in data.upper():
                     subscribed.set()
-                if freeze.is_set():
+                if replies_only and frozen.is_set() and b"EVALSHA" in data.upper():
+                    frozen.clear()
+                    freeze.set()  # this connection's downstream: replies lost from now
+                elif freeze.is_set() and not replies_only:
                     await asyncio.Event().wait()  # held: a silent path
                 writer.write(data)
                 await writer.drain()
@@ -313,7 +320,7 @@ async def _silencing_proxy(redis_url: str, frozen: asyncio.Event, behind_s: floa
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection(target.hostname, target.port)
-        freeze = frozen if not frozen.is_set() else asyncio.Event()
+        freeze = asyncio.Event() if replies_only or frozen.is_set() else frozen
         subscribed = asyncio.Event()
         tasks.append(asyncio.gather(upstream(client_r, server_w, freeze, subscribed),
                                     downstream(server_r, client_w, freeze, subscribed)))
@@ -1356,6 +1363,39 @@ async def test_a_batch_whose_reply_was_lost_does_not_end_the_session_it_began(
     assert outcomes[0].code is Release.MADE_AGAIN
     assert outcomes[1].code is (Allocation.MADE_AGAIN if ran == 2 else Allocation.ALLOCATED)
     assert counter(replica, "provisioner_errors_total", where="event") == 0
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_batch_whose_replies_a_proxy_lost_applies_once(
+    redis_url: str, aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """The same through a real server, whose replies to the first try are lost on the way
+    back (a proxy holds them): the client times out, and tries again on a new connection."""
+    frozen = asyncio.Event()
+    tasks: list[asyncio.Future[Any]] = []
+    proxy = await _silencing_proxy(redis_url, frozen, 0.0, tasks, replies_only=True)
+    port = proxy.sockets[0].getsockname()[1]
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}", decode_responses=True,
+                                     socket_timeout=0.3)  # as the service's: no retries
+    replica = make_replica(client, api, clock, "r1")
+    try:
+        for node in ("n1", "n2"):
+            for status in ("booting", "ready"):
+                await replica.handle(*wire("node:status", {"node_id": node, "status": status}))
+        await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+        frozen.set()
+        await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                   wire("user:connect", {"user_id": "alice"})])
+    finally:
+        await client.aclose()
+        proxy.close()
+        for task in tasks:
+            task.cancel()
+    assert counter(replica, "provisioner_errors_total", where="event_retry") >= 1
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert (int(stats["connects"]), int(stats["releases"])) == (2, 1)
+    assert int(stats["calls_made_again"]) >= 2
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == "n2"
     assert await check_invariants(aredis, POOL) == []
 
 

@@ -27,7 +27,7 @@
   ARGV[2] user id
   ARGV[3] replica id, for the log (optional)
   ARGV[4] most entries kept in the decisions stream (optional, default 1000)
-  ARGV[5] the replica's mark of the call, 'replica:instance:seq' (optional): a call made
+  ARGV[5] the replica's mark of the call, 'replica:batch:seq' (optional): a call made
           again after a reply lost is not applied again (made_again in includes/pool.lua)
 
   Returns {code, node_id, queue_position}

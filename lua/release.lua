@@ -27,7 +27,7 @@
   ARGV[6] when the session the operator was shown began (optional; ms, the user's score in
           `sessions`): with 'node:ID', a session begun since on the same node (a disconnect and
           a connect while the prompt waited, and the node the only one ready) is refused too
-  ARGV[7] the replica's mark of a disconnect's call, 'replica:instance:seq' (optional): a
+  ARGV[7] the replica's mark of a disconnect's call, 'replica:batch:seq' (optional): a
           call made again after a reply lost is not applied again (made_again in
           includes/pool.lua)
 

@@ -211,11 +211,12 @@ class Replica:
         self.scripts = Scripts(redis, self.keys, observe=self.metrics.observe_script)
         self.metrics.scripts_info.labels(scripts_fingerprint()).set(1)
         self.replica_id = service.replica_id
-        #: each connect and disconnect is marked `replica:instance:seq` (lua/includes/pool.lua
-        #: made_again), so that its call, made again after a reply lost, is not applied again;
-        #: the instance is new each start, so a restart under the same id starts a new count
+        #: each connect and disconnect is marked `replica:batch:seq` (`_marks`), so that its
+        #: call, made again after a reply lost, is not applied again; the batch tags are this
+        #: process's own (a random start and a count), so a restart under the same id, or
+        #: another batch, is never taken for the one made again
         self._instance = secrets.token_hex(6)
-        self._marks = itertools.count(1)
+        self._batches = itertools.count(1)
         self.stopping = asyncio.Event()
         self.subscribed = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
@@ -279,7 +280,7 @@ class Replica:
         now = self.clock.now_ms()
         parsed = [self._parse_or_drop(channel, data, now) for channel, data in messages]
         valid = [item for item in parsed if item is not None]
-        evs = [(event, self._mark(event)) for _, event in valid]
+        evs = self._marks([event for _, event in valid])
         calls = self._calls(evs, now)
         results = await self._run_events(evs, calls)
         per_event: list[Any] = []
@@ -315,12 +316,18 @@ class Replica:
                 outcomes.append(self._report(event, result))
         return outcomes
 
-    def _mark(self, event: events.Event) -> str:
-        """The mark of a connect's or disconnect's call, the same for every try of it; ''
-        for the others, which a second copy leaves as they are."""
-        if isinstance(event, events.Connect | events.Disconnect):
-            return f"{self.replica_id}:{self._instance}:{next(self._marks)}"
-        return ""
+    def _marks(self, evs: list[events.Event]) -> list[tuple[events.Event, str]]:
+        """Each event with the mark of its call, the same for every try of it (lua/includes/
+        pool.lua made_again): `replica:batch:seq` for a connect or disconnect, the batch this
+        read's own and seq its place among them; '' for the others, which a second copy leaves
+        as they are. A pool keeps each replica's last mark applied, and a call of the same
+        batch at or before it has run, since a batch's calls run in order: batches of one
+        replica interleaved (none are) would only be tried again unmarked, never skipped."""
+        batch = f"{self._instance}.{next(self._batches)}"
+        marked = (events.Connect, events.Disconnect)
+        seq = itertools.count(1)
+        return [(event, f"{self.replica_id}:{batch}:{next(seq)}" if isinstance(event, marked)
+                 else "") for event in evs]
 
     async def _run_events(self, evs: Sequence[tuple[events.Event, str]],
                           calls: list[tuple[Call[Any], int]]) -> list[Any]:

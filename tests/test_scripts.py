@@ -400,17 +400,18 @@ async def test_a_connect_or_disconnect_made_again_under_its_mark_changes_nothing
     assert await pool.redis.hgetall(pool.keys.key("applied")) == {"r1": "a1:8"}
 
 
-async def test_a_mark_is_one_replica_instance_s_and_only_rises(pool: PoolUnderTest) -> None:
-    """Another instance under the same id (a restart) counts afresh; an earlier mark of the same
-    instance has run; an operator's release carries none; a bad mark is refused."""
+async def test_a_mark_is_compared_only_within_its_batch(pool: PoolUnderTest) -> None:
+    """Another batch of the same replica (or a restart under its id) counts afresh; an earlier
+    mark of the same batch has run; an operator's release carries none; a bad mark is
+    refused."""
     await pool.boot("n1")
     allocate = pool.scripts.allocate_call
     assert (await pool.scripts.run(allocate(pool.now, "u1", "r1", mark="r1:a1:5"))).code \
         is Allocation.ALLOCATED
     assert (await pool.scripts.run(pool.scripts.release_call(pool.now, "u1", mark="r1:b2:1"))
-            ).code is Release.RELEASED  # restarted: b2 begins at 1
+            ).code is Release.RELEASED  # another batch: b2 begins at 1
     assert (await pool.scripts.run(allocate(pool.now, "u1", "r1", mark="r1:a1:9"))).code \
-        is Allocation.ALLOCATED  # a1 again (not b2): a new instance's mark is not compared
+        is Allocation.ALLOCATED  # a1 again, after b2: not compared, so applied
     assert (await pool.scripts.run(allocate(pool.now, "u2", "r2", mark="r2:c3:1"))).code \
         is Allocation.WAITING  # another replica's marks are its own
     assert (await pool.scripts.run(pool.scripts.release_call(pool.now, "u2", mark="r2:c3:1"))

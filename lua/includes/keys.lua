@@ -27,7 +27,7 @@ local K = {
   replica_info = KEYS[24],  -- hash: replica id -> what its last heartbeat said (JSON)
   sessions = KEYS[25],      -- zset: user -> ms the user was handed their node (mirrors alloc)
   epoch = KEYS[26],         -- string: set once when the pool's state begins (heartbeat.lua)
-  applied = KEYS[27],       -- hash: replica id -> 'instance:seq' of its last connect or disconnect
+  applied = KEYS[27],       -- hash: replica id -> 'batch:seq' of its last connect or disconnect
 }
 local rcall = redis.call
 

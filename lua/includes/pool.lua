@@ -9,26 +9,26 @@ end
 -- stall past its client's timeout, a connection cut): the try may have run. Made again, a
 -- user's disconnect and connect would end the session the first try began and begin another,
 -- perhaps on another node, while the product's user is on the first. So a replica marks each
--- such call 'replica:instance:seq' (the instance new at each start of the process, the seq
--- rising with each event it reads), and the pool keeps, per replica, the mark of the last one
--- applied: a call marked at or before it, by the same instance, has run and is not run again
--- (stats 'calls_made_again'). Calls are applied in the order a replica reads them, so the
--- marks only rise. No mark (an operator's release, an older replica): applied as ever.
+-- such call 'replica:batch:seq' (the batch a tag of its own for the events it read together,
+-- the seq the call's place among them), and the pool keeps, per replica, the mark of the last
+-- one applied: a call of the same batch marked at or before it has run, since a batch's calls
+-- run in order, and is not run again (stats 'calls_made_again'). Another batch's mark is never
+-- compared. No mark (an operator's release, an older replica): applied as ever.
 local function made_again(mark)
   if not mark or mark == '' then
     return false
   end
-  local replica, instance, seq = string.match(mark, '^([^:]+):([^:]+):(%d+)$')
+  local replica, batch, seq = string.match(mark, '^([^:]+):([^:]+):(%d+)$')
   if not replica then
-    error({err = 'bad call mark ' .. mark .. ' (replica:instance:seq)'})
+    error({err = 'bad call mark ' .. mark .. ' (replica:batch:seq)'})
   end
   local last = rcall('HGET', K.applied, replica)
-  local last_instance, last_seq = string.match(last or '', '^([^:]+):(%d+)$')
-  if last_instance == instance and tonumber(last_seq) >= tonumber(seq) then
+  local last_batch, last_seq = string.match(last or '', '^([^:]+):(%d+)$')
+  if last_batch == batch and tonumber(last_seq) >= tonumber(seq) then
     stat('calls_made_again')
     return true
   end
-  rcall('HSET', K.applied, replica, instance .. ':' .. seq)
+  rcall('HSET', K.applied, replica, batch .. ':' .. seq)
   return false
 end
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -15,9 +16,89 @@ class ConfigError(ValueError):
     """One or more settings are invalid; the message lists every problem."""
 
 
+def number(value: object) -> str:
+    """A number as a message shows it: 86400, not 86400.0; 0.001; nan."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong with one setting, in parts, so that each caller names the setting as its
+    user wrote it. str() names it as the settings do: the field (`idle_timeout_s must be in [0,
+    86400]`, what `bench --set` and a pool's published settings are written in) or the words of
+    `label`; `said_of` puts another name in its place (`run`: the option and its env var).
+
+    `rule` is what the value must be, in the field's unit; a field it compares with is written
+    `{name}` in it, and `others` holds each such field's value. A problem with no rule is
+    `label` alone, said the same way by every caller (a URL the client cannot parse)."""
+
+    setting: str
+    rule: str = ""
+    others: tuple[tuple[str, object], ...] = ()
+    #: said after the rule and its unit: "(0 disables reconciliation)"
+    note: str = ""
+    label: str = ""
+
+    @property
+    def unit(self) -> str:
+        """The field's unit, by its name: `_s`, seconds."""
+        return "s" if self.setting.endswith("_s") else ""
+
+    def __str__(self) -> str:
+        if not self.rule:
+            return self.label
+        said = self.rule.format(**{name: name for name, _ in self.others})
+        return f"{self.label or self.setting} {said}{' ' + self.note if self.note else ''}"
+
+    def said_of(self, subject: str, got: str, others: Mapping[str, str]) -> str:
+        """The problem of the setting called `subject`, which was given `got`; `others` names
+        each other field in the rule (an option, or its value where no option sets it)."""
+        if not self.rule:
+            return self.label
+        parts = [subject, self.rule.format(**others)]
+        parts += [part for part in (self.unit, self.note) if part]
+        return " ".join(parts) + f": got {got}"
+
+
+def _range(config: object, name: str, low: float | str, high: float | str, *,
+           low_open: bool = False, note: str = "", label: str = "") -> Problem | None:
+    """The problem of field `name` if its value is not in [low, high] ((low, high] with
+    `low_open`), else None: each range is written once, and checked and said from the same
+    numbers. A bound given as a name is that field's value. Every range is closed above, so nan
+    and inf fail it."""
+    value = getattr(config, name)
+    others: list[tuple[str, object]] = []
+
+    def bound(given: float | str) -> tuple[float, str]:
+        if isinstance(given, str):
+            others.append((given, getattr(config, given)))
+            return getattr(config, given), "{" + given + "}"
+        return given, number(given)
+
+    (low_value, low_said), (high_value, high_said) = bound(low), bound(high)
+    if (low_value < value if low_open else low_value <= value) and value <= high_value:
+        return None
+    return Problem(name, f"must be in {'(' if low_open else '['}{low_said}, {high_said}]",
+                   tuple(others), note, label)
+
+
+def _one_of(config: object, name: str, choices: tuple[str, ...], label: str = "") -> Problem | None:
+    if getattr(config, name) in choices:
+        return None
+    said = " or ".join(choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
+    return Problem(name, f"must be {said}", label=label)
+
+
 #: The most nodes a pool may be set to hold: far above any GPU fleet, far below where the
 #: scripts' numbers lose integer precision.
 MAX_NODES_LIMIT = 100_000
+
+#: PoolConfig.scaling_policy: the forecast (base-stock over the boot lead time), or the first
+#: release's heuristic
+SCALING_POLICIES = ("forecast", "heuristic")
+
 
 @dataclass(frozen=True)
 class PoolConfig:
@@ -64,48 +145,44 @@ class PoolConfig:
     #: shared by each cell's users (0: left out, as released; 1: as the learned counts give it)
     estimation_error: float = 0.0
 
-    def problems(self) -> list[str]:
-        found: list[str] = []
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                found.append(message)
-
+    def check(self) -> list[Problem]:
+        """Every setting out of its range, and what is wrong together."""
         # Every range is closed above, so nan and inf fail it too (an infinite timeout cannot
         # become the scripts' milliseconds; a pool of 10^14 nodes overflows their numbers).
-        need(0 <= self.min_ready <= MAX_NODES_LIMIT, f"min_ready must be in [0, {MAX_NODES_LIMIT}]")
-        need(1 <= self.max_nodes <= MAX_NODES_LIMIT, f"max_nodes must be in [1, {MAX_NODES_LIMIT}]")
-        need(self.min_ready <= self.max_nodes, "min_ready must not exceed max_nodes")
-        need(0 <= self.idle_timeout_s <= 86400, "idle_timeout_s must be in [0, 86400]")
-        # The scripts count in milliseconds: a timeout under one would be 0, a boot timed out on
-        # the tick it starts (found by a fuzz of the settings).
-        need(0.001 <= self.boot_timeout_s <= 86400, "boot_timeout_s must be in [0.001, 86400]")
-        need(0.05 <= self.tick_interval_s <= 600, "tick_interval_s must be in [0.05, 600]")
-        need(1 <= self.activity_window_s <= 86400, "activity_window_s must be in [1, 86400]")
-        need(1 <= self.engaged_threshold <= self.max_events_per_user,
-             "engaged_threshold must be in [1, max_events_per_user]")
-        need(0 <= self.conversion <= 1, "conversion must be in [0, 1]")
-        need(0.001 <= self.create_timeout_s <= 86400,
-             "create_timeout_s must be in [0.001, 86400]")
-        need(0.001 <= self.delete_timeout_s <= 86400,
-             "delete_timeout_s must be in [0.001, 86400]")
-        need(1 <= self.max_batch <= 1000, "max_batch must be in [1, 1000]")
-        need(1 <= self.max_events_per_user <= 10000, "max_events_per_user must be in [1, 10000]")
-        need(10 <= self.decision_log_len <= 1_000_000,
-             "decision_log_len must be in [10, 1000000]")
-        need(self.scaling_policy in ("forecast", "heuristic"),
-             "scaling_policy must be forecast or heuristic")
-        need(0 <= self.buffer_sd <= 10, "buffer_sd must be in [0, 10]")
-        need(0 <= self.surge_buffer_sd <= 10, "surge_buffer_sd must be in [0, 10]")
-        need(10 <= self.learning_half_life_s <= 30 * 86400,
-             "learning_half_life_s must be in [10, 2592000]")
-        need(1 <= self.boot_prior_s <= 3600, "boot_prior_s must be in [1, 3600]")
-        need(0 <= self.keep_window_s <= 86400, "keep_window_s must be in [0, 86400]")
-        need(0 <= self.new_session_frees <= 1, "new_session_frees must be in [0, 1]")
-        need(0 <= self.overdue_boots <= 1, "overdue_boots must be in [0, 1]")
-        need(0 <= self.uncredited_exposure <= 1, "uncredited_exposure must be in [0, 1]")
-        need(0 <= self.estimation_error <= 4, "estimation_error must be in [0, 4]")
-        return found
+        found = [
+            _range(self, "min_ready", 0, MAX_NODES_LIMIT),
+            _range(self, "max_nodes", 1, MAX_NODES_LIMIT),
+            None if self.min_ready <= self.max_nodes else Problem(
+                "min_ready", "must not exceed {max_nodes}", (("max_nodes", self.max_nodes),)),
+            _range(self, "idle_timeout_s", 0, 86400),
+            # The scripts count in milliseconds: a timeout under one would be 0, a boot timed
+            # out on the tick it starts (found by a fuzz of the settings).
+            _range(self, "boot_timeout_s", 0.001, 86400),
+            _range(self, "tick_interval_s", 0.05, 600),
+            _range(self, "activity_window_s", 1, 86400),
+            _range(self, "engaged_threshold", 1, "max_events_per_user"),
+            _range(self, "conversion", 0, 1),
+            _range(self, "create_timeout_s", 0.001, 86400),
+            _range(self, "delete_timeout_s", 0.001, 86400),
+            _range(self, "max_batch", 1, 1000),
+            _range(self, "max_events_per_user", 1, 10000),
+            _range(self, "decision_log_len", 10, 1_000_000),
+            _one_of(self, "scaling_policy", SCALING_POLICIES),
+            _range(self, "buffer_sd", 0, 10),
+            _range(self, "surge_buffer_sd", 0, 10),
+            _range(self, "learning_half_life_s", 10, 30 * 86400),
+            _range(self, "boot_prior_s", 1, 3600),
+            _range(self, "keep_window_s", 0, 86400),
+            _range(self, "new_session_frees", 0, 1),
+            _range(self, "overdue_boots", 0, 1),
+            _range(self, "uncredited_exposure", 0, 1),
+            _range(self, "estimation_error", 0, 4),
+        ]
+        return [problem for problem in found if problem is not None]
+
+    def problems(self) -> list[str]:
+        """What `check` finds, each naming its field."""
+        return [str(problem) for problem in self.check()]
 
     def validate(self) -> PoolConfig:
         found = self.problems()
@@ -250,38 +327,46 @@ class ServiceConfig:
     heartbeat_interval_s: float = 2.0
     max_event_lag_s: float = 5.0
 
-    def problems(self) -> list[str]:
-        found: list[str] = []
+    def check(self) -> list[Problem]:
+        """Every setting that cannot be used."""
+        found: list[Problem | None] = []
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            found.append(f"redis url {self.redis_url!r} must start with redis://, rediss:// "
-                         "or unix://")
+            found.append(Problem("redis_url", "must start with redis://, rediss:// or unix://",
+                                 label=f"redis url {self.redis_url!r}"))
         elif problem := redis_url_problem(self.redis_url):
-            found.append(problem)
+            found.append(Problem("redis_url", label=problem))
         if not self.node_api_url.startswith(("http://", "https://")):
-            found.append(f"node api url {self.node_api_url!r} must start with http(s)://")
+            found.append(Problem("node_api_url", "must start with http(s)://",
+                                 label=f"node api url {self.node_api_url!r}"))
         else:
-            found.extend(_node_api_url_problems(self.node_api_url))
+            found.extend(Problem("node_api_url", label=problem)
+                         for problem in _node_api_url_problems(self.node_api_url))
         if not POOL_NAME.match(self.pool):
-            found.append(f"pool {self.pool!r} must be 1-64 characters of letters, digits, _.-")
-        if not 0 <= self.http_port <= 65535:
-            found.append("http port must be in [0, 65535] (0 disables the HTTP endpoint)")
-        if self.log_format not in ("text", "json"):
-            found.append("log format must be text or json")
-        if self.log_level not in LOG_LEVELS:
-            found.append(f"log level must be one of {', '.join(LOG_LEVELS)}")
+            found.append(Problem("pool", "must be 1-64 characters of letters, digits, _.-",
+                                 label=f"pool {self.pool!r}"))
+        found += [
+            _range(self, "http_port", 0, 65535, note="(0 disables the HTTP endpoint)",
+                   label="http port"),
+            _one_of(self, "log_format", ("text", "json"), label="log format"),
+            _one_of(self, "log_level", LOG_LEVELS, label="log level"),
+        ]
         if not 0 < len(self.replica_id) <= 64 or ":" in self.replica_id:
-            found.append("replica id must be 1-64 characters without ':'")
-        if not 0 < self.api_timeout_s <= 600:
-            found.append("api timeout must be in (0, 600]")
-        if not 1 <= self.api_retries <= 10:
-            found.append("api retries must be in [1, 10]")
-        if not 0 <= self.reconcile_interval_s <= 86400:
-            found.append("reconcile interval must be in [0, 86400] (0 disables reconciliation)")
-        if not 0 <= self.heartbeat_interval_s <= 3600:
-            found.append("heartbeat interval must be in [0, 3600] (0 disables heartbeats)")
-        if not 0 < self.max_event_lag_s <= 3600:
-            found.append("max event lag must be in (0, 3600]")
-        return found
+            found.append(Problem("replica_id", "must be 1-64 characters without ':'",
+                                 label="replica id"))
+        found += [
+            _range(self, "api_timeout_s", 0, 600, low_open=True, label="api timeout"),
+            _range(self, "api_retries", 1, 10, label="api retries"),
+            _range(self, "reconcile_interval_s", 0, 86400,
+                   note="(0 disables reconciliation)", label="reconcile interval"),
+            _range(self, "heartbeat_interval_s", 0, 3600, note="(0 disables heartbeats)",
+                   label="heartbeat interval"),
+            _range(self, "max_event_lag_s", 0, 3600, low_open=True, label="max event lag"),
+        ]
+        return [problem for problem in found if problem is not None]
+
+    def problems(self) -> list[str]:
+        """What `check` finds, each in the settings' own words."""
+        return [str(problem) for problem in self.check()]
 
     def validate(self) -> ServiceConfig:
         found = self.problems()

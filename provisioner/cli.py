@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import inspect
 import json
@@ -12,7 +13,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 import typer
@@ -25,10 +26,11 @@ from provisioner import mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
 from provisioner.clock import WallClock
 from provisioner.config import (
-    ConfigError,
     PoolConfig,
+    Problem,
     ServiceConfig,
     default_replica_id,
+    number,
     redis_url_option,
 )
 from provisioner.events import ID_PATTERN, ID_RULE
@@ -59,6 +61,7 @@ Pool = Annotated[str, typer.Option("--pool", envvar="PROVISIONER_POOL",
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
 Limit = Annotated[int, typer.Option(min=1, max=100_000, help="Most rows")]
 DEFAULTS = PoolConfig()
+SERVICE_FIELDS = frozenset(f.name for f in dataclasses.fields(ServiceConfig))
 
 
 def _fail(message: str) -> typer.Exit:
@@ -74,8 +77,64 @@ def shown(text: str) -> str:
     return escape(printable(text))
 
 
+class _Option(NamedTuple):
+    """A command's option that sets a setting: its parameter's name, flag and env var."""
+
+    name: str
+    flag: str
+    envvar: str | None
+
+    def __str__(self) -> str:
+        return f"{self.flag} ({self.envvar})" if self.envvar else self.flag
+
+
+def _options_of(ctx: typer.Context, *kinds: type) -> dict[str, _Option]:
+    """The option that sets each field of the dataclasses `kinds` that the command's options
+    set, read from the options themselves: an option sets the field of its own name, or of its
+    name and `_s` (`--idle-timeout`, in seconds as its help says, sets `idle_timeout_s`, in
+    seconds). Every option of the command must set one."""
+    fields = {field.name for kind in kinds for field in dataclasses.fields(kind)}
+    found: dict[str, _Option] = {}
+    for param in ctx.command.params:
+        name = param.name or ""
+        field = next((f for f in (name, f"{name}_s") if f in fields), None)
+        if field is None:
+            raise TypeError(f"the option {name!r} of {ctx.info_name} sets no setting")
+        envvar = param.envvar if isinstance(param.envvar, str) else None
+        flag = max((opt for opt in param.opts if opt.startswith("--")), key=len, default=name)
+        found[field] = _Option(name, flag, envvar)
+    return found
+
+
+def _by_options(ctx: typer.Context, options: dict[str, _Option],
+                problems: list[Problem]) -> list[str]:
+    """`problems` as the command's user gave the settings: each names the option that set it
+    and its env var, and the value given (`--idle-timeout (PROVISIONER_IDLE_TIMEOUT) must be in
+    [0, 86400] s: got 999999`), not the field; a setting no option sets keeps the field's name,
+    or is said by its value."""
+    said = []
+    for problem in problems:
+        option = options.get(problem.setting)
+        if option is None:
+            said.append(str(problem))
+            continue
+        given = ctx.params[option.name]  # as typed: `run` upper-cases --log-level after it
+        others = {name: f"{options[name].flag} ({number(value)})" if name in options
+                  else number(value) for name, value in problem.others}
+        said.append(problem.said_of(str(option), _given(given), others))
+    return said
+
+
+def _given(value: object) -> str:
+    """A value as given, for a message: a text quoted (an empty one seen), and cut short."""
+    if not isinstance(value, str):
+        return number(value)
+    return repr(value) if len(value) <= 40 else f"{value[:40]!r}... ({len(value)} characters)"
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     redis_url: RunRedisUrl,
     node_api_url: Annotated[str, typer.Option(
         "--node-api-url", envvar="PROVISIONER_NODE_API_URL",
@@ -193,27 +252,16 @@ def run(
     """Run one replica: listeners, scaling ticker, reconciliation, /metrics and health."""
     from provisioner.service import serve
 
-    service = ServiceConfig(
-        redis_url=redis_url, node_api_url=node_api_url, pool=pool, http_port=http_port,
-        replica_id=replica_id or default_replica_id(), log_format=log_format,
-        log_level=log_level.upper(),
-        reconcile_interval_s=reconcile_interval, api_timeout_s=api_timeout,
-        heartbeat_interval_s=heartbeat_interval, max_event_lag_s=max_event_lag,
-    )
-    pool_config = PoolConfig(
-        min_ready=min_ready, max_nodes=max_nodes, idle_timeout_s=idle_timeout,
-        boot_timeout_s=boot_timeout, tick_interval_s=tick_interval,
-        activity_window_s=activity_window, engaged_threshold=engaged_threshold,
-        conversion=conversion, create_timeout_s=create_timeout,
-        delete_timeout_s=delete_timeout, max_batch=max_batch,
-        scaling_policy=scaling_policy, buffer_sd=buffer_sd, surge_buffer_sd=surge_buffer_sd,
-        learning_half_life_s=learning_half_life, boot_prior_s=boot_prior,
-        keep_window_s=keep_window, new_session_frees=new_session_frees,
-        overdue_boots=overdue_boots, uncredited_exposure=uncredited_exposure,
-        estimation_error=estimation_error,
-    )
+    # Each option sets the setting of its name (`_options_of`), so the two cannot part: a
+    # problem is said of the option that set it.
+    options = _options_of(ctx, ServiceConfig, PoolConfig)
+    given = {field: ctx.params[option.name] for field, option in options.items()}
+    given.update(replica_id=replica_id or default_replica_id(), log_level=log_level.upper())
+    service = ServiceConfig(**{f: v for f, v in given.items() if f in SERVICE_FIELDS})
+    pool_config = PoolConfig(**{f: v for f, v in given.items() if f not in SERVICE_FIELDS})
     # Every problem of both at once: a second start should not find the next one.
-    found = service.problems() + pool_config.problems() + _together(service, pool_config)
+    found = (_by_options(ctx, options, service.check() + pool_config.check())
+             + _together(service, pool_config, options))
     if found:
         raise _fail("invalid settings: " + "; ".join(found))
     setup_logging(service.log_format, service.log_level)
@@ -230,10 +278,11 @@ def _no_pool(pool: str, yet: str = "") -> str:
             "started)")
 
 
-def _together(service: ServiceConfig, pool: PoolConfig) -> list[str]:
-    """What the service's and the pool's settings get wrong only together; nothing of the
-    settings it reads that are out of their own ranges (named on their own, by the configs'
-    own checks, asked of those settings alone)."""
+def _together(service: ServiceConfig, pool: PoolConfig,
+              options: dict[str, _Option]) -> list[str]:
+    """What the service's and the pool's settings get wrong only together, said of the
+    `options` that set them; nothing of the settings it reads that are out of their own ranges
+    (named on their own, by the configs' own checks, asked of those settings alone)."""
     from provisioner.nodeapi import longest_create_s
 
     alone = ServiceConfig("redis://localhost/0", "http://localhost",
@@ -244,11 +293,11 @@ def _together(service: ServiceConfig, pool: PoolConfig) -> list[str]:
     longest = longest_create_s(service.api_timeout_s, service.api_retries)
     if pool.create_timeout_s > longest:
         return []
-    return [f"create timeout ({pool.create_timeout_s:g}s) must be longer than a create's "
-            f"longest call to the Node API ({longest:g}s: {service.api_retries} tries of the "
-            f"api timeout, {service.api_timeout_s:g}s, and the pauses between them); a "
-            "reservation that lapses while its POST may still make the node lets the pool "
-            "make it again"]
+    return [f"{options['create_timeout_s']} must be longer than a create's longest call to the "
+            f"Node API, {longest:g} s ({service.api_retries} tries of "
+            f"{options['api_timeout_s'].flag}, {service.api_timeout_s:g} s, and the pauses "
+            f"between them): got {number(pool.create_timeout_s)}; a reservation that lapses "
+            "while its POST may still make the node lets the pool make it again"]
 
 
 def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
@@ -645,6 +694,7 @@ def check(redis_url: RedisUrl, pool: Pool = "default") -> None:
 
 @app.command()
 def reconcile(
+    ctx: typer.Context,
     redis_url: RedisUrl,
     node_api_url: Annotated[str, typer.Option(
         "--node-api-url", envvar="PROVISIONER_NODE_API_URL",
@@ -661,10 +711,10 @@ def reconcile(
     # The replica's warnings (each node adopted or ended) as the service writes them, what a
     # terminal acts on in an id escaped: Python's last-resort handler wrote them raw.
     setup_logging(level="WARNING")
-    try:
-        service = ServiceConfig(redis_url, node_api_url, pool=pool).validate()
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    service = ServiceConfig(redis_url, node_api_url, pool=pool)
+    found = _by_options(ctx, _options_of(ctx, ServiceConfig), service.check())
+    if found:
+        raise _fail("invalid service settings: " + "; ".join(found))
 
     async def go(client: aioredis.Redis) -> dict[str, Any] | None:
         if not await view.pool_exists(client, pool):

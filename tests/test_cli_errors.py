@@ -291,7 +291,7 @@ def test_run_names_every_bad_setting_of_the_service_and_the_pool_at_once() -> No
     # It named the service's alone, and a second start found the pool's.
     code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
                           "http://api", "--idle-timeout", "nan", "--log-level", "loud")
-    assert code == 2 and "idle_timeout_s" in output and "log level" in output, output
+    assert code == 2 and "--idle-timeout" in output and "--log-level" in output, output
 
 
 def test_run_refuses_a_create_timeout_a_create_call_can_outlast() -> None:
@@ -299,18 +299,110 @@ def test_run_refuses_a_create_timeout_a_create_call_can_outlast() -> None:
     reservation lapses while its POST may still make the node, and the pool makes it again."""
     code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
                           "http://api", "--create-timeout", "30", "--api-timeout", "10")
-    assert code == 2 and "create timeout (30s) must be longer" in output, output
-    assert "(30.6s: 3 tries of the api timeout, 10s" in output, output
+    said = ("--create-timeout (PROVISIONER_CREATE_TIMEOUT) must be longer than a create's "
+            "longest call to the Node API, 30.6 s (3 tries of --api-timeout, 10 s, and the "
+            "pauses between them): got 30")
+    assert code == 2 and said in output, output
     # The defaults (60 s against 30.6 s) start, as far as the settings go: the next error is
     # the server's.
     code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
                           "http://api", "--http-port", "0")
-    assert "create timeout" not in output, output
+    assert "--create-timeout" not in output, output
     # Named with every other problem at once (a review: only once the others were fixed).
     code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
                           "ftp://api", "--create-timeout", "30", "--max-nodes", "0")
-    assert code == 2 and "create timeout (30s) must be longer" in output, output
-    assert "max_nodes must be in" in output and "must start with http(s)://" in output
+    assert code == 2 and "--create-timeout (PROVISIONER_CREATE_TIMEOUT) must be longer" in output, \
+        output
+    assert "--max-nodes (PROVISIONER_MAX_NODES) must be in" in output, output
+    assert "must start with http(s)://" in output, output
+
+
+RUN = ("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url", "http://api")
+
+
+#: An option of run out of its range, what is said of it, and the names it must not be said by.
+BAD_OPTIONS = [
+    (["--idle-timeout", "999999"],
+     "--idle-timeout (PROVISIONER_IDLE_TIMEOUT) must be in [0, 86400] s: got 999999",
+     ["idle_timeout_s"]),
+    (["--learning-half-life", "5"],
+     "--learning-half-life (PROVISIONER_LEARNING_HALF_LIFE) must be in [10, 2592000] s: got 5",
+     ["learning_half_life_s"]),
+    (["--boot-timeout", "nan"],
+     "--boot-timeout (PROVISIONER_BOOT_TIMEOUT) must be in [0.001, 86400] s: got nan",
+     ["boot_timeout_s"]),
+    (["--min-ready", "60"],
+     "--min-ready (PROVISIONER_MIN_READY) must not exceed --max-nodes (50): got 60",
+     ["min_ready", "max_nodes"]),
+    (["--engaged-threshold", "500"],  # its bound is a setting no option of run sets: its value
+     "--engaged-threshold (PROVISIONER_ENGAGED_THRESHOLD) must be in [1, 100]: got 500",
+     ["engaged_threshold", "max_events_per_user"]),
+    (["--scaling-policy", "magic"],
+     "--scaling-policy (PROVISIONER_SCALING_POLICY) must be forecast or heuristic: got 'magic'",
+     ["scaling_policy"]),
+    (["--api-timeout", "0"],
+     "--api-timeout (PROVISIONER_API_TIMEOUT) must be in (0, 600] s: got 0",
+     ["api_timeout_s", "api timeout"]),
+    (["--log-level", "loud"],  # as typed, not as run upper-cases it
+     "--log-level (PROVISIONER_LOG_LEVEL) must be one of DEBUG, INFO, WARNING, ERROR: got 'loud'",
+     ["log_level", "log level"]),
+]
+
+
+@pytest.mark.parametrize(("args", "said", "fields"), BAD_OPTIONS,
+                         ids=[args[0] for args, _, _ in BAD_OPTIONS])
+def test_run_names_a_bad_setting_by_its_option_not_its_field(
+        args: list[str], said: str, fields: list[str]) -> None:
+    """`run --idle-timeout 999999` said "idle_timeout_s must be in [0, 86400]": the name of a
+    field the user never typed, without the unit or the value."""
+    code, output = invoke(*RUN, *args)
+    assert code == 2 and said in output, output
+    assert not [field for field in fields if field in output], output
+
+
+def test_run_names_the_env_var_a_bad_setting_came_from() -> None:
+    """A setting from the environment (a container's manifest) was named by its field alone."""
+    result = CliRunner().invoke(app, list(RUN), env={"COLUMNS": "300",
+                                                     "PROVISIONER_IDLE_TIMEOUT": "999999"})
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, output
+    assert ("--idle-timeout (PROVISIONER_IDLE_TIMEOUT) must be in [0, 86400] s: got 999999"
+            in output and "idle_timeout_s" not in output), output
+
+
+def test_a_setting_typed_by_its_field_name_is_still_named_by_it(tmp_path: Path) -> None:
+    """`bench --set` takes the field's name: its message keeps it, where run's names the
+    option (the one range checks both)."""
+    trace = str(write_trace(tmp_path / "t.jsonl", [(1.0, "connect", "u1")]))
+    code, output = invoke("bench", "replay", trace, "--set", "idle_timeout_s=999999")
+    assert code == 2 and "idle_timeout_s must be in [0, 86400]" in output, output
+    code, output = invoke(*RUN, "--idle-timeout", "999999")
+    assert code == 2 and "--idle-timeout (PROVISIONER_IDLE_TIMEOUT) must be in [0, 86400] s" \
+        in output and "idle_timeout_s" not in output, output
+
+
+def test_reconcile_names_a_bad_pool_by_its_option() -> None:
+    code, output = invoke("reconcile", "--redis-url", "redis://127.0.0.1:1/0",
+                          "--node-api-url", "http://api", "--pool", "a b")
+    assert code == 2 and ("--pool (PROVISIONER_POOL) must be 1-64 characters of letters, "
+                          "digits, _.-: got 'a b'") in output, output
+
+
+def test_every_option_of_run_sets_a_setting_in_its_own_unit() -> None:
+    """Which setting each option of run sets is read from the options (their name, or their
+    name and `_s`): every option sets one, and one in seconds is given in seconds."""
+    import typer.main
+
+    from provisioner.cli import _options_of
+    from provisioner.config import PoolConfig, ServiceConfig
+
+    command = typer.main.get_command(app).get_command(None, "run")  # type: ignore[attr-defined]
+    ctx = command.make_context("run", list(RUN[1:]))
+    options = _options_of(ctx, ServiceConfig, PoolConfig)
+    assert len(options) == len(command.params), options
+    for field, option in options.items():
+        help_text = next(p.help for p in command.params if p.name == option.name) or ""
+        assert field.endswith("_s") == ("second" in help_text.lower()), (field, help_text)
 
 
 def test_an_error_goes_to_stderr_not_into_what_stdout_carries() -> None:

@@ -2145,7 +2145,8 @@ def test_any_batches_of_messages_keep_every_invariant(
     # the client's own error, alone, and not said to be the URL's (a review)
     (["--redis-url", "redis://127.0.0.1:6379/0?protocol=4"],
      "'redis://127.0.0.1:6379/0?protocol=4' cannot be used: protocol must be either 2 or 3"),
-    (["--log-level", "bogus"], "log level must be one of DEBUG, INFO, WARNING, ERROR"),
+    (["--log-level", "bogus"],
+     "--log-level (PROVISIONER_LOG_LEVEL) must be one of DEBUG, INFO, WARNING, ERROR: got 'bogus'"),
 ])
 def test_run_refuses_an_address_or_log_level_it_cannot_use(options: list[str],
                                                            message: str) -> None:

@@ -845,10 +845,14 @@ class Replica:
                         time.monotonic())
                 self.subscribed.clear()
                 self.metrics.errors.labels("subscribe").inc()
+                # Taken for silent, the server answered a probe's PUBLISH: it is reachable,
+                # and each moment waited is one whose events are lost (a review: 0.2 s).
+                wait_s = 0.0 if isinstance(exc, SubscriptionSilent) else backoff
                 self._trouble.warning("subscribe", "subscription lost (%s); retrying in %.1fs",
-                                      exc, backoff)
-                await sleep_unless(self.stopping, backoff)
-                backoff = min(backoff * 2, 5.0)
+                                      exc, wait_s)
+                if wait_s:
+                    await sleep_unless(self.stopping, wait_s)
+                    backoff = min(backoff * 2, 5.0)
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):

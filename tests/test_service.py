@@ -272,14 +272,15 @@ async def _probes_all_back(replica: Replica, seconds: float) -> None:
 
 async def _silencing_proxy(redis_url: str, frozen: asyncio.Event, behind_s: float,
                            tasks: list[asyncio.Future[Any]], *, replies_only: bool = False,
-                           ) -> asyncio.AbstractServer:
+                           half_message: bool = False) -> asyncio.AbstractServer:
     """A TCP proxy to the server. A subscribed connection's messages reach the client
     `behind_s` late (a listener that far behind the stream; replies to commands are not held).
     Once `frozen` is set, the connections open then carry nothing more, either way, and are not
     closed (a middlebox dropping the flow, a partition); new ones go through. With
     `replies_only`, once `frozen` is set, the next connection to send a script call has
     nothing more back from then on, its commands still reaching the server, and `frozen` is
-    cleared: replies lost."""
+    cleared: replies lost. With `half_message`, a frozen connection passes the first half of
+    the next bytes it carries back (a connection dead inside a message)."""
     target = urlparse(redis_url)
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -312,6 +313,9 @@ async def _silencing_proxy(redis_url: str, frozen: asyncio.Event, behind_s: floa
                     due, data = await line.get()
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
                     if freeze.is_set():
+                        if half_message:
+                            writer.write(data[:len(data) // 2])
+                            await writer.drain()
                         await asyncio.Event().wait()  # held: a silent path
                     writer.write(data)
                     await writer.drain()
@@ -328,6 +332,47 @@ async def _silencing_proxy(redis_url: str, frozen: asyncio.Event, behind_s: floa
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
+@contextlib.asynccontextmanager
+async def _listening_through_proxy(redis_url: str, behind_s: float = 0.0, **proxy: bool,
+                                   ) -> AsyncIterator[tuple[Replica, asyncio.Event]]:
+    """A probing replica listening through `_silencing_proxy`, subscribed and its probes all
+    back; with the event that freezes the proxy."""
+    frozen = asyncio.Event()
+    tasks: list[asyncio.Future[Any]] = []
+    server = await _silencing_proxy(redis_url, frozen, behind_s, tasks, **proxy)
+    port = server.sockets[0].getsockname()[1]
+    through = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
+    replica = _probing_replica(through)
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _probes_all_back(replica, 1.0)
+        yield replica, frozen
+    finally:
+        replica.stopping.set()
+        listening.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(through.aclose(), 2)
+
+
+async def _until_taken_for_silent(replica: Replica, every_s: float) -> None:
+    """Probes sent over new connections, as heartbeats send them, every `every_s` until the
+    subscription is taken for silent (within 8 s)."""
+    started = time.monotonic()
+    while counter(replica, "provisioner_errors_total", where="subscribe") == 0:
+        assert time.monotonic() - started < 8, (
+            f"never subscribed again: probes out {len(replica._probes_out)}, lag "
+            f"{replica.event_lag_s():.1f}s")
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError,
+                                 asyncio.TimeoutError):
+            await asyncio.wait_for(replica.probe_lag(), max(every_s, 0.05))
+        await asyncio.sleep(every_s)
+
+
 @pytest.mark.parametrize("behind_s", [0.0, 0.3])
 async def test_a_subscription_gone_silent_is_taken_again_and_its_gap_counted(
     redis_url: str, aredis: aioredis.Redis, behind_s: float,
@@ -338,43 +383,48 @@ async def test_a_subscription_gone_silent_is_taken_again_and_its_gap_counted(
     only on an error. And found by the review of that fix: a listener behind the stream (0.3 s
     here) always had a probe on its way sent before its last read, which never came back and
     hid every later one from the check."""
-    frozen = asyncio.Event()
-    tasks: list[asyncio.Future[Any]] = []
-    proxy = await _silencing_proxy(redis_url, frozen, behind_s, tasks)
-    port = proxy.sockets[0].getsockname()[1]
-    through = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
-    replica = _probing_replica(through)
-    listening = asyncio.create_task(replica.listen())
-    try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
-        await _probes_all_back(replica, 1.0)
+    async with _listening_through_proxy(redis_url, behind_s) as (replica, frozen):
         assert counter(replica, "provisioner_errors_total", where="subscribe") == 0
         frozen.set()  # every connection open now goes silent
-        started = time.monotonic()
-        while counter(replica, "provisioner_unsubscribed_seconds_total") == 0:
-            assert time.monotonic() - started < 8, (
-                f"never subscribed again: probes out {len(replica._probes_out)}, lag "
-                f"{replica.event_lag_s():.1f}s")
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError,
-                                     asyncio.TimeoutError):
-                await replica.probe_lag()  # a heartbeat's, over a new connection
-            await asyncio.sleep(0.2)
+        await _until_taken_for_silent(replica, 0.2)
+        await _until(lambda: replica.subscribed.is_set())
         assert counter(replica, "provisioner_errors_total", where="subscribe") == 1
         # Taken for dead a second or so after the last message it carried (twice
         # --max-event-lag here, five heartbeats), and counted from then.
         assert 1.0 < counter(replica, "provisioner_unsubscribed_seconds_total") < 5
-        await _until(lambda: replica.subscribed.is_set())
         await aredis.publish("user:connect", json.dumps({"user_id": "carol"}))
         await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
-    finally:
-        replica.stopping.set()
-        listening.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        proxy.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(through.aclose(), 2)
+
+
+async def test_a_silent_subscription_is_taken_again_at_once(
+    redis_url: str, aredis: aioredis.Redis,
+) -> None:
+    """A subscription taken for silent was taken so because the server answered a probe's
+    PUBLISH: it is reachable, and the listener subscribes again at once. It waited the
+    backoff of a lost connection first (0.2 s), and lost what was published meanwhile."""
+    async with _listening_through_proxy(redis_url) as (replica, frozen):
+        frozen.set()
+        await _until_taken_for_silent(replica, 0.005)
+        await asyncio.sleep(0.05)  # a connect published 50 ms after
+        await aredis.publish("user:connect", json.dumps({"user_id": "gina"}))
+        await _until(lambda: counter(replica, "provisioner_connects_total") == 1, 2.0)
+
+
+async def test_a_connection_that_dies_inside_a_message_is_taken_for_dead(
+    redis_url: str, aredis: aioredis.Redis,
+) -> None:
+    """The check for bytes not yet read (`_bytes_waiting`) keeps a live listener whose loop
+    was blocked. A connection that died in the middle of a message holds such bytes for good:
+    the second silent read with them still there takes it for dead (`suspect`). Without that,
+    the listener stayed deaf for as long as the connection did."""
+    async with _listening_through_proxy(redis_url, half_message=True) as (replica, frozen):
+        frozen.set()
+        await aredis.publish("user:activity", json.dumps({"user_id": "x" * 60}))
+        await _until_taken_for_silent(replica, 0.2)
+        await _until(lambda: replica.subscribed.is_set())
+        assert counter(replica, "provisioner_errors_total", where="subscribe") == 1
+        await aredis.publish("user:connect", json.dumps({"user_id": "erin"}))
+        await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
 
 
 @pytest.mark.parametrize("parser", ["hiredis", "python"])
@@ -404,6 +454,42 @@ async def test_bytes_a_listener_has_not_read_are_seen_with_either_parser(
     finally:
         await pubsub.aclose()
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _listening_behind(redis_url: str, behind_s: float,
+                            max_lag_s: float = 0.5) -> AsyncIterator[Replica]:
+    """A probing replica listening through `run_delay_proxy`, `behind_s` behind the stream,
+    subscribed. The proxy runs in a process of its own, so it goes on while a test blocks its
+    own loop."""
+    import subprocess
+    import sys
+
+    target = urlparse(redis_url)
+    proxy = subprocess.Popen(  # noqa: ASYNC220 (it prints one line, then runs on its own)
+        [sys.executable, "-c", "from tests.helpers import run_delay_proxy; "
+         f"run_delay_proxy({target.hostname!r}, {target.port}, {behind_s})"],
+        stdout=subprocess.PIPE, text=True)
+    through = None
+    try:
+        assert proxy.stdout is not None
+        through = aioredis.Redis.from_url(f"redis://127.0.0.1:{int(proxy.stdout.readline())}/0")
+        replica = _probing_replica(through, max_lag_s)
+        listening = asyncio.create_task(replica.listen())
+        try:
+            await asyncio.wait_for(replica.subscribed.wait(), 5)
+            yield replica
+        finally:
+            replica.stopping.set()
+            listening.cancel()
+            with contextlib.suppress(BaseException):
+                await listening
+    finally:
+        proxy.kill()
+        proxy.wait()
+        if through is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(through.aclose(), 2)
 
 
 def _block_the_loop_at_once() -> None:
@@ -440,41 +526,34 @@ async def test_a_live_listener_is_not_taken_for_silent_after_its_loop_was_blocke
     ready in one turn, the timeout won, and the live listener was taken for silent, dropping
     the connect published just before. Then by the reviews of its fixes: a read once more at
     once lost to its own timeout too, with no wait where the block began in the turn the
-    first read timed out, and with 50 ms where a second block began as that read did. The
-    proxy runs in a process of its own."""
-    import subprocess
-    import sys
+    first read timed out, and with 50 ms where a second block began as that read did."""
+    async with _listening_behind(redis_url, behind_s, max_lag_s) as replica:
+        await _probes_all_back(replica, 1.5)
+        await aredis.publish("user:connect", json.dumps({"user_id": "dave"}))
+        await replica.probe_lag()  # the heartbeat's: answered, on its way
+        block()
+        await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
+        assert counter(replica, "provisioner_errors_total", where="subscribe") == 0
 
-    target = urlparse(redis_url)
-    proxy = subprocess.Popen(  # noqa: ASYNC220 (it prints one line, then runs on its own)
-        [sys.executable, "-c", "from tests.helpers import run_delay_proxy; "
-         f"run_delay_proxy({target.hostname!r}, {target.port}, {behind_s})"],
-        stdout=subprocess.PIPE, text=True)
-    through = None
-    try:
-        assert proxy.stdout is not None
-        through = aioredis.Redis.from_url(f"redis://127.0.0.1:{int(proxy.stdout.readline())}/0")
-        replica = _probing_replica(through, max_lag_s)
-        listening = asyncio.create_task(replica.listen())
-        try:
-            await asyncio.wait_for(replica.subscribed.wait(), 5)
-            await _probes_all_back(replica, 1.5)
-            await aredis.publish("user:connect", json.dumps({"user_id": "dave"}))
-            await replica.probe_lag()  # the heartbeat's: answered, on its way
-            block()
-            await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
-            assert counter(replica, "provisioner_errors_total", where="subscribe") == 0
-        finally:
-            replica.stopping.set()
-            listening.cancel()
-            with contextlib.suppress(BaseException):
-                await listening
-    finally:
-        proxy.kill()
-        proxy.wait()
-        if through is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(through.aclose(), 2)
+
+async def test_a_listener_further_behind_than_the_silence_allowed_is_not_taken_for_silent(
+    redis_url: str, aredis: aioredis.Redis,
+) -> None:
+    """A listener 2 s behind the stream, with 1 s of silence allowed and a probe every 0.8 s:
+    the probes on their way are older than the silence allowed, but a read every 0.8 s brings
+    one sent before it. Only a probe sent since the last read counts (`_looks_silent`): the
+    oldest probe out would take this live listener for silent at its first empty read."""
+    async with _listening_behind(redis_url, 2.0) as replica:
+        # Something on its way before the first probe: a new subscription 2 s behind reads
+        # nothing for 2 s, and would be taken for silent at its start.
+        await aredis.publish(replica.probe_channel, "-inf")
+        await asyncio.sleep(1.2)
+        for _ in range(8):
+            await replica.probe_lag()
+            await asyncio.sleep(0.8)
+        await aredis.publish("user:connect", json.dumps({"user_id": "frank"}))
+        await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
+        assert counter(replica, "provisioner_errors_total", where="subscribe") == 0
 
 
 async def test_a_server_paused_past_the_silence_allowed_loses_no_event() -> None:

@@ -386,7 +386,11 @@ def _stdout_to_devnull() -> None:
     # Python flushes stdout once more on its way out; into the closed pipe that is another
     # BrokenPipeError, written on stderr.
     with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
 
 
 @app.command()

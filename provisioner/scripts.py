@@ -688,7 +688,7 @@ class Scripts:
                       log_len: int = 1000, mark: str = "") -> Call[AllocateResult]:
         """A connect; a miss is logged to the decisions stream (at most `log_len` entries) with
         the pool's last decision before it, under `replica`. `mark`: the replica's mark of the
-        call (`call_mark`), so that the call made again after a lost reply is not applied
+        call (`Replica._marks`), so that the call made again after a lost reply is not applied
         again."""
         return Call("allocate", (now_ms, user_id, replica, log_len, mark), _allocation)
 

@@ -339,7 +339,7 @@ class Replica:
         connect dropped is a user who never gets a node, a disconnect dropped a node held after
         its session. A try that timed out or was cut off may have gone through, in part: a
         connect or disconnect made again carries its first try's mark and is not applied again
-        (`_mark`); the other events' second copies change nothing (an activity of a second
+        (`_marks`); the other events' second copies change nothing (an activity of a second
         already recorded, a node status the node already has)."""
         deadline = time.monotonic() + EVENT_RETRY_S
         wait_s = 0.1
@@ -1164,12 +1164,13 @@ class Replica:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.drain(self.service.shutdown_grace_s)
-        if self.service.heartbeat_interval_s > 0:
-            try:
-                await asyncio.wait_for(self.scripts.leave(self.replica_id), 2.0)
-            except (TimeoutError, RedisError, OSError) as exc:
-                log.warning("could not leave the pool's replica list (%s): it shows this "
-                            "replica as silent until it forgets it", str(exc) or "no answer")
+        # With heartbeats off too: the replica is not listed, but its mark in `applied` is
+        # there, and nothing else would ever take it away (it is never forgotten).
+        try:
+            await asyncio.wait_for(self.scripts.leave(self.replica_id), 2.0)
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.warning("could not leave the pool's replica list (%s): it shows this "
+                        "replica as silent until it forgets it", str(exc) or "no answer")
 
     async def drain(self, grace_s: float) -> None:
         """Let in-flight Node API calls finish; cancel what is left after `grace_s`.

@@ -397,7 +397,8 @@ async def test_a_connect_or_disconnect_made_again_under_its_mark_changes_nothing
     now = await pool.dump()
     assert int(now["stats"].pop("calls_made_again")) == 2
     assert now == after_first
-    assert await pool.redis.hgetall(pool.keys.key("applied")) == {"r1": "a1:8"}
+    # seqs 1-6 of a1 were passed over on the way to 7 (none was sent here)
+    assert await pool.redis.hgetall(pool.keys.key("applied")) == {"r1": "a1:8:1-6"}
 
 
 async def test_a_mark_is_compared_only_within_its_batch(pool: PoolUnderTest) -> None:
@@ -417,8 +418,13 @@ async def test_a_mark_is_compared_only_within_its_batch(pool: PoolUnderTest) -> 
     assert (await pool.scripts.run(pool.scripts.release_call(pool.now, "u2", mark="r2:c3:1"))
             ).code is Release.MADE_AGAIN
     assert (await pool.scripts.release(pool.now, "u1", by="ops")).code is Release.RELEASED
-    assert await pool.redis.hgetall(pool.keys.key("applied")) == {"r1": "a1:9", "r2": "c3:1"}
+    assert await pool.redis.hgetall(pool.keys.key("applied")) == {"r1": "a1:9:1-8",
+                                                                  "r2": "c3:1"}
     before = await pool.dump()
+    # a1's seq 3 was passed over on the way to 9 (refused while 9 ran): it never ran
+    with pytest.raises(ResponseError, match="PASSED OVER call r1:a1:3"):
+        await pool.scripts.run(allocate(pool.now, "u3", "r1", mark="r1:a1:3"))
+    assert await pool.dump() == before
     with pytest.raises(ResponseError, match="bad call mark"):
         await pool.scripts.run(allocate(pool.now, "u3", "r1", mark="r1:9"))
     assert await pool.dump() == before

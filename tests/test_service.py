@@ -2380,3 +2380,144 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
     await replica.tick()
     await replica.settle()
     assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 2
+
+
+async def test_a_call_refused_before_one_that_ran_in_a_try_whose_reply_was_lost_is_named(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A review of the marks: a flush mid-batch, and another client loading the scripts again
+    before its next call, answered NOSCRIPT to alice's disconnect and ran bob's connect after
+    it, and the reply of that try was lost (a stall past the client's timeout, a cut). Tried
+    again, alice's disconnect, marked before bob's connect that ran, was taken for made again:
+    it never ran, yet it was logged at info as "already applied" and counted in
+    calls_made_again, and alice's node stayed hers with no warning to find it by (a
+    disconnect refused before one that ran and read is dropped and named)."""
+    for status in ("booting", "ready"):
+        await replica.handle(*wire("node:status", {"node_id": "n1", "status": status}))
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == "n1"
+    run_many = replica.scripts.run_many
+    tries = 0
+
+    async def flushed_loaded_and_reply_lost(calls: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            await run_many(calls[1:])  # the first call was refused (NOSCRIPT); the rest ran
+            raise RedisTimeoutError("Timeout reading from socket")  # and the reply was lost
+        return await run_many(calls)
+
+    replica.scripts.run_many = flushed_loaded_and_reply_lost  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              wire("user:connect", {"user_id": "bob"})])
+    assert tries == 2
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    # alice's disconnect never ran: it is not one made again
+    assert int(stats.get("calls_made_again", 0)) == 1, stats  # bob's connect only
+    assert not (isinstance(outcomes[0], ReleaseResult)
+                and outcomes[0].code is Release.MADE_AGAIN), outcomes[0]
+    assert "disconnect alice: already applied" not in caplog.text
+    # ... it is dropped and named, as a disconnect refused before one that ran is
+    assert "could not apply user:disconnect of alice (dropped)" in caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == 1
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_call_refused_out_of_memory_before_one_that_ran_with_the_reply_lost_is_named(
+    redis_url: str, aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same through a real server: out of memory under its maxmemory when alice's
+    disconnect reaches it, and not by the time bob's connect does (memory freed between the
+    two), the replies of that try lost on the way back. Tried again, alice's disconnect was
+    taken for made again: it never ran, her node stayed hers, and nothing named it."""
+    target = urlparse(redis_url)
+    tasks: list[asyncio.Future[Any]] = []
+    armed = asyncio.Event()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   lose: asyncio.Event, upstream: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                second = data.find(b"$7\r\nEVALSHA", data.find(b"$7\r\nEVALSHA") + 1)
+                if upstream and armed.is_set() and second > 0:
+                    armed.clear()
+                    lose.set()  # this connection's replies are lost from now on
+                    cut = data.rindex(b"*", 0, second)
+                    writer.write(data[:cut])  # alice's disconnect, refused: out of memory
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                    await aredis.config_set("maxmemory", 0)  # memory freed meanwhile
+                    data = data[cut:]  # bob's connect, which runs
+                elif not upstream and lose.is_set():
+                    continue
+                writer.write(data)
+                await writer.drain()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(target.hostname, target.port)
+        lose = asyncio.Event()
+        tasks.append(asyncio.gather(pump(client_r, server_w, lose, True),
+                                    pump(server_r, client_w, lose, False)))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}", decode_responses=True,
+                                     socket_timeout=0.3)
+    replica = make_replica(client, api, clock, "r1")
+    try:
+        for status in ("booting", "ready"):
+            await replica.handle(*wire("node:status", {"node_id": "n1", "status": status}))
+        await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+        await aredis.config_set("maxmemory", 1)
+        armed.set()
+        with caplog.at_level("INFO", logger="provisioner.service"):
+            outcomes = await replica.handle_many([
+                wire("user:disconnect", {"user_id": "alice"}),
+                wire("user:connect", {"user_id": "bob"})])
+    finally:
+        await aredis.config_set("maxmemory", 0)
+        await client.aclose()
+        proxy.close()
+        for task in tasks:
+            task.cancel()
+    assert not armed.is_set()  # the proxy did split the batch
+    assert counter(replica, "provisioner_errors_total", where="event_retry") >= 1
+    assert await aredis.hget(replica.keys.key("waiting_since"), "bob") is not None
+    assert int((await aredis.hgetall(replica.keys.key("stats")))["connects"]) == 2  # bob ran
+    # alice's disconnect never ran: not one made again, but dropped and named
+    assert not (isinstance(outcomes[0], ReleaseResult)
+                and outcomes[0].code is Release.MADE_AGAIN), outcomes[0]
+    assert "disconnect alice: already applied" not in caplog.text
+    assert "could not apply user:disconnect of alice (dropped)" in caplog.text
+
+
+async def test_replicas_restarted_with_heartbeats_off_leave_no_marks_behind(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A review of the marks: `applied` keeps one entry per replica id, which goes "when it
+    leaves or is forgotten" (README). A replica run with --heartbeat-interval 0 does neither:
+    it never leaves (its stop sends no leaving heartbeat) and, never listed, is never
+    forgotten. With the default replica id (host-pid), each restart of such a replica that
+    applied a connect or disconnect left its entry for good: here three clean stops, three
+    entries, and another replica's heartbeats, forgetting every silent one, leave them."""
+    keys = PoolKeys(POOL)
+    for restart in range(3):
+        service = ServiceConfig("redis://x", "http://api", pool=POOL,
+                                replica_id=f"host-{1000 + restart}", heartbeat_interval_s=0.0,
+                                reconcile_interval_s=0.0)
+        replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+        task = asyncio.create_task(replica.run())
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await aredis.publish("user:connect", json.dumps({"user_id": f"u{restart}"}))
+        for _ in range(500):  # until the connect is applied
+            if await aredis.hexists(keys.key("waiting_since"), f"u{restart}"):
+                break
+            await asyncio.sleep(0.01)
+        replica.stopping.set()  # a clean stop
+        await asyncio.wait_for(task, 10)
+    other = make_replica(aredis, api, clock, "r-hb")
+    await other.scripts.heartbeat("r-hb", {}, 1, "tok")  # forgets every replica silent 1 ms
+    assert await aredis.hkeys(keys.key("applied")) == [], await aredis.hgetall(
+        keys.key("applied"))

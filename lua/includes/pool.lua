@@ -11,9 +11,14 @@ end
 -- perhaps on another node, while the product's user is on the first. So a replica marks each
 -- such call 'replica:batch:seq' (the batch a tag of its own for the events it read together,
 -- the seq the call's place among them), and the pool keeps, per replica, the mark of the last
--- one applied: a call of the same batch marked at or before it has run, since a batch's calls
--- run in order, and is not run again (stats 'calls_made_again'). Another batch's mark is never
--- compared. No mark (an operator's release, an older replica): applied as ever.
+-- one applied, 'batch:seq', and the seqs of that batch passed over on the way to it
+-- (':lo-hi,...'): calls the server refused (out of memory, NOSCRIPT, BUSY) while a later one
+-- ran. A call of the same batch at or before the last one has run, since a batch's calls run
+-- in order, and is not run again (stats 'calls_made_again'); unless it was passed over: then
+-- it never ran, and made again it would apply after a later event, so it is refused (an
+-- error), dropped and named by the listener as a call refused before one that ran is.
+-- Another batch's mark is never compared. No mark (an operator's release, an older replica):
+-- applied as ever.
 local function made_again(mark)
   if not mark or mark == '' then
     return false
@@ -22,13 +27,27 @@ local function made_again(mark)
   if not replica then
     error({err = 'bad call mark ' .. mark .. ' (replica:batch:seq)'})
   end
+  seq = tonumber(seq)
   local last = rcall('HGET', K.applied, replica)
-  local last_batch, last_seq = string.match(last or '', '^([^:]+):(%d+)$')
-  if last_batch == batch and tonumber(last_seq) >= tonumber(seq) then
+  local last_batch, last_seq, skipped = string.match(last or '', '^([^:]+):(%d+):?([%d,-]*)$')
+  if last_batch ~= batch then
+    last_seq, skipped = 0, ''
+  end
+  last_seq = tonumber(last_seq)
+  if seq <= last_seq then
+    for lo, hi in string.gmatch(skipped, '(%d+)%-(%d+)') do
+      if seq >= tonumber(lo) and seq <= tonumber(hi) then
+        error({err = 'PASSED OVER call ' .. mark .. ': refused while a later call of its '
+          .. 'batch ran, so it never ran; not applied after that call'})
+      end
+    end
     stat('calls_made_again')
     return true
   end
-  rcall('HSET', K.applied, replica, batch .. ':' .. seq)
+  if seq > last_seq + 1 then
+    skipped = skipped .. (skipped == '' and '' or ',') .. (last_seq + 1) .. '-' .. (seq - 1)
+  end
+  rcall('HSET', K.applied, replica, batch .. ':' .. seq .. (skipped == '' and '' or ':' .. skipped))
   return false
 end
 

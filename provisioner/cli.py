@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple, TypeVar
 
@@ -107,7 +107,7 @@ def _options_of(ctx: typer.Context, *kinds: type) -> dict[str, _Option]:
 
 
 def _by_options(ctx: typer.Context, options: dict[str, _Option],
-                problems: list[Problem]) -> list[str]:
+                problems: list[Problem], used: Mapping[str, object] | None = None) -> list[str]:
     """`problems` as the command's user gave the settings: each names the option that set it
     and its env var, and the value given (`--idle-timeout (PROVISIONER_IDLE_TIMEOUT) must be in
     [0, 86400] s: got 999999`), not the field; a setting no option sets keeps the field's name,
@@ -119,9 +119,13 @@ def _by_options(ctx: typer.Context, options: dict[str, _Option],
             said.append(str(problem))
             continue
         given = ctx.params[option.name]  # as typed: `run` upper-cases --log-level after it
+        got = _given(given)
+        if given == "" and used and used.get(problem.setting, "") != "":
+            # not given, and its default was checked (`run`'s replica id, HOSTNAME-PID)
+            got += f" (the default: {_given(used[problem.setting])})"
         others = {name: f"{options[name].flag} ({number(value)})" if name in options
                   else number(value) for name, value in problem.others}
-        said.append(problem.said_of(str(option), _given(given), others))
+        said.append(problem.said_of(str(option), got, others))
     return said
 
 
@@ -260,7 +264,7 @@ def run(
     service = ServiceConfig(**{f: v for f, v in given.items() if f in SERVICE_FIELDS})
     pool_config = PoolConfig(**{f: v for f, v in given.items() if f not in SERVICE_FIELDS})
     # Every problem of both at once: a second start should not find the next one.
-    found = (_by_options(ctx, options, service.check() + pool_config.check())
+    found = (_by_options(ctx, options, service.check() + pool_config.check(), given)
              + _together(service, pool_config, options))
     if found:
         raise _fail("invalid settings: " + "; ".join(found))
@@ -294,8 +298,8 @@ def _together(service: ServiceConfig, pool: PoolConfig,
     if pool.create_timeout_s > longest:
         return []
     return [f"{options['create_timeout_s']} must be longer than a create's longest call to the "
-            f"Node API, {longest:g} s ({service.api_retries} tries of "
-            f"{options['api_timeout_s'].flag}, {service.api_timeout_s:g} s, and the pauses "
+            f"Node API, {longest:.12g} s ({service.api_retries} tries of "
+            f"{options['api_timeout_s'].flag}, {number(service.api_timeout_s)} s, and the pauses "
             f"between them): got {number(pool.create_timeout_s)}; a reservation that lapses "
             "while its POST may still make the node lets the pool make it again"]
 

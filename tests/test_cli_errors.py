@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -463,3 +464,79 @@ def test_a_watch_whose_reader_stops_ends_quietly(redis_url: str) -> None:
         watch.kill()
     said = watch.stderr.read().decode()
     assert code == 1 and said == "", said
+
+
+def test_run_says_the_default_replica_id_it_refused_not_an_empty_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --replica-id, run checks HOSTNAME-PID: a pod's hostname at Kubernetes' 63
+    characters makes it 65 with PID 1, refused. The message said the value given was '', which
+    sends the operator looking for an empty PROVISIONER_REPLICA_ID nobody set (a review)."""
+    long_id = "h" * 63 + "-1"
+    monkeypatch.setattr("provisioner.cli.default_replica_id", lambda: long_id)
+    code, output = invoke(*RUN)
+    assert code == 2, output
+    assert "--replica-id (PROVISIONER_REPLICA_ID) must be 1-64 characters without ':'" in output, \
+        output
+    # the id checked, cut short as a long value is
+    assert "got '' (the default: 'hhhh" in output and "(65 characters)" in output, output
+
+
+def test_run_says_the_create_call_it_compared_to_the_digits_it_compared() -> None:
+    """The longest create call and --api-timeout were said to 6 digits (`:g`) beside the create
+    timeout in full: a create timeout refused as shorter was shown longer than the bound said
+    (a review)."""
+    code, output = invoke(*RUN, "--api-timeout", "123.4567", "--create-timeout", "370.97005")
+    assert code == 2, output
+    assert ("longest call to the Node API, 370.9701 s (3 tries of --api-timeout, 123.4567 s, "
+            "and the pauses between them): got 370.97005") in output, output
+
+
+#: Arguments of run, and the settings 2a08ac9's hand-written constructors built from them
+#: (only those not at their defaults; replica_id "" is the default id, log_level upper-cased).
+RUN_BUILDS = [
+    ([], {}, {"replica_id": None}, {}),
+    (["--replica-id", "", "--log-level", "debug", "--min-ready", "3", "--max-nodes", "7",
+      "--idle-timeout", "5", "--scaling-policy", "heuristic", "--keep-window", "0",
+      "--http-port", "0", "--api-timeout", "2.5", "--create-timeout", "9",
+      "--learning-half-life", "10", "--boot-prior", "1"], {},
+     {"replica_id": None, "log_level": "DEBUG", "http_port": 0, "api_timeout_s": 2.5},
+     {"min_ready": 3, "max_nodes": 7, "idle_timeout_s": 5.0, "scaling_policy": "heuristic",
+      "keep_window_s": 0.0, "create_timeout_s": 9.0, "learning_half_life_s": 10.0,
+      "boot_prior_s": 1.0}),
+    ([], {"PROVISIONER_BOOT_TIMEOUT": "42", "PROVISIONER_MAX_BATCH": "7",
+          "PROVISIONER_LOG_LEVEL": "warning", "PROVISIONER_REPLICA_ID": "r9",
+          "PROVISIONER_ESTIMATION_ERROR": "4", "PROVISIONER_LOG_FORMAT": "json",
+          "PROVISIONER_HEARTBEAT_INTERVAL": "0", "PROVISIONER_RECONCILE_INTERVAL": "1",
+          "PROVISIONER_MAX_EVENT_LAG": "3600", "PROVISIONER_POOL": "p1"},
+     {"replica_id": "r9", "log_level": "WARNING", "log_format": "json", "pool": "p1",
+      "heartbeat_interval_s": 0.0, "reconcile_interval_s": 1.0, "max_event_lag_s": 3600.0},
+     {"boot_timeout_s": 42.0, "max_batch": 7, "estimation_error": 4.0}),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "service_set", "pool_set"), RUN_BUILDS)
+def test_run_builds_the_settings_the_release_before_built(
+        monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str],
+        service_set: dict[str, Any], pool_set: dict[str, Any]) -> None:
+    """run builds its settings from its options by their names: each reaches the field the
+    hand-written constructor set, with the same value and type (flags and env vars)."""
+    import dataclasses
+
+    import provisioner.service
+    from provisioner.config import PoolConfig, ServiceConfig, default_replica_id
+
+    built: list[tuple[ServiceConfig, PoolConfig]] = []
+
+    async def serve(service: ServiceConfig, pool: PoolConfig) -> None:
+        built.append((service, pool))
+
+    monkeypatch.setattr(provisioner.service, "serve", serve)
+    result = CliRunner().invoke(app, [*RUN, *args], env={"COLUMNS": "300", **env})
+    assert result.exit_code == 0 and len(built) == 1, result.output
+    expected_service = ServiceConfig("redis://127.0.0.1:1/0", "http://api", **{
+        **service_set, "replica_id": service_set["replica_id"] or default_replica_id()})
+    expected: tuple[Any, Any] = (expected_service, PoolConfig(**pool_set))
+    for want, got in zip(expected, built[0], strict=True):
+        for field in dataclasses.fields(want):
+            pair = getattr(got, field.name), getattr(want, field.name)
+            assert pair[0] == pair[1] and type(pair[0]) is type(pair[1]), (field.name, pair)

@@ -344,12 +344,13 @@ class Replica:
         deadline = time.monotonic() + EVENT_RETRY_S
         wait_s = 0.1
         done: list[Any] = []
+        lost = False  # a try of this batch may have run, its reply never read
         while True:
             problem: Exception
             try:
                 results = await self.scripts.run_many([call for call, _ in calls]) if calls else []
             except (RedisConnectionError, RedisTimeoutError) as exc:
-                results, problem = [exc] * len(calls), exc
+                results, problem, lost = [exc] * len(calls), exc, True
             else:
                 # A script the server did not hold did not run: a SCRIPT FLUSH landed between
                 # the pipeline's load of the scripts and its calls (redis-py loads them again
@@ -360,6 +361,8 @@ class Replica:
                 # call is dropped, as one the server refused is.
                 ran = [i for i, r in enumerate(results) if not _try_again(r)]
                 first = ran[-1] + 1 if ran else 0
+                if lost:
+                    await self._ask_again_refused(evs, calls, results, first)
                 if first == len(results):
                     broken = next((r for r in results if _pool_key_broken(r)), None)
                     if broken is not None:
@@ -382,6 +385,32 @@ class Replica:
             await sleep_unless(self.stopping, wait_s)
             wait_s = min(wait_s * 2, 2.0)
             calls = self._calls(evs, self.clock.now_ms())
+
+    async def _ask_again_refused(self, evs: Sequence[tuple[events.Event, str]],
+                                 calls: list[tuple[Call[Any], int]], results: list[Any],
+                                 first: int) -> None:
+        """After a try whose reply was lost, a connect or disconnect refused before a later
+        one its script answered may have run in that try: not dropped as never run, but asked
+        again. The pool's mark of the later one covers it, so it cannot apply now: it answers
+        MADE_AGAIN (it ran) or PASSED OVER (it never did). Its refusal stands if the question
+        goes unanswered."""
+        marks: list[str] = []
+        at = 0
+        for _, grouped in calls:
+            marks.append("" if grouped else evs[at][1])
+            at += max(grouped, 1)
+        answered = [i for i in range(first) if marks[i] and not isinstance(results[i], Exception)]
+        again = [i for i in range(first) if marks[i] and _try_again(results[i])
+                 and any(j > i for j in answered)]
+        if not again:
+            return
+        try:
+            replies = await self.scripts.run_many([calls[i][0] for i in again])
+        except (RedisConnectionError, RedisTimeoutError):
+            return
+        for i, reply in zip(again, replies, strict=True):
+            if not _try_again(reply):
+                results[i] = reply
 
     def _parse_or_drop(self, channel: str | bytes, data: bytes | str,
                        now: int) -> tuple[str, events.Event] | None:

@@ -2521,3 +2521,48 @@ async def test_replicas_restarted_with_heartbeats_off_leave_no_marks_behind(
     await other.scripts.heartbeat("r-hb", {}, 1, "tok")  # forgets every replica silent 1 ms
     assert await aredis.hkeys(keys.key("applied")) == [], await aredis.hgetall(
         keys.key("applied"))
+
+
+async def test_a_call_that_ran_in_a_lost_try_and_was_refused_when_made_again_is_not_named_dropped(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A review of the marks, three steps: try 1 runs alice's disconnect and bob's connect and
+    its reply is lost; try 2 (the whole batch again) is refused out of memory for alice's
+    disconnect and, memory freed, answers bob's connect MADE_AGAIN. Alice's disconnect ran in
+    try 1 (her node is free), yet as a call refused before one that ran it was dropped and
+    named "could not apply user:disconnect of alice (dropped)", an error counted: an operator
+    told her disconnect was lost would release her by hand, ending whatever session she holds
+    by then. The pool knows it ran (its mark is at or before the last applied, not passed
+    over): asked again it answers MADE_AGAIN."""
+    for status in ("booting", "ready"):
+        await replica.handle(*wire("node:status", {"node_id": "n1", "status": status}))
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == "n1"
+    run_many = replica.scripts.run_many
+    tries = 0
+
+    async def lost_then_refused_first(calls: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            await run_many(calls)  # both ran ...
+            raise RedisTimeoutError("Timeout reading from socket")  # ... the reply lost
+        if tries == 2:  # out of memory for the first call, memory freed for the second
+            return [OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+                    ] + await run_many(calls[1:])
+        return await run_many(calls)
+
+    replica.scripts.run_many = lost_then_refused_first  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              wire("user:connect", {"user_id": "bob"})])
+    # alice's disconnect was applied, once, by try 1
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
+    assert await aredis.hget(replica.keys.key("alloc"), "bob") == "n1"
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert int(stats["releases"]) == 1
+    # ... so it is not named as a disconnect dropped, nor counted as an error
+    assert "could not apply user:disconnect of alice (dropped)" not in caplog.text, caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
+    assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
+    assert await check_invariants(aredis, POOL) == []

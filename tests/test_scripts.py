@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -1399,3 +1400,34 @@ async def test_a_decision_under_an_epoch_the_pool_does_not_hold_is_refused_and_w
     assert decision.won and len(decision.reservations) == 2
     decision = await scripts.scale_decide(config.policy_args(now + 1_000, "r1", 1, epoch=""))
     assert decision.won and not decision.epoch_changed
+
+
+async def test_an_applied_mark_broken_by_hand_never_applies_a_call_again_silently(
+    pool: PoolUnderTest,
+) -> None:
+    """A review of made_again: `applied` edited by hand (here one character appended to a
+    replica's entry) was read as no entry at all. alice's disconnect and connect, made again
+    after a lost reply under the marks of the batch that entry names, were applied again: the
+    session the first try began ended and another began on the other node (what the marks are
+    for), with nothing counted or said. A call of that batch is refused instead (named and
+    dropped by the listener: no call applied twice, none skipped silently), and the broken
+    value is counted in values_repaired."""
+    for node in ("n1", "n2"):
+        await pool.boot(node)
+    await pool.scripts.allocate(pool.now, "alice")  # n1
+    batch = [pool.scripts.release_call(pool.now, "alice", mark="r1:a1:1"),
+             pool.scripts.allocate_call(pool.now, "alice", "r1", mark="r1:a1:2")]
+    first = [await pool.scripts.run(call) for call in batch]
+    assert [r.code for r in first] == [Release.RELEASED, Allocation.ALLOCATED]
+    assert await pool.alloc() == {"alice": "n2"}
+    applied = pool.keys.key("applied")
+    assert await pool.redis.hget(applied, "r1") == "a1:2"
+    await pool.redis.hset(applied, "r1", "a1:2 ")  # an edit by hand
+    before = await pool.dump()
+    for call in batch:  # made again after the lost reply
+        with contextlib.suppress(ResponseError):
+            await pool.scripts.run(call)
+    after = await pool.dump()
+    assert await pool.alloc() == {"alice": "n2"}  # the session the first try began
+    assert int(after["stats"].pop("values_repaired", 0)) >= 1
+    assert after["stats"] == before["stats"]  # nothing applied again

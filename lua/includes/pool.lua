@@ -30,6 +30,17 @@ local function made_again(mark)
   seq = tonumber(seq)
   local last = rcall('HGET', K.applied, replica)
   local last_batch, last_seq, skipped = string.match(last or '', '^([^:]+):(%d+):?([%d,-]*)$')
+  if last and not last_batch then
+    -- Not one this function wrote (an edit by hand): another batch's is of no use, and is
+    -- written over below; of this batch, which of its calls ran cannot be told, so none is
+    -- applied (made again, it may have run) nor skipped silently: refused, named by the
+    -- listener, until the next batch writes the entry afresh.
+    stat('values_repaired')
+    if string.match(last, '^([^:]*)') == batch then
+      error({err = 'UNREADABLE mark of replica ' .. replica .. ' in applied, of the batch of '
+        .. 'call ' .. mark .. ': whether it ran cannot be told; not applied'})
+    end
+  end
   if last_batch ~= batch then
     last_seq, skipped = 0, ''
   end

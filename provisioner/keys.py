@@ -42,7 +42,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "replica_info",   # hash: replica id -> what its last heartbeat said (JSON)
     "sessions",       # zset: user id -> ms the user was handed their node (one per alloc entry)
     "epoch",          # string: set once when the pool's state begins; a new one means it was lost
-    "applied",        # hash: replica id -> "batch:seq", its last connect or disconnect applied
+    "applied",        # hash: replica id -> "batch:seq[:lo-hi,...]", its last call marked applied
 )
 
 

@@ -10,7 +10,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -1338,17 +1338,11 @@ async def test_a_batch_refused_from_its_second_call_is_tried_again_from_there(
     A script flushed (found by a review: a SCRIPT FLUSH between the pipeline's load of the
     scripts and its calls answered NOSCRIPT, and the events were dropped as errors, a
     disconnect among them) did not run, as a call out of memory did not."""
-    sent: list[int] = []
-    run_many = replica.scripts.run_many
+    async def first_only(run_many: Any, calls: list[Any]) -> list[Any]:
+        results: list[Any] = await run_many(calls[:1])
+        return results + [refused] * (len(calls) - 1)
 
-    async def refuse_once(calls: Any) -> Any:
-        sent.append(len(calls))
-        results = await run_many(calls[:1])
-        if len(sent) == 1:
-            return results + [refused] * (len(calls) - 1)
-        return results + await run_many(calls[1:])
-
-    replica.scripts.run_many = refuse_once  # type: ignore[method-assign]
+    sent = _tried_as(replica, first_only, _as_is)
     outcomes = await replica.handle_many([wire("user:connect", {"user_id": f"x{k}"})
                                           for k in range(3)])
     assert sent == [3, 2]
@@ -1369,28 +1363,96 @@ async def test_a_call_refused_before_one_that_ran_is_dropped_not_made_again(
     twice (connects counted 3, and a disconnect run again could end a session begun after it).
     Made again after alice's, carol's would apply out of order: it is dropped and named, as a
     connect the server refused is."""
-    for status in ("booting", "ready"):
-        await replica.handle(*wire("node:status", {"node_id": "n1", "status": status}))
-    run_many = replica.scripts.run_many
-    tries = 0
-
-    async def flushed_then_loaded(calls: Any) -> Any:
-        nonlocal tries
-        tries += 1
-        if tries == 1:
-            return [NoScriptError("No matching script.")] + await run_many(calls[1:])
-        return await run_many(calls)
-
-    replica.scripts.run_many = flushed_then_loaded  # type: ignore[method-assign]
+    await _booted(replica, "n1")
+    sent = _tried_as(replica, _refusing_first(NoScriptError("No matching script.")), _as_is)
     with caplog.at_level("WARNING", logger="provisioner.service"):
         outcomes = await replica.handle_many([wire("user:connect", {"user_id": "carol"}),
                                               wire("user:connect", {"user_id": "alice"}),
                                               wire("user:disconnect", {"user_id": "alice"})])
-    assert tries == 1 and outcomes[0] is None
+    assert len(sent) == 1 and outcomes[0] is None
     stats = await aredis.hgetall(replica.keys.key("stats"))
     assert (stats["connects"], stats["hits"], stats["releases"]) == ("1", "1", "1")
     assert "could not apply user:connect of carol (dropped)" in caplog.text
     assert counter(replica, "provisioner_errors_total", where="event") == 1
+    assert await check_invariants(aredis, POOL) == []
+
+
+#: One try of a batch, for `_tried_as`: the real `run_many` and the try's calls.
+Try = Callable[[Any, list[Any]], Awaitable[list[Any]]]
+
+
+def _tried_as(replica: Replica, *tries: Try) -> list[int]:
+    """The replica's batches go as `tries`, in turn (the last one for every later try); what
+    it returns fills with each try's number of calls."""
+    run_many = replica.scripts.run_many
+    sent: list[int] = []
+
+    async def run(calls: list[Any]) -> list[Any]:
+        sent.append(len(calls))
+        return await tries[min(len(sent), len(tries)) - 1](run_many, calls)
+
+    replica.scripts.run_many = run  # type: ignore[method-assign]
+    return sent
+
+
+async def _as_is(run_many: Any, calls: list[Any]) -> list[Any]:
+    results: list[Any] = await run_many(calls)
+    return results
+
+
+def _refusing_first(refusal: Exception, reply_lost: bool = False) -> Try:
+    """A try whose first call the server refuses and whose others run; its reply lost, or not."""
+    async def go(run_many: Any, calls: list[Any]) -> list[Any]:
+        results: list[Any] = [refusal] + await run_many(calls[1:])
+        if reply_lost:
+            raise RedisTimeoutError("Timeout reading from socket")
+        return results
+    return go
+
+
+async def _reply_lost(run_many: Any, calls: list[Any]) -> list[Any]:
+    await run_many(calls)
+    raise RedisTimeoutError("Timeout reading from socket")
+
+
+async def _booted(replica: Replica, *nodes: str) -> None:
+    for node in nodes:
+        for status in ("booting", "ready"):
+            await replica.handle(*wire("node:status", {"node_id": node, "status": status}))
+
+
+@pytest.mark.parametrize("ran", [False, True], ids=["never ran", "ran in a lost try"])
+async def test_a_call_refused_before_one_the_pool_answered_after_a_lost_reply(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture, ran: bool,
+) -> None:
+    """Two reviews of the marks, alice's disconnect refused before bob's connect that the pool
+    answered, in a batch one of whose tries lost its reply. Never ran (NOSCRIPT, bob's connect
+    ran, the reply lost): it was taken for made again, logged at info as "already applied"
+    and her node held on with no warning; it is passed over, so dropped and named. Ran in a
+    lost try, then refused out of memory when made again: it was dropped and named "could not
+    apply", an error, though it ran; an operator told so would release her by hand, ending
+    whatever session she holds by then. It is asked again: made again, not named."""
+    await _booted(replica, "n1")
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    tries = ([_reply_lost, _refusing_first(oom), _as_is] if ran
+             else [_refusing_first(NoScriptError("No matching script."), reply_lost=True),
+                   _as_is])
+    _tried_as(replica, *tries)
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              wire("user:connect", {"user_id": "bob"})])
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == (None if ran else "n1")
+    assert int(stats.get("releases", 0)) == (1 if ran else 0)
+    named = "could not apply user:disconnect of alice (dropped)" in caplog.text
+    assert named is not ran, caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == (0 if ran else 1)
+    assert "disconnect alice: already applied" in caplog.text if ran else (
+        "disconnect alice: already applied" not in caplog.text)
+    made_again = isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
+    assert made_again is ran
+    assert int(stats["calls_made_again"]) >= 1  # bob's connect, made again
     assert await check_invariants(aredis, POOL) == []
 
 
@@ -1404,27 +1466,20 @@ async def test_a_batch_whose_reply_was_lost_does_not_end_the_session_it_began(
     user was on the first: that node was then free to hand to someone else. Each connect and
     disconnect carries the replica's mark of the try, and a call made again is a no-op. Cut
     after the first call ran, only the second applies when tried again."""
-    for node in ("n1", "n2"):
-        for status in ("booting", "ready"):
-            await replica.handle(*wire("node:status", {"node_id": node, "status": status}))
+    await _booted(replica, "n1", "n2")
     await replica.handle(*wire("user:connect", {"user_id": "alice"}))
-    run_many = replica.scripts.run_many
-    tries = 0
     held_after_first: str | None = None
 
-    async def reply_lost_once(calls: Any) -> Any:
-        nonlocal tries, held_after_first
-        tries += 1
-        if tries == 1:
-            await run_many(calls[:ran])
-            held_after_first = await aredis.hget(replica.keys.key("alloc"), "alice")
-            raise RedisTimeoutError("Timeout reading from socket")
-        return await run_many(calls)
+    async def cut_after(run_many: Any, calls: list[Any]) -> list[Any]:
+        nonlocal held_after_first
+        await run_many(calls[:ran])
+        held_after_first = await aredis.hget(replica.keys.key("alloc"), "alice")
+        raise RedisTimeoutError("Timeout reading from socket")
 
-    replica.scripts.run_many = reply_lost_once  # type: ignore[method-assign]
+    sent = _tried_as(replica, cut_after, _as_is)
     outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
                                           wire("user:connect", {"user_id": "alice"})])
-    assert tries == 2
+    assert len(sent) == 2
     held = await aredis.hget(replica.keys.key("alloc"), "alice")
     assert held == (held_after_first if ran == 2 else "n2")
     stats = await aredis.hgetall(replica.keys.key("stats"))
@@ -2382,48 +2437,6 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
     assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 2
 
 
-async def test_a_call_refused_before_one_that_ran_in_a_try_whose_reply_was_lost_is_named(
-    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A review of the marks: a flush mid-batch, and another client loading the scripts again
-    before its next call, answered NOSCRIPT to alice's disconnect and ran bob's connect after
-    it, and the reply of that try was lost (a stall past the client's timeout, a cut). Tried
-    again, alice's disconnect, marked before bob's connect that ran, was taken for made again:
-    it never ran, yet it was logged at info as "already applied" and counted in
-    calls_made_again, and alice's node stayed hers with no warning to find it by (a
-    disconnect refused before one that ran and read is dropped and named)."""
-    for status in ("booting", "ready"):
-        await replica.handle(*wire("node:status", {"node_id": "n1", "status": status}))
-    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
-    assert await aredis.hget(replica.keys.key("alloc"), "alice") == "n1"
-    run_many = replica.scripts.run_many
-    tries = 0
-
-    async def flushed_loaded_and_reply_lost(calls: Any) -> Any:
-        nonlocal tries
-        tries += 1
-        if tries == 1:
-            await run_many(calls[1:])  # the first call was refused (NOSCRIPT); the rest ran
-            raise RedisTimeoutError("Timeout reading from socket")  # and the reply was lost
-        return await run_many(calls)
-
-    replica.scripts.run_many = flushed_loaded_and_reply_lost  # type: ignore[method-assign]
-    with caplog.at_level("INFO", logger="provisioner.service"):
-        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
-                                              wire("user:connect", {"user_id": "bob"})])
-    assert tries == 2
-    stats = await aredis.hgetall(replica.keys.key("stats"))
-    # alice's disconnect never ran: it is not one made again
-    assert int(stats.get("calls_made_again", 0)) == 1, stats  # bob's connect only
-    assert not (isinstance(outcomes[0], ReleaseResult)
-                and outcomes[0].code is Release.MADE_AGAIN), outcomes[0]
-    assert "disconnect alice: already applied" not in caplog.text
-    # ... it is dropped and named, as a disconnect refused before one that ran is
-    assert "could not apply user:disconnect of alice (dropped)" in caplog.text
-    assert counter(replica, "provisioner_errors_total", where="event") == 1
-    assert await check_invariants(aredis, POOL) == []
-
-
 async def test_a_call_refused_out_of_memory_before_one_that_ran_with_the_reply_lost_is_named(
     redis_url: str, aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
@@ -2521,48 +2534,3 @@ async def test_replicas_restarted_with_heartbeats_off_leave_no_marks_behind(
     await other.scripts.heartbeat("r-hb", {}, 1, "tok")  # forgets every replica silent 1 ms
     assert await aredis.hkeys(keys.key("applied")) == [], await aredis.hgetall(
         keys.key("applied"))
-
-
-async def test_a_call_that_ran_in_a_lost_try_and_was_refused_when_made_again_is_not_named_dropped(
-    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A review of the marks, three steps: try 1 runs alice's disconnect and bob's connect and
-    its reply is lost; try 2 (the whole batch again) is refused out of memory for alice's
-    disconnect and, memory freed, answers bob's connect MADE_AGAIN. Alice's disconnect ran in
-    try 1 (her node is free), yet as a call refused before one that ran it was dropped and
-    named "could not apply user:disconnect of alice (dropped)", an error counted: an operator
-    told her disconnect was lost would release her by hand, ending whatever session she holds
-    by then. The pool knows it ran (its mark is at or before the last applied, not passed
-    over): asked again it answers MADE_AGAIN."""
-    for status in ("booting", "ready"):
-        await replica.handle(*wire("node:status", {"node_id": "n1", "status": status}))
-    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
-    assert await aredis.hget(replica.keys.key("alloc"), "alice") == "n1"
-    run_many = replica.scripts.run_many
-    tries = 0
-
-    async def lost_then_refused_first(calls: Any) -> Any:
-        nonlocal tries
-        tries += 1
-        if tries == 1:
-            await run_many(calls)  # both ran ...
-            raise RedisTimeoutError("Timeout reading from socket")  # ... the reply lost
-        if tries == 2:  # out of memory for the first call, memory freed for the second
-            return [OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
-                    ] + await run_many(calls[1:])
-        return await run_many(calls)
-
-    replica.scripts.run_many = lost_then_refused_first  # type: ignore[method-assign]
-    with caplog.at_level("INFO", logger="provisioner.service"):
-        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
-                                              wire("user:connect", {"user_id": "bob"})])
-    # alice's disconnect was applied, once, by try 1
-    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
-    assert await aredis.hget(replica.keys.key("alloc"), "bob") == "n1"
-    stats = await aredis.hgetall(replica.keys.key("stats"))
-    assert int(stats["releases"]) == 1
-    # ... so it is not named as a disconnect dropped, nor counted as an error
-    assert "could not apply user:disconnect of alice (dropped)" not in caplog.text, caplog.text
-    assert counter(replica, "provisioner_errors_total", where="event") == 0
-    assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
-    assert await check_invariants(aredis, POOL) == []

@@ -362,7 +362,7 @@ class Replica:
                 ran = [i for i, r in enumerate(results) if not _try_again(r)]
                 first = ran[-1] + 1 if ran else 0
                 if lost:
-                    await self._ask_again_refused(evs, calls, results, first)
+                    await self._ask_again_refused(evs, calls, results, first, deadline)
                 if first == len(results):
                     broken = next((r for r in results if _pool_key_broken(r)), None)
                     if broken is not None:
@@ -388,29 +388,39 @@ class Replica:
 
     async def _ask_again_refused(self, evs: Sequence[tuple[events.Event, str]],
                                  calls: list[tuple[Call[Any], int]], results: list[Any],
-                                 first: int) -> None:
-        """After a try whose reply was lost, a connect or disconnect refused before a later
-        one its script answered may have run in that try: not dropped as never run, but asked
-        again. The pool's mark of the later one covers it, so it cannot apply now: it answers
-        MADE_AGAIN (it ran) or PASSED OVER (it never did). Its refusal stands if the question
-        goes unanswered."""
-        marks: list[str] = []
+                                 first: int, deadline: float) -> None:
+        """After a try whose reply was lost, a connect or disconnect refused before a later call
+        that ran (a connect, a disconnect, an activity or a node status) may have run in that
+        try: not dropped as never run, but asked again, its mark ending in '?' so that the pool
+        applies nothing whatever it finds: it answers MADE_AGAIN (it ran), PASSED OVER or NOT
+        RUN (it never did). A question applies nothing, so it is asked until `deadline`
+        (monotonic); the refusal stands if it goes unanswered till then."""
+        again: list[tuple[int, events.Event, str]] = []
         at = 0
-        for _, grouped in calls:
-            marks.append("" if grouped else evs[at][1])
+        for i, (_, grouped) in enumerate(calls[:first]):
+            event, mark = evs[at]
+            if not grouped and mark and _try_again(results[i]):
+                again.append((i, event, mark))
             at += max(grouped, 1)
-        answered = [i for i in range(first) if marks[i] and not isinstance(results[i], Exception)]
-        again = [i for i in range(first) if marks[i] and _try_again(results[i])
-                 and any(j > i for j in answered)]
-        if not again:
-            return
-        try:
-            replies = await self.scripts.run_many([calls[i][0] for i in again])
-        except (RedisConnectionError, RedisTimeoutError):
-            return
-        for i, reply in zip(again, replies, strict=True):
-            if not _try_again(reply):
-                results[i] = reply
+        wait_s = 0.1
+        while again:
+            now = self.clock.now_ms()
+            replies: list[Any]
+            try:
+                replies = await self.scripts.run_many(
+                    [self._call(event, f"{mark}?", now) for _, event, mark in again])
+            except (RedisConnectionError, RedisTimeoutError):
+                replies = [None] * len(again)
+            for (i, _, _), reply in zip(again, replies, strict=True):
+                if reply is not None and not _try_again(reply):
+                    results[i] = reply
+            again = [item for item, reply in zip(again, replies, strict=True)
+                     if reply is None or _try_again(reply)]
+            if (not again or self.stopping.is_set()
+                    or time.monotonic() + wait_s > deadline):
+                return
+            await sleep_unless(self.stopping, wait_s)
+            wait_s = min(wait_s * 2, 2.0)
 
     def _parse_or_drop(self, channel: str | bytes, data: bytes | str,
                        now: int) -> tuple[str, events.Event] | None:

@@ -2534,3 +2534,104 @@ async def test_replicas_restarted_with_heartbeats_off_leave_no_marks_behind(
     await other.scripts.heartbeat("r-hb", {}, 1, "tok")  # forgets every replica silent 1 ms
     assert await aredis.hkeys(keys.key("applied")) == [], await aredis.hgetall(
         keys.key("applied"))
+
+
+@pytest.mark.parametrize("ran", [True, False], ids=["ran in a lost try", "never ran"])
+@pytest.mark.parametrize("later", [
+    wire("node:status", {"node_id": "n2", "status": "booting"}),
+    wire("user:activity", {"user_id": "bob", "timestamp": T0 // 1000}),
+], ids=["a node status", "an activity"])
+async def test_a_call_refused_before_an_unmarked_call_that_ran_after_a_lost_reply(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+    later: tuple[str, str], ran: bool,
+) -> None:
+    """Review of 175f767: alice's disconnect, in a try whose reply was lost, then refused out
+    of memory when made again, before a call the server ran that carries no mark (a node
+    status, an activity). Only a later connect or disconnect the pool answered had it asked
+    again: one that ran in the lost try was dropped and named "could not apply", an error,
+    though it ran (the harm the commit fixed for a later connect or disconnect: an operator
+    told so releases her by hand, ending whatever session she holds by then). Asked again, it
+    is made again; one that never ran (refused in the lost try too) is still dropped and named,
+    and never applied after the later call."""
+    await _booted(replica, "n1")
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    _tried_as(replica, _reply_lost if ran else _refusing_first(oom, reply_lost=True),
+              _refusing_first(oom), _as_is)
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              later])
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == (None if ran else "n1")
+    assert int(stats.get("releases", 0)) == (1 if ran else 0)
+    named = "could not apply user:disconnect of alice (dropped)" in caplog.text
+    assert named is not ran, caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == (0 if ran else 1)
+    made_again = isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
+    assert made_again is ran
+    assert outcomes[1] is not None
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_call_that_ran_refused_before_one_the_pool_answered_passed_over_is_not_named(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review of 175f767: a first try runs alice's disconnect, is refused bob's connect out of
+    memory, runs carol's connect, and loses its reply. Made again, alice's is refused out of
+    memory, bob's answered PASSED OVER (an error reply: it never ran) and carol's refused: the
+    pool's mark covers alice's (bob's seq is under it), but only a later call answered with a
+    result had it asked again. It was dropped and named, an error, though it ran."""
+    await _booted(replica, "n1")
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    async def first(run_many: Any, calls: list[Any]) -> list[Any]:
+        await run_many(calls[:1])  # alice's disconnect runs; bob's connect refused
+        await run_many(calls[2:])  # carol's connect runs
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    async def second(run_many: Any, calls: list[Any]) -> list[Any]:
+        return [oom] + await run_many(calls[1:2]) + [oom]  # bob's answered, the others refused
+
+    sent = _tried_as(replica, first, second, _as_is)
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              wire("user:connect", {"user_id": "bob"}),
+                                              wire("user:connect", {"user_id": "carol"})])
+    assert sent[:2] == [3, 3]
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
+    assert int(stats["releases"]) == 1
+    assert "could not apply user:connect of bob (dropped): PASSED OVER" in caplog.text
+    assert "could not apply user:disconnect of alice" not in caplog.text, caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == 1  # bob's only
+    assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
+    assert isinstance(outcomes[2], AllocateResult) and outcomes[2].code is Allocation.MADE_AGAIN
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_question_about_a_call_refused_for_now_is_asked_again_within_the_deadline(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review of 175f767: alice's disconnect ran in a try whose reply was lost, was refused
+    out of memory when made again before bob's connect, which the pool answered, and the
+    question about it was refused out of memory too (memory still short a moment later). Its
+    refusal stood at once, with most of EVENT_RETRY_S left: dropped and named "could not
+    apply", an error, though it ran. A question changes nothing, so it is asked again."""
+    await _booted(replica, "n1")
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    async def refused(run_many: Any, calls: list[Any]) -> list[Any]:
+        return [oom] * len(calls)
+
+    sent = _tried_as(replica, _reply_lost, _refusing_first(oom), refused, _as_is)
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              wire("user:connect", {"user_id": "bob"})])
+    assert sent == [2, 2, 1, 1]
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
+    assert int((await aredis.hgetall(replica.keys.key("stats")))["releases"]) == 1
+    assert "could not apply user:disconnect of alice" not in caplog.text, caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
+    assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN

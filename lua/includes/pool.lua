@@ -18,12 +18,14 @@ end
 -- it never ran, and made again it would apply after a later event, so it is refused (an
 -- error), dropped and named by the listener as a call refused before one that ran is.
 -- Another batch's mark is never compared. No mark (an operator's release, an older replica):
--- applied as ever.
+-- applied as ever. A mark ending in '?' only asks: a call the pool's mark does not cover is
+-- refused ('NOT RUN'), never applied (the listener asks so about a call refused before a later
+-- one that ran, after a try whose reply was lost: it may have run in that try).
 local function made_again(mark)
   if not mark or mark == '' then
     return false
   end
-  local replica, batch, seq = string.match(mark, '^([^:]+):([^:]+):(%d+)$')
+  local replica, batch, seq, ask = string.match(mark, '^([^:]+):([^:]+):(%d+)(%??)$')
   if not replica then
     error({err = 'bad call mark ' .. mark .. ' (replica:batch:seq)'})
   end
@@ -54,6 +56,10 @@ local function made_again(mark)
     end
     stat('calls_made_again')
     return true
+  end
+  if ask ~= '' then
+    error({err = 'NOT RUN call ' .. mark .. ': the pool applied none of its batch at or after '
+      .. 'it, so it never ran; not applied after a later call'})
   end
   if seq > last_seq + 1 then
     skipped = skipped .. (skipped == '' and '' or ',') .. (last_seq + 1) .. '-' .. (seq - 1)

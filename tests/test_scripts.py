@@ -1431,3 +1431,25 @@ async def test_an_applied_mark_broken_by_hand_never_applies_a_call_again_silentl
     assert await pool.alloc() == {"alice": "n2"}  # the session the first try began
     assert int(after["stats"].pop("values_repaired", 0)) >= 1
     assert after["stats"] == before["stats"]  # nothing applied again
+
+
+@pytest.mark.parametrize("edit", ["a1:8:17", "a1:81-7", "a1:8:7-1"],
+                         ids=["a dash deleted", "a colon deleted", "a range reversed"])
+async def test_an_applied_mark_whose_passed_over_seqs_are_broken_by_hand_is_unreadable(
+    pool: PoolUnderTest, edit: str,
+) -> None:
+    """Final review of made_again: an entry broken by hand is refused for its batch (2232306),
+    but only when the whole entry fails the pattern; one whose passed-over seqs were broken
+    still read as an entry. alice's disconnect r1:a1:3, refused while bob's connect r1:a1:8
+    ran (passed over: it never ran), made again after the lost reply, was then taken for made
+    again: MADE_AGAIN, logged as applied, her node held on, nothing named."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "alice")  # n1
+    assert (await pool.scripts.run(pool.scripts.allocate_call(
+        pool.now, "bob", "r1", mark="r1:a1:8"))).code is Allocation.WAITING
+    applied = pool.keys.key("applied")
+    assert await pool.redis.hget(applied, "r1") == "a1:8:1-7"
+    await pool.redis.hset(applied, "r1", edit)  # an edit by hand
+    with pytest.raises(ResponseError, match=r"UNREADABLE|PASSED OVER"):
+        await pool.scripts.run(pool.scripts.release_call(pool.now, "alice", mark="r1:a1:3"))
+    assert await pool.alloc() == {"alice": "n1"}

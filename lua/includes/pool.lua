@@ -31,7 +31,23 @@ local function made_again(mark)
   end
   seq = tonumber(seq)
   local last = rcall('HGET', K.applied, replica)
-  local last_batch, last_seq, skipped = string.match(last or '', '^([^:]+):(%d+):?([%d,-]*)$')
+  local last_batch, last_seq = string.match(last or '', '^([^:]+):(%d+)$')
+  local skipped = ''
+  if not last_batch then
+    last_batch, last_seq, skipped = string.match(last or '', '^([^:]+):(%d+):([%d,-]+)$')
+  end
+  -- The seqs passed over, as written: ranges lo-hi rising, each under the last seq (an edit
+  -- by hand that keeps the pattern, a dash or a colon gone, is not an entry either).
+  local after = 0
+  for part in string.gmatch(last_batch and skipped ~= '' and (skipped .. ',') or '', '([^,]*),') do
+    local lo, hi = string.match(part, '^(%d+)%-(%d+)$')
+    lo, hi = tonumber(lo), tonumber(hi)
+    if not lo or lo <= after or hi < lo or hi >= tonumber(last_seq) then
+      last_batch = nil
+      break
+    end
+    after = hi
+  end
   if last and not last_batch then
     -- Not one this function wrote (an edit by hand): another batch's is of no use, and is
     -- written over below; of this batch, which of its calls ran cannot be told, so none is

@@ -115,6 +115,24 @@ def _try_again(reply: object) -> bool:
     return _refused_for_now(reply) or isinstance(reply, NoScriptError)
 
 
+class MayHaveApplied(RedisError):
+    """What is left of a call that a try whose reply was lost may have applied, when neither
+    another try nor a question (`Replica._ask_again_refused`) told by the batch's deadline, or
+    before a stop, whether it ran: not one the pool is known never to have applied."""
+
+    def __init__(self, last: Exception) -> None:
+        super().__init__(str(last) or type(last).__name__)
+
+
+def _unknown_if(lost: bool, results: list[Any]) -> list[Any]:
+    """`results`, each refusal for now or failure to reach the server a MayHaveApplied if a
+    try of theirs lost its reply."""
+    if not lost:
+        return results
+    return [MayHaveApplied(r) if isinstance(r, RedisConnectionError | RedisTimeoutError)
+            or _try_again(r) else r for r in results]
+
+
 #: How the scripts refuse every transition while a key of the pool holds another type than its
 #: own (an edit by hand; lua/includes/keys.lua refuse_wrong_types): nothing changes until an
 #: operator repairs the key, so it is not tried again, but the replica is unready meanwhile.
@@ -306,7 +324,13 @@ class Replica:
                 # its own, where a flood of activity refused with them (a pool key broken by
                 # hand) left one line in five seconds for all.
                 who = getattr(event, "user_id", None) or getattr(event, "node_id", "?")
-                if isinstance(event, events.Connect | events.Disconnect):
+                if isinstance(result, MayHaveApplied):
+                    # Not "could not apply": the operator the line is for would repair a call
+                    # that ran (a release by hand ends the session begun since).
+                    log.warning("%s of %s may have been applied by a try whose reply was lost; "
+                                "whether it was could not be told (dropped, check before "
+                                "repairing it): %s", label, who, result)
+                elif isinstance(event, events.Connect | events.Disconnect):
                     log.warning("could not apply %s of %s (dropped): %s", label, who, result)
                 else:
                     self._trouble.warning("redis-event", "could not apply %s of %s: %s", label,
@@ -369,15 +393,15 @@ class Replica:
                         self._note_refused(broken)
                     elif calls:
                         self._written()
-                    return done + results
+                    return done + _unknown_if(lost, results)
                 problem = results[first]
                 if _refused_for_now(problem):
                     self._note_refused(problem)
-                done += results[:first]
+                done += _unknown_if(lost, results[:first])
                 evs = evs[sum(max(grouped, 1) for _, grouped in calls[:first]):]
                 calls, results = calls[first:], results[first:]
             if self.stopping.is_set() or time.monotonic() + wait_s > deadline:
-                return done + results
+                return done + _unknown_if(lost, results)
             self.metrics.errors.labels("event_retry").inc()
             self._trouble.warning("redis-event-retry", "could not apply %d events (%s): trying "
                                   "again for up to %.0fs", len(evs),

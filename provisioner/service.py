@@ -324,13 +324,14 @@ class Replica:
                 # its own, where a flood of activity refused with them (a pool key broken by
                 # hand) left one line in five seconds for all.
                 who = getattr(event, "user_id", None) or getattr(event, "node_id", "?")
-                if isinstance(result, MayHaveApplied):
+                marked = isinstance(event, events.Connect | events.Disconnect)
+                if marked and isinstance(result, MayHaveApplied):
                     # Not "could not apply": the operator the line is for would repair a call
                     # that ran (a release by hand ends the session begun since).
                     log.warning("%s of %s may have been applied by a try whose reply was lost; "
                                 "whether it was could not be told (dropped, check before "
                                 "repairing it): %s", label, who, result)
-                elif isinstance(event, events.Connect | events.Disconnect):
+                elif marked:
                     log.warning("could not apply %s of %s (dropped): %s", label, who, result)
                 else:
                     self._trouble.warning("redis-event", "could not apply %s of %s: %s", label,

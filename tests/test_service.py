@@ -1144,6 +1144,36 @@ async def test_a_replica_stopped_cleanly_leaves_the_replica_list(
     assert await replica.redis.hkeys(replica.keys.key("replica_info")) == ["r2"]
 
 
+async def test_replicas_restarted_with_heartbeats_off_leave_no_marks_behind(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A review of the marks: `applied` keeps one entry per replica id, which goes "when it
+    leaves or is forgotten" (README). A replica run with --heartbeat-interval 0 does neither:
+    it never leaves (its stop sends no leaving heartbeat) and, never listed, is never
+    forgotten. With the default replica id (host-pid), each restart of such a replica that
+    applied a connect or disconnect left its entry for good: here three clean stops, three
+    entries, and another replica's heartbeats, forgetting every silent one, leave them."""
+    keys = PoolKeys(POOL)
+    for restart in range(3):
+        service = ServiceConfig("redis://x", "http://api", pool=POOL,
+                                replica_id=f"host-{1000 + restart}", heartbeat_interval_s=0.0,
+                                reconcile_interval_s=0.0)
+        replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+        task = asyncio.create_task(replica.run())
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await aredis.publish("user:connect", json.dumps({"user_id": f"u{restart}"}))
+        for _ in range(500):  # until the connect is applied
+            if await aredis.hexists(keys.key("waiting_since"), f"u{restart}"):
+                break
+            await asyncio.sleep(0.01)
+        replica.stopping.set()  # a clean stop
+        await asyncio.wait_for(task, 10)
+    other = make_replica(aredis, api, clock, "r-hb")
+    await other.scripts.heartbeat("r-hb", {}, 1, "tok")  # forgets every replica silent 1 ms
+    assert await aredis.hkeys(keys.key("applied")) == [], await aredis.hgetall(
+        keys.key("applied"))
+
+
 async def test_a_loop_stuck_in_a_slow_call_is_cancelled_after_the_grace(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:
@@ -1421,41 +1451,6 @@ async def _booted(replica: Replica, *nodes: str) -> None:
             await replica.handle(*wire("node:status", {"node_id": node, "status": status}))
 
 
-@pytest.mark.parametrize("ran", [False, True], ids=["never ran", "ran in a lost try"])
-async def test_a_call_refused_before_one_the_pool_answered_after_a_lost_reply(
-    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture, ran: bool,
-) -> None:
-    """Two reviews of the marks, alice's disconnect refused before bob's connect that the pool
-    answered, in a batch one of whose tries lost its reply. Never ran (NOSCRIPT, bob's connect
-    ran, the reply lost): it was taken for made again, logged at info as "already applied"
-    and her node held on with no warning; it is passed over, so dropped and named. Ran in a
-    lost try, then refused out of memory when made again: it was dropped and named "could not
-    apply", an error, though it ran; an operator told so would release her by hand, ending
-    whatever session she holds by then. It is asked again: made again, not named."""
-    await _booted(replica, "n1")
-    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
-    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
-    tries = ([_reply_lost, _refusing_first(oom), _as_is] if ran
-             else [_refusing_first(NoScriptError("No matching script."), reply_lost=True),
-                   _as_is])
-    _tried_as(replica, *tries)
-    with caplog.at_level("INFO", logger="provisioner.service"):
-        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
-                                              wire("user:connect", {"user_id": "bob"})])
-    stats = await aredis.hgetall(replica.keys.key("stats"))
-    assert await aredis.hget(replica.keys.key("alloc"), "alice") == (None if ran else "n1")
-    assert int(stats.get("releases", 0)) == (1 if ran else 0)
-    named = "could not apply user:disconnect of alice (dropped)" in caplog.text
-    assert named is not ran, caplog.text
-    assert counter(replica, "provisioner_errors_total", where="event") == (0 if ran else 1)
-    assert "disconnect alice: already applied" in caplog.text if ran else (
-        "disconnect alice: already applied" not in caplog.text)
-    made_again = isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
-    assert made_again is ran
-    assert int(stats["calls_made_again"]) >= 1  # bob's connect, made again
-    assert await check_invariants(aredis, POOL) == []
-
-
 @pytest.mark.parametrize("ran", [2, 1], ids=["both ran", "the first ran"])
 async def test_a_batch_whose_reply_was_lost_does_not_end_the_session_it_began(
     aredis: aioredis.Redis, replica: Replica, ran: int,
@@ -1561,6 +1556,219 @@ async def test_a_batch_whose_replies_a_proxy_lost_applies_once(
     assert int(stats["calls_made_again"]) >= 2
     assert await aredis.hget(replica.keys.key("alloc"), "alice") == "n2"
     assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_call_refused_out_of_memory_before_one_that_ran_with_the_reply_lost_is_named(
+    redis_url: str, aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same through a real server: out of memory under its maxmemory when alice's
+    disconnect reaches it, and not by the time bob's connect does (memory freed between the
+    two), the replies of that try lost on the way back. Tried again, alice's disconnect was
+    taken for made again: it never ran, her node stayed hers, and nothing named it."""
+    target = urlparse(redis_url)
+    tasks: list[asyncio.Future[Any]] = []
+    armed = asyncio.Event()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   lose: asyncio.Event, upstream: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                second = data.find(b"$7\r\nEVALSHA", data.find(b"$7\r\nEVALSHA") + 1)
+                if upstream and armed.is_set() and second > 0:
+                    armed.clear()
+                    lose.set()  # this connection's replies are lost from now on
+                    cut = data.rindex(b"*", 0, second)
+                    writer.write(data[:cut])  # alice's disconnect, refused: out of memory
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                    await aredis.config_set("maxmemory", 0)  # memory freed meanwhile
+                    data = data[cut:]  # bob's connect, which runs
+                elif not upstream and lose.is_set():
+                    continue
+                writer.write(data)
+                await writer.drain()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(target.hostname, target.port)
+        lose = asyncio.Event()
+        tasks.append(asyncio.gather(pump(client_r, server_w, lose, True),
+                                    pump(server_r, client_w, lose, False)))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}", decode_responses=True,
+                                     socket_timeout=0.3)
+    replica = make_replica(client, api, clock, "r1")
+    try:
+        for status in ("booting", "ready"):
+            await replica.handle(*wire("node:status", {"node_id": "n1", "status": status}))
+        await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+        await aredis.config_set("maxmemory", 1)
+        armed.set()
+        with caplog.at_level("INFO", logger="provisioner.service"):
+            outcomes = await replica.handle_many([
+                wire("user:disconnect", {"user_id": "alice"}),
+                wire("user:connect", {"user_id": "bob"})])
+    finally:
+        await aredis.config_set("maxmemory", 0)
+        await client.aclose()
+        proxy.close()
+        for task in tasks:
+            task.cancel()
+        # retrieved, so that no future is left to log its CancelledError when collected (in
+        # a later test's import, that log tripped CPython 3.11's AST recursion check)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert not armed.is_set()  # the proxy did split the batch
+    assert counter(replica, "provisioner_errors_total", where="event_retry") >= 1
+    assert await aredis.hget(replica.keys.key("waiting_since"), "bob") is not None
+    assert int((await aredis.hgetall(replica.keys.key("stats")))["connects"]) == 2  # bob ran
+    # alice's disconnect never ran: not one made again, but dropped and named
+    assert not (isinstance(outcomes[0], ReleaseResult)
+                and outcomes[0].code is Release.MADE_AGAIN), outcomes[0]
+    assert "disconnect alice: already applied" not in caplog.text
+    assert "could not apply user:disconnect of alice (dropped)" in caplog.text
+
+
+@pytest.mark.parametrize("ran", [True, False], ids=["ran in a lost try", "never ran"])
+@pytest.mark.parametrize("later", [
+    wire("user:connect", {"user_id": "bob"}),
+    wire("node:status", {"node_id": "n2", "status": "booting"}),
+    wire("user:activity", {"user_id": "bob", "timestamp": T0 // 1000}),
+], ids=["a connect", "a node status", "an activity"])
+async def test_a_call_refused_before_a_later_one_that_ran_after_a_lost_reply(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+    later: tuple[str, str], ran: bool,
+) -> None:
+    """Reviews of the marks: alice's disconnect, in a try whose reply was lost, then refused
+    out of memory when made again, before a later call the server ran (bob's connect, or one
+    that carries no mark: a node status, an activity). One that ran in the lost try was
+    dropped and named "could not apply", an error, though it ran: an operator told so would
+    release her by hand, ending whatever session she holds by then. It is asked about (a mark
+    ending in '?', which the pool never applies) and answered made again. One that never ran
+    (refused in the lost try too) is still dropped and named, and never applied after the
+    later call."""
+    await _booted(replica, "n1")
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    _tried_as(replica, _reply_lost if ran else _refusing_first(oom, reply_lost=True),
+              _refusing_first(oom), _as_is)
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              later])
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == (None if ran else "n1")
+    assert int(stats.get("releases", 0)) == (1 if ran else 0)
+    named = "could not apply user:disconnect of alice (dropped)" in caplog.text
+    assert named is not ran, caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == (0 if ran else 1)
+    assert ("disconnect alice: already applied" in caplog.text) is ran
+    made_again = isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
+    assert made_again is ran
+    assert outcomes[1] is not None
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_call_that_ran_refused_before_one_the_pool_answered_passed_over_is_not_named(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review of 175f767: a first try runs alice's disconnect, is refused bob's connect out of
+    memory, runs carol's connect, and loses its reply. Made again, alice's is refused out of
+    memory, bob's answered PASSED OVER (an error reply: it never ran) and carol's refused: the
+    pool's mark covers alice's (bob's seq is under it), but only a later call answered with a
+    result had it asked again. It was dropped and named, an error, though it ran."""
+    await _booted(replica, "n1")
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    async def first(run_many: Any, calls: list[Any]) -> list[Any]:
+        await run_many(calls[:1])  # alice's disconnect runs; bob's connect refused
+        await run_many(calls[2:])  # carol's connect runs
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    async def second(run_many: Any, calls: list[Any]) -> list[Any]:
+        return [oom] + await run_many(calls[1:2]) + [oom]  # bob's answered, the others refused
+
+    sent = _tried_as(replica, first, second, _as_is)
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              wire("user:connect", {"user_id": "bob"}),
+                                              wire("user:connect", {"user_id": "carol"})])
+    assert sent[:2] == [3, 3]
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
+    assert int(stats["releases"]) == 1
+    assert "could not apply user:connect of bob (dropped): PASSED OVER" in caplog.text
+    assert "could not apply user:disconnect of alice" not in caplog.text, caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == 1  # bob's only
+    assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
+    assert isinstance(outcomes[2], AllocateResult) and outcomes[2].code is Allocation.MADE_AGAIN
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_question_about_a_call_refused_for_now_is_asked_again_within_the_deadline(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review of 175f767: alice's disconnect ran in a try whose reply was lost, was refused
+    out of memory when made again before bob's connect, which the pool answered, and the
+    question about it was refused out of memory too (memory still short a moment later). Its
+    refusal stood at once, with most of EVENT_RETRY_S left: dropped and named "could not
+    apply", an error, though it ran. A question changes nothing, so it is asked again."""
+    await _booted(replica, "n1")
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    async def refused(run_many: Any, calls: list[Any]) -> list[Any]:
+        return [oom] * len(calls)
+
+    sent = _tried_as(replica, _reply_lost, _refusing_first(oom), refused, _as_is)
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              wire("user:connect", {"user_id": "bob"})])
+    assert sent == [2, 2, 1, 1]
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
+    assert int((await aredis.hgetall(replica.keys.key("stats")))["releases"]) == 1
+    assert "could not apply user:disconnect of alice" not in caplog.text, caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
+    assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
+
+
+@pytest.mark.parametrize("left", ["unreachable till the deadline", "asked till a stop"])
+async def test_a_call_left_unanswered_after_a_lost_reply_is_not_named_never_applied(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, left: str,
+) -> None:
+    """Final review: alice's disconnect ran in a try whose reply was lost. The server then
+    stayed unreachable till the batch's deadline, or refused the question about it (out of
+    memory) till the replica was stopped (a deploy's SIGTERM). It was logged "could not apply
+    user:disconnect of alice (dropped)", as a call the pool never ran is: it ran, her node is
+    free, and the operator the line is for repairs a disconnect that applied (a release by
+    hand ends whatever session she holds by then, the harm 175f767 and 63380e1 fixed for a
+    call the pool answered). Whether it ran is not known: the line says so."""
+    import provisioner.service as service
+
+    await _booted(replica, "n1")
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    async def unreachable(run_many: Any, calls: list[Any]) -> list[Any]:
+        raise RedisConnectionError("Error 111 connecting to redis. Connection refused.")
+
+    async def refused(run_many: Any, calls: list[Any]) -> list[Any]:
+        return [oom] * len(calls)
+
+    if left == "unreachable till the deadline":
+        monkeypatch.setattr(service, "EVENT_RETRY_S", 0.5)
+        _tried_as(replica, _reply_lost, unreachable)
+    else:
+        _tried_as(replica, _reply_lost, _refusing_first(oom), refused)
+        asyncio.get_running_loop().call_later(0.4, replica.stopping.set)
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                   wire("user:connect", {"user_id": "bob"})])
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None  # it ran
+    assert "could not apply user:disconnect of alice" not in caplog.text, caplog.text
+    assert "user:disconnect of alice may have been applied" in caplog.text, caplog.text
 
 
 async def test_a_script_call_a_flush_fails_twice_is_made_again(
@@ -2438,244 +2646,3 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
     await replica.tick()
     await replica.settle()
     assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 2
-
-
-async def test_a_call_refused_out_of_memory_before_one_that_ran_with_the_reply_lost_is_named(
-    redis_url: str, aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The same through a real server: out of memory under its maxmemory when alice's
-    disconnect reaches it, and not by the time bob's connect does (memory freed between the
-    two), the replies of that try lost on the way back. Tried again, alice's disconnect was
-    taken for made again: it never ran, her node stayed hers, and nothing named it."""
-    target = urlparse(redis_url)
-    tasks: list[asyncio.Future[Any]] = []
-    armed = asyncio.Event()
-
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   lose: asyncio.Event, upstream: bool) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                second = data.find(b"$7\r\nEVALSHA", data.find(b"$7\r\nEVALSHA") + 1)
-                if upstream and armed.is_set() and second > 0:
-                    armed.clear()
-                    lose.set()  # this connection's replies are lost from now on
-                    cut = data.rindex(b"*", 0, second)
-                    writer.write(data[:cut])  # alice's disconnect, refused: out of memory
-                    await writer.drain()
-                    await asyncio.sleep(0.1)
-                    await aredis.config_set("maxmemory", 0)  # memory freed meanwhile
-                    data = data[cut:]  # bob's connect, which runs
-                elif not upstream and lose.is_set():
-                    continue
-                writer.write(data)
-                await writer.drain()
-
-    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(target.hostname, target.port)
-        lose = asyncio.Event()
-        tasks.append(asyncio.gather(pump(client_r, server_w, lose, True),
-                                    pump(server_r, client_w, lose, False)))
-
-    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = proxy.sockets[0].getsockname()[1]
-    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}", decode_responses=True,
-                                     socket_timeout=0.3)
-    replica = make_replica(client, api, clock, "r1")
-    try:
-        for status in ("booting", "ready"):
-            await replica.handle(*wire("node:status", {"node_id": "n1", "status": status}))
-        await replica.handle(*wire("user:connect", {"user_id": "alice"}))
-        await aredis.config_set("maxmemory", 1)
-        armed.set()
-        with caplog.at_level("INFO", logger="provisioner.service"):
-            outcomes = await replica.handle_many([
-                wire("user:disconnect", {"user_id": "alice"}),
-                wire("user:connect", {"user_id": "bob"})])
-    finally:
-        await aredis.config_set("maxmemory", 0)
-        await client.aclose()
-        proxy.close()
-        for task in tasks:
-            task.cancel()
-        # retrieved, so that no future is left to log its CancelledError when collected (in
-        # a later test's import, that log tripped CPython 3.11's AST recursion check)
-        await asyncio.gather(*tasks, return_exceptions=True)
-    assert not armed.is_set()  # the proxy did split the batch
-    assert counter(replica, "provisioner_errors_total", where="event_retry") >= 1
-    assert await aredis.hget(replica.keys.key("waiting_since"), "bob") is not None
-    assert int((await aredis.hgetall(replica.keys.key("stats")))["connects"]) == 2  # bob ran
-    # alice's disconnect never ran: not one made again, but dropped and named
-    assert not (isinstance(outcomes[0], ReleaseResult)
-                and outcomes[0].code is Release.MADE_AGAIN), outcomes[0]
-    assert "disconnect alice: already applied" not in caplog.text
-    assert "could not apply user:disconnect of alice (dropped)" in caplog.text
-
-
-async def test_replicas_restarted_with_heartbeats_off_leave_no_marks_behind(
-    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
-) -> None:
-    """A review of the marks: `applied` keeps one entry per replica id, which goes "when it
-    leaves or is forgotten" (README). A replica run with --heartbeat-interval 0 does neither:
-    it never leaves (its stop sends no leaving heartbeat) and, never listed, is never
-    forgotten. With the default replica id (host-pid), each restart of such a replica that
-    applied a connect or disconnect left its entry for good: here three clean stops, three
-    entries, and another replica's heartbeats, forgetting every silent one, leave them."""
-    keys = PoolKeys(POOL)
-    for restart in range(3):
-        service = ServiceConfig("redis://x", "http://api", pool=POOL,
-                                replica_id=f"host-{1000 + restart}", heartbeat_interval_s=0.0,
-                                reconcile_interval_s=0.0)
-        replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
-        task = asyncio.create_task(replica.run())
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
-        await aredis.publish("user:connect", json.dumps({"user_id": f"u{restart}"}))
-        for _ in range(500):  # until the connect is applied
-            if await aredis.hexists(keys.key("waiting_since"), f"u{restart}"):
-                break
-            await asyncio.sleep(0.01)
-        replica.stopping.set()  # a clean stop
-        await asyncio.wait_for(task, 10)
-    other = make_replica(aredis, api, clock, "r-hb")
-    await other.scripts.heartbeat("r-hb", {}, 1, "tok")  # forgets every replica silent 1 ms
-    assert await aredis.hkeys(keys.key("applied")) == [], await aredis.hgetall(
-        keys.key("applied"))
-
-
-@pytest.mark.parametrize("ran", [True, False], ids=["ran in a lost try", "never ran"])
-@pytest.mark.parametrize("later", [
-    wire("node:status", {"node_id": "n2", "status": "booting"}),
-    wire("user:activity", {"user_id": "bob", "timestamp": T0 // 1000}),
-], ids=["a node status", "an activity"])
-async def test_a_call_refused_before_an_unmarked_call_that_ran_after_a_lost_reply(
-    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
-    later: tuple[str, str], ran: bool,
-) -> None:
-    """Review of 175f767: alice's disconnect, in a try whose reply was lost, then refused out
-    of memory when made again, before a call the server ran that carries no mark (a node
-    status, an activity). Only a later connect or disconnect the pool answered had it asked
-    again: one that ran in the lost try was dropped and named "could not apply", an error,
-    though it ran (the harm the commit fixed for a later connect or disconnect: an operator
-    told so releases her by hand, ending whatever session she holds by then). Asked again, it
-    is made again; one that never ran (refused in the lost try too) is still dropped and named,
-    and never applied after the later call."""
-    await _booted(replica, "n1")
-    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
-    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
-    _tried_as(replica, _reply_lost if ran else _refusing_first(oom, reply_lost=True),
-              _refusing_first(oom), _as_is)
-    with caplog.at_level("INFO", logger="provisioner.service"):
-        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
-                                              later])
-    stats = await aredis.hgetall(replica.keys.key("stats"))
-    assert await aredis.hget(replica.keys.key("alloc"), "alice") == (None if ran else "n1")
-    assert int(stats.get("releases", 0)) == (1 if ran else 0)
-    named = "could not apply user:disconnect of alice (dropped)" in caplog.text
-    assert named is not ran, caplog.text
-    assert counter(replica, "provisioner_errors_total", where="event") == (0 if ran else 1)
-    made_again = isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
-    assert made_again is ran
-    assert outcomes[1] is not None
-    assert await check_invariants(aredis, POOL) == []
-
-
-async def test_a_call_that_ran_refused_before_one_the_pool_answered_passed_over_is_not_named(
-    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Review of 175f767: a first try runs alice's disconnect, is refused bob's connect out of
-    memory, runs carol's connect, and loses its reply. Made again, alice's is refused out of
-    memory, bob's answered PASSED OVER (an error reply: it never ran) and carol's refused: the
-    pool's mark covers alice's (bob's seq is under it), but only a later call answered with a
-    result had it asked again. It was dropped and named, an error, though it ran."""
-    await _booted(replica, "n1")
-    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
-    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
-
-    async def first(run_many: Any, calls: list[Any]) -> list[Any]:
-        await run_many(calls[:1])  # alice's disconnect runs; bob's connect refused
-        await run_many(calls[2:])  # carol's connect runs
-        raise RedisTimeoutError("Timeout reading from socket")
-
-    async def second(run_many: Any, calls: list[Any]) -> list[Any]:
-        return [oom] + await run_many(calls[1:2]) + [oom]  # bob's answered, the others refused
-
-    sent = _tried_as(replica, first, second, _as_is)
-    with caplog.at_level("INFO", logger="provisioner.service"):
-        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
-                                              wire("user:connect", {"user_id": "bob"}),
-                                              wire("user:connect", {"user_id": "carol"})])
-    assert sent[:2] == [3, 3]
-    stats = await aredis.hgetall(replica.keys.key("stats"))
-    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
-    assert int(stats["releases"]) == 1
-    assert "could not apply user:connect of bob (dropped): PASSED OVER" in caplog.text
-    assert "could not apply user:disconnect of alice" not in caplog.text, caplog.text
-    assert counter(replica, "provisioner_errors_total", where="event") == 1  # bob's only
-    assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
-    assert isinstance(outcomes[2], AllocateResult) and outcomes[2].code is Allocation.MADE_AGAIN
-    assert await check_invariants(aredis, POOL) == []
-
-
-async def test_a_question_about_a_call_refused_for_now_is_asked_again_within_the_deadline(
-    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Review of 175f767: alice's disconnect ran in a try whose reply was lost, was refused
-    out of memory when made again before bob's connect, which the pool answered, and the
-    question about it was refused out of memory too (memory still short a moment later). Its
-    refusal stood at once, with most of EVENT_RETRY_S left: dropped and named "could not
-    apply", an error, though it ran. A question changes nothing, so it is asked again."""
-    await _booted(replica, "n1")
-    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
-    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
-
-    async def refused(run_many: Any, calls: list[Any]) -> list[Any]:
-        return [oom] * len(calls)
-
-    sent = _tried_as(replica, _reply_lost, _refusing_first(oom), refused, _as_is)
-    with caplog.at_level("INFO", logger="provisioner.service"):
-        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
-                                              wire("user:connect", {"user_id": "bob"})])
-    assert sent == [2, 2, 1, 1]
-    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
-    assert int((await aredis.hgetall(replica.keys.key("stats")))["releases"]) == 1
-    assert "could not apply user:disconnect of alice" not in caplog.text, caplog.text
-    assert counter(replica, "provisioner_errors_total", where="event") == 0
-    assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
-
-
-@pytest.mark.parametrize("left", ["unreachable till the deadline", "asked till a stop"])
-async def test_a_call_left_unanswered_after_a_lost_reply_is_not_named_never_applied(
-    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch, left: str,
-) -> None:
-    """Final review: alice's disconnect ran in a try whose reply was lost. The server then
-    stayed unreachable till the batch's deadline, or refused the question about it (out of
-    memory) till the replica was stopped (a deploy's SIGTERM). It was logged "could not apply
-    user:disconnect of alice (dropped)", as a call the pool never ran is: it ran, her node is
-    free, and the operator the line is for repairs a disconnect that applied (a release by
-    hand ends whatever session she holds by then, the harm 175f767 and 63380e1 fixed for a
-    call the pool answered). Whether it ran is not known: the line says so."""
-    import provisioner.service as service
-
-    await _booted(replica, "n1")
-    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
-    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
-
-    async def unreachable(run_many: Any, calls: list[Any]) -> list[Any]:
-        raise RedisConnectionError("Error 111 connecting to redis. Connection refused.")
-
-    async def refused(run_many: Any, calls: list[Any]) -> list[Any]:
-        return [oom] * len(calls)
-
-    if left == "unreachable till the deadline":
-        monkeypatch.setattr(service, "EVENT_RETRY_S", 0.5)
-        _tried_as(replica, _reply_lost, unreachable)
-    else:
-        _tried_as(replica, _reply_lost, _refusing_first(oom), refused)
-        asyncio.get_running_loop().call_later(0.4, replica.stopping.set)
-    with caplog.at_level("INFO", logger="provisioner.service"):
-        await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
-                                   wire("user:connect", {"user_id": "bob"})])
-    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None  # it ran
-    assert "could not apply user:disconnect of alice" not in caplog.text, caplog.text
-    assert "user:disconnect of alice may have been applied" in caplog.text, caplog.text

@@ -21,6 +21,35 @@ end
 -- applied as ever. A mark ending in '?' only asks: a call the pool's mark does not cover is
 -- refused ('NOT RUN'), never applied (the listener asks so about a call refused before a later
 -- one that ran, after a try whose reply was lost: it may have run in that try).
+-- An entry of `applied` as made_again writes it: its batch, its last seq and the ranges of
+-- seqs passed over, {{lo, hi}, ...}, rising and each under the last seq; nil if it is not one
+-- (an edit by hand, even one that keeps the pattern: a dash or a colon gone).
+local function read_applied(entry)
+  local batch, last, rest = string.match(entry, '^([^:]+):(%d+)(.*)$')
+  if not batch then
+    return nil
+  end
+  last = tonumber(last)
+  local ranges = {}
+  if rest ~= '' then
+    local list = string.match(rest, '^:([%d,-]+)$')
+    if not list then
+      return nil
+    end
+    local after = 0
+    for part in string.gmatch(list .. ',', '([^,]*),') do
+      local lo, hi = string.match(part, '^(%d+)%-(%d+)$')
+      lo, hi = tonumber(lo), tonumber(hi)
+      if not lo or lo <= after or hi < lo or hi >= last then
+        return nil
+      end
+      ranges[#ranges + 1] = {lo, hi}
+      after = hi
+    end
+  end
+  return batch, last, ranges
+end
+
 local function made_again(mark)
   if not mark or mark == '' then
     return false
@@ -31,41 +60,27 @@ local function made_again(mark)
   end
   seq = tonumber(seq)
   local last = rcall('HGET', K.applied, replica)
-  local last_batch, last_seq = string.match(last or '', '^([^:]+):(%d+)$')
-  local skipped = ''
-  if not last_batch then
-    last_batch, last_seq, skipped = string.match(last or '', '^([^:]+):(%d+):([%d,-]+)$')
-  end
-  -- The seqs passed over, as written: ranges lo-hi rising, each under the last seq (an edit
-  -- by hand that keeps the pattern, a dash or a colon gone, is not an entry either).
-  local after = 0
-  for part in string.gmatch(last_batch and skipped ~= '' and (skipped .. ',') or '', '([^,]*),') do
-    local lo, hi = string.match(part, '^(%d+)%-(%d+)$')
-    lo, hi = tonumber(lo), tonumber(hi)
-    if not lo or lo <= after or hi < lo or hi >= tonumber(last_seq) then
-      last_batch = nil
-      break
-    end
-    after = hi
-  end
-  if last and not last_batch then
-    -- Not one this function wrote (an edit by hand): another batch's is of no use, and is
-    -- written over below; of this batch, which of its calls ran cannot be told, so none is
-    -- applied (made again, it may have run) nor skipped silently: refused, named by the
-    -- listener, until the next batch writes the entry afresh.
-    stat('values_repaired')
-    if string.match(last, '^([^:]*)') == batch then
-      error({err = 'UNREADABLE mark of replica ' .. replica .. ' in applied, of the batch of '
-        .. 'call ' .. mark .. ': whether it ran cannot be told; not applied'})
+  local last_batch, last_seq, ranges
+  if last then
+    last_batch, last_seq, ranges = read_applied(last)
+    if not last_batch then
+      -- Not one this function wrote (an edit by hand): another batch's is of no use, and is
+      -- written over below; of this batch, which of its calls ran cannot be told, so none is
+      -- applied (made again, it may have run) nor skipped silently: refused, named by the
+      -- listener, until the next batch writes the entry afresh.
+      stat('values_repaired')
+      if string.match(last, '^([^:]*)') == batch then
+        error({err = 'UNREADABLE mark of replica ' .. replica .. ' in applied, of the batch of '
+          .. 'call ' .. mark .. ': whether it ran cannot be told; not applied'})
+      end
     end
   end
   if last_batch ~= batch then
-    last_seq, skipped = 0, ''
+    last_seq, ranges = 0, {}
   end
-  last_seq = tonumber(last_seq)
   if seq <= last_seq then
-    for lo, hi in string.gmatch(skipped, '(%d+)%-(%d+)') do
-      if seq >= tonumber(lo) and seq <= tonumber(hi) then
+    for _, range in ipairs(ranges) do
+      if seq >= range[1] and seq <= range[2] then
         error({err = 'PASSED OVER call ' .. mark .. ': refused while a later call of its '
           .. 'batch ran, so it never ran; not applied after that call'})
       end
@@ -78,9 +93,14 @@ local function made_again(mark)
       .. 'it, so it never ran; not applied after a later call'})
   end
   if seq > last_seq + 1 then
-    skipped = skipped .. (skipped == '' and '' or ',') .. (last_seq + 1) .. '-' .. (seq - 1)
+    ranges[#ranges + 1] = {last_seq + 1, seq - 1}
   end
-  rcall('HSET', K.applied, replica, batch .. ':' .. seq .. (skipped == '' and '' or ':' .. skipped))
+  local written = {}
+  for i, range in ipairs(ranges) do
+    written[i] = range[1] .. '-' .. range[2]
+  end
+  rcall('HSET', K.applied, replica,
+        batch .. ':' .. seq .. (#written > 0 and ':' .. table.concat(written, ',') or ''))
   return false
 end
 

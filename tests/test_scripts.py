@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -378,21 +379,30 @@ async def test_the_queue_cost_benchmark_times_disconnects_and_misses(
     assert await aredis.keys("prov:{queuecost-test}:*") == []
 
 
+async def _alice_moved_by_a_marked_batch(pool: PoolUnderTest,
+                                         seq: int) -> tuple[list[Call[Any]], list[Any]]:
+    """n1 and n2 ready, alice on n1, then her disconnect and connect marked `r1:a1:seq` and the
+    next seq, run once (she moves to n2): the calls, to make again, and their results."""
+    for node in ("n1", "n2"):
+        await pool.boot(node)
+    await pool.scripts.allocate(pool.now, "alice")  # n1
+    batch: list[Call[Any]] = [
+        pool.scripts.release_call(pool.now, "alice", mark=f"r1:a1:{seq}"),
+        pool.scripts.allocate_call(pool.now, "alice", "r1", mark=f"r1:a1:{seq + 1}")]
+    first = [await pool.scripts.run(call) for call in batch]
+    assert [r.code for r in first] == [Release.RELEASED, Allocation.ALLOCATED]
+    return batch, first
+
+
 async def test_a_connect_or_disconnect_made_again_under_its_mark_changes_nothing(
     pool: PoolUnderTest,
 ) -> None:
     """A replica's call made again after a lost reply carries the first try's mark: applied
     once. Without the marks, alice's disconnect and connect made again end the session the
     first try began and begin one on the other node."""
-    for node in ("n1", "n2"):
-        await pool.boot(node)
-    await pool.scripts.allocate(pool.now, "alice")  # n1
-    batch = [pool.scripts.release_call(pool.now, "alice", mark="r1:a1:7"),
-             pool.scripts.allocate_call(pool.now, "alice", "r1", mark="r1:a1:8")]
-    first = [await pool.scripts.run(call) for call in batch]
+    batch, first = await _alice_moved_by_a_marked_batch(pool, 7)
     after_first = await pool.dump()
     again = [await pool.scripts.run(call) for call in batch]
-    assert [r.code for r in first] == [Release.RELEASED, Allocation.ALLOCATED]
     assert [r.code for r in again] == [Release.MADE_AGAIN, Allocation.MADE_AGAIN]
     assert again[1].node_id == first[1].node_id == "n2"
     now = await pool.dump()
@@ -1412,13 +1422,7 @@ async def test_an_applied_mark_broken_by_hand_never_applies_a_call_again_silentl
     for), with nothing counted or said. A call of that batch is refused instead (named and
     dropped by the listener: no call applied twice, none skipped silently), and the broken
     value is counted in values_repaired."""
-    for node in ("n1", "n2"):
-        await pool.boot(node)
-    await pool.scripts.allocate(pool.now, "alice")  # n1
-    batch = [pool.scripts.release_call(pool.now, "alice", mark="r1:a1:1"),
-             pool.scripts.allocate_call(pool.now, "alice", "r1", mark="r1:a1:2")]
-    first = [await pool.scripts.run(call) for call in batch]
-    assert [r.code for r in first] == [Release.RELEASED, Allocation.ALLOCATED]
+    batch, _ = await _alice_moved_by_a_marked_batch(pool, 1)
     assert await pool.alloc() == {"alice": "n2"}
     applied = pool.keys.key("applied")
     assert await pool.redis.hget(applied, "r1") == "a1:2"

@@ -30,12 +30,12 @@ class Problem:
     86400]`, what `bench --set` and a pool's published settings are written in) or the words of
     `label`; `said_of` puts another name in its place (`run`: the option and its env var).
 
-    `rule` is what the value must be, in the field's unit; a field it compares with is written
-    `{name}` in it, and `others` holds each such field's value. A problem with no rule is
-    `label` alone, said the same way by every caller (a URL the client cannot parse)."""
+    `rule` is what the value must be, in the field's unit, or what is wrong with it ("cannot be
+    parsed: ..."); a field it compares with is written `{name}` in it, and `others` holds each
+    such field's value."""
 
     setting: str
-    rule: str = ""
+    rule: str
     others: tuple[tuple[str, object], ...] = ()
     #: said after the rule and its unit: "(0 disables reconciliation)"
     note: str = ""
@@ -47,16 +47,12 @@ class Problem:
         return "s" if self.setting.endswith("_s") else ""
 
     def __str__(self) -> str:
-        if not self.rule:
-            return self.label
         said = self.rule.format(**{name: name for name, _ in self.others})
         return f"{self.label or self.setting} {said}{' ' + self.note if self.note else ''}"
 
     def said_of(self, subject: str, got: str, others: Mapping[str, str]) -> str:
         """The problem of the setting called `subject`, which was given `got`; `others` names
         each other field in the rule (an option, or its value where no option sets it)."""
-        if not self.rule:
-            return self.label
         parts = [subject, self.rule.format(**others)]
         parts += [part for part in (self.unit, self.note) if part]
         return " ".join(parts) + f": got {got}"
@@ -246,9 +242,10 @@ def default_replica_id() -> str:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def redis_url_problem(url: str) -> str | None:
-    """Why the Redis client cannot use `url` (its own parser's reason), or None: the client
-    would otherwise raise it when the command first connects, as a traceback."""
+def _redis_url_reason(url: str) -> str | None:
+    """Why the Redis client cannot use `url` (its own parser's reason), said of the URL
+    ("cannot be parsed: ..."), or None: the client would otherwise raise it when the command
+    first connects, as a traceback."""
     from redis.asyncio import ConnectionPool
     from redis.exceptions import RedisError
 
@@ -258,22 +255,27 @@ def redis_url_problem(url: str) -> str | None:
         # (?socket_timout=5) on to the connection, which is refused only there.
         ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
     except ValueError as exc:
-        return f"redis url {url!r} cannot be parsed: {exc}"
+        return f"cannot be parsed: {exc}"
     except TypeError as exc:
         unknown = re.search(r"argument '([^']+)'", str(exc))
-        return (f"redis url {url!r}: the Redis client takes no option "
+        return ("names an option the Redis client does not take: "
                 f"{unknown.group(1) if unknown else str(exc)!r}")
     except RedisError as exc:  # an option's value the client refuses (?protocol=4)
-        return f"redis url {url!r} cannot be used: {exc}"
+        return f"cannot be used: {exc}"
     # The client takes a database that is not a number (redis://host/one) as none, database 0:
     # a pool would run, or be inspected, where nobody meant.
     parts = urlsplit(url)
     if parts.scheme.lower() in ("redis", "rediss") and "db" not in parse_qs(parts.query):
         database = unquote(parts.path).strip("/")  # as the client reads it
         if database and not (database.isascii() and database.isdigit()):
-            return (f"redis url {url!r}: the database, {database!r}, is not a number "
-                    "(redis://HOST:PORT/N)")
+            return f"names a database that is not a number: {database!r} (redis://HOST:PORT/N)"
     return None
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why the Redis client cannot use `url`, naming it, or None."""
+    reason = _redis_url_reason(url)
+    return f"redis url {url!r} {reason}" if reason else None
 
 
 def redis_url_option(value: str | None) -> str | None:
@@ -286,17 +288,20 @@ def redis_url_option(value: str | None) -> str | None:
     return value
 
 
-def _node_api_url_problems(url: str) -> list[str]:
-    """What stops `url` naming a host and port: the client would fail on every call, or stop
-    the replica with a traceback, otherwise."""
+def _node_api_url_reason(url: str) -> str | None:
+    """What stops `url` naming a host and port, said of the URL, or None: the client would
+    fail on every call, or stop the replica with a traceback, otherwise."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- parsing it is the check (a port out of range or not a number)
     except ValueError as exc:
-        return [f"node api url {url!r} cannot be parsed: {exc}"]
-    if not parts.hostname:
-        return [f"node api url {url!r} names no host"]
-    return []
+        return f"cannot be parsed: {exc}"
+    return None if parts.hostname else "names no host"
+
+
+def _as_rule(reason: str) -> str:
+    """A reason that may quote anything (a URL, a client's error), as a Problem's rule."""
+    return reason.replace("{", "{{").replace("}", "}}")
 
 
 #: How often a replica reconciles the pool against the Node API's list, by default.
@@ -333,14 +338,15 @@ class ServiceConfig:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             found.append(Problem("redis_url", "must start with redis://, rediss:// or unix://",
                                  label=f"redis url {self.redis_url!r}"))
-        elif problem := redis_url_problem(self.redis_url):
-            found.append(Problem("redis_url", label=problem))
+        elif reason := _redis_url_reason(self.redis_url):
+            found.append(Problem("redis_url", _as_rule(reason),
+                                 label=f"redis url {self.redis_url!r}"))
         if not self.node_api_url.startswith(("http://", "https://")):
             found.append(Problem("node_api_url", "must start with http(s)://",
                                  label=f"node api url {self.node_api_url!r}"))
-        else:
-            found.extend(Problem("node_api_url", label=problem)
-                         for problem in _node_api_url_problems(self.node_api_url))
+        elif reason := _node_api_url_reason(self.node_api_url):
+            found.append(Problem("node_api_url", _as_rule(reason),
+                                 label=f"node api url {self.node_api_url!r}"))
         if not POOL_NAME.match(self.pool):
             found.append(Problem("pool", "must be 1-64 characters of letters, digits, _.-",
                                  label=f"pool {self.pool!r}"))

@@ -2477,19 +2477,32 @@ def test_any_batches_of_messages_keep_every_invariant(
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--node-api-url", "http://[::1"], "node api url 'http://[::1' cannot be parsed"),
-    (["--node-api-url", "http://127.0.0.1:99999"], "cannot be parsed: Port out of range"),
+    # each named by its option and env var, as every other setting is
+    (["--node-api-url", "http://[::1"],
+     "--node-api-url (PROVISIONER_NODE_API_URL) cannot be parsed: Invalid IPv6 URL: "
+     "got 'http://[::1'"),
+    (["--node-api-url", "http://127.0.0.1:99999"],
+     "--node-api-url (PROVISIONER_NODE_API_URL) cannot be parsed: Port out of range"),
     (["--node-api-url", "http://host:port"], "cannot be parsed"),
-    (["--node-api-url", "http://:8080"], "names no host"),
-    (["--redis-url", "redis://127.0.0.1:notaport"], "redis url 'redis://127.0.0.1:notaport'"),
+    (["--node-api-url", "http://:8080"],
+     "--node-api-url (PROVISIONER_NODE_API_URL) names no host: got 'http://:8080'"),
+    # a client's error that holds braces is said as it is
+    (["--node-api-url", "http://:{x}"],
+     "cannot be parsed: Port could not be cast to integer value as '{x}': got 'http://:{x}'"),
+    (["--redis-url", "redis://127.0.0.1:notaport"],
+     "--redis-url (PROVISIONER_REDIS_URL) cannot be parsed"),
     # the client took it as database 0 (a review)
-    (["--redis-url", "redis://127.0.0.1:6379/one"], "the database, 'one', is not a number"),
+    (["--redis-url", "redis://127.0.0.1:6379/one"],
+     "names a database that is not a number: 'one' (redis://HOST:PORT/N): "
+     "got 'redis://127.0.0.1:6379/one'"),
     # a traceback from the client's connection (a review)
     (["--redis-url", "redis://127.0.0.1:6379/0?socket_timout=5"],
-     "the Redis client takes no option 'socket_timout'"),
+     "--redis-url (PROVISIONER_REDIS_URL) names an option the Redis client does not take: "
+     "'socket_timout'"),
     # the client's own error, alone, and not said to be the URL's (a review)
     (["--redis-url", "redis://127.0.0.1:6379/0?protocol=4"],
-     "'redis://127.0.0.1:6379/0?protocol=4' cannot be used: protocol must be either 2 or 3"),
+     "--redis-url (PROVISIONER_REDIS_URL) cannot be used: protocol must be either 2 or 3: "
+     "got 'redis://127.0.0.1:6379/0?protocol=4'"),
     (["--log-level", "bogus"],
      "--log-level (PROVISIONER_LOG_LEVEL) must be one of DEBUG, INFO, WARNING, ERROR: got 'bogus'"),
 ])

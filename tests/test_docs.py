@@ -9,7 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SUITE_HEADER = "| trace | policy | connects | misses | miss rate |"
 #: Where the figures from `docs/bench` are quoted: the README and the benchmark's own page.
-DOCS = ("README.md", "docs/benchmark.md", "docs/verification.md", "docs/history.md")
+DOCS = ("README.md", "docs/benchmark.md", "docs/verification.md", "docs/history.md",
+        "docs/improvements.md")
 
 
 def _quoted() -> str:

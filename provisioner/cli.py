@@ -477,12 +477,13 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
           limit: Limit = 200) -> None:
     """Live nodes of the pool with their state, user and ages."""
     _pool_keys(pool)
-    rows = _with_redis(redis_url, lambda c: view.node_rows(c, pool, limit))
+    rows, (total, _, _) = _with_redis(redis_url, lambda c: _with_sizes(
+        c, pool, view.node_rows(c, pool, limit)))
     if as_json:
         typer.echo(json.dumps([_typed(row) for row in rows], indent=2))
         return
     now = time.time() * 1000
-    table = Table(title=f"nodes of pool {pool} ({len(rows)})")
+    table = Table(title=f"nodes of pool {pool} ({_counted(len(rows), total, limit)})")
     for column in ("node", "state", "user", "age", "idle for", "origin", "boot sample"):
         # The node id whole (the ends tell nodes apart), the user's folded, never cut short.
         table.add_column(column, no_wrap=column == "node",
@@ -498,6 +499,17 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
             _ago(now, view.time_ms(row.get("created_ms"))), idle, row.get("origin", ""),
             "no" if row.get("boot_sample") == "0" else "yes")))
     console.print(table)
+
+
+async def _with_sizes(client: aioredis.Redis, pool: str,
+                      rows: Awaitable[T]) -> tuple[T, tuple[int, int, int]]:
+    return await rows, await view.table_sizes(client, pool)
+
+
+def _counted(shown: int, total: int, limit: int) -> str:
+    """A table's count: its rows, and the pool's own where --limit left some out (the title
+    counted the rows alone: "nodes (200)" of a pool of 500)."""
+    return f"{shown} of {total}: --limit" if shown >= limit and total > shown else str(shown)
 
 
 def _typed(record: dict[str, Any]) -> dict[str, Any]:
@@ -536,7 +548,8 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     """Waiting users (oldest first) and users holding a node (the longest session first, with
     when each was last active: a session whose disconnect was lost shows up here)."""
     _pool_keys(pool)
-    waiting, sessions = _with_redis(redis_url, lambda c: view.user_rows(c, pool, limit))
+    (waiting, sessions), (_, waiting_total, session_total) = _with_redis(
+        redis_url, lambda c: _with_sizes(c, pool, view.user_rows(c, pool, limit)))
     now = time.time() * 1000
 
     def seconds(then_ms: int | None) -> float | None:
@@ -550,13 +563,15 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
                            "last_active_s": seconds(s.last_activity_ms)} for s in sessions]},
             indent=2))
         return
-    table = Table(title=f"waiting users of pool {pool} ({len(waiting)})")
+    table = Table(title=f"waiting users of pool {pool} "
+                        f"({_counted(len(waiting), waiting_total, limit)})")
     table.add_column("user", no_wrap=True)
     table.add_column("waiting for")
     for user, since in waiting:
         table.add_row(outside(user), _ago(now, since))
     console.print(table)
-    table = Table(title=f"connected users of pool {pool} ({len(sessions)}), longest first")
+    table = Table(title=f"connected users of pool {pool} "
+                        f"({_counted(len(sessions), session_total, limit)}), longest first")
     for column in ("user", "node", "session", "last active"):
         table.add_column(column, no_wrap=column == "user",
                          overflow="fold" if column == "node" else "ellipsis")

@@ -235,6 +235,18 @@ def other_release(replicas: list[ReplicaSeen]) -> str | None:
     return ", ".join(theirs)
 
 
+async def table_sizes(redis: aioredis.Redis, pool: str) -> tuple[int, int, int]:
+    """How many live nodes, waiting users and sessions the pool holds, read at once: what a
+    table `--limit` cut short counts beside the rows it shows."""
+    keys = PoolKeys(pool)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zcard(keys.key("nodes"))
+        pipe.hlen(keys.key("waiting_since"))
+        pipe.hlen(keys.key("alloc"))
+        nodes, waiting, sessions = await pipe.execute()
+    return int(nodes), int(waiting), int(sessions)
+
+
 async def node_rows(redis: aioredis.Redis, pool: str, limit: int = 200) -> list[dict[str, str]]:
     keys = PoolKeys(pool)
     ids = [as_text(i) for i in await redis.zrange(keys.key("nodes"), 0, limit - 1)]

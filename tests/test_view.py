@@ -161,6 +161,41 @@ def test_the_nodes_command_shows_whole_ids_on_a_narrow_terminal(redis_url: str) 
     assert "node-898f6a0c-1" in result.output and "node-898f6a0c-2" in result.output
 
 
+def test_the_nodes_and_users_tables_count_what_their_limit_leaves_out(redis_url: str) -> None:
+    # A review's drill: `nodes --limit 3` on a pool of 50 nodes was titled "nodes of pool
+    # default (3)", and `users --limit 2` "waiting users (2)" with 35 waiting: the title
+    # counted the rows shown, not the pool's, and said nothing of the others.
+    keys = PoolKeys("limit-cli")
+    now = int(time.time() * 1000)
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        for node in ("n1", "n2", "n3"):
+            await scripts.apply_node_status(now - 60_000, node, "ready")
+        for user in ("u1", "u2", "u3", "u4", "u5"):  # three sessions, two waiting
+            await scripts.allocate(now - 1_000, user)
+        await client.aclose()
+
+    asyncio.run(record())
+
+    def shown(*args: str) -> str:  # a title wraps to its table's width: read as one line
+        result = CliRunner().invoke(app, [*args, "--redis-url", redis_url, "--pool",
+                                          "limit-cli"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    assert "nodes of pool limit-cli (1 of 3: --limit)" in shown("nodes", "--limit", "1")
+    users = shown("users", "--limit", "1")
+    assert "waiting users of pool limit-cli (1 of 2: --limit)" in users, users
+    assert "connected users of pool limit-cli (1 of 3: --limit)" in users, users
+    # all shown: the count alone, as before
+    assert "nodes of pool limit-cli (3)" in shown("nodes")
+    users = shown("users")
+    assert "waiting users of pool limit-cli (2)" in users, users
+    assert "connected users of pool limit-cli (3)" in users, users
+
+
 def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: str) -> None:
     keys = PoolKeys("release-cli")
     now = int(time.time() * 1000)

@@ -27,3 +27,16 @@ def test_every_long_running_service_comes_back_after_a_crash() -> None:
                if services[name].get("restart") not in ("unless-stopped", "always")}
     assert not missing, missing
     assert "restart" not in services["cli"]
+
+
+def test_redis_is_healthy_only_once_it_answers_ping_with_pong() -> None:
+    """`redis-cli ping` exits 0 on an error reply: a server loading its append-only file
+    answers LOADING, and compose took it for healthy and started what waits on it. In the
+    Docker sandbox, with a 13 s load, each replica and the simulator exited 4 times ("cannot
+    run: Redis is loading the dataset in memory") before it was done; without a restart
+    policy the whole pool stays down. `-e` makes redis-cli exit 1 on an error reply."""
+    services = compose()["services"]
+    test = services["redis"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "redis-cli"] and "-e" in test and test[-1] == "ping", test
+    for name in ("provisioner", "node-api", "simulator", "cli"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name

@@ -152,6 +152,11 @@ def _refuses_writes(reply: object) -> bool:
 #: A replica not heard from for this long is dropped from the pool's list of replicas.
 FORGET_REPLICA_MS = 600_000
 
+#: How often the replica's loop watch wakes (`Replica._watch_the_loop`), and how much later than
+#: that it must wake to count as a stall of the loop.
+LOOP_WATCH_S = 0.25
+LOOP_STALL_S = 1.0
+
 #: Every replica's lag probe channel begins so: ``provisioner:lag:POOL:DB:REPLICA``. A
 #: server's channels are shared by all its databases, so the probe channels it lists
 #: (PUBSUB CHANNELS) name every pool whose replicas listen on it, whatever their database.
@@ -1132,6 +1137,33 @@ class Replica:
         waiting = time.monotonic() - self._probes_out[0] if self._probes_out else 0.0
         return max(self._last_lag_s, waiting)
 
+    async def _watch_the_loop(self) -> None:
+        """Count the stalls of this replica's event loop: a wake LOOP_STALL_S or more past its
+        time is as long as nothing in the process ran, the listener included. A paused process
+        (SIGSTOP, a frozen container or VM) then reads the messages published meanwhile and
+        applies them that late, while its lag probes, sent and timed by the same paused process
+        after it wakes, come back at once (a review's drill: `docker pause` of a replica for
+        100 s, its lag 0.05 s). So a stall is counted (`provisioner_loop_stalled_seconds`),
+        warned of, and taken as the listener's lag until the next probe comes back."""
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            before = loop.time()
+            if await sleep_unless(self.stopping, LOOP_WATCH_S):
+                return
+            stalled = loop.time() - before - LOOP_WATCH_S
+            if stalled >= LOOP_STALL_S:
+                self.metrics.loop_stalled.inc(stalled)
+                self._trouble.warning(
+                    "loop-stall", "this replica's event loop did not run for %.1fs (the process "
+                    "paused or starved of CPU, or a call blocking the loop): the events "
+                    "published meanwhile are applied that late, and a user's connect or "
+                    "disconnect another replica applied in time may be applied again after the "
+                    "user's next one (README, \"How replicas cooperate\")", stalled)
+                if self.service.heartbeat_interval_s > 0:
+                    # With no heartbeats no probe would ever come back to take it away.
+                    self._last_lag_s = max(self._last_lag_s, stalled)
+                    self._report_lag()
+
     def _report_lag(self) -> None:
         lag = self.event_lag_s()
         self.metrics.event_lag.set(lag)
@@ -1197,6 +1229,7 @@ class Replica:
             asyncio.create_task(self.listen(), name="listen"),
             asyncio.create_task(self._every(self.pool.tick_interval_s, self.tick, "tick",
                                             after=self._looked), name="tick"),
+            asyncio.create_task(self._watch_the_loop(), name="loop-watch"),
         ]
         if self.service.heartbeat_interval_s > 0:
             tasks.append(asyncio.create_task(

@@ -2092,6 +2092,49 @@ async def test_the_listener_reports_how_far_it_is_behind_the_events(
     assert int(await aredis.hget(replica.keys.key("stats"), "activities") or 0) == 1
 
 
+@pytest.mark.parametrize("heartbeats", [True, False])
+async def test_a_stalled_loop_is_counted_and_taken_for_the_listener_s_lag(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture, heartbeats: bool,
+) -> None:
+    """Found by a review: a replica paused for 100 s (`docker pause`) applied the events
+    published meanwhile 100 s late, and its lag read 0.05 s: its probes, sent and timed by the
+    paused process once it woke, came back at once. A loop blocked for 1.5 s stands for the
+    pause here: nothing in the process runs, as in a paused one. With heartbeats off no probe
+    would take the lag back, so the stall is counted and not read as a lag."""
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            max_event_lag_s=1.0, heartbeat_interval_s=2.0 if heartbeats else 0)
+    replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+    tasks = [asyncio.create_task(replica.listen())]
+    try:
+        tasks.append(asyncio.create_task(replica._watch_the_loop()))
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await replica.probe_lag()
+        await _until(lambda: not replica._probes_out)
+        await asyncio.sleep(0.6)  # the watch's turns, none of them late
+        assert counter(replica, "provisioner_loop_stalled_seconds_total") == 0
+        assert replica.event_lag_s() < 0.3
+
+        time.sleep(1.5)  # noqa: ASYNC251 -- the process paused: nothing in it runs
+        await _until(lambda: counter(replica, "provisioner_loop_stalled_seconds_total") > 0)
+        assert 1.2 <= counter(replica, "provisioner_loop_stalled_seconds_total") <= 2.5
+        assert "event loop did not run for 1." in caplog.text
+        status, body = await _readyz(replica)
+        if heartbeats:
+            assert replica.event_lag_s() >= 1.2
+            assert status == 503 and any("behind" in p for p in body["problems"]), body
+            # The next probe back is the lag again.
+            await replica.probe_lag()
+            await _until(lambda: not replica._probes_out)
+            assert replica.event_lag_s() < 0.3
+            assert (await _readyz(replica))[0] == 200
+        else:
+            assert replica.event_lag_s() < 0.3 and status == 200, body
+    finally:
+        replica.stopping.set()
+        await asyncio.gather(*tasks)
+
+
 async def test_what_else_comes_on_the_probe_channel_moves_no_lag(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

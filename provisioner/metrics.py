@@ -146,10 +146,11 @@ class Metrics:
             "unsubscribed at once", registry=r)
         self.loop_stalled = Counter(
             "provisioner_loop_stalled_seconds",
-            "Seconds this replica's event loop did not run, in stalls of over a second (the "
-            "process paused: SIGSTOP, a frozen container or VM; starved of CPU; a call blocking "
-            "the loop): the events published meanwhile were applied that much late, which the "
-            "lag probes, timed by the stalled process, do not show", registry=r)
+            "Seconds this replica's event loop did not run, counted where its watch (every "
+            "0.25 s) woke a second or more late, by how late (the process paused: SIGSTOP, a "
+            "frozen container or VM; starved of CPU; a call blocking the loop): the events "
+            "published meanwhile were applied that much late, which the lag probes, timed by "
+            "the stalled process, do not show", registry=r)
         self.errors = Counter("provisioner_errors",
                               "Unexpected errors while handling work, by where",
                               ["where"], registry=r)

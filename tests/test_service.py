@@ -539,15 +539,21 @@ async def test_a_live_listener_is_not_taken_for_silent_after_its_loop_was_blocke
 async def test_a_listener_further_behind_than_the_silence_allowed_is_not_taken_for_silent(
     redis_url: str, aredis: aioredis.Redis,
 ) -> None:
-    """A listener 2 s behind the stream, with 1 s of silence allowed and a probe every 0.8 s:
+    """A listener 3 s behind the stream, with 1.5 s of silence allowed and a probe every 0.8 s:
     the probes on their way are older than the silence allowed, but a read every 0.8 s brings
     one sent before it. Only a probe sent since the last read counts (`_looks_silent`): the
-    oldest probe out would take this live listener for silent at its first empty read."""
-    async with _listening_behind(redis_url, 2.0) as replica:
-        # Something on its way before the first probe: a new subscription 2 s behind reads
-        # nothing for 2 s, and would be taken for silent at its start.
-        await aredis.publish(replica.probe_channel, "-inf")
-        await asyncio.sleep(1.2)
+    oldest probe out would take this live listener for silent at its first empty read.
+
+    Each probe is read within 1.5 s of the next one sent, 0.7 s to spare. (It was 2 s behind
+    with 1 s allowed, and one junk message on its way before the first probe: a probe sent just
+    after that message was read waited 1.2 s for the next read, and under eight CPU hogs on
+    two cores one run in four took the listener for silent.)"""
+    async with _listening_behind(redis_url, 3.0, max_lag_s=0.75) as replica:
+        # Something on its way all the while before the first probe: a new subscription 3 s
+        # behind reads nothing for 3 s, and would be taken for silent at its start.
+        for _ in range(5):
+            await aredis.publish(replica.probe_channel, "-inf")
+            await asyncio.sleep(0.4)
         for _ in range(8):
             await replica.probe_lag()
             await asyncio.sleep(0.8)

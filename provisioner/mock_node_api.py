@@ -33,6 +33,7 @@ import typer
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from provisioner.clock import sleep_unless
 from provisioner.config import redis_url_option
 from provisioner.logs import setup_logging
 
@@ -150,6 +151,10 @@ class MockNodeApi:
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
         self.nodes: dict[str, MockNode] = {}
+        #: Set by close(): a call in its injected latency is answered 503 at once. SIGTERM
+        #: waited out the latency of the calls in flight (up to --latency, 600 s), which then
+        #: created their nodes from a mock told to stop.
+        self.stopping = asyncio.Event()
         # Not from the seed, which draws the delays and faults: a mock restarted with the same
         # seed would name its nodes again as before, and a pool keeps the ids it saw end as
         # tombstones (a day) and would ignore a new node under one of them.
@@ -175,9 +180,16 @@ class MockNodeApi:
             return False
         return True
 
-    async def _latency(self) -> None:
+    async def _latency(self) -> bool:
+        """The injected latency of a call; whether the mock is stopping (then it ends early)."""
         if self.faults.latency_s > 0:
-            await asyncio.sleep(self.rng.uniform(0, self.faults.latency_s))
+            return await sleep_unless(self.stopping, self.rng.uniform(0, self.faults.latency_s))
+        return self.stopping.is_set()
+
+    @staticmethod
+    def _stopping_answer(call: str) -> web.Response:
+        log.info("%s: refused, the mock is stopping", call)
+        return web.json_response({"error": "the mock is stopping"}, status=503)
 
     def _fails(self, rate: float) -> bool:
         return rate > 0 and self.rng.random() < rate
@@ -191,7 +203,8 @@ class MockNodeApi:
     # --- handlers -----------------------------------------------------------------------------
 
     async def create(self, _: web.Request) -> web.Response:
-        await self._latency()
+        if await self._latency():
+            return self._stopping_answer("create")
         self._forget_old()
         if self._fails(self.faults.create_error_rate):
             log.info("create: injected failure")
@@ -209,7 +222,8 @@ class MockNodeApi:
                 del self.nodes[node.id]
             return web.json_response({"error": "cannot publish node:status"}, status=503)
         stuck = self._fails(self.faults.stuck_rate)
-        if not stuck and node.state == "booting":  # one deleted while its status went out ends
+        # one deleted while its status went out ends; a mock stopping boots nothing more
+        if not stuck and node.state == "booting" and not self.stopping.is_set():
             node.tasks.append(_spawn(self._boot(node), node.id))
         log.info("create %s%s", node.id, " (will never become ready)" if stuck else "")
         return web.json_response({"id": node.id}, status=202)
@@ -234,7 +248,8 @@ class MockNodeApi:
         await self._publish(node, "terminated")
 
     async def delete(self, request: web.Request) -> web.Response:
-        await self._latency()
+        if await self._latency():
+            return self._stopping_answer("delete")
         node = self.nodes.get(request.match_info["node_id"])
         if node is None:
             return web.json_response({"error": "no such node"}, status=404)
@@ -276,13 +291,16 @@ class MockNodeApi:
         return app
 
     async def close(self) -> None:
+        self.stopping.set()
         for node in self.nodes.values():
             for task in node.tasks:
                 task.cancel()
 
 
 async def serve(api: MockNodeApi, host: str, port: int) -> None:
-    runner = web.AppRunner(api.app(), access_log=None)
+    # A call in flight is waited for a few seconds at most (its publish has the client's 5 s
+    # timeout; its injected latency ends when close() is called), not aiohttp's 60.
+    runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -297,6 +315,8 @@ async def serve(api: MockNodeApi, host: str, port: int) -> None:
         await api.close()
         await runner.cleanup()
         await api.redis.aclose()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _rate(value: float) -> float:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
+import signal
 import statistics
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -244,3 +246,40 @@ async def test_a_restarted_mock_names_new_nodes_whatever_its_seed(aredis: aiored
     first = MockNodeApi(aredis, BootDelay.parse("1"), seed=7)
     again = MockNodeApi(aredis, BootDelay.parse("1"), seed=7)
     assert next(first._ids) != next(again._ids)
+
+
+async def test_a_mock_told_to_stop_answers_a_call_in_its_latency_and_creates_nothing(
+        aredis: aioredis.Redis) -> None:
+    """SIGTERM waited out the injected latency of the call in flight (82 s in a review's run
+    with --latency 600), then created its node and published `booting` from a mock told to
+    stop."""
+    from provisioner.mock_node_api import serve
+
+    in_latency = asyncio.Event()
+
+    class Watched(MockNodeApi):
+        async def _latency(self) -> bool:
+            in_latency.set()
+            return await super()._latency()
+
+    # seed 1 draws a latency of 80 s for the first call
+    api = Watched(aredis, BootDelay.parse("1"), faults=Faults(latency_s=600), seed=1)
+    port = free_port()
+    serving = asyncio.create_task(serve(api, "127.0.0.1", port))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        while True:  # until it listens
+            try:
+                await client.get("/healthz")
+                break
+            except httpx.ConnectError:
+                await asyncio.sleep(0.05)
+        async with Subscriber(aredis, "node:status") as sub:
+            creating = asyncio.create_task(client.post("/api/nodes"))
+            await in_latency.wait()
+            os.kill(os.getpid(), signal.SIGTERM)  # serve() handles it on this loop
+            # a guard against the hang, not a measure of speed: the latency left is 80 s
+            answer = await asyncio.wait_for(creating, 20)
+            await asyncio.wait_for(serving, 20)
+            published = await sub.drain(settle=0.3)
+    assert answer.status_code == 503 and answer.json() == {"error": "the mock is stopping"}
+    assert published == [] and api.nodes == {}

@@ -207,9 +207,11 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
                   sleep: Callable[[asyncio.Event, float], Awaitable[bool]] = sleep_unless,
                   ) -> dict[str, int]:
     """Publish each event at `start + t / speed` of the wall clock, holding the traffic while
-    Redis cannot be reached (see the module's notes). `monotonic` and `sleep` pace it; a test
-    passes its own to see the pace without timing it."""
+    Redis cannot be reached (see the module's notes). Told to stop, it ends the sessions whose
+    connect went out (`_end_sessions`). `monotonic` and `sleep` pace it; a test passes its own
+    to see the pace without timing it."""
     counts: dict[str, int] = {}
+    running: dict[str, None] = {}  # users whose connect went out and disconnect not yet
     started_wall = time.time()
     started = monotonic()
     last_report = started
@@ -224,10 +226,34 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
         if not await _publish_held(redis, channel, json.dumps(payload), stop, retry_s):
             break
         counts[channel] = counts.get(channel, 0) + 1
+        if channel == "user:connect":
+            running[str(payload.get("user_id"))] = None
+        elif channel == "user:disconnect":
+            running.pop(str(payload.get("user_id")), None)
         if monotonic() - last_report > 30:
             last_report = monotonic()
             log.info("published %s", counts)
+    if stop.is_set() and running:
+        await _end_sessions(redis, running, counts)
     return counts
+
+
+async def _end_sessions(redis: aioredis.Redis, running: dict[str, None],
+                        counts: dict[str, int]) -> None:
+    """A disconnect for each session still running when the traffic is told to stop, in the
+    order they connected: SIGTERM or Ctrl-C left each connected, its node held until
+    `provisioner release`. Each is tried once, not held: the first that fails ends the try,
+    with the count of sessions left running."""
+    for n, user in enumerate(running):
+        try:
+            await redis.publish("user:disconnect", json.dumps({"user_id": user}))
+        except (OSError, RedisError) as exc:
+            log.warning("stopping: cannot end the %d sessions still running (%s); their nodes "
+                        "stay held until `provisioner release`", len(running) - n,
+                        str(exc) or type(exc).__name__)
+            return
+        counts["user:disconnect"] = counts.get("user:disconnect", 0) + 1
+    log.info("stopping: ended the %d sessions still running", len(running))
 
 
 def command(

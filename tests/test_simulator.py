@@ -243,3 +243,37 @@ def test_a_trace_with_no_events_replays_nothing_and_says_so(tmp_path: Path) -> N
     result = CliRunner().invoke(app, ["simulate", "--redis-url", "redis://127.0.0.1:1/0",
                                       "--trace", str(empty)])
     assert result.exit_code == 0 and result.exception is None, result.output
+
+
+async def test_traffic_told_to_stop_ends_the_sessions_it_connected(
+        aredis: aioredis.Redis) -> None:
+    """SIGTERM or Ctrl-C left every session running connected (a review's run stopped at 8 s:
+    14 connects, no disconnect), each node held until `provisioner release`. Only the sessions
+    whose connect went out are ended, in the order they connected."""
+    events = [(0.0, "user:connect", {"user_id": "a"}), (1.0, "user:connect", {"user_id": "b"}),
+              (2.0, "user:connect", {"user_id": "c"}), (3.0, "user:disconnect", {"user_id": "a"}),
+              (4.0, "user:connect", {"user_id": "d"}), (9.0, "user:disconnect", {"user_id": "b"})]
+    stop = asyncio.Event()
+    now = 0.0
+    sleeps = 0
+
+    def monotonic() -> float:
+        return now
+
+    async def sleep(stop: asyncio.Event, seconds: float) -> bool:
+        nonlocal now, sleeps
+        sleeps += 1
+        if sleeps == 4:  # on the way to d's connect
+            stop.set()
+        now += seconds
+        return stop.is_set()
+
+    async with Subscriber(aredis, "user:connect", "user:disconnect") as sub:
+        counts = await publish(aredis, iter(events), speed=1.0, stop=stop,
+                               monotonic=monotonic, sleep=sleep)
+        messages = await sub.drain(settle=0.3)
+    assert [(ch, m) for ch, m in messages] == [
+        ("user:connect", {"user_id": "a"}), ("user:connect", {"user_id": "b"}),
+        ("user:connect", {"user_id": "c"}), ("user:disconnect", {"user_id": "a"}),
+        ("user:disconnect", {"user_id": "b"}), ("user:disconnect", {"user_id": "c"})]
+    assert counts == {"user:connect": 3, "user:disconnect": 3}

@@ -120,6 +120,10 @@ class MockNode:
     created_at: float
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     ended_at: float | None = None
+    #: Held while one of its statuses goes out, so they go out in the order they were made: a
+    #: node is found (listed, deleted) before its `booting` has gone out, and a DELETE with no
+    #: terminate delay published `terminated` first.
+    said: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def as_json(self) -> dict[str, object]:
         return {"id": self.id, "state": self.state, "created_at": self.created_at}
@@ -170,8 +174,9 @@ class MockNodeApi:
         Redis's: one of the client's own kept a create's node while its POST answered 500,
         filling `--max-nodes` with nodes nobody was given (a review)."""
         try:
-            await self.redis.publish("node:status", json.dumps({"node_id": node.id,
-                                                                "status": status}))
+            async with node.said:
+                await self.redis.publish("node:status", json.dumps({"node_id": node.id,
+                                                                    "status": status}))
         except (OSError, RedisError) as exc:
             log.warning("%s: cannot publish %r: %s", node.id, status, exc)
             return False

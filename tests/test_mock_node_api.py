@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -283,3 +284,42 @@ async def test_a_mock_told_to_stop_answers_a_call_in_its_latency_and_creates_not
             published = await sub.drain(settle=0.3)
     assert answer.status_code == 503 and answer.json() == {"error": "the mock is stopping"}
     assert published == [] and api.nodes == {}
+
+
+class FirstHeld:
+    """A Redis whose first publish waits before it goes out (its connection still being made)
+    until the test lets it; every publish is recorded in the order it reached the server."""
+
+    def __init__(self, real: aioredis.Redis) -> None:
+        self.real = real
+        self.holding = asyncio.Event()
+        self.let_go = asyncio.Event()
+        self.sent: list[str] = []
+
+    async def publish(self, channel: str, message: str) -> int:
+        if not self.holding.is_set():
+            self.holding.set()
+            await self.let_go.wait()
+        self.sent.append(json.loads(message)["status"])
+        return int(await self.real.publish(channel, message))
+
+
+async def test_a_delete_while_booting_goes_out_publishes_terminated_after_booting(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    """A node is listed (and found by a DELETE) before its `booting` goes out: with no
+    terminate delay its `terminated` went out first, and a pool that heard them in that
+    order took the late `booting` for a node that had ended."""
+    held = FirstHeld(aredis)
+    api = await start_api(boot_delay="100", redis=held, terminate_delay_s=0)
+    async with Subscriber(aredis, "node:status") as sub:
+        creating = asyncio.create_task(api.post("/api/nodes"))
+        await held.holding.wait()
+        [listed] = (await api.get("/api/nodes")).json()["nodes"]
+        assert (await api.delete(f"/api/nodes/{listed['id']}")).status_code == 202
+        for _ in range(50):  # the termination's turns, had it not to wait for the booting
+            await asyncio.sleep(0)
+        held.let_go.set()
+        assert (await creating).status_code == 202
+        await sub.wait_for(lambda ch, m: m["status"] == "terminated", within=5)
+    assert held.sent == ["booting", "terminated"]
+    assert [m["status"] for _, m in sub.messages] == ["booting", "terminated"]

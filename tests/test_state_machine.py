@@ -11,6 +11,7 @@ async scripts through one loop of its own.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -157,6 +158,8 @@ def state_machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine
 def test_random_event_sequences_keep_the_pool_consistent(
     state_machine: type[RuleBasedStateMachine],
 ) -> None:
-    runner = settings(max_examples=60, stateful_step_count=40, deadline=None,
-                      suppress_health_check=list(HealthCheck))(state_machine)
+    """`PROVISIONER_STATE_MACHINE_EXAMPLES` runs more sequences than the 60 of a test run."""
+    runner = settings(max_examples=int(os.environ.get("PROVISIONER_STATE_MACHINE_EXAMPLES", "60")),
+                      stateful_step_count=40, deadline=None,
+                      suppress_health_check=list(HealthCheck), print_blob=True)(state_machine)
     runner.TestCase().runTest()

@@ -256,7 +256,14 @@ async def _end_sessions(redis: aioredis.Redis, running: dict[str, None],
     log.info("stopping: ended the %d sessions still running", len(running))
 
 
+#: The options that shape synthetic traffic; a trace holds its own users, so with --trace each
+#: is refused (they were ignored in silence).
+SYNTHETIC_ONLY = ("arrival_rate", "browse_gap", "conversion", "requests", "session", "duration",
+                  "seed")
+
+
 def command(
+    ctx: typer.Context,
     redis_url: Annotated[str, typer.Option(
         envvar="PROVISIONER_REDIS_URL", callback=redis_url_option,
         help="Redis to publish the traffic on")] = "redis://127.0.0.1:6379/0",
@@ -283,9 +290,13 @@ def command(
     """Publish user traffic on user:activity, user:connect and user:disconnect."""
     setup_logging()  # the service's: what a terminal acts on, in a trace's ids, escaped
     if trace is not None:
-        if duration is not None:
-            raise typer.BadParameter("a trace runs for its own duration_s; --duration is for "
-                                     "synthetic traffic", param_hint="--duration")
+        given = [name for name in SYNTHETIC_ONLY
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+        if given:
+            hint = "--" + given[0].replace("_", "-")
+            why = ("a trace runs for its own duration_s" if given[0] == "duration"
+                   else "a trace holds its own users")
+            raise typer.BadParameter(f"{why}; {hint} is for synthetic traffic", param_hint=hint)
         try:
             events = trace_events(trace)
             first = next(events, None)

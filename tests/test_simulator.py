@@ -142,8 +142,15 @@ async def test_a_trace_replay_ends_the_sessions_the_trace_leaves_running(
         ("user:connect", "c"), ("user:disconnect", "b"), ("user:disconnect", "c")]
 
 
-def test_a_duration_with_a_trace_is_refused(tmp_path: Path) -> None:
-    # it was ignored: the trace ran for its own duration_s
+@pytest.mark.parametrize("option", [
+    ["--duration", "5"],  # it was ignored: the trace ran for its own duration_s
+    # The synthetic traffic's shape was ignored in silence (a review): a trace holds its users.
+    ["--arrival-rate", "50"], ["--browse-gap", "3"], ["--conversion", "0.5"],
+    ["--requests", "4"], ["--session", "60"], ["--seed", "7"],
+    ["--arrival-rate", "20"],  # the default, given: refused all the same
+])
+def test_an_option_of_synthetic_traffic_with_a_trace_is_refused(
+        tmp_path: Path, option: list[str]) -> None:
     from typer.testing import CliRunner
 
     from provisioner.cli import app
@@ -151,8 +158,9 @@ def test_a_duration_with_a_trace_is_refused(tmp_path: Path) -> None:
 
     path = write_trace(tmp_path / "t.jsonl", [(0.0, "connect", "a")])
     result = CliRunner().invoke(app, ["simulate", "--redis-url", "redis://127.0.0.1:1/0",
-                                      "--trace", str(path), "--duration", "5"])
-    assert result.exit_code == 2 and "--duration" in result.output, result.output
+                                      "--trace", str(path), *option])
+    assert result.exit_code == 2 and option[0] in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 async def test_traffic_is_held_while_redis_does_not_answer_and_follows_late_in_order(

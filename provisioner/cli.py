@@ -151,14 +151,16 @@ def run(
         "--replica-id", envvar="PROVISIONER_REPLICA_ID",
         help="Name of this replica in logs and decisions (default: HOSTNAME-PID)")] = "",
     min_ready: Annotated[int, typer.Option(
-        envvar="PROVISIONER_MIN_READY", help="Floor of spare (ready+booting) nodes")
+        envvar="PROVISIONER_MIN_READY", help="Floor of the target of spare nodes (ready + "
+        "booting + creating - waiting) and of the ready nodes the reaper leaves")
     ] = DEFAULTS.min_ready,
     max_nodes: Annotated[int, typer.Option(
         envvar="PROVISIONER_MAX_NODES", help="Most nodes that may exist at once")
     ] = DEFAULTS.max_nodes,
     idle_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_IDLE_TIMEOUT", help="Seconds a ready node may idle before it may "
-        "be reaped (only beyond the target)")] = DEFAULTS.idle_timeout_s,
+        "be reaped (only beyond the keep level, the highest target of --keep-window)")
+    ] = DEFAULTS.idle_timeout_s,
     boot_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_BOOT_TIMEOUT", help="Seconds after which a boot is stuck and the "
         "node terminated (or 3 learned mean boots, where that is longer)"),

@@ -8,7 +8,7 @@ replica: aggregate them with max(), not sum().
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 WAIT_BUCKETS = (0.0, 0.5, 1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -24,6 +24,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # The process's own: start time (the stall alert judges a young replica by its count),
+        # CPU seconds, resident memory, open file descriptors (Linux; none elsewhere).
+        ProcessCollector(registry=r)
         self.events = Counter("provisioner_events", "Messages received, by channel",
                               ["channel"], registry=r)
         self.rejected = Counter("provisioner_events_rejected",

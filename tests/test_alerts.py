@@ -35,7 +35,10 @@ def rules() -> list[dict[str, Any]]:
 def exported_series() -> set[str]:
     """Every series name a replica's /metrics can carry."""
     names = {"up"}
-    for metric in vars(Metrics()).values():
+    metrics = Metrics()
+    names |= {sample.name for family in metrics.registry.collect()
+              if family.name.startswith("process_") for sample in family.samples}
+    for metric in vars(metrics).values():
         if not isinstance(metric, MetricWrapperBase):
             continue
         name, kind = metric._name, metric._type
@@ -66,7 +69,8 @@ def test_every_series_an_alert_reads_is_one_the_replicas_export() -> None:
     assert "provisioner_event_lag_seconds" in exported and "provisioner_misses_total" in exported
     read = set()
     for rule in rules():
-        names = set(re.findall(r"\b(provisioner_[a-z_]+|up)\b(?=\s*[{\[)=<> ]|$)", rule["expr"]))
+        names = set(re.findall(r"\b((?:provisioner|process)_[a-z_]+|up)\b(?=\s*[{\[)=<> ]|$)",
+                               rule["expr"]))
         assert names, rule["alert"]
         read |= names
     assert read <= exported, read - exported

@@ -208,8 +208,8 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
                   ) -> dict[str, int]:
     """Publish each event at `start + t / speed` of the wall clock, holding the traffic while
     Redis cannot be reached (see the module's notes). Told to stop, it ends the sessions whose
-    connect went out (`_end_sessions`). `monotonic` and `sleep` pace it; a test passes its own
-    to see the pace without timing it."""
+    connect went out, or may have (one held after a try), with `_end_sessions`. `monotonic`
+    and `sleep` pace it; a test passes its own to see the pace without timing it."""
     counts: dict[str, int] = {}
     running: dict[str, None] = {}  # users whose connect went out and disconnect not yet
     started_wall = time.time()
@@ -224,6 +224,12 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
         if channel == "user:activity":
             payload = {**payload, "timestamp": int(started_wall + payload["timestamp"] / speed)}
         if not await _publish_held(redis, channel, json.dumps(payload), stop, retry_s):
+            if channel == "user:connect":
+                # Held, and tried at least once: a try whose reply was lost (the server took
+                # it, then stalled past the client's timeout) may have gone out, and its user
+                # would be left connected. A disconnect for a user who never connected
+                # changes nothing (lua/release.lua).
+                running[str(payload.get("user_id"))] = None
             break
         counts[channel] = counts.get(channel, 0) + 1
         if channel == "user:connect":

@@ -285,3 +285,39 @@ async def test_traffic_told_to_stop_ends_the_sessions_it_connected(
         ("user:connect", {"user_id": "c"}), ("user:disconnect", {"user_id": "a"}),
         ("user:disconnect", {"user_id": "b"}), ("user:disconnect", {"user_id": "c"})]
     assert counts == {"user:connect": 3, "user:disconnect": 3}
+
+
+class ConnectReplyLost:
+    """A Redis that publishes everything, but loses the reply to one user's connect (the
+    client's timeout, the server stalled after it had taken the message), and the traffic is
+    told to stop while that connect waits to be tried again."""
+
+    def __init__(self, real: aioredis.Redis, user: str, stop: asyncio.Event) -> None:
+        self.real = real
+        self.user = user
+        self.stop = stop
+
+    async def publish(self, channel: str, message: str) -> int:
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        received = int(await self.real.publish(channel, message))
+        if channel == "user:connect" and json.loads(message)["user_id"] == self.user:
+            self.stop.set()  # Ctrl-C while the connect is held
+            raise RedisTimeoutError("Timeout reading from socket")
+        return received
+
+
+async def test_traffic_told_to_stop_ends_a_session_whose_connect_went_out_unanswered(
+        aredis: aioredis.Redis) -> None:
+    """A connect held after a try whose reply was lost may have gone out (the server took it,
+    then stalled past the client's timeout): stopped then, the simulator left its user
+    connected, the node held until `provisioner release`."""
+    events = [(0.0, "user:connect", {"user_id": "a"}), (0.0, "user:connect", {"user_id": "b"})]
+    stop = asyncio.Event()
+    async with Subscriber(aredis, "user:connect", "user:disconnect") as sub:
+        await publish(ConnectReplyLost(aredis, "b", stop), iter(events),  # type: ignore[arg-type]
+                      speed=1.0, stop=stop, retry_s=0.1)
+        messages = await sub.drain(settle=0.3)
+    assert messages == [("user:connect", {"user_id": "a"}), ("user:connect", {"user_id": "b"}),
+                        ("user:disconnect", {"user_id": "a"}),
+                        ("user:disconnect", {"user_id": "b"})]

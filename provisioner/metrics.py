@@ -24,9 +24,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        # The process's own: start time (the stall alert judges a young replica by its count),
-        # CPU seconds, resident memory, open file descriptors (Linux; none elsewhere).
-        ProcessCollector(registry=r)
+        if registry is None:
+            # The process's own: start time (the stall alert judges a young replica by its
+            # count), CPU seconds, resident memory, open file descriptors (Linux; none
+            # elsewhere). Not in a registry given, which may hold them already (the default
+            # registry does).
+            ProcessCollector(registry=r)
         self.events = Counter("provisioner_events", "Messages received, by channel",
                               ["channel"], registry=r)
         self.rejected = Counter("provisioner_events_rejected",

@@ -76,6 +76,18 @@ def test_every_series_an_alert_reads_is_one_the_replicas_export() -> None:
     assert read <= exported, read - exported
 
 
+def test_a_registry_given_that_holds_the_process_series_takes_the_metrics() -> None:
+    """The process's series (the stall alert reads its start time) are added to a registry
+    of the replica's own; one given may hold them already, as prometheus_client's default
+    does, and registering them twice raised (a review)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    given = CollectorRegistry(auto_describe=True)  # as the default registry is
+    ProcessCollector(registry=given)
+    Metrics(registry=given)
+    assert "process_start_time_seconds" in exported_series() or not Path("/proc/self").exists()
+
+
 def test_every_alert_says_how_bad_and_what_to_look_at() -> None:
     found = rules()
     assert len(found) >= 8

@@ -85,4 +85,7 @@ def test_bench_compare_reads_two_folders_of_suites(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     refused = CliRunner().invoke(app, ["bench", "compare", str(old), str(empty)])
-    assert refused.exit_code == 2 and "results.json under it" in refused.output
+    # The error is laid out at 80 columns and the folder's path moves where it wraps: as user
+    # `u` (/tmp/pytest-of-u/...) it broke "no results.json\nunder it" and failed this test.
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "no results.json under it" in said, refused.output

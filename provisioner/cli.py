@@ -147,6 +147,10 @@ def run(
     http_port: Annotated[int, typer.Option(
         "--http-port", envvar="PROVISIONER_HTTP_PORT",
         help="Port of /metrics, /healthz, /readyz (0 disables)")] = 9100,
+    http_host: Annotated[str, typer.Option(
+        "--http-host", envvar="PROVISIONER_HTTP_HOST",
+        help="Address /metrics, /healthz and /readyz listen on: 0.0.0.0 every interface (a "
+        "container's, for Prometheus to scrape), 127.0.0.1 this host only")] = "0.0.0.0",
     replica_id: Annotated[str, typer.Option(
         "--replica-id", envvar="PROVISIONER_REPLICA_ID",
         help="Name of this replica in logs and decisions (default: HOSTNAME-PID)")] = "",

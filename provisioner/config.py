@@ -350,6 +350,10 @@ class ServiceConfig:
         if not POOL_NAME.match(self.pool):
             found.append(Problem("pool", "must be 1-64 characters of letters, digits, _.-",
                                  label=f"pool {self.pool!r}"))
+        if not self.http_host or len(self.http_host) > 253 or any(
+                c.isspace() or c in "/@?#" for c in self.http_host):
+            found.append(Problem("http_host", "must be an address or a host name (0.0.0.0: "
+                                 "every interface)", label=f"http host {self.http_host!r}"))
         found += [
             _range(self, "http_port", 0, 65535, note="(0 disables the HTTP endpoint)",
                    label="http port"),

@@ -139,7 +139,8 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             children.append(Child(f"replica-{index + 1}", [
                 *exe, "run", "--redis-url", redis_url,
                 "--node-api-url", f"http://127.0.0.1:{running.api_port}", "--http-port",
-                str(port), "--replica-id", f"replica-{index + 1}"], logdir))
+                str(port), "--http-host", "127.0.0.1",  # a laptop's stack: this host only
+                "--replica-id", f"replica-{index + 1}"], logdir))
         children.append(Child("simulator", [
             *exe, "simulate", "--redis-url", redis_url, "--arrival-rate", str(arrival_rate),
             *simulate], logdir))

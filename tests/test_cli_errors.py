@@ -344,6 +344,10 @@ BAD_OPTIONS = [
     (["--api-timeout", "0"],
      "--api-timeout (PROVISIONER_API_TIMEOUT) must be in (0, 600] s: got 0",
      ["api_timeout_s", "api timeout"]),
+    (["--http-host", "http://0.0.0.0"],  # an address, not a URL
+     "--http-host (PROVISIONER_HTTP_HOST) must be an address or a host name (0.0.0.0: every "
+     "interface): got 'http://0.0.0.0'",
+     ["http_host", "http host"]),
     (["--log-level", "loud"],  # as typed, not as run upper-cases it
      "--log-level (PROVISIONER_LOG_LEVEL) must be one of DEBUG, INFO, WARNING, ERROR: got 'loud'",
      ["log_level", "log level"]),

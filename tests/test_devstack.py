@@ -31,6 +31,18 @@ def stack_pids(marker: str) -> list[int]:
     return found
 
 
+def _until_logged(tmp_path: Path, child: str, words: str) -> str:
+    """What follows `words` in the dev stack's log of `child`, once it is there (20 s)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for log in tmp_path.glob(f"provisioner-stack-*/{child}.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                if words in line:
+                    return line.split(words, 1)[1].strip()
+        time.sleep(0.1)
+    pytest.fail(f"{child} never logged {words!r}")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGKILL, signal.SIGINT])
 def test_the_dev_stack_leaves_no_process_however_it_is_stopped(stop: signal.Signals,
@@ -51,6 +63,11 @@ def test_the_dev_stack_leaves_no_process_however_it_is_stopped(stop: signal.Sign
         else:
             pytest.fail("the stack did not start: " + "".join(lines))
         assert len(stack_pids(marker)) >= 5  # the server, the API, 2 replicas, the simulator
+        # A laptop's stack: each replica's /metrics, /healthz and /readyz on this host only
+        # (they listened on every interface, as a container's must).
+        for replica in ("replica-1", "replica-2"):
+            assert _until_logged(tmp_path, replica, "metrics and health on").startswith(
+                "http://127.0.0.1:")
         dev.send_signal(stop)
         if stop == signal.SIGINT:
             time.sleep(0.3)

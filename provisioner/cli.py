@@ -32,6 +32,7 @@ from provisioner.config import (
     default_replica_id,
     number,
     redis_url_option,
+    shown_url,
 )
 from provisioner.events import ID_PATTERN, ID_RULE
 from provisioner.keys import PoolKeys
@@ -133,6 +134,7 @@ def _given(value: object) -> str:
     """A value as given, for a message: a text quoted (an empty one seen), and cut short."""
     if not isinstance(value, str):
         return number(value)
+    value = shown_url(value)  # a URL's password is not shown
     return repr(value) if len(value) <= 40 else f"{value[:40]!r}... ({len(value)} characters)"
 
 
@@ -315,7 +317,7 @@ def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         # Connects on first use. What is not UTF-8 (a hand edit) is shown replaced, not fatal.
         client = aioredis.Redis.from_url(url, decode_responses=True, encoding_errors="replace")
     except ValueError as exc:
-        raise _fail(f"bad Redis URL {url!r}: {exc}") from None
+        raise _fail(f"bad Redis URL {shown_url(url)!r}: {exc}") from None
 
     async def go() -> T:
         try:
@@ -329,9 +331,9 @@ def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         hint = ("; a key of the pool holds another type than its own: `provisioner check` "
                 "names it" if "WRONGTYPE" in str(exc) else "")
         said = str(exc).rstrip(". ") if hint else str(exc)
-        raise _fail(f"Redis at {url} refused: {said}{hint}") from None
+        raise _fail(f"Redis at {shown_url(url)} refused: {said}{hint}") from None
     except (OSError, RedisError) as exc:
-        raise _fail(f"cannot reach Redis at {url}: {exc}") from None
+        raise _fail(f"cannot reach Redis at {shown_url(url)}: {exc}") from None
 
 
 def _pool_keys(pool: str) -> PoolKeys:
@@ -762,8 +764,8 @@ def reconcile(
 
     counts = _with_redis(redis_url, go)
     if counts is None:
-        raise _fail(f"the Node API at {node_api_url} gave no node list (unreachable, an error, "
-                    "or no GET /api/nodes): nothing was compared")
+        raise _fail(f"the Node API at {shown_url(node_api_url)} gave no node list (unreachable, "
+                    "an error, or no GET /api/nodes): nothing was compared")
     typer.echo(json.dumps(counts))
 
 

@@ -272,10 +272,30 @@ def _redis_url_reason(url: str) -> str | None:
     return None
 
 
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def shown_url(url: str) -> str:
+    """`url` with its password as `***`, what a message or a log line may show of it: the
+    userinfo's after its first ':' (its authority read as the clients read it, up to the first
+    '/', '?' or '#', its userinfo up to the last '@') and a `password=` of its query (redis-py
+    takes one there). Anything else, and a text that is not a URL, as it is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    tail = _PASSWORD_PARAMETER.sub(lambda found: found.group(1) + "***", tail)
+    return f"{scheme}://{authority}{tail}"
+
+
 def redis_url_problem(url: str) -> str | None:
-    """Why the Redis client cannot use `url`, naming it, or None."""
+    """Why the Redis client cannot use `url`, naming it (`shown_url`), or None."""
     reason = _redis_url_reason(url)
-    return f"redis url {url!r} {reason}" if reason else None
+    return f"redis url {shown_url(url)!r} {reason}" if reason else None
 
 
 def redis_url_option(value: str | None) -> str | None:
@@ -337,16 +357,16 @@ class ServiceConfig:
         found: list[Problem | None] = []
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             found.append(Problem("redis_url", "must start with redis://, rediss:// or unix://",
-                                 label=f"redis url {self.redis_url!r}"))
+                                 label=f"redis url {shown_url(self.redis_url)!r}"))
         elif reason := _redis_url_reason(self.redis_url):
             found.append(Problem("redis_url", _as_rule(reason),
-                                 label=f"redis url {self.redis_url!r}"))
+                                 label=f"redis url {shown_url(self.redis_url)!r}"))
         if not self.node_api_url.startswith(("http://", "https://")):
             found.append(Problem("node_api_url", "must start with http(s)://",
-                                 label=f"node api url {self.node_api_url!r}"))
+                                 label=f"node api url {shown_url(self.node_api_url)!r}"))
         elif reason := _node_api_url_reason(self.node_api_url):
             found.append(Problem("node_api_url", _as_rule(reason),
-                                 label=f"node api url {self.node_api_url!r}"))
+                                 label=f"node api url {shown_url(self.node_api_url)!r}"))
         if not POOL_NAME.match(self.pool):
             found.append(Problem("pool", "must be 1-64 characters of letters, digits, _.-",
                                  label=f"pool {self.pool!r}"))

@@ -33,7 +33,7 @@ from rich.text import Text
 
 from provisioner import view
 from provisioner.clock import WallClock
-from provisioner.config import PoolConfig
+from provisioner.config import PoolConfig, shown_url
 from provisioner.redis_server import RedisServer, free_port, parent_death_signal, start_server
 from provisioner.terminal import SafeConsole
 
@@ -126,7 +126,7 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             say(f"private server {server.binary} on {redis_url}")
         elif problem := _unreachable(redis_url):
             # Every process would start, fail and exit, and the view wait for them for ever.
-            raise RuntimeError(f"cannot reach Redis at {redis_url}: {problem}")
+            raise RuntimeError(f"cannot reach Redis at {shown_url(redis_url)}: {problem}")
         running = Stack(redis_url, logdir, free_port(), children=children)
         children.append(Child("mock-node-api", [
             *exe, "mock-node-api", "--port", str(running.api_port), "--redis-url", redis_url,

@@ -544,3 +544,41 @@ def test_run_builds_the_settings_the_release_before_built(
         for field in dataclasses.fields(want):
             pair = getattr(got, field.name), getattr(want, field.name)
             assert pair[0] == pair[1] and type(pair[0]) is type(pair[1]), (field.name, pair)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+    ("rediss://alice:s3cret@h/2", "rediss://alice:***@h/2"),
+    ("redis://h/0?password=s3cret&db=1", "redis://h/0?password=***&db=1"),
+    ("http://bob:s3cret@api:8080/", "http://bob:***@api:8080/"),
+    ("redis://:p@ss@word@h/0", "redis://:***@h/0"),  # an unescaped @ in the password
+    ("redis://h:6379/0", "redis://h:6379/0"),  # nothing to hide
+    ("redis://alice@h/0", "redis://alice@h/0"),
+    ("not a url: s3cret", "not a url: s3cret"),
+    ("redis://[::1:s3cret@h/0", "redis://[:***@h/0"),  # one urllib cannot parse
+])
+def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    from provisioner.config import shown_url
+
+    assert shown_url(url) == shown
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--redis-url", "redis://:s3cret@127.0.0.1:1/zz", "--node-api-url", "http://x"],
+    ["run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url", "http://u:s3cret@:8080"],
+    ["status", "--redis-url", "redis://:s3cret@127.0.0.1:1/0"],
+    ["status", "--redis-url", "redis://127.0.0.1:1/0?password=s3cret"],
+    ["check", "--redis-url", "redis://:s3cret@127.0.0.1:1/zz"],
+    ["reconcile", "--redis-url", "REDIS", "--node-api-url", "http://u:s3cret@127.0.0.1:1"],
+])
+def test_a_command_that_names_a_url_does_not_show_its_password(args: list[str],
+                                                               redis_url: str) -> None:
+    """An operator's terminal and logs kept the Redis or Node API password a message quoted
+    ("cannot reach Redis at redis://:s3cret@…", "got 'redis://:s3cret@…'")."""
+    if "REDIS" in args:  # a pool to reconcile, against a Node API that does not answer
+        with redis.Redis.from_url(redis_url) as client:
+            client.hset(PoolKeys("default").key("stats"), "activities", 1)
+    code, output = invoke(*[redis_url if arg == "REDIS" else arg for arg in args])
+    assert code != 0, output
+    assert "s3cret" not in output, output
+    assert "***" in output, output

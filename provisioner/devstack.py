@@ -128,22 +128,24 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             # Every process would start, fail and exit, and the view wait for them for ever.
             raise RuntimeError(f"cannot reach Redis at {shown_url(redis_url)}: {problem}")
         running = Stack(redis_url, logdir, free_port(), children=children)
+        # The URL goes in the environment, not on the command line: a command line is every
+        # local user's to read (ps, /proc/PID/cmdline), and the URL may carry a password.
+        env = {"PROVISIONER_REDIS_URL": redis_url}
         children.append(Child("mock-node-api", [
-            *exe, "mock-node-api", "--port", str(running.api_port), "--redis-url", redis_url,
-            "--boot-delay", boot_delay], logdir))
+            *exe, "mock-node-api", "--port", str(running.api_port),
+            "--boot-delay", boot_delay], logdir, env))
         if not _wait_http(running.api_port):
             raise RuntimeError(f"mock Node API did not start; see {logdir}/mock-node-api.log")
         for index in range(replicas):
             port = free_port()
             running.metrics_ports.append(port)
             children.append(Child(f"replica-{index + 1}", [
-                *exe, "run", "--redis-url", redis_url,
+                *exe, "run",
                 "--node-api-url", f"http://127.0.0.1:{running.api_port}", "--http-port",
                 str(port), "--http-host", "127.0.0.1",  # a laptop's stack: this host only
-                "--replica-id", f"replica-{index + 1}"], logdir))
+                "--replica-id", f"replica-{index + 1}"], logdir, env))
         children.append(Child("simulator", [
-            *exe, "simulate", "--redis-url", redis_url, "--arrival-rate", str(arrival_rate),
-            *simulate], logdir))
+            *exe, "simulate", "--arrival-rate", str(arrival_rate), *simulate], logdir, env))
         say(f"mock Node API http://127.0.0.1:{running.api_port}  replicas' metrics on ports "
             f"{', '.join(map(str, running.metrics_ports))}  logs in {logdir}")
         yield running

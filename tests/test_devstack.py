@@ -127,3 +127,37 @@ def test_the_dev_view_stops_once_every_replica_has_exited(redis_url: str,
     ended = asyncio.run(_watch(redis_url, children, {"now": False}, 30.0))  # type: ignore[arg-type]
     assert ended == (f"every replica has exited; their logs: {tmp_path}/replica-1.log, "
                      f"{tmp_path}/replica-2.log")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_dev_stack_gives_its_children_the_redis_password_out_of_their_command_lines(
+        redis_url: str, tmp_path: Path) -> None:
+    """Found by a review: `dev --redis-url redis://:PASSWORD@...` started the mock, each
+    replica and the simulator with the URL among their arguments, which every user of the
+    host reads (`ps`, /proc/PID/cmdline), though messages showed it as ***."""
+    import redis
+
+    from provisioner.devstack import stack
+
+    user, password = "devstack-test", "s3cret-of-the-stack"
+    with redis.Redis.from_url(redis_url) as admin:
+        admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"],
+                          commands=["+@all"], keys=["*"], channels=["*"])
+        try:
+            parts = redis_url.split("://", 1)
+            secret_url = f"{parts[0]}://{user}:{password}@{parts[1]}"
+            said: list[str] = []
+            with stack(secret_url, replicas=1, say=said.append) as running:
+                log = running.logdir / "replica-1.log"
+                deadline = time.monotonic() + 20
+                while "running pool" not in (log.read_text() if log.exists() else ""):
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.1)  # the replica reached the server with the password
+                for child in running.children:
+                    proc = Path(f"/proc/{child.process.pid}")
+                    assert password not in (proc / "cmdline").read_text(), child.name
+                    assert f"PROVISIONER_REDIS_URL={secret_url}" in (proc / "environ").read_text(
+                        errors="replace"), child.name
+            assert not [line for line in said if password in line], said
+        finally:
+            admin.acl_deluser(user)

@@ -319,6 +319,29 @@ def _node_api_url_reason(url: str) -> str | None:
     return None if parts.hostname else "names no host"
 
 
+def _listenable(host: str) -> bool:
+    """Whether the HTTP server could be told to listen on `host` as given: an IPv4 or IPv6
+    address (a scope too, fe80::1%eth0) or a name the resolver would be asked for. A ':' is an
+    IPv6 address's alone ([::1] and HOST:PORT are not looked up as meant), and a name's labels
+    are 1-63 characters (the resolver's idna codec raised UnicodeError, a traceback, at the
+    listen, after Redis was reached)."""
+    import ipaddress
+
+    if not host or len(host) > 253 or any(c.isspace() or c in "/@?#[]" for c in host):
+        return False
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 def _as_rule(reason: str) -> str:
     """A reason that may quote anything (a URL, a client's error), as a Problem's rule."""
     return reason.replace("{", "{{").replace("}", "}}")
@@ -370,10 +393,11 @@ class ServiceConfig:
         if not POOL_NAME.match(self.pool):
             found.append(Problem("pool", "must be 1-64 characters of letters, digits, _.-",
                                  label=f"pool {self.pool!r}"))
-        if not self.http_host or len(self.http_host) > 253 or any(
-                c.isspace() or c in "/@?#" for c in self.http_host):
+        if not _listenable(self.http_host):
             found.append(Problem("http_host", "must be an address or a host name (0.0.0.0: "
-                                 "every interface)", label=f"http host {self.http_host!r}"))
+                                 "every interface; an IPv6 address without brackets, ::1; "
+                                 "no port, --http-port is)",
+                                 label=f"http host {self.http_host!r}"))
         found += [
             _range(self, "http_port", 0, 65535, note="(0 disables the HTTP endpoint)",
                    label="http port"),

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from provisioner.bench.trace import TraceError, load_trace
 from provisioner.cli import app, main
+from provisioner.config import ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.logs import MalformedRequests
 from provisioner.model import FORMAT
@@ -346,8 +347,21 @@ BAD_OPTIONS = [
      ["api_timeout_s", "api timeout"]),
     (["--http-host", "http://0.0.0.0"],  # an address, not a URL
      "--http-host (PROVISIONER_HTTP_HOST) must be an address or a host name (0.0.0.0: every "
-     "interface): got 'http://0.0.0.0'",
+     "interface; an IPv6 address without brackets, ::1; no port, --http-port is): got "
+     "'http://0.0.0.0'",
      ["http_host", "http host"]),
+    # Found by a review: these passed, then failed where the replica came to listen, after it
+    # reached Redis: a name with a label over 63 characters or an empty one (a..b) with a
+    # traceback (UnicodeError from the idna codec), a bracketed IPv6 address or an address
+    # with a port as "cannot run: [Errno -2] Name or service not known", naming no option.
+    (["--http-host", "a" * 64 + ".example"],
+     "--http-host (PROVISIONER_HTTP_HOST) must be an address or a host name", ["http_host"]),
+    (["--http-host", "a..b"],
+     "--http-host (PROVISIONER_HTTP_HOST) must be an address or a host name", ["http_host"]),
+    (["--http-host", "[::1]"],
+     "--http-host (PROVISIONER_HTTP_HOST) must be an address or a host name", ["http_host"]),
+    (["--http-host", "0.0.0.0:9100"],
+     "--http-host (PROVISIONER_HTTP_HOST) must be an address or a host name", ["http_host"]),
     (["--log-level", "loud"],  # as typed, not as run upper-cases it
      "--log-level (PROVISIONER_LOG_LEVEL) must be one of DEBUG, INFO, WARNING, ERROR: got 'loud'",
      ["log_level", "log level"]),
@@ -363,6 +377,12 @@ def test_run_names_a_bad_setting_by_its_option_not_its_field(
     code, output = invoke(*RUN, *args)
     assert code == 2 and said in output, output
     assert not [field for field in fields if field in output], output
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1", "::", "::1", "fe80::1%lo",
+                                  "localhost", "metrics.example.", "xn--hllo-bpa.example"])
+def test_an_http_host_the_server_can_listen_on_is_taken(host: str) -> None:
+    assert ServiceConfig("redis://h/0", "http://api", http_host=host).check() == []
 
 
 def test_run_names_the_env_var_a_bad_setting_came_from() -> None:

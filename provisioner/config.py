@@ -7,7 +7,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 from provisioner.keys import POOL_NAME
 
@@ -272,14 +272,21 @@ def _redis_url_reason(url: str) -> str | None:
     return None
 
 
-_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+def _query_shown(query: str) -> str:
+    """A URL's query with the value of each `password` as `***`: its name read unquoted, as
+    the Redis client's parse_qs reads it (`pass%77ord=` is one too)."""
+    def shown(pair: str) -> str:
+        name, equals, _ = pair.partition("=")
+        return f"{name}=***" if equals and unquote_plus(name).lower() == "password" else pair
+    return "&".join(shown(pair) for pair in query.split("&"))
 
 
 def shown_url(url: str) -> str:
     """`url` with its password as `***`, what a message or a log line may show of it: the
     userinfo's after its first ':' (its authority read as the clients read it, up to the first
     '/', '?' or '#', its userinfo up to the last '@') and a `password=` of its query (redis-py
-    takes one there). Anything else, and a text that is not a URL, as it is."""
+    takes one there, its name percent-encoded or not). Anything else, and a text that is not a
+    URL, as it is."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
@@ -288,7 +295,10 @@ def shown_url(url: str) -> str:
     userinfo, at, host = authority.rpartition("@")
     if at and ":" in userinfo:
         authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    tail = _PASSWORD_PARAMETER.sub(lambda found: found.group(1) + "***", tail)
+    before, fragment_sep, fragment = tail.partition("#")
+    path, query_sep, query = before.partition("?")
+    if query_sep:
+        tail = f"{path}?{_query_shown(query)}{fragment_sep}{fragment}"
     return f"{scheme}://{authority}{tail}"
 
 

@@ -262,7 +262,7 @@ def run(
         envvar="PROVISIONER_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
 ) -> None:
     """Run one replica: listeners, scaling ticker, reconciliation, /metrics and health."""
-    from provisioner.service import serve
+    from provisioner.service import CannotListen, serve
 
     # Each option sets the setting of its name (`_options_of`), so the two cannot part: a
     # problem is said of the option that set it.
@@ -279,6 +279,9 @@ def run(
     setup_logging(service.log_format, service.log_level)
     try:
         asyncio.run(serve(service, pool_config))
+    except CannotListen as exc:
+        raise _fail(f"cannot run: {exc.strerror} ({options['http_host']}, "
+                    f"{options['http_port']})") from None
     except (OSError, RedisError) as exc:
         raise _fail(f"cannot run: {exc}") from None
 

@@ -216,6 +216,12 @@ class SubscriptionSilent(RedisConnectionError):
         self.since = since
 
 
+class CannotListen(OSError):
+    """The HTTP endpoint (/metrics, /healthz, /readyz) cannot listen on its host and port: a
+    name the resolver does not know, an address not this host's, a port taken. Its text names
+    them; the resolver's alone ("Name or service not known") named neither."""
+
+
 class Replica:
     """Handles events and ticks for one pool. Several replicas may run against one Redis."""
 
@@ -1371,7 +1377,12 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
         if service.http_port:
             runner = web.AppRunner(http_app(replica), access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, service.http_host, service.http_port).start()
+            try:
+                await web.TCPSite(runner, service.http_host, service.http_port).start()
+            except OSError as exc:
+                raise CannotListen(exc.errno, f"/metrics and health cannot listen on "
+                                   f"{service.http_host!r} port {service.http_port}: "
+                                   f"{exc.strerror or exc}") from exc
             log.info("metrics and health on http://%s:%d", service.http_host, service.http_port)
         run = asyncio.create_task(replica.run(), name="replica")
         stopped = asyncio.create_task(stop.wait(), name="stop")

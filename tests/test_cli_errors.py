@@ -607,3 +607,14 @@ def test_a_command_that_names_a_url_does_not_show_its_password(args: list[str],
     assert code != 0, output
     assert "s3cret" not in output, output
     assert "***" in output, output
+
+
+def test_run_names_the_http_host_it_cannot_listen_on(redis_url: str) -> None:
+    """Found by a review: a --http-host the resolver does not know stopped the replica with
+    "cannot run: [Errno -2] Name or service not known", naming neither the option nor the
+    name."""
+    code, output = invoke("run", "--redis-url", redis_url, "--node-api-url", "http://api",
+                          "--http-host", "no-such-host.invalid", "--http-port", "9")
+    assert code == 2, output
+    assert "cannot run" in output and "no-such-host.invalid" in output, output
+    assert "--http-host" in output, output

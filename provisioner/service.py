@@ -1383,7 +1383,8 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
                 raise CannotListen(exc.errno, f"/metrics and health cannot listen on "
                                    f"{service.http_host!r} port {service.http_port}: "
                                    f"{exc.strerror or exc}") from exc
-            log.info("metrics and health on http://%s:%d", service.http_host, service.http_port)
+            host = f"[{service.http_host}]" if ":" in service.http_host else service.http_host
+            log.info("metrics and health on http://%s:%d", host, service.http_port)
         run = asyncio.create_task(replica.run(), name="replica")
         stopped = asyncio.create_task(stop.wait(), name="stop")
         await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)

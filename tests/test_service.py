@@ -1216,6 +1216,45 @@ async def test_serve_ends_with_the_error_of_a_replica_that_cannot_start(redis_ur
         await aredis.delete(PoolKeys("broken").config)
 
 
+@pytest.mark.parametrize("host", ["::1", "127.0.0.1"])
+async def test_serve_logs_where_it_listens_as_a_url_that_reaches_it(
+        host: str, redis_url: str, aredis: aioredis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: --http-host ::1 logged "metrics and health on http://::1:PORT", a
+    URL no client takes (an IPv6 address goes in brackets)."""
+    import httpx
+
+    from provisioner.redis_server import free_port
+    from provisioner.service import serve
+
+    service = ServiceConfig(redis_url, "http://127.0.0.1:9", pool="listens", http_host=host,
+                            http_port=free_port(), reconcile_interval_s=0)
+    if ":" in host:
+        import socket
+
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind((host, 0))
+        except OSError as exc:  # a host without IPv6
+            pytest.skip(f"cannot listen on {host}: {exc}")
+    stop = asyncio.Event()
+    caplog.set_level(logging.INFO, logger="provisioner.service")
+    serving = asyncio.create_task(serve(service, FLOOR_ONLY, stop))
+    try:
+        deadline = time.monotonic() + 10
+        while not (said := [r.getMessage() for r in caplog.records
+                            if r.getMessage().startswith("metrics and health on ")]):
+            assert not serving.done() and time.monotonic() < deadline, caplog.text
+            await asyncio.sleep(0.05)
+        url = said[0].removeprefix("metrics and health on ")
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{url}/healthz")).status_code == 200, url
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 10)
+        await aredis.delete(*[key async for key in aredis.scan_iter("prov:{listens}:*")])
+
+
 async def test_outcomes_carry_text_ids_on_a_bytes_client(redis_url: str, aredis: aioredis.Redis,
                                                          api: FakeNodeApi,
                                                          clock: ManualClock) -> None:

@@ -254,12 +254,12 @@ async def _end_sessions(redis: aioredis.Redis, running: dict[str, None],
         try:
             await redis.publish("user:disconnect", json.dumps({"user_id": user}))
         except (OSError, RedisError) as exc:
-            log.warning("stopping: cannot end the %d sessions still running (%s); their nodes "
+            log.warning("stopping: cannot end the sessions still running (%d; %s): their nodes "
                         "stay held until `provisioner release`", len(running) - n,
                         str(exc) or type(exc).__name__)
             return
         counts["user:disconnect"] = counts.get("user:disconnect", 0) + 1
-    log.info("stopping: ended the %d sessions still running", len(running))
+    log.info("stopping: ended the sessions still running (%d)", len(running))
 
 
 #: The options that shape synthetic traffic; a trace holds its own users, so with --trace each

@@ -223,19 +223,18 @@ async def publish(redis: aioredis.Redis, events: Iterator[tuple[float, str, dict
             break
         if channel == "user:activity":
             payload = {**payload, "timestamp": int(started_wall + payload["timestamp"] / speed)}
+        user = str(payload.get("user_id"))
+        if channel == "user:connect":
+            # Running from its first try on: one held when the traffic is told to stop was
+            # tried at least once, and a try whose reply was lost (the server took it, then
+            # stalled past the client's timeout) may have gone out. A disconnect for a user
+            # who never connected changes nothing (lua/release.lua).
+            running[user] = None
         if not await _publish_held(redis, channel, json.dumps(payload), stop, retry_s):
-            if channel == "user:connect":
-                # Held, and tried at least once: a try whose reply was lost (the server took
-                # it, then stalled past the client's timeout) may have gone out, and its user
-                # would be left connected. A disconnect for a user who never connected
-                # changes nothing (lua/release.lua).
-                running[str(payload.get("user_id"))] = None
             break
         counts[channel] = counts.get(channel, 0) + 1
-        if channel == "user:connect":
-            running[str(payload.get("user_id"))] = None
-        elif channel == "user:disconnect":
-            running.pop(str(payload.get("user_id")), None)
+        if channel == "user:disconnect":
+            running.pop(user, None)
         if monotonic() - last_report > 30:
             last_report = monotonic()
             log.info("published %s", counts)

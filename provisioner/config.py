@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
@@ -302,10 +302,15 @@ def shown_url(url: str) -> str:
     return f"{scheme}://{authority}{tail}"
 
 
+def _url_label(kind: str, url: str) -> str:
+    """How a message names a URL setting and its value: `redis url 'redis://:***@h/0'`."""
+    return f"{kind} url {shown_url(url)!r}"
+
+
 def redis_url_problem(url: str) -> str | None:
     """Why the Redis client cannot use `url`, naming it (`shown_url`), or None."""
     reason = _redis_url_reason(url)
-    return f"redis url {shown_url(url)!r} {reason}" if reason else None
+    return f"{_url_label('redis', url)} {reason}" if reason else None
 
 
 def redis_url_option(value: str | None) -> str | None:
@@ -357,6 +362,16 @@ def _as_rule(reason: str) -> str:
     return reason.replace("{", "{{").replace("}", "}}")
 
 
+def _url_problem(setting: str, kind: str, url: str, schemes: tuple[str, ...], said_so: str,
+                 reason: Callable[[str], str | None]) -> Problem | None:
+    """The problem of a URL setting: a scheme not among `schemes` (`said_so`), else what
+    `reason` finds, or None."""
+    if not url.startswith(schemes):
+        return Problem(setting, f"must start with {said_so}", label=_url_label(kind, url))
+    said = reason(url)
+    return Problem(setting, _as_rule(said), label=_url_label(kind, url)) if said else None
+
+
 #: How often a replica reconciles the pool against the Node API's list, by default.
 RECONCILE_INTERVAL_S = 30.0
 
@@ -387,19 +402,13 @@ class ServiceConfig:
 
     def check(self) -> list[Problem]:
         """Every setting that cannot be used."""
-        found: list[Problem | None] = []
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            found.append(Problem("redis_url", "must start with redis://, rediss:// or unix://",
-                                 label=f"redis url {shown_url(self.redis_url)!r}"))
-        elif reason := _redis_url_reason(self.redis_url):
-            found.append(Problem("redis_url", _as_rule(reason),
-                                 label=f"redis url {shown_url(self.redis_url)!r}"))
-        if not self.node_api_url.startswith(("http://", "https://")):
-            found.append(Problem("node_api_url", "must start with http(s)://",
-                                 label=f"node api url {shown_url(self.node_api_url)!r}"))
-        elif reason := _node_api_url_reason(self.node_api_url):
-            found.append(Problem("node_api_url", _as_rule(reason),
-                                 label=f"node api url {shown_url(self.node_api_url)!r}"))
+        found: list[Problem | None] = [
+            _url_problem("redis_url", "redis", self.redis_url,
+                         ("redis://", "rediss://", "unix://"), "redis://, rediss:// or unix://",
+                         _redis_url_reason),
+            _url_problem("node_api_url", "node api", self.node_api_url, ("http://", "https://"),
+                         "http(s)://", _node_api_url_reason),
+        ]
         if not POOL_NAME.match(self.pool):
             found.append(Problem("pool", "must be 1-64 characters of letters, digits, _.-",
                                  label=f"pool {self.pool!r}"))

@@ -272,21 +272,34 @@ def _redis_url_reason(url: str) -> str | None:
     return None
 
 
+# The query options whose values a message shows: those the Redis client parses as numbers,
+# booleans or names (redis.connection's URL_QUERY_ARGUMENT_PARSERS, and the two it passes on as
+# text). Any other value, a password's, a Node API token's or one under a misspelt name
+# (`?pasword=`, which the client refuses, naming it), is shown as `***`.
+_SHOWN_OPTIONS = frozenset((
+    "db", "health_check_interval", "legacy_responses", "max_connections", "protocol",
+    "retry_on_error", "retry_on_timeout", "socket_connect_timeout", "socket_keepalive",
+    "socket_read_size", "socket_timeout", "ssl_check_hostname", "ssl_exclude_verify_flags",
+    "ssl_include_verify_flags", "ssl_min_version", "ssl_validate_ocsp",
+    "ssl_validate_ocsp_stapled", "timeout", "client_name", "ssl_cert_reqs"))
+
+
 def _query_shown(query: str) -> str:
-    """A URL's query with the value of each `password` as `***`: its name read unquoted, as
-    the Redis client's parse_qs reads it (`pass%77ord=` is one too)."""
+    """A URL's query with each value as `***` but those of `_SHOWN_OPTIONS`: a name read
+    unquoted, as the Redis client's parse_qs reads it (`pass%77ord=` is hidden too)."""
     def shown(pair: str) -> str:
         name, equals, _ = pair.partition("=")
-        return f"{name}=***" if equals and unquote_plus(name).lower() == "password" else pair
+        hidden = equals and unquote_plus(name).lower() not in _SHOWN_OPTIONS
+        return f"{name}=***" if hidden else pair
     return "&".join(shown(pair) for pair in query.split("&"))
 
 
 def shown_url(url: str) -> str:
     """`url` with its password as `***`, what a message or a log line may show of it: the
     userinfo's after its first ':' (its authority read as the clients read it, up to the first
-    '/', '?' or '#', its userinfo up to the last '@') and a `password=` of its query (redis-py
-    takes one there, its name percent-encoded or not). Anything else, and a text that is not a
-    URL, as it is."""
+    '/', '?' or '#', its userinfo up to the last '@') and every value of its query but the
+    Redis client's options that are no secret (`_query_shown`). Anything else, and a text that
+    is not a URL, as it is."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url

@@ -580,6 +580,12 @@ def test_run_builds_the_settings_the_release_before_built(
     ("redis://h/0?pass%77ord=s3cret", "redis://h/0?pass%77ord=***"),
     ("unix:///tmp/r.sock?db=1&%70assword=s3cret", "unix:///tmp/r.sock?db=1&%70assword=***"),
     ("unix:///tmp/a&password=b.sock", "unix:///tmp/a&password=b.sock"),  # a path: no query
+    # Only the client's options that are no secret show their values: a misspelt password's
+    # name, which the client refuses naming it, showed the password whole, and so would a
+    # Node API's token
+    ("redis://h/0?pasword=s3cret", "redis://h/0?pasword=***"),
+    ("http://api:8080/?token=s3cret&x", "http://api:8080/?token=***&x"),
+    ("redis://h/0?socket_timeout=5&DB=1&protocol=3", "redis://h/0?socket_timeout=5&DB=1&protocol=3"),
 ])
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
     from provisioner.config import shown_url
@@ -593,6 +599,7 @@ def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
     ["status", "--redis-url", "redis://:s3cret@127.0.0.1:1/0"],
     ["status", "--redis-url", "redis://127.0.0.1:1/0?password=s3cret"],
     ["status", "--redis-url", "redis://127.0.0.1:1/0?pass%77ord=s3cret"],
+    ["status", "--redis-url", "redis://127.0.0.1:1/0?pasword=s3cret"],
     ["check", "--redis-url", "redis://:s3cret@127.0.0.1:1/zz"],
     ["reconcile", "--redis-url", "REDIS", "--node-api-url", "http://u:s3cret@127.0.0.1:1"],
 ])

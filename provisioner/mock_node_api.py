@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 import typer
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
 from provisioner.clock import sleep_unless
@@ -287,7 +288,7 @@ class MockNodeApi:
         return web.json_response({"ok": True, "nodes": len(self.live())})
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[_log_refused])
         app.router.add_post("/api/nodes", self.create)
         app.router.add_get("/api/nodes", self.list_nodes)
         app.router.add_get("/api/nodes/{node_id}", self.get_node)
@@ -300,6 +301,33 @@ class MockNodeApi:
         for node in self.nodes.values():
             for task in node.tasks:
                 task.cancel()
+
+
+@web.middleware
+async def _log_refused(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Logs each call answered 4xx, with what it was told, the access log being off: a client
+    calling the mock wrong (a path it does not serve, a node it never made) is seen. Its 5xx
+    answers, the faults it injects, say so where they are made."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # the router's: no such path (404), method (405)
+        if 400 <= exc.status < 500:
+            log.info("%s %s: %d %s", request.method, request.path, exc.status, exc.reason)
+        raise
+    if 400 <= response.status < 500:
+        said = response.text if isinstance(response, web.Response) else None
+        log.info("%s %s: %d %s", request.method, request.path, response.status,
+                 _error_of(said) or response.reason)
+    return response
+
+
+def _error_of(body: str | None) -> str | None:
+    """The `error` of a JSON answer's body, or None."""
+    try:
+        error = json.loads(body or "").get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error if isinstance(error, str) else None
 
 
 async def serve(api: MockNodeApi, host: str, port: int) -> None:

@@ -110,6 +110,23 @@ async def test_delete_is_idempotent_and_unknown_ids_are_404(
     assert (await api.get("/api/nodes/node-nobody")).status_code == 404
 
 
+async def test_the_mock_logs_every_call_it_refuses(start_api: Start,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: a DELETE of a node it never made, a path it does not serve, a method
+    a path does not take and a create past --max-nodes were answered 404, 405 and 429 with
+    nothing in its log (its access log is off), so a client calling it wrong went unseen."""
+    api = await start_api(boot_delay="0", max_nodes=1)
+    caplog.set_level(logging.INFO, logger="provisioner.mock_node_api")
+    assert (await api.post("/api/nodes")).status_code == 202
+    calls = [("DELETE", "/api/nodes/node-nobody", 404, "DELETE /api/nodes/node-nobody: 404"),
+             ("POST", "/api/node", 404, "POST /api/node: 404"),
+             ("PUT", "/api/nodes", 405, "PUT /api/nodes: 405"),
+             ("POST", "/api/nodes", 429, "POST /api/nodes: 429 at most 1 nodes")]
+    for method, path, status, logged in calls:
+        assert (await api.request(method, path)).status_code == status
+        assert any(r.getMessage().startswith(logged) for r in caplog.records), (logged, caplog.text)
+
+
 async def test_delete_while_booting_never_becomes_ready(
         start_api: Start, aredis: aioredis.Redis) -> None:
     api = await start_api(boot_delay="0.3", terminate_delay_s=0)

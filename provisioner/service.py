@@ -841,7 +841,9 @@ class Replica:
                 self._spawn(self._delete_orphan(node_id))
                 continue
             status = "ready" if state == "ready" else "booting"
-            result = await self.scripts.apply_node_status(now, node_id, status)
+            # Listed, not received: stamped now, perhaps an interval after its create, it
+            # teaches no boot time (origin `listed`).
+            result = await self.scripts.apply_node_status(now, node_id, status, listed=True)
             if result.code is NodeStatusOutcome.NEW:
                 counts["adopted"] += 1
                 log.warning("reconcile: adopted node %s (%s) that the pool did not know",

@@ -992,6 +992,24 @@ async def test_reconcile_adopts_unknown_nodes_and_ends_vanished_ones(
     assert await check_invariants(aredis, POOL) == []
 
 
+async def test_a_boot_reconciliation_adopts_teaches_no_boot_time_when_its_ready_comes(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    """Found by a review: reconciliation adopted a booting node it found in the Node API's
+    list (its create's answer and `booting` lost) with origin `status`, as if its `booting` had
+    been received, where apply_node_status records it `listed` only when told so; stamped when
+    listed, perhaps a reconcile interval after its create, its `ready` taught a boot that short."""
+    # n2 is a boot-time sample (by its id's hash): a ready received would teach its boot time.
+    api.listed = [ListedNode("n2", "booting")]
+    counts = await replica.reconcile()
+    assert counts is not None and counts["adopted"] == 1
+    assert await aredis.hmget(replica.keys.node("n2"), "origin", "boot_sample") == ["listed", "1"]
+    clock.advance(5_000)
+    await send([replica], "node:status", {"node_id": "n2", "status": "ready"})
+    assert await aredis.hget(replica.keys.node("n2"), "state") == "ready"
+    assert await aredis.hmget(replica.keys.key("model"), "boot_ms", "boot_n") == [None, None]
+
+
 async def test_reconcile_ends_a_vanished_node_stamped_by_a_clock_ahead(
     api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
 ) -> None:

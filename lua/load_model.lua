@@ -11,8 +11,9 @@
   Refused as a whole, writing nothing, when any field is not one the forecast learns or its
   value not a non-negative finite number (the same test the forecast reads its fields with)
   or more than any pool learns (MOST_LEARNED),
-  when there is no field, or when the pool has a model already (learned or imported) and
-  `replace` is not given: an import never overwrites what a running pool learned by accident.
+  when there is no field, or when the pool has a model already (learned or imported: the
+  forecast's clock, a boot time or a release rate) and `replace` is not given: an import never
+  overwrites what a running pool learned by accident.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
@@ -73,7 +74,15 @@ end
 if #writes == 0 then
   return {0, 'refused: the model has no field'}
 end
-if not replace and rcall('HEXISTS', K.model, 'last_ms') == 1 then
+-- A model the pool has: the forecast's clock (its first tick writes it), or a boot time or a
+-- release rate learned without one (--scaling-policy heuristic learns both: the stuck-boot
+-- timeout reads the boot time). Arrivals alone are not: a new pool counts them from its first
+-- activity, before an import is likely to come.
+local has_model = false
+for _, f in ipairs({'last_ms', 'boot_n', 'rel'}) do
+  has_model = has_model or rcall('HEXISTS', K.model, f) == 1
+end
+if not replace and has_model then
   return {0, 'refused: the pool has a model already, learned or imported'
     .. ' (replace it on purpose: `provisioner model import FILE --replace`)'}
 end

@@ -89,6 +89,23 @@ async def test_a_new_pool_imported_from_another_forecasts_as_that_pool_does(
     assert (await new.snap()).stats["model_imports"] == "1"
 
 
+@pytest.mark.parametrize("learned", [{"boot_ms": 150000.0, "boot_n": 3.0},
+                                     {"rel": 12.0, "bx": 9000.0}])
+async def test_an_import_is_refused_where_the_pool_learned_without_a_forecast_tick(
+        learned: dict[str, float], pools: tuple[PoolUnderTest, PoolUnderTest],
+        aredis: aioredis.Redis) -> None:
+    """Found by a review: the refusal looked for the forecast tick's clock alone, so a pool on
+    --scaling-policy heuristic, which learns the boot time (the stuck-boot timeout reads it) and
+    the release rate but never runs the forecast, had them overwritten by an import without
+    --replace."""
+    pool, _ = pools
+    await aredis.hset(pool.keys.key("model"), mapping=learned)
+    refused = await pool.scripts.load_model(pool.now, {"boot_ms": 90_000.0})
+    assert not refused.loaded
+    assert refused.reason.startswith("refused: the pool has a model already"), refused.reason
+    assert await aredis.hgetall(pool.keys.key("model")) == {f: str(v) for f, v in learned.items()}
+
+
 async def test_an_import_replaces_the_whole_model_and_starts_the_checks_afresh(
         pools: tuple[PoolUnderTest, PoolUnderTest], aredis: aioredis.Redis) -> None:
     pool, _ = pools

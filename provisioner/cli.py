@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import getpass
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -590,6 +592,137 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
         table.add_row(outside(session.user), outside(session.node), _ago(now, session.allocated_ms),
                       _last_active(now, session.last_activity_ms))
     console.print(table)
+
+
+_AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+WHEN_HELP = ("a time before now (90s, 15m, 2h, 1d), a clock time (10:02 or 10:02:30: the last "
+             "before now), or an ISO 8601 time (2026-12-05T10:02, with Z or +01:00 or without: "
+             "this machine's local time)")
+
+
+def when_ms(text: str, now: datetime.datetime, option: str) -> int:
+    """A time as `decisions --since/--until` take it (`WHEN_HELP`), in ms from the epoch (0 for
+    any time before it: a stream's ids begin there); `now` is aware."""
+    text = text.strip()
+    try:
+        moment = _moment(text, now)
+        if moment is None:
+            raise typer.BadParameter(f"{text!r} is not {WHEN_HELP}", param_hint=option)
+        return max(0, round(moment.timestamp() * 1000))
+    except (OverflowError, ValueError) as exc:  # 99999999d ago, 25:00, year 1 in local time
+        raise typer.BadParameter(f"{text!r}: {exc}", param_hint=option) from None
+
+
+def _moment(text: str, now: datetime.datetime) -> datetime.datetime | None:
+    """The aware time `text` names (`WHEN_HELP`), or None if it is none of its forms."""
+    if ago := _AGO.fullmatch(text):
+        return now - datetime.timedelta(seconds=float(ago[1]) * _UNIT_S[ago[2]])
+    if clock := _CLOCK.fullmatch(text):
+        local = now.astimezone()
+        moment = local.replace(hour=int(clock[1]), minute=int(clock[2]),
+                               second=int(clock[3] or 0), microsecond=0)
+        # the last such time: 23:50 asked at 00:10 is yesterday's
+        return moment - datetime.timedelta(days=1) if moment > local else moment
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.astimezone()  # naive: this machine's local time
+
+
+def _local_time(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+    except (OverflowError, OSError, ValueError):  # a `now` edited by hand
+        return str(ms)
+
+
+@app.command()
+def decisions(
+    redis_url: RedisUrl,
+    pool: Pool = "default",
+    since: Annotated[str | None, typer.Option(
+        help=f"Entries written from this time: {WHEN_HELP}")] = None,
+    until: Annotated[str | None, typer.Option(
+        help="Entries written up to this time, as --since takes it (default: now)")] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", help=f"Only entries of this kind (repeatable): {', '.join(view.DECISION_KINDS)}"
+    )] = None,
+    user: Annotated[str | None, typer.Option(
+        help="Only entries about this user: its misses and operators' releases of it")] = None,
+    as_json: Json = False,
+    limit: Limit = 200,
+) -> None:
+    """Scaling actions, misses and operators' releases in a span of time, each with its reason
+    and numbers: why nodes were booted at 10:02 is `--since 10:01 --until 10:03 --kind
+    scale_up`, why a user waited `--user ID --kind miss`. The stream keeps about the last 1,000
+    entries; a span it no longer holds says what it does."""
+    _pool_keys(pool)
+    kinds = frozenset(kind or ())
+    if unknown := sorted(kinds - set(view.DECISION_KINDS)):
+        raise typer.BadParameter(f"{', '.join(map(repr, unknown))}: not a kind of decision "
+                                 f"({', '.join(view.DECISION_KINDS)})", param_hint="--kind")
+    now = datetime.datetime.now(datetime.UTC)
+    start = None if since is None else when_ms(since, now, "--since")
+    end = None if until is None else when_ms(until, now, "--until")
+    if start is not None and end is not None and start > end:
+        raise typer.BadParameter(f"{since!r} is after --until {until!r}", param_hint="--since")
+
+    async def read(client: aioredis.Redis) -> view.DecisionSpan | None:
+        if not await view.pool_exists(client, pool):
+            return None
+        return await view.decision_rows(client, pool, start, end, kinds, limit, user)
+
+    span = _with_redis(redis_url, read)
+    if span is None:
+        raise _fail(_no_pool(pool))
+    if as_json:
+        typer.echo(json.dumps({
+            "decisions": [_decision_json(entry) for entry in span.entries],
+            "more": span.more, "stream_length": span.length,
+            "stream_from_ms": span.held[0] if span.held else None,
+            "stream_to_ms": span.held[1] if span.held else None}, indent=2))
+        return
+    what = ("entries" if not kinds else " and ".join(sorted(kinds)) + " entries") + (
+        "" if user is None else f" about user {user}")
+    since_shown = "the first" if start is None else _local_time(start)
+    until_shown = "now" if end is None else _local_time(end)
+    table = Table(title=f"{what} of pool {pool}, {since_shown} to {until_shown} "
+                        f"({time.strftime('%Z')}): {len(span.entries)}"
+                        f"{' and more: --limit' if span.more else ''}")
+    for column in ("time", "replica", "kind", "acted", "reason"):
+        table.add_column(column, no_wrap=column == "time",
+                         overflow="fold" if column == "reason" else "ellipsis")
+    for entry in span.entries:
+        at = view.time_ms(entry.get("now"))
+        table.add_row(*map(outside, (_local_time(at), entry.get("replica", ""),
+                                     entry.get("kind", ""), entry.get("acted", ""),
+                                     entry.get("reason", ""))))
+    console.print(table)
+    if not span.entries:
+        held = ("the stream is empty" if span.held is None else
+                f"the stream holds {span.length} entries, written from "
+                f"{_local_time(span.held[0])} to {_local_time(span.held[1])}")
+        console.print(outside(f"none in that span: {held}"))
+
+
+def _decision_json(entry: dict[str, str]) -> dict[str, Any]:
+    """An entry for JSON: its times and count as numbers, its numbers as the object they are
+    (the text it is where a hand edit left no JSON)."""
+    shown: dict[str, Any] = dict(entry)
+    shown["written_ms"] = view.written_ms(entry["id"])
+    for name in ("now", "acted", "decided_ms"):
+        if name in entry:
+            shown[name] = view.time_ms(entry[name]) if entry[name] else None
+    try:
+        shown["numbers"] = json.loads(entry.get("numbers") or "{}")
+    except ValueError:
+        pass
+    return shown
 
 
 @app.command()

@@ -311,6 +311,70 @@ async def user_rows(redis: aioredis.Redis, pool: str,
     return ([(u, time_ms(s)) for u, s in zip(waiting, since, strict=True)], sessions[:limit])
 
 
+#: The kinds of entry the decisions stream holds (lua/includes/keys.lua, log_entry).
+DECISION_KINDS = ("scale_up", "scale_down", "miss", "release")
+
+
+@dataclass(frozen=True)
+class DecisionSpan:
+    """Entries of the decisions stream written within a span of the server's time, oldest
+    first, each with its stream `id`; whether `limit` left some out; and the span the stream
+    still holds (the first and last entry's ms, None when empty) with its length, for a span
+    that finds nothing because the stream no longer keeps it."""
+
+    entries: list[dict[str, str]]
+    more: bool
+    held: tuple[int, int] | None
+    length: int
+
+
+def written_ms(entry_id: str) -> int:
+    """When the server wrote a stream entry: the ms of its id (`1764929000123-0`)."""
+    return int(entry_id.partition("-")[0])
+
+
+async def decision_rows(redis: aioredis.Redis, pool: str, start_ms: int | None,
+                        end_ms: int | None, kinds: frozenset[str], limit: int,
+                        user: str | None = None, page: int = 500) -> DecisionSpan:
+    """The entries of kinds `kinds` (every kind if empty), and about `user` if given (its
+    misses and operators' releases, whose reasons begin `user ID `), the server wrote from
+    `start_ms` to `end_ms` (ms, either open): the first `limit` from the start where one is
+    given, else the last `limit` before the end. Reads the span a page at a time, the stream's
+    own order, until `limit` are found: O(log n + the entries read)."""
+    key = PoolKeys(pool).key("decisions")
+    low = "-" if start_ms is None else str(start_ms)
+    high = "+" if end_ms is None else str(end_ms)
+    forward = start_ms is not None
+    found: list[dict[str, str]] = []
+    more = False
+    while True:
+        got: list[tuple[Any, dict[Any, Any]]] = await (  # type: ignore[assignment]
+            redis.xrange(key, low, high, count=page) if forward
+            else redis.xrevrange(key, high, low, count=page))
+        for entry_id, fields in got:
+            entry = {as_text(k): as_text(v) for k, v in fields.items()}
+            if kinds and entry.get("kind") not in kinds:
+                continue
+            if user is not None and not entry.get("reason", "").startswith(f"user {user} "):
+                continue
+            if len(found) == limit:
+                more = True
+                break
+            found.append({"id": as_text(entry_id), **entry})
+        if more or len(got) < page:
+            break
+        last = as_text(got[-1][0])  # the next page begins after it (an exclusive bound)
+        if forward:
+            low = f"({last}"
+        else:
+            high = f"({last}"
+    first = await redis.xrange(key, count=1)
+    newest = await redis.xrevrange(key, count=1)
+    held = (written_ms(as_text(first[0][0])), written_ms(as_text(newest[0][0]))) \
+        if first and newest else None
+    return DecisionSpan(found if forward else found[::-1], more, held, int(await redis.xlen(key)))
+
+
 async def pool_exists(redis: aioredis.Redis, pool: str) -> bool:
     """Whether the server holds any state of `pool`: its published settings, its epoch, its
     counters, its nodes or its replicas (a running pool has them all, a pool that has seen

@@ -166,7 +166,7 @@ def render_view(view: PoolView) -> Group:
                        + f"longest session {duration_text(data['longest_session_s'])}")
     outcomes = Text(
         f"connects {data['connects']}  hits {data['hits']}  misses {data['misses']} "
-        f"(miss rate {data['miss_rate'] * 100:.1f}%)  mean wait after a miss "
+        f"(miss rate {data['miss_rate'] * 100:.1f}%)  mean wait in the queue "
         f"{data['mean_wait_s']:.1f}s  abandoned {data['abandoned']}  "
         f"requeued {data['requeued']}" + (
             f"  released by an operator {data['operator_releases']}"

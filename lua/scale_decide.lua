@@ -33,8 +33,9 @@
   minute ahead of this replica's clock, on a lease not lapsed: one of the two clocks is
   wrong), {-1} when the epoch is not the replica's, else
     {1, reason, numbers_json, reservation_id...}
-  Logs every decision that acts to the `decisions` stream; the latest observation is kept in
-  stats field `last_decision`.
+  Logs every decision that creates to the `decisions` stream, and one that wants nodes and can
+  create none (max_nodes, creates held) once per 30 s while it lasts (stats field
+  `unmet_logged_ms`); the latest observation is kept in stats field `last_decision`.
 ]]
 --@include "includes/keys.lua"
 --@include "includes/policy.lua"
@@ -156,11 +157,27 @@ else
   reason = string.format('spare %d >= target %d (%s): hold', s.spare, target, why)
 end
 
+-- Whether a decision that wants nodes and creates none (max_nodes, creates held while the Node
+-- API fails) goes to the decisions stream: once per UNMET_LOG_MS while it lasts. It is decided
+-- again at every tick, and one entry a second pushed the stream's 1,000 out in 17 minutes of
+-- an outage, misses and all; the latest is always the pool's last decision.
+local UNMET_LOG_MS = 30000
+local function unmet_to_log(at)
+  local last = tonumber(rcall('HGET', K.stats, 'unmet_logged_ms'))
+  if last and at >= last and at - last < UNMET_LOG_MS then
+    return false
+  end
+  rcall('HSET', K.stats, 'unmet_logged_ms', at)
+  return true
+end
+
 local numbers = summary(s, target)
 rcall('HSET', K.stats, 'last_decision', reason, 'last_numbers', numbers,
       'last_decision_ms', now, 'last_replica', p.replica)
-if #created > 0 or (want > 0) then
+if #created > 0 then
   log_decision(p, 'scale_up', reason, numbers, #created)
+elseif want > 0 and unmet_to_log(now) then
+  log_decision(p, 'scale_up', reason, numbers, 0)
 end
 
 local result = {1, reason, numbers}

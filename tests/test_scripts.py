@@ -971,6 +971,33 @@ async def test_scale_decide_respects_max_nodes(pool: PoolUnderTest) -> None:
     assert "max_nodes 3" in decision.reason
 
 
+async def test_a_create_capped_to_nothing_is_logged_once_per_30s_while_it_lasts(
+        pool: PoolUnderTest, aredis: aioredis.Redis) -> None:
+    """Found by an operator's drill: a pool held below its target (max_nodes, or creates held
+    while the Node API fails) logged `create 0 of N` at every tick, one a second, so the
+    decisions stream's 1,000 entries held 17 minutes of an outage, and each miss left
+    `status`'s eight within seconds. The latest is still the pool's last decision."""
+    config = PoolConfig(min_ready=5, max_nodes=0)
+
+    async def scale_ups() -> list[dict[str, str]]:
+        entries = await aredis.xrange(pool.keys.key("decisions"))
+        return [fields for _, fields in entries if fields["kind"] == "scale_up"]
+
+    for second in range(91):
+        decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+        assert decision.won and "create 0 of 5 (max_nodes 0" in decision.reason
+        assert (await pool.snap()).stats["last_decision"] == decision.reason, second
+        pool.clock.advance(1000)
+    logged = await scale_ups()
+    assert [(int(e["now"]) - int(logged[0]["now"])) // 1000 for e in logged] == [0, 30, 60, 90]
+    assert {e["acted"] for e in logged} == {"0"}
+    # a create made is logged at once, however soon after
+    decision = await pool.scripts.scale_decide(
+        PoolConfig(min_ready=5, max_nodes=2).policy_args(pool.now, "r1"))
+    assert len(decision.reservations) == 2
+    assert [e["acted"] for e in await scale_ups()][-1] == "2"
+
+
 async def test_reap_idle_terminates_only_idle_nodes_beyond_the_floor(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=1, idle_timeout_s=300)
     for node in ("n1", "n2", "n3"):

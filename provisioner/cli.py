@@ -620,11 +620,13 @@ def _moment(text: str, now: datetime.datetime) -> datetime.datetime | None:
     if ago := _AGO.fullmatch(text):
         return now - datetime.timedelta(seconds=float(ago[1]) * _UNIT_S[ago[2]])
     if clock := _CLOCK.fullmatch(text):
-        local = now.astimezone()
-        moment = local.replace(hour=int(clock[1]), minute=int(clock[2]),
-                               second=int(clock[3] or 0), microsecond=0)
-        # the last such time: 23:50 asked at 00:10 is yesterday's
-        return moment - datetime.timedelta(days=1) if moment > local else moment
+        wall = now.astimezone().replace(tzinfo=None, hour=int(clock[1]), minute=int(clock[2]),
+                                        second=int(clock[3] or 0), microsecond=0)
+        # The last such time: 23:50 asked at 00:10 is yesterday's; a time shown twice (02:30 as
+        # the clocks go back) the later. Each in its own offset, not now's: on a day the clocks
+        # change, one on the other side of the change was an hour off.
+        return max(moment for day in (wall, wall - datetime.timedelta(days=1))
+                   for fold in (0, 1) if (moment := day.replace(fold=fold).astimezone()) <= now)
     try:
         moment = datetime.datetime.fromisoformat(text)
     except ValueError:

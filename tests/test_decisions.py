@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -170,6 +173,41 @@ def test_a_clock_time_is_the_last_one_before_now() -> None:
         earlier.timestamp() * 1000)
     with pytest.raises(typer.BadParameter):
         when_ms("12:00 tomorrow", NOW, "--since")
+
+
+@pytest.fixture
+def berlin() -> Iterator[None]:
+    """This machine's local time as Berlin's, whose clocks change twice a year."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Europe/Berlin"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+def _utc(*at: int) -> datetime.datetime:
+    return datetime.datetime(*at, tzinfo=datetime.UTC)
+
+
+@pytest.mark.parametrize(("now", "text", "at"), [
+    # 2027-03-28, 02:00 CET became 03:00 CEST; asked at 10:00 CEST
+    (_utc(2027, 3, 28, 8), "01:30", _utc(2027, 3, 28, 0, 30)),  # 01:30 CET, that morning
+    (_utc(2027, 3, 28, 8), "11:00", _utc(2027, 3, 27, 10)),  # 11:00 CET, the day before
+    # 2026-10-25, 03:00 CEST became 02:00 CET; asked at 10:00 CET
+    (_utc(2026, 10, 25, 9), "01:30", _utc(2026, 10, 24, 23, 30)),  # 01:30 CEST
+    (_utc(2026, 10, 25, 9), "02:30", _utc(2026, 10, 25, 1, 30)),  # shown twice: the later, CET
+    (_utc(2026, 10, 25, 9), "11:00", _utc(2026, 10, 24, 9)),  # 11:00 CEST, the day before
+])
+def test_a_clock_time_on_a_day_the_clocks_change_is_in_its_own_offset(
+        berlin: None, now: datetime.datetime, text: str, at: datetime.datetime) -> None:
+    """Found by a review: a clock time was put in the offset of now, so on a day the clocks
+    changed one before the change (or the day before's) was an hour off: `--since 01:30` asked
+    at 10:00 CEST on the day summer time began read 00:30 CET."""
+    assert when_ms(text, now, "--since") == round(at.timestamp() * 1000)
 
 
 def test_the_live_scripts_entries_are_listed(redis_url: str, sync_redis: redis.Redis) -> None:

@@ -360,7 +360,7 @@ async def decision_rows(redis: aioredis.Redis, pool: str, start_ms: int | None,
             if len(found) == limit:
                 more = True
                 break
-            found.append({"id": as_text(entry_id), **entry})
+            found.append({**entry, "id": as_text(entry_id)})  # a field `id` edited in: not it
         if more or len(got) < page:
             break
         last = as_text(got[-1][0])  # the next page begins after it (an exclusive bound)

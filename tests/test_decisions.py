@@ -175,6 +175,19 @@ def test_a_clock_time_is_the_last_one_before_now() -> None:
         when_ms("12:00 tomorrow", NOW, "--since")
 
 
+
+def test_an_entry_with_a_field_named_id_keeps_its_stream_id(redis_url: str,
+                                                            sync_redis: redis.Redis) -> None:
+    """Found by a review: an entry given a field `id` by hand had it in place of its stream id,
+    and `--json` stopped with a traceback (ValueError, int('xyz'))."""
+    sync_redis.hset(KEYS.key("stats"), "connects", 1)
+    written = sync_redis.xadd(KEYS.key("decisions"), {"kind": "miss", "id": "xyz"})
+    code, found = decisions(redis_url, "--json")
+    assert code == 0, found
+    assert [(e["id"], e["written_ms"]) for e in found["decisions"]] == [
+        (written, view.written_ms(written))]
+
+
 @pytest.fixture
 def berlin() -> Iterator[None]:
     """This machine's local time as Berlin's, whose clocks change twice a year."""

@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from provisioner import mock_node_api, simulator, view
+from provisioner import jsontext, mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
 from provisioner.clock import WallClock
 from provisioner.config import (
@@ -721,9 +721,11 @@ def _decision_json(entry: dict[str, str]) -> dict[str, Any]:
         if name in entry:
             shown[name] = view.time_ms(entry[name]) if entry[name] else None
     try:
-        shown["numbers"] = json.loads(entry.get("numbers") or "{}")
+        numbers = jsontext.loads(entry.get("numbers") or "{}")
+        json.dumps(numbers, allow_nan=False)  # NaN, 1e999: Python reads them, JSON has none
     except ValueError:
-        pass
+        return shown
+    shown["numbers"] = numbers
     return shown
 
 

@@ -188,6 +188,26 @@ def test_an_entry_with_a_field_named_id_keeps_its_stream_id(redis_url: str,
         (written, view.written_ms(written))]
 
 
+def strict_json(text: str) -> Any:
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+
+def test_numbers_json_does_not_have_are_shown_as_their_text(redis_url: str,
+                                                            sync_redis: redis.Redis) -> None:
+    """Found by a review: numbers edited by hand that Python's JSON reader takes and JSON has
+    not (NaN, 1e999) were printed as NaN and Infinity, which `jq` refuses, and numbers nested
+    too deep stopped `--json` with a traceback (RecursionError)."""
+    sync_redis.hset(KEYS.key("stats"), "connects", 1)
+    edited = ['{"spare": NaN}', '{"target": 1e999}', "[" * 100_000, '{"target": 3}']
+    for numbers in edited:
+        sync_redis.xadd(KEYS.key("decisions"), {"kind": "scale_up", "numbers": numbers})
+    result = CliRunner().invoke(app, ["decisions", "--redis-url", redis_url, "--pool", POOL,
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    found = strict_json(result.output)
+    assert [e["numbers"] for e in found["decisions"]] == [*edited[:3], {"target": 3}]
+
+
 @pytest.fixture
 def berlin() -> Iterator[None]:
     """This machine's local time as Berlin's, whose clocks change twice a year."""

@@ -668,6 +668,9 @@ def decisions(
     if unknown := sorted(kinds - set(view.DECISION_KINDS)):
         raise typer.BadParameter(f"{', '.join(map(repr, unknown))}: not a kind of decision "
                                  f"({', '.join(view.DECISION_KINDS)})", param_hint="--kind")
+    if user is not None and not ID_PATTERN.match(user):  # none the service takes is
+        raise typer.BadParameter(f"{user[:40]!r} is not a user id ({ID_RULE})",
+                                 param_hint="--user")
     now = datetime.datetime.now(datetime.UTC)
     start = None if since is None else when_ms(since, now, "--since")
     end = None if until is None else when_ms(until, now, "--until")

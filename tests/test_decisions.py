@@ -132,6 +132,10 @@ def test_a_span_the_stream_no_longer_holds_says_what_it_holds(redis_url: str,
     (["--until", "99999999d"], "out of range"),
     (["--kind", "scaleup"], "not a kind of decision"),
     (["--since", "10m", "--until", "20m"], "is after --until"),
+    # Found by a review: it went into the table's title as Rich markup, a traceback
+    # (MarkupError), and no user the service takes has such an id
+    (["--user", "[/x]"], "not a user id"),
+    (["--user", "u1 waits"], "not a user id"),
 ])
 def test_what_it_cannot_read_is_refused_by_name(redis_url: str, logged: list[str],
                                                 args: list[str], said: str) -> None:

@@ -307,16 +307,18 @@ class MockNodeApi:
 async def _log_refused(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Logs each call answered 4xx, with what it was told, the access log being off: a client
     calling the mock wrong (a path it does not serve, a node it never made) is seen. Its 5xx
-    answers, the faults it injects, say so where they are made."""
+    answers, the faults it injects, say so where they are made. The path as it was sent, still
+    percent-encoded: decoded, a %0A in it began a line of the client's own in the text log."""
+    path = request.rel_url.raw_path
     try:
         response = await handler(request)
     except web.HTTPException as exc:  # the router's: no such path (404), method (405)
         if 400 <= exc.status < 500:
-            log.info("%s %s: %d %s", request.method, request.path, exc.status, exc.reason)
+            log.info("%s %s: %d %s", request.method, path, exc.status, exc.reason)
         raise
     if 400 <= response.status < 500:
         said = response.text if isinstance(response, web.Response) else None
-        log.info("%s %s: %d %s", request.method, request.path, response.status,
+        log.info("%s %s: %d %s", request.method, path, response.status,
                  _error_of(said) or response.reason)
     return response
 

@@ -127,6 +127,19 @@ async def test_the_mock_logs_every_call_it_refuses(start_api: Start,
         assert any(r.getMessage().startswith(logged) for r in caplog.records), (logged, caplog.text)
 
 
+
+async def test_a_refused_call_is_logged_on_one_line_as_it_was_sent(
+        start_api: Start, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: the path was logged decoded, so a %0A in it began a line of the
+    client's own in the mock's text log (its formatter keeps line breaks, for tracebacks)."""
+    api = await start_api(boot_delay="0")
+    caplog.set_level(logging.INFO, logger="provisioner.mock_node_api")
+    forged = "/api/nodes/x%0A2026-12-05 10:00:00 ERROR forged"
+    assert (await api.delete(forged)).status_code == 404
+    [said] = [r.getMessage() for r in caplog.records if ": 404" in r.getMessage()]
+    assert "\n" not in said and said.startswith("DELETE /api/nodes/x%0A2026-12-05"), said
+
+
 async def test_delete_while_booting_never_becomes_ready(
         start_api: Start, aredis: aioredis.Redis) -> None:
     api = await start_api(boot_delay="0.3", terminate_delay_s=0)

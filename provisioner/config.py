@@ -273,15 +273,19 @@ def _redis_url_reason(url: str) -> str | None:
 
 
 # The query options whose values a message shows: those the Redis client parses as numbers,
-# booleans or names (redis.connection's URL_QUERY_ARGUMENT_PARSERS, and the two it passes on as
-# text). Any other value, a password's, a Node API token's or one under a misspelt name
-# (`?pasword=`, which the client refuses, naming it), is shown as `***`.
+# booleans or names (redis.connection's URL_QUERY_ARGUMENT_PARSERS), and those it passes on as
+# text that are no secret: a name, a user (shown in the userinfo too), the TLS files' paths
+# (hidden, "cannot reach Redis at rediss://h/0?ssl_ca_certs=***: ... No such file or
+# directory" named no file). Any other value, a password's (`ssl_password` too), a Node API
+# token's or one under a misspelt name (`?pasword=`, which the client refuses, naming it), is
+# shown as `***`.
 _SHOWN_OPTIONS = frozenset((
     "db", "health_check_interval", "legacy_responses", "max_connections", "protocol",
     "retry_on_error", "retry_on_timeout", "socket_connect_timeout", "socket_keepalive",
     "socket_read_size", "socket_timeout", "ssl_check_hostname", "ssl_exclude_verify_flags",
     "ssl_include_verify_flags", "ssl_min_version", "ssl_validate_ocsp",
-    "ssl_validate_ocsp_stapled", "timeout", "client_name", "ssl_cert_reqs"))
+    "ssl_validate_ocsp_stapled", "timeout", "client_name", "ssl_cert_reqs", "username",
+    "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_ciphers"))
 
 
 def _query_shown(query: str) -> str:

@@ -586,6 +586,12 @@ def test_run_builds_the_settings_the_release_before_built(
     ("redis://h/0?pasword=s3cret", "redis://h/0?pasword=***"),
     ("http://api:8080/?token=s3cret&x", "http://api:8080/?token=***&x"),
     ("redis://h/0?socket_timeout=5&DB=1&protocol=3", "redis://h/0?socket_timeout=5&DB=1&protocol=3"),
+    # ... and those it takes as text that are no secret either: a later review found "cannot
+    # reach Redis at rediss://h/0?ssl_ca_certs=***: ... No such file or directory", naming no
+    # file, and "invalid username-password pair" for a user shown as ***; a key's password stays
+    ("rediss://h/0?ssl_ca_certs=/etc/ca.pem&ssl_certfile=c.pem&ssl_keyfile=k.pem&ssl_password=s3",
+     "rediss://h/0?ssl_ca_certs=/etc/ca.pem&ssl_certfile=c.pem&ssl_keyfile=k.pem&ssl_password=***"),
+    ("redis://h/0?username=alice&password=s3cret", "redis://h/0?username=alice&password=***"),
 ])
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
     from provisioner.config import shown_url

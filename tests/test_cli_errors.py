@@ -592,6 +592,10 @@ def test_run_builds_the_settings_the_release_before_built(
     ("rediss://h/0?ssl_ca_certs=/etc/ca.pem&ssl_certfile=c.pem&ssl_keyfile=k.pem&ssl_password=s3",
      "rediss://h/0?ssl_ca_certs=/etc/ca.pem&ssl_certfile=c.pem&ssl_keyfile=k.pem&ssl_password=***"),
     ("redis://h/0?username=alice&password=s3cret", "redis://h/0?username=alice&password=***"),
+    # A ';' parts options as an '&' does, as Python's parse_qs did before 3.9.2: the client
+    # reads `1;password=s3cret` as the db's value and refuses it, and it was shown whole
+    ("redis://h/0?db=1;password=s3cret", "redis://h/0?db=1;password=***"),
+    ("redis://h/0?client_name=x;token=s3cret&db=1", "redis://h/0?client_name=x;token=***&db=1"),
 ])
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
     from provisioner.config import shown_url
@@ -606,6 +610,7 @@ def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
     ["status", "--redis-url", "redis://127.0.0.1:1/0?password=s3cret"],
     ["status", "--redis-url", "redis://127.0.0.1:1/0?pass%77ord=s3cret"],
     ["status", "--redis-url", "redis://127.0.0.1:1/0?pasword=s3cret"],
+    ["status", "--redis-url", "redis://127.0.0.1:1/0?db=1;password=s3cret"],
     ["check", "--redis-url", "redis://:s3cret@127.0.0.1:1/zz"],
     ["reconcile", "--redis-url", "REDIS", "--node-api-url", "http://u:s3cret@127.0.0.1:1"],
 ])

@@ -602,12 +602,16 @@ WHEN_HELP = ("a time before now (90s, 15m, 2h, 1d), a clock time (10:02 or 10:02
              "this machine's local time)")
 
 
-def when_ms(text: str, now: datetime.datetime, option: str) -> int:
+def when_ms(text: str, now: datetime.datetime, option: str,
+            after_ms: int | None = None) -> int:
     """A time as `decisions --since/--until` take it (`WHEN_HELP`), in ms from the epoch (0 for
-    any time before it: a stream's ids begin there); `now` is aware."""
+    any time before it: a stream's ids begin there); `now` is aware. A clock time is the last
+    before now, or, given `after_ms` (--until after a --since), the first from then on."""
     text = text.strip()
     try:
-        moment = _moment(text, now)
+        after = None if after_ms is None else datetime.datetime.fromtimestamp(
+            after_ms / 1000, datetime.UTC)
+        moment = _moment(text, now, after)
         if moment is None:
             raise typer.BadParameter(f"{text!r} is not {WHEN_HELP}", param_hint=option)
         return max(0, round(moment.timestamp() * 1000))
@@ -615,18 +619,26 @@ def when_ms(text: str, now: datetime.datetime, option: str) -> int:
         raise typer.BadParameter(f"{text!r}: {exc}", param_hint=option) from None
 
 
-def _moment(text: str, now: datetime.datetime) -> datetime.datetime | None:
+def _moment(text: str, now: datetime.datetime,
+            after: datetime.datetime | None = None) -> datetime.datetime | None:
     """The aware time `text` names (`WHEN_HELP`), or None if it is none of its forms."""
     if ago := _AGO.fullmatch(text):
         return now - datetime.timedelta(seconds=float(ago[1]) * _UNIT_S[ago[2]])
     if clock := _CLOCK.fullmatch(text):
-        wall = now.astimezone().replace(tzinfo=None, hour=int(clock[1]), minute=int(clock[2]),
-                                        second=int(clock[3] or 0), microsecond=0)
-        # The last such time: 23:50 asked at 00:10 is yesterday's; a time shown twice (02:30 as
-        # the clocks go back) the later. Each in its own offset, not now's: on a day the clocks
-        # change, one on the other side of the change was an hour off.
-        return max(moment for day in (wall, wall - datetime.timedelta(days=1))
-                   for fold in (0, 1) if (moment := day.replace(fold=fold).astimezone()) <= now)
+        wall = (now if after is None else after).astimezone().replace(
+            tzinfo=None, hour=int(clock[1]), minute=int(clock[2]), second=int(clock[3] or 0),
+            microsecond=0)
+        # Each in its own offset, not now's: on a day the clocks change, one on the other side
+        # of the change was an hour off.
+        if after is None:
+            # The last such time: 23:50 asked at 00:10 is yesterday's; a time shown twice
+            # (02:30 as the clocks go back) the later.
+            return max(moment for day in (wall, wall - datetime.timedelta(days=1))
+                       for fold in (0, 1) if (moment := day.replace(fold=fold).astimezone()) <= now)
+        # The first from `after` on: --until 10:03 after --since 10:01 asked at 10:02 is
+        # today's, not yesterday's (refused as before --since); 00:05 after 23:50 tomorrow's.
+        return min(moment for day in (wall, wall + datetime.timedelta(days=1))
+                   for fold in (0, 1) if (moment := day.replace(fold=fold).astimezone()) >= after)
     try:
         moment = datetime.datetime.fromisoformat(text)
     except ValueError:
@@ -650,7 +662,8 @@ def decisions(
     since: Annotated[str | None, typer.Option(
         help=f"Entries written from this time: {WHEN_HELP}")] = None,
     until: Annotated[str | None, typer.Option(
-        help="Entries written up to this time, as --since takes it (default: now)")] = None,
+        help="Entries written up to this time, as --since takes it, but a clock time is the "
+        "first from --since on where --since is given (default: now)")] = None,
     kind: Annotated[list[str] | None, typer.Option(
         "--kind", help=f"Only entries of this kind (repeatable): {', '.join(view.DECISION_KINDS)}"
     )] = None,
@@ -673,7 +686,7 @@ def decisions(
                                  param_hint="--user")
     now = datetime.datetime.now(datetime.UTC)
     start = None if since is None else when_ms(since, now, "--since")
-    end = None if until is None else when_ms(until, now, "--until")
+    end = None if until is None else when_ms(until, now, "--until", start)
     if start is not None and end is not None and start > end:
         raise typer.BadParameter(f"{since!r} is after --until {until!r}", param_hint="--since")
 

@@ -179,6 +179,28 @@ def test_a_clock_time_is_the_last_one_before_now() -> None:
         when_ms("12:00 tomorrow", NOW, "--since")
 
 
+@pytest.mark.parametrize(("since", "until"), [(-20, -5), (-1, 2), (-30, 60)])
+def test_an_until_clock_time_is_the_first_from_since_on(since: int, until: int) -> None:
+    """Found by a review: the README's own `--since 10:01 --until 10:03`, asked at 10:02, was
+    refused as since after until: --until, the last 10:03 before now, was yesterday's."""
+    local = NOW.astimezone().replace(second=0, microsecond=0)
+    at = {m: local + datetime.timedelta(minutes=m) for m in (since, until)}
+    start = when_ms(at[since].strftime("%H:%M"), NOW, "--since")
+    assert start == round(at[since].timestamp() * 1000)
+    end = when_ms(at[until].strftime("%H:%M"), NOW, "--until", start)
+    assert end == round(at[until].timestamp() * 1000)  # not a day before, and after since
+
+
+def test_a_span_of_clock_times_around_now_is_listed(redis_url: str,
+                                                    sync_redis: redis.Redis) -> None:
+    sync_redis.hset(KEYS.key("stats"), "connects", 1)
+    written = sync_redis.xadd(KEYS.key("decisions"), {"kind": "miss"})  # now
+    now = datetime.datetime.now().astimezone()
+    code, found = decisions(redis_url, "--since", (now - datetime.timedelta(minutes=2)).strftime(
+        "%H:%M"), "--until", (now + datetime.timedelta(minutes=2)).strftime("%H:%M"), "--json")
+    assert code == 0, found
+    assert [e["id"] for e in found["decisions"]] == [written]
+
 
 def test_an_entry_with_a_field_named_id_keeps_its_stream_id(redis_url: str,
                                                             sync_redis: redis.Redis) -> None:

@@ -737,8 +737,7 @@ def _decision_json(entry: dict[str, str]) -> dict[str, Any]:
         if name in entry:
             shown[name] = view.time_ms(entry[name]) if entry[name] else None
     try:
-        numbers = jsontext.loads(entry.get("numbers") or "{}")
-        json.dumps(numbers, allow_nan=False)  # NaN, 1e999: Python reads them, JSON has none
+        numbers = jsontext.loads_finite(entry.get("numbers") or "{}")
     except ValueError:
         return shown
     shown["numbers"] = numbers

@@ -13,3 +13,11 @@ def loads(text: str | bytes) -> Any:
         return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
+
+
+def loads_finite(text: str | bytes) -> Any:
+    """`loads`, where what JSON has not and Python's reader takes (NaN, Infinity, 1e999) is a
+    ValueError too: a value read to be written out again as JSON (`--json`, which jq reads)."""
+    value = loads(text)
+    json.dumps(value, allow_nan=False)
+    return value

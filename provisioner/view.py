@@ -122,7 +122,7 @@ def _json_object(raw: str) -> dict[str, Any]:
     """A JSON object the scripts wrote, or {} if it is not one (an edit by hand must not stop
     the operator's view)."""
     try:
-        value = jsontext.loads(raw) if raw else {}
+        value = jsontext.loads_finite(raw) if raw else {}
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}

@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 from typer.testing import CliRunner, Result
@@ -450,6 +451,13 @@ def test_the_status_view_reads_a_pool_edited_by_hand(redis_url: str) -> None:
     shown, status = _status(redis_url, "edited")
     assert "r1 silent for" in shown and "r2 silent for" in shown
     assert status["last_numbers"] == {} and status["connects"] == 0 and status["misses"] == 0
+    # what JSON has not, and Python's reader takes, was printed as NaN: not JSON (jq refuses it)
+    for numbers in ('{"target": NaN}', '{"spare": 1e999}'):
+        sync = redis.Redis.from_url(redis_url)
+        sync.hset(PoolKeys("edited").key("stats"), "last_numbers", numbers)
+        sync.close()
+        output = CliRunner().invoke(app, ["status", *common, "--json"]).output
+        assert json.loads(output, parse_constant=pytest.fail)["last_numbers"] == {}, numbers
     for command in ("nodes", "users"):
         for extra in ([], ["--json"]):
             result = CliRunner().invoke(app, [command, *common, *extra], env={"COLUMNS": "200"})

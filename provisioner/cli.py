@@ -716,7 +716,8 @@ def decisions(
         table.add_column(column, no_wrap=column == "time",
                          overflow="fold" if column == "reason" else "ellipsis")
     for entry in span.entries:
-        at = view.time_ms(entry.get("now"))
+        at = view.time_ms(entry.get("now"))  # the replica's clock when it decided
+        at = view.written_ms(entry["id"]) if at is None else at  # or the server's, at its write
         table.add_row(*map(outside, (_local_time(at), entry.get("replica", ""),
                                      entry.get("kind", ""), entry.get("acted", ""),
                                      entry.get("reason", ""))))

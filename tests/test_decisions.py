@@ -291,3 +291,14 @@ def test_the_live_scripts_entries_are_listed(redis_url: str, sync_redis: redis.R
         "user u2 waits at position 2"]
     code, found = decisions(redis_url, "--user", "u", "--json")  # a user, not a prefix
     assert found["decisions"] == []
+
+
+def test_an_entry_without_its_time_shows_when_it_was_written(redis_url: str,
+                                                             sync_redis: redis.Redis) -> None:
+    """A review: an entry whose `now` a hand took away showed `-` in the time column."""
+    sync_redis.hset(KEYS.key("stats"), "connects", 1)
+    sync_redis.xadd(KEYS.key("decisions"), {"kind": "miss", "reason": "r"}, id=f"{T10}-0")
+    code, output = decisions(redis_url)
+    assert code == 0, output
+    shown = datetime.datetime.fromtimestamp(T10 / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    assert shown in output, output

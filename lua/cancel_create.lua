@@ -1,7 +1,8 @@
 #!lua
 --[[
   cancel_create: a create reservation's POST definitely failed (an answer other than 202, or a
-  connection that was never made), so no node will come of it.
+  connection that was never made), so no node will come of it; or it made a node whose id the
+  pool cannot take, which the replica deletes at once (provisioner/service.py _create).
 
   Not for timeouts: a POST that timed out may have created a node; its reservation is left to
   expire at its deadline, and the node, if any, is adopted when its node:status arrives.

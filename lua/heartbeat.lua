@@ -2,7 +2,8 @@
 --[[
   heartbeat: a replica says it is running, and how far its listener is behind the events, so
   `provisioner status` can list the pool's replicas. Called by each replica every
-  --heartbeat-interval; no other script reads what it writes.
+  --heartbeat-interval. Of what it writes, the transitions read only the epoch (scale_decide)
+  and, by their absence, the marks it drops from `applied` (pool.lua made_again).
 
   `replicas` scores each replica by the server's clock (TIME, in ms) at its last heartbeat;
   `replica_info` holds what it said then. Every replica's heartbeats are stamped and judged by
@@ -38,7 +39,8 @@
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] replica id
-  ARGV[2] what the replica says: a JSON object (lag_s, subscribed, started_ms, interval_s)
+  ARGV[2] what the replica says: a JSON object (lag_s, subscribed, started_ms, interval_s,
+          scripts, unsubscribed_s, and clock_offset_s and other_pools once known)
   ARGV[3] forget_ms
   ARGV[4] this replica's token for the epoch, should the pool have none (random, so that no
           two epochs are alike)

@@ -18,7 +18,8 @@
   replica counts once (two events of one user in the same second count once, too): the first
   copy in `activities`, each later one in `activity_duplicates`. A later copy returns as soon as
   its ZADD finds the second there: the first did the rest, so every further replica costs the
-  server three commands a message, not the whole script.
+  server two commands a message (ZADD, ZCOUNT), beside the call's own (its key type checks and
+  counters), not the whole script.
 
   One call applies one or more events in order, each as its own call would (a listener's burst
   goes in one call, its key vector sent once); the stats counters are added once at the end.

@@ -85,7 +85,8 @@ local function node_key(node_id)
 end
 
 -- Whether a node is a boot-time sample (pool.lua new_node). A record without the mark (written
--- before it existed) counts as one: it is learned from and never given up while booting.
+-- before it existed) counts as one: it is learned from and never given up in an idle node's
+-- place while booting (reap_idle; a stuck boot is ended all the same).
 local function is_boot_sample(node_id)
   return rcall('HGET', node_key(node_id), 'boot_sample') ~= '0'
 end

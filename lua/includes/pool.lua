@@ -231,7 +231,8 @@ end
 -- Create the record of a node the pool has not seen. origin: api | status | listed | late.
 -- About half the nodes are boot-time samples, chosen by a hash of the id (so by neither the
 -- order the pool records them in, which races between replicas, nor their boot time): the boot
--- time is learned from these only, and reap_idle never gives one up while booting. Giving up
+-- time is learned from these only, and reap_idle never gives one up in an idle node's place
+-- while booting (a stuck one is ended all the same). Giving up
 -- boots picked from all nodes would leave mostly the short ones to learn from (a long boot stays
 -- a candidate for longer), and the horizon learned would come out short.
 local function new_node(node_id, state, now, origin, reservation)

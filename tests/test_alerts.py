@@ -107,3 +107,16 @@ def test_promtool_accepts_the_rules_and_they_fire_as_their_tests_say(tmp_path: P
         done = subprocess.run([promtool, *command], cwd=tmp_path, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_place_the_replica_counts_errors_in_is_exported_from_the_start() -> None:
+    """`provisioner_errors_total{where}` is exported at 0 for each of ERROR_PLACES, so a query
+    on one reads 0 until it counts (README, "Debugging"); the heartbeat's look for other pools
+    counted in `other_pools`, which was not among them."""
+    from provisioner.metrics import ERROR_PLACES
+
+    source = (ROOT / "provisioner" / "service.py").read_text()
+    counted = set(re.findall(r'errors\.labels\("(\w+)"\)', source))
+    counted |= set(re.findall(r'self\._every\([^"]*"(\w+)"', source))
+    assert {"event", "tick", "reconcile", "heartbeat"} <= counted
+    assert counted <= set(ERROR_PLACES), counted - set(ERROR_PLACES)

@@ -2765,3 +2765,45 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
     await replica.tick()
     await replica.settle()
     assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 2
+
+
+async def test_the_pool_s_gauges_are_read_before_metrics_answer(
+        redis_url: str, aredis: aioredis.Redis) -> None:
+    """A replica's first tick waits for its first reconciliation (a slow Node API's list, up to
+    its timeout); /metrics answered meanwhile with the pool's gauges at 0, and a scrape of
+    `provisioner_values_repaired` 0 before the pool's 3 read as a rise: a restarted replica
+    fired ProvisionerStateRepaired with nothing repaired (a review)."""
+    import httpx
+
+    from provisioner.redis_server import free_port
+    from provisioner.service import serve
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the replica gives up on it
+        writer.close()
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    api_port = silent.sockets[0].getsockname()[1]
+    await aredis.hset(PoolKeys("gauged").key("stats"), "values_repaired", 3)
+    port = free_port()
+    service = ServiceConfig(redis_url, f"http://127.0.0.1:{api_port}", pool="gauged",
+                            http_port=port, api_timeout_s=5)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(service, FLOOR_ONLY, stop))
+    try:
+        async with httpx.AsyncClient() as client:
+            deadline = time.monotonic() + 5
+            while True:
+                assert not serving.done() and time.monotonic() < deadline
+                try:
+                    body = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.02)
+        assert re.findall(r"^provisioner_values_repaired .*$", body, re.M) == [
+            "provisioner_values_repaired 3.0"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 15)
+        silent.close()
+        await aredis.delete(*[key async for key in aredis.scan_iter("prov:{gauged}:*")])

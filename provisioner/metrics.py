@@ -143,7 +143,8 @@ class Metrics:
             "Times this replica found the pool's state in Redis gone under it: the pool's epoch "
             "(set once when the state begins, lua/heartbeat.lua) changed between two of its "
             "heartbeats (a server restarted without persistence, a flush, a failover to an "
-            "empty replica)", registry=r)
+            "empty replica), or the pool's count of heartbeats went back (the state put back "
+            "from an older copy)", registry=r)
         self.unsubscribed = Counter(
             "provisioner_unsubscribed_seconds",
             "Seconds this replica's listener was not subscribed after it had been (a lost "

@@ -959,6 +959,7 @@ def model_show(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = Fals
 
     async def read(client: aioredis.Redis) -> dict[str, Any]:
         config = await _published_config(client, keys)
+        await _replicas_release(client, pool, READS_WITH_OWN)
         return await Scripts(client, keys).model_view(
             config.policy_args(WallClock().now_ms(), "cli"))
 
@@ -981,7 +982,12 @@ def model_export(
     from provisioner.scripts import Scripts
 
     keys = _pool_keys(pool)
-    raw = _with_redis(redis_url, lambda c: Scripts(c, keys).read_model())
+
+    async def read(client: aioredis.Redis) -> dict[str, str]:
+        await _replicas_release(client, pool, READS_WITH_OWN)  # on stderr: stdout is the file
+        return await Scripts(client, keys).read_model()
+
+    raw = _with_redis(redis_url, read)
     if not raw:
         raise _fail(f"pool {pool} has no model: it has not decided yet, or the pool name is "
                     "wrong")

@@ -151,6 +151,17 @@ async def test_ready_nodes_are_handed_out_longest_idle_first(pool: PoolUnderTest
     assert await pool.ready_list() == ["new"]
 
 
+async def test_an_engaged_user_handed_a_node_is_engaged_no_more(pool: PoolUnderTest) -> None:
+    """Engaged users are the heuristic's demand still to come; one who got a node is served,
+    and counted on, they would keep a node booting for them until their events left the
+    window."""
+    await engage(pool, ("u1", "u2"), pool.config.window_ms)
+    assert (await pool.snap()).counts["engaged"] == 2
+    await pool.boot("n1")
+    assert (await pool.scripts.allocate(pool.now, "u1")).code is Allocation.ALLOCATED
+    assert (await pool.snap()).counts["engaged"] == 1
+
+
 # --- release --------------------------------------------------------------------------------
 
 
@@ -737,8 +748,39 @@ async def test_cancel_create_drops_the_reservation_once(pool: PoolUnderTest) -> 
     [rid] = (await pool.scripts.scale_decide(
         PoolConfig().policy_args(pool.now, "r1"))).reservations
     assert await pool.scripts.cancel_create(rid) is True
+    assert (await pool.snap()).stat("creates_failed") == 1
     assert await pool.scripts.cancel_create(rid) is False
-    assert (await pool.snap()).counts["pending"] == 0
+    snap = await pool.snap()
+    assert snap.counts["pending"] == 0 and snap.stat("creates_failed") == 1
+
+
+async def test_the_tombstone_of_a_node_first_seen_terminated_expires(pool: PoolUnderTest) -> None:
+    await pool.scripts.apply_node_status(pool.now, "ghost", "terminated")
+    assert 0 < await pool.redis.pttl(pool.keys.node("ghost")) <= 86_400_000
+
+
+async def test_a_ready_found_in_the_node_list_teaches_no_boot_time(pool: PoolUnderTest) -> None:
+    """Reconciliation finds a node ready some time after it became ready: how long it booted
+    is not known, and learned from the listing it would teach a boot too long."""
+    node = next(f"n{i}" for i in range(100) if is_boot_sample(f"n{i}"))
+    model = pool.keys.key("model")
+    await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 3})
+    await pool.scripts.apply_node_status(pool.now, node, "booting")  # received
+    pool.clock.advance(300_000)
+    ready = await pool.scripts.apply_node_status(pool.now, node, "ready", listed=True)
+    assert ready.code is NodeStatusOutcome.READY
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["60000", "3"]
+
+
+async def test_a_create_reservation_expires_when_its_deadline_comes(pool: PoolUnderTest) -> None:
+    """At its deadline a reservation is over, as a termination's is (reap_idle sends a DELETE
+    again at its deadline): its node registers late."""
+    config = PoolConfig(min_ready=1, create_timeout_s=10)
+    [rid] = (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).reservations
+    pool.clock.advance(10_000)
+    await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert (await pool.snap()).stat("reservations_expired") == 1
+    assert (await pool.scripts.register_node(pool.now, rid, "n1")).code is Registration.LATE
 
 
 # --- activity -------------------------------------------------------------------------------

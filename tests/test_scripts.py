@@ -907,6 +907,41 @@ async def test_a_user_holding_a_node_is_not_engaged(pool: PoolUnderTest) -> None
     assert (await pool.snap()).counts["engaged"] == 0
 
 
+async def test_an_activity_exactly_one_window_old_is_in_the_window(pool: PoolUnderTest) -> None:
+    """The window holds every event at or after now - window, as every count of it reads."""
+    config = pool.config
+    result = await pool.scripts.record_activity(
+        pool.now, "u1", pool.now - config.window_ms, config.window_ms,
+        config.engaged_threshold, config.max_events_per_user)
+    assert result.code is Activity.RECORDED and result.events_in_window == 1
+    assert (await pool.snap()).counts["active"] == 1
+
+
+async def test_every_activity_renews_the_first_seen_time_s_expiry(pool: PoolUnderTest) -> None:
+    """A user browsing on and on keeps their first-seen time (their age, and one arrival
+    counted): it expires only two windows and a minute after their last event."""
+    config = pool.config
+    args = (config.window_ms, config.engaged_threshold, config.max_events_per_user)
+    await pool.scripts.record_activity(pool.now, "u1", pool.now, *args)
+    seen = pool.keys.seen("u1")
+    await pool.redis.pexpire(seen, 1_000)  # as if that event were long ago by the server's clock
+    pool.clock.advance(5_000)
+    await pool.scripts.record_activity(pool.now, "u1", pool.now, *args)
+    assert await pool.redis.pttl(seen) > 2 * config.window_ms
+    assert await pool.redis.get(seen) == str(T0)
+
+
+async def test_the_sweep_of_an_activity_drops_only_entries_that_left_the_window(
+    pool: PoolUnderTest,
+) -> None:
+    config = pool.config
+    args = (config.window_ms, config.engaged_threshold, config.max_events_per_user)
+    await pool.scripts.record_activity(pool.now, "gone", pool.now, *args)
+    pool.clock.advance(config.window_ms + 1)
+    await pool.scripts.record_activity(pool.now, "here", pool.now, *args)  # sweeps "gone"
+    assert await pool.redis.zrange(pool.keys.key("active"), 0, -1) == ["here"]
+
+
 # --- scaling --------------------------------------------------------------------------------
 
 

@@ -1295,6 +1295,7 @@ async def test_stuck_boots_are_terminated_and_deletes_retried(pool: PoolUnderTes
     pool.clock.advance(60_001)
     [retry] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r2"))
     assert (retry.node_id, retry.reason) == ("slow", "retry")
+    assert (await pool.node("slow"))["delete_attempts"] == "2"
     assert await pool.scripts.confirm_terminate(pool.now, "slow", "gone", 0) is True
     assert (await pool.node("slow"))["state"] == "terminated"
     assert await pool.scripts.confirm_terminate(pool.now, "slow", "gone", 0) is False
@@ -1341,6 +1342,95 @@ async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> N
     done = await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
     assert done.code is NodeStatusOutcome.TERMINATED
     assert (await pool.snap()).counts["terminating"] == 0
+
+
+async def test_a_node_the_reaper_ends_no_longer_stands_for_a_create_in_flight(
+    pool: PoolUnderTest,
+) -> None:
+    """A node adopted while a create runs is presumably that create's (unclaimed), so the
+    create is not counted beside it. A node being ended is counted in no supply: the create
+    in flight counts again, or the pool would book a second node for the same want."""
+    config = PoolConfig(min_ready=1, scaling_policy="heuristic", conversion=0, boot_timeout_s=1,
+                        create_timeout_s=600)
+    assert len((await pool.scripts.scale_decide(config.policy_args(pool.now, "r1")))
+               .reservations) == 1
+    await pool.scripts.apply_node_status(pool.now, "n1", "booting")  # unclaimed
+    pool.clock.advance(2_000)
+    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (term.node_id, term.reason) == ("n1", "boot_timeout")
+    assert (await pool.snap()).counts["unclaimed"] == 0
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert (decision.numbers["spare"], decision.reservations) == (1, [])
+
+
+async def test_an_expired_create_s_adopted_node_counts_once_as_supply(
+    pool: PoolUnderTest,
+) -> None:
+    """Below max_nodes (the quota counts every create in flight): a create whose POST timed
+    out after its node's status came leaves that node unclaimed; when its reservation expires,
+    the entry goes with it, or it cancels a newer create out of the supply and the pool books
+    a node it does not want."""
+    def config(min_ready: int) -> list[str]:
+        return PoolConfig(min_ready=min_ready, max_nodes=10, scaling_policy="heuristic",
+                          conversion=0).policy_args(pool.now, "r1")
+
+    assert len((await pool.scripts.scale_decide(config(1))).reservations) == 1
+    pool.clock.advance(1000)
+    await pool.scripts.apply_node_status(pool.now, "n1", "booting")  # its POST never returns
+    pool.clock.advance(1000)
+    assert len((await pool.scripts.scale_decide(config(2))).reservations) == 1
+    [(_, deadline)] = await pool.redis.zrange(pool.keys.key("pending"), 0, 0, withscores=True)
+    pool.clock.set(int(deadline) + 1)  # the first reservation expires, the second does not
+    decision = await pool.scripts.scale_decide(config(2))
+    # n1 and the create in flight are the two wanted.
+    assert (decision.numbers["spare"], decision.reservations) == (2, [])
+
+
+@pytest.mark.parametrize("outcome", ["sent", "failed"])
+async def test_a_delete_answered_is_sent_again_at_the_deadline_its_answer_set(
+    pool: PoolUnderTest, outcome: str,
+) -> None:
+    config = PoolConfig(min_ready=0, boot_timeout_s=60, delete_timeout_s=60)
+    await pool.scripts.apply_node_status(pool.now, "n1", "booting")
+    pool.clock.advance(60_000)
+    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert term.reason == "boot_timeout"  # its deadline: 60 s from now
+    pool.clock.advance(30_000)  # the DELETE's answer took 30 s
+    assert await pool.scripts.confirm_terminate(pool.now, "n1", outcome, pool.now + 60_000)
+    pool.clock.advance(59_999)  # past the first deadline, not the answer's
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    pool.clock.advance(1)
+    [retry] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (retry.node_id, retry.reason) == ("n1", "retry")
+
+
+async def test_a_ready_node_goes_once_idle_for_exactly_the_idle_timeout(
+    pool: PoolUnderTest,
+) -> None:
+    config = PoolConfig(min_ready=0, scaling_policy="heuristic", conversion=0, idle_timeout_s=60)
+    await pool.boot("n1")
+    pool.clock.advance(59_999)
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    pool.clock.advance(1)
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [(t.node_id, t.reason) for t in reaped] == [("n1", "idle")]
+
+
+async def test_reap_idle_keeps_min_ready_nodes_ready_however_many_boot(
+    pool: PoolUnderTest,
+) -> None:
+    """Boots count in spare, not in the floor: of three idle nodes over a floor of two, one
+    goes, though spare is three over the target."""
+    config = PoolConfig(min_ready=2, scaling_policy="heuristic", conversion=0, idle_timeout_s=60)
+    for node in ("n1", "n2", "n3"):
+        await pool.boot(node)
+    # Boot-time samples: never given up in an idle node's place, so the ready nodes are chosen.
+    for node in [f"b{i}" for i in range(100) if is_boot_sample(f"b{i}")][:2]:
+        await pool.scripts.apply_node_status(pool.now, node, "booting")
+    pool.clock.advance(120_000)
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [(t.node_id, t.reason) for t in reaped] == [("n1", "idle")]
+    assert await pool.ready_list() == ["n2", "n3"]
 
 
 # --- heartbeat ------------------------------------------------------------------------------

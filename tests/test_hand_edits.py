@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import ID_BYTES, Scripts
+from provisioner.scripts import ID_BYTES, Release, Scripts
 from tests.helpers import T0, PoolUnderTest
 
 CONFIG = PoolConfig()
@@ -177,6 +177,24 @@ async def test_the_reaper_never_chooses_a_node_a_ready_entry_names_wrongly(
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
     assert (await pool.node("n1"))["state"] == "allocated"
     assert (await pool.snap()).counts["ready"] == 0
+
+
+async def test_a_release_by_a_user_whose_allocation_another_holds_frees_nothing(
+    aredis: aioredis.Redis,
+) -> None:
+    # An allocation entry naming a node whose record gives it to another user (written by
+    # hand, or left by a state put back from an older copy) is stale: the disconnect drops it,
+    # and the node stays with the user its record names.
+    keys = PoolKeys("stale")
+    pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+    await pool.boot("n1")
+    assert (await pool.scripts.allocate(pool.now, "u1")).node_id == "n1"
+    await aredis.hset(keys.key("alloc"), "u2", "n1")
+    assert (await pool.scripts.release(pool.now, "u2")).code is Release.STALE
+    node = await pool.node("n1")
+    assert (node["state"], node["user"]) == ("allocated", "u1")
+    assert await pool.alloc() == {"u1": "n1"}
+    assert await pool.ready_list() == []
 
 
 def test_ids_that_are_not_text_stop_no_view(redis_url: str, sync_redis: redis.Redis) -> None:

@@ -21,7 +21,7 @@ from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
 from provisioner.model import FORMAT, ModelFileError, model_document, read_document
-from provisioner.scripts import Scripts
+from provisioner.scripts import Call, Scripts
 from tests.helpers import T0, PoolUnderTest
 from tests.test_bench_service import _trace
 
@@ -147,6 +147,17 @@ async def test_a_bad_field_refuses_the_whole_import(
     assert loaded.reason == "refused: the model is not valid"
     assert loaded.problems == [problem]
     assert await pool.dump() == before
+
+
+async def test_a_field_given_twice_refuses_the_whole_import(
+        pools: tuple[PoolUnderTest, PoolUnderTest]) -> None:
+    """Scripts.load_model takes a mapping, so only another client of the script can name a field
+    twice; which of the two values is meant cannot be told, and neither is written."""
+    _, pool = pools
+    reply = await pool.scripts.run(Call("load_model", (pool.now, "0", "rel", "1.0", "rel", "2.0"),
+                                        list))
+    assert reply == [0, "refused: the model is not valid", "rel: given twice"]
+    assert await pool.dump() == {}
 
 
 async def test_an_empty_model_is_refused(pools: tuple[PoolUnderTest, PoolUnderTest]) -> None:

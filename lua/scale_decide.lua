@@ -5,7 +5,7 @@
   decides, the others return at once.
 
   The decision:
-    1. drops create reservations past their deadline (their POST never came back: the replica
+    1. drops create reservations whose deadline has come (their POST never came back: the replica
        died, or the POST timed out; a node that does exist is adopted by apply_node_status);
     2. trims entries that left the activity window (bounded per tick);
     3. observes supply (ready + booting + creating - waiting) against the policy's target

@@ -512,3 +512,13 @@ def test_a_node_freed_or_ready_while_a_user_waits_cannot_be_terminated_instead(
         run_replay(ready, _TerminatesReadyNode())
     # Served instead, as the rules say, the same traffic replays.
     assert run_replay(freed, _OneNode()).misses == 1
+
+
+def test_a_connect_at_the_instant_the_books_close_is_delivered_and_counted(
+        tmp_path: Path) -> None:
+    # Events at t = duration_s are part of the trace (the loader refuses only later ones): the
+    # static pool's node is ready from 10.2, so the connect at 100 is a counted hit.
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [(100.0, "connect", "u1")],
+                                   boot=[10.0], duration=100.0))
+    scores = run_replay(trace, StaticPolicy(1))
+    assert (scores.connects, scores.misses, scores.abandoned) == (1, 0, 0)

@@ -522,3 +522,34 @@ def test_a_connect_at_the_instant_the_books_close_is_delivered_and_counted(
                                    boot=[10.0], duration=100.0))
     scores = run_replay(trace, StaticPolicy(1))
     assert (scores.connects, scores.misses, scores.abandoned) == (1, 0, 0)
+
+
+def test_static_k_reaps_ready_nodes_idle_300_s_or_more_while_more_than_k_are_ready(
+        tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [
+        (20.0, "connect", "u1"), (35.0, "connect", "u2"),
+        (50.0, "disconnect", "u1"), (60.0, "disconnect", "u2"),
+    ], boot=[10.0], duration=400.0))
+
+    class Watched(StaticPolicy):
+        def __init__(self) -> None:
+            super().__init__(1)
+            self.terminated: list[tuple[float, str]] = []
+
+        async def on_node_status(self, t: float, node_id: str, status: str) -> None:
+            if status == "terminated":
+                self.terminated.append((t, node_id))
+            await super().on_node_status(t, node_id, status)
+
+    policy = Watched()
+    scores = run_replay(trace, policy)
+    # tick 0 creates n0 (ready 10.2); u1 takes it at 20 and the tick at 20 creates n1 (ready
+    # 30.2); u2 takes n1 at 35 and the tick at 35 creates n2 (ready 45.2). Ready and idle, oldest
+    # first: n2 since 45.2, n0 since 50, n1 since 60. n2 is idle 300 s or more first at the tick
+    # of 346 (300.8 s); n0 at 350, exactly 300 s, which FORMAT.md's "idle >= 300 s" reaps. Then
+    # one node is ready, K = 1: n1 stays. Terminated 5 s after the request.
+    assert policy.terminated == [(351.0, "node-000002"), (355.0, "node-000000")]
+    assert (scores.connects, scores.misses) == (2, 0)
+    # Billed: n0 0..355, n1 20..400, n2 35..351 = 355 + 380 + 316 s.
+    assert scores.node_hours == pytest.approx(1051 / 3600)
+    assert scores.busy_hours == pytest.approx((30 + 25) / 3600)

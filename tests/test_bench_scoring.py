@@ -120,6 +120,9 @@ def test_nearest_rank_percentile() -> None:
     # 21 waits: rank ceil(0.95 * 21) = ceil(19.95) = 20 -> 20.
     assert nearest_rank([float(x) for x in range(1, 22)], 95.0) == 20.0
     assert nearest_rank([7.0], 95.0) == 7.0
+    # 11 waits: rank ceil(0.95 * 11) = ceil(10.45) = 11, the largest; rounding 10.45 would
+    # take the 10th and put a 95th percentile below 10 of the 11 waits' 95%.
+    assert nearest_rank([float(x) for x in range(1, 12)], 95.0) == 11.0
 
 
 def test_cost_ratio_without_busy_time() -> None:

@@ -405,3 +405,17 @@ def test_bench_oracle_bar_refuses_results_of_other_traffic(tmp_path: Path) -> No
                                       str(results), "--sim-seconds", "1000", "--jobs", "1"])
     assert result.exit_code == 2
     assert "has 200 connects and the trace 3" in " ".join(result.output.split())
+
+
+def test_idle_hours_exactly_at_half_of_static_best_meet_the_idle_half() -> None:
+    # Binary-exact hours, so that the limit is the limit: static-best idles 30 - 20 = 10 h,
+    # the fast trace allows 5; the service idles 25 - 20 = 5 h exactly, inside it (as the
+    # cost half's limit itself is), and 25.5 - 20 = 5.5 h is not.
+    static = {"trace": "spike", "policy": "static-best", "connects": 200, "misses": 0,
+              "node_hours": 30.0, "busy_hours": 20.0, "cost_ratio": 1.5}
+    at = {**static, "policy": "provisioner", "node_hours": 25.0, "cost_ratio": 1.25}
+    (verdict,) = judge([static, at])
+    assert (verdict.idle_hours, verdict.idle_limit) == (5.0, 5.0)
+    assert verdict.met
+    over = {**at, "node_hours": 25.5, "cost_ratio": 1.275}
+    assert judge([static, over])[0].failed == ("idle",)

@@ -130,3 +130,43 @@ def test_an_id_or_pool_name_with_a_trailing_newline_is_refused() -> None:
     assert isinstance(result, Rejected) and result.reason is Reason.BAD_ID
     with pytest.raises(ValueError, match="pool name"):
         PoolKeys("default\n")
+
+
+def _padded_connect(size: int) -> bytes:
+    """A connect payload of exactly `size` bytes (its padding an ignored extra field)."""
+    head = b'{"user_id": "u1", "pad": "'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def test_a_payload_of_exactly_4_kib_is_read_and_one_byte_more_is_too_large() -> None:
+    assert len(_padded_connect(4096)) == 4096
+    assert parse("user:connect", _padded_connect(4096), NOW) == Connect("u1")
+    result = parse("user:connect", _padded_connect(4097), NOW)
+    assert isinstance(result, Rejected) and result.reason is Reason.TOO_LARGE
+
+
+def test_an_id_of_128_characters_is_taken() -> None:
+    assert parse("user:connect", json.dumps({"user_id": "u" * 128}), NOW) == Connect("u" * 128)
+    longest = "n" + "._:@-" * 25 + "x" * 2
+    assert len(longest) == 128
+    assert parse("node:status", json.dumps({"node_id": longest, "status": "ready"}),
+                 NOW) == NodeStatus(longest, "ready")
+
+
+@pytest.mark.parametrize("user_id", ["-u1", ".u1", "_u1", ":u1", "@u1", ".", "..", "-"])
+def test_an_id_must_begin_with_a_letter_or_a_digit(user_id: str) -> None:
+    result = parse("user:connect", json.dumps({"user_id": user_id}), NOW)
+    assert isinstance(result, Rejected) and result.reason is Reason.BAD_ID
+    assert parse("user:connect", json.dumps({"user_id": "0" + user_id}), NOW) == \
+        Connect("0" + user_id)
+
+
+def test_activity_exactly_a_day_old_or_five_minutes_ahead_is_taken_and_beyond_is_not() -> None:
+    def activity(timestamp: float) -> object:
+        return parse("user:activity", json.dumps({"user_id": UUID, "timestamp": timestamp}), NOW)
+
+    assert activity(NOW // 1000 - 86_400) == Activity(UUID, NOW - 86_400_000)
+    assert activity(NOW // 1000 + 300) == Activity(UUID, NOW + 300_000)
+    for beyond in (NOW / 1000 - 86_400.5, NOW / 1000 + 300.5):
+        result = activity(beyond)
+        assert isinstance(result, Rejected) and result.reason is Reason.BAD_TIMESTAMP, beyond

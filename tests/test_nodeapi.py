@@ -330,3 +330,36 @@ async def test_a_create_says_whether_the_api_is_down_or_answered_no() -> None:
         assert result.api_down is down
         assert result.at_capacity is (result.detail.startswith("HTTP 429"))
     assert (await client(lambda r: httpx.Response(429), attempts=1).create()).at_capacity
+
+
+@pytest.mark.parametrize("status", [404, 405])
+async def test_an_api_without_a_node_list_is_said_once_not_every_reconciliation(
+    status: int, caplog: pytest.LogCaptureFixture,
+) -> None:
+    api = client(lambda r: httpx.Response(status))
+    with caplog.at_level("WARNING", logger="provisioner.nodeapi"):
+        for _ in range(3):
+            assert await api.list_nodes() is None
+    said = [r.getMessage() for r in caplog.records if r.name == "provisioner.nodeapi"]
+    assert len(said) == 1 and "no GET /api/nodes" in said[0], said
+
+
+async def test_a_create_that_cannot_connect_waits_between_its_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Backoff with full jitter: each pause up to backoff_s * 2**attempt (taken at its longest
+    here), so a replica's tries do not hammer an API that refuses connections."""
+    import random
+
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    calls: list[float] = []
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        raise httpx.ConnectError("refused", request=request)
+
+    api = HttpNodeApi("http://api", attempts=3, backoff_s=0.1, metrics=Metrics(),
+                      transport=httpx.MockTransport(refused))
+    result = await api.create()
+    assert result.outcome is CreateOutcome.FAILED and len(calls) == 3
+    assert calls[1] - calls[0] >= 0.1 and calls[2] - calls[1] >= 0.2, calls

@@ -2807,3 +2807,95 @@ async def test_the_pool_s_gauges_are_read_before_metrics_answer(
         await asyncio.wait_for(serving, 15)
         silent.close()
         await aredis.delete(*[key async for key in aredis.scan_iter("prov:{gauged}:*")])
+
+
+async def test_reconcile_deletes_again_a_node_the_pool_ended_that_the_api_still_runs(
+    replica: Replica, api: FakeNodeApi, aredis: aioredis.Redis,
+) -> None:
+    """A node whose `terminated` the pool applied while the Node API still runs it (a DELETE
+    lost, a status sent in error): it is counted and its DELETE sent again, or it runs on,
+    paid for and in no pool."""
+    for status in ("ready", "terminated"):
+        await send([replica], "node:status", {"node_id": "n1", "status": status})
+    assert await aredis.hget(replica.keys.node("n1"), "state") == "terminated"
+    api.listed = [ListedNode("n1", "ready")]
+    counts = await replica.reconcile()
+    await replica.drain(5.0)
+    assert counts is not None and counts["redeleted"] == 1 and counts["adopted"] == 0
+    assert api.deleted == ["n1"]
+
+
+async def test_a_run_of_activity_refused_whole_counts_each_event_and_the_rest_still_answer(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Activity events in a row go in one call; refused whole (a pool key broken by hand), its
+    error is each of its events', and the events after it keep their own outcomes: handle_many
+    never raises, and a disconnect behind the run is named for an operator."""
+    await aredis.delete(replica.keys.key("stats"))
+    await aredis.set(replica.keys.key("stats"), "by hand")
+    with caplog.at_level(logging.WARNING):
+        outcomes = await replica.handle_many([
+            wire("user:activity", {"user_id": "a1", "timestamp": T0 // 1000}),
+            wire("user:activity", {"user_id": "a2", "timestamp": T0 // 1000}),
+            wire("user:activity", {"user_id": "a3", "timestamp": T0 // 1000}),
+            wire("user:disconnect", {"user_id": "u1"})])
+    assert outcomes == [None, None, None, None]
+    assert counter(replica, "provisioner_errors_total", where="event") == 4
+    assert "could not apply user:disconnect of u1 (dropped)" in caplog.text
+
+
+async def test_a_state_put_back_from_a_copy_one_heartbeat_old_is_seen_as_a_loss(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """The copy was taken just before this replica's last heartbeat: its next heartbeat counts
+    as many as the last one did (not fewer), and that is already an older copy."""
+    replica = make_replica(aredis, api, clock, "r1")
+    await replica.heartbeat()
+    copy = {key: await aredis.dump(key) for key in await aredis.keys("*")}
+    await replica.heartbeat()
+    await aredis.flushall()
+    for key, value in copy.items():
+        await aredis.restore(key, 0, value)
+    api.listed = []
+    await replica.heartbeat()
+    assert counter(replica, "provisioner_state_lost_total") == 1
+    await replica.heartbeat()  # counting on from the copy: no second loss
+    assert counter(replica, "provisioner_state_lost_total") == 1
+
+
+async def test_a_listener_behind_less_than_twice_the_max_event_lag_is_not_taken_for_silent(
+    redis_url: str, aredis: aioredis.Redis,
+) -> None:
+    """The silence allowed is the larger of twice --max-event-lag (here 3 s) and five
+    heartbeats (1 s): a listener 2 s behind, its probe on the way, is live, and the connect
+    published behind the probe reaches it on that subscription."""
+    async with _listening_behind(redis_url, 2.0, max_lag_s=1.5) as replica:
+        await replica.probe_lag()
+        await aredis.publish("user:connect", json.dumps({"user_id": "hank"}))
+        await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
+        assert counter(replica, "provisioner_errors_total", where="subscribe") == 0
+
+
+async def test_a_delete_the_node_api_answers_ends_the_hold_on_creates(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """Any answer of the Node API, a DELETE's too, says it is up again: the next tick creates
+    all it wants, not one probe."""
+    replica = make_replica(aredis, api, clock, "r1",
+                           dataclasses.replace(FLOOR_ONLY, min_ready=3, boot_timeout_s=60))
+    await send([replica], "node:status", {"node_id": "stuck", "status": "booting"})
+    api.create_outcomes.extend([CreateResult(CreateOutcome.FAILED, detail="down",
+                                             api_down=True)] * 2)
+    await replica.tick()
+    await replica.settle()
+    assert counter(replica, "provisioner_creates_held") == 1 and not api.created
+    api.create_outcomes.append(CreateResult(CreateOutcome.FAILED, detail="down",
+                                            api_down=True))
+    clock.advance(61_000)  # the hold is over, and the booting node is stuck: reaped
+    await replica.tick()  # one probe, unanswered; the stuck node's DELETE is answered
+    await replica.settle()
+    assert api.deleted == ["stuck"] and not api.create_outcomes
+    clock.advance(1_000)
+    await replica.tick()
+    await replica.settle()
+    assert len(api.created) == 3  # all that the tick wants, not a probe

@@ -2899,3 +2899,49 @@ async def test_a_delete_the_node_api_answers_ends_the_hold_on_creates(
     await replica.tick()
     await replica.settle()
     assert len(api.created) == 3  # all that the tick wants, not a probe
+
+
+async def test_a_replica_whose_gauges_cannot_be_read_at_start_serves_all_the_same(
+        redis_url: str, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """serve() reads the pool's gauges before /metrics answers; a read Redis refuses (a pool
+    key of another type, edited by hand) is a warning, and /metrics answers all the same (the
+    first tick reads them again)."""
+    import httpx
+
+    from provisioner.redis_server import free_port
+    from provisioner.service import serve
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    api_port = silent.sockets[0].getsockname()[1]
+    await aredis.set(PoolKeys("ungauged").key("stats"), "edited")
+    port = free_port()
+    service = ServiceConfig(redis_url, f"http://127.0.0.1:{api_port}", pool="ungauged",
+                            http_port=port, api_timeout_s=5)
+    stop = asyncio.Event()
+    with caplog.at_level(logging.WARNING, logger="provisioner.service"):
+        serving = asyncio.create_task(serve(service, FLOOR_ONLY, stop))
+        try:
+            async with httpx.AsyncClient() as client:
+                deadline = time.monotonic() + 5
+                while True:
+                    assert not serving.done() and time.monotonic() < deadline
+                    try:
+                        answer = await client.get(f"http://127.0.0.1:{port}/metrics")
+                        break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.02)
+            assert answer.status_code == 200
+            assert re.findall(r"^provisioner_values_repaired .*$", answer.text, re.M) == [
+                "provisioner_values_repaired 0.0"]
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 15)
+            silent.close()
+            await aredis.delete(*[key async for key in aredis.scan_iter("prov:{ungauged}:*")])
+    said = [rec.getMessage() for rec in caplog.records
+            if "could not read the pool's gauges before serving /metrics" in rec.getMessage()]
+    assert len(said) == 1 and "WRONGTYPE" in said[0], said

@@ -12,8 +12,8 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, cast
 
 import pytest
 import redis
@@ -103,6 +103,117 @@ async def test_a_stray_id_is_named_alone_not_beside_every_node(aredis: aioredis.
         in problems
     assert "ready list has duplicates: ['bogus-node2']" in problems
     assert all("n49" not in p for p in problems)
+
+
+async def _ready(client: aioredis.Redis, node: str) -> None:
+    await client.zadd(KEYS.key("nodes"), {node: 1})
+    await client.rpush(KEYS.key("ready"), node)
+    await client.hset(KEYS.node(node), mapping={"id": node, "state": "ready"})
+
+
+async def _held(client: aioredis.Redis, user: str, node: str, named: str = "") -> None:
+    """`user` holds `node` (its record naming `named`, the user by default)."""
+    await client.zadd(KEYS.key("nodes"), {node: 1})
+    await client.hset(KEYS.key("alloc"), user, node)
+    await client.zadd(KEYS.key("sessions"), {user: 1})
+    await client.hset(KEYS.node(node), mapping={"id": node, "state": "allocated",
+                                                "user": named or user})
+
+
+async def _waits(client: aioredis.Redis, user: str, queue: bool = True,
+                 since: bool = True) -> None:
+    if queue:
+        await client.zadd(KEYS.key("waiting"), {user: 1})
+    if since:
+        await client.hset(KEYS.key("waiting_since"), user, 1)
+
+
+async def _waits_on_ready(c: aioredis.Redis) -> None:
+    await _ready(c, "n1")
+    await _waits(c, "u1")
+
+
+async def _queued_twice(c: aioredis.Redis) -> None:  # the legacy list queue, as a hand left it
+    await c.rpush(KEYS.key("waiting"), "u1", "u1")
+    await _waits(c, "u1", queue=False)
+
+
+async def _queue_without_since(c: aioredis.Redis) -> None:
+    await _waits(c, "u1", since=False)
+
+
+async def _since_without_queue(c: aioredis.Redis) -> None:
+    await _waits(c, "u2", queue=False)
+
+
+async def _waits_and_holds(c: aioredis.Redis) -> None:
+    await _held(c, "u1", "n1")
+    await _waits(c, "u1")
+
+
+async def _two_holders(c: aioredis.Redis) -> None:
+    await _held(c, "u1", "n1")
+    await _held(c, "u2", "n1", named="u1")
+
+
+async def _session_without_alloc(c: aioredis.Redis) -> None:
+    await c.zadd(KEYS.key("sessions"), {"ghost": 1})
+
+
+async def _alloc_without_session(c: aioredis.Redis) -> None:
+    await _held(c, "u1", "n1")
+    await c.zrem(KEYS.key("sessions"), "u1")
+
+
+async def _record_names_another(c: aioredis.Redis) -> None:
+    await _held(c, "u1", "n1", named="u2")
+
+
+async def _ready_without_record(c: aioredis.Redis) -> None:
+    await c.zadd(KEYS.key("nodes"), {"n1": 1})
+    await c.rpush(KEYS.key("ready"), "n1")
+
+
+async def _live_in_no_structure(c: aioredis.Redis) -> None:
+    await c.zadd(KEYS.key("nodes"), {"n5": 1})  # no record either: no state to disagree with
+
+
+@pytest.mark.parametrize(("broken", "said"), [
+    (_waits_on_ready, "users wait (1) while nodes are ready (1)"),
+    (_queued_twice, "waiting queue has duplicates: ['u1']"),
+    (_queue_without_since, "waiting users apart: in the waiting queue, not waiting_since: ['u1']"),
+    (_since_without_queue, "waiting users apart: in waiting_since, not the waiting queue: ['u2']"),
+    (_waits_and_holds, "user u1 both waits and holds n1"),
+    (_two_holders, "node n1 held by u1 and u2"),
+    (_session_without_alloc, "sessions apart: in sessions, not alloc: ['ghost']"),
+    (_alloc_without_session, "sessions apart: in alloc, not sessions: ['u1']"),
+    (_record_names_another, "node n1 names user u2 who does not hold it"),
+    (_ready_without_record, "node n1 record says None, structures say ready"),
+    (_live_in_no_structure, "live nodes apart: in the nodes set, not any state's structure: "
+                            "['n5']"),
+])
+async def test_each_invariant_broken_alone_is_reported(
+        aredis: aioredis.Redis, broken: Callable[[aioredis.Redis], Awaitable[None]],
+        said: str) -> None:
+    """A review's mutation test: `check` could stop testing any one of these and no test
+    noticed (each held only in pools the scripts kept consistent)."""
+    await broken(aredis)
+    problems = await check_invariants(aredis, POOL)
+    assert any(p.startswith(said) for p in problems), problems
+
+
+@pytest.mark.parametrize("name", ["config", "epoch", "stats", "nodes", "replicas", "active",
+                                  "alloc"])
+async def test_a_pool_exists_by_any_one_of_its_keys(aredis: aioredis.Redis, name: str) -> None:
+    assert not await view.pool_exists(aredis, POOL)
+    await aredis.set(KEYS.config if name == "config" else KEYS.key(name), "1")
+    assert await view.pool_exists(aredis, POOL)
+
+
+def test_the_state_s_age_is_by_the_server_s_clock_not_the_cli_s() -> None:
+    shown = view.PoolView(POOL, 100_000, cast(Any, None), [], [], epoch="40000-abc",
+                          server_ms=50_000)
+    assert shown.state_age_s == 10.0
 
 
 async def test_a_pool_that_never_holds_still_gets_an_answer(
@@ -273,6 +384,45 @@ def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: s
                                env={"PROVISIONER_OPERATOR": "dave"})
     assert named.exit_code == 0, named.output
     assert asyncio.run(logged())[-1]["replica"] == "dave"
+
+
+def test_nodes_json_gives_numbers_and_users_lists_an_unknown_start_first(redis_url: str) -> None:
+    """A review's mutation test: `delete_attempts` as text, or a session whose start is not
+    known listed last, passed every test."""
+    keys = PoolKeys("typed-cli")
+    now = int(time.time() * 1000)
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        for node in ("n1", "n2"):
+            await scripts.apply_node_status(now - 60_000, node, "booting")
+            await scripts.apply_node_status(now - 60_000, node, "ready")
+        await scripts.allocate(now - 30_000, "old")
+        await scripts.allocate(now - 1_000, "unknown")
+        held = await client.hget(keys.key("alloc"), "unknown")
+        await client.hdel(keys.node(str(held)), "allocated_ms")  # a record from before it
+        await client.hset(keys.node(str(held)), "delete_attempts", "2")
+        await client.aclose()
+
+    asyncio.run(record())
+    common = ["--redis-url", redis_url, "--pool", "typed-cli"]
+    listed = json.loads(CliRunner().invoke(app, ["nodes", *common, "--json"]).output)
+    assert [n["delete_attempts"] for n in listed if "delete_attempts" in n] == [2]
+    users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    assert [(u["user_id"], u["session_s"] is None) for u in users["allocated"]] == [
+        ("unknown", True), ("old", False)]
+
+
+def test_status_json_gives_the_miss_rate_as_a_share(redis_url: str) -> None:
+    with redis.Redis.from_url(redis_url) as client:
+        client.hset(PoolKeys("rate-cli").key("stats"), mapping={
+            "connects": 4, "misses": 1, "served_after_wait": 2, "wait_ms_total": 3_000})
+    body = CliRunner().invoke(app, ["status", "--redis-url", redis_url, "--pool", "rate-cli",
+                                    "--json"])
+    assert body.exit_code == 0, body.output
+    status = json.loads(body.output)
+    assert (status["miss_rate"], status["mean_wait_s"]) == (0.25, 1.5)
 
 
 async def _boot_then_connect(redis_url: str, pool: str, now: int, *nodes: str,

@@ -533,6 +533,9 @@ def config_from_redis(raw: dict[Any, Any]) -> tuple[PoolConfig | None, list[str]
         except (ValueError, OverflowError):
             problems.append(f"{name} {text[:40]!r} is not a number")
             continue
+        if kind is int and parsed != float(text):  # "2.5" is no count; "30.0" is 30
+            problems.append(f"{name} {text[:40]!r} is not a whole number")
+            continue
         wrong = replace(defaults, **{name: parsed}).problems()
         if wrong:
             problems.append(f"{name} {text[:40]!r}: {wrong[0]}")

@@ -683,6 +683,11 @@ def test_published_settings_are_read_field_by_field() -> None:
     # each value fine alone, invalid together: min_ready above max_nodes
     config, problems = view.config_from_redis({"min_ready": "9", "max_nodes": "5"})
     assert config == view.PoolConfig() and problems
+    # a count that is not whole is said and left at its default (a mutation test: "2.5" was
+    # read as 2 in silence); a whole one written as a float is that count
+    config, problems = view.config_from_redis({"min_ready": "2.5", "max_nodes": "30.0"})
+    assert config == view.PoolConfig(max_nodes=30)
+    assert problems == ["min_ready '2.5' is not a whole number"]
 
 
 @pytest.mark.parametrize("command", ["nodes", "users"])

@@ -2767,12 +2767,12 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
     assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 2
 
 
-async def test_the_pool_s_gauges_are_read_before_metrics_answer(
-        redis_url: str, aredis: aioredis.Redis) -> None:
-    """A replica's first tick waits for its first reconciliation (a slow Node API's list, up to
-    its timeout); /metrics answered meanwhile with the pool's gauges at 0, and a scrape of
-    `provisioner_values_repaired` 0 before the pool's 3 read as a rise: a restarted replica
-    fired ProvisionerStateRepaired with nothing repaired (a review)."""
+@contextlib.asynccontextmanager
+async def _first_metrics_behind_a_silent_api(redis_url: str, aredis: aioredis.Redis,
+                                             pool: str) -> AsyncIterator[Any]:
+    """serve() for `pool` against a Node API that never answers, so its first tick waits for
+    the first reconciliation up to the API's timeout; yields the first answer of its /metrics,
+    which comes meanwhile. Stops it and drops the pool's keys after."""
     import httpx
 
     from provisioner.redis_server import free_port
@@ -2784,9 +2784,8 @@ async def test_the_pool_s_gauges_are_read_before_metrics_answer(
 
     silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
     api_port = silent.sockets[0].getsockname()[1]
-    await aredis.hset(PoolKeys("gauged").key("stats"), "values_repaired", 3)
     port = free_port()
-    service = ServiceConfig(redis_url, f"http://127.0.0.1:{api_port}", pool="gauged",
+    service = ServiceConfig(redis_url, f"http://127.0.0.1:{api_port}", pool=pool,
                             http_port=port, api_timeout_s=5)
     stop = asyncio.Event()
     serving = asyncio.create_task(serve(service, FLOOR_ONLY, stop))
@@ -2796,17 +2795,28 @@ async def test_the_pool_s_gauges_are_read_before_metrics_answer(
             while True:
                 assert not serving.done() and time.monotonic() < deadline
                 try:
-                    body = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                    answer = await client.get(f"http://127.0.0.1:{port}/metrics")
                     break
                 except httpx.TransportError:
                     await asyncio.sleep(0.02)
-        assert re.findall(r"^provisioner_values_repaired .*$", body, re.M) == [
-            "provisioner_values_repaired 3.0"]
+        yield answer
     finally:
         stop.set()
         await asyncio.wait_for(serving, 15)
         silent.close()
-        await aredis.delete(*[key async for key in aredis.scan_iter("prov:{gauged}:*")])
+        await aredis.delete(*[key async for key in aredis.scan_iter(f"prov:{{{pool}}}:*")])
+
+
+async def test_the_pool_s_gauges_are_read_before_metrics_answer(
+        redis_url: str, aredis: aioredis.Redis) -> None:
+    """A replica's first tick waits for its first reconciliation (a slow Node API's list, up to
+    its timeout); /metrics answered meanwhile with the pool's gauges at 0, and a scrape of
+    `provisioner_values_repaired` 0 before the pool's 3 read as a rise: a restarted replica
+    fired ProvisionerStateRepaired with nothing repaired (a review)."""
+    await aredis.hset(PoolKeys("gauged").key("stats"), "values_repaired", 3)
+    async with _first_metrics_behind_a_silent_api(redis_url, aredis, "gauged") as answer:
+        assert re.findall(r"^provisioner_values_repaired .*$", answer.text, re.M) == [
+            "provisioner_values_repaired 3.0"]
 
 
 async def test_reconcile_deletes_again_a_node_the_pool_ended_that_the_api_still_runs(
@@ -2906,42 +2916,12 @@ async def test_a_replica_whose_gauges_cannot_be_read_at_start_serves_all_the_sam
     """serve() reads the pool's gauges before /metrics answers; a read Redis refuses (a pool
     key of another type, edited by hand) is a warning, and /metrics answers all the same (the
     first tick reads them again)."""
-    import httpx
-
-    from provisioner.redis_server import free_port
-    from provisioner.service import serve
-
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.close()
-
-    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    api_port = silent.sockets[0].getsockname()[1]
     await aredis.set(PoolKeys("ungauged").key("stats"), "edited")
-    port = free_port()
-    service = ServiceConfig(redis_url, f"http://127.0.0.1:{api_port}", pool="ungauged",
-                            http_port=port, api_timeout_s=5)
-    stop = asyncio.Event()
     with caplog.at_level(logging.WARNING, logger="provisioner.service"):
-        serving = asyncio.create_task(serve(service, FLOOR_ONLY, stop))
-        try:
-            async with httpx.AsyncClient() as client:
-                deadline = time.monotonic() + 5
-                while True:
-                    assert not serving.done() and time.monotonic() < deadline
-                    try:
-                        answer = await client.get(f"http://127.0.0.1:{port}/metrics")
-                        break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.02)
+        async with _first_metrics_behind_a_silent_api(redis_url, aredis, "ungauged") as answer:
             assert answer.status_code == 200
             assert re.findall(r"^provisioner_values_repaired .*$", answer.text, re.M) == [
                 "provisioner_values_repaired 0.0"]
-        finally:
-            stop.set()
-            await asyncio.wait_for(serving, 15)
-            silent.close()
-            await aredis.delete(*[key async for key in aredis.scan_iter("prov:{ungauged}:*")])
     said = [rec.getMessage() for rec in caplog.records
             if "could not read the pool's gauges before serving /metrics" in rec.getMessage()]
     assert len(said) == 1 and "WRONGTYPE" in said[0], said

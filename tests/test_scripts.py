@@ -8,7 +8,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -597,14 +597,13 @@ async def test_status_before_create_returns_counts_one_node(pool: PoolUnderTest)
     assert (await pool.node("n1"))["reservation"] == rid
 
 
-async def test_a_node_whose_create_timed_out_does_not_let_the_pool_past_max_nodes(
-        pool: PoolUnderTest) -> None:
-    """A create whose POST timed out after its node's status came leaves the node unclaimed;
-    when the reservation expired, the entry stayed and cancelled a newer reservation out of the
-    creates in flight, and the pool created past max_nodes (62 nodes of 50 in a review's drill,
-    with a Node API slower than the client's timeout)."""
+async def _a_create_expired_after_its_node_came(
+        pool: PoolUnderTest, max_nodes: int) -> Callable[[int], list[str]]:
+    """A create whose POST never returns though its node `n1` reports booting, then a second
+    create in flight, then the first's reservation expired and the second's not; returns the
+    heuristic pool's settings by min_ready."""
     def config(min_ready: int) -> list[str]:
-        return PoolConfig(min_ready=min_ready, max_nodes=3, scaling_policy="heuristic",
+        return PoolConfig(min_ready=min_ready, max_nodes=max_nodes, scaling_policy="heuristic",
                           conversion=0).policy_args(pool.now, "r1")
 
     assert len((await pool.scripts.scale_decide(config(1))).reservations) == 1
@@ -614,6 +613,16 @@ async def test_a_node_whose_create_timed_out_does_not_let_the_pool_past_max_node
     assert len((await pool.scripts.scale_decide(config(2))).reservations) == 1  # in flight
     [(_, deadline)] = await pool.redis.zrange(pool.keys.key("pending"), 0, 0, withscores=True)
     pool.clock.set(int(deadline) + 1)  # the first reservation expires, the second does not
+    return config
+
+
+async def test_a_node_whose_create_timed_out_does_not_let_the_pool_past_max_nodes(
+        pool: PoolUnderTest) -> None:
+    """A create whose POST timed out after its node's status came leaves the node unclaimed;
+    when the reservation expired, the entry stayed and cancelled a newer reservation out of the
+    creates in flight, and the pool created past max_nodes (62 nodes of 50 in a review's drill,
+    with a Node API slower than the client's timeout)."""
+    config = await _a_create_expired_after_its_node_came(pool, max_nodes=3)
     decision = await pool.scripts.scale_decide(config(3))
     # n1 and the create in flight are two of the three: one more, not two.
     assert len(decision.reservations) == 1, decision
@@ -1370,17 +1379,7 @@ async def test_an_expired_create_s_adopted_node_counts_once_as_supply(
     out after its node's status came leaves that node unclaimed; when its reservation expires,
     the entry goes with it, or it cancels a newer create out of the supply and the pool books
     a node it does not want."""
-    def config(min_ready: int) -> list[str]:
-        return PoolConfig(min_ready=min_ready, max_nodes=10, scaling_policy="heuristic",
-                          conversion=0).policy_args(pool.now, "r1")
-
-    assert len((await pool.scripts.scale_decide(config(1))).reservations) == 1
-    pool.clock.advance(1000)
-    await pool.scripts.apply_node_status(pool.now, "n1", "booting")  # its POST never returns
-    pool.clock.advance(1000)
-    assert len((await pool.scripts.scale_decide(config(2))).reservations) == 1
-    [(_, deadline)] = await pool.redis.zrange(pool.keys.key("pending"), 0, 0, withscores=True)
-    pool.clock.set(int(deadline) + 1)  # the first reservation expires, the second does not
+    config = await _a_create_expired_after_its_node_came(pool, max_nodes=10)
     decision = await pool.scripts.scale_decide(config(2))
     # n1 and the create in flight are the two wanted.
     assert (decision.numbers["spare"], decision.reservations) == (2, [])

@@ -392,20 +392,13 @@ def test_nodes_json_gives_numbers_and_users_lists_an_unknown_start_first(redis_u
     keys = PoolKeys("typed-cli")
     now = int(time.time() * 1000)
 
-    async def record() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        scripts = Scripts(client, keys)
-        for node in ("n1", "n2"):
-            await scripts.apply_node_status(now - 60_000, node, "booting")
-            await scripts.apply_node_status(now - 60_000, node, "ready")
-        await scripts.allocate(now - 30_000, "old")
-        await scripts.allocate(now - 1_000, "unknown")
-        held = await client.hget(keys.key("alloc"), "unknown")
-        await client.hdel(keys.node(str(held)), "allocated_ms")  # a record from before it
-        await client.hset(keys.node(str(held)), "delete_attempts", "2")
-        await client.aclose()
-
-    asyncio.run(record())
+    asyncio.run(_boot_then_connect(redis_url, "typed-cli", now - 60_000, "n1", "n2"))
+    asyncio.run(_boot_then_connect(redis_url, "typed-cli", now - 30_000, user="old"))
+    asyncio.run(_boot_then_connect(redis_url, "typed-cli", now - 1_000, user="unknown"))
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        held = client.hget(keys.key("alloc"), "unknown")
+        client.hdel(keys.node(str(held)), "allocated_ms")  # a record from before it
+        client.hset(keys.node(str(held)), "delete_attempts", "2")
     common = ["--redis-url", redis_url, "--pool", "typed-cli"]
     listed = json.loads(CliRunner().invoke(app, ["nodes", *common, "--json"]).output)
     assert [n["delete_attempts"] for n in listed if "delete_attempts" in n] == [2]

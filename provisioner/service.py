@@ -1376,16 +1376,17 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
     runner: web.AppRunner | None = None
     try:
         await redis.ping()
-        if service.http_port and replica.gauges:
-            # Read before /metrics answers, not at the first tick, which waits for the first
-            # reconciliation: a scrape of the pool's gauges at 0 there, then at the pool's
-            # value, read as a rise (ProvisionerStateRepaired fired for a replica restarted).
-            try:
-                await replica.refresh_gauges(replica.clock.now_ms())
-            except RedisError as exc:
-                log.warning("could not read the pool's gauges before serving /metrics (%s); "
-                            "the first tick reads them", exc)
         if service.http_port:
+            if replica.gauges:
+                # Read before /metrics answers, not at the first tick, which waits for the
+                # first reconciliation: a scrape of the pool's gauges at 0 there, then at the
+                # pool's value, read as a rise (ProvisionerStateRepaired fired for a replica
+                # restarted).
+                try:
+                    await replica.refresh_gauges(replica.clock.now_ms())
+                except RedisError as exc:
+                    log.warning("could not read the pool's gauges before serving /metrics "
+                                "(%s); the first tick reads them", exc)
             runner = web.AppRunner(http_app(replica), access_log=None)
             await runner.setup()
             try:

@@ -368,11 +368,14 @@ async def decision_rows(redis: aioredis.Redis, pool: str, start_ms: int | None,
             low = f"({last}"
         else:
             high = f"({last}"
-    first = await redis.xrange(key, count=1)
-    newest = await redis.xrevrange(key, count=1)
+    async with redis.pipeline(transaction=True) as pipe:  # one round trip, one moment
+        pipe.xrange(key, count=1)
+        pipe.xrevrange(key, count=1)
+        pipe.xlen(key)
+        first, newest, length = await pipe.execute()
     held = (written_ms(as_text(first[0][0])), written_ms(as_text(newest[0][0]))) \
         if first and newest else None
-    return DecisionSpan(found if forward else found[::-1], more, held, int(await redis.xlen(key)))
+    return DecisionSpan(found if forward else found[::-1], more, held, int(length))
 
 
 async def pool_exists(redis: aioredis.Redis, pool: str) -> bool:

@@ -84,14 +84,16 @@ end
 if status == 'ready' and state == 'booting' then
   rcall('ZREM', K.booting, node)
   rcall('HSET', nk, 'ready_ms', now)
-  -- Boot time as the pool saw it (from its first record of the node): the forecast's horizon.
+  -- Boot time from the create's POST (register_node's `asked_ms`), the call's latency included,
+  -- or from the pool's first record of the node where that time is not known: the horizon.
   -- Learned from the sample nodes only (pool.lua new_node), half of all, so each weighs 0.2;
   -- 'boot_n' counts them, for the weight of the sample boots still running (policy.lua
   -- lead_time). Not from a node first seen in the Node API's list: it was stamped when it was
   -- listed, maybe a reconcile interval after its create, and would teach a boot that short.
   if is_boot_sample(node) and not listed and rcall('HGET', nk, 'origin') ~= 'listed' then
-    local created = tonumber(rcall('HGET', nk, 'created_ms')) or now
-    learn_mean('boot_ms', math.max(0, now - created), 0.2)
+    local asked = tonumber(rcall('HGET', nk, 'asked_ms'))
+        or tonumber(rcall('HGET', nk, 'created_ms')) or now
+    learn_mean('boot_ms', math.max(0, now - asked), 0.2)
     rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)
   end
   stat('nodes_ready')

@@ -14,6 +14,10 @@
   ARGV[1] now (ms)
   ARGV[2] reservation id
   ARGV[3] node id
+  ARGV[4] when the POST was sent (ms), optional. Kept as the node's `asked_ms`, where the boot
+          time it teaches starts (apply_node_status), so the create call's own latency is
+          part of the lead time learned. Without it (a replica of an older release, a call
+          that outlasted its reservation) the boot is timed from the pool's first record.
 
   Returns {code, state}
     1 REGISTERED  2 ALREADY_KNOWN  3 LATE  4 TOMBSTONE
@@ -26,6 +30,10 @@ refuse_wrong_types()  -- before any write: a script refused half-way keeps what 
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local node = ARGV[3]
+local asked = tonumber(ARGV[4])
+if asked and (asked ~= asked or asked > now) then
+  asked = nil  -- NaN, or a time after the answer: not a time this create was asked at
+end
 
 local had = rcall('ZREM', K.pending, rid)
 local nk = node_key(node)
@@ -36,10 +44,19 @@ if state then
   if state == 'terminated' then
     return {4, state}
   end
+  -- Its status came first (the mock publishes `booting` before answering): the create was
+  -- asked for before that first record.
+  local created = tonumber(rcall('HGET', nk, 'created_ms'))
+  if asked and created and asked < created then
+    rcall('HSET', nk, 'asked_ms', asked)
+  end
   return {2, state}
 end
 
 new_node(node, 'booting', now, had == 1 and 'api' or 'late', rid)
+if asked then
+  rcall('HSET', nk, 'asked_ms', asked)
+end
 rcall('ZADD', K.booting, now, node)
 stat('nodes_created')
 if had == 1 then

@@ -728,8 +728,12 @@ class Scripts:
         return await self.run(self.apply_node_status_call(now_ms, node_id, status,
                                                           listed=listed))
 
-    async def register_node(self, now_ms: int, reservation: str, node_id: str) -> RegisterResult:
-        code, state = await self._call("register_node", now_ms, reservation, node_id)
+    async def register_node(self, now_ms: int, reservation: str, node_id: str,
+                            asked_ms: int | None = None) -> RegisterResult:
+        args: list[object] = [now_ms, reservation, node_id]
+        if asked_ms is not None:
+            args.append(asked_ms)
+        code, state = await self._call("register_node", *args)
         return RegisterResult(Registration(int(code)), as_text(state))
 
     async def cancel_create(self, reservation: str) -> bool:

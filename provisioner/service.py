@@ -696,8 +696,13 @@ class Replica:
             self.metrics.scaling.labels(quantity).set(count)
 
     async def _create(self, reservation: str) -> None:
+        asked = self.clock.now_ms()
         result = await self.node_api.create()
         now = self.clock.now_ms()
+        # The boot the node teaches is timed from here, the call's latency included, unless the
+        # call outlasted its reservation (retries through an outage, a stalled process): that
+        # is no lead time of a boot, and it is timed from the pool's first record instead.
+        asked_ms = asked if now - asked <= self.pool.create_timeout_s * 1000 else None
         self._create_answered(result, now)
         if result.outcome is CreateOutcome.CREATED and not events.ID_PATTERN.match(
                 result.node_id):
@@ -710,7 +715,8 @@ class Replica:
             await self._delete_orphan(result.node_id)
             return
         if result.outcome is CreateOutcome.CREATED:
-            registered = await self.scripts.register_node(now, reservation, result.node_id)
+            registered = await self.scripts.register_node(now, reservation, result.node_id,
+                                                         asked_ms)
             level = logging.INFO if registered.code is not Registration.LATE else logging.WARNING
             log.log(level, "created node %s for %s: %s", result.node_id, reservation,
                     registered.code.name.lower())

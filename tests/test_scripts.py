@@ -1153,6 +1153,58 @@ async def test_a_boot_first_seen_in_the_node_list_teaches_no_boot_time(
     assert float(await pool.redis.hget(model, "boot_ms")) < 60_000
 
 
+async def _boot_learned(pool: PoolUnderTest, *, status_first: bool,
+                        asked: int | None) -> tuple[dict[str, str], float]:
+    """A sample boot asked for at pool.now: the POST answered 5 s later (its `booting` status
+    0.2 s after the ask when `status_first`), the node ready 60 s after the ask. Returns the
+    node's record and the boot time learned, from no earlier sample."""
+    node = next(f"n{i}" for i in range(100) if is_boot_sample(f"n{i}"))
+    [rid] = (await pool.scripts.scale_decide(
+        PoolConfig(min_ready=1).policy_args(pool.now, "r1"))).reservations
+    if status_first:
+        pool.clock.advance(200)
+        await pool.scripts.apply_node_status(pool.now, node, "booting")
+        pool.clock.advance(4_800)
+    else:
+        pool.clock.advance(5_000)
+    await pool.scripts.register_node(pool.now, rid, node, asked)
+    record = await pool.node(node)
+    pool.clock.advance(55_000)
+    await pool.scripts.apply_node_status(pool.now, node, "ready")
+    return record, float(await pool.redis.hget(pool.keys.key("model"), "boot_ms"))
+
+
+@pytest.mark.parametrize("status_first", [False, True])
+async def test_a_boot_is_timed_from_the_decision_that_asked_for_it(
+        pool: PoolUnderTest, status_first: bool) -> None:
+    """The lead time the forecast looks ahead is from the decision to the node's `ready`: a
+    create call that takes 5 s to answer is part of it. It was timed from the pool's first
+    record of the node (the POST's answer, or its `booting` if that came first), and a slow
+    Node API taught a lead time that much short."""
+    asked = pool.now
+    record, boot_ms = await _boot_learned(pool, status_first=status_first, asked=asked)
+    assert record["asked_ms"] == str(asked)
+    assert int(record["created_ms"]) == asked + (200 if status_first else 5_000)
+    assert boot_ms == 60_000
+
+
+@pytest.mark.parametrize("status_first", [False, True])
+async def test_a_create_with_no_time_asked_is_timed_from_its_first_record(
+        pool: PoolUnderTest, status_first: bool) -> None:
+    """A replica of the release before sends no time: the boot is timed as it was."""
+    record, boot_ms = await _boot_learned(pool, status_first=status_first, asked=None)
+    assert "asked_ms" not in record
+    assert boot_ms == (59_800 if status_first else 55_000)
+
+
+async def test_a_time_asked_after_the_answer_is_not_taken(pool: PoolUnderTest) -> None:
+    """A time after the POST's answer is not when the create was asked for (a clock read
+    wrong, a hand-made call): the boot is timed from the first record, not taught short."""
+    record, boot_ms = await _boot_learned(pool, status_first=False, asked=T0 + 3_600_000)
+    assert "asked_ms" not in record
+    assert boot_ms == 55_000
+
+
 async def test_reap_idle_looks_at_the_20_youngest_boots_left_for_each_node_it_reaps(
         pool: PoolUnderTest) -> None:
     """One call reaps three idle nodes. The youngest boot is the only one of the 20 youngest

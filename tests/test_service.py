@@ -794,6 +794,31 @@ async def test_creates_are_held_a_while_after_the_node_api_says_it_is_full(
     assert calls == 4  # the hold is over: the shortfall asked for again
 
 
+@pytest.mark.parametrize(("answered_after_ms", "asked"), [(5_000, True), (61_000, False)])
+async def test_a_create_call_s_latency_is_in_the_boot_time_its_node_teaches(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    answered_after_ms: int, asked: bool,
+) -> None:
+    """A POST answered 5 s after it was sent: its node's boot is timed from the sending, the
+    lead time the forecast needs. One answered after its reservation's 60 s (retries through
+    an outage, a stalled process) is no boot's lead time, and is timed from its answer."""
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
+    sent = clock.now_ms()
+    answer = api.create
+
+    async def slow() -> CreateResult:
+        clock.advance(answered_after_ms)
+        return await answer()
+
+    api.create = slow  # type: ignore[method-assign]
+    await replica.tick()
+    await replica.settle()
+    [node] = api.created
+    record = await aredis.hgetall(replica.keys.node(node))
+    assert int(record["created_ms"]) == sent + answered_after_ms
+    assert record.get("asked_ms") == (str(sent) if asked else None)
+
+
 async def test_a_create_whose_record_the_server_drops_is_a_warning_and_adopted_later(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,

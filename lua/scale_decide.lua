@@ -160,7 +160,8 @@ end
 -- Whether a decision that wants nodes and creates none (max_nodes, creates held while the Node
 -- API fails) goes to the decisions stream: once per UNMET_LOG_MS while it lasts. It is decided
 -- again at every tick, and one entry a second pushed the stream's 1,000 out in 17 minutes of
--- an outage, misses and all; the latest is always the pool's last decision.
+-- an outage, misses and all; the latest is always the pool's last decision. A decision that
+-- wants none ends the shortage, and the next one is logged at once, however soon.
 local UNMET_LOG_MS = 30000
 local function unmet_to_log(at)
   local last = tonumber(rcall('HGET', K.stats, 'unmet_logged_ms'))
@@ -178,6 +179,8 @@ if #created > 0 then
   log_decision(p, 'scale_up', reason, numbers, #created)
 elseif want > 0 and unmet_to_log(now) then
   log_decision(p, 'scale_up', reason, numbers, 0)
+elseif want <= 0 then
+  rcall('HDEL', K.stats, 'unmet_logged_ms')
 end
 
 local result = {1, reason, numbers}

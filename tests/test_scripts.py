@@ -1084,6 +1084,31 @@ async def test_a_create_capped_to_nothing_is_logged_once_per_30s_while_it_lasts(
     assert [e["acted"] for e in await scale_ups()][-1] == "2"
 
 
+async def test_a_shortage_after_one_that_ended_is_logged_however_soon(
+        pool: PoolUnderTest, aredis: aioredis.Redis) -> None:
+    """The once-per-30-s throttle is of one shortage: a pool back at its target ends it, and
+    a new shortage 10 s later is in the stream at once, not 20 s after it began."""
+    node = "n1"
+    await pool.scripts.apply_node_status(pool.now, node, "ready")
+    short, met = PoolConfig(min_ready=2, max_nodes=1), PoolConfig(min_ready=1, max_nodes=1)
+
+    async def unmet_logged() -> list[int]:
+        entries = await aredis.xrange(pool.keys.key("decisions"))
+        return [int(f["now"]) for _, f in entries if f["kind"] == "scale_up"]
+
+    begun = pool.now
+    await pool.scripts.scale_decide(short.policy_args(pool.now, "r1"))
+    pool.clock.advance(5_000)
+    assert "hold" in (await pool.scripts.scale_decide(met.policy_args(pool.now, "r1"))).reason
+    pool.clock.advance(5_000)
+    again = await pool.scripts.scale_decide(short.policy_args(pool.now, "r1"))
+    assert "create 0 of 1 (max_nodes 1" in again.reason
+    assert await unmet_logged() == [begun, begun + 10_000]
+    pool.clock.advance(1_000)  # the same shortage, throttled as before
+    await pool.scripts.scale_decide(short.policy_args(pool.now, "r1"))
+    assert await unmet_logged() == [begun, begun + 10_000]
+
+
 async def test_reap_idle_terminates_only_idle_nodes_beyond_the_floor(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=1, idle_timeout_s=300)
     for node in ("n1", "n2", "n3"):

@@ -716,9 +716,7 @@ def decisions(
         table.add_column(column, no_wrap=column == "time",
                          overflow="fold" if column == "reason" else "ellipsis")
     for entry in span.entries:
-        at = view.time_ms(entry.get("now"))  # the replica's clock when it decided
-        at = view.written_ms(entry["id"]) if at is None else at  # or the server's, at its write
-        table.add_row(*map(outside, (_local_time(at), entry.get("replica", ""),
+        table.add_row(*map(outside, (_entry_time(entry), entry.get("replica", ""),
                                      entry.get("kind", ""), entry.get("acted", ""),
                                      entry.get("reason", ""))))
     console.print(table)
@@ -727,6 +725,24 @@ def decisions(
                 f"the stream holds {span.length} entries, written from "
                 f"{_local_time(span.held[0])} to {_local_time(span.held[1])}")
         console.print(outside(f"none in that span: {held}"))
+
+
+#: How far a replica's time of deciding may be from the server's time of writing before the
+#: table shows both: as far as ProvisionerClockOffset allows.
+CLOCKS_APART_MS = 2000
+
+
+def _entry_time(entry: dict[str, str]) -> str:
+    """When an entry was decided, by the replica's clock; and by the server's, which the span
+    is selected by, where a replica's clock off by more than CLOCKS_APART_MS puts the two
+    apart (an entry asked for from 10:01 would show 10:11 with no word why)."""
+    written = view.written_ms(entry["id"])
+    decided = view.time_ms(entry.get("now"))
+    if decided is None:  # taken away by a hand: the server's
+        return _local_time(written)
+    if written is not None and abs(decided - written) > CLOCKS_APART_MS:
+        return f"{_local_time(decided)} (written {_local_time(written)[11:]})"
+    return _local_time(decided)
 
 
 def _decision_json(entry: dict[str, str]) -> dict[str, Any]:

@@ -302,3 +302,25 @@ def test_an_entry_without_its_time_shows_when_it_was_written(redis_url: str,
     assert code == 0, output
     shown = datetime.datetime.fromtimestamp(T10 / 1000).strftime("%Y-%m-%d %H:%M:%S")
     assert shown in output, output
+
+
+def test_an_entry_decided_by_a_clock_far_off_shows_when_it_was_written_too(
+        redis_url: str, sync_redis: redis.Redis) -> None:
+    """A span is selected by the server's time of writing and each entry was shown at its
+    replica's time: one written at 10:00 by a replica ten minutes ahead showed 10:10 in a
+    span asked for from 9:59 to 10:01, with no word why. Within the clocks' tolerance the
+    replica's time is shown alone."""
+    sync_redis.hset(KEYS.key("stats"), "connects", 1)
+    for at, now in ((T10, T10 + 10 * MINUTE), (T10 + 1000, T10 + 2000)):
+        sync_redis.xadd(KEYS.key("decisions"), {"now": now, "replica": "r1", "kind": "miss",
+                                                "reason": "r"}, id=f"{at}-0")
+    code, output = decisions(redis_url, "--since", _iso(T10 - MINUTE),
+                             "--until", _iso(T10 + MINUTE))
+    assert code == 0, output
+
+    def local(ms: int) -> str:
+        return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+    assert f"{local(T10 + 10 * MINUTE)} (written {local(T10)[11:]})" in output, output
+    assert f"{local(T10 + 2000)} " in output and "written " + local(T10 + 1000)[11:] \
+        not in output, output

@@ -80,6 +80,15 @@ class Metrics:
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.decisions = Counter("provisioner_scale_decisions",
                                  "Scaling ticks this replica won", registry=r)
+        self.decision_age = Gauge(
+            "provisioner_scale_decision_age_seconds",
+            "Seconds since this replica last won a scaling tick, by its monotonic clock at the "
+            "scrape (+Inf before its first): the least over the replicas is how long the pool "
+            "has gone without a decision, whatever their clocks", registry=r)
+        self.tick_interval = Gauge(
+            "provisioner_tick_interval_seconds",
+            "This replica's --tick-interval: the pool takes a decision in each interval slot "
+            "some replica ticks in", registry=r)
         self.surges = Counter("provisioner_surge_decisions",
                               "Scaling ticks this replica won while arrivals surged (the "
                               "buffer was surge_buffer_sd)", registry=r)

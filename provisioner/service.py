@@ -239,6 +239,10 @@ class Replica:
         self.keys = PoolKeys(service.pool)
         self.scripts = Scripts(redis, self.keys, observe=self.metrics.observe_script)
         self.metrics.scripts_info.labels(scripts_fingerprint()).set(1)
+        #: when (monotonic) this replica last won a scaling tick, for ProvisionerNoReplicaTicking
+        self._decided_at: float | None = None
+        self.metrics.decision_age.set_function(self._decision_age)
+        self.metrics.tick_interval.set(pool.tick_interval_s)
         self.replica_id = service.replica_id
         #: each connect and disconnect is marked `replica:batch:seq` (`_marks`), so that its
         #: call, made again after a reply lost, is not applied again; the batch tags are this
@@ -604,6 +608,7 @@ class Replica:
                 "whose clock is over a minute ahead of this one's, and it decides alone while "
                 "it lives; one of the two clocks is wrong (provisioner_clock_offset_seconds)")
         if decision.won:
+            self._decided_at = time.monotonic()
             self.metrics.decisions.inc()
             if decision.numbers.get("surge"):
                 self.metrics.surges.inc()
@@ -620,6 +625,9 @@ class Replica:
                 self._spawn(self._terminate(termination))
         if self.gauges:
             await self.refresh_gauges(now)
+
+    def _decision_age(self) -> float:
+        return math.inf if self._decided_at is None else time.monotonic() - self._decided_at
 
     def _creates_allowed(self, now_ms: int) -> int | None:
         """The most creates this replica may make now: None (max_batch) while the Node API

@@ -732,6 +732,12 @@ async def test_two_replicas_applying_every_event_allocate_once(
         await r.settle()
     assert sum(counter(r, "provisioner_scale_decisions_total") for r in replicas) == 1
     assert len(api.created) == 1
+    # What ProvisionerNoReplicaTicking reads: the winner's age of its decision, the loser's
+    # +Inf (it never won), and each one's interval.
+    ages = sorted(counter(r, "provisioner_scale_decision_age_seconds") for r in replicas)
+    assert 0 <= ages[0] < 5 and ages[1] == math.inf, ages
+    assert [counter(r, "provisioner_tick_interval_seconds") for r in replicas] == [
+        r.pool.tick_interval_s for r in replicas]
 
 
 async def test_failed_create_cancels_and_uncertain_create_keeps_its_reservation(

@@ -292,11 +292,14 @@ def _query_shown(query: str) -> str:
     """A URL's query with each value as `***` but those of `_SHOWN_OPTIONS`: a name read
     unquoted, as the Redis client's parse_qs reads it (`pass%77ord=` is hidden too). A ';'
     parts its options as an '&' does (as parse_qs did before Python 3.9.2): the client reads
-    `?db=1;password=s3cret` as one db, and refuses it, and it was shown whole."""
+    `?db=1;password=s3cret` as one db, and refuses it, and it was shown whole. An item with
+    no '=' is all value (a secret pasted in, `?s3cret`), and is shown as `***` unless it names
+    one of those options."""
     def shown(pair: re.Match[str]) -> str:
         name, equals, _ = pair[0].partition("=")
-        hidden = equals and unquote_plus(name).lower() not in _SHOWN_OPTIONS
-        return f"{name}=***" if hidden else pair[0]
+        if unquote_plus(name).lower() in _SHOWN_OPTIONS:
+            return pair[0]
+        return f"{name}=***" if equals else "***"
     return re.sub(r"[^&;]+", shown, query)
 
 

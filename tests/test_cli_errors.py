@@ -584,7 +584,11 @@ def test_run_builds_the_settings_the_release_before_built(
     # name, which the client refuses naming it, showed the password whole, and so would a
     # Node API's token
     ("redis://h/0?pasword=s3cret", "redis://h/0?pasword=***"),
-    ("http://api:8080/?token=s3cret&x", "http://api:8080/?token=***&x"),
+    ("http://api:8080/?token=s3cret&x", "http://api:8080/?token=***&***"),
+    # An item with no '=' is all value: a secret pasted in was shown whole
+    ("redis://h/0?s3cret", "redis://h/0?***"),
+    ("http://api:8080/?a=1;s3cret#top", "http://api:8080/?a=***;***#top"),
+    ("redis://h/0?db=1&protocol", "redis://h/0?db=1&protocol"),  # an option's name alone
     ("redis://h/0?socket_timeout=5&DB=1&protocol=3", "redis://h/0?socket_timeout=5&DB=1&protocol=3"),
     # ... and those it takes as text that are no secret either: a later review found "cannot
     # reach Redis at rediss://h/0?ssl_ca_certs=***: ... No such file or directory", naming no

@@ -161,14 +161,23 @@ end
 -- API fails) goes to the decisions stream: once per UNMET_LOG_MS while it lasts. It is decided
 -- again at every tick, and one entry a second pushed the stream's 1,000 out in 17 minutes of
 -- an outage, misses and all; the latest is always the pool's last decision. A decision that
--- wants none ends the shortage, and the next one is logged at once, however soon.
+-- wants none ends the shortage (`unmet_ended`), and the next one is logged at once, however
+-- soon, but once per UNMET_LOG_MS (`unmet_early_ms`): a target that flickers a node above
+-- the pool at max_nodes and back at every tick logged one entry every two ticks.
 local UNMET_LOG_MS = 30000
+local function within(field, at)
+  local last = tonumber(rcall('HGET', K.stats, field))
+  return last and at >= last and at - last < UNMET_LOG_MS
+end
 local function unmet_to_log(at)
-  local last = tonumber(rcall('HGET', K.stats, 'unmet_logged_ms'))
-  if last and at >= last and at - last < UNMET_LOG_MS then
-    return false
+  if within('unmet_logged_ms', at) then
+    if not rcall('HGET', K.stats, 'unmet_ended') or within('unmet_early_ms', at) then
+      return false
+    end
+    rcall('HSET', K.stats, 'unmet_early_ms', at)
   end
   rcall('HSET', K.stats, 'unmet_logged_ms', at)
+  rcall('HDEL', K.stats, 'unmet_ended')
   return true
 end
 
@@ -180,7 +189,7 @@ if #created > 0 then
 elseif want > 0 and unmet_to_log(now) then
   log_decision(p, 'scale_up', reason, numbers, 0)
 elseif want <= 0 then
-  rcall('HDEL', K.stats, 'unmet_logged_ms')
+  rcall('HSET', K.stats, 'unmet_ended', 1)
 end
 
 local result = {1, reason, numbers}

@@ -1109,6 +1109,25 @@ async def test_a_shortage_after_one_that_ended_is_logged_however_soon(
     assert await unmet_logged() == [begun, begun + 10_000]
 
 
+async def test_a_shortage_that_comes_and_goes_at_every_tick_is_logged_twice_per_30s_at_most(
+        pool: PoolUnderTest, aredis: aioredis.Redis) -> None:
+    """A pool at max_nodes whose target flickers a node above and back at every tick (a
+    connect takes a ready node, a release frees one): each decision that wanted none ended
+    the shortage, the next was logged at once, and the stream took one entry every 2 s, the
+    flood the throttle is for. A new shortage is logged at once, and one more such within
+    30 s of it waits as the same shortage does."""
+    await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    short, met = PoolConfig(min_ready=2, max_nodes=1), PoolConfig(min_ready=1, max_nodes=1)
+    begun = pool.now
+    for second in range(60):
+        config = short if second % 2 == 0 else met
+        assert (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).won
+        pool.clock.advance(1_000)
+    entries = await aredis.xrange(pool.keys.key("decisions"))
+    logged = [(int(f["now"]) - begun) // 1000 for _, f in entries if f["kind"] == "scale_up"]
+    assert logged == [0, 2, 32, 34]
+
+
 async def test_reap_idle_terminates_only_idle_nodes_beyond_the_floor(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=1, idle_timeout_s=300)
     for node in ("n1", "n2", "n3"):

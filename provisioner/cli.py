@@ -735,13 +735,18 @@ CLOCKS_APART_MS = 2000
 def _entry_time(entry: dict[str, str]) -> str:
     """When an entry was decided, by the replica's clock; and by the server's, which the span
     is selected by, where a replica's clock off by more than CLOCKS_APART_MS puts the two
-    apart (an entry asked for from 10:01 would show 10:11 with no word why)."""
+    apart (an entry asked for from 10:01 would show 10:11 with no word why): the time
+    written alone on the same day, else with its date (a clock a day ahead showed tomorrow's
+    10:00:00 "(written 10:00:00)")."""
     written = view.written_ms(entry["id"])
     decided = view.time_ms(entry.get("now"))
     if decided is None:  # taken away by a hand: the server's
         return _local_time(written)
     if written is not None and abs(decided - written) > CLOCKS_APART_MS:
-        return f"{_local_time(decided)} (written {_local_time(written)[11:]})"
+        shown, written_shown = _local_time(decided), _local_time(written)
+        if shown[:11] == written_shown[:11]:  # the same day: its time alone
+            written_shown = written_shown[11:]
+        return f"{shown} (written {written_shown})"
     return _local_time(decided)
 
 

@@ -324,3 +324,21 @@ def test_an_entry_decided_by_a_clock_far_off_shows_when_it_was_written_too(
     assert f"{local(T10 + 10 * MINUTE)} (written {local(T10)[11:]})" in output, output
     assert f"{local(T10 + 2000)} " in output and "written " + local(T10 + 1000)[11:] \
         not in output, output
+
+
+def test_an_entry_decided_a_day_off_shows_the_day_it_was_written(
+        redis_url: str, sync_redis: redis.Redis) -> None:
+    """The time of writing was shown without its date: a replica's clock a day ahead showed
+    tomorrow's 10:00:00 "(written 10:00:00)", the two alike, and one a minute ahead at
+    midnight gave no day to the time written. Where the days differ it is shown whole."""
+    sync_redis.hset(KEYS.key("stats"), "connects", 1)
+    sync_redis.xadd(KEYS.key("decisions"), {"now": T10 + 24 * 60 * MINUTE, "replica": "r1",
+                                            "kind": "miss", "reason": "r"}, id=f"{T10}-0")
+    code, output = decisions(redis_url, "--since", _iso(T10 - MINUTE),
+                             "--until", _iso(T10 + MINUTE))
+    assert code == 0, output
+
+    def local(ms: int) -> str:
+        return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+    assert f"(written {local(T10)})" in output, output

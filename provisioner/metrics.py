@@ -82,9 +82,10 @@ class Metrics:
                                  "Scaling ticks this replica won", registry=r)
         self.decision_age = Gauge(
             "provisioner_scale_decision_age_seconds",
-            "Seconds since this replica last won a scaling tick, by its monotonic clock at the "
-            "scrape (+Inf before its first): the least over the replicas is how long the pool "
-            "has gone without a decision, whatever their clocks", registry=r)
+            "Seconds since this replica last won a scaling tick or found its slot decided by "
+            "another, by its monotonic clock at the scrape (+Inf before its first tick): the "
+            "least over the replicas is how long the pool has gone without a decision, "
+            "whatever their clocks", registry=r)
         self.tick_interval = Gauge(
             "provisioner_tick_interval_seconds",
             "This replica's --tick-interval: the pool takes a decision in each interval slot "

@@ -239,7 +239,8 @@ class Replica:
         self.keys = PoolKeys(service.pool)
         self.scripts = Scripts(redis, self.keys, observe=self.metrics.observe_script)
         self.metrics.scripts_info.labels(scripts_fingerprint()).set(1)
-        #: when (monotonic) this replica last won a scaling tick, for ProvisionerNoReplicaTicking
+        #: when (monotonic) this replica last won a scaling tick or found its slot decided by
+        #: another, for ProvisionerNoReplicaTicking
         self._decided_at: float | None = None
         self.metrics.decision_age.set_function(self._decision_age)
         self.metrics.tick_interval.set(pool.tick_interval_s)
@@ -607,8 +608,10 @@ class Replica:
                 "slot-ahead", "no scaling decision: the interval slot is held by a replica "
                 "whose clock is over a minute ahead of this one's, and it decides alone while "
                 "it lives; one of the two clocks is wrong (provisioner_clock_offset_seconds)")
-        if decision.won:
+        if decision.won or not (decision.epoch_changed or decision.held_ahead):
+            # Won, or lost to the replica that decided in this slot: a decision of the pool's.
             self._decided_at = time.monotonic()
+        if decision.won:
             self.metrics.decisions.inc()
             if decision.numbers.get("surge"):
                 self.metrics.surges.inc()

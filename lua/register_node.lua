@@ -31,8 +31,8 @@ local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local node = ARGV[3]
 local asked = tonumber(ARGV[4])
-if asked and (asked ~= asked or asked > now) then
-  asked = nil  -- NaN, or a time after the answer: not a time this create was asked at
+if asked and not (asked >= 0 and asked <= now) then
+  asked = nil  -- NaN, -inf, before 0, or after the answer: not a time this create was asked at
 end
 
 local had = rcall('ZREM', K.pending, rid)

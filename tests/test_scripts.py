@@ -1198,10 +1198,11 @@ async def test_a_boot_first_seen_in_the_node_list_teaches_no_boot_time(
 
 
 async def _boot_learned(pool: PoolUnderTest, *, status_first: bool,
-                        asked: int | None) -> tuple[dict[str, str], float]:
+                        asked: int | str | None) -> tuple[dict[str, str], float]:
     """A sample boot asked for at pool.now: the POST answered 5 s later (its `booting` status
     0.2 s after the ask when `status_first`), the node ready 60 s after the ask. Returns the
-    node's record and the boot time learned, from no earlier sample."""
+    node's record and the boot time learned, from no earlier sample. `asked` as text is a
+    call made by hand."""
     node = next(f"n{i}" for i in range(100) if is_boot_sample(f"n{i}"))
     [rid] = (await pool.scripts.scale_decide(
         PoolConfig(min_ready=1).policy_args(pool.now, "r1"))).reservations
@@ -1211,7 +1212,10 @@ async def _boot_learned(pool: PoolUnderTest, *, status_first: bool,
         pool.clock.advance(4_800)
     else:
         pool.clock.advance(5_000)
-    await pool.scripts.register_node(pool.now, rid, node, asked)
+    if isinstance(asked, str):
+        await pool.scripts._call("register_node", pool.now, rid, node, asked)
+    else:
+        await pool.scripts.register_node(pool.now, rid, node, asked)
     record = await pool.node(node)
     pool.clock.advance(55_000)
     await pool.scripts.apply_node_status(pool.now, node, "ready")
@@ -1247,6 +1251,27 @@ async def test_a_time_asked_after_the_answer_is_not_taken(pool: PoolUnderTest) -
     record, boot_ms = await _boot_learned(pool, status_first=False, asked=T0 + 3_600_000)
     assert "asked_ms" not in record
     assert boot_ms == 55_000
+
+
+@pytest.mark.parametrize("asked", ["nan", "-inf", "-5"])
+async def test_a_time_asked_that_is_no_time_is_not_taken(pool: PoolUnderTest, asked: str) -> None:
+    """A call by hand with `-inf` for the time asked was kept: the boot it taught was
+    infinite, which the model reads as nothing learned, and the lead time learned from every
+    earlier boot was lost. Neither that, NaN nor a time before 0 is when a create was asked."""
+    record, boot_ms = await _boot_learned(pool, status_first=False, asked=asked)
+    assert boot_ms == 55_000
+    assert "asked_ms" not in record
+
+
+async def test_a_time_asked_after_the_node_s_first_record_is_not_taken(
+        pool: PoolUnderTest) -> None:
+    """The node's `booting` came before the POST was sent by the asking replica's clock (the
+    status applied by a replica whose clock is behind): the boot is timed from the earlier
+    of the two, its first record, not taught short."""
+    asked = pool.now + 1_000  # after the status, at +200, and before the answer, at +5 s
+    record, boot_ms = await _boot_learned(pool, status_first=True, asked=asked)
+    assert "asked_ms" not in record
+    assert boot_ms == 59_800
 
 
 async def test_reap_idle_looks_at_the_20_youngest_boots_left_for_each_node_it_reaps(

@@ -342,3 +342,22 @@ def test_an_entry_decided_a_day_off_shows_the_day_it_was_written(
         return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
     assert f"(written {local(T10)})" in output, output
+
+
+def test_an_entry_decided_by_a_clock_behind_shows_when_it_was_written_too(
+        redis_url: str, sync_redis: redis.Redis) -> None:
+    """A replica's clock behind the server's puts the two apart as one ahead does; exactly
+    2 s apart is within the clocks' tolerance, and the replica's time is shown alone."""
+    sync_redis.hset(KEYS.key("stats"), "connects", 1)
+    for at, now in ((T10, T10 - 10 * MINUTE), (T10 + 30_000, T10 + 28_000)):
+        sync_redis.xadd(KEYS.key("decisions"), {"now": now, "replica": "r1", "kind": "miss",
+                                                "reason": "r"}, id=f"{at}-0")
+    code, output = decisions(redis_url, "--since", _iso(T10 - MINUTE),
+                             "--until", _iso(T10 + MINUTE))
+    assert code == 0, output
+
+    def local(ms: int) -> str:
+        return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+    assert f"{local(T10 - 10 * MINUTE)} (written {local(T10)[11:]})" in output, output
+    assert local(T10 + 28_000) in output and local(T10 + 30_000)[11:] not in output, output

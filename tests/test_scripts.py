@@ -1128,6 +1128,34 @@ async def test_a_shortage_that_comes_and_goes_at_every_tick_is_logged_twice_per_
     assert logged == [0, 2, 32, 34]
 
 
+async def test_a_shortage_logged_at_once_is_then_throttled_as_any(
+        pool: PoolUnderTest, aredis: aioredis.Redis) -> None:
+    """A shortage logged at once after one that ended is one shortage from then: it lasts a
+    minute more and is logged 30 s after, and 30 s after that, not at once again."""
+    await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    short, met = PoolConfig(min_ready=2, max_nodes=1), PoolConfig(min_ready=1, max_nodes=1)
+    begun = pool.now
+    for second in range(75):
+        config = met if second == 5 else short
+        assert (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).won
+        pool.clock.advance(1_000)
+    entries = await aredis.xrange(pool.keys.key("decisions"))
+    logged = [(int(f["now"]) - begun) // 1000 for _, f in entries if f["kind"] == "scale_up"]
+    assert logged == [0, 6, 36, 66]
+
+
+async def test_a_shortage_logged_by_a_clock_ahead_does_not_silence_one_on_time(
+        pool: PoolUnderTest, aredis: aioredis.Redis) -> None:
+    """The last shortage was logged by a replica whose clock ran ten minutes ahead, since
+    gone: a shortage on time is logged at once, not ten minutes on."""
+    await aredis.hset(pool.keys.key("stats"), "unmet_logged_ms", pool.now + 600_000)
+    decision = await pool.scripts.scale_decide(
+        PoolConfig(min_ready=1, max_nodes=0).policy_args(pool.now, "r1"))
+    assert "create 0 of 1 (max_nodes 0" in decision.reason
+    entries = await aredis.xrange(pool.keys.key("decisions"))
+    assert [int(f["now"]) for _, f in entries if f["kind"] == "scale_up"] == [pool.now]
+
+
 async def test_reap_idle_terminates_only_idle_nodes_beyond_the_floor(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=1, idle_timeout_s=300)
     for node in ("n1", "n2", "n3"):

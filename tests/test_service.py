@@ -761,6 +761,19 @@ async def test_a_replica_that_finds_its_slot_decided_exports_the_age_of_that_dec
     assert 0 <= counter(loser, "provisioner_scale_decision_age_seconds") < 5
 
 
+async def test_a_tick_refused_on_a_lost_state_is_no_decision_seen(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A tick refused because the pool's state is not the one the replica ran on decides
+    nothing, nor did any other: the age ProvisionerNoReplicaTicking reads stays as it was."""
+    replica = make_replica(aredis, api, clock, "r1")
+    await replica.heartbeat()
+    await aredis.flushall()
+    await replica.tick()
+    assert counter(replica, "provisioner_scale_decisions_total") == 0
+    assert counter(replica, "provisioner_scale_decision_age_seconds") == math.inf
+
+
 async def test_failed_create_cancels_and_uncertain_create_keeps_its_reservation(
     replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
 ) -> None:

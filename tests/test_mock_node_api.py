@@ -31,8 +31,9 @@ async def start_api(aredis: aioredis.Redis) -> AsyncIterator[Start]:
     clients: list[httpx.AsyncClient] = []
 
     async def start(boot_delay: str = "0.2", redis: aioredis.Redis | None = None,
-                    **kwargs: Any) -> httpx.AsyncClient:
-        api = MockNodeApi(redis or aredis, BootDelay.parse(boot_delay), seed=1, **kwargs)
+                    api: MockNodeApi | None = None, **kwargs: Any) -> httpx.AsyncClient:
+        """Serve a mock built from these arguments, or `api` (a test that reaches into it)."""
+        api = api or MockNodeApi(redis or aredis, BootDelay.parse(boot_delay), seed=1, **kwargs)
         runner = web.AppRunner(api.app())
         await runner.setup()
         port = free_port()
@@ -353,3 +354,124 @@ async def test_a_delete_while_booting_goes_out_publishes_terminated_after_bootin
         await sub.wait_for(lambda ch, m: m["status"] == "terminated", within=5)
     assert held.sent == ["booting", "terminated"]
     assert [m["status"] for _, m in sub.messages] == ["booting", "terminated"]
+
+
+def test_uniform_delays_spread_over_their_range_and_a_range_of_one_value_is_allowed() -> None:
+    """Draws were only checked to stay within LOW..HIGH: a uniform that always drew LOW passed.
+    The refusals say LOW <= HIGH and MEDIAN <= P95, so equal bounds (a fixed delay) are taken."""
+    rng = random.Random(7)
+    uniform = [BootDelay.parse("uniform:10:20").draw(rng) for _ in range(1000)]
+    assert min(uniform) < 10.5 and max(uniform) > 19.5
+    assert statistics.mean(uniform) == pytest.approx(15, rel=0.05)
+    assert BootDelay.parse("uniform:5:5").draw(rng) == 5
+    assert BootDelay.parse("lognormal:60:60").draw(rng) == pytest.approx(60)
+
+
+async def test_a_delete_error_rate_answers_500_and_leaves_the_node_as_it_was(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    """--delete-error-rate was never exercised: deletes that ignored it, or failed by the
+    create's rate, passed every test."""
+    api = await start_api(boot_delay="100", faults=Faults(delete_error_rate=1.0),
+                          terminate_delay_s=0)
+    async with Subscriber(aredis, "node:status") as sub:
+        created = await api.post("/api/nodes")
+        assert created.status_code == 202  # a create is not failed by the delete's rate
+        node_id = created.json()["id"]
+        deleted = await api.delete(f"/api/nodes/{node_id}")
+        assert deleted.status_code == 500 and deleted.json() == {"error": "injected failure"}
+        messages = await sub.drain(settle=0.3)
+    assert [m["status"] for _, m in messages] == ["booting"]
+    assert (await api.get(f"/api/nodes/{node_id}")).json()["state"] == "booting"
+    assert (await api.delete("/api/nodes/node-nobody")).status_code == 404  # not a 500
+
+
+async def test_a_node_is_terminating_until_its_terminate_delay_has_passed(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    """A `terminated` published at once after a DELETE passed every test: none waited on
+    --terminate-delay (100 s here, so its `terminated` cannot go out during the test)."""
+    api = await start_api(boot_delay="100", terminate_delay_s=100)
+    async with Subscriber(aredis, "node:status") as sub:
+        node_id = (await api.post("/api/nodes")).json()["id"]
+        assert (await api.delete(f"/api/nodes/{node_id}")).status_code == 202
+        messages = await sub.drain(settle=0.3)
+    assert [m["status"] for _, m in messages] == ["booting"]  # nor `ready`: boot delay 100 s
+    [listed] = (await api.get("/api/nodes")).json()["nodes"]
+    assert (listed["id"], listed["state"]) == (node_id, "terminating")
+    assert (await api.get("/healthz")).json()["nodes"] == 0  # a node ending is not counted
+
+
+class FakeWallClock:
+    """Stands for the `time` module in the mock: `time()` is what the test sets."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+async def test_a_terminated_node_is_kept_ten_minutes_then_forgotten(
+        start_api: Start, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A terminated node is listed, and a late DELETE finds it (202), for KEEP_TERMINATED_S;
+    after that it is gone (404). Untested: a mock that never forgot them, or forgot them at
+    once, passed."""
+    from provisioner import mock_node_api
+
+    clock = FakeWallClock(1_000_000.0)
+    monkeypatch.setattr(mock_node_api, "time", clock)
+    api = await start_api(boot_delay="0", terminate_delay_s=0)
+    async with Subscriber(aredis, "node:status") as sub:
+        node_id = (await api.post("/api/nodes")).json()["id"]
+        await sub.wait_for(lambda ch, m: m["status"] == "ready", within=5)
+        assert (await api.delete(f"/api/nodes/{node_id}")).status_code == 202
+        await sub.wait_for(lambda ch, m: m["status"] == "terminated", within=5)
+    clock.now += mock_node_api.KEEP_TERMINATED_S - 1
+    assert [(n["id"], n["state"]) for n in (await api.get("/api/nodes")).json()["nodes"]] == \
+        [(node_id, "terminated")]
+    assert (await api.delete(f"/api/nodes/{node_id}")).status_code == 202
+    clock.now += 2
+    assert (await api.post("/api/nodes")).status_code == 202  # another node, made later
+    assert node_id not in [n["id"] for n in (await api.get("/api/nodes")).json()["nodes"]]
+    assert (await api.delete(f"/api/nodes/{node_id}")).status_code == 404
+
+
+async def test_a_stopped_mock_creates_nothing_and_boots_none_it_was_creating(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    """Only a call in its injected latency was checked: with no latency a create that came
+    after close() made a node, and one whose `booting` was going out then became ready."""
+    held = FirstHeld(aredis)
+    api = MockNodeApi(held, BootDelay.parse("0"), seed=1)  # type: ignore[arg-type]
+    client = await start_api(api=api)
+    async with Subscriber(aredis, "node:status") as sub:
+        creating = asyncio.create_task(client.post("/api/nodes"))
+        await held.holding.wait()
+        await api.close()
+        held.let_go.set()
+        assert (await creating).status_code == 202  # its `booting` went out: it was made
+        after = await client.post("/api/nodes")
+        assert after.status_code == 503 and after.json() == {"error": "the mock is stopping"}
+        messages = await sub.drain(settle=0.3)
+    assert [m["status"] for _, m in messages] == ["booting"]
+    assert [n["state"] for n in (await client.get("/api/nodes")).json()["nodes"]] == ["booting"]
+
+
+async def test_latency_is_drawn_up_to_its_bound_for_each_create_and_delete(
+        start_api: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--latency is "up to N s": a mock that waited N s on every call passed. The waits are
+    recorded, not taken."""
+    from provisioner import mock_node_api
+
+    asked: list[float] = []
+
+    async def no_wait(stop: asyncio.Event, seconds: float) -> bool:
+        asked.append(seconds)
+        return stop.is_set()
+
+    monkeypatch.setattr(mock_node_api, "sleep_unless", no_wait)
+    api = await start_api(boot_delay="100", faults=Faults(latency_s=10))
+    ids = [(await api.post("/api/nodes")).json()["id"] for _ in range(10)]
+    for node_id in ids:
+        assert (await api.delete(f"/api/nodes/{node_id}")).status_code == 202
+    assert (await api.get("/api/nodes")).status_code == 200
+    assert len(asked) == 20  # one per create and delete, none for a list
+    assert all(0 <= s <= 10 for s in asked) and max(asked) - min(asked) > 5, asked

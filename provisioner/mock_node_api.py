@@ -4,8 +4,9 @@
 `{"id": …}` (as the challenge's own mock does, so the service sees status before the create
 returns), then `ready` after a boot delay drawn from a distribution. `DELETE /api/nodes/{id}`
 answers 202 (again for a node already terminating: the call is idempotent) or 404 for an id it
-never created, and publishes `terminated` after `--terminate-delay`. `GET /api/nodes` lists the
-nodes with their states, for the service's reconciliation.
+never created or whose node ended over KEEP_TERMINATED_S ago, and publishes `terminated` after
+`--terminate-delay`. `GET /api/nodes` lists the nodes with their states, for the service's
+reconciliation.
 
 Faults, all seeded: a share of creates and deletes answer 500, added latency on every call, a
 share of boots that never become ready, and nodes that die (`terminated` while ready or
@@ -40,7 +41,8 @@ from provisioner.logs import setup_logging
 
 log = logging.getLogger("provisioner.mock_node_api")
 
-#: Terminated nodes stay listed this long, so a late DELETE still finds them (202, not 404).
+#: Terminated nodes stay listed this long, so a late DELETE still finds them (202, not 404);
+#: after it, every call answers as for an id never made.
 KEEP_TERMINATED_S = 600.0
 
 
@@ -206,6 +208,13 @@ class MockNodeApi:
                         if n.ended_at is not None and n.ended_at < cutoff]:
             del self.nodes[node_id]
 
+    def _find(self, node_id: str) -> MockNode | None:
+        """The node, unless it is unknown or ended more than KEEP_TERMINATED_S ago: only a
+        create or a list forgot them, so a late DELETE was answered 202 or 404, and a GET 200
+        or 404, by whether another call had listed since."""
+        self._forget_old()
+        return self.nodes.get(node_id)
+
     # --- handlers -----------------------------------------------------------------------------
 
     async def create(self, _: web.Request) -> web.Response:
@@ -256,7 +265,7 @@ class MockNodeApi:
     async def delete(self, request: web.Request) -> web.Response:
         if await self._latency():
             return self._stopping_answer("delete")
-        node = self.nodes.get(request.match_info["node_id"])
+        node = self._find(request.match_info["node_id"])
         if node is None:
             return web.json_response({"error": "no such node"}, status=404)
         if self._fails(self.faults.delete_error_rate):
@@ -279,7 +288,7 @@ class MockNodeApi:
         return web.json_response({"nodes": [n.as_json() for n in self.nodes.values()]})
 
     async def get_node(self, request: web.Request) -> web.Response:
-        node = self.nodes.get(request.match_info["node_id"])
+        node = self._find(request.match_info["node_id"])
         if node is None:
             return web.json_response({"error": "no such node"}, status=404)
         return web.json_response(node.as_json())

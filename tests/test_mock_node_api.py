@@ -475,3 +475,24 @@ async def test_latency_is_drawn_up_to_its_bound_for_each_create_and_delete(
     assert (await api.get("/api/nodes")).status_code == 200
     assert len(asked) == 20  # one per create and delete, none for a list
     assert all(0 <= s <= 10 for s in asked) and max(asked) - min(asked) > 5, asked
+
+
+async def test_a_node_ended_ten_minutes_ago_is_gone_whatever_was_called_before(
+        start_api: Start, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a create or a list forgot the nodes ended KEEP_TERMINATED_S ago: a late DELETE was
+    answered 202 or 404, and a GET 200 or 404, by whether another client had listed since."""
+    from provisioner import mock_node_api
+
+    clock = FakeWallClock(1_000_000.0)
+    monkeypatch.setattr(mock_node_api, "time", clock)
+    api = await start_api(boot_delay="0", terminate_delay_s=0)
+    async with Subscriber(aredis, "node:status") as sub:
+        ids = [(await api.post("/api/nodes")).json()["id"] for _ in range(2)]
+        for node_id in ids:
+            assert (await api.delete(f"/api/nodes/{node_id}")).status_code == 202
+        for node_id in ids:
+            await sub.wait_for(lambda ch, m, n=node_id: m == {"node_id": n,
+                                                              "status": "terminated"}, within=5)
+    clock.now += mock_node_api.KEEP_TERMINATED_S + 1
+    assert (await api.get(f"/api/nodes/{ids[0]}")).status_code == 404
+    assert (await api.delete(f"/api/nodes/{ids[1]}")).status_code == 404

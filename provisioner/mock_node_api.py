@@ -25,7 +25,7 @@ import random
 import secrets
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -150,8 +150,11 @@ def _spawn(work: Coroutine[Any, Any, None], node_id: str) -> asyncio.Task[None]:
 class MockNodeApi:
     def __init__(self, redis: aioredis.Redis, boot_delay: BootDelay, *,
                  terminate_delay_s: float = 1.0, max_nodes: int = 1000,
-                 faults: Faults | None = None, seed: int | None = None) -> None:
+                 faults: Faults | None = None, seed: int | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.redis = redis
+        #: A node's boot, life and termination wait on it; a test passes its own to see them.
+        self.sleep = sleep
         self.boot_delay = boot_delay
         self.terminate_delay_s = terminate_delay_s
         self.max_nodes = max_nodes
@@ -244,7 +247,7 @@ class MockNodeApi:
         return web.json_response({"id": node.id}, status=202)
 
     async def _boot(self, node: MockNode) -> None:
-        await asyncio.sleep(self.boot_delay.draw(self.rng))
+        await self.sleep(self.boot_delay.draw(self.rng))
         if node.state != "booting":
             return
         node.state = "ready"
@@ -252,7 +255,7 @@ class MockNodeApi:
         log.info("%s ready", node.id)
         per_second = self.faults.death_rate_per_hour / 3600
         if per_second > 0:  # a rate of 5e-324 an hour is 0 a second: never dies
-            await asyncio.sleep(min(MAX_LIFE_S, self.rng.expovariate(per_second)))
+            await self.sleep(min(MAX_LIFE_S, self.rng.expovariate(per_second)))
             if node.state == "ready":
                 log.info("%s dies (injected)", node.id)
                 await self._end(node)
@@ -280,7 +283,7 @@ class MockNodeApi:
         return web.json_response({"id": node.id}, status=202)
 
     async def _terminate(self, node: MockNode) -> None:
-        await asyncio.sleep(self.terminate_delay_s)
+        await self.sleep(self.terminate_delay_s)
         await self._end(node)
 
     async def list_nodes(self, _: web.Request) -> web.Response:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import random
+import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +324,131 @@ async def test_traffic_told_to_stop_ends_a_session_whose_connect_went_out_unansw
     assert messages == [("user:connect", {"user_id": "a"}), ("user:connect", {"user_id": "b"}),
                         ("user:disconnect", {"user_id": "a"}),
                         ("user:disconnect", {"user_id": "b"})]
+
+
+async def test_a_replay_stamps_each_activity_with_the_wall_clock_its_speed_gives(
+        tmp_path: Path, aredis: aioredis.Redis) -> None:
+    """Only an activity at the trace's second 0 was checked, so a timestamp multiplied by the
+    speed instead of divided, or left a float, passed. At 10x, one 100 s into the trace is
+    stamped 10 s after the first, in whole Unix seconds."""
+    from tests.test_bench_world import write_trace
+
+    path = write_trace(tmp_path / "paced.jsonl", [(0.0, "activity", "a"),
+                                                  (100.0, "activity", "b")], duration=200.0)
+    now = 0.0
+
+    def monotonic() -> float:
+        return now
+
+    async def sleep(stop: asyncio.Event, seconds: float) -> bool:
+        nonlocal now
+        now += seconds
+        return stop.is_set()
+
+    async with Subscriber(aredis, "user:activity") as sub:
+        await publish(aredis, trace_events(path), speed=10, stop=asyncio.Event(),
+                      monotonic=monotonic, sleep=sleep)
+        messages = await sub.drain(settle=0.3)
+    [(_, first), (_, second)] = messages
+    assert [first["user_id"], second["user_id"]] == ["a", "b"]
+    assert type(first["timestamp"]) is int and type(second["timestamp"]) is int
+    assert second["timestamp"] - first["timestamp"] == 10
+    assert abs(first["timestamp"] - time.time()) < 5
+
+
+def test_browse_gaps_and_sessions_have_the_means_and_spread_they_are_given() -> None:
+    """Neither was checked: gaps drawn at a rate of browse_gap_s instead of its inverse, or
+    sessions of twice the mean or of the requests' spread, passed."""
+    traffic = Traffic(browse_gap_s=5.0, conversion=1.0, session_s=200.0)
+    rng = random.Random(5)
+    gaps: list[float] = []
+    sessions: list[float] = []
+    for _ in range(4000):
+        script = user_script(traffic, rng, 0.0)
+        times = [t for t, channel, _ in script if channel == "user:activity"]
+        gaps += [b - a for a, b in itertools.pairwise(times)]
+        [connect] = [t for t, channel, _ in script if channel == "user:connect"]
+        [disconnect] = [t for t, channel, _ in script if channel == "user:disconnect"]
+        sessions.append(disconnect - connect)
+    assert 4.8 < statistics.mean(gaps) < 5.2
+    assert 190 < statistics.mean(sessions) < 210
+    # lognormal with sigma 0.8: the median is the mean times e^(-0.32), 145 s
+    assert 138 < statistics.median(sessions) < 152
+
+
+def test_the_synthetic_traffic_is_drawn_with_the_options_given(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command's options were only checked for their bounds: `--requests` (or any other)
+    not handed to the traffic passed."""
+    from typer.testing import CliRunner
+
+    from provisioner import simulator
+    from provisioner.cli import app
+
+    drawn: list[tuple[Traffic, float | None]] = []
+
+    def no_users(traffic: Traffic, rng: random.Random, duration_s: float | None = None,
+                 ) -> Iterator[tuple[float, str, dict[str, Any]]]:
+        drawn.append((traffic, duration_s))
+        return iter([])
+
+    monkeypatch.setattr(simulator, "synthetic", no_users)
+    result = CliRunner().invoke(app, [
+        "simulate", "--redis-url", redis_url, "--arrival-rate", "50", "--browse-gap", "3",
+        "--conversion", "0.5", "--requests", "4", "--session", "60", "--duration", "90"])
+    assert result.exit_code == 0, result.output
+    assert drawn == [(Traffic(arrival_rate_per_min=50, browse_gap_s=3, conversion=0.5,
+                              requests_before_connect=4, session_s=60), 90)]
+
+
+class Unreachable:
+    """A Redis that cannot be reached."""
+
+    async def publish(self, channel: str, message: str) -> int:
+        raise ConnectionError("Connection refused")
+
+
+async def test_a_held_event_is_tried_again_with_a_backoff_of_at_most_five_seconds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "a backoff up to 5 s" was unchecked: one doubling without a bound (a
+    server back after ten minutes would then wait up to ten more) passed. The waits are
+    recorded, not taken."""
+    from provisioner import simulator
+
+    waits: list[float] = []
+    stop = asyncio.Event()
+
+    async def no_wait(event: asyncio.Event, seconds: float) -> bool:
+        waits.append(seconds)
+        if len(waits) == 8:
+            stop.set()
+        return stop.is_set()
+
+    monkeypatch.setattr(simulator, "sleep_unless", no_wait)
+    counts = await publish(Unreachable(), iter([(0.0, "user:activity",  # type: ignore[arg-type]
+                                                 {"user_id": "u", "timestamp": 0})]),
+                           speed=1.0, stop=stop)
+    assert counts == {}
+    assert waits == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+
+
+async def test_traffic_told_to_stop_sends_no_disconnect_to_a_user_who_only_browsed(
+        aredis: aioredis.Redis) -> None:
+    """The sessions ended on a stop were only checked with users who all connected: a
+    disconnect for every user seen, a browser's included, passed."""
+    events = [(0.0, "user:activity", {"user_id": "browser", "timestamp": 0.0}),
+              (0.0, "user:connect", {"user_id": "a"}),
+              (5.0, "user:connect", {"user_id": "b"})]
+    stop = asyncio.Event()
+
+    async def stopped(event: asyncio.Event, seconds: float) -> bool:
+        stop.set()  # on the way to b's connect
+        return True
+
+    async with Subscriber(aredis, "user:activity", "user:connect", "user:disconnect") as sub:
+        counts = await publish(aredis, iter(events), speed=1.0, stop=stop, sleep=stopped,
+                               monotonic=lambda: 0.0)
+        messages = await sub.drain(settle=0.3)
+    assert [(ch, m["user_id"]) for ch, m in messages] == [
+        ("user:activity", "browser"), ("user:connect", "a"), ("user:disconnect", "a")]
+    assert counts == {"user:activity": 1, "user:connect": 1, "user:disconnect": 1}

@@ -6,7 +6,8 @@ drawn from an exponential, a lognormal number of requests), and a share of them 
 leave. Everything is seeded.
 
 A trace (`provisioner-trace/1`) is replayed at its own pace or `--speed` times faster; activity
-timestamps are rewritten to the wall clock at publication, so the service sees fresh events.
+timestamps are rewritten to the wall-clock time each is due, so the service sees fresh events
+(one held while Redis does not answer keeps its due time: when its request was made).
 
 While Redis does not answer (a restart, a stall past the client's timeout) the traffic is held,
 not dropped and not ended: the event that failed is published again, with a backoff, until it

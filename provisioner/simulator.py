@@ -291,7 +291,9 @@ def command(
     trace: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, help="Replay this provisioner-trace/1 file instead.")]
     = None,
-    speed: Annotated[float, typer.Option(min=0.01, max=10_000, help="Replay speed-up.")] = 1.0,
+    speed: Annotated[float, typer.Option(
+        min=0.01, max=10_000, help="Speed-up of the traffic's clock, a trace's or the synthetic "
+        "traffic's (its rates and --duration are in traffic seconds).")] = 1.0,
 ) -> None:
     """Publish user traffic on user:activity, user:connect and user:disconnect."""
     setup_logging()  # the service's: what a terminal acts on, in a trace's ids, escaped

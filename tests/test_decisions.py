@@ -300,8 +300,26 @@ def test_an_entry_without_its_time_shows_when_it_was_written(redis_url: str,
     sync_redis.xadd(KEYS.key("decisions"), {"kind": "miss", "reason": "r"}, id=f"{T10}-0")
     code, output = decisions(redis_url)
     assert code == 0, output
-    shown = datetime.datetime.fromtimestamp(T10 / 1000).strftime("%Y-%m-%d %H:%M:%S")
-    assert shown in output, output
+    assert _local(T10) in output, output
+
+
+def _local(ms: int) -> str:
+    """`ms` as the table shows it: the machine's local date and time."""
+    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _listed_around_10(redis_url: str, sync_redis: redis.Redis,
+                      written: list[tuple[int, int]]) -> str:
+    """The table from 9:59 to 10:01 of misses each written at `at` by a replica whose clock
+    read `now`, for each (at, now)."""
+    sync_redis.hset(KEYS.key("stats"), "connects", 1)
+    for at, now in written:
+        sync_redis.xadd(KEYS.key("decisions"), {"now": now, "replica": "r1", "kind": "miss",
+                                                "reason": "r"}, id=f"{at}-0")
+    code, output = decisions(redis_url, "--since", _iso(T10 - MINUTE),
+                             "--until", _iso(T10 + MINUTE))
+    assert code == 0, output
+    return str(output)
 
 
 def test_an_entry_decided_by_a_clock_far_off_shows_when_it_was_written_too(
@@ -310,19 +328,10 @@ def test_an_entry_decided_by_a_clock_far_off_shows_when_it_was_written_too(
     replica's time: one written at 10:00 by a replica ten minutes ahead showed 10:10 in a
     span asked for from 9:59 to 10:01, with no word why. Within the clocks' tolerance the
     replica's time is shown alone."""
-    sync_redis.hset(KEYS.key("stats"), "connects", 1)
-    for at, now in ((T10, T10 + 10 * MINUTE), (T10 + 1000, T10 + 2000)):
-        sync_redis.xadd(KEYS.key("decisions"), {"now": now, "replica": "r1", "kind": "miss",
-                                                "reason": "r"}, id=f"{at}-0")
-    code, output = decisions(redis_url, "--since", _iso(T10 - MINUTE),
-                             "--until", _iso(T10 + MINUTE))
-    assert code == 0, output
-
-    def local(ms: int) -> str:
-        return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
-
-    assert f"{local(T10 + 10 * MINUTE)} (written {local(T10)[11:]})" in output, output
-    assert f"{local(T10 + 2000)} " in output and "written " + local(T10 + 1000)[11:] \
+    output = _listed_around_10(redis_url, sync_redis,
+                               [(T10, T10 + 10 * MINUTE), (T10 + 1000, T10 + 2000)])
+    assert f"{_local(T10 + 10 * MINUTE)} (written {_local(T10)[11:]})" in output, output
+    assert f"{_local(T10 + 2000)} " in output and "written " + _local(T10 + 1000)[11:] \
         not in output, output
 
 
@@ -331,33 +340,15 @@ def test_an_entry_decided_a_day_off_shows_the_day_it_was_written(
     """The time of writing was shown without its date: a replica's clock a day ahead showed
     tomorrow's 10:00:00 "(written 10:00:00)", the two alike, and one a minute ahead at
     midnight gave no day to the time written. Where the days differ it is shown whole."""
-    sync_redis.hset(KEYS.key("stats"), "connects", 1)
-    sync_redis.xadd(KEYS.key("decisions"), {"now": T10 + 24 * 60 * MINUTE, "replica": "r1",
-                                            "kind": "miss", "reason": "r"}, id=f"{T10}-0")
-    code, output = decisions(redis_url, "--since", _iso(T10 - MINUTE),
-                             "--until", _iso(T10 + MINUTE))
-    assert code == 0, output
-
-    def local(ms: int) -> str:
-        return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
-
-    assert f"(written {local(T10)})" in output, output
+    output = _listed_around_10(redis_url, sync_redis, [(T10, T10 + 24 * 60 * MINUTE)])
+    assert f"(written {_local(T10)})" in output, output
 
 
 def test_an_entry_decided_by_a_clock_behind_shows_when_it_was_written_too(
         redis_url: str, sync_redis: redis.Redis) -> None:
     """A replica's clock behind the server's puts the two apart as one ahead does; exactly
     2 s apart is within the clocks' tolerance, and the replica's time is shown alone."""
-    sync_redis.hset(KEYS.key("stats"), "connects", 1)
-    for at, now in ((T10, T10 - 10 * MINUTE), (T10 + 30_000, T10 + 28_000)):
-        sync_redis.xadd(KEYS.key("decisions"), {"now": now, "replica": "r1", "kind": "miss",
-                                                "reason": "r"}, id=f"{at}-0")
-    code, output = decisions(redis_url, "--since", _iso(T10 - MINUTE),
-                             "--until", _iso(T10 + MINUTE))
-    assert code == 0, output
-
-    def local(ms: int) -> str:
-        return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
-
-    assert f"{local(T10 - 10 * MINUTE)} (written {local(T10)[11:]})" in output, output
-    assert local(T10 + 28_000) in output and local(T10 + 30_000)[11:] not in output, output
+    output = _listed_around_10(redis_url, sync_redis,
+                               [(T10, T10 - 10 * MINUTE), (T10 + 30_000, T10 + 28_000)])
+    assert f"{_local(T10 - 10 * MINUTE)} (written {_local(T10)[11:]})" in output, output
+    assert _local(T10 + 28_000) in output and _local(T10 + 30_000)[11:] not in output, output

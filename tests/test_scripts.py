@@ -1084,29 +1084,29 @@ async def test_a_create_capped_to_nothing_is_logged_once_per_30s_while_it_lasts(
     assert [e["acted"] for e in await scale_ups()][-1] == "2"
 
 
+async def _shortages_logged(pool: PoolUnderTest, aredis: aioredis.Redis,
+                            short: Callable[[int], bool], seconds: int) -> list[int]:
+    """The seconds at which a shortage was logged, over one decision a second of a pool of one
+    ready node at max_nodes 1: short of its target at the seconds `short` picks (`create 0 of
+    1`), at it otherwise."""
+    await pool.scripts.apply_node_status(pool.now, "n1", "ready")
+    wanting, met = PoolConfig(min_ready=2, max_nodes=1), PoolConfig(min_ready=1, max_nodes=1)
+    begun = pool.now
+    for second in range(seconds):
+        config = wanting if short(second) else met
+        decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+        assert ("create 0 of 1 (max_nodes 1" if short(second) else ": hold") in decision.reason
+        pool.clock.advance(1_000)
+    entries = await aredis.xrange(pool.keys.key("decisions"))
+    return [(int(f["now"]) - begun) // 1000 for _, f in entries if f["kind"] == "scale_up"]
+
+
 async def test_a_shortage_after_one_that_ended_is_logged_however_soon(
         pool: PoolUnderTest, aredis: aioredis.Redis) -> None:
     """The once-per-30-s throttle is of one shortage: a pool back at its target ends it, and
-    a new shortage 10 s later is in the stream at once, not 20 s after it began."""
-    node = "n1"
-    await pool.scripts.apply_node_status(pool.now, node, "ready")
-    short, met = PoolConfig(min_ready=2, max_nodes=1), PoolConfig(min_ready=1, max_nodes=1)
-
-    async def unmet_logged() -> list[int]:
-        entries = await aredis.xrange(pool.keys.key("decisions"))
-        return [int(f["now"]) for _, f in entries if f["kind"] == "scale_up"]
-
-    begun = pool.now
-    await pool.scripts.scale_decide(short.policy_args(pool.now, "r1"))
-    pool.clock.advance(5_000)
-    assert "hold" in (await pool.scripts.scale_decide(met.policy_args(pool.now, "r1"))).reason
-    pool.clock.advance(5_000)
-    again = await pool.scripts.scale_decide(short.policy_args(pool.now, "r1"))
-    assert "create 0 of 1 (max_nodes 1" in again.reason
-    assert await unmet_logged() == [begun, begun + 10_000]
-    pool.clock.advance(1_000)  # the same shortage, throttled as before
-    await pool.scripts.scale_decide(short.policy_args(pool.now, "r1"))
-    assert await unmet_logged() == [begun, begun + 10_000]
+    a new shortage 10 s later is in the stream at once, not 20 s after it began; the second
+    after, it is throttled as before."""
+    assert await _shortages_logged(pool, aredis, lambda s: s == 0 or s >= 10, 12) == [0, 10]
 
 
 async def test_a_shortage_that_comes_and_goes_at_every_tick_is_logged_twice_per_30s_at_most(
@@ -1116,32 +1116,14 @@ async def test_a_shortage_that_comes_and_goes_at_every_tick_is_logged_twice_per_
     the shortage, the next was logged at once, and the stream took one entry every 2 s, the
     flood the throttle is for. A new shortage is logged at once, and one more such within
     30 s of it waits as the same shortage does."""
-    await pool.scripts.apply_node_status(pool.now, "n1", "ready")
-    short, met = PoolConfig(min_ready=2, max_nodes=1), PoolConfig(min_ready=1, max_nodes=1)
-    begun = pool.now
-    for second in range(60):
-        config = short if second % 2 == 0 else met
-        assert (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).won
-        pool.clock.advance(1_000)
-    entries = await aredis.xrange(pool.keys.key("decisions"))
-    logged = [(int(f["now"]) - begun) // 1000 for _, f in entries if f["kind"] == "scale_up"]
-    assert logged == [0, 2, 32, 34]
+    assert await _shortages_logged(pool, aredis, lambda s: s % 2 == 0, 60) == [0, 2, 32, 34]
 
 
 async def test_a_shortage_logged_at_once_is_then_throttled_as_any(
         pool: PoolUnderTest, aredis: aioredis.Redis) -> None:
     """A shortage logged at once after one that ended is one shortage from then: it lasts a
     minute more and is logged 30 s after, and 30 s after that, not at once again."""
-    await pool.scripts.apply_node_status(pool.now, "n1", "ready")
-    short, met = PoolConfig(min_ready=2, max_nodes=1), PoolConfig(min_ready=1, max_nodes=1)
-    begun = pool.now
-    for second in range(75):
-        config = met if second == 5 else short
-        assert (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).won
-        pool.clock.advance(1_000)
-    entries = await aredis.xrange(pool.keys.key("decisions"))
-    logged = [(int(f["now"]) - begun) // 1000 for _, f in entries if f["kind"] == "scale_up"]
-    assert logged == [0, 6, 36, 66]
+    assert await _shortages_logged(pool, aredis, lambda s: s != 5, 75) == [0, 6, 36, 66]
 
 
 async def test_a_shortage_logged_by_a_clock_ahead_does_not_silence_one_on_time(

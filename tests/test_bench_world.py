@@ -586,3 +586,58 @@ def test_static_best_is_the_smallest_k_with_a_miss_rate_of_at_most_one_percent(
     assert run_replay(over, StaticPolicy(1)).misses == 2
     k, scores = best_static(over)
     assert (k, scores.connects, scores.misses) == (2, 199, 1)
+
+
+
+def test_max_nodes_counts_ready_and_allocated_nodes_too(tmp_path: Path) -> None:
+    # FORMAT.md: booting + ready + allocated nodes count against max_nodes. static-2 creates
+    # two at tick 0 (ready 10.2); u1 takes one at 15, and the tick at 15 asks for a third,
+    # which the quota of 2 refuses (one allocated and one ready exist), at every later tick too.
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [(15.0, "connect", "u1")],
+                                   boot=[10.0], max_nodes=2))
+    assert run_replay(trace, StaticPolicy(2)).nodes_created == 2
+
+
+class _LateCheat(StaticPolicy):
+    """static-1 with one illegal step (the ones `Cheat` does not try)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(1)
+        self.how = how
+
+    async def on_disconnect(self, t: float, user_id: str) -> None:
+        if self.how == "ignore-waiting-user-leaving" and user_id in self.waiting:
+            return  # the user stays in line and would be served after leaving
+        await super().on_disconnect(t, user_id)
+
+    async def tick(self, t: float) -> None:
+        if self.how == "hand-out-terminated-node" and t == 20.0:
+            self.world.terminate_node(next(iter(self.ready)))  # but kept in its own pool
+        if self.how == "release-without-disconnect" and t == 35.0:
+            self.world.report_released(next(iter(self.holding)))
+        await super().tick(t)
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("ignore-waiting-user-leaving", "did not free the node or the wait"),
+    ("hand-out-terminated-node", "allocated node-000000 to u2, but it is not ready and free"),
+    ("release-without-disconnect", "released u2, who is not disconnecting now"),
+])
+def test_world_catches_a_waiting_user_kept_a_terminated_node_handed_out_and_an_early_release(
+        tmp_path: Path, how: str, message: str) -> None:
+    # tick 0 creates n0 (ready 10.2); u1 misses at 5 and leaves waiting at 6; n0 is idle from
+    # 10.2; u2 takes the longest-idle node at 30 and holds it past 35.
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [
+        (5.0, "connect", "u1"), (6.0, "disconnect", "u1"), (30.0, "connect", "u2"),
+    ], boot=[10.0]))
+    assert run_replay(trace, StaticPolicy(1)).abandoned == 1
+    with pytest.raises(PolicyViolation, match=message):
+        run_replay(trace, _LateCheat(how))
+
+
+def test_boot_offset_rotates_the_delays_to_start_at_that_index(tmp_path: Path) -> None:
+    # Three delays, so starting at index 1 differs from rotating the other way (two cannot tell).
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [], boot=[10.0, 20.0, 30.0]))
+    assert trace.with_boot_offset(1).boot_delays == (20.0, 30.0, 10.0)
+    assert trace.with_boot_offset(5).boot_delays == (30.0, 10.0, 20.0)
+    assert trace.with_boot_offset(3).boot_delays == trace.boot_delays

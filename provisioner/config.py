@@ -249,6 +249,8 @@ def _redis_url_reason(url: str) -> str | None:
     from redis.asyncio import ConnectionPool
     from redis.exceptions import RedisError
 
+    if run_on := _run_on_reason(url):
+        return run_on
     try:
         # What the commands' clients do with the URL, short of connecting: parse it, then make
         # a connection of its options. The parser passes an option it does not know
@@ -303,6 +305,35 @@ def _query_shown(query: str) -> str:
     return re.sub(r"[^&;]+", shown, query)
 
 
+def _authority(rest: str) -> tuple[str, str]:
+    """A URL after its '://' parted as the clients part it: its authority, up to the first
+    '/', '?' or '#', and what follows."""
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return rest[:end], rest[end:]
+
+
+def _password_runs_on(authority: str, tail: str) -> bool:
+    """Whether the URL's password holds a '/', '?' or '#' not percent-encoded (a base64
+    password's '/'): the clients end the authority there, at a ':' followed by no port, and
+    an '@' comes after it. Its start is then read as the port, and quoted by the client's
+    error ("Port could not be cast to integer value as 's3cret'")."""
+    if "@" in authority or "@" not in tail or authority.startswith("["):
+        return False
+    _, colon, port = authority.partition(":")
+    return bool(colon) and not (port.isascii() and port.isdigit())
+
+
+#: What a URL setting's message says of a password the clients cannot read, instead of the
+#: client's error, which quotes the password's start as a port.
+_RUN_ON_PASSWORD = ("cannot be parsed: its password holds a '/', '?' or '#', which must be "
+                    "percent-encoded (%2F, %3F, %23)")
+
+
+def _run_on_reason(url: str) -> str | None:
+    _, sep, rest = url.partition("://")
+    return _RUN_ON_PASSWORD if sep and _password_runs_on(*_authority(rest)) else None
+
+
 def shown_url(url: str) -> str:
     """`url` with its password as `***`, what a message or a log line may show of it: the
     userinfo's after its first ':' (its authority read as the clients read it, up to the first
@@ -312,8 +343,10 @@ def shown_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority, tail = rest[:end], rest[end:]
+    authority, tail = _authority(rest)
+    if _password_runs_on(authority, tail):
+        user = authority.split(":", 1)[0]
+        return shown_url(f"{scheme}://{user}:***@{rest[rest.rfind('@') + 1:]}")
     userinfo, at, host = authority.rpartition("@")
     if at and ":" in userinfo:
         authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
@@ -348,6 +381,8 @@ def redis_url_option(value: str | None) -> str | None:
 def _node_api_url_reason(url: str) -> str | None:
     """What stops `url` naming a host and port, said of the URL, or None: the client would
     fail on every call, or stop the replica with a traceback, otherwise."""
+    if run_on := _run_on_reason(url):
+        return run_on
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- parsing it is the check (a port out of range or not a number)

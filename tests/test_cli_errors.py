@@ -600,6 +600,15 @@ def test_run_builds_the_settings_the_release_before_built(
     # reads `1;password=s3cret` as the db's value and refuses it, and it was shown whole
     ("redis://h/0?db=1;password=s3cret", "redis://h/0?db=1;password=***"),
     ("redis://h/0?client_name=x;token=s3cret&db=1", "redis://h/0?client_name=x;token=***&db=1"),
+    # A password with a '/', '?' or '#' not percent-encoded (a base64 one): the clients end the
+    # authority there and read the password's start as a port; it was shown whole, and the
+    # client's "Port could not be cast to integer value as 's3cret'" said it again
+    ("redis://:s3cret/x@h:6379/0", "redis://:***@h:6379/0"),
+    ("redis://alice:s3/cr?et#x@h/0?db=1", "redis://alice:***@h/0?db=1"),
+    ("http://bob:s3cret#x@api:8080/", "http://bob:***@api:8080/"),
+    # ... but an '@' after a port the client reads is no password's
+    ("redis://h:6379/0?client_name=a@b", "redis://h:6379/0?client_name=a@b"),
+    ("redis://[::1]:6379/0?client_name=a@b", "redis://[::1]:6379/0?client_name=a@b"),
 ])
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
     from provisioner.config import shown_url
@@ -616,6 +625,9 @@ def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
     ["status", "--redis-url", "redis://127.0.0.1:1/0?pasword=s3cret"],
     ["status", "--redis-url", "redis://127.0.0.1:1/0?db=1;password=s3cret"],
     ["check", "--redis-url", "redis://:s3cret@127.0.0.1:1/zz"],
+    ["status", "--redis-url", "redis://:s3cret/x@127.0.0.1:1/0"],
+    ["run", "--redis-url", "redis://u:s3cret#x@127.0.0.1:1/0", "--node-api-url", "http://x"],
+    ["run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url", "http://u:s3cret/x@api:1"],
     ["reconcile", "--redis-url", "REDIS", "--node-api-url", "http://u:s3cret@127.0.0.1:1"],
 ])
 def test_a_command_that_names_a_url_does_not_show_its_password(args: list[str],

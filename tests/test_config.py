@@ -1,0 +1,113 @@
+"""Every setting's range, at its bounds: each end taken, and the value just past it refused
+with a message naming the setting. The ranges are written here as the operator is told them
+(`run`'s messages, the README), not read from the code that checks them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from provisioner.config import PoolConfig, ServiceConfig
+
+#: A pool setting, its range's ends, and whether the low end is open; (and what else must be
+#: set for its ends to be valid together).
+POOL_RANGES: list[tuple[str, float, float, dict[str, Any]]] = [
+    ("min_ready", 0, 100_000, {"max_nodes": 100_000}),
+    ("max_nodes", 1, 100_000, {"min_ready": 0}),
+    ("idle_timeout_s", 0, 86400, {}),
+    ("boot_timeout_s", 0.001, 86400, {}),
+    ("tick_interval_s", 0.05, 600, {}),
+    ("activity_window_s", 1, 86400, {}),
+    ("engaged_threshold", 1, 100, {}),  # at most max_events_per_user (100)
+    ("conversion", 0, 1, {}),
+    ("create_timeout_s", 0.001, 86400, {}),
+    ("delete_timeout_s", 0.001, 86400, {}),
+    ("max_batch", 1, 1000, {}),
+    ("max_events_per_user", 1, 10_000, {"engaged_threshold": 1}),
+    ("decision_log_len", 10, 1_000_000, {}),
+    ("buffer_sd", 0, 10, {}),
+    ("surge_buffer_sd", 0, 10, {}),
+    ("learning_half_life_s", 10, 30 * 86400, {}),
+    ("boot_prior_s", 1, 3600, {}),
+    ("keep_window_s", 0, 86400, {}),
+    ("new_session_frees", 0, 1, {}),
+    ("overdue_boots", 0, 1, {}),
+    ("uncredited_exposure", 0, 1, {}),
+    ("estimation_error", 0, 4, {}),
+]
+
+#: A service setting, how its messages name it, its range's ends, and whether the low end is
+#: open (a timeout of 0 would fail every call; a lag of 0 every probe).
+SERVICE_RANGES: list[tuple[str, str, float, float, bool]] = [
+    ("http_port", "http port", 0, 65535, False),
+    ("api_timeout_s", "api timeout", 0, 600, True),
+    ("api_retries", "api retries", 1, 10, False),
+    ("reconcile_interval_s", "reconcile interval", 0, 86400, False),
+    ("heartbeat_interval_s", "heartbeat interval", 0, 3600, False),
+    ("max_event_lag_s", "max event lag", 0, 3600, True),
+]
+
+
+def _past(bound: float, direction: int, whole: bool) -> float:
+    """The nearest value past `bound` in `direction` (-1 below, +1 above): the next count, or
+    the next float."""
+    return bound + direction if whole else math.nextafter(bound, direction * math.inf)
+
+
+@pytest.mark.parametrize(("name", "low", "high", "with_"), POOL_RANGES,
+                         ids=[r[0] for r in POOL_RANGES])
+def test_a_pool_setting_is_taken_at_each_end_of_its_range_and_refused_past_it(
+        name: str, low: float, high: float, with_: dict[str, Any]) -> None:
+    whole = isinstance(getattr(PoolConfig(), name), int)
+    kind = int if whole else float
+    for value in (low, high):
+        assert PoolConfig(**{**with_, name: kind(value)}).problems() == [], (name, value)
+    for value in (_past(low, -1, whole), _past(high, +1, whole)):
+        problems = PoolConfig(**{**with_, name: kind(value)}).problems()
+        # named, with its range (min_ready past max_nodes is said too, and engaged_threshold
+        # past max_events_per_user)
+        assert any(p.startswith(f"{name} must be in [") for p in problems), \
+            (name, value, problems)
+
+
+@pytest.mark.parametrize(("name", "label", "low", "high", "low_open"), SERVICE_RANGES,
+                         ids=[r[0] for r in SERVICE_RANGES])
+def test_a_service_setting_is_taken_at_each_end_of_its_range_and_refused_past_it(
+        name: str, label: str, low: float, high: float, low_open: bool) -> None:
+    whole = isinstance(getattr(ServiceConfig("redis://h/0", "http://api"), name), int)
+    kind = int if whole else float
+    taken = [_past(low, +1, whole) if low_open else low, high]
+    refused = [low if low_open else _past(low, -1, whole), _past(high, +1, whole)]
+    for value in taken:
+        config = ServiceConfig("redis://h/0", "http://api", **{name: kind(value)})
+        assert config.problems() == [], (name, value)
+    for value in refused:
+        config = ServiceConfig("redis://h/0", "http://api", **{name: kind(value)})
+        assert [p.split(" must be")[0] for p in config.problems()] == [label], \
+            (name, value, config.problems())
+
+
+@pytest.mark.parametrize(("field", "label"), [("replica_id", "replica id"), ("pool", "pool")])
+def test_a_name_is_taken_up_to_64_characters_and_refused_beyond_or_with_a_colon(
+        field: str, label: str) -> None:
+    def problems(value: str) -> list[str]:
+        return ServiceConfig("redis://h/0", "http://api", **{field: value}).problems()
+
+    assert problems("a") == [] and problems("a" * 64) == []
+    for bad in ("", "a" * 65, "a:b"):
+        assert [p.split(" must be")[0].split(" '")[0] for p in problems(bad)] == [label], bad
+
+
+def test_an_http_host_name_is_taken_up_to_253_characters() -> None:
+    """A name's length is a DNS name's: 253 characters at most, whatever its labels'
+    (untested: dropping the bound passed; a longer one failed only at the listen, after Redis
+    was reached)."""
+    def problems(host: str) -> list[str]:
+        return ServiceConfig("redis://h/0", "http://api", http_host=host).problems()
+
+    longest = ".".join(["a" * 63] * 3 + ["a" * 61])
+    assert len(longest) == 253 and problems(longest) == []
+    assert [p.split(" must be")[0] for p in problems(longest + "a")] == [
+        f"http host {longest + 'a'!r}"]

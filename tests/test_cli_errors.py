@@ -430,6 +430,18 @@ def test_every_option_of_run_sets_a_setting_in_its_own_unit() -> None:
         assert field.endswith("_s") == ("second" in help_text.lower()), (field, help_text)
 
 
+def test_every_option_of_run_is_read_from_the_env_var_of_its_name() -> None:
+    """The README promises every option of run an environment variable, PROVISIONER_ and the
+    option's name (`--idle-timeout`, PROVISIONER_IDLE_TIMEOUT): a manifest sets them by that
+    rule. A misspelt envvar= was read by no test but for the few options set through the
+    environment (a mutation test: PROVISIONER_TICK_INTERVAL renamed passed)."""
+    import typer.main
+
+    command = typer.main.get_command(app).get_command(None, "run")  # type: ignore[attr-defined]
+    named = {param.name: param.envvar for param in command.params}
+    assert named == {name: f"PROVISIONER_{name.upper()}" for name in named}
+
+
 def test_an_error_goes_to_stderr_not_into_what_stdout_carries() -> None:
     """Found by a review: `status --json` against an unreachable server printed its error on
     stdout, which is what `| jq` reads."""

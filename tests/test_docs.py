@@ -206,3 +206,52 @@ def test_every_link_of_the_pages_leads_somewhere() -> None:
                 assert anchor in {_slug(h) for h in headings}, f"{name}: no heading #{anchor}"
             checked += 1
     assert checked >= 10
+
+
+def _option_defaults() -> dict[str, object]:
+    """The default of each option of `run`, and of `dev`'s where run has none of that name."""
+    import typer.main
+
+    from provisioner.cli import app
+
+    group = typer.main.get_command(app)
+    found: dict[str, object] = {}
+    for command in ("dev", "run"):  # run's last: its options win
+        for param in group.get_command(None, command).params:  # type: ignore[attr-defined]
+            for flag in param.opts:
+                found[flag] = param.default
+    return found
+
+
+def test_the_readme_says_each_option_s_default_as_the_option_has_it() -> None:
+    """The README gives defaults in passing ("`--idle-timeout` (60 s)", "`--boot-prior` 60 s",
+    "`--new-session-frees` (0 to 1, 1 by default"): each is the option's own default, and a
+    range said with it is the setting's. Nothing checked them: a default changed in the code
+    left the README saying the old one (a mutation test)."""
+    from dataclasses import replace
+
+    from provisioner.config import PoolConfig
+
+    text = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    defaults = _option_defaults()
+    said = re.compile(r"`(--[a-z-]+)`,? \(?(?:default )?(?:(\d+) to (\d+), )?"
+                      r"(\d+(?:\.\d+)?)( s| min)?( by default)?(?=[ ,)])")
+    checked = set()
+    for flag, low, high, value, unit, _ in said.findall(text):
+        assert flag in defaults, f"the README names {flag}, which no option of run or dev is"
+        seconds = float(value) * (60 if unit == " min" else 1)
+        assert defaults[flag] == seconds, f"README: {flag} {value}{unit}; the option's default " \
+            f"is {defaults[flag]}"
+        if low:
+            name = flag[2:].replace("-", "_")
+            assert replace(PoolConfig(), **{name: float(low)}).problems() == []
+            assert replace(PoolConfig(), **{name: float(high)}).problems() == []
+            assert replace(PoolConfig(), **{name: float(high) + 0.001}).problems()
+            assert replace(PoolConfig(), **{name: float(low) - 0.001}).problems()
+        checked.add(flag)
+    # and the usage block's `provisioner dev [--replicas 2] ... [--arrival-rate 20]`
+    (dev_usage,) = re.findall(r"provisioner dev (\[.*?)#", text)
+    for flag, value in re.findall(r"\[(--[a-z-]+) (\d+(?:\.\d+)?)\]", dev_usage):
+        assert defaults[flag] == float(value), (flag, value, defaults[flag])
+        checked.add(flag)
+    assert len(checked) >= 14, sorted(checked)

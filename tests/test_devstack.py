@@ -72,7 +72,12 @@ def test_the_dev_stack_leaves_no_process_however_it_is_stopped(stop: signal.Sign
         if stop == signal.SIGINT:
             time.sleep(0.3)
             dev.send_signal(stop)  # a second Ctrl-C while it stops
-        dev.wait(timeout=30)
+        rest, _ = dev.communicate(timeout=30)  # read on: a full pipe would hold it
+        if stop == signal.SIGHUP:
+            # Stopped in order by the stack itself, not by the kernel's parent-death signal
+            # once SIGHUP had ended it: that covered for a stack without a SIGHUP handler (a
+            # mutation test).
+            assert dev.returncode == 0 and "stopped 4 processes" in rest, rest
         deadline = time.monotonic() + 10
         while stack_pids(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -161,3 +166,29 @@ def test_the_dev_stack_gives_its_children_the_redis_password_out_of_their_comman
             assert not [line for line in said if password in line], said
         finally:
             admin.acl_deluser(user)
+
+
+def test_the_dev_stack_stops_its_server_and_every_child_with_sigterm() -> None:
+    """The block's end stops every child with SIGTERM, a shutdown (SIGKILL only after a grace
+    period, for one that does not stop), and its private server. Untested in the process that
+    ran the stack: the end-to-end test's stack dies with its process, and the parent-death
+    signal then stopped what the block left running (a mutation test: neither dropping the
+    server's stop nor the children's SIGTERM failed it)."""
+    import redis
+
+    from provisioner.devstack import stack
+
+    said: list[str] = []
+    with stack(replicas=1, say=said.append) as running:
+        log = running.logdir / "replica-1.log"
+        deadline = time.monotonic() + 20
+        while "running pool" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        children = list(running.children)
+    assert [c.name for c in children] == ["mock-node-api", "replica-1", "simulator"]
+    ended = {c.name: c.process.returncode for c in children}
+    assert -signal.SIGKILL not in ended.values() and None not in ended.values(), ended
+    with pytest.raises(redis.ConnectionError), redis.Redis.from_url(running.redis_url) as client:
+        client.ping()
+    assert said[-1] == f"stopped 3 processes; logs kept in {running.logdir}", said

@@ -15,6 +15,7 @@ from provisioner.bench.service_policy import Miss, ServicePolicy
 from provisioner.bench.trace import load_trace
 from provisioner.bench.world import run_replay
 from provisioner.cli import app
+from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from tests.test_bench_world import SESSIONS, write_trace
 
@@ -272,3 +273,68 @@ def test_single_replays_are_collected_for_bench_compare_and_bench_bar(
     said = " ".join(again.output.replace("│", " ").split())  # the error box wraps its lines
     assert f"has a row of {name} / provisioner already" in said
     assert json.loads(before.read_text()) == rows  # refused before replaying: file untouched
+
+
+def test_a_release_serves_the_waiting_user_and_a_user_who_leaves_waiting_abandons(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    # a misses and is served by the node booted for it; b misses at 30 and is served at 35 by
+    # the node a releases (release's `served`), before b's own node is ready; c misses at 50
+    # and leaves at 52, before its node is up (release's ABANDONED). The world raises if
+    # either is not reported.
+    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")
+    trace = load_trace(write_trace(
+        tmp_path / "leaving.jsonl",
+        [(10.0, "connect", "a"), (30.0, "connect", "b"), (35.0, "disconnect", "a"),
+         (50.0, "connect", "c"), (52.0, "disconnect", "c"), (100.0, "disconnect", "b")],
+        boot=[10.0], duration=200.0))
+    scores = run_replay(trace, ServicePolicy(redis_url, pool))
+    assert (scores.connects, scores.misses, scores.abandoned) == (3, 3, 1)
+    # a waits 10.2 s (created at the tick of 10, booted 0.2 s later for 10 s), b 5 s.
+    assert scores.wait_p95_s == pytest.approx(10.2)
+
+
+def test_misses_and_timeline_windows_of_a_warm_up_play_are_not_scored(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    # One session from t=0; with one warm-up play the scored play starts at 100, and its
+    # connect lands on that instant: a scored miss. Windows of 30 s: the one from 90 holds
+    # warm-up time, so it is not a scored window.
+    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")
+    trace = load_trace(write_trace(tmp_path / "warm.jsonl",
+                                   [(0.0, "connect", "a"), (50.0, "disconnect", "a")],
+                                   boot=[10.0], duration=100.0)).warmed_up(1)
+    policy = ServicePolicy(redis_url, pool, timeline_s=30.0)
+    run_replay(trace, policy)
+    assert [(m.t, m.user_id, m.scored) for m in policy.misses] == [
+        (0.0, "a.w1", False), (100.0, "a", True)]
+    windows = [w.as_dict() for w in policy.timeline]
+    assert [(w["from_s"], w["scored"]) for w in windows] == [
+        (0.0, False), (30.0, False), (60.0, False), (90.0, False), (120.0, True),
+        (150.0, True), (180.0, True)]
+    # Means are kept to the third decimal: the node created for a.w1 at the tick of 0 is
+    # ready at 10.2 s, so the ticks of 0..10, 11 of the first window's 30, see it booting.
+    assert windows[0]["booting"] == 0.367
+
+
+def test_virtual_time_is_the_event_time_rounded_to_the_millisecond_and_never_goes_back(
+) -> None:
+    policy = ServicePolicy("redis://unused")
+    policy._epoch_ms = 1_000_000
+    policy.clock = ManualClock(1_000_000)
+    policy._at(2.01)  # 2009.9999999999998 ms in floating point
+    assert policy.clock.now_ms() == 1_002_010
+    policy._at(1.0)  # an event of an earlier instant, after a later one: the clock holds
+    assert policy.clock.now_ms() == 1_002_010
+
+
+def test_each_tick_finishes_its_node_api_calls_before_virtual_time_moves_on(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    pending: list[int] = []
+
+    class Watched(ServicePolicy):
+        async def tick(self, t: float) -> None:
+            await super().tick(t)
+            pending.append(len(self.replica._actions))
+
+    run_replay(load_trace(_starved(tmp_path)), Watched(redis_url, PoolConfig(
+        min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")))
+    assert len(pending) == 201 and set(pending) == {0}

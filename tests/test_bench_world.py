@@ -731,3 +731,65 @@ def test_seed_count_counts_activities_in_the_last_two_minutes_not_at_their_start
     policy.recent["a"] = [0.0, 1.0, 2.0]
     assert policy.seeds(119.0) == 1
     assert policy.seeds(120.0) == 0  # the activity at 0 is outside (0, 120]
+
+
+def test_a_suite_makes_a_fresh_policy_per_trace_and_replays_at_its_tick(tmp_path: Path) -> None:
+    one = write_trace(tmp_path / "one.jsonl", SESSIONS, duration=500.0)
+    two = write_trace(tmp_path / "two.jsonl", SESSIONS[:4], boot=[30.0], duration=300.0)
+    made: list[str] = []
+
+    def factory(trace: Trace) -> PoolPolicy:
+        made.append(trace.name)
+        return make_policy("seed-count")
+
+    rows = run_suite([one, two], [], extra_policies={"seed-count": factory}, tick_s=7.0)
+    assert made == ["one", "two"]
+    for path, row in zip((one, two), rows, strict=True):
+        assert row.scores == run_replay(load_trace(path), make_policy("seed-count"), tick_s=7.0)
+    # The tick is not ignored: at 7 s the pool is topped up at other instants than at 1 s.
+    assert rows[0].scores != run_replay(load_trace(one), make_policy("seed-count"))
+
+
+def test_the_table_prints_each_figure_to_its_committed_precision() -> None:
+    from provisioner.bench.scoring import Scores
+    from provisioner.bench.suite import Row
+
+    scores = Scores(connects=722, misses=4, miss_rate=4 / 722, wait_p95_s=21.06, abandoned=1,
+                    nodes_created=269, node_hours=203.3649, busy_hours=174.0312,
+                    cost_ratio=203.3649 / 174.0312)
+    table = markdown_table([Row("diurnal", "static-best", scores, 21.84, "K=6"),
+                            Row("spike", "x", Scores(1, 0, 0.0, 0.0, 0, 1, 1.0, 0.0,
+                                                     float("inf")), 0.04)])
+    assert table.splitlines()[2:] == [
+        "| diurnal | static-best (K=6) | 722 | 4 | 0.55% | 21.1 | 1 | 269 | 203.36 | 174.03 "
+        "| 1.169 | 21.8 |",
+        "| spike | x | 1 | 0 | 0.00% | 0.0 | 0 | 1 | 1.00 | 0.00 | inf | 0.0 |"]
+
+
+def test_the_reference_check_holds_a_one_percent_miss_rate_and_flags_k_minus_one_at_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from provisioner.bench import suite
+
+    # 100 connects one at a time, 400 s apart (a freed node is reaped after 300 s idle); the
+    # first lands before any node is up: static-1 misses exactly 1% of them (which meets the
+    # bar), static-0 all.
+    events = [(5.0, "connect", "u0"), (30.0, "disconnect", "u0")]
+    events += [(400.0 * i, "connect", f"u{i}") for i in range(1, 100)]
+    events += [(400.0 * i + 30, "disconnect", f"u{i}") for i in range(1, 100)]
+    write_trace(tmp_path / "tiny.jsonl.gz", sorted(events), boot=[10.0], duration=40_000.0)
+    trace = load_trace(tmp_path / "tiny.jsonl.gz")
+    one, two = (run_replay(trace, StaticPolicy(k)) for k in (1, 2))
+    assert (one.connects, one.misses, one.miss_rate) == (100, 1, 0.01)
+
+    def check(k: int, cost_ratio: float) -> list[str]:
+        monkeypatch.setattr(suite, "REFERENCE", {"tiny": suite.Reference(100, 1.0, k,
+                                                                           cost_ratio)})
+        return suite.check_reference(tmp_path)
+
+    assert check(1, round(one.cost_ratio, 3)) == []
+    # At K=2 the table would be wrong: static-1 already meets 1%.
+    assert check(2, round(two.cost_ratio, 3)) == ["tiny: static-1 already meets 1% (1.00%)"]
+    # K=1 is checked against static-0 too: on a trace without connects it meets 1% as well.
+    write_trace(tmp_path / "tiny.jsonl.gz", [], boot=[10.0], duration=100.0)
+    monkeypatch.setattr(suite, "REFERENCE", {"tiny": suite.Reference(0, 1.0, 1, 1.0)})
+    assert "tiny: static-0 already meets 1% (0.00%)" in suite.check_reference(tmp_path)

@@ -7,13 +7,16 @@ import math
 import pytest
 
 from provisioner.bench.bound import (
+    IDLE_CHOICES,
     THETAS,
+    WIDTHS,
     Band,
     BandResult,
     FrontierPoint,
     Nodes,
     Window,
     arrivals,
+    candidate_bands,
     chance_to_meet,
     frontier,
     idle_at,
@@ -148,3 +151,56 @@ def test_rate_oracle_gives_the_prices_asked_for() -> None:
     # A dearer miss (smaller theta) never buys fewer idle hours.
     assert points[0].idle_hours >= points[1].idle_hours
     assert points[0].misses <= points[1].misses
+
+
+def test_a_node_ready_at_a_tick_serves_that_ticks_connect() -> None:
+    ticks: list[tuple[bool, ...]] = [()] * 200
+    ticks[60] = (True,)  # the first node, created at 0, is ready at 60 (boot 60 s, no latency)
+    assert _run(Band(1, 1, 0.0), ticks).miss_prob == 0.0
+
+
+def test_the_oldest_idle_node_is_served_first_and_reaped_first() -> None:
+    # Two frees at 10 and 40 on an empty band: the node freed at 10 is reaped after its 60 s
+    # idle, at 70, and the other at 100 (idle node-seconds 30 + 2 * 30 + 30, two terminations).
+    ticks: list[tuple[bool, ...]] = [()] * 200
+    ticks[10] = ticks[40] = (False,)
+    assert _run(Band(0, 0, 60.0), ticks).idle_nodes == pytest.approx((120 + 2 * 5.0) / 200)
+    # A connect at 50 takes the node freed at 10; the one freed at 40 goes at 100.
+    ticks[50] = (True,)
+    assert _run(Band(0, 0, 60.0), ticks).idle_nodes == pytest.approx((100 + 5.0) / 200)
+
+
+def test_connects_and_frees_of_a_second_land_in_a_random_order() -> None:
+    ticks = arrivals(1.0, 1.0, 1_000, seed=3)
+    mixed = [tick for tick in ticks if True in tick and False in tick]
+    assert any(tick.index(False) < tick.index(True) for tick in mixed)
+    assert any(tick.index(True) < tick.index(False) for tick in mixed)
+
+
+def test_idle_at_a_miss_rate_two_points_share_takes_the_cheaper() -> None:
+    points = [FrontierPoint(1.0, 2.0, 0.01, 30.0, ()), FrontierPoint(2.0, 2.0, 0.01, 20.0, ())]
+    assert idle_at(points, 0.01) == 20.0
+
+
+def test_the_rate_oracle_draws_window_i_from_seed_1000_plus_i() -> None:
+    # The committed rate-oracle figures are reproducible only with these seeds.
+    events = [TraceEvent(float(t), "user:connect", {"user_id": f"u{t}"}) for t in range(0, 900, 60)]
+    trace = Trace("t", "", 0, 1200.0, (30.0, 90.0), 0.2, 5.0, 10, events)
+    wins, points = rate_oracle(trace, window_s=600.0, seconds=2_000, thetas=(0.5, 2.0))
+    nodes = Nodes((30.0, 90.0), 0.2, 5.0)
+    results = [window_results(w, nodes, 2_000, seed=1_000 + i) for i, w in enumerate(wins)]
+    assert points == frontier(wins, results, thetas=(0.5, 2.0))
+
+
+def test_the_candidate_bands_reach_four_deviations_past_the_mean_plus_two() -> None:
+    # mean demand over one 100 s boot is 1; 1 + 4 * sqrt(1 + 1) = 6.66 -> 7, + 2 = 9
+    bands = candidate_bands(0.01, 0.01, 100.0)
+    assert max(b.boot_to for b in bands) == 9
+    assert len(bands) == 10 * len(WIDTHS) * len(IDLE_CHOICES)
+
+
+def test_the_misses_allowed_are_the_limit_of_the_connects_rounded_down_not_below() -> None:
+    # 0.29 * 100 is 28.999999999999996 in floating point: 29 misses are allowed, not 28.
+    point = FrontierPoint(theta=0.5, misses=29.0, miss_rate=0.29, idle_hours=1.0, bands=())
+    assert chance_to_meet(point, 100, 2.0, miss_rate_limit=0.29) == pytest.approx(
+        poisson_at_most(29, 29.0))

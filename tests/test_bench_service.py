@@ -338,3 +338,22 @@ def test_each_tick_finishes_its_node_api_calls_before_virtual_time_moves_on(
     run_replay(load_trace(_starved(tmp_path)), Watched(redis_url, PoolConfig(
         min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")))
     assert len(pending) == 201 and set(pending) == {0}
+
+
+def test_a_deleted_node_holds_its_place_under_max_nodes_until_it_reports_terminated(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    # max_nodes 2: a and b's nodes are released at 50 and reaped; c and d connect at 53. The
+    # world frees the quota at the delete, but the replay's Node API answers "sent" (not
+    # "gone"), so the pool counts both nodes until their `terminated` 5 s later and creates
+    # for c and d only then: they wait 13.2 s, not the 10.2 s of one boot.
+    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0,
+                      scaling_policy="heuristic", max_nodes=2)
+    trace = load_trace(write_trace(
+        tmp_path / "quota.jsonl",
+        [(10.0, "connect", "a"), (10.0, "connect", "b"), (50.0, "disconnect", "a"),
+         (50.0, "disconnect", "b"), (53.0, "connect", "c"), (53.0, "connect", "d"),
+         (90.0, "disconnect", "c"), (90.0, "disconnect", "d")],
+        boot=[10.0], max_nodes=2, duration=200.0))
+    scores = run_replay(trace, ServicePolicy(redis_url, pool))
+    assert (scores.connects, scores.misses, scores.nodes_created) == (4, 4, 4)
+    assert scores.wait_p95_s == pytest.approx(13.2)

@@ -204,3 +204,17 @@ def test_the_misses_allowed_are_the_limit_of_the_connects_rounded_down_not_below
     point = FrontierPoint(theta=0.5, misses=29.0, miss_rate=0.29, idle_hours=1.0, bands=())
     assert chance_to_meet(point, 100, 2.0, miss_rate_limit=0.29) == pytest.approx(
         poisson_at_most(29, 29.0))
+
+
+def test_the_frontier_prices_a_windows_misses_by_its_connects_and_rates_them_over_all() -> None:
+    # Per window: A misses 10% and idles nothing; B misses nothing and idles one node (1/6 h
+    # over 600 s). At theta 1, A's misses cost 0.1 * connects: dearer than B in the busy
+    # window (10 > 1/6), cheaper in the quiet one (0.1 < 1/6).
+    a, b = Band(0, 0, 0.0), Band(1, 1, 0.0)
+    wins = [Window(0.0, 600.0, 100, 0), Window(600.0, 600.0, 1, 0)]
+    options = [BandResult(a, 0.1, 0.0), BandResult(b, 0.0, 1.0)]
+    (point,) = frontier(wins, [options, options], thetas=(1.0,))
+    assert point.bands == (b, a)
+    assert point.misses == pytest.approx(0.1)
+    assert point.miss_rate == pytest.approx(0.1 / 101)
+    assert point.idle_hours == pytest.approx(600 / 3600)

@@ -306,6 +306,8 @@ def test_misses_and_timeline_windows_of_a_warm_up_play_are_not_scored(
     run_replay(trace, policy)
     assert [(m.t, m.user_id, m.scored) for m in policy.misses] == [
         (0.0, "a.w1", False), (100.0, "a", True)]
+    # Each miss carries its own log entry (the newest), not an earlier miss's.
+    assert [m.reason.split(" waits")[0] for m in policy.misses] == ["user a.w1", "user a"]
     windows = [w.as_dict() for w in policy.timeline]
     assert [(w["from_s"], w["scored"]) for w in windows] == [
         (0.0, False), (30.0, False), (60.0, False), (90.0, False), (120.0, True),
@@ -357,3 +359,23 @@ def test_a_deleted_node_holds_its_place_under_max_nodes_until_it_reports_termina
     scores = run_replay(trace, ServicePolicy(redis_url, pool))
     assert (scores.connects, scores.misses, scores.nodes_created) == (4, 4, 4)
     assert scores.wait_p95_s == pytest.approx(13.2)
+
+
+def test_an_activity_reaches_the_pool_with_the_traces_own_timestamp(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    recorded: list[tuple[float, list[tuple[bytes, float]]]] = []
+
+    class Watched(ServicePolicy):
+        async def on_activity(self, t: float, user_id: str, timestamp: int) -> None:
+            await super().on_activity(t, user_id, timestamp)
+            assert self._redis is not None
+            acts = await self._redis.zrange(self.keys.key("acts_prefix") + user_id, 0, -1,
+                                            withscores=True)
+            recorded.append((t, acts))
+
+    trace = load_trace(write_trace(tmp_path / "browse.jsonl",
+                                   [(5.0, "activity", "u"), (7.0, "activity", "u")]))
+    run_replay(trace, Watched(redis_url))
+    epoch_ms = 1_767_225_600_000  # write_trace's epoch; its timestamps are epoch + int(t)
+    assert [(t, [score for _, score in acts]) for t, acts in recorded] == [
+        (5.0, [epoch_ms + 5_000]), (7.0, [epoch_ms + 5_000, epoch_ms + 7_000])]

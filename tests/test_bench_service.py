@@ -379,3 +379,18 @@ def test_an_activity_reaches_the_pool_with_the_traces_own_timestamp(
     epoch_ms = 1_767_225_600_000  # write_trace's epoch; its timestamps are epoch + int(t)
     assert [(t, [score for _, score in acts]) for t, acts in recorded] == [
         (5.0, [epoch_ms + 5_000]), (7.0, [epoch_ms + 5_000, epoch_ms + 7_000])]
+
+
+def test_a_replay_that_breaks_a_rule_leaves_no_keys_on_the_server(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    # `--redis-url` may name a server that outlives the replay: a replay stopped by the
+    # referee clears its pool as a finished one does.
+    from provisioner.bench.world import PolicyViolation
+
+    class Silent(ServicePolicy):
+        async def on_connect(self, t: float, user_id: str) -> None:
+            return None  # neither a hit nor a miss: the world stops the replay
+
+    with pytest.raises(PolicyViolation, match="neither a hit nor a miss"):
+        run_replay(load_trace(_starved(tmp_path)), Silent(redis_url))
+    assert sync_redis.keys("prov:*") == []

@@ -20,6 +20,7 @@ of t. Ticks fall at t = 0, tick_s, 2·tick_s, … up to and including `duration_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable
@@ -212,27 +213,35 @@ class World:
         duration = self.trace.duration_s
         next_event = 0
         tick_index = 0
-        await self._guard(self.policy.start(self))
-        while True:
-            tick_t = tick_index * self.tick_s
-            candidates: list[tuple[float, int]] = [(tick_t, _Priority.TICK)]
-            if next_event < len(events):
-                candidates.append((events[next_event].t, _Priority.TRACE))
-            if self._heap:
-                candidates.append((self._heap[0][0], _Priority.NODE_STATUS))
-            t, kind = min(candidates)
-            if t > duration:
-                break
-            self.now = t
-            if kind == _Priority.NODE_STATUS:
-                change = heapq.heappop(self._heap)[3]
-                await self._node_status(change)
-            elif kind == _Priority.TRACE:
-                await self._trace_event(events[next_event])
-                next_event += 1
-            else:
-                await self._guard(self.policy.tick(t))
-                tick_index += 1
+        try:
+            await self._guard(self.policy.start(self))
+            while True:
+                tick_t = tick_index * self.tick_s
+                candidates: list[tuple[float, int]] = [(tick_t, _Priority.TICK)]
+                if next_event < len(events):
+                    candidates.append((events[next_event].t, _Priority.TRACE))
+                if self._heap:
+                    candidates.append((self._heap[0][0], _Priority.NODE_STATUS))
+                t, kind = min(candidates)
+                if t > duration:
+                    break
+                self.now = t
+                if kind == _Priority.NODE_STATUS:
+                    change = heapq.heappop(self._heap)[3]
+                    await self._node_status(change)
+                elif kind == _Priority.TRACE:
+                    await self._trace_event(events[next_event])
+                    next_event += 1
+                else:
+                    await self._guard(self.policy.tick(t))
+                    tick_index += 1
+        except BaseException:
+            # A replay stopped early (a broken rule, a refused model) still lets the policy
+            # release what it holds: the service's pool on a server that outlives the replay
+            # (`--redis-url`) would keep its keys, none of which expire.
+            with contextlib.suppress(Exception):
+                await self.policy.close()
+            raise
         self.now = duration
         await self.policy.close()
         return self.board.close()

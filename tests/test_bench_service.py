@@ -394,3 +394,17 @@ def test_a_replay_that_breaks_a_rule_leaves_no_keys_on_the_server(
     with pytest.raises(PolicyViolation, match="neither a hit nor a miss"):
         run_replay(load_trace(_starved(tmp_path)), Silent(redis_url))
     assert sync_redis.keys("prov:*") == []
+
+
+def test_the_timeline_counts_the_ticks_decided_in_a_surge(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    # Half an hour of one new user a minute, then twenty in ten seconds: the pool decides in a
+    # surge for a while after the crowd, and in no tick before it.
+    events = [(60.0 * m + 1, "activity", f"steady{m}") for m in range(30)]
+    events += [(1801.0 + i / 2, "activity", f"burst{i}") for i in range(20)]
+    trace = load_trace(write_trace(tmp_path / "crowd.jsonl", events, duration=1920.0))
+    policy = ServicePolicy(redis_url, timeline_s=60.0)
+    run_replay(trace, policy)
+    shares = [w.as_dict()["surge_share"] for w in policy.timeline]
+    assert set(shares[:30]) == {0.0}
+    assert 0.0 < shares[30] <= 1.0

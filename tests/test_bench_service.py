@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -394,6 +395,21 @@ def test_a_replay_that_breaks_a_rule_leaves_no_keys_on_the_server(
     with pytest.raises(PolicyViolation, match="neither a hit nor a miss"):
         run_replay(load_trace(_starved(tmp_path)), Silent(redis_url))
     assert sync_redis.keys("prov:*") == []
+
+
+def test_a_replay_gives_the_service_s_log_level_back(tmp_path: Path, redis_url: str) -> None:
+    """A replay quiets the service's per-event lines while it runs, and left its logger at
+    WARNING for the rest of the process: a test after it that read the level read WARNING."""
+    service_log = logging.getLogger("provisioner.service")
+    before = service_log.level
+    try:
+        service_log.setLevel(logging.DEBUG)
+        trace = load_trace(write_trace(tmp_path / "one.jsonl", [(1.0, "activity", "u1")],
+                                       duration=30.0))
+        run_replay(trace, ServicePolicy(redis_url))
+        assert service_log.level == logging.DEBUG
+    finally:
+        service_log.setLevel(before)
 
 
 def test_the_timeline_counts_the_ticks_decided_in_a_surge(

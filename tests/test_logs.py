@@ -27,8 +27,9 @@ def root_logging() -> Iterator[logging.Logger]:
 def test_setup_logging_logs_at_the_level_asked_for(root_logging: logging.Logger) -> None:
     """--log-level DEBUG logs DEBUG lines, and WARNING drops INFO ones (untested: a setup
     that left the level as it was passed)."""
-    # A logger no code sets a level of: a replay in the same process leaves
-    # provisioner.service at WARNING (bench/service_policy.py), and it read WARNING here.
+    # A logger no code sets a level of: a replay in the same process left
+    # provisioner.service at WARNING (bench/service_policy.py, which gives it back now), and
+    # the level read here was WARNING.
     logger = logging.getLogger("provisioner.test_logs")
     logs.setup_logging("text", "DEBUG")
     assert logger.isEnabledFor(logging.DEBUG)

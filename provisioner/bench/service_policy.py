@@ -173,6 +173,8 @@ class ServicePolicy:
         #: with `timeline_s`, the pool window by window over the whole replay (warm-up included)
         self.timeline: list[TimelineWindow] = []
         self._created_before = 0
+        #: provisioner.service's own level before the replay quieted it (start, close)
+        self._service_log_level = logging.NOTSET
 
     async def start(self, world: World) -> None:
         self._world = world
@@ -183,8 +185,11 @@ class ServicePolicy:
                                 pool=self.pool_name, http_port=0, replica_id="replay")
         self._replica = Replica(self._redis, service, self.pool, WorldNodeApi(world),
                                 clock=self.clock, gauges=False)
-        # The replay's logs are its scores; keep the per-event log lines out of the way.
-        logging.getLogger("provisioner.service").setLevel(logging.WARNING)
+        # The replay's logs are its scores; keep the per-event log lines out of the way while
+        # it runs (close gives the level back: a process going on to log, a test, read it).
+        service_log = logging.getLogger("provisioner.service")
+        self._service_log_level = service_log.level
+        service_log.setLevel(logging.WARNING)
         if self.model:
             loaded = await Scripts(self._redis, self.keys).load_model(self.clock.now_ms(),
                                                                       self.model)
@@ -309,3 +314,4 @@ class ServicePolicy:
         await clear_pool(self._redis, self.keys)
         await self._redis.aclose()
         self._redis = None
+        logging.getLogger("provisioner.service").setLevel(self._service_log_level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -41,22 +42,6 @@ def test_replay_is_deterministic_legal_and_leaves_no_keys(
     assert sync_redis.keys("prov:*") == []
 
 
-def test_a_starved_pool_misses_and_serves_waiting_users_in_order(
-        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
-    # No floor, no prediction: every connect misses, waits one boot (0.2 s + 10 or 20 s, by
-    # creation order) and is served; the world checks each served user is the oldest waiting.
-    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")
-    trace = load_trace(write_trace(
-        tmp_path / "starved.jsonl",
-        [(10.0, "connect", "a"), (10.0, "connect", "b"), (100.0, "disconnect", "a"),
-         (100.0, "disconnect", "b")], boot=[10.0, 20.0], duration=200.0))
-    scores = run_replay(trace, ServicePolicy(redis_url, pool))
-    assert (scores.connects, scores.misses, scores.abandoned) == (2, 2, 0)
-    assert scores.nodes_created == 2
-    # Created at the tick of t=10 (after the connects): a waits 10.2 s, b 20.2 s.
-    assert scores.wait_p95_s == pytest.approx(20.2)
-
-
 def _starved(tmp_path: Path) -> Path:
     return write_trace(tmp_path / "starved.jsonl",
                        [(10.0, "connect", "a"), (10.0, "connect", "b"),
@@ -64,13 +49,27 @@ def _starved(tmp_path: Path) -> Path:
                        boot=[10.0, 20.0], duration=200.0)
 
 
+#: No floor, no prediction: a pool that creates a node only for a connect that missed.
+STARVED_POOL = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0,
+                          scaling_policy="heuristic")
+#: The same, as `--set` options
 STARVED = ["min_ready=0", "conversion=0", "idle_timeout_s=1", "scaling_policy=heuristic"]
+
+
+def test_a_starved_pool_misses_and_serves_waiting_users_in_order(
+        tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
+    # No floor, no prediction: every connect misses, waits one boot (0.2 s + 10 or 20 s, by
+    # creation order) and is served; the world checks each served user is the oldest waiting.
+    scores = run_replay(load_trace(_starved(tmp_path)), ServicePolicy(redis_url, STARVED_POOL))
+    assert (scores.connects, scores.misses, scores.abandoned) == (2, 2, 0)
+    assert scores.nodes_created == 2
+    # Created at the tick of t=10 (after the connects): a waits 10.2 s, b 20.2 s.
+    assert scores.wait_p95_s == pytest.approx(20.2)
 
 
 def test_each_miss_is_kept_with_the_decision_before_it(
         tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
-    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")
-    policy = ServicePolicy(redis_url, pool)
+    policy = ServicePolicy(redis_url, STARVED_POOL)
     run_replay(load_trace(_starved(tmp_path)), policy)
     # Both connects come before the tick of t=10: the last decision is t=9's, which held an
     # empty pool at its target of 0, so the pool was not behind and nothing was booting.
@@ -282,13 +281,12 @@ def test_a_release_serves_the_waiting_user_and_a_user_who_leaves_waiting_abandon
     # the node a releases (release's `served`), before b's own node is ready; c misses at 50
     # and leaves at 52, before its node is up (release's ABANDONED). The world raises if
     # either is not reported.
-    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")
     trace = load_trace(write_trace(
         tmp_path / "leaving.jsonl",
         [(10.0, "connect", "a"), (30.0, "connect", "b"), (35.0, "disconnect", "a"),
          (50.0, "connect", "c"), (52.0, "disconnect", "c"), (100.0, "disconnect", "b")],
         boot=[10.0], duration=200.0))
-    scores = run_replay(trace, ServicePolicy(redis_url, pool))
+    scores = run_replay(trace, ServicePolicy(redis_url, STARVED_POOL))
     assert (scores.connects, scores.misses, scores.abandoned) == (3, 3, 1)
     # a waits 10.2 s (created at the tick of 10, booted 0.2 s later for 10 s), b 5 s.
     assert scores.wait_p95_s == pytest.approx(10.2)
@@ -299,11 +297,10 @@ def test_misses_and_timeline_windows_of_a_warm_up_play_are_not_scored(
     # One session from t=0; with one warm-up play the scored play starts at 100, and its
     # connect lands on that instant: a scored miss. Windows of 30 s: the one from 90 holds
     # warm-up time, so it is not a scored window.
-    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0, scaling_policy="heuristic")
     trace = load_trace(write_trace(tmp_path / "warm.jsonl",
                                    [(0.0, "connect", "a"), (50.0, "disconnect", "a")],
                                    boot=[10.0], duration=100.0)).warmed_up(1)
-    policy = ServicePolicy(redis_url, pool, timeline_s=30.0)
+    policy = ServicePolicy(redis_url, STARVED_POOL, timeline_s=30.0)
     run_replay(trace, policy)
     assert [(m.t, m.user_id, m.scored) for m in policy.misses] == [
         (0.0, "a.w1", False), (100.0, "a", True)]
@@ -349,8 +346,7 @@ def test_a_deleted_node_holds_its_place_under_max_nodes_until_it_reports_termina
     # world frees the quota at the delete, but the replay's Node API answers "sent" (not
     # "gone"), so the pool counts both nodes until their `terminated` 5 s later and creates
     # for c and d only then: they wait 13.2 s, not the 10.2 s of one boot.
-    pool = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0,
-                      scaling_policy="heuristic", max_nodes=2)
+    pool = dataclasses.replace(STARVED_POOL, max_nodes=2)
     trace = load_trace(write_trace(
         tmp_path / "quota.jsonl",
         [(10.0, "connect", "a"), (10.0, "connect", "b"), (50.0, "disconnect", "a"),

@@ -86,15 +86,19 @@ if status == 'ready' and state == 'booting' then
   rcall('HSET', nk, 'ready_ms', now)
   -- Boot time from the create's POST (register_node's `asked_ms`), the call's latency included,
   -- or from the pool's first record of the node where that time is not known: the horizon.
-  -- Learned from the sample nodes only (pool.lua new_node), half of all, so each weighs 0.2;
-  -- 'boot_n' counts them, for the weight of the sample boots still running (policy.lua
-  -- lead_time). Not from a node first seen in the Node API's list: it was stamped when it was
-  -- listed, maybe a reconcile interval after its create, and would teach a boot that short.
+  -- Learned from the sample nodes only (pool.lua new_node, learn_boot). Not from a node first
+  -- seen in the Node API's list: it was stamped when it was listed, maybe a reconcile interval
+  -- after its create, and would teach a boot that short. A node still unclaimed is ready
+  -- before its POST answered: when it was asked comes with the answer, so register_node
+  -- learns its boot then ('boot_unlearned'); if the answer never comes (the replica that asked
+  -- stopped), the boot is not learned, rather than learned short from its `booting`.
   if is_boot_sample(node) and not listed and rcall('HGET', nk, 'origin') ~= 'listed' then
-    local asked = tonumber(rcall('HGET', nk, 'asked_ms'))
-        or tonumber(rcall('HGET', nk, 'created_ms')) or now
-    learn_mean('boot_ms', math.max(0, now - asked), 0.2)
-    rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)
+    if rcall('ZSCORE', K.unclaimed, node) then
+      rcall('HSET', nk, 'boot_unlearned', 1)
+    else
+      learn_boot(tonumber(rcall('HGET', nk, 'asked_ms'))
+                 or tonumber(rcall('HGET', nk, 'created_ms')) or now, now)
+    end
   end
   stat('nodes_ready')
   return with_served({2, state, ''}, node_free(node, now))

@@ -4,7 +4,8 @@
 
   The reservation is consumed and the node recorded as booting. The races:
     * node:status already arrived (the mock publishes `booting` before answering): the record
-      exists; it is only claimed (removed from `unclaimed`).            -> ALREADY_KNOWN
+      exists; it is only claimed (removed from `unclaimed`), and a boot that ended in `ready`
+      before this answer is learned now, from the ask.                  -> ALREADY_KNOWN
     * the reservation expired first (the replica was slow or the POST timed out): the node is
       recorded all the same, so it is never leaked.                      -> LATE
     * the node was already declared terminated: nothing is resurrected. -> TOMBSTONE
@@ -15,9 +16,10 @@
   ARGV[2] reservation id
   ARGV[3] node id
   ARGV[4] when the POST was sent (ms), optional. Kept as the node's `asked_ms`, where the boot
-          time it teaches starts (apply_node_status), so the create call's own latency is
-          part of the lead time learned. Without it (a replica of an older release, a call
-          that outlasted its reservation) the boot is timed from the pool's first record.
+          time it teaches starts (apply_node_status; here, for a node ready before this
+          answer), so the create call's own latency is part of the lead time learned.
+          Without it (a replica of an older release, a call that outlasted its reservation)
+          the boot is timed from the pool's first record.
 
   Returns {code, state}
     1 REGISTERED  2 ALREADY_KNOWN  3 LATE  4 TOMBSTONE
@@ -41,13 +43,26 @@ local state = rcall('HGET', nk, 'state')
 if state then
   rcall('ZREM', K.unclaimed, node)
   rcall('HSET', nk, 'reservation', rid)
-  if state == 'terminated' then
-    return {4, state}
-  end
   -- Its status came first (the mock publishes `booting` before answering): the create was
   -- asked for before that first record.
   local created = tonumber(rcall('HGET', nk, 'created_ms'))
-  if asked and created and asked < created then
+  if not (asked and created and asked < created) then
+    asked = nil
+  end
+  -- Ready before this answer (apply_node_status): its boot is learned now, from the ask. Once:
+  -- the mark goes. A node ended since was still a boot.
+  if rcall('HGET', nk, 'boot_unlearned') then
+    rcall('HDEL', nk, 'boot_unlearned')
+    local ready = tonumber(rcall('HGET', nk, 'ready_ms'))
+    local start = asked or created
+    if ready and start then
+      learn_boot(start, ready)
+    end
+  end
+  if state == 'terminated' then
+    return {4, state}
+  end
+  if asked then
     rcall('HSET', nk, 'asked_ms', asked)
   end
   return {2, state}

@@ -5,6 +5,15 @@ local function learn_mean(field, value, weight)
   rcall('HSET', K.model, field, new)
 end
 
+-- A sample node's boot, from `start_ms` (its create's POST, or the pool's first record of it)
+-- to `ready_ms`: the horizon the forecast looks ahead. Half of all nodes are samples (new_node),
+-- so each weighs 0.2; 'boot_n' counts them, for the weight of the sample boots still running
+-- (policy.lua lead_time).
+local function learn_boot(start_ms, ready_ms)
+  learn_mean('boot_ms', math.max(0, ready_ms - start_ms), 0.2)
+  rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)
+end
+
 -- A connect or disconnect a replica makes again, after a try whose reply it never read (a
 -- stall past its client's timeout, a connection cut): the try may have run. Made again, a
 -- user's disconnect and connect would end the session the first try began and begin another,

@@ -491,6 +491,16 @@ class ServiceConfig:
             _range(self, "heartbeat_interval_s", 0, 3600, note="(0 disables heartbeats)",
                    label="heartbeat interval"),
             _range(self, "max_event_lag_s", 0, 3600, low_open=True, label="max event lag"),
+            # No option sets these three; they are said by their fields. An age or a skew of 0
+            # drops every activity event a moment off this replica's clock, a nan one every
+            # event. An event older than the activity window (a day at most) is stale to
+            # record_activity anyway, so the age's top only keeps it finite; a skew keeps a
+            # user's events from the future in the window until then, so it stays small.
+            _range(self, "max_event_age_s", 0, 30 * 86400, low_open=True),
+            _range(self, "max_clock_skew_s", 0, 3600, low_open=True),
+            # 0 cancels the loops and Node API calls in flight at once (each step is atomic or
+            # repeated by another replica); the grace is waited twice, loops then calls.
+            _range(self, "shutdown_grace_s", 0, 600),
         ]
         return [problem for problem in found if problem is not None]
 

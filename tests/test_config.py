@@ -38,8 +38,10 @@ POOL_RANGES: list[tuple[str, float, float, dict[str, Any]]] = [
     ("estimation_error", 0, 4, {}),
 ]
 
-#: A service setting, how its messages name it, its range's ends, and whether the low end is
-#: open (a timeout of 0 would fail every call; a lag of 0 every probe).
+#: A service setting, how its messages name it (its field, where no option sets it), its
+#: range's ends, and whether the low end is open (a timeout of 0 would fail every call; a lag
+#: of 0 every probe; an event age or a clock skew of 0 would drop every activity a moment off
+#: the replica's clock).
 SERVICE_RANGES: list[tuple[str, str, float, float, bool]] = [
     ("http_port", "http port", 0, 65535, False),
     ("api_timeout_s", "api timeout", 0, 600, True),
@@ -47,6 +49,9 @@ SERVICE_RANGES: list[tuple[str, str, float, float, bool]] = [
     ("reconcile_interval_s", "reconcile interval", 0, 86400, False),
     ("heartbeat_interval_s", "heartbeat interval", 0, 3600, False),
     ("max_event_lag_s", "max event lag", 0, 3600, True),
+    ("max_event_age_s", "max_event_age_s", 0, 30 * 86400, True),
+    ("max_clock_skew_s", "max_clock_skew_s", 0, 3600, True),
+    ("shutdown_grace_s", "shutdown_grace_s", 0, 600, False),
 ]
 
 
@@ -87,6 +92,24 @@ def test_a_service_setting_is_taken_at_each_end_of_its_range_and_refused_past_it
         config = ServiceConfig("redis://h/0", "http://api", **{name: kind(value)})
         assert [p.split(" must be")[0] for p in config.problems()] == [label], \
             (name, value, config.problems())
+
+
+@pytest.mark.parametrize(("name", "refused"), [
+    ("max_event_age_s", (math.nan, math.inf, -math.inf, -1.0, 0.0)),
+    ("max_clock_skew_s", (math.nan, math.inf, -math.inf, -1.0, 0.0)),
+    ("shutdown_grace_s", (math.nan, math.inf, -math.inf, -1.0)),
+])
+def test_a_setting_no_option_sets_is_checked_too(name: str, refused: tuple[float, ...]) -> None:
+    """The settings only code sets (tests, the dev stack, the benchmark) were not checked, and
+    a bad one misbehaved without a word: a nan or negative age or skew dropped every activity
+    event, an infinite age took a timestamp of any age, one of 0 dropped every event a moment
+    old; a nan or negative grace cancelled the work in flight at once, an infinite one never
+    let the replica stop."""
+    default = getattr(ServiceConfig("redis://h/0", "http://api"), name)
+    assert ServiceConfig("redis://h/0", "http://api", **{name: default}).problems() == []
+    for value in refused:
+        problems = ServiceConfig("redis://h/0", "http://api", **{name: value}).problems()
+        assert [p.split(" must be in ")[0] for p in problems] == [name], (value, problems)
 
 
 @pytest.mark.parametrize(("field", "label"), [("replica_id", "replica id"), ("pool", "pool")])

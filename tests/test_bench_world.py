@@ -463,6 +463,32 @@ def test_the_reference_check_holds_the_cost_ratio_to_the_third_decimal(
         f"tiny: static-{k} cost ratio {scores.cost_ratio:.3f}, reference {shown + 0.002:.3f}"]
 
 
+def test_the_reference_check_takes_a_cost_ratio_exactly_its_tolerance_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1.3075 against the table's 1.307 is 0.0005 off, the tolerance, but computes as
+    0.000500000000000167: the check's 1e-9 of slack takes it, and only it (untested: dropping
+    the slack passed). The replay is replaced, to score exactly these figures."""
+    from provisioner.bench import suite
+    from provisioner.bench.scoring import Scores
+
+    write_trace(tmp_path / "tiny.jsonl.gz", [], duration=100.0)
+    monkeypatch.setattr(suite, "REFERENCE", {"tiny": suite.Reference(10, 1.0, 4, 1.307)})
+
+    def check(cost_ratio: float) -> list[str]:
+        def replay(trace: Trace, policy: Any) -> Scores:
+            misses = 0 if policy.k == 4 else 5  # static-4 meets 1%, static-3 does not
+            return Scores(10, misses, misses / 10, 0.0, 0, 4, cost_ratio, 1.0, cost_ratio)
+
+        monkeypatch.setattr(suite, "run_replay", replay)
+        return suite.check_reference(tmp_path)
+
+    assert abs(1.3075 - 1.307) > 0.0005  # what the slack is for
+    for taken in (1.3075, 1.3065):
+        assert check(taken) == [], taken
+    for past in (1.3076, 1.3064, 1.31):
+        assert check(past) == [f"tiny: static-4 cost ratio {past:.3f}, reference 1.307"], past
+
+
 class _OneNode(PoolPolicy):
     def __init__(self) -> None:
         super().__init__("one-node")

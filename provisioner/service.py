@@ -228,6 +228,10 @@ class Replica:
     def __init__(self, redis: aioredis.Redis, service: ServiceConfig, pool: PoolConfig,
                  node_api: NodeApi, *, clock: Clock | None = None,
                  metrics: Metrics | None = None, gauges: bool = True) -> None:
+        # The CLI checks its settings before it makes a replica; code that makes one (a replay,
+        # a test, an embedding) is held to the same ranges, not left to misbehave in silence.
+        # (Not the pool's: tests make pools the CLI would refuse, to see what the scripts do.)
+        service.validate()
         self.redis = redis
         #: whether each tick refreshes the pool's Prometheus gauges (a replay has no scrape)
         self.gauges = gauges

@@ -4,12 +4,16 @@ with a message naming the setting. The ranges are written here as the operator i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
-from provisioner.config import PoolConfig, ServiceConfig
+from provisioner.config import ConfigError, PoolConfig, ServiceConfig
+from provisioner.service import Replica
+from tests.fakes import FakeNodeApi
 
 #: A pool setting, its range's ends, and whether the low end is open; (and what else must be
 #: set for its ends to be valid together).
@@ -134,3 +138,15 @@ def test_an_http_host_name_is_taken_up_to_253_characters() -> None:
     assert len(longest) == 253 and problems(longest) == []
     assert [p.split(" must be")[0] for p in problems(longest + "a")] == [
         f"http host {longest + 'a'!r}"]
+
+
+
+def test_a_replica_made_by_code_is_held_to_the_service_settings_ranges() -> None:
+    """Only the CLI checked the settings, and no option sets the three above: a replica made
+    by code (a replay, a test, an embedding) took a nan age, and dropped every event."""
+    redis = aioredis.Redis()  # not connected: making a replica reads nothing
+    good = ServiceConfig("redis://h/0", "http://api")
+    Replica(redis, good, PoolConfig(), FakeNodeApi())
+    with pytest.raises(ConfigError, match="max_event_age_s must be in"):
+        Replica(redis, dataclasses.replace(good, max_event_age_s=math.nan), PoolConfig(),
+                FakeNodeApi())

@@ -6,7 +6,8 @@ returns), then `ready` after a boot delay drawn from a distribution. `DELETE /ap
 answers 202 (again for a node already terminating: the call is idempotent) or 404 for an id it
 never created or whose node ended over KEEP_TERMINATED_S ago, and publishes `terminated` after
 `--terminate-delay`. `GET /api/nodes` lists the nodes with their states, for the service's
-reconciliation.
+reconciliation. A create beyond `--max-nodes` answers 429 with a `Retry-After` (`--retry-after`
+seconds).
 
 Faults, all seeded: a share of creates and deletes answer 500, added latency on every call, a
 share of boots that never become ready, and nodes that die (`terminated` while ready or
@@ -49,6 +50,11 @@ KEEP_TERMINATED_S = 600.0
 MAX_DELAY_S = 86_400.0
 MAX_LIFE_S = 366 * 86_400.0  # a ready node's injected death, at the least of rates
 MIN_LOGNORMAL_MEDIAN_S = 0.001
+#: A 429's Retry-After by default: the hold the service makes after a 429 without one
+#: (service.CAPACITY_HOLD_MS), so a stack against the mock holds its creates as long as it did
+#: before the header, now because the mock says so; a slot a DELETE frees (at once: a node
+#: terminating is not counted) waits at most that long to be taken again.
+RETRY_AFTER_S = 10
 
 
 class DelaySpecError(ValueError):
@@ -151,13 +157,20 @@ class MockNodeApi:
     def __init__(self, redis: aioredis.Redis, boot_delay: BootDelay, *,
                  terminate_delay_s: float = 1.0, max_nodes: int = 1000,
                  faults: Faults | None = None, seed: int | None = None,
+                 retry_after_s: float = RETRY_AFTER_S,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        if not 0 <= retry_after_s <= MAX_DELAY_S:  # nan too
+            raise ValueError(f"retry_after_s must be from 0 to {MAX_DELAY_S:.0f} s, got "
+                             f"{retry_after_s}")
         self.redis = redis
         #: A node's boot, life and termination wait on it; a test passes its own to see them.
         self.sleep = sleep
         self.boot_delay = boot_delay
         self.terminate_delay_s = terminate_delay_s
         self.max_nodes = max_nodes
+        #: A 429's Retry-After: whole seconds, rounded up (RFC 9110's delay-seconds has no
+        #: fraction, and a client reading it strictly ignores `2.5`); 0 sends none.
+        self.retry_after_s = math.ceil(retry_after_s)
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
         self.nodes: dict[str, MockNode] = {}
@@ -228,7 +241,9 @@ class MockNodeApi:
             log.info("create: injected failure")
             return web.json_response({"error": "injected failure"}, status=500)
         if len(self.live()) >= self.max_nodes:
-            return web.json_response({"error": f"at most {self.max_nodes} nodes"}, status=429)
+            headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else None
+            return web.json_response({"error": f"at most {self.max_nodes} nodes"}, status=429,
+                                     headers=headers)
         node = MockNode(next(self._ids), "booting", time.time())
         # Kept before its `booting` is published: creates that come together count each other
         # against max_nodes, and whoever acts on the status (a DELETE, a list) finds the node.
@@ -400,6 +415,12 @@ def command(
     max_nodes: Annotated[int, typer.Option(min=1, max=1_000_000,
                                            help="Creates beyond this answer 429.")]
     = 1000,
+    retry_after: Annotated[float, typer.Option(
+        min=0, max=86_400, metavar="SECONDS",
+        help="Retry-After of a 429, in whole seconds (rounded up); 0 sends none. The "
+             "default is the hold the service makes after a 429 without one, so a stack "
+             "holds its creates as long as before.")]
+    = RETRY_AFTER_S,
     create_error_rate: Annotated[float, typer.Option(
         callback=_rate, help="Share of creates answering 500, 0 to 1.")] = 0.0,
     delete_error_rate: Annotated[float, typer.Option(
@@ -423,7 +444,7 @@ def command(
     async def main() -> None:
         redis = aioredis.Redis.from_url(redis_url)
         api = MockNodeApi(redis, delay, terminate_delay_s=terminate_delay, max_nodes=max_nodes,
-                          faults=faults, seed=seed)
+                          faults=faults, seed=seed, retry_after_s=retry_after)
         await serve(api, host, port)
 
     with contextlib.suppress(KeyboardInterrupt):

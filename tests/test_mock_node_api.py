@@ -18,7 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from provisioner.metrics import Metrics
 from provisioner.mock_node_api import BootDelay, DelaySpecError, Faults, MockNodeApi
+from provisioner.nodeapi import CreateOutcome, HttpNodeApi
 from provisioner.redis_server import free_port
 from tests.helpers import Subscriber
 
@@ -85,7 +87,10 @@ async def test_a_create_it_cannot_publish_is_refused_and_not_kept(start_api: Sta
 @pytest.mark.parametrize("option", [["--port", "99999"], ["--port", "0"],
                                     ["--latency", "inf"], ["--latency", "nan"],
                                     ["--terminate-delay", "inf"], ["--death-rate", "inf"],
-                                    ["--max-nodes", "10000000"]])
+                                    ["--max-nodes", "10000000"],
+                                    ["--retry-after", "-1"], ["--retry-after", "-0.5"],
+                                    ["--retry-after", "inf"], ["--retry-after", "nan"],
+                                    ["--retry-after", "86401"]])
 def test_an_unbounded_mock_knob_is_refused_before_serving(option: list[str]) -> None:
     from typer.testing import CliRunner
 
@@ -169,6 +174,77 @@ async def test_max_nodes_answers_429(start_api: Start) -> None:
     api = await start_api(max_nodes=2)
     codes = [(await api.post("/api/nodes")).status_code for _ in range(3)]
     assert codes == [202, 202, 429]
+
+
+@pytest.mark.parametrize(("given", "header"), [
+    ({}, "10"), ({"retry_after_s": 7}, "7"), ({"retry_after_s": 1}, "1"),
+    ({"retry_after_s": 2.5}, "3"), ({"retry_after_s": 0.001}, "1"),  # whole seconds, up
+    ({"retry_after_s": 0}, None)])  # none: a 429 as it was before
+async def test_a_429_says_when_to_ask_again_in_whole_seconds(
+        start_api: Start, given: dict[str, float], header: str | None) -> None:
+    """RFC 9110's delay-seconds is a whole number: a client reading it strictly (this
+    service's does) ignores `2.5`. Only the 429 carries it."""
+    api = await start_api(max_nodes=1, **given)
+    created = await api.post("/api/nodes")
+    assert created.status_code == 202 and "retry-after" not in created.headers
+    full = await api.post("/api/nodes")
+    assert full.status_code == 429
+    assert full.headers.get("retry-after") == header
+
+
+def test_the_mock_s_default_retry_after_is_the_service_s_hold_without_one() -> None:
+    """What its help says: against the mock a stack holds its creates as long as it did
+    before the mock sent the header."""
+    from provisioner.mock_node_api import RETRY_AFTER_S
+    from provisioner.service import CAPACITY_HOLD_MS
+
+    assert RETRY_AFTER_S * 1000 == CAPACITY_HOLD_MS
+
+
+@pytest.mark.parametrize("seconds", [-1.0, -0.001, math.inf, -math.inf, math.nan, 86_401.0])
+def test_a_retry_after_no_header_can_say_is_refused(seconds: float) -> None:
+    with pytest.raises(ValueError, match="retry_after_s"):
+        MockNodeApi(None, BootDelay.parse("1"), retry_after_s=seconds)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("option", "seconds"), [([], 10), (["--retry-after", "0"], 0),
+                                                 (["--retry-after", "2.5"], 3),
+                                                 (["--retry-after", "86400"], 86_400)])
+def test_the_mock_command_passes_its_retry_after_on(monkeypatch: pytest.MonkeyPatch,
+                                                    option: list[str], seconds: int) -> None:
+    from typer.testing import CliRunner
+
+    from provisioner import mock_node_api
+    from provisioner.cli import app
+
+    served: list[MockNodeApi] = []
+
+    async def serve(api: MockNodeApi, host: str, port: int) -> None:
+        served.append(api)
+        await api.redis.aclose()
+
+    monkeypatch.setattr(mock_node_api, "serve", serve)
+    result = CliRunner().invoke(app, ["mock-node-api", "--redis-url", "redis://127.0.0.1:1/0",
+                                      *option])
+    assert result.exit_code == 0, result.output
+    assert [api.retry_after_s for api in served] == [seconds]
+
+
+@pytest.mark.parametrize("seconds", [7, 0])
+async def test_the_client_reads_the_mock_s_retry_after_on_a_create_at_capacity(
+        start_api: Start, seconds: int) -> None:
+    """The client's Retry-After path, tested before against httpx's MockTransport only, with
+    the real mock over HTTP: the replica holds its creates as long as this says."""
+    mock = await start_api(boot_delay="100", max_nodes=1, retry_after_s=seconds)
+    client = HttpNodeApi(str(mock.base_url), attempts=1, metrics=Metrics())
+    try:
+        assert (await client.create()).outcome is CreateOutcome.CREATED
+        full = await client.create()
+    finally:
+        await client.aclose()
+    assert full.outcome is CreateOutcome.FAILED and full.detail.startswith("HTTP 429")
+    assert full.at_capacity and not full.api_down
+    assert full.retry_after_s == (seconds or None)
 
 
 async def test_injected_faults(start_api: Start, aredis: aioredis.Redis) -> None:

@@ -26,7 +26,7 @@ from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
-from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
+from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode, NodeApi
 from provisioner.scripts import AllocateResult, Allocation, Release, ReleaseResult
 from provisioner.service import ACTIVITY_BATCH, LISTEN_BATCH, Replica, http_app
 from provisioner.view import check_invariants
@@ -39,7 +39,7 @@ POOL = "svc"
 FLOOR_ONLY = PoolConfig(min_ready=1, scaling_policy="heuristic", conversion=0)
 
 
-def make_replica(redis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, name: str,
+def make_replica(redis: aioredis.Redis, api: NodeApi, clock: ManualClock, name: str,
                  pool: PoolConfig | None = None) -> Replica:
     service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id=name)
     return Replica(redis, service, pool or FLOOR_ONLY, api, clock=clock,
@@ -930,6 +930,53 @@ async def test_a_429s_retry_after_sets_how_long_creates_are_held(
     await replica.tick()
     await replica.settle()
     assert calls == 2
+
+
+async def test_a_429s_retry_after_from_the_mock_node_api_sets_how_long_creates_are_held(
+    aredis: aioredis.Redis, clock: ManualClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The twin of the test above with the real mock over HTTP and the real client, not a
+    CreateResult made by hand: the mock's header is read and held to. The clock is the
+    test's, so the 5 s are not waited."""
+    from aiohttp.test_utils import TestServer
+
+    from provisioner.mock_node_api import BootDelay, MockNodeApi
+    from provisioner.nodeapi import HttpNodeApi
+
+    mock = MockNodeApi(aredis, BootDelay.parse("100"), max_nodes=1, retry_after_s=5, seed=1)
+    metrics = Metrics()
+    try:
+        async with TestServer(mock.app(), host="127.0.0.1") as server:
+            api = HttpNodeApi(str(server.make_url("")), attempts=1, metrics=metrics)
+            try:
+                assert (await api.create()).outcome is CreateOutcome.CREATED  # the mock's one
+                replica = make_replica(aredis, api, clock, "r1",
+                                       dataclasses.replace(FLOOR_ONLY, min_ready=1))
+
+                def refused() -> float:
+                    return metrics.registry.get_sample_value(
+                        "provisioner_node_api_calls_total",
+                        {"op": "create", "outcome": "http_429"}) or 0.0
+
+                with caplog.at_level(logging.WARNING):
+                    await replica.tick()
+                    await replica.settle()
+                assert refused() == 1
+                assert "creates held for 5s, as its Retry-After asks" in caplog.text
+                assert replica._capacity_held_until_ms == clock.now_ms() + 5_000
+                for _ in range(4):
+                    clock.advance(1000)
+                    await replica.tick()
+                    await replica.settle()
+                assert refused() == 1
+                clock.advance(1000)
+                await replica.tick()
+                await replica.settle()
+                assert refused() == 2  # the hold is over; the mock is still full
+            finally:
+                await api.aclose()
+    finally:
+        await mock.close()
 
 
 async def test_creates_are_held_while_the_node_api_is_down_and_probed_one_at_a_time(

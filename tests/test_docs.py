@@ -209,14 +209,15 @@ def test_every_link_of_the_pages_leads_somewhere() -> None:
 
 
 def _option_defaults() -> dict[str, object]:
-    """The default of each option of `run`, and of `dev`'s where run has none of that name."""
+    """The default of each option of `run`, of `dev`'s where run has none of that name, and of
+    `mock-node-api`'s where neither has."""
     import typer.main
 
     from provisioner.cli import app
 
     group = typer.main.get_command(app)
     found: dict[str, object] = {}
-    for command in ("dev", "run"):  # run's last: its options win
+    for command in ("mock-node-api", "dev", "run"):  # run's last: its options win
         for param in group.get_command(None, command).params:  # type: ignore[attr-defined]
             for flag in param.opts:
                 found[flag] = param.default
@@ -238,7 +239,8 @@ def test_the_readme_says_each_option_s_default_as_the_option_has_it() -> None:
                       r"(\d+(?:\.\d+)?)( s| min)?( by default)?(?=[ ,)])")
     checked = set()
     for flag, low, high, value, unit, _ in said.findall(text):
-        assert flag in defaults, f"the README names {flag}, which no option of run or dev is"
+        assert flag in defaults, f"the README names {flag}, which no option of run, dev or " \
+            "mock-node-api is"
         seconds = float(value) * (60 if unit == " min" else 1)
         assert defaults[flag] == seconds, f"README: {flag} {value}{unit}; the option's default " \
             f"is {defaults[flag]}"

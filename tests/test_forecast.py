@@ -888,3 +888,29 @@ async def test_the_chances_own_estimation_error_widens_the_buffer(
     z = PoolConfig().buffer_sd
     widened = (buffer_of(reason_off) / z) ** 2 + error_of(reason_on)
     assert buffer_of(reason_on) == pytest.approx(z * math.sqrt(widened), abs=0.02)
+
+
+# --- the policy's documented lines, at their edges (each found by a mutant that survived) -----
+
+
+async def test_the_lead_time_is_lengthened_only_by_boots_running_longer_than_it(
+        pool: PoolUnderTest) -> None:
+    """README: `--overdue-boots` lengthens L while sample boots still run past it, and before
+    any sample boot has ended L is the prior or as long as the oldest has run if that is
+    longer. A boot that has run exactly the mean (or the prior) is not running longer: it
+    neither says so nor counts beside the boots that are."""
+    config = PoolConfig(min_ready=0, max_nodes=0, overdue_boots=1.0)
+    await pool.scripts.apply_node_status(pool.now, "n2", "booting")  # a sample
+    pool.clock.advance(60_000)  # exactly the prior
+    reason, _ = await decide(pool, config)
+    assert "connects in 60s" in reason and "lead time" not in reason
+    pool.clock.advance(1000)
+    await pool.scripts.apply_node_status(pool.now, "n2", "ready")  # the mean: 61 s, of 1 boot
+    await pool.scripts.apply_node_status(pool.now, "n4", "booting")  # a sample
+    pool.clock.advance(61_000)  # exactly the mean
+    reason, _ = await decide(pool, config)
+    assert "connects in 61s" in reason and "lead time" not in reason
+    await pool.scripts.apply_node_status(pool.now, "n6", "booting")  # a sample
+    pool.clock.advance(61_000)  # n4 has run 122 s, n6 exactly the mean: L = 61 + 61 / (1 + 1)
+    reason, _ = await decide(pool, config)
+    assert "lead time 92s: the mean boot 61s, 1 sample boot running longer" in reason

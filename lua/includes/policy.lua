@@ -342,9 +342,12 @@ local function lead_time(p, boot_ms, boot_n)
                         'LIMIT', 0, OVERDUE_LOOK)
   local excess, k = 0, 0
   for i = 1, #overdue, 2 do
-    if is_boot_sample(overdue[i]) then
+    -- Running longer than the mean, not as long: one that has run exactly the mean is not
+    -- overdue (the range above includes it).
+    local over = p.now - tonumber(overdue[i + 1]) - boot_ms
+    if over > 0 and is_boot_sample(overdue[i]) then
       k = k + 1
-      excess = excess + (p.now - tonumber(overdue[i + 1]) - boot_ms)
+      excess = excess + over
     end
   end
   if k == 0 then

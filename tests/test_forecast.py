@@ -914,3 +914,45 @@ async def test_the_lead_time_is_lengthened_only_by_boots_running_longer_than_it(
     pool.clock.advance(61_000)  # n4 has run 122 s, n6 exactly the mean: L = 61 + 61 / (1 + 1)
     reason, _ = await decide(pool, config)
     assert "lead time 92s: the mean boot 61s, 1 sample boot running longer" in reason
+
+
+async def test_a_new_pools_first_crowd_panics_at_the_cap(pool: PoolUnderTest) -> None:
+    """README: panic is the last minute's arrival rate over the long-run one, up to 25x, and a
+    new pool's first crowd starts at that cap."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    for i in range(20):  # 20 a minute against 20 x ln 2 / 1800 s: 43x, capped
+        await browse(pool, f"u{i}", 1)
+    reason, _ = await decide(pool, config)
+    assert panic_of(reason) == 25.0
+
+
+async def surge_reason(pool: PoolUnderTest, config: PoolConfig, young: int, arrived: float,
+                       observed_s: float) -> str:
+    """A decision with `young` users first seen within the last minute and a model that has
+    observed `arrived` (decayed) arrivals over `observed_s` (decayed) seconds."""
+    have = await pool.redis.zcount(pool.keys.key("levels"), f"({young_band(1, 1) + pool.now}",
+                                   young_band(1, 1) + LEVEL_BAND - 1)
+    for i in range(have, young):
+        await browse(pool, f"y{i}", 1)
+    await pool.redis.hset(pool.keys.key("model"), mapping={
+        "last_ms": pool.now, "arr": arrived, "x0": observed_s})
+    reason, _ = await decide(pool, config)
+    pool.clock.advance(1000)  # one decision per interval
+    return reason
+
+
+async def test_a_surge_begins_at_exactly_twice_the_rate_and_three_deviations(
+        pool: PoolUnderTest) -> None:
+    """README: a surge while the last minute's arrivals are at least twice the rate observed so
+    far (the decayed arrivals over the decayed time observed, of at least a minute) and at least
+    three Poisson deviations above that rate's count for a minute."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    # 100 a minute observed: three deviations is 130, so twice the rate is the line that binds
+    assert CALM in await surge_reason(pool, config, 199, 100.0, 60.0)
+    assert SURGE in await surge_reason(pool, config, 200, 100.0, 60.0)
+    # 4 observed over half a minute, read as over a minute: 4 a minute, not 8. Twice that is 8,
+    # and three deviations 4 + 3 x 2 = 10 is the line that binds
+    other = PoolKeys("fc-few")
+    few = PoolUnderTest(pool.redis, other, Scripts(pool.redis, other), ManualClock(pool.now))
+    assert CALM in await surge_reason(few, config, 9, 4.0, 30.0)
+    assert SURGE in await surge_reason(few, config, 10, 4.0, 30.0)

@@ -956,3 +956,51 @@ async def test_a_surge_begins_at_exactly_twice_the_rate_and_three_deviations(
     few = PoolUnderTest(pool.redis, other, Scripts(pool.redis, other), ManualClock(pool.now))
     assert CALM in await surge_reason(few, config, 9, 4.0, 30.0)
     assert SURGE in await surge_reason(few, config, 10, 4.0, 30.0)
+
+
+async def test_a_chance_is_never_read_above_one(pool: PoolUnderTest) -> None:
+    """A cell credited beyond its exposure (connects credited before the ticks counted its
+    exposure, or an imported model) forecasts each of its users to connect, no more: a chance
+    above one read a negative variance, and the target was no number."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    await browse(pool, "u", 1)  # level 1, first seen now: the cell (1, 1)
+    await pool.redis.hset(pool.keys.key("model"), mapping={
+        "last_ms": pool.now, "x1_1": 0, "r1_1": 100_000, "arr": 1000, "x0": 600})
+    reason, numbers = await decide(pool, config)
+    fresh = float(reason.split(" not browsing yet")[0].split("(")[-1])
+    assert forecast_of(reason) == pytest.approx(1 + fresh, abs=0.011)
+    assert 1 <= numbers["target"] <= 3
+
+
+async def test_a_user_leaves_a_cell_at_the_moment_its_limit_is_reached(
+        pool: PoolUnderTest) -> None:
+    """Users are in a young cell while younger than its limit, and browsing while their activity
+    is within the window: at exactly 60 s old a user is no longer an arrival of the last minute,
+    and at exactly one window after their last activity no longer browsing. A tick's trim drops
+    such entries (inclusively) first, but at most 500 a band; the rest must not count, as
+    happens when more users leave at once (a million browsing users)."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    for i in range(502):
+        await browse(pool, f"u{i}", 1)
+    pool.clock.advance(60_000)
+    # a long-run rate of one arrival, so that any arrival in the last minute would panic
+    await pool.redis.hset(pool.keys.key("model"), mapping={"last_ms": pool.now, "arr": 1})
+    reason, _ = await decide(pool, config)
+    assert "panic x1.0" in reason and "browsing by level 502/0/0/0/0" in reason
+    assert await pool.redis.zcount(pool.keys.key("levels"), young_band(1, 1),
+                                   young_band(1, 1) + pool.now) == 2  # left untrimmed
+    pool.clock.advance(60_000)
+    reason, _ = await decide(pool, config)
+    assert "browsing by level 0/0/0/0/0" in reason
+    assert await pool.redis.zcount(pool.keys.key("levels"), LEVEL_BAND,
+                                   LEVEL_BAND + pool.now - config.window_ms) == 2
+
+
+async def test_a_pause_of_the_ticks_counts_one_minute(pool: PoolUnderTest) -> None:
+    """README: every tick adds the exposure since the last tick, a minute's at most: after a
+    pause of the ticks, the exposure and the decay count one minute."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    await decide(pool, config)
+    pool.clock.advance(600_000)
+    await decide(pool, config)
+    assert float(await pool.redis.hget(pool.keys.key("model"), "x0") or 0) == 60

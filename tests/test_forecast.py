@@ -301,6 +301,11 @@ async def test_boots_longer_than_the_window_stretch_the_forecast_to_the_boot_tim
         in long_reason
     assert forecast_of(long_reason) == pytest.approx(2 * forecast_of(short_reason), abs=0.011)
     assert beyond_of(long_reason) == pytest.approx(forecast_of(short_reason), abs=0.011)
+    # and to the variance (Poisson): the buffer is z times the root of the same users' variance
+    # within the window plus the connects beyond it (no node is allocated: no frees)
+    z = DEFAULTS.buffer_sd
+    assert (buffer_of(long_reason) / z) ** 2 == pytest.approx(
+        (buffer_of(short_reason) / z) ** 2 + beyond_of(long_reason), abs=0.02)
     assert long["target"] > short["target"]
     # the credit still looks back at most one window
     assert float(await slow.redis.hget(slow.keys.key("model"), "horizon_ms") or 0) == 120_000
@@ -1004,3 +1009,41 @@ async def test_a_pause_of_the_ticks_counts_one_minute(pool: PoolUnderTest) -> No
     pool.clock.advance(600_000)
     await decide(pool, config)
     assert float(await pool.redis.hget(pool.keys.key("model"), "x0") or 0) == 60
+
+
+async def test_frees_are_counted_over_the_whole_lead_time(pool: PoolUnderTest) -> None:
+    """With boots longer than the window (L = 240 s, H = 120 s): the running sessions' frees,
+    with chance 1 - exp(-r L) each, and the frees of sessions forecast to begin within L (phi of
+    all the connects forecast within L, not only those within H) are over L; and the buffer is
+    z deviations of the connects and the frees together (README: ceil(mu - A - F +
+    z sqrt(var_D + var_F)))."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    for i in range(10):
+        await pool.boot(f"n{i}")
+        await pool.scripts.allocate(pool.now, f"a{i}")
+    for i in range(30):
+        await browse(pool, f"u{i}", 3)
+    pool.clock.advance(61_000)  # no panic
+    await pool.redis.hset(pool.keys.key("model"), "boot_ms", 240_000)
+    reason, _ = await decide(pool, config)
+    assert "connects in 240s" in reason and "learned over 120s" in reason
+    rate = 1 / 900  # no release yet: the prior's one session of 15 minutes
+    q = 1 - math.exp(-rate * 240)
+    frees = float(reason.split(" frees")[0].split("- ")[-1])
+    assert frees == pytest.approx(10 * q, abs=0.006)
+    again = float(reason.split("; ")[-2].split(" of the connects freed again")[0])
+    assert again == pytest.approx(forecast_of(reason) * (1 - q / (rate * 240)), abs=0.011)
+    var = (await last_queued(pool))[3]  # the connects' variance, as the check queued it
+    z = DEFAULTS.buffer_sd
+    assert buffer_of(reason) == pytest.approx(z * math.sqrt(var + 10 * q * (1 - q)), abs=0.011)
+
+
+async def test_the_floor_is_named_only_when_it_raises_the_target(pool: PoolUnderTest) -> None:
+    """README: a target raised to the floor adds `; floor min_ready=N`. An empty new pool's
+    forecast is 1 (the users not browsing yet's 0.05 and its buffer): at a floor of 1 it is not
+    raised, at 2 it is."""
+    reason, numbers = await decide(pool, PoolConfig(min_ready=1, max_nodes=0))
+    assert numbers["target"] == 1 and "floor" not in reason
+    pool.clock.advance(1000)
+    reason, numbers = await decide(pool, PoolConfig(min_ready=2, max_nodes=0))
+    assert numbers["target"] == 2 and "; floor min_ready=2)" in reason

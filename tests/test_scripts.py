@@ -1480,6 +1480,30 @@ async def test_each_create_is_counted_as_on_a_rise_or_to_refill(pool: PoolUnderT
         "terminations; the target raised by 3 and lowered by 0")
 
 
+async def test_a_peak_set_exactly_keep_window_ago_still_holds_for_both_scripts(
+        pool: PoolUnderTest) -> None:
+    # The keep level is the highest target of the last keep_window, its edge included, and the
+    # reaper and the tick's trim of the list agree on it: a tick at that instant must not drop
+    # the peak the reaper still counts.
+    config = PoolConfig(scaling_policy="heuristic", min_ready=0, idle_timeout_s=0,
+                        activity_window_s=60, keep_window_s=300)
+    for node in ("n1", "n2", "n3"):
+        await pool.boot(node)
+    await engage(pool, "abcd", config.window_ms)
+    assert (await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))).numbers[
+        "target"] == 2
+    pool.clock.advance(300_000)  # exactly keep_window after the peak; the browsing is over
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [t.node_id for t in reaped] == ["n1"]  # keep 2
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert decision.numbers["target"] == 0
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    pool.clock.advance(1000)
+    await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [t.node_id for t in reaped] == ["n2", "n3"]
+
+
 async def test_keep_level_survives_garbage_in_the_targets_list(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, idle_timeout_s=0, keep_window_s=300)
     await pool.redis.rpush(pool.keys.key("targets"), "junk", f"{pool.now}:7", "x:y")

@@ -1057,6 +1057,31 @@ async def test_scale_decide_respects_max_nodes(pool: PoolUnderTest) -> None:
     assert "max_nodes 3" in decision.reason
 
 
+async def test_a_probe_of_one_at_a_batch_of_one_holds_nothing(pool: PoolUnderTest) -> None:
+    # After creates were held, the service probes one at a time, "which is not held"
+    # (service.tick). Where the batch is one anyway, the probe limits nothing: the decision names
+    # the batch, not a hold.
+    config = PoolConfig(min_ready=3, max_batch=1, max_nodes=10)
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1", 1))
+    assert len(decision.reservations) == 1
+    assert decision.reason.endswith(": create 1 of 3 (max_nodes 10, batch 1)")
+    pool.clock.advance(1000)
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1", 0))
+    assert decision.reason.endswith("create 0 of 2 (creates held while the Node API fails or "
+                                    "is full)")
+
+
+async def test_creates_on_a_rise_are_counted_up_to_the_creates_made(pool: PoolUnderTest) -> None:
+    # The target rises by 3 and the batch allows 2: both are creates on the rise, and none is
+    # counted that was not made (creates_on_rise + creates_to_refill = creates_reserved).
+    config = PoolConfig(scaling_policy="heuristic", min_ready=0, max_batch=2)
+    await engage(pool, "abcdef", config.window_ms)  # ceil(6 x 0.5) = 3
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert len(decision.reservations) == 2
+    scaling = (await pool.snap()).scaling()
+    assert (scaling.creates, scaling.on_rise, scaling.to_refill) == (2, 2, 0)
+
+
 async def test_a_create_capped_to_nothing_is_logged_once_per_30s_while_it_lasts(
         pool: PoolUnderTest, aredis: aioredis.Redis) -> None:
     """Found by an operator's drill: a pool held below its target (max_nodes, or creates held
@@ -1502,6 +1527,14 @@ async def test_a_peak_set_exactly_keep_window_ago_still_holds_for_both_scripts(
     await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
     reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
     assert [t.node_id for t in reaped] == ["n2", "n3"]
+
+
+async def test_every_decision_says_whether_it_was_a_surge(pool: PoolUnderTest) -> None:
+    # `"surge": false` in the numbers of a policy that has no surge too (the heuristic's), so
+    # that a reader of `status --json` or the decisions stream finds the field in every one.
+    config = PoolConfig(scaling_policy="heuristic", min_ready=0)
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert decision.numbers["surge"] is False
 
 
 async def test_keep_level_survives_garbage_in_the_targets_list(pool: PoolUnderTest) -> None:

@@ -170,3 +170,20 @@ def test_activity_exactly_a_day_old_or_five_minutes_ahead_is_taken_and_beyond_is
     for beyond in (NOW / 1000 - 86_400.5, NOW / 1000 + 300.5):
         result = activity(beyond)
         assert isinstance(result, Rejected) and result.reason is Reason.BAD_TIMESTAMP, beyond
+
+
+def test_a_payload_given_as_text_is_measured_in_bytes() -> None:
+    """4 KiB of its UTF-8, not 4096 characters: 2,100 two-byte characters are too large."""
+    text = '{"user_id": "u1", "pad": "' + "é" * 2100 + '"}'
+    assert len(text) < 4096 < len(text.encode())
+    result = parse("user:connect", text, NOW)
+    assert isinstance(result, Rejected) and result.reason is Reason.TOO_LARGE
+    assert parse("user:connect", text[:2000] + '"}', NOW) == Connect("u1")
+
+
+@pytest.mark.parametrize("status", ["terminating", "stopped", "Ready", "running"])
+def test_a_node_status_outside_the_wire_contract_is_unknown(status: str) -> None:
+    """booting|ready|terminated only: the Node API's `terminating` is a state of its list,
+    never a status on the channel."""
+    result = parse("node:status", json.dumps({"node_id": "n1", "status": status}), NOW)
+    assert isinstance(result, Rejected) and result.reason is Reason.UNKNOWN_STATUS

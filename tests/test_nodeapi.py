@@ -363,3 +363,70 @@ async def test_a_create_that_cannot_connect_waits_between_its_tries(
     result = await api.create()
     assert result.outcome is CreateOutcome.FAILED and len(calls) == 3
     assert calls[1] - calls[0] >= 0.1 and calls[2] - calls[1] >= 0.2, calls
+
+
+def test_an_http_date_of_minus_0000_is_gmt_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`-0000` parses to a naive datetime, which `timestamp()` reads in the local zone: under
+    UTC, as here, the same; on a host in New York, five hours off (the cap, 300 s, or 0)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert retry_after_s("Thu, 01 Jan 2026 00:00:20 -0000", now=NOW) == 20.0
+        assert retry_after_s("Thu, 01 Jan 2026 00:00:20 GMT", now=NOW) == 20.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize(("timeout_s", "wait_s"), [(10.0, 3.0), (4.0, 2.0), (1.0, 0.5)])
+def test_a_connection_is_waited_for_half_the_call_at_most_and_three_seconds(
+    timeout_s: float, wait_s: float,
+) -> None:
+    """Made, or a free one of the client's, within less than the whole call's deadline: a
+    connect that outlasted it could not be told from a create sent and unanswered."""
+    timeout = HttpNodeApi("http://api", timeout_s=timeout_s)._client.timeout
+    assert (timeout.connect, timeout.pool, timeout.read) == (wait_s, wait_s, timeout_s)
+
+
+async def test_an_answer_of_exactly_the_most_body_read_is_read_whole() -> None:
+    head, tail = b'{"id": "n1", "pad": "', b'"}'
+    body = head + b"x" * (MAX_BODY["create"] - len(head) - len(tail)) + tail
+    assert len(body) == MAX_BODY["create"]
+    result = await client(lambda r: httpx.Response(202, content=body)).create()
+    assert result.outcome is CreateOutcome.CREATED and result.node_id == "n1"
+
+
+async def test_the_pauses_between_tries_double_and_none_follows_the_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each pause up to backoff_s * 2**attempt, as `longest_create_s` counts them: attempts - 1
+    of them, none after the last try (it would only delay the caller's failure). Drawn at 0
+    here, so nothing waits."""
+    import random
+
+    ranges: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        ranges.append((low, high))
+        return 0.0
+
+    monkeypatch.setattr(random, "uniform", uniform)
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    def unavailable(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503)
+
+    def api(handler: object) -> HttpNodeApi:
+        return HttpNodeApi("http://api", attempts=4, backoff_s=0.1, metrics=Metrics(),
+                           transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+
+    # A create answered 503 is not tried again; one never sent, and a delete, are.
+    for call in (lambda: api(refused).create(), lambda: api(refused).delete("n1"),
+                 lambda: api(unavailable).delete("n1")):
+        ranges.clear()
+        await call()
+        assert ranges == [(0, 0.1), (0, 0.2), (0, 0.4)], ranges

@@ -834,7 +834,8 @@ async def test_creates_are_held_a_while_after_the_node_api_says_it_is_full(
     assert calls == 4  # the hold is over: the shortfall asked for again
 
 
-@pytest.mark.parametrize(("answered_after_ms", "asked"), [(5_000, True), (61_000, False)])
+@pytest.mark.parametrize(("answered_after_ms", "asked"), [(5_000, True), (60_000, True),
+                                                       (60_001, False)])
 async def test_a_create_call_s_latency_is_in_the_boot_time_its_node_teaches(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     answered_after_ms: int, asked: bool,
@@ -3037,3 +3038,114 @@ async def test_a_replica_whose_gauges_cannot_be_read_at_start_serves_all_the_sam
     said = [rec.getMessage() for rec in caplog.records
             if "could not read the pool's gauges before serving /metrics" in rec.getMessage()]
     assert len(said) == 1 and "WRONGTYPE" in said[0], said
+
+
+@pytest.mark.parametrize(("outcome", "deadline_ms"), [(DeleteOutcome.SENT, 45_000),
+                                                      (DeleteOutcome.FAILED, 10_000)])
+async def test_a_delete_answered_waits_its_terminated_for_delete_timeout_and_a_failed_one_10s(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    outcome: DeleteOutcome, deadline_ms: int,
+) -> None:
+    """A DELETE the API took (202) is given --delete-timeout for the node's `terminated`; one
+    that failed is sent again DELETE_RETRY_MS (10 s) later: the termination's deadline, after
+    which the next tick's winner sends it again."""
+    replica = make_replica(aredis, api, clock, "r1",
+                           PoolConfig(min_ready=0, idle_timeout_s=60, delete_timeout_s=45,
+                                      scaling_policy="heuristic"))
+    await send([replica], "node:status", {"node_id": "n1", "status": "ready"})
+    clock.advance(61_000)
+    api.delete_outcome = outcome
+    await replica.tick()
+    await replica.settle()
+    assert api.deleted == ["n1"]
+    sent = clock.now_ms()
+    assert await aredis.zscore(replica.keys.key("terminating"), "n1") == sent + deadline_ms
+    clock.advance(deadline_ms - 1_000)
+    await replica.tick()
+    await replica.settle()
+    assert api.deleted == ["n1"]
+    clock.advance(1_000)
+    await replica.tick()
+    await replica.settle()
+    assert api.deleted == ["n1", "n1"]
+
+
+async def test_reconcile_judges_an_unlisted_node_missing_once_the_create_s_grace_is_over(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    """The grace is --create-timeout from its creation (60 s): a node created exactly that long
+    ago is judged, one a millisecond younger is not; a creation stamped exactly that far ahead
+    is still a create in flight, one a millisecond further a clock's error."""
+    base = clock.now_ms()
+    for node, at in (("edge", base), ("younger", base + 1), ("ahead", base + 120_000),
+                     ("too-far-ahead", base + 120_001)):
+        stamping = make_replica(aredis, api, ManualClock(at), "r-stamp")
+        await send([stamping], "node:status", {"node_id": node, "status": "ready"})
+    clock.advance(60_000)
+    api.listed = []
+    counts = await replica.reconcile()
+    assert counts is not None and counts["vanished"] == 2
+    ended = {node for node in ("edge", "younger", "ahead", "too-far-ahead")
+             if await aredis.hget(replica.keys.node(node), "state") == "terminated"}
+    assert ended == {"edge", "too-far-ahead"}
+
+
+async def test_the_creating_gauge_does_not_count_a_node_whose_status_came_before_its_post(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A create in flight whose node's `booting` came first (unclaimed) is one node, booting,
+    not one booting and one creating: creating is pending less unclaimed."""
+    replica = make_replica(aredis, api, clock, "r1")
+    answer = asyncio.Event()
+    create = api.create
+
+    async def held() -> CreateResult:
+        await answer.wait()
+        return await create()
+
+    api.create = held  # type: ignore[method-assign]
+    await replica.tick()
+    await replica.refresh_gauges(clock.now_ms())
+    assert replica.metrics.registry.get_sample_value(
+        "provisioner_nodes", {"state": "creating"}) == 1
+    await send([replica], "node:status", {"node_id": "node-1", "status": "booting"})
+    await replica.refresh_gauges(clock.now_ms())
+    assert replica.metrics.registry.get_sample_value(
+        "provisioner_nodes", {"state": "creating"}) == 0
+    assert replica.metrics.registry.get_sample_value(
+        "provisioner_nodes", {"state": "booting"}) == 1
+    answer.set()
+    await replica.settle()
+
+
+async def test_a_replica_with_reconciliation_off_decides_without_waiting_for_one(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """The first decision waits for the replica's first turn at reconciliation; with
+    --reconcile-interval 0 there is none, and the ticks must not wait for it for good."""
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            reconcile_interval_s=0, heartbeat_interval_s=0)
+    replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+    task = asyncio.create_task(replica.run())
+    try:
+        for _ in range(500):
+            if counter(replica, "provisioner_scale_decisions_total"):
+                break
+            await asyncio.sleep(0.01)
+        await replica.settle()
+        assert counter(replica, "provisioner_scale_decisions_total") >= 1
+        assert api.created == ["node-1"]
+    finally:
+        replica.stopping.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_replica_stopping_is_not_ready(
+    replica: Replica,
+) -> None:
+    """/readyz fails from the stop on, subscribed or not: traffic goes to the other replicas
+    while it finishes its work."""
+    replica.subscribed.set()
+    assert replica.ready()
+    replica.stopping.set()
+    assert not replica.ready()

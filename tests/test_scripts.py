@@ -132,6 +132,19 @@ async def test_connect_without_ready_node_waits_and_is_served_when_a_node_boots(
     assert snap.counts["waiting"] == 0 and snap.counts["allocated"] == 1
 
 
+async def test_a_node_ready_by_a_clock_behind_the_miss_s_serves_a_wait_of_nothing(
+    pool: PoolUnderTest,
+) -> None:
+    """Replicas stamp events by their own clocks: a node's ready applied by one a second behind
+    the one that applied the miss serves the user after no wait, not a negative one."""
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.scripts.apply_node_status(pool.now - 1_000, "n1", "booting")
+    ready = await pool.scripts.apply_node_status(pool.now - 1_000, "n1", "ready")
+    assert [(s.user_id, s.node_id, s.waited_ms) for s in ready.served] == [("u1", "n1", 0)]
+    snap = await pool.snap()
+    assert (snap.stat("served_after_wait"), snap.stat("wait_ms_total")) == (1, 0)
+
+
 async def test_waiting_users_are_served_oldest_first(pool: PoolUnderTest) -> None:
     for user in ("u1", "u2", "u3"):
         await pool.scripts.allocate(pool.now, user)
@@ -201,6 +214,20 @@ async def test_disconnect_of_a_waiting_user_abandons_the_queue(pool: PoolUnderTe
     await pool.boot("n1")
     assert await pool.alloc() == {"u2": "n1"}
     assert (await pool.snap()).stat("abandoned") == 1
+
+
+async def test_a_waiting_user_who_leaves_the_queue_browses_afresh(pool: PoolUnderTest) -> None:
+    """Activity while waiting is recorded; leaving the queue starts the window afresh, as the
+    end of a session does: browsing after it is new browsing."""
+    window = pool.config.window_ms
+    await pool.scripts.allocate(pool.now, "u1")  # waits
+    for offset in (2_000, 1_000, 0):
+        await pool.scripts.record_activity(pool.now, "u1", pool.now - offset, window, 3, 100)
+    assert (await pool.scripts.release(pool.now, "u1")).code is Release.ABANDONED
+    assert await pool.redis.exists(pool.keys.acts("u1"), pool.keys.seen("u1")) == 0
+    pool.clock.advance(1_000)
+    after = await pool.scripts.record_activity(pool.now, "u1", pool.now, window, 3, 100)
+    assert after.events_in_window == 1
 
 
 async def test_the_queue_keeps_its_order_through_a_disconnect_and_a_crash(
@@ -892,6 +919,18 @@ async def test_record_activity_refuses_an_argument_list_it_cannot_pair(
         with pytest.raises(ResponseError, match="user and timestamp pairs"):
             await pool.scripts.run(call)
     assert await pool.dump() == {}
+
+
+async def test_an_activity_that_comes_late_leaves_the_user_s_last_activity(
+    pool: PoolUnderTest,
+) -> None:
+    """Events of one user may come out of order (replicas, retries): `active` keeps the
+    latest."""
+    window = pool.config.window_ms
+    await pool.scripts.record_activity(pool.now, "u1", pool.now, window, 3, 100)
+    late = await pool.scripts.record_activity(pool.now, "u1", pool.now - 5_000, window, 3, 100)
+    assert late.code is Activity.RECORDED and late.events_in_window == 2
+    assert await pool.redis.zscore(pool.keys.key("active"), "u1") == pool.now
 
 
 async def test_stale_activity_is_not_recorded(pool: PoolUnderTest) -> None:

@@ -731,6 +731,21 @@ async def test_terminated_for_an_allocated_node_requeues_its_user_at_the_head(
     assert (await pool.snap()).stat("requeued") == 1
 
 
+async def test_a_crashed_node_s_user_is_served_at_once_by_a_node_ready(
+    pool: PoolUnderTest,
+) -> None:
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.boot("n2")  # idle
+    pool.clock.advance(1_000)
+    gone = await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
+    assert gone.requeued_user == "u1"
+    assert [(s.user_id, s.node_id, s.waited_ms) for s in gone.served] == [("u1", "n2", 0)]
+    assert await pool.alloc() == {"u1": "n2"}
+    assert await pool.waiting_list() == [] and await pool.ready_list() == []
+    assert await check_invariants(pool.redis, "test") == []
+
+
 async def test_terminated_twice_and_late_ready_after_terminated_are_ignored(
     pool: PoolUnderTest,
 ) -> None:
@@ -741,7 +756,8 @@ async def test_terminated_twice_and_late_ready_after_terminated_are_ignored(
     late = await pool.scripts.apply_node_status(pool.now, "n1", "ready")
     assert again.code is NodeStatusOutcome.IGNORED and late.code is NodeStatusOutcome.IGNORED
     assert await pool.dump() == before
-    assert await pool.redis.pttl(pool.keys.node("n1")) > 0  # tombstones expire
+    # tombstones are kept 24 h, then expire
+    assert 86_400_000 - 60_000 < await pool.redis.pttl(pool.keys.node("n1")) <= 86_400_000
 
 
 async def test_terminated_for_an_unknown_node_blocks_a_late_booting(pool: PoolUnderTest) -> None:
@@ -757,7 +773,9 @@ async def test_status_for_a_node_nobody_created_is_adopted(pool: PoolUnderTest) 
     assert result.code is NodeStatusOutcome.NEW
     snap = await pool.snap()
     assert snap.counts["ready"] == 1 and snap.counts["unclaimed"] == 0
-    assert (await pool.node("stray"))["origin"] == "status"
+    assert snap.stat("nodes_adopted") == 1 and snap.stat("nodes_seen") == 1
+    node = await pool.node("stray")
+    assert node["origin"] == "status" and node["ready_ms"] == str(pool.now)
 
 
 async def test_register_after_its_reservation_expired_still_records_the_node(
@@ -769,7 +787,8 @@ async def test_register_after_its_reservation_expired_still_records_the_node(
     await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))  # expires it
     late = await pool.scripts.register_node(pool.now, rid, "n1")
     assert late.code is Registration.LATE
-    assert (await pool.node("n1"))["state"] == "booting"
+    node = await pool.node("n1")
+    assert (node["state"], node["origin"], node["reservation"]) == ("booting", "late", rid)
     assert (await pool.snap()).stat("reservations_expired") == 1
 
 
@@ -1335,6 +1354,16 @@ async def test_a_time_asked_that_is_no_time_is_not_taken(pool: PoolUnderTest, as
     record, boot_ms = await _boot_learned(pool, status_first=False, asked=asked)
     assert boot_ms == 55_000
     assert "asked_ms" not in record
+
+
+async def test_a_create_asked_at_time_zero_is_timed_from_then(aredis: aioredis.Redis) -> None:
+    """A replay's clock starts at 0 (provisioner/bench/service_policy.py): a create its first
+    tick asks for is asked at 0, a time like any, and its boot is timed from it."""
+    keys = PoolKeys("zero")
+    pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(0))
+    record, boot_ms = await _boot_learned(pool, status_first=False, asked=0)
+    assert record["asked_ms"] == "0"
+    assert boot_ms == 60_000
 
 
 async def test_a_time_asked_after_the_node_s_first_record_is_not_taken(

@@ -1907,6 +1907,11 @@ async def test_the_first_heartbeat_sets_the_pools_epoch_and_every_one_returns_it
     await pool.redis.hdel(stats, "heartbeats_since")
     beat = await scripts.heartbeat("r1", {}, 60_000)
     assert beat.count == 1 and beat.count_since == str(beat.server_ms)
+    # the count deleted, its beginning left: begun again all the same
+    await pool.redis.hset(stats, "heartbeats_since", "1000")
+    await pool.redis.hdel(stats, "heartbeats")
+    beat = await scripts.heartbeat("r1", {}, 60_000)
+    assert beat.count == 1 and beat.count_since == str(beat.server_ms)
     # with no token given, the client makes a random one
     await pool.redis.flushdb()
     beat = await scripts.heartbeat("r1", {}, 60_000)

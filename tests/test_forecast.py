@@ -127,6 +127,44 @@ async def test_a_connect_credits_the_cells_of_the_horizon_before_it(pool: PoolUn
     assert await pool.redis.exists(pool.keys.acts("b"), pool.keys.seen("b")) == 0
 
 
+async def test_a_connect_samples_each_seventh_of_the_horizon_at_its_middle(
+    pool: PoolUnderTest,
+) -> None:
+    """The horizon's samples lie at the middle of each seventh of it, and at each the user is
+    browsing while an event of theirs lies strictly within the window before it: a user whose
+    one event left the window exactly at the last sample is credited there as not browsing."""
+    window = pool.config.window_ms
+    await pool.scripts.record_activity(pool.now, "a", pool.now, window, 3, 100)
+    await pool.redis.hset(pool.keys.key("model"),
+                          mapping={"window_ms": window, "horizon_ms": 7_000})
+    pool.clock.advance(window + 500)
+    await pool.scripts.allocate(pool.now, "a")
+    model = {k: float(v) for k, v in (await pool.redis.hgetall(pool.keys.key("model"))).items()
+             if k.startswith("r")}
+    # Samples at -6.5 s ... -0.5 s, one second each: the first six see the event within the
+    # window (level 1, age 1 to 2 minutes), the last one exactly one window after it.
+    assert model == {"r1_2": 6.0, "r0": 1.0}
+
+
+async def test_a_connect_credits_an_event_a_later_one_pushed_out_of_the_window(
+    pool: PoolUnderTest,
+) -> None:
+    """The user's activity keeps two windows of events: a connect's horizon looks back one
+    window from each sample, so an event that had left the window when a later one came is
+    still the user's at the samples before it left."""
+    window = pool.config.window_ms
+    await pool.scripts.record_activity(pool.now, "a", pool.now, window, 3, 100)
+    await pool.redis.hset(pool.keys.key("model"),
+                          mapping={"window_ms": window, "horizon_ms": 7_000})
+    pool.clock.advance(window + 1_000)
+    await pool.scripts.record_activity(pool.now, "a", pool.now, window, 3, 100)
+    await pool.scripts.allocate(pool.now, "a")
+    model = {k: float(v) for k, v in (await pool.redis.hgetall(pool.keys.key("model"))).items()
+             if k.startswith("r")}
+    # Samples at -6.5 s ... -0.5 s: the first event is within the window before the first six.
+    assert model == {"r1_2": 6.0, "r0": 1.0}
+
+
 async def test_the_target_grows_with_users_at_a_level_that_converts(
         pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, max_nodes=1000)

@@ -197,6 +197,43 @@ async def test_a_release_by_a_user_whose_allocation_another_holds_frees_nothing(
     assert await pool.ready_list() == []
 
 
+async def test_the_reaper_never_ends_an_allocated_node_a_booting_entry_names(
+    aredis: aioredis.Redis,
+) -> None:
+    # The twin of the test above for the stuck boots: an allocated node in the booting set (by
+    # hand, or a state put back from an older copy) is no boot to end, however long it ran.
+    keys = PoolKeys("phantom-boot")
+    pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+    config = PoolConfig(min_ready=0, scaling_policy="heuristic", conversion=0)
+    await pool.boot("n1")
+    assert (await pool.scripts.allocate(pool.now, "u1")).node_id == "n1"
+    await aredis.zadd(keys.key("booting"), {"n1": 0})
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    node = await pool.node("n1")
+    assert (node["state"], node["user"]) == ("allocated", "u1")
+    assert await aredis.zcard(keys.key("terminating")) == 0
+
+
+async def test_a_node_gone_whose_record_names_a_user_of_another_node_requeues_nobody(
+    aredis: aioredis.Redis,
+) -> None:
+    # A node's record naming a user whose allocation is another node (written by hand, or left
+    # by a state put back from an older copy): when the node goes, that user keeps their node
+    # and is not put in the queue.
+    keys = PoolKeys("stale-gone")
+    pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+    await pool.boot("n1")
+    await pool.boot("n2")
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.scripts.allocate(pool.now, "u2")
+    assert await pool.alloc() == {"u1": "n1", "u2": "n2"}
+    await aredis.hset(keys.node("n1"), "user", "u2")
+    gone = await pool.scripts.apply_node_status(pool.now, "n1", "terminated")
+    assert gone.requeued_user == "" and gone.served == []
+    assert (await pool.alloc())["u2"] == "n2" and await pool.waiting_list() == []
+    assert (await pool.snap()).stat("requeued") == 0
+
+
 def test_ids_that_are_not_text_stop_no_view(redis_url: str, sync_redis: redis.Redis) -> None:
     """Bytes that are not UTF-8, written by hand where the scripts keep ids: every view of the
     CLI still answers, the bytes shown replaced."""

@@ -149,6 +149,15 @@ async def test_a_bad_field_refuses_the_whole_import(
     assert await pool.dump() == before
 
 
+async def test_the_most_any_pool_learns_is_itself_taken(
+        pools: tuple[PoolUnderTest, PoolUnderTest]) -> None:
+    """The bounds are the most a pool learns, not past it: a mean boot of exactly a day (the
+    longest boot timeout) and a sum of exactly 10^12 load."""
+    _, pool = pools
+    loaded = await pool.scripts.load_model(pool.now, {"boot_ms": 86_400_000.0, "x4_1": 1e12})
+    assert loaded.loaded and loaded.fields == 2
+
+
 async def test_a_field_given_twice_refuses_the_whole_import(
         pools: tuple[PoolUnderTest, PoolUnderTest]) -> None:
     """Scripts.load_model takes a mapping, so only another client of the script can name a field

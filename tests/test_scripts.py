@@ -1699,6 +1699,22 @@ async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> N
     assert (await pool.snap()).counts["terminating"] == 0
 
 
+async def test_a_late_ready_or_booting_for_a_node_in_a_session_changes_nothing(
+        pool: PoolUnderTest) -> None:
+    """A copy of a node's `ready` (another replica's, or the Node API's own repeat) arriving
+    while the node serves a user is a duplicate: the user keeps the node, and it is not put
+    back in the ready list for a second user. Only the state-machine test saw this before (a
+    review's mutant that applied `ready` to any state passed every other test)."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    before = await pool.dump()
+    for status in ("ready", "booting"):
+        late = await pool.scripts.apply_node_status(pool.now, "n1", status)
+        assert late.code is NodeStatusOutcome.DUPLICATE, status
+    assert await pool.dump() == before
+    assert await pool.alloc() == {"u1": "n1"} and await pool.ready_list() == []
+
+
 async def test_a_node_the_reaper_ends_no_longer_stands_for_a_create_in_flight(
     pool: PoolUnderTest,
 ) -> None:

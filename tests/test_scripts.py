@@ -25,6 +25,7 @@ from provisioner.scripts import (
     Call,
     Heartbeat,
     NodeStatusOutcome,
+    RegisterResult,
     Registration,
     Release,
     ReplicaSeen,
@@ -1377,11 +1378,13 @@ async def test_a_time_asked_after_the_node_s_first_record_is_not_taken(
     assert boot_ms == 59_800
 
 
-async def _ready_before_the_answer(pool: PoolUnderTest, *, asked: int | None,
-                                   answered: bool = True) -> tuple[str, dict[str, str]]:
+async def _ready_before_the_answer(
+        pool: PoolUnderTest, *, asked: int | None, answered: bool = True, ended: bool = False,
+) -> tuple[str, RegisterResult | None, dict[str, str]]:
     """A sample boot asked for at pool.now whose create call is slow: its `booting` status
-    comes 0.2 s after the ask, its `ready` 60 s after, and the POST answers at 65 s (when
-    `answered`). Returns the node and the model's hash after it all."""
+    comes 0.2 s after the ask, its `ready` 60 s after, (when `ended`, its `terminated` at 61 s)
+    and the POST answers at 65 s (when `answered`). Returns the node, the answer's result and
+    the model's hash after it all."""
     node = next(f"n{i}" for i in range(100) if is_boot_sample(f"n{i}"))
     [rid] = (await pool.scripts.scale_decide(
         PoolConfig(min_ready=1).policy_args(pool.now, "r1"))).reservations
@@ -1390,10 +1393,12 @@ async def _ready_before_the_answer(pool: PoolUnderTest, *, asked: int | None,
     pool.clock.advance(59_800)
     await pool.scripts.apply_node_status(pool.now, node, "ready")
     assert (await pool.node(node))["state"] == "ready"
-    if answered:
-        pool.clock.advance(5_000)
-        await pool.scripts.register_node(pool.now, rid, node, asked)
-    return node, await pool.redis.hgetall(pool.keys.key("model"))
+    pool.clock.advance(1_000)
+    if ended:
+        await pool.scripts.apply_node_status(pool.now, node, "terminated")
+    pool.clock.advance(4_000)
+    result = await pool.scripts.register_node(pool.now, rid, node, asked) if answered else None
+    return node, result, await pool.redis.hgetall(pool.keys.key("model"))
 
 
 async def test_a_boot_ready_before_its_create_answers_is_timed_from_the_ask(
@@ -1404,7 +1409,7 @@ async def test_a_boot_ready_before_its_create_answers_is_timed_from_the_ask(
     slower to answer than a node to boot taught a lead time short by the call's latency. Now
     such a boot is learned when the answer comes."""
     asked = pool.now
-    node, model = await _ready_before_the_answer(pool, asked=asked)
+    node, _, model = await _ready_before_the_answer(pool, asked=asked)
     assert float(model["boot_ms"]) == 60_000
     assert model["boot_n"] == "1"
     assert (await pool.node(node))["asked_ms"] == str(asked)
@@ -1414,7 +1419,7 @@ async def test_a_boot_ready_before_an_answer_with_no_time_is_timed_from_its_firs
         pool: PoolUnderTest) -> None:
     """A replica of the release before sends no time asked: timed from the `booting`, as
     ever, once."""
-    _, model = await _ready_before_the_answer(pool, asked=None)
+    _, _, model = await _ready_before_the_answer(pool, asked=None)
     assert float(model["boot_ms"]) == 59_800
     assert model["boot_n"] == "1"
 
@@ -1422,14 +1427,14 @@ async def test_a_boot_ready_before_an_answer_with_no_time_is_timed_from_its_firs
 async def test_a_boot_whose_create_never_answers_teaches_nothing(pool: PoolUnderTest) -> None:
     """The replica that asked stopped before the answer: when it was asked is never known, and
     the boot is not learned short from its `booting` instead. The node serves all the same."""
-    node, model = await _ready_before_the_answer(pool, asked=None, answered=False)
+    node, _, model = await _ready_before_the_answer(pool, asked=None, answered=False)
     assert "boot_ms" not in model and "boot_n" not in model
     assert (await pool.redis.lrange(pool.keys.key("ready"), 0, -1)) == [node]
 
 
 async def test_a_late_answer_teaches_its_boot_once(pool: PoolUnderTest) -> None:
     """register_node made again (a reply lost) finds the boot learned already."""
-    node, model = await _ready_before_the_answer(pool, asked=pool.now)
+    node, _, model = await _ready_before_the_answer(pool, asked=pool.now)
     rid = (await pool.node(node))["reservation"]
     await pool.scripts.register_node(pool.now, rid, node, T0)
     assert await pool.redis.hgetall(pool.keys.key("model")) == model
@@ -1438,20 +1443,8 @@ async def test_a_late_answer_teaches_its_boot_once(pool: PoolUnderTest) -> None:
 async def test_a_boot_ended_before_its_answer_is_still_learned(pool: PoolUnderTest) -> None:
     """The node booted, then ended (a crash) before the POST answered: its boot was a boot,
     and the answer, which finds a tombstone, teaches it."""
-    node = next(f"n{i}" for i in range(100) if is_boot_sample(f"n{i}"))
-    asked = pool.now
-    [rid] = (await pool.scripts.scale_decide(
-        PoolConfig(min_ready=1).policy_args(pool.now, "r1"))).reservations
-    pool.clock.advance(200)
-    await pool.scripts.apply_node_status(pool.now, node, "booting")
-    pool.clock.advance(59_800)
-    await pool.scripts.apply_node_status(pool.now, node, "ready")
-    pool.clock.advance(1_000)
-    await pool.scripts.apply_node_status(pool.now, node, "terminated")
-    pool.clock.advance(4_000)
-    result = await pool.scripts.register_node(pool.now, rid, node, asked)
-    assert result.code is Registration.TOMBSTONE
-    model = await pool.redis.hgetall(pool.keys.key("model"))
+    _, result, model = await _ready_before_the_answer(pool, asked=pool.now, ended=True)
+    assert result is not None and result.code is Registration.TOMBSTONE
     assert float(model["boot_ms"]) == 60_000 and model["boot_n"] == "1"
 
 

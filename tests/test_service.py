@@ -2827,10 +2827,7 @@ async def test_a_replica_takes_the_node_apis_nodes_in_before_its_first_decision(
     api.listed = [ListedNode("a", "ready"), ListedNode("b", "ready")]
     task = asyncio.create_task(replica.run())
     try:
-        for _ in range(500):
-            if counter(replica, "provisioner_scale_decisions_total"):
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: counter(replica, "provisioner_scale_decisions_total") > 0)
         await replica.settle()
         assert counter(replica, "provisioner_scale_decisions_total") == 1
         assert api.created == []
@@ -3128,10 +3125,7 @@ async def test_a_replica_with_reconciliation_off_decides_without_waiting_for_one
     replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
     task = asyncio.create_task(replica.run())
     try:
-        for _ in range(500):
-            if counter(replica, "provisioner_scale_decisions_total"):
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: counter(replica, "provisioner_scale_decisions_total") > 0)
         await replica.settle()
         assert counter(replica, "provisioner_scale_decisions_total") >= 1
         assert api.created == ["node-1"]

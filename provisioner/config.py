@@ -491,7 +491,7 @@ class ServiceConfig:
             _range(self, "heartbeat_interval_s", 0, 3600, note="(0 disables heartbeats)",
                    label="heartbeat interval"),
             _range(self, "max_event_lag_s", 0, 3600, low_open=True, label="max event lag"),
-            # No option sets these three; they are said by their fields. An age or a skew of 0
+            # No option sets these three, so their problems name the fields. An age or a skew of 0
             # drops every activity event a moment off this replica's clock, a nan one every
             # event. An event older than the activity window (a day at most) is stale to
             # record_activity anyway, so the age's top only keeps it finite; a skew keeps a

@@ -230,7 +230,8 @@ class Replica:
                  metrics: Metrics | None = None, gauges: bool = True) -> None:
         # The CLI checks its settings before it makes a replica; code that makes one (a replay,
         # a test, an embedding) is held to the same ranges, not left to misbehave in silence.
-        # (Not the pool's: tests make pools the CLI would refuse, to see what the scripts do.)
+        # Not the pool's settings: a test may give it a pool the CLI refuses (a floor above the
+        # quota) to see what the scripts make of one.
         service.validate()
         self.redis = redis
         #: whether each tick refreshes the pool's Prometheus gauges (a replay has no scrape)

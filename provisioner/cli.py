@@ -526,14 +526,15 @@ def _counted(shown: int, total: int, limit: int) -> str:
 
 
 def _typed(record: dict[str, Any]) -> dict[str, Any]:
-    """A node record for JSON: its times and counts as numbers, boot_sample as true/false; a
-    value that does not read as its kind (a hand edit) is left as the text it is."""
+    """A node record for JSON: its times and counts as numbers, its flags (boot_sample,
+    boot_unlearned) as true/false; a value that does not read as its kind (a hand edit) is
+    left as the text it is."""
     typed: dict[str, Any] = {}
     for name, value in record.items():
         if (name.endswith("_ms") or name == "delete_attempts") and isinstance(value, str) \
                 and value.lstrip("-").isdigit() and len(value) < 20:
             value = int(value)
-        elif name == "boot_sample" and value in ("0", "1"):
+        elif name in ("boot_sample", "boot_unlearned") and value in ("0", "1"):
             value = value == "1"
         typed[name] = value
     return typed

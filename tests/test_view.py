@@ -399,9 +399,11 @@ def test_nodes_json_gives_numbers_and_users_lists_an_unknown_start_first(redis_u
         held = client.hget(keys.key("alloc"), "unknown")
         client.hdel(keys.node(str(held)), "allocated_ms")  # a record from before it
         client.hset(keys.node(str(held)), "delete_attempts", "2")
+        client.hset(keys.node(str(held)), "boot_unlearned", "1")
     common = ["--redis-url", redis_url, "--pool", "typed-cli"]
     listed = json.loads(CliRunner().invoke(app, ["nodes", *common, "--json"]).output)
     assert [n["delete_attempts"] for n in listed if "delete_attempts" in n] == [2]
+    assert [n["boot_unlearned"] for n in listed if "boot_unlearned" in n] == [True]
     users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
     assert [(u["user_id"], u["session_s"] is None) for u in users["allocated"]] == [
         ("unknown", True), ("old", False)]

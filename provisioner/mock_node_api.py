@@ -9,9 +9,9 @@ never created or whose node ended over KEEP_TERMINATED_S ago, and publishes `ter
 reconciliation. A create beyond `--max-nodes` answers 429 with a `Retry-After` (`--retry-after`
 seconds).
 
-Faults, all seeded: a share of creates and deletes answer 500, added latency on every call, a
-share of boots that never become ready, and nodes that die (`terminated` while ready or
-allocated) at a rate per node-hour.
+Faults, all seeded: a share of creates and deletes answer 500, added latency on every call
+(and on a create's answer, after its node exists), a share of boots that never become ready,
+and nodes that die (`terminated` while ready or allocated) at a rate per node-hour.
 """
 
 from __future__ import annotations
@@ -120,6 +120,10 @@ class Faults:
     latency_s: float = 0.0
     stuck_rate: float = 0.0
     death_rate_per_hour: float = 0.0
+    #: a create's answer comes up to this long after its node exists (`latency_s` is all before
+    #: it): a real API's answer slow on its way back, which a node's `booting`, and its `ready`
+    #: where the boot is shorter, come before
+    answer_latency_s: float = 0.0
 
 
 @dataclass
@@ -259,6 +263,11 @@ class MockNodeApi:
         if not stuck and node.state == "booting" and not self.stopping.is_set():
             node.tasks.append(_spawn(self._boot(node), node.id))
         log.info("create %s%s", node.id, " (will never become ready)" if stuck else "")
+        if self.faults.answer_latency_s > 0:
+            # A mock stopping answers at once, and with the node: it exists, and is the
+            # caller's all the same (a 503 would leave it to reconciliation).
+            await sleep_unless(self.stopping,
+                               self.rng.uniform(0, self.faults.answer_latency_s))
         return web.json_response({"id": node.id}, status=202)
 
     async def _boot(self, node: MockNode) -> None:
@@ -428,6 +437,10 @@ def command(
     latency: Annotated[float, typer.Option(min=0, max=600,
                                            help="Added latency per call, up to N s.")]
     = 0.0,
+    answer_latency: Annotated[float, typer.Option(
+        min=0, max=600, help="Added latency of a create's answer after its node exists, up "
+                             "to N s: its booting, and its ready too where the boot is "
+                             "shorter, may come first.")] = 0.0,
     stuck_rate: Annotated[float, typer.Option(
         callback=_rate, help="Share of boots that never become ready, 0 to 1.")] = 0.0,
     death_rate: Annotated[float, typer.Option(
@@ -439,7 +452,8 @@ def command(
     # the service's logging: a malformed request is one throttled warning line, not aiohttp's
     # traceback at ERROR for each (a review sent a 20,000-character URL and a 20 kB header)
     setup_logging()
-    faults = Faults(create_error_rate, delete_error_rate, latency, stuck_rate, death_rate)
+    faults = Faults(create_error_rate, delete_error_rate, latency, stuck_rate, death_rate,
+                    answer_latency)
 
     async def main() -> None:
         redis = aioredis.Redis.from_url(redis_url)

@@ -90,7 +90,9 @@ async def test_a_create_it_cannot_publish_is_refused_and_not_kept(start_api: Sta
                                     ["--max-nodes", "10000000"],
                                     ["--retry-after", "-1"], ["--retry-after", "-0.5"],
                                     ["--retry-after", "inf"], ["--retry-after", "nan"],
-                                    ["--retry-after", "86401"]])
+                                    ["--retry-after", "86401"],
+                                    ["--answer-latency", "-1"], ["--answer-latency", "inf"],
+                                    ["--answer-latency", "601"]])
 def test_an_unbounded_mock_knob_is_refused_before_serving(option: list[str]) -> None:
     from typer.testing import CliRunner
 
@@ -228,6 +230,45 @@ def test_the_mock_command_passes_its_retry_after_on(monkeypatch: pytest.MonkeyPa
                                       *option])
     assert result.exit_code == 0, result.output
     assert [api.retry_after_s for api in served] == [seconds]
+
+
+async def test_a_create_s_answer_may_come_after_the_node_is_ready(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    """--answer-latency: the answer of a create comes up to N s after the node exists, as a
+    real API's answer slow on its way back, so its `booting`, and its `ready` when the boot is
+    shorter, come before it. The mock had all its latency before the node existed, and a
+    node ready before its create's answer (which the pool learns its boot from) was out of
+    reach of every live run."""
+    api = MockNodeApi(aredis, BootDelay.parse("0.05"), seed=1,
+                      faults=Faults(answer_latency_s=1.0))
+    api.rng.uniform = lambda low, high: high  # type: ignore[method-assign]
+    mock = await start_api(api=api)
+    async with Subscriber(aredis, "node:status") as sub:
+        created = await mock.post("/api/nodes")
+        assert created.status_code == 202
+        node_id = created.json()["id"]
+        assert api.nodes[node_id].state == "ready"  # before its answer came
+        messages = await sub.drain(settle=0.2)
+    assert [(m["node_id"], m["status"]) for _, m in messages] == [
+        (node_id, "booting"), (node_id, "ready")]
+
+
+async def test_a_mock_stopping_answers_a_create_at_once_with_its_node(
+        start_api: Start, aredis: aioredis.Redis) -> None:
+    """A create in its answer's latency when the mock stops is answered at once with the node
+    it made (202, not the 503 of a call refused before it made one: the node exists, and
+    would be the caller's without its id)."""
+    api = MockNodeApi(aredis, BootDelay.parse("100"), seed=1,
+                      faults=Faults(answer_latency_s=600.0))
+    mock = await start_api(api=api)
+    pending = asyncio.create_task(mock.post("/api/nodes"))
+    for _ in range(200):
+        if api.nodes:
+            break
+        await asyncio.sleep(0.01)
+    await api.close()
+    answered = await asyncio.wait_for(pending, 5)
+    assert answered.status_code == 202 and answered.json()["id"] in api.nodes
 
 
 @pytest.mark.parametrize("seconds", [7, 0])

@@ -208,10 +208,11 @@ class MockNodeApi:
             return False
         return True
 
-    async def _latency(self) -> bool:
-        """The injected latency of a call; whether the mock is stopping (then it ends early)."""
-        if self.faults.latency_s > 0:
-            return await sleep_unless(self.stopping, self.rng.uniform(0, self.faults.latency_s))
+    async def _latency(self, up_to_s: float) -> bool:
+        """An injected latency, up to `up_to_s` (a call's, or a create's answer's); whether
+        the mock is stopping (then it ends early)."""
+        if up_to_s > 0:
+            return await sleep_unless(self.stopping, self.rng.uniform(0, up_to_s))
         return self.stopping.is_set()
 
     @staticmethod
@@ -238,7 +239,7 @@ class MockNodeApi:
     # --- handlers -----------------------------------------------------------------------------
 
     async def create(self, _: web.Request) -> web.Response:
-        if await self._latency():
+        if await self._latency(self.faults.latency_s):
             return self._stopping_answer("create")
         self._forget_old()
         if self._fails(self.faults.create_error_rate):
@@ -263,11 +264,9 @@ class MockNodeApi:
         if not stuck and node.state == "booting" and not self.stopping.is_set():
             node.tasks.append(_spawn(self._boot(node), node.id))
         log.info("create %s%s", node.id, " (will never become ready)" if stuck else "")
-        if self.faults.answer_latency_s > 0:
-            # A mock stopping answers at once, and with the node: it exists, and is the
-            # caller's all the same (a 503 would leave it to reconciliation).
-            await sleep_unless(self.stopping,
-                               self.rng.uniform(0, self.faults.answer_latency_s))
+        # A mock stopping answers at once, and with the node: it exists, and is the caller's
+        # all the same (a 503 would leave it to reconciliation).
+        await self._latency(self.faults.answer_latency_s)
         return web.json_response({"id": node.id}, status=202)
 
     async def _boot(self, node: MockNode) -> None:
@@ -290,7 +289,7 @@ class MockNodeApi:
         await self._publish(node, "terminated")
 
     async def delete(self, request: web.Request) -> web.Response:
-        if await self._latency():
+        if await self._latency(self.faults.latency_s):
             return self._stopping_answer("delete")
         node = self._find(request.match_info["node_id"])
         if node is None:

@@ -407,9 +407,9 @@ async def test_a_mock_told_to_stop_answers_a_call_in_its_latency_and_creates_not
     in_latency = asyncio.Event()
 
     class Watched(MockNodeApi):
-        async def _latency(self) -> bool:
+        async def _latency(self, up_to_s: float) -> bool:
             in_latency.set()
-            return await super()._latency()
+            return await super()._latency(up_to_s)
 
     # seed 1 draws a latency of 80 s for the first call
     api = Watched(aredis, BootDelay.parse("1"), faults=Faults(latency_s=600), seed=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -162,21 +163,29 @@ async def test_a_ready_entry_whose_node_is_not_ready_is_dropped_not_handed_out(
     assert snap.stat("values_repaired") == 2 and snap.counts["ready"] == 0
 
 
-async def test_the_reaper_never_chooses_a_node_a_ready_entry_names_wrongly(
-    aredis: aioredis.Redis,
+@pytest.mark.parametrize("entry", ["ready", "booting"])
+async def test_the_reaper_never_ends_an_allocated_node_a_ready_or_booting_entry_names(
+    aredis: aioredis.Redis, entry: str,
 ) -> None:
     # Found by a review of the fix above: the reaper read the same list's head and chose an
     # allocated node written there by hand, which the replica then DELETEd under its user.
-    keys = PoolKeys("phantom")
+    # And its twin for the stuck boots: an allocated node in the booting set (by hand, or a
+    # state put back from an older copy) is no boot to end, however long it ran.
+    keys = PoolKeys(f"phantom-{entry}")
     pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
     config = PoolConfig(min_ready=0, scaling_policy="heuristic", conversion=0, idle_timeout_s=60)
     await pool.boot("n1")
     assert (await pool.scripts.allocate(pool.now, "u1")).node_id == "n1"
-    await aredis.lpush(keys.key("ready"), "n1")
+    if entry == "ready":
+        await aredis.lpush(keys.key("ready"), "n1")
+    else:
+        await aredis.zadd(keys.key("booting"), {"n1": 0})
     pool.clock.advance(120_000)
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
-    assert (await pool.node("n1"))["state"] == "allocated"
+    node = await pool.node("n1")
+    assert (node["state"], node["user"]) == ("allocated", "u1")
     assert (await pool.snap()).counts["ready"] == 0
+    assert await aredis.zcard(keys.key("terminating")) == 0
 
 
 async def test_a_release_by_a_user_whose_allocation_another_holds_frees_nothing(
@@ -195,23 +204,6 @@ async def test_a_release_by_a_user_whose_allocation_another_holds_frees_nothing(
     assert (node["state"], node["user"]) == ("allocated", "u1")
     assert await pool.alloc() == {"u1": "n1"}
     assert await pool.ready_list() == []
-
-
-async def test_the_reaper_never_ends_an_allocated_node_a_booting_entry_names(
-    aredis: aioredis.Redis,
-) -> None:
-    # The twin of the test above for the stuck boots: an allocated node in the booting set (by
-    # hand, or a state put back from an older copy) is no boot to end, however long it ran.
-    keys = PoolKeys("phantom-boot")
-    pool = PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
-    config = PoolConfig(min_ready=0, scaling_policy="heuristic", conversion=0)
-    await pool.boot("n1")
-    assert (await pool.scripts.allocate(pool.now, "u1")).node_id == "n1"
-    await aredis.zadd(keys.key("booting"), {"n1": 0})
-    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
-    node = await pool.node("n1")
-    assert (node["state"], node["user"]) == ("allocated", "u1")
-    assert await aredis.zcard(keys.key("terminating")) == 0
 
 
 async def test_a_node_gone_whose_record_names_a_user_of_another_node_requeues_nobody(

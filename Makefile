@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## run: the whole local stack (private server, mock Node API, simulator, 2 replicas, live view)
+## (ARGS: options of `provisioner dev`, e.g. ARGS="--mock-options '--latency 3'")
+ARGS ?=
 run: $(STAMP)
-	$(BIN)/provisioner dev
+	$(BIN)/provisioner dev $(ARGS)
 
 ## test: the whole test suite against private servers
 test: $(STAMP)

@@ -949,6 +949,7 @@ def reconcile(
 
 @app.command()
 def dev(
+    ctx: typer.Context,
     redis_url: Annotated[str, typer.Option(
         "--redis-url", envvar="PROVISIONER_REDIS_URL", callback=redis_url_option,
         help="Use this Redis; by default a private server is started")] = "",
@@ -958,12 +959,36 @@ def dev(
     ] = "lognormal:20:45",
     arrival_rate: Annotated[float, typer.Option(
         min=0.01, max=100_000, help="Simulated users per minute")] = 20.0,
+    mock_options: Annotated[str, typer.Option(
+        metavar="OPTIONS", help="Further options of the mock Node API, in one quoted word "
+        "(see `provisioner mock-node-api --help`): '--latency 3 --answer-latency 6'")] = "",
+    simulate_options: Annotated[str, typer.Option(
+        metavar="OPTIONS", help="Further options of the simulator, in one quoted word (see "
+        "`provisioner simulate --help`): '--session 120' or '--trace FILE --speed 10'")] = "",
 ) -> None:
     """The whole local stack: server, mock Node API, simulator, replicas, live status view."""
-    from provisioner.devstack import run_stack
+    from provisioner.devstack import options_passed_on, run_stack
 
+    mock, _ = options_passed_on(mock_options, "mock-node-api", mock_node_api.command,
+                                "--mock-options")
+    simulate, parsed = options_passed_on(simulate_options, "simulate", simulator.command,
+                                         "--simulate-options")
+    # With a trace, what the simulator would refuse once started (from its log): a synthetic
+    # option given with it, or the stack's own --arrival-rate, which is then not passed on.
+    try:
+        simulator.synthetic_options_refused(parsed)
+    except typer.BadParameter as exc:
+        raise typer.BadParameter(f"simulate: {exc.format_message()}",
+                                 param_hint="--simulate-options") from None
+    rate: float | None = arrival_rate
+    if parsed.params.get("trace") is not None:
+        if getattr(ctx.get_parameter_source("arrival_rate"), "name", "DEFAULT") != "DEFAULT":
+            raise typer.BadParameter("a trace holds its own users; --arrival-rate is for "
+                                     "synthetic traffic", param_hint="--arrival-rate")
+        rate = None
     raise typer.Exit(run_stack(redis_url=redis_url or None, replicas=replicas,
-                               boot_delay=boot_delay, arrival_rate=arrival_rate))
+                               boot_delay=boot_delay, arrival_rate=rate, mock=mock,
+                               simulate=simulate))
 
 
 model_app = typer.Typer(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,9 +24,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+import typer
 from redis.exceptions import RedisError
 from rich.console import Group
 from rich.live import Live
@@ -35,6 +37,7 @@ from provisioner import view
 from provisioner.clock import WallClock
 from provisioner.config import PoolConfig, shown_url
 from provisioner.redis_server import RedisServer, free_port, parent_death_signal, start_server
+from provisioner.simulator import Parsed
 from provisioner.terminal import SafeConsole
 
 console = SafeConsole()
@@ -106,15 +109,65 @@ class Stack:
     children: list[Child] = field(default_factory=list)
 
 
+# What the stack sets itself in each process it starts, refused in the options passed on to it:
+# given again, the process would take the later (the stack's own port or server lost), and the
+# stack's own options say the rest.
+# Each with the stack's own option for it, if it has one.
+SET_BY_THE_STACK = {
+    "mock-node-api": {"--port": "", "--host": "", "--redis-url": "--redis-url",
+                      "--boot-delay": "--boot-delay"},
+    "simulate": {"--redis-url": "--redis-url", "--arrival-rate": "--arrival-rate"},
+}
+
+
+# What a command's parser raises on an unknown option, a bad value or a word too many: click's
+# UsageError, named through its subclass typer exports (typer's later releases carry their own
+# copy of click, with no `click` module to import), and typed as that subclass, whose
+# format_message it has.
+_USAGE_ERROR = cast("type[typer.BadParameter]", typer.BadParameter.__bases__[0])
+
+
+def options_passed_on(text: str, name: str, command: Callable[..., Any],
+                      option: str) -> tuple[list[str], Parsed]:
+    """`text`, options for the stack's process `name` (a command of the CLI, `command` its
+    function), split as a shell would and parsed now by that command's own parser: a bad
+    value, an unknown option or one the stack sets itself is refused (a typer.BadParameter on
+    `option`) before anything starts, not found later in the process's log. Returns the
+    options and their parse."""
+    try:
+        args = shlex.split(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"cannot split {text!r}: {exc}", param_hint=option) from None
+    for arg in args:
+        word = arg.split("=", 1)[0]
+        if word == "--help":
+            raise typer.BadParameter(f"--help starts nothing; `provisioner {name} --help` lists "
+                                     "the options", param_hint=option)
+        if word in SET_BY_THE_STACK[name]:
+            own = SET_BY_THE_STACK[name][word]
+            raise typer.BadParameter(
+                f"{word} is set by the stack itself" + (f"; give {own} to the stack" if own
+                                                         else ""), param_hint=option)
+    one = typer.Typer()
+    one.command(name)(command)
+    parser = typer.main.get_command(one)
+    try:
+        parsed = parser.make_context(name, list(args))
+    except _USAGE_ERROR as exc:
+        raise typer.BadParameter(f"{name}: {exc.format_message()}", param_hint=option) from None
+    return args, parsed
+
+
 @contextlib.contextmanager
 def stack(redis_url: str | None = None, replicas: int = 2,
-          boot_delay: str = "lognormal:20:45", arrival_rate: float = 20.0,
+          boot_delay: str = "lognormal:20:45", arrival_rate: float | None = 20.0,
           simulate: Sequence[str] = (), say: Callable[[str], None] = console.print,
-          ) -> Iterator[Stack]:
-    """Start the server (unless `redis_url` is given), the mock Node API, the replicas and the
-    simulator (`simulate`: its further options), and stop them all on the way out: SIGTERM
-    first, SIGKILL after a grace period. Raises RuntimeError if the mock Node API does not
-    start."""
+          mock: Sequence[str] = ()) -> Iterator[Stack]:
+    """Start the server (unless `redis_url` is given), the mock Node API (`mock`: its further
+    options), the replicas and the simulator (`simulate`: its further options; no
+    `--arrival-rate` if `arrival_rate` is None, as a --trace needs), and stop them all on the
+    way out: SIGTERM first, SIGKILL after a grace period. Raises RuntimeError if the mock Node
+    API does not start."""
     logdir = Path(tempfile.mkdtemp(prefix="provisioner-stack-"))
     exe = [sys.executable, "-m", "provisioner"]
     server: RedisServer | None = None
@@ -133,7 +186,7 @@ def stack(redis_url: str | None = None, replicas: int = 2,
         env = {"PROVISIONER_REDIS_URL": redis_url}
         children.append(Child("mock-node-api", [
             *exe, "mock-node-api", "--port", str(running.api_port),
-            "--boot-delay", boot_delay], logdir, env))
+            "--boot-delay", boot_delay, *mock], logdir, env))
         if not _wait_http(running.api_port):
             raise RuntimeError(f"mock Node API did not start; see {logdir}/mock-node-api.log")
         for index in range(replicas):
@@ -144,10 +197,11 @@ def stack(redis_url: str | None = None, replicas: int = 2,
                 "--node-api-url", f"http://127.0.0.1:{running.api_port}", "--http-port",
                 str(port), "--http-host", "127.0.0.1",  # a laptop's stack: this host only
                 "--replica-id", f"replica-{index + 1}"], logdir, env))
-        children.append(Child("simulator", [
-            *exe, "simulate", "--arrival-rate", str(arrival_rate), *simulate], logdir, env))
-        say(f"mock Node API http://127.0.0.1:{running.api_port}  replicas' metrics on ports "
-            f"{', '.join(map(str, running.metrics_ports))}  logs in {logdir}")
+        rate = [] if arrival_rate is None else ["--arrival-rate", str(arrival_rate)]
+        children.append(Child("simulator", [*exe, "simulate", *rate, *simulate], logdir, env))
+        given = "".join(f" ({shlex.join(options)})" for options in (mock,) if options)
+        say(f"mock Node API http://127.0.0.1:{running.api_port}{given}  replicas' metrics on "
+            f"ports {', '.join(map(str, running.metrics_ports))}  logs in {logdir}")
         yield running
     finally:
         with _interrupts_ignored():
@@ -194,9 +248,11 @@ def _interrupts_ignored() -> Iterator[None]:
 
 
 def run_stack(redis_url: str | None = None, replicas: int = 2,
-              boot_delay: str = "lognormal:20:45", arrival_rate: float = 20.0,
-              duration: float | None = None) -> int:
-    """Start everything, show the live view until Ctrl-C (or `duration` seconds), stop all."""
+              boot_delay: str = "lognormal:20:45", arrival_rate: float | None = 20.0,
+              duration: float | None = None, mock: Sequence[str] = (),
+              simulate: Sequence[str] = ()) -> int:
+    """Start everything, show the live view until Ctrl-C (or `duration` seconds), stop all;
+    `mock`, `simulate`: further options of the mock Node API and of the simulator."""
     stop = {"now": False}
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -205,7 +261,8 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
     # SIGHUP too: the terminal that ran `make run` was closed.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        with stack(redis_url, replicas, boot_delay, arrival_rate) as running:
+        with stack(redis_url, replicas, boot_delay, arrival_rate, simulate,
+                   mock=mock) as running:
             console.print("Ctrl-C stops everything.")
             try:
                 ended = asyncio.run(_watch(running.redis_url, running.children, stop, duration))

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import redis.asyncio as aioredis
 import typer
@@ -268,6 +268,29 @@ SYNTHETIC_ONLY = ("arrival_rate", "browse_gap", "conversion", "requests", "sessi
                   "seed")
 
 
+class Parsed(Protocol):
+    """A command's options as its parser read them (a typer or click context)."""
+
+    params: dict[str, Any]
+
+    def get_parameter_source(self, name: str) -> object: ...
+
+
+def synthetic_options_refused(ctx: Parsed) -> None:
+    """With a --trace, refuse an option of the synthetic traffic given with it (a
+    typer.BadParameter naming it): the trace's users and span are its own. Also `dev`'s check
+    of the options it passes on, before anything starts."""
+    if ctx.params.get("trace") is None:
+        return
+    given = [name for name in SYNTHETIC_ONLY
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+    if given:
+        hint = "--" + given[0].replace("_", "-")
+        why = ("a trace runs for its own duration_s" if given[0] == "duration"
+               else "a trace holds its own users")
+        raise typer.BadParameter(f"{why}; {hint} is for synthetic traffic", param_hint=hint)
+
+
 def command(
     ctx: typer.Context,
     redis_url: Annotated[str, typer.Option(
@@ -298,13 +321,7 @@ def command(
     """Publish user traffic on user:activity, user:connect and user:disconnect."""
     setup_logging()  # the service's: what a terminal acts on, in a trace's ids, escaped
     if trace is not None:
-        given = [name for name in SYNTHETIC_ONLY
-                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
-        if given:
-            hint = "--" + given[0].replace("_", "-")
-            why = ("a trace runs for its own duration_s" if given[0] == "duration"
-                   else "a trace holds its own users")
-            raise typer.BadParameter(f"{why}; {hint} is for synthetic traffic", param_hint=hint)
+        synthetic_options_refused(ctx)
         try:
             events = trace_events(trace)
             first = next(events, None)

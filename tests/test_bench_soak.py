@@ -104,6 +104,10 @@ def test_a_bad_boot_delay_or_json_folder_is_refused_before_anything_starts(
     assert bad_delay.exit_code == 2 and "--boot-delay" in bad_delay.output
     no_folder = runner.invoke(app, ["bench", "soak", "--json", str(tmp_path / "no" / "f.json")])
     assert no_folder.exit_code == 2 and "no folder" in no_folder.output
+    bad_mock = runner.invoke(app, ["bench", "soak", "--mock-options", "--latency soon"],
+                             env={"COLUMNS": "300"})
+    assert bad_mock.exit_code == 2 and "mock-node-api: Invalid value for '--latency'" in (
+        bad_mock.output), bad_mock.output
 
 
 @pytest.mark.e2e
@@ -114,7 +118,8 @@ def test_a_short_soak_samples_the_running_stack_and_stops_every_process(
     out = tmp_path / "soak.json"
     result = CliRunner().invoke(app, [
         "bench", "soak", "--minutes", "0.3", "--every", "3", "--replicas", "2",
-        "--arrival-rate", "600", "--kill-every", "7", "--json", str(out)])
+        "--arrival-rate", "600", "--kill-every", "7", "--json", str(out),
+        "--mock-options", "--answer-latency 0.5"])
 
     assert result.exit_code == 0, result.output
     run = json.loads(out.read_text())
@@ -131,6 +136,7 @@ def test_a_short_soak_samples_the_running_stack_and_stops_every_process(
     assert set(samples[-1]["rss_mb"]) >= {"server", "mock-node-api", "replica-1", "simulator"}
     assert set(run["logs"]) == {"mock-node-api", "replica-1", "replica-2", "simulator"}
     assert "server memory (MB)" in result.output
+    assert " (--answer-latency 0.5)  replicas' metrics" in result.output, result.output
     checked = sum(s["checked"] for s in samples)
     assert (f"invariants checked in {checked} of {len(samples)} samples" in result.output
             and "broken in 0;" in result.output), result.output

@@ -192,3 +192,97 @@ def test_the_dev_stack_stops_its_server_and_every_child_with_sigterm() -> None:
     with pytest.raises(redis.ConnectionError), redis.Redis.from_url(running.redis_url) as client:
         client.ping()
     assert said[-1] == f"stopped 3 processes; logs kept in {running.logdir}", said
+
+
+@pytest.mark.parametrize(("options", "said"), [
+    (["--mock-options", "--latency x"], "mock-node-api: Invalid value for '--latency'"),
+    (["--mock-options", "--bogus 1"], "mock-node-api: No such option: --bogus"),
+    (["--mock-options", "stray"], "mock-node-api: Got unexpected extra argument"),
+    (["--mock-options", "'unclosed"], "cannot split \"'unclosed\": No closing quotation"),
+    (["--mock-options", "--port 9"], "--port is set by the stack itself"),
+    (["--mock-options", "--port=9"], "--port is set by the stack itself"),
+    (["--mock-options", "--boot-delay 3"], "give --boot-delay to the stack"),
+    (["--mock-options", "--help"], "`provisioner mock-node-api --help` lists the options"),
+    (["--simulate-options", "--redis-url redis://x/0"], "give --redis-url to the stack"),
+    (["--simulate-options", "--arrival-rate 3"], "give --arrival-rate to the stack"),
+    (["--simulate-options", "--trace /nonexistent.jsonl.gz"], "does not exist"),
+    (["--simulate-options", "--trace {trace} --session 60"],
+     "simulate: Invalid value for --session: a trace holds its own users"),
+    (["--arrival-rate", "3", "--simulate-options", "--trace {trace}"],
+     "Invalid value for --arrival-rate: a trace holds its own users"),
+])
+def test_the_dev_stack_refuses_options_its_processes_would_refuse_before_starting_anything(
+        options: list[str], said: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The options `dev` passes on to the mock and the simulator are parsed by their own
+    commands first: a mistake is said at once, not found in a child's log after the stack
+    came up without it; one the stack sets itself (its port, its server) is refused, not
+    passed on to fight the stack's."""
+    from typer.testing import CliRunner
+
+    from provisioner import devstack
+    from provisioner.cli import app
+
+    started: list[object] = []
+    monkeypatch.setattr(devstack, "run_stack", lambda **kw: started.append(kw) or 0)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"format": "provisioner-trace/1"}\n')
+    args = [arg.replace("{trace}", str(trace)) for arg in options]
+    result = CliRunner().invoke(app, ["dev", *args], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert said in " ".join(result.output.split()), result.output
+    assert started == []
+
+
+def test_the_dev_stack_passes_its_options_on(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the stack is asked to start with: the mock's and the simulator's options as
+    given, and no rate of the stack's beside a trace (the simulator would refuse one)."""
+    from typer.testing import CliRunner
+
+    from provisioner import devstack
+    from provisioner.cli import app
+
+    started: list[dict[str, object]] = []
+    monkeypatch.setattr(devstack, "run_stack", lambda **kw: started.append(kw) or 0)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"format": "provisioner-trace/1"}\n')
+    runner = CliRunner()
+    result = runner.invoke(app, ["dev", "--mock-options", "--latency 3 --answer-latency=6",
+                                 "--simulate-options", "--session 60", "--arrival-rate", "5"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["dev", "--simulate-options", f"--trace '{trace}' --speed 10"])
+    assert result.exit_code == 0, result.output
+    synthetic, replay = started
+    assert (synthetic["mock"], synthetic["simulate"], synthetic["arrival_rate"]) == (
+        ["--latency", "3", "--answer-latency=6"], ["--session", "60"], 5.0)
+    assert (replay["mock"], replay["simulate"], replay["arrival_rate"]) == (
+        [], ["--trace", str(trace), "--speed", "10"], None)
+
+
+def test_the_stack_starts_the_mock_and_the_simulator_with_the_options_given(
+        tmp_path: Path) -> None:
+    """Passed on and acted on: the mock's quota of one node refuses a second create, and the
+    simulator replays the trace given, with no rate of the stack's on its command line."""
+    import httpx
+
+    from provisioner.devstack import stack
+    from tests.test_bench_world import write_trace
+
+    trace = write_trace(tmp_path / "t.jsonl", [(0.5, "activity", "u1"), (1, "connect", "u1"),
+                                               (1.5, "disconnect", "u1")], duration=2)
+    said: list[str] = []
+    with stack(replicas=1, arrival_rate=None, mock=["--max-nodes", "1", "--retry-after", "7"],
+               simulate=["--trace", str(trace)], say=said.append) as running:
+        assert "(--max-nodes 1 --retry-after 7)  replicas' metrics" in said[-1], said
+        api = f"http://127.0.0.1:{running.api_port}/api/nodes"
+        answers = [httpx.post(api, timeout=10) for _ in range(3)]
+        refused = [a for a in answers if a.status_code == 429]
+        assert refused and refused[0].headers.get("retry-after") == "7", answers
+        simulator = next(c for c in running.children if c.name == "simulator")
+        assert "--arrival-rate" not in simulator.args
+        deadline = time.monotonic() + 20
+        while simulator.alive():
+            assert time.monotonic() < deadline, simulator.log_path.read_text()
+            time.sleep(0.1)
+        assert simulator.process.returncode == 0, simulator.log_path.read_text()
+        assert "done" in simulator.log_path.read_text()

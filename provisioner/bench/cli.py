@@ -542,19 +542,26 @@ def soak(
         "seconds, in turn (0: never)")] = 0.0,
     json_out: Annotated[Path | None, typer.Option(
         "--json", dir_okay=False, help="Also write every sample and the verdict here")] = None,
+    mock_options: Annotated[str, typer.Option(
+        metavar="OPTIONS", help="Further options of the mock Node API, in one quoted word "
+        "(`provisioner dev`'s): '--latency 3 --answer-latency 6 --death-rate 2'")] = "",
 ) -> None:
     """Run the local stack (private server, mock Node API, replicas, simulator) under steady
     traffic and sample what would grow if something leaked: server memory and keys, every pool
     structure, each process's memory, the invariants, the nodes the API runs against those the
     pool knows; exit 1 if a process stopped, an invariant broke, a log holds a traceback or the
     API and the pool disagree on a node for a minute."""
+    from provisioner import mock_node_api
     from provisioner.bench import soak as soaking
+    from provisioner.devstack import options_passed_on
     from provisioner.mock_node_api import BootDelay
 
     try:
         BootDelay.parse(boot_delay)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--boot-delay") from exc
+    mock, _ = options_passed_on(mock_options, "mock-node-api", mock_node_api.command,
+                                "--mock-options")
     if json_out is not None and not json_out.parent.is_dir():
         raise typer.BadParameter(f"no folder {json_out.parent}", param_hint="--json")
 
@@ -575,7 +582,7 @@ def soak(
         result = soaking.run(minutes, every, replicas, boot_delay, arrival_rate,
                              ["--session", str(session), "--seed", str(seed)],
                              kill_every=kill_every, on_sample=show,
-                             say=lambda line: console.print(line, markup=False))
+                             say=lambda line: console.print(line, markup=False), mock=mock)
     except RuntimeError as exc:
         errors.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc

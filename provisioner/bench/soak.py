@@ -25,7 +25,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -211,11 +211,12 @@ def count_log_marks(path: Path) -> dict[str, int]:
 def run(minutes: float, every: float, replicas: int, boot_delay: str, arrival_rate: float,
         simulate: list[str], kill_every: float = 0.0,
         on_sample: Callable[[Sample], None] = lambda s: None,
-        say: Callable[[str], None] = print) -> SoakResult:
+        say: Callable[[str], None] = print, mock: Sequence[str] = ()) -> SoakResult:
     """Run the stack for `minutes`, sampling every `every` seconds and, if `kill_every`, killing
-    and restarting a replica that often, in turn; Ctrl-C ends it early and still reports what
-    was sampled."""
-    with (stack(None, replicas, boot_delay, arrival_rate, simulate, say=say) as running,
+    and restarting a replica that often, in turn; `mock`: further options of the mock Node API.
+    Ctrl-C ends it early and still reports what was sampled."""
+    with (stack(None, replicas, boot_delay, arrival_rate, simulate, say=say,
+                mock=mock) as running,
           asyncio.Runner() as loop):
         client = redis.Redis.from_url(running.redis_url, decode_responses=True)
         # The check is the CLI's (async); one loop and one client serve every sample.

@@ -229,10 +229,10 @@ class Replica:
                  node_api: NodeApi, *, clock: Clock | None = None,
                  metrics: Metrics | None = None, gauges: bool = True) -> None:
         # The CLI checks its settings before it makes a replica; code that makes one (a replay,
-        # a test, an embedding) is held to the same ranges, not left to misbehave in silence.
-        # Not the pool's settings: a test may give it a pool the CLI refuses (a floor above the
-        # quota) to see what the scripts make of one.
+        # a test, an embedding) is held to the same ranges, the pool's and the service's, not
+        # left to misbehave in silence (a NaN timeout, a floor above the quota).
         service.validate()
+        pool.validate()
         self.redis = redis
         #: whether each tick refreshes the pool's Prometheus gauges (a replay has no scrape)
         self.gauges = gauges

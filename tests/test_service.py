@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner.clock import ManualClock
-from provisioner.config import PoolConfig, ServiceConfig
+from provisioner.config import ConfigError, PoolConfig, ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode, NodeApi
@@ -1061,13 +1061,30 @@ async def test_max_nodes_keeping_the_pool_below_its_target_is_said(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    replica = make_replica(aredis, api, clock, "r1",
-                           dataclasses.replace(FLOOR_ONLY, min_ready=5, max_nodes=3))
+    # A floor above the quota is refused (below); a forecast above it is not: five engaged
+    # users who each connect, for the first release's heuristic, against a quota of 3.
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(
+        FLOOR_ONLY, conversion=1, engaged_threshold=1, max_nodes=3))
+    for user in range(5):
+        await send([replica], "user:activity",
+                   {"user_id": f"u{user}", "timestamp": clock.now_ms() // 1000})
     with caplog.at_level(logging.WARNING):
         await replica.tick()
     await replica.settle()
     assert len(api.created) == 3
     assert "max_nodes (3) keeps the pool 2 node(s) below its target" in caplog.text
+
+
+def test_a_replica_made_by_code_is_held_to_the_pool_settings_ranges(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """As the CLI's is: a pool setting out of its range, or a floor above the quota, is refused
+    when the replica is made, not left to the scripts (a NaN would reach them as "nan")."""
+    for pool in (dataclasses.replace(FLOOR_ONLY, min_ready=5, max_nodes=3),
+                 dataclasses.replace(FLOOR_ONLY, idle_timeout_s=math.nan),
+                 dataclasses.replace(FLOOR_ONLY, buffer_sd=-1)):
+        with pytest.raises(ConfigError, match="invalid pool settings"):
+            make_replica(aredis, api, clock, "r1", pool)
 
 
 async def test_idle_nodes_are_deleted_and_a_404_ends_them(

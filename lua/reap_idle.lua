@@ -5,7 +5,8 @@
     1. boots stuck: running longer than boot_timeout and STUCK_BOOT_MEANS times the mean boot
        the pool has learned (below);
     2. terminations whose deadline passed (the DELETE failed, its replica died, or no
-       node:status terminated came): sent again;
+       node:status terminated came): sent again; and the nodes an operator drained
+       (drain_node.lua), whose first DELETE is due at once;
     3. idle ready nodes, oldest idle first (the head of the ready list), idle for at least
        idle_timeout, while spare exceeds the keep level and more than min_ready are ready. The
        keep level is the highest target scale_decide set within keep_window (policy.lua
@@ -20,8 +21,9 @@
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV: the policy parameters (lua/includes/policy.lua read_params)
 
-  Returns a flat list {node_id, reason, ...}; reason is boot_timeout | retry | idle |
-  surplus_boot (a boot given up in an idle node's place).
+  Returns a flat list {node_id, reason, ...}; reason is boot_timeout | retry | drained (an
+  operator's drain, its first DELETE) | idle | surplus_boot (a boot given up in an idle
+  node's place).
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -62,11 +64,19 @@ for _, node in ipairs(stuck) do
   end
 end
 
+-- A node an operator drained has had no DELETE yet (drain_node.lua): its first is `drained`.
+local drained = 0
 for _, node in ipairs(due) do
+  local nk = node_key(node)
+  local reason = 'retry'
+  local asked, why = unpack(rcall('HMGET', nk, 'delete_attempts', 'term_reason'))
+  if why == 'drained' and (tonumber(asked) or 0) == 0 then
+    reason, drained = 'drained', drained + 1
+  end
   rcall('ZADD', K.terminating, deadline, node)
-  add_to(node_key(node), 'delete_attempts', 1, false)
+  add_to(nk, 'delete_attempts', 1, false)
   out[#out + 1] = node
-  out[#out + 1] = 'retry'
+  out[#out + 1] = reason
 end
 
 -- The youngest boot that may be given up, or nil: among the 20 youngest still booting, so the
@@ -132,9 +142,10 @@ if #out > 0 then
   local keep = math.max(target, peak)
   stat('terminations_started', #out / 2)
   local reason = string.format(
-    'terminate %d (stuck %d%s, retry %d, idle %d, booting in an idle node\'s place %d); '
+    'terminate %d (stuck %d%s, retry %d%s, idle %d, booting in an idle node\'s place %d); '
     .. 'spare %d, keep %d (peak target of %.0fs), target %d', #out / 2, #stuck,
-    #stuck > 0 and string.format(' past %.0fs', stuck_after / 1000) or '', #due,
+    #stuck > 0 and string.format(' past %.0fs', stuck_after / 1000) or '', #due - drained,
+    drained > 0 and string.format(', drained %d', drained) or '',
     reaped - swapped, swapped, s.spare, keep, p.keep_window_ms / 1000, target)
   log_decision(p, 'scale_down', reason, summary(s, target), #out / 2)
 end

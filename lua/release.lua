@@ -4,7 +4,8 @@
 
   A user holding a node gives it back: the node goes to the oldest waiting user at once (published
   as user:allocated with the measured waited_ms) or becomes ready (idle) at the tail of the ready
-  list, which is in idle order. A user still waiting leaves the queue and counts as abandoned.
+  list, which is in idle order; a node an operator drained during the session
+  (drain_node.lua) is terminated instead, its DELETE due at once (reap_idle sends it). A user still waiting leaves the queue and counts as abandoned.
   Anyone else: nothing.
   Either way the user's activity window starts afresh: browsing after a session is new browsing.
   Each release is one event of the release rate the forecast learns ('rel' in the model).
@@ -93,6 +94,19 @@ if node then
     local since = tonumber(rcall('HGET', nk, 'allocated_ms')) or now
     stat('busy_ms_total', math.max(0, now - since))
     add_to(K.model, 'rel', 1, true)
+    local drained_by = rcall('HGET', nk, 'drain_by')
+    if drained_by then
+      -- An operator drained the node during the session (drain_node.lua): it goes now, its
+      -- DELETE due at once, instead of back to the pool.
+      rcall('HSET', nk, 'user', '')
+      mark_terminating(node, now, now, 'drained', true)
+      log_entry(log_len, now, drained_by, 'drain', string.format(
+          'node %s terminated after the session of user %s, drained by %s', node, user,
+          drained_by), '{}', 1)
+      log_release(string.format('node %s freed after a session of %.0fs, and terminated '
+                                .. '(drained by %s)', node, (now - since) / 1000, drained_by))
+      return result
+    end
     local served = node_free(node, now)
     for _, v in ipairs(served) do result[#result + 1] = v end
     log_release(string.format('node %s freed after a session of %.0fs, %s', node,

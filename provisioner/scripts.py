@@ -36,6 +36,7 @@ SCRIPT_NAMES = (
     "record_activity",
     "allocate",
     "release",
+    "drain_node",
     "apply_node_status",
     "register_node",
     "cancel_create",
@@ -133,6 +134,13 @@ class Release(IntEnum):
     MADE_AGAIN = 5  # this replica's call already ran (its reply was lost): nothing done
 
 
+class Drain(IntEnum):
+    NOTHING = 0  # terminating, terminated or unknown
+    DRAINING = 1  # terminating now, its DELETE due at once
+    MARKED = 2  # allocated: terminated when its session ends
+    CHANGED = 3  # not in the state the operator confirmed
+
+
 class NodeStatusOutcome(IntEnum):
     NEW = 1
     READY = 2
@@ -181,6 +189,14 @@ class AllocateResult:
 class ReleaseResult:
     code: Release
     node_id: str
+    served: list[Served]
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    code: Drain
+    state: str  # the node's state before (DRAINING, MARKED) or now (NOTHING, CHANGED)
+    user: str  # MARKED: the session's user; DRAINING: the user sent back to the queue, or ''
     served: list[Served]
 
 
@@ -569,6 +585,11 @@ def _release(reply: Any) -> ReleaseResult:
     return ReleaseResult(Release(int(reply[0])), as_text(reply[1]), _served(reply[2:]))
 
 
+def _drain(reply: Any) -> DrainResult:
+    user = as_text(reply[2]) if len(reply) > 2 else ""
+    return DrainResult(Drain(int(reply[0])), as_text(reply[1]), user, _served(reply[3:]))
+
+
 def _node_status(reply: Any) -> NodeStatusResult:
     return NodeStatusResult(NodeStatusOutcome(int(reply[0])), as_text(reply[1]),
                             as_text(reply[2]), _served(reply[3:]))
@@ -715,6 +736,15 @@ class Scripts:
                       expected: str = "", session_ms: int | None = None) -> ReleaseResult:
         return await self.run(self.release_call(now_ms, user_id, by, log_len, expected,
                                                 session_ms))
+
+    async def drain_node(self, now_ms: int, node_id: str, by: str, log_len: int = 1000,
+                         expected: str = "", at_once: bool = False) -> DrainResult:
+        """An operator's drain of a node (lua/drain_node.lua), logged to the decisions stream
+        under `by`; refused (CHANGED) if `expected` ('ready', 'booting' or 'allocated:USER':
+        what the operator confirmed) is not so now; `at_once`: an allocated node's session
+        ends now, its user back at the head of the queue."""
+        return await self.run(Call("drain_node", (now_ms, node_id, by, log_len, expected,
+                                                  "now" if at_once else ""), _drain))
 
     def apply_node_status_call(self, now_ms: int, node_id: str, status: str, *,
                                listed: bool = False) -> Call[NodeStatusResult]:

@@ -23,6 +23,7 @@ from provisioner.scripts import (
     Activity,
     Allocation,
     Call,
+    Drain,
     Heartbeat,
     NodeStatusOutcome,
     RegisterResult,
@@ -602,6 +603,143 @@ async def test_a_counter_broken_by_hand_starts_again_and_the_transition_applies(
     assert (snap.stat("connects"), snap.stat("hits"), snap.stat("values_repaired")) == (1, 1, 2)
     await pool.scripts.allocate(pool.now, "u2")
     assert (await pool.snap()).stat("connects") == 2
+
+
+# --- drain ----------------------------------------------------------------------------------
+
+
+async def drains(pool: PoolUnderTest) -> list[tuple[str, str]]:
+    return [(fields["replica"], fields["reason"])
+            for _, fields in await pool.redis.xrange(pool.keys.key("decisions"))
+            if fields.get("kind") == "drain"]
+
+
+async def test_a_drained_ready_or_booting_node_terminates_and_the_next_reap_sends_its_delete(
+        pool: PoolUnderTest) -> None:
+    """Out of the pool at once (never handed out after), its DELETE due now: the next
+    reap_idle of any replica sends it as `drained`, counted once, and a retry after that is
+    a retry. The floor then wants a replacement."""
+    config = PoolConfig(scaling_policy="heuristic", min_ready=2, idle_timeout_s=600)
+    await pool.boot("n1")
+    await pool.boot("n2")
+    await pool.scripts.apply_node_status(pool.now, "n3", "booting")
+    ready = await pool.scripts.drain_node(pool.now, "n1", "alice", expected="ready")
+    booting = await pool.scripts.drain_node(pool.now, "n3", "alice")
+    assert (ready.code, ready.state, ready.user) == (Drain.DRAINING, "ready", "")
+    assert (booting.code, booting.state) == (Drain.DRAINING, "booting")
+    for node in ("n1", "n3"):
+        record = await pool.node(node)
+        assert (record["state"], record["term_reason"]) == ("terminating", "drained")
+        assert "delete_attempts" not in record
+    assert await pool.ready_list() == ["n2"]
+    assert await pool.redis.zrange(pool.keys.key("booting"), 0, -1) == []
+    served = await pool.scripts.allocate(pool.now, "u1")
+    assert served.node_id == "n2"
+
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert sorted((t.node_id, t.reason) for t in reaped) == [("n1", "drained"),
+                                                              ("n3", "drained")]
+    assert (await pool.node("n1"))["delete_attempts"] == "1"
+    entries = await pool.redis.xrange(pool.keys.key("decisions"))
+    assert "retry 0, drained 2, idle 0" in entries[-1][1]["reason"]
+    pool.clock.advance(int(config.delete_timeout_s * 1000) + 1)
+    again = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert sorted((t.node_id, t.reason) for t in again) == [("n1", "retry"), ("n3", "retry")]
+    assert (await pool.node("n1"))["delete_attempts"] == "2"
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert len(decision.reservations) == 2  # the floor of 2 ready: n2 is in a session
+    assert await drains(pool) == [
+        ("alice", "node n1 drained by alice: was ready; its DELETE is sent by the next replica "
+                  "to tick"),
+        ("alice", "node n3 drained by alice: was booting; its DELETE is sent by the next "
+                  "replica to tick")]
+    assert (await pool.snap()).stat("operator_drains") == 2
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def test_a_drained_node_in_a_session_ends_with_the_session_not_back_to_the_pool(
+        pool: PoolUnderTest) -> None:
+    """The session goes on; its disconnect terminates the node (its DELETE due at once)
+    instead of handing it to the user waiting or putting it on the ready list."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.scripts.allocate(pool.now, "u2")  # waits
+    marked = await pool.scripts.drain_node(pool.now, "n1", "alice", expected="allocated:u1")
+    twice = await pool.scripts.drain_node(pool.now, "n1", "bob")
+    assert (marked.code, marked.state, marked.user) == (Drain.MARKED, "allocated", "u1")
+    assert (twice.code, twice.user) == (Drain.MARKED, "u1")
+    assert (await pool.node("n1"))["drain_by"] == "alice"  # the first's
+    assert await pool.alloc() == {"u1": "n1"}
+    pool.clock.advance(60_000)
+    freed = await pool.scripts.release(pool.now, "u1")
+    assert (freed.code, freed.node_id, freed.served) == (Release.RELEASED, "n1", [])
+    record = await pool.node("n1")
+    assert (record["state"], record["term_reason"], record["user"]) == (
+        "terminating", "drained", "")
+    assert await pool.ready_list() == [] and await pool.waiting_list() == ["u2"]
+    assert await pool.alloc() == {}
+    snap = await pool.snap()
+    assert snap.stat("releases") == 1 and snap.stat("operator_drains") == 1
+    assert await drains(pool) == [
+        ("alice", "node n1 drained by alice: terminated when the session of user u1 ends"),
+        ("alice", "node n1 terminated after the session of user u1, drained by alice")]
+    reaped = await pool.scripts.reap_idle(PoolConfig().policy_args(pool.now, "r1"))
+    assert ("n1", "drained") in [(t.node_id, t.reason) for t in reaped]
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def test_a_node_drained_at_once_sends_its_user_back_to_the_head_of_the_queue(
+        pool: PoolUnderTest) -> None:
+    """As when a node dies: the user goes back first in line, served at once by a ready
+    node, with user:allocated published."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.scripts.allocate(pool.now, "u2")  # waits
+    await pool.boot("n2")  # goes to u2
+    await pool.scripts.allocate(pool.now, "u3")  # waits
+    async with Subscriber(pool.redis, "user:allocated") as sub:
+        await pool.boot("n3")  # goes to u3
+        await pool.scripts.allocate(pool.now, "u4")  # waits
+        now = await pool.scripts.drain_node(pool.now, "n1", "alice", at_once=True)
+        messages = await sub.drain()
+    assert (now.code, now.state, now.user) == (Drain.DRAINING, "allocated", "u1")
+    assert [(s.user_id, s.node_id) for s in now.served] == []  # no node ready: u1 waits first
+    assert await pool.waiting_list() == ["u1", "u4"]
+    assert [m[1]["user_id"] for m in messages] == ["u3"]
+    record = await pool.node("n1")
+    assert (record["state"], record["user"]) == ("terminating", "")
+    await pool.boot("n4")
+    assert (await pool.alloc())["u1"] == "n4"  # first in line
+    assert await drains(pool) == [
+        ("alice", "node n1 drained by alice: the session of user u1 ended, the user back at the "
+                  "head of the queue")]
+    assert (await pool.snap()).stat("requeued") == 1
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def test_a_drain_of_a_node_not_in_the_state_confirmed_or_not_drainable_does_nothing(
+        pool: PoolUnderTest) -> None:
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.boot("n2")
+    before = await pool.dump()
+    for node, expected, code, state in (
+            ("n1", "ready", Drain.CHANGED, "allocated"),
+            ("n1", "allocated:u9", Drain.CHANGED, "allocated"),
+            ("n2", "booting", Drain.CHANGED, "ready"),
+            ("n2", "allocated:u1", Drain.CHANGED, "ready"),
+            ("ghost", "ready", Drain.CHANGED, ""),
+            ("ghost", "", Drain.NOTHING, "")):
+        result = await pool.scripts.drain_node(pool.now, node, "alice", expected=expected)
+        assert (result.code, result.state) == (code, state), (node, expected)
+    assert await pool.dump() == before
+    await pool.scripts.drain_node(pool.now, "n2", "alice")
+    again = await pool.scripts.drain_node(pool.now, "n2", "alice")
+    assert (again.code, again.state) == (Drain.NOTHING, "terminating")
+    await pool.scripts.apply_node_status(pool.now, "n2", "terminated")
+    gone = await pool.scripts.drain_node(pool.now, "n2", "alice")
+    assert (gone.code, gone.state) == (Drain.NOTHING, "terminated")
+    assert (await pool.snap()).stat("operator_drains") == 1
 
 
 # --- node status ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Allocation, Call, Release, Scripts
+from provisioner.scripts import Allocation, Call, Drain, Release, Scripts
 from provisioner.view import check_invariants
 from tests.helpers import T0, dump_pool
 
@@ -49,6 +49,9 @@ def state_machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine
                                      boot_timeout_s=60, create_timeout_s=20,
                                      delete_timeout_s=20, engaged_threshold=2)
             self.pending: list[str] = []
+            #: nodes an operator drained (terminating since), and drained in a session
+            self.drained: set[str] = set()
+            self.draining: dict[str, str] = {}
             self.marks = 0
             #: the last connect or disconnect, to make again as after a reply lost
             self.last_marked: Call[Any] | None = None
@@ -129,6 +132,55 @@ def state_machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine
         def delete_answered(self, node: str, outcome: str) -> None:
             now = self.clock.now_ms()
             self.run(self.scripts.confirm_terminate(now, node, outcome, now + 20_000))
+
+        @rule(node=NODES, at_once=st.booleans())
+        def drain(self, node: str, at_once: bool) -> None:
+            """An operator's drain: the node never serves a user again (once its session,
+            if any, ends)."""
+            result = self.run(self.scripts.drain_node(self.clock.now_ms(), node, "op",
+                                                      at_once=at_once))
+            if result.code is Drain.DRAINING:
+                self.drained.add(node)
+            elif result.code is Drain.MARKED:
+                self.draining.setdefault(node, result.user)
+
+        @rule(node=NODES, user=USERS)
+        def session(self, node: str, user: str) -> None:
+            """A node boots and is ready, and a user connects: sessions, which events drawn
+            one by one rarely make (a connect finds a ready node in about one run of 100)."""
+            now = self.clock.now_ms()
+            for status in ("booting", "ready"):
+                self.run(self.scripts.apply_node_status(now, node, status))
+            self.connect(user)
+
+        @rule(data=st.data(), at_once=st.booleans())
+        def drain_held(self, data: st.DataObject, at_once: bool) -> None:
+            """A drain of a node in a session, then, half the time, its user's disconnect."""
+            held = self.run(self.client.hgetall(self.keys.key("alloc")))
+            if not held:
+                return
+            user = data.draw(st.sampled_from(sorted(held)))
+            self.drain(held[user], at_once)
+            if data.draw(st.booleans()):
+                self.marked(self.scripts.release_call(self.clock.now_ms(), user,
+                                                      mark=self.mark()))
+
+        @invariant()
+        def a_drained_node_serves_no_one_again(self) -> None:
+            if not hasattr(self, "client"):
+                return
+
+            async def record(node: str) -> tuple[str, str]:
+                state, user = await self.client.hmget(self.keys.node(node), "state", "user")
+                return state, user
+
+            for node in self.drained:
+                assert self.run(record(node))[0] in ("terminating", "terminated"), node
+            for node, user in self.draining.items():
+                # in the session it was drained in, or ending since
+                state = self.run(record(node))
+                assert state == ("allocated", user) or state[0] in (
+                    "terminating", "terminated"), (node, user, state)
 
         @invariant()
         def pool_is_consistent(self) -> None:

@@ -253,11 +253,25 @@ local function new_node(node_id, state, now, origin, reservation)
   stat('nodes_seen')
 end
 
--- Move a node to 'terminating' and schedule a retry deadline; the caller sends the DELETE.
--- Only ready and booting nodes can be terminated by the pool: allocated ones never.
-local function start_terminating(node_id, now, deadline, reason)
+-- A node out of every other state's structure becomes `terminating` until `deadline`. The
+-- DELETE is the caller's to send now; `unsent` (an operator's drain, which sends none): it is
+-- due at the deadline, when reap_idle sends it and counts it.
+local function mark_terminating(node_id, now, deadline, reason, unsent)
   local nk = node_key(node_id)
-  local state = rcall('HGET', nk, 'state')
+  rcall('HSET', nk, 'state', 'terminating', 'term_reason', reason, 'term_requested_ms', now,
+        'updated_ms', now)
+  if not unsent then
+    add_to(nk, 'delete_attempts', 1, false)
+  end
+  rcall('ZADD', K.terminating, deadline, node_id)
+  rcall('ZREM', K.unclaimed, node_id)
+end
+
+-- Move a node to 'terminating' and schedule a retry deadline; the caller sends the DELETE
+-- (see mark_terminating). Only ready and booting nodes can be terminated by the pool: allocated
+-- ones never (an operator's drain ends the session first, drain_node.lua).
+local function start_terminating(node_id, now, deadline, reason, unsent)
+  local state = rcall('HGET', node_key(node_id), 'state')
   if state == 'ready' then
     rcall('LREM', K.ready, 0, node_id)
   elseif state == 'booting' then
@@ -265,12 +279,26 @@ local function start_terminating(node_id, now, deadline, reason)
   elseif state ~= 'terminating' then
     return false
   end
-  rcall('HSET', nk, 'state', 'terminating', 'term_reason', reason, 'term_requested_ms', now,
-        'updated_ms', now)
-  add_to(nk, 'delete_attempts', 1, false)
-  rcall('ZADD', K.terminating, deadline, node_id)
-  rcall('ZREM', K.unclaimed, node_id)
+  mark_terminating(node_id, now, deadline, reason, unsent)
   return true
+end
+
+-- The session on an allocated node ends with the node (it died, or an operator drains it at
+-- once): its user goes back to the head of the waiting queue, served by the caller's
+-- match_waiting. Returns the user, or false if the node's record names no session of theirs.
+local function requeue_session(node_id, now)
+  local nk = node_key(node_id)
+  local user = rcall('HGET', nk, 'user')
+  if not (user and user ~= '' and rcall('HGET', K.alloc, user) == node_id) then
+    return false
+  end
+  rcall('HDEL', K.alloc, user)
+  rcall('ZREM', K.sessions, user)
+  local since = tonumber(rcall('HGET', nk, 'allocated_ms')) or now
+  stat('busy_ms_total', math.max(0, now - since))
+  enqueue_waiting(user, now, true)
+  stat('requeued')
+  return user
 end
 
 -- The node no longer exists. Whatever it was doing stops; its user, if any, goes back to the
@@ -287,16 +315,7 @@ local function node_gone(node_id, now, reason)
   elseif state == 'terminating' then
     rcall('ZREM', K.terminating, node_id)
   elseif state == 'allocated' then
-    local user = rcall('HGET', nk, 'user')
-    if user and user ~= '' and rcall('HGET', K.alloc, user) == node_id then
-      rcall('HDEL', K.alloc, user)
-      rcall('ZREM', K.sessions, user)
-      local since = tonumber(rcall('HGET', nk, 'allocated_ms')) or now
-      stat('busy_ms_total', math.max(0, now - since))
-      enqueue_waiting(user, now, true)
-      stat('requeued')
-      requeued = user
-    end
+    requeued = requeue_session(node_id, now)
   end
   rcall('ZREM', K.nodes, node_id)
   rcall('ZREM', K.unclaimed, node_id)

@@ -1,0 +1,94 @@
+#!lua
+--[[
+  drain_node: an operator takes a node out of the pool (`provisioner drain`), one that
+  misbehaves or must go for maintenance.
+
+    ready, booting  -> terminating at once, its DELETE due now: the next reap_idle of any
+                       replica sends it (reason `drained`), and the forecast boots a
+                       replacement if its target wants one, as after any termination.
+    allocated       -> marked (`drain_by`): the session goes on, and when it ends
+                       (release.lua) the node is terminated instead of freed. With ARGV[6]
+                       'now', the session ends here: its user goes back to the head of the
+                       waiting queue (served at once if a node is ready), as when a node dies,
+                       and the node is terminated at once.
+    terminating, terminated, unknown -> nothing.
+
+  Idempotent: a second drain finds the node terminating, or marked already.
+
+  KEYS: the pool key vector (lua/includes/keys.lua)
+  ARGV[1] now (ms)
+  ARGV[2] node id
+  ARGV[3] who drains it, for the decisions stream (kind 'drain')
+  ARGV[4] most entries kept in the decisions stream (optional, 1000)
+  ARGV[5] what the operator was shown and confirmed (optional): 'ready', 'booting' or
+          'allocated:USER'; the drain is refused if the node's state is another now
+  ARGV[6] 'now' to end an allocated node's session at once (optional)
+
+  Returns {code, state, ...}
+    1 DRAINING  {1, previous state, requeued user or '', [user, node, waited_ms]...}
+    2 MARKED    {2, 'allocated', user}: terminated when its session ends
+    3 CHANGED   {3, state or ''}: not what ARGV[5] says; nothing done
+    0 NOTHING   {0, state or ''}: terminating, terminated or unknown; nothing done
+]]
+--@include "includes/keys.lua"
+--@include "includes/pool.lua"
+
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
+local now = tonumber(ARGV[1])
+local node = ARGV[2]
+local by = ARGV[3] or ''
+local log_len = tonumber(ARGV[4]) or 1000
+local expected = ARGV[5] or ''
+local at_once = ARGV[6] == 'now'
+
+local nk = node_key(node)
+local state = rcall('HGET', nk, 'state')
+local user = rcall('HGET', nk, 'user') or ''
+if state == 'allocated' then
+  if rcall('HGET', K.alloc, user) ~= node then
+    user = ''  -- a record naming a session its user's allocation does not: no session to end
+  end
+end
+if expected ~= '' then
+  local now_is = state == 'allocated' and ('allocated:' .. user) or (state or '')
+  if now_is ~= expected then
+    return {3, state or ''}
+  end
+end
+if state ~= 'ready' and state ~= 'booting' and state ~= 'allocated' then
+  return {0, state or ''}
+end
+
+local function log_drain(what)
+  stat('operator_drains')
+  log_entry(log_len, now, by, 'drain', string.format('node %s drained by %s: %s', node, by, what),
+            '{}', 1)
+end
+
+if state == 'allocated' and not at_once and user ~= '' then
+  if rcall('HGET', nk, 'drain_by') then
+    return {2, state, user}
+  end
+  rcall('HSET', nk, 'drain_by', by, 'drain_asked_ms', now)
+  log_drain(string.format('terminated when the session of user %s ends', user))
+  return {2, state, user}
+end
+
+local result = {1, state, ''}
+if state == 'allocated' then
+  local requeued = requeue_session(node, now)
+  rcall('HSET', nk, 'user', '')
+  mark_terminating(node, now, now, 'drained', true)
+  local served = requeued and match_waiting(now) or {}
+  result[3] = requeued or ''
+  for _, v in ipairs(served) do result[#result + 1] = v end
+  log_drain(requeued and string.format('the session of user %s ended, the user back at the '
+                                        .. 'head of the queue%s', requeued, served[1]
+                                        and (' and served node ' .. served[2]) or '')
+            or 'an allocated record with no session of its user')
+else
+  start_terminating(node, now, now, 'drained', true)
+  log_drain(string.format('was %s; its DELETE is sent by the next replica to tick', state))
+end
+return result

@@ -388,6 +388,8 @@ async def _replicas_release(client: aioredis.Redis, pool: str, doing: str) -> No
 #: What a CLI of another release than the replicas does, command by command.
 WRITES_WITH_OWN = "what this command writes, it writes with this CLI's scripts"
 READS_WITH_OWN = "what it shows is read by this CLI's scripts"
+DRAINS_WITH_OWN = (WRITES_WITH_OWN + "; a node in a session is terminated when it ends only by "
+                   "replicas of this release or later (one of an earlier release frees it)")
 
 
 async def _window_ms(client: aioredis.Redis, pool: str) -> int:
@@ -507,8 +509,10 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
             idle = _ago(now, view.time_ms(row.get("idle_since_ms")))
         # Text, not markup: a record edited by hand may hold anything, "[/b]" and a terminal's
         # escape sequences among it
+        state = row.get("state", "?") + (", drained" if row.get("drain_by") and
+                                          row.get("state") == "allocated" else "")
         table.add_row(*map(outside, (
-            row.get("id", "?"), row.get("state", "?"), row.get("user", ""),
+            row.get("id", "?"), state, row.get("user", ""),
             _ago(now, view.time_ms(row.get("created_ms"))), idle, row.get("origin", ""),
             "no" if row.get("boot_sample") == "0" else "yes")))
     console.print(table)
@@ -877,6 +881,123 @@ def release(
             nothing = True
             console.print(f"{shown(user)}: held nothing, nothing done")
     if nothing:
+        raise typer.Exit(1)
+
+
+@app.command()
+def drain(
+    node_ids: Annotated[list[str], typer.Argument(
+        metavar="NODE...", help="Nodes to take out of the pool")],
+    redis_url: RedisUrl,
+    pool: Pool = "default",
+    at_once: Annotated[bool, typer.Option(
+        "--now", help="End a session on the node now: its user goes back to the head of the "
+        "waiting queue, as when a node dies (without it, the node goes when its session "
+        "ends)")] = False,
+    by: Annotated[str, typer.Option(
+        envvar="PROVISIONER_OPERATOR",
+        help="Who drains them, for the decisions log (default: the login name)")] = "",
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+) -> None:
+    """Take nodes out of the pool (one that misbehaves, or for maintenance): a ready or
+    booting node is terminated now, a replica sending its DELETE at its next tick, and the
+    forecast boots a replacement if its target wants one; a node in a session is terminated
+    when the session ends (--now: at once). Each drain is logged to the decisions stream under
+    --by. Exits 1 if a node was not drained (unknown, ending already, or changed since it was
+    shown), 2 if not confirmed."""
+    by = by.strip() or _login_name()
+    keys = _pool_keys(pool)
+    node_ids = list(dict.fromkeys(node_ids))
+    bad = [node for node in node_ids if not ID_PATTERN.match(node)]
+    if bad:
+        raise _fail(f"not a node id ({ID_RULE}): "
+                    f"{', '.join(repr(n[:40]) for n in bad[:5])}"
+                    + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    if len(by) > 64 or not by.isprintable():
+        raise _fail("--by must be at most 64 printable characters")
+
+    # What each node was shown as (passed to the script, which refuses a drain of a node whose
+    # state is another by then: a node handed to a user while the prompt waited).
+    as_seen: dict[str, str] = {}
+
+    async def states(client: aioredis.Redis) -> dict[str, str]:
+        from provisioner.scripts import as_text
+
+        await _replicas_release(client, pool, DRAINS_WITH_OWN)
+        now = time.time() * 1000
+        found = {}
+        for node in node_ids:
+            record = {as_text(k): as_text(v)
+                      for k, v in (await client.hgetall(keys.node(node))).items()}
+            state = record.get("state", "")
+            if state in ("ready", "booting"):
+                since = record.get("idle_since_ms" if state == "ready" else "created_ms")
+                found[node] = (f"{state} ({'idle' if state == 'ready' else 'booting'} for "
+                               f"{_ago(now, view.time_ms(since))})")
+                as_seen[node] = state
+            elif state == "allocated":
+                user = record.get("user", "")
+                held = await client.hget(keys.key("alloc"), user) if user else None
+                if held is None or as_text(held) != node:
+                    user = ""
+                found[node] = (f"in the session of user {user} (for "
+                               f"{_ago(now, view.time_ms(record.get('allocated_ms')))})"
+                               + (", drained already when it ends" if record.get("drain_by")
+                                  else "") if user else "allocated, with no session of its user")
+                as_seen[node] = f"allocated:{user}"
+            else:
+                found[node] = f"{state}: nothing to drain" if state else "unknown to the pool"
+        return found
+
+    shown_states = _with_redis(redis_url, states)
+    for node in node_ids:
+        console.print(f"{shown(node)}: {shown(shown_states[node])}")
+    if not as_seen:
+        raise typer.Exit(1)
+    if not yes:
+        in_session = sum(seen.startswith("allocated:") for seen in as_seen.values())
+        what = (" (ending their sessions now)" if at_once else
+                " (those in a session when it ends)") if in_session else ""
+        try:
+            confirmed = typer.confirm(f"Drain {len(as_seen)} node(s) of pool {pool}{what}?")
+        except typer.Abort:
+            raise _fail("not confirmed (no answer): nothing drained; --yes drains without "
+                        "asking") from None
+        if not confirmed:
+            raise _fail("not confirmed: nothing drained")
+
+    from provisioner.scripts import Drain, DrainResult, Scripts
+
+    async def go(client: aioredis.Redis) -> dict[str, DrainResult]:
+        scripts = Scripts(client, keys)
+        now = WallClock().now_ms()
+        return {node: await scripts.drain_node(now, node, by, expected=expected,
+                                               at_once=at_once)
+                for node, expected in as_seen.items()}
+
+    outcomes = _with_redis(redis_url, go)
+    undrained = len(node_ids) > len(outcomes)
+    for node, outcome in outcomes.items():
+        if outcome.code is Drain.DRAINING:
+            back = (f"; user {outcome.user} back at the head of the queue" if outcome.user
+                    else "")
+            served = (f", served node {outcome.served[0].node_id}" if outcome.served
+                      and outcome.served[0].user_id == outcome.user else "")
+            console.print(f"[green]drained[/green] {shown(node)}: terminating (it was "
+                          f"{shown(outcome.state)}){shown(back + served)}; a replica sends its "
+                          "DELETE at its next tick")
+        elif outcome.code is Drain.MARKED:
+            console.print(f"[green]drained[/green] {shown(node)}: terminated when the session "
+                          f"of user {shown(outcome.user)} ends")
+        elif outcome.code is Drain.CHANGED:
+            undrained = True
+            console.print(f"{shown(node)}: changed since it was shown (now "
+                          f"{shown(outcome.state or 'unknown')}): nothing done; look again "
+                          "with `provisioner nodes`")
+        else:
+            undrained = True
+            console.print(f"{shown(node)}: {shown(outcome.state or 'unknown')}, nothing done")
+    if undrained:
         raise typer.Exit(1)
 
 

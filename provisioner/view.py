@@ -312,7 +312,7 @@ async def user_rows(redis: aioredis.Redis, pool: str,
 
 
 #: The kinds of entry the decisions stream holds (lua/includes/keys.lua, log_entry).
-DECISION_KINDS = ("scale_up", "scale_down", "miss", "release")
+DECISION_KINDS = ("scale_up", "scale_down", "miss", "release", "drain")
 
 
 @dataclass(frozen=True)

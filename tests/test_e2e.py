@@ -295,3 +295,36 @@ async def test_a_node_api_quota_under_the_pool_s_target_is_waited_out_not_fought
     live = {n["id"] for n in stack.api_nodes() if n["state"] in ("booting", "ready")}
     assert live == known and len(live) == 2
     assert await check_invariants(client, POOL) == []
+
+
+async def test_a_drained_node_is_deleted_by_a_replica_and_replaced(
+    stack_factory: Any, client: aioredis.Redis, redis_url: str,
+) -> None:
+    """`provisioner drain` writes the drain alone; a running replica sends the DELETE, the
+    mock ends the node, and the pool boots another to keep its floor."""
+    stack = stack_factory("--min-ready", "2", *FLOOR_ONLY)
+
+    async def full() -> bool:
+        return await ready_count(client) == 2
+
+    assert await eventually(full)
+    victim = (await client.lrange(PoolKeys(POOL).key("ready"), 0, 0))[0]
+    drained = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "provisioner", "drain", victim, "--redis-url",
+                         redis_url, "--pool", POOL, "--yes", "--by", "e2e"],
+        capture_output=True, text=True, timeout=60)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+
+    async def ended() -> bool:
+        state = await client.hget(PoolKeys(POOL).node(victim), "state")
+        return state == "terminated" and await ready_count(client) == 2
+
+    assert await eventually(ended)
+    assert victim not in {n["id"] for n in stack.api_nodes() if n["state"] != "terminated"}
+    assert victim not in await client.lrange(PoolKeys(POOL).key("ready"), 0, -1)
+    async with httpx.AsyncClient() as http:
+        texts = [(await http.get(f"http://127.0.0.1:{port}/metrics")).text
+                 for port in stack.ports]
+    assert any('provisioner_terminations_total{reason="drained"} 1.0' in text
+               for text in texts), texts
+    assert await check_invariants(client, POOL) == []

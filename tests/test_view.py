@@ -929,3 +929,107 @@ def test_what_another_writer_put_in_an_id_reaches_the_terminal_escaped(redis_url
     shown = CliRunner().invoke(app, ["nodes", *common], env={"COLUMNS": "300"}).output
     rows = [line for line in shown.splitlines() if line[:1] in "┏┃┡│└"]
     assert len(rows) == 5 and len({len(line) for line in rows}) == 1, shown
+
+
+def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: str) -> None:
+    """A ready node and a booting one terminate now (a replica's next reap sends their
+    DELETEs); a node in a session goes when the session ends, or now with --now, its user
+    back at the head of the queue; an unknown node is said, and exits 1. Each drain is in
+    the decisions log under --by, and `nodes` shows the one marked."""
+    pool = "drain-cli"
+    keys = PoolKeys(pool)
+    now = int(time.time() * 1000)
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        for node in ("n1", "n2", "n3", "n4"):
+            await scripts.apply_node_status(now - 60_000, node, "booting")
+            if node != "n4":
+                await scripts.apply_node_status(now - 60_000, node, "ready")
+        await scripts.allocate(now - 30_000, "u1")  # n1
+        await scripts.allocate(now - 30_000, "u2")  # n2
+        await client.aclose()
+
+    asyncio.run(record())
+    common = ["--redis-url", redis_url, "--pool", pool]
+    refused = CliRunner().invoke(app, ["drain", "n3", *common], input="n\n")
+    assert refused.exit_code == 2 and "n3: ready (idle for 60s)" in refused.output
+    assert "not confirmed: nothing drained" in refused.output
+    bad = CliRunner().invoke(app, ["drain", "n 3", *common])
+    assert bad.exit_code == 2 and "not a node id" in bad.output
+
+    done = CliRunner().invoke(app, ["drain", "n1", "n3", "n4", "ghost", *common, "--yes",
+                                    "--by", "alice"], env={"COLUMNS": "200"})
+    assert done.exit_code == 1, done.output  # ghost
+    lines = done.output.splitlines()
+    assert "n1: in the session of user u1 (for 30s)" in lines
+    assert "n4: booting (booting for 60s)" in lines and "ghost: unknown to the pool" in lines
+    assert ("drained n1: terminated when the session of user u1 ends" in lines)
+    assert ("drained n3: terminating (it was ready); a replica sends its DELETE at its next "
+            "tick") in lines
+    assert "drained n4: terminating (it was booting); a replica sends its DELETE at its next "\
+        "tick" in lines
+
+    nodes = json.loads(CliRunner().invoke(app, ["nodes", *common, "--json"]).output)
+    by_id = {n["id"]: n for n in nodes}
+    assert by_id["n1"]["state"] == "allocated" and by_id["n1"]["drain_by"] == "alice"
+    assert isinstance(by_id["n1"]["drain_asked_ms"], int)
+    assert (by_id["n3"]["state"], by_id["n3"]["term_reason"]) == ("terminating", "drained")
+    table = CliRunner().invoke(app, ["nodes", *common], env={"COLUMNS": "200"}).output
+    assert re.search(r"n1\W+allocated, drained\W+u1", table), table
+
+    at_once = CliRunner().invoke(app, ["drain", "n2", *common, "--yes", "--now", "--by", "bob"],
+                                 env={"COLUMNS": "200"})
+    assert at_once.exit_code == 0, at_once.output
+    assert ("drained n2: terminating (it was allocated); user u2 back at the head of the "
+            "queue; a replica sends its DELETE at its next tick") in at_once.output
+    users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    assert [u["user_id"] for u in users["waiting"]] == ["u2"]
+    again = CliRunner().invoke(app, ["drain", "n3", *common, "--yes"])
+    assert again.exit_code == 1 and "n3: terminating: nothing to drain" in again.output
+
+    entries = redis.Redis.from_url(redis_url, decode_responses=True).xrange(
+        keys.key("decisions"))
+    drains = [(f["replica"], f["reason"]) for _, f in entries if f.get("kind") == "drain"]
+    assert [who for who, _ in drains] == ["alice", "alice", "alice", "bob"]
+    decisions = CliRunner().invoke(app, ["decisions", *common, "--kind", "drain"],
+                                   env={"COLUMNS": "300"})
+    assert decisions.exit_code == 0 and "node n2 drained by bob" in decisions.output, (
+        decisions.output)
+
+
+def test_drain_does_nothing_to_a_node_that_changed_while_its_prompt_waited(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompt showed n1 ready; a user was handed it before the operator said yes: the
+    drain is refused, not turned into a drain of that user's session."""
+    import typer
+
+    pool = "drain-race"
+    keys = PoolKeys(pool)
+    now = int(time.time() * 1000)
+
+    async def boot() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await Scripts(client, keys).apply_node_status(now, "n1", "booting")
+        await Scripts(client, keys).apply_node_status(now, "n1", "ready")
+        await client.aclose()
+
+    async def connect() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await Scripts(client, keys).allocate(now, "u1")
+        await client.aclose()
+
+    asyncio.run(boot())
+
+    def answer_after(*args: Any, **kwargs: Any) -> bool:
+        asyncio.run(connect())
+        return True
+
+    monkeypatch.setattr(typer, "confirm", answer_after)
+    result = CliRunner().invoke(app, ["drain", "n1", "--redis-url", redis_url, "--pool", pool],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "n1: changed since it was shown (now allocated): nothing done" in result.output
+    record = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.node("n1"))
+    assert record["state"] == "allocated" and "drain_by" not in record

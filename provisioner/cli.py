@@ -968,14 +968,19 @@ def drain(
 
     from provisioner.scripts import Drain, DrainResult, Scripts
 
-    async def go(client: aioredis.Redis) -> dict[str, DrainResult]:
+    async def go(client: aioredis.Redis) -> tuple[dict[str, DrainResult], bool]:
         scripts = Scripts(client, keys)
         now = WallClock().now_ms()
-        return {node: await scripts.drain_node(now, node, by, expected=expected,
+        done = {node: await scripts.drain_node(now, node, by, expected=expected,
                                                at_once=at_once)
                 for node, expected in as_seen.items()}
+        try:
+            heard = any(r.age_s < 60 for r in await scripts.replicas())
+        except ResponseError:  # the replica list broken by hand
+            heard = True
+        return done, heard
 
-    outcomes = _with_redis(redis_url, go)
+    outcomes, heard = _with_redis(redis_url, go)
     undrained = len(node_ids) > len(outcomes)
     for node, outcome in outcomes.items():
         if outcome.code is Drain.DRAINING:
@@ -997,6 +1002,9 @@ def drain(
         else:
             undrained = True
             console.print(f"{shown(node)}: {shown(outcome.state or 'unknown')}, nothing done")
+    if not heard and any(o.code is Drain.DRAINING for o in outcomes.values()):
+        console.print(f"[yellow]no replica of pool {shown(pool)} has sent a heartbeat in the "
+                      "last minute: the DELETEs go out at the next tick of one[/yellow]")
     if undrained:
         raise typer.Exit(1)
 

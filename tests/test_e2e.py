@@ -314,6 +314,7 @@ async def test_a_drained_node_is_deleted_by_a_replica_and_replaced(
                          redis_url, "--pool", POOL, "--yes", "--by", "e2e"],
         capture_output=True, text=True, timeout=60)
     assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert "no replica of pool" not in drained.stdout  # two run, each heard from
 
     async def ended() -> bool:
         state = await client.hget(PoolKeys(POOL).node(victim), "state")

@@ -970,6 +970,8 @@ def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: s
             "tick") in lines
     assert "drained n4: terminating (it was booting); a replica sends its DELETE at its next "\
         "tick" in lines
+    assert ("no replica of pool drain-cli has sent a heartbeat in the last minute: the DELETEs "
+            "go out at the next tick of one") in done.output
 
     nodes = json.loads(CliRunner().invoke(app, ["nodes", *common, "--json"]).output)
     by_id = {n["id"]: n for n in nodes}

@@ -771,6 +771,36 @@ def _decision_json(entry: dict[str, str]) -> dict[str, Any]:
     return shown
 
 
+def _operator_args(ids: list[str], kind: str, by: str) -> tuple[list[str], str]:
+    """An operator's command's ids and name, checked before anything is read: each id once (a
+    user named twice to `release` was released once, and the second said the state had
+    changed since it was shown, exit 1), each one the service would accept from an event (no
+    other could be in the pool); `by` stripped, else the login name, at most 64 printable
+    characters. Exit 2 naming what is wrong."""
+    ids = list(dict.fromkeys(ids))
+    bad = [one for one in ids if not ID_PATTERN.match(one)]
+    if bad:
+        raise _fail(f"not a {kind} id ({ID_RULE}): "
+                    f"{', '.join(repr(one[:40]) for one in bad[:5])}"
+                    + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    by = by.strip() or _login_name()
+    if len(by) > 64 or not by.isprintable():
+        raise _fail("--by must be at most 64 printable characters")
+    return ids, by
+
+
+def _confirm(question: str, done: str, does: str) -> None:
+    """Ask `question`; not confirmed, or no one to answer (a script, no input), exit 2 saying
+    nothing was `done`, and that --yes `does` without asking."""
+    try:
+        confirmed = typer.confirm(question)
+    except typer.Abort:
+        raise _fail(f"not confirmed (no answer): nothing {done}; --yes {does} without "
+                    "asking") from None
+    if not confirmed:
+        raise _fail(f"not confirmed: nothing {done}")
+
+
 @app.command()
 def release(
     user_ids: Annotated[list[str], typer.Argument(
@@ -787,19 +817,8 @@ def release(
     would; each release is logged to the decisions stream under --by. Exits 1 if a user held
     nothing, 2 if not confirmed. A user still connected loses their node: check `provisioner
     users` first."""
-    by = by.strip() or _login_name()
     keys = _pool_keys(pool)
-    # A user named twice is released once (the second release found the first's work done and
-    # said the state had changed since it was shown, exit 1).
-    user_ids = list(dict.fromkeys(user_ids))
-    # No id the service would accept from a connect could hold a node: refused before reading
-    bad = [user for user in user_ids if not ID_PATTERN.match(user)]
-    if bad:
-        raise _fail(f"not a user id ({ID_RULE}): "
-                    f"{', '.join(repr(u[:40]) for u in bad[:5])}"
-                    + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-    if len(by) > 64 or not by.isprintable():
-        raise _fail("--by must be at most 64 printable characters")
+    user_ids, by = _operator_args(user_ids, "user", by)
 
     # What each user was shown as holding, passed to the script: a session begun, or a node
     # handed out, while the prompt waited is not released on the strength of the old state. A
@@ -830,15 +849,8 @@ def release(
     if not state:
         raise typer.Exit(1)
     if not yes:
-        # Not confirmed, or no one to answer (a script, no input): exit 2, not the exit 1 of a
-        # user who held nothing.
-        try:
-            confirmed = typer.confirm(f"Release {len(state)} user(s) of pool {pool}?")
-        except typer.Abort:
-            raise _fail("not confirmed (no answer): nothing released; --yes releases without "
-                        "asking") from None
-        if not confirmed:
-            raise _fail("not confirmed: nothing released")
+        # exit 2, not the exit 1 of a user who held nothing
+        _confirm(f"Release {len(state)} user(s) of pool {pool}?", "released", "releases")
 
     from provisioner.scripts import Release, ReleaseResult, Scripts
 
@@ -905,16 +917,8 @@ def drain(
     when the session ends (--now: at once). Each drain is logged to the decisions stream under
     --by. Exits 1 if a node was not drained (unknown, ending already, or changed since it was
     shown), 2 if not confirmed."""
-    by = by.strip() or _login_name()
     keys = _pool_keys(pool)
-    node_ids = list(dict.fromkeys(node_ids))
-    bad = [node for node in node_ids if not ID_PATTERN.match(node)]
-    if bad:
-        raise _fail(f"not a node id ({ID_RULE}): "
-                    f"{', '.join(repr(n[:40]) for n in bad[:5])}"
-                    + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-    if len(by) > 64 or not by.isprintable():
-        raise _fail("--by must be at most 64 printable characters")
+    node_ids, by = _operator_args(node_ids, "node", by)
 
     # What each node was shown as (passed to the script, which refuses a drain of a node whose
     # state is another by then: a node handed to a user while the prompt waited).
@@ -958,13 +962,7 @@ def drain(
         in_session = sum(seen.startswith("allocated:") for seen in as_seen.values())
         what = (" (ending their sessions now)" if at_once else
                 " (those in a session when it ends)") if in_session else ""
-        try:
-            confirmed = typer.confirm(f"Drain {len(as_seen)} node(s) of pool {pool}{what}?")
-        except typer.Abort:
-            raise _fail("not confirmed (no answer): nothing drained; --yes drains without "
-                        "asking") from None
-        if not confirmed:
-            raise _fail("not confirmed: nothing drained")
+        _confirm(f"Drain {len(as_seen)} node(s) of pool {pool}{what}?", "drained", "drains")
 
     from provisioner.scripts import Drain, DrainResult, Scripts
 

@@ -956,6 +956,9 @@ def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: s
     refused = CliRunner().invoke(app, ["drain", "n3", *common], input="n\n")
     assert refused.exit_code == 2 and "n3: ready (idle for 60s)" in refused.output
     assert "not confirmed: nothing drained" in refused.output
+    unanswered = CliRunner().invoke(app, ["drain", "n3", *common], input="")
+    assert unanswered.exit_code == 2 and ("not confirmed (no answer): nothing drained; --yes "
+                                          "drains without asking") in unanswered.output
     bad = CliRunner().invoke(app, ["drain", "n 3", *common])
     assert bad.exit_code == 2 and "not a node id" in bad.output
 

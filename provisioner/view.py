@@ -87,6 +87,7 @@ class PoolView:
             "abandoned": self.snapshot.stat("abandoned"),
             "requeued": self.snapshot.stat("requeued"),
             "operator_releases": self.snapshot.stat("operator_releases"),
+            "operator_drains": self.snapshot.stat("operator_drains"),
             "calls_made_again": self.snapshot.stat("calls_made_again"),
             "values_repaired": self.snapshot.stat("values_repaired"),
             "longest_session_s": round(self.snapshot.longest_session_s(self.now_ms), 1),
@@ -171,6 +172,8 @@ def render_view(view: PoolView) -> Group:
         f"requeued {data['requeued']}" + (
             f"  released by an operator {data['operator_releases']}"
             if data["operator_releases"] else "") + (
+            f"  nodes drained by an operator {data['operator_drains']}"
+            if data["operator_drains"] else "") + (
             f"  made again after a lost reply {data['calls_made_again']}"
             if data["calls_made_again"] else ""))
     if data["values_repaired"]:

@@ -998,6 +998,10 @@ def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: s
         keys.key("decisions"))
     drains = [(f["replica"], f["reason"]) for _, f in entries if f.get("kind") == "drain"]
     assert [who for who, _ in drains] == ["alice", "alice", "alice", "bob"]
+    status = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "300"})
+    assert "nodes drained by an operator 4" in status.output, status.output
+    assert json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)[
+        "operator_drains"] == 4
     decisions = CliRunner().invoke(app, ["decisions", *common, "--kind", "drain"],
                                    env={"COLUMNS": "300"})
     assert decisions.exit_code == 0 and "node n2 drained by bob" in decisions.output, (

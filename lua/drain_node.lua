@@ -3,9 +3,10 @@
   drain_node: an operator takes a node out of the pool (`provisioner drain`), one that
   misbehaves or must go for maintenance.
 
-    ready, booting  -> terminating at once, its DELETE due now: the next reap_idle of any
-                       replica sends it (reason `drained`), and the forecast boots a
-                       replacement if its target wants one, as after any termination.
+    ready, booting  -> terminating at once, its DELETE due now (DRAINED_DUE_MS, by any
+                       replica's clock): the next reap_idle of any replica sends it (reason
+                       `drained`), and the forecast boots a replacement if its target wants
+                       one, as after any termination.
     allocated       -> marked (`drain_by`): the session goes on, and when it ends
                        (release.lua) the node is terminated instead of freed. With ARGV[6]
                        'now', the session ends here: its user goes back to the head of the
@@ -13,7 +14,7 @@
                        and the node is terminated at once.
     terminating, terminated, unknown -> nothing.
 
-  Idempotent: a second drain finds the node terminating, or marked already.
+  Idempotent: a second drain finds the node terminating, or marked already (NOTHING).
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
@@ -21,14 +22,19 @@
   ARGV[3] who drains it, for the decisions stream (kind 'drain')
   ARGV[4] most entries kept in the decisions stream (optional, 1000)
   ARGV[5] what the operator was shown and confirmed (optional): 'ready', 'booting' or
-          'allocated:USER'; the drain is refused if the node's state is another now
+          'allocated:USER'; the drain is refused if the node's state is another now (a node
+          shown booting that is ready since, handed to no one, is drained all the same)
   ARGV[6] 'now' to end an allocated node's session at once (optional)
+  ARGV[7] with 'allocated:USER', when the session shown began (optional; ms, the user's
+          score in `sessions`): a session begun since on the same node (a disconnect and a
+          connect while the prompt waited) is refused too
 
   Returns {code, state, ...}
     1 DRAINING  {1, previous state, requeued user or '', [user, node, waited_ms]...}
     2 MARKED    {2, 'allocated', user}: terminated when its session ends
-    3 CHANGED   {3, state or ''}: not what ARGV[5] says; nothing done
-    0 NOTHING   {0, state or ''}: terminating, terminated or unknown; nothing done
+    3 CHANGED   {3, state or ''}: not what ARGV[5] and ARGV[7] say; nothing done
+    0 NOTHING   {0, state or '', user}: terminating, terminated or unknown, or (user) in a
+                session and marked already; nothing done
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -41,6 +47,7 @@ local by = ARGV[3] or ''
 local log_len = tonumber(ARGV[4]) or 1000
 local expected = ARGV[5] or ''
 local at_once = ARGV[6] == 'now'
+local session_seen = ARGV[7] or ''
 
 local nk = node_key(node)
 local state = rcall('HGET', nk, 'state')
@@ -52,8 +59,12 @@ if state == 'allocated' then
 end
 if expected ~= '' then
   local now_is = state == 'allocated' and ('allocated:' .. user) or (state or '')
-  if now_is ~= expected then
+  if now_is ~= expected and not (expected == 'booting' and state == 'ready') then
     return {3, state or ''}
+  end
+  if state == 'allocated' and session_seen ~= '' and
+      tonumber(rcall('ZSCORE', K.sessions, user)) ~= tonumber(session_seen) then
+    return {3, state}
   end
 end
 if state ~= 'ready' and state ~= 'booting' and state ~= 'allocated' then
@@ -68,7 +79,7 @@ end
 
 if state == 'allocated' and not at_once and user ~= '' then
   if rcall('HGET', nk, 'drain_by') then
-    return {2, state, user}
+    return {0, state, user}
   end
   rcall('HSET', nk, 'drain_by', by, 'drain_asked_ms', now)
   log_drain(string.format('terminated when the session of user %s ends', user))
@@ -79,7 +90,7 @@ local result = {1, state, ''}
 if state == 'allocated' then
   local requeued = requeue_session(node, now)
   rcall('HSET', nk, 'user', '')
-  mark_terminating(node, now, now, 'drained', true)
+  mark_terminating(node, now, DRAINED_DUE_MS, 'drained', true)
   local served = requeued and match_waiting(now) or {}
   result[3] = requeued or ''
   for _, v in ipairs(served) do result[#result + 1] = v end
@@ -88,7 +99,7 @@ if state == 'allocated' then
                                         and (' and served node ' .. served[2]) or '')
             or 'an allocated record with no session of its user')
 else
-  start_terminating(node, now, now, 'drained', true)
+  start_terminating(node, now, DRAINED_DUE_MS, 'drained', true)
   log_drain(string.format('was %s; its DELETE is sent by the next replica to tick', state))
 end
 return result

@@ -41,6 +41,8 @@
                  session of theirs, e.g. the node was declared gone): the entry is dropped,
                  nothing is freed
     5 MADE_AGAIN {5, ''}: this call already ran; nothing done
+    6 DRAINED    {6, node}: as RELEASED, but the node was drained during the session
+                 (drain_node.lua): it is terminating, its DELETE due at once
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -97,15 +99,15 @@ if node then
     local drained_by = rcall('HGET', nk, 'drain_by')
     if drained_by then
       -- An operator drained the node during the session (drain_node.lua): it goes now, its
-      -- DELETE due at once, instead of back to the pool.
+      -- DELETE due at once (DRAINED_DUE_MS), instead of back to the pool.
       rcall('HSET', nk, 'user', '')
-      mark_terminating(node, now, now, 'drained', true)
+      mark_terminating(node, now, DRAINED_DUE_MS, 'drained', true)
       log_entry(log_len, now, drained_by, 'drain', string.format(
           'node %s terminated after the session of user %s, drained by %s', node, user,
           drained_by), '{}', 1)
       log_release(string.format('node %s freed after a session of %.0fs, and terminated '
                                 .. '(drained by %s)', node, (now - since) / 1000, drained_by))
-      return result
+      return {6, node}
     end
     local served = node_free(node, now)
     for _, v in ipairs(served) do result[#result + 1] = v end

@@ -834,8 +834,10 @@ def release(
         mine = [s for s in sessions if s.user in user_ids]
         began = await client.zmscore(keys.key("sessions"), [s.user for s in mine]) if mine else []
         for s, start in zip(mine, began, strict=True):
+            drained = await client.hexists(keys.node(s.node), "drain_by")
             found[s.user] = (f"holds node {s.node} (session {_ago(now, s.allocated_ms)}, "
-                             f"last active {_last_active(now, s.last_activity_ms)})")
+                             f"last active {_last_active(now, s.last_activity_ms)}"
+                             + (", drained: it ends with the session" if drained else "") + ")")
             as_seen[s.user] = (f"node:{s.node}", None if start is None else int(start))
         for u, since in waiting:
             if u in user_ids:
@@ -877,6 +879,10 @@ def release(
                     else "back to the ready list")
             console.print(f"[green]released[/green] {shown(user)}: node "
                           f"{shown(outcome.node_id)} {shown(whom)}")
+        elif outcome.code is Release.DRAINED:
+            console.print(f"[green]released[/green] {shown(user)}: node "
+                          f"{shown(outcome.node_id)} terminating, as it was drained during the "
+                          "session; a replica sends its DELETE at its next tick")
         elif outcome.code is Release.ABANDONED:
             console.print(f"[green]released[/green] {shown(user)}: left the waiting queue")
         elif outcome.code is Release.STALE:
@@ -920,9 +926,11 @@ def drain(
     keys = _pool_keys(pool)
     node_ids, by = _operator_args(node_ids, "node", by)
 
-    # What each node was shown as (passed to the script, which refuses a drain of a node whose
-    # state is another by then: a node handed to a user while the prompt waited).
+    # What each node was shown as, and when the session shown began (passed to the script,
+    # which refuses a drain of a node whose state is another by then: a node handed to a user
+    # while the prompt waited, or a session begun since on the same node).
     as_seen: dict[str, str] = {}
+    session_began: dict[str, int] = {}
 
     async def states(client: aioredis.Redis) -> dict[str, str]:
         from provisioner.scripts import as_text
@@ -944,6 +952,9 @@ def drain(
                 held = await client.hget(keys.key("alloc"), user) if user else None
                 if held is None or as_text(held) != node:
                     user = ""
+                began = await client.zscore(keys.key("sessions"), user) if user else None
+                if began is not None:
+                    session_began[node] = int(began)
                 found[node] = (f"in the session of user {user} (for "
                                f"{_ago(now, view.time_ms(record.get('allocated_ms')))})"
                                + (", drained already when it ends" if record.get("drain_by")
@@ -970,7 +981,8 @@ def drain(
         scripts = Scripts(client, keys)
         now = WallClock().now_ms()
         done = {node: await scripts.drain_node(now, node, by, expected=expected,
-                                               at_once=at_once)
+                                               at_once=at_once,
+                                               session_ms=session_began.get(node))
                 for node, expected in as_seen.items()}
         try:
             heard = any(r.age_s < 60 for r in await scripts.replicas())
@@ -997,6 +1009,11 @@ def drain(
             console.print(f"{shown(node)}: changed since it was shown (now "
                           f"{shown(outcome.state or 'unknown')}): nothing done; look again "
                           "with `provisioner nodes`")
+        elif outcome.user:
+            undrained = True
+            console.print(f"{shown(node)}: drained already, terminated when the session of "
+                          f"user {shown(outcome.user)} ends; nothing done"
+                          + (" (--now ends it now)" if not at_once else ""))
         else:
             undrained = True
             console.print(f"{shown(node)}: {shown(outcome.state or 'unknown')}, nothing done")

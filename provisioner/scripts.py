@@ -132,13 +132,14 @@ class Release(IntEnum):
     CHANGED = 3  # an operator's release refused: the user's state is not the one confirmed
     STALE = 4  # the user's allocation named a node whose record is not theirs: dropped, no free
     MADE_AGAIN = 5  # this replica's call already ran (its reply was lost): nothing done
+    DRAINED = 6  # as RELEASED, but the node was drained in the session: it is terminating
 
 
 class Drain(IntEnum):
-    NOTHING = 0  # terminating, terminated or unknown
+    NOTHING = 0  # terminating, terminated or unknown; or (with its user) marked already
     DRAINING = 1  # terminating now, its DELETE due at once
     MARKED = 2  # allocated: terminated when its session ends
-    CHANGED = 3  # not in the state the operator confirmed
+    CHANGED = 3  # not in the state (or the session) the operator confirmed
 
 
 class NodeStatusOutcome(IntEnum):
@@ -196,7 +197,9 @@ class ReleaseResult:
 class DrainResult:
     code: Drain
     state: str  # the node's state before (DRAINING, MARKED) or now (NOTHING, CHANGED)
-    user: str  # MARKED: the session's user; DRAINING: the user sent back to the queue, or ''
+    #: MARKED, or NOTHING for a node marked already: the session's user; DRAINING: the user
+    #: sent back to the queue, or ''
+    user: str
     served: list[Served]
 
 
@@ -738,13 +741,16 @@ class Scripts:
                                                 session_ms))
 
     async def drain_node(self, now_ms: int, node_id: str, by: str, log_len: int = 1000,
-                         expected: str = "", at_once: bool = False) -> DrainResult:
+                         expected: str = "", at_once: bool = False,
+                         session_ms: int | None = None) -> DrainResult:
         """An operator's drain of a node (lua/drain_node.lua), logged to the decisions stream
         under `by`; refused (CHANGED) if `expected` ('ready', 'booting' or 'allocated:USER':
-        what the operator confirmed) is not so now; `at_once`: an allocated node's session
-        ends now, its user back at the head of the queue."""
-        return await self.run(Call("drain_node", (now_ms, node_id, by, log_len, expected,
-                                                  "now" if at_once else ""), _drain))
+        what the operator confirmed) is not so now, or if the session confirmed began at
+        `session_ms` and the one now did not; `at_once`: an allocated node's session ends now,
+        its user back at the head of the queue."""
+        return await self.run(Call("drain_node", (
+            now_ms, node_id, by, log_len, expected, "now" if at_once else "",
+            "" if session_ms is None else session_ms), _drain))
 
     def apply_node_status_call(self, now_ms: int, node_id: str, status: str, *,
                                listed: bool = False) -> Call[NodeStatusResult]:

@@ -172,7 +172,7 @@ def render_view(view: PoolView) -> Group:
         f"requeued {data['requeued']}" + (
             f"  released by an operator {data['operator_releases']}"
             if data["operator_releases"] else "") + (
-            f"  nodes drained by an operator {data['operator_drains']}"
+            f"  drains by an operator {data['operator_drains']}"
             if data["operator_drains"] else "") + (
             f"  made again after a lost reply {data['calls_made_again']}"
             if data["calls_made_again"] else ""))

@@ -667,12 +667,12 @@ async def test_a_drained_node_in_a_session_ends_with_the_session_not_back_to_the
     marked = await pool.scripts.drain_node(pool.now, "n1", "alice", expected="allocated:u1")
     twice = await pool.scripts.drain_node(pool.now, "n1", "bob")
     assert (marked.code, marked.state, marked.user) == (Drain.MARKED, "allocated", "u1")
-    assert (twice.code, twice.user) == (Drain.MARKED, "u1")
+    assert (twice.code, twice.state, twice.user) == (Drain.NOTHING, "allocated", "u1")
     assert (await pool.node("n1"))["drain_by"] == "alice"  # the first's
     assert await pool.alloc() == {"u1": "n1"}
     pool.clock.advance(60_000)
     freed = await pool.scripts.release(pool.now, "u1")
-    assert (freed.code, freed.node_id, freed.served) == (Release.RELEASED, "n1", [])
+    assert (freed.code, freed.node_id, freed.served) == (Release.DRAINED, "n1", [])
     record = await pool.node("n1")
     assert (record["state"], record["term_reason"], record["user"]) == (
         "terminating", "drained", "")
@@ -717,6 +717,53 @@ async def test_a_node_drained_at_once_sends_its_user_back_to_the_head_of_the_que
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
+async def test_a_drained_node_s_delete_is_due_by_any_replica_s_clock(
+        pool: PoolUnderTest) -> None:
+    """The drain is stamped by the operator's clock, the reap by a replica's: a CLI host five
+    minutes ahead held the DELETE back five minutes (a review). Its first DELETE is due at
+    once by any clock, after the drain as after the session it waited for; a retry waits
+    for the replica's own deadline."""
+    config = PoolConfig()
+    await pool.boot("n1")
+    await pool.boot("n2")
+    await pool.scripts.allocate(pool.now, "u1")  # n1
+    ahead = pool.now + 300_000
+    await pool.scripts.drain_node(ahead, "n2", "alice")
+    await pool.scripts.drain_node(ahead, "n1", "alice")
+    await pool.scripts.release(ahead, "u1", by="alice")
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert sorted((t.node_id, t.reason) for t in reaped) == [("n1", "drained"),
+                                                              ("n2", "drained")]
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+
+
+async def test_a_drain_refuses_a_session_begun_on_the_node_since_it_was_shown(
+        pool: PoolUnderTest) -> None:
+    """The operator saw u1's session on n1; u1 left and came back to n1 while the prompt
+    waited: `--now` must not end the new session. A boot shown booting and ready since,
+    handed to no one, is drained all the same."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    began = int(await pool.redis.zscore(pool.keys.key("sessions"), "u1"))
+    pool.clock.advance(1000)
+    await pool.scripts.release(pool.now, "u1")
+    await pool.scripts.allocate(pool.now, "u1")  # n1 again, a new session
+    changed = await pool.scripts.drain_node(pool.now, "n1", "alice", expected="allocated:u1",
+                                           at_once=True, session_ms=began)
+    assert (changed.code, changed.state) == (Drain.CHANGED, "allocated")
+    assert await pool.alloc() == {"u1": "n1"}
+    now_began = int(await pool.redis.zscore(pool.keys.key("sessions"), "u1"))
+    ended = await pool.scripts.drain_node(pool.now, "n1", "alice", expected="allocated:u1",
+                                          at_once=True, session_ms=now_began)
+    assert ended.code is Drain.DRAINING
+    await pool.scripts.apply_node_status(pool.now, "n2", "booting")
+    await pool.scripts.apply_node_status(pool.now, "n2", "ready")  # goes to u1, waiting
+    await pool.scripts.apply_node_status(pool.now, "n3", "booting")
+    await pool.scripts.apply_node_status(pool.now, "n3", "ready")
+    ready = await pool.scripts.drain_node(pool.now, "n3", "alice", expected="booting")
+    assert (ready.code, ready.state) == (Drain.DRAINING, "ready")
+
+
 async def test_a_drain_of_a_node_not_in_the_state_confirmed_or_not_drainable_does_nothing(
         pool: PoolUnderTest) -> None:
     await pool.boot("n1")
@@ -726,7 +773,7 @@ async def test_a_drain_of_a_node_not_in_the_state_confirmed_or_not_drainable_doe
     for node, expected, code, state in (
             ("n1", "ready", Drain.CHANGED, "allocated"),
             ("n1", "allocated:u9", Drain.CHANGED, "allocated"),
-            ("n2", "booting", Drain.CHANGED, "ready"),
+            ("n1", "booting", Drain.CHANGED, "allocated"),
             ("n2", "allocated:u1", Drain.CHANGED, "ready"),
             ("ghost", "ready", Drain.CHANGED, ""),
             ("ghost", "", Drain.NOTHING, "")):

@@ -993,13 +993,25 @@ def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: s
     assert [u["user_id"] for u in users["waiting"]] == ["u2"]
     again = CliRunner().invoke(app, ["drain", "n3", *common, "--yes"])
     assert again.exit_code == 1 and "n3: terminating: nothing to drain" in again.output
+    marked = CliRunner().invoke(app, ["drain", "n1", *common, "--yes"], env={"COLUMNS": "200"})
+    assert marked.exit_code == 1 and ("n1: drained already, terminated when the session of "
+                                      "user u1 ends; nothing done (--now ends it now)") in (
+        marked.output), marked.output
 
+    # The session's end, by an operator's release too, terminates the node drained in it.
+    released = CliRunner().invoke(app, ["release", "u1", *common, "--yes"],
+                                  env={"COLUMNS": "200"})
+    assert released.exit_code == 0, released.output
+    assert "u1: holds node n1 (session " in released.output
+    assert ", drained: it ends with the session)" in released.output
+    assert ("released u1: node n1 terminating, as it was drained during the session; a replica "
+            "sends its DELETE at its next tick") in released.output
     entries = redis.Redis.from_url(redis_url, decode_responses=True).xrange(
         keys.key("decisions"))
     drains = [(f["replica"], f["reason"]) for _, f in entries if f.get("kind") == "drain"]
-    assert [who for who, _ in drains] == ["alice", "alice", "alice", "bob"]
+    assert [who for who, _ in drains] == ["alice", "alice", "alice", "bob", "alice"]
     status = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "300"})
-    assert "nodes drained by an operator 4" in status.output, status.output
+    assert "drains by an operator 4" in status.output, status.output
     assert json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)[
         "operator_drains"] == 4
     decisions = CliRunner().invoke(app, ["decisions", *common, "--kind", "drain"],

@@ -253,6 +253,11 @@ local function new_node(node_id, state, now, origin, reservation)
   stat('nodes_seen')
 end
 
+-- The deadline of a drained node's first DELETE, which nobody has sent: due at once by any
+-- replica's clock (the operator's `now` is the CLI host's, and a clock ahead there held the
+-- DELETE back until the replicas' clocks reached it).
+local DRAINED_DUE_MS = 0
+
 -- A node out of every other state's structure becomes `terminating` until `deadline`. The
 -- DELETE is the caller's to send now; `unsent` (an operator's drain, which sends none): it is
 -- due at the deadline, when reap_idle sends it and counts it.

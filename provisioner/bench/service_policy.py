@@ -230,7 +230,7 @@ class ServicePolicy:
                 self.misses.append(await self._miss(t, user))
         elif isinstance(outcome, ReleaseResult):
             user = str(payload["user_id"])
-            if outcome.code is Release.RELEASED:
+            if outcome.code in (Release.RELEASED, Release.DRAINED):
                 self.world.report_released(user)
             elif outcome.code is Release.ABANDONED:
                 self.world.report_abandoned(user)

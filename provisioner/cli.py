@@ -921,8 +921,8 @@ def drain(
     booting node is terminated now, a replica sending its DELETE at its next tick, and the
     forecast boots a replacement if its target wants one; a node in a session is terminated
     when the session ends (--now: at once). Each drain is logged to the decisions stream under
-    --by. Exits 1 if a node was not drained (unknown, ending already, or changed since it was
-    shown), 2 if not confirmed."""
+    --by. Exits 1 if a node was not drained (unknown, ending already, drained already in its
+    session, or changed since it was shown), 2 if not confirmed."""
     keys = _pool_keys(pool)
     node_ids, by = _operator_args(node_ids, "node", by)
 

@@ -14,6 +14,10 @@
                        and the node is terminated at once.
     terminating, terminated, unknown -> nothing.
 
+  With ARGV[6] 'cancel', the mark of a node in a session is taken back (`provisioner drain
+  --cancel`): the node goes back to the pool when its session ends, as any. A node
+  terminating already cannot come back (its DELETE may be out).
+
   Idempotent: a second drain finds the node terminating, or marked already (NOTHING).
 
   KEYS: the pool key vector (lua/includes/keys.lua)
@@ -24,7 +28,8 @@
   ARGV[5] what the operator was shown and confirmed (optional): 'ready', 'booting' or
           'allocated:USER'; the drain is refused if the node's state is another now (a node
           shown booting that is ready since, handed to no one, is drained all the same)
-  ARGV[6] 'now' to end an allocated node's session at once (optional)
+  ARGV[6] 'now' to end an allocated node's session at once, or 'cancel' to take a mark back
+          (optional)
   ARGV[7] with 'allocated:USER', when the session shown began (optional; ms, the user's
           score in `sessions`): a session begun since on the same node (a disconnect and a
           connect while the prompt waited) is refused too
@@ -35,6 +40,8 @@
     3 CHANGED   {3, state or ''}: not what ARGV[5] and ARGV[7] say; nothing done
     0 NOTHING   {0, state or '', user}: terminating, terminated or unknown, or (user) in a
                 session and marked already; nothing done
+    4 CANCELLED {4, 'allocated', user}: the mark taken back (with 'cancel'); with 'cancel',
+                any node not marked in a session is NOTHING
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -47,6 +54,7 @@ local by = ARGV[3] or ''
 local log_len = tonumber(ARGV[4]) or 1000
 local expected = ARGV[5] or ''
 local at_once = ARGV[6] == 'now'
+local cancel = ARGV[6] == 'cancel'
 local session_seen = ARGV[7] or ''
 
 local nk = node_key(node)
@@ -69,6 +77,17 @@ if expected ~= '' then
 end
 if state ~= 'ready' and state ~= 'booting' and state ~= 'allocated' then
   return {0, state or ''}
+end
+
+if cancel then
+  if state ~= 'allocated' or not rcall('HGET', nk, 'drain_by') then
+    return {0, state or '', ''}
+  end
+  rcall('HDEL', nk, 'drain_by', 'drain_asked_ms')
+  log_entry(log_len, now, by, 'drain', string.format(
+      'the drain of node %s taken back by %s: it goes back to the pool when the session of '
+      .. 'user %s ends', node, by, user), '{}', 0)
+  return {4, state, user}
 end
 
 local function log_drain(what)

@@ -912,6 +912,9 @@ def drain(
         "--now", help="End a session on the node now: its user goes back to the head of the "
         "waiting queue, as when a node dies (without it, the node goes when its session "
         "ends)")] = False,
+    cancel: Annotated[bool, typer.Option(
+        "--cancel", help="Take back the drain of nodes in a session: each goes back to the "
+        "pool when its session ends (a node terminating already cannot come back)")] = False,
     by: Annotated[str, typer.Option(
         envvar="PROVISIONER_OPERATOR",
         help="Who drains them, for the decisions log (default: the login name)")] = "",
@@ -921,10 +924,13 @@ def drain(
     booting node is terminated now, a replica sending its DELETE at its next tick, and the
     forecast boots a replacement if its target wants one; a node in a session is terminated
     when the session ends (--now: at once). Each drain is logged to the decisions stream under
-    --by. Exits 1 if a node was not drained (unknown, ending already, drained already in its
-    session, or changed since it was shown), 2 if not confirmed."""
+    --by. --cancel takes back the drain of a node still in its session. Exits 1 if a node was
+    not drained (unknown, ending already, drained already in its session, or changed since it
+    was shown; with --cancel, not drained in a session), 2 if not confirmed."""
     keys = _pool_keys(pool)
     node_ids, by = _operator_args(node_ids, "node", by)
+    if cancel and at_once:
+        raise _fail("--cancel takes a drain back; --now ends a session: give one of them")
 
     # What each node was shown as, and when the session shown began (passed to the script,
     # which refuses a drain of a node whose state is another by then: a node handed to a user
@@ -946,7 +952,10 @@ def drain(
                 since = record.get("idle_since_ms" if state == "ready" else "created_ms")
                 found[node] = (f"{state} ({'idle' if state == 'ready' else 'booting'} for "
                                f"{_ago(now, view.time_ms(since))})")
-                as_seen[node] = state
+                if cancel:
+                    found[node] += ": not drained, nothing to take back"
+                else:
+                    as_seen[node] = state
             elif state == "allocated":
                 user = record.get("user", "")
                 held = await client.hget(keys.key("alloc"), user) if user else None
@@ -959,7 +968,10 @@ def drain(
                                f"{_ago(now, view.time_ms(record.get('allocated_ms')))})"
                                + (", drained already when it ends" if record.get("drain_by")
                                   else "") if user else "allocated, with no session of its user")
-                as_seen[node] = f"allocated:{user}"
+                if not cancel or "drain_by" in record:
+                    as_seen[node] = f"allocated:{user}"
+                else:
+                    found[node] += ": not drained, nothing to take back"
             else:
                 found[node] = f"{state}: nothing to drain" if state else "unknown to the pool"
         return found
@@ -973,7 +985,12 @@ def drain(
         in_session = sum(seen.startswith("allocated:") for seen in as_seen.values())
         what = (" (ending their sessions now)" if at_once else
                 " (those in a session when it ends)") if in_session else ""
-        _confirm(f"Drain {len(as_seen)} node(s) of pool {pool}{what}?", "drained", "drains")
+        if cancel:
+            _confirm(f"Take back the drain of {len(as_seen)} node(s) of pool {pool}?",
+                     "taken back", "takes them back")
+        else:
+            _confirm(f"Drain {len(as_seen)} node(s) of pool {pool}{what}?", "drained",
+                     "drains")
 
     from provisioner.scripts import Drain, DrainResult, Scripts
 
@@ -982,7 +999,8 @@ def drain(
         now = WallClock().now_ms()
         done = {node: await scripts.drain_node(now, node, by, expected=expected,
                                                at_once=at_once,
-                                               session_ms=session_began.get(node))
+                                               session_ms=session_began.get(node),
+                                               cancel=cancel)
                 for node, expected in as_seen.items()}
         try:
             heard = any(r.age_s < 60 for r in await scripts.replicas())
@@ -1004,12 +1022,15 @@ def drain(
         elif outcome.code is Drain.MARKED:
             console.print(f"[green]drained[/green] {shown(node)}: terminated when the session "
                           f"of user {shown(outcome.user)} ends")
+        elif outcome.code is Drain.CANCELLED:
+            console.print(f"[green]taken back[/green] {shown(node)}: back to the pool when the "
+                          f"session of user {shown(outcome.user)} ends")
         elif outcome.code is Drain.CHANGED:
             undrained = True
             console.print(f"{shown(node)}: changed since it was shown (now "
                           f"{shown(outcome.state or 'unknown')}): nothing done; look again "
                           "with `provisioner nodes`")
-        elif outcome.user:
+        elif outcome.user and not cancel:
             undrained = True
             console.print(f"{shown(node)}: drained already, terminated when the session of "
                           f"user {shown(outcome.user)} ends; nothing done"

@@ -140,6 +140,7 @@ class Drain(IntEnum):
     DRAINING = 1  # terminating now, its DELETE due at once
     MARKED = 2  # allocated: terminated when its session ends
     CHANGED = 3  # not in the state (or the session) the operator confirmed
+    CANCELLED = 4  # the mark of a node in a session taken back
 
 
 class NodeStatusOutcome(IntEnum):
@@ -742,14 +743,16 @@ class Scripts:
 
     async def drain_node(self, now_ms: int, node_id: str, by: str, log_len: int = 1000,
                          expected: str = "", at_once: bool = False,
-                         session_ms: int | None = None) -> DrainResult:
+                         session_ms: int | None = None, cancel: bool = False) -> DrainResult:
         """An operator's drain of a node (lua/drain_node.lua), logged to the decisions stream
         under `by`; refused (CHANGED) if `expected` ('ready', 'booting' or 'allocated:USER':
         what the operator confirmed) is not so now, or if the session confirmed began at
         `session_ms` and the one now did not; `at_once`: an allocated node's session ends now,
-        its user back at the head of the queue."""
+        its user back at the head of the queue; `cancel`: the mark of a node in a session
+        taken back instead."""
+        how = "cancel" if cancel else "now" if at_once else ""
         return await self.run(Call("drain_node", (
-            now_ms, node_id, by, log_len, expected, "now" if at_once else "",
+            now_ms, node_id, by, log_len, expected, how,
             "" if session_ms is None else session_ms), _drain))
 
     def apply_node_status_call(self, now_ms: int, node_id: str, status: str, *,

@@ -717,6 +717,30 @@ async def test_a_node_drained_at_once_sends_its_user_back_to_the_head_of_the_que
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
+async def test_a_drain_of_a_node_in_a_session_can_be_taken_back(pool: PoolUnderTest) -> None:
+    """Taken back, the node goes back to the pool when its session ends, as any; a node
+    terminating already, or one never marked, is not brought back."""
+    await pool.boot("n1")
+    await pool.boot("n2")
+    await pool.scripts.allocate(pool.now, "u1")  # n1
+    await pool.scripts.drain_node(pool.now, "n1", "alice")
+    await pool.scripts.drain_node(pool.now, "n2", "alice")  # ready: terminating at once
+    back = await pool.scripts.drain_node(pool.now, "n1", "bob", cancel=True)
+    assert (back.code, back.state, back.user) == (Drain.CANCELLED, "allocated", "u1")
+    assert "drain_by" not in await pool.node("n1")
+    for node in ("n1", "n2", "ghost"):  # n1 no longer marked
+        nothing = await pool.scripts.drain_node(pool.now, node, "bob", cancel=True)
+        assert nothing.code is Drain.NOTHING, node
+    assert (await pool.node("n2"))["state"] == "terminating"
+    freed = await pool.scripts.release(pool.now, "u1")
+    assert freed.code is Release.RELEASED and await pool.ready_list() == ["n1"]
+    assert (await drains(pool))[-1] == (
+        "bob", "the drain of node n1 taken back by bob: it goes back to the pool when the "
+               "session of user u1 ends")
+    assert (await pool.snap()).stat("operator_drains") == 2
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
 async def test_a_drained_node_s_delete_is_due_by_any_replica_s_clock(
         pool: PoolUnderTest) -> None:
     """The drain is stamped by the operator's clock, the reap by a replica's: a CLI host five

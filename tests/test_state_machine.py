@@ -165,6 +165,14 @@ def state_machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine
                 self.marked(self.scripts.release_call(self.clock.now_ms(), user,
                                                       mark=self.mark()))
 
+        @rule(node=NODES)
+        def drain_taken_back(self, node: str) -> None:
+            """A mark taken back: the node goes back to the pool when its session ends."""
+            result = self.run(self.scripts.drain_node(self.clock.now_ms(), node, "op",
+                                                      cancel=True))
+            if result.code is Drain.CANCELLED:
+                self.draining.pop(node, None)
+
         @invariant()
         def a_drained_node_serves_no_one_again(self) -> None:
             if not hasattr(self, "client"):

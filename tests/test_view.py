@@ -998,6 +998,17 @@ def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: s
                                       "user u1 ends; nothing done (--now ends it now)") in (
         marked.output), marked.output
 
+    # Taken back and drained again: --cancel says what it did, and refuses what it cannot.
+    cancelled = CliRunner().invoke(app, ["drain", "n1", "n3", *common, "--cancel", "--yes",
+                                         "--by", "carol"], env={"COLUMNS": "200"})
+    assert cancelled.exit_code == 1, cancelled.output  # n3 is terminating
+    assert ("taken back n1: back to the pool when the session of user u1 ends"
+            in cancelled.output), cancelled.output
+    assert "n3: terminating: nothing to drain" in cancelled.output
+    both = CliRunner().invoke(app, ["drain", "n1", *common, "--cancel", "--now", "--yes"])
+    assert both.exit_code == 2 and "give one of them" in both.output
+    again_marked = CliRunner().invoke(app, ["drain", "n1", *common, "--yes", "--by", "alice"])
+    assert again_marked.exit_code == 0, again_marked.output
     # The session's end, by an operator's release too, terminates the node drained in it.
     released = CliRunner().invoke(app, ["release", "u1", *common, "--yes"],
                                   env={"COLUMNS": "200"})
@@ -1009,11 +1020,12 @@ def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: s
     entries = redis.Redis.from_url(redis_url, decode_responses=True).xrange(
         keys.key("decisions"))
     drains = [(f["replica"], f["reason"]) for _, f in entries if f.get("kind") == "drain"]
-    assert [who for who, _ in drains] == ["alice", "alice", "alice", "bob", "alice"]
+    assert [who for who, _ in drains] == ["alice", "alice", "alice", "bob", "carol", "alice",
+                                          "alice"]
     status = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "300"})
-    assert "drains by an operator 4" in status.output, status.output
+    assert "drains by an operator 5" in status.output, status.output
     assert json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)[
-        "operator_drains"] == 4
+        "operator_drains"] == 5
     decisions = CliRunner().invoke(app, ["decisions", *common, "--kind", "drain"],
                                    env={"COLUMNS": "300"})
     assert decisions.exit_code == 0 and "node n2 drained by bob" in decisions.output, (

@@ -15,7 +15,8 @@
     terminating, terminated, unknown -> nothing.
 
   With ARGV[6] 'cancel', the mark of a node in a session is taken back (`provisioner drain
-  --cancel`): the node goes back to the pool when its session ends, as any. A node
+  --cancel`): the node goes back to the pool when its session ends, as any. So is a mark a
+  replica of an earlier release left on a node it freed, ready or booting now. A node
   terminating already cannot come back (its DELETE may be out).
 
   Idempotent: a second drain finds the node terminating, or marked already (NOTHING).
@@ -40,8 +41,8 @@
     3 CHANGED   {3, state or ''}: not what ARGV[5] and ARGV[7] say; nothing done
     0 NOTHING   {0, state or '', user}: terminating, terminated or unknown, or (user) in a
                 session and marked already; nothing done
-    4 CANCELLED {4, 'allocated', user}: the mark taken back (with 'cancel'); with 'cancel',
-                any node not marked in a session is NOTHING
+    4 CANCELLED {4, state, user or ''}: the mark taken back (with 'cancel'); with 'cancel',
+                any node not marked, or ending, is NOTHING
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -80,13 +81,14 @@ if state ~= 'ready' and state ~= 'booting' and state ~= 'allocated' then
 end
 
 if cancel then
-  if state ~= 'allocated' or not rcall('HGET', nk, 'drain_by') then
+  if not rcall('HGET', nk, 'drain_by') then
     return {0, state or '', ''}
   end
   rcall('HDEL', nk, 'drain_by', 'drain_asked_ms')
   log_entry(log_len, now, by, 'drain', string.format(
-      'the drain of node %s taken back by %s: it goes back to the pool when the session of '
-      .. 'user %s ends', node, by, user), '{}', 0)
+      'the drain of node %s taken back by %s: %s', node, by, user ~= '' and string.format(
+          'it goes back to the pool when the session of user %s ends', user)
+      or 'it stays in the pool'), '{}', 0)
   return {4, state, user}
 end
 

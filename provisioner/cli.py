@@ -509,8 +509,8 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
             idle = _ago(now, view.time_ms(row.get("idle_since_ms")))
         # Text, not markup: a record edited by hand may hold anything, "[/b]" and a terminal's
         # escape sequences among it
-        state = row.get("state", "?") + (", drained" if row.get("drain_by") and
-                                          row.get("state") == "allocated" else "")
+        state = row.get("state", "?") + (", drained" if row.get("drain_by") and row.get(
+            "state") in ("ready", "booting", "allocated") else "")
         table.add_row(*map(outside, (
             row.get("id", "?"), state, row.get("user", ""),
             _ago(now, view.time_ms(row.get("created_ms"))), idle, row.get("origin", ""),
@@ -789,6 +789,15 @@ def _operator_args(ids: list[str], kind: str, by: str) -> tuple[list[str], str]:
     return ids, by
 
 
+async def _server_now_ms(client: aioredis.Redis) -> int:
+    """The server's clock (TIME), in ms: what an operator's transition is stamped with, not the
+    CLI host's, which may run ahead of the replicas' (a review: `drain --now` from a host five
+    minutes ahead queued a user who then waited two minutes, measured as none). The replicas'
+    clocks are measured against the server's (ProvisionerClockOffset)."""
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def _confirm(question: str, done: str, does: str) -> None:
     """Ask `question`; not confirmed, or no one to answer (a script, no input), exit 2 saying
     nothing was `done`, and that --yes `does` without asking."""
@@ -858,7 +867,7 @@ def release(
 
     async def go(client: aioredis.Redis) -> dict[str, ReleaseResult]:
         scripts = Scripts(client, keys)
-        now = WallClock().now_ms()
+        now = await _server_now_ms(client)
         # The waiting users leave the queue first: a node a named session frees goes to the
         # oldest waiting user, and one named here has left too (the node would go to them,
         # and their own release would then be refused as changed since it was shown).
@@ -952,7 +961,11 @@ def drain(
                 since = record.get("idle_since_ms" if state == "ready" else "created_ms")
                 found[node] = (f"{state} ({'idle' if state == 'ready' else 'booting'} for "
                                f"{_ago(now, view.time_ms(since))})")
-                if cancel:
+                if cancel and "drain_by" in record:
+                    # a mark a replica of an earlier release left on a node it freed
+                    found[node] += ", drained when a session on it ends"
+                    as_seen[node] = state
+                elif cancel:
                     found[node] += ": not drained, nothing to take back"
                 else:
                     as_seen[node] = state
@@ -996,7 +1009,7 @@ def drain(
 
     async def go(client: aioredis.Redis) -> tuple[dict[str, DrainResult], bool]:
         scripts = Scripts(client, keys)
-        now = WallClock().now_ms()
+        now = await _server_now_ms(client)
         done = {node: await scripts.drain_node(now, node, by, expected=expected,
                                                at_once=at_once,
                                                session_ms=session_began.get(node),
@@ -1023,8 +1036,9 @@ def drain(
             console.print(f"[green]drained[/green] {shown(node)}: terminated when the session "
                           f"of user {shown(outcome.user)} ends")
         elif outcome.code is Drain.CANCELLED:
-            console.print(f"[green]taken back[/green] {shown(node)}: back to the pool when the "
-                          f"session of user {shown(outcome.user)} ends")
+            console.print(f"[green]taken back[/green] {shown(node)}: " + (
+                f"back to the pool when the session of user {shown(outcome.user)} ends"
+                if outcome.user else "it stays in the pool"))
         elif outcome.code is Drain.CHANGED:
             undrained = True
             console.print(f"{shown(node)}: changed since it was shown (now "

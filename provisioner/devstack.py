@@ -116,7 +116,16 @@ class Stack:
 SET_BY_THE_STACK = {
     "mock-node-api": {"--port": "", "--host": "", "--redis-url": "--redis-url",
                       "--boot-delay": "--boot-delay"},
-    "simulate": {"--redis-url": "--redis-url", "--arrival-rate": "--arrival-rate"},
+    "simulate": {"--redis-url": "--redis-url",
+                 "--arrival-rate": "--arrival-rate (synthetic traffic only)"},
+}
+# What the stack gives each process itself, ahead of the options passed on, so that the check
+# parses what the process will: an environment variable of one of these (MOCK_NODE_API_PORT=0)
+# is not read, as the process does not read it (a review: `dev` refused to start on it). The
+# values stand in for the stack's own, which the stack checks apart.
+GIVEN_BY_THE_STACK = {
+    "mock-node-api": ["--port", "8080", "--redis-url", "redis://127.0.0.1:6379/0"],
+    "simulate": ["--redis-url", "redis://127.0.0.1:6379/0"],
 }
 
 
@@ -148,11 +157,13 @@ def options_passed_on(text: str, name: str, command: Callable[..., Any],
             raise typer.BadParameter(
                 f"{word} is set by the stack itself" + (f"; give {own} to the stack" if own
                                                          else ""), param_hint=option)
-    one = typer.Typer()
+    # Without completion options, as the CLI's own app: a Typer's default would take
+    # `--install-completion` here, and run it (a review: it wrote to ~/.bashrc, exit 0).
+    one = typer.Typer(add_completion=False)
     one.command(name)(command)
     parser = typer.main.get_command(one)
     try:
-        parsed = parser.make_context(name, list(args))
+        parsed = parser.make_context(name, [*GIVEN_BY_THE_STACK[name], *args])
     except _USAGE_ERROR as exc:
         raise typer.BadParameter(f"{name}: {exc.format_message()}", param_hint=option) from None
     return args, parsed

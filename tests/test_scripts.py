@@ -741,6 +741,30 @@ async def test_a_drain_of_a_node_in_a_session_can_be_taken_back(pool: PoolUnderT
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
+async def test_a_mark_an_earlier_release_left_on_a_node_it_freed_can_be_taken_back(
+        pool: PoolUnderTest) -> None:
+    """A replica of the release before frees a marked node at its session's end and leaves
+    the mark (a review): taken back, the node stays in the pool; left, its next session's
+    end terminates it."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.scripts.drain_node(pool.now, "n1", "alice")
+    # The release before's release.lua: freed, back to the ready list, the mark left.
+    await pool.redis.hdel(pool.keys.key("alloc"), "u1")
+    await pool.redis.zrem(pool.keys.key("sessions"), "u1")
+    await pool.redis.hset(pool.keys.node("n1"), mapping={"state": "ready", "user": "",
+                                                         "idle_since_ms": pool.now})
+    await pool.redis.rpush(pool.keys.key("ready"), "n1")
+    back = await pool.scripts.drain_node(pool.now, "n1", "bob", cancel=True)
+    assert (back.code, back.state, back.user) == (Drain.CANCELLED, "ready", "")
+    assert "drain_by" not in await pool.node("n1")
+    assert (await drains(pool))[-1] == ("bob", "the drain of node n1 taken back by bob: it "
+                                               "stays in the pool")
+    await pool.scripts.allocate(pool.now, "u2")
+    assert (await pool.scripts.release(pool.now, "u2")).code is Release.RELEASED
+    assert await pool.ready_list() == ["n1"]
+
+
 async def test_a_drained_node_s_delete_is_due_by_any_replica_s_clock(
         pool: PoolUnderTest) -> None:
     """The drain is stamped by the operator's clock, the reap by a replica's: a CLI host five

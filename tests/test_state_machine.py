@@ -153,17 +153,28 @@ def state_machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine
                 self.run(self.scripts.apply_node_status(now, node, status))
             self.connect(user)
 
-        @rule(data=st.data(), at_once=st.booleans())
-        def drain_held(self, data: st.DataObject, at_once: bool) -> None:
-            """A drain of a node in a session, then, half the time, its user's disconnect."""
+        @rule(data=st.data(), how=st.sampled_from(["", "now", "cancel"]))
+        def drain_held(self, data: st.DataObject, how: str) -> None:
+            """A drain of a node in a session (or a drain taken back at once), then, half the
+            time, its user's disconnect: a node whose mark was taken back is freed."""
             held = self.run(self.client.hgetall(self.keys.key("alloc")))
             if not held:
                 return
             user = data.draw(st.sampled_from(sorted(held)))
-            self.drain(held[user], at_once)
+            node = held[user]
+            self.drain(node, how == "now")
+            if how == "cancel":
+                marked = self.run(self.client.hexists(self.keys.node(node), "drain_by"))
+                result = self.run(self.scripts.drain_node(self.clock.now_ms(), node, "op",
+                                                          cancel=True))
+                assert result.code is (Drain.CANCELLED if marked else Drain.NOTHING)
+                self.draining.pop(node, None)
             if data.draw(st.booleans()):
-                self.marked(self.scripts.release_call(self.clock.now_ms(), user,
-                                                      mark=self.mark()))
+                call = self.scripts.release_call(self.clock.now_ms(), user, mark=self.mark())
+                self.marked(call)
+                if how == "cancel":
+                    state = self.run(self.client.hget(self.keys.node(node), "state"))
+                    assert state in ("ready", "allocated"), state  # freed, or handed on
 
         @rule(node=NODES)
         def drain_taken_back(self, node: str) -> None:

@@ -1066,3 +1066,36 @@ def test_drain_does_nothing_to_a_node_that_changed_while_its_prompt_waited(
     assert "n1: changed since it was shown (now allocated): nothing done" in result.output
     record = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.node("n1"))
     assert record["state"] == "allocated" and "drain_by" not in record
+
+
+def test_drain_and_release_stamp_what_they_do_by_the_server_s_clock(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the CLI host's, which may run ahead of the replicas' (a review: `drain --now` from
+    a host five minutes ahead queued a user who then waited two minutes, measured as none)."""
+    from provisioner.clock import WallClock
+
+    pool = "drain-clock"
+    keys = PoolKeys(pool)
+    now = int(time.time() * 1000)
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        for node in ("n1", "n2"):
+            await scripts.apply_node_status(now, node, "booting")
+            await scripts.apply_node_status(now, node, "ready")
+        await scripts.allocate(now, "u1")  # n1
+        await scripts.allocate(now, "u2")  # n2
+        await client.aclose()
+
+    asyncio.run(record())
+    monkeypatch.setattr(WallClock, "now_ms", lambda self: int(time.time() * 1000) + 300_000)
+    common = ["--redis-url", redis_url, "--pool", pool, "--yes"]
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert CliRunner().invoke(app, ["drain", "n1", "--now", *common]).exit_code == 0
+    waiting_since = int(client.hget(keys.key("waiting_since"), "u1"))
+    assert abs(waiting_since - time.time() * 1000) < 10_000, waiting_since - time.time() * 1000
+    assert CliRunner().invoke(app, ["release", "u2", *common]).exit_code == 0
+    assert client.hget(keys.key("alloc"), "u1") == "n2"  # the node u2 freed
+    stamps = [int(f["now"]) for _, f in client.xrange(keys.key("decisions"))]
+    assert stamps and all(abs(t - time.time() * 1000) < 10_000 for t in stamps), stamps

@@ -60,12 +60,7 @@ local session_seen = ARGV[7] or ''
 
 local nk = node_key(node)
 local state = rcall('HGET', nk, 'state')
-local user = rcall('HGET', nk, 'user') or ''
-if state == 'allocated' then
-  if rcall('HGET', K.alloc, user) ~= node then
-    user = ''  -- a record naming a session its user's allocation does not: no session to end
-  end
-end
+local user = session_user(node)
 if expected ~= '' then
   local now_is = state == 'allocated' and ('allocated:' .. user) or (state or '')
   if now_is ~= expected and not (expected == 'booting' and state == 'ready') then
@@ -107,20 +102,17 @@ if state == 'allocated' and not at_once and user ~= '' then
   return {2, state, user}
 end
 
-local result = {1, state, ''}
-if state == 'allocated' then
-  local requeued = requeue_session(node, now)
-  rcall('HSET', nk, 'user', '')
-  mark_terminating(node, now, DRAINED_DUE_MS, 'drained', true)
-  local served = requeued and match_waiting(now) or {}
-  result[3] = requeued or ''
-  for _, v in ipairs(served) do result[#result + 1] = v end
-  log_drain(requeued and string.format('the session of user %s ended, the user back at the '
-                                        .. 'head of the queue%s', requeued, served[1]
-                                        and (' and served node ' .. served[2]) or '')
-            or 'an allocated record with no session of its user')
-else
-  start_terminating(node, now, DRAINED_DUE_MS, 'drained', true)
+local requeued = state == 'allocated' and requeue_session(node, now)
+terminate_drained(node, now)
+local result = {1, state, requeued or ''}
+if state ~= 'allocated' then
   log_drain(string.format('was %s; its DELETE is sent by the next replica to tick', state))
+  return result
 end
+local served = requeued and match_waiting(now) or {}
+for _, v in ipairs(served) do result[#result + 1] = v end
+log_drain(requeued and string.format('the session of user %s ended, the user back at the head '
+                                      .. 'of the queue%s', requeued, served[1]
+                                      and (' and served node ' .. served[2]) or '')
+          or 'an allocated record with no session of its user')
 return result

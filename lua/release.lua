@@ -5,8 +5,8 @@
   A user holding a node gives it back: the node goes to the oldest waiting user at once (published
   as user:allocated with the measured waited_ms) or becomes ready (idle) at the tail of the ready
   list, which is in idle order; a node an operator drained during the session
-  (drain_node.lua) is terminated instead, its DELETE due at once (reap_idle sends it). A user still waiting leaves the queue and counts as abandoned.
-  Anyone else: nothing.
+  (drain_node.lua) is terminated instead, its DELETE due at once (reap_idle sends it). A user
+  still waiting leaves the queue and counts as abandoned. Anyone else: nothing.
   Either way the user's activity window starts afresh: browsing after a session is new browsing.
   Each release is one event of the release rate the forecast learns ('rel' in the model).
 
@@ -98,10 +98,9 @@ if node then
     add_to(K.model, 'rel', 1, true)
     local drained_by = rcall('HGET', nk, 'drain_by')
     if drained_by then
-      -- An operator drained the node during the session (drain_node.lua): it goes now, its
-      -- DELETE due at once (DRAINED_DUE_MS), instead of back to the pool.
-      rcall('HSET', nk, 'user', '')
-      mark_terminating(node, now, DRAINED_DUE_MS, 'drained', true)
+      -- An operator drained the node during the session (drain_node.lua): it goes now,
+      -- instead of back to the pool.
+      terminate_drained(node, now)
       log_entry(log_len, now, drained_by, 'drain', string.format(
           'node %s terminated after the session of user %s, drained by %s', node, user,
           drained_by), '{}', 1)

@@ -288,13 +288,37 @@ local function start_terminating(node_id, now, deadline, reason, unsent)
   return true
 end
 
+-- An operator's drain takes the node now (drain_node.lua; release.lua at the end of the
+-- session it was drained in): out of its state's structure, terminating, its first DELETE due
+-- at once by any replica's clock (DRAINED_DUE_MS), sent and counted by reap_idle. A node in a
+-- session loses its user: the caller has ended the session.
+local function terminate_drained(node_id, now)
+  local nk = node_key(node_id)
+  if rcall('HGET', nk, 'state') == 'allocated' then
+    rcall('HSET', nk, 'user', '')
+    mark_terminating(node_id, now, DRAINED_DUE_MS, 'drained', true)
+  else
+    start_terminating(node_id, now, DRAINED_DUE_MS, 'drained', true)
+  end
+end
+
+-- The user whose session is on the node: its record's user, if that user's allocation is this
+-- node; '' if none (a record a hand edit, or a state put back from an older copy, left).
+local function session_user(node_id)
+  local user = rcall('HGET', node_key(node_id), 'user')
+  if user and user ~= '' and rcall('HGET', K.alloc, user) == node_id then
+    return user
+  end
+  return ''
+end
+
 -- The session on an allocated node ends with the node (it died, or an operator drains it at
 -- once): its user goes back to the head of the waiting queue, served by the caller's
 -- match_waiting. Returns the user, or false if the node's record names no session of theirs.
 local function requeue_session(node_id, now)
   local nk = node_key(node_id)
-  local user = rcall('HGET', nk, 'user')
-  if not (user and user ~= '' and rcall('HGET', K.alloc, user) == node_id) then
+  local user = session_user(node_id)
+  if user == '' then
     return false
   end
   rcall('HDEL', K.alloc, user)

@@ -1161,9 +1161,8 @@ def dev(
                                  param_hint="--simulate-options") from None
     rate: float | None = arrival_rate
     if parsed.params.get("trace") is not None:
-        if getattr(ctx.get_parameter_source("arrival_rate"), "name", "DEFAULT") != "DEFAULT":
-            raise typer.BadParameter("a trace holds its own users; --arrival-rate is for "
-                                     "synthetic traffic", param_hint="--arrival-rate")
+        if simulator.option_given(ctx, "arrival_rate"):
+            raise simulator.not_with_a_trace("arrival_rate")
         rate = None
     raise typer.Exit(run_stack(redis_url=redis_url or None, replicas=replicas,
                                boot_delay=boot_delay, arrival_rate=rate, mock=mock,

@@ -111,8 +111,7 @@ class Stack:
 
 # What the stack sets itself in each process it starts, refused in the options passed on to it:
 # given again, the process would take the later (the stack's own port or server lost), and the
-# stack's own options say the rest.
-# Each with the stack's own option for it, if it has one.
+# stack's own options say the rest. Each with the stack's own option for it, if it has one.
 SET_BY_THE_STACK = {
     "mock-node-api": {"--port": "", "--host": "", "--redis-url": "--redis-url",
                       "--boot-delay": "--boot-delay"},
@@ -210,7 +209,7 @@ def stack(redis_url: str | None = None, replicas: int = 2,
                 "--replica-id", f"replica-{index + 1}"], logdir, env))
         rate = [] if arrival_rate is None else ["--arrival-rate", str(arrival_rate)]
         children.append(Child("simulator", [*exe, "simulate", *rate, *simulate], logdir, env))
-        given = "".join(f" ({shlex.join(options)})" for options in (mock,) if options)
+        given = f" ({shlex.join(mock)})" if mock else ""
         say(f"mock Node API http://127.0.0.1:{running.api_port}{given}  replicas' metrics on "
             f"ports {', '.join(map(str, running.metrics_ports))}  logs in {logdir}")
         yield running

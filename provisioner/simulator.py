@@ -276,19 +276,29 @@ class Parsed(Protocol):
     def get_parameter_source(self, name: str) -> object: ...
 
 
+def option_given(ctx: Parsed, name: str) -> bool:
+    """Whether option `name` was given (on the command line, or by its variable), not left at
+    its default."""
+    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+
+
+def not_with_a_trace(name: str) -> typer.BadParameter:
+    """The refusal of synthetic option `name` beside a --trace."""
+    hint = "--" + name.replace("_", "-")
+    why = ("a trace runs for its own duration_s" if name == "duration"
+           else "a trace holds its own users")
+    return typer.BadParameter(f"{why}; {hint} is for synthetic traffic", param_hint=hint)
+
+
 def synthetic_options_refused(ctx: Parsed) -> None:
     """With a --trace, refuse an option of the synthetic traffic given with it (a
     typer.BadParameter naming it): the trace's users and span are its own. Also `dev`'s check
     of the options it passes on, before anything starts."""
     if ctx.params.get("trace") is None:
         return
-    given = [name for name in SYNTHETIC_ONLY
-             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+    given = [name for name in SYNTHETIC_ONLY if option_given(ctx, name)]
     if given:
-        hint = "--" + given[0].replace("_", "-")
-        why = ("a trace runs for its own duration_s" if given[0] == "duration"
-               else "a trace holds its own users")
-        raise typer.BadParameter(f"{why}; {hint} is for synthetic traffic", param_hint=hint)
+        raise not_with_a_trace(given[0])
 
 
 def command(

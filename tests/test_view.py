@@ -421,13 +421,16 @@ def test_status_json_gives_the_miss_rate_as_a_share(redis_url: str) -> None:
 
 
 async def _boot_then_connect(redis_url: str, pool: str, now: int, *nodes: str,
-                             user: str = "") -> None:
-    """Nodes booted and ready in `pool`, then `user` (if any) connects, all at `now`."""
+                             user: str = "", booting: tuple[str, ...] = ()) -> None:
+    """Nodes booted and ready in `pool` (and `booting` ones, not ready yet), then `user` (if
+    any) connects, all at `now`."""
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     scripts = Scripts(client, PoolKeys(pool))
     for node in nodes:
         await scripts.apply_node_status(now, node, "booting")
         await scripts.apply_node_status(now, node, "ready")
+    for node in booting:
+        await scripts.apply_node_status(now, node, "booting")
     if user:
         await scripts.allocate(now, user)
     await client.aclose()
@@ -445,9 +448,9 @@ def test_release_naming_a_user_twice_releases_them_once(redis_url: str) -> None:
     assert released.output.count("released u1") == 1 and "changed" not in released.output
 
 
-def _release_answered_after(monkeypatch: pytest.MonkeyPatch, redis_url: str, pool: str,
-                            user: str, meanwhile: Coroutine[Any, Any, None]) -> Result:
-    """`provisioner release USER`, `meanwhile` run while its prompt waits, then answered yes."""
+def _answered_after(monkeypatch: pytest.MonkeyPatch, meanwhile: Coroutine[Any, Any, None],
+                    *command: str) -> Result:
+    """`provisioner COMMAND...`, `meanwhile` run while its prompt waits, then answered yes."""
     import typer
 
     def answer_after(*args: Any, **kwargs: Any) -> bool:
@@ -455,8 +458,14 @@ def _release_answered_after(monkeypatch: pytest.MonkeyPatch, redis_url: str, poo
         return True
 
     monkeypatch.setattr(typer, "confirm", answer_after)
-    return CliRunner().invoke(app, ["release", user, "--redis-url", redis_url, "--pool", pool],
-                              env={"COLUMNS": "200"})
+    return CliRunner().invoke(app, list(command), env={"COLUMNS": "200"})
+
+
+def _release_answered_after(monkeypatch: pytest.MonkeyPatch, redis_url: str, pool: str,
+                            user: str, meanwhile: Coroutine[Any, Any, None]) -> Result:
+    """`provisioner release USER`, `meanwhile` run while its prompt waits, then answered yes."""
+    return _answered_after(monkeypatch, meanwhile, "release", user, "--redis-url", redis_url,
+                           "--pool", pool)
 
 
 def test_release_ends_nothing_that_changed_while_its_prompt_waited(
@@ -939,19 +948,10 @@ def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: s
     pool = "drain-cli"
     keys = PoolKeys(pool)
     now = int(time.time() * 1000)
-
-    async def record() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        scripts = Scripts(client, keys)
-        for node in ("n1", "n2", "n3", "n4"):
-            await scripts.apply_node_status(now - 60_000, node, "booting")
-            if node != "n4":
-                await scripts.apply_node_status(now - 60_000, node, "ready")
-        await scripts.allocate(now - 30_000, "u1")  # n1
-        await scripts.allocate(now - 30_000, "u2")  # n2
-        await client.aclose()
-
-    asyncio.run(record())
+    asyncio.run(_boot_then_connect(redis_url, pool, now - 60_000, "n1", "n2", "n3",
+                                   booting=("n4",)))
+    for user in ("u1", "u2"):  # n1, n2
+        asyncio.run(_boot_then_connect(redis_url, pool, now - 30_000, user=user))
     common = ["--redis-url", redis_url, "--pool", pool]
     refused = CliRunner().invoke(app, ["drain", "n3", *common], input="n\n")
     assert refused.exit_code == 2 and "n3: ready (idle for 60s)" in refused.output
@@ -1036,32 +1036,13 @@ def test_drain_does_nothing_to_a_node_that_changed_while_its_prompt_waited(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The prompt showed n1 ready; a user was handed it before the operator said yes: the
     drain is refused, not turned into a drain of that user's session."""
-    import typer
-
     pool = "drain-race"
     keys = PoolKeys(pool)
     now = int(time.time() * 1000)
-
-    async def boot() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        await Scripts(client, keys).apply_node_status(now, "n1", "booting")
-        await Scripts(client, keys).apply_node_status(now, "n1", "ready")
-        await client.aclose()
-
-    async def connect() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        await Scripts(client, keys).allocate(now, "u1")
-        await client.aclose()
-
-    asyncio.run(boot())
-
-    def answer_after(*args: Any, **kwargs: Any) -> bool:
-        asyncio.run(connect())
-        return True
-
-    monkeypatch.setattr(typer, "confirm", answer_after)
-    result = CliRunner().invoke(app, ["drain", "n1", "--redis-url", redis_url, "--pool", pool],
-                                env={"COLUMNS": "200"})
+    asyncio.run(_boot_then_connect(redis_url, pool, now, "n1"))
+    # u1 is handed n1 while the prompt waits
+    result = _answered_after(monkeypatch, _boot_then_connect(redis_url, pool, now, user="u1"),
+                             "drain", "n1", "--redis-url", redis_url, "--pool", pool)
     assert result.exit_code == 1, result.output
     assert "n1: changed since it was shown (now allocated): nothing done" in result.output
     record = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.node("n1"))
@@ -1077,18 +1058,8 @@ def test_drain_and_release_stamp_what_they_do_by_the_server_s_clock(
     pool = "drain-clock"
     keys = PoolKeys(pool)
     now = int(time.time() * 1000)
-
-    async def record() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        scripts = Scripts(client, keys)
-        for node in ("n1", "n2"):
-            await scripts.apply_node_status(now, node, "booting")
-            await scripts.apply_node_status(now, node, "ready")
-        await scripts.allocate(now, "u1")  # n1
-        await scripts.allocate(now, "u2")  # n2
-        await client.aclose()
-
-    asyncio.run(record())
+    asyncio.run(_boot_then_connect(redis_url, pool, now, "n1", "n2", user="u1"))  # n1
+    asyncio.run(_boot_then_connect(redis_url, pool, now, user="u2"))  # n2
     monkeypatch.setattr(WallClock, "now_ms", lambda self: int(time.time() * 1000) + 300_000)
     common = ["--redis-url", redis_url, "--pool", pool, "--yes"]
     client = redis.Redis.from_url(redis_url, decode_responses=True)

@@ -7,8 +7,9 @@
                        replica's clock): the next reap_idle of any replica sends it (reason
                        `drained`), and the forecast boots a replacement if its target wants
                        one, as after any termination.
-    allocated       -> marked (`drain_by`): the session goes on, and when it ends
-                       (release.lua) the node is terminated instead of freed. With ARGV[6]
+    allocated       -> marked (`drain_by`, and in `drains`): the session goes on, and when
+                       it ends (release.lua) the node is terminated instead of freed; until
+                       then the forecast counts no free from it. With ARGV[6]
                        'now', the session ends here: its user goes back to the head of the
                        waiting queue (served at once if a node is ready), as when a node dies,
                        and the node is terminated at once.
@@ -80,6 +81,7 @@ if cancel then
     return {0, state or '', ''}
   end
   rcall('HDEL', nk, 'drain_by', 'drain_asked_ms')
+  rcall('ZREM', K.drains, node)
   log_entry(log_len, now, by, 'drain', string.format(
       'the drain of node %s taken back by %s: %s', node, by, user ~= '' and string.format(
           'it goes back to the pool when the session of user %s ends', user)
@@ -98,6 +100,7 @@ if state == 'allocated' and not at_once and user ~= '' then
     return {0, state, user}
   end
   rcall('HSET', nk, 'drain_by', by, 'drain_asked_ms', now)
+  rcall('ZADD', K.drains, now, node)  -- the forecast counts no free from it (observe)
   log_drain(string.format('terminated when the session of user %s ends', user))
   return {2, state, user}
 end

@@ -101,6 +101,7 @@ if node then
       -- An operator drained the node during the session (drain_node.lua): it goes now,
       -- instead of back to the pool.
       terminate_drained(node, now)
+      stat('drained_session_ends')  -- a release that freed no node (the forecast's check)
       log_entry(log_len, now, drained_by, 'drain', string.format(
           'node %s terminated after the session of user %s, drained by %s', node, user,
           drained_by), '{}', 1)

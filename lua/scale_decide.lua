@@ -112,6 +112,9 @@ if trimmed > 0 then
 end
 
 local s = observe(p)
+if #s.stale_drains > 0 then
+  rcall('ZREM', K.drains, unpack(s.stale_drains))
+end
 local target, why = target_spare(s, p, true)
 -- How much the target moves: every rise is a create to come, every fall a node to reap later.
 -- The previous target is the last decision's, in its numbers.

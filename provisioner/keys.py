@@ -43,6 +43,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "sessions",       # zset: user id -> ms the user was handed their node (one per alloc entry)
     "epoch",          # string: set once when the pool's state begins; a new one means it was lost
     "applied",        # hash: replica id -> "batch:seq[:lo-hi,...]", its last call marked applied
+    "drains",         # zset: node id -> ms an operator drained it in its session (ends with it)
 )
 
 

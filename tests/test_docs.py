@@ -140,6 +140,20 @@ def test_the_readme_oracle_columns_are_the_replays_in_docs_bench() -> None:
     assert checked == 7  # five groups of seeds, all of them, and the recorded traces
 
 
+def test_the_key_schema_names_every_pool_key() -> None:
+    """Each key of the vector the scripts receive has its row in the README's key schema (the
+    prefixes by the keys made from them)."""
+    from provisioner.keys import POOL_KEY_ORDER, PoolKeys
+
+    rows = {row[0] for table in _tables((ROOT / "README.md").read_text()) for row in table
+            if table[0][:2] == ["key", "type"]}
+    keys = PoolKeys("P")
+    made = {"node_prefix": "<id>", "acts_prefix": "<user>", "seen_prefix": "<user>"}
+    missing = [name for name in POOL_KEY_ORDER
+               if f"`{keys.key(name)}{made.get(name, '')}`" not in rows]
+    assert missing == []
+
+
 def test_every_command_is_listed_on_one_line_of_its_own() -> None:
     """Rich help listed a command whose docstring's first paragraph spans lines with the
     docstring's breaks, wrapped again by the list's column, mid-sentence."""

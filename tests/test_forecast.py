@@ -24,7 +24,8 @@ from provisioner.bench.tickcost import (
 from provisioner.clock import ManualClock
 from provisioner.config import ConfigError, PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import ForecastCheck, Scripts
+from provisioner.scripts import Drain, ForecastCheck, Release, Scripts
+from provisioner.view import check_invariants
 from tests.helpers import PoolUnderTest
 
 # How a decision names its buffer at the defaults: the usual one, and in a surge.
@@ -1074,6 +1075,64 @@ async def test_frees_are_counted_over_the_whole_lead_time(pool: PoolUnderTest) -
     var = (await last_queued(pool))[3]  # the connects' variance, as the check queued it
     z = DEFAULTS.buffer_sd
     assert buffer_of(reason) == pytest.approx(z * math.sqrt(var + 10 * q * (1 - q)), abs=0.011)
+
+
+async def test_a_node_drained_in_its_session_is_not_counted_among_the_frees(
+        pool: PoolUnderTest) -> None:
+    """A node an operator drained in its session ends with it (drain_node.lua): the forecast
+    counts no free from it, while the mark lasts. A mark taken back, a drained session's end
+    and a drained node's death each take the node out of `drains`; a member an edit left
+    there is not counted, and the tick drops it unless its node still holds a mark."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    drains = pool.keys.key("drains")
+    for i in range(10):
+        await pool.boot(f"n{i}")
+        await pool.scripts.allocate(pool.now, f"a{i}")  # a<i> on n<i>
+
+    async def frees() -> tuple[float, str]:
+        pool.clock.advance(1_000)
+        reason, _ = await decide(pool, config)
+        return float(reason.split(" frees")[0].split("- ")[-1]), reason
+
+    ten, reason = await frees()
+    q = ten / 10
+    assert q > 0 and "drained in a session" not in reason
+    for i in range(3):
+        marked = await pool.scripts.drain_node(pool.now, f"n{i}", "alice",
+                                               expected=f"allocated:a{i}")
+        assert marked.code is Drain.MARKED
+    assert await pool.redis.zrange(drains, 0, -1) == ["n0", "n1", "n2"]
+    seven, reason = await frees()
+    assert seven == pytest.approx(7 * q, abs=0.006)
+    assert "; 3 node(s) drained in a session, no frees counted from them" in reason
+    await pool.scripts.drain_node(pool.now, "n2", "alice", cancel=True)
+    assert (await frees())[0] == pytest.approx(8 * q, abs=0.006)
+    assert (await pool.scripts.release(pool.now, "a0")).code is Release.DRAINED
+    assert await pool.redis.zrange(drains, 0, -1) == ["n1"]
+    # 9 sessions, 1 drained; the session that ended is learned from (the release rate rises),
+    # and the check is told it freed nothing
+    eight, reason = await frees()
+    assert "; 1 node(s) drained in a session" in reason
+    q = eight / 8
+    snap = await pool.snap()
+    assert (snap.stat("releases"), snap.stat("drained_session_ends")) == (1, 1)
+    assert (await last_queued(pool))[4] == 0
+    await pool.scripts.apply_node_status(pool.now, "n1", "terminated")  # it dies: a1 requeued
+    assert await pool.redis.zrange(drains, 0, -1) == []
+    # Edits by hand: n3 in a session with no mark (dropped), a ready node left marked by a
+    # replica of an earlier release (kept, not counted), a node that does not exist (dropped).
+    await pool.boot("n10")  # to a1, first in line
+    await pool.boot("n4r")  # ready
+    await pool.redis.hset(pool.keys.node("n4r"), "drain_by", "bob")
+    await pool.redis.zadd(drains, {"n3": 1, "n4r": 2, "ghost": 3})
+    # a1..a9 but a0 in sessions (9), none drained: 9 frees at the rate now
+    assert (await frees())[0] == pytest.approx(9 * q, rel=0.03)
+    assert await pool.redis.zrange(drains, 0, -1) == ["n4r"]
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+    await pool.redis.zrem(drains, "n4r")
+    await pool.redis.hset(pool.keys.node("n5"), "drain_by", "bob")  # marked, not in drains
+    assert await check_invariants(pool.redis, pool.keys.pool) == [
+        "node n5 drained in its session is not in drains (the forecast counts a free from it)"]
 
 
 async def test_the_floor_is_named_only_when_it_raises_the_target(pool: PoolUnderTest) -> None:

@@ -37,12 +37,32 @@ local function read_params()
   }
 end
 
--- Supply and demand as the pool sees them now. O(1) or O(log n) each.
+-- The nodes an operator drained in their session (drain_node.lua), each to end with it: the
+-- forecast counts no free from them. O(marks), none the common case. Every script that ends a
+-- mark takes its node out of `drains`; a member whose node holds no mark any more (an edit by
+-- hand) is listed in `stale` for scale_decide to drop, and one marked but not allocated (a
+-- replica of an earlier release freed it, the mark left on) is kept and not counted.
+local function drained_in_session()
+  local count, stale = 0, {}
+  for _, node in ipairs(rcall('ZRANGE', K.drains, 0, -1)) do
+    local record = rcall('HMGET', node_key(node), 'state', 'drain_by')
+    if not record[2] or record[1] == 'terminating' or record[1] == 'terminated' then
+      stale[#stale + 1] = node
+    elseif record[1] == 'allocated' then
+      count = count + 1
+    end
+  end
+  return count, stale
+end
+
+-- Supply and demand as the pool sees them now. O(1) or O(log n) each, and O(marks) for the
+-- nodes drained in a session.
 local function observe(p)
   local s = {}
   s.ready = rcall('LLEN', K.ready)
   s.booting = rcall('ZCARD', K.booting)
   s.allocated = rcall('HLEN', K.alloc)
+  s.drained, s.stale_drains = drained_in_session()
   s.waiting = rcall('ZCARD', K.waiting)
   s.terminating = rcall('ZCARD', K.terminating)
   s.pending = rcall('ZCARD', K.pending)
@@ -483,8 +503,10 @@ local function forecast_target(s, p, update)
   var = var + fresh + beyond + estimation
   local rate = release_rate(m)
   local q = 1 - math.exp(-rate * L)
-  local frees = s.allocated * q
-  local frees_var = s.allocated * q * (1 - q)
+  -- A node drained in its session ends with it (drain_node.lua): no free.
+  local freeing = math.max(0, s.allocated - s.drained)
+  local frees = freeing * q
+  local frees_var = freeing * q * (1 - q)
   -- The frees of sessions that begin within L (new_session_frees, 1 by default): a connect at
   -- a uniform time within L has its session end within L with chance phi = 1 - q / (rL), so
   -- that share of the connects forecast comes back within L. Only the mean counts them; the
@@ -495,11 +517,13 @@ local function forecast_target(s, p, update)
     again = mean * phi * p.new_session_frees
   end
   if update then
-    local counted = rcall('HMGET', K.stats, 'connects', 'releases')
+    local counted = rcall('HMGET', K.stats, 'connects', 'releases', 'drained_session_ends')
     local seen = tonumber(counted[1]) or 0
     check_forecast(p, mean, var, lead_ms, seen)
-    -- The frees checked are all the target counts on: the running sessions' and the new ones'.
-    check_sliding(p, mean, var, lead_ms, seen, frees + again, tonumber(counted[2]) or 0)
+    -- The frees checked are all the target counts on: the running sessions' and the new ones'
+    -- (a drained node's session's end freed none).
+    check_sliding(p, mean, var, lead_ms, seen, frees + again,
+                  (tonumber(counted[2]) or 0) - (tonumber(counted[3]) or 0))
   end
   local z = s.surge and p.surge_z or p.z
   local buffer = z * math.sqrt(var + frees_var)
@@ -516,6 +540,10 @@ local function forecast_target(s, p, update)
   end
   if again > 0 then
     why = why .. string.format('; %.2f of the connects freed again within %.0fs', again, L)
+  end
+  if s.drained > 0 then
+    why = why .. string.format('; %d node(s) drained in a session, no frees counted from them',
+                               s.drained)
   end
   if stretch > 1 then
     why = why .. string.format('; learned over %.0fs, %.2f of them in the %.0fs beyond at the'

@@ -294,6 +294,7 @@ end
 -- session loses its user: the caller has ended the session.
 local function terminate_drained(node_id, now)
   local nk = node_key(node_id)
+  rcall('ZREM', K.drains, node_id)
   if rcall('HGET', nk, 'state') == 'allocated' then
     rcall('HSET', nk, 'user', '')
     mark_terminating(node_id, now, DRAINED_DUE_MS, 'drained', true)
@@ -348,6 +349,7 @@ local function node_gone(node_id, now, reason)
   end
   rcall('ZREM', K.nodes, node_id)
   rcall('ZREM', K.unclaimed, node_id)
+  rcall('ZREM', K.drains, node_id)
   rcall('HSET', nk, 'id', node_id, 'state', 'terminated', 'terminated_ms', now,
         'updated_ms', now, 'end_reason', reason, 'user', '')
   rcall('PEXPIRE', nk, TOMBSTONE_TTL_MS)

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from provisioner import jsontext, mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
-from provisioner.clock import WallClock
+from provisioner.clock import WallClock, server_now_ms
 from provisioner.config import (
     PoolConfig,
     Problem,
@@ -63,6 +63,7 @@ Pool = Annotated[str, typer.Option("--pool", envvar="PROVISIONER_POOL",
                                    help="Pool name; every key carries it as a hash tag")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
 Limit = Annotated[int, typer.Option(min=1, max=100_000, help="Most rows")]
+Yes = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")]
 DEFAULTS = PoolConfig()
 SERVICE_FIELDS = frozenset(f.name for f in dataclasses.fields(ServiceConfig))
 
@@ -789,15 +790,6 @@ def _operator_args(ids: list[str], kind: str, by: str) -> tuple[list[str], str]:
     return ids, by
 
 
-async def _server_now_ms(client: aioredis.Redis) -> int:
-    """The server's clock (TIME), in ms: what an operator's transition is stamped with, not the
-    CLI host's, which may run ahead of the replicas' (a review: `drain --now` from a host five
-    minutes ahead queued a user who then waited two minutes, measured as none). The replicas'
-    clocks are measured against the server's (ProvisionerClockOffset)."""
-    seconds, micros = await client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
 def _confirm(question: str, done: str, does: str) -> None:
     """Ask `question`; not confirmed, or no one to answer (a script, no input), exit 2 saying
     nothing was `done`, and that --yes `does` without asking."""
@@ -819,7 +811,7 @@ def release(
     by: Annotated[str, typer.Option(
         envvar="PROVISIONER_OPERATOR",
         help="Who releases them, for the decisions log (default: the login name)")] = "",
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+    yes: Yes = False,
 ) -> None:
     """End sessions whose user:disconnect was lost: each user's node goes back to the pool (or
     to the oldest waiting user), or a waiting user leaves the queue, exactly as a disconnect
@@ -867,7 +859,7 @@ def release(
 
     async def go(client: aioredis.Redis) -> dict[str, ReleaseResult]:
         scripts = Scripts(client, keys)
-        now = await _server_now_ms(client)
+        now = await server_now_ms(client)
         # The waiting users leave the queue first: a node a named session frees goes to the
         # oldest waiting user, and one named here has left too (the node would go to them,
         # and their own release would then be refused as changed since it was shown).
@@ -927,7 +919,7 @@ def drain(
     by: Annotated[str, typer.Option(
         envvar="PROVISIONER_OPERATOR",
         help="Who drains them, for the decisions log (default: the login name)")] = "",
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+    yes: Yes = False,
 ) -> None:
     """Take nodes out of the pool (one that misbehaves, or for maintenance): a ready or
     booting node is terminated now, a replica sending its DELETE at its next tick, and the
@@ -1009,7 +1001,7 @@ def drain(
 
     async def go(client: aioredis.Redis) -> tuple[dict[str, DrainResult], bool]:
         scripts = Scripts(client, keys)
-        now = await _server_now_ms(client)
+        now = await server_now_ms(client)
         done = {node: await scripts.drain_node(now, node, by, expected=expected,
                                                at_once=at_once,
                                                session_ms=session_began.get(node),
@@ -1056,6 +1048,140 @@ def drain(
         console.print(f"[yellow]no replica of pool {shown(pool)} has sent a heartbeat in the "
                       "last minute: the DELETEs go out at the next tick of one[/yellow]")
     if undrained:
+        raise typer.Exit(1)
+
+
+@app.command()
+def replace(
+    redis_url: RedisUrl,
+    pool: Pool = "default",
+    created_before: Annotated[str, typer.Option(
+        help="Replace the nodes created before this time: " + WHEN_HELP + ", or the ms "
+        "from the epoch it printed when it began (default: every node the pool holds "
+        "now)")] = "",
+    at_once: Annotated[int, typer.Option(
+        min=1, max=1000, help="Most ready nodes drained together")] = 1,
+    wait_limit: Annotated[float, typer.Option(
+        min=1, max=86_400, help="Seconds with nothing changing (a boot that never ends, no "
+        "replica deciding, a pool held short) before it stops, exit 1")] = 600.0,
+    cancel: Annotated[bool, typer.Option(
+        "--cancel", help="Take back the drains it placed (under --by) on nodes in a session, "
+        "created before --created-before: each goes back to the pool when its session "
+        "ends")] = False,
+    by: Annotated[str, typer.Option(
+        envvar="PROVISIONER_OPERATOR",
+        help="Who replaces them, for the decisions log (default: the login name)")] = "",
+    yes: Yes = False,
+) -> None:
+    """Replace every node of the pool in turn (a new node image, a driver update), a few at a
+    time: a node in a session is drained in it (terminated when it ends); ready nodes are
+    drained --at-once at a time, each batch once the pool has booted what its forecast wants
+    in their place, and never while the pool is short of its target; a node booting, once
+    ready. Stop it (Ctrl-C) and run it again with the --created-before it printed to go on.
+    Exits 0 when no node created before then is ready or booting (those in a session go when
+    it ends), 1 if nothing changed for --wait-limit seconds or no replica runs, 2 if not
+    confirmed."""
+    from provisioner import replace as rolling
+
+    keys = _pool_keys(pool)
+    _, by = _operator_args([], "node", by)
+    now_dt = datetime.datetime.now(datetime.UTC)
+    given_ms = None
+    if created_before:
+        given_ms = (int(created_before) if created_before.isdigit()
+                    else when_ms(created_before, now_dt, "--created-before"))
+
+    async def plan(client: aioredis.Redis) -> tuple[int, list[rolling.OldNode], bool]:
+        await _replicas_release(client, pool, DRAINS_WITH_OWN)
+        before = given_ms if given_ms is not None else await rolling.cutoff_now(client, keys)
+        from provisioner.scripts import Scripts
+
+        try:
+            heard = any(r.age_s < 60 for r in await Scripts(client, keys).replicas())
+        except ResponseError:  # the replica list broken by hand
+            heard = True
+        return before, await rolling.old_nodes(client, keys, before), heard
+
+    before_ms, old, heard = _with_redis(redis_url, plan)
+    resume = f"--created-before {before_ms}"
+    console.print(f"nodes of pool {shown(pool)} created before {_local_time(before_ms)} "
+                  f"({resume}):")
+    if cancel:
+        _take_back_replace(redis_url, keys, old, by, yes, pool)
+        return
+    counts = {state: sum(n.state == state for n in old)
+              for state in ("ready", "booting", "allocated")}
+    in_sessions = sum(1 for n in old if n.state == "allocated" and not n.drained_by)
+    console.print(f"  {counts['ready']} ready, {counts['booting']} booting, "
+                  f"{counts['allocated']} in a session ({in_sessions} not drained yet)")
+    if not counts["ready"] and not counts["booting"] and not in_sessions:
+        console.print("nothing to replace")
+        return
+    if not heard:
+        errors.print(f"[red]error:[/red] no replica of pool {shown(pool)} has sent a heartbeat "
+                     "in the last minute: nothing would send the DELETEs or boot the "
+                     "replacements; nothing drained")
+        raise typer.Exit(1)
+    if not yes:
+        _confirm(f"Replace them, {at_once} ready node(s) at a time?", "drained",
+                 "replaces them")
+
+    def say(line: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {shown(line)}")
+
+    async def go(client: aioredis.Redis) -> rolling.Outcome:
+        return await rolling.replace_nodes(client, keys, before_ms, by=by, at_once=at_once,
+                                           wait_limit_s=wait_limit, say=say)
+
+    stopped = (f"run it again with {resume} to go on; the nodes drained in their sessions "
+               f"so far end with them (--cancel {resume} takes that back)")
+    try:
+        outcome = _with_redis(redis_url, go)
+    except KeyboardInterrupt:
+        console.print(f"stopped: {stopped}")
+        raise typer.Exit(130) from None
+    except typer.Exit:  # Redis gone or refusing, said on stderr
+        errors.print(f"stopped: {stopped}")
+        raise
+    console.print(f"drained {len(outcome.drained)} ready node(s) and {len(outcome.marked)} in "
+                  "a session")
+    if not outcome.done:
+        errors.print(f"[red]error:[/red] nothing changed for {wait_limit:.0f}s while waiting "
+                     f"for {shown(outcome.waited_for)}: stopped; run it again with {resume} "
+                     "to go on")
+        raise typer.Exit(1)
+    left = len(outcome.in_sessions)
+    console.print("[green]done[/green]: no node created before then is ready or booting"
+                  + (f"; {left} in a session, each terminated when its session ends"
+                     if left else ""))
+
+
+def _take_back_replace(redis_url: str, keys: PoolKeys, old: list[Any], by: str, yes: bool,
+                       pool: str) -> None:
+    """`replace --cancel`: take back the drains `by` placed on old nodes in a session."""
+    marked = [n for n in old if n.state == "allocated" and n.user and n.drained_by == by]
+    console.print(f"  {len(marked)} in a session drained by {shown(by)}")
+    if not marked:
+        return
+    if not yes:
+        _confirm(f"Take back the drain of {len(marked)} node(s) of pool {pool}?",
+                 "taken back", "takes them back")
+    from provisioner.scripts import Drain, Scripts
+
+    async def go(client: aioredis.Redis) -> int:
+        scripts = Scripts(client, keys)
+        now = await server_now_ms(client)
+        taken = 0
+        for n in marked:
+            result = await scripts.drain_node(now, n.node, by, expected=f"allocated:{n.user}",
+                                              session_ms=n.session_ms, cancel=True)
+            taken += result.code is Drain.CANCELLED
+        return taken
+
+    taken = _with_redis(redis_url, go)
+    console.print(f"[green]taken back[/green] {taken} of {len(marked)}: each goes back to the "
+                  "pool when its session ends")
+    if taken < len(marked):
         raise typer.Exit(1)
 
 

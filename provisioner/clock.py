@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -46,3 +46,12 @@ async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
     return stop.is_set()
+
+
+async def server_now_ms(client: Any) -> int:
+    """A Redis server's clock (TIME), in ms: what an operator's transition is stamped with, not
+    the CLI host's, which may run ahead of the replicas' (a review: `drain --now` from a host
+    five minutes ahead queued a user who then waited two minutes, measured as none). The
+    replicas' clocks are measured against the server's (ProvisionerClockOffset)."""
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000

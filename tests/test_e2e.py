@@ -8,6 +8,7 @@ holds afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -328,4 +329,50 @@ async def test_a_drained_node_is_deleted_by_a_replica_and_replaced(
                  for port in stack.ports]
     assert any('provisioner_terminations_total{reason="drained"} 1.0' in text
                for text in texts), texts
+    assert await check_invariants(client, POOL) == []
+
+
+async def test_replace_renews_every_node_with_never_more_than_at_once_ready_out(
+    stack_factory: Any, client: aioredis.Redis, redis_url: str,
+) -> None:
+    """`provisioner replace` against two running replicas and the mock: each ready node is
+    drained only once the replacement of the one before is ready, so the floor of three never
+    holds fewer than two ready; the node in a session ends with its session."""
+    stack = stack_factory("--min-ready", "3", *FLOOR_ONLY, boot_delay="1.5")
+    keys = PoolKeys(POOL)
+
+    async def full() -> bool:
+        return await ready_count(client) == 3
+
+    assert await eventually(full)
+    async with Subscriber(client, "user:allocated") as sub:
+        await publish(client, "user:connect", {"user_id": "u1"})
+        await sub.wait_for(lambda ch, m: m["user_id"] == "u1")
+    held = await client.hget(keys.key("alloc"), "u1")
+    assert await eventually(full)
+    old = {n["id"] for n in stack.api_nodes() if n["state"] != "terminated"}
+    assert len(old) == 4
+    command = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "provisioner", "replace", "--redis-url", redis_url, "--pool", POOL,
+        "--yes", "--by", "e2e", "--wait-limit", "60",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"})
+    fewest = 3
+    while command.returncode is None:
+        fewest = min(fewest, await ready_count(client))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(command.wait(), 0.05)
+    output = (await command.stdout.read()).decode() if command.stdout else ""
+    assert command.returncode == 0, output
+    assert "drained 3 ready node(s) and 1 in a session" in output
+    assert "done: no node created before then is ready or booting; 1 in a session" in output
+    assert fewest == 2, output
+    assert (await client.hget(keys.node(held), "drain_by")) == "e2e"
+    await publish(client, "user:disconnect", {"user_id": "u1"})
+
+    async def renewed() -> bool:
+        live = {n["id"] for n in stack.api_nodes() if n["state"] != "terminated"}
+        return not live & old and await ready_count(client) == 3
+
+    assert await eventually(renewed)
     assert await check_invariants(client, POOL) == []

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar, get_type_hints
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 from provisioner import jsontext
 from provisioner.keys import PoolKeys
@@ -848,12 +848,13 @@ class Scripts:
         """The replicas (as `replicas`), the pool's epoch (empty before any heartbeat), and the
         server's time (ms) they are judged by, read at once, in a transaction: the heartbeats
         and the epoch are stamped by that clock (lua/heartbeat.lua)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        def reads(pipe: Any) -> None:
             pipe.zrevrange(self.keys.key("replicas"), 0, 49, withscores=True)
             pipe.hgetall(self.keys.key("replica_info"))
             pipe.get(self.keys.key("epoch"))
             pipe.time()
-            seen, info, epoch, (seconds, micros) = await pipe.execute()
+
+        seen, info, epoch, (seconds, micros) = await read_at_once(self.redis, reads)
         server_ms = seconds * 1000 + micros // 1000
         said = {as_text(k): as_text(v) for k, v in info.items()}
         out = []
@@ -884,6 +885,24 @@ async def clear_pool(redis: aioredis.Redis, keys: PoolKeys) -> None:
     """Remove every key of a pool (a benchmark's pool before and after its run): one SCAN."""
     async for key in redis.scan_iter(match=keys.pattern(), count=1000):
         await redis.unlink(key)
+
+
+async def read_at_once(redis: aioredis.Redis, queue: Callable[[Any], object]) -> list[Any]:
+    """The replies of the reads `queue` puts on a pipeline, read in one transaction: one
+    instant of the pool. A server out of memory refuses the transaction, reads and all (Redis
+    7.0 refuses every command queued in a MULTI then; a helper's audit found `status`,
+    `nodes`, `users`, `decisions` and `check` all refused): they are read again without it.
+    The scripts' writes are refused too meanwhile, so the pool stands still, and that view is
+    the operator's when it matters most."""
+    try:
+        async with redis.pipeline(transaction=True) as pipe:
+            queue(pipe)
+            return list(await pipe.execute())
+    except OutOfMemoryError:
+        pass
+    async with redis.pipeline(transaction=False) as pipe:
+        queue(pipe)
+        return list(await pipe.execute())
 
 
 def as_text(value: Any) -> str:

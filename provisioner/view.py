@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import OutOfMemoryError, ResponseError, WatchError
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -28,6 +28,7 @@ from provisioner.scripts import (
     as_text,
     duration_text,
     key_types,
+    read_at_once,
     scripts_fingerprint,
 )
 from provisioner.terminal import outside, printable
@@ -242,11 +243,12 @@ async def table_sizes(redis: aioredis.Redis, pool: str) -> tuple[int, int, int]:
     """How many live nodes, waiting users and sessions the pool holds, read at once: what a
     table `--limit` cut short counts beside the rows it shows."""
     keys = PoolKeys(pool)
-    async with redis.pipeline(transaction=True) as pipe:
+    def reads(pipe: Any) -> None:
         pipe.zcard(keys.key("nodes"))
         pipe.hlen(keys.key("waiting_since"))
         pipe.hlen(keys.key("alloc"))
-        nodes, waiting, sessions = await pipe.execute()
+
+    nodes, waiting, sessions = await read_at_once(redis, reads)
     return int(nodes), int(waiting), int(sessions)
 
 
@@ -371,11 +373,12 @@ async def decision_rows(redis: aioredis.Redis, pool: str, start_ms: int | None,
             low = f"({last}"
         else:
             high = f"({last}"
-    async with redis.pipeline(transaction=True) as pipe:  # one round trip, one moment
+    def reads(pipe: Any) -> None:  # one round trip, one moment
         pipe.xrange(key, count=1)
         pipe.xrevrange(key, count=1)
         pipe.xlen(key)
-        first, newest, length = await pipe.execute()
+
+    first, newest, length = await read_at_once(redis, reads)
     held = (written_ms(as_text(first[0][0])), written_ms(as_text(newest[0][0]))) \
         if first and newest else None
     return DecisionSpan(found if forward else found[::-1], more, held, int(length))
@@ -424,29 +427,37 @@ async def check_invariants(redis: aioredis.Redis, pool: str, attempts: int = 50)
             return await _check_once(redis, PoolKeys(pool))
         except WatchError:
             continue
+        except OutOfMemoryError:  # the transaction refused (read_at_once): read without
+            return await _check_once(redis, PoolKeys(pool), watched=False)
     return [f"the pool changed during each of {attempts} reads; no consistent view to check"]
 
 
-async def _check_once(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
+async def _check_once(redis: aioredis.Redis, keys: PoolKeys, watched: bool = True) -> list[str]:
     """One read of the pool: the structures under WATCH, then every node record inside the
-    MULTI/EXEC that proves none of them changed (WatchError when one did)."""
-    async with redis.pipeline(transaction=True) as pipe:
+    MULTI/EXEC that proves none of them changed (WatchError when one did). Not `watched`: the
+    same reads with no transaction, for a server out of memory, which refuses it (and every
+    script's writes, so the pool stands still)."""
+    async with redis.pipeline(transaction=watched) as pipe:
         names = ("ready", "waiting", "waiting_since", "alloc", "nodes", "booting", "terminating",
                  "sessions", "drains")
-        await pipe.watch(*(keys.key(n) for n in names))
-        ready = [as_text(x) for x in await pipe.lrange(keys.key("ready"), 0, -1)]
-        waiting = await waiting_users(pipe, keys)
+        if watched:
+            await pipe.watch(*(keys.key(n) for n in names))
+        reader: Any = pipe if watched else redis  # under WATCH a pipeline reads at once
+        ready = [as_text(x) for x in await reader.lrange(keys.key("ready"), 0, -1)]
+        waiting = await waiting_users(reader, keys)
         since = {as_text(k): as_text(v)
-                 for k, v in (await pipe.hgetall(keys.key("waiting_since"))).items()}
-        alloc = {as_text(k): as_text(v) for k, v in (await pipe.hgetall(keys.key("alloc"))).items()}
-        nodes = sorted({as_text(x) for x in await pipe.zrange(keys.key("nodes"), 0, -1)})
-        booting = {as_text(x) for x in await pipe.zrange(keys.key("booting"), 0, -1)}
-        terminating = {as_text(x) for x in await pipe.zrange(keys.key("terminating"), 0, -1)}
-        sessions = {as_text(x) for x in await pipe.zrange(keys.key("sessions"), 0, -1)}
-        drains = {as_text(x) for x in await pipe.zrange(keys.key("drains"), 0, -1)}
-        if nodes:
-            await pipe.watch(*(keys.node(n) for n in nodes))
-        pipe.multi()  # type: ignore[no-untyped-call]
+                 for k, v in (await reader.hgetall(keys.key("waiting_since"))).items()}
+        alloc = {as_text(k): as_text(v)
+                 for k, v in (await reader.hgetall(keys.key("alloc"))).items()}
+        nodes = sorted({as_text(x) for x in await reader.zrange(keys.key("nodes"), 0, -1)})
+        booting = {as_text(x) for x in await reader.zrange(keys.key("booting"), 0, -1)}
+        terminating = {as_text(x) for x in await reader.zrange(keys.key("terminating"), 0, -1)}
+        sessions = {as_text(x) for x in await reader.zrange(keys.key("sessions"), 0, -1)}
+        drains = {as_text(x) for x in await reader.zrange(keys.key("drains"), 0, -1)}
+        if watched:
+            if nodes:
+                await pipe.watch(*(keys.node(n) for n in nodes))
+            pipe.multi()  # type: ignore[no-untyped-call]
         for node in nodes:
             pipe.hgetall(keys.node(node))
         replies = await pipe.execute()

@@ -9,6 +9,7 @@ states against the checker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -1070,3 +1071,32 @@ def test_drain_and_release_stamp_what_they_do_by_the_server_s_clock(
     assert client.hget(keys.key("alloc"), "u1") == "n2"  # the node u2 freed
     stamps = [int(f["now"]) for _, f in client.xrange(keys.key("decisions"))]
     assert stamps and all(abs(t - time.time() * 1000) < 10_000 for t in stamps), stamps
+
+
+def test_the_operators_views_read_a_server_out_of_memory(redis_url: str,
+                                                          sync_redis: redis.Redis) -> None:
+    """A server out of memory refuses every command queued in a transaction, reads included
+    (Redis 7.0; not Valkey 8.1), and `status`, `nodes`, `users`, `decisions` and `check` all
+    stopped on it (a helper's audit): each reads again without one, the pool standing still
+    while its writes are refused."""
+    pool = "oom"
+    now = int(time.time() * 1000)
+    asyncio.run(_boot_then_connect(redis_url, pool, now - 60_000, "n1", "n2"))
+    asyncio.run(_boot_then_connect(redis_url, pool, now - 30_000, user="u1"))
+    common = ["--redis-url", redis_url, "--pool", pool]
+    sync_redis.config_set("maxmemory-policy", "noeviction")
+    sync_redis.config_set("maxmemory", 1)
+    try:
+        # Redis 7.0 refuses a transaction of reads (the fallback is what this test runs
+        # there); Valkey 8.1 runs it.
+        with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+            with sync_redis.pipeline(transaction=True) as pipe:
+                pipe.get("x")
+                pipe.execute()
+        for command in (["status"], ["nodes"], ["users"], ["decisions"], ["check"]):
+            result = CliRunner().invoke(app, [*command, *common], env={"COLUMNS": "200"})
+            assert result.exit_code == 0, (command, result.output)
+        assert "ready 1" in CliRunner().invoke(app, ["status", *common],
+                                               env={"COLUMNS": "200"}).output
+    finally:
+        sync_redis.config_set("maxmemory", 0)

@@ -115,6 +115,9 @@ local s = observe(p)
 if #s.stale_drains > 0 then
   rcall('ZREM', K.drains, unpack(s.stale_drains))
 end
+for _, node in ipairs(s.checked_drains) do  -- checked now: to the tail, the next ones first
+  rcall('ZADD', K.drains, 'XX', now, node)
+end
 local target, why = target_spare(s, p, true)
 -- How much the target moves: every rise is a create to come, every fall a node to reap later.
 -- The previous target is the last decision's, in its numbers.

@@ -1055,19 +1055,17 @@ def drain(
 def replace(
     redis_url: RedisUrl,
     pool: Pool = "default",
-    created_before: Annotated[str, typer.Option(
-        help="Replace the nodes created before this time: " + WHEN_HELP + ", or the ms "
-        "from the epoch it printed when it began (default: every node the pool holds "
-        "now)")] = "",
+    cutoff: Annotated[str, typer.Option(
+        help="Go on with the run that printed this (COUNT@EPOCH: the pool's create count "
+        "when it began; default: every node the pool holds now)")] = "",
     at_once: Annotated[int, typer.Option(
         min=1, max=1000, help="Most ready nodes drained together")] = 1,
     wait_limit: Annotated[float, typer.Option(
-        min=1, max=86_400, help="Seconds with nothing changing (a boot that never ends, no "
-        "replica deciding, a pool held short) before it stops, exit 1")] = 600.0,
+        min=1, max=86_400, help="Seconds with the old nodes unchanged (a boot that never "
+        "ends, no replica deciding, a pool held short) before it stops, exit 1")] = 600.0,
     cancel: Annotated[bool, typer.Option(
-        "--cancel", help="Take back the drains it placed (under --by) on nodes in a session, "
-        "created before --created-before: each goes back to the pool when its session "
-        "ends")] = False,
+        "--cancel", help="Take back the drains a run placed under --by on old nodes still in "
+        "a session: each goes back to the pool when its session ends")] = False,
     by: Annotated[str, typer.Option(
         envvar="PROVISIONER_OPERATOR",
         help="Who replaces them, for the decisions log (default: the login name)")] = "",
@@ -1075,46 +1073,54 @@ def replace(
 ) -> None:
     """Replace every node of the pool in turn (a new node image, a driver update), a few at a
     time: a node in a session is drained in it (terminated when it ends); ready nodes are
-    drained --at-once at a time, each batch once the pool has booted what its forecast wants
-    in their place, and never while the pool is short of its target; a node booting, once
-    ready. Stop it (Ctrl-C) and run it again with the --created-before it printed to go on.
-    Exits 0 when no node created before then is ready or booting (those in a session go when
-    it ends), 1 if nothing changed for --wait-limit seconds or no replica runs, 2 if not
-    confirmed."""
+    drained --at-once at a time, and only while the pool's ready nodes meet its target, so
+    each batch waits for the replacements of the last to be ready; a node booting, once
+    ready. Stop it (Ctrl-C) and run it again with the --cutoff it printed to go on. Exits 0
+    when no old node is ready or booting and the pool's ready nodes meet its target (those in
+    a session go when it ends); 1 if the old nodes stood still for --wait-limit seconds, no
+    replica runs, or the pool's state was lost meanwhile; 2 if not confirmed, or Redis could
+    not be reached."""
     from provisioner import replace as rolling
 
     keys = _pool_keys(pool)
     _, by = _operator_args([], "node", by)
-    now_dt = datetime.datetime.now(datetime.UTC)
-    given_ms = None
-    if created_before:
-        given_ms = (int(created_before) if created_before.isdigit()
-                    else when_ms(created_before, now_dt, "--created-before"))
+    given = None
+    if cutoff:
+        try:
+            given = rolling.Cutoff.parse(cutoff)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--cutoff") from None
 
-    async def plan(client: aioredis.Redis) -> tuple[int, list[rolling.OldNode], bool]:
+    async def plan(client: aioredis.Redis) -> tuple[rolling.Cutoff, str, list[rolling.OldNode],
+                                                    bool]:
         await _replicas_release(client, pool, DRAINS_WITH_OWN)
-        before = given_ms if given_ms is not None else await rolling.cutoff_now(client, keys)
         from provisioner.scripts import Scripts
 
+        now = await rolling.cutoff_now(client, keys)
+        chosen = given or now
         try:
             heard = any(r.age_s < 60 for r in await Scripts(client, keys).replicas())
         except ResponseError:  # the replica list broken by hand
             heard = True
-        return before, await rolling.old_nodes(client, keys, before), heard
+        return chosen, now.epoch, await rolling.old_nodes(client, keys, chosen), heard
 
-    before_ms, old, heard = _with_redis(redis_url, plan)
-    resume = f"--created-before {before_ms}"
-    console.print(f"nodes of pool {shown(pool)} created before {_local_time(before_ms)} "
-                  f"({resume}):")
+    chosen, epoch, old, heard = _with_redis(redis_url, plan)
+    if chosen.epoch != epoch:
+        raise _fail(f"--cutoff {chosen} is of the pool's state begun as {chosen.epoch}; it "
+                    f"holds {epoch or 'none'} now (lost and begun again since, its create "
+                    "count with it): run it without --cutoff")
+    resume = f"--cutoff {chosen}"
+    console.print(f"nodes of pool {shown(pool)} of its first {chosen.creates} creates, and "
+                  f"any it adopted ({shown(resume)}):")
     if cancel:
-        _take_back_replace(redis_url, keys, old, by, yes, pool)
+        _take_back_replace(redis_url, keys, old, by + rolling.TAG, yes, pool)
         return
     counts = {state: sum(n.state == state for n in old)
               for state in ("ready", "booting", "allocated")}
-    in_sessions = sum(1 for n in old if n.state == "allocated" and not n.drained_by)
+    to_mark = sum(1 for n in old if n.state == "allocated" and n.user and not n.drained_by)
     console.print(f"  {counts['ready']} ready, {counts['booting']} booting, "
-                  f"{counts['allocated']} in a session ({in_sessions} not drained yet)")
-    if not counts["ready"] and not counts["booting"] and not in_sessions:
+                  f"{counts['allocated']} in a session ({to_mark} to drain in it)")
+    if not counts["ready"] and not counts["booting"] and not to_mark:
         console.print("nothing to replace")
         return
     if not heard:
@@ -1129,38 +1135,49 @@ def replace(
     def say(line: str) -> None:
         console.print(f"{time.strftime('%H:%M:%S')} {shown(line)}")
 
+    outcome = rolling.Outcome(done=False)
+
     async def go(client: aioredis.Redis) -> rolling.Outcome:
-        return await rolling.replace_nodes(client, keys, before_ms, by=by, at_once=at_once,
-                                           wait_limit_s=wait_limit, say=say)
+        return await rolling.replace_nodes(client, keys, chosen, by=by, at_once=at_once,
+                                           wait_limit_s=wait_limit, say=say, outcome=outcome)
+
+    def so_far() -> str:
+        return (f"drained {len(outcome.drained)} ready node(s) and {len(outcome.marked)} in a "
+                "session")
 
     stopped = (f"run it again with {resume} to go on; the nodes drained in their sessions "
                f"so far end with them (--cancel {resume} takes that back)")
     try:
-        outcome = _with_redis(redis_url, go)
+        _with_redis(redis_url, go)
     except KeyboardInterrupt:
-        console.print(f"stopped: {stopped}")
+        console.print(f"{so_far()}; stopped: {stopped}")
         raise typer.Exit(130) from None
     except typer.Exit:  # Redis gone or refusing, said on stderr
-        errors.print(f"stopped: {stopped}")
+        errors.print(f"{so_far()}; stopped: {stopped}")
         raise
-    console.print(f"drained {len(outcome.drained)} ready node(s) and {len(outcome.marked)} in "
-                  "a session")
+    console.print(so_far())
+    if outcome.lost:
+        errors.print("[red]error:[/red] the pool's state was lost and begun again while it "
+                     "ran (a new epoch): the nodes adopted since are no longer told apart by "
+                     "their creates; stopped; run it again without --cutoff")
+        raise typer.Exit(1)
     if not outcome.done:
-        errors.print(f"[red]error:[/red] nothing changed for {wait_limit:.0f}s while waiting "
-                     f"for {shown(outcome.waited_for)}: stopped; run it again with {resume} "
-                     "to go on")
+        errors.print(f"[red]error:[/red] the old nodes stood still for {wait_limit:.0f}s "
+                     f"while it waited for {shown(outcome.waited_for)}: stopped; run it again "
+                     f"with {resume} to go on")
         raise typer.Exit(1)
     left = len(outcome.in_sessions)
-    console.print("[green]done[/green]: no node created before then is ready or booting"
-                  + (f"; {left} in a session, each terminated when its session ends"
-                     if left else ""))
+    console.print("[green]done[/green]: no old node is ready or booting, and the pool's ready "
+                  "nodes meet its target" + (f"; {left} in a session, each terminated when "
+                                             "its session ends" if left else ""))
 
 
-def _take_back_replace(redis_url: str, keys: PoolKeys, old: list[Any], by: str, yes: bool,
+def _take_back_replace(redis_url: str, keys: PoolKeys, old: list[Any], tag: str, yes: bool,
                        pool: str) -> None:
-    """`replace --cancel`: take back the drains `by` placed on old nodes in a session."""
-    marked = [n for n in old if n.state == "allocated" and n.user and n.drained_by == by]
-    console.print(f"  {len(marked)} in a session drained by {shown(by)}")
+    """`replace --cancel`: take back the drains a run placed under `tag` on old nodes still
+    in a session. Exit 1 if one could not be (its session ended meanwhile)."""
+    marked = [n for n in old if n.state == "allocated" and n.user and n.drained_by == tag]
+    console.print(f"  {len(marked)} in a session drained by {shown(tag)}")
     if not marked:
         return
     if not yes:
@@ -1173,7 +1190,7 @@ def _take_back_replace(redis_url: str, keys: PoolKeys, old: list[Any], by: str, 
         now = await server_now_ms(client)
         taken = 0
         for n in marked:
-            result = await scripts.drain_node(now, n.node, by, expected=f"allocated:{n.user}",
+            result = await scripts.drain_node(now, n.node, tag, expected=f"allocated:{n.user}",
                                               session_ms=n.session_ms, cancel=True)
             taken += result.code is Drain.CANCELLED
         return taken

@@ -1,23 +1,28 @@
 """`provisioner replace`: every node of a pool replaced in turn (a new node image, a driver
 update), a few at a time, without taking away the ready nodes users are handed.
 
-The CLI drives it and the pool's own transitions do the work, so a replica's crash or restart
-changes nothing, and the command can be stopped and run again (`--created-before` names the
-same nodes). Each round reads the nodes created before the cutoff:
+The CLI drives it and the pool's own transitions do the work; the replicas need nothing new.
+The nodes to replace are those of the pool's creates up to its create count when the run
+began (the reservation counter `seq`, which the server counts, so no replica's clock decides
+which node is old), and any node the pool holds that no create of its made (adopted, or seen
+on `node:status` with none of its creates answered); a node seen while its create is still
+unanswered (`unclaimed`) is taken for a new one. Each round:
 
-- a node in a session is drained in it (`lua/drain_node.lua`): it ends with its session
-  instead of going back to the pool, and the forecast counts no free from it meanwhile;
-- ready nodes are drained `at_once` at a time, idle the longest first, and only while the pool
-  is not short of its target. The next batch waits until a replica has decided after the
-  drain and every create decided since it has finished booting (or failed), so the pool holds
-  as many ready nodes as its forecast wants before the next go;
+- a node in a session is drained in it (`lua/drain_node.lua`, under `<by> (replace)`): it
+  ends with its session instead of going back to the pool, and the forecast counts no free
+  from it meanwhile;
+- ready nodes are drained `at_once` at a time, idle the longest first, and only while the
+  pool's ready nodes, less the users waiting, meet its last decision's target, and a replica
+  has decided since the last batch: the next batch waits until the pool has booted what it
+  wanted in the last one's place and those boots are ready (whatever held them: a create
+  held while the Node API fails, `max_nodes`, a boot that failed and was made again);
 - a node still booting is drained once it is ready.
 
-It is done when no node created before the cutoff is ready or booting, and the boots the
-pool began since the last drain have finished; those still in a session go when their sessions
-end. With nothing changing for `wait_limit_s` (a boot that
-never ends, no replica ticking, a pool held short by the Node API) it stops and says what it
-waited for.
+Stopped and run again (the same cutoff), it goes on where it was: the gate reads the pool, not
+the run. It is done when no old node is ready or booting and the pool's ready nodes meet its
+target; those still in a session go when their sessions end. With the old nodes unchanged
+for `wait_limit_s` it stops and says what it waited for; if the pool's state is lost and
+begun again meanwhile (a new epoch), it stops at once.
 """
 
 from __future__ import annotations
@@ -34,10 +39,32 @@ from provisioner.clock import server_now_ms
 from provisioner.keys import PoolKeys
 from provisioner.scripts import Drain, Scripts, as_text
 
+#: What `replace` drains under: the operator's name with this after it, so that `--cancel`
+#: takes back its own drains and not a `provisioner drain` of the same operator.
+TAG = " (replace)"
+
+
+@dataclass(frozen=True)
+class Cutoff:
+    """The pool's create count when a run began, in the state begun at `epoch`."""
+
+    creates: int
+    epoch: str
+
+    def __str__(self) -> str:
+        return f"{self.creates}@{self.epoch}"
+
+    @classmethod
+    def parse(cls, text: str) -> Cutoff:
+        count, at, epoch = text.strip().partition("@")
+        if not (count.isdigit() and at and epoch):
+            raise ValueError(f"{text!r} is not a cutoff as a run prints it (COUNT@EPOCH)")
+        return cls(int(count), epoch)
+
 
 @dataclass(frozen=True)
 class OldNode:
-    """A live node created before the cutoff, as the pool holds it."""
+    """A live node of the pool to replace, as the pool holds it."""
 
     node: str
     state: str
@@ -47,130 +74,129 @@ class OldNode:
     drained_by: str = ""           # who drained it in its session, if anyone did
 
 
-async def cutoff_now(client: aioredis.Redis, keys: PoolKeys) -> int:
-    """A cutoff that names every node the pool holds now: past the server's clock and past the
-    newest node's creation, which a replica stamps by its own clock (it may run ahead)."""
-    newest = await client.zrevrange(keys.key("nodes"), 0, 0, withscores=True)
-    return max(await server_now_ms(client), int(newest[0][1]) if newest else 0) + 1
+@dataclass(frozen=True)
+class Supply:
+    """The pool at one instant: its ready nodes less the users waiting, the last decision's
+    target (None before any, or unreadable), the decided slot and the epoch."""
+
+    free: int
+    target: int | None
+    lock: str | None
+    epoch: str
 
 
-async def old_nodes(client: aioredis.Redis, keys: PoolKeys, before_ms: int) -> list[OldNode]:
-    """The live nodes created before `before_ms`: the ready ones first, in the ready list's
-    order (idle the longest first), then the others by creation."""
-    ids = [as_text(x) for x in
-           await client.zrangebyscore(keys.key("nodes"), "-inf", f"({before_ms}")]
-    if not ids:
-        return []
+async def supply(client: aioredis.Redis, keys: PoolKeys) -> Supply:
     async with client.pipeline(transaction=False) as pipe:
-        pipe.lrange(keys.key("ready"), 0, -1)
-        for node in ids:
-            pipe.hmget(keys.node(node), "state", "user", "drain_by")
-        ready_list, *records = await pipe.execute()
-    found: dict[str, OldNode] = {}
-    for node, (state, user, drained_by) in zip(ids, records, strict=True):
-        state, user = as_text(state or ""), as_text(user or "")
-        session = None
-        if state == "allocated" and user:
-            held = await client.hget(keys.key("alloc"), user)
-            session = await client.zscore(keys.key("sessions"), user)
-            if held is None or as_text(held) != node:
-                user, session = "", None
-        found[node] = OldNode(node, state, user, None if session is None else int(session),
-                              as_text(drained_by or ""))
-    order = {as_text(node): place for place, node in enumerate(ready_list)}
-    return sorted(found.values(), key=lambda n: (n.state != "ready", order.get(n.node, 0)))
-
-
-async def shortfall(client: aioredis.Redis, keys: PoolKeys) -> int:
-    """How many nodes the pool's spare (ready + booting + creating - waiting, as the scaling
-    decision counts it) is below the last decision's target: a pool short is not drained."""
-    async with client.pipeline(transaction=True) as pipe:
         pipe.hget(keys.key("stats"), "last_numbers")
         pipe.llen(keys.key("ready"))
-        pipe.zcard(keys.key("booting"))
-        pipe.zcard(keys.key("pending"))
-        pipe.zcard(keys.key("unclaimed"))
         pipe.zcard(keys.key("waiting"))
-        numbers, ready, booting, pending, unclaimed, waiting = await pipe.execute()
+        pipe.get(keys.key("tick_lock"))
+        pipe.get(keys.key("epoch"))
+        numbers, ready, waiting, lock, epoch = await pipe.execute()
     try:
-        target = int(json.loads(numbers)["target"])
+        target: int | None = int(json.loads(numbers)["target"])
     except (TypeError, ValueError, KeyError):  # no decision yet, or one edited by hand
-        return 0
-    spare = ready + booting + max(0, pending - unclaimed) - waiting
-    return int(max(0, target - spare))
+        target = None
+    return Supply(int(ready) - int(waiting), target, None if lock is None else as_text(lock),
+                  as_text(epoch or ""))
 
 
-@dataclass
-class Batch:
-    """Ready nodes drained together, and what the pool did since."""
-
-    nodes: list[str]
-    seq_before: int               # the reservation counter before the drain
-    lock_after: str | None        # the decided slot (`tick_lock`) just after it
-    seq_after: int | None = None  # the counter once a replica decided after the drain
+async def cutoff_now(client: aioredis.Redis, keys: PoolKeys) -> Cutoff:
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.get(keys.key("seq"))
+        pipe.get(keys.key("epoch"))
+        count, epoch = await pipe.execute()
+    return Cutoff(_count(count), as_text(epoch or ""))
 
 
-async def _seq(client: aioredis.Redis, keys: PoolKeys) -> int:
-    raw = await client.get(keys.key("seq"))
+def _count(raw: object) -> int:
     try:
-        return int(raw or 0)
-    except ValueError:
+        return int(as_text(raw or 0))
+    except ValueError:  # an edit by hand
         return 0
 
 
-async def in_flight(client: aioredis.Redis, keys: PoolKeys, batch: Batch) -> int | None:
-    """None until a replica has decided after the batch's drain (the decided slot changed:
-    every decision takes a slot of its own); then how many creates reserved since the drain,
-    up to that decision, are still pending or booting."""
-    if batch.seq_after is None:
-        lock = await client.get(keys.key("tick_lock"))
-        if lock is None or as_text(lock) == batch.lock_after:
-            return None
-        batch.seq_after = await _seq(client, keys)
-    low, high = batch.seq_before, batch.seq_after
+def _create_of(reservation: str) -> int | None:
+    """The create count of a reservation id, 'replica:seq'; None for a node no create made."""
+    seq = reservation.rpartition(":")[2]
+    return int(seq) if reservation and seq.isdigit() else None
 
-    def since_the_drain(reservation: str) -> bool:
-        seq = reservation.rpartition(":")[2]  # 'replica:seq'
-        return seq.isdigit() and low < int(seq) <= high
 
-    if high == low:
-        return 0
-    pending = [as_text(r) for r in await client.zrange(keys.key("pending"), 0, -1)]
-    booting = [as_text(n) for n in await client.zrange(keys.key("booting"), 0, -1)]
+async def old_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff) -> list[OldNode]:
+    """The live nodes to replace: the ready ones first, in the ready list's order (idle the
+    longest first), then the others by creation. Three round trips, whatever the pool's size."""
     async with client.pipeline(transaction=False) as pipe:
-        for node in booting:
-            pipe.hget(keys.node(node), "reservation")
-        reservations = await pipe.execute()
-    return (sum(since_the_drain(r) for r in pending)
-            + sum(since_the_drain(as_text(r or "")) for r in reservations))
+        pipe.zrange(keys.key("nodes"), 0, -1)
+        pipe.zrange(keys.key("unclaimed"), 0, -1)
+        pipe.lrange(keys.key("ready"), 0, -1)
+        ids, unclaimed, ready_list = await pipe.execute()
+    ids = [as_text(x) for x in ids]
+    unclaimed = {as_text(x) for x in unclaimed}
+    async with client.pipeline(transaction=False) as pipe:
+        for node in ids:
+            pipe.hmget(keys.node(node), "state", "user", "drain_by", "reservation")
+        records = await pipe.execute()
+    found = []
+    for node, (state, user, drained_by, reservation) in zip(ids, records, strict=True):
+        create = _create_of(as_text(reservation or ""))
+        if node in unclaimed or (create is not None and create > cutoff.creates):
+            continue
+        found.append(OldNode(node, as_text(state or ""), as_text(user or ""), None,
+                             as_text(drained_by or "")))
+    sessions = [n for n in found if n.state == "allocated" and n.user]
+    async with client.pipeline(transaction=False) as pipe:
+        for n in sessions:
+            pipe.hget(keys.key("alloc"), n.user)
+            pipe.zscore(keys.key("sessions"), n.user)
+        replies = await pipe.execute()
+    held = {n.node: (replies[2 * i], replies[2 * i + 1]) for i, n in enumerate(sessions)}
+    old = []
+    for n in found:
+        if n.node in held:
+            holder, began = held[n.node]
+            n = (OldNode(n.node, n.state, n.user, None if began is None else int(began),
+                         n.drained_by) if holder is not None and as_text(holder) == n.node
+                 else OldNode(n.node, n.state, "", None, n.drained_by))
+        elif n.state == "allocated":
+            n = OldNode(n.node, n.state, "", None, n.drained_by)
+        old.append(n)
+    order = {as_text(node): place for place, node in enumerate(ready_list)}
+    return sorted(old, key=lambda n: (n.state != "ready", order.get(n.node, 0)))
 
 
 @dataclass
 class Outcome:
     done: bool
-    drained: list[str] = field(default_factory=list)   # ready nodes drained
-    marked: list[str] = field(default_factory=list)    # nodes drained in their sessions
+    drained: list[str] = field(default_factory=list)      # ready nodes drained
+    marked: list[str] = field(default_factory=list)       # nodes drained in their sessions
     in_sessions: list[str] = field(default_factory=list)  # old nodes still in a session
-    waited_for: str = ""  # not done: what nothing changed in for the wait limit
+    waited_for: str = ""  # not done: what it waited for while the old nodes stood still
+    lost: bool = False    # not done: the pool's state was lost and begun again meanwhile
 
 
-async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, before_ms: int, *, by: str,
+async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, *, by: str,
                         at_once: int = 1, wait_limit_s: float = 600.0,
                         say: Callable[[str], None] = print, poll_s: float = 1.0,
                         log_len: int = 1000,
-                        clock: Callable[[], float] = time.monotonic) -> Outcome:
-    """Replace the nodes created before `before_ms` (module docstring); `say` is told each
-    step, and each wait once."""
+                        clock: Callable[[], float] = time.monotonic,
+                        outcome: Outcome | None = None) -> Outcome:
+    """Replace the nodes of `cutoff` (module docstring); `say` is told each step, and each
+    wait once. `outcome` (optional) is filled in as it goes, for a caller stopped midway."""
     scripts = Scripts(client, keys)
-    outcome = Outcome(done=False)
-    batch: Batch | None = None
+    outcome = outcome if outcome is not None else Outcome(done=False)
+    batch_lock: str | None = None  # the decided slot just after the last batch
+    batched = False
     last_change, seen, said = clock(), None, ""
     while True:
         now = await server_now_ms(client)
-        old = await old_nodes(client, keys, before_ms)
+        pool = await supply(client, keys)
+        if pool.epoch != cutoff.epoch:
+            outcome.lost = True
+            return outcome
+        old = await old_nodes(client, keys, cutoff)
         for n in old:
             if n.state == "allocated" and n.user and not n.drained_by:
-                result = await scripts.drain_node(now, n.node, by, log_len,
+                result = await scripts.drain_node(now, n.node, by + TAG, log_len,
                                                   expected=f"allocated:{n.user}",
                                                   session_ms=n.session_ms)
                 if result.code is Drain.MARKED:
@@ -180,44 +206,38 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, before_ms: int, 
         booting = [n.node for n in old if n.state == "booting"]
         if (len(ready), len(booting)) != seen:
             seen, last_change = (len(ready), len(booting)), clock()
-        waiting = ""
-        if batch is not None:
-            flying = await in_flight(client, keys, batch)
-            if flying is None:
-                waiting = "a replica to decide after the last drain"
-            elif flying:
-                waiting = f"{flying} boot(s) the pool began since the last drain"
-            else:
-                batch, last_change = None, clock()
-        if batch is None and not ready and not booting:  # the last batch's boots done too
+        waiting, short = "", ""
+        if batched and pool.lock == batch_lock:
+            waiting = "a replica to decide after the last drain"
+        elif pool.target is None:
+            waiting = "a first decision of the pool"
+        elif pool.free < pool.target:
+            waiting = "the pool's ready nodes, less the users waiting, to meet its target"
+            short = f" ({pool.free} against {pool.target})"
+        elif not ready and not booting:
             outcome.done = True
             outcome.in_sessions = [n.node for n in old if n.state == "allocated"]
             return outcome
-        if batch is None and ready:
-            short = await shortfall(client, keys)
-            if short:
-                waiting = f"the pool, {short} node(s) short of its target, to catch up"
-            else:
-                seq_before = await _seq(client, keys)
-                drained = []
-                for node in ready[:at_once]:
-                    result = await scripts.drain_node(now, node, by, log_len, expected="ready")
-                    if result.code is Drain.DRAINING:
-                        drained.append(node)
-                if drained:
-                    lock = await client.get(keys.key("tick_lock"))
-                    batch = Batch(drained, seq_before, None if lock is None else as_text(lock))
-                    outcome.drained += drained
-                    last_change = clock()
-                    say(f"{', '.join(drained)}: drained (ready); "
-                        f"{len(ready) - len(drained) + len(booting)} to go")
-                    said = ""
-        elif batch is None:
-            waiting = f"{len(booting)} node(s) created before the cutoff to finish booting"
+        elif ready:
+            drained = []
+            for node in ready[:at_once]:
+                result = await scripts.drain_node(now, node, by + TAG, log_len,
+                                                  expected="ready")
+                if result.code is Drain.DRAINING:
+                    drained.append(node)
+            if drained:
+                batch_lock, batched = (await supply(client, keys)).lock, True
+                outcome.drained += drained
+                last_change = clock()
+                say(f"{', '.join(drained)}: drained (ready); "
+                    f"{len(ready) - len(drained) + len(booting)} ready or booting to go")
+                said = ""
+        else:
+            waiting = f"{len(booting)} old node(s) to finish booting"
         if waiting and waiting != said:
             say(f"waiting for {waiting}")
             said = waiting
         if waiting and clock() - last_change > wait_limit_s:
-            outcome.waited_for = waiting
+            outcome.waited_for = waiting + short
             return outcome
         await asyncio.sleep(poll_s)

@@ -365,9 +365,10 @@ async def test_replace_renews_every_node_with_never_more_than_at_once_ready_out(
     output = (await command.stdout.read()).decode() if command.stdout else ""
     assert command.returncode == 0, output
     assert "drained 3 ready node(s) and 1 in a session" in output
-    assert "done: no node created before then is ready or booting; 1 in a session" in output
+    assert ("done: no old node is ready or booting, and the pool's ready nodes meet its "
+            "target; 1 in a session") in output
     assert fewest == 2, output
-    assert (await client.hget(keys.node(held), "drain_by")) == "e2e"
+    assert (await client.hget(keys.node(held), "drain_by")) == "e2e (replace)"
     await publish(client, "user:disconnect", {"user_id": "u1"})
 
     async def renewed() -> bool:

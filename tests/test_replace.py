@@ -5,6 +5,8 @@ tests/test_e2e.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -41,75 +43,122 @@ async def old_pool(pool: PoolUnderTest) -> None:
     await pool.scripts.allocate(pool.now, "u1")  # n4, idle the longest
 
 
-async def replica(pool: PoolUnderTest, boot_s: float, stop: asyncio.Event,
-                  low: list[int]) -> None:
-    """A replica of the floor, by the wall clock: decides, creates (each node ready `boot_s`
-    after its create), reaps, and confirms every DELETE at once. `low` keeps the fewest ready
-    nodes seen."""
-    scripts, made, k = pool.scripts, {}, 0
+async def replica(pool: PoolUnderTest, stop: asyncio.Event, low: list[int], *,
+                  boot_s: float = 0.4, delete_s: float = 0.0, fail_first: bool = False,
+                  skew_ms: int = 0, config: PoolConfig = FLOOR) -> None:
+    """A replica of the floor, by the wall clock `skew_ms` off: decides, creates (each node
+    ready `boot_s` after its create, the first one failed instead with `fail_first`), reaps,
+    and confirms each DELETE `delete_s` after it. `low` keeps the fewest ready nodes seen."""
+    scripts, booting, ending, k = pool.scripts, {}, {}, 0
     while not stop.is_set():
-        now = int(time.time() * 1000)
-        decision = await scripts.scale_decide(FLOOR.policy_args(now, "r1"))
+        now = int(time.time() * 1000) + skew_ms
+        decision = await scripts.scale_decide(config.policy_args(now, "r1"))
         for rid in decision.reservations:
             k += 1
             node = f"new{k}"
             await scripts.register_node(now, rid, node)
             await scripts.apply_node_status(now, node, "booting")
-            made[node] = time.monotonic() + boot_s
-        for node, due in list(made.items()):
+            booting[node] = time.monotonic() + boot_s
+        for node, due in list(booting.items()):
             if time.monotonic() >= due:
-                await scripts.apply_node_status(now, node, "ready")
-                del made[node]
-        for ended in await scripts.reap_idle(FLOOR.policy_args(now, "r1")):
-            await scripts.apply_node_status(now, ended.node_id, "terminated")
+                failed = fail_first and node == "new1"
+                await scripts.apply_node_status(now, node, "terminated" if failed else "ready")
+                del booting[node]
+        for ended in await scripts.reap_idle(config.policy_args(now, "r1")):
+            ending[ended.node_id] = time.monotonic() + delete_s
+        for node, due in list(ending.items()):
+            if time.monotonic() >= due:
+                await scripts.apply_node_status(now, node, "terminated")
+                del ending[node]
         low.append(await pool.redis.llen(pool.keys.key("ready")))
         await asyncio.sleep(0.02)
 
 
-async def replaced_with_a_replica(pool: PoolUnderTest, at_once: int
+async def replaced_with_a_replica(pool: PoolUnderTest, at_once: int = 1, *,
+                                  stop_after_first: bool = False, **world: object
                                   ) -> tuple[rolling.Outcome, list[str], int]:
-    """The old pool replaced at `at_once` while a replica plays the floor (boots of 0.4 s):
-    the outcome, what it said, and the fewest ready nodes the replica saw meanwhile."""
+    """The old pool replaced at `at_once` while a replica plays the floor (`replica`'s
+    `world`): the outcome, what it said, and the fewest ready nodes the replica saw once
+    the pool first held three. `stop_after_first`: the run is stopped after its first drain
+    and run again with the same cutoff."""
     await old_pool(pool)
     stop, low = asyncio.Event(), [99]
-    ticking = asyncio.create_task(replica(pool, 0.4, stop, low))
-    await asyncio.sleep(0.2)
-    before = await rolling.cutoff_now(pool.redis, pool.keys)
+    ticking = asyncio.create_task(replica(pool, stop, low, **world))  # type: ignore[arg-type]
+    await asyncio.sleep(0.6)  # a first decision, at the floor already
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
     said: list[str] = []
-    outcome = await rolling.replace_nodes(pool.redis, pool.keys, before, by="op",
+    seen_from = len(low)
+    both = rolling.Outcome(done=False)  # what the two runs did, with stop_after_first
+    if stop_after_first:
+        drained = asyncio.Event()
+
+        def say_until_drained(line: str) -> None:
+            said.append(line)
+            if ": drained" in line:
+                drained.set()
+
+        first = asyncio.create_task(rolling.replace_nodes(
+            pool.redis, pool.keys, cutoff, by="op", at_once=at_once, say=say_until_drained,
+            poll_s=0.05, outcome=both))
+        await asyncio.wait_for(drained.wait(), 10)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           at_once=at_once, wait_limit_s=20, say=said.append,
-                                          poll_s=0.05)
+                                          poll_s=0.05, outcome=both)
     stop.set()
     await ticking
-    return outcome, said, min(low[1:])
+    return outcome, said, min(low[seen_from:])
 
 
 async def test_ready_nodes_are_replaced_one_at_a_time_each_after_its_replacement_is_ready(
         pool: PoolUnderTest) -> None:
     """At --at-once 1 the pool never holds fewer than its floor less one ready node: each
-    drain waits for a replica's decision after the last and for the boot it began. The node
-    in a session is drained in it; the old ones end, the new ones stay."""
-    outcome, said, fewest = await replaced_with_a_replica(pool, 1)
+    drain waits for a replica's decision after the last and for the pool's ready nodes to
+    meet its target again. The node in a session is drained in it; the old ones end, the new
+    ones stay."""
+    outcome, said, fewest = await replaced_with_a_replica(pool)
     assert outcome.done, said
     assert outcome.drained == ["n1", "n2", "n3"] and outcome.marked == ["n4"]
     assert outcome.in_sessions == ["n4"]
-    assert fewest == 2  # three at the floor, one out at a time
+    assert fewest == 2, said  # three at the floor, one out at a time
     for node in ("n1", "n2", "n3"):
         assert (await pool.node(node))["state"] == "terminated"
-    assert (await pool.node("n4"))["drain_by"] == "op"
+    assert (await pool.node("n4"))["drain_by"] == "op (replace)"
     ready = await pool.ready_list()
     assert len(ready) == 3 and all(node.startswith("new") for node in ready)
-    assert "n1: drained (ready); 2 to go" in said
+    assert "n1: drained (ready); 2 ready or booting to go" in said
     assert "n4: in the session of user u1, terminated when it ends" in said
-    assert any(line.startswith("waiting for 1 boot(s) the pool began") for line in said), said
+    assert ("waiting for the pool's ready nodes, less the users waiting, to meet its target"
+            in said), said
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
 async def test_at_once_drains_that_many_together(pool: PoolUnderTest) -> None:
     outcome, said, fewest = await replaced_with_a_replica(pool, 2)
     assert outcome.done and outcome.drained == ["n1", "n2", "n3"]
-    assert said[1] == "n1, n2: drained (ready); 1 to go", said
+    assert said[1] == "n1, n2: drained (ready); 1 ready or booting to go", said
     assert fewest == 1
+
+
+@pytest.mark.parametrize("world", [
+    {"config": dataclasses.replace(FLOOR, max_nodes=4), "delete_s": 1.0},  # held at the quota
+    {"fail_first": True},          # the first replacement's boot fails and is made again
+    {"stop_after_first": True},    # stopped after its first drain and run again
+    {"skew_ms": -5_000},           # the replica's clock five seconds behind the server's
+    {"skew_ms": 5_000},            # and ahead
+])
+async def test_whatever_holds_a_replacement_back_the_next_batch_waits_for_it(
+        pool: PoolUnderTest, world: dict[str, object]) -> None:
+    """A review's cases, in each of which the next batch went before the last one's
+    replacement was ready, or replacements were taken for old nodes: the gate reads the
+    pool's ready nodes, and the old nodes are told by the pool's create count, not by
+    clocks."""
+    outcome, said, fewest = await replaced_with_a_replica(pool, **world)
+    assert outcome.done, said
+    assert outcome.drained == ["n1", "n2", "n3"], said
+    assert fewest == 2, said
 
 
 async def test_with_no_replica_deciding_it_drains_one_batch_and_stops_at_the_limit(
@@ -117,9 +166,10 @@ async def test_with_no_replica_deciding_it_drains_one_batch_and_stops_at_the_lim
     """Nothing takes the next batch on trust: with no decision after the drain, it waits,
     then stops saying for what."""
     await old_pool(pool)
-    before = await rolling.cutoff_now(pool.redis, pool.keys)
+    await pool.redis.hset(pool.keys.key("stats"), "last_numbers", json.dumps({"target": 2}))
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
     said: list[str] = []
-    outcome = await rolling.replace_nodes(pool.redis, pool.keys, before, by="op",
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           wait_limit_s=0.3, say=said.append, poll_s=0.05)
     assert not outcome.done and outcome.drained == ["n1"] and outcome.marked == ["n4"]
     assert outcome.waited_for == "a replica to decide after the last drain"
@@ -127,35 +177,49 @@ async def test_with_no_replica_deciding_it_drains_one_batch_and_stops_at_the_lim
     assert await pool.ready_list() == ["n2", "n3"]
 
 
-async def test_a_pool_short_of_its_target_is_not_drained(pool: PoolUnderTest) -> None:
+async def test_a_pool_whose_ready_nodes_fall_short_of_its_target_is_not_drained(
+        pool: PoolUnderTest) -> None:
     await old_pool(pool)
-    await pool.redis.hset(pool.keys.key("stats"), "last_numbers",
-                          json.dumps({"target": 5, "spare": 3}))
-    assert await rolling.shortfall(pool.redis, pool.keys) == 2  # 3 ready of 5
-    before = await rolling.cutoff_now(pool.redis, pool.keys)
-    outcome = await rolling.replace_nodes(pool.redis, pool.keys, before, by="op",
+    await pool.scripts.apply_node_status(pool.now, "b1", "booting")  # spare 4, ready 3
+    await pool.redis.hset(pool.keys.key("stats"), "last_numbers", json.dumps({"target": 4}))
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           wait_limit_s=0.3, say=lambda _: None, poll_s=0.05)
     assert not outcome.done and outcome.drained == []
-    assert outcome.waited_for == "the pool, 2 node(s) short of its target, to catch up"
+    assert outcome.waited_for == ("the pool's ready nodes, less the users waiting, to meet its "
+                                  "target (3 against 4)")
     assert await pool.ready_list() == ["n1", "n2", "n3"]
 
 
-async def test_only_nodes_created_before_the_cutoff_are_replaced(pool: PoolUnderTest) -> None:
+async def test_the_old_nodes_are_told_by_the_pools_create_count(pool: PoolUnderTest) -> None:
+    """Old: the nodes of its creates up to the cutoff, and those no create made; a node seen
+    while its create is unanswered is taken for a new one. A lost state stops the run."""
     await old_pool(pool)
-    cutoff = pool.now + 1
-    pool.clock.advance(1_000)
-    await pool.boot("later")
+    await pool.redis.set(pool.keys.key("epoch"), "1-a")
+    await pool.redis.set(pool.keys.key("seq"), 7)
+    await pool.redis.hset(pool.keys.node("n2"), "reservation", "r1:7")
+    await pool.redis.hset(pool.keys.node("n3"), "reservation", "r1:8")  # made after
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    assert cutoff == rolling.Cutoff(7, "1-a") and str(cutoff) == "7@1-a"
+    assert rolling.Cutoff.parse(" 7@1-a ") == cutoff
+    for bad in ("7", "x@1-a", "7@", "-1@e"):
+        with pytest.raises(ValueError, match="COUNT@EPOCH"):
+            rolling.Cutoff.parse(bad)
+    await pool.redis.zadd(pool.keys.key("unclaimed"), {"n1": 1})
     old = await rolling.old_nodes(pool.redis, pool.keys, cutoff)
-    assert [(n.node, n.state, n.user) for n in old] == [
-        ("n1", "ready", ""), ("n2", "ready", ""), ("n3", "ready", ""),
-        ("n4", "allocated", "u1")]
-    assert await rolling.cutoff_now(pool.redis, pool.keys) > pool.now  # past the newest
+    assert [(n.node, n.state, n.user) for n in old] == [("n2", "ready", ""),
+                                                      ("n4", "allocated", "u1")]
+    await pool.redis.set(pool.keys.key("epoch"), "2-b")
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
+                                          say=lambda _: None)
+    assert outcome.lost and not outcome.done and outcome.drained == []
 
 
 def test_the_cli_shows_its_plan_refuses_without_a_replica_and_takes_back_its_drains(
         redis_url: str) -> None:
     """The plan's counts and the cutoff to go on with; no replica heard from: nothing is
-    drained; --cancel takes back the drains placed under --by, and no other's."""
+    drained; a cutoff of another state of the pool is refused; --cancel takes back the drains
+    a run placed under --by, and not a `provisioner drain` of the same operator."""
     pool = "roll-cli"
     keys = PoolKeys(pool)
 
@@ -165,7 +229,8 @@ def test_the_cli_shows_its_plan_refuses_without_a_replica_and_takes_back_its_dra
         await old_pool(under)
         await under.boot("n5")
         await under.scripts.allocate(under.now, "u2")  # n1
-        await under.scripts.drain_node(under.now, "n1", "bob")
+        await under.scripts.drain_node(under.now, "n1", "op")  # by hand, not by a run
+        await client.set(keys.key("epoch"), "1-a")
         await client.aclose()
 
     asyncio.run(setup())
@@ -173,24 +238,29 @@ def test_the_cli_shows_its_plan_refuses_without_a_replica_and_takes_back_its_dra
     plan = CliRunner().invoke(app, ["replace", *common, "--by", "op"], input="n\n",
                               env={"COLUMNS": "200"})
     assert plan.exit_code == 1, plan.output
-    assert "3 ready, 0 booting, 2 in a session (1 not drained yet)" in plan.output
-    assert "--created-before " in plan.output
+    assert ("nodes of pool roll-cli of its first 0 creates, and any it adopted (--cutoff 0@1-a)"
+            in plan.output)
+    assert "3 ready, 0 booting, 2 in a session (1 to drain in it)" in plan.output
     assert "no replica of pool roll-cli has sent a heartbeat in the last minute" in plan.output
     assert json.loads(CliRunner().invoke(app, ["nodes", *common, "--json"]).output)[0][
         "state"] != "terminating"
+    other = CliRunner().invoke(app, ["replace", *common, "--cutoff", "5@0-z"])
+    assert other.exit_code == 2 and "run it without --cutoff" in other.output, other.output
+    bad = CliRunner().invoke(app, ["replace", *common, "--cutoff", "5"])
+    assert bad.exit_code == 2 and "COUNT@EPOCH" in bad.output, bad.output
 
-    async def mark_n4_as_op() -> None:
+    async def mark_n4_as_a_run() -> None:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
         scripts = Scripts(client, keys)
-        await scripts.drain_node(int(time.time() * 1000), "n4", "op")
+        await scripts.drain_node(int(time.time() * 1000), "n4", "op" + rolling.TAG)
         await client.aclose()
 
-    asyncio.run(mark_n4_as_op())
+    asyncio.run(mark_n4_as_a_run())
     back = CliRunner().invoke(app, ["replace", *common, "--by", "op", "--cancel", "--yes"],
                               env={"COLUMNS": "200"})
     assert back.exit_code == 0, back.output
-    assert "1 in a session drained by op" in back.output
+    assert "1 in a session drained by op (replace)" in back.output
     assert "taken back 1 of 1" in back.output
     nodes = {n["id"]: n for n in json.loads(
         CliRunner().invoke(app, ["nodes", *common, "--json"]).output)}
-    assert "drain_by" not in nodes["n4"] and nodes["n1"]["drain_by"] == "bob"
+    assert "drain_by" not in nodes["n4"] and nodes["n1"]["drain_by"] == "op"

@@ -19,7 +19,9 @@ from typing import Annotated, Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 import typer
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -285,6 +287,9 @@ def run(
     except CannotListen as exc:
         raise _fail(f"cannot run: {exc.strerror} ({options['http_host']}, "
                     f"{options['http_port']})") from None
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise _fail(f"cannot run: cannot reach Redis at {shown_url(service.redis_url)}: "
+                    f"{exc}") from None
     except (OSError, RedisError) as exc:
         raise _fail(f"cannot run: {exc}") from None
 
@@ -730,7 +735,10 @@ def decisions(
         held = ("the stream is empty" if span.held is None else
                 f"the stream holds {span.length} entries, written from "
                 f"{_local_time(span.held[0])} to {_local_time(span.held[1])}")
-        console.print(outside(f"none in that span: {held}"))
+        filters = [f for f, given in (("--kind", kinds), ("--user", user is not None)) if given]
+        none = (f"none in that span of the {' and '.join(filters)} asked" if filters
+                else "none in that span")
+        console.print(outside(f"{none}: {held}"))
 
 
 #: How far a replica's time of deciding may be from the server's time of writing before the
@@ -978,7 +986,8 @@ def drain(
                 else:
                     found[node] += ": not drained, nothing to take back"
             else:
-                found[node] = f"{state}: nothing to drain" if state else "unknown to the pool"
+                found[node] = (f"{state}: nothing to {'take back' if cancel else 'drain'}"
+                               if state else "unknown to the pool")
         return found
 
     shown_states = _with_redis(redis_url, states)
@@ -1247,6 +1256,8 @@ def reconcile(
     if found:
         raise _fail("invalid service settings: " + "; ".join(found))
 
+    grace_s: list[float] = []  # the pool's create timeout, read with its settings
+
     async def go(client: aioredis.Redis) -> dict[str, Any] | None:
         if not await view.pool_exists(client, pool):
             raise _fail(_no_pool(pool) + "; nothing was compared (a replica started on the "
@@ -1255,6 +1266,7 @@ def reconcile(
         api = HttpNodeApi(node_api_url)
         try:
             config = await _published_config(client, PoolKeys(pool))
+            grace_s.append(config.create_timeout_s)
             replica = Replica(client, service, config, api)
             counts = await replica.reconcile()
             await replica.drain(10.0)
@@ -1267,6 +1279,12 @@ def reconcile(
         raise _fail(f"the Node API at {shown_url(node_api_url)} gave no node list (unreachable, "
                     "an error, or no GET /api/nodes): nothing was compared")
     typer.echo(json.dumps(counts))
+    from provisioner.service import LEFT_FOR_LATER
+
+    if counts.get(LEFT_FOR_LATER):
+        errors.print(f"{counts[LEFT_FOR_LATER]} node(s) the Node API does not list were left, "
+                     f"as younger than the pool's create timeout ({grace_s[0]:g}s: a create "
+                     "perhaps still on its way); a reconciliation after it judges them")
 
 
 @app.command()

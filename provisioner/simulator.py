@@ -38,7 +38,7 @@ import typer
 from redis.exceptions import RedisError
 
 from provisioner.clock import sleep_unless
-from provisioner.config import redis_url_option
+from provisioner.config import redis_url_option, shown_url
 from provisioner.logs import setup_logging
 
 log = logging.getLogger("provisioner.simulator")
@@ -282,6 +282,10 @@ def option_given(ctx: Parsed, name: str) -> bool:
     return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
 
 
+class CannotReach(Exception):
+    """The server named cannot be reached at the start: one line, exit 2."""
+
+
 def not_with_a_trace(name: str) -> typer.BadParameter:
     """The refusal of synthetic option `name` beside a --trace."""
     hint = "--" + name.replace("_", "-")
@@ -352,11 +356,18 @@ def command(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await redis.ping()  # a server that cannot be reached at the start is an error
+            try:
+                await redis.ping()  # a server that cannot be reached at the start is an error
+            except (OSError, RedisError) as exc:
+                raise CannotReach(f"cannot reach Redis at {shown_url(redis_url)}: {exc}") from None
             counts = await publish(redis, events, speed, stop)
             log.info("done: %s", counts)
         finally:
             await redis.aclose()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except CannotReach as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None

@@ -245,9 +245,10 @@ def test_reconcile_of_a_pool_the_server_does_not_hold_is_refused(redis_url: str)
     assert invoke("check", "--redis-url", redis_url, "--pool", "reel")[0] == 2
 
 
-def test_reconcile_logs_a_hostile_node_id_escaped(redis_url: str) -> None:
-    """A node id another writer put in Redis with a terminal's escape sequences was logged raw
-    by reconcile (Python's last-resort handler), setting the title and clearing the screen."""
+def _reconciled_against_an_empty_mock(redis_url: str, pool: str, node: str,
+                                      age_ms: int) -> subprocess.CompletedProcess[str]:
+    """`provisioner reconcile` of `pool`, which holds `node` ready, created `age_ms` ago,
+    against a mock Node API that runs none."""
     import asyncio
 
     import redis.asyncio as aioredis
@@ -255,14 +256,12 @@ def test_reconcile_logs_a_hostile_node_id_escaped(redis_url: str) -> None:
     from provisioner.redis_server import free_port
     from provisioner.scripts import Scripts
 
-    node = "n3\x1b]0;PWNED\x07\x1b[2J"
-
     async def plant() -> None:
         client = aioredis.Redis.from_url(redis_url)
-        scripts = Scripts(client, PoolKeys("third"))
-        hour_ago = int(time.time() * 1000) - 3_600_000
-        await scripts.apply_node_status(hour_ago, node, "booting")
-        await scripts.apply_node_status(hour_ago, node, "ready")
+        scripts = Scripts(client, PoolKeys(pool))
+        then = int(time.time() * 1000) - age_ms
+        await scripts.apply_node_status(then, node, "booting")
+        await scripts.apply_node_status(then, node, "ready")
         await client.aclose()
 
     asyncio.run(plant())
@@ -278,12 +277,19 @@ def test_reconcile_logs_a_hostile_node_id_escaped(redis_url: str) -> None:
             except OSError:
                 assert api.poll() is None and time.monotonic() < deadline, "no mock"
                 time.sleep(0.1)
-        done = subprocess.run([sys.executable, "-m", "provisioner", "reconcile", "--redis-url",
+        return subprocess.run([sys.executable, "-m", "provisioner", "reconcile", "--redis-url",
                                redis_url, "--node-api-url", f"http://127.0.0.1:{port}",
-                               "--pool", "third"], capture_output=True, text=True, timeout=60)
+                               "--pool", pool], capture_output=True, text=True, timeout=60)
     finally:
         api.terminate()
         api.wait(timeout=20)
+
+
+def test_reconcile_logs_a_hostile_node_id_escaped(redis_url: str) -> None:
+    """A node id another writer put in Redis with a terminal's escape sequences was logged raw
+    by reconcile (Python's last-resort handler), setting the title and clearing the screen."""
+    done = _reconciled_against_an_empty_mock(redis_url, "third", "n3\x1b]0;PWNED\x07\x1b[2J",
+                                             3_600_000)
     assert done.returncode == 0, done
     assert "n3\\x1b]0;PWNED\\x07\\x1b[2J" in done.stderr and "\x1b" not in done.stderr, \
         repr(done.stderr)
@@ -664,3 +670,27 @@ def test_run_names_the_http_host_it_cannot_listen_on(redis_url: str) -> None:
     assert code == 2, output
     assert "cannot run" in output and "no-such-host.invalid" in output, output
     assert "--http-host" in output, output
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "--node-api-url", "http://127.0.0.1:1"],
+    ["simulate"],
+])
+def test_a_server_that_cannot_be_reached_is_named_as_the_cli_s_commands_name_it(
+        command: list[str]) -> None:
+    """A helper's audit: `run` said "cannot run: Error 111 connecting to …" and `simulate`
+    "ConnectionError: Error 111 …", neither naming the server as `status` does."""
+    code, output = invoke(*command, "--redis-url", "redis://:s3cret@127.0.0.1:1/0")
+    assert code == 2, output
+    assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in " ".join(output.split()), output
+
+
+def test_reconcile_says_which_nodes_it_left_as_too_young_to_judge(redis_url: str) -> None:
+    """A helper's audit: right after a restart of the Node API, which knows no node, `reconcile`
+    printed no repair and exit 0 while the pool still held its nodes: each younger than the
+    create timeout, left in case its create was on its way. It says so now."""
+    done = _reconciled_against_an_empty_mock(redis_url, "young", "n1", 5_000)
+    assert done.returncode == 0, done
+    assert json.loads(done.stdout)["not_listed_left_young"] == 1, done.stdout
+    assert ("1 node(s) the Node API does not list were left, as younger than the pool's create "
+            "timeout (60s: a create perhaps still on its way)") in " ".join(done.stderr.split())

@@ -124,6 +124,11 @@ def test_a_span_the_stream_no_longer_holds_says_what_it_holds(redis_url: str,
     assert code == 0, output
     assert "none in that span: the stream holds 10 entries, written from" in " ".join(
         output.split())
+    # A filter that matched nothing is named: the span was the whole stream (a helper's audit).
+    code, output = decisions(redis_url, "--user", "nobody", "--kind", "miss")
+    assert code == 0, output
+    assert ("none in that span of the --kind and --user asked: the stream holds 10 entries"
+            in " ".join(output.split())), output
 
 
 @pytest.mark.parametrize(("args", "said"), [

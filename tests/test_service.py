@@ -1116,7 +1116,7 @@ async def test_reconcile_adopts_unknown_nodes_and_ends_vanished_ones(
     counts = await replica.reconcile()
     # "just-made" is younger than the grace period: not judged although the API omits it.
     assert counts == {"adopted": 1, "vanished": 1, "redeleted": 0, "made_ready": 0,
-                      "unusable_deleted": 0}
+                      "unusable_deleted": 0, "not_listed_left_young": 1}
     nodes = set(await aredis.zrange(replica.keys.key("nodes"), 0, -1))
     assert nodes == {"fresh", "stranger", "just-made"}
     assert await check_invariants(aredis, POOL) == []

@@ -1005,7 +1005,7 @@ def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: s
     assert cancelled.exit_code == 1, cancelled.output  # n3 is terminating
     assert ("taken back n1: back to the pool when the session of user u1 ends"
             in cancelled.output), cancelled.output
-    assert "n3: terminating: nothing to drain" in cancelled.output
+    assert "n3: terminating: nothing to take back" in cancelled.output
     both = CliRunner().invoke(app, ["drain", "n1", *common, "--cancel", "--now", "--yes"])
     assert both.exit_code == 2 and "give one of them" in both.output
     again_marked = CliRunner().invoke(app, ["drain", "n1", *common, "--yes", "--by", "alice"])

@@ -187,7 +187,7 @@ local function unmet_to_log(at)
   return true
 end
 
-local numbers = summary(s, target)
+local numbers = summary(s, target, math.max(target, peak_target(now, p.keep_window_ms)))
 rcall('HSET', K.stats, 'last_decision', reason, 'last_numbers', numbers,
       'last_decision_ms', now, 'last_replica', p.replica)
 if #created > 0 then

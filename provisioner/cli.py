@@ -1082,13 +1082,13 @@ def replace(
 ) -> None:
     """Replace every node of the pool in turn (a new node image, a driver update), a few at a
     time: a node in a session is drained in it (terminated when it ends); ready nodes are
-    drained --at-once at a time, and only while the pool's ready nodes meet its target, so
-    each batch waits for the replacements of the last to be ready; a node booting, once
-    ready. Stop it (Ctrl-C) and run it again with the --cutoff it printed to go on. Exits 0
-    when no old node is ready or booting and the pool's ready nodes meet its target (those in
-    a session go when it ends); 1 if the old nodes stood still for --wait-limit seconds, no
-    replica runs, or the pool's state was lost meanwhile; 2 if not confirmed, or Redis could
-    not be reached."""
+    drained --at-once at a time, and only while the pool's ready nodes meet the level it
+    keeps them at, so each batch waits for the replacements of the last to be ready; a node
+    booting, once ready. Stop it (Ctrl-C) and run it again with the --cutoff it printed to go
+    on. Exits 0 when no old node is ready or booting (those in a session go when it ends, the
+    last replacements boot); 1 if the old nodes stood still for --wait-limit seconds, no
+    replica runs, or the pool's state was lost meanwhile; 2 if not confirmed, the pool has
+    no epoch, or Redis could not be reached."""
     from provisioner import replace as rolling
 
     keys = _pool_keys(pool)
@@ -1114,6 +1114,10 @@ def replace(
         return chosen, now.epoch, await rolling.old_nodes(client, keys, chosen), heard
 
     chosen, epoch, old, heard = _with_redis(redis_url, plan)
+    if not epoch:
+        raise _fail(f"pool {pool} has no epoch (no replica of a release since 296bf1d has "
+                    "sent a heartbeat): a run could not tell a state lost meanwhile; nothing "
+                    "drained")
     if chosen.epoch != epoch:
         raise _fail(f"--cutoff {chosen} is of the pool's state begun as {chosen.epoch}; it "
                     f"holds {epoch or 'none'} now (lost and begun again since, its create "
@@ -1176,9 +1180,10 @@ def replace(
                      f"with {resume} to go on")
         raise typer.Exit(1)
     left = len(outcome.in_sessions)
-    console.print("[green]done[/green]: no old node is ready or booting, and the pool's ready "
-                  "nodes meet its target" + (f"; {left} in a session, each terminated when "
-                                             "its session ends" if left else ""))
+    console.print("[green]done[/green]: no old node is ready or booting (the last "
+                  "replacements are the pool's to boot)" + (
+                      f"; {left} in a session, each terminated when its session ends"
+                      if left else ""))
 
 
 def _take_back_replace(redis_url: str, keys: PoolKeys, old: list[Any], tag: str, yes: bool,

@@ -4,25 +4,29 @@ update), a few at a time, without taking away the ready nodes users are handed.
 The CLI drives it and the pool's own transitions do the work; the replicas need nothing new.
 The nodes to replace are those of the pool's creates up to its create count when the run
 began (the reservation counter `seq`, which the server counts, so no replica's clock decides
-which node is old), and any node the pool holds that no create of its made (adopted, or seen
-on `node:status` with none of its creates answered); a node seen while its create is still
-unanswered (`unclaimed`) is taken for a new one. Each round:
+which node is old), and those the pool first recorded by then without a create's answer
+(adopted, or seen on `node:status`: each record keeps the count it was made at,
+`creates_seen`); a node seen while a create is still unanswered (`unclaimed`) is taken for a
+new one. Each round:
 
 - a node in a session is drained in it (`lua/drain_node.lua`, under `<by> (replace)`): it
   ends with its session instead of going back to the pool, and the forecast counts no free
   from it meanwhile;
 - ready nodes are drained `at_once` at a time, idle the longest first, and only while the
-  pool's ready nodes, less the users waiting, meet its last decision's target, and a replica
-  has decided since the last batch: the next batch waits until the pool has booted what it
-  wanted in the last one's place and those boots are ready (whatever held them: a create
-  held while the Node API fails, `max_nodes`, a boot that failed and was made again);
+  pool's ready nodes, less the users waiting, meet the level its last decision holds them to
+  (the reaper's keep level: the peak target of the keep window), and a replica has decided
+  since the last batch. So the next batch waits until the pool has booted what it wanted in
+  the last one's place and those boots are ready (whatever held them: a create held while the
+  Node API fails, `max_nodes`, a boot that failed and was made again), and no node the pool
+  keeps on purpose goes unreplaced;
 - a node still booting is drained once it is ready.
 
 Stopped and run again (the same cutoff), it goes on where it was: the gate reads the pool, not
-the run. It is done when no old node is ready or booting and the pool's ready nodes meet its
-target; those still in a session go when their sessions end. With the old nodes unchanged
-for `wait_limit_s` it stops and says what it waited for; if the pool's state is lost and
-begun again meanwhile (a new epoch), it stops at once.
+the run. It is done when no old node is ready or booting and a replica has decided since the
+last batch (so its replacements are reserved; their boots are the pool's); those still in a
+session go when their sessions end. With the old nodes unchanged for `wait_limit_s` it stops
+and says what it waited for; if the pool's state is lost and begun again meanwhile (a new
+epoch), it stops at once.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from provisioner.clock import server_now_ms
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Drain, Scripts, as_text
+from provisioner.scripts import Drain, Scripts, as_text, read_at_once
 
 #: What `replace` drains under: the operator's name with this after it, so that `--cancel`
 #: takes back its own drains and not a `provisioner drain` of the same operator.
@@ -76,28 +81,34 @@ class OldNode:
 
 @dataclass(frozen=True)
 class Supply:
-    """The pool at one instant: its ready nodes less the users waiting, the last decision's
-    target (None before any, or unreadable), the decided slot and the epoch."""
+    """The pool at one instant: its ready nodes less the users waiting; the level the last
+    decision holds ready nodes to (None before any decision, or unreadable): the reaper's keep
+    level, the peak target of the keep window (its target, from a replica of a release that
+    does not say it); the decided slot; and the epoch."""
 
     free: int
-    target: int | None
+    keep: int | None
     lock: str | None
     epoch: str
 
 
 async def supply(client: aioredis.Redis, keys: PoolKeys) -> Supply:
-    async with client.pipeline(transaction=False) as pipe:
+    """Read at once (read_at_once); the decided slot first, so a decision the numbers are of
+    is never older than the slot they are paired with."""
+    def reads(pipe: Any) -> None:
+        pipe.get(keys.key("tick_lock"))
         pipe.hget(keys.key("stats"), "last_numbers")
         pipe.llen(keys.key("ready"))
         pipe.zcard(keys.key("waiting"))
-        pipe.get(keys.key("tick_lock"))
         pipe.get(keys.key("epoch"))
-        numbers, ready, waiting, lock, epoch = await pipe.execute()
+
+    lock, numbers, ready, waiting, epoch = await read_at_once(client, reads)
     try:
-        target: int | None = int(json.loads(numbers)["target"])
-    except (TypeError, ValueError, KeyError):  # no decision yet, or one edited by hand
-        target = None
-    return Supply(int(ready) - int(waiting), target, None if lock is None else as_text(lock),
+        said = json.loads(numbers)
+        keep: int | None = int(said.get("keep", said["target"]))
+    except (TypeError, ValueError, KeyError, AttributeError):  # none yet, or edited by hand
+        keep = None
+    return Supply(int(ready) - int(waiting), keep, None if lock is None else as_text(lock),
                   as_text(epoch or ""))
 
 
@@ -117,7 +128,8 @@ def _count(raw: object) -> int:
 
 
 def _create_of(reservation: str) -> int | None:
-    """The create count of a reservation id, 'replica:seq'; None for a node no create made."""
+    """The create count of a reservation id, 'replica:seq', or of a count alone; None for
+    none."""
     seq = reservation.rpartition(":")[2]
     return int(seq) if reservation and seq.isdigit() else None
 
@@ -134,11 +146,17 @@ async def old_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff) -> l
     unclaimed = {as_text(x) for x in unclaimed}
     async with client.pipeline(transaction=False) as pipe:
         for node in ids:
-            pipe.hmget(keys.node(node), "state", "user", "drain_by", "reservation")
+            pipe.hmget(keys.node(node), "state", "user", "drain_by", "reservation",
+                       "creates_seen")
         records = await pipe.execute()
     found = []
-    for node, (state, user, drained_by, reservation) in zip(ids, records, strict=True):
+    for node, (state, user, drained_by, reservation, seen) in zip(ids, records, strict=True):
+        # Made by a create of the pool's, its count; else the pool's count when it first
+        # recorded the node (a create whose POST timed out, adopted when seen: the review's
+        # run took each such replacement for an old node, and never ended).
         create = _create_of(as_text(reservation or ""))
+        if create is None:
+            create = _create_of(as_text(seen or ""))
         if node in unclaimed or (create is not None and create > cutoff.creates):
             continue
         found.append(OldNode(node, as_text(state or ""), as_text(user or ""), None,
@@ -206,18 +224,22 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
         booting = [n.node for n in old if n.state == "booting"]
         if (len(ready), len(booting)) != seen:
             seen, last_change = (len(ready), len(booting)), clock()
+        pool = await supply(client, keys)  # again: the marks may have taken a while
         waiting, short = "", ""
         if batched and pool.lock == batch_lock:
             waiting = "a replica to decide after the last drain"
-        elif pool.target is None:
-            waiting = "a first decision of the pool"
-        elif pool.free < pool.target:
-            waiting = "the pool's ready nodes, less the users waiting, to meet its target"
-            short = f" ({pool.free} against {pool.target})"
         elif not ready and not booting:
+            # The last batch's replacements are reserved; their boots are the pool's. Waiting
+            # for its ready nodes to meet its keep level too never ended under steady demand
+            # (a review), where connects keep them below it.
             outcome.done = True
             outcome.in_sessions = [n.node for n in old if n.state == "allocated"]
             return outcome
+        elif pool.keep is None:
+            waiting = "a first decision of the pool"
+        elif pool.free < pool.keep:
+            waiting = "the pool's ready nodes, less the users waiting, to meet its keep level"
+            short = f" ({pool.free} against {pool.keep})"
         elif ready:
             drained = []
             for node in ready[:at_once]:

@@ -610,12 +610,14 @@ local function peak_target(now, keep_window_ms)
   return 0
 end
 
-local function summary(s, target)
+-- A decision's numbers; `keep` (scale_decide's): the reaper's keep level, the peak target of
+-- the keep window, which `provisioner replace` holds its ready nodes to.
+local function summary(s, target, keep)
   return cjson.encode({
     ready = s.ready, booting = s.booting, allocated = s.allocated, waiting = s.waiting,
     terminating = s.terminating, creating = s.creating, engaged = s.engaged,
     active = s.active, spare = s.spare, target = target, total = s.total,
-    surge = s.surge == true,
+    surge = s.surge == true, keep = keep,
   })
 end
 

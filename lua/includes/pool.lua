@@ -244,11 +244,14 @@ end
 -- while booting (a stuck one is ended all the same). Giving up
 -- boots picked from all nodes would leave mostly the short ones to learn from (a long boot stays
 -- a candidate for longer), and the horizon learned would come out short.
+-- `creates_seen`: how many creates the pool had reserved (`seq`) when it first recorded the
+-- node, by which `provisioner replace` tells a node adopted after its run began (a create
+-- whose POST timed out, seen on node:status) from the nodes it replaces.
 local function new_node(node_id, state, now, origin, reservation)
   local sample = tonumber(string.sub(redis.sha1hex(node_id), -1), 16) % 2
   rcall('HSET', node_key(node_id), 'id', node_id, 'state', state, 'created_ms', now,
         'updated_ms', now, 'origin', origin, 'reservation', reservation or '', 'user', '',
-        'boot_sample', sample)
+        'boot_sample', sample, 'creates_seen', tonumber(rcall('GET', K.seq)) or 0)
   rcall('ZADD', K.nodes, now, node_id)
   stat('nodes_seen')
 end

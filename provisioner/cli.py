@@ -66,6 +66,9 @@ Pool = Annotated[str, typer.Option("--pool", envvar="PROVISIONER_POOL",
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
 Limit = Annotated[int, typer.Option(min=1, max=100_000, help="Most rows")]
 Yes = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")]
+By = Annotated[str, typer.Option(
+    envvar="PROVISIONER_OPERATOR",
+    help="Who does it, for the decisions log (default: the login name)")]
 DEFAULTS = PoolConfig()
 SERVICE_FIELDS = frozenset(f.name for f in dataclasses.fields(ServiceConfig))
 
@@ -816,9 +819,7 @@ def release(
         metavar="USER...", help="Users whose sessions to end, as their disconnects would")],
     redis_url: RedisUrl,
     pool: Pool = "default",
-    by: Annotated[str, typer.Option(
-        envvar="PROVISIONER_OPERATOR",
-        help="Who releases them, for the decisions log (default: the login name)")] = "",
+    by: By = "",
     yes: Yes = False,
 ) -> None:
     """End sessions whose user:disconnect was lost: each user's node goes back to the pool (or
@@ -924,9 +925,7 @@ def drain(
     cancel: Annotated[bool, typer.Option(
         "--cancel", help="Take back the drain of nodes in a session: each goes back to the "
         "pool when its session ends (a node terminating already cannot come back)")] = False,
-    by: Annotated[str, typer.Option(
-        envvar="PROVISIONER_OPERATOR",
-        help="Who drains them, for the decisions log (default: the login name)")] = "",
+    by: By = "",
     yes: Yes = False,
 ) -> None:
     """Take nodes out of the pool (one that misbehaves, or for maintenance): a ready or
@@ -1075,9 +1074,7 @@ def replace(
     cancel: Annotated[bool, typer.Option(
         "--cancel", help="Take back the drains a run placed under --by on old nodes still in "
         "a session: each goes back to the pool when its session ends")] = False,
-    by: Annotated[str, typer.Option(
-        envvar="PROVISIONER_OPERATOR",
-        help="Who replaces them, for the decisions log (default: the login name)")] = "",
+    by: By = "",
     yes: Yes = False,
 ) -> None:
     """Replace every node of the pool in turn (a new node image, a driver update), a few at a

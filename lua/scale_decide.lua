@@ -122,9 +122,11 @@ local target, why = target_spare(s, p, true)
 -- How much the target moves: every rise is a create to come, every fall a node to reap later.
 -- The previous target is the last decision's, in its numbers.
 local last_numbers = last_decision_numbers(rcall('HGET', K.stats, 'last_numbers'))
+-- A new pool's first target (none before it) rises from 0, as its creates count it (below):
+-- a helper's audit read "1 create on a rise" beside "raised by 0".
 local previous = last_numbers and tonumber(last_numbers.target)
-if previous and target > previous then
-  stat('target_raised', target - previous)
+if target > (previous or 0) then
+  stat('target_raised', target - (previous or 0))
 elseif previous and target < previous then
   stat('target_lowered', previous - target)
 end

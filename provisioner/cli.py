@@ -384,14 +384,31 @@ def _say_if_other_release(replicas: list[Any], pool: str, doing: str) -> None:
                  f"{theirs}): {doing} (README, \"Upgrading\")")
 
 
-async def _replicas_release(client: aioredis.Redis, pool: str, doing: str) -> None:
+async def _replicas_seen(client: aioredis.Redis, pool: str) -> list[Any] | None:
+    """The replicas the pool has heard from; None if the list is broken by hand (a look it
+    costs, not the repair)."""
     from provisioner.scripts import Scripts
 
     try:
-        replicas = await Scripts(client, PoolKeys(pool)).replicas()
-    except ResponseError:  # the replica list broken by hand: a look it costs, not the repair
-        return
-    _say_if_other_release(replicas, pool, doing)
+        return await Scripts(client, PoolKeys(pool)).replicas()
+    except ResponseError:
+        return None
+
+
+async def _replicas_release(client: aioredis.Redis, pool: str,
+                            doing: str) -> list[Any] | None:
+    """Warn if no running replica runs this CLI's release (`_say_if_other_release`); the
+    replicas read for it, as `_replicas_seen`."""
+    replicas = await _replicas_seen(client, pool)
+    if replicas is not None:
+        _say_if_other_release(replicas, pool, doing)
+    return replicas
+
+
+def _heard_lately(replicas: list[Any] | None) -> bool:
+    """Whether a replica sent a heartbeat in the last minute (a list broken by hand is taken
+    for yes: the operator's command is not held up by it)."""
+    return replicas is None or any(r.age_s < 60 for r in replicas)
 
 
 #: What a CLI of another release than the replicas does, command by command.
@@ -1015,11 +1032,7 @@ def drain(
                                                session_ms=session_began.get(node),
                                                cancel=cancel)
                 for node, expected in as_seen.items()}
-        try:
-            heard = any(r.age_s < 60 for r in await scripts.replicas())
-        except ResponseError:  # the replica list broken by hand
-            heard = True
-        return done, heard
+        return done, _heard_lately(await _replicas_seen(client, pool))
 
     outcomes, heard = _with_redis(redis_url, go)
     undrained = len(node_ids) > len(outcomes)
@@ -1099,15 +1112,9 @@ def replace(
 
     async def plan(client: aioredis.Redis) -> tuple[rolling.Cutoff, str, list[rolling.OldNode],
                                                     bool]:
-        await _replicas_release(client, pool, DRAINS_WITH_OWN)
-        from provisioner.scripts import Scripts
-
+        heard = _heard_lately(await _replicas_release(client, pool, DRAINS_WITH_OWN))
         now = await rolling.cutoff_now(client, keys)
         chosen = given or now
-        try:
-            heard = any(r.age_s < 60 for r in await Scripts(client, keys).replicas())
-        except ResponseError:  # the replica list broken by hand
-            heard = True
         return chosen, now.epoch, await rolling.old_nodes(client, keys, chosen), heard
 
     chosen, epoch, old, heard = _with_redis(redis_url, plan)
@@ -1117,7 +1124,7 @@ def replace(
                     "drained")
     if chosen.epoch != epoch:
         raise _fail(f"--cutoff {chosen} is of the pool's state begun as {chosen.epoch}; it "
-                    f"holds {epoch or 'none'} now (lost and begun again since, its create "
+                    f"holds {epoch} now (lost and begun again since, its create "
                     "count with it): run it without --cutoff")
     resume = f"--cutoff {chosen}"
     console.print(f"nodes of pool {shown(pool)} of its first {chosen.creates} creates, and "
@@ -1258,9 +1265,8 @@ def reconcile(
     if found:
         raise _fail("invalid service settings: " + "; ".join(found))
 
-    grace_s: list[float] = []  # the pool's create timeout, read with its settings
-
-    async def go(client: aioredis.Redis) -> dict[str, Any] | None:
+    async def go(client: aioredis.Redis) -> tuple[dict[str, Any] | None, float]:
+        """The repairs' counts (None: no node list), and the pool's create timeout."""
         if not await view.pool_exists(client, pool):
             raise _fail(_no_pool(pool) + "; nothing was compared (a replica started on the "
                         "pool takes the Node API's nodes in before its first decision)")
@@ -1268,15 +1274,14 @@ def reconcile(
         api = HttpNodeApi(node_api_url)
         try:
             config = await _published_config(client, PoolKeys(pool))
-            grace_s.append(config.create_timeout_s)
             replica = Replica(client, service, config, api)
             counts = await replica.reconcile()
             await replica.drain(10.0)
-            return None if counts is None else dict(counts)
+            return None if counts is None else dict(counts), config.create_timeout_s
         finally:
             await api.aclose()
 
-    counts = _with_redis(redis_url, go)
+    counts, grace_s = _with_redis(redis_url, go)
     if counts is None:
         raise _fail(f"the Node API at {shown_url(node_api_url)} gave no node list (unreachable, "
                     "an error, or no GET /api/nodes): nothing was compared")
@@ -1285,7 +1290,7 @@ def reconcile(
 
     if counts.get(LEFT_FOR_LATER):
         errors.print(f"{counts[LEFT_FOR_LATER]} node(s) the Node API does not list were left, "
-                     f"as younger than the pool's create timeout ({grace_s[0]:g}s: a create "
+                     f"as younger than the pool's create timeout ({grace_s:g}s: a create "
                      "perhaps still on its way); a reconciliation after it judges them")
 
 

@@ -113,10 +113,11 @@ async def supply(client: aioredis.Redis, keys: PoolKeys) -> Supply:
 
 
 async def cutoff_now(client: aioredis.Redis, keys: PoolKeys) -> Cutoff:
-    async with client.pipeline(transaction=True) as pipe:
+    def reads(pipe: Any) -> None:
         pipe.get(keys.key("seq"))
         pipe.get(keys.key("epoch"))
-        count, epoch = await pipe.execute()
+
+    count, epoch = await read_at_once(client, reads)
     return Cutoff(_count(count), as_text(epoch or ""))
 
 
@@ -149,7 +150,7 @@ async def old_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff) -> l
             pipe.hmget(keys.node(node), "state", "user", "drain_by", "reservation",
                        "creates_seen")
         records = await pipe.execute()
-    found = []
+    found = []  # (node, state, the user its record names, who drained it)
     for node, (state, user, drained_by, reservation, seen) in zip(ids, records, strict=True):
         # Made by a create of the pool's, its count; else the pool's count when it first
         # recorded the node (a create whose POST timed out, adopted when seen: the review's
@@ -159,25 +160,21 @@ async def old_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff) -> l
             create = _create_of(as_text(seen or ""))
         if node in unclaimed or (create is not None and create > cutoff.creates):
             continue
-        found.append(OldNode(node, as_text(state or ""), as_text(user or ""), None,
-                             as_text(drained_by or "")))
-    sessions = [n for n in found if n.state == "allocated" and n.user]
+        found.append((node, as_text(state or ""), as_text(user or ""),
+                      as_text(drained_by or "")))
+    named = [(node, user) for node, state, user, _ in found if state == "allocated" and user]
     async with client.pipeline(transaction=False) as pipe:
-        for n in sessions:
-            pipe.hget(keys.key("alloc"), n.user)
-            pipe.zscore(keys.key("sessions"), n.user)
+        for _, user in named:
+            pipe.hget(keys.key("alloc"), user)
+            pipe.zscore(keys.key("sessions"), user)
         replies = await pipe.execute()
-    held = {n.node: (replies[2 * i], replies[2 * i + 1]) for i, n in enumerate(sessions)}
-    old = []
-    for n in found:
-        if n.node in held:
-            holder, began = held[n.node]
-            n = (OldNode(n.node, n.state, n.user, None if began is None else int(began),
-                         n.drained_by) if holder is not None and as_text(holder) == n.node
-                 else OldNode(n.node, n.state, "", None, n.drained_by))
-        elif n.state == "allocated":
-            n = OldNode(n.node, n.state, "", None, n.drained_by)
-        old.append(n)
+    # The sessions: a user whose allocation is the node that names them, and when it began.
+    held = {node: (user, None if began is None else int(began))
+            for (node, user), holder, began in zip(named, replies[::2], replies[1::2],
+                                                   strict=True)
+            if holder is not None and as_text(holder) == node}
+    old = [OldNode(node, state, *held.get(node, ("", None)), drained_by)
+           for node, state, _, drained_by in found]
     order = {as_text(node): place for place, node in enumerate(ready_list)}
     return sorted(old, key=lambda n: (n.state != "ready", order.get(n.node, 0)))
 

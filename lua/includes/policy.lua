@@ -56,8 +56,7 @@ local function drained_in_session(allocated)
       stale[#stale + 1] = node
     end
   end
-  local count = math.min(rcall('ZCARD', K.drains) - #stale, allocated)
-  return math.max(0, count), stale, checked
+  return math.min(rcall('ZCARD', K.drains) - #stale, allocated), stale, checked
 end
 
 -- Supply and demand as the pool sees them now. O(1) or O(log n) each.
@@ -507,8 +506,9 @@ local function forecast_target(s, p, update)
   var = var + fresh + beyond + estimation
   local rate = release_rate(m)
   local q = 1 - math.exp(-rate * L)
-  -- A node drained in its session ends with it (drain_node.lua): no free.
-  local freeing = math.max(0, s.allocated - s.drained)
+  -- A node drained in its session ends with it (drain_node.lua): no free. (s.drained is never
+  -- above the sessions: drained_in_session.)
+  local freeing = s.allocated - s.drained
   local frees = freeing * q
   local frees_var = freeing * q * (1 - q)
   -- The frees of sessions that begin within L (new_session_frees, 1 by default): a connect at

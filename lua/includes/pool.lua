@@ -76,9 +76,16 @@ local function made_again(mark)
       -- Not one this function wrote (an edit by hand): another batch's is of no use, and is
       -- written over below; of this batch, which of its calls ran cannot be told, so none is
       -- applied (made again, it may have run) nor skipped silently: refused, named by the
-      -- listener, until the next batch writes the entry afresh.
-      stat('values_repaired')
-      if string.match(last, '^([^:]*)') == batch then
+      -- listener, until the next batch writes the entry afresh. Counted once: the entry is
+      -- noted as found ('batch:?', which no call's mark reads as run), so that the calls of
+      -- its batch refused after the first, or questions refused before the next batch writes
+      -- it, do not count it again.
+      local of_batch = string.match(last, '^([^:]*)')
+      if last ~= of_batch .. ':?' then
+        stat('values_repaired')
+        rcall('HSET', K.applied, replica, of_batch .. ':?')
+      end
+      if of_batch == batch then
         error({err = 'UNREADABLE mark of replica ' .. replica .. ' in applied, of the batch of '
           .. 'call ' .. mark .. ': whether it ran cannot be told; not applied'})
       end

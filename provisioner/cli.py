@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -1085,20 +1086,21 @@ def replace(
         min=1, max=86_400, help="Seconds with the old nodes unchanged (a boot that never "
         "ends, no replica deciding, a pool held short) before it stops, exit 1")] = 600.0,
     cancel: Annotated[bool, typer.Option(
-        "--cancel", help="Take back the drains a run placed under --by on old nodes still in "
-        "a session: each goes back to the pool when its session ends")] = False,
+        "--cancel", help="Stop a run going on (its hold of spare nodes let go) and take back "
+        "the drains runs placed under --by on old nodes still in a session: each goes back "
+        "to the pool when its session ends")] = False,
     by: By = "",
     yes: Yes = False,
 ) -> None:
     """Replace every node of the pool in turn (a new node image, a driver update), a few at a
-    time: a node in a session is drained in it (terminated when it ends); ready nodes are
-    drained --at-once at a time, and only while the pool's ready nodes meet the level it
-    keeps them at, so each batch waits for the replacements of the last to be ready; a node
-    booting, once ready. Stop it (Ctrl-C) and run it again with the --cutoff it printed to go
-    on. Exits 0 when no old node is ready or booting (those in a session go when it ends, the
-    last replacements boot); 1 if the old nodes stood still for --wait-limit seconds, no
-    replica runs, or the pool's state was lost meanwhile; 2 if not confirmed, the pool has
-    no epoch, or Redis could not be reached."""
+    time: a node in a session is drained in it (terminated when it ends); while it runs the pool
+    holds --at-once spare nodes above its target, and ready nodes are drained --at-once at a
+    time, only while the pool's ready nodes meet the level it keeps them at, so each batch is
+    booted before it goes; a node booting, once ready. Stop it (Ctrl-C, SIGTERM) and run it
+    again with the --cutoff it printed to go on. Exits 0 when no old node is ready or booting
+    (those in a session go when it ends, the last replacements boot); 1 if the old nodes stood
+    still for --wait-limit seconds, no replica runs, or the pool's state was lost meanwhile; 2
+    if not confirmed, the pool has no epoch, or Redis could not be reached."""
     from provisioner import replace as rolling
 
     keys = _pool_keys(pool)
@@ -1130,7 +1132,7 @@ def replace(
     console.print(f"nodes of pool {shown(pool)} of its first {chosen.creates} creates, and "
                   f"any it adopted ({shown(resume)}):")
     if cancel:
-        _take_back_replace(redis_url, keys, old, by + rolling.TAG, yes, pool)
+        _take_back_replace(redis_url, keys, chosen, old, by + rolling.TAG, yes, pool)
         return
     counts = {state: sum(n.state == state for n in old)
               for state in ("ready", "booting", "allocated")}
@@ -1164,6 +1166,10 @@ def replace(
 
     stopped = (f"run it again with {resume} to go on; the nodes drained in their sessions "
                f"so far end with them (--cancel {resume} takes that back)")
+    # SIGTERM stops it as Ctrl-C does (`docker stop` of a run in a container, its PID 1,
+    # which ignores a signal it has no handler for: a review's run drained three more nodes
+    # in the 10 s before the KILL, and said nothing of where it stopped).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         _with_redis(redis_url, go)
     except KeyboardInterrupt:
@@ -1178,6 +1184,12 @@ def replace(
                      "ran (a new epoch): the nodes adopted since are no longer told apart by "
                      "their creates; stopped; run it again without --cutoff")
         raise typer.Exit(1)
+    if outcome.taken_back is not None:
+        who = (f"another run took it over ({outcome.taken_back})" if outcome.taken_back
+               else "let go by replace --cancel")
+        errors.print(f"[red]error:[/red] its hold of spare nodes was {who}: stopped; "
+                     f"{stopped}")
+        raise typer.Exit(1)
     if not outcome.done:
         errors.print(f"[red]error:[/red] the old nodes stood still for {wait_limit:.0f}s "
                      f"while it waited for {shown(outcome.waited_for)}: stopped; run it again "
@@ -1190,33 +1202,48 @@ def replace(
                       if left else ""))
 
 
-def _take_back_replace(redis_url: str, keys: PoolKeys, old: list[Any], tag: str, yes: bool,
-                       pool: str) -> None:
-    """`replace --cancel`: take back the drains a run placed under `tag` on old nodes still
-    in a session. Exit 1 if one could not be (its session ended meanwhile)."""
-    marked = [n for n in old if n.state == "allocated" and n.user and n.drained_by == tag]
-    console.print(f"  {len(marked)} in a session drained by {shown(tag)}")
-    if not marked:
-        return
-    if not yes:
-        _confirm(f"Take back the drain of {len(marked)} node(s) of pool {pool}?",
-                 "taken back", "takes them back")
-    from provisioner.scripts import Drain, Scripts
+def _take_back_replace(redis_url: str, keys: PoolKeys, cutoff: Any, old: list[Any], tag: str,
+                       yes: bool, pool: str) -> None:
+    """`replace --cancel`: let go of a run's hold of spare nodes, so that a run going on stops
+    (lua/hold_spare.lua), then take back the drains placed under `tag` on old nodes still in
+    a session, by any run of this cutoff or an earlier one. Exit 1 if one could not be (its
+    session ended meanwhile)."""
+    from provisioner import replace as rolling
+    from provisioner.scripts import Drain, Hold, Scripts
 
-    async def go(client: aioredis.Redis) -> int:
+    def drained(nodes: list[Any]) -> list[Any]:
+        return [n for n in nodes if n.state == "allocated" and n.user and n.drained_by == tag]
+
+    marked = drained(old)
+    console.print(f"  {len(marked)} in a session drained by {shown(tag)}")
+    if not yes:
+        _confirm(f"Stop a run going on, and take back the drain of {len(marked)} node(s) of "
+                 f"pool {pool}?", "taken back", "takes them back")
+
+    async def go(client: aioredis.Redis) -> tuple[bool, int, int]:
         scripts = Scripts(client, keys)
+        let_go, _ = await scripts.hold_spare(await server_now_ms(client), "release", "")
+        nodes = marked
+        if let_go is Hold.RELEASED:
+            # A run going on finds its hold gone at its next round and stops; what it marked
+            # before that is read again (a review's cancel, made while a run went on, was
+            # undone by the run within 2 s).
+            await asyncio.sleep(2 * rolling.POLL_S)
+            nodes = drained(await rolling.old_nodes(client, keys, cutoff))
         now = await server_now_ms(client)
         taken = 0
-        for n in marked:
+        for n in nodes:
             result = await scripts.drain_node(now, n.node, tag, expected=f"allocated:{n.user}",
                                               session_ms=n.session_ms, cancel=True)
             taken += result.code is Drain.CANCELLED
-        return taken
+        return let_go is Hold.RELEASED, taken, len(nodes)
 
-    taken = _with_redis(redis_url, go)
-    console.print(f"[green]taken back[/green] {taken} of {len(marked)}: each goes back to the "
+    stopped, taken, tried = _with_redis(redis_url, go)
+    if stopped:
+        console.print("a run's hold of spare nodes let go: a run going on stops")
+    console.print(f"[green]taken back[/green] {taken} of {tried}: each goes back to the "
                   "pool when its session ends")
-    if taken < len(marked):
+    if taken < tried:
         raise typer.Exit(1)
 
 

@@ -21,6 +21,13 @@ new one. Each round:
   keeps on purpose goes unreplaced;
 - a node still booting is drained once it is ready.
 
+While it runs it holds `at_once` spare nodes above the pool's target (`lua/hold_spare.lua`, a
+lease it renews every round and lets go when it ends), so the keep level a batch must meet is
+that much above what the pool needs: a batch is booted before it goes. Without the hold, the
+gate drained a pool at its floor (one ready node) to none before anything booted in its place,
+and the next connect missed (a review's drill). A run whose hold was let go (`--cancel`) or
+taken over (another run) stops.
+
 Stopped and run again (the same cutoff), it goes on where it was: the gate reads the pool, not
 the run. It is done when no old node is ready or booting and a replica has decided since the
 last batch (so its replacements are reserved; their boots are the pool's); those still in a
@@ -32,21 +39,29 @@ epoch), it stops at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from provisioner.clock import server_now_ms
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Drain, Scripts, as_text, read_at_once
+from provisioner.scripts import Drain, Hold, Scripts, as_text, read_at_once
 
 #: What `replace` drains under: the operator's name with this after it, so that `--cancel`
 #: takes back its own drains and not a `provisioner drain` of the same operator.
 TAG = " (replace)"
+#: How long a run's hold of spare nodes lasts unless renewed (each round renews it): a run
+#: that dies leaves the pool at its own target within this.
+HOLD_LEASE_MS = 30_000
+#: Seconds between a run's rounds.
+POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -187,11 +202,14 @@ class Outcome:
     in_sessions: list[str] = field(default_factory=list)  # old nodes still in a session
     waited_for: str = ""  # not done: what it waited for while the old nodes stood still
     lost: bool = False    # not done: the pool's state was lost and begun again meanwhile
+    #: not done: its hold of spare nodes was let go (`--cancel`: '') or taken over by the
+    #: run named; None while it holds it
+    taken_back: str | None = None
 
 
 async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, *, by: str,
                         at_once: int = 1, wait_limit_s: float = 600.0,
-                        say: Callable[[str], None] = print, poll_s: float = 1.0,
+                        say: Callable[[str], None] = print, poll_s: float = POLL_S,
                         log_len: int = 1000,
                         clock: Callable[[], float] = time.monotonic,
                         outcome: Outcome | None = None) -> Outcome:
@@ -199,11 +217,36 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
     wait once. `outcome` (optional) is filled in as it goes, for a caller stopped midway."""
     scripts = Scripts(client, keys)
     outcome = outcome if outcome is not None else Outcome(done=False)
+    run = uuid.uuid4().hex[:12]
+    await scripts.hold_spare(await server_now_ms(client), "take", run, at_once, HOLD_LEASE_MS)
+    try:
+        return await _replace(client, keys, cutoff, scripts, run, by=by, at_once=at_once,
+                              wait_limit_s=wait_limit_s, say=say, poll_s=poll_s,
+                              log_len=log_len, clock=clock, outcome=outcome)
+    finally:
+        # Let go as it ends, however it ends (done, stopped, Ctrl-C): the lease would lapse
+        # by itself, but the pool would hold the extra nodes until it did.
+        with contextlib.suppress(RedisError, OSError):
+            await scripts.hold_spare(await server_now_ms(client), "release", run)
+
+
+async def _replace(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts: Scripts,
+                   run: str, *, by: str, at_once: int, wait_limit_s: float,
+                   say: Callable[[str], None], poll_s: float, log_len: int,
+                   clock: Callable[[], float], outcome: Outcome) -> Outcome:
+    # The first batch waits for a decision made under the hold (so that the keep level it
+    # reads holds the spare too), as each next one does for a decision after the last.
+    hold_lock: str | None = (await supply(client, keys)).lock
+    held_since_decided = False
     batch_lock: str | None = None  # the decided slot just after the last batch
     batched = False
     last_change, seen, said = clock(), None, ""
     while True:
         now = await server_now_ms(client)
+        held, holder = await scripts.hold_spare(now, "renew", run, at_once, HOLD_LEASE_MS)
+        if held is Hold.TAKEN_BACK:
+            outcome.taken_back = holder
+            return outcome
         pool = await supply(client, keys)
         if pool.epoch != cutoff.epoch:
             outcome.lost = True
@@ -223,6 +266,7 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
             seen, last_change = (len(ready), len(booting)), clock()
         pool = await supply(client, keys)  # again: the marks may have taken a while
         waiting, short = "", ""
+        held_since_decided = held_since_decided or pool.lock != hold_lock
         if batched and pool.lock == batch_lock:
             waiting = "a replica to decide after the last drain"
         elif not ready and not booting:
@@ -232,6 +276,8 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
             outcome.done = True
             outcome.in_sessions = [n.node for n in old if n.state == "allocated"]
             return outcome
+        elif not held_since_decided:
+            waiting = f"a replica to decide with {at_once} spare node(s) held"
         elif pool.keep is None:
             waiting = "a first decision of the pool"
         elif pool.free < pool.keep:

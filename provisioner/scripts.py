@@ -37,6 +37,7 @@ SCRIPT_NAMES = (
     "allocate",
     "release",
     "drain_node",
+    "hold_spare",
     "apply_node_status",
     "register_node",
     "cancel_create",
@@ -141,6 +142,13 @@ class Drain(IntEnum):
     MARKED = 2  # allocated: terminated when its session ends
     CHANGED = 3  # not in the state (or the session) the operator confirmed
     CANCELLED = 4  # the mark of a node in a session taken back
+
+
+class Hold(IntEnum):
+    TAKEN_BACK = 0  # renew: the run does not hold it (let go by --cancel, or another run's)
+    HELD = 1  # taken or renewed
+    RELEASED = 2  # let go
+    NOT_HELD = 3  # release: no hold of that run
 
 
 class NodeStatusOutcome(IntEnum):
@@ -754,6 +762,15 @@ class Scripts:
         return await self.run(Call("drain_node", (
             now_ms, node_id, by, log_len, expected, how,
             "" if session_ms is None else session_ms), _drain))
+
+    async def hold_spare(self, now_ms: int, mode: str, run: str, extra: int = 1,
+                         lease_ms: int = 60_000) -> tuple[Hold, str]:
+        """`provisioner replace`'s hold of `extra` spare nodes above the pool's target
+        (lua/hold_spare.lua): mode 'take', 'renew' (only the run's own) or 'release' (run ''
+        lets go of any run's); what it did, and the run that held it before ('' if none)."""
+        reply = await self.run(Call("hold_spare", (now_ms, mode, extra, run, lease_ms),
+                                    lambda r: r))
+        return Hold(int(reply[0])), as_text(reply[1])
 
     def apply_node_status_call(self, now_ms: int, node_id: str, status: str, *,
                                listed: bool = False) -> Call[NodeStatusResult]:

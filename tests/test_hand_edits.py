@@ -102,6 +102,7 @@ _WRITERS = {
     "terminate sent": lambda p: p.scripts.confirm_terminate(p.now, "n1", "gone", p.now),
     "model loaded": lambda p: p.scripts.load_model(p.now, {"boot_ms": 50_000.0}, replace=True),
     "heartbeat": lambda p: p.scripts.heartbeat("r1", {"lag_s": 0}, 600_000),
+    "spare held": lambda p: p.scripts.hold_spare(p.now, "take", "run1", 1, 30_000),
 }
 
 
@@ -128,7 +129,7 @@ async def test_a_key_of_another_type_refuses_every_transition_whole(
             await pool.redis.zadd(keys.key("pending"), {"r1:9": pool.now + 60_000})
             key = keys.key(name)
             await aredis.delete(key)
-            if name in ("tick_lock", "seq", "epoch"):  # strings; the others are not
+            if name in ("tick_lock", "seq", "epoch", "replacing"):  # strings; the others are not
                 await aredis.hset(key, "by", "hand")
             else:
                 await aredis.set(key, "by hand")

@@ -1,6 +1,6 @@
-"""`provisioner replace`: every node replaced in turn, never more ready nodes out than
---at-once, against the pool's own transitions (a replica played in-process here; a real one in
-tests/test_e2e.py)."""
+"""`provisioner replace`: every node replaced in turn, --at-once at a time, each batch booted
+before it goes (the run holds that many spare nodes above the pool's target), against the pool's
+own transitions (a replica played in-process here; a real one in tests/test_e2e.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from provisioner.cli import app
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Scripts
+from provisioner.scripts import Hold, Scripts
 from provisioner.view import check_invariants
 from tests.helpers import PoolUnderTest
 
@@ -79,8 +79,8 @@ async def replica(pool: PoolUnderTest, stop: asyncio.Event, low: list[int], *,
 
 
 async def replaced_with_a_replica(pool: PoolUnderTest, at_once: int = 1, *,
-                                  stop_after_first: bool = False, **world: object
-                                  ) -> tuple[rolling.Outcome, list[str], int]:
+                                  stop_after_first: bool = False, wait_limit_s: float = 20,
+                                  **world: object) -> tuple[rolling.Outcome, list[str], int]:
     """The old pool replaced at `at_once` while a replica plays the floor (`replica`'s
     `world`): the outcome, what it said, and the fewest ready nodes the replica saw once
     the pool first held three. `stop_after_first`: the run is stopped after its first drain
@@ -110,7 +110,7 @@ async def replaced_with_a_replica(pool: PoolUnderTest, at_once: int = 1, *,
             await first
     try:  # a run that drains its own replacements never stands still, nor ends
         outcome = await asyncio.wait_for(rolling.replace_nodes(
-            pool.redis, pool.keys, cutoff, by="op", at_once=at_once, wait_limit_s=20,
+            pool.redis, pool.keys, cutoff, by="op", at_once=at_once, wait_limit_s=wait_limit_s,
             say=said.append, poll_s=0.05, outcome=both), 30)
     except TimeoutError:
         outcome = both
@@ -125,15 +125,17 @@ async def replaced_with_a_replica(pool: PoolUnderTest, at_once: int = 1, *,
 
 async def test_ready_nodes_are_replaced_one_at_a_time_each_after_its_replacement_is_ready(
         pool: PoolUnderTest) -> None:
-    """At --at-once 1 the pool never holds fewer than its floor less one ready node: each
-    drain waits for a replica's decision after the last and for the pool's ready nodes to
-    meet its target again. The node in a session is drained in it; the old ones end, the new
-    ones stay."""
+    """At --at-once 1 the pool never holds fewer ready nodes than its floor: the run holds one
+    spare node above it, and each drain waits for a replica's decision after the last and for
+    the pool's ready nodes to meet its keep level, the spare held with it (a review's drill:
+    without the hold, a pool at a floor of one was drained to none before its replacement
+    booted, and the next connect missed). The node in a session is drained in it; the old ones
+    end, the new ones stay."""
     outcome, said, fewest = await replaced_with_a_replica(pool)
     assert outcome.done, said
     assert outcome.drained == ["n1", "n2", "n3"] and outcome.marked == ["n4"]
     assert outcome.in_sessions == ["n4"]
-    assert fewest == 2, said  # three at the floor, one out at a time
+    assert fewest == 3, said  # three at the floor, held while each goes
     for node in ("n1", "n2", "n3"):
         assert (await pool.node(node))["state"] == "terminated"
     assert (await pool.node("n4"))["drain_by"] == "op (replace)"
@@ -149,12 +151,14 @@ async def test_ready_nodes_are_replaced_one_at_a_time_each_after_its_replacement
 async def test_at_once_drains_that_many_together(pool: PoolUnderTest) -> None:
     outcome, said, fewest = await replaced_with_a_replica(pool, 2)
     assert outcome.done and outcome.drained == ["n1", "n2", "n3"]
-    assert said[1] == "n1, n2: drained (ready); 1 ready or booting to go", said
-    assert fewest == 1
+    assert "n1, n2: drained (ready); 1 ready or booting to go" in said, said
+    assert "waiting for a replica to decide with 2 spare node(s) held" in said, said
+    assert fewest == 3
 
 
 @pytest.mark.parametrize("world", [
-    {"config": dataclasses.replace(FLOOR, max_nodes=4), "delete_s": 1.0},  # held at the quota
+    # at the quota but for the spare held, until each DELETE is confirmed
+    {"config": dataclasses.replace(FLOOR, max_nodes=5), "delete_s": 1.0},
     {"fail_first": True},          # the first replacement's boot fails and is made again
     {"stop_after_first": True},    # stopped after its first drain and run again
     {"skew_ms": -5_000},           # the replica's clock five seconds behind the server's
@@ -172,20 +176,47 @@ async def test_whatever_holds_a_replacement_back_the_next_batch_waits_for_it(
     outcome, said, fewest = await replaced_with_a_replica(pool, **world)
     assert outcome.done, said
     assert outcome.drained == ["n1", "n2", "n3"], said
-    assert fewest == 2, said
+    assert fewest == 3, said
 
 
-async def test_with_no_replica_deciding_it_drains_one_batch_and_stops_at_the_limit(
+async def test_a_pool_with_no_room_for_the_spare_held_is_not_drained(
         pool: PoolUnderTest) -> None:
-    """Nothing takes the next batch on trust: with no decision after the drain, it waits,
-    then stops saying for what."""
+    """At its max_nodes the pool cannot boot the spare the run holds: nothing is drained, and
+    the run stops at its wait limit saying what it waited for (the ready nodes stay; the old
+    node in a session goes with it)."""
+    outcome, said, fewest = await replaced_with_a_replica(
+        pool, config=dataclasses.replace(FLOOR, max_nodes=4), wait_limit_s=1.0)
+    assert not outcome.done and outcome.drained == [] and outcome.marked == ["n4"], said
+    assert outcome.waited_for == ("the pool's ready nodes, less the users waiting, to meet its "
+                                  "keep level (3 against 4)"), said
+    assert fewest == 3
+
+
+async def decided_in(pool: PoolUnderTest, delay_s: float) -> None:
+    """A replica's decision, as the run reads one: the decided slot moves after `delay_s`."""
+    await asyncio.sleep(delay_s)
+    await pool.redis.set(pool.keys.key("tick_lock"), f"{time.time_ns()}")
+
+
+async def test_with_no_replica_deciding_it_drains_nothing_or_one_batch_and_stops_at_the_limit(
+        pool: PoolUnderTest) -> None:
+    """Nothing takes a batch on trust: with no decision under the spare held, it drains
+    nothing; with one and none after its first drain, it drains one batch; it waits, then
+    stops saying for what. Its hold is let go as it stops."""
     await old_pool(pool)
     await pool.redis.hset(pool.keys.key("stats"), "last_numbers", json.dumps({"target": 2}))
     cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
     said: list[str] = []
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           wait_limit_s=0.3, say=said.append, poll_s=0.05)
-    assert not outcome.done and outcome.drained == ["n1"] and outcome.marked == ["n4"]
+    assert not outcome.done and outcome.drained == [] and outcome.marked == ["n4"]
+    assert outcome.waited_for == "a replica to decide with 1 spare node(s) held"
+    assert await pool.redis.get(pool.keys.key("replacing")) is None
+    decided = asyncio.create_task(decided_in(pool, 0.1))
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
+                                          wait_limit_s=0.5, say=said.append, poll_s=0.05)
+    await decided
+    assert not outcome.done and outcome.drained == ["n1"]
     assert outcome.waited_for == "a replica to decide after the last drain"
     assert said[-1] == "waiting for a replica to decide after the last drain"
     assert await pool.ready_list() == ["n2", "n3"]
@@ -207,8 +238,10 @@ async def test_a_pool_whose_ready_nodes_fall_short_of_its_keep_level_is_not_drai
     if waiting:  # by hand: the gate's arithmetic, not a state the scripts make
         await pool.redis.zadd(pool.keys.key("waiting"), {f"w{i}": i for i in range(waiting)})
     cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    decided = asyncio.create_task(decided_in(pool, 0.1))
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
-                                          wait_limit_s=0.3, say=lambda _: None, poll_s=0.05)
+                                          wait_limit_s=0.5, say=lambda _: None, poll_s=0.05)
+    await decided
     assert not outcome.done and outcome.drained == []
     assert outcome.waited_for == ("the pool's ready nodes, less the users waiting, to meet its "
                                   f"keep level {short}")
@@ -304,6 +337,8 @@ def test_the_cli_shows_its_plan_refuses_without_a_replica_and_takes_back_its_dra
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
         scripts = Scripts(client, keys)
         await scripts.drain_node(int(time.time() * 1000), "n4", "op" + rolling.TAG)
+        # a run going on, whose hold the cancel lets go of (so that the run stops)
+        await scripts.hold_spare(int(time.time() * 1000), "take", "run1", 1, 60_000)
         await client.aclose()
 
     asyncio.run(mark_n4_as_a_run())
@@ -311,7 +346,90 @@ def test_the_cli_shows_its_plan_refuses_without_a_replica_and_takes_back_its_dra
                               env={"COLUMNS": "200"})
     assert back.exit_code == 0, back.output
     assert "1 in a session drained by op (replace)" in back.output
+    assert "a run's hold of spare nodes let go: a run going on stops" in back.output
     assert "taken back 1 of 1" in back.output
+    assert sync.get(keys.key("replacing")) is None
     nodes = {n["id"]: n for n in json.loads(
         CliRunner().invoke(app, ["nodes", *common, "--json"]).output)}
     assert "drain_by" not in nodes["n4"] and nodes["n1"]["drain_by"] == "op"
+
+
+async def test_a_run_whose_hold_is_let_go_or_taken_over_stops_before_draining_more(
+        pool: PoolUnderTest) -> None:
+    """A review's drill: `replace --cancel` while a run went on took back its drains, and the
+    run marked them all again within 2 s. The cancel lets go of the run's hold first; the run
+    finds it gone at its next round and stops. A second run takes the hold over: the first
+    stops, naming it."""
+    await old_pool(pool)
+    stop, low = asyncio.Event(), [99]
+    ticking = asyncio.create_task(replica(pool, stop, low))
+    await asyncio.sleep(0.6)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    said: list[str] = []
+    run = asyncio.create_task(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", say=said.append, poll_s=0.05))
+    for _ in range(100):
+        if await pool.redis.get(pool.keys.key("replacing")):
+            break
+        await asyncio.sleep(0.01)
+    assert (await pool.scripts.hold_spare(pool.now, "release", ""))[0] is Hold.RELEASED
+    outcome = await asyncio.wait_for(run, 5)
+    assert outcome.taken_back == "" and not outcome.done, said
+    drained = len(outcome.drained)
+    await asyncio.sleep(0.3)
+    assert len([n for n in await rolling.old_nodes(pool.redis, pool.keys, cutoff)
+                if n.state == "ready"]) == 3 - drained
+    first = asyncio.create_task(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", say=lambda _: None, poll_s=0.05))
+    await asyncio.sleep(0.2)
+    second = asyncio.create_task(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", say=lambda _: None, poll_s=0.05,
+        wait_limit_s=0.5))
+    taken_over = await asyncio.wait_for(first, 5)
+    assert taken_over.taken_back and not taken_over.done
+    second.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await second
+    assert await pool.redis.get(pool.keys.key("replacing")) is None  # let go as it stopped
+    stop.set()
+    await ticking
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_lets_go_of_its_hold(redis_url: str) -> None:
+    """A review's drill: `docker stop` of a run in a container (its PID 1, which ignores a
+    signal it has no handler for) went on draining for the 10 s before the KILL, and said
+    nothing of where it stopped. SIGTERM now stops it as Ctrl-C does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pool = "roll-term"
+    keys = PoolKeys(pool)
+
+    async def setup() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        under = PoolUnderTest(client, keys, Scripts(client, keys), ManualClock())
+        await old_pool(under)
+        await under.scripts.heartbeat("r1", {}, 60_000)  # a replica heard from, deciding none
+        await client.aclose()
+
+    asyncio.run(setup())
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "provisioner", "replace", "--redis-url", redis_url, "--pool",
+         pool, "--yes"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "200"})
+    try:
+        for _ in range(200):
+            if sync.get(keys.key("replacing")):
+                break
+            time.sleep(0.05)
+        assert sync.get(keys.key("replacing")), "the run never held its spare"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    assert "stopped: run it again with --cutoff" in " ".join(output.split()), output
+    assert sync.get(keys.key("replacing")) is None

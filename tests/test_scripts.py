@@ -24,6 +24,7 @@ from provisioner.scripts import (
     Call,
     Drain,
     Heartbeat,
+    Hold,
     NodeStatusOutcome,
     RegisterResult,
     Registration,
@@ -654,6 +655,66 @@ async def test_a_drained_ready_or_booting_node_terminates_and_the_next_reap_send
                   "replica to tick")]
     assert (await pool.snap()).stat("operator_drains") == 2
     assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def test_a_replace_s_hold_raises_the_target_and_keep_level_while_its_lease_lasts(
+        pool: PoolUnderTest) -> None:
+    """hold_spare: `provisioner replace` holds spare above the target, so that a batch it
+    drains was booted first. A pool at its floor of one ready node: held 1 more, the tick
+    boots one and the reaper keeps both; renewed only by the run that holds it; let go (or
+    its lease over), the target is the floor again and the extra node is the reaper's."""
+    config = PoolConfig(scaling_policy="heuristic", min_ready=1, idle_timeout_s=60)
+    await pool.boot("n1")
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert decision.reservations == []
+    assert await pool.scripts.hold_spare(pool.now, "take", "run1", 1, 30_000) == (Hold.HELD, "")
+    pool.clock.advance(1_000)
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert len(decision.reservations) == 1
+    assert "+1 held while nodes are replaced" in decision.reason
+    assert decision.numbers["keep"] == 2
+    await pool.scripts.register_node(pool.now, decision.reservations[0], "n2")
+    await pool.scripts.apply_node_status(pool.now, "n2", "ready")
+    pool.clock.advance(120_000)  # both idle past the timeout; the lease (30 s) is over
+    assert await pool.scripts.hold_spare(pool.now, "renew", "run2", 1, 30_000) == (
+        Hold.TAKEN_BACK, "run1")
+    assert await pool.scripts.hold_spare(pool.now, "renew", "run1", 1, 30_000) == (
+        Hold.HELD, "run1")
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert reaped == []  # held: the keep level is 2
+    assert await pool.scripts.hold_spare(pool.now, "release", "run2") == (Hold.NOT_HELD, "run1")
+    assert await pool.scripts.hold_spare(pool.now, "release", "") == (Hold.RELEASED, "run1")
+    assert await pool.scripts.hold_spare(pool.now, "renew", "run1", 1, 30_000) == (
+        Hold.TAKEN_BACK, "")
+    pool.clock.advance(301_000)  # past the keep window of the held target
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert "held while" not in decision.reason
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [t.reason for t in reaped] == ["idle"]
+    # a lease that is over holds nothing, though its value stays until the next run
+    assert await pool.scripts.hold_spare(pool.now, "take", "run3", 2, 5_000) == (Hold.HELD, "")
+    pool.clock.advance(5_000)
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert "held while" not in decision.reason and decision.reservations == []
+    # nor does a value no run wrote (an edit by hand)
+    for edit in ("2", "2:x:run", f"x:{pool.now + 60_000}:run", f"-2:{pool.now + 60_000}:r"):
+        await pool.redis.set(pool.keys.key("replacing"), edit)
+        decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+        assert "held while" not in decision.reason and decision.reservations == [], edit
+        pool.clock.advance(1_000)
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+@pytest.mark.parametrize("args", [("take", "run", 0, 1000), ("take", "", 1, 1000),
+                                  ("take", "a:b", 1, 1000), ("take", "run", 1, 0),
+                                  ("hold", "run", 1, 1000)],
+                         ids=["no extra", "no run", "a colon in the run", "no lease", "a mode"])
+async def test_a_hold_the_script_cannot_read_is_refused_and_writes_nothing(
+        pool: PoolUnderTest, args: tuple[str, str, int, int]) -> None:
+    mode, run, extra, lease = args
+    with pytest.raises(ResponseError, match="hold_spare"):
+        await pool.scripts.hold_spare(pool.now, mode, run, extra, lease)
+    assert await pool.redis.get(pool.keys.key("replacing")) is None
 
 
 async def test_a_drained_node_in_a_session_ends_with_the_session_not_back_to_the_pool(

@@ -559,12 +559,32 @@ local function forecast_target(s, p, update)
   return target, why
 end
 
--- Spare nodes (ready + booting + creating - waiting) the pool wants to hold, and why.
-local function target_spare(s, p, update)
-  if p.policy == 'heuristic' then
-    return heuristic_target(s, p)
+-- The spare a `provisioner replace` holds above the target (hold_spare.lua), read while its
+-- lease lasts; 0 when none is held, the lease is over, or the value is not one it wrote.
+local function replace_extra(now)
+  local extra, until_ms = string.match(rcall('GET', K.replacing) or '', '^(%d+):(%d+):')
+  extra, until_ms = tonumber(extra), tonumber(until_ms)
+  if not extra or now >= until_ms then
+    return 0
   end
-  return forecast_target(s, p, update)
+  return extra
+end
+
+-- Spare nodes (ready + booting + creating - waiting) the pool wants to hold, and why: the
+-- policy's, and what a replace holds above it.
+local function target_spare(s, p, update)
+  local target, why
+  if p.policy == 'heuristic' then
+    target, why = heuristic_target(s, p)
+  else
+    target, why = forecast_target(s, p, update)
+  end
+  local extra = replace_extra(p.now)
+  if extra > 0 then
+    target = target + extra
+    why = why .. string.format('; +%d held while nodes are replaced', extra)
+  end
+  return target, why
 end
 
 -- Scale-down hysteresis. The reaper keeps the highest target of the last keep_window, not just

@@ -1,0 +1,69 @@
+#!lua
+--[[
+  hold_spare: `provisioner replace` holds spare nodes above the pool's target while it replaces
+  nodes, so that each batch of ready nodes it drains has been booted before it goes (a
+  rolling update's surge): with the hold, the target (policy.lua target_spare) is `extra`
+  more, the reaper's keep level with it, and the run drains a batch only while the pool's
+  ready nodes meet that level. Without it, a pool at its floor (one ready node, the target 1)
+  was drained to none before anything booted in its place, and the next connect missed (a
+  review's drill in containers).
+
+  The hold is a lease: `extra:until_ms:run`, read by the policy only while `now` is before
+  until_ms, so a run that dies leaves the pool at its own target within the lease. The run
+  renews it every round; one run holds it at a time.
+
+    take     -> held by this run (another run's hold is taken over: that run finds it gone
+                at its next renewal and stops)
+    renew    -> held longer, only if this run holds it; else nothing (TAKEN_BACK): let go by
+                `replace --cancel`, or taken over by another run
+    release  -> let go, if this run holds it (ARGV[4] ''), any run's: `replace --cancel`)
+
+  Idempotent: a second take or renew writes the same; a second release finds nothing.
+
+  KEYS: the pool key vector (lua/includes/keys.lua)
+  ARGV[1] now (ms)
+  ARGV[2] 'take', 'renew' or 'release'
+  ARGV[3] extra spare nodes (take, renew; 1 or more)
+  ARGV[4] the run's token (take, renew; with release, '' lets go of any run's hold)
+  ARGV[5] the lease (ms; take, renew)
+
+  Returns {code, the run that held it before or ''}
+    1 HELD        held (taken or renewed)
+    0 TAKEN_BACK  renew: this run did not hold it; nothing done
+    2 RELEASED    release: let go
+    3 NOT_HELD    release: no hold of that run; nothing done
+]]
+--@include "includes/keys.lua"
+--@include "includes/pool.lua"
+
+refuse_wrong_types()  -- before any write: a script refused half-way keeps what it wrote
+
+local now = tonumber(ARGV[1])
+local mode = ARGV[2]
+local extra = tonumber(ARGV[3] or '')
+local run = ARGV[4] or ''
+local lease_ms = tonumber(ARGV[5] or '')
+
+local held = rcall('GET', K.replacing)
+local holder = held and string.match(held, '^%d+:%d+:(.+)$') or ''
+
+if mode == 'release' then
+  if not held or (run ~= '' and holder ~= run) then
+    return {3, holder}
+  end
+  rcall('DEL', K.replacing)
+  return {2, holder}
+end
+if mode ~= 'take' and mode ~= 'renew' then
+  error({err = 'hold_spare: mode ' .. tostring(mode) .. ' is not take, renew or release'})
+end
+if not now or not extra or extra < 1 or extra ~= math.floor(extra) or run == ''
+    or string.find(run, ':', 1, true) or not lease_ms or lease_ms <= 0 then
+  error({err = 'hold_spare: take and renew need now, a whole extra of 1 or more, a run '
+    .. 'token without a colon and a lease'})
+end
+if mode == 'renew' and holder ~= run then
+  return {0, holder}
+end
+rcall('SET', K.replacing, score(extra) .. ':' .. score(now + lease_ms) .. ':' .. run)
+return {1, holder}

@@ -35,6 +35,10 @@
   ARGV[7] with 'allocated:USER', when the session shown began (optional; ms, the user's
           score in `sessions`): a session begun since on the same node (a disconnect and a
           connect while the prompt waited) is refused too
+  ARGV[8] a `provisioner replace` run's token (optional): the drain is refused (NOT_HELD)
+          unless that run holds the pool's spare (hold_spare.lua), so that once `--cancel`
+          lets go of the hold, the run's round under way marks nothing more (a review: a
+          cancel read the marks while a slow round still made them)
 
   Returns {code, state, ...}
     1 DRAINING  {1, previous state, requeued user or '', [user, node, waited_ms]...}
@@ -44,6 +48,7 @@
                 session and marked already; nothing done
     4 CANCELLED {4, state, user or ''}: the mark taken back (with 'cancel'); with 'cancel',
                 any node not marked, or ending, is NOTHING
+    5 NOT_HELD  {5, state}: the run of ARGV[8] holds no spare; nothing done
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -58,6 +63,7 @@ local expected = ARGV[5] or ''
 local at_once = ARGV[6] == 'now'
 local cancel = ARGV[6] == 'cancel'
 local session_seen = ARGV[7] or ''
+local run = ARGV[8] or ''
 
 local nk = node_key(node)
 local state = rcall('HGET', nk, 'state')
@@ -74,6 +80,10 @@ if expected ~= '' then
 end
 if state ~= 'ready' and state ~= 'booting' and state ~= 'allocated' then
   return {0, state or ''}
+end
+if run ~= '' and not cancel and
+    string.match(rcall('GET', K.replacing) or '', '^%d+:%d+:(.+)$') ~= run then
+  return {5, state}
 end
 
 if cancel then

@@ -3,14 +3,19 @@
   hold_spare: `provisioner replace` holds spare nodes above the pool's target while it replaces
   nodes, so that each batch of ready nodes it drains has been booted before it goes (a
   rolling update's surge): with the hold, the target (policy.lua target_spare) is `extra`
-  more, the reaper's keep level with it, and the run drains a batch only while the pool's
-  ready nodes meet that level. Without it, a pool at its floor (one ready node, the target 1)
+  more, held above the reaper's keep level (the peak target of its window) too, and the run
+  drains a batch only while the pool's ready nodes meet that level, in a decision that says
+  it held them (`held` in its numbers). Without it, a pool at its floor (one ready node, the target 1)
   was drained to none before anything booted in its place, and the next connect missed (a
   review's drill in containers).
 
-  The hold is a lease: `extra:until_ms:run`, read by the policy only while `now` is before
-  until_ms, so a run that dies leaves the pool at its own target within the lease. The run
-  renews it every round; one run holds it at a time.
+  The hold is a lease: `extra:until_ms:run`, written with the lease as the key's expiry (PX),
+  so that it ends by the server's clock, the one every replica shares (until_ms, the run's
+  `now` plus the lease, is for people to read; a review found a lease judged by each
+  replica's own clock ignored by one 30 s ahead, and held on by one behind): a run that dies
+  leaves the pool at its own target once the lease ends. The run renews it every round; one
+  run holds it at a time, and the marks it makes in sessions are refused once it holds it no
+  more (drain_node.lua, ARGV[8]).
 
     take     -> held by this run (another run's hold is taken over: that run finds it gone
                 at its next renewal and stops)
@@ -65,5 +70,6 @@ end
 if mode == 'renew' and holder ~= run then
   return {0, holder}
 end
-rcall('SET', K.replacing, score(extra) .. ':' .. score(now + lease_ms) .. ':' .. run)
+rcall('SET', K.replacing, score(extra) .. ':' .. score(now + lease_ms) .. ':' .. run, 'PX',
+      score(lease_ms))
 return {1, holder}

@@ -111,11 +111,12 @@ end
 -- for the log line). Every tick calls this; most ticks reap nothing.
 local s = observe(p)
 local peak = peak_target(now, p.keep_window_ms)
+local held = replace_extra()  -- spare a `provisioner replace` holds above the keep level
 local target = nil
-local excess = math.min(s.spare - peak, s.ready - p.min_ready)
+local excess = math.min(s.spare - peak - held, s.ready - p.min_ready)
 if excess > 0 and oldest_idle() then
   target = target_spare(s, p, false)
-  excess = math.min(s.spare - math.max(target, peak), s.ready - p.min_ready)
+  excess = math.min(s.spare - math.max(target, peak) - held, s.ready - p.min_ready)
 else
   excess = 0
 end
@@ -139,14 +140,16 @@ end
 
 if #out > 0 then
   target = target or target_spare(s, p, false)
-  local keep = math.max(target, peak)
+  local keep = math.max(target, peak) + held
   stat('terminations_started', #out / 2)
   local reason = string.format(
     'terminate %d (stuck %d%s, retry %d%s, idle %d, booting in an idle node\'s place %d); '
-    .. 'spare %d, keep %d (peak target of %.0fs), target %d', #out / 2, #stuck,
+    .. 'spare %d, keep %d (peak target of %.0fs%s), target %d', #out / 2, #stuck,
     #stuck > 0 and string.format(' past %.0fs', stuck_after / 1000) or '', #due - drained,
     drained > 0 and string.format(', drained %d', drained) or '',
-    reaped - swapped, swapped, s.spare, keep, p.keep_window_ms / 1000, target)
-  log_decision(p, 'scale_down', reason, summary(s, target), #out / 2)
+    reaped - swapped, swapped, s.spare, keep, p.keep_window_ms / 1000,
+    held > 0 and string.format(', and %d held for a replace', held) or '', target)
+  log_decision(p, 'scale_down', reason, summary(s, target, nil, held > 0 and held or nil),
+               #out / 2)
 end
 return out

@@ -120,17 +120,30 @@ for _, node in ipairs(s.checked_drains) do  -- checked now: to the tail, the nex
 end
 local target, why = target_spare(s, p, true)
 -- How much the target moves: every rise is a create to come, every fall a node to reap later.
--- The previous target is the last decision's, in its numbers.
+-- The previous target is the last decision's, in its numbers, less what a replace held in it:
+-- the counts are the forecast's moves, not a replace's.
 local last_numbers = last_decision_numbers(rcall('HGET', K.stats, 'last_numbers'))
 -- A new pool's first target (none before it) rises from 0, as its creates count it (below):
 -- a helper's audit read "1 create on a rise" beside "raised by 0".
 local previous = last_numbers and tonumber(last_numbers.target)
+if previous then
+  previous = previous - (tonumber(last_numbers.held) or 0)
+end
 if target > (previous or 0) then
   stat('target_raised', target - (previous or 0))
 elseif previous and target < previous then
   stat('target_lowered', previous - target)
 end
 remember_target(now, target, p.keep_window_ms)
+-- A `provisioner replace` holds spare above the keep level (hold_spare.lua): its target is
+-- the keep level and that many more, so that the pool boots them before the run drains a
+-- batch (held above the target alone, a recent peak above it took the hold in: a review).
+local base = target
+local held = replace_extra()
+if held > 0 then
+  target = math.max(target, peak_target(now, p.keep_window_ms)) + held
+  why = why .. string.format('; %d held above the keep level while nodes are replaced', held)
+end
 local want = target - s.spare
 local created = {}
 local reason
@@ -144,7 +157,7 @@ if want > 0 then
   end
   if #created > 0 then
     stat('creates_reserved', #created)
-    local on_rise = math.min(#created, math.max(0, target - (previous or 0)))
+    local on_rise = math.min(#created, math.max(0, base - (previous or 0)))
     if on_rise > 0 then
       stat('creates_on_rise', on_rise)
     end
@@ -189,7 +202,8 @@ local function unmet_to_log(at)
   return true
 end
 
-local numbers = summary(s, target, math.max(target, peak_target(now, p.keep_window_ms)))
+local numbers = summary(s, target, math.max(target, peak_target(now, p.keep_window_ms)),
+                        held > 0 and held or nil)
 rcall('HSET', K.stats, 'last_decision', reason, 'last_numbers', numbers,
       'last_decision_ms', now, 'last_replica', p.replica)
 if #created > 0 then

@@ -1081,7 +1081,8 @@ def replace(
         help="Go on with the run that printed this (COUNT@EPOCH: the pool's create count "
         "when it began; default: every node the pool holds now)")] = "",
     at_once: Annotated[int, typer.Option(
-        min=1, max=1000, help="Most ready nodes drained together")] = 1,
+        min=1, max=1000, help="Most ready nodes drained together, and the spare nodes the "
+        "pool holds above its keep level while it runs, booted before each batch goes")] = 1,
     wait_limit: Annotated[float, typer.Option(
         min=1, max=86_400, help="Seconds with the old nodes unchanged (a boot that never "
         "ends, no replica deciding, a pool held short) before it stops, exit 1")] = 600.0,
@@ -1185,8 +1186,9 @@ def replace(
                      "their creates; stopped; run it again without --cutoff")
         raise typer.Exit(1)
     if outcome.taken_back is not None:
-        who = (f"another run took it over ({outcome.taken_back})" if outcome.taken_back
-               else "let go by replace --cancel")
+        who = (f"taken over by another run ({outcome.taken_back})" if outcome.taken_back
+               else "lost: its lease ended while the server refused its writes"
+               if outcome.lapsed else "let go by replace --cancel")
         errors.print(f"[red]error:[/red] its hold of spare nodes was {who}: stopped; "
                      f"{stopped}")
         raise typer.Exit(1)
@@ -1223,13 +1225,11 @@ def _take_back_replace(redis_url: str, keys: PoolKeys, cutoff: Any, old: list[An
     async def go(client: aioredis.Redis) -> tuple[bool, int, int]:
         scripts = Scripts(client, keys)
         let_go, _ = await scripts.hold_spare(await server_now_ms(client), "release", "")
-        nodes = marked
-        if let_go is Hold.RELEASED:
-            # A run going on finds its hold gone at its next round and stops; what it marked
-            # before that is read again (a review's cancel, made while a run went on, was
-            # undone by the run within 2 s).
-            await asyncio.sleep(2 * rolling.POLL_S)
-            nodes = drained(await rolling.old_nodes(client, keys, cutoff))
+        # A run going on stops at its next round, and every mark it makes from now is
+        # refused (drain_node.lua, NOT_HELD); those it made before are read again (a
+        # review's cancel, made while a run went on, was undone by the run within 2 s, and a
+        # cancel that waited for the run's round instead missed the marks of a slow one).
+        nodes = drained(await rolling.old_nodes(client, keys, cutoff))
         now = await server_now_ms(client)
         taken = 0
         for n in nodes:

@@ -1,7 +1,8 @@
 """`provisioner replace`: every node of a pool replaced in turn (a new node image, a driver
 update), a few at a time, without taking away the ready nodes users are handed.
 
-The CLI drives it and the pool's own transitions do the work; the replicas need nothing new.
+The CLI drives it and the pool's own transitions do the work (the replicas need the release
+with `lua/hold_spare.lua`, whose spare the run waits to see in a decision).
 The nodes to replace are those of the pool's creates up to its create count when the run
 began (the reservation counter `seq`, which the server counts, so no replica's clock decides
 which node is old), and those the pool first recorded by then without a create's answer
@@ -21,9 +22,9 @@ new one. Each round:
   keeps on purpose goes unreplaced;
 - a node still booting is drained once it is ready.
 
-While it runs it holds `at_once` spare nodes above the pool's target (`lua/hold_spare.lua`, a
-lease it renews every round and lets go when it ends), so the keep level a batch must meet is
-that much above what the pool needs: a batch is booted before it goes. Without the hold, the
+While it runs it holds `at_once` spare nodes above the pool's keep level (`lua/hold_spare.lua`,
+a lease it renews every round and lets go when it ends), so the keep level a batch must meet
+is that much above what the pool needs: a batch is booted before it goes. Without the hold, the
 gate drained a pool at its floor (one ready node) to none before anything booted in its place,
 and the next connect missed (a review's drill). A run whose hold was let go (`--cancel`) or
 taken over (another run) stops.
@@ -48,7 +49,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner.clock import server_now_ms
 from provisioner.keys import PoolKeys
@@ -105,6 +108,7 @@ class Supply:
     keep: int | None
     lock: str | None
     epoch: str
+    held: int = 0  # the spare a replace held in that decision (0: none, or a release before)
 
 
 async def supply(client: aioredis.Redis, keys: PoolKeys) -> Supply:
@@ -118,13 +122,15 @@ async def supply(client: aioredis.Redis, keys: PoolKeys) -> Supply:
         pipe.get(keys.key("epoch"))
 
     lock, numbers, ready, waiting, epoch = await read_at_once(client, reads)
+    held = 0
     try:
         said = json.loads(numbers)
         keep: int | None = int(said.get("keep", said["target"]))
+        held = int(said.get("held", 0))
     except (TypeError, ValueError, KeyError, AttributeError):  # none yet, or edited by hand
         keep = None
     return Supply(int(ready) - int(waiting), keep, None if lock is None else as_text(lock),
-                  as_text(epoch or ""))
+                  as_text(epoch or ""), held)
 
 
 async def cutoff_now(client: aioredis.Redis, keys: PoolKeys) -> Cutoff:
@@ -205,6 +211,7 @@ class Outcome:
     #: not done: its hold of spare nodes was let go (`--cancel`: '') or taken over by the
     #: run named; None while it holds it
     taken_back: str | None = None
+    lapsed: bool = False  # taken back: its lease ended while the server refused its writes
 
 
 async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, *, by: str,
@@ -234,75 +241,123 @@ async def _replace(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scrip
                    run: str, *, by: str, at_once: int, wait_limit_s: float,
                    say: Callable[[str], None], poll_s: float, log_len: int,
                    clock: Callable[[], float], outcome: Outcome) -> Outcome:
-    # The first batch waits for a decision made under the hold (so that the keep level it
-    # reads holds the spare too), as each next one does for a decision after the last.
-    hold_lock: str | None = (await supply(client, keys)).lock
-    held_since_decided = False
-    batch_lock: str | None = None  # the decided slot just after the last batch
-    batched = False
-    last_change, seen, said = clock(), None, ""
+    state = _Run(clock())
     while True:
-        now = await server_now_ms(client)
-        held, holder = await scripts.hold_spare(now, "renew", run, at_once, HOLD_LEASE_MS)
-        if held is Hold.TAKEN_BACK:
-            outcome.taken_back = holder
+        try:
+            ended = await _round(client, keys, cutoff, scripts, run, state, by=by,
+                                 at_once=at_once, say=say, log_len=log_len, clock=clock,
+                                 outcome=outcome)
+        except _FOR_NOW as exc:
+            # Writes refused for now (out of memory, a replica read-only, loading) or the
+            # server out of reach: waited for as any other hold-up, within the wait limit (a
+            # review: two seconds of maxmemory 1 ended a run that had only waited before).
+            state.refused = True
+            state.waiting, state.short = "the server to take its writes again", f" ({exc})"
+            ended = False
+        if ended:
             return outcome
-        pool = await supply(client, keys)
-        if pool.epoch != cutoff.epoch:
-            outcome.lost = True
-            return outcome
-        old = await old_nodes(client, keys, cutoff)
-        for n in old:
-            if n.state == "allocated" and n.user and not n.drained_by:
-                result = await scripts.drain_node(now, n.node, by + TAG, log_len,
-                                                  expected=f"allocated:{n.user}",
-                                                  session_ms=n.session_ms)
-                if result.code is Drain.MARKED:
-                    outcome.marked.append(n.node)
-                    say(f"{n.node}: in the session of user {n.user}, terminated when it ends")
-        ready = [n.node for n in old if n.state == "ready"]
-        booting = [n.node for n in old if n.state == "booting"]
-        if (len(ready), len(booting)) != seen:
-            seen, last_change = (len(ready), len(booting)), clock()
-        pool = await supply(client, keys)  # again: the marks may have taken a while
-        waiting, short = "", ""
-        held_since_decided = held_since_decided or pool.lock != hold_lock
-        if batched and pool.lock == batch_lock:
-            waiting = "a replica to decide after the last drain"
-        elif not ready and not booting:
-            # The last batch's replacements are reserved; their boots are the pool's. Waiting
-            # for its ready nodes to meet its keep level too never ended under steady demand
-            # (a review), where connects keep them below it.
-            outcome.done = True
-            outcome.in_sessions = [n.node for n in old if n.state == "allocated"]
-            return outcome
-        elif not held_since_decided:
-            waiting = f"a replica to decide with {at_once} spare node(s) held"
-        elif pool.keep is None:
-            waiting = "a first decision of the pool"
-        elif pool.free < pool.keep:
-            waiting = "the pool's ready nodes, less the users waiting, to meet its keep level"
-            short = f" ({pool.free} against {pool.keep})"
-        elif ready:
-            drained = []
-            for node in ready[:at_once]:
-                result = await scripts.drain_node(now, node, by + TAG, log_len,
-                                                  expected="ready")
-                if result.code is Drain.DRAINING:
-                    drained.append(node)
-            if drained:
-                batch_lock, batched = (await supply(client, keys)).lock, True
-                outcome.drained += drained
-                last_change = clock()
-                say(f"{', '.join(drained)}: drained (ready); "
-                    f"{len(ready) - len(drained) + len(booting)} ready or booting to go")
-                said = ""
-        else:
-            waiting = f"{len(booting)} old node(s) to finish booting"
-        if waiting and waiting != said:
-            say(f"waiting for {waiting}")
-            said = waiting
-        if waiting and clock() - last_change > wait_limit_s:
-            outcome.waited_for = waiting + short
+        if state.waiting and state.waiting != state.said:
+            say(f"waiting for {state.waiting}")
+            state.said = state.waiting
+        if state.waiting and clock() - state.last_change > wait_limit_s:
+            outcome.waited_for = state.waiting + state.short
             return outcome
         await asyncio.sleep(poll_s)
+
+
+#: What a round waits out rather than ends on: the server refusing writes for now, or out of
+#: reach for a moment (the service tries its events again on the same).
+_FOR_NOW = (OutOfMemoryError, ReadOnlyError, BusyLoadingError, RedisConnectionError,
+            RedisTimeoutError)
+
+
+@dataclass
+class _Run:
+    """What a run carries from one round to the next."""
+
+    last_change: float
+    seen: tuple[int, int] | None = None
+    said: str = ""
+    waiting: str = ""
+    short: str = ""
+    batch_lock: str | None = None  # the decided slot just after the last batch
+    batched: bool = False
+    refused: bool = False  # a round was refused since the hold was last renewed
+
+
+async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts: Scripts,
+                 run: str, state: _Run, *, by: str, at_once: int,
+                 say: Callable[[str], None], log_len: int, clock: Callable[[], float],
+                 outcome: Outcome) -> bool:
+    """One round; True when the run ends (`outcome` says how)."""
+    state.waiting, state.short = "", ""
+    now = await server_now_ms(client)
+    held, holder = await scripts.hold_spare(now, "renew", run, at_once, HOLD_LEASE_MS)
+    if held is Hold.TAKEN_BACK:
+        outcome.taken_back, outcome.lapsed = holder, state.refused and not holder
+        return True
+    state.refused = False
+    pool = await supply(client, keys)
+    if pool.epoch != cutoff.epoch:
+        outcome.lost = True
+        return True
+    old = await old_nodes(client, keys, cutoff)
+    for n in old:
+        if n.state == "allocated" and n.user and not n.drained_by:
+            result = await scripts.drain_node(now, n.node, by + TAG, log_len,
+                                              expected=f"allocated:{n.user}",
+                                              session_ms=n.session_ms, run=run)
+            if result.code is Drain.NOT_HELD:  # let go of by --cancel since the renewal
+                return await _taken_back(client, keys, outcome)
+            if result.code is Drain.MARKED:
+                outcome.marked.append(n.node)
+                say(f"{n.node}: in the session of user {n.user}, terminated when it ends")
+    ready = [n.node for n in old if n.state == "ready"]
+    booting = [n.node for n in old if n.state == "booting"]
+    if (len(ready), len(booting)) != state.seen:
+        state.seen, state.last_change = (len(ready), len(booting)), clock()
+    pool = await supply(client, keys)  # again: the marks may have taken a while
+    if state.batched and pool.lock == state.batch_lock:
+        state.waiting = "a replica to decide after the last drain"
+    elif not ready and not booting:
+        # The last batch's replacements are reserved; their boots are the pool's. Waiting
+        # for its ready nodes to meet its keep level too never ended under steady demand
+        # (a review), where connects keep them below it.
+        outcome.done = True
+        outcome.in_sessions = [n.node for n in old if n.state == "allocated"]
+        return True
+    elif pool.keep is None:
+        state.waiting = "a first decision of the pool"
+    elif pool.held < at_once:
+        # A decision with no hold in it: made before the hold, or by a replica of a release
+        # that does not hold one (a review's replica of the release before; its keep level
+        # left the batch nothing booted in its place).
+        state.waiting = f"a decision that holds {at_once} spare node(s)"
+    elif pool.free < pool.keep:
+        state.waiting = "the pool's ready nodes, less the users waiting, to meet its keep level"
+        state.short = f" ({pool.free} against {pool.keep})"
+    elif ready:
+        drained = []
+        for node in ready[:at_once]:
+            result = await scripts.drain_node(now, node, by + TAG, log_len,
+                                              expected="ready", run=run)
+            if result.code is Drain.NOT_HELD:
+                return await _taken_back(client, keys, outcome)
+            if result.code is Drain.DRAINING:
+                drained.append(node)
+        if drained:
+            state.batch_lock, state.batched = (await supply(client, keys)).lock, True
+            outcome.drained += drained
+            state.last_change = clock()
+            say(f"{', '.join(drained)}: drained (ready); "
+                f"{len(ready) - len(drained) + len(booting)} ready or booting to go")
+            state.said = ""
+    else:
+        state.waiting = f"{len(booting)} old node(s) to finish booting"
+    return False
+
+
+async def _taken_back(client: aioredis.Redis, keys: PoolKeys, outcome: Outcome) -> bool:
+    held = as_text(await client.get(keys.key("replacing")) or "")
+    outcome.taken_back = held.split(":", 2)[2] if held.count(":") >= 2 else ""
+    return True

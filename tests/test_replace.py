@@ -152,7 +152,7 @@ async def test_at_once_drains_that_many_together(pool: PoolUnderTest) -> None:
     outcome, said, fewest = await replaced_with_a_replica(pool, 2)
     assert outcome.done and outcome.drained == ["n1", "n2", "n3"]
     assert "n1, n2: drained (ready); 1 ready or booting to go" in said, said
-    assert "waiting for a replica to decide with 2 spare node(s) held" in said, said
+    assert "waiting for a decision that holds 2 spare node(s)" in said, said
     assert fewest == 3
 
 
@@ -192,17 +192,21 @@ async def test_a_pool_with_no_room_for_the_spare_held_is_not_drained(
     assert fewest == 3
 
 
-async def decided_in(pool: PoolUnderTest, delay_s: float) -> None:
-    """A replica's decision, as the run reads one: the decided slot moves after `delay_s`."""
+async def decided_in(pool: PoolUnderTest, delay_s: float, numbers: dict[str, int]) -> None:
+    """A replica's decision, as the run reads one: after `delay_s`, the decided slot moves and
+    the last decision's numbers are `numbers`."""
     await asyncio.sleep(delay_s)
+    await pool.redis.hset(pool.keys.key("stats"), "last_numbers", json.dumps(numbers))
     await pool.redis.set(pool.keys.key("tick_lock"), f"{time.time_ns()}")
 
 
 async def test_with_no_replica_deciding_it_drains_nothing_or_one_batch_and_stops_at_the_limit(
         pool: PoolUnderTest) -> None:
-    """Nothing takes a batch on trust: with no decision under the spare held, it drains
-    nothing; with one and none after its first drain, it drains one batch; it waits, then
-    stops saying for what. Its hold is let go as it stops."""
+    """Nothing takes a batch on trust: with no decision that holds the spare (none since the
+    run began, or one of a replica of a release before the hold, which decides without: a
+    review's drill drained a floor of one to none), it drains nothing; with one and none after
+    its first drain, it drains one batch; it waits, then stops saying for what. Its hold is
+    let go as it stops."""
     await old_pool(pool)
     await pool.redis.hset(pool.keys.key("stats"), "last_numbers", json.dumps({"target": 2}))
     cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
@@ -210,9 +214,15 @@ async def test_with_no_replica_deciding_it_drains_nothing_or_one_batch_and_stops
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           wait_limit_s=0.3, say=said.append, poll_s=0.05)
     assert not outcome.done and outcome.drained == [] and outcome.marked == ["n4"]
-    assert outcome.waited_for == "a replica to decide with 1 spare node(s) held"
+    assert outcome.waited_for == "a decision that holds 1 spare node(s)"
     assert await pool.redis.get(pool.keys.key("replacing")) is None
-    decided = asyncio.create_task(decided_in(pool, 0.1))
+    decided = asyncio.create_task(decided_in(pool, 0.1, {"target": 2, "keep": 3}))
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
+                                          wait_limit_s=0.5, say=said.append, poll_s=0.05)
+    await decided
+    assert not outcome.done and outcome.drained == []  # a release before the hold decided
+    assert outcome.waited_for == "a decision that holds 1 spare node(s)"
+    decided = asyncio.create_task(decided_in(pool, 0.1, {"target": 3, "keep": 3, "held": 1}))
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           wait_limit_s=0.5, say=said.append, poll_s=0.05)
     await decided
@@ -223,9 +233,9 @@ async def test_with_no_replica_deciding_it_drains_nothing_or_one_batch_and_stops
 
 
 @pytest.mark.parametrize(("numbers", "waiting", "short"), [
-    ({"target": 4}, 0, "(3 against 4)"),             # a release that says no keep level
-    ({"target": 3, "keep": 6}, 0, "(3 against 6)"),  # the reaper keeps a recent peak
-    ({"target": 2, "keep": 2}, 2, "(1 against 2)"),  # users waiting take ready nodes
+    ({"target": 4, "held": 1}, 0, "(3 against 4)"),             # no keep level said
+    ({"target": 3, "keep": 6, "held": 1}, 0, "(3 against 6)"),  # a recent peak kept
+    ({"target": 2, "keep": 2, "held": 1}, 2, "(1 against 2)"),  # users waiting take nodes
 ])
 async def test_a_pool_whose_ready_nodes_fall_short_of_its_keep_level_is_not_drained(
         pool: PoolUnderTest, numbers: dict[str, int], waiting: int, short: str) -> None:
@@ -234,11 +244,10 @@ async def test_a_pool_whose_ready_nodes_fall_short_of_its_keep_level_is_not_drai
     place), less the users waiting."""
     await old_pool(pool)
     await pool.scripts.apply_node_status(pool.now, "b1", "booting")  # spare 4, ready 3
-    await pool.redis.hset(pool.keys.key("stats"), "last_numbers", json.dumps(numbers))
     if waiting:  # by hand: the gate's arithmetic, not a state the scripts make
         await pool.redis.zadd(pool.keys.key("waiting"), {f"w{i}": i for i in range(waiting)})
     cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
-    decided = asyncio.create_task(decided_in(pool, 0.1))
+    decided = asyncio.create_task(decided_in(pool, 0.1, numbers))
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           wait_limit_s=0.5, say=lambda _: None, poll_s=0.05)
     await decided
@@ -433,3 +442,41 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_lets_go_of_its_hold(redis_url: s
     assert proc.returncode == 130, output
     assert "stopped: run it again with --cutoff" in " ".join(output.split()), output
     assert sync.get(keys.key("replacing")) is None
+
+
+async def test_a_server_refusing_writes_for_a_while_is_waited_out(pool: PoolUnderTest) -> None:
+    """A review: two seconds of `maxmemory 1` ended a run with OutOfMemoryError (each round
+    renews its hold, a write), where a waiting run only read before. Refused writes are
+    waited for as any hold-up, within the wait limit; a lease that ended meanwhile stops the
+    run as lost, not as cancelled."""
+    await old_pool(pool)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    said: list[str] = []
+    run = asyncio.create_task(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", wait_limit_s=1.5, say=said.append,
+        poll_s=0.05))
+    await asyncio.sleep(0.3)
+    await pool.redis.config_set("maxmemory", 1)
+    try:
+        await asyncio.sleep(0.6)
+    finally:
+        await pool.redis.config_set("maxmemory", 0)
+    outcome = await asyncio.wait_for(run, 10)
+    assert any(line.startswith("waiting for the server to take its writes again")
+               for line in said), said
+    assert outcome.taken_back is None and outcome.waited_for == (
+        "a first decision of the pool"), outcome
+    assert await pool.redis.get(pool.keys.key("replacing")) is None
+    # refused past its lease (here 0.3 s): the hold is gone, and the run says why
+    run = asyncio.create_task(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", wait_limit_s=5, say=said.append,
+        poll_s=0.05))
+    await asyncio.sleep(0.2)
+    await pool.redis.pexpire(pool.keys.key("replacing"), 300)
+    await pool.redis.config_set("maxmemory", 1)
+    try:
+        await asyncio.sleep(0.6)
+    finally:
+        await pool.redis.config_set("maxmemory", 0)
+    outcome = await asyncio.wait_for(run, 10)
+    assert outcome.taken_back == "" and outcome.lapsed, outcome

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -659,10 +660,11 @@ async def test_a_drained_ready_or_booting_node_terminates_and_the_next_reap_send
 
 async def test_a_replace_s_hold_raises_the_target_and_keep_level_while_its_lease_lasts(
         pool: PoolUnderTest) -> None:
-    """hold_spare: `provisioner replace` holds spare above the target, so that a batch it
+    """hold_spare: `provisioner replace` holds spare above the keep level, so that a batch it
     drains was booted first. A pool at its floor of one ready node: held 1 more, the tick
     boots one and the reaper keeps both; renewed only by the run that holds it; let go (or
-    its lease over), the target is the floor again and the extra node is the reaper's."""
+    its lease over, by the server's clock), the target is the floor again and the extra node
+    the reaper's, with no peak of the hold kept. The target's moves count the forecast's."""
     config = PoolConfig(scaling_policy="heuristic", min_ready=1, idle_timeout_s=60)
     await pool.boot("n1")
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
@@ -671,8 +673,8 @@ async def test_a_replace_s_hold_raises_the_target_and_keep_level_while_its_lease
     pool.clock.advance(1_000)
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
     assert len(decision.reservations) == 1
-    assert "+1 held while nodes are replaced" in decision.reason
-    assert decision.numbers["keep"] == 2
+    assert "1 held above the keep level while nodes are replaced" in decision.reason
+    assert (decision.numbers["keep"], decision.numbers["held"]) == (2, 1)
     await pool.scripts.register_node(pool.now, decision.reservations[0], "n2")
     await pool.scripts.apply_node_status(pool.now, "n2", "ready")
     pool.clock.advance(120_000)  # both idle past the timeout; the lease (30 s) is over
@@ -686,23 +688,47 @@ async def test_a_replace_s_hold_raises_the_target_and_keep_level_while_its_lease
     assert await pool.scripts.hold_spare(pool.now, "release", "") == (Hold.RELEASED, "run1")
     assert await pool.scripts.hold_spare(pool.now, "renew", "run1", 1, 30_000) == (
         Hold.TAKEN_BACK, "")
-    pool.clock.advance(301_000)  # past the keep window of the held target
+    pool.clock.advance(1_000)  # the keep window holds no peak of the hold
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
-    assert "held while" not in decision.reason
+    assert "held" not in decision.reason and "held" not in decision.numbers
     reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
     assert [t.reason for t in reaped] == ["idle"]
-    # a lease that is over holds nothing, though its value stays until the next run
-    assert await pool.scripts.hold_spare(pool.now, "take", "run3", 2, 5_000) == (Hold.HELD, "")
-    pool.clock.advance(5_000)
+    stats = (await pool.snap())
+    assert (stats.stat("target_raised"), stats.stat("target_lowered")) == (1, 0)
+    # a lease that is over holds nothing: the key ends with it, by the server's clock
+    assert await pool.scripts.hold_spare(pool.now, "take", "run3", 2, 200) == (Hold.HELD, "")
+    await asyncio.sleep(0.3)
+    assert await pool.redis.get(pool.keys.key("replacing")) is None
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
-    assert "held while" not in decision.reason and decision.reservations == []
+    assert "held" not in decision.reason and decision.reservations == []
     # nor does a value no run wrote (an edit by hand)
     for edit in ("2", "2:x:run", f"x:{pool.now + 60_000}:run", f"-2:{pool.now + 60_000}:r"):
         await pool.redis.set(pool.keys.key("replacing"), edit)
         decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
-        assert "held while" not in decision.reason and decision.reservations == [], edit
+        assert "held" not in decision.reason and decision.reservations == [], edit
         pool.clock.advance(1_000)
     assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def test_the_spare_is_held_above_a_recent_peak_and_a_run_holding_none_drains_nothing(
+        pool: PoolUnderTest) -> None:
+    """A review: held above the target alone, a recent peak at or over target + extra took
+    the hold in, and the first batch went with nothing booted in its place. It is held above
+    the keep level. And a run's drain is refused once it holds no spare (--cancel)."""
+    await pool.boot("n1")
+    for floor in (3, 1):  # a peak of 3 within the keep window, the target 1 now
+        decision = await pool.scripts.scale_decide(
+            PoolConfig(scaling_policy="heuristic", min_ready=floor).policy_args(pool.now, "r1"))
+        pool.clock.advance(1_000)
+    await pool.scripts.hold_spare(pool.now, "take", "run1", 1, 30_000)
+    decision = await pool.scripts.scale_decide(
+        PoolConfig(scaling_policy="heuristic", min_ready=1).policy_args(pool.now, "r1"))
+    assert (decision.numbers["target"], decision.numbers["keep"]) == (4, 4), decision.reason
+    drained = await pool.scripts.drain_node(pool.now, "n1", "op (replace)", run="run2")
+    assert (drained.code, drained.state) == (Drain.NOT_HELD, "ready")
+    assert await pool.scripts.hold_spare(pool.now, "release", "") == (Hold.RELEASED, "run1")
+    drained = await pool.scripts.drain_node(pool.now, "n1", "op (replace)", run="run1")
+    assert drained.code is Drain.NOT_HELD and await pool.ready_list() == ["n1"]
 
 
 @pytest.mark.parametrize("args", [("take", "run", 0, 1000), ("take", "", 1, 1000),

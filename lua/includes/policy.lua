@@ -559,32 +559,18 @@ local function forecast_target(s, p, update)
   return target, why
 end
 
--- The spare a `provisioner replace` holds above the target (hold_spare.lua), read while its
--- lease lasts; 0 when none is held, the lease is over, or the value is not one it wrote.
-local function replace_extra(now)
-  local extra, until_ms = string.match(rcall('GET', K.replacing) or '', '^(%d+):(%d+):')
-  extra, until_ms = tonumber(extra), tonumber(until_ms)
-  if not extra or now >= until_ms then
-    return 0
+-- Spare nodes (ready + booting + creating - waiting) the pool wants to hold, and why.
+local function target_spare(s, p, update)
+  if p.policy == 'heuristic' then
+    return heuristic_target(s, p)
   end
-  return extra
+  return forecast_target(s, p, update)
 end
 
--- Spare nodes (ready + booting + creating - waiting) the pool wants to hold, and why: the
--- policy's, and what a replace holds above it.
-local function target_spare(s, p, update)
-  local target, why
-  if p.policy == 'heuristic' then
-    target, why = heuristic_target(s, p)
-  else
-    target, why = forecast_target(s, p, update)
-  end
-  local extra = replace_extra(p.now)
-  if extra > 0 then
-    target = target + extra
-    why = why .. string.format('; +%d held while nodes are replaced', extra)
-  end
-  return target, why
+-- The spare a `provisioner replace` holds above the keep level (hold_spare.lua), 0 when none:
+-- the key ends with its lease, by the server's clock.
+local function replace_extra()
+  return tonumber(string.match(rcall('GET', K.replacing) or '', '^(%d+):%d+:')) or 0
 end
 
 -- Scale-down hysteresis. The reaper keeps the highest target of the last keep_window, not just
@@ -632,12 +618,14 @@ end
 
 -- A decision's numbers; `keep` (scale_decide's): the reaper's keep level, the peak target of
 -- the keep window, which `provisioner replace` holds its ready nodes to.
-local function summary(s, target, keep)
+-- `held`: the spare a replace held above the keep level in the decision (its target and keep
+-- level include it), which the run reads to know its hold was applied.
+local function summary(s, target, keep, held)
   return cjson.encode({
     ready = s.ready, booting = s.booting, allocated = s.allocated, waiting = s.waiting,
     terminating = s.terminating, creating = s.creating, engaged = s.engaged,
     active = s.active, spare = s.spare, target = target, total = s.total,
-    surge = s.surge == true, keep = keep,
+    surge = s.surge == true, keep = keep, held = held,
   })
 end
 

@@ -283,6 +283,7 @@ class _Run:
     batch_lock: str | None = None  # the decided slot just after the last batch
     batched: bool = False
     refused: bool = False  # a round was refused since the hold was last renewed
+    let_go: bool = False  # the hold let go after the last batch
 
 
 async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts: Scripts,
@@ -292,11 +293,12 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     """One round; True when the run ends (`outcome` says how)."""
     state.waiting, state.short = "", ""
     now = await server_now_ms(client)
-    held, holder = await scripts.hold_spare(now, "renew", run, at_once, HOLD_LEASE_MS)
-    if held is Hold.TAKEN_BACK:
-        outcome.taken_back, outcome.lapsed = holder, state.refused and not holder
-        return True
-    state.refused = False
+    if not state.let_go:
+        held, holder = await scripts.hold_spare(now, "renew", run, at_once, HOLD_LEASE_MS)
+        if held is Hold.TAKEN_BACK:
+            outcome.taken_back, outcome.lapsed = holder, state.refused and not holder
+            return True
+        state.refused = False
     pool = await supply(client, keys)
     if pool.epoch != cutoff.epoch:
         outcome.lost = True
@@ -306,7 +308,8 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
         if n.state == "allocated" and n.user and not n.drained_by:
             result = await scripts.drain_node(now, n.node, by + TAG, log_len,
                                               expected=f"allocated:{n.user}",
-                                              session_ms=n.session_ms, run=run)
+                                              session_ms=n.session_ms,
+                                              run="" if state.let_go else run)
             if result.code is Drain.NOT_HELD:  # let go of by --cancel since the renewal
                 return await _taken_back(client, keys, outcome)
             if result.code is Drain.MARKED:
@@ -345,6 +348,12 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
                 return await _taken_back(client, keys, outcome)
             if result.code is Drain.DRAINING:
                 drained.append(node)
+        if drained and len(ready) == len(drained) and not booting:
+            # The last batch: its replacements are the spare held, so the hold goes now,
+            # before a decision boots a spare in its place that the reaper would only end
+            # (a live run at a floor of one booted one so).
+            await scripts.hold_spare(now, "release", run)
+            state.let_go = True
         if drained:
             state.batch_lock, state.batched = (await supply(client, keys)).lock, True
             outcome.drained += drained

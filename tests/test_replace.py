@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis
@@ -303,6 +303,19 @@ async def test_the_old_nodes_are_told_by_the_pools_create_count(pool: PoolUnderT
     assert outcome.lost and not outcome.done and outcome.drained == []
 
 
+def set_up(redis_url: str, keys: PoolKeys,
+           then: Callable[[PoolUnderTest], Awaitable[object]]) -> None:
+    """`old_pool` on the server of `redis_url`, then `then` on it, for a test of the CLI."""
+    async def go() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        under = PoolUnderTest(client, keys, Scripts(client, keys), ManualClock())
+        await old_pool(under)
+        await then(under)
+        await client.aclose()
+
+    asyncio.run(go())
+
+
 def test_the_cli_shows_its_plan_refuses_without_a_replica_and_takes_back_its_drains(
         redis_url: str) -> None:
     """The plan's counts and the cutoff to go on with; no replica heard from: nothing is
@@ -311,17 +324,13 @@ def test_the_cli_shows_its_plan_refuses_without_a_replica_and_takes_back_its_dra
     pool = "roll-cli"
     keys = PoolKeys(pool)
 
-    async def setup() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        under = PoolUnderTest(client, keys, Scripts(client, keys), ManualClock())
-        await old_pool(under)
+    async def more(under: PoolUnderTest) -> None:
         await under.boot("n5")
         await under.scripts.allocate(under.now, "u2")  # n1
         await under.scripts.drain_node(under.now, "n1", "op")  # by hand, not by a run
-        await client.set(keys.key("epoch"), "1-a")
-        await client.aclose()
+        await under.redis.set(keys.key("epoch"), "1-a")
 
-    asyncio.run(setup())
+    set_up(redis_url, keys, more)
     common = ["--redis-url", redis_url, "--pool", pool]
     sync = redis.Redis.from_url(redis_url, decode_responses=True)
     sync.delete(keys.key("epoch"))
@@ -416,14 +425,8 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_lets_go_of_its_hold(redis_url: s
     pool = "roll-term"
     keys = PoolKeys(pool)
 
-    async def setup() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        under = PoolUnderTest(client, keys, Scripts(client, keys), ManualClock())
-        await old_pool(under)
-        await under.scripts.heartbeat("r1", {}, 60_000)  # a replica heard from, deciding none
-        await client.aclose()
-
-    asyncio.run(setup())
+    # a replica heard from, deciding none
+    set_up(redis_url, keys, lambda under: under.scripts.heartbeat("r1", {}, 60_000))
     sync = redis.Redis.from_url(redis_url, decode_responses=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "provisioner", "replace", "--redis-url", redis_url, "--pool",

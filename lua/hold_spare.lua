@@ -1,12 +1,12 @@
 #!lua
 --[[
-  hold_spare: `provisioner replace` holds spare nodes above the pool's target while it replaces
-  nodes, so that each batch of ready nodes it drains has been booted before it goes (a
-  rolling update's surge): with the hold, the target (policy.lua target_spare) is `extra`
-  more, held above the reaper's keep level (the peak target of its window) too, and the run
-  drains a batch only while the pool's ready nodes meet that level, in a decision that says
-  it held them (`held` in its numbers). Without it, a pool at its floor (one ready node, the target 1)
-  was drained to none before anything booted in its place, and the next connect missed (a
+  hold_spare: `provisioner replace` holds spare nodes above the pool's keep level while it
+  replaces nodes, so that each batch of ready nodes it drains has been booted before it goes
+  (a rolling update's surge): while it is held, scale_decide's target is the keep level (the
+  peak target of its window) and `extra` more, and reap_idle keeps them; the run drains a
+  batch only while the pool's ready nodes meet that level, in a decision that says it held
+  them (`held` in its numbers). Without it, a pool at its floor (one ready node, the target
+  1) was drained to none before anything booted in its place, and the next connect missed (a
   review's drill in containers).
 
   The hold is a lease: `extra:until_ms:run`, written with the lease as the key's expiry (PX),
@@ -21,7 +21,7 @@
                 at its next renewal and stops)
     renew    -> held longer, only if this run holds it; else nothing (TAKEN_BACK): let go by
                 `replace --cancel`, or taken over by another run
-    release  -> let go, if this run holds it (ARGV[4] ''), any run's: `replace --cancel`)
+    release  -> let go, if this run holds it (with ARGV[4] '', any run's: `replace --cancel`)
 
   Idempotent: a second take or renew writes the same; a second release finds nothing.
 

@@ -44,7 +44,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "epoch",          # string: set once when the pool's state begins; a new one means it was lost
     "applied",        # hash: replica id -> "batch:seq[:lo-hi,...]", its last call marked applied
     "drains",         # zset: node id -> ms an operator drained it in its session (ends with it)
-    "replacing",      # string: "extra:until_ms:run", spare held above the target for a replace
+    "replacing",      # string: "extra:until_ms:run", spare a replace holds (a lease: PX)
 )
 
 

@@ -29,7 +29,7 @@ local K = {
   epoch = KEYS[26],         -- string: set once when the pool's state begins (heartbeat.lua)
   applied = KEYS[27],       -- hash: replica id -> 'batch:seq' of its last connect or disconnect
   drains = KEYS[28],        -- zset: node -> ms an operator drained it in its session (ends with it)
-  replacing = KEYS[29],     -- string: 'extra:until_ms:run', spare held above the target (a replace)
+  replacing = KEYS[29],     -- string: 'extra:until_ms:run', spare a replace holds (a lease, PX)
 }
 local rcall = redis.call
 

@@ -120,15 +120,12 @@ for _, node in ipairs(s.checked_drains) do  -- checked now: to the tail, the nex
 end
 local target, why = target_spare(s, p, true)
 -- How much the target moves: every rise is a create to come, every fall a node to reap later.
--- The previous target is the last decision's, in its numbers, less what a replace held in it:
--- the counts are the forecast's moves, not a replace's.
+-- The previous target is the last decision's, in its numbers: the policy's before a replace's
+-- hold (`base`, there when one was held), so the counts are the forecast's moves alone.
 local last_numbers = last_decision_numbers(rcall('HGET', K.stats, 'last_numbers'))
 -- A new pool's first target (none before it) rises from 0, as its creates count it (below):
 -- a helper's audit read "1 create on a rise" beside "raised by 0".
-local previous = last_numbers and tonumber(last_numbers.target)
-if previous then
-  previous = previous - (tonumber(last_numbers.held) or 0)
-end
+local previous = last_numbers and (tonumber(last_numbers.base) or tonumber(last_numbers.target))
 if target > (previous or 0) then
   stat('target_raised', target - (previous or 0))
 elseif previous and target < previous then
@@ -141,8 +138,10 @@ remember_target(now, target, p.keep_window_ms)
 local base = target
 local held = replace_extra()
 if held > 0 then
-  target = math.max(target, peak_target(now, p.keep_window_ms)) + held
-  why = why .. string.format('; %d held above the keep level while nodes are replaced', held)
+  local keep = math.max(target, peak_target(now, p.keep_window_ms))
+  target = keep + held
+  why = why .. string.format('; %d held above the keep level %d while nodes are replaced',
+                             held, keep)
 end
 local want = target - s.spare
 local created = {}
@@ -203,7 +202,7 @@ local function unmet_to_log(at)
 end
 
 local numbers = summary(s, target, math.max(target, peak_target(now, p.keep_window_ms)),
-                        held > 0 and held or nil)
+                        held > 0 and held or nil, held > 0 and base or nil)
 rcall('HSET', K.stats, 'last_decision', reason, 'last_numbers', numbers,
       'last_decision_ms', now, 'last_replica', p.replica)
 if #created > 0 then

@@ -1187,8 +1187,8 @@ def replace(
         raise typer.Exit(1)
     if outcome.taken_back is not None:
         who = (f"taken over by another run ({outcome.taken_back})" if outcome.taken_back
-               else "lost: its lease ended while the server refused its writes"
-               if outcome.lapsed else "let go by replace --cancel")
+               else "let go by replace --cancel, or lost as its lease ended while the server "
+               "refused its writes" if outcome.lapsed else "let go by replace --cancel")
         errors.print(f"[red]error:[/red] its hold of spare nodes was {who}: stopped; "
                      f"{stopped}")
         raise typer.Exit(1)

@@ -247,10 +247,13 @@ async def _replace(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scrip
             ended = await _round(client, keys, cutoff, scripts, run, state, by=by,
                                  at_once=at_once, say=say, log_len=log_len, clock=clock,
                                  outcome=outcome)
-        except _FOR_NOW as exc:
-            # Writes refused for now (out of memory, a replica read-only, loading) or the
-            # server out of reach: waited for as any other hold-up, within the wait limit (a
-            # review: two seconds of maxmemory 1 ended a run that had only waited before).
+        except RedisError as exc:
+            # Writes refused for now (out of memory, a replica read-only, loading, a script
+            # running long) or the server out of reach: waited for as any other hold-up,
+            # within the wait limit (a review: two seconds of maxmemory 1 ended a run that
+            # had only waited before). Anything else ends the run, its hold let go.
+            if not _for_now(exc):
+                raise
             state.refused = True
             state.waiting, state.short = "the server to take its writes again", f" ({exc})"
             ended = False
@@ -271,6 +274,10 @@ _FOR_NOW = (OutOfMemoryError, ReadOnlyError, BusyLoadingError, RedisConnectionEr
             RedisTimeoutError)
 
 
+def _for_now(exc: RedisError) -> bool:
+    return isinstance(exc, _FOR_NOW) or str(exc).startswith(("BUSY ", "MASTERDOWN "))
+
+
 @dataclass
 class _Run:
     """What a run carries from one round to the next."""
@@ -283,7 +290,6 @@ class _Run:
     batch_lock: str | None = None  # the decided slot just after the last batch
     batched: bool = False
     refused: bool = False  # a round was refused since the hold was last renewed
-    let_go: bool = False  # the hold let go after the last batch
 
 
 async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts: Scripts,
@@ -293,12 +299,11 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     """One round; True when the run ends (`outcome` says how)."""
     state.waiting, state.short = "", ""
     now = await server_now_ms(client)
-    if not state.let_go:
-        held, holder = await scripts.hold_spare(now, "renew", run, at_once, HOLD_LEASE_MS)
-        if held is Hold.TAKEN_BACK:
-            outcome.taken_back, outcome.lapsed = holder, state.refused and not holder
-            return True
-        state.refused = False
+    held, holder = await scripts.hold_spare(now, "renew", run, at_once, HOLD_LEASE_MS)
+    if held is Hold.TAKEN_BACK:
+        outcome.taken_back, outcome.lapsed = holder, state.refused and not holder
+        return True
+    state.refused = False
     pool = await supply(client, keys)
     if pool.epoch != cutoff.epoch:
         outcome.lost = True
@@ -308,8 +313,7 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
         if n.state == "allocated" and n.user and not n.drained_by:
             result = await scripts.drain_node(now, n.node, by + TAG, log_len,
                                               expected=f"allocated:{n.user}",
-                                              session_ms=n.session_ms,
-                                              run="" if state.let_go else run)
+                                              session_ms=n.session_ms, run=run)
             if result.code is Drain.NOT_HELD:  # let go of by --cancel since the renewal
                 return await _taken_back(client, keys, outcome)
             if result.code is Drain.MARKED:
@@ -340,27 +344,28 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
         state.waiting = "the pool's ready nodes, less the users waiting, to meet its keep level"
         state.short = f" ({pool.free} against {pool.keep})"
     elif ready:
-        drained = []
-        for node in ready[:at_once]:
-            result = await scripts.drain_node(now, node, by + TAG, log_len,
-                                              expected="ready", run=run)
-            if result.code is Drain.NOT_HELD:
-                return await _taken_back(client, keys, outcome)
-            if result.code is Drain.DRAINING:
-                drained.append(node)
-        if drained and len(ready) == len(drained) and not booting:
-            # The last batch: its replacements are the spare held, so the hold goes now,
-            # before a decision boots a spare in its place that the reaper would only end
-            # (a live run at a floor of one booted one so).
-            await scripts.hold_spare(now, "release", run)
-            state.let_go = True
+        drained: list[str] = []
+        try:
+            for node in ready[:at_once]:
+                result = await scripts.drain_node(now, node, by + TAG, log_len,
+                                                  expected="ready", run=run)
+                if result.code is Drain.NOT_HELD:
+                    return await _taken_back(client, keys, outcome)
+                if result.code is Drain.DRAINING:
+                    drained.append(node)
+                    # A batch refused part way is a batch all the same: the next one waits
+                    # for a decision after it (a review: one refused after its first drain
+                    # lost it, and the next round drained two more with no decision between).
+                    state.batch_lock, state.batched = pool.lock, True
+        finally:
+            if drained:
+                outcome.drained += drained
+                state.last_change = clock()
+                say(f"{', '.join(drained)}: drained (ready); "
+                    f"{len(ready) - len(drained) + len(booting)} ready or booting to go")
+                state.said = ""
         if drained:
-            state.batch_lock, state.batched = (await supply(client, keys)).lock, True
-            outcome.drained += drained
-            state.last_change = clock()
-            say(f"{', '.join(drained)}: drained (ready); "
-                f"{len(ready) - len(drained) + len(booting)} ready or booting to go")
-            state.said = ""
+            state.batch_lock = (await supply(client, keys)).lock
     else:
         state.waiting = f"{len(booting)} old node(s) to finish booting"
     return False

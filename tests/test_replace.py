@@ -483,3 +483,69 @@ async def test_a_server_refusing_writes_for_a_while_is_waited_out(pool: PoolUnde
         await pool.redis.config_set("maxmemory", 0)
     outcome = await asyncio.wait_for(run, 10)
     assert outcome.taken_back == "" and outcome.lapsed, outcome
+
+
+async def test_a_cancel_after_the_last_batch_stops_the_run_and_is_not_undone(
+        pool: PoolUnderTest) -> None:
+    """A review: a run that let go of its hold with its last batch marked sessions with no
+    token and renewed nothing, so a `--cancel` then was undone and the run ended "done". The
+    run holds the spare to its end: the cancel stops it, and its mark stays taken back."""
+    for node in ("n4", "n1"):
+        await pool.boot(node)
+    await pool.scripts.allocate(pool.now, "u1")  # n4
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    decided = asyncio.create_task(decided_in(pool, 0.1, {"target": 1, "keep": 1, "held": 1}))
+    said: list[str] = []
+    run = asyncio.create_task(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", say=said.append, poll_s=0.05))
+    await decided
+    for _ in range(100):
+        if "waiting for a replica to decide after the last drain" in said:
+            break
+        await asyncio.sleep(0.02)
+    assert "n1: drained (ready); 0 ready or booting to go" in said, said
+    assert (await pool.scripts.hold_spare(pool.now, "release", ""))[0] is Hold.RELEASED
+    taken = await pool.scripts.drain_node(pool.now, "n4", "op" + rolling.TAG, cancel=True)
+    assert taken.code.name == "CANCELLED"
+    outcome = await asyncio.wait_for(run, 5)
+    await asyncio.sleep(0.3)
+    assert outcome.taken_back == "" and not outcome.done and outcome.marked == ["n4"]
+    assert "drain_by" not in await pool.node("n4")
+
+
+async def test_a_batch_refused_part_way_is_a_batch_and_busy_is_waited_out(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: a round refused after the first drain of a batch (out of memory) lost that
+    drain, and the next round drained two more with no decision between; and a BUSY reply
+    (a script running long) ended the run with its hold left behind. The drain made counts,
+    the next batch waits for a decision after it, and BUSY is waited out."""
+    for node in ("n1", "n2", "n3", "n4"):
+        await pool.boot(node)
+    real_drain, real_hold = Scripts.drain_node, Scripts.hold_spare
+    calls = {"drain": 0, "renew": 0}
+
+    async def drain(self: Scripts, *args: object, **kw: object) -> object:
+        calls["drain"] += 1
+        if calls["drain"] == 2:
+            raise redis.exceptions.OutOfMemoryError("command not allowed when used memory")
+        return await real_drain(self, *args, **kw)  # type: ignore[arg-type]
+
+    async def hold(self: Scripts, now_ms: int, mode: str, *args: object, **kw: object) -> object:
+        if mode == "renew":
+            calls["renew"] += 1
+            if calls["renew"] == 1:
+                raise redis.exceptions.ResponseError("BUSY Redis is busy running a script.")
+        return await real_hold(self, now_ms, mode, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scripts, "drain_node", drain)
+    monkeypatch.setattr(Scripts, "hold_spare", hold)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    decided = asyncio.create_task(decided_in(pool, 0.1, {"target": 2, "keep": 2, "held": 2}))
+    said: list[str] = []
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op", at_once=2,
+                                          wait_limit_s=0.6, say=said.append, poll_s=0.05)
+    await decided
+    assert said[0].startswith("waiting for the server to take its writes again"), said
+    assert outcome.drained == ["n1"], said
+    assert outcome.waited_for == "a replica to decide after the last drain", outcome
+    assert await pool.ready_list() == ["n2", "n3", "n4"]

@@ -673,7 +673,7 @@ async def test_a_replace_s_hold_raises_the_target_and_keep_level_while_its_lease
     pool.clock.advance(1_000)
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
     assert len(decision.reservations) == 1
-    assert "1 held above the keep level while nodes are replaced" in decision.reason
+    assert "1 held above the keep level 1 while nodes are replaced" in decision.reason
     assert (decision.numbers["keep"], decision.numbers["held"]) == (2, 1)
     await pool.scripts.register_node(pool.now, decision.reservations[0], "n2")
     await pool.scripts.apply_node_status(pool.now, "n2", "ready")
@@ -724,6 +724,16 @@ async def test_the_spare_is_held_above_a_recent_peak_and_a_run_holding_none_drai
     decision = await pool.scripts.scale_decide(
         PoolConfig(scaling_policy="heuristic", min_ready=1).policy_args(pool.now, "r1"))
     assert (decision.numbers["target"], decision.numbers["keep"]) == (4, 4), decision.reason
+    assert "1 held above the keep level 3 while nodes are replaced" in decision.reason
+    # the target's moves count the forecast's alone (a review: less the spare held alone,
+    # the peak's lift counted as a fall at every decision of the hold)
+    moves = (await pool.snap()).stat("target_raised"), (await pool.snap()).stat("target_lowered")
+    for _ in range(3):
+        pool.clock.advance(1_000)
+        await pool.scripts.scale_decide(
+            PoolConfig(scaling_policy="heuristic", min_ready=1).policy_args(pool.now, "r1"))
+    snap = await pool.snap()
+    assert (snap.stat("target_raised"), snap.stat("target_lowered")) == moves == (3, 2)
     drained = await pool.scripts.drain_node(pool.now, "n1", "op (replace)", run="run2")
     assert (drained.code, drained.state) == (Drain.NOT_HELD, "ready")
     assert await pool.scripts.hold_spare(pool.now, "release", "") == (Hold.RELEASED, "run1")

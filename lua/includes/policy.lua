@@ -619,13 +619,14 @@ end
 -- A decision's numbers; `keep` (scale_decide's): the reaper's keep level, the peak target of
 -- the keep window, which `provisioner replace` holds its ready nodes to.
 -- `held`: the spare a replace held above the keep level in the decision (its target and keep
--- level include it), which the run reads to know its hold was applied.
-local function summary(s, target, keep, held)
+-- level include it), which the run reads to know its hold was applied; `base`, the target
+-- the policy set before it, from which the next decision counts the target's moves.
+local function summary(s, target, keep, held, base)
   return cjson.encode({
     ready = s.ready, booting = s.booting, allocated = s.allocated, waiting = s.waiting,
     terminating = s.terminating, creating = s.creating, engaged = s.engaged,
     active = s.active, spare = s.spare, target = target, total = s.total,
-    surge = s.surge == true, keep = keep, held = held,
+    surge = s.surge == true, keep = keep, held = held, base = base,
   })
 end
 

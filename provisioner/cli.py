@@ -1189,8 +1189,9 @@ def replace(
         who = (f"taken over by another run ({outcome.taken_back})" if outcome.taken_back
                else "let go by replace --cancel, or lost as its lease ended while the server "
                "refused its writes" if outcome.lapsed else "let go by replace --cancel")
-        errors.print(f"[red]error:[/red] its hold of spare nodes was {who}: stopped; "
-                     f"{stopped}")
+        # Not `stopped`'s "--cancel takes that back": a cancel may have done so already.
+        errors.print(f"[red]error:[/red] its hold of spare nodes was {who}: stopped; run it "
+                     f"again with {resume} to go on")
         raise typer.Exit(1)
     if not outcome.done:
         errors.print(f"[red]error:[/red] the old nodes stood still for {wait_limit:.0f}s "

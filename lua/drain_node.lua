@@ -81,8 +81,7 @@ end
 if state ~= 'ready' and state ~= 'booting' and state ~= 'allocated' then
   return {0, state or ''}
 end
-if run ~= '' and not cancel and
-    string.match(rcall('GET', K.replacing) or '', '^%d+:%d+:(.+)$') ~= run then
+if run ~= '' and not cancel and select(2, read_hold(rcall('GET', K.replacing))) ~= run then
   return {5, state}
 end
 

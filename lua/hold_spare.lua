@@ -50,7 +50,7 @@ local run = ARGV[4] or ''
 local lease_ms = tonumber(ARGV[5] or '')
 
 local held = rcall('GET', K.replacing)
-local holder = held and string.match(held, '^%d+:%d+:(.+)$') or ''
+local holder = select(2, read_hold(held)) or ''
 
 if mode == 'release' then
   if not held or (run ~= '' and holder ~= run) then

@@ -136,12 +136,12 @@ remember_target(now, target, p.keep_window_ms)
 -- the keep level and that many more, so that the pool boots them before the run drains a
 -- batch (held above the target alone, a recent peak above it took the hold in: a review).
 local base = target
-local held = replace_extra()
-if held > 0 then
-  local keep = math.max(target, peak_target(now, p.keep_window_ms))
-  target = keep + held
+local keep = math.max(target, peak_target(now, p.keep_window_ms))
+local spare_held = replace_extra()  -- not the creates held while the Node API fails (below)
+if spare_held > 0 then
+  target = keep + spare_held
   why = why .. string.format('; %d held above the keep level %d while nodes are replaced',
-                             held, keep)
+                             spare_held, keep)
 end
 local want = target - s.spare
 local created = {}
@@ -201,8 +201,8 @@ local function unmet_to_log(at)
   return true
 end
 
-local numbers = summary(s, target, math.max(target, peak_target(now, p.keep_window_ms)),
-                        held > 0 and held or nil, held > 0 and base or nil)
+local numbers = summary(s, target, keep + spare_held, spare_held > 0 and spare_held or nil,
+                        spare_held > 0 and base or nil)
 rcall('HSET', K.stats, 'last_decision', reason, 'last_numbers', numbers,
       'last_decision_ms', now, 'last_replica', p.replica)
 if #created > 0 then

@@ -1095,7 +1095,7 @@ def replace(
 ) -> None:
     """Replace every node of the pool in turn (a new node image, a driver update), a few at a
     time: a node in a session is drained in it (terminated when it ends); while it runs the pool
-    holds --at-once spare nodes above its target, and ready nodes are drained --at-once at a
+    holds --at-once spare nodes above its keep level, and ready nodes are drained --at-once at a
     time, only while the pool's ready nodes meet the level it keeps them at, so each batch is
     booted before it goes; a node booting, once ready. Stop it (Ctrl-C, SIGTERM) and run it
     again with the --cutoff it printed to go on. Exits 0 when no old node is ready or booting

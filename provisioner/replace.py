@@ -49,13 +49,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner.clock import server_now_ms
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Drain, Hold, Scripts, as_text, read_at_once
+from provisioner.scripts import Drain, Hold, Scripts, as_text, read_at_once, refused_for_now
 
 #: What `replace` drains under: the operator's name with this after it, so that `--cancel`
 #: takes back its own drains and not a `provisioner drain` of the same operator.
@@ -268,14 +268,11 @@ async def _replace(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scrip
         await asyncio.sleep(poll_s)
 
 
-#: What a round waits out rather than ends on: the server refusing writes for now, or out of
-#: reach for a moment (the service tries its events again on the same).
-_FOR_NOW = (OutOfMemoryError, ReadOnlyError, BusyLoadingError, RedisConnectionError,
-            RedisTimeoutError)
-
-
 def _for_now(exc: RedisError) -> bool:
-    return isinstance(exc, _FOR_NOW) or str(exc).startswith(("BUSY ", "MASTERDOWN "))
+    """What a round waits out rather than ends on: the server refusing writes for now
+    (`refused_for_now`, the listener's rule), or out of reach for a moment (still loading
+    its data among them)."""
+    return refused_for_now(exc) or isinstance(exc, RedisConnectionError | RedisTimeoutError)
 
 
 @dataclass

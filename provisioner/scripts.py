@@ -24,7 +24,14 @@ from typing import Any, Generic, TypeVar, get_type_hints
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 
 from provisioner import jsontext
 from provisioner.keys import PoolKeys
@@ -49,6 +56,19 @@ SCRIPT_NAMES = (
     "snapshot",
     "heartbeat",
 )
+
+
+#: A script's error reply that says the server cannot take it for now, not that it is wrong:
+#: out of memory, a replica read-only (a failover), a script running long (BUSY), a cluster
+#: moving or down (MASTERDOWN with it).
+_FOR_NOW = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
+
+
+def refused_for_now(reply: object) -> bool:
+    """Whether a script's reply (or the error it raised) says the server cannot take it for
+    now: the listener tries such a call again, and `provisioner replace` waits it out."""
+    return isinstance(reply, _FOR_NOW) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("BUSY "))
 
 
 def lua_dir() -> Path:
@@ -768,7 +788,7 @@ class Scripts:
 
     async def hold_spare(self, now_ms: int, mode: str, run: str, extra: int = 1,
                          lease_ms: int = 60_000) -> tuple[Hold, str]:
-        """`provisioner replace`'s hold of `extra` spare nodes above the pool's target
+        """`provisioner replace`'s hold of `extra` spare nodes above the pool's keep level
         (lua/hold_spare.lua): mode 'take', 'renew' (only the run's own) or 'release' (run ''
         lets go of any run's); what it did, and the run that held it before ('' if none)."""
         reply = await self.run(Call("hold_spare", (now_ms, mode, extra, run, lease_ms),

@@ -22,16 +22,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import (
-    ClusterDownError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner import events
@@ -60,6 +52,7 @@ from provisioner.scripts import (
     Served,
     Termination,
     as_text,
+    refused_for_now,
     scripts_fingerprint,
 )
 
@@ -98,21 +91,10 @@ ACTIVITY_BATCH = 50
 #: the client's timeout, a server still loading) is tried again before it is dropped.
 EVENT_RETRY_S = 10.0
 
-#: A script's error reply that says the server cannot take it for now, not that it is wrong:
-#: out of memory, a replica read-only (a failover), a script running long (BUSY), a cluster
-#: moving or down.
-_FOR_NOW = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
-
-
-def _refused_for_now(reply: object) -> bool:
-    return isinstance(reply, _FOR_NOW) or (
-        isinstance(reply, ResponseError) and str(reply).startswith("BUSY "))
-
-
 def _try_again(reply: object) -> bool:
     """A call whose reply says it did not run, and may run if made again: refused for now, or
     a script the server did not hold (a SCRIPT FLUSH between the load and the call)."""
-    return _refused_for_now(reply) or isinstance(reply, NoScriptError)
+    return refused_for_now(reply) or isinstance(reply, NoScriptError)
 
 
 class MayHaveApplied(RedisError):
@@ -146,7 +128,7 @@ def _pool_key_broken(reply: object) -> bool:
 def _refuses_writes(reply: object) -> bool:
     """The server refuses this replica's writes, for now or until a key is repaired: the
     replica is unready until a write goes through."""
-    return _refused_for_now(reply) or _pool_key_broken(reply)
+    return refused_for_now(reply) or _pool_key_broken(reply)
 
 
 #: A replica not heard from for this long is dropped from the pool's list of replicas.
@@ -422,7 +404,7 @@ class Replica:
                         self._written()
                     return done + _unknown_if(lost, results)
                 problem = results[first]
-                if _refused_for_now(problem):
+                if refused_for_now(problem):
                     self._note_refused(problem)
                 done += _unknown_if(lost, results[:first])
                 evs = evs[sum(max(grouped, 1) for _, grouped in calls[:first]):]

@@ -447,6 +447,15 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_lets_go_of_its_hold(redis_url: s
     assert sync.get(keys.key("replacing")) is None
 
 
+async def writes_refused(pool: PoolUnderTest, seconds: float) -> None:
+    """The server refuses every write for `seconds` (`maxmemory 1`), then takes them again."""
+    await pool.redis.config_set("maxmemory", 1)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        await pool.redis.config_set("maxmemory", 0)
+
+
 async def test_a_server_refusing_writes_for_a_while_is_waited_out(pool: PoolUnderTest) -> None:
     """A review: two seconds of `maxmemory 1` ended a run with OutOfMemoryError (each round
     renews its hold, a write), where a waiting run only read before. Refused writes are
@@ -459,11 +468,7 @@ async def test_a_server_refusing_writes_for_a_while_is_waited_out(pool: PoolUnde
         pool.redis, pool.keys, cutoff, by="op", wait_limit_s=1.5, say=said.append,
         poll_s=0.05))
     await asyncio.sleep(0.3)
-    await pool.redis.config_set("maxmemory", 1)
-    try:
-        await asyncio.sleep(0.6)
-    finally:
-        await pool.redis.config_set("maxmemory", 0)
+    await writes_refused(pool, 0.6)
     outcome = await asyncio.wait_for(run, 10)
     assert any(line.startswith("waiting for the server to take its writes again")
                for line in said), said
@@ -476,11 +481,7 @@ async def test_a_server_refusing_writes_for_a_while_is_waited_out(pool: PoolUnde
         poll_s=0.05))
     await asyncio.sleep(0.2)
     await pool.redis.pexpire(pool.keys.key("replacing"), 300)
-    await pool.redis.config_set("maxmemory", 1)
-    try:
-        await asyncio.sleep(0.6)
-    finally:
-        await pool.redis.config_set("maxmemory", 0)
+    await writes_refused(pool, 0.6)
     outcome = await asyncio.wait_for(run, 10)
     assert outcome.taken_back == "" and outcome.lapsed, outcome
 

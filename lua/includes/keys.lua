@@ -156,6 +156,14 @@ local function score(x)
   return string.format('%.0f', x)
 end
 
+-- A replace's hold of spare nodes (hold_spare.lua), `replacing` = 'extra:until_ms:run': its
+-- extra and its run; nil for none, or for a value hold_spare did not write. Read here once for
+-- the scripts that hold it, refuse a run's marks without it, and count it in the target.
+local function read_hold(value)
+  local extra, run = string.match(value or '', '^(%d+):%d+:(.+)$')
+  return tonumber(extra), run
+end
+
 -- Drop at most `limit` members scored in [lo, hi] (inclusive), lowest first: O(log n + limit)
 -- however many are stale, so one tick never blocks the server. Returns how many went.
 local function trim(key, lo, hi, limit)

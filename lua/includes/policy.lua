@@ -570,7 +570,7 @@ end
 -- The spare a `provisioner replace` holds above the keep level (hold_spare.lua), 0 when none:
 -- the key ends with its lease, by the server's clock.
 local function replace_extra()
-  return tonumber(string.match(rcall('GET', K.replacing) or '', '^(%d+):%d+:')) or 0
+  return read_hold(rcall('GET', K.replacing)) or 0
 end
 
 -- Scale-down hysteresis. The reaper keeps the highest target of the last keep_window, not just

@@ -20,9 +20,12 @@ ARGS ?=
 run: $(STAMP)
 	$(BIN)/provisioner dev $(ARGS)
 
-## test: the whole test suite against private servers
+## test: the whole test suite against private servers, on TEST_WORKERS pytest-xdist workers
+## (2; each starts its own server; TEST_WORKERS=0 runs in this process, one test at a time)
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS)
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 ## test-matrix: the state-machine and replica tests against every server engine on this machine
 ## (ENGINES=--others: all but the one `make test` uses, as .ci/run does after it)
@@ -32,7 +35,7 @@ test-matrix: $(STAMP)
 	[ -n "$$engines" ] || echo "== no other server engine on this machine"; \
 	for engine in $$engines; do \
 		echo "== $$($$engine --version)"; \
-		PROVISIONER_TEST_REDIS_BINARY=$$engine $(BIN)/pytest -q -m "not e2e" || exit 1; \
+		PROVISIONER_TEST_REDIS_BINARY=$$engine $(PYTEST) -m "not e2e" || exit 1; \
 	done
 
 ## soak: the local stack under steady traffic for SOAK_MINUTES (90), sampled every minute;

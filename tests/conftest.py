@@ -17,6 +17,28 @@ import redis.asyncio as aioredis
 
 from provisioner.redis_server import start_server
 
+# The CLI's consoles read COLUMNS once, when `provisioner.cli` is imported, and keep that width:
+# a test's `env={"COLUMNS": …}` then changed nothing. pytest-xdist's workers start with
+# COLUMNS=80 and LINES=24 set, so five tests of the CLI's tables failed on their line breaks
+# there alone. Without them a console measures the terminal when it prints, as a run does.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test's captured output as text a pytest-xdist worker can send: a log line naming an
+    id of bytes that are not UTF-8 carries lone surrogates (the service's own formatter
+    escapes them; pytest's capture does not), which the worker's channel refuses, and the
+    whole run stopped there."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, _sendable(text)) for title, text in report.sections]
+
+
+def _sendable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:

@@ -48,7 +48,8 @@
                 session and marked already; nothing done
     4 CANCELLED {4, state, user or ''}: the mark taken back (with 'cancel'); with 'cancel',
                 any node not marked, or ending, is NOTHING
-    5 NOT_HELD  {5, state}: the run of ARGV[8] holds no spare; nothing done
+    5 NOT_HELD  {5, state, the run that holds it or ''}: the run of ARGV[8] holds no spare;
+                nothing done
 ]]
 --@include "includes/keys.lua"
 --@include "includes/pool.lua"
@@ -81,8 +82,11 @@ end
 if state ~= 'ready' and state ~= 'booting' and state ~= 'allocated' then
   return {0, state or ''}
 end
-if run ~= '' and not cancel and select(2, read_hold(rcall('GET', K.replacing))) ~= run then
-  return {5, state}
+if run ~= '' and not cancel then
+  local holder = select(2, read_hold(rcall('GET', K.replacing))) or ''
+  if holder ~= run then
+    return {5, state, holder}
+  end
 end
 
 if cancel then

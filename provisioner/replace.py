@@ -55,7 +55,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner.clock import server_now_ms
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Drain, Hold, Scripts, as_text, read_at_once, refused_for_now
+from provisioner.scripts import (
+    Drain,
+    DrainResult,
+    Hold,
+    Scripts,
+    as_text,
+    read_at_once,
+    refused_for_now,
+)
 
 #: What `replace` drains under: the operator's name with this after it, so that `--cancel`
 #: takes back its own drains and not a `provisioner drain` of the same operator.
@@ -312,7 +320,7 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
                                               expected=f"allocated:{n.user}",
                                               session_ms=n.session_ms, run=run)
             if result.code is Drain.NOT_HELD:  # let go of by --cancel since the renewal
-                return await _taken_back(client, keys, outcome)
+                return _taken_back(outcome, result)
             if result.code is Drain.MARKED:
                 outcome.marked.append(n.node)
                 say(f"{n.node}: in the session of user {n.user}, terminated when it ends")
@@ -347,7 +355,7 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
                 result = await scripts.drain_node(now, node, by + TAG, log_len,
                                                   expected="ready", run=run)
                 if result.code is Drain.NOT_HELD:
-                    return await _taken_back(client, keys, outcome)
+                    return _taken_back(outcome, result)
                 if result.code is Drain.DRAINING:
                     drained.append(node)
                     # A batch refused part way is a batch all the same: the next one waits
@@ -368,7 +376,8 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     return False
 
 
-async def _taken_back(client: aioredis.Redis, keys: PoolKeys, outcome: Outcome) -> bool:
-    held = as_text(await client.get(keys.key("replacing")) or "")
-    outcome.taken_back = held.split(":", 2)[2] if held.count(":") >= 2 else ""
+def _taken_back(outcome: Outcome, refused: DrainResult) -> bool:
+    """The run stops: its drain was refused, the hold let go (`--cancel`) or taken over by
+    the run the refusal names."""
+    outcome.taken_back = refused.user
     return True

@@ -228,7 +228,7 @@ class DrainResult:
     code: Drain
     state: str  # the node's state before (DRAINING, MARKED) or now (NOTHING, CHANGED)
     #: MARKED, or NOTHING for a node marked already: the session's user; DRAINING: the user
-    #: sent back to the queue, or ''
+    #: sent back to the queue, or ''; NOT_HELD: the run that holds the spare now, or ''
     user: str
     served: list[Served]
 

@@ -1083,6 +1083,11 @@ def replace(
     at_once: Annotated[int, typer.Option(
         min=1, max=1000, help="Most ready nodes drained together, and the spare nodes the "
         "pool holds above its keep level while it runs, booted before each batch goes")] = 1,
+    max_unavailable: Annotated[int, typer.Option(
+        min=0, max=1000, help="Ready nodes a batch may take below the pool's own keep level "
+        "before its spare is ready, the next batch waiting for the pool to meet it again: "
+        "faster, at that many fewer ready nodes; needed at max_nodes, which leaves no room "
+        "for the spare")] = 0,
     wait_limit: Annotated[float, typer.Option(
         min=1, max=86_400, help="Seconds with the old nodes unchanged (a boot that never "
         "ends, no replica deciding, a pool held short) before it stops, exit 1")] = 600.0,
@@ -1097,7 +1102,8 @@ def replace(
     time: a node in a session is drained in it (terminated when it ends); while it runs the pool
     holds --at-once spare nodes above its keep level, and ready nodes are drained --at-once at a
     time, only while the pool's ready nodes meet the level it keeps them at, so each batch is
-    booted before it goes; a node booting, once ready. Stop it (Ctrl-C, SIGTERM) and run it
+    booted before it goes (--max-unavailable lets that many go first); a node booting, once
+    ready. Stop it (Ctrl-C, SIGTERM) and run it
     again with the --cutoff it printed to go on. Exits 0 when no old node is ready or booting
     (those in a session go when it ends, the last replacements boot); 1 if the old nodes stood
     still for --wait-limit seconds, no replica runs, or the pool's state was lost meanwhile; 2
@@ -1149,7 +1155,9 @@ def replace(
                      "replacements; nothing drained")
         raise typer.Exit(1)
     if not yes:
-        _confirm(f"Replace them, {at_once} ready node(s) at a time?", "drained",
+        below = (f", and up to {max_unavailable} below the pool's keep level while the spare "
+                 "boots" if max_unavailable else "")
+        _confirm(f"Replace them, {at_once} ready node(s) at a time{below}?", "drained",
                  "replaces them")
 
     def say(line: str) -> None:
@@ -1159,6 +1167,7 @@ def replace(
 
     async def go(client: aioredis.Redis) -> rolling.Outcome:
         return await rolling.replace_nodes(client, keys, chosen, by=by, at_once=at_once,
+                                           max_unavailable=max_unavailable,
                                            wait_limit_s=wait_limit, say=say, outcome=outcome)
 
     def so_far() -> str:

@@ -19,7 +19,10 @@ new one. Each round:
   since the last batch. So the next batch waits until the pool has booted what it wanted in
   the last one's place and those boots are ready (whatever held them: a create held while the
   Node API fails, `max_nodes`, a boot that failed and was made again), and no node the pool
-  keeps on purpose goes unreplaced;
+  keeps on purpose goes unreplaced; with `max_unavailable` N, a batch of N goes before the
+  spare is ready while the ready nodes meet the pool's own keep level (the spare left out),
+  so the pool is never more than N short of it (and one at `max_nodes`, with no room for
+  the spare, is replaced);
 - a node still booting is drained once it is ready.
 
 While it runs it holds `at_once` spare nodes above the pool's keep level (`lua/hold_spare.lua`,
@@ -223,19 +226,23 @@ class Outcome:
 
 
 async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, *, by: str,
-                        at_once: int = 1, wait_limit_s: float = 600.0,
+                        at_once: int = 1, max_unavailable: int = 0,
+                        wait_limit_s: float = 600.0,
                         say: Callable[[str], None] = print, poll_s: float = POLL_S,
                         log_len: int = 1000,
                         clock: Callable[[], float] = time.monotonic,
                         outcome: Outcome | None = None) -> Outcome:
     """Replace the nodes of `cutoff` (module docstring); `say` is told each step, and each
-    wait once. `outcome` (optional) is filled in as it goes, for a caller stopped midway."""
+    wait once. `outcome` (optional) is filled in as it goes, for a caller stopped midway.
+    `max_unavailable`: ready nodes a batch may take below the pool's own keep level, the
+    spare not booted yet (a pool at its `max_nodes` has no room for it)."""
     scripts = Scripts(client, keys)
     outcome = outcome if outcome is not None else Outcome(done=False)
     run = uuid.uuid4().hex[:12]
     await scripts.hold_spare(await server_now_ms(client), "take", run, at_once, HOLD_LEASE_MS)
     try:
         return await _replace(client, keys, cutoff, scripts, run, by=by, at_once=at_once,
+                              max_unavailable=max_unavailable,
                               wait_limit_s=wait_limit_s, say=say, poll_s=poll_s,
                               log_len=log_len, clock=clock, outcome=outcome)
     finally:
@@ -246,15 +253,16 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
 
 
 async def _replace(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts: Scripts,
-                   run: str, *, by: str, at_once: int, wait_limit_s: float,
+                   run: str, *, by: str, at_once: int, max_unavailable: int,
+                   wait_limit_s: float,
                    say: Callable[[str], None], poll_s: float, log_len: int,
                    clock: Callable[[], float], outcome: Outcome) -> Outcome:
     state = _Run(clock())
     while True:
         try:
             ended = await _round(client, keys, cutoff, scripts, run, state, by=by,
-                                 at_once=at_once, say=say, log_len=log_len, clock=clock,
-                                 outcome=outcome)
+                                 at_once=at_once, max_unavailable=max_unavailable, say=say,
+                                 log_len=log_len, clock=clock, outcome=outcome)
         except RedisError as exc:
             # Writes refused for now (out of memory, a replica read-only, loading, a script
             # running long) or the server out of reach: waited for as any other hold-up,
@@ -298,7 +306,7 @@ class _Run:
 
 
 async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts: Scripts,
-                 run: str, state: _Run, *, by: str, at_once: int,
+                 run: str, state: _Run, *, by: str, at_once: int, max_unavailable: int,
                  say: Callable[[str], None], log_len: int, clock: Callable[[], float],
                  outcome: Outcome) -> bool:
     """One round; True when the run ends (`outcome` says how)."""
@@ -345,13 +353,21 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
         # that does not hold one (a review's replica of the release before; its keep level
         # left the batch nothing booted in its place).
         state.waiting = f"a decision that holds {at_once} spare node(s)"
-    elif pool.free < pool.keep:
+    elif pool.free < pool.keep and not (
+            max_unavailable and pool.free >= pool.keep - pool.held):
         state.waiting = "the pool's ready nodes, less the users waiting, to meet its keep level"
         state.short = f" ({pool.free} against {pool.keep})"
+        if max_unavailable:
+            state.short = (f" ({pool.free} against {pool.keep}; {pool.keep - pool.held} for "
+                           f"--max-unavailable {max_unavailable})")
     elif ready:
+        # The spare booted: a batch of --at-once. Not yet (or no room for it at max_nodes):
+        # --max-unavailable, if the pool meets its own keep level, so the next waits for
+        # the pool to meet it again, never more than that many below it.
+        batch = at_once if pool.free >= pool.keep else max_unavailable
         drained: list[str] = []
         try:
-            for node in ready[:at_once]:
+            for node in ready[:batch]:
                 result = await scripts.drain_node(now, node, by + TAG, log_len,
                                                   expected="ready", run=run)
                 if result.code is Drain.NOT_HELD:

@@ -79,6 +79,7 @@ async def replica(pool: PoolUnderTest, stop: asyncio.Event, low: list[int], *,
 
 
 async def replaced_with_a_replica(pool: PoolUnderTest, at_once: int = 1, *,
+                                  max_unavailable: int = 0,
                                   stop_after_first: bool = False, wait_limit_s: float = 20,
                                   **world: object) -> tuple[rolling.Outcome, list[str], int]:
     """The old pool replaced at `at_once` while a replica plays the floor (`replica`'s
@@ -110,8 +111,9 @@ async def replaced_with_a_replica(pool: PoolUnderTest, at_once: int = 1, *,
             await first
     try:  # a run that drains its own replacements never stands still, nor ends
         outcome = await asyncio.wait_for(rolling.replace_nodes(
-            pool.redis, pool.keys, cutoff, by="op", at_once=at_once, wait_limit_s=wait_limit_s,
-            say=said.append, poll_s=0.05, outcome=both), 30)
+            pool.redis, pool.keys, cutoff, by="op", at_once=at_once,
+            max_unavailable=max_unavailable, wait_limit_s=wait_limit_s, say=said.append,
+            poll_s=0.05, outcome=both), 30)
     except TimeoutError:
         outcome = both
     for _ in range(250):  # the last replacements boot
@@ -190,6 +192,20 @@ async def test_a_pool_with_no_room_for_the_spare_held_is_not_drained(
     assert outcome.waited_for == ("the pool's ready nodes, less the users waiting, to meet its "
                                   "keep level (3 against 4)"), said
     assert fewest == 3
+
+
+@pytest.mark.parametrize("max_nodes", [4, 20])
+async def test_max_unavailable_drains_that_many_below_the_keep_level_and_no_more(
+        pool: PoolUnderTest, max_nodes: int) -> None:
+    """--max-unavailable 1 lets a batch go before its spare is ready, the pool then one ready
+    node below its keep level until the replacement is: so a pool at its max_nodes, which
+    has no room for the spare, is replaced all the same (4: three ready and one in a
+    session), and one with room goes no lower either (20)."""
+    outcome, said, fewest = await replaced_with_a_replica(
+        pool, config=dataclasses.replace(FLOOR, max_nodes=max_nodes), max_unavailable=1)
+    assert outcome.done and outcome.drained == ["n1", "n2", "n3"], said
+    assert fewest == 2, said
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
 async def decided_in(pool: PoolUnderTest, delay_s: float, numbers: dict[str, int]) -> None:
@@ -350,6 +366,8 @@ def test_the_cli_shows_its_plan_refuses_without_a_replica_and_takes_back_its_dra
     assert other.exit_code == 2 and "run it without --cutoff" in other.output, other.output
     bad = CliRunner().invoke(app, ["replace", *common, "--cutoff", "5"])
     assert bad.exit_code == 2 and "COUNT@EPOCH" in bad.output, bad.output
+    below = CliRunner().invoke(app, ["replace", *common, "--max-unavailable", "-1"])
+    assert below.exit_code == 2 and "--max-unavailable" in below.output, below.output
 
     async def mark_n4_as_a_run() -> None:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)

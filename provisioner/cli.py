@@ -1084,10 +1084,10 @@ def replace(
         min=1, max=1000, help="Most ready nodes drained together, and the spare nodes the "
         "pool holds above its keep level while it runs, booted before each batch goes")] = 1,
     max_unavailable: Annotated[int, typer.Option(
-        min=0, max=1000, help="Ready nodes a batch may take below the pool's own keep level "
-        "before its spare is ready, the next batch waiting for the pool to meet it again: "
-        "faster, at that many fewer ready nodes; needed at max_nodes, which leaves no room "
-        "for the spare")] = 0,
+        min=0, max=1000, help="Ready nodes the run may take the pool below its own keep "
+        "level before their replacements are ready (never its last ready node), each batch "
+        "waiting for it to meet that level again: faster, at that many fewer ready nodes; "
+        "needed at max_nodes, which leaves no room for the spare")] = 0,
     wait_limit: Annotated[float, typer.Option(
         min=1, max=86_400, help="Seconds with the old nodes unchanged (a boot that never "
         "ends, no replica deciding, a pool held short) before it stops, exit 1")] = 600.0,
@@ -1155,8 +1155,8 @@ def replace(
                      "replacements; nothing drained")
         raise typer.Exit(1)
     if not yes:
-        below = (f", and up to {max_unavailable} below the pool's keep level while the spare "
-                 "boots" if max_unavailable else "")
+        below = (f", the pool up to {max_unavailable} below its keep level before their "
+                 "replacements are ready" if max_unavailable else "")
         _confirm(f"Replace them, {at_once} ready node(s) at a time{below}?", "drained",
                  "replaces them")
 

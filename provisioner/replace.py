@@ -19,10 +19,10 @@ new one. Each round:
   since the last batch. So the next batch waits until the pool has booted what it wanted in
   the last one's place and those boots are ready (whatever held them: a create held while the
   Node API fails, `max_nodes`, a boot that failed and was made again), and no node the pool
-  keeps on purpose goes unreplaced; with `max_unavailable` N, a batch of N goes before the
-  spare is ready while the ready nodes meet the pool's own keep level (the spare left out),
-  so the pool is never more than N short of it (and one at `max_nodes`, with no room for
-  the spare, is replaced);
+  keeps on purpose goes unreplaced; with `max_unavailable` N, batches go before their
+  replacements are ready, as many as leave the ready nodes at least the pool's own keep
+  level (the spare left out) less N, and never the last ready node (`_batch`; so a pool
+  at `max_nodes`, with no room for the spare, is replaced);
 - a node still booting is drained once it is ready.
 
 While it runs it holds `at_once` spare nodes above the pool's keep level (`lua/hold_spare.lua`,
@@ -353,18 +353,14 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
         # that does not hold one (a review's replica of the release before; its keep level
         # left the batch nothing booted in its place).
         state.waiting = f"a decision that holds {at_once} spare node(s)"
-    elif pool.free < pool.keep and not (
-            max_unavailable and pool.free >= pool.keep - pool.held):
+    elif (batch := _batch(pool, at_once, max_unavailable)) <= 0:
         state.waiting = "the pool's ready nodes, less the users waiting, to meet its keep level"
         state.short = f" ({pool.free} against {pool.keep})"
         if max_unavailable:
-            state.short = (f" ({pool.free} against {pool.keep}; {pool.keep - pool.held} for "
+            state.short = (f" ({pool.free} against {pool.keep}; "
+                           f"{max(pool.keep - pool.held - max_unavailable + 1, 2)} for "
                            f"--max-unavailable {max_unavailable})")
     elif ready:
-        # The spare booted: a batch of --at-once. Not yet (or no room for it at max_nodes):
-        # --max-unavailable, if the pool meets its own keep level, so the next waits for
-        # the pool to meet it again, never more than that many below it.
-        batch = at_once if pool.free >= pool.keep else max_unavailable
         drained: list[str] = []
         try:
             for node in ready[:batch]:
@@ -390,6 +386,19 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     else:
         state.waiting = f"{len(booting)} old node(s) to finish booting"
     return False
+
+
+def _batch(pool: Supply, at_once: int, max_unavailable: int) -> int:
+    """How many ready nodes may go now. Without `max_unavailable`: `at_once`, once the
+    pool's ready nodes (less the users waiting) meet its keep level with the spare held, so
+    each batch was booted before it goes. With it: as many as leave them at least the pool's
+    own keep level (the spare left out) less `max_unavailable`, up to `at_once` more once the
+    spare is ready, and never the last ready node (a review: at `--max-unavailable 1` a pool
+    at a floor of one was drained to none, and the next connect waited)."""
+    if not max_unavailable:
+        return at_once if pool.keep is not None and pool.free >= pool.keep else 0
+    own = (pool.keep or 0) - pool.held
+    return min(pool.free - own + max_unavailable, pool.free - 1)
 
 
 def _taken_back(outcome: Outcome, refused: DrainResult) -> bool:

@@ -194,18 +194,54 @@ async def test_a_pool_with_no_room_for_the_spare_held_is_not_drained(
     assert fewest == 3
 
 
-@pytest.mark.parametrize("max_nodes", [4, 20])
+@pytest.mark.parametrize(("at_once", "max_unavailable", "max_nodes", "lowest"), [
+    (1, 1, 4, 2), (1, 1, 20, 2),  # at the quota (no room for the spare) and with room
+    (2, 1, 4, 2), (1, 2, 4, 1),   # --at-once and N apart: N is the bound, not --at-once
+])
 async def test_max_unavailable_drains_that_many_below_the_keep_level_and_no_more(
-        pool: PoolUnderTest, max_nodes: int) -> None:
-    """--max-unavailable 1 lets a batch go before its spare is ready, the pool then one ready
-    node below its keep level until the replacement is: so a pool at its max_nodes, which
-    has no room for the spare, is replaced all the same (4: three ready and one in a
-    session), and one with room goes no lower either (20)."""
+        pool: PoolUnderTest, at_once: int, max_unavailable: int, max_nodes: int,
+        lowest: int) -> None:
+    """--max-unavailable N lets a batch go before its spare is ready, the pool then at most N
+    ready nodes below its own keep level until the replacements are: so a pool at its
+    max_nodes, which has no room for the spare, is replaced all the same (4: three ready and
+    one in a session), and one with room goes no lower either."""
     outcome, said, fewest = await replaced_with_a_replica(
-        pool, config=dataclasses.replace(FLOOR, max_nodes=max_nodes), max_unavailable=1)
+        pool, at_once, config=dataclasses.replace(FLOOR, max_nodes=max_nodes),
+        max_unavailable=max_unavailable)
     assert outcome.done and outcome.drained == ["n1", "n2", "n3"], said
-    assert fewest == 2, said
+    assert fewest == lowest, said
     assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+@pytest.mark.parametrize("max_nodes", [2, 3])
+async def test_max_unavailable_never_drains_the_last_ready_node(
+        pool: PoolUnderTest, max_nodes: int) -> None:
+    """A review: at --max-unavailable 1, a pool at a floor of one (its node n1, and n4 in a
+    session) was drained to none, and the next connect waited. The last ready node stays:
+    at max_nodes 2 (no room for the spare) the run stops at its limit having drained
+    nothing, saying so; at 3 the spare boots first, and n1 goes."""
+    one = dataclasses.replace(FLOOR, min_ready=1, max_nodes=max_nodes)
+    for node in ("n4", "n1"):
+        await pool.boot(node)
+    await pool.scripts.allocate(pool.now, "u1")  # n4
+    stop, low = asyncio.Event(), [99]
+    ticking = asyncio.create_task(replica(pool, stop, low, config=one))
+    await asyncio.sleep(0.6)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    said: list[str] = []
+    outcome = await asyncio.wait_for(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", max_unavailable=1, wait_limit_s=2.0,
+        say=said.append, poll_s=0.05), 30)
+    await asyncio.sleep(0.6)
+    stop.set()
+    await ticking
+    assert min(low[1:]) == 1, said
+    if max_nodes == 2:
+        assert not outcome.done and outcome.drained == [], said
+        assert outcome.waited_for == ("the pool's ready nodes, less the users waiting, to meet "
+                                      "its keep level (1 against 2; 2 for --max-unavailable 1)")
+    else:
+        assert outcome.done and outcome.drained == ["n1"], said
 
 
 async def decided_in(pool: PoolUnderTest, delay_s: float, numbers: dict[str, int]) -> None:

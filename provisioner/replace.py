@@ -234,8 +234,9 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
                         outcome: Outcome | None = None) -> Outcome:
     """Replace the nodes of `cutoff` (module docstring); `say` is told each step, and each
     wait once. `outcome` (optional) is filled in as it goes, for a caller stopped midway.
-    `max_unavailable`: ready nodes a batch may take below the pool's own keep level, the
-    spare not booted yet (a pool at its `max_nodes` has no room for it)."""
+    `max_unavailable`: ready nodes the run may take the pool below its own keep level
+    before their replacements are ready, never its last (`_batch`; a pool at its
+    `max_nodes` has no room for the spare)."""
     scripts = Scripts(client, keys)
     outcome = outcome if outcome is not None else Outcome(done=False)
     run = uuid.uuid4().hex[:12]

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import redis.asyncio as aioredis
 
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
+from provisioner.redis_server import free_port
 from provisioner.scripts import Scripts, Snapshot
 
 T0 = 1_767_225_600_000
@@ -178,3 +182,40 @@ def run_delay_proxy(host: str, port: int, delay_s: float) -> None:
         await server.serve_forever()
 
     asyncio.run(serve())
+
+
+def wait_http(url: str, timeout: float = 20.0,
+              process: subprocess.Popen[Any] | None = None) -> bool:
+    """Whether `url` answered 200 within `timeout`; False at once if `process` exited first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} never answered 200")
+
+
+def listening(command: Callable[[int], list[str]], path: str,
+              **popen: Any) -> tuple[subprocess.Popen[Any], int]:
+    """A process started with `command(port)` (and `popen`'s arguments) on a free port, once
+    `path` answers 200 there. A free port is free when asked for, not when the process binds
+    it: under `make test`'s two workers the other's processes take ports too, so one that
+    exits first (its port taken) is started again on another; one that never answers is
+    killed."""
+    for _attempt in range(3):
+        port = free_port()
+        process = subprocess.Popen(command(port), **popen)
+        try:
+            if wait_http(f"http://127.0.0.1:{port}{path}", process=process):
+                return process, port
+        except TimeoutError:
+            process.kill()
+            process.wait()
+            raise
+        process.communicate()  # exited: its pipes, if any, closed
+    raise RuntimeError(f"{command(0)} exited before answering, 3 times")

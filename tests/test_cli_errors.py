@@ -23,6 +23,7 @@ from provisioner.config import ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.logs import MalformedRequests
 from provisioner.model import FORMAT
+from tests.helpers import listening
 from tests.test_bench_world import write_trace
 
 
@@ -117,22 +118,11 @@ def test_what_the_environment_refuses_is_one_error_line(
 def test_the_mock_node_api_answers_a_malformed_request_with_one_line(redis_url: str) -> None:
     """A 20,000-character URL logged aiohttp's ERROR and traceback in the mock, though it
     answered 400 (a review); the mock logs as the service does now."""
-    from provisioner.redis_server import free_port
-
-    port = free_port()
-    mock = subprocess.Popen([sys.executable, "-m", "provisioner", "mock-node-api", "--port",
-                             str(port), "--redis-url", redis_url],
-                            stderr=subprocess.PIPE, text=True)
+    mock, port = listening(lambda port: [
+        sys.executable, "-m", "provisioner", "mock-node-api", "--port", str(port),
+        "--redis-url", redis_url], "/healthz", stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                connection = socket.create_connection(("127.0.0.1", port), timeout=1)
-                break
-            except OSError:
-                assert mock.poll() is None and time.monotonic() < deadline, "no mock"
-                time.sleep(0.1)
-        with connection:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
             connection.sendall(b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
             assert b" 400 " in connection.recv(100)
     finally:
@@ -253,7 +243,6 @@ def _reconciled_against_an_empty_mock(redis_url: str, pool: str, node: str,
 
     import redis.asyncio as aioredis
 
-    from provisioner.redis_server import free_port
     from provisioner.scripts import Scripts
 
     async def plant() -> None:
@@ -265,18 +254,10 @@ def _reconciled_against_an_empty_mock(redis_url: str, pool: str, node: str,
         await client.aclose()
 
     asyncio.run(plant())
-    port = free_port()
-    api = subprocess.Popen([sys.executable, "-m", "provisioner", "mock-node-api", "--port",
-                            str(port), "--redis-url", redis_url], stderr=subprocess.DEVNULL)
+    api, port = listening(lambda port: [
+        sys.executable, "-m", "provisioner", "mock-node-api", "--port", str(port),
+        "--redis-url", redis_url], "/healthz", stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert api.poll() is None and time.monotonic() < deadline, "no mock"
-                time.sleep(0.1)
         return subprocess.run([sys.executable, "-m", "provisioner", "reconcile", "--redis-url",
                                redis_url, "--node-api-url", f"http://127.0.0.1:{port}",
                                "--pool", pool], capture_output=True, text=True, timeout=60)

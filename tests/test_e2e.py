@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +25,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from provisioner.keys import PoolKeys
-from provisioner.redis_server import free_port
 from provisioner.view import check_invariants
-from tests.helpers import Subscriber
+from tests.helpers import Subscriber, listening
 
 pytestmark = pytest.mark.e2e
 POOL = "e2e"
@@ -67,48 +66,13 @@ class Stack:
         return nodes
 
 
-def _wait_http(url: str, timeout: float = 20.0,
-               process: subprocess.Popen[bytes] | None = None) -> bool:
-    """Whether `url` answered 200 within `timeout`; False at once if `process` exited first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            return False
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} never answered 200")
-
-
-def _listening(command: Callable[[int], list[str]], path: str,
-               env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
-    """A process started with `command(port)` on a free port, once `path` answers 200 there.
-    A free port is free when asked for, not when the process binds it: under `make test`'s two
-    workers the other's processes take ports too, so one that exits first (its port taken) is
-    started again on another."""
-    for _attempt in range(3):
-        port = free_port()
-        process = subprocess.Popen(command(port), env=env)
-        try:
-            if _wait_http(f"http://127.0.0.1:{port}{path}", process=process):
-                return process, port
-        except TimeoutError:
-            process.kill()
-            process.wait()
-            raise
-    raise RuntimeError(f"{command(0)} exited before answering, 3 times")
-
-
 @pytest.fixture
 def stack_factory(redis_url: str, sync_redis: Any) -> Iterator[Any]:
     stacks: list[Stack] = []
     exe = [sys.executable, "-m", "provisioner"]
 
     def start(*extra: str, boot_delay: str = "0.5", api_args: tuple[str, ...] = ()) -> Stack:
-        api, api_port = _listening(lambda port: [
+        api, api_port = listening(lambda port: [
             *exe, "mock-node-api", "--port", str(port), "--redis-url", redis_url,
             "--boot-delay", boot_delay, "--terminate-delay", "0.2", *api_args], "/healthz")
         api_url = f"http://127.0.0.1:{api_port}"
@@ -116,7 +80,7 @@ def stack_factory(redis_url: str, sync_redis: Any) -> Iterator[Any]:
         stack = Stack(redis_url, api_url, api, replicas, ports)
         stacks.append(stack)  # killed at the end, whatever started
         for index in range(2):
-            replica, port = _listening(lambda port, index=index: [
+            replica, port = listening(lambda port, index=index: [
                 *exe, "run", "--redis-url", redis_url, "--node-api-url", api_url,
                 "--pool", POOL, "--http-port", str(port), "--replica-id", f"r{index + 1}",
                 "--tick-interval", "0.2", "--reconcile-interval", "2", *extra], "/readyz",

@@ -358,9 +358,8 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
         state.waiting = "the pool's ready nodes, less the users waiting, to meet its keep level"
         state.short = f" ({pool.free} against {pool.keep})"
         if max_unavailable:
-            state.short = (f" ({pool.free} against {pool.keep}; "
-                           f"{max(pool.keep - pool.held - max_unavailable + 1, 2)} for "
-                           f"--max-unavailable {max_unavailable})")
+            state.short = (f" ({pool.free} against {pool.keep}; {_needed(pool, max_unavailable)}"
+                           f" for --max-unavailable {max_unavailable})")
     elif ready:
         drained: list[str] = []
         try:
@@ -389,17 +388,27 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     return False
 
 
-def _batch(pool: Supply, at_once: int, max_unavailable: int) -> int:
-    """How many ready nodes may go now. Without `max_unavailable`: `at_once`, once the
-    pool's ready nodes (less the users waiting) meet its keep level with the spare held, so
-    each batch was booted before it goes. With it: as many as leave them at least the pool's
-    own keep level (the spare left out) less `max_unavailable`, up to `at_once` more once the
-    spare is ready, and never the last ready node (a review: at `--max-unavailable 1` a pool
-    at a floor of one was drained to none, and the next connect waited)."""
+def _needed(pool: Supply, max_unavailable: int) -> int:
+    """The ready nodes (less the users waiting) the pool needs for a batch to go: its keep
+    level with the spare held, so each batch was booted before it goes; with
+    `max_unavailable`, its own keep level (the spare left out) less that many, plus the node
+    that goes, and two at least, so the last ready node never goes (a review: at
+    `--max-unavailable 1` a pool at a floor of one was drained to none, and the next connect
+    waited)."""
+    keep = pool.keep or 0
     if not max_unavailable:
-        return at_once if pool.keep is not None and pool.free >= pool.keep else 0
-    own = (pool.keep or 0) - pool.held
-    return min(pool.free - own + max_unavailable, pool.free - 1)
+        return keep
+    return max(keep - pool.held - max_unavailable + 1, 2)
+
+
+def _batch(pool: Supply, at_once: int, max_unavailable: int) -> int:
+    """How many ready nodes may go now: none while the pool has fewer than it needs
+    (`_needed`); else `at_once`, or with `max_unavailable` as many as leave it one short of
+    that (up to `at_once` more than it once the spare is ready)."""
+    needed = _needed(pool, max_unavailable)
+    if pool.keep is None or pool.free < needed:
+        return 0
+    return pool.free - needed + 1 if max_unavailable else at_once
 
 
 def _taken_back(outcome: Outcome, refused: DrainResult) -> bool:

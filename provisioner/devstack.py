@@ -86,16 +86,35 @@ class Child:
         self._log.close()
 
 
-def _wait_http(port: int, timeout: float = 15.0) -> bool:
+def _wait_http(port: int, timeout: float = 15.0, child: Child | None = None) -> bool:
+    """Whether /healthz on `port` answered within `timeout`; False at once if `child` exits."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            return False
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return True
         time.sleep(0.2)
     return False
+
+
+def _serving(start: Callable[[int], Child]) -> tuple[Child, int, bool]:
+    """A child started by `start(port)` on a free port, and whether it answers there. A free
+    port is free when asked for, not when the child binds it: one that exits first (a
+    replica's log: "cannot listen ... address already in use", in a test run beside another)
+    is started again on another port, twice at most."""
+    for _attempt in range(3):
+        port = free_port()
+        child = start(port)
+        if _wait_http(port, child=child):
+            return child, port, True
+        if child.alive():
+            break  # slow, not refused: its log says why
+        child.kill()
+    return child, port, False
 
 
 @dataclass
@@ -190,23 +209,28 @@ def stack(redis_url: str | None = None, replicas: int = 2,
         elif problem := _unreachable(redis_url):
             # Every process would start, fail and exit, and the view wait for them for ever.
             raise RuntimeError(f"cannot reach Redis at {shown_url(redis_url)}: {problem}")
-        running = Stack(redis_url, logdir, free_port(), children=children)
         # The URL goes in the environment, not on the command line: a command line is every
         # local user's to read (ps, /proc/PID/cmdline), and the URL may carry a password.
         env = {"PROVISIONER_REDIS_URL": redis_url}
-        children.append(Child("mock-node-api", [
-            *exe, "mock-node-api", "--port", str(running.api_port),
-            "--boot-delay", boot_delay, *mock], logdir, env))
-        if not _wait_http(running.api_port):
+        api, api_port, answers = _serving(lambda port: Child("mock-node-api", [
+            *exe, "mock-node-api", "--port", str(port), "--boot-delay", boot_delay, *mock],
+            logdir, env))
+        children.append(api)
+        running = Stack(redis_url, logdir, api_port, children=children)
+        if not answers:
             raise RuntimeError(f"mock Node API did not start; see {logdir}/mock-node-api.log")
-        for index in range(replicas):
-            port = free_port()
-            running.metrics_ports.append(port)
-            children.append(Child(f"replica-{index + 1}", [
+        def replica(name: str) -> Callable[[int], Child]:
+            return lambda port: Child(name, [
                 *exe, "run",
                 "--node-api-url", f"http://127.0.0.1:{running.api_port}", "--http-port",
                 str(port), "--http-host", "127.0.0.1",  # a laptop's stack: this host only
-                "--replica-id", f"replica-{index + 1}"], logdir, env))
+                "--replica-id", name], logdir, env)
+
+        for index in range(replicas):
+            # Each answering before the next starts, and before the simulator's traffic.
+            child, port, _ = _serving(replica(f"replica-{index + 1}"))
+            children.append(child)
+            running.metrics_ports.append(port)
         rate = [] if arrival_rate is None else ["--arrival-rate", str(arrival_rate)]
         children.append(Child("simulator", [*exe, "simulate", *rate, *simulate], logdir, env))
         given = f" ({shlex.join(mock)})" if mock else ""

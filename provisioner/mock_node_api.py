@@ -372,9 +372,14 @@ async def serve(api: MockNodeApi, host: str, port: int) -> None:
     # timeout; its injected latency ends when close() is called), not aiohttp's 60.
     runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("mock Node API on http://%s:%d", host, port)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()  # a port taken: nothing left set up
+        await api.redis.aclose()
+        raise
+    # a URL a client takes: an IPv6 address in brackets
+    log.info("mock Node API on http://%s:%d", f"[{host}]" if ":" in host else host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

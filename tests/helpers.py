@@ -7,7 +7,7 @@ import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,3 +219,29 @@ def listening(command: Callable[[int], list[str]], path: str,
             raise
         process.communicate()  # exited: its pipes, if any, closed
     raise RuntimeError(f"{command(0)} exited before answering, 3 times")
+
+
+async def answering(start: Callable[[int], Awaitable[Any]], path: str,
+                    host: str = "127.0.0.1") -> tuple[asyncio.Task[Any], int, httpx.Response]:
+    """`start(port)` run as a task on a free port, once `path` answers there (any status):
+    the task, the port and that first answer. As `listening` for a process: one that ends
+    with an OSError first (its port taken meanwhile by another worker's process) is started
+    again on another port; any other end, or no answer within 10 s, fails the test."""
+    where = f"[{host}]" if ":" in host else host
+    for _attempt in range(3):
+        port = free_port()
+        task = asyncio.ensure_future(start(port))
+        deadline = time.monotonic() + 10
+        async with httpx.AsyncClient() as client:
+            while not task.done():
+                try:
+                    return task, port, await client.get(f"http://{where}:{port}{path}")
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        task.cancel()
+                        raise TimeoutError(f"nothing answered {path} on port {port}") from None
+                    await asyncio.sleep(0.02)
+        if not isinstance(task.exception(), OSError):
+            task.result()  # raises what ended it; a clean end before answering:
+            raise RuntimeError(f"it ended before answering {path} on port {port}")
+    raise RuntimeError(f"it could not listen on a free port 3 times: {task.exception()}")

@@ -22,7 +22,7 @@ from provisioner.metrics import Metrics
 from provisioner.mock_node_api import BootDelay, DelaySpecError, Faults, MockNodeApi
 from provisioner.nodeapi import CreateOutcome, HttpNodeApi
 from provisioner.redis_server import free_port
-from tests.helpers import Subscriber
+from tests.helpers import Subscriber, answering
 
 Start = Callable[..., Any]
 
@@ -38,8 +38,8 @@ async def start_api(aredis: aioredis.Redis) -> AsyncIterator[Start]:
         api = api or MockNodeApi(redis or aredis, BootDelay.parse(boot_delay), seed=1, **kwargs)
         runner = web.AppRunner(api.app())
         await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()  # any free port: no race to bind
+        port = runner.addresses[0][1]
         runners.append((runner, api))
         client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
         clients.append(client)
@@ -413,15 +413,8 @@ async def test_a_mock_told_to_stop_answers_a_call_in_its_latency_and_creates_not
 
     # seed 1 draws a latency of 80 s for the first call
     api = Watched(aredis, BootDelay.parse("1"), faults=Faults(latency_s=600), seed=1)
-    port = free_port()
-    serving = asyncio.create_task(serve(api, "127.0.0.1", port))
+    serving, port, _ = await answering(lambda port: serve(api, "127.0.0.1", port), "/healthz")
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-        while True:  # until it listens
-            try:
-                await client.get("/healthz")
-                break
-            except httpx.ConnectError:
-                await asyncio.sleep(0.05)
         async with Subscriber(aredis, "node:status") as sub:
             creating = asyncio.create_task(client.post("/api/nodes"))
             await in_latency.wait()
@@ -432,6 +425,41 @@ async def test_a_mock_told_to_stop_answers_a_call_in_its_latency_and_creates_not
             published = await sub.drain(settle=0.3)
     assert answer.status_code == 503 and answer.json() == {"error": "the mock is stopping"}
     assert published == [] and api.nodes == {}
+
+
+async def test_a_mock_on_a_taken_port_fails_cleanly_and_the_tests_start_it_on_another(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Under `make test`'s two workers a free port can be taken between the asking and the
+    binding. serve() there raises the OSError, leaving nothing set up; `answering` starts it
+    again on another port."""
+    import socket
+
+    from provisioner import mock_node_api
+    from tests import helpers
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1]]
+        real = helpers.free_port
+        monkeypatch.setattr(helpers, "free_port", lambda: ports.pop() if ports else real())
+        tried: list[int] = []
+        caplog.set_level(logging.INFO, logger=mock_node_api.log.name)
+
+        def start(port: int) -> Any:
+            tried.append(port)
+            api = MockNodeApi(aioredis.Redis.from_url(redis_url), BootDelay.parse("1"), seed=1)
+            return mock_node_api.serve(api, "127.0.0.1", port)
+
+        serving, port, answer = await answering(start, "/healthz")
+        try:
+            assert tried == [taken.getsockname()[1], port] and answer.status_code == 200
+            said = [r.getMessage() for r in caplog.records if "mock Node API on" in r.getMessage()]
+            assert said == [f"mock Node API on http://127.0.0.1:{port}"]
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # serve() handles it on this loop
+            await asyncio.wait_for(serving, 20)
 
 
 class FirstHeld:

@@ -31,7 +31,7 @@ from provisioner.scripts import AllocateResult, Allocation, Release, ReleaseResu
 from provisioner.service import ACTIVITY_BATCH, LISTEN_BATCH, Replica, http_app
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
-from tests.helpers import T0, Subscriber, dump_pool, heard_ago
+from tests.helpers import T0, Subscriber, answering, dump_pool, heard_ago
 
 POOL = "svc"
 #: These tests are about the replica's plumbing, so the pool holds exactly its floor: the
@@ -1372,11 +1372,10 @@ async def test_serve_logs_where_it_listens_as_a_url_that_reaches_it(
     URL no client takes (an IPv6 address goes in brackets)."""
     import httpx
 
-    from provisioner.redis_server import free_port
     from provisioner.service import serve
 
     service = ServiceConfig(redis_url, "http://127.0.0.1:9", pool="listens", http_host=host,
-                            http_port=free_port(), reconcile_interval_s=0)
+                            reconcile_interval_s=0)
     if ":" in host:
         import socket
 
@@ -1387,14 +1386,13 @@ async def test_serve_logs_where_it_listens_as_a_url_that_reaches_it(
             pytest.skip(f"cannot listen on {host}: {exc}")
     stop = asyncio.Event()
     caplog.set_level(logging.INFO, logger="provisioner.service")
-    serving = asyncio.create_task(serve(service, FLOOR_ONLY, stop))
+    serving, _, _ = await answering(
+        lambda port: serve(dataclasses.replace(service, http_port=port), FLOOR_ONLY, stop),
+        "/healthz", host)
     try:
-        deadline = time.monotonic() + 10
-        while not (said := [r.getMessage() for r in caplog.records
-                            if r.getMessage().startswith("metrics and health on ")]):
-            assert not serving.done() and time.monotonic() < deadline, caplog.text
-            await asyncio.sleep(0.05)
-        url = said[0].removeprefix("metrics and health on ")
+        said = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("metrics and health on ")]
+        url = said[-1].removeprefix("metrics and health on ")
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"{url}/healthz")).status_code == 200, url
     finally:
@@ -2900,9 +2898,7 @@ async def _first_metrics_behind_a_silent_api(redis_url: str, aredis: aioredis.Re
     """serve() for `pool` against a Node API that never answers, so its first tick waits for
     the first reconciliation up to the API's timeout; yields the first answer of its /metrics,
     which comes meanwhile. Stops it and drops the pool's keys after."""
-    import httpx
 
-    from provisioner.redis_server import free_port
     from provisioner.service import serve
 
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -2911,21 +2907,13 @@ async def _first_metrics_behind_a_silent_api(redis_url: str, aredis: aioredis.Re
 
     silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
     api_port = silent.sockets[0].getsockname()[1]
-    port = free_port()
     service = ServiceConfig(redis_url, f"http://127.0.0.1:{api_port}", pool=pool,
-                            http_port=port, api_timeout_s=5)
+                            api_timeout_s=5)
     stop = asyncio.Event()
-    serving = asyncio.create_task(serve(service, FLOOR_ONLY, stop))
+    serving, _, answer = await answering(
+        lambda port: serve(dataclasses.replace(service, http_port=port), FLOOR_ONLY, stop),
+        "/metrics")
     try:
-        async with httpx.AsyncClient() as client:
-            deadline = time.monotonic() + 5
-            while True:
-                assert not serving.done() and time.monotonic() < deadline
-                try:
-                    answer = await client.get(f"http://127.0.0.1:{port}/metrics")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.02)
         yield answer
     finally:
         stop.set()

@@ -71,9 +71,6 @@ from provisioner.scripts import (
 #: What `replace` drains under: the operator's name with this after it, so that `--cancel`
 #: takes back its own drains and not a `provisioner drain` of the same operator.
 TAG = " (replace)"
-#: How long a run's hold of spare nodes lasts unless renewed (each round renews it): a run
-#: that dies leaves the pool at its own target within this.
-HOLD_LEASE_MS = 30_000
 #: Seconds between a run's rounds.
 POLL_S = 1.0
 
@@ -240,7 +237,7 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
     scripts = Scripts(client, keys)
     outcome = outcome if outcome is not None else Outcome(done=False)
     run = uuid.uuid4().hex[:12]
-    await scripts.hold_spare(await server_now_ms(client), "take", run, at_once, HOLD_LEASE_MS)
+    await scripts.hold_spare(await server_now_ms(client), "take", run, at_once)
     try:
         return await _replace(client, keys, cutoff, scripts, run, by=by, at_once=at_once,
                               max_unavailable=max_unavailable,
@@ -313,7 +310,7 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     """One round; True when the run ends (`outcome` says how)."""
     state.waiting, state.short = "", ""
     now = await server_now_ms(client)
-    held, holder = await scripts.hold_spare(now, "renew", run, at_once, HOLD_LEASE_MS)
+    held, holder = await scripts.hold_spare(now, "renew", run, at_once)
     if held is Hold.TAKEN_BACK:
         outcome.taken_back, outcome.lapsed = holder, state.refused and not holder
         return True

@@ -165,6 +165,11 @@ class Drain(IntEnum):
     NOT_HELD = 5  # a replace run's drain, refused: the run holds the pool's spare no more
 
 
+#: How long `provisioner replace`'s hold of spare nodes lasts unless renewed (each round of a
+#: run renews it): a run that dies leaves the pool at its own target within this.
+HOLD_LEASE_MS = 30_000
+
+
 class Hold(IntEnum):
     TAKEN_BACK = 0  # renew: the run does not hold it (let go by --cancel, or another run's)
     HELD = 1  # taken or renewed
@@ -787,7 +792,7 @@ class Scripts:
             "" if session_ms is None else session_ms, run), _drain))
 
     async def hold_spare(self, now_ms: int, mode: str, run: str, extra: int = 1,
-                         lease_ms: int = 60_000) -> tuple[Hold, str]:
+                         lease_ms: int = HOLD_LEASE_MS) -> tuple[Hold, str]:
         """`provisioner replace`'s hold of `extra` spare nodes above the pool's keep level
         (lua/hold_spare.lua): mode 'take', 'renew' (only the run's own) or 'release' (run ''
         lets go of any run's); what it did, and the run that held it before ('' if none)."""

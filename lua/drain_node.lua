@@ -39,6 +39,11 @@
           unless that run holds the pool's spare (hold_spare.lua), so that once `--cancel`
           lets go of the hold, the run's round under way marks nothing more (a review: a
           cancel read the marks while a slow round still made them)
+  ARGV[9] 'last' (optional, with ARGV[8]): the node is of the run's last batch; once it is
+          drained (ready or booting), the run's hold is one spare lower (not below 0, its
+          lease as it was). The hold booted the last batch's replacements before it went, as
+          every batch's; held on after it, it asked for as many again (a pool at a floor of
+          one booted a second node as its old one went, and reaped it idle later).
 
   Returns {code, state, ...}
     1 DRAINING  {1, previous state, requeued user or '', [user, node, waited_ms]...}
@@ -65,6 +70,7 @@ local at_once = ARGV[6] == 'now'
 local cancel = ARGV[6] == 'cancel'
 local session_seen = ARGV[7] or ''
 local run = ARGV[8] or ''
+local last = ARGV[9] == 'last'
 
 local nk = node_key(node)
 local state = rcall('HGET', nk, 'state')
@@ -121,6 +127,13 @@ end
 local requeued = state == 'allocated' and requeue_session(node, now)
 terminate_drained(node, now)
 local result = {1, state, requeued or ''}
+if last and run ~= '' and state ~= 'allocated' then
+  local hold = rcall('GET', K.replacing)
+  local extra = read_hold(hold)
+  if extra and extra > 0 then  -- its holder is the run: checked above
+    rcall('SET', K.replacing, (string.gsub(hold, '^%d+', score(extra - 1))), 'KEEPTTL')
+  end
+end
 if state ~= 'allocated' then
   log_drain(string.format('was %s; its DELETE is sent by the next replica to tick', state))
   return result

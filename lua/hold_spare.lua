@@ -20,7 +20,8 @@
     take     -> held by this run (another run's hold is taken over: that run finds it gone
                 at its next renewal and stops)
     renew    -> held longer, only if this run holds it; else nothing (TAKEN_BACK): let go by
-                `replace --cancel`, or taken over by another run
+                `replace --cancel`, or taken over by another run. Never more spare than it
+                holds: the run's last batch lowers it as it goes (drain_node.lua, ARGV[9])
     release  -> let go, if this run holds it (with ARGV[4] '', any run's: `replace --cancel`)
 
   Idempotent: a second take or renew writes the same; a second release finds nothing.
@@ -28,7 +29,7 @@
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
   ARGV[2] 'take', 'renew' or 'release'
-  ARGV[3] extra spare nodes (take, renew; 1 or more)
+  ARGV[3] extra spare nodes (take, renew; 1 or more: a renewal keeps fewer if fewer are held)
   ARGV[4] the run's token (take, renew; with release, '' lets go of any run's hold)
   ARGV[5] the lease (ms; take, renew)
 
@@ -67,8 +68,11 @@ if not now or not extra or extra < 1 or extra ~= math.floor(extra) or run == ''
   error({err = 'hold_spare: take and renew need now, a whole extra of 1 or more, a run '
     .. 'token without a colon and a lease'})
 end
-if mode == 'renew' and holder ~= run then
-  return {0, holder}
+if mode == 'renew' then
+  if holder ~= run then
+    return {0, holder}
+  end
+  extra = math.min(extra, (read_hold(held)))
 end
 rcall('SET', K.replacing, score(extra) .. ':' .. score(now + lease_ms) .. ':' .. run, 'PX',
       score(lease_ms))

@@ -359,10 +359,13 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
                            f" for --max-unavailable {max_unavailable})")
     elif ready:
         drained: list[str] = []
+        # The last batch's replacements are booted: as it goes, the hold goes down with it,
+        # or the pool boots as many again (and reaps them idle later).
+        last = batch >= len(ready) and not booting
         try:
             for node in ready[:batch]:
                 result = await scripts.drain_node(now, node, by + TAG, log_len,
-                                                  expected="ready", run=run)
+                                                  expected="ready", run=run, last=last)
                 if result.code is Drain.NOT_HELD:
                     return _taken_back(outcome, result)
                 if result.code is Drain.DRAINING:

@@ -778,18 +778,19 @@ class Scripts:
     async def drain_node(self, now_ms: int, node_id: str, by: str, log_len: int = 1000,
                          expected: str = "", at_once: bool = False,
                          session_ms: int | None = None, cancel: bool = False,
-                         run: str = "") -> DrainResult:
+                         run: str = "", last: bool = False) -> DrainResult:
         """An operator's drain of a node (lua/drain_node.lua), logged to the decisions stream
         under `by`; refused (CHANGED) if `expected` ('ready', 'booting' or 'allocated:USER':
         what the operator confirmed) is not so now, or if the session confirmed began at
         `session_ms` and the one now did not; `at_once`: an allocated node's session ends now,
         its user back at the head of the queue; `cancel`: the mark of a node in a session
         taken back instead; `run`: a replace run's, refused (NOT_HELD) unless it holds the
-        pool's spare (lua/hold_spare.lua)."""
+        pool's spare (lua/hold_spare.lua); `last`: the node is of that run's last batch, and
+        its drain takes the hold one spare lower."""
         how = "cancel" if cancel else "now" if at_once else ""
         return await self.run(Call("drain_node", (
             now_ms, node_id, by, log_len, expected, how,
-            "" if session_ms is None else session_ms, run), _drain))
+            "" if session_ms is None else session_ms, run, "last" if last else ""), _drain))
 
     async def hold_spare(self, now_ms: int, mode: str, run: str, extra: int = 1,
                          lease_ms: int = HOLD_LEASE_MS) -> tuple[Hold, str]:

@@ -244,6 +244,36 @@ async def test_max_unavailable_never_drains_the_last_ready_node(
         assert outcome.done and outcome.drained == ["n1"], said
 
 
+@pytest.mark.parametrize(("at_once", "max_unavailable"), [(1, 0), (2, 0), (1, 1)])
+async def test_the_last_batch_goes_with_no_boot_past_its_replacements(
+        pool: PoolUnderTest, at_once: int, max_unavailable: int) -> None:
+    """The hold's spare boots each batch's replacements before the batch goes; the last
+    batch's were booted the same way, and once it went the hold still asked for as many
+    again: a pool at a floor of one booted a second node as n1 went, and reaped it idle
+    later. The last batch's drains take the hold down with them (drain_node's `last`): one
+    node is booted per ready node replaced, and no more."""
+    one = dataclasses.replace(FLOOR, min_ready=1, max_nodes=4)
+    for node in ("n4", "n1"):
+        await pool.boot(node)
+    await pool.scripts.allocate(pool.now, "u1")  # n4
+    stop, low = asyncio.Event(), [99]
+    ticking = asyncio.create_task(replica(pool, stop, low, config=one))
+    await asyncio.sleep(0.6)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    said: list[str] = []
+    outcome = await asyncio.wait_for(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", at_once=at_once,
+        max_unavailable=max_unavailable, say=said.append, poll_s=0.05), 30)
+    await asyncio.sleep(1.5)  # ticks enough to boot (0.4 s) anything the pool wanted more
+    stop.set()
+    await ticking
+    assert outcome.done and outcome.drained == ["n1"], said
+    created = int(await pool.redis.get(pool.keys.key("seq")) or 0) - cutoff.creates
+    assert created == at_once, said  # the spare held, booted before n1 went; nothing after
+    assert len(await pool.ready_list()) == at_once and min(low[1:]) >= 1, said
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
 async def decided_in(pool: PoolUnderTest, delay_s: float, numbers: dict[str, int]) -> None:
     """A replica's decision, as the run reads one: after `delay_s`, the decided slot moves and
     the last decision's numbers are `numbers`."""

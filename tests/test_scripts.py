@@ -743,6 +743,50 @@ async def test_the_spare_is_held_above_a_recent_peak_and_a_run_holding_none_drai
     assert await pool.ready_list() == ["n1"]
 
 
+async def test_the_last_batch_s_drains_take_the_hold_down_and_a_renewal_does_not_raise_it(
+        pool: PoolUnderTest) -> None:
+    """drain_node's `last`: the hold booted the last batch's replacements before it went;
+    held on after it, it asked for as many again. Each node of the last batch that drains
+    lowers the hold by one, not below 0, its lease as it was; a drain that is refused, or
+    a mark of a node in a session, lowers nothing. A renewal keeps what is held; a take
+    asks again."""
+    config = PoolConfig(scaling_policy="heuristic", min_ready=1)
+    for node in ("n1", "n2", "n3", "n4"):
+        await pool.boot(node)
+    await pool.scripts.allocate(pool.now, "u1")  # n1
+    key = pool.keys.key("replacing")
+    assert await pool.scripts.hold_spare(pool.now, "take", "run1", 2, 30_000) == (Hold.HELD, "")
+    lease = await pool.redis.pttl(key)
+
+    async def extra() -> int:
+        return int((await pool.redis.get(key)).split(":")[0])
+
+    refused = await pool.scripts.drain_node(pool.now, "n2", "op (replace)",
+                                            expected="allocated:u9", run="run1", last=True)
+    other = await pool.scripts.drain_node(pool.now, "n2", "op (replace)", run="run2", last=True)
+    mark = await pool.scripts.drain_node(pool.now, "n1", "op (replace)", run="run1", last=True)
+    assert (refused.code, other.code, mark.code) == (Drain.CHANGED, Drain.NOT_HELD, Drain.MARKED)
+    plain = await pool.scripts.drain_node(pool.now, "n2", "op (replace)", run="run1")
+    assert plain.code is Drain.DRAINING and await extra() == 2  # not of the last batch
+    for node, left in (("n3", 1), ("n4", 0)):
+        drained = await pool.scripts.drain_node(pool.now, node, "op (replace)", run="run1",
+                                                last=True)
+        assert drained.code is Drain.DRAINING and await extra() == left, node
+    await pool.boot("n5")
+    drained = await pool.scripts.drain_node(pool.now, "n5", "op (replace)", run="run1",
+                                            last=True)
+    assert drained.code is Drain.DRAINING and await extra() == 0  # not below 0
+    assert lease - 100 <= await pool.redis.pttl(key) <= lease  # the lease as it was
+    decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+    assert "held" not in decision.reason and "held" not in decision.numbers
+    assert await pool.scripts.hold_spare(pool.now, "renew", "run1", 2, 30_000) == (
+        Hold.HELD, "run1")
+    assert await extra() == 0  # still the run's: its marks are taken, its cancel finds it
+    assert await pool.scripts.hold_spare(pool.now, "take", "run2", 2, 30_000) == (
+        Hold.HELD, "run1")
+    assert await extra() == 2
+
+
 @pytest.mark.parametrize("args", [("take", "run", 0, 1000), ("take", "", 1, 1000),
                                   ("take", "a:b", 1, 1000), ("take", "run", 1, 0),
                                   ("hold", "run", 1, 1000)],

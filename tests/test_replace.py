@@ -10,6 +10,7 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis
@@ -213,13 +214,12 @@ async def test_max_unavailable_drains_that_many_below_the_keep_level_and_no_more
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
-@pytest.mark.parametrize("max_nodes", [2, 3])
-async def test_max_unavailable_never_drains_the_last_ready_node(
-        pool: PoolUnderTest, max_nodes: int) -> None:
-    """A review: at --max-unavailable 1, a pool at a floor of one (its node n1, and n4 in a
-    session) was drained to none, and the next connect waited. The last ready node stays:
-    at max_nodes 2 (no room for the spare) the run stops at its limit having drained
-    nothing, saying so; at 3 the spare boots first, and n1 goes."""
+async def floor_of_one_replaced(pool: PoolUnderTest, max_nodes: int, settle_s: float,
+                                 **run: Any) -> tuple[rolling.Outcome, list[str], list[int],
+                                                      rolling.Cutoff]:
+    """A pool at a floor of one (n1 ready, n4 in the session of u1) replaced with `run`'s
+    options while a replica plays the floor, `settle_s` of ticks after the run: the outcome,
+    what it said, the ready nodes the replica saw, and the cutoff."""
     one = dataclasses.replace(FLOOR, min_ready=1, max_nodes=max_nodes)
     for node in ("n4", "n1"):
         await pool.boot(node)
@@ -230,12 +230,23 @@ async def test_max_unavailable_never_drains_the_last_ready_node(
     cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
     said: list[str] = []
     outcome = await asyncio.wait_for(rolling.replace_nodes(
-        pool.redis, pool.keys, cutoff, by="op", max_unavailable=1, wait_limit_s=2.0,
-        say=said.append, poll_s=0.05), 30)
-    await asyncio.sleep(0.6)
+        pool.redis, pool.keys, cutoff, by="op", say=said.append, poll_s=0.05, **run), 30)
+    await asyncio.sleep(settle_s)
     stop.set()
     await ticking
-    assert min(low[1:]) == 1, said
+    return outcome, said, low[1:], cutoff
+
+
+@pytest.mark.parametrize("max_nodes", [2, 3])
+async def test_max_unavailable_never_drains_the_last_ready_node(
+        pool: PoolUnderTest, max_nodes: int) -> None:
+    """A review: at --max-unavailable 1, a pool at a floor of one (its node n1, and n4 in a
+    session) was drained to none, and the next connect waited. The last ready node stays:
+    at max_nodes 2 (no room for the spare) the run stops at its limit having drained
+    nothing, saying so; at 3 the spare boots first, and n1 goes."""
+    outcome, said, low, _ = await floor_of_one_replaced(
+        pool, max_nodes, 0.6, max_unavailable=1, wait_limit_s=2.0)
+    assert min(low) == 1, said
     if max_nodes == 2:
         assert not outcome.done and outcome.drained == [], said
         assert outcome.waited_for == ("the pool's ready nodes, less the users waiting, to meet "
@@ -252,25 +263,13 @@ async def test_the_last_batch_goes_with_no_boot_past_its_replacements(
     again: a pool at a floor of one booted a second node as n1 went, and reaped it idle
     later. The last batch's drains take the hold down with them (drain_node's `last`): one
     node is booted per ready node replaced, and no more."""
-    one = dataclasses.replace(FLOOR, min_ready=1, max_nodes=4)
-    for node in ("n4", "n1"):
-        await pool.boot(node)
-    await pool.scripts.allocate(pool.now, "u1")  # n4
-    stop, low = asyncio.Event(), [99]
-    ticking = asyncio.create_task(replica(pool, stop, low, config=one))
-    await asyncio.sleep(0.6)
-    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
-    said: list[str] = []
-    outcome = await asyncio.wait_for(rolling.replace_nodes(
-        pool.redis, pool.keys, cutoff, by="op", at_once=at_once,
-        max_unavailable=max_unavailable, say=said.append, poll_s=0.05), 30)
-    await asyncio.sleep(1.5)  # ticks enough to boot (0.4 s) anything the pool wanted more
-    stop.set()
-    await ticking
+    # 1.5 s of ticks after it: enough to boot (0.4 s) anything the pool wanted more
+    outcome, said, low, cutoff = await floor_of_one_replaced(
+        pool, 4, 1.5, at_once=at_once, max_unavailable=max_unavailable)
     assert outcome.done and outcome.drained == ["n1"], said
     created = int(await pool.redis.get(pool.keys.key("seq")) or 0) - cutoff.creates
     assert created == at_once, said  # the spare held, booted before n1 went; nothing after
-    assert len(await pool.ready_list()) == at_once and min(low[1:]) >= 1, said
+    assert len(await pool.ready_list()) == at_once and min(low) >= 1, said
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 

@@ -206,11 +206,17 @@ def render_view(view: PoolView) -> Group:
     if state_age is not None:
         # a state younger than its replicas' run was lost and begun again
         replicas.append(f"; the pool's state began {duration_text(state_age)} ago")
+    hold = Text()
+    if c.get("spare_held_ms") or c.get("spare_held"):
+        hold.append(f"replace under way: {c['spare_held']} spare node(s) held above the keep "
+                    f"level, its lease {c['spare_held_ms'] / 1000:.0f}s unless renewed "
+                    "(`provisioner replace --cancel` lets go)", style="yellow")
     check = Text("\n".join(view.forecast_check.describe_parts()))
     scaling = Text(view.scaling.describe())
     return Group(
         Panel(Group(Text("nodes", style="bold"), nodes, Text("users", style="bold"), users,
-                    *([longest] if longest else []), outcomes, replicas, check, scaling, last),
+                    *([longest] if longest else []), outcomes, replicas,
+                    *([hold] if hold else []), check, scaling, last),
               title=f"pool {view.pool}"),
         decisions)
 

@@ -880,6 +880,37 @@ def test_status_says_when_the_pools_state_began(redis_url: str) -> None:
     assert "state began" not in shown
 
 
+def test_status_says_a_replace_holds_spare_and_how_long_its_lease_has(redis_url: str) -> None:
+    """A pool holding nodes over its target: the last decision's reason says a replace holds
+    them; status says so on a line of its own, with the lease left and how to let go, and
+    counts them (`spare_held`, `spare_held_ms`). A hold the last batch took down to none is
+    still the run's; a value no run wrote is none."""
+    keys = PoolKeys("held")
+
+    async def hold(value: str | None, lease_ms: int = 30_000) -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await client.hset(keys.key("stats"), "connects", 0)  # a pool status finds
+        if value is not None:
+            await client.set(keys.key("replacing"), value, px=lease_ms)
+        await client.aclose()
+
+    asyncio.run(hold(None))
+    shown, status = _status(redis_url, "held")
+    assert "replace under way" not in shown
+    assert (status["counts"]["spare_held"], status["counts"]["spare_held_ms"]) == (0, 0)
+    for extra in (2, 0):
+        asyncio.run(hold(f"{extra}:{int(time.time() * 1000) + 30_000}:run1"))
+        shown, status = _status(redis_url, "held")
+        assert status["counts"]["spare_held"] == extra
+        assert 25_000 < status["counts"]["spare_held_ms"] <= 30_000
+        assert re.search(rf"replace under way: {extra} spare node\(s\) held above the keep\s+"
+                         r"level, its lease (2[6-9]|30)s unless renewed", shown), shown
+        assert "provisioner replace --cancel" in shown
+    asyncio.run(hold("2:x:run1"))  # by hand
+    shown, status = _status(redis_url, "held")
+    assert status["counts"]["spare_held"] == 0 and "replace under way" not in shown
+
+
 def test_status_watch_into_a_pipe_writes_a_reading_a_second(redis_url: str) -> None:
     # Into a pipe it wrote nothing until Ctrl-C, and nothing at all on SIGTERM.
     import queue

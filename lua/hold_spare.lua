@@ -19,23 +19,27 @@
 
     take     -> held by this run (another run's hold is taken over: that run finds it gone
                 at its next renewal and stops)
-    renew    -> held longer, only if this run holds it; else nothing (TAKEN_BACK): let go by
-                `replace --cancel`, or taken over by another run. Never more spare than it
-                holds: the run's last batch lowers it as it goes (drain_node.lua, ARGV[9])
+    renew    -> held longer, at `extra` again, only if this run holds it; else nothing
+                (TAKEN_BACK): let go by `replace --cancel`, or taken over by another run
+    keep     -> as renew, but never more spare than it holds: the run's last batch lowers
+                it as it goes (drain_node.lua, ARGV[9]), and the run keeps it so while no
+                old node is left to go (renewed at `extra` instead, the pool booted as many
+                again as the last batch went); one that comes back (a session's node freed
+                before its mark, a drain refused part way) is renewed at `extra` again
     release  -> let go, if this run holds it (with ARGV[4] '', any run's: `replace --cancel`)
 
-  Idempotent: a second take or renew writes the same; a second release finds nothing.
+  Idempotent: a second take, renew or keep writes the same; a second release finds nothing.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
-  ARGV[2] 'take', 'renew' or 'release'
-  ARGV[3] extra spare nodes (take, renew; 1 or more: a renewal keeps fewer if fewer are held)
-  ARGV[4] the run's token (take, renew; with release, '' lets go of any run's hold)
-  ARGV[5] the lease (ms; take, renew)
+  ARGV[2] 'take', 'renew', 'keep' or 'release'
+  ARGV[3] extra spare nodes (take, renew, keep; 1 or more: keep keeps fewer if fewer are held)
+  ARGV[4] the run's token (take, renew, keep; with release, '' lets go of any run's hold)
+  ARGV[5] the lease (ms; take, renew, keep)
 
   Returns {code, the run that held it before or ''}
-    1 HELD        held (taken or renewed)
-    0 TAKEN_BACK  renew: this run did not hold it; nothing done
+    1 HELD        held (taken, renewed or kept)
+    0 TAKEN_BACK  renew, keep: this run did not hold it; nothing done
     2 RELEASED    release: let go
     3 NOT_HELD    release: no hold of that run; nothing done
 ]]
@@ -60,18 +64,18 @@ if mode == 'release' then
   rcall('DEL', K.replacing)
   return {2, holder}
 end
-if mode ~= 'take' and mode ~= 'renew' then
-  error({err = 'hold_spare: mode ' .. tostring(mode) .. ' is not take, renew or release'})
+if mode ~= 'take' and mode ~= 'renew' and mode ~= 'keep' then
+  error({err = 'hold_spare: mode ' .. tostring(mode) .. ' is not take, renew, keep or release'})
 end
 if not now or not extra or extra < 1 or extra ~= math.floor(extra) or run == ''
     or string.find(run, ':', 1, true) or not lease_ms or lease_ms <= 0 then
-  error({err = 'hold_spare: take and renew need now, a whole extra of 1 or more, a run '
+  error({err = 'hold_spare: take, renew and keep need now, a whole extra of 1 or more, a run '
     .. 'token without a colon and a lease'})
 end
-if mode == 'renew' then
-  if holder ~= run then
-    return {0, holder}
-  end
+if mode ~= 'take' and holder ~= run then
+  return {0, holder}
+end
+if mode == 'keep' then
   extra = math.min(extra, (read_hold(held)))
 end
 rcall('SET', K.replacing, score(extra) .. ':' .. score(now + lease_ms) .. ':' .. run, 'PX',

@@ -27,7 +27,11 @@ new one. Each round:
 
 While it runs it holds `at_once` spare nodes above the pool's keep level (`lua/hold_spare.lua`,
 a lease it renews every round and lets go when it ends), so the keep level a batch must meet
-is that much above what the pool needs: a batch is booted before it goes. Without the hold, the
+is that much above what the pool needs: a batch is booted before it goes. Each node of the
+last batch takes the hold one lower as it drains (`drain_node`'s `last`), and with no old node
+left to go the run renews it no higher (`keep`): held at `at_once` after the last batch, the
+pool booted as many again. An old node that comes back to go (a session's node freed before
+its mark, a drain refused part way) has the hold renewed at `at_once` again. Without the hold, the
 gate drained a pool at its floor (one ready node) to none before anything booted in its place,
 and the next connect missed (a review's drill). A run whose hold was let go (`--cancel`) or
 taken over (another run) stops.
@@ -310,7 +314,13 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     """One round; True when the run ends (`outcome` says how)."""
     state.waiting, state.short = "", ""
     now = await server_now_ms(client)
-    held, holder = await scripts.hold_spare(now, "renew", run, at_once)
+    old = await old_nodes(client, keys, cutoff)
+    # Old nodes still to go: their spare held, at `at_once` again if the last batch took it
+    # down and one came back (a review: a session's node freed before its mark, then the run
+    # waited to its limit for a decision holding a spare no renewal raised). None: no higher
+    # than the last batch left it.
+    going = any(n.state in ("ready", "booting") for n in old)
+    held, holder = await scripts.hold_spare(now, "renew" if going else "keep", run, at_once)
     if held is Hold.TAKEN_BACK:
         outcome.taken_back, outcome.lapsed = holder, state.refused and not holder
         return True
@@ -319,7 +329,6 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     if pool.epoch != cutoff.epoch:
         outcome.lost = True
         return True
-    old = await old_nodes(client, keys, cutoff)
     for n in old:
         if n.state == "allocated" and n.user and not n.drained_by:
             result = await scripts.drain_node(now, n.node, by + TAG, log_len,

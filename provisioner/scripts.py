@@ -795,8 +795,9 @@ class Scripts:
     async def hold_spare(self, now_ms: int, mode: str, run: str, extra: int = 1,
                          lease_ms: int = HOLD_LEASE_MS) -> tuple[Hold, str]:
         """`provisioner replace`'s hold of `extra` spare nodes above the pool's keep level
-        (lua/hold_spare.lua): mode 'take', 'renew' (only the run's own) or 'release' (run ''
-        lets go of any run's); what it did, and the run that held it before ('' if none)."""
+        (lua/hold_spare.lua): mode 'take', 'renew' (only the run's own), 'keep' (as renew,
+        never more than it holds) or 'release' (run '' lets go of any run's); what it did,
+        and the run that held it before ('' if none)."""
         reply = await self.run(Call("hold_spare", (now_ms, mode, extra, run, lease_ms),
                                     lambda r: r))
         return Hold(int(reply[0])), as_text(reply[1])

@@ -214,18 +214,44 @@ async def test_max_unavailable_drains_that_many_below_the_keep_level_and_no_more
     assert await check_invariants(pool.redis, pool.keys.pool) == []
 
 
-async def floor_of_one_replaced(pool: PoolUnderTest, max_nodes: int, settle_s: float,
-                                 **run: Any) -> tuple[rolling.Outcome, list[str], list[int],
-                                                      rolling.Cutoff]:
-    """A pool at a floor of one (n1 ready, n4 in the session of u1) replaced with `run`'s
-    options while a replica plays the floor, `settle_s` of ticks after the run: the outcome,
-    what it said, the ready nodes the replica saw, and the cutoff."""
-    one = dataclasses.replace(FLOOR, min_ready=1, max_nodes=max_nodes)
-    for node in ("n4", "n1"):
-        await pool.boot(node)
-    await pool.scripts.allocate(pool.now, "u1")  # n4
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+#: Called before each drain_node of a run: the run's Scripts, the node, the call's keywords.
+BeforeDrain = Callable[[Scripts, str, dict[str, Any]], Awaitable[None]]
+
+
+async def small_pool_replaced(pool: PoolUnderTest, max_nodes: int, settle_s: float, *,
+                              min_ready: int = 1, ready: tuple[str, ...] = ("n1",),
+                              booting: tuple[str, ...] = (),
+                              before_drain: tuple[pytest.MonkeyPatch, BeforeDrain] | None = None,
+                              **run: Any) -> tuple[rolling.Outcome, list[str], list[int],
+                                                   rolling.Cutoff]:
+    """A pool at a floor of `min_ready` (`ready` nodes ready, `booting` booting, n4 in the
+    session of u1) replaced with `run`'s options while a replica plays the floor, `settle_s`
+    of ticks after the run: the outcome, what it said, the ready nodes the replica saw, and
+    the cutoff. `before_drain`: a hook run before each of the run's drains."""
+    floor = dataclasses.replace(FLOOR, min_ready=min_ready, max_nodes=max_nodes)
+    # by the wall clock the replica ticks by: from T0 a boot is stuck at once, and a ready
+    # node idle past the reaper's timeout
+    for node in ("n4", *ready, *booting):
+        await pool.scripts.apply_node_status(wall_ms(), node, "booting")
+        if node not in booting:
+            await pool.scripts.apply_node_status(wall_ms(), node, "ready")
+    await pool.scripts.allocate(wall_ms(), "u1")  # n4
+    if before_drain is not None:
+        monkeypatch, hook = before_drain
+        drain = Scripts.drain_node
+
+        async def hooked(self: Scripts, now_ms: int, node_id: str, by: str, *args: Any,
+                         **kwargs: Any) -> Any:
+            await hook(self, node_id, kwargs)
+            return await drain(self, now_ms, node_id, by, *args, **kwargs)
+
+        monkeypatch.setattr(Scripts, "drain_node", hooked)
     stop, low = asyncio.Event(), [99]
-    ticking = asyncio.create_task(replica(pool, stop, low, config=one))
+    ticking = asyncio.create_task(replica(pool, stop, low, config=floor))
     await asyncio.sleep(0.6)
     cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
     said: list[str] = []
@@ -244,7 +270,7 @@ async def test_max_unavailable_never_drains_the_last_ready_node(
     session) was drained to none, and the next connect waited. The last ready node stays:
     at max_nodes 2 (no room for the spare) the run stops at its limit having drained
     nothing, saying so; at 3 the spare boots first, and n1 goes."""
-    outcome, said, low, _ = await floor_of_one_replaced(
+    outcome, said, low, _ = await small_pool_replaced(
         pool, max_nodes, 0.6, max_unavailable=1, wait_limit_s=2.0)
     assert min(low) == 1, said
     if max_nodes == 2:
@@ -261,16 +287,85 @@ async def test_the_last_batch_goes_with_no_boot_past_its_replacements(
     """The hold's spare boots each batch's replacements before the batch goes; the last
     batch's were booted the same way, and once it went the hold still asked for as many
     again: a pool at a floor of one booted a second node as n1 went, and reaped it idle
-    later. The last batch's drains take the hold down with them (drain_node's `last`): one
-    node is booted per ready node replaced, and no more."""
+    later. The last batch's drains take the hold down with them (drain_node's `last`): the
+    pool boots the spare held, and nothing after."""
     # 1.5 s of ticks after it: enough to boot (0.4 s) anything the pool wanted more
-    outcome, said, low, cutoff = await floor_of_one_replaced(
+    outcome, said, low, cutoff = await small_pool_replaced(
         pool, 4, 1.5, at_once=at_once, max_unavailable=max_unavailable)
     assert outcome.done and outcome.drained == ["n1"], said
     created = int(await pool.redis.get(pool.keys.key("seq")) or 0) - cutoff.creates
     assert created == at_once, said  # the spare held, booted before n1 went; nothing after
     assert len(await pool.ready_list()) == at_once and min(low) >= 1, said
     assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def test_a_session_s_node_freed_before_its_mark_is_replaced_after_the_last_batch(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: u1 disconnected between the round's listing and n4's mark (refused: CHANGED),
+    so n4 was ready but not in the round's batch, and n1 went as the last one, taking the
+    hold to 0. The next round found n4 ready and waited to its limit for a decision holding
+    the spare, which no renewal raised. A round with old nodes to go renews it at --at-once."""
+    async def freed_first(scripts: Scripts, node: str, kwargs: dict[str, Any]) -> None:
+        if node == "n4" and kwargs.get("expected") == "allocated:u1":
+            while True:  # until a batch may go, then u1 leaves
+                supply = await rolling.supply(pool.redis, pool.keys)
+                if supply.held >= 1 and supply.keep is not None and supply.free >= supply.keep:
+                    break
+                await asyncio.sleep(0.05)
+            await scripts.release(wall_ms(), "u1")
+
+    outcome, said, low, _ = await small_pool_replaced(
+        pool, 4, 0.6, wait_limit_s=3.0, before_drain=(monkeypatch, freed_first))
+    assert outcome.done and outcome.drained == ["n1", "n4"] and outcome.marked == [], said
+    assert min(low) >= 1, said
+
+
+async def test_a_last_batch_refused_part_way_is_finished_when_its_node_comes_back(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: at --at-once 2, n2 was handed to a user between the listing and its drain
+    (CHANGED) while n1 went, taking the hold from 2 to 1; the session ended at once, n2 was
+    ready again, and the run waited to its limit for a decision holding 2."""
+    handed: list[str] = []
+
+    async def taken_then_freed(scripts: Scripts, node: str, kwargs: dict[str, Any]) -> None:
+        if node == "n2" and kwargs.get("expected") == "ready" and not handed:
+            handed.append((await scripts.allocate(wall_ms(), "u2")).node_id or "")
+
+            async def freed() -> None:
+                await asyncio.sleep(0.05)
+                await scripts.release(wall_ms(), "u2")
+
+            asyncio.get_running_loop().create_task(freed())
+
+    outcome, said, low, _ = await small_pool_replaced(
+        pool, 6, 0.6, min_ready=2, ready=("n1", "n2"), at_once=2, wait_limit_s=3.0,
+        before_drain=(monkeypatch, taken_then_freed))
+    assert handed == ["n2"], handed
+    assert outcome.done and sorted(outcome.drained) == ["n1", "n2"], said
+    assert min(low) >= 2, said
+
+
+async def test_a_batch_with_an_old_node_still_booting_is_not_the_last(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b1, old, boots while the ready ones go: their batch is not the last (a review: without
+    `not booting`, it took the hold down, b1 was ready after, and the run waited to its limit
+    for a decision holding the spare)."""
+    lasts: list[tuple[str, bool]] = []
+
+    async def b1_ready_after_n2(scripts: Scripts, node: str, kwargs: dict[str, Any]) -> None:
+        lasts.append((node, bool(kwargs.get("last"))))
+        if node == "n2" and [n for n, _ in lasts].count("n2") == 1:
+            async def ready() -> None:
+                await asyncio.sleep(0.3)
+                await scripts.apply_node_status(wall_ms(), "b1", "ready")
+
+            asyncio.get_running_loop().create_task(ready())
+
+    outcome, said, _, _ = await small_pool_replaced(
+        pool, 8, 0.6, min_ready=2, ready=("n1", "n2"), booting=("b1",), at_once=2,
+        max_unavailable=1, wait_limit_s=3.0, before_drain=(monkeypatch, b1_ready_after_n2))
+    assert outcome.done and outcome.drained[-1] == "b1", (said, lasts)
+    assert ("b1", True) in lasts and ("n2", True) not in lasts, lasts
 
 
 async def decided_in(pool: PoolUnderTest, delay_s: float, numbers: dict[str, int]) -> None:

@@ -743,13 +743,13 @@ async def test_the_spare_is_held_above_a_recent_peak_and_a_run_holding_none_drai
     assert await pool.ready_list() == ["n1"]
 
 
-async def test_the_last_batch_s_drains_take_the_hold_down_and_a_renewal_does_not_raise_it(
+async def test_the_last_batch_s_drains_take_the_hold_down_and_keep_does_not_raise_it(
         pool: PoolUnderTest) -> None:
     """drain_node's `last`: the hold booted the last batch's replacements before it went;
     held on after it, it asked for as many again. Each node of the last batch that drains
     lowers the hold by one, not below 0, its lease as it was; a drain that is refused, or
-    a mark of a node in a session, lowers nothing. A renewal keeps what is held; a take
-    asks again."""
+    a mark of a node in a session, lowers nothing. `keep` renews what is held; `renew` and
+    `take` ask again."""
     config = PoolConfig(scaling_policy="heuristic", min_ready=1)
     for node in ("n1", "n2", "n3", "n4"):
         await pool.boot(node)
@@ -779,12 +779,21 @@ async def test_the_last_batch_s_drains_take_the_hold_down_and_a_renewal_does_not
     assert lease - 100 <= await pool.redis.pttl(key) <= lease  # the lease as it was
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
     assert "held" not in decision.reason and "held" not in decision.numbers
-    assert await pool.scripts.hold_spare(pool.now, "renew", "run1", 2, 30_000) == (
+    assert await pool.scripts.hold_spare(pool.now, "keep", "run1", 2, 30_000) == (
         Hold.HELD, "run1")
     assert await extra() == 0  # still the run's: its marks are taken, its cancel finds it
-    assert await pool.scripts.hold_spare(pool.now, "take", "run2", 2, 30_000) == (
+    assert await pool.scripts.hold_spare(pool.now, "keep", "run2", 2, 30_000) == (
+        Hold.TAKEN_BACK, "run1")
+    # an old node back to go (a session's node freed before its mark): renewed at 2 again
+    assert await pool.scripts.hold_spare(pool.now, "renew", "run1", 2, 30_000) == (
         Hold.HELD, "run1")
     assert await extra() == 2
+    assert await pool.scripts.hold_spare(pool.now, "take", "run2", 1, 30_000) == (
+        Hold.HELD, "run1")
+    assert await extra() == 1
+    assert await pool.scripts.hold_spare(pool.now, "keep", "run2", 2, 30_000) == (
+        Hold.HELD, "run2")
+    assert await extra() == 1  # keep: no higher
 
 
 @pytest.mark.parametrize("args", [("take", "run", 0, 1000), ("take", "", 1, 1000),

@@ -10,7 +10,8 @@
   Returns {counts_json, stats_flat_list...}; counts has each structure's size, the users active
   and engaged in the window, oldest_session_ms (the start of the longest session, 0 if none),
   oldest_wait_ms (when the user waiting the longest began to, 0 if none), and spare_held and
-  spare_held_ms (a replace run's hold: its spare nodes and its lease's ms left; 0 if none)
+  spare_held_ms (a replace run's hold: its spare nodes and its lease's ms left, -1 for none;
+  0 and 0 if no hold)
 ]]
 --@include "includes/keys.lua"
 
@@ -67,10 +68,12 @@ local oldest = rcall('ZRANGE', K.sessions, 0, 0, 'WITHSCORES')
 counts.oldest_session_ms = tonumber(oldest[2]) or 0
 counts.oldest_wait_ms = oldest_wait
 -- A `provisioner replace` run's hold (hold_spare.lua): the spare nodes it holds above the keep
--- level and the ms its lease has left unless renewed (0 and 0 when no run holds one).
-local held = read_hold(rcall('GET', K.replacing))
+-- level and the ms its lease has left unless renewed (0 and 0 when no run holds one; -1 for a
+-- hold with no lease, written by hand). A key of another type is none here, as in the scripts
+-- that refuse it.
+local held = rcall('TYPE', K.replacing)['ok'] == 'string' and read_hold(rcall('GET', K.replacing))
 counts.spare_held = held or 0
-counts.spare_held_ms = held and math.max(rcall('PTTL', K.replacing), 0) or 0
+counts.spare_held_ms = held and math.max(rcall('PTTL', K.replacing), -1) or 0
 local result = {cjson.encode(counts)}
 for _, v in ipairs(rcall('HGETALL', K.stats)) do result[#result + 1] = v end
 return result

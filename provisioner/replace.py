@@ -329,6 +329,7 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     if pool.epoch != cutoff.epoch:
         outcome.lost = True
         return True
+    changed = False
     for n in old:
         if n.state == "allocated" and n.user and not n.drained_by:
             result = await scripts.drain_node(now, n.node, by + TAG, log_len,
@@ -339,6 +340,13 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
             if result.code is Drain.MARKED:
                 outcome.marked.append(n.node)
                 say(f"{n.node}: in the session of user {n.user}, terminated when it ends")
+            changed = changed or result.code is Drain.CHANGED
+    if changed:
+        # A session ended (or began) since the listing: its node may be ready to go now, which
+        # the listing does not say. A review: the session of the only old node ended before
+        # its mark, and the run said "done" with that node back in the pool, never replaced.
+        state.waiting = "the old nodes listed again (a session changed as it was marked)"
+        return False
     ready = [n.node for n in old if n.state == "ready"]
     booting = [n.node for n in old if n.state == "booting"]
     if (len(ready), len(booting)) != state.seen:

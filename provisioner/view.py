@@ -208,9 +208,13 @@ def render_view(view: PoolView) -> Group:
         replicas.append(f"; the pool's state began {duration_text(state_age)} ago")
     hold = Text()
     if c.get("spare_held_ms") or c.get("spare_held"):
-        hold.append(f"replace under way: {c['spare_held']} spare node(s) held above the keep "
-                    f"level, its lease {c['spare_held_ms'] / 1000:.0f}s unless renewed "
-                    "(`provisioner replace --cancel` lets go)", style="yellow")
+        lease = ("with no lease (written by hand: held until `provisioner replace --cancel` "
+                 "lets go)" if c["spare_held_ms"] < 0 else
+                 f"its lease {c['spare_held_ms'] / 1000:.0f}s unless renewed (`provisioner "
+                 "replace --cancel` lets go)")
+        held = (f"{c['spare_held']} spare node(s) held above the keep level" if c["spare_held"]
+                else "no spare held (its last batch gone)")
+        hold.append(f"replace under way: {held}, {lease}", style="yellow")
     check = Text("\n".join(view.forecast_check.describe_parts()))
     scaling = Text(view.scaling.describe())
     return Group(

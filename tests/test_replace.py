@@ -320,6 +320,24 @@ async def test_a_session_s_node_freed_before_its_mark_is_replaced_after_the_last
     assert min(low) >= 1, said
 
 
+async def test_the_only_old_node_freed_before_its_mark_is_replaced_not_left_done(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: the only old node, n4, was in a session when listed, which ended before its
+    mark (CHANGED); the round then found nothing ready or booting in its listing and said
+    "done", n4 back in the pool and never replaced. A round whose mark is refused lists
+    again first."""
+    async def freed_first(scripts: Scripts, node: str, kwargs: dict[str, Any]) -> None:
+        if node == "n4" and kwargs.get("expected") == "allocated:u1":
+            await scripts.release(wall_ms(), "u1")
+
+    outcome, said, _, _ = await small_pool_replaced(
+        pool, 4, 0.6, min_ready=0, ready=(), wait_limit_s=3.0,
+        before_drain=(monkeypatch, freed_first))
+    assert outcome.done and outcome.drained == ["n4"] and outcome.marked == [], said
+    assert outcome.in_sessions == [], said
+    assert (await pool.node("n4"))["state"] in ("terminating", "terminated")
+
+
 async def test_a_last_batch_refused_part_way_is_finished_when_its_node_comes_back(
         pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A review: at --at-once 2, n2 was handed to a user between the listing and its drain

@@ -702,7 +702,8 @@ async def test_a_replace_s_hold_raises_the_target_and_keep_level_while_its_lease
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
     assert "held" not in decision.reason and decision.reservations == []
     # nor does a value no run wrote (an edit by hand)
-    for edit in ("2", "2:x:run", f"x:{pool.now + 60_000}:run", f"-2:{pool.now + 60_000}:r"):
+    for edit in ("2", "2:x:run", f"x:{pool.now + 60_000}:run", f"-2:{pool.now + 60_000}:r",
+                 "9" * 400 + f":{pool.now + 60_000}:r"):  # inf: every tick stopped (a review)
         await pool.redis.set(pool.keys.key("replacing"), edit)
         decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
         assert "held" not in decision.reason and decision.reservations == [], edit

@@ -898,17 +898,31 @@ def test_status_says_a_replace_holds_spare_and_how_long_its_lease_has(redis_url:
     shown, status = _status(redis_url, "held")
     assert "replace under way" not in shown
     assert (status["counts"]["spare_held"], status["counts"]["spare_held_ms"]) == (0, 0)
-    for extra in (2, 0):
+    for extra, said in ((2, r"2 spare node\(s\) held above the keep\s+level"),
+                        (0, r"no spare held \(its last batch gone\)")):
         asyncio.run(hold(f"{extra}:{int(time.time() * 1000) + 30_000}:run1"))
         shown, status = _status(redis_url, "held")
         assert status["counts"]["spare_held"] == extra
         assert 25_000 < status["counts"]["spare_held_ms"] <= 30_000
-        assert re.search(rf"replace under way: {extra} spare node\(s\) held above the keep\s+"
-                         r"level, its lease (2[6-9]|30)s unless renewed", shown), shown
+        assert re.search(rf"replace under way: {said}, its lease (2[6-9]|30)s unless\s+renewed",
+                         shown), shown
         assert "provisioner replace --cancel" in shown
-    asyncio.run(hold("2:x:run1"))  # by hand
+    # by hand: a lease no run writes, a key of another type, an extra no number holds (inf:
+    # a review, status stopped as cjson refused it), and a hold with no lease
+    for edit in ("2:x:run1", "9" * 400 + ":1:run1"):
+        asyncio.run(hold(edit))
+        shown, status = _status(redis_url, "held")
+        assert status["counts"]["spare_held"] == 0 and "replace under way" not in shown, edit
+    redis.Redis.from_url(redis_url).delete(keys.key("replacing"))
+    redis.Redis.from_url(redis_url).hset(keys.key("replacing"), "extra", "2")
     shown, status = _status(redis_url, "held")
     assert status["counts"]["spare_held"] == 0 and "replace under way" not in shown
+    redis.Redis.from_url(redis_url).delete(keys.key("replacing"))
+    redis.Redis.from_url(redis_url).set(keys.key("replacing"), "2:1:run1")  # no PX
+    shown, status = _status(redis_url, "held")
+    assert (status["counts"]["spare_held"], status["counts"]["spare_held_ms"]) == (2, -1)
+    assert re.search(r"2 spare node\(s\) held above the keep level, with no lease \(written by\s+"
+                     r"hand", shown), shown
 
 
 def test_status_watch_into_a_pipe_writes_a_reading_a_second(redis_url: str) -> None:

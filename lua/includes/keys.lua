@@ -157,11 +157,17 @@ local function score(x)
 end
 
 -- A replace's hold of spare nodes (hold_spare.lua), `replacing` = 'extra:until_ms:run': its
--- extra and its run; nil for none, or for a value hold_spare did not write. Read here once for
--- the scripts that hold it, refuse a run's marks without it, and count it in the target.
+-- extra and its run; nil for none, or for a value hold_spare did not write (an extra of
+-- hundreds of digits, edited by hand, reads as inf, which stopped every tick and `status`).
+-- Read here once for the scripts that hold it, refuse a run's marks without it, and count it
+-- in the target.
 local function read_hold(value)
   local extra, run = string.match(value or '', '^(%d+):%d+:(.+)$')
-  return tonumber(extra), run
+  extra = tonumber(extra)
+  if not extra or extra == math.huge then
+    return nil
+  end
+  return extra, run
 end
 
 -- Drop at most `limit` members scored in [lo, hi] (inclusive), lowest first: O(log n + limit)

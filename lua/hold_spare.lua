@@ -33,7 +33,7 @@
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] now (ms)
   ARGV[2] 'take', 'renew', 'keep' or 'release'
-  ARGV[3] extra spare nodes (take, renew, keep; 1 or more: keep keeps fewer if fewer are held)
+  ARGV[3] extra spare nodes (take, renew, keep; 1 to 1000000: keep keeps fewer if fewer are held)
   ARGV[4] the run's token (take, renew, keep; with release, '' lets go of any run's hold)
   ARGV[5] the lease (ms; take, renew, keep)
 
@@ -67,10 +67,10 @@ end
 if mode ~= 'take' and mode ~= 'renew' and mode ~= 'keep' then
   error({err = 'hold_spare: mode ' .. tostring(mode) .. ' is not take, renew, keep or release'})
 end
-if not now or not extra or extra < 1 or extra ~= math.floor(extra) or run == ''
-    or string.find(run, ':', 1, true) or not lease_ms or lease_ms <= 0 then
-  error({err = 'hold_spare: take, renew and keep need now, a whole extra of 1 or more, a run '
-    .. 'token without a colon and a lease'})
+if not now or not extra or extra < 1 or extra > HOLD_MAX or extra ~= math.floor(extra)
+    or run == '' or string.find(run, ':', 1, true) or not lease_ms or lease_ms <= 0 then
+  error({err = 'hold_spare: take, renew and keep need now, a whole extra of 1 to 1000000, a '
+    .. 'run token without a colon and a lease'})
 end
 if mode ~= 'take' and holder ~= run then
   return {0, holder}

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -202,7 +203,7 @@ async def old_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff) -> l
             pipe.zscore(keys.key("sessions"), user)
         replies = await pipe.execute()
     # The sessions: a user whose allocation is the node that names them, and when it began.
-    held = {node: (user, None if began is None else int(began))
+    held = {node: (user, int(began) if began is not None and math.isfinite(began) else None)
             for (node, user), holder, began in zip(named, replies[::2], replies[1::2],
                                                    strict=True)
             if holder is not None and as_text(holder) == node}
@@ -329,7 +330,7 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     if pool.epoch != cutoff.epoch:
         outcome.lost = True
         return True
-    changed = False
+    changed: list[str] = []  # nodes whose mark was refused: their session changed meanwhile
     for n in old:
         if n.state == "allocated" and n.user and not n.drained_by:
             result = await scripts.drain_node(now, n.node, by + TAG, log_len,
@@ -340,13 +341,8 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
             if result.code is Drain.MARKED:
                 outcome.marked.append(n.node)
                 say(f"{n.node}: in the session of user {n.user}, terminated when it ends")
-            changed = changed or result.code is Drain.CHANGED
-    if changed:
-        # A session ended (or began) since the listing: its node may be ready to go now, which
-        # the listing does not say. A review: the session of the only old node ended before
-        # its mark, and the run said "done" with that node back in the pool, never replaced.
-        state.waiting = "the old nodes listed again (a session changed as it was marked)"
-        return False
+            if result.code is Drain.CHANGED:
+                changed.append(n.node)
     ready = [n.node for n in old if n.state == "ready"]
     booting = [n.node for n in old if n.state == "booting"]
     if (len(ready), len(booting)) != state.seen:
@@ -354,6 +350,14 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     pool = await supply(client, keys)  # again: the marks may have taken a while
     if state.batched and pool.lock == state.batch_lock:
         state.waiting = "a replica to decide after the last drain"
+    elif not ready and not booting and changed:
+        # A session ended (or began) since the listing: its node may be ready to go now, which
+        # the listing does not say. A review: the session of the only old node ended before
+        # its mark, and the run said "done" with that node back in the pool, never replaced.
+        # (Not a round's end for every refusal: one refused at every round, a score edited by
+        # hand, then held back every batch.)
+        state.waiting = (f"{', '.join(changed)} listed again (its session changed as it was "
+                         "marked)")
     elif not ready and not booting:
         # The last batch's replacements are reserved; their boots are the pool's. Waiting
         # for its ready nodes to meet its keep level too never ended under steady demand

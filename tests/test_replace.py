@@ -338,6 +338,23 @@ async def test_the_only_old_node_freed_before_its_mark_is_replaced_not_left_done
     assert (await pool.node("n4"))["state"] in ("terminating", "terminated")
 
 
+async def test_a_mark_refused_at_every_round_holds_back_no_batch_and_is_named(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: n4's session score edited by hand to a fraction, which the run reads to the
+    ms, so its mark is refused (CHANGED) at every round. A first mend listed again before any
+    batch at every such round: n1 was never drained, and the run stopped at its limit saying
+    no node. The refusal holds back only "done"; n1 goes, and the run stops naming n4."""
+    async def edited(scripts: Scripts, node: str, kwargs: dict[str, Any]) -> None:
+        if node == "n4" and kwargs.get("expected") == "allocated:u1":
+            began = await pool.redis.zscore(pool.keys.key("sessions"), "u1")
+            await pool.redis.zadd(pool.keys.key("sessions"), {"u1": int(began) + 0.5})
+
+    outcome, said, _, _ = await small_pool_replaced(
+        pool, 4, 0.6, wait_limit_s=2.0, before_drain=(monkeypatch, edited))
+    assert not outcome.done and outcome.drained == ["n1"] and outcome.marked == [], said
+    assert outcome.waited_for == "n4 listed again (its session changed as it was marked)"
+
+
 async def test_a_last_batch_refused_part_way_is_finished_when_its_node_comes_back(
         pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A review: at --at-once 2, n2 was handed to a user between the listing and its drain

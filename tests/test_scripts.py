@@ -703,7 +703,8 @@ async def test_a_replace_s_hold_raises_the_target_and_keep_level_while_its_lease
     assert "held" not in decision.reason and decision.reservations == []
     # nor does a value no run wrote (an edit by hand)
     for edit in ("2", "2:x:run", f"x:{pool.now + 60_000}:run", f"-2:{pool.now + 60_000}:r",
-                 "9" * 400 + f":{pool.now + 60_000}:r"):  # inf: every tick stopped (a review)
+                 "9" * 400 + f":{pool.now + 60_000}:r",  # inf: every tick stopped (a review)
+                 "9" * 300 + f":{pool.now + 60_000}:r"):  # 1e300: a target of -2^63 (a review)
         await pool.redis.set(pool.keys.key("replacing"), edit)
         decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
         assert "held" not in decision.reason and decision.reservations == [], edit
@@ -799,8 +800,9 @@ async def test_the_last_batch_s_drains_take_the_hold_down_and_keep_does_not_rais
 
 @pytest.mark.parametrize("args", [("take", "run", 0, 1000), ("take", "", 1, 1000),
                                   ("take", "a:b", 1, 1000), ("take", "run", 1, 0),
-                                  ("hold", "run", 1, 1000)],
-                         ids=["no extra", "no run", "a colon in the run", "no lease", "a mode"])
+                                  ("hold", "run", 1, 1000), ("take", "run", 10**6 + 1, 1000)],
+                         ids=["no extra", "no run", "a colon in the run", "no lease", "a mode",
+                              "an extra past any count"])
 async def test_a_hold_the_script_cannot_read_is_refused_and_writes_nothing(
         pool: PoolUnderTest, args: tuple[str, str, int, int]) -> None:
     mode, run, extra, lease = args

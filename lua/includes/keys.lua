@@ -157,14 +157,15 @@ local function score(x)
 end
 
 -- A replace's hold of spare nodes (hold_spare.lua), `replacing` = 'extra:until_ms:run': its
--- extra and its run; nil for none, or for a value hold_spare did not write (an extra of
--- hundreds of digits, edited by hand, reads as inf, which stopped every tick and `status`).
--- Read here once for the scripts that hold it, refuse a run's marks without it, and count it
--- in the target.
+-- extra and its run; nil for none, or for a value hold_spare did not write (HOLD_MAX: an
+-- extra of hundreds of digits, edited by hand, read as inf, which stopped every tick and
+-- `status`, or as 1e300, a target no count holds). Read here once for the scripts that hold
+-- it, refuse a run's marks without it, and count it in the target.
+local HOLD_MAX = 1e6
 local function read_hold(value)
   local extra, run = string.match(value or '', '^(%d+):%d+:(.+)$')
   extra = tonumber(extra)
-  if not extra or extra == math.huge then
+  if not extra or extra > HOLD_MAX then
     return nil
   end
   return extra, run

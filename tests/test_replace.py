@@ -483,6 +483,19 @@ async def test_with_every_old_node_in_a_session_it_is_done_however_short_the_poo
     assert outcome.done and outcome.marked == ["n1", "n2"] and outcome.in_sessions == ["n1", "n2"]
 
 
+async def test_a_session_score_edited_to_inf_is_listed_with_no_start(
+        pool: PoolUnderTest) -> None:
+    """A review: `int(inf)` stopped the listing with an OverflowError, and the run with it."""
+    await old_pool(pool)
+    began = await pool.redis.zscore(pool.keys.key("sessions"), "u1")
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    [n4] = [n for n in await rolling.old_nodes(pool.redis, pool.keys, cutoff) if n.node == "n4"]
+    assert (n4.user, n4.session_ms) == ("u1", int(began))
+    await pool.redis.zadd(pool.keys.key("sessions"), {"u1": float("inf")})
+    [n4] = [n for n in await rolling.old_nodes(pool.redis, pool.keys, cutoff) if n.node == "n4"]
+    assert (n4.user, n4.session_ms) == ("u1", None)
+
+
 async def test_the_old_nodes_are_told_by_the_pools_create_count(pool: PoolUnderTest) -> None:
     """Old: the nodes of its creates up to the cutoff, and those no create made; a node seen
     while its create is unanswered is taken for a new one. A lost state stops the run."""

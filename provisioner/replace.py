@@ -37,8 +37,9 @@ and the next connect missed (a review's drill). A run whose hold was let go (`--
 taken over (another run) stops.
 
 Stopped and run again (the same cutoff), it goes on where it was: the gate reads the pool, not
-the run. It is done when no old node is ready or booting and a replica has decided since the
-last batch (so its replacements are reserved; their boots are the pool's); those still in a
+the run. It is done when no old node is ready or booting, a replica has decided since the
+last batch (so its replacements are reserved; their boots are the pool's) and no mark of the
+round was refused (its session changed: the node may be back in the pool); those still in a
 session go when their sessions end. With the old nodes unchanged for `wait_limit_s` it stops
 and says what it waited for; if the pool's state is lost and begun again meanwhile (a new
 epoch), it stops at once.

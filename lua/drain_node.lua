@@ -88,10 +88,13 @@ end
 if state ~= 'ready' and state ~= 'booting' and state ~= 'allocated' then
   return {0, state or ''}
 end
+-- A run's hold, read once: its holder checked here, its extra lowered by a last batch below.
+local hold, hold_extra, holder
 if run ~= '' and not cancel then
-  local holder = select(2, read_hold(rcall('GET', K.replacing))) or ''
+  hold = rcall('GET', K.replacing)
+  hold_extra, holder = read_hold(hold)
   if holder ~= run then
-    return {5, state, holder}
+    return {5, state, holder or ''}
   end
 end
 
@@ -127,12 +130,8 @@ end
 local requeued = state == 'allocated' and requeue_session(node, now)
 terminate_drained(node, now)
 local result = {1, state, requeued or ''}
-if last and run ~= '' and state ~= 'allocated' then
-  local hold = rcall('GET', K.replacing)
-  local extra = read_hold(hold)
-  if extra and extra > 0 then  -- its holder is the run: checked above
-    rcall('SET', K.replacing, (string.gsub(hold, '^%d+', score(extra - 1))), 'KEEPTTL')
-  end
+if last and hold and state ~= 'allocated' and hold_extra > 0 then  -- the run's: checked above
+  rcall('SET', K.replacing, (string.gsub(hold, '^%d+', score(hold_extra - 1))), 'KEEPTTL')
 end
 if state ~= 'allocated' then
   log_drain(string.format('was %s; its DELETE is sent by the next replica to tick', state))

@@ -55,7 +55,8 @@ local run = ARGV[4] or ''
 local lease_ms = tonumber(ARGV[5] or '')
 
 local held = rcall('GET', K.replacing)
-local holder = select(2, read_hold(held)) or ''
+local held_extra, holder = read_hold(held)
+holder = holder or ''
 
 if mode == 'release' then
   if not held or (run ~= '' and holder ~= run) then
@@ -76,7 +77,7 @@ if mode ~= 'take' and holder ~= run then
   return {0, holder}
 end
 if mode == 'keep' then
-  extra = math.min(extra, (read_hold(held)))
+  extra = math.min(extra, held_extra)
 end
 rcall('SET', K.replacing, score(extra) .. ':' .. score(now + lease_ms) .. ':' .. run, 'PX',
       score(lease_ms))

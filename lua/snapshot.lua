@@ -71,7 +71,8 @@ counts.oldest_wait_ms = oldest_wait
 -- level and the ms its lease has left unless renewed (0 and 0 when no run holds one; -1 for a
 -- hold with no lease, written by hand). A key of another type is none here, as in the scripts
 -- that refuse it.
-local held = rcall('TYPE', K.replacing)['ok'] == 'string' and read_hold(rcall('GET', K.replacing))
+local held = rcall('TYPE', K.replacing)['ok'] == 'string'
+  and read_hold(rcall('GET', K.replacing))
 counts.spare_held = held or 0
 counts.spare_held_ms = held and math.max(rcall('PTTL', K.replacing), -1) or 0
 local result = {cjson.encode(counts)}

@@ -317,12 +317,14 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
     state.waiting, state.short = "", ""
     now = await server_now_ms(client)
     old = await old_nodes(client, keys, cutoff)
+    ready = [n.node for n in old if n.state == "ready"]
+    booting = [n.node for n in old if n.state == "booting"]
     # Old nodes still to go: their spare held, at `at_once` again if the last batch took it
     # down and one came back (a review: a session's node freed before its mark, then the run
     # waited to its limit for a decision holding a spare no renewal raised). None: no higher
     # than the last batch left it.
-    going = any(n.state in ("ready", "booting") for n in old)
-    held, holder = await scripts.hold_spare(now, "renew" if going else "keep", run, at_once)
+    mode = "renew" if ready or booting else "keep"
+    held, holder = await scripts.hold_spare(now, mode, run, at_once)
     if held is Hold.TAKEN_BACK:
         outcome.taken_back, outcome.lapsed = holder, state.refused and not holder
         return True
@@ -344,8 +346,6 @@ async def _round(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts
                 say(f"{n.node}: in the session of user {n.user}, terminated when it ends")
             if result.code is Drain.CHANGED:
                 changed.append(n.node)
-    ready = [n.node for n in old if n.state == "ready"]
-    booting = [n.node for n in old if n.state == "booting"]
     if (len(ready), len(booting)) != state.seen:
         state.seen, state.last_change = (len(ready), len(booting)), clock()
     pool = await supply(client, keys)  # again: the marks may have taken a while

@@ -886,43 +886,40 @@ def test_status_says_a_replace_holds_spare_and_how_long_its_lease_has(redis_url:
     counts them (`spare_held`, `spare_held_ms`). A hold the last batch took down to none is
     still the run's; a value no run wrote is none."""
     keys = PoolKeys("held")
-
-    async def hold(value: str | None, lease_ms: int = 30_000) -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        await client.hset(keys.key("stats"), "connects", 0)  # a pool status finds
-        if value is not None:
-            await client.set(keys.key("replacing"), value, px=lease_ms)
-        await client.aclose()
-
-    asyncio.run(hold(None))
-    shown, status = _status(redis_url, "held")
-    assert "replace under way" not in shown
-    assert (status["counts"]["spare_held"], status["counts"]["spare_held_ms"]) == (0, 0)
-    for extra, said in ((2, r"2 spare node\(s\) held above the keep\s+level"),
-                        (0, r"no spare held \(its last batch gone\)")):
-        asyncio.run(hold(f"{extra}:{int(time.time() * 1000) + 30_000}:run1"))
+    client = redis.Redis.from_url(redis_url)
+    client.hset(keys.key("stats"), "connects", 0)  # a pool status finds
+    try:
         shown, status = _status(redis_url, "held")
-        assert status["counts"]["spare_held"] == extra
-        assert 25_000 < status["counts"]["spare_held_ms"] <= 30_000
-        assert re.search(rf"replace under way: {said}, its lease (2[6-9]|30)s unless\s+renewed",
-                         shown), shown
-        assert "provisioner replace --cancel" in shown
-    # by hand: a lease no run writes, a key of another type, an extra no number holds (inf:
-    # a review, status stopped as cjson refused it), and a hold with no lease
-    for edit in ("2:x:run1", "9" * 400 + ":1:run1"):
-        asyncio.run(hold(edit))
+        assert "replace under way" not in shown
+        assert (status["counts"]["spare_held"], status["counts"]["spare_held_ms"]) == (0, 0)
+        for extra, said in ((2, r"2 spare node\(s\) held above the keep\s+level"),
+                            (0, r"no spare held \(its last batch gone\)")):
+            client.set(keys.key("replacing"), f"{extra}:{int(time.time() * 1000) + 30_000}:run1",
+                       px=30_000)
+            shown, status = _status(redis_url, "held")
+            assert status["counts"]["spare_held"] == extra
+            assert 25_000 < status["counts"]["spare_held_ms"] <= 30_000
+            assert re.search(rf"replace under way: {said}, its lease (2[6-9]|30)s unless\s+"
+                             r"renewed", shown), shown
+            assert "provisioner replace --cancel" in shown
+        # by hand: a lease no run writes, an extra no number holds (inf: a review, status
+        # stopped as cjson refused it), a key of another type, and a hold with no lease
+        for edit in ("2:x:run1", "9" * 400 + ":1:run1"):
+            client.set(keys.key("replacing"), edit, px=30_000)
+            shown, status = _status(redis_url, "held")
+            assert status["counts"]["spare_held"] == 0 and "replace under way" not in shown, edit
+        client.delete(keys.key("replacing"))
+        client.hset(keys.key("replacing"), "extra", "2")
         shown, status = _status(redis_url, "held")
-        assert status["counts"]["spare_held"] == 0 and "replace under way" not in shown, edit
-    redis.Redis.from_url(redis_url).delete(keys.key("replacing"))
-    redis.Redis.from_url(redis_url).hset(keys.key("replacing"), "extra", "2")
-    shown, status = _status(redis_url, "held")
-    assert status["counts"]["spare_held"] == 0 and "replace under way" not in shown
-    redis.Redis.from_url(redis_url).delete(keys.key("replacing"))
-    redis.Redis.from_url(redis_url).set(keys.key("replacing"), "2:1:run1")  # no PX
-    shown, status = _status(redis_url, "held")
-    assert (status["counts"]["spare_held"], status["counts"]["spare_held_ms"]) == (2, -1)
-    assert re.search(r"2 spare node\(s\) held above the keep level, with no lease \(written by\s+"
-                     r"hand", shown), shown
+        assert status["counts"]["spare_held"] == 0 and "replace under way" not in shown
+        client.delete(keys.key("replacing"))
+        client.set(keys.key("replacing"), "2:1:run1")  # no PX
+        shown, status = _status(redis_url, "held")
+        assert (status["counts"]["spare_held"], status["counts"]["spare_held_ms"]) == (2, -1)
+        assert re.search(r"2 spare node\(s\) held above the keep level, with no lease "
+                         r"\(written by\s+hand", shown), shown
+    finally:
+        client.close()
 
 
 def test_status_watch_into_a_pipe_writes_a_reading_a_second(redis_url: str) -> None:

@@ -252,14 +252,15 @@ def run(
     ] = DEFAULTS.max_batch,
     reconcile_interval: Annotated[float, typer.Option(
         envvar="PROVISIONER_RECONCILE_INTERVAL",
-        help="Seconds between reconciliations with GET /api/nodes (0 disables)")] = 30.0,
+        help="Seconds between reconciliations with GET /api/nodes (0 disables; else 1 at "
+        "least)")] = 30.0,
     api_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_API_TIMEOUT", help="Node API request timeout, seconds")] = 10.0,
     heartbeat_interval: Annotated[float, typer.Option(
         envvar="PROVISIONER_HEARTBEAT_INTERVAL",
         help="Seconds between heartbeats: the replica records itself in the pool (`status` "
         "lists the replicas), probes how far its listener is behind the events, and sees a loss of "
-        "the pool's state in Redis (0 disables all three)")
+        "the pool's state in Redis (0 disables all three; else 0.1-20)")
     ] = 2.0,
     max_event_lag: Annotated[float, typer.Option(
         envvar="PROVISIONER_MAX_EVENT_LAG",

@@ -80,12 +80,24 @@ def _range(config: object, name: str, low: float | str, high: float | str, *,
                    tuple(others), note, label)
 
 
+def _off_or_range(config: object, name: str, low: float, high: float, *, note: str,
+                  label: str) -> Problem | None:
+    """As `_range`, for a setting that 0 turns off: 0, or a value in [low, high]."""
+    value = getattr(config, name)
+    if value == 0 or (low <= value <= high):
+        return None
+    return Problem(name, f"must be 0 or in [{number(low)}, {number(high)}]", (), note, label)
+
+
 def _one_of(config: object, name: str, choices: tuple[str, ...], label: str = "") -> Problem | None:
     if getattr(config, name) in choices:
         return None
     said = " or ".join(choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
     return Problem(name, f"must be {said}", label=label)
 
+
+#: The longest heartbeat interval taken (see ServiceConfig.check).
+MAX_HEARTBEAT_INTERVAL_S = 20.0
 
 #: The most nodes a pool may be set to hold: far above any GPU fleet, far below where the
 #: scripts' numbers lose integer precision.
@@ -388,7 +400,14 @@ def _node_api_url_reason(url: str) -> str | None:
         parts.port  # noqa: B018 -- parsing it is the check (a port out of range or not a number)
     except ValueError as exc:
         return f"cannot be parsed: {exc}"
-    return None if parts.hostname else "names no host"
+    if not parts.hostname:
+        return "names no host"
+    # The client adds /api/nodes to the URL: after a query, every call would go to a path of
+    # the query's (a review: POST /v1?token=…/api/nodes, and a DELETE to the API's base).
+    if parts.query or parts.fragment or url.rstrip("/").endswith(("?", "#")):
+        return ("has a query or a fragment: the calls are made at its path + /api/nodes, and "
+                "would go elsewhere (give the API's base, scheme://host:port[/prefix])")
+    return None
 
 
 def _listenable(host: str) -> bool:
@@ -486,10 +505,16 @@ class ServiceConfig:
         found += [
             _range(self, "api_timeout_s", 0, 600, low_open=True, label="api timeout"),
             _range(self, "api_retries", 1, 10, label="api retries"),
-            _range(self, "reconcile_interval_s", 0, 86400,
-                   note="(0 disables reconciliation)", label="reconcile interval"),
-            _range(self, "heartbeat_interval_s", 0, 3600, note="(0 disables heartbeats)",
-                   label="heartbeat interval"),
+            # A reconciliation is one GET of every node, and its turn a lock of whole
+            # milliseconds (a review: 0.0004 s was taken, and every turn's lock refused).
+            _off_or_range(self, "reconcile_interval_s", 1, 86400,
+                          note="(0 disables reconciliation)", label="reconcile interval"),
+            # Under a third of the minute the CLI's `drain` and `replace` take a replica to be
+            # silent after, and far under the 10 minutes the others forget it in, with the
+            # mark that keeps its calls from being applied twice (a review: 900 s was taken,
+            # and a live replica forgotten by another's heartbeat).
+            _off_or_range(self, "heartbeat_interval_s", 0.1, MAX_HEARTBEAT_INTERVAL_S,
+                          note="(0 disables heartbeats)", label="heartbeat interval"),
             _range(self, "max_event_lag_s", 0, 3600, low_open=True, label="max event lag"),
             # No option sets these three, so their problems name the fields. An age or a skew of 0
             # drops every activity event a moment off this replica's clock, a nan one every
@@ -499,7 +524,7 @@ class ServiceConfig:
             _range(self, "max_event_age_s", 0, 30 * 86400, low_open=True),
             _range(self, "max_clock_skew_s", 0, 3600, low_open=True),
             # 0 cancels the loops and Node API calls in flight at once (each step is atomic or
-            # repeated by another replica); the grace is waited twice, loops then calls.
+            # repeated by another replica); the grace is waited once, for loops and calls.
             _range(self, "shutdown_grace_s", 0, 600),
         ]
         return [problem for problem in found if problem is not None]

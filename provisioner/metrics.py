@@ -2,8 +2,10 @@
 
 Counters of events are per replica: every replica receives every message, but only the one whose
 script call made the transition counts a connect, hit or miss, so summing over replicas gives
-exact totals. Pool gauges (nodes by state, users) are read from Redis and are the same on every
-replica: aggregate them with max(), not sum().
+exact totals, but for a call whose reply was lost: the try that ran it told no replica what it
+decided, and the call made again is counted apart (`provisioner_calls_made_again`; the pool's
+own counts, `provisioner status`, are exact). Pool gauges (nodes by state, users) are read from
+Redis and are the same on every replica: aggregate them with max(), not sum().
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class Metrics:
                               buckets=WAIT_BUCKETS, registry=r)
         self.releases = Counter("provisioner_releases", "Disconnects, by outcome",
                                 ["outcome"], registry=r)
+        self.made_again = Counter(
+            "provisioner_calls_made_again",
+            "Connects and disconnects this replica made again after their reply was lost, and "
+            "found applied by that try: their hit, miss or release is in no replica's counters "
+            "(the pool's stats count it: calls_made_again)", ["event"], registry=r)
         self.node_events = Counter("provisioner_node_status", "node:status applied, by outcome",
                                    ["status", "outcome"], registry=r)
         self.nodes = Gauge("provisioner_nodes", "Nodes of the pool by state (from Redis)",
@@ -129,8 +136,9 @@ class Metrics:
         self.creates_held = Gauge(
             "provisioner_creates_held",
             "1 while this replica makes no create because the Node API is down (creates "
-            "unanswered or answered 5xx); after the pause it makes one at a time until the API "
-            "answers a create, a delete or a list",
+            "unanswered or answered 5xx; after the pause it makes one at a time until the API "
+            "answers a create, a delete or a list), at its capacity (429) or refusing creates "
+            "(a 3xx or another 4xx, or ids the pool cannot take)",
             registry=r)
         self.other_pools = Gauge(
             "provisioner_other_pools",

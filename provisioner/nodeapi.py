@@ -1,14 +1,18 @@
 """Client of the Node Management API.
 
-`POST /api/nodes` → 202 {"id": …} creates a node, `DELETE /api/nodes/{id}` → 202 terminates one;
-any other answer is a failure. What may be retried and what may not:
+`POST /api/nodes` → 202 {"id": …} creates a node, `DELETE /api/nodes/{id}` → 202 terminates one.
+What may be retried and what may not:
 
 * A create is not idempotent: sending it twice may make two nodes. It is retried only when the
   request certainly never reached the server (the connection could not be made, or was not made
   in time, or none of the client's was free in time). A timeout or a
   broken connection after sending is UNCERTAIN: the node may exist. The caller then leaves the
   reservation to expire and the node, if any, is adopted when its `node:status` arrives or when
-  reconciliation lists it, so it is never leaked.
+  reconciliation lists it, so it is never leaked. So is a 502 or a 504, a gateway's answer
+  that it got none from the API behind it, which may have made the node. Any other answer
+  but a 2xx is the API's own refusal: no node.
+* A create answered 200 or 201 with an id made that node, as a 202 does (a proxy or another
+  release of the API may answer so); a 2xx without a readable id is UNCERTAIN.
 * A delete is idempotent (a 404 means the node is already gone), so timeouts, connection errors,
   429 and 5xx are retried with jittered exponential backoff, a bounded number of times.
 * `GET /api/nodes` is an extension of our mock used for reconciliation; a server without it
@@ -39,8 +43,8 @@ log = logging.getLogger("provisioner.nodeapi")
 
 class CreateOutcome(StrEnum):
     CREATED = "created"
-    FAILED = "failed"        # certainly no node: non-202 answer or no connection
-    UNCERTAIN = "uncertain"  # sent, no answer: a node may exist
+    FAILED = "failed"        # certainly no node: the API refused (4xx, 500, 503) or no connection
+    UNCERTAIN = "uncertain"  # sent, no answer (or a gateway's 502/504): a node may exist
 
 
 class DeleteOutcome(StrEnum):
@@ -61,6 +65,10 @@ class CreateResult:
     #: the answer's Retry-After says (`retry_after_s`), or CAPACITY_HOLD_MS without one
     at_capacity: bool = False
     retry_after_s: float | None = None
+    #: the API answered no for a reason of its own (a 3xx, or a 4xx but 429: a wrong path, a
+    #: token refused, a request it cannot take): asked again, it will most likely say no
+    #: again, and the replica holds its creates, longer with each refusal in a row
+    refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,10 @@ class NodeApi(Protocol):
 
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+#: a gateway's answers that the API behind it did not answer in time or at all: the create may
+#: have reached it and made a node (a review: taken for a refusal, the reservation was given
+#: back, the pool created again, and the node the first POST made took it past max_nodes)
+GATEWAY_NO_ANSWER = frozenset({502, 504})
 #: the most of an answer's body read: an id or an error (create, delete), the node list (list);
 #: the rest is not read, and a create or a list whose body is cut short has no usable answer
 MAX_BODY = {"create": 64 * 1024, "delete": 64 * 1024, "list": 32 * 1024 * 1024}
@@ -255,20 +267,27 @@ class HttpNodeApi:
                 if attempt + 1 < self.attempts:
                     await self._pause(attempt)
                 continue
-            if response.status_code == 202:
+            status = response.status_code
+            if 200 <= status < 300:
                 node_id = _node_id(response)
                 if node_id:
                     self._count("create", "created", started)
                     return CreateResult(CreateOutcome.CREATED, node_id)
-                # 202 without a readable id: a node exists that we cannot name yet.
+                # A 2xx without a readable id: a node may exist that we cannot name yet.
                 self._count("create", "uncertain", started)
                 return CreateResult(CreateOutcome.UNCERTAIN,
-                                    detail=f"202 without an id: {response.text[:100]!r}")
-            self._count("create", f"http_{response.status_code}", started)
+                                    detail=f"{status} without an id: {response.text[:100]!r}")
+            if status in GATEWAY_NO_ANSWER:
+                self._count("create", "uncertain", started)
+                return CreateResult(CreateOutcome.UNCERTAIN, api_down=True,
+                                    detail=f"HTTP {status} (a gateway with no answer from the "
+                                    f"API: a node may exist): {response.text[:100]!r}")
+            self._count("create", f"http_{status}", started)
             return CreateResult(CreateOutcome.FAILED,
-                                detail=f"HTTP {response.status_code}: {response.text[:100]!r}",
-                                api_down=response.status_code >= 500,
-                                at_capacity=response.status_code == 429,
+                                detail=f"HTTP {status}: {response.text[:100]!r}",
+                                api_down=status >= 500,
+                                at_capacity=status == 429,
+                                refused=status < 500 and status != 429,
                                 retry_after_s=retry_after_s(response.retry_after))
         return CreateResult(CreateOutcome.FAILED, detail="could not connect", api_down=True)
 

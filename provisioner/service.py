@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -74,6 +75,17 @@ CREATE_HOLD_MAX_MS = 30_000
 #: nodeapi.MAX_RETRY_AFTER_S): it made one every tick before (1,355 in 8.5 minutes, each a
 #: warning, in a review's drill with the API's capacity under the pool's max_nodes).
 CAPACITY_HOLD_MS = 10_000
+#: After the Node API refused a create for a reason of its own (a 3xx, a 4xx but 429: a wrong
+#: path, a token refused) or named its node with an id the pool cannot take, the replica makes
+#: none for REFUSED_HOLD_MS * 2**(n-1) after the n-th in a row, at most CREATE_HOLD_MAX_MS,
+#: then one at a time until one is not refused: asked again at once, it says the same (a
+#: review: a Node API answering 404 was asked max_batch times a tick, 1,200 creates and
+#: warnings a minute; one whose ids held a '/' made 1,200 nodes a minute, each deleted at
+#: once, every one billed).
+REFUSED_HOLD_MS = 5_000
+#: How long the /metrics and health server waits for a request still open when the replica
+#: stops, before it closes the connection.
+HTTP_SHUTDOWN_S = 1.0
 #: After a loss of the pool's state, how long a replica's ticks wait for the Node API's node
 #: list (retried every heartbeat) before deciding without it.
 TAKE_BACK_PATIENCE_MS = 60_000
@@ -285,6 +297,10 @@ class Replica:
         self._api_down = 0
         self._creates_held_until_ms = 0
         self._capacity_held_until_ms = 0
+        #: creates in a row the Node API refused (or answered with an id the pool cannot
+        #: take), and until when creates are held for it; any other answer to a create ends it
+        self._api_refused = 0
+        self._refused_held_until_ms = 0
         #: since when (monotonic) and why the server has refused this replica's writes for now
         #: (out of memory, read-only, a script running long), from the first refusal to the
         #: next write that went through: /readyz fails meanwhile; None: not refused
@@ -566,6 +582,7 @@ class Replica:
     def _made_again(self, what: str, user_id: str) -> None:
         # What the first try decided was in the reply that was lost; the pool's state and
         # the decisions stream have it.
+        self.metrics.made_again.labels(what).inc()
         log.info("%s %s: already applied by a try whose reply was lost; not applied again",
                  what, user_id)
 
@@ -627,9 +644,12 @@ class Replica:
     def _creates_allowed(self, now_ms: int) -> int | None:
         """The most creates this replica may make now: None (max_batch) while the Node API
         answers; none while creates are held, then one, a probe, until one is answered; none
-        for CAPACITY_HOLD_MS after the API said it is at its capacity."""
+        for CAPACITY_HOLD_MS after the API said it is at its capacity; after it refused one
+        (REFUSED_HOLD_MS), none for a while, then one at a time until one is not refused."""
         if now_ms < self._capacity_held_until_ms:
             return 0
+        if self._api_refused:
+            return 0 if now_ms < self._refused_held_until_ms else 1
         if not self._api_down:
             return None
         return 0 if now_ms < self._creates_held_until_ms else 1
@@ -648,6 +668,20 @@ class Replica:
                 hold / 1000, self._api_down)
         else:
             self._api_answered("a create")
+        if result.refused:
+            self._api_refused += 1
+            hold = min(CREATE_HOLD_MAX_MS,
+                       REFUSED_HOLD_MS * 2 ** min(self._api_refused - 1, 16))
+            self._refused_held_until_ms = now_ms + hold
+            self._trouble.warning(
+                "api-refuses", "the Node API refuses creates (%s): creates held for %.0fs (%d "
+                "refused in a row); check --node-api-url and what the API asks of a create",
+                result.detail, hold / 1000, self._api_refused)
+        elif self._api_refused:
+            log.warning("the Node API takes creates again, after %d refused in a row",
+                        self._api_refused)
+            self._api_refused = 0
+            self._refused_held_until_ms = 0
         if result.at_capacity:
             # As long as its Retry-After says, past the next tick at least (a hold of one
             # interval ends on it); CAPACITY_HOLD_MS without one.
@@ -706,11 +740,16 @@ class Replica:
         # call outlasted its reservation (retries through an outage, a stalled process): that
         # is no lead time of a boot, and it is timed from the pool's first record instead.
         asked_ms = asked if now - asked <= self.pool.create_timeout_s * 1000 else None
-        self._create_answered(result, now)
-        if result.outcome is CreateOutcome.CREATED and not events.ID_PATTERN.match(
-                result.node_id):
+        unusable = (result.outcome is CreateOutcome.CREATED
+                    and not events.ID_PATTERN.match(result.node_id))
+        # An id the pool cannot take is a refusal for the hold: the next node would be named
+        # the same way, and made and deleted for nothing.
+        self._create_answered(dataclasses.replace(result, refused=True) if unusable else result,
+                              now)
+        if unusable:
             # A node the pool could never hear of (its status would be refused): deleted at
-            # once, and its reservation given back so the next tick can create another.
+            # once, and its reservation given back so a tick can create another once the hold
+            # is over.
             self.metrics.errors.labels("unusable_id").inc()
             log.error("create %s: the Node API named the node %r, an id the pool cannot take; "
                       "deleting it", reservation, result.node_id[:80])
@@ -825,7 +864,9 @@ class Replica:
             pipe.zrange(self.keys.key("booting"), 0, -1)
             pipe.zrange(self.keys.key("terminating"), 0, -1)
             pairs, booting_ids, terminating_ids = await pipe.execute()
-        known_ids = {as_text(k): int(v) for k, v in pairs}
+        # Scores as floats: one edited by hand to inf stopped every reconciliation (a review;
+        # int(inf) raises), and after a loss of the state, every tick with it.
+        known_ids = {as_text(k): float(v) for k, v in pairs}
         booting = {as_text(k) for k in booting_ids}
         # Nodes the pool is deleting itself: the API calling them terminating is their DELETE
         # arriving, and their `terminated` (or the DELETE's retry) ends them.
@@ -1273,14 +1314,17 @@ class Replica:
                  len(self._actions))
         # Each loop ends at its next turn; one inside a slow call (a reconciliation's list of
         # nodes, up to the API timeout) is cancelled after the grace: every step it could be in
-        # is atomic or repeated by the next replica's turn.
+        # is atomic or repeated by the next replica's turn. The Node API calls in flight run
+        # meanwhile, and have what is left of the same grace: waited twice, a review's replica
+        # took 11.7 s to stop, past `docker stop`'s 10 s.
+        grace_ends = asyncio.get_running_loop().time() + self.service.shutdown_grace_s
         _, late = await asyncio.wait(tasks, timeout=self.service.shutdown_grace_s)
         for task in late:
             log.warning("stopping: %s cancelled after %gs", task.get_name(),
                         self.service.shutdown_grace_s)
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.drain(self.service.shutdown_grace_s)
+        await self.drain(max(0.0, grace_ends - asyncio.get_running_loop().time()))
         # With heartbeats off too: the replica is not listed, but its mark in `applied` is
         # there, and nothing else would ever take it away (it is never forgotten).
         try:
@@ -1399,7 +1443,10 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
                 except RedisError as exc:
                     log.warning("could not read the pool's gauges before serving /metrics "
                                 "(%s); the first tick reads them", exc)
-            runner = web.AppRunner(http_app(replica), access_log=None)
+            # A client's request still open when the replica stops is cut after a second
+            # (aiohttp's default waits 60 s; a review's half-sent POST held the exit 10 s).
+            runner = web.AppRunner(http_app(replica), access_log=None,
+                                   shutdown_timeout=HTTP_SHUTDOWN_S)
             await runner.setup()
             try:
                 await web.TCPSite(runner, service.http_host, service.http_port).start()

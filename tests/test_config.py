@@ -51,7 +51,7 @@ SERVICE_RANGES: list[tuple[str, str, float, float, bool]] = [
     ("api_timeout_s", "api timeout", 0, 600, True),
     ("api_retries", "api retries", 1, 10, False),
     ("reconcile_interval_s", "reconcile interval", 0, 86400, False),
-    ("heartbeat_interval_s", "heartbeat interval", 0, 3600, False),
+    ("heartbeat_interval_s", "heartbeat interval", 0, 20, False),
     ("max_event_lag_s", "max event lag", 0, 3600, True),
     ("max_event_age_s", "max_event_age_s", 0, 30 * 86400, True),
     ("max_clock_skew_s", "max_clock_skew_s", 0, 3600, True),
@@ -96,6 +96,23 @@ def test_a_service_setting_is_taken_at_each_end_of_its_range_and_refused_past_it
         config = ServiceConfig("redis://h/0", "http://api", **{name: kind(value)})
         assert [p.split(" must be")[0] for p in config.problems()] == [label], \
             (name, value, config.problems())
+
+
+@pytest.mark.parametrize(("name", "label", "low"), [
+    ("reconcile_interval_s", "reconcile interval", 1.0),
+    ("heartbeat_interval_s", "heartbeat interval", 0.1),
+])
+def test_a_setting_0_turns_off_is_refused_between_0_and_its_shortest(
+        name: str, label: str, low: float) -> None:
+    """A reconcile interval of 0.0004 s was taken, and every turn's lock (whole milliseconds)
+    refused; 0 turns it off, and its shortest is 1 s (a heartbeat's 0.1 s)."""
+    def problems(value: float) -> list[str]:
+        return ServiceConfig("redis://h/0", "http://api", **{name: value}).problems()
+
+    assert problems(0.0) == [] and problems(low) == []
+    for value in (0.0004, math.nextafter(low, 0), math.nan, math.inf):
+        said = problems(value)
+        assert said and said[0].startswith(f"{label} must be 0 or in [{low:g}, "), (value, said)
 
 
 @pytest.mark.parametrize(("name", "refused"), [

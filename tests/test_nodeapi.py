@@ -177,6 +177,36 @@ async def test_create_202_without_an_id_is_uncertain() -> None:
     assert result.outcome is CreateOutcome.UNCERTAIN
 
 
+@pytest.mark.parametrize(("status", "body", "outcome"), [
+    (502, "bad gateway", CreateOutcome.UNCERTAIN),
+    (504, "gateway timeout", CreateOutcome.UNCERTAIN),
+    (200, '{"id": "n1"}', CreateOutcome.CREATED),
+    (201, '{"id": "n1"}', CreateOutcome.CREATED),
+    (201, "made", CreateOutcome.UNCERTAIN),
+    (500, "boom", CreateOutcome.FAILED),
+    (503, "busy", CreateOutcome.FAILED),
+])
+async def test_a_gateway_with_no_answer_leaves_the_create_uncertain(
+        status: int, body: str, outcome: CreateOutcome) -> None:
+    """A 502 or 504 is a gateway's: the API behind it may have made the node. Taken for a
+    refusal (a review), the reservation was given back, the pool created again, and the first
+    node took a pool of max_nodes 1 to two. A 200 or 201 with an id made that node; a 500 or
+    503 is the API's own answer that it failed. None is asked again."""
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(status, text=body)
+
+    result = await client(handler).create()
+    assert result.outcome is outcome
+    assert calls == 1
+    assert result.node_id == ("n1" if outcome is CreateOutcome.CREATED else "")
+    assert result.api_down is (status >= 500)
+    assert not result.refused
+
+
 async def test_delete_retries_transient_failures_and_maps_404_to_gone() -> None:
     answers = [503, 429, 202]
 
@@ -329,6 +359,11 @@ async def test_a_create_says_whether_the_api_is_down_or_answered_no() -> None:
         result = await client(handler, attempts=1).create()
         assert result.api_down is down
         assert result.at_capacity is (result.detail.startswith("HTTP 429"))
+        assert result.refused is (result.detail.startswith("HTTP 400"))
+    for status in (301, 308, 401, 403, 404, 405, 409, 422):
+        result = await client(lambda r, s=status: httpx.Response(s), attempts=1).create()
+        assert (result.outcome, result.refused, result.api_down, result.at_capacity) == (
+            CreateOutcome.FAILED, True, False, False), status
     assert (await client(lambda r: httpx.Response(429), attempts=1).create()).at_capacity
 
 

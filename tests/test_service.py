@@ -827,11 +827,84 @@ async def test_creates_are_held_a_while_after_the_node_api_says_it_is_full(
         await replica.settle()
     assert calls == 2
     reason = await aredis.hget(replica.keys.key("stats"), "last_decision")
-    assert "(creates held while the Node API fails or is full)" in reason
+    assert "(creates held while the Node API fails, is full or refuses)" in reason
     clock.advance(1000)
     await replica.tick()
     await replica.settle()
     assert calls == 4  # the hold is over: the shortfall asked for again
+
+
+@pytest.mark.parametrize("answer", ["HTTP 404: 'Not Found'", "an id the pool cannot take"])
+async def test_a_node_api_that_refuses_creates_is_asked_less_and_less(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture, answer: str,
+) -> None:
+    """A 404 (a wrong path), a 401 or a 308 is an answer, and held nothing: a review's API
+    answering 404 was asked max_batch times a tick, 1,200 creates and warnings a minute, and
+    one naming its nodes with a '/' made and deleted 1,200 nodes a minute. A refusal now
+    holds creates 5 s, doubling to 30 s, then one at a time until one is taken."""
+    replica = make_replica(aredis, api, clock, "r1",
+                           dataclasses.replace(FLOOR_ONLY, min_ready=20, max_nodes=50))
+    made: list[str] = []
+    taken = False
+
+    async def create() -> CreateResult:
+        made.append(f"node-{len(made) + 1}")
+        if taken:
+            return CreateResult(CreateOutcome.CREATED, made[-1])
+        if answer.startswith("HTTP"):
+            return CreateResult(CreateOutcome.FAILED, detail=answer, refused=True)
+        return CreateResult(CreateOutcome.CREATED, f"zone-a/{made[-1]}")
+
+    api.create = create  # type: ignore[method-assign]
+    asked_at: list[int] = []
+    with caplog.at_level(logging.WARNING):
+        for second in range(120):
+            before = len(made)
+            await replica.tick()
+            await replica.settle()
+            asked_at += [second] * (len(made) - before)
+            clock.advance(1000)
+    # the first tick's batch, then one probe each 30 s (20 in a row held the longest)
+    assert asked_at == [0] * 20 + [30, 60, 90], asked_at
+    assert "the Node API refuses creates" in caplog.text
+    assert caplog.text.count("the Node API refuses creates") <= 4
+    reason = await aredis.hget(replica.keys.key("stats"), "last_decision")
+    assert "(creates held while the Node API fails, is full or refuses)" in reason
+    assert counter(replica, "provisioner_creates_held") == 1
+    if not answer.startswith("HTTP"):
+        assert len(api.deleted) == 23  # each node named so was deleted at once
+    # The API takes them again: the probe is taken, and the next tick asks for the rest.
+    taken = True
+    clock.advance(30_000)
+    await replica.tick()
+    await replica.settle()
+    assert len(made) == 24
+    clock.advance(1000)
+    await replica.tick()
+    await replica.settle()
+    assert len(made) == 24 + 19
+    assert "the Node API takes creates again, after 23 refused in a row" in caplog.text
+
+
+async def test_a_refusal_escalates_its_hold_from_5_s_and_a_taken_create_ends_it(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """One refusal at a time: held 5 s, then 10, 20 and 30 at most."""
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
+    asked: list[int] = []
+
+    async def create() -> CreateResult:
+        asked.append(clock.now_ms())
+        return CreateResult(CreateOutcome.FAILED, detail="HTTP 401: 'no token'", refused=True)
+
+    api.create = create  # type: ignore[method-assign]
+    start = clock.now_ms()
+    for _ in range(100):
+        await replica.tick()
+        await replica.settle()
+        clock.advance(1000)
+    assert [(t - start) // 1000 for t in asked] == [0, 5, 15, 35, 65, 95]
 
 
 @pytest.mark.parametrize(("answered_after_ms", "asked"), [(5_000, True), (60_000, True),
@@ -1011,7 +1084,7 @@ async def test_creates_are_held_while_the_node_api_is_down_and_probed_one_at_a_t
         await tick()
     assert calls == 5
     reason = await aredis.hget(replica.keys.key("stats"), "last_decision")
-    assert "create 0 of 5 (creates held while the Node API fails or is full)" in reason
+    assert "create 0 of 5 (creates held while the Node API fails, is full or refuses)" in reason
     await tick()  # the hold is over: one probe, unanswered, and a longer hold
     assert calls == 6
     for _ in range(29):
@@ -1219,6 +1292,22 @@ async def test_reconcile_deletes_a_node_whose_id_the_pool_cannot_take(
     assert counter(replica, "provisioner_errors_total", where="unusable_id") == 1
 
 
+@pytest.mark.parametrize("score", [math.inf, -math.inf])
+async def test_a_node_score_edited_to_infinity_does_not_stop_reconciliation(
+    replica: Replica, api: FakeNodeApi, aredis: aioredis.Redis, score: float,
+) -> None:
+    """A review: int(inf) raised, and every reconciliation ended in an OverflowError (after a
+    loss of the state, every tick waited on it)."""
+    await send([replica], "node:status", {"node_id": "n1", "status": "booting"})
+    await send([replica], "node:status", {"node_id": "n2", "status": "booting"})
+    await aredis.zadd(replica.keys.key("nodes"), {"n2": score})  # a hand edit
+    api.listed = [ListedNode("n1", "ready")]
+    counts = await replica.reconcile()
+    assert counts is not None and counts["made_ready"] == 1
+    # n2, not listed and stamped at no time near now, is taken for gone
+    assert counts["vanished"] == 1
+
+
 async def test_no_list_from_the_api_is_no_reconciliation(
     replica: Replica, api: FakeNodeApi, aredis: aioredis.Redis,
 ) -> None:
@@ -1235,7 +1324,8 @@ async def test_a_create_answered_with_an_id_the_pool_cannot_take_is_deleted_and_
     await replica.tick()  # the floor: one create
     await replica.drain(5.0)
     assert api.deleted == ["node 1/x"]
-    assert await aredis.zcard(replica.keys.key("pending")) == 0  # the next tick creates again
+    # given back: a tick creates again once the hold for the refusal is over
+    assert await aredis.zcard(replica.keys.key("pending")) == 0
     assert counter(replica, "provisioner_errors_total", where="unusable_id") == 1
 
 
@@ -1348,6 +1438,69 @@ async def test_a_loop_stuck_in_a_slow_call_is_cancelled_after_the_grace(
     replica.stopping.set()
     await asyncio.wait_for(task, 5)
     assert loop.time() - started < 3
+
+
+async def test_a_stuck_loop_and_a_stuck_create_share_one_grace(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """The grace was waited for the loops, then again for the Node API calls: a review's
+    replica took 11.7 s to stop with a reconciliation and two creates hung, past `docker
+    stop`'s 10 s. The calls run while the loops are waited for, and get what is left."""
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            reconcile_interval_s=1, shutdown_grace_s=2.0)
+    replica = Replica(aredis, service, dataclasses.replace(FLOOR_ONLY, min_ready=2), api,
+                      clock=clock, metrics=Metrics())
+    listing, creating = asyncio.Event(), asyncio.Event()
+
+    async def list_hangs() -> None:
+        listing.set()
+        await asyncio.sleep(60)  # a GET /api/nodes that takes the API timeout
+
+    async def create_hangs() -> CreateResult:
+        creating.set()
+        await asyncio.sleep(60)
+        raise AssertionError("never answered")
+
+    api.list_nodes = list_hangs  # type: ignore[method-assign,assignment]
+    api.create = create_hangs  # type: ignore[method-assign]
+    # the first reconciliation hangs; the ticks wait for another replica's turn instead
+    await aredis.set(replica.keys.reconcile_lock, "r2", px=500)
+    task = asyncio.create_task(replica.run())
+    await asyncio.wait_for(asyncio.gather(listing.wait(), creating.wait()), 10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    replica.stopping.set()
+    await asyncio.wait_for(task, 10)
+    assert loop.time() - started < 3.5  # 2 s of grace, once (twice: over 4 s)
+    assert await aredis.zcard(replica.keys.key("pending")) == 2  # left to their deadline
+
+
+async def test_a_request_left_half_sent_does_not_hold_the_replica_s_exit(
+        redis_url: str, aredis: aioredis.Redis) -> None:
+    """aiohttp waits 60 s for a request still open at shutdown, and a half-sent POST /metrics
+    held a review's replica 10 s past its stop; it is cut after a second."""
+    import socket
+
+    from provisioner.service import serve
+
+    service = ServiceConfig(redis_url, "http://127.0.0.1:9", pool="half-sent",
+                            http_host="127.0.0.1", reconcile_interval_s=0)
+    stop = asyncio.Event()
+    serving, port, _ = await answering(
+        lambda port: serve(dataclasses.replace(service, http_port=port), FLOOR_ONLY, stop),
+        "/healthz", "127.0.0.1")
+    peer = socket.create_connection(("127.0.0.1", port))
+    try:
+        peer.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n01")
+        await asyncio.sleep(0.3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+        assert loop.time() - started < 6  # a second for the request, not 10
+    finally:
+        peer.close()
+        await aredis.delete(*[key async for key in aredis.scan_iter("prov:{half-sent}:*")])
 
 
 async def test_serve_ends_with_the_error_of_a_replica_that_cannot_start(redis_url: str,
@@ -1683,6 +1836,11 @@ async def test_a_batch_whose_reply_was_lost_does_not_end_the_session_it_began(
     assert outcomes[0].code is Release.MADE_AGAIN
     assert outcomes[1].code is (Allocation.MADE_AGAIN if ran == 2 else Allocation.ALLOCATED)
     assert counter(replica, "provisioner_errors_total", where="event") == 0
+    # The replica's counters: what the lost reply held is counted apart, not as a connect
+    # (a review: the metrics module called the sums over replicas exact, and they missed it).
+    assert counter(replica, "provisioner_calls_made_again_total", event="disconnect") == 1
+    assert counter(replica, "provisioner_calls_made_again_total", event="connect") == ran - 1
+    assert counter(replica, "provisioner_connects_total") == 1 + (ran == 1)
     assert await check_invariants(aredis, POOL) == []
 
 
@@ -2354,8 +2512,9 @@ async def test_what_else_comes_on_the_probe_channel_moves_no_lag(
 
 def test_the_heartbeat_settings_are_checked() -> None:
     bad = ServiceConfig("redis://x", "http://api", heartbeat_interval_s=-1, max_event_lag_s=0)
-    assert bad.problems() == ["heartbeat interval must be in [0, 3600] (0 disables heartbeats)",
-                              "max event lag must be in (0, 3600]"]
+    assert bad.problems() == [
+        "heartbeat interval must be 0 or in [0.1, 20] (0 disables heartbeats)",
+        "max event lag must be in (0, 3600]"]
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e308])
@@ -2720,6 +2879,14 @@ def test_any_batches_of_messages_keep_every_invariant(
     (["--node-api-url", "http://host:port"], "cannot be parsed"),
     (["--node-api-url", "http://:8080"],
      "--node-api-url (PROVISIONER_NODE_API_URL) names no host: got 'http://:8080'"),
+    # every call went to /v1?token=***/api/nodes, a DELETE to the API's base (a review); the
+    # token is not shown
+    (["--node-api-url", "http://api:80/v1?token=s3cret"],
+     "--node-api-url (PROVISIONER_NODE_API_URL) has a query or a fragment: the calls are made "
+     "at its path + /api/nodes, and would go elsewhere (give the API's base, "
+     "scheme://host:port[/prefix]): got 'http://api:80/v1?token=***'"),
+    (["--node-api-url", "http://api:80/#frag"], "has a query or a fragment"),
+    (["--node-api-url", "http://api:80/?"], "has a query or a fragment"),
     # a client's error that holds braces is said as it is
     (["--node-api-url", "http://:{x}"],
      "cannot be parsed: Port could not be cast to integer value as '{x}': got 'http://:{x}'"),

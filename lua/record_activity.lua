@@ -35,7 +35,8 @@
   the server refused: it fails alone, as its own call would)
     1 RECORDED   the event is new
     2 DUPLICATE  this user's event of this second is already recorded
-    3 STALE      the event is older than the window: nothing recorded
+    3 STALE      the event is older than the window, or than every one of the user's last
+                 `most events kept` (the cap would drop it at once): nothing recorded
 ]]
 --@include "includes/keys.lua"
 
@@ -65,6 +66,13 @@ local function record(user, ts)
   local kept = rcall('ZCARD', ak)
   if kept > cap then
     rcall('ZREMRANGEBYRANK', ak, 0, kept - cap - 1)
+    -- Older than every one of the `cap` kept: dropped as soon as added, so each replica's copy
+    -- finds it gone and adds it again. Stale, as an event older than the window is, for every
+    -- copy alike (a review: counted once per copy in `activities`).
+    if not rcall('ZSCORE', ak, ts) then
+      counts.activity_stale = counts.activity_stale + 1
+      return 3, 0
+    end
   end
   local n = rcall('ZCOUNT', ak, now - window, '+inf')
   -- The window outlives its last event by a minute; a user who never comes back leaves nothing.

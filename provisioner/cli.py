@@ -164,7 +164,8 @@ def run(
         "container's, for Prometheus to scrape), 127.0.0.1 this host only")] = "0.0.0.0",
     replica_id: Annotated[str, typer.Option(
         "--replica-id", envvar="PROVISIONER_REPLICA_ID",
-        help="Name of this replica in logs and decisions (default: HOSTNAME-PID)")] = "",
+        help="Name of this replica in logs and decisions, its own (default: HOSTNAME-PID)")
+    ] = "",
     min_ready: Annotated[int, typer.Option(
         envvar="PROVISIONER_MIN_READY", help="Floor of the target of spare nodes (ready + "
         "booting + creating - waiting) and of the ready nodes the reaper leaves")

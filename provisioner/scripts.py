@@ -822,8 +822,12 @@ class Scripts:
         code, state = await self._call("register_node", *args)
         return RegisterResult(Registration(int(code)), as_text(state))
 
-    async def cancel_create(self, reservation: str) -> bool:
-        return bool(await self._call("cancel_create", reservation))
+    async def cancel_create(self, reservation: str, why: str = "failed") -> bool:
+        """Give a create reservation back: `failed` (no node came of its POST), `unusable`
+        (a node whose id the pool cannot take, deleted) or `withdrawn` (its POST not sent)."""
+        if why not in ("failed", "unusable", "withdrawn"):
+            raise ValueError(f"unknown reason to cancel a create {why!r}")
+        return bool(await self._call("cancel_create", reservation, why))
 
     async def confirm_terminate(self, now_ms: int, node_id: str, outcome: str,
                                 next_deadline_ms: int) -> bool:

@@ -27,14 +27,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from provisioner import events
+from provisioner import events, jsontext
 from provisioner.clock import Clock, WallClock, sleep_unless
 from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.events import Rejected
 from provisioner.keys import PoolKeys
 from provisioner.logs import RateLimitedLog
 from provisioner.metrics import Metrics
-from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, HttpNodeApi, NodeApi
+from provisioner.nodeapi import (
+    CreateOutcome,
+    CreateResult,
+    DeleteOutcome,
+    HttpNodeApi,
+    NodeApi,
+    longest_create_s,
+)
 from provisioner.scripts import (
     CLOCK_OFFSET_WARN_S,
     ID_BYTES,
@@ -732,7 +739,28 @@ class Replica:
         for quantity, count in snap.scaling().as_dict().items():
             self.metrics.scaling.labels(quantity).set(count)
 
+    async def _still_reserved(self, reservation: str) -> bool:
+        """Whether the reservation is still in the quota, with time for its call to end before
+        its deadline. A POST sent after its reservation lapsed (the process stalled between the
+        decision and the call, past --create-timeout) made a node beside the one another tick
+        made in its place, and took a review's pool past max_nodes; one sent with less time
+        left than the call may take could do the same. Neither is sent: the reservation is
+        given back (`withdrawn`), and the next tick asks again."""
+        deadline = await self.redis.zscore(self.keys.key("pending"), reservation)
+        now = self.clock.now_ms()
+        longest_ms = 1000 * longest_create_s(self.service.api_timeout_s, self.service.api_retries)
+        if deadline is not None and deadline - now >= longest_ms:
+            return True
+        await self.scripts.cancel_create(reservation, "withdrawn")
+        log.warning("create %s not sent: its reservation %s (the replica was held up between "
+                    "its decision and the call); the next decision asks again", reservation,
+                    "lapsed" if deadline is None or deadline <= now else
+                    f"would lapse in {(deadline - now) / 1000:.1f}s, before the call could end")
+        return False
+
     async def _create(self, reservation: str) -> None:
+        if not await self._still_reserved(reservation):
+            return
         asked = self.clock.now_ms()
         result = await self.node_api.create()
         now = self.clock.now_ms()
@@ -753,7 +781,7 @@ class Replica:
             self.metrics.errors.labels("unusable_id").inc()
             log.error("create %s: the Node API named the node %r, an id the pool cannot take; "
                       "deleting it", reservation, result.node_id[:80])
-            await self.scripts.cancel_create(reservation)
+            await self.scripts.cancel_create(reservation, "unusable")
             await self._delete_orphan(result.node_id)
             return
         if result.outcome is CreateOutcome.CREATED:
@@ -1034,6 +1062,25 @@ class Replica:
 
     # --- the listener's lag ----------------------------------------------------------------
 
+    async def _look_for_a_twin(self) -> None:
+        """Warn if another process beat under this replica's id since this one's last
+        heartbeat. Each keeps its mark of the last connect or disconnect it applied under the
+        id (`applied`), so each overwrites the other's, and a call made again after a lost
+        reply is no longer known for one that ran: it is applied twice. (A process restarted
+        under the id of one gone is no twin: its first heartbeat is not looked at.)"""
+        said = await self.redis.hget(self.keys.key("replica_info"), self.replica_id)
+        try:
+            other = jsontext.loads(said).get("instance") if said is not None else None
+        except (ValueError, AttributeError):
+            return  # an entry edited by hand is no sign of a twin
+        if isinstance(other, str) and other != self._instance:
+            self.metrics.errors.labels("replica_id_shared").inc()
+            self._trouble.warning(
+                "twin", "another process runs as replica %r (it beat since this one's last "
+                "heartbeat): each overwrites the other's marks in `applied`, so a connect or "
+                "disconnect made again after a lost reply may be applied twice; give each "
+                "replica its own --replica-id", self.replica_id)
+
     async def heartbeat(self) -> None:
         """Probe the listener's lag (`probe_lag`) and record this replica in the pool, with
         that lag, so `provisioner status` lists the replicas. Forgets replicas silent for
@@ -1057,6 +1104,9 @@ class Replica:
             info["clock_offset_s"] = round(self._clock_offset_s, 3)
         if self.other_pools:
             info["other_pools"] = self.other_pools
+        info["instance"] = self._instance
+        if self._heartbeats[0]:  # beaten before: the entry is this process's, unless shared
+            await self._look_for_a_twin()
         sent = self.clock.now_ms()
         beat = await self.scripts.heartbeat(self.replica_id, info, FORGET_REPLICA_MS)
         epoch, server_ms = beat.epoch, beat.server_ms

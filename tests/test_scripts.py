@@ -1197,6 +1197,29 @@ async def test_cancel_create_drops_the_reservation_once(pool: PoolUnderTest) -> 
     assert snap.counts["pending"] == 0 and snap.stat("creates_failed") == 1
 
 
+@pytest.mark.parametrize(("why", "counted"), [("unusable", "creates_unusable"),
+                                              ("withdrawn", "creates_withdrawn")])
+async def test_a_create_given_back_for_a_node_made_or_a_post_never_sent_is_not_failed(
+        pool: PoolUnderTest, why: str, counted: str) -> None:
+    """`creates_failed` is the creates the Node API certainly did not make (`status`: "N
+    failed at the Node API"); a review found a node made with an id the pool cannot take,
+    and deleted, counted there."""
+    [rid] = (await pool.scripts.scale_decide(
+        PoolConfig().policy_args(pool.now, "r1"))).reservations
+    assert await pool.scripts.cancel_create(rid, why) is True
+    snap = await pool.snap()
+    assert (snap.counts["pending"], snap.stat(counted), snap.stat("creates_failed")) == (0, 1, 0)
+    assert snap.scaling().failed == 0
+
+
+async def test_cancel_create_refuses_a_reason_it_does_not_know(pool: PoolUnderTest) -> None:
+    [rid] = (await pool.scripts.scale_decide(
+        PoolConfig().policy_args(pool.now, "r1"))).reservations
+    with pytest.raises(aioredis.ResponseError, match="cancel_create: unknown reason lost"):
+        await pool.scripts._call("cancel_create", rid, "lost")
+    assert (await pool.snap()).counts["pending"] == 1
+
+
 async def test_the_tombstone_of_a_node_first_seen_terminated_expires(pool: PoolUnderTest) -> None:
     await pool.scripts.apply_node_status(pool.now, "ghost", "terminated")
     assert 0 < await pool.redis.pttl(pool.keys.node("ghost")) <= 86_400_000
@@ -1353,6 +1376,28 @@ async def test_activity_window_is_capped_per_user(pool: PoolUnderTest) -> None:
     for second in range(20):
         await pool.scripts.record_activity(pool.now, "u1", T0 - second * 1000, 120_000, 3, 5)
     assert await pool.redis.zcard(pool.keys.acts("u1")) == 5
+
+
+async def test_an_activity_older_than_every_one_the_cap_keeps_is_stale_for_every_copy(
+        pool: PoolUnderTest) -> None:
+    """Added and dropped at once by the cap, it was added again by the next replica's copy,
+    and `activities` counted it once per copy (a review): now every copy finds it stale."""
+    window, cap, now = pool.config.window_ms, 3, pool.now
+    for back in (1, 2, 3):
+        await pool.scripts.record_activity(now, "u", now - back * 1000, window, 3, cap)
+    late = now - 10_000  # in the window, older than the three kept
+    codes = [(await pool.scripts.record_activity(now, "u", late, window, 3, cap)).code
+             for _copy in range(2)]
+    assert codes == [Activity.STALE, Activity.STALE]
+    stats = await pool.redis.hgetall(pool.keys.key("stats"))
+    assert (stats["activities"], stats["activity_stale"]) == ("3", "2")
+    assert "activity_duplicates" not in stats
+    assert await pool.redis.zrange(pool.keys.acts("u"), 0, -1, withscores=True) == [
+        (str(now - back * 1000), now - back * 1000) for back in (3, 2, 1)]
+    # one newer than the oldest kept is recorded, and its copy is a duplicate
+    codes = [(await pool.scripts.record_activity(now, "u", now - 2500, window, 3, cap)).code
+             for _copy in range(2)]
+    assert codes == [Activity.RECORDED, Activity.DUPLICATE]
 
 
 async def test_a_user_holding_a_node_is_not_engaged(pool: PoolUnderTest) -> None:
@@ -1513,8 +1558,8 @@ async def test_a_probe_of_one_at_a_batch_of_one_holds_nothing(pool: PoolUnderTes
     assert decision.reason.endswith(": create 1 of 3 (max_nodes 10, batch 1)")
     pool.clock.advance(1000)
     decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1", 0))
-    assert decision.reason.endswith("create 0 of 2 (creates held while the Node API fails or "
-                                    "is full)")
+    assert decision.reason.endswith("create 0 of 2 (creates held while the Node API fails, is "
+                                    "full or refuses)")
 
 
 async def test_creates_on_a_rise_are_counted_up_to_the_creates_made(pool: PoolUnderTest) -> None:

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from provisioner import jsontext, mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
-from provisioner.clock import WallClock, server_now_ms
+from provisioner.clock import server_now_ms
 from provisioner.config import (
     PoolConfig,
     Problem,
@@ -460,7 +460,9 @@ def status(
         if not said_missing and not await view.pool_exists(client, pool):
             said_missing = True  # once: a pool about to start has no state yet either
             errors.print(f"[yellow]warning:[/yellow] {escape(_no_pool(pool, 'yet'))}")
-        reading = await view.read_view(client, pool, WallClock().now_ms(),
+        # The server's clock, as the replicas' are measured against: a CLI host running
+        # ahead read no user active and every session minutes longer (a review).
+        reading = await view.read_view(client, pool, await server_now_ms(client),
                                        await _window_ms(client, pool))
         _say_if_other_release(reading.replicas, pool, READS_WITH_OWN)
         return reading
@@ -521,12 +523,11 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
           limit: Limit = 200) -> None:
     """Live nodes of the pool with their state, user and ages."""
     _pool_keys(pool)
-    rows, (total, _, _) = _with_redis(redis_url, lambda c: _with_sizes(
+    rows, (total, _, _), now = _with_redis(redis_url, lambda c: _with_sizes(
         c, pool, view.node_rows(c, pool, limit)))
     if as_json:
         typer.echo(json.dumps([_typed(row) for row in rows], indent=2))
         return
-    now = time.time() * 1000
     table = Table(title=f"nodes of pool {pool} ({_counted(len(rows), total, limit)})")
     for column in ("node", "state", "user", "age", "idle for", "origin", "boot sample"):
         # The node id whole (the ends tell nodes apart), the user's folded, never cut short.
@@ -548,8 +549,9 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
 
 
 async def _with_sizes(client: aioredis.Redis, pool: str,
-                      rows: Awaitable[T]) -> tuple[T, tuple[int, int, int]]:
-    return await rows, await view.table_sizes(client, pool)
+                      rows: Awaitable[T]) -> tuple[T, tuple[int, int, int], int]:
+    """The rows, the pool's sizes, and the server's clock to age them by (not this host's)."""
+    return await rows, await view.table_sizes(client, pool), await server_now_ms(client)
 
 
 def _counted(shown: int, total: int, limit: int) -> str:
@@ -564,8 +566,8 @@ def _typed(record: dict[str, Any]) -> dict[str, Any]:
     left as the text it is."""
     typed: dict[str, Any] = {}
     for name, value in record.items():
-        if (name.endswith("_ms") or name == "delete_attempts") and isinstance(value, str) \
-                and value.lstrip("-").isdigit() and len(value) < 20:
+        if (name.endswith("_ms") or name in ("delete_attempts", "creates_seen")) \
+                and isinstance(value, str) and value.lstrip("-").isdigit() and len(value) < 20:
             value = int(value)
         elif name in ("boot_sample", "boot_unlearned") and value in ("0", "1"):
             value = value == "1"
@@ -595,9 +597,8 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
     """Waiting users (oldest first) and users holding a node (the longest session first, with
     when each was last active: a session whose disconnect was lost shows up here)."""
     _pool_keys(pool)
-    (waiting, sessions), (_, waiting_total, session_total) = _with_redis(
+    (waiting, sessions), (_, waiting_total, session_total), now = _with_redis(
         redis_url, lambda c: _with_sizes(c, pool, view.user_rows(c, pool, limit)))
-    now = time.time() * 1000
 
     def seconds(then_ms: int | None) -> float | None:
         return None if then_ms is None else round((now - then_ms) / 1000, 1)
@@ -859,7 +860,7 @@ def release(
     async def held(client: aioredis.Redis) -> dict[str, str]:
         await _replicas_release(client, pool, WRITES_WITH_OWN)
         waiting, sessions = await view.user_rows(client, pool, limit=10**9)
-        now = time.time() * 1000
+        now = await server_now_ms(client)
         found: dict[str, str] = {}
         mine = [s for s in sessions if s.user in user_ids]
         began = await client.zmscore(keys.key("sessions"), [s.user for s in mine]) if mine else []
@@ -970,7 +971,7 @@ def drain(
         from provisioner.scripts import as_text
 
         await _replicas_release(client, pool, DRAINS_WITH_OWN)
-        now = time.time() * 1000
+        now = await server_now_ms(client)
         found = {}
         for node in node_ids:
             record = {as_text(k): as_text(v)
@@ -1121,14 +1122,15 @@ def replace(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--cutoff") from None
 
-    async def plan(client: aioredis.Redis) -> tuple[rolling.Cutoff, str, list[rolling.OldNode],
-                                                    bool]:
+    async def plan(client: aioredis.Redis) -> tuple[rolling.Cutoff, rolling.Cutoff,
+                                                    list[rolling.OldNode], bool]:
         heard = _heard_lately(await _replicas_release(client, pool, DRAINS_WITH_OWN))
         now = await rolling.cutoff_now(client, keys)
         chosen = given or now
-        return chosen, now.epoch, await rolling.old_nodes(client, keys, chosen), heard
+        return chosen, now, await rolling.old_nodes(client, keys, chosen), heard
 
-    chosen, epoch, old, heard = _with_redis(redis_url, plan)
+    chosen, now, old, heard = _with_redis(redis_url, plan)
+    epoch, now_creates = now.epoch, now.creates
     if not epoch:
         raise _fail(f"pool {pool} has no epoch (no replica of a release since 296bf1d has "
                     "sent a heartbeat): a run could not tell a state lost meanwhile; nothing "
@@ -1137,6 +1139,12 @@ def replace(
         raise _fail(f"--cutoff {chosen} is of the pool's state begun as {chosen.epoch}; it "
                     f"holds {epoch} now (lost and begun again since, its create "
                     "count with it): run it without --cutoff")
+    if chosen.creates > now_creates:
+        # A run never printed one: the nodes made after its start, its own replacements among
+        # them, would be taken for old, drained, and made again without end (a review).
+        raise _fail(f"--cutoff {chosen} counts {chosen.creates} creates, and pool {pool} has "
+                    f"made {now_creates} in that state: no run printed it (a typo?); give "
+                    "the one the run printed, or none; nothing drained")
     resume = f"--cutoff {chosen}"
     console.print(f"nodes of pool {shown(pool)} of its first {chosen.creates} creates, and "
                   f"any it adopted ({shown(resume)}):")
@@ -1390,10 +1398,13 @@ def model_show(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = Fals
     keys = _pool_keys(pool)
 
     async def read(client: aioredis.Redis) -> dict[str, Any]:
+        if not await view.pool_exists(client, pool):  # the priors, shown as `status` warns
+            errors.print(f"[yellow]warning:[/yellow] {escape(_no_pool(pool))}: what follows "
+                         "is the priors alone")
         config = await _published_config(client, keys)
         await _replicas_release(client, pool, READS_WITH_OWN)
         return await Scripts(client, keys).model_view(
-            config.policy_args(WallClock().now_ms(), "cli"))
+            config.policy_args(await server_now_ms(client), "cli"))
 
     learned = _with_redis(redis_url, read)
     if as_json:
@@ -1415,15 +1426,14 @@ def model_export(
 
     keys = _pool_keys(pool)
 
-    async def read(client: aioredis.Redis) -> dict[str, str]:
+    async def read(client: aioredis.Redis) -> tuple[dict[str, str], int]:
         await _replicas_release(client, pool, READS_WITH_OWN)  # on stderr: stdout is the file
-        return await Scripts(client, keys).read_model()
+        return await Scripts(client, keys).read_model(), await server_now_ms(client)
 
-    raw = _with_redis(redis_url, read)
+    raw, now = _with_redis(redis_url, read)
     if not raw:
         raise _fail(f"pool {pool} has no model: it has not decided yet, or the pool name is "
                     "wrong")
-    now = WallClock().now_ms()
     learned = _with_redis(redis_url, lambda c: Scripts(c, keys).learned_fields(
         PoolConfig().policy_args(now, "cli")))
     document = model_document(raw, learned, pool, now)
@@ -1449,6 +1459,9 @@ def model_import(
     replace: Annotated[bool, typer.Option(
         "--replace", help="Replace a model the pool has learned itself (refused otherwise)")]
     = False,
+    new_pool: Annotated[bool, typer.Option(
+        "--new-pool", help="Start a pool the server holds no state of yet (refused otherwise: "
+        "a misspelt --pool)")] = False,
 ) -> None:
     """Start the pool from a model exported by `model export`: every field is checked, and
     all are written or none."""
@@ -1461,8 +1474,14 @@ def model_import(
     except (ModelFileError, OSError) as exc:
         raise _fail(f"model file: {exc}") from None  # _fail escapes it
     async def load(client: aioredis.Redis) -> Any:
+        # A misspelt --pool was started from the file in silence, and `check` then took the
+        # name for a pool's (a review, following "When Redis loses the pool's state").
+        if not new_pool and not await view.pool_exists(client, pool):
+            raise _fail(f"{_no_pool(pool)}: nothing imported; to start a new pool from the "
+                        "file, add --new-pool")
         await _replicas_release(client, pool, WRITES_WITH_OWN)
-        return await Scripts(client, keys).load_model(WallClock().now_ms(), fields, replace)
+        return await Scripts(client, keys).load_model(await server_now_ms(client), fields,
+                                                      replace)
 
     result = _with_redis(redis_url, load)
     if not result.loaded:

@@ -1324,8 +1324,16 @@ class Replica:
 
     async def publish_config(self) -> None:
         """Publish the pool's settings for `provisioner status` and the CLI."""
-        await self.redis.hset(self.keys.config, mapping={
-            k: str(v) for k, v in self.pool.as_dict().items()})
+        try:
+            await self.redis.hset(self.keys.config, mapping={
+                k: str(v) for k, v in self.pool.as_dict().items()})
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            # The server's error names no key (a review: the replica said only WRONGTYPE).
+            raise ResponseError(f"{exc}: pool key {self.keys.config}, where the pool's "
+                                "settings go, holds another type than a hash (an edit by "
+                                "hand?); delete it, and every replica writes it again") from exc
 
     async def run(self) -> None:
         """Run until `stopping` is set, then finish in-flight work within the grace period."""

@@ -396,11 +396,12 @@ async def decision_rows(redis: aioredis.Redis, pool: str, start_ms: int | None,
 
 async def pool_exists(redis: aioredis.Redis, pool: str) -> bool:
     """Whether the server holds any state of `pool`: its published settings, its epoch, its
-    counters, its nodes or its replicas (a running pool has them all, a pool that has seen
-    any event or tick some). An empty pool and a misspelt name look the same otherwise."""
+    counters, its nodes, its replicas or its model (a running pool has them all, a pool that
+    has seen any event or tick some). An empty pool and a misspelt name look the same
+    otherwise."""
     keys = PoolKeys(pool)
     names = [keys.config] + [keys.key(name) for name in
-                             ("epoch", "stats", "nodes", "replicas", "active", "alloc")]
+                             ("epoch", "stats", "nodes", "replicas", "active", "alloc", "model")]
     return bool(await redis.exists(*names))
 
 
@@ -408,15 +409,22 @@ async def wrong_types(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
     """The pool keys that hold another type than the scripts keep there (only a hand or
     another writer puts one), named as the scripts name them when they refuse every
     transition for it (lua/includes/keys.lua); empty when none does. One TYPE each."""
-    expected = key_types()
+    # The settings' hash is the replicas' alone (no script reads it), and as needed: without
+    # it a replica cannot start, nor `status` or `model show` read the pool (a review: `check`
+    # said all was well while every one of them failed on it).
+    expected = {keys.key(name): kinds for name, kinds in key_types().items()}
+    expected[keys.config] = frozenset({"hash"})
     async with redis.pipeline(transaction=False) as pipe:
-        for name in expected:
-            pipe.type(keys.key(name))
+        for key in expected:
+            pipe.type(key)
         found = [as_text(kind) for kind in await pipe.execute()]
-    return [f"pool key {keys.key(name)} holds a {kind}, not a {' or a '.join(sorted(kinds))} "
-            "(an edit by hand?): every script that writes is refused until it is repaired "
-            "(deleted, or given back what it held)"
-            for (name, kinds), kind in zip(expected.items(), found, strict=True)
+    return [f"pool key {key} holds a {kind}, not a {' or a '.join(sorted(kinds))} "
+            "(an edit by hand?): "
+            + ("no replica can start, nor `status` read the pool, until it is deleted (every "
+               "replica writes it again)" if key == keys.config else
+               "every script that writes is refused until it is repaired (deleted, or given "
+               "back what it held)")
+            for (key, kinds), kind in zip(expected.items(), found, strict=True)
             if kind != "none" and kind not in kinds]
 
 
@@ -470,7 +478,23 @@ async def _check_once(redis: aioredis.Redis, keys: PoolKeys, watched: bool = Tru
             pipe.multi()  # type: ignore[no-untyped-call]
         for node in nodes:
             pipe.hgetall(keys.node(node))
-        replies = await pipe.execute()
+        # A record of another type is named, not raised: its WRONGTYPE stopped `check` with
+        # exit 2 and a hint to run `check` (a review).
+        replies = await pipe.execute(raise_on_error=False)
+    wrong = [node for node, raw in zip(nodes, replies, strict=True)
+             if isinstance(raw, ResponseError) and str(raw).startswith("WRONGTYPE")]
+    if wrong:
+        async with redis.pipeline(transaction=False) as pipe:
+            for node in wrong:
+                pipe.type(keys.node(node))
+            kinds = [as_text(kind) for kind in await pipe.execute()]
+        return [f"node record {keys.node(node)} holds a {kind}, not a hash (an edit by hand?): "
+                "every script that reads it is refused until it is repaired (deleted, or given "
+                "back what it held)"
+                for node, kind in zip(wrong, kinds, strict=True)]
+    for raw in replies:
+        if isinstance(raw, Exception):
+            raise raw
     records = {node: {as_text(k): as_text(v) for k, v in raw.items()}
                for node, raw in zip(nodes, replies, strict=True)}
     return _problems(ready, waiting, since, alloc, set(nodes), booting, terminating, records,

@@ -150,7 +150,7 @@ def test_a_model_file_s_field_names_reach_the_terminal_escaped(
         path.write_text(json.dumps({"format": FORMAT,
                                     "fields": {"\x1b]0;pwned\x07\x1b[31mred": value}}))
         code, output = invoke("model", "import", str(path), "--redis-url", redis_url,
-                              "--pool", "escaped")
+                              "--pool", "escaped", "--new-pool")
         assert code == 2 and "\x1b" not in output and "\x07" not in output, repr(output)
         assert "\\x1b]0;pwned\\x07\\x1b[31mred" in output, repr(output)
 
@@ -163,7 +163,7 @@ def test_a_model_with_very_many_problems_lists_the_first_fifty(
     path.write_text(json.dumps({"format": FORMAT,
                                 "fields": {f"bogus{i}": 1 for i in range(200_000)}}))
     code, output = invoke("model", "import", str(path), "--redis-url", redis_url,
-                          "--pool", "many")
+                          "--pool", "many", "--new-pool")
     assert code == 2 and "refused: the model is not valid" in output, output[:300]
     assert "199950 more problems" in output and "cannot reach" not in output
     assert sync_redis.exists(PoolKeys("many").key("model")) == 0

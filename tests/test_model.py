@@ -220,7 +220,12 @@ def test_model_export_and_import_on_the_command_line(
                                      "--pool", "b", *extra])
         return result.exit_code, " ".join(result.output.split())
 
+    # b holds no state: refused, as a misspelt --pool would be, unless started on purpose
     code, output = import_into_b()
+    assert code == 2 and "no pool 'b' on this server" in output, output
+    assert "nothing imported; to start a new pool from the file, add --new-pool" in output
+    assert sync_redis.exists(PoolKeys("b").key("model"), PoolKeys("b").key("stats")) == 0
+    code, output = import_into_b("--new-pool")
     assert code == 0 and output.startswith("pool b starts from")
     assert output.endswith(": 9 learned fields")
     code, output = import_into_b()
@@ -307,3 +312,6 @@ def test_model_show_on_the_command_line(
     assert shown["learned"] and len(shown["cells"]) == 20
     empty = runner.invoke(app, ["model", "show", "--redis-url", redis_url, "--pool", "b"])
     assert "pool b has learned nothing yet" in empty.output
+    # no state at all: said, as `status` says it (a review: the priors alone, in silence)
+    assert "warning: no pool 'b' on this server" in " ".join(empty.output.split())
+    assert "warning" not in table.output

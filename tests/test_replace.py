@@ -572,6 +572,11 @@ def test_the_cli_shows_its_plan_refuses_without_a_replica_and_takes_back_its_dra
         "state"] != "terminating"
     other = CliRunner().invoke(app, ["replace", *common, "--cutoff", "5@0-z"])
     assert other.exit_code == 2 and "run it without --cutoff" in other.output, other.output
+    # a count the pool never reached: its replacements would be drained without end (a review)
+    ahead = CliRunner().invoke(app, ["replace", *common, "--cutoff", "999999@1-a", "--yes"])
+    assert ahead.exit_code == 2, ahead.output
+    assert "counts 999999 creates, and pool roll-cli has made 0 in that state" in " ".join(
+        ahead.output.split()), ahead.output
     bad = CliRunner().invoke(app, ["replace", *common, "--cutoff", "5"])
     assert bad.exit_code == 2 and "COUNT@EPOCH" in bad.output, bad.output
     below = CliRunner().invoke(app, ["replace", *common, "--max-unavailable", "-1"])

@@ -256,6 +256,8 @@ def test_the_nodes_command_says_which_nodes_are_boot_time_samples(redis_url: str
                                                  "nodes-cli", "--json"]).output)
     assert {n["id"]: (n["created_ms"], n["boot_sample"]) for n in listed} == {
         "n1": (T0, False), "n2": (T0, True)}
+    # the create count the pool had reached when it first saw the node, a count (a review)
+    assert {type(n["creates_seen"]) for n in listed} == {int}
 
 
 def test_the_nodes_command_shows_whole_ids_on_a_narrow_terminal(redis_url: str) -> None:
@@ -307,6 +309,36 @@ def test_the_nodes_and_users_tables_count_what_their_limit_leaves_out(redis_url:
     users = shown("users")
     assert "waiting users of pool limit-cli (2)" in users, users
     assert "connected users of pool limit-cli (3)" in users, users
+
+
+def test_the_cli_ages_the_pool_by_the_server_s_clock_not_its_host_s(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: from a host five minutes ahead, `status` read no user active while 108 browsed,
+    and every session five minutes longer. The replicas' clocks are measured against the
+    server's; the CLI reads the pool by that clock too."""
+    keys = PoolKeys("host-ahead")
+    now = int(time.time() * 1000)
+
+    async def record() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        await scripts.apply_node_status(now - 60_000, "n1", "booting")
+        await scripts.apply_node_status(now - 60_000, "n1", "ready")
+        await scripts.allocate(now - 10_000, "u1")
+        await scripts.record_activity(now - 1_000, "u2", now - 1_000, 120_000, 3, 100)
+        await client.aclose()
+
+    asyncio.run(record())
+    real, real_ns = time.time, time.time_ns
+    monkeypatch.setattr(time, "time", lambda: real() + 300)
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() + 300 * 10**9)
+    common = ["--redis-url", redis_url, "--pool", "host-ahead"]
+    status = json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)
+    assert status["counts"]["active"] == 1 and 9 < status["longest_session_s"] < 60, status
+    users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    assert 9 < users["allocated"][0]["session_s"] < 60, users
+    table = CliRunner().invoke(app, ["nodes", *common], env={"COLUMNS": "200"}).output
+    assert re.search(r"n1\W+allocated\W+u1\W+[6-9]\ds", table), table
 
 
 def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: str) -> None:
@@ -802,6 +834,33 @@ def test_check_names_a_key_of_another_type_where_status_was_refused(redis_url: s
                "hand?)" in said, said
     shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "300"})
     assert shown.exit_code == 2 and "`provisioner check` names it" in shown.output, shown.output
+
+
+def test_check_names_a_node_record_or_the_settings_of_another_type(redis_url: str) -> None:
+    """A review: a node's record of another type stopped `check` with exit 2 and Redis's bare
+    WRONGTYPE, beside a hint to run `check`; the settings' hash of another type stopped
+    `status`, `model show` and every replica while `check` said every invariant held."""
+    pool = "typed-records"
+    keys = PoolKeys(pool)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        client.set(keys.key("epoch"), "1-a")
+        client.zadd(keys.key("nodes"), {"ghost-1": T0})
+        client.set(keys.node("ghost-1"), "junk")
+        common = ["--redis-url", redis_url, "--pool", pool]
+        checked = CliRunner().invoke(app, ["check", *common], env={"COLUMNS": "300"})
+        assert checked.exit_code == 1, checked.output
+        assert (f"node record prov:{{{pool}}}:node:ghost-1 holds a string, not a hash (an "
+                "edit by hand?)") in " ".join(checked.output.split()), checked.output
+        client.delete(keys.node("ghost-1"), keys.key("nodes"))
+        client.set(keys.config, "junk")
+        checked = CliRunner().invoke(app, ["check", *common], env={"COLUMNS": "300"})
+        assert checked.exit_code == 1, checked.output
+        assert (f"pool key prov:{{{pool}}}:config holds a string, not a hash (an edit by "
+                "hand?): no replica can start") in " ".join(checked.output.split())
+    finally:
+        client.delete(*client.keys(f"prov:{{{pool}}}:*"))
+        client.close()
 
 
 def test_a_cli_of_another_release_than_the_replicas_says_so(redis_url: str) -> None:

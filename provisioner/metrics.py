@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 #: reap_idle's reasons (lua/reap_idle.lua) and the places the replica counts errors in
 TERMINATION_REASONS = ("idle", "surplus_boot", "boot_timeout", "retry", "drained")
 ERROR_PLACES = ("event", "event_retry", "action", "subscribe", "tick", "heartbeat", "reconcile",
-                "unusable_id", "other_pools")
+                "unusable_id", "other_pools", "replica_id_shared")
 
 
 class Metrics:

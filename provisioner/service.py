@@ -90,6 +90,10 @@ CAPACITY_HOLD_MS = 10_000
 #: warnings a minute; one whose ids held a '/' made 1,200 nodes a minute, each deleted at
 #: once, every one billed).
 REFUSED_HOLD_MS = 5_000
+#: The longest wait between a listener's tries to subscribe again while the server is away: a
+#: try is one connection, and every moment unsubscribed loses the events published in it (at
+#: 5 s, a review's replica stayed deaf 2 s after its server answered again).
+SUBSCRIBE_BACKOFF_MAX_S = 1.0
 #: How long the /metrics and health server waits for a request still open when the replica
 #: stops, before it closes the connection.
 HTTP_SHUTDOWN_S = 1.0
@@ -1010,7 +1014,7 @@ class Replica:
                                       exc, wait_s)
                 if wait_s:
                     await sleep_unless(self.stopping, wait_s)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, SUBSCRIBE_BACKOFF_MAX_S)
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):

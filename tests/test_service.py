@@ -410,6 +410,33 @@ async def test_a_silent_subscription_is_taken_again_at_once(
         await _until(lambda: counter(replica, "provisioner_connects_total") == 1, 2.0)
 
 
+async def test_a_listener_tries_to_subscribe_again_at_least_every_second(
+    api: FakeNodeApi, clock: ManualClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the server is away the listener tries again 0.2 s after the loss, doubling to
+    1 s: up to 5 s, a review's replica stayed deaf 2 s after its server answered again, and
+    every event published meanwhile was lost."""
+    import provisioner.service as service_module
+    from provisioner.redis_server import free_port
+
+    away = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    replica = make_replica(away, api, clock, "r1")
+    waits: list[float] = []
+
+    async def recorded(stopping: asyncio.Event, seconds: float) -> bool:
+        waits.append(seconds)
+        if len(waits) == 7:
+            replica.stopping.set()
+        return replica.stopping.is_set()
+
+    monkeypatch.setattr(service_module, "sleep_unless", recorded)
+    try:
+        await asyncio.wait_for(replica.listen(), 10)
+    finally:
+        await away.aclose()
+    assert waits == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]
+
+
 async def test_a_connection_that_dies_inside_a_message_is_taken_for_dead(
     redis_url: str, aredis: aioredis.Redis,
 ) -> None:

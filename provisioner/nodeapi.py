@@ -8,9 +8,11 @@ What may be retried and what may not:
   in time, or none of the client's was free in time). A timeout or a
   broken connection after sending is UNCERTAIN: the node may exist. The caller then leaves the
   reservation to expire and the node, if any, is adopted when its `node:status` arrives or when
-  reconciliation lists it, so it is never leaked. So is a 502 or a 504, a gateway's answer
-  that it got none from the API behind it, which may have made the node. Any other answer
-  but a 2xx is the API's own refusal: no node.
+  reconciliation lists it, so it is never leaked. So is a 504, a gateway's answer that the API
+  behind it did not answer in time: the request reached it, and may have made the node. A 502
+  (mostly a gateway that could not reach the API at all) and any other answer but a 2xx are
+  taken for no node: held as uncertain, one 502 kept the pool a node short for the whole
+  create timeout (a review).
 * A create answered 200 or 201 with an id made that node, as a 202 does (a proxy or another
   release of the API may answer so); a 2xx without a readable id is UNCERTAIN.
 * A delete is idempotent (a 404 means the node is already gone), so timeouts, connection errors,
@@ -44,7 +46,7 @@ log = logging.getLogger("provisioner.nodeapi")
 class CreateOutcome(StrEnum):
     CREATED = "created"
     FAILED = "failed"        # certainly no node: the API refused (4xx, 500, 503) or no connection
-    UNCERTAIN = "uncertain"  # sent, no answer (or a gateway's 502/504): a node may exist
+    UNCERTAIN = "uncertain"  # sent, no answer (or a gateway's 504): a node may exist
 
 
 class DeleteOutcome(StrEnum):
@@ -88,10 +90,10 @@ class NodeApi(Protocol):
 
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-#: a gateway's answers that the API behind it did not answer in time or at all: the create may
-#: have reached it and made a node (a review: taken for a refusal, the reservation was given
-#: back, the pool created again, and the node the first POST made took it past max_nodes)
-GATEWAY_NO_ANSWER = frozenset({502, 504})
+#: a gateway's answer that the API behind it did not answer in time: the create reached it and
+#: may have made a node (a review: taken for a refusal, the reservation was given back, the
+#: pool created again, and the node the first POST made took it past max_nodes)
+GATEWAY_NO_ANSWER = frozenset({504})
 #: the most of an answer's body read: an id or an error (create, delete), the node list (list);
 #: the rest is not read, and a create or a list whose body is cut short has no usable answer
 MAX_BODY = {"create": 64 * 1024, "delete": 64 * 1024, "list": 32 * 1024 * 1024}
@@ -280,8 +282,8 @@ class HttpNodeApi:
             if status in GATEWAY_NO_ANSWER:
                 self._count("create", "uncertain", started)
                 return CreateResult(CreateOutcome.UNCERTAIN, api_down=True,
-                                    detail=f"HTTP {status} (a gateway with no answer from the "
-                                    f"API: a node may exist): {response.text[:100]!r}")
+                                    detail=f"HTTP {status} (a gateway the API did not answer "
+                                    f"in time: a node may exist): {response.text[:100]!r}")
             self._count("create", f"http_{status}", started)
             return CreateResult(CreateOutcome.FAILED,
                                 detail=f"HTTP {status}: {response.text[:100]!r}",

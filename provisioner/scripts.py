@@ -326,7 +326,8 @@ class Snapshot:
             to_refill=self.stat("creates_to_refill"),
             terminations=self.stat("terminations_started"),
             raised=self.stat("target_raised"), lowered=self.stat("target_lowered"),
-            failed=self.stat("creates_failed"))
+            failed=self.stat("creates_failed"), unusable=self.stat("creates_unusable"),
+            withdrawn=self.stat("creates_withdrawn"))
 
 
 def duration_text(seconds: float) -> str:
@@ -450,13 +451,20 @@ class ScalingTotals:
     raised: int  # the target's rises, summed
     lowered: int  # the target's falls, summed
     failed: int = 0  # ... of the creates, those the Node API certainly did not make
+    #: ... those whose node had an id the pool cannot take (made, and deleted at once)
+    unusable: int = 0
+    #: ... those never sent, their reservation lapsed before the call began
+    withdrawn: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
     def describe(self) -> str:
         """One line for an operator."""
-        failed = f"; {self.failed} failed at the Node API" if self.failed else ""
+        failed = "".join(f"; {n} {said}" for n, said in (
+            (self.failed, "failed at the Node API"),
+            (self.unusable, "made with an id the pool cannot take, and deleted"),
+            (self.withdrawn, "never sent, their reservation lapsed first")) if n)
         return (f"scaling: {self.creates} creates ({self.on_rise} on a rise of the target, "
                 f"{self.to_refill} to refill spare used{failed}), {self.terminations} "
                 f"terminations; the target raised by {self.raised} and lowered by "

@@ -34,14 +34,7 @@ from provisioner.events import Rejected
 from provisioner.keys import PoolKeys
 from provisioner.logs import RateLimitedLog
 from provisioner.metrics import Metrics
-from provisioner.nodeapi import (
-    CreateOutcome,
-    CreateResult,
-    DeleteOutcome,
-    HttpNodeApi,
-    NodeApi,
-    longest_create_s,
-)
+from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, HttpNodeApi, NodeApi
 from provisioner.scripts import (
     CLOCK_OFFSET_WARN_S,
     ID_BYTES,
@@ -744,22 +737,25 @@ class Replica:
             self.metrics.scaling.labels(quantity).set(count)
 
     async def _still_reserved(self, reservation: str) -> bool:
-        """Whether the reservation is still in the quota, with time for its call to end before
-        its deadline. A POST sent after its reservation lapsed (the process stalled between the
-        decision and the call, past --create-timeout) made a node beside the one another tick
-        made in its place, and took a review's pool past max_nodes; one sent with less time
-        left than the call may take could do the same. Neither is sent: the reservation is
-        given back (`withdrawn`), and the next tick asks again."""
-        deadline = await self.redis.zscore(self.keys.key("pending"), reservation)
-        now = self.clock.now_ms()
-        longest_ms = 1000 * longest_create_s(self.service.api_timeout_s, self.service.api_retries)
-        if deadline is not None and deadline - now >= longest_ms:
+        """Whether the reservation is still in the quota. A POST sent after its reservation
+        lapsed (the process stalled between the decision and the call, past --create-timeout)
+        made a node beside the one another tick made in its place, and took a review's pool
+        past max_nodes. It is not sent: the reservation is given back (`withdrawn`), and the
+        next decision asks again. (Not one with little time left: a create timeout a little
+        over the call's longest, which `run` takes, withdrew nearly every create in a second
+        review's run.) A read that fails sends the create all the same: its reservation was
+        made this tick, and a stall is the rare case."""
+        try:
+            deadline = await self.redis.zscore(self.keys.key("pending"), reservation)
+        except (RedisError, OSError) as exc:
+            log.debug("create %s: its reservation not read (%s); sent", reservation, exc)
+            return True
+        if deadline is not None and deadline > self.clock.now_ms():
             return True
         await self.scripts.cancel_create(reservation, "withdrawn")
-        log.warning("create %s not sent: its reservation %s (the replica was held up between "
-                    "its decision and the call); the next decision asks again", reservation,
-                    "lapsed" if deadline is None or deadline <= now else
-                    f"would lapse in {(deadline - now) / 1000:.1f}s, before the call could end")
+        log.warning("create %s not sent: its reservation lapsed before the call began (the "
+                    "replica was held up between its decision and the call); the next "
+                    "decision asks again", reservation)
         return False
 
     async def _create(self, reservation: str) -> None:
@@ -776,8 +772,9 @@ class Replica:
                     and not events.ID_PATTERN.match(result.node_id))
         # An id the pool cannot take is a refusal for the hold: the next node would be named
         # the same way, and made and deleted for nothing.
-        self._create_answered(dataclasses.replace(result, refused=True) if unusable else result,
-                              now)
+        self._create_answered(dataclasses.replace(
+            result, refused=True, detail=f"a node named {result.node_id[:80]!r}, an id the pool "
+            "cannot take") if unusable else result, now)
         if unusable:
             # A node the pool could never hear of (its status would be refused): deleted at
             # once, and its reservation given back so a tick can create another once the hold
@@ -1066,24 +1063,28 @@ class Replica:
 
     # --- the listener's lag ----------------------------------------------------------------
 
-    async def _look_for_a_twin(self) -> None:
-        """Warn if another process beat under this replica's id since this one's last
-        heartbeat. Each keeps its mark of the last connect or disconnect it applied under the
-        id (`applied`), so each overwrites the other's, and a call made again after a lost
-        reply is no longer known for one that ran: it is applied twice. (A process restarted
-        under the id of one gone is no twin: its first heartbeat is not looked at.)"""
+    async def _twin_beat(self) -> bool:
+        """Whether another process beat under this replica's id since this one's last
+        heartbeat (its `instance` in the entry). Each keeps its mark of the last connect or
+        disconnect it applied under the id (`applied`), so each overwrites the other's, and a
+        call made again after a lost reply is no longer known for one that ran: it is applied
+        twice. (A process restarted under the id of one gone is no twin: its first heartbeat is
+        not looked at; nor is an older copy of the state put back, whose entry is an earlier
+        process's: the heartbeat sees that loss, and says it instead.)"""
         said = await self.redis.hget(self.keys.key("replica_info"), self.replica_id)
         try:
             other = jsontext.loads(said).get("instance") if said is not None else None
         except (ValueError, AttributeError):
-            return  # an entry edited by hand is no sign of a twin
-        if isinstance(other, str) and other != self._instance:
-            self.metrics.errors.labels("replica_id_shared").inc()
-            self._trouble.warning(
-                "twin", "another process runs as replica %r (it beat since this one's last "
-                "heartbeat): each overwrites the other's marks in `applied`, so a connect or "
-                "disconnect made again after a lost reply may be applied twice; give each "
-                "replica its own --replica-id", self.replica_id)
+            return False  # an entry edited by hand is no sign of a twin
+        return isinstance(other, str) and other != self._instance
+
+    def _say_twin(self) -> None:
+        self.metrics.errors.labels("replica_id_shared").inc()
+        self._trouble.warning(
+            "twin", "another process runs as replica %r (it beat since this one's last "
+            "heartbeat): each overwrites the other's marks in `applied`, so a connect or "
+            "disconnect made again after a lost reply may be applied twice; give each "
+            "replica its own --replica-id", self.replica_id)
 
     async def heartbeat(self) -> None:
         """Probe the listener's lag (`probe_lag`) and record this replica in the pool, with
@@ -1109,8 +1110,8 @@ class Replica:
         if self.other_pools:
             info["other_pools"] = self.other_pools
         info["instance"] = self._instance
-        if self._heartbeats[0]:  # beaten before: the entry is this process's, unless shared
-            await self._look_for_a_twin()
+        # beaten before: the entry is this process's, unless shared
+        twin = bool(self._heartbeats[0]) and await self._twin_beat()
         sent = self.clock.now_ms()
         beat = await self.scripts.heartbeat(self.replica_id, info, FORGET_REPLICA_MS)
         epoch, server_ms = beat.epoch, beat.server_ms
@@ -1137,6 +1138,8 @@ class Replica:
             # up). What changed since that copy is gone, the sessions begun since among it.
             lost = (f"was put back from an older copy: it counts {beat.count} heartbeats, "
                     f"where this replica's last heartbeat counted {counted[1]}")
+        if twin and not lost:
+            self._say_twin()
         if lost:
             self.metrics.state_lost.inc()
             log.error("the pool's state in Redis %s. Sessions in progress and the nodes they "

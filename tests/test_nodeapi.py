@@ -178,7 +178,7 @@ async def test_create_202_without_an_id_is_uncertain() -> None:
 
 
 @pytest.mark.parametrize(("status", "body", "outcome"), [
-    (502, "bad gateway", CreateOutcome.UNCERTAIN),
+    (502, "bad gateway", CreateOutcome.FAILED),
     (504, "gateway timeout", CreateOutcome.UNCERTAIN),
     (200, '{"id": "n1"}', CreateOutcome.CREATED),
     (201, '{"id": "n1"}', CreateOutcome.CREATED),
@@ -188,10 +188,12 @@ async def test_create_202_without_an_id_is_uncertain() -> None:
 ])
 async def test_a_gateway_with_no_answer_leaves_the_create_uncertain(
         status: int, body: str, outcome: CreateOutcome) -> None:
-    """A 502 or 504 is a gateway's: the API behind it may have made the node. Taken for a
-    refusal (a review), the reservation was given back, the pool created again, and the first
-    node took a pool of max_nodes 1 to two. A 200 or 201 with an id made that node; a 500 or
-    503 is the API's own answer that it failed. None is asked again."""
+    """A 504 is a gateway's that the API behind it did not answer in time: it may have made
+    the node. Taken for a refusal (a review), the reservation was given back, the pool created
+    again, and the first node took a pool of max_nodes 1 to two. A 502 is mostly a gateway
+    that reached no API (held as uncertain, one kept a second review's pool a node short for
+    the create timeout). A 200 or 201 with an id made that node; a 500 or 503 is the API's
+    own answer that it failed. None is asked again."""
     calls = 0
 
     def handler(request: httpx.Request) -> httpx.Response:

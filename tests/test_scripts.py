@@ -1209,7 +1209,12 @@ async def test_a_create_given_back_for_a_node_made_or_a_post_never_sent_is_not_f
     assert await pool.scripts.cancel_create(rid, why) is True
     snap = await pool.snap()
     assert (snap.counts["pending"], snap.stat(counted), snap.stat("creates_failed")) == (0, 1, 0)
-    assert snap.scaling().failed == 0
+    # shown where the failures are (`status`, `provisioner_scaling`, the replay's report)
+    scaling = snap.scaling()
+    assert (scaling.failed, scaling.as_dict()[why]) == (0, 1)
+    assert {"unusable": "; 1 made with an id the pool cannot take, and deleted",
+            "withdrawn": "; 1 never sent, their reservation lapsed first"}[why] in \
+        scaling.describe()
 
 
 async def test_cancel_create_refuses_a_reason_it_does_not_know(pool: PoolUnderTest) -> None:

@@ -319,14 +319,17 @@ def _together(service: ServiceConfig, pool: PoolConfig,
                           api_retries=service.api_retries).problems()
     if alone or PoolConfig(create_timeout_s=pool.create_timeout_s).problems():
         return []
+    from provisioner.service import CREATE_SLACK_S
+
     longest = longest_create_s(service.api_timeout_s, service.api_retries)
-    if pool.create_timeout_s > longest:
+    if pool.create_timeout_s >= longest + CREATE_SLACK_S:
         return []
-    return [f"{options['create_timeout_s']} must be longer than a create's longest call to the "
-            f"Node API, {longest:.12g} s ({service.api_retries} tries of "
-            f"{options['api_timeout_s'].flag}, {number(service.api_timeout_s)} s, and the pauses "
-            f"between them): got {number(pool.create_timeout_s)}; a reservation that lapses "
-            "while its POST may still make the node lets the pool make it again"]
+    return [f"{options['create_timeout_s']} must be at least {CREATE_SLACK_S:g} s longer than a "
+            f"create's longest call to the Node API, {longest:.12g} s ({service.api_retries} "
+            f"tries of {options['api_timeout_s'].flag}, {number(service.api_timeout_s)} s, and "
+            f"the pauses between them): got {number(pool.create_timeout_s)}; a reservation that "
+            "lapses while its POST may still make the node lets the pool make it again, and a "
+            "create with less left than the call's longest is not sent"]
 
 
 def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:

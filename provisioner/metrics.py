@@ -119,7 +119,8 @@ class Metrics:
             "provisioner_scaling",
             "What scaling did over the pool's life (from Redis): creates, split into those on a "
             "rise of the target and those refilling spare used, those the Node API did not "
-            "make (failed), terminations, and the target's rises and falls summed",
+            "make (failed), made with an id the pool cannot take (unusable) or never sent "
+            "(withdrawn), terminations, and the target's rises and falls summed",
             ["quantity"], registry=r)
         self.event_lag = Gauge(
             "provisioner_event_lag_seconds",

@@ -241,6 +241,11 @@ class HttpNodeApi:
                 raise
             raise error from (None if isinstance(exc, TimeoutError) else exc)
 
+    @property
+    def longest_create_s(self) -> float:
+        """How long this client's `create` can take at most (`longest_create_s`)."""
+        return longest_create_s(self.timeout_s, self.attempts, self.backoff_s)
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

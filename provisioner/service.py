@@ -756,8 +756,12 @@ class Replica:
             log.debug("create %s: its reservation not read (%s); sent", reservation, exc)
             return True
         longest_ms = 1000 * float(getattr(self.node_api, "longest_create_s", 0.0))
+        # Never more than a stall of CREATE_SLACK_S withdraws: a replica built in code (run
+        # refuses it) with a create timeout under the call's longest withdrew every create (a
+        # review).
+        due_ms = min(longest_ms, 1000 * (self.pool.create_timeout_s - CREATE_SLACK_S))
         left_ms = None if deadline is None else deadline - self.clock.now_ms()
-        if left_ms is not None and left_ms > longest_ms:
+        if left_ms is not None and left_ms > max(0.0, due_ms):
             return True
         await self.scripts.cancel_create(reservation, "withdrawn")
         log.warning("create %s not sent: its reservation %s (the replica was held up between "

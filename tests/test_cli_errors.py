@@ -292,10 +292,13 @@ def test_run_refuses_a_create_timeout_a_create_call_can_outlast() -> None:
             "a create's longest call to the Node API, 30.6 s (3 tries of --api-timeout, 10 s, "
             "and the pauses between them): got 30")
     assert code == 2 and said in output, output
-    # Just over the call's longest, every create was withdrawn for want of time (a review).
-    for timeout, refused in (("35.5", True), ("35.6", False)):
+    # Just over the call's longest, every create was withdrawn for want of time (a review);
+    # exactly 5 s over the digits said is taken (23.700000000000003 + 5 refused 28.7).
+    for api_timeout, timeout, refused in (("10", "35.5", True), ("10", "35.6", False),
+                                          ("7.7", "28.7", False), ("7.7", "28.699", True)):
         code, output = invoke("run", "--redis-url", "redis://127.0.0.1:1/0", "--node-api-url",
-                              "http://api", "--create-timeout", timeout, "--http-port", "0")
+                              "http://api", "--api-timeout", api_timeout, "--create-timeout",
+                              timeout, "--http-port", "0")
         assert ("--create-timeout (PROVISIONER_CREATE_TIMEOUT) must be" in output) is refused, \
             (timeout, output)
     # The defaults (60 s against 30.6 s) start, as far as the settings go: the next error is

@@ -1417,6 +1417,32 @@ async def test_a_create_with_less_left_than_its_call_may_take_is_not_sent(
     assert (scaling.withdrawn, scaling.failed) == (1, 0)
 
 
+async def test_a_replica_built_with_a_create_timeout_under_its_call_s_longest_still_creates(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """`run` refuses such a timeout; a replica built in code (a test, an embedding) with one
+    withdrew every create, each said to be a stall (a fourth review). Only a stall of over
+    5 s withdraws one there."""
+    api.longest_create_s = 30.6  # type: ignore[attr-defined]
+    pool = dataclasses.replace(FLOOR_ONLY, min_ready=1, create_timeout_s=30)
+    replica = make_replica(aredis, api, clock, "r1", pool)
+
+    async def decided() -> str:
+        [reservation] = (await replica.scripts.scale_decide(
+            pool.policy_args(clock.now_ms(), "r1"))).reservations
+        return reservation
+
+    await replica._create(await decided())
+    assert api.created == ["node-1"]
+    await aredis.delete(replica.keys.key("nodes"), replica.keys.key("booting"),
+                        replica.keys.node("node-1"))
+    clock.advance(1000)
+    stalled = await decided()
+    clock.advance(5_001)  # 24.999 s left of 30: a stall of over 5 s
+    await replica._create(stalled)
+    assert api.created == ["node-1"]
+
+
 async def test_a_create_whose_reservation_cannot_be_read_is_sent(
     replica: Replica, api: FakeNodeApi, aredis: aioredis.Redis, clock: ManualClock,
 ) -> None:

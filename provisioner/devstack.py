@@ -34,8 +34,9 @@ from rich.live import Live
 from rich.text import Text
 
 from provisioner import view
-from provisioner.clock import WallClock
+from provisioner.clock import server_now_ms
 from provisioner.config import PoolConfig, shown_url
+from provisioner.keys import PoolKeys
 from provisioner.redis_server import RedisServer, free_port, parent_death_signal, start_server
 from provisioner.simulator import Parsed
 from provisioner.terminal import SafeConsole
@@ -87,15 +88,20 @@ class Child:
 
 
 def _wait_http(port: int, timeout: float = 15.0, child: Child | None = None) -> bool:
-    """Whether /healthz on `port` answered within `timeout`; False at once if `child` exits."""
+    """Whether /healthz on `port` answered within `timeout`, and, given `child`, answered as
+    that process (its pid in the answer: another process that took the port first, another
+    stack's mock or replica, answered 200 too, and the stack pointed its replicas at it, a
+    review); False at once if `child` exits."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child is not None and not child.alive():
             return False
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+        with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
+            answer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            if answer.status_code == 200 and (
+                    child is None or answer.json().get("pid") == child.process.pid):
                 return True
         time.sleep(0.2)
     return False
@@ -126,6 +132,9 @@ class Stack:
     api_port: int
     metrics_ports: list[int] = field(default_factory=list)
     children: list[Child] = field(default_factory=list)
+    #: the pool the replicas run: PROVISIONER_POOL, which they inherit, or the default (the
+    #: view read "default" whatever they ran, a review)
+    pool: str = "default"
 
 
 # What the stack sets itself in each process it starts, refused in the options passed on to it:
@@ -197,6 +206,11 @@ def stack(redis_url: str | None = None, replicas: int = 2,
     `--arrival-rate` if `arrival_rate` is None, as a --trace needs), and stop them all on the
     way out: SIGTERM first, SIGKILL after a grace period. Raises RuntimeError if the mock Node
     API does not start."""
+    pool = os.environ.get("PROVISIONER_POOL") or "default"
+    try:
+        PoolKeys(pool)
+    except ValueError as exc:
+        raise RuntimeError(f"PROVISIONER_POOL: {exc}") from None
     logdir = Path(tempfile.mkdtemp(prefix="provisioner-stack-"))
     exe = [sys.executable, "-m", "provisioner"]
     server: RedisServer | None = None
@@ -216,7 +230,7 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             *exe, "mock-node-api", "--port", str(port), "--boot-delay", boot_delay, *mock],
             logdir, env))
         children.append(api)
-        running = Stack(redis_url, logdir, api_port, children=children)
+        running = Stack(redis_url, logdir, api_port, children=children, pool=pool)
         if not answers:
             raise RuntimeError(f"mock Node API did not start; see {logdir}/mock-node-api.log")
         def replica(name: str) -> Callable[[int], Child]:
@@ -235,7 +249,8 @@ def stack(redis_url: str | None = None, replicas: int = 2,
         children.append(Child("simulator", [*exe, "simulate", *rate, *simulate], logdir, env))
         given = f" ({shlex.join(mock)})" if mock else ""
         say(f"mock Node API http://127.0.0.1:{running.api_port}{given}  replicas' metrics on "
-            f"ports {', '.join(map(str, running.metrics_ports))}  logs in {logdir}")
+            f"ports {', '.join(map(str, running.metrics_ports))}  pool {pool}  logs in "
+            f"{logdir}")
         yield running
     finally:
         with _interrupts_ignored():
@@ -299,7 +314,8 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
                    mock=mock) as running:
             console.print("Ctrl-C stops everything.")
             try:
-                ended = asyncio.run(_watch(running.redis_url, running.children, stop, duration))
+                ended = asyncio.run(_watch(running.redis_url, running.children, stop, duration,
+                                           running.pool))
             except KeyboardInterrupt:
                 ended = None
         if ended:
@@ -315,7 +331,7 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
 
 
 async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],
-                 duration: float | None) -> str | None:
+                 duration: float | None, pool: str = "default") -> str | None:
     """Show the pool until stopped (None), or until every replica has exited (why)."""
     client = aioredis.Redis.from_url(redis_url, decode_responses=True, encoding_errors="replace")
     started = time.monotonic()
@@ -334,7 +350,7 @@ async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],
                 processes = Text("  ".join(
                     f"{c.name}:{'up' if c.alive() else 'EXITED'}" for c in children))
                 try:
-                    pool_view = await view.read_view(client, "default", WallClock().now_ms(),
+                    pool_view = await view.read_view(client, pool, await server_now_ms(client),
                                                      window)
                     shown: Any = view.render_view(pool_view)
                 except (OSError, RedisError) as exc:  # the server stopped, or restarts

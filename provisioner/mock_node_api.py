@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import secrets
 import signal
@@ -320,7 +321,9 @@ class MockNodeApi:
         return web.json_response(node.as_json())
 
     async def healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "nodes": len(self.live())})
+        # The pid: a stack that started this process on a port another took first tells the
+        # two apart by it (devstack._wait_http).
+        return web.json_response({"ok": True, "nodes": len(self.live()), "pid": os.getpid()})
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_log_refused])

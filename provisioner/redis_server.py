@@ -169,7 +169,10 @@ def start_server(binary: str | None = None, port: int | None = None,
                 with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
                     client = redis.Redis(host="127.0.0.1", port=chosen, socket_timeout=1)
                     try:
-                        if client.ping():
+                        # Ours, not a server that took the port first (another stack's, a
+                        # test's): its PING answered too, and the stack ran on it (a review).
+                        if client.ping() and int(
+                                client.info("server").get("process_id", -1)) == process.pid:
                             # The server keeps nothing on disk (no snapshot, no append-only
                             # file), so its folder goes now: nothing is left behind however
                             # its owner ends, a SIGKILL included.

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import secrets
 import signal
 import time
@@ -1461,7 +1462,10 @@ def http_app(replica: Replica) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "replica": replica.replica_id})
+        # The pid: a stack that started this process on a port another took first tells the
+        # two apart by it (devstack._wait_http).
+        return web.json_response({"status": "ok", "replica": replica.replica_id,
+                                  "pid": os.getpid()})
 
     async def readyz(_: web.Request) -> web.Response:
         problems = []

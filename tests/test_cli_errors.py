@@ -83,6 +83,11 @@ def test_results_that_overflow_or_nest_too_deep_are_refused(tmp_path: Path) -> N
     ("[" * 100_000, "t.jsonl:2: JSON nested too deep"),
     ('{"t": 1, "ch": "user:connect", "msg": {"user_id": "a b"}}', "t.jsonl:2: user_id 'a b'"),
     ('{"t": 1, "ch": "user:connect", "msg": {"user_id": ""}}', "is not an id the contract"),
+    # published as it was on a replay, beyond the contract's payload (a review)
+    ('{"t": 1, "ch": "user:connect", "msg": {"user_id": "u1", "timestamp": 1}}',
+     "t.jsonl:2: msg of user:connect has fields its payload has not: 'timestamp'"),
+    ('{"t": 1, "ch": "user:activity", "msg": {"user_id": "u1", "timestamp": 1767225601, '
+     '"extra": 1}}', "fields its payload has not: 'extra'"),
 ])
 def test_a_trace_line_the_service_could_not_take_names_its_line(
         tmp_path: Path, line: str, message: str) -> None:

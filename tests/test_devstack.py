@@ -293,3 +293,59 @@ def test_the_stack_starts_the_mock_and_the_simulator_with_the_options_given(
             time.sleep(0.1)
         assert simulator.process.returncode == 0, simulator.log_path.read_text()
         assert "done" in simulator.log_path.read_text()
+
+
+def test_a_port_another_mock_took_first_is_not_taken_for_the_stack_s_own(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A free port is free when asked for: another stack's mock took it first, answered the
+    stack's /healthz with a 200, and the stack pointed its replicas at it while its own mock
+    exited on the taken port (a review). The stack tells them apart by the pid in the answer,
+    and starts its own again on another port."""
+    import httpx
+
+    from provisioner import devstack
+    from provisioner.redis_server import free_port
+
+    taken = free_port()
+    other = subprocess.Popen([sys.executable, "-m", "provisioner", "mock-node-api", "--port",
+                              str(taken), "--redis-url", redis_url],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{taken}/healthz").json()["pid"] == other.pid:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the other mock never answered"
+            time.sleep(0.1)
+        ports = iter([taken])
+        monkeypatch.setattr(devstack, "free_port", lambda: next(ports, None) or free_port())
+        monkeypatch.setenv("TMPDIR", str(tmp_path))
+        with devstack.stack(redis_url, replicas=0, arrival_rate=None, say=lambda _: None,
+                            simulate=["--duration", "1"]) as running:
+            mock = running.children[0]
+            assert running.api_port != taken and mock.alive()
+            answer = httpx.get(f"http://127.0.0.1:{running.api_port}/healthz").json()
+            assert answer["pid"] == mock.process.pid
+    finally:
+        other.terminate()
+        other.wait()
+
+
+def test_the_dev_view_reads_the_pool_its_replicas_run(redis_url: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replicas inherit PROVISIONER_POOL; the view read pool "default" whatever they ran,
+    and showed an empty pool beside a working one (a review)."""
+    from provisioner import devstack
+
+    monkeypatch.setenv("PROVISIONER_POOL", "blue")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with devstack.stack(redis_url, replicas=1, arrival_rate=None, say=lambda _: None,
+                        simulate=["--duration", "1"]) as running:
+        assert running.pool == "blue"
+    monkeypatch.setenv("PROVISIONER_POOL", "bad name!")
+    with pytest.raises(RuntimeError, match="PROVISIONER_POOL"), \
+            devstack.stack(redis_url, replicas=1, say=lambda _: None):
+        pass

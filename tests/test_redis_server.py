@@ -189,3 +189,21 @@ def test_the_server_binary_named_by_the_environment_is_the_one_started(
     with pytest.raises(RedisServerError) as refused:
         find_server_binary()
     assert str(refused.value) == f"PROVISIONER_REDIS_SERVER={str(chosen)!r} is not executable"
+
+
+def test_a_port_another_server_took_first_is_not_taken_for_ours(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port `free_port` gave was taken before the new server bound it, and the other
+    server's PING answer was taken for ours: our server had exited, and a stack would have run
+    on the other's (a review). Ours is known by its process id, and started on another port."""
+    from provisioner import redis_server
+
+    taken = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    ports = iter([taken])
+    real = redis_server.free_port
+    monkeypatch.setattr(redis_server, "free_port", lambda: next(ports, None) or real())
+    server = redis_server.start_server()
+    try:
+        assert server.port != taken and server.process.poll() is None
+    finally:
+        server.stop()

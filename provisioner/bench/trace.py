@@ -197,6 +197,12 @@ def _header(obj: object) -> Trace:
     )
 
 
+#: Each channel's payload's fields (the wire contract): what a trace's `msg` may hold.
+PAYLOAD_FIELDS = {"user:activity": frozenset({"user_id", "timestamp"}),
+                  "user:connect": frozenset({"user_id"}),
+                  "user:disconnect": frozenset({"user_id"})}
+
+
 def _event(obj: object) -> TraceEvent:
     if not isinstance(obj, dict):
         raise ValueError("event is not a JSON object")
@@ -212,6 +218,13 @@ def _event(obj: object) -> TraceEvent:
                          "(1-128 of A-Z a-z 0-9 . _ : @ -)")
     if channel == "user:activity":
         _unix_seconds(msg.get("timestamp"), "activity timestamp")
+    # The payload exactly, as the contract has it: a replay publishes `msg` as it is, and a
+    # hand-made trace's extra field (a connect's timestamp, of the trace's epoch) went out on
+    # the wire (a review).
+    extra = sorted(set(msg) - PAYLOAD_FIELDS[channel])
+    if extra:
+        raise ValueError(f"msg of {channel} has fields its payload has not: "
+                         f"{', '.join(_shown(name) for name in extra[:5])}")
     return TraceEvent(t, channel, msg)
 
 

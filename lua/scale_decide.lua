@@ -167,8 +167,8 @@ if want > 0 then
   reason = string.format('spare %d < target %d (%s): create %d', s.spare, target, why,
                          math.max(0, n))
   if n < want and held and n == p.creates_held_to then
-    reason = reason .. string.format(' of %d (creates held while the Node API fails, is full or refuses)',
-                                     want)
+    reason = reason .. string.format(
+      ' of %d (creates held while the Node API fails, is full or refuses)', want)
   elseif n < want then
     reason = reason .. string.format(' of %d (max_nodes %d, batch %d)', want, p.max_nodes,
                                      p.max_batch)

@@ -45,7 +45,7 @@ log = logging.getLogger("provisioner.nodeapi")
 
 class CreateOutcome(StrEnum):
     CREATED = "created"
-    FAILED = "failed"        # certainly no node: the API refused (4xx, 500, 503) or no connection
+    FAILED = "failed"        # taken for no node: a 3xx, 4xx or 5xx but 504, or no connection
     UNCERTAIN = "uncertain"  # sent, no answer (or a gateway's 504): a node may exist
 
 

@@ -40,3 +40,14 @@ def test_redis_is_healthy_only_once_it_answers_ping_with_pong() -> None:
     assert test[:2] == ["CMD", "redis-cli"] and "-e" in test and test[-1] == "ping", test
     for name in ("provisioner", "node-api", "simulator", "cli"):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+def test_the_cli_reaches_what_its_repair_commands_ask() -> None:
+    """`docker compose run --rm cli reconcile` stopped on --node-api-url missing (a review):
+    the CLI is given the replicas' Redis and Node API, and no replica id of one of theirs (a
+    shared id would set every replica to one, whose marks each overwrites)."""
+    services = compose()["services"]
+    cli, replica = services["cli"]["environment"], services["provisioner"]["environment"]
+    for name in ("PROVISIONER_REDIS_URL", "PROVISIONER_NODE_API_URL"):
+        assert cli[name] == replica[name], name
+    assert "PROVISIONER_REPLICA_ID" not in replica

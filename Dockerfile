@@ -10,9 +10,13 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY provisioner ./provisioner
 COPY lua ./lua
-RUN pip install . && useradd --system --uid 10001 provisioner
+# A home of its own, the working directory: the CLI run in the container writes its files
+# there (`model export --out m.json`; /app is root's, and a review's export failed).
+RUN pip install . && useradd --system --uid 10001 --create-home --home-dir /home/provisioner \
+    provisioner
 
 USER provisioner
+WORKDIR /home/provisioner
 EXPOSE 9100
 ENTRYPOINT ["provisioner"]
 CMD ["--help"]

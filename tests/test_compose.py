@@ -51,3 +51,13 @@ def test_the_cli_reaches_what_its_repair_commands_ask() -> None:
     for name in ("PROVISIONER_REDIS_URL", "PROVISIONER_NODE_API_URL"):
         assert cli[name] == replica[name], name
     assert "PROVISIONER_REPLICA_ID" not in replica
+
+
+def test_the_simulator_waits_for_a_subscribed_replica() -> None:
+    """Started once Redis answered, the simulator's first events could reach no replica:
+    pub/sub keeps nothing for a subscriber yet to come (a review). It waits for the replicas'
+    healthcheck, which is /readyz (subscribed)."""
+    services = compose()["services"]
+    waits = services["simulator"]["depends_on"]
+    assert waits["provisioner"] == {"condition": "service_healthy"}
+    assert "/readyz" in " ".join(services["provisioner"]["healthcheck"]["test"])

@@ -94,6 +94,12 @@ CREATE_SLACK_S = 5.0
 #: How long the /metrics and health server waits for a request still open when the replica
 #: stops, before it closes the connection.
 HTTP_SHUTDOWN_S = 1.0
+def _doubling_hold_ms(first_ms: int, in_a_row: int) -> int:
+    """How long creates are held after the `in_a_row`-th failure or refusal in a row: `first_ms`
+    after the first, twice as long after each next one, CREATE_HOLD_MAX_MS at most."""
+    return min(CREATE_HOLD_MAX_MS, first_ms << min(in_a_row - 1, 16))
+
+
 #: After a loss of the pool's state, how long a replica's ticks wait for the Node API's node
 #: list (retried every heartbeat) before deciding without it.
 TAKE_BACK_PATIENCE_MS = 60_000
@@ -667,7 +673,7 @@ class Replica:
         answer."""
         if result.api_down:
             self._api_down += 1
-            hold = min(CREATE_HOLD_MAX_MS, CREATE_HOLD_MS * 2 ** min(self._api_down - 1, 16))
+            hold = _doubling_hold_ms(CREATE_HOLD_MS, self._api_down)
             self._creates_held_until_ms = max(self._creates_held_until_ms, now_ms + hold)
             self.metrics.creates_held.set(1)
             self._trouble.warning(
@@ -678,8 +684,7 @@ class Replica:
             self._api_answered("a create")
         if result.refused:
             self._api_refused += 1
-            hold = min(CREATE_HOLD_MAX_MS,
-                       REFUSED_HOLD_MS * 2 ** min(self._api_refused - 1, 16))
+            hold = _doubling_hold_ms(REFUSED_HOLD_MS, self._api_refused)
             self._refused_held_until_ms = now_ms + hold
             self._trouble.warning(
                 "api-refuses", "the Node API refuses creates (%s): creates held for %.0fs (%d "
@@ -1088,12 +1093,11 @@ class Replica:
         try:
             said = await self.redis.hget(self.keys.key("replica_info"), self.replica_id)
             other = jsontext.loads(said).get("instance") if said is not None else None
-        except ResponseError:
-            # A key of another type: the heartbeat script names it, as every script does (a
-            # review: this read's bare WRONGTYPE came first)
+        except (ResponseError, ValueError, AttributeError):
+            # An entry edited by hand is no sign of a twin; a key of another type the heartbeat
+            # script names, as every script does (a review: this read's bare WRONGTYPE came
+            # first).
             return False
-        except (ValueError, AttributeError):
-            return False  # an entry edited by hand is no sign of a twin
         return isinstance(other, str) and other != self._instance
 
     def _say_twin(self) -> None:

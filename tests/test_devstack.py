@@ -305,21 +305,14 @@ def test_a_port_another_mock_took_first_is_not_taken_for_the_stack_s_own(
 
     from provisioner import devstack
     from provisioner.redis_server import free_port
+    from tests.helpers import listening
 
-    taken = free_port()
-    other = subprocess.Popen([sys.executable, "-m", "provisioner", "mock-node-api", "--port",
-                              str(taken), "--redis-url", redis_url],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other, taken = listening(lambda port: [
+        sys.executable, "-m", "provisioner", "mock-node-api", "--port", str(port),
+        "--redis-url", redis_url], "/healthz", stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{taken}/healthz").json()["pid"] == other.pid:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the other mock never answered"
-            time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{taken}/healthz").json()["pid"] == other.pid
         ports = iter([taken])
         monkeypatch.setattr(devstack, "free_port", lambda: next(ports, None) or free_port())
         monkeypatch.setenv("TMPDIR", str(tmp_path))

@@ -1187,9 +1187,15 @@ async def test_register_of_a_terminated_node_does_not_resurrect_it(pool: PoolUnd
     assert (await pool.snap()).counts["nodes"] == 0
 
 
-async def test_cancel_create_drops_the_reservation_once(pool: PoolUnderTest) -> None:
+async def floor_reservation(pool: PoolUnderTest) -> str:
+    """The create the default floor reserves in an empty pool."""
     [rid] = (await pool.scripts.scale_decide(
         PoolConfig().policy_args(pool.now, "r1"))).reservations
+    return rid
+
+
+async def test_cancel_create_drops_the_reservation_once(pool: PoolUnderTest) -> None:
+    rid = await floor_reservation(pool)
     assert await pool.scripts.cancel_create(rid) is True
     assert (await pool.snap()).stat("creates_failed") == 1
     assert await pool.scripts.cancel_create(rid) is False
@@ -1204,8 +1210,7 @@ async def test_a_create_given_back_for_a_node_made_or_a_post_never_sent_is_not_f
     """`creates_failed` is the creates the Node API certainly did not make (`status`: "N
     failed at the Node API"); a review found a node made with an id the pool cannot take,
     and deleted, counted there."""
-    [rid] = (await pool.scripts.scale_decide(
-        PoolConfig().policy_args(pool.now, "r1"))).reservations
+    rid = await floor_reservation(pool)
     assert await pool.scripts.cancel_create(rid, why) is True
     snap = await pool.snap()
     assert (snap.counts["pending"], snap.stat(counted), snap.stat("creates_failed")) == (0, 1, 0)
@@ -1219,8 +1224,7 @@ async def test_a_create_given_back_for_a_node_made_or_a_post_never_sent_is_not_f
 
 
 async def test_cancel_create_refuses_a_reason_it_does_not_know(pool: PoolUnderTest) -> None:
-    [rid] = (await pool.scripts.scale_decide(
-        PoolConfig().policy_args(pool.now, "r1"))).reservations
+    rid = await floor_reservation(pool)
     with pytest.raises(aioredis.ResponseError, match="cancel_create: unknown reason lost"):
         await pool.scripts._call("cancel_create", rid, "lost")
     assert (await pool.snap()).counts["pending"] == 1

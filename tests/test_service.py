@@ -1344,6 +1344,19 @@ async def test_no_list_from_the_api_is_no_reconciliation(
     assert await aredis.zrange(replica.keys.key("nodes"), 0, -1) == ["n1"]
 
 
+async def one_reservation(replica: Replica) -> str:
+    """The one create a decision of `replica` reserves now, its call not begun."""
+    [reservation] = (await replica.scripts.scale_decide(
+        replica.pool.policy_args(replica.clock.now_ms(), replica.replica_id))).reservations
+    return reservation
+
+
+async def forget_node(replica: Replica, node: str) -> None:
+    """Take `node` out of the pool by hand, so that it wants one again."""
+    await replica.redis.delete(replica.keys.key("nodes"), replica.keys.key("booting"),
+                               replica.keys.node(node))
+
+
 async def test_a_create_whose_reservation_lapsed_before_its_post_is_not_sent(
     aredis: aioredis.Redis, clock: ManualClock, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1355,8 +1368,7 @@ async def test_a_create_whose_reservation_lapsed_before_its_post_is_not_sent(
     api_b.created = ["x"]  # B's node is named node-2, apart from what A's would be
     a = make_replica(aredis, api_a, clock, "ra", pool)
     b = make_replica(aredis, api_b, clock, "rb", pool)
-    decision = await a.scripts.scale_decide(a.pool.policy_args(clock.now_ms(), "ra"))
-    [reservation] = decision.reservations  # A's decision; its call has not begun
+    reservation = await one_reservation(a)  # A's decision; its call has not begun
     with caplog.at_level(logging.WARNING):
         clock.advance(int(pool.create_timeout_s * 1000) + 2000)  # A stalls
         await b.tick()  # the reservation lapsed: B creates in its place
@@ -1377,8 +1389,7 @@ async def test_a_create_with_any_time_left_is_sent_where_the_call_takes_none(
     its reservation is pending."""
     pool = dataclasses.replace(FLOOR_ONLY, min_ready=1, create_timeout_s=create_timeout_s)
     replica = make_replica(aredis, api, clock, "r1", pool)
-    [reservation] = (await replica.scripts.scale_decide(
-        pool.policy_args(clock.now_ms(), "r1"))).reservations
+    reservation = await one_reservation(replica)
     clock.advance(int(create_timeout_s * 1000) - 1)  # 1 ms left
     await replica._create(reservation)
     assert api.created == ["node-1"]
@@ -1396,20 +1407,13 @@ async def test_a_create_with_less_left_than_its_call_may_take_is_not_sent(
     that only a stall does it."""
     api.longest_create_s = 30.6  # type: ignore[attr-defined]  # an HTTP client's, by default
     replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
-
-    async def decided() -> str:
-        [reservation] = (await replica.scripts.scale_decide(
-            replica.pool.policy_args(clock.now_ms(), "r1"))).reservations
-        return reservation
-
-    first = await decided()
+    first = await one_reservation(replica)
     clock.advance(29_000)  # 31 s left: sent
     await replica._create(first)
     assert api.created == ["node-1"]
-    await aredis.delete(replica.keys.key("nodes"), replica.keys.key("booting"),
-                        replica.keys.node("node-1"))  # the pool wants one again
+    await forget_node(replica, "node-1")
     clock.advance(1000)
-    second = await decided()
+    second = await one_reservation(replica)
     clock.advance(45_000)  # 15 s left
     await replica._create(second)
     assert api.created == ["node-1"]
@@ -1426,18 +1430,11 @@ async def test_a_replica_built_with_a_create_timeout_under_its_call_s_longest_st
     api.longest_create_s = 30.6  # type: ignore[attr-defined]
     pool = dataclasses.replace(FLOOR_ONLY, min_ready=1, create_timeout_s=30)
     replica = make_replica(aredis, api, clock, "r1", pool)
-
-    async def decided() -> str:
-        [reservation] = (await replica.scripts.scale_decide(
-            pool.policy_args(clock.now_ms(), "r1"))).reservations
-        return reservation
-
-    await replica._create(await decided())
+    await replica._create(await one_reservation(replica))
     assert api.created == ["node-1"]
-    await aredis.delete(replica.keys.key("nodes"), replica.keys.key("booting"),
-                        replica.keys.node("node-1"))
+    await forget_node(replica, "node-1")
     clock.advance(1000)
-    stalled = await decided()
+    stalled = await one_reservation(replica)
     clock.advance(5_001)  # 24.999 s left of 30: a stall of over 5 s
     await replica._create(stalled)
     assert api.created == ["node-1"]
@@ -1448,8 +1445,7 @@ async def test_a_create_whose_reservation_cannot_be_read_is_sent(
 ) -> None:
     """A review: a timeout on the read of the deadline raised out of the create, which was
     never sent, its reservation held for a minute."""
-    [reservation] = (await replica.scripts.scale_decide(
-        replica.pool.policy_args(clock.now_ms(), "r1"))).reservations
+    reservation = await one_reservation(replica)
 
     async def times_out(*_: object) -> None:
         raise RedisTimeoutError("Timeout reading from socket")

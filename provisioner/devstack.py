@@ -87,23 +87,24 @@ class Child:
         self._log.close()
 
 
-def _wait_http(port: int, timeout: float = 15.0, child: Child | None = None) -> bool:
-    """Whether /healthz on `port` answered within `timeout`, and, given `child`, answered as
-    that process (its pid in the answer: another process that took the port first, another
+def wait_http(url: str, timeout: float = 15.0, pid: int | None = None,
+              alive: Callable[[], bool] | None = None) -> bool:
+    """Whether `url` answered 200 within `timeout`, and, given `pid`, answered as that
+    process (the pid in its JSON answer: another process that took the port first, another
     stack's mock or replica, answered 200 too, and the stack pointed its replicas at it, a
-    review); False at once if `child` exits."""
+    review); False at once once `alive()` says the process has exited. The tests start their
+    processes through it too (tests.helpers.listening)."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if child is not None and not child.alive():
+        if alive is not None and not alive():
             return False
         with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
-            answer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-            if answer.status_code == 200 and (
-                    child is None or answer.json().get("pid") == child.process.pid):
+            answer = httpx.get(url, timeout=1)
+            if answer.status_code == 200 and (pid is None or answer.json().get("pid") == pid):
                 return True
-        time.sleep(0.2)
+        time.sleep(0.1)
     return False
 
 
@@ -115,7 +116,8 @@ def _serving(start: Callable[[int], Child]) -> tuple[Child, int, bool]:
     for _attempt in range(3):
         port = free_port()
         child = start(port)
-        if _wait_http(port, child=child):
+        if wait_http(f"http://127.0.0.1:{port}/healthz", pid=child.process.pid,
+                     alive=child.alive):
             return child, port, True
         if child.alive():
             break  # slow, not refused: its log says why

@@ -322,7 +322,7 @@ class MockNodeApi:
 
     async def healthz(self, _: web.Request) -> web.Response:
         # The pid: a stack that started this process on a port another took first tells the
-        # two apart by it (devstack._wait_http).
+        # two apart by it (devstack.wait_http).
         return web.json_response({"ok": True, "nodes": len(self.live()), "pid": os.getpid()})
 
     def app(self) -> web.Application:

@@ -1466,8 +1466,8 @@ def http_app(replica: Replica) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
-        # The pid: a stack that started this process on a port another took first tells the
-        # two apart by it (devstack._wait_http).
+        # The pid (and /readyz's): a stack, or a test, that started this process on a port
+        # another took first tells the two apart by it (devstack.wait_http).
         return web.json_response({"status": "ok", "replica": replica.replica_id,
                                   "pid": os.getpid()})
 
@@ -1496,7 +1496,8 @@ def http_app(replica: Replica) -> web.Application:
             problems.append(f"redis: {str(exc) or type(exc).__name__}")
         if problems:
             return web.json_response({"status": "unready", "problems": problems}, status=503)
-        return web.json_response({"status": "ready", "replica": replica.replica_id})
+        return web.json_response({"status": "ready", "replica": replica.replica_id,
+                                  "pid": os.getpid()})
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

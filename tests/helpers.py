@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
+from provisioner import devstack
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
@@ -21,6 +22,8 @@ from provisioner.redis_server import free_port
 from provisioner.scripts import Scripts, Snapshot
 
 T0 = 1_767_225_600_000
+# The paths whose answer names the process that answered (its "pid").
+PID_ANSWERING = ("/healthz", "/readyz")
 
 
 @dataclass
@@ -186,17 +189,14 @@ def run_delay_proxy(host: str, port: int, delay_s: float) -> None:
 
 def wait_http(url: str, timeout: float = 20.0,
               process: subprocess.Popen[Any] | None = None) -> bool:
-    """Whether `url` answered 200 within `timeout`; False at once if `process` exited first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            return False
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    """Whether `url` answered 200 within `timeout`, as `process` (devstack.wait_http: the pid
+    in the answer, where the answer names one); False at once if `process` exited first."""
+    pid = process.pid if process is not None and url.endswith(PID_ANSWERING) else None
+    alive = (lambda: process.poll() is None) if process is not None else None
+    if devstack.wait_http(url, timeout, pid=pid, alive=alive):
+        return True
+    if alive is not None and not alive():
+        return False
     raise TimeoutError(f"{url} never answered 200")
 
 

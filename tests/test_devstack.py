@@ -327,6 +327,27 @@ def test_a_port_another_mock_took_first_is_not_taken_for_the_stack_s_own(
         other.wait()
 
 
+def test_the_tests_do_not_take_another_process_s_answer_for_their_own(redis_url: str) -> None:
+    """tests.helpers.listening took any 200 on the port for its process's, where the dev stack
+    checks the pid; both wait through devstack.wait_http now. A process that has not bound the
+    port (here a sleeper) is not answered for by the mock that has."""
+    from tests.helpers import listening, wait_http
+
+    other, taken = listening(lambda port: [
+        sys.executable, "-m", "provisioner", "mock-node-api", "--port", str(port),
+        "--redis-url", redis_url], "/healthz", stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert wait_http(f"http://127.0.0.1:{taken}/healthz", process=other)
+        with pytest.raises(TimeoutError):
+            wait_http(f"http://127.0.0.1:{taken}/healthz", timeout=1.0, process=sleeper)
+    finally:
+        for process in (other, sleeper):
+            process.terminate()
+            process.wait()
+
+
 def test_the_dev_view_reads_the_pool_its_replicas_run(redis_url: str, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The replicas inherit PROVISIONER_POOL; the view read pool "default" whatever they ran,

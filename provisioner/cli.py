@@ -1431,16 +1431,18 @@ def model_export(
 
     keys = _pool_keys(pool)
 
-    async def read(client: aioredis.Redis) -> tuple[dict[str, str], int]:
+    async def read(client: aioredis.Redis) -> tuple[dict[str, str], list[str], int]:
         await _replicas_release(client, pool, READS_WITH_OWN)  # on stderr: stdout is the file
-        return await Scripts(client, keys).read_model(), await server_now_ms(client)
+        scripts, now = Scripts(client, keys), await server_now_ms(client)
+        raw = await scripts.read_model()
+        if not raw:
+            return raw, [], now
+        return raw, await scripts.learned_fields(PoolConfig().policy_args(now, "cli")), now
 
-    raw, now = _with_redis(redis_url, read)
+    raw, learned, now = _with_redis(redis_url, read)
     if not raw:
         raise _fail(f"pool {pool} has no model: it has not decided yet, or the pool name is "
                     "wrong")
-    learned = _with_redis(redis_url, lambda c: Scripts(c, keys).learned_fields(
-        PoolConfig().policy_args(now, "cli")))
     document = model_document(raw, learned, pool, now)
     text = json.dumps(document, indent=1) + "\n"
     if out is None:

@@ -48,14 +48,24 @@ def _root_logging_given_back() -> Iterator[None]:
     asked for: at DEBUG, every later test of that worker whose client logged at DEBUG (redis-py
     saying a Redis 7.0 has no MAINT_NOTIFICATIONS) wrote "--- Logging error ---" into the next
     CliRunner's output, and two `--json` outputs would not parse (a clean clone's CI). The
-    handlers pytest adds for each phase are its own to take away."""
+    handlers pytest adds for each phase are its own to take away. The levels and filters
+    `setup_logging` sets on the libraries' loggers are given back too."""
     root = logging.getLogger()
     before, level = set(root.handlers), root.level
+    libraries = {name: logging.getLogger(name) for name in LIBRARY_LOGGERS}
+    kept = {name: (logger.level, list(logger.filters)) for name, logger in libraries.items()}
     yield
     for handler in root.handlers[:]:
         if type(handler) is logging.StreamHandler and handler not in before:
             root.removeHandler(handler)
     root.setLevel(level)
+    for name, logger in libraries.items():
+        logger.setLevel(kept[name][0])
+        logger.filters[:] = kept[name][1]
+
+
+# The loggers provisioner.logs.setup_logging quiets or filters.
+LIBRARY_LOGGERS = ("httpx", "httpcore", "aiohttp.access", "aiohttp.server")
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,7 @@ local model = rcall('HMGET', K.model, 'window_ms', 'horizon_ms')
 local window, horizon = tonumber(model[1]), tonumber(model[2])
 if window and horizon then
   local ak = K.acts_prefix .. user
-  local first = first_seen(user)
+  local first = first_seen(user, now)
   local step = horizon / CREDIT_SAMPLES
   local credit = {}
   for m = 0, CREDIT_SAMPLES - 1 do

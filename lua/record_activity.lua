@@ -95,12 +95,12 @@ local function record(user, ts)
     end
   end
   -- Cells for the forecast. First seen: the first event since the user last had no node.
-  local first = first_seen(user)
+  local first = first_seen(user, now)
   if not first then
     first = math.min(ts, now)
     add_to(K.model, 'arr', 1, true)
   end
-  rcall('SET', K.seen_prefix .. user, first, 'PX', keep_ms)
+  rcall('SET', K.seen_prefix .. user, score(first) .. ':' .. score(now + keep_ms), 'PX', keep_ms)
   -- The time of the k-th most recent event places the user at level k until it leaves the
   -- window; for each age bucket the user is still young in, the cell's deadline is the earlier
   -- of the two.

@@ -1438,7 +1438,33 @@ async def test_every_activity_renews_the_first_seen_time_s_expiry(pool: PoolUnde
     pool.clock.advance(5_000)
     await pool.scripts.record_activity(pool.now, "u1", pool.now, *args)
     assert await pool.redis.pttl(seen) > 2 * config.window_ms
-    assert await pool.redis.get(seen) == str(T0)
+    keep_ms = 2 * config.window_ms + 60_000
+    assert await pool.redis.get(seen) == f"{T0}:{T0 + 5_000 + keep_ms}"
+
+
+async def test_a_user_silent_past_the_first_seen_key_s_life_arrives_again_by_the_pool_s_clock(
+        pool: PoolUnderTest) -> None:
+    """The first-seen key's TTL runs on the server's clock, which a replay's virtual hours
+    never reach: a user silent for longer than its life kept their old first-seen time there,
+    where live they arrive again (a review). The value carries its end on the pool's clock.
+    A bare number (the release before) is still read, and ends with its TTL."""
+    config = pool.config
+    args = (config.window_ms, config.engaged_threshold, config.max_events_per_user)
+    keep_ms = 2 * config.window_ms + 60_000
+    seen = pool.keys.seen("u1")
+
+    async def first_seen_after(silence_ms: int) -> str:
+        pool.clock.advance(silence_ms)
+        await pool.scripts.record_activity(pool.now, "u1", pool.now, *args)
+        return str(await pool.redis.get(seen))
+
+    await pool.scripts.record_activity(pool.now, "u1", pool.now, *args)
+    # still the same arrival, its end renewed
+    assert await first_seen_after(keep_ms - 1) == f"{T0}:{pool.now + keep_ms}"
+    # silent for the key's whole life: a new arrival
+    assert await first_seen_after(keep_ms) == f"{pool.now}:{pool.now + keep_ms}"
+    await pool.redis.set(seen, str(T0))  # a bare number: the first-seen time it holds
+    assert await first_seen_after(keep_ms) == f"{T0}:{pool.now + keep_ms}"
 
 
 async def test_the_sweep_of_an_activity_drops_only_entries_that_left_the_window(

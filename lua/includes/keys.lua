@@ -233,9 +233,24 @@ local function forget_levels(user)
   rcall('ZREM', K.levels, unpack(members))
 end
 
--- The user's first-seen ms, or nil for a user not browsing now.
-local function first_seen(user)
-  return tonumber(rcall('GET', K.seen_prefix .. user))
+-- The user's first-seen ms, or nil for a user not browsing at `now`. record_activity writes
+-- 'first:until_ms', until_ms on the pool's clock: the key's PX runs on the server's, which a
+-- replay's virtual hours never reach, and a user silent for longer than the key's life was
+-- still the old arrival there, a new one live (a review). The PX only cleans up. A bare
+-- number is a first-seen time written before 2026-12-06, whose PX alone ends it.
+local function first_seen(user, now)
+  local value = rcall('GET', K.seen_prefix .. user)
+  if not value then
+    return nil
+  end
+  local first, till = string.match(value, '^([^:]*):([^:]*)$')
+  if not first then
+    return tonumber(value)
+  end
+  if not tonumber(till) or tonumber(till) <= now then
+    return nil
+  end
+  return tonumber(first)
 end
 
 -- A session starts or ends: the user's activity window and age start afresh.

@@ -133,6 +133,19 @@ def test_the_timeline_samples_the_pool_after_every_tick(
         ServicePolicy(redis_url, timeline_s=0)
 
 
+def test_the_replay_ticks_the_pool_at_its_own_tick_interval(
+        tmp_path: Path, redis_url: str) -> None:
+    """The world ticked every second whatever the pool's tick interval: a pool set to half a
+    second decided half as often as live (a review). 0..10 s is 21 ticks at 0.5 s."""
+    trace = load_trace(write_trace(tmp_path / "empty.jsonl", [], boot=[1.0], duration=10.0))
+    policy = ServicePolicy(redis_url, PoolConfig(tick_interval_s=0.5), timeline_s=20.0)
+    run_replay(trace, policy)
+    assert [w.ticks for w in policy.timeline] == [21]
+    policy = ServicePolicy(redis_url, timeline_s=20.0)
+    run_replay(trace, policy)
+    assert [w.ticks for w in policy.timeline] == [11]
+
+
 def test_bench_replay_writes_the_timeline(
         tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
     out = tmp_path / "timeline.jsonl"

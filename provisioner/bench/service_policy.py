@@ -155,6 +155,8 @@ class ServicePolicy:
         self.final_learned: list[str] = []
         self.redis_url = redis_url
         self.pool = pool or PoolConfig()
+        #: the world ticks the policy at the pool's tick interval, as the service's ticker does
+        self.tick_s = self.pool.tick_interval_s
         self.pool_name = f"bench-{uuid.uuid4().hex[:12]}"
         self.keys = PoolKeys(self.pool_name)
         self._redis: aioredis.Redis | None = None

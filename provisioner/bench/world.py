@@ -13,8 +13,9 @@ Order of events at the same instant (a heap keyed by (time, priority, sequence))
 3. the tick.
 
 So a node that becomes ready at t can serve a connect at t, and a tick at t sees every message
-of t. Ticks fall at t = 0, tick_s, 2·tick_s, … up to and including `duration_s`; events after
-`duration_s` are not delivered.
+of t. Ticks fall at t = 0, tick_s, 2·tick_s, … up to and including `duration_s` (tick_s: the
+policy's own, where it has one, as the service's tick interval; else the world's, 1 s by
+default); events after `duration_s` are not delivered.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class World:
     """The simulated Node API and referee for one replay; create with a trace and a policy."""
 
     def __init__(self, trace: Trace, policy: Policy, *, tick_s: float = 1.0) -> None:
+        # A policy that runs on a tick of its own (the service: its pool's tick interval) is
+        # ticked at it: the replay ticked every second whatever the pool's setting, and a
+        # pool set to half a second decided half as often as it would live (a review).
+        tick_s = getattr(policy, "tick_s", None) or tick_s
         if tick_s <= 0:
             raise ValueError("tick_s must be positive")
         self.trace = trace

@@ -193,6 +193,9 @@ class HttpNodeApi:
         self.backoff_s = backoff_s
         self.metrics = metrics
         self._said_no_list = False  # a Node API without a list is said once, not every interval
+        #: the last GET /api/nodes answered 404 or 405: the API has no list, where an API that
+        #: fails (unreachable, a timeout, a 5xx) has one it could not give
+        self.has_no_list = False
 
     async def _send(self, op: str, method: str, path: str) -> _Answer:
         """One request, read to at most MAX_BODY[op] within timeout_s in all."""
@@ -334,9 +337,11 @@ class HttpNodeApi:
         try:
             response = await self._send("list", "GET", "/api/nodes")
         except httpx.HTTPError as exc:
+            self.has_no_list = False
             self._count("list", "transport_error", started)
             log.warning("list: %s: %s", type(exc).__name__, exc)
             return None
+        self.has_no_list = response.status_code in (404, 405)
         if response.status_code != 200:
             self._count("list", f"http_{response.status_code}", started)
             if response.status_code not in (404, 405):

@@ -101,8 +101,13 @@ def _doubling_hold_ms(first_ms: int, in_a_row: int) -> int:
 
 
 #: After a loss of the pool's state, how long a replica's ticks wait for the Node API's node
-#: list (retried every heartbeat) before deciding without it.
+#: list (retried every heartbeat) before deciding without it: an API with no list (404, 405)...
 TAKE_BACK_PATIENCE_MS = 60_000
+#: ... and one that fails to give it (unreachable, a timeout, a 5xx). A minute for that too
+#: let a pool whose API stalled for longer boot a batch beside the nodes it had lost track of
+#: (a review's drill: 62 nodes at --max-nodes 50); the creates of an API that is down fail
+#: anyway, and one whose list alone fails for good stops scaling for 10 minutes, not for good.
+TAKE_BACK_FAILING_PATIENCE_MS = 600_000
 #: The Node API's states of a node on its way out: not one the pool may hand to a user.
 ENDING = frozenset({"terminating", "terminated"})
 
@@ -1173,16 +1178,19 @@ class Replica:
             # At once, not at the next interval, and before this replica's ticks decide on the
             # new epoch: until the nodes are back, the pool looks empty. Retried at the next
             # heartbeat if it raises or the Node API gives no list, for TAKE_BACK_PATIENCE_MS
-            # (an API failing a moment must not let the ticks boot a pool beside the nodes; one
-            # without a list must not stop scaling for good).
+            # where the API has none, TAKE_BACK_FAILING_PATIENCE_MS where it fails to give it
+            # (an API failing must not let the ticks boot a pool beside the nodes; one without
+            # a list must not stop scaling for good).
             await self.publish_config()
             counts = await self.reconcile()
             waited_ms = self.clock.now_ms() - self._lost_seen_ms
-            if counts is None and waited_ms < TAKE_BACK_PATIENCE_MS:
+            patience_ms = (TAKE_BACK_PATIENCE_MS if getattr(self.node_api, "has_no_list", False)
+                           else TAKE_BACK_FAILING_PATIENCE_MS)
+            if counts is None and waited_ms < patience_ms:
                 self._trouble.warning(
                     "take-back", "reconciliation after the loss had no node list from the Node "
                     "API: no scaling decision until it has one (retried every heartbeat, for "
-                    "%.0fs at most)", TAKE_BACK_PATIENCE_MS / 1000)
+                    "%.0fs at most)", patience_ms / 1000)
                 return
             if counts is None:
                 log.error("reconciliation after the loss had no node list from the Node API "

@@ -15,6 +15,8 @@ class FakeNodeApi:
         self.create_outcomes: deque[CreateResult] = deque()
         self.delete_outcome = DeleteOutcome.SENT
         self.listed: list[ListedNode] | None = None
+        #: with `listed` None: True, the API has no list (404, 405); False, it failed to give it
+        self.has_no_list = False
         self.delay = 0.0
 
     async def create(self) -> CreateResult:

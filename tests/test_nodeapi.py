@@ -379,6 +379,24 @@ async def test_an_api_without_a_node_list_is_said_once_not_every_reconciliation(
             assert await api.list_nodes() is None
     said = [r.getMessage() for r in caplog.records if r.name == "provisioner.nodeapi"]
     assert len(said) == 1 and "no GET /api/nodes" in said[0], said
+    assert api.has_no_list  # the take-back after a loss waits a minute for it, not ten
+
+
+async def test_an_api_that_fails_to_list_is_not_taken_for_one_without_a_list() -> None:
+    """After a loss the ticks wait 10 minutes for a list the API fails to give, one minute
+    for an API that has none (Replica.heartbeat): a 5xx or no answer is not a 404."""
+    for then in (503, 500, None):  # None: no connection
+        answers = [404, then]
+
+        def handler(_: httpx.Request, answers: list[int | None] = answers) -> httpx.Response:
+            status = answers.pop(0)
+            if status is None:
+                raise httpx.ConnectError("refused")
+            return httpx.Response(status)
+
+        api = client(handler, attempts=1)
+        assert await api.list_nodes() is None and api.has_no_list
+        assert await api.list_nodes() is None and not api.has_no_list, then
 
 
 async def test_a_create_that_cannot_connect_waits_between_its_tries(

@@ -3237,7 +3237,8 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
 ) -> None:
     """A GET /api/nodes that fails a moment after the loss (a 503, a timeout) let the ticks
     boot a pool beside the running nodes; an API that never gives a list (no such endpoint)
-    must not stop scaling for good."""
+    must not stop scaling for good. One that fails for over a minute is waited for 10 (a
+    review's drill: an API stalled past the minute, and the pool booted beside its nodes)."""
     replica = make_replica(aredis, api, clock, "r1", PoolConfig(
         min_ready=2, scaling_policy="heuristic", conversion=0))
     await replica.heartbeat()
@@ -3255,9 +3256,25 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
     await replica.tick()
     await replica.settle()
     assert api.created == [] and await aredis.llen(replica.keys.key("ready")) == 2
-    # a second loss, and a Node API with no list at all: the ticks decide again after a minute
+    # a second loss, and a Node API failing to list for ten minutes: the ticks wait it out
     await aredis.flushall()
     api.listed = None
+    clock.advance(2_000)
+    await replica.heartbeat()
+    clock.advance(599_000)
+    await replica.heartbeat()
+    await replica.tick()
+    await replica.settle()
+    assert api.created == []
+    clock.advance(1_000)
+    await replica.heartbeat()
+    await replica.tick()
+    await replica.settle()
+    assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 2
+    api.created.clear()
+    # a third, and a Node API with no list at all: the ticks decide again after a minute
+    await aredis.flushall()
+    api.has_no_list = True
     clock.advance(2_000)
     await replica.heartbeat()
     clock.advance(59_000)
@@ -3269,7 +3286,7 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
     await replica.heartbeat()
     await replica.tick()
     await replica.settle()
-    assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 2
+    assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 3
 
 
 @contextlib.asynccontextmanager

@@ -955,10 +955,13 @@ class Replica:
                             node_id, state)
         for node_id, created in known_ids.items():
             api_state = api_states.get(node_id)
-            # Younger than the grace: a create perhaps still on its way to the API's list. One
-            # stamped further ahead than the grace is a clock's error, not a create (a replica
+            # Younger than the grace when the list was asked for: a create perhaps still on its
+            # way to the API's list. Created since, it cannot be in it: a replica paused
+            # between the list's answer and this (a GC, a frozen VM) ended 8 healthy nodes
+            # booted meanwhile, and deleted them at the API (a review's drill). One stamped
+            # further ahead than the grace from now is a clock's error, not a create (a replica
             # 600 s ahead kept 11 vanished nodes in the pool, 5 of them allocated, for 9 min).
-            if api_state is None and started - grace_ms < created <= started + grace_ms:
+            if api_state is None and started - grace_ms < created <= now + grace_ms:
                 counts[LEFT_FOR_LATER] += 1
                 continue
             if api_state is not None and (api_state not in ENDING or (

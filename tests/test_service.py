@@ -28,7 +28,7 @@ from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode, NodeApi
 from provisioner.scripts import AllocateResult, Allocation, Release, ReleaseResult
-from provisioner.service import ACTIVITY_BATCH, LISTEN_BATCH, Replica, http_app
+from provisioner.service import ACTIVITY_BATCH, LEFT_FOR_LATER, LISTEN_BATCH, Replica, http_app
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
 from tests.helpers import T0, Subscriber, answering, dump_pool, heard_ago
@@ -3494,6 +3494,30 @@ async def test_reconcile_judges_an_unlisted_node_missing_once_the_create_s_grace
     ended = {node for node in ("edge", "younger", "ahead", "too-far-ahead")
              if await aredis.hget(replica.keys.node(node), "state") == "terminated"}
     assert ended == {"edge", "too-far-ahead"}
+
+
+async def test_reconcile_does_not_judge_a_node_made_after_its_list_by_that_list(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    """A replica paused after the Node API's list came (a GC, a frozen VM: a review's drill
+    stopped one for 71 s) judged the nodes booted meanwhile by it, ended 8 healthy ones and
+    deleted them at the API. A node created since the list was asked for is left for later;
+    one that was in the pool before it, and is not listed, is still ended."""
+    await send([replica], "node:status", {"node_id": "old", "status": "ready"})
+    clock.advance(60_000)
+    other = make_replica(aredis, api, ManualClock(clock.now_ms() + 71_000), "r2")
+
+    async def paused_after_answering() -> list[ListedNode]:
+        clock.advance(71_000)  # the pause, after the API answered
+        await send([other], "node:status", {"node_id": "booted-meanwhile", "status": "ready"})
+        return []
+
+    api.list_nodes = paused_after_answering  # type: ignore[method-assign]
+    counts = await replica.reconcile()
+    assert counts is not None and counts["vanished"] == 1 and counts[LEFT_FOR_LATER] == 1
+    assert await aredis.hget(replica.keys.node("booted-meanwhile"), "state") == "ready"
+    assert await aredis.hget(replica.keys.node("old"), "state") == "terminated"
+    assert api.deleted == []
 
 
 async def test_the_creating_gauge_does_not_count_a_node_whose_status_came_before_its_post(

@@ -48,7 +48,10 @@ class Metrics:
                                    "Nodes handed to users, by kind (instant|after_wait)",
                                    ["kind"], registry=r)
         self.wait = Histogram("provisioner_wait_seconds",
-                              "Time from a miss to the user's allocation",
+                              "Time from a connect to the user's allocation, for every "
+                              "allocation this replica applied: a hit at 0 (the mean wait of "
+                              "those who waited is the sum over "
+                              "provisioner_allocations_total{kind=\"after_wait\"})",
                               buckets=WAIT_BUCKETS, registry=r)
         self.releases = Counter("provisioner_releases", "Disconnects, by outcome",
                                 ["outcome"], registry=r)
@@ -57,7 +60,10 @@ class Metrics:
             "Connects and disconnects this replica made again after their reply was lost, and "
             "found applied by that try: their hit, miss or release is in no replica's counters "
             "(the pool's stats count it: calls_made_again)", ["event"], registry=r)
-        self.node_events = Counter("provisioner_node_status", "node:status applied, by outcome",
+        self.node_events = Counter("provisioner_node_status",
+                                   "node:status messages this replica applied, by outcome: every "
+                                   "replica applies every message, so one another replica "
+                                   "applied first is a duplicate here",
                                    ["status", "outcome"], registry=r)
         self.nodes = Gauge("provisioner_nodes", "Nodes of the pool by state (from Redis)",
                            ["state"], registry=r)
@@ -101,7 +107,10 @@ class Metrics:
                               "Scaling ticks this replica won while arrivals surged (the "
                               "buffer was surge_buffer_sd)", registry=r)
         self.creates = Counter("provisioner_creates_reserved",
-                               "Create reservations this replica carried out", registry=r)
+                               "Create reservations this replica's decisions took, each then "
+                               "sent to the Node API, withdrawn or failed "
+                               "(provisioner_node_api_calls_total{op=\"create\"} says which)",
+                               registry=r)
         self.terminations = Counter("provisioner_terminations",
                                     "Terminations this replica started, by reason (idle, "
                                     "surplus_boot, boot_timeout, retry, drained)",
@@ -120,7 +129,8 @@ class Metrics:
             "What scaling did over the pool's life (from Redis): creates, split into those on a "
             "rise of the target and those refilling spare used, those the Node API did not "
             "make (failed), made with an id the pool cannot take (unusable) or never sent "
-            "(withdrawn), terminations, and the target's rises and falls summed",
+            "(withdrawn), terminations started (a DELETE sent again is counted again), and the "
+            "target's rises and falls summed",
             ["quantity"], registry=r)
         self.event_lag = Gauge(
             "provisioner_event_lag_seconds",

@@ -615,8 +615,22 @@ class Replica:
     # --- scaling ------------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """One scaling tick: decide (if this replica wins the interval), then act."""
+        """One scaling tick: decide (if this replica wins the interval), then act; then read
+        the pool's gauges, also when deciding failed (a server refusing writes still answers
+        the snapshot's reads: every replica's gauges froze at their last values while it
+        refused them, a review)."""
         now = self.clock.now_ms()
+        try:
+            await self._decide_and_act(now)
+        except Exception:
+            if self.gauges:
+                with contextlib.suppress(Exception):  # the tick's own error is the one to say
+                    await self.refresh_gauges(now)
+            raise
+        if self.gauges:
+            await self.refresh_gauges(now)
+
+    async def _decide_and_act(self, now: int) -> None:
         allowed = self._creates_allowed(now)
         # Held now: none until the pause ends (then one at a time, which is not held).
         self.metrics.creates_held.set(1 if allowed == 0 else 0)
@@ -654,8 +668,6 @@ class Replica:
                 self.metrics.terminations.labels(termination.reason).inc()
                 log.info("terminating %s: %s", termination.node_id, termination.reason)
                 self._spawn(self._terminate(termination))
-        if self.gauges:
-            await self.refresh_gauges(now)
 
     def _decision_age(self) -> float:
         return math.inf if self._decided_at is None else time.monotonic() - self._decided_at
@@ -930,6 +942,7 @@ class Replica:
                 if state == "ready" and node_id in booting:
                     result = await self.scripts.apply_node_status(now, node_id, "ready",
                                                                   listed=True)
+                    self._served(result.served)  # counted as a listener's would be (a review)
                     if result.code is NodeStatusOutcome.READY:
                         counts["made_ready"] += 1
                         log.warning("reconcile: node %s is ready at the Node API but was "
@@ -949,6 +962,7 @@ class Replica:
             # Listed, not received: stamped now, perhaps an interval after its create, it
             # teaches no boot time (origin `listed`).
             result = await self.scripts.apply_node_status(now, node_id, status, listed=True)
+            self._served(result.served)  # counted as a listener's would be (a review)
             if result.code is NodeStatusOutcome.NEW:
                 counts["adopted"] += 1
                 log.warning("reconcile: adopted node %s (%s) that the pool did not know",
@@ -968,6 +982,7 @@ class Replica:
                     api_state == "terminating" and node_id in deleting)):
                 continue
             result = await self.scripts.apply_node_status(now, node_id, "terminated")
+            self._served(result.served)  # counted as a listener's would be (a review)
             if result.code is NodeStatusOutcome.TERMINATED:
                 counts["vanished"] += 1
                 log.warning("reconcile: node %s is %s at the Node API; declared terminated",

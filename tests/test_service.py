@@ -1297,6 +1297,9 @@ async def test_reconcile_makes_ready_a_node_whose_ready_was_lost_and_learns_no_b
     counts = await replica.reconcile()
     assert counts is not None and counts["made_ready"] == 1
     assert await aredis.hgetall(replica.keys.key("alloc")) == {"u1": "n2"}
+    # Counted as a served wait, as a listener's `ready` would be (a review: it was not)
+    assert counter(replica, "provisioner_allocations_total", kind="after_wait") == 1
+    assert counter(replica, "provisioner_wait_seconds_sum") == 120
     # When n2 became ready is not known: 120 s would be a boot time it never took.
     model = await aredis.hgetall(replica.keys.key("model"))
     assert model.get("boot_ms") == model_before.get("boot_ms") and "boot_n" not in model
@@ -1305,6 +1308,25 @@ async def test_reconcile_makes_ready_a_node_whose_ready_was_lost_and_learns_no_b
     counts = await replica.reconcile()
     assert counts is not None and not any(counts.values())
     assert await check_invariants(aredis, POOL) == []
+
+
+async def test_the_gauges_are_read_when_the_decision_fails(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """The gauges were read at the end of a tick that decided: while the server refused
+    writes (out of memory), scale_decide raised and every replica's gauges froze, though the
+    snapshot's reads still worked (a review). The tick's own error is still raised."""
+    replica = make_replica(aredis, api, clock, "r1")
+    replica.gauges = True
+    await send([replica], "user:connect", {"user_id": "u1"})
+
+    async def refused(*_: object) -> None:
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    replica.scripts.scale_decide = refused  # type: ignore[method-assign]
+    with pytest.raises(ResponseError, match="OOM"):
+        await replica.tick()
+    assert counter(replica, "provisioner_users", state="waiting") == 1
 
 
 async def test_reconcile_deletes_a_node_whose_id_the_pool_cannot_take(

@@ -341,6 +341,17 @@ def test_the_cli_ages_the_pool_by_the_server_s_clock_not_its_host_s(
     assert re.search(r"n1\W+allocated\W+u1\W+[6-9]\ds", table), table
 
 
+def test_the_miss_rate_is_read_over_the_hits_and_misses(sync_redis: redis.Redis,
+                                                          redis_url: str) -> None:
+    """A `connects` repaired after a hand edit begins again at 1, and status read a miss rate
+    of 200% beside 9 hits and 2 misses (a review's drill)."""
+    sync_redis.hset(PoolKeys("rate").key("stats"),
+                    mapping={"connects": 1, "hits": 9, "misses": 2})
+    common = ["--redis-url", redis_url, "--pool", "rate"]
+    status = json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)
+    assert status["miss_rate"] == round(2 / 11, 4)
+
+
 def test_users_lists_the_longest_session_first_and_release_ends_one(redis_url: str) -> None:
     keys = PoolKeys("release-cli")
     now = int(time.time() * 1000)

@@ -243,7 +243,11 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
     scripts = Scripts(client, keys)
     outcome = outcome if outcome is not None else Outcome(done=False)
     run = uuid.uuid4().hex[:12]
-    await scripts.hold_spare(await server_now_ms(client), "take", run, at_once)
+    # Named at once: a run taken over is told the other's id, which it never saw (a review).
+    say(f"run {run} (by {by}) holds {at_once} spare node(s) above the keep level")
+    if not await _take_hold(client, scripts, run, at_once, wait_limit_s, say, poll_s, clock,
+                            outcome):
+        return outcome
     try:
         return await _replace(client, keys, cutoff, scripts, run, by=by, at_once=at_once,
                               max_unavailable=max_unavailable,
@@ -285,6 +289,31 @@ async def _replace(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scrip
         if state.waiting and clock() - state.last_change > wait_limit_s:
             outcome.waited_for = state.waiting + state.short
             return outcome
+        await asyncio.sleep(poll_s)
+
+
+async def _take_hold(client: aioredis.Redis, scripts: Scripts, run: str, at_once: int,
+                     wait_limit_s: float, say: Callable[[str], None], poll_s: float,
+                     clock: Callable[[], float], outcome: Outcome) -> bool:
+    """Take the hold of spare nodes for `run`, waiting out a server that refuses writes for
+    now as the rounds do, within the wait limit: a run started then stopped at once with exit
+    2, where one already going waited (a review). False, with `outcome.waited_for` said, if
+    the wait limit passed first."""
+    began, said = clock(), False
+    while True:
+        try:
+            await scripts.hold_spare(await server_now_ms(client), "take", run, at_once)
+            return True
+        except RedisError as exc:
+            if not _for_now(exc):
+                raise
+            waiting = f"the server to take its writes again ({exc})"
+            if clock() - began > wait_limit_s:
+                outcome.waited_for = waiting
+                return False
+            if not said:
+                say(f"waiting for {waiting}")
+                said = True
         await asyncio.sleep(poll_s)
 
 

@@ -745,6 +745,38 @@ async def test_a_cancel_after_the_last_batch_stops_the_run_and_is_not_undone(
     assert "drain_by" not in await pool.node("n4")
 
 
+async def test_a_run_started_while_the_server_refuses_writes_waits_to_take_its_hold(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run started while the server refused writes (maxmemory) stopped at once with exit
+    2 on its first take of the hold, where a run already going waits (a review's drill). The
+    take waits too, within the wait limit; past it, the run stops having waited."""
+    await pool.boot("n1")
+    real_hold = Scripts.hold_spare
+    refusals = {"left": 3}
+
+    async def hold(self: Scripts, now_ms: int, mode: str, *args: object, **kw: object) -> object:
+        if mode == "take" and refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise redis.exceptions.OutOfMemoryError("command not allowed when used memory")
+        return await real_hold(self, now_ms, mode, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scripts, "hold_spare", hold)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    said: list[str] = []
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
+                                          wait_limit_s=0.5, say=said.append, poll_s=0.01)
+    # the hold taken, the run went on to its rounds (here waiting for a first decision)
+    assert refusals["left"] == 0 and outcome.waited_for == "a first decision of the pool", outcome
+    assert said[1].startswith("waiting for the server to take its writes again"), said
+    assert sum(line.startswith("waiting for the server") for line in said) == 1, said
+    refusals["left"] = 1_000
+    said.clear()
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
+                                          wait_limit_s=0.05, say=said.append, poll_s=0.01)
+    assert not outcome.done and outcome.waited_for.startswith("the server to take its writes")
+    assert outcome.drained == [], outcome
+
+
 async def test_a_batch_refused_part_way_is_a_batch_and_busy_is_waited_out(
         pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A review: a round refused after the first drain of a batch (out of memory) lost that
@@ -777,7 +809,8 @@ async def test_a_batch_refused_part_way_is_a_batch_and_busy_is_waited_out(
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op", at_once=2,
                                           wait_limit_s=0.6, say=said.append, poll_s=0.05)
     await decided
-    assert said[0].startswith("waiting for the server to take its writes again"), said
+    assert said[0].startswith("run ") and " (by op) holds 2 spare node(s)" in said[0], said
+    assert said[1].startswith("waiting for the server to take its writes again"), said
     assert outcome.drained == ["n1"], said
     assert outcome.waited_for == "a replica to decide after the last drain", outcome
     assert await pool.ready_list() == ["n2", "n3", "n4"]

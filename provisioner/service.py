@@ -1359,6 +1359,11 @@ class Replica:
                 self._trouble.warning(where, "%s failed: %s", where, exc)
                 if _refuses_writes(exc):
                     self._note_refused(exc)
+                elif isinstance(exc, RedisTimeoutError):
+                    # A write left unanswered (CLIENT PAUSE WRITE, a server stuck writing)
+                    # while reads, PING among them, are answered: /readyz said ready through
+                    # a review's 10 s pause in which every tick and heartbeat timed out.
+                    self._note_refused(RedisTimeoutError(f"no answer to its {where} ({exc})"))
             except Exception:
                 self.metrics.errors.labels(where).inc()
                 log.exception("%s failed", where)

@@ -2511,6 +2511,34 @@ async def test_readyz_fails_while_the_server_refuses_the_replicas_writes(
         await ticking
 
 
+async def test_a_replica_whose_writes_go_unanswered_is_unready(replica: Replica) -> None:
+    """CLIENT PAUSE WRITE: the server answers reads, PING among them, and leaves writes
+    unanswered; every tick and heartbeat timed out, and /readyz said ready all along (a
+    review's drill). A write timed out counts as refused until one goes through."""
+    replica.subscribed.set()
+    real_tick, timeouts = replica.tick, {"left": 2}
+
+    async def tick() -> None:
+        if timeouts["left"] > 0:
+            timeouts["left"] -= 1
+            raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
+        await real_tick()
+
+    ticking = asyncio.create_task(replica._every(0.05, tick, "tick"))
+    try:
+        await _until(lambda: counter(replica, "provisioner_errors_total", where="tick") >= 1)
+        status, body = await _readyz(replica)
+        assert status == 503, body
+        [problem] = body["problems"]
+        assert problem.startswith("redis refuses writes for now: no answer to its tick "
+                                  "(Timeout reading from"), problem
+        await _until(lambda: replica.writes_refused() is None)  # a tick went through
+        assert (await _readyz(replica))[0] == 200
+    finally:
+        replica.stopping.set()
+        await ticking
+
+
 async def test_a_pool_key_of_another_type_refuses_transitions_whole_and_says_so(
     aredis: aioredis.Redis, replica: Replica, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,

@@ -456,7 +456,8 @@ def test_nodes_json_gives_numbers_and_users_lists_an_unknown_start_first(redis_u
 def test_status_json_gives_the_miss_rate_as_a_share(redis_url: str) -> None:
     with redis.Redis.from_url(redis_url) as client:
         client.hset(PoolKeys("rate-cli").key("stats"), mapping={
-            "connects": 4, "misses": 1, "served_after_wait": 2, "wait_ms_total": 3_000})
+            "connects": 4, "hits": 3, "misses": 1, "served_after_wait": 2,
+            "wait_ms_total": 3_000})
     body = CliRunner().invoke(app, ["status", "--redis-url", redis_url, "--pool", "rate-cli",
                                     "--json"])
     assert body.exit_code == 0, body.output

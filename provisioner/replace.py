@@ -243,11 +243,12 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
     scripts = Scripts(client, keys)
     outcome = outcome if outcome is not None else Outcome(done=False)
     run = uuid.uuid4().hex[:12]
-    # Named at once: a run taken over is told the other's id, which it never saw (a review).
-    say(f"run {run} (by {by}) holds {at_once} spare node(s) above the keep level")
     if not await _take_hold(client, scripts, run, at_once, wait_limit_s, say, poll_s, clock,
                             outcome):
         return outcome
+    # Named once it holds: a run taken over is told the other's id, which it never saw (a
+    # review).
+    say(f"run {run} (by {by}) holds {at_once} spare node(s) above the keep level")
     try:
         return await _replace(client, keys, cutoff, scripts, run, by=by, at_once=at_once,
                               max_unavailable=max_unavailable,

@@ -29,7 +29,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner import events, jsontext
-from provisioner.clock import Clock, WallClock, sleep_unless
+from provisioner.clock import Clock, WallClock, server_now_ms, sleep_unless
 from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.events import Rejected
 from provisioner.keys import PoolKeys
@@ -161,6 +161,10 @@ def _refuses_writes(reply: object) -> bool:
     replica is unready until a write goes through."""
     return refused_for_now(reply) or _pool_key_broken(reply)
 
+
+#: The loops whose every turn writes (a script): one timed out is a write left unanswered, where
+#: reconciliation's may be a read (`_every`).
+WRITING_LOOPS = frozenset({"tick", "heartbeat"})
 
 #: A replica not heard from for this long is dropped from the pool's list of replicas.
 FORGET_REPLICA_MS = 600_000
@@ -1359,7 +1363,7 @@ class Replica:
                 self._trouble.warning(where, "%s failed: %s", where, exc)
                 if _refuses_writes(exc):
                     self._note_refused(exc)
-                elif isinstance(exc, RedisTimeoutError):
+                elif isinstance(exc, RedisTimeoutError) and where in WRITING_LOOPS:
                     # A write left unanswered (CLIENT PAUSE WRITE, a server stuck writing)
                     # while reads, PING among them, are answered: /readyz said ready through
                     # a review's 10 s pause in which every tick and heartbeat timed out.
@@ -1373,14 +1377,40 @@ class Replica:
     async def _reconcile_if_due(self) -> None:
         interval_ms = int(self.service.reconcile_interval_s * 1000)
         try:
+            # A replica's first turn on a state begun less than the take-back's patience ago
+            # (lost, or new) reconciles itself, whoever holds the lock, and holds its ticks
+            # as one that saw the loss does while the Node API gives no list: one started
+            # during another's hold (a crash, a rolling upgrade) saw no loss, took its first
+            # turn for a look, and booted beside the nodes the other was waiting to take back
+            # (a review).
+            age_ms = None if self._looked.is_set() else await self._state_age_ms()
+            young = (age_ms is not None and age_ms < TAKE_BACK_FAILING_PATIENCE_MS
+                     and self.service.heartbeat_interval_s > 0)
             # One replica per interval: a plain SET NX PX, coordination rather than pool state.
-            if await self.redis.set(self.keys.reconcile_lock, self.replica_id, nx=True,
-                                    px=interval_ms):
+            if young or await self.redis.set(self.keys.reconcile_lock, self.replica_id, nx=True,
+                                             px=interval_ms):
                 counts = await self.reconcile()
+                if (counts is None and young and age_ms is not None
+                        and not getattr(self.node_api, "has_no_list", False)):
+                    self._taking_back = True
+                    self._lost_seen_ms = self.clock.now_ms() - age_ms
+                    log.warning("the pool's state began %.0fs ago and the Node API gave no node "
+                                "list: no scaling decision until it does (retried every "
+                                "heartbeat, until %.0fs from the state's beginning)",
+                                age_ms / 1000, TAKE_BACK_FAILING_PATIENCE_MS / 1000)
                 if counts and any(n for what, n in counts.items() if what != LEFT_FOR_LATER):
                     log.warning("reconciliation repaired the pool: %s", counts)
         finally:
             self._looked.set()
+
+    async def _state_age_ms(self) -> int:
+        """How long ago the pool's state began (its epoch, by the server's clock); 0 for a
+        state no heartbeat has begun yet."""
+        raw = as_text(await self.redis.get(self.keys.key("epoch")))
+        began = raw.partition("-")[0] if raw else ""
+        if not began.isdigit():
+            return 0
+        return max(0, await server_now_ms(self.redis) - int(began))
 
     async def publish_config(self) -> None:
         """Publish the pool's settings for `provisioner status` and the CLI."""

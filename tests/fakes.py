@@ -15,8 +15,10 @@ class FakeNodeApi:
         self.create_outcomes: deque[CreateResult] = deque()
         self.delete_outcome = DeleteOutcome.SENT
         self.listed: list[ListedNode] | None = None
-        #: with `listed` None: True, the API has no list (404, 405); False, it failed to give it
-        self.has_no_list = False
+        #: with `listed` None: True, the API has no list (404, 405), as the tests that give
+        #: none mean; False, it failed to give one (unreachable, a timeout, a 5xx), which
+        #: holds a young pool's ticks (Replica._reconcile_if_due)
+        self.has_no_list = True
         self.delay = 0.0
 
     async def create(self) -> CreateResult:

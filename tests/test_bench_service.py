@@ -144,6 +144,10 @@ def test_the_replay_ticks_the_pool_at_its_own_tick_interval(
     policy = ServicePolicy(redis_url, timeline_s=20.0)
     run_replay(trace, policy)
     assert [w.ticks for w in policy.timeline] == [11]
+    # a tick given to the world is kept, whatever the policy's own (a review: it was not)
+    policy = ServicePolicy(redis_url, PoolConfig(tick_interval_s=0.5), timeline_s=20.0)
+    run_replay(trace, policy, tick_s=2.0)
+    assert [w.ticks for w in policy.timeline] == [6]
 
 
 def test_bench_replay_writes_the_timeline(

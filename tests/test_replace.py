@@ -767,14 +767,15 @@ async def test_a_run_started_while_the_server_refuses_writes_waits_to_take_its_h
                                           wait_limit_s=0.5, say=said.append, poll_s=0.01)
     # the hold taken, the run went on to its rounds (here waiting for a first decision)
     assert refusals["left"] == 0 and outcome.waited_for == "a first decision of the pool", outcome
-    assert said[1].startswith("waiting for the server to take its writes again"), said
+    assert said[0].startswith("waiting for the server to take its writes again"), said
+    assert said[1].startswith("run "), said  # named once it holds
     assert sum(line.startswith("waiting for the server") for line in said) == 1, said
     refusals["left"] = 1_000
     said.clear()
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           wait_limit_s=0.05, say=said.append, poll_s=0.01)
     assert not outcome.done and outcome.waited_for.startswith("the server to take its writes")
-    assert outcome.drained == [], outcome
+    assert outcome.drained == [] and not any(line.startswith("run ") for line in said), said
 
 
 async def test_a_batch_refused_part_way_is_a_batch_and_busy_is_waited_out(

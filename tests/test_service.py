@@ -1630,8 +1630,10 @@ async def test_a_stuck_loop_and_a_stuck_create_share_one_grace(
 
     api.list_nodes = list_hangs  # type: ignore[method-assign,assignment]
     api.create = create_hangs  # type: ignore[method-assign]
-    # the first reconciliation hangs; the ticks wait for another replica's turn instead
+    # the first reconciliation hangs; the ticks wait for another replica's turn instead (on
+    # a state begun long ago: on a young one a replica's first turn is its own)
     await aredis.set(replica.keys.reconcile_lock, "r2", px=500)
+    await aredis.set(replica.keys.key("epoch"), "1-long-ago")
     task = asyncio.create_task(replica.run())
     await asyncio.wait_for(asyncio.gather(listing.wait(), creating.wait()), 10)
     loop = asyncio.get_running_loop()
@@ -2537,6 +2539,17 @@ async def test_a_replica_whose_writes_go_unanswered_is_unready(replica: Replica)
     finally:
         replica.stopping.set()
         await ticking
+    # reconciliation's timeout may be a read's: it says nothing of the writes
+    replica.stopping.clear()
+
+    async def reconcile() -> None:
+        raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
+
+    reconciling = asyncio.create_task(replica._every(0.05, reconcile, "reconcile"))
+    await _until(lambda: counter(replica, "provisioner_errors_total", where="reconcile") >= 1)
+    replica.stopping.set()
+    await reconciling
+    assert replica.writes_refused() is None
 
 
 async def test_a_pool_key_of_another_type_refuses_transitions_whole_and_says_so(
@@ -3293,7 +3306,7 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
         min_ready=2, scaling_policy="heuristic", conversion=0))
     await replica.heartbeat()
     await aredis.flushall()
-    api.listed = None
+    api.listed, api.has_no_list = None, False  # it fails to list
     for _ in range(3):  # each heartbeat retries; the ticks wait
         clock.advance(2_000)
         await replica.heartbeat()
@@ -3337,6 +3350,70 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
     await replica.tick()
     await replica.settle()
     assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 3
+
+
+async def test_a_replica_started_during_the_take_back_holds_as_the_others_do(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """Only a replica that saw the loss held its ticks: one restarted during the hold (a
+    crash, a rolling upgrade) saw no loss, took its first turn at reconciliation, listless,
+    for a look, and booted beside the nodes (a review). A first turn on a state begun less
+    than the patience ago reconciles itself and holds the same way, until the patience runs
+    out from the state's beginning; on a state begun long ago it looks as before."""
+    cfg = PoolConfig(min_ready=2, scaling_policy="heuristic", conversion=0)
+    r1 = make_replica(aredis, api, clock, "r1", cfg)
+    await r1.heartbeat()
+    await aredis.flushall()  # the loss; the Node API still runs the nodes but fails to list
+    api.listed, api.has_no_list = None, False
+    clock.advance(2_000)
+    await r1.heartbeat()
+    assert r1._taking_back
+    await aredis.set(r1.keys.reconcile_lock, "r1", px=30_000)  # r1's turn, for the interval
+    r2 = make_replica(aredis, api, clock, "r2", cfg)  # started now, beside r1
+    await r2.heartbeat()
+    await r2._reconcile_if_due()
+    await r2.tick()
+    await r2.settle()
+    assert r2._taking_back and api.created == []
+    # the API answers: each takes the nodes back at its next heartbeat, and none boots
+    api.listed = [ListedNode("a", "ready"), ListedNode("b", "ready")]
+    for replica in (r1, r2):
+        clock.advance(2_000)
+        await replica.heartbeat()
+        await replica.tick()
+        await replica.settle()
+        assert not replica._taking_back
+    assert api.created == [] and await aredis.llen(r1.keys.key("ready")) == 2
+    # on a state begun long ago, a first turn holds nothing: the state was not lost
+    await aredis.set(r1.keys.key("epoch"), "1-long-ago")
+    api.listed = None
+    r3 = make_replica(aredis, api, clock, "r3", cfg)
+    await r3._reconcile_if_due()
+    assert r3._looked.is_set() and not r3._taking_back
+
+
+async def test_reconcile_counts_the_waits_served_by_a_node_adopted_or_freed(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A node reconciliation adopts serves the oldest waiting user, and so does one freed
+    when an allocated node vanished and its user went back to the queue: each counted as a
+    served wait, as a listener's would be (a review: neither was)."""
+    cfg = PoolConfig(min_ready=0, scaling_policy="heuristic", conversion=0)
+    replica = make_replica(aredis, api, clock, "r1", cfg)
+    await send([replica], "user:connect", {"user_id": "u1"})  # a miss
+    clock.advance(30_000)
+    api.listed = [ListedNode("adopted", "ready")]
+    counts = await replica.reconcile()
+    assert counts is not None and counts["adopted"] == 1
+    assert await aredis.hgetall(replica.keys.key("alloc")) == {"u1": "adopted"}
+    assert counter(replica, "provisioner_allocations_total", kind="after_wait") == 1
+    await send([replica], "node:status", {"node_id": "spare", "status": "ready"})
+    clock.advance(600_000)
+    api.listed = [ListedNode("spare", "ready")]  # u1's node vanished: u1 waits, then spare
+    counts = await replica.reconcile()
+    assert counts is not None and counts["vanished"] == 1
+    assert await aredis.hgetall(replica.keys.key("alloc")) == {"u1": "spare"}
+    assert counter(replica, "provisioner_allocations_total", kind="after_wait") == 2
 
 
 @contextlib.asynccontextmanager

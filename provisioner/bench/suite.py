@@ -55,7 +55,7 @@ def run_suite(
     *,
     extra_policies: Mapping[str, PolicyFactory] | None = None,
     progress: Callable[[Row], None] | None = None,
-    tick_s: float = 1.0,
+    tick_s: float | None = None,
     warm_up: int = 0,
     boot_offset: int = 0,
 ) -> list[Row]:

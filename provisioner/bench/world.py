@@ -14,8 +14,8 @@ Order of events at the same instant (a heap keyed by (time, priority, sequence))
 
 So a node that becomes ready at t can serve a connect at t, and a tick at t sees every message
 of t. Ticks fall at t = 0, tick_s, 2·tick_s, … up to and including `duration_s` (tick_s: the
-policy's own, where it has one, as the service's tick interval; else the world's, 1 s by
-default); events after `duration_s` are not delivered.
+one given; else the policy's own, where it has one, as the service's tick interval; else 1 s);
+events after `duration_s` are not delivered.
 """
 
 from __future__ import annotations
@@ -93,11 +93,13 @@ class NodeCounts:
 class World:
     """The simulated Node API and referee for one replay; create with a trace and a policy."""
 
-    def __init__(self, trace: Trace, policy: Policy, *, tick_s: float = 1.0) -> None:
-        # A policy that runs on a tick of its own (the service: its pool's tick interval) is
-        # ticked at it: the replay ticked every second whatever the pool's setting, and a
-        # pool set to half a second decided half as often as it would live (a review).
-        tick_s = getattr(policy, "tick_s", None) or tick_s
+    def __init__(self, trace: Trace, policy: Policy, *, tick_s: float | None = None) -> None:
+        # Given none, a policy that runs on a tick of its own (the service: its pool's tick
+        # interval) is ticked at it, others every second: the replay ticked every second
+        # whatever the pool's setting, and a pool set to half a second decided half as often
+        # as it would live (a review). One given is kept.
+        if tick_s is None:
+            tick_s = getattr(policy, "tick_s", None) or 1.0
         if tick_s <= 0:
             raise ValueError("tick_s must be positive")
         self.trace = trace
@@ -323,17 +325,17 @@ class World:
         self._holders[user_id] = node_id
 
 
-async def replay(trace: Trace, policy: Policy, *, tick_s: float = 1.0) -> Scores:
+async def replay(trace: Trace, policy: Policy, *, tick_s: float | None = None) -> Scores:
     """Replay inside a running event loop (for policies bound to one, like a Redis client)."""
     return await World(trace, policy, tick_s=tick_s).run()
 
 
-def run_replay(trace: Trace, policy: Policy, tick_s: float = 1.0) -> Scores:
+def run_replay(trace: Trace, policy: Policy, tick_s: float | None = None) -> Scores:
     """Replay `trace` against `policy` on virtual time and return its scores."""
     return run_replay_world(trace, policy, tick_s).board.close()
 
 
-def run_replay_world(trace: Trace, policy: Policy, tick_s: float = 1.0) -> World:
+def run_replay_world(trace: Trace, policy: Policy, tick_s: float | None = None) -> World:
     """Replay as run_replay does, and return the world: its board gives the scores
     (`board.close()`) and more (`board.node_time()`)."""
     world = World(trace, policy, tick_s=tick_s)

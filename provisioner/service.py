@@ -639,12 +639,23 @@ class Replica:
         # Held now: none until the pause ends (then one at a time, which is not held).
         self.metrics.creates_held.set(1 if allowed == 0 else 0)
         args = self.pool.policy_args(now, self.replica_id, allowed, self._epoch)
-        if self._taking_back:
-            decision = Decision(won=False, epoch_changed=True)
+        if self._taking_back and now - self._lost_seen_ms >= self._take_back_patience_ms():
+            # The patience is the ticks' to keep too: a heartbeat that fails before its retry
+            # (its settings refused) held them for good (a review).
+            log.error("no node list from the Node API within %.0fs of the pool's state "
+                      "beginning: deciding again; the nodes come back through their status or "
+                      "a later reconciliation", (now - self._lost_seen_ms) / 1000)
+            self._taking_back = False
+        taking_back = self._taking_back
+        if taking_back:
+            self._trouble.warning(
+                "take-back-tick", "no scaling decision while this replica takes the Node API's "
+                "nodes back (the pool's state is new or was lost, and no node list came yet)")
+            decision = Decision(won=False, epoch_changed=True)  # no decision of the pool's
         else:
             decision = await self.scripts.scale_decide(args)
             self._written()
-        if decision.epoch_changed:
+        if decision.epoch_changed and not taking_back:
             self._trouble.warning(
                 "epoch", "no scaling decision: the pool's state in Redis is not the one this "
                 "replica ran on (lost since its last heartbeat?); it decides again once its "
@@ -1206,8 +1217,7 @@ class Replica:
             await self.publish_config()
             counts = await self.reconcile()
             waited_ms = self.clock.now_ms() - self._lost_seen_ms
-            patience_ms = (TAKE_BACK_PATIENCE_MS if getattr(self.node_api, "has_no_list", False)
-                           else TAKE_BACK_FAILING_PATIENCE_MS)
+            patience_ms = self._take_back_patience_ms()
             if counts is None and waited_ms < patience_ms:
                 self._trouble.warning(
                     "take-back", "reconciliation after the loss had no node list from the Node "
@@ -1376,41 +1386,57 @@ class Replica:
 
     async def _reconcile_if_due(self) -> None:
         interval_ms = int(self.service.reconcile_interval_s * 1000)
+        # A replica's first turn on a state begun less than the take-back's patience ago
+        # (lost, or new) reconciles itself, whoever holds the lock, and holds its ticks as one
+        # that saw the loss does while it has no node list: one started during another's hold
+        # (a crash, a rolling upgrade) saw no loss, took its first turn for a look, and booted
+        # beside the nodes the other was waiting to take back (a review). A first turn that
+        # fails before it knows the state's age holds too (a review: a server still loading).
+        first = not self._looked.is_set() and self.service.heartbeat_interval_s > 0
+        age_ms = 0
+        listed = False
         try:
-            # A replica's first turn on a state begun less than the take-back's patience ago
-            # (lost, or new) reconciles itself, whoever holds the lock, and holds its ticks
-            # as one that saw the loss does while the Node API gives no list: one started
-            # during another's hold (a crash, a rolling upgrade) saw no loss, took its first
-            # turn for a look, and booted beside the nodes the other was waiting to take back
-            # (a review).
-            age_ms = None if self._looked.is_set() else await self._state_age_ms()
-            young = (age_ms is not None and age_ms < TAKE_BACK_FAILING_PATIENCE_MS
-                     and self.service.heartbeat_interval_s > 0)
+            if first:
+                age_ms = await self._state_age_ms()
+            young = first and age_ms < TAKE_BACK_FAILING_PATIENCE_MS
             # One replica per interval: a plain SET NX PX, coordination rather than pool state.
             if young or await self.redis.set(self.keys.reconcile_lock, self.replica_id, nx=True,
                                              px=interval_ms):
                 counts = await self.reconcile()
-                if (counts is None and young and age_ms is not None
-                        and not getattr(self.node_api, "has_no_list", False)):
-                    self._taking_back = True
-                    self._lost_seen_ms = self.clock.now_ms() - age_ms
-                    log.warning("the pool's state began %.0fs ago and the Node API gave no node "
-                                "list: no scaling decision until it does (retried every "
-                                "heartbeat, until %.0fs from the state's beginning)",
-                                age_ms / 1000, TAKE_BACK_FAILING_PATIENCE_MS / 1000)
+                listed = counts is not None
+                if listed:
+                    self._taking_back = False  # the nodes are back, whoever held
                 if counts and any(n for what, n in counts.items() if what != LEFT_FOR_LATER):
                     log.warning("reconciliation repaired the pool: %s", counts)
         finally:
+            if (first and age_ms < TAKE_BACK_FAILING_PATIENCE_MS and not listed
+                    and not getattr(self.node_api, "has_no_list", False)):
+                self._taking_back = True
+                self._lost_seen_ms = self.clock.now_ms() - age_ms
+                log.warning("the pool's state began %.0fs ago and this replica's first "
+                            "reconciliation had no node list: no scaling decision until it "
+                            "has one (retried every heartbeat, until %.0fs from the state's "
+                            "beginning)", age_ms / 1000, TAKE_BACK_FAILING_PATIENCE_MS / 1000)
             self._looked.set()
 
     async def _state_age_ms(self) -> int:
-        """How long ago the pool's state began (its epoch, by the server's clock); 0 for a
-        state no heartbeat has begun yet."""
+        """How long ago the pool's state began (its epoch, by the server's clock): 0 for a
+        state no heartbeat has begun yet; "long ago" (an hour past any patience) for an epoch
+        that is not a time or is ahead of the server's, which only a hand edit writes: every
+        start would be a young state's otherwise, and the heartbeat's SET NX never mends it
+        (a review)."""
         raw = as_text(await self.redis.get(self.keys.key("epoch")))
-        began = raw.partition("-")[0] if raw else ""
-        if not began.isdigit():
+        if not raw:
             return 0
-        return max(0, await server_now_ms(self.redis) - int(began))
+        began = raw.partition("-")[0]
+        now = await server_now_ms(self.redis)
+        if not began.isdigit() or int(began) > now:
+            return TAKE_BACK_FAILING_PATIENCE_MS + 3_600_000
+        return now - int(began)
+
+    def _take_back_patience_ms(self) -> int:
+        return (TAKE_BACK_PATIENCE_MS if getattr(self.node_api, "has_no_list", False)
+                else TAKE_BACK_FAILING_PATIENCE_MS)
 
     async def publish_config(self) -> None:
         """Publish the pool's settings for `provisioner status` and the CLI."""

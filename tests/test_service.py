@@ -18,8 +18,8 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.exceptions import BusyLoadingError, NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner.clock import ManualClock
@@ -2489,7 +2489,7 @@ async def test_readyz_fails_while_the_server_refuses_the_replicas_writes(
         # What writes nothing does not say writes go through (a review: a batch of malformed
         # messages, a tick while the pool is taken back after a loss, made it ready again).
         await replica.handle_many([wire("user:connect", "not json")])
-        replica._taking_back = True
+        replica._taking_back, replica._lost_seen_ms = True, replica.clock.now_ms()
         await replica.tick()
         replica._taking_back = False
         assert (await _readyz(replica))[0] == 503
@@ -3390,6 +3390,57 @@ async def test_a_replica_started_during_the_take_back_holds_as_the_others_do(
     r3 = make_replica(aredis, api, clock, "r3", cfg)
     await r3._reconcile_if_due()
     assert r3._looked.is_set() and not r3._taking_back
+
+
+async def test_the_take_back_hold_on_a_first_turn_fails_safe_and_ends_on_time(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review of the hold: a first turn that raised before it knew the state's age (a
+    server still loading) held nothing and booted beside the nodes; a hold whose heartbeat
+    failed before its retry (its settings refused) lasted for good, though reconciliations
+    had the list; an epoch edited to garbage made every start a young state's."""
+    cfg = PoolConfig(min_ready=2, scaling_policy="heuristic", conversion=0)
+    api.listed, api.has_no_list = None, False
+    r1 = make_replica(aredis, api, clock, "r1", cfg)
+    real_get = aredis.get
+    loading = {"left": 1}
+
+    async def get(key: str) -> Any:
+        if loading["left"]:
+            loading["left"] -= 1
+            raise BusyLoadingError("Redis is loading the dataset in memory")
+        return await real_get(key)
+
+    monkeypatch.setattr(aredis, "get", get)
+    with pytest.raises(BusyLoadingError):
+        await r1._reconcile_if_due()
+    await r1.tick()
+    await r1.settle()
+    assert r1._taking_back and api.created == []
+    # the heartbeats fail before their retry; a reconciliation with the list ends the hold
+    api.listed = [ListedNode("a", "ready"), ListedNode("b", "ready")]
+    await aredis.delete(r1.keys.reconcile_lock)
+    r1._looked.set()
+    await r1._reconcile_if_due()
+    assert not r1._taking_back and api.created == []
+    # and with no list at all, the ticks end it once the patience has passed
+    api.listed = None
+    r1._taking_back, r1._lost_seen_ms = True, clock.now_ms()
+    clock.advance(599_000)
+    await r1.tick()
+    assert r1._taking_back and api.created == []
+    clock.advance(1_000)
+    await r1.tick()
+    await r1.settle()
+    assert not r1._taking_back and counter(r1, "provisioner_scale_decisions_total") == 1
+    # an epoch that is no time, or one ahead of the server's, is not a young state's
+    for edited in ("garbage", "99999999999999-x"):
+        await aredis.set(r1.keys.key("epoch"), edited)
+        other = make_replica(aredis, api, clock, f"r-{edited[:3]}", cfg)
+        await aredis.set(other.keys.reconcile_lock, "r1", px=30_000)
+        await other._reconcile_if_due()
+        assert not other._taking_back, edited
 
 
 async def test_reconcile_counts_the_waits_served_by_a_node_adopted_or_freed(

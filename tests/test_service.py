@@ -3319,37 +3319,29 @@ async def test_after_a_loss_the_ticks_wait_for_the_node_list_a_while_not_for_goo
     await replica.tick()
     await replica.settle()
     assert api.created == [] and await aredis.llen(replica.keys.key("ready")) == 2
+
+    async def lost_with_no_list_for(patience_ms: int, losses: int) -> None:
+        """A loss; the ticks wait `patience_ms` from the heartbeat that saw it, then decide."""
+        await aredis.flushall()
+        api.listed = None
+        api.created.clear()
+        clock.advance(2_000)
+        await replica.heartbeat()
+        for waited_ms in (patience_ms - 1_000, 1_000):
+            clock.advance(waited_ms)
+            await replica.heartbeat()
+            await replica.tick()
+            await replica.settle()
+            if waited_ms != 1_000:
+                assert api.created == []
+        assert len(api.created) == 2
+        assert counter(replica, "provisioner_state_lost_total") == losses
+
     # a second loss, and a Node API failing to list for ten minutes: the ticks wait it out
-    await aredis.flushall()
-    api.listed = None
-    clock.advance(2_000)
-    await replica.heartbeat()
-    clock.advance(599_000)
-    await replica.heartbeat()
-    await replica.tick()
-    await replica.settle()
-    assert api.created == []
-    clock.advance(1_000)
-    await replica.heartbeat()
-    await replica.tick()
-    await replica.settle()
-    assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 2
-    api.created.clear()
+    await lost_with_no_list_for(600_000, 2)
     # a third, and a Node API with no list at all: the ticks decide again after a minute
-    await aredis.flushall()
     api.has_no_list = True
-    clock.advance(2_000)
-    await replica.heartbeat()
-    clock.advance(59_000)
-    await replica.heartbeat()
-    await replica.tick()
-    await replica.settle()
-    assert api.created == []
-    clock.advance(1_000)
-    await replica.heartbeat()
-    await replica.tick()
-    await replica.settle()
-    assert len(api.created) == 2 and counter(replica, "provisioner_state_lost_total") == 3
+    await lost_with_no_list_for(60_000, 3)
 
 
 async def test_a_replica_started_during_the_take_back_holds_as_the_others_do(

@@ -375,6 +375,9 @@ class ReplicaSeen:
     #: the state machine it runs (scripts_fingerprint); None: its release says none (those
     #: before the field); UNREADABLE_FINGERPRINT: a hand wrote what is not one
     scripts: str | None = None
+    #: it holds its scaling decisions until the Node API lists the nodes (the pool's state
+    #: new or lost: Replica._taking_back)
+    taking_back: bool = False
 
     @classmethod
     def of(cls, replica_id: str, age_ms: int, details: Any,
@@ -403,7 +406,7 @@ class ReplicaSeen:
                    number("unsubscribed_s"), offset_s,
                    None if up_s is None or not math.isfinite(up_s) else up_s,
                    tuple(str(o)[:200] for o in others[:10]) if isinstance(others, list) else (),
-                   _fingerprint(said.get("scripts")))
+                   _fingerprint(said.get("scripts")), said.get("taking_back") is True)
 
     @property
     def silent(self) -> bool:
@@ -419,7 +422,8 @@ class ReplicaSeen:
                 "clock_offset_s": None if self.clock_offset_s is None
                 else round(self.clock_offset_s, 3),
                 "up_s": None if self.up_s is None else round(self.up_s, 1),
-                "other_pools": list(self.other_pools), "scripts": self.scripts}
+                "other_pools": list(self.other_pools), "scripts": self.scripts,
+                "taking_back": self.taking_back}
 
     def describe(self) -> str:
         if self.silent:
@@ -435,6 +439,8 @@ class ReplicaSeen:
             listening += f", up {duration_text(self.up_s)}"
         if self.other_pools:
             listening += f", another pool on its server: {', '.join(self.other_pools)}"
+        if self.taking_back:  # a review: status showed nothing of the hold
+            listening += ", no decision until the Node API lists the nodes it takes back"
         return f"{self.replica_id} (lag {lag}{listening})"
 
 

@@ -1169,6 +1169,8 @@ class Replica:
             info["clock_offset_s"] = round(self._clock_offset_s, 3)
         if self.other_pools:
             info["other_pools"] = self.other_pools
+        if self._taking_back:  # `provisioner status` says it holds its decisions
+            info["taking_back"] = True
         info["instance"] = self._instance
         # beaten before: the entry is this process's, unless shared
         twin = bool(self._heartbeats[0]) and await self._twin_beat()

@@ -3367,6 +3367,10 @@ async def test_a_replica_started_during_the_take_back_holds_as_the_others_do(
     await r2.tick()
     await r2.settle()
     assert r2._taking_back and api.created == []
+    await r2.heartbeat()  # and says so to `provisioner status` (a review: nothing showed it)
+    [seen] = [r for r in await r2.scripts.replicas()
+              if r.replica_id == "r2"]
+    assert seen.taking_back and "no decision until the Node API lists" in seen.describe()
     # the API answers: each takes the nodes back at its next heartbeat, and none boots
     api.listed = [ListedNode("a", "ready"), ListedNode("b", "ready")]
     for replica in (r1, r2):

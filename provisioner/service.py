@@ -94,12 +94,6 @@ CREATE_SLACK_S = 5.0
 #: How long the /metrics and health server waits for a request still open when the replica
 #: stops, before it closes the connection.
 HTTP_SHUTDOWN_S = 1.0
-def _doubling_hold_ms(first_ms: int, in_a_row: int) -> int:
-    """How long creates are held after the `in_a_row`-th failure or refusal in a row: `first_ms`
-    after the first, twice as long after each next one, CREATE_HOLD_MAX_MS at most."""
-    return min(CREATE_HOLD_MAX_MS, first_ms << min(in_a_row - 1, 16))
-
-
 #: After a loss of the pool's state, how long a replica's ticks wait for the Node API's node
 #: list (retried every heartbeat) before deciding without it: an API with no list (404, 405)...
 TAKE_BACK_PATIENCE_MS = 60_000
@@ -121,6 +115,12 @@ ACTIVITY_BATCH = 50
 #: How long a batch of events the server could not be reached for (a restart, a stall past
 #: the client's timeout, a server still loading) is tried again before it is dropped.
 EVENT_RETRY_S = 10.0
+
+def _doubling_hold_ms(first_ms: int, in_a_row: int) -> int:
+    """How long creates are held after the `in_a_row`-th failure or refusal in a row: `first_ms`
+    after the first, twice as long after each next one, CREATE_HOLD_MAX_MS at most."""
+    return min(CREATE_HOLD_MAX_MS, first_ms << min(in_a_row - 1, 16))
+
 
 def _try_again(reply: object) -> bool:
     """A call whose reply says it did not run, and may run if made again: refused for now, or
@@ -639,14 +639,9 @@ class Replica:
         # Held now: none until the pause ends (then one at a time, which is not held).
         self.metrics.creates_held.set(1 if allowed == 0 else 0)
         args = self.pool.policy_args(now, self.replica_id, allowed, self._epoch)
-        if self._taking_back and now - self._lost_seen_ms >= self._take_back_patience_ms():
-            # The patience is the ticks' to keep too: a heartbeat that fails before its retry
-            # (its settings refused) held them for good (a review).
-            log.error("no node list from the Node API within %.0fs of the pool's state "
-                      "beginning: deciding again; the nodes come back through their status or "
-                      "a later reconciliation", (now - self._lost_seen_ms) / 1000)
-            self._taking_back = False
-        taking_back = self._taking_back
+        # The patience is the ticks' to keep too: a heartbeat that fails before its retry (its
+        # settings refused) held them for good (a review).
+        taking_back = self._taking_back and not self._take_back_over(now)
         if taking_back:
             self._trouble.warning(
                 "take-back-tick", "no scaling decision while this replica takes the Node API's "
@@ -1218,21 +1213,14 @@ class Replica:
             # a list must not stop scaling for good).
             await self.publish_config()
             counts = await self.reconcile()
-            waited_ms = self.clock.now_ms() - self._lost_seen_ms
-            patience_ms = self._take_back_patience_ms()
-            if counts is None and waited_ms < patience_ms:
+            if counts is not None:
+                log.warning("reconciliation after the loss: %s", counts)
+                self._taking_back = False
+            elif not self._take_back_over(self.clock.now_ms()):
                 self._trouble.warning(
                     "take-back", "reconciliation after the loss had no node list from the Node "
                     "API: no scaling decision until it has one (retried every heartbeat, for "
-                    "%.0fs at most)", patience_ms / 1000)
-                return
-            if counts is None:
-                log.error("reconciliation after the loss had no node list from the Node API "
-                          "in %.0fs: deciding again; the nodes come back through their status "
-                          "or a later reconciliation", waited_ms / 1000)
-            else:
-                log.warning("reconciliation after the loss: %s", counts)
-            self._taking_back = False
+                    "%.0fs at most)", self._take_back_patience_ms() / 1000)
 
     async def look_for_other_pools(self) -> None:
         """Find the other pools listening on this server: the probe channels subscribed on it
@@ -1395,12 +1383,11 @@ class Replica:
         # beside the nodes the other was waiting to take back (a review). A first turn that
         # fails before it knows the state's age holds too (a review: a server still loading).
         first = not self._looked.is_set() and self.service.heartbeat_interval_s > 0
-        age_ms = 0
-        listed = False
+        young, age_ms, listed = first, 0, False  # young until its age says otherwise
         try:
             if first:
                 age_ms = await self._state_age_ms()
-            young = first and age_ms < TAKE_BACK_FAILING_PATIENCE_MS
+                young = age_ms < TAKE_BACK_FAILING_PATIENCE_MS
             # One replica per interval: a plain SET NX PX, coordination rather than pool state.
             if young or await self.redis.set(self.keys.reconcile_lock, self.replica_id, nx=True,
                                              px=interval_ms):
@@ -1411,8 +1398,7 @@ class Replica:
                 if counts and any(n for what, n in counts.items() if what != LEFT_FOR_LATER):
                     log.warning("reconciliation repaired the pool: %s", counts)
         finally:
-            if (first and age_ms < TAKE_BACK_FAILING_PATIENCE_MS and not listed
-                    and not getattr(self.node_api, "has_no_list", False)):
+            if young and not listed and not getattr(self.node_api, "has_no_list", False):
                 self._taking_back = True
                 self._lost_seen_ms = self.clock.now_ms() - age_ms
                 log.warning("the pool's state began %.0fs ago and this replica's first "
@@ -1439,6 +1425,18 @@ class Replica:
     def _take_back_patience_ms(self) -> int:
         return (TAKE_BACK_PATIENCE_MS if getattr(self.node_api, "has_no_list", False)
                 else TAKE_BACK_FAILING_PATIENCE_MS)
+
+    def _take_back_over(self, now_ms: int) -> bool:
+        """Whether the hold on the ticks has waited out its patience with no node list; if so
+        it ends here, for the heartbeat's retry and the ticks alike, and is said once."""
+        waited_ms = now_ms - self._lost_seen_ms
+        if waited_ms < self._take_back_patience_ms():
+            return False
+        log.error("no node list from the Node API in %.0fs since the pool's state was lost or "
+                  "began: deciding again; the nodes come back through their status or a later "
+                  "reconciliation", waited_ms / 1000)
+        self._taking_back = False
+        return True
 
     async def publish_config(self) -> None:
         """Publish the pool's settings for `provisioner status` and the CLI."""

@@ -74,14 +74,14 @@ class PoolView:
         """Everything `provisioner status --json` prints; the view renders the same dict."""
         stats = self.snapshot.stats
         connects = self.snapshot.stat("connects")
-        misses = self.snapshot.stat("misses")
-        decided = self.snapshot.stat("hits") + misses
+        hits, misses = self.snapshot.stat("hits"), self.snapshot.stat("misses")
+        decided = hits + misses
         served = self.snapshot.stat("served_after_wait")
         return {
             "pool": self.pool,
             "counts": self.snapshot.counts,
             "connects": connects,
-            "hits": self.snapshot.stat("hits"),
+            "hits": hits,
             "misses": misses,
             # Over the connects decided, each a hit or a miss: `connects` repaired after a hand
             # edit begins again at 1, and read 200% beside the hits and misses (a review).

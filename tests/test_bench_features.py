@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from provisioner.bench.features import Sample, measure, samples, score_cuts
+from provisioner.bench.features import HINDSIGHT, Sample, measure, samples, score_cuts
 from provisioner.bench.tickcost import AGES_MS, LEVELS
 from provisioner.bench.trace import load_trace
 from provisioner.cli import app
@@ -30,10 +30,11 @@ def _trace(tmp_path: Path) -> Path:
 def test_users_are_sampled_as_the_scripts_see_them(tmp_path: Path) -> None:
     found = samples(load_trace(_trace(tmp_path)), horizon_s=40.0, step_s=10.0)
     # Users in turn, each every 10 s from their first request. a before its session: the level
-    # counts distinct seconds in the window; the connect at 50 is within 40 s from t = 10 on.
-    assert found[:5] == [Sample(1, 0.0, 0.0, False), Sample(2, 10.0, 0.0, True),
-                         Sample(3, 20.0, 0.0, True), Sample(3, 30.0, 10.0, True),
-                         Sample(3, 40.0, 20.0, True)]
+    # counts distinct seconds in the window; the connect at 50 is within 40 s from t = 10 on,
+    # and later than every one of them (the hindsight cut's `converts`).
+    assert found[:5] == [Sample(1, 0.0, 0.0, False, True), Sample(2, 10.0, 0.0, True, True),
+                         Sample(3, 20.0, 0.0, True, True), Sample(3, 30.0, 10.0, True, True),
+                         Sample(3, 40.0, 20.0, True, True)]
     # From 50 to 100 a holds a node, and after it its earlier requests are forgotten: not
     # browsing until 400, then first seen afresh, until its request leaves the window at 520.
     assert found[5:17] == [Sample(1, t, t, False) for t in range(0, 120, 10)]
@@ -51,6 +52,19 @@ def test_a_cut_that_separates_the_connecting_users_knows_everything() -> None:
     assert one.variance == pytest.approx(0.25 * 0.75)
     assert one.log_loss == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
     assert exact.variance == 0 and exact.log_loss == 0
+
+
+def test_only_the_hindsight_cut_tells_apart_two_users_who_browse_alike(tmp_path: Path) -> None:
+    # a and b browse alike; a connects at 100, b never does. Every cut a service could make
+    # gives them the same cells; the one told who connects later knows everything here.
+    path = write_trace(tmp_path / "twins.jsonl", [
+        (t, "activity", user) for t in (0.0, 10.0, 20.0) for user in ("a", "b")]
+        + [(100.0, "connect", "a")], duration=400.0)
+    found = samples(load_trace(path), horizon_s=90.0, step_s=10.0)
+    scores = {s.cut: s for s in score_cuts(found)}
+    assert scores["level x age (shipped)"].variance > 0.2
+    assert scores[HINDSIGHT].variance == 0 and scores[HINDSIGHT].log_loss == 0
+    assert list(scores)[-1] == HINDSIGHT
 
 
 def test_the_command_reports_every_cut(tmp_path: Path) -> None:

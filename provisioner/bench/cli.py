@@ -1046,7 +1046,8 @@ def features(
     """How much browsing users' cells tell about who connects within the horizon: log loss and
     the Bernoulli variance the buffer is sized on, per cut of users into cells, against one
     chance for all and against a Poisson count of the same mean (offline, in hindsight; see
-    provisioner/bench/features.py)."""
+    provisioner/bench/features.py). The last cut is told who connects later, not when: a
+    bound on what any signal of who converts could buy, not a feature."""
     from provisioner.bench.features import measure
 
     for path in traces:

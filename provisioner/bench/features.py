@@ -15,6 +15,10 @@ cells, the flattery is small, and it flatters the richer cuts):
 - the log loss per sample, against one chance for every browsing user: how much the cut knows;
 - the sum of the Bernoulli variances per sample, against one chance for every user: the buffer
   is z times its square root, so this is what a sharper cut could save in stock.
+
+The last cut is no feature a service could have: it is the shipped cells told, in hindsight,
+which users will connect later (not when). It bounds what any signal of who converts could buy
+beyond the shipped cells; what is left is when they connect, and users not browsing yet.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from provisioner.config import PoolConfig
 WINDOW_S = PoolConfig().activity_window_s  # the service's default activity window
 FORGET_S = 2 * WINDOW_S + 60  # a user silent this long is forgotten (the seen key expires)
 RECENT_S = 20.0  # the recency cut: a request within this many seconds
+#: The cut told who connects later: a bound, not a feature.
+HINDSIGHT = "+ who connects later (hindsight)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Sample:
     age_s: float  # seconds since first seen
     recency_s: float  # seconds since the last request
     connects: bool  # connects within the horizon
+    converts: bool = False  # connects at any time later (hindsight: who, not when)
 
 
 Cut = Callable[[Sample], tuple[object, ...]]
@@ -68,6 +75,7 @@ CUTS: dict[str, Cut] = {
     "+ levels 32, 64": lambda s: (_level(s.level, (*LEVELS, 32, 64)), _age(s.age_s)),
     "+ both": lambda s: (_level(s.level, (*LEVELS, 32, 64)), _age(s.age_s),
                          s.recency_s <= RECENT_S),
+    HINDSIGHT: lambda s: (*_shipped(s), s.converts),
 }
 
 
@@ -185,8 +193,9 @@ def _samples(users: dict[str, _User], duration_s: float, horizon_s: float,
             sample = _browsing(user, t)
             if sample is not None:
                 i = bisect.bisect_right(connects, t)
-                soon = i < len(connects) and connects[i] <= t + horizon_s
-                out.append(Sample(sample.level, sample.age_s, sample.recency_s, soon))
+                later = i < len(connects)
+                soon = later and connects[i] <= t + horizon_s
+                out.append(Sample(sample.level, sample.age_s, sample.recency_s, soon, later))
     return out
 
 

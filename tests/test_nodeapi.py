@@ -369,6 +369,15 @@ async def test_a_create_says_whether_the_api_is_down_or_answered_no() -> None:
     assert (await client(lambda r: httpx.Response(429), attempts=1).create()).at_capacity
 
 
+async def test_a_300_is_a_refusal_even_with_an_id_in_its_body() -> None:
+    """Only a 2xx made a node: a 300 (the first of the 3xx, which the client does not follow)
+    is refused like any other redirect, whatever its body names."""
+    for body in ({"id": "n1"}, None):
+        result = await client(lambda r, b=body: httpx.Response(300, json=b), attempts=1).create()
+        assert (result.outcome, result.node_id, result.refused, result.api_down) == (
+            CreateOutcome.FAILED, "", True, False), body
+
+
 @pytest.mark.parametrize("status", [404, 405])
 async def test_an_api_without_a_node_list_is_said_once_not_every_reconciliation(
     status: int, caplog: pytest.LogCaptureFixture,

@@ -801,6 +801,26 @@ async def test_a_tick_refused_on_a_lost_state_is_no_decision_seen(
     assert counter(replica, "provisioner_scale_decision_age_seconds") == math.inf
 
 
+async def test_a_tick_that_finds_its_slot_held_by_a_clock_ahead_is_no_decision_seen(
+    aredis: aioredis.Redis, api: FakeNodeApi,
+) -> None:
+    """The slot a replica minutes ahead holds is no decision of this replica's interval: if
+    that replica goes, its slots stay held and none decides, so the age ProvisionerNoReplica-
+    Ticking reads stays as it was (the one ahead exports its own)."""
+    ahead = make_replica(aredis, api, ManualClock(T0 + 90_000), "r-ahead")
+    behind = make_replica(aredis, api, ManualClock(T0), "r-behind")
+    for _ in range(3):
+        await ahead.tick()
+        await behind.tick()
+        await ahead.settle()
+        ahead.clock.advance(1000)
+        behind.clock.advance(1000)
+    assert counter(ahead, "provisioner_scale_decisions_total") == 3
+    assert 0 <= counter(ahead, "provisioner_scale_decision_age_seconds") < 5
+    assert counter(behind, "provisioner_scale_decisions_total") == 0
+    assert counter(behind, "provisioner_scale_decision_age_seconds") == math.inf
+
+
 async def test_failed_create_cancels_and_uncertain_create_keeps_its_reservation(
     replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
 ) -> None:
@@ -1441,6 +1461,25 @@ async def test_a_create_with_less_left_than_its_call_may_take_is_not_sent(
     assert api.created == ["node-1"]
     scaling = (await replica.scripts.snapshot(clock.now_ms(), FLOOR_ONLY.window_ms)).scaling()
     assert (scaling.withdrawn, scaling.failed) == (1, 0)
+
+
+async def test_a_create_left_exactly_its_call_s_longest_is_not_sent(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """Sent, a reservation must outlive the call's longest: with exactly that left, the call's
+    end may find it lapsed and another node made in its place. Withdrawn; a millisecond
+    more is sent."""
+    api.longest_create_s = 30.6  # type: ignore[attr-defined]
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
+    exact = await one_reservation(replica)
+    clock.advance(29_400)  # 30.6 s left of 60
+    await replica._create(exact)
+    assert api.created == []
+    clock.advance(1000)
+    more = await one_reservation(replica)
+    clock.advance(29_399)  # 30.601 s left
+    await replica._create(more)
+    assert api.created == ["node-1"]
 
 
 async def test_a_replica_built_with_a_create_timeout_under_its_call_s_longest_still_creates(
@@ -2552,6 +2591,52 @@ async def test_a_replica_whose_writes_go_unanswered_is_unready(replica: Replica)
     assert replica.writes_refused() is None
 
 
+async def test_a_replica_whose_heartbeats_go_unanswered_is_unready_until_one_goes_through(
+    replica: Replica,
+) -> None:
+    """The heartbeat writes too (its script) every turn: timed out, it is a write left
+    unanswered as a tick's is, and the next heartbeat that goes through makes it ready."""
+    replica.subscribed.set()
+    real_heartbeat, paused = replica.heartbeat, asyncio.Event()
+    paused.set()
+
+    async def heartbeat() -> None:
+        if paused.is_set():
+            raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
+        await real_heartbeat()
+
+    beating = asyncio.create_task(replica._every(0.05, heartbeat, "heartbeat"))
+    try:
+        await _until(lambda: counter(replica, "provisioner_errors_total",
+                                     where="heartbeat") >= 1)
+        status, body = await _readyz(replica)
+        assert status == 503, body
+        [problem] = body["problems"]
+        assert problem.startswith("redis refuses writes for now: no answer to its heartbeat "
+                                  "(Timeout reading from"), problem
+        paused.clear()
+        await _until(lambda: replica.writes_refused() is None)  # a heartbeat went through
+        assert (await _readyz(replica))[0] == 200
+    finally:
+        replica.stopping.set()
+        await beating
+
+
+async def test_a_settings_key_of_another_type_is_named_when_the_settings_are_published(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """The server's WRONGTYPE names no key: the replica's error names the pool's settings key
+    and what to do; any other error of the server's passes as it came."""
+    await aredis.set(replica.keys.config, "edited by hand")
+    with pytest.raises(ResponseError, match=r"^WRONGTYPE .*: pool key .* holds another type "
+                       r"than a hash .*delete it") as raised:
+        await replica.publish_config()
+    assert replica.keys.config in str(raised.value)
+    await aredis.delete(replica.keys.config)
+    await replica.publish_config()
+    assert await aredis.hget(replica.keys.config, "min_ready") == str(replica.pool.min_ready)
+
+
 async def test_a_pool_key_of_another_type_refuses_transitions_whole_and_says_so(
     aredis: aioredis.Redis, replica: Replica, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
@@ -3439,6 +3524,121 @@ async def test_the_take_back_hold_on_a_first_turn_fails_safe_and_ends_on_time(
         assert not other._taking_back, edited
 
 
+async def _state_began_ago(replica: Replica, ago_ms: int) -> None:
+    """The pool's epoch set to say its state began `ago_ms` before the server's now."""
+    seconds, micros = await replica.redis.time()
+    began = int(seconds) * 1000 + int(micros) // 1000 - ago_ms
+    await replica.redis.set(replica.keys.key("epoch"), f"{began}-edited")
+
+
+async def test_a_replica_started_minutes_into_a_take_back_holds_until_ten_from_its_beginning(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A Node API failing to list holds a young state's ticks for ten minutes, timed from the
+    state's beginning, not from the first turn: a replica started two minutes into it holds
+    (not the minute of an API with no list), and for the eight minutes left, not ten more."""
+    cfg = PoolConfig(min_ready=2, scaling_policy="heuristic", conversion=0)
+    api.listed, api.has_no_list = None, False
+    replica = make_replica(aredis, api, clock, "r2", cfg)
+    await _state_began_ago(replica, 120_000)
+    await replica._reconcile_if_due()
+    await replica.tick()
+    await replica.settle()
+    assert replica._taking_back and api.created == []
+    clock.advance(470_000)  # 590 s from the state's beginning
+    await replica.tick()
+    await replica.settle()
+    assert replica._taking_back and api.created == []
+    clock.advance(10_000)  # 600 s
+    await replica.tick()
+    await replica.settle()
+    assert not replica._taking_back and len(api.created) == 2
+
+
+async def test_a_first_turn_on_a_young_state_takes_the_nodes_back_whoever_holds_the_lock(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """The lock of another replica's turn does not keep a first turn on a young state from its
+    own look: the nodes are taken back at once, and the ticks decide on them."""
+    cfg = PoolConfig(min_ready=2, scaling_policy="heuristic", conversion=0)
+    api.listed, api.has_no_list = [ListedNode("a", "ready"), ListedNode("b", "ready")], False
+    r1 = make_replica(aredis, api, clock, "r1", cfg)
+    await r1.heartbeat()  # a state begun now
+    await aredis.set(r1.keys.reconcile_lock, "r1", px=30_000)
+    r2 = make_replica(aredis, api, clock, "r2", cfg)
+    await r2._reconcile_if_due()
+    assert not r2._taking_back
+    assert set(await aredis.lrange(r2.keys.key("ready"), 0, -1)) == {"a", "b"}
+    await r2.tick()
+    await r2.settle()
+    assert api.created == [] and counter(r2, "provisioner_scale_decisions_total") == 1
+
+
+async def test_a_first_turn_on_a_state_no_heartbeat_has_begun_yet_holds(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """An empty server (every replica restarted on it) has no epoch yet: the newest state of
+    all, whose first turn with a Node API failing to list holds the ticks."""
+    cfg = PoolConfig(min_ready=2, scaling_policy="heuristic", conversion=0)
+    api.listed, api.has_no_list = None, False
+    replica = make_replica(aredis, api, clock, "r1", cfg)
+    assert await aredis.get(replica.keys.key("epoch")) is None
+    await replica._reconcile_if_due()
+    await replica.tick()
+    await replica.settle()
+    assert replica._taking_back and api.created == []
+
+
+@pytest.mark.parametrize("heartbeat_s, has_no_list", [(2.0, True), (0.0, False)])
+async def test_a_first_turn_holds_nothing_where_no_node_list_or_heartbeat_could_end_it(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, heartbeat_s: float,
+    has_no_list: bool,
+) -> None:
+    """A young state's first turn holds the ticks only while a list may come: not for a Node
+    API with none (404, 405), nor with heartbeats off (no epoch dates the state, and no
+    heartbeat asks for the list again)."""
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            heartbeat_interval_s=heartbeat_s)
+    api.listed, api.has_no_list = None, has_no_list
+    replica = Replica(aredis, service, PoolConfig(min_ready=2, scaling_policy="heuristic",
+                                                  conversion=0), api, clock=clock,
+                      metrics=Metrics())
+    if heartbeat_s:
+        await replica.heartbeat()  # a state begun now
+    await replica._reconcile_if_due()
+    await replica.tick()
+    await replica.settle()
+    assert not replica._taking_back and len(api.created) == 2
+
+
+async def test_the_heartbeat_that_outlasts_the_patience_ends_the_hold_and_says_it_once(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While it holds, a tick says the take-back, not the lost epoch it already saw; the
+    heartbeat whose retry finds the patience over ends the hold itself, before any tick."""
+    replica = make_replica(aredis, api, clock, "r1")
+    await replica.heartbeat()
+    await aredis.flushall()
+    api.listed, api.has_no_list = None, False
+    clock.advance(2_000)
+    with caplog.at_level(logging.WARNING):
+        await replica.heartbeat()
+        await replica.tick()
+    assert replica._taking_back
+    assert "takes the Node API's nodes back" in caplog.text
+    assert "is not the one this replica ran on" not in caplog.text
+    caplog.clear()
+    clock.advance(600_000)
+    with caplog.at_level(logging.WARNING):
+        await replica.heartbeat()
+    assert not replica._taking_back
+    assert caplog.text.count("no node list from the Node API in 600s") == 1, caplog.text
+    await replica.heartbeat()  # and `provisioner status` no longer says it holds
+    [seen] = [r for r in await replica.scripts.replicas() if r.replica_id == "r1"]
+    assert not seen.taking_back
+
+
 async def test_reconcile_counts_the_waits_served_by_a_node_adopted_or_freed(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:
@@ -3648,6 +3848,27 @@ async def test_a_delete_answered_waits_its_terminated_for_delete_timeout_and_a_f
     await replica.tick()
     await replica.settle()
     assert api.deleted == ["n1", "n1"]
+
+
+async def test_a_reconciliation_that_only_left_young_nodes_for_later_repaired_nothing(
+    replica: Replica, api: FakeNodeApi, aredis: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node created within the grace that the API does not list yet is counted as left for
+    later, and no repair is said for it: nothing was changed."""
+    await send([replica], "node:status", {"node_id": "young", "status": "booting"})
+    api.listed = []
+    replica._looked.set()  # a turn after the first: the lock's
+    with caplog.at_level(logging.WARNING):
+        await replica._reconcile_if_due()
+    assert await aredis.hget(replica.keys.node("young"), "state") == "booting"
+    assert "repaired the pool" not in caplog.text, caplog.text
+    # the same with a repair beside it: said
+    api.listed = [ListedNode("stray", "ready")]
+    await aredis.delete(replica.keys.reconcile_lock)
+    with caplog.at_level(logging.WARNING):
+        await replica._reconcile_if_due()
+    assert "repaired the pool" in caplog.text and "'adopted': 1" in caplog.text, caplog.text
 
 
 async def test_reconcile_judges_an_unlisted_node_missing_once_the_create_s_grace_is_over(

@@ -80,6 +80,11 @@ class ListedNode:
 
 
 class NodeApi(Protocol):
+    #: whether `list_nodes` answers None because the API has no list (a 404 or 405, or none
+    #: at all), not because it failed to give one: a replica that lost the pool's state waits
+    #: a minute for the list of an API with none, ten for one failing (Replica's take-back)
+    has_no_list: bool
+
     async def create(self) -> CreateResult: ...
 
     async def delete(self, node_id: str) -> DeleteOutcome: ...

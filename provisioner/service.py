@@ -1398,7 +1398,7 @@ class Replica:
                 if counts and any(n for what, n in counts.items() if what != LEFT_FOR_LATER):
                     log.warning("reconciliation repaired the pool: %s", counts)
         finally:
-            if young and not listed and not getattr(self.node_api, "has_no_list", False):
+            if young and not listed and not self.node_api.has_no_list:
                 self._taking_back = True
                 self._lost_seen_ms = self.clock.now_ms() - age_ms
                 log.warning("the pool's state began %.0fs ago and this replica's first "
@@ -1423,7 +1423,7 @@ class Replica:
         return now - int(began)
 
     def _take_back_patience_ms(self) -> int:
-        return (TAKE_BACK_PATIENCE_MS if getattr(self.node_api, "has_no_list", False)
+        return (TAKE_BACK_PATIENCE_MS if self.node_api.has_no_list
                 else TAKE_BACK_FAILING_PATIENCE_MS)
 
     def _take_back_over(self, now_ms: int) -> bool:

@@ -69,6 +69,8 @@ class IngestRate:
 class _NoNodeApi:
     """The listener never calls the Node API (no tick runs); a call would fail, not hang."""
 
+    has_no_list = True  # no list to take nodes back from
+
     async def create(self) -> CreateResult:
         return CreateResult(CreateOutcome.FAILED, detail="the ingest benchmark creates nothing")
 

@@ -120,6 +120,8 @@ class WorldNodeApi:
     """The Node API of the replay world: a create or delete takes effect at the current
     virtual instant; the world sends `node:status` on its own schedule."""
 
+    has_no_list = True  # no list to take nodes back from
+
     def __init__(self, world: World) -> None:
         self.world = world
 

@@ -815,3 +815,59 @@ async def test_a_batch_refused_part_way_is_a_batch_and_busy_is_waited_out(
     assert outcome.drained == ["n1"], said
     assert outcome.waited_for == "a replica to decide after the last drain", outcome
     assert await pool.ready_list() == ["n2", "n3", "n4"]
+
+
+def test_the_cli_asks_before_draining_and_a_no_drains_nothing(redis_url: str) -> None:
+    """Without --yes the plan is shown and asked about; a "no", or no one to answer, drains
+    nothing and takes no hold of spare nodes: a replace is a rollout of the whole pool."""
+    pool = "roll-ask"
+    keys = PoolKeys(pool)
+    set_up(redis_url, keys, lambda under: under.scripts.heartbeat("r1", {}, 60_000))
+    common = ["--redis-url", redis_url, "--pool", pool, "--max-unavailable", "1"]
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    for answer, said in (("n\n", "not confirmed: nothing drained"),
+                         ("", "not confirmed (no answer): nothing drained; --yes replaces")):
+        asked = CliRunner().invoke(app, ["replace", *common], input=answer,
+                                   env={"COLUMNS": "200"})
+        assert asked.exit_code == 2, asked.output
+        assert ("Replace them, 1 ready node(s) at a time, the pool up to 1 below its keep "
+                "level before their replacements are ready?") in asked.output, asked.output
+        assert said in " ".join(asked.output.split()), asked.output
+        assert sync.get(keys.key("replacing")) is None
+        nodes = json.loads(CliRunner().invoke(app, ["nodes", "--redis-url", redis_url,
+                                                    "--pool", pool, "--json"]).output)
+        assert not any("drain_by" in n or n["state"] == "terminating" for n in nodes), nodes
+
+
+def test_the_cli_exits_1_when_the_old_nodes_stand_still_past_the_wait_limit(
+        redis_url: str) -> None:
+    """A replica heard from that decides nothing (a pool held short, a stuck boot): the run
+    drains what it may, waits --wait-limit, and exits 1 naming what it waited for and the
+    --cutoff to go on with. An exit 0 would tell a rollout script the pool was replaced."""
+    pool = "roll-still"
+    keys = PoolKeys(pool)
+    set_up(redis_url, keys, lambda under: under.scripts.heartbeat("r1", {}, 60_000))
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    run = CliRunner().invoke(app, ["replace", "--redis-url", redis_url, "--pool", pool,
+                                   "--yes", "--wait-limit", "1"], env={"COLUMNS": "200"})
+    said = " ".join(run.output.split())
+    assert run.exit_code == 1, run.output
+    assert "error: the old nodes stood still for 1s while it waited for" in said, said
+    assert "stopped; run it again with --cutoff 0@" in said, said
+    assert "done" not in said, said
+    assert sync.get(keys.key("replacing")) is None  # its hold let go as it stopped
+
+
+def test_the_cli_says_there_is_nothing_to_replace_in_a_pool_of_new_nodes(
+        redis_url: str) -> None:
+    """No old node ready, booting or in a session: nothing is asked or drained, exit 0 (a
+    rollout script run again after it finished)."""
+    pool = "roll-none"
+    keys = PoolKeys(pool)
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    sync.set(keys.key("epoch"), "1-a")
+    run = CliRunner().invoke(app, ["replace", "--redis-url", redis_url, "--pool", pool],
+                             input="", env={"COLUMNS": "200"})
+    assert run.exit_code == 0, run.output
+    assert "0 ready, 0 booting, 0 in a session (0 to drain in it)" in run.output, run.output
+    assert "nothing to replace" in run.output and "Replace them" not in run.output

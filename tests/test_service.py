@@ -3971,3 +3971,117 @@ async def test_a_replica_stopping_is_not_ready(
     assert replica.ready()
     replica.stopping.set()
     assert not replica.ready()
+
+
+async def test_readyz_fails_until_the_listener_is_subscribed(replica: Replica) -> None:
+    """Before its SUBSCRIBE is confirmed, and after its subscription is lost, a replica applies
+    no connect and no node:status: /readyz must say so, or traffic goes to a replica that drops
+    its events. Every other test of /readyz sets `subscribed` first."""
+    status, body = await _readyz(replica)
+    assert status == 503 and body["problems"] == ["not subscribed"], body
+    replica.subscribed.set()
+    assert (await _readyz(replica))[0] == 200
+    replica.subscribed.clear()  # the listener lost its subscription and takes it again
+    status, body = await _readyz(replica)
+    assert status == 503 and body["problems"] == ["not subscribed"], body
+
+
+async def test_readyz_names_a_server_that_refuses_the_connection(
+    api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A server gone (its port closed) is a redis-py ConnectionError, not an OSError: /readyz
+    answers 503 naming it, not a 500 with a traceback an operator's probe reads as a crash."""
+    from provisioner.redis_server import free_port
+
+    gone = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    replica = make_replica(gone, api, clock, "r1")
+    replica.subscribed.set()
+    try:
+        status, body = await _readyz(replica)
+    finally:
+        await gone.aclose()
+    assert status == 503, body
+    [problem] = body["problems"]
+    assert problem.startswith("redis: Error ") and "connecting to 127.0.0.1:" in problem, problem
+
+
+async def test_a_loop_whose_turn_hits_a_bug_logs_it_and_runs_on(
+    replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in one turn of a loop (a tick, a reconciliation) costs that turn alone: counted in
+    provisioner_errors_total, logged with its traceback, and the loop runs again. A loop that
+    died with it would leave the pool with no decision, no create and no reap, while /readyz,
+    which looks at the listener, still said ready."""
+    turns = {"n": 0}
+
+    async def work() -> None:
+        turns["n"] += 1
+        if turns["n"] == 1:
+            raise KeyError("a bug")
+
+    with caplog.at_level(logging.ERROR):
+        looping = asyncio.create_task(replica._every(0.01, work, "tick"))
+        try:
+            await _until(lambda: turns["n"] >= 3)
+        finally:
+            replica.stopping.set()
+            await asyncio.wait_for(looping, 5)
+    assert counter(replica, "provisioner_errors_total", where="tick") == 1
+    [said] = [r for r in caplog.records if r.getMessage() == "tick failed"]
+    assert said.exc_info is not None and said.exc_info[0] is KeyError
+    assert replica.writes_refused() is None  # a bug says nothing of the server's writes
+
+
+async def test_a_bug_in_the_look_for_other_pools_costs_the_look_not_the_heartbeat(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The heartbeat lists the replica for `provisioner status` and finds a lost state: a bug
+    in its look for other pools is counted and logged, and the heartbeat is still sent. The
+    server gone is not a bug: it fails the heartbeat, whose own call would fail the same."""
+    async def broken() -> None:
+        raise AttributeError("a bug")
+
+    replica.look_for_other_pools = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR):
+        await replica.heartbeat()
+    assert counter(replica, "provisioner_errors_total", where="other_pools") == 1
+    assert await aredis.zscore(replica.keys.key("replicas"), "r1") is not None
+    assert any(r.exc_info and "could not look for other pools" in r.getMessage()
+               for r in caplog.records), caplog.records
+
+    async def gone() -> None:
+        raise RedisConnectionError("Connection closed by server.")
+
+    await aredis.delete(replica.keys.key("replicas"))
+    replica.look_for_other_pools = gone  # type: ignore[method-assign]
+    with pytest.raises(RedisConnectionError):
+        await replica.heartbeat()
+    assert counter(replica, "provisioner_errors_total", where="other_pools") == 1
+    assert await aredis.zscore(replica.keys.key("replicas"), "r1") is None
+
+
+async def test_a_node_action_whose_outcome_the_server_refuses_makes_the_replica_unready(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The Node API made the node and the server, past its maxmemory, refused the script that
+    records it: the replica must be unready (its writes refused), as for a refused event or
+    tick, not ready with a warning alone, until a write goes through."""
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
+    replica.subscribed.set()
+
+    async def refused(*_: Any) -> Any:
+        raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    replica.scripts.register_node = refused  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING):
+        await replica.tick()
+        await replica.settle()
+    assert api.created == ["node-1"]
+    assert counter(replica, "provisioner_errors_total", where="action") == 1
+    assert not any(r.exc_info for r in caplog.records)  # an outage, not a bug
+    status, body = await _readyz(replica)
+    assert status == 503, body
+    [problem] = body["problems"]
+    assert problem.startswith("redis refuses writes for now: command not allowed when used "
+                              "memory > 'maxmemory'"), problem

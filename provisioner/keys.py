@@ -97,10 +97,6 @@ class PoolKeys:
     def config(self) -> str:
         return self.base + "config"
 
-    @property
-    def replicas(self) -> str:
-        return self.base + "replicas"
-
     def pattern(self) -> str:
         """A SCAN pattern matching every key of the pool."""
         return f"prov:{{{self.pool}}}:*"

@@ -94,14 +94,6 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def version(self) -> str:
-        client = redis.Redis.from_url(self.url)
-        try:
-            info = client.info("server")
-            return str(info.get("valkey_version") or info.get("redis_version"))
-        finally:
-            client.close()
-
     def stop(self, timeout: float = 5.0) -> None:
         if self.process.poll() is None:
             self.process.terminate()

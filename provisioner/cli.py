@@ -297,6 +297,9 @@ def run(
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise _fail(f"cannot run: cannot reach Redis at {shown_url(service.redis_url)}: "
                     f"{exc}") from None
+    except ResponseError as exc:  # reached, and refused: a database index, an ACL, a key's type
+        raise _fail(f"cannot run: Redis at {shown_url(service.redis_url)} refused: "
+                    f"{exc}") from None
     except (OSError, RedisError) as exc:
         raise _fail(f"cannot run: {exc}") from None
 
@@ -509,7 +512,9 @@ def status(
                 if live is None:
                     append(reading)
                 elif isinstance(reading, Exception):
-                    live.update(f"[red]Redis unreachable:[/red] {reading}", refresh=True)
+                    # escaped: a socket path or a server's message may hold "[/…]"
+                    live.update(f"[red]Redis unreachable:[/red] {escape(str(reading))}",
+                                refresh=True)
                 else:
                     live.update(view.render_view(reading), refresh=True)
                 await asyncio.sleep(1.0)

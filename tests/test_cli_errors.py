@@ -689,3 +689,48 @@ def test_reconcile_says_which_nodes_it_left_as_too_young_to_judge(redis_url: str
     assert json.loads(done.stdout)["not_listed_left_young"] == 1, done.stdout
     assert ("1 node(s) the Node API does not list were left, as younger than the pool's create "
             "timeout (60s: a create perhaps still on its way)") in " ".join(done.stderr.split())
+
+
+def test_run_refused_by_redis_at_start_says_so_without_a_traceback(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reached, and refused (a database the server does not have), or an OSError of the
+    host's that is no listener's (a file it may not open): one error line and exit 2, which
+    an orchestrator shows and restarts on, not a traceback that buries the reason."""
+    database_99 = redis_url.rsplit("/", 1)[0] + "/99"
+    code, output = invoke("run", "--redis-url", database_99, "--node-api-url",
+                          "http://127.0.0.1:1", "--http-port", "0")
+    assert code == 2, output
+    assert "error: cannot run: " in output and "DB index is out of range" in output, output
+    assert "Traceback" not in output, output
+
+    async def refused(*args: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("provisioner.service.serve", refused)
+    code, output = invoke("run", "--redis-url", redis_url, "--node-api-url", "http://api")
+    assert code == 2, output
+    assert "error: cannot run: [Errno 13] Permission denied" in output, output
+
+
+def test_run_refused_by_redis_at_start_names_the_server_that_refused(redis_url: str) -> None:
+    """Beside the Node API's URL, a bare "DB index is out of range" leaves the operator to
+    guess which server refused, and which setting to fix; every other command says "Redis
+    at redis://…/99 refused: …"."""
+    database_99 = redis_url.rsplit("/", 1)[0] + "/99"
+    code, output = invoke("run", "--redis-url", database_99, "--node-api-url",
+                          "http://127.0.0.1:1", "--http-port", "0")
+    assert code == 2, output
+    assert f"Redis at {database_99} refused: DB index is out of range" in output, output
+
+
+@pytest.mark.parametrize("command", [["status"], ["check"], ["nodes"]])
+def test_an_empty_redis_url_is_named_a_bad_url_not_a_server_out_of_reach(
+        command: list[str]) -> None:
+    """`--redis-url ""` (PROVISIONER_REDIS_URL set empty by a template) passes the option's
+    check, which skips an empty value; the client then refuses it. Said as a bad URL, exit 2:
+    not "cannot reach Redis", which sends the operator to the network."""
+    code, output = invoke(*command, "--redis-url", "")
+    assert code == 2, output
+    assert "error: bad Redis URL '': Redis URL must specify one of the following schemes" in (
+        output), output
+    assert "cannot reach" not in output, output

@@ -247,6 +247,26 @@ def test_model_export_and_import_on_the_command_line(
     assert empty.exit_code == 2 and "pool c has no model" in empty.output
 
 
+def test_model_export_to_stdout_is_the_file_alone_and_names_what_it_left_out(
+        redis_url: str, sync_redis: redis.Redis) -> None:
+    """Without --out the model goes to stdout (`model export > model.json`, `| ssh ...
+    model import`): stdout is the file and nothing else, and a learned value it cannot carry
+    (a hand repair gone wrong) is named on stderr, so the operator knows the import will
+    start the pool without it."""
+    for name, value in {"last_ms": 1.0, **LEARNED, "boot_n": -3.0}.items():
+        sync_redis.hset(PoolKeys("a").key("model"), name, value)
+    exported = CliRunner().invoke(app, ["model", "export", "--redis-url", redis_url,
+                                        "--pool", "a"], env={"COLUMNS": "200"})
+    assert exported.exit_code == 0, exported.output
+    document = json.loads(exported.stdout)
+    assert document["skipped"] == ["boot_n"], document
+    assert read_document(exported.stdout) == {k: v for k, v in LEARNED.items()
+                                              if k != "boot_n"}
+    assert "written to" not in exported.stdout
+    assert ("left out, not non-negative numbers: boot_n"
+            in " ".join(exported.stderr.split())), exported.stderr
+
+
 def test_a_replay_saves_its_model_and_another_starts_from_it(
         tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
     trace, saved = str(_trace(tmp_path)), tmp_path / "learned.json"

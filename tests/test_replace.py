@@ -817,6 +817,66 @@ async def test_a_batch_refused_part_way_is_a_batch_and_busy_is_waited_out(
     assert await pool.ready_list() == ["n2", "n3", "n4"]
 
 
+async def test_a_hold_let_go_between_its_renewal_and_a_mark_stops_the_run_not_done(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replace --cancel` lands between a round's renewal of the hold and its mark of the
+    last old node, in a session: the mark is refused (NOT_HELD) and the run stops as
+    cancelled. Read as any other refusal, the round found no old node ready or booting and
+    said "done", with that node never drained: it went back to the pool when its session
+    ended, old, and the rollout script was told the pool was replaced."""
+    await pool.boot("n4")
+    await pool.scripts.allocate(pool.now, "u1")  # n4
+    real_hold = Scripts.hold_spare
+    cancelled: list[tuple[Hold, str]] = []
+
+    async def hold(self: Scripts, now_ms: int, mode: str, *args: Any, **kw: Any) -> Any:
+        held = await real_hold(self, now_ms, mode, *args, **kw)
+        if mode in ("renew", "keep") and not cancelled:  # a --cancel, just after
+            cancelled.append(await real_hold(self, now_ms, "release", ""))
+        return held
+
+    monkeypatch.setattr(Scripts, "hold_spare", hold)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    said: list[str] = []
+    outcome = await asyncio.wait_for(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", say=said.append, poll_s=0.05), 5)
+    assert cancelled == [(Hold.RELEASED, cancelled[0][1])], cancelled
+    assert not outcome.done and outcome.taken_back == "", (outcome, said)
+    assert outcome.marked == [] and outcome.in_sessions == [], outcome
+    assert "drain_by" not in await pool.node("n4")
+
+
+async def test_a_hold_let_go_in_the_middle_of_a_batch_sends_no_more_of_its_drains(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replace --cancel` lands after the first drain of a batch: the next drain is refused
+    (NOT_HELD) and the run stops there, the drain made counted, the rest of the batch never
+    sent: a cancelled run keeps asking the server for drains the operator has just called
+    off."""
+    for node in ("n1", "n2", "n3", "n4"):
+        await pool.boot(node)
+    real_drain = Scripts.drain_node
+    codes: list[str] = []
+
+    async def drain(self: Scripts, *args: Any, **kw: Any) -> Any:
+        result = await real_drain(self, *args, **kw)
+        codes.append(result.code.name)
+        if len(codes) == 1:  # a --cancel, just after the batch's first drain
+            await self.hold_spare(pool.now, "release", "")
+        return result
+
+    monkeypatch.setattr(Scripts, "drain_node", drain)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    decided = asyncio.create_task(decided_in(pool, 0.1, {"target": 3, "keep": 3, "held": 3}))
+    said: list[str] = []
+    outcome = await asyncio.wait_for(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", at_once=3, say=said.append, poll_s=0.05), 5)
+    await decided
+    assert codes == ["DRAINING", "NOT_HELD"], (codes, said)
+    assert outcome.drained == ["n1"] and outcome.taken_back == "" and not outcome.done
+    assert "n1: drained (ready); 3 ready or booting to go" in said, said
+    assert await pool.ready_list() == ["n2", "n3", "n4"]
+
+
 def test_the_cli_asks_before_draining_and_a_no_drains_nothing(redis_url: str) -> None:
     """Without --yes the plan is shown and asked about; a "no", or no one to answer, drains
     nothing and takes no hold of spare nodes: a replace is a rollout of the whole pool."""
@@ -856,6 +916,121 @@ def test_the_cli_exits_1_when_the_old_nodes_stand_still_past_the_wait_limit(
     assert "stopped; run it again with --cutoff 0@" in said, said
     assert "done" not in said, said
     assert sync.get(keys.key("replacing")) is None  # its hold let go as it stopped
+
+
+async def _cancel_the_hold(client: aioredis.Redis, scripts: Scripts) -> None:
+    await scripts.hold_spare(int(time.time() * 1000), "release", "")  # replace --cancel
+
+
+async def _take_the_hold_over(client: aioredis.Redis, scripts: Scripts) -> None:
+    await scripts.hold_spare(int(time.time() * 1000), "take", "run2", 1, 60_000)
+
+
+async def _lose_the_state(client: aioredis.Redis, scripts: Scripts) -> None:
+    await client.set(scripts.keys.key("epoch"), "2-b")  # lost, and begun again
+
+
+@pytest.mark.parametrize("meanwhile, said", [
+    (_lose_the_state, "error: the pool's state was lost and begun again while it ran (a new "
+     "epoch): the nodes adopted since are no longer told apart by their creates; stopped; run "
+     "it again without --cutoff"),
+    (_take_the_hold_over, "error: its hold of spare nodes was taken over by another run "
+     "(run2): stopped; run it again with --cutoff 0@1-a to go on"),
+    (_cancel_the_hold, "error: its hold of spare nodes was let go by replace --cancel: "
+     "stopped; run it again with --cutoff 0@1-a to go on"),
+], ids=["state lost", "taken over", "let go"])
+def test_the_cli_exits_1_saying_why_when_its_run_is_stopped_from_outside(
+        redis_url: str, meanwhile: Callable[[aioredis.Redis, Scripts], Awaitable[None]],
+        said: str) -> None:
+    """While a run goes on the pool's state is lost (a new epoch), or its hold of spare nodes
+    is taken over by another run or let go by `replace --cancel`: it stops, says which and
+    how to go on (the cutoff, or none after a loss), and exits 1. An exit 0, or "done", would
+    tell a rollout script the pool was replaced; a cutoff offered after a loss would name
+    nodes by the creates of a state that is gone."""
+    import threading
+
+    pool = f"roll-stopped-{meanwhile.__name__.strip('_')}"
+    keys = PoolKeys(pool)
+
+    async def heard(under: PoolUnderTest) -> None:
+        await under.redis.set(keys.key("epoch"), "1-a")
+        await under.scripts.heartbeat("r1", {}, 60_000)
+
+    set_up(redis_url, keys, heard)
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def from_outside() -> None:
+        for _ in range(200):
+            if sync.get(keys.key("replacing")):
+                break
+            time.sleep(0.02)
+
+        async def go() -> None:
+            client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+            await meanwhile(client, Scripts(client, keys))
+            await client.aclose()
+
+        asyncio.run(go())
+
+    outside = threading.Thread(target=from_outside)
+    outside.start()
+    try:
+        run = CliRunner().invoke(app, ["replace", "--redis-url", redis_url, "--pool", pool,
+                                       "--yes", "--wait-limit", "30"], env={"COLUMNS": "300"})
+    finally:
+        outside.join(10)
+    output = " ".join(run.output.split())
+    assert run.exit_code == 1, run.output
+    assert said in output, output
+    assert "done" not in output, output
+    assert " ".join(run.stderr.split()).startswith(said), run.stderr  # on stderr
+    if meanwhile is not _take_the_hold_over:
+        assert sync.get(keys.key("replacing")) is None  # its hold let go as it stopped
+    else:
+        assert sync.get(keys.key("replacing")) is not None  # the other run's, kept
+
+
+def test_replace_cancel_asks_and_exits_1_for_a_drain_it_could_not_take_back(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replace --cancel` asks before it stops a run and takes back its drains: a "no" lets
+    go of nothing and takes nothing back (exit 2). A drain whose session ended as it was
+    taken back (the node terminated with it) is not taken back: exit 1, so that a script
+    that cancels a rollout does not report every node kept."""
+    pool = "roll-cancel"
+    keys = PoolKeys(pool)
+
+    async def marked_by_a_run(under: PoolUnderTest) -> None:
+        await under.redis.set(keys.key("epoch"), "1-a")
+        await under.scripts.drain_node(int(time.time() * 1000), "n4", "op" + rolling.TAG)
+        await under.scripts.hold_spare(int(time.time() * 1000), "take", "run1", 1, 60_000)
+
+    set_up(redis_url, keys, marked_by_a_run)
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    common = ["replace", "--redis-url", redis_url, "--pool", pool, "--by", "op", "--cancel"]
+    no = CliRunner().invoke(app, common, input="n\n", env={"COLUMNS": "200"})
+    assert no.exit_code == 2, no.output
+    assert "1 in a session drained by op (replace)" in no.output, no.output
+    assert ("Stop a run going on, and take back the drain of 1 node(s) of pool roll-cancel?"
+            in no.output), no.output
+    assert "not confirmed: nothing taken back" in " ".join(no.output.split()), no.output
+    assert sync.get(keys.key("replacing")) is not None  # the run's hold, kept
+    assert sync.hget(keys.node("n4"), "drain_by") == "op" + rolling.TAG
+
+    real_drain = Scripts.drain_node
+
+    async def session_ends_first(self: Scripts, now_ms: int, node: str, *args: Any,
+                                 **kw: Any) -> Any:
+        if kw.get("cancel"):
+            await self.release(now_ms, "u1")  # u1 disconnects as the cancel is sent
+        return await real_drain(self, now_ms, node, *args, **kw)
+
+    monkeypatch.setattr(Scripts, "drain_node", session_ends_first)
+    late = CliRunner().invoke(app, [*common, "--yes"], env={"COLUMNS": "200"})
+    assert late.exit_code == 1, late.output
+    assert "a run's hold of spare nodes let go: a run going on stops" in late.output
+    assert "taken back 0 of 1" in late.output, late.output
+    assert sync.get(keys.key("replacing")) is None
+    assert sync.hget(keys.node("n4"), "state") == "terminating"
 
 
 def test_the_cli_says_there_is_nothing_to_replace_in_a_pool_of_new_nodes(

@@ -1350,6 +1350,25 @@ async def test_an_activity_the_server_refuses_fails_alone_in_its_call(
         await pool.scripts.record_activity(pool.now, "bad", T0, *args)
 
 
+async def test_a_script_s_error_reply_in_run_many_is_that_call_s_result_alone(
+    pool: PoolUnderTest,
+) -> None:
+    """A replica applies a batch of events with `run_many`: an activity the server refuses (a
+    key of the wrong type, written by hand) is that event's error, read from its script's own
+    error reply; raised, it failed the whole batch, and the connects and activities beside
+    it were tried again or dropped with it."""
+    config = pool.config
+    args = (config.window_ms, config.engaged_threshold, config.max_events_per_user)
+    await pool.redis.set(pool.keys.acts("bad"), "not a sorted set")
+    results = await pool.scripts.run_many([
+        pool.scripts.record_activity_call(pool.now, user, T0, *args)
+        for user in ("u1", "bad", "u2")])
+    assert [type(r).__name__ for r in results] == ["ActivityResult", "ResponseError",
+                                                   "ActivityResult"], results
+    assert "WRONGTYPE" in str(results[1])
+    assert (await pool.snap()).stat("activities") == 2
+
+
 async def test_record_activity_refuses_an_argument_list_it_cannot_pair(
     pool: PoolUnderTest,
 ) -> None:

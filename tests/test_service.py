@@ -2292,6 +2292,35 @@ async def test_a_question_about_a_call_refused_for_now_is_asked_again_within_the
     assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
 
 
+async def test_a_question_whose_connection_drops_is_asked_again_within_the_deadline(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As the question refused out of memory (the test before): alice's disconnect ran in a
+    try whose reply was lost, was refused when made again before bob's connect, and the
+    question about it met a connection dropped (a failover, a proxy's restart). The drop is a
+    moment's, and the question changes nothing: it is asked again on the next connection and
+    answered made again, not left to stop the batch or drop her disconnect as an error."""
+    await _booted(replica, "n1")
+    await replica.handle(*wire("user:connect", {"user_id": "alice"}))
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    async def dropped(run_many: Any, calls: list[Any]) -> list[Any]:
+        raise RedisConnectionError("Connection closed by server.")
+
+    sent = _tried_as(replica, _reply_lost, _refusing_first(oom), dropped, _as_is)
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        outcomes = await replica.handle_many([wire("user:disconnect", {"user_id": "alice"}),
+                                              wire("user:connect", {"user_id": "bob"})])
+    assert sent == [2, 2, 1, 1]
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
+    assert int((await aredis.hgetall(replica.keys.key("stats")))["releases"]) == 1
+    assert "could not apply user:disconnect of alice" not in caplog.text, caplog.text
+    assert "may have been applied" not in caplog.text, caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
+    assert isinstance(outcomes[0], ReleaseResult) and outcomes[0].code is Release.MADE_AGAIN
+    assert isinstance(outcomes[1], AllocateResult)
+
+
 @pytest.mark.parametrize("left", ["unreachable till the deadline", "asked till a stop"])
 async def test_a_call_left_unanswered_after_a_lost_reply_is_not_named_never_applied(
     aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,

@@ -1018,6 +1018,111 @@ def test_status_watch_into_a_pipe_writes_a_reading_a_second(redis_url: str) -> N
         watch.wait(timeout=10)
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_status_watch_while_redis_is_unreachable_says_so_and_goes_on_until_ctrl_c(
+        as_json: bool) -> None:
+    """A watch left open on a failover (Redis down a while, then back): each second it says
+    on stderr that Redis is unreachable, naming the server, with nothing on stdout (a
+    --json stream read by `jq` stays whole), and it shows the pool as soon as the server
+    answers again; Ctrl-C ends it, exit 0, with no traceback. Stopped at the first failure,
+    the watch an operator left open to follow the failover was gone."""
+    import os
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from provisioner.redis_server import free_port, start_server
+
+    port = free_port()
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "provisioner", "status", "--watch", "--redis-url",
+         f"redis://127.0.0.1:{port}/0", "--pool", "watched", *(["--json"] if as_json else [])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "200"})
+    said: queue.Queue[str] = queue.Queue()
+    shown: queue.Queue[str] = queue.Queue()
+    for stream, lines in ((watch.stderr, said), (watch.stdout, shown)):
+        threading.Thread(target=lambda s=stream, q=lines: [q.put(line) for line in s or ()],
+                         daemon=True).start()
+    server = None
+    try:
+        for _ in range(2):  # one a second, the watch still going
+            line = said.get(timeout=15)
+            assert line.startswith("Redis unreachable: Error 111 connecting to "
+                                   f"127.0.0.1:{port}."), line
+        assert watch.poll() is None and shown.empty()
+        server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"), port=port)
+        first = shown.get(timeout=15)  # the pool, once the server answers
+        if as_json:
+            assert json.loads(first)["pool"] == "watched", first
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=15) == 0
+    finally:
+        watch.kill()
+        watch.wait(timeout=10)
+        if server is not None:
+            server.stop()
+    rest = "".join(list(said.queue))
+    assert "Traceback" not in rest, rest
+
+
+def _watched_in_a_terminal(url: str, seconds: float) -> tuple[int, str, str]:
+    """`status --watch` on a terminal (a pseudo-terminal) until it has shown Redis unreachable
+    twice (a redraw a second later) or for `seconds` at most, then Ctrl-C: its exit code, what
+    the terminal showed (escape sequences left out) and its stderr."""
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    watch = subprocess.Popen([sys.executable, "-m", "provisioner", "status", "--watch",
+                              "--redis-url", url], stdout=slave, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "COLUMNS": "200", "TERM": "xterm"})
+    os.close(slave)
+    screen = b""
+    try:
+        end = time.monotonic() + seconds
+        while (time.monotonic() < end and watch.poll() is None
+               and screen.count(b"Redis unreachable") < 2):
+            if select.select([master], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    screen += os.read(master, 65536)
+        if watch.poll() is None:
+            watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=15)
+    finally:
+        watch.kill()
+        os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    return watch.returncode, text, err
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:{port}/0",
+    # the error's text is no Rich markup: a "[/dir]" in it stopped the watch with a traceback
+    "unix:///tmp/no-such[/dir]/redis.sock",
+], ids=["refused", "a socket path with brackets"])
+def test_status_watch_on_a_terminal_shows_redis_unreachable_in_place(url: str) -> None:
+    """On a terminal the watch redraws one screen: Redis out of reach is said there, in
+    place of the pool, each second, and Ctrl-C ends it, exit 0, with nothing on stderr. What
+    the error says is the server's and the client's text, not markup: the pipe's line is
+    written as it is, and so must the terminal's be."""
+    from provisioner.redis_server import free_port
+
+    port = free_port()
+    code, screen, err = _watched_in_a_terminal(url.format(port=port), 20)
+    assert "Traceback" not in err and err == "", err
+    assert code == 0, (screen, err)
+    assert "Redis unreachable: Error " in screen, screen
+    assert (f"127.0.0.1:{port}" if "{port}" in url else "/tmp/no-such[/dir]/redis.sock") in (
+        screen), screen
+
+
 def test_what_another_writer_put_in_an_id_reaches_the_terminal_escaped(redis_url: str) -> None:
     """A node id `n1\\x1b]0;TITLE\\x07\\x1b[2J` set the terminal's title and cleared its
     screen when `nodes` showed it, and so did a user id in `users` and a decision in `status`
@@ -1152,6 +1257,49 @@ def test_drain_takes_nodes_out_of_the_pool_each_as_its_state_allows(redis_url: s
                                    env={"COLUMNS": "300"})
     assert decisions.exit_code == 0 and "node n2 drained by bob" in decisions.output, (
         decisions.output)
+
+
+def test_drain_cancel_asks_and_takes_back_only_a_drain_there_is(redis_url: str) -> None:
+    """`drain --cancel`: a node not drained (ready, or in a session) has nothing to take back,
+    said, exit 1 with no question; a ready node a replica of an earlier release left marked
+    is asked about, and a "no" or no answer leaves its mark (exit 2); a yes takes it back and
+    it stays in the pool. A cancel that said it did what it could not would leave the
+    operator believing a node stays that the pool then terminates."""
+    pool = "drain-cancel"
+    keys = PoolKeys(pool)
+    now = int(time.time() * 1000)
+    asyncio.run(_boot_then_connect(redis_url, pool, now - 60_000, "n3", "n1", "n2",
+                                   user="u1"))  # n3, idle the longest, to u1
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    # the mark a replica of an earlier release left on a node it freed
+    sync.hset(keys.node("n2"), "drain_by", "alice")
+    common = ["--redis-url", redis_url, "--pool", pool, "--cancel"]
+    nothing = CliRunner().invoke(app, ["drain", "n1", "n3", *common], input="y\n",
+                                 env={"COLUMNS": "200"})
+    assert nothing.exit_code == 1, nothing.output
+    lines = nothing.output.splitlines()
+    assert _aged("n1: ready (idle for {}s): not drained, nothing to take back", 60, lines), lines
+    assert _aged("n3: in the session of user u1 (for {}s): not drained, nothing to take back",
+                 60, lines), lines
+    assert "Take back" not in nothing.output and "taken back" not in nothing.output
+    for answer, said in (("n\n", "not confirmed: nothing taken back"),
+                         ("", "not confirmed (no answer): nothing taken back; --yes takes "
+                          "them back without asking")):
+        asked = CliRunner().invoke(app, ["drain", "n2", *common], input=answer,
+                                   env={"COLUMNS": "200"})
+        assert asked.exit_code == 2, asked.output
+        assert _aged("n2: ready (idle for {}s), drained when a session on it ends", 60,
+                     asked.output.splitlines()), asked.output
+        assert "Take back the drain of 1 node(s) of pool drain-cancel?" in asked.output
+        assert said in " ".join(asked.output.split()), asked.output
+        assert sync.hget(keys.node("n2"), "drain_by") == "alice"
+    taken = CliRunner().invoke(app, ["drain", "n2", *common, "--yes", "--by", "carol"],
+                               env={"COLUMNS": "200"})
+    assert taken.exit_code == 0, taken.output
+    assert "taken back n2: it stays in the pool" in taken.output, taken.output
+    record = sync.hgetall(keys.node("n2"))
+    assert record["state"] == "ready" and "drain_by" not in record, record
+    assert "n2" in sync.lrange(keys.key("ready"), 0, -1)
 
 
 def test_drain_does_nothing_to_a_node_that_changed_while_its_prompt_waited(

@@ -1252,7 +1252,7 @@ def _take_back_replace(redis_url: str, keys: PoolKeys, cutoff: Any, old: list[An
         _confirm(f"Stop a run going on, and take back the drain of {len(marked)} node(s) of "
                  f"pool {pool}?", "taken back", "takes them back")
 
-    async def go(client: aioredis.Redis) -> tuple[bool, int, int]:
+    async def go(client: aioredis.Redis) -> tuple[bool, list[tuple[str, str]], int]:
         scripts = Scripts(client, keys)
         let_go, _ = await scripts.hold_spare(await server_now_ms(client), "release", "")
         # A run going on stops at its next round, and every mark it makes from now is
@@ -1261,19 +1261,23 @@ def _take_back_replace(redis_url: str, keys: PoolKeys, cutoff: Any, old: list[An
         # cancel that waited for the run's round instead missed the marks of a slow one).
         nodes = drained(await rolling.old_nodes(client, keys, cutoff))
         now = await server_now_ms(client)
-        taken = 0
+        kept: list[tuple[str, str]] = []  # each drain not taken back, with its node's state
         for n in nodes:
             result = await scripts.drain_node(now, n.node, tag, expected=f"allocated:{n.user}",
                                               session_ms=n.session_ms, cancel=True)
-            taken += result.code is Drain.CANCELLED
-        return let_go is Hold.RELEASED, taken, len(nodes)
+            if result.code is not Drain.CANCELLED:
+                kept.append((n.node, result.state or "gone"))
+        return let_go is Hold.RELEASED, kept, len(nodes)
 
-    stopped, taken, tried = _with_redis(redis_url, go)
+    stopped, kept, tried = _with_redis(redis_url, go)
     if stopped:
         console.print("a run's hold of spare nodes let go: a run going on stops")
-    console.print(f"[green]taken back[/green] {taken} of {tried}: each goes back to the "
-                  "pool when its session ends")
-    if taken < tried:
+    for node, state in kept:
+        console.print(f"{shown(node)}: not taken back, now {shown(state)} (its session ended "
+                      "before the cancel, or it changed)")
+    console.print(f"[green]taken back[/green] {tried - len(kept)} of {tried}: each goes back to "
+                  "the pool when its session ends")
+    if kept:
         raise typer.Exit(1)
 
 

@@ -1029,6 +1029,7 @@ def test_replace_cancel_asks_and_exits_1_for_a_drain_it_could_not_take_back(
     assert late.exit_code == 1, late.output
     assert "a run's hold of spare nodes let go: a run going on stops" in late.output
     assert "taken back 0 of 1" in late.output, late.output
+    assert "n4: not taken back, now terminating" in late.output, late.output
     assert sync.get(keys.key("replacing")) is None
     assert sync.hget(keys.node("n4"), "state") == "terminating"
 

@@ -442,6 +442,21 @@ async def test_with_no_replica_deciding_it_drains_nothing_or_one_batch_and_stops
     assert said[-1] == "waiting for a replica to decide after the last drain"
     assert await pool.ready_list() == ["n2", "n3"]
 
+async def test_a_decision_holding_fewer_than_at_once_drains_no_batch_of_at_once(
+        pool: PoolUnderTest) -> None:
+    """A decision that held one spare (another run's hold, at --at-once 1, or one made as the
+    hold was taken) booted one node, not two: a run at --at-once 2 waits for a decision that
+    holds its two before its batch of two goes."""
+    await old_pool(pool)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    decided = asyncio.create_task(decided_in(pool, 0.1, {"target": 2, "keep": 3, "held": 1}))
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op", at_once=2,
+                                          wait_limit_s=0.5, say=lambda _: None, poll_s=0.05)
+    await decided
+    assert not outcome.done and outcome.drained == [], outcome
+    assert outcome.waited_for == "a decision that holds 2 spare node(s)"
+    assert await pool.ready_list() == ["n1", "n2", "n3"]
+
 
 @pytest.mark.parametrize(("numbers", "waiting", "short"), [
     ({"target": 4, "held": 1}, 0, "(3 against 4)"),             # no keep level said
@@ -494,6 +509,21 @@ async def test_a_session_score_edited_to_inf_is_listed_with_no_start(
     await pool.redis.zadd(pool.keys.key("sessions"), {"u1": float("inf")})
     [n4] = [n for n in await rolling.old_nodes(pool.redis, pool.keys, cutoff) if n.node == "n4"]
     assert (n4.user, n4.session_ms) == ("u1", None)
+
+async def test_a_node_whose_record_names_a_user_of_another_node_is_listed_in_no_session(
+        pool: PoolUnderTest) -> None:
+    """A record left naming a user who holds another node (a hand edit, a state put back
+    from an older copy): no session of theirs is on it, so the run does not mark it as theirs
+    (refused as changed at every round, the run would wait on it to its limit)."""
+    await old_pool(pool)  # u1 on n4
+    await pool.scripts.allocate(pool.now, "u2")  # n1
+    await pool.redis.hset(pool.keys.node("n1"), "user", "u1")
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    listed = {n.node: (n.state, n.user, n.session_ms)
+              for n in await rolling.old_nodes(pool.redis, pool.keys, cutoff)}
+    began = await pool.redis.zscore(pool.keys.key("sessions"), "u1")
+    assert listed["n1"] == ("allocated", "", None)
+    assert listed["n4"] == ("allocated", "u1", int(began))
 
 
 async def test_the_old_nodes_are_told_by_the_pools_create_count(pool: PoolUnderTest) -> None:
@@ -715,6 +745,66 @@ async def test_a_server_refusing_writes_for_a_while_is_waited_out(pool: PoolUnde
     await writes_refused(pool, 0.6)
     outcome = await asyncio.wait_for(run, 10)
     assert outcome.taken_back == "" and outcome.lapsed, outcome
+
+async def test_a_cancel_after_refused_writes_were_waited_out_is_a_cancel_not_a_lapse(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lapsed` says the lease may have ended while the server refused the run's writes: once
+    a renewal is taken again, the refusal is over, and a later `--cancel` is told as a cancel
+    alone (the CLI says "let go by replace --cancel", not "or lost as its lease ended")."""
+    await pool.boot("n1")
+    real_hold = Scripts.hold_spare
+    renewals = {"refused": 2, "taken": 0}
+
+    async def hold(self: Scripts, now_ms: int, mode: str, *args: object, **kw: object) -> object:
+        if mode == "renew":
+            if renewals["refused"] > 0:
+                renewals["refused"] -= 1
+                raise redis.exceptions.OutOfMemoryError("command not allowed when used memory")
+            renewals["taken"] += 1
+        return await real_hold(self, now_ms, mode, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scripts, "hold_spare", hold)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    said: list[str] = []
+    run = asyncio.create_task(rolling.replace_nodes(
+        pool.redis, pool.keys, cutoff, by="op", wait_limit_s=5, say=said.append, poll_s=0.02))
+    for _ in range(250):
+        if renewals["taken"] >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert renewals == {"refused": 0, "taken": 2} or renewals["taken"] > 2, renewals
+    assert (await pool.scripts.hold_spare(pool.now, "release", ""))[0] is Hold.RELEASED
+    outcome = await asyncio.wait_for(run, 5)
+    assert any(line.startswith("waiting for the server to take its writes again")
+               for line in said), said
+    assert outcome.taken_back == "" and not outcome.lapsed, outcome
+
+
+
+async def test_a_server_out_of_reach_for_a_moment_is_waited_out(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection cut or a reply timed out (a failover, a restart still loading) is waited
+    out as refused writes are, within the wait limit: not an end of the run with its hold
+    left to lapse."""
+    await pool.boot("n1")
+    real_hold = Scripts.hold_spare
+    failures = [redis.exceptions.ConnectionError("Connection closed by server."),
+                redis.exceptions.TimeoutError("Timeout reading from socket")]
+
+    async def hold(self: Scripts, now_ms: int, mode: str, *args: object, **kw: object) -> object:
+        if mode == "renew" and failures:
+            raise failures.pop(0)
+        return await real_hold(self, now_ms, mode, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scripts, "hold_spare", hold)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    said: list[str] = []
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
+                                          wait_limit_s=0.5, say=said.append, poll_s=0.02)
+    assert failures == [] and outcome.waited_for == "a first decision of the pool", outcome
+    assert any(line.startswith("waiting for the server to take its writes again")
+               for line in said), said
+    assert await pool.redis.get(pool.keys.key("replacing")) is None
 
 
 async def test_a_cancel_after_the_last_batch_stops_the_run_and_is_not_undone(
@@ -1047,3 +1137,31 @@ def test_the_cli_says_there_is_nothing_to_replace_in_a_pool_of_new_nodes(
     assert run.exit_code == 0, run.output
     assert "0 ready, 0 booting, 0 in a session (0 to drain in it)" in run.output, run.output
     assert "nothing to replace" in run.output and "Replace them" not in run.output
+
+
+async def test_a_decision_made_between_the_gate_s_read_and_the_drain_is_not_one_after_it(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica decided after the round read the decided slot and before its batch was
+    drained: that decision never saw the drain, so the next batch still waits for one after
+    it (the slot is read again once the batch is drained)."""
+    for node in ("n1", "n2", "n3", "n4"):
+        await pool.boot(node)
+    real_drain = Scripts.drain_node
+    drains = {"n": 0}
+
+    async def drain(self: Scripts, *args: object, **kw: object) -> object:
+        drains["n"] += 1
+        if drains["n"] == 1:  # a decision just before the first drain
+            await pool.redis.set(pool.keys.key("tick_lock"), f"{time.time_ns()}")
+        return await real_drain(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scripts, "drain_node", drain)
+    await pool.redis.hset(pool.keys.key("stats"), "last_numbers",
+                          json.dumps({"target": 2, "keep": 2, "held": 1}))
+    await pool.redis.set(pool.keys.key("tick_lock"), "first")
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
+                                          wait_limit_s=0.5, say=lambda _: None, poll_s=0.05)
+    assert outcome.drained == ["n1"], outcome
+    assert outcome.waited_for == "a replica to decide after the last drain"
+    assert await pool.ready_list() == ["n2", "n3", "n4"]

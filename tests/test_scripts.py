@@ -811,6 +811,24 @@ async def test_a_hold_the_script_cannot_read_is_refused_and_writes_nothing(
     assert await pool.redis.get(pool.keys.key("replacing")) is None
 
 
+async def test_a_second_release_of_any_run_s_hold_finds_nothing(pool: PoolUnderTest) -> None:
+    """`replace --cancel` lets go of any run's hold (run ''): a second finds nothing, as the
+    script's idempotency says, and does not claim it let go of a hold."""
+    assert await pool.scripts.hold_spare(pool.now, "release", "") == (Hold.NOT_HELD, "")
+    await pool.scripts.hold_spare(pool.now, "take", "run1", 1, 30_000)
+    assert await pool.scripts.hold_spare(pool.now, "release", "") == (Hold.RELEASED, "run1")
+    assert await pool.scripts.hold_spare(pool.now, "release", "") == (Hold.NOT_HELD, "")
+
+
+async def test_the_largest_hold_the_script_takes_is_one_it_reads(pool: PoolUnderTest) -> None:
+    """An extra of 1000000 (HOLD_MAX) is taken: it must be read back as the run's, or the run
+    is told its hold was taken back at its first renewal."""
+    assert await pool.scripts.hold_spare(pool.now, "take", "run1", 10**6, 30_000) == (
+        Hold.HELD, "")
+    assert await pool.scripts.hold_spare(pool.now, "renew", "run1", 10**6, 30_000) == (
+        Hold.HELD, "run1")
+
+
 async def test_a_drained_node_in_a_session_ends_with_the_session_not_back_to_the_pool(
         pool: PoolUnderTest) -> None:
     """The session goes on; its disconnect terminates the node (its DELETE due at once)
@@ -989,6 +1007,76 @@ async def test_a_drain_of_a_node_not_in_the_state_confirmed_or_not_drainable_doe
     gone = await pool.scripts.drain_node(pool.now, "n2", "alice")
     assert (gone.code, gone.state) == (Drain.NOTHING, "terminated")
     assert (await pool.snap()).stat("operator_drains") == 1
+
+
+async def test_every_end_of_a_mark_takes_its_node_out_of_drains(pool: PoolUnderTest) -> None:
+    """The forecast counts `drains` whole (ZCARD) and checks only DRAIN_CHECKS members a
+    tick (policy.lua drained_in_session), so every script that ends a mark must take its node
+    out: a cancel, the session's end, the node's death. A member left behind past the first
+    checks is counted as a node that will free nothing, long after it went."""
+    for node, user in (("n1", "u1"), ("n2", "u2"), ("n3", "u3")):
+        await pool.boot(node)
+        await pool.scripts.allocate(pool.now, user)
+        marked = await pool.scripts.drain_node(pool.now, node, "alice")
+        assert marked.code is Drain.MARKED, node
+    key = pool.keys.key("drains")
+    assert sorted(await pool.redis.zrange(key, 0, -1)) == ["n1", "n2", "n3"]
+    back = await pool.scripts.drain_node(pool.now, "n1", "bob", cancel=True)
+    assert back.code is Drain.CANCELLED
+    assert sorted(await pool.redis.zrange(key, 0, -1)) == ["n2", "n3"]  # taken back
+    assert (await pool.scripts.release(pool.now, "u2")).code is Release.DRAINED
+    assert await pool.redis.zrange(key, 0, -1) == ["n3"]  # its session ended
+    await pool.scripts.apply_node_status(pool.now, "n3", "terminated")
+    assert await pool.redis.zrange(key, 0, -1) == []  # the node died in its session
+    assert await check_invariants(pool.redis, pool.keys.pool) == []
+
+
+async def test_a_drain_of_an_allocated_node_with_no_session_of_its_user_terminates_it(
+        pool: PoolUnderTest) -> None:
+    """A record left allocated with no session that holds it (a hand edit, a state put back
+    from an older copy) has no session to wait for: drained, it goes at once, not marked to
+    end with a session that never ends."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    await pool.redis.hdel(pool.keys.key("alloc"), "u1")
+    await pool.redis.zrem(pool.keys.key("sessions"), "u1")
+    drained = await pool.scripts.drain_node(pool.now, "n1", "alice")
+    assert (drained.code, drained.state, drained.user) == (Drain.DRAINING, "allocated", "")
+    record = await pool.node("n1")
+    assert (record["state"], record["term_reason"]) == ("terminating", "drained")
+    assert "drain_by" not in record
+    assert await pool.redis.zrange(pool.keys.key("drains"), 0, -1) == []
+    assert (await drains(pool))[-1] == (
+        "alice", "node n1 drained by alice: an allocated record with no session of its user")
+
+
+async def test_a_session_ended_at_once_by_a_run_s_last_batch_lowers_no_hold(
+        pool: PoolUnderTest) -> None:
+    """drain_node's `last` lowers the hold for a ready or booting node only: the hold booted
+    replacements for those; a session ended at once frees no node the spare stood for."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    assert await pool.scripts.hold_spare(pool.now, "take", "run1", 2, 30_000) == (Hold.HELD, "")
+    ended = await pool.scripts.drain_node(pool.now, "n1", "op (replace)", at_once=True,
+                                          run="run1", last=True)
+    assert (ended.code, ended.state) == (Drain.DRAINING, "allocated")
+    assert (await pool.redis.get(pool.keys.key("replacing"))).split(":")[0] == "2"
+
+
+async def test_a_session_ended_with_its_node_counts_its_busy_time(pool: PoolUnderTest) -> None:
+    """A session drained at once, or on a node that died, was busy until then, as one its
+    user ended: `busy_ms_total` counts it (the utilisation `status` and the replay show)."""
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u1")
+    pool.clock.advance(60_000)
+    assert (await pool.scripts.drain_node(pool.now, "n1", "alice", at_once=True)).code \
+        is Drain.DRAINING
+    assert (await pool.snap()).stat("busy_ms_total") == 60_000
+    await pool.boot("n2")  # u1, back at the head of the queue, is served
+    assert (await pool.alloc()) == {"u1": "n2"}
+    pool.clock.advance(30_000)
+    await pool.scripts.apply_node_status(pool.now, "n2", "terminated")
+    assert (await pool.snap()).stat("busy_ms_total") == 90_000
 
 
 # --- node status ----------------------------------------------------------------------------
@@ -1228,6 +1316,16 @@ async def test_cancel_create_refuses_a_reason_it_does_not_know(pool: PoolUnderTe
     with pytest.raises(aioredis.ResponseError, match="cancel_create: unknown reason lost"):
         await pool.scripts._call("cancel_create", rid, "lost")
     assert (await pool.snap()).counts["pending"] == 1
+
+
+async def test_cancel_create_with_no_reason_counts_a_failed_create(pool: PoolUnderTest) -> None:
+    """A replica of an earlier release sends no reason: its cancel is a POST that failed, as
+    every cancel was then."""
+    rid = await floor_reservation(pool)
+    assert await pool.scripts._call("cancel_create", rid) == 1
+    snap = await pool.snap()
+    assert (snap.stat("creates_failed"), snap.stat("creates_withdrawn"),
+            snap.stat("creates_unusable")) == (1, 0, 0)
 
 
 async def test_the_tombstone_of_a_node_first_seen_terminated_expires(pool: PoolUnderTest) -> None:
@@ -1484,6 +1582,20 @@ async def test_a_user_silent_past_the_first_seen_key_s_life_arrives_again_by_the
     assert await first_seen_after(keep_ms) == f"{pool.now}:{pool.now + keep_ms}"
     await pool.redis.set(seen, str(T0))  # a bare number: the first-seen time it holds
     assert await first_seen_after(keep_ms) == f"{T0}:{pool.now + keep_ms}"
+
+
+@pytest.mark.parametrize("edit", ["5:x", "5:", ":"])
+async def test_a_first_seen_value_with_no_end_it_can_read_is_a_new_arrival(
+        pool: PoolUnderTest, edit: str) -> None:
+    """A first-seen value edited by hand whose end is not a time (or is missing) ends: the
+    user arrives anew, and the script is not stopped by it."""
+    config = pool.config
+    args = (config.window_ms, config.engaged_threshold, config.max_events_per_user)
+    keep_ms = 2 * config.window_ms + 60_000
+    seen = pool.keys.seen("u1")
+    await pool.redis.set(seen, edit)
+    await pool.scripts.record_activity(pool.now, "u1", pool.now, *args)
+    assert await pool.redis.get(seen) == f"{pool.now}:{pool.now + keep_ms}"
 
 
 async def test_the_sweep_of_an_activity_drops_only_entries_that_left_the_window(
@@ -1865,6 +1977,25 @@ async def test_a_time_asked_after_the_node_s_first_record_is_not_taken(
     assert boot_ms == 59_800
 
 
+async def test_a_create_answered_within_the_millisecond_it_was_asked_is_timed_from_the_ask(
+        pool: PoolUnderTest) -> None:
+    """A time asked equal to the answer's is a time like any (only one after it is not): the
+    answering replica's clock 0.5 s behind the one that recorded the node's `booting`, the
+    boot is timed from the ask, not from that later first record."""
+    node = next(f"n{i}" for i in range(100) if is_boot_sample(f"n{i}"))
+    [rid] = (await pool.scripts.scale_decide(
+        PoolConfig(min_ready=1).policy_args(pool.now, "r1"))).reservations
+    pool.clock.advance(1_000)
+    await pool.scripts.apply_node_status(pool.now, node, "booting")  # the first record
+    behind = pool.now - 500
+    answered = await pool.scripts.register_node(behind, rid, node, behind)
+    assert answered.code is Registration.ALREADY_KNOWN
+    assert (await pool.node(node))["asked_ms"] == str(behind)
+    pool.clock.advance(59_000)
+    await pool.scripts.apply_node_status(pool.now, node, "ready")
+    assert float(await pool.redis.hget(pool.keys.key("model"), "boot_ms")) == 59_500
+
+
 async def _ready_before_the_answer(
         pool: PoolUnderTest, *, asked: int | None, answered: bool = True, ended: bool = False,
 ) -> tuple[str, RegisterResult | None, dict[str, str]]:
@@ -2002,6 +2133,26 @@ async def test_reap_idle_keeps_the_peak_target_of_the_keep_window(pool: PoolUnde
     assert [t.node_id for t in reaped] == ["n2", "n3", "n4"]
     # The sliding maximum holds one entry per distinct target, peak first.
     assert await pool.redis.lrange(pool.keys.key("targets"), 0, -1) == [f"{pool.now}:0"]
+
+
+async def test_reap_idle_keeps_the_spare_a_replace_holds_above_the_keep_level_and_no_more(
+        pool: PoolUnderTest) -> None:
+    """Held 1 above a keep level of 1, three idle ready nodes: one is reaped, two kept. Its
+    decision says the keep level with the hold in it, and holds it (`held` in its numbers,
+    which `provisioner replace` waits to see before a batch)."""
+    config = PoolConfig(scaling_policy="heuristic", min_ready=1, idle_timeout_s=60)
+    for node in ("n1", "n2", "n3"):
+        await pool.boot(node)
+    await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))  # the peak: 1
+    assert await pool.scripts.hold_spare(pool.now, "take", "run1", 1, 30_000) == (Hold.HELD, "")
+    pool.clock.advance(120_000)  # all idle past the timeout
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [t.reason for t in reaped] == ["idle"]
+    assert len(await pool.ready_list()) == 2
+    [(_, entry)] = (await pool.redis.xrevrange(pool.keys.key("decisions"), count=1))
+    assert "spare 3, keep 2 (" in entry["reason"], entry["reason"]
+    assert ", and 1 held for a replace)" in entry["reason"], entry["reason"]
+    assert json.loads(entry["numbers"])["held"] == 1
 
 
 async def test_the_target_moves_are_counted(pool: PoolUnderTest) -> None:

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-matrix soak lint typecheck check clean \
+.PHONY: run test coverage test-matrix soak lint typecheck check clean \
 	bench-docs bench-recorded bench-warm bench-draws bench-held-out $(DRAWS) $(HELD_OUT) \
 	bench-screen screen-out screen-recorded screen-warm $(SCREEN_DRAWS) $(SCREEN_HELD_OUT)
 
@@ -26,6 +26,15 @@ TEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS)
 test: $(STAMP)
 	$(PYTEST)
+
+## coverage: the suite under coverage.py, lines and branches, in every Python process the
+## tests start too (replicas, mock, simulator); the table, then htmlcov/index.html
+coverage: $(STAMP)
+	rm -rf .coverage .coverage.* htmlcov
+	$(BIN)/coverage run -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report
+	$(BIN)/coverage html -q
 
 ## test-matrix: the state-machine and replica tests against every server engine on this machine
 ## (ENGINES=--others: all but the one `make test` uses, as .ci/run does after it)

@@ -1221,6 +1221,16 @@ class Replica:
                     "take-back", "reconciliation after the loss had no node list from the Node "
                     "API: no scaling decision until it has one (retried every heartbeat, for "
                     "%.0fs at most)", self._take_back_patience_ms() / 1000)
+        if self._taking_back != bool(info.get("taking_back")):
+            # The hold began or ended in this heartbeat, after its entry was written: said
+            # again now, not a heartbeat later, so `provisioner status` shows it as it is (a
+            # review). Its count is the one the next heartbeat compares with.
+            if self._taking_back:
+                info["taking_back"] = True
+            else:
+                info.pop("taking_back", None)
+            again = await self.scripts.heartbeat(self.replica_id, info, FORGET_REPLICA_MS)
+            self._heartbeats = (again.count_since, again.count)
 
     async def look_for_other_pools(self) -> None:
         """Find the other pools listening on this server: the probe channels subscribed on it

@@ -1224,13 +1224,17 @@ class Replica:
         if self._taking_back != bool(info.get("taking_back")):
             # The hold began or ended in this heartbeat, after its entry was written: said
             # again now, not a heartbeat later, so `provisioner status` shows it as it is (a
-            # review). Its count is the one the next heartbeat compares with.
+            # review).
             if self._taking_back:
                 info["taking_back"] = True
             else:
                 info.pop("taking_back", None)
             again = await self.scripts.heartbeat(self.replica_id, info, FORGET_REPLICA_MS)
-            self._heartbeats = (again.count_since, again.count)
+            # Unless the count went back between the two calls (an older copy put back while
+            # the Node API was asked): the next heartbeat compares with the first's and says
+            # so (a review: kept, the second's count hid that loss for good).
+            if again.count_since != beat.count_since or again.count > beat.count:
+                self._heartbeats = (again.count_since, again.count)
 
     async def look_for_other_pools(self) -> None:
         """Find the other pools listening on this server: the probe channels subscribed on it

@@ -4117,3 +4117,46 @@ async def test_a_node_action_whose_outcome_the_server_refuses_makes_the_replica_
     [problem] = body["problems"]
     assert problem.startswith("redis refuses writes for now: command not allowed when used "
                               "memory > 'maxmemory'"), problem
+
+
+async def test_a_copy_put_back_while_the_heartbeat_ends_its_hold_is_still_seen_as_a_loss(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review of 1b78e02: the heartbeat's second call (the hold began or ended in it) takes its
+    count as the one the next heartbeat compares with, unchecked. An older copy of the pool
+    put back between the two calls (during the reconciliation's list call, a failover to a
+    replica that had not caught up) is then never seen: the second call counts on from the
+    copy's count, and the next heartbeat's count is higher than that."""
+    replica = make_replica(aredis, api, clock, "r1")
+    await replica.heartbeat()
+    await aredis.flushall()  # a loss; the Node API fails to list: the hold begins
+    api.listed, api.has_no_list = None, False
+    clock.advance(2_000)
+    await replica.heartbeat()
+    assert replica._taking_back
+    keys = [key async for key in aredis.scan_iter(f"{replica.keys.base}*")]
+    copy = {key: await aredis.dump(key) for key in keys}  # the older copy
+    for _ in range(3):
+        clock.advance(2_000)
+        await replica.heartbeat()
+    assert replica._taking_back
+
+    class PutBackWhileListing(FakeNodeApi):
+        async def list_nodes(self) -> list[ListedNode] | None:
+            for key, value in copy.items():
+                await aredis.restore(key, 0, value, replace=True)
+            return []
+
+    listing = PutBackWhileListing()
+    listing.has_no_list = False
+    replica.node_api = listing
+    clock.advance(2_000)
+    await replica.heartbeat()  # its first call counts on; the copy comes back; the hold ends
+    assert not replica._taking_back
+    replica.node_api = api
+    api.listed = []
+    with caplog.at_level(logging.ERROR, logger="provisioner.service"):
+        clock.advance(2_000)
+        await replica.heartbeat()
+    assert counter(replica, "provisioner_state_lost_total") == 2, caplog.text

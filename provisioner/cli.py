@@ -304,6 +304,12 @@ def run(
         raise _fail(f"cannot run: {exc}") from None
 
 
+def _watch_trouble(exc: Exception) -> str:
+    """What `status --watch` says of a reading that failed: a server reached that refused it
+    (a key's type, an ACL) is not out of reach."""
+    return "Redis refused" if isinstance(exc, ResponseError) else "Redis unreachable"
+
+
 def _no_pool(pool: str, yet: str = "") -> str:
     """What `check` and `status` say of a pool the server holds no state of."""
     return (f"no pool {pool!r} on this server{' ' + yet if yet else ''}: nothing under "
@@ -487,8 +493,8 @@ def status(
         """No screen to redraw (a pipe, a file), or JSON asked for: each reading written out
         whole as it comes (a JSON object a line with --json)."""
         if isinstance(reading, Exception):  # on stderr, out of the readings' stream
-            errors.print(f"Redis unreachable: {reading}", markup=False, highlight=False,
-                         soft_wrap=True)
+            errors.print(f"{_watch_trouble(reading)}: {printable(str(reading))}", markup=False,
+                         highlight=False, soft_wrap=True)
             return
         try:
             if as_json:
@@ -513,8 +519,8 @@ def status(
                     append(reading)
                 elif isinstance(reading, Exception):
                     # escaped: a socket path or a server's message may hold "[/…]"
-                    live.update(f"[red]Redis unreachable:[/red] {escape(str(reading))}",
-                                refresh=True)
+                    live.update(f"[red]{_watch_trouble(reading)}:[/red] "
+                                f"{shown(str(reading))}", refresh=True)
                 else:
                     live.update(view.render_view(reading), refresh=True)
                 await asyncio.sleep(1.0)

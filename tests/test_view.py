@@ -1369,3 +1369,31 @@ def test_the_operators_views_read_a_server_out_of_memory(redis_url: str,
                                                env={"COLUMNS": "200"}).output
     finally:
         sync_redis.config_set("maxmemory", 0)
+
+
+def test_status_watch_says_a_server_that_refuses_the_reading_refused_it(redis_url: str) -> None:
+    """A key of the pool of another type (an edit by hand) makes the server refuse the
+    reading: the watch says it refused, not that it is out of reach, which would send the
+    operator to the network."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    keys = PoolKeys("refusing")
+    sync = redis.Redis.from_url(redis_url)
+    sync.set(keys.key("epoch"), "1-a")
+    sync.set(keys.key("ready"), "edited by hand")  # a list, by the schema
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "provisioner", "status", "--watch", "--redis-url", redis_url,
+         "--pool", "refusing"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "200"})
+    try:
+        assert watch.stderr is not None
+        line = watch.stderr.readline()
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=15) == 0
+    finally:
+        watch.kill()
+        watch.wait(timeout=10)
+    assert line.startswith("Redis refused: WRONGTYPE"), line

@@ -1230,11 +1230,13 @@ class Replica:
             else:
                 info.pop("taking_back", None)
             again = await self.scripts.heartbeat(self.replica_id, info, FORGET_REPLICA_MS)
-            # Unless the count went back between the two calls (an older copy put back while
-            # the Node API was asked): the next heartbeat compares with the first's and says
-            # so (a review: kept, the second's count hid that loss for good).
-            if again.count_since != beat.count_since or again.count > beat.count:
-                self._heartbeats = (again.count_since, again.count)
+            self._heartbeats = (again.count_since, again.count)
+            if again.count_since == beat.count_since and again.count <= beat.count:
+                # The count went back between the two calls: an older copy was put back while
+                # the Node API was asked. The next heartbeat is compared with the count this
+                # one would have left, and says so (a review: the second call's count, kept,
+                # hid that loss for good; the first's hid a copy one heartbeat old).
+                self._heartbeats = (beat.count_since, beat.count + 1)
 
     async def look_for_other_pools(self) -> None:
         """Find the other pools listening on this server: the probe channels subscribed on it

@@ -4119,9 +4119,10 @@ async def test_a_node_action_whose_outcome_the_server_refuses_makes_the_replica_
                               "memory > 'maxmemory'"), problem
 
 
+@pytest.mark.parametrize("beats_since_the_copy", [3, 0])
 async def test_a_copy_put_back_while_the_heartbeat_ends_its_hold_is_still_seen_as_a_loss(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, beats_since_the_copy: int,
 ) -> None:
     """Review of 1b78e02: the heartbeat's second call (the hold began or ended in it) takes its
     count as the one the next heartbeat compares with, unchecked. An older copy of the pool
@@ -4137,7 +4138,7 @@ async def test_a_copy_put_back_while_the_heartbeat_ends_its_hold_is_still_seen_a
     assert replica._taking_back
     keys = [key async for key in aredis.scan_iter(f"{replica.keys.base}*")]
     copy = {key: await aredis.dump(key) for key in keys}  # the older copy
-    for _ in range(3):
+    for _ in range(beats_since_the_copy):  # 0: a copy of the state before this heartbeat
         clock.advance(2_000)
         await replica.heartbeat()
     assert replica._taking_back

@@ -157,6 +157,14 @@ class Metrics:
             "channels, at the last heartbeat): the events' channels carry no pool and are "
             "shared by every database of a server, so each pool applies the other's events. "
             "Should be 0: one server per pool", registry=r)
+        self.server_may_evict = Gauge(
+            "provisioner_server_may_evict",
+            "1 while this replica's Redis server has a maxmemory and an eviction policy other "
+            "than noeviction (INFO memory, at the last heartbeat): full, it deletes the pool's "
+            "keys (allkeys-*) or those with a TTL (volatile-*) in silence, where under "
+            "noeviction it refuses writes, which the replicas see; 0 when it cannot evict; -1 "
+            "when INFO could not be read. Should be 0", registry=r)
+        self.server_may_evict.set(-1)
         self.scripts_info = Gauge(
             "provisioner_scripts_info",
             "1, labelled with the fingerprint of the Lua scripts this replica runs (a digest of "

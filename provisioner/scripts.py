@@ -378,6 +378,9 @@ class ReplicaSeen:
     #: it holds its scaling decisions until the Node API lists the nodes (the pool's state
     #: new or lost: Replica._taking_back)
     taking_back: bool = False
+    #: its server's eviction policy where that server may delete the pool's keys
+    #: (Replica.look_at_eviction), else ""
+    server_evicts: str = ""
 
     @classmethod
     def of(cls, replica_id: str, age_ms: int, details: Any,
@@ -406,7 +409,8 @@ class ReplicaSeen:
                    number("unsubscribed_s"), offset_s,
                    None if up_s is None or not math.isfinite(up_s) else up_s,
                    tuple(str(o)[:200] for o in others[:10]) if isinstance(others, list) else (),
-                   _fingerprint(said.get("scripts")), said.get("taking_back") is True)
+                   _fingerprint(said.get("scripts")), said.get("taking_back") is True,
+                   str(said.get("server_evicts") or "")[:40])
 
     @property
     def silent(self) -> bool:
@@ -423,7 +427,7 @@ class ReplicaSeen:
                 else round(self.clock_offset_s, 3),
                 "up_s": None if self.up_s is None else round(self.up_s, 1),
                 "other_pools": list(self.other_pools), "scripts": self.scripts,
-                "taking_back": self.taking_back}
+                "taking_back": self.taking_back, "server_evicts": self.server_evicts}
 
     def describe(self) -> str:
         if self.silent:
@@ -441,6 +445,9 @@ class ReplicaSeen:
             listening += f", another pool on its server: {', '.join(self.other_pools)}"
         if self.taking_back:  # a review: status showed nothing of the hold
             listening += ", no decision until the Node API lists the nodes it takes back"
+        if self.server_evicts:
+            listening += (f", its server may evict the pool's keys (maxmemory-policy "
+                          f"{self.server_evicts})")
         return f"{self.replica_id} (lag {lag}{listening})"
 
 

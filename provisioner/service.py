@@ -298,6 +298,9 @@ class Replica:
         #: the other pools whose replicas listen on this server, as the last heartbeat found
         #: them (`look_for_other_pools`): each applies this pool's events, and it theirs
         self.other_pools: list[str] = []
+        #: the server's eviction policy where it may evict the pool's keys (a maxmemory and a
+        #: policy other than noeviction, `look_at_eviction`), else ""
+        self.server_evicts = ""
         self._started_ms = self.clock.now_ms()
         #: the pool's epoch at this replica's last heartbeat, for the alarm when the state is
         #: lost, and passed by its ticks: scale_decide decides nothing under an epoch the pool
@@ -1154,6 +1157,7 @@ class Replica:
             self.metrics.errors.labels("other_pools").inc()
             self._trouble.exception("other-pools", "could not look for other pools on this "
                                     "server; the heartbeat goes on")
+        await self.look_at_eviction()
         info: dict[str, Any] = {
             "lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
             "started_ms": self._started_ms,
@@ -1164,6 +1168,8 @@ class Replica:
             info["clock_offset_s"] = round(self._clock_offset_s, 3)
         if self.other_pools:
             info["other_pools"] = self.other_pools
+        if self.server_evicts:
+            info["server_evicts"] = self.server_evicts
         if self._taking_back:  # `provisioner status` says it holds its decisions
             info["taking_back"] = True
         info["instance"] = self._instance
@@ -1279,6 +1285,41 @@ class Replica:
                         ", ".join(self.other_pools))
         self.other_pools = others
         self.metrics.other_pools.set(len(others))
+
+    async def look_at_eviction(self) -> None:
+        """Whether the server may delete the pool's keys to make room: a `maxmemory` with a
+        `maxmemory-policy` other than noeviction (INFO memory; CONFIG is often renamed or
+        refused where INFO is not). Full, such a server deletes keys in silence: any of the
+        pool's under allkeys-*, its activity windows, first-seen times and tombstones under
+        volatile-*; under noeviction it refuses the writes, which the replicas see and say
+        (/readyz). Logged when it changes, counted in `provisioner_server_may_evict`, said
+        in `provisioner status`; the replicas go on, as the server is the operator's."""
+        try:
+            memory = await self.redis.info("memory")
+        except ResponseError as exc:  # an ACL without INFO, a proxy: the heartbeat goes on
+            self._lasting.warning("eviction", "could not read the server's INFO memory (%s): "
+                                  "an eviction policy that may delete the pool's keys would "
+                                  "go unseen", exc)
+            self.metrics.server_may_evict.set(-1)
+            return
+        policy = str(memory.get("maxmemory_policy", "noeviction"))
+        try:
+            limit = int(memory.get("maxmemory", 0))
+        except (TypeError, ValueError):
+            limit = 0
+        evicts = policy if limit > 0 and policy != "noeviction" else ""
+        if evicts and evicts != self.server_evicts:
+            log.error("the Redis server may delete the pool's keys to make room: maxmemory "
+                      "%d bytes with maxmemory-policy %s. Full, it deletes %s in silence, and "
+                      "the pool's state is corrupt; set maxmemory-policy noeviction, under "
+                      "which it refuses writes instead (README, \"Using it\")", limit, policy,
+                      "any of the pool's keys" if policy.startswith("allkeys")
+                      else "the keys with a TTL (activity windows, first-seen times)")
+        elif self.server_evicts and not evicts:
+            log.warning("the Redis server can no longer evict the pool's keys (maxmemory-policy "
+                        "%s, maxmemory %d)", policy, limit)
+        self.server_evicts = evicts
+        self.metrics.server_may_evict.set(1 if evicts else 0)
 
     async def probe_lag(self) -> None:
         """Publish a probe (this process's monotonic time) on the replica's own channel. The

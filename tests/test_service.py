@@ -4161,3 +4161,63 @@ async def test_a_copy_put_back_while_the_heartbeat_ends_its_hold_is_still_seen_a
         clock.advance(2_000)
         await replica.heartbeat()
     assert counter(replica, "provisioner_state_lost_total") == 2, caplog.text
+
+
+async def test_a_replica_says_when_its_server_may_evict_the_pool_s_keys(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server with a maxmemory and a policy other than noeviction deletes keys in silence
+    once full (any of the pool's under allkeys-*): the pool's state corrupt, and no replica
+    would know. Each heartbeat reads INFO memory; the replica says it once, exports it, and
+    `provisioner status` names it. No maxmemory, or noeviction, and it cannot evict."""
+    before = {name: (await aredis.config_get(name))[name]
+              for name in ("maxmemory", "maxmemory-policy")}
+    try:
+        await replica.heartbeat()
+        assert counter(replica, "provisioner_server_may_evict") == 0
+        await aredis.config_set("maxmemory-policy", "allkeys-lru")  # no maxmemory: no eviction
+        await replica.heartbeat()
+        assert counter(replica, "provisioner_server_may_evict") == 0
+        await aredis.config_set("maxmemory", str(1 << 30))
+        with caplog.at_level(logging.WARNING, logger="provisioner.service"):
+            await replica.heartbeat()
+            await replica.heartbeat()
+        assert counter(replica, "provisioner_server_may_evict") == 1
+        said = [r.getMessage() for r in caplog.records if "may delete" in r.getMessage()]
+        assert said == ["the Redis server may delete the pool's keys to make room: maxmemory "
+                        f"{1 << 30} bytes with maxmemory-policy allkeys-lru. Full, it deletes "
+                        "any of the pool's keys in silence, and the pool's state is corrupt; "
+                        "set maxmemory-policy noeviction, under which it refuses writes "
+                        "instead (README, \"Using it\")"], said
+        [seen] = await replica.scripts.replicas()
+        assert seen.server_evicts == "allkeys-lru"
+        assert "its server may evict the pool's keys (maxmemory-policy allkeys-lru)" in (
+            seen.describe())
+        await aredis.config_set("maxmemory-policy", "noeviction")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="provisioner.service"):
+            await replica.heartbeat()
+        assert counter(replica, "provisioner_server_may_evict") == 0
+        assert "can no longer evict the pool's keys" in caplog.text
+        [seen] = await replica.scripts.replicas()
+        assert seen.server_evicts == "" and "evict" not in seen.describe()
+    finally:
+        for name, value in before.items():
+            await aredis.config_set(name, value)
+
+
+async def test_a_server_that_refuses_info_leaves_eviction_unknown_and_the_heartbeat_going(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ACL without INFO, or a proxy: the eviction policy cannot be read, which the replica
+    says (once an hour) and exports as -1; the heartbeat goes on."""
+    async def refused(*_: Any, **__: Any) -> Any:
+        raise ResponseError("NOPERM this user has no permissions to run the 'info' command")
+
+    replica.redis.info = refused  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="provisioner.service"):
+        await replica.heartbeat()
+        await replica.heartbeat()
+    assert counter(replica, "provisioner_server_may_evict") == -1
+    assert caplog.text.count("could not read the server's INFO memory (NOPERM") == 1
+    assert await aredis.zscore(replica.keys.key("replicas"), "r1") is not None

@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 #: reap_idle's reasons (lua/reap_idle.lua) and the places the replica counts errors in
 TERMINATION_REASONS = ("idle", "surplus_boot", "boot_timeout", "retry", "drained")
 ERROR_PLACES = ("event", "event_retry", "action", "subscribe", "tick", "heartbeat", "reconcile",
-                "unusable_id", "other_pools", "replica_id_shared")
+                "unusable_id", "other_pools", "eviction", "replica_id_shared")
 
 
 class Metrics:
@@ -163,7 +163,8 @@ class Metrics:
             "than noeviction (INFO memory, at the last heartbeat): full, it deletes the pool's "
             "keys (allkeys-*) or those with a TTL (volatile-*) in silence, where under "
             "noeviction it refuses writes, which the replicas see; 0 when it cannot evict; -1 "
-            "when INFO could not be read. Should be 0", registry=r)
+            "unknown: INFO refused or without those fields, or no heartbeat yet (none with "
+            "--heartbeat-interval 0). Should be 0", registry=r)
         self.server_may_evict.set(-1)
         self.scripts_info = Gauge(
             "provisioner_scripts_info",

@@ -410,7 +410,7 @@ class ReplicaSeen:
                    None if up_s is None or not math.isfinite(up_s) else up_s,
                    tuple(str(o)[:200] for o in others[:10]) if isinstance(others, list) else (),
                    _fingerprint(said.get("scripts")), said.get("taking_back") is True,
-                   str(said.get("server_evicts") or "")[:40])
+                   evicts[:40] if isinstance(evicts := said.get("server_evicts"), str) else "")
 
     @property
     def silent(self) -> bool:

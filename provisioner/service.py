@@ -1157,7 +1157,12 @@ class Replica:
             self.metrics.errors.labels("other_pools").inc()
             self._trouble.exception("other-pools", "could not look for other pools on this "
                                     "server; the heartbeat goes on")
-        await self.look_at_eviction()
+        try:
+            await self.look_at_eviction()
+        except Exception as exc:  # a read: the heartbeat's own write says if the server is gone
+            self.metrics.errors.labels("eviction").inc()
+            self._trouble.warning("eviction", "could not read the server's INFO memory (%s); "
+                                  "the heartbeat goes on", exc)
         info: dict[str, Any] = {
             "lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
             "started_ms": self._started_ms,
@@ -1204,12 +1209,7 @@ class Replica:
         if twin and not lost:
             self._say_twin()
         if lost:
-            self.metrics.state_lost.inc()
-            log.error("the pool's state in Redis %s. Sessions in progress and the nodes they "
-                      "hold are unknown now; reconciliation takes every node the Node API lists "
-                      "back as free (README, \"When Redis loses the pool's state\")", lost)
-            self._taking_back = True
-            self._lost_seen_ms = self.clock.now_ms()
+            self._state_lost(lost)
         if self._taking_back:
             # At once, not at the next interval, and before this replica's ticks decide on the
             # new epoch: until the nodes are back, the pool looks empty. Retried at the next
@@ -1239,10 +1239,23 @@ class Replica:
             self._heartbeats = (again.count_since, again.count)
             if again.count_since == beat.count_since and again.count <= beat.count:
                 # The count went back between the two calls: an older copy was put back while
-                # the Node API was asked. The next heartbeat is compared with the count this
-                # one would have left, and says so (a review: the second call's count, kept,
-                # hid that loss for good; the first's hid a copy one heartbeat old).
-                self._heartbeats = (beat.count_since, beat.count + 1)
+                # the Node API was asked. Said now: the count is the pool's, and the other
+                # replicas' beats lift it past any mark before this replica's next heartbeat
+                # could compare (reviews: the second call's count, kept, hid that loss; a
+                # mark one above the first's hid it wherever another replica beat).
+                self._state_lost(f"was put back from an older copy: it counts {again.count} "
+                                 "heartbeats, where this heartbeat's first call counted "
+                                 f"{beat.count}")
+
+    def _state_lost(self, how: str) -> None:
+        """The pool's state was lost, or put back from an older copy (`how`): counted, said,
+        and the ticks held until reconciliation takes the Node API's nodes back."""
+        self.metrics.state_lost.inc()
+        log.error("the pool's state in Redis %s. Sessions in progress and the nodes they hold "
+                  "are unknown now; reconciliation takes every node the Node API lists back as "
+                  "free (README, \"When Redis loses the pool's state\")", how)
+        self._taking_back = True
+        self._lost_seen_ms = self.clock.now_ms()
 
     async def look_for_other_pools(self) -> None:
         """Find the other pools listening on this server: the probe channels subscribed on it
@@ -1290,23 +1303,27 @@ class Replica:
         """Whether the server may delete the pool's keys to make room: a `maxmemory` with a
         `maxmemory-policy` other than noeviction (INFO memory; CONFIG is often renamed or
         refused where INFO is not). Full, such a server deletes keys in silence: any of the
-        pool's under allkeys-*, its activity windows, first-seen times and tombstones under
-        volatile-*; under noeviction it refuses the writes, which the replicas see and say
-        (/readyz). Logged when it changes, counted in `provisioner_server_may_evict`, said
-        in `provisioner status`; the replicas go on, as the server is the operator's."""
+        pool's under allkeys-*, under volatile-* those with a TTL (activity windows,
+        first-seen times, ended nodes' records, locks and leases); under noeviction it
+        refuses the writes, which the replicas see and say (/readyz). Logged when it
+        changes, counted in `provisioner_server_may_evict`, said in `provisioner status`;
+        the replicas go on, as the server is the operator's."""
         try:
             memory = await self.redis.info("memory")
         except ResponseError as exc:  # an ACL without INFO, a proxy: the heartbeat goes on
+            memory = {}
+            refused = str(exc)
+        else:
+            refused = "no maxmemory or maxmemory_policy in it"
+        policy, limit = memory.get("maxmemory_policy"), memory.get("maxmemory")
+        if not isinstance(policy, str) or not isinstance(limit, int):
+            # A setting, there until changed: said once an hour, not at every heartbeat.
             self._lasting.warning("eviction", "could not read the server's INFO memory (%s): "
                                   "an eviction policy that may delete the pool's keys would "
-                                  "go unseen", exc)
+                                  "go unseen", refused)
+            self.server_evicts = ""
             self.metrics.server_may_evict.set(-1)
             return
-        policy = str(memory.get("maxmemory_policy", "noeviction"))
-        try:
-            limit = int(memory.get("maxmemory", 0))
-        except (TypeError, ValueError):
-            limit = 0
         evicts = policy if limit > 0 and policy != "noeviction" else ""
         if evicts and evicts != self.server_evicts:
             log.error("the Redis server may delete the pool's keys to make room: maxmemory "
@@ -1314,7 +1331,8 @@ class Replica:
                       "the pool's state is corrupt; set maxmemory-policy noeviction, under "
                       "which it refuses writes instead (README, \"Using it\")", limit, policy,
                       "any of the pool's keys" if policy.startswith("allkeys")
-                      else "the keys with a TTL (activity windows, first-seen times)")
+                      else "the keys with a TTL (activity windows, first-seen times, ended "
+                      "nodes' records, locks and leases)")
         elif self.server_evicts and not evicts:
             log.warning("the Redis server can no longer evict the pool's keys (maxmemory-policy "
                         "%s, maxmemory %d)", policy, limit)

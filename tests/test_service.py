@@ -2504,6 +2504,14 @@ async def _readyz(replica: Replica) -> tuple[int, dict[str, Any]]:
         return response.status, await response.json()
 
 
+async def _the_one_problem(replica: Replica) -> str:
+    """What /readyz answers unready for: a 503 with one problem, that problem."""
+    status, body = await _readyz(replica)
+    assert status == 503, body
+    [problem] = body["problems"]
+    return str(problem)
+
+
 async def test_readyz_names_a_server_that_does_not_answer(replica: Replica) -> None:
     # A stalled server (SIGSTOP) gave "redis: ", a TimeoutError's empty text.
     class Stalled:
@@ -2532,9 +2540,7 @@ async def test_readyz_fails_while_the_server_refuses_the_replicas_writes(
             replica.handle_many([wire("user:connect", {"user_id": "u1"})]))
         await _until(lambda: counter(replica, "provisioner_errors_total",
                                      where="event_retry") >= 1)
-        status, body = await _readyz(replica)
-        assert status == 503, body
-        [problem] = body["problems"]
+        problem = await _the_one_problem(replica)
         assert problem.startswith("redis refuses writes for now: command not allowed when "
                                   "used memory > 'maxmemory'"), problem
         # What writes nothing does not say writes go through (a review: a batch of malformed
@@ -2580,9 +2586,7 @@ async def test_a_replica_whose_writes_go_unanswered_is_unready(replica: Replica)
     ticking = asyncio.create_task(replica._every(0.05, tick, "tick"))
     try:
         await _until(lambda: counter(replica, "provisioner_errors_total", where="tick") >= 1)
-        status, body = await _readyz(replica)
-        assert status == 503, body
-        [problem] = body["problems"]
+        problem = await _the_one_problem(replica)
         assert problem.startswith("redis refuses writes for now: no answer to its tick "
                                   "(Timeout reading from"), problem
         await _until(lambda: replica.writes_refused() is None)  # a tick went through
@@ -2621,9 +2625,7 @@ async def test_a_replica_whose_heartbeats_go_unanswered_is_unready_until_one_goe
     try:
         await _until(lambda: counter(replica, "provisioner_errors_total",
                                      where="heartbeat") >= 1)
-        status, body = await _readyz(replica)
-        assert status == 503, body
-        [problem] = body["problems"]
+        problem = await _the_one_problem(replica)
         assert problem.startswith("redis refuses writes for now: no answer to its heartbeat "
                                   "(Timeout reading from"), problem
         paused.clear()
@@ -2678,9 +2680,7 @@ async def test_a_pool_key_of_another_type_refuses_transitions_whole_and_says_so(
     assert "could not apply user:disconnect of u0 (dropped)" in caplog.text
     assert counter(replica, "provisioner_errors_total", where="event_retry") == 0
     assert await aredis.hget(replica.keys.key("alloc"), "u1") == "n1"  # nothing half-done
-    status, body = await _readyz(replica)
-    assert status == 503, body
-    [problem] = body["problems"]
+    problem = await _the_one_problem(replica)
     assert problem.startswith("every transition is refused until an operator repairs the key: "
                               f"WRONGTYPE pool key {stats} holds a string, not a hash"), problem
     # Its heartbeat is refused too: one that went through made it ready again (a review).
@@ -4090,9 +4090,7 @@ async def test_a_node_action_whose_outcome_the_server_refuses_makes_the_replica_
     assert api.created == ["node-1"]
     assert counter(replica, "provisioner_errors_total", where="action") == 1
     assert not any(r.exc_info for r in caplog.records)  # an outage, not a bug
-    status, body = await _readyz(replica)
-    assert status == 503, body
-    [problem] = body["problems"]
+    problem = await _the_one_problem(replica)
     assert problem.startswith("redis refuses writes for now: command not allowed when used "
                               "memory > 'maxmemory'"), problem
 

@@ -280,7 +280,7 @@ async def _replace(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scrip
             if not _for_now(exc):
                 raise
             state.refused = True
-            state.waiting, state.short = "the server to take its writes again", f" ({exc})"
+            state.waiting, state.short = WRITES_REFUSED, f" ({exc})"
             ended = False
         if ended:
             return outcome
@@ -308,7 +308,7 @@ async def _take_hold(client: aioredis.Redis, scripts: Scripts, run: str, at_once
         except RedisError as exc:
             if not _for_now(exc):
                 raise
-            waiting = f"the server to take its writes again ({exc})"
+            waiting = f"{WRITES_REFUSED} ({exc})"
             if clock() - began > wait_limit_s:
                 outcome.waited_for = waiting
                 return False
@@ -316,6 +316,10 @@ async def _take_hold(client: aioredis.Redis, scripts: Scripts, run: str, at_once
                 say(f"waiting for {waiting}")
                 said = True
         await asyncio.sleep(poll_s)
+
+
+#: What a run waits for while the server refuses its writes, at its start or in its rounds.
+WRITES_REFUSED = "the server to take its writes again"
 
 
 def _for_now(exc: RedisError) -> bool:

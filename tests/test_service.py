@@ -801,6 +801,17 @@ async def test_a_tick_refused_on_a_lost_state_is_no_decision_seen(
     assert counter(replica, "provisioner_scale_decision_age_seconds") == math.inf
 
 
+async def _tick_side_by_side(*replicas: Replica, turns: int) -> None:
+    """`turns` ticks of each replica in turn, each settled, then a second on every clock."""
+    for _ in range(turns):
+        for replica in replicas:
+            await replica.tick()
+        for replica in replicas:
+            await replica.settle()
+        for replica in replicas:
+            replica.clock.advance(1000)  # type: ignore[attr-defined]
+
+
 async def test_a_tick_that_finds_its_slot_held_by_a_clock_ahead_is_no_decision_seen(
     aredis: aioredis.Redis, api: FakeNodeApi,
 ) -> None:
@@ -809,12 +820,7 @@ async def test_a_tick_that_finds_its_slot_held_by_a_clock_ahead_is_no_decision_s
     Ticking reads stays as it was (the one ahead exports its own)."""
     ahead = make_replica(aredis, api, ManualClock(T0 + 90_000), "r-ahead")
     behind = make_replica(aredis, api, ManualClock(T0), "r-behind")
-    for _ in range(3):
-        await ahead.tick()
-        await behind.tick()
-        await ahead.settle()
-        ahead.clock.advance(1000)
-        behind.clock.advance(1000)
+    await _tick_side_by_side(ahead, behind, turns=3)
     assert counter(ahead, "provisioner_scale_decisions_total") == 3
     assert 0 <= counter(ahead, "provisioner_scale_decision_age_seconds") < 5
     assert counter(behind, "provisioner_scale_decisions_total") == 0
@@ -2898,13 +2904,7 @@ async def test_a_replica_behind_a_live_one_s_clock_by_minutes_decides_nothing_an
     behind = make_replica(aredis, api, ManualClock(T0), "r-behind",
                           pool=PoolConfig(min_ready=2, scaling_policy="heuristic", conversion=0))
     with caplog.at_level(logging.WARNING):
-        for _ in range(5):
-            await ahead.tick()
-            await behind.tick()
-            await ahead.settle()
-            await behind.settle()
-            ahead.clock.advance(1000)
-            behind.clock.advance(1000)
+        await _tick_side_by_side(ahead, behind, turns=5)
     assert counter(ahead, "provisioner_scale_decisions_total") == 5
     assert counter(behind, "provisioner_scale_decisions_total") == 0
     assert len(api.created) == 2  # the floor, once

@@ -20,8 +20,8 @@ from typing import Annotated, Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 import typer
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.live import Live
 from rich.markup import escape
@@ -36,6 +36,7 @@ from provisioner.config import (
     ServiceConfig,
     default_replica_id,
     number,
+    redis_trouble,
     redis_url_option,
     shown_url,
 )
@@ -294,12 +295,8 @@ def run(
     except CannotListen as exc:
         raise _fail(f"cannot run: {exc.strerror} ({options['http_host']}, "
                     f"{options['http_port']})") from None
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise _fail(f"cannot run: cannot reach Redis at {shown_url(service.redis_url)}: "
-                    f"{exc}") from None
-    except ResponseError as exc:  # reached, and refused: a database index, an ACL, a key's type
-        raise _fail(f"cannot run: Redis at {shown_url(service.redis_url)} refused: "
-                    f"{exc}") from None
+    except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+        raise _fail(f"cannot run: {redis_trouble(service.redis_url, exc)}") from None
     except (OSError, RedisError) as exc:
         raise _fail(f"cannot run: {exc}") from None
 
@@ -307,7 +304,8 @@ def run(
 def _watch_trouble(exc: Exception) -> str:
     """What `status --watch` says of a reading that failed: a server reached that refused it
     (a key's type, an ACL) is not out of reach."""
-    return "Redis refused" if isinstance(exc, ResponseError) else "Redis unreachable"
+    refused = isinstance(exc, ResponseError | AuthenticationError)
+    return "Redis refused" if refused else "Redis unreachable"
 
 
 def _no_pool(pool: str, yet: str = "") -> str:
@@ -364,7 +362,7 @@ def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         said = str(exc).rstrip(". ") if hint else str(exc)
         raise _fail(f"Redis at {shown_url(url)} refused: {said}{hint}") from None
     except (OSError, RedisError) as exc:
-        raise _fail(f"cannot reach Redis at {shown_url(url)}: {exc}") from None
+        raise _fail(redis_trouble(url, exc)) from None
 
 
 def _pool_keys(pool: str) -> PoolKeys:

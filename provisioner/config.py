@@ -346,6 +346,20 @@ def _run_on_reason(url: str) -> str | None:
     return _RUN_ON_PASSWORD if sep and _password_runs_on(*_authority(rest)) else None
 
 
+def redis_trouble(url: str, exc: BaseException) -> str:
+    """What a command says of a Redis it could not use: a server that answered and refused (a
+    database index, an ACL, a key's type, the credentials) is not out of reach. redis-py files
+    a wrong password (WRONGPASS, NOAUTH) as a connection error; said "cannot reach", it sent
+    the operator to the network."""
+    from redis.exceptions import AuthenticationError, ResponseError
+
+    if isinstance(exc, AuthenticationError):
+        return f"Redis at {shown_url(url)} refused the credentials: {exc}"
+    if isinstance(exc, ResponseError):
+        return f"Redis at {shown_url(url)} refused: {exc}"
+    return f"cannot reach Redis at {shown_url(url)}: {str(exc) or type(exc).__name__}"
+
+
 def shown_url(url: str) -> str:
     """`url` with its password as `***`, what a message or a log line may show of it: the
     userinfo's after its first ':' (its authority read as the clients read it, up to the first

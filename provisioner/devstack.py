@@ -35,7 +35,7 @@ from rich.text import Text
 
 from provisioner import view
 from provisioner.clock import server_now_ms
-from provisioner.config import PoolConfig, shown_url
+from provisioner.config import PoolConfig, redis_trouble
 from provisioner.keys import PoolKeys
 from provisioner.redis_server import RedisServer, free_port, parent_death_signal, start_server
 from provisioner.simulator import Parsed
@@ -222,9 +222,9 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             server = start_server()
             redis_url = server.url
             say(f"private server {server.binary} on {redis_url}")
-        elif problem := _unreachable(redis_url):
+        elif problem := _unusable(redis_url):
             # Every process would start, fail and exit, and the view wait for them for ever.
-            raise RuntimeError(f"cannot reach Redis at {shown_url(redis_url)}: {problem}")
+            raise RuntimeError(problem)
         # The URL goes in the environment, not on the command line: a command line is every
         # local user's to read (ps, /proc/PID/cmdline), and the URL may carry a password.
         env = {"PROVISIONER_REDIS_URL": redis_url}
@@ -271,8 +271,9 @@ def stack(redis_url: str | None = None, replicas: int = 2,
                 shutil.rmtree(logdir, ignore_errors=True)
 
 
-def _unreachable(redis_url: str) -> str | None:
-    """Why the server at `redis_url` does not answer PING within 5 s, or None."""
+def _unusable(redis_url: str) -> str | None:
+    """Why the server at `redis_url` does not answer PING within 5 s (out of reach, or refusing
+    the credentials), or None."""
     import redis
 
     try:
@@ -280,7 +281,7 @@ def _unreachable(redis_url: str) -> str | None:
                                   socket_connect_timeout=5) as client:
             client.ping()
     except (OSError, RedisError) as exc:
-        return str(exc) or type(exc).__name__
+        return redis_trouble(redis_url, exc)
     return None
 
 

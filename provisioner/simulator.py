@@ -38,7 +38,7 @@ import typer
 from redis.exceptions import RedisError
 
 from provisioner.clock import sleep_unless
-from provisioner.config import redis_url_option, shown_url
+from provisioner.config import redis_trouble, redis_url_option
 from provisioner.logs import setup_logging
 
 log = logging.getLogger("provisioner.simulator")
@@ -359,7 +359,7 @@ def command(
             try:
                 await redis.ping()  # a server that cannot be reached at the start is an error
             except (OSError, RedisError) as exc:
-                raise CannotReach(f"cannot reach Redis at {shown_url(redis_url)}: {exc}") from None
+                raise CannotReach(redis_trouble(redis_url, exc)) from None
             counts = await publish(redis, events, speed, stop)
             log.info("done: %s", counts)
         finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 
@@ -114,6 +115,20 @@ def redis_url() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def wrong_password_url(redis_url: str) -> Iterator[str]:
+    """`redis_url` as a user the server knows (an ACL user of its own), with a password it
+    does not."""
+    user = f"operator-{uuid.uuid4().hex[:8]}"
+    with redis.Redis.from_url(redis_url) as client:
+        client.acl_setuser(user, enabled=True, passwords=["+right"], keys=["*"],
+                           channels=["*"], commands=["+@all"])
+        try:
+            yield redis_url.replace("redis://", f"redis://{user}:wrong@", 1)
+        finally:
+            client.acl_deluser(user)
 
 
 @pytest.fixture

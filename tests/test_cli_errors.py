@@ -734,3 +734,23 @@ def test_an_empty_redis_url_is_named_a_bad_url_not_a_server_out_of_reach(
     assert "error: bad Redis URL '': Redis URL must specify one of the following schemes" in (
         output), output
     assert "cannot reach" not in output, output
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "--node-api-url", "http://127.0.0.1:1", "--http-port", "0"],
+    ["status"],
+    ["check"],
+    ["simulate"],
+])
+def test_a_wrong_password_is_said_as_refused_not_as_a_server_out_of_reach(
+        command: list[str], wrong_password_url: str) -> None:
+    """redis-py files WRONGPASS as a connection error, and every command said "cannot reach
+    Redis at …: invalid username-password pair": the reason was there, but the words sent the
+    operator to the network before the secret."""
+    code, output = invoke(*command, "--redis-url", wrong_password_url)
+    said = " ".join(output.split())
+    assert code == 2, output
+    shown = wrong_password_url.replace(":wrong@", ":***@")
+    assert (f"Redis at {shown} refused the credentials: invalid username-password pair"
+            in said), output
+    assert "cannot reach" not in said and ":wrong@" not in said, output

@@ -89,6 +89,20 @@ def test_the_dev_stack_leaves_no_process_however_it_is_stopped(stop: signal.Sign
             os.kill(pid, signal.SIGKILL)
 
 
+def test_the_dev_stack_says_a_wrong_password_is_refused(tmp_path: Path,
+                                                        wrong_password_url: str) -> None:
+    """`make run` against a configured server whose password is wrong said "cannot reach
+    Redis": the server answered, and refused the credentials."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PROVISIONER_DEV_TEST": str(tmp_path)}
+    refused = subprocess.run([sys.executable, "-m", "provisioner", "dev", "--redis-url",
+                              wrong_password_url], env=env, capture_output=True, text=True,
+                             timeout=60)
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode == 1, refused
+    assert "refused the credentials: invalid username-password pair" in said, said
+    assert "cannot reach" not in said and ":wrong@" not in said, said
+    assert "mock Node API" not in refused.stdout  # nothing was started
+
 def test_the_dev_stack_refuses_what_it_cannot_run_before_starting_anything(
         tmp_path: Path) -> None:
     """Found by a review: with an unreachable --redis-url every process started, failed and

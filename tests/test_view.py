@@ -1371,22 +1371,16 @@ def test_the_operators_views_read_a_server_out_of_memory(redis_url: str,
         sync_redis.config_set("maxmemory", 0)
 
 
-def test_status_watch_says_a_server_that_refuses_the_reading_refused_it(redis_url: str) -> None:
-    """A key of the pool of another type (an edit by hand) makes the server refuse the
-    reading: the watch says it refused, not that it is out of reach, which would send the
-    operator to the network."""
+def _first_trouble_of_a_watch(redis_url: str, pool: str) -> str:
+    """The first line `status --watch` writes to stderr, then stopped as Ctrl-C does."""
     import os
     import signal
     import subprocess
     import sys
 
-    keys = PoolKeys("refusing")
-    sync = redis.Redis.from_url(redis_url)
-    sync.set(keys.key("epoch"), "1-a")
-    sync.set(keys.key("ready"), "edited by hand")  # a list, by the schema
     watch = subprocess.Popen(
         [sys.executable, "-m", "provisioner", "status", "--watch", "--redis-url", redis_url,
-         "--pool", "refusing"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "--pool", pool], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "COLUMNS": "200"})
     try:
         assert watch.stderr is not None
@@ -1396,4 +1390,23 @@ def test_status_watch_says_a_server_that_refuses_the_reading_refused_it(redis_ur
     finally:
         watch.kill()
         watch.wait(timeout=10)
+    return line
+
+
+def test_status_watch_says_a_server_that_refuses_the_reading_refused_it(redis_url: str) -> None:
+    """A key of the pool of another type (an edit by hand) makes the server refuse the
+    reading: the watch says it refused, not that it is out of reach, which would send the
+    operator to the network."""
+    keys = PoolKeys("refusing")
+    sync = redis.Redis.from_url(redis_url)
+    sync.set(keys.key("epoch"), "1-a")
+    sync.set(keys.key("ready"), "edited by hand")  # a list, by the schema
+    line = _first_trouble_of_a_watch(redis_url, "refusing")
     assert line.startswith("Redis refused: WRONGTYPE"), line
+
+
+def test_status_watch_says_a_wrong_password_was_refused(wrong_password_url: str) -> None:
+    """redis-py files a wrong password as a connection error: the watch said "Redis
+    unreachable" of a server that answered."""
+    line = _first_trouble_of_a_watch(wrong_password_url, "default")
+    assert line.startswith("Redis refused: invalid username-password pair"), line

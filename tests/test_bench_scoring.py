@@ -113,6 +113,32 @@ def test_given_up_counts_the_terminations_a_create_followed_within_a_boot() -> N
     assert board.given_up(60.0).ready_followed == 1
 
 
+def test_unserved_counts_the_nodes_created_in_the_window_that_no_session_held() -> None:
+    board = Scoreboard(duration_s=1000.0, terminate_delay_s=5.0, scored_from_s=100.0)
+    board.node_created("warm", 0.0)  # created before the scored window: not counted
+    board.node_ready("warm", 50.0)
+    board.node_created("hit", 110.0)
+    board.node_ready("hit", 170.0)
+    board.connect_hit("u1", "hit", 200.0)
+    board.node_created("waited", 120.0)
+    board.connect_miss("u2", 150.0)
+    board.node_ready("waited", 180.0)
+    board.served_after_wait("u2", "waited", 180.0)
+    board.node_created("idle", 300.0)
+    board.node_ready("idle", 360.0)
+    board.node_terminate_requested("idle", 600.0)  # billed 300-605, 60 s of it booting
+    board.node_created("given-up", 700.0)
+    board.node_terminate_requested("given-up", 730.0)  # billed 700-735, all booting
+    board.node_created("late", 990.0)  # still booting at the end: 10 s
+    unserved = board.unserved()
+    assert (unserved.created, unserved.unserved) == (5, 3)
+    assert unserved.billed_hours * 3600 == pytest.approx(305 + 35 + 10)
+    assert unserved.booting_hours * 3600 == pytest.approx(60 + 30 + 10)
+    assert unserved.describe() == (
+        "never served: 3 of the 5 nodes created held no session, 0.10 h billed (0.03 h of it "
+        "booting)")
+
+
 def test_nearest_rank_percentile() -> None:
     assert nearest_rank([], 95.0) == 0.0
     # 20 waits 1..20: rank ceil(0.95 * 20) = 19 -> 19.

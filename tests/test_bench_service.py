@@ -188,6 +188,11 @@ def test_bench_replay_json_has_exactly_the_scores(
     assert node_time is not None
     assert (float(node_time[1]), float(node_time[2])) == (
         round(printed["node_hours"], 2), round(printed["busy_hours"], 2))
+    unserved = re.search(r"^never served: (\d+) of the (\d+) nodes created held no session, "
+                         r"[\d.]+ h billed \([\d.]+ h of it booting\)$", result.stderr,
+                         re.MULTILINE)
+    assert unserved is not None
+    assert int(unserved[1]) <= int(unserved[2]) == printed["nodes_created"]
     assert list(printed) == [
         "connects", "misses", "miss_rate", "wait_p95_s", "abandoned", "nodes_created",
         "node_hours", "busy_hours", "cost_ratio"]

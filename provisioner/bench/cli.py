@@ -237,6 +237,7 @@ def replay(
     typer.echo(board.node_time().describe(), err=True)
     typer.echo(board.given_up(mean_lead_s(trace.boot_delays, trace.api_latency_s)).describe(),
                err=True)
+    typer.echo(board.unserved().describe(), err=True)
     if isinstance(replayed, service_policy.ServicePolicy):
         if misses_path is not None:
             _write_misses(misses_path, replayed.misses)

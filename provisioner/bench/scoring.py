@@ -72,6 +72,23 @@ class GivenUp:
                 f"{self.within_s:.0f}s, one mean boot")
 
 
+@dataclass(frozen=True)
+class Unserved:
+    """The nodes created in a replay's scored window that no session ever held (not a score of
+    FORMAT.md): what they were billed in the window, and how much of that was their boot. A
+    node that served none was bought for a need that did not come while it lived."""
+
+    created: int
+    unserved: int
+    billed_hours: float
+    booting_hours: float
+
+    def describe(self) -> str:
+        return (f"never served: {self.unserved} of the {self.created} nodes created held no "
+                f"session, {self.billed_hours:.2f} h billed ({self.booting_hours:.2f} h of it "
+                "booting)")
+
+
 def nearest_rank(values: list[float], percentile: float) -> float:
     """Nearest-rank percentile: the smallest value with at least `percentile`% at or below it."""
     if not values:
@@ -101,6 +118,7 @@ class Scoreboard:
         self._ready_at: dict[str, float] = {}
         self._terminate_requested: dict[str, float] = {}
         self._allocated_at: dict[str, float] = {}
+        self._served: set[str] = set()  # every node a session has held
         self._missed_at: dict[str, float] = {}
         self._waits: list[float] = []
         self._busy_s = 0.0
@@ -125,6 +143,7 @@ class Scoreboard:
         if self._scored(t):
             self._connects += 1
         self._allocated_at[user_id] = t
+        self._served.add(node_id)
 
     def connect_miss(self, user_id: str, t: float) -> None:
         if self._scored(t):
@@ -137,6 +156,7 @@ class Scoreboard:
         if self._scored(missed):
             self._waits.append(t - missed)
         self._allocated_at[user_id] = t
+        self._served.add(node_id)
 
     def released(self, user_id: str, t: float) -> None:
         """The user's allocation interval ends: its part in the scored window was busy time."""
@@ -172,6 +192,20 @@ class Scoreboard:
         booting_h, terminating_h = booting_s / 3600.0, terminating_s / 3600.0
         return NodeTime(billed_h, scores.busy_hours, booting_h, terminating_h,
                         billed_h - scores.busy_hours - booting_h - terminating_h)
+
+    def unserved(self) -> Unserved:
+        """The nodes created in the scored window, and those of them no session held by the end
+        of the replay, with their billed and booting time inside the window."""
+        end = self.duration_s
+        created = [node for node, t in self._created.items() if self._scored(t)]
+        idle = [node for node in created if node not in self._served]
+        billed_s = sum(self._inside(self._created[node], self._billed_until.get(node, end))
+                       for node in idle)
+        booting_s = sum(
+            self._inside(self._created[node], min(self._ready_at.get(node, end),
+                                                  self._terminate_requested.get(node, end)))
+            for node in idle)
+        return Unserved(len(created), len(idle), billed_s / 3600.0, booting_s / 3600.0)
 
     def given_up(self, within_s: float) -> GivenUp:
         """The scored window's terminations, split by whether the node had become ready, and

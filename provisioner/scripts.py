@@ -376,7 +376,7 @@ class ReplicaSeen:
     #: before the field); UNREADABLE_FINGERPRINT: a hand wrote what is not one
     scripts: str | None = None
     #: it holds its scaling decisions until the Node API lists the nodes (the pool's state
-    #: new or lost: Replica._taking_back)
+    #: new or lost: Replica._taking_back_since)
     taking_back: bool = False
     #: its server's eviction policy where that server may delete the pool's keys
     #: (Replica.look_at_eviction), else ""

@@ -305,14 +305,15 @@ class Replica:
         #: the pool's epoch at this replica's last heartbeat, for the alarm when the state is
         #: lost, and passed by its ticks: scale_decide decides nothing under an epoch the pool
         #: does not hold. After a loss, while the Node API's nodes are not yet taken back
-        #: (`_taking_back`, since `_lost_seen_ms`), the ticks decide nothing either: no tick
-        #: boots a pool beside the running nodes
+        #: (`_taking_back_since`), the ticks decide nothing either: no tick boots a pool beside
+        #: the running nodes
         self._epoch = ""
         #: when the pool's count of heartbeats began, and the count, as this replica's last
         #: heartbeat got them (none yet: '', 0)
         self._heartbeats: tuple[str, int] = ("", 0)
-        self._taking_back = False
-        self._lost_seen_ms = 0
+        #: when this replica's hold on its decisions began (its clock, ms), while it takes the
+        #: Node API's nodes back after a loss or on a young state; None when it holds none
+        self._taking_back_since: int | None = None
         #: set once this replica has had its first turn at reconciliation (run waits for it
         #: before its first scaling decision)
         self._looked = asyncio.Event()
@@ -1221,7 +1222,7 @@ class Replica:
             counts = await self.reconcile()
             if counts is not None:
                 log.warning("reconciliation after the loss: %s", counts)
-                self._taking_back = False
+                self._taking_back_since = None
             elif not self._take_back_over(self.clock.now_ms()):
                 self._trouble.warning(
                     "take-back", "reconciliation after the loss had no node list from the Node "
@@ -1254,8 +1255,7 @@ class Replica:
         log.error("the pool's state in Redis %s. Sessions in progress and the nodes they hold "
                   "are unknown now; reconciliation takes every node the Node API lists back as "
                   "free (README, \"When Redis loses the pool's state\")", how)
-        self._taking_back = True
-        self._lost_seen_ms = self.clock.now_ms()
+        self._taking_back_since = self.clock.now_ms()
 
     async def look_for_other_pools(self) -> None:
         """Find the other pools listening on this server: the probe channels subscribed on it
@@ -1469,13 +1469,12 @@ class Replica:
                 counts = await self.reconcile()
                 listed = counts is not None
                 if listed:
-                    self._taking_back = False  # the nodes are back, whoever held
+                    self._taking_back_since = None  # the nodes are back, whoever held
                 if counts and any(n for what, n in counts.items() if what != LEFT_FOR_LATER):
                     log.warning("reconciliation repaired the pool: %s", counts)
         finally:
             if young and not listed and not self.node_api.has_no_list:
-                self._taking_back = True
-                self._lost_seen_ms = self.clock.now_ms() - age_ms
+                self._taking_back_since = self.clock.now_ms() - age_ms
                 log.warning("the pool's state began %.0fs ago and this replica's first "
                             "reconciliation had no node list: no scaling decision until it "
                             "has one (retried every heartbeat, until %.0fs from the state's "
@@ -1497,6 +1496,11 @@ class Replica:
             return TAKE_BACK_FAILING_PATIENCE_MS + 3_600_000
         return now - int(began)
 
+    @property
+    def _taking_back(self) -> bool:
+        """Whether this replica holds its scaling decisions until the Node API lists the nodes."""
+        return self._taking_back_since is not None
+
     def _take_back_patience_ms(self) -> int:
         return (TAKE_BACK_PATIENCE_MS if self.node_api.has_no_list
                 else TAKE_BACK_FAILING_PATIENCE_MS)
@@ -1504,13 +1508,15 @@ class Replica:
     def _take_back_over(self, now_ms: int) -> bool:
         """Whether the hold on the ticks has waited out its patience with no node list; if so
         it ends here, for the heartbeat's retry and the ticks alike, and is said once."""
-        waited_ms = now_ms - self._lost_seen_ms
+        if self._taking_back_since is None:  # no hold to end
+            return False
+        waited_ms = now_ms - self._taking_back_since
         if waited_ms < self._take_back_patience_ms():
             return False
         log.error("no node list from the Node API in %.0fs since the pool's state was lost or "
                   "began: deciding again; the nodes come back through their status or a later "
                   "reconciliation", waited_ms / 1000)
-        self._taking_back = False
+        self._taking_back_since = None
         return True
 
     async def publish_config(self) -> None:

@@ -2552,9 +2552,9 @@ async def test_readyz_fails_while_the_server_refuses_the_replicas_writes(
         # What writes nothing does not say writes go through (a review: a batch of malformed
         # messages, a tick while the pool is taken back after a loss, made it ready again).
         await replica.handle_many([wire("user:connect", "not json")])
-        replica._taking_back, replica._lost_seen_ms = True, replica.clock.now_ms()
+        replica._taking_back_since = replica.clock.now_ms()
         await replica.tick()
-        replica._taking_back = False
+        replica._taking_back_since = None
         assert (await _readyz(replica))[0] == 503
     finally:
         await aredis.config_set("maxmemory", 0)
@@ -3522,7 +3522,7 @@ async def test_the_take_back_hold_on_a_first_turn_fails_safe_and_ends_on_time(
     assert not r1._taking_back and api.created == []
     # and with no list at all, the ticks end it once the patience has passed
     api.listed = None
-    r1._taking_back, r1._lost_seen_ms = True, clock.now_ms()
+    r1._taking_back_since = clock.now_ms()
     clock.advance(599_000)
     await r1.tick()
     assert r1._taking_back and api.created == []

@@ -175,16 +175,19 @@ class Scoreboard:
         """Seconds of [start, end] inside the scored window."""
         return max(0.0, min(end, self.duration_s) - max(start, self.scored_from_s))
 
+    def _booting_s(self, node: str) -> float:
+        """Seconds of the scored window `node` spent booting: from its create request to ready,
+        or to a terminate request before ready, or to the end."""
+        end = self.duration_s
+        return self._inside(self._created[node], min(self._ready_at.get(node, end),
+                                                     self._terminate_requested.get(node, end)))
+
     def node_time(self) -> NodeTime:
         """Where the billed node time of the scored window went (not a score of FORMAT.md):
         booting (create request to ready, or to a terminate request before ready), allocated,
         after a terminate request, and the rest, ready and idle."""
-        end = self.duration_s
         scores = self.close()
-        booting_s = sum(
-            self._inside(created, min(self._ready_at.get(node, end),
-                                      self._terminate_requested.get(node, end)))
-            for node, created in self._created.items())
+        booting_s = sum(self._booting_s(node) for node in self._created)
         terminating_s = sum(
             self._inside(requested, self._billed_until[node])
             for node, requested in self._terminate_requested.items())
@@ -201,10 +204,7 @@ class Scoreboard:
         idle = [node for node in created if node not in self._served]
         billed_s = sum(self._inside(self._created[node], self._billed_until.get(node, end))
                        for node in idle)
-        booting_s = sum(
-            self._inside(self._created[node], min(self._ready_at.get(node, end),
-                                                  self._terminate_requested.get(node, end)))
-            for node in idle)
+        booting_s = sum(self._booting_s(node) for node in idle)
         return Unserved(len(created), len(idle), billed_s / 3600.0, booting_s / 3600.0)
 
     def given_up(self, within_s: float) -> GivenUp:

@@ -708,10 +708,14 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_lets_go_of_its_hold(redis_url: s
     assert sync.get(keys.key("replacing")) is None
 
 
-async def writes_refused(pool: PoolUnderTest, seconds: float) -> None:
-    """The server refuses every write for `seconds` (`maxmemory 1`), then takes them again."""
+async def writes_refused(pool: PoolUnderTest, seconds: float, *,
+                         meanwhile: Callable[[], Awaitable[object]] | None = None) -> None:
+    """The server refuses every write for `seconds` (`maxmemory 1`), then takes them again;
+    `meanwhile` is awaited once the refusal has begun."""
     await pool.redis.config_set("maxmemory", 1)
     try:
+        if meanwhile is not None:
+            await meanwhile()
         await asyncio.sleep(seconds)
     finally:
         await pool.redis.config_set("maxmemory", 0)
@@ -741,8 +745,11 @@ async def test_a_server_refusing_writes_for_a_while_is_waited_out(pool: PoolUnde
         pool.redis, pool.keys, cutoff, by="op", wait_limit_s=5, say=said.append,
         poll_s=0.05))
     await asyncio.sleep(0.2)
-    await pool.redis.pexpire(pool.keys.key("replacing"), 300)
-    await writes_refused(pool, 0.6)
+    # The lease cut to 0.3 s once the writes are refused (PEXPIRE is taken out of memory), not
+    # before: a renewal landing between the cut and the refusal gave the lease back, and the
+    # run went on as if none had lapsed (a failure under load, made sure of with a pause there).
+    await writes_refused(pool, 0.6, meanwhile=lambda: pool.redis.pexpire(
+        pool.keys.key("replacing"), 300))
     outcome = await asyncio.wait_for(run, 10)
     assert outcome.taken_back == "" and outcome.lapsed, outcome
 

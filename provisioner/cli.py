@@ -20,8 +20,8 @@ from typing import Annotated, Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 import typer
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.live import Live
 from rich.markup import escape
@@ -36,6 +36,7 @@ from provisioner.config import (
     ServiceConfig,
     default_replica_id,
     number,
+    redis_refused,
     redis_trouble,
     redis_url_option,
     shown_url,
@@ -303,9 +304,8 @@ def run(
 
 def _watch_trouble(exc: Exception) -> str:
     """What `status --watch` says of a reading that failed: a server reached that refused it
-    (a key's type, an ACL) is not out of reach."""
-    refused = isinstance(exc, ResponseError | AuthenticationError)
-    return "Redis refused" if refused else "Redis unreachable"
+    (a key's type, an ACL, the credentials, its maxclients) is not out of reach."""
+    return "Redis refused" if redis_refused(exc) else "Redis unreachable"
 
 
 def _no_pool(pool: str, yet: str = "") -> str:

@@ -346,18 +346,68 @@ def _run_on_reason(url: str) -> str | None:
     return _RUN_ON_PASSWORD if sep and _password_runs_on(*_authority(rest)) else None
 
 
+def redis_refused(exc: BaseException) -> bool:
+    """Whether the server answered and refused (a database index, an ACL, a key's type, the
+    credentials, its maxclients, a dataset still loading), rather than was out of reach.
+    redis-py files the credentials, a full server and one loading as connection errors."""
+    from redis.exceptions import (
+        AuthenticationError,
+        AuthorizationError,
+        BusyLoadingError,
+        ExternalAuthProviderError,
+        ResponseError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return (isinstance(exc, ResponseError | AuthenticationError | AuthorizationError
+                       | ExternalAuthProviderError | BusyLoadingError)
+            or _full(exc, RedisConnectionError))
+
+
+def _full(exc: BaseException, connection_error: type[BaseException]) -> bool:
+    """A server at its maxclients: MaxClientsReachedError where redis-py has it, a plain
+    ConnectionError of the server's words before."""
+    return isinstance(exc, connection_error) and str(exc).startswith(
+        "max number of clients reached")
+
+
+def _has_credentials(url: str) -> bool:
+    """Whether `url` gives the client a user or a password (in its userinfo or its query)."""
+    from redis.connection import parse_url
+
+    try:
+        parsed = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        return True  # not to be said "gives none" on a guess
+    return bool(parsed.get("username") or parsed.get("password"))
+
+
 def redis_trouble(url: str, exc: BaseException) -> str:
     """What a command says of a Redis it could not use: a server that answered and refused (a
-    database index, an ACL, a key's type, the credentials) is not out of reach. redis-py files
-    a wrong password (WRONGPASS, NOAUTH) as a connection error; said "cannot reach", it sent
-    the operator to the network."""
-    from redis.exceptions import AuthenticationError, ResponseError
+    database index, an ACL, a key's type, the credentials, its maxclients) is not out of reach.
+    redis-py files a wrong password (WRONGPASS, NOAUTH), a full server and one still loading as
+    connection errors; said "cannot reach", they sent the operator to the network."""
+    from redis.exceptions import (
+        AuthenticationError,
+        AuthorizationError,
+        BusyLoadingError,
+        ExternalAuthProviderError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
-    if isinstance(exc, AuthenticationError):
-        return f"Redis at {shown_url(url)} refused the credentials: {exc}"
-    if isinstance(exc, ResponseError):
-        return f"Redis at {shown_url(url)} refused: {exc}"
-    return f"cannot reach Redis at {shown_url(url)}: {str(exc) or type(exc).__name__}"
+    shown = shown_url(url)
+    if isinstance(exc, AuthenticationError | AuthorizationError | ExternalAuthProviderError):
+        if not _has_credentials(url):
+            return f"Redis at {shown} asks for credentials, and the URL gives none: {exc}"
+        return f"Redis at {shown} refused the credentials: {exc}"
+    if _full(exc, RedisConnectionError):
+        return (f"Redis at {shown} refused the connection: {exc} (its maxclients: the "
+                "connections of other clients fill it)")
+    if isinstance(exc, BusyLoadingError):
+        return f"Redis at {shown} answered, and is still loading its data: {exc}"
+    if redis_refused(exc):
+        return f"Redis at {shown} refused: {exc}"
+    return f"cannot reach Redis at {shown}: {str(exc) or type(exc).__name__}"
 
 
 def shown_url(url: str) -> str:

@@ -1223,7 +1223,9 @@ class Replica:
             if counts is not None:
                 log.warning("reconciliation after the loss: %s", counts)
                 self._taking_back_since = None
-            elif not self._take_back_over(self.clock.now_ms()):
+            elif self._taking_back and not self._take_back_over(self.clock.now_ms()):
+                # (a tick, or a reconciliation with the list, may have ended the hold while
+                # this one waited for the Node API: nothing is held to be said of)
                 self._trouble.warning(
                     "take-back", "reconciliation after the loss had no node list from the Node "
                     "API: no scaling decision until it has one (retried every heartbeat, for "

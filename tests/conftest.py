@@ -132,6 +132,32 @@ def wrong_password_url(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def full_redis_url() -> Iterator[str]:
+    """A server of its own at its maxclients (1), the one connection held here: it answers a
+    new client "max number of clients reached" and closes."""
+    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
+    held = redis.Redis.from_url(server.url)
+    try:
+        held.config_set("maxclients", 1)
+        yield server.url
+    finally:
+        held.close()
+        server.stop()
+
+
+@pytest.fixture
+def password_redis_url() -> Iterator[str]:
+    """A server of its own that asks for a password (requirepass), its URL without one."""
+    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
+    try:
+        with redis.Redis.from_url(server.url) as client:
+            client.config_set("requirepass", "right")
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushall()

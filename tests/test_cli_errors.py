@@ -754,3 +754,48 @@ def test_a_wrong_password_is_said_as_refused_not_as_a_server_out_of_reach(
     assert (f"Redis at {shown} refused the credentials: invalid username-password pair"
             in said), output
     assert "cannot reach" not in said and ":wrong@" not in said, output
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "--node-api-url", "http://127.0.0.1:1", "--http-port", "0"],
+    ["status"],
+    ["check"],
+    ["simulate"],
+])
+def test_a_server_at_its_maxclients_is_said_to_refuse_not_to_be_out_of_reach(
+        command: list[str], full_redis_url: str) -> None:
+    """Found by a review: redis-py files "max number of clients reached" as a connection
+    error, and every command said "cannot reach Redis" of a server that answered."""
+    code, output = invoke(*command, "--redis-url", full_redis_url)
+    said = " ".join(output.split())
+    assert code == 2, output
+    assert (f"Redis at {full_redis_url} refused the connection: max number of clients "
+            "reached" in said), output
+    assert "cannot reach" not in said, output
+
+
+@pytest.mark.parametrize("command", [["status"], ["check"], ["simulate"]])
+def test_a_server_that_asks_for_a_password_the_url_lacks_says_so(
+        command: list[str], password_redis_url: str) -> None:
+    """Found by a review: a URL with no credentials to a server that asks for them was said to
+    have its credentials refused, which sent the operator to a password that was right."""
+    code, output = invoke(*command, "--redis-url", password_redis_url)
+    said = " ".join(output.split())
+    assert code == 2, output
+    assert (f"Redis at {password_redis_url} asks for credentials, and the URL gives none"
+            in said), output
+    assert "refused the credentials" not in said and "cannot reach" not in said, output
+
+
+def test_a_server_still_loading_is_said_to_have_answered() -> None:
+    """redis-py files LOADING as a connection error (a review saw `check` say "cannot reach
+    Redis at ...: Redis is loading the dataset in memory" of a server loading 200 MB)."""
+    from redis.exceptions import BusyLoadingError
+
+    from provisioner.config import redis_refused, redis_trouble
+
+    exc = BusyLoadingError("Redis is loading the dataset in memory")
+    said = redis_trouble("redis://:s3cret@h:6379/0", exc)
+    assert said == ("Redis at redis://:***@h:6379/0 answered, and is still loading its data: "
+                    "Redis is loading the dataset in memory"), said
+    assert redis_refused(exc)

@@ -377,3 +377,31 @@ def test_the_dev_view_reads_the_pool_its_replicas_run(redis_url: str, tmp_path: 
     with pytest.raises(RuntimeError, match="PROVISIONER_POOL"), \
             devstack.stack(redis_url, replicas=1, say=lambda _: None):
         pass
+
+
+def test_the_dev_views_reading_refused_is_not_said_out_of_reach(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: the dev stack's live view said "Redis unreachable: WRONGTYPE ..." of
+    a server that answered and refused the reading (`status --watch` said it refused)."""
+    import asyncio
+    import io
+
+    import redis
+    from rich.console import Console
+
+    from provisioner import devstack
+    from provisioner.keys import PoolKeys
+
+    keys = PoolKeys("dev-refused")
+    sync = redis.Redis.from_url(redis_url)
+    sync.set(keys.key("epoch"), "1-a")
+    sync.set(keys.key("ready"), "edited by hand")  # a list, by the schema
+    shown = io.StringIO()
+    monkeypatch.setattr(devstack, "console", Console(file=shown, width=200))
+    try:
+        asyncio.run(devstack._watch(redis_url, [], {"now": False}, duration=0.5,
+                                    pool="dev-refused"))
+    finally:
+        sync.delete(keys.key("epoch"), keys.key("ready"))
+    first = shown.getvalue().strip().splitlines()[0]
+    assert first.startswith("Redis refused: WRONGTYPE"), first

@@ -4265,3 +4265,46 @@ def test_a_hand_written_eviction_policy_is_read_only_as_a_string() -> None:
     for written in (123, {"a": 1}, True, None, ["allkeys-lru"]):
         assert ReplicaSeen.of("r1", 0, {"server_evicts": written}).server_evicts == "", written
     assert ReplicaSeen.of("r1", 0, {"server_evicts": "x" * 99}).server_evicts == "x" * 40
+
+
+async def test_a_hold_a_tick_ended_during_the_heartbeats_take_back_is_not_said_held(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tick that ends the take-back's hold on its patience while the heartbeat's
+    reconciliation waits for the Node API: the heartbeat said "no scaling decision until it
+    has one" of a replica deciding again (with `_taking_back_since` None, `_take_back_over`
+    says False)."""
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(
+        min_ready=2, scaling_policy="heuristic", conversion=0))
+    await replica.heartbeat()
+    await aredis.flushall()
+    api.listed, api.has_no_list = None, False
+    clock.advance(2_000)
+    await replica.heartbeat()  # sees the loss: holds
+    assert replica._taking_back
+    clock.advance(600_000)  # the patience has passed; the next tick ends the hold
+    real_list = api.list_nodes
+
+    async def list_while_a_tick_runs() -> Any:
+        api.list_nodes = real_list  # type: ignore[method-assign]
+        await replica.tick()  # a tick in the reconciliation's wait
+        return await real_list()
+
+    api.list_nodes = list_while_a_tick_runs  # type: ignore[method-assign]
+    warned: list[str] = []
+    real_warning = replica._trouble.warning
+
+    def warning(key: str, message: str, *args: object) -> bool:
+        warned.append(key)
+        return real_warning(key, message, *args)
+
+    replica._trouble.warning = warning  # type: ignore[method-assign]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        await replica.heartbeat()
+    await replica.settle()
+    assert not replica._taking_back
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("no node list from the Node API in" in s for s in said) == 1, said
+    assert "take-back" not in warned, warned  # "no scaling decision until it has one"

@@ -1410,3 +1410,9 @@ def test_status_watch_says_a_wrong_password_was_refused(wrong_password_url: str)
     unreachable" of a server that answered."""
     line = _first_trouble_of_a_watch(wrong_password_url, "default")
     assert line.startswith("Redis refused: invalid username-password pair"), line
+
+
+def test_status_watch_says_a_server_at_its_maxclients_refused(full_redis_url: str) -> None:
+    """Found by a review: "Redis unreachable: max number of clients reached"."""
+    line = _first_trouble_of_a_watch(full_redis_url, "default")
+    assert line.startswith("Redis refused: max number of clients reached"), line

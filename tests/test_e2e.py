@@ -182,7 +182,12 @@ async def test_malformed_payloads_change_nothing(stack_factory: Any,
         ("user:disconnect", b"x" * 10_000), ("node:status", b'"ready"'),
     ]:
         await publish(client, channel, data)
-    await asyncio.sleep(1.0)
+
+    async def every_replica_refused_them() -> bool:  # not a fixed pause: a loaded host lags
+        async with httpx.AsyncClient() as http:
+            return all([await events_rejected(http, port) >= 6 for port in stack.ports])
+
+    assert await eventually(every_replica_refused_them)
     after = await client.hgetall(keys.key("stats"))
     after.pop("last_decision_ms", None)
     for field in ("connects", "misses", "hits", "activities", "nodes_terminated"):
@@ -209,6 +214,13 @@ async def test_shutdown_is_prompt_and_leaks_no_node(stack_factory: Any,
     held = {n["id"] for n in stack.api_nodes() if n["state"] in ("booting", "ready")}
     assert held and held <= known
     assert await check_invariants(client, POOL) == []
+
+
+async def events_rejected(http: httpx.AsyncClient, port: int) -> int:
+    """The messages the replica serving /metrics on `port` rejected as bad input."""
+    text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("provisioner_events_rejected_total{"))
 
 
 async def creates_refused(http: httpx.AsyncClient, port: int) -> int:

@@ -1623,10 +1623,12 @@ async def test_replicas_restarted_with_heartbeats_off_leave_no_marks_behind(
         task = asyncio.create_task(replica.run())
         await asyncio.wait_for(replica.subscribed.wait(), 5)
         await aredis.publish("user:connect", json.dumps({"user_id": f"u{restart}"}))
-        for _ in range(500):  # until the connect is applied
+        for _ in range(1000):  # until the connect is applied
             if await aredis.hexists(keys.key("waiting_since"), f"u{restart}"):
                 break
             await asyncio.sleep(0.01)
+        else:  # none applied leaves no entry either: the test would pass having tested nothing
+            raise AssertionError(f"the connect of u{restart} was never applied")
         replica.stopping.set()  # a clean stop
         await asyncio.wait_for(task, 10)
     other = make_replica(aredis, api, clock, "r-hb")

@@ -846,10 +846,12 @@ async def test_a_cancel_after_the_last_batch_stops_the_run_and_is_not_undone(
     run = asyncio.create_task(rolling.replace_nodes(
         pool.redis, pool.keys, cutoff, by="op", say=said.append, poll_s=0.05))
     await decided
-    for _ in range(100):
+    for _ in range(500):
         if "waiting for a replica to decide after the last drain" in said:
             break
         await asyncio.sleep(0.02)
+    else:
+        raise AssertionError(f"the run never waited after its last drain: {said}")
     assert "n1: drained (ready); 0 ready or booting to go" in said, said
     assert (await pool.scripts.hold_spare(pool.now, "release", ""))[0] is Hold.RELEASED
     taken = await pool.scripts.drain_node(pool.now, "n4", "op" + rolling.TAG, cancel=True)

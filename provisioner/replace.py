@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner.clock import server_now_ms
@@ -325,7 +325,11 @@ WRITES_REFUSED = "the server to take its writes again"
 def _for_now(exc: RedisError) -> bool:
     """What a round waits out rather than ends on: the server refusing writes for now
     (`refused_for_now`, the listener's rule), or out of reach for a moment (still loading
-    its data among them)."""
+    its data among them). Not its credentials refused on a new connection (a password
+    changed under the run), which redis-py files as a connection error: waited out, they
+    read "waiting for the server to take its writes again" until the wait limit."""
+    if isinstance(exc, AuthenticationError | AuthorizationError):
+        return False
     return refused_for_now(exc) or isinstance(exc, RedisConnectionError | RedisTimeoutError)
 
 

@@ -812,6 +812,25 @@ def _hold_spare_failing(monkeypatch: pytest.MonkeyPatch, mode: str,
     monkeypatch.setattr(Scripts, "hold_spare", hold)
 
 
+async def test_credentials_refused_in_a_run_end_it_not_wait_it_out(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py files a password refused on a new connection as a connection error: a run
+    whose password was changed under it waited, saying "waiting for the server to take its
+    writes again (invalid username-password pair)", until its wait limit. It ends now, as on
+    any error that does not pass; the CLI says the credentials were refused."""
+    await pool.boot("n1")
+    _hold_spare_failing(monkeypatch, "renew", [redis.exceptions.AuthenticationError(
+        "invalid username-password pair or user is disabled.")])
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    said: list[str] = []
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        await asyncio.wait_for(rolling.replace_nodes(
+            pool.redis, pool.keys, cutoff, by="op", wait_limit_s=5, say=said.append,
+            poll_s=0.02), 4)
+    assert not any(line.startswith("waiting for " + rolling.WRITES_REFUSED)
+                   for line in said), said
+
+
 async def test_a_server_out_of_reach_for_a_moment_is_waited_out(
         pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection cut or a reply timed out (a failover, a restart still loading) is waited

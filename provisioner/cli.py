@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import faulthandler
 import getpass
 import inspect
 import json
@@ -1537,11 +1538,19 @@ _one_line_summaries(app)
 def main() -> None:
     """The `provisioner` command. What the environment refuses (a file or folder, a port, a
     server that cannot be reached) is one error line and exit 2, not a traceback."""
+    _stacks_on_sigusr1()
     try:
         app()
     except (OSError, RedisError) as exc:
         errors.print(f"[red]error:[/red] {shown(f'{type(exc).__name__}: {exc}')}")
         raise SystemExit(2) from None
+
+
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` writes every thread's Python stack to the process's stderr (a
+    replica's log): what a process that seems stuck is doing, read without stopping it."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,6 +43,41 @@ def _until_logged(tmp_path: Path, child: str, words: str) -> str:
     pytest.fail(f"{child} never logged {words!r}")
 
 
+def _rest_of(dev: subprocess.Popen[str], timeout_s: float) -> str:
+    """What `dev` writes until it exits. Still running after `timeout_s`, it fails the test
+    with every thread's stack (`provisioner` dumps them on SIGUSR1), not a bare timeout: one
+    CI run's stack stopped by two Ctrl-C's hung 30 s and said nothing of where."""
+    try:
+        return dev.communicate(timeout=timeout_s)[0]
+    except subprocess.TimeoutExpired:
+        dev.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        dev.kill()
+        stacks = dev.communicate(timeout=10)[0]
+        pytest.fail(f"still running {timeout_s:.0f} s after it was told to stop; its "
+                    f"threads:\n{stacks}")
+
+
+def test_a_stuck_process_tells_its_stacks_on_sigusr1_and_goes_on(redis_url: str) -> None:
+    """`kill -USR1 PID` of any `provisioner` process writes every thread's stack to its stderr
+    (a replica's log) and does not stop it."""
+    watch = subprocess.Popen([sys.executable, "-m", "provisioner", "status", "--watch",
+                              "--redis-url", redis_url], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # its handlers in place: the command has started
+        watch.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        assert watch.poll() is None  # it goes on
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=15)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    assert "Current thread" in err and 'File "' in err, err
+    assert watch.returncode == 0, err
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGKILL, signal.SIGINT])
 def test_the_dev_stack_leaves_no_process_however_it_is_stopped(stop: signal.Signals,
@@ -72,7 +107,7 @@ def test_the_dev_stack_leaves_no_process_however_it_is_stopped(stop: signal.Sign
         if stop == signal.SIGINT:
             time.sleep(0.3)
             dev.send_signal(stop)  # a second Ctrl-C while it stops
-        rest, _ = dev.communicate(timeout=30)  # read on: a full pipe would hold it
+        rest = _rest_of(dev, 30)  # read on: a full pipe would hold it
         if stop == signal.SIGHUP:
             # Stopped in order by the stack itself, not by the kernel's parent-death signal
             # once SIGHUP had ended it: that covered for a stack without a SIGHUP handler (a

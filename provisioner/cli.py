@@ -1548,9 +1548,12 @@ def main() -> None:
 
 def _stacks_on_sigusr1() -> None:
     """`kill -USR1 PID` writes every thread's Python stack to the process's stderr (a
-    replica's log): what a process that seems stuck is doing, read without stopping it."""
+    replica's log): what a process that seems stuck is doing, read without stopping it.
+    Not where stderr has no file descriptor (a caller's captured stream): there is nowhere to
+    write, and the command runs as it would without."""
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1127,6 +1127,7 @@ def replace(
     still for --wait-limit seconds, no replica runs, or the pool's state was lost meanwhile; 2
     if not confirmed, the pool has no epoch, or Redis could not be reached."""
     from provisioner import replace as rolling
+    from provisioner.scripts import HOLD_LEASE_MS
 
     keys = _pool_keys(pool)
     _, by = _operator_args([], "node", by)
@@ -1212,6 +1213,10 @@ def replace(
         raise typer.Exit(130) from None
     except typer.Exit:  # Redis gone or refusing, said on stderr
         errors.print(f"{so_far()}; stopped: {stopped}")
+        if outcome.hold_left:
+            errors.print(f"its hold of {at_once} spare node(s) could not be let go: the pool "
+                         f"holds them until its lease ends, within {HOLD_LEASE_MS // 1000} s "
+                         f"(`replace --cancel {resume}` lets go of it at once)")
         raise
     console.print(so_far())
     if outcome.lost:
@@ -1549,10 +1554,11 @@ def main() -> None:
 def _stacks_on_sigusr1() -> None:
     """`kill -USR1 PID` writes every thread's Python stack to the process's stderr (a
     replica's log): what a process that seems stuck is doing, read without stopping it.
-    Not where stderr has no file descriptor (a caller's captured stream): there is nowhere to
-    write, and the command runs as it would without."""
+    Not where stderr has no file descriptor (a caller's captured stream) or none at all
+    (`2>&-`: faulthandler raises RuntimeError, and every command exited 1 saying nothing):
+    there is nowhere to write, and the command runs as it would without."""
     if hasattr(signal, "SIGUSR1"):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
+        with contextlib.suppress(OSError, ValueError, AttributeError, RuntimeError):
             faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 

@@ -48,7 +48,6 @@ epoch), it stops at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import time
@@ -226,6 +225,9 @@ class Outcome:
     #: run named; None while it holds it
     taken_back: str | None = None
     lapsed: bool = False  # taken back: its lease ended while the server refused its writes
+    #: its hold could not be let go as it ended (the server refused the release, or its
+    #: credentials): the pool holds the spare until the lease ends
+    hold_left: bool = False
 
 
 async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, *, by: str,
@@ -257,8 +259,12 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
     finally:
         # Let go as it ends, however it ends (done, stopped, Ctrl-C): the lease would lapse
         # by itself, but the pool would hold the extra nodes until it did.
-        with contextlib.suppress(RedisError, OSError):
+        # A run ended by its credentials refused cannot let go either (the same
+        # credentials): the caller is told, not left to think it was (a review).
+        try:
             await scripts.hold_spare(await server_now_ms(client), "release", run)
+        except (RedisError, OSError):
+            outcome.hold_left = True
 
 
 async def _replace(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts: Scripts,

@@ -78,6 +78,15 @@ def test_a_stuck_process_tells_its_stacks_on_sigusr1_and_goes_on(redis_url: str)
     assert watch.returncode == 0, err
 
 
+def test_a_command_runs_with_stderr_closed() -> None:
+    """`provisioner ... 2>&-`: sys.stderr is None, and faulthandler.register raised
+    RuntimeError, so every command exited 1 saying nothing (a review)."""
+    done = subprocess.run([sys.executable, "-m", "provisioner", "--help"],
+                          stdout=subprocess.PIPE, text=True, timeout=60,
+                          preexec_fn=lambda: os.close(2))
+    assert done.returncode == 0 and "Usage" in done.stdout, done
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGKILL, signal.SIGINT])
 def test_the_dev_stack_leaves_no_process_however_it_is_stopped(stop: signal.Signals,

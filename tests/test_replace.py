@@ -831,6 +831,33 @@ async def test_credentials_refused_in_a_run_end_it_not_wait_it_out(
                    for line in said), said
 
 
+async def test_a_run_ended_by_credentials_refused_says_its_hold_was_not_let_go(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its release is refused as its rounds were (the same credentials): the hold stays until
+    its lease ends, and the outcome says so, for the CLI to tell (a review: the CLI said
+    nothing, and the pool held the spare 30 s more)."""
+    await pool.boot("n1")
+    refused = redis.exceptions.AuthenticationError(
+        "invalid username-password pair or user is disabled.")
+    _hold_spare_failing(monkeypatch, "renew", [refused])
+    real_hold = Scripts.hold_spare
+
+    async def hold(self: Scripts, now_ms: int, asked: str, *args: object, **kw: object) -> object:
+        if asked == "release":
+            raise refused
+        return await real_hold(self, now_ms, asked, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scripts, "hold_spare", hold)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    outcome = rolling.Outcome(done=False)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        await asyncio.wait_for(rolling.replace_nodes(
+            pool.redis, pool.keys, cutoff, by="op", wait_limit_s=5, say=lambda _: None,
+            poll_s=0.02, outcome=outcome), 4)
+    assert outcome.hold_left
+    assert await pool.redis.exists(pool.keys.key("replacing"))
+
+
 async def test_a_server_out_of_reach_for_a_moment_is_waited_out(
         pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection cut or a reply timed out (a failover, a restart still loading) is waited

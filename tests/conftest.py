@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -29,6 +30,17 @@ from provisioner.redis_server import start_server
 # there alone. Without them a console measures the terminal when it prints, as a run does.
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests stand for a user at a terminal, whose Ctrl-C reaches the processes they start.
+    A run launched in the background by a non-interactive shell (`nohup make test &`, a CI
+    agent's) inherits SIGINT ignored, and so did every process it started: `provisioner dev`,
+    `status --watch` sent SIGINT ran on, and their tests failed by timeout (two `.ci/run`s of
+    session 63; made sure of by running the tests with SIGINT ignored). Given back its default
+    here, in the controller and in each worker, before any process is started."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(hookwrapper=True)

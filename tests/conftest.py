@@ -35,10 +35,12 @@ os.environ.pop("LINES", None)
 def pytest_configure(config: pytest.Config) -> None:
     """The tests stand for a user at a terminal, whose Ctrl-C reaches the processes they start.
     A run launched in the background by a non-interactive shell (`nohup make test &`, a CI
-    agent's) inherits SIGINT ignored, and so did every process it started: `provisioner dev`,
-    `status --watch` sent SIGINT ran on, and their tests failed by timeout (two `.ci/run`s of
-    session 63; made sure of by running the tests with SIGINT ignored). Given back its default
-    here, in the controller and in each worker, before any process is started."""
+    agent's) inherits SIGINT ignored, and so did every process it started: `provisioner dev`
+    ran on after two Ctrl-C's and its test failed by timeout in two `.ci/run`s of session 63,
+    and with SIGINT ignored so do those of `status --watch`. In a worker it was ignored until a
+    test ran a loop's signal handlers in-process (asyncio's remove_signal_handler gives SIGINT
+    its default back), so which tests failed hung on the order the tests came in. Given back
+    its default here, in the controller and in each worker, before any process is started."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -39,7 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
     ran on after two Ctrl-C's and its test failed by timeout in two `.ci/run`s of session 63,
     and with SIGINT ignored so do those of `status --watch`. In a worker it was ignored until a
     test ran a loop's signal handlers in-process (asyncio's remove_signal_handler gives SIGINT
-    its default back), so which tests failed hung on the order the tests came in. Given back
+    its default back), so which tests failed depended on the order the tests came in. Given back
     its default here, in the controller and in each worker, before any process is started."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -1553,13 +1553,55 @@ def main() -> None:
 
 def _stacks_on_sigusr1() -> None:
     """`kill -USR1 PID` writes every thread's Python stack to the process's stderr (a
-    replica's log): what a process that seems stuck is doing, read without stopping it.
-    Not where stderr has no file descriptor (a caller's captured stream) or none at all
-    (`2>&-`: faulthandler raises RuntimeError, and every command exited 1 saying nothing):
-    there is nowhere to write, and the command runs as it would without."""
-    if hasattr(signal, "SIGUSR1"):
-        with contextlib.suppress(OSError, ValueError, AttributeError, RuntimeError):
-            faulthandler.register(signal.SIGUSR1, all_threads=True)
+    replica's log), then each asyncio task's awaits (`_tasks_to_stderr`): what a process that
+    seems stuck is doing, read without stopping it. The threads' stacks not where stderr has
+    no file descriptor (a caller's captured stream) or none at all (`2>&-`: faulthandler
+    raises RuntimeError, and every command exited 1 saying nothing): there is nowhere to
+    write, and the command runs as it would without."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        signal.signal(signal.SIGUSR1, _tasks_to_stderr)
+    except ValueError:  # not the main thread (an embedding): faulthandler's dump alone
+        chained = False
+    else:
+        chained = True  # faulthandler's dump first, then the tasks
+    with contextlib.suppress(OSError, ValueError, AttributeError, RuntimeError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=chained)
+
+
+def _tasks_to_stderr(_signum: int, _frame: object) -> None:
+    """Each task of the asyncio loop running in the main thread, and the awaits it is
+    suspended in, innermost last: a thread's stack shows an idle loop's select alone (a
+    review), and a hang of an asyncio process is in an await. Never raises into the code it
+    interrupted: what cannot be written is dropped."""
+    out = sys.stderr
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs now
+        return
+    try:
+        lines = []
+        for task in asyncio.all_tasks(loop):
+            lines.append(f"Task {task.get_name()} (most recent await last):")
+            lines.extend(f"  {where}" for where in _awaits(task.get_coro()))
+        if out is not None:
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+    except Exception:  # a signal handler: never into the code it interrupted
+        pass
+
+
+def _awaits(coro: object) -> list[str]:
+    """Where a coroutine and those it awaits are suspended, outermost first."""
+    found: list[str] = []
+    while coro is not None and len(found) < 100:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            found.append(f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in '
+                         f"{frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return found
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -60,7 +60,8 @@ def _rest_of(dev: subprocess.Popen[str], timeout_s: float) -> str:
 
 def test_a_stuck_process_tells_its_stacks_on_sigusr1_and_goes_on(redis_url: str) -> None:
     """`kill -USR1 PID` of any `provisioner` process writes every thread's stack to its stderr
-    (a replica's log) and does not stop it."""
+    (a replica's log), then each asyncio task's awaits (a thread's stack shows an idle loop's
+    select alone: a review), and does not stop it."""
     watch = subprocess.Popen([sys.executable, "-m", "provisioner", "status", "--watch",
                               "--redis-url", redis_url], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
@@ -75,6 +76,9 @@ def test_a_stuck_process_tells_its_stacks_on_sigusr1_and_goes_on(redis_url: str)
         if watch.poll() is None:
             watch.kill()
     assert "Current thread" in err and 'File "' in err, err
+    tasks = err.split("Task ", 1)[1]  # after the threads'
+    # the watch's own coroutine, whichever of its awaits (a read, its pause) it is in
+    assert "(most recent await last):" in tasks and ", in loop\n" in tasks, err
     assert watch.returncode == 0, err
 
 

@@ -357,17 +357,17 @@ def redis_refused(exc: BaseException) -> bool:
         ExternalAuthProviderError,
         ResponseError,
     )
-    from redis.exceptions import ConnectionError as RedisConnectionError
 
     return (isinstance(exc, ResponseError | AuthenticationError | AuthorizationError
-                       | ExternalAuthProviderError | BusyLoadingError)
-            or _full(exc, RedisConnectionError))
+                       | ExternalAuthProviderError | BusyLoadingError) or _full(exc))
 
 
-def _full(exc: BaseException, connection_error: type[BaseException]) -> bool:
+def _full(exc: BaseException) -> bool:
     """A server at its maxclients: MaxClientsReachedError where redis-py has it, a plain
     ConnectionError of the server's words before."""
-    return isinstance(exc, connection_error) and str(exc).startswith(
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return isinstance(exc, RedisConnectionError) and str(exc).startswith(
         "max number of clients reached")
 
 
@@ -393,14 +393,13 @@ def redis_trouble(url: str, exc: BaseException) -> str:
         BusyLoadingError,
         ExternalAuthProviderError,
     )
-    from redis.exceptions import ConnectionError as RedisConnectionError
 
     shown = shown_url(url)
     if isinstance(exc, AuthenticationError | AuthorizationError | ExternalAuthProviderError):
         if not _has_credentials(url):
             return f"Redis at {shown} asks for credentials, and the URL gives none: {exc}"
         return f"Redis at {shown} refused the credentials: {exc}"
-    if _full(exc, RedisConnectionError):
+    if _full(exc):
         return (f"Redis at {shown} refused the connection: {exc} (its maxclients: the "
                 "connections of other clients fill it)")
     if isinstance(exc, BusyLoadingError):

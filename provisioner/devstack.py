@@ -272,8 +272,8 @@ def stack(redis_url: str | None = None, replicas: int = 2,
 
 
 def _unusable(redis_url: str) -> str | None:
-    """Why the server at `redis_url` does not answer PING within 5 s (out of reach, or refusing
-    the credentials), or None."""
+    """Why the server at `redis_url` does not answer PING within 5 s (out of reach, or refusing:
+    its credentials, its maxclients; `redis_trouble`), or None."""
     import redis
 
     try:

@@ -37,8 +37,8 @@ from provisioner.config import (
     ServiceConfig,
     default_replica_id,
     number,
-    redis_refused,
     redis_trouble,
+    redis_trouble_word,
     redis_url_option,
     shown_url,
 )
@@ -303,12 +303,6 @@ def run(
         raise _fail(f"cannot run: {exc}") from None
 
 
-def _watch_trouble(exc: Exception) -> str:
-    """What `status --watch` says of a reading that failed: a server reached that refused it
-    (a key's type, an ACL, the credentials, its maxclients) is not out of reach."""
-    return "Redis refused" if redis_refused(exc) else "Redis unreachable"
-
-
 def _no_pool(pool: str, yet: str = "") -> str:
     """What `check` and `status` say of a pool the server holds no state of."""
     return (f"no pool {pool!r} on this server{' ' + yet if yet else ''}: nothing under "
@@ -492,7 +486,7 @@ def status(
         """No screen to redraw (a pipe, a file), or JSON asked for: each reading written out
         whole as it comes (a JSON object a line with --json)."""
         if isinstance(reading, Exception):  # on stderr, out of the readings' stream
-            errors.print(f"{_watch_trouble(reading)}: {printable(str(reading))}", markup=False,
+            errors.print(f"{redis_trouble_word(reading)}: {printable(str(reading))}", markup=False,
                          highlight=False, soft_wrap=True)
             return
         try:
@@ -518,7 +512,7 @@ def status(
                     append(reading)
                 elif isinstance(reading, Exception):
                     # escaped: a socket path or a server's message may hold "[/…]"
-                    live.update(f"[red]{_watch_trouble(reading)}:[/red] "
+                    live.update(f"[red]{redis_trouble_word(reading)}:[/red] "
                                 f"{shown(str(reading))}", refresh=True)
                 else:
                     live.update(view.render_view(reading), refresh=True)

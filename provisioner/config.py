@@ -362,6 +362,13 @@ def redis_refused(exc: BaseException) -> bool:
                        | ExternalAuthProviderError | BusyLoadingError) or _full(exc))
 
 
+def redis_trouble_word(exc: BaseException) -> str:
+    """What a live view (`status --watch`, the dev stack's) says of a reading that failed: a
+    server reached that refused it (a key's type, an ACL, the credentials, its maxclients) is
+    not out of reach."""
+    return "Redis refused" if redis_refused(exc) else "Redis unreachable"
+
+
 def _full(exc: BaseException) -> bool:
     """A server at its maxclients: MaxClientsReachedError where redis-py has it, a plain
     ConnectionError of the server's words before."""

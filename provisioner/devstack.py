@@ -35,7 +35,7 @@ from rich.text import Text
 
 from provisioner import view
 from provisioner.clock import server_now_ms
-from provisioner.config import PoolConfig, redis_refused, redis_trouble
+from provisioner.config import PoolConfig, redis_trouble, redis_trouble_word
 from provisioner.keys import PoolKeys
 from provisioner.redis_server import RedisServer, free_port, parent_death_signal, start_server
 from provisioner.simulator import Parsed
@@ -358,8 +358,7 @@ async def _watch(redis_url: str, children: list[Child], stop: dict[str, bool],
                     shown: Any = view.render_view(pool_view)
                 except (OSError, RedisError) as exc:  # the server stopped, or restarts
                     # or answered and refused (a key's type, the credentials): not out of reach
-                    trouble = "Redis refused" if redis_refused(exc) else "Redis unreachable"
-                    shown = Text(f"{trouble}: {exc}", style="red")
+                    shown = Text(f"{redis_trouble_word(exc)}: {exc}", style="red")
                 live.update(Group(shown, processes), refresh=True)
                 await asyncio.sleep(1.0)
             return None

@@ -736,12 +736,17 @@ def test_an_empty_redis_url_is_named_a_bad_url_not_a_server_out_of_reach(
     assert "cannot reach" not in output, output
 
 
-@pytest.mark.parametrize("command", [
+#: A command of each kind that connects to Redis: the service, the CLI's reads, its checks,
+#: the simulator.
+COMMANDS_ON_REDIS = [
     ["run", "--node-api-url", "http://127.0.0.1:1", "--http-port", "0"],
     ["status"],
     ["check"],
     ["simulate"],
-])
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS_ON_REDIS)
 def test_a_wrong_password_is_said_as_refused_not_as_a_server_out_of_reach(
         command: list[str], wrong_password_url: str) -> None:
     """redis-py files WRONGPASS as a connection error, and every command said "cannot reach
@@ -756,12 +761,7 @@ def test_a_wrong_password_is_said_as_refused_not_as_a_server_out_of_reach(
     assert "cannot reach" not in said and ":wrong@" not in said, output
 
 
-@pytest.mark.parametrize("command", [
-    ["run", "--node-api-url", "http://127.0.0.1:1", "--http-port", "0"],
-    ["status"],
-    ["check"],
-    ["simulate"],
-])
+@pytest.mark.parametrize("command", COMMANDS_ON_REDIS)
 def test_a_server_at_its_maxclients_is_said_to_refuse_not_to_be_out_of_reach(
         command: list[str], full_redis_url: str) -> None:
     """Found by a review: redis-py files "max number of clients reached" as a connection

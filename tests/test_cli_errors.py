@@ -680,6 +680,25 @@ def test_a_server_that_cannot_be_reached_is_named_as_the_cli_s_commands_name_it(
     assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in " ".join(output.split()), output
 
 
+@pytest.mark.parametrize("bench", ["replay", "suite"])
+def test_a_bench_command_names_the_server_it_was_given_and_could_not_use(
+        bench: str, tmp_path: Path, wrong_password_url: str) -> None:
+    """Found by a review: `bench replay --redis-url` said "error: AuthenticationError: invalid
+    username-password pair", and "ConnectionError: Error 111 …" of a server out of reach,
+    naming neither the server nor what it refused, as every other command does."""
+    trace = write_trace(tmp_path / "t.jsonl.gz", [(1.0, "connect", "u1")])
+    for url, said in [
+        ("redis://:s3cret@127.0.0.1:1/0", "cannot reach Redis at redis://:***@127.0.0.1:1/0"),
+        (wrong_password_url, f"Redis at {wrong_password_url.replace(':wrong@', ':***@')} "
+                             "refused the credentials: invalid username-password pair"),
+    ]:
+        code, output = invoke("bench", bench, str(trace if bench == "replay" else tmp_path),
+                              "--redis-url", url)
+        assert code == 2, output
+        assert f"error: {said}" in output, output
+        assert "s3cret" not in output and ":wrong@" not in output, output
+
+
 def test_reconcile_says_which_nodes_it_left_as_too_young_to_judge(redis_url: str) -> None:
     """A helper's audit: right after a restart of the Node API, which knows no node, `reconcile`
     printed no repair and exit 0 while the pool still held its nodes: each younger than the

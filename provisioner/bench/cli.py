@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from redis.exceptions import RedisError
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -40,7 +41,7 @@ from provisioner.bench.suite import (
 )
 from provisioner.bench.trace import Trace, TraceError, load_trace, mean_lead_s, trace_header
 from provisioner.bench.world import PolicyViolation, run_replay_world
-from provisioner.config import PoolConfig, redis_url_option
+from provisioner.config import PoolConfig, redis_trouble, redis_url_option
 from provisioner.model import ModelFileError, model_document, read_model_file
 from provisioner.redis_server import private_server
 from provisioner.terminal import SafeConsole
@@ -61,8 +62,15 @@ RedisUrl = Annotated[str | None, typer.Option(
 
 @contextlib.contextmanager
 def _server(url: str | None) -> Iterator[str]:
+    """The server a command runs its scripts on: `url`, or a private one for the command's
+    length. A server given that refuses or cannot be reached is one line naming it (its
+    password hidden), exit 2: as `provisioner status` says it, not a bare exception."""
     if url:
-        yield url
+        try:
+            yield url
+        except RedisError as exc:
+            errors.print(f"[red]error:[/red] {escape(redis_trouble(url, exc))}")
+            raise typer.Exit(2) from None
         return
     with private_server() as server:
         yield server.url

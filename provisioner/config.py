@@ -480,7 +480,7 @@ def _node_api_url_reason(url: str) -> str | None:
     return None
 
 
-def _listenable(host: str) -> bool:
+def listenable(host: str) -> bool:
     """Whether the HTTP server could be told to listen on `host` as given: an IPv4 or IPv6
     address (a scope too, fe80::1%eth0) or a name the resolver would be asked for. A ':' is an
     IPv6 address's alone ([::1] and HOST:PORT are not looked up as meant), and a name's labels
@@ -558,7 +558,7 @@ class ServiceConfig:
         if not POOL_NAME.match(self.pool):
             found.append(Problem("pool", "must be 1-64 characters of letters, digits, _.-",
                                  label=f"pool {self.pool!r}"))
-        if not _listenable(self.http_host):
+        if not listenable(self.http_host):
             found.append(Problem("http_host", "must be an address or a host name (0.0.0.0: "
                                  "every interface; an IPv6 address without brackets, ::1; "
                                  "no port, --http-port is)",

@@ -38,7 +38,7 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
 from provisioner.clock import sleep_unless
-from provisioner.config import redis_url_option
+from provisioner.config import listenable, redis_url_option
 from provisioner.logs import setup_logging
 
 log = logging.getLogger("provisioner.mock_node_api")
@@ -143,6 +143,31 @@ class MockNode:
         return {"id": self.id, "state": self.state, "created_at": self.created_at}
 
 
+def _stream(seed: int | None, purpose: str) -> random.Random:
+    """A generator of one kind of draw: from the seed and the kind if seeded (a str seeds
+    through SHA-512, the same in every process), else from the OS."""
+    return random.Random(None if seed is None else f"{seed}/{purpose}")
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """The mock's client. A blocking pool: the client's default pool refuses a command when
+    its 100 connections are in use (`Too many connections`), so a burst of creates answered 503
+    "cannot publish" with Redis well, and a burst of boots ending lost their `ready`. A publish
+    now waits for a connection, up to the client's 5 s timeout."""
+    return aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(url, max_connections=100, timeout=5))
+
+
+def host_option(value: str) -> str:
+    """A typer callback: an address the server cannot be told to listen on is a bad option (a
+    label over 63 characters stopped the mock with the resolver's UnicodeError, a traceback;
+    an empty one listened on every interface, logged as `http://:PORT`)."""
+    if not listenable(value):
+        raise typer.BadParameter("must be an address or a host name (0.0.0.0: every interface; "
+                                 "an IPv6 address without brackets, ::1)")
+    return value
+
+
 def _spawn(work: Coroutine[Any, Any, None], node_id: str) -> asyncio.Task[None]:
     """A node's boot or termination as a task whose failure is logged when it ends: a task that
     raised was kept in its node's list, so nothing ever said so, and the node stayed as it
@@ -177,7 +202,15 @@ class MockNodeApi:
         #: fraction, and a client reading it strictly ignores `2.5`); 0 sends none.
         self.retry_after_s = math.ceil(retry_after_s)
         self.faults = faults or Faults()
-        self.rng = random.Random(seed)
+        #: One stream per kind of draw, each from the seed: with one stream for all, whether the
+        #: k-th create failed hung on how many boots and deaths had been drawn before it came,
+        #: so the same seed and calls gave other faults at another pace. `rng` draws latencies.
+        self.rng = _stream(seed, "latency")
+        self._create_rng = _stream(seed, "create")
+        self._delete_rng = _stream(seed, "delete")
+        self._stuck_rng = _stream(seed, "stuck")
+        self._boot_rng = _stream(seed, "boot")
+        self._death_rng = _stream(seed, "death")
         self.nodes: dict[str, MockNode] = {}
         #: Set by close(): a call in its injected latency is answered 503 at once. SIGTERM
         #: waited out the latency of the calls in flight (up to --latency, 600 s), which then
@@ -221,8 +254,9 @@ class MockNodeApi:
         log.info("%s: refused, the mock is stopping", call)
         return web.json_response({"error": "the mock is stopping"}, status=503)
 
-    def _fails(self, rate: float) -> bool:
-        return rate > 0 and self.rng.random() < rate
+    @staticmethod
+    def _fails(rate: float, rng: random.Random) -> bool:
+        return rate > 0 and rng.random() < rate
 
     def _forget_old(self) -> None:
         cutoff = time.time() - KEEP_TERMINATED_S
@@ -243,7 +277,7 @@ class MockNodeApi:
         if await self._latency(self.faults.latency_s):
             return self._stopping_answer("create")
         self._forget_old()
-        if self._fails(self.faults.create_error_rate):
+        if self._fails(self.faults.create_error_rate, self._create_rng):
             log.info("create: injected failure")
             return web.json_response({"error": "injected failure"}, status=500)
         if len(self.live()) >= self.max_nodes:
@@ -260,26 +294,32 @@ class MockNodeApi:
                 # forever.
                 del self.nodes[node.id]
             return web.json_response({"error": "cannot publish node:status"}, status=503)
-        stuck = self._fails(self.faults.stuck_rate)
+        stuck = self._fails(self.faults.stuck_rate, self._stuck_rng)
+        # Drawn here, for every node made, in the order they are made: the n-th node's boot
+        # and life are the seed's whatever the pace of the calls and of other nodes' boots.
+        boot_s = self.boot_delay.draw(self._boot_rng)
+        per_second = self.faults.death_rate_per_hour / 3600
+        # a rate of 5e-324 an hour is 0 a second: never dies
+        life_s = (min(MAX_LIFE_S, self._death_rng.expovariate(per_second))
+                  if per_second > 0 else None)
         # one deleted while its status went out ends; a mock stopping boots nothing more
         if not stuck and node.state == "booting" and not self.stopping.is_set():
-            node.tasks.append(_spawn(self._boot(node), node.id))
+            node.tasks.append(_spawn(self._boot(node, boot_s, life_s), node.id))
         log.info("create %s%s", node.id, " (will never become ready)" if stuck else "")
         # A mock stopping answers at once, and with the node: it exists, and is the caller's
         # all the same (a 503 would leave it to reconciliation).
         await self._latency(self.faults.answer_latency_s)
         return web.json_response({"id": node.id}, status=202)
 
-    async def _boot(self, node: MockNode) -> None:
-        await self.sleep(self.boot_delay.draw(self.rng))
+    async def _boot(self, node: MockNode, boot_s: float, life_s: float | None) -> None:
+        await self.sleep(boot_s)
         if node.state != "booting":
             return
         node.state = "ready"
         await self._publish(node, "ready")
         log.info("%s ready", node.id)
-        per_second = self.faults.death_rate_per_hour / 3600
-        if per_second > 0:  # a rate of 5e-324 an hour is 0 a second: never dies
-            await self.sleep(min(MAX_LIFE_S, self.rng.expovariate(per_second)))
+        if life_s is not None:
+            await self.sleep(life_s)
             if node.state == "ready":
                 log.info("%s dies (injected)", node.id)
                 await self._end(node)
@@ -295,7 +335,7 @@ class MockNodeApi:
         node = self._find(request.match_info["node_id"])
         if node is None:
             return web.json_response({"error": "no such node"}, status=404)
-        if self._fails(self.faults.delete_error_rate):
+        if self._fails(self.faults.delete_error_rate, self._delete_rng):
             log.info("delete %s: injected failure", node.id)
             return web.json_response({"error": "injected failure"}, status=500)
         if node.state in ("booting", "ready"):
@@ -416,7 +456,8 @@ def boot_delay_option(value: str) -> str:
 def command(
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.",
                                       envvar="MOCK_NODE_API_PORT")] = 8080,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(callback=host_option,
+                                      help="Address to bind.")] = "127.0.0.1",
     redis_url: Annotated[str, typer.Option(envvar="PROVISIONER_REDIS_URL",
                                            callback=redis_url_option,
                                            help="Where node:status is published.")]
@@ -441,8 +482,9 @@ def command(
         callback=_rate, help="Share of creates answering 500, 0 to 1.")] = 0.0,
     delete_error_rate: Annotated[float, typer.Option(
         callback=_rate, help="Share of deletes answering 500, 0 to 1.")] = 0.0,
-    latency: Annotated[float, typer.Option(min=0, max=600,
-                                           help="Added latency per call, up to N s.")]
+    latency: Annotated[float, typer.Option(
+        min=0, max=600, help="Added latency per create or delete, up to N s (a list answers "
+                             "at once).")]
     = 0.0,
     answer_latency: Annotated[float, typer.Option(
         min=0, max=600, help="Added latency of a create's answer after its node exists, up "
@@ -463,7 +505,7 @@ def command(
                     answer_latency)
 
     async def main() -> None:
-        redis = aioredis.Redis.from_url(redis_url)
+        redis = redis_client(redis_url)
         api = MockNodeApi(redis, delay, terminate_delay_s=terminate_delay, max_nodes=max_nodes,
                           faults=faults, seed=seed, retry_after_s=retry_after)
         await serve(api, host, port)

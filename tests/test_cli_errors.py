@@ -46,6 +46,8 @@ def invoke(*args: str) -> tuple[int, str]:
     ["simulate", "--duration", "inf"],  # ran for ever (a review): no --duration is the way
     ["mock-node-api", "--redis-url", "redis://127.0.0.1:1/0?socket_timout=5"],  # a traceback
     ["mock-node-api", "--boot-delay", "lognormal:1:1e308"],  # left its nodes booting
+    ["mock-node-api", "--host", "a" * 64 + ".example"],  # the resolver's UnicodeError
+    ["mock-node-api", "--host", ""],  # listened on every interface
     ["dev", "--replicas", "0"],
     ["dev", "--arrival-rate", "nan"],
 ])

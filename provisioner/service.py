@@ -981,6 +981,7 @@ class Replica:
                 counts["adopted"] += 1
                 log.warning("reconcile: adopted node %s (%s) that the pool did not know",
                             node_id, state)
+        ending: list[tuple[str, str | None]] = []
         for node_id, created in known_ids.items():
             api_state = api_states.get(node_id)
             # Younger than the grace when the list was asked for: a create perhaps still on its
@@ -995,6 +996,20 @@ class Replica:
             if api_state is not None and (api_state not in ENDING or (
                     api_state == "terminating" and node_id in deleting)):
                 continue
+            ending.append((node_id, api_state))
+        if len(ending) > 1:
+            # The free nodes first: an allocated node's user goes back to the head of the
+            # queue and is served by the next ready node, which was one this pass ended a
+            # moment later (a drill after a restart of the Node API: a `user:allocated` for
+            # a node gone, then the user queued again).
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id, _ in ending:
+                    pipe.hget(self.keys.node(node_id), "state")
+                states = await pipe.execute()
+            ending = [item for item, _ in sorted(
+                zip(ending, states, strict=True),
+                key=lambda pair: as_text(pair[1]) == "allocated")]
+        for node_id, api_state in ending:
             result = await self.scripts.apply_node_status(now, node_id, "terminated")
             self._served(result.served)  # counted as a listener's would be (a review)
             if result.code is NodeStatusOutcome.TERMINATED:

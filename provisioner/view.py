@@ -45,6 +45,8 @@ class PoolView:
     replicas: list[ReplicaSeen]
     epoch: str = ""  # the pool's epoch (lua/heartbeat.lua): "<ms the state began>-<random>"
     server_ms: int | None = None  # the server's time when the epoch was read
+    # "used_memory X over maxmemory Y" while a noeviction server refuses writes, else ""
+    server_full: str = ""
 
     @property
     def state_since_ms(self) -> int | None:
@@ -106,6 +108,7 @@ class PoolView:
             "epoch": self.epoch,
             "state_since_ms": self.state_since_ms,
             "state_age_s": _rounded(self.state_age_s),
+            "server_refuses_writes": bool(self.server_full),
         }
 
 
@@ -142,7 +145,25 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
         keys.key("decisions"), count=recent)
     decisions = [{as_text(k): as_text(v) for k, v in fields.items()} for _id, fields in entries]
     replicas, epoch, server_ms = await scripts.replicas_and_epoch()
-    return PoolView(pool, now_ms, snapshot, decisions, replicas, epoch, server_ms)
+    return PoolView(pool, now_ms, snapshot, decisions, replicas, epoch, server_ms,
+                    await server_full(redis))
+
+
+async def server_full(redis: aioredis.Redis) -> str:
+    """What a server at its maxmemory under noeviction says of it, "" when it is not (or
+    INFO is refused): it refuses every write then, the replicas' heartbeats with them, so
+    replicas that run read silent (an operator's drill: "replicas 0: none heard from" and
+    nothing of the server)."""
+    try:
+        memory = await redis.info("memory")
+        limit = int(memory.get("maxmemory", 0) or 0)
+        used = int(memory.get("used_memory", 0) or 0) - int(
+            memory.get("mem_not_counted_for_evict", 0) or 0)
+    except (ResponseError, ValueError, TypeError):
+        return ""
+    if limit <= 0 or used <= limit or memory.get("maxmemory_policy") != "noeviction":
+        return ""
+    return f"used_memory {used} over maxmemory {limit}"
 
 
 def render_view(view: PoolView) -> Group:
@@ -202,6 +223,11 @@ def render_view(view: PoolView) -> Group:
                        + (", ".join(r.describe() for r in running) or "none heard from"))
     if silent:
         replicas.append(printable("; " + ", ".join(r.describe() for r in silent)), style="red")
+    if view.server_full:
+        replicas.append(f"; the Redis server is out of memory ({view.server_full}, "
+                        "noeviction): it refuses every write, the replicas' heartbeats, "
+                        "ticks and events too, so a replica still running reads silent here "
+                        "and the pool stands still", style="red")
     releases = scripts_releases(running)
     if releases:
         replicas.append(printable("; " + releases), style="red")

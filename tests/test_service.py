@@ -3680,6 +3680,32 @@ async def test_reconcile_counts_the_waits_served_by_a_node_adopted_or_freed(
     assert counter(replica, "provisioner_allocations_total", kind="after_wait") == 2
 
 
+async def test_reconcile_ends_the_free_nodes_before_it_requeues_a_user_onto_one(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A restarted Node API (the mock forgets its nodes) lists none of the pool's: ended one
+    at a time in their order, an allocated node's user went back to the head of the queue and
+    was handed the next ready node the same pass ended 2 ms later ("user ... served by node
+    node-8cb220-4 after 0.0s", then "node node-8cb220-4 is not listed ...": an operator's
+    drill), a `user:allocated` for a node that was gone. The free nodes end first."""
+    cfg = PoolConfig(min_ready=0, scaling_policy="heuristic", conversion=0)
+    replica = make_replica(aredis, api, clock, "r1", cfg)
+    await send([replica], "node:status", {"node_id": "held", "status": "ready"})
+    await send([replica], "user:connect", {"user_id": "u1"})  # a hit: u1 on "held"
+    clock.advance(1_000)
+    await send([replica], "node:status", {"node_id": "gone-ready", "status": "ready"})
+    clock.advance(1_000)
+    await send([replica], "node:status", {"node_id": "alive", "status": "ready"})
+    clock.advance(600_000)
+    api.listed = [ListedNode("alive", "ready")]
+    counts = await replica.reconcile()
+    assert counts is not None and counts["vanished"] == 2
+    assert await aredis.hgetall(replica.keys.key("alloc")) == {"u1": "alive"}
+    # served once, by the node that lives: never handed the one ended in the same pass
+    assert counter(replica, "provisioner_allocations_total", kind="after_wait") == 1
+    assert await check_invariants(aredis, POOL) == []
+
+
 @contextlib.asynccontextmanager
 async def _first_metrics_behind_a_silent_api(redis_url: str, aredis: aioredis.Redis,
                                              pool: str) -> AsyncIterator[Any]:

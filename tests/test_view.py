@@ -1365,8 +1365,12 @@ def test_the_operators_views_read_a_server_out_of_memory(redis_url: str,
         for command in (["status"], ["nodes"], ["users"], ["decisions"], ["check"]):
             result = CliRunner().invoke(app, [*command, *common], env={"COLUMNS": "200"})
             assert result.exit_code == 0, (command, result.output)
-        assert "ready 1" in CliRunner().invoke(app, ["status", *common],
-                                               env={"COLUMNS": "200"}).output
+        shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
+        assert "ready 1" in shown
+        # the cause said, not only its replicas silent (an operator's drill)
+        assert "the Redis server is out of memory" in " ".join(shown.split())
+        as_json = CliRunner().invoke(app, ["status", "--json", *common])
+        assert json.loads(as_json.output)["server_refuses_writes"] is True
     finally:
         sync_redis.config_set("maxmemory", 0)
 

@@ -1669,7 +1669,7 @@ def http_app(replica: Replica) -> web.Application:
             problems.append(f"every transition is refused until an operator repairs the key: "
                             f"{refused}")
         elif refused:
-            problems.append(f"redis refuses writes for now: {refused}")
+            problems.append(f"redis takes no writes for now: {refused}")
         if replica.other_pools:
             problems.append("another pool listens on this server, and each applies the other's "
                             f"events: {', '.join(replica.other_pools)}")

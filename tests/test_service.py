@@ -2549,7 +2549,7 @@ async def test_readyz_fails_while_the_server_refuses_the_replicas_writes(
         await _until(lambda: counter(replica, "provisioner_errors_total",
                                      where="event_retry") >= 1)
         problem = await _the_one_problem(replica)
-        assert problem.startswith("redis refuses writes for now: command not allowed when "
+        assert problem.startswith("redis takes no writes for now: command not allowed when "
                                   "used memory > 'maxmemory'"), problem
         # What writes nothing does not say writes go through (a review: a batch of malformed
         # messages, a tick while the pool is taken back after a loss, made it ready again).
@@ -2595,7 +2595,7 @@ async def test_a_replica_whose_writes_go_unanswered_is_unready(replica: Replica)
     try:
         await _until(lambda: counter(replica, "provisioner_errors_total", where="tick") >= 1)
         problem = await _the_one_problem(replica)
-        assert problem.startswith("redis refuses writes for now: no answer to its tick "
+        assert problem.startswith("redis takes no writes for now: no answer to its tick "
                                   "(Timeout reading from"), problem
         await _until(lambda: replica.writes_refused() is None)  # a tick went through
         assert (await _readyz(replica))[0] == 200
@@ -2634,7 +2634,7 @@ async def test_a_replica_whose_heartbeats_go_unanswered_is_unready_until_one_goe
         await _until(lambda: counter(replica, "provisioner_errors_total",
                                      where="heartbeat") >= 1)
         problem = await _the_one_problem(replica)
-        assert problem.startswith("redis refuses writes for now: no answer to its heartbeat "
+        assert problem.startswith("redis takes no writes for now: no answer to its heartbeat "
                                   "(Timeout reading from"), problem
         paused.clear()
         await _until(lambda: replica.writes_refused() is None)  # a heartbeat went through
@@ -4119,7 +4119,7 @@ async def test_a_node_action_whose_outcome_the_server_refuses_makes_the_replica_
     assert counter(replica, "provisioner_errors_total", where="action") == 1
     assert not any(r.exc_info for r in caplog.records)  # an outage, not a bug
     problem = await _the_one_problem(replica)
-    assert problem.startswith("redis refuses writes for now: command not allowed when used "
+    assert problem.startswith("redis takes no writes for now: command not allowed when used "
                               "memory > 'maxmemory'"), problem
 
 

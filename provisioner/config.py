@@ -7,9 +7,13 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 from provisioner.keys import POOL_NAME
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 
 class ConfigError(ValueError):
@@ -448,6 +452,25 @@ def redis_url_problem(url: str) -> str | None:
     """Why the Redis client cannot use `url`, naming it (`shown_url`), or None."""
     reason = _redis_url_reason(url)
     return f"{_url_label('redis', url)} {reason}" if reason else None
+
+
+#: Most connections one process's client opens to its server (the client's own default)...
+REDIS_CONNECTIONS = 100
+#: ... and how long a command waits for one of them while all are in use, before it fails.
+REDIS_CONNECTION_WAIT_S = 10.0
+
+
+def redis_client(url: str, **options: Any) -> aioredis.Redis:
+    """A client whose commands wait, up to REDIS_CONNECTION_WAIT_S, for one of its
+    REDIS_CONNECTIONS connections while all are in use. The client's default pool refuses a
+    command at once then ("Too many connections"): a burst of creates at the mock answered 503
+    with Redis well (a review), and a replica's 400 creates, under a second's CLIENT PAUSE,
+    failed to record the nodes they had made. A `?max_connections=` in the URL still decides.
+    `options`: the client's own (`health_check_interval`, ...)."""
+    from redis.asyncio import BlockingConnectionPool, Redis
+
+    return Redis.from_pool(BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_CONNECTION_WAIT_S, **options))
 
 
 def redis_url_option(value: str | None) -> str | None:

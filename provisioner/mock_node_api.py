@@ -38,7 +38,7 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
 from provisioner.clock import sleep_unless
-from provisioner.config import listenable, redis_url_option
+from provisioner.config import listenable, redis_client, redis_url_option
 from provisioner.logs import setup_logging
 
 log = logging.getLogger("provisioner.mock_node_api")
@@ -147,15 +147,6 @@ def _stream(seed: int | None, purpose: str) -> random.Random:
     """A generator of one kind of draw: from the seed and the kind if seeded (a str seeds
     through SHA-512, the same in every process), else from the OS."""
     return random.Random(None if seed is None else f"{seed}/{purpose}")
-
-
-def redis_client(url: str) -> aioredis.Redis:
-    """The mock's client. A blocking pool: the client's default pool refuses a command when
-    its 100 connections are in use (`Too many connections`), so a burst of creates answered 503
-    "cannot publish" with Redis well, and a burst of boots ending lost their `ready`. A publish
-    now waits for a connection, up to the client's 5 s timeout."""
-    return aioredis.Redis.from_pool(
-        aioredis.BlockingConnectionPool.from_url(url, max_connections=100, timeout=5))
 
 
 def host_option(value: str) -> str:

@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner import events, jsontext
 from provisioner.clock import Clock, WallClock, server_now_ms, sleep_unless
-from provisioner.config import PoolConfig, ServiceConfig
+from provisioner.config import PoolConfig, ServiceConfig, redis_client
 from provisioner.events import Rejected
 from provisioner.keys import PoolKeys
 from provisioner.logs import RateLimitedLog
@@ -1699,8 +1699,8 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    redis = aioredis.Redis.from_url(service.redis_url, health_check_interval=15,
-                                    socket_keepalive=True, encoding_errors=ID_BYTES)
+    redis = redis_client(service.redis_url, health_check_interval=15, socket_keepalive=True,
+                         encoding_errors=ID_BYTES)
     metrics = Metrics()
     node_api = HttpNodeApi(service.node_api_url, timeout_s=service.api_timeout_s,
                            attempts=service.api_retries, metrics=metrics)

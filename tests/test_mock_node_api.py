@@ -18,8 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from provisioner.config import redis_client
 from provisioner.metrics import Metrics
-from provisioner.mock_node_api import BootDelay, DelaySpecError, Faults, MockNodeApi, redis_client
+from provisioner.mock_node_api import BootDelay, DelaySpecError, Faults, MockNodeApi
 from provisioner.nodeapi import CreateOutcome, HttpNodeApi
 from provisioner.redis_server import free_port
 from tests.helpers import Subscriber, answering

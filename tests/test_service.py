@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner.clock import ManualClock
-from provisioner.config import ConfigError, PoolConfig, ServiceConfig
+from provisioner.config import ConfigError, PoolConfig, ServiceConfig, redis_client
 from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode, NodeApi
@@ -4336,3 +4336,58 @@ async def test_a_hold_a_tick_ended_during_the_heartbeats_take_back_is_not_said_h
     said = [r.getMessage() for r in caplog.records]
     assert sum("no node list from the Node API in" in s for s in said) == 1, said
     assert "take-back" not in warned, warned  # "no scaling decision until it has one"
+
+
+async def test_a_burst_of_creates_under_a_paused_server_waits_for_its_connections(
+    redis_url: str, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """Found after a review of the mock: the client's default pool refuses a command while
+    its 100 connections are in use ("Too many connections"), so 400 creates whose answers came
+    while the server was paused for a second failed to record the nodes they had made, each
+    left to its reservation's deadline and to adoption. The replica's client waits for one."""
+    client = redis_client(redis_url)
+    pauser = aioredis.Redis.from_url(redis_url)
+    api.delay = 0.2  # the answers come during the pause
+    replica = make_replica(client, api, clock, "r1",
+                           PoolConfig(min_ready=400, max_nodes=1000, max_batch=400))
+    try:
+        await replica.tick()
+        await pauser.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+        await replica.settle()
+        assert len(api.created) == 400
+        counts = (await replica.scripts.snapshot(clock.now_ms(), 120_000)).counts
+        assert (counts["booting"], counts.get("creating", 0)) == (400, 0), counts
+        assert counter(replica, "provisioner_errors_total", where="action") == 0
+    finally:
+        await client.aclose()
+        await pauser.aclose()
+
+
+async def test_a_replica_s_client_waits_for_a_connection_rather_than_failing(
+        redis_url: str, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` builds its client with `redis_client`, whose pool blocks (the test above): the
+    client's default refused the 101st command at once."""
+    from redis.asyncio import BlockingConnectionPool
+
+    import provisioner.service as service_module
+
+    made: list[aioredis.Redis] = []
+
+    def recorded(url: str, **options: Any) -> aioredis.Redis:
+        made.append(redis_client(url, **options))
+        return made[-1]
+
+    monkeypatch.setattr(service_module, "redis_client", recorded)
+    service = ServiceConfig(redis_url, "http://127.0.0.1:9", pool="blocking",
+                            http_host="127.0.0.1", reconcile_interval_s=0)
+    stop = asyncio.Event()
+    serving, _, _ = await answering(
+        lambda port: service_module.serve(dataclasses.replace(service, http_port=port),
+                                          FLOOR_ONLY, stop), "/healthz", "127.0.0.1")
+    try:
+        assert len(made) == 1
+        assert isinstance(made[0].connection_pool, BlockingConnectionPool)
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+        await aredis.delete(*[key async for key in aredis.scan_iter("prov:{blocking}:*")])

@@ -4339,13 +4339,13 @@ async def test_a_hold_a_tick_ended_during_the_heartbeats_take_back_is_not_said_h
 
 
 async def test_a_burst_of_creates_under_a_paused_server_waits_for_its_connections(
-    redis_url: str, api: FakeNodeApi, clock: ManualClock,
+    redis_url: str, aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:
     """Found after a review of the mock: the client's default pool refuses a command while
     its 100 connections are in use ("Too many connections"), so 400 creates whose answers came
     while the server was paused for a second failed to record the nodes they had made, each
     left to its reservation's deadline and to adoption. The replica's client waits for one."""
-    client = redis_client(redis_url)
+    client = redis_client(redis_url)  # `aredis` flushed the server; this one's pool blocks
     pauser = aioredis.Redis.from_url(redis_url)
     api.delay = 0.2  # the answers come during the pause
     replica = make_replica(client, api, clock, "r1",

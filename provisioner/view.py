@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import OutOfMemoryError, ResponseError, WatchError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError, WatchError
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -153,13 +153,14 @@ async def server_full(redis: aioredis.Redis) -> str:
     """What a server at its maxmemory under noeviction says of it, "" when it is not (or
     INFO is refused): it refuses every write then, the replicas' heartbeats with them, so
     replicas that run read silent (an operator's drill: "replicas 0: none heard from" and
-    nothing of the server)."""
+    nothing of the server). Any failure of INFO alone is "": a proxy that lacks it and closes
+    the connection (twemproxy's way) failed the whole `status`, which worked before."""
     try:
         memory = await redis.info("memory")
         limit = int(memory.get("maxmemory", 0) or 0)
         used = int(memory.get("used_memory", 0) or 0) - int(
             memory.get("mem_not_counted_for_evict", 0) or 0)
-    except (ResponseError, ValueError, TypeError):
+    except (RedisError, OSError, ValueError, TypeError):
         return ""
     if limit <= 0 or used <= limit or memory.get("maxmemory_policy") != "noeviction":
         return ""

@@ -702,3 +702,25 @@ async def test_the_same_seed_and_calls_inject_the_same_faults_at_any_pace(
         patterns.append(codes)
     assert patterns[0] == patterns[1]
     assert set(patterns[0]) == {202, 500}
+
+
+def test_the_mock_command_s_client_waits_for_a_connection(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test above builds its client itself: `mock-node-api` making its own with the
+    client's default pool (the bug it fixes) passed it. The command's client blocks."""
+    from redis.asyncio import BlockingConnectionPool
+    from typer.testing import CliRunner
+
+    import provisioner.mock_node_api as mock_module
+    from provisioner.cli import app
+
+    pools: list[object] = []
+
+    async def recorded(api: MockNodeApi, host: str, port: int) -> None:
+        pools.append(api.redis.connection_pool)
+        await api.redis.aclose()
+
+    monkeypatch.setattr(mock_module, "serve", recorded)
+    result = CliRunner().invoke(app, ["mock-node-api", "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    assert len(pools) == 1 and isinstance(pools[0], BlockingConnectionPool), pools

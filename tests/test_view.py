@@ -1420,3 +1420,15 @@ def test_status_watch_says_a_server_at_its_maxclients_refused(full_redis_url: st
     """Found by a review: "Redis unreachable: max number of clients reached"."""
     line = _first_trouble_of_a_watch(full_redis_url, "default")
     assert line.startswith("Redis refused: max number of clients reached"), line
+
+
+async def test_status_reads_a_server_whose_info_fails_as_not_full() -> None:
+    """A review: a proxy that lacks INFO and closes the connection on it (twemproxy's way)
+    made `status` fail with "cannot reach Redis", where it worked before INFO was read."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class ClosesOnInfo:
+        async def info(self, section: str) -> dict[str, Any]:
+            raise RedisConnectionError("Connection closed by server.")
+
+    assert await view.server_full(cast(aioredis.Redis, ClosesOnInfo())) == ""

@@ -356,8 +356,20 @@ def command(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
+            # A server that cannot be reached at the start is an error; one told to stop while
+            # it waits for the answer stops, as it would once publishing (it waited out the
+            # client's timeout, then said "cannot reach Redis", exit 2: a review).
+            answer = asyncio.ensure_future(redis.ping())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({answer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not answer.done():
+                answer.cancel()
+                await asyncio.gather(answer, return_exceptions=True)
+                log.info("stopped before the server answered: nothing published")
+                return
             try:
-                await redis.ping()  # a server that cannot be reached at the start is an error
+                answer.result()
             except (OSError, RedisError) as exc:
                 raise CannotReach(redis_trouble(redis_url, exc)) from None
             counts = await publish(redis, events, speed, stop)

@@ -452,3 +452,41 @@ async def test_traffic_told_to_stop_sends_no_disconnect_to_a_user_who_only_brows
     assert [(ch, m["user_id"]) for ch, m in messages] == [
         ("user:activity", "browser"), ("user:connect", "a"), ("user:disconnect", "a")]
     assert counts == {"user:activity": 1, "user:connect": 1, "user:disconnect": 1}
+
+
+def test_the_simulator_told_to_stop_while_a_stalled_server_has_not_answered_stops() -> None:
+    """A review: SIGTERM while the first PING waited on a server stopped (SIGSTOP: a VM paused)
+    waited out the client's timeout, then said "cannot reach Redis" and exit 2. It stops, as
+    it would once publishing, with nothing published."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from provisioner.redis_server import start_server
+
+    server = start_server()
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "provisioner", "simulate", "--redis-url", server.url,
+             "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Its SIGTERM handler in place (Linux's SigCgt mask), so the signal is the command's:
+        # it is waiting on its PING, or about to.
+        for _ in range(300):
+            assert proc.poll() is None, proc.communicate()
+            with open(f"/proc/{proc.pid}/status") as status:
+                caught = next(line for line in status if line.startswith("SigCgt:"))
+            if int(caught.split()[1], 16) & 1 << (signal.SIGTERM - 1):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the simulator never took SIGTERM")
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, output
+        assert "stopped before the server answered" in output, output
+        assert "cannot reach" not in output, output
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()

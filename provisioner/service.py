@@ -328,6 +328,11 @@ class Replica:
         #: take), and until when creates are held for it; any other answer to a create ends it
         self._api_refused = 0
         self._refused_held_until_ms = 0
+        #: this replica's creates not done yet (its POST unanswered, or its answer not yet
+        #: recorded): while creates are held, a probe is made only with none of them ("one at
+        #: a time": a probe that took its whole timeout let every tick meanwhile send one
+        #: more, 4 in 4 s in an operator's drill)
+        self._creating: set[asyncio.Task[None]] = set()
         #: since when (monotonic) and why the server has refused this replica's writes for now
         #: (out of memory, read-only, a script running long), from the first refusal to the
         #: next write that went through: /readyz fails meanwhile; None: not refused
@@ -677,7 +682,9 @@ class Replica:
             self._say_if_capped(decision)
             for reservation in decision.reservations:
                 self.metrics.creates.inc()
-                self._spawn(self._create(reservation))
+                creating = self._spawn(self._create(reservation))
+                self._creating.add(creating)
+                creating.add_done_callback(self._creating.discard)
             for termination in await self.scripts.reap_idle(args):
                 self.metrics.terminations.labels(termination.reason).inc()
                 log.info("terminating %s: %s", termination.node_id, termination.reason)
@@ -690,14 +697,15 @@ class Replica:
         """The most creates this replica may make now: None (max_batch) while the Node API
         answers; none while creates are held, then one, a probe, until one is answered; none
         for CAPACITY_HOLD_MS after the API said it is at its capacity; after it refused one
-        (REFUSED_HOLD_MS), none for a while, then one at a time until one is not refused."""
+        (REFUSED_HOLD_MS), none for a while, then one at a time until one is not refused. A
+        probe goes only while none of this replica's creates is still going: one at a time."""
         if now_ms < self._capacity_held_until_ms:
             return 0
         if self._api_refused:
-            return 0 if now_ms < self._refused_held_until_ms else 1
+            return 0 if now_ms < self._refused_held_until_ms or self._creating else 1
         if not self._api_down:
             return None
-        return 0 if now_ms < self._creates_held_until_ms else 1
+        return 0 if now_ms < self._creates_held_until_ms or self._creating else 1
 
     def _create_answered(self, result: CreateResult, now_ms: int) -> None:
         """Hold creates while the Node API is down (see CREATE_HOLD_MS), and stop on the first
@@ -872,10 +880,11 @@ class Replica:
         while self._actions:
             await asyncio.gather(*list(self._actions))
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(self._guard(work))
         self._actions.add(task)
         task.add_done_callback(self._actions.discard)
+        return task
 
     async def _guard(self, work: Awaitable[None]) -> None:
         try:

@@ -1157,6 +1157,39 @@ async def test_creates_are_held_while_the_node_api_is_down_and_probed_one_at_a_t
     assert calls == 11
 
 
+async def test_a_probe_still_in_flight_holds_the_next_ticks_creates(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    # An operator's drill (a Node API whose creates outlast --api-timeout): once the hold
+    # was over, every tick while the probe waited for its answer sent one more, 4 in 4 s.
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=5))
+    down = CreateResult(CreateOutcome.UNCERTAIN, detail="Deadline", api_down=True)
+    answer = asyncio.Event()
+    calls = 0
+    hang = False
+
+    async def create() -> CreateResult:
+        nonlocal calls
+        calls += 1
+        if hang:
+            await answer.wait()
+        return down
+
+    api.create = create  # type: ignore[method-assign]
+    await replica.tick()
+    await replica.settle()
+    assert calls == 5  # the floor, all unanswered: held for 16 s
+    hang = True
+    for _ in range(80):  # past the hold and the deadlines: one probe goes out, and waits
+        clock.advance(1_000)
+        await replica.tick()
+        for _ in range(5):
+            await asyncio.sleep(0)
+    assert calls == 6
+    answer.set()
+    await replica.settle()
+
+
 async def test_any_answer_of_the_node_api_ends_the_hold(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

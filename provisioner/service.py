@@ -331,8 +331,11 @@ class Replica:
         #: this replica's creates not done yet (its POST unanswered, or its answer not yet
         #: recorded): while creates are held, a probe is made only with none of them ("one at
         #: a time": a probe that took its whole timeout let every tick meanwhile send one
-        #: more, 4 in 4 s in an operator's drill)
-        self._creating: set[asyncio.Task[None]] = set()
+        #: more, 4 in 4 s in an operator's drill), each with the time (this replica's clock,
+        #: ms) past which it no longer counts: its reservation's deadline, past which the pool
+        #: creates again anyway, so that a create stuck for good (a Redis reply never coming,
+        #: with no socket timeout) cannot hold the creates for good
+        self._creating: dict[asyncio.Task[None], int] = {}
         #: since when (monotonic) and why the server has refused this replica's writes for now
         #: (out of memory, read-only, a script running long), from the first refusal to the
         #: next write that went through: /readyz fails meanwhile; None: not refused
@@ -683,8 +686,8 @@ class Replica:
             for reservation in decision.reservations:
                 self.metrics.creates.inc()
                 creating = self._spawn(self._create(reservation))
-                self._creating.add(creating)
-                creating.add_done_callback(self._creating.discard)
+                self._creating[creating] = now + int(self.pool.create_timeout_s * 1000)
+                creating.add_done_callback(lambda task: self._creating.pop(task, None))
             for termination in await self.scripts.reap_idle(args):
                 self.metrics.terminations.labels(termination.reason).inc()
                 log.info("terminating %s: %s", termination.node_id, termination.reason)
@@ -701,11 +704,12 @@ class Replica:
         probe goes only while none of this replica's creates is still going: one at a time."""
         if now_ms < self._capacity_held_until_ms:
             return 0
+        creating = any(now_ms < until for until in self._creating.values())
         if self._api_refused:
-            return 0 if now_ms < self._refused_held_until_ms or self._creating else 1
+            return 0 if now_ms < self._refused_held_until_ms or creating else 1
         if not self._api_down:
             return None
-        return 0 if now_ms < self._creates_held_until_ms or self._creating else 1
+        return 0 if now_ms < self._creates_held_until_ms or creating else 1
 
     def _create_answered(self, result: CreateResult, now_ms: int) -> None:
         """Hold creates while the Node API is down (see CREATE_HOLD_MS), and stop on the first

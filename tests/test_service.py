@@ -4424,3 +4424,50 @@ async def test_a_replica_s_client_waits_for_a_connection_rather_than_failing(
         stop.set()
         await asyncio.wait_for(serving, 30)
         await aredis.delete(*[key async for key in aredis.scan_iter("prov:{blocking}:*")])
+
+
+async def test_a_create_stuck_for_good_holds_the_probes_no_longer_than_its_deadline(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    # A refused create whose recording is never answered (a Redis reply lost, no socket
+    # timeout): the probes wait for it no longer than its reservation's deadline.
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=3))
+    answer: CreateResult | None = CreateResult(CreateOutcome.FAILED, detail="HTTP 401",
+                                               refused=True)
+    calls = 0
+
+    async def create() -> CreateResult:
+        nonlocal calls
+        calls += 1
+        return answer or CreateResult(CreateOutcome.CREATED, f"node-{calls}")
+
+    api.create = create  # type: ignore[method-assign]
+    real_cancel = replica.scripts.cancel_create
+    never = asyncio.Event()
+    stuck: list[str] = []
+
+    async def cancel_create(reservation: str, *args: Any) -> Any:
+        if not stuck:
+            stuck.append(reservation)
+            await never.wait()
+        return await real_cancel(reservation, *args)
+
+    replica.scripts.cancel_create = cancel_create  # type: ignore[method-assign]
+
+    async def ticks(n: int) -> None:
+        for _ in range(n):
+            clock.advance(1_000)
+            await replica.tick()
+            await asyncio.sleep(0.01)
+
+    await replica.tick()
+    for _ in range(200):
+        if stuck and calls == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert calls == 3  # the floor; the first one's answer is never recorded
+    answer = None  # the API takes creates again
+    await ticks(120)
+    assert calls == 3 + 3  # creates made again once the stuck create's deadline has passed
+    never.set()
+    await replica.settle()

@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from provisioner import jsontext, mock_node_api, simulator, view
+from provisioner import mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
 from provisioner.clock import server_now_ms
 from provisioner.config import (
@@ -716,10 +716,10 @@ def decisions(
     as_json: Json = False,
     limit: Limit = 200,
 ) -> None:
-    """Scaling actions, misses and operators' releases in a span of time, each with its reason
-    and numbers: why nodes were booted at 10:02 is `--since 10:01 --until 10:03 --kind
-    scale_up`, why a user waited `--user ID --kind miss`. The stream keeps about the last 1,000
-    entries; a span it no longer holds says what it does."""
+    """Scaling actions, misses and operators' releases and drains in a span of time, each with
+    its reason and numbers: why nodes were booted at 10:02 is `--since 10:01 --until 10:03
+    --kind scale_up`, why a user waited `--user ID --kind miss`. The stream keeps about the
+    last 1,000 entries; a span it no longer holds says what it does."""
     _pool_keys(pool)
     kinds = frozenset(kind or ())
     if unknown := sorted(kinds - set(view.DECISION_KINDS)):
@@ -744,7 +744,7 @@ def decisions(
         raise _fail(_no_pool(pool))
     if as_json:
         typer.echo(json.dumps({
-            "decisions": [_decision_json(entry) for entry in span.entries],
+            "decisions": [view.decision_json(entry) for entry in span.entries],
             "more": span.more, "stream_length": span.length,
             "stream_from_ms": span.held[0] if span.held else None,
             "stream_to_ms": span.held[1] if span.held else None}, indent=2))
@@ -795,22 +795,6 @@ def _entry_time(entry: dict[str, str]) -> str:
             written_shown = written_shown[11:]
         return f"{shown} (written {written_shown})"
     return _local_time(decided)
-
-
-def _decision_json(entry: dict[str, str]) -> dict[str, Any]:
-    """An entry for JSON: its times and count as numbers, its numbers as the object they are
-    (the text it is where a hand edit left no JSON)."""
-    shown: dict[str, Any] = dict(entry)
-    shown["written_ms"] = view.written_ms(entry["id"])
-    for name in ("now", "acted", "decided_ms"):
-        if name in entry:
-            shown[name] = view.time_ms(entry[name]) if entry[name] else None
-    try:
-        numbers = jsontext.loads_finite(entry.get("numbers") or "{}")
-    except ValueError:
-        return shown
-    shown["numbers"] = numbers
-    return shown
 
 
 def _operator_args(ids: list[str], kind: str, by: str) -> tuple[list[str], str]:

@@ -103,7 +103,7 @@ class PoolView:
             "last_replica": stats.get("last_replica", ""),
             "forecast_check": self.forecast_check.as_dict(),
             "scaling": self.scaling.as_dict(),
-            "decisions": self.decisions,
+            "decisions": [decision_json(entry) for entry in self.decisions],
             "replicas": [replica.as_dict() for replica in self.replicas],
             "epoch": self.epoch,
             "state_since_ms": self.state_since_ms,
@@ -143,7 +143,8 @@ async def read_view(redis: aioredis.Redis, pool: str, now_ms: int, window_ms: in
     snapshot = await scripts.snapshot(now_ms, window_ms)
     entries: list[tuple[Any, dict[Any, Any]]] = await redis.xrevrange(  # type: ignore[assignment]
         keys.key("decisions"), count=recent)
-    decisions = [{as_text(k): as_text(v) for k, v in fields.items()} for _id, fields in entries]
+    decisions = [{**{as_text(k): as_text(v) for k, v in fields.items()}, "id": as_text(entry_id)}
+                 for entry_id, fields in entries]
     replicas, epoch, server_ms = await scripts.replicas_and_epoch()
     return PoolView(pool, now_ms, snapshot, decisions, replicas, epoch, server_ms,
                     await server_full(redis))
@@ -206,7 +207,8 @@ def render_view(view: PoolView) -> Group:
         outcomes.append(f"\nvalues repaired {data['values_repaired']} (not numbers where one "
                         "belongs: edited by hand, or another writer uses the pool's keys)",
                         style="red")
-    decisions = Table(title="recent scaling actions and misses", expand=True, show_edge=False)
+    decisions = Table(title="recent decisions: scaling, misses, operators' drains and releases",
+                      expand=True, show_edge=False)
     for column in ("age", "replica", "kind", "reason"):
         decisions.add_column(column, overflow="fold")
     for entry in view.decisions:
@@ -371,6 +373,23 @@ class DecisionSpan:
     more: bool
     held: tuple[int, int] | None
     length: int
+
+
+def decision_json(entry: dict[str, str]) -> dict[str, Any]:
+    """An entry for JSON, alike in `status --json` and `decisions --json`: its times and count
+    as numbers, its numbers as the object they are (the text it is where a hand edit left no
+    JSON)."""
+    shown: dict[str, Any] = dict(entry)
+    shown["written_ms"] = written_ms(entry["id"])
+    for name in ("now", "acted", "decided_ms"):
+        if name in entry:
+            shown[name] = time_ms(entry[name]) if entry[name] else None
+    try:
+        numbers = jsontext.loads_finite(entry.get("numbers") or "{}")
+    except ValueError:
+        return shown
+    shown["numbers"] = numbers
+    return shown
 
 
 def written_ms(entry_id: str) -> int:

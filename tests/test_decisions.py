@@ -357,3 +357,19 @@ def test_an_entry_decided_by_a_clock_behind_shows_when_it_was_written_too(
                                [(T10, T10 - 10 * MINUTE), (T10 + 30_000, T10 + 28_000)])
     assert f"{_local(T10 - 10 * MINUTE)} (written {_local(T10)[11:]})" in output, output
     assert _local(T10 + 28_000) in output and _local(T10 + 30_000)[11:] not in output, output
+
+
+def test_status_gives_its_recent_decisions_in_the_shape_decisions_gives_them(
+        redis_url: str, logged: list[str]) -> None:
+    """A newcomer's walkthrough: `status --json` gave each entry's times and count as strings
+    and its numbers as JSON inside a string, with no id, where `decisions --json` gives
+    numbers, an object and the entry's id."""
+    result = CliRunner().invoke(app, ["status", "--redis-url", redis_url, "--pool", POOL,
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    recent = json.loads(result.output)["decisions"]
+    code, found = decisions(redis_url, "--json", "--since", _iso(T10))
+    assert code == 0
+    assert recent[0] == found["decisions"][-1]  # the newest, alike
+    assert recent[0]["numbers"] == {"target": 9} and recent[0]["id"] == logged[-1]
+    assert recent[0]["now"] == T10 + 9 * MINUTE and recent[0]["acted"] == 1

@@ -333,8 +333,8 @@ class Replica:
         #: a time": a probe that took its whole timeout let every tick meanwhile send one
         #: more, 4 in 4 s in an operator's drill), each with the time (this replica's clock,
         #: ms) past which it no longer counts: its reservation's deadline, past which the pool
-        #: creates again anyway, so that a create stuck for good (a Redis reply never coming,
-        #: with no socket timeout) cannot hold the creates for good
+        #: creates again anyway, so that a create stuck for good (a reply of the server that
+        #: never comes, a socket timeout set off) cannot hold the creates for good
         self._creating: dict[asyncio.Task[None], int] = {}
         #: since when (monotonic) and why the server has refused this replica's writes for now
         #: (out of memory, read-only, a script running long), from the first refusal to the

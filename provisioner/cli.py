@@ -304,7 +304,7 @@ def run(
 
 
 def _no_pool(pool: str, yet: str = "") -> str:
-    """What `check` and `status` say of a pool the server holds no state of."""
+    """What `check`, `status`, `nodes` and `users` say of a pool the server holds no state of."""
     return (f"no pool {pool!r} on this server{' ' + yet if yet else ''}: nothing under "
             f"{PoolKeys(pool).base} (a misspelt --pool, another database, or a pool not "
             "started)")
@@ -559,7 +559,11 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
 
 async def _with_sizes(client: aioredis.Redis, pool: str,
                       rows: Awaitable[T]) -> tuple[T, tuple[int, int, int], int]:
-    """The rows, the pool's sizes, and the server's clock to age them by (not this host's)."""
+    """The rows, the pool's sizes, and the server's clock to age them by (not this host's).
+    A pool the server holds no state of is warned of on stderr, as `status` warns: its empty
+    table read as a pool with no node (a newcomer's walkthrough, `--pool nosuch`)."""
+    if not await view.pool_exists(client, pool):
+        errors.print(f"[yellow]warning:[/yellow] {escape(_no_pool(pool, 'yet'))}")
     return await rows, await view.table_sizes(client, pool), await server_now_ms(client)
 
 

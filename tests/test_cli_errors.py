@@ -469,6 +469,12 @@ def test_check_of_a_pool_the_server_does_not_hold_fails_and_status_warns(
     shown = run("status", "--pool", "defualt", "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["pool"] == "defualt"
     assert "no pool 'defualt' on this server yet" in shown.stderr, shown.stderr
+    # A newcomer's walkthrough: `nodes` and `users` printed an empty table, exit 0, and
+    # nothing else, read as a pool with no node; they warn as `status` does.
+    for table in ("nodes", "users"):
+        listed = run(table, "--pool", "defualt", "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout) is not None, listed
+        assert "no pool 'defualt' on this server yet" in listed.stderr, listed.stderr
     # A pool that has seen one event is checked as ever.
     with redis.Redis.from_url(redis_url) as client:
         client.hset(PoolKeys("seen").key("stats"), "activities", 1)

@@ -250,6 +250,17 @@ class PoolConfig:
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    def digest(self) -> str:
+        """12 hex digits of these settings, alike for alike values: what a replica's heartbeat
+        says of the settings it runs, so `status` can tell replicas of one pool that run
+        different ones (a drill: the replica whose tick fired first decided with its own, and
+        nothing said the two differed)."""
+        import hashlib
+        import json
+
+        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
 
 def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"

@@ -381,6 +381,9 @@ class ReplicaSeen:
     #: its server's eviction policy where that server may delete the pool's keys
     #: (Replica.look_at_eviction), else ""
     server_evicts: str = ""
+    #: the pool settings it runs (PoolConfig.digest); None: its release says none, or a hand
+    #: wrote what is not one (UNREADABLE_FINGERPRINT)
+    settings: str | None = None
 
     @classmethod
     def of(cls, replica_id: str, age_ms: int, details: Any,
@@ -410,7 +413,8 @@ class ReplicaSeen:
                    None if up_s is None or not math.isfinite(up_s) else up_s,
                    tuple(str(o)[:200] for o in others[:10]) if isinstance(others, list) else (),
                    _fingerprint(said.get("scripts")), said.get("taking_back") is True,
-                   evicts[:40] if isinstance(evicts := said.get("server_evicts"), str) else "")
+                   evicts[:40] if isinstance(evicts := said.get("server_evicts"), str) else "",
+                   _fingerprint(said.get("settings")))
 
     @property
     def silent(self) -> bool:
@@ -427,7 +431,8 @@ class ReplicaSeen:
                 else round(self.clock_offset_s, 3),
                 "up_s": None if self.up_s is None else round(self.up_s, 1),
                 "other_pools": list(self.other_pools), "scripts": self.scripts,
-                "taking_back": self.taking_back, "server_evicts": self.server_evicts}
+                "taking_back": self.taking_back, "server_evicts": self.server_evicts,
+                "settings": self.settings}
 
     def describe(self) -> str:
         if self.silent:

@@ -1196,6 +1196,7 @@ class Replica:
             "lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
             "started_ms": self._started_ms,
             "interval_s": self.service.heartbeat_interval_s, "scripts": scripts_fingerprint(),
+            "settings": self.pool.digest(),
             "unsubscribed_s": round(self.metrics.registry.get_sample_value(
                 "provisioner_unsubscribed_seconds_total") or 0.0, 3)}
         if self._clock_offset_s is not None:  # the last heartbeat's

@@ -234,6 +234,9 @@ def render_view(view: PoolView) -> Group:
     releases = scripts_releases(running)
     if releases:
         replicas.append(printable("; " + releases), style="red")
+    split = settings_split(running)
+    if split:
+        replicas.append(printable("; " + split), style="red")
     state_age = view.state_age_s
     if state_age is not None:
         # a state younger than its replicas' run was lost and begun again
@@ -269,6 +272,22 @@ def scripts_releases(running: list[ReplicaSeen]) -> str | None:
              f"{', '.join(ids)}"
              for fingerprint, ids in sorted(by_release.items(), key=lambda kv: kv[0] or "")]
     return f"{len(by_release)} releases of the scripts run ({' / '.join(parts)})"
+
+
+def settings_split(running: list[ReplicaSeen]) -> str | None:
+    """Which running replica runs which pool settings, when those that say theirs do not all
+    run one: the replica whose tick fires first decides with its own, so the pool's limits
+    and buffer are whichever's that is (a drill: --max-nodes 5 beside 50, and nothing said
+    so); None when they agree."""
+    by_settings: dict[str, list[str]] = {}
+    for replica in running:
+        if replica.settings is not None:
+            by_settings.setdefault(replica.settings, []).append(replica.replica_id)
+    if len(by_settings) < 2:
+        return None
+    parts = [f"{digest}: {', '.join(ids)}" for digest, ids in sorted(by_settings.items())]
+    return (f"{len(by_settings)} sets of pool settings run ({' / '.join(parts)}): every "
+            "replica of a pool should run the same; the one whose tick fires first decides")
 
 
 def other_release(replicas: list[ReplicaSeen]) -> str | None:

@@ -3066,6 +3066,8 @@ async def test_a_replica_says_which_release_of_the_scripts_it_runs(
     await replica.heartbeat()
     [listed] = await replica.scripts.replicas()
     assert listed.scripts == fingerprint and listed.as_dict()["scripts"] == fingerprint
+    # and which pool settings it runs, for `status` to tell replicas that run different ones
+    assert listed.settings == FLOOR_ONLY.digest() == listed.as_dict()["settings"]
 
 
 async def test_a_replica_finds_another_pool_listening_on_its_server(

@@ -24,6 +24,7 @@ from typer.testing import CliRunner, Result
 
 from provisioner import view
 from provisioner.cli import app
+from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
 from provisioner.scripts import Scripts
 from provisioner.view import check_invariants
@@ -774,6 +775,34 @@ def test_markup_in_what_others_wrote_is_shown_as_written(redis_url: str) -> None
                                                 env={"COLUMNS": "300"}).output
     bad = CliRunner().invoke(app, ["status", "--redis-url", "redis://[/x]"])
     assert bad.exit_code == 2 and "'redis://[/x]' cannot be parsed" in bad.output, bad.output
+
+
+def test_status_says_when_the_replicas_run_different_pool_settings(redis_url: str) -> None:
+    """A drill: two replicas of one pool at --max-nodes 5 and 50, and the one whose tick fired
+    first decided with its own, with nothing said. Which runs which settings is said now, and
+    nothing while they agree; a replica of a release that says none is not counted."""
+    keys = PoolKeys("settings")
+    five, fifty = PoolConfig(max_nodes=5).digest(), PoolConfig(max_nodes=50).digest()
+    assert five != fifty and PoolConfig(max_nodes=5).digest() == five
+
+    async def beat(**said: dict[str, Any]) -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        for replica, info in said.items():
+            await scripts.heartbeat(replica, info, 600_000)
+        await client.aclose()
+
+    asyncio.run(beat(r1={"settings": five}, r2={"settings": five}, r3={}))
+    shown, status = _status(redis_url, "settings")
+    assert "sets of pool settings" not in shown
+    assert {r["replica"]: r["settings"] for r in status["replicas"]} == {
+        "r1": five, "r2": five, "r3": None}
+    asyncio.run(beat(r4={"settings": fifty}))
+    shown, _ = _status(redis_url, "settings")
+    flat = " ".join(shown.replace("│", " ").split())
+    assert (f"2 sets of pool settings run ({min(five, fifty)}: "
+            in flat), shown
+    assert "r4" in flat.split("sets of pool settings run", 1)[1], shown
 
 
 def test_status_says_when_the_replicas_run_different_releases_of_the_scripts(

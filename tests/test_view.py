@@ -777,27 +777,31 @@ def test_markup_in_what_others_wrote_is_shown_as_written(redis_url: str) -> None
     assert bad.exit_code == 2 and "'redis://[/x]' cannot be parsed" in bad.output, bad.output
 
 
-def test_status_says_when_the_replicas_run_different_pool_settings(redis_url: str) -> None:
-    """A drill: two replicas of one pool at --max-nodes 5 and 50, and the one whose tick fired
-    first decided with its own, with nothing said. Which runs which settings is said now, and
-    nothing while they agree; a replica of a release that says none is not counted."""
-    keys = PoolKeys("settings")
-    five, fifty = PoolConfig(max_nodes=5).digest(), PoolConfig(max_nodes=50).digest()
-    assert five != fifty and PoolConfig(max_nodes=5).digest() == five
-
-    async def beat(**said: dict[str, Any]) -> None:
+def _heartbeats(redis_url: str, pool: str, **said: dict[str, Any]) -> None:
+    """Each replica's heartbeat to `pool`, saying what `said` gives it."""
+    async def beat() -> None:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        scripts = Scripts(client, keys)
+        scripts = Scripts(client, PoolKeys(pool))
         for replica, info in said.items():
             await scripts.heartbeat(replica, info, 600_000)
         await client.aclose()
 
-    asyncio.run(beat(r1={"settings": five}, r2={"settings": five}, r3={}))
+    asyncio.run(beat())
+
+
+def test_status_says_when_the_replicas_run_different_pool_settings(redis_url: str) -> None:
+    """A drill: two replicas of one pool at --max-nodes 5 and 50, and the one whose tick fired
+    first decided with its own, with nothing said. Which runs which settings is said now, and
+    nothing while they agree; a replica of a release that says none is not counted."""
+    five, fifty = PoolConfig(max_nodes=5).digest(), PoolConfig(max_nodes=50).digest()
+    assert five != fifty and PoolConfig(max_nodes=5).digest() == five
+
+    _heartbeats(redis_url, "settings", r1={"settings": five}, r2={"settings": five}, r3={})
     shown, status = _status(redis_url, "settings")
     assert "sets of pool settings" not in shown
     assert {r["replica"]: r["settings"] for r in status["replicas"]} == {
         "r1": five, "r2": five, "r3": None}
-    asyncio.run(beat(r4={"settings": fifty}))
+    _heartbeats(redis_url, "settings", r4={"settings": fifty})
     shown, _ = _status(redis_url, "settings")
     flat = " ".join(shown.replace("│", " ").split())
     assert (f"2 sets of pool settings run ({min(five, fifty)}: "
@@ -812,19 +816,12 @@ def test_status_says_when_the_replicas_run_different_releases_of_the_scripts(
     they agree. A replica of a release before the fingerprint says none; a silent one is not
     counted; what a hand wrote that is not a fingerprint reads as none."""
     keys = PoolKeys("releases")
-
-    async def beat(**said: dict[str, Any]) -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        scripts = Scripts(client, keys)
-        for replica, info in said.items():
-            await scripts.heartbeat(replica, info, 600_000)
-        await client.aclose()
-
-    asyncio.run(beat(r1={"scripts": "aaa"}, r2={"scripts": "aaa"}))
+    _heartbeats(redis_url, "releases", r1={"scripts": "aaa"}, r2={"scripts": "aaa"})
     shown, status = _status(redis_url, "releases")
     assert "releases of the scripts" not in shown
     assert {r["replica"]: r["scripts"] for r in status["replicas"]} == {"r1": "aaa", "r2": "aaa"}
-    asyncio.run(beat(r3={"scripts": "bbb"}, r4={}, r5={"scripts": "<b>not hex</b>"}))
+    _heartbeats(redis_url, "releases", r3={"scripts": "bbb"}, r4={},
+                r5={"scripts": "<b>not hex</b>"})
     shown, status = _status(redis_url, "releases")
     flat = " ".join(shown.replace("│", " ").split())  # the panel's lines joined again
     assert ("4 releases of the scripts run (none said, a release before the fingerprint: r4 / "
@@ -911,18 +908,13 @@ def test_a_cli_of_another_release_than_the_replicas_says_so(redis_url: str) -> N
     from provisioner.scripts import scripts_fingerprint
 
     keys = PoolKeys("cli-release")
-
-    async def beat(**said: dict[str, Any]) -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        for replica, info in said.items():
-            await Scripts(client, keys).heartbeat(replica, info, 600_000)
-        await client.aclose()
-
     common = ["--redis-url", redis_url, "--pool", "cli-release"]
-    asyncio.run(beat(r1={"scripts": scripts_fingerprint()}, r2={"scripts": "0ddba11"}))
+    _heartbeats(redis_url, "cli-release", r1={"scripts": scripts_fingerprint()},
+                r2={"scripts": "0ddba11"})
     shown = CliRunner().invoke(app, ["status", *common])
     assert shown.exit_code == 0 and "this CLI runs release" not in shown.output
-    asyncio.run(beat(r1={"scripts": "0ddba11"}, r3={}))  # no replica runs this CLI's release
+    # no replica runs this CLI's release
+    _heartbeats(redis_url, "cli-release", r1={"scripts": "0ddba11"}, r3={})
     shown = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "300"})
     assert shown.exit_code == 0, shown.output
     assert (f"warning: this CLI runs release {scripts_fingerprint()} of the scripts, and no "
@@ -937,7 +929,7 @@ def test_a_cli_of_another_release_than_the_replicas_says_so(redis_url: str) -> N
         shown = CliRunner().invoke(app, [*command, *common], env={"COLUMNS": "300"})
         assert "(they run 0ddba11): what it shows is read by this CLI's scripts" in " ".join(
             shown.output.split()), (command, shown.output)
-    asyncio.run(beat(r1={"scripts": "5ca1ab1e"}))
+    _heartbeats(redis_url, "cli-release", r1={"scripts": "5ca1ab1e"})
     released = CliRunner().invoke(app, ["release", "nobody", "--yes", *common],
                                   env={"COLUMNS": "300"})
     assert released.exit_code == 1  # held nothing, as without the warning

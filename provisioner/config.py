@@ -514,6 +514,12 @@ def _node_api_url_reason(url: str) -> str | None:
     return None
 
 
+#: What `listenable` refusing a host says, less its closing parenthesis (each option adds its
+#: own last words: `run`'s port is an option of its own).
+NOT_LISTENABLE = ("must be an address or a host name (0.0.0.0: every interface; an IPv6 "
+                  "address without brackets, ::1")
+
+
 def listenable(host: str) -> bool:
     """Whether the HTTP server could be told to listen on `host` as given: an IPv4 or IPv6
     address (a scope too, fe80::1%eth0) or a name the resolver would be asked for. A ':' is an
@@ -593,9 +599,7 @@ class ServiceConfig:
             found.append(Problem("pool", "must be 1-64 characters of letters, digits, _.-",
                                  label=f"pool {self.pool!r}"))
         if not listenable(self.http_host):
-            found.append(Problem("http_host", "must be an address or a host name (0.0.0.0: "
-                                 "every interface; an IPv6 address without brackets, ::1; "
-                                 "no port, --http-port is)",
+            found.append(Problem("http_host", f"{NOT_LISTENABLE}; no port, --http-port is)",
                                  label=f"http host {self.http_host!r}"))
         found += [
             _range(self, "http_port", 0, 65535, note="(0 disables the HTTP endpoint)",

@@ -38,7 +38,7 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
 from provisioner.clock import sleep_unless
-from provisioner.config import listenable, redis_client, redis_url_option
+from provisioner.config import NOT_LISTENABLE, listenable, redis_client, redis_url_option
 from provisioner.logs import setup_logging
 
 log = logging.getLogger("provisioner.mock_node_api")
@@ -154,8 +154,7 @@ def host_option(value: str) -> str:
     label over 63 characters stopped the mock with the resolver's UnicodeError, a traceback;
     an empty one listened on every interface, logged as `http://:PORT`)."""
     if not listenable(value):
-        raise typer.BadParameter("must be an address or a host name (0.0.0.0: every interface; "
-                                 "an IPv6 address without brackets, ::1)")
+        raise typer.BadParameter(f"{NOT_LISTENABLE})")
     return value
 
 

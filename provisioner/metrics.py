@@ -171,6 +171,12 @@ class Metrics:
             "1, labelled with the fingerprint of the Lua scripts this replica runs (a digest of "
             "the state machine as sent to the server): replicas of one pool with different "
             "fingerprints run different releases of it", ["fingerprint"], registry=r)
+        self.settings_info = Gauge(
+            "provisioner_settings_info",
+            "1, labelled with the pool and a digest of the pool settings this replica runs "
+            "(PoolConfig.digest, as its heartbeat says): replicas of one pool with different "
+            "digests decide by different settings, each tick by whichever replica's fires first",
+            ["pool", "settings"], registry=r)
         self.clock_offset = Gauge(
             "provisioner_clock_offset_seconds",
             "This replica's clock less the Redis server's, at its last heartbeat (the server's "

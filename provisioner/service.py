@@ -266,6 +266,7 @@ class Replica:
         self.keys = PoolKeys(service.pool)
         self.scripts = Scripts(redis, self.keys, observe=self.metrics.observe_script)
         self.metrics.scripts_info.labels(scripts_fingerprint()).set(1)
+        self.metrics.settings_info.labels(service.pool, pool.digest()).set(1)
         #: when (monotonic) this replica last won a scaling tick or found its slot decided by
         #: another, for ProvisionerNoReplicaTicking
         self._decided_at: float | None = None

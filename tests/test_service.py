@@ -3068,6 +3068,13 @@ async def test_a_replica_says_which_release_of_the_scripts_it_runs(
     assert listed.scripts == fingerprint and listed.as_dict()["scripts"] == fingerprint
     # and which pool settings it runs, for `status` to tell replicas that run different ones
     assert listed.settings == FLOOR_ONLY.digest() == listed.as_dict()["settings"]
+    # and on /metrics, by pool, for an alert when they differ
+    assert counter(replica, "provisioner_settings_info", pool=POOL,
+                   settings=FLOOR_ONLY.digest()) == 1
+    other = make_replica(aredis, api, clock, "r2", PoolConfig(max_nodes=5))
+    assert counter(other, "provisioner_settings_info", pool=POOL,
+                   settings=PoolConfig(max_nodes=5).digest()) == 1
+    assert PoolConfig(max_nodes=5).digest() != FLOOR_ONLY.digest()
 
 
 async def test_a_replica_finds_another_pool_listening_on_its_server(

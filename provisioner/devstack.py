@@ -266,7 +266,10 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             if server is not None:
                 server.stop()
             if children:
-                say(f"stopped {len(children)} processes; logs kept in {logdir}")
+                # The private server is a process too, and its data goes with it (a review:
+                # "stopped 4 processes" left an operator asking whether it still ran).
+                also = " and the private server" if server is not None else ""
+                say(f"stopped {len(children)} processes{also}; logs kept in {logdir}")
             else:  # refused before anything started: no logs to keep (a review)
                 shutil.rmtree(logdir, ignore_errors=True)
 

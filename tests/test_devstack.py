@@ -125,7 +125,8 @@ def test_the_dev_stack_leaves_no_process_however_it_is_stopped(stop: signal.Sign
             # Stopped in order by the stack itself, not by the kernel's parent-death signal
             # once SIGHUP had ended it: that covered for a stack without a SIGHUP handler (a
             # mutation test).
-            assert dev.returncode == 0 and "stopped 4 processes" in rest, rest
+            assert dev.returncode == 0, rest
+            assert "stopped 4 processes and the private server" in rest, rest
         deadline = time.monotonic() + 10
         while stack_pids(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -253,7 +254,8 @@ def test_the_dev_stack_stops_its_server_and_every_child_with_sigterm() -> None:
     assert -signal.SIGKILL not in ended.values() and None not in ended.values(), ended
     with pytest.raises(redis.ConnectionError), redis.Redis.from_url(running.redis_url) as client:
         client.ping()
-    assert said[-1] == f"stopped 3 processes; logs kept in {running.logdir}", said
+    assert said[-1] == (f"stopped 3 processes and the private server; logs kept in "
+                        f"{running.logdir}"), said
 
 
 @pytest.mark.parametrize(("options", "said"), [
@@ -378,12 +380,15 @@ def test_a_port_another_mock_took_first_is_not_taken_for_the_stack_s_own(
         ports = iter([taken])
         monkeypatch.setattr(devstack, "free_port", lambda: next(ports, None) or free_port())
         monkeypatch.setenv("TMPDIR", str(tmp_path))
-        with devstack.stack(redis_url, replicas=0, arrival_rate=None, say=lambda _: None,
+        said: list[str] = []
+        with devstack.stack(redis_url, replicas=0, arrival_rate=None, say=said.append,
                             simulate=["--duration", "1"]) as running:
             mock = running.children[0]
             assert running.api_port != taken and mock.alive()
             answer = httpx.get(f"http://127.0.0.1:{running.api_port}/healthz").json()
             assert answer["pid"] == mock.process.pid
+        # a server it was given is not its own to stop, and the last line says none was
+        assert said[-1] == f"stopped 2 processes; logs kept in {running.logdir}", said
     finally:
         other.terminate()
         other.wait()

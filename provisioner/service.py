@@ -266,7 +266,10 @@ class Replica:
         self.keys = PoolKeys(service.pool)
         self.scripts = Scripts(redis, self.keys, observe=self.metrics.observe_script)
         self.metrics.scripts_info.labels(scripts_fingerprint()).set(1)
-        self.metrics.settings_info.labels(service.pool, pool.digest()).set(1)
+        #: the digest of the pool settings this replica runs, in its heartbeat and on /metrics
+        #: (the settings are frozen, so worked out once)
+        self.settings_digest = pool.digest()
+        self.metrics.settings_info.labels(service.pool, self.settings_digest).set(1)
         #: when (monotonic) this replica last won a scaling tick or found its slot decided by
         #: another, for ProvisionerNoReplicaTicking
         self._decided_at: float | None = None
@@ -1197,7 +1200,7 @@ class Replica:
             "lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
             "started_ms": self._started_ms,
             "interval_s": self.service.heartbeat_interval_s, "scripts": scripts_fingerprint(),
-            "settings": self.pool.digest(),
+            "settings": self.settings_digest,
             "unsubscribed_s": round(self.metrics.registry.get_sample_value(
                 "provisioner_unsubscribed_seconds_total") or 0.0, 3)}
         if self._clock_offset_s is not None:  # the last heartbeat's

@@ -103,6 +103,7 @@ _WRITERS = {
     "model loaded": lambda p: p.scripts.load_model(p.now, {"boot_ms": 50_000.0}, replace=True),
     "heartbeat": lambda p: p.scripts.heartbeat("r1", {"lag_s": 0}, 600_000),
     "spare held": lambda p: p.scripts.hold_spare(p.now, "take", "run1", 1, 30_000),
+    "node drained": lambda p: p.scripts.drain_node(p.now, "b1", "op"),
 }
 
 

@@ -154,6 +154,22 @@ def test_the_key_schema_names_every_pool_key() -> None:
     assert missing == []
 
 
+def test_the_metrics_table_names_every_series_a_replica_exports() -> None:
+    """Each metric of provisioner.metrics has its row in the README's "Metrics" table, by the
+    name a scrape shows (a counter's with `_total`), and the table names no other (a review
+    found 12 of the replica's metrics named nowhere in the README)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from provisioner.metrics import Metrics
+
+    metrics = Metrics()
+    exported = {v._name + ("_total" if v._type == "counter" else "")
+                for v in vars(metrics).values() if isinstance(v, MetricWrapperBase)}
+    named = {name for table in _tables((ROOT / "README.md").read_text()) for row in table
+             if table[0][:2] == ["series", "labels"] for name in re.findall(r"`([a-z_]+)`", row[0])}
+    assert exported - named == set() and named - exported == set()
+
+
 def test_every_command_is_listed_on_one_line_of_its_own() -> None:
     """Rich help listed a command whose docstring's first paragraph spans lines with the
     docstring's breaks, wrapped again by the list's column, mid-sentence."""

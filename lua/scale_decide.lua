@@ -67,7 +67,9 @@ local TICK_LEASE_MS = 10000
 local slot = math.floor(now / p.interval_ms) * p.interval_ms
 local last = tonumber(rcall('GET', K.tick_lock))
 if last and last >= slot then
-  if last - slot <= TICK_LOCK_AHEAD_MS then
+  -- Ahead of this replica's clock, not of its slot: a slot is up to 600 s long, and the next
+  -- one's start, taken by a clock a millisecond ahead, is a whole interval past this slot's.
+  if last - now <= TICK_LOCK_AHEAD_MS then
     return {0}
   end
   if rcall('PTTL', K.tick_lock) >= 0 then

@@ -1674,6 +1674,24 @@ async def test_replicas_on_one_clock_with_other_intervals_are_not_told_a_clock_i
     assert (await pool.snap()).stat("tick_lock_ahead") == 0
 
 
+async def test_replicas_a_millisecond_apart_on_a_long_interval_are_not_told_a_clock_is_ahead(
+        pool: PoolUnderTest) -> None:
+    # tick_interval_s may be up to 600 s: a replica whose clock is 1 ms behind reads the slot
+    # before the one just taken, a whole interval (over a minute) "ahead" of its own slot.
+    config = PoolConfig(min_ready=1, tick_interval_s=120.0)
+    start = (pool.now // 120_000 + 1) * 120_000  # a slot's first millisecond
+    assert (await pool.scripts.scale_decide(config.policy_args(start, "r1"))).won
+    other = await pool.scripts.scale_decide(config.policy_args(start - 1, "r2"))
+    assert not other.won and not other.held_ahead
+    # So too for a rolling change of the interval, on one clock: 1 s beside 120 s.
+    fast = PoolConfig(min_ready=1, tick_interval_s=1.0)
+    at = start + 240_000 + 61_000
+    assert (await pool.scripts.scale_decide(fast.policy_args(at, "r1"))).won
+    slow = await pool.scripts.scale_decide(config.policy_args(at, "r2"))
+    assert not slow.won and not slow.held_ahead
+    assert (await pool.snap()).stat("tick_lock_ahead") == 0
+
+
 async def test_two_live_replicas_a_minute_and_a_half_apart_decide_once_an_interval(
         pool: PoolUnderTest) -> None:
     """Found by a review: the replica 90 s behind took the slot over on every tick (to it, the

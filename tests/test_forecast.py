@@ -415,6 +415,23 @@ async def test_a_model_field_no_tick_could_write_is_read_as_nothing_learned(
                 await pool.redis.hset(model, field, saved)
 
 
+async def test_an_imported_boot_time_too_small_to_divide_by_makes_no_nan(
+        pool: PoolUnderTest) -> None:
+    # load_model takes any non-negative finite boot time: 1e-322 ms, a thousandth of it 0 s,
+    # made the lead time and horizon 0 and their ratio 0/0.
+    config = PoolConfig(min_ready=0)
+    assert (await pool.scripts.load_model(pool.now, {"boot_ms": 1e-322})).loaded
+    for i in range(10):
+        await browse(pool, f"u{i}", 5)
+    for _ in range(2):
+        reason, _ = await decide(pool, config)
+        assert "nan" not in reason, reason
+        pool.clock.advance(1000)
+    model = await pool.redis.hgetall(pool.keys.key("model"))
+    for field, raw in model.items():
+        assert math.isfinite(float(raw)), (field, raw)
+
+
 def forecast_of(reason: str) -> float:
     return float(reason.split("forecast ")[1].split(" connects")[0])
 

@@ -400,6 +400,9 @@ local function forecast_target(s, p, update)
   local m, known = read_model()
   local n, young = cell_counts(p)
   local lead_ms, lead_why = lead_time(p, m.boot_ms, m.boot_n)
+  -- At least a millisecond: a boot time learned or imported far below (1e-322 ms is a
+  -- non-negative finite number) is 0 s once in seconds, and L / H, dt / L were 0 / 0.
+  lead_ms = math.max(lead_ms, 1)
   local horizon_ms = math.min(lead_ms, p.window_ms)
   local H = horizon_ms / 1000
   local L = lead_ms / 1000

@@ -51,10 +51,7 @@ local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max
 -- over the bar). The recorded one-minute boots keep the timeout (600 s is 8.6 of their means).
 -- Never past a day, the longest boot timeout one may set (a model imported with a mean boot of
 -- a day would otherwise keep a boot that never ends for three).
-local STUCK_BOOT_MEANS = 3
-local LONGEST_BOOT_MS = 86400000
-local stuck_after = math.max(p.boot_timeout_ms, math.min(LONGEST_BOOT_MS,
-    STUCK_BOOT_MEANS * (learned(rcall('HGET', K.model, 'boot_ms')) or 0)))
+local stuck_after = stuck_after_ms(p, learned(rcall('HGET', K.model, 'boot_ms')) or 0)
 local stuck = rcall('ZRANGEBYSCORE', K.booting, '-inf', now - stuck_after,
                     'LIMIT', 0, p.max_batch)
 for _, node in ipairs(stuck) do

@@ -289,6 +289,35 @@ async def test_a_sample_boot_running_longer_than_the_mean_lengthens_the_lead_tim
     assert "lead time 101s: the mean boot 50s, 1 sample boot running longer" in reason
 
 
+async def test_a_boot_the_reaper_ends_as_stuck_does_not_lengthen_the_lead_time(
+        pool: PoolUnderTest) -> None:
+    """A sample boot past the stuck line (boot_timeout, or 3 learned means) is ended by
+    reap_idle in the tick that decides: after a pause of the ticks its age is unbounded, and
+    counted as overdue it stretched the forecast to hours and raised the keep level with it."""
+    config = PoolConfig(min_ready=0, max_nodes=1000, overdue_boots=1.0)
+    await pool.redis.hset(pool.keys.key("model"), mapping={"boot_ms": 60_000, "boot_n": 30})
+    for i in range(30):
+        await browse(pool, f"u{i}", 3)
+    await pool.scripts.apply_node_status(pool.now, "n2", "booting")  # a sample
+    pool.clock.advance(3_600_000)  # the ticks paused for an hour; n2 is stuck (600 s)
+    for i in range(30):
+        await browse(pool, f"v{i}", 3)
+    reason, numbers = await decide(pool, config)
+    ended = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [(t.node_id, t.reason) for t in ended] == [("n2", "boot_timeout")]
+    assert "connects in 60s" in reason and "lead time" not in reason, reason
+    # as the next tick decides, without it
+    pool.clock.advance(1000)
+    _, after = await decide(pool, config)
+    assert numbers["target"] == after["target"], (reason, numbers, after)
+    # for the first boots of a pool too (no mean learned: the prior, 60 s)
+    await pool.redis.hdel(pool.keys.key("model"), "boot_ms", "boot_n")
+    await pool.scripts.apply_node_status(pool.now, "n4", "booting")  # a sample
+    pool.clock.advance(3_600_000)
+    reason, _ = await decide(pool, config)
+    assert "connects in 60s" in reason and "lead time" not in reason, reason
+
+
 async def test_before_any_sample_boot_ends_the_oldest_one_bounds_the_lead_time(
         pool: PoolUnderTest) -> None:
     """A new pool with `overdue_boots` 1: no boot has ended, so the lead time is the prior

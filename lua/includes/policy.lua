@@ -342,13 +342,26 @@ end
 -- decision's reason) or nil.
 local BOOT_WORTH = 9
 local OVERDUE_LOOK = 64
+
+-- How long a boot runs before reap_idle ends it as stuck: boot_timeout, and STUCK_BOOT_MEANS
+-- times the mean boot learned (boot_ms, 0 when none), never past a day (see reap_idle.lua).
+local STUCK_BOOT_MEANS = 3
+local LONGEST_BOOT_MS = 86400000
+local function stuck_after_ms(p, boot_ms)
+  return math.max(p.boot_timeout_ms, math.min(LONGEST_BOOT_MS, STUCK_BOOT_MEANS * boot_ms))
+end
+
 local function lead_time(p, boot_ms, boot_n)
   local share = p.overdue_boots
   if share <= 0 then
     return boot_ms > 0 and boot_ms or p.boot_prior_ms, nil
   end
+  -- A boot past the stuck line is ended by the reaper in this tick, not a boot still to come:
+  -- after a pause of the ticks its age is unbounded.
+  local live = '(' .. score(p.now - stuck_after_ms(p, boot_ms))
   if boot_ms <= 0 then
-    local oldest = rcall('ZRANGE', K.booting, 0, OVERDUE_LOOK - 1, 'WITHSCORES')
+    local oldest = rcall('ZRANGEBYSCORE', K.booting, live, '+inf', 'WITHSCORES',
+                         'LIMIT', 0, OVERDUE_LOOK)
     for i = 1, #oldest, 2 do
       if is_boot_sample(oldest[i]) then
         local age = p.now - tonumber(oldest[i + 1])
@@ -361,7 +374,7 @@ local function lead_time(p, boot_ms, boot_n)
     end
     return p.boot_prior_ms, nil
   end
-  local overdue = rcall('ZRANGEBYSCORE', K.booting, '-inf', p.now - boot_ms, 'WITHSCORES',
+  local overdue = rcall('ZRANGEBYSCORE', K.booting, live, p.now - boot_ms, 'WITHSCORES',
                         'LIMIT', 0, OVERDUE_LOOK)
   local excess, k = 0, 0
   for i = 1, #overdue, 2 do

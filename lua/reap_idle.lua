@@ -86,7 +86,10 @@ local function youngest_surplus_boot(given_up)
   boots = boots or rcall('ZREVRANGE', K.booting, 0, SWAP_LOOK + p.max_batch - 1)
   while cursor < math.min(#boots, SWAP_LOOK + given_up) do
     cursor = cursor + 1
-    if not is_boot_sample(boots[cursor]) then
+    -- Nor a boot whose create is still in flight (unclaimed): ended, its create counts as spare
+    -- again (policy.lua observe), and the swap would lower no spare.
+    if not is_boot_sample(boots[cursor])
+        and not rcall('ZSCORE', K.unclaimed, boots[cursor]) then
       return boots[cursor]
     end
   end

@@ -2096,6 +2096,33 @@ async def test_a_boot_adopted_with_no_create_in_flight_is_learned_when_ready(
     assert float(model["boot_ms"]) == 50_000 and model["boot_n"] == "1"
 
 
+async def test_a_boot_whose_create_is_still_in_flight_is_not_given_up_in_an_idle_node_s_place(
+        pool: PoolUnderTest) -> None:
+    """A boot seen on node:status before its POST answered (unclaimed) stands for its create
+    in flight: given up, the create counts as spare again (observe), so the swap lowers no
+    spare, the next tick reaps the idle node as surplus too, and once the POST answers with
+    the node given up the pool is below its target."""
+    cfg = PoolConfig(min_ready=0, scaling_policy="heuristic", conversion=1.0, keep_window_s=0,
+                     idle_timeout_s=0, create_timeout_s=600)
+    await pool.boot("n2")
+    await engage(pool, ("u1", "u2"), cfg.window_ms)
+    [rid] = (await pool.scripts.scale_decide(cfg.policy_args(pool.now, "r1"))).reservations
+    pool.clock.advance(cfg.window_ms + 3000)  # u2 leaves: target 1
+    await engage(pool, ("u1",), cfg.window_ms)
+    await pool.scripts.apply_node_status(pool.now, "b1", "booting")  # not a sample; unclaimed
+    assert await pool.redis.zscore(pool.keys.key("unclaimed"), "b1") is not None
+    ended = []
+    for _ in range(2):
+        pool.clock.advance(1000)
+        await pool.scripts.scale_decide(cfg.policy_args(pool.now, "r1"))
+        ended += await pool.scripts.reap_idle(cfg.policy_args(pool.now, "r1"))
+    assert len(ended) == 1, ended  # two nodes for a target of 1: one goes
+    await pool.scripts.register_node(pool.now, rid, "b1")  # the POST answers
+    pool.clock.advance(1000)
+    decision = await pool.scripts.scale_decide(cfg.policy_args(pool.now, "r1"))
+    assert decision.numbers["spare"] == 1 and decision.reservations == [], decision.reason
+
+
 async def test_reap_idle_looks_at_the_20_youngest_boots_left_for_each_node_it_reaps(
         pool: PoolUnderTest) -> None:
     """One call reaps three idle nodes. The youngest boot is the only one of the 20 youngest

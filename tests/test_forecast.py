@@ -612,6 +612,23 @@ def poisson_above(mean: float, line: float) -> float:
                    for k in range(math.floor(line) + 1))
 
 
+async def test_the_poisson_tail_of_a_forecast_of_over_100000_connects_is_not_one(
+        pool: PoolUnderTest) -> None:
+    # poisson_above summed the pmf up to k = 100,000 at most: for a mean above that, the tail
+    # past the forecast plus 2.4 deviations (0.823% at this mean, summed exactly) came out 1.
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    loaded = await pool.scripts.load_model(pool.now, {"r0": 1.2e8, "boot_ms": 60_000.0})
+    assert loaded.loaded
+    await decide(pool, config)
+    mean = float(await pool.redis.hget(pool.keys.key("model"), "check_mean") or 0)
+    assert mean > 150_000
+    pool.clock.advance(60_000)
+    await decide(pool, config)
+    check = (await pool.snap()).forecast_check()
+    assert check.checks == 1 and check.above_buffer == 0
+    assert check.above_poisson == pytest.approx(0.00823, abs=2e-4)  # exact: 0.008230
+
+
 async def test_the_forecast_checks_itself_one_horizon_at_a_time(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0)
     model = pool.keys.key("model")

@@ -219,12 +219,22 @@ end
 
 -- P(D > x) for a Poisson count D of mean m: what a Poisson count would give the checks' tail.
 -- The pmf is summed in log space, so a large m does not underflow. O(x), once per horizon.
+-- A line past POISSON_SUM_MAX (a mean of some 10^5 connects) takes the normal's tail, with a
+-- continuity correction: the sum stopped there, and its tail came out 1 whatever the line.
+local POISSON_SUM_MAX = 100000
 local function poisson_above(m, x)
   local top = math.floor(x)
   if top < 0 then return 1 end
   if m <= 0 then return 0 end
+  if top > POISSON_SUM_MAX then
+    local z = (top + 0.5 - m) / math.sqrt(m)
+    local t = 1 / (1 + 0.2316419 * math.abs(z))  -- Abramowitz and Stegun 26.2.17
+    local q = math.exp(-z * z / 2) / math.sqrt(2 * math.pi) * t * (0.319381530 + t * (
+      -0.356563782 + t * (1.781477937 + t * (-1.821255978 + t * 1.330274429))))
+    return z >= 0 and q or 1 - q
+  end
   local log_m, log_p, cdf = math.log(m), -m, 0
-  for k = 0, math.min(top, 100000) do
+  for k = 0, top do
     if k > 0 then log_p = log_p + log_m - math.log(k) end
     cdf = cdf + math.exp(log_p)
   end

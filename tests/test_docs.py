@@ -154,6 +154,27 @@ def test_the_key_schema_names_every_pool_key() -> None:
     assert missing == []
 
 
+def test_the_run_table_gives_every_option_its_variable_and_default() -> None:
+    """The README's table of `run`'s options has a row for each, and no other, with its
+    environment variable and default as the command has them (a review found three of its
+    options named nowhere in the README)."""
+    import typer.main
+
+    from provisioner.cli import app
+
+    command = typer.main.get_command(app).get_command(None, "run")  # type: ignore[attr-defined]
+    rows = {row[0]: row[1:3] for table in _tables((ROOT / "README.md").read_text())
+            if table[0][:3] == ["option", "environment variable", "default"] for row in table[1:]}
+    expected = {}
+    for param in command.params:
+        default = param.default
+        if isinstance(default, float) and default == int(default):
+            default = int(default)
+        expected[f"`{param.opts[0]}`"] = [
+            f"`{param.envvar}`", "—" if default in (None, "") else f"`{default}`"]
+    assert rows == expected
+
+
 def test_the_metrics_table_names_every_series_a_replica_exports() -> None:
     """Each metric of provisioner.metrics has its row in the README's "Metrics" table, by the
     name a scrape shows (a counter's with `_total`), and the table names no other (a review

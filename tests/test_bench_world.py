@@ -819,3 +819,13 @@ def test_the_reference_check_holds_a_one_percent_miss_rate_and_flags_k_minus_one
     write_trace(tmp_path / "tiny.jsonl.gz", [], boot=[10.0], duration=100.0)
     monkeypatch.setattr(suite, "REFERENCE", {"tiny": suite.Reference(0, 1.0, 1, 1.0)})
     assert "tiny: static-0 already meets 1% (0.00%)" in suite.check_reference(tmp_path)
+
+
+def test_a_node_ready_at_a_connect_s_instant_serves_it_whatever_the_float_sum(
+        tmp_path: Path) -> None:
+    # FORMAT.md: the node is ready api_latency + boot_delay = 0.2 + 5.001 = 5.201 s after its
+    # create at tick 0, the instant u1 connects; in floats 0.2 + 5.001 = 5.2010000000000005.
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [(5.201, "connect", "u1")],
+                                   boot=[5.001]))
+    scores = run_replay(trace, StaticPolicy(1))
+    assert (scores.misses, scores.wait_p95_s) == (0, 0.0)

@@ -110,7 +110,8 @@ class Trace:
                 msg = dict(event.msg, user_id=_warm_up_id(user, suffix))
                 if "timestamp" in msg:
                     msg["timestamp"] += int(shift)
-                events.append(TraceEvent(event.t + shift, event.channel, msg))
+                # rounded as the world rounds its node times (a float sum lands a hair off)
+                events.append(TraceEvent(round(event.t + shift, 9), event.channel, msg))
         return replace(self, duration_s=span * (copies + 1), events=events,
                        scored_from_s=self.scored_from_s + copies * span)
 

@@ -829,3 +829,23 @@ def test_a_node_ready_at_a_connect_s_instant_serves_it_whatever_the_float_sum(
                                    boot=[5.001]))
     scores = run_replay(trace, StaticPolicy(1))
     assert (scores.misses, scores.wait_p95_s) == (0, 0.0)
+
+
+class _TerminatesTheFreeNodeThenMisses(StaticPolicy):
+    """static-1 that, on a connect, terminates the ready and free node and reports a miss."""
+
+    async def on_connect(self, t: float, user_id: str) -> None:
+        for node_id in list(self.ready):
+            del self.ready[node_id]
+            self.world.terminate_node(node_id)
+        await super().on_connect(t, user_id)
+
+
+def test_a_connect_cannot_be_made_a_miss_by_terminating_the_ready_node_it_would_get(
+        tmp_path: Path) -> None:
+    # static-1's node is ready and free from 10.2; u1 connects at 50, when it could be assigned.
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", [(50.0, "connect", "u1")],
+                                   boot=[10.0]))
+    assert run_replay(trace, StaticPolicy(1)).misses == 0
+    with pytest.raises(PolicyViolation, match="ready and free while the connect of u1"):
+        run_replay(trace, _TerminatesTheFreeNodeThenMisses(1))

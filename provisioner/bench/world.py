@@ -167,6 +167,11 @@ class World:
             # waits' percentile leaves out (found by a review: a policy could game it).
             self._violate(f"terminated {node_id}, ready and free while "
                           f"{next(iter(self._waiting))} waits")
+        if node_id in self._free_ready and self._answering is not None:
+            # FORMAT.md: a miss is a connect at whose instant no ready node could be assigned;
+            # one terminated while the connect is answered could have been.
+            self._violate(f"terminated {node_id}, ready and free while the connect of "
+                          f"{self._answering} is answered")
         self._move(node, TERMINATING)
         self._free_ready.pop(node_id, None)
         self.board.node_terminate_requested(node_id, self.now)

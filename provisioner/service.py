@@ -1100,6 +1100,18 @@ class Replica:
                 if wait_s:
                     await sleep_unless(self.stopping, wait_s)
                     backoff = min(backoff * 2, SUBSCRIBE_BACKOFF_MAX_S)
+            except Exception:
+                # A bug, or a library's error of another kind: logged with its traceback, and
+                # the listener subscribes again, as after a lost connection. It ended the
+                # listener for good before, in silence (run's gather swallowed the error).
+                if self.subscribed.is_set():
+                    lost_at = time.monotonic()
+                self.subscribed.clear()
+                self.metrics.errors.labels("subscribe").inc()
+                self._trouble.exception("listen", "the listener failed; subscribing again in "
+                                        "%.1fs", backoff)
+                await sleep_unless(self.stopping, backoff)
+                backoff = min(backoff * 2, SUBSCRIBE_BACKOFF_MAX_S)
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):

@@ -4480,3 +4480,46 @@ async def test_a_create_stuck_for_good_holds_the_probes_no_longer_than_its_deadl
     assert calls == 3 + 3  # creates made again once the stuck create's deadline has passed
     never.set()
     await replica.settle()
+
+
+async def test_the_listener_outlives_an_error_it_does_not_expect(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An error of the listener's other than RedisError or OSError (a bug, a library's error
+    of another kind) ended the listener for the life of the process: never subscribed again,
+    nothing logged, and run()'s gather(return_exceptions=True) swallowed it at the stop."""
+    replica = make_replica(aredis, api, clock, "r1")
+    real = replica._read_batch
+    reads = 0
+
+    async def first_read_fails(pubsub: Any) -> list[tuple[bytes, bytes]]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise RuntimeError("a bug in the listener")
+        return await real(pubsub)
+
+    replica._read_batch = first_read_fails  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING, logger="provisioner.service")
+    task = asyncio.create_task(replica.run())
+    applied = False
+    try:
+        for _ in range(300):  # the listener subscribes again within a second
+            await asyncio.sleep(0.01)
+            if reads > 1 and replica.subscribed.is_set():
+                break
+        await aredis.publish("user:connect", json.dumps({"user_id": "u1"}))
+        for _ in range(200):
+            if await aredis.hexists(replica.keys.key("waiting_since"), "u1"):
+                applied = True
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        replica.stopping.set()
+        await asyncio.wait_for(task, 10)
+    assert applied, (f"the listener never came back (reads {reads}, subscribed "
+                     f"{replica.subscribed.is_set()})")
+    assert any(r.exc_info and "a bug in the listener" in str(r.exc_info[1])
+               for r in caplog.records), "the listener's error was never logged"
+    assert counter(replica, "provisioner_errors_total", where="subscribe") >= 1

@@ -1602,6 +1602,20 @@ class Replica:
             tasks.append(asyncio.create_task(
                 self._every(self.service.reconcile_interval_s, self._reconcile_if_due,
                             "reconcile"), name="reconcile"))
+        try:
+            await self._run_until_stopped(tasks)
+        finally:
+            # Cancelled (serve cancelled, an embedding's wait_for): its loops and calls end
+            # with it, before its caller closes the clients under them, not run on with no
+            # owner. Stopping too, so that a loop that missed its cancel ends at its next turn.
+            running = [task for task in [*tasks, *self._actions] if not task.done()]
+            if running:
+                self.stopping.set()
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _run_until_stopped(self, tasks: list[asyncio.Task[None]]) -> None:
         log.info("replica %s running pool %r", self.replica_id, self.service.pool)
         for interval, setting, off in (
                 (self.service.heartbeat_interval_s, "--heartbeat-interval", "heartbeats: this "
@@ -1736,6 +1750,7 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
                            attempts=service.api_retries, metrics=metrics)
     replica = Replica(redis, service, pool, node_api, metrics=metrics)
     runner: web.AppRunner | None = None
+    run: asyncio.Task[None] | None = None
     try:
         await redis.ping()
         if service.http_port:
@@ -1771,6 +1786,9 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
         replica.stopping.set()
         await run
     finally:
+        if run is not None and not run.done():  # serve cancelled: the replica with it
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
         await node_api.aclose()

@@ -4523,3 +4523,41 @@ async def test_the_listener_outlives_an_error_it_does_not_expect(
     assert any(r.exc_info and "a bug in the listener" in str(r.exc_info[1])
                for r in caplog.records), "the listener's error was never logged"
     assert counter(replica, "provisioner_errors_total", where="subscribe") >= 1
+
+
+async def test_a_cancelled_serve_leaves_no_replica_running(
+    redis_url: str, aredis: aioredis.Redis,
+) -> None:
+    """serve() cancelled (an embedding's wait_for, a supervisor's cancel) closed its clients
+    and returned while replica.run() and its loops ran on, with no owner: still subscribed,
+    applying events and deciding ticks (its creates failing on the closed Node API client)."""
+    from provisioner.service import serve
+
+    loops = {"replica", "listen", "tick", "loop-watch", "heartbeat", "reconcile"}
+    service = ServiceConfig(redis_url, "http://127.0.0.1:9", pool="cancelled", http_port=0,
+                            replica_id="cancelled-r1", reconcile_interval_s=0)
+    probe = "provisioner:lag:cancelled:0:cancelled-r1"
+    serving = asyncio.create_task(serve(service, FLOOR_ONLY, asyncio.Event()))
+    try:
+        for _ in range(500):
+            if dict(await aredis.pubsub_numsub(probe)).get(probe):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("never subscribed")
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        await asyncio.sleep(1.0)
+        left = sorted(t.get_name() for t in asyncio.all_tasks()
+                      if t.get_name() in loops and not t.done())
+        subscribed = dict(await aredis.pubsub_numsub(probe)).get(probe)
+        assert not left and not subscribed, (
+            f"serve returned, and these run on: {left}; subscribed {subscribed}")
+    finally:
+        for t in asyncio.all_tasks():
+            if t.get_name() in loops:
+                t.cancel()
+        await asyncio.sleep(0.1)
+        await aredis.delete(*[key async for key in aredis.scan_iter("prov:{cancelled}:*")]
+                            or ["-"])

@@ -1506,6 +1506,9 @@ class Replica:
         # fails before it knows the state's age holds too (a review: a server still loading).
         first = not self._looked.is_set() and self.service.heartbeat_interval_s > 0
         young, age_ms, listed = first, 0, False  # young until its age says otherwise
+        # A loss the heartbeat sees while this pass runs holds the ticks anew: this pass read
+        # the old state's nodes, and took none of them into the new one.
+        held_before = self._taking_back_since
         try:
             if first:
                 age_ms = await self._state_age_ms()
@@ -1515,7 +1518,7 @@ class Replica:
                                              px=interval_ms):
                 counts = await self.reconcile()
                 listed = counts is not None
-                if listed:
+                if listed and self._taking_back_since == held_before:
                     self._taking_back_since = None  # the nodes are back, whoever held
                 if counts and any(n for what, n in counts.items() if what != LEFT_FOR_LATER):
                     log.warning("reconciliation repaired the pool: %s", counts)

@@ -4561,3 +4561,45 @@ async def test_a_cancelled_serve_leaves_no_replica_running(
         await asyncio.sleep(0.1)
         await aredis.delete(*[key async for key in aredis.scan_iter("prov:{cancelled}:*")]
                             or ["-"])
+
+
+async def test_a_reconciliation_begun_before_a_loss_does_not_end_the_take_back(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A reconciliation pass reads the pool's nodes after its list, then applies what it
+    found. A loss the heartbeat sees while the pass applies (the pool's keys gone, the
+    connection kept) holds the ticks; the pass then ended with the list it had, and ended the
+    hold ("the nodes are back, whoever held") though the nodes it knew from the old state were
+    never taken into the new one: the next tick booted a pool beside them, past max_nodes."""
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(
+        min_ready=3, max_nodes=3, scaling_policy="heuristic", conversion=0))
+    await replica.heartbeat()
+    api.listed = [ListedNode("a", "ready"), ListedNode("b", "ready")]
+    await replica.reconcile()  # a and b in the pool
+    api.listed = [ListedNode("a", "ready"), ListedNode("b", "ready"), ListedNode("c", "ready")]
+    gate, at_gate = asyncio.Event(), asyncio.Event()
+    real = replica.scripts.apply_node_status
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        at_gate.set()
+        await gate.wait()
+        return await real(*args, **kwargs)
+
+    replica.scripts.apply_node_status = gated  # type: ignore[method-assign]
+    replica._looked.set()  # not a first turn: the lock decides, and it is free
+    passing = asyncio.create_task(replica._reconcile_if_due())
+    await asyncio.wait_for(at_gate.wait(), 5)  # the pass read {a, b}, and adopts c
+    replica.scripts.apply_node_status = real  # type: ignore[method-assign]
+    await aredis.flushall()  # the state is lost
+    api.listed, api.has_no_list = None, False  # and the Node API fails to list for a while
+    clock.advance(2_000)
+    await replica.heartbeat()  # sees the loss: the ticks are held
+    assert replica._taking_back
+    gate.set()
+    await passing
+    held = replica._taking_back
+    clock.advance(1_000)
+    await replica.tick()
+    await replica.settle()
+    assert held and api.created == [], (
+        f"held {held}; booted {api.created} beside a, b and c (max_nodes 3)")

@@ -415,6 +415,20 @@ async def _replicas_release(client: aioredis.Redis, pool: str,
     return replicas
 
 
+async def _refuse_a_user_the_scripts_are_refused(client: aioredis.Redis, keys: PoolKeys) -> None:
+    """Exit 2 before anything is written if the connection's Redis user may not run every
+    command the pool's scripts call (an ACL without XADD, or without PUBLISH on user:*):
+    Redis undoes nothing a script wrote before a command it refused, and a drain so refused
+    left a user waiting while nodes were ready and its node in no state (a review)."""
+    from provisioner.scripts import commands_refused
+
+    if denied := await commands_refused(client, keys):
+        raise _fail(f"this Redis user may not run {', '.join(denied)} on pool {keys.pool}'s "
+                    "keys, which its scripts call: a script refused part way keeps what it "
+                    "wrote, and leaves the pool half changed; nothing was changed (use a user "
+                    "allowed them, as the replicas' is)")
+
+
 def _heard_lately(replicas: list[Any] | None) -> bool:
     """Whether a replica sent a heartbeat in the last minute (a list broken by hand is taken
     for yes: the operator's command is not held up by it)."""
@@ -855,6 +869,7 @@ def release(
     as_seen: dict[str, tuple[str, int | None]] = {}
 
     async def held(client: aioredis.Redis) -> dict[str, str]:
+        await _refuse_a_user_the_scripts_are_refused(client, keys)
         await _replicas_release(client, pool, WRITES_WITH_OWN)
         waiting, sessions = await view.user_rows(client, pool, limit=10**9)
         now = await server_now_ms(client)
@@ -967,6 +982,7 @@ def drain(
     async def states(client: aioredis.Redis) -> dict[str, str]:
         from provisioner.scripts import as_text
 
+        await _refuse_a_user_the_scripts_are_refused(client, keys)
         await _replicas_release(client, pool, DRAINS_WITH_OWN)
         now = await server_now_ms(client)
         found = {}
@@ -1122,6 +1138,7 @@ def replace(
 
     async def plan(client: aioredis.Redis) -> tuple[rolling.Cutoff, rolling.Cutoff,
                                                     list[rolling.OldNode], bool]:
+        await _refuse_a_user_the_scripts_are_refused(client, keys)
         heard = _heard_lately(await _replicas_release(client, pool, DRAINS_WITH_OWN))
         now = await rolling.cutoff_now(client, keys)
         chosen = given or now
@@ -1323,6 +1340,7 @@ def reconcile(
         if not await view.pool_exists(client, pool):
             raise _fail(_no_pool(pool) + "; nothing was compared (a replica started on the "
                         "pool takes the Node API's nodes in before its first decision)")
+        await _refuse_a_user_the_scripts_are_refused(client, PoolKeys(pool))
         await _replicas_release(client, pool, WRITES_WITH_OWN)
         api = HttpNodeApi(node_api_url)
         try:
@@ -1487,6 +1505,7 @@ def model_import(
         if not new_pool and not await view.pool_exists(client, pool):
             raise _fail(f"{_no_pool(pool)}: nothing imported; to start a new pool from the "
                         "file, add --new-pool")
+        await _refuse_a_user_the_scripts_are_refused(client, keys)
         await _replicas_release(client, pool, WRITES_WITH_OWN)
         return await Scripts(client, keys).load_model(await server_now_ms(client), fields,
                                                       replace)

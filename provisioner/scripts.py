@@ -29,6 +29,7 @@ from redis.exceptions import (
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisError,
     ResponseError,
     TryAgainError,
 )
@@ -130,6 +131,66 @@ def scripts_fingerprint() -> str:
     for name in sorted(SCRIPT_NAMES):
         digest.update(f"{name}\0{load_source(name)}\0".encode())
     return digest.hexdigest()[:12]
+
+
+_CALLED = re.compile(r"rcall\(\s*'([A-Z]+)'|pcall\(\s*rcall\s*,\s*'([A-Z]+)'"
+                     r"|'(HINCRBY(?:FLOAT)?)'")
+_PUBLISHED = re.compile(r"rcall\(\s*'PUBLISH'\s*,\s*'([^']+)'")
+
+
+@cache
+def commands_called() -> tuple[str, ...]:
+    """Every command the scripts call, and `PUBLISH CHANNEL` for each channel they publish on,
+    read from their sources: what a Redis user running them must be allowed."""
+    called: set[str] = set()
+    for name in SCRIPT_NAMES:
+        source = load_source(name)
+        called.update(next(g for g in match if g) for match in _CALLED.findall(source))
+        called.update(f"PUBLISH {channel}" for channel in _PUBLISHED.findall(source))
+    called.discard("PUBLISH")
+    return tuple(sorted(called))
+
+
+# Which of ARGV (a command, or `PUBLISH CHANNEL`) the connection's user may not run, on the
+# pool's keys (KEYS[1]) or that channel; none on a server without redis.acl_check_cmd (< 7.0).
+_PERMITTED = """#!lua flags=no-writes
+local denied = {}
+if not redis.acl_check_cmd then return denied end
+for _, spec in ipairs(ARGV) do
+  local cmd, channel = string.match(spec, '^(%u+) ?(.*)$')
+  local allowed
+  if cmd == 'PUBLISH' then
+    allowed = redis.acl_check_cmd(cmd, channel, '')
+  elseif cmd == 'TIME' then
+    allowed = redis.acl_check_cmd(cmd)
+  else
+    allowed = redis.acl_check_cmd(cmd, KEYS[1], '0', '0', '0')
+  end
+  if not allowed then denied[#denied + 1] = spec end
+end
+return denied
+"""
+
+
+class CommandsRefused(RedisError):
+    """The connection's Redis user may not run some of the commands the scripts call: a
+    replica so started would leave every transition that reaches one half made."""
+
+    def __init__(self, denied: list[str]) -> None:
+        super().__init__(
+            f"this Redis user may not run {', '.join(denied)}, which the pool's scripts call: "
+            "a script refused part way keeps what it wrote, and leaves the pool half changed; "
+            "give the replicas' user every command and channel of the scripts")
+        self.denied = denied
+
+
+async def commands_refused(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
+    """The scripts' commands (`commands_called`) the connection's Redis user may not run on
+    the pool's keys: Redis undoes nothing a script wrote before a command it refused, so a
+    script run by such a user stops part way and leaves its transition half made."""
+    denied = await redis.register_script(_PERMITTED)(keys=[keys.key("stats")],
+                                                     args=list(commands_called()))
+    return [as_text(one) for one in denied]
 
 
 class Activity(IntEnum):

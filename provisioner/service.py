@@ -44,6 +44,7 @@ from provisioner.scripts import (
     AllocateResult,
     Allocation,
     Call,
+    CommandsRefused,
     Decision,
     NodeStatusOutcome,
     NodeStatusResult,
@@ -54,6 +55,7 @@ from provisioner.scripts import (
     Served,
     Termination,
     as_text,
+    commands_refused,
     refused_for_now,
     scripts_fingerprint,
 )
@@ -1756,6 +1758,10 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
     run: asyncio.Task[None] | None = None
     try:
         await redis.ping()
+        # Before anything is written: Redis undoes nothing a script wrote before a command the
+        # user may not run (a review: an ACL without XADD, or PUBLISH on user:*).
+        if denied := await commands_refused(redis, replica.keys):
+            raise CommandsRefused(denied)
         if service.http_port:
             if replica.gauges:
                 # Read before /metrics answers, not at the first tick, which waits for the

@@ -826,3 +826,84 @@ def test_a_server_still_loading_is_said_to_have_answered() -> None:
     assert said == ("Redis at redis://:***@h:6379/0 answered, and is still loading its data: "
                     "Redis is loading the dataset in memory"), said
     assert redis_refused(exc)
+
+
+@pytest.mark.parametrize(("denied", "command"), [
+    (["-xadd"], ["drain", "n1", "--yes", "--by", "op"]),  # marked, then XADD refused
+    (["resetchannels", "&node:*"], ["drain", "n1", "--now", "--yes", "--by", "op"]),
+    (["resetchannels", "&node:*"], ["release", "u1", "--yes", "--by", "op"]),
+])
+def test_a_user_the_scripts_commands_are_refused_changes_nothing(
+        redis_url: str, denied: list[str], command: list[str]) -> None:
+    """Redis undoes nothing a script wrote before a command it refused: an operator's ACL user
+    without XADD (the decisions stream) or without PUBLISH on user:* (README: "an ACL that
+    lets only the product's publishers write the pool's channels") drained a node half way,
+    its user waiting while nodes were ready and the node in no state's structure, while the
+    command said "refused", exit 2 (a review). The command refuses such a user first."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from provisioner.scripts import Scripts
+
+    pool = f"acl-{len(denied)}-{command[0]}-{command[-3]}"
+    keys = PoolKeys(pool)
+
+    async def seed() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, keys)
+        now = int(time.time() * 1000)
+        for node in ("n1", "n2"):
+            await scripts.apply_node_status(now, node, "booting")
+            await scripts.apply_node_status(now, node, "ready")
+        await scripts.allocate(now, "u1")  # n1
+        await scripts.allocate(now, "u2")  # n2
+        await scripts.allocate(now, "u3")  # waits
+        await client.aclose()
+
+    asyncio.run(seed())
+    plain = redis.Redis.from_url(redis_url)
+    user = f"op-{pool}"
+    plain.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all",
+                          "-@dangerous", *denied)
+    before = {k: plain.dump(k) for k in plain.scan_iter(match=keys.pattern())}
+    try:
+        url = redis_url.replace("redis://", f"redis://{user}:pw@", 1)
+        result = CliRunner().invoke(app, [*command, "--redis-url", url, "--pool", pool],
+                                    env={"COLUMNS": "300"})
+        after = {k: plain.dump(k) for k in plain.scan_iter(match=keys.pattern())}
+        assert after == before, sorted(k for k in {*before, *after}
+                                       if after.get(k) != before.get(k))
+        assert result.exit_code == 2, result.output
+        assert "may not run" in " ".join(result.output.split()), result.output
+    finally:
+        plain.acl_deluser(user)
+        plain.close()
+
+
+def test_a_replica_whose_user_the_scripts_commands_are_refused_does_not_start(
+        redis_url: str) -> None:
+    """The replicas' scripts under such a user would leave every transition that reaches the
+    refused command half made (the operator's commands check first, above): the replica
+    checks once, before anything is written, and does not start."""
+    import redis
+
+    pool = "acl-replica"
+    plain = redis.Redis.from_url(redis_url)
+    user = "replica-without-xadd"
+    plain.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all",
+                          "-@dangerous", "-xadd")
+    try:
+        url = redis_url.replace("redis://", f"redis://{user}:pw@", 1)
+        # in a process of its own: a replica that starts runs until stopped (timeout: fails)
+        done = subprocess.run([sys.executable, "-m", "provisioner", "run", "--redis-url", url,
+                               "--node-api-url", "http://127.0.0.1:9", "--pool", pool,
+                               "--http-port", "0"], capture_output=True, text=True, timeout=30)
+        output = " ".join(done.stderr.split())
+        assert done.returncode == 2, output
+        assert "cannot run: this Redis user may not run XADD, which the pool's scripts call" \
+            in output, output
+        assert list(plain.scan_iter(match=PoolKeys(pool).pattern())) == []
+    finally:
+        plain.acl_deluser(user)
+        plain.close()

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from provisioner import mock_node_api, simulator, view
 from provisioner.bench import cli as bench_cli
-from provisioner.clock import server_now_ms
+from provisioner.clock import OffsetClock, WallClock, server_now_ms
 from provisioner.config import (
     PoolConfig,
     Problem,
@@ -1345,7 +1345,11 @@ def reconcile(
         api = HttpNodeApi(node_api_url)
         try:
             config = await _published_config(client, PoolKeys(pool))
-            replica = Replica(client, service, config, api)
+            # The server's clock, as `drain` and `release` stamp by: from a host minutes off
+            # the replicas', the create timeout's grace was judged by the host's, and a node
+            # booted seconds before was declared terminated (a review).
+            clock = OffsetClock(await server_now_ms(client) - WallClock().now_ms())
+            replica = Replica(client, service, config, api, clock=clock)
             counts = await replica.reconcile()
             await replica.drain(10.0)
             return None if counts is None else dict(counts), config.create_timeout_s

@@ -21,6 +21,17 @@ class WallClock:
         return time.time_ns() // 1_000_000
 
 
+class OffsetClock:
+    """The machine's clock moved by an offset measured once: an operator's command that runs
+    transitions on the server's clock (TIME less this host's), not on a host's minutes off."""
+
+    def __init__(self, offset_ms: int) -> None:
+        self.offset_ms = offset_ms
+
+    def now_ms(self) -> int:
+        return WallClock().now_ms() + self.offset_ms
+
+
 class ManualClock:
     """A clock that moves only when told to: tests and the replay benchmark drive it."""
 

@@ -907,3 +907,53 @@ def test_a_replica_whose_user_the_scripts_commands_are_refused_does_not_start(
     finally:
         plain.acl_deluser(user)
         plain.close()
+
+
+@pytest.mark.parametrize("host_ahead_s", [300, -300])
+def test_reconcile_judges_and_stamps_by_the_server_s_clock_not_its_host_s(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch, host_ahead_s: int) -> None:
+    """A node created 5 s ago that the Node API does not list yet is left for later, whatever
+    the CLI host's clock says: from a host five minutes ahead (or behind) of the replicas,
+    whose clocks are measured against the server's, `reconcile` took it for older than the
+    create timeout (or stamped by a clock ahead) and declared it terminated, and stamped the
+    nodes it adopted with its own time (a review). It reads the server's clock, as `drain`
+    and `release` do."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from provisioner.nodeapi import ListedNode
+    from provisioner.scripts import Scripts
+    from tests.fakes import FakeNodeApi
+
+    pool = f"reconcile-host-{'ahead' if host_ahead_s > 0 else 'behind'}"
+    keys = PoolKeys(pool)
+    now = int(time.time() * 1000)
+
+    async def plant() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        scripts = Scripts(client, keys)
+        await scripts.apply_node_status(now - 5_000, "young", "booting")
+        await client.aclose()
+
+    asyncio.run(plant())
+    api = FakeNodeApi()
+
+    async def listed() -> list[ListedNode]:
+        return [ListedNode("adopted", "ready")]
+
+    monkeypatch.setattr(api, "list_nodes", listed)
+    monkeypatch.setattr("provisioner.nodeapi.HttpNodeApi", lambda *args, **kwargs: api)
+    real, real_ns = time.time, time.time_ns
+    monkeypatch.setattr(time, "time", lambda: real() + host_ahead_s)
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() + host_ahead_s * 10**9)
+    result = CliRunner().invoke(app, ["reconcile", "--redis-url", redis_url, "--node-api-url",
+                                      "http://api", "--pool", pool])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)
+    assert (counts["vanished"], counts["not_listed_left_young"]) == (0, 1), counts
+    plain = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert plain.hget(keys.node("young"), "state") == "booting"
+    stamped = int(plain.hget(keys.node("adopted"), "created_ms"))
+    plain.close()
+    assert abs(stamped - real_ns() // 1_000_000) < 30_000, stamped - real_ns() // 1_000_000

@@ -833,6 +833,27 @@ def _operator_args(ids: list[str], kind: str, by: str) -> tuple[list[str], str]:
     return ids, by
 
 
+def _done_part_way(redis_url: str, work: Callable[[aioredis.Redis], Awaitable[T]],
+                   done: Mapping[str, object], asked: list[str], shown_by: str) -> T:
+    """`_with_redis(redis_url, work)`, where Ctrl-C or SIGTERM between its calls exits 130
+    saying which of the ids `asked` are `done` so far, and that the one under way may have
+    been: each is its own transition, and one stopped part way had said nothing of those made."""
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop`, `kill`
+    try:
+        return _with_redis(redis_url, work)
+    except KeyboardInterrupt:
+        made = [one for one in asked if one in done]
+        rest = [one for one in asked if one not in done]
+        errors.print(shown(f"stopped after {len(made)} of {len(asked)}: "
+                           f"{', '.join(made) or 'none'} done; "
+                           + (f"{rest[0]} may or may not have been, " if rest else "")
+                           + (f"{', '.join(rest[1:])} not; " if rest[1:] else "")
+                           + f"`provisioner {shown_by}` shows each"))
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _confirm(question: str, done: str, does: str) -> None:
     """Ask `question`; not confirmed, or no one to answer (a script, no input), exit 2 saying
     nothing was `done`, and that --yes `does` without asking."""
@@ -899,21 +920,22 @@ def release(
 
     from provisioner.scripts import Release, ReleaseResult, Scripts
 
+    done: dict[str, ReleaseResult] = {}
+    # The waiting users leave the queue first: a node a named session frees goes to the
+    # oldest waiting user, and one named here has left too (the node would go to them,
+    # and their own release would then be refused as changed since it was shown).
+    order = sorted(user_ids, key=lambda user: as_seen.get(user, ("",))[0] != "waiting")
+
     async def go(client: aioredis.Redis) -> dict[str, ReleaseResult]:
         scripts = Scripts(client, keys)
         now = await server_now_ms(client)
-        # The waiting users leave the queue first: a node a named session frees goes to the
-        # oldest waiting user, and one named here has left too (the node would go to them,
-        # and their own release would then be refused as changed since it was shown).
-        order = sorted(user_ids, key=lambda user: as_seen.get(user, ("",))[0] != "waiting")
-        done = {}
         for user in order:
             expected, session_ms = as_seen.get(user, ("nothing", None))
             done[user] = await scripts.release(now, user, by, expected=expected,
                                                session_ms=session_ms)
         return done
 
-    outcomes = _with_redis(redis_url, go)
+    outcomes = _done_part_way(redis_url, go, done, order, "users")
     nothing = False
     for user in user_ids:
         outcome = outcomes[user]
@@ -1041,17 +1063,19 @@ def drain(
 
     from provisioner.scripts import Drain, DrainResult, Scripts
 
+    done: dict[str, DrainResult] = {}
+
     async def go(client: aioredis.Redis) -> tuple[dict[str, DrainResult], bool]:
         scripts = Scripts(client, keys)
         now = await server_now_ms(client)
-        done = {node: await scripts.drain_node(now, node, by, expected=expected,
-                                               at_once=at_once,
-                                               session_ms=session_began.get(node),
-                                               cancel=cancel)
-                for node, expected in as_seen.items()}
+        for node, expected in as_seen.items():
+            done[node] = await scripts.drain_node(now, node, by, expected=expected,
+                                                  at_once=at_once,
+                                                  session_ms=session_began.get(node),
+                                                  cancel=cancel)
         return done, _heard_lately(await _replicas_seen(client, pool))
 
-    outcomes, heard = _with_redis(redis_url, go)
+    outcomes, heard = _done_part_way(redis_url, go, done, list(as_seen), "nodes")
     undrained = len(node_ids) > len(outcomes)
     for node, outcome in outcomes.items():
         if outcome.code is Drain.DRAINING:

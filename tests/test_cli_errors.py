@@ -957,3 +957,49 @@ def test_reconcile_judges_and_stamps_by_the_server_s_clock_not_its_host_s(
     stamped = int(plain.hget(keys.node("adopted"), "created_ms"))
     plain.close()
     assert abs(stamped - real_ns() // 1_000_000) < 30_000, stamped - real_ns() // 1_000_000
+
+
+@pytest.mark.parametrize("command", ["drain", "release"])
+def test_a_drain_or_release_stopped_part_way_says_what_it_did(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """Ctrl-C (or SIGTERM) between two nodes' drains: the first was drained, and the command
+    exited 130 saying nothing of it (a review). It says which were done and which not."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from provisioner.scripts import Scripts
+
+    pool = f"stopped-{command}"
+    keys = PoolKeys(pool)
+
+    async def seed() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        scripts = Scripts(client, keys)
+        now = int(time.time() * 1000)
+        for node in ("n1", "n2"):
+            await scripts.apply_node_status(now, node, "booting")
+            await scripts.apply_node_status(now, node, "ready")
+        await scripts.allocate(now, "u1")
+        await scripts.allocate(now, "u2")
+        await client.aclose()
+
+    asyncio.run(seed())
+    method = "drain_node" if command == "drain" else "release"
+    real = getattr(Scripts, method)
+    calls = []
+
+    async def once_then_stopped(self: Scripts, *args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Scripts, method, once_then_stopped)
+    ids = ["n1", "n2"] if command == "drain" else ["u1", "u2"]
+    result = CliRunner().invoke(app, [command, *ids, "--yes", "--by", "op", "--redis-url",
+                                      redis_url, "--pool", pool], env={"COLUMNS": "300"})
+    output = " ".join(result.output.split())
+    assert result.exit_code == 130, output
+    assert f"stopped after 1 of 2: {ids[0]} done" in output, output
+    assert f"{ids[1]} may or may not have been" in output, output

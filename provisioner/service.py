@@ -320,6 +320,11 @@ class Replica:
         #: when this replica's hold on its decisions began (its clock, ms), while it takes the
         #: Node API's nodes back after a loss or on a young state; None when it holds none
         self._taking_back_since: int | None = None
+        #: the reconciliation that takes the Node API's nodes back after a loss (`_take_back`),
+        #: at most one at a time: started by a heartbeat, which waits for it only until its
+        #: interval is up, so that a Node API slow to list (its timeout times its attempts,
+        #: about 30 s) does not stop the heartbeats (a review: the replica read as silent)
+        self._take_back_task: asyncio.Task[None] | None = None
         #: set once this replica has had its first turn at reconciliation (run waits for it
         #: before its first scaling decision)
         self._looked = asyncio.Event()
@@ -1195,6 +1200,7 @@ class Replica:
         """Probe the listener's lag (`probe_lag`) and record this replica in the pool, with
         that lag, so `provisioner status` lists the replicas. Forgets replicas silent for
         FORGET_REPLICA_MS."""
+        began = asyncio.get_running_loop().time()
         await self.probe_lag()
         try:
             await self.look_for_other_pools()
@@ -1264,19 +1270,16 @@ class Replica:
             # heartbeat if it raises or the Node API gives no list, for TAKE_BACK_PATIENCE_MS
             # where the API has none, TAKE_BACK_FAILING_PATIENCE_MS where it fails to give it
             # (an API failing must not let the ticks boot a pool beside the nodes; one without
-            # a list must not stop scaling for good).
+            # a list must not stop scaling for good). In a task of its own, waited for only
+            # until this heartbeat's interval is up: a list that takes longer (the API's
+            # timeout times its attempts) ends the hold when it comes, and the heartbeats go on
+            # meanwhile, one take-back at a time.
             await self.publish_config()
-            counts = await self.reconcile()
-            if counts is not None:
-                log.warning("reconciliation after the loss: %s", counts)
-                self._taking_back_since = None
-            elif self._taking_back and not self._take_back_over(self.clock.now_ms()):
-                # (a tick, or a reconciliation with the list, may have ended the hold while
-                # this one waited for the Node API: nothing is held to be said of)
-                self._trouble.warning(
-                    "take-back", "reconciliation after the loss had no node list from the Node "
-                    "API: no scaling decision until it has one (retried every heartbeat, for "
-                    "%.0fs at most)", self._take_back_patience_ms() / 1000)
+            if self._take_back_task is None or self._take_back_task.done():
+                self._take_back_task = asyncio.create_task(self._take_back(), name="take-back")
+            left_s = self.service.heartbeat_interval_s - (
+                asyncio.get_running_loop().time() - began)
+            await asyncio.wait({self._take_back_task}, timeout=max(0.0, left_s))
         if self._taking_back != bool(info.get("taking_back")):
             # The hold began or ended in this heartbeat, after its entry was written: said
             # again now, not a heartbeat later, so `provisioner status` shows it as it is (a
@@ -1296,6 +1299,29 @@ class Replica:
                 self._state_lost(f"was put back from an older copy: it counts {again.count} "
                                  "heartbeats, where this heartbeat's first call counted "
                                  f"{beat.count}")
+
+    async def _take_back(self) -> None:
+        """The heartbeat's reconciliation after a loss (`heartbeat`): a list ends the hold,
+        unless the heartbeat saw another loss meanwhile (this pass took the nodes into the
+        state lost since); no list is said, and the hold ends once its patience is over. Its
+        errors are the heartbeat's, counted and said as `_every` does."""
+        held_before = self._taking_back_since
+        try:
+            counts = await self.reconcile()
+        except Exception as exc:
+            self._turn_failed("heartbeat", exc)
+            return
+        if counts is not None:
+            log.warning("reconciliation after the loss: %s", counts)
+            if self._taking_back_since == held_before:
+                self._taking_back_since = None
+        elif self._taking_back and not self._take_back_over(self.clock.now_ms()):
+            # (a tick, or a reconciliation with the list, may have ended the hold while
+            # this one waited for the Node API: nothing is held to be said of)
+            self._trouble.warning(
+                "take-back", "reconciliation after the loss had no node list from the Node "
+                "API: no scaling decision until it has one (retried every heartbeat, for "
+                "%.0fs at most)", self._take_back_patience_ms() / 1000)
 
     def _state_lost(self, how: str) -> None:
         """The pool's state was lost, or put back from an older copy (`how`): counted, said,
@@ -1482,21 +1508,25 @@ class Replica:
             started = loop.time()
             try:
                 await work()
-            except RedisError as exc:
-                self.metrics.errors.labels(where).inc()
-                self._trouble.warning(where, "%s failed: %s", where, exc)
-                if _refuses_writes(exc):
-                    self._note_refused(exc)
-                elif isinstance(exc, RedisTimeoutError) and where in WRITING_LOOPS:
-                    # A write left unanswered (CLIENT PAUSE WRITE, a server stuck writing)
-                    # while reads, PING among them, are answered: /readyz said ready through
-                    # a review's 10 s pause in which every tick and heartbeat timed out.
-                    self._note_refused(RedisTimeoutError(f"no answer to its {where} ({exc})"))
-            except Exception:
-                self.metrics.errors.labels(where).inc()
-                log.exception("%s failed", where)
+            except Exception as exc:
+                self._turn_failed(where, exc)
             delay = max(0.0, seconds - (loop.time() - started))
             await sleep_unless(self.stopping, delay)
+
+    def _turn_failed(self, where: str, exc: Exception) -> None:
+        """A loop's turn that raised `exc` (called where it is caught): counted and said."""
+        self.metrics.errors.labels(where).inc()
+        if not isinstance(exc, RedisError):
+            log.exception("%s failed", where)
+            return
+        self._trouble.warning(where, "%s failed: %s", where, exc)
+        if _refuses_writes(exc):
+            self._note_refused(exc)
+        elif isinstance(exc, RedisTimeoutError) and where in WRITING_LOOPS:
+            # A write left unanswered (CLIENT PAUSE WRITE, a server stuck writing) while
+            # reads, PING among them, are answered: /readyz said ready through a review's
+            # 10 s pause in which every tick and heartbeat timed out.
+            self._note_refused(RedisTimeoutError(f"no answer to its {where} ({exc})"))
 
     async def _reconcile_if_due(self) -> None:
         interval_ms = int(self.service.reconcile_interval_s * 1000)
@@ -1613,7 +1643,8 @@ class Replica:
             # Cancelled (serve cancelled, an embedding's wait_for): its loops and calls end
             # with it, before its caller closes the clients under them, not run on with no
             # owner. Stopping too, so that a loop that missed its cancel ends at its next turn.
-            running = [task for task in [*tasks, *self._actions] if not task.done()]
+            running = [task for task in [*tasks, *self._actions, self._take_back_task]
+                       if task is not None and not task.done()]
             if running:
                 self.stopping.set()
                 for task in running:
@@ -1645,6 +1676,17 @@ class Replica:
                         self.service.shutdown_grace_s)
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # The heartbeat's take-back, if one is still waiting for the Node API's list, has what
+        # is left of the grace, as it had when the heartbeat awaited it.
+        take_back = self._take_back_task
+        if take_back is not None and not take_back.done():
+            left_s = grace_ends - asyncio.get_running_loop().time()
+            await asyncio.wait({take_back}, timeout=max(0.0, left_s))
+            if not take_back.done():
+                log.warning("stopping: take-back cancelled after %gs",
+                            self.service.shutdown_grace_s)
+                take_back.cancel()
+            await asyncio.gather(take_back, return_exceptions=True)
         await self.drain(max(0.0, grace_ends - asyncio.get_running_loop().time()))
         # With heartbeats off too: the replica is not listed, but its mark in `applied` is
         # there, and nothing else would ever take it away (it is never forgotten).

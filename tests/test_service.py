@@ -3697,6 +3697,128 @@ async def test_the_heartbeat_that_outlasts_the_patience_ends_the_hold_and_says_i
     [seen] = [r for r in await replica.scripts.replicas() if r.replica_id == "r1"]
     assert not seen.taking_back
 
+async def test_a_replica_taking_the_nodes_back_keeps_beating_while_the_node_list_hangs(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A review: the take-back after a loss awaited the Node API's list inside the heartbeat,
+    up to the API's timeout times its attempts (about 30 s), so a replica whose API hung read
+    as silent in `provisioner status` exactly while its state was lost, and its lag probes and
+    clock offset stalled with it. The list is asked in a task of its own: the heartbeats keep
+    their interval, still saying the hold, and the list that comes ends it."""
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            heartbeat_interval_s=0.5)
+    replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+    replica.subscribed.set()
+    await replica.heartbeat()
+    await aredis.flushall()
+    listing, answer = asyncio.Event(), asyncio.Event()
+    asked = {"lists": 0}
+
+    async def hung_list() -> list[ListedNode] | None:
+        asked["lists"] += 1
+        listing.set()
+        await answer.wait()
+        return [ListedNode("a", "ready")]
+
+    api.list_nodes = hung_list  # type: ignore[method-assign]
+    beating = asyncio.create_task(replica._every(0.5, replica.heartbeat, "heartbeat"))
+    try:
+        await asyncio.wait_for(listing.wait(), 5)
+        await asyncio.sleep(10.5)  # past the silence threshold: 3 heartbeats, 10 s at least
+        [seen] = [r for r in await replica.scripts.replicas() if r.replica_id == "r1"]
+        assert not beating.done()
+        assert not seen.silent and seen.age_s < 2, seen.describe()
+        assert seen.taking_back and replica._taking_back
+        assert asked["lists"] == 1  # one take-back at a time, not one a heartbeat
+        answer.set()
+        await _until(lambda: not replica._taking_back)
+        assert await aredis.lrange(replica.keys.key("ready"), 0, -1) == ["a"]
+        for _ in range(300):  # the next heartbeat says the hold is over
+            [seen] = [r for r in await replica.scripts.replicas() if r.replica_id == "r1"]
+            if not seen.taking_back:
+                break
+            await asyncio.sleep(0.01)
+        assert not seen.taking_back
+    finally:
+        answer.set()
+        replica.stopping.set()
+        await asyncio.wait_for(beating, 5)
+        if replica._take_back_task is not None:
+            await asyncio.wait_for(replica._take_back_task, 5)
+
+
+async def test_a_take_back_waiting_for_the_node_list_is_cancelled_after_the_grace(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The take-back runs beside the heartbeat loop: a stop still ends it, after what is left
+    of the grace, before run() returns (no task left running with no owner)."""
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            heartbeat_interval_s=0.2, reconcile_interval_s=0,
+                            shutdown_grace_s=0.5)
+    replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+    listing = asyncio.Event()
+
+    async def hangs() -> None:
+        listing.set()
+        await asyncio.sleep(60)  # a GET /api/nodes that takes the API timeout
+
+    api.list_nodes = hangs  # type: ignore[method-assign]
+    task = asyncio.create_task(replica.run())
+    try:
+        await _until(lambda: bool(replica._heartbeats[0]))
+        await aredis.flushall()
+        await asyncio.wait_for(listing.wait(), 5)
+    finally:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        replica.stopping.set()
+        with caplog.at_level(logging.WARNING):
+            await asyncio.wait_for(task, 5)
+    assert loop.time() - started < 3
+    take_back = replica._take_back_task
+    assert take_back is not None and take_back.cancelled()
+    assert "stopping: take-back cancelled after 0.5s" in caplog.text
+
+
+async def test_a_take_back_that_fails_after_its_heartbeat_is_counted_and_tried_again(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A take-back whose heartbeat stopped waiting for it fails on its own: counted as the
+    heartbeat's error and logged, as it was when the heartbeat awaited it, and the next
+    heartbeat tries again."""
+    service = ServiceConfig("redis://x", "http://api", pool=POOL, replica_id="r1",
+                            heartbeat_interval_s=0.1)
+    replica = Replica(aredis, service, FLOOR_ONLY, api, clock=clock, metrics=Metrics())
+    await replica.heartbeat()
+    await aredis.flushall()
+    answer = asyncio.Event()
+
+    async def fails_late() -> list[ListedNode] | None:
+        await answer.wait()
+        raise RuntimeError("a bug in the list")
+
+    api.list_nodes = fails_late  # type: ignore[method-assign]
+    await replica.heartbeat()  # sees the loss; its take-back outlasts its interval
+    take_back = replica._take_back_task
+    assert take_back is not None and not take_back.done() and replica._taking_back
+    with caplog.at_level(logging.ERROR):
+        answer.set()
+        await take_back
+    assert counter(replica, "provisioner_errors_total", where="heartbeat") == 1
+    assert "heartbeat failed" in caplog.text and "a bug in the list" in caplog.text
+    api.list_nodes = FakeNodeApi.list_nodes.__get__(api)  # type: ignore[method-assign]
+    api.listed = [ListedNode("a", "ready")]
+    await replica.heartbeat()
+    again = replica._take_back_task
+    assert again is not None and again is not take_back
+    await again  # (within the heartbeat's 0.1 s, unless the machine is slow)
+    assert not replica._taking_back
+    await replica.heartbeat()
+    [seen] = [r for r in await replica.scripts.replicas() if r.replica_id == "r1"]
+    assert not seen.taking_back
+
 
 async def test_reconcile_counts_the_waits_served_by_a_node_adopted_or_freed(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,

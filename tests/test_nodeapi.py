@@ -494,3 +494,34 @@ async def test_the_pauses_between_tries_double_and_none_follows_the_last(
         ranges.clear()
         await call()
         assert ranges == [(0, 0.1), (0, 0.2), (0, 0.4)], ranges
+
+
+async def test_a_compressed_answer_is_decoded_no_further_than_the_most_body_read() -> None:
+    """A gzip'd answer is decoded a raw chunk at a time: 64 KiB of it, 64 MiB of spaces, were
+    decoded whole before the body was cut at 64 KiB (10 creates at such an API: 1.3 GB)."""
+    import tracemalloc
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    packed = packer.compress(b'{"id": "n1", "pad": "') + b"".join(
+        packer.compress(b" " * (1 << 20)) for _ in range(256)) + packer.flush()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for at in range(0, len(packed), 64 * 1024):  # as httpcore reads them
+            yield packed[at:at + 64 * 1024]
+
+    def bomb(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(202, content=chunks(), headers={"Content-Encoding": "gzip"})
+
+    tracemalloc.start()
+    try:
+        result = await client(bomb).create()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.outcome is CreateOutcome.UNCERTAIN
+    assert peak < len(packed) + 8 * MAX_BODY["create"], peak
+    # A gzip'd answer within the bound is read as before.
+    small = httpx.Response(202, content=zlib.compress(b'{"id": "n2"}', wbits=31),
+                           headers={"Content-Encoding": "gzip"})
+    assert (await client(lambda r: small).create()).node_id == "n2"

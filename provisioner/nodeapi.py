@@ -388,12 +388,19 @@ def _inflater(encoding: str) -> Any:
     return None  # identity, or one httpx has no decoder for either: read as it came
 
 
+#: the longest node path sent: servers answer 414 past about 8 KiB, httpx refuses past 64 KiB
+MAX_PATH = 8 * 1024
+
+
 def node_path(node_id: str) -> str:
     """The node's URL path, its id percent-encoded: an id the pool cannot take (a space, a '/')
-    is still deleted as itself. ValueError for an id no path can name."""
-    if node_id in ("", ".", ".."):
-        raise ValueError(f"no node path for the id {node_id!r}")
-    return "/api/nodes/" + quote(node_id, safe=":@")
+    is still deleted as itself. ValueError for an id no path can name, or none a server takes
+    (past MAX_PATH: one past httpx's longest URL raised httpx.InvalidURL, no HTTPError, out of
+    `delete`, a review)."""
+    path = "" if node_id in ("", ".", "..") else "/api/nodes/" + quote(node_id, safe=":@")
+    if not path or len(path) > MAX_PATH:
+        raise ValueError(f"no node path for the id {node_id!r}"[:200])
+    return path
 
 
 def _id_text(value: object) -> str:

@@ -525,3 +525,22 @@ async def test_a_compressed_answer_is_decoded_no_further_than_the_most_body_read
     small = httpx.Response(202, content=zlib.compress(b'{"id": "n2"}', wbits=31),
                            headers={"Content-Encoding": "gzip"})
     assert (await client(lambda r: small).create()).node_id == "n2"
+
+
+async def test_a_delete_of_an_id_too_long_for_a_url_is_a_failed_call_not_an_exception() -> None:
+    """An id the Node API gave (a create's answer, or its list) that the pool cannot take is
+    deleted; one whose path is past httpx's longest URL (11,000 'ü', 66,000 bytes encoded)
+    raised httpx.InvalidURL, which is no HTTPError, out of `delete`: a traceback ("node action
+    failed") at every create's answer or reconciliation that named it."""
+    paths = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.raw_path)
+        return httpx.Response(202)
+
+    api = client(handler)
+    assert await api.delete("ü" * 11_000) is DeleteOutcome.FAILED
+    assert await api.delete("a" * 60_000) is DeleteOutcome.FAILED
+    assert paths == []
+    assert api.metrics is not None
+    assert api.metrics.api_calls.labels("delete", "bad_id")._value.get() == 2

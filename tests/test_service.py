@@ -4725,3 +4725,29 @@ async def test_a_reconciliation_begun_before_a_loss_does_not_end_the_take_back(
     await replica.settle()
     assert held and api.created == [], (
         f"held {held}; booted {api.created} beside a, b and c (max_nodes 3)")
+
+
+async def test_a_create_named_with_an_id_no_url_can_hold_raises_no_traceback(
+    aredis: aioredis.Redis, clock: ManualClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import httpx
+
+    from provisioner.nodeapi import HttpNodeApi
+
+    deletes = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE":
+            deletes.append(request.url.path)
+            return httpx.Response(202)
+        return httpx.Response(202, json={"id": "ü" * 11_000})
+
+    api = HttpNodeApi("http://api", attempts=1, metrics=Metrics(),
+                      transport=httpx.MockTransport(handler))
+    replica = make_replica(aredis, api, clock, "r1")
+    with caplog.at_level("ERROR"):
+        await replica.tick()
+        await replica.drain(5.0)
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert tracebacks == [], tracebacks
+    assert counter(replica, "provisioner_errors_total", where="action") == 0

@@ -15,7 +15,8 @@ What may be retried and what may not:
   create timeout (a review).
 * A create answered 200 or 201 with an id made that node, as a 202 does (a proxy or another
   release of the API may answer so); a 2xx without a readable id is UNCERTAIN.
-* A delete is idempotent (a 404 means the node is already gone), so timeouts, connection errors,
+* A delete is idempotent (a 404 or 410 means the node is already gone; a 200 or 204 is taken
+  as its 202), so timeouts, connection errors,
   429 and 5xx are retried with jittered exponential backoff, a bounded number of times.
 * `GET /api/nodes` is an extension of our mock used for reconciliation; a server without it
   answers 404/405 and reconciliation is skipped.
@@ -52,7 +53,7 @@ class CreateOutcome(StrEnum):
 
 class DeleteOutcome(StrEnum):
     SENT = "sent"      # 202: the node will report terminated
-    GONE = "gone"      # 404: the API does not know it (any more)
+    GONE = "gone"      # 404 or 410: the API does not know it (any more)
     FAILED = "failed"  # retries exhausted
 
 
@@ -333,10 +334,10 @@ class HttpNodeApi:
                 log.warning("delete %s: %s (attempt %d/%d)", node_id, type(exc).__name__,
                             attempt + 1, self.attempts)
             else:
-                if response.status_code == 202:
+                if 200 <= response.status_code < 300:  # a 200 or 204 took it as a 202 does
                     self._count("delete", "sent", started)
                     return DeleteOutcome.SENT
-                if response.status_code == 404:
+                if response.status_code in (404, 410):
                     self._count("delete", "gone", started)
                     return DeleteOutcome.GONE
                 self._count("delete", f"http_{response.status_code}", started)

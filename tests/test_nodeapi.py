@@ -544,3 +544,27 @@ async def test_a_delete_of_an_id_too_long_for_a_url_is_a_failed_call_not_an_exce
     assert paths == []
     assert api.metrics is not None
     assert api.metrics.api_calls.labels("delete", "bad_id")._value.get() == 2
+
+
+@pytest.mark.parametrize(("status", "outcome"), [
+    (410, DeleteOutcome.GONE), (200, DeleteOutcome.SENT), (204, DeleteOutcome.SENT),
+])
+async def test_a_delete_answered_gone_or_another_2xx_is_not_a_failure(
+        status: int, outcome: DeleteOutcome) -> None:
+    """A 410 says the node is gone, as a 404 does; a 200 or 204 that the API took the DELETE,
+    as a 202 does (a create's 200 or 201 is taken as its 202). Taken for failures, the node
+    stayed `terminating` (counted against max_nodes) and its DELETE was sent every 10 s, a
+    warning each, until a `terminated` or a reconciliation ended it: never, for a status lost
+    at an API with no list."""
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(status)
+
+    api = client(handler)
+    assert await api.delete("n1") is outcome
+    assert calls == 1
+    assert api.metrics is not None
+    assert api.metrics.api_calls.labels("delete", outcome.value)._value.get() == 1

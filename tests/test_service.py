@@ -4751,3 +4751,35 @@ async def test_a_create_named_with_an_id_no_url_can_hold_raises_no_traceback(
     tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
     assert tracebacks == [], tracebacks
     assert counter(replica, "provisioner_errors_total", where="action") == 0
+
+
+async def test_a_node_whose_delete_is_answered_410_leaves_the_pool(
+    aredis: aioredis.Redis, clock: ManualClock,
+) -> None:
+    """A 410 is the node gone, as a 404: it was kept `terminating`, counted against max_nodes,
+    and its DELETE sent again every 10 s."""
+    import httpx
+
+    from provisioner.nodeapi import HttpNodeApi
+
+    deletes = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        deletes.append(request.url.path)
+        return httpx.Response(410)
+
+    api = HttpNodeApi("http://api", attempts=1, metrics=Metrics(),
+                      transport=httpx.MockTransport(handler))
+    replica = make_replica(aredis, api, clock, "r1",
+                           PoolConfig(min_ready=0, idle_timeout_s=60, scaling_policy="heuristic"))
+    await send([replica], "node:status", {"node_id": "n1", "status": "ready"})
+    clock.advance(61_000)
+    await replica.tick()
+    await replica.settle()
+    for _ in range(3):
+        clock.advance(10_000)
+        await replica.tick()
+        await replica.settle()
+    assert deletes == ["/api/nodes/n1"]
+    assert await aredis.zscore(replica.keys.key("terminating"), "n1") is None
+    assert await aredis.hget(replica.keys.node("n1"), "state") == "terminated"

@@ -279,6 +279,7 @@ class HttpNodeApi:
         await asyncio.sleep(random.uniform(0, self.backoff_s * 2**attempt))
 
     async def create(self) -> CreateResult:
+        why = "could not connect"
         for attempt in range(self.attempts):
             started = time.perf_counter()
             try:
@@ -289,8 +290,9 @@ class HttpNodeApi:
                     return CreateResult(CreateOutcome.UNCERTAIN,
                                         detail=f"{type(exc).__name__}: {exc}", api_down=True)
                 self._count("create", "connect_error", started)
+                why = f"could not connect: {_said(exc)}"
                 log.warning("create: cannot connect (attempt %d/%d): %s", attempt + 1,
-                            self.attempts, exc)
+                            self.attempts, _said(exc))
                 if attempt + 1 < self.attempts:
                     await self._pause(attempt)
                 continue
@@ -316,7 +318,7 @@ class HttpNodeApi:
                                 at_capacity=status == 429,
                                 refused=status < 500 and status != 429,
                                 retry_after_s=retry_after_s(response.retry_after))
-        return CreateResult(CreateOutcome.FAILED, detail="could not connect", api_down=True)
+        return CreateResult(CreateOutcome.FAILED, detail=why, api_down=True)
 
     async def delete(self, node_id: str) -> DeleteOutcome:
         try:
@@ -331,7 +333,7 @@ class HttpNodeApi:
                 response = await self._send("delete", "DELETE", path)
             except httpx.HTTPError as exc:
                 self._count("delete", "transport_error", started)
-                log.warning("delete %s: %s (attempt %d/%d)", node_id, type(exc).__name__,
+                log.warning("delete %s: %s (attempt %d/%d)", node_id, _said(exc),
                             attempt + 1, self.attempts)
             else:
                 if 200 <= response.status_code < 300:  # a 200 or 204 took it as a 202 does
@@ -402,6 +404,11 @@ def node_path(node_id: str) -> str:
     if not path or len(path) > MAX_PATH:
         raise ValueError(f"no node path for the id {node_id!r}"[:200])
     return path
+
+
+def _said(exc: BaseException) -> str:
+    """An error's kind and, where it has one, its message (httpcore's timeouts have none)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _id_text(value: object) -> str:

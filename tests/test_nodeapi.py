@@ -568,3 +568,24 @@ async def test_a_delete_answered_gone_or_another_2xx_is_not_a_failure(
     assert calls == 1
     assert api.metrics is not None
     assert api.metrics.api_calls.labels("delete", outcome.value)._value.get() == 1
+
+
+async def test_a_call_that_fails_says_how_in_its_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """httpcore's connect timeout has no message: a create's warning read "cannot connect
+    (attempt 1/3): " and its result "could not connect", the same as a refused connect or a
+    certificate refused; a delete's named the error's kind alone, never a TLS failure's why."""
+    def timed_out(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("", request=request)
+
+    def untrusted(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] self-signed certificate",
+                                 request=request)
+
+    with caplog.at_level("WARNING", logger="provisioner.nodeapi"):
+        result = await client(timed_out, attempts=1).create()
+        await client(untrusted, attempts=1).delete("n1")
+    said = [r.getMessage() for r in caplog.records if r.name == "provisioner.nodeapi"]
+    assert "ConnectTimeout" in said[0] and "ConnectTimeout" in result.detail, (said, result)
+    assert "CERTIFICATE_VERIFY_FAILED" in said[1], said

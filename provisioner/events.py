@@ -90,6 +90,8 @@ def _identifier(payload: dict[str, Any], name: str) -> str:
     if name not in payload:
         raise _Reject(Reason.MISSING_FIELD, f"missing {name!r}")
     value = payload[name]
+    if name == "node_id" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # as the Node API client takes a create's {"id": 17} (nodeapi.py)
     if not isinstance(value, str):
         raise _Reject(Reason.WRONG_TYPE, f"{name!r} must be a string, not {type(value).__name__}")
     if not ID_PATTERN.match(value):

@@ -373,6 +373,10 @@ class HttpNodeApi:
         try:
             items = response.json()["nodes"]  # type: ignore[index]
             nodes = [ListedNode(_id_text(item["id"]), str(item["state"])) for item in items]
+            states = {node.node_id: node.state for node in nodes}
+            if len(states) != len(set(nodes)):  # one node in two states: which is it?
+                raise ValueError("a node listed in two states")
+            nodes = [ListedNode(node_id, state) for node_id, state in states.items()]
         except (ValueError, KeyError, TypeError) as exc:
             self._count("list", "bad_body", started)
             log.warning("list: the answer is not a node list: %s", exc)

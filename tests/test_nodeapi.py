@@ -589,3 +589,16 @@ async def test_a_call_that_fails_says_how_in_its_log_line(
     said = [r.getMessage() for r in caplog.records if r.name == "provisioner.nodeapi"]
     assert "ConnectTimeout" in said[0] and "ConnectTimeout" in result.detail, (said, result)
     assert "CERTIFICATE_VERIFY_FAILED" in said[1], said
+
+
+async def test_a_list_that_gives_one_node_two_states_is_not_a_list_to_reconcile_against() -> None:
+    """Reconciliation kept the last state listed for an id: [ready, terminated] ended a node
+    (an allocated one's user queued again) that [terminated, ready] kept. Which is true the
+    list does not say. The same state twice is one node."""
+    for states in (["ready", "terminated"], ["terminated", "ready"], ["booting", "ready"]):
+        body = {"nodes": [{"id": "n1", "state": state} for state in states]}
+        assert await client(lambda r, b=body: httpx.Response(200, json=b)).list_nodes() \
+            is None, states
+    body = {"nodes": [{"id": "n1", "state": "ready"}, {"id": "n1", "state": "ready"}]}
+    listed = await client(lambda r: httpx.Response(200, json=body)).list_nodes()
+    assert listed is not None and {(n.node_id, n.state) for n in listed} == {("n1", "ready")}

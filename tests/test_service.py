@@ -4783,3 +4783,23 @@ async def test_a_node_whose_delete_is_answered_410_leaves_the_pool(
     assert deletes == ["/api/nodes/n1"]
     assert await aredis.zscore(replica.keys.key("terminating"), "n1") is None
     assert await aredis.hget(replica.keys.node("n1"), "state") == "terminated"
+
+
+async def test_a_node_the_api_names_with_an_integer_is_heard_of_by_that_integer(
+    aredis: aioredis.Redis, clock: ManualClock,
+) -> None:
+    """The client takes an id the API writes as an integer ({"id": 17}: node "17"); the
+    listener refused the same API's `node:status` {"node_id": 17}, a wrong type: the node was
+    never ready (a user waited beside it until the boot timeout reaped it)."""
+    import httpx
+
+    from provisioner.nodeapi import HttpNodeApi
+
+    api = HttpNodeApi("http://api", attempts=1, metrics=Metrics(), transport=httpx.MockTransport(
+        lambda request: httpx.Response(202, json={"id": 17})))
+    replica = make_replica(aredis, api, clock, "r1")
+    await replica.tick()  # the floor: one create
+    await replica.drain(5.0)
+    assert await aredis.hget(replica.keys.node("17"), "state") == "booting"
+    await send([replica], "node:status", {"node_id": 17, "status": "ready"})
+    assert await aredis.hget(replica.keys.node("17"), "state") == "ready"

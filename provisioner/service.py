@@ -1782,6 +1782,13 @@ def http_app(replica: Replica) -> web.Application:
     return app
 
 
+def node_api_connections(pool: PoolConfig) -> int:
+    """How many calls a replica's Node API client makes at once: a tick's creates and its
+    terminations (each at most --max-batch), with room for a list and the calls of the tick
+    before still out; never fewer than httpx's default, 100."""
+    return max(100, 2 * pool.max_batch + 10)
+
+
 async def serve(service: ServiceConfig, pool: PoolConfig,
                 stop: asyncio.Event | None = None) -> None:
     """Run one replica with its HTTP endpoints until `stop` is set (or SIGINT/SIGTERM)."""
@@ -1794,7 +1801,8 @@ async def serve(service: ServiceConfig, pool: PoolConfig,
                          encoding_errors=ID_BYTES)
     metrics = Metrics()
     node_api = HttpNodeApi(service.node_api_url, timeout_s=service.api_timeout_s,
-                           attempts=service.api_retries, metrics=metrics)
+                           attempts=service.api_retries, metrics=metrics,
+                           connections=node_api_connections(pool))
     replica = Replica(redis, service, pool, node_api, metrics=metrics)
     runner: web.AppRunner | None = None
     run: asyncio.Task[None] | None = None

@@ -602,3 +602,46 @@ async def test_a_list_that_gives_one_node_two_states_is_not_a_list_to_reconcile_
     body = {"nodes": [{"id": "n1", "state": "ready"}, {"id": "n1", "state": "ready"}]}
     listed = await client(lambda r: httpx.Response(200, json=body)).list_nodes()
     assert listed is not None and {(n.node_id, n.state) for n in listed} == {("n1", "ready")}
+
+
+async def test_a_batch_of_creates_past_a_hundred_gets_a_connection_each() -> None:
+    """httpx's client holds at most 100 connections: a batch of creates past it (--max-batch
+    goes to 1000) waited for a free one within each call's deadline, and at an API that took
+    its time the rest failed as "could not connect", which holds the replica's creates as if
+    the API were down (a review: 36 of 400 at an API that took 1 s). A replica sizes its
+    client by its batch (`node_api_connections`)."""
+    from aiohttp import web
+
+    from provisioner.config import PoolConfig
+    from provisioner.service import node_api_connections
+
+    made = 0
+
+    async def create(request: web.Request) -> web.Response:
+        nonlocal made
+        made += 1
+        await asyncio.sleep(1.5)  # longer than the wait for a free connection (1 s here)
+        return web.json_response({"id": f"n{made}"}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/api/nodes", create)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    # a backlog for the whole batch: the default's 128 dropped connects, not the client
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+    await site.start()
+    port = runner.addresses[0][1]
+    batch = 150
+    try:
+        for connections, failed in ((100, True), (node_api_connections(
+                PoolConfig(max_batch=batch)), False)):
+            api = HttpNodeApi(f"http://127.0.0.1:{port}", timeout_s=2.0, attempts=1,
+                              connections=connections)
+            try:
+                results = await asyncio.gather(*(api.create() for _ in range(batch)))
+            finally:
+                await api.aclose()
+            outcomes = [r.outcome for r in results]
+            assert (CreateOutcome.FAILED in outcomes) is failed, (connections, outcomes)
+    finally:
+        await runner.cleanup()

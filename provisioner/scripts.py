@@ -152,10 +152,9 @@ def commands_called() -> tuple[str, ...]:
 
 
 # Which of ARGV (a command, or `PUBLISH CHANNEL`) the connection's user may not run, on the
-# pool's keys (KEYS[1]) or that channel; none on a server without redis.acl_check_cmd (< 7.0).
+# pool's keys (KEYS[1]) or that channel. Redis 7.0 or later, as every script's `#!lua` line.
 _PERMITTED = """#!lua flags=no-writes
 local denied = {}
-if not redis.acl_check_cmd then return denied end
 for _, spec in ipairs(ARGV) do
   local cmd, channel = string.match(spec, '^(%u+) ?(.*)$')
   local allowed
@@ -163,8 +162,8 @@ for _, spec in ipairs(ARGV) do
     allowed = redis.acl_check_cmd(cmd, channel, '')
   elseif cmd == 'TIME' then
     allowed = redis.acl_check_cmd(cmd)
-  else
-    allowed = redis.acl_check_cmd(cmd, KEYS[1], '0', '0', '0')
+  else  -- the pool's key alone: DEL takes each argument for a key, and "0" is none of the pool's
+    allowed = redis.acl_check_cmd(cmd, KEYS[1])
   end
   if not allowed then denied[#denied + 1] = spec end
 end

@@ -2725,3 +2725,36 @@ async def test_an_applied_mark_whose_passed_over_seqs_are_broken_by_hand_is_unre
     with pytest.raises(ResponseError, match=r"UNREADABLE|PASSED OVER"):
         await pool.scripts.run(pool.scripts.release_call(pool.now, "alice", mark="r1:a1:3"))
     assert await pool.alloc() == {"alice": "n1"}
+
+
+@pytest.mark.parametrize(("rules", "denied"), [
+    (["&user:*"], []),
+    (["&user:allocated"], ["PUBLISH user:waiting"]),
+    (["&user:*", "-xadd"], ["XADD"]),
+])
+def test_a_user_allowed_only_the_pool_s_keys_is_refused_only_what_it_may_not_run(
+        redis_url: str, rules: list[str], denied: list[str]) -> None:
+    """A replica's user given the pool's keys alone (`~prov:{pool}:*`) may run every command
+    of the scripts on them: the check asked DEL of the pool's key and three keys named "0",
+    and refused DEL to such a user, so no correctly configured replica started."""
+    import redis
+
+    from provisioner.scripts import commands_refused
+
+    plain = redis.Redis.from_url(redis_url)
+    user = "pool-keys-only"
+    plain.execute_command("ACL", "SETUSER", user, "reset", "on", ">pw", "~prov:{acl-p}:*",
+                          "+@all", "-@dangerous", *rules)
+
+    async def refused() -> list[str]:
+        client = aioredis.Redis.from_url(redis_url.replace("redis://", f"redis://{user}:pw@", 1))
+        try:
+            return await commands_refused(client, PoolKeys("acl-p"))
+        finally:
+            await client.aclose()
+
+    try:
+        assert asyncio.run(refused()) == denied
+    finally:
+        plain.acl_deluser(user)
+        plain.close()

@@ -396,9 +396,30 @@ def _inflater(encoding: str) -> Any:
     own decodes each chunk read whole: 64 KiB of a gzip'd answer were 64 MiB of body, read
     before it was cut (a review: 10 creates at once took 1.3 GB)."""
     coding = encoding.strip().lower()
-    if coding in ("gzip", "x-gzip", "deflate"):  # deflate: zlib's header (or gzip's)
-        return zlib.decompressobj(zlib.MAX_WBITS | (32 if coding == "deflate" else 16))
+    if coding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    if coding == "deflate":
+        return _Deflate()
     return None  # identity, or one httpx has no decoder for either: read as it came
+
+
+class _Deflate:
+    """`deflate` as httpx's own decoder reads it: zlib's header (or gzip's), else raw deflate
+    (no header), which servers send under that name too."""
+
+    def __init__(self) -> None:
+        self._inner = zlib.decompressobj(zlib.MAX_WBITS | 32)
+        self._first = True
+
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        first, self._first = self._first, False
+        try:
+            return self._inner.decompress(data, max_length)
+        except zlib.error:
+            if not first:
+                raise
+            self._inner = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self._inner.decompress(data, max_length)
 
 
 #: the longest node path sent: servers answer 414 past about 8 KiB, httpx refuses past 64 KiB

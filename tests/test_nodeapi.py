@@ -645,3 +645,22 @@ async def test_a_batch_of_creates_past_a_hundred_gets_a_connection_each() -> Non
             assert (CreateOutcome.FAILED in outcomes) is failed, (connections, outcomes)
     finally:
         await runner.cleanup()
+
+
+async def test_a_raw_deflate_answer_is_read_as_httpx_read_it() -> None:
+    """`Content-Encoding: deflate` sent as raw deflate (no zlib header), as servers send it
+    too: httpx's own decoder falls back to it, and the chunked inflater must as well (it
+    made each such answer a DecodingError: a create UNCERTAIN, a list none)."""
+    import zlib
+
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    packed = packer.compress(b'{"id": "n1"}') + packer.flush()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield packed
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(202, content=chunks(), headers={"Content-Encoding": "deflate"})
+
+    result = await client(handler, attempts=1).create()
+    assert (result.outcome, result.node_id) == (CreateOutcome.CREATED, "n1"), result

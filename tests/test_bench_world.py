@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -849,3 +851,34 @@ def test_a_connect_cannot_be_made_a_miss_by_terminating_the_ready_node_it_would_
     assert run_replay(trace, StaticPolicy(1)).misses == 0
     with pytest.raises(PolicyViolation, match="ready and free while the connect of u1"):
         run_replay(trace, _TerminatesTheFreeNodeThenMisses(1))
+
+
+class _SeesTime(StaticPolicy):
+    """static-1 from its fourth tick on, noting every instant it is told of."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.instants: list[float] = []
+
+    async def tick(self, t: float) -> None:
+        self.instants.append(t)
+        if t > 0.25:
+            await super().tick(t)
+
+    async def on_node_status(self, t: float, node_id: str, status: str) -> None:
+        self.instants.append(t)
+        await super().on_node_status(t, node_id, status)
+
+
+def test_a_node_s_times_rounded_never_fall_before_its_create(tmp_path: Path) -> None:
+    # FORMAT.md allows api_latency_s 0: a create at the tick 3 * 0.1 = 0.30000000000000004
+    # boots at that instant, which the nanosecond's rounding made 0.3, before the create.
+    path = write_trace(tmp_path / "t.jsonl", [], boot=[1.0], duration=2.0)
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["nodes"]["api_latency_s"] = 0.0
+    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    policy = _SeesTime()
+    asyncio.run(World(load_trace(path), policy, tick_s=0.1).run())
+    assert policy.instants == sorted(policy.instants), [
+        (a, b) for a, b in itertools.pairwise(policy.instants) if b < a]

@@ -143,9 +143,10 @@ class World:
         # Rounded to the nanosecond: times are decimals (a trace's in ms), and a float sum of
         # them can land a hair after the instant it means (0.2 + 5.001 = 5.2010000000000005),
         # so a node ready at a connect's instant came after it, a miss of 1e-15 s.
-        booting_at = round(self.now + self.trace.api_latency_s, 9)
-        ready_at = round(self.now + self.trace.api_latency_s
-                         + delays[self._created % len(delays)], 9)
+        # Never before the create, though: a tick's instant (3 * 0.1) is itself a hair off.
+        booting_at = max(self.now, round(self.now + self.trace.api_latency_s, 9))
+        ready_at = max(booting_at, round(self.now + self.trace.api_latency_s
+                                         + delays[self._created % len(delays)], 9))
         self._created += 1
         self._nodes[node_id] = _Node(node_id, REQUESTED)
         self._by_status[REQUESTED] += 1

@@ -366,8 +366,8 @@ local function lead_time(p, boot_ms, boot_n)
   if share <= 0 then
     return boot_ms > 0 and boot_ms or p.boot_prior_ms, nil
   end
-  -- A boot past the stuck line is ended by the reaper in this tick, not a boot still to come:
-  -- after a pause of the ticks its age is unbounded.
+  -- A boot past the stuck line is one the reaper ends (--max-batch of them a tick), not a boot
+  -- still to come: after a pause of the ticks its age is unbounded.
   local live = '(' .. score(p.now - stuck_after_ms(p, boot_ms))
   if boot_ms <= 0 then
     local oldest = rcall('ZRANGEBYSCORE', K.booting, live, '+inf', 'WITHSCORES',

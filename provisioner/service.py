@@ -1005,6 +1005,28 @@ class Replica:
                 counts["adopted"] += 1
                 log.warning("reconcile: adopted node %s (%s) that the pool did not know",
                             node_id, state)
+        # A young node the pool had heard `ready` for before the list was asked for is no
+        # create on its way to the list: the API said it had booted it. After a restart of the
+        # Node API that lost its nodes, such nodes were left for later, and the users of the
+        # older nodes this pass ended were handed them at once, as dead (a drill: two users
+        # served "after 0.0s" by nodes gone 30 s before, taken back a reconciliation later).
+        young = [node_id for node_id, created in known_ids.items()
+                 if node_id not in api_states and started - grace_ms < created <= now + grace_ms]
+        ready_before: set[str] = set()
+        if young:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id in young:
+                    pipe.hget(self.keys.node(node_id), "ready_ms")
+                stamps = await pipe.execute()
+            for node_id, stamp in zip(young, stamps, strict=True):
+                try:
+                    # by more than two replicas' clocks may differ unwarned (the stamp is
+                    # the clock of the replica that applied the ready)
+                    if stamp is not None and (float(as_text(stamp))
+                                              < started - CLOCK_OFFSET_WARN_S * 1000):
+                        ready_before.add(node_id)
+                except ValueError:
+                    pass
         ending: list[tuple[str, str | None]] = []
         for node_id, created in known_ids.items():
             api_state = api_states.get(node_id)
@@ -1014,7 +1036,8 @@ class Replica:
             # booted meanwhile, and deleted them at the API (a review's drill). One stamped
             # further ahead than the grace from now is a clock's error, not a create (a replica
             # 600 s ahead kept 11 vanished nodes in the pool, 5 of them allocated, for 9 min).
-            if api_state is None and started - grace_ms < created <= now + grace_ms:
+            if (api_state is None and started - grace_ms < created <= now + grace_ms
+                    and node_id not in ready_before):
                 counts[LEFT_FOR_LATER] += 1
                 continue
             if api_state is not None and (api_state not in ENDING or (

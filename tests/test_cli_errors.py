@@ -242,10 +242,10 @@ def test_reconcile_of_a_pool_the_server_does_not_hold_is_refused(redis_url: str)
     assert invoke("check", "--redis-url", redis_url, "--pool", "reel")[0] == 2
 
 
-def _reconciled_against_an_empty_mock(redis_url: str, pool: str, node: str,
-                                      age_ms: int) -> subprocess.CompletedProcess[str]:
-    """`provisioner reconcile` of `pool`, which holds `node` ready, created `age_ms` ago,
-    against a mock Node API that runs none."""
+def _reconciled_against_an_empty_mock(redis_url: str, pool: str, node: str, age_ms: int,
+                                      ready: bool = True) -> subprocess.CompletedProcess[str]:
+    """`provisioner reconcile` of `pool`, which holds `node` ready (or booting), created
+    `age_ms` ago, against a mock Node API that runs none."""
     import asyncio
 
     import redis.asyncio as aioredis
@@ -257,7 +257,8 @@ def _reconciled_against_an_empty_mock(redis_url: str, pool: str, node: str,
         scripts = Scripts(client, PoolKeys(pool))
         then = int(time.time() * 1000) - age_ms
         await scripts.apply_node_status(then, node, "booting")
-        await scripts.apply_node_status(then, node, "ready")
+        if ready:
+            await scripts.apply_node_status(then, node, "ready")
         await client.aclose()
 
     asyncio.run(plant())
@@ -711,7 +712,7 @@ def test_reconcile_says_which_nodes_it_left_as_too_young_to_judge(redis_url: str
     """A helper's audit: right after a restart of the Node API, which knows no node, `reconcile`
     printed no repair and exit 0 while the pool still held its nodes: each younger than the
     create timeout, left in case its create was on its way. It says so now."""
-    done = _reconciled_against_an_empty_mock(redis_url, "young", "n1", 5_000)
+    done = _reconciled_against_an_empty_mock(redis_url, "young", "n1", 5_000, ready=False)
     assert done.returncode == 0, done
     assert json.loads(done.stdout)["not_listed_left_young"] == 1, done.stdout
     assert ("1 node(s) the Node API does not list were left, as younger than the pool's create "

@@ -4088,7 +4088,7 @@ async def test_reconcile_judges_an_unlisted_node_missing_once_the_create_s_grace
     for node, at in (("edge", base), ("younger", base + 1), ("ahead", base + 120_000),
                      ("too-far-ahead", base + 120_001)):
         stamping = make_replica(aredis, api, ManualClock(at), "r-stamp")
-        await send([stamping], "node:status", {"node_id": node, "status": "ready"})
+        await send([stamping], "node:status", {"node_id": node, "status": "booting"})
     clock.advance(60_000)
     api.listed = []
     counts = await replica.reconcile()
@@ -4096,6 +4096,31 @@ async def test_reconcile_judges_an_unlisted_node_missing_once_the_create_s_grace
     ended = {node for node in ("edge", "younger", "ahead", "too-far-ahead")
              if await aredis.hget(replica.keys.node(node), "state") == "terminated"}
     assert ended == {"edge", "too-far-ahead"}
+
+
+async def test_reconcile_hands_no_user_a_young_node_whose_ready_came_before_its_list(
+    replica: Replica, api: FakeNodeApi, clock: ManualClock, aredis: aioredis.Redis,
+) -> None:
+    """A drill restarted the Node API with its nodes forgotten: reconciliation ended the old
+    nodes and put their users at the head of the queue, and handed them at once the nodes
+    younger than the create timeout, which it had left for later although the API had said
+    they were ready: dead too, taken back a reconciliation (30 s) later. A node the pool heard
+    `ready` for before the list was asked for is no create on its way to the list."""
+    await send([replica], "node:status", {"node_id": "old", "status": "ready"})
+    await send([replica], "user:connect", {"user_id": "u1"})
+    assert await aredis.hgetall(replica.keys.key("alloc")) == {"u1": "old"}
+    clock.advance(120_000)
+    await send([replica], "node:status", {"node_id": "young-ready", "status": "ready"})
+    await send([replica], "node:status", {"node_id": "young-boot", "status": "booting"})
+    clock.advance(5_000)
+    api.listed = []  # the Node API restarted and forgot every node
+    counts = await replica.reconcile()
+    assert counts is not None and counts["vanished"] == 2 and counts[LEFT_FOR_LATER] == 1
+    assert await aredis.hget(replica.keys.node("young-ready"), "state") == "terminated"
+    assert await aredis.hget(replica.keys.node("young-boot"), "state") == "booting"
+    # u1 waits for a live node instead of being handed a dead one
+    assert await aredis.hgetall(replica.keys.key("alloc")) == {}
+    assert await check_invariants(aredis, POOL) == []
 
 
 async def test_reconcile_does_not_judge_a_node_made_after_its_list_by_that_list(

@@ -36,7 +36,9 @@ for i, k in ipairs(LEVELS) do
 end
 local half_life_s = p.half_life_ms / 1000
 return cjson.encode({
-  learned = known.last_ms ~= nil,
+  -- a model the pool has, as load_model refuses to overwrite it: the forecast's clock, or a
+  -- boot time or a release rate learned without one (--scaling-policy heuristic learns both)
+  learned = known.last_ms ~= nil or known.boot_n ~= nil or known.rel ~= nil,
   horizon_s = horizon_ms / 1000,
   lead_s = lead_ms / 1000,
   boot_learned = (known.boot_ms or 0) > 0,

@@ -550,6 +550,7 @@ def nodes(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
         c, pool, view.node_rows(c, pool, limit)))
     if as_json:
         typer.echo(json.dumps([_typed(row) for row in rows], indent=2))
+        _say_cut(f"nodes of pool {pool}", len(rows), total, limit)
         return
     table = Table(title=f"nodes of pool {pool} ({_counted(len(rows), total, limit)})")
     for column in ("node", "state", "user", "age", "idle for", "origin", "boot sample"):
@@ -585,6 +586,14 @@ def _counted(shown: int, total: int, limit: int) -> str:
     """A table's count: its rows, and the pool's own where --limit left some out (the title
     counted the rows alone: "nodes (200)" of a pool of 500)."""
     return f"{shown} of {total}: --limit" if shown >= limit and total > shown else str(shown)
+
+
+def _say_cut(what: str, shown: int, total: int, limit: int) -> None:
+    """On stderr, where --limit left rows out of a JSON table (its stdout the rows alone, as
+    before): the table's title says it, the JSON said nothing."""
+    if shown >= limit and total > shown:
+        errors.print(f"[yellow]warning:[/yellow] {escape(what)}: "
+                     f"{_counted(shown, total, limit)} left the others out")
 
 
 def _typed(record: dict[str, Any]) -> dict[str, Any]:
@@ -628,7 +637,8 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
         redis_url, lambda c: _with_sizes(c, pool, view.user_rows(c, pool, limit)))
 
     def seconds(then_ms: int | None) -> float | None:
-        return None if then_ms is None else round((now - then_ms) / 1000, 1)
+        # never below 0, as the text's and `status`'s: a replica's clock a little ahead
+        return None if then_ms is None else round(max(0, now - then_ms) / 1000, 1)
 
     if as_json:
         typer.echo(json.dumps({
@@ -637,6 +647,8 @@ def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
                            "session_s": seconds(s.allocated_ms),
                            "last_active_s": seconds(s.last_activity_ms)} for s in sessions]},
             indent=2))
+        _say_cut(f"waiting users of pool {pool}", len(waiting), waiting_total, limit)
+        _say_cut(f"connected users of pool {pool}", len(sessions), session_total, limit)
         return
     table = Table(title=f"waiting users of pool {pool} "
                         f"({_counted(len(waiting), waiting_total, limit)})")

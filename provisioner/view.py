@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError, WatchError
@@ -32,6 +33,8 @@ from provisioner.scripts import (
     scripts_fingerprint,
 )
 from provisioner.terminal import outside, printable
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -213,7 +216,9 @@ def render_view(view: PoolView) -> Group:
         decisions.add_column(column, overflow="fold")
     for entry in view.decisions:
         at_ms = time_ms(entry.get("now"))
-        age = "-" if at_ms is None else f"{(view.now_ms - at_ms) / 1000:.0f}s"
+        # by the replica's clock against the server's, read before the entries: one a little
+        # ahead (a decision written meanwhile, a clock within its tolerance) is 0s, not "-1s"
+        age = "-" if at_ms is None else f"{max(0, view.now_ms - at_ms) / 1000:.0f}s"
         # Text, not markup: a replica id or an operator's name may hold "[/b]", or a
         # terminal's escape sequences
         decisions.add_row(age, *(outside(entry.get(field, ""))
@@ -315,8 +320,35 @@ async def table_sizes(redis: aioredis.Redis, pool: str) -> tuple[int, int, int]:
 
 async def node_rows(redis: aioredis.Redis, pool: str, limit: int = 200) -> list[dict[str, str]]:
     keys = PoolKeys(pool)
-    ids = [as_text(i) for i in await redis.zrange(keys.key("nodes"), 0, limit - 1)]
-    async with redis.pipeline(transaction=False) as pipe:
+    # The ids under WATCH and the records in the transaction that proves the ids unchanged:
+    # read one after the other, a node terminated between them was listed with its tombstone.
+    return await _at_one_instant(lambda watched: _node_rows_once(redis, keys, limit, watched))
+
+
+async def _at_one_instant(once: Callable[[bool], Awaitable[T]], attempts: int = 50) -> T:
+    """`once(True)`, a read under WATCH whose transaction fails (WatchError) if a script
+    changed what it watched, again until one holds; after `attempts`, or on a server out of
+    memory, which refuses the transaction (and every script's writes with it), `once(False)`:
+    the same reads with no transaction."""
+    for _ in range(attempts):
+        try:
+            return await once(True)
+        except WatchError:
+            continue
+        except OutOfMemoryError:
+            break
+    return await once(False)
+
+
+async def _node_rows_once(redis: aioredis.Redis, keys: PoolKeys, limit: int,
+                          watched: bool = True) -> list[dict[str, str]]:
+    async with redis.pipeline(transaction=watched) as pipe:
+        if watched:
+            await pipe.watch(keys.key("nodes"))
+        reader: Any = pipe if watched else redis  # under WATCH a pipeline reads at once
+        ids = [as_text(i) for i in await reader.zrange(keys.key("nodes"), 0, limit - 1)]
+        if watched:
+            pipe.multi()  # type: ignore[no-untyped-call]
         for node_id in ids:
             pipe.hgetall(keys.node(node_id))
         records = await pipe.execute()
@@ -361,10 +393,24 @@ async def user_rows(redis: aioredis.Redis, pool: str,
     the longest session first). Reads every allocation to sort them, so it is for an
     operator's command, not a hot path."""
     keys = PoolKeys(pool)
-    waiting = await waiting_users(redis, keys, limit)
-    since = await redis.hmget(keys.key("waiting_since"), waiting) if waiting else []
-    held = [(as_text(u), as_text(n)) for u, n in (await redis.hgetall(keys.key("alloc"))).items()]
-    async with redis.pipeline(transaction=False) as pipe:
+    # The queue and the sessions under WATCH: read one after another, a user served between
+    # the reads was listed both waiting (for an unknown time) and connected.
+    return await _at_one_instant(lambda watched: _user_rows_once(redis, keys, limit, watched))
+
+
+async def _user_rows_once(redis: aioredis.Redis, keys: PoolKeys, limit: int,
+                          watched: bool = True
+                          ) -> tuple[list[tuple[str, int | None]], list[Session]]:
+    async with redis.pipeline(transaction=watched) as pipe:
+        if watched:
+            await pipe.watch(keys.key("waiting"), keys.key("waiting_since"), keys.key("alloc"))
+        reader: Any = pipe if watched else redis  # under WATCH a pipeline reads at once
+        waiting = await waiting_users(reader, keys, limit)
+        since = await reader.hmget(keys.key("waiting_since"), waiting) if waiting else []
+        held = [(as_text(u), as_text(n))
+                for u, n in (await reader.hgetall(keys.key("alloc"))).items()]
+        if watched:
+            pipe.multi()  # type: ignore[no-untyped-call]
         for user, node in held:
             pipe.hget(keys.node(node), "allocated_ms")
             pipe.zscore(keys.key("active"), user)

@@ -310,6 +310,15 @@ def test_the_nodes_and_users_tables_count_what_their_limit_leaves_out(redis_url:
     users = shown("users")
     assert "waiting users of pool limit-cli (2)" in users, users
     assert "connected users of pool limit-cli (3)" in users, users
+    # --json prints the rows alone on stdout, as before; stderr says --limit cut them (it
+    # said nothing: a review of the read side)
+    for command, rows in (("nodes", lambda doc: doc), ("users", lambda doc: doc["allocated"])):
+        result = CliRunner().invoke(app, [command, "--json", "--limit", "1", "--redis-url",
+                                          redis_url, "--pool", "limit-cli"])
+        assert result.exit_code == 0, result.output
+        assert len(rows(json.loads(result.stdout))) == 1
+        said = " ".join(result.stderr.split())
+        assert "of 3: --limit left the others out" in said, (command, result.stderr)
 
 
 def test_the_cli_ages_the_pool_by_the_server_s_clock_not_its_host_s(

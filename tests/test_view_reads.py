@@ -78,34 +78,6 @@ async def test_users_never_shows_a_user_both_waiting_and_connected(
     assert all(since is not None for _, since in waiting), waiting
 
 
-def test_json_tables_say_when_limit_cut_them(redis_url: str) -> None:
-    """The tables say "1 of 3: --limit"; `nodes --json` and `users --json` printed the rows
-    alone, nothing on stdout or stderr telling a script that rows were left out."""
-    keys = PoolKeys("limit-json")
-    now = int(time.time() * 1000)
-
-    async def record() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        scripts = Scripts(client, keys)
-        for node in ("n1", "n2", "n3"):
-            await scripts.apply_node_status(now - 60_000, node, "ready")
-        for user in ("u1", "u2", "u3", "u4", "u5"):  # three sessions, two waiting
-            await scripts.allocate(now - 1_000, user)
-        await client.aclose()
-
-    asyncio.run(record())
-    def rows(shown: Any) -> Any:  # the nodes', or the sessions of the users' document
-        return shown if isinstance(shown, list) else shown["allocated"]
-
-    for command in ("nodes", "users"):
-        result = CliRunner().invoke(app, [command, "--json", "--limit", "1", "--redis-url",
-                                          redis_url, "--pool", "limit-json"])
-        assert result.exit_code == 0, result.output
-        assert len(rows(json.loads(result.stdout))) == 1
-        said = " ".join(result.stderr.split())
-        assert "of 3" in said and "--limit" in said, (command, result.stdout, result.stderr)
-
-
 def test_status_never_shows_a_decision_made_in_the_future() -> None:
     """A decision is aged by its replica's clock against the server's read before it: one
     stamped a second ahead (a replica's clock ahead within the 2 s tolerated, or a decision

@@ -984,8 +984,8 @@ class Replica:
                     if result.code is NodeStatusOutcome.READY:
                         counts["made_ready"] += 1
                         log.warning("reconcile: node %s is ready at the Node API but was "
-                                    "booting in the pool (its ready was lost); made ready",
-                                    node_id)
+                                    "booting in the pool (its ready lost, or not come yet); "
+                                    "made ready", node_id)
                 continue
             if state in ENDING:
                 continue

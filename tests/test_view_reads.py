@@ -8,6 +8,7 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,48 @@ from provisioner.scripts import Scripts, Snapshot
 from tests.helpers import T0
 
 
+def _once_after(monkeypatch: pytest.MonkeyPatch, client: aioredis.Redis,
+                reads: Callable[[tuple[Any, ...]], bool],
+                then: Callable[[], Awaitable[None]]) -> Callable[[], bool]:
+    """Run `then` once, right after the first round trip that sends a command `reads`
+    matches, whatever form the round trip takes (the client's call, a pipeline's, or one a
+    pipeline under WATCH sends at once); whether it ran."""
+    ran = False
+
+    async def after(commands: list[tuple[Any, ...]]) -> None:
+        nonlocal ran
+        if not ran and any(reads(c) for c in commands):
+            ran = True
+            await then()
+
+    client_call: Any = client.execute_command
+
+    async def hooked(*args: Any, **options: Any) -> Any:
+        reply = await client_call(*args, **options)
+        await after([args])
+        return reply
+
+    monkeypatch.setattr(client, "execute_command", hooked)
+    pipeline_execute: Any = aioredis.client.Pipeline.execute
+
+    async def hooked_execute(self: Any, *args: Any, **options: Any) -> Any:
+        queued = [command[0] for command in self.command_stack]
+        reply = await pipeline_execute(self, *args, **options)
+        await after(queued)
+        return reply
+
+    monkeypatch.setattr(aioredis.client.Pipeline, "execute", hooked_execute)
+    immediate: Any = aioredis.client.Pipeline.immediate_execute_command
+
+    async def hooked_immediate(self: Any, *args: Any, **options: Any) -> Any:
+        reply = await immediate(self, *args, **options)
+        await after([args])
+        return reply
+
+    monkeypatch.setattr(aioredis.client.Pipeline, "immediate_execute_command", hooked_immediate)
+    return lambda: ran
+
+
 async def test_users_never_shows_a_user_both_waiting_and_connected(
         aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """`users` read the queue, then the waits' starts, then the sessions, each in its own
@@ -32,47 +75,14 @@ async def test_users_never_shows_a_user_both_waiting_and_connected(
     scripts = Scripts(aredis, keys)
     await scripts.allocate(T0, "u1")  # no node: u1 waits
     assert await aredis.hlen(keys.key("waiting_since")) == 1
-    served = False
 
-    async def serve() -> None:
-        nonlocal served
-        if not served:
-            served = True  # a node comes up: u1 is served from the queue
-            await scripts.apply_node_status(T0 + 1_000, "n1", "ready")
+    async def serve() -> None:  # a node comes up: u1 is served from the queue
+        await scripts.apply_node_status(T0 + 1_000, "n1", "ready")
 
-    def reads_queue(args: tuple[Any, ...]) -> bool:
-        return str(args[0]).upper() in ("ZRANGE", "LRANGE") and args[1] == keys.key("waiting")
-
-    client_call: Any = aredis.execute_command
-
-    async def hooked(*args: Any, **options: Any) -> Any:
-        reply = await client_call(*args, **options)
-        if reads_queue(args):
-            await serve()
-        return reply
-
-    monkeypatch.setattr(aredis, "execute_command", hooked)
-    pipeline_execute: Any = aioredis.client.Pipeline.execute
-
-    async def hooked_execute(self: Any, *args: Any, **options: Any) -> Any:
-        queued = [command[0] for command in self.command_stack]
-        reply = await pipeline_execute(self, *args, **options)
-        if any(reads_queue(c) for c in queued):
-            await serve()
-        return reply
-
-    monkeypatch.setattr(aioredis.client.Pipeline, "execute", hooked_execute)
-    immediate: Any = aioredis.client.Pipeline.immediate_execute_command
-
-    async def hooked_immediate(self: Any, *args: Any, **options: Any) -> Any:
-        reply = await immediate(self, *args, **options)
-        if reads_queue(args):
-            await serve()
-        return reply
-
-    monkeypatch.setattr(aioredis.client.Pipeline, "immediate_execute_command", hooked_immediate)
+    served = _once_after(monkeypatch, aredis, lambda args: str(args[0]).upper() in (
+        "ZRANGE", "LRANGE") and args[1] == keys.key("waiting"), serve)
     waiting, sessions = await view.user_rows(aredis, "torn-users")
-    assert served and await aredis.hgetall(keys.key("alloc")) == {"u1": "n1"}
+    assert served() and await aredis.hgetall(keys.key("alloc")) == {"u1": "n1"}
     both = {u for u, _ in waiting} & {s.user for s in sessions}
     assert not both, (waiting, sessions)
     assert all(since is not None for _, since in waiting), waiting
@@ -154,45 +164,12 @@ async def test_nodes_lists_only_nodes_live_at_one_instant(
     scripts = Scripts(aredis, keys)
     for node in ("n1", "n2"):
         await scripts.apply_node_status(T0, node, "ready")
-    done = False
 
     async def terminate() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            await scripts.apply_node_status(T0 + 1_000, "n1", "terminated")
+        await scripts.apply_node_status(T0 + 1_000, "n1", "terminated")
 
-    def reads_ids(args: tuple[Any, ...]) -> bool:
-        return str(args[0]).upper() == "ZRANGE" and args[1] == keys.key("nodes")
-
-    client_call: Any = aredis.execute_command
-
-    async def hooked(*args: Any, **options: Any) -> Any:
-        reply = await client_call(*args, **options)
-        if reads_ids(args):
-            await terminate()
-        return reply
-
-    monkeypatch.setattr(aredis, "execute_command", hooked)
-    immediate: Any = aioredis.client.Pipeline.immediate_execute_command
-
-    async def hooked_immediate(self: Any, *args: Any, **options: Any) -> Any:
-        reply = await immediate(self, *args, **options)
-        if reads_ids(args):
-            await terminate()
-        return reply
-
-    monkeypatch.setattr(aioredis.client.Pipeline, "immediate_execute_command", hooked_immediate)
-    pipeline_execute: Any = aioredis.client.Pipeline.execute
-
-    async def hooked_execute(self: Any, *args: Any, **options: Any) -> Any:
-        queued = [command[0] for command in self.command_stack]
-        reply = await pipeline_execute(self, *args, **options)
-        if any(reads_ids(c) for c in queued):
-            await terminate()
-        return reply
-
-    monkeypatch.setattr(aioredis.client.Pipeline, "execute", hooked_execute)
+    done = _once_after(monkeypatch, aredis, lambda args: str(args[0]).upper() == "ZRANGE"
+                       and args[1] == keys.key("nodes"), terminate)
     rows = await view.node_rows(aredis, "torn-nodes")
-    assert done and await aredis.zrange(keys.key("nodes"), 0, -1) == ["n2"]
+    assert done() and await aredis.zrange(keys.key("nodes"), 0, -1) == ["n2"]
     assert [row.get("state") for row in rows] in (["ready"], ["ready", "ready"]), rows

@@ -1115,7 +1115,7 @@ class Replica:
                         await self._apply(batch)
                     for data in probes:
                         self._probe_seen(data)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
                 if self.subscribed.is_set():
                     # A silent connection lost its messages from the last one it carried.
                     lost_at = exc.since if isinstance(exc, SubscriptionSilent) else (
@@ -1125,23 +1125,18 @@ class Replica:
                 # Taken for silent, the server answered a probe's PUBLISH: it is reachable,
                 # and each moment waited is one whose events are lost (a review: 0.2 s).
                 wait_s = 0.0 if isinstance(exc, SubscriptionSilent) else backoff
-                self._trouble.warning("subscribe", "subscription lost (%s); retrying in %.1fs",
-                                      exc, wait_s)
+                if isinstance(exc, RedisError | OSError):
+                    self._trouble.warning("subscribe", "subscription lost (%s); retrying in "
+                                          "%.1fs", exc, wait_s)
+                else:
+                    # A bug, or a library's error of another kind: logged with its traceback,
+                    # and subscribed again as after a lost connection (it ended the listener
+                    # for good before, in silence: run's gather swallowed the error).
+                    self._trouble.exception("listen", "the listener failed; subscribing again "
+                                            "in %.1fs", wait_s)
                 if wait_s:
                     await sleep_unless(self.stopping, wait_s)
                     backoff = min(backoff * 2, SUBSCRIBE_BACKOFF_MAX_S)
-            except Exception:
-                # A bug, or a library's error of another kind: logged with its traceback, and
-                # the listener subscribes again, as after a lost connection. It ended the
-                # listener for good before, in silence (run's gather swallowed the error).
-                if self.subscribed.is_set():
-                    lost_at = time.monotonic()
-                self.subscribed.clear()
-                self.metrics.errors.labels("subscribe").inc()
-                self._trouble.exception("listen", "the listener failed; subscribing again in "
-                                        "%.1fs", backoff)
-                await sleep_unless(self.stopping, backoff)
-                backoff = min(backoff * 2, SUBSCRIBE_BACKOFF_MAX_S)
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):

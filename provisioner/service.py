@@ -1005,14 +1005,20 @@ class Replica:
                 counts["adopted"] += 1
                 log.warning("reconcile: adopted node %s (%s) that the pool did not know",
                             node_id, state)
-        # A young node the pool had heard `ready` for before the list was asked for is no
-        # create on its way to the list: the API said it had booted it. After a restart of the
-        # Node API that lost its nodes, such nodes were left for later, and the users of the
-        # older nodes this pass ended were handed them at once, as dead (a drill: two users
-        # served "after 0.0s" by nodes gone 30 s before, taken back a reconciliation later).
+        # Younger than the grace when the list was asked for: a create perhaps still on its
+        # way to the API's list. Created since, it cannot be in it: a replica paused between
+        # the list's answer and this (a GC, a frozen VM) ended 8 healthy nodes booted
+        # meanwhile, and deleted them at the API (a review's drill). One stamped further ahead
+        # than the grace from now is a clock's error, not a create (a replica 600 s ahead kept
+        # 11 vanished nodes in the pool, 5 of them allocated, for 9 min).
         young = [node_id for node_id, created in known_ids.items()
                  if node_id not in api_states and started - grace_ms < created <= now + grace_ms]
-        ready_before: set[str] = set()
+        # But one the pool had heard `ready` for before the list was asked for is no create on
+        # its way to the list: the API said it had booted it. After a restart of the Node API
+        # that lost its nodes, such nodes were left for later, and the users of the older nodes
+        # this pass ended were handed them at once, as dead (a drill: two users served "after
+        # 0.0s" by nodes gone 30 s before, taken back a reconciliation later).
+        left_for_later = set(young)
         if young:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for node_id in young:
@@ -1024,20 +1030,13 @@ class Replica:
                     # the clock of the replica that applied the ready)
                     if stamp is not None and (float(as_text(stamp))
                                               < started - CLOCK_OFFSET_WARN_S * 1000):
-                        ready_before.add(node_id)
+                        left_for_later.discard(node_id)
                 except ValueError:
                     pass
         ending: list[tuple[str, str | None]] = []
-        for node_id, created in known_ids.items():
+        for node_id in known_ids:
             api_state = api_states.get(node_id)
-            # Younger than the grace when the list was asked for: a create perhaps still on its
-            # way to the API's list. Created since, it cannot be in it: a replica paused
-            # between the list's answer and this (a GC, a frozen VM) ended 8 healthy nodes
-            # booted meanwhile, and deleted them at the API (a review's drill). One stamped
-            # further ahead than the grace from now is a clock's error, not a create (a replica
-            # 600 s ahead kept 11 vanished nodes in the pool, 5 of them allocated, for 9 min).
-            if (api_state is None and started - grace_ms < created <= now + grace_ms
-                    and node_id not in ready_before):
+            if node_id in left_for_later:
                 counts[LEFT_FOR_LATER] += 1
                 continue
             if api_state is not None and (api_state not in ENDING or (

@@ -325,19 +325,20 @@ async def node_rows(redis: aioredis.Redis, pool: str, limit: int = 200) -> list[
     return await _at_one_instant(lambda watched: _node_rows_once(redis, keys, limit, watched))
 
 
-async def _at_one_instant(once: Callable[[bool], Awaitable[T]], attempts: int = 50) -> T:
+async def _at_one_instant(once: Callable[[bool], Awaitable[T]], attempts: int = 50,
+                          exhausted: Callable[[], T] | None = None) -> T:
     """`once(True)`, a read under WATCH whose transaction fails (WatchError) if a script
-    changed what it watched, again until one holds; after `attempts`, or on a server out of
-    memory, which refuses the transaction (and every script's writes with it), `once(False)`:
-    the same reads with no transaction."""
+    changed what it watched, again until one holds. On a server out of memory, which refuses
+    the transaction (and every script's writes with it), `once(False)`: the same reads with no
+    transaction; after `attempts`, `exhausted()`, or those reads too where it is None."""
     for _ in range(attempts):
         try:
             return await once(True)
         except WatchError:
             continue
         except OutOfMemoryError:
-            break
-    return await once(False)
+            return await once(False)
+    return exhausted() if exhausted is not None else await once(False)
 
 
 async def _node_rows_once(redis: aioredis.Redis, keys: PoolKeys, limit: int,
@@ -551,17 +552,14 @@ async def check_invariants(redis: aioredis.Redis, pool: str, attempts: int = 50)
     of reading one key before a transition and the next after it. Reads the whole pool, so it is
     for tests and for an operator's `provisioner check`, not for a hot path.
     """
-    broken = await wrong_types(redis, PoolKeys(pool))
+    keys = PoolKeys(pool)
+    broken = await wrong_types(redis, keys)
     if broken:
         return broken
-    for _ in range(attempts):
-        try:
-            return await _check_once(redis, PoolKeys(pool))
-        except WatchError:
-            continue
-        except OutOfMemoryError:  # the transaction refused (read_at_once): read without
-            return await _check_once(redis, PoolKeys(pool), watched=False)
-    return [f"the pool changed during each of {attempts} reads; no consistent view to check"]
+    return await _at_one_instant(
+        lambda watched: _check_once(redis, keys, watched), attempts,
+        lambda: [f"the pool changed during each of {attempts} reads; no consistent view to "
+                 "check"])
 
 
 async def _check_once(redis: aioredis.Redis, keys: PoolKeys, watched: bool = True) -> list[str]:

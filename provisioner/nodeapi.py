@@ -260,7 +260,7 @@ class HttpNodeApi:
             elif isinstance(exc, httpx.HTTPError):
                 error = exc
             else:  # what httpx does not translate: a TLS record that fails (a review)
-                error = httpx.TransportError(f"{type(exc).__name__}: {exc}")
+                error = httpx.TransportError(_said(exc))
             if traced or not self._transport_given:
                 error.never_sent = not sending  # type: ignore[attr-defined]
             if error is exc:
@@ -294,7 +294,7 @@ class HttpNodeApi:
                 if not _never_sent(exc):  # a broken answer, a body not decodable, ...
                     self._count("create", "uncertain", started)
                     return CreateResult(CreateOutcome.UNCERTAIN,
-                                        detail=f"{type(exc).__name__}: {exc}", api_down=True)
+                                        detail=_said(exc), api_down=True)
                 self._count("create", "connect_error", started)
                 why = f"could not connect: {_said(exc)}"
                 log.warning("create: cannot connect (attempt %d/%d): %s", attempt + 1,
@@ -364,7 +364,7 @@ class HttpNodeApi:
         except httpx.HTTPError as exc:
             self.has_no_list = False
             self._count("list", "transport_error", started)
-            log.warning("list: %s: %s", type(exc).__name__, exc)
+            log.warning("list: %s", _said(exc))
             return None
         self.has_no_list = response.status_code in (404, 405)
         if response.status_code != 200:

@@ -415,18 +415,18 @@ async def _replicas_release(client: aioredis.Redis, pool: str,
     return replicas
 
 
-async def _refuse_a_user_the_scripts_are_refused(client: aioredis.Redis, keys: PoolKeys) -> None:
-    """Exit 2 before anything is written if the connection's Redis user may not run every
-    command the pool's scripts call (an ACL without XADD, or without PUBLISH on user:*):
-    Redis undoes nothing a script wrote before a command it refused, and a drain so refused
-    left a user waiting while nodes were ready and its node in no state (a review)."""
-    from provisioner.scripts import commands_refused
+async def _before_writing(client: aioredis.Redis, pool: str, doing: str) -> list[Any] | None:
+    """What an operator's command that writes does first: exit 2, before anything is written,
+    if the connection's Redis user may not run every command the pool's scripts call (an ACL
+    without XADD, or without PUBLISH on user:*; Redis undoes nothing a script wrote before a
+    command it refused, and a drain so refused left a user waiting while nodes were ready and
+    its node in no state: a review); then `_replicas_release`."""
+    from provisioner.scripts import CommandsRefused, commands_refused
 
-    if denied := await commands_refused(client, keys):
-        raise _fail(f"this Redis user may not run {', '.join(denied)} on pool {keys.pool}'s "
-                    "keys, which its scripts call: a script refused part way keeps what it "
-                    "wrote, and leaves the pool half changed; nothing was changed (use a user "
-                    "allowed them, as the replicas' is)")
+    if denied := await commands_refused(client, PoolKeys(pool)):
+        raise _fail(str(CommandsRefused(denied, "nothing was changed (use a user allowed them, "
+                                                "as the replicas' is)")))
+    return await _replicas_release(client, pool, doing)
 
 
 def _heard_lately(replicas: list[Any] | None) -> bool:
@@ -902,8 +902,7 @@ def release(
     as_seen: dict[str, tuple[str, int | None]] = {}
 
     async def held(client: aioredis.Redis) -> dict[str, str]:
-        await _refuse_a_user_the_scripts_are_refused(client, keys)
-        await _replicas_release(client, pool, WRITES_WITH_OWN)
+        await _before_writing(client, pool, WRITES_WITH_OWN)
         waiting, sessions = await view.user_rows(client, pool, limit=10**9)
         now = await server_now_ms(client)
         found: dict[str, str] = {}
@@ -1016,8 +1015,7 @@ def drain(
     async def states(client: aioredis.Redis) -> dict[str, str]:
         from provisioner.scripts import as_text
 
-        await _refuse_a_user_the_scripts_are_refused(client, keys)
-        await _replicas_release(client, pool, DRAINS_WITH_OWN)
+        await _before_writing(client, pool, DRAINS_WITH_OWN)
         now = await server_now_ms(client)
         found = {}
         for node in node_ids:
@@ -1174,8 +1172,7 @@ def replace(
 
     async def plan(client: aioredis.Redis) -> tuple[rolling.Cutoff, rolling.Cutoff,
                                                     list[rolling.OldNode], bool]:
-        await _refuse_a_user_the_scripts_are_refused(client, keys)
-        heard = _heard_lately(await _replicas_release(client, pool, DRAINS_WITH_OWN))
+        heard = _heard_lately(await _before_writing(client, pool, DRAINS_WITH_OWN))
         now = await rolling.cutoff_now(client, keys)
         chosen = given or now
         return chosen, now, await rolling.old_nodes(client, keys, chosen), heard
@@ -1376,8 +1373,7 @@ def reconcile(
         if not await view.pool_exists(client, pool):
             raise _fail(_no_pool(pool) + "; nothing was compared (a replica started on the "
                         "pool takes the Node API's nodes in before its first decision)")
-        await _refuse_a_user_the_scripts_are_refused(client, PoolKeys(pool))
-        await _replicas_release(client, pool, WRITES_WITH_OWN)
+        await _before_writing(client, pool, WRITES_WITH_OWN)
         api = HttpNodeApi(node_api_url)
         try:
             config = await _published_config(client, PoolKeys(pool))
@@ -1545,8 +1541,7 @@ def model_import(
         if not new_pool and not await view.pool_exists(client, pool):
             raise _fail(f"{_no_pool(pool)}: nothing imported; to start a new pool from the "
                         "file, add --new-pool")
-        await _refuse_a_user_the_scripts_are_refused(client, keys)
-        await _replicas_release(client, pool, WRITES_WITH_OWN)
+        await _before_writing(client, pool, WRITES_WITH_OWN)
         return await Scripts(client, keys).load_model(await server_now_ms(client), fields,
                                                       replace)
 

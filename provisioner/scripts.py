@@ -175,11 +175,13 @@ class CommandsRefused(RedisError):
     """The connection's Redis user may not run some of the commands the scripts call: a
     replica so started would leave every transition that reaches one half made."""
 
-    def __init__(self, denied: list[str]) -> None:
+    def __init__(self, denied: list[str],
+                 then: str = "give the replicas' user every command and channel of the scripts",
+                 ) -> None:
         super().__init__(
             f"this Redis user may not run {', '.join(denied)}, which the pool's scripts call: "
-            "a script refused part way keeps what it wrote, and leaves the pool half changed; "
-            "give the replicas' user every command and channel of the scripts")
+            f"a script refused part way keeps what it wrote, and leaves the pool half changed; "
+            f"{then}")
         self.denied = denied
 
 

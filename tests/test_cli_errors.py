@@ -3,12 +3,14 @@ a review: each is now a clear error (exit 2), a bounded option, or handled where
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -841,45 +843,53 @@ def test_a_user_the_scripts_commands_are_refused_changes_nothing(
     lets only the product's publishers write the pool's channels") drained a node half way,
     its user waiting while nodes were ready and the node in no state's structure, while the
     command said "refused", exit 2 (a review). The command refuses such a user first."""
+    pool = f"acl-{len(denied)}-{command[0]}-{command[-3]}"
+    keys = PoolKeys(pool)
+    _two_sessions(redis_url, keys, "u3")  # u3 waits
+    with redis.Redis.from_url(redis_url) as plain, _acl_user(redis_url, f"op-{pool}",
+                                                              *denied) as url:
+        before = {k: plain.dump(k) for k in plain.scan_iter(match=keys.pattern())}
+        result = CliRunner().invoke(app, [*command, "--redis-url", url, "--pool", pool],
+                                    env={"COLUMNS": "300"})
+        after = {k: plain.dump(k) for k in plain.scan_iter(match=keys.pattern())}
+    assert after == before, sorted(k for k in {*before, *after} if after.get(k) != before.get(k))
+    assert result.exit_code == 2, result.output
+    assert "may not run" in " ".join(result.output.split()), result.output
+
+
+def _two_sessions(redis_url: str, keys: PoolKeys, *waiting: str) -> None:
+    """Nodes n1 and n2 ready, u1 in a session on n1 and u2 on n2, and `waiting` queued."""
     import asyncio
 
     import redis.asyncio as aioredis
 
     from provisioner.scripts import Scripts
 
-    pool = f"acl-{len(denied)}-{command[0]}-{command[-3]}"
-    keys = PoolKeys(pool)
-
     async def seed() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        client = aioredis.Redis.from_url(redis_url)
         scripts = Scripts(client, keys)
         now = int(time.time() * 1000)
         for node in ("n1", "n2"):
             await scripts.apply_node_status(now, node, "booting")
             await scripts.apply_node_status(now, node, "ready")
-        await scripts.allocate(now, "u1")  # n1
-        await scripts.allocate(now, "u2")  # n2
-        await scripts.allocate(now, "u3")  # waits
+        for user in ("u1", "u2", *waiting):
+            await scripts.allocate(now, user)
         await client.aclose()
 
     asyncio.run(seed())
-    plain = redis.Redis.from_url(redis_url)
-    user = f"op-{pool}"
-    plain.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all",
-                          "-@dangerous", *denied)
-    before = {k: plain.dump(k) for k in plain.scan_iter(match=keys.pattern())}
-    try:
-        url = redis_url.replace("redis://", f"redis://{user}:pw@", 1)
-        result = CliRunner().invoke(app, [*command, "--redis-url", url, "--pool", pool],
-                                    env={"COLUMNS": "300"})
-        after = {k: plain.dump(k) for k in plain.scan_iter(match=keys.pattern())}
-        assert after == before, sorted(k for k in {*before, *after}
-                                       if after.get(k) != before.get(k))
-        assert result.exit_code == 2, result.output
-        assert "may not run" in " ".join(result.output.split()), result.output
-    finally:
-        plain.acl_deluser(user)
-        plain.close()
+
+
+@contextlib.contextmanager
+def _acl_user(redis_url: str, user: str, *denied: str) -> Iterator[str]:
+    """`redis_url` as an ACL user of its own, allowed every key, channel and command but the
+    dangerous ones and `denied` (ACL rules: `-xadd`, `resetchannels`, ...)."""
+    with redis.Redis.from_url(redis_url) as admin:
+        admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all",
+                              "-@dangerous", *denied)
+        try:
+            yield redis_url.replace("redis://", f"redis://{user}:pw@", 1)
+        finally:
+            admin.acl_deluser(user)
 
 
 def test_a_replica_whose_user_the_scripts_commands_are_refused_does_not_start(
@@ -887,15 +897,8 @@ def test_a_replica_whose_user_the_scripts_commands_are_refused_does_not_start(
     """The replicas' scripts under such a user would leave every transition that reaches the
     refused command half made (the operator's commands check first, above): the replica
     checks once, before anything is written, and does not start."""
-    import redis
-
     pool = "acl-replica"
-    plain = redis.Redis.from_url(redis_url)
-    user = "replica-without-xadd"
-    plain.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all",
-                          "-@dangerous", "-xadd")
-    try:
-        url = redis_url.replace("redis://", f"redis://{user}:pw@", 1)
+    with _acl_user(redis_url, "replica-without-xadd", "-xadd") as url:
         # in a process of its own: a replica that starts runs until stopped (timeout: fails)
         done = subprocess.run([sys.executable, "-m", "provisioner", "run", "--redis-url", url,
                                "--node-api-url", "http://127.0.0.1:9", "--pool", pool,
@@ -904,10 +907,8 @@ def test_a_replica_whose_user_the_scripts_commands_are_refused_does_not_start(
         assert done.returncode == 2, output
         assert "cannot run: this Redis user may not run XADD, which the pool's scripts call" \
             in output, output
+    with redis.Redis.from_url(redis_url) as plain:
         assert list(plain.scan_iter(match=PoolKeys(pool).pattern())) == []
-    finally:
-        plain.acl_deluser(user)
-        plain.close()
 
 
 @pytest.mark.parametrize("host_ahead_s", [300, -300])
@@ -965,27 +966,11 @@ def test_a_drain_or_release_stopped_part_way_says_what_it_did(
         redis_url: str, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     """Ctrl-C (or SIGTERM) between two nodes' drains: the first was drained, and the command
     exited 130 saying nothing of it (a review). It says which were done and which not."""
-    import asyncio
-
-    import redis.asyncio as aioredis
-
     from provisioner.scripts import Scripts
 
     pool = f"stopped-{command}"
     keys = PoolKeys(pool)
-
-    async def seed() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        scripts = Scripts(client, keys)
-        now = int(time.time() * 1000)
-        for node in ("n1", "n2"):
-            await scripts.apply_node_status(now, node, "booting")
-            await scripts.apply_node_status(now, node, "ready")
-        await scripts.allocate(now, "u1")
-        await scripts.allocate(now, "u2")
-        await client.aclose()
-
-    asyncio.run(seed())
+    _two_sessions(redis_url, keys)
     method = "drain_node" if command == "drain" else "release"
     real = getattr(Scripts, method)
     calls = []

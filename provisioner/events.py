@@ -119,7 +119,9 @@ def _timestamp(payload: dict[str, Any], now_ms: int, max_age_s: float, max_skew_
     ms = int(value * 1000)
     if ms < now_ms - max_age_s * 1000 or ms > now_ms + max_skew_s * 1000:
         raise out_of_range
-    return ms
+    # Its second: activity is keyed by it (lua/record_activity.lua), and a fraction of one
+    # (time.time()) made each request of a second an event of its own.
+    return ms - ms % 1000
 
 
 def parse(channel: str, data: bytes | str, now_ms: int, *, max_age_s: float = 86400.0,

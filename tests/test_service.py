@@ -27,7 +27,7 @@ from provisioner.config import ConfigError, PoolConfig, ServiceConfig, redis_cli
 from provisioner.keys import PoolKeys
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode, NodeApi
-from provisioner.scripts import AllocateResult, Allocation, Release, ReleaseResult
+from provisioner.scripts import Activity, AllocateResult, Allocation, Release, ReleaseResult
 from provisioner.service import ACTIVITY_BATCH, LEFT_FOR_LATER, LISTEN_BATCH, Replica, http_app
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
@@ -99,6 +99,25 @@ async def test_malformed_messages_are_counted_and_change_nothing(
                    reason="unknown_status") == 1
     assert counter(replica, "provisioner_events_rejected_total", channel="user:disconnect",
                    reason="too_large") == 1
+
+
+async def test_activity_timestamps_within_one_second_count_once(
+    replica: Replica, aredis: aioredis.Redis,
+) -> None:
+    # The contract's timestamp is Unix seconds, and activity is keyed by its second ("How
+    # replicas cooperate"); a publisher that sends time.time() sends fractions. Each fraction
+    # was its own event: 20 requests within one second put a new user at the top level of the
+    # forecast's cells, past the engaged threshold, and each ran the whole script.
+    second = T0 // 1000
+    outcomes = await replica.handle_many([
+        ("user:activity", json.dumps({"user_id": "u1", "timestamp": second + i / 20}).encode())
+        for i in range(20)])
+    assert [getattr(outcome, "code", None) for outcome in outcomes] == (
+        [Activity.RECORDED] + [Activity.DUPLICATE] * 19)
+    assert await aredis.zrange(replica.keys.acts("u1"), 0, -1, withscores=True) == [
+        (str(T0), float(T0))]
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert (stats["activities"], stats["activity_duplicates"]) == ("1", "19")
 
 
 async def test_tick_creates_the_floor_and_a_connect_gets_a_ready_node(

@@ -576,10 +576,13 @@ async def _with_sizes(client: aioredis.Redis, pool: str,
                       rows: Awaitable[T]) -> tuple[T, tuple[int, int, int], int]:
     """The rows, the pool's sizes, and the server's clock to age them by (not this host's).
     A pool the server holds no state of is warned of on stderr, as `status` warns: its empty
-    table read as a pool with no node (a newcomer's walkthrough, `--pool nosuch`)."""
+    table read as a pool with no node (a newcomer's walkthrough, `--pool nosuch`). The rows
+    are awaited first: a server out of reach failed the pool's check and left them never
+    awaited, a RuntimeWarning under the error line (an operator's walkthrough)."""
+    shown = await rows
     if not await view.pool_exists(client, pool):
         errors.print(f"[yellow]warning:[/yellow] {escape(_no_pool(pool, 'yet'))}")
-    return await rows, await view.table_sizes(client, pool), await server_now_ms(client)
+    return shown, await view.table_sizes(client, pool), await server_now_ms(client)
 
 
 def _counted(shown: int, total: int, limit: int) -> str:
@@ -630,8 +633,9 @@ def _last_active(now_ms: float, then_ms: float | None) -> str:
 @app.command()
 def users(redis_url: RedisUrl, pool: Pool = "default", as_json: Json = False,
           limit: Limit = 200) -> None:
-    """Waiting users (oldest first) and users holding a node (the longest session first, with
-    when each was last active: a session whose disconnect was lost shows up here)."""
+    """Waiting users, in the order they will be served (a user whose node died goes back to
+    the head of the queue), and users holding a node (the longest session first, with when
+    each was last active: a session whose disconnect was lost shows up here)."""
     _pool_keys(pool)
     (waiting, sessions), (_, waiting_total, session_total), now = _with_redis(
         redis_url, lambda c: _with_sizes(c, pool, view.user_rows(c, pool, limit)))

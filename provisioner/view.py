@@ -91,8 +91,10 @@ class PoolView:
             # Over the connects decided, each a hit or a miss: `connects` repaired after a hand
             # edit begins again at 1, and read 200% beside the hits and misses (a review).
             "miss_rate": round(misses / decided, 4) if decided else 0.0,
+            # None while no user has been served from the queue: a mean over none read 0.0s
+            # beside users waiting a minute (an operator's walkthrough)
             "mean_wait_s": round(self.snapshot.stat("wait_ms_total") / served / 1000, 2)
-            if served else 0.0,
+            if served else None,
             "abandoned": self.snapshot.stat("abandoned"),
             "requeued": self.snapshot.stat("requeued"),
             "operator_releases": self.snapshot.stat("operator_releases"),
@@ -198,7 +200,8 @@ def render_view(view: PoolView) -> Group:
     outcomes = Text(
         f"connects {data['connects']}  hits {data['hits']}  misses {data['misses']} "
         f"(miss rate {data['miss_rate'] * 100:.1f}%)  mean wait in the queue "
-        f"{data['mean_wait_s']:.1f}s  abandoned {data['abandoned']}  "
+        + ("-" if data["mean_wait_s"] is None else f"{data['mean_wait_s']:.1f}s")
+        + f"  abandoned {data['abandoned']}  "
         f"requeued {data['requeued']}" + (
             f"  released by an operator {data['operator_releases']}"
             if data["operator_releases"] else "") + (

@@ -989,3 +989,17 @@ def test_a_drain_or_release_stopped_part_way_says_what_it_did(
     assert result.exit_code == 130, output
     assert f"stopped after 1 of 2: {ids[0]} done" in output, output
     assert f"{ids[1]} may or may not have been" in output, output
+
+
+@pytest.mark.parametrize("table", ["nodes", "users"])
+def test_a_table_of_a_server_out_of_reach_says_so_and_nothing_of_python(table: str) -> None:
+    """An operator's walkthrough: `nodes` and `users` against a server out of reach printed
+    their error, then "RuntimeWarning: coroutine 'node_rows' was never awaited" and a hint
+    about tracemalloc, Python's own noise under the one line `status` gives."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "provisioner", table, "--redis-url", "redis://127.0.0.1:1/0"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc
+    err = " ".join(proc.stderr.split())
+    assert err.startswith("error: cannot reach Redis at redis://127.0.0.1:1/0"), err
+    assert "Warning" not in err and "never awaited" not in err, err

@@ -463,6 +463,31 @@ def test_nodes_json_gives_numbers_and_users_lists_an_unknown_start_first(redis_u
         ("unknown", True), ("old", False)]
 
 
+def test_users_says_its_waiting_users_are_listed_as_they_will_be_served(
+        redis_url: str) -> None:
+    """An operator's walkthrough: users whose nodes died went back to the head of the queue,
+    listed first, waiting 50 s, above a user waiting 63 s, under a help that said "Waiting
+    users (oldest first)": the table is the queue, in the order it is served."""
+    pool, now = "served-order", int(time.time() * 1000)
+    asyncio.run(_boot_then_connect(redis_url, pool, now - 60_000, "n1", user="held"))
+    asyncio.run(_boot_then_connect(redis_url, pool, now - 30_000, user="waits"))
+
+    async def node_dies() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await Scripts(client, PoolKeys(pool)).apply_node_status(now - 10_000, "n1", "terminated")
+        await client.aclose()
+
+    asyncio.run(node_dies())
+    common = ["--redis-url", redis_url, "--pool", pool]
+    users = json.loads(CliRunner().invoke(app, ["users", *common, "--json"]).output)
+    listed = [(u["user_id"], u["waiting_s"]) for u in users["waiting"]]
+    assert [u for u, _ in listed] == ["held", "waits"], listed  # the head of the queue first
+    assert listed[0][1] < listed[1][1], listed  # ... though it has waited less
+    shown = " ".join(CliRunner().invoke(app, ["users", "--help"], env={"COLUMNS": "200"})
+                     .output.split())
+    assert "oldest first" not in shown and "in the order they will be served" in shown, shown
+
+
 def test_status_json_gives_the_miss_rate_as_a_share(redis_url: str) -> None:
     with redis.Redis.from_url(redis_url) as client:
         client.hset(PoolKeys("rate-cli").key("stats"), mapping={
@@ -473,6 +498,20 @@ def test_status_json_gives_the_miss_rate_as_a_share(redis_url: str) -> None:
     assert body.exit_code == 0, body.output
     status = json.loads(body.output)
     assert (status["miss_rate"], status["mean_wait_s"]) == (0.25, 1.5)
+
+
+def test_status_gives_no_mean_wait_while_no_one_has_been_served_from_the_queue(
+        redis_url: str) -> None:
+    """An operator's walkthrough (boots of 90 s, users waiting a minute): `status` read
+    "waiting 10, longest wait 58s" and then "mean wait in the queue 0.0s", a mean over no
+    user served from the queue, read as nobody waiting long."""
+    asyncio.run(_boot_then_connect(redis_url, "no-mean", int(time.time() * 1000), user="u1"))
+    common = ["--redis-url", redis_url, "--pool", "no-mean"]
+    status = json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)
+    assert (status["counts"]["waiting"], status["misses"]) == (1, 1), status
+    assert status["mean_wait_s"] is None, status
+    text = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
+    assert "mean wait in the queue -" in " ".join(text.split()), text
 
 
 async def _boot_then_connect(redis_url: str, pool: str, now: int, *nodes: str,

@@ -415,14 +415,20 @@ async def _replicas_release(client: aioredis.Redis, pool: str,
     return replicas
 
 
-async def _before_writing(client: aioredis.Redis, pool: str, doing: str) -> list[Any] | None:
+async def _before_writing(client: aioredis.Redis, pool: str, doing: str, *,
+                          pool_checked: bool = False) -> list[Any] | None:
     """What an operator's command that writes does first: exit 2, before anything is written,
-    if the connection's Redis user may not run every command the pool's scripts call (an ACL
+    if the server holds no state of the pool (unless the command said so already,
+    `pool_checked`: a misspelt --pool had `drain` say only "unknown to the pool" of each node,
+    and `release` "holds nothing" of each user: an operator's walkthrough), or if the
+    connection's Redis user may not run every command the pool's scripts call (an ACL
     without XADD, or without PUBLISH on user:*; Redis undoes nothing a script wrote before a
     command it refused, and a drain so refused left a user waiting while nodes were ready and
     its node in no state: a review); then `_replicas_release`."""
     from provisioner.scripts import CommandsRefused, commands_refused
 
+    if not pool_checked and not await view.pool_exists(client, pool):
+        raise _fail(f"{_no_pool(pool)}: nothing was changed")
     if denied := await commands_refused(client, PoolKeys(pool)):
         raise _fail(str(CommandsRefused(denied, "nothing was changed (use a user allowed them, "
                                                 "as the replicas' is)")))
@@ -894,8 +900,8 @@ def release(
     """End sessions whose user:disconnect was lost: each user's node goes back to the pool (or
     to the oldest waiting user), or a waiting user leaves the queue, exactly as a disconnect
     would; each release is logged to the decisions stream under --by. Exits 1 if a user held
-    nothing, 2 if not confirmed. A user still connected loses their node: check `provisioner
-    users` first."""
+    nothing, 2 if not confirmed or the server holds no pool of that name. A user still
+    connected loses their node: check `provisioner users` first."""
     keys = _pool_keys(pool)
     user_ids, by = _operator_args(user_ids, "user", by)
 
@@ -1004,7 +1010,8 @@ def drain(
     when the session ends (--now: at once). Each drain is logged to the decisions stream under
     --by. --cancel takes back the drain of a node still in its session. Exits 1 if a node was
     not drained (unknown, ending already, drained already in its session, or changed since it
-    was shown; with --cancel, not drained in a session), 2 if not confirmed."""
+    was shown; with --cancel, not drained in a session), 2 if not confirmed or the server
+    holds no pool of that name."""
     keys = _pool_keys(pool)
     node_ids, by = _operator_args(node_ids, "node", by)
     if cancel and at_once:
@@ -1377,7 +1384,7 @@ def reconcile(
         if not await view.pool_exists(client, pool):
             raise _fail(_no_pool(pool) + "; nothing was compared (a replica started on the "
                         "pool takes the Node API's nodes in before its first decision)")
-        await _before_writing(client, pool, WRITES_WITH_OWN)
+        await _before_writing(client, pool, WRITES_WITH_OWN, pool_checked=True)
         api = HttpNodeApi(node_api_url)
         try:
             config = await _published_config(client, PoolKeys(pool))
@@ -1507,7 +1514,10 @@ def model_export(
     if out is None:
         typer.echo(text, nl=False)
     else:
-        out.write_text(text)
+        try:
+            out.write_text(text)
+        except OSError as exc:  # a raw "FileNotFoundError: …" before (an operator's walkthrough)
+            raise _fail(f"cannot write {out}: {exc.strerror or exc}; nothing written") from None
         console.print(f"{len(document['fields'])} learned fields of pool {pool} written to "
                       f"{escape(str(out))}")
     if document.get("skipped"):
@@ -1545,7 +1555,7 @@ def model_import(
         if not new_pool and not await view.pool_exists(client, pool):
             raise _fail(f"{_no_pool(pool)}: nothing imported; to start a new pool from the "
                         "file, add --new-pool")
-        await _before_writing(client, pool, WRITES_WITH_OWN)
+        await _before_writing(client, pool, WRITES_WITH_OWN, pool_checked=True)
         return await Scripts(client, keys).load_model(await server_now_ms(client), fields,
                                                       replace)
 

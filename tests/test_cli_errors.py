@@ -485,6 +485,24 @@ def test_check_of_a_pool_the_server_does_not_hold_fails_and_status_warns(
     assert seen.returncode == 0 and "every invariant holds" in seen.stdout, seen
 
 
+@pytest.mark.parametrize("command", [["drain", "n1", "--yes"], ["release", "u1", "--yes"],
+                                     ["replace", "--yes"]])
+def test_a_writing_command_on_a_pool_the_server_does_not_hold_says_so(
+        redis_url: str, command: list[str]) -> None:
+    """An operator's walkthrough: `drain` and `release` with a misspelt --pool said only
+    "n1: unknown to the pool" or "u1: holds nothing" (exit 1), as of a healthy pool."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.hset(PoolKeys("default").key("stats"), "activities", 1)
+    done = subprocess.run([sys.executable, "-m", "provisioner", *command, "--pool", "defualt",
+                           "--by", "ops", "--redis-url", redis_url],
+                          capture_output=True, text=True, timeout=60)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2, done
+    assert "no pool 'defualt' on this server" in said and "nothing was changed" in said, said
+    with redis.Redis.from_url(redis_url) as client:
+        assert not client.keys(PoolKeys("defualt").base + "*")
+
+
 @pytest.mark.parametrize("url", ["redis://h:6379/0", "redis://h/", "redis://h", "redis://u:p@h/2",
                                  "rediss://h/3", "redis://h/%31", "redis://h/x?db=3",
                                  "unix:///tmp/r.sock?db=2"])

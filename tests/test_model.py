@@ -245,6 +245,14 @@ def test_model_export_and_import_on_the_command_line(
     assert code == 2 and "not UTF-8 text" in output
     empty = runner.invoke(app, ["model", "export", "--redis-url", redis_url, "--pool", "c"])
     assert empty.exit_code == 2 and "pool c has no model" in empty.output
+    # An operator's walkthrough: a directory that is not there gave a raw
+    # "error: FileNotFoundError: ..."
+    nowhere = tmp_path / "no-such-dir" / "model.json"
+    failed = runner.invoke(app, ["model", "export", "--redis-url", redis_url, "--pool", "a",
+                                 "--out", str(nowhere)], env={"COLUMNS": "200"})
+    said = " ".join(failed.output.split())
+    assert failed.exit_code == 2, said
+    assert f"cannot write {nowhere}: No such file or directory; nothing written" in said, said
 
 
 def test_model_export_to_stdout_is_the_file_alone_and_names_what_it_left_out(

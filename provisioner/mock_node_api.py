@@ -232,11 +232,15 @@ class MockNodeApi:
             return False
         return True
 
-    async def _latency(self, up_to_s: float) -> bool:
-        """An injected latency, up to `up_to_s` (a call's, or a create's answer's); whether
-        the mock is stopping (then it ends early)."""
-        if up_to_s > 0:
-            return await sleep_unless(self.stopping, self.rng.uniform(0, up_to_s))
+    def _draw_latency(self, up_to_s: float) -> float:
+        """An injected latency, up to `up_to_s` (a call's, or a create's answer's)."""
+        return self.rng.uniform(0, up_to_s) if up_to_s > 0 else 0.0
+
+    async def _latency(self, seconds: float) -> bool:
+        """Wait an injected latency drawn by `_draw_latency`; whether the mock is stopping
+        (then it ends early)."""
+        if seconds > 0:
+            return await sleep_unless(self.stopping, seconds)
         return self.stopping.is_set()
 
     @staticmethod
@@ -264,10 +268,22 @@ class MockNodeApi:
     # --- handlers -----------------------------------------------------------------------------
 
     async def create(self, _: web.Request) -> web.Response:
-        if await self._latency(self.faults.latency_s):
+        # Every draw of a call at its arrival, in the order the calls come: drawn after its
+        # latency, the k-th create's fault, boot and life were those of the k-th latency to
+        # end, so the same seed and calls met other faults at another pace.
+        latency_s = self._draw_latency(self.faults.latency_s)
+        answer_s = self._draw_latency(self.faults.answer_latency_s)
+        fails = self._fails(self.faults.create_error_rate, self._create_rng)
+        stuck = self._fails(self.faults.stuck_rate, self._stuck_rng)
+        boot_s = self.boot_delay.draw(self._boot_rng)
+        per_second = self.faults.death_rate_per_hour / 3600
+        # a rate of 5e-324 an hour is 0 a second: never dies
+        life_s = (min(MAX_LIFE_S, self._death_rng.expovariate(per_second))
+                  if per_second > 0 else None)
+        if await self._latency(latency_s):
             return self._stopping_answer("create")
         self._forget_old()
-        if self._fails(self.faults.create_error_rate, self._create_rng):
+        if fails:
             log.info("create: injected failure")
             return web.json_response({"error": "injected failure"}, status=500)
         if len(self.live()) >= self.max_nodes:
@@ -284,21 +300,13 @@ class MockNodeApi:
                 # forever.
                 del self.nodes[node.id]
             return web.json_response({"error": "cannot publish node:status"}, status=503)
-        stuck = self._fails(self.faults.stuck_rate, self._stuck_rng)
-        # Drawn here, for every node made, in the order they are made: the n-th node's boot
-        # and life are the seed's whatever the pace of the calls and of other nodes' boots.
-        boot_s = self.boot_delay.draw(self._boot_rng)
-        per_second = self.faults.death_rate_per_hour / 3600
-        # a rate of 5e-324 an hour is 0 a second: never dies
-        life_s = (min(MAX_LIFE_S, self._death_rng.expovariate(per_second))
-                  if per_second > 0 else None)
         # one deleted while its status went out ends; a mock stopping boots nothing more
         if not stuck and node.state == "booting" and not self.stopping.is_set():
             node.tasks.append(_spawn(self._boot(node, boot_s, life_s), node.id))
         log.info("create %s%s", node.id, " (will never become ready)" if stuck else "")
         # A mock stopping answers at once, and with the node: it exists, and is the caller's
         # all the same (a 503 would leave it to reconciliation).
-        await self._latency(self.faults.answer_latency_s)
+        await self._latency(answer_s)
         return web.json_response({"id": node.id}, status=202)
 
     async def _boot(self, node: MockNode, boot_s: float, life_s: float | None) -> None:
@@ -320,12 +328,14 @@ class MockNodeApi:
         await self._publish(node, "terminated")
 
     async def delete(self, request: web.Request) -> web.Response:
-        if await self._latency(self.faults.latency_s):
+        latency_s = self._draw_latency(self.faults.latency_s)  # at its arrival, as a create's
+        fails = self._fails(self.faults.delete_error_rate, self._delete_rng)
+        if await self._latency(latency_s):
             return self._stopping_answer("delete")
         node = self._find(request.match_info["node_id"])
         if node is None:
             return web.json_response({"error": "no such node"}, status=404)
-        if self._fails(self.faults.delete_error_rate, self._delete_rng):
+        if fails:
             log.info("delete %s: injected failure", node.id)
             return web.json_response({"error": "injected failure"}, status=500)
         if node.state in ("booting", "ready"):

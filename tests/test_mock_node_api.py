@@ -724,3 +724,67 @@ def test_the_mock_command_s_client_waits_for_a_connection(
     result = CliRunner().invoke(app, ["mock-node-api", "--redis-url", redis_url])
     assert result.exit_code == 0, result.output
     assert len(pools) == 1 and isinstance(pools[0], BlockingConnectionPool), pools
+
+
+async def test_the_k_th_call_meets_the_same_faults_whatever_calls_overlap(
+        aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faults were drawn after a call's injected latency, in the order the latencies ended:
+    with --latency the k-th create's fault hung on when the next call came (seed 10 gives the
+    first create 7.3 s and the second 4.2 s: sent 1 s apart, the second drew first and took
+    the first's fault), so the same seed and calls did not repeat a run. The waits are run
+    on a clock of the test's own, not taken."""
+    import heapq
+    import itertools
+
+    from provisioner import mock_node_api
+
+    now = 0.0
+    order = itertools.count()
+    due: list[tuple[float, int, asyncio.Task[Any] | None, asyncio.Future[None]]] = []
+    parked: set[asyncio.Task[Any] | None] = set()
+
+    async def on_the_test_s_clock(stop: asyncio.Event, seconds: float) -> bool:
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(due, (now + seconds, next(order), asyncio.current_task(), woken))
+        parked.add(asyncio.current_task())
+        await woken
+        return stop.is_set()
+
+    async def settled(calls: list[asyncio.Task[web.Response]]) -> None:
+        # each call done or waiting on the clock (a publish in between is real I/O)
+        for _ in range(2000):
+            if all(call.done() or call in parked for call in calls):
+                return
+            await asyncio.sleep(0.005)
+        pytest.fail("a call neither ended nor waited")
+
+    async def run_to(t: float, calls: list[asyncio.Task[web.Response]]) -> None:
+        nonlocal now
+        await settled(calls)
+        while due and due[0][0] <= t:
+            now, _, task, woken = heapq.heappop(due)
+            parked.discard(task)
+            woken.set_result(None)
+            await settled(calls)
+        now = t
+
+    monkeypatch.setattr(mock_node_api, "sleep_unless", on_the_test_s_clock)
+
+    async def two_creates(apart_s: float) -> list[int]:
+        nonlocal now
+        now = 0.0
+        api = MockNodeApi(aredis, BootDelay.parse("100"), seed=10,
+                          faults=Faults(create_error_rate=0.5, latency_s=10))
+        try:
+            calls = [asyncio.create_task(api.create(None))]  # type: ignore[arg-type]
+            await run_to(apart_s, calls)
+            calls.append(asyncio.create_task(api.create(None)))  # type: ignore[arg-type]
+            await run_to(apart_s + 20, calls)
+            return [call.result().status for call in calls]
+        finally:
+            await api.close()
+
+    one_after_the_other = await two_creates(apart_s=30)
+    overlapping = await two_creates(apart_s=1)
+    assert one_after_the_other == overlapping
+    assert sorted(overlapping) == [202, 500]

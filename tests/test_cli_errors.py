@@ -849,6 +849,27 @@ def test_a_server_still_loading_is_said_to_have_answered() -> None:
     assert redis_refused(exc)
 
 
+def test_a_server_that_does_not_answer_in_time_is_not_said_out_of_reach(
+        redis_url: str) -> None:
+    """An operator's walkthrough: against a paused server (CLIENT PAUSE) the CLI said "cannot
+    reach Redis at ...: Timeout reading from ...", which sends one to the network alone."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from provisioner.config import redis_trouble
+
+    with redis.Redis.from_url(redis_url) as client:
+        client.client_pause(3000, all=True)  # over by itself (the next test's flush waits)
+    with pytest.raises(RedisTimeoutError) as raised, redis.Redis.from_url(
+            redis_url, socket_timeout=0.2) as paused:
+        paused.ping()
+    said = redis_trouble(redis_url, raised.value)
+    assert said.startswith(f"Redis at {redis_url} took the connection and did not answer in "
+                           "time: Timeout reading"), said
+    assert "a server paused or stalled" in said, said
+    late = redis_trouble(redis_url, RedisTimeoutError("Timeout connecting to server"))
+    assert late == f"cannot reach Redis at {redis_url}: Timeout connecting to server", late
+
+
 @pytest.mark.parametrize(("denied", "command"), [
     (["-xadd"], ["drain", "n1", "--yes", "--by", "op"]),  # marked, then XADD refused
     (["resetchannels", "&node:*"], ["drain", "n1", "--now", "--yes", "--by", "op"]),

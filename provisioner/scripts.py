@@ -8,6 +8,7 @@ and turns their replies into typed results whose codes mirror the scripts' retur
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -100,6 +101,13 @@ def load_source(name: str) -> str:
 
 
 @cache
+def writes_nothing(name: str) -> bool:
+    """Whether lua/NAME.lua says `flags=no-writes` on its first line: called by EVALSHA_RO
+    (`read_only`)."""
+    return "flags=no-writes" in load_source(name).split("\n", 1)[0]
+
+
+@cache
 def key_types() -> dict[str, frozenset[str]]:
     """Each pool key's type as the scripts hold it (lua/includes/keys.lua KEY_TYPES), with the
     legacy type a release before left that the scripts still take (LEGACY_TYPES): read from
@@ -189,9 +197,25 @@ async def commands_refused(redis: aioredis.Redis, keys: PoolKeys) -> list[str]:
     """The scripts' commands (`commands_called`) the connection's Redis user may not run on
     the pool's keys: Redis undoes nothing a script wrote before a command it refused, so a
     script run by such a user stops part way and leaves its transition half made."""
-    denied = await redis.register_script(_PERMITTED)(keys=[keys.key("stats")],
-                                                     args=list(commands_called()))
+    denied = await read_only(redis, redis.register_script(_PERMITTED), [keys.key("stats")],
+                             list(commands_called()))
     return [as_text(one) for one in denied]
+
+
+async def read_only(redis: aioredis.Redis, script: AsyncScript, keys: Sequence[Any],
+                    args: Sequence[Any]) -> Any:
+    """A no-writes script by EVALSHA_RO. By EVALSHA, one the server does not hold (after a
+    restart, a SCRIPT FLUSH, or one no replica runs: model_view) is held as a write under
+    CLIENT PAUSE WRITE, since the server cannot read its flags: `status`, `model show` and a
+    replica's gauges waited out their timeout as if the server were out of reach, and a
+    replica started then exited "cannot reach Redis" at its commands' check (a helper's
+    drill). EVALSHA_RO is a read: the server answers NOSCRIPT at once, and the script is
+    loaded (SCRIPT LOAD is not held) and called again."""
+    try:
+        return await redis.evalsha_ro(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        await redis.script_load(script.script)
+        return await redis.evalsha_ro(script.sha, len(keys), *keys, *args)
 
 
 class Activity(IntEnum):
@@ -758,7 +782,9 @@ class Scripts:
 
     async def _call(self, name: str, *args: object) -> Any:
         started = time.perf_counter()
-        call: Callable[..., Awaitable[Any]] = self._scripts[name]
+        call: Callable[..., Awaitable[Any]] = (
+            functools.partial(read_only, self.redis, self._scripts[name])
+            if writes_nothing(name) else self._scripts[name])
         try:
             for _ in range(NOSCRIPT_TRIES - 1):
                 # redis-py loads a script the server does not hold and calls it once more; a

@@ -26,7 +26,7 @@ from provisioner import view
 from provisioner.cli import app
 from provisioner.config import PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Scripts
+from provisioner.scripts import Scripts, commands_refused
 from provisioner.view import check_invariants
 from tests.helpers import T0, heard_ago
 
@@ -1442,6 +1442,41 @@ def test_the_operators_views_read_a_server_out_of_memory(redis_url: str,
         assert json.loads(as_json.output)["server_refuses_writes"] is True
     finally:
         sync_redis.config_set("maxmemory", 0)
+
+
+def test_the_views_and_the_model_read_a_server_that_holds_its_writes(
+        redis_url: str, sync_redis: redis.Redis) -> None:
+    """CLIENT PAUSE WRITE (a failover's pause, a drill's): the server answers reads, and a
+    script flagged no-writes is one, but a script it does not hold (restarted, flushed, or one
+    no replica runs: model_view) called by EVALSHA is held as a write, since the server cannot
+    read its flags. `model show` and `model export` waited out their timeout and said "cannot
+    reach Redis" beside `status` and `check` reading the pool (a helper's drill); a replica's
+    gauges after a restart froze the same way. Read-only scripts go as EVALSHA_RO."""
+    pool = "paused"
+    now = int(time.time() * 1000)
+    asyncio.run(_boot_then_connect(redis_url, pool, now, "n1"))
+    sync_redis.hset(PoolKeys(pool).key("model"), mapping={"last_ms": now, "r0": 0.5, "x0": 10})
+    sync_redis.script_flush()  # a server restarted: it holds no script
+    # The client's timeout short: held, the command fails in a second rather than five.
+    url = f"{redis_url}{'&' if '?' in redis_url else '?'}socket_timeout=1"
+    common = ["--redis-url", url, "--pool", pool]
+    sync_redis.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+    try:
+        for command in (["status"], ["check"], ["model", "show"], ["model", "export"]):
+            result = CliRunner().invoke(app, [*command, *common], env={"COLUMNS": "200"})
+            assert result.exit_code == 0, (command, result.output)
+        # and the replicas' gauges, and the check of the commands a replica makes at its start
+        async def snapshot() -> tuple[int, list[str]]:
+            client = aioredis.Redis.from_url(url)
+            try:
+                snap = await Scripts(client, PoolKeys(pool)).snapshot(now, 60_000)
+                return snap.counts["ready"], await commands_refused(client, PoolKeys(pool))
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(snapshot()) == (1, [])
+    finally:
+        sync_redis.execute_command("CLIENT", "UNPAUSE")
 
 
 def _first_trouble_of_a_watch(redis_url: str, pool: str) -> str:

@@ -18,7 +18,7 @@ import secrets
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -347,6 +347,11 @@ class Replica:
         #: creates again anyway, so that a create stuck for good (a reply of the server that
         #: never comes, a socket timeout set off) cannot hold the creates for good
         self._creating: dict[asyncio.Task[None], int] = {}
+        #: the deadline a decision (`scale_decide`) or a reap (`reap_idle`) of this replica
+        #: whose reply was lost (a timeout, a cut connection), and which may have run, gave its
+        #: reservations or its terminations: `_send_what_lost_calls_took`
+        self._lost_decisions: list[int] = []
+        self._lost_reaps: list[int] = []
         #: since when (monotonic) and why the server has refused this replica's writes for now
         #: (out of memory, read-only, a script running long), from the first refusal to the
         #: next write that went through: /readyz fails meanwhile; None: not refused
@@ -671,8 +676,10 @@ class Replica:
                 "nodes back (the pool's state is new or was lost, and no node list came yet)")
             decision = Decision(won=False, epoch_changed=True)  # no decision of the pool's
         else:
-            decision = await self.scripts.scale_decide(args)
+            with self._reply_may_be_lost(self._lost_decisions, now, self._create_deadline(now)):
+                decision = await self.scripts.scale_decide(args)
             self._written()
+            await self._send_what_lost_calls_took(now)
         if decision.epoch_changed and not taking_back:
             self._trouble.warning(
                 "epoch", "no scaling decision: the pool's state in Redis is not the one this "
@@ -695,14 +702,67 @@ class Replica:
                          extra={"numbers": decision.numbers})
             self._say_if_capped(decision)
             for reservation in decision.reservations:
-                self.metrics.creates.inc()
-                creating = self._spawn(self._create(reservation))
-                self._creating[creating] = now + int(self.pool.create_timeout_s * 1000)
-                creating.add_done_callback(lambda task: self._creating.pop(task, None))
-            for termination in await self.scripts.reap_idle(args):
+                self._start_create(reservation, now)
+            deadline = now + int(self.pool.delete_timeout_s * 1000)  # reap_idle's: policy_args
+            with self._reply_may_be_lost(self._lost_reaps, now, deadline):
+                terminations = await self.scripts.reap_idle(args)
+            for termination in terminations:
                 self.metrics.terminations.labels(termination.reason).inc()
                 log.info("terminating %s: %s", termination.node_id, termination.reason)
                 self._spawn(self._terminate(termination))
+
+    @contextlib.contextmanager
+    def _reply_may_be_lost(self, lost: list[int], now: int, deadline: int) -> Iterator[None]:
+        """Note in `lost` the `deadline` a call about to be made gives what it takes, if its
+        reply is lost: a server frozen past the client's timeout (DEBUG SLEEP, a SIGSTOP) runs
+        it when it wakes, and what it takes is this replica's to act on
+        (`_send_what_lost_calls_took`). The deadlines passed are dropped."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError):
+            lost[:] = [*(due for due in lost if due > now), deadline]
+            raise
+
+    async def _send_what_lost_calls_took(self, now: int) -> None:
+        """The creates and the DELETEs of this replica's calls whose reply was lost, where the
+        server ran them. The pending reservations in this replica's name (`REPLICA:SEQ`) whose
+        deadline is such a decision's: left alone, no POST was sent for them, and the pool
+        counted them as creating until their deadline (--create-timeout), short of its target
+        meanwhile (a helper's drill: DEBUG SLEEP 15). Told apart by their deadline, none whose
+        create was sent (an uncertain one keeps its own to the end) is sent again; each is
+        checked as any create (`_still_reserved`). And the terminating nodes whose deadline is
+        such a reap's: no DELETE was sent for them until it (--delete-timeout), their nodes
+        billed meanwhile; a DELETE sent twice is answered as once."""
+        for reservation in await self._taken_by_lost_calls(self._lost_decisions, "pending", now):
+            if reservation.rpartition(":")[0] == self.replica_id:
+                log.warning("create %s: reserved by a decision of this replica whose reply was "
+                            "lost; sent now", reservation)
+                self._start_create(reservation, now)
+        for node_id in await self._taken_by_lost_calls(self._lost_reaps, "terminating", now):
+            log.warning("terminating %s: by a reap of this replica whose reply was lost; "
+                        "DELETE sent now", node_id)
+            self._spawn(self._terminate(Termination(node_id, "lost_reply")))
+
+    async def _taken_by_lost_calls(self, lost: list[int], name: str, now: int) -> list[str]:
+        """The members of the pool's sorted set `name` scored with a deadline of `lost` still
+        ahead; `lost` is emptied (a call that fails leaves the rest for the next decision)."""
+        taken: list[str] = []
+        while lost:
+            if lost[0] > now:
+                taken += [as_text(member) for member in await self.redis.zrangebyscore(
+                    self.keys.key(name), lost[0], lost[0])]
+            lost.pop(0)
+        return taken
+
+    def _create_deadline(self, now: int) -> int:
+        """The deadline of a reservation taken at `now` (scale_decide's: `policy_args`)."""
+        return now + int(self.pool.create_timeout_s * 1000)
+
+    def _start_create(self, reservation: str, now: int) -> None:
+        self.metrics.creates.inc()
+        creating = self._spawn(self._create(reservation))
+        self._creating[creating] = self._create_deadline(now)
+        creating.add_done_callback(lambda task: self._creating.pop(task, None))
 
     def _decision_age(self) -> float:
         return math.inf if self._decided_at is None else time.monotonic() - self._decided_at

@@ -142,6 +142,113 @@ async def test_tick_creates_the_floor_and_a_connect_gets_a_ready_node(
     assert await check_invariants(aredis, POOL) == []
 
 
+async def _a_decision_whose_reply_is_lost(replica: Replica) -> None:
+    """A tick whose scale_decide ran on the server and whose reply never came: a server frozen
+    past the client's timeout (DEBUG SLEEP, SIGSTOP) runs the script when it wakes."""
+    decide = replica.scripts.scale_decide
+
+    async def reply_lost(args: Any) -> Any:
+        await decide(args)
+        raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
+
+    replica.scripts.scale_decide = reply_lost  # type: ignore[method-assign, assignment]
+    try:
+        with pytest.raises(RedisTimeoutError):
+            await replica.tick()
+    finally:
+        replica.scripts.scale_decide = decide  # type: ignore[method-assign]
+
+
+async def test_the_creates_of_a_decision_whose_reply_was_lost_are_sent(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """A helper's drill (DEBUG SLEEP 15): the reservations a decision whose reply was lost
+    took were never POSTed, and the pool counted them as creating until their deadline
+    (--create-timeout, 60 s), a floor of 2 held at nothing meanwhile. The replica's next
+    decision sends them."""
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=2))
+    await _a_decision_whose_reply_is_lost(replica)
+    assert api.created == []
+    assert await aredis.zcard(PoolKeys(POOL).key("pending")) == 2
+    clock.advance(1000)
+    await replica.tick()
+    await replica.settle()
+    assert sorted(api.created) == ["node-1", "node-2"]
+    assert await aredis.zcard(PoolKeys(POOL).key("pending")) == 0
+    clock.advance(1000)
+    await replica.tick()  # nothing sent twice
+    await replica.settle()
+    assert len(api.created) == 2
+    assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_lost_decision_sends_none_of_the_creates_sent_before_it(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """An uncertain create keeps its reservation to its deadline, its node perhaps made: the
+    creates of a decision lost after it are sent, and not it a second time (nor another
+    replica's reservation)."""
+    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
+    api.create_outcomes.append(CreateResult(CreateOutcome.UNCERTAIN, detail="no answer"))
+    await replica.tick()
+    await replica.settle()
+    pending = PoolKeys(POOL).key("pending")
+    uncertain = await aredis.zrange(pending, 0, -1)
+    assert len(uncertain) == 1 and api.created == []
+    other = make_replica(aredis, api, clock, "r2",
+                         dataclasses.replace(FLOOR_ONLY, min_ready=2))
+    clock.advance(1000)
+    await _a_decision_whose_reply_is_lost(other)  # r2's, one reservation, not r1's to send
+    theirs = [m for m in await aredis.zrange(pending, 0, -1) if m.startswith("r2:")]
+    assert len(theirs) == 1
+    replica.pool = dataclasses.replace(FLOOR_ONLY, min_ready=3)
+    clock.advance(1000)
+    await _a_decision_whose_reply_is_lost(replica)
+    assert await aredis.zcard(pending) == 3
+    clock.advance(1000)
+    await replica.tick()
+    await replica.settle()
+    assert api.created == ["node-1"]  # the lost decision's one, alone
+    assert sorted(await aredis.zrange(pending, 0, -1)) == sorted([*uncertain, *theirs])
+
+
+async def test_the_deletes_of_a_reap_whose_reply_was_lost_are_sent(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    """As a decision's creates: a reap_idle that ran while its reply was lost left its idle
+    nodes terminating with no DELETE until their deadline (--delete-timeout, 60 s), billed
+    meanwhile. The next decision sends them, and no DELETE of another node."""
+    replica = make_replica(aredis, api, clock, "r1",
+                           PoolConfig(min_ready=0, idle_timeout_s=60,
+                                      scaling_policy="heuristic"))
+    for node in ("n1", "n2"):
+        await send([replica], "node:status", {"node_id": node, "status": "ready"})
+    clock.advance(61_000)
+    await send([replica], "node:status", {"node_id": "n3", "status": "ready"})
+    reap = replica.scripts.reap_idle
+
+    async def reply_lost(args: Any) -> Any:
+        await reap(args)
+        raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
+
+    replica.scripts.reap_idle = reply_lost  # type: ignore[method-assign]
+    with pytest.raises(RedisTimeoutError):
+        await replica.tick()
+    replica.scripts.reap_idle = reap  # type: ignore[method-assign]
+    await replica.settle()
+    assert api.deleted == []
+    assert sorted(await aredis.zrange(replica.keys.key("terminating"), 0, -1)) == ["n1", "n2"]
+    clock.advance(1000)
+    await replica.tick()
+    await replica.settle()
+    assert sorted(api.deleted) == ["n1", "n2"]
+    clock.advance(1000)
+    await replica.tick()  # nothing sent twice
+    await replica.settle()
+    assert sorted(api.deleted) == ["n1", "n2"]
+    assert await check_invariants(aredis, POOL) == []
+
+
 async def test_a_replica_without_gauges_decides_the_same_and_exports_no_pool_gauges(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

@@ -755,6 +755,23 @@ async def test_the_frees_forecast_is_checked_from_every_tick(pool: PoolUnderTest
     assert check.as_dict()["frees_ratio"] == pytest.approx(check.frees_ratio, abs=1e-4)
 
 
+async def test_the_check_from_every_tick_scores_a_lead_time_of_over_a_thousand_ticks(
+        pool: PoolUnderTest) -> None:
+    """The queue of each tick's forecast holds at most 1,000 entries (SLIDING_MAX). With a lead
+    time of more ticks than that (a 20-minute boot at 1 s ticks), every entry was trimmed from
+    the queue before its lead time passed, and the check from every tick never scored one."""
+    config = PoolConfig(min_ready=0, max_nodes=1, boot_prior_s=1200.0)
+    for _ in range(1300):  # the first tick's lead time (1200 s) passes at the 1201st
+        await decide(pool, config)
+        pool.clock.advance(config.interval_ms)
+    assert await pool.redis.llen(pool.keys.key("sliding")) <= 1000  # still bounded
+    check = (await pool.snap()).forecast_check()
+    assert check.checks >= 1  # the back-to-back check scores its horizon
+    # and the ticks' checks are scored too: the hundred ticks whose lead time passed, but the
+    # few that shared a slot of the queue (1.2 s) with the tick after them
+    assert 80 <= check.sliding_checks < 100
+
+
 async def test_bulk_loader_matches_record_activity(aredis: aioredis.Redis) -> None:
     """The tick-cost benchmark's bulk loader writes what the script would."""
     window = PoolConfig().window_ms

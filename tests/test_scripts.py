@@ -2180,6 +2180,34 @@ async def test_reap_idle_keeps_the_peak_target_of_the_keep_window(pool: PoolUnde
     assert await pool.redis.lrange(pool.keys.key("targets"), 0, -1) == [f"{pool.now}:0"]
 
 
+async def test_a_tick_reads_the_keep_level_from_the_head_of_the_targets_list_alone(
+        pool: PoolUnderTest) -> None:
+    """The targets list holds an entry for every fall of the target within the keep window (a
+    pool whose target fell by one at each tick of the last 50 minutes: 3,000). The keep level
+    is its head, but scale_decide and reap_idle each read the whole list for it (LRANGE 0 -1),
+    at every tick: work that grew with the pool's target, not a handful of entries."""
+    config = PoolConfig(scaling_policy="heuristic", min_ready=0, keep_window_s=3600)
+    targets = pool.keys.key("targets")
+    n = 3000  # ms rising and targets falling from head to tail, the head 3,000 s old
+    await pool.redis.rpush(targets, *[f"{pool.now - (n - i) * 1000}:{n - i}" for i in range(n)])
+    commands = []
+    async with pool.redis.monitor() as monitor:  # every command, those of the scripts too
+        decision = await pool.scripts.scale_decide(config.policy_args(pool.now, "r1"))
+        await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+        await pool.redis.echo("tick over")
+        async for command in monitor.listen():
+            if command["command"] == "ECHO tick over":
+                break
+            commands.append(command["command"].split())
+    assert decision.numbers["keep"] == n  # the peak of the keep window: the head
+    length = await pool.redis.llen(targets)
+    assert length == n + 1  # this tick's target, 0, joined the tail
+    spans = [range(length)[int(c[2]):int(c[3]) + 1 if int(c[3]) != -1 else None]
+             for c in commands if c[0].upper() == "LRANGE" and c[1] == targets]
+    assert spans, "the keep level is read"
+    assert sum(len(span) for span in spans) <= 64, [(s.start, s.stop) for s in spans]
+
+
 async def test_reap_idle_keeps_the_spare_a_replace_holds_above_the_keep_level_and_no_more(
         pool: PoolUnderTest) -> None:
     """Held 1 above a keep level of 1, three idle ready nodes: one is reaped, two kept. Its

@@ -333,8 +333,20 @@ local function check_sliding(p, mean, var, lead_ms, seen, frees, released)
       end
     end
   end
-  rcall('RPUSH', K.sliding, string.format('%.0f:%d:%.6f:%.6f:%d:%.6f', p.now, seen, mean, var,
-                                          released, frees))
+  -- A lead time of more ticks than SLIDING_MAX: every tick queued, the oldest were trimmed
+  -- before their lead time passed, and none was ever scored. So the lead time is cut into
+  -- SLIDING_MAX - 1 slots, and a tick in the slot of the newest entry takes its place: at most
+  -- SLIDING_MAX entries span a lead time, and with ticks further apart than a slot (a minute's
+  -- boots at 1 s ticks) every tick is queued, as before.
+  local entry = string.format('%.0f:%d:%.6f:%.6f:%d:%.6f', p.now, seen, mean, var, released,
+                              frees)
+  local slot_ms = lead_ms / (SLIDING_MAX - 1)
+  local tail = tonumber(string.match(rcall('LINDEX', K.sliding, -1) or '', '^(%d+):'))
+  if tail and math.floor(tail / slot_ms) == math.floor(p.now / slot_ms) then
+    rcall('LSET', K.sliding, -1, entry)
+    return
+  end
+  rcall('RPUSH', K.sliding, entry)
   rcall('LTRIM', K.sliding, -SLIDING_MAX, -1)
 end
 
@@ -631,15 +643,27 @@ local function remember_target(now, target, keep_window_ms)
   end
 end
 
--- The highest target recorded within keep_window of now (0 when none).
+-- The highest target recorded within keep_window of now (0 when none): the first entry inside
+-- it, read from the head PEAK_LOOK at a time. The list holds an entry for every fall of the
+-- target in the window (thousands, for a large pool's long decline), and read whole at every
+-- tick it cost scale_decide and reap_idle all of them; the entries before the first inside are
+-- only those expired since remember_target last dropped them.
+local PEAK_LOOK = 16
 local function peak_target(now, keep_window_ms)
-  for _, entry in ipairs(rcall('LRANGE', K.targets, 0, -1)) do
-    local ms, target = target_entry(entry)
-    if ms and ms >= now - keep_window_ms then
-      return target
+  local from = 0
+  while true do
+    local entries = rcall('LRANGE', K.targets, from, from + PEAK_LOOK - 1)
+    for _, entry in ipairs(entries) do
+      local ms, target = target_entry(entry)
+      if ms and ms >= now - keep_window_ms then
+        return target
+      end
     end
+    if #entries < PEAK_LOOK then
+      return 0
+    end
+    from = from + PEAK_LOOK
   end
-  return 0
 end
 
 -- A decision's numbers; `keep` (scale_decide's): the reaper's keep level, the peak target of

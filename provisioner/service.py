@@ -679,7 +679,6 @@ class Replica:
             with self._reply_may_be_lost(self._lost_decisions, now, self._create_deadline(now)):
                 decision = await self.scripts.scale_decide(args)
             self._written()
-            await self._send_what_lost_calls_took(now)
         if decision.epoch_changed and not taking_back:
             self._trouble.warning(
                 "epoch", "no scaling decision: the pool's state in Redis is not the one this "
@@ -710,6 +709,11 @@ class Replica:
                 self.metrics.terminations.labels(termination.reason).inc()
                 log.info("terminating %s: %s", termination.node_id, termination.reason)
                 self._spawn(self._terminate(termination))
+        if not taking_back:
+            # After this decision's own creates and DELETEs: a read here that fails (the server
+            # stalled again) left them unsent, its reservations counted as creating to their
+            # deadline (a review).
+            await self._send_what_lost_calls_took(now)
 
     @contextlib.contextmanager
     def _reply_may_be_lost(self, lost: list[int], now: int, deadline: int) -> Iterator[None]:
@@ -745,13 +749,14 @@ class Replica:
 
     async def _taken_by_lost_calls(self, lost: list[int], name: str, now: int) -> list[str]:
         """The members of the pool's sorted set `name` scored with a deadline of `lost` still
-        ahead; `lost` is emptied (a call that fails leaves the rest for the next decision)."""
+        ahead; `lost` is emptied once all are read (a read that fails leaves them all for the
+        next decision: the members read before it, dropped from `lost`, were never acted on)."""
         taken: list[str] = []
-        while lost:
-            if lost[0] > now:
+        for due in lost:
+            if due > now:
                 taken += [as_text(member) for member in await self.redis.zrangebyscore(
-                    self.keys.key(name), lost[0], lost[0])]
-            lost.pop(0)
+                    self.keys.key(name), due, due)]
+        lost.clear()
         return taken
 
     def _create_deadline(self, now: int) -> int:

@@ -249,61 +249,33 @@ async def test_the_deletes_of_a_reap_whose_reply_was_lost_are_sent(
     assert await check_invariants(aredis, POOL) == []
 
 
-async def test_a_decision_whose_lost_calls_cannot_be_read_still_sends_its_own_creates(
-    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+@pytest.mark.parametrize(("lost_before", "failing_read"), [(1, 1), (2, 2)],
+                         ids=["the-decisions-own-creates", "the-calls-read-before-it"])
+async def test_a_read_of_the_lost_calls_takings_that_fails_leaves_nothing_unsent(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, lost_before: int,
+    failing_read: int,
 ) -> None:
-    """A lost decision, then a decision that wins and reserves, and whose read of the lost
-    one's reservations fails (the server stalls again): the winning decision's own creates
-    were never sent, nor noted as lost, and the pool counted them as creating until their
-    deadline, short of its floor meanwhile."""
+    """Reviews of the mend: a decision whose read of the lost calls' reservations failed (the
+    server stalled again) left unsent its own creates (1 lost, then a decision that reserves
+    one more, read 1 fails), or the creates of the lost calls read before the read that failed
+    (2 lost, read 2 fails): each counted as creating to its deadline, short of the floor."""
     replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
     await _a_decision_whose_reply_is_lost(replica)
     replica.pool = dataclasses.replace(FLOOR_ONLY, min_ready=2)
-    read = aredis.zrangebyscore
-
-    async def read_lost(*args: Any, **kwargs: Any) -> Any:
-        raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
-
-    aredis.zrangebyscore = read_lost  # type: ignore[method-assign]
-    clock.advance(1000)
-    try:
-        with contextlib.suppress(RedisTimeoutError):
-            await replica.tick()  # decides one more create, then cannot read the lost one's
-    finally:
-        aredis.zrangebyscore = read  # type: ignore[method-assign]
-    await replica.settle()
-    assert await aredis.zcard(PoolKeys(POOL).key("pending")) + len(api.created) == 2
-    clock.advance(1000)
-    await replica.tick()
-    await replica.settle()
-    assert sorted(api.created) == ["node-1", "node-2"]
-    assert await aredis.zcard(PoolKeys(POOL).key("pending")) == 0
-    assert await check_invariants(aredis, POOL) == []
-
-
-async def test_the_creates_of_two_lost_decisions_survive_a_read_that_fails(
-    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
-) -> None:
-    """Two decisions whose reply was lost, then a decision whose read of their reservations
-    fails at the second: the first's, read already and dropped from the replica's list, were
-    never sent, and counted as creating to their deadline."""
-    replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
-    await _a_decision_whose_reply_is_lost(replica)
-    replica.pool = dataclasses.replace(FLOOR_ONLY, min_ready=2)
-    clock.advance(1000)
-    await _a_decision_whose_reply_is_lost(replica)
-    assert await aredis.zcard(PoolKeys(POOL).key("pending")) == 2
+    if lost_before == 2:
+        clock.advance(1000)
+        await _a_decision_whose_reply_is_lost(replica)
     read = aredis.zrangebyscore
     reads = 0
 
-    async def second_read_lost(*args: Any, **kwargs: Any) -> Any:
+    async def a_read_lost(*args: Any, **kwargs: Any) -> Any:
         nonlocal reads
         reads += 1
-        if reads == 2:
+        if reads == failing_read:
             raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
         return await read(*args, **kwargs)
 
-    aredis.zrangebyscore = second_read_lost  # type: ignore[method-assign]
+    aredis.zrangebyscore = a_read_lost  # type: ignore[method-assign]
     clock.advance(1000)
     try:
         with contextlib.suppress(RedisTimeoutError):
@@ -311,6 +283,7 @@ async def test_the_creates_of_two_lost_decisions_survive_a_read_that_fails(
     finally:
         aredis.zrangebyscore = read  # type: ignore[method-assign]
     await replica.settle()
+    assert reads == failing_read
     clock.advance(1000)
     await replica.tick()
     await replica.settle()

@@ -142,21 +142,23 @@ async def test_tick_creates_the_floor_and_a_connect_gets_a_ready_node(
     assert await check_invariants(aredis, POOL) == []
 
 
-async def _a_decision_whose_reply_is_lost(replica: Replica) -> None:
-    """A tick whose scale_decide ran on the server and whose reply never came: a server frozen
-    past the client's timeout (DEBUG SLEEP, SIGSTOP) runs the script when it wakes."""
-    decide = replica.scripts.scale_decide
+async def _a_tick_whose_reply_is_lost(replica: Replica, script: str = "scale_decide") -> None:
+    """A tick whose `script` (scale_decide, or reap_idle) ran on the server and whose reply
+    never came: a server frozen past the client's timeout (DEBUG SLEEP, SIGSTOP) runs the
+    script when it wakes."""
+    call = getattr(replica.scripts, script)
 
     async def reply_lost(args: Any) -> Any:
-        await decide(args)
+        await call(args)
         raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
 
-    replica.scripts.scale_decide = reply_lost  # type: ignore[method-assign, assignment]
+    setattr(replica.scripts, script, reply_lost)
     try:
         with pytest.raises(RedisTimeoutError):
             await replica.tick()
     finally:
-        replica.scripts.scale_decide = decide  # type: ignore[method-assign]
+        setattr(replica.scripts, script, call)
+    await replica.settle()
 
 
 async def test_the_creates_of_a_decision_whose_reply_was_lost_are_sent(
@@ -167,7 +169,7 @@ async def test_the_creates_of_a_decision_whose_reply_was_lost_are_sent(
     (--create-timeout, 60 s), a floor of 2 held at nothing meanwhile. The replica's next
     decision sends them."""
     replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=2))
-    await _a_decision_whose_reply_is_lost(replica)
+    await _a_tick_whose_reply_is_lost(replica)
     assert api.created == []
     assert await aredis.zcard(PoolKeys(POOL).key("pending")) == 2
     clock.advance(1000)
@@ -198,12 +200,12 @@ async def test_a_lost_decision_sends_none_of_the_creates_sent_before_it(
     other = make_replica(aredis, api, clock, "r2",
                          dataclasses.replace(FLOOR_ONLY, min_ready=2))
     clock.advance(1000)
-    await _a_decision_whose_reply_is_lost(other)  # r2's, one reservation, not r1's to send
+    await _a_tick_whose_reply_is_lost(other)  # r2's, one reservation, not r1's to send
     theirs = [m for m in await aredis.zrange(pending, 0, -1) if m.startswith("r2:")]
     assert len(theirs) == 1
     replica.pool = dataclasses.replace(FLOOR_ONLY, min_ready=3)
     clock.advance(1000)
-    await _a_decision_whose_reply_is_lost(replica)
+    await _a_tick_whose_reply_is_lost(replica)
     assert await aredis.zcard(pending) == 3
     clock.advance(1000)
     await replica.tick()
@@ -218,24 +220,9 @@ async def test_the_deletes_of_a_reap_whose_reply_was_lost_are_sent(
     """As a decision's creates: a reap_idle that ran while its reply was lost left its idle
     nodes terminating with no DELETE until their deadline (--delete-timeout, 60 s), billed
     meanwhile. The next decision sends them, and no DELETE of another node."""
-    replica = make_replica(aredis, api, clock, "r1",
-                           PoolConfig(min_ready=0, idle_timeout_s=60,
-                                      scaling_policy="heuristic"))
-    for node in ("n1", "n2"):
-        await send([replica], "node:status", {"node_id": node, "status": "ready"})
-    clock.advance(61_000)
+    replica = await _two_nodes_idle_past_their_timeout(aredis, api, clock)
     await send([replica], "node:status", {"node_id": "n3", "status": "ready"})
-    reap = replica.scripts.reap_idle
-
-    async def reply_lost(args: Any) -> Any:
-        await reap(args)
-        raise RedisTimeoutError("Timeout reading from 127.0.0.1:6379")
-
-    replica.scripts.reap_idle = reply_lost  # type: ignore[method-assign]
-    with pytest.raises(RedisTimeoutError):
-        await replica.tick()
-    replica.scripts.reap_idle = reap  # type: ignore[method-assign]
-    await replica.settle()
+    await _a_tick_whose_reply_is_lost(replica, "reap_idle")
     assert api.deleted == []
     assert sorted(await aredis.zrange(replica.keys.key("terminating"), 0, -1)) == ["n1", "n2"]
     clock.advance(1000)
@@ -260,11 +247,11 @@ async def test_a_read_of_the_lost_calls_takings_that_fails_leaves_nothing_unsent
     one more, read 1 fails), or the creates of the lost calls read before the read that failed
     (2 lost, read 2 fails): each counted as creating to its deadline, short of the floor."""
     replica = make_replica(aredis, api, clock, "r1", dataclasses.replace(FLOOR_ONLY, min_ready=1))
-    await _a_decision_whose_reply_is_lost(replica)
+    await _a_tick_whose_reply_is_lost(replica)
     replica.pool = dataclasses.replace(FLOOR_ONLY, min_ready=2)
     if lost_before == 2:
         clock.advance(1000)
-        await _a_decision_whose_reply_is_lost(replica)
+        await _a_tick_whose_reply_is_lost(replica)
     read = aredis.zrangebyscore
     reads = 0
 
@@ -1420,15 +1407,22 @@ def test_a_replica_made_by_code_is_held_to_the_pool_settings_ranges(
             make_replica(aredis, api, clock, "r1", pool)
 
 
-async def test_idle_nodes_are_deleted_and_a_404_ends_them(
-    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
-) -> None:
+async def _two_nodes_idle_past_their_timeout(
+        aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock) -> Replica:
+    """A replica of a pool of no floor, n1 and n2 ready and idle past its 60 s timeout."""
     replica = make_replica(aredis, api, clock, "r1",
                            PoolConfig(min_ready=0, idle_timeout_s=60,
                                       scaling_policy="heuristic"))
     for node in ("n1", "n2"):
         await send([replica], "node:status", {"node_id": node, "status": "ready"})
     clock.advance(61_000)
+    return replica
+
+
+async def test_idle_nodes_are_deleted_and_a_404_ends_them(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = await _two_nodes_idle_past_their_timeout(aredis, api, clock)
     api.delete_outcome = DeleteOutcome.GONE
     await replica.tick()
     await replica.settle()

@@ -1506,6 +1506,14 @@ class Replica:
             self._probes_out.append(sent)
             try:
                 await self.redis.publish(self.probe_channel, repr(sent))
+            except RedisTimeoutError:
+                # Its reply lost, not the probe: it may be on its way yet, behind every event
+                # published while the connection carried nothing (a partition, a server
+                # stopped), and the listener as far behind. It stays out, its age the lag,
+                # until it or a later probe comes back, or the listener subscribes again
+                # (a partition drill: forgotten, the lag read 0 through 3 minutes).
+                self._report_lag()
+                raise
             except BaseException:
                 # If it went out after all and is back, the listener popped it already.
                 with contextlib.suppress(ValueError):

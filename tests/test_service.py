@@ -785,6 +785,56 @@ async def test_a_server_paused_past_the_silence_allowed_loses_no_event() -> None
         server.stop()
 
 
+async def test_a_probe_whose_reply_is_lost_stays_out_and_times_the_listener() -> None:
+    """Found by a partition drill: one replica of two cut from its server for 3 minutes (its
+    connections open, carrying nothing), then back. Each heartbeat's probe timed out and was
+    forgotten, so its lag read 0.0005 s all through, though its listener read nothing; and
+    once back it applied the 3 minutes of events the other replica had applied in time (the
+    pool counted 60 connects for 37 published), its lag still 0. A probe whose PUBLISH timed
+    out lost its reply, not itself: it is on its way, behind every event published while the
+    connection carried nothing, and stays out, its age the lag, until it comes back."""
+    import os
+    import signal
+
+    from provisioner.redis_server import start_server
+
+    server = start_server()
+    client = aioredis.Redis.from_url(server.url, socket_timeout=1)
+    producer = aioredis.Redis.from_url(server.url, socket_timeout=None)  # waits out the cut
+    replica = _probing_replica(client, pool="cut")
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _probes_all_back(replica, 0.6)
+        os.kill(server.process.pid, signal.SIGSTOP)  # nothing comes back, nothing is closed
+        try:
+            with pytest.raises(RedisTimeoutError):
+                await replica.probe_lag()  # the heartbeat's: its reply lost
+            published = asyncio.create_task(
+                producer.publish("user:connect", json.dumps({"user_id": "hana"})))
+            status, body = await _readyz(replica)
+            assert status == 503
+            assert any(problem.startswith("events applied") for problem in body["problems"])
+            assert (counter(replica, "provisioner_event_lag_seconds")
+                    > replica.service.max_event_lag_s)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert await asyncio.wait_for(published, 10) == 1
+        await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
+        await _until(lambda: not replica._probes_out)  # back, behind the connect
+        assert (counter(replica, "provisioner_event_lag_seconds")
+                > replica.service.max_event_lag_s)
+    finally:
+        replica.stopping.set()
+        listening.cancel()
+        with contextlib.suppress(BaseException):
+            await listening
+        await producer.aclose()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.aclose(), 2)
+        server.stop()
+
+
 async def test_a_replica_that_finds_the_pools_state_gone_says_so_once(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
     caplog: pytest.LogCaptureFixture,

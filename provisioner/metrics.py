@@ -16,8 +16,9 @@ WAIT_BUCKETS = (0.0, 0.5, 1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-#: reap_idle's reasons (lua/reap_idle.lua) and the places the replica counts errors in
-TERMINATION_REASONS = ("idle", "surplus_boot", "boot_timeout", "retry", "drained")
+#: reap_idle's reasons (lua/reap_idle.lua), and lost_reply (a reap whose reply was lost: its
+#: DELETEs sent at the next decision), and the places the replica counts errors in
+TERMINATION_REASONS = ("idle", "surplus_boot", "boot_timeout", "retry", "drained", "lost_reply")
 ERROR_PLACES = ("event", "event_retry", "action", "subscribe", "tick", "heartbeat", "reconcile",
                 "unusable_id", "other_pools", "eviction", "replica_id_shared")
 
@@ -113,7 +114,8 @@ class Metrics:
                                registry=r)
         self.terminations = Counter("provisioner_terminations",
                                     "Terminations this replica started, by reason (idle, "
-                                    "surplus_boot, boot_timeout, retry, drained)",
+                                    "surplus_boot, boot_timeout, retry, drained; lost_reply: "
+                                    "a reap's whose reply was lost, sent at the next decision)",
                                     ["reason"], registry=r)
         self.forecast_check = Gauge(
             "provisioner_forecast_check",

@@ -743,6 +743,9 @@ class Replica:
                             "lost; sent now", reservation)
                 self._start_create(reservation, now)
         for node_id in await self._taken_by_lost_calls(self._lost_reaps, "terminating", now):
+            # Started by this replica, as the lost decisions' creates are reserved by it
+            # (`_start_create` counts them); the reap's own reasons were in the reply lost.
+            self.metrics.terminations.labels("lost_reply").inc()
             log.warning("terminating %s: by a reap of this replica whose reply was lost; "
                         "DELETE sent now", node_id)
             self._spawn(self._terminate(Termination(node_id, "lost_reply")))

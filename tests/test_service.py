@@ -219,7 +219,9 @@ async def test_the_deletes_of_a_reap_whose_reply_was_lost_are_sent(
 ) -> None:
     """As a decision's creates: a reap_idle that ran while its reply was lost left its idle
     nodes terminating with no DELETE until their deadline (--delete-timeout, 60 s), billed
-    meanwhile. The next decision sends them, and no DELETE of another node."""
+    meanwhile. The next decision sends them, and no DELETE of another node, each counted as
+    a termination this replica started (a review of the mend: provisioner_terminations_total
+    counted none, by any reason; the reap's own reasons were in the reply lost)."""
     replica = await _two_nodes_idle_past_their_timeout(aredis, api, clock)
     await send([replica], "node:status", {"node_id": "n3", "status": "ready"})
     await _a_tick_whose_reply_is_lost(replica, "reap_idle")
@@ -229,6 +231,10 @@ async def test_the_deletes_of_a_reap_whose_reply_was_lost_are_sent(
     await replica.tick()
     await replica.settle()
     assert sorted(api.deleted) == ["n1", "n2"]
+    started = {sample.labels["reason"]: sample.value
+               for metric in replica.metrics.registry.collect()
+               for sample in metric.samples if sample.name == "provisioner_terminations_total"}
+    assert sum(started.values()) == 2 and started["lost_reply"] == 2, started
     clock.advance(1000)
     await replica.tick()  # nothing sent twice
     await replica.settle()

@@ -320,3 +320,33 @@ def test_the_readme_says_each_option_s_default_as_the_option_has_it() -> None:
         assert defaults[flag] == float(value), (flag, value, defaults[flag])
         checked.add(flag)
     assert len(checked) >= 14, sorted(checked)
+
+
+def test_the_readme_s_very_slow_boots_misses_are_the_replay_s(tmp_path: Path,
+                                                               redis_url: str) -> None:
+    # "misses 15 of 251 connects, all in the first N s": `bench generate DIR --shape
+    # very-slow-boots` (seed 1) replayed by `bench replay --misses`, the command the figure
+    # names (docs/improvements.md), read back; one service replay of a two-hour trace.
+    import json
+
+    from typer.testing import CliRunner
+
+    from provisioner.bench.generate import SHAPES, write_trace
+    from provisioner.cli import app
+
+    figure = re.compile(r"misses (\d+) of (\d+) connects, all in the first (\d+) s")
+    quoted = [figure.search((ROOT / name).read_text().replace("\n  ", " "))
+              for name in ("README.md", "docs/improvements.md")]
+    assert all(quoted), "the very-slow-boots figure is no longer where this test reads it"
+    trace = tmp_path / "very-slow-boots.jsonl.gz"
+    write_trace(SHAPES["very-slow-boots"], 1, trace)
+    misses = tmp_path / "misses.jsonl"
+    result = CliRunner().invoke(app, ["bench", "replay", str(trace), "--json",
+                                      "--redis-url", redis_url, "--misses", str(misses)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    last = max(json.loads(line)["t"] for line in misses.read_text().splitlines())
+    for match in quoted:
+        assert match is not None
+        assert (scores["misses"], scores["connects"]) == (int(match[1]), int(match[2]))
+        assert last <= int(match[3]), f"a miss at {last:.0f} s, after the first {match[3]} s"

@@ -859,19 +859,38 @@ def _done_part_way(redis_url: str, work: Callable[[aioredis.Redis], Awaitable[T]
                    done: Mapping[str, object], asked: list[str], shown_by: str) -> T:
     """`_with_redis(redis_url, work)`, where Ctrl-C or SIGTERM between its calls exits 130
     saying which of the ids `asked` are `done` so far, and that the one under way may have
-    been: each is its own transition, and one stopped part way had said nothing of those made."""
-    before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop`, `kill`
-    try:
-        return _with_redis(redis_url, work)
-    except KeyboardInterrupt:
+    been: each is its own transition, and one stopped part way had said nothing of those made.
+    So does a server lost under way (exit 2, after its error): a reply that did not come in
+    time is of a script a frozen server runs when it wakes (a review's drill)."""
+    lost = False
+
+    async def watched(client: aioredis.Redis) -> T:
+        nonlocal lost
+        try:
+            return await work(client)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            lost = True
+            raise
+
+    def say(what: str) -> None:
         made = [one for one in asked if one in done]
         rest = [one for one in asked if one not in done]
-        errors.print(shown(f"stopped after {len(made)} of {len(asked)}: "
+        errors.print(shown(f"{what} {len(made)} of {len(asked)}: "
                            f"{', '.join(made) or 'none'} done; "
                            + (f"{rest[0]} may or may not have been, " if rest else "")
                            + (f"{', '.join(rest[1:])} not; " if rest[1:] else "")
                            + f"`provisioner {shown_by}` shows each"))
+
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop`, `kill`
+    try:
+        return _with_redis(redis_url, watched)
+    except KeyboardInterrupt:
+        say("stopped after")
         raise typer.Exit(130) from None
+    except typer.Exit:
+        if lost:
+            say("cut off from the server after")
+        raise
     finally:
         signal.signal(signal.SIGTERM, before)
 

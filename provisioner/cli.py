@@ -591,16 +591,21 @@ async def _with_sizes(client: aioredis.Redis, pool: str,
     return shown, await view.table_sizes(client, pool), await server_now_ms(client)
 
 
+def _cut(shown: int, total: int, limit: int) -> bool:
+    """Whether --limit left some of a table's `total` rows out."""
+    return shown >= limit and total > shown
+
+
 def _counted(shown: int, total: int, limit: int) -> str:
     """A table's count: its rows, and the pool's own where --limit left some out (the title
     counted the rows alone: "nodes (200)" of a pool of 500)."""
-    return f"{shown} of {total}: --limit" if shown >= limit and total > shown else str(shown)
+    return f"{shown} of {total}: --limit" if _cut(shown, total, limit) else str(shown)
 
 
 def _say_cut(what: str, shown: int, total: int, limit: int) -> None:
     """On stderr, where --limit left rows out of a JSON table (its stdout the rows alone, as
     before): the table's title says it, the JSON said nothing."""
-    if shown >= limit and total > shown:
+    if _cut(shown, total, limit):
         errors.print(f"[yellow]warning:[/yellow] {escape(what)}: "
                      f"{_counted(shown, total, limit)} left the others out")
 

@@ -416,19 +416,20 @@ async def _replicas_release(client: aioredis.Redis, pool: str,
 
 
 async def _before_writing(client: aioredis.Redis, pool: str, doing: str, *,
-                          pool_checked: bool = False) -> list[Any] | None:
+                          no_pool: str | None = "nothing was changed") -> list[Any] | None:
     """What an operator's command that writes does first: exit 2, before anything is written,
-    if the server holds no state of the pool (unless the command said so already,
-    `pool_checked`: a misspelt --pool had `drain` say only "unknown to the pool" of each node,
-    and `release` "holds nothing" of each user: an operator's walkthrough), or if the
-    connection's Redis user may not run every command the pool's scripts call (an ACL
-    without XADD, or without PUBLISH on user:*; Redis undoes nothing a script wrote before a
-    command it refused, and a drain so refused left a user waiting while nodes were ready and
-    its node in no state: a review); then `_replicas_release`."""
+    if the server holds no state of the pool, saying so and then `no_pool` (None: a pool not
+    there yet is the command's to start, `model import --new-pool`; a misspelt --pool had
+    `drain` say only "unknown to the pool" of each node, and `release` "holds nothing" of each
+    user: an operator's walkthrough), or if the connection's Redis user may not run every
+    command the pool's scripts call (an ACL without XADD, or without PUBLISH on user:*; Redis
+    undoes nothing a script wrote before a command it refused, and a drain so refused left a
+    user waiting while nodes were ready and its node in no state: a review); then
+    `_replicas_release`."""
     from provisioner.scripts import CommandsRefused, commands_refused
 
-    if not pool_checked and not await view.pool_exists(client, pool):
-        raise _fail(f"{_no_pool(pool)}: nothing was changed")
+    if no_pool is not None and not await view.pool_exists(client, pool):
+        raise _fail(f"{_no_pool(pool)}: {no_pool}")
     if denied := await commands_refused(client, PoolKeys(pool)):
         raise _fail(str(CommandsRefused(denied, "nothing was changed (use a user allowed them, "
                                                 "as the replicas' is)")))
@@ -1405,10 +1406,9 @@ def reconcile(
 
     async def go(client: aioredis.Redis) -> tuple[dict[str, Any] | None, float]:
         """The repairs' counts (None: no node list), and the pool's create timeout."""
-        if not await view.pool_exists(client, pool):
-            raise _fail(_no_pool(pool) + "; nothing was compared (a replica started on the "
-                        "pool takes the Node API's nodes in before its first decision)")
-        await _before_writing(client, pool, WRITES_WITH_OWN, pool_checked=True)
+        await _before_writing(client, pool, WRITES_WITH_OWN, no_pool=(
+            "nothing was compared (a replica started on the pool takes the Node API's nodes "
+            "in before its first decision)"))
         api = HttpNodeApi(node_api_url)
         try:
             config = await _published_config(client, PoolKeys(pool))
@@ -1576,10 +1576,8 @@ def model_import(
     async def load(client: aioredis.Redis) -> Any:
         # A misspelt --pool was started from the file in silence, and `check` then took the
         # name for a pool's (a review, following "When Redis loses the pool's state").
-        if not new_pool and not await view.pool_exists(client, pool):
-            raise _fail(f"{_no_pool(pool)}: nothing imported; to start a new pool from the "
-                        "file, add --new-pool")
-        await _before_writing(client, pool, WRITES_WITH_OWN, pool_checked=True)
+        await _before_writing(client, pool, WRITES_WITH_OWN, no_pool=None if new_pool else (
+            "nothing imported; to start a new pool from the file, add --new-pool"))
         return await Scripts(client, keys).load_model(await server_now_ms(client), fields,
                                                       replace)
 

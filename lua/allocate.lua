@@ -14,6 +14,12 @@
   yet. Divided by the seconds users spent in each cell, that is the chance that a user seen in
   the cell connects within H. The user's activity window then starts afresh.
 
+  A connect within RETURN_MS (30 s) of the same user's session ending, its node freed, resumes
+  that session (includes/pool.lua): it is counted, and served or queued, as any connect, and
+  also in stats 'resumed', but it credits no cell, and the release that ended the session is
+  taken back from the model's 'rel' (a session of milliseconds is no session learned). A client
+  reconnecting in a loop is one session to the forecast, not a crowd.
+
   Idempotent: a connect of a user who already holds a node or already waits changes nothing and
   publishes nothing, so every replica may apply the same event.
 
@@ -30,9 +36,10 @@
   ARGV[5] the replica's mark of the call, 'replica:batch:seq' (optional): a call made
           again after a reply lost is not applied again (made_again in includes/pool.lua)
 
-  Returns {code, node_id, queue_position}
-    1 ALLOCATED          {1, node, 0}
-    2 WAITING            {2, '', position in the queue (1 = next)}
+  Returns {code, node_id, queue_position, resumed}
+    1 ALLOCATED          {1, node, 0, resumed}
+    2 WAITING            {2, '', position in the queue (1 = next), resumed}
+    (resumed: 1 for a connect that resumed the user's session, else 0; absent below)
     3 ALREADY_ALLOCATED  {3, node, 0}
     4 ALREADY_WAITING    {4, '', 0}
     5 MADE_AGAIN         {5, node the user holds or '', 0}: this call already ran; nothing done
@@ -63,10 +70,18 @@ if rcall('HEXISTS', K.waiting_since, user) == 1 then
 end
 
 stat('connects')
+local resumed = session_resumed(user, now)
+if resumed then
+  stat('resumed')
+  local released = learned(rcall('HGET', K.model, 'rel'))
+  if released and released > 0 then
+    add_to(K.model, 'rel', -math.min(1, released), true)
+  end
+end
 -- The tick writes the horizon and window it forecasts with; until it has, there is no credit.
 local model = rcall('HMGET', K.model, 'window_ms', 'horizon_ms')
 local window, horizon = tonumber(model[1]), tonumber(model[2])
-if window and horizon then
+if window and horizon and not resumed then
   local ak = K.acts_prefix .. user
   local first = first_seen(user, now)
   local step = horizon / CREDIT_SAMPLES
@@ -88,7 +103,7 @@ local node = take_ready()
 if node then
   stat('hits')
   assign(node, user, now, 0)
-  return {1, node, 0}
+  return {1, node, 0, resumed and 1 or 0}
 end
 
 stat('misses')
@@ -113,4 +128,4 @@ end
 log_entry(log_len, now, replica, 'miss',
           string.format('user %s waits at position %d: no ready node%s', user, position, before),
           last[2] or '{}', 0, 'decided_ms', last[3] or '', 'decision', last[1] or '')
-return {2, '', position}
+return {2, '', position, resumed and 1 or 0}

@@ -41,6 +41,11 @@ class Metrics:
         self.connects = Counter("provisioner_connects",
                                 "Counted connects (users holding nothing and not waiting)",
                                 registry=r)
+        self.resumed = Counter(
+            "provisioner_sessions_resumed",
+            "Counted connects that resumed the same user's session, ended within 30 s with its "
+            "node freed (a client that dropped and came back, or one in a loop): served as any "
+            "connect, taught nothing to the forecast", registry=r)
         self.hits = Counter("provisioner_hits", "Connects served at once by a ready node",
                             registry=r)
         self.misses = Counter("provisioner_misses", "Connects that found no ready node",

@@ -305,6 +305,9 @@ class AllocateResult:
     code: Allocation
     node_id: str
     queue_position: int
+    #: the connect resumed the user's session, ended within 30 s (lua/allocate.lua): taught
+    #: nothing to the forecast
+    resumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -728,8 +731,9 @@ def _activities(reply: Any) -> list[ActivityResult | ResponseError]:
 
 
 def _allocation(reply: Any) -> AllocateResult:
-    code, node, position = reply
-    return AllocateResult(Allocation(int(code)), as_text(node), int(position))
+    code, node, position = reply[:3]
+    resumed = len(reply) > 3 and int(reply[3]) == 1
+    return AllocateResult(Allocation(int(code)), as_text(node), int(position), resumed)
 
 
 def _release(reply: Any) -> ReleaseResult:

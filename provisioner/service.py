@@ -154,6 +154,12 @@ def _unknown_if(lost: bool, results: list[Any]) -> list[Any]:
 POOL_KEY_BROKEN = "WRONGTYPE pool key "
 
 
+def _resumed(result: AllocateResult) -> str:
+    """The connect log line's note of a session resumed (lua/allocate.lua)."""
+    return " (resumes the session the user ended within 30s: taught nothing)" \
+        if result.resumed else ""
+
+
 def _pool_key_broken(reply: object) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith(POOL_KEY_BROKEN)
 
@@ -595,17 +601,20 @@ class Replica:
                 log.debug("stale activity of %s", event.user_id)
         elif isinstance(event, events.Connect):
             assert isinstance(result, AllocateResult)
+            if result.resumed:
+                self.metrics.resumed.inc()
             if result.code is Allocation.ALLOCATED:
                 self.metrics.connects.inc()
                 self.metrics.hits.inc()
                 self.metrics.allocations.labels("instant").inc()
                 self.metrics.wait.observe(0)
-                log.info("connect %s: hit, node %s", event.user_id, result.node_id)
+                log.info("connect %s: hit, node %s%s", event.user_id, result.node_id,
+                         _resumed(result))
             elif result.code is Allocation.WAITING:
                 self.metrics.connects.inc()
                 self.metrics.misses.inc()
-                log.info("connect %s: miss, waiting at position %d", event.user_id,
-                         result.queue_position)
+                log.info("connect %s: miss, waiting at position %d%s", event.user_id,
+                         result.queue_position, _resumed(result))
             elif result.code is Allocation.MADE_AGAIN:
                 self._made_again("connect", event.user_id)
         elif isinstance(event, events.Disconnect):

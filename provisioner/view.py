@@ -95,6 +95,7 @@ class PoolView:
             # beside users waiting a minute (an operator's walkthrough)
             "mean_wait_s": round(self.snapshot.stat("wait_ms_total") / served / 1000, 2)
             if served else None,
+            "resumed": self.snapshot.stat("resumed"),
             "abandoned": self.snapshot.stat("abandoned"),
             "requeued": self.snapshot.stat("requeued"),
             "operator_releases": self.snapshot.stat("operator_releases"),
@@ -201,6 +202,7 @@ def render_view(view: PoolView) -> Group:
         f"connects {data['connects']}  hits {data['hits']}  misses {data['misses']} "
         f"(miss rate {data['miss_rate'] * 100:.1f}%)  mean wait in the queue "
         + ("-" if data["mean_wait_s"] is None else f"{data['mean_wait_s']:.1f}s")
+        + (f"  resumed {data['resumed']}" if data["resumed"] else "")
         + f"  abandoned {data['abandoned']}  "
         f"requeued {data['requeued']}" + (
             f"  released by an operator {data['operator_releases']}"

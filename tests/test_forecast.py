@@ -1245,3 +1245,79 @@ async def test_the_floor_is_named_only_when_it_raises_the_target(pool: PoolUnder
     pool.clock.advance(1000)
     reason, numbers = await decide(pool, PoolConfig(min_ready=2, max_nodes=0))
     assert numbers["target"] == 2 and "; floor min_ready=2)" in reason
+
+
+async def flapping(pool: PoolUnderTest, flaps: int, gap_ms: int, span_ms: int,
+                   ) -> tuple[str, dict[str, int], dict[str, float]]:
+    """A user holding the pool's one node for a minute, five others browsing; then `flaps`
+    disconnects of the user, each followed `gap_ms` later by their connect, over `span_ms` in
+    all; then a decision: its reason, numbers and the model it leaves."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    await decide(pool, config)  # the horizon and window a connect is credited with
+    await pool.boot("n1")
+    for i in range(5):
+        await browse(pool, f"b{i}", 10)
+    await browse(pool, "u", 10)
+    pool.clock.advance(1000)
+    await decide(pool, config)
+    assert (await pool.scripts.allocate(pool.now, "u")).node_id == "n1"
+    pool.clock.advance(60_000)
+    await decide(pool, config)
+    start = pool.now
+    for _ in range(flaps):
+        assert (await pool.scripts.release(pool.now, "u")).code is Release.RELEASED
+        pool.clock.advance(gap_ms)
+        assert (await pool.scripts.allocate(pool.now, "u")).node_id == "n1"
+    pool.clock.set(start + span_ms)
+    reason, numbers = await decide(pool, config)
+    model = {k: float(v) for k, v in (await pool.redis.hgetall(pool.keys.key("model"))).items()
+             if k.startswith(("r", "x", "bx", "rel"))}
+    return reason, numbers, model
+
+
+async def pool_named(aredis: aioredis.Redis, name: str) -> PoolUnderTest:
+    keys = PoolKeys(name)
+    return PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+
+
+async def test_a_client_reconnecting_in_a_loop_is_one_session_to_the_forecast(
+        aredis: aioredis.Redis) -> None:
+    # 200 reconnects 5 ms after each disconnect (a review's client looped at 200 a second): the
+    # forecast took each for a connect of a user not browsing yet, and each release for a
+    # session's end, and the target rose with them. Beside a pool whose user held on, the
+    # decision is the same, word for word.
+    flapped = await pool_named(aredis, "flap")
+    reason, numbers, model = await flapping(flapped, 200, 5, 2_000)
+    held_reason, held_numbers, held_model = await flapping(await pool_named(aredis, "held"),
+                                                           0, 5, 2_000)
+    assert reason == held_reason and numbers["target"] == held_numbers["target"]
+    assert model.keys() == held_model.keys()
+    for field_name, value in held_model.items():
+        assert model[field_name] == pytest.approx(value, abs=1e-6), field_name
+    stats = await flapped.redis.hgetall(flapped.keys.key("stats"))
+    assert (int(stats["connects"]), int(stats["resumed"]), int(stats["releases"])) == (201, 200,
+                                                                                        200)
+    # Only the last RETURN_MS of session ends is kept.
+    assert await flapped.redis.zcard(flapped.keys.key("ended")) == 0
+    await flapped.scripts.release(flapped.now, "u")
+    assert await flapped.redis.zrange(flapped.keys.key("ended"), 0, -1) == ["u"]
+    assert (await flapped.snap()).stats["resumed"] == "200"
+    flapped.clock.advance(30_000)
+    assert (await flapped.scripts.allocate(flapped.now, "u")).resumed
+    await flapped.scripts.release(flapped.now, "u")
+    flapped.clock.advance(30_001)
+    assert not (await flapped.scripts.allocate(flapped.now, "u")).resumed
+
+
+@pytest.mark.parametrize("gap_ms, resumed", [(30_000, True), (30_001, False)])
+async def test_a_session_resumes_within_thirty_seconds_of_its_end(
+        aredis: aioredis.Redis, gap_ms: int, resumed: bool) -> None:
+    pool = await pool_named(aredis, "once")
+    _, _, model = await flapping(pool, 1, gap_ms, gap_ms)
+    _, _, held = await flapping(await pool_named(aredis, "held"), 0, gap_ms, gap_ms)
+    stats = await pool.redis.hgetall(pool.keys.key("stats"))
+    assert int(stats.get("resumed", 0)) == int(resumed)
+    # The release taken back from the model, or learned; the connect taught nothing, or was
+    # credited to users not browsing yet (the user's window began again at the release).
+    assert model["rel"] == pytest.approx(held["rel"] + (0 if resumed else 1), abs=0.05)
+    assert (model["r0"] == pytest.approx(held["r0"])) is resumed

@@ -142,6 +142,22 @@ async def test_tick_creates_the_floor_and_a_connect_gets_a_ready_node(
     assert await check_invariants(aredis, POOL) == []
 
 
+async def test_a_connect_that_resumes_a_session_is_counted_and_logged_as_one(
+    replica: Replica, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture,
+) -> None:
+    await replica.scripts.apply_node_status(T0, "node-1", "booting")
+    await replica.scripts.apply_node_status(T0, "node-1", "ready")
+    await send([replica], "user:connect", {"user_id": "u1"})
+    await send([replica], "user:disconnect", {"user_id": "u1"})
+    with caplog.at_level("INFO", logger="provisioner"):
+        await send([replica], "user:connect", {"user_id": "u1"})
+    assert counter(replica, "provisioner_connects_total") == 2
+    assert counter(replica, "provisioner_sessions_resumed_total") == 1
+    assert "connect u1: hit, node node-1 (resumes the session the user ended within 30s" \
+        in caplog.text
+    assert await check_invariants(aredis, POOL) == []
+
+
 async def _a_tick_whose_reply_is_lost(replica: Replica, script: str = "scale_decide") -> None:
     """A tick whose `script` (scale_decide, or reap_idle) ran on the server and whose reply
     never came: a server frozen past the client's timeout (DEBUG SLEEP, SIGSTOP) runs the

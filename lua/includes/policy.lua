@@ -264,7 +264,7 @@ local function score_tail(came, m0, v, z, above_field, poisson_field)
   add_to(K.stats, poisson_field, string.format('%.6f', poisson_above(m0, line)), true)
 end
 
--- `seen` is the connects allocate has counted so far (stats 'connects').
+-- `seen` is the connects allocate has counted so far (stats 'connects'), less the resumed.
 local function check_forecast(p, mean, var, horizon_ms, seen)
   local open = rcall('HMGET', K.model, 'check_until_ms', 'check_connects', 'check_mean',
                      'check_var')
@@ -559,13 +559,17 @@ local function forecast_target(s, p, update)
     again = mean * phi * p.new_session_frees
   end
   if update then
-    local counted = rcall('HMGET', K.stats, 'connects', 'releases', 'drained_session_ends')
-    local seen = tonumber(counted[1]) or 0
+    -- A resumed session (allocate.lua) is neither a connect the forecast owes nor a free: its
+    -- connect and its release are both left out.
+    local counted = rcall('HMGET', K.stats, 'connects', 'releases', 'drained_session_ends',
+                          'resumed')
+    local resumed = tonumber(counted[4]) or 0
+    local seen = (tonumber(counted[1]) or 0) - resumed
     check_forecast(p, mean, var, lead_ms, seen)
     -- The frees checked are all the target counts on: the running sessions' and the new ones'
     -- (a drained node's session's end freed none).
     check_sliding(p, mean, var, lead_ms, seen, frees + again,
-                  (tonumber(counted[2]) or 0) - (tonumber(counted[3]) or 0))
+                  (tonumber(counted[2]) or 0) - (tonumber(counted[3]) or 0) - resumed)
   end
   local z = s.surge and p.surge_z or p.z
   local buffer = z * math.sqrt(var + frees_var)

@@ -73,9 +73,13 @@ stat('connects')
 local resumed = session_resumed(user, now)
 if resumed then
   stat('resumed')
+  -- Never below 0: HINCRBYFLOAT of a release count under 1 less its own double (not the
+  -- decimal stored) left -1e-17, a value no script writes ('learned' reads it as nothing).
   local released = learned(rcall('HGET', K.model, 'rel'))
-  if released and released > 0 then
-    add_to(K.model, 'rel', -math.min(1, released), true)
+  if released and released > 1 then
+    add_to(K.model, 'rel', -1, true)
+  elseif released and released > 0 then
+    rcall('HSET', K.model, 'rel', 0)
   end
 end
 -- The tick writes the horizon and window it forecasts with; until it has, there is no credit.

@@ -1321,3 +1321,25 @@ async def test_a_session_resumes_within_thirty_seconds_of_its_end(
     # credited to users not browsing yet (the user's window began again at the release).
     assert model["rel"] == pytest.approx(held["rel"] + (0 if resumed else 1), abs=0.05)
     assert (model["r0"] == pytest.approx(held["r0"])) is resumed
+
+
+@pytest.mark.parametrize("dt_ms", [6_000, 7_000, 10_000, 11_000, 12_000])
+async def test_sessions_resumed_across_a_tick_leave_the_release_count_non_negative(
+        aredis: aioredis.Redis, dt_ms: int) -> None:
+    # Two sessions ended, a tick's decay, both resumed: the second took back the count's rest
+    # (under 1) by its double, and HINCRBYFLOAT of the decimal stored left -1e-17 ('rel', a
+    # field only a hand edit writes negative: `model export` left it out).
+    pool = await pool_named(aredis, f"rel{dt_ms}")
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    await decide(pool, config)
+    for node, user in (("n1", "u1"), ("n2", "u2")):
+        await pool.boot(node)
+        await pool.scripts.allocate(pool.now, user)
+    for user in ("u1", "u2"):
+        assert (await pool.scripts.release(pool.now, user)).code is Release.RELEASED
+    pool.clock.advance(dt_ms)
+    await decide(pool, config)
+    for user in ("u1", "u2"):
+        assert (await pool.scripts.allocate(pool.now, user)).resumed
+    rel = await pool.redis.hget(pool.keys.key("model"), "rel")
+    assert float(rel) >= 0, rel

@@ -14,11 +14,12 @@
   yet. Divided by the seconds users spent in each cell, that is the chance that a user seen in
   the cell connects within H. The user's activity window then starts afresh.
 
-  A connect within RETURN_MS (30 s) of the same user's session ending, its node freed, resumes
-  that session (includes/pool.lua): it is counted, and served or queued, as any connect, and
-  also in stats 'resumed', but it credits no cell, and the release that ended the session is
-  taken back from the model's 'rel' (a session of milliseconds is no session learned). A client
-  reconnecting in a loop is one session to the forecast, not a crowd.
+  A connect within RETURN_MS (30 s) of the same user's session ending, its node freed, or of
+  their wait being abandoned, resumes that session (includes/pool.lua): it is counted, and
+  served or queued, as any connect, and also in stats 'resumed', but it credits no cell, and
+  the release that ended the session is taken back from the model's 'rel' (a session of
+  milliseconds is no session learned; stats 'releases_taken_back'). A client reconnecting in a
+  loop is one session to the forecast, not a crowd, whether it holds a node or waits for one.
 
   Idempotent: a connect of a user who already holds a node or already waits changes nothing and
   publishes nothing, so every replica may apply the same event.
@@ -70,9 +71,12 @@ if rcall('HEXISTS', K.waiting_since, user) == 1 then
 end
 
 stat('connects')
-local resumed = session_resumed(user, now)
+local resumed, released_before = session_resumed(user, now)
 if resumed then
   stat('resumed')
+end
+if resumed and released_before then
+  stat('releases_taken_back')
   -- Never below 0: HINCRBYFLOAT of a release count under 1 less its own double (not the
   -- decimal stored) left -1e-17, a value no script writes ('learned' reads it as nothing).
   local released = learned(rcall('HGET', K.model, 'rel'))

@@ -9,8 +9,9 @@
   still waiting leaves the queue and counts as abandoned. Anyone else: nothing.
   Either way the user's activity window starts afresh: browsing after a session is new browsing.
   Each release is one event of the release rate the forecast learns ('rel' in the model). A
-  session ended with its node freed is marked in `ended`, so that the same user's connect within
-  RETURN_MS resumes it (includes/pool.lua; allocate.lua takes the release back from 'rel').
+  session ended with its node freed, or a wait abandoned, is marked in `ended`, so that the same
+  user's connect within RETURN_MS resumes it (includes/pool.lua; allocate.lua takes the release
+  back from 'rel').
 
   Idempotent: a second disconnect finds the user holding nothing.
 
@@ -112,7 +113,7 @@ if node then
       return {6, node}
     end
     local served = node_free(node, now)
-    mark_session_ended(user, now)
+    mark_ended(user, now, true)
     for _, v in ipairs(served) do result[#result + 1] = v end
     log_release(string.format('node %s freed after a session of %.0fs, %s', node,
                               (now - since) / 1000, served[1] and ('to waiting user ' .. served[1])
@@ -129,6 +130,7 @@ if waits then
   rcall('ZREM', K.waiting, user)
   rcall('HDEL', K.waiting_since, user)
   stat('abandoned')
+  mark_ended(user, now, false)
   log_release(string.format('left the waiting queue after %.0fs', (now - since) / 1000))
   return {2, ''}
 end

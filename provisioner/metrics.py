@@ -44,8 +44,8 @@ class Metrics:
         self.resumed = Counter(
             "provisioner_sessions_resumed",
             "Counted connects that resumed the same user's session, ended within 30 s with its "
-            "node freed (a client that dropped and came back, or one in a loop): served as any "
-            "connect, taught nothing to the forecast", registry=r)
+            "node freed, or their wait abandoned (a client that dropped and came back, or one "
+            "in a loop): served as any connect, taught nothing to the forecast", registry=r)
         self.hits = Counter("provisioner_hits", "Connects served at once by a ready node",
                             registry=r)
         self.misses = Counter("provisioner_misses", "Connects that found no ready node",

@@ -305,8 +305,8 @@ class AllocateResult:
     code: Allocation
     node_id: str
     queue_position: int
-    #: the connect resumed the user's session, ended within 30 s (lua/allocate.lua): taught
-    #: nothing to the forecast
+    #: the connect resumed the user's session or wait, ended within 30 s (lua/allocate.lua):
+    #: taught nothing to the forecast
     resumed: bool = False
 
 

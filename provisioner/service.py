@@ -156,7 +156,7 @@ POOL_KEY_BROKEN = "WRONGTYPE pool key "
 
 def _resumed(result: AllocateResult) -> str:
     """The connect log line's note of a session resumed (lua/allocate.lua)."""
-    return " (resumes the session the user ended within 30s: taught nothing)" \
+    return " (resumes the session or wait the user ended within 30s: taught nothing)" \
         if result.resumed else ""
 
 

@@ -1343,3 +1343,90 @@ async def test_sessions_resumed_across_a_tick_leave_the_release_count_non_negati
         assert (await pool.scripts.allocate(pool.now, user)).resumed
     rel = await pool.redis.hget(pool.keys.key("model"), "rel")
     assert float(rel) >= 0, rel
+
+
+async def flapping_behind_a_waiting_user(pool: PoolUnderTest, flaps: int, gap_ms: int,
+                                         span_ms: int,
+                                         ) -> tuple[str, dict[str, int], dict[str, str]]:
+    """A user holding the pool's one node, another waiting for one; then `flaps` disconnects
+    of the first, each followed `gap_ms` later by their connect and `gap_ms` after that by the
+    next disconnect (the first hands the node to the user waiting, so the flapping user waits
+    and abandons in turn), over `span_ms` in all; then a decision: its reason, numbers and the
+    pool's stats."""
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    await decide(pool, config)
+    await pool.boot("n1")
+    for i in range(5):
+        await browse(pool, f"b{i}", 10)
+    pool.clock.advance(1000)
+    await decide(pool, config)
+    assert (await pool.scripts.allocate(pool.now, "u")).node_id == "n1"
+    assert (await pool.scripts.allocate(pool.now, "w")).node_id == ""
+    pool.clock.advance(60_000)
+    await decide(pool, config)
+    start = pool.now
+    for _ in range(flaps):
+        await pool.scripts.release(pool.now, "u")
+        pool.clock.advance(gap_ms)
+        await pool.scripts.allocate(pool.now, "u")
+        pool.clock.advance(gap_ms)
+    pool.clock.set(start + span_ms)
+    reason, numbers = await decide(pool, config)
+    return reason, numbers, await pool.redis.hgetall(pool.keys.key("stats"))
+
+
+@pytest.mark.parametrize("flaps, gap_ms", [(100, 5), (60, 1_000)])
+async def test_a_client_reconnecting_in_a_loop_behind_a_waiting_user_is_one_session(
+        aredis: aioredis.Redis, flaps: int, gap_ms: int) -> None:
+    # The first disconnect hands the node to the user waiting, so the resumed connect waits,
+    # and the next disconnect abandons: the end of its wait is marked in turn, so each connect
+    # after it resumes the session, for as long as the loop lasts (2 minutes at 1 s). With the
+    # session's end alone marked, 100 connects in 1 s took the target from 2 to 17 (a review).
+    # Beside a pool whose user held on (the other one waiting), the decision is the same.
+    span = 2 * flaps * gap_ms + 1_000
+    reason, numbers, stats = await flapping_behind_a_waiting_user(
+        await pool_named(aredis, "flap-w"), flaps, gap_ms, span)
+    held_reason, held_numbers, _ = await flapping_behind_a_waiting_user(
+        await pool_named(aredis, "held-w"), 0, gap_ms, span)
+    assert (reason, numbers["target"]) == (held_reason, held_numbers["target"])
+    assert (int(stats["connects"]), int(stats["releases"]), int(stats["abandoned"])) == (
+        2 + flaps, 1, flaps - 1)
+    assert (int(stats["resumed"]), int(stats["releases_taken_back"])) == (flaps, 1)
+
+
+async def test_a_user_who_abandons_a_wait_and_connects_again_is_taught_once(
+        pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    await decide(pool, config)
+    await pool.scripts.allocate(pool.now, "u")  # a miss: taught, and waiting
+    pool.clock.advance(20_000)
+    assert (await pool.scripts.release(pool.now, "u")).code is Release.ABANDONED
+    pool.clock.advance(30_000)
+    model = await pool.redis.hget(pool.keys.key("model"), "r0")
+    assert (await pool.scripts.allocate(pool.now, "u")).resumed
+    assert await pool.redis.hget(pool.keys.key("model"), "r0") == model
+    assert "releases_taken_back" not in await pool.redis.hgetall(pool.keys.key("stats"))
+    await pool.scripts.release(pool.now, "u")
+    pool.clock.advance(30_001)
+    assert not (await pool.scripts.allocate(pool.now, "u")).resumed
+
+
+async def test_a_mark_is_kept_a_minute_for_a_replica_whose_clock_runs_behind(
+        pool: PoolUnderTest) -> None:
+    # A replica 30 s ahead marked an end: one behind still reads another user's mark of 10 s
+    # before as within the 30 s (a review: the trim at 30 s took it).
+    await pool.boot("n1")
+    await pool.boot("n2")
+    for user in ("u1", "u2"):
+        await pool.scripts.allocate(pool.now, user)
+    await pool.scripts.release(pool.now, "u1")
+    await pool.scripts.release(pool.now + 40_000, "u2")  # a replica's clock 30 s ahead
+    pool.clock.advance(10_000)
+    assert (await pool.scripts.allocate(pool.now, "u1")).resumed
+    start = pool.now - 10_000
+    # Marks a minute old go at the next mark: u2's, of start + 40 s, at start + 100 s is not.
+    await pool.scripts.release(start + 100_000, "u1")
+    assert await pool.redis.zrange(pool.keys.key("ended"), 0, -1) == ["u2", "u1"]
+    await pool.scripts.allocate(start + 100_000, "u1")
+    await pool.scripts.release(start + 100_001, "u1")
+    assert await pool.redis.zrange(pool.keys.key("ended"), 0, -1) == ["u1"]

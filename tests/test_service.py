@@ -153,7 +153,7 @@ async def test_a_connect_that_resumes_a_session_is_counted_and_logged_as_one(
         await send([replica], "user:connect", {"user_id": "u1"})
     assert counter(replica, "provisioner_connects_total") == 2
     assert counter(replica, "provisioner_sessions_resumed_total") == 1
-    assert "connect u1: hit, node node-1 (resumes the session the user ended within 30s" \
+    assert "connect u1: hit, node node-1 (resumes the session or wait the user ended within 30s" \
         in caplog.text
     assert await check_invariants(aredis, POOL) == []
 

@@ -560,16 +560,18 @@ local function forecast_target(s, p, update)
   end
   if update then
     -- A resumed session (allocate.lua) is neither a connect the forecast owes nor a free: its
-    -- connect and its release are both left out.
+    -- connect and the release it took back are both left out. (A release counted before a
+    -- tick and taken back after it makes the count of that tick's lead time go back: the tick
+    -- is left out of the frees' sums, as a count set back by hand is.)
     local counted = rcall('HMGET', K.stats, 'connects', 'releases', 'drained_session_ends',
-                          'resumed')
-    local resumed = tonumber(counted[4]) or 0
-    local seen = (tonumber(counted[1]) or 0) - resumed
+                          'resumed', 'releases_taken_back')
+    local seen = (tonumber(counted[1]) or 0) - (tonumber(counted[4]) or 0)
     check_forecast(p, mean, var, lead_ms, seen)
     -- The frees checked are all the target counts on: the running sessions' and the new ones'
     -- (a drained node's session's end freed none).
     check_sliding(p, mean, var, lead_ms, seen, frees + again,
-                  (tonumber(counted[2]) or 0) - (tonumber(counted[3]) or 0) - resumed)
+                  (tonumber(counted[2]) or 0) - (tonumber(counted[3]) or 0)
+                  - (tonumber(counted[5]) or 0))
   end
   local z = s.surge and p.surge_z or p.z
   local buffer = z * math.sqrt(var + frees_var)

@@ -196,32 +196,37 @@ local function node_free(node_id, now)
   return match_waiting(now)
 end
 
--- A session resumed: a connect within RETURN_MS of the same user's session ending, its node
--- back in the pool, is that session going on (a client that dropped and came back, or one in a
--- loop), not a new one. The connect needs a node as any does, but the pair taught the forecast
--- nothing it should learn: its release had taught a session's end ('rel'), and its connect
--- would credit a horizon's cells. A client flapping 200 times a second took the target to 101
--- and the pool to its max_nodes, one node ever held (a review). The nearest reconnect of any
+-- A session resumed: a connect within RETURN_MS of the same user's session ending (its node
+-- freed back to the pool), or of their wait for a node being abandoned, is that session going
+-- on (a client that dropped and came back, or one in a loop), not a new one. The connect needs
+-- a node as any does, but the forecast learned the session's connect already, and the release
+-- before it taught a session's end ('rel'): taken back. A client flapping 200 times a second
+-- took the target to 101 and the pool to its max_nodes, one node ever held (a review); behind a
+-- user waiting, its node handed on, it waits and abandons in turn. The nearest reconnect of any
 -- recorded trace is 66 s after the session (fast-converters), and generated users connect
 -- once, so no replay sees one.
 local RETURN_MS = 30000
 
--- The mark of a session ended with its node freed (release.lua): the user and when, in `ended`;
--- marks older than RETURN_MS go at each mark, so the set holds the last RETURN_MS's ends.
-local function mark_session_ended(user, now)
-  rcall('ZREMRANGEBYSCORE', K.ended, '-inf', '(' .. (now - RETURN_MS))
-  rcall('ZADD', K.ended, now, user)
+-- The end of a user's session, or of their wait, in `ended`: scored by when, negated for a
+-- wait abandoned (no release to take back). Marks over 2 x RETURN_MS old go at each mark (one
+-- range, both signs), so that a replica whose clock runs ahead trims none another may still
+-- read as within RETURN_MS.
+local function mark_ended(user, now, released)
+  local old = now - 2 * RETURN_MS
+  rcall('ZREMRANGEBYSCORE', K.ended, '(' .. -old, '(' .. old)
+  rcall('ZADD', K.ended, released and now or -now, user)
 end
 
--- Whether the user's session ended within RETURN_MS of `now` (either side: a replica whose
--- clock runs behind the one that marked it); the mark is taken either way.
+-- Whether the user's session or wait ended within RETURN_MS of `now` (either side: a replica
+-- whose clock runs behind the one that marked it), and whether by a release (to be taken
+-- back); the mark is taken either way.
 local function session_resumed(user, now)
-  local ended = tonumber(rcall('ZSCORE', K.ended, user))
-  if not ended then
-    return false
+  local score = tonumber(rcall('ZSCORE', K.ended, user))
+  if not score then
+    return false, false
   end
   rcall('ZREM', K.ended, user)
-  return math.abs(now - ended) <= RETURN_MS
+  return math.abs(now - math.abs(score)) <= RETURN_MS, score > 0
 end
 
 -- Places in line: whole numbers, so one past the last (or before the first) is exact while

@@ -1430,3 +1430,49 @@ async def test_a_mark_is_kept_a_minute_for_a_replica_whose_clock_runs_behind(
     await pool.scripts.allocate(start + 100_000, "u1")
     await pool.scripts.release(start + 100_001, "u1")
     assert await pool.redis.zrange(pool.keys.key("ended"), 0, -1) == ["u1"]
+
+
+async def flapping_while_waiting(pool: PoolUnderTest, flaps: int, gap_ms: int, span_ms: int,
+                                 ) -> tuple[str, dict[str, int], dict[str, float]]:
+    """A pool with no node, five users browsing and "u" waiting since a connect; then `flaps`
+    disconnects of the user, each leaving the queue, followed `gap_ms` later by their connect,
+    over `span_ms` in all; then a decision: its reason, numbers and the model it leaves."""
+    config = PoolConfig(min_ready=0, max_nodes=0)
+    await decide(pool, config)  # the horizon and window a connect is credited with
+    for i in range(5):
+        await browse(pool, f"b{i}", 10)
+    await browse(pool, "u", 10)
+    pool.clock.advance(1000)
+    await decide(pool, config)
+    assert (await pool.scripts.allocate(pool.now, "u")).queue_position == 1
+    pool.clock.advance(1000)
+    await decide(pool, config)
+    start = pool.now
+    for _ in range(flaps):
+        assert (await pool.scripts.release(pool.now, "u")).code is Release.ABANDONED
+        pool.clock.advance(gap_ms)
+        assert (await pool.scripts.allocate(pool.now, "u")).queue_position == 1
+    pool.clock.set(start + span_ms)
+    reason, numbers = await decide(pool, config)
+    model = {k: float(v) for k, v in (await pool.redis.hgetall(pool.keys.key("model"))).items()
+             if k.startswith(("r", "x", "bx", "rel"))}
+    return reason, numbers, model
+
+
+async def test_a_client_reconnecting_in_a_loop_while_it_waits_is_one_wait_to_the_forecast(
+        aredis: aioredis.Redis) -> None:
+    # A drill (a helper's): a fresh pool's client looping at 200 a second before its first node was ready
+    # waited and left the queue 2574 times in 13 s, each connect taught as a new user's, and the
+    # target went to 6442, the pool to its max_nodes. Beside a user who waited on, the decision
+    # is the same, word for word.
+    flapped = await pool_named(aredis, "flapw")
+    reason, numbers, model = await flapping_while_waiting(flapped, 200, 5, 2_000)
+    held_reason, held_numbers, held_model = await flapping_while_waiting(
+        await pool_named(aredis, "heldw"), 0, 5, 2_000)
+    assert reason == held_reason and numbers["target"] == held_numbers["target"]
+    for field_name, value in held_model.items():
+        assert model[field_name] == pytest.approx(value, abs=1e-6), field_name
+    stats = await flapped.redis.hgetall(flapped.keys.key("stats"))
+    assert (int(stats["connects"]), int(stats["resumed"]), int(stats["abandoned"])) == (
+        201, 200, 200)
+    assert "releases" not in stats and "releases_taken_back" not in stats

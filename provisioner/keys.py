@@ -45,7 +45,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "applied",        # hash: replica id -> "batch:seq[:lo-hi,...]", its last call marked applied
     "drains",         # zset: node id -> ms an operator drained it in its session (ends with it)
     "replacing",      # string: "extra:until_ms:run", spare a replace holds (a lease: PX)
-    "ended",          # zset: user id -> ms their session ended, kept RETURN_MS (a resume's mark)
+    "ended",          # zset: user id -> ms their session ended (-ms: their wait), a minute
 )
 
 

@@ -1461,10 +1461,10 @@ async def flapping_while_waiting(pool: PoolUnderTest, flaps: int, gap_ms: int, s
 
 async def test_a_client_reconnecting_in_a_loop_while_it_waits_is_one_wait_to_the_forecast(
         aredis: aioredis.Redis) -> None:
-    # A drill (a helper's): a fresh pool's client looping at 200 a second before its first node was ready
-    # waited and left the queue 2574 times in 13 s, each connect taught as a new user's, and the
-    # target went to 6442, the pool to its max_nodes. Beside a user who waited on, the decision
-    # is the same, word for word.
+    # A drill (a helper's): a fresh pool's client looping at 200 a second before its first node
+    # was ready waited and left the queue 2574 times in 13 s, each connect taught as a new
+    # user's, and the target went to 6442, the pool to its max_nodes. Beside a user who waited
+    # on, the decision is the same, word for word.
     flapped = await pool_named(aredis, "flapw")
     reason, numbers, model = await flapping_while_waiting(flapped, 200, 5, 2_000)
     held_reason, held_numbers, held_model = await flapping_while_waiting(
@@ -1476,3 +1476,114 @@ async def test_a_client_reconnecting_in_a_loop_while_it_waits_is_one_wait_to_the
     assert (int(stats["connects"]), int(stats["resumed"]), int(stats["abandoned"])) == (
         201, 200, 200)
     assert "releases" not in stats and "releases_taken_back" not in stats
+
+
+async def test_the_forecast_checks_count_a_loop_behind_a_waiting_user_as_nothing_came(
+        aredis: aioredis.Redis) -> None:
+    # The checks opened at the tick before the loop are scored a lead time (60 s) later: the
+    # loop's connects are all resumed and its one release taken back, so neither check counts
+    # a connect or a free came from it, as for a pool whose user held on (the frees' sum left
+    # out neither: the release was counted and taken back within the same lead time).
+    checked = ("forecast_checks", "forecast_seen", "sliding_checks", "sliding_came",
+               "sliding_summed", "sliding_frees_came")
+    _, _, stats = await flapping_behind_a_waiting_user(
+        await pool_named(aredis, "flap-c"), 100, 5, 61_000)
+    _, _, held = await flapping_behind_a_waiting_user(
+        await pool_named(aredis, "held-c"), 0, 5, 61_000)
+    assert (int(stats["resumed"]), int(stats["releases_taken_back"])) == (100, 1)
+    assert int(held["forecast_checks"]) == 2 and int(held["sliding_summed"]) >= 2
+    assert {k: stats.get(k) for k in checked} == {k: held.get(k) for k in checked}
+
+
+async def test_an_abandoned_wait_still_resumes_after_another_user_s_end_is_marked(
+        pool: PoolUnderTest) -> None:
+    # Each mark trims those over a minute old, of both signs: a wait abandoned (a negative
+    # mark) a second before another user's session ended is still read 10 s later.
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "v")
+    await pool.scripts.allocate(pool.now, "u")  # waits: the one node is v's
+    assert (await pool.scripts.release(pool.now, "u")).code is Release.ABANDONED
+    pool.clock.advance(1_000)
+    assert (await pool.scripts.release(pool.now, "v")).code is Release.RELEASED
+    assert await pool.redis.zrange(pool.keys.key("ended"), 0, -1) == ["u", "v"]
+    pool.clock.advance(10_000)
+    assert (await pool.scripts.allocate(pool.now, "u")).resumed
+
+
+@pytest.mark.parametrize("behind_ms, resumed", [(10_000, True), (30_000, True),
+                                                (30_001, False)])
+async def test_a_connect_applied_by_a_replica_whose_clock_runs_behind_reads_the_mark(
+        pool: PoolUnderTest, behind_ms: int, resumed: bool) -> None:
+    # Within 30 s either side of the mark: a connect whose `now` is before the session's end
+    # (a replica behind the one that applied the disconnect) resumes it only within 30 s.
+    await pool.boot("n1")
+    await pool.scripts.allocate(pool.now, "u")
+    pool.clock.advance(60_000)
+    await pool.scripts.release(pool.now, "u")
+    assert (await pool.scripts.allocate(pool.now - behind_ms, "u")).resumed is resumed
+    assert await pool.redis.zcard(pool.keys.key("ended")) == 0  # the mark taken either way
+
+
+async def test_a_resume_takes_one_release_back_from_a_count_above_one(
+        pool: PoolUnderTest) -> None:
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    await decide(pool, config)
+    for node, user in (("n1", "u1"), ("n2", "u2")):
+        await pool.boot(node)
+        await pool.scripts.allocate(pool.now, user)
+    for user in ("u1", "u2"):
+        await pool.scripts.release(pool.now, user)
+    rel = float(await pool.redis.hget(pool.keys.key("model"), "rel"))
+    assert rel > 1
+    pool.clock.advance(5_000)
+    assert (await pool.scripts.allocate(pool.now, "u1")).resumed
+    assert float(await pool.redis.hget(pool.keys.key("model"), "rel")) == pytest.approx(rel - 1)
+
+
+async def test_a_connect_after_a_drained_node_s_session_ended_resumes_nothing(
+        pool: PoolUnderTest) -> None:
+    # The node was terminated, not freed back to the pool: the session's end is not marked,
+    # and the user's connect within 30 s is a new one, credited and its release kept.
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    await decide(pool, config)
+    await pool.boot("n1")
+    await pool.boot("n2")
+    await pool.scripts.allocate(pool.now, "u")
+    await pool.scripts.drain_node(pool.now, "n1", "op")
+    assert (await pool.scripts.release(pool.now, "u")).code is Release.DRAINED
+    assert await pool.redis.zcard(pool.keys.key("ended")) == 0
+    rel = await pool.redis.hget(pool.keys.key("model"), "rel")
+    pool.clock.advance(5_000)
+    assert not (await pool.scripts.allocate(pool.now, "u")).resumed
+    assert await pool.redis.hget(pool.keys.key("model"), "rel") == rel
+    stats = await pool.redis.hgetall(pool.keys.key("stats"))
+    assert "resumed" not in stats and "releases_taken_back" not in stats
+
+
+async def test_a_release_taken_back_across_a_tick_leaves_its_frees_one_short(
+        pool: PoolUnderTest) -> None:
+    # u1's release counted before a tick and taken back by a resume after it: the tick's frees
+    # are left out of the sums while no other release came in its lead time, and summed one
+    # short once one did (u2's), not left out (as the README said before).
+    config = PoolConfig(min_ready=0, max_nodes=0)
+    await decide(pool, config)
+    for node, user in (("n1", "u1"), ("n2", "u2")):
+        await pool.boot(node)
+        await pool.scripts.allocate(pool.now, user)
+    pool.clock.advance(60_000)
+    await decide(pool, config)
+    await pool.redis.delete(pool.keys.key("sliding"))
+    await pool.scripts.release(pool.now, "u1")
+    pool.clock.advance(1_000)
+    await decide(pool, config)  # the tick checked: its entry holds u1's release
+    pool.clock.advance(5_000)
+    await pool.scripts.release(pool.now, "u2")  # a free in its lead time
+    pool.clock.advance(5_000)
+    assert (await pool.scripts.allocate(pool.now, "u1")).resumed
+    pool.clock.advance(51_000)
+    before = (await pool.snap()).forecast_check()
+    await decide(pool, config)
+    after = (await pool.snap()).forecast_check()
+    assert after.sliding_checks == before.sliding_checks + 1
+    assert (after.sliding_summed - before.sliding_summed,
+            after.sliding_frees_came - before.sliding_frees_came) == (1, 0)

@@ -158,6 +158,27 @@ async def test_a_connect_that_resumes_a_session_is_counted_and_logged_as_one(
     assert await check_invariants(aredis, POOL) == []
 
 
+async def test_a_connect_that_resumes_a_wait_is_counted_and_logged_as_one(
+    replica: Replica, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No node: the connect waits (not resumed: no count), its wait is abandoned, and the
+    # connect again within 30 s waits again, resuming it: counted once, and said in its line.
+    with caplog.at_level("INFO", logger="provisioner"):
+        await send([replica], "user:connect", {"user_id": "u1"})
+    assert counter(replica, "provisioner_sessions_resumed_total") == 0
+    assert "connect u1: miss, waiting at position 1\n" in caplog.text + "\n"
+    assert "resumes" not in caplog.text
+    await send([replica], "user:disconnect", {"user_id": "u1"})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="provisioner"):
+        await send([replica], "user:connect", {"user_id": "u1"})
+    assert counter(replica, "provisioner_connects_total") == 2
+    assert counter(replica, "provisioner_sessions_resumed_total") == 1
+    assert "connect u1: miss, waiting at position 1 (resumes the session or wait the user " \
+        "ended within 30s: taught nothing)" in caplog.text
+    assert await check_invariants(aredis, POOL) == []
+
+
 async def _a_tick_whose_reply_is_lost(replica: Replica, script: str = "scale_decide") -> None:
     """A tick whose `script` (scale_decide, or reap_idle) ran on the server and whose reply
     never came: a server frozen past the client's timeout (DEBUG SLEEP, SIGSTOP) runs the

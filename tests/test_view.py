@@ -1536,3 +1536,31 @@ async def test_status_reads_a_server_whose_info_fails_as_not_full() -> None:
             raise RedisConnectionError("Connection closed by server.")
 
     assert await view.server_full(cast(aioredis.Redis, ClosesOnInfo())) == ""
+
+
+def test_status_gives_the_connects_that_resumed_a_session(redis_url: str) -> None:
+    """A connect within 30 s of the same user's session ending resumes it (stats 'resumed'):
+    `status --json` gives the count, and the panel says it beside the connects, only once
+    there is one."""
+    now = int(time.time() * 1000)
+    pool = "flap-cli"
+    asyncio.run(_boot_then_connect(redis_url, pool, now - 20_000, "n1", user="u1"))
+    common = ["--redis-url", redis_url, "--pool", pool]
+    status = json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)
+    assert status["resumed"] == 0, status
+    text = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
+    assert "resumed" not in text, text
+
+    async def flap() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        scripts = Scripts(client, PoolKeys(pool))
+        for at in (now - 10_000, now - 5_000):
+            await scripts.release(at, "u1")
+            assert (await scripts.allocate(at + 1_000, "u1")).resumed
+        await client.aclose()
+
+    asyncio.run(flap())
+    status = json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)
+    assert (status["connects"], status["resumed"]) == (3, 2), status
+    text = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
+    assert "mean wait in the queue - resumed 2 abandoned 0" in " ".join(text.split()), text

@@ -30,7 +30,7 @@ local K = {
   applied = KEYS[27],       -- hash: replica id -> 'batch:seq' of its last connect or disconnect
   drains = KEYS[28],        -- zset: node -> ms an operator drained it in its session (ends with it)
   replacing = KEYS[29],     -- string: 'extra:until_ms:run', spare a replace holds (a lease, PX)
-  ended = KEYS[30],         -- zset: user -> ms their session ended, for RETURN_MS (pool.lua)
+  ended = KEYS[30],         -- zset: user -> ms their session (-ms: wait) ended (pool.lua)
 }
 local rcall = redis.call
 

@@ -561,8 +561,9 @@ local function forecast_target(s, p, update)
   if update then
     -- A resumed session (allocate.lua) is neither a connect the forecast owes nor a free: its
     -- connect and the release it took back are both left out. (A release counted before a
-    -- tick and taken back after it makes the count of that tick's lead time go back: the tick
-    -- is left out of the frees' sums, as a count set back by hand is.)
+    -- tick and taken back after it makes the count of that tick's lead time one short: with no
+    -- other release in it the count goes back and the tick is left out of the frees' sums, as
+    -- a count set back by hand is; with another, the tick is summed one free short.)
     local counted = rcall('HMGET', K.stats, 'connects', 'releases', 'drained_session_ends',
                           'resumed', 'releases_taken_back')
     local seen = (tonumber(counted[1]) or 0) - (tonumber(counted[4]) or 0)

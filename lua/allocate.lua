@@ -24,7 +24,7 @@
   Idempotent: a connect of a user who already holds a node or already waits changes nothing and
   publishes nothing, so every replica may apply the same event.
 
-  A miss is logged to the `decisions` stream (kind 'miss'): a short reason (what the pool held
+  A miss is logged to the `decisions` stream (kind 'miss'; not again for a wait resumed): a short reason (what the pool held
   against its target at its last scaling decision, and how long before), that decision's
   numbers, time ('decided_ms') and whole reason ('decision'): what the pool expected and held
   when the user came.
@@ -117,6 +117,12 @@ end
 stat('misses')
 enqueue_waiting(user, now, false)
 local position = rcall('ZCARD', K.waiting)
+if resumed and not released_before then
+  -- The wait of a user who left the queue and came back within RETURN_MS goes on: its miss
+  -- was logged when it began (a client looping while it waits filled the capped log with its
+  -- misses, at 200 a second, and the scaling decisions went out of it).
+  return {2, '', position, 1}
+end
 local last = rcall('HMGET', K.stats, 'last_decision', 'last_numbers', 'last_decision_ms')
 local before = '; no scaling decision yet'
 if last[1] and tonumber(last[3]) then

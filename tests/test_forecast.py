@@ -1476,6 +1476,11 @@ async def test_a_client_reconnecting_in_a_loop_while_it_waits_is_one_wait_to_the
     assert (int(stats["connects"]), int(stats["resumed"]), int(stats["abandoned"])) == (
         201, 200, 200)
     assert "releases" not in stats and "releases_taken_back" not in stats
+    # One wait, one miss in the decisions log: 201 filled it, capped, and the scaling decisions
+    # went out of it.
+    logged = await flapped.redis.xrange(flapped.keys.key("decisions"))
+    assert [fields["reason"].split(":")[0] for _, fields in logged
+            if fields["kind"] == "miss"] == ["user u waits at position 1"]
 
 
 async def test_the_forecast_checks_count_a_loop_behind_a_waiting_user_as_nothing_came(

@@ -68,10 +68,13 @@ def _root_logging_given_back() -> Iterator[None]:
     saying a Redis 7.0 has no MAINT_NOTIFICATIONS) wrote "--- Logging error ---" into the next
     CliRunner's output, and two `--json` outputs would not parse (a clean clone's CI). The
     handlers pytest adds for each phase are its own to take away. The levels and filters
-    `setup_logging` sets on the libraries' loggers are given back too."""
+    `setup_logging` sets on the libraries' loggers are given back too, and the level a replay
+    sets on the service's logger (a replay left open, its close never reached, kept it at
+    WARNING for the worker's later tests: a clean clone's CI, the INFO lines two tests read
+    gone)."""
     root = logging.getLogger()
     before, level = set(root.handlers), root.level
-    libraries = {name: logging.getLogger(name) for name in LIBRARY_LOGGERS}
+    libraries = {name: logging.getLogger(name) for name in LIBRARY_LOGGERS + OWN_LOGGERS}
     kept = {name: (logger.level, list(logger.filters)) for name, logger in libraries.items()}
     yield
     for handler in root.handlers[:]:
@@ -85,6 +88,8 @@ def _root_logging_given_back() -> Iterator[None]:
 
 # The loggers provisioner.logs.setup_logging quiets or filters.
 LIBRARY_LOGGERS = ("httpx", "httpcore", "aiohttp.access", "aiohttp.server")
+# The logger a replay quiets while it runs (provisioner/bench/service_policy.py).
+OWN_LOGGERS = ("provisioner.service",)
 
 
 def _docker_answers() -> bool:

@@ -430,6 +430,30 @@ def test_a_replay_gives_the_service_s_log_level_back(tmp_path: Path, redis_url: 
         service_log.setLevel(before)
 
 
+def test_a_replay_whose_close_fails_gives_the_service_s_log_level_back(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same when the close fails part way (its server gone): the level was given back
+    only after the close's last read, and two tests of the replica's INFO lines read nothing
+    in a clean clone's CI."""
+    from provisioner.scripts import Scripts
+
+    async def gone(*_: object) -> None:
+        raise redis.ConnectionError("Connection closed by server.")
+
+    service_log = logging.getLogger("provisioner.service")
+    before = service_log.level
+    try:
+        service_log.setLevel(logging.DEBUG)
+        monkeypatch.setattr(Scripts, "snapshot", gone)
+        trace = load_trace(write_trace(tmp_path / "one.jsonl", [(1.0, "activity", "u1")],
+                                       duration=30.0))
+        with pytest.raises(redis.ConnectionError):
+            run_replay(trace, ServicePolicy(redis_url))
+        assert service_log.level == logging.DEBUG
+    finally:
+        service_log.setLevel(before)
+
+
 def test_the_timeline_counts_the_ticks_decided_in_a_surge(
         tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
     # Half an hour of one new user a minute, then twenty in ten seconds: the pool decides in a

@@ -149,7 +149,7 @@ async def test_a_connect_that_resumes_a_session_is_counted_and_logged_as_one(
     await replica.scripts.apply_node_status(T0, "node-1", "ready")
     await send([replica], "user:connect", {"user_id": "u1"})
     await send([replica], "user:disconnect", {"user_id": "u1"})
-    with caplog.at_level("INFO", logger="provisioner"):
+    with caplog.at_level("INFO", logger="provisioner.service"):
         await send([replica], "user:connect", {"user_id": "u1"})
     assert counter(replica, "provisioner_connects_total") == 2
     assert counter(replica, "provisioner_sessions_resumed_total") == 1
@@ -163,14 +163,14 @@ async def test_a_connect_that_resumes_a_wait_is_counted_and_logged_as_one(
 ) -> None:
     # No node: the connect waits (not resumed: no count), its wait is abandoned, and the
     # connect again within 30 s waits again, resuming it: counted once, and said in its line.
-    with caplog.at_level("INFO", logger="provisioner"):
+    with caplog.at_level("INFO", logger="provisioner.service"):
         await send([replica], "user:connect", {"user_id": "u1"})
     assert counter(replica, "provisioner_sessions_resumed_total") == 0
     assert "connect u1: miss, waiting at position 1\n" in caplog.text + "\n"
     assert "resumes" not in caplog.text
     await send([replica], "user:disconnect", {"user_id": "u1"})
     caplog.clear()
-    with caplog.at_level("INFO", logger="provisioner"):
+    with caplog.at_level("INFO", logger="provisioner.service"):
         await send([replica], "user:connect", {"user_id": "u1"})
     assert counter(replica, "provisioner_connects_total") == 2
     assert counter(replica, "provisioner_sessions_resumed_total") == 1

@@ -310,12 +310,16 @@ class ServicePolicy:
     async def close(self) -> None:
         if self._redis is None:
             return
-        scripts = Scripts(self._redis, self.keys)
-        self.final_stats = await scripts.snapshot(self.clock.now_ms(), self.pool.window_ms)
-        self.final_model = await scripts.read_model()
-        self.final_learned = await scripts.learned_fields(
-            self.pool.policy_args(self.clock.now_ms(), "replay"))
-        await clear_pool(self._redis, self.keys)
-        await self._redis.aclose()
-        self._redis = None
-        logging.getLogger("provisioner.service").setLevel(self._service_log_level)
+        try:
+            scripts = Scripts(self._redis, self.keys)
+            self.final_stats = await scripts.snapshot(self.clock.now_ms(), self.pool.window_ms)
+            self.final_model = await scripts.read_model()
+            self.final_learned = await scripts.learned_fields(
+                self.pool.policy_args(self.clock.now_ms(), "replay"))
+            await clear_pool(self._redis, self.keys)
+            await self._redis.aclose()
+            self._redis = None
+        finally:
+            # Given back however the close ends: a replay whose server went away left the
+            # service's logger at WARNING for whatever the process logged next.
+            logging.getLogger("provisioner.service").setLevel(self._service_log_level)

@@ -81,10 +81,13 @@ class MalformedRequests(logging.Filter):
 
 
 class Throttle:
-    """At most one line per key every `every` seconds, counting those held back in between."""
+    """At most one line per key every `every` seconds, counting those held back in between.
+    With `most`, keys by the user (a user id) are kept bounded: past that many, those whose
+    last line is over `every` old are forgotten, and if that is not enough, the older half."""
 
-    def __init__(self, every: float) -> None:
+    def __init__(self, every: float, most: int | None = None) -> None:
         self.every = every
+        self.most = most
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
@@ -92,12 +95,28 @@ class Throttle:
         """The count held back since the last line for `key` if one may go out now (and it is
         taken as gone out), else None (and it is counted as held back)."""
         now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.every:
-            self._held[key] = self._held.get(key, 0) + 1
+        if self.held_back(key, now):
             return None
         self._last[key] = now
+        if self.most is not None and len(self._last) > self.most:
+            self._forget(now)
         return self._held.pop(key, 0)
+
+    def held_back(self, key: str, now: float | None = None) -> bool:
+        """Whether a line for `key` went out within `every` seconds: then this one is held back,
+        and counted; else nothing is counted, and no line is taken as gone out."""
+        last = self._last.get(key)
+        if last is None or (time.monotonic() if now is None else now) - last >= self.every:
+            return False
+        self._held[key] = self._held.get(key, 0) + 1
+        return True
+
+    def _forget(self, now: float) -> None:
+        keep = {k: t for k, t in self._last.items() if now - t < self.every}
+        if self.most is not None and len(keep) > self.most:
+            keep = dict(sorted(keep.items(), key=lambda item: item[1])[len(keep) // 2:])
+        self._last = keep
+        self._held = {k: n for k, n in self._held.items() if k in keep}
 
 
 class RateLimitedLog:

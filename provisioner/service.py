@@ -33,7 +33,7 @@ from provisioner.clock import Clock, WallClock, server_now_ms, sleep_unless
 from provisioner.config import PoolConfig, ServiceConfig, redis_client
 from provisioner.events import Rejected
 from provisioner.keys import PoolKeys
-from provisioner.logs import RateLimitedLog
+from provisioner.logs import RateLimitedLog, Throttle
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, HttpNodeApi, NodeApi
 from provisioner.scripts import (
@@ -154,10 +154,14 @@ def _unknown_if(lost: bool, results: list[Any]) -> list[Any]:
 POOL_KEY_BROKEN = "WRONGTYPE pool key "
 
 
-def _resumed(result: AllocateResult) -> str:
-    """The connect log line's note of a session resumed (lua/allocate.lua)."""
-    return " (resumes the session or wait the user ended within 30s: taught nothing)" \
-        if result.resumed else ""
+def _resumed(result: AllocateResult, held: int) -> str:
+    """The connect log line's note of a session resumed (lua/allocate.lua), with the count of
+    this user's lines held back since the last one (`Replica._looping`)."""
+    if not result.resumed:
+        return ""
+    more = f"; {held} more of this user's connects and disconnects since the last line" \
+        if held else ""
+    return f" (resumes the session or wait the user ended within 30s: taught nothing{more})"
 
 
 def _pool_key_broken(reply: object) -> bool:
@@ -297,6 +301,10 @@ class Replica:
         self._trouble = RateLimitedLog(log, every=5.0)
         #: for what a setting of the server causes, which stays until someone changes it
         self._lasting = RateLimitedLog(log, every=3600.0)
+        #: a user whose connect resumed a session: one line of theirs (connect or disconnect)
+        #: every 10 s, the count held back in the next (a client in a loop at 100 a second
+        #: logged 200 lines a second on every replica)
+        self._looping = Throttle(10.0, most=10_000)
         #: the listener's lag probe (`probe_lag`): this replica's own channel, the monotonic
         #: times of the probes published on it and not yet seen back, and the last one's lag
         self.database = _database(redis)
@@ -601,20 +609,24 @@ class Replica:
                 log.debug("stale activity of %s", event.user_id)
         elif isinstance(event, events.Connect):
             assert isinstance(result, AllocateResult)
+            held: int | None = 0
             if result.resumed:
                 self.metrics.resumed.inc()
+                held = self._looping.due(event.user_id)
             if result.code is Allocation.ALLOCATED:
                 self.metrics.connects.inc()
                 self.metrics.hits.inc()
                 self.metrics.allocations.labels("instant").inc()
                 self.metrics.wait.observe(0)
-                log.info("connect %s: hit, node %s%s", event.user_id, result.node_id,
-                         _resumed(result))
+                if held is not None:
+                    log.info("connect %s: hit, node %s%s", event.user_id, result.node_id,
+                             _resumed(result, held))
             elif result.code is Allocation.WAITING:
                 self.metrics.connects.inc()
                 self.metrics.misses.inc()
-                log.info("connect %s: miss, waiting at position %d%s", event.user_id,
-                         result.queue_position, _resumed(result))
+                if held is not None:
+                    log.info("connect %s: miss, waiting at position %d%s", event.user_id,
+                             result.queue_position, _resumed(result, held))
             elif result.code is Allocation.MADE_AGAIN:
                 self._made_again("connect", event.user_id)
         elif isinstance(event, events.Disconnect):
@@ -623,8 +635,9 @@ class Replica:
                 self._made_again("disconnect", event.user_id)
             elif result.code is not Release.UNKNOWN:
                 self.metrics.releases.labels(result.code.name.lower()).inc()
-                log.info("disconnect %s: %s %s", event.user_id, result.code.name.lower(),
-                         result.node_id)
+                if not self._looping.held_back(event.user_id):
+                    log.info("disconnect %s: %s %s", event.user_id, result.code.name.lower(),
+                             result.node_id)
             self._served(result.served)
         else:
             assert isinstance(result, NodeStatusResult)

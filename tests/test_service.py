@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from provisioner.clock import ManualClock
 from provisioner.config import ConfigError, PoolConfig, ServiceConfig, redis_client
 from provisioner.keys import PoolKeys
+from provisioner.logs import Throttle
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode, NodeApi
 from provisioner.scripts import Activity, AllocateResult, Allocation, Release, ReleaseResult
@@ -177,6 +178,50 @@ async def test_a_connect_that_resumes_a_wait_is_counted_and_logged_as_one(
     assert "connect u1: miss, waiting at position 1 (resumes the session or wait the user " \
         "ended within 30s: taught nothing)" in caplog.text
     assert await check_invariants(aredis, POOL) == []
+
+
+async def test_a_client_reconnecting_in_a_loop_logs_a_line_of_it_every_ten_seconds(
+    replica: Replica, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A loop at 100 a second logged two lines a cycle on every replica: 200 a second each.
+    seconds = [1000.0]
+    monkeypatch.setattr("provisioner.logs.time.monotonic", lambda: seconds[0])
+    await replica.scripts.apply_node_status(T0, "node-1", "booting")
+    await replica.scripts.apply_node_status(T0, "node-1", "ready")
+    resumes = " (resumes the session or wait the user ended within 30s: taught nothing"
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        await send([replica], "user:connect", {"user_id": "u1"})
+        for _ in range(50):
+            await send([replica], "user:disconnect", {"user_id": "u1"})
+            await send([replica], "user:connect", {"user_id": "u1"})
+        seconds[0] += 10
+        await send([replica], "user:disconnect", {"user_id": "u1"})
+        await send([replica], "user:connect", {"user_id": "u1"})
+    assert [record.getMessage() for record in caplog.records
+            if " u1:" in record.getMessage()] == [
+        "connect u1: hit, node node-1",
+        "disconnect u1: released node-1",
+        f"connect u1: hit, node node-1{resumes})",
+        "disconnect u1: released node-1",
+        f"connect u1: hit, node node-1{resumes}; 98 more of this user's connects and "
+        "disconnects since the last line)"]
+    assert counter(replica, "provisioner_sessions_resumed_total") == 51
+
+
+def test_a_throttle_of_users_forgets_the_quiet_ones_past_its_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seconds = [0.0]
+    monkeypatch.setattr("provisioner.logs.time.monotonic", lambda: seconds[0])
+    throttle = Throttle(10.0, most=4)
+    for user in ("a", "b", "c", "d"):
+        assert throttle.due(user) == 0
+    assert throttle.held_back("a") and not throttle.held_back("e")
+    seconds[0] = 20.0
+    assert throttle.due("e") == 0  # five keys: the four quiet ones go
+    assert throttle.due("a") == 0  # its count held back went with it
+    for user in ("f", "g", "h"):
+        throttle.due(user)
+    assert len(throttle._last) <= 4  # all within 10 s: the older half goes
 
 
 async def _a_tick_whose_reply_is_lost(replica: Replica, script: str = "scale_decide") -> None:

@@ -1247,32 +1247,46 @@ async def test_the_floor_is_named_only_when_it_raises_the_target(pool: PoolUnder
     assert numbers["target"] == 2 and "; floor min_ready=2)" in reason
 
 
-async def flapping(pool: PoolUnderTest, flaps: int, gap_ms: int, span_ms: int,
-                   ) -> tuple[str, dict[str, int], dict[str, float]]:
-    """A user holding the pool's one node for a minute, five others browsing; then `flaps`
-    disconnects of the user, each followed `gap_ms` later by their connect, over `span_ms` in
-    all; then a decision: its reason, numbers and the model it leaves."""
-    config = PoolConfig(min_ready=0, max_nodes=1000)
-    await decide(pool, config)  # the horizon and window a connect is credited with
-    await pool.boot("n1")
+async def five_browsing_and_u(pool: PoolUnderTest, config: PoolConfig) -> None:
+    """Five users browsing and "u" too, then a decision a second later."""
     for i in range(5):
         await browse(pool, f"b{i}", 10)
     await browse(pool, "u", 10)
     pool.clock.advance(1000)
     await decide(pool, config)
-    assert (await pool.scripts.allocate(pool.now, "u")).node_id == "n1"
+
+
+async def learned(pool: PoolUnderTest) -> dict[str, float]:
+    """The model's learned chances, exposures and releases."""
+    return {k: float(v) for k, v in (await pool.redis.hgetall(pool.keys.key("model"))).items()
+            if k.startswith(("r", "x", "bx", "rel"))}
+
+
+async def flapping(pool: PoolUnderTest, flaps: int, gap_ms: int, span_ms: int,
+                   holding: bool = True) -> tuple[str, dict[str, int], dict[str, float]]:
+    """A user holding the pool's one node for a minute (or, not `holding`, waiting for one in a
+    pool that has none), five others browsing; then `flaps` disconnects of the user, each
+    followed `gap_ms` later by their connect, over `span_ms` in all; then a decision: its
+    reason, numbers and the model it leaves."""
+    config = PoolConfig(min_ready=0, max_nodes=1000 if holding else 0)
+    await decide(pool, config)  # the horizon and window a connect is credited with
+    if holding:
+        await pool.boot("n1")
+    await five_browsing_and_u(pool, config)
+    node = "n1" if holding else ""
+    assert (await pool.scripts.allocate(pool.now, "u")).node_id == node
     pool.clock.advance(60_000)
     await decide(pool, config)
     start = pool.now
+    ended = Release.RELEASED if holding else Release.ABANDONED
     for _ in range(flaps):
-        assert (await pool.scripts.release(pool.now, "u")).code is Release.RELEASED
+        assert (await pool.scripts.release(pool.now, "u")).code is ended
         pool.clock.advance(gap_ms)
-        assert (await pool.scripts.allocate(pool.now, "u")).node_id == "n1"
+        again = await pool.scripts.allocate(pool.now, "u")
+        assert (again.node_id, again.queue_position) == (node, 0 if holding else 1)
     pool.clock.set(start + span_ms)
     reason, numbers = await decide(pool, config)
-    model = {k: float(v) for k, v in (await pool.redis.hgetall(pool.keys.key("model"))).items()
-             if k.startswith(("r", "x", "bx", "rel"))}
-    return reason, numbers, model
+    return reason, numbers, await learned(pool)
 
 
 async def pool_named(aredis: aioredis.Redis, name: str) -> PoolUnderTest:
@@ -1323,6 +1337,14 @@ async def test_a_session_resumes_within_thirty_seconds_of_its_end(
     assert (model["r0"] == pytest.approx(held["r0"])) is resumed
 
 
+async def two_sessions(pool: PoolUnderTest, config: PoolConfig) -> None:
+    """A decision (the horizon a connect is credited with), then u1 on n1 and u2 on n2."""
+    await decide(pool, config)
+    for node, user in (("n1", "u1"), ("n2", "u2")):
+        await pool.boot(node)
+        await pool.scripts.allocate(pool.now, user)
+
+
 @pytest.mark.parametrize("dt_ms", [6_000, 7_000, 10_000, 11_000, 12_000])
 async def test_sessions_resumed_across_a_tick_leave_the_release_count_non_negative(
         aredis: aioredis.Redis, dt_ms: int) -> None:
@@ -1331,10 +1353,7 @@ async def test_sessions_resumed_across_a_tick_leave_the_release_count_non_negati
     # field only a hand edit writes negative: `model export` left it out).
     pool = await pool_named(aredis, f"rel{dt_ms}")
     config = PoolConfig(min_ready=0, max_nodes=1000)
-    await decide(pool, config)
-    for node, user in (("n1", "u1"), ("n2", "u2")):
-        await pool.boot(node)
-        await pool.scripts.allocate(pool.now, user)
+    await two_sessions(pool, config)
     for user in ("u1", "u2"):
         assert (await pool.scripts.release(pool.now, user)).code is Release.RELEASED
     pool.clock.advance(dt_ms)
@@ -1432,33 +1451,6 @@ async def test_a_mark_is_kept_a_minute_for_a_replica_whose_clock_runs_behind(
     assert await pool.redis.zrange(pool.keys.key("ended"), 0, -1) == ["u1"]
 
 
-async def flapping_while_waiting(pool: PoolUnderTest, flaps: int, gap_ms: int, span_ms: int,
-                                 ) -> tuple[str, dict[str, int], dict[str, float]]:
-    """A pool with no node, five users browsing and "u" waiting since a connect; then `flaps`
-    disconnects of the user, each leaving the queue, followed `gap_ms` later by their connect,
-    over `span_ms` in all; then a decision: its reason, numbers and the model it leaves."""
-    config = PoolConfig(min_ready=0, max_nodes=0)
-    await decide(pool, config)  # the horizon and window a connect is credited with
-    for i in range(5):
-        await browse(pool, f"b{i}", 10)
-    await browse(pool, "u", 10)
-    pool.clock.advance(1000)
-    await decide(pool, config)
-    assert (await pool.scripts.allocate(pool.now, "u")).queue_position == 1
-    pool.clock.advance(1000)
-    await decide(pool, config)
-    start = pool.now
-    for _ in range(flaps):
-        assert (await pool.scripts.release(pool.now, "u")).code is Release.ABANDONED
-        pool.clock.advance(gap_ms)
-        assert (await pool.scripts.allocate(pool.now, "u")).queue_position == 1
-    pool.clock.set(start + span_ms)
-    reason, numbers = await decide(pool, config)
-    model = {k: float(v) for k, v in (await pool.redis.hgetall(pool.keys.key("model"))).items()
-             if k.startswith(("r", "x", "bx", "rel"))}
-    return reason, numbers, model
-
-
 async def test_a_client_reconnecting_in_a_loop_while_it_waits_is_one_wait_to_the_forecast(
         aredis: aioredis.Redis) -> None:
     # A drill (a helper's): a fresh pool's client looping at 200 a second before its first node
@@ -1466,9 +1458,9 @@ async def test_a_client_reconnecting_in_a_loop_while_it_waits_is_one_wait_to_the
     # user's, and the target went to 6442, the pool to its max_nodes. Beside a user who waited
     # on, the decision is the same, word for word.
     flapped = await pool_named(aredis, "flapw")
-    reason, numbers, model = await flapping_while_waiting(flapped, 200, 5, 2_000)
-    held_reason, held_numbers, held_model = await flapping_while_waiting(
-        await pool_named(aredis, "heldw"), 0, 5, 2_000)
+    reason, numbers, model = await flapping(flapped, 200, 5, 2_000, holding=False)
+    held_reason, held_numbers, held_model = await flapping(
+        await pool_named(aredis, "heldw"), 0, 5, 2_000, holding=False)
     assert reason == held_reason and numbers["target"] == held_numbers["target"]
     for field_name, value in held_model.items():
         assert model[field_name] == pytest.approx(value, abs=1e-6), field_name
@@ -1532,10 +1524,7 @@ async def test_a_connect_applied_by_a_replica_whose_clock_runs_behind_reads_the_
 async def test_a_resume_takes_one_release_back_from_a_count_above_one(
         pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, max_nodes=1000)
-    await decide(pool, config)
-    for node, user in (("n1", "u1"), ("n2", "u2")):
-        await pool.boot(node)
-        await pool.scripts.allocate(pool.now, user)
+    await two_sessions(pool, config)
     for user in ("u1", "u2"):
         await pool.scripts.release(pool.now, user)
     rel = float(await pool.redis.hget(pool.keys.key("model"), "rel"))
@@ -1571,10 +1560,7 @@ async def test_a_release_taken_back_across_a_tick_leaves_its_frees_one_short(
     # are left out of the sums while no other release came in its lead time, and summed one
     # short once one did (u2's), not left out (as the README said before).
     config = PoolConfig(min_ready=0, max_nodes=0)
-    await decide(pool, config)
-    for node, user in (("n1", "u1"), ("n2", "u2")):
-        await pool.boot(node)
-        await pool.scripts.allocate(pool.now, user)
+    await two_sessions(pool, config)
     pool.clock.advance(60_000)
     await decide(pool, config)
     await pool.redis.delete(pool.keys.key("sliding"))

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import time
+import types
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple, TypeVar
@@ -1642,10 +1643,13 @@ def _stacks_on_sigusr1() -> None:
         faulthandler.register(signal.SIGUSR1, all_threads=True, chain=chained)
 
 
-def _tasks_to_stderr(_signum: int, _frame: object) -> None:
+def _tasks_to_stderr(_signum: int, frame: types.FrameType | None) -> None:
     """Each task of the asyncio loop running in the main thread, and the awaits it is
     suspended in, innermost last: a thread's stack shows an idle loop's select alone (a
-    review), and a hang of an asyncio process is in an await. Never raises into the code it
+    review), and a hang of an asyncio process is in an await. The task the signal came in
+    (running, so suspended in none) by the calls from its coroutine to the code interrupted:
+    its awaits told its first frame alone, and a clean clone's CI, whose signal came while the
+    watch drew its table, did not find the watch's loop. Never raises into the code it
     interrupted: what cannot be written is dropped."""
     out = sys.stderr
     try:
@@ -1654,7 +1658,13 @@ def _tasks_to_stderr(_signum: int, _frame: object) -> None:
         return
     try:
         lines = []
+        running = asyncio.current_task(loop)
         for task in asyncio.all_tasks(loop):
+            calls = _calls(task.get_coro(), frame) if task is running else []
+            if calls:
+                lines.append(f"Task {task.get_name()} (running now, most recent call last):")
+                lines.extend(f"  {where}" for where in calls)
+                continue
             lines.append(f"Task {task.get_name()} (most recent await last):")
             lines.extend(f"  {where}" for where in _awaits(task.get_coro()))
         if out is not None:
@@ -1662,6 +1672,20 @@ def _tasks_to_stderr(_signum: int, _frame: object) -> None:
             out.flush()
     except Exception:  # a signal handler: never into the code it interrupted
         pass
+
+
+def _calls(coro: object, frame: types.FrameType | None) -> list[str]:
+    """The frames from a running coroutine's own to `frame` (where the signal came), outermost
+    first; none if `frame` is not within it."""
+    top = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+    found: list[str] = []
+    while frame is not None and len(found) < 200:
+        found.append(f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in '
+                     f"{frame.f_code.co_name}")
+        if frame is top:
+            return found[::-1]
+        frame = frame.f_back
+    return []
 
 
 def _awaits(coro: object) -> list[str]:

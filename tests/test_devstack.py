@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -77,9 +78,30 @@ def test_a_stuck_process_tells_its_stacks_on_sigusr1_and_goes_on(redis_url: str)
             watch.kill()
     assert "Current thread" in err and 'File "' in err, err
     tasks = err.split("Task ", 1)[1]  # after the threads'
-    # the watch's own coroutine, whichever of its awaits (a read, its pause) it is in
-    assert "(most recent await last):" in tasks and ", in loop\n" in tasks, err
+    # the watch's own coroutine, whichever of its awaits (a read, its pause) it is in, or by
+    # its calls if the signal came while it ran (drawing its table)
+    assert ("(most recent await last):" in tasks or "(running now, most recent call last):"
+            in tasks) and ", in loop\n" in tasks, err
     assert watch.returncode == 0, err
+
+
+def test_the_task_the_signal_came_in_is_told_by_its_calls(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A task running when the signal came is suspended in no await: its awaits told its first
+    frame alone (a clean clone's CI: the watch's signal came while it drew its table, and the
+    dump did not name the watch's loop)."""
+    from provisioner import cli
+
+    async def drawing() -> None:
+        cli._tasks_to_stderr(signal.SIGUSR1, sys._getframe())
+
+    async def watching() -> None:
+        await drawing()
+
+    asyncio.run(watching())
+    err = capsys.readouterr().err
+    assert "(running now, most recent call last):" in err
+    assert err.index(", in watching\n") < err.index(", in drawing\n"), err
 
 
 def test_a_command_runs_with_stderr_closed() -> None:

@@ -1674,14 +1674,23 @@ def _tasks_to_stderr(_signum: int, frame: types.FrameType | None) -> None:
         pass
 
 
+def _frame_of(coro: object) -> types.FrameType | None:
+    """A coroutine's (or generator's) own frame; None once it has finished."""
+    return getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+
+
+def _where(frame: types.FrameType) -> str:
+    """A frame as a traceback's line names it."""
+    return f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}'
+
+
 def _calls(coro: object, frame: types.FrameType | None) -> list[str]:
     """The frames from a running coroutine's own to `frame` (where the signal came), outermost
     first; none if `frame` is not within it."""
-    top = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+    top = _frame_of(coro)
     found: list[str] = []
     while frame is not None and len(found) < 200:
-        found.append(f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in '
-                     f"{frame.f_code.co_name}")
+        found.append(_where(frame))
         if frame is top:
             return found[::-1]
         frame = frame.f_back
@@ -1692,10 +1701,9 @@ def _awaits(coro: object) -> list[str]:
     """Where a coroutine and those it awaits are suspended, outermost first."""
     found: list[str] = []
     while coro is not None and len(found) < 100:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        frame = _frame_of(coro)
         if frame is not None:
-            found.append(f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in '
-                         f"{frame.f_code.co_name}")
+            found.append(_where(frame))
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return found
 

@@ -36,8 +36,13 @@ SURGE = f"(z={DEFAULTS.surge_buffer_sd:.2f}, surge)"
 
 @pytest.fixture
 async def pool(aredis: aioredis.Redis) -> AsyncIterator[PoolUnderTest]:
-    keys = PoolKeys("fc")
-    yield PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
+    yield await pool_named(aredis, "fc")
+
+
+async def pool_named(aredis: aioredis.Redis, name: str) -> PoolUnderTest:
+    """A pool of that name on the test's server, its clock at the tick-cost load's start."""
+    keys = PoolKeys(name)
+    return PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
 
 
 async def browse(pool: PoolUnderTest, user: str, events: int, gap_ms: int = 5_000) -> None:
@@ -1287,11 +1292,6 @@ async def flapping(pool: PoolUnderTest, flaps: int, gap_ms: int, span_ms: int,
     pool.clock.set(start + span_ms)
     reason, numbers = await decide(pool, config)
     return reason, numbers, await learned(pool)
-
-
-async def pool_named(aredis: aioredis.Redis, name: str) -> PoolUnderTest:
-    keys = PoolKeys(name)
-    return PoolUnderTest(aredis, keys, Scripts(aredis, keys), ManualClock(T0))
 
 
 async def test_a_client_reconnecting_in_a_loop_is_one_session_to_the_forecast(

@@ -46,10 +46,11 @@ console = SafeConsole()
 
 class Child:
     def __init__(self, name: str, args: list[str], logdir: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name = name
         self.args = args
         self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
         self.log_path = logdir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self._die_with_parent = parent_death_signal()
@@ -61,7 +62,8 @@ class Child:
         # when it cannot (SIGKILL).
         return subprocess.Popen(
             self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=self.env, preexec_fn=self._die_with_parent)
+            start_new_session=True, env=self.env, cwd=self.cwd,
+            preexec_fn=self._die_with_parent)
 
     def restart(self) -> None:
         """SIGKILL the process (a crash, not a shutdown) and start it again, logging on."""
@@ -202,12 +204,13 @@ def options_passed_on(text: str, name: str, command: Callable[..., Any],
 def stack(redis_url: str | None = None, replicas: int = 2,
           boot_delay: str = "lognormal:20:45", arrival_rate: float | None = 20.0,
           simulate: Sequence[str] = (), say: Callable[[str], None] = console.print,
-          mock: Sequence[str] = ()) -> Iterator[Stack]:
+          mock: Sequence[str] = (), replicas_from: Path | None = None) -> Iterator[Stack]:
     """Start the server (unless `redis_url` is given), the mock Node API (`mock`: its further
     options), the replicas and the simulator (`simulate`: its further options; no
     `--arrival-rate` if `arrival_rate` is None, as a --trace needs), and stop them all on the
     way out: SIGTERM first, SIGKILL after a grace period. Raises RuntimeError if the mock Node
-    API does not start."""
+    API does not start. `replicas_from`: a checkout whose package (and scripts) the replicas
+    run instead of this one's, first on their PYTHONPATH (another release, side by side)."""
     pool = os.environ.get("PROVISIONER_POOL") or "default"
     try:
         PoolKeys(pool)
@@ -235,12 +238,19 @@ def stack(redis_url: str | None = None, replicas: int = 2,
         running = Stack(redis_url, logdir, api_port, children=children, pool=pool)
         if not answers:
             raise RuntimeError(f"mock Node API did not start; see {logdir}/mock-node-api.log")
+        # `python -m` puts the working directory first on the path, ahead of PYTHONPATH: a
+        # replica started from this checkout's root would import this package whatever the
+        # PYTHONPATH said, so the other checkout is both.
+        replica_env = env if replicas_from is None else {
+            **env, "PYTHONPATH": os.pathsep.join(
+                p for p in (str(replicas_from), os.environ.get("PYTHONPATH")) if p)}
+
         def replica(name: str) -> Callable[[int], Child]:
             return lambda port: Child(name, [
                 *exe, "run",
                 "--node-api-url", f"http://127.0.0.1:{running.api_port}", "--http-port",
                 str(port), "--http-host", "127.0.0.1",  # a laptop's stack: this host only
-                "--replica-id", name], logdir, env)
+                "--replica-id", name], logdir, replica_env, replicas_from)
 
         for index in range(replicas):
             # Each answering before the next starts, and before the simulator's traffic.

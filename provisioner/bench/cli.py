@@ -28,6 +28,7 @@ from provisioner.bench.baselines import (
     STATIC_BEST,
     policy_factory,
 )
+from provisioner.bench.loop import LoopResult
 from provisioner.bench.soak import Sample, SoakResult, soak_summary
 from provisioner.bench.suite import (
     REFERENCE,
@@ -612,6 +613,105 @@ def soak(
     for line in result.failed:
         errors.print(f"[red]{escape(line)}[/red]")
     raise typer.Exit(1 if result.failed else 0)
+
+
+@app.command("loop")
+def loop_(
+    users: Annotated[int, typer.Option(min=1, max=1000, help="Clients looping")] = 1,
+    pairs: Annotated[int, typer.Option(
+        min=1, max=10_000_000, help="Connect/disconnect pairs each client publishes")] = 24_000,
+    rate: Annotated[float, typer.Option(
+        min=0.01, max=10_000, help="Pairs a second, each client")] = 200.0,
+    order: Annotated[str, typer.Option(
+        help="connect-first (a connect and its disconnect back to back) or disconnect-first "
+        "(a user in a session dropping and reconnecting; each connects once before the loop "
+        "and disconnects once after it)")] = "connect-first",
+    fresh: Annotated[bool, typer.Option(
+        "--fresh/--warm", help="Start the loop at once, before the pool's first node is ready "
+        "(default: once one is)")] = False,
+    settle: Annotated[float, typer.Option(
+        min=0, max=3600, help="Seconds the pool is followed after the loop")] = 10.0,
+    replicas: Annotated[int, typer.Option(min=1, max=16, help="Service replicas")] = 2,
+    arrival_rate: Annotated[float, typer.Option(
+        min=0.01, max=100_000, help="The simulator's users per minute, beside the loop")] = 20.0,
+    seed: Annotated[int, typer.Option(help="Seed of the simulator's users")] = 1,
+    boot_delay: Annotated[str, typer.Option(help="The mock Node API's boot delay spec")
+                          ] = "lognormal:20:45",
+    replicas_from: Annotated[Path | None, typer.Option(
+        file_okay=False, exists=True, help="Run the replicas from this checkout (a worktree of "
+        "another release: `git worktree add /tmp/before REV`) instead of this one")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", dir_okay=False, help="Also write the run's figures here")] = None,
+    mock_options: Annotated[str, typer.Option(
+        metavar="OPTIONS", help="Further options of the mock Node API, in one quoted word "
+        "(`provisioner dev`'s): '--latency 3 --death-rate 2'")] = "",
+) -> None:
+    """Clients reconnecting in a loop, live: the local stack (private server, mock Node API,
+    replicas, simulator) while USERS clients publish connect/disconnect pairs back to back, and
+    what the pool did meanwhile: the highest target, the most nodes, the allocations heard for
+    the looping users, the connects resumed. Exit 1 if an invariant broke or a log holds a
+    traceback."""
+    from provisioner import mock_node_api
+    from provisioner.bench import loop as looping
+    from provisioner.devstack import options_passed_on
+    from provisioner.mock_node_api import BootDelay
+
+    if order not in looping.ORDERS:
+        raise typer.BadParameter(f"one of {', '.join(looping.ORDERS)}", param_hint="--order")
+    try:
+        BootDelay.parse(boot_delay)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--boot-delay") from exc
+    if replicas_from is not None and not (replicas_from / "provisioner" / "__main__.py").is_file():
+        raise typer.BadParameter(f"{replicas_from} holds no provisioner package (a checkout's "
+                                 "root, with provisioner/ and lua/)", param_hint="--replicas-from")
+    mock, _ = options_passed_on(mock_options, "mock-node-api", mock_node_api.command,
+                                "--mock-options")
+    if json_out is not None and not json_out.parent.is_dir():
+        raise typer.BadParameter(f"no folder {json_out.parent}", param_hint="--json")
+    try:
+        result = looping.run(users, pairs, rate, order, fresh, settle, replicas, boot_delay,
+                             arrival_rate, seed, mock, replicas_from,
+                             say=lambda line: console.print(line, markup=False))
+    except RuntimeError as exc:
+        errors.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from exc
+    except KeyboardInterrupt:
+        errors.print("stopped by Ctrl-C, the stack with it; a loop's figures are read at its "
+                     "end, so there are none", markup=False)
+        raise typer.Exit(130) from None
+    console.print(loop_table(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.as_json(), indent=1) + "\n")
+    for line in result.failed:
+        errors.print(f"[red]{escape(line)}[/red]")
+    raise typer.Exit(1 if result.failed else 0)
+
+
+def loop_table(result: LoopResult) -> Table:
+    """A loop's run: what was published, what the pool did, what it counted."""
+    source = " (replicas from another checkout)" if result.replicas_from else ""
+    table = Table(title=f"loop: {result.users} client(s) x {result.pairs:,} pairs {result.order}"
+                        f", {result.rate:g}/s, {result.replicas} replica(s){source} on "
+                        f"{result.server}, {'fresh' if result.fresh else 'warm'} pool")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    heard = sum(result.allocated.values())
+    rows = [
+        ("the loop took, s", f"{result.seconds:.1f}"),
+        ("peak target (before the loop)", f"{result.peak_target:,} ({result.target_before:,})"),
+        ("most nodes in the pool (before)", f"{result.peak_nodes:,} ({result.nodes_before:,})"),
+        ("most nodes the Node API ran", f"{result.peak_api_nodes:,}"),
+        ("user:allocated heard for the loop", f"{heard:,}"),
+        ("user:waiting heard for the loop", f"{result.waiting:,}"),
+        *((f"{name} (the pool's, during the run)", f"{value:,}")
+          for name, value in result.stats.items()),
+        ("invariants at the end", "ok" if not result.problems else
+         f"{len(result.problems)} broken"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def soak_table(result: SoakResult) -> Table:

@@ -1,0 +1,277 @@
+"""`bench loop`: clients reconnecting in a loop, live, against the local stack.
+
+A client that drops and reconnects at once, or reconnects in a loop, publishes a connect and a
+disconnect back to back, hundreds of times a second. The suite's tests say what one replica's
+scripts make of such a loop; this runs it as a product would meet it: the private server, the
+mock Node API, N replicas each applying every event, the simulator's users browsing and
+converting beside it. The loop's users publish their pairs at a steady rate, and the run
+follows what the pool does meanwhile: the highest target the policy set (the head of the
+`targets` list, the keep window's peak), the most nodes the pool and the Node API held, each
+`user:allocated` and `user:waiting` heard for a looping user, and the pool's counters. At the
+end it checks the pool's invariants, as `provisioner check`, and counts the tracebacks in each
+process's log.
+
+`replicas_from` runs the replicas from another checkout (a worktree of another release), so
+that a release before and this one meet the same loop: what the README's figures of the loop
+were measured with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from provisioner import view
+from provisioner.bench.soak import api_node_ids, count_log_marks
+from provisioner.devstack import Stack, stack
+from provisioner.keys import PoolKeys
+from provisioner.redis_server import server_label
+
+#: The orders a pair is published in: a connect then its disconnect (a session of no time, a
+#: client that connects and drops), or a disconnect then a connect (a user in a session whose
+#: client drops and comes back at once; each user connects once before the loop, and
+#: disconnects once after it).
+ORDERS = ("connect-first", "disconnect-first")
+STATS = ("connects", "hits", "misses", "resumed", "releases", "releases_taken_back")
+#: How often the run reads the pool while the loop runs, seconds.
+SAMPLE_S = 0.25
+#: How long a run waits for the pool's first ready node (a warm start), or for each looping
+#: user's first node (`disconnect-first`), seconds.
+WAIT_S = 300.0
+#: How long a message published takes at most to be heard, here on one host, seconds.
+HEARD_S = 0.5
+
+
+@dataclass
+class LoopResult:
+    server: str
+    replicas: int
+    users: int
+    pairs: int  # published per user
+    rate: float  # pairs a second per user
+    order: str
+    fresh: bool  # the loop began before the pool's first node was ready
+    seconds: float = 0.0  # from the first pair to the last
+    target_before: int = 0  # the keep window's peak target as the loop began
+    peak_target: int = 0  # the highest target of the run, from the loop's start
+    nodes_before: int = 0  # the pool's live nodes as the loop began
+    peak_nodes: int = 0  # the most live nodes the pool held (its `nodes`)
+    peak_api_nodes: int = -1  # the most the Node API ran (-1: it never answered)
+    # user:allocated heard for each looping user, and user:waiting for them all, from the loop's
+    # first pair (a user's first connect before a disconnect-first loop is not counted)
+    allocated: dict[str, int] = field(default_factory=dict)
+    waiting: int = 0
+    stats: dict[str, int] = field(default_factory=dict)  # each counter's rise during the run
+    problems: list[str] = field(default_factory=list)  # invariants broken at the end
+    tracebacks: dict[str, int] = field(default_factory=dict)  # process -> tracebacks logged
+    logdir: str = ""
+    replicas_from: str = ""  # the checkout the replicas ran from, if not this one
+
+    @property
+    def failed(self) -> list[str]:
+        """What is wrong whatever the figures: a broken invariant, a traceback."""
+        return [*self.problems, *(f"{name}: {n} traceback(s) in its log"
+                                  for name, n in self.tracebacks.items() if n)]
+
+    def as_json(self) -> dict[str, object]:
+        return {**asdict(self), "failed": self.failed}
+
+
+def peak_of(entry: str | bytes | None) -> int:
+    """The target of a `targets` entry ('ms:target'); 0 for none or one unreadable."""
+    text = entry.decode(errors="replace") if isinstance(entry, bytes) else entry or ""
+    _, _, target = text.partition(":")
+    return int(target) if target.isdigit() else 0
+
+
+def loop_users(users: int) -> list[str]:
+    return [f"loop-{n}" for n in range(1, users + 1)]
+
+
+def run(users: int = 1, pairs: int = 24_000, rate: float = 200.0,
+        order: str = "connect-first", fresh: bool = False, settle: float = 10.0,
+        replicas: int = 2, boot_delay: str = "lognormal:20:45", arrival_rate: float = 20.0,
+        seed: int = 1, mock: tuple[str, ...] | list[str] = (), replicas_from: Path | None = None,
+        say: Callable[[str], None] = print) -> LoopResult:
+    """Start the stack, let `users` clients each publish `pairs` pairs at `rate` a second,
+    follow the pool through the loop and `settle` seconds after it, check it, stop it all."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
+    source = replicas_from.resolve() if replicas_from is not None else None
+    with stack(None, replicas, boot_delay, arrival_rate, ["--seed", str(seed)], say=say,
+               mock=list(mock), replicas_from=source) as running:
+        result = asyncio.run(_drive(running, replicas, users, pairs, rate, order, fresh,
+                                    settle, say))
+    result.replicas_from = str(replicas_from or "")
+    result.tracebacks = {c.name: count_log_marks(c.log_path)["traceback"]
+                         for c in running.children}
+    return result
+
+
+async def _drive(running: Stack, replicas: int, users: int, pairs: int, rate: float,
+                 order: str, fresh: bool, settle: float,
+                 say: Callable[[str], None]) -> LoopResult:
+    client = aioredis.Redis.from_url(running.redis_url, decode_responses=True)
+    keys = PoolKeys(running.pool)
+    api_url = f"http://127.0.0.1:{running.api_port}"
+    looping = loop_users(users)
+    result = LoopResult(server=server_label(await client.info("server")), replicas=replicas,
+                        users=users, pairs=pairs, rate=rate, order=order, fresh=fresh,
+                        logdir=str(running.logdir), allocated=dict.fromkeys(looping, 0))
+    heard = _Heard(client, set(looping))
+    try:
+        await heard.start()
+        if not fresh:
+            say("waiting for the pool's first ready node")
+            await _until(lambda: _ready(client, keys), "the pool's first ready node")
+        if order == "disconnect-first":
+            for user in looping:
+                await client.publish("user:connect", _payload(user))
+            say("waiting for each looping user's first node")
+            await _until(lambda: _sessions(client, keys, looping), "each looping user's node")
+            # What those first connects published is heard before the loop's count begins.
+            await asyncio.sleep(HEARD_S)
+            heard.reset()
+        before = await _stats(client, keys)
+        result.target_before = peak_of(await client.lindex(keys.key("targets"), 0))
+        result.nodes_before = int(await client.zcard(keys.key("nodes")))
+        sampler = _Sampler(client, keys, api_url, result)
+        sampling = asyncio.create_task(sampler.run())
+        say(f"{users} user(s) publishing {pairs:,} pairs each, {rate:g} a second, {order}")
+        started = time.monotonic()
+        first, second = (("user:connect", "user:disconnect") if order == "connect-first"
+                         else ("user:disconnect", "user:connect"))
+        for n in range(pairs):
+            await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))
+            async with client.pipeline(transaction=False) as pipe:
+                for user in looping:
+                    pipe.publish(first, _payload(user))
+                    pipe.publish(second, _payload(user))
+                await pipe.execute()
+        result.seconds = time.monotonic() - started
+        if order == "disconnect-first":
+            for user in looping:
+                await client.publish("user:disconnect", _payload(user))
+        say(f"the loop took {result.seconds:.1f} s; following the pool {settle:g} s more")
+        await asyncio.sleep(settle)
+        sampler.stop()
+        await sampling
+        after = await _stats(client, keys)
+        result.stats = {name: after[name] - before[name] for name in STATS}
+        result.problems = await view.check_invariants(client, running.pool)
+        result.allocated = {user: heard.allocated[user] for user in looping}
+        result.waiting = heard.waiting
+    finally:
+        await heard.stop()
+        await client.aclose()
+    return result
+
+
+def _payload(user: str) -> str:
+    return json.dumps({"user_id": user})
+
+
+async def _until(done: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not await done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {what} within {WAIT_S:.0f} s")
+        await asyncio.sleep(SAMPLE_S)
+
+
+async def _ready(client: aioredis.Redis, keys: PoolKeys) -> bool:
+    return int(await client.llen(keys.key("ready"))) > 0
+
+
+async def _sessions(client: aioredis.Redis, keys: PoolKeys, users: list[str]) -> bool:
+    held = await client.hmget(keys.key("alloc"), users)
+    return all(held)
+
+
+async def _stats(client: aioredis.Redis, keys: PoolKeys) -> dict[str, int]:
+    raw = await client.hmget(keys.key("stats"), list(STATS))
+    return {name: int(value) if value and value.isdigit() else 0
+            for name, value in zip(STATS, raw, strict=True)}
+
+
+class _Heard:
+    """The `user:allocated` and `user:waiting` published for the looping users."""
+
+    def __init__(self, client: aioredis.Redis, users: set[str]) -> None:
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.users = users
+        self.allocated: Counter[str] = Counter()
+        self.waiting = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.pubsub.subscribe("user:allocated", "user:waiting")
+        self._task = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        async for message in self.pubsub.listen():
+            try:
+                user = json.loads(message["data"]).get("user_id")
+            except (ValueError, AttributeError):
+                continue
+            if user not in self.users:
+                continue
+            if message["channel"] == "user:allocated":
+                self.allocated[user] += 1
+            else:
+                self.waiting += 1
+
+    def reset(self) -> None:
+        self.allocated.clear()
+        self.waiting = 0
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            # What was published before the last read is in: give the listener a moment.
+            await asyncio.sleep(HEARD_S)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.pubsub.aclose()
+
+
+class _Sampler:
+    """Reads the keep window's peak target and the pool's and the API's nodes, every
+    `SAMPLE_S` (the API's every second), into `result`'s peaks."""
+
+    def __init__(self, client: aioredis.Redis, keys: PoolKeys, api_url: str,
+                 result: LoopResult) -> None:
+        self.client, self.keys, self.api_url, self.result = client, keys, api_url, result
+        self._stopped = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def run(self) -> None:
+        result = self.result
+        result.peak_target = result.target_before
+        result.peak_nodes = result.nodes_before
+        last_api = 0.0
+        while True:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.lindex(self.keys.key("targets"), 0)
+                pipe.zcard(self.keys.key("nodes"))
+                head, nodes = await pipe.execute()
+            result.peak_target = max(result.peak_target, peak_of(head))
+            result.peak_nodes = max(result.peak_nodes, int(nodes))
+            if time.monotonic() - last_api >= 1.0:
+                last_api = time.monotonic()
+                api = await asyncio.to_thread(api_node_ids, self.api_url)
+                if api is not None:
+                    result.peak_api_nodes = max(result.peak_api_nodes, len(api))
+            try:
+                await asyncio.wait_for(self._stopped.wait(), SAMPLE_S)
+                return
+            except TimeoutError:
+                continue

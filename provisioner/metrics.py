@@ -50,6 +50,11 @@ class Metrics:
                             registry=r)
         self.misses = Counter("provisioner_misses", "Connects that found no ready node",
                               registry=r)
+        self.resumed_misses = Counter(
+            "provisioner_resumed_misses",
+            "Of the misses, those of connects that resumed a session or wait ended within 30 s "
+            "(provisioner_sessions_resumed_total): a client reconnecting in a loop while it "
+            "waits misses once a cycle. The miss-rate alert leaves them out", registry=r)
         self.allocations = Counter("provisioner_allocations",
                                    "Nodes handed to users, by kind (instant|after_wait)",
                                    ["kind"], registry=r)

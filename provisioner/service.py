@@ -624,6 +624,8 @@ class Replica:
             elif result.code is Allocation.WAITING:
                 self.metrics.connects.inc()
                 self.metrics.misses.inc()
+                if result.resumed:
+                    self.metrics.resumed_misses.inc()
                 if held is not None:
                     log.info("connect %s: miss, waiting at position %d%s", event.user_id,
                              result.queue_position, _resumed(result, held))

@@ -154,6 +154,7 @@ async def test_a_connect_that_resumes_a_session_is_counted_and_logged_as_one(
         await send([replica], "user:connect", {"user_id": "u1"})
     assert counter(replica, "provisioner_connects_total") == 2
     assert counter(replica, "provisioner_sessions_resumed_total") == 1
+    assert counter(replica, "provisioner_resumed_misses_total") == 0  # a hit
     assert "connect u1: hit, node node-1 (resumes the session or wait the user ended within 30s" \
         in caplog.text
     assert await check_invariants(aredis, POOL) == []
@@ -175,6 +176,9 @@ async def test_a_connect_that_resumes_a_wait_is_counted_and_logged_as_one(
         await send([replica], "user:connect", {"user_id": "u1"})
     assert counter(replica, "provisioner_connects_total") == 2
     assert counter(replica, "provisioner_sessions_resumed_total") == 1
+    # both connects missed; the miss-rate alert leaves out the second, a resumed wait's
+    assert counter(replica, "provisioner_misses_total") == 2
+    assert counter(replica, "provisioner_resumed_misses_total") == 1
     assert "connect u1: miss, waiting at position 1 (resumes the session or wait the user " \
         "ended within 30s: taught nothing)" in caplog.text
     assert await check_invariants(aredis, POOL) == []

@@ -245,8 +245,16 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
     scripts = Scripts(client, keys)
     outcome = outcome if outcome is not None else Outcome(done=False)
     run = uuid.uuid4().hex[:12]
-    if not await _take_hold(client, scripts, run, at_once, wait_limit_s, say, poll_s, clock,
-                            outcome):
+    try:
+        taken = await _take_hold(client, scripts, run, at_once, wait_limit_s, say, poll_s,
+                                 clock, outcome)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # Stopped (Ctrl-C, SIGTERM) while its take was under way: the server may have applied
+        # it, its reply not read (a clean clone's CI left the hold to its lease so). Let go as
+        # a run that ends does; a release of no hold of this run changes nothing.
+        await _let_go(client, scripts, run, outcome)
+        raise
+    if not taken:
         return outcome
     # Named once it holds: a run taken over is told the other's id, which it never saw (a
     # review).
@@ -259,12 +267,16 @@ async def replace_nodes(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, 
     finally:
         # Let go as it ends, however it ends (done, stopped, Ctrl-C): the lease would lapse
         # by itself, but the pool would hold the extra nodes until it did.
-        # A run ended by its credentials refused cannot let go either (the same
-        # credentials): the caller is told, not left to think it was (a review).
-        try:
-            await scripts.hold_spare(await server_now_ms(client), "release", run)
-        except (RedisError, OSError):
-            outcome.hold_left = True
+        await _let_go(client, scripts, run, outcome)
+
+
+async def _let_go(client: aioredis.Redis, scripts: Scripts, run: str, outcome: Outcome) -> None:
+    """Release the run's hold. A run ended by its credentials refused cannot let go either
+    (the same credentials): the caller is told, not left to think it was (a review)."""
+    try:
+        await scripts.hold_spare(await server_now_ms(client), "release", run)
+    except (RedisError, OSError):
+        outcome.hold_left = True
 
 
 async def _replace(client: aioredis.Redis, keys: PoolKeys, cutoff: Cutoff, scripts: Scripts,

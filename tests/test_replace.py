@@ -710,6 +710,30 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_lets_go_of_its_hold(redis_url: s
     assert sync.get(keys.key("replacing")) is None
 
 
+@pytest.mark.parametrize("stop", [asyncio.CancelledError, KeyboardInterrupt])
+async def test_a_run_stopped_as_its_hold_is_taken_lets_go_of_it(
+        pool: PoolUnderTest, monkeypatch: pytest.MonkeyPatch,
+        stop: type[BaseException]) -> None:
+    """A clean clone's CI: SIGTERM (Ctrl-C's twin) as the run took its hold, the take applied
+    and its reply not yet read, left the hold to its lease: the pool held the spare for a
+    minute more. The let-go covered the rounds only, not the take."""
+    await old_pool(pool)
+    cutoff = await rolling.cutoff_now(pool.redis, pool.keys)
+    hold_spare = Scripts.hold_spare
+
+    async def interrupted(self: Scripts, now_ms: int, mode: str, *args: Any) -> Any:
+        answer = await hold_spare(self, now_ms, mode, *args)
+        if mode == "take":  # applied: the stop comes before its reply is read
+            raise stop
+        return answer
+
+    monkeypatch.setattr(Scripts, "hold_spare", interrupted)
+    with pytest.raises(stop):
+        await rolling.replace_nodes(pool.redis, pool.keys, cutoff, by="op",
+                                    say=lambda _: None, poll_s=0.05)
+    assert await pool.redis.get(pool.keys.key("replacing")) is None
+
+
 async def hold_taken(pool: PoolUnderTest, limit_s: float = 10) -> None:
     """Once a run holds its spare (the hold's key is there), within `limit_s`."""
     for _ in range(int(limit_s / 0.01)):

@@ -37,6 +37,38 @@ def test_a_loop_fails_on_a_broken_invariant_or_a_traceback_only() -> None:
     assert broken.as_json()["failed"] == broken.failed
 
 
+def test_a_ctrl_c_is_noted_for_the_loop_beside_asyncio_s_cancel() -> None:
+    """asyncio's handler cancels the run's task; a cancel lost under way (a review: the loop
+    went on after the first Ctrl-C, 4 runs of the file in 17) is still seen by the loop."""
+    from provisioner.bench.loop import _Interrupted
+
+    handled: list[int] = []
+
+    def asyncio_s(signum: int, frame: object) -> None:  # stands in for the runner's cancel
+        handled.append(signum)
+
+    before = signal.signal(signal.SIGINT, asyncio_s)
+    try:
+        interrupted = _Interrupted()
+        interrupted.install()
+        interrupted.check()  # nothing yet
+        os.kill(os.getpid(), signal.SIGINT)
+        assert handled == [signal.SIGINT]  # asyncio's still runs
+        with pytest.raises(KeyboardInterrupt):
+            interrupted.check()
+        interrupted.restore()
+        assert signal.getsignal(signal.SIGINT) is asyncio_s
+        # Where Ctrl-C is ignored (a background job's), it stays ignored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignored = _Interrupted()
+        ignored.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        ignored.check()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_a_bad_order_delay_folder_or_checkout_is_refused_before_anything_starts(
         tmp_path: Path) -> None:
     from provisioner.cli import app
@@ -149,9 +181,75 @@ def test_ctrl_c_stops_the_loop_and_the_stack_with_it() -> None:
         assert client.ping()  # the loop runs against it
 
     loop.send_signal(signal.SIGINT)
-    _, err = loop.communicate(timeout=60)
+    try:
+        _, err = loop.communicate(timeout=60)
+    finally:
+        if loop.poll() is None:  # it did not stop: neither it nor its stack outlives the test
+            loop.kill()
+            loop.communicate()
 
     assert loop.returncode == 130, err
     assert "stopped by Ctrl-C, the stack with it" in err and "Traceback" not in err, err
     with pytest.raises(redis.ConnectionError), redis.Redis.from_url(url) as client:
         client.ping()
+
+
+@pytest.mark.e2e
+def test_with_no_settle_the_figures_still_hold_the_last_pairs(tmp_path: Path) -> None:
+    from provisioner.cli import app
+
+    out = tmp_path / "nosettle.json"
+    result = CliRunner().invoke(app, [
+        "bench", "loop", "--replicas", "2", "--boot-delay", "1", "--arrival-rate", "0.01",
+        "--pairs", "200", "--rate", "200", "--settle", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    run = json.loads(out.read_text())
+    # both replicas apply each of the 200 pairs: the last pair's too, read after --settle 0
+    assert run["allocated"] == {"loop-1": 400}, run
+    assert run["stats"]["connects"] == 400 and run["stats"]["releases"] == 400, run["stats"]
+def test_a_replica_that_does_not_start_stops_the_run_before_the_loop(tmp_path: Path) -> None:
+    from provisioner.cli import app
+
+    # A checkout whose `run` refuses an option the stack gives it (a release before
+    # `run --http-host`): each replica exits as it starts.
+    checkout = tmp_path / "older"
+    shutil.copytree(ROOT / "provisioner", checkout / "provisioner",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "lua", checkout / "lua")
+    (checkout / "provisioner" / "__main__.py").write_text(
+        "import sys\nsys.exit('No such option: --http-host')\n")
+    result = CliRunner().invoke(app, [
+        "bench", "loop", "--fresh", "--replicas", "1", "--boot-delay", "1", "--arrival-rate",
+        "0.01", "--pairs", "5", "--settle", "0", "--replicas-from", str(checkout)],
+        env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert "replica-1 exited as it started" in result.output, result.output
+    assert "user:allocated heard" not in result.output
+
+
+@pytest.mark.e2e
+def test_a_replica_dying_during_the_loop_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    from collections.abc import Iterator
+
+    from provisioner.bench import loop as looping
+
+    started = looping.stack
+    held: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def kept(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with started(*args, **kwargs) as running:
+            held["stack"] = running
+            yield running
+
+    def say(line: str) -> None:
+        if "publishing" in line:  # the loop begins: replica-2 crashes
+            victim = next(c for c in held["stack"].children if c.name == "replica-2")
+            os.killpg(victim.process.pid, signal.SIGKILL)
+
+    monkeypatch.setattr(looping, "stack", kept)
+    result = looping.run(pairs=100, rate=100, fresh=True, settle=1, replicas=2,
+                         boot_delay="1", arrival_rate=0.01, say=say)
+    assert [line.split(";")[0] for line in result.failed] == [
+        "replica-2 exited during the run (code -9)"], result.failed

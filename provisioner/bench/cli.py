@@ -649,8 +649,8 @@ def loop_(
     """Clients reconnecting in a loop, live: the local stack (private server, mock Node API,
     replicas, simulator) while USERS clients publish connect/disconnect pairs back to back, and
     what the pool did meanwhile: the highest target, the most nodes, the allocations heard for
-    the looping users, the connects resumed. Exit 1 if an invariant broke or a log holds a
-    traceback."""
+    the looping users, the connects resumed. Exit 1 if an invariant broke, a process ended
+    during the run or a log holds a traceback; 2 if a replica exits as it starts."""
     from provisioner import mock_node_api
     from provisioner.bench import loop as looping
     from provisioner.devstack import options_passed_on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -58,6 +59,34 @@ def test_a_cancel_swallowed_on_the_way_still_stops_the_loop() -> None:
 
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(main())
+
+
+def test_only_asyncio_s_own_connect_race_is_kept_off_stderr() -> None:
+    from provisioner.bench.loop import quiet_connect_race
+
+    class Loop:
+        def __init__(self) -> None:
+            self.told: list[dict[str, Any]] = []
+
+        def default_exception_handler(self, context: dict[str, Any]) -> None:
+            self.told.append(context)
+
+    class Handle:
+        def __init__(self, callback: str) -> None:
+            self.callback = callback
+
+        def __repr__(self) -> str:
+            return f"<Handle BaseSelectorEventLoop.{self.callback}(<Future cancelled>)>"
+
+    loop = Loop()
+    race = {"exception": asyncio.InvalidStateError("invalid state"),
+            "handle": Handle("_sock_connect_cb")}
+    other = {"exception": asyncio.InvalidStateError("invalid state"),
+             "handle": Handle("_read_ready")}
+    failed = {"exception": ValueError("x"), "handle": Handle("_sock_connect_cb")}
+    for context in (race, other, failed):
+        quiet_connect_race(loop, context)  # type: ignore[arg-type]
+    assert loop.told == [other, failed]
 
 
 def test_a_bad_order_delay_folder_or_checkout_is_refused_before_anything_starts(

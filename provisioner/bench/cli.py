@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from provisioner import mock_node_api
 from provisioner.bench import service_policy
 from provisioner.bench.bar import strict
 from provisioner.bench.baselines import (
@@ -533,6 +534,29 @@ def ingest(
                   f"{result.ms_per_script_call:.2f} ms on average")
 
 
+def _stack_options(mock_options: str, json_out: Path | None) -> list[str]:
+    """What a command that starts the local stack (`soak`, `loop`) checks before it starts
+    anything: the mock Node API's further options, parsed by its own parser (returned, split),
+    and the --json file's folder."""
+    from provisioner.devstack import options_passed_on
+
+    mock, _ = options_passed_on(mock_options, "mock-node-api", mock_node_api.command,
+                                "--mock-options")
+    if json_out is not None and not json_out.parent.is_dir():
+        raise typer.BadParameter(f"no folder {json_out.parent}", param_hint="--json")
+    return mock
+
+
+def _verdict(document: dict[str, object], failed: list[str], json_out: Path | None) -> None:
+    """A stack run's end: its figures to --json, what failed on stderr, exit 1 if anything
+    did, else 0."""
+    if json_out is not None:
+        json_out.write_text(json.dumps(document, indent=1) + "\n")
+    for line in failed:
+        errors.print(f"[red]{escape(line)}[/red]")
+    raise typer.Exit(1 if failed else 0)
+
+
 @app.command()
 def soak(
     minutes: Annotated[float, typer.Option(
@@ -544,7 +568,8 @@ def soak(
         min=0.01, max=100_000, help="Simulated users per minute")] = 60.0,
     session: Annotated[float, typer.Option(
         min=1, max=86_400, help="The simulated users' mean session, seconds")] = 120.0,
-    boot_delay: Annotated[str, typer.Option(help="The mock Node API's boot delay spec")
+    boot_delay: Annotated[str, typer.Option(
+        callback=mock_node_api.boot_delay_option, help="The mock Node API's boot delay spec")
                           ] = "lognormal:20:45",
     seed: Annotated[int, typer.Option(help="Seed of the simulated users")] = 1,
     kill_every: Annotated[float, typer.Option(
@@ -561,19 +586,9 @@ def soak(
     structure, each process's memory, the invariants, the nodes the API runs against those the
     pool knows; exit 1 if a process stopped, an invariant broke, a log holds a traceback or the
     API and the pool disagree on a node for a minute."""
-    from provisioner import mock_node_api
     from provisioner.bench import soak as soaking
-    from provisioner.devstack import options_passed_on
-    from provisioner.mock_node_api import BootDelay
 
-    try:
-        BootDelay.parse(boot_delay)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--boot-delay") from exc
-    mock, _ = options_passed_on(mock_options, "mock-node-api", mock_node_api.command,
-                                "--mock-options")
-    if json_out is not None and not json_out.parent.is_dir():
-        raise typer.BadParameter(f"no folder {json_out.parent}", param_hint="--json")
+    mock = _stack_options(mock_options, json_out)
 
     def show(sample: Sample) -> None:
         replicas_mb = [mb for name, mb in sample.rss_mb.items() if name.startswith("replica")]
@@ -608,11 +623,7 @@ def soak(
     for name, marks in result.logs.items():
         console.print(f"{name}: {marks['traceback']} tracebacks, {marks['error']} errors, "
                       f"{marks['warning']} warnings in its log", highlight=False)
-    if json_out is not None:
-        json_out.write_text(json.dumps(result.as_json(), indent=1) + "\n")
-    for line in result.failed:
-        errors.print(f"[red]{escape(line)}[/red]")
-    raise typer.Exit(1 if result.failed else 0)
+    _verdict(result.as_json(), result.failed, json_out)
 
 
 @app.command("loop")
@@ -635,7 +646,8 @@ def loop_(
     arrival_rate: Annotated[float, typer.Option(
         min=0.01, max=100_000, help="The simulator's users per minute, beside the loop")] = 20.0,
     seed: Annotated[int, typer.Option(help="Seed of the simulator's users")] = 1,
-    boot_delay: Annotated[str, typer.Option(help="The mock Node API's boot delay spec")
+    boot_delay: Annotated[str, typer.Option(
+        callback=mock_node_api.boot_delay_option, help="The mock Node API's boot delay spec")
                           ] = "lognormal:20:45",
     replicas_from: Annotated[Path | None, typer.Option(
         file_okay=False, exists=True, help="Run the replicas from this checkout (a worktree of "
@@ -651,24 +663,14 @@ def loop_(
     what the pool did meanwhile: the highest target, the most nodes, the allocations heard for
     the looping users, the connects resumed. Exit 1 if an invariant broke, a process ended
     during the run or a log holds a traceback; 2 if a replica exits as it starts."""
-    from provisioner import mock_node_api
     from provisioner.bench import loop as looping
-    from provisioner.devstack import options_passed_on
-    from provisioner.mock_node_api import BootDelay
 
     if order not in looping.ORDERS:
         raise typer.BadParameter(f"one of {', '.join(looping.ORDERS)}", param_hint="--order")
-    try:
-        BootDelay.parse(boot_delay)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--boot-delay") from exc
     if replicas_from is not None and not (replicas_from / "provisioner" / "__main__.py").is_file():
         raise typer.BadParameter(f"{replicas_from} holds no provisioner package (a checkout's "
                                  "root, with provisioner/ and lua/)", param_hint="--replicas-from")
-    mock, _ = options_passed_on(mock_options, "mock-node-api", mock_node_api.command,
-                                "--mock-options")
-    if json_out is not None and not json_out.parent.is_dir():
-        raise typer.BadParameter(f"no folder {json_out.parent}", param_hint="--json")
+    mock = _stack_options(mock_options, json_out)
     try:
         result = looping.run(users, pairs, rate, order, fresh, settle, replicas, boot_delay,
                              arrival_rate, seed, mock, replicas_from,
@@ -681,11 +683,7 @@ def loop_(
                      "end, so there are none", markup=False)
         raise typer.Exit(130) from None
     console.print(loop_table(result))
-    if json_out is not None:
-        json_out.write_text(json.dumps(result.as_json(), indent=1) + "\n")
-    for line in result.failed:
-        errors.print(f"[red]{escape(line)}[/red]")
-    raise typer.Exit(1 if result.failed else 0)
+    _verdict(result.as_json(), result.failed, json_out)
 
 
 def loop_table(result: LoopResult) -> Table:

@@ -210,7 +210,7 @@ def stack(redis_url: str | None = None, replicas: int = 2,
     `--arrival-rate` if `arrival_rate` is None, as a --trace needs), and stop them all on the
     way out: SIGTERM first, SIGKILL after a grace period. Raises RuntimeError if the mock Node
     API does not start. `replicas_from`: a checkout whose package (and scripts) the replicas
-    run instead of this one's, first on their PYTHONPATH (another release, side by side)."""
+    run instead of this one's, started in it (another release, side by side)."""
     pool = os.environ.get("PROVISIONER_POOL") or "default"
     try:
         PoolKeys(pool)
@@ -238,19 +238,14 @@ def stack(redis_url: str | None = None, replicas: int = 2,
         running = Stack(redis_url, logdir, api_port, children=children, pool=pool)
         if not answers:
             raise RuntimeError(f"mock Node API did not start; see {logdir}/mock-node-api.log")
-        # `python -m` puts the working directory first on the path, ahead of PYTHONPATH: a
-        # replica started from this checkout's root would import this package whatever the
-        # PYTHONPATH said, so the other checkout is both.
-        replica_env = env if replicas_from is None else {
-            **env, "PYTHONPATH": os.pathsep.join(
-                p for p in (str(replicas_from), os.environ.get("PYTHONPATH")) if p)}
-
         def replica(name: str) -> Callable[[int], Child]:
             return lambda port: Child(name, [
                 *exe, "run",
                 "--node-api-url", f"http://127.0.0.1:{running.api_port}", "--http-port",
                 str(port), "--http-host", "127.0.0.1",  # a laptop's stack: this host only
-                "--replica-id", name], logdir, replica_env, replicas_from)
+                # Started in the other checkout: `python -m` puts the working directory first
+                # on the path, ahead of PYTHONPATH and the installed package.
+                "--replica-id", name], logdir, env, replicas_from)
 
         for index in range(replicas):
             # Each answering before the next starts, and before the simulator's traffic.

@@ -182,7 +182,7 @@ async def _drive(running: Stack, replicas: int, users: int, pairs: int, rate: fl
         await asyncio.sleep(max(settle, HEARD_S))
         _raise_if_cancelled()
         sampler.stop()
-        await sampling
+        await sampling  # its peaks whole, and what it raised raised here
         after = await _stats(client, keys)
         result.stats = {name: after[name] - before[name] for name in STATS}
         result.problems = await view.check_invariants(client, running.pool)
@@ -288,9 +288,7 @@ class _Heard:
         self.waiting = 0
 
     async def stop(self) -> None:
-        if self._task is not None:
-            # What was published before the last read is in: give the listener a moment.
-            await asyncio.sleep(HEARD_S)
+        if self._task is not None:  # its counts were read after the run's last HEARD_S wait
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.pubsub.aclose()

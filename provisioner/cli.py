@@ -272,6 +272,16 @@ def run(
         envvar="PROVISIONER_MAX_EVENT_LAG",
         help="Seconds behind the events past which the replica warns and /readyz fails")
     ] = 5.0,
+    event_hold: Annotated[float, typer.Option(
+        envvar="PROVISIONER_EVENT_HOLD",
+        help="Seconds a batch of events the server refuses for now (out of memory, read-only) "
+        "or cannot be reached for is tried again before it is dropped (0-3600)")
+    ] = 300.0,
+    event_backlog: Annotated[int, typer.Option(
+        envvar="PROVISIONER_EVENT_BACKLOG",
+        help="Most messages read and not yet applied that the listener holds; past it the "
+        "server holds the rest, up to its pub/sub output-buffer limit (200-10000000)")
+    ] = 100_000,
     log_format: Annotated[str, typer.Option(
         envvar="PROVISIONER_LOG_FORMAT", help="text or json")] = "text",
     log_level: Annotated[str, typer.Option(

@@ -597,6 +597,12 @@ class ServiceConfig:
     #: (service.py, `Replica.heartbeat`)
     heartbeat_interval_s: float = 2.0
     max_event_lag_s: float = 5.0
+    #: how long a batch of events the server refuses for now (out of memory, read-only, a
+    #: script running long, still loading) or cannot be reached for is tried again before it
+    #: is dropped, and how many messages the listener reads ahead of those it applies
+    #: meanwhile (service.py, `Replica.listen`)
+    event_hold_s: float = 300.0
+    event_backlog: int = 100_000
 
     def check(self) -> list[Problem]:
         """Every setting that cannot be used."""
@@ -636,6 +642,11 @@ class ServiceConfig:
             _off_or_range(self, "heartbeat_interval_s", 0.1, MAX_HEARTBEAT_INTERVAL_S,
                           note="(0 disables heartbeats)", label="heartbeat interval"),
             _range(self, "max_event_lag_s", 0, 3600, low_open=True, label="max event lag"),
+            # 0 drops a batch at its first refusal; an hour past which an event applied is
+            # more likely to mislead than to help (a connect of a user long gone).
+            _range(self, "event_hold_s", 0, 3600, label="event hold"),
+            # Its floor is one batch read (LISTEN_BATCH); its top about 2.5 GB of messages.
+            _range(self, "event_backlog", 200, 10_000_000, label="event backlog"),
             # No option sets these three, so their problems name the fields. An age or a skew of 0
             # drops every activity event a moment off this replica's clock, a nan one every
             # event. An event older than the activity window (a day at most) is stale to

@@ -150,6 +150,11 @@ class Metrics:
             "a probe on the replica's own channel to the listener reaching it, behind every "
             "message published before it (the latest probe's, or the age of one still out if "
             "that is more)", registry=r)
+        self.event_backlog = Gauge(
+            "provisioner_event_backlog",
+            "Messages this replica's listener has read and not yet applied: near 0 while the "
+            "server takes its writes; it grows while the server refuses them for now (out of "
+            "memory, read-only), up to --event-backlog", registry=r)
         self.values_repaired = Gauge(
             "provisioner_values_repaired",
             "Values of the pool's state that were not a number where the scripts add to one "

@@ -114,9 +114,8 @@ LISTEN_BATCH = 200
 #: calls of this many (the server runs each call whole, so this bounds how long it is held).
 ACTIVITY_BATCH = 50
 
-#: How long a batch of events the server could not be reached for (a restart, a stall past
-#: the client's timeout, a server still loading) is tried again before it is dropped.
-EVENT_RETRY_S = 10.0
+#: How often a listener whose backlog is full (--event-backlog) looks for room in it.
+BACKLOG_FULL_WAIT_S = 0.05
 
 def _doubling_hold_ms(first_ms: int, in_a_row: int) -> int:
     """How long creates are held after the `in_a_row`-th failure or refusal in a row: `first_ms`
@@ -370,6 +369,12 @@ class Replica:
         #: (out of memory, read-only, a script running long), from the first refusal to the
         #: next write that went through: /readyz fails meanwhile; None: not refused
         self._refused: tuple[float, str] | None = None
+        #: the messages the listener has read and not yet applied, in arrival order
+        #: (`listen`), the probes among them; set when one is added, and once the reading ends
+        self._backlog: deque[tuple[bytes, bytes]] = deque()
+        self._backlog_added = asyncio.Event()
+        self._reading_done = False
+        self.metrics.event_backlog.set_function(lambda: len(self._backlog))
 
     # --- events -------------------------------------------------------------------------------
 
@@ -449,13 +454,13 @@ class Replica:
         cannot take for now (unreachable, a stall past the client's timeout, still loading, a
         script running long, out of memory, a replica read-only, a script flushed) is tried
         again from the first call it refused after the last that ran (one refused before a
-        call that ran is dropped), stamped with the time of the try, for EVENT_RETRY_S: a
+        call that ran is dropped), stamped with the time of the try, for --event-hold: a
         connect dropped is a user who never gets a node, a disconnect dropped a node held after
         its session. A try that timed out or was cut off may have gone through, in part: a
         connect or disconnect made again carries its first try's mark and is not applied again
         (`_marks`); the other events' second copies change nothing (an activity of a second
         already recorded, a node status the node already has)."""
-        deadline = time.monotonic() + EVENT_RETRY_S
+        deadline = time.monotonic() + self.service.event_hold_s
         wait_s = 0.1
         done: list[Any] = []
         lost = False  # a try of this batch may have run, its reply never read
@@ -495,7 +500,8 @@ class Replica:
             self.metrics.errors.labels("event_retry").inc()
             self._trouble.warning("redis-event-retry", "could not apply %d events (%s): trying "
                                   "again for up to %.0fs", len(evs),
-                                  str(problem) or type(problem).__name__, EVENT_RETRY_S)
+                                  str(problem) or type(problem).__name__,
+                                  self.service.event_hold_s)
             await sleep_unless(self.stopping, wait_s)
             wait_s = min(wait_s * 2, 2.0)
             calls = self._calls(evs, self.clock.now_ms())
@@ -1162,7 +1168,37 @@ class Replica:
     # --- running ------------------------------------------------------------------------------
 
     async def listen(self) -> None:
-        """Subscribe and apply messages in arrival order; resubscribe after a lost connection."""
+        """Subscribe and apply the messages in arrival order, subscribing again after a lost
+        connection. Reading and applying go on side by side: the messages read wait in a
+        backlog (up to --event-backlog) for `_apply_backlog`. So while the server refuses this
+        replica's writes for now (out of memory, read-only; a batch is held for --event-hold),
+        the listener keeps reading, and the messages published meanwhile wait in this
+        process, not in the server's output buffer for the subscription, whose limit (8 MB
+        for a minute, by default) would cut it and lose them. Once stopping, what was read is
+        applied while the server takes it (each batch tried once) before the listener ends."""
+        self._reading_done = False
+        applier = asyncio.create_task(self._apply_backlog(), name="apply")
+        try:
+            await self._read()
+        finally:
+            self._reading_done = True
+            self._backlog_added.set()
+            try:
+                # Bounded by run's grace, which cancels the listener and with it this wait.
+                await applier
+            finally:
+                if not applier.done():
+                    applier.cancel()
+                    await asyncio.gather(applier, return_exceptions=True)
+                left = sum(channel not in self._probe_names for channel, _ in self._backlog)
+                if left:
+                    log.warning("stopped with %d messages read and not applied (dropped): the "
+                                "other replicas apply them", left)
+                self._backlog.clear()
+
+    async def _read(self) -> None:
+        """The listener's reading: subscribe, add what comes to the backlog, subscribe again
+        after a lost connection, until stopping."""
         backoff = 0.2
         lost_at: float | None = None  # monotonic time the last subscription was lost
         while not self.stopping.is_set():
@@ -1199,13 +1235,13 @@ class Replica:
                         suspect = True
                     else:
                         suspect = False
-                    probes = [data for channel, data in batch if channel in self._probe_names]
-                    if probes:
-                        batch = [item for item in batch if item[0] not in self._probe_names]
                     if batch:
-                        await self._apply(batch)
-                    for data in probes:
-                        self._probe_seen(data)
+                        self._backlog.extend(batch)
+                        self._backlog_added.set()
+                    if len(self._backlog) >= self.service.event_backlog:
+                        await self._wait_for_room()
+                        # Not read meanwhile by choice: no silence of the connection's.
+                        last_read, suspect = time.monotonic(), False
             except Exception as exc:
                 if self.subscribed.is_set():
                     # A silent connection lost its messages from the last one it carried.
@@ -1233,6 +1269,43 @@ class Replica:
                 with contextlib.suppress(Exception):
                     # untyped before redis 8.2, typed from it on: either passes the check
                     await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+
+    async def _wait_for_room(self) -> None:
+        """Wait, reading nothing, until the backlog is under --event-backlog or stopping: the
+        server holds what comes meanwhile, up to its output-buffer limit for pub/sub."""
+        self.metrics.errors.labels("event_backlog_full").inc()
+        self._trouble.warning(
+            "event-backlog-full", "%d messages read and not applied (--event-backlog): reading "
+            "waits for the server to take writes again; it holds what comes meanwhile up to "
+            "its client-output-buffer-limit for pub/sub, past which it drops this replica's "
+            "subscription and the messages in it", len(self._backlog))
+        while (len(self._backlog) >= self.service.event_backlog
+               and not await sleep_unless(self.stopping, BACKLOG_FULL_WAIT_S)):
+            pass
+
+    async def _apply_backlog(self) -> None:
+        """Apply the backlog in arrival order, up to LISTEN_BATCH messages a round trip, until
+        the reading is done and nothing is left; each probe taken once the messages read before
+        it are applied, so that the lag it measures is the application's. Once stopping, a
+        batch the server refuses ends it (`listen` says how many are left)."""
+        while True:
+            if not self._backlog:
+                if self._reading_done:
+                    return
+                self._backlog_added.clear()
+                await self._backlog_added.wait()
+                continue
+            if self.stopping.is_set() and self._refused is not None:
+                return
+            batch = [self._backlog.popleft()
+                     for _ in range(min(LISTEN_BATCH, len(self._backlog)))]
+            probes = [data for channel, data in batch if channel in self._probe_names]
+            if probes:
+                batch = [item for item in batch if item[0] not in self._probe_names]
+            if batch:
+                await self._apply(batch)
+            for data in probes:
+                self._probe_seen(data)
 
     def _looks_silent(self, last_read: float) -> bool:
         """Whether a probe the server took (its PUBLISH answered) has been on its

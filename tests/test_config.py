@@ -56,6 +56,8 @@ SERVICE_RANGES: list[tuple[str, str, float, float, bool]] = [
     ("max_event_age_s", "max_event_age_s", 0, 30 * 86400, True),
     ("max_clock_skew_s", "max_clock_skew_s", 0, 3600, True),
     ("shutdown_grace_s", "shutdown_grace_s", 0, 600, False),
+    ("event_hold_s", "event hold", 0, 3600, False),
+    ("event_backlog", "event backlog", 200, 10_000_000, False),
 ]
 
 

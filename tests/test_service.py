@@ -2623,7 +2623,7 @@ async def test_a_question_about_a_call_refused_for_now_is_asked_again_within_the
     """Review of 175f767: alice's disconnect ran in a try whose reply was lost, was refused
     out of memory when made again before bob's connect, which the pool answered, and the
     question about it was refused out of memory too (memory still short a moment later). Its
-    refusal stood at once, with most of EVENT_RETRY_S left: dropped and named "could not
+    refusal stood at once, with most of its --event-hold left: dropped and named "could not
     apply", an error, though it ran. A question changes nothing, so it is asked again. So is
     one whose connection dropped (a failover, a proxy's restart): a moment's, not a reason
     to stop the batch or drop her disconnect as an error."""
@@ -2652,8 +2652,7 @@ async def test_a_question_about_a_call_refused_for_now_is_asked_again_within_the
 
 @pytest.mark.parametrize("left", ["unreachable till the deadline", "asked till a stop"])
 async def test_a_call_left_unanswered_after_a_lost_reply_is_not_named_never_applied(
-    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch, left: str,
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture, left: str,
 ) -> None:
     """Final review: alice's disconnect ran in a try whose reply was lost. The server then
     stayed unreachable till the batch's deadline, or refused the question about it (out of
@@ -2662,8 +2661,6 @@ async def test_a_call_left_unanswered_after_a_lost_reply_is_not_named_never_appl
     free, and the operator the line is for repairs a disconnect that applied (a release by
     hand ends whatever session she holds by then, the harm 175f767 and 63380e1 fixed for a
     call the pool answered). Whether it ran is not known: the line says so."""
-    import provisioner.service as service
-
     await _booted(replica, "n1")
     await replica.handle(*wire("user:connect", {"user_id": "alice"}))
     oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
@@ -2675,7 +2672,7 @@ async def test_a_call_left_unanswered_after_a_lost_reply_is_not_named_never_appl
         return [oom] * len(calls)
 
     if left == "unreachable till the deadline":
-        monkeypatch.setattr(service, "EVENT_RETRY_S", 0.5)
+        replica.service = dataclasses.replace(replica.service, event_hold_s=0.5)
         _tried_as(replica, _reply_lost, unreachable)
     else:
         _tried_as(replica, _reply_lost, _refusing_first(oom), refused)
@@ -2829,6 +2826,175 @@ async def test_the_listener_applies_a_burst_in_batches_in_order(
     stats = await aredis.hgetall(replica.keys.key("stats"))
     assert int(stats["activities"]) == 300
     assert await aredis.hget(replica.keys.key("waiting_since"), "late") is not None
+
+
+# --- the listener's backlog -----------------------------------------------------------------
+
+
+def _service(replica: Replica, **settings: Any) -> None:
+    replica.service = dataclasses.replace(replica.service, **settings)
+
+
+async def _publish(aredis: aioredis.Redis, messages: list[tuple[str, Any]]) -> None:
+    async with aredis.pipeline(transaction=False) as pipe:
+        for channel, payload in messages:
+            pipe.publish(channel, json.dumps(payload))
+        await pipe.execute()
+
+
+def _activities(count: int) -> list[tuple[str, Any]]:
+    return [("user:activity", {"user_id": f"u{k}", "timestamp": T0 // 1000})
+            for k in range(count)]
+
+
+async def test_the_listener_reads_on_while_the_server_refuses_writes_and_applies_it_all_after(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """Out of memory, the server refuses the replica's writes, not its pub/sub. The listener
+    held the batch it was applying and read nothing meanwhile: what was published waited in
+    the server's output buffer for the subscription (whose limit, 8 MB for a minute by
+    default, cuts the subscription and loses it all), and a batch held past 10 s was dropped.
+    Now it reads on into its own backlog while it holds the batch, and once the server takes
+    writes again every event is applied, in the order published."""
+    await _booted(replica, "n1", "n2")
+    listening = asyncio.create_task(replica.listen())
+    await aredis.config_set("maxmemory", 1)
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _publish(aredis, [("user:connect", {"user_id": "alice"}), *_activities(600),
+                                ("user:disconnect", {"user_id": "alice"}),
+                                ("user:connect", {"user_id": "bob"})])
+        await _until(lambda: counter(replica, "provisioner_event_backlog") >= 602 - LISTEN_BATCH)
+        assert counter(replica, "provisioner_errors_total", where="event_retry") >= 1
+    finally:
+        await aredis.config_set("maxmemory", 0)
+    await _until(lambda: counter(replica, "provisioner_event_backlog") == 0)
+    await _until(lambda: counter(replica, "provisioner_errors_total", where="event") == 0
+                 and replica.writes_refused() is None)
+    replica.stopping.set()
+    await listening
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert int(stats["activities"]) == 600
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") is None
+    assert await aredis.hget(replica.keys.key("alloc"), "bob") is not None
+    assert int(stats["releases"]) == 1
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
+    assert await check_invariants(aredis, POOL) == []
+
+
+@pytest.mark.parametrize("hold_s", [0.3, 5.0])
+async def test_a_batch_is_held_for_the_event_hold_and_dropped_past_it(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture, hold_s: float,
+) -> None:
+    """--event-hold is how long a batch the server refuses is tried again: here the server
+    refuses writes for 1.5 s. It was 10 s whatever was set."""
+    _service(replica, event_hold_s=hold_s)
+    await aredis.config_set("maxmemory", 1)
+    loop = asyncio.get_running_loop()
+    loop.call_later(1.5, lambda: asyncio.ensure_future(aredis.config_set("maxmemory", 0)))
+    try:
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            outcomes = await replica.handle_many([wire("user:connect", {"user_id": "carol"})])
+    finally:
+        await aredis.config_set("maxmemory", 0)
+    waiting = await aredis.hget(replica.keys.key("waiting_since"), "carol")
+    if hold_s < 1.5:
+        assert outcomes == [None]
+        assert waiting is None
+        assert "could not apply user:connect of carol (dropped)" in caplog.text, caplog.text
+    else:
+        assert isinstance(outcomes[0], AllocateResult)
+        assert waiting is not None
+
+
+async def test_a_full_backlog_stops_the_reading_and_the_server_holds_the_rest(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past --event-backlog messages read and not applied, the listener reads no more (the
+    replica's memory is bounded): the server holds the rest in its output buffer, and it is
+    all applied once the server takes writes again. Said once, and counted."""
+    _service(replica, event_backlog=200)
+    listening = asyncio.create_task(replica.listen())
+    await aredis.config_set("maxmemory", 1)
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            await _publish(aredis, [*_activities(1500), ("user:connect", {"user_id": "dave"})])
+            await _until(lambda: counter(replica, "provisioner_errors_total",
+                                         where="event_backlog_full") >= 1)
+            await asyncio.sleep(0.3)
+            # The batch held, and the backlog no further: the other 1,000 and more are left
+            # to the server and the sockets.
+            assert 200 <= len(replica._backlog) <= 200 + LISTEN_BATCH
+        assert "messages read and not applied (--event-backlog)" in caplog.text, caplog.text
+    finally:
+        await aredis.config_set("maxmemory", 0)
+    for _ in range(1000):  # dave's connect, published last, applied
+        if await aredis.hget(replica.keys.key("waiting_since"), "dave") is not None:
+            break
+        await asyncio.sleep(0.01)
+    replica.stopping.set()
+    await listening
+    stats = await aredis.hgetall(replica.keys.key("stats"))
+    assert int(stats["activities"]) == 1500
+    assert await aredis.hget(replica.keys.key("waiting_since"), "dave") is not None
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
+
+
+async def test_a_replica_stopped_while_refused_ends_and_says_what_it_read_and_dropped(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Stopped while the server refuses its writes, the listener does not hold its backlog
+    for --event-hold: it ends at once and says how many messages it read and did not apply
+    (every other replica applies them)."""
+    listening = asyncio.create_task(replica.listen())
+    await aredis.config_set("maxmemory", 1)
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _publish(aredis, [("user:connect", {"user_id": "erin"})])
+        await _until(lambda: counter(replica, "provisioner_errors_total",
+                                     where="event_retry") >= 1)
+        await _publish(aredis, _activities(10))
+        await _until(lambda: len(replica._backlog) == 10)
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            started = time.monotonic()
+            replica.stopping.set()
+            await asyncio.wait_for(listening, 5)
+        assert time.monotonic() - started < 2
+    finally:
+        await aredis.config_set("maxmemory", 0)
+    assert "could not apply user:connect of erin (dropped)" in caplog.text, caplog.text
+    assert "stopped with 10 messages read and not applied (dropped)" in caplog.text, caplog.text
+    assert counter(replica, "provisioner_event_backlog") == 0
+
+
+async def test_a_probe_behind_a_held_batch_measures_the_hold(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """The listener reads a probe while it holds a batch before it: the probe comes back once
+    what was published before it is applied, so the lag says how late the events are applied,
+    not how soon they are read."""
+    listening = asyncio.create_task(replica.listen())
+    await aredis.config_set("maxmemory", 1)
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _publish(aredis, [("user:connect", {"user_id": "frank"})])
+        await _until(lambda: counter(replica, "provisioner_errors_total",
+                                     where="event_retry") >= 1)
+        await replica.probe_lag()
+        await _until(lambda: len(replica._backlog) == 1)
+        await asyncio.sleep(1.0)
+        assert replica.event_lag_s() >= 1.0
+        assert replica._probes_out
+    finally:
+        await aredis.config_set("maxmemory", 0)
+    await _until(lambda: not replica._probes_out)
+    assert replica.event_lag_s() >= 1.0  # the probe's own lag, measured when it came back
+    await replica.probe_lag()
+    await _until(lambda: not replica._probes_out)
+    assert replica.event_lag_s() < 0.5
+    replica.stopping.set()
+    await listening
 
 
 # --- the listener's lag ---------------------------------------------------------------------

@@ -147,3 +147,26 @@ def test_a_short_soak_samples_the_running_stack_and_stops_every_process(
     assert set(run["pids"]) == set(run["logs"])
     for pid in run["pids"].values():
         assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.e2e
+def test_a_soak_with_writes_refused_for_a_while_loses_no_event(tmp_path: Path) -> None:
+    """The server refuses every write for 14 s (maxmemory 1), longer than the 10 s a replica
+    held a refused batch before it held one for --event-hold: no replica drops an event, the
+    soak says when the writes were refused, and the invariants hold."""
+    from provisioner.cli import app
+
+    out = tmp_path / "soak.json"
+    result = CliRunner().invoke(app, [
+        "bench", "soak", "--minutes", "0.5", "--every", "5", "--replicas", "2",
+        "--arrival-rate", "600", "--refuse-writes-at", "4", "--refuse-writes-for", "14",
+        "--json", str(out)], env={"COLUMNS": "300"})
+
+    assert result.exit_code == 0, result.output
+    run = json.loads(out.read_text())
+    assert run["failed"] == []
+    start, end = run["refused"]
+    assert 4 <= start < 5 and 18 <= end < 19.5, run["refused"]
+    assert run["dropped"] == {"replica-1": 0, "replica-2": 0}, run["dropped"]
+    assert (f"the server refused writes (maxmemory 1) from {start:.0f} s to {end:.0f} s; events "
+            "dropped by the replicas over the run: replica-1 0, replica-2 0") in result.output

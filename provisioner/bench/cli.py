@@ -547,6 +547,13 @@ def _stack_options(mock_options: str, json_out: Path | None) -> list[str]:
     return mock
 
 
+def _checkout_option(replicas_from: Path | None) -> None:
+    """--replicas-from, refused unless it is a checkout's root."""
+    if replicas_from is not None and not (replicas_from / "provisioner" / "__main__.py").is_file():
+        raise typer.BadParameter(f"{replicas_from} holds no provisioner package (a checkout's "
+                                 "root, with provisioner/ and lua/)", param_hint="--replicas-from")
+
+
 def _verdict(document: dict[str, object], failed: list[str], json_out: Path | None) -> None:
     """A stack run's end: its figures to --json, what failed on stderr, exit 1 if anything
     did, else 0."""
@@ -575,6 +582,14 @@ def soak(
     kill_every: Annotated[float, typer.Option(
         min=0, max=86_400, help="Kill a replica (SIGKILL) and start it again this often, "
         "seconds, in turn (0: never)")] = 0.0,
+    refuse_writes_for: Annotated[float, typer.Option(
+        min=0, max=86_400, help="Seconds the server refuses every write, as out of memory "
+        "(maxmemory 1), once, from --refuse-writes-at (0: never)")] = 0.0,
+    refuse_writes_at: Annotated[float, typer.Option(
+        min=0, max=604_800, help="Seconds into the run the refusal starts")] = 60.0,
+    replicas_from: Annotated[Path | None, typer.Option(
+        file_okay=False, exists=True, help="Run the replicas from this checkout (a worktree of "
+        "another release: `git worktree add /tmp/before REV`) instead of this one")] = None,
     json_out: Annotated[Path | None, typer.Option(
         "--json", dir_okay=False, help="Also write every sample and the verdict here")] = None,
     mock_options: Annotated[str, typer.Option(
@@ -588,6 +603,7 @@ def soak(
     API and the pool disagree on a node for a minute."""
     from provisioner.bench import soak as soaking
 
+    _checkout_option(replicas_from)
     mock = _stack_options(mock_options, json_out)
 
     def show(sample: Sample) -> None:
@@ -607,7 +623,9 @@ def soak(
         result = soaking.run(minutes, every, replicas, boot_delay, arrival_rate,
                              ["--session", str(session), "--seed", str(seed)],
                              kill_every=kill_every, on_sample=show,
-                             say=lambda line: console.print(line, markup=False), mock=mock)
+                             say=lambda line: console.print(line, markup=False), mock=mock,
+                             refuse_writes=(refuse_writes_at, refuse_writes_for),
+                             replicas_from=replicas_from)
     except RuntimeError as exc:
         errors.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
@@ -620,6 +638,12 @@ def soak(
                   f"or more on {len(result.lasting_disagreements())} nodes", highlight=False)
     if result.kills:
         console.print(f"{result.kills} replica(s) killed and started again", highlight=False)
+    if result.refused:
+        span = " to ".join(f"{t:.0f} s" for t in result.refused)
+        dropped = ", ".join(f"{name} {count:,}" for name, count in result.dropped.items())
+        console.print(f"the server refused writes (maxmemory 1) from {span}; events dropped by "
+                      f"the replicas over the run: {dropped or 'none answered'}",
+                      highlight=False)
     for name, marks in result.logs.items():
         console.print(f"{name}: {marks['traceback']} tracebacks, {marks['error']} errors, "
                       f"{marks['warning']} warnings in its log", highlight=False)
@@ -667,9 +691,7 @@ def loop_(
 
     if order not in looping.ORDERS:
         raise typer.BadParameter(f"one of {', '.join(looping.ORDERS)}", param_hint="--order")
-    if replicas_from is not None and not (replicas_from / "provisioner" / "__main__.py").is_file():
-        raise typer.BadParameter(f"{replicas_from} holds no provisioner package (a checkout's "
-                                 "root, with provisioner/ and lua/)", param_hint="--replicas-from")
+    _checkout_option(replicas_from)
     mock = _stack_options(mock_options, json_out)
     try:
         result = looping.run(users, pairs, rate, order, fresh, settle, replicas, boot_delay,

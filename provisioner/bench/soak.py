@@ -11,7 +11,11 @@ that stopped early. Each sample also sets the nodes the Node API runs against th
 knows: a node that one of them has and the other lacks for longer than reconciliation takes to
 notice (`LASTING_S`) is one the pool pays for without using, or one it counts on that is gone.
 With `kill_every`, a replica is killed (SIGKILL, as a crash) and started again that often, in
-turn, so the same checks run across crashes in the middle of transitions.
+turn, so the same checks run across crashes in the middle of transitions. With
+`refuse_writes`, the server refuses every write for a while (`CONFIG SET maxmemory 1`, as a
+server out of memory does), and the run reports the events each replica dropped meanwhile
+(its `provisioner_errors_total{where="event"}` at the end; a replica killed and started again
+counts from its restart).
 
 What it reports is growth, not a verdict on it: the first half of a run fills the pool's
 windows and the model, so a leak shows as a slope over the second half. The run fails (exit 1)
@@ -81,6 +85,9 @@ class SoakResult:
     logdir: str = ""
     pids: dict[str, int] = field(default_factory=dict)  # process -> its last pid
     kills: int = 0  # replicas killed and started again
+    refused: list[float] = field(default_factory=list)  # when writes were refused: from, to (s)
+    dropped: dict[str, int] = field(default_factory=dict)  # replica -> events it dropped
+    replicas_from: str = ""  # the checkout the replicas ran from, if not this one
 
     def lasting_disagreements(self) -> list[str]:
         """Nodes the API and the pool disagreed on for `LASTING_S` or longer."""
@@ -208,15 +215,63 @@ def count_log_marks(path: Path) -> dict[str, int]:
     return counts
 
 
+def events_dropped(port: int) -> int | None:
+    """The events a replica dropped (`provisioner_errors_total{where="event"}` on its
+    /metrics), or None if it did not answer."""
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
+        answer.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    found = re.search(r'^provisioner_errors_total\{where="event"\} (\S+)$', answer.text, re.M)
+    return int(float(found[1])) if found else 0
+
+
+class _Refusal:
+    """The server's refusal of writes over `[at, at + seconds)` of the run: `CONFIG SET
+    maxmemory 1`, then the value it had."""
+
+    def __init__(self, client: redis.Redis, at: float, seconds: float, started: float) -> None:
+        self.client = client
+        self.starts = started + at if seconds > 0 else float("inf")
+        self.ends = self.starts + seconds
+        self.before: str | None = None
+        self.started = started
+        self.spans: list[float] = []
+
+    def next_change(self) -> float:
+        return self.starts if self.before is None else self.ends
+
+    def turn(self, now: float) -> None:
+        if self.before is None and self.starts <= now < self.ends:
+            self.before = str(self.client.config_get("maxmemory")["maxmemory"])
+            self.client.config_set("maxmemory", 1)
+            self.spans.append(now - self.started)
+        elif self.before is not None and now >= self.ends:
+            self.end(now)
+
+    def end(self, now: float) -> None:
+        if self.before is not None:
+            self.client.config_set("maxmemory", self.before)
+            self.before = None
+            self.starts = self.ends = float("inf")
+            self.spans.append(now - self.started)
+
+
 def run(minutes: float, every: float, replicas: int, boot_delay: str, arrival_rate: float,
         simulate: list[str], kill_every: float = 0.0,
         on_sample: Callable[[Sample], None] = lambda s: None,
-        say: Callable[[str], None] = print, mock: Sequence[str] = ()) -> SoakResult:
+        say: Callable[[str], None] = print, mock: Sequence[str] = (),
+        refuse_writes: tuple[float, float] = (0.0, 0.0),
+        replicas_from: Path | None = None) -> SoakResult:
     """Run the stack for `minutes`, sampling every `every` seconds and, if `kill_every`, killing
-    and restarting a replica that often, in turn; `mock`: further options of the mock Node API.
-    Ctrl-C ends it early and still reports what was sampled."""
+    and restarting a replica that often, in turn; `mock`: further options of the mock Node API;
+    `refuse_writes`: (at, seconds) of the run the server refuses writes, (0, 0) never;
+    `replicas_from`: a checkout to run the replicas from. Ctrl-C ends it early and still
+    reports what was sampled."""
+    source = replicas_from.resolve() if replicas_from is not None else None
     with (stack(None, replicas, boot_delay, arrival_rate, simulate, say=say,
-                mock=mock) as running,
+                mock=mock, replicas_from=source) as running,
           asyncio.Runner() as loop):
         client = redis.Redis.from_url(running.redis_url, decode_responses=True)
         # The check is the CLI's (async); one loop and one client serve every sample.
@@ -227,14 +282,16 @@ def run(minutes: float, every: float, replicas: int, boot_delay: str, arrival_ra
 
         api_url = f"http://127.0.0.1:{running.api_port}"
         result = SoakResult(server=server_label(client.info("server")), replicas=replicas,
-                            logdir=str(running.logdir))
+                            logdir=str(running.logdir), replicas_from=str(source or ""))
         victims = [c for c in running.children if c.name.startswith("replica-")]
         started = next_sample = time.monotonic()
         end = started + minutes * 60
         next_kill = started + kill_every if kill_every else float("inf")
+        refusal = _Refusal(client, *refuse_writes, started)
         try:
             while True:
                 now = time.monotonic()
+                refusal.turn(now)
                 if now >= next_kill and now < end:
                     victims[result.kills % len(victims)].restart()
                     result.kills += 1
@@ -247,10 +304,17 @@ def run(minutes: float, every: float, replicas: int, boot_delay: str, arrival_ra
                     next_sample += every
                     if _stopped(running.children, result) or now >= end:
                         break
-                time.sleep(max(0.0, min(next_sample, next_kill, end) - time.monotonic()))
+                time.sleep(max(0.0, min(next_sample, next_kill, end, refusal.next_change())
+                               - time.monotonic()))
         except KeyboardInterrupt:
             say("stopped early by Ctrl-C; reporting what was sampled")
         finally:
+            refusal.end(time.monotonic())
+            result.refused = refusal.spans
+            result.dropped = {
+                victim.name: dropped for victim, port in zip(victims, running.metrics_ports,
+                                                             strict=True)
+                if (dropped := events_dropped(port)) is not None}
             client.close()
             loop.run(async_client.aclose())
         result.pids = {c.name: c.process.pid for c in running.children}

@@ -645,7 +645,7 @@ class ServiceConfig:
             # 0 drops a batch at its first refusal; an hour past which an event applied is
             # more likely to mislead than to help (a connect of a user long gone).
             _range(self, "event_hold_s", 0, 3600, label="event hold"),
-            # Its floor is one batch read (LISTEN_BATCH); its top about 2.5 GB of messages.
+            # Its floor is one batch read (LISTEN_BATCH); its top a bound on memory still.
             _range(self, "event_backlog", 200, 10_000_000, label="event backlog"),
             # No option sets these three, so their problems name the fields. An age or a skew of 0
             # drops every activity event a moment off this replica's clock, a nan one every

@@ -19,8 +19,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 #: reap_idle's reasons (lua/reap_idle.lua), and lost_reply (a reap whose reply was lost: its
 #: DELETEs sent at the next decision), and the places the replica counts errors in
 TERMINATION_REASONS = ("idle", "surplus_boot", "boot_timeout", "retry", "drained", "lost_reply")
-ERROR_PLACES = ("event", "event_retry", "action", "subscribe", "tick", "heartbeat", "reconcile",
-                "unusable_id", "other_pools", "eviction", "replica_id_shared")
+ERROR_PLACES = ("event", "event_retry", "event_backlog_full", "action", "subscribe", "tick",
+                "heartbeat", "reconcile", "unusable_id", "other_pools", "eviction",
+                "replica_id_shared")
 
 
 class Metrics:

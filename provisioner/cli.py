@@ -274,8 +274,9 @@ def run(
     ] = 5.0,
     event_hold: Annotated[float, typer.Option(
         envvar="PROVISIONER_EVENT_HOLD",
-        help="Seconds a batch of events the server refuses for now (out of memory, read-only) "
-        "or cannot be reached for is tried again before it is dropped (0-3600)")
+        help="Seconds from its reading that a batch of events the server refuses for now (out "
+        "of memory, read-only) is tried again before it is dropped (0-3600); one it cannot be "
+        "reached for, 10 s at most")
     ] = 300.0,
     event_backlog: Annotated[int, typer.Option(
         envvar="PROVISIONER_EVENT_BACKLOG",

@@ -24,8 +24,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import BusyLoadingError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner import events, jsontext
@@ -113,6 +113,14 @@ LISTEN_BATCH = 200
 #: Most activity events applied by one record_activity call: a run of them in a batch goes in
 #: calls of this many (the server runs each call whole, so this bounds how long it is held).
 ACTIVITY_BATCH = 50
+
+#: The most a batch of events the server could not be reached for (a partition, a restart, a
+#: stall past the client's timeout) is tried again, whatever --event-hold: a refusal (out of
+#: memory, read-only, still loading) meets every replica alike, but this one may be cut off
+#: alone while the others apply the same messages and those after them, and a copy it applies
+#: late is taken for a later one (the payloads carry no id: a review's disconnect held 11 s
+#: ended the session its user had begun since).
+UNREACHABLE_HOLD_S = 10.0
 
 #: How often a listener whose backlog is full (--event-backlog) looks for room in it.
 BACKLOG_FULL_WAIT_S = 0.05
@@ -370,11 +378,16 @@ class Replica:
         #: next write that went through: /readyz fails meanwhile; None: not refused
         self._refused: tuple[float, str] | None = None
         #: the messages the listener has read and not yet applied, in arrival order
-        #: (`listen`), the probes among them; set when one is added, and once the reading ends
-        self._backlog: deque[tuple[bytes, bytes]] = deque()
+        #: (`listen`), the probes among them, each with when (monotonic) it was read: its
+        #: --event-hold runs from then; set when one is added, and once the reading ends
+        self._backlog: deque[tuple[bytes, bytes, float]] = deque()
         self._backlog_added = asyncio.Event()
         self._reading_done = False
-        self.metrics.event_backlog.set_function(lambda: len(self._backlog))
+        #: the batch the applier has taken from the backlog and not yet applied (held while
+        #: the server refuses it), its probes among them: read and not applied, as the
+        #: backlog's messages are
+        self._taken: list[tuple[bytes, bytes, float]] = []
+        self.metrics.event_backlog.set_function(lambda: len(self._backlog) + len(self._taken))
 
     # --- events -------------------------------------------------------------------------------
 
@@ -384,7 +397,7 @@ class Replica:
         return (await self.handle_many([(channel, data)]))[0]
 
     async def handle_many(self, messages: Sequence[tuple[str | bytes, bytes | str]],
-                          ) -> list[Outcome]:
+                          read_at: float | None = None) -> list[Outcome]:
         """Apply pub/sub messages in order, their scripts in one round trip (one after another,
         each atomic, as separate calls would run), and return what each decided. Never raises:
         bad input is counted, logged and dropped; a message the server could not apply is
@@ -394,7 +407,7 @@ class Replica:
         valid = [item for item in parsed if item is not None]
         evs = self._marks([event for _, event in valid])
         calls = self._calls(evs, now)
-        results = await self._run_events(evs, calls)
+        results = await self._run_events(evs, calls, read_at)
         per_event: list[Any] = []
         for result, (_, grouped) in zip(results, calls, strict=True):
             if not grouped:
@@ -449,7 +462,8 @@ class Replica:
                  else "") for event in evs]
 
     async def _run_events(self, evs: Sequence[tuple[events.Event, str]],
-                          calls: list[tuple[Call[Any], int]]) -> list[Any]:
+                          calls: list[tuple[Call[Any], int]],
+                          read_at: float | None = None) -> list[Any]:
         """The events' calls in one round trip, each call's result or error. A batch the server
         cannot take for now (unreachable, a stall past the client's timeout, still loading, a
         script running long, out of memory, a replica read-only, a script flushed) is tried
@@ -460,7 +474,13 @@ class Replica:
         connect or disconnect made again carries its first try's mark and is not applied again
         (`_marks`); the other events' second copies change nothing (an activity of a second
         already recorded, a node status the node already has)."""
-        deadline = time.monotonic() + self.service.event_hold_s
+        # From when the batch's first message was read (`read_at`, monotonic; the first try if
+        # not given): a batch that waited in the backlog behind one held has had its hold run
+        # meanwhile (a review: a hold of each batch's own let a refusal of an hour apply a full
+        # backlog an hour late).
+        started = time.monotonic() if read_at is None else read_at
+        deadline = started + self.service.event_hold_s
+        unreached_by = started + min(self.service.event_hold_s, UNREACHABLE_HOLD_S)
         wait_s = 0.1
         done: list[Any] = []
         lost = False  # a try of this batch may have run, its reply never read
@@ -495,7 +515,10 @@ class Replica:
                 done += _unknown_if(lost, results[:first])
                 evs = evs[sum(max(grouped, 1) for _, grouped in calls[:first]):]
                 calls, results = calls[first:], results[first:]
-            if self.stopping.is_set() or time.monotonic() + wait_s > deadline:
+            unreached = (isinstance(problem, RedisConnectionError | RedisTimeoutError)
+                         and not isinstance(problem, BusyLoadingError))
+            if (self.stopping.is_set()
+                    or time.monotonic() + wait_s > (unreached_by if unreached else deadline)):
                 return done + _unknown_if(lost, results)
             self.metrics.errors.labels("event_retry").inc()
             self._trouble.warning("redis-event-retry", "could not apply %d events (%s): trying "
@@ -1180,6 +1203,12 @@ class Replica:
         applier = asyncio.create_task(self._apply_backlog(), name="apply")
         try:
             await self._read()
+        except asyncio.CancelledError:
+            # Cancelled mid-read (run's finally: serve cancelled, an embedding's wait_for):
+            # the applier ends with it, not awaited with no bound (a call the server leaves
+            # unanswered held the cancelled listener as long as the server did).
+            applier.cancel()
+            raise
         finally:
             self._reading_done = True
             self._backlog_added.set()
@@ -1190,7 +1219,7 @@ class Replica:
                 if not applier.done():
                     applier.cancel()
                     await asyncio.gather(applier, return_exceptions=True)
-                left = sum(channel not in self._probe_names for channel, _ in self._backlog)
+                left = sum(channel not in self._probe_names for channel, _, _ in self._backlog)
                 if left:
                     log.warning("stopped with %d messages read and not applied (dropped): the "
                                 "other replicas apply them", left)
@@ -1211,10 +1240,15 @@ class Replica:
                     log.warning("subscribed again after %.1fs: events published in that time "
                                 "did not reach this replica", gap)
                     lost_at = None
-                # Probes sent on the last subscription never come back.
-                self._probes_out.clear()
-                self._probes_published.clear()
-                self._last_lag_s = 0.0
+                # Probes sent on the last subscription and not read never come back; those
+                # read into the backlog do, behind it, and time it (a review: forgotten, a
+                # listener 3 s behind read 0 s and /readyz said ready).
+                read = self._probes_read()
+                self._probes_out = deque(sent for sent in self._probes_out if sent in read)
+                self._probes_published = {sent: at for sent, at in
+                                          self._probes_published.items() if sent in read}
+                if not self._backlog:
+                    self._last_lag_s = 0.0
                 self.subscribed.set()
                 backoff = 0.2
                 last_read = time.monotonic()
@@ -1236,7 +1270,13 @@ class Replica:
                     else:
                         suspect = False
                     if batch:
-                        self._backlog.extend(batch)
+                        # A payload past MAX_PAYLOAD_BYTES is rejected as too large when
+                        # applied: the bytes that say so are all it needs, and the backlog,
+                        # bounded by its count, holds no more of it (a review: 400 messages
+                        # of 64 KiB held 13 MB of the replica's memory at 200 read ahead).
+                        read_at = time.monotonic()
+                        self._backlog.extend((channel, data[:events.MAX_PAYLOAD_BYTES + 1],
+                                              read_at) for channel, data in batch)
                         self._backlog_added.set()
                     if len(self._backlog) >= self.service.event_backlog:
                         await self._wait_for_room()
@@ -1270,6 +1310,16 @@ class Replica:
                     # untyped before redis 8.2, typed from it on: either passes the check
                     await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
+    def _probes_read(self) -> set[float]:
+        """The probes read and not yet seen back: in the backlog, or in the batch the applier
+        took from it."""
+        read: set[float] = set()
+        for channel, data, _ in itertools.chain(self._taken, self._backlog):
+            if channel in self._probe_names:
+                with contextlib.suppress(ValueError):
+                    read.add(float(data))
+        return read
+
     async def _wait_for_room(self) -> None:
         """Wait, reading nothing, until the backlog is under --event-backlog or stopping: the
         server holds what comes meanwhile, up to its output-buffer limit for pub/sub."""
@@ -1297,15 +1347,20 @@ class Replica:
                 continue
             if self.stopping.is_set() and self._refused is not None:
                 return
-            batch = [self._backlog.popleft()
-                     for _ in range(min(LISTEN_BATCH, len(self._backlog)))]
-            probes = [data for channel, data in batch if channel in self._probe_names]
-            if probes:
-                batch = [item for item in batch if item[0] not in self._probe_names]
-            if batch:
-                await self._apply(batch)
-            for data in probes:
-                self._probe_seen(data)
+            self._taken = [self._backlog.popleft()
+                           for _ in range(min(LISTEN_BATCH, len(self._backlog)))]
+            try:
+                read_at = self._taken[0][2]
+                probes = [data for channel, data, _ in self._taken
+                          if channel in self._probe_names]
+                batch = [(channel, data) for channel, data, _ in self._taken
+                         if channel not in self._probe_names]
+                if batch:
+                    await self._apply(batch, read_at)
+                for data in probes:
+                    self._probe_seen(data)
+            finally:
+                self._taken = []
 
     def _looks_silent(self, last_read: float) -> bool:
         """Whether a probe the server took (its PUBLISH answered) has been on its
@@ -1326,11 +1381,12 @@ class Replica:
                        5 * self.service.heartbeat_interval_s)
         return time.monotonic() - self._probes_published[oldest] > silent_s
 
-    async def _apply(self, batch: list[tuple[bytes, bytes]]) -> None:
-        """`handle_many` for the listener: should it fail all the same (a bug), the batch is
-        counted, logged with the traceback and dropped, and the listener goes on."""
+    async def _apply(self, batch: list[tuple[bytes, bytes]], read_at: float) -> None:
+        """`handle_many` for the listener (`read_at`: when the batch's first message was read):
+        should it fail all the same (a bug), the batch is counted, logged with the traceback and
+        dropped, and the listener goes on."""
         try:
-            await self.handle_many(batch)
+            await self.handle_many(batch, read_at)
         except Exception:
             self.metrics.errors.labels("event").inc()
             self._trouble.exception("apply", "could not apply a batch of %d messages (dropped)",

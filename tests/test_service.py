@@ -2801,9 +2801,9 @@ async def test_the_listener_applies_a_burst_in_batches_in_order(
     sizes: list[int] = []
     handle_many = replica.handle_many
 
-    async def spy(messages: Any) -> Any:
+    async def spy(messages: Any, read_at: float | None = None) -> Any:
         sizes.append(len(messages))
-        return await handle_many(messages)
+        return await handle_many(messages, read_at)
 
     replica.handle_many = spy  # type: ignore[method-assign]
     listening = asyncio.create_task(replica.listen())
@@ -2995,6 +2995,208 @@ async def test_a_probe_behind_a_held_batch_measures_the_hold(
     assert replica.event_lag_s() < 0.5
     replica.stopping.set()
     await listening
+
+
+async def test_a_listener_cancelled_mid_read_ends_with_its_applier_stuck_in_a_call(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """run's finally (serve cancelled, an embedding's wait_for) sets stopping and cancels the
+    listener at once, mid-read. The cancel ended `_read`, and `listen` then awaited its
+    applier with no bound: an applier inside a call the server leaves unanswered (a stall,
+    CLIENT PAUSE WRITE; serve's client has no socket timeout unless the URL sets one) held
+    the cancelled listener, and run, for as long as the server did."""
+    stuck = asyncio.Event()
+
+    async def unanswered(calls: list[Any]) -> list[Any]:
+        stuck.set()
+        await asyncio.Event().wait()  # never answered
+        raise AssertionError("unreachable")
+
+    replica.scripts.run_many = unanswered  # type: ignore[method-assign]
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _publish(aredis, [("user:connect", {"user_id": "gail"})])
+        await asyncio.wait_for(stuck.wait(), 5)
+        await asyncio.sleep(0.1)  # the listener back in its read
+        replica.stopping.set()
+        listening.cancel()
+        done, _ = await asyncio.wait({listening}, timeout=2)
+        assert done, "the cancelled listener still waits for its applier"
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "apply" and not t.done()]
+
+
+async def test_the_backlog_gauge_counts_the_batch_held(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """provisioner_event_backlog is the messages read and not yet applied: the batch the
+    applier holds while the server refuses it (up to 200 of them) was taken out of the
+    backlog first and counted nowhere, so under a refusal with less traffic than a batch the
+    gauge read 0 all along."""
+    listening = asyncio.create_task(replica.listen())
+    await aredis.config_set("maxmemory", 1)
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _publish(aredis, [("user:connect", {"user_id": "ivan"}), *_activities(9)])
+        await _until(lambda: counter(replica, "provisioner_errors_total",
+                                     where="event_retry") >= 1)
+        assert counter(replica, "provisioner_event_backlog") == 10
+    finally:
+        await aredis.config_set("maxmemory", 0)
+    await _until(lambda: counter(replica, "provisioner_event_backlog") == 0)
+    replica.stopping.set()
+    await listening
+
+
+async def test_the_backlog_holds_no_more_of_a_message_than_a_payload_may_be(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """--event-backlog bounds the messages held, not their bytes: a message past the 4 KiB a
+    payload may be, rejected only once applied, was held whole in the backlog while the
+    server refused writes: 203 messages of 64 KiB held 13 MB here at --event-backlog 200
+    (100,000 of 1 MiB would hold 100 GB), where before the server held them in its output
+    buffer and cut the subscription at 32 MB. Only what tells it is too large need be kept."""
+    from provisioner.events import MAX_PAYLOAD_BYTES
+
+    _service(replica, event_backlog=200)
+    listening = asyncio.create_task(replica.listen())
+    await aredis.config_set("maxmemory", 1)
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _publish(aredis, [("user:connect", {"user_id": "judy"})])
+        await _until(lambda: counter(replica, "provisioner_errors_total",
+                                     where="event_retry") >= 1)
+        async with aredis.pipeline(transaction=False) as pipe:
+            for _ in range(400):
+                pipe.publish("user:activity", "x" * 65536)
+            await pipe.execute()
+        await _until(lambda: len(replica._backlog) >= 200)
+        held = sum(len(data) for _, data, _ in replica._backlog)
+        assert held <= len(replica._backlog) * (MAX_PAYLOAD_BYTES + 1), (
+            f"{held} bytes held for {len(replica._backlog)} messages")
+    finally:
+        await aredis.config_set("maxmemory", 0)
+    await _until(lambda: counter(replica, "provisioner_events_rejected_total",
+                                 channel="user:activity", reason="too_large") == 400, 10)
+    replica.stopping.set()
+    await listening
+
+
+async def test_a_listener_subscribed_again_behind_its_backlog_still_shows_its_lag(
+    aredis: aioredis.Redis, replica: Replica,
+) -> None:
+    """The backlog outlives a lost subscription now: what was read before it is still to be
+    applied after. Subscribing again forgot every probe out and set the lag to 0, those read
+    into the backlog among them, which do come back, behind it: a listener 3 s behind read
+    as 0 s behind, and /readyz said ready, until a probe sent after it aged past
+    --max-event-lag."""
+    real = replica.handle_many
+
+    async def slow(messages: Any, read_at: float | None = None) -> Any:
+        await asyncio.sleep(1.0)  # a slow apply: 1 s a batch
+        return await real(messages, read_at)
+
+    replica.handle_many = slow  # type: ignore[method-assign]
+    _service(replica, max_event_lag_s=1.0)
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _publish(aredis, _activities(1000))  # 5 batches: 5 s to apply
+        await replica.probe_lag()  # read behind them
+        await _until(lambda: any(channel in replica._probe_names
+                                 for channel, _, _ in replica._backlog))
+        await asyncio.sleep(1.5)
+        assert replica.event_lag_s() >= 1.5
+        await aredis.client_kill_filter(_type="pubsub")
+        await _until(lambda: counter(replica, "provisioner_errors_total",
+                                     where="subscribe") >= 1)
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        assert replica._backlog  # still behind it
+        assert replica.event_lag_s() >= 1.5, replica.event_lag_s()
+        assert (await _readyz(replica))[0] == 503
+    finally:
+        replica.stopping.set()
+        await listening
+
+
+async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a_held_disconnect(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, replica: Replica,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica cut off from the server alone (a partition, its own network) holds the batch
+    it was applying and tries it again, while the other replicas apply the same messages and
+    those after them. Held for --event-hold, 300 s, where it was 10 s: alice's disconnect,
+    held by r1 for 11 s while r2 applied it and then her next connect, ended the session r2
+    had begun since (her node freed under her, for the next user in the queue). The payloads
+    carry no id ("How replicas cooperate"): only a short hold bounds this (here 0.5 s for
+    UNREACHABLE_HOLD_S's 10, held 1.5 s)."""
+    import provisioner.service as service
+
+    monkeypatch.setattr(service, "UNREACHABLE_HOLD_S", 0.5)
+    mate = make_replica(aredis, api, clock, "r2")
+    await _booted(mate, "n1", "n2")
+    await send([mate, replica], "user:connect", {"user_id": "alice"})
+    cut = {"on": True}
+    run_many = replica.scripts.run_many
+
+    async def partitioned(calls: list[Any]) -> list[Any]:
+        if cut["on"]:
+            raise RedisConnectionError("Error 110 connecting to redis:6379. Connection timed out.")
+        return await run_many(calls)
+
+    replica.scripts.run_many = partitioned  # type: ignore[method-assign]
+    held = asyncio.create_task(replica.handle(*wire("user:disconnect", {"user_id": "alice"})))
+    await send([mate], "user:disconnect", {"user_id": "alice"})
+    await send([mate], "user:connect", {"user_id": "alice"})
+    node = await aredis.hget(replica.keys.key("alloc"), "alice")
+    assert node is not None  # her new session
+    await asyncio.sleep(1.5)
+    cut["on"] = False
+    await asyncio.wait_for(held, 5)
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == node, (
+        "alice's session, begun after her disconnect, was ended by r1's copy of it, held 1.5 s")
+
+
+async def test_no_message_is_applied_later_than_the_event_hold_after_it_was_read(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--event-hold bounds how long a batch the server refuses is tried again, from the
+    batch's first try: the messages read behind it waited in the backlog uncounted, and each
+    batch taken from it got a hold of its own. So under a refusal that outlasts the hold,
+    every batch but the few the hold ran out on is applied as late as the refusal lasts (an
+    hour's, with the defaults: 12 batches of 200 dropped, the rest of a full backlog applied
+    an hour late, past the hour the setting's own range calls misleading). Here the hold is
+    0.5 s, and dave's connect, read at once behind 400 activities, was applied over 1.5 s
+    after it was read."""
+    _service(replica, event_hold_s=0.5)
+    listening = asyncio.create_task(replica.listen())
+    await aredis.config_set("maxmemory", 1)
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _publish(aredis, [("user:connect", {"user_id": "erin"})])
+        await _until(lambda: counter(replica, "provisioner_errors_total",
+                                     where="event_retry") >= 1)
+        read = time.monotonic()
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            await _publish(aredis, [*_activities(400), ("user:connect", {"user_id": "dave"})])
+            await _until(lambda: len(replica._backlog) >= 200)
+            # till dave's batch, the last, is tried: past its own hold of 0.5 s, but 1.5 s
+            # after dave's connect was read
+            await _until(lambda: not replica._backlog)
+            await asyncio.sleep(0.2)
+    finally:
+        await aredis.config_set("maxmemory", 0)
+    await asyncio.sleep(0.5)
+    applied = await aredis.hget(replica.keys.key("waiting_since"), "dave")
+    replica.stopping.set()
+    await listening
+    assert applied is None, (
+        f"dave's connect, read {time.monotonic() - read:.1f}s ago, was applied with an "
+        "event hold of 0.5s")
+    assert "could not apply user:connect of dave (dropped)" in caplog.text, caplog.text
 
 
 # --- the listener's lag ---------------------------------------------------------------------
@@ -3218,10 +3420,10 @@ async def test_the_listener_reports_how_far_it_is_behind_the_events(
     handle_many = replica.handle_many
     stall = asyncio.Event()
 
-    async def slow(messages: Any) -> Any:
+    async def slow(messages: Any, read_at: float | None = None) -> Any:
         if stall.is_set():
             await asyncio.sleep(0.8)
-        return await handle_many(messages)
+        return await handle_many(messages, read_at)
 
     replica.handle_many = slow  # type: ignore[method-assign]
     listening = asyncio.create_task(replica.listen())

@@ -2842,6 +2842,13 @@ async def _publish(aredis: aioredis.Redis, messages: list[tuple[str, Any]]) -> N
         await pipe.execute()
 
 
+async def _held_connect(aredis: aioredis.Redis, replica: Replica, user: str) -> None:
+    """Publish `user`'s connect and wait until the listener holds it, refused (a first retry)."""
+    await _publish(aredis, [("user:connect", {"user_id": user})])
+    await _until(lambda: counter(replica, "provisioner_errors_total",
+                                 where="event_retry") >= 1)
+
+
 def _activities(count: int) -> list[tuple[str, Any]]:
     return [("user:activity", {"user_id": f"u{k}", "timestamp": T0 // 1000})
             for k in range(count)]
@@ -2951,9 +2958,7 @@ async def test_a_replica_stopped_while_refused_ends_and_says_what_it_read_and_dr
     await aredis.config_set("maxmemory", 1)
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
-        await _publish(aredis, [("user:connect", {"user_id": "erin"})])
-        await _until(lambda: counter(replica, "provisioner_errors_total",
-                                     where="event_retry") >= 1)
+        await _held_connect(aredis, replica, "erin")
         await _publish(aredis, _activities(10))
         await _until(lambda: len(replica._backlog) == 10)
         with caplog.at_level("WARNING", logger="provisioner.service"):
@@ -2978,9 +2983,7 @@ async def test_a_probe_behind_a_held_batch_measures_the_hold(
     await aredis.config_set("maxmemory", 1)
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
-        await _publish(aredis, [("user:connect", {"user_id": "frank"})])
-        await _until(lambda: counter(replica, "provisioner_errors_total",
-                                     where="event_retry") >= 1)
+        await _held_connect(aredis, replica, "frank")
         await replica.probe_lag()
         await _until(lambda: len(replica._backlog) == 1)
         await asyncio.sleep(1.0)
@@ -3066,9 +3069,7 @@ async def test_the_backlog_holds_no_more_of_a_message_than_a_payload_may_be(
     await aredis.config_set("maxmemory", 1)
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
-        await _publish(aredis, [("user:connect", {"user_id": "judy"})])
-        await _until(lambda: counter(replica, "provisioner_errors_total",
-                                     where="event_retry") >= 1)
+        await _held_connect(aredis, replica, "judy")
         async with aredis.pipeline(transaction=False) as pipe:
             for _ in range(400):
                 pipe.publish("user:activity", "x" * 65536)
@@ -3176,9 +3177,7 @@ async def test_no_message_is_applied_later_than_the_event_hold_after_it_was_read
     await aredis.config_set("maxmemory", 1)
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
-        await _publish(aredis, [("user:connect", {"user_id": "erin"})])
-        await _until(lambda: counter(replica, "provisioner_errors_total",
-                                     where="event_retry") >= 1)
+        await _held_connect(aredis, replica, "erin")
         read = time.monotonic()
         with caplog.at_level("WARNING", logger="provisioner.service"):
             await _publish(aredis, [*_activities(400), ("user:connect", {"user_id": "dave"})])

@@ -387,6 +387,9 @@ class Replica:
         #: the server refuses it), its probes among them: read and not applied, as the
         #: backlog's messages are
         self._taken: list[tuple[bytes, bytes, float]] = []
+        #: whether the last batch of events ended unapplied for want of the server (a refused
+        #: connection, a timeout): once stopping, the listener's applier tries no further batch
+        self._unreached = False
         self.metrics.event_backlog.set_function(lambda: len(self._backlog) + len(self._taken))
 
     # --- events -------------------------------------------------------------------------------
@@ -501,8 +504,10 @@ class Replica:
                 ran = [i for i, r in enumerate(results) if not _try_again(r)]
                 first = ran[-1] + 1 if ran else 0
                 if lost:
-                    await self._ask_again_refused(evs, calls, results, first, deadline)
+                    await self._ask_again_refused(evs, calls, results, first, deadline,
+                                                  unreached_by)
                 if first == len(results):
+                    self._unreached = False
                     broken = next((r for r in results if _pool_key_broken(r)), None)
                     if broken is not None:
                         self._note_refused(broken)
@@ -517,6 +522,7 @@ class Replica:
                 calls, results = calls[first:], results[first:]
             unreached = (isinstance(problem, RedisConnectionError | RedisTimeoutError)
                          and not isinstance(problem, BusyLoadingError))
+            self._unreached = unreached
             if (self.stopping.is_set()
                     or time.monotonic() + wait_s > (unreached_by if unreached else deadline)):
                 return done + _unknown_if(lost, results)
@@ -524,20 +530,23 @@ class Replica:
             self._trouble.warning("redis-event-retry", "could not apply %d events (%s): trying "
                                   "again for up to %.0fs", len(evs),
                                   str(problem) or type(problem).__name__,
-                                  self.service.event_hold_s)
+                                  min(self.service.event_hold_s, UNREACHABLE_HOLD_S)
+                                  if unreached else self.service.event_hold_s)
             await sleep_unless(self.stopping, wait_s)
             wait_s = min(wait_s * 2, 2.0)
             calls = self._calls(evs, self.clock.now_ms())
 
     async def _ask_again_refused(self, evs: Sequence[tuple[events.Event, str]],
                                  calls: list[tuple[Call[Any], int]], results: list[Any],
-                                 first: int, deadline: float) -> None:
+                                 first: int, deadline: float, unreached_by: float) -> None:
         """After a try whose reply was lost, a connect or disconnect refused before a later call
         that ran (a connect, a disconnect, an activity or a node status) may have run in that
         try: not dropped as never run, but asked again, its mark ending in '?' so that the pool
         applies nothing whatever it finds: it answers MADE_AGAIN (it ran), PASSED OVER or NOT
         RUN (it never did). A question applies nothing, so it is asked until `deadline`
-        (monotonic); the refusal stands if it goes unanswered till then."""
+        (monotonic), or `unreached_by` while the server cannot be reached (the applier waits
+        for it, and the batches behind it would be applied as late); the refusal stands if it
+        goes unanswered till then."""
         again: list[tuple[int, events.Event, str]] = []
         at = 0
         for i, (_, grouped) in enumerate(calls[:first]):
@@ -549,18 +558,20 @@ class Replica:
         while again:
             now = self.clock.now_ms()
             replies: list[Any]
+            unreached = False
             try:
                 replies = await self.scripts.run_many(
                     [self._call(event, f"{mark}?", now) for _, event, mark in again])
-            except (RedisConnectionError, RedisTimeoutError):
+            except (RedisConnectionError, RedisTimeoutError) as exc:
                 replies = [None] * len(again)
+                unreached = not isinstance(exc, BusyLoadingError)
             for (i, _, _), reply in zip(again, replies, strict=True):
                 if reply is not None and not _try_again(reply):
                     results[i] = reply
             again = [item for item, reply in zip(again, replies, strict=True)
                      if reply is None or _try_again(reply)]
             if (not again or self.stopping.is_set()
-                    or time.monotonic() + wait_s > deadline):
+                    or time.monotonic() + wait_s > (unreached_by if unreached else deadline)):
                 return
             await sleep_unless(self.stopping, wait_s)
             wait_s = min(wait_s * 2, 2.0)
@@ -1223,7 +1234,12 @@ class Replica:
                 if left:
                     log.warning("stopped with %d messages read and not applied (dropped): the "
                                 "other replicas apply them", left)
+                cut = sum(channel not in self._probe_names for channel, _, _ in self._taken)
+                if cut:
+                    log.warning("stopped with %d more in a batch cut off mid-call: whether the "
+                                "server applied them is not known", cut)
                 self._backlog.clear()
+                self._taken = []
 
     async def _read(self) -> None:
         """The listener's reading: subscribe, add what comes to the backlog, subscribe again
@@ -1337,7 +1353,8 @@ class Replica:
         """Apply the backlog in arrival order, up to LISTEN_BATCH messages a round trip, until
         the reading is done and nothing is left; each probe taken once the messages read before
         it are applied, so that the lag it measures is the application's. Once stopping, a
-        batch the server refuses ends it (`listen` says how many are left)."""
+        batch the server refuses, or cannot be reached for, ends it (`listen` says how many
+        are left)."""
         while True:
             if not self._backlog:
                 if self._reading_done:
@@ -1345,10 +1362,16 @@ class Replica:
                 self._backlog_added.clear()
                 await self._backlog_added.wait()
                 continue
-            if self.stopping.is_set() and self._refused is not None:
+            if self.stopping.is_set() and (self._refused is not None or self._unreached):
                 return
-            self._taken = [self._backlog.popleft()
-                           for _ in range(min(LISTEN_BATCH, len(self._backlog)))]
+            # While the server refuses writes, a batch is held from its first message's
+            # reading: one read later, taken with it, would be dropped at that deadline,
+            # short of its own hold. So only the messages of one reading are taken then.
+            first_read = self._backlog[0][2]
+            self._taken = []
+            while self._backlog and len(self._taken) < LISTEN_BATCH and (
+                    self._refused is None or self._backlog[0][2] == first_read):
+                self._taken.append(self._backlog.popleft())
             try:
                 read_at = self._taken[0][2]
                 probes = [data for channel, data, _ in self._taken
@@ -1359,8 +1382,13 @@ class Replica:
                     await self._apply(batch, read_at)
                 for data in probes:
                     self._probe_seen(data)
-            finally:
+            except asyncio.CancelledError:
+                # Cut off mid-call: left for `listen` to count, not taken out unsaid.
+                raise
+            except BaseException:
                 self._taken = []
+                raise
+            self._taken = []
 
     def _looks_silent(self, last_read: float) -> bool:
         """Whether a probe the server took (its PUBLISH answered) has been on its

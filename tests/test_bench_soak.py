@@ -170,3 +170,25 @@ def test_a_soak_with_writes_refused_for_a_while_loses_no_event(tmp_path: Path) -
     assert run["dropped"] == {"replica-1": 0, "replica-2": 0}, run["dropped"]
     assert (f"the server refused writes (maxmemory 1) from {start:.0f} s to {end:.0f} s; events "
             "dropped by the replicas over the run: replica-1 0, replica-2 0") in result.output
+
+
+def test_a_refusal_first_looked_at_past_its_window_still_refuses_and_leaves_no_spin(
+        sync_redis: redis.Redis) -> None:
+    """The run's loop looks at the refusal between samples and kills: one that took longer
+    than the refusal (a sample waiting on a replica being restarted) first looked at it past
+    its end. It was never started, said nothing, and its next change stayed in the past, so
+    the loop slept 0 s a turn for the rest of the run, spinning a core beside the replicas
+    it measures."""
+    refusal = soak._Refusal(sync_redis, 10.0, 2.0, 0.0)
+    try:
+        refusal.turn(12.5)  # the first look, 2.5 s after the refusal was due
+        assert sync_redis.config_get("maxmemory")["maxmemory"] == "1", "never refused"
+        assert refusal.spans == [12.5]
+        assert refusal.next_change() > 12.5, "a change in the past: the loop sleeps 0 s a turn"
+        refusal.turn(refusal.next_change())
+        assert len(refusal.spans) == 2
+        assert refusal.spans[1] - refusal.spans[0] == pytest.approx(2.0)
+    finally:
+        refusal.end(100.0)
+    assert sync_redis.config_get("maxmemory")["maxmemory"] == "0"
+    assert refusal.next_change() == float("inf")

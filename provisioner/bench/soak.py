@@ -243,7 +243,11 @@ class _Refusal:
         return self.starts if self.before is None else self.ends
 
     def turn(self, now: float) -> None:
-        if self.before is None and self.starts <= now < self.ends:
+        if self.before is None and self.starts <= now:
+            # First looked at past its start (a slow sample, a restart): its full length from
+            # now, not skipped when past its end, which left next_change in the past and the
+            # run's loop sleeping 0 s a turn.
+            self.ends = now + (self.ends - self.starts)
             self.before = str(self.client.config_get("maxmemory")["maxmemory"])
             self.client.config_set("maxmemory", 1)
             self.spans.append(now - self.started)

@@ -1205,7 +1205,8 @@ class Replica:
         """Subscribe and apply the messages in arrival order, subscribing again after a lost
         connection. Reading and applying go on side by side: the messages read wait in a
         backlog (up to --event-backlog) for `_apply_backlog`. So while the server refuses this
-        replica's writes for now (out of memory, read-only; a batch is held for --event-hold),
+        replica's writes for now (out of memory, read-only; a batch is held for --event-hold
+        from its reading),
         the listener keeps reading, and the messages published meanwhile wait in this
         process, not in the server's output buffer for the subscription, whose limit (8 MB
         for a minute, by default) would cut it and lose them. Once stopping, what was read is
@@ -1372,22 +1373,16 @@ class Replica:
             while self._backlog and len(self._taken) < LISTEN_BATCH and (
                     self._refused is None or self._backlog[0][2] == first_read):
                 self._taken.append(self._backlog.popleft())
-            try:
-                read_at = self._taken[0][2]
-                probes = [data for channel, data, _ in self._taken
-                          if channel in self._probe_names]
-                batch = [(channel, data) for channel, data, _ in self._taken
-                         if channel not in self._probe_names]
-                if batch:
-                    await self._apply(batch, read_at)
-                for data in probes:
-                    self._probe_seen(data)
-            except asyncio.CancelledError:
-                # Cut off mid-call: left for `listen` to count, not taken out unsaid.
-                raise
-            except BaseException:
-                self._taken = []
-                raise
+            # Cut off mid-call (cancelled; `_apply` lets nothing else out), the batch stays in
+            # `_taken` for `listen` to count, not taken out unsaid.
+            read_at = self._taken[0][2]
+            probes = [data for channel, data, _ in self._taken if channel in self._probe_names]
+            batch = [(channel, data) for channel, data, _ in self._taken
+                     if channel not in self._probe_names]
+            if batch:
+                await self._apply(batch, read_at)
+            for data in probes:
+                self._probe_seen(data)
             self._taken = []
 
     def _looks_silent(self, last_read: float) -> bool:

@@ -599,9 +599,9 @@ class ServiceConfig:
     max_event_lag_s: float = 5.0
     #: how long a batch of events the server refuses for now (out of memory, read-only, a
     #: script running long, still loading) is tried again, from its reading, before it is
-    #: dropped (one it
-    #: cannot be reached for, UNREACHABLE_HOLD_S at most), and how many messages the
-    #: listener reads ahead of those it applies meanwhile (service.py, `Replica.listen`)
+    #: dropped (one it cannot be reached for, UNREACHABLE_HOLD_S at most), and how many
+    #: messages the listener reads ahead of those it applies meanwhile (service.py,
+    #: `Replica.listen`)
     event_hold_s: float = 300.0
     event_backlog: int = 100_000
 

@@ -18,7 +18,7 @@ import secrets
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -169,6 +169,14 @@ def _resumed(result: AllocateResult, held: int) -> str:
     more = f"; {held} more of this user's connects and disconnects since the last line" \
         if held else ""
     return f" (resumes the session or wait the user ended within 30s: taught nothing{more})"
+
+
+def _unreachable(problem: object) -> bool:
+    """The server could not be reached for a call (a refused connection, a timeout), as
+    opposed to its refusing it: a server still loading answers, its error a ConnectionError
+    in redis-py all the same. Such a batch is tried UNREACHABLE_HOLD_S at most."""
+    return (isinstance(problem, RedisConnectionError | RedisTimeoutError)
+            and not isinstance(problem, BusyLoadingError))
 
 
 def _pool_key_broken(reply: object) -> bool:
@@ -520,18 +528,14 @@ class Replica:
                 done += _unknown_if(lost, results[:first])
                 evs = evs[sum(max(grouped, 1) for _, grouped in calls[:first]):]
                 calls, results = calls[first:], results[first:]
-            unreached = (isinstance(problem, RedisConnectionError | RedisTimeoutError)
-                         and not isinstance(problem, BusyLoadingError))
-            self._unreached = unreached
-            if (self.stopping.is_set()
-                    or time.monotonic() + wait_s > (unreached_by if unreached else deadline)):
+            self._unreached = _unreachable(problem)
+            held_by = unreached_by if self._unreached else deadline
+            if self.stopping.is_set() or time.monotonic() + wait_s > held_by:
                 return done + _unknown_if(lost, results)
             self.metrics.errors.labels("event_retry").inc()
             self._trouble.warning("redis-event-retry", "could not apply %d events (%s): trying "
                                   "again for up to %.0fs", len(evs),
-                                  str(problem) or type(problem).__name__,
-                                  min(self.service.event_hold_s, UNREACHABLE_HOLD_S)
-                                  if unreached else self.service.event_hold_s)
+                                  str(problem) or type(problem).__name__, held_by - started)
             await sleep_unless(self.stopping, wait_s)
             wait_s = min(wait_s * 2, 2.0)
             calls = self._calls(evs, self.clock.now_ms())
@@ -564,7 +568,7 @@ class Replica:
                     [self._call(event, f"{mark}?", now) for _, event, mark in again])
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 replies = [None] * len(again)
-                unreached = not isinstance(exc, BusyLoadingError)
+                unreached = _unreachable(exc)
             for (i, _, _), reply in zip(again, replies, strict=True):
                 if reply is not None and not _try_again(reply):
                     results[i] = reply
@@ -1206,11 +1210,11 @@ class Replica:
         connection. Reading and applying go on side by side: the messages read wait in a
         backlog (up to --event-backlog) for `_apply_backlog`. So while the server refuses this
         replica's writes for now (out of memory, read-only; a batch is held for --event-hold
-        from its reading),
-        the listener keeps reading, and the messages published meanwhile wait in this
-        process, not in the server's output buffer for the subscription, whose limit (8 MB
-        for a minute, by default) would cut it and lose them. Once stopping, what was read is
-        applied while the server takes it (each batch tried once) before the listener ends."""
+        from its reading), the listener keeps reading, and the messages published meanwhile
+        wait in this process, not in the server's output buffer for the subscription, whose
+        limit (8 MB for a minute, by default) would cut it and lose them. Once stopping, what
+        was read is applied while the server takes it (each batch tried once) before the
+        listener ends."""
         self._reading_done = False
         applier = asyncio.create_task(self._apply_backlog(), name="apply")
         try:
@@ -1231,11 +1235,11 @@ class Replica:
                 if not applier.done():
                     applier.cancel()
                     await asyncio.gather(applier, return_exceptions=True)
-                left = sum(channel not in self._probe_names for channel, _, _ in self._backlog)
+                left = self._events_among(self._backlog)
                 if left:
                     log.warning("stopped with %d messages read and not applied (dropped): the "
                                 "other replicas apply them", left)
-                cut = sum(channel not in self._probe_names for channel, _, _ in self._taken)
+                cut = self._events_among(self._taken)
                 if cut:
                     log.warning("stopped with %d more in a batch cut off mid-call: whether the "
                                 "server applied them is not known", cut)
@@ -1326,6 +1330,10 @@ class Replica:
                 with contextlib.suppress(Exception):
                     # untyped before redis 8.2, typed from it on: either passes the check
                     await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+
+    def _events_among(self, read: Iterable[tuple[bytes, bytes, float]]) -> int:
+        """How many of the messages `read` are events, not this replica's probes."""
+        return sum(channel not in self._probe_names for channel, _, _ in read)
 
     def _probes_read(self) -> set[float]:
         """The probes read and not yet seen back: in the backlog, or in the batch the applier

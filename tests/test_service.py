@@ -2849,6 +2849,34 @@ async def _held_connect(aredis: aioredis.Redis, replica: Replica, user: str) -> 
                                  where="event_retry") >= 1)
 
 
+def _never_answered(replica: Replica) -> asyncio.Event:
+    """Make every script call of `replica` wait for good, as a call the server leaves
+    unanswered does; the event is set once one is made."""
+    stuck = asyncio.Event()
+
+    async def unanswered(calls: list[Any]) -> list[Any]:
+        stuck.set()
+        await asyncio.Event().wait()  # never answered
+        raise AssertionError("unreachable")
+
+    replica.scripts.run_many = unanswered  # type: ignore[method-assign]
+    return stuck
+
+
+@contextlib.asynccontextmanager
+async def _refusing_writes(aredis: aioredis.Redis,
+                           replica: Replica) -> AsyncIterator[asyncio.Task[None]]:
+    """`replica` listening (the task yielded) and subscribed, while the server refuses every
+    write (maxmemory 1), as out of memory, till the block ends."""
+    listening = asyncio.create_task(replica.listen())
+    await aredis.config_set("maxmemory", 1)
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        yield listening
+    finally:
+        await aredis.config_set("maxmemory", 0)
+
+
 def _activities(count: int) -> list[tuple[str, Any]]:
     return [("user:activity", {"user_id": f"u{k}", "timestamp": T0 // 1000})
             for k in range(count)]
@@ -2864,10 +2892,7 @@ async def test_the_listener_reads_on_while_the_server_refuses_writes_and_applies
     Now it reads on into its own backlog while it holds the batch, and once the server takes
     writes again every event is applied, in the order published."""
     await _booted(replica, "n1", "n2")
-    listening = asyncio.create_task(replica.listen())
-    await aredis.config_set("maxmemory", 1)
-    try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
+    async with _refusing_writes(aredis, replica) as listening:
         await _publish(aredis, [("user:connect", {"user_id": "alice"}), *_activities(600),
                                 ("user:disconnect", {"user_id": "alice"}),
                                 ("user:connect", {"user_id": "bob"})])
@@ -2875,8 +2900,6 @@ async def test_the_listener_reads_on_while_the_server_refuses_writes_and_applies
         # The backlog fills while the first try is on its way: its refusal comes after.
         await _until(lambda: counter(replica, "provisioner_errors_total",
                                      where="event_retry") >= 1)
-    finally:
-        await aredis.config_set("maxmemory", 0)
     await _until(lambda: counter(replica, "provisioner_event_backlog") == 0)
     await _until(lambda: counter(replica, "provisioner_errors_total", where="event") == 0
                  and replica.writes_refused() is None)
@@ -2923,10 +2946,7 @@ async def test_a_full_backlog_stops_the_reading_and_the_server_holds_the_rest(
     replica's memory is bounded): the server holds the rest in its output buffer, and it is
     all applied once the server takes writes again. Said once, and counted."""
     _service(replica, event_backlog=200)
-    listening = asyncio.create_task(replica.listen())
-    await aredis.config_set("maxmemory", 1)
-    try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
+    async with _refusing_writes(aredis, replica) as listening:
         with caplog.at_level("WARNING", logger="provisioner.service"):
             await _publish(aredis, [*_activities(1500), ("user:connect", {"user_id": "dave"})])
             await _until(lambda: counter(replica, "provisioner_errors_total",
@@ -2936,8 +2956,6 @@ async def test_a_full_backlog_stops_the_reading_and_the_server_holds_the_rest(
             # to the server and the sockets.
             assert 200 <= len(replica._backlog) <= 200 + LISTEN_BATCH
         assert "messages read and not applied (--event-backlog)" in caplog.text, caplog.text
-    finally:
-        await aredis.config_set("maxmemory", 0)
     for _ in range(1000):  # dave's connect, published last, applied
         if await aredis.hget(replica.keys.key("waiting_since"), "dave") is not None:
             break
@@ -2956,10 +2974,7 @@ async def test_a_replica_stopped_while_refused_ends_and_says_what_it_read_and_dr
     """Stopped while the server refuses its writes, the listener does not hold its backlog
     for --event-hold: it ends at once and says how many messages it read and did not apply
     (every other replica applies them)."""
-    listening = asyncio.create_task(replica.listen())
-    await aredis.config_set("maxmemory", 1)
-    try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
+    async with _refusing_writes(aredis, replica) as listening:
         await _held_connect(aredis, replica, "erin")
         await _publish(aredis, _activities(10))
         await _until(lambda: len(replica._backlog) == 10)
@@ -2968,8 +2983,6 @@ async def test_a_replica_stopped_while_refused_ends_and_says_what_it_read_and_dr
             replica.stopping.set()
             await asyncio.wait_for(listening, 5)
         assert time.monotonic() - started < 2
-    finally:
-        await aredis.config_set("maxmemory", 0)
     assert "could not apply user:connect of erin (dropped)" in caplog.text, caplog.text
     assert "stopped with 10 messages read and not applied (dropped)" in caplog.text, caplog.text
     assert counter(replica, "provisioner_event_backlog") == 0
@@ -2981,18 +2994,13 @@ async def test_a_probe_behind_a_held_batch_measures_the_hold(
     """The listener reads a probe while it holds a batch before it: the probe comes back once
     what was published before it is applied, so the lag says how late the events are applied,
     not how soon they are read."""
-    listening = asyncio.create_task(replica.listen())
-    await aredis.config_set("maxmemory", 1)
-    try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
+    async with _refusing_writes(aredis, replica) as listening:
         await _held_connect(aredis, replica, "frank")
         await replica.probe_lag()
         await _until(lambda: len(replica._backlog) == 1)
         await asyncio.sleep(1.0)
         assert replica.event_lag_s() >= 1.0
         assert replica._probes_out
-    finally:
-        await aredis.config_set("maxmemory", 0)
     await _until(lambda: not replica._probes_out)
     assert replica.event_lag_s() >= 1.0  # the probe's own lag, measured when it came back
     await replica.probe_lag()
@@ -3010,14 +3018,7 @@ async def test_a_listener_cancelled_mid_read_ends_with_its_applier_stuck_in_a_ca
     applier with no bound: an applier inside a call the server leaves unanswered (a stall,
     CLIENT PAUSE WRITE; serve's client has no socket timeout unless the URL sets one) held
     the cancelled listener, and run, for as long as the server did."""
-    stuck = asyncio.Event()
-
-    async def unanswered(calls: list[Any]) -> list[Any]:
-        stuck.set()
-        await asyncio.Event().wait()  # never answered
-        raise AssertionError("unreachable")
-
-    replica.scripts.run_many = unanswered  # type: ignore[method-assign]
+    stuck = _never_answered(replica)
     listening = asyncio.create_task(replica.listen())
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
@@ -3041,16 +3042,11 @@ async def test_the_backlog_gauge_counts_the_batch_held(
     applier holds while the server refuses it (up to 200 of them) was taken out of the
     backlog first and counted nowhere, so under a refusal with less traffic than a batch the
     gauge read 0 all along."""
-    listening = asyncio.create_task(replica.listen())
-    await aredis.config_set("maxmemory", 1)
-    try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
+    async with _refusing_writes(aredis, replica) as listening:
         await _publish(aredis, [("user:connect", {"user_id": "ivan"}), *_activities(9)])
         await _until(lambda: counter(replica, "provisioner_errors_total",
                                      where="event_retry") >= 1)
         assert counter(replica, "provisioner_event_backlog") == 10
-    finally:
-        await aredis.config_set("maxmemory", 0)
     await _until(lambda: counter(replica, "provisioner_event_backlog") == 0)
     replica.stopping.set()
     await listening
@@ -3067,10 +3063,7 @@ async def test_the_backlog_holds_no_more_of_a_message_than_a_payload_may_be(
     from provisioner.events import MAX_PAYLOAD_BYTES
 
     _service(replica, event_backlog=200)
-    listening = asyncio.create_task(replica.listen())
-    await aredis.config_set("maxmemory", 1)
-    try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
+    async with _refusing_writes(aredis, replica) as listening:
         await _held_connect(aredis, replica, "judy")
         async with aredis.pipeline(transaction=False) as pipe:
             for _ in range(400):
@@ -3080,8 +3073,6 @@ async def test_the_backlog_holds_no_more_of_a_message_than_a_payload_may_be(
         held = sum(len(data) for _, data, _ in replica._backlog)
         assert held <= len(replica._backlog) * (MAX_PAYLOAD_BYTES + 1), (
             f"{held} bytes held for {len(replica._backlog)} messages")
-    finally:
-        await aredis.config_set("maxmemory", 0)
     await _until(lambda: counter(replica, "provisioner_events_rejected_total",
                                  channel="user:activity", reason="too_large") == 400, 10)
     replica.stopping.set()
@@ -3175,10 +3166,7 @@ async def test_no_message_is_applied_later_than_the_event_hold_after_it_was_read
     0.5 s, and dave's connect, read at once behind 400 activities, was applied over 1.5 s
     after it was read."""
     _service(replica, event_hold_s=0.5)
-    listening = asyncio.create_task(replica.listen())
-    await aredis.config_set("maxmemory", 1)
-    try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
+    async with _refusing_writes(aredis, replica) as listening:
         await _held_connect(aredis, replica, "erin")
         read = time.monotonic()
         with caplog.at_level("WARNING", logger="provisioner.service"):
@@ -3188,8 +3176,6 @@ async def test_no_message_is_applied_later_than_the_event_hold_after_it_was_read
             # after dave's connect was read
             await _until(lambda: not replica._backlog)
             await asyncio.sleep(0.2)
-    finally:
-        await aredis.config_set("maxmemory", 0)
     await asyncio.sleep(0.5)
     applied = await aredis.hget(replica.keys.key("waiting_since"), "dave")
     replica.stopping.set()
@@ -3210,10 +3196,7 @@ async def test_a_message_read_late_into_a_batch_is_held_from_its_own_reading(
     dropped with it at xavier's deadline, held some 0.6 s of its 2: the server took writes
     again 1 s after bob's connect was read, and bob never got a node."""
     _service(replica, event_hold_s=2.0)
-    listening = asyncio.create_task(replica.listen())
-    await aredis.config_set("maxmemory", 1)
-    try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
+    async with _refusing_writes(aredis, replica) as listening:
         await _held_connect(aredis, replica, "erin")
         started = time.monotonic()
         await _publish(aredis, [("user:connect", {"user_id": "xavier"})])
@@ -3222,8 +3205,6 @@ async def test_a_message_read_late_into_a_batch_is_held_from_its_own_reading(
         await _publish(aredis, [("user:connect", {"user_id": "bob"})])
         bob_read = time.monotonic()
         await asyncio.sleep(1.0)
-    finally:
-        await aredis.config_set("maxmemory", 0)
     refused_for = time.monotonic() - bob_read
     await _until(lambda: counter(replica, "provisioner_event_backlog") == 0)
     await asyncio.sleep(0.2)
@@ -3305,14 +3286,7 @@ async def test_a_listener_cancelled_at_its_stop_counts_the_batch_cut_off_mid_cal
     unanswered (a stall, CLIENT PAUSE WRITE). It said "stopped with 3 messages read and not
     applied": the 5 in the batch cut off mid-call, gail's connect among them, were taken out
     of the backlog and counted nowhere, whether they were applied unknown and unsaid."""
-    stuck = asyncio.Event()
-
-    async def unanswered(calls: list[Any]) -> list[Any]:
-        stuck.set()
-        await asyncio.Event().wait()  # never answered
-        raise AssertionError("unreachable")
-
-    replica.scripts.run_many = unanswered  # type: ignore[method-assign]
+    stuck = _never_answered(replica)
     listening = asyncio.create_task(replica.listen())
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)

@@ -1118,16 +1118,23 @@ def compare(
 def generate(
     directory: Annotated[Path, typer.Argument(metavar="DIR", file_okay=False)],
     shape: Annotated[list[str] | None, typer.Option(
-        help="Shapes to write (repeatable); default: all but the stress shapes "
-        "(very-slow-boots), the held-out suites")] = None,
+        help="Shapes to write (repeatable); default: the --family's")] = None,
+    family: Annotated[str, typer.Option(
+        help="The shapes written together when none is named: held-out (the held-out "
+        "suites), later (written after the defaults were last chosen) or stress "
+        "(very-slow-boots)")] = "held-out",
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files")] = 1,
 ) -> None:
     """Write synthetic traces in shapes the recorded ones do not have (a ramp, level shifts,
-    bursts, two daily cycles, short and long sessions, slow boots) and a constant control, for
-    `bench suite DIR`."""
-    from provisioner.bench.generate import HELD_OUT, SHAPES, write_trace
+    bursts, two daily cycles, short and long sessions, slow boots, and later a busy product, a
+    flash crowd, users who connect with little warning, fast boots, a browsing crowd, a quiet
+    product) and a constant control, for `bench suite DIR`."""
+    from provisioner.bench.generate import FAMILIES, SHAPES, write_trace
 
-    names = shape or HELD_OUT
+    if family not in FAMILIES:
+        raise typer.BadParameter(f"unknown family {family}; known: {', '.join(FAMILIES)}",
+                                 param_hint="--family")
+    names = shape or [name for name, s in SHAPES.items() if s.family == family]
     unknown = sorted(set(names) - set(SHAPES))
     if unknown:
         raise typer.BadParameter(f"unknown shape {', '.join(unknown)}; known: "

@@ -58,10 +58,13 @@ def test_the_readme_suite_table_is_the_committed_suite_but_for_its_wall_clock() 
 
 
 def _folder(column: str) -> Path | None:
-    """The docs/bench folder a grid's column stands for: "seed 11", "draw-997", "warm"."""
-    seed = re.fullmatch(r"seed (\d+)", column)
+    """The docs/bench folder a grid's column stands for: "seed 11", "draw-997", "warm"; or
+    docs/later-shapes' for "later seed 3"."""
+    seed = re.fullmatch(r"(later )?seed (\d+)", column)
     if seed:
-        return ROOT / "docs/bench" / f"held-out-seed{seed.group(1)}"
+        if seed.group(1):
+            return ROOT / "docs/later-shapes" / f"seed{seed.group(2)}"
+        return ROOT / "docs/bench" / f"held-out-seed{seed.group(2)}"
     if re.fullmatch(r"draw-\d+|warm", column):
         return ROOT / "docs/bench" / column
     return None
@@ -84,6 +87,24 @@ def test_the_readme_grids_of_the_bar_are_what_bench_bar_says_of_docs_bench() -> 
                   for c, f in zip(grid[0][1:-1], folders, strict=True) if f is not None]
         expected = _tables(markdown_grid(judged))[0]
         assert grid == expected, f"README's grid of {grid[0][1:-1]} is not `bench bar`'s"
+
+
+def test_the_later_shapes_by_shape_are_bench_bar_by_trace_of_their_seeds() -> None:
+    from provisioner.bench.bar import judge, load_results, summarize_by_trace
+
+    (table,) = [t for t in _tables(_quoted())
+                if t[0] == ["shape", "service: met, misses, mean cost",
+                            "rate oracle: met, misses, mean cost"]]
+    seeds = sorted((ROOT / "docs/later-shapes").glob("seed*"))
+    assert len(seeds) == 8
+    columns = [
+        [f"{t.met} of {t.judged}, {t.misses}/{t.connects}, {t.mean_cost_ratio:.3f}"
+         for t in summarize_by_trace([(str(f), judge(load_results(f), policy=policy,
+                                                     source=str(f))) for f in seeds])]
+        for policy in ("provisioner", "rate-oracle-0.5")]
+    assert [row[1:] for row in table[1:]] == [list(r) for r in zip(*columns, strict=True)]
+    assert [row[0] for row in table[1:]] == ["crowd", "fast-boots", "flash", "heavy-browsing",
+                                             "no-warning", "sparse"]
 
 
 def test_the_readme_service_columns_by_shape_are_bench_bar_by_trace_of_the_seeds() -> None:

@@ -112,10 +112,11 @@ end
 local s = observe(p)
 local peak = peak_target(now, p.keep_window_ms)
 local held = replace_extra()  -- spare a `provisioner replace` holds above the keep level
-local target = nil
+local target, forecast = nil, nil
 local excess = math.min(s.spare - peak - held, s.ready - p.min_ready)
 if excess > 0 and oldest_idle() then
-  target = target_spare(s, p, false)
+  local _
+  target, _, forecast = target_spare(s, p, false)
   excess = math.min(s.spare - math.max(target, peak) - held, s.ready - p.min_ready)
 else
   excess = 0
@@ -139,7 +140,10 @@ while excess > 0 and reaped < p.max_batch do
 end
 
 if #out > 0 then
-  target = target or target_spare(s, p, false)
+  if not target then
+    local _
+    target, _, forecast = target_spare(s, p, false)
+  end
   local keep = math.max(target, peak) + held
   stat('terminations_started', #out / 2)
   local reason = string.format(
@@ -149,7 +153,7 @@ if #out > 0 then
     drained > 0 and string.format(', drained %d', drained) or '',
     reaped - swapped, swapped, s.spare, keep, p.keep_window_ms / 1000,
     held > 0 and string.format(', and %d held for a replace', held) or '', target)
-  log_decision(p, 'scale_down', reason, summary(s, target, nil, held > 0 and held or nil),
-               #out / 2)
+  log_decision(p, 'scale_down', reason,
+               summary(s, target, nil, held > 0 and held or nil, nil, forecast), #out / 2)
 end
 return out

@@ -120,7 +120,7 @@ end
 for _, node in ipairs(s.checked_drains) do  -- checked now: to the tail, the next ones first
   rcall('ZADD', K.drains, 'XX', now, node)
 end
-local target, why = target_spare(s, p, true)
+local target, why, forecast = target_spare(s, p, true)
 -- How much the target moves: every rise is a create to come, every fall a node to reap later.
 -- The previous target is the last decision's, in its numbers: the policy's before a replace's
 -- hold (`base`, there when one was held), so the counts are the forecast's moves alone.
@@ -204,7 +204,7 @@ local function unmet_to_log(at)
 end
 
 local numbers = summary(s, target, keep + spare_held, spare_held > 0 and spare_held or nil,
-                        spare_held > 0 and base or nil)
+                        spare_held > 0 and base or nil, forecast)
 rcall('HSET', K.stats, 'last_decision', reason, 'last_numbers', numbers,
       'last_decision_ms', now, 'last_replica', p.replica)
 if #created > 0 then

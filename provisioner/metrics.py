@@ -145,6 +145,13 @@ class Metrics:
             "(withdrawn), terminations started (a DELETE sent again is counted again), and the "
             "target's rises and falls summed",
             ["quantity"], registry=r)
+        self.last_decision = Gauge(
+            "provisioner_last_decision",
+            "The pool's last scaling decision (from Redis): its target, keep level and spare "
+            "nodes, and for the forecast policy the terms behind the target: connects forecast "
+            "over the lead time (of them not_browsing_yet), the panic factor, the frees of the "
+            "running sessions and of new ones, the buffer and its z, lead_time_s",
+            ["quantity"], registry=r)
         self.event_lag = Gauge(
             "provisioner_event_lag_seconds",
             "How far this replica's listener is behind the event stream: seconds from publishing "

@@ -409,6 +409,24 @@ class Snapshot:
             return None if self.counts.get("waiting", 0) else 0.0
         return max(0, now_ms - oldest) / 1000
 
+    def last_decision(self) -> dict[str, float]:
+        """The last scaling decision's numbers for the gauges: its target, keep level and
+        spare, and for the forecast policy the terms behind the target (FORECAST_TERMS). What
+        is not a finite number (a hand edit, a release before the terms) is left out."""
+        try:
+            numbers = jsontext.loads_finite(self.stats.get("last_numbers") or "{}")
+        except ValueError:
+            return {}
+        if not isinstance(numbers, dict):
+            return {}
+        terms = numbers.get("forecast")
+        found = {name: numbers.get(name) for name in DECISION_NUMBERS}
+        if isinstance(terms, dict):
+            found |= {name: terms.get(name) for name in FORECAST_TERMS}
+        return {name: float(value) for name, value in found.items()
+                if isinstance(value, int | float) and not isinstance(value, bool)
+                and math.isfinite(value)}
+
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(
             creates=self.stat("creates_reserved"), on_rise=self.stat("creates_on_rise"),
@@ -543,6 +561,16 @@ class ReplicaSeen:
             listening += (f", its server may evict the pool's keys (maxmemory-policy "
                           f"{self.server_evicts})")
         return f"{self.replica_id} (lag {lag}{listening})"
+
+
+#: the last decision's numbers exported as `provisioner_last_decision` (Snapshot.last_decision)
+DECISION_NUMBERS = ("target", "keep", "spare")
+#: the forecast policy's terms behind its target, in a decision's numbers as `forecast`
+#: (lua/includes/policy.lua): connects forecast over the lead time, of them from users not
+#: browsing yet, the panic factor on those, the running sessions' frees, the frees of sessions
+#: begun within the lead time, the buffer and its z, and the lead time in seconds
+FORECAST_TERMS = ("connects", "not_browsing_yet", "panic", "frees", "frees_of_new_sessions",
+                  "buffer", "z", "lead_time_s")
 
 
 @dataclass(frozen=True)

@@ -398,6 +398,8 @@ class Replica:
         #: whether the last batch of events ended unapplied for want of the server (a refused
         #: connection, a timeout): once stopping, the listener's applier tries no further batch
         self._unreached = False
+        #: the quantities of provisioner_last_decision set at the last refresh_gauges
+        self._decision_quantities: set[str] = set()
         self.metrics.event_backlog.set_function(lambda: len(self._backlog) + len(self._taken))
 
     # --- events -------------------------------------------------------------------------------
@@ -934,6 +936,13 @@ class Replica:
             self.metrics.forecast_check.labels(quantity).set(value)
         for quantity, count in snap.scaling().as_dict().items():
             self.metrics.scaling.labels(quantity).set(count)
+        decided = snap.last_decision()
+        for quantity in self._decision_quantities - decided.keys():
+            # gone from the last decision (the heuristic policy, a hand edit): no stale value
+            self.metrics.last_decision.remove(quantity)
+        for quantity, value in decided.items():
+            self.metrics.last_decision.labels(quantity).set(value)
+        self._decision_quantities = set(decided)
 
     async def _still_reserved(self, reservation: str) -> bool:
         """Whether the reservation is still in the quota, and outlives the longest the call

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -24,7 +25,7 @@ from provisioner.bench.tickcost import (
 from provisioner.clock import ManualClock
 from provisioner.config import ConfigError, PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Drain, ForecastCheck, Release, Scripts
+from provisioner.scripts import FORECAST_TERMS, Drain, ForecastCheck, Release, Scripts
 from provisioner.view import check_invariants
 from tests.helpers import PoolUnderTest
 
@@ -196,6 +197,54 @@ async def test_the_target_grows_with_users_at_a_level_that_converts(
     pool.clock.advance(1000)
     _, cold = await decide(pool, config)
     assert cold["target"] < busy["target"]
+
+
+async def test_a_decision_carries_the_terms_of_its_target_as_numbers(
+        pool: PoolUnderTest) -> None:
+    # "Why were three nodes booted at 10:02?" from the numbers alone (a dashboard, `decisions
+    # --json`), not by parsing the reason: the same terms the reason prints, which make its
+    # target.
+    config = PoolConfig(min_ready=0, max_nodes=1000)
+    for minute in range(5):  # some connects and running sessions: frees and their new ones
+        await pool.boot(f"s{minute}")
+        await browse(pool, f"t{minute}", 10)
+        pool.clock.advance(60_000)
+        await decide(pool, config)
+        await pool.scripts.allocate(pool.now, f"t{minute}")
+    for i in range(20):
+        await browse(pool, f"u{i}", 1 + i % 9)
+    pool.clock.advance(1000)
+    reason, numbers = await decide(pool, config)
+    terms = numbers["forecast"]
+    assert sorted(terms) == sorted(FORECAST_TERMS)
+    printed = re.search(r"forecast ([\d.]+) connects in (\d+)s \(([\d.]+) not browsing yet, "
+                        r"panic x([\d.]+)\) - ([\d.]+) frees \+ buffer ([\d.]+) "
+                        r"\(z=([\d.]+)(?:, surge)?\).*; ([\d.]+) of the connects freed again",
+                        reason)
+    assert printed, reason
+    for name, text in zip(("connects", "lead_time_s", "not_browsing_yet", "panic", "frees",
+                           "buffer", "z", "frees_of_new_sessions"), printed.groups(),
+                          strict=True):
+        assert terms[name] == pytest.approx(float(text), abs=0.51 if name == "lead_time_s"
+                                            else 0.051 if name == "panic" else 0.0051), name
+    assert terms["frees"] > 0 and terms["frees_of_new_sessions"] > 0 and terms["buffer"] > 0
+    assert numbers["target"] == math.ceil(terms["connects"] - terms["frees_of_new_sessions"]
+                                          - terms["frees"] + terms["buffer"] - 1e-3)
+    # The reaper's decisions carry them too; the heuristic policy has no such terms.
+    await pool.boot("n1")
+    await pool.boot("n2")
+    await pool.boot("n3")
+    pool.clock.advance(600_000)  # the browsers are gone, the nodes idle
+    await decide(pool, config)
+    reaped = await pool.scripts.reap_idle(dataclasses.replace(config, idle_timeout_s=1)
+                                          .policy_args(pool.now, "r1"))
+    assert reaped
+    (entry,) = [fields for _, fields in await pool.redis.xrange(pool.keys.key("decisions"))
+                if fields["kind"] == "scale_down"]
+    assert sorted(json.loads(entry["numbers"])["forecast"]) == sorted(FORECAST_TERMS)
+    pool.clock.advance(1000)
+    _, numbers = await decide(pool, dataclasses.replace(config, scaling_policy="heuristic"))
+    assert "forecast" not in numbers
 
 
 async def last_queued(pool: PoolUnderTest) -> list[float]:

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from provisioner.clock import ManualClock
 from provisioner.config import MAX_NODES_LIMIT, PoolConfig
 from provisioner.keys import PoolKeys
-from provisioner.scripts import Scripts
+from provisioner.scripts import FORECAST_TERMS, Scripts
 from provisioner.view import check_invariants
 from tests.helpers import T0
 
@@ -241,6 +241,12 @@ def machine(redis_url: str, sync_redis: Any) -> type[RuleBasedStateMachine]:
                 for key, value in nums.items():
                     if key == "surge":
                         assert isinstance(value, bool)
+                        continue
+                    if key == "forecast":  # the terms behind the target: each finite, >= 0
+                        assert set(value) == set(FORECAST_TERMS), nums
+                        assert all(isinstance(v, int | float) and math.isfinite(v) and v >= 0
+                                   for v in value.values()), nums
+                        assert value["panic"] >= 1 and value["lead_time_s"] > 0, nums
                         continue
                     assert isinstance(value, int | float) and not isinstance(value, bool), nums
                     assert math.isfinite(value), nums

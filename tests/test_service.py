@@ -28,7 +28,14 @@ from provisioner.keys import PoolKeys
 from provisioner.logs import Throttle
 from provisioner.metrics import Metrics
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode, NodeApi
-from provisioner.scripts import Activity, AllocateResult, Allocation, Release, ReleaseResult
+from provisioner.scripts import (
+    FORECAST_TERMS,
+    Activity,
+    AllocateResult,
+    Allocation,
+    Release,
+    ReleaseResult,
+)
 from provisioner.service import ACTIVITY_BATCH, LEFT_FOR_LATER, LISTEN_BATCH, Replica, http_app
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
@@ -1018,6 +1025,35 @@ async def test_the_longest_session_is_exported_for_prometheus(
     await send([replica], "user:disconnect", {"user_id": "u1"})
     await replica.refresh_gauges(clock.now_ms())
     assert counter(replica, "provisioner_longest_session_seconds") == 0
+
+
+async def test_the_last_decision_and_its_forecast_terms_are_exported_for_prometheus(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(min_ready=1))
+    await send([replica], "user:activity", {"user_id": "u1", "timestamp": clock.now_ms() // 1000})
+    await replica.tick()
+    await replica.settle()
+    await replica.refresh_gauges(clock.now_ms())
+    stats = replica.keys.key("stats")
+    numbers = json.loads(await aredis.hget(stats, "last_numbers"))
+    assert set(numbers["forecast"]) == set(FORECAST_TERMS)
+    for name in ("target", "keep", "spare"):
+        assert counter(replica, "provisioner_last_decision", quantity=name) == numbers[name]
+    for name, value in numbers["forecast"].items():
+        assert counter(replica, "provisioner_last_decision", quantity=name) == value, name
+    assert counter(replica, "provisioner_last_decision", quantity="lead_time_s") == 60  # prior
+    # A decision with no terms (the heuristic policy, a release before them, a hand edit):
+    # their series go, not left at the last value; a number that is not one is left out.
+    await aredis.hset(stats, "last_numbers", json.dumps({"target": 2, "keep": "x", "spare": 1}))
+    await replica.refresh_gauges(clock.now_ms())
+    exported = {s.labels["quantity"]: s.value for m in replica.metrics.registry.collect()
+                if m.name == "provisioner_last_decision" for s in m.samples}
+    assert exported == {"target": 2, "spare": 1}
+    await aredis.hset(stats, "last_numbers", "{broken")
+    await replica.refresh_gauges(clock.now_ms())
+    assert not [s for m in replica.metrics.registry.collect()
+                if m.name == "provisioner_last_decision" for s in m.samples]
 
 
 async def test_the_longest_wait_is_exported_for_prometheus(

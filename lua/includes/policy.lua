@@ -598,10 +598,22 @@ local function forecast_target(s, p, update)
     why = why .. string.format('; learned over %.0fs, %.2f of them in the %.0fs beyond at the'
                                .. ' rate of the last boot time', H, beyond, L - H)
   end
-  if target < p.min_ready then
-    return p.min_ready, why .. string.format('; floor min_ready=%d', p.min_ready)
+  -- The same terms as numbers, for the decision's `numbers` and the replicas' gauges (a
+  -- dashboard's "why were three nodes booted at 10:02", without parsing the reason).
+  -- To 4 places; a term not finite is left out (cjson refuses it, and the decision with it).
+  local function r4(x)
+    if x ~= x or x == math.huge or x == -math.huge then return nil end
+    local y = math.floor(x * 10000 + 0.5) / 10000
+    return (y == y and y ~= math.huge and y ~= -math.huge) and y or x
   end
-  return target, why
+  local terms = {
+    connects = r4(mean), not_browsing_yet = r4(fresh), panic = r4(panic), frees = r4(frees),
+    frees_of_new_sessions = r4(again), buffer = r4(buffer), z = r4(z), lead_time_s = r4(L),
+  }
+  if target < p.min_ready then
+    return p.min_ready, why .. string.format('; floor min_ready=%d', p.min_ready), terms
+  end
+  return target, why, terms
 end
 
 -- Spare nodes (ready + booting + creating - waiting) the pool wants to hold, and why.
@@ -678,12 +690,12 @@ end
 -- `held`: the spare a replace held above the keep level in the decision (its target and keep
 -- level include it), which the run reads to know its hold was applied; `base`, the target
 -- the policy set before it, from which the next decision counts the target's moves.
-local function summary(s, target, keep, held, base)
+local function summary(s, target, keep, held, base, forecast)
   return cjson.encode({
     ready = s.ready, booting = s.booting, allocated = s.allocated, waiting = s.waiting,
     terminating = s.terminating, creating = s.creating, engaged = s.engaged,
     active = s.active, spare = s.spare, target = target, total = s.total,
-    surge = s.surge == true, keep = keep, held = held, base = base,
+    surge = s.surge == true, keep = keep, held = held, base = base, forecast = forecast,
   })
 end
 

@@ -19,6 +19,7 @@ from provisioner.bench.world import run_replay
 from provisioner.cli import app
 from provisioner.clock import ManualClock
 from provisioner.config import PoolConfig
+from provisioner.scripts import FORECAST_TERMS
 from tests.test_bench_world import SESSIONS, write_trace
 
 
@@ -129,8 +130,35 @@ def test_the_timeline_samples_the_pool_after_every_tick(
         (1.0, 1.0, 0.0, 0.0)}
     assert [w["creates"] for w in windows] == [1, 0, 0, 0, 0] and scores.nodes_created == 1
     assert all(w["scored"] for w in windows)
+    assert [w["connects"] for w in windows] == [0] * 5
+    # the forecast's terms, each window's mean: no users browsing, so the connects forecast
+    # are all those of users not browsing yet (the prior's few), and the lead time is its prior
+    # of a minute until the first boot ends (10.2 s, learned from then)
+    assert all(0 < w["forecast"]["connects"] == w["forecast"]["not_browsing_yet"] < 0.1
+               for w in windows)
+    assert [w["forecast"]["lead_time_s"] for w in windows[:2]] == [60.0, 60.0]
     with pytest.raises(ValueError, match="timeline_s"):
         ServicePolicy(redis_url, timeline_s=0)
+
+
+def test_the_timeline_counts_the_connects_beside_the_forecast(
+        tmp_path: Path, redis_url: str) -> None:
+    # Connects counted as FORMAT.md counts them (a hit or a miss; a repeat is not one), in the
+    # window they came in, so that a timeline of 1 s windows sets every tick's forecast beside
+    # the connects that followed it; the heuristic policy has no forecast to show.
+    events = [(2.0, "connect", "u1"), (3.0, "connect", "u1"), (12.0, "connect", "u2"),
+              (13.0, "disconnect", "u1")]
+    trace = load_trace(write_trace(tmp_path / "c.jsonl", events, boot=[5.0], duration=20.0))
+    policy = ServicePolicy(redis_url, PoolConfig(min_ready=2), timeline_s=5.0)
+    scores = run_replay(trace, policy)
+    windows = [w.as_dict() for w in policy.timeline]
+    assert [w["connects"] for w in windows] == [1, 0, 1, 0, 0] and scores.connects == 2
+    assert all(set(w["forecast"]) == set(FORECAST_TERMS) for w in windows)
+    policy = ServicePolicy(redis_url, PoolConfig(min_ready=2, scaling_policy="heuristic"),
+                           timeline_s=5.0)
+    run_replay(trace, policy)
+    assert [w.as_dict()["connects"] for w in policy.timeline] == [1, 0, 1, 0, 0]
+    assert not any("forecast" in w.as_dict() for w in policy.timeline)
 
 
 def test_the_replay_ticks_the_pool_at_its_own_tick_interval(

@@ -187,7 +187,8 @@ def replay(
     timeline_path: Annotated[Path | None, typer.Option(
         "--timeline", dir_okay=False, help=f"Write the pool of `{SERVICE}` window by window to "
         "this file (JSON lines: mean ready, booting, allocated and spare nodes, target and keep "
-        "level, the share of ticks in a surge, the creates)")] = None,
+        "level, the share of ticks in a surge, the creates and counted connects, and the "
+        "forecast's terms, as in its decisions' numbers)")] = None,
     timeline_window: Annotated[float, typer.Option(
         min=1.0, max=86_400.0, help="Seconds per --timeline window")] = 600.0,
     append_to: Annotated[Path | None, typer.Option(

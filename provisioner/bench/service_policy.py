@@ -26,6 +26,7 @@ from provisioner.config import PoolConfig, ServiceConfig
 from provisioner.keys import PoolKeys
 from provisioner.nodeapi import CreateOutcome, CreateResult, DeleteOutcome, ListedNode
 from provisioner.scripts import (
+    FORECAST_TERMS,
     AllocateResult,
     Allocation,
     ForecastCheck,
@@ -102,18 +103,36 @@ class TimelineWindow:
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMELINE_MEANS, 0.0))
     surge_ticks: int = 0
     creates: int = 0
+    #: counted connects in the window (hits and misses), to set beside the forecast
+    connects: int = 0
+    #: the forecast's terms (the decisions' numbers.forecast) summed over the ticks that had them
+    forecast_sums: dict[str, float] = field(default_factory=dict)
+    forecast_ticks: int = 0
 
-    def add(self, values: dict[str, float], surge: bool) -> None:
+    def add(self, values: dict[str, float], surge: bool,
+            forecast: Mapping[str, object] | None = None) -> None:
         for name in TIMELINE_MEANS:
             self.sums[name] += values[name]
         self.ticks += 1
         self.surge_ticks += surge
+        terms = {term: value for term in FORECAST_TERMS
+                 if isinstance(value := (forecast or {}).get(term), int | float)}
+        if len(terms) == len(FORECAST_TERMS):  # all of them, or none: a mean of like ticks
+            for term, value in terms.items():
+                self.forecast_sums[term] = self.forecast_sums.get(term, 0.0) + float(value)
+            self.forecast_ticks += 1
 
     def as_dict(self) -> dict[str, Any]:
         n = max(1, self.ticks)
-        return {"from_s": self.from_s, "to_s": self.to_s, "scored": self.scored,
-                "ticks": self.ticks, **{k: round(self.sums[k] / n, 3) for k in TIMELINE_MEANS},
-                "surge_share": round(self.surge_ticks / n, 4), "creates": self.creates}
+        shown: dict[str, Any] = {
+            "from_s": self.from_s, "to_s": self.to_s, "scored": self.scored,
+            "ticks": self.ticks, **{k: round(self.sums[k] / n, 3) for k in TIMELINE_MEANS},
+            "surge_share": round(self.surge_ticks / n, 4), "creates": self.creates,
+            "connects": self.connects}
+        if self.forecast_ticks:  # the heuristic policy has no terms
+            shown["forecast"] = {term: round(self.forecast_sums[term] / self.forecast_ticks, 4)
+                                 for term in FORECAST_TERMS}
+        return shown
 
 
 class WorldNodeApi:
@@ -232,6 +251,9 @@ class ServicePolicy:
             elif outcome.code is Allocation.WAITING:
                 self.world.report_miss(user)
                 self.misses.append(await self._miss(t, user))
+            if self.timeline_s is not None and outcome.code in (Allocation.ALLOCATED,
+                                                                Allocation.WAITING):
+                self._window(t, self.timeline_s).connects += 1
         elif isinstance(outcome, ReleaseResult):
             user = str(payload["user_id"])
             if outcome.code in (Release.RELEASED, Release.DRAINED):
@@ -291,21 +313,27 @@ class ServicePolicy:
         if head:
             _, _, peak = as_text(head).partition(":")
             keep = int(peak) if peak.isdigit() else 0
+        window = self._window(t, window_s)
+        counts = self.world.node_counts()
+        booting = counts.requested + counts.booting
+        forecast = numbers.get("forecast")
+        window.add({"ready": counts.ready, "booting": booting, "allocated": counts.allocated,
+                    "spare": counts.ready + booting, "target": float(numbers.get("target", 0)),
+                    "keep": keep}, bool(numbers.get("surge")),
+                   forecast if isinstance(forecast, dict) else None)
+        created = self.world.nodes_created
+        window.creates += created - self._created_before
+        self._created_before = created
+
+    def _window(self, t: float, window_s: float) -> TimelineWindow:
+        """The timeline's window of `t`, and those before it, made as they are reached."""
         index = int(t // window_s)
         while len(self.timeline) <= index:
             start = len(self.timeline) * window_s
             self.timeline.append(TimelineWindow(
                 start, min(start + window_s, self.world.trace.duration_s),
                 start >= self.world.trace.scored_from_s))
-        window = self.timeline[index]
-        counts = self.world.node_counts()
-        booting = counts.requested + counts.booting
-        window.add({"ready": counts.ready, "booting": booting, "allocated": counts.allocated,
-                    "spare": counts.ready + booting, "target": float(numbers.get("target", 0)),
-                    "keep": keep}, bool(numbers.get("surge")))
-        created = self.world.nodes_created
-        window.creates += created - self._created_before
-        self._created_before = created
+        return self.timeline[index]
 
     async def close(self) -> None:
         if self._redis is None:

@@ -423,9 +423,17 @@ class Snapshot:
         found = {name: numbers.get(name) for name in DECISION_NUMBERS}
         if isinstance(terms, dict):
             found |= {name: terms.get(name) for name in FORECAST_TERMS}
-        return {name: float(value) for name, value in found.items()
-                if isinstance(value, int | float) and not isinstance(value, bool)
-                and math.isfinite(value)}
+        shown: dict[str, float] = {}
+        for name, value in found.items():
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            try:
+                number = float(value)
+            except OverflowError:  # an integer of hundreds of digits, which JSON allows
+                continue
+            if math.isfinite(number):
+                shown[name] = number
+        return shown
 
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(

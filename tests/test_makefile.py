@@ -14,7 +14,6 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 @pytest.mark.parametrize("target", ["bench-held-out-seed1", "bench-draw-997",
-                                    "screen-held-out-seed11", "screen-draw-1994",
                                     "bench-later-seed2"])
 def test_a_suite_target_runs_though_a_file_of_its_name_exists(tmp_path: Path,
                                                               target: str) -> None:

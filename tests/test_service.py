@@ -1056,6 +1056,22 @@ async def test_the_last_decision_and_its_forecast_terms_are_exported_for_prometh
                 if m.name == "provisioner_last_decision" for s in m.samples]
 
 
+async def test_the_last_decision_gauge_survives_a_hand_edited_integer_too_large_for_a_float(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+) -> None:
+    # JSON's integers have no bound and Python reads them whole: 10**400 is finite to
+    # loads_finite, but no float; the gauge must leave it out, not stop the tick or the start.
+    replica = make_replica(aredis, api, clock, "r1", PoolConfig(min_ready=1))
+    stats = replica.keys.key("stats")
+    huge = "1" + "0" * 400
+    await aredis.hset(stats, "last_numbers",
+                      f'{{"target": {huge}, "spare": 1, "forecast": {{"z": {huge}}}}}')
+    await replica.refresh_gauges(clock.now_ms())
+    exported = {s.labels["quantity"]: s.value for m in replica.metrics.registry.collect()
+                if m.name == "provisioner_last_decision" for s in m.samples}
+    assert exported == {"spare": 1}
+
+
 async def test_the_longest_wait_is_exported_for_prometheus(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
 ) -> None:

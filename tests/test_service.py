@@ -2895,10 +2895,22 @@ async def _publish(aredis: aioredis.Redis, messages: list[tuple[str, Any]]) -> N
 
 
 async def _held_connect(aredis: aioredis.Redis, replica: Replica, user: str) -> None:
-    """Publish `user`'s connect and wait until the listener holds it, refused (a first retry)."""
+    """Publish `user`'s connect and wait until the listener holds it, refused (a first retry).
+    The wait is long: under `.ci/run`'s second engine, both cores busy, it once passed 5 s;
+    what the listener had then is in the failure, should it come again."""
     await _publish(aredis, [("user:connect", {"user_id": user})])
     await _until(lambda: counter(replica, "provisioner_errors_total",
-                                 where="event_retry") >= 1)
+                                 where="event_retry") >= 1, 20.0,
+                 why=lambda: _listener_state(replica))
+
+
+def _listener_state(replica: Replica) -> str:
+    """What a listener holds, for a failed wait: its backlog and batch, the refusal it saw,
+    the connects it applied and the events it failed on."""
+    return (f"backlog {len(replica._backlog)}, taken {len(replica._taken)}, refused "
+            f"{replica.writes_refused()!r}, connects applied "
+            f"{counter(replica, 'provisioner_events_total', channel='user:connect')}, event "
+            f"errors {counter(replica, 'provisioner_errors_total', where='event')}")
 
 
 def _never_answered(replica: Replica) -> asyncio.Event:
@@ -2921,12 +2933,15 @@ async def _refusing_writes(aredis: aioredis.Redis,
     """`replica` listening (the task yielded) and subscribed, while the server refuses every
     write (maxmemory 1), as out of memory, till the block ends."""
     listening = asyncio.create_task(replica.listen())
+    policy = (await aredis.config_get("maxmemory-policy"))["maxmemory-policy"]
+    await aredis.config_set("maxmemory-policy", "noeviction")  # refused, never evicted
     await aredis.config_set("maxmemory", 1)
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
         yield listening
     finally:
         await aredis.config_set("maxmemory", 0)
+        await aredis.config_set("maxmemory-policy", policy)
 
 
 def _activities(count: int) -> list[tuple[str, Any]]:
@@ -3429,12 +3444,13 @@ async def test_the_retry_warning_says_how_long_a_batch_the_server_cannot_be_reac
 # --- the listener's lag ---------------------------------------------------------------------
 
 
-async def _until(condition: Any, seconds: float = 5.0) -> None:
+async def _until(condition: Any, seconds: float = 5.0, why: Any = None) -> None:
+    """Wait for `condition()`; past `seconds`, fail, with `why()` if given (what to look at)."""
     for _ in range(int(seconds / 0.01)):
         if condition():
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
+    raise AssertionError("condition not met in time" + (f": {why()}" if why else ""))
 
 
 async def _readyz(replica: Replica) -> tuple[int, dict[str, Any]]:

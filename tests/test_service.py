@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioner.clock import ManualClock
 from provisioner.config import ConfigError, PoolConfig, ServiceConfig, redis_client
+from provisioner.events import SUBSCRIBED
 from provisioner.keys import PoolKeys
 from provisioner.logs import Throttle
 from provisioner.metrics import Metrics
@@ -2938,6 +2939,16 @@ async def _refusing_writes(aredis: aioredis.Redis,
     await aredis.config_set("maxmemory", 1)
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
+        # `subscribed` is set once SUBSCRIBE is sent; a message published before the server
+        # has it reaches no one, so wait till the server counts the subscriber
+        channels = [*SUBSCRIBED]
+        for _ in range(500):
+            counted = await aredis.pubsub_numsub(*channels)
+            if all(count >= 1 for _, count in counted):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"the server counts no subscriber: {counted}")
         yield listening
     finally:
         await aredis.config_set("maxmemory", 0)

@@ -3066,6 +3066,47 @@ async def test_a_replica_stopped_while_refused_ends_and_says_what_it_read_and_dr
     assert counter(replica, "provisioner_event_backlog") == 0
 
 
+async def test_a_listener_is_subscribed_once_the_server_confirms_not_once_it_asks(
+    replica: Replica,
+) -> None:
+    """redis-py sends SUBSCRIBE and reads its confirmation later, with the messages: the
+    listener said subscribed (and /readyz ready) once it had sent it, and a message published
+    before the server had it reached no one (a test's first message, lost in a flaky run). It
+    is subscribed once the server has confirmed every channel."""
+    class SlowToConfirm:
+        def __init__(self) -> None:
+            self.confirm = asyncio.Event()
+            self.pending: list[dict[str, Any]] = []
+
+        async def subscribe(self, *channels: str) -> None:
+            self.pending = [{"type": "subscribe", "pattern": None, "channel": c, "data": i + 1}
+                            for i, c in enumerate(channels)]
+
+        async def get_message(self, ignore_subscribe_messages: bool = False,
+                              timeout: float = 0.0) -> dict[str, Any] | None:  # noqa: ASYNC109
+            if self.confirm.is_set() and self.pending:
+                confirmed = self.pending.pop(0)  # as redis-py: read, and dropped if asked to
+                return None if ignore_subscribe_messages else confirmed
+            await asyncio.sleep(min(timeout, 0.01))
+            return None
+
+        async def aclose(self) -> None:
+            pass
+
+    stub = SlowToConfirm()
+    replica.redis.pubsub = lambda: stub  # type: ignore[method-assign]
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await asyncio.sleep(0.3)
+        assert not replica.subscribed.is_set() and len(stub.pending) == 5  # asked, unconfirmed
+        stub.confirm.set()
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        assert stub.pending == []
+    finally:
+        replica.stopping.set()
+        await asyncio.wait_for(listening, 5)
+
+
 async def test_a_probe_behind_a_held_batch_measures_the_hold(
     aredis: aioredis.Redis, replica: Replica,
 ) -> None:

@@ -1290,8 +1290,8 @@ class Replica:
                 while not self.stopping.is_set():
                     batch = await self._read_batch(pubsub)
                     # Subscribed once the server has confirmed every channel, not once the
-                    # SUBSCRIBE is sent: a message published in between reaches no one, and a
-                    # test publishing at `subscribed` lost its first message so (a flaky run).
+                    # SUBSCRIBE is sent: a message published in between does not reach this
+                    # replica, and a test publishing at `subscribed` may have lost one so.
                     if self._confirmed >= len(channels) and not self.subscribed.is_set():
                         self.subscribed.set()
                     if batch:

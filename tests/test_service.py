@@ -2939,8 +2939,8 @@ async def _refusing_writes(aredis: aioredis.Redis,
     await aredis.config_set("maxmemory", 1)
     try:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
-        # `subscribed` is set once SUBSCRIBE is sent; a message published before the server
-        # has it reaches no one, so wait till the server counts the subscriber
+        # the server's own count of the subscription, besides the listener's (a test of the
+        # release before: `subscribed` was set once SUBSCRIBE was sent)
         channels = [*SUBSCRIBED]
         for _ in range(500):
             counted = await aredis.pubsub_numsub(*channels)
@@ -3071,8 +3071,8 @@ async def test_a_listener_is_subscribed_once_the_server_confirms_not_once_it_ask
 ) -> None:
     """redis-py sends SUBSCRIBE and reads its confirmation later, with the messages: the
     listener said subscribed (and /readyz ready) once it had sent it, and a message published
-    before the server had it reached no one (a test's first message, lost in a flaky run). It
-    is subscribed once the server has confirmed every channel."""
+    before the server had it did not reach it (a test's first message, perhaps, in a flaky
+    run). It is subscribed once the server has confirmed every channel."""
     class SlowToConfirm:
         def __init__(self) -> None:
             self.confirm = asyncio.Event()

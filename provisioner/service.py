@@ -90,6 +90,10 @@ REFUSED_HOLD_MS = 5_000
 #: try is one connection, and every moment unsubscribed loses the events published in it (at
 #: 5 s, a review's replica stayed deaf 2 s after its server answered again).
 SUBSCRIBE_BACKOFF_MAX_S = 1.0
+#: The least a listener waits for the server to confirm its SUBSCRIBE (twice the silence
+#: allowed, if more) before it takes the connection for dead and subscribes again: a reply to
+#: a command, which a live server sends at once, ahead of any message on the subscription.
+CONFIRM_WAIT_MIN_S = 5.0
 #: How much longer than a create's longest call --create-timeout must be: the time a replica
 #: may take between its decision and the POST before the create is withdrawn.
 CREATE_SLACK_S = 5.0
@@ -1269,12 +1273,6 @@ class Replica:
             self._confirmed = 0
             try:
                 await pubsub.subscribe(*channels)
-                if lost_at is not None:
-                    gap = time.monotonic() - lost_at
-                    self.metrics.unsubscribed.inc(gap)
-                    log.warning("subscribed again after %.1fs: events published in that time "
-                                "did not reach this replica", gap)
-                    lost_at = None
                 # Probes sent on the last subscription and not read never come back; those
                 # read into the backlog do, behind it, and time it (a review: forgotten, a
                 # listener 3 s behind read 0 s and /readyz said ready).
@@ -1285,7 +1283,7 @@ class Replica:
                 if not self._backlog:
                     self._last_lag_s = 0.0
                 backoff = 0.2
-                last_read = time.monotonic()
+                last_read = asked_at = time.monotonic()
                 suspect = False
                 while not self.stopping.is_set():
                     batch = await self._read_batch(pubsub)
@@ -1294,6 +1292,16 @@ class Replica:
                     # replica, and a test publishing at `subscribed` may have lost one so.
                     if self._confirmed >= len(channels) and not self.subscribed.is_set():
                         self.subscribed.set()
+                        # Deaf until now, not until the SUBSCRIBE went out: a try whose
+                        # connection ended before its confirmation, never subscribed, is part
+                        # of the gap (counted from the send, it was left out, and the gap
+                        # after it with it).
+                        if lost_at is not None:
+                            gap = time.monotonic() - lost_at
+                            self.metrics.unsubscribed.inc(gap)
+                            log.warning("subscribed again after %.1fs: events published in "
+                                        "that time did not reach this replica", gap)
+                            lost_at = None
                     if batch:
                         last_read, suspect = time.monotonic(), False
                     elif self._looks_silent(last_read):
@@ -1306,6 +1314,14 @@ class Replica:
                         if suspect or not await _bytes_waiting(pubsub):
                             raise SubscriptionSilent(time.monotonic() - last_read, last_read)
                         suspect = True
+                    elif (not self.subscribed.is_set()
+                          and time.monotonic() - asked_at > max(
+                              2 * self._silence_allowed_s(), CONFIRM_WAIT_MIN_S)
+                          and not await _bytes_waiting(pubsub)):
+                        # Unconfirmed, no probe goes out (`probe_lag` waits for `subscribed`)
+                        # and `_looks_silent` never arms: a path dead between the SUBSCRIBE and
+                        # its confirmation left the listener deaf, and unready, for good.
+                        raise SubscriptionSilent(time.monotonic() - asked_at, asked_at)
                     else:
                         suspect = False
                     if batch:
@@ -1426,9 +1442,12 @@ class Replica:
                        if sent > last_read and sent in self._probes_published), None)
         if oldest is None:
             return False
-        silent_s = max(2 * self.service.max_event_lag_s,
-                       5 * self.service.heartbeat_interval_s)
-        return time.monotonic() - self._probes_published[oldest] > silent_s
+        return time.monotonic() - self._probes_published[oldest] > self._silence_allowed_s()
+
+    def _silence_allowed_s(self) -> float:
+        """How long a live subscription may carry nothing: twice --max-event-lag, five
+        heartbeats at least."""
+        return max(2 * self.service.max_event_lag_s, 5 * self.service.heartbeat_interval_s)
 
     async def _apply(self, batch: list[tuple[bytes, bytes]], read_at: float) -> None:
         """`handle_many` for the listener (`read_at`: when the batch's first message was read):

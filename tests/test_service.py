@@ -5798,96 +5798,13 @@ async def test_a_node_the_api_names_with_an_integer_is_heard_of_by_that_integer(
     assert await aredis.hget(replica.keys.node("17"), "state") == "ready"
 
 
-async def test_a_subscription_whose_confirmation_never_comes_is_taken_again(
-    redis_url: str, aredis: aioredis.Redis,
-) -> None:
-    """The path dies between the SUBSCRIBE and its confirmation (a partition, a middlebox
-    dropping the flow): the server has the SUBSCRIBE, nothing comes back. The listener must
-    not wait for that confirmation for good: it subscribes again, becomes subscribed, and
-    applies what comes after."""
+@contextlib.asynccontextmanager
+async def _listening_through(redis_url: str, pipe: Any) -> AsyncIterator[Replica]:
+    """A probing replica listening through a TCP proxy before the server, each connection's
+    two directions copied by `pipe(reader, writer, client_w, upstream)` (`client_w`: the
+    replica's end, to close); stopped, and the proxy with it, at the end."""
     target = urlparse(redis_url)
     tasks: list[asyncio.Future[Any]] = []
-    swallowed: list[bool] = []
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   dead: asyncio.Event, watch: bool) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                if watch and b"SUBSCRIBE" in data.upper() and not swallowed:
-                    swallowed.append(True)
-                    dead.set()  # the first subscriber's replies never come back
-                    writer.write(data)
-                    await writer.drain()
-                    continue
-                if not watch and dead.is_set():
-                    await asyncio.Event().wait()  # held: a silent path
-                writer.write(data)
-                await writer.drain()
-
-    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(target.hostname, target.port)
-        dead = asyncio.Event()
-        tasks.append(asyncio.gather(pipe(client_r, server_w, dead, True),
-                                    pipe(server_r, client_w, dead, False)))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    through = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
-    replica = _probing_replica(through)
-    listening = asyncio.create_task(replica.listen())
-
-    async def heartbeats() -> None:  # the heartbeats' probes, every 0.2 s
-        while True:
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError,
-                                     asyncio.TimeoutError):
-                await asyncio.wait_for(replica.probe_lag(), 0.5)
-            await asyncio.sleep(0.2)
-
-    probing = asyncio.create_task(heartbeats())
-    tasks.append(probing)
-    try:
-        started, sent = time.monotonic(), 0
-        while counter(replica, "provisioner_connects_total") == 0:
-            assert time.monotonic() - started < 12, (
-                f"never heard: SUBSCRIBE swallowed {swallowed}, subscribed "
-                f"{replica.subscribed.is_set()}, confirmed {replica._confirmed}, probes out "
-                f"{len(replica._probes_out)}, errors "
-                f"{counter(replica, 'provisioner_errors_total', where='subscribe')}")
-            if replica.subscribed.is_set():
-                sent += 1
-                await aredis.publish("user:connect", json.dumps({"user_id": f"late{sent}"}))
-            await asyncio.sleep(0.5)
-    finally:
-        replica.stopping.set()
-        listening.cancel()
-        await asyncio.gather(listening, return_exceptions=True)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(through.aclose(), 2)
-
-
-async def test_the_gap_counts_the_tries_whose_subscription_was_never_confirmed(
-    redis_url: str, aredis: aioredis.Redis,
-) -> None:
-    """A subscription lost, then tries whose connection ends after the SUBSCRIBE and before its
-    confirmation (for ~2 s): the replica was deaf all that while, and the gap says so."""
-    target = urlparse(redis_url)
-    tasks: list[asyncio.Future[Any]] = []
-    broken = asyncio.Event()
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   client_w: asyncio.StreamWriter, watch: bool) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                if watch and broken.is_set() and b"SUBSCRIBE" in data.upper():
-                    client_w.close()  # ended before any confirmation comes back
-                    return
-                writer.write(data)
-                await writer.drain()
-            writer.close()  # the other side ended
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection(target.hostname, target.port)
@@ -5900,6 +5817,84 @@ async def test_the_gap_counts_the_tries_whose_subscription_was_never_confirmed(
     replica = _probing_replica(through)
     listening = asyncio.create_task(replica.listen())
     try:
+        yield replica
+    finally:
+        replica.stopping.set()
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(through.aclose(), 2)
+
+
+async def test_a_subscription_whose_confirmation_never_comes_is_taken_again(
+    redis_url: str, aredis: aioredis.Redis,
+) -> None:
+    """The path dies between the SUBSCRIBE and its confirmation (a partition, a middlebox
+    dropping the flow): the server has the SUBSCRIBE, nothing comes back. The listener must
+    not wait for that confirmation for good: it subscribes again, becomes subscribed, and
+    applies what comes after."""
+    swallowed: list[asyncio.StreamWriter] = []  # the replica's end of the connection held
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   client_w: asyncio.StreamWriter, upstream: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if upstream and b"SUBSCRIBE" in data.upper() and not swallowed:
+                    swallowed.append(client_w)  # the first subscriber's replies never come
+                elif not upstream and client_w in swallowed:
+                    await asyncio.Event().wait()  # held: a silent path
+                writer.write(data)
+                await writer.drain()
+
+    async with _listening_through(redis_url, pipe) as replica:
+        async def heartbeats() -> None:  # the heartbeats' probes, every 0.2 s
+            while True:
+                with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError,
+                                         asyncio.TimeoutError):
+                    await asyncio.wait_for(replica.probe_lag(), 0.5)
+                await asyncio.sleep(0.2)
+
+        probing = asyncio.create_task(heartbeats())
+        try:
+            started, sent = time.monotonic(), 0
+            while counter(replica, "provisioner_connects_total") == 0:
+                assert time.monotonic() - started < 12, (
+                    f"never heard: SUBSCRIBE swallowed {bool(swallowed)}, subscribed "
+                    f"{replica.subscribed.is_set()}, confirmed {replica._confirmed}, probes "
+                    f"out {len(replica._probes_out)}, errors "
+                    f"{counter(replica, 'provisioner_errors_total', where='subscribe')}")
+                if replica.subscribed.is_set():
+                    sent += 1
+                    await aredis.publish("user:connect", json.dumps({"user_id": f"late{sent}"}))
+                await asyncio.sleep(0.5)
+        finally:
+            probing.cancel()
+            await asyncio.gather(probing, return_exceptions=True)
+
+
+async def test_the_gap_counts_the_tries_whose_subscription_was_never_confirmed(
+    redis_url: str, aredis: aioredis.Redis,
+) -> None:
+    """A subscription lost, then tries whose connection ends after the SUBSCRIBE and before its
+    confirmation (for ~2 s): the replica was deaf all that while, and the gap says so."""
+    broken = asyncio.Event()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   client_w: asyncio.StreamWriter, upstream: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if upstream and broken.is_set() and b"SUBSCRIBE" in data.upper():
+                    client_w.close()  # ended before any confirmation comes back
+                    return
+                writer.write(data)
+                await writer.drain()
+            writer.close()  # the other side ended
+
+    async with _listening_through(redis_url, pipe) as replica:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
         broken.set()
         await aredis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
@@ -5912,13 +5907,3 @@ async def test_the_gap_counts_the_tries_whose_subscription_was_never_confirmed(
         await _until(lambda: counter(replica, "provisioner_unsubscribed_seconds_total") > 0)
         gap = counter(replica, "provisioner_unsubscribed_seconds_total")
         assert gap > 1.5, f"deaf ~2s+, counted {gap:.2f}s (cleared {lost_for})"
-    finally:
-        replica.stopping.set()
-        listening.cancel()
-        await asyncio.gather(listening, return_exceptions=True)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(through.aclose(), 2)

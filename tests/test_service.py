@@ -596,17 +596,27 @@ async def _listening_through_proxy(redis_url: str, behind_s: float = 0.0, **prox
     frozen = asyncio.Event()
     tasks: list[asyncio.Future[Any]] = []
     server = await _silencing_proxy(redis_url, frozen, behind_s, tasks, **proxy)
+    async with _replica_through(server, tasks) as replica:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _probes_all_back(replica, 1.0)
+        yield replica, frozen
+
+
+@contextlib.asynccontextmanager
+async def _replica_through(server: asyncio.Server,
+                           tasks: list[asyncio.Future[Any]]) -> AsyncIterator[Replica]:
+    """A probing replica listening through the proxy `server` (its connections' copying in
+    `tasks`); stopped at the end, and the proxy with it."""
     port = server.sockets[0].getsockname()[1]
     through = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
     replica = _probing_replica(through)
     listening = asyncio.create_task(replica.listen())
     try:
-        await asyncio.wait_for(replica.subscribed.wait(), 5)
-        await _probes_all_back(replica, 1.0)
-        yield replica, frozen
+        yield replica
     finally:
         replica.stopping.set()
         listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -5802,7 +5812,7 @@ async def test_a_node_the_api_names_with_an_integer_is_heard_of_by_that_integer(
 async def _listening_through(redis_url: str, pipe: Any) -> AsyncIterator[Replica]:
     """A probing replica listening through a TCP proxy before the server, each connection's
     two directions copied by `pipe(reader, writer, client_w, upstream)` (`client_w`: the
-    replica's end, to close); stopped, and the proxy with it, at the end."""
+    replica's end, to close)."""
     target = urlparse(redis_url)
     tasks: list[asyncio.Future[Any]] = []
 
@@ -5812,22 +5822,8 @@ async def _listening_through(redis_url: str, pipe: Any) -> AsyncIterator[Replica
                                     pipe(server_r, client_w, client_w, False)))
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    through = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
-    replica = _probing_replica(through)
-    listening = asyncio.create_task(replica.listen())
-    try:
+    async with _replica_through(server, tasks) as replica:
         yield replica
-    finally:
-        replica.stopping.set()
-        listening.cancel()
-        await asyncio.gather(listening, return_exceptions=True)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(through.aclose(), 2)
 
 
 async def test_a_subscription_whose_confirmation_never_comes_is_taken_again(

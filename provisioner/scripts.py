@@ -423,17 +423,8 @@ class Snapshot:
         found = {name: numbers.get(name) for name in DECISION_NUMBERS}
         if isinstance(terms, dict):
             found |= {name: terms.get(name) for name in FORECAST_TERMS}
-        shown: dict[str, float] = {}
-        for name, value in found.items():
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                continue
-            try:
-                number = float(value)
-            except OverflowError:  # an integer of hundreds of digits, which JSON allows
-                continue
-            if math.isfinite(number):
-                shown[name] = number
-        return shown
+        return {name: number for name, value in found.items()
+                if (number := finite_number(value)) is not None}
 
     def scaling(self) -> ScalingTotals:
         return ScalingTotals(
@@ -508,14 +499,7 @@ class ReplicaSeen:
         said = details if isinstance(details, dict) else {}
 
         def number(name: str) -> float | None:
-            value = said.get(name)
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                return None
-            try:
-                value = float(value)
-            except OverflowError:  # an integer too long for a float, written by another hand
-                return None
-            return value if math.isfinite(value) else None
+            return finite_number(said.get(name))
 
         started, offset_s = number("started_ms"), number("clock_offset_s")
         # it started by its own clock: now by that clock is the server's plus its offset
@@ -569,6 +553,19 @@ class ReplicaSeen:
             listening += (f", its server may evict the pool's keys (maxmemory-policy "
                           f"{self.server_evicts})")
         return f"{self.replica_id} (lag {lag}{listening})"
+
+
+def finite_number(value: object) -> float | None:
+    """A value read from JSON (anything: a hand may have written it) as a finite float, or
+    None: not a number, a bool, NaN or an infinity, or an integer too long for a float (JSON
+    bounds none, and a hand-edited one of 400 digits stopped the gauges)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 #: the last decision's numbers exported as `provisioner_last_decision` (Snapshot.last_decision)

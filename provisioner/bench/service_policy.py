@@ -38,6 +38,7 @@ from provisioner.scripts import (
     Snapshot,
     as_text,
     clear_pool,
+    finite_number,
 )
 from provisioner.service import Replica
 
@@ -116,10 +117,10 @@ class TimelineWindow:
         self.ticks += 1
         self.surge_ticks += surge
         terms = {term: value for term in FORECAST_TERMS
-                 if isinstance(value := (forecast or {}).get(term), int | float)}
+                 if (value := finite_number((forecast or {}).get(term))) is not None}
         if len(terms) == len(FORECAST_TERMS):  # all of them, or none: a mean of like ticks
             for term, value in terms.items():
-                self.forecast_sums[term] = self.forecast_sums.get(term, 0.0) + float(value)
+                self.forecast_sums[term] = self.forecast_sums.get(term, 0.0) + value
             self.forecast_ticks += 1
 
     def as_dict(self) -> dict[str, Any]:

@@ -1130,12 +1130,12 @@ def generate(
     bursts, two daily cycles, short and long sessions, slow boots, and later a busy product, a
     flash crowd, users who connect with little warning, fast boots, a browsing crowd, a quiet
     product) and a constant control, for `bench suite DIR`."""
-    from provisioner.bench.generate import FAMILIES, SHAPES, write_trace
+    from provisioner.bench.generate import FAMILIES, SHAPES, family_shapes, write_trace
 
     if family not in FAMILIES:
         raise typer.BadParameter(f"unknown family {family}; known: {', '.join(FAMILIES)}",
                                  param_hint="--family")
-    names = shape or [name for name, s in SHAPES.items() if s.family == family]
+    names = shape or family_shapes(family)
     unknown = sorted(set(names) - set(SHAPES))
     if unknown:
         raise typer.BadParameter(f"unknown shape {', '.join(unknown)}; known: "

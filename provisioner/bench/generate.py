@@ -122,8 +122,11 @@ SHAPES: dict[str, Shape] = {s.name: s for s in (
 )}
 
 FAMILIES = ("held-out", "later", "stress")
-#: the shapes `bench generate` writes when neither a shape nor a family is named
-HELD_OUT = [name for name, shape in SHAPES.items() if shape.family == "held-out"]
+
+
+def family_shapes(family: str) -> list[str]:
+    """The names of a family's shapes, in the order `bench generate --family` writes them."""
+    return [name for name, shape in SHAPES.items() if shape.family == family]
 
 
 def arrival_times(shape: Shape, rng: random.Random) -> Iterator[float]:

@@ -258,9 +258,12 @@ class SubscriptionSilent(RedisConnectionError):
     middlebox, a partition) that redis-py's pub/sub does not notice. `since` (monotonic): the
     last message it carried."""
 
-    def __init__(self, silent_s: float, since: float) -> None:
-        super().__init__(f"no message for {silent_s:.1f}s, the probes published in that time "
-                         "among them: the connection is taken for dead")
+    def __init__(self, silent_s: float, since: float, confirmed: bool = True) -> None:
+        super().__init__(
+            f"no message for {silent_s:.1f}s, the probes published in that time among them: "
+            "the connection is taken for dead" if confirmed else
+            f"the SUBSCRIBE sent {silent_s:.1f}s ago is still unconfirmed (no probe goes out "
+            "before it is): the connection is taken for dead")
         self.since = since
 
 
@@ -1316,12 +1319,16 @@ class Replica:
                         suspect = True
                     elif (not self.subscribed.is_set()
                           and time.monotonic() - asked_at > max(
-                              2 * self._silence_allowed_s(), CONFIRM_WAIT_MIN_S)
-                          and not await _bytes_waiting(pubsub)):
+                              2 * self._silence_allowed_s(), CONFIRM_WAIT_MIN_S)):
                         # Unconfirmed, no probe goes out (`probe_lag` waits for `subscribed`)
                         # and `_looks_silent` never arms: a path dead between the SUBSCRIBE and
-                        # its confirmation left the listener deaf, and unready, for good.
-                        raise SubscriptionSilent(time.monotonic() - asked_at, asked_at)
+                        # its confirmation left the listener deaf, and unready, for good. Bytes
+                        # that stay are a confirmation cut off, as above (`suspect`): the
+                        # pure-Python parser's buffer held them, and the listener, for good.
+                        if suspect or not await _bytes_waiting(pubsub):
+                            raise SubscriptionSilent(time.monotonic() - asked_at, asked_at,
+                                                     confirmed=False)
+                        suspect = True
                     else:
                         suspect = False
                     if batch:

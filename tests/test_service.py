@@ -602,12 +602,14 @@ async def _listening_through_proxy(redis_url: str, behind_s: float = 0.0, **prox
 
 
 @contextlib.asynccontextmanager
-async def _replica_through(server: asyncio.Server,
-                           tasks: list[asyncio.Future[Any]]) -> AsyncIterator[Replica]:
+async def _replica_through(server: asyncio.Server, tasks: list[asyncio.Future[Any]],
+                           **client: Any) -> AsyncIterator[Replica]:
     """A probing replica listening through the proxy `server` (its connections' copying in
-    `tasks`); stopped at the end, and the proxy with it."""
+    `tasks`), its client made with `client` (`parser_class`, ...); stopped at the end, and the
+    proxy with it."""
     port = server.sockets[0].getsockname()[1]
-    through = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
+    through = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1,
+                                      **client)
     replica = _probing_replica(through)
     listening = asyncio.create_task(replica.listen())
     try:
@@ -719,6 +721,14 @@ async def test_a_connection_that_dies_inside_a_message_is_taken_for_dead(
         await _until(lambda: counter(replica, "provisioner_connects_total") == 1)
 
 
+def _parser_class(parser: str) -> type:
+    """redis-py's hiredis parser, or its pure-Python one (what it uses where hiredis is not
+    importable), by name."""
+    from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
+
+    return _AsyncHiredisParser if parser == "hiredis" else _AsyncRESP2Parser
+
+
 @pytest.mark.parametrize("parser", ["hiredis", "python"])
 async def test_bytes_a_listener_has_not_read_are_seen_with_either_parser(
     redis_url: str, aredis: aioredis.Redis, parser: str,
@@ -727,12 +737,9 @@ async def test_bytes_a_listener_has_not_read_are_seen_with_either_parser(
     waiting unread with redis-py's hiredis parser and with its pure-Python one (what it uses
     where hiredis is not importable). Found by a review: before redis-py 8.0 the Python
     parser's check saw only an end of file."""
-    from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
-
     from provisioner.service import _bytes_waiting
 
-    parser_class = _AsyncHiredisParser if parser == "hiredis" else _AsyncRESP2Parser
-    client = aioredis.Redis.from_url(redis_url, parser_class=parser_class)
+    client = aioredis.Redis.from_url(redis_url, parser_class=_parser_class(parser))
     pubsub = client.pubsub()
     try:
         await pubsub.subscribe("unread")
@@ -5799,10 +5806,11 @@ async def test_a_node_the_api_names_with_an_integer_is_heard_of_by_that_integer(
 
 
 @contextlib.asynccontextmanager
-async def _listening_through(redis_url: str, pipe: Any) -> AsyncIterator[Replica]:
+async def _listening_through(redis_url: str, pipe: Any,
+                             **client: Any) -> AsyncIterator[Replica]:
     """A probing replica listening through a TCP proxy before the server, each connection's
     two directions copied by `pipe(reader, writer, client_w, upstream)` (`client_w`: the
-    replica's end, to close)."""
+    replica's end, to close); `client`: the replica's client's options."""
     target = urlparse(redis_url)
     tasks: list[asyncio.Future[Any]] = []
 
@@ -5812,7 +5820,7 @@ async def _listening_through(redis_url: str, pipe: Any) -> AsyncIterator[Replica
                                     pipe(server_r, client_w, client_w, False)))
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with _replica_through(server, tasks) as replica:
+    async with _replica_through(server, tasks, **client) as replica:
         yield replica
 
 
@@ -5846,17 +5854,9 @@ async def test_a_subscription_whose_confirmation_never_comes_is_taken_again(
 
         probing = asyncio.create_task(heartbeats())
         try:
-            started, sent = time.monotonic(), 0
-            while counter(replica, "provisioner_connects_total") == 0:
-                assert time.monotonic() - started < 12, (
-                    f"never heard: SUBSCRIBE swallowed {bool(swallowed)}, subscribed "
-                    f"{replica.subscribed.is_set()}, confirmed {replica._confirmed}, probes "
-                    f"out {len(replica._probes_out)}, errors "
-                    f"{counter(replica, 'provisioner_errors_total', where='subscribe')}")
-                if replica.subscribed.is_set():
-                    sent += 1
-                    await aredis.publish("user:connect", json.dumps({"user_id": f"late{sent}"}))
-                await asyncio.sleep(0.5)
+            await _heard_after_subscribing_again(
+                replica, aredis, lambda: f"SUBSCRIBE swallowed {bool(swallowed)}, probes out "
+                f"{len(replica._probes_out)}", 12)
         finally:
             probing.cancel()
             await asyncio.gather(probing, return_exceptions=True)
@@ -5893,3 +5893,56 @@ async def test_the_gap_counts_the_tries_whose_subscription_was_never_confirmed(
         await _until(lambda: counter(replica, "provisioner_unsubscribed_seconds_total") > 0)
         gap = counter(replica, "provisioner_unsubscribed_seconds_total")
         assert gap > 1.5, f"deaf ~2s+, counted {gap:.2f}s (cleared {lost_for})"
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "python"])
+async def test_a_subscription_whose_confirmation_is_cut_off_midway_is_taken_again(
+    redis_url: str, aredis: aioredis.Redis, parser: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The path dies inside the server's confirmation of the SUBSCRIBE: the first channels'
+    confirmations come, then part of the last one, then nothing (a connection dead inside a
+    message, as `test_a_connection_that_dies_inside_a_message_is_taken_for_dead` has it for a
+    subscribed listener). The bytes of the message cut off stay unparsed for good, so a check
+    that waits for no bytes waiting never fires: the listener must subscribe again all the same,
+    not stay deaf and unready. With either of redis-py's parsers: the pure-Python one's
+    check of its buffers sees the bytes of a message cut off."""
+    cut: list[asyncio.StreamWriter] = []  # the replica's end whose confirmation is cut off
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   client_w: asyncio.StreamWriter, upstream: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if upstream and b"SUBSCRIBE" in data.upper() and not cut:
+                    cut.append(client_w)
+                elif not upstream and client_w in cut:
+                    writer.write(data[:-3])  # the last confirmation cut off, 3 bytes short
+                    await writer.drain()
+                    await asyncio.Event().wait()  # held: a silent path
+                writer.write(data)
+                await writer.drain()
+
+    with caplog.at_level("WARNING", logger="provisioner.service"):
+        async with _listening_through(redis_url, pipe,
+                                      parser_class=_parser_class(parser)) as replica:
+            await _heard_after_subscribing_again(
+                replica, aredis, lambda: f"confirmation cut {bool(cut)}", 15)
+    # Said as what it is: no probe goes out before the confirmation, so none was missed.
+    assert "is still unconfirmed (no probe goes out before it is)" in caplog.text
+
+
+async def _heard_after_subscribing_again(replica: Replica, aredis: aioredis.Redis,
+                                         what: Callable[[], str], within_s: float) -> None:
+    """Connects published once `replica` says it is subscribed, until it applies one (within
+    `within_s`; `what` says what the path did, if not); and it got there by subscribing
+    again."""
+    started, sent = time.monotonic(), 0
+    while counter(replica, "provisioner_connects_total") == 0:
+        assert time.monotonic() - started < within_s, (
+            f"never heard: {what()}, subscribed {replica.subscribed.is_set()}, confirmed "
+            f"{replica._confirmed}, errors "
+            f"{counter(replica, 'provisioner_errors_total', where='subscribe')}")
+        if replica.subscribed.is_set():
+            sent += 1
+            await aredis.publish("user:connect", json.dumps({"user_id": f"late{sent}"}))
+        await asyncio.sleep(0.5)
+    assert counter(replica, "provisioner_errors_total", where="subscribe") >= 1

@@ -408,6 +408,7 @@ class Replica:
         #: channels the server has confirmed on the listener's subscription (subscribed once
         #: all of them are)
         self._confirmed = 0
+        self._lost_at: float | None = None  # monotonic time the last subscription was lost
         #: the quantities of provisioner_last_decision set at the last refresh_gauges
         self._decision_quantities: set[str] = set()
         self.metrics.event_backlog.set_function(lambda: len(self._backlog) + len(self._taken))
@@ -1267,9 +1268,27 @@ class Replica:
 
     async def _read(self) -> None:
         """The listener's reading: subscribe, add what comes to the backlog, subscribe again
-        after a lost connection, until stopping."""
+        after a lost connection, until stopping. A stop before a lost subscription was made
+        again ends its gap there."""
+        self._lost_at = None
+        try:
+            await self._read_on()
+        finally:
+            self._end_gap("stopped %.1fs after the subscription was lost, not subscribed "
+                          "again: events published in that time did not reach this replica")
+
+    def _end_gap(self, said: str) -> None:
+        """The unsubscribed gap since the subscription was lost (`_lost_at`), if it was,
+        counted and `said` with its length in seconds."""
+        if self._lost_at is not None:
+            gap = time.monotonic() - self._lost_at
+            self.metrics.unsubscribed.inc(gap)
+            log.warning(said, gap)
+            self._lost_at = None
+
+    async def _read_on(self) -> None:
+        """`_read`'s loop, `_lost_at` set when a subscription is lost."""
         backoff = 0.2
-        lost_at: float | None = None  # monotonic time the last subscription was lost
         while not self.stopping.is_set():
             pubsub = self.redis.pubsub()
             channels = (*events.SUBSCRIBED, self.probe_channel)
@@ -1299,12 +1318,8 @@ class Replica:
                         # connection ended before its confirmation, never subscribed, is part
                         # of the gap (counted from the send, it was left out, and the gap
                         # after it with it).
-                        if lost_at is not None:
-                            gap = time.monotonic() - lost_at
-                            self.metrics.unsubscribed.inc(gap)
-                            log.warning("subscribed again after %.1fs: events published in "
-                                        "that time did not reach this replica", gap)
-                            lost_at = None
+                        self._end_gap("subscribed again after %.1fs: events published in "
+                                      "that time did not reach this replica")
                     if batch:
                         last_read, suspect = time.monotonic(), False
                     elif self._looks_silent(last_read):
@@ -1347,7 +1362,7 @@ class Replica:
             except Exception as exc:
                 if self.subscribed.is_set():
                     # A silent connection lost its messages from the last one it carried.
-                    lost_at = exc.since if isinstance(exc, SubscriptionSilent) else (
+                    self._lost_at = exc.since if isinstance(exc, SubscriptionSilent) else (
                         time.monotonic())
                 self.subscribed.clear()
                 self.metrics.errors.labels("subscribe").inc()

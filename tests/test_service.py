@@ -5895,6 +5895,41 @@ async def test_the_gap_counts_the_tries_whose_subscription_was_never_confirmed(
         assert gap > 1.5, f"deaf ~2s+, counted {gap:.2f}s (cleared {lost_for})"
 
 
+async def test_a_replica_stopped_before_it_subscribed_again_counts_and_says_its_gap(
+    redis_url: str, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A subscription lost, then tries that never come to a confirmation, then a stop: the
+    replica was deaf from the loss to the stop, and its gap and its log say so (before, a gap
+    was counted only once subscribed again, so this one went unsaid)."""
+    broken = asyncio.Event()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   client_w: asyncio.StreamWriter, upstream: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if upstream and broken.is_set() and b"SUBSCRIBE" in data.upper():
+                    client_w.close()  # ended before any confirmation comes back
+                    return
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+    with caplog.at_level("WARNING", logger="provisioner.service"):
+        async with _listening_through(redis_url, pipe) as replica:
+            await asyncio.wait_for(replica.subscribed.wait(), 5)
+            broken.set()
+            await aredis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            lost = time.monotonic()
+            await _until(lambda: counter(replica, "provisioner_errors_total",
+                                         where="subscribe") >= 2)
+            await asyncio.sleep(1.5 - (time.monotonic() - lost))
+            assert counter(replica, "provisioner_unsubscribed_seconds_total") == 0
+        gap = counter(replica, "provisioner_unsubscribed_seconds_total")
+    assert gap >= 1.4, f"deaf 1.5 s and more before the stop, counted {gap:.2f}s"
+    assert re.search(r"stopped \d+\.\ds after the subscription was lost, not subscribed again",
+                     caplog.text)
+
+
 @pytest.mark.parametrize("parser", ["hiredis", "python"])
 async def test_a_subscription_whose_confirmation_is_cut_off_midway_is_taken_again(
     redis_url: str, aredis: aioredis.Redis, parser: str, caplog: pytest.LogCaptureFixture,

@@ -31,6 +31,7 @@ import typer
 from redis.exceptions import RedisError
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 from provisioner import view
@@ -330,11 +331,11 @@ def run_stack(redis_url: str | None = None, replicas: int = 2,
             except KeyboardInterrupt:
                 ended = None
         if ended:
-            console.print(f"[red]{ended}")
+            console.print(escape(ended), style="red")  # it names log paths: not markup
             return 1
         return 0
     except RuntimeError as exc:
-        console.print(f"[red]{exc}")
+        console.print(escape(str(exc)), style="red")
         return 1
     finally:
         for sig, handler in previous.items():

@@ -20,6 +20,7 @@ from provisioner.bench.generate import write_trace as generate
 from provisioner.bench.trace import TraceError, load_trace
 from provisioner.bench.world import run_replay
 from provisioner.cli import app
+from provisioner.config import MAX_NODES_LIMIT
 from provisioner.events import ID_PATTERN
 from provisioner.model import FORMAT as MODEL_FORMAT
 from tests.test_bench_world import write_trace
@@ -173,6 +174,80 @@ def test_settings_the_service_refuses_with_a_traces_quota_are_refused(tmp_path: 
     code, output = invoke("bench", "suite", str(tmp_path / "traces"), "--policy", "provisioner",
                           "--out", str(tmp_path / "out"))
     assert code == 2 and "empty.jsonl: empty file" in output, output
+
+
+def test_a_traces_quota_outside_the_services_range_is_replayed_not_refused(
+        tmp_path: Path) -> None:
+    """FORMAT.md bounds no `max_nodes`, and the loader takes any of 0 and more: a quota of 0
+    (every create fails) or above the service's MAX_NODES_LIMIT was refused under the default
+    policy as an "Invalid value for --set" no one gave, where the baselines replayed it. The
+    pool keeps to its range; the world holds the creates to the trace's quota."""
+    events = [(1.0, "connect", "u1"), (50.0, "connect", "u2"), (60.0, "disconnect", "u2")]
+    for max_nodes in (0, MAX_NODES_LIMIT + 1):
+        trace = write_trace(tmp_path / f"q{max_nodes}.jsonl", events, max_nodes=max_nodes)
+        scores = strict_json(stdout_of("bench", "replay", str(trace), "--json"))
+        assert isinstance(scores, dict)
+        baseline = strict_json(stdout_of("bench", "replay", str(trace), "--policy", "static-1",
+                                         "--json"))
+        assert isinstance(baseline, dict)
+        assert scores["connects"] == baseline["connects"] == 2, scores
+        if max_nodes == 0:  # two misses, both abandoned: u2 left waiting, u1 waits at the end
+            for figures in (scores, baseline):
+                assert (figures["misses"], figures["abandoned"], figures["nodes_created"],
+                        figures["node_hours"]) == (2, 2, 0, 0.0), figures
+        else:
+            assert scores["nodes_created"] >= 1 and scores["abandoned"] == 0, scores
+
+
+def test_a_trace_name_like_rich_markup_is_shown_as_it_is(tmp_path: Path) -> None:
+    """FORMAT.md leaves a trace's name free: `bad[/]name` raised rich's MarkupError after the
+    replay (a traceback, exit 1, the scores lost) and `[bold]x` was shown as `x`; a suite's
+    progress line and table did the same, and a user id like markup quoted in its error."""
+    (tmp_path / "traces").mkdir()
+    for file, name in (("close", "bad[/]name"), ("bold", "[bold]loud")):
+        path = write_trace(tmp_path / "traces" / f"{file}.jsonl", [(1.0, "connect", "u1")])
+        header, *events = path.read_text().splitlines()
+        path.write_text("\n".join([json.dumps(json.loads(header) | {"name": name}), *events]))
+        code, output = invoke("bench", "replay", str(path), "--policy", "static-1")
+        assert code == 0 and f"{name} under static-1" in output, output
+    code, output = invoke("bench", "suite", str(tmp_path / "traces"), "--policy", "static-1",
+                          "--out", str(tmp_path / "out"))
+    assert code == 0 and "bad[/]name" in output and "[bold]loud" in output, output
+    (tmp_path / "ids").mkdir()
+    write_trace(tmp_path / "ids" / "id.jsonl", [(1.0, "connect", "u[/]1")])
+    code, output = invoke("bench", "suite", str(tmp_path / "ids"), "--policy", "static-1",
+                          "--out", str(tmp_path / "out2"))
+    assert code == 2 and "user_id 'u[/]1' is not an id" in output, output
+
+
+
+
+@pytest.mark.parametrize("shift_s", [3600, -86_400])
+def test_activity_timestamps_off_epoch_plus_t_are_replayed_and_said(
+        tmp_path: Path, shift_s: int) -> None:
+    """FORMAT.md puts an activity's timestamp at epoch + t. One written by another clock is
+    published as the trace holds it, and the service's scores move with it (the baselines read
+    none): a review saw 12 misses of 20 become 16, an hour ahead with one log line, a day
+    behind with none. The replay goes on, the traffic being the trace's, and says so; the
+    recorded traces, a second early at most, are not named."""
+    events = [(float(t), "activity", f"u{t % 5}") for t in range(1, 60)]
+    events += [(60.0, "connect", "u1"), (80.0, "disconnect", "u1")]
+    kept = write_trace(tmp_path / "kept.jsonl", events)
+    code, output = invoke("bench", "replay", str(kept), "--policy", "static-1")
+    assert code == 0 and "note:" not in output, output
+    header, *lines = kept.read_text().splitlines()
+    moved = []
+    for line in lines:
+        event = json.loads(line)
+        if event["ch"] == "user:activity":
+            event["msg"]["timestamp"] += shift_s
+        moved.append(json.dumps(event))
+    shifted = tmp_path / "shifted.jsonl"
+    shifted.write_text("\n".join([header, *moved]) + "\n")
+    code, output = invoke("bench", "replay", str(shifted), "--policy", "static-1")
+    assert code == 0, output
+    assert (f"note: 59 of 59 activity timestamps are more than 1 s from epoch + t, where "
+            f"FORMAT.md puts them (up to {abs(shift_s)} s)") in output, output
 
 
 def test_a_model_the_pool_refuses_is_a_clear_error(tmp_path: Path) -> None:

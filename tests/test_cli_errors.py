@@ -87,6 +87,9 @@ def test_results_that_overflow_or_nest_too_deep_are_refused(tmp_path: Path) -> N
     ("[" * 100_000, "t.jsonl:2: JSON nested too deep"),
     ('{"t": 1, "ch": "user:connect", "msg": {"user_id": "a b"}}', "t.jsonl:2: user_id 'a b'"),
     ('{"t": 1, "ch": "user:connect", "msg": {"user_id": ""}}', "is not an id the contract"),
+    # every character allowed, the first not a letter or a digit: the rule said in full
+    ('{"t": 1, "ch": "user:connect", "msg": {"user_id": "_.-:@"}}',
+     "t.jsonl:2: user_id '_.-:@' is not an id .* 0-9 . _ : @ -, the first a letter or a digit"),
     # published as it was on a replay, beyond the contract's payload (a review)
     ('{"t": 1, "ch": "user:connect", "msg": {"user_id": "u1", "timestamp": 1}}',
      "t.jsonl:2: msg of user:connect has fields its payload has not: 'timestamp'"),

@@ -41,9 +41,16 @@ from provisioner.bench.suite import (
     pareto_plot,
     run_suite,
 )
-from provisioner.bench.trace import Trace, TraceError, load_trace, mean_lead_s, trace_header
+from provisioner.bench.trace import (
+    TIMESTAMP_SLACK_S,
+    Trace,
+    TraceError,
+    load_trace,
+    mean_lead_s,
+    trace_header,
+)
 from provisioner.bench.world import PolicyViolation, run_replay_world
-from provisioner.config import PoolConfig, redis_trouble, redis_url_option
+from provisioner.config import MAX_NODES_LIMIT, PoolConfig, redis_trouble, redis_url_option
 from provisioner.model import ModelFileError, model_document, read_model_file
 from provisioner.redis_server import private_server
 from provisioner.terminal import SafeConsole
@@ -54,6 +61,13 @@ console = SafeConsole()
 #: Errors and warnings: on stderr, so what a command prints on stdout (--json, a table) stays
 #: what a pipe reads
 errors = SafeConsole(stderr=True)
+
+
+def _red(said: object) -> None:
+    """`said` on stderr in red, as text: an error quotes a trace's line, a path or a name, any of
+    which may hold what rich reads as markup ("a[/]b" raised MarkupError, "[bold]x" lost its
+    brackets)."""
+    errors.print(escape(str(said)), style="red")
 SERVICE = service_policy.NAME
 
 RedisUrl = Annotated[str | None, typer.Option(
@@ -115,8 +129,13 @@ def parse_settings(pairs: list[str] | None) -> dict[str, object]:
 
 def service_pool(trace: Trace, settings: dict[str, object] | None = None) -> PoolConfig:
     """The service's defaults (with any `--set` overrides), `max_nodes` set to the environment's
-    quota from the trace header (a quota, not a policy parameter)."""
-    return dataclasses.replace(PoolConfig(), max_nodes=trace.max_nodes,
+    quota from the trace header (a quota, not a policy parameter), within the range the service
+    takes: FORMAT.md bounds no quota, and a trace of 0 (every create fails) or of more than
+    MAX_NODES_LIMIT was refused as a bad `--set` none was given. The world holds the creates to
+    the trace's own quota whatever the pool's: at 0 the service's creates fail, as they would
+    live against such an API, and no trace's replay comes near MAX_NODES_LIMIT nodes."""
+    return dataclasses.replace(PoolConfig(), max_nodes=min(max(trace.max_nodes, 1),
+                                                           MAX_NODES_LIMIT),
                                **(settings or {}))  # type: ignore[arg-type]
 
 
@@ -225,7 +244,14 @@ def replay(
     if overrides and policy != SERVICE:
         raise typer.BadParameter(f"only `{SERVICE}` takes the service's settings",
                                  param_hint="--set")
-    trace = _load(trace_path).with_boot_offset(boot_offset).warmed_up(warm_up)
+    trace = _load(trace_path)
+    off, activities, worst = trace.timestamps_off()
+    if off:  # replayed all the same: a trace's clock is the traffic the service is given
+        typer.echo(f"note: {off} of {activities} activity timestamps are more than "
+                   f"{TIMESTAMP_SLACK_S:g} s from epoch + t, where FORMAT.md puts them (up to "
+                   f"{worst:.0f} s): the service is given them as they are, and places its "
+                   "users' browsing by them; the baselines read none", err=True)
+    trace = trace.with_boot_offset(boot_offset).warmed_up(warm_up)
     if policy == SERVICE and (problem := _settings_problem(trace, overrides)):
         raise typer.BadParameter(problem, param_hint="--set")
     if append_to is not None:  # refused now, not after the replay, if it can be
@@ -237,10 +263,10 @@ def replay(
         try:
             board = run_replay_world(trace, replayed).board
         except PolicyViolation as exc:
-            errors.print(f"[red]policy {policy} broke the rules: {exc}")
+            _red(f"policy {policy} broke the rules: {exc}")
             raise typer.Exit(2) from None
         except service_policy.ModelRefused as exc:
-            errors.print(f"[red]--model {model_path}: the pool refused it: {exc}")
+            _red(f"--model {model_path}: the pool refused it: {exc}")
             raise typer.Exit(2) from None
     scores = board.close()
     wall_s = time.monotonic() - started
@@ -272,7 +298,9 @@ def replay(
     if as_json:
         typer.echo(json.dumps(strict(scores.as_dict())))
     else:
-        table = Table(title=f"{trace.name} under {policy}")
+        # A trace names itself freely (FORMAT.md): shown as text, not read as rich markup ("a[/]"
+        # raised MarkupError after the replay, its scores lost; "[bold]x" was shown as "x").
+        table = Table(title=f"{escape(trace.name)} under {policy}")
         table.add_column("score")
         table.add_column("value", justify="right")
         for key, value in scores.as_dict().items():
@@ -346,7 +374,7 @@ def _table(rows: list[Row]) -> Table:
     for row in rows:
         s = row.scores
         name = f"{row.policy} ({row.detail})" if row.detail else row.policy
-        table.add_row(row.trace, name, str(s.connects), f"{s.miss_rate:.2%}",
+        table.add_row(escape(row.trace), name, str(s.connects), f"{s.miss_rate:.2%}",
                       f"{s.wait_p95_s:.0f}", f"{s.cost_ratio:.3f}",
                       f"{s.node_hours - s.busy_hours:.1f}", f"{row.wall_s:.1f}")
     return table
@@ -377,7 +405,7 @@ def suite(
             try:
                 problem = _settings_problem(trace_header(path), overrides)
             except TraceError as exc:
-                errors.print(f"[red]{exc}")
+                _red(exc)
                 raise typer.Exit(2) from None
             if problem:
                 raise typer.BadParameter(problem, param_hint="--set")
@@ -391,13 +419,14 @@ def suite(
 
             def advance(row: Row) -> None:
                 progress.update(task, advance=1,
-                                description=f"{row.trace} / {row.policy} ({row.wall_s:.0f}s)")
+                                description=f"{escape(row.trace)} / {row.policy} "
+                                            f"({row.wall_s:.0f}s)")
 
             try:
                 rows = run_suite(paths, ordered, extra_policies=extra, progress=advance,
                                  warm_up=warm_up, boot_offset=boot_offset)
-            except (PolicyViolation, TraceError) as exc:
-                errors.print(f"[red]{exc}")
+            except (PolicyViolation, TraceError) as exc:  # a trace's line is quoted in it
+                _red(exc)
                 raise typer.Exit(2) from None
     console.print(_table(rows))
     defaults = {k: v for k, v in PoolConfig().as_dict().items() if k != "max_nodes"}
@@ -443,10 +472,10 @@ def check(
     try:
         problems = check_reference(directory)
     except TraceError as exc:
-        errors.print(f"[red]{exc}")
+        _red(exc)
         raise typer.Exit(2) from None
     for problem in problems:
-        errors.print(f"[red]{problem}")
+        _red(problem)
     if problems:
         raise typer.Exit(1)
     console.print(f"the simulator agrees with FORMAT.md on {len(REFERENCE)} traces")
@@ -524,7 +553,7 @@ def ingest(
         with _server(redis_url) as url:
             result = run(url, messages, users, replicas)
     except (ValueError, TimeoutError) as exc:
-        errors.print(f"[red]{exc}[/red]")
+        _red(exc)
         raise typer.Exit(2) from exc
     who = "one replica's listener" if replicas == 1 else f"each of {replicas} replicas' listeners"
     console.print(f"{result.messages:,} activity messages of {result.users:,} users applied by "
@@ -561,7 +590,7 @@ def _verdict(document: dict[str, object], failed: list[str], json_out: Path | No
     if json_out is not None:
         json_out.write_text(json.dumps(document, indent=1) + "\n")
     for line in failed:
-        errors.print(f"[red]{escape(line)}[/red]")
+        _red(line)
     raise typer.Exit(1 if failed else 0)
 
 
@@ -628,7 +657,7 @@ def soak(
                              refuse_writes=(refuse_writes_at, refuse_writes_for),
                              replicas_from=replicas_from)
     except RuntimeError as exc:
-        errors.print(f"[red]{escape(str(exc))}[/red]")
+        _red(exc)
         raise typer.Exit(2) from exc
     console.print(soak_table(result))
     checked = sum(s.checked for s in result.samples)
@@ -699,7 +728,7 @@ def loop_(
                              arrival_rate, seed, mock, replicas_from,
                              say=lambda line: console.print(line, markup=False))
     except RuntimeError as exc:
-        errors.print(f"[red]{escape(str(exc))}[/red]")
+        _red(exc)
         raise typer.Exit(2) from exc
     except KeyboardInterrupt:
         errors.print("stopped by Ctrl-C, the stack with it; a loop's figures are read at its "
@@ -787,7 +816,7 @@ def bound(
                                                     strict=True)]}
                          for p in points]}))
         return
-    table = Table(title=f"{trace.name}: best band per {window:.0f} s window, rates known")
+    table = Table(title=f"{escape(trace.name)}: best band per {window:.0f} s window, rates known")
     for column in ("theta", "expected misses", "miss rate", "idle h"):
         table.add_column(column, justify="right")
     for p in points:
@@ -861,7 +890,7 @@ def oracle_bar(
                 raise BarError(f"{results}: no {STATIC_BEST} row for {trace.name} to set "
                                "its limits")
     except BarError as exc:
-        errors.print(f"[red]{exc}")
+        _red(exc)
         raise typer.Exit(2) from None
     judged = []  # (trace, connects, idle limit, the policy's verdict, [(point, chance)])
     for trace in traces:
@@ -872,8 +901,8 @@ def oracle_bar(
                                    thetas=thetas)
         counted = sum(w.connects for w in wins)
         if counted != connects:
-            errors.print(f"[red]{results}: {trace.name} has {connects} connects and the trace "
-                          f"{counted}: not the same traffic")
+            _red(f"{results}: {trace.name} has {connects} connects and the trace {counted}: not "
+                 "the same traffic")
             raise typer.Exit(2)
         judged.append((trace.name, connects, limit, verdicts.get(trace.name),
                        [(p, chance_to_meet(p, connects, limit)) for p in points]))
@@ -897,7 +926,8 @@ def oracle_bar(
             "oracle_expected_met": [{"theta": t, "met": round(e, 3)}
                                     for t, e in zip(thetas, expected, strict=True)]}))
         return
-    table = Table(title=f"{directory}: {policy} against the rate oracle at one price per miss",
+    table = Table(title=f"{escape(str(directory))}: {policy} against the rate oracle at one price "
+                        "per miss",
                   caption="oracle: expected misses, idle h, chance that one draw meets the bar")
     table.add_column("trace", no_wrap=True)
     table.add_column(policy, justify="right")
@@ -907,7 +937,7 @@ def oracle_bar(
     for name, _, limit, v, oracle in judged:
         cell = "—" if v is None else (f"{v.misses}/{v.connects}, {v.idle_hours:.1f} "
                                       + ("met" if v.met else "fails"))
-        table.add_row(name, cell, f"{limit:.1f}",
+        table.add_row(escape(name), cell, f"{limit:.1f}",
                       *(f"{p.misses:.1f}, {p.idle_hours:.1f}, {chance:.0%}"
                         for p, chance in oracle))
     console.print(table)
@@ -1018,7 +1048,7 @@ def bar(
                 judged.append((source, judge(rows, policy=policy, fast=fast_traces,
                                              source=str(source))))
     except BarError as exc:
-        errors.print(f"[red]{exc}")
+        _red(exc)
         raise typer.Exit(2) from None
     met = sum(v.met for _, verdicts in judged for v in verdicts)
     total = sum(len(verdicts) for _, verdicts in judged)
@@ -1035,7 +1065,7 @@ def bar(
             table = _trace_table(f"{policy} by trace over {len(judged)} result sets",
                                  ("met", "misses", "mean cost", "mean idle h"), "fails on")
             for t in summaries:
-                table.add_row(t.trace, f"{t.met} of {t.judged}", f"{t.misses}/{t.connects}",
+                table.add_row(escape(t.trace), f"{t.met} of {t.judged}", f"{t.misses}/{t.connects}",
                               f"{t.mean_cost_ratio:.3f}", f"{t.mean_idle_hours:.1f}",
                               t.fails_on)
             console.print(table)
@@ -1061,7 +1091,7 @@ def bar(
             idle = f"{v.idle_hours:.1f}"
             if v.idle_limit is not None:
                 idle += f" ({v.idle_limit:.1f})"
-            table.add_row(v.trace, f"{v.misses}/{v.connects}",
+            table.add_row(escape(v.trace), f"{v.misses}/{v.connects}",
                           f"{v.cost_ratio:.3f} ({v.cost_limit:.3f})", idle, v.static_detail,
                           "met" if v.met else "fails: " + ", ".join(v.failed))
         console.print(table)
@@ -1095,7 +1125,7 @@ def compare(
             same_kind(before, after)
             result = paired_rows(load_tree(before), load_tree(after), policy=policy)
     except BarError as exc:
-        errors.print(f"[red]{exc}")
+        _red(exc)
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
@@ -1164,7 +1194,7 @@ def users(
     for path in traces:
         trace = _load(path)
         for name, values in user_quantiles(trace).items():
-            table.add_row(trace.name, name, " / ".join(f"{v:.0f}" for v in values))
+            table.add_row(escape(trace.name), name, " / ".join(f"{v:.0f}" for v in values))
     console.print(table)
 
 

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import jsontext
-from provisioner.events import ID_PATTERN
+from provisioner.events import ID_PATTERN, ID_RULE
 
 FORMAT = "provisioner-trace/1"
+#: How far an activity's `timestamp` may be from `epoch + t` before a replay says so: the
+#: recorded traces' whole seconds run up to one early
+TIMESTAMP_SLACK_S = 1.0
 CHANNELS = ("user:activity", "user:connect", "user:disconnect")
 
 
@@ -70,6 +73,23 @@ class Trace:
     max_nodes: int
     events: list[TraceEvent] = field(default_factory=list)
     scored_from_s: float = 0.0  # a replay scores only what happens from here on
+
+    def timestamps_off(self, slack_s: float = TIMESTAMP_SLACK_S) -> tuple[int, int, float]:
+        """The activities whose `timestamp` is more than `slack_s` from `epoch + t`, where
+        FORMAT.md puts it; of how many; and the largest distance, in seconds. The replay
+        publishes each as the trace holds it, so the service places its users' browsing by it
+        (the baselines read none): a trace written with another clock is scored as other
+        traffic. The six recorded traces hold 200 a second early (`t` rounded up when
+        written), none further."""
+        off, activities, worst = 0, 0, 0.0
+        for event in self.events:
+            if event.channel == "user:activity":
+                activities += 1
+                distance = abs(event.msg["timestamp"] - (self.epoch + event.t))
+                if distance > slack_s:
+                    off += 1
+                    worst = max(worst, distance)
+        return off, activities, worst
 
     def with_boot_offset(self, offset: int) -> Trace:
         """The same trace with its boot-delay sequence started at index `offset` (mod its
@@ -215,8 +235,9 @@ def _event(obj: object) -> TraceEvent:
     if not isinstance(msg, dict) or not isinstance(msg.get("user_id"), str):
         raise ValueError("msg must be an object with a string user_id")
     if not ID_PATTERN.match(msg["user_id"]):  # the service would drop its every event
+        # the rule whole: '_u' was refused as not "1-128 of A-Z a-z 0-9 . _ : @ -", all of it
         raise ValueError(f"user_id {_shown(msg['user_id'])} is not an id the contract allows "
-                         "(1-128 of A-Z a-z 0-9 . _ : @ -)")
+                         f"({ID_RULE})")
     if channel == "user:activity":
         _unix_seconds(msg.get("timestamp"), "activity timestamp")
     # The payload exactly, as the contract has it: a replay publishes `msg` as it is, and a

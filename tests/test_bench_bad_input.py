@@ -250,6 +250,40 @@ def test_activity_timestamps_off_epoch_plus_t_are_replayed_and_said(
             f"FORMAT.md puts them (up to {abs(shift_s)} s)") in output, output
 
 
+def test_whole_numbers_written_as_floats_and_a_byte_order_mark_are_the_same_trace(
+        tmp_path: Path) -> None:
+    """A writer that keeps every number a float writes `epoch` 1767225600.0, `max_nodes` 10.0
+    and whole-second timestamps as 1767225610.0, and some editors put a byte-order mark first:
+    FORMAT.md's integers all the same, refused before (a review). The trace so written
+    replays as the one of integers, under the service too, which takes such a timestamp."""
+    events = [(float(t), "activity", f"u{t % 4}") for t in range(1, 40)]
+    events += [(40.0, "connect", "u1"), (45.0, "connect", "u2"), (70.0, "disconnect", "u1")]
+    plain = write_trace(tmp_path / "plain.jsonl", events)
+    header, *lines = plain.read_text().splitlines()
+    floats = json.loads(header)
+    floats["epoch"] = float(floats["epoch"])
+    floats["nodes"]["max_nodes"] = float(floats["nodes"]["max_nodes"])
+    written = [json.dumps(floats)]
+    for line in lines:
+        event = json.loads(line)
+        if event["ch"] == "user:activity":
+            event["msg"]["timestamp"] = float(event["msg"]["timestamp"])
+        written.append(json.dumps(event))
+    assert '"max_nodes": 10.0' in written[0] and ".0}}" in written[1]
+    other = tmp_path / "other.jsonl"
+    other.write_text("\ufeff" + "\n".join(written) + "\n", encoding="utf-8")
+    for policy in ("static-1", "provisioner"):
+        scores = [strict_json(stdout_of("bench", "replay", str(path), "--policy", policy,
+                                        "--json")) for path in (plain, other)]
+        assert scores[0] == scores[1], (policy, scores)
+    for bad, said in ((10.5, "nodes.max_nodes must be a non-negative integer, got 10.5"),
+                      (True, "nodes.max_nodes must be a non-negative integer, got True")):
+        floats["nodes"]["max_nodes"] = bad
+        other.write_text("\n".join([json.dumps(floats), *written[1:]]) + "\n")
+        code, output = invoke("bench", "replay", str(other), "--policy", "static-1")
+        assert code == 2 and said in output, output
+
+
 def test_a_model_the_pool_refuses_is_a_clear_error(tmp_path: Path) -> None:
     trace = write_trace(tmp_path / "t.jsonl", [(1.0, "connect", "u1")])
     model = tmp_path / "m.json"

@@ -179,10 +179,23 @@ def _duration(value: object) -> float:
     return duration
 
 
+def _whole(value: object) -> int | None:
+    """`value` as an integer, if it is one: a JSON integer, or a number with no fraction
+    (`10.0`, as a writer that keeps every number a float writes one), not a boolean."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _unix_seconds(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UNIX_S:
+    whole = _whole(value)
+    if whole is None or not 0 <= whole <= MAX_UNIX_S:
         raise ValueError(f"{what} must be an integer in [0, {MAX_UNIX_S}], got {_shown(value)}")
-    return value
+    return whole
 
 
 def _header(obj: object) -> Trace:
@@ -196,9 +209,10 @@ def _header(obj: object) -> Trace:
     delays = nodes.get("boot_delay_s")
     if not isinstance(delays, list) or not delays:
         raise ValueError("nodes.boot_delay_s must be a non-empty list")
-    max_nodes = nodes.get("max_nodes")
-    if isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 0:
-        raise ValueError(f"nodes.max_nodes must be a non-negative integer, got {max_nodes!r}")
+    max_nodes = _whole(nodes.get("max_nodes"))
+    if max_nodes is None or max_nodes < 0:
+        raise ValueError("nodes.max_nodes must be a non-negative integer, got "
+                         f"{_shown(nodes.get('max_nodes'))}")
     epoch = _unix_seconds(obj.get("epoch"), "epoch")
     name = obj.get("name")
     if not isinstance(name, str) or not name:
@@ -299,10 +313,11 @@ def _read(path: Path, parse: Callable[[Iterable[str], str], Trace]) -> Trace:
     try:
         with path.open("rb") as raw:
             gzipped = raw.read(2) == b"\x1f\x8b"
+        # utf-8-sig: a byte-order mark some editors and writers put first is read as none
         if gzipped:
-            with gzip.open(path, "rt", encoding="utf-8") as text:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as text:
                 return parse(text, str(path))
-        with path.open(encoding="utf-8") as text:
+        with path.open(encoding="utf-8-sig") as text:
             return parse(text, str(path))
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         # zlib.error: a gzip stream damaged inside its compressed data

@@ -87,9 +87,14 @@ if not replace and has_model then
     .. ' (replace it on purpose: `provisioner model import FILE --replace`)'}
 end
 
-local old = {'check_until_ms', 'check_connects', 'check_mean', 'check_var'}
+-- An imported boot time stands for boots seen to end by now (reap_idle.lua: a stuck boot begun
+-- after, with none ended since, is learned).
+local old = {'check_until_ms', 'check_connects', 'check_mean', 'check_var', 'boot_seen_ms'}
 for _, f in ipairs(fields) do old[#old + 1] = f end
 rcall('HDEL', K.model, unpack(old))
 rcall('HSET', K.model, 'last_ms', now, unpack(writes))
+if seen.boot_ms then
+  rcall('HSET', K.model, 'boot_seen_ms', now)
+end
 stat('model_imports')
 return {1, #writes / 2}

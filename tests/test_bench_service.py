@@ -57,6 +57,25 @@ STARVED_POOL = PoolConfig(min_ready=0, conversion=0.0, idle_timeout_s=1.0,
 STARVED = ["min_ready=0", "conversion=0", "idle_timeout_s=1", "scaling_policy=heuristic"]
 
 
+def test_a_pool_whose_boots_all_outlast_the_boot_timeout_comes_to_serve(
+        tmp_path: Path, redis_url: str) -> None:
+    """Every boot takes 700 s, past the default --boot-timeout of 600 s (a review's replay): no
+    boot ever ended, none was learned, and each was ended as stuck and asked again, so no user
+    was ever served (0 nodes ready in 3 hours). The stuck boots now teach the boot time, and
+    the boots after them end ready."""
+    events = [(float(t), "activity", f"u{t}") for t in range(60, 10_000, 600)]
+    events += [(t + 30.0, "connect", user) for t, _, user in events]
+    events += [(t + 900.0, "disconnect", user) for t, kind, user in events if kind == "connect"]
+    events.sort(key=lambda e: e[0])
+    trace = load_trace(write_trace(tmp_path / "slow.jsonl", events, boot=[700.0],
+                                   max_nodes=50, duration=10_800.0))
+    assert PoolConfig().boot_timeout_s < 700 + 0.2
+    scores = run_replay(trace, ServicePolicy(redis_url))
+    assert scores.connects == 17
+    assert scores.abandoned < scores.connects // 2, scores
+    assert scores.misses < scores.connects, scores
+
+
 def test_a_starved_pool_misses_and_serves_waiting_users_in_order(
         tmp_path: Path, redis_url: str, sync_redis: redis.Redis) -> None:
     # No floor, no prediction: every connect misses, waits one boot (0.2 s + 10 or 20 s, by

@@ -117,10 +117,11 @@ async def test_an_import_replaces_the_whole_model_and_starts_the_checks_afresh(
     assert refused.reason.startswith("refused: the pool has a model already")
     loaded = await pool.scripts.load_model(pool.now, {"boot_ms": 90_000.0}, replace=True)
     assert loaded.loaded and loaded.fields == 1
-    # Nothing of the old model is mixed in; the tick's horizon and window stay for allocate.
+    # Nothing of the old model is mixed in; the tick's horizon and window stay for allocate;
+    # the boot time imported stands for boots seen to end now (reap_idle.lua, a stuck boot).
     assert await pool.scripts.read_model() == {
         "last_ms": str(pool.now), "boot_ms": "90000.0", "horizon_ms": "120000",
-        "window_ms": "120000"}
+        "window_ms": "120000", "boot_seen_ms": str(pool.now)}
 
 
 @pytest.mark.parametrize("fields, problem", [
@@ -232,6 +233,7 @@ def test_model_export_and_import_on_the_command_line(
     assert code == 2 and "pool b: refused: the pool has a model already" in output
     assert import_into_b("--replace")[0] == 0
     stored = sync_redis.hgetall(PoolKeys("b").key("model"))
+    assert stored.pop("boot_seen_ms") == stored["last_ms"]  # the import's time
     assert {k: float(v) for k, v in stored.items() if k != "last_ms"} == LEARNED
 
     out.write_text(json.dumps({"format": FORMAT, "fields": {"x9_9": 1}}))

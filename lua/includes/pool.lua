@@ -8,10 +8,15 @@ end
 -- A sample node's boot, from `start_ms` (its create's POST, or the pool's first record of it)
 -- to `ready_ms`: the horizon the forecast looks ahead. Half of all nodes are samples (new_node),
 -- so each weighs 0.2; 'boot_n' counts them, for the weight of the sample boots still running
--- (policy.lua lead_time).
-local function learn_boot(start_ms, ready_ms)
+-- (policy.lua lead_time). A boot that ended ready is the last seen to end, 'boot_seen_ms'; one
+-- ended as stuck (`stuck`, reap_idle.lua) taught only that boots take at least that long.
+local function learn_boot(start_ms, ready_ms, stuck)
   learn_mean('boot_ms', math.max(0, ready_ms - start_ms), 0.2)
   rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)
+  if not stuck then
+    local seen = learned(rcall('HGET', K.model, 'boot_seen_ms'))
+    rcall('HSET', K.model, 'boot_seen_ms', math.max(seen or 0, ready_ms))
+  end
 end
 
 -- A connect or disconnect a replica makes again, after a try whose reply it never read (a

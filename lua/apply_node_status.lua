@@ -100,6 +100,12 @@ if status == 'ready' and state == 'booting' then
                  or tonumber(rcall('HGET', nk, 'created_ms')) or now, now)
     end
   end
+  -- Any boot ended ready, not only a sample's, says a boot stuck since before it is lost: a
+  -- new pool's lost sample boot beside one that was no sample and ended was learned as a boot
+  -- of the whole stuck line.
+  if not listed and rcall('HGET', nk, 'origin') ~= 'listed' then
+    boot_ended(now)
+  end
   stat('nodes_ready')
   return with_served({2, state, ''}, node_free(node, now))
 end

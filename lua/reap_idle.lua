@@ -51,24 +51,32 @@ local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max
 -- over the bar). The recorded one-minute boots keep the timeout (600 s is 8.6 of their means).
 -- Never past a day, the longest boot timeout one may set (a model imported with a mean boot of
 -- a day would otherwise keep a boot that never ends for three).
--- A stuck sample boot with no sample boot ended ready since it began ('boot_seen_ms') is taken
--- for a boot of the stuck line's length, the least it would have taken: where every boot
--- outlasts the timeout (a Node API whose boots take 12 minutes, against the default 10), none
--- ever ended, none was learned, and each was ended and asked again, for good: no user was ever
--- served (a review's replay). Learned, the mean moves up to the timeout, the stuck line to 3
--- of it, and the next boots end ready. A boot stuck while others end (a lost node) teaches
--- nothing, as before; nor one of a pool that learned its boots with no 'boot_seen_ms' (a
--- release before it): when its last boot ended is not known. Never more than the stuck line:
--- after a pause of the ticks a boot's age is unbounded.
+-- A stuck sample boot with no boot ended ready since it began (any node's: 'boot_seen_ms',
+-- apply_node_status) is taken for a boot of the stuck line's length, the least it would have
+-- taken: where every boot outlasts the timeout (a Node API whose boots take 12 minutes,
+-- against the default 10), none ever ended, none was learned, and each was ended and asked
+-- again, for good: no user was ever served (a review's replay). Learned, the mean moves up to
+-- the timeout, the stuck line to 3 of it, and the next boots end ready. A boot stuck while
+-- others end (a lost node) teaches nothing, as before; nor one of a pool that learned its
+-- boots with no 'boot_seen_ms' (a release before it): when its last boot ended is not known.
+-- Never more than the stuck line: after a pause of the ticks a boot's age is unbounded.
 local stuck_after = stuck_after_ms(p, learned(rcall('HGET', K.model, 'boot_ms')) or 0)
 local stuck = rcall('ZRANGEBYSCORE', K.booting, '-inf', now - stuck_after,
                     'LIMIT', 0, p.max_batch)
 local boot_seen = learned(rcall('HGET', K.model, 'boot_seen_ms'))
+if boot_seen and boot_seen > now then
+  -- Past now (an edit by hand, a replica's clock ahead): kept by every boot after it (the
+  -- larger of the two), it stopped every stuck boot teaching for good. Taken as seen now.
+  boot_seen = now
+  rcall('HSET', K.model, 'boot_seen_ms', now)
+end
 if not boot_seen and (learned(rcall('HGET', K.model, 'boot_n')) or 0) == 0 then
   boot_seen = -1  -- no boot learned yet: none ended
 end
 for _, node in ipairs(stuck) do
   local began = tonumber(rcall('ZSCORE', K.booting, node))
+  -- read before start_terminating, which takes the node off `unclaimed`
+  local unclaimed = rcall('ZSCORE', K.unclaimed, node)
   if start_terminating(node, now, deadline, 'boot_timeout') then
     out[#out + 1] = node
     out[#out + 1] = 'boot_timeout'
@@ -76,7 +84,7 @@ for _, node in ipairs(stuck) do
     local asked, created, origin = unpack(rcall('HMGET', nk, 'asked_ms', 'created_ms', 'origin'))
     local start = tonumber(asked) or tonumber(created) or began
     if start and boot_seen and boot_seen < start and is_boot_sample(node)
-        and origin ~= 'listed' and not rcall('ZSCORE', K.unclaimed, node) then
+        and origin ~= 'listed' and not unclaimed then
       learn_boot(start, math.min(now, start + stuck_after), true)
       stat('stuck_boots_learned')
     end

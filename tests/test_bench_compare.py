@@ -89,3 +89,19 @@ def test_bench_compare_reads_two_folders_of_suites(tmp_path: Path) -> None:
     # `u` (/tmp/pytest-of-u/...) it broke "no results.json\nunder it" and failed this test.
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "no results.json under it" in said, refused.output
+
+
+def test_a_trace_on_one_side_only_named_like_rich_markup_is_shown_as_it_is(
+        tmp_path: Path) -> None:
+    """FORMAT.md leaves a trace's name free, and `bench suite` writes it into its results as it
+    is: named as not paired, `bad[/]name` was shown as `badname`, `[bold]loud` as `loud`, and
+    `a[/b]c` raised rich's MarkupError after the totals (a traceback, exit 1, the rest of the
+    names lost)."""
+    names = ("bad[/]name", "[bold]loud", "a[/b]c")
+    old = _tree(tmp_path / "old", {".": [_row("steady", 2, 1.30),
+                                         *(_row(name, 1, 1.2) for name in names)]})
+    new = _tree(tmp_path / "new", {".": [_row("steady", 1, 1.28)]})
+    out = CliRunner().invoke(app, ["bench", "compare", str(old), str(new)])
+    assert out.exit_code == 0, (out.output, out.exception)
+    for name in names:
+        assert f"not paired: results.json: {name} only before" in out.output, out.output

@@ -2395,7 +2395,7 @@ async def test_boots_that_all_outlast_the_timeout_teach_it_until_one_ends(
         pool: PoolUnderTest) -> None:
     """Found by a review's replay: where every boot takes 12 minutes, past the default 10, none
     ever ended, so none was learned, and each was ended as stuck and asked for again, for good:
-    no user was ever served. A stuck sample boot with no sample boot ended since it began is
+    no user was ever served. A stuck sample boot with no boot ended since it began is
     taken for a boot of the stuck line's length, the least it would have taken: the stuck line
     becomes 3 of that mean, and the next boot of 12 minutes ends ready."""
     config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
@@ -2453,6 +2453,70 @@ async def test_a_stuck_boot_teaches_nothing_where_when_the_last_boot_ended_is_no
     [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
     assert (term.node_id, term.reason) == (second, "boot_timeout")
     assert float(await pool.redis.hget(model, "boot_ms")) == 60_000 + 0.2 * 540_000
+
+
+async def test_a_boot_stuck_while_boots_not_samples_end_teaches_nothing(
+        pool: PoolUnderTest) -> None:
+    """A new pool's first wave of two boots: one a sample, lost; the other not a sample, ready
+    in a minute. A boot stuck while others end is a lost node and teaches nothing (README), but
+    only a sample's ready counted as a boot seen to end: the lost boot was learned as the pool's
+    first boot, 600 s for boots of 60 s, its stuck line 30 minutes."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model, stats = pool.keys.key("model"), pool.keys.key("stats")
+    lost = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
+    other = next(n for n in (f"n{i}" for i in range(100)) if not is_boot_sample(n))
+    await pool.scripts.apply_node_status(pool.now, lost, "booting")
+    await pool.scripts.apply_node_status(pool.now, other, "booting")
+    pool.clock.advance(60_000)
+    await pool.scripts.apply_node_status(pool.now, other, "ready")
+    pool.clock.advance(540_001)
+    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (term.node_id, term.reason) == (lost, "boot_timeout")
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
+    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
+
+
+async def test_a_stuck_boot_still_unclaimed_teaches_nothing(pool: PoolUnderTest) -> None:
+    """reap_idle learns no stuck boot still unclaimed (its create unanswered, when it was asked
+    not known), but start_terminating took it off `unclaimed` before the check read it: the
+    check never held, and the boot was learned."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600, create_timeout_s=900)
+    model, stats = pool.keys.key("model"), pool.keys.key("stats")
+    node = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
+    await pool.redis.zadd(pool.keys.key("pending"), {"r1:1": pool.now + 900_000})
+    await pool.scripts.apply_node_status(pool.now, node, "booting")
+    assert await pool.redis.zscore(pool.keys.key("unclaimed"), node) is not None
+    pool.clock.advance(600_001)
+    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (term.node_id, term.reason) == (node, "boot_timeout")
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
+    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
+
+
+async def test_a_boot_seen_to_end_after_now_stops_no_stuck_boot_teaching_for_good(
+        pool: PoolUnderTest) -> None:
+    """A 'boot_seen_ms' past now (edited by hand, in microseconds, or written by a replica whose
+    clock ran ahead) was kept by every boot after it, the larger of the two, and no stuck boot
+    began after it: in a pool whose boots all outlast the timeout none taught anything again,
+    and no user was served, the failure the stuck boots' teaching ends. A boot seen to end
+    after now is taken as seen now: the boots begun after that teach."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model, stats = pool.keys.key("model"), pool.keys.key("stats")
+    first, second = [n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n)][:2]
+    await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30,
+                                          "boot_seen_ms": pool.now * 1000})
+    await pool.scripts.apply_node_status(pool.now, first, "booting")
+    pool.clock.advance(600_001)
+    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (term.node_id, term.reason) == (first, "boot_timeout")
+    await pool.scripts.confirm_terminate(pool.now, first, "gone", 0)
+    pool.clock.advance(1)
+    await pool.scripts.apply_node_status(pool.now, second, "booting")
+    pool.clock.advance(600_001)
+    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (term.node_id, term.reason) == (second, "boot_timeout")
+    assert await pool.redis.hget(stats, "stuck_boots_learned") == "1"
+    assert await pool.redis.hget(model, "boot_n") == "31"
 
 
 async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> None:

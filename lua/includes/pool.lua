@@ -5,6 +5,13 @@ local function learn_mean(field, value, weight)
   rcall('HSET', K.model, field, new)
 end
 
+-- A boot seen to end ready at `ready_ms`, a sample's or not (apply_node_status): a stuck boot
+-- begun before it is a lost node, not a slow one (reap_idle.lua).
+local function boot_ended(ready_ms)
+  local seen = learned(rcall('HGET', K.model, 'boot_seen_ms'))
+  rcall('HSET', K.model, 'boot_seen_ms', math.max(seen or 0, ready_ms))
+end
+
 -- A sample node's boot, from `start_ms` (its create's POST, or the pool's first record of it)
 -- to `ready_ms`: the horizon the forecast looks ahead. Half of all nodes are samples (new_node),
 -- so each weighs 0.2; 'boot_n' counts them, for the weight of the sample boots still running
@@ -14,8 +21,7 @@ local function learn_boot(start_ms, ready_ms, stuck)
   learn_mean('boot_ms', math.max(0, ready_ms - start_ms), 0.2)
   rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)
   if not stuck then
-    local seen = learned(rcall('HGET', K.model, 'boot_seen_ms'))
-    rcall('HSET', K.model, 'boot_seen_ms', math.max(seen or 0, ready_ms))
+    boot_ended(ready_ms)
   end
 end
 

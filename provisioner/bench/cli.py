@@ -1142,7 +1142,7 @@ def compare(
                   f"{c.mean_difference:+.4f} ± {se(c.se_mean, '.4f')}")
     console.print(f"cost lower on {result.cheaper} pairs, higher on {result.dearer}")
     for item in result.unpaired:
-        errors.print(f"[yellow]not paired: {item}")
+        errors.print(f"[yellow]not paired: {escape(item)}")
 
 
 @app.command()

@@ -71,7 +71,7 @@ if boot_seen and boot_seen > now then
   rcall('HSET', K.model, 'boot_seen_ms', now)
 end
 if not boot_seen and (learned(rcall('HGET', K.model, 'boot_n')) or 0) == 0 then
-  boot_seen = -1  -- no boot learned yet: none ended
+  boot_seen = 0  -- no boot learned yet: none ended (written below if a stuck one teaches)
 end
 for _, node in ipairs(stuck) do
   local began = tonumber(rcall('ZSCORE', K.booting, node))
@@ -85,7 +85,13 @@ for _, node in ipairs(stuck) do
     local start = tonumber(asked) or tonumber(created) or began
     if start and boot_seen and boot_seen < start and is_boot_sample(node)
         and origin ~= 'listed' and not unclaimed then
+      if not learned(rcall('HGET', K.model, 'boot_ms')) then
+        -- From the prior, as a boot learned weighs: a new pool's first boot lost, with none
+        -- ended beside it, is not taken for a pool of 10-minute boots outright (168 s, not 600)
+        rcall('HSET', K.model, 'boot_ms', p.boot_prior_ms)
+      end
       learn_boot(start, math.min(now, start + stuck_after), true)
+      rcall('HSET', K.model, 'boot_seen_ms', boot_seen)  -- known now: none ended since
       stat('stuck_boots_learned')
     end
   end

@@ -2396,26 +2396,35 @@ async def test_boots_that_all_outlast_the_timeout_teach_it_until_one_ends(
     """Found by a review's replay: where every boot takes 12 minutes, past the default 10, none
     ever ended, so none was learned, and each was ended as stuck and asked for again, for good:
     no user was ever served. A stuck sample boot with no boot ended since it began is
-    taken for a boot of the stuck line's length, the least it would have taken: the stuck line
-    becomes 3 of that mean, and the next boot of 12 minutes ends ready."""
+    taken for a boot of the stuck line's length, the least it would have taken, weighed against
+    the prior as a boot learned is: after two, the stuck line is 3 of that mean, and the next
+    boot of 12 minutes ends ready."""
     config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
     model, stats = pool.keys.key("model"), pool.keys.key("stats")
-    first, second, third = [n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n)][:3]
+    first, second, third, fourth = [n for n in (f"n{i}" for i in range(100))
+                                    if is_boot_sample(n)][:4]
     await pool.scripts.apply_node_status(pool.now, first, "booting")
     pool.clock.advance(3_600_000)  # found an hour on (the ticks paused): its age is no boot time
     [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
     assert (term.node_id, term.reason) == (first, "boot_timeout")
     await pool.scripts.confirm_terminate(pool.now, first, "gone", 0)
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["600000", "1"]
+    # the prior, 60 s, moved a fifth of the way to the stuck line's 600 s
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["168000", "1"]
     assert await pool.redis.hget(stats, "stuck_boots_learned") == "1"
     await pool.scripts.apply_node_status(pool.now, second, "booting")
-    pool.clock.advance(720_000)  # past the old stuck line, short of 3 x 600 s
+    pool.clock.advance(600_001)  # 3 x 168 s is short of the timeout: stuck at 600 s again
+    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (term.node_id, term.reason) == (second, "boot_timeout")
+    await pool.scripts.confirm_terminate(pool.now, second, "gone", 0)
+    assert float(await pool.redis.hget(model, "boot_ms")) == 168_000 + 0.2 * 432_000
+    await pool.scripts.apply_node_status(pool.now, third, "booting")
+    pool.clock.advance(720_000)  # past the old stuck line, short of 3 x 254.4 s
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
-    await pool.scripts.apply_node_status(pool.now, second, "ready")
-    assert float(await pool.redis.hget(model, "boot_ms")) == 600_000 + 0.2 * 120_000
+    await pool.scripts.apply_node_status(pool.now, third, "ready")
+    assert float(await pool.redis.hget(model, "boot_ms")) == 254_400 + 0.2 * (720_000 - 254_400)
     assert await pool.redis.hget(model, "boot_seen_ms") == str(pool.now)
     # A boot stuck while another ended ready since it began is a lost node: it teaches nothing.
-    await pool.scripts.apply_node_status(pool.now, third, "booting")
+    await pool.scripts.apply_node_status(pool.now, fourth, "booting")
     other = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
     pool.clock.advance(1)
     await pool.scripts.apply_node_status(pool.now, other, "booting")
@@ -2424,9 +2433,9 @@ async def test_boots_that_all_outlast_the_timeout_teach_it_until_one_ends(
     learned = await pool.redis.hmget(model, "boot_ms", "boot_n")
     pool.clock.advance(3 * 624_000)
     reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (third, "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
+    assert (fourth, "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
     assert await pool.redis.hmget(model, "boot_ms", "boot_n") == learned
-    assert await pool.redis.hget(stats, "stuck_boots_learned") == "1"
+    assert await pool.redis.hget(stats, "stuck_boots_learned") == "2"
 
 
 async def test_a_stuck_boot_teaches_nothing_where_when_the_last_boot_ended_is_not_known(

@@ -65,6 +65,9 @@ if not state then
     return {1, '', ''}
   end
   rcall('HSET', nk, 'ready_ms', now)
+  if not listed then
+    boot_ended(now)  -- heard ready now: a boot seen to end, whenever it began (reap_idle.lua)
+  end
   return with_served({1, '', ''}, node_free(node, now))
 end
 
@@ -102,9 +105,19 @@ if status == 'ready' and state == 'booting' then
   end
   -- Any boot ended ready, not only a sample's, says a boot stuck since before it is lost: a
   -- new pool's lost sample boot beside one that was no sample and ended was learned as a boot
-  -- of the whole stuck line.
-  if not listed and rcall('HGET', nk, 'origin') ~= 'listed' then
+  -- of the whole stuck line. A node adopted by listing too: when it began is not known, but
+  -- its ready, heard now, is a boot seen to end now.
+  if not listed then
     boot_ended(now)
+  else
+    -- Found ready by listing: when is not known, but after its create was asked (or first
+    -- recorded), the least time it is known to have ended by: a boot stuck since before that
+    -- is lost as well.
+    local asked, created = unpack(rcall('HMGET', nk, 'asked_ms', 'created_ms'))
+    local start = tonumber(asked) or tonumber(created)
+    if start and start <= now then
+      boot_ended(start)
+    end
   end
   stat('nodes_ready')
   return with_served({2, state, ''}, node_free(node, now))

@@ -72,6 +72,11 @@ if boot_seen and boot_seen > now then
 end
 if not boot_seen and (learned(rcall('HGET', K.model, 'boot_n')) or 0) == 0 then
   boot_seen = 0  -- no boot learned yet: none ended (written below if a stuck one teaches)
+elseif not boot_seen then
+  -- Learned with no 'boot_seen_ms' (a release before it, an import of boot_n alone): not
+  -- known, taken as seen now, so the boots begun after this teach. Left unknown, it stayed
+  -- unknown for good where no boot ends any more, and no stuck boot ever taught.
+  rcall('HSET', K.model, 'boot_seen_ms', now)
 end
 for _, node in ipairs(stuck) do
   local began = tonumber(rcall('ZSCORE', K.booting, node))
@@ -85,14 +90,27 @@ for _, node in ipairs(stuck) do
     local start = tonumber(asked) or tonumber(created) or began
     if start and boot_seen and boot_seen < start and is_boot_sample(node)
         and origin ~= 'listed' and not unclaimed then
-      if not learned(rcall('HGET', K.model, 'boot_ms')) then
-        -- From the prior, as a boot learned weighs: a new pool's first boot lost, with none
-        -- ended beside it, is not taken for a pool of 10-minute boots outright (168 s, not 600)
-        rcall('HSET', K.model, 'boot_ms', p.boot_prior_ms)
+      -- Nor, where boots have ended, the first stuck since the last ended ('boot_stuck_ms'
+      -- before it, or none): in a quiet pool (one boot at a time) whose Node API lost every
+      -- other boot and booted the rest in a minute, each lost one had none ended since it
+      -- began, and taught the stuck line (3 means): the mean grew faster than the minute boots
+      -- pulled it back, and the stuck line ran up to a day (a review). A run of stuck boots
+      -- with none ended between teaches, as does a new pool's, where none ever ended.
+      local mark = learned(rcall('HGET', K.model, 'boot_stuck_ms'))
+      rcall('HSET', K.model, 'boot_stuck_ms', now)
+      if boot_seen > 0 and not (mark and mark >= boot_seen) then
+        stat('stuck_boots_first_of_run')
+      else
+        if not learned(rcall('HGET', K.model, 'boot_ms')) then
+          -- From the prior, as a boot learned weighs: a new pool's first boot lost, with none
+          -- ended beside it, is not taken for a pool of 10-minute boots outright (168 s, not
+          -- 600)
+          rcall('HSET', K.model, 'boot_ms', p.boot_prior_ms)
+        end
+        learn_boot(start, math.min(now, start + stuck_after), true)
+        rcall('HSET', K.model, 'boot_seen_ms', boot_seen)  -- known now: none ended since
+        stat('stuck_boots_learned')
       end
-      learn_boot(start, math.min(now, start + stuck_after), true)
-      rcall('HSET', K.model, 'boot_seen_ms', boot_seen)  -- known now: none ended since
-      stat('stuck_boots_learned')
     end
   end
 end

@@ -2391,6 +2391,22 @@ async def test_a_boot_is_stuck_only_past_three_learned_mean_boots(pool: PoolUnde
     assert ("lost", "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
 
 
+async def _stuck_samples(pool: PoolUnderTest, config: PoolConfig, count: int,
+                         after: str = "") -> None:
+    """`count` sample boots, one after another, each ended by reap_idle as stuck at the stuck
+    line (the model's mean must keep it at --boot-timeout) and its DELETE confirmed; the
+    samples are the first after `after` among n0, n1, ..."""
+    names = [f"n{i}" for i in range(400)]
+    start = names.index(after) + 1 if after else 0
+    for node in [n for n in names[start:] if is_boot_sample(n)][:count]:
+        await pool.scripts.apply_node_status(pool.now, node, "booting")
+        pool.clock.advance(int(config.boot_timeout_s * 1000) + 1)
+        [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+        assert (term.node_id, term.reason) == (node, "boot_timeout")
+        await pool.scripts.confirm_terminate(pool.now, node, "gone", 0)
+        pool.clock.advance(1)
+
+
 async def test_boots_that_all_outlast_the_timeout_teach_it_until_one_ends(
         pool: PoolUnderTest) -> None:
     """Found by a review's replay: where every boot takes 12 minutes, past the default 10, none
@@ -2438,6 +2454,27 @@ async def test_boots_that_all_outlast_the_timeout_teach_it_until_one_ends(
     assert await pool.redis.hget(stats, "stuck_boots_learned") == "2"
 
 
+async def test_a_lone_boot_stuck_after_a_quiet_spell_teaches_nothing(pool: PoolUnderTest) -> None:
+    """A pool whose boots end in a minute goes quiet; the first boot after, lost, has none ended
+    since it began, as in a pool whose boots all outlast the timeout. Alone it is taken for a
+    lost node, the first of a run (it taught the stuck line before: 60 s to 168 s); a second
+    stuck with none ended between teaches."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model, stats = pool.keys.key("model"), pool.keys.key("stats")
+    ended = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
+    await pool.scripts.apply_node_status(pool.now, ended, "booting")
+    pool.clock.advance(60_000)
+    await pool.scripts.apply_node_status(pool.now, ended, "ready")
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["60000", "1"]
+    pool.clock.advance(3_600_000)  # quiet
+    await _stuck_samples(pool, config, 1)
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["60000", "1"]
+    assert await pool.redis.hget(stats, "stuck_boots_first_of_run") == "1"
+    await _stuck_samples(pool, config, 1, after=next(n for n in (f"n{i}" for i in range(100))
+                                                    if is_boot_sample(n)))
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["168000", "2"]
+
+
 async def test_a_stuck_boot_teaches_nothing_where_when_the_last_boot_ended_is_not_known(
         pool: PoolUnderTest) -> None:
     """A pool that learned its boots under a release before 'boot_seen_ms' does not say when its
@@ -2445,22 +2482,17 @@ async def test_a_stuck_boot_teaches_nothing_where_when_the_last_boot_ended_is_no
     nothing. An imported boot time stands for boots seen to end at the import."""
     config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
     model = pool.keys.key("model")
-    first, second = [n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n)][:2]
+    first = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
     await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30})
-    await pool.scripts.apply_node_status(pool.now, first, "booting")
-    pool.clock.advance(600_001)
-    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (term.node_id, term.reason) == (first, "boot_timeout")
-    await pool.scripts.confirm_terminate(pool.now, first, "gone", 0)
+    await _stuck_samples(pool, config, 1)
     assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["60000", "30"]
     loaded = await pool.scripts.load_model(pool.now, {"boot_ms": 60_000.0, "boot_n": 30.0},
                                            replace=True)
     assert loaded.loaded and await pool.redis.hget(model, "boot_seen_ms") == str(pool.now)
     pool.clock.advance(1)
-    await pool.scripts.apply_node_status(pool.now, second, "booting")
-    pool.clock.advance(600_001)
-    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (term.node_id, term.reason) == (second, "boot_timeout")
+    # begun after the import, with none ended since: the first of a run teaches nothing (boots
+    # had ended), the next does
+    await _stuck_samples(pool, config, 2, after=first)
     assert float(await pool.redis.hget(model, "boot_ms")) == 60_000 + 0.2 * 540_000
 
 
@@ -2511,21 +2543,134 @@ async def test_a_boot_seen_to_end_after_now_stops_no_stuck_boot_teaching_for_goo
     after now is taken as seen now: the boots begun after that teach."""
     config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
     model, stats = pool.keys.key("model"), pool.keys.key("stats")
-    first, second = [n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n)][:2]
     await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30,
                                           "boot_seen_ms": pool.now * 1000})
-    await pool.scripts.apply_node_status(pool.now, first, "booting")
-    pool.clock.advance(600_001)
-    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (term.node_id, term.reason) == (first, "boot_timeout")
-    await pool.scripts.confirm_terminate(pool.now, first, "gone", 0)
-    pool.clock.advance(1)
-    await pool.scripts.apply_node_status(pool.now, second, "booting")
-    pool.clock.advance(600_001)
-    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (term.node_id, term.reason) == (second, "boot_timeout")
-    assert await pool.redis.hget(stats, "stuck_boots_learned") == "1"
+    # the first, begun before the look that mends it, teaches nothing; the second is the first
+    # of a run of stuck boots, where boots had ended; the third teaches
+    await _stuck_samples(pool, config, 3)
+    assert await pool.redis.hmget(stats, "stuck_boots_learned", "stuck_boots_first_of_run") \
+        == ["1", "1"]
     assert await pool.redis.hget(model, "boot_n") == "31"
+
+
+async def test_a_pool_learned_before_boot_seen_whose_boots_then_all_outlast_the_timeout_heals(
+        pool: PoolUnderTest) -> None:
+    """A pool that learned its boots under the release before 'boot_seen_ms' (boot_n > 0, no
+    'boot_seen_ms': when its last boot ended is not known), whose Node API then slows to boots
+    of 700 s against the timeout of 600: no boot ends, so nothing ever wrote 'boot_seen_ms',
+    no stuck boot taught anything, and every boot was ended and asked again for good, the
+    failure the stuck boots' teaching ends. Not known is taken as seen at the first look: the
+    boots begun after it teach, and a boot of 700 s comes to end ready."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model = pool.keys.key("model")
+    await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30})
+    samples = [n for n in (f"n{i}" for i in range(200)) if is_boot_sample(n)][:8]
+    ended_ready = None
+    for node in samples:
+        await pool.scripts.apply_node_status(pool.now, node, "booting")
+        pool.clock.advance(600_001)
+        reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+        if reaped:
+            assert [(t.node_id, t.reason) for t in reaped] == [(node, "boot_timeout")]
+            await pool.scripts.confirm_terminate(pool.now, node, "gone", 0)
+            pool.clock.advance(1)
+            continue
+        pool.clock.advance(700_000 - 600_001)
+        assert (await pool.scripts.apply_node_status(pool.now, node, "ready")).code \
+            is NodeStatusOutcome.READY
+        ended_ready = node
+        break
+    assert ended_ready is not None, await pool.redis.hgetall(model)
+    # the first boot, begun before the first look, teaches nothing, nor the first of the run
+    # after it (boots had ended); the next two do
+    assert ended_ready == samples[4]
+
+
+@pytest.mark.parametrize("adopted", ["listed booting", "first heard ready"])
+async def test_a_boot_stuck_while_an_adopted_node_is_heard_ready_teaches_nothing(
+        pool: PoolUnderTest, adopted: str) -> None:
+    """A new pool's lost sample boot, beside a node the pool adopted (listed booting by a
+    reconcile, its create's answer and status lost; or first heard of by its `ready`), whose
+    `ready` then comes on node:status a minute later: a boot seen to end now, after the lost
+    one began, whatever its start. Only a booting node not adopted by listing counted, so the
+    lost boot was learned as the pool's first (168 s), as if no boot had ended beside it."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model, stats = pool.keys.key("model"), pool.keys.key("stats")
+    lost = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
+    other = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
+    await pool.scripts.apply_node_status(pool.now, lost, "booting")
+    pool.clock.advance(10_000)
+    if adopted == "listed booting":
+        await pool.scripts.apply_node_status(pool.now, other, "booting", listed=True)
+    pool.clock.advance(50_000)
+    ready = await pool.scripts.apply_node_status(pool.now, other, "ready")
+    assert ready.code in (NodeStatusOutcome.READY, NodeStatusOutcome.NEW)
+    pool.clock.advance(600_001 - 60_000)
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (lost, "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
+    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
+
+
+async def test_a_boot_stuck_while_a_boot_begun_after_it_is_found_ready_by_listing_teaches_nothing(
+        pool: PoolUnderTest) -> None:
+    """A new pool's lost sample boot; a minute later another node's create, booting, whose
+    `ready` is lost and found by a reconcile's list. When that boot ended is not known, but it
+    ended after it began, after the lost one began: boots end, and the lost one is a lost node.
+    A ready found by listing counted as no boot seen to end, so the lost boot was learned as
+    the pool's first (168 s), as if no boot had ended beside it."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model, stats = pool.keys.key("model"), pool.keys.key("stats")
+    lost = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
+    other = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
+    await pool.scripts.apply_node_status(pool.now, lost, "booting")
+    pool.clock.advance(60_000)
+    await pool.scripts.apply_node_status(pool.now, other, "booting")
+    pool.clock.advance(120_000)  # its ready lost; the reconcile after it finds it ready
+    ready = await pool.scripts.apply_node_status(pool.now, other, "ready", listed=True)
+    assert ready.code is NodeStatusOutcome.READY
+    pool.clock.advance(600_001 - 180_000)
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (lost, "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
+    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
+
+
+async def test_every_other_boot_lost_in_a_quiet_pool_keeps_the_timeout(
+        pool: PoolUnderTest) -> None:
+    """A quiet pool (one boot at a time) whose Node API loses every other boot and boots the
+    rest in a minute: each lost boot is stuck with no boot ended since it began (none else was
+    booting), and was taught as a boot of the stuck line's length, though the boot between
+    each two lost ones ended in 60 s. The mean then grew by a fifth of the way to 3 of itself
+    per lost boot, faster than the minute boots pulled it back: the stuck line ran up to a
+    day, every lost node held (and billed) that long. Boots that end between the stuck ones
+    say the stuck ones are lost nodes, not slow boots."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model = pool.keys.key("model")
+    await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30,
+                                          "boot_seen_ms": pool.now})
+    samples = iter(n for n in (f"n{i}" for i in range(2000)) if is_boot_sample(n))
+    for _ in range(40):
+        pool.clock.advance(1)
+        lost = next(samples)
+        await pool.scripts.apply_node_status(pool.now, lost, "booting")
+        began = pool.now
+        while True:
+            pool.clock.advance(600_000)
+            reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+            if reaped:
+                assert [(t.node_id, t.reason) for t in reaped] == [(lost, "boot_timeout")]
+                break
+        await pool.scripts.apply_node_status(pool.now, lost, "terminated")
+        assert pool.now - began <= 1_200_000, (pool.now - began, await pool.redis.hgetall(model))
+        pool.clock.advance(1)
+        good = next(samples)
+        await pool.scripts.apply_node_status(pool.now, good, "booting")
+        pool.clock.advance(60_000)
+        assert (await pool.scripts.apply_node_status(pool.now, good, "ready")).code \
+            is NodeStatusOutcome.READY
+        pool.clock.advance(1)
+        await pool.scripts.apply_node_status(pool.now, good, "terminated")  # its user's, gone
 
 
 async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> None:

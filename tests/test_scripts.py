@@ -2586,6 +2586,15 @@ async def test_a_pool_learned_before_boot_seen_whose_boots_then_all_outlast_the_
     assert ended_ready == samples[4]
 
 
+async def _ended_untaught(pool: PoolUnderTest, config: PoolConfig, lost: str) -> None:
+    """reap_idle ends `lost` as stuck, and a new pool learns nothing from it."""
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert (lost, "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
+    model, stats = pool.keys.key("model"), pool.keys.key("stats")
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
+    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
+
+
 @pytest.mark.parametrize("adopted", ["listed booting", "first heard ready"])
 async def test_a_boot_stuck_while_an_adopted_node_is_heard_ready_teaches_nothing(
         pool: PoolUnderTest, adopted: str) -> None:
@@ -2595,7 +2604,6 @@ async def test_a_boot_stuck_while_an_adopted_node_is_heard_ready_teaches_nothing
     one began, whatever its start. Only a booting node not adopted by listing counted, so the
     lost boot was learned as the pool's first (168 s), as if no boot had ended beside it."""
     config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
-    model, stats = pool.keys.key("model"), pool.keys.key("stats")
     lost = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
     other = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
     await pool.scripts.apply_node_status(pool.now, lost, "booting")
@@ -2606,10 +2614,7 @@ async def test_a_boot_stuck_while_an_adopted_node_is_heard_ready_teaches_nothing
     ready = await pool.scripts.apply_node_status(pool.now, other, "ready")
     assert ready.code in (NodeStatusOutcome.READY, NodeStatusOutcome.NEW)
     pool.clock.advance(600_001 - 60_000)
-    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (lost, "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
-    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
+    await _ended_untaught(pool, config, lost)
 
 
 async def test_a_boot_stuck_while_a_boot_begun_after_it_is_found_ready_by_listing_teaches_nothing(
@@ -2620,7 +2625,6 @@ async def test_a_boot_stuck_while_a_boot_begun_after_it_is_found_ready_by_listin
     A ready found by listing counted as no boot seen to end, so the lost boot was learned as
     the pool's first (168 s), as if no boot had ended beside it."""
     config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
-    model, stats = pool.keys.key("model"), pool.keys.key("stats")
     lost = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
     other = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
     await pool.scripts.apply_node_status(pool.now, lost, "booting")
@@ -2630,10 +2634,7 @@ async def test_a_boot_stuck_while_a_boot_begun_after_it_is_found_ready_by_listin
     ready = await pool.scripts.apply_node_status(pool.now, other, "ready", listed=True)
     assert ready.code is NodeStatusOutcome.READY
     pool.clock.advance(600_001 - 180_000)
-    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (lost, "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
-    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
+    await _ended_untaught(pool, config, lost)
 
 
 async def test_every_other_boot_lost_in_a_quiet_pool_keeps_the_timeout(

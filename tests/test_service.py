@@ -5862,25 +5862,29 @@ async def test_a_subscription_whose_confirmation_never_comes_is_taken_again(
             await asyncio.gather(probing, return_exceptions=True)
 
 
+def _ending_subscribes_while(broken: asyncio.Event) -> Any:
+    """A proxy's pipe (`_listening_through`) that, while `broken` is set, ends a connection as
+    its SUBSCRIBE goes by, before any confirmation comes back."""
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   client_w: asyncio.StreamWriter, upstream: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if upstream and broken.is_set() and b"SUBSCRIBE" in data.upper():
+                    client_w.close()
+                    return
+                writer.write(data)
+                await writer.drain()
+            writer.close()  # the other side ended
+    return pipe
+
+
 async def test_the_gap_counts_the_tries_whose_subscription_was_never_confirmed(
     redis_url: str, aredis: aioredis.Redis,
 ) -> None:
     """A subscription lost, then tries whose connection ends after the SUBSCRIBE and before its
     confirmation (for ~2 s): the replica was deaf all that while, and the gap says so."""
     broken = asyncio.Event()
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   client_w: asyncio.StreamWriter, upstream: bool) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                if upstream and broken.is_set() and b"SUBSCRIBE" in data.upper():
-                    client_w.close()  # ended before any confirmation comes back
-                    return
-                writer.write(data)
-                await writer.drain()
-            writer.close()  # the other side ended
-
-    async with _listening_through(redis_url, pipe) as replica:
+    async with _listening_through(redis_url, _ending_subscribes_while(broken)) as replica:
         await asyncio.wait_for(replica.subscribed.wait(), 5)
         broken.set()
         await aredis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
@@ -5902,20 +5906,8 @@ async def test_a_replica_stopped_before_it_subscribed_again_counts_and_says_its_
     replica was deaf from the loss to the stop, and its gap and its log say so (before, a gap
     was counted only once subscribed again, so this one went unsaid)."""
     broken = asyncio.Event()
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   client_w: asyncio.StreamWriter, upstream: bool) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                if upstream and broken.is_set() and b"SUBSCRIBE" in data.upper():
-                    client_w.close()  # ended before any confirmation comes back
-                    return
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
     with caplog.at_level("WARNING", logger="provisioner.service"):
-        async with _listening_through(redis_url, pipe) as replica:
+        async with _listening_through(redis_url, _ending_subscribes_while(broken)) as replica:
             await asyncio.wait_for(replica.subscribed.wait(), 5)
             broken.set()
             await aredis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")

@@ -90,7 +90,7 @@ end
 -- An imported boot time stands for boots seen to end by now (reap_idle.lua: a stuck boot begun
 -- after, with none ended since, is learned).
 local old = {'check_until_ms', 'check_connects', 'check_mean', 'check_var', 'boot_seen_ms',
-             'boot_stuck_ms'}
+             'stuck_line_ms', 'stuck_base_ms'}
 for _, f in ipairs(fields) do old[#old + 1] = f end
 rcall('HDEL', K.model, unpack(old))
 rcall('HSET', K.model, 'last_ms', now, unpack(writes))

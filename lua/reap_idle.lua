@@ -51,66 +51,67 @@ local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max
 -- over the bar). The recorded one-minute boots keep the timeout (600 s is 8.6 of their means).
 -- Never past a day, the longest boot timeout one may set (a model imported with a mean boot of
 -- a day would otherwise keep a boot that never ends for three).
--- A stuck sample boot with no boot ended ready since it began (any node's: 'boot_seen_ms',
--- apply_node_status) is taken for a boot of the stuck line's length, the least it would have
--- taken: where every boot outlasts the timeout (a Node API whose boots take 12 minutes,
--- against the default 10), none ever ended, none was learned, and each was ended and asked
--- again, for good: no user was ever served (a review's replay). Learned, the mean moves up to
--- the timeout, the stuck line to 3 of it, and the next boots end ready. A boot stuck while
--- others end (a lost node) teaches nothing, as before; nor one of a pool that learned its
--- boots with no 'boot_seen_ms' (a release before it): when its last boot ended is not known.
--- Never more than the stuck line: after a pause of the ticks a boot's age is unbounded.
+-- The stuck line backs off while no boot ends: a boot stuck with none ended ready since it
+-- began (any node's, 'boot_seen_ms', apply_node_status) raises it by --boot-timeout
+-- ('stuck_line_ms', a day at most), and the boots younger than the new line run on. Where
+-- every boot outlasts the timeout (a Node API whose boots take 12 minutes, against the default
+-- 10), none ever ended, none was learned, and each was ended and asked again, for good: no
+-- user was ever served (a review's replay). A boot that ends within the line as it was before
+-- it was raised ('stuck_base_ms', pool.lua learn_boot) says the stuck ones were lost nodes,
+-- and the line comes back; one that ends past it is learned as any boot, and once 3 learned
+-- means pass the raised line it is moot and dropped. Only boots that ended teach the boot time:
+-- an earlier version taught each stuck boot as a boot of the stuck line's length, and a quiet
+-- pool whose Node API lost two boots of three ran its mean, and the line, towards a day (two
+-- reviews). A boot stuck while others end (a lost node) raises nothing. A pool whose boots were
+-- learned by a release before 'boot_seen_ms' takes it as now at the first look.
 local stuck_after = stuck_after_ms(p, learned(rcall('HGET', K.model, 'boot_ms')) or 0)
+local raised = learned(rcall('HGET', K.model, 'stuck_line_ms'))
+if raised and raised <= stuck_after then
+  rcall('HDEL', K.model, 'stuck_line_ms', 'stuck_base_ms')  -- the learned mean has caught up
+  raised = nil
+end
+stuck_after = math.max(stuck_after, raised or 0)
 local stuck = rcall('ZRANGEBYSCORE', K.booting, '-inf', now - stuck_after,
                     'LIMIT', 0, p.max_batch)
 local boot_seen = learned(rcall('HGET', K.model, 'boot_seen_ms'))
 if boot_seen and boot_seen > now then
   -- Past now (an edit by hand, a replica's clock ahead): kept by every boot after it (the
-  -- larger of the two), it stopped every stuck boot teaching for good. Taken as seen now.
+  -- larger of the two), it stopped the line ever backing off. Taken as seen now.
   boot_seen = now
   rcall('HSET', K.model, 'boot_seen_ms', now)
 end
 if not boot_seen and (learned(rcall('HGET', K.model, 'boot_n')) or 0) == 0 then
-  boot_seen = 0  -- no boot learned yet: none ended (written below if a stuck one teaches)
+  boot_seen = 0  -- no boot learned yet: none ended
 elseif not boot_seen then
   -- Learned with no 'boot_seen_ms' (a release before it, an import of boot_n alone): not
-  -- known, taken as seen now, so the boots begun after this teach. Left unknown, it stayed
-  -- unknown for good where no boot ends any more, and no stuck boot ever taught.
+  -- known, taken as seen now, so the boots begun after this count. Left unknown, it stayed
+  -- unknown for good where no boot ends any more.
   rcall('HSET', K.model, 'boot_seen_ms', now)
 end
+local ended_stuck, stuck_line = 0, stuck_after
 for _, node in ipairs(stuck) do
   local began = tonumber(rcall('ZSCORE', K.booting, node))
+  if began and began > now - stuck_after then
+    break  -- the line was raised in this call: this boot, and the younger after it, run on
+  end
   -- read before start_terminating, which takes the node off `unclaimed`
   local unclaimed = rcall('ZSCORE', K.unclaimed, node)
   if start_terminating(node, now, deadline, 'boot_timeout') then
     out[#out + 1] = node
     out[#out + 1] = 'boot_timeout'
-    local nk = node_key(node)
-    local asked, created, origin = unpack(rcall('HMGET', nk, 'asked_ms', 'created_ms', 'origin'))
+    ended_stuck = ended_stuck + 1
+    local asked, created, origin = unpack(rcall('HMGET', node_key(node), 'asked_ms',
+                                                'created_ms', 'origin'))
     local start = tonumber(asked) or tonumber(created) or began
-    if start and boot_seen and boot_seen < start and is_boot_sample(node)
-        and origin ~= 'listed' and not unclaimed then
-      -- Nor, where boots have ended, the first stuck since the last ended ('boot_stuck_ms'
-      -- before it, or none): in a quiet pool (one boot at a time) whose Node API lost every
-      -- other boot and booted the rest in a minute, each lost one had none ended since it
-      -- began, and taught the stuck line (3 means): the mean grew faster than the minute boots
-      -- pulled it back, and the stuck line ran up to a day (a review). A run of stuck boots
-      -- with none ended between teaches, as does a new pool's, where none ever ended.
-      local mark = learned(rcall('HGET', K.model, 'boot_stuck_ms'))
-      rcall('HSET', K.model, 'boot_stuck_ms', now)
-      if boot_seen > 0 and not (mark and mark >= boot_seen) then
-        stat('stuck_boots_first_of_run')
-      else
-        if not learned(rcall('HGET', K.model, 'boot_ms')) then
-          -- From the prior, as a boot learned weighs: a new pool's first boot lost, with none
-          -- ended beside it, is not taken for a pool of 10-minute boots outright (168 s, not
-          -- 600)
-          rcall('HSET', K.model, 'boot_ms', p.boot_prior_ms)
-        end
-        learn_boot(start, math.min(now, start + stuck_after), true)
-        rcall('HSET', K.model, 'boot_seen_ms', boot_seen)  -- known now: none ended since
-        stat('stuck_boots_learned')
+    if start and boot_seen and boot_seen < start and origin ~= 'listed' and not unclaimed
+        and stuck_after < LONGEST_BOOT_MS then
+      if not raised then
+        rcall('HSET', K.model, 'stuck_base_ms', stuck_after)
       end
+      stuck_after = math.min(LONGEST_BOOT_MS, stuck_after + p.boot_timeout_ms)
+      raised = stuck_after
+      rcall('HSET', K.model, 'stuck_line_ms', stuck_after)
+      stat('stuck_line_raised')
     end
   end
 end
@@ -202,8 +203,8 @@ if #out > 0 then
   stat('terminations_started', #out / 2)
   local reason = string.format(
     'terminate %d (stuck %d%s, retry %d%s, idle %d, booting in an idle node\'s place %d); '
-    .. 'spare %d, keep %d (peak target of %.0fs%s), target %d', #out / 2, #stuck,
-    #stuck > 0 and string.format(' past %.0fs', stuck_after / 1000) or '', #due - drained,
+    .. 'spare %d, keep %d (peak target of %.0fs%s), target %d', #out / 2, ended_stuck,
+    ended_stuck > 0 and string.format(' past %.0fs', stuck_line / 1000) or '', #due - drained,
     drained > 0 and string.format(', drained %d', drained) or '',
     reaped - swapped, swapped, s.spare, keep, p.keep_window_ms / 1000,
     held > 0 and string.format(', and %d held for a replace', held) or '', target)

@@ -102,10 +102,9 @@ class PoolView:
             "operator_drains": self.snapshot.stat("operator_drains"),
             "calls_made_again": self.snapshot.stat("calls_made_again"),
             "values_repaired": self.snapshot.stat("values_repaired"),
-            # boots ended as stuck with none ended since they began (reap_idle.lua): taught
-            # as boots of the stuck line's length, or taken for a lost node, the first of a run
-            "stuck_boots_learned": self.snapshot.stat("stuck_boots_learned"),
-            "stuck_boots_first_of_run": self.snapshot.stat("stuck_boots_first_of_run"),
+            # boots ended as stuck with none ended since they began, each raising the stuck
+            # line by --boot-timeout (reap_idle.lua)
+            "stuck_line_raised": self.snapshot.stat("stuck_line_raised"),
             "longest_session_s": round(self.snapshot.longest_session_s(self.now_ms), 1),
             "longest_wait_s": _rounded(self.snapshot.longest_wait_s(self.now_ms)),
             "last_decision": stats.get("last_decision", ""),
@@ -215,10 +214,10 @@ def render_view(view: PoolView) -> Group:
             if data["operator_drains"] else "") + (
             f"  made again after a lost reply {data['calls_made_again']}"
             if data["calls_made_again"] else ""))
-    if data["stuck_boots_learned"]:
+    if data["stuck_line_raised"]:
         outcomes.append(f"\nboots ended as stuck with none ended since they began "
-                        f"{data['stuck_boots_learned']}, each learned as a boot of the stuck "
-                        "line's length: do boots outlast --boot-timeout?", style="yellow")
+                        f"{data['stuck_line_raised']}, each raising the stuck line by "
+                        "--boot-timeout: do boots outlast it?", style="yellow")
     if data["values_repaired"]:
         outcomes.append(f"\nvalues repaired {data['values_repaired']} (not numbers where one "
                         "belongs: edited by hand, or another writer uses the pool's keys)",

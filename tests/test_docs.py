@@ -175,6 +175,23 @@ def test_the_key_schema_names_every_pool_key() -> None:
     assert missing == []
 
 
+def test_the_key_schema_names_every_field_the_scripts_write_to_the_model() -> None:
+    """The model hash's row of the README's key schema says what each of its fields is (an
+    operator reads it before an edit by hand, or a `model import --replace`): each field a
+    script names as it writes the model is in it (the forecast check's as `check_*`)."""
+    [row] = [row for table in _tables((ROOT / "README.md").read_text()) for row in table
+             if table[0][:2] == ["key", "type"] and row[0] == "`prov:{P}:model`"]
+    written = set()
+    for script in (ROOT / "lua").rglob("*.lua"):
+        text = script.read_text()
+        written |= set(re.findall(r"K\.model,\s*'([a-z0-9_]+)'", text))
+        written |= set(re.findall(r"learn_mean\('([a-z0-9_]+)'", text))
+    assert {"boot_ms", "last_ms", "rel"} <= written
+    missing = sorted(f for f in written if f"`{f}`" not in row[2]
+                     and not (f.startswith("check_") and "`check_*`" in row[2]))
+    assert missing == []
+
+
 def test_the_run_table_gives_every_option_its_variable_and_default() -> None:
     """The README's table of `run`'s options has a row for each, and no other, with its
     environment variable and default as the command has them (a review found three of its

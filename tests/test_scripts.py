@@ -2391,287 +2391,191 @@ async def test_a_boot_is_stuck_only_past_three_learned_mean_boots(pool: PoolUnde
     assert ("lost", "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
 
 
-async def _stuck_samples(pool: PoolUnderTest, config: PoolConfig, count: int,
-                         after: str = "") -> None:
-    """`count` sample boots, one after another, each ended by reap_idle as stuck at the stuck
-    line (the model's mean must keep it at --boot-timeout) and its DELETE confirmed; the
-    samples are the first after `after` among n0, n1, ..."""
-    names = [f"n{i}" for i in range(400)]
-    start = names.index(after) + 1 if after else 0
-    for node in [n for n in names[start:] if is_boot_sample(n)][:count]:
-        await pool.scripts.apply_node_status(pool.now, node, "booting")
-        pool.clock.advance(int(config.boot_timeout_s * 1000) + 1)
-        [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-        assert (term.node_id, term.reason) == (node, "boot_timeout")
+def _samples(prefix: str = "n", count: int = 4) -> list[str]:
+    """The first `count` boot-time samples among prefix0, prefix1, ..."""
+    return [n for n in (f"{prefix}{i}" for i in range(400)) if is_boot_sample(n)][:count]
+
+
+async def _ended_as_stuck(pool: PoolUnderTest, config: PoolConfig, *nodes: str) -> None:
+    """reap_idle, now, ends `nodes` and no other as stuck (idle nodes it may end besides), and
+    their DELETEs are confirmed."""
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [(t.node_id, t.reason) for t in reaped
+            if t.reason == "boot_timeout"] == [(n, "boot_timeout") for n in nodes]
+    for node in nodes:
         await pool.scripts.confirm_terminate(pool.now, node, "gone", 0)
-        pool.clock.advance(1)
 
 
-async def test_boots_that_all_outlast_the_timeout_teach_it_until_one_ends(
+async def _stuck_line(pool: PoolUnderTest) -> tuple[str | None, str | None]:
+    """The raised stuck line and the line it was raised from, as the model holds them."""
+    return tuple(await pool.redis.hmget(pool.keys.key("model"),  # type: ignore[return-value]
+                                        "stuck_line_ms", "stuck_base_ms"))
+
+
+async def test_boots_that_all_outlast_the_timeout_back_the_stuck_line_off_until_one_ends(
         pool: PoolUnderTest) -> None:
     """Found by a review's replay: where every boot takes 12 minutes, past the default 10, none
     ever ended, so none was learned, and each was ended as stuck and asked for again, for good:
-    no user was ever served. A stuck sample boot with no boot ended since it began is
-    taken for a boot of the stuck line's length, the least it would have taken, weighed against
-    the prior as a boot learned is: after two, the stuck line is 3 of that mean, and the next
-    boot of 12 minutes ends ready."""
+    no user was ever served. A boot stuck with none ended since it began raises the stuck line
+    by the timeout: the next boot runs on and ends ready, and is learned as any boot; once 3
+    learned means pass the raised line, it is dropped. A stuck boot teaches no boot time."""
     config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
     model, stats = pool.keys.key("model"), pool.keys.key("stats")
-    first, second, third, fourth = [n for n in (f"n{i}" for i in range(100))
-                                    if is_boot_sample(n)][:4]
+    first, second = _samples(count=2)
     await pool.scripts.apply_node_status(pool.now, first, "booting")
-    pool.clock.advance(3_600_000)  # found an hour on (the ticks paused): its age is no boot time
-    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (term.node_id, term.reason) == (first, "boot_timeout")
-    await pool.scripts.confirm_terminate(pool.now, first, "gone", 0)
-    # the prior, 60 s, moved a fifth of the way to the stuck line's 600 s
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["168000", "1"]
-    assert await pool.redis.hget(stats, "stuck_boots_learned") == "1"
+    pool.clock.advance(3_600_000)  # found an hour on (the ticks paused)
+    await _ended_as_stuck(pool, config, first)
+    [decision] = await pool.redis.xrevrange(pool.keys.key("decisions"), count=1)
+    assert "stuck 1 past 600s" in decision[1]["reason"]
+    assert await _stuck_line(pool) == ("1200000", "600000")
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
+    assert await pool.redis.hget(stats, "stuck_line_raised") == "1"
     await pool.scripts.apply_node_status(pool.now, second, "booting")
-    pool.clock.advance(600_001)  # 3 x 168 s is short of the timeout: stuck at 600 s again
-    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (term.node_id, term.reason) == (second, "boot_timeout")
-    await pool.scripts.confirm_terminate(pool.now, second, "gone", 0)
-    assert float(await pool.redis.hget(model, "boot_ms")) == 168_000 + 0.2 * 432_000
-    await pool.scripts.apply_node_status(pool.now, third, "booting")
-    pool.clock.advance(720_000)  # past the old stuck line, short of 3 x 254.4 s
+    pool.clock.advance(720_000)  # past the timeout, short of the raised line
     assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
-    await pool.scripts.apply_node_status(pool.now, third, "ready")
-    assert float(await pool.redis.hget(model, "boot_ms")) == 254_400 + 0.2 * (720_000 - 254_400)
+    await pool.scripts.apply_node_status(pool.now, second, "ready")
+    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["720000", "1"]
     assert await pool.redis.hget(model, "boot_seen_ms") == str(pool.now)
-    # A boot stuck while another ended ready since it began is a lost node: it teaches nothing.
-    await pool.scripts.apply_node_status(pool.now, fourth, "booting")
-    other = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
-    pool.clock.advance(1)
-    await pool.scripts.apply_node_status(pool.now, other, "booting")
-    pool.clock.advance(60_000)
-    await pool.scripts.apply_node_status(pool.now, other, "ready")
-    learned = await pool.redis.hmget(model, "boot_ms", "boot_n")
-    pool.clock.advance(3 * 624_000)
-    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (fourth, "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == learned
-    assert await pool.redis.hget(stats, "stuck_boots_learned") == "2"
+    assert await _stuck_line(pool) == ("1200000", "600000")  # it took longer than the old line
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    assert await _stuck_line(pool) == (None, None)  # 3 x 720 s is past it: moot
 
 
-async def test_a_lone_boot_stuck_after_a_quiet_spell_teaches_nothing(pool: PoolUnderTest) -> None:
-    """A pool whose boots end in a minute goes quiet; the first boot after, lost, has none ended
-    since it began, as in a pool whose boots all outlast the timeout. Alone it is taken for a
-    lost node, the first of a run (it taught the stuck line before: 60 s to 168 s); a second
-    stuck with none ended between teaches."""
-    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
-    model, stats = pool.keys.key("model"), pool.keys.key("stats")
-    ended = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
-    await pool.scripts.apply_node_status(pool.now, ended, "booting")
-    pool.clock.advance(60_000)
-    await pool.scripts.apply_node_status(pool.now, ended, "ready")
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["60000", "1"]
-    pool.clock.advance(3_600_000)  # quiet
-    await _stuck_samples(pool, config, 1)
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["60000", "1"]
-    assert await pool.redis.hget(stats, "stuck_boots_first_of_run") == "1"
-    await _stuck_samples(pool, config, 1, after=next(n for n in (f"n{i}" for i in range(100))
-                                                    if is_boot_sample(n)))
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["168000", "2"]
-
-
-async def test_a_stuck_boot_teaches_nothing_where_when_the_last_boot_ended_is_not_known(
+async def test_boots_found_stuck_together_end_only_as_far_as_the_raised_line(
         pool: PoolUnderTest) -> None:
-    """A pool that learned its boots under a release before 'boot_seen_ms' does not say when its
-    last boot ended: a stuck boot there may be a lost node among boots that end, and teaches
-    nothing. An imported boot time stands for boots seen to end at the import."""
+    """A new pool's first four boots, begun together, all take 700 s: one reap finds the four
+    past the timeout. The first raises the line, and the three after it, short of the new
+    line, run on (a review: a line read once before the loop ended all four, and the pool
+    asked again for boots 100 s from ready)."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    nodes = sorted(_samples(count=4))
+    for node in nodes:
+        await pool.scripts.apply_node_status(pool.now, node, "booting")
+    pool.clock.advance(600_001)
+    await _ended_as_stuck(pool, config, nodes[0])
+    [decision] = await pool.redis.xrevrange(pool.keys.key("decisions"), count=1)
+    assert "stuck 1 past 600s" in decision[1]["reason"]
+    pool.clock.advance(100_000)
+    for node in nodes[1:]:
+        assert (await pool.scripts.apply_node_status(pool.now, node, "ready")).code \
+            is NodeStatusOutcome.READY
+
+
+async def test_lost_boots_in_a_quiet_pool_hold_the_line_back_only_until_a_boot_ends(
+        pool: PoolUnderTest) -> None:
+    """A quiet pool (one boot at a time) whose Node API loses two boots of three and boots the
+    third in a minute: each lost boot has none ended since it began, and raises the line; the
+    boot that ends in a minute brings it back. Taught as boots of the stuck line's length (an
+    earlier version), the lost boots ran the mean, and the line, towards a day (two reviews);
+    the mean stays the minute boots' own."""
     config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
     model = pool.keys.key("model")
-    first = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
+    nodes = iter(_samples(count=80))
+    highest = 0
+    for _ in range(20):
+        for lost in (next(nodes), next(nodes)):
+            await pool.scripts.apply_node_status(pool.now, lost, "booting")
+            line, _ = await _stuck_line(pool)
+            pool.clock.advance(int(line or 600_000) + 1)
+            await _ended_as_stuck(pool, config, lost)
+            highest = max(highest, int((await _stuck_line(pool))[0] or 0))
+        good = next(nodes)
+        await pool.scripts.apply_node_status(pool.now, good, "booting")
+        pool.clock.advance(60_000)
+        await pool.scripts.apply_node_status(pool.now, good, "ready")
+        assert await _stuck_line(pool) == (None, None)
+        pool.clock.advance(1)
+    assert highest == 1_800_000
+    assert float(await pool.redis.hget(model, "boot_ms")) == 60_000
+
+
+@pytest.mark.parametrize("beside", ["not a sample", "listed booting", "first heard ready",
+                                    "found ready by listing"])
+async def test_a_boot_stuck_while_another_ends_raises_nothing(
+        pool: PoolUnderTest, beside: str) -> None:
+    """A new pool's lost boot, and another node's boot that ends after it began: boots end, and
+    the lost one is a lost node. Any ready counts, heard or found by a reconcile's list (at its
+    create's time, the earliest it could have ended), a sample's or not, an adopted node's too
+    (reviews: each of these counted as no boot ended, and the lost boot raised the line)."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    [lost] = _samples(count=1)
+    other = (next(n for n in (f"m{i}" for i in range(100)) if not is_boot_sample(n))
+             if beside == "not a sample" else _samples("m", 1)[0])
+    await pool.scripts.apply_node_status(pool.now, lost, "booting")
+    pool.clock.advance(10_000)
+    if beside in ("not a sample", "found ready by listing"):
+        await pool.scripts.apply_node_status(pool.now, other, "booting")
+    elif beside == "listed booting":
+        await pool.scripts.apply_node_status(pool.now, other, "booting", listed=True)
+    pool.clock.advance(60_000)
+    await pool.scripts.apply_node_status(pool.now, other, "ready",
+                                         listed=beside == "found ready by listing")
+    pool.clock.advance(600_001 - 70_000)
+    await _ended_as_stuck(pool, config, lost)
+    assert await _stuck_line(pool) == (None, None)
+    assert await pool.redis.hget(pool.keys.key("stats"), "stuck_line_raised") is None
+
+
+async def test_a_stuck_boot_still_unclaimed_raises_nothing(pool: PoolUnderTest) -> None:
+    """A boot whose create's POST has not answered may be the call's stall, not a boot's: read
+    after start_terminating had taken the node off `unclaimed`, it counted (a review)."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600, create_timeout_s=900)
+    [node] = _samples(count=1)
+    await pool.redis.zadd(pool.keys.key("pending"), {"r1:1": pool.now + 900_000})
+    await pool.scripts.apply_node_status(pool.now, node, "booting")  # before its POST answered
+    assert await pool.redis.zscore(pool.keys.key("unclaimed"), node) is not None
+    pool.clock.advance(600_001)
+    await _ended_as_stuck(pool, config, node)
+    assert await _stuck_line(pool) == (None, None)
+
+
+@pytest.mark.parametrize("boot_seen", ["ahead", "unknown"])
+async def test_a_pool_whose_last_boot_ended_is_not_known_backs_off_for_the_boots_after(
+        pool: PoolUnderTest, boot_seen: str) -> None:
+    """'boot_seen_ms' past now (edited by hand, in microseconds, or by a replica whose clock
+    ran ahead) was kept by every boot after it, and no boot began after it: the line never
+    backed off again. None at all, in a pool that learned its boots under a release before
+    it, stayed unknown where no boot ends any more (reviews). Either is taken as now at the
+    first look: a boot begun before it raises nothing, the boots begun after it do, and a
+    boot of 700 s comes to end ready."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model = pool.keys.key("model")
     await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30})
-    await _stuck_samples(pool, config, 1)
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == ["60000", "30"]
+    if boot_seen == "ahead":
+        await pool.redis.hset(model, "boot_seen_ms", pool.now * 1000)
+    first, second, third = _samples(count=3)
+    await pool.scripts.apply_node_status(pool.now, first, "booting")
+    pool.clock.advance(600_001)
+    await _ended_as_stuck(pool, config, first)
+    assert await _stuck_line(pool) == (None, None)
+    assert await pool.redis.hget(model, "boot_seen_ms") == str(pool.now)
+    pool.clock.advance(1)
+    await pool.scripts.apply_node_status(pool.now, second, "booting")
+    pool.clock.advance(600_001)
+    await _ended_as_stuck(pool, config, second)
+    assert await _stuck_line(pool) == ("1200000", "600000")
+    await pool.scripts.apply_node_status(pool.now, third, "booting")
+    pool.clock.advance(700_000)
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    assert (await pool.scripts.apply_node_status(pool.now, third, "ready")).code \
+        is NodeStatusOutcome.READY
+
+
+async def test_an_import_stands_for_boots_seen_to_end_and_drops_a_raised_line(
+        pool: PoolUnderTest) -> None:
+    """An imported boot time stands for boots seen to end at the import, and the line raised
+    before it goes with the model it replaces."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model = pool.keys.key("model")
+    [node] = _samples(count=1)
+    await pool.scripts.apply_node_status(pool.now, node, "booting")
+    pool.clock.advance(600_001)
+    await _ended_as_stuck(pool, config, node)
+    assert await _stuck_line(pool) == ("1200000", "600000")
     loaded = await pool.scripts.load_model(pool.now, {"boot_ms": 60_000.0, "boot_n": 30.0},
                                            replace=True)
     assert loaded.loaded and await pool.redis.hget(model, "boot_seen_ms") == str(pool.now)
-    pool.clock.advance(1)
-    # begun after the import, with none ended since: the first of a run teaches nothing (boots
-    # had ended), the next does
-    await _stuck_samples(pool, config, 2, after=first)
-    assert float(await pool.redis.hget(model, "boot_ms")) == 60_000 + 0.2 * 540_000
-
-
-async def test_a_boot_stuck_while_boots_not_samples_end_teaches_nothing(
-        pool: PoolUnderTest) -> None:
-    """A new pool's first wave of two boots: one a sample, lost; the other not a sample, ready
-    in a minute. A boot stuck while others end is a lost node and teaches nothing (README), but
-    only a sample's ready counted as a boot seen to end: the lost boot was learned as the pool's
-    first boot, 600 s for boots of 60 s, its stuck line 30 minutes."""
-    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
-    model, stats = pool.keys.key("model"), pool.keys.key("stats")
-    lost = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
-    other = next(n for n in (f"n{i}" for i in range(100)) if not is_boot_sample(n))
-    await pool.scripts.apply_node_status(pool.now, lost, "booting")
-    await pool.scripts.apply_node_status(pool.now, other, "booting")
-    pool.clock.advance(60_000)
-    await pool.scripts.apply_node_status(pool.now, other, "ready")
-    pool.clock.advance(540_001)
-    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (term.node_id, term.reason) == (lost, "boot_timeout")
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
-    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
-
-
-async def test_a_stuck_boot_still_unclaimed_teaches_nothing(pool: PoolUnderTest) -> None:
-    """reap_idle learns no stuck boot still unclaimed (its create unanswered, when it was asked
-    not known), but start_terminating took it off `unclaimed` before the check read it: the
-    check never held, and the boot was learned."""
-    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600, create_timeout_s=900)
-    model, stats = pool.keys.key("model"), pool.keys.key("stats")
-    node = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
-    await pool.redis.zadd(pool.keys.key("pending"), {"r1:1": pool.now + 900_000})
-    await pool.scripts.apply_node_status(pool.now, node, "booting")
-    assert await pool.redis.zscore(pool.keys.key("unclaimed"), node) is not None
-    pool.clock.advance(600_001)
-    [term] = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (term.node_id, term.reason) == (node, "boot_timeout")
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
-    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
-
-
-async def test_a_boot_seen_to_end_after_now_stops_no_stuck_boot_teaching_for_good(
-        pool: PoolUnderTest) -> None:
-    """A 'boot_seen_ms' past now (edited by hand, in microseconds, or written by a replica whose
-    clock ran ahead) was kept by every boot after it, the larger of the two, and no stuck boot
-    began after it: in a pool whose boots all outlast the timeout none taught anything again,
-    and no user was served, the failure the stuck boots' teaching ends. A boot seen to end
-    after now is taken as seen now: the boots begun after that teach."""
-    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
-    model, stats = pool.keys.key("model"), pool.keys.key("stats")
-    await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30,
-                                          "boot_seen_ms": pool.now * 1000})
-    # the first, begun before the look that mends it, teaches nothing; the second is the first
-    # of a run of stuck boots, where boots had ended; the third teaches
-    await _stuck_samples(pool, config, 3)
-    assert await pool.redis.hmget(stats, "stuck_boots_learned", "stuck_boots_first_of_run") \
-        == ["1", "1"]
-    assert await pool.redis.hget(model, "boot_n") == "31"
-
-
-async def test_a_pool_learned_before_boot_seen_whose_boots_then_all_outlast_the_timeout_heals(
-        pool: PoolUnderTest) -> None:
-    """A pool that learned its boots under the release before 'boot_seen_ms' (boot_n > 0, no
-    'boot_seen_ms': when its last boot ended is not known), whose Node API then slows to boots
-    of 700 s against the timeout of 600: no boot ends, so nothing ever wrote 'boot_seen_ms',
-    no stuck boot taught anything, and every boot was ended and asked again for good, the
-    failure the stuck boots' teaching ends. Not known is taken as seen at the first look: the
-    boots begun after it teach, and a boot of 700 s comes to end ready."""
-    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
-    model = pool.keys.key("model")
-    await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30})
-    samples = [n for n in (f"n{i}" for i in range(200)) if is_boot_sample(n)][:8]
-    ended_ready = None
-    for node in samples:
-        await pool.scripts.apply_node_status(pool.now, node, "booting")
-        pool.clock.advance(600_001)
-        reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-        if reaped:
-            assert [(t.node_id, t.reason) for t in reaped] == [(node, "boot_timeout")]
-            await pool.scripts.confirm_terminate(pool.now, node, "gone", 0)
-            pool.clock.advance(1)
-            continue
-        pool.clock.advance(700_000 - 600_001)
-        assert (await pool.scripts.apply_node_status(pool.now, node, "ready")).code \
-            is NodeStatusOutcome.READY
-        ended_ready = node
-        break
-    assert ended_ready is not None, await pool.redis.hgetall(model)
-    # the first boot, begun before the first look, teaches nothing, nor the first of the run
-    # after it (boots had ended); the next two do
-    assert ended_ready == samples[4]
-
-
-async def _ended_untaught(pool: PoolUnderTest, config: PoolConfig, lost: str) -> None:
-    """reap_idle ends `lost` as stuck, and a new pool learns nothing from it."""
-    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-    assert (lost, "boot_timeout") in [(t.node_id, t.reason) for t in reaped]
-    model, stats = pool.keys.key("model"), pool.keys.key("stats")
-    assert await pool.redis.hmget(model, "boot_ms", "boot_n") == [None, None]
-    assert await pool.redis.hget(stats, "stuck_boots_learned") is None
-
-
-@pytest.mark.parametrize("adopted", ["listed booting", "first heard ready"])
-async def test_a_boot_stuck_while_an_adopted_node_is_heard_ready_teaches_nothing(
-        pool: PoolUnderTest, adopted: str) -> None:
-    """A new pool's lost sample boot, beside a node the pool adopted (listed booting by a
-    reconcile, its create's answer and status lost; or first heard of by its `ready`), whose
-    `ready` then comes on node:status a minute later: a boot seen to end now, after the lost
-    one began, whatever its start. Only a booting node not adopted by listing counted, so the
-    lost boot was learned as the pool's first (168 s), as if no boot had ended beside it."""
-    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
-    lost = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
-    other = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
-    await pool.scripts.apply_node_status(pool.now, lost, "booting")
-    pool.clock.advance(10_000)
-    if adopted == "listed booting":
-        await pool.scripts.apply_node_status(pool.now, other, "booting", listed=True)
-    pool.clock.advance(50_000)
-    ready = await pool.scripts.apply_node_status(pool.now, other, "ready")
-    assert ready.code in (NodeStatusOutcome.READY, NodeStatusOutcome.NEW)
-    pool.clock.advance(600_001 - 60_000)
-    await _ended_untaught(pool, config, lost)
-
-
-async def test_a_boot_stuck_while_a_boot_begun_after_it_is_found_ready_by_listing_teaches_nothing(
-        pool: PoolUnderTest) -> None:
-    """A new pool's lost sample boot; a minute later another node's create, booting, whose
-    `ready` is lost and found by a reconcile's list. When that boot ended is not known, but it
-    ended after it began, after the lost one began: boots end, and the lost one is a lost node.
-    A ready found by listing counted as no boot seen to end, so the lost boot was learned as
-    the pool's first (168 s), as if no boot had ended beside it."""
-    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
-    lost = next(n for n in (f"n{i}" for i in range(100)) if is_boot_sample(n))
-    other = next(n for n in (f"m{i}" for i in range(100)) if is_boot_sample(n))
-    await pool.scripts.apply_node_status(pool.now, lost, "booting")
-    pool.clock.advance(60_000)
-    await pool.scripts.apply_node_status(pool.now, other, "booting")
-    pool.clock.advance(120_000)  # its ready lost; the reconcile after it finds it ready
-    ready = await pool.scripts.apply_node_status(pool.now, other, "ready", listed=True)
-    assert ready.code is NodeStatusOutcome.READY
-    pool.clock.advance(600_001 - 180_000)
-    await _ended_untaught(pool, config, lost)
-
-
-async def test_every_other_boot_lost_in_a_quiet_pool_keeps_the_timeout(
-        pool: PoolUnderTest) -> None:
-    """A quiet pool (one boot at a time) whose Node API loses every other boot and boots the
-    rest in a minute: each lost boot is stuck with no boot ended since it began (none else was
-    booting), and was taught as a boot of the stuck line's length, though the boot between
-    each two lost ones ended in 60 s. The mean then grew by a fifth of the way to 3 of itself
-    per lost boot, faster than the minute boots pulled it back: the stuck line ran up to a
-    day, every lost node held (and billed) that long. Boots that end between the stuck ones
-    say the stuck ones are lost nodes, not slow boots."""
-    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
-    model = pool.keys.key("model")
-    await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30,
-                                          "boot_seen_ms": pool.now})
-    samples = iter(n for n in (f"n{i}" for i in range(2000)) if is_boot_sample(n))
-    for _ in range(40):
-        pool.clock.advance(1)
-        lost = next(samples)
-        await pool.scripts.apply_node_status(pool.now, lost, "booting")
-        began = pool.now
-        while True:
-            pool.clock.advance(600_000)
-            reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
-            if reaped:
-                assert [(t.node_id, t.reason) for t in reaped] == [(lost, "boot_timeout")]
-                break
-        await pool.scripts.apply_node_status(pool.now, lost, "terminated")
-        assert pool.now - began <= 1_200_000, (pool.now - began, await pool.redis.hgetall(model))
-        pool.clock.advance(1)
-        good = next(samples)
-        await pool.scripts.apply_node_status(pool.now, good, "booting")
-        pool.clock.advance(60_000)
-        assert (await pool.scripts.apply_node_status(pool.now, good, "ready")).code \
-            is NodeStatusOutcome.READY
-        pool.clock.advance(1)
-        await pool.scripts.apply_node_status(pool.now, good, "terminated")  # its user's, gone
+    assert await _stuck_line(pool) == (None, None)
 
 
 async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> None:

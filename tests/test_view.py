@@ -500,23 +500,21 @@ def test_status_json_gives_the_miss_rate_as_a_share(redis_url: str) -> None:
     assert (status["miss_rate"], status["mean_wait_s"]) == (0.25, 1.5)
 
 
-def test_status_says_how_many_stuck_boots_taught_the_boot_time(redis_url: str) -> None:
-    """Boots ended as stuck with none ended since they began teach the boot time (reap_idle):
+def test_status_says_how_many_stuck_boots_raised_the_stuck_line(redis_url: str) -> None:
+    """Boots ended as stuck with none ended since they began raise the stuck line (reap_idle):
     a sign the Node API's boots outlast --boot-timeout, which `status` says, and gives in its
-    JSON with the stuck boots taken for lost nodes; a pool with none says nothing of it."""
+    JSON; a pool with none says nothing of it."""
     common = ["--redis-url", redis_url, "--pool", "stuck-cli"]
     with redis.Redis.from_url(redis_url) as client:
         client.hset(PoolKeys("stuck-cli").key("stats"), mapping={"connects": 1, "misses": 1})
         text = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
         assert "ended as stuck" not in text, text
-        client.hset(PoolKeys("stuck-cli").key("stats"), mapping={
-            "stuck_boots_learned": 3, "stuck_boots_first_of_run": 1})
+        client.hset(PoolKeys("stuck-cli").key("stats"), "stuck_line_raised", 3)
     status = json.loads(CliRunner().invoke(app, ["status", *common, "--json"]).output)
-    assert (status["stuck_boots_learned"], status["stuck_boots_first_of_run"]) == (3, 1)
+    assert status["stuck_line_raised"] == 3
     text = CliRunner().invoke(app, ["status", *common], env={"COLUMNS": "200"}).output
-    assert ("boots ended as stuck with none ended since they began 3, each learned as a boot "
-            "of the stuck line's length: do boots outlast --boot-timeout?"
-            in " ".join(text.split())), text
+    assert ("boots ended as stuck with none ended since they began 3, each raising the stuck "
+            "line by --boot-timeout: do boots outlast it?" in " ".join(text.split())), text
 
 
 def test_status_gives_no_mean_wait_while_no_one_has_been_served_from_the_queue(

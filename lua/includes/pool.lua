@@ -15,13 +15,16 @@ end
 -- A sample node's boot, from `start_ms` (its create's POST, or the pool's first record of it)
 -- to `ready_ms`: the horizon the forecast looks ahead. Half of all nodes are samples (new_node),
 -- so each weighs 0.2; 'boot_n' counts them, for the weight of the sample boots still running
--- (policy.lua lead_time). A boot that ended ready is the last seen to end, 'boot_seen_ms'; one
--- ended as stuck (`stuck`, reap_idle.lua) taught only that boots take at least that long.
-local function learn_boot(start_ms, ready_ms, stuck)
-  learn_mean('boot_ms', math.max(0, ready_ms - start_ms), 0.2)
+-- (policy.lua lead_time). A boot that ends within the stuck line as it was before stuck boots
+-- raised it ('stuck_base_ms', reap_idle.lua) says they were lost nodes: the line comes back.
+local function learn_boot(start_ms, ready_ms)
+  local took = math.max(0, ready_ms - start_ms)
+  learn_mean('boot_ms', took, 0.2)
   rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)
-  if not stuck then
-    boot_ended(ready_ms)
+  boot_ended(ready_ms)
+  local base = learned(rcall('HGET', K.model, 'stuck_base_ms'))
+  if base and took <= base then
+    rcall('HDEL', K.model, 'stuck_line_ms', 'stuck_base_ms')
   end
 end
 

@@ -66,8 +66,9 @@ local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max
 -- learned by a release before 'boot_seen_ms' takes it as now at the first look.
 local stuck_after = stuck_after_ms(p, learned(rcall('HGET', K.model, 'boot_ms')) or 0)
 local raised = learned(rcall('HGET', K.model, 'stuck_line_ms'))
-if raised and raised <= stuck_after then
-  rcall('HDEL', K.model, 'stuck_line_ms', 'stuck_base_ms')  -- the learned mean has caught up
+if raised and (raised <= stuck_after or raised > LONGEST_BOOT_MS) then
+  -- the learned mean has caught up; or past a day, as no raise goes (an edit by hand)
+  rcall('HDEL', K.model, 'stuck_line_ms', 'stuck_base_ms')
   raised = nil
 end
 stuck_after = math.max(stuck_after, raised or 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -1627,3 +1628,25 @@ async def test_a_release_taken_back_across_a_tick_leaves_its_frees_one_short(
     assert after.sliding_checks == before.sliding_checks + 1
     assert (after.sliding_summed - before.sliding_summed,
             after.sliding_frees_came - before.sliding_frees_came) == (1, 0)
+
+
+async def test_a_boot_the_raised_stuck_line_keeps_still_bounds_the_lead_time(
+        pool: PoolUnderTest) -> None:
+    """Boots that all take 12 minutes, past the 10 of --boot-timeout, with `overdue_boots` 1:
+    the first is ended as stuck and raises the line (reap_idle.lua); the next one runs on past
+    the old line, and is a boot still to come, not one the reaper ends. Read against the old
+    line, it was left out, and the lead time was the prior while boots took 12 minutes."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600, overdue_boots=1.0)
+    first, second = [n for n in (f"n{i}" for i in range(100))  # samples (pool.lua new_node)
+                     if int(hashlib.sha1(n.encode()).hexdigest()[-1], 16) % 2][:2]
+    await pool.scripts.apply_node_status(pool.now, first, "booting")
+    pool.clock.advance(600_001)
+    reaped = await pool.scripts.reap_idle(config.policy_args(pool.now, "r1"))
+    assert [(t.node_id, t.reason) for t in reaped] == [(first, "boot_timeout")]
+    assert await pool.redis.hget(pool.keys.key("model"), "stuck_line_ms") == "1200000"
+    await pool.scripts.confirm_terminate(pool.now, first, "gone", 0)
+    await pool.scripts.apply_node_status(pool.now, second, "booting")
+    pool.clock.advance(700_000)
+    assert await pool.scripts.reap_idle(config.policy_args(pool.now, "r1")) == []
+    reason, _ = await decide(pool, config)
+    assert "lead time 700s: no sample boot ended yet, the oldest running 700s" in reason, reason

@@ -2578,6 +2578,19 @@ async def test_an_import_stands_for_boots_seen_to_end_and_drops_a_raised_line(
     assert await _stuck_line(pool) == (None, None)
 
 
+@pytest.mark.parametrize("line", ["90000000", "1e15", "1e300"])
+async def test_a_raised_line_past_a_day_is_not_kept(pool: PoolUnderTest, line: str) -> None:
+    """A raised line is never past a day (reap_idle raises it at most to a day); one edited by
+    hand past it (here without its base, so no boot that ends brings it back) kept every boot,
+    a lost one too, for good."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    await pool.redis.hset(pool.keys.key("model"), "stuck_line_ms", line)
+    [node] = _samples(count=1)
+    await pool.scripts.apply_node_status(pool.now, node, "booting")
+    pool.clock.advance(86_400_001)
+    await _ended_as_stuck(pool, config, node)
+
+
 async def test_ready_for_a_terminating_node_is_ignored(pool: PoolUnderTest) -> None:
     config = PoolConfig(min_ready=0, boot_timeout_s=1)
     await pool.scripts.apply_node_status(pool.now, "n1", "booting")
@@ -2973,3 +2986,36 @@ def test_a_user_allowed_only_the_pool_s_keys_is_refused_only_what_it_may_not_run
     finally:
         plain.acl_deluser(user)
         plain.close()
+
+
+async def test_lost_boots_in_a_quiet_pool_whose_boots_outlast_the_old_line_do_not_ratchet_it(
+        pool: PoolUnderTest) -> None:
+    """A quiet pool (one boot at a time) of one-minute boots whose Node API turns to 12-minute
+    boots and loses every other one. Each lost boot has none ended since it began and raises
+    the line; each good boot ends past the line before the first raise ('stuck_base_ms'), so
+    it brings nothing back, and once the line is past 3 learned means of 720 s nothing ever
+    drops it: every lost boot raised it by the timeout again, towards a day."""
+    config = PoolConfig(min_ready=0, max_nodes=0, boot_timeout_s=600)
+    model = pool.keys.key("model")
+    await pool.redis.hset(model, mapping={"boot_ms": 60_000, "boot_n": 30,
+                                          "boot_seen_ms": pool.now})
+    pool.clock.advance(1)
+    nodes = iter(_samples(count=80))
+    highest = 0
+    for _ in range(30):
+        lost = next(nodes)
+        await pool.scripts.apply_node_status(pool.now, lost, "booting")
+        line, _ = await _stuck_line(pool)
+        mean = float(await pool.redis.hget(model, "boot_ms"))
+        pool.clock.advance(int(max(float(line or 0), 3 * mean, 600_000)) + 1)
+        await _ended_as_stuck(pool, config, lost)
+        highest = max(highest, float((await _stuck_line(pool))[0] or 0))
+        good = next(nodes)
+        await pool.scripts.apply_node_status(pool.now, good, "booting")
+        pool.clock.advance(720_000)
+        await _ended_as_stuck(pool, config)  # ends no boot (the last good node, idle, may go)
+        await pool.scripts.apply_node_status(pool.now, good, "ready")
+        pool.clock.advance(1)
+    # The boots need 3 x 720 s at most (the learned mean's line); a lost boot's raise over it
+    # is the timeout's.
+    assert highest <= 3 * 720_000 + 600_000

@@ -380,7 +380,14 @@ local function lead_time(p, boot_ms, boot_n)
   end
   -- A boot past the stuck line is one the reaper ends (--max-batch of them a tick), not a boot
   -- still to come: after a pause of the ticks its age is unbounded.
-  local live = '(' .. score(p.now - stuck_after_ms(p, boot_ms))
+  -- The line as reap_idle reads it: raised while no boot ends ('stuck_line_ms', a day at most),
+  -- the boots short of it run on.
+  local raised = learned(rcall('HGET', K.model, 'stuck_line_ms'))
+  local line = stuck_after_ms(p, boot_ms)
+  if raised and raised <= LONGEST_BOOT_MS then
+    line = math.max(line, raised)
+  end
+  local live = '(' .. score(p.now - line)
   if boot_ms <= 0 then
     local oldest = rcall('ZRANGEBYSCORE', K.booting, live, '+inf', 'WITHSCORES',
                          'LIMIT', 0, OVERDUE_LOOK)

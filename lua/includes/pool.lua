@@ -23,8 +23,13 @@ local function learn_boot(start_ms, ready_ms)
   rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)
   boot_ended(ready_ms)
   local base = learned(rcall('HGET', K.model, 'stuck_base_ms'))
+  local line = learned(rcall('HGET', K.model, 'stuck_line_ms'))
   if base and took <= base then
     rcall('HDEL', K.model, 'stuck_line_ms', 'stuck_base_ms')
+  elseif base and line and line > took + base then
+    -- Ended past the old line, within the raised one: the line need run no further past this
+    -- boot than the old line's length (lost boots raised it on, with none ended to stop them)
+    rcall('HSET', K.model, 'stuck_line_ms', took + base)
   end
 end
 

@@ -64,14 +64,11 @@ local due = rcall('ZRANGEBYSCORE', K.terminating, '-inf', now, 'LIMIT', 0, p.max
 -- pool whose Node API lost two boots of three ran its mean, and the line, towards a day (two
 -- reviews). A boot stuck while others end (a lost node) raises nothing. A pool whose boots were
 -- learned by a release before 'boot_seen_ms' takes it as now at the first look.
-local stuck_after = stuck_after_ms(p, learned(rcall('HGET', K.model, 'boot_ms')) or 0)
-local raised = learned(rcall('HGET', K.model, 'stuck_line_ms'))
-if raised and (raised <= stuck_after or raised > LONGEST_BOOT_MS) then
+local stuck_after, raised, held = stuck_line(p, learned(rcall('HGET', K.model, 'boot_ms')) or 0)
+if held and not raised then
   -- the learned mean has caught up; or past a day, as no raise goes (an edit by hand)
   rcall('HDEL', K.model, 'stuck_line_ms', 'stuck_base_ms')
-  raised = nil
 end
-stuck_after = math.max(stuck_after, raised or 0)
 local stuck = rcall('ZRANGEBYSCORE', K.booting, '-inf', now - stuck_after,
                     'LIMIT', 0, p.max_batch)
 local boot_seen = learned(rcall('HGET', K.model, 'boot_seen_ms'))

@@ -373,6 +373,20 @@ local function stuck_after_ms(p, boot_ms)
   return math.max(p.boot_timeout_ms, math.min(LONGEST_BOOT_MS, STUCK_BOOT_MEANS * boot_ms))
 end
 
+-- The stuck line as reap_idle ends boots by it: stuck_after_ms, or the line boots stuck while
+-- none ended raised ('stuck_line_ms', reap_idle.lua) where that stands, above it and a day at
+-- most. Returns the line; the raised line if it stands, else nil; and the value the model
+-- holds (nil if none, or not a number a script wrote), which the reaper drops when it does not
+-- stand. Read-only: lead_time reads it in scripts that write nothing.
+local function stuck_line(p, boot_ms)
+  local line = stuck_after_ms(p, boot_ms)
+  local held = learned(rcall('HGET', K.model, 'stuck_line_ms'))
+  if held and held > line and held <= LONGEST_BOOT_MS then
+    return held, held, held
+  end
+  return line, nil, held
+end
+
 local function lead_time(p, boot_ms, boot_n)
   local share = p.overdue_boots
   if share <= 0 then
@@ -380,14 +394,8 @@ local function lead_time(p, boot_ms, boot_n)
   end
   -- A boot past the stuck line is one the reaper ends (--max-batch of them a tick), not a boot
   -- still to come: after a pause of the ticks its age is unbounded.
-  -- The line as reap_idle reads it: raised while no boot ends ('stuck_line_ms', a day at most),
-  -- the boots short of it run on.
-  local raised = learned(rcall('HGET', K.model, 'stuck_line_ms'))
-  local line = stuck_after_ms(p, boot_ms)
-  if raised and raised <= LONGEST_BOOT_MS then
-    line = math.max(line, raised)
-  end
-  local live = '(' .. score(p.now - line)
+  -- The line as reap_idle reads it: raised while no boot ends, the boots short of it run on.
+  local live = '(' .. score(p.now - stuck_line(p, boot_ms))
   if boot_ms <= 0 then
     local oldest = rcall('ZRANGEBYSCORE', K.booting, live, '+inf', 'WITHSCORES',
                          'LIMIT', 0, OVERDUE_LOOK)

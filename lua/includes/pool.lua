@@ -17,11 +17,11 @@ end
 -- so each weighs 0.2; 'boot_n' counts them, for the weight of the sample boots still running
 -- (policy.lua lead_time). A boot that ends within the stuck line as it was before stuck boots
 -- raised it ('stuck_base_ms', reap_idle.lua) says they were lost nodes: the line comes back.
+-- (That it ended, apply_node_status says with boot_ended when its ready comes.)
 local function learn_boot(start_ms, ready_ms)
   local took = math.max(0, ready_ms - start_ms)
   learn_mean('boot_ms', took, 0.2)
   rcall('HSET', K.model, 'boot_n', (learned(rcall('HGET', K.model, 'boot_n')) or 0) + 1)
-  boot_ended(ready_ms)
   local base = learned(rcall('HGET', K.model, 'stuck_base_ms'))
   local line = learned(rcall('HGET', K.model, 'stuck_line_ms'))
   if base and took <= base then

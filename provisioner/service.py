@@ -1322,27 +1322,18 @@ class Replica:
                                       "that time did not reach this replica")
                     if batch:
                         last_read, suspect = time.monotonic(), False
-                    elif self._looks_silent(last_read):
+                    elif (silent := self._silent_since(last_read, asked_at)) is not None:
                         # A loop or process frozen past the silence allowed wakes with bytes
                         # that came meanwhile, and its read's timer, queued before the socket
                         # is looked at, may win: the next read takes them without a wait.
                         # Reviews proved a read at once lost to its own timer too, with no
                         # wait and with 50 ms, and a live listener and a connect with it. Once
-                        # a silence: bytes that stay are a reply cut off, the connection dead.
+                        # a silence: bytes that stay are a reply cut off, the connection dead
+                        # (a confirmation cut off too: the pure-Python parser's buffer held it,
+                        # and the listener, for good).
+                        since, confirmed = silent
                         if suspect or not await _bytes_waiting(pubsub):
-                            raise SubscriptionSilent(time.monotonic() - last_read, last_read)
-                        suspect = True
-                    elif (not self.subscribed.is_set()
-                          and time.monotonic() - asked_at > max(
-                              2 * self._silence_allowed_s(), CONFIRM_WAIT_MIN_S)):
-                        # Unconfirmed, no probe goes out (`probe_lag` waits for `subscribed`)
-                        # and `_looks_silent` never arms: a path dead between the SUBSCRIBE and
-                        # its confirmation left the listener deaf, and unready, for good. Bytes
-                        # that stay are a confirmation cut off, as above (`suspect`): the
-                        # pure-Python parser's buffer held them, and the listener, for good.
-                        if suspect or not await _bytes_waiting(pubsub):
-                            raise SubscriptionSilent(time.monotonic() - asked_at, asked_at,
-                                                     confirmed=False)
+                            raise SubscriptionSilent(time.monotonic() - since, since, confirmed)
                         suspect = True
                     else:
                         suspect = False
@@ -1465,6 +1456,21 @@ class Replica:
         if oldest is None:
             return False
         return time.monotonic() - self._probes_published[oldest] > self._silence_allowed_s()
+
+    def _silent_since(self, last_read: float, asked_at: float) -> tuple[float, bool] | None:
+        """Since when (monotonic) the subscription has carried nothing a live one would, and
+        whether the server had confirmed it; None while it may be live. Confirmed: from the
+        last read, once a probe sent since is overdue (`_looks_silent`). Unconfirmed: from the
+        SUBSCRIBE, past twice the silence allowed (CONFIRM_WAIT_MIN_S at least), as no probe
+        goes out before the confirmation (`probe_lag` waits for `subscribed`), so
+        `_looks_silent` never arms: a path dead between the SUBSCRIBE and its confirmation
+        left the listener deaf, and unready, for good."""
+        if self._looks_silent(last_read):
+            return last_read, True
+        if (not self.subscribed.is_set() and time.monotonic() - asked_at
+                > max(2 * self._silence_allowed_s(), CONFIRM_WAIT_MIN_S)):
+            return asked_at, False
+        return None
 
     def _silence_allowed_s(self) -> float:
         """How long a live subscription may carry nothing: twice --max-event-lag, five

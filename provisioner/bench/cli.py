@@ -61,6 +61,7 @@ console = SafeConsole()
 #: Errors and warnings: on stderr, so what a command prints on stdout (--json, a table) stays
 #: what a pipe reads
 errors = SafeConsole(stderr=True)
+SERVICE = service_policy.NAME
 
 
 def _red(said: object) -> None:
@@ -68,7 +69,7 @@ def _red(said: object) -> None:
     which may hold what rich reads as markup ("a[/]b" raised MarkupError, "[bold]x" lost its
     brackets)."""
     errors.print(escape(str(said)), style="red")
-SERVICE = service_policy.NAME
+
 
 RedisUrl = Annotated[str | None, typer.Option(
     "--redis-url", callback=redis_url_option, help="Server for the service's scripts (default: "

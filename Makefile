@@ -36,15 +36,17 @@ coverage: $(STAMP)
 	$(BIN)/coverage report
 	$(BIN)/coverage html -q
 
-## test-matrix: the state-machine and replica tests against every server engine on this machine
-## (ENGINES=--others: all but the one `make test` uses, as .ci/run does after it)
+## test-matrix: the tests that talk to the server under test (marked `engine`: the scripts, the
+## replicas, the CLI against a pool), without the multi-process ones, against every server
+## engine on this machine (ENGINES=--others: all but the one `make test` uses, as .ci/run does
+## after it). The rest would run as `make test` ran them, on its engine or none
 ENGINES ?= --list
 test-matrix: $(STAMP)
 	@engines="$$($(BIN)/python -m provisioner.redis_server $(ENGINES))"; \
 	[ -n "$$engines" ] || echo "== no other server engine on this machine"; \
 	for engine in $$engines; do \
 		echo "== $$($$engine --version)"; \
-		PROVISIONER_TEST_REDIS_BINARY=$$engine $(PYTEST) -m "not e2e" || exit 1; \
+		PROVISIONER_TEST_REDIS_BINARY=$$engine $(PYTEST) -m "engine and not e2e" || exit 1; \
 	done
 
 ## soak: the local stack under steady traffic for SOAK_MINUTES (90), sampled every minute;

@@ -60,6 +60,22 @@ def _sendable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# The fixtures that start or reach the server under test (PROVISIONER_TEST_REDIS_BINARY's, in
+# the engine matrix), directly or through another fixture.
+SERVER_FIXTURES = frozenset({"redis_url", "full_redis_url", "password_redis_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks `engine` every test that talks to the server under test: each that asks for one of
+    SERVER_FIXTURES, and each marked so by hand (one that starts a server itself). The engine
+    matrix (`make test-matrix`) runs these alone on the other engines: the rest (the replay
+    benchmark on its own private server, the CLI's parsing, the docs) would run as they ran in
+    `make test`, on the default engine or none, and took half the matrix's time."""
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
+
+
 @pytest.fixture(autouse=True)
 def _root_logging_given_back() -> Iterator[None]:
     """The root logger as it was before the test. A test that runs `provisioner run` through

@@ -31,6 +31,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.engine  # OWNER starts the engine under test
 @pytest.mark.parametrize(("stop", "exit_code"), [
     (signal.SIGTERM, 128 + signal.SIGTERM),  # private_server's handler: SystemExit(143)
     (signal.SIGKILL, -signal.SIGKILL),  # uncatchable: the kernel's parent-death signal
@@ -207,3 +208,54 @@ def test_a_port_another_server_took_first_is_not_taken_for_ours(
         assert server.port != taken and server.process.poll() is None
     finally:
         server.stop()
+
+
+def _collected(marks: str) -> set[str]:
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
+                           "no:cacheprovider", "-m", marks, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return {line for line in done.stdout.splitlines() if "::" in line}
+
+
+def _reaching_the_engine_under_test(path: Path) -> set[str]:
+    """The names of the module's tests whose code names PROVISIONER_TEST_REDIS_BINARY, itself
+    or through a module-level constant that does (test_redis_server's OWNER)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    said = {target.id for node in tree.body if isinstance(node, ast.Assign)
+            for target in node.targets if isinstance(target, ast.Name)
+            and "PROVISIONER_TEST_REDIS_BINARY" in ast.unparse(node.value)}
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and \
+                node.name.startswith("test_"):
+            code = ast.unparse(node)
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            if "PROVISIONER_TEST_REDIS_BINARY" in code or names & said:
+                found.add(node.name)
+    return found
+
+
+def test_the_engine_matrix_runs_every_test_that_talks_to_the_engine_under_test() -> None:
+    """`make test-matrix` runs the tests marked `engine` alone (conftest marks each that asks
+    for a server fixture; a test that starts the engine itself is marked by hand). A test left
+    unmarked would never run on the other engines, and nothing would say so. Untested: the
+    Lua scripts' tests out of the matrix passed."""
+    matrix, rest = _collected("engine and not e2e"), _collected("not engine and not e2e")
+    assert matrix and rest and not matrix & rest
+
+    def tests_of(items: set[str], module: str) -> set[str]:
+        return {item for item in items if item.startswith(f"tests/{module}::")}
+
+    for module in ("test_scripts.py", "test_state_machine.py", "test_fuzz_policy.py",
+                   "test_hand_edits.py"):  # the state machine, on every engine
+        assert len(tests_of(matrix, module)) > len(tests_of(rest, module)), module
+    assert len(tests_of(rest, "test_docs.py")) > len(tests_of(matrix, "test_docs.py"))
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for name in _reaching_the_engine_under_test(path):
+            left = {item for item in rest
+                    if item.split("::")[1].split("[")[0] == name and
+                    item.startswith(f"tests/{path.name}::")}
+            assert not left, f"{sorted(left)} start the engine under test, unmarked `engine`"

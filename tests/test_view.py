@@ -1104,6 +1104,7 @@ def test_status_watch_into_a_pipe_writes_a_reading_a_second(redis_url: str) -> N
         watch.wait(timeout=10)
 
 
+@pytest.mark.engine  # starts the engine under test, once the watch has missed it
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_status_watch_while_redis_is_unreachable_says_so_and_goes_on_until_ctrl_c(
         as_json: bool) -> None:

@@ -63,10 +63,11 @@ soak: $(STAMP)
 # the README quotes from them is rerun by these targets. Deterministic: the same code writes the
 # same scores (only the wall-clock column moves), so after a change of the scripts or of the
 # replay all of them are rerun, not the recorded replays alone: dd8b9ee moved only the warm
-# suite's (users back after the first play), and that went unseen for a day. Every suite is a target of its own, writing
-# its own folder, so `make -j2 bench-docs` runs them two at a time. A variant of the service
-# is screened on all of them the same way, into another folder: `make -j2 bench-docs
-# BENCH_SET=overdue_boots=1 BENCH_OUT=/tmp/screen` (BENCH_SET: NAME=VALUE settings, `--set`).
+# suite's (users back after the first play), and that went unseen for a day. Every suite is a
+# target of its own, writing its own folder, so `make -j2 bench-docs` runs them two at a time.
+# A variant of the service is screened on all of them the same way, into another folder: `make
+# -j2 bench-docs BENCH_SET=overdue_boots=1 BENCH_OUT=/tmp/screen` (BENCH_SET: NAME=VALUE
+# settings, `--set`).
 SCENARIOS ?= ../shared/scenarios
 BENCH_OUT ?= docs/bench
 BENCH_SET ?=

@@ -88,7 +88,8 @@ if not replace and has_model then
 end
 
 -- An imported boot time stands for boots seen to end by now (reap_idle.lua: a stuck boot begun
--- after, with none ended since, is learned).
+-- after, with none ended since, raises the stuck line); the line the old model raised, and its
+-- base, go with it.
 local old = {'check_until_ms', 'check_connects', 'check_mean', 'check_var', 'boot_seen_ms',
              'stuck_line_ms', 'stuck_base_ms'}
 for _, f in ipairs(fields) do old[#old + 1] = f end

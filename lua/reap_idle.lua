@@ -86,7 +86,7 @@ elseif not boot_seen then
   -- unknown for good where no boot ends any more.
   rcall('HSET', K.model, 'boot_seen_ms', now)
 end
-local ended_stuck, stuck_line = 0, stuck_after
+local ended_stuck, ended_past = 0, stuck_after  -- the line the boots ended here were past
 for _, node in ipairs(stuck) do
   local began = tonumber(rcall('ZSCORE', K.booting, node))
   if began and began > now - stuck_after then
@@ -202,7 +202,7 @@ if #out > 0 then
   local reason = string.format(
     'terminate %d (stuck %d%s, retry %d%s, idle %d, booting in an idle node\'s place %d); '
     .. 'spare %d, keep %d (peak target of %.0fs%s), target %d', #out / 2, ended_stuck,
-    ended_stuck > 0 and string.format(' past %.0fs', stuck_line / 1000) or '', #due - drained,
+    ended_stuck > 0 and string.format(' past %.0fs', ended_past / 1000) or '', #due - drained,
     drained > 0 and string.format(', drained %d', drained) or '',
     reaped - swapped, swapped, s.spare, keep, p.keep_window_ms / 1000,
     held > 0 and string.format(', and %d held for a replace', held) or '', target)

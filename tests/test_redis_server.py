@@ -203,7 +203,7 @@ def test_a_port_another_server_took_first_is_not_taken_for_ours(
     ports = iter([taken])
     real = redis_server.free_port
     monkeypatch.setattr(redis_server, "free_port", lambda: next(ports, None) or real())
-    server = redis_server.start_server()
+    server = redis_server.start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
     try:
         assert server.port != taken and server.process.poll() is None
     finally:
@@ -277,3 +277,20 @@ def test_the_engine_matrix_runs_every_test_that_talks_to_the_engine_under_test()
                     if item.split("::")[1].split("[")[0] == name and
                     item.startswith(f"tests/{path.name}::")}
             assert not left, f"{sorted(left)} start the engine under test, unmarked `engine`"
+
+
+def test_no_test_starts_a_server_of_an_engine_other_than_the_one_under_test() -> None:
+    """A test that starts a server itself with `start_server()` runs the default engine
+    whatever the matrix is testing: the tests that pause a server (SIGSTOP) did so until
+    2026-12-07, and ran on one engine only. Each passes the matrix's binary (the variable
+    conftest's fixtures read; the default engine where it is unset), and the test above then
+    finds it unless it is marked `engine`."""
+    import ast
+
+    found = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in (
+                    "start_server", "redis_server.start_server") and not node.args:
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, f"{found} start a server of the default engine, not the one under test"

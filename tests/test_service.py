@@ -861,6 +861,7 @@ async def test_a_listener_further_behind_than_the_silence_allowed_is_not_taken_f
         assert counter(replica, "provisioner_errors_total", where="subscribe") == 0
 
 
+@pytest.mark.engine  # starts the engine under test itself, to pause it
 async def test_a_server_paused_past_the_silence_allowed_loses_no_event() -> None:
     """Found by a review of the check above: a server stopped (SIGSTOP: a VM paused, a fork
     stalled) for longer than the silence allowed, and less than the client's timeout, answered
@@ -872,7 +873,7 @@ async def test_a_server_paused_past_the_silence_allowed_loses_no_event() -> None
 
     from provisioner.redis_server import start_server
 
-    server = start_server()
+    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
     client = aioredis.Redis.from_url(server.url)
     producer = aioredis.Redis.from_url(server.url, socket_timeout=None)  # waits out the pause
     replica = _probing_replica(client, pool="paused", reconcile_interval_s=0)
@@ -901,6 +902,7 @@ async def test_a_server_paused_past_the_silence_allowed_loses_no_event() -> None
         server.stop()
 
 
+@pytest.mark.engine  # starts the engine under test itself, to pause it
 async def test_a_probe_whose_reply_is_lost_stays_out_and_times_the_listener() -> None:
     """Found by a partition drill: one replica of two cut from its server for 3 minutes (its
     connections open, carrying nothing), then back. Each heartbeat's probe timed out and was
@@ -914,7 +916,7 @@ async def test_a_probe_whose_reply_is_lost_stays_out_and_times_the_listener() ->
 
     from provisioner.redis_server import start_server
 
-    server = start_server()
+    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
     client = aioredis.Redis.from_url(server.url, socket_timeout=1)
     producer = aioredis.Redis.from_url(server.url, socket_timeout=None)  # waits out the cut
     replica = _probing_replica(client, pool="cut")

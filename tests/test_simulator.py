@@ -454,6 +454,7 @@ async def test_traffic_told_to_stop_sends_no_disconnect_to_a_user_who_only_brows
     assert counts == {"user:activity": 1, "user:connect": 1, "user:disconnect": 1}
 
 
+@pytest.mark.engine  # starts the engine under test itself, to pause it
 def test_the_simulator_told_to_stop_while_a_stalled_server_has_not_answered_stops() -> None:
     """A review: SIGTERM while the first PING waited on a server stopped (SIGSTOP: a VM paused)
     waited out the client's timeout, then said "cannot reach Redis" and exit 2. It stops, as
@@ -465,7 +466,7 @@ def test_the_simulator_told_to_stop_while_a_stalled_server_has_not_answered_stop
 
     from provisioner.redis_server import start_server
 
-    server = start_server()
+    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
     os.kill(server.process.pid, signal.SIGSTOP)
     try:
         proc = subprocess.Popen(

@@ -551,6 +551,9 @@ def status(
                     live.update(view.render_view(reading), refresh=True)
                 await asyncio.sleep(1.0)
 
+    # SIGTERM ends it as Ctrl-C does: `docker stop` of a watch in a container, its PID 1, which
+    # ignores a signal it has no handler for, waited 10 s and killed it (a Docker drill).
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         _with_redis(redis_url, loop)
     except KeyboardInterrupt:
@@ -558,6 +561,8 @@ def status(
     except _ReaderGone:  # quietly, with the exit 1 of Rich's and click's own broken pipe
         _stdout_to_devnull()
         raise typer.Exit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @app.command()

@@ -1104,6 +1104,36 @@ def test_status_watch_into_a_pipe_writes_a_reading_a_second(redis_url: str) -> N
         watch.wait(timeout=10)
 
 
+
+def test_status_watch_stops_on_sigterm_as_on_ctrl_c(redis_url: str) -> None:
+    """A Docker drill: `docker stop` of `status --watch` run in the compose file's cli
+    container waited its 10 s and killed it (exit 137), the watch being the container's PID 1,
+    which ignores a signal it has no handler for. SIGTERM now ends the watch as Ctrl-C does,
+    exit 0 with its readings written, as `replace` and the replicas take it; elsewhere it was
+    killed by the signal (exit -15 to its parent)."""
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    watch = subprocess.Popen([sys.executable, "-m", "provisioner", "status", "--watch", "--json",
+                              "--redis-url", redis_url, "--pool", "stopped"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in watch.stdout or ()],
+                     daemon=True).start()
+    try:
+        assert json.loads(lines.get(timeout=15))["pool"] == "stopped"
+        watch.send_signal(signal.SIGTERM)
+        assert watch.wait(timeout=10) == 0, watch.stderr.read() if watch.stderr else ""
+        assert "Traceback" not in (watch.stderr.read() if watch.stderr else "")
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(timeout=10)
+
+
 @pytest.mark.engine  # starts the engine under test, once the watch has missed it
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_status_watch_while_redis_is_unreachable_says_so_and_goes_on_until_ctrl_c(

@@ -59,6 +59,26 @@ def test_prometheus_loads_the_rules_compose_mounts() -> None:
     assert mounted["/etc/prometheus/alerts.yml"] == "alerts"
 
 
+def _seconds(duration: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return int(duration[:-1]) * units[duration[-1]]
+
+
+def test_a_replica_removed_leaves_the_targets_well_within_the_replica_down_alert_s_hold() -> None:
+    """A Docker drill of the README's rolling upgrade: the old replicas, removed, stayed
+    listed as down for about 34 s (Prometheus asks the DNS again every 30 s by default), and
+    `ProvisionerReplicaDown` was pending for about 40 s of its minute. The discovery is asked
+    again at the scrape interval, so a replica removed leaves within a few scrapes."""
+    prometheus = yaml.safe_load(compose()["configs"]["prometheus"]["content"])
+    [job] = [job for job in prometheus["scrape_configs"] if job["job_name"] == "provisioner"]
+    [discovery] = job["dns_sd_configs"]
+    refresh = _seconds(discovery.get("refresh_interval", "30s"))
+    [down] = [rule for rule in rules() if rule.get("alert") == "ProvisionerReplicaDown"]
+    assert refresh <= _seconds(prometheus["global"]["scrape_interval"])
+    assert 3 * (refresh + _seconds(prometheus["global"]["evaluation_interval"])) \
+        <= _seconds(down["for"])
+
+
 def test_every_template_dollar_is_escaped_for_compose() -> None:
     raw = compose()["configs"]["alerts"]["content"]
     assert "{{" in raw and not re.search(r"(?<!\$)\$(?!\$)", raw.replace("$$", ""))

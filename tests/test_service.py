@@ -903,6 +903,49 @@ async def test_a_server_paused_past_the_silence_allowed_loses_no_event() -> None
 
 
 @pytest.mark.engine  # starts the engine under test itself, to pause it
+async def test_a_batch_a_paused_server_took_no_answer_for_is_held_past_the_cut_off_s_hold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator's drill: connects being applied as the server was stopped (SIGSTOP) for
+    20 s were dropped by both replicas after UNREACHABLE_HOLD_S's 10 s ("may have been applied
+    ... could not be told"), and 3 and 4 of 30 users were never given a node nor told to wait.
+    A server that takes the connection and does not answer meets every replica alike, as a
+    refusal does: its batch is held for --event-hold, and applied once it answers (here it is
+    paused 1.5 s against a cut-off's hold of 0.5 s)."""
+    import os
+    import signal
+
+    import provisioner.service as service
+    from provisioner.redis_server import start_server
+
+    monkeypatch.setattr(service, "UNREACHABLE_HOLD_S", 0.5)
+    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
+    client = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+    reader = aioredis.Redis.from_url(server.url)
+    replica = _probing_replica(client, pool="paused-apply")
+    try:
+        await replica.handle(*wire("user:activity", {"user_id": "ana",
+                                                     "timestamp": int(time.time())}))
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            held = asyncio.create_task(replica.handle_many(
+                [wire("user:connect", {"user_id": user}) for user in ("ana", "ben")]))
+            await asyncio.sleep(1.5)
+            assert not held.done()
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        outcomes = await asyncio.wait_for(held, 10)
+        assert all(outcome is not None for outcome in outcomes), outcomes
+        waiting = {user.decode() for user in await reader.zrange(
+            replica.keys.key("waiting"), 0, -1)}
+        assert waiting == {"ana", "ben"}
+        assert counter(replica, "provisioner_errors_total", where="event") == 0
+        assert counter(replica, "provisioner_errors_total", where="event_retry") > 0
+    finally:
+        await client.aclose()
+        await reader.aclose()
+        server.stop()
+
+@pytest.mark.engine  # starts the engine under test itself, to pause it
 async def test_a_probe_whose_reply_is_lost_stays_out_and_times_the_listener() -> None:
     """Found by a partition drill: one replica of two cut from its server for 3 minutes (its
     connections open, carrying nothing), then back. Each heartbeat's probe timed out and was
@@ -3244,9 +3287,10 @@ async def test_a_listener_subscribed_again_behind_its_backlog_still_shows_its_la
         await listening
 
 
+@pytest.mark.parametrize("first", ["refused", "timed out reading", "timed out connecting"])
 async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a_held_disconnect(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, replica: Replica,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, first: str,
 ) -> None:
     """A replica cut off from the server alone (a partition, its own network) holds the batch
     it was applying and tries it again, while the other replicas apply the same messages and
@@ -3263,10 +3307,20 @@ async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a
     await send([mate, replica], "user:connect", {"user_id": "alice"})
     cut = {"on": True}
     run_many = replica.scripts.run_many
+    tries: list[int] = []
+    # The connection made before the cut times out reading, as a stalled server's does (whose
+    # batches are held for --event-hold); the tries after it connect anew, and cannot.
+    problems: dict[str, Exception] = {
+        "refused": RedisConnectionError("Error 110 connecting to redis:6379. Connection timed "
+                                        "out."),
+        "timed out reading": RedisTimeoutError("Timeout reading from redis:6379"),
+        "timed out connecting": RedisTimeoutError("Timeout connecting to server")}
 
     async def partitioned(calls: list[Any]) -> list[Any]:
+        tries.append(len(calls))
         if cut["on"]:
-            raise RedisConnectionError("Error 110 connecting to redis:6379. Connection timed out.")
+            raise problems[first] if len(tries) == 1 else problems[
+                "timed out connecting" if first == "timed out connecting" else "refused"]
         return await run_many(calls)
 
     replica.scripts.run_many = partitioned  # type: ignore[method-assign]

@@ -68,9 +68,12 @@ Outcome = ActivityResult | AllocateResult | ReleaseResult | NodeStatusResult | N
 #: How long after a failed DELETE the next attempt is made.
 DELETE_RETRY_MS = 10_000
 #: While the Node API is down (creates unanswered or answered 5xx), the replica holds its
-#: creates: after the n-th such create in a row, none for CREATE_HOLD_MS * 2**(n-1), at most
+#: creates: after the n-th such try in a row, none for CREATE_HOLD_MS * 2**(n-1), at most
 #: CREATE_HOLD_MAX_MS, then one at a time until one is answered. Without it a dead API took
-#: max_batch creates a tick, three attempts each (31 a second here), and as many warnings.
+#: max_batch creates a tick, three attempts each (31 a second here), and as many warnings. A
+#: try is a create sent after the last failure was known: the creates of one tick failing
+#: together are one try (an operator's drill: a tick's 20 held creates for 30 s at once, where
+#: a Node API back within a second would have been asked again a second later).
 CREATE_HOLD_MS = 1_000
 CREATE_HOLD_MAX_MS = 30_000
 #: After a create answered 429 (the Node API at its capacity, after the client's own retries),
@@ -382,6 +385,10 @@ class Replica:
         #: creates in a row that found the Node API down, and until when creates are held: an
         #: observation of a service outside the pool, like the clock's, never pool state
         self._api_down = 0
+        #: the tries that found the Node API down in a row, the hold doubling with each: a
+        #: create sent before the last of them was known says nothing new (`_create_answered`)
+        self._api_down_tries = 0
+        self._api_down_known_ms = 0
         self._creates_held_until_ms = 0
         self._capacity_held_until_ms = 0
         #: creates in a row the Node API refused (or answered with an id the pool cannot
@@ -884,18 +891,22 @@ class Replica:
             return None
         return 0 if now_ms < self._creates_held_until_ms or creating else 1
 
-    def _create_answered(self, result: CreateResult, now_ms: int) -> None:
+    def _create_answered(self, result: CreateResult, now_ms: int, asked_ms: int) -> None:
         """Hold creates while the Node API is down (see CREATE_HOLD_MS), and stop on the first
-        answer."""
+        answer. A create sent (`asked_ms`) before the last failure was known is of the same
+        try, and does not double the hold."""
         if result.api_down:
             self._api_down += 1
-            hold = _doubling_hold_ms(CREATE_HOLD_MS, self._api_down)
+            if not self._api_down_tries or asked_ms > self._api_down_known_ms:
+                self._api_down_tries += 1
+                self._api_down_known_ms = now_ms
+            hold = _doubling_hold_ms(CREATE_HOLD_MS, self._api_down_tries)
             self._creates_held_until_ms = max(self._creates_held_until_ms, now_ms + hold)
             self.metrics.creates_held.set(1)
             self._trouble.warning(
                 "api-down", "the Node API is failing (%s): creates held for %.0fs, then made one "
-                "at a time until one is answered (%d failed in a row)", result.detail,
-                hold / 1000, self._api_down)
+                "at a time until one is answered (%d failed in a row, in %d tries)",
+                result.detail, hold / 1000, self._api_down, self._api_down_tries)
         else:
             self._api_answered("a create")
         if result.refused:
@@ -928,7 +939,7 @@ class Replica:
         if self._api_down:
             log.warning("the Node API answers again (%s), after %d creates failed in a row",
                         call, self._api_down)
-            self._api_down = 0
+            self._api_down = self._api_down_tries = 0
             self.metrics.creates_held.set(0)
 
     def _say_if_capped(self, decision: Decision) -> None:
@@ -1016,7 +1027,7 @@ class Replica:
         # the same way, and made and deleted for nothing.
         self._create_answered(dataclasses.replace(
             result, refused=True, detail=f"a node named {result.node_id[:80]!r}, an id the pool "
-            "cannot take") if unusable else result, now)
+            "cannot take") if unusable else result, now, asked)
         if unusable:
             # A node the pool could never hear of (its status would be refused): deleted at
             # once, and its reservation given back so a tick can create another once the hold

@@ -1548,25 +1548,31 @@ async def test_creates_are_held_while_the_node_api_is_down_and_probed_one_at_a_t
     with caplog.at_level(logging.WARNING):
         await tick(0)
     assert calls == 5  # the floor: five creates, all unanswered
-    assert "the Node API is failing (could not connect): creates held" in caplog.text
+    assert "creates held for 1s" in caplog.text  # one try: the tick's creates failed together
     assert counter(replica, "provisioner_creates_held") == 1
-    for _ in range(15):  # held for 16 s: no call
-        await tick()
-    assert calls == 5
     reason = await aredis.hget(replica.keys.key("stats"), "last_decision")
-    assert "create 0 of 5 (creates held while the Node API fails, is full or refuses)" in reason
-    await tick()  # the hold is over: one probe, unanswered, and a longer hold
-    assert calls == 6
-    for _ in range(29):
+    # Then a probe each time the hold is over, unanswered, and the hold doubled: 1 s after
+    # the first try, 2, 4, 8, 16, then 30 s at most. Before, the five creates of the first
+    # tick were five failures in a row, and held creates for 16 s at once (a tick of 20: 30 s).
+    probed_at = []
+    for second in range(1, 93):
+        before = calls
         await tick()
-    assert calls == 6
+        if calls > before:
+            probed_at.append(second)
+            assert calls == before + 1
+        elif second == 2:
+            reason = await aredis.hget(replica.keys.key("stats"), "last_decision")
+            assert "create 0 of 5 (creates held while the Node API fails, is full or " \
+                "refuses)" in reason
+    assert probed_at == [1, 3, 7, 15, 31, 61, 91]
     api.create_outcomes.append(CreateResult(CreateOutcome.CREATED, "node-1"))
-    await tick()  # the probe is answered: creates are made again, as many as the tick wants
-    assert calls == 7 and counter(replica, "provisioner_creates_held") == 0
+    await tick(30_000)  # the probe is answered: creates are made again, as many as wanted
+    assert calls == 13 and counter(replica, "provisioner_creates_held") == 0
     api.create_outcomes.extend(CreateResult(CreateOutcome.CREATED, f"node-{n}")
                                for n in range(2, 6))
     await tick()
-    assert calls == 11
+    assert calls == 17
 
 
 async def test_a_probe_still_in_flight_holds_the_next_ticks_creates(

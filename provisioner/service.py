@@ -715,8 +715,9 @@ class Replica:
             elif result.code is not Release.UNKNOWN:
                 self.metrics.releases.labels(result.code.name.lower()).inc()
                 if not self._looping.held_back(event.user_id):
-                    log.info("disconnect %s: %s %s", event.user_id, result.code.name.lower(),
-                             result.node_id)
+                    # (an abandoned wait had no node: no id, where the line ended in a space)
+                    log.info("disconnect %s: %s%s", event.user_id, result.code.name.lower(),
+                             f" {result.node_id}" if result.node_id else "")
             self._served(result.served)
         else:
             assert isinstance(result, NodeStatusResult)

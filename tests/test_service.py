@@ -219,6 +219,17 @@ async def test_a_client_reconnecting_in_a_loop_logs_a_line_of_it_every_ten_secon
     assert counter(replica, "provisioner_sessions_resumed_total") == 51
 
 
+async def test_a_wait_abandoned_is_logged_with_no_node(
+    replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An operator's drill: "disconnect u2: abandoned " ended in the space before a node id it
+    # did not have.
+    with caplog.at_level("INFO", logger="provisioner.service"):
+        await send([replica], "user:connect", {"user_id": "u2"})
+        await send([replica], "user:disconnect", {"user_id": "u2"})
+    assert [record.getMessage() for record in caplog.records
+            if record.getMessage().startswith("disconnect u2")] == ["disconnect u2: abandoned"]
+
 def test_a_throttle_of_users_forgets_the_quiet_ones_past_its_bound(
         monkeypatch: pytest.MonkeyPatch) -> None:
     seconds = [0.0]

@@ -75,17 +75,32 @@ def read_document(text: str) -> dict[str, float]:
     if not isinstance(fields, dict) or not fields:
         raise ModelFileError("the model file has no fields")
     numbers: dict[str, float] = {}
+    # A number past a float's range (an integer of 400 digits, 1e999, which JSON reads as
+    # infinity) or Infinity or NaN: said so, where an operator's drill was told the first was
+    # "not a number" and the second "inf", which the file did not hold.
+    unbounded: list[str] = []
     for name, value in fields.items():
         if not isinstance(value, bool) and isinstance(value, int | float):
             try:
-                numbers[str(name)] = float(value)
-            except OverflowError:  # an integer past a float's range
-                pass
-    bad = sorted(str(name) for name in fields if str(name) not in numbers)
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if math.isfinite(number):
+                numbers[str(name)] = number
+            else:
+                unbounded.append(str(name))
+    bad = sorted(str(name) for name in fields
+                 if str(name) not in numbers and str(name) not in unbounded)
     if bad:
-        shown = ", ".join(name[:40] for name in bad[:10]) + (" ..." if len(bad) > 10 else "")
-        raise ModelFileError(f"fields whose values are not numbers: {shown}")
+        raise ModelFileError(f"fields whose values are not numbers: {_names(bad)}")
+    if unbounded:
+        raise ModelFileError("fields whose values are not finite numbers (past a float's range, "
+                             f"±1.8e308, or Infinity or NaN): {_names(sorted(unbounded))}")
     return numbers
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(name[:40] for name in names[:10]) + (" ..." if len(names) > 10 else "")
 
 
 def _learned(raw: str | None) -> float | None:

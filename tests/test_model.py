@@ -198,7 +198,10 @@ def test_an_export_leaves_out_what_an_import_would_refuse() -> None:
     # Neither may stop the command with a traceback.
     ('{"a": ' * 5000 + "1" + "}" * 5000, "nested too deep"),
     ('{"format": "' + FORMAT + '", "fields": {"r0": ' + "9" * 400 + ', "x0": 1}}',
-     "not numbers: r0"),
+     "not finite numbers (past a float's range, ±1.8e308, or Infinity or NaN): r0"),
+    # An operator's drill: told "not numbers" of the first, and "inf" of 1e999.
+    ('{"format": "' + FORMAT + '", "fields": {"r0": 1e999, "x0": NaN, "x1": -Infinity}}',
+     "not finite numbers (past a float's range, ±1.8e308, or Infinity or NaN): r0, x0, x1"),
     ('{"format": "' + FORMAT + '", "fields": {"r0": ' + "9" * 5000 + "}}", "not JSON"),
 ])
 def test_a_model_file_that_cannot_be_imported_says_why(text: str, message: str) -> None:

@@ -428,18 +428,16 @@ def redis_trouble(url: str, exc: BaseException) -> str:
         return f"Redis at {shown} answered, and is still loading its data: {exc}"
     if redis_refused(exc):
         return f"Redis at {shown} refused: {exc}"
-    if answer_late(exc):
+    if _answer_late(exc):
         return (f"Redis at {shown} took the connection and did not answer in time: {exc} (a "
                 "server paused or stalled, or busy with a long command; or the network)")
     return f"cannot reach Redis at {shown}: {str(exc) or type(exc).__name__}"
 
 
-def answer_late(exc: BaseException) -> bool:
+def _answer_late(exc: BaseException) -> bool:
     """A server connected to that did not answer within the client's timeout ("Timeout reading
     from ..."): said "cannot reach" of a paused server, it sent the operator to the network
-    alone (an operator's walkthrough). A timeout connecting is the network's, or no server's.
-    A server paused takes new connections all the same (its kernel does), and times out
-    reading on each."""
+    alone (an operator's walkthrough). A timeout connecting is the network's, or no server's."""
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     return isinstance(exc, RedisTimeoutError) and "connecting" not in str(exc)

@@ -914,14 +914,14 @@ async def test_a_server_paused_past_the_silence_allowed_loses_no_event() -> None
 
 
 @pytest.mark.engine  # starts the engine under test itself, to pause it
-async def test_a_batch_a_paused_server_took_no_answer_for_is_held_past_the_cut_off_s_hold(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_batch_a_paused_server_took_no_answer_for_is_dropped_at_the_cut_off_s_hold(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """An operator's drill: connects being applied as the server was stopped (SIGSTOP) for
-    20 s were dropped by both replicas after UNREACHABLE_HOLD_S's 10 s ("may have been applied
-    ... could not be told"), and 3 and 4 of 30 users were never given a node nor told to wait.
-    A server that takes the connection and does not answer meets every replica alike, as a
-    refusal does: its batch is held for --event-hold, and applied once it answers (here it is
-    paused 1.5 s against a cut-off's hold of 0.5 s)."""
+    20 s were dropped by both replicas after UNREACHABLE_HOLD_S's 10 s, and 3 and 4 of 30 users
+    were never given a node nor told to wait. A pause looks to a replica like a cut behind a hop
+    that takes the connection, where holding longer let a late copy end a session begun since
+    (a review of the one session that held it for --event-hold): so it is held as a cut is, and
+    each event dropped is named and counted (here paused 1.5 s against a hold of 0.5 s)."""
     import os
     import signal
 
@@ -938,23 +938,22 @@ async def test_a_batch_a_paused_server_took_no_answer_for_is_held_past_the_cut_o
                                                      "timestamp": int(time.time())}))
         os.kill(server.process.pid, signal.SIGSTOP)
         try:
-            held = asyncio.create_task(replica.handle_many(
-                [wire("user:connect", {"user_id": user}) for user in ("ana", "ben")]))
-            await asyncio.sleep(1.5)
-            assert not held.done()
+            with caplog.at_level("WARNING", logger="provisioner.service"):
+                held = asyncio.create_task(replica.handle_many(
+                    [wire("user:connect", {"user_id": user}) for user in ("ana", "ben")]))
+                outcomes = await asyncio.wait_for(held, 5)
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
-        outcomes = await asyncio.wait_for(held, 10)
-        assert all(outcome is not None for outcome in outcomes), outcomes
-        waiting = {user.decode() for user in await reader.zrange(
-            replica.keys.key("waiting"), 0, -1)}
-        assert waiting == {"ana", "ben"}
-        assert counter(replica, "provisioner_errors_total", where="event") == 0
-        assert counter(replica, "provisioner_errors_total", where="event_retry") > 0
+        assert outcomes == [None, None]
+        for user in ("ana", "ben"):
+            assert f"user:connect of {user} may have been applied" in caplog.text
+        assert counter(replica, "provisioner_errors_total", where="event") == 2
+        assert await reader.zcard(replica.keys.key("waiting")) == 0
     finally:
         await client.aclose()
         await reader.aclose()
         server.stop()
+
 
 @pytest.mark.engine  # starts the engine under test itself, to pause it
 async def test_a_probe_whose_reply_is_lost_stays_out_and_times_the_listener() -> None:
@@ -3304,7 +3303,8 @@ async def test_a_listener_subscribed_again_behind_its_backlog_still_shows_its_la
         await listening
 
 
-@pytest.mark.parametrize("first", ["refused", "timed out reading", "timed out connecting"])
+@pytest.mark.parametrize("first", ["refused", "timed out reading", "timed out connecting",
+                                   "every try timed out reading"])
 async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a_held_disconnect(
     aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, replica: Replica,
     monkeypatch: pytest.MonkeyPatch, first: str,
@@ -3325,17 +3325,22 @@ async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a
     cut = {"on": True}
     run_many = replica.scripts.run_many
     tries: list[int] = []
-    # The connection made before the cut times out reading, as a stalled server's does (whose
-    # batches are held for --event-hold); the tries after it connect anew, and cannot.
+    # The connection made before the cut times out reading, as a paused server's does; the
+    # tries after it connect anew, and cannot; or, behind a hop that takes the connection for
+    # the server, every try times out reading.
     problems: dict[str, Exception] = {
         "refused": RedisConnectionError("Error 110 connecting to redis:6379. Connection timed "
                                         "out."),
         "timed out reading": RedisTimeoutError("Timeout reading from redis:6379"),
         "timed out connecting": RedisTimeoutError("Timeout connecting to server")}
 
+    problems["every try timed out reading"] = problems["timed out reading"]
+
     async def partitioned(calls: list[Any]) -> list[Any]:
         tries.append(len(calls))
         if cut["on"]:
+            if first == "every try timed out reading":  # a sidecar, a tunnel: a review
+                raise problems[first]
             raise problems[first] if len(tries) == 1 else problems[
                 "timed out connecting" if first == "timed out connecting" else "refused"]
         return await run_many(calls)

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import types
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple, TypeVar
 
@@ -348,6 +348,18 @@ def _together(service: ServiceConfig, pool: PoolConfig,
             "create with less left than the call's longest is not sent"]
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, while the block runs: `docker stop`
+    and `kill` of a command run in a container, its PID 1, which ignores a signal it has no
+    handler for (Docker kills it 10 s later)."""
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _with_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     try:
         # Connects on first use. What is not UTF-8 (a hand edit) is shown replaced, not fatal.
@@ -551,18 +563,15 @@ def status(
                     live.update(view.render_view(reading), refresh=True)
                 await asyncio.sleep(1.0)
 
-    # SIGTERM ends it as Ctrl-C does: `docker stop` of a watch in a container, its PID 1, which
-    # ignores a signal it has no handler for, waited 10 s and killed it (a Docker drill).
-    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        _with_redis(redis_url, loop)
-    except KeyboardInterrupt:
-        pass
-    except _ReaderGone:  # quietly, with the exit 1 of Rich's and click's own broken pipe
-        _stdout_to_devnull()
-        raise typer.Exit(1) from None
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    # (SIGTERM as Ctrl-C: a Docker drill's `docker stop` of a watch waited 10 s and killed it)
+    with _sigterm_as_ctrl_c():
+        try:
+            _with_redis(redis_url, loop)
+        except KeyboardInterrupt:
+            pass
+        except _ReaderGone:  # quietly, with the exit 1 of Rich's and click's own broken pipe
+            _stdout_to_devnull()
+            raise typer.Exit(1) from None
 
 
 @app.command()
@@ -904,18 +913,16 @@ def _done_part_way(redis_url: str, work: Callable[[aioredis.Redis], Awaitable[T]
                            + (f"{', '.join(rest[1:])} not; " if rest[1:] else "")
                            + f"`provisioner {shown_by}` shows each"))
 
-    before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop`, `kill`
-    try:
-        return _with_redis(redis_url, watched)
-    except KeyboardInterrupt:
-        say("stopped after")
-        raise typer.Exit(130) from None
-    except typer.Exit:
-        if lost:
-            say("cut off from the server after")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    with _sigterm_as_ctrl_c():
+        try:
+            return _with_redis(redis_url, watched)
+        except KeyboardInterrupt:
+            say("stopped after")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            if lost:
+                say("cut off from the server after")
+            raise
 
 
 def _confirm(question: str, done: str, does: str) -> None:

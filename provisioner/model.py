@@ -74,25 +74,27 @@ def read_document(text: str) -> dict[str, float]:
     fields = document.get("fields")
     if not isinstance(fields, dict) or not fields:
         raise ModelFileError("the model file has no fields")
-    numbers: dict[str, float] = {}
     # A number past a float's range (an integer of 400 digits, 1e999, which JSON reads as
     # infinity) or Infinity or NaN: said so, where an operator's drill was told the first was
     # "not a number" and the second "inf", which the file did not hold.
+    numbers: dict[str, float] = {}
+    bad: list[str] = []
     unbounded: list[str] = []
-    for name, value in fields.items():
-        if not isinstance(value, bool) and isinstance(value, int | float):
-            try:
-                number = float(value)
-            except OverflowError:
-                number = math.inf
-            if math.isfinite(number):
-                numbers[str(name)] = number
-            else:
-                unbounded.append(str(name))
-    bad = sorted(str(name) for name in fields
-                 if str(name) not in numbers and str(name) not in unbounded)
+    for key, value in fields.items():
+        name = str(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            bad.append(name)
+            continue
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number):
+            numbers[name] = number
+        else:
+            unbounded.append(name)
     if bad:
-        raise ModelFileError(f"fields whose values are not numbers: {_names(bad)}")
+        raise ModelFileError(f"fields whose values are not numbers: {_names(sorted(bad))}")
     if unbounded:
         raise ModelFileError("fields whose values are not finite numbers (past a float's range, "
                              f"±1.8e308, or Infinity or NaN): {_names(sorted(unbounded))}")

@@ -3327,22 +3327,19 @@ async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a
     tries: list[int] = []
     # The connection made before the cut times out reading, as a paused server's does; the
     # tries after it connect anew, and cannot; or, behind a hop that takes the connection for
-    # the server, every try times out reading.
-    problems: dict[str, Exception] = {
-        "refused": RedisConnectionError("Error 110 connecting to redis:6379. Connection timed "
-                                        "out."),
-        "timed out reading": RedisTimeoutError("Timeout reading from redis:6379"),
-        "timed out connecting": RedisTimeoutError("Timeout connecting to server")}
-
-    problems["every try timed out reading"] = problems["timed out reading"]
+    # the server (a sidecar, a tunnel: a review), every try times out reading.
+    refused = RedisConnectionError("Error 110 connecting to redis:6379. Connection timed out.")
+    reading = RedisTimeoutError("Timeout reading from redis:6379")
+    connecting = RedisTimeoutError("Timeout connecting to server")
+    first_try, later_tries = {"refused": (refused, refused),
+                              "timed out reading": (reading, refused),
+                              "timed out connecting": (connecting, connecting),
+                              "every try timed out reading": (reading, reading)}[first]
 
     async def partitioned(calls: list[Any]) -> list[Any]:
         tries.append(len(calls))
         if cut["on"]:
-            if first == "every try timed out reading":  # a sidecar, a tunnel: a review
-                raise problems[first]
-            raise problems[first] if len(tries) == 1 else problems[
-                "timed out connecting" if first == "timed out connecting" else "refused"]
+            raise first_try if len(tries) == 1 else later_tries
         return await run_many(calls)
 
     replica.scripts.run_many = partitioned  # type: ignore[method-assign]

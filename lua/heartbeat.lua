@@ -28,6 +28,12 @@
   Each replica's ticks pass the epoch they run on to scale_decide, which decides nothing under
   another, until that replica has taken the Node API's nodes back.
 
+  Every heartbeat is also kept in `beats` for forget_ms, as `replica@ms` scored by the server's
+  time: the record of when the server served the pool's replicas, which judge_gap.lua reads to
+  tell a replica that could not reach the server whether the server served the others
+  meanwhile (it was cut off alone) or no one (the server was paused). O(log n + m) a call, m
+  the beats trimmed: those added forget_ms before, about one a call.
+
   A state put back from an older copy (a snapshot, a replica promoted before it caught up)
   holds the same epoch. So every heartbeat also counts itself in stats `heartbeats` and
   returns the count, with the server's time the count began (`heartbeats_since`): a replica
@@ -83,6 +89,8 @@ end
 local time = rcall('TIME')
 local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 rcall('ZADD', K.replicas, server_ms, replica)
+rcall('ZADD', K.beats, server_ms, replica .. '@' .. server_ms)
+rcall('ZREMRANGEBYSCORE', K.beats, '-inf', '(' .. (server_ms - forget_ms))
 rcall('HSET', K.replica_info, replica, info)
 local gone = rcall('ZRANGEBYSCORE', K.replicas, '-inf', '(' .. (server_ms - forget_ms),
                    'LIMIT', 0, 10)

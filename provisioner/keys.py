@@ -46,6 +46,7 @@ POOL_KEY_ORDER: tuple[str, ...] = (
     "drains",         # zset: node id -> ms an operator drained it in its session (ends with it)
     "replacing",      # string: "extra:until_ms:run", spare a replace holds (a lease: PX)
     "ended",          # zset: user id -> ms their session ended (-ms: their wait), a minute
+    "beats",          # zset: "replica@ms" -> server ms of each heartbeat, for FORGET_REPLICA_MS
 )
 
 

@@ -23,6 +23,9 @@ ERROR_PLACES = ("event", "event_retry", "event_backlog_full", "action", "subscri
                 "heartbeat", "reconcile", "unusable_id", "other_pools", "eviction",
                 "replica_id_shared")
 
+#: what judge_gap found of a gap (lua/judge_gap.lua), and unanswered: no answer in the hold
+GAP_VERDICTS = ("pause", "served", "unknown", "unanswered")
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -227,6 +230,14 @@ class Metrics:
             "frozen container or VM; starved of CPU; a call blocking the loop): the events "
             "published meanwhile were applied that much late, which the lag probes, timed by "
             "the stalled process, do not show", registry=r)
+        self.server_gaps = Counter(
+            "provisioner_server_gaps",
+            "Gaps in which this replica could not reach the server past 10 s while applying "
+            "events, by what judge_gap found once it answered again (lua/judge_gap.lua): "
+            "pause (it served no replica: the events held were applied), served (it served "
+            "others: this replica was cut off alone, and the events held were dropped), "
+            "unknown (the heartbeats could not tell: dropped), unanswered (no answer within "
+            "--event-hold: dropped)", ["judged"], registry=r)
         self.errors = Counter("provisioner_errors",
                               "Unexpected errors while handling work, by where",
                               ["where"], registry=r)
@@ -236,6 +247,8 @@ class Metrics:
             self.terminations.labels(reason)
         for where in ERROR_PLACES:
             self.errors.labels(where)
+        for judged in GAP_VERDICTS:
+            self.server_gaps.labels(judged)
 
     def observe_script(self, name: str, seconds: float) -> None:
         self.script_latency.labels(name).observe(seconds)

@@ -57,6 +57,7 @@ SCRIPT_NAMES = (
     "model_view",
     "snapshot",
     "heartbeat",
+    "judge_gap",
 )
 
 
@@ -798,6 +799,19 @@ class Heartbeat:
     count_since: str
 
 
+@dataclass(frozen=True)
+class GapJudged:
+    """What judge_gap (lua/judge_gap.lua) found of a gap in which a replica could not reach the
+    server: whether the server served the other replicas meanwhile, and the figures behind it."""
+
+    verdict: str  # 'pause' (it served no one), 'served' (it served others) or 'unknown'
+    beats: int  # the heartbeats in the span judged
+    span_ms: int  # the span judged: the gap less its edges
+    needed_ms: int  # the span it takes to tell: twice the longest heartbeat interval
+    beats_before: int  # the heartbeats in that length before the gap
+    gap_ms: int  # from when the first unanswered try was sent to the question, server's clock
+
+
 #: How many times a call is made while the server answers that it does not hold the script
 #: (each time redis-py loads it first): a SCRIPT FLUSH that lands between a load and a call.
 NOSCRIPT_TRIES = 3
@@ -1037,6 +1051,13 @@ class Scripts:
                                  token or secrets.token_hex(6))
         return Heartbeat(int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3]),
                          int(reply[4]), as_text(reply[5]))
+
+    async def judge_gap(self, began_ms: int, start_edge_ms: int,
+                        end_edge_ms: int) -> GapJudged:
+        """Whether the server served the pool's other replicas since `began_ms` (its clock),
+        as their heartbeats say (lua/judge_gap.lua)."""
+        reply = await self._call("judge_gap", began_ms, start_edge_ms, end_edge_ms)
+        return GapJudged(as_text(reply[0]), *(int(value) for value in reply[1:6]))
 
     async def leave(self, replica_id: str) -> None:
         """A replica stopping cleanly leaves the pool's list of replicas (lua/heartbeat.lua)."""

@@ -46,6 +46,7 @@ from provisioner.scripts import (
     Call,
     CommandsRefused,
     Decision,
+    GapJudged,
     NodeStatusOutcome,
     NodeStatusResult,
     Registration,
@@ -121,19 +122,31 @@ LISTEN_BATCH = 200
 #: calls of this many (the server runs each call whole, so this bounds how long it is held).
 ACTIVITY_BATCH = 50
 
-#: The most a batch of events the server could not be reached for (a partition, a restart, a
-#: stall past the client's timeout) is tried again, whatever --event-hold: a refusal (out of
-#: memory, read-only, still loading) meets every replica alike, but this one may be cut off
-#: alone while the others apply the same messages and those after them, and a copy it applies
-#: late is taken for a later one (the payloads carry no id: a review's disconnect held 11 s
-#: ended the session its user had begun since). A server paused (SIGSTOP, a stall) is held as
-#: long: from a replica it looks the same as a cut behind a hop that takes the connection (a
-#: sidecar, a tunnel, a load balancer), every try timing out reading. The price, in an
-#: operator's drill: a 20 s pause with connects being applied dropped the same batch on every
-#: replica, 3 and 4 users of 30 never given a node nor told to wait; each is named in the log
-#: and counted. (Held for --event-hold instead, for one session, a review proved the cut-off
-#: replica's late copy ending a session begun since.)
+#: How long a batch of events the server could not be reached for (a partition, a restart, a
+#: stall past the client's timeout, a pause) is tried again before the listener asks why. A
+#: refusal (out of memory, read-only, still loading) meets every replica alike, but this one
+#: may be cut off alone while the others apply the same messages and those after them, and a
+#: copy it applies late is taken for a later one (the payloads carry no id: a review's
+#: disconnect held 11 s ended the session its user had begun since). A server paused (SIGSTOP,
+#: a stall) looks the same from a replica (behind a hop that takes the connection, a sidecar or
+#: a tunnel, every try times out reading either way), and there dropping lost users: an
+#: operator's drill, a 20 s pause with connects being applied, 3 and 4 of 30 dropped on every
+#: replica. So past this hold the batch is held until the server answers (--event-hold at
+#: most), and then applied only if the server served no replica meanwhile, as the pool's
+#: heartbeats say (lua/judge_gap.lua, `_past_a_gap`): dropped if it served others, or if the
+#: heartbeats cannot tell, each event named and counted.
 UNREACHABLE_HOLD_S = 10.0
+
+#: The edges of a gap that judge_gap leaves out (lua/judge_gap.lua). At its start: the error
+#: of this replica's estimate of the server's clock (its last heartbeat's, carried on by its
+#: monotonic clock). At its end: what the server ran once it answered again, before the
+#: question: the heartbeats every replica had queued while it did not, and the others' beats
+#: in the GAP_ASK_MAX_S this replica may wait between two questions.
+GAP_START_EDGE_S = 0.5
+GAP_END_EDGE_S = 3.0
+
+#: The longest wait between two questions to a server that does not answer (`_past_a_gap`).
+GAP_ASK_MAX_S = 1.0
 
 #: How often a listener whose backlog is full (--event-backlog) looks for room in it.
 BACKLOG_FULL_WAIT_S = 0.05
@@ -190,6 +203,12 @@ def _unreachable(problem: object) -> bool:
     in redis-py all the same. Such a batch is tried UNREACHABLE_HOLD_S at most."""
     return (isinstance(problem, RedisConnectionError | RedisTimeoutError)
             and not isinstance(problem, BusyLoadingError))
+
+
+class DroppedAfterGap(RedisConnectionError):
+    """What is left of a batch the listener held while the server could not be reached and
+    dropped once it knew why (`Replica._past_a_gap`): the server served other replicas
+    meanwhile, or their heartbeats could not tell."""
 
 
 def _pool_key_broken(reply: object) -> bool:
@@ -375,6 +394,13 @@ class Replica:
         self._looked = asyncio.Event()
         #: this replica's clock less the server's at its last heartbeat (None before the first)
         self._clock_offset_s: float | None = None
+        #: the server's time (ms) at its last heartbeat, and the monotonic time it stands for
+        #: (the middle of the call): this replica's reading of the server's clock in a gap
+        #: (`_past_a_gap`), which a clock set by hand or a manual one in a replay would not give
+        self._server_clock: tuple[int, float] | None = None
+        #: monotonic: the messages read before it are dropped, not applied (`_run_events`):
+        #: those of a gap in which the server served the other replicas, or none could tell
+        self._drop_read_before: float | None = None
         #: creates in a row that found the Node API down, and until when creates are held: an
         #: observation of a service outside the pool, like the clock's, never pool state
         self._api_down = 0
@@ -516,13 +542,22 @@ class Replica:
         # meanwhile (a review: a hold of each batch's own let a refusal of an hour apply a full
         # backlog an hour late).
         started = time.monotonic() if read_at is None else read_at
+        if self._drop_read_before is not None and started < self._drop_read_before:
+            # read before this replica got back from a gap in which the server served the
+            # others (`_past_a_gap`): they applied it in time, and a late copy would be taken
+            # for a later event
+            return [DroppedAfterGap("read before a gap in which the server served the other "
+                                    "replicas, or their heartbeats could not tell: applying "
+                                    "it late could undo a later event")] * len(calls)
         deadline = started + self.service.event_hold_s
         unreached_by = started + min(self.service.event_hold_s, UNREACHABLE_HOLD_S)
         wait_s = 0.1
         done: list[Any] = []
         lost = False  # a try of this batch may have run, its reply never read
+        gap_at: float | None = None  # monotonic: the first try of a gap, sent
         while True:
             problem: Exception
+            tried_at = time.monotonic()
             try:
                 results = await self.scripts.run_many([call for call, _ in calls]) if calls else []
             except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -555,6 +590,17 @@ class Replica:
                 evs = evs[sum(max(grouped, 1) for _, grouped in calls[:first]):]
                 calls, results = calls[first:], results[first:]
             self._unreached = _unreachable(problem)
+            gap_at = (gap_at or tried_at) if self._unreached else None
+            if (gap_at is not None and unreached_by < deadline and not self.stopping.is_set()
+                    and time.monotonic() + wait_s > unreached_by):
+                dropped = await self._past_a_gap(gap_at, deadline, len(evs))
+                if dropped is not None:
+                    return done + _unknown_if(lost, [dropped] * len(results))
+                # The server served no one: held again, as a batch new to trouble is
+                unreached_by = min(deadline, time.monotonic() + UNREACHABLE_HOLD_S)
+                gap_at, wait_s = None, 0.1
+                calls = self._calls(evs, self.clock.now_ms())
+                continue
             held_by = unreached_by if self._unreached else deadline
             if self.stopping.is_set() or time.monotonic() + wait_s > held_by:
                 return done + _unknown_if(lost, results)
@@ -565,6 +611,80 @@ class Replica:
             await sleep_unless(self.stopping, wait_s)
             wait_s = min(wait_s * 2, 2.0)
             calls = self._calls(evs, self.clock.now_ms())
+
+    def _server_ms_at(self, at: float) -> int | None:
+        """The server's time (ms) at monotonic `at`, as this replica's last heartbeat read it;
+        None before its first (or with --heartbeat-interval 0)."""
+        if self._server_clock is None:
+            return None
+        server_ms, then = self._server_clock
+        return round(server_ms + (at - then) * 1000)
+
+    async def _past_a_gap(self, gap_at: float, deadline: float,
+                          count: int) -> DroppedAfterGap | None:
+        """A batch of `count` events the server has not answered for since the try sent at
+        `gap_at` (monotonic), past UNREACHABLE_HOLD_S: hold it until the server answers, then
+        ask whether it served the other replicas meanwhile (lua/judge_gap.lua). None if it
+        served no one (a pause: the batch is applied, late, as no later event can have been);
+        else why it is dropped, with every message read before now: it served others (this
+        replica was cut off alone, and they applied the messages in time), their heartbeats
+        could not tell, or it did not answer by `deadline` (monotonic) or a stop."""
+        held_s = time.monotonic() - gap_at
+        self._trouble.warning(
+            "server-gap", "could not reach the server for %.0fs with %d events to apply: "
+            "holding them till it answers (%.0fs more at most, --event-hold), then applying "
+            "them if it served no replica meanwhile (a pause), dropping them if it did (this "
+            "replica cut off alone)", held_s, count, max(0.0, deadline - time.monotonic()))
+        began = self._server_ms_at(gap_at)
+        judged: GapJudged | None = None
+        why = ""
+        wait_s = 0.1
+        while began is not None and judged is None:
+            try:
+                judged = await self.scripts.judge_gap(
+                    began, round(GAP_START_EDGE_S * 1000), round(GAP_END_EDGE_S * 1000))
+            except (RedisConnectionError, RedisTimeoutError):  # still cut off, or loading
+                if self.stopping.is_set() or time.monotonic() + wait_s > deadline:
+                    self.metrics.server_gaps.labels("unanswered").inc()
+                    return DroppedAfterGap(
+                        f"the server did not answer for {time.monotonic() - gap_at:.0f}s "
+                        f"({'stopping' if self.stopping.is_set() else '--event-hold'})")
+                await sleep_unless(self.stopping, wait_s)
+                wait_s = min(wait_s * 2, GAP_ASK_MAX_S)
+            except RedisError as exc:  # answered, and refused: no telling
+                why = f"the question was refused: {exc}"
+                break
+        self._unreached = False
+        gap_s = time.monotonic() - gap_at
+        if judged is not None and judged.verdict == "pause":
+            self.metrics.server_gaps.labels("pause").inc()
+            log.warning("the server served no replica in the %.0fs this one could not reach it "
+                        "(no heartbeat in %.1fs of it, where every replica beats within "
+                        "%.1fs): it was paused, not this replica cut off; applying the %d "
+                        "events held, late", gap_s, judged.span_ms / 1000,
+                        judged.needed_ms / 1000, count)
+            return None
+        self._drop_read_before = time.monotonic()
+        if judged is not None and judged.verdict == "served":
+            self.metrics.server_gaps.labels("served").inc()
+            text = (f"the server served other replicas while this one could not reach it for "
+                    f"{gap_s:.0f}s ({judged.beats} heartbeats in {judged.span_ms / 1000:.1f}s "
+                    "of it): this replica was cut off alone, and the others applied these "
+                    "events in time")
+        else:
+            self.metrics.server_gaps.labels("unknown").inc()
+            if began is None:
+                why = "this replica has had no heartbeat to read the server's clock by"
+            elif judged is not None and judged.span_ms < judged.needed_ms:
+                why = (f"{max(0, judged.span_ms) / 1000:.1f}s of it to judge, where the "
+                       f"longest heartbeat interval takes {judged.needed_ms / 1000:.1f}s")
+            elif judged is not None:
+                why = "no heartbeat of any replica just before it (heartbeats off?)"
+            text = (f"could not tell whether the server served other replicas in the "
+                    f"{gap_s:.0f}s this one could not reach it ({why})")
+        log.warning("%s: dropping the %d events held and every message read before now, as a "
+                    "late copy could undo a later event", text, count)
+        return DroppedAfterGap(text)
 
     async def _ask_again_refused(self, evs: Sequence[tuple[events.Event, str]],
                                  calls: list[tuple[Call[Any], int]], results: list[Any],
@@ -1590,9 +1710,10 @@ class Replica:
         info["instance"] = self._instance
         # beaten before: the entry is this process's, unless shared
         twin = bool(self._heartbeats[0]) and await self._twin_beat()
-        sent = self.clock.now_ms()
+        sent, sent_at = self.clock.now_ms(), time.monotonic()
         beat = await self.scripts.heartbeat(self.replica_id, info, FORGET_REPLICA_MS)
         epoch, server_ms = beat.epoch, beat.server_ms
+        self._server_clock = (server_ms, (sent_at + time.monotonic()) / 2)
         self._written()
         self._clock_offset_s = ((sent + self.clock.now_ms()) / 2 - server_ms) / 1000
         self.metrics.clock_offset.set(self._clock_offset_s)

@@ -2755,6 +2755,103 @@ async def test_heartbeats_are_stamped_by_the_server_s_clock(pool: PoolUnderTest)
     assert not any(r.silent for r in seen) and all(r.age_s < 1 for r in seen)
 
 
+async def _server_ms(redis: aioredis.Redis) -> int:
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def test_each_heartbeat_is_kept_in_the_pool_s_record_of_beats_for_forget_ms(
+    pool: PoolUnderTest,
+) -> None:
+    """judge_gap reads when the server served the replicas from `beats`: every heartbeat is
+    there, stamped by the server's clock, for forget_ms; a replica leaving adds none."""
+    beats = pool.keys.key("beats")
+    old = await _server_ms(pool.redis) - 61_000
+    await pool.redis.zadd(beats, {f"r9@{old}": old})
+    before = await _server_ms(pool.redis)
+    for replica in ("r1", "r2", "r1"):
+        await pool.scripts.heartbeat(replica, {"interval_s": 2.0}, 60_000)
+        await asyncio.sleep(0.005)  # a replica's two beats of one ms are one entry
+    after = await _server_ms(pool.redis)
+    kept = await pool.redis.zrange(beats, 0, -1, withscores=True)
+    assert len(kept) == 3, kept  # r9's, past forget_ms, trimmed
+    assert sorted(member.split("@")[0] for member, _ in kept) == ["r1", "r1", "r2"]
+    assert all(before <= ms <= after and member.endswith(f"@{int(ms)}")
+               for member, ms in kept), kept
+    await pool.scripts.leave("r2")
+    assert await pool.redis.zcard(beats) == 3
+
+
+async def _judged(pool: PoolUnderTest, gap_ms: int, *beats_ago: int,
+                  intervals: tuple[object, ...] = (2.0,)) -> Any:
+    """judge_gap of a gap begun `gap_ms` before the server's now (edges 500 and 3,000 ms),
+    with a heartbeat of another replica each of `beats_ago` ms before now, and replicas
+    saying each of `intervals` (the heartbeats that say them are at now: in the end edge)."""
+    for i, interval in enumerate(intervals):
+        await pool.scripts.heartbeat(f"r{i}", {"interval_s": interval}, 600_000)
+    now = await _server_ms(pool.redis)
+    if beats_ago:
+        await pool.redis.zadd(pool.keys.key("beats"),
+                              {f"other@{now - ago}": now - ago for ago in beats_ago})
+    return await pool.scripts.judge_gap(now - gap_ms, 500, 3_000)
+
+
+async def test_a_gap_in_which_the_server_served_no_replica_is_judged_a_pause(
+    pool: PoolUnderTest,
+) -> None:
+    """A gap of 10 s, a heartbeat 1 s before it, none in it: the server served no one (twice
+    the longest interval, 4 s, fits in the 6.5 s judged)."""
+    judged = await _judged(pool, 10_000, 11_000)
+    assert (judged.verdict, judged.beats, judged.needed_ms, judged.beats_before) == (
+        "pause", 0, 4_000, 1)
+    assert 6_400 <= judged.span_ms <= 6_600 and 9_900 <= judged.gap_ms <= 10_200
+
+
+@pytest.mark.parametrize("ago", [8_000, 3_600], ids=["early in the gap", "late in the gap"])
+async def test_a_gap_in_which_the_server_served_another_replica_is_judged_served(
+    pool: PoolUnderTest, ago: int,
+) -> None:
+    judged = await _judged(pool, 10_000, 11_000, ago)
+    assert (judged.verdict, judged.beats) == ("served", 1)
+
+
+@pytest.mark.parametrize("ago", [9_700, 2_000], ids=["the start edge", "the end edge"])
+async def test_a_heartbeat_in_a_gap_s_edges_is_not_taken_for_the_server_serving(
+    pool: PoolUnderTest, ago: int,
+) -> None:
+    """The start edge is the replica's error in reading the server's clock; the end edge holds
+    what the server ran as it answered again (every replica's heartbeats queued in a pause)."""
+    judged = await _judged(pool, 10_000, 11_000, ago)
+    assert (judged.verdict, judged.beats) == ("pause", 0)
+
+
+@pytest.mark.parametrize(("gap_ms", "before", "intervals"), [
+    (6_000, (7_000,), (2.0,)),
+    (10_000, (), (2.0,)),
+    (10_000, (11_000,), (2.0, 5.0)),
+    (10_000, (11_000,), ()),
+], ids=["too short to tell", "no heartbeat before it", "a replica beats every 5 s",
+        "no replica says its interval"])
+async def test_a_gap_the_heartbeats_cannot_tell_is_judged_unknown(
+    pool: PoolUnderTest, gap_ms: int, before: tuple[int, ...], intervals: tuple[float, ...],
+) -> None:
+    """A span shorter than twice the longest interval (4 s for 2.5 s judged; 10 s for 6.5 s
+    where one replica beats every 5 s), or no heartbeat in that length before the gap (the
+    pool's heartbeats not running), cannot tell a pause from a cut."""
+    judged = await _judged(pool, gap_ms, *before, intervals=intervals)
+    assert (judged.verdict, judged.beats) == ("unknown", 0), judged
+
+
+async def test_judge_gap_reads_past_an_interval_edited_by_hand(pool: PoolUnderTest) -> None:
+    await pool.redis.hset(pool.keys.key("replica_info"), mapping={
+        "h1": "not json", "h2": "[1, 2]", "h3": '{"interval_s": "2"}',
+        "h4": '{"interval_s": -3}', "h5": '{"interval_s": 1e999}'})
+    judged = await _judged(pool, 10_000, 11_000)
+    assert (judged.verdict, judged.needed_ms) == ("pause", 4_000)
+    with pytest.raises(ResponseError, match="judge_gap: ARGV must be three numbers"):
+        await pool.scripts._call("judge_gap", "soon", 500, 3_000)
+
+
 def test_a_replica_s_time_up_is_read_by_its_own_clock() -> None:
     """Started at 1,000 ms by its clock, which ran 2 s ahead of the server's at its last
     heartbeat: at the server's 10,000 ms it has been up 11 s by its clock. With no offset known

@@ -913,27 +913,39 @@ async def test_a_server_paused_past_the_silence_allowed_loses_no_event() -> None
         server.stop()
 
 
+def _short_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holds and edges of a gap, shrunk for a test: held 0.5 s before the question
+    (UNREACHABLE_HOLD_S's 10), edges of 0.1 and 0.3 s (0.5 and 3), asked every 0.1 s at most."""
+    import provisioner.service as service
+
+    monkeypatch.setattr(service, "UNREACHABLE_HOLD_S", 0.5)
+    monkeypatch.setattr(service, "GAP_START_EDGE_S", 0.1)
+    monkeypatch.setattr(service, "GAP_END_EDGE_S", 0.3)
+    monkeypatch.setattr(service, "GAP_ASK_MAX_S", 0.1)
+
+
 @pytest.mark.engine  # starts the engine under test itself, to pause it
-async def test_a_batch_a_paused_server_took_no_answer_for_is_dropped_at_the_cut_off_s_hold(
+async def test_a_batch_held_through_a_server_pause_is_applied_once_it_answers(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """An operator's drill: connects being applied as the server was stopped (SIGSTOP) for
     20 s were dropped by both replicas after UNREACHABLE_HOLD_S's 10 s, and 3 and 4 of 30 users
     were never given a node nor told to wait. A pause looks to a replica like a cut behind a hop
-    that takes the connection, where holding longer let a late copy end a session begun since
-    (a review of the one session that held it for --event-hold): so it is held as a cut is, and
-    each event dropped is named and counted (here paused 1.5 s against a hold of 0.5 s)."""
+    that takes the connection, where a late copy can end a session begun since (a review of
+    the one session that held every such batch for --event-hold). The batch is held till the
+    server answers and applied if its heartbeats say it served no replica meanwhile: no one
+    can have published a later event (here paused 1.5 s against a hold of 0.5 s)."""
     import os
     import signal
 
-    import provisioner.service as service
     from provisioner.redis_server import start_server
 
-    monkeypatch.setattr(service, "UNREACHABLE_HOLD_S", 0.5)
+    _short_gaps(monkeypatch)
     server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
     client = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
     reader = aioredis.Redis.from_url(server.url)
     replica = _probing_replica(client, pool="paused-apply")
     try:
+        await replica.heartbeat()  # every 0.2 s, it says: a pause of 0.4 s can be told
         await replica.handle(*wire("user:activity", {"user_id": "ana",
                                                      "timestamp": int(time.time())}))
         os.kill(server.process.pid, signal.SIGSTOP)
@@ -941,13 +953,53 @@ async def test_a_batch_a_paused_server_took_no_answer_for_is_dropped_at_the_cut_
             with caplog.at_level("WARNING", logger="provisioner.service"):
                 held = asyncio.create_task(replica.handle_many(
                     [wire("user:connect", {"user_id": user}) for user in ("ana", "ben")]))
-                outcomes = await asyncio.wait_for(held, 5)
+                await asyncio.sleep(1.5)
+                assert not held.done()
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
-        assert outcomes == [None, None]
+        outcomes = await asyncio.wait_for(held, 5)
+        assert await reader.zrange(replica.keys.key("waiting"), 0, -1) == [b"ana", b"ben"], (
+            outcomes, caplog.text)
+        assert "it was paused, not this replica cut off; applying the 2 events" in caplog.text
+        assert counter(replica, "provisioner_server_gaps_total", judged="pause") == 1
+        assert counter(replica, "provisioner_errors_total", where="event") == 0
+    finally:
+        await client.aclose()
+        await reader.aclose()
+        server.stop()
+
+
+@pytest.mark.engine  # starts the engine under test itself, to pause it
+async def test_a_batch_held_through_a_pause_no_heartbeat_can_judge_is_dropped_and_named(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With no heartbeat to read the server's clock by (a replica just started, or run with
+    --heartbeat-interval 0), a pause cannot be told from a cut: the batch is dropped, as a
+    cut's is, each event named and counted."""
+    import os
+    import signal
+
+    from provisioner.redis_server import start_server
+
+    _short_gaps(monkeypatch)
+    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
+    client = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+    reader = aioredis.Redis.from_url(server.url)
+    replica = _probing_replica(client, pool="paused-apply")
+    try:
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with caplog.at_level("WARNING", logger="provisioner.service"):
+                held = asyncio.create_task(replica.handle_many(
+                    [wire("user:connect", {"user_id": user}) for user in ("ana", "ben")]))
+                await asyncio.sleep(1.5)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert await asyncio.wait_for(held, 5) == [None, None]
         for user in ("ana", "ben"):
             assert f"user:connect of {user} may have been applied" in caplog.text
+        assert "no heartbeat to read the server's clock by" in caplog.text
         assert counter(replica, "provisioner_errors_total", where="event") == 2
+        assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1
         assert await reader.zcard(replica.keys.key("waiting")) == 0
     finally:
         await client.aclose()
@@ -3303,38 +3355,25 @@ async def test_a_listener_subscribed_again_behind_its_backlog_still_shows_its_la
         await listening
 
 
-@pytest.mark.parametrize("first", ["refused", "timed out reading", "timed out connecting",
-                                   "every try timed out reading"])
-async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a_held_disconnect(
-    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, replica: Replica,
-    monkeypatch: pytest.MonkeyPatch, first: str,
-) -> None:
-    """A replica cut off from the server alone (a partition, its own network) holds the batch
-    it was applying and tries it again, while the other replicas apply the same messages and
-    those after them. Held for --event-hold, 300 s, where it was 10 s: alice's disconnect,
-    held by r1 for 11 s while r2 applied it and then her next connect, ended the session r2
-    had begun since (her node freed under her, for the next user in the queue). The payloads
-    carry no id ("How replicas cooperate"): only a short hold bounds this (here 0.5 s for
-    UNREACHABLE_HOLD_S's 10, held 1.5 s)."""
-    import provisioner.service as service
+#: The errors a replica cut off gets, the first try's and the later ones': the connection made
+#: before the cut times out reading, as a paused server's does; the tries after it connect
+#: anew, and cannot; or, behind a hop that takes the connection for the server (a sidecar, a
+#: tunnel: a review), every try times out reading.
+_REFUSED = RedisConnectionError("Error 110 connecting to redis:6379. Connection timed out.")
+_READING = RedisTimeoutError("Timeout reading from redis:6379")
+_CONNECTING = RedisTimeoutError("Timeout connecting to server")
+_CUTS = {"refused": (_REFUSED, _REFUSED), "timed out reading": (_READING, _REFUSED),
+         "timed out connecting": (_CONNECTING, _CONNECTING),
+         "every try timed out reading": (_READING, _READING)}
 
-    monkeypatch.setattr(service, "UNREACHABLE_HOLD_S", 0.5)
-    mate = make_replica(aredis, api, clock, "r2")
-    await _booted(mate, "n1", "n2")
-    await send([mate, replica], "user:connect", {"user_id": "alice"})
-    cut = {"on": True}
-    run_many = replica.scripts.run_many
+
+def _cut_off(replica: Replica, cut: dict[str, bool], first: str = "refused") -> list[int]:
+    """Cut `replica` from the server while `cut["on"]`: its events' calls and its question
+    about the gap (judge_gap) fail as `_CUTS[first]` says. Returns the count of calls of each
+    try of events."""
+    first_try, later_tries = _CUTS[first]
+    run_many, judge_gap = replica.scripts.run_many, replica.scripts.judge_gap
     tries: list[int] = []
-    # The connection made before the cut times out reading, as a paused server's does; the
-    # tries after it connect anew, and cannot; or, behind a hop that takes the connection for
-    # the server (a sidecar, a tunnel: a review), every try times out reading.
-    refused = RedisConnectionError("Error 110 connecting to redis:6379. Connection timed out.")
-    reading = RedisTimeoutError("Timeout reading from redis:6379")
-    connecting = RedisTimeoutError("Timeout connecting to server")
-    first_try, later_tries = {"refused": (refused, refused),
-                              "timed out reading": (reading, refused),
-                              "timed out connecting": (connecting, connecting),
-                              "every try timed out reading": (reading, reading)}[first]
 
     async def partitioned(calls: list[Any]) -> list[Any]:
         tries.append(len(calls))
@@ -3342,17 +3381,139 @@ async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a
             raise first_try if len(tries) == 1 else later_tries
         return await run_many(calls)
 
+    async def asked(*args: int) -> Any:
+        if cut["on"]:
+            raise later_tries
+        return await judge_gap(*args)
+
     replica.scripts.run_many = partitioned  # type: ignore[method-assign]
-    held = asyncio.create_task(replica.handle(*wire("user:disconnect", {"user_id": "alice"})))
-    await send([mate], "user:disconnect", {"user_id": "alice"})
-    await send([mate], "user:connect", {"user_id": "alice"})
-    node = await aredis.hget(replica.keys.key("alloc"), "alice")
-    assert node is not None  # her new session
-    await asyncio.sleep(1.5)
-    cut["on"] = False
-    await asyncio.wait_for(held, 5)
+    replica.scripts.judge_gap = asked  # type: ignore[method-assign]
+    return tries
+
+
+async def _beating(replicas: list[Replica], every_s: float = 0.05) -> None:
+    """The replicas' heartbeats, every `every_s`, until cancelled."""
+    while True:
+        for replica in replicas:
+            await replica.heartbeat()
+        await asyncio.sleep(every_s)
+
+
+@pytest.mark.parametrize("beats", [False, True], ids=["no heartbeats", "heartbeats"])
+@pytest.mark.parametrize("first", list(_CUTS))
+async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a_held_disconnect(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, replica: Replica,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, first: str, beats: bool,
+) -> None:
+    """A replica cut off from the server alone (a partition, its own network) holds the batch
+    it was applying and tries it again, while the other replicas apply the same messages and
+    those after them. Held for --event-hold, 300 s, where it was 10 s: alice's disconnect,
+    held by r1 for 11 s while r2 applied it and then her next connect, ended the session r2
+    had begun since (her node freed under her, for the next user in the queue). The payloads
+    carry no id ("How replicas cooperate"): held past UNREACHABLE_HOLD_S, the batch is dropped
+    once the server answers, as r2's heartbeats say the server served it meanwhile, or, with
+    none, as nothing can tell (here held 1.5 s, UNREACHABLE_HOLD_S 0.5 s)."""
+    _short_gaps(monkeypatch)
+    mate = make_replica(aredis, api, clock, "r2")
+    for each in (replica, mate):
+        _service(each, heartbeat_interval_s=0.1)
+    await _booted(mate, "n1", "n2")
+    await send([mate, replica], "user:connect", {"user_id": "alice"})
+    if beats:
+        await replica.heartbeat()
+    cut = {"on": True}
+    _cut_off(replica, cut, first)
+    beating = asyncio.create_task(_beating([mate] if beats else []))
+    try:
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            held = asyncio.create_task(replica.handle(*wire("user:disconnect",
+                                                            {"user_id": "alice"})))
+            await send([mate], "user:disconnect", {"user_id": "alice"})
+            await send([mate], "user:connect", {"user_id": "alice"})
+            node = await aredis.hget(replica.keys.key("alloc"), "alice")
+            assert node is not None  # her new session
+            await asyncio.sleep(1.5)
+            cut["on"] = False
+            await asyncio.wait_for(held, 5)
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
     assert await aredis.hget(replica.keys.key("alloc"), "alice") == node, (
         "alice's session, begun after her disconnect, was ended by r1's copy of it, held 1.5 s")
+    judged = "served" if beats else "unknown"
+    assert counter(replica, "provisioner_server_gaps_total", judged=judged) == 1, caplog.text
+    if beats:
+        assert "this replica was cut off alone" in caplog.text
+
+
+async def test_a_batch_held_through_a_gap_in_which_the_server_served_no_one_is_applied(
+    aredis: aioredis.Redis, replica: Replica, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The twin of the cut: r1 cannot reach the server for 1.5 s, and neither can anyone (no
+    replica beats meanwhile, though r1 beat before). Its batch, bob's connect, is applied once
+    the server answers, and the messages read behind it after (here past UNREACHABLE_HOLD_S's
+    0.5 s)."""
+    _short_gaps(monkeypatch)
+    _service(replica, heartbeat_interval_s=0.1)
+    await _booted(replica, "n1", "n2")
+    await replica.heartbeat()
+    cut = {"on": True}
+    tries = _cut_off(replica, cut, "every try timed out reading")
+    held = asyncio.create_task(replica.handle(*wire("user:connect", {"user_id": "bob"})))
+    await asyncio.sleep(1.5)
+    assert not held.done() and len(tries) > 1
+    cut["on"] = False
+    await asyncio.wait_for(held, 5)
+    assert await aredis.hget(replica.keys.key("alloc"), "bob") is not None
+    assert counter(replica, "provisioner_server_gaps_total", judged="pause") == 1
+    await replica.handle(*wire("user:connect", {"user_id": "cleo"}))
+    assert await aredis.hget(replica.keys.key("alloc"), "cleo") is not None
+
+
+@pytest.mark.parametrize("beats", [False, True], ids=["no heartbeats", "heartbeats"])
+async def test_the_messages_read_before_a_cut_off_replica_got_back_are_dropped_behind_its_batch(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, replica: Replica,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, beats: bool,
+) -> None:
+    """The batch held through a gap in which the server served the others is dropped, and
+    so is every message read before the replica got back: its first try would go through and
+    apply it late (before, each was tried once past its own UNREACHABLE_HOLD_S, and dropped
+    only while the cut lasted). Here zed's connect, read behind alice's held disconnect, is
+    not applied by r1 once it gets back; a message read after is."""
+    _short_gaps(monkeypatch)
+    mate = make_replica(aredis, api, clock, "r2")
+    for each in (replica, mate):
+        _service(each, heartbeat_interval_s=0.1)
+    await _booted(mate, "n1", "n2", "n3")
+    await send([mate, replica], "user:connect", {"user_id": "alice"})
+    if beats:
+        await replica.heartbeat()
+    cut = {"on": True}
+    tries = _cut_off(replica, cut)
+    listening = asyncio.create_task(replica.listen())
+    beating = asyncio.create_task(_beating([mate] if beats else []))
+    try:
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            await asyncio.wait_for(replica.subscribed.wait(), 5)
+            await _publish(aredis, [("user:disconnect", {"user_id": "alice"})])
+            await _until(lambda: len(tries) >= 1)
+            await _publish(aredis, [("user:connect", {"user_id": "zed"})])
+            await _until(lambda: any("zed" in str(data) for _, data, _ in replica._backlog))
+            await asyncio.sleep(1.5)
+            cut["on"] = False
+            await _until(lambda: not replica._backlog and not replica._taken)
+            await _publish(aredis, [("user:connect", {"user_id": "yuki"})])
+            await _until(lambda: counter(replica, "provisioner_connects_total") >= 1)
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+        replica.stopping.set()
+        await listening
+    assert await aredis.hget(replica.keys.key("alloc"), "zed") is None
+    assert await aredis.hget(replica.keys.key("alloc"), "yuki") is not None
+    assert "could not apply user:connect of zed (dropped): read before a gap" in caplog.text
 
 
 async def test_no_message_is_applied_later_than_the_event_hold_after_it_was_read(

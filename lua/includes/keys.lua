@@ -1,5 +1,5 @@
 -- The pool key vector, in the order of provisioner/keys.py POOL_KEY_ORDER.
--- Every script receives it as KEYS[1..30]; per-user and per-node keys are built from the prefixes.
+-- Every script receives it as KEYS[1..31]; per-user and per-node keys are built from the prefixes.
 local K = {
   ready = KEYS[1],          -- list: ready node ids, head = idle the longest (served first)
   waiting = KEYS[2],        -- zset: waiting user ids by place in line, lowest = served first
@@ -31,6 +31,7 @@ local K = {
   drains = KEYS[28],        -- zset: node -> ms an operator drained it in its session (ends with it)
   replacing = KEYS[29],     -- string: 'extra:until_ms:run', spare a replace holds (a lease, PX)
   ended = KEYS[30],         -- zset: user -> ms their session (-ms: wait) ended (pool.lua)
+  beats = KEYS[31],         -- zset: 'replica@ms' -> server ms of each heartbeat (heartbeat.lua)
 }
 local rcall = redis.call
 
@@ -46,7 +47,7 @@ local KEY_TYPES = {
   {'tick_lock', 'string'}, {'decisions', 'stream'}, {'seq', 'string'}, {'levels', 'zset'},
   {'model', 'hash'}, {'targets', 'list'}, {'sliding', 'list'}, {'replicas', 'zset'},
   {'replica_info', 'hash'}, {'sessions', 'zset'}, {'epoch', 'string'}, {'applied', 'hash'},
-  {'drains', 'zset'}, {'replacing', 'string'}, {'ended', 'zset'},
+  {'drains', 'zset'}, {'replacing', 'string'}, {'ended', 'zset'}, {'beats', 'zset'},
 }
 
 -- Releases up to 1f26912 (2026-12-04) kept the waiting queue as a list, whose LREM (a waiting

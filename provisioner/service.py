@@ -84,7 +84,8 @@ CREATE_HOLD_MAX_MS = 30_000
 CAPACITY_HOLD_MS = 10_000
 #: After the Node API refused a create for a reason of its own (a 3xx, a 4xx but 429: a wrong
 #: path, a token refused) or named its node with an id the pool cannot take, the replica makes
-#: none for REFUSED_HOLD_MS * 2**(n-1) after the n-th in a row, at most CREATE_HOLD_MAX_MS,
+#: none for REFUSED_HOLD_MS * 2**(n-1) after the n-th try in a row refused (the creates sent
+#: before a refusal was known are of one try), at most CREATE_HOLD_MAX_MS,
 #: then one at a time until one is not refused: asked again at once, it says the same (a
 #: review: a Node API answering 404 was asked max_batch times a tick, 1,200 creates and
 #: warnings a minute; one whose ids held a '/' made 1,200 nodes a minute, each deleted at
@@ -413,6 +414,9 @@ class Replica:
         #: creates in a row the Node API refused (or answered with an id the pool cannot
         #: take), and until when creates are held for it; any other answer to a create ends it
         self._api_refused = 0
+        #: the tries among them, and when the last refusal was known (`_create_answered`)
+        self._api_refused_tries = 0
+        self._api_refused_known_ms = 0
         self._refused_held_until_ms = 0
         #: this replica's creates not done yet (its POST unanswered, or its answer not yet
         #: recorded): while creates are held, a probe is made only with none of them ("one at
@@ -1024,17 +1028,23 @@ class Replica:
         else:
             self._api_answered("a create")
         if result.refused:
+            # Per try, as for a Node API down: a tick's batch refused together is one
+            # (counted per create, one tick's 20 refusals held creates 30 s at once).
             self._api_refused += 1
-            hold = _doubling_hold_ms(REFUSED_HOLD_MS, self._api_refused)
-            self._refused_held_until_ms = now_ms + hold
+            if not self._api_refused_tries or asked_ms > self._api_refused_known_ms:
+                self._api_refused_tries += 1
+                self._api_refused_known_ms = now_ms
+            hold = _doubling_hold_ms(REFUSED_HOLD_MS, self._api_refused_tries)
+            self._refused_held_until_ms = max(self._refused_held_until_ms, now_ms + hold)
             self._trouble.warning(
                 "api-refuses", "the Node API refuses creates (%s): creates held for %.0fs (%d "
-                "refused in a row); check --node-api-url and what the API asks of a create",
-                result.detail, hold / 1000, self._api_refused)
+                "refused in a row, in %d tries); check --node-api-url and what the API asks "
+                "of a create", result.detail, hold / 1000, self._api_refused,
+                self._api_refused_tries)
         elif self._api_refused:
             log.warning("the Node API takes creates again, after %d refused in a row",
                         self._api_refused)
-            self._api_refused = 0
+            self._api_refused = self._api_refused_tries = 0
             self._refused_held_until_ms = 0
         if result.at_capacity:
             # As long as its Retry-After says, past the next tick at least (a hold of one

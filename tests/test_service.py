@@ -1369,7 +1369,9 @@ async def test_a_node_api_that_refuses_creates_is_asked_less_and_less(
     """A 404 (a wrong path), a 401 or a 308 is an answer, and held nothing: a review's API
     answering 404 was asked max_batch times a tick, 1,200 creates and warnings a minute, and
     one naming its nodes with a '/' made and deleted 1,200 nodes a minute. A refusal now
-    holds creates 5 s, doubling to 30 s, then one at a time until one is taken."""
+    holds creates 5 s, doubling to 30 s, then one at a time until one is taken. The hold
+    doubles per try, not per create: a tick's 20 refused together held creates 30 s at once
+    (the probes at 30, 60 and 90 s), where a Node API mended within seconds waited it out."""
     replica = make_replica(aredis, api, clock, "r1",
                            dataclasses.replace(FLOOR_ONLY, min_ready=20, max_nodes=50))
     made: list[str] = []
@@ -1392,26 +1394,26 @@ async def test_a_node_api_that_refuses_creates_is_asked_less_and_less(
             await replica.settle()
             asked_at += [second] * (len(made) - before)
             clock.advance(1000)
-    # the first tick's batch, then one probe each 30 s (20 in a row held the longest)
-    assert asked_at == [0] * 20 + [30, 60, 90], asked_at
+    # the first tick's batch, one try, then a probe each 5, 10, 20 and 30 s
+    assert asked_at == [0] * 20 + [5, 15, 35, 65, 95], asked_at
     assert "the Node API refuses creates" in caplog.text
     assert caplog.text.count("the Node API refuses creates") <= 4
     reason = await aredis.hget(replica.keys.key("stats"), "last_decision")
     assert "(creates held while the Node API fails, is full or refuses)" in reason
     assert counter(replica, "provisioner_creates_held") == 1
     if not answer.startswith("HTTP"):
-        assert len(api.deleted) == 23  # each node named so was deleted at once
+        assert len(api.deleted) == 25  # each node named so was deleted at once
     # The API takes them again: the probe is taken, and the next tick asks for the rest.
     taken = True
     clock.advance(30_000)
     await replica.tick()
     await replica.settle()
-    assert len(made) == 24
+    assert len(made) == 26
     clock.advance(1000)
     await replica.tick()
     await replica.settle()
-    assert len(made) == 24 + 19
-    assert "the Node API takes creates again, after 23 refused in a row" in caplog.text
+    assert len(made) == 26 + 19
+    assert "the Node API takes creates again, after 25 refused in a row" in caplog.text
 
 
 async def test_a_refusal_escalates_its_hold_from_5_s_and_a_taken_create_ends_it(

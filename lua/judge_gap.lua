@@ -17,29 +17,38 @@
   The span judged is the gap less an edge at each end: at its start for the replica's
   estimate of when its first unanswered try reached the server; at its end for what the
   server ran once it answered again (every replica's heartbeats queued while it did not, and
-  the beats of the others that came before this question).
+  the beats of the others that came before this question). The end is taken from when the
+  question was sent, if that is earlier than it ran: a question held up connecting (SYNs
+  resent to a server that took none) runs seconds after the server came back.
 
-  'unknown' if the span cannot tell: shorter than twice the longest interval, or no
-  heartbeat in the span's length before the gap (the pool's heartbeats were not running: a
-  replica run with --heartbeat-interval 0 is seen by none of this). The listener drops the
-  batch then, as it does for 'served'.
+  'unknown' if the beats cannot vouch for the pool: the span shorter than twice the longest
+  interval; no heartbeat in that length before the gap (the pool's heartbeats not running); a
+  replica that applies events and keeps no beats, which could have applied this replica's
+  events in the gap unseen: one run with --heartbeat-interval 0 (a mark in `applied`, no
+  entry in `replica_info`), or one of a release before `beats` (its entry not saying
+  `keeps_beats`: a rolling upgrade; a review proved either taken for a pause). The listener
+  drops the batch then, as it does for 'served', but not the messages behind it.
 
-  O(r + log n): r the replicas in replica_info, n the beats kept. Writes nothing.
+  O(r + log n): r the replicas in replica_info and applied, n the beats kept. Writes nothing.
 
   KEYS: the pool key vector (lua/includes/keys.lua)
   ARGV[1] began_ms: the server's time, as the replica estimates it from its last heartbeat
           and its own monotonic clock, when it sent the first try the server did not answer
   ARGV[2] start_edge_ms
   ARGV[3] end_edge_ms
+  ARGV[4] (optional) asked_ms: the server's time, as the replica estimates it, when it sent
+          this question
   Returns {verdict ('pause', 'served' or 'unknown'), the heartbeats in the span, the span's
            length (ms), the length it needs (ms), the heartbeats in that length before the gap,
-           the gap's length (ms, by the server's clock)}
+           the gap's length (ms, by the server's clock), why the beats cannot vouch for the
+           pool ('' if they can)}
 ]]
 --@include "includes/keys.lua"
 
 local began = tonumber(ARGV[1])
 local start_edge = tonumber(ARGV[2])
 local end_edge = tonumber(ARGV[3])
+local asked = tonumber(ARGV[4] or '')
 if not began or not start_edge or not end_edge then
   return redis.error_reply('judge_gap: ARGV must be three numbers (began_ms, start_edge_ms, '
     .. 'end_edge_ms)')
@@ -48,17 +57,32 @@ local time = rcall('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
 local longest = 0
-local infos = rcall('HVALS', K.replica_info)
-for _, info in ipairs(infos) do
+local unvouched = ''
+local infos = rcall('HGETALL', K.replica_info)
+local listed = {}
+for i = 1, #infos, 2 do
+  local replica, info = infos[i], infos[i + 1]
+  listed[replica] = true
   local ok, said = pcall(cjson.decode, info)
   -- a value edited by hand (not JSON, no interval, not a positive number) says nothing
   if ok and type(said) == 'table' and type(said.interval_s) == 'number'
       and said.interval_s > 0 and said.interval_s < math.huge then
     longest = math.max(longest, said.interval_s * 1000)
   end
+  if unvouched == '' and not (ok and type(said) == 'table' and said.keeps_beats == true) then
+    unvouched = 'replica ' .. replica .. ' runs a release that keeps no beats'
+  end
+end
+if unvouched == '' then
+  for _, replica in ipairs(rcall('HKEYS', K.applied)) do
+    if not listed[replica] then
+      unvouched = 'replica ' .. replica .. ' applies events with no heartbeat'
+      break
+    end
+  end
 end
 local needed = math.ceil(2 * longest)
-local lo, hi = began + start_edge, now - end_edge
+local lo, hi = began + start_edge, math.min(now, asked or now) - end_edge
 local span = hi - lo
 local within, before = 0, 0
 if span > 0 then
@@ -70,7 +94,7 @@ end
 local verdict = 'unknown'
 if within > 0 then
   verdict = 'served'
-elseif needed > 0 and span >= needed and before > 0 then
+elseif needed > 0 and span >= needed and before > 0 and unvouched == '' then
   verdict = 'pause'
 end
-return {verdict, within, math.floor(span), needed, before, now - began}
+return {verdict, within, math.floor(span), needed, before, now - began, unvouched}

@@ -810,6 +810,9 @@ class GapJudged:
     needed_ms: int  # the span it takes to tell: twice the longest heartbeat interval
     beats_before: int  # the heartbeats in that length before the gap
     gap_ms: int  # from when the first unanswered try was sent to the question, server's clock
+    #: why the beats cannot vouch for the pool: a replica that applies events and keeps none
+    #: (heartbeats off, a release before `beats`); '' if they can
+    unvouched: str = ""
 
 
 #: How many times a call is made while the server answers that it does not hold the script
@@ -1052,12 +1055,16 @@ class Scripts:
         return Heartbeat(int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3]),
                          int(reply[4]), as_text(reply[5]))
 
-    async def judge_gap(self, began_ms: int, start_edge_ms: int,
-                        end_edge_ms: int) -> GapJudged:
+    async def judge_gap(self, began_ms: int, start_edge_ms: int, end_edge_ms: int,
+                        asked_ms: int | None = None) -> GapJudged:
         """Whether the server served the pool's other replicas since `began_ms` (its clock),
-        as their heartbeats say (lua/judge_gap.lua)."""
-        reply = await self._call("judge_gap", began_ms, start_edge_ms, end_edge_ms)
-        return GapJudged(as_text(reply[0]), *(int(value) for value in reply[1:6]))
+        as their heartbeats say (lua/judge_gap.lua); `asked_ms`: when the question was sent,
+        by the same estimate of the server's clock."""
+        args = [began_ms, start_edge_ms, end_edge_ms]
+        reply = await self._call("judge_gap", *args, *([] if asked_ms is None else [asked_ms]))
+        beats, span_ms, needed_ms, before, gap_ms = (int(value) for value in reply[1:6])
+        return GapJudged(as_text(reply[0]), beats, span_ms, needed_ms, before, gap_ms,
+                         as_text(reply[6]))
 
     async def leave(self, replica_id: str) -> None:
         """A replica stopping cleanly leaves the pool's list of replicas (lua/heartbeat.lua)."""

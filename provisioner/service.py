@@ -400,7 +400,7 @@ class Replica:
         #: (`_past_a_gap`), which a clock set by hand or a manual one in a replay would not give
         self._server_clock: tuple[int, float] | None = None
         #: monotonic: the messages read before it are dropped, not applied (`_run_events`):
-        #: those of a gap in which the server served the other replicas, or none could tell
+        #: those of a gap in which the server served the other replicas
         self._drop_read_before: float | None = None
         #: creates in a row that found the Node API down, and until when creates are held: an
         #: observation of a service outside the pool, like the clock's, never pool state
@@ -551,8 +551,8 @@ class Replica:
             # others (`_past_a_gap`): they applied it in time, and a late copy would be taken
             # for a later event
             return [DroppedAfterGap("read before a gap in which the server served the other "
-                                    "replicas, or their heartbeats could not tell: applying "
-                                    "it late could undo a later event")] * len(calls)
+                                    "replicas: they applied it in time, and applying it late "
+                                    "could undo a later event")] * len(calls)
         deadline = started + self.service.event_hold_s
         unreached_by = started + min(self.service.event_hold_s, UNREACHABLE_HOLD_S)
         wait_s = 0.1
@@ -630,9 +630,9 @@ class Replica:
         `gap_at` (monotonic), past UNREACHABLE_HOLD_S: hold it until the server answers, then
         ask whether it served the other replicas meanwhile (lua/judge_gap.lua). None if it
         served no one (a pause: the batch is applied, late, as no later event can have been);
-        else why it is dropped, with every message read before now: it served others (this
-        replica was cut off alone, and they applied the messages in time), their heartbeats
-        could not tell, or it did not answer by `deadline` (monotonic) or a stop."""
+        else why it is dropped: it served others (this replica was cut off alone, and they
+        applied the messages in time: every message read before now goes too), their
+        heartbeats could not tell, or it did not answer by `deadline` (monotonic) or a stop."""
         held_s = time.monotonic() - gap_at
         self._trouble.warning(
             "server-gap", "could not reach the server for %.0fs with %d events to apply: "
@@ -646,7 +646,8 @@ class Replica:
         while began is not None and judged is None:
             try:
                 judged = await self.scripts.judge_gap(
-                    began, round(GAP_START_EDGE_S * 1000), round(GAP_END_EDGE_S * 1000))
+                    began, round(GAP_START_EDGE_S * 1000), round(GAP_END_EDGE_S * 1000),
+                    self._server_ms_at(time.monotonic()))
             except (RedisConnectionError, RedisTimeoutError):  # still cut off, or loading
                 if self.stopping.is_set() or time.monotonic() + wait_s > deadline:
                     self.metrics.server_gaps.labels("unanswered").inc()
@@ -658,7 +659,8 @@ class Replica:
             except RedisError as exc:  # answered, and refused: no telling
                 why = f"the question was refused: {exc}"
                 break
-        self._unreached = False
+        if began is not None:  # asked, and answered
+            self._unreached = False
         gap_s = time.monotonic() - gap_at
         if judged is not None and judged.verdict == "pause":
             self.metrics.server_gaps.labels("pause").inc()
@@ -668,26 +670,36 @@ class Replica:
                         "events held, late", gap_s, judged.span_ms / 1000,
                         judged.needed_ms / 1000, count)
             return None
-        self._drop_read_before = time.monotonic()
         if judged is not None and judged.verdict == "served":
+            # The others applied what this replica read before now, in time: every copy of it
+            # is late (a cut leaves nothing to read meanwhile, and a subscription that outlived
+            # it brought copies the others applied too)
+            self._drop_read_before = time.monotonic()
             self.metrics.server_gaps.labels("served").inc()
-            text = (f"the server served other replicas while this one could not reach it for "
-                    f"{gap_s:.0f}s ({judged.beats} heartbeats in {judged.span_ms / 1000:.1f}s "
-                    "of it): this replica was cut off alone, and the others applied these "
-                    "events in time")
-        else:
-            self.metrics.server_gaps.labels("unknown").inc()
-            if began is None:
-                why = "this replica has had no heartbeat to read the server's clock by"
-            elif judged is not None and judged.span_ms < judged.needed_ms:
-                why = (f"{max(0, judged.span_ms) / 1000:.1f}s of it to judge, where the "
-                       f"longest heartbeat interval takes {judged.needed_ms / 1000:.1f}s")
-            elif judged is not None:
-                why = "no heartbeat of any replica just before it (heartbeats off?)"
-            text = (f"could not tell whether the server served other replicas in the "
-                    f"{gap_s:.0f}s this one could not reach it ({why})")
-        log.warning("%s: dropping the %d events held and every message read before now, as a "
-                    "late copy could undo a later event", text, count)
+            log.warning("the server served other replicas while this one could not reach it "
+                        "for %.0fs (%d heartbeats in %.1fs of it): this replica was cut off "
+                        "alone, and the others applied these events in time; dropping the %d "
+                        "held and every message read before now, as a late copy could undo a "
+                        "later event", gap_s, judged.beats, judged.span_ms / 1000, count)
+            return DroppedAfterGap(f"the server served other replicas in the {gap_s:.0f}s this "
+                                   "one could not reach it: cut off alone")
+        # Nothing says the others applied the messages behind this batch (a review: a pause
+        # judged so dropped the backlog and what was published as the server came back, on
+        # every replica alike): only the batch goes, as it did before gaps were judged
+        self.metrics.server_gaps.labels("unknown").inc()
+        if began is None:
+            why = "this replica has had no heartbeat to read the server's clock by"
+        elif judged is not None and judged.unvouched:
+            why = f"{judged.unvouched}, which could have applied them unseen"
+        elif judged is not None and judged.span_ms < judged.needed_ms:
+            why = (f"{max(0, judged.span_ms) / 1000:.1f}s of it to judge, where the longest "
+                   f"heartbeat interval takes {judged.needed_ms / 1000:.1f}s")
+        elif judged is not None:
+            why = "no heartbeat of any replica just before it"
+        text = (f"could not tell whether the server served other replicas in the {gap_s:.0f}s "
+                f"this one could not reach it ({why})")
+        log.warning("%s: dropping the %d events held, as a late copy could undo a later event",
+                    text, count)
         return DroppedAfterGap(text)
 
     async def _ask_again_refused(self, evs: Sequence[tuple[events.Event, str]],
@@ -1706,6 +1718,9 @@ class Replica:
             "lag_s": round(self.event_lag_s(), 3), "subscribed": self.subscribed.is_set(),
             "started_ms": self._started_ms,
             "interval_s": self.service.heartbeat_interval_s, "scripts": scripts_fingerprint(),
+            # its heartbeats are kept in `beats`, which judge_gap.lua reads: a replica of a
+            # release before says nothing, and no gap is judged a pause while it is listed
+            "keeps_beats": True,
             "settings": self.settings_digest,
             "unsubscribed_s": round(self.metrics.registry.get_sample_value(
                 "provisioner_unsubscribed_seconds_total") or 0.0, 3)}

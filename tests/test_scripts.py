@@ -2783,17 +2783,20 @@ async def test_each_heartbeat_is_kept_in_the_pool_s_record_of_beats_for_forget_m
 
 
 async def _judged(pool: PoolUnderTest, gap_ms: int, *beats_ago: int,
-                  intervals: tuple[object, ...] = (2.0,)) -> Any:
+                  intervals: tuple[object, ...] = (2.0,), asked_ago: int | None = None) -> Any:
     """judge_gap of a gap begun `gap_ms` before the server's now (edges 500 and 3,000 ms),
-    with a heartbeat of another replica each of `beats_ago` ms before now, and replicas
-    saying each of `intervals` (the heartbeats that say them are at now: in the end edge)."""
+    with a heartbeat of another replica each of `beats_ago` ms before now, and replicas of
+    this release saying each of `intervals` (the heartbeats that say them are at now: in the
+    end edge); the question sent `asked_ago` ms before now (None: not said)."""
     for i, interval in enumerate(intervals):
-        await pool.scripts.heartbeat(f"r{i}", {"interval_s": interval}, 600_000)
+        await pool.scripts.heartbeat(f"r{i}", {"interval_s": interval, "keeps_beats": True},
+                                     600_000)
     now = await _server_ms(pool.redis)
     if beats_ago:
         await pool.redis.zadd(pool.keys.key("beats"),
                               {f"other@{now - ago}": now - ago for ago in beats_ago})
-    return await pool.scripts.judge_gap(now - gap_ms, 500, 3_000)
+    return await pool.scripts.judge_gap(now - gap_ms, 500, 3_000,
+                                        None if asked_ago is None else now - asked_ago)
 
 
 async def test_a_gap_in_which_the_server_served_no_replica_is_judged_a_pause(
@@ -2843,13 +2846,54 @@ async def test_a_gap_the_heartbeats_cannot_tell_is_judged_unknown(
 
 
 async def test_judge_gap_reads_past_an_interval_edited_by_hand(pool: PoolUnderTest) -> None:
+    """An interval edited by hand says nothing, and an entry that does not say it keeps beats
+    cannot vouch for its replica: no pause is judged while one is listed."""
+    keeps = '"keeps_beats": true'
     await pool.redis.hset(pool.keys.key("replica_info"), mapping={
-        "h1": "not json", "h2": "[1, 2]", "h3": '{"interval_s": "2"}',
-        "h4": '{"interval_s": -3}', "h5": '{"interval_s": 1e999}'})
+        "h2": "[1, 2]", "h3": f'{{"interval_s": "2", {keeps}}}',
+        "h4": f'{{"interval_s": -3, {keeps}}}', "h5": f'{{"interval_s": 1e999, {keeps}}}'})
     judged = await _judged(pool, 10_000, 11_000)
-    assert (judged.verdict, judged.needed_ms) == ("pause", 4_000)
+    assert (judged.verdict, judged.needed_ms, judged.unvouched) == (
+        "unknown", 4_000, "replica h2 runs a release that keeps no beats")
+    await pool.redis.hdel(pool.keys.key("replica_info"), "h2")
+    judged = await _judged(pool, 10_000, 11_000)
+    assert (judged.verdict, judged.needed_ms, judged.unvouched) == ("pause", 4_000, "")
+    await pool.redis.hset(pool.keys.key("replica_info"), "h1", "not json")
+    assert (await _judged(pool, 10_000, 11_000)).verdict == "unknown"
     with pytest.raises(ResponseError, match="judge_gap: ARGV must be three numbers"):
         await pool.scripts._call("judge_gap", "soon", 500, 3_000)
+
+
+@pytest.mark.parametrize("unseen", ["a release before beats", "heartbeats off"])
+async def test_a_gap_is_no_pause_while_a_replica_applies_events_and_keeps_no_beats(
+    pool: PoolUnderTest, unseen: str,
+) -> None:
+    """A replica that applies events and writes no beats could have applied them all through
+    the gap unseen: one of the release before (a rolling upgrade: its heartbeat says no
+    `keeps_beats`) or one with --heartbeat-interval 0 (a mark in `applied`, no heartbeat). A
+    review proved a replica cut off alone beside either taken for a pause, its late copy of a
+    disconnect ending the session its user had begun since."""
+    if unseen == "heartbeats off":
+        await pool.redis.hset(pool.keys.key("applied"), "quiet", "b.1:1")
+        why = "replica quiet applies events with no heartbeat"
+    else:
+        await pool.scripts.heartbeat("older", {"interval_s": 2.0}, 600_000)
+        why = "replica older runs a release that keeps no beats"
+    judged = await _judged(pool, 10_000, 11_000)
+    assert (judged.verdict, judged.beats, judged.unvouched) == ("unknown", 0, why)
+
+
+async def test_a_question_held_up_on_its_way_judges_the_gap_to_when_it_was_sent(
+    pool: PoolUnderTest,
+) -> None:
+    """A question sent to a server that took no connection (SYNs resent) runs seconds after
+    the server came back, and the others' heartbeats since would be taken for a cut: the span
+    ends at the question's sending, less the end edge. Here a beat 3.5 s ago is in the span of
+    a question sent now, and out of that of one sent 3 s ago."""
+    assert (await _judged(pool, 12_000, 13_000, 3_500)).verdict == "served"
+    judged = await _judged(pool, 12_000, 13_000, 3_500, asked_ago=3_000)
+    assert (judged.verdict, judged.beats) == ("pause", 0), judged
+    assert 5_400 <= judged.span_ms <= 5_600
 
 
 def test_a_replica_s_time_up_is_read_by_its_own_clock() -> None:

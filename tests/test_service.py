@@ -1008,6 +1008,71 @@ async def test_a_batch_held_through_a_pause_no_heartbeat_can_judge_is_dropped_an
 
 
 @pytest.mark.engine  # starts the engine under test itself, to pause it
+async def test_a_pause_no_heartbeat_can_judge_drops_only_the_batch_held(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A review: a pause judged 'unknown' (here a replica of the pool beats every 5 s, so
+    1.5 s cannot tell) dropped every message read before the answer, on every replica alike:
+    bob's connect, published during the pause and run by the server as it came back, and the
+    batches read before it and waiting behind the held one (cleo's). Only the held batch
+    (ana's) goes now, as before gaps were judged."""
+    import os
+    import signal
+
+    from provisioner.redis_server import start_server
+
+    _short_gaps(monkeypatch)
+    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
+    client = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+    reader = aioredis.Redis.from_url(server.url)
+    producer = aioredis.Redis.from_url(server.url, socket_timeout=None)  # waits out the pause
+    replica = _probing_replica(client, max_event_lag_s=30, pool="paused-unknown")
+    run_many = replica.scripts.run_many
+    first = {"call": True}
+
+    async def slow_first(calls: list[Any]) -> Any:
+        if first["call"]:  # ana's: on its way as the server is stopped, cleo's read behind it
+            first["call"] = False
+            await asyncio.sleep(0.3)
+        return await run_many(calls)
+
+    replica.scripts.run_many = slow_first  # type: ignore[method-assign]
+    listening = asyncio.create_task(replica.listen())
+    try:
+        await replica.heartbeat()
+        await replica.scripts.heartbeat("r2", {"interval_s": 5.0, "keeps_beats": True},
+                                        600_000)
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            await reader.publish("user:connect", json.dumps({"user_id": "ana"}))
+            await reader.publish("user:connect", json.dumps({"user_id": "cleo"}))
+            await asyncio.sleep(0.1)
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.2)
+                published = asyncio.create_task(
+                    producer.publish("user:connect", json.dumps({"user_id": "bob"})))
+                await asyncio.sleep(1.5)
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert await asyncio.wait_for(published, 5) == 1
+            await _until(lambda: "user:connect of ana" in caplog.text, why=lambda: caplog.text)
+            await _until(lambda: not replica._backlog and not replica._taken)
+            await asyncio.sleep(0.3)
+        waiting = await reader.zrange(replica.keys.key("waiting"), 0, -1)
+        assert b"bob" in waiting and b"cleo" in waiting, (waiting, caplog.text)
+        assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1
+        assert "where the longest heartbeat interval takes 10.0s" in caplog.text
+    finally:
+        replica.stopping.set()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(listening, 10)
+        await producer.aclose()
+        await client.aclose()
+        await reader.aclose()
+        server.stop()
+
+
+@pytest.mark.engine  # starts the engine under test itself, to pause it
 async def test_a_probe_whose_reply_is_lost_stays_out_and_times_the_listener() -> None:
     """Found by a partition drill: one replica of two cut from its server for 3 minutes (its
     connections open, carrying nothing), then back. Each heartbeat's probe timed out and was
@@ -3449,6 +3514,62 @@ async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a
         assert "this replica was cut off alone" in caplog.text
 
 
+async def _beating_as_an_older_release(aredis: aioredis.Redis, mate: Replica,
+                                       every_s: float = 0.05) -> None:
+    """What a heartbeat of the release before `beats` leaves, every `every_s`, until
+    cancelled: the replica listed and its entry written (its interval, no `keeps_beats`), and
+    no beat kept."""
+    while True:
+        seconds, micros = await aredis.time()
+        await aredis.zadd(mate.keys.key("replicas"),
+                          {mate.replica_id: seconds * 1000 + micros // 1000})
+        await aredis.hset(mate.keys.key("replica_info"), mate.replica_id,
+                          json.dumps({"interval_s": every_s}))
+        await asyncio.sleep(every_s)
+
+
+@pytest.mark.parametrize("mate_runs", ["the release before", "no heartbeats"])
+async def test_a_replica_cut_off_beside_one_that_keeps_no_beats_drops_its_held_disconnect(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, replica: Replica,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, mate_runs: str,
+) -> None:
+    """A review: r1 cut off alone beside r2, which applied alice's disconnect and her next
+    connect and left no beat (a release before `beats`, in a rolling upgrade; or run with
+    --heartbeat-interval 0), found no heartbeat in the gap and took it for a pause: its late
+    copy of the disconnect ended the session r2 had begun for her. The beats cannot vouch for
+    such a pool, and the batch is dropped as nothing can tell."""
+    _short_gaps(monkeypatch)
+    mate = make_replica(aredis, api, clock, "r2")
+    _service(replica, heartbeat_interval_s=0.1)
+    await _booted(mate, "n1", "n2")
+    await send([mate, replica], "user:connect", {"user_id": "alice"})
+    await replica.heartbeat()
+    cut = {"on": True}
+    _cut_off(replica, cut, "every try timed out reading")
+    beating = asyncio.create_task(_beating_as_an_older_release(aredis, mate)
+                                  if mate_runs == "the release before" else _beating([]))
+    try:
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            held = asyncio.create_task(replica.handle(*wire("user:disconnect",
+                                                            {"user_id": "alice"})))
+            await send([mate], "user:disconnect", {"user_id": "alice"})
+            await send([mate], "user:connect", {"user_id": "alice"})
+            node = await aredis.hget(replica.keys.key("alloc"), "alice")
+            assert node is not None
+            await asyncio.sleep(1.5)
+            cut["on"] = False
+            await asyncio.wait_for(held, 5)
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == node, caplog.text
+    assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1
+    why = ("runs a release that keeps no beats" if mate_runs == "the release before"
+           else "applies events with no heartbeat")
+    assert f"replica r2 {why}, which could have applied them unseen" in caplog.text
+
+
 async def test_a_batch_held_through_a_gap_in_which_the_server_served_no_one_is_applied(
     aredis: aioredis.Redis, replica: Replica, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -3482,7 +3603,8 @@ async def test_the_messages_read_before_a_cut_off_replica_got_back_are_dropped_b
     so is every message read before the replica got back: its first try would go through and
     apply it late (before, each was tried once past its own UNREACHABLE_HOLD_S, and dropped
     only while the cut lasted). Here zed's connect, read behind alice's held disconnect, is
-    not applied by r1 once it gets back; a message read after is."""
+    not applied by r1 once it gets back; a message read after is. With no heartbeats to judge
+    by, each batch is held and dropped on its own, as before gaps were judged."""
     _short_gaps(monkeypatch)
     mate = make_replica(aredis, api, clock, "r2")
     for each in (replica, mate):
@@ -3515,7 +3637,9 @@ async def test_the_messages_read_before_a_cut_off_replica_got_back_are_dropped_b
         await listening
     assert await aredis.hget(replica.keys.key("alloc"), "zed") is None
     assert await aredis.hget(replica.keys.key("alloc"), "yuki") is not None
-    assert "could not apply user:connect of zed (dropped): read before a gap" in caplog.text
+    # with no heartbeats zed's batch is judged on its own, tried while the cut lasts
+    assert ("could not apply user:connect of zed (dropped): read before a gap" in caplog.text
+            ) is beats, caplog.text
 
 
 async def test_no_message_is_applied_later_than_the_event_hold_after_it_was_read(

@@ -6,7 +6,8 @@
   (provisioner/service.py `_run_events`).
 
   Every event comes through this server. So while it served no one (paused, stalled, its host
-  cut off), no one published or applied a later event, and the batch held can be applied late
+  cut off), no one published a later event, nor applied one since the gap began, and the batch held
+  can be applied late
   without being taken for a later one: 'pause'. While it served the others, they applied the
   same messages in time and those after them, and a late copy would be (the payloads carry no
   id: a disconnect held would end the session its user began since): 'served', the batch is
@@ -17,9 +18,12 @@
   The span judged is the gap less an edge at each end: at its start for the replica's
   estimate of when its first unanswered try reached the server; at its end for what the
   server ran once it answered again (every replica's heartbeats queued while it did not, and
-  the beats of the others that came before this question). The end is taken from when the
-  question was sent, if that is earlier than it ran: a question held up connecting (SYNs
-  resent to a server that took none) runs seconds after the server came back.
+  the beats of the others that came before this question). Not from when the question was
+  sent: one sent to a paused server waits there (the client's timeout, 5 s), and runs as it
+  comes back (a helper's drill: so judged, a pause of 15 s with heartbeats every 5 s was too
+  short to tell). One held up connecting instead (SYNs resent to a server that took none)
+  runs seconds after the server came back: the others' beats since may then be taken for a
+  cut, and the batch dropped, as before gaps were judged.
 
   'unknown' if the beats cannot vouch for the pool: the span shorter than twice the longest
   interval; no heartbeat in that length before the gap (the pool's heartbeats not running); a
@@ -36,8 +40,6 @@
           and its own monotonic clock, when it sent the first try the server did not answer
   ARGV[2] start_edge_ms
   ARGV[3] end_edge_ms
-  ARGV[4] (optional) asked_ms: the server's time, as the replica estimates it, when it sent
-          this question
   Returns {verdict ('pause', 'served' or 'unknown'), the heartbeats in the span, the span's
            length (ms), the length it needs (ms), the heartbeats in that length before the gap,
            the gap's length (ms, by the server's clock), why the beats cannot vouch for the
@@ -48,7 +50,6 @@
 local began = tonumber(ARGV[1])
 local start_edge = tonumber(ARGV[2])
 local end_edge = tonumber(ARGV[3])
-local asked = tonumber(ARGV[4] or '')
 if not began or not start_edge or not end_edge then
   return redis.error_reply('judge_gap: ARGV must be three numbers (began_ms, start_edge_ms, '
     .. 'end_edge_ms)')
@@ -82,7 +83,7 @@ if unvouched == '' then
   end
 end
 local needed = math.ceil(2 * longest)
-local lo, hi = began + start_edge, math.min(now, asked or now) - end_edge
+local lo, hi = began + start_edge, now - end_edge
 local span = hi - lo
 local within, before = 0, 0
 if span > 0 then

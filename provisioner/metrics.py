@@ -234,10 +234,11 @@ class Metrics:
             "provisioner_server_gaps",
             "Gaps in which this replica could not reach the server past 10 s while applying "
             "events, by what judge_gap found once it answered again (lua/judge_gap.lua): "
-            "pause (it served no replica: the events held were applied), served (it served "
-            "others: this replica was cut off alone, and the events held were dropped), "
-            "unknown (the heartbeats could not tell: dropped), unanswered (no answer within "
-            "--event-hold: dropped)", ["judged"], registry=r)
+            "pause (it served no replica: the events held were tried again, and applied unless "
+            "the server failed them again), served (it served others: this replica was cut off "
+            "alone, and the events held were dropped), unknown (the heartbeats could not tell, "
+            "or the server's clock stepped: dropped), unanswered (no answer within "
+            "--event-hold, or before a stop: dropped)", ["judged"], registry=r)
         self.errors = Counter("provisioner_errors",
                               "Unexpected errors while handling work, by where",
                               ["where"], registry=r)

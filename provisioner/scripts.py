@@ -1055,13 +1055,11 @@ class Scripts:
         return Heartbeat(int(reply[0]), int(reply[1]), as_text(reply[2]), int(reply[3]),
                          int(reply[4]), as_text(reply[5]))
 
-    async def judge_gap(self, began_ms: int, start_edge_ms: int, end_edge_ms: int,
-                        asked_ms: int | None = None) -> GapJudged:
+    async def judge_gap(self, began_ms: int, start_edge_ms: int,
+                        end_edge_ms: int) -> GapJudged:
         """Whether the server served the pool's other replicas since `began_ms` (its clock),
-        as their heartbeats say (lua/judge_gap.lua); `asked_ms`: when the question was sent,
-        by the same estimate of the server's clock."""
-        args = [began_ms, start_edge_ms, end_edge_ms]
-        reply = await self._call("judge_gap", *args, *([] if asked_ms is None else [asked_ms]))
+        as their heartbeats say (lua/judge_gap.lua)."""
+        reply = await self._call("judge_gap", began_ms, start_edge_ms, end_edge_ms)
         beats, span_ms, needed_ms, before, gap_ms = (int(value) for value in reply[1:6])
         return GapJudged(as_text(reply[0]), beats, span_ms, needed_ms, before, gap_ms,
                          as_text(reply[6]))

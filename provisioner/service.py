@@ -149,6 +149,16 @@ GAP_END_EDGE_S = 3.0
 #: The longest wait between two questions to a server that does not answer (`_past_a_gap`).
 GAP_ASK_MAX_S = 1.0
 
+#: How long after the first unanswered try of a gap a message read is taken as sent before
+#: the gap began (what a server sent as it stopped, on its way): the network's and the event
+#: loop's delay.
+GAP_READ_EDGE_S = 0.1
+
+#: How far the server's clock may move in a gap from the time this replica measured it, by its
+#: monotonic clock, before the gap is taken as one no beat can place (the server's clock
+#: stepped): the question's round trip and the start edge, with room.
+CLOCK_STEP_S = 2.0
+
 #: How often a listener whose backlog is full (--event-backlog) looks for room in it.
 BACKLOG_FULL_WAIT_S = 0.05
 
@@ -399,9 +409,10 @@ class Replica:
         #: (the middle of the call): this replica's reading of the server's clock in a gap
         #: (`_past_a_gap`), which a clock set by hand or a manual one in a replay would not give
         self._server_clock: tuple[int, float] | None = None
-        #: monotonic: the messages read before it are dropped, not applied (`_run_events`):
-        #: those of a gap in which the server served the other replicas
-        self._drop_read_before: float | None = None
+        #: monotonic spans [from, to): the messages read in one are dropped, not applied
+        #: (`_run_events`; `_apply_backlog` takes none with others): those read before a gap
+        #: in which the server served the other replicas, or in one nothing could judge
+        self._drop_reads: list[tuple[float, float]] = []
         #: creates in a row that found the Node API down, and until when creates are held: an
         #: observation of a service outside the pool, like the clock's, never pool state
         self._api_down = 0
@@ -546,13 +557,13 @@ class Replica:
         # meanwhile (a review: a hold of each batch's own let a refusal of an hour apply a full
         # backlog an hour late).
         started = time.monotonic() if read_at is None else read_at
-        if self._drop_read_before is not None and started < self._drop_read_before:
+        if self._dropped_read(started):
             # read before this replica got back from a gap in which the server served the
-            # others (`_past_a_gap`): they applied it in time, and a late copy would be taken
-            # for a later event
-            return [DroppedAfterGap("read before a gap in which the server served the other "
-                                    "replicas: they applied it in time, and applying it late "
-                                    "could undo a later event")] * len(calls)
+            # others, or within one nothing could judge (`_past_a_gap`): a late copy of what
+            # the others applied in time would be taken for a later event
+            return [DroppedAfterGap("read before or within a gap in which the server served "
+                                    "the other replicas, or that could not be judged: "
+                                    "applying it late could undo a later event")] * len(calls)
         deadline = started + self.service.event_hold_s
         unreached_by = started + min(self.service.event_hold_s, UNREACHABLE_HOLD_S)
         wait_s = 0.1
@@ -616,6 +627,19 @@ class Replica:
             wait_s = min(wait_s * 2, 2.0)
             calls = self._calls(evs, self.clock.now_ms())
 
+    def _dropped_read(self, at: float) -> bool:
+        """Whether a message read at `at` (monotonic) is in a span `_past_a_gap` dropped."""
+        return any(start <= at < end for start, end in self._drop_reads)
+
+    def _drop_read(self, start: float, end: float) -> None:
+        """Drop the messages read in [start, end) (monotonic); the spans that ended before the
+        oldest message still read and not applied go, as no message can fall in them."""
+        oldest = min((read for _, _, read in itertools.chain(self._taken, self._backlog)),
+                     default=end)
+        self._drop_reads = [(a, b) for a, b in self._drop_reads if b > oldest]
+        if end > start:
+            self._drop_reads.append((start, end))
+
     def _server_ms_at(self, at: float) -> int | None:
         """The server's time (ms) at monotonic `at`, as this replica's last heartbeat read it;
         None before its first (or with --heartbeat-interval 0)."""
@@ -646,8 +670,7 @@ class Replica:
         while began is not None and judged is None:
             try:
                 judged = await self.scripts.judge_gap(
-                    began, round(GAP_START_EDGE_S * 1000), round(GAP_END_EDGE_S * 1000),
-                    self._server_ms_at(time.monotonic()))
+                    began, round(GAP_START_EDGE_S * 1000), round(GAP_END_EDGE_S * 1000))
             except (RedisConnectionError, RedisTimeoutError):  # still cut off, or loading
                 if self.stopping.is_set() or time.monotonic() + wait_s > deadline:
                     self.metrics.server_gaps.labels("unanswered").inc()
@@ -661,7 +684,16 @@ class Replica:
                 break
         if began is not None:  # asked, and answered
             self._unreached = False
-        gap_s = time.monotonic() - gap_at
+        answered = time.monotonic()
+        gap_s = answered - gap_at
+        if (judged is not None and judged.verdict != "unknown"
+                and abs(judged.gap_ms - (answered - gap_at) * 1000) > CLOCK_STEP_S * 1000):
+            # The server's clock stepped in the gap (NTP): this replica's reading of it, by
+            # its last heartbeat and its own monotonic clock, no longer places the gap among
+            # the beats (a review: a step of 60 s made a cut a pause)
+            why = (f"the server's clock moved {judged.gap_ms / 1000:.0f}s in it, where this "
+                   f"replica's moved {answered - gap_at:.0f}s")
+            judged = None
         if judged is not None and judged.verdict == "pause":
             self.metrics.server_gaps.labels("pause").inc()
             log.warning("the server served no replica in the %.0fs this one could not reach it "
@@ -674,7 +706,7 @@ class Replica:
             # The others applied what this replica read before now, in time: every copy of it
             # is late (a cut leaves nothing to read meanwhile, and a subscription that outlived
             # it brought copies the others applied too)
-            self._drop_read_before = time.monotonic()
+            self._drop_read(-math.inf, answered)
             self.metrics.server_gaps.labels("served").inc()
             log.warning("the server served other replicas while this one could not reach it "
                         "for %.0fs (%d heartbeats in %.1fs of it): this replica was cut off "
@@ -683,14 +715,24 @@ class Replica:
                         "later event", gap_s, judged.beats, judged.span_ms / 1000, count)
             return DroppedAfterGap(f"the server served other replicas in the {gap_s:.0f}s this "
                                    "one could not reach it: cut off alone")
-        # Nothing says the others applied the messages behind this batch (a review: a pause
-        # judged so dropped the backlog and what was published as the server came back, on
-        # every replica alike): only the batch goes, as it did before gaps were judged
+        # Nothing says whether the others applied the messages behind this batch. Those read
+        # within the gap go: in a cut, copies of what the others applied while this replica
+        # could not (a review: applied once it got back, a session begun since was ended);
+        # a paused server sends none, what it sent as it stopped is read within GAP_READ_EDGE_S
+        # of the try, and what it ran as it came back within the end edge. And those read more than
+        # UNREACHABLE_HOLD_S ago, late past what any batch the server cannot be reached for is
+        # tried. Not the rest (a review: dropping all of it lost, on every replica alike, the
+        # backlog a pause so judged had left them, and what was published as it came back).
+        self._drop_read(-math.inf, answered - UNREACHABLE_HOLD_S)
+        self._drop_read(gap_at + GAP_READ_EDGE_S, answered - GAP_END_EDGE_S)
         self.metrics.server_gaps.labels("unknown").inc()
         if began is None:
             why = "this replica has had no heartbeat to read the server's clock by"
         elif judged is not None and judged.unvouched:
             why = f"{judged.unvouched}, which could have applied them unseen"
+            if "with no heartbeat" in judged.unvouched:
+                why += (f" (one stopped leaves its mark: HDEL {self.keys.key('applied')} "
+                        f"{judged.unvouched.split()[1]})")
         elif judged is not None and judged.span_ms < judged.needed_ms:
             why = (f"{max(0, judged.span_ms) / 1000:.1f}s of it to judge, where the longest "
                    f"heartbeat interval takes {judged.needed_ms / 1000:.1f}s")
@@ -698,8 +740,9 @@ class Replica:
             why = "no heartbeat of any replica just before it"
         text = (f"could not tell whether the server served other replicas in the {gap_s:.0f}s "
                 f"this one could not reach it ({why})")
-        log.warning("%s: dropping the %d events held, as a late copy could undo a later event",
-                    text, count)
+        log.warning("%s: dropping the %d events held, and the messages read within the gap "
+                    "or over %.0fs ago, as a late copy could undo a later event", text, count,
+                    UNREACHABLE_HOLD_S)
         return DroppedAfterGap(text)
 
     async def _ask_again_refused(self, evs: Sequence[tuple[events.Event, str]],
@@ -1585,8 +1628,10 @@ class Replica:
             # short of its own hold. So only the messages of one reading are taken then.
             first_read = self._backlog[0][2]
             self._taken = []
+            dropped = self._dropped_read(first_read)
             while self._backlog and len(self._taken) < LISTEN_BATCH and (
-                    self._refused is None or self._backlog[0][2] == first_read):
+                    self._refused is None or self._backlog[0][2] == first_read) and (
+                    self._dropped_read(self._backlog[0][2]) == dropped):
                 self._taken.append(self._backlog.popleft())
             # Cut off mid-call (cancelled; `_apply` lets nothing else out), the batch stays in
             # `_taken` for `listen` to count, not taken out unsaid.

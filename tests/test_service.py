@@ -1018,9 +1018,13 @@ async def test_a_pause_no_heartbeat_can_judge_drops_only_the_batch_held(
     import os
     import signal
 
+    import provisioner.service as service
     from provisioner.redis_server import start_server
 
     _short_gaps(monkeypatch)
+    # ana's try is sent 0.3 s after it is made (`slow_first`), and cleo's connect read
+    # meanwhile, before the server was stopped
+    monkeypatch.setattr(service, "GAP_READ_EDGE_S", 0.5)
     server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
     client = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
     reader = aioredis.Redis.from_url(server.url)
@@ -1052,6 +1056,9 @@ async def test_a_pause_no_heartbeat_can_judge_drops_only_the_batch_held(
                 published = asyncio.create_task(
                     producer.publish("user:connect", json.dumps({"user_id": "bob"})))
                 await asyncio.sleep(1.5)
+                # The hold long again at the answer, as 10 s is against a pause of seconds:
+                # cleo's connect, read 1.7 s before it, is not dropped as read too long ago
+                monkeypatch.setattr(service, "UNREACHABLE_HOLD_S", 30.0)
             finally:
                 os.kill(server.process.pid, signal.SIGCONT)
             assert await asyncio.wait_for(published, 5) == 1
@@ -3570,6 +3577,138 @@ async def test_a_replica_cut_off_beside_one_that_keeps_no_beats_drops_its_held_d
     assert f"replica r2 {why}, which could have applied them unseen" in caplog.text
 
 
+@pytest.mark.parametrize("mate_runs", ["the release before", "no heartbeats"])
+async def test_messages_read_within_a_cut_no_heartbeat_can_judge_are_not_applied_late(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, replica: Replica,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, mate_runs: str,
+) -> None:
+    """A second review: r1 cut off alone, its subscription still carrying (a hop that takes
+    the connection), beside r2 that keeps no beats: the gap is judged unknown. Its held batch
+    was dropped, and the messages it read within the cut, alice's disconnect and her next
+    connect, which r2 applied in time, were applied once the server answered: the session r2
+    had begun for her was ended, and another node handed to her. Those read within a gap
+    nothing could judge are dropped with it."""
+    _short_gaps(monkeypatch)
+    mate = make_replica(aredis, api, clock, "r2")
+    _service(replica, heartbeat_interval_s=0.1)
+    await _booted(mate, "n1", "n2", "n3", "n4")
+    await send([mate, replica], "user:connect", {"user_id": "alice"})
+    first = await aredis.hget(replica.keys.key("alloc"), "alice")
+    await replica.heartbeat()
+    cut = {"on": True}
+    tries = _cut_off(replica, cut, "every try timed out reading")
+    listening = asyncio.create_task(replica.listen())
+    beating = asyncio.create_task(_beating_as_an_older_release(aredis, mate)
+                                  if mate_runs == "the release before" else _beating([]))
+    try:
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            await asyncio.wait_for(replica.subscribed.wait(), 5)
+            await _publish(aredis, [("user:connect", {"user_id": "bob"})])
+            await _until(lambda: len(tries) >= 1)
+            await send([mate], "user:connect", {"user_id": "bob"})
+            await asyncio.sleep(0.3)  # the cut under way
+            await _publish(aredis, [("user:disconnect", {"user_id": "alice"}),
+                                    ("user:connect", {"user_id": "alice"})])
+            await send([mate], "user:disconnect", {"user_id": "alice"})
+            await send([mate], "user:connect", {"user_id": "alice"})
+            now = await aredis.hget(replica.keys.key("alloc"), "alice")
+            assert now is not None and now != first
+            await _until(lambda: sum("alice" in str(data)
+                                     for _, data, _ in replica._backlog) == 2)
+            await asyncio.sleep(1.5)
+            # The hold long again at the answer, as 10 s is against a cut of seconds: alice's
+            # messages, read 1.5 s before it, are not dropped as read too long ago
+            import provisioner.service as service
+
+            monkeypatch.setattr(service, "UNREACHABLE_HOLD_S", 30.0)
+            cut["on"] = False
+            await _until(lambda: not replica._backlog and not replica._taken)
+            await asyncio.sleep(0.3)
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+        replica.stopping.set()
+        await listening
+    assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1, caplog.text
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == now, caplog.text
+    assert "could not apply user:disconnect of alice (dropped): read before or within a gap" \
+        in caplog.text
+
+
+async def test_a_cut_across_a_step_of_the_server_s_clock_is_not_taken_for_a_pause(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock, replica: Replica,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A second review: the server's clock stepped 60 s forward (NTP) just before r1 was cut
+    off. r1 reads the server's clock by its last heartbeat carried on by its own monotonic
+    clock, so the gap it asked about lay 60 s back, among no beats, and r2's beats through
+    the cut were not in it: a pause, and alice's disconnect applied late. The server's clock
+    moving 60 s more than r1's in the gap says no beat can place it: dropped, as unknown.
+    (The step is made by moving r1's reading back 60 s; a beat 60 s back puts the pool's
+    heartbeats before the gap.)"""
+    _short_gaps(monkeypatch)
+    mate = make_replica(aredis, api, clock, "r2")
+    for each in (replica, mate):
+        _service(each, heartbeat_interval_s=0.1)
+    await _booted(mate, "n1", "n2")
+    await send([mate, replica], "user:connect", {"user_id": "alice"})
+    await replica.heartbeat()
+    assert replica._server_clock is not None
+    server_ms, then = replica._server_clock
+    replica._server_clock = (server_ms - 60_000, then)
+    await aredis.zadd(replica.keys.key("beats"),
+                      {f"r1@{server_ms - 60_000}": server_ms - 60_000})
+    cut = {"on": True}
+    _cut_off(replica, cut, "every try timed out reading")
+    beating = asyncio.create_task(_beating([mate]))
+    try:
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            held = asyncio.create_task(replica.handle(*wire("user:disconnect",
+                                                            {"user_id": "alice"})))
+            await send([mate], "user:disconnect", {"user_id": "alice"})
+            await send([mate], "user:connect", {"user_id": "alice"})
+            node = await aredis.hget(replica.keys.key("alloc"), "alice")
+            assert node is not None
+            await asyncio.sleep(1.5)
+            cut["on"] = False
+            await asyncio.wait_for(held, 5)
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+    assert await aredis.hget(replica.keys.key("alloc"), "alice") == node, caplog.text
+    assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1
+    assert "the server's clock moved 6" in caplog.text, caplog.text
+
+
+async def test_a_gap_no_heartbeat_can_judge_drops_what_was_read_within_it_or_long_before(
+    replica: Replica,
+) -> None:
+    """The messages a gap judged unknown drops, by when they were read: within the gap, less
+    its end edge (copies of what the others applied while this replica could not), and over
+    UNREACHABLE_HOLD_S before the answer (late past any hold for an unreachable server, as
+    before gaps were judged); not those read just before the gap, nor at its edges, where a
+    paused server's messages come (sent just before it stopped, and as it came back). Here
+    the gap began 6 s before the answer (no heartbeat yet: judged unknown at once)."""
+    import provisioner.service as service
+
+    answered = time.monotonic()
+    gap_at = answered - 6.0
+    read = {"long before": answered - service.UNREACHABLE_HOLD_S - 1, "just before": gap_at - 1,
+            "at its start": gap_at + service.GAP_READ_EDGE_S / 2, "within": gap_at + 1,
+            "at its end": answered - service.GAP_END_EDGE_S + 0.5,
+            "after": answered + 1}
+    # in the backlog, as they would be (a span no message still waits in is forgotten)
+    replica._backlog.extend((b"user:connect", b"{}", at) for at in read.values())
+    dropped = await replica._past_a_gap(gap_at, answered + 300, 1)
+    assert dropped is not None
+    assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1
+    assert {when: replica._dropped_read(at) for when, at in read.items()} == {
+        "long before": True, "just before": False, "at its start": False, "within": True,
+        "at its end": False, "after": False}
+
+
 async def test_a_batch_held_through_a_gap_in_which_the_server_served_no_one_is_applied(
     aredis: aioredis.Redis, replica: Replica, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -3638,8 +3777,8 @@ async def test_the_messages_read_before_a_cut_off_replica_got_back_are_dropped_b
     assert await aredis.hget(replica.keys.key("alloc"), "zed") is None
     assert await aredis.hget(replica.keys.key("alloc"), "yuki") is not None
     # with no heartbeats zed's batch is judged on its own, tried while the cut lasts
-    assert ("could not apply user:connect of zed (dropped): read before a gap" in caplog.text
-            ) is beats, caplog.text
+    assert ("could not apply user:connect of zed (dropped): read before or within a gap"
+            in caplog.text) is beats, caplog.text
 
 
 async def test_no_message_is_applied_later_than_the_event_hold_after_it_was_read(

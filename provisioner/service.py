@@ -149,6 +149,13 @@ GAP_END_EDGE_S = 3.0
 #: The longest wait between two questions to a server that does not answer (`_past_a_gap`).
 GAP_ASK_MAX_S = 1.0
 
+#: A connect's or disconnect's try carries the server's time past which its replica has
+#: stopped waiting for it, and the pool refuses it later (lua/includes/pool.lua made_again):
+#: when it was sent, by the replica's reading of the server's clock, plus the client's
+#: timeout, plus this for the reading's error (half the last heartbeat's round trip, the
+#: clocks' drift since).
+LATE_MARGIN_S = 1.0
+
 #: How long after the first unanswered try of a gap a message read is taken as sent before
 #: the gap began (what a server sent as it stopped, on its way): the network's and the event
 #: loop's delay.
@@ -169,9 +176,28 @@ def _doubling_hold_ms(first_ms: int, in_a_row: int) -> int:
 
 
 def _try_again(reply: object) -> bool:
-    """A call whose reply says it did not run, and may run if made again: refused for now, or
-    a script the server did not hold (a SCRIPT FLUSH between the load and the call)."""
-    return refused_for_now(reply) or isinstance(reply, NoScriptError)
+    """A call whose reply says it did not run, and may run if made again: refused for now, a
+    script the server did not hold (a SCRIPT FLUSH between the load and the call), or a try
+    run past its deadline (`_late`)."""
+    return refused_for_now(reply) or isinstance(reply, NoScriptError) or _late(reply)
+
+
+def _late(reply: object) -> bool:
+    """A try the pool refused as run past its deadline (lua/includes/pool.lua made_again): one
+    this replica had stopped waiting for, or, when it reads the reply, one whose deadline its
+    reading of the server's clock set short (the clock stepped since its last heartbeat)."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("LATE call ")
+
+
+def _client_timeout_s(redis: aioredis.Redis) -> float | None:
+    """How long the client waits for a reply before it gives up (its connections'
+    socket_timeout, redis-py's default when the URL sets none: 5 s); None: for ever."""
+    try:
+        pool = redis.connection_pool
+        timeout = pool.connection_class(**pool.connection_kwargs).socket_timeout
+    except Exception:  # a client of another make (a test's fake): no deadline
+        return None
+    return float(timeout) if isinstance(timeout, int | float) and timeout > 0 else None
 
 
 class MayHaveApplied(RedisError):
@@ -338,6 +364,8 @@ class Replica:
         self.metrics = metrics or Metrics()
         self.keys = PoolKeys(service.pool)
         self.scripts = Scripts(redis, self.keys, observe=self.metrics.observe_script)
+        #: how long the client waits for a reply (`_deadline_mark`)
+        self._call_timeout_s = _client_timeout_s(redis)
         self.metrics.scripts_info.labels(scripts_fingerprint()).set(1)
         #: the digest of the pool settings this replica runs, in its heartbeat and on /metrics
         #: (the settings are frozen, so worked out once)
@@ -587,6 +615,8 @@ class Replica:
                 # call is dropped, as one the server refused is.
                 ran = [i for i, r in enumerate(results) if not _try_again(r)]
                 first = ran[-1] + 1 if ran else 0
+                if any(_late(r) for r in results):
+                    await self._read_server_clock_again()
                 if lost:
                     await self._ask_again_refused(evs, calls, results, first, deadline,
                                                   unreached_by)
@@ -639,6 +669,20 @@ class Replica:
         self._drop_reads = [(a, b) for a, b in self._drop_reads if b > oldest]
         if end > start:
             self._drop_reads.append((start, end))
+
+    async def _read_server_clock_again(self) -> None:
+        """A try this replica was still waiting for came back refused as past its deadline:
+        its reading of the server's clock is off (the server's clock stepped since its last
+        heartbeat). Read it now (TIME), so that the next try's deadline is right; the
+        heartbeat reads it again in turn."""
+        self._trouble.warning("late-calls", "a try came back refused as run past its deadline, "
+                              "while this replica waited for it: the server's clock moved "
+                              "from this replica's reading of it (stepped?); reading it again")
+        sent = time.monotonic()
+        with contextlib.suppress(RedisError, OSError):
+            seconds, micros = await self.redis.time()
+            self._server_clock = (int(seconds) * 1000 + int(micros) // 1000,
+                                  (sent + time.monotonic()) / 2)
 
     def _server_ms_at(self, at: float) -> int | None:
         """The server's time (ms) at monotonic `at`, as this replica's last heartbeat read it;
@@ -821,6 +865,7 @@ class Replica:
         event's call, whose result is its own)."""
         calls: list[tuple[Call[Any], int]] = []
         run: list[tuple[str, int]] = []
+        deadline = self._deadline_mark()  # each try's own: its marks are made anew
 
         def close_run() -> None:
             if run:
@@ -836,9 +881,18 @@ class Replica:
                     close_run()
             else:
                 close_run()
-                calls.append((self._call(event, mark, now), 0))
+                calls.append((self._call(event, mark and mark + deadline, now), 0))
         close_run()
         return calls
+
+    def _deadline_mark(self) -> str:
+        """What a try's marks end in: '@' and the server's time past which this replica stops
+        waiting for it (`LATE_MARGIN_S`); '' if it cannot say (no heartbeat yet to read the
+        server's clock by, or a client that waits for ever)."""
+        now = self._server_ms_at(time.monotonic())
+        if now is None or self._call_timeout_s is None:
+            return ""
+        return f"@{now + round((self._call_timeout_s + LATE_MARGIN_S) * 1000)}"
 
     def _call(self, event: events.Event, mark: str, now: int) -> Call[Any]:
         """The transition a connect, disconnect or node status asks for."""

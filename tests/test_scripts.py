@@ -2882,6 +2882,37 @@ async def test_a_gap_is_no_pause_while_a_replica_applies_events_and_keeps_no_bea
     assert (judged.verdict, judged.beats, judged.unvouched) == ("unknown", 0, why)
 
 
+@pytest.mark.parametrize("call", ["connect", "disconnect"])
+async def test_a_try_run_past_its_deadline_is_refused_whole(
+    pool: PoolUnderTest, call: str,
+) -> None:
+    """A try whose mark ends in '@ms' run after that server time (bytes a cut held, delivered
+    as it healed; a call a paused server ran as it came back) is one its replica stopped
+    waiting for: refused, nothing written, its mark not kept. In time, it applies, and the
+    pool keeps its mark without the deadline."""
+    scripts = pool.scripts
+    for status in ("booting", "ready"):
+        await scripts.run(scripts.apply_node_status_call(pool.now, "n1", status))
+    await scripts.allocate(pool.now, "alice")
+    now = await _server_ms(pool.redis)
+
+    def make(mark: str) -> Any:
+        if call == "connect":
+            return scripts.allocate_call(pool.now, "bob", "r1", 1000, mark)
+        return scripts.release_call(pool.now, "alice", mark=mark)
+
+    before = {key: await pool.redis.dump(key) for key in await pool.redis.keys("*")}
+    with pytest.raises(ResponseError, match=r"LATE call r1:b\.1:1: run \d+ ms after"):
+        await scripts.run(make(f"r1:b.1:1@{now - 1_000}"))
+    assert {key: await pool.redis.dump(key) for key in await pool.redis.keys("*")} == before
+    result = await scripts.run(make(f"r1:b.1:1@{now + 60_000}"))
+    assert result.code.name in ("WAITING", "RELEASED"), result
+    assert await pool.redis.hget(pool.keys.key("applied"), "r1") == "b.1:1"
+    # made again in time: not applied again
+    again = await scripts.run(make(f"r1:b.1:1@{now + 60_000}"))
+    assert again.code.name == "MADE_AGAIN"
+
+
 def test_a_replica_s_time_up_is_read_by_its_own_clock() -> None:
     """Started at 1,000 ms by its clock, which ran 2 s ahead of the server's at its last
     heartbeat: at the server's 10,000 ms it has been up 11 s by its clock. With no offset known

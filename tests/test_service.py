@@ -3709,6 +3709,121 @@ async def test_a_gap_no_heartbeat_can_judge_drops_what_was_read_within_it_or_lon
         "at its end": False, "after": False}
 
 
+class _HoldingHop:
+    """A TCP hop in front of the server (a second review's). While `cut`, what the client
+    sends is held, not lost, as TCP resends what a socket sent until the path heals, even
+    after the client closed it (Linux resends an orphaned socket's data for about 100 s), and
+    new connections are refused, as dropped SYNs fail a connect. Healed, the held bytes go on
+    to the server, which runs them."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port, self.cut = host, port, False
+        self._healed = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def heal(self) -> None:
+        self.cut = False
+        self._healed.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut:
+            writer.close()
+            return
+        up_r, up_w = await asyncio.open_connection(self.host, self.port)
+
+        async def down() -> None:
+            with contextlib.suppress(Exception):
+                while data := await up_r.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+
+        pump = asyncio.create_task(down())
+        try:
+            while data := await reader.read(65536):
+                if self.cut:
+                    await self._healed.wait()  # held till the path heals
+                up_w.write(data)
+                await up_w.drain()
+            await asyncio.sleep(0.2)  # the server runs what came, then the close
+        finally:
+            pump.cancel()
+            up_w.close()
+            writer.close()
+
+
+async def test_a_try_the_network_delivers_as_a_cut_heals_is_not_applied(
+    aredis: aioredis.Redis, redis_url: str, api: FakeNodeApi, clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A second review: r1 cut off by a partition that drops packets, while r2 applied alice's
+    disconnect and her next connect and beat. r1's first try of her disconnect, sent on the
+    connection it had, timed out (0.3 s here) and was closed, but the network held it; the
+    path healed 1.5 s on, it reached the server and ran, ending her new session, though r1
+    judged the gap a cut and dropped the batch (the release before had it too). Each try now
+    says until when its replica waits for it, and the pool refuses it later."""
+    from urllib.parse import urlparse
+
+    _short_gaps(monkeypatch)
+    parts = urlparse(redis_url)
+    hop = _HoldingHop(parts.hostname or "127.0.0.1", parts.port or 6379)
+    port = await hop.start()
+    via = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}{parts.path or '/0'}",
+                                  socket_timeout=0.3, socket_connect_timeout=0.3)
+    r1 = make_replica(via, api, clock, "r1")
+    mate = make_replica(aredis, api, clock, "r2")
+    for each in (r1, mate):
+        _service(each, heartbeat_interval_s=0.1)
+    await _booted(mate, "n1", "n2", "n3")
+    await send([mate, r1], "user:connect", {"user_id": "alice"})
+    await r1.heartbeat()
+    beating = asyncio.create_task(_beating([mate]))
+    try:
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            hop.cut = True
+            held = asyncio.create_task(r1.handle(*wire("user:disconnect", {"user_id": "alice"})))
+            await asyncio.sleep(0.05)
+            await send([mate], "user:disconnect", {"user_id": "alice"})
+            await send([mate], "user:connect", {"user_id": "alice"})
+            node = await aredis.hget(mate.keys.key("alloc"), "alice")
+            assert node is not None
+            await asyncio.sleep(1.5)
+            hop.heal()
+            await asyncio.wait_for(held, 10)
+            await asyncio.sleep(0.5)
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+        await via.aclose()
+        assert hop.server is not None
+        hop.server.close()
+    assert await aredis.hget(mate.keys.key("alloc"), "alice") == node, caplog.text
+    assert counter(r1, "provisioner_server_gaps_total", judged="served") == 1
+
+
+async def test_a_try_refused_as_late_while_its_replica_waits_is_made_again_in_time(
+    aredis: aioredis.Redis, replica: Replica, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A try's deadline is set by the replica's reading of the server's clock; the server's
+    clock stepped forward past it since the last heartbeat, so the pool refuses a try the
+    replica still waits for. It is not dropped: the replica reads the clock again, and the
+    next try goes through. (The step is made by moving the replica's reading back 60 s.)"""
+    await _booted(replica, "n1")
+    await replica.heartbeat()
+    assert replica._server_clock is not None
+    server_ms, then = replica._server_clock
+    replica._server_clock = (server_ms - 60_000, then)
+    with caplog.at_level("WARNING", logger="provisioner.service"):
+        await replica.handle(*wire("user:connect", {"user_id": "ana"}))
+    assert await aredis.hget(replica.keys.key("alloc"), "ana") == "n1", caplog.text
+    assert "the server's clock moved from this replica's reading of it" in caplog.text
+    assert counter(replica, "provisioner_errors_total", where="event") == 0
+
+
 async def test_a_batch_held_through_a_gap_in_which_the_server_served_no_one_is_applied(
     aredis: aioredis.Redis, replica: Replica, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

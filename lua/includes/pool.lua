@@ -82,6 +82,23 @@ local function made_again(mark)
   if not mark or mark == '' then
     return false
   end
+  -- A try's mark may end in '@ms': the server's time (as its replica reads it) past which the
+  -- replica has stopped waiting for it (its client's timeout). A try that comes later, bytes
+  -- the network held through a cut and delivered as it healed, or a call a paused server ran
+  -- as it came back, is refused whole: its replica counts it as not run, and has since tried
+  -- it again, or dropped it, or judged the gap (judge_gap.lua); applied, it would be a late
+  -- copy (a second review: a disconnect delivered as a cut healed ended the session its user
+  -- had begun since, though the replica dropped the batch). Before any write.
+  local base, not_after = string.match(mark, '^(.*)@(%d+)$')
+  if base then
+    local time = rcall('TIME')
+    local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    if server_ms > tonumber(not_after) then
+      error({err = 'LATE call ' .. base .. ': run ' .. (server_ms - tonumber(not_after))
+        .. ' ms after its replica stopped waiting for it; not applied'})
+    end
+    mark = base
+  end
   local replica, batch, seq, ask = string.match(mark, '^([^:]+):([^:]+):(%d+)(%??)$')
   if not replica then
     error({err = 'bad call mark ' .. mark .. ' (replica:batch:seq)'})

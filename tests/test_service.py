@@ -10,7 +10,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import urlparse
 
@@ -36,7 +36,14 @@ from provisioner.scripts import (
     Release,
     ReleaseResult,
 )
-from provisioner.service import ACTIVITY_BATCH, LEFT_FOR_LATER, LISTEN_BATCH, Replica, http_app
+from provisioner.service import (
+    ACTIVITY_BATCH,
+    LEFT_FOR_LATER,
+    LISTEN_BATCH,
+    Outcome,
+    Replica,
+    http_app,
+)
 from provisioner.view import check_invariants
 from tests.fakes import FakeNodeApi
 from tests.helpers import T0, Subscriber, answering, dump_pool, heard_ago
@@ -924,6 +931,47 @@ def _short_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service, "GAP_ASK_MAX_S", 0.1)
 
 
+@contextlib.asynccontextmanager
+async def _a_replica_on_a_server_of_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Any, aioredis.Redis, Replica]]:
+    """A server of the engine under test, to pause, a client reading it, and a replica on it
+    whose client gives up after 0.3 s (`_short_gaps`)."""
+    import os
+
+    from provisioner.redis_server import start_server
+
+    _short_gaps(monkeypatch)
+    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
+    client = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+    reader = aioredis.Redis.from_url(server.url)
+    try:
+        yield server, reader, _probing_replica(client, pool="paused-apply")
+    finally:
+        await client.aclose()
+        await reader.aclose()
+        server.stop()
+
+
+async def _connects_through_a_pause(server: Any, replica: Replica,
+                                    caplog: pytest.LogCaptureFixture,
+                                    held: bool = True) -> list[Outcome]:
+    """ana's and ben's connects, handled as the server is stopped (SIGSTOP) for 1.5 s; `held`:
+    whether they are still held as it runs again."""
+    import os
+    import signal
+
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            handled = asyncio.create_task(replica.handle_many(
+                [wire("user:connect", {"user_id": user}) for user in ("ana", "ben")]))
+            await asyncio.sleep(1.5)
+            assert handled.done() is not held
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    return await asyncio.wait_for(handled, 5)
+
+
 @pytest.mark.engine  # starts the engine under test itself, to pause it
 async def test_a_batch_held_through_a_server_pause_is_applied_once_it_answers(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -934,39 +982,16 @@ async def test_a_batch_held_through_a_server_pause_is_applied_once_it_answers(
     the one session that held every such batch for --event-hold). The batch is held till the
     server answers and applied if its heartbeats say it served no replica meanwhile: no one
     can have published a later event (here paused 1.5 s against a hold of 0.5 s)."""
-    import os
-    import signal
-
-    from provisioner.redis_server import start_server
-
-    _short_gaps(monkeypatch)
-    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
-    client = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
-    reader = aioredis.Redis.from_url(server.url)
-    replica = _probing_replica(client, pool="paused-apply")
-    try:
+    async with _a_replica_on_a_server_of_its_own(monkeypatch) as (server, reader, replica):
         await replica.heartbeat()  # every 0.2 s, it says: a pause of 0.4 s can be told
         await replica.handle(*wire("user:activity", {"user_id": "ana",
                                                      "timestamp": int(time.time())}))
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
-            with caplog.at_level("WARNING", logger="provisioner.service"):
-                held = asyncio.create_task(replica.handle_many(
-                    [wire("user:connect", {"user_id": user}) for user in ("ana", "ben")]))
-                await asyncio.sleep(1.5)
-                assert not held.done()
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
-        outcomes = await asyncio.wait_for(held, 5)
+        outcomes = await _connects_through_a_pause(server, replica, caplog)
         assert await reader.zrange(replica.keys.key("waiting"), 0, -1) == [b"ana", b"ben"], (
             outcomes, caplog.text)
         assert "it was paused, not this replica cut off; applying the 2 events" in caplog.text
         assert counter(replica, "provisioner_server_gaps_total", judged="pause") == 1
         assert counter(replica, "provisioner_errors_total", where="event") == 0
-    finally:
-        await client.aclose()
-        await reader.aclose()
-        server.stop()
 
 
 @pytest.mark.engine  # starts the engine under test itself, to pause it
@@ -975,36 +1000,15 @@ async def test_a_batch_held_through_a_pause_no_heartbeat_can_judge_is_dropped_an
     """With no heartbeat to read the server's clock by (a replica just started, or run with
     --heartbeat-interval 0), a pause cannot be told from a cut: the batch is dropped, as a
     cut's is, each event named and counted."""
-    import os
-    import signal
-
-    from provisioner.redis_server import start_server
-
-    _short_gaps(monkeypatch)
-    server = start_server(os.environ.get("PROVISIONER_TEST_REDIS_BINARY"))
-    client = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
-    reader = aioredis.Redis.from_url(server.url)
-    replica = _probing_replica(client, pool="paused-apply")
-    try:
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
-            with caplog.at_level("WARNING", logger="provisioner.service"):
-                held = asyncio.create_task(replica.handle_many(
-                    [wire("user:connect", {"user_id": user}) for user in ("ana", "ben")]))
-                await asyncio.sleep(1.5)
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
-        assert await asyncio.wait_for(held, 5) == [None, None]
+    async with _a_replica_on_a_server_of_its_own(monkeypatch) as (server, reader, replica):
+        assert await _connects_through_a_pause(server, replica, caplog, held=False) == [
+            None, None]
         for user in ("ana", "ben"):
             assert f"user:connect of {user} may have been applied" in caplog.text
         assert "no heartbeat to read the server's clock by" in caplog.text
         assert counter(replica, "provisioner_errors_total", where="event") == 2
         assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1
         assert await reader.zcard(replica.keys.key("waiting")) == 0
-    finally:
-        await client.aclose()
-        await reader.aclose()
-        server.stop()
 
 
 @pytest.mark.engine  # starts the engine under test itself, to pause it
@@ -3473,6 +3477,56 @@ async def _beating(replicas: list[Replica], every_s: float = 0.05) -> None:
         await asyncio.sleep(every_s)
 
 
+async def _stop_beating_and_listening(beating: asyncio.Task[None], replica: Replica,
+                                      listening: asyncio.Task[None]) -> None:
+    beating.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await beating
+    replica.stopping.set()
+    await listening
+
+
+async def _alice_connected_beside(aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+                                  replica: Replica, monkeypatch: pytest.MonkeyPatch) -> Replica:
+    """A mate for `replica` (r2), both beating every 0.1 s if they beat, gaps short
+    (`_short_gaps`), two ready nodes, and alice's connect applied by both."""
+    _short_gaps(monkeypatch)
+    mate = make_replica(aredis, api, clock, "r2")
+    for each in (replica, mate):
+        _service(each, heartbeat_interval_s=0.1)
+    await _booted(mate, "n1", "n2")
+    await send([mate, replica], "user:connect", {"user_id": "alice"})
+    return mate
+
+
+async def _alice_back_while_cut_off(aredis: aioredis.Redis, replica: Replica, mate: Replica,
+                                    beating: Coroutine[Any, Any, None], first: str,
+                                    caplog: pytest.LogCaptureFixture) -> str:
+    """Cut `replica` off (`_cut_off`, as `first` says) while it applies alice's disconnect and
+    `beating` runs, and have `mate` apply her disconnect and her next connect meanwhile; heal
+    the cut 1.5 s on and wait for the replica's batch. Returns the node of alice's new
+    session, which the replica's copy of her disconnect must leave alone."""
+    cut = {"on": True}
+    _cut_off(replica, cut, first)
+    beats = asyncio.create_task(beating)
+    try:
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            held = asyncio.create_task(replica.handle(*wire("user:disconnect",
+                                                            {"user_id": "alice"})))
+            await send([mate], "user:disconnect", {"user_id": "alice"})
+            await send([mate], "user:connect", {"user_id": "alice"})
+            node = await aredis.hget(replica.keys.key("alloc"), "alice")
+            assert node is not None  # her new session
+            await asyncio.sleep(1.5)
+            cut["on"] = False
+            await asyncio.wait_for(held, 5)
+    finally:
+        beats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beats
+    return str(node)
+
+
 @pytest.mark.parametrize("beats", [False, True], ids=["no heartbeats", "heartbeats"])
 @pytest.mark.parametrize("first", list(_CUTS))
 async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a_held_disconnect(
@@ -3487,32 +3541,11 @@ async def test_a_replica_cut_off_alone_does_not_end_a_session_begun_since_with_a
     carry no id ("How replicas cooperate"): held past UNREACHABLE_HOLD_S, the batch is dropped
     once the server answers, as r2's heartbeats say the server served it meanwhile, or, with
     none, as nothing can tell (here held 1.5 s, UNREACHABLE_HOLD_S 0.5 s)."""
-    _short_gaps(monkeypatch)
-    mate = make_replica(aredis, api, clock, "r2")
-    for each in (replica, mate):
-        _service(each, heartbeat_interval_s=0.1)
-    await _booted(mate, "n1", "n2")
-    await send([mate, replica], "user:connect", {"user_id": "alice"})
+    mate = await _alice_connected_beside(aredis, api, clock, replica, monkeypatch)
     if beats:
         await replica.heartbeat()
-    cut = {"on": True}
-    _cut_off(replica, cut, first)
-    beating = asyncio.create_task(_beating([mate] if beats else []))
-    try:
-        with caplog.at_level("WARNING", logger="provisioner.service"):
-            held = asyncio.create_task(replica.handle(*wire("user:disconnect",
-                                                            {"user_id": "alice"})))
-            await send([mate], "user:disconnect", {"user_id": "alice"})
-            await send([mate], "user:connect", {"user_id": "alice"})
-            node = await aredis.hget(replica.keys.key("alloc"), "alice")
-            assert node is not None  # her new session
-            await asyncio.sleep(1.5)
-            cut["on"] = False
-            await asyncio.wait_for(held, 5)
-    finally:
-        beating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beating
+    node = await _alice_back_while_cut_off(aredis, replica, mate,
+                                           _beating([mate] if beats else []), first, caplog)
     assert await aredis.hget(replica.keys.key("alloc"), "alice") == node, (
         "alice's session, begun after her disconnect, was ended by r1's copy of it, held 1.5 s")
     judged = "served" if beats else "unknown"
@@ -3551,25 +3584,10 @@ async def test_a_replica_cut_off_beside_one_that_keeps_no_beats_drops_its_held_d
     await _booted(mate, "n1", "n2")
     await send([mate, replica], "user:connect", {"user_id": "alice"})
     await replica.heartbeat()
-    cut = {"on": True}
-    _cut_off(replica, cut, "every try timed out reading")
-    beating = asyncio.create_task(_beating_as_an_older_release(aredis, mate)
-                                  if mate_runs == "the release before" else _beating([]))
-    try:
-        with caplog.at_level("WARNING", logger="provisioner.service"):
-            held = asyncio.create_task(replica.handle(*wire("user:disconnect",
-                                                            {"user_id": "alice"})))
-            await send([mate], "user:disconnect", {"user_id": "alice"})
-            await send([mate], "user:connect", {"user_id": "alice"})
-            node = await aredis.hget(replica.keys.key("alloc"), "alice")
-            assert node is not None
-            await asyncio.sleep(1.5)
-            cut["on"] = False
-            await asyncio.wait_for(held, 5)
-    finally:
-        beating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beating
+    node = await _alice_back_while_cut_off(
+        aredis, replica, mate, _beating_as_an_older_release(aredis, mate)
+        if mate_runs == "the release before" else _beating([]),
+        "every try timed out reading", caplog)
     assert await aredis.hget(replica.keys.key("alloc"), "alice") == node, caplog.text
     assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1
     why = ("runs a release that keeps no beats" if mate_runs == "the release before"
@@ -3625,11 +3643,7 @@ async def test_messages_read_within_a_cut_no_heartbeat_can_judge_are_not_applied
             await _until(lambda: not replica._backlog and not replica._taken)
             await asyncio.sleep(0.3)
     finally:
-        beating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beating
-        replica.stopping.set()
-        await listening
+        await _stop_beating_and_listening(beating, replica, listening)
     assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1, caplog.text
     assert await aredis.hget(replica.keys.key("alloc"), "alice") == now, caplog.text
     assert "could not apply user:disconnect of alice (dropped): read before or within a gap" \
@@ -3647,36 +3661,15 @@ async def test_a_cut_across_a_step_of_the_server_s_clock_is_not_taken_for_a_paus
     moving 60 s more than r1's in the gap says no beat can place it: dropped, as unknown.
     (The step is made by moving r1's reading back 60 s; a beat 60 s back puts the pool's
     heartbeats before the gap.)"""
-    _short_gaps(monkeypatch)
-    mate = make_replica(aredis, api, clock, "r2")
-    for each in (replica, mate):
-        _service(each, heartbeat_interval_s=0.1)
-    await _booted(mate, "n1", "n2")
-    await send([mate, replica], "user:connect", {"user_id": "alice"})
+    mate = await _alice_connected_beside(aredis, api, clock, replica, monkeypatch)
     await replica.heartbeat()
     assert replica._server_clock is not None
     server_ms, then = replica._server_clock
     replica._server_clock = (server_ms - 60_000, then)
     await aredis.zadd(replica.keys.key("beats"),
                       {f"r1@{server_ms - 60_000}": server_ms - 60_000})
-    cut = {"on": True}
-    _cut_off(replica, cut, "every try timed out reading")
-    beating = asyncio.create_task(_beating([mate]))
-    try:
-        with caplog.at_level("WARNING", logger="provisioner.service"):
-            held = asyncio.create_task(replica.handle(*wire("user:disconnect",
-                                                            {"user_id": "alice"})))
-            await send([mate], "user:disconnect", {"user_id": "alice"})
-            await send([mate], "user:connect", {"user_id": "alice"})
-            node = await aredis.hget(replica.keys.key("alloc"), "alice")
-            assert node is not None
-            await asyncio.sleep(1.5)
-            cut["on"] = False
-            await asyncio.wait_for(held, 5)
-    finally:
-        beating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beating
+    node = await _alice_back_while_cut_off(aredis, replica, mate, _beating([mate]),
+                                           "every try timed out reading", caplog)
     assert await aredis.hget(replica.keys.key("alloc"), "alice") == node, caplog.text
     assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1
     assert "the server's clock moved 6" in caplog.text, caplog.text
@@ -3884,11 +3877,7 @@ async def test_the_messages_read_before_a_cut_off_replica_got_back_are_dropped_b
             await _publish(aredis, [("user:connect", {"user_id": "yuki"})])
             await _until(lambda: counter(replica, "provisioner_connects_total") >= 1)
     finally:
-        beating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beating
-        replica.stopping.set()
-        await listening
+        await _stop_beating_and_listening(beating, replica, listening)
     assert await aredis.hget(replica.keys.key("alloc"), "zed") is None
     assert await aredis.hget(replica.keys.key("alloc"), "yuki") is not None
     # with no heartbeats zed's batch is judged on its own, tried while the cut lasts

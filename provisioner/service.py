@@ -615,7 +615,13 @@ class Replica:
                 # call is dropped, as one the server refused is.
                 ran = [i for i, r in enumerate(results) if not _try_again(r)]
                 first = ran[-1] + 1 if ran else 0
-                if any(_late(r) for r in results):
+                late = next((i for i, r in enumerate(results) if _late(r)), None)
+                if late is not None:
+                    # A try refused as late never ran, whatever ran after it (an activity, a
+                    # node status: no deadline), so it is made again, not dropped as one
+                    # refused before a call that ran: from it, each call after it that ran
+                    # changing nothing the second time (a third review)
+                    first = min(first, late)
                     await self._read_server_clock_again()
                 if lost:
                     await self._ask_again_refused(evs, calls, results, first, deadline,
@@ -711,7 +717,9 @@ class Replica:
         judged: GapJudged | None = None
         why = ""
         wait_s = 0.1
+        asked_at = time.monotonic()
         while began is not None and judged is None:
+            asked_at = time.monotonic()
             try:
                 judged = await self.scripts.judge_gap(
                     began, round(GAP_START_EDGE_S * 1000), round(GAP_END_EDGE_S * 1000))
@@ -761,14 +769,18 @@ class Replica:
                                    "one could not reach it: cut off alone")
         # Nothing says whether the others applied the messages behind this batch. Those read
         # within the gap go: in a cut, copies of what the others applied while this replica
-        # could not (a review: applied once it got back, a session begun since was ended);
-        # a paused server sends none, what it sent as it stopped is read within GAP_READ_EDGE_S
-        # of the try, and what it ran as it came back within the end edge. And those read more than
-        # UNREACHABLE_HOLD_S ago, late past what any batch the server cannot be reached for is
-        # tried. Not the rest (a review: dropping all of it lost, on every replica alike, the
-        # backlog a pause so judged had left them, and what was published as it came back).
-        self._drop_read(-math.inf, answered - UNREACHABLE_HOLD_S)
-        self._drop_read(gap_at + GAP_READ_EDGE_S, answered - GAP_END_EDGE_S)
+        # could not (a review: applied once it got back, a session begun since was ended).
+        # A paused server sends none: what it sent as it stopped is read within
+        # GAP_READ_EDGE_S of the try, and what it ran as it came back after the answered
+        # question was sent, less GAP_ASK_MAX_S (the question before failed while it was
+        # still stopped, and this one was sent at most that long after). And, for a gap
+        # longer than UNREACHABLE_HOLD_S, those read more than that before the answer, late
+        # past what any batch the server cannot be reached for is tried. Not the rest (two
+        # reviews: dropping it lost, on every replica alike, the backlog a pause so judged had
+        # left them, and what was published as it came back).
+        if answered - gap_at > UNREACHABLE_HOLD_S:
+            self._drop_read(-math.inf, answered - UNREACHABLE_HOLD_S)
+        self._drop_read(gap_at + GAP_READ_EDGE_S, asked_at - GAP_ASK_MAX_S)
         self.metrics.server_gaps.labels("unknown").inc()
         if began is None:
             why = "this replica has had no heartbeat to read the server's clock by"

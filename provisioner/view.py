@@ -101,6 +101,8 @@ class PoolView:
             "operator_releases": self.snapshot.stat("operator_releases"),
             "operator_drains": self.snapshot.stat("operator_drains"),
             "calls_made_again": self.snapshot.stat("calls_made_again"),
+            # tries refused as run past their deadline (lua/includes/pool.lua made_again)
+            "calls_late": self.snapshot.stat("calls_late"),
             "values_repaired": self.snapshot.stat("values_repaired"),
             # boots ended as stuck with none ended since they began, each raising the stuck
             # line by --boot-timeout (reap_idle.lua)
@@ -213,7 +215,8 @@ def render_view(view: PoolView) -> Group:
             f"  drains by an operator {data['operator_drains']}"
             if data["operator_drains"] else "") + (
             f"  made again after a lost reply {data['calls_made_again']}"
-            if data["calls_made_again"] else ""))
+            if data["calls_made_again"] else "") + (
+            f"  tries refused as late {data['calls_late']}" if data["calls_late"] else ""))
     if data["stuck_line_raised"]:
         outcomes.append(f"\nboots ended as stuck with none ended since they began "
                         f"{data['stuck_line_raised']}, each raising the stuck line by "

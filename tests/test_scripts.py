@@ -2888,8 +2888,8 @@ async def test_a_try_run_past_its_deadline_is_refused_whole(
 ) -> None:
     """A try whose mark ends in '@ms' run after that server time (bytes a cut held, delivered
     as it healed; a call a paused server ran as it came back) is one its replica stopped
-    waiting for: refused, nothing written, its mark not kept. In time, it applies, and the
-    pool keeps its mark without the deadline."""
+    waiting for: refused, nothing written but its count, its mark not kept. In time, it
+    applies, and the pool keeps its mark without the deadline."""
     scripts = pool.scripts
     for status in ("booting", "ready"):
         await scripts.run(scripts.apply_node_status_call(pool.now, "n1", status))
@@ -2901,10 +2901,16 @@ async def test_a_try_run_past_its_deadline_is_refused_whole(
             return scripts.allocate_call(pool.now, "bob", "r1", 1000, mark)
         return scripts.release_call(pool.now, "alice", mark=mark)
 
-    before = {key: await pool.redis.dump(key) for key in await pool.redis.keys("*")}
+    stats = pool.keys.key("stats")
+    before = {key: await pool.redis.dump(key) for key in await pool.redis.keys("*")
+              if key != stats}
+    counted = await pool.redis.hgetall(stats)
     with pytest.raises(ResponseError, match=r"LATE call r1:b\.1:1: run \d+ ms after"):
         await scripts.run(make(f"r1:b.1:1@{now - 1_000}"))
-    assert {key: await pool.redis.dump(key) for key in await pool.redis.keys("*")} == before
+    assert {key: await pool.redis.dump(key) for key in await pool.redis.keys("*")
+            if key != stats} == before
+    # counted, as no replica reads the refusal: the one write
+    assert await pool.redis.hgetall(stats) == {**counted, "calls_late": "1"}
     result = await scripts.run(make(f"r1:b.1:1@{now + 60_000}"))
     assert result.code.name in ("WAITING", "RELEASED"), result
     assert await pool.redis.hget(pool.keys.key("applied"), "r1") == "b.1:1"

@@ -94,6 +94,9 @@ local function made_again(mark)
     local time = rcall('TIME')
     local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
     if server_ms > tonumber(not_after) then
+      -- counted, as no replica reads the refusal (its client has closed the connection): the
+      -- one write of a refused call, to the pool's counters
+      stat('calls_late')
       error({err = 'LATE call ' .. base .. ': run ' .. (server_ms - tonumber(not_after))
         .. ' ms after its replica stopped waiting for it; not applied'})
     end

@@ -780,7 +780,11 @@ class Replica:
         # left them, and what was published as it came back).
         if answered - gap_at > UNREACHABLE_HOLD_S:
             self._drop_read(-math.inf, answered - UNREACHABLE_HOLD_S)
-        self._drop_read(gap_at + GAP_READ_EDGE_S, asked_at - GAP_ASK_MAX_S)
+        # (Or at the answer less the end edge, if later: a question the network held through
+        # the cut, answered as it healed, was sent seconds before, and the span ended that
+        # much early, a fourth review.)
+        self._drop_read(gap_at + GAP_READ_EDGE_S,
+                        max(asked_at - GAP_ASK_MAX_S, answered - GAP_END_EDGE_S))
         self.metrics.server_gaps.labels("unknown").inc()
         if began is None:
             why = "this replica has had no heartbeat to read the server's clock by"

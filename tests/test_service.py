@@ -3886,6 +3886,31 @@ async def test_a_try_refused_as_late_before_a_call_that_ran_is_made_again_not_dr
     assert counter(replica, "provisioner_errors_total", where="event") == 0
 
 
+async def test_a_question_the_network_held_does_not_end_the_span_dropped_long_before_the_heal(
+    replica: Replica,
+) -> None:
+    """A fourth review: a cut judged unknown, its answered question held by the network and
+    answered as the cut healed, 3 s after it was sent (within the client's 5 s). The span
+    dropped ended 1 s before the question's sending, and a copy read in the cut 0.5 s before
+    it, 3.5 s before the heal, was applied late. It ends at the answer less the end edge, if
+    that is later."""
+    await replica.heartbeat()
+    await asyncio.sleep(2.7)  # the cut begins after this replica's last beat
+    judge_gap = replica.scripts.judge_gap
+
+    async def held_by_the_network(*args: int) -> Any:
+        await asyncio.sleep(3.0)
+        return await judge_gap(*args)
+
+    replica.scripts.judge_gap = held_by_the_network  # type: ignore[method-assign]
+    now = time.monotonic()
+    within = now - 0.5  # read in the cut: a copy of what the others applied meanwhile
+    replica._backlog.append((b"user:connect", b"{}", within))
+    assert await replica._past_a_gap(now - 2.0, now + 300, 1) is not None
+    assert counter(replica, "provisioner_server_gaps_total", judged="unknown") == 1
+    assert replica._dropped_read(within), replica._drop_reads
+
+
 async def test_a_batch_held_through_a_gap_in_which_the_server_served_no_one_is_applied(
     aredis: aioredis.Redis, replica: Replica, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

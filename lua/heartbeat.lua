@@ -86,27 +86,26 @@ if ARGV[5] == 'leaving' then
   rcall('HDEL', K.applied, replica)
   return {rcall('ZCARD', K.replicas), 0, rcall('GET', K.epoch) or '', 0, 0, ''}
 end
-local time = rcall('TIME')
-local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-rcall('ZADD', K.replicas, server_ms, replica)
-rcall('ZADD', K.beats, server_ms, replica .. '@' .. server_ms)
-rcall('ZREMRANGEBYSCORE', K.beats, '-inf', '(' .. (server_ms - forget_ms))
+local now = server_ms()
+rcall('ZADD', K.replicas, now, replica)
+rcall('ZADD', K.beats, now, replica .. '@' .. now)
+rcall('ZREMRANGEBYSCORE', K.beats, '-inf', '(' .. (now - forget_ms))
 rcall('HSET', K.replica_info, replica, info)
-local gone = rcall('ZRANGEBYSCORE', K.replicas, '-inf', '(' .. (server_ms - forget_ms),
+local gone = rcall('ZRANGEBYSCORE', K.replicas, '-inf', '(' .. (now - forget_ms),
                    'LIMIT', 0, 10)
 if #gone > 0 then
   rcall('ZREM', K.replicas, unpack(gone))
   rcall('HDEL', K.replica_info, unpack(gone))
   rcall('HDEL', K.applied, unpack(gone))
 end
-rcall('SET', K.epoch, server_ms .. '-' .. proposed, 'NX')
+rcall('SET', K.epoch, now .. '-' .. proposed, 'NX')
 local ok, count = pcall(rcall, 'HINCRBY', K.stats, 'heartbeats', 1)
 local since = rcall('HGET', K.stats, 'heartbeats_since')
 if not ok or count == 1 or not since then
   if not ok then  -- not a number: begun again, counted as a repair like any other value
     stat('values_repaired')
   end
-  count, since = 1, tostring(server_ms)
+  count, since = 1, tostring(now)
   rcall('HSET', K.stats, 'heartbeats', count, 'heartbeats_since', since)
 end
-return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch), server_ms, count, since}
+return {rcall('ZCARD', K.replicas), #gone, rcall('GET', K.epoch), now, count, since}

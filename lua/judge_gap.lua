@@ -54,8 +54,7 @@ if not began or not start_edge or not end_edge then
   return redis.error_reply('judge_gap: ARGV must be three numbers (began_ms, start_edge_ms, '
     .. 'end_edge_ms)')
 end
-local time = rcall('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = server_ms()
 
 local longest = 0
 local unvouched = ''

@@ -175,6 +175,23 @@ def _doubling_hold_ms(first_ms: int, in_a_row: int) -> int:
     return min(CREATE_HOLD_MAX_MS, first_ms << min(in_a_row - 1, 16))
 
 
+@dataclasses.dataclass
+class _Tries:
+    """Tries in a row that failed (the Node API down, or refusing), each the creates sent
+    before the last failure was known: they say nothing new, so one tick's batch failing
+    together is one try (counted per create, a tick of 20 held creates 30 s at once)."""
+
+    count: int = 0
+    known_ms: int = 0  # when the last failure was known
+
+    def failed(self, asked_ms: int, now_ms: int) -> int:
+        """Count a create sent at `asked_ms` that failed, known at `now_ms`; the tries now."""
+        if not self.count or asked_ms > self.known_ms:
+            self.count += 1
+            self.known_ms = now_ms
+        return self.count
+
+
 def _try_again(reply: object) -> bool:
     """A call whose reply says it did not run, and may run if made again: refused for now, a
     script the server did not hold (a SCRIPT FLUSH between the load and the call), or a try
@@ -444,18 +461,15 @@ class Replica:
         #: creates in a row that found the Node API down, and until when creates are held: an
         #: observation of a service outside the pool, like the clock's, never pool state
         self._api_down = 0
-        #: the tries that found the Node API down in a row, the hold doubling with each: a
-        #: create sent before the last of them was known says nothing new (`_create_answered`)
-        self._api_down_tries = 0
-        self._api_down_known_ms = 0
+        #: the tries among them, the hold doubling with each (`_create_answered`)
+        self._api_down_tries = _Tries()
         self._creates_held_until_ms = 0
         self._capacity_held_until_ms = 0
         #: creates in a row the Node API refused (or answered with an id the pool cannot
         #: take), and until when creates are held for it; any other answer to a create ends it
         self._api_refused = 0
-        #: the tries among them, and when the last refusal was known (`_create_answered`)
-        self._api_refused_tries = 0
-        self._api_refused_known_ms = 0
+        #: the tries among them, the hold doubling with each (`_create_answered`)
+        self._api_refused_tries = _Tries()
         self._refused_held_until_ms = 0
         #: this replica's creates not done yet (its POST unanswered, or its answer not yet
         #: recorded): while creates are held, a probe is made only with none of them ("one at
@@ -739,12 +753,12 @@ class Replica:
         answered = time.monotonic()
         gap_s = answered - gap_at
         if (judged is not None and judged.verdict != "unknown"
-                and abs(judged.gap_ms - (answered - gap_at) * 1000) > CLOCK_STEP_S * 1000):
+                and abs(judged.gap_ms - gap_s * 1000) > CLOCK_STEP_S * 1000):
             # The server's clock stepped in the gap (NTP): this replica's reading of it, by
             # its last heartbeat and its own monotonic clock, no longer places the gap among
             # the beats (a review: a step of 60 s made a cut a pause)
             why = (f"the server's clock moved {judged.gap_ms / 1000:.0f}s in it, where this "
-                   f"replica's moved {answered - gap_at:.0f}s")
+                   f"replica's moved {gap_s:.0f}s")
             judged = None
         if judged is not None and judged.verdict == "pause":
             self.metrics.server_gaps.labels("pause").inc()
@@ -1140,36 +1154,29 @@ class Replica:
         try, and does not double the hold."""
         if result.api_down:
             self._api_down += 1
-            if not self._api_down_tries or asked_ms > self._api_down_known_ms:
-                self._api_down_tries += 1
-                self._api_down_known_ms = now_ms
-            hold = _doubling_hold_ms(CREATE_HOLD_MS, self._api_down_tries)
+            tries = self._api_down_tries.failed(asked_ms, now_ms)
+            hold = _doubling_hold_ms(CREATE_HOLD_MS, tries)
             self._creates_held_until_ms = max(self._creates_held_until_ms, now_ms + hold)
             self.metrics.creates_held.set(1)
             self._trouble.warning(
                 "api-down", "the Node API is failing (%s): creates held for %.0fs, then made one "
                 "at a time until one is answered (%d failed in a row, in %d tries)",
-                result.detail, hold / 1000, self._api_down, self._api_down_tries)
+                result.detail, hold / 1000, self._api_down, tries)
         else:
             self._api_answered("a create")
         if result.refused:
-            # Per try, as for a Node API down: a tick's batch refused together is one
-            # (counted per create, one tick's 20 refusals held creates 30 s at once).
             self._api_refused += 1
-            if not self._api_refused_tries or asked_ms > self._api_refused_known_ms:
-                self._api_refused_tries += 1
-                self._api_refused_known_ms = now_ms
-            hold = _doubling_hold_ms(REFUSED_HOLD_MS, self._api_refused_tries)
+            tries = self._api_refused_tries.failed(asked_ms, now_ms)
+            hold = _doubling_hold_ms(REFUSED_HOLD_MS, tries)
             self._refused_held_until_ms = max(self._refused_held_until_ms, now_ms + hold)
             self._trouble.warning(
                 "api-refuses", "the Node API refuses creates (%s): creates held for %.0fs (%d "
                 "refused in a row, in %d tries); check --node-api-url and what the API asks "
-                "of a create", result.detail, hold / 1000, self._api_refused,
-                self._api_refused_tries)
+                "of a create", result.detail, hold / 1000, self._api_refused, tries)
         elif self._api_refused:
             log.warning("the Node API takes creates again, after %d refused in a row",
                         self._api_refused)
-            self._api_refused = self._api_refused_tries = 0
+            self._api_refused, self._api_refused_tries = 0, _Tries()
             self._refused_held_until_ms = 0
         if result.at_capacity:
             # As long as its Retry-After says, past the next tick at least (a hold of one
@@ -1188,7 +1195,7 @@ class Replica:
         if self._api_down:
             log.warning("the Node API answers again (%s), after %d creates failed in a row",
                         call, self._api_down)
-            self._api_down = self._api_down_tries = 0
+            self._api_down, self._api_down_tries = 0, _Tries()
             self.metrics.creates_held.set(0)
 
     def _say_if_capped(self, decision: Decision) -> None:

@@ -3533,6 +3533,17 @@ async def _stop_beating_and_listening(beating: asyncio.Task[None], replica: Repl
     await listening
 
 
+async def _server_clock_stepped_past(replica: Replica) -> int:
+    """The server's clock stepped 60 s forward (NTP) since the replica's heartbeat, made by
+    moving the replica's reading of it (`_server_clock`) back 60 s: the server's time (ms) the
+    replica now reads for its heartbeat's."""
+    await replica.heartbeat()
+    assert replica._server_clock is not None
+    server_ms, then = replica._server_clock
+    replica._server_clock = (server_ms - 60_000, then)
+    return server_ms - 60_000
+
+
 async def _alice_connected_beside(aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
                                   replica: Replica, monkeypatch: pytest.MonkeyPatch) -> Replica:
     """A mate for `replica` (r2), both beating every 0.1 s if they beat, gaps short
@@ -3707,12 +3718,8 @@ async def test_a_cut_across_a_step_of_the_server_s_clock_is_not_taken_for_a_paus
     (The step is made by moving r1's reading back 60 s; a beat 60 s back puts the pool's
     heartbeats before the gap.)"""
     mate = await _alice_connected_beside(aredis, api, clock, replica, monkeypatch)
-    await replica.heartbeat()
-    assert replica._server_clock is not None
-    server_ms, then = replica._server_clock
-    replica._server_clock = (server_ms - 60_000, then)
-    await aredis.zadd(replica.keys.key("beats"),
-                      {f"r1@{server_ms - 60_000}": server_ms - 60_000})
+    server_ms = await _server_clock_stepped_past(replica)
+    await aredis.zadd(replica.keys.key("beats"), {f"r1@{server_ms}": server_ms})
     node = await _alice_back_while_cut_off(aredis, replica, mate, _beating([mate]),
                                            "every try timed out reading", caplog)
     assert await aredis.hget(replica.keys.key("alloc"), "alice") == node, caplog.text
@@ -3853,10 +3860,7 @@ async def test_a_try_refused_as_late_while_its_replica_waits_is_made_again_in_ti
     replica still waits for. It is not dropped: the replica reads the clock again, and the
     next try goes through. (The step is made by moving the replica's reading back 60 s.)"""
     await _booted(replica, "n1")
-    await replica.heartbeat()
-    assert replica._server_clock is not None
-    server_ms, then = replica._server_clock
-    replica._server_clock = (server_ms - 60_000, then)
+    await _server_clock_stepped_past(replica)
     with caplog.at_level("WARNING", logger="provisioner.service"):
         await replica.handle(*wire("user:connect", {"user_id": "ana"}))
     assert await aredis.hget(replica.keys.key("alloc"), "ana") == "n1", caplog.text
@@ -3874,10 +3878,7 @@ async def test_a_try_refused_as_late_before_a_call_that_ran_is_made_again_not_dr
     so it is made again, with the activity after it, which changes nothing the second time.
     (The step is made by moving the replica's reading back 60 s.)"""
     await _booted(replica, "n1")
-    await replica.heartbeat()
-    assert replica._server_clock is not None
-    server_ms, then = replica._server_clock
-    replica._server_clock = (server_ms - 60_000, then)
+    await _server_clock_stepped_past(replica)
     with caplog.at_level("WARNING", logger="provisioner.service"):
         await replica.handle_many([
             wire("user:connect", {"user_id": "ana"}),

@@ -35,6 +35,13 @@ local K = {
 }
 local rcall = redis.call
 
+-- The server's clock (TIME), in ms: what heartbeats are stamped with and tries' deadlines are
+-- judged by, the one clock every replica shares.
+local function server_ms()
+  local time = rcall('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- The type each pool key holds, in the vector's order (the prefixes hold none). A key edited by
 -- hand into another type fails every command on it, and Redis undoes nothing a script wrote
 -- before the command that failed: a disconnect refused on the stats hash had already taken the

@@ -91,13 +91,12 @@ local function made_again(mark)
   -- had begun since, though the replica dropped the batch). Before any write.
   local base, not_after = string.match(mark, '^(.*)@(%d+)$')
   if base then
-    local time = rcall('TIME')
-    local server_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-    if server_ms > tonumber(not_after) then
+    local ran_ms = server_ms()
+    if ran_ms > tonumber(not_after) then
       -- counted, as no replica reads the refusal (its client has closed the connection): the
       -- one write of a refused call, to the pool's counters
       stat('calls_late')
-      error({err = 'LATE call ' .. base .. ': run ' .. (server_ms - tonumber(not_after))
+      error({err = 'LATE call ' .. base .. ': run ' .. (ran_ms - tonumber(not_after))
         .. ' ms after its replica stopped waiting for it; not applied'})
     end
     mark = base

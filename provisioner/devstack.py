@@ -140,6 +140,8 @@ class Stack:
     #: the pool the replicas run: PROVISIONER_POOL, which they inherit, or the default (the
     #: view read "default" whatever they ran, a review)
     pool: str = "default"
+    #: the private server's pid, if the stack started one (a drill stops it: `bench pause`)
+    server_pid: int | None = None
 
 
 # What the stack sets itself in each process it starts, refused in the options passed on to it:
@@ -236,7 +238,8 @@ def stack(redis_url: str | None = None, replicas: int = 2,
             *exe, "mock-node-api", "--port", str(port), "--boot-delay", boot_delay, *mock],
             logdir, env))
         children.append(api)
-        running = Stack(redis_url, logdir, api_port, children=children, pool=pool)
+        running = Stack(redis_url, logdir, api_port, children=children, pool=pool,
+                        server_pid=server.process.pid if server is not None else None)
         if not answers:
             raise RuntimeError(f"mock Node API did not start; see {logdir}/mock-node-api.log")
         def replica(name: str) -> Callable[[int], Child]:

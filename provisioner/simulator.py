@@ -168,6 +168,10 @@ def trace_events(path: Path) -> Iterator[tuple[float, str, dict[str, Any]]]:
         trace.duration_s)
 
 
+#: Logged once the server answered at the start: from here on, a server out of reach holds the
+#: traffic instead of ending the run (`bench pause` waits for it before it stops the server).
+ANSWERED = "the server answered; publishing the traffic"
+
 #: The longest wait between two tries of a publish that failed.
 RETRY_MAX_S = 5.0
 
@@ -372,6 +376,7 @@ def command(
                 answer.result()
             except (OSError, RedisError) as exc:
                 raise CannotReach(redis_trouble(redis_url, exc)) from None
+            log.info(ANSWERED)
             counts = await publish(redis, events, speed, stop)
             log.info("done: %s", counts)
         finally:

@@ -30,6 +30,7 @@ from provisioner.bench.baselines import (
     policy_factory,
 )
 from provisioner.bench.loop import LoopResult
+from provisioner.bench.pause import PauseResult
 from provisioner.bench.soak import Sample, SoakResult, soak_summary
 from provisioner.bench.suite import (
     REFERENCE,
@@ -737,6 +738,77 @@ def loop_(
         raise typer.Exit(130) from None
     console.print(loop_table(result))
     _verdict(result.as_json(), result.failed, json_out)
+
+
+@app.command()
+def pause(
+    users: Annotated[int, typer.Option(
+        min=1, max=10_000, help="Connects published in one pipeline, each round")] = 30,
+    seconds: Annotated[float, typer.Option(
+        "--pause", min=0.1, max=3600, help="Seconds the server is stopped (SIGSTOP)")] = 20.0,
+    settle: Annotated[float, typer.Option(
+        min=1, max=3600, help="Seconds the pool is followed after the server goes on")] = 20.0,
+    rounds: Annotated[int, typer.Option(min=1, max=100, help="Pauses, one after another")] = 1,
+    replicas: Annotated[int, typer.Option(min=1, max=16, help="Service replicas")] = 2,
+    arrival_rate: Annotated[float, typer.Option(
+        min=0.01, max=100_000, help="The simulator's users per minute, beside the drill")
+                            ] = 20.0,
+    seed: Annotated[int, typer.Option(help="Seed of the simulator's users")] = 1,
+    boot_delay: Annotated[str, typer.Option(
+        callback=mock_node_api.boot_delay_option, help="The mock Node API's boot delay spec")
+                          ] = "lognormal:20:45",
+    replicas_from: Annotated[Path | None, typer.Option(
+        file_okay=False, exists=True, help="Run the replicas from this checkout (a worktree of "
+        "another release: `git worktree add /tmp/before REV`) instead of this one")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", dir_okay=False, help="Also write the run's figures here")] = None,
+    mock_options: Annotated[str, typer.Option(
+        metavar="OPTIONS", help="Further options of the mock Node API, in one quoted word "
+        "(`provisioner dev`'s): '--latency 3'")] = "",
+) -> None:
+    """The server paused under a batch of connects, live: the local stack (private server,
+    mock Node API, replicas, simulator), USERS connects published in one pipeline and the
+    server stopped (SIGSTOP) at once for --pause seconds; then who of those users the pool
+    served, put in line, or lost (neither: a connect dropped, its user told nothing), and the
+    replicas' gaps by verdict. Exit 1 if a user was lost, an invariant broke, a process ended
+    during the run or a log holds a traceback; 2 if the stack does not start."""
+    from provisioner.bench import pause as pausing
+
+    _checkout_option(replicas_from)
+    mock = _stack_options(mock_options, json_out)
+    try:
+        result = pausing.run(users, seconds, settle, rounds, replicas, boot_delay, arrival_rate,
+                             seed, mock, replicas_from,
+                             say=lambda line: console.print(line, markup=False))
+    except RuntimeError as exc:
+        _red(exc)
+        raise typer.Exit(2) from exc
+    except KeyboardInterrupt:
+        errors.print("stopped by Ctrl-C, the stack with it (the server let go first)",
+                     markup=False)
+        raise typer.Exit(130) from None
+    console.print(pause_table(result))
+    _verdict(result.as_json(), result.failed, json_out)
+
+
+def pause_table(result: PauseResult) -> Table:
+    """A pause drill's rounds: who was served, waiting or lost, and the gaps judged."""
+    source = " (replicas from another checkout)" if result.replicas_from else ""
+    table = Table(title=f"pause: {result.users} connects, the server stopped "
+                        f"{result.pause_s:g} s, {result.replicas} replica(s){source} on "
+                        f"{result.server}")
+    for column in ("round", "stopped, s", "served", "waiting", "lost", "connects",
+                   "gaps judged, each replica"):
+        table.add_column(column, justify="left" if column.startswith("gaps") else "right")
+    for n, r in enumerate(result.rounds, 1):
+        # replica-1's first: "pause 1; pause 1" (none: no gap; -: no such counter, a release
+        # before the verdicts)
+        gaps = "; ".join((", ".join(f"{judged} {count}" for judged, count in sorted(c.items())
+                                    if count) or "none") if c else "-"
+                         for c in r.gaps.values())
+        table.add_row(str(n), f"{r.paused_s:.1f}", str(len(r.served)), str(len(r.waiting)),
+                      str(len(r.lost)), str(r.connects), gaps)
+    return table
 
 
 def loop_table(result: LoopResult) -> Table:

@@ -995,6 +995,50 @@ async def test_a_batch_held_through_a_server_pause_is_applied_once_it_answers(
 
 
 @pytest.mark.engine  # starts the engine under test itself, to pause it
+async def test_a_pause_the_heartbeat_saw_applies_what_the_server_ran_as_it_came_back(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The heartbeat judges the gaps it could not reach the server in, and the messages the
+    listener read since wait for the verdict (a subscription that outlives a cut brings them
+    late). In a pause no replica beat: bob's connect, published in it and run by the server
+    as it came back, is applied, and the pause is one gap, judged once though the heartbeat
+    and a batch could each ask."""
+    import os
+    import signal
+
+    async with _a_replica_on_a_server_of_its_own(monkeypatch) as (server, reader, replica):
+        listening = asyncio.create_task(replica.listen())
+        beating = asyncio.create_task(replica._every(0.2, replica._heartbeat_turn,
+                                                     "heartbeat"))
+        try:
+            await asyncio.wait_for(replica.subscribed.wait(), 5)
+            await _until(lambda: replica._server_clock is not None)
+            await asyncio.sleep(0.5)  # beats before the pause, to judge it by
+            with caplog.at_level("WARNING", logger="provisioner.service"):
+                os.kill(server.process.pid, signal.SIGSTOP)
+                try:
+                    published = asyncio.create_task(reader.publish(
+                        "user:connect", json.dumps({"user_id": "bob"})))
+                    await asyncio.sleep(1.5)
+                    assert replica._cut_at is not None, "the heartbeat saw no cut"
+                finally:
+                    os.kill(server.process.pid, signal.SIGCONT)
+                await asyncio.wait_for(published, 5)
+                await _until(lambda: counter(replica, "provisioner_server_gaps_total",
+                                             judged="pause") == 1, why=lambda: caplog.text)
+                await _until(lambda: counter(replica, "provisioner_connects_total") == 1,
+                             why=lambda: caplog.text)
+        finally:
+            replica.stopping.set()
+            await _cancelled(beating)
+            await asyncio.wait({listening}, timeout=5)
+            await _cancelled(listening)
+        assert await reader.zrange(replica.keys.key("waiting"), 0, -1) == [b"bob"]
+        assert "applying the messages read since" in caplog.text
+        assert sum(counter(replica, "provisioner_server_gaps_total", judged=judged)
+                   for judged in ("pause", "served", "unknown", "unanswered")) == 1
+
+
+@pytest.mark.engine  # starts the engine under test itself, to pause it
 async def test_a_batch_held_through_a_pause_no_heartbeat_can_judge_is_dropped_and_named(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """With no heartbeat to read the server's clock by (a replica just started, or run with
@@ -3764,8 +3808,10 @@ class _HoldingHop:
     new connections are refused, as dropped SYNs fail a connect. Healed, the held bytes go on
     to the server, which runs them."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port, self.cut = host, port, False
+    def __init__(self, host: str, port: int, both_ways: bool = False) -> None:
+        # both_ways: what the server sends is held too (a partition: its subscriptions'
+        # messages come once it heals, as TCP resends them)
+        self.host, self.port, self.cut, self.both_ways = host, port, False, both_ways
         self._healed = asyncio.Event()
         self.server: asyncio.Server | None = None
 
@@ -3786,6 +3832,8 @@ class _HoldingHop:
         async def down() -> None:
             with contextlib.suppress(Exception):
                 while data := await up_r.read(65536):
+                    if self.cut and self.both_ways:
+                        await self._healed.wait()
                     writer.write(data)
                     await writer.drain()
 
@@ -3850,6 +3898,70 @@ async def test_a_try_the_network_delivers_as_a_cut_heals_is_not_applied(
         hop.server.close()
     assert await aredis.hget(mate.keys.key("alloc"), "alice") == node, caplog.text
     assert counter(r1, "provisioner_server_gaps_total", judged="served") == 1
+
+
+async def test_a_subscription_that_outlives_a_cut_brings_no_late_copy_to_apply(
+    aredis: aioredis.Redis, redis_url: str, api: FakeNodeApi, clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A helper's drill (session 74): r1 cut off both ways by a partition that holds the bytes
+    (TCP resends them), its subscription outliving the cut, while r2 applied alice's
+    disconnect and her next connect, and beat. r1 read nothing in the cut, so it held no batch
+    and judged no gap; healed, its subscription brought both messages late, and the
+    disconnect ended her new session, the connect handing her another node. r1's heartbeat,
+    which failed in the cut, now has the gap judged once it gets through, and what the
+    listener read since that heartbeat failed waits for the verdict: served, so dropped."""
+    from urllib.parse import urlparse
+
+    _short_gaps(monkeypatch)
+    parts = urlparse(redis_url)
+    hop = _HoldingHop(parts.hostname or "127.0.0.1", parts.port or 6379, both_ways=True)
+    port = await hop.start()
+    via = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}{parts.path or '/0'}",
+                                  socket_timeout=0.3, socket_connect_timeout=0.3)
+    r1 = make_replica(via, api, clock, "r1")
+    mate = make_replica(aredis, api, clock, "r2")
+    for each in (r1, mate):
+        _service(each, heartbeat_interval_s=0.1)
+    await _booted(mate, "n1", "n2", "n3")
+    listening = asyncio.create_task(r1.listen())
+    beating = asyncio.create_task(_beating([mate]))
+    r1_beating = asyncio.create_task(r1._every(0.1, r1._heartbeat_turn, "heartbeat"))
+    try:
+        await asyncio.wait_for(r1.subscribed.wait(), 5)
+        await r1.heartbeat()
+
+        async def both(channel: str) -> None:  # r2 applies it, and r1 reads it
+            await send([mate], channel, {"user_id": "alice"})
+            await aredis.publish(channel, json.dumps({"user_id": "alice"}))
+
+        await both("user:connect")
+        await _until(lambda: counter(r1, "provisioner_events_total",
+                                     channel="user:connect") == 1
+                     and not r1._backlog and not r1._taken)
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            hop.cut = True
+            await asyncio.sleep(0.6)  # r1's heartbeats time out (0.3 s)
+            await both("user:disconnect")
+            await both("user:connect")
+            node = await aredis.hget(mate.keys.key("alloc"), "alice")
+            assert node is not None
+            await asyncio.sleep(0.6)  # the gap past UNREACHABLE_HOLD_S (0.5 s here)
+            hop.heal()
+            await _until(lambda: counter(r1, "provisioner_server_gaps_total",
+                                         judged="served") == 1)
+            await asyncio.sleep(0.5)  # and whatever r1 read applied or dropped
+    finally:
+        r1.stopping.set()
+        await _cancelled(beating)
+        await _cancelled(r1_beating)
+        await asyncio.wait({listening}, timeout=5)
+        await _cancelled(listening)
+        await via.aclose()
+        assert hop.server is not None
+        hop.server.close()
+    # her session, as r2 began it: r1's late copies neither ended it nor began another
+    assert await aredis.hget(mate.keys.key("alloc"), "alice") == node, caplog.text
 
 
 async def test_a_try_refused_as_late_while_its_replica_waits_is_made_again_in_time(

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -207,13 +207,16 @@ def options_passed_on(text: str, name: str, command: Callable[..., Any],
 def stack(redis_url: str | None = None, replicas: int = 2,
           boot_delay: str = "lognormal:20:45", arrival_rate: float | None = 20.0,
           simulate: Sequence[str] = (), say: Callable[[str], None] = console.print,
-          mock: Sequence[str] = (), replicas_from: Path | None = None) -> Iterator[Stack]:
+          mock: Sequence[str] = (), replicas_from: Path | None = None,
+          replica_env: Mapping[str, Mapping[str, str]] | None = None) -> Iterator[Stack]:
     """Start the server (unless `redis_url` is given), the mock Node API (`mock`: its further
     options), the replicas and the simulator (`simulate`: its further options; no
     `--arrival-rate` if `arrival_rate` is None, as a --trace needs), and stop them all on the
     way out: SIGTERM first, SIGKILL after a grace period. Raises RuntimeError if the mock Node
     API does not start. `replicas_from`: a checkout whose package (and scripts) the replicas
-    run instead of this one's, started in it (another release, side by side)."""
+    run instead of this one's, started in it (another release, side by side). `replica_env`:
+    a replica's own environment over the stack's, by name (`replica-2`: a server URL of its
+    own, through a hop a drill cuts)."""
     pool = os.environ.get("PROVISIONER_POOL") or "default"
     try:
         PoolKeys(pool)
@@ -249,7 +252,8 @@ def stack(redis_url: str | None = None, replicas: int = 2,
                 str(port), "--http-host", "127.0.0.1",  # a laptop's stack: this host only
                 # Started in the other checkout: `python -m` puts the working directory first
                 # on the path, ahead of PYTHONPATH and the installed package.
-                "--replica-id", name], logdir, env, replicas_from)
+                "--replica-id", name], logdir, {**env, **(replica_env or {}).get(name, {})},
+                replicas_from)
 
         for index in range(replicas):
             # Each answering before the next starts, and before the simulator's traffic.

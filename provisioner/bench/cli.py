@@ -29,6 +29,7 @@ from provisioner.bench.baselines import (
     STATIC_BEST,
     policy_factory,
 )
+from provisioner.bench.cut import CutResult
 from provisioner.bench.loop import LoopResult
 from provisioner.bench.pause import PauseResult
 from provisioner.bench.soak import Sample, SoakResult, soak_summary
@@ -791,6 +792,74 @@ def pause(
     _verdict(result.as_json(), result.failed, json_out)
 
 
+@app.command()
+def cut(
+    seconds: Annotated[float, typer.Option(
+        "--cut", min=0.1, max=3600, help="Seconds replica-2 is cut off (its bytes held both "
+        "ways)")] = 20.0,
+    settle: Annotated[float, typer.Option(
+        min=1, max=3600, help="Seconds the pool is followed after the cut heals")] = 15.0,
+    rounds: Annotated[int, typer.Option(min=1, max=100, help="Cuts, one after another")] = 1,
+    arrival_rate: Annotated[float, typer.Option(
+        min=0.01, max=100_000, help="The simulator's users per minute, beside the drill")
+                            ] = 20.0,
+    seed: Annotated[int, typer.Option(help="Seed of the simulator's users")] = 1,
+    boot_delay: Annotated[str, typer.Option(
+        callback=mock_node_api.boot_delay_option, help="The mock Node API's boot delay spec")
+                          ] = "lognormal:20:45",
+    replicas_from: Annotated[Path | None, typer.Option(
+        file_okay=False, exists=True, help="Run the replicas from this checkout (a worktree of "
+        "another release: `git worktree add /tmp/before REV`) instead of this one")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", dir_okay=False, help="Also write the run's figures here")] = None,
+    mock_options: Annotated[str, typer.Option(
+        metavar="OPTIONS", help="Further options of the mock Node API, in one quoted word "
+        "(`provisioner dev`'s): '--latency 3'")] = "",
+) -> None:
+    """One replica cut off alone, live: a private server, the mock Node API, two replicas
+    (replica-2 through a hop that holds every byte both ways while cut, as a partition holds
+    what TCP resends) and the simulator. Each round a user is served, replica-2 is cut off,
+    she disconnects and connects again (replica-1 applies it), and the cut heals --cut seconds
+    after it began; then whether she kept the node she had since, or a late copy on replica-2
+    ended her session or moved her. Exit 1 if a session was ended or moved, an invariant broke,
+    a process ended during the run or a log holds a traceback; 2 if the stack does not start."""
+    from provisioner.bench import cut as cutting
+
+    _checkout_option(replicas_from)
+    mock = _stack_options(mock_options, json_out)
+    try:
+        result = cutting.run(seconds, settle, rounds, boot_delay, arrival_rate, seed, mock,
+                             replicas_from, say=lambda line: console.print(line, markup=False))
+    except RuntimeError as exc:
+        _red(exc)
+        raise typer.Exit(2) from exc
+    except KeyboardInterrupt:
+        errors.print("stopped by Ctrl-C, the stack with it", markup=False)
+        raise typer.Exit(130) from None
+    console.print(cut_table(result))
+    _verdict(result.as_json(), result.failed, json_out)
+
+
+def cut_table(result: CutResult) -> Table:
+    """A cut drill's rounds: what became of each user's session, and the gaps judged."""
+    source = " (replicas from another checkout)" if result.replicas_from else ""
+    table = Table(title=f"cut: replica-2 cut off {result.cut_s:g} s{source} on {result.server}")
+    for column in ("round", "cut, s", "node since", "at the end", "session",
+                   "user:allocated", "gaps judged, each replica"):
+        table.add_column(column, justify="left" if column.startswith("gaps") else "right")
+    for n, r in enumerate(result.rounds, 1):
+        table.add_row(str(n), f"{r.cut_s:.1f}", r.node_since, r.node_after or "none",
+                      r.outcome, str(r.allocated_heard), _gaps_cell(r.gaps))
+    return table
+
+
+def _gaps_cell(gaps: dict[str, dict[str, int]]) -> str:
+    """Each replica's gaps by verdict, replica-1's first: "pause 1; pause 1" (none: no gap;
+    -: no such counter, a release before the verdicts)."""
+    return "; ".join((", ".join(f"{judged} {count}" for judged, count in sorted(c.items())
+                                if count) or "none") if c else "-" for c in gaps.values())
+
+
 def pause_table(result: PauseResult) -> Table:
     """A pause drill's rounds: who was served, waiting or lost, and the gaps judged."""
     source = " (replicas from another checkout)" if result.replicas_from else ""
@@ -801,13 +870,8 @@ def pause_table(result: PauseResult) -> Table:
                    "gaps judged, each replica"):
         table.add_column(column, justify="left" if column.startswith("gaps") else "right")
     for n, r in enumerate(result.rounds, 1):
-        # replica-1's first: "pause 1; pause 1" (none: no gap; -: no such counter, a release
-        # before the verdicts)
-        gaps = "; ".join((", ".join(f"{judged} {count}" for judged, count in sorted(c.items())
-                                    if count) or "none") if c else "-"
-                         for c in r.gaps.values())
         table.add_row(str(n), f"{r.paused_s:.1f}", str(len(r.served)), str(len(r.waiting)),
-                      str(len(r.lost)), str(r.connects), gaps)
+                      str(len(r.lost)), str(r.connects), _gaps_cell(r.gaps))
     return table
 
 

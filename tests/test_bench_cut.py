@@ -1,0 +1,95 @@
+"""`bench cut`: one replica cut off alone while a user reconnects, live, and its hop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from provisioner.bench.cut import CutResult, CutRound, Hop, outcome
+
+
+def test_a_session_is_kept_ended_or_moved_by_where_its_user_is_at_the_end() -> None:
+    assert outcome("n2", "n2") == "kept"
+    assert outcome("n2", "") == "ended"
+    assert outcome("n2", "n3") == "moved"
+    kept = CutResult("redis 7", 2, 20.0, 15.0,
+                     rounds=[CutRound("cut-1", 20.0, "n1", "n2", "n2", "kept")])
+    assert kept.failed == []
+    moved = CutResult("redis 7", 2, 20.0, 15.0,
+                      rounds=[CutRound("cut-1", 20.0, "n1", "n2", "n3", "moved")])
+    assert moved.failed == ["round 1: cut-1's session moved (her node since the reconnect n2, "
+                            "at the end n3)"]
+    assert moved.as_json()["failed"] == moved.failed
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(100):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+def test_the_hop_holds_every_byte_both_ways_while_cut_and_delivers_them_in_order() -> None:
+    async def main() -> None:
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        hop = Hop("127.0.0.1", server.sockets[0].getsockname()[1])
+        port = await asyncio.to_thread(hop.start)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"one ")
+            assert await asyncio.wait_for(reader.read(100), 2) == b"one "
+            hop.cut()
+            await asyncio.sleep(0.1)
+            writer.write(b"two ")
+            writer.write(b"three")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(100), 0.5)
+            hop.heal()
+            got = b""
+            while got != b"two three":
+                got += await asyncio.wait_for(reader.read(100), 2)
+            writer.close()
+        finally:
+            await asyncio.to_thread(hop.stop)
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_a_bad_folder_or_checkout_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    from provisioner.cli import app
+
+    runner = CliRunner()
+    wide = {"COLUMNS": "300"}
+    folder = runner.invoke(app, ["bench", "cut", "--json", str(tmp_path / "no" / "f.json")],
+                           env=wide)
+    assert folder.exit_code == 2 and "no folder" in folder.output
+    empty = runner.invoke(app, ["bench", "cut", "--replicas-from", str(tmp_path)], env=wide)
+    assert empty.exit_code == 2 and "holds no provisioner package" in empty.output
+
+
+@pytest.mark.e2e
+def test_a_replica_cut_off_alone_leaves_a_session_begun_in_the_cut_as_it_was(
+        tmp_path: Path) -> None:
+    """The replicas of the release before (a3b8e9d, `bench cut --replicas-from`) applied the
+    cut replica's late copies once it healed, her session moved to another node in each
+    round; replica-2 now judges the gap its heartbeat saw, served, and drops them."""
+    from provisioner.cli import app
+
+    out = tmp_path / "cut.json"
+    result = CliRunner().invoke(app, [
+        "bench", "cut", "--cut", "14", "--settle", "6", "--boot-delay", "1",
+        "--arrival-rate", "0.01", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    run: dict[str, Any] = json.loads(out.read_text())
+    assert run["failed"] == []
+    (only,) = run["rounds"]
+    assert only["outcome"] == "kept" and only["node_since"] == only["node_after"] != ""
+    assert only["allocated_heard"] == 1  # replica-1's, of her reconnect; no second node
+    assert only["gaps"]["replica-2"]["served"] == 1, only["gaps"]
+    assert sum(only["gaps"]["replica-1"].values()) == 0, only["gaps"]

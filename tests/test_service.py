@@ -3801,6 +3801,32 @@ async def test_a_gap_no_heartbeat_can_judge_drops_what_was_read_within_it_or_lon
         "within": True, "at its end": False, "after": False}
 
 
+@contextlib.asynccontextmanager
+async def _r1_behind_a_hop(aredis: aioredis.Redis, redis_url: str, api: FakeNodeApi,
+                           clock: ManualClock, both_ways: bool = False,
+                           ) -> AsyncIterator[tuple[_HoldingHop, Replica, Replica]]:
+    """r1 on a client through a `_HoldingHop` (giving up after 0.3 s), r2 on `aredis`, both
+    beating every 0.1 s, with three nodes booted; the hop and r1's client closed at the end."""
+    from urllib.parse import urlparse
+
+    parts = urlparse(redis_url)
+    hop = _HoldingHop(parts.hostname or "127.0.0.1", parts.port or 6379, both_ways=both_ways)
+    port = await hop.start()
+    via = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}{parts.path or '/0'}",
+                                  socket_timeout=0.3, socket_connect_timeout=0.3)
+    try:
+        r1 = make_replica(via, api, clock, "r1")
+        mate = make_replica(aredis, api, clock, "r2")
+        for each in (r1, mate):
+            _service(each, heartbeat_interval_s=0.1)
+        await _booted(mate, "n1", "n2", "n3")
+        yield hop, r1, mate
+    finally:
+        await via.aclose()
+        assert hop.server is not None
+        hop.server.close()
+
+
 class _HoldingHop:
     """A TCP hop in front of the server (a second review's). While `cut`, what the client
     sends is held, not lost, as TCP resends what a socket sent until the path heals, even
@@ -3861,41 +3887,28 @@ async def test_a_try_the_network_delivers_as_a_cut_heals_is_not_applied(
     path healed 1.5 s on, it reached the server and ran, ending her new session, though r1
     judged the gap a cut and dropped the batch (the release before had it too). Each try now
     says until when its replica waits for it, and the pool refuses it later."""
-    from urllib.parse import urlparse
-
     _short_gaps(monkeypatch)
-    parts = urlparse(redis_url)
-    hop = _HoldingHop(parts.hostname or "127.0.0.1", parts.port or 6379)
-    port = await hop.start()
-    via = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}{parts.path or '/0'}",
-                                  socket_timeout=0.3, socket_connect_timeout=0.3)
-    r1 = make_replica(via, api, clock, "r1")
-    mate = make_replica(aredis, api, clock, "r2")
-    for each in (r1, mate):
-        _service(each, heartbeat_interval_s=0.1)
-    await _booted(mate, "n1", "n2", "n3")
-    await send([mate, r1], "user:connect", {"user_id": "alice"})
-    await r1.heartbeat()
-    beating = asyncio.create_task(_beating([mate]))
-    try:
-        with caplog.at_level("WARNING", logger="provisioner.service"):
-            hop.cut = True
-            held = asyncio.create_task(r1.handle(*wire("user:disconnect", {"user_id": "alice"})))
-            await asyncio.sleep(0.05)
-            await send([mate], "user:disconnect", {"user_id": "alice"})
-            await send([mate], "user:connect", {"user_id": "alice"})
-            node = await aredis.hget(mate.keys.key("alloc"), "alice")
-            assert node is not None
-            await asyncio.sleep(1.5)
-            hop.heal()
-            await asyncio.wait({held}, timeout=10)
-            assert held.done(), "r1's batch still held 10 s after the cut healed"
-            await asyncio.sleep(0.5)
-    finally:
-        await _cancelled(beating)
-        await via.aclose()
-        assert hop.server is not None
-        hop.server.close()
+    async with _r1_behind_a_hop(aredis, redis_url, api, clock) as (hop, r1, mate):
+        await send([mate, r1], "user:connect", {"user_id": "alice"})
+        await r1.heartbeat()
+        beating = asyncio.create_task(_beating([mate]))
+        try:
+            with caplog.at_level("WARNING", logger="provisioner.service"):
+                hop.cut = True
+                held = asyncio.create_task(r1.handle(*wire("user:disconnect",
+                                                           {"user_id": "alice"})))
+                await asyncio.sleep(0.05)
+                await send([mate], "user:disconnect", {"user_id": "alice"})
+                await send([mate], "user:connect", {"user_id": "alice"})
+                node = await aredis.hget(mate.keys.key("alloc"), "alice")
+                assert node is not None
+                await asyncio.sleep(1.5)
+                hop.heal()
+                await asyncio.wait({held}, timeout=10)
+                assert held.done(), "r1's batch still held 10 s after the cut healed"
+                await asyncio.sleep(0.5)
+        finally:
+            await _cancelled(beating)
     assert await aredis.hget(mate.keys.key("alloc"), "alice") == node, caplog.text
     assert counter(r1, "provisioner_server_gaps_total", judged="served") == 1
 
@@ -3911,55 +3924,42 @@ async def test_a_subscription_that_outlives_a_cut_brings_no_late_copy_to_apply(
     disconnect ended her new session, the connect handing her another node. r1's heartbeat,
     which failed in the cut, now has the gap judged once it gets through, and what the
     listener read since that heartbeat failed waits for the verdict: served, so dropped."""
-    from urllib.parse import urlparse
-
     _short_gaps(monkeypatch)
-    parts = urlparse(redis_url)
-    hop = _HoldingHop(parts.hostname or "127.0.0.1", parts.port or 6379, both_ways=True)
-    port = await hop.start()
-    via = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}{parts.path or '/0'}",
-                                  socket_timeout=0.3, socket_connect_timeout=0.3)
-    r1 = make_replica(via, api, clock, "r1")
-    mate = make_replica(aredis, api, clock, "r2")
-    for each in (r1, mate):
-        _service(each, heartbeat_interval_s=0.1)
-    await _booted(mate, "n1", "n2", "n3")
-    listening = asyncio.create_task(r1.listen())
-    beating = asyncio.create_task(_beating([mate]))
-    r1_beating = asyncio.create_task(r1._every(0.1, r1._heartbeat_turn, "heartbeat"))
-    try:
-        await asyncio.wait_for(r1.subscribed.wait(), 5)
-        await r1.heartbeat()
+    async with _r1_behind_a_hop(aredis, redis_url, api, clock, both_ways=True) as (
+            hop, r1, mate):
+        listening = asyncio.create_task(r1.listen())
+        beating = asyncio.create_task(_beating([mate]))
+        r1_beating = asyncio.create_task(r1._every(0.1, r1._heartbeat_turn, "heartbeat"))
+        try:
+            await asyncio.wait_for(r1.subscribed.wait(), 5)
+            await r1.heartbeat()
 
-        async def both(channel: str) -> None:  # r2 applies it, and r1 reads it
-            await send([mate], channel, {"user_id": "alice"})
-            await aredis.publish(channel, json.dumps({"user_id": "alice"}))
+            async def both(channel: str) -> None:  # r2 applies it, and r1 reads it
+                await send([mate], channel, {"user_id": "alice"})
+                await aredis.publish(channel, json.dumps({"user_id": "alice"}))
 
-        await both("user:connect")
-        await _until(lambda: counter(r1, "provisioner_events_total",
-                                     channel="user:connect") == 1
-                     and not r1._backlog and not r1._taken)
-        with caplog.at_level("WARNING", logger="provisioner.service"):
-            hop.cut = True
-            await asyncio.sleep(0.6)  # r1's heartbeats time out (0.3 s)
-            await both("user:disconnect")
             await both("user:connect")
-            node = await aredis.hget(mate.keys.key("alloc"), "alice")
-            assert node is not None
-            await asyncio.sleep(0.6)  # the gap past UNREACHABLE_HOLD_S (0.5 s here)
-            hop.heal()
-            await _until(lambda: counter(r1, "provisioner_server_gaps_total",
-                                         judged="served") == 1)
-            await asyncio.sleep(0.5)  # and whatever r1 read applied or dropped
-    finally:
-        r1.stopping.set()
-        await _cancelled(beating)
-        await _cancelled(r1_beating)
-        await asyncio.wait({listening}, timeout=5)
-        await _cancelled(listening)
-        await via.aclose()
-        assert hop.server is not None
-        hop.server.close()
+            await _until(lambda: counter(r1, "provisioner_events_total",
+                                         channel="user:connect") == 1
+                         and not r1._backlog and not r1._taken)
+            with caplog.at_level("WARNING", logger="provisioner.service"):
+                hop.cut = True
+                await asyncio.sleep(0.6)  # r1's heartbeats time out (0.3 s)
+                await both("user:disconnect")
+                await both("user:connect")
+                node = await aredis.hget(mate.keys.key("alloc"), "alice")
+                assert node is not None
+                await asyncio.sleep(0.6)  # the gap past UNREACHABLE_HOLD_S (0.5 s here)
+                hop.heal()
+                await _until(lambda: counter(r1, "provisioner_server_gaps_total",
+                                             judged="served") == 1)
+                await asyncio.sleep(0.5)  # and whatever r1 read applied or dropped
+        finally:
+            await _cancelled(beating)
+            await _cancelled(r1_beating)
+            r1.stopping.set()
+            await asyncio.wait({listening}, timeout=5)
+            await _cancelled(listening)
     # her session, as r2 began it: r1's late copies neither ended it nor began another
     assert await aredis.hget(mate.keys.key("alloc"), "alice") == node, caplog.text
 

@@ -741,6 +741,22 @@ def loop_(
     _verdict(result.as_json(), result.failed, json_out)
 
 
+# The options `pause` and `cut` share: the stack's, as `loop` takes them.
+_DrillArrivalRate = Annotated[float, typer.Option(
+    min=0.01, max=100_000, help="The simulator's users per minute, beside the drill")]
+_DrillSeed = Annotated[int, typer.Option(help="Seed of the simulator's users")]
+_DrillBootDelay = Annotated[str, typer.Option(
+    callback=mock_node_api.boot_delay_option, help="The mock Node API's boot delay spec")]
+_DrillReplicasFrom = Annotated[Path | None, typer.Option(
+    file_okay=False, exists=True, help="Run the replicas from this checkout (a worktree of "
+    "another release: `git worktree add /tmp/before REV`) instead of this one")]
+_DrillJson = Annotated[Path | None, typer.Option(
+    "--json", dir_okay=False, help="Also write the run's figures here")]
+_DrillMockOptions = Annotated[str, typer.Option(
+    metavar="OPTIONS", help="Further options of the mock Node API, in one quoted word "
+    "(`provisioner dev`'s): '--latency 3'")]
+
+
 @app.command()
 def pause(
     users: Annotated[int, typer.Option(
@@ -751,21 +767,12 @@ def pause(
         min=1, max=3600, help="Seconds the pool is followed after the server goes on")] = 20.0,
     rounds: Annotated[int, typer.Option(min=1, max=100, help="Pauses, one after another")] = 1,
     replicas: Annotated[int, typer.Option(min=1, max=16, help="Service replicas")] = 2,
-    arrival_rate: Annotated[float, typer.Option(
-        min=0.01, max=100_000, help="The simulator's users per minute, beside the drill")
-                            ] = 20.0,
-    seed: Annotated[int, typer.Option(help="Seed of the simulator's users")] = 1,
-    boot_delay: Annotated[str, typer.Option(
-        callback=mock_node_api.boot_delay_option, help="The mock Node API's boot delay spec")
-                          ] = "lognormal:20:45",
-    replicas_from: Annotated[Path | None, typer.Option(
-        file_okay=False, exists=True, help="Run the replicas from this checkout (a worktree of "
-        "another release: `git worktree add /tmp/before REV`) instead of this one")] = None,
-    json_out: Annotated[Path | None, typer.Option(
-        "--json", dir_okay=False, help="Also write the run's figures here")] = None,
-    mock_options: Annotated[str, typer.Option(
-        metavar="OPTIONS", help="Further options of the mock Node API, in one quoted word "
-        "(`provisioner dev`'s): '--latency 3'")] = "",
+    arrival_rate: _DrillArrivalRate = 20.0,
+    seed: _DrillSeed = 1,
+    boot_delay: _DrillBootDelay = "lognormal:20:45",
+    replicas_from: _DrillReplicasFrom = None,
+    json_out: _DrillJson = None,
+    mock_options: _DrillMockOptions = "",
 ) -> None:
     """The server paused under a batch of connects, live: the local stack (private server,
     mock Node API, replicas, simulator), USERS connects published in one pipeline and the
@@ -800,21 +807,12 @@ def cut(
     settle: Annotated[float, typer.Option(
         min=1, max=3600, help="Seconds the pool is followed after the cut heals")] = 15.0,
     rounds: Annotated[int, typer.Option(min=1, max=100, help="Cuts, one after another")] = 1,
-    arrival_rate: Annotated[float, typer.Option(
-        min=0.01, max=100_000, help="The simulator's users per minute, beside the drill")
-                            ] = 20.0,
-    seed: Annotated[int, typer.Option(help="Seed of the simulator's users")] = 1,
-    boot_delay: Annotated[str, typer.Option(
-        callback=mock_node_api.boot_delay_option, help="The mock Node API's boot delay spec")
-                          ] = "lognormal:20:45",
-    replicas_from: Annotated[Path | None, typer.Option(
-        file_okay=False, exists=True, help="Run the replicas from this checkout (a worktree of "
-        "another release: `git worktree add /tmp/before REV`) instead of this one")] = None,
-    json_out: Annotated[Path | None, typer.Option(
-        "--json", dir_okay=False, help="Also write the run's figures here")] = None,
-    mock_options: Annotated[str, typer.Option(
-        metavar="OPTIONS", help="Further options of the mock Node API, in one quoted word "
-        "(`provisioner dev`'s): '--latency 3'")] = "",
+    arrival_rate: _DrillArrivalRate = 20.0,
+    seed: _DrillSeed = 1,
+    boot_delay: _DrillBootDelay = "lognormal:20:45",
+    replicas_from: _DrillReplicasFrom = None,
+    json_out: _DrillJson = None,
+    mock_options: _DrillMockOptions = "",
 ) -> None:
     """One replica cut off alone, live: a private server, the mock Node API, two replicas
     (replica-2 through a hop that holds every byte both ways while cut, as a partition holds

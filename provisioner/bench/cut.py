@@ -29,9 +29,17 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from provisioner import view
-from provisioner.bench.loop import _Heard, _raise_if_cancelled, _ready, _until, quiet_connect_race
-from provisioner.bench.pause import BEATEN_S, _beating, _gaps, _publishing, _rise, _until_gone
-from provisioner.bench.soak import count_log_marks
+from provisioner.bench.loop import (
+    StackRun,
+    _Heard,
+    _raise_if_cancelled,
+    _until,
+    all_started,
+    exited_during,
+    quiet_connect_race,
+    tracebacks,
+)
+from provisioner.bench.pause import _gaps, _rise, _until_gone, warmed
 from provisioner.devstack import Stack, stack
 from provisioner.keys import PoolKeys
 from provisioner.redis_server import server_label, start_server
@@ -130,17 +138,12 @@ class CutRound:
 
 
 @dataclass
-class CutResult:
+class CutResult(StackRun):
     server: str
     replicas: int
     cut_s: float  # asked for
     settle_s: float
     rounds: list[CutRound] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # invariants broken at the end
-    tracebacks: dict[str, int] = field(default_factory=dict)
-    exited: list[str] = field(default_factory=list)
-    logdir: str = ""
-    replicas_from: str = ""
 
     @property
     def failed(self) -> list[str]:
@@ -148,9 +151,7 @@ class CutResult:
         harmed = [f"round {n}: {r.user}'s session {r.outcome} (her node since the reconnect "
                   f"{r.node_since}, at the end {r.node_after or 'none'})"
                   for n, r in enumerate(self.rounds, 1) if r.outcome != "kept"]
-        return [*harmed, *self.problems, *self.exited,
-                *(f"{name}: {n} traceback(s) in its log"
-                  for name, n in self.tracebacks.items() if n)]
+        return [*harmed, *self.broken()]
 
     def as_json(self) -> dict[str, object]:
         return {**asdict(self), "failed": self.failed}
@@ -179,18 +180,14 @@ def run(cut: float = 20.0, settle: float = 15.0, rounds: int = 1,
         via = {CUT_REPLICA: {"PROVISIONER_REDIS_URL": f"redis://127.0.0.1:{port}/0"}}
         with stack(server.url, 2, boot_delay, arrival_rate, ["--seed", str(seed)], say=say,
                    mock=list(mock), replicas_from=source, replica_env=via) as running:
-            if down := [c for c in running.children if not c.alive()]:
-                raise RuntimeError("; ".join(f"{c.name} exited as it started; see "
-                                             f"{c.log_path}" for c in down))
+            all_started(running)
             result = asyncio.run(_drive(running, hop, cut, settle, rounds, say))
-            result.exited = [f"{c.name} exited during the run (code {c.process.returncode}); "
-                             f"see {c.log_path}" for c in running.children if not c.alive()]
+            result.exited = exited_during(running)
     finally:
         hop.stop()
         server.stop()
     result.replicas_from = str(replicas_from or "")
-    result.tracebacks = {c.name: count_log_marks(c.log_path)["traceback"]
-                         for c in running.children}
+    result.tracebacks = tracebacks(running)
     return result
 
 
@@ -207,11 +204,7 @@ async def _drive(running: Stack, hop: Hop, cut: float, settle: float, rounds: in
     healed = True
     try:
         await heard.start()
-        say("waiting for the pool's first ready node")
-        await _until(lambda: _ready(client, keys), "the pool's first ready node")
-        await _until(lambda: _publishing(running), "the simulator's start")
-        await _until(lambda: _beating(client, keys, 2), "every replica's heartbeat")
-        await asyncio.sleep(BEATEN_S)
+        await warmed(running, client, keys, 2, say)
 
         async def publish(channel: str, user: str) -> None:
             await client.publish(channel, json.dumps({"user_id": user}))

@@ -50,8 +50,25 @@ WAIT_S = 300.0
 HEARD_S = 0.5
 
 
+@dataclass(kw_only=True)
+class StackRun:
+    """What every run against the local stack reads at its end, whatever its figures."""
+
+    problems: list[str] = field(default_factory=list)  # invariants broken at the end
+    tracebacks: dict[str, int] = field(default_factory=dict)  # process -> tracebacks logged
+    exited: list[str] = field(default_factory=list)  # processes that ended before the stack
+    logdir: str = ""
+    replicas_from: str = ""  # the checkout the replicas ran from, if not this one
+
+    def broken(self) -> list[str]:
+        """A broken invariant, a process that ended before the stack was stopped, a
+        traceback."""
+        return [*self.problems, *self.exited, *(f"{name}: {n} traceback(s) in its log"
+                                                for name, n in self.tracebacks.items() if n)]
+
+
 @dataclass
-class LoopResult:
+class LoopResult(StackRun):
     server: str
     replicas: int
     users: int
@@ -70,18 +87,11 @@ class LoopResult:
     allocated: dict[str, int] = field(default_factory=dict)
     waiting: int = 0
     stats: dict[str, int] = field(default_factory=dict)  # each counter's rise during the run
-    problems: list[str] = field(default_factory=list)  # invariants broken at the end
-    tracebacks: dict[str, int] = field(default_factory=dict)  # process -> tracebacks logged
-    exited: list[str] = field(default_factory=list)  # processes that ended before the stack
-    logdir: str = ""
-    replicas_from: str = ""  # the checkout the replicas ran from, if not this one
 
     @property
     def failed(self) -> list[str]:
-        """What is wrong whatever the figures: a broken invariant, a process that ended
-        before the stack was stopped, a traceback."""
-        return [*self.problems, *self.exited, *(f"{name}: {n} traceback(s) in its log"
-                                                for name, n in self.tracebacks.items() if n)]
+        """What is wrong whatever the figures (`broken`)."""
+        return self.broken()
 
     def as_json(self) -> dict[str, object]:
         return {**asdict(self), "failed": self.failed}
@@ -110,21 +120,35 @@ def run(users: int = 1, pairs: int = 24_000, rate: float = 200.0,
     source = replicas_from.resolve() if replicas_from is not None else None
     with stack(None, replicas, boot_delay, arrival_rate, ["--seed", str(seed)], say=say,
                mock=list(mock), replicas_from=source) as running:
-        # The stack starts a process that exits at once and goes on (a checkout whose `run`
-        # lacks an option the stack gives it): a loop without it measures nothing.
-        if down := [c for c in running.children if not c.alive()]:
-            raise RuntimeError("; ".join(f"{c.name} exited as it started; see {c.log_path}"
-                                         for c in down))
+        all_started(running)
         result = asyncio.run(_drive(running, replicas, users, pairs, rate, order, fresh,
                                     settle, say))
-        # A replica that crashed (SIGKILL logs no traceback) left the loop to the others: the
-        # figures are not those of the stack asked for.
-        result.exited = [f"{c.name} exited during the run (code {c.process.returncode}); see "
-                         f"{c.log_path}" for c in running.children if not c.alive()]
+        result.exited = exited_during(running)
     result.replicas_from = str(replicas_from or "")
-    result.tracebacks = {c.name: count_log_marks(c.log_path)["traceback"]
-                         for c in running.children}
+    result.tracebacks = tracebacks(running)
     return result
+
+
+def all_started(running: Stack) -> None:
+    """Raise RuntimeError naming each process of the stack that exited as it started: the
+    stack goes on without it (a checkout whose `run` lacks an option the stack gives it), and
+    a run without it measures nothing."""
+    if down := [c for c in running.children if not c.alive()]:
+        raise RuntimeError("; ".join(f"{c.name} exited as it started; see {c.log_path}"
+                                     for c in down))
+
+
+def exited_during(running: Stack) -> list[str]:
+    """Each process of the stack that ended before it was stopped: a replica that crashed
+    (SIGKILL logs no traceback) left the run to the others, and the figures are not those of
+    the stack asked for."""
+    return [f"{c.name} exited during the run (code {c.process.returncode}); see {c.log_path}"
+            for c in running.children if not c.alive()]
+
+
+def tracebacks(running: Stack) -> dict[str, int]:
+    """The tracebacks in each process's log."""
+    return {c.name: count_log_marks(c.log_path)["traceback"] for c in running.children}
 
 
 async def _drive(running: Stack, replicas: int, users: int, pairs: int, rate: float,

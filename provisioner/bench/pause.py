@@ -31,8 +31,17 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from provisioner import view
-from provisioner.bench.loop import _Heard, _raise_if_cancelled, _ready, _until, quiet_connect_race
-from provisioner.bench.soak import count_log_marks
+from provisioner.bench.loop import (
+    StackRun,
+    _Heard,
+    _raise_if_cancelled,
+    _ready,
+    _until,
+    all_started,
+    exited_during,
+    quiet_connect_race,
+    tracebacks,
+)
 from provisioner.devstack import Stack, stack
 from provisioner.keys import PoolKeys
 from provisioner.redis_server import server_label
@@ -64,18 +73,13 @@ class Round:
 
 
 @dataclass
-class PauseResult:
+class PauseResult(StackRun):
     server: str
     replicas: int
     users: int  # connects published a round
     pause_s: float  # asked for
     settle_s: float
     rounds: list[Round] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # invariants broken at the end
-    tracebacks: dict[str, int] = field(default_factory=dict)  # process -> tracebacks logged
-    exited: list[str] = field(default_factory=list)  # processes that ended before the stack
-    logdir: str = ""
-    replicas_from: str = ""  # the checkout the replicas ran from, if not this one
 
     @property
     def lost(self) -> int:
@@ -88,9 +92,7 @@ class PauseResult:
         lost = [f"round {n}: {len(r.lost)} of {self.users} users neither served nor waiting "
                 f"({', '.join(r.lost[:5])}{', ...' if len(r.lost) > 5 else ''})"
                 for n, r in enumerate(self.rounds, 1) if r.lost]
-        return [*lost, *self.problems, *self.exited,
-                *(f"{name}: {n} traceback(s) in its log"
-                  for name, n in self.tracebacks.items() if n)]
+        return [*lost, *self.broken()]
 
     def as_json(self) -> dict[str, object]:
         return {**asdict(self), "lost": self.lost, "failed": self.failed}
@@ -142,17 +144,13 @@ def run(users: int = 30, pause: float = 20.0, settle: float = 20.0, rounds: int 
     source = replicas_from.resolve() if replicas_from is not None else None
     with stack(None, replicas, boot_delay, arrival_rate, ["--seed", str(seed)], say=say,
                mock=list(mock), replicas_from=source) as running:
-        if down := [c for c in running.children if not c.alive()]:
-            raise RuntimeError("; ".join(f"{c.name} exited as it started; see {c.log_path}"
-                                         for c in down))
+        all_started(running)
         if running.server_pid is None:
             raise RuntimeError("the drill stops the stack's private server, and has none")
         result = asyncio.run(_drive(running, replicas, users, pause, settle, rounds, say))
-        result.exited = [f"{c.name} exited during the run (code {c.process.returncode}); see "
-                         f"{c.log_path}" for c in running.children if not c.alive()]
+        result.exited = exited_during(running)
     result.replicas_from = str(replicas_from or "")
-    result.tracebacks = {c.name: count_log_marks(c.log_path)["traceback"]
-                         for c in running.children}
+    result.tracebacks = tracebacks(running)
     return result
 
 
@@ -170,15 +168,7 @@ async def _drive(running: Stack, replicas: int, users: int, pause: float, settle
     stopped = False
     try:
         await heard.start()
-        say("waiting for the pool's first ready node")
-        await _until(lambda: _ready(client, keys), "the pool's first ready node")
-        # The simulator refuses a server that does not answer as it starts (exit 2): stopped
-        # before its first PING, it ended, and the run with it.
-        await _until(lambda: _publishing(running), "the simulator's start")
-        # A replica judges a gap by the heartbeats around it: one stopped before the pool had
-        # beaten could not tell a pause, and dropped its batch ("unknown").
-        await _until(lambda: _beating(client, keys, replicas), "every replica's heartbeat")
-        await asyncio.sleep(BEATEN_S)
+        await warmed(running, client, keys, replicas, say)
         for round_no in range(1, rounds + 1):
             these = round_users(round_no, users)
             heard.reset()
@@ -226,6 +216,21 @@ async def _drive(running: Stack, replicas: int, users: int, pause: float, settle
         await heard.stop()
         await client.aclose()
     return result
+
+
+async def warmed(running: Stack, client: aioredis.Redis, keys: PoolKeys, replicas: int,
+                 say: Callable[[str], None]) -> None:
+    """Until a drill may begin: the pool has a ready node, the simulator its first answer and
+    every replica has beaten, a few times."""
+    say("waiting for the pool's first ready node")
+    await _until(lambda: _ready(client, keys), "the pool's first ready node")
+    # The simulator refuses a server that does not answer as it starts (exit 2): stopped
+    # before its first PING, it ended, and the run with it.
+    await _until(lambda: _publishing(running), "the simulator's start")
+    # A replica judges a gap by the heartbeats around it: one stopped before the pool had
+    # beaten could not tell a pause, and dropped its batch ("unknown").
+    await _until(lambda: _beating(client, keys, replicas), "every replica's heartbeat")
+    await asyncio.sleep(BEATEN_S)
 
 
 async def _beating(client: aioredis.Redis, keys: PoolKeys, replicas: int) -> bool:

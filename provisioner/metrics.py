@@ -233,9 +233,7 @@ class Metrics:
         self.server_gaps = Counter(
             "provisioner_server_gaps",
             "Gaps in which this replica could not reach the server past 10 s while applying "
-            "events, or while its heartbeat tried (its listener may read the gap's messages "
-            "late), each counted once, by what judge_gap found once it answered again "
-            "(lua/judge_gap.lua): "
+            "events, by what judge_gap found once it answered again (lua/judge_gap.lua): "
             "pause (it served no replica: the events held were tried again, and applied unless "
             "the server failed them again), served (it served others: this replica was cut off "
             "alone, and the events held were dropped), unknown (the heartbeats could not tell, "

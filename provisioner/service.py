@@ -265,11 +265,6 @@ class DroppedAfterGap(RedisConnectionError):
     meanwhile, or their heartbeats could not tell."""
 
 
-class UnansweredGap(DroppedAfterGap):
-    """A gap whose question the server did not answer by its deadline, or before a stop: no
-    verdict, so none kept for the outage (`Replica._past_a_gap`)."""
-
-
 def _pool_key_broken(reply: object) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith(POOL_KEY_BROKEN)
 
@@ -463,18 +458,6 @@ class Replica:
         #: (`_run_events`; `_apply_backlog` takes none with others): those read before a gap
         #: in which the server served the other replicas, or in one nothing could judge
         self._drop_reads: list[tuple[float, float]] = []
-        #: a cut seen by the heartbeat (`_heartbeat_turn`): when (monotonic) the first turn
-        #: that could not reach the server since the last that did was sent, and the server's
-        #: time then, by the reading before it; set while one is not judged yet, for the
-        #: listener's messages read since to wait for (`_apply_backlog`)
-        self._cut_at: float | None = None
-        self._cut_began_ms: int | None = None
-        self._cut_over = asyncio.Event()
-        self._cut_over.set()
-        #: one outage judged once (`_past_a_gap`): when the gap judged began and was answered
-        #: (monotonic), and what came of it, for the held batch and the heartbeat alike
-        self._judging = asyncio.Lock()
-        self._gap_judged: tuple[float, DroppedAfterGap | None] | None = None
         #: creates in a row that found the Node API down, and until when creates are held: an
         #: observation of a service outside the pool, like the clock's, never pool state
         self._api_down = 0
@@ -686,12 +669,6 @@ class Replica:
             held_by = unreached_by if self._unreached else deadline
             if self.stopping.is_set() or time.monotonic() + wait_s > held_by:
                 return done + _unknown_if(lost, results)
-            if self._dropped_read(started):
-                # the heartbeat's verdict on the cut this batch was read before (`_past_a_cut`)
-                # came while it was tried: the others applied it in time
-                return done + _unknown_if(lost, [DroppedAfterGap(
-                    "read before a gap in which the server served the other replicas")]
-                    * len(results))
             self.metrics.errors.labels("event_retry").inc()
             self._trouble.warning("redis-event-retry", "could not apply %d events (%s): trying "
                                   "again for up to %.0fs", len(evs),
@@ -735,41 +712,22 @@ class Replica:
         server_ms, then = self._server_clock
         return round(server_ms + (at - then) * 1000)
 
-    async def _past_a_gap(self, gap_at: float, deadline: float, count: int,
-                          began_ms: int | None = None) -> DroppedAfterGap | None:
-        """`_judge_gap`, once an outage: the held batch and the heartbeat that could not reach
-        the server in the same one (its gap began before the last judged was answered) take
-        the first's verdict, counted and said once."""
-        async with self._judging:
-            if self._gap_judged is not None and gap_at <= self._gap_judged[0]:
-                return self._gap_judged[1]
-            judged = await self._judge_gap(gap_at, deadline, count, began_ms)
-            if not isinstance(judged, UnansweredGap):
-                self._gap_judged = (time.monotonic(), judged)
-            return judged
-
-    async def _judge_gap(self, gap_at: float, deadline: float, count: int,
-                         began_ms: int | None) -> DroppedAfterGap | None:
+    async def _past_a_gap(self, gap_at: float, deadline: float,
+                          count: int) -> DroppedAfterGap | None:
         """A batch of `count` events the server has not answered for since the try sent at
         `gap_at` (monotonic), past UNREACHABLE_HOLD_S: hold it until the server answers, then
         ask whether it served the other replicas meanwhile (lua/judge_gap.lua). None if it
         served no one (a pause: the batch is applied, late, as no later event can have been);
         else why it is dropped: it served others (this replica was cut off alone, and they
         applied the messages in time: every message read before now goes too), their
-        heartbeats could not tell, or it did not answer by `deadline` (monotonic) or a stop.
-        `count` 0: no batch held, the heartbeat's gap (`_past_a_cut`), judged once it got
-        through, from the server's time `began_ms` (by the reading before the gap)."""
+        heartbeats could not tell, or it did not answer by `deadline` (monotonic) or a stop."""
         held_s = time.monotonic() - gap_at
-        if count:
-            self._trouble.warning(
-                "server-gap", "could not reach the server for %.0fs with %d events to apply: "
-                "holding them till it answers (%.0fs more at most, --event-hold), then "
-                "applying them if it served no replica meanwhile (a pause), dropping them if "
-                "it did (this replica cut off alone)", held_s, count,
-                max(0.0, deadline - time.monotonic()))
-        held = (f"the {count} events held" if count else
-                "the messages read since (a subscription that outlived the gap brings them late)")
-        began = self._server_ms_at(gap_at) if began_ms is None else began_ms
+        self._trouble.warning(
+            "server-gap", "could not reach the server for %.0fs with %d events to apply: "
+            "holding them till it answers (%.0fs more at most, --event-hold), then applying "
+            "them if it served no replica meanwhile (a pause), dropping them if it did (this "
+            "replica cut off alone)", held_s, count, max(0.0, deadline - time.monotonic()))
+        began = self._server_ms_at(gap_at)
         judged: GapJudged | None = None
         why = ""
         wait_s = 0.1
@@ -782,7 +740,7 @@ class Replica:
             except (RedisConnectionError, RedisTimeoutError):  # still cut off, or loading
                 if self.stopping.is_set() or time.monotonic() + wait_s > deadline:
                     self.metrics.server_gaps.labels("unanswered").inc()
-                    return UnansweredGap(
+                    return DroppedAfterGap(
                         f"the server did not answer for {time.monotonic() - gap_at:.0f}s "
                         f"({'stopping' if self.stopping.is_set() else '--event-hold'})")
                 await sleep_unless(self.stopping, wait_s)
@@ -806,8 +764,9 @@ class Replica:
             self.metrics.server_gaps.labels("pause").inc()
             log.warning("the server served no replica in the %.0fs this one could not reach it "
                         "(no heartbeat in %.1fs of it, where every replica beats within "
-                        "%.1fs): it was paused, not this replica cut off; applying %s, late",
-                        gap_s, judged.span_ms / 1000, judged.needed_ms / 1000, held)
+                        "%.1fs): it was paused, not this replica cut off; applying the %d "
+                        "events held, late", gap_s, judged.span_ms / 1000,
+                        judged.needed_ms / 1000, count)
             return None
         if judged is not None and judged.verdict == "served":
             # The others applied what this replica read before now, in time: every copy of it
@@ -817,9 +776,9 @@ class Replica:
             self.metrics.server_gaps.labels("served").inc()
             log.warning("the server served other replicas while this one could not reach it "
                         "for %.0fs (%d heartbeats in %.1fs of it): this replica was cut off "
-                        "alone, and the others applied these events in time; dropping %s "
-                        "and every message read before now, as a late copy could undo a "
-                        "later event", gap_s, judged.beats, judged.span_ms / 1000, held)
+                        "alone, and the others applied these events in time; dropping the %d "
+                        "held and every message read before now, as a late copy could undo a "
+                        "later event", gap_s, judged.beats, judged.span_ms / 1000, count)
             return DroppedAfterGap(f"the server served other replicas in the {gap_s:.0f}s this "
                                    "one could not reach it: cut off alone")
         # Nothing says whether the others applied the messages behind this batch. Those read
@@ -855,9 +814,9 @@ class Replica:
             why = "no heartbeat of any replica just before it"
         text = (f"could not tell whether the server served other replicas in the {gap_s:.0f}s "
                 f"this one could not reach it ({why})")
-        log.warning("%s: dropping %s within the gap, and those read over %.0fs ago, as a "
-                    "late copy could undo a later event", text,
-                    held if count else "the messages read", UNREACHABLE_HOLD_S)
+        log.warning("%s: dropping the %d events held, and the messages read within the gap "
+                    "or over %.0fs ago, as a late copy could undo a later event", text, count,
+                    UNREACHABLE_HOLD_S)
         return DroppedAfterGap(text)
 
     async def _ask_again_refused(self, evs: Sequence[tuple[events.Event, str]],
@@ -1741,15 +1700,10 @@ class Replica:
                 continue
             if self.stopping.is_set() and (self._refused is not None or self._unreached):
                 return
-            first_read = self._backlog[0][2]
-            if self._cut_at is not None and first_read >= self._cut_at:
-                # read since the heartbeat could not reach the server: perhaps a late copy
-                # of what the others applied in the cut, which its verdict drops
-                await self._until_cut_judged(first_read)
-                continue
             # While the server refuses writes, a batch is held from its first message's
             # reading: one read later, taken with it, would be dropped at that deadline,
             # short of its own hold. So only the messages of one reading are taken then.
+            first_read = self._backlog[0][2]
             self._taken = []
             dropped = self._dropped_read(first_read)
             while self._backlog and len(self._taken) < LISTEN_BATCH and (
@@ -1767,23 +1721,6 @@ class Replica:
             for data in probes:
                 self._probe_seen(data)
             self._taken = []
-
-    async def _until_cut_judged(self, read_at: float) -> None:
-        """Wait for the heartbeat's verdict on a cut (`_past_a_cut`), until stopping or
-        --event-hold after `read_at`; past that the cut is let be (its messages are applied,
-        or held by the applier's own tries) and its mark left to the heartbeat."""
-        left_s = read_at + self.service.event_hold_s - time.monotonic()
-        stopped = asyncio.ensure_future(self.stopping.wait())
-        over = asyncio.ensure_future(self._cut_over.wait())
-        try:
-            await asyncio.wait({stopped, over}, timeout=max(0.0, left_s),
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            over.cancel()
-        if not self._cut_over.is_set():
-            self._cut_at = None  # not waited for again; the heartbeat's turn ends it
-            self._cut_over.set()
 
     def _looks_silent(self, last_read: float) -> bool:
         """Whether a probe the server took (its PUBLISH answered) has been on its
@@ -1878,51 +1815,6 @@ class Replica:
             "heartbeat): each overwrites the other's marks in `applied`, so a connect or "
             "disconnect made again after a lost reply may be applied twice; give each "
             "replica its own --replica-id", self.replica_id)
-
-    async def _heartbeat_turn(self) -> None:
-        """`heartbeat`, watching for a cut. A turn that could not reach the server (refused,
-        timed out) marks when it was sent, unless one since the last that got through did;
-        once a turn gets through, a gap past UNREACHABLE_HOLD_S is judged as a batch held
-        through one is (`_past_a_gap`): a subscription that outlived the cut (a partition
-        whose bytes TCP resends) brings what was published in it late, copies of what the
-        other replicas applied in time, with no batch held to judge them by (a helper's
-        drill: alice's late disconnect ended the session she had begun since, and her late
-        connect handed her another node). What the listener read since the mark waits for
-        the verdict (`_apply_backlog`)."""
-        tried = time.monotonic()
-        try:
-            await self.heartbeat()
-        except Exception as exc:
-            if _unreachable(exc):
-                if self._cut_at is None:
-                    self._cut_at, self._cut_began_ms = tried, self._server_ms_at(tried)
-                    self._cut_over.clear()
-            elif (self._cut_at is not None and isinstance(exc, RedisError)
-                  and not isinstance(exc, RedisConnectionError)):
-                # the server answered, if with an error (refusing writes): it can be reached,
-                # and asked; the listener's messages do not wait on a turn that cannot succeed
-                await self._past_a_cut(self._cut_at)
-            raise
-        if self._cut_at is not None:
-            await self._past_a_cut(self._cut_at)
-
-    async def _past_a_cut(self, cut_at: float) -> None:
-        """The heartbeat got through again after a cut marked at `cut_at`: a gap past
-        UNREACHABLE_HOLD_S judged (`_past_a_gap`, which drops what its verdict says was read
-        late), a shorter one let be (its messages applied, as a batch's tries are through a
-        cut that short); then the listener's messages read since go on."""
-        try:
-            if time.monotonic() - cut_at > UNREACHABLE_HOLD_S:
-                judged = await self._past_a_gap(
-                    cut_at, time.monotonic() + UNREACHABLE_HOLD_S, 0,
-                    began_ms=self._cut_began_ms)
-                if isinstance(judged, UnansweredGap):
-                    # cut off again before the question was answered: what was read since
-                    # the cut began is as unjudged as what a batch held so carries
-                    self._drop_read(cut_at + GAP_READ_EDGE_S, time.monotonic())
-        finally:
-            self._cut_at = self._cut_began_ms = None
-            self._cut_over.set()
 
     async def heartbeat(self) -> None:
         """Probe the listener's lag (`probe_lag`) and record this replica in the pool, with
@@ -2251,11 +2143,6 @@ class Replica:
             except Exception as exc:
                 self._turn_failed(where, exc)
             delay = max(0.0, seconds - (loop.time() - started))
-            if work == self._heartbeat_turn and self._cut_at is not None:
-                # a cut marked: tried again soon, so that the turn that gets through comes
-                # within GAP_ASK_MAX_S of the server's answering, and the messages read after
-                # it are not taken for the gap's (`_past_a_gap` drops some of those before)
-                delay = min(delay, GAP_ASK_MAX_S)
             await sleep_unless(self.stopping, delay)
 
     def _turn_failed(self, where: str, exc: Exception) -> None:
@@ -2376,8 +2263,7 @@ class Replica:
         ]
         if self.service.heartbeat_interval_s > 0:
             tasks.append(asyncio.create_task(
-                self._every(self.service.heartbeat_interval_s, self._heartbeat_turn,
-                            "heartbeat"),
+                self._every(self.service.heartbeat_interval_s, self.heartbeat, "heartbeat"),
                 name="heartbeat"))
         if self.service.reconcile_interval_s > 0:
             tasks.append(asyncio.create_task(

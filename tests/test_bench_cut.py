@@ -74,22 +74,28 @@ def test_a_bad_folder_or_checkout_is_refused_before_anything_starts(tmp_path: Pa
 
 
 @pytest.mark.e2e
-def test_a_replica_cut_off_alone_leaves_a_session_begun_in_the_cut_as_it_was(
-        tmp_path: Path) -> None:
-    """The replicas of the release before (a3b8e9d, `bench cut --replicas-from`) applied the
-    cut replica's late copies once it healed, her session moved to another node in each
-    round; replica-2 now judges the gap its heartbeat saw, served, and drops them."""
+def test_a_cut_drill_says_what_became_of_the_session_begun_in_the_cut(tmp_path: Path) -> None:
+    """The drill's own working, on a 14 s cut with no other traffic. Whether replica-2 keeps
+    her session depends on whether it held a batch through the cut (a node's status, read as
+    the cut began: judged served, the late copies dropped with it) or none (the late copies
+    applied, her session moved: the known hole, which
+    test_a_subscription_that_outlives_a_cut_brings_no_late_copy_to_apply holds), so the outcome
+    is not asserted; that the drill reads and judges it right is."""
     from provisioner.cli import app
 
     out = tmp_path / "cut.json"
     result = CliRunner().invoke(app, [
         "bench", "cut", "--cut", "14", "--settle", "6", "--boot-delay", "1",
         "--arrival-rate", "0.01", "--json", str(out)])
-    assert result.exit_code == 0, result.output
     run: dict[str, Any] = json.loads(out.read_text())
-    assert run["failed"] == []
     (only,) = run["rounds"]
-    assert only["outcome"] == "kept" and only["node_since"] == only["node_after"] != ""
-    assert only["allocated_heard"] == 1  # replica-1's, of her reconnect; no second node
-    assert only["gaps"]["replica-2"]["served"] == 1, only["gaps"]
-    assert sum(only["gaps"]["replica-1"].values()) == 0, only["gaps"]
+    assert only["node_before"] and only["node_since"] and only["cut_s"] >= 14
+    assert only["outcome"] == outcome(only["node_since"], only["node_after"])
+    assert run["problems"] == [] and run["exited"] == [] and not any(run["tracebacks"].values())
+    assert sum(only["gaps"]["replica-1"].values()) == 0, only["gaps"]  # never cut off
+    if only["outcome"] == "kept":
+        assert result.exit_code == 0 and run["failed"] == [], result.output
+        assert only["allocated_heard"] == 1 and only["gaps"]["replica-2"]["served"] == 1
+    else:  # a late disconnect and connect: another node, heard allocated twice
+        assert result.exit_code == 1 and len(run["failed"]) == 1, result.output
+        assert only["outcome"] == "moved" and only["allocated_heard"] == 2, only

@@ -71,7 +71,9 @@ def test_a_batch_of_connects_held_through_a_server_pause_loses_no_user(tmp_path:
     (only,) = run["rounds"]
     assert len(only["served"]) + len(only["waiting"]) == 10 and only["paused_s"] >= 12
     assert only["connects"] >= 10
-    # the batch was in flight as the server stopped, on each replica: held, judged, applied
-    for replica in ("replica-1", "replica-2"):
-        assert only["gaps"][replica]["pause"] == 1, only["gaps"]
-        assert sum(only["gaps"][replica].values()) == 1, only["gaps"]
+    # the batch was in flight as the server stopped, held, judged and applied: on each replica
+    # whose calls the stop caught (one that applied it first has no gap; in a full suite's run
+    # one of the two did), and nothing judged otherwise
+    gaps = only["gaps"]
+    assert max(gaps[replica]["pause"] for replica in ("replica-1", "replica-2")) == 1, gaps
+    assert all(sum(counts.values()) == counts["pause"] <= 1 for counts in gaps.values()), gaps

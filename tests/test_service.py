@@ -995,50 +995,6 @@ async def test_a_batch_held_through_a_server_pause_is_applied_once_it_answers(
 
 
 @pytest.mark.engine  # starts the engine under test itself, to pause it
-async def test_a_pause_the_heartbeat_saw_applies_what_the_server_ran_as_it_came_back(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The heartbeat judges the gaps it could not reach the server in, and the messages the
-    listener read since wait for the verdict (a subscription that outlives a cut brings them
-    late). In a pause no replica beat: bob's connect, published in it and run by the server
-    as it came back, is applied, and the pause is one gap, judged once though the heartbeat
-    and a batch could each ask."""
-    import os
-    import signal
-
-    async with _a_replica_on_a_server_of_its_own(monkeypatch) as (server, reader, replica):
-        listening = asyncio.create_task(replica.listen())
-        beating = asyncio.create_task(replica._every(0.2, replica._heartbeat_turn,
-                                                     "heartbeat"))
-        try:
-            await asyncio.wait_for(replica.subscribed.wait(), 5)
-            await _until(lambda: replica._server_clock is not None)
-            await asyncio.sleep(0.5)  # beats before the pause, to judge it by
-            with caplog.at_level("WARNING", logger="provisioner.service"):
-                os.kill(server.process.pid, signal.SIGSTOP)
-                try:
-                    published = asyncio.create_task(reader.publish(
-                        "user:connect", json.dumps({"user_id": "bob"})))
-                    await asyncio.sleep(1.5)
-                    assert replica._cut_at is not None, "the heartbeat saw no cut"
-                finally:
-                    os.kill(server.process.pid, signal.SIGCONT)
-                await asyncio.wait_for(published, 5)
-                await _until(lambda: counter(replica, "provisioner_server_gaps_total",
-                                             judged="pause") == 1, why=lambda: caplog.text)
-                await _until(lambda: counter(replica, "provisioner_connects_total") == 1,
-                             why=lambda: caplog.text)
-        finally:
-            replica.stopping.set()
-            await _cancelled(beating)
-            await asyncio.wait({listening}, timeout=5)
-            await _cancelled(listening)
-        assert await reader.zrange(replica.keys.key("waiting"), 0, -1) == [b"bob"]
-        assert "applying the messages read since" in caplog.text
-        assert sum(counter(replica, "provisioner_server_gaps_total", judged=judged)
-                   for judged in ("pause", "served", "unknown", "unanswered")) == 1
-
-
-@pytest.mark.engine  # starts the engine under test itself, to pause it
 async def test_a_batch_held_through_a_pause_no_heartbeat_can_judge_is_dropped_and_named(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """With no heartbeat to read the server's clock by (a replica just started, or run with
@@ -3913,23 +3869,25 @@ async def test_a_try_the_network_delivers_as_a_cut_heals_is_not_applied(
     assert counter(r1, "provisioner_server_gaps_total", judged="served") == 1
 
 
+@pytest.mark.xfail(strict=True, reason="the known hole (docs/improvements.md): a subscription "
+                   "that outlives a cut brings late copies no gap judges; a fix tried in "
+                   "session 75 was reverted after a review proved it lost connects")
 async def test_a_subscription_that_outlives_a_cut_brings_no_late_copy_to_apply(
     aredis: aioredis.Redis, redis_url: str, api: FakeNodeApi, clock: ManualClock,
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A helper's drill (session 74): r1 cut off both ways by a partition that holds the bytes
     (TCP resends them), its subscription outliving the cut, while r2 applied alice's
-    disconnect and her next connect, and beat. r1 read nothing in the cut, so it held no batch
-    and judged no gap; healed, its subscription brought both messages late, and the
-    disconnect ended her new session, the connect handing her another node. r1's heartbeat,
-    which failed in the cut, now has the gap judged once it gets through, and what the
-    listener read since that heartbeat failed waits for the verdict: served, so dropped."""
+    disconnect and her next connect, and beat. r1 reads nothing in the cut, so it holds no
+    batch and judges no gap; healed, its subscription brings both messages late, and the
+    disconnect ends her new session, the connect handing her another node (n3 where she held
+    n2). Expected to fail until that is mended: strict, so a change that mends it says so."""
     _short_gaps(monkeypatch)
     async with _r1_behind_a_hop(aredis, redis_url, api, clock, both_ways=True) as (
             hop, r1, mate):
         listening = asyncio.create_task(r1.listen())
         beating = asyncio.create_task(_beating([mate]))
-        r1_beating = asyncio.create_task(r1._every(0.1, r1._heartbeat_turn, "heartbeat"))
+        r1_beating = asyncio.create_task(r1._every(0.1, r1.heartbeat, "heartbeat"))
         try:
             await asyncio.wait_for(r1.subscribed.wait(), 5)
             await r1.heartbeat()
@@ -3951,9 +3909,7 @@ async def test_a_subscription_that_outlives_a_cut_brings_no_late_copy_to_apply(
                 assert node is not None
                 await asyncio.sleep(0.6)  # the gap past UNREACHABLE_HOLD_S (0.5 s here)
                 hop.heal()
-                await _until(lambda: counter(r1, "provisioner_server_gaps_total",
-                                             judged="served") == 1)
-                await asyncio.sleep(0.5)  # and whatever r1 read applied or dropped
+                await asyncio.sleep(2.0)  # r1 reads the late copies, and applies or drops them
         finally:
             await _cancelled(beating)
             await _cancelled(r1_beating)
@@ -3962,6 +3918,169 @@ async def test_a_subscription_that_outlives_a_cut_brings_no_late_copy_to_apply(
             await _cancelled(listening)
     # her session, as r2 began it: r1's late copies neither ended it nor began another
     assert await aredis.hget(mate.keys.key("alloc"), "alice") == node, caplog.text
+
+
+class _SlowListApi(FakeNodeApi):
+    """A Node API whose list of nodes takes `list_s` (a cloud API's list: seconds)."""
+
+    def __init__(self, list_s: float) -> None:
+        super().__init__()
+        self.list_s = list_s
+
+    async def list_nodes(self) -> list[Any] | None:
+        await asyncio.sleep(self.list_s)
+        return await super().list_nodes()
+
+
+class _Repointed:
+    """A TCP hop to whichever server `port` names now: a restart on a port of its own, where
+    one on the same port could find it taken meanwhile by another test's process (the tests
+    run side by side). A connection that cannot reach the server is closed at once, as a
+    refused connect fails, and one whose server went is closed with it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+
+        pumps = [asyncio.create_task(pump(reader, up_writer)),
+                 asyncio.create_task(pump(up_reader, writer))]
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pumps:
+            task.cancel()
+        up_writer.close()
+        writer.close()
+
+
+@pytest.mark.engine  # starts the engine under test itself, to restart it
+@pytest.mark.parametrize(("interval_s", "list_s", "hold_s"),
+                         [(2.0, 2.0, 0.5), (5.0, 4.0, 0.5), (2.0, 2.0, 10.0)],
+                         ids=["heartbeat 2s", "heartbeat 5s", "every setting production's"])
+async def test_a_restart_drops_no_connect_published_after_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        interval_s: float, list_s: float, hold_s: float) -> None:
+    """A review of a fix tried in session 75 (the heartbeat judging the gaps it could not reach
+    the server in, and the listener's messages read since waiting for its verdict), reverted:
+    the server restarted (no persistence: the pool's state and its beats lost) after a gap
+    past UNREACHABLE_HOLD_S; the heartbeat got through, waited for its take-back, then judged
+    'unknown' (no beat before the gap), or 'served' from its own beat with heartbeats 5 s
+    apart, and bob's connect, published to the restarted server after the listener subscribed
+    again, was dropped: on every replica alike. Kept for any next try at that hole."""
+    import os
+
+    import provisioner.service as service
+    from provisioner.redis_server import start_server
+
+    monkeypatch.setattr(service, "UNREACHABLE_HOLD_S", hold_s)
+    # the listener's retry lands soon after the server is back (its backoff is 1 s at most)
+    monkeypatch.setattr(service, "SUBSCRIBE_BACKOFF_MAX_S", 0.2)
+    binary = os.environ.get("PROVISIONER_TEST_REDIS_BINARY")
+    server = start_server(binary)
+    hop = _Repointed(server.port)
+    url = f"redis://127.0.0.1:{await hop.start()}/0"
+    client = aioredis.Redis.from_url(url, socket_timeout=0.3, socket_connect_timeout=0.3)
+    replica = Replica(client, ServiceConfig("redis://x", "http://api", pool="restarted",
+                                            replica_id="r1", heartbeat_interval_s=interval_s),
+                      PoolConfig(min_ready=0, scaling_policy="heuristic"), _SlowListApi(list_s),
+                      metrics=Metrics())
+    listening = asyncio.create_task(replica.listen())
+    beating = asyncio.create_task(replica._every(interval_s, replica.heartbeat, "heartbeat"))
+    reader: aioredis.Redis | None = None
+    waiting: list[Any] = []
+    try:
+        await asyncio.wait_for(replica.subscribed.wait(), 5)
+        await _until(lambda: replica._server_clock is not None)
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            server.stop()  # a restart: every connection refused until it is back
+            await _until(lambda: counter(replica, "provisioner_errors_total",
+                                         where="heartbeat") >= 1, 8)  # a turn failed
+            await asyncio.sleep(hold_s + 0.3)  # past UNREACHABLE_HOLD_S
+            server = start_server(binary)  # empty: no persistence
+            hop.port = server.port
+            reader = aioredis.Redis.from_url(url)
+            # the heartbeat got through (the state lost: its take-back waits for the list),
+            # and the listener subscribed again: bob connects
+            await _until(lambda: replica._taking_back and replica.subscribed.is_set(), 5)
+            assert await reader.publish("user:connect", json.dumps({"user_id": "bob"})) == 1
+            await asyncio.sleep(list_s + 1.0)  # the take-back, and the applier
+    finally:
+        replica.stopping.set()
+        await _cancelled(beating)
+        await asyncio.wait({listening}, timeout=5)
+        await _cancelled(listening)
+        await client.aclose()
+        if reader is not None:
+            waiting = await reader.zrange(replica.keys.key("waiting"), 0, -1)
+            await reader.aclose()
+        server.stop()
+        assert hop.server is not None
+        hop.server.close()
+    assert waiting == [b"bob"], caplog.text
+
+
+async def test_heartbeats_answered_late_by_a_slow_server_lose_no_connect(
+    aredis: aioredis.Redis, api: FakeNodeApi, clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same review: a slow server (latency past the client's timeout for a while) runs
+    every call, late, so the replicas' heartbeats time out at the client though each ran and
+    was kept in `beats`. The fix tried took each timeout for a cut, held what its listener
+    read, and judge_gap found beats in the gap (the replicas' own, from the heartbeats that
+    timed out) and said served on every replica: bob's connect, read by both, was dropped by
+    both. Kept for any next try: a timeout is no proof of a cut."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    _short_gaps(monkeypatch)
+    r1 = make_replica(aredis, api, clock, "r1")
+    r2 = make_replica(aredis, api, clock, "r2")
+    slow = {"on": False}
+    turns = []
+    for each in (r1, r2):
+        _service(each, heartbeat_interval_s=0.1)
+
+        async def late(ran: Any = each.heartbeat) -> None:
+            await ran()  # it runs on the server...
+            if slow["on"]:  # ...and its reply comes after the client's timeout
+                raise RedisTimeoutError("Timeout reading from the server")
+
+        turns.append(late)
+    tasks = [asyncio.create_task(each.listen()) for each in (r1, r2)]
+    tasks += [asyncio.create_task(each._every(0.1, turn, "heartbeat"))
+              for each, turn in zip((r1, r2), turns, strict=True)]
+    try:
+        for each in (r1, r2):
+            await asyncio.wait_for(each.subscribed.wait(), 5)
+        await asyncio.sleep(0.3)
+        with caplog.at_level("WARNING", logger="provisioner.service"):
+            slow["on"] = True
+            await asyncio.sleep(0.4)
+            await aredis.publish("user:connect", json.dumps({"user_id": "bob"}))
+            await asyncio.sleep(0.4)  # the slowness past UNREACHABLE_HOLD_S (0.5 s here)
+            slow["on"] = False
+            await asyncio.sleep(1.0)
+    finally:
+        for each in (r1, r2):
+            each.stopping.set()
+        for task in tasks:
+            await asyncio.wait({task}, timeout=5)
+            await _cancelled(task)
+    assert await aredis.zrange(r1.keys.key("waiting"), 0, -1) == ["bob"], caplog.text
 
 
 async def test_a_try_refused_as_late_while_its_replica_waits_is_made_again_in_time(

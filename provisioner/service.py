@@ -700,8 +700,7 @@ class Replica:
                               "from this replica's reading of it (stepped?); reading it again")
         sent = time.monotonic()
         with contextlib.suppress(RedisError, OSError):
-            seconds, micros = await self.redis.time()
-            self._server_clock = (int(seconds) * 1000 + int(micros) // 1000,
+            self._server_clock = (await server_now_ms(self.redis),
                                   (sent + time.monotonic()) / 2)
 
     def _server_ms_at(self, at: float) -> int | None:

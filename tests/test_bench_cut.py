@@ -61,18 +61,6 @@ def test_the_hop_holds_every_byte_both_ways_while_cut_and_delivers_them_in_order
     asyncio.run(main())
 
 
-def test_a_bad_folder_or_checkout_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    from provisioner.cli import app
-
-    runner = CliRunner()
-    wide = {"COLUMNS": "300"}
-    folder = runner.invoke(app, ["bench", "cut", "--json", str(tmp_path / "no" / "f.json")],
-                           env=wide)
-    assert folder.exit_code == 2 and "no folder" in folder.output
-    empty = runner.invoke(app, ["bench", "cut", "--replicas-from", str(tmp_path)], env=wide)
-    assert empty.exit_code == 2 and "holds no provisioner package" in empty.output
-
-
 @pytest.mark.e2e
 def test_a_cut_drill_says_what_became_of_the_session_begun_in_the_cut(tmp_path: Path) -> None:
     """The drill's own working, on a 14 s cut with no other traffic. Whether replica-2 keeps

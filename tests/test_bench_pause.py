@@ -40,18 +40,21 @@ def test_a_user_lost_fails_the_drill_and_is_named() -> None:
     assert lost.as_json()["lost"] == 2 and lost.as_json()["failed"] == lost.failed
 
 
-def test_a_bad_folder_or_checkout_is_refused_before_anything_starts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("drill", ["pause", "cut"])
+def test_a_bad_folder_or_checkout_is_refused_before_anything_starts(
+        tmp_path: Path, drill: str) -> None:
+    """`bench pause` and `bench cut` alike (the options they share)."""
     from provisioner.cli import app
 
     runner = CliRunner()
     wide = {"COLUMNS": "300"}
-    folder = runner.invoke(app, ["bench", "pause", "--json", str(tmp_path / "no" / "f.json")],
+    folder = runner.invoke(app, ["bench", drill, "--json", str(tmp_path / "no" / "f.json")],
                            env=wide)
     assert folder.exit_code == 2 and "no folder" in folder.output
-    empty = runner.invoke(app, ["bench", "pause", "--replicas-from", str(tmp_path)], env=wide)
+    empty = runner.invoke(app, ["bench", drill, "--replicas-from", str(tmp_path)], env=wide)
     assert empty.exit_code == 2 and "holds no provisioner package" in empty.output
-    short = runner.invoke(app, ["bench", "pause", "--pause", "0"], env=wide)
-    assert short.exit_code == 2 and "--pause" in short.output
+    short = runner.invoke(app, ["bench", drill, f"--{drill}", "0"], env=wide)
+    assert short.exit_code == 2 and f"--{drill}" in short.output
 
 
 @pytest.mark.e2e

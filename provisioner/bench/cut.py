@@ -209,13 +209,13 @@ async def _drive(running: Stack, hop: Hop, cut: float, settle: float, rounds: in
         async def publish(channel: str, user: str) -> None:
             await client.publish(channel, json.dumps({"user_id": user}))
 
-        async def node_of(user: str, other_than: str = "") -> str:
+        async def node_of(user: str) -> str:
             node = ""
 
             async def held() -> bool:
                 nonlocal node
                 node = str(await client.hget(alloc, user) or "")
-                return bool(node) and node != other_than
+                return bool(node)
 
             await _until(held, f"a node for {user}")
             return node

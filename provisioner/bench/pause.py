@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,6 +41,7 @@ from provisioner.bench.loop import (
     quiet_connect_race,
     tracebacks,
 )
+from provisioner.bench.soak import replica_metrics
 from provisioner.devstack import Stack, stack
 from provisioner.keys import PoolKeys
 from provisioner.redis_server import server_label
@@ -111,13 +111,13 @@ def gaps_counted(text: str) -> dict[str, int]:
 
 
 def _gaps(ports: list[int]) -> dict[str, dict[str, int]]:
+    """Each replica's gaps by verdict ({} where it did not answer or has no such counter)."""
     found: dict[str, dict[str, int]] = {}
     for index, port in enumerate(ports, 1):
+        text = replica_metrics(port)
         try:
-            answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
-            answer.raise_for_status()
-            found[f"replica-{index}"] = gaps_counted(answer.text)
-        except (httpx.HTTPError, ValueError):
+            found[f"replica-{index}"] = gaps_counted(text) if text is not None else {}
+        except ValueError:  # not the exposition format
             found[f"replica-{index}"] = {}
     return found
 
@@ -189,9 +189,8 @@ async def _drive(running: Stack, replicas: int, users: int, pause: float, settle
                 f"following the pool {settle:g} s")
             await asyncio.sleep(settle)
             _raise_if_cancelled()
-            held = await client.hmget(keys.key("alloc"), these)
-            in_line = await client.zmscore(keys.key("waiting"), these)
-            for user, node, place in zip(these, held, in_line, strict=True):
+            for user, node, place in zip(these, *await _placed(client, keys, these),
+                                         strict=True):
                 (this.served if node else this.waiting if place is not None
                  else this.lost).append(user)
             this.connects = (int(await client.hget(keys.key("stats"), "connects") or 0)
@@ -251,8 +250,14 @@ async def _until_gone(client: aioredis.Redis, keys: PoolKeys, users: list[str]) 
     holding: the next round is not held up for it)."""
     deadline = time.monotonic() + LEAVE_S
     while time.monotonic() < deadline:
-        held = await client.hmget(keys.key("alloc"), users)
-        in_line = await client.zmscore(keys.key("waiting"), users)
+        held, in_line = await _placed(client, keys, users)
         if not any(held) and all(p is None for p in in_line):
             return
         await asyncio.sleep(0.25)
+
+
+async def _placed(client: aioredis.Redis, keys: PoolKeys,
+                  users: list[str]) -> tuple[list[bytes | str | None], list[float | None]]:
+    """Each user's node (None: none) and place in line (None: not waiting)."""
+    return (await client.hmget(keys.key("alloc"), users),
+            await client.zmscore(keys.key("waiting"), users))

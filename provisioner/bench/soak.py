@@ -215,15 +215,23 @@ def count_log_marks(path: Path) -> dict[str, int]:
     return counts
 
 
-def events_dropped(port: int) -> int | None:
-    """The events a replica dropped (`provisioner_errors_total{where="event"}` on its
-    /metrics), or None if it did not answer."""
+def replica_metrics(port: int) -> str | None:
+    """A replica's /metrics text on this host, or None if it did not answer."""
     try:
         answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
         answer.raise_for_status()
     except httpx.HTTPError:
         return None
-    found = re.search(r'^provisioner_errors_total\{where="event"\} (\S+)$', answer.text, re.M)
+    return answer.text
+
+
+def events_dropped(port: int) -> int | None:
+    """The events a replica dropped (`provisioner_errors_total{where="event"}` on its
+    /metrics), or None if it did not answer."""
+    text = replica_metrics(port)
+    if text is None:
+        return None
+    found = re.search(r'^provisioner_errors_total\{where="event"\} (\S+)$', text, re.M)
     return int(float(found[1])) if found else 0
 
 
